@@ -1,0 +1,77 @@
+"""The contract between ``detkit.kernels`` (the validating front end) and its backends.
+
+A backend is a module that exposes the functions below with exactly these signatures.
+The front end (``detkit/kernels/__init__.py``) validates user input (dtypes, shapes,
+devices, empties), moves the reduced dimension last, makes row inputs contiguous,
+folds ``is_causal`` and GQA-free broadcasting into the arguments described here, and
+only then calls the backend. Backends therefore never see bad input and never choose
+anything from the batch size.
+
+Backends, selected by tensor device and the ``portable`` flag:
+
+==========  ==========  =====================================
+device      portable    module
+==========  ==========  =====================================
+cpu         False       ``detkit.kernels.cpu``
+cpu         True        ``detkit.kernels.portable_cpu``
+cuda        either      ``detkit.kernels.cuda`` (functions take ``portable=``)
+==========  ==========  =====================================
+
+Functions (tensors are torch tensors on the backend's device; ``dtype`` is one of
+float32, bfloat16, float16, float64 unless a backend raises ``InputError`` for it;
+reduced-precision inputs are widened exactly to float32, reduced in float32, and
+rounded once into the input dtype at the end):
+
+``matmul(a, b, bias) -> Tensor``
+    ``a``: (M, K) or (B, M, K); ``b``: (K, N) or (B, K, N), *any strides* (a
+    transposed weight view must not be copied by the caller); ``bias``: (N,) or None.
+    Same dtype for all. Returns (M, N) or (B, M, N), contiguous, in that dtype.
+    Bias is added after the full K reduction.
+
+``softmax(x, log) -> Tensor``
+    ``x``: (R, L) contiguous. Softmax (``log=False``) or log-softmax over the last dim.
+
+``rms_norm(x, weight, eps) -> Tensor``
+    ``x``: (R, L) contiguous; ``weight``: (L,) or None; ``eps``: float.
+
+``layer_norm(x, weight, bias, eps) -> Tensor``
+    ``x``: (R, L) contiguous; ``weight``, ``bias``: (L,) or None.
+
+``row_sum(x, mean) -> Tensor``
+    ``x``: (R, L) contiguous. Sum (or mean) over the last dim, shape (R,).
+
+``attention(q, k, v, mask, scale) -> Tensor``
+    ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv) with ``H % Hk == 0``
+    (query head ``h`` uses key/value head ``h // (H // Hk)``; that is how GQA arrives);
+    ``mask``: None, or a bool or float32 tensor *broadcastable view* of shape
+    (B, H, Lq, Lk) (zero strides allowed): bool False = key not attended; float = added
+    to the scaled score. ``is_causal`` has been folded into a bool mask by the front end
+    (SDPA's top-left alignment). ``scale``: float. Returns (B, H, Lq, Dv) contiguous.
+    A key that is masked out (bool False, or score + mask == -inf) must not influence
+    the result in any way: this is what makes padding and decode-vs-prefill invariant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from detkit.errors import BackendUnavailable
+
+BACKEND_MODULES: dict[tuple[str, bool], str] = {
+    ("cpu", False): "detkit.kernels.cpu",
+    ("cpu", True): "detkit.kernels.portable_cpu",
+    ("cuda", False): "detkit.kernels.cuda",
+    ("cuda", True): "detkit.kernels.cuda",
+}
+
+
+def backend_for(device_type: str, portable: bool) -> ModuleType:
+    """Return the backend module for a device type and guarantee, or raise a clear error."""
+    key = (device_type, bool(portable))
+    if key not in BACKEND_MODULES:
+        raise BackendUnavailable(
+            f"detkit has no kernels for device type {device_type!r}; "
+            "supported: cpu, cuda. Move the tensors to one of those devices."
+        )
+    return importlib.import_module(BACKEND_MODULES[key])

@@ -1,0 +1,144 @@
+"""Shared conventions for every JSON report detkit writes (audit, probe, pytest plugin).
+
+A report is one JSON object:
+
+``schema``        "detkit.report" ; ``schema_version``: int (see docs/report-schema.md)
+``kind``          "audit" | "probe" | "pytest"
+``status``        "running" | "partial" | "complete": a report whose run was interrupted
+                  or crashed stays readable and says ``partial``
+``created``/``updated``  ISO-8601 UTC timestamps
+``detkit_version``
+``fingerprint``   ``detkit.env.fingerprint().to_dict()``: every guarantee is conditional on it
+``config``        what was asked for (ops, models, seeds, ...)
+``results``       a list of records, appended as they finish
+``errors``        a list of {where, error} for parts that raised and were skipped
+``summary``       filled in at the end
+
+The file is rewritten atomically (temp file + ``os.replace``) after every record, so
+Ctrl-C or a crash never leaves a half-written file and never loses finished results.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from detkit.errors import ReportError
+
+SCHEMA = "detkit.report"
+SCHEMA_VERSION = 1
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fingerprint() -> dict[str, Any]:
+    try:
+        from detkit.env import fingerprint
+
+        return fingerprint().to_dict()
+    except Exception as exc:  # the fingerprint must never be the reason a report is lost
+        return {"error": f"fingerprint unavailable: {exc}"}
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON to ``path`` so that readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, allow_nan=False, default=_json_default)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+class ReportWriter:
+    """Accumulates a report in memory and keeps ``path`` (if given) always valid on disk."""
+
+    def __init__(self, kind: str, config: dict[str, Any], path: Path | str | None = None) -> None:
+        if kind not in {"audit", "probe", "pytest"}:
+            raise ValueError(f"unknown report kind {kind!r}; expected audit, probe or pytest")
+        from detkit import __version__
+
+        self.path = Path(path) if path is not None else None
+        self.data: dict[str, Any] = {
+            "schema": SCHEMA,
+            "schema_version": SCHEMA_VERSION,
+            "kind": kind,
+            "status": "running",
+            "created": _now(),
+            "updated": _now(),
+            "detkit_version": __version__,
+            "fingerprint": _fingerprint(),
+            "config": config,
+            "results": [],
+            "errors": [],
+            "summary": {},
+        }
+        self.flush()
+
+    def add_result(self, record: dict[str, Any]) -> None:
+        self.data["results"].append(record)
+        self.flush()
+
+    def add_error(self, where: str, error: BaseException | str) -> None:
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.data["errors"].append({"where": where, "error": text})
+        self.flush()
+
+    def finish(self, summary: dict[str, Any] | None = None, *, partial: bool = False) -> dict[str, Any]:
+        if summary is not None:
+            self.data["summary"] = summary
+        self.data["status"] = "partial" if partial else "complete"
+        self.flush()
+        return self.data
+
+    def flush(self) -> None:
+        self.data["updated"] = _now()
+        if self.path is not None:
+            write_json_atomic(self.path, self.data)
+
+
+def load_report(path: Path | str) -> dict[str, Any]:
+    """Read a saved report, checking that it is one detkit can render."""
+    p = Path(path)
+    if not p.is_file():
+        raise ReportError(f"no report at {p}; run `detkit audit --out DIR` or `detkit probe --out DIR` first")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{p} is not valid JSON ({exc}); was it written by detkit?") from exc
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ReportError(f"{p} is not a detkit report (missing schema {SCHEMA!r})")
+    if data.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ReportError(
+            f"{p} has schema_version {data.get('schema_version')}, newer than this detkit "
+            f"understands ({SCHEMA_VERSION}); upgrade detkit"
+        )
+    return data
