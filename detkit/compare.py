@@ -159,7 +159,7 @@ def _bits(x: Any, what: str) -> _Bits:
             f"({', '.join(FORMATS)}). For bfloat16 bits held in uint16 use "
             "torch.from_numpy(u).view(torch.bfloat16)."
         )
-    raw = np.ascontiguousarray(arr).view(_UINT[fmt.bits])
+    raw = np.ascontiguousarray(arr).view(_UINT[fmt.bits]).reshape(arr.shape)  # keeps 0-d
     return _Bits(raw.astype(np.uint64), fmt, arr)
 
 
@@ -192,10 +192,10 @@ def _ulp_from_bits(xa: np.ndarray, xb: np.ndarray, fmt: FloatFormat) -> np.ndarr
         mag_a, mag_b = xa & mag_mask, xb & mag_mask
         # Same sign: |mag_a - mag_b|; opposite signs: mag_a + mag_b (the path crosses 0).
         # In uint64 both stay exact: magnitudes are < 2**63, so the sum is < 2**64.
-        same = np.where(mag_a >= mag_b, mag_a - mag_b, mag_b - mag_a)
+        same = np.maximum(mag_a, mag_b) - np.minimum(mag_a, mag_b)
         dist = np.where(neg_a == neg_b, same, mag_a + mag_b)
     else:
-        dist = np.where(xa >= xb, xa - xb, xb - xa)
+        dist = np.maximum(xa, xb) - np.minimum(xa, xb)
     out = np.where(dist > np.uint64(ULP_SATURATED), np.uint64(ULP_SATURATED), dist).astype(np.int64)
     out = np.where(nan_a & nan_b, np.int64(0), out)
     return np.where(nan_a ^ nan_b, np.int64(NAN_MISMATCH), out)
@@ -247,11 +247,18 @@ def _json_float(x: float) -> float | str:
     return x if math.isfinite(x) else repr(x)
 
 
+def _significant_digits(fmt: FloatFormat) -> int:
+    """Decimal digits that identify every value of ``fmt`` (9 for float32, 17 for float64)."""
+    return math.ceil(fmt.precision * math.log10(2)) + 1
+
+
 def _bucket_label(k: int) -> str:
-    """Label of log2 bucket ``k``: ULP values with bit_length k (0 -> "0", 1 -> "1", 2 -> "2-3")."""
+    """Label of log2 bucket ``k`` (ULP values of bit length k): "0", "1", "2-3", ..., "2^11-2^12-1"."""
     if k <= 1:
         return str(k)
-    return f"{1 << (k - 1)}-{(1 << k) - 1}"
+    if k <= 11:
+        return f"{1 << (k - 1)}-{(1 << k) - 1}"
+    return f"2^{k - 1}-2^{k}-1"
 
 
 @dataclass
@@ -340,11 +347,19 @@ class Diff:
         if hist:
             lines.append("  ULP histogram: " + ", ".join(f"{k}: {v}" for k, v in hist.items()))
         if self.first_mismatches:
-            rows = [("index", "a", "b", "ulp")] + [
-                (str(m.index), repr(m.a), repr(m.b), "NaN-vs-num" if m.ulp == NAN_MISMATCH else str(m.ulp))
+            digits = _significant_digits(FORMATS[self.dtype])
+            rows = [("index", "a", "b", "ulp", "a bits", "b bits")] + [
+                (
+                    str(m.index),
+                    f"{m.a:.{digits}g}",
+                    f"{m.b:.{digits}g}",
+                    "NaN-vs-num" if m.ulp == NAN_MISMATCH else str(m.ulp),
+                    m.a_bits,
+                    m.b_bits,
+                )
                 for m in self.first_mismatches
             ]
-            widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             for r in rows:
                 lines.append("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
             shown = len(self.first_mismatches)

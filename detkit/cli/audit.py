@@ -1,9 +1,158 @@
-"""`detkit audit` (placeholder until its issue lands)."""
+"""`detkit audit`: measure which ops are nondeterministic or batch variant on this machine."""
 
 from __future__ import annotations
 
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
 import typer
+
+from detkit.cli import EXIT_CHECK_FAILED
+
+INTERRUPTED = 130
+
+def _command_line(cfg: Any) -> str:
+    """The canonical command that reproduces this audit (the report records it)."""
+    parts = ["detkit", "audit", "--ops", ",".join(cfg.ops), "--impl", ",".join(cfg.impls),
+             "--dtype", ",".join(cfg.dtypes), "--batch-sizes", ",".join(map(str, cfg.batch_sizes)),
+             "--runs", str(cfg.runs), "--device", cfg.device, "--seed", str(cfg.seed), "--hidden", str(cfg.hidden)]
+    if cfg.isa:
+        parts.append("--isa")
+    return " ".join(parts)
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else []
+
+
+def audit(
+    ops: Annotated[str | None, typer.Option("--ops", help="Comma-separated ops (default: the whole catalogue; see --list-ops).")] = None,
+    impl: Annotated[str | None, typer.Option("--impl", help="Implementations: torch, deterministic, detkit, portable (default: all available).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Comma-separated dtypes: float32, bfloat16, float16.")] = "float32",
+    batch_sizes: Annotated[str | None, typer.Option("--batch-sizes", help="Comma-separated batch sizes of the sweep (default 1,2,3,4,5,8,16).")] = None,
+    runs: Annotated[int, typer.Option("--runs", help="Repetitions for the run-to-run check (>= 2).")] = 3,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    out: Annotated[Path | None, typer.Option("--out", help="Directory for report.json, report.md and report.html (JSON written as records finish).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report JSON on stdout (progress goes to stderr).")] = False,
+    fail_on: Annotated[str | None, typer.Option("--fail-on", help="Exit 1 if any audited op x implementation fails one of these checks (comma-separated, or 'any').")] = None,
+    isa: Annotated[bool, typer.Option("--isa", help="Also compare against subprocesses under lower ATEN_CPU_CAPABILITY values (CPU).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the op inputs.")] = 0,
+    hidden: Annotated[int, typer.Option("--hidden", help="Model width the op shapes are derived from.")] = 4096,
+    list_ops: Annotated[bool, typer.Option("--list-ops", help="List the op catalogue and the checks, then exit.")] = False,
+) -> None:
+    """Measure which ops are run-to-run nondeterministic, batch, thread, padding or ISA variant here."""
+    from rich.console import Console
+
+    from detkit.audit import CATALOGUE, CHECK_HELP
+    from detkit.audit.impls import parse_impls
+    from detkit.audit.runner import DEFAULT_BATCH_SIZES, AuditConfig, parse_batch_sizes, parse_fail_on
+
+    console = Console(stderr=json_out, highlight=False)
+    if list_ops:
+        for spec in CATALOGUE:
+            console.print(f"[bold]{spec.name:30}[/] {spec.family:14} {spec.summary}")
+        console.print()
+        for check, text in CHECK_HELP.items():
+            console.print(f"[bold]{check:30}[/] {text}")
+        return
+
+    cfg = AuditConfig(
+        ops=tuple(_split(ops)) or AuditConfig.ops,
+        impls=tuple(parse_impls(impl)),
+        dtypes=tuple(_split(dtype)),
+        batch_sizes=parse_batch_sizes(batch_sizes) if batch_sizes is not None else DEFAULT_BATCH_SIZES,
+        runs=runs,
+        device=device,
+        seed=seed,
+        hidden=hidden,
+        isa=isa,
+        fail_on=parse_fail_on(fail_on),
+        impls_explicit=impl is not None,
+    )
+    code = _run(cfg, out, json_out, console)
+    if code:
+        raise typer.Exit(code)
+
+
+def _run(cfg: Any, out: Path | None, json_out: bool, console: Any) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    from detkit.audit.render import SHORT, short_cell, to_html, to_markdown
+    from detkit.audit.runner import Event, resolve_device, run_audit
+    from detkit.audit.summary import summarize
+    from detkit.report import ReportWriter
+
+    resolve_device(cfg.device)  # a missing GPU is a usage error before anything is written
+    config = {**cfg.to_dict(), "command": _command_line(cfg)}
+    config.pop("impls_explicit")
+    writer = ReportWriter("audit", config, out / "report.json" if out else None)
+    checks = [c for c in SHORT if c != "isa-variance" or cfg.isa]
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True)
+    task = progress.add_task("starting", total=None)
+    header = Text(f"{'op':29}{'dtype':9}{'impl':14}" + "".join(f"{SHORT[c]:10}" for c in checks) + "seconds",
+                  style="bold")
+
+    def listen(event: Event) -> None:
+        if event.kind == "start":
+            progress.update(task, total=event.total)
+            progress.console.print(header, soft_wrap=True)
+        elif event.kind == "phase":
+            progress.update(task, description=event.text)
+        else:
+            r = event.record
+            line = Text(f"{r['op'][:28]:29}{r['dtype']:9}{r['impl']:14}")
+            for c in checks:
+                text, style = short_cell(r["checks"].get(c, {}), c)
+                line.append(f"{text:10}", style=style)
+            line.append(f"{r['seconds']:.1f}")
+            progress.console.print(line, soft_wrap=True)
+            progress.advance(task)
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    partial = False
+    try:
+        with progress:
+            run_audit(cfg, writer, listen)
+    except KeyboardInterrupt:
+        partial = True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    summary = summarize(writer.data, cfg.fail_on)
+    report = writer.finish(summary, partial=partial)
+    if out is not None:
+        (out / "report.md").write_text(to_markdown(report))
+        (out / "report.html").write_text(to_html(report))
+
+    if json_out:
+        sys.stdout.write(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    console.print()
+    for line in summary["advice"]:
+        console.print(f"- {line}", markup=False, soft_wrap=True)
+    if out is not None:
+        console.print(f"\nreport: {out / 'report.json'} (+ report.md, report.html)", markup=False, soft_wrap=True)
+    if partial:
+        console.print("[bold yellow]interrupted:[/] the report holds the finished records and is marked partial")
+        return INTERRUPTED
+    if summary["fail_on"]["failed"]:
+        failed = summary["fail_on"]["failed"]
+        console.print(f"[bold red]--fail-on {','.join(cfg.fail_on)}: {len(failed)} failing[/]")
+        for item in failed[:20]:
+            console.print(f"  {item}", markup=False, soft_wrap=True)
+        if len(failed) > 20:
+            console.print(f"  ... {len(failed) - 20} more")
+        return EXIT_CHECK_FAILED
+    return 0
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the detkit app."""
+    """Add `detkit audit` to the detkit app."""
+    app.command("audit")(audit)

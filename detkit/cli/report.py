@@ -1,9 +1,85 @@
-"""`detkit report` (placeholder until its issue lands)."""
+"""`detkit report`: re-render a saved report (audit, probe or pytest) from its JSON."""
 
 from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 
+class Format(str, Enum):
+    md = "md"
+    html = "html"
+    table = "table"
+    json = "json"
+
+
+def _generic_markdown(report: dict[str, Any]) -> str:
+    """Fallback for report kinds without their own renderer: header, summary, records."""
+    lines = [f"# detkit {report.get('kind')} report", "", f"- status: **{report.get('status')}**",
+             f"- created: {report.get('created')}", "", "## Summary", "", "```json",
+             json.dumps(report.get("summary", {}), indent=2), "```", "", f"## Results ({len(report.get('results', []))})", ""]
+    lines += [f"- `{json.dumps(r, sort_keys=True)[:300]}`" for r in report.get("results", [])]
+    if report.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {e['where']}: {e['error'].splitlines()[0]}" for e in report["errors"]]
+    return "\n".join(lines) + "\n"
+
+
+def _generic_html(report: dict[str, Any]) -> str:
+    import html
+
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>detkit report</title></head>"
+            f"<body><pre>{html.escape(_generic_markdown(report))}</pre></body></html>\n")
+
+
+def render(report: dict[str, Any], fmt: Format) -> str | Any:
+    """The report as text (md/html/json) or a rich renderable (table)."""
+    if fmt is Format.json:
+        return json.dumps(report, indent=2, allow_nan=False) + "\n"
+    if report.get("kind") == "audit":
+        from detkit.audit.render import rich_table, to_html, to_markdown
+        from detkit.audit.summary import op_records
+
+        if fmt is Format.table:
+            return rich_table(op_records(report), title=f"detkit audit ({report.get('status')})")
+        return to_markdown(report) if fmt is Format.md else to_html(report)
+    if fmt is Format.html:
+        return _generic_html(report)
+    return _generic_markdown(report)
+
+
+def report(
+    path: Annotated[Path, typer.Argument(help="A report.json, or the directory holding one.")],
+    fmt: Annotated[Format, typer.Option("--format", "-f", help="md, html, table (terminal) or json.")] = Format.md,
+    out: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Re-render a saved detkit report (complete or partial) as Markdown, HTML or a table."""
+    from rich.console import Console
+
+    from detkit.report import load_report
+
+    data = load_report(path / "report.json" if path.is_dir() else path)
+    rendered = render(data, fmt)
+    if isinstance(rendered, str):
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(rendered)
+        else:
+            typer.echo(rendered, nl=False)
+        return
+    # The table has one column per check: never squeeze it below its natural width.
+    console = Console(record=out is not None, width=max(Console().width, 140))
+    console.print(rendered)
+    if data.get("kind") == "audit":
+        for line in (data.get("summary") or {}).get("advice", []):
+            console.print(f"- {line}", highlight=False)
+    if out is not None:
+        out.write_text(console.export_text())
+
+
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the detkit app."""
+    """Add `detkit report` to the detkit app."""
+    app.command("report")(report)

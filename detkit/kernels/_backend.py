@@ -74,4 +74,14 @@ def backend_for(device_type: str, portable: bool) -> ModuleType:
             f"detkit has no kernels for device type {device_type!r}; "
             "supported: cpu, cuda. Move the tensors to one of those devices."
         )
-    return importlib.import_module(BACKEND_MODULES[key])
+    name = BACKEND_MODULES[key]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        what = "portable" if key[1] else "batch-invariant"
+        raise BackendUnavailable(
+            f"detkit's {what} {device_type} backend ({name}) is not available in this "
+            "installation. Use portable=False on the CPU, or install a version that has it."
+        ) from e

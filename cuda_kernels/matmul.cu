@@ -1,0 +1,367 @@
+// detkit matmul kernels: C[b] = A[b] @ B[b] (+ bias), C contiguous (batch, M, N).
+//
+// Batch invariance: the reduction order of every output element depends only on K and
+// the tile configuration, which is fixed per dtype and architecture (never chosen from
+// M). One CTA reduces the whole K in a fixed loop; no split-K, no atomics; the bias is
+// added after the K loop; rows outside [0, M) are zero-filled and never stored.
+
+// =====================================================================================
+// Fixed-order CUDA-core GEMM: the canonical order (docs/canonical-orders.md).
+//   acc = +0;  for k = 0 .. K-1:  acc = fma(a[m,k], b[k,n], acc)   (one rounding each)
+//   if bias:   acc = acc + bias[n]                                  (one rounding)
+//   out = round_to_T(acc)                                           (one rounding)
+// Inputs are widened exactly to float32. Used for portable=True (every dtype) and for
+// float32 portable=False (CUDA cores, never TF32: this order is already as fast as any).
+// =====================================================================================
+namespace simt {
+constexpr int BM = 128, BN = 64, BK = 16, NT = 256;
+constexpr int TM = 8, TN = 4;          // per-thread micro tile: 16 x 16 threads
+constexpr int PAD = 4;                 // smem row padding (floats) against bank conflicts
+}
+
+template <typename T, bool B_KMAJOR>
+__device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __restrict__ B,
+                                        const T* __restrict__ bias, T* __restrict__ C,
+                                        int M, int N, int K, i64 sa_b, i64 sa_m,
+                                        i64 sb_b, i64 sb_ld) {
+    using namespace simt;
+    __shared__ __align__(16) float As[2][BK][BM + PAD];
+    __shared__ __align__(16) float Bs[2][BK][BN + PAD];
+
+    const int tid = threadIdx.x;
+    const int tr = tid / (BN / TN), tc = tid % (BN / TN);
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    A += (i64)blockIdx.z * sa_b;
+    B += (i64)blockIdx.z * sb_b;
+    C += (i64)blockIdx.z * (i64)M * (i64)N;
+
+    // Global -> shared mapping (follows the unit stride for coalescing; it decides only
+    // where values are loaded from, never the arithmetic order). A is k-contiguous:
+    // thread loads k = tid % BK of rows tid / BK + i * (NT / BK). B is k-contiguous
+    // (b[k, n] at n * ld + k, a transposed nn.Linear weight) or n-contiguous (k * ld + n).
+    constexpr int A_PER = BM * BK / NT, B_PER = BK * BN / NT;
+    const int a_k = tid % BK, a_m = tid / BK;
+    const int b_k = B_KMAJOR ? tid % BK : tid / BN;
+    const int b_n = B_KMAJOR ? tid / BK : tid % BN;
+    const T* a_ptr = A + (i64)(m0 + a_m) * sa_m + a_k;
+    const T* b_ptr = B_KMAJOR ? B + (i64)(n0 + b_n) * sb_ld + b_k : B + (i64)b_k * sb_ld + (n0 + b_n);
+    float ra[A_PER], rb[B_PER];
+
+    auto load_tiles = [&](int k0) {
+        const bool ak = a_k + k0 < K;
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) {
+            const bool ok = ak && (m0 + a_m + i * (NT / BK) < M);
+            ra[i] = ok ? load_f32(a_ptr, (i64)i * (NT / BK) * sa_m + k0) : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < B_PER; ++i) {
+            if (B_KMAJOR) {
+                const bool ok = (b_k + k0 < K) && (n0 + b_n + i * (NT / BK) < N);
+                rb[i] = ok ? load_f32(b_ptr, (i64)i * (NT / BK) * sb_ld + k0) : 0.0f;
+            } else {
+                const bool ok = (b_k + k0 + i * (NT / BN) < K) && (n0 + b_n < N);
+                rb[i] = ok ? load_f32(b_ptr, (i64)(k0 + i * (NT / BN)) * sb_ld) : 0.0f;
+            }
+        }
+    };
+    auto store_tiles = [&](int buf) {
+#pragma unroll
+        for (int i = 0; i < A_PER; ++i) As[buf][a_k][a_m + i * (NT / BK)] = ra[i];
+#pragma unroll
+        for (int i = 0; i < B_PER; ++i) {
+            if (B_KMAJOR) Bs[buf][b_k][b_n + i * (NT / BK)] = rb[i];
+            else Bs[buf][b_k + i * (NT / BN)][b_n] = rb[i];
+        }
+    };
+
+    float acc[TM][TN];
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+
+    const int ktiles = (K + BK - 1) / BK;
+    if (ktiles > 0) {
+        load_tiles(0);
+        store_tiles(0);
+    }
+    __syncthreads();
+    for (int t = 0; t < ktiles; ++t) {
+        const int buf = t & 1;
+        if (t + 1 < ktiles) load_tiles((t + 1) * BK);
+        // Only the real k of the last tile take part: a padded fma(0, 0, acc) would turn
+        // an accumulator of -0 into +0 and break bit equality with the specification.
+        const int kn = min(BK, K - t * BK);
+        if (kn == BK) {
+#pragma unroll
+            for (int kk = 0; kk < BK; ++kk) {
+                float a[TM], b[TN];
+#pragma unroll
+                for (int i = 0; i < TM; ++i) a[i] = As[buf][kk][tr * TM + i];
+#pragma unroll
+                for (int j = 0; j < TN; ++j) b[j] = Bs[buf][kk][tc * TN + j];
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[i][j] = __fmaf_rn(a[i], b[j], acc[i][j]);
+            }
+        } else {
+            for (int kk = 0; kk < kn; ++kk) {
+                float a[TM], b[TN];
+#pragma unroll
+                for (int i = 0; i < TM; ++i) a[i] = As[buf][kk][tr * TM + i];
+#pragma unroll
+                for (int j = 0; j < TN; ++j) b[j] = Bs[buf][kk][tc * TN + j];
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int j = 0; j < TN; ++j) acc[i][j] = __fmaf_rn(a[i], b[j], acc[i][j]);
+            }
+        }
+        if (t + 1 < ktiles) store_tiles(buf ^ 1);
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < TM; ++i) {
+        const int m = m0 + tr * TM + i;
+        if (m >= M) continue;
+#pragma unroll
+        for (int j = 0; j < TN; ++j) {
+            const int n = n0 + tc * TN + j;
+            if (n >= N) continue;
+            float v = acc[i][j];
+            if (bias != nullptr) v = __fadd_rn(v, load_f32(bias, n));
+            C[(i64)m * N + n] = from_f32<T>(v);
+        }
+    }
+}
+
+#define DETKIT_SIMT_ENTRY(NAME, T, KMAJOR)                                                   \
+    extern "C" __global__ void __launch_bounds__(simt::NT, 2)                                 \
+    NAME(const T* A, const T* B, const T* bias, T* C, int M, int N, int K, i64 sa_b,          \
+         i64 sa_m, i64 sb_b, i64 sb_ld) {                                                     \
+        simt_mm<T, KMAJOR>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld);                  \
+    }
+DETKIT_SIMT_ENTRY(mm_simt_f32_kmajor, float, true)
+DETKIT_SIMT_ENTRY(mm_simt_f32_nmajor, float, false)
+DETKIT_SIMT_ENTRY(mm_simt_bf16_kmajor, bf16, true)
+DETKIT_SIMT_ENTRY(mm_simt_bf16_nmajor, bf16, false)
+DETKIT_SIMT_ENTRY(mm_simt_f16_kmajor, f16, true)
+DETKIT_SIMT_ENTRY(mm_simt_f16_nmajor, f16, false)
+
+// =====================================================================================
+// Tensor-core GEMM for bfloat16 / float16 with float32 accumulation (portable=False).
+// mma.sync.m16n8k16, ldmatrix, cp.async 3-stage pipeline. Every output element is the
+// chain of mma instructions over k = 0..15, 16..31, ... in order, whatever M is, so a
+// row's bits do not depend on the batch. B may be k-contiguous (a transposed nn.Linear
+// weight) or n-contiguous; both layouts feed identical fragments to the mma, so the
+// bits do not depend on B's layout either.
+// =====================================================================================
+namespace tc {
+constexpr int BM = 128, BN = 64, BK = 32, NT = 128, STAGES = 3;
+constexpr int WM = 64, WN = 32;                 // warp tile; warps laid out 2 x 2
+constexpr int MI = WM / 16, NI = WN / 8;        // mma tiles per warp
+constexpr int LDA = BK + 8;                     // padded smem rows (halfs): conflict-free ldmatrix
+constexpr int LDB_K = BK + 8, LDB_N = BN + 8;
+constexpr int A_STAGE = BM * LDA;
+constexpr int B_STAGE = (BN * LDB_K > BK * LDB_N) ? BN * LDB_K : BK * LDB_N;
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    // src-size 0 zero-fills the 16 bytes without reading global memory.
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+
+template <typename T> struct Mma;
+template <> struct Mma<bf16> {
+    static __device__ __forceinline__ void run(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+template <> struct Mma<f16> {
+    static __device__ __forceinline__ void run(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+// vec != 0: every 8-element chunk the tiles read is 16-byte aligned and either wholly
+// inside or wholly outside the matrix (the host checks pointers, strides, K and N), so
+// cp.async can be used; otherwise the tiles are loaded element by element. Both paths
+// put the same values in shared memory.
+template <typename T, bool B_KMAJOR>
+__device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restrict__ B,
+                                      const T* __restrict__ bias, T* __restrict__ C, int M, int N,
+                                      int K, i64 sa_b, i64 sa_m, i64 sb_b, i64 sb_ld, int vec) {
+    using namespace tc;
+    __shared__ __align__(16) u16 sA[STAGES * A_STAGE];
+    __shared__ __align__(16) u16 sB[STAGES * B_STAGE];
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp >> 1, wn = warp & 1;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const u16* Ag = reinterpret_cast<const u16*>(A) + (i64)blockIdx.z * sa_b;
+    const u16* Bg = reinterpret_cast<const u16*>(B) + (i64)blockIdx.z * sb_b;
+    C += (i64)blockIdx.z * (i64)M * (i64)N;
+
+    auto load_stage = [&](int stage, int k0) {
+        u16* a_s = sA + stage * A_STAGE;
+        u16* b_s = sB + stage * B_STAGE;
+        if (vec) {
+            // A: BM rows x BK halfs = BM * BK / 8 chunks of 16 bytes.
+#pragma unroll
+            for (int i = 0; i < BM * BK / 8 / NT; ++i) {
+                const int c = tid + i * NT;
+                const int row = c / (BK / 8), col = (c % (BK / 8)) * 8;
+                const bool ok = (m0 + row < M) && (k0 + col < K);
+                const u16* src = ok ? Ag + (i64)(m0 + row) * sa_m + (k0 + col) : Ag;
+                cp_async16(a_s + row * LDA + col, src, ok);
+            }
+#pragma unroll
+            for (int i = 0; i < BN * BK / 8 / NT; ++i) {
+                const int c = tid + i * NT;
+                if (B_KMAJOR) {  // smem [n][k]; global b[k, n] at n * sb_ld + k
+                    const int row = c / (BK / 8), col = (c % (BK / 8)) * 8;
+                    const bool ok = (n0 + row < N) && (k0 + col < K);
+                    const u16* src = ok ? Bg + (i64)(n0 + row) * sb_ld + (k0 + col) : Bg;
+                    cp_async16(b_s + row * LDB_K + col, src, ok);
+                } else {         // smem [k][n]; global b[k, n] at k * sb_ld + n
+                    const int row = c / (BN / 8), col = (c % (BN / 8)) * 8;
+                    const bool ok = (k0 + row < K) && (n0 + col < N);
+                    const u16* src = ok ? Bg + (i64)(k0 + row) * sb_ld + (n0 + col) : Bg;
+                    cp_async16(b_s + row * LDB_N + col, src, ok);
+                }
+            }
+        } else {
+            for (int e = tid; e < BM * BK; e += NT) {
+                const int row = e / BK, col = e % BK;
+                const bool ok = (m0 + row < M) && (k0 + col < K);
+                a_s[row * LDA + col] = ok ? Ag[(i64)(m0 + row) * sa_m + (k0 + col)] : (u16)0;
+            }
+            for (int e = tid; e < BN * BK; e += NT) {
+                if (B_KMAJOR) {
+                    const int row = e / BK, col = e % BK;
+                    const bool ok = (n0 + row < N) && (k0 + col < K);
+                    b_s[row * LDB_K + col] = ok ? Bg[(i64)(n0 + row) * sb_ld + (k0 + col)] : (u16)0;
+                } else {
+                    const int row = e / BN, col = e % BN;
+                    const bool ok = (k0 + row < K) && (n0 + col < N);
+                    b_s[row * LDB_N + col] = ok ? Bg[(i64)(k0 + row) * sb_ld + (n0 + col)] : (u16)0;
+                }
+            }
+        }
+    };
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+
+    const int ktiles = (K + BK - 1) / BK;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < ktiles) load_stage(s, s * BK);
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();
+        // Refill the stage computed in the previous iteration (everyone is past it now).
+        const int nk = kt + STAGES - 1;
+        if (nk < ktiles) load_stage(nk % STAGES, nk * BK);
+        cp_async_commit();
+
+        const u16* a_s = sA + (kt % STAGES) * A_STAGE;
+        const u16* b_s = sB + (kt % STAGES) * B_STAGE;
+#pragma unroll
+        for (int ks = 0; ks < BK / 16; ++ks) {
+            u32 af[MI][4];
+            u32 bfr[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) {
+                const int row = wm * WM + mi * 16 + (lane & 15);
+                const int col = ks * 16 + (lane >> 4) * 8;
+                ldsm_x4(af[mi], a_s + row * LDA + col);
+            }
+#pragma unroll
+            for (int np = 0; np < NI / 2; ++np) {
+                u32 r[4];
+                if (B_KMAJOR) {
+                    const int n = wn * WN + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+                    const int k = ks * 16 + ((lane >> 3) & 1) * 8;
+                    ldsm_x4(r, b_s + n * LDB_K + k);
+                } else {
+                    const int k = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    const int n = wn * WN + np * 16 + (lane >> 4) * 8;
+                    ldsm_x4_trans(r, b_s + k * LDB_N + n);
+                }
+                bfr[2 * np][0] = r[0];
+                bfr[2 * np][1] = r[1];
+                bfr[2 * np + 1][0] = r[2];
+                bfr[2 * np + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) Mma<T>::run(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+        }
+    }
+    cp_async_wait<0>();
+
+    // Epilogue: bias after the full K reduction, one rounding to T.
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int m = m0 + wm * WM + mi * 16 + (lane >> 2) + half * 8;
+            if (m >= M) continue;
+#pragma unroll
+            for (int ni = 0; ni < NI; ++ni) {
+                const int n = n0 + wn * WN + ni * 8 + (lane & 3) * 2;
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    if (n + q >= N) continue;
+                    float v = acc[mi][ni][half * 2 + q];
+                    if (bias != nullptr) v = __fadd_rn(v, to_f32(bias[n + q]));
+                    C[(i64)m * N + n + q] = from_f32<T>(v);
+                }
+            }
+        }
+    }
+}
+
+#define DETKIT_TC_ENTRY(NAME, T, KMAJOR)                                                      \
+    extern "C" __global__ void __launch_bounds__(tc::NT)                                      \
+    NAME(const T* A, const T* B, const T* bias, T* C, int M, int N, int K, i64 sa_b,           \
+         i64 sa_m, i64 sb_b, i64 sb_ld, int vec) {                                             \
+        tc_mm<T, KMAJOR>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld, vec);                \
+    }
+DETKIT_TC_ENTRY(mm_tc_bf16_kmajor, bf16, true)
+DETKIT_TC_ENTRY(mm_tc_bf16_nmajor, bf16, false)
+DETKIT_TC_ENTRY(mm_tc_f16_kmajor, f16, true)
+DETKIT_TC_ENTRY(mm_tc_f16_nmajor, f16, false)

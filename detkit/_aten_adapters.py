@@ -1,0 +1,661 @@
+"""aten adapters: translate one aten op's arguments into a ``detkit.kernels`` call.
+
+This is the middle layer between the kernels (``detkit.kernels``, which know nothing
+about aten) and the mode switch (``detkit.mode``, which registers the overrides and
+owns the state). An adapter receives the aten op's arguments exactly as the dispatcher
+passes them, plus a :class:`Call` carrying the ``portable`` flag and the op's original
+kernel, and returns what the aten op returns. When the arguments fall outside what the
+kernels cover it raises :class:`Unsupported`; the mode then runs the original kernel
+and counts the call, so nothing falls back silently.
+
+Three canonicalisations make unfused ops invariant where the plain kernels alone would
+not be (they are what lets eager attention and odd-sized activations pass the Hugging
+Face tests):
+
+* **Leading zeros of a matmul row are skipped.** Eager attention computes
+  ``probs @ V`` over all keys, and a left-padded row has exact-zero probabilities on
+  its padding keys. Each row of ``a`` is reduced from its first nonzero element on, so
+  the row gives the same bits with or without padding in front, whatever blocking the
+  kernel uses over K (the products skipped are exact zeros; when any skipped row of
+  ``b`` holds inf/NaN nothing is skipped, so IEEE semantics are kept).
+* **Leading negligible logits of a softmax row are skipped**: entries more than
+  ``_SOFTMAX_SKIP[dtype]`` below the row maximum, whose ``exp`` is exactly 0, get
+  probability 0 and the kernel sees the rest (masked padding keys hold ``finfo.min``).
+* **Position-dependent elementwise ops run in aligned slices.** torch's vectorised
+  CPU loops compute the last ``n mod (2 * vector width)`` elements of a tensor, and of
+  each thread's chunk, with a scalar code path that rounds differently for ``silu``,
+  ``sigmoid``, ``gelu(tanh)``, ``softplus``, ``mish``, ``sinh``, ``pow``, and
+  ``rsqrt`` in 16-bit (measured on AVX-512: ``silu`` over rows of 688 float32 values
+  changes bits with the batch size). The adapter pads the flattened tensor to a
+  multiple of ``_ALIGN`` elements and calls the original kernel on slices of
+  ``_SLICE`` elements, below torch's parallel grain, so every element takes the
+  vectorised path on one thread.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from detkit.errors import InputError
+
+__all__ = [
+    "ELEMENTWISE_EXACT",
+    "ELEMENTWISE_LIBM",
+    "EXACT_OPS",
+    "KNOWN_POSITION_DEPENDENT",
+    "OVERRIDES",
+    "Call",
+    "OpOverride",
+    "Unsupported",
+    "kernels_module",
+]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# exp(d) is exactly 0 in float32 for d < -104 and in float64 for d < -746; the margins
+# are generous so no rounding of the threshold can skip a contributing logit.
+_SOFTMAX_SKIP = {torch.float64: 1600.0}
+_SOFTMAX_SKIP_DEFAULT = 200.0
+# A multiple of two AVX-512 float32 vectors (torch unrolls by 2) and of every smaller ISA.
+_ALIGN = 64
+# torch's at::internal::GRAIN_SIZE: TensorIterator splits work across threads only above it.
+_SLICE = 32768
+
+
+class Unsupported(Exception):
+    """The arguments are outside what the kernels cover; run the original kernel.
+
+    ``benign`` marks cases whose original result is already exact and order free
+    (integer reductions, empty tensors, exponents whose result is correctly rounded),
+    which are reported as passed through rather than as fallbacks.
+    """
+
+    def __init__(self, reason: str, *, benign: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.benign = benign
+
+
+@dataclass(frozen=True)
+class Call:
+    """What an adapter needs besides the aten arguments."""
+
+    portable: bool
+    original: Callable[..., Any]  # the op's previous kernel, dispatch keys already bound
+
+
+Adapter = Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class OpOverride:
+    """One aten overload routed by the mode.
+
+    ``composite``: the op is CompositeImplicitAutograd (no autograd formula of its own);
+    the mode also registers an autograd-key gate that keeps torch's decomposition when a
+    gradient is needed, so training through the mode still works.
+    """
+
+    name: str
+    adapter: Adapter
+    kind: str
+    composite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in {"matmul", "softmax", "reduction", "norm", "attention", "elementwise"}:
+            raise ValueError(f"unknown override kind {self.kind!r} for {self.name}")
+        if "::" in self.name:
+            raise ValueError(f"override names are aten overload names without a namespace, got {self.name!r}")
+
+    @property
+    def impl_name(self) -> str:
+        """The name ``torch.library`` uses: the default overload has no suffix."""
+        return self.name.removesuffix(".default")
+
+    @property
+    def qualname(self) -> str:
+        return f"aten::{self.impl_name}"
+
+    @property
+    def overload(self) -> Any:
+        packet, _, overload = self.name.partition(".")
+        return getattr(getattr(torch.ops.aten, packet), overload or "default")
+
+
+def kernels_module() -> ModuleType:
+    """The kernel front end (a function so tests can substitute stand-ins)."""
+    import detkit.kernels
+
+    return detkit.kernels
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _float(*tensors: torch.Tensor | None) -> None:
+    for t in tensors:
+        if t is None:
+            continue
+        if t.layout != torch.strided:
+            raise Unsupported(f"{t.layout} tensor")
+        if t.dtype not in _FLOATS:
+            exact = not (t.is_floating_point() or t.is_complex())
+            raise Unsupported(f"{t.dtype} input", benign=exact)
+
+
+def _plain(t: torch.Tensor | None) -> torch.Tensor | None:
+    """Detach: kernels hand tensors to numpy, which refuses tensors that require grad.
+
+    (The override runs below autograd; torch's autograd formula still records the op.)
+    """
+    return None if t is None else t.detach()
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _kernel_call(fn: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Call a kernel; an input it rejects becomes a counted fallback, not a crash."""
+    try:
+        return fn(*args, **kwargs)
+    except InputError as e:
+        raise Unsupported(f"kernel rejected the input: {e}") from e
+
+
+def _scalar_is(x: Any, value: float) -> bool:
+    return not isinstance(x, torch.Tensor) and not isinstance(x, bool) and x == value
+
+
+# ----------------------------------------------------------------------------- matmul
+
+
+def _leading_zero_starts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Per row of ``a`` (shape (..., M, K)), the index of its first nonzero; None if all 0."""
+    k = a.shape[-1]
+    if k <= 1 or bool((a[..., 0] != 0).all()):
+        return None
+    nonzero = a != 0
+    first = nonzero.to(torch.uint8).argmax(-1)
+    # An all-zero row keeps its last term, so the result keeps the sign rules of a sum.
+    starts = torch.where(nonzero.any(-1), first, torch.full_like(first, k - 1))
+    skip = int(starts.max())
+    if skip == 0 or not bool(torch.isfinite(b[..., :skip, :]).all()):
+        return None
+    return starts
+
+
+def _matmul(call: Call, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """2-D (M,K)@(K,N) or 3-D (B,M,K)@(B,K,N), with leading zeros of each row skipped."""
+    _float(a, b, bias)
+    if a.dtype != b.dtype or (bias is not None and bias.dtype != a.dtype):
+        raise Unsupported("mixed dtypes", benign=True)  # torch raises its own error
+    if a.numel() == 0 or b.numel() == 0:
+        raise Unsupported("empty operand", benign=True)
+    a, b, bias = _plain(a), _plain(b), _plain(bias)
+    kn = kernels_module()
+    starts = _leading_zero_starts(a, b)
+    if starts is None:
+        return _kernel_call(kn.matmul, a, b, bias, portable=call.portable)
+    out = torch.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype, device=a.device)
+    for start in torch.unique(starts).tolist():
+        rows = starts == start
+        if a.dim() == 2:
+            idx = rows.nonzero().squeeze(1)
+            part = _kernel_call(kn.matmul, a[idx, start:], b[start:], bias, portable=call.portable)
+            out.index_copy_(0, idx, part)
+        else:
+            # Batch entries holding such a row; their other rows are computed and dropped.
+            bidx = rows.any(-1).nonzero().squeeze(1)
+            part = _kernel_call(kn.matmul, a[bidx][:, :, start:], b[bidx][:, start:], bias, portable=call.portable)
+            keep = rows[bidx].unsqueeze(-1)
+            out.index_copy_(0, bidx, torch.where(keep, part, out[bidx]))
+    return out
+
+
+def _scaled(prod: torch.Tensor, alpha: Any) -> torch.Tensor:
+    return prod if _scalar_is(alpha, 1) else prod * alpha
+
+
+def _add_scaled(call: Call, self: torch.Tensor, prod: torch.Tensor, beta: Any, alpha: Any) -> torch.Tensor:
+    """beta * self + alpha * prod, elementwise (row independent), as torch's addmm family."""
+    _float(self)
+    if _scalar_is(beta, 0):  # torch ignores self entirely (even NaN) when beta == 0
+        return _scaled(prod, alpha)
+    term = self if _scalar_is(beta, 1) else self * beta
+    return (term + _scaled(prod, alpha)).to(prod.dtype).expand(prod.shape).contiguous()
+
+
+def mm(call: Call, self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    return _matmul(call, self, mat2)
+
+
+def bmm(call: Call, self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    return _matmul(call, self, mat2)
+
+
+def addmm(
+    call: Call, self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: Any = 1, alpha: Any = 1
+) -> torch.Tensor:
+    n = mat2.shape[-1]
+    if (
+        _scalar_is(beta, 1)
+        and _scalar_is(alpha, 1)
+        and self.dtype == mat1.dtype
+        and self.numel() == n
+        and self.dim() <= 2
+        and (self.dim() < 2 or self.shape[0] == 1)
+    ):
+        # F.linear's bias: the kernel adds it once, after the full K reduction.
+        return _matmul(call, mat1, mat2, self.reshape(n))
+    return _add_scaled(call, self, _matmul(call, mat1, mat2), beta, alpha)
+
+
+def baddbmm(
+    call: Call, self: torch.Tensor, batch1: torch.Tensor, batch2: torch.Tensor, *, beta: Any = 1, alpha: Any = 1
+) -> torch.Tensor:
+    return _add_scaled(call, self, _matmul(call, batch1, batch2), beta, alpha)
+
+
+def mv(call: Call, self: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    return _matmul(call, self, vec.unsqueeze(1)).squeeze(1)
+
+
+def addmv(
+    call: Call, self: torch.Tensor, mat: torch.Tensor, vec: torch.Tensor, *, beta: Any = 1, alpha: Any = 1
+) -> torch.Tensor:
+    return _add_scaled(call, self, _matmul(call, mat, vec.unsqueeze(1)).squeeze(1), beta, alpha)
+
+
+def dot(call: Call, self: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    return _matmul(call, self.unsqueeze(0), tensor.unsqueeze(1)).reshape(())
+
+
+# ----------------------------------------------------------------------------- softmax
+
+
+def _like(result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``result`` laid out as torch lays out an op's output for input ``x``."""
+    if x.is_contiguous() and result.is_contiguous():
+        return result
+    out = torch.empty_like(x, dtype=result.dtype)
+    out.copy_(result)
+    return out
+
+
+def _softmax_rows(call: Call, x: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    _float(x)
+    if x.dim() == 0 or x.numel() == 0:
+        raise Unsupported("0-d or empty input", benign=True)
+    x = _plain(x)
+    kn = kernels_module()
+    fn = kn.log_softmax if log else kn.softmax
+    d = dim % x.dim()
+    moved = x.movedim(d, -1)
+    rows = moved.reshape(-1, moved.shape[-1])
+    starts = None if log else _negligible_prefix(rows)
+    if starts is None:
+        res = _kernel_call(fn, rows, -1, portable=call.portable)
+    else:
+        res = torch.zeros_like(rows)
+        for start in torch.unique(starts).tolist():
+            idx = (starts == start).nonzero().squeeze(1)
+            res[idx, start:] = _kernel_call(fn, rows[idx, start:], -1, portable=call.portable)
+    return _like(res.reshape(moved.shape).movedim(-1, d), x)
+
+
+def _negligible_prefix(rows: torch.Tensor) -> torch.Tensor | None:
+    """Per row, how many leading logits have exp(x - max) == 0 exactly; None if none."""
+    if rows.shape[-1] <= 1:
+        return None
+    margin = _SOFTMAX_SKIP.get(rows.dtype, _SOFTMAX_SKIP_DEFAULT)
+    threshold = rows.amax(-1, keepdim=True).to(torch.float64) - margin
+    if bool((rows[:, :1].to(torch.float64) >= threshold).all()):
+        return None
+    # NaN rows compare False everywhere, so they keep all their entries.
+    keep = ~(rows.to(torch.float64) < threshold)
+    return keep.to(torch.uint8).argmax(-1)
+
+
+def _softmax(call: Call, self: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    if half_to_float:
+        raise Unsupported("half_to_float=True")
+    return _softmax_rows(call, self, dim, log=False)
+
+
+def _log_softmax(call: Call, self: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+    if half_to_float:
+        raise Unsupported("half_to_float=True")
+    return _softmax_rows(call, self, dim, log=True)
+
+
+def _safe_softmax(call: Call, self: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    x = self if dtype is None else self.to(dtype)
+    out = _softmax_rows(call, x, dim, log=False)
+    # A row masked entirely (all -inf) gives 0 instead of NaN: that is _safe_softmax.
+    return out.masked_fill((x == float("-inf")).all(dim, keepdim=True), 0.0)
+
+
+# ----------------------------------------------------------------------------- sum / mean
+
+
+def _reduce(
+    call: Call,
+    x: torch.Tensor,
+    dim: Sequence[int] | int | None,
+    keepdim: bool,
+    dtype: torch.dtype | None,
+    mean: bool,
+) -> torch.Tensor:
+    if dtype is not None and dtype not in _FLOATS:
+        raise Unsupported(f"dtype={dtype}", benign=not (dtype.is_floating_point or dtype.is_complex))
+    _float(x)
+    if x.numel() == 0:
+        raise Unsupported("empty input", benign=True)
+    x = _plain(x) if dtype is None else _plain(x).to(dtype)
+    kn = kernels_module()
+    nd = x.dim()
+    dims = [dim] if isinstance(dim, int) else list(dim or [])
+    reduced = sorted({d % nd for d in dims}) if (dims and nd) else list(range(nd))
+    kept = [d for d in range(nd) if d not in reduced]
+    # Reduced dims last, flattened into one row per output element: each output is one
+    # fixed-order row reduction, whatever else is in the tensor.
+    rows = x.permute(*kept, *reduced).reshape(-1, math.prod(x.shape[d] for d in reduced))
+    fn = kn.mean if mean else kn.sum
+    res = _kernel_call(fn, rows, -1, portable=call.portable).reshape([x.shape[d] for d in kept])
+    if keepdim:
+        for d in reduced:
+            res = res.unsqueeze(d)
+    return res
+
+
+def mean_dim(
+    call: Call, self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    return _reduce(call, self, dim, keepdim, dtype, mean=True)
+
+
+def mean_all(call: Call, self: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return _reduce(call, self, None, False, dtype, mean=True)
+
+
+def sum_dim(
+    call: Call, self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    return _reduce(call, self, dim, keepdim, dtype, mean=False)
+
+
+def sum_all(call: Call, self: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return _reduce(call, self, None, False, dtype, mean=False)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def _norm_rows(x: torch.Tensor, normalized_shape: Sequence[int]) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+    k = len(normalized_shape)
+    if k == 0 or tuple(x.shape[x.dim() - k :]) != tuple(normalized_shape):
+        raise Unsupported(f"normalized_shape {tuple(normalized_shape)} does not match input {tuple(x.shape)}", benign=True)
+    if x.numel() == 0:
+        raise Unsupported("empty input", benign=True)
+    n = math.prod(normalized_shape)
+    stat_shape = (*x.shape[: x.dim() - k], *([1] * k))
+    return x.reshape(-1, n), n, stat_shape
+
+
+def native_layer_norm(
+    call: Call,
+    input: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _float(input, weight, bias)
+    rows, n, stat_shape = _norm_rows(_plain(input), normalized_shape)
+    w = None if weight is None else _plain(weight).reshape(n)
+    b = None if bias is None else _plain(bias).reshape(n)
+    out = _kernel_call(kernels_module().layer_norm, rows, w, b, eps, portable=call.portable)
+    # mean and rstd are outputs of the aten op (autograd saves them for the backward);
+    # they come from torch's own kernels and do not feed the forward result.
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    var, mu = torch.var_mean(rows.to(acc), -1, correction=0)
+    rstd = torch.rsqrt(var + eps)
+    return out.reshape(input.shape), mu.to(input.dtype).reshape(stat_shape), rstd.to(input.dtype).reshape(stat_shape)
+
+
+def rms_norm(
+    call: Call,
+    input: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+) -> torch.Tensor:
+    _float(input, weight)
+    rows, n, _ = _norm_rows(_plain(input), normalized_shape)
+    w = None if weight is None else _plain(weight).reshape(n)
+    out = _kernel_call(kernels_module().rms_norm, rows, w, eps, portable=call.portable)
+    return out.reshape(input.shape)
+
+
+def _fused_rms_norm(
+    call: Call,
+    input: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None,
+    eps: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out = rms_norm(call, input, normalized_shape, weight, eps)
+    # rstd (saved for the backward) from torch's own decomposition.
+    _, rstd = call.original(input, normalized_shape, weight, eps)
+    return out, rstd
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _attention(
+    call: Call,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> torch.Tensor:
+    _float(query, key, value)
+    if dropout_p > 0.0:
+        raise Unsupported("dropout_p > 0")
+    return _kernel_call(
+        kernels_module().attention,
+        _plain(query),
+        _plain(key),
+        _plain(value),
+        attn_mask=_plain(attn_mask),
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        portable=call.portable,
+    )
+
+
+def scaled_dot_product_attention(
+    call: Call,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    return _attention(call, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def flash_attention_for_cpu(
+    call: Call,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    gqa = query.dim() >= 3 and key.dim() >= 3 and key.shape[-3] != query.shape[-3]
+    out = _attention(call, query, key, value, attn_mask, dropout_p, is_causal, scale, gqa)
+    if _needs_grad(query, key, value):
+        # The backward needs the logsumexp; only torch's kernel produces it.
+        _, lse = call.original(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+    else:
+        # Not used without autograd; NaN makes any accidental use visible.
+        lse = torch.full(query.shape[:-1], math.nan, dtype=torch.float32, device=query.device)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- elementwise
+
+
+def _aligned(call: Call, x: torch.Tensor, extra: tuple[Any, ...], kwargs: dict[str, Any], inplace: bool) -> torch.Tensor:
+    """Run the original elementwise kernel so that every element takes its vector path."""
+    _float(x)
+    n = x.numel()
+    if n == 0:
+        raise Unsupported("empty input", benign=True)
+    flat = x.detach().reshape(-1)
+    padded = -(-n // _ALIGN) * _ALIGN
+    if padded != n or inplace or not flat.is_contiguous():
+        buf = torch.zeros(padded, dtype=x.dtype, device=x.device)
+        buf[:n] = flat
+    else:
+        buf = flat
+    parts = [call.original(buf[i : i + _SLICE], *extra, **kwargs) for i in range(0, padded, _SLICE)]
+    if inplace:
+        res = buf[:n]
+    else:
+        res = (parts[0] if len(parts) == 1 else torch.cat(parts))[:n]
+    res = res.reshape(x.shape)
+    if inplace:
+        with torch.no_grad():
+            x.copy_(res)
+        return x
+    return _like(res, x)
+
+
+def _elementwise(inplace: bool = False) -> Adapter:
+    def adapter(call: Call, self: torch.Tensor, *extra: Any, **kwargs: Any) -> torch.Tensor:
+        return _aligned(call, self, extra, kwargs, inplace)
+
+    return adapter
+
+
+# pow(x, e) is correctly rounded (hence position independent) for these exponents.
+_EXACT_EXPONENTS = (0.0, 1.0, 2.0, 0.5)
+
+
+def _pow_scalar(inplace: bool) -> Adapter:
+    def adapter(call: Call, self: torch.Tensor, exponent: Any) -> torch.Tensor:
+        if not isinstance(exponent, torch.Tensor) and any(_scalar_is(exponent, e) for e in _EXACT_EXPONENTS):
+            raise Unsupported(f"exponent {exponent} is exact", benign=True)
+        return _aligned(call, self, (exponent,), {}, inplace)
+
+    return adapter
+
+
+# ----------------------------------------------------------------------------- tables
+
+_COMMON: tuple[OpOverride, ...] = (
+    OpOverride("mm", mm, "matmul"),
+    OpOverride("addmm", addmm, "matmul"),
+    OpOverride("bmm", bmm, "matmul"),
+    OpOverride("baddbmm", baddbmm, "matmul"),
+    OpOverride("mv", mv, "matmul"),
+    OpOverride("addmv", addmv, "matmul"),
+    OpOverride("dot", dot, "matmul"),
+    OpOverride("_softmax", _softmax, "softmax"),
+    OpOverride("_log_softmax", _log_softmax, "softmax"),
+    OpOverride("_safe_softmax", _safe_softmax, "softmax"),
+    OpOverride("mean.dim", mean_dim, "reduction"),
+    OpOverride("mean.default", mean_all, "reduction"),
+    OpOverride("sum.dim_IntList", sum_dim, "reduction"),
+    OpOverride("sum.default", sum_all, "reduction"),
+    OpOverride("native_layer_norm", native_layer_norm, "norm"),
+    OpOverride("rms_norm", rms_norm, "norm", composite=True),
+    OpOverride("_fused_rms_norm", _fused_rms_norm, "norm", composite=True),
+    OpOverride("scaled_dot_product_attention", scaled_dot_product_attention, "attention", composite=True),
+)
+
+_ELEMENTWISE_NAMES = ("silu", "sigmoid", "gelu", "softplus", "mish", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos")
+_ELEMENTWISE_INPLACE = ("silu_", "sigmoid_", "gelu_", "mish_", "rsqrt_", "tanh_", "exp_")
+
+_CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
+    *(OpOverride(name, _elementwise(), "elementwise") for name in _ELEMENTWISE_NAMES),
+    *(OpOverride(name, _elementwise(inplace=True), "elementwise") for name in _ELEMENTWISE_INPLACE),
+    OpOverride("pow.Tensor_Scalar", _pow_scalar(inplace=False), "elementwise"),
+    OpOverride("pow_.Scalar", _pow_scalar(inplace=True), "elementwise"),
+)
+
+# One table, keyed by dispatch key. The CPU flash entry point is what SDPA calls when a
+# gradient is needed (the composite gate keeps torch's decomposition then), so the
+# forward stays routed under autograd too. The aligned-slice elementwise trick is about
+# torch's CPU loops; CUDA elementwise kernels have no scalar tail.
+OVERRIDES: dict[str, tuple[OpOverride, ...]] = {
+    "CPU": (
+        *_COMMON,
+        OpOverride("_scaled_dot_product_flash_attention_for_cpu", flash_attention_for_cpu, "attention"),
+        *_CPU_ELEMENTWISE,
+    ),
+    "CUDA": _COMMON,
+}
+
+# ----------------------------------------------------------------------------- coverage classes
+
+# Ops whose result bits never depend on other rows or on the reduction order: views,
+# copies, indexing, comparisons, integer/bool ops, and order-free reductions (max/argmax).
+EXACT_OPS: frozenset[str] = frozenset(
+    {
+        "_local_scalar_dense", "_to_copy", "_unsafe_view", "alias", "all", "any", "arange", "argmax", "argmin",
+        "as_strided", "bitwise_and", "bitwise_not", "bitwise_or", "bitwise_xor", "cat", "clone", "copy_",
+        "cumsum", "detach", "embedding", "empty", "empty_like", "empty_strided", "eq", "expand", "fill_", "full",
+        "full_like", "ge", "gt", "index", "index_select", "index_put_", "isin", "isinf", "isnan", "le", "lift_fresh",
+        "logical_and", "logical_not", "logical_or", "lt", "masked_fill", "masked_fill_", "max", "amax", "min",
+        "amin", "maximum", "minimum", "ne", "new_empty", "new_ones", "new_zeros", "ones", "ones_like", "permute",
+        "relu", "repeat", "scalar_tensor", "select", "slice", "split", "squeeze", "stack", "t", "topk", "sort",
+        "transpose", "tril", "triu", "unbind", "unsqueeze", "view", "where", "zeros", "zeros_like", "contiguous",
+        "gather", "scatter", "abs", "neg", "sign", "clamp", "clamp_min", "clamp_max", "round", "floor", "ceil",
+        "_assert_tensor_metadata", "split_with_sizes", "narrow", "flip", "roll", "nonzero", "unique_dim",
+        "_unique2", "resize_", "set_", "sym_size", "sym_stride",
+    }
+)
+# IEEE-754 correctly rounded elementwise arithmetic: position independent and, for one
+# dtype, the same on every CPU (but see KNOWN_POSITION_DEPENDENT for add/sub with alpha).
+ELEMENTWISE_EXACT: frozenset[str] = frozenset(
+    {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub", "sqrt", "reciprocal", "square"}
+)
+# Elementwise functions from a math library: not correctly rounded, so their bits differ
+# between CPU instruction sets and devices (the portable guarantee does not cover them).
+ELEMENTWISE_LIBM: frozenset[str] = frozenset(
+    {
+        "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "tanh", "sinh", "cosh",
+        "atan", "asin", "acos", "atan2", "sigmoid", "silu", "gelu", "erf", "erfc", "rsqrt", "pow", "softplus",
+        "mish", "elu", "logit", "hardswish", "hardsigmoid",
+    }
+)
+# Measured on an AVX-512 CPU with torch 2.13: these change bits with a value's position in
+# the tensor (vector body vs scalar tail) and are not routed by the mode.
+KNOWN_POSITION_DEPENDENT: dict[str, str] = {
+    "add": "add/sub with alpha != 1 in bfloat16/float16 (fused multiply-add in the vector path only)",
+    "sub": "add/sub with alpha != 1 in bfloat16/float16 (fused multiply-add in the vector path only)",
+    "atan2": "float32 (vector path differs from the scalar tail)",
+    "pow.Tensor_Tensor": "float32 (vector path differs from the scalar tail)",
+}

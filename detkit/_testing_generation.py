@@ -1,0 +1,217 @@
+"""Greedy generation alone vs inside left-padded batches, for ``assert_generation_invariant``.
+
+The loop is written out (prefill, then one token per step with the KV cache) instead of
+calling ``model.generate``: it never stops at EOS, so every run takes the same number of
+steps, and it passes position ids derived from the attention mask, which is what makes a
+left-padded row see the same positions as the row alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from detkit import _testing_values as V
+from detkit.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from detkit.testing import CheckResult
+
+
+def _prompt_ids(prompts: Any, tokenizer: Any) -> list[list[int]]:
+    import torch
+
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32):
+            raise InputError(
+                f"a tensor of prompts must be 2-D integer token ids (one prompt per row), got "
+                f"{prompts.dtype}{list(prompts.shape)}"
+            )
+        return [[int(t) for t in row] for row in prompts.tolist()]
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise InputError(
+            "prompts must be a non-empty list of strings (with tokenizer=), a list of token-id "
+            f"lists, or a 2-D tensor of ids; got {type(prompts).__name__}"
+        )
+    out: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise InputError(
+                    "prompts are strings but no tokenizer was given; pass tokenizer= (for detkit's "
+                    "presets: detkit.models.build_tokenizer()) or pass token ids"
+                )
+            ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        elif isinstance(p, torch.Tensor):
+            ids = p.reshape(-1).tolist()
+        else:
+            ids = list(p)
+        if not ids or any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+            raise InputError(f"prompt {i} must be a non-empty sequence of int token ids, got {p!r}")
+        out.append([int(t) for t in ids])
+    return out
+
+
+def greedy(model: Any, prompts: list[list[int]], pad_id: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy-decode a left-padded batch: (token ids (B, steps), logits (B, steps, V))."""
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
+    # Positions count real tokens only, so a padded row sees the positions it has alone.
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    # transformers 5.x renamed past_key_values to cache; accept models from either side.
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    tokens, logits = [], []
+    past = None
+    with torch.no_grad():
+        for _ in range(steps):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: past})
+            step_logits = out.logits[:, -1, :]
+            nxt = step_logits.argmax(-1)
+            tokens.append(nxt)
+            logits.append(step_logits)
+            past = getattr(out, cache_arg, None)
+            if past is None:
+                raise InputError(f"{type(model).__name__} returned no KV cache ({cache_arg}); check_generation needs use_cache=True support")
+            ids = nxt[:, None]
+            pos = pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+    return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
+
+
+def check_generation(
+    model: Any,
+    prompts: Any,
+    batch_sizes: Sequence[int],
+    *,
+    max_new_tokens: int,
+    tokenizer: Any,
+    seed: int,
+    name: str | None,
+) -> tuple[CheckResult, bool]:
+    """Run the generation check; returns (result, failed)."""
+    from detkit.compare import first_divergence
+    from detkit.testing import HINT_BATCH, CheckResult, _check_batch_sizes, _worst
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not callable(model) or not hasattr(model, "parameters"):
+        raise InputError(f"model must be a torch causal LM (a Hugging Face model), got {type(model).__name__}")
+    sizes = _check_batch_sizes(batch_sizes)
+    ids = _prompt_ids(prompts, tokenizer)
+    pad_id = _pad_id(model, tokenizer)
+    label = name or f"generation[{type(model).__name__}]"
+    n = len(ids)
+    rng = random.Random(seed)
+
+    alone = [greedy(model, [p], pad_id, max_new_tokens) for p in ids]
+    per_b: dict[str, dict[str, Any]] = {}
+    first: dict[str, Any] | None = None
+    first_text = ""
+    checked = token_diffs = logit_diffs = 0
+    ulps: list[int | None] = []
+    for b in sizes:
+        stats: dict[str, Any] = {"placements": 0, "token_diverged": 0, "logits_differ": 0, "max_ulp": None}
+        order = rng.sample(range(n), n)
+        for start in range(0, n, b):
+            rows = order[start : start + b]
+            rows += [rng.randrange(n) for _ in range(b - len(rows))]
+            rng.shuffle(rows)
+            toks, logs = greedy(model, [ids[r] for r in rows], pad_id, max_new_tokens)
+            width = max(len(ids[r]) for r in rows)
+            for slot, r in enumerate(rows):
+                stats["placements"] += 1
+                ref_toks, ref_logs = alone[r][0][0], alone[r][1][0]
+                step = first_divergence(ref_toks, toks[slot])
+                same_logits = V.same_bits(logs[slot], ref_logs)
+                if step is None and same_logits:
+                    continue
+                if step is not None:
+                    stats["token_diverged"] += 1
+                if not same_logits:
+                    stats["logits_differ"] += 1
+                    # The first step whose logits differ: later steps see different contexts.
+                    bad_step = next(s for s in range(max_new_tokens) if not V.same_bits(logs[slot, s], ref_logs[s]))
+                    text, ulp, info = V.describe(logs[slot, bad_step], ref_logs[bad_step], ("alone", f"in batch (b={b})"))
+                    stats["max_ulp"] = _worst([stats["max_ulp"], ulp])
+                if first is None:
+                    pad = width - len(ids[r])
+                    where = f"prompt {r} ({len(ids[r])} tokens) at position {slot} of a batch of {b}, left-padded by {pad}"
+                    parts = [f"First difference: {where}:"]
+                    if step is not None:
+                        parts.append(
+                            f"  token ids diverge at step {step}: alone {int(ref_toks[step])}, in batch {int(toks[slot, step])}"
+                            f"\n  alone:    {ref_toks.tolist()}\n  in batch: {toks[slot].tolist()}"
+                        )
+                    else:
+                        parts.append("  token ids identical")
+                    if not same_logits:
+                        parts.append(f"  logits first differ at step {bad_step}: {text}")
+                    first_text = "\n".join(parts)
+                    first = {
+                        "prompt": r,
+                        "batch_size": b,
+                        "position": slot,
+                        "left_padding": pad,
+                        "token_divergence_step": step,
+                        "logits_first_differ_step": None if same_logits else bad_step,
+                        "logits_diff": None if same_logits else info,
+                    }
+        per_b[str(b)] = stats
+        checked += stats["placements"]
+        token_diffs += stats["token_diverged"]
+        logit_diffs += stats["logits_differ"]
+        ulps.append(stats["max_ulp"])
+
+    worst = _worst(ulps) if logit_diffs else 0
+    detail = {
+        "model": type(model).__name__,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "prompts": n,
+        "prompt_lengths": [len(p) for p in ids],
+        "max_new_tokens": max_new_tokens,
+        "batch_sizes": sizes,
+        "seed": seed,
+        "placements_checked": checked,
+        "placements_token_diverged": token_diffs,
+        "placements_logits_differ": logit_diffs,
+        "per_batch_size": per_b,
+        "first_difference": first,
+    }
+    if not (token_diffs or logit_diffs):
+        message = (
+            f"{label}: {n} prompts x {max_new_tokens} greedy steps: token ids and logits bitwise "
+            f"equal alone and in {checked} batch placements (batch sizes {sizes})"
+        )
+        return CheckResult("generation", "PASS", 0, label, detail, message), False
+    rows_t = [("batch size", "placements", "tokens diverged", "logits differ", "max ULP")] + [
+        (b, str(s["placements"]), str(s["token_diverged"]), str(s["logits_differ"]), "-" if s["max_ulp"] is None else str(s["max_ulp"]))
+        for b, s in per_b.items()
+    ]
+    message = "\n".join(
+        [
+            f"BATCH-VARIANT: {label}: of {checked} batch placements of {n} prompts, {token_diffs} "
+            f"generated different token ids and {logit_diffs} different logits than the prompt alone; "
+            f"worst ULP {'-' if worst is None else worst}.",
+            *V.table(rows_t),
+            first_text,
+            HINT_BATCH,
+        ]
+    )
+    return CheckResult("generation", "BATCH-VARIANT", worst, label, detail, message), True
+
+
+def _pad_id(model: Any, tokenizer: Any) -> int:
+    """The id fed at padded positions (masked out, so only its validity matters)."""
+    for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
+        pad = getattr(source, "pad_token_id", None)
+        if isinstance(pad, int):
+            return pad
+    return 0

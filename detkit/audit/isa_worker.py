@@ -1,0 +1,44 @@
+"""Subprocess of ``detkit audit --isa``: compute the suite at one ATEN_CPU_CAPABILITY.
+
+The parent sets ``ATEN_CPU_CAPABILITY`` (and ``NUMBA_CPU_NAME``) in this process's
+environment, which torch and numba read once at start-up; that is why this runs in a
+fresh interpreter. Usage: ``python -m detkit.audit.isa_worker DIR`` where ``DIR/spec.json``
+holds the ops, implementations, dtypes, batch size, seed and hidden size. For each
+op x implementation x dtype it writes ``DIR/<op>.<impl>.<dtype>.pt`` (the outputs) or
+``.err`` (the error), and ``DIR/capability.txt`` (the capability torch actually used).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from detkit.audit import impls
+from detkit.audit.catalogue import FLOAT_DTYPES, build_inputs, resolve_ops
+
+
+def main(folder: Path) -> int:
+    spec = json.loads((folder / "spec.json").read_text())
+    (folder / "capability.txt").write_text(torch.backends.cpu.get_cpu_capability())
+    for dtype in spec["dtypes"]:
+        for op in resolve_ops(spec["ops"]):
+            inputs = build_inputs(op, spec["batch"], FLOAT_DTYPES[dtype], spec["seed"], spec["hidden"])
+            for impl in spec["impls"]:
+                stem = f"{op.name}.{impl}.{dtype}"
+                try:
+                    with impls.context(impl):
+                        outputs = op.run(inputs)
+                    torch.save([o.contiguous() for o in outputs], folder / f"{stem}.pt")
+                except Exception as exc:  # recorded for the parent, which reports it
+                    (folder / f"{stem}.err").write_text(f"{type(exc).__name__}: {exc}")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m detkit.audit.isa_worker DIR", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(Path(sys.argv[1])))

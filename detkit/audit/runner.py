@@ -1,0 +1,416 @@
+"""Run the audit: every op x dtype x implementation through every applicable check.
+
+Each finished op x implementation x dtype is one record appended to the report (written
+to disk atomically at once), so an interrupt or a crash keeps everything finished so far.
+An op that raises becomes a record with its error, and the audit goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detkit.audit import impls as _impls
+from detkit.audit.catalogue import DEFAULT_HIDDEN, FLOAT_DTYPES, OPS, Inputs, OpSpec, build_inputs, resolve_ops
+from detkit.audit.checks import (
+    CHECKS,
+    CheckResult,
+    attention_decode,
+    attention_padding,
+    compare,
+    digest,
+)
+from detkit.errors import BackendUnavailable, InputError
+from detkit.report import ReportWriter
+
+DEFAULT_BATCH_SIZES = (1, 2, 3, 4, 5, 8, 16)
+MAX_BATCH = 4096
+
+# ATEN_CPU_CAPABILITY values from the most basic up; a CPU runs the ones up to its own.
+ISA_LEVELS = ("default", "avx2", "avx512")
+# numba compiles detkit's CPU kernels for the host; the ISA run asks it for a matching CPU.
+NUMBA_CPU_FOR_ISA = {"default": "generic", "avx2": "haswell", "avx512": "skylake-avx512"}
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """What to audit. Validates on construction (``InputError`` with what to change)."""
+
+    ops: tuple[str, ...] = tuple(OPS)
+    impls: tuple[str, ...] = _impls.IMPLS
+    dtypes: tuple[str, ...] = ("float32",)
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    runs: int = 3
+    device: str = "cpu"
+    seed: int = 0
+    hidden: int = DEFAULT_HIDDEN
+    isa: bool = False
+    fail_on: tuple[str, ...] = ()
+    impls_explicit: bool = False  # an explicitly requested impl that cannot run is an error
+
+    def __post_init__(self) -> None:
+        resolve_ops(list(self.ops))
+        if not self.ops:
+            raise InputError("no ops selected; pass --ops with names from `detkit audit --list-ops`")
+        for impl in self.impls:
+            if impl not in _impls.IMPLS:
+                raise InputError(f"unknown implementation {impl!r}; choose from {', '.join(_impls.IMPLS)}")
+        for dt in self.dtypes:
+            if dt not in FLOAT_DTYPES:
+                raise InputError(f"unknown dtype {dt!r}; choose from {', '.join(FLOAT_DTYPES)}")
+        sizes = self.batch_sizes
+        if len(sizes) < 2:
+            raise InputError(f"--batch-sizes needs at least two sizes to compare, got {list(sizes)}")
+        if any(not isinstance(b, int) or b < 1 or b > MAX_BATCH for b in sizes):
+            raise InputError(f"batch sizes must be integers from 1 to {MAX_BATCH}, got {list(sizes)}")
+        if len(set(sizes)) != len(sizes) or list(sizes) != sorted(sizes):
+            raise InputError(f"batch sizes must be increasing without repeats, got {list(sizes)}")
+        if self.runs < 2:
+            raise InputError(f"--runs must be at least 2 to compare runs, got {self.runs}")
+        if self.device not in ("cpu", "cuda"):
+            raise InputError(f"unknown device {self.device!r}; use cpu or cuda")
+        if self.hidden < 16 or self.hidden > 65536:
+            raise InputError(f"--hidden must be between 16 and 65536, got {self.hidden}")
+        for check in self.fail_on:
+            if check not in CHECKS:
+                raise InputError(f"unknown check {check!r} in --fail-on; choose from {', '.join(CHECKS)} or any")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,2,4"`` -> (1, 2, 4), sorted and validated by ``AuditConfig``."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--batch-sizes must be comma-separated integers like 1,2,3,4,8, got {text!r}") from None
+    return tuple(sorted(sizes))
+
+
+def parse_fail_on(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if "any" in names or "all" in names:
+        return CHECKS
+    for name in names:
+        if name not in CHECKS:
+            raise InputError(f"unknown check {name!r} in --fail-on; choose from {', '.join(CHECKS)} or any")
+    return tuple(dict.fromkeys(names))
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``name``, or a clear error when it is not usable here."""
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            built = torch.version.cuda
+            why = "this torch build has no CUDA support" if built is None else "no NVIDIA GPU is visible"
+            raise BackendUnavailable(
+                f"--device cuda: {why} (torch {torch.__version__}). Run on a machine with an NVIDIA "
+                "GPU and a CUDA build of torch, or audit this machine with --device cpu."
+            )
+        return torch.device("cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise InputError(f"unknown device {name!r}; use cpu or cuda")
+
+
+@dataclass
+class Event:
+    """Progress for the caller: ``phase`` text, or one finished ``record``."""
+
+    kind: str  # "start" | "phase" | "record"
+    total: int = 0
+    text: str = ""
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+Listener = Callable[[Event], None]
+
+
+def _set_threads(n: int) -> Callable[[], None]:
+    """Set torch's (and numba's, if loaded) thread count; return the undo."""
+    prev_torch = torch.get_num_threads()
+    torch.set_num_threads(n)
+    numba = sys.modules.get("numba")
+    prev_numba = numba.get_num_threads() if numba is not None else None
+    if numba is not None:
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+    def undo() -> None:
+        torch.set_num_threads(prev_torch)
+        if numba is not None and prev_numba is not None:
+            numba.set_num_threads(prev_numba)
+
+    return undo
+
+
+def _isa_others(device: torch.device) -> list[str]:
+    """The ATEN_CPU_CAPABILITY values below this CPU's own (the ones it can also run)."""
+    if device.type != "cpu":
+        return []
+    current = torch.backends.cpu.get_cpu_capability().lower()
+    if current in ISA_LEVELS:
+        return list(ISA_LEVELS[: ISA_LEVELS.index(current)])
+    return ["default"] if current != "default" else []
+
+
+def _key(op: str, impl: str, dtype: str) -> str:
+    return f"{op}.{impl}.{dtype}"
+
+
+def _run_isa_workers(
+    cfg: AuditConfig, impls: list[str], workdir: Path, listener: Listener
+) -> dict[str, tuple[Path, str]]:
+    """Run the suite at the largest batch size under each other ISA; {isa: (dir, actual capability)}."""
+    spec = {"ops": list(cfg.ops), "impls": impls, "dtypes": list(cfg.dtypes), "batch": max(cfg.batch_sizes),
+            "seed": cfg.seed, "hidden": cfg.hidden}
+    done: dict[str, tuple[Path, str]] = {}
+    for isa in _isa_others(torch.device(cfg.device)):
+        listener(Event("phase", text=f"ISA run under ATEN_CPU_CAPABILITY={isa}"))
+        out = workdir / isa
+        out.mkdir()
+        (out / "spec.json").write_text(json.dumps(spec))
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "NUMBA_CPU_NAME": NUMBA_CPU_FOR_ISA[isa]}
+        proc = subprocess.run(
+            [sys.executable, "-m", "detkit.audit.isa_worker", str(out)],
+            env=env, capture_output=True, text=True, check=False,
+        )
+        cap_file = out / "capability.txt"
+        actual = cap_file.read_text().strip() if cap_file.exists() else "?"
+        if proc.returncode != 0:
+            (out / "worker.err").write_text(proc.stderr[-4000:])
+        done[isa] = (out, actual)
+    return done
+
+
+def _op_inputs(spec: OpSpec, cfg: AuditConfig, dtype: str, device: torch.device) -> Inputs:
+    return build_inputs(spec, max(cfg.batch_sizes), FLOAT_DTYPES[dtype], cfg.seed, cfg.hidden).to(device)
+
+
+def audit_one(
+    spec: OpSpec,
+    impl: str,
+    dtype: str,
+    cfg: AuditConfig,
+    device: torch.device,
+    isa_dirs: dict[str, tuple[Path, str]] | None = None,
+) -> dict[str, Any]:
+    """All checks of one op x implementation x dtype; raises only if the op itself cannot run."""
+    inputs = _op_inputs(spec, cfg, dtype, device)
+    sizes = list(cfg.batch_sizes)
+    bmax = sizes[-1]
+    results = {c: CheckResult(c) for c in CHECKS}
+    with _impls.context(impl):
+        outs = {b: spec.run(inputs.rows(slice(0, b))) for b in sizes}
+        # inputs are built at bmax: the sweep's last call is run 1, these are runs 2..N
+        repeats = [spec.run(inputs) for _ in range(cfg.runs - 1)]
+        perm = _permutation(bmax, cfg.seed)
+        shuffled = spec.run(inputs.rows(perm)) if perm is not None else None
+        threads_all = torch.get_num_threads()
+        single = None
+        if device.type == "cpu" and threads_all > 1:
+            undo = _set_threads(1)
+            try:
+                single = spec.run(inputs)
+            finally:
+                undo()
+        padding = decode = None
+        if spec.attention:
+            g = torch.Generator().manual_seed(cfg.seed + 1)
+            q, k, v = (inputs.batched[n] for n in ("query", "key", "value"))
+            padding = attention_padding(q, k, v, g)
+            decode = attention_decode(q, k, v, outs[bmax][0])
+
+    # run-to-run
+    for i, rep in enumerate(repeats, start=2):
+        results["run-to-run"].add(compare(rep, outs[bmax]), run=i)
+    results["run-to-run"].note = f"{cfg.runs} runs at b={bmax}"
+
+    _batch_sweep(results["batch-variance"], outs, sizes)
+
+    res = results["batch-position"]
+    if shuffled is None:
+        res.verdict, res.note = "n/a", "needs a largest batch size of at least 2"
+    else:
+        assert perm is not None
+        res.add(compare(shuffled, tuple(o[perm] for o in outs[bmax])), b=bmax)
+        res.note = f"rows permuted at b={bmax}"
+
+    res = results["thread-variance"]
+    if device.type != "cpu":
+        res.verdict, res.note = "n/a", "CPU only"
+    elif single is None:
+        res.verdict, res.note = "skipped", "torch runs with 1 thread here: nothing to compare"
+    else:
+        res.add(compare(single, outs[bmax]), threads=1)
+        res.note = f"1 vs {threads_all} threads at b={bmax}"
+
+    res = results["padding"]
+    if padding is None:
+        res.verdict, res.note = "n/a", "attention only"
+    else:
+        plain, cropped = padding
+        res.add(compare((cropped,), (plain,)), pad=7)
+        res.note = "7 masked left-padding tokens with random contents"
+
+    res = results["decode-prefill"]
+    if decode is None:
+        res.verdict, res.note = "n/a", "attention only"
+    else:
+        for t, pre, step in decode:
+            res.add(compare((step,), (pre,)), position=t)
+        res.note = "decode of token t over keys 0..t vs row t of the causal prefill"
+
+    _isa_check(results["isa-variance"], spec, impl, dtype, cfg, device, outs[bmax], isa_dirs)
+
+    return {
+        "inputs": inputs.describe(),
+        "threads": threads_all,
+        "checks": {c: r.to_dict() for c, r in results.items()},
+    }
+
+
+def _permutation(n: int, seed: int) -> torch.Tensor | None:
+    if n < 2:
+        return None
+    g = torch.Generator().manual_seed(seed + 2)
+    perm = torch.randperm(n, generator=g)
+    if torch.equal(perm, torch.arange(n)):
+        perm = perm.roll(1)
+    return perm
+
+
+def _batch_sweep(res: CheckResult, outs: dict[int, tuple[torch.Tensor, ...]], sizes: list[int]) -> None:
+    """Row i's reference is its result at the smallest b containing it; compare every larger b."""
+    ref: tuple[torch.Tensor, ...] | None = None
+    prev = 0
+    for b in sizes:
+        out = outs[b]
+        if ref is None:
+            ref = out
+        else:
+            c = compare(tuple(o[:prev] for o in out), ref)
+            res.add(c, b=b)
+            if c.differing and res.first_b is None:
+                res.first_b = b
+            ref = tuple(torch.cat([r, o[prev:b]]) for r, o in zip(ref, out))
+        prev = b
+    res.variants = len({digest(tuple(o[:1] for o in outs[b])) for b in sizes})
+    res.note = f"rows of b in {sizes}; variants = distinct results of row 0"
+
+
+def _isa_check(
+    res: CheckResult,
+    spec: OpSpec,
+    impl: str,
+    dtype: str,
+    cfg: AuditConfig,
+    device: torch.device,
+    here: tuple[torch.Tensor, ...],
+    isa_dirs: dict[str, tuple[Path, str]] | None,
+) -> None:
+    if device.type != "cpu":
+        res.verdict, res.note = "n/a", "CPU only"
+        return
+    if not cfg.isa:
+        res.verdict, res.note = "skipped", "not requested (--isa)"
+        return
+    if not isa_dirs:
+        res.verdict, res.note = "skipped", "this CPU has no lower ATEN_CPU_CAPABILITY to compare with"
+        return
+    current = torch.backends.cpu.get_cpu_capability()
+    notes = []
+    for isa, (folder, actual) in isa_dirs.items():
+        path = folder / f"{_key(spec.name, impl, dtype)}.pt"
+        err = folder / f"{_key(spec.name, impl, dtype)}.err"
+        if path.exists():
+            other = tuple(torch.load(path))
+            res.add(compare(tuple(o.cpu() for o in here), other), isa=isa, actual=actual)
+        else:
+            why = err.read_text().strip() if err.exists() else "the ISA worker did not produce a result"
+            res.verdict = "error"
+            notes.append(f"{isa}: {why.splitlines()[-1] if why else 'failed'}")
+    res.note = "; ".join([f"{current} vs {', '.join(isa_dirs)}", *notes])
+
+
+def _probe_impls(cfg: AuditConfig, device: torch.device) -> list[_impls.Availability]:
+    found = [_impls.availability(impl, device) for impl in cfg.impls]
+    missing = [a for a in found if not a.available]
+    if cfg.impls_explicit and missing:
+        raise BackendUnavailable(
+            "requested implementation(s) cannot run here: "
+            + "; ".join(f"{a.impl}: {a.reason}" for a in missing)
+            + ". Leave them out of --impl (the default audits every available one)."
+        )
+    return found
+
+
+def run_audit(cfg: AuditConfig, writer: ReportWriter, listener: Listener | None = None) -> list[dict[str, Any]]:
+    """Run the audit, appending records to ``writer``; returns the op records.
+
+    ``KeyboardInterrupt`` propagates after the finished records are on disk; the caller
+    finishes the report as partial.
+    """
+    emit = listener or (lambda _e: None)
+    device = resolve_device(cfg.device)
+    specs = resolve_ops(list(cfg.ops))
+    available = []
+    for a in _probe_impls(cfg, device):
+        writer.add_result(a.to_dict())
+        if a.available:
+            available.append(a.impl)
+        else:
+            writer.add_error(f"impl {a.impl}", f"unavailable: {a.reason}")
+    total = len(specs) * len(cfg.dtypes) * len(available)
+    emit(Event("start", total=total))
+    records: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="detkit-isa-") as tmp:
+        isa_dirs = _run_isa_workers(cfg, available, Path(tmp), emit) if cfg.isa else None
+        for dtype in cfg.dtypes:
+            for spec in specs:
+                for impl in available:
+                    emit(Event("phase", text=f"{spec.name} {dtype} {impl}"))
+                    record = _record(spec, impl, dtype, cfg, device, isa_dirs, writer)
+                    records.append(record)
+                    writer.add_result(record)
+                    emit(Event("record", record=record))
+    return records
+
+
+def _record(
+    spec: OpSpec,
+    impl: str,
+    dtype: str,
+    cfg: AuditConfig,
+    device: torch.device,
+    isa_dirs: dict[str, tuple[Path, str]] | None,
+    writer: ReportWriter,
+) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "record": "op", "op": spec.name, "family": spec.family, "impl": impl, "dtype": dtype,
+        "device": cfg.device, "seed": cfg.seed, "hidden": cfg.hidden, "batch_sizes": list(cfg.batch_sizes),
+        "runs": cfg.runs, "summary": spec.summary,
+    }
+    start = time.perf_counter()
+    try:
+        body = audit_one(spec, impl, dtype, cfg, device, isa_dirs)
+        base.update(status="ok", error=None, **body)
+    except Exception as exc:  # an op that raises is a finding; the audit goes on
+        text = f"{type(exc).__name__}: {exc}"
+        base.update(status="error", error=text, checks={c: CheckResult(c, "error", note=text).to_dict() for c in CHECKS})
+        writer.add_error(f"{spec.name} [{impl}, {dtype}]", text + "\n" + "".join(traceback.format_exc(limit=3)))
+    base["seconds"] = round(time.perf_counter() - start, 3)
+    return base

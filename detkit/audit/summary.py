@@ -1,0 +1,189 @@
+"""Turn audit records into verdict counts, findings, ``--fail-on`` results and advice.
+
+Works on the records of a saved report too (complete or partial), so that ``detkit
+report`` can re-derive everything from the JSON alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from detkit.audit.vocab import CHECKS
+
+FAILING = ("fail", "error")
+
+# What each detkit mode promises (docs/architecture.md); a failure there is a detkit bug.
+MODE_GUARANTEES = {
+    "detkit": ("run-to-run", "batch-variance", "batch-position", "thread-variance", "padding", "decode-prefill"),
+    "portable": CHECKS,
+}
+
+_PHRASES = {
+    "run-to-run": "run-to-run nondeterministic (the same call gives different bits)",
+    "batch-variance": "batch variant (a row's bits change with the batch size)",
+    "batch-position": "position variant (a row's bits change with its place in the batch)",
+    "thread-variance": "thread variant (bits change with the number of threads)",
+    "padding": "padding variant (masked padding changes the bits of real tokens)",
+    "decode-prefill": "decode/prefill variant (a decoded token differs from the same token in prefill)",
+    "isa-variance": "ISA variant (bits change with ATEN_CPU_CAPABILITY, so with the CPU generation)",
+}
+
+
+def op_records(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in report.get("results", []) if r.get("record") == "op"]
+
+
+def impl_records(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in report.get("results", []) if r.get("record") == "impl"]
+
+
+def label(record: dict[str, Any]) -> str:
+    return f"{record['op']} [{record['impl']}, {record['dtype']}]"
+
+
+def fail_on_failures(records: Iterable[dict[str, Any]], checks: Iterable[str]) -> list[str]:
+    """``"op [impl, dtype]: check (verdict)"`` for every record failing one of ``checks``.
+
+    An error counts as a failure: a check that could not run has not shown the property.
+    """
+    wanted = list(checks)
+    out = []
+    for r in records:
+        for check in wanted:
+            verdict = r["checks"].get(check, {}).get("verdict")
+            if verdict in FAILING:
+                out.append(f"{label(r)}: {check} ({verdict})")
+    return out
+
+
+def _names(ops: Iterable[str]) -> str:
+    ops = list(dict.fromkeys(ops))
+    return ", ".join(ops[:8]) + (f" and {len(ops) - 8} more" if len(ops) > 8 else "")
+
+
+def _verdicts(records: list[dict[str, Any]], impl: str, check: str) -> dict[str, set[str]]:
+    """{op: verdicts of ``check`` under ``impl`` over dtypes}."""
+    out: dict[str, set[str]] = {}
+    for r in records:
+        if r["impl"] == impl:
+            out.setdefault(r["op"], set()).add(r["checks"].get(check, {}).get("verdict", "n/a"))
+    return out
+
+
+def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: str) -> list[str]:
+    """Short lines on what to do about the findings, most important first."""
+    lines: list[str] = []
+    audited = {r["impl"] for r in records}
+    unavailable = {i["impl"]: i["reason"] for i in impls if not i.get("available")}
+
+    def fixed_by(impl: str, check: str, ops: list[str]) -> tuple[list[str], list[str]]:
+        got = _verdicts(records, impl, check)
+        good = [o for o in ops if got.get(o) == {"pass"}]
+        bad = [o for o in ops if got.get(o) and got[o] & set(FAILING)]
+        return good, bad
+
+    def mode_hint(impl: str) -> str:
+        if impl in unavailable:
+            return f" (detkit's {impl} mode is unavailable here: {unavailable[impl]})"
+        return f" (rerun with --impl torch,{impl} to measure detkit's mode)"
+
+    for check in ("batch-variance", "batch-position", "padding", "decode-prefill"):
+        torch_bad = sorted(o for o, v in _verdicts(records, "torch", check).items() if "fail" in v)
+        if not torch_bad:
+            continue
+        first_bs = sorted({r["checks"][check]["first_b"] for r in records
+                           if r["impl"] == "torch" and r["op"] in torch_bad and r["checks"][check].get("first_b")})
+        where = f", first at b={first_bs[0]}" if first_bs and check == "batch-variance" else ""
+        if "detkit" in audited:
+            good, _bad = fixed_by("detkit", check, torch_bad)
+            if good:
+                lines.append(f"{_names(good)}: {_PHRASES[check]} here{where}; use detkit.batch_invariant(), "
+                             "which passes this check.")
+        else:
+            lines.append(f"{_names(torch_bad)}: {_PHRASES[check]} here{where}; detkit.batch_invariant() is "
+                         f"meant to fix this{mode_hint('detkit')}.")
+
+    torch_nd = sorted(o for o, v in _verdicts(records, "torch", "run-to-run").items() if "fail" in v)
+    if torch_nd:
+        if "deterministic" in audited:
+            good, bad = fixed_by("deterministic", "run-to-run", torch_nd)
+            if good:
+                env = " and CUBLAS_WORKSPACE_CONFIG=:4096:8" if device == "cuda" else ""
+                lines.append(f"{_names(good)}: {_PHRASES['run-to-run']}; torch.use_deterministic_algorithms(True)"
+                             f"{env} fixes it here.")
+            if bad:
+                lines.append(f"{_names(bad)}: still nondeterministic (or raising) with "
+                             "torch.use_deterministic_algorithms(True); use detkit.batch_invariant() if it passes.")
+        else:
+            lines.append(f"{_names(torch_nd)}: {_PHRASES['run-to-run']}; set torch.use_deterministic_algorithms(True)"
+                         " and CUBLAS_WORKSPACE_CONFIG=:4096:8 (rerun with --impl torch,deterministic to confirm).")
+    elif device == "cuda":
+        lines.append("On CUDA, keep CUBLAS_WORKSPACE_CONFIG=:4096:8 set: cuBLAS needs a fixed workspace to be "
+                     "run-to-run deterministic.")
+
+    det_errors = sorted({r["op"] for r in records if r["impl"] == "deterministic" and r["status"] == "error"})
+    if det_errors:
+        lines.append(f"{_names(det_errors)}: torch.use_deterministic_algorithms(True) raises for these on "
+                     f"{device} (see the errors section).")
+
+    for check, pin in (("thread-variance", "pin the thread count (torch.set_num_threads / OMP_NUM_THREADS) "
+                                           "wherever results are compared"),
+                       ("isa-variance", "results will differ on CPUs of another generation")):
+        torch_bad = sorted(o for o, v in _verdicts(records, "torch", check).items() if "fail" in v)
+        if not torch_bad:
+            continue
+        line = f"{_names(torch_bad)}: {_PHRASES[check]}; {pin}"
+        if "portable" in audited:
+            good, _bad = fixed_by("portable", check, torch_bad)
+            if good:
+                line += f"; detkit.batch_invariant(portable=True) gives the same bits for {_names(good)}"
+        line += "."
+        lines.append(line)
+
+    for impl, mode in (("detkit", "detkit.batch_invariant()"), ("portable", "detkit.batch_invariant(portable=True)")):
+        for check in MODE_GUARANTEES[impl]:
+            bad = sorted(o for o, v in _verdicts(records, impl, check).items() if "fail" in v)
+            if bad:
+                lines.append(f"{_names(bad)}: {check} fails under {mode}, which is meant to guarantee it; "
+                             "please report it with this report attached.")
+
+    others = sorted({label(r) for r in records if r["status"] == "error" and r["impl"] != "deterministic"})
+    if others:
+        lines.append(f"{_names(others)} raised an error; see the errors section.")
+    for impl, reason in unavailable.items():
+        lines.append(f"implementation {impl} was not audited: {reason}")
+    if records and not lines:
+        lines.append("Every audited op passed every check it was run through.")
+    return lines
+
+
+def summarize(report: dict[str, Any], fail_on: Iterable[str] = ()) -> dict[str, Any]:
+    """Counts of verdicts per implementation and check, the failing cells, advice, fail-on."""
+    records = op_records(report)
+    counts: dict[str, dict[str, dict[str, int]]] = {}
+    findings = []
+    for r in records:
+        per_impl = counts.setdefault(r["impl"], {})
+        for check, res in r["checks"].items():
+            verdict = res["verdict"]
+            per_impl.setdefault(check, {}).setdefault(verdict, 0)
+            per_impl[check][verdict] += 1
+            if verdict in FAILING:
+                findings.append({
+                    "op": r["op"], "impl": r["impl"], "dtype": r["dtype"], "check": check, "verdict": verdict,
+                    "differing": res.get("differing"), "compared": res.get("compared"),
+                    "max_ulp": res.get("max_ulp"), "first_b": res.get("first_b"),
+                })
+    device = report.get("config", {}).get("device", "cpu")
+    wanted = list(fail_on)
+    failed = fail_on_failures(records, wanted)
+    return {
+        "records": len(records),
+        "errors": sum(1 for r in records if r["status"] == "error"),
+        "seconds": round(sum(r.get("seconds", 0.0) for r in records), 2),
+        "verdicts": counts,
+        "findings": findings,
+        "fail_on": {"checks": wanted, "failed": failed, "passed": not failed},
+        "advice": advice(records, impl_records(report), device),
+    }

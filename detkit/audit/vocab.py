@@ -1,0 +1,37 @@
+"""Names shared by the audit's runner and its renderers (kept free of torch imports, so
+that ``detkit report`` re-renders a saved report without loading torch)."""
+
+from __future__ import annotations
+
+CHECKS = (
+    "run-to-run",
+    "batch-variance",
+    "batch-position",
+    "thread-variance",
+    "padding",
+    "decode-prefill",
+    "isa-variance",
+)
+
+CHECK_HELP = {
+    "run-to-run": "the same call repeated --runs times gives the same bits",
+    "batch-variance": "every row of f(x[:b]) equals the same row at every other b of the sweep",
+    "batch-position": "f(x[perm]) == f(x)[perm]: a row's bits do not depend on where it sits in the batch",
+    "thread-variance": "1 thread gives the same bits as all threads (CPU)",
+    "padding": "attention over a left-padded, masked sequence equals attention without the padding",
+    "decode-prefill": "attention of one decoded token equals the same row of the causal prefill",
+    "isa-variance": "the same bits under other ATEN_CPU_CAPABILITY values (CPU, --isa)",
+}
+
+VERDICTS = ("pass", "fail", "error", "skipped", "n/a")
+
+IMPLS = ("torch", "deterministic", "detkit", "portable")
+
+
+def ulp_bucket_label(k: int) -> str:
+    """Label of ULP bucket ``k`` (distances in [2**(k-1), 2**k)): "1", "2-3", ..., "2^20+"."""
+    if k <= 1:
+        return str(k)
+    if k <= 11:
+        return f"{1 << (k - 1)}-{(1 << k) - 1}"
+    return f"2^{k - 1}+"

@@ -1,0 +1,419 @@
+"""Batch-invariant kernels: torch tensors in and out, bitwise reproducible per row.
+
+For every function here, a row's result (one matrix row, one softmax/norm row, one
+attention query) is bitwise independent of the batch size, of the row's position in
+the batch, of the other rows' contents and of the thread count; for attention also of
+left/right padding (masked keys) and of decode vs prefill. ``portable=True`` asks for
+the stronger guarantee of identical bits on every device (a separate backend).
+
+This module validates input and reshapes it into the backend contract described in
+``detkit.kernels._backend``; the backend is chosen by the tensors' device type and the
+``portable`` flag, never by the batch size. Forward only (no autograd).
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from collections.abc import Sequence
+from types import ModuleType
+
+import torch
+
+from detkit.errors import InputError
+from detkit.kernels._backend import backend_for
+
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "attention",
+    "cpu_status",
+    "layer_norm",
+    "log_softmax",
+    "matmul",
+    "mean",
+    "rms_norm",
+    "softmax",
+    "sum",
+]
+
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def cpu_status() -> dict[str, object]:
+    """How the CPU backend computes matmul here: tile tables and verification verdicts."""
+    from detkit.kernels.cpu import cpu_status as status
+
+    return status()
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check(x: object, name: str, fn: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}.")
+    if x.layout != torch.strided:
+        raise InputError(f"{fn}: {name} is a {x.layout} tensor; pass a dense tensor (x.to_dense()).")
+    if x.dtype not in SUPPORTED_DTYPES:
+        kind = "an integer/bool" if not (x.is_floating_point() or x.is_complex()) else "a"
+        raise InputError(
+            f"{fn}: {name} is {kind} {x.dtype} tensor; detkit kernels take float32, bfloat16, "
+            "float16 or float64. Convert it first, e.g. x.float()."
+        )
+    return x.detach()
+
+
+def _same_dtype(fn: str, **tensors: torch.Tensor | None) -> None:
+    given = {k: t for k, t in tensors.items() if t is not None}
+    dtypes = {t.dtype for t in given.values()}
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{k}: {t.dtype}" for k, t in given.items())
+        raise InputError(f"{fn}: all tensors must have the same dtype ({desc}); convert them to one dtype.")
+
+
+def _backend(fn: str, portable: bool, **tensors: torch.Tensor | None) -> ModuleType:
+    given = {k: t for k, t in tensors.items() if t is not None}
+    devices = {t.device for t in given.values()}
+    if len(devices) > 1:
+        desc = ", ".join(f"{k}: {t.device}" for k, t in given.items())
+        raise InputError(f"{fn}: all tensors must be on the same device ({desc}).")
+    device = next(iter(devices))
+    return backend_for(device.type, portable)
+
+
+def _dim(dim: object, ndim: int, fn: str) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise InputError(f"{fn}: dim must be one int (reductions run over one dimension), got {dim!r}.")
+    n = builtins.max(ndim, 1)
+    if not -n <= dim < n:
+        raise InputError(f"{fn}: dim {dim} is out of range for a tensor with {ndim} dimension(s).")
+    return dim % n
+
+
+def _eps(eps: object, default: float, fn: str) -> float:
+    if eps is None:
+        return default
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise InputError(f"{fn}: eps must be a finite number >= 0, got {eps!r}.")
+    return float(eps)
+
+
+def _last_dim_param(p: torch.Tensor | None, name: str, size: int, fn: str) -> torch.Tensor | None:
+    if p is None:
+        return None
+    if tuple(p.shape) != (size,):
+        raise InputError(f"{fn}: {name} must have shape ({size},) to match the last dimension, got {tuple(p.shape)}.")
+    return p.contiguous()
+
+
+def _rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Size]:
+    """Move ``dim`` last and flatten the rest: (R, L) contiguous, plus the moved shape."""
+    xm = x.movedim(dim, -1) if x.dim() > 0 else x.reshape(1)
+    return xm.reshape(-1, xm.shape[-1]).contiguous(), xm.shape
+
+
+def _restore(y: torch.Tensor, moved_shape: torch.Size, dim: int, ndim: int) -> torch.Tensor:
+    if ndim == 0:
+        return y.reshape(())
+    return y.reshape(moved_shape).movedim(-1, dim).contiguous()
+
+
+# --------------------------------------------------------------------------- matmul
+
+
+def matmul(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, portable: bool = False
+) -> torch.Tensor:
+    """``a @ b (+ bias)`` with torch.matmul's shape rules (1-D, 2-D, batched, broadcast).
+
+    Covers mm, addmm, linear (pass ``weight.t()``: the view is not copied), bmm and
+    matmul. ``bias`` must broadcast to the result; a bias over the last dimension is
+    added in the accumulation precision after the whole K reduction, any other bias is
+    added elementwise to the rounded product.
+    """
+    fn = "matmul"
+    a = _check(a, "a", fn)
+    b = _check(b, "b", fn)
+    if bias is not None:
+        bias = _check(bias, "bias", fn)
+    _same_dtype(fn, a=a, b=b, bias=bias)
+    backend = _backend(fn, portable, a=a, b=b, bias=bias)
+    if a.dim() == 0 or b.dim() == 0:
+        raise InputError(f"{fn}: both arguments need at least 1 dimension, got shapes {tuple(a.shape)} and {tuple(b.shape)}.")
+    a_vec, b_vec = a.dim() == 1, b.dim() == 1
+    a2 = a.unsqueeze(0) if a_vec else a
+    b2 = b.unsqueeze(-1) if b_vec else b
+    k, m, n = a2.shape[-1], a2.shape[-2], b2.shape[-1]
+    if b2.shape[-2] != k:
+        raise InputError(
+            f"{fn}: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be multiplied: "
+            f"a's last dimension ({k}) must equal b's {'only' if b_vec else 'second-to-last'} dimension ({b2.shape[-2]})."
+        )
+    if b2.dim() == 2:
+        batch: tuple[int, ...] = tuple(a2.shape[:-2])
+    else:
+        try:
+            batch = tuple(torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2]))
+        except RuntimeError as e:
+            raise InputError(
+                f"{fn}: batch dimensions {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} do not broadcast."
+            ) from e
+    out_shape = (*batch, m, n)
+    vec_bias, other_bias = _split_bias(bias, out_shape, n, fn)
+
+    if math.prod(out_shape) == 0:
+        out = torch.empty(out_shape, dtype=a.dtype, device=a.device)
+    elif k == 0:
+        out = torch.zeros(out_shape, dtype=a.dtype, device=a.device)
+        if vec_bias is not None:
+            out = out + vec_bias
+    elif b2.dim() == 2:
+        out = backend.matmul(a2.reshape(-1, k), b2, vec_bias).reshape(out_shape)
+    else:
+        a3 = a2.expand(*batch, m, k).reshape(-1, m, k)
+        b3 = b2.expand(*batch, k, n).reshape(-1, k, n)
+        out = backend.matmul(a3, b3, vec_bias).reshape(out_shape)
+    if other_bias is not None:
+        out = (out.to(torch.float64 if a.dtype == torch.float64 else torch.float32) + other_bias).to(a.dtype)
+    if a_vec:
+        out = out.squeeze(-2)
+    if b_vec:
+        out = out.squeeze(-1)
+    return out
+
+
+def _split_bias(
+    bias: torch.Tensor | None, out_shape: Sequence[int], n: int, fn: str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(bias over the last dim as (N,), other bias) - at most one is not None."""
+    if bias is None:
+        return None, None
+    try:
+        full = torch.broadcast_shapes(bias.shape, tuple(out_shape))
+    except RuntimeError as e:
+        raise InputError(f"{fn}: bias of shape {tuple(bias.shape)} does not broadcast to the result {tuple(out_shape)}.") from e
+    if tuple(full) != tuple(out_shape):
+        raise InputError(f"{fn}: bias of shape {tuple(bias.shape)} would enlarge the result {tuple(out_shape)}.")
+    if all(s == 1 for s in bias.shape[:-1]):
+        return bias.reshape(-1).expand(n).contiguous(), None
+    return None, bias
+
+
+# --------------------------------------------------------------------------- softmax
+
+
+def _softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None, portable: bool, log: bool) -> torch.Tensor:
+    fn = "log_softmax" if log else "softmax"
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}.")
+    if dtype is not None:
+        if dtype not in SUPPORTED_DTYPES:
+            raise InputError(f"{fn}: dtype {dtype} is not supported; use float32, bfloat16, float16 or float64.")
+        x = x.to(dtype)
+    x = _check(x, "x", fn)
+    backend = _backend(fn, portable, x=x)
+    d = _dim(dim, x.dim(), fn)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    rows, moved = _rows(x, d)
+    return _restore(backend.softmax(rows, log), moved, d, x.dim())
+
+
+def softmax(x: torch.Tensor, dim: int = -1, *, dtype: torch.dtype | None = None, portable: bool = False) -> torch.Tensor:
+    """Softmax over ``dim`` (``dtype``: cast the input first, like torch.softmax)."""
+    return _softmax(x, dim, dtype, portable, log=False)
+
+
+def log_softmax(
+    x: torch.Tensor, dim: int = -1, *, dtype: torch.dtype | None = None, portable: bool = False
+) -> torch.Tensor:
+    """Log-softmax over ``dim`` (``dtype``: cast the input first, like torch.log_softmax)."""
+    return _softmax(x, dim, dtype, portable, log=True)
+
+
+# --------------------------------------------------------------------------- norms
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor | None = None, eps: float | None = None, *, portable: bool = False
+) -> torch.Tensor:
+    """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight.
+
+    ``eps=None`` means torch's default, ``torch.finfo(x.dtype).eps``.
+    """
+    fn = "rms_norm"
+    x = _check(x, "x", fn)
+    if weight is not None:
+        weight = _check(weight, "weight", fn)
+    _same_dtype(fn, x=x, weight=weight)
+    backend = _backend(fn, portable, x=x, weight=weight)
+    if x.dim() == 0:
+        raise InputError(f"{fn}: x needs at least one dimension (the normalised one).")
+    e = _eps(eps, torch.finfo(x.dtype).eps, fn)
+    weight = _last_dim_param(weight, "weight", x.shape[-1], fn)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    rows, moved = _rows(x, x.dim() - 1)
+    return _restore(backend.rms_norm(rows, weight, e), moved, x.dim() - 1, x.dim())
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    portable: bool = False,
+) -> torch.Tensor:
+    """LayerNorm over the last dim: (x - mean) / sqrt(var + eps) * weight + bias (biased var)."""
+    fn = "layer_norm"
+    x = _check(x, "x", fn)
+    if weight is not None:
+        weight = _check(weight, "weight", fn)
+    if bias is not None:
+        bias = _check(bias, "bias", fn)
+    _same_dtype(fn, x=x, weight=weight, bias=bias)
+    backend = _backend(fn, portable, x=x, weight=weight, bias=bias)
+    if x.dim() == 0:
+        raise InputError(f"{fn}: x needs at least one dimension (the normalised one).")
+    e = _eps(eps, 1e-5, fn)
+    weight = _last_dim_param(weight, "weight", x.shape[-1], fn)
+    bias = _last_dim_param(bias, "bias", x.shape[-1], fn)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    rows, moved = _rows(x, x.dim() - 1)
+    return _restore(backend.layer_norm(rows, weight, bias, e), moved, x.dim() - 1, x.dim())
+
+
+# --------------------------------------------------------------------------- sum / mean
+
+
+def _reduce(x: torch.Tensor, dim: int, keepdim: bool, portable: bool, mean: bool) -> torch.Tensor:
+    fn = "mean" if mean else "sum"
+    x = _check(x, "x", fn)
+    backend = _backend(fn, portable, x=x)
+    d = _dim(dim, x.dim(), fn)
+    if x.dim() == 0:
+        return x.clone()
+    out_shape = list(x.shape)
+    if keepdim:
+        out_shape[d] = 1
+    else:
+        del out_shape[d]
+    if x.numel() == 0:
+        fill = math.nan if mean and x.shape[d] == 0 else 0.0
+        return torch.full(out_shape, fill, dtype=x.dtype, device=x.device)
+    rows, _ = _rows(x, d)
+    return backend.row_sum(rows, mean).reshape(out_shape)
+
+
+def sum(x: torch.Tensor, dim: int = -1, keepdim: bool = False, *, portable: bool = False) -> torch.Tensor:  # noqa: A001
+    """Sum over one dimension, accumulated in float32 (float64 for float64)."""
+    return _reduce(x, dim, keepdim, portable, mean=False)
+
+
+def mean(x: torch.Tensor, dim: int = -1, keepdim: bool = False, *, portable: bool = False) -> torch.Tensor:
+    """Mean over one dimension, accumulated in float32 (float64 for float64)."""
+    return _reduce(x, dim, keepdim, portable, mean=True)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    portable: bool = False,
+) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` semantics (no dropout).
+
+    ``q``: (..., H, Lq, E), ``k``: (..., Hk, Lk, E), ``v``: (..., Hk, Lk, Ev). A bool
+    mask marks attended keys with True; a float mask is added to the scaled scores;
+    ``is_causal`` is SDPA's top-left aligned causal mask. With ``enable_gqa``, query head
+    h uses key/value head h // (H // Hk). A query with no attended key returns zeros,
+    like torch's CPU SDPA.
+    """
+    fn = "attention"
+    q = _check(q, "q", fn)
+    k = _check(k, "k", fn)
+    v = _check(v, "v", fn)
+    _same_dtype(fn, q=q, k=k, v=v)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise InputError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}.")
+        if attn_mask.dtype != torch.bool:
+            attn_mask = _check(attn_mask, "attn_mask", fn)
+        attn_mask = attn_mask.detach()
+    backend = _backend(fn, portable, q=q, k=k, v=v, attn_mask=attn_mask)
+    if not (q.dim() == k.dim() == v.dim() and q.dim() >= 2):
+        raise InputError(
+            f"{fn}: q, k, v must have the same number (>= 2) of dimensions, got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
+        )
+    if attn_mask is not None and is_causal:
+        raise InputError(f"{fn}: pass either attn_mask or is_causal=True, not both (as in SDPA).")
+    lq, e = q.shape[-2], q.shape[-1]
+    lk, ev = k.shape[-2], v.shape[-1]
+    if k.shape[-1] != e:
+        raise InputError(f"{fn}: q and k must have the same last dimension, got {e} and {k.shape[-1]}.")
+    if v.shape[-2] != lk:
+        raise InputError(f"{fn}: k and v must have the same sequence length, got {lk} and {v.shape[-2]}.")
+    if k.shape[:-1] != v.shape[:-1] and k.shape[:-2] != v.shape[:-2]:
+        raise InputError(f"{fn}: k and v must have the same leading dimensions, got {tuple(k.shape)} and {tuple(v.shape)}.")
+
+    # Normalise to (B, H, L, E) with the batch dims flattened.
+    def four(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, 1, *t.shape) if t.dim() == 2 else t
+
+    q4, k4, v4 = four(q), four(k), four(v)
+    h, hk = q4.shape[-3], k4.shape[-3]
+    if hk != h:
+        if enable_gqa and hk > 0 and h % hk == 0:
+            pass
+        elif hk == 1:
+            k4 = k4.expand(*k4.shape[:-3], h, lk, e)
+            v4 = v4.expand(*v4.shape[:-3], h, lk, ev)
+        else:
+            hint = "" if enable_gqa else " (pass enable_gqa=True for grouped-query attention)"
+            raise InputError(
+                f"{fn}: q has {h} heads but k/v have {hk}; they must match{hint}, or H must be a multiple of Hk with enable_gqa."
+            )
+    try:
+        batch = tuple(torch.broadcast_shapes(q4.shape[:-3], k4.shape[:-3]))
+    except RuntimeError as err:
+        raise InputError(f"{fn}: batch dimensions of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast.") from err
+    if batch != tuple(q4.shape[:-3]):
+        raise InputError(f"{fn}: k/v batch dimensions {tuple(k.shape[:-3])} would enlarge q's {tuple(q.shape[:-3])}.")
+    kh = k4.shape[-3]
+    q4 = q4.reshape(-1, h, lq, e)
+    k4 = k4.expand(*batch, kh, lk, e).reshape(-1, kh, lk, e)
+    v4 = v4.expand(*batch, kh, lk, ev).reshape(-1, kh, lk, ev)
+    nb = q4.shape[0]
+    out_shape = (*q.shape[:-1], ev)
+
+    target = (*batch, h, lq, lk)
+    mask4: torch.Tensor | None = None
+    if attn_mask is not None:
+        try:
+            full = torch.broadcast_shapes(attn_mask.shape, target)
+        except RuntimeError as err:
+            raise InputError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}.") from err
+        if tuple(full) != target:
+            raise InputError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} would enlarge the scores {target}.")
+        mask4 = attn_mask.expand(target).reshape(nb, h, lq, lk)
+    elif is_causal:
+        mask4 = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril().expand(nb, h, lq, lk)
+
+    if math.prod(out_shape) == 0:
+        return torch.empty(out_shape, dtype=q.dtype, device=q.device)
+    if lk == 0:
+        return torch.zeros(out_shape, dtype=q.dtype, device=q.device)
+    s = (1.0 / math.sqrt(e) if e > 0 else 1.0) if scale is None else float(scale)
+    out = backend.attention(q4.contiguous(), k4.contiguous(), v4.contiguous(), mask4, s)
+    return out.reshape(out_shape)

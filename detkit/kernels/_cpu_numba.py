@@ -1,0 +1,354 @@
+"""Fixed-order CPU kernels compiled with numba (private to ``detkit.kernels.cpu``).
+
+Every kernel reduces each output element in an order that depends only on the
+problem's reduced length, never on the number of rows, the row's position or the
+thread count: rows are distributed over threads with ``prange``, but one row is always
+reduced by one thread in one order. No ``fastmath``: LLVM then neither reassociates nor
+contracts, so the written order is the executed order.
+
+Orders (W = 16 lanes):
+
+* lane sum: element ``j`` goes to lane ``(j - j0) mod W`` where ``j0`` is the first
+  nonzero element of the row; lanes start at +0.0 and are combined by the fixed tree
+  ``lane[w] += lane[w + h]`` for h = 8, 4, 2, 1. Exact zeros before ``j0`` are skipped
+  and zeros after the end add nothing, so left and right zero padding cannot change
+  the sum (this is what makes eager attention's probabilities padding invariant).
+* dot products over a head dimension: lanes over the index, same tree, explicit FMA.
+* batched matmul and attention's probabilities @ V: one accumulator per output element,
+  starting at +0.0, ``acc = fma(a_k, b_k, acc)`` for k = 0..K-1 in order. Leading and
+  trailing exact-zero terms leave the accumulator unchanged.
+* exp: computed in float64 (Cody-Waite reduction, degree-13 Taylor polynomial, scaling
+  by two table powers of two) from basic IEEE operations only, so it vectorises and
+  gives the same bits in every loop position; the float32 result is then within about
+  0.5 ULP.
+
+Arrays arrive as float32 or float64 (reduced precision is widened exactly before).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+W = 16
+
+_LOG2E = 1.4426950408889634
+_LN2_HI = 6.93147180369123816490e-01  # low 32 bits zero: k * LN2_HI is exact
+_LN2_LO = 1.90821492927058770002e-10
+_SHIFTER = 6755399441055744.0  # 1.5 * 2**52: (t + S) - S rounds t to the nearest integer
+_POW2_BIAS = 600
+_POW2 = np.array([2.0**k for k in range(-_POW2_BIAS, _POW2_BIAS + 1)], dtype=np.float64)
+_INV_FACT = tuple(1.0 / float(np.prod(np.arange(1, n + 1, dtype=np.float64))) for n in range(14))
+
+
+@intrinsic
+def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
+    """Fused multiply-add with one rounding (``llvm.fma``), for same-typed floats."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.fma(args[0], args[1], args[2])
+
+    return a(a, b, c), codegen
+
+
+@njit(cache=True, inline="always")
+def exp64(t: float) -> float:
+    """exp(t) in float64 from IEEE add/mul only; NaN, +-inf and under/overflow handled."""
+    tc = t if t > -746.0 else -746.0
+    tc = tc if tc < 710.0 else 710.0
+    kf = (tc * _LOG2E + _SHIFTER) - _SHIFTER
+    r = (tc - kf * _LN2_HI) - kf * _LN2_LO
+    p = _INV_FACT[13]
+    p = p * r + _INV_FACT[12]
+    p = p * r + _INV_FACT[11]
+    p = p * r + _INV_FACT[10]
+    p = p * r + _INV_FACT[9]
+    p = p * r + _INV_FACT[8]
+    p = p * r + _INV_FACT[7]
+    p = p * r + _INV_FACT[6]
+    p = p * r + _INV_FACT[5]
+    p = p * r + _INV_FACT[4]
+    p = p * r + _INV_FACT[3]
+    p = p * r + _INV_FACT[2]
+    p = p * r + 1.0
+    p = p * r + 1.0
+    k = np.int64(kf)
+    k1 = k >> 1
+    res = p * _POW2[k1 + _POW2_BIAS] * _POW2[k - k1 + _POW2_BIAS]
+    return res if t == t else t
+
+
+@njit(cache=True, inline="always")
+def _tree(lanes):  # type: ignore[no-untyped-def]
+    h = W // 2
+    while h >= 1:
+        for w in range(h):
+            lanes[w] = lanes[w] + lanes[w + h]
+        h //= 2
+    return lanes[0]
+
+
+@njit(cache=True, inline="always")
+def first_nonzero(x, n):  # type: ignore[no-untyped-def]
+    for j in range(n):
+        if x[j] != 0:
+            return j
+    return n
+
+
+@njit(cache=True, inline="always")
+def anchored_sum(x, start, stop, lanes):  # type: ignore[no-untyped-def]
+    """Lane sum of x[start:stop], element j in lane (j - start) mod W, then the tree."""
+    for w in range(W):
+        lanes[w] = 0.0
+    full = start + ((stop - start) // W) * W
+    j = start
+    while j < full:
+        for w in range(W):
+            lanes[w] = lanes[w] + x[j + w]
+        j += W
+    for w in range(stop - full):
+        lanes[w] = lanes[w] + x[full + w]
+    return _tree(lanes)
+
+
+@njit(cache=True, inline="always")
+def _sumsq(x, n, lanes):  # type: ignore[no-untyped-def]
+    for w in range(W):
+        lanes[w] = 0.0
+    full = (n // W) * W
+    j = 0
+    while j < full:
+        for w in range(W):
+            lanes[w] = lanes[w] + x[j + w] * x[j + w]
+        j += W
+    for w in range(n - full):
+        lanes[w] = lanes[w] + x[full + w] * x[full + w]
+    return _tree(lanes)
+
+
+@njit(cache=True, inline="always")
+def _sum_centered_sq(x, n, mu, lanes):  # type: ignore[no-untyped-def]
+    for w in range(W):
+        lanes[w] = 0.0
+    full = (n // W) * W
+    j = 0
+    while j < full:
+        for w in range(W):
+            d = x[j + w] - mu
+            lanes[w] = lanes[w] + d * d
+        j += W
+    for w in range(n - full):
+        d = x[full + w] - mu
+        lanes[w] = lanes[w] + d * d
+    return _tree(lanes)
+
+
+@njit(cache=True, inline="always")
+def dot_lanes(a, b, n, lanes):  # type: ignore[no-untyped-def]
+    """sum_d a[d] * b[d]: element d in lane d mod W (FMA), then the tree."""
+    for w in range(W):
+        lanes[w] = 0.0
+    full = (n // W) * W
+    d = 0
+    while d < full:
+        for w in range(W):
+            lanes[w] = fma(a[d + w], b[d + w], lanes[w])
+        d += W
+    for w in range(n - full):
+        lanes[w] = fma(a[full + w], b[full + w], lanes[w])
+    return _tree(lanes)
+
+
+@njit(cache=True, inline="always")
+def _row_max(x, n, lanes):  # type: ignore[no-untyped-def]
+    for w in range(W):
+        lanes[w] = -np.inf
+    full = (n // W) * W
+    j = 0
+    while j < full:
+        for w in range(W):
+            v = x[j + w]
+            lanes[w] = v if v > lanes[w] else lanes[w]
+        j += W
+    for w in range(n - full):
+        v = x[full + w]
+        lanes[w] = v if v > lanes[w] else lanes[w]
+    m = lanes[0]
+    for w in range(1, W):
+        m = lanes[w] if lanes[w] > m else m
+    return m
+
+
+@njit(parallel=True, cache=True)
+def row_sum(x, out, mean):  # type: ignore[no-untyped-def]
+    """out[r] = sum (or mean) of x[r, :], anchored lane order."""
+    R, L = x.shape
+    for r in prange(R):
+        lanes = np.empty(W, x.dtype)
+        row = x[r]
+        s = anchored_sum(row, first_nonzero(row, L), L, lanes)
+        out[r] = s / L if mean else s
+
+
+@njit(parallel=True, cache=True)
+def softmax(x, out, log):  # type: ignore[no-untyped-def]
+    """Softmax or log-softmax of each row; the normaliser is an anchored lane sum."""
+    R, L = x.shape
+    for r in prange(R):
+        lanes = np.empty(W, x.dtype)
+        row = x[r]
+        o = out[r]
+        m = np.float64(_row_max(row, L, lanes))
+        for j in range(L):
+            o[j] = exp64(np.float64(row[j]) - m)
+        s = anchored_sum(o, first_nonzero(o, L), L, lanes)
+        if log:
+            ls = np.log(np.float64(s))
+            for j in range(L):
+                o[j] = (np.float64(row[j]) - m) - ls
+        else:
+            for j in range(L):
+                o[j] = o[j] / s
+
+
+@njit(parallel=True, cache=True)
+def rms_norm(x, weight, has_weight, eps, out):  # type: ignore[no-untyped-def]
+    """y = x / sqrt(mean(x^2) + eps) * weight; sum of squares in lane order."""
+    R, L = x.shape
+    for r in prange(R):
+        lanes = np.empty(W, x.dtype)
+        row = x[r]
+        o = out[r]
+        ms = _sumsq(row, L, lanes) / L
+        inv = 1.0 / np.sqrt(np.float64(ms) + eps)
+        if has_weight:
+            for j in range(L):
+                o[j] = np.float64(row[j]) * inv * np.float64(weight[j])
+        else:
+            for j in range(L):
+                o[j] = np.float64(row[j]) * inv
+
+
+@njit(parallel=True, cache=True)
+def layer_norm(x, weight, bias, has_weight, has_bias, eps, out):  # type: ignore[no-untyped-def]
+    """y = (x - mean) / sqrt(var + eps) * weight + bias; two-pass, lane order sums."""
+    R, L = x.shape
+    for r in prange(R):
+        lanes = np.empty(W, x.dtype)
+        row = x[r]
+        o = out[r]
+        mu = anchored_sum(row, 0, L, lanes) / L
+        var = _sum_centered_sq(row, L, mu, lanes) / L
+        inv = 1.0 / np.sqrt(np.float64(var) + eps)
+        mu64 = np.float64(mu)
+        for j in range(L):
+            y = (np.float64(row[j]) - mu64) * inv
+            if has_weight:
+                y = y * np.float64(weight[j])
+            if has_bias:
+                y = y + np.float64(bias[j])
+            o[j] = y
+
+
+@njit(parallel=True, cache=True)
+def bmm(a, b, out):  # type: ignore[no-untyped-def]
+    """out[n] = a[n] @ b[n] with acc = fma(a_k, b_k, acc) for k = 0..K-1 in order.
+
+    ``a``: (B, M, K), ``b``: (B, K, N), ``out``: (B, M, N); all C-contiguous. Four rows
+    share each loaded row of ``b``; each output element still sees k in order.
+    """
+    B, M, K = a.shape
+    N = b.shape[2]
+    MR = 4
+    nblk = (M + MR - 1) // MR
+    for t in prange(B * nblk):
+        n = t // nblk
+        i0 = (t % nblk) * MR
+        rows = min(MR, M - i0)
+        acc = np.zeros((MR, N), a.dtype)
+        an = a[n]
+        bn = b[n]
+        if rows == MR:
+            for k in range(K):
+                a0 = an[i0, k]
+                a1 = an[i0 + 1, k]
+                a2 = an[i0 + 2, k]
+                a3 = an[i0 + 3, k]
+                bk = bn[k]
+                for j in range(N):
+                    bv = bk[j]
+                    acc[0, j] = fma(a0, bv, acc[0, j])
+                    acc[1, j] = fma(a1, bv, acc[1, j])
+                    acc[2, j] = fma(a2, bv, acc[2, j])
+                    acc[3, j] = fma(a3, bv, acc[3, j])
+        else:
+            for ii in range(rows):
+                for k in range(K):
+                    av = an[i0 + ii, k]
+                    bk = bn[k]
+                    for j in range(N):
+                        acc[ii, j] = fma(av, bk[j], acc[ii, j])
+        for ii in range(rows):
+            for j in range(N):
+                out[n, i0 + ii, j] = acc[ii, j]
+
+
+@njit(parallel=True, cache=True)
+def attention(q, k, v, maskb, maskf, mode, scale, out):  # type: ignore[no-untyped-def]
+    """Scaled dot-product attention, one (batch, head, query) row per task.
+
+    ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv), contiguous;
+    ``mode``: 0 no mask, 1 ``maskb`` (bool, False = masked), 2 ``maskf`` (added to the
+    scaled score). Masked keys are never read. The score of a key depends on (q_i, k_j)
+    only; the normaliser is an anchored lane sum and the output accumulates the
+    unmasked keys in key order, so padding and decode-vs-prefill give identical bits.
+    """
+    B, H, Lq, D = q.shape
+    Hk = k.shape[1]
+    Lk = k.shape[2]
+    Dv = v.shape[3]
+    group = H // Hk
+    for t in prange(B * H * Lq):
+        bi = t // (H * Lq)
+        h = (t // Lq) % H
+        i = t % Lq
+        hk = h // group
+        lanes = np.empty(W, q.dtype)
+        p = np.empty(Lk, q.dtype)
+        acc = np.zeros(Dv, q.dtype)
+        qi = q[bi, h, i]
+        kb = k[bi, hk]
+        vb = v[bi, hk]
+        m = -np.inf
+        for j in range(Lk):
+            if mode == 1 and not maskb[bi, h, i, j]:
+                p[j] = -np.inf
+                continue
+            sc = dot_lanes(qi, kb[j], D, lanes) * scale
+            if mode == 2:
+                sc = sc + maskf[bi, h, i, j]
+            p[j] = sc
+            if sc > m:
+                m = sc
+        if m == -np.inf:
+            # No attended key (or none with a finite score): zeros, as torch's SDPA.
+            for d in range(Dv):
+                out[bi, h, i, d] = 0.0
+            continue
+        m64 = np.float64(m)
+        for j in range(Lk):
+            p[j] = exp64(np.float64(p[j]) - m64)
+        j0 = first_nonzero(p, Lk)
+        denom = anchored_sum(p, j0, Lk, lanes)
+        for j in range(j0, Lk):
+            pj = p[j]
+            if pj != 0:
+                vj = vb[j]
+                for d in range(Dv):
+                    acc[d] = fma(pj, vj[d], acc[d])
+        for d in range(Dv):
+            out[bi, h, i, d] = acc[d] / denom

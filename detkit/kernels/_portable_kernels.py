@@ -1,0 +1,546 @@
+"""numba kernels implementing ``docs/canonical-orders.md`` (fp32 in, fp32 out).
+
+Rules that keep these kernels equal to ``detkit.kernels.spec`` on every CPU:
+
+* ``@njit`` **without** ``fastmath``: LLVM then has no ``reassoc``/``contract``/``nnan``
+  flags and may neither reorder a floating-point expression nor fuse ``a * b + c``.
+  The only fused operations are the explicit ``fma32`` calls (``llvm.fma.f32``).
+* Every constant and every intermediate is float32 (numba would silently promote a
+  float32 combined with a Python float or an int64 to float64).
+* Vectorisation and threading only ever run *independent* chains side by side (lanes
+  over output columns, over the 32 anchored lanes, over rows); no output's order of
+  operations depends on the tile, the thread or the batch.
+* Loops that must vectorise index from 0 (slices), so numba's negative-index
+  wraparound check folds away.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from detkit.kernels._portable_llvm import (
+    bits_to_f32,
+    f32_to_bits,
+    f32_to_half_bits,
+    fma32,
+    half_bits_to_f32,
+    rint32,
+)
+
+F32 = np.float32
+ZERO = F32(0.0)
+ONE = F32(1.0)
+TWO = F32(2.0)
+HALF = F32(0.5)
+INF = F32(np.inf)
+NEG_INF = F32(-np.inf)
+CANON_NAN = np.uint32(0x7FC00000).view(F32)
+LOG2E = np.uint32(0x3FB8AA3B).view(F32)
+LN2_HI = np.uint32(0x3F317200).view(F32)
+LN2_LO = np.uint32(0x35BFBE8E).view(F32)
+SQRT2 = np.uint32(0x3FB504F3).view(F32)
+MIN_NORMAL = np.uint32(0x00800000).view(F32)
+TWO23 = F32(2.0**23)
+EXP_LO = F32(-104.0)
+EXP_HI = F32(89.0)
+C2 = np.uint32(0x3F000000).view(F32)
+C3 = np.uint32(0x3E2AAAAB).view(F32)
+C4 = np.uint32(0x3D2AAAAB).view(F32)
+C5 = np.uint32(0x3C088889).view(F32)
+C6 = np.uint32(0x3AB60B61).view(F32)
+C7 = np.uint32(0x39500D01).view(F32)
+D1 = np.uint32(0x3F2AAAAB).view(F32)
+D2 = np.uint32(0x3ECCCCCD).view(F32)
+D3 = np.uint32(0x3E924925).view(F32)
+D4 = np.uint32(0x3E638E39).view(F32)
+LANES = 32
+
+# Tile sizes: fixed constants, never derived from M (batch size) or the thread count.
+MATMUL_NB = 256
+MATMUL_KB = 256
+MATMUL_MB = 64
+ROW_CHUNK = 4096
+
+# Widening modes for packed matmul operands (raw bits in, fp32 out).
+MODE_F32 = 0
+MODE_BF16 = 1
+MODE_F16 = 2
+
+
+# ------------------------------------------------------------------ scalar functions
+
+
+@njit(cache=True)
+def exp_f32(x: float) -> float:
+    """Exp of canonical-orders section 2.4, branch free so that loops vectorise."""
+    xc = x if x > EXP_LO else EXP_LO
+    xc = xc if xc < EXP_HI else EXP_HI
+    n = rint32(xc * LOG2E)
+    r = fma32(-n, LN2_HI, xc)
+    r = fma32(-n, LN2_LO, r)
+    q = fma32(C7, r, C6)
+    q = fma32(q, r, C5)
+    q = fma32(q, r, C4)
+    q = fma32(q, r, C3)
+    q = fma32(q, r, C2)
+    q = fma32(q, r, ONE)
+    p = fma32(q, r, ONE)
+    ni = np.int32(n)
+    n1 = ni >> np.int32(1)  # arithmetic shift: floor(n / 2)
+    n2 = ni - n1
+    s1 = bits_to_f32(np.int32((n1 + np.int32(127)) << np.int32(23)))
+    s2 = bits_to_f32(np.int32((n2 + np.int32(127)) << np.int32(23)))
+    y = (p * s1) * s2
+    return y if x == x else x
+
+
+@njit(cache=True)
+def log_f32(x: float) -> float:
+    """Log of canonical-orders section 2.5."""
+    if x != x:
+        return x
+    if x < ZERO:
+        return CANON_NAN
+    if x == ZERO:
+        return NEG_INF
+    if x == INF:
+        return INF
+    k = np.int32(0)
+    if x < MIN_NORMAL:
+        x = x * TWO23
+        k = np.int32(-23)
+    bits = f32_to_bits(x)
+    e = np.int32((bits >> np.int32(23)) - np.int32(127))
+    m = bits_to_f32(np.int32((bits & np.int32(0x007FFFFF)) | np.int32(0x3F800000)))
+    if m > SQRT2:
+        m = m * HALF
+        e = np.int32(e + np.int32(1))
+    f = m - ONE
+    s = f / (TWO + f)
+    z = s * s
+    t = fma32(D4, z, D3)
+    t = fma32(t, z, D2)
+    t = fma32(t, z, D1)
+    big_r = t * z
+    hfsq = (HALF * f) * f
+    dk = F32(e + k)
+    u = fma32(s, hfsq + big_r, dk * LN2_LO)
+    return ((u - hfsq) + f) + dk * LN2_HI
+
+
+@njit(cache=True)
+def canon(y: float) -> float:
+    return y if y == y else CANON_NAN
+
+
+# ------------------------------------------------------------------ row building blocks
+
+
+@njit(cache=True)
+def _anchor(v: np.ndarray) -> int:
+    """First index with v[j] != 0 (NaN counts as nonzero); len(v) if none."""
+    j = 0
+    n = v.shape[0]
+    while j < n and v[j] == ZERO:
+        j += 1
+    return j
+
+
+@njit(cache=True)
+def _tree(lanes: np.ndarray) -> float:
+    h = LANES // 2
+    while h >= 1:
+        for idx in range(h):
+            lanes[idx] = lanes[idx] + lanes[idx + h]
+        h //= 2
+    return lanes[0]
+
+
+@njit(cache=True)
+def anchored_sum(v: np.ndarray, lanes: np.ndarray) -> float:
+    """AnchoredSum (section 2.2); ``lanes`` is a float32[32] scratch buffer."""
+    j0 = _anchor(v)
+    if j0 == v.shape[0]:
+        return ZERO
+    w = v[j0:]
+    n = w.shape[0]
+    lanes[:] = ZERO
+    full = n - n % LANES
+    for base in range(0, full, LANES):
+        blk = w[base:base + LANES]
+        for idx in range(LANES):
+            lanes[idx] = lanes[idx] + blk[idx]
+    tail = w[full:]
+    for idx in range(tail.shape[0]):
+        lanes[idx] = lanes[idx] + tail[idx]
+    return _tree(lanes)
+
+
+@njit(cache=True)
+def anchored_sum_sq(v: np.ndarray, lanes: np.ndarray) -> float:
+    """AnchoredSumSq (section 2.2): lane = fma(v, v, lane)."""
+    j0 = _anchor(v)
+    if j0 == v.shape[0]:
+        return ZERO
+    w = v[j0:]
+    n = w.shape[0]
+    lanes[:] = ZERO
+    full = n - n % LANES
+    for base in range(0, full, LANES):
+        blk = w[base:base + LANES]
+        for idx in range(LANES):
+            lanes[idx] = fma32(blk[idx], blk[idx], lanes[idx])
+    tail = w[full:]
+    for idx in range(tail.shape[0]):
+        lanes[idx] = fma32(tail[idx], tail[idx], lanes[idx])
+    return _tree(lanes)
+
+
+@njit(cache=True)
+def ieee_maximum(v: np.ndarray, lanes: np.ndarray) -> float:
+    """IEEE 754-2019 maximum of v (NaN-propagating, -0 < +0). Exact, so lanes are free."""
+    n = v.shape[0]
+    lanes[:] = NEG_INF
+    probe = ZERO  # becomes NaN if some element is NaN or +-inf (x - x)
+    full = n - n % LANES
+    for base in range(0, full, LANES):
+        blk = v[base:base + LANES]
+        for idx in range(LANES):
+            x = blk[idx]
+            lanes[idx] = x if x > lanes[idx] else lanes[idx]
+    tail = v[full:]
+    for idx in range(tail.shape[0]):
+        x = tail[idx]
+        lanes[idx] = x if x > lanes[idx] else lanes[idx]
+    m = NEG_INF
+    for idx in range(LANES):
+        m = lanes[idx] if lanes[idx] > m else m
+    for j in range(n):
+        probe = probe + (v[j] - v[j])
+    if probe != probe:
+        for j in range(n):
+            if v[j] != v[j]:
+                return v[j]
+    if m == ZERO:
+        for j in range(n):
+            if v[j] == ZERO and f32_to_bits(v[j]) == np.int32(0):
+                return ZERO
+        return -ZERO
+    return m
+
+
+# ------------------------------------------------------------------ row ops
+
+
+@njit(parallel=True, cache=True)
+def row_sum(x: np.ndarray, mean: bool, out: np.ndarray) -> None:
+    rows, length = x.shape
+    flen = F32(length)
+    for r in prange(rows):
+        lanes = np.empty(LANES, dtype=F32)
+        s = anchored_sum(x[r], lanes)
+        out[r] = canon(s / flen if mean else s)
+
+
+@njit(parallel=True, cache=True)
+def softmax(x: np.ndarray, log: bool, out: np.ndarray) -> None:
+    rows, length = x.shape
+    for r in prange(rows):
+        lanes = np.empty(LANES, dtype=F32)
+        xr = x[r]
+        yr = out[r]
+        m = ieee_maximum(xr, lanes)
+        for j in range(length):
+            yr[j] = exp_f32(xr[j] - m)
+        s = anchored_sum(yr, lanes)
+        if log:
+            ls = log_f32(s)
+            for j in range(length):
+                yr[j] = canon((xr[j] - m) - ls)
+        else:
+            for j in range(length):
+                yr[j] = canon(yr[j] / s)
+
+
+@njit(parallel=True, cache=True)
+def rms_norm(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float,
+             out: np.ndarray) -> None:
+    rows, length = x.shape
+    flen = F32(length)
+    for r in prange(rows):
+        lanes = np.empty(LANES, dtype=F32)
+        xr = x[r]
+        yr = out[r]
+        ss = anchored_sum_sq(xr, lanes)
+        rr = ONE / np.sqrt(ss / flen + eps)
+        if has_weight:
+            for j in range(length):
+                yr[j] = canon((xr[j] * rr) * weight[j])
+        else:
+            for j in range(length):
+                yr[j] = canon(xr[j] * rr)
+
+
+@njit(parallel=True, cache=True)
+def layer_norm(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np.ndarray,
+               has_bias: bool, eps: float, out: np.ndarray) -> None:
+    rows, length = x.shape
+    flen = F32(length)
+    for r in prange(rows):
+        lanes = np.empty(LANES, dtype=F32)
+        xr = x[r]
+        yr = out[r]
+        mu = anchored_sum(xr, lanes) / flen
+        for j in range(length):
+            yr[j] = xr[j] - mu
+        var = anchored_sum_sq(yr, lanes) / flen
+        rr = ONE / np.sqrt(var + eps)
+        for j in range(length):
+            t = yr[j] * rr
+            if has_weight:
+                t = t * weight[j]
+            if has_bias:
+                t = t + bias[j]
+            yr[j] = canon(t)
+
+
+# ------------------------------------------------------------------ elementwise
+
+
+@njit(parallel=True, cache=True)
+def elementwise(op: int, x: np.ndarray, out: np.ndarray) -> None:
+    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu (flat float32 arrays)."""
+    n = x.shape[0]
+    nchunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
+    for c in prange(nchunks):
+        lo = c * ROW_CHUNK
+        hi = min(n, lo + ROW_CHUNK)
+        xs = x[lo:hi]
+        ys = out[lo:hi]
+        if op == 0:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(exp_f32(xs[j]))
+        elif op == 1:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(log_f32(xs[j]))
+        elif op == 2:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(ONE / np.sqrt(xs[j]))
+        elif op == 3:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(ONE / (ONE + exp_f32(-xs[j])))
+        else:
+            for j in range(xs.shape[0]):
+                v = xs[j]
+                ys[j] = canon(v / (ONE + exp_f32(-v)))
+
+
+# ------------------------------------------------------------------ output rounding
+
+
+@njit(parallel=True, cache=True)
+def round_out(y: np.ndarray, mode: int, out: np.ndarray) -> None:
+    """Round fp32 ``y`` once, to nearest even, into bf16 (mode 1) or fp16 (mode 2) bits
+    (int16 ``out``). NaN becomes the canonical 0x7FC0 / 0x7E00. Done here rather than by
+    torch because torch's fp32 -> bf16 conversion of NaN differs between its CPU paths."""
+    n = y.shape[0]
+    nchunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
+    for c in prange(nchunks):
+        lo = c * ROW_CHUNK
+        hi = min(n, lo + ROW_CHUNK)
+        ys = y[lo:hi]
+        os = out[lo:hi]
+        if mode == MODE_BF16:
+            for j in range(ys.shape[0]):
+                v = ys[j]
+                u = f32_to_bits(v)
+                r = (u + np.int32(0x7FFF) + ((u >> np.int32(16)) & np.int32(1))) >> np.int32(16)
+                os[j] = np.int16(r) if v == v else np.int16(0x7FC0)
+        else:
+            for j in range(ys.shape[0]):
+                v = ys[j]
+                os[j] = np.int16(f32_to_half_bits(v)) if v == v else np.int16(0x7E00)
+
+
+# ------------------------------------------------------------------ matmul
+
+
+@njit(cache=True)
+def _widen(u: int, mode: int) -> float:
+    """Raw bits (uint16/uint32 array element) to fp32; exact."""
+    bits = np.int32(u)
+    if mode == MODE_BF16:
+        return bits_to_f32(np.int32(bits << np.int32(16)))
+    if mode == MODE_F16:
+        return half_bits_to_f32(bits)
+    return bits_to_f32(bits)
+
+
+@njit(cache=True)
+def _tile(a: np.ndarray, panel: np.ndarray, pk0: int, pn0: int, nb: int, kb: int,
+          k0: int, m0: int, m1: int, c: np.ndarray, n0: int) -> None:
+    """c[m0:m1, n0:n0+nb] += a[:, k0:k0+kb] @ panel[pk0:pk0+kb, pn0:pn0+nb], fma in k order.
+
+    Two rows share each loaded panel vector; every c[i, j] still sees k strictly
+    increasing (its fp32 accumulator lives in c between K blocks, which is exact).
+    """
+    i = m0
+    while i + 1 < m1:
+        c0 = c[i, n0:n0 + nb]
+        c1 = c[i + 1, n0:n0 + nb]
+        a0 = a[i, k0:k0 + kb]
+        a1 = a[i + 1, k0:k0 + kb]
+        for k in range(kb):
+            br = panel[pk0 + k, pn0:pn0 + nb]
+            x0 = a0[k]
+            x1 = a1[k]
+            for j in range(nb):
+                bj = br[j]
+                c0[j] = fma32(x0, bj, c0[j])
+                c1[j] = fma32(x1, bj, c1[j])
+        i += 2
+    if i < m1:
+        c0 = c[i, n0:n0 + nb]
+        a0 = a[i, k0:k0 + kb]
+        for k in range(kb):
+            br = panel[pk0 + k, pn0:pn0 + nb]
+            x0 = a0[k]
+            for j in range(nb):
+                c0[j] = fma32(x0, br[j], c0[j])
+
+
+@njit(cache=True)
+def _finish_tile(c: np.ndarray, m0: int, m1: int, n0: int, nb: int, bias: np.ndarray,
+                 has_bias: bool) -> None:
+    for i in range(m0, m1):
+        row = c[i, n0:n0 + nb]
+        if has_bias:
+            bs = bias[n0:n0 + nb]
+            for j in range(nb):
+                row[j] = canon(row[j] + bs[j])
+        else:
+            for j in range(nb):
+                row[j] = canon(row[j])
+
+
+@njit(parallel=True, cache=True)
+def matmul_direct(a: np.ndarray, b: np.ndarray, bias: np.ndarray, has_bias: bool,
+                  c: np.ndarray) -> None:
+    """a (M, K) fp32 C-contiguous, b (K, N) fp32 C-contiguous, c (M, N) output."""
+    m_dim, k_dim = a.shape
+    n_dim = b.shape[1]
+    n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
+    m_tiles = (m_dim + MATMUL_MB - 1) // MATMUL_MB
+    for t in prange(n_tiles * m_tiles):
+        n0 = (t % n_tiles) * MATMUL_NB
+        m0 = (t // n_tiles) * MATMUL_MB
+        nb = min(n_dim, n0 + MATMUL_NB) - n0
+        m1 = min(m_dim, m0 + MATMUL_MB)
+        for i in range(m0, m1):
+            c[i, n0:n0 + nb] = ZERO
+        for k0 in range(0, k_dim, MATMUL_KB):
+            kb = min(k_dim, k0 + MATMUL_KB) - k0
+            _tile(a, b, k0, n0, nb, kb, k0, m0, m1, c, n0)
+        _finish_tile(c, m0, m1, n0, nb, bias, has_bias)
+
+
+@njit(cache=True)
+def _pack(src: np.ndarray, mode: int, panel: np.ndarray) -> None:
+    """panel[:kb, :nb] = widen(src) in 16 x 16 blocks, so that both the reads (contiguous
+    in k for a transposed weight) and the writes (contiguous in n) stay in cache."""
+    kb, nb = src.shape
+    for j0 in range(0, nb, 16):
+        j1 = min(nb, j0 + 16)
+        for k0 in range(0, kb, 16):
+            k1 = min(kb, k0 + 16)
+            for j in range(j0, j1):
+                col = src[k0:k1, j]
+                for k in range(k1 - k0):
+                    panel[k0 + k, j] = _widen(col[k], mode)
+
+
+@njit(parallel=True, cache=True)
+def matmul_packed(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray,
+                  has_bias: bool, c: np.ndarray) -> None:
+    """As matmul_direct, for b given as raw bits with any strides (e.g. a transposed
+    bf16 weight); panels of b are widened to fp32 and packed row-major per tile."""
+    m_dim, k_dim = a.shape
+    n_dim = b_bits.shape[1]
+    n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
+    m_tiles = (m_dim + MATMUL_MB - 1) // MATMUL_MB
+    for t in prange(n_tiles * m_tiles):
+        n0 = (t % n_tiles) * MATMUL_NB
+        m0 = (t // n_tiles) * MATMUL_MB
+        nb = min(n_dim, n0 + MATMUL_NB) - n0
+        m1 = min(m_dim, m0 + MATMUL_MB)
+        panel = np.empty((MATMUL_KB, MATMUL_NB), dtype=F32)
+        for i in range(m0, m1):
+            c[i, n0:n0 + nb] = ZERO
+        for k0 in range(0, k_dim, MATMUL_KB):
+            kb = min(k_dim, k0 + MATMUL_KB) - k0
+            _pack(b_bits[k0:k0 + kb, n0:n0 + nb], mode, panel)
+            _tile(a, panel, 0, 0, nb, kb, k0, m0, m1, c, n0)
+        _finish_tile(c, m0, m1, n0, nb, bias, has_bias)
+
+
+# ------------------------------------------------------------------ attention
+
+
+@njit(parallel=True, cache=True)
+def attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask_bool: np.ndarray,
+              mask_float: np.ndarray, mask_mode: int, scale: float, out: np.ndarray) -> None:
+    """q (B,H,Lq,D); kt (B,Hk,D,Lk) (keys transposed so scores vectorise over keys);
+    v (B,Hk,Lk,Dv); masks are (B,H,Lq,Lk) views (zero strides allowed);
+    mask_mode 0 none, 1 bool (uint8, 0 = skip), 2 float (added)."""
+    nb, nh, lq, d_dim = q.shape
+    hk = kt.shape[1]
+    lk = kt.shape[3]
+    dv = v.shape[3]
+    group = nh // hk
+    for t in prange(nb * nh * lq):
+        b = t // (nh * lq)
+        h = (t // lq) % nh
+        i = t % lq
+        g = h // group
+        s = np.zeros(lk, dtype=F32)
+        kept = np.zeros(lk, dtype=np.uint8)
+        qi = q[b, h, i]
+        ktg = kt[b, g]
+        for d in range(d_dim):
+            qd = qi[d]
+            krow = ktg[d]
+            for j in range(lk):
+                s[j] = fma32(qd, krow[j], s[j])
+        m = NEG_INF
+        nkept = 0
+        for j in range(lk):
+            if mask_mode == 1 and mask_bool[b, h, i, j] == 0:
+                continue
+            sj = s[j] * scale
+            if mask_mode == 2:
+                sj = sj + mask_float[b, h, i, j]
+            if sj == NEG_INF:
+                continue
+            s[j] = sj
+            kept[j] = 1
+            nkept += 1
+            # Max of the kept scores; the sign of a zero maximum cannot matter here
+            # because M only enters through Exp(s - M) and Exp(+0) == Exp(-0).
+            if m == m:
+                if sj != sj or sj > m:
+                    m = sj
+        o = out[b, h, i]
+        o[:] = ZERO
+        if nkept == 0:
+            continue
+        total = ZERO
+        for j in range(lk):
+            if kept[j] == 1:
+                p = exp_f32(s[j] - m)
+                total = total + p
+                vrow = v[b, g, j]
+                for d in range(dv):
+                    o[d] = fma32(p, vrow[d], o[d])
+        for d in range(dv):
+            o[d] = canon(o[d] / total)

@@ -1,0 +1,140 @@
+"""CPU backend for ``portable=False``: batch invariant on this machine and software stack.
+
+* 2-D matmul: BLAS (``torch.mm`` / ``torch.addmm``, i.e. MKL or oneDNN) called only on
+  fixed-shape row tiles copied into fixed, aligned buffers (see ``_cpu_tiles``). Whether
+  the library really gives a row the same bits in every tile is verified at first use
+  per (dtype, K, N, layout of b, bias); a failure is recorded in :func:`cpu_status` and
+  that configuration uses the fixed-order compiled kernel instead.
+* batched 3-D matmul, softmax, log-softmax, norms, row sums and attention: fixed-order
+  numba kernels (``_cpu_numba``), reduced in float32 (float64 for float64 inputs).
+
+Reduced-precision inputs are widened exactly to float32 and the result is rounded once.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from detkit.kernels import _cpu_numba as nk
+from detkit.kernels._cpu_tiles import cpu_status, tiled_matmul
+
+__all__ = [
+    "attention",
+    "cpu_status",
+    "layer_norm",
+    "matmul",
+    "rms_norm",
+    "row_sum",
+    "softmax",
+]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    """A C-contiguous float32/float64 numpy view (copy only when needed)."""
+    return x.to(_acc_dtype(x.dtype)).contiguous().numpy()
+
+
+def _finish(out: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Round the float32/float64 result once into ``dtype``."""
+    return torch.from_numpy(out).to(dtype)
+
+
+def _sync_threads() -> None:
+    """Use as many numba threads as torch would (results do not depend on it)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+def bmm_fixed_order(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, M, K) @ (B, K, N) in the fixed sequential-k order; returns the accumulation dtype."""
+    _sync_threads()
+    an, bn = _np(a), _np(b)
+    out = np.empty((an.shape[0], an.shape[1], bn.shape[2]), an.dtype)
+    nk.bmm(an, bn, out)
+    return torch.from_numpy(out)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """See ``detkit.kernels._backend``."""
+    dtype = a.dtype
+    if a.dim() == 2:
+        return tiled_matmul(a, b, bias, fallback=bmm_fixed_order)
+    out = bmm_fixed_order(a, b)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out.to(dtype)
+
+
+def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:
+    """See ``detkit.kernels._backend``."""
+    _sync_threads()
+    xn = _np(x)
+    out = np.empty_like(xn)
+    nk.softmax(xn, out, bool(log))
+    return _finish(out, x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """See ``detkit.kernels._backend``."""
+    _sync_threads()
+    xn = _np(x)
+    wn = _np(weight) if weight is not None else np.ones(1, xn.dtype)
+    out = np.empty_like(xn)
+    nk.rms_norm(xn, wn, weight is not None, float(eps), out)
+    return _finish(out, x.dtype)
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """See ``detkit.kernels._backend``."""
+    _sync_threads()
+    xn = _np(x)
+    wn = _np(weight) if weight is not None else np.ones(1, xn.dtype)
+    bn = _np(bias) if bias is not None else np.zeros(1, xn.dtype)
+    out = np.empty_like(xn)
+    nk.layer_norm(xn, wn, bn, weight is not None, bias is not None, float(eps), out)
+    return _finish(out, x.dtype)
+
+
+def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
+    """See ``detkit.kernels._backend``."""
+    _sync_threads()
+    xn = _np(x)
+    out = np.empty(xn.shape[0], xn.dtype)
+    nk.row_sum(xn, out, bool(mean))
+    return _finish(out, x.dtype)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """See ``detkit.kernels._backend``."""
+    _sync_threads()
+    qn, kn, vn = _np(q), _np(k), _np(v)
+    B, H, Lq, _ = qn.shape
+    Lk = kn.shape[2]
+    shape = (B, H, Lq, Lk)
+    # Zero-stride placeholders keep one compiled signature per dtype whatever the mask.
+    maskb = np.broadcast_to(np.ones((1, 1, 1, 1), np.bool_), shape)
+    maskf = np.broadcast_to(np.zeros((1, 1, 1, 1), qn.dtype), shape)
+    mode = 0
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            mode = 1
+            maskb = np.broadcast_to(mask.numpy(), shape)
+        else:
+            mode = 2
+            maskf = np.broadcast_to(mask.to(_acc_dtype(q.dtype)).numpy(), shape)
+    out = np.empty((B, H, Lq, vn.shape[3]), qn.dtype)
+    nk.attention(qn, kn, vn, maskb, maskf, mode, float(scale), out)
+    return _finish(out, q.dtype)

@@ -1,0 +1,483 @@
+"""The one loader for detkit's CUDA source (``cuda_kernels/*.cu``).
+
+It finds the ``.cu`` files (from a source checkout or an installed wheel), builds one
+translation unit per file (``common.cuh`` first), each part preceded by a ``#line``
+directive so that compiler messages point into the real file and line, and compiles it
+with :data:`COMPILE_OPTIONS`, which never change numerics behind the reader's back:
+
+* no ``--use_fast_math``; ``--ftz=false``, ``--prec-div=true``, ``--prec-sqrt=true``;
+* ``--fmad=false``: the compiler never contracts ``a * b + c`` into an FMA on its own;
+  every FMA in the kernels is written out (``fmaf`` / ``__fmaf_rn``), so the source text
+  alone fixes the rounding steps.
+
+We compile with NVRTC ourselves rather than through ``cupy.RawModule(code=...)``
+because CuPy appends ``-ftz=true`` to every NVRTC compilation, which would flush
+subnormals to zero. CuPy is used only to load the CUBIN and launch.
+
+Without a GPU, :func:`check_all` compiles every file for given architectures (sm_80 and
+sm_90 by default) with NVRTC (CuPy's bindings when CuPy is installed, else the
+``libnvrtc`` shared library from the ``nvidia-cuda-nvrtc-cu12`` wheel or a CUDA
+toolkit) or ``nvcc``; that is what CI runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detkit.errors import BackendUnavailable, CompileError
+
+KERNEL_FILES: tuple[str, ...] = ("matmul.cu", "rowops.cu", "attention.cu")
+COMMON_HEADER = "common.cuh"
+DEFAULT_CHECK_ARCHS: tuple[str, ...] = ("sm_80", "sm_90")
+
+# The options every kernel is compiled with (the architecture is added per target).
+COMPILE_OPTIONS: tuple[str, ...] = (
+    "--std=c++17",
+    "--ftz=false",
+    "--prec-div=true",
+    "--prec-sqrt=true",
+    "--fmad=false",
+    "-lineinfo",
+)
+# Options that would change numerics; rejected if ever added.
+_FORBIDDEN_OPTIONS = ("--use_fast_math", "-use_fast_math", "--ftz=true", "-ftz=true", "--fmad=true")
+
+ENV_KERNEL_DIR = "DETKIT_CUDA_KERNELS_DIR"
+ENV_NVRTC_LIB = "DETKIT_NVRTC_LIB"
+ENV_COMPILER = "DETKIT_CUDA_COMPILER"  # "nvrtc" or "nvcc": force one compiler
+
+_ARCH_RE = re.compile(r"^sm_(\d{2,3})[a-z]?$")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def kernel_dir() -> Path:
+    """The directory holding ``common.cuh`` and the ``.cu`` files.
+
+    Looked up, in order: ``$DETKIT_CUDA_KERNELS_DIR``, ``detkit/cuda_kernels`` inside the
+    installed package (wheel), ``cuda_kernels/`` next to the ``detkit`` package (source
+    checkout or editable install).
+    """
+    import detkit
+
+    pkg = Path(detkit.__file__).resolve().parent
+    candidates: list[Path] = []
+    env = os.environ.get(ENV_KERNEL_DIR)
+    if env:
+        candidates.append(Path(env))
+    candidates += [pkg / "cuda_kernels", pkg.parent / "cuda_kernels"]
+    for cand in candidates:
+        if (cand / COMMON_HEADER).is_file() and all((cand / f).is_file() for f in KERNEL_FILES):
+            return cand
+    raise BackendUnavailable(
+        "detkit's CUDA sources (cuda_kernels/*.cu) were not found; looked in "
+        + ", ".join(str(c) for c in candidates)
+        + f". Reinstall detkit, or point ${ENV_KERNEL_DIR} at the cuda_kernels directory."
+    )
+
+
+def _read(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def translation_unit(source: str, filename: str, *, header: str | None = None,
+                     header_name: str | None = None) -> str:
+    """One compilable unit: the common header, then ``source``, each under a ``#line``.
+
+    ``#line 1 "file"`` makes NVRTC and nvcc report errors as ``file(line)`` of the real
+    file rather than of the concatenated string.
+    """
+    if header is None:
+        hpath = kernel_dir() / COMMON_HEADER
+        header, header_name = _read(hpath), str(hpath)
+    return (
+        f'#line 1 "{header_name}"\n{header}\n'
+        f'#line 1 "{filename}"\n{source}\n'
+    )
+
+
+def kernel_source(name: str) -> str:
+    """The translation unit for one of :data:`KERNEL_FILES`."""
+    if name not in KERNEL_FILES:
+        raise ValueError(f"unknown CUDA kernel file {name!r}; expected one of {KERNEL_FILES}")
+    path = kernel_dir() / name
+    return translation_unit(_read(path), str(path))
+
+
+def sources_digest() -> dict[str, str]:
+    """sha256 (first 16 hex digits) of each source file, for reports and cache keys."""
+    d = kernel_dir()
+    return {
+        f: hashlib.sha256((d / f).read_bytes()).hexdigest()[:16]
+        for f in (COMMON_HEADER, *KERNEL_FILES)
+    }
+
+
+def _check_arch(arch: str) -> str:
+    if not _ARCH_RE.match(arch):
+        raise ValueError(f"architecture {arch!r} is not of the form sm_XY (e.g. sm_80, sm_90)")
+    return arch
+
+
+def _options(arch: str) -> list[str]:
+    opts = [*COMPILE_OPTIONS, f"--gpu-architecture={_check_arch(arch)}"]
+    bad = [o for o in opts if o in _FORBIDDEN_OPTIONS]
+    if bad:  # pragma: no cover - guards against a future edit of COMPILE_OPTIONS
+        raise ValueError(f"compile options {bad} change numerics and are not allowed")
+    return opts
+
+
+# --------------------------------------------------------------------------- NVRTC
+
+
+class _Nvrtc:
+    """Minimal NVRTC wrapper: CuPy's low-level bindings, else ctypes on libnvrtc."""
+
+    def __init__(self) -> None:
+        self.kind, self.version, self.where = "", (0, 0), ""
+        self._cupy: Any = None
+        self._lib: Any = None
+        try:
+            from cupy_backends.cuda.libs import nvrtc as cupy_nvrtc  # type: ignore[import-not-found]
+
+            self.version = tuple(cupy_nvrtc.getVersion())  # type: ignore[assignment]
+            self._cupy, self.kind, self.where = cupy_nvrtc, "nvrtc (cupy bindings)", "cupy"
+            return
+        except Exception:  # noqa: BLE001 - CuPy missing or its NVRTC unloadable: try ctypes
+            pass
+        lib, where = _load_libnvrtc()
+        self._lib, self.where, self.kind = lib, where, "nvrtc (ctypes)"
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
+        self.version = (major.value, minor.value)
+
+    def compile(self, source: str, name: str, options: list[str], output: str) -> bytes:
+        if self._cupy is not None:
+            return self._compile_cupy(source, name, options, output)
+        return self._compile_ctypes(source, name, options, output)
+
+    def _compile_cupy(self, source: str, name: str, options: list[str], output: str) -> bytes:
+        n = self._cupy
+        prog = n.createProgram(source, name, [], [])
+        try:
+            try:
+                n.compileProgram(prog, options)
+            except n.NVRTCError as err:
+                raise CompileError(_compile_message(name, options, n.getProgramLog(prog), str(err))) from None
+            return bytes(n.getCUBIN(prog) if output == "cubin" else n.getPTX(prog))
+        finally:
+            n.destroyProgram(prog)
+
+    def _compile_ctypes(self, source: str, name: str, options: list[str], output: str) -> bytes:
+        lib = self._lib
+        prog = ctypes.c_void_p()
+        self._ok(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None))
+        try:
+            opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+            rc = lib.nvrtcCompileProgram(prog, len(options), opts)
+            if rc != 0:
+                size = ctypes.c_size_t()
+                lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+                buf = ctypes.create_string_buffer(size.value)
+                lib.nvrtcGetProgramLog(prog, buf)
+                raise CompileError(_compile_message(name, options, buf.value.decode(errors="replace"),
+                                                    self._err(rc)))
+            get_size, get = (
+                (lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN) if output == "cubin"
+                else (lib.nvrtcGetPTXSize, lib.nvrtcGetPTX)
+            )
+            size = ctypes.c_size_t()
+            self._ok(get_size(prog, ctypes.byref(size)))
+            buf = ctypes.create_string_buffer(size.value)
+            self._ok(get(prog, buf))
+            return buf.raw
+        finally:
+            lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+    def _err(self, rc: int) -> str:
+        self._lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        return f"{self._lib.nvrtcGetErrorString(rc).decode()} ({rc})"
+
+    def _ok(self, rc: int) -> None:
+        if rc != 0:
+            raise CompileError(f"NVRTC call failed: {self._err(rc)}")
+
+
+def _load_libnvrtc() -> tuple[Any, str]:
+    """Find libnvrtc: $DETKIT_NVRTC_LIB, the nvidia-cuda-nvrtc wheels, a CUDA toolkit."""
+    cands: list[str] = []
+    if os.environ.get(ENV_NVRTC_LIB):
+        cands.append(os.environ[ENV_NVRTC_LIB])
+    try:
+        import nvidia  # type: ignore[import-not-found]  # namespace package of the NVIDIA wheels
+
+        for root in list(nvidia.__path__):
+            cands += sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so.*[0-9]")), reverse=True)
+    except ImportError:
+        pass
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            cands += sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")), reverse=True)
+    found = ctypes.util.find_library("nvrtc")
+    if found:
+        cands.append(found)
+    cands += ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
+    errors = []
+    for cand in cands:
+        if "builtins" in os.path.basename(cand) or ".alt." in os.path.basename(cand):
+            continue
+        try:
+            return ctypes.CDLL(cand), cand
+        except OSError as err:
+            errors.append(f"{cand}: {err}")
+    raise BackendUnavailable(
+        "NVRTC (libnvrtc) was not found. Install it with `pip install nvidia-cuda-nvrtc-cu12` "
+        f"(part of detkit's `test` and `cuda12` extras), or set ${ENV_NVRTC_LIB} to the library path."
+    )
+
+
+_nvrtc_singleton: _Nvrtc | None = None
+_nvrtc_lock = threading.Lock()
+
+
+def _nvrtc() -> _Nvrtc:
+    global _nvrtc_singleton
+    with _nvrtc_lock:
+        if _nvrtc_singleton is None:
+            _nvrtc_singleton = _Nvrtc()
+        return _nvrtc_singleton
+
+
+def _compile_message(name: str, options: list[str], log: str, status: str) -> str:
+    return (
+        f"CUDA compilation of {name} failed ({status}) with options {' '.join(options)}:\n"
+        + log.strip()
+    )
+
+
+# --------------------------------------------------------------------------- nvcc
+
+
+def find_nvcc() -> str | None:
+    """Path of nvcc on PATH or in $CUDA_HOME / /usr/local/cuda, or None."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.access(os.path.join(home, "bin", "nvcc"), os.X_OK):
+            return os.path.join(home, "bin", "nvcc")
+    return None
+
+
+def nvcc_version(nvcc: str) -> str:
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=False).stdout
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else "unknown"
+
+
+def _compile_nvcc(source: str, name: str, options: list[str], output: str) -> bytes:
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise BackendUnavailable("nvcc was not found on PATH, in $CUDA_HOME or /usr/local/cuda.")
+    with tempfile.TemporaryDirectory(prefix="detkit-nvcc-") as tmp:
+        src = Path(tmp) / (Path(name).stem + ".cu")
+        out = Path(tmp) / ("out." + output)
+        src.write_text(source, encoding="utf-8")
+        cmd = [nvcc, f"--{output}", *options, "-o", str(out), str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise CompileError(_compile_message(name, options, proc.stdout + proc.stderr,
+                                                f"nvcc exit {proc.returncode}"))
+        return out.read_bytes()
+
+
+# --------------------------------------------------------------------------- compile API
+
+
+def available_compilers() -> list[str]:
+    """The compilers usable here, best first: "nvrtc", "nvcc"."""
+    found = []
+    try:
+        _nvrtc()
+        found.append("nvrtc")
+    except BackendUnavailable:
+        pass
+    if find_nvcc() is not None:
+        found.append("nvcc")
+    return found
+
+
+def _pick_compiler(compiler: str | None) -> str:
+    compiler = compiler or os.environ.get(ENV_COMPILER) or None
+    if compiler is not None:
+        if compiler not in ("nvrtc", "nvcc"):
+            raise ValueError(f"compiler must be 'nvrtc' or 'nvcc', got {compiler!r}")
+        return compiler
+    avail = available_compilers()
+    if not avail:
+        raise BackendUnavailable(
+            "no CUDA compiler found: neither NVRTC (`pip install nvidia-cuda-nvrtc-cu12`) nor nvcc "
+            "(CUDA toolkit) is available, so detkit's CUDA kernels cannot be compiled here."
+        )
+    return avail[0]
+
+
+def compile_source(source: str, name: str, arch: str, *, output: str = "cubin",
+                   compiler: str | None = None) -> bytes:
+    """Compile a translation unit to CUBIN or PTX for ``arch``; raise CompileError with the log."""
+    if output not in ("cubin", "ptx"):
+        raise ValueError(f"output must be 'cubin' or 'ptx', got {output!r}")
+    options = _options(arch)
+    which = _pick_compiler(compiler)
+    if which == "nvrtc":
+        return _nvrtc().compile(source, name, options, output)
+    return _compile_nvcc(source, name, options, output)
+
+
+def compiler_description(compiler: str | None = None) -> str:
+    which = _pick_compiler(compiler)
+    if which == "nvrtc":
+        n = _nvrtc()
+        return f"NVRTC {n.version[0]}.{n.version[1]} via {n.kind.split('(')[1].rstrip(')')} [{n.where}]"
+    nvcc = find_nvcc()
+    assert nvcc is not None  # _pick_compiler checked it
+    return f"nvcc {nvcc_version(nvcc)} [{nvcc}]"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of compiling one kernel file for one architecture."""
+
+    file: str
+    arch: str
+    compiler: str
+    ok: bool
+    seconds: float
+    entries: tuple[str, ...] = ()
+    log: str = ""
+
+    def __post_init__(self) -> None:
+        if self.seconds < 0:
+            raise ValueError("seconds must be non-negative")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "arch": self.arch, "compiler": self.compiler, "ok": self.ok,
+            "seconds": round(self.seconds, 3), "entries": list(self.entries), "log": self.log,
+        }
+
+
+_ENTRY_RE = re.compile(r"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
+              compiler: str | None = None, files: tuple[str, ...] = KERNEL_FILES) -> list[CheckResult]:
+    """Compile every kernel file for every architecture to PTX; no GPU needed.
+
+    Returns one :class:`CheckResult` per (file, arch); failures carry the compiler log
+    instead of raising, so a report can show all of them.
+    """
+    which = _pick_compiler(compiler)
+    desc = compiler_description(which)
+    results = []
+    for arch in archs:
+        for name in files:
+            t0 = time.perf_counter()
+            try:
+                ptx = compile_source(kernel_source(name), name, arch, output="ptx", compiler=which)
+                entries = tuple(_ENTRY_RE.findall(ptx.decode(errors="replace")))
+                results.append(CheckResult(name, arch, desc, True, time.perf_counter() - t0, entries))
+            except CompileError as err:
+                results.append(CheckResult(name, arch, desc, False, time.perf_counter() - t0, (), str(err)))
+    return results
+
+
+def recorded_compile_options() -> dict[str, Any]:
+    """What the environment fingerprint and reports record about CUDA compilation."""
+    info: dict[str, Any] = {
+        "options": list(COMPILE_OPTIONS),
+        "fast_math": False,
+        "cupy_adds_ftz": "avoided: detkit compiles with NVRTC itself and loads the CUBIN with CuPy",
+    }
+    try:
+        info["kernel_dir"] = str(kernel_dir())
+        info["sources_sha256"] = sources_digest()
+    except BackendUnavailable as err:
+        info["kernel_dir"] = None
+        info["sources_error"] = str(err)
+    try:
+        info["compiler"] = compiler_description()
+    except (BackendUnavailable, OSError) as err:
+        info["compiler"] = None
+        info["compiler_error"] = str(err)
+    return info
+
+
+# --------------------------------------------------------------------------- runtime modules
+
+
+@dataclass
+class LoadedModule:
+    """A compiled kernel file loaded on one device, with its functions cached by name."""
+
+    name: str
+    device: int
+    arch: str
+    module: Any
+    functions: dict[str, Any] = field(default_factory=dict)
+
+    def function(self, entry: str) -> Any:
+        fn = self.functions.get(entry)
+        if fn is None:
+            fn = self.module.get_function(entry)
+            self.functions[entry] = fn
+        return fn
+
+
+_modules: dict[tuple[int, str, str, tuple[str, ...], str], LoadedModule] = {}
+_modules_lock = threading.Lock()
+
+
+def device_arch(device: int) -> str:
+    """``sm_XY`` of a CUDA device, asked through CuPy."""
+    import cupy  # type: ignore[import-not-found]
+
+    cc = cupy.cuda.Device(device).compute_capability  # e.g. "90"
+    return f"sm_{cc}"
+
+
+def load_module(name: str, device: int) -> LoadedModule:
+    """Compile (once per device, architecture, options and source) and load a kernel file."""
+    try:
+        import cupy  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise BackendUnavailable(
+            "the CUDA backend needs CuPy: `pip install detkit[cuda12]` (or [cuda13])"
+        ) from err
+    arch = device_arch(device)
+    src = kernel_source(name)
+    key = (device, arch, name, COMPILE_OPTIONS, hashlib.sha256(src.encode()).hexdigest())
+    with _modules_lock:
+        mod = _modules.get(key)
+        if mod is None:
+            cubin = compile_source(src, name, arch, output="cubin")
+            with cupy.cuda.Device(device):
+                raw = cupy.cuda.function.Module()
+                raw.load(cubin)
+            mod = LoadedModule(name, device, arch, raw)
+            _modules[key] = mod
+        return mod

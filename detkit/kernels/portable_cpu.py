@@ -1,0 +1,192 @@
+"""CPU backend for ``portable=True``: the canonical orders of ``docs/canonical-orders.md``.
+
+Same bits as ``detkit.kernels.spec`` (the executable specification) and the CUDA
+portable kernels, on any x86-64 instruction set and any thread count. Implements the
+backend contract of ``detkit/kernels/_backend.py`` plus :func:`elementwise` for the
+torch mode.
+
+Inputs are widened exactly to float32 (in torch, or inside the matmul packing), the
+numba kernels in ``_portable_kernels`` compute the float32 result with canonical NaNs,
+and ``round_out`` rounds it once, to nearest even, into the input dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+from detkit.errors import BackendUnavailable, InputError
+from detkit.kernels import _portable_kernels as K
+
+__all__ = [
+    "ELEMENTWISE_OPS",
+    "SUPPORTED_DTYPES",
+    "attention",
+    "elementwise",
+    "layer_norm",
+    "matmul",
+    "rms_norm",
+    "row_sum",
+    "softmax",
+]
+
+SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+# Stable API for the torch mode: names accepted by ``elementwise``.
+ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "log", "rsqrt", "sigmoid", "silu")
+_OP_CODES = {name: code for code, name in enumerate(ELEMENTWISE_OPS)}
+_BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_MODE = {torch.float32: K.MODE_F32, torch.bfloat16: K.MODE_BF16, torch.float16: K.MODE_F16}
+_SMALLEST_SUBNORMAL = np.float32(1e-45)
+
+
+@njit(cache=True)
+def _keeps_subnormals(x: float) -> bool:
+    return x * np.float32(0.5) != np.float32(0.0) or x == np.float32(0.0)
+
+
+def _check_fp_environment() -> None:
+    # torch.set_flush_denormal(True) (or a library built with -ffast-math) sets FTZ/DAZ
+    # on the calling thread; the canonical orders keep subnormals.
+    if not _keeps_subnormals(np.float32(2.0 * _SMALLEST_SUBNORMAL)):
+        raise BackendUnavailable(
+            "the CPU is flushing subnormal floats to zero on this thread (FTZ/DAZ, e.g. "
+            "torch.set_flush_denormal(True)); portable kernels need IEEE subnormals. "
+            "Call torch.set_flush_denormal(False) before using portable=True."
+        )
+
+
+def _check_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    dtype = next(t.dtype for t in tensors if t is not None)
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise InputError(
+                f"portable kernels support float32, bfloat16 and float16, not {t.dtype}; "
+                "convert the tensors (e.g. .float()) or use portable=False."
+            )
+        if t.dtype != dtype:
+            raise InputError(f"portable kernels need one dtype for all inputs, got {dtype} and {t.dtype}")
+    _check_fp_environment()
+    return dtype
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    """Exact widening to a C-contiguous float32 numpy array (no copy for contiguous fp32)."""
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def _opt_f32(t: torch.Tensor | None) -> tuple[np.ndarray, bool]:
+    if t is None:
+        return np.zeros(1, dtype=np.float32), False
+    return _f32(t), True
+
+
+def _finish(y: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """The single rounding into the output dtype (fp32 results are final already)."""
+    if dtype == torch.float32:
+        return torch.from_numpy(y)
+    flat = np.ascontiguousarray(y).reshape(-1)
+    out = np.empty(flat.shape[0], dtype=np.int16)
+    K.round_out(flat, _MODE[dtype], out)
+    return torch.from_numpy(out).view(dtype).reshape(y.shape)
+
+
+def _matmul_2d(a32: np.ndarray, b: torch.Tensor, bias32: np.ndarray, has_bias: bool) -> np.ndarray:
+    c = np.empty((a32.shape[0], b.shape[1]), dtype=np.float32)
+    if b.dtype == torch.float32 and b.is_contiguous():
+        K.matmul_direct(a32, b.detach().numpy(), bias32, has_bias, c)
+    else:
+        bits = b.detach().view(_BITS_VIEW[b.dtype]).numpy()
+        K.matmul_packed(a32, bits, _MODE[b.dtype], bias32, has_bias, c)
+    return c
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(M, K) @ (K, N) or batched (B, M, K) @ (B, K, N), plus bias after the K loop."""
+    dtype = _check_dtype(a, b, bias)
+    a32 = _f32(a)
+    bias32, has_bias = _opt_f32(bias)
+    if a.dim() == 2:
+        return _finish(_matmul_2d(a32, b, bias32, has_bias), dtype)
+    out = np.empty((a.shape[0], a.shape[1], b.shape[2]), dtype=np.float32)
+    for i in range(a.shape[0]):
+        out[i] = _matmul_2d(a32[i], b[i], bias32, has_bias)
+    return _finish(out, dtype)
+
+
+def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:
+    dtype = _check_dtype(x)
+    x32 = _f32(x)
+    out = np.empty_like(x32)
+    K.softmax(x32, bool(log), out)
+    return _finish(out, dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    dtype = _check_dtype(x, weight)
+    x32 = _f32(x)
+    w32, has_w = _opt_f32(weight)
+    out = np.empty_like(x32)
+    K.rms_norm(x32, w32, has_w, np.float32(eps), out)
+    return _finish(out, dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    dtype = _check_dtype(x, weight, bias)
+    x32 = _f32(x)
+    w32, has_w = _opt_f32(weight)
+    b32, has_b = _opt_f32(bias)
+    out = np.empty_like(x32)
+    K.layer_norm(x32, w32, has_w, b32, has_b, np.float32(eps), out)
+    return _finish(out, dtype)
+
+
+def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
+    dtype = _check_dtype(x)
+    x32 = _f32(x)
+    out = np.empty(x32.shape[0], dtype=np.float32)
+    K.row_sum(x32, bool(mean), out)
+    return _finish(out, dtype)
+
+
+def _zero_stride(dtype: type, shape: tuple[int, ...]) -> np.ndarray:
+    base = np.zeros(1, dtype=dtype)
+    return np.lib.stride_tricks.as_strided(base, shape=shape, strides=(0,) * len(shape))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """Softmax(q k^T * scale + mask) v with masked keys skipped (section 3, attention)."""
+    dtype = _check_dtype(q, k, v)
+    nb, nh, lq, _ = q.shape
+    lk = k.shape[2]
+    shape = (nb, nh, lq, lk)
+    q32 = _f32(q)
+    kt32 = k.detach().to(torch.float32).transpose(-1, -2).contiguous().numpy()
+    v32 = _f32(v)
+    mask_bool = _zero_stride(np.uint8, shape)
+    mask_float = _zero_stride(np.float32, shape)
+    mode = 0
+    if mask is not None:
+        full = mask.detach().expand(shape)
+        if full.dtype == torch.bool:
+            mask_bool, mode = full.view(torch.uint8).numpy(), 1
+        else:
+            mask_float, mode = full.to(torch.float32).numpy(), 2
+    out = np.empty((nb, nh, lq, v.shape[3]), dtype=np.float32)
+    K.attention(q32, kt32, v32, mask_bool, mask_float, mode, np.float32(scale), out)
+    return _finish(out, dtype)
+
+
+def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Portable ``exp``, ``log``, ``rsqrt``, ``sigmoid`` or ``silu`` of any-shaped x."""
+    if name not in _OP_CODES:
+        raise InputError(f"unknown portable elementwise op {name!r}; choose one of {ELEMENTWISE_OPS}")
+    dtype = _check_dtype(x)
+    x32 = _f32(x).reshape(-1)
+    out = np.empty_like(x32)
+    K.elementwise(_OP_CODES[name], x32, out)
+    return _finish(out.reshape(tuple(x.shape)), dtype)

@@ -1,0 +1,436 @@
+"""Executable version of ``docs/canonical-orders.md``: the oracle for ``portable=True``.
+
+Slow and deliberately plain: one numpy float32 scalar operation per line, in the order
+the document prescribes. numpy float32 ``+ - * /`` and ``sqrt`` are IEEE-754
+correctly rounded (round to nearest even, subnormals kept); ``fma`` is computed exactly
+with ``fractions.Fraction`` and rounded once by :func:`round_f32`. Use it on small
+inputs only (tests); the fast kernels live in ``detkit.kernels.portable_cpu``.
+
+Functions take and return torch tensors with the backend signatures of
+``detkit/kernels/_backend.py``; ``*_f32`` helpers work on numpy float32 arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from fractions import Fraction
+
+import numpy as np
+import torch
+
+from detkit.errors import InputError
+
+F32 = np.float32
+LANES = 32
+CANONICAL_NAN_BITS = 0x7FC00000
+
+LOG2E = np.uint32(0x3FB8AA3B).view(F32)
+LN2_HI = np.uint32(0x3F317200).view(F32)
+LN2_LO = np.uint32(0x35BFBE8E).view(F32)
+SQRT2 = np.uint32(0x3FB504F3).view(F32)
+# Taylor coefficients 1/k! (k = 2..7) and 2/(2k+1) (k = 1..4), rounded to fp32.
+EXP_C = tuple(np.uint32(b).view(F32) for b in (
+    0x3F000000, 0x3E2AAAAB, 0x3D2AAAAB, 0x3C088889, 0x3AB60B61, 0x39500D01))
+LOG_D = tuple(np.uint32(b).view(F32) for b in (0x3F2AAAAB, 0x3ECCCCCD, 0x3E924925, 0x3E638E39))
+
+ONE = F32(1.0)
+ZERO = F32(0.0)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def round_f32(q: Fraction) -> np.float32:
+    """Round an exact nonzero rational to the nearest fp32 (ties to even, subnormals, overflow)."""
+    sign = -1 if q < 0 else 1
+    a = abs(q)
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    if Fraction(2) ** e > a:
+        e -= 1
+    quantum = Fraction(2) ** (max(e, -126) - 23)
+    scaled = a / quantum
+    n = scaled.numerator // scaled.denominator
+    rem = scaled - n
+    if rem > Fraction(1, 2) or (rem == Fraction(1, 2) and n % 2 == 1):
+        n += 1
+    value = n * quantum
+    if value >= Fraction(2) ** 128:
+        return F32(sign * math.inf)
+    return F32(sign * float(value))  # exact: value has at most 24 significant bits
+
+
+def fma_exact(a: np.float32, b: np.float32, c: np.float32) -> np.float32:
+    """fp32 fused multiply-add with one rounding, by exact rational arithmetic."""
+    if not (math.isfinite(a) and math.isfinite(b) and math.isfinite(c)):
+        return F32(float(a) * float(b) + float(c))  # Inf/NaN cases: no finite rounding involved
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    if exact == 0:
+        if a == 0 or b == 0:
+            return F32(float(a) * float(b) + float(c))  # sum of zeros: float64 gets the sign right
+        return ZERO  # exact cancellation rounds to +0 under round-to-nearest
+    return round_f32(exact)
+
+
+def fma(a: np.float32, b: np.float32, c: np.float32) -> np.float32:
+    """fp32 fused multiply-add with one rounding (fast path of :func:`fma_exact`).
+
+    The product of two fp32 numbers is exact in float64; ``s = p + c`` in float64 with
+    its TwoSum error ``t`` gives ``p + c == s + t`` exactly. Rounding ``s`` to fp32
+    equals rounding the exact value unless ``t != 0`` and ``s`` is exactly halfway
+    between two fp32 numbers (the only way double rounding can go wrong); that rare
+    case, and every non-finite or zero case, goes through :func:`fma_exact`.
+    """
+    p = float(a) * float(b)
+    cf = float(c)
+    s = p + cf
+    if not math.isfinite(s) or s == 0.0:
+        return fma_exact(a, b, c)
+    bp = s - cf
+    t = (p - bp) + (cf - (s - bp))
+    r = F32(s)
+    if t != 0.0 and float(r) != s:
+        other = np.nextafter(r, F32(math.copysign(math.inf, s - float(r))))
+        if float(r) + float(other) == 2.0 * s:
+            return fma_exact(a, b, c)
+    return r
+
+
+def seq_dot(a: Sequence[np.float32], b: Sequence[np.float32]) -> np.float32:
+    """SeqDot: acc = fma(a[k], b[k], acc) for k in increasing order, from +0."""
+    acc = ZERO
+    for x, y in zip(a, b, strict=True):
+        acc = fma(F32(x), F32(y), acc)
+    return acc
+
+
+def _anchored(v: np.ndarray, square: bool) -> np.float32:
+    nonzero = np.flatnonzero(v != 0)  # NaN != 0 is True, -0.0 != 0 is False
+    if nonzero.size == 0:
+        return ZERO
+    j0 = int(nonzero[0])
+    lane = [ZERO] * LANES
+    for j in range(j0, v.shape[0]):
+        lane_idx = (j - j0) % LANES
+        x = F32(v[j])
+        lane[lane_idx] = fma(x, x, lane[lane_idx]) if square else F32(lane[lane_idx] + x)
+    h = LANES // 2
+    while h >= 1:
+        for idx in range(h):
+            lane[idx] = F32(lane[idx] + lane[idx + h])
+        h //= 2
+    return lane[0]
+
+
+def anchored_sum(v: np.ndarray) -> np.float32:
+    """AnchoredSum: 32 lanes anchored at the first nonzero element, then a fixed tree."""
+    return _anchored(v, square=False)
+
+
+def anchored_sum_sq(v: np.ndarray) -> np.float32:
+    """AnchoredSumSq: as AnchoredSum with lane = fma(v, v, lane)."""
+    return _anchored(v, square=True)
+
+
+def ieee_maximum(v: Sequence[np.float32]) -> np.float32:
+    """IEEE 754-2019 maximum: NaN-propagating, -0 < +0."""
+    m = F32(-math.inf)
+    for x in v:
+        x = F32(x)
+        if math.isnan(x):
+            return x
+        if x > m or (x == 0 and m == 0 and math.copysign(1.0, x) > 0):
+            m = x
+    return m
+
+
+def pow2(n: int) -> np.float32:
+    """Exact 2**n for -126 <= n <= 127."""
+    if not -126 <= n <= 127:
+        raise ValueError(f"2**{n} is not a normal fp32")
+    return F32(2.0**n)
+
+
+def exp(x: np.float32) -> np.float32:
+    """Exp of section 2.4."""
+    x = F32(x)
+    if math.isnan(x):
+        return x
+    x = max(x, F32(-104.0))
+    x = min(x, F32(89.0))
+    n = np.rint(F32(x * LOG2E))
+    r = fma(-n, LN2_HI, x)
+    r = fma(-n, LN2_LO, r)
+    c2, c3, c4, c5, c6, c7 = EXP_C
+    q = c7
+    for c in (c6, c5, c4, c3, c2, ONE):
+        q = fma(q, r, c)
+    p = fma(q, r, ONE)
+    ni = int(n)
+    n1 = ni // 2  # floor division
+    n2 = ni - n1
+    return F32(F32(p * pow2(n1)) * pow2(n2))
+
+
+def log(x: np.float32) -> np.float32:
+    """Log of section 2.5."""
+    x = F32(x)
+    if math.isnan(x):
+        return x
+    if x < 0:
+        return F32(math.nan)
+    if x == 0:
+        return F32(-math.inf)
+    if math.isinf(x):
+        return x
+    k = 0
+    if x < pow2(-126):
+        x = F32(x * pow2(23))
+        k = -23
+    mant, e = np.frexp(x)  # x = mant * 2**e, mant in [0.5, 1)
+    m = F32(mant * F32(2.0))
+    e = int(e) - 1
+    if m > SQRT2:
+        m = F32(m * F32(0.5))
+        e += 1
+    f = F32(m - ONE)
+    s = F32(f / F32(F32(2.0) + f))
+    z = F32(s * s)
+    d1, d2, d3, d4 = LOG_D
+    t = fma(d4, z, d3)
+    t = fma(t, z, d2)
+    t = fma(t, z, d1)
+    big_r = F32(t * z)
+    hfsq = F32(F32(F32(0.5) * f) * f)
+    dk = F32(e + k)
+    u = fma(s, F32(hfsq + big_r), F32(dk * LN2_LO))
+    return F32(F32(F32(u - hfsq) + f) + F32(dk * LN2_HI))
+
+
+def rsqrt(x: np.float32) -> np.float32:
+    return F32(ONE / np.sqrt(F32(x)))
+
+
+def sigmoid(x: np.float32) -> np.float32:
+    return F32(ONE / F32(ONE + exp(-F32(x))))
+
+
+def silu(x: np.float32) -> np.float32:
+    x = F32(x)
+    return F32(x / F32(ONE + exp(-x)))
+
+
+ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
+    "exp": exp,
+    "log": log,
+    "rsqrt": rsqrt,
+    "sigmoid": sigmoid,
+    "silu": silu,
+}
+
+
+# ---------------------------------------------------------------- numpy-level ops
+
+
+def matmul_f32(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """(M, K) @ (K, N) [+ bias] by SeqDot per output."""
+    m_dim, n_dim = a.shape[0], b.shape[1]
+    out = np.empty((m_dim, n_dim), dtype=F32)
+    for m in range(m_dim):
+        for n in range(n_dim):
+            acc = seq_dot(a[m, :], b[:, n])
+            if bias is not None:
+                acc = F32(acc + bias[n])
+            out[m, n] = acc
+    return out
+
+
+def row_sum_f32(x: np.ndarray, mean: bool) -> np.ndarray:
+    out = np.empty(x.shape[0], dtype=F32)
+    for r in range(x.shape[0]):
+        s = anchored_sum(x[r])
+        out[r] = F32(s / F32(x.shape[1])) if mean else s
+    return out
+
+
+def softmax_f32(x: np.ndarray, log_: bool) -> np.ndarray:
+    out = np.empty_like(x)
+    for r in range(x.shape[0]):
+        row = x[r]
+        m = ieee_maximum(row)
+        shifted = [F32(v - m) for v in row]
+        e = np.array([exp(v) for v in shifted], dtype=F32)
+        s = anchored_sum(e)
+        if log_:
+            ls = log(s)
+            out[r] = [F32(v - ls) for v in shifted]
+        else:
+            out[r] = [F32(v / s) for v in e]
+    return out
+
+
+def rms_norm_f32(x: np.ndarray, weight: np.ndarray | None, eps: float) -> np.ndarray:
+    out = np.empty_like(x)
+    length = F32(x.shape[1])
+    for r in range(x.shape[0]):
+        ss = anchored_sum_sq(x[r])
+        rr = F32(ONE / np.sqrt(F32(F32(ss / length) + F32(eps))))
+        for j in range(x.shape[1]):
+            y = F32(x[r, j] * rr)
+            out[r, j] = F32(y * weight[j]) if weight is not None else y
+    return out
+
+
+def layer_norm_f32(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | None,
+                   eps: float) -> np.ndarray:
+    out = np.empty_like(x)
+    length = F32(x.shape[1])
+    for r in range(x.shape[0]):
+        mu = F32(anchored_sum(x[r]) / length)
+        d = np.array([F32(v - mu) for v in x[r]], dtype=F32)
+        var = F32(anchored_sum_sq(d) / length)
+        rr = F32(ONE / np.sqrt(F32(var + F32(eps))))
+        for j in range(x.shape[1]):
+            t = F32(d[j] * rr)
+            if weight is not None:
+                t = F32(t * weight[j])
+            if bias is not None:
+                t = F32(t + bias[j])
+            out[r, j] = t
+    return out
+
+
+def attention_f32(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None,
+                  scale: float) -> np.ndarray:
+    """q (B,H,Lq,D), k (B,Hk,Lk,D), v (B,Hk,Lk,Dv), mask bool/float32 (B,H,Lq,Lk) or None."""
+    nb, nh, lq, _ = q.shape
+    hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = nh // hk
+    sc = F32(scale)
+    out = np.zeros((nb, nh, lq, dv), dtype=F32)
+    for b in range(nb):
+        for h in range(nh):
+            g = h // group
+            for i in range(lq):
+                kept: list[tuple[int, np.float32]] = []
+                for j in range(lk):
+                    mv = None if mask is None else mask[b, h, i, j]
+                    if mv is not None and mask.dtype == np.bool_ and not mv:
+                        continue
+                    s = F32(seq_dot(q[b, h, i], k[b, g, j]) * sc)
+                    if mv is not None and mask.dtype != np.bool_:
+                        s = F32(s + F32(mv))
+                    if s == -math.inf:
+                        continue
+                    kept.append((j, s))
+                if not kept:
+                    continue  # zeros
+                m = ieee_maximum([s for _, s in kept])
+                probs = [(j, exp(F32(s - m))) for j, s in kept]
+                total = ZERO
+                for _, p in probs:
+                    total = F32(total + p)
+                for d in range(dv):
+                    o = ZERO
+                    for j, p in probs:
+                        o = fma(p, v[b, g, j, d], o)
+                    out[b, h, i, d] = F32(o / total)
+    return out
+
+
+# ---------------------------------------------------------------- torch-level ops
+
+
+def _quiet(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Overflow to inf and NaN results are part of the spec, not warnings."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> torch.Tensor:
+        with np.errstate(all="ignore"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def widen(t: torch.Tensor) -> np.ndarray:
+    """Exact widening of a float32/bfloat16/float16 tensor to a float32 numpy array."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise InputError(
+            f"portable kernels support float32, bfloat16 and float16, not {t.dtype}; "
+            "convert the tensors to one of those dtypes."
+        )
+    return t.detach().cpu().to(torch.float32).numpy().astype(F32, copy=True)
+
+
+def finish(y: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Canonicalise NaNs and round once, to nearest even, into the output dtype."""
+    y = np.ascontiguousarray(y, dtype=F32)
+    nan = np.isnan(y)
+    y[nan] = np.uint32(CANONICAL_NAN_BITS).view(F32)
+    if dtype == torch.float32:
+        return torch.from_numpy(y)
+    if dtype == torch.float16:
+        h = y.astype(np.float16).view(np.uint16)  # numpy's conversion is IEEE nearest-even
+        h[nan] = 0x7E00
+        return torch.from_numpy(h.view(np.int16)).view(torch.float16)
+    # bfloat16 keeps fp32's top 16 bits: add half an ulp of the cut, plus 1 on a tie with
+    # an odd kept part, and truncate (carries into the exponent round up to inf correctly).
+    u = y.view(np.uint32).astype(np.uint64)
+    kept = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    hb = kept.astype(np.uint16)
+    hb[nan] = 0x7FC0
+    return torch.from_numpy(hb.view(np.int16)).view(torch.bfloat16)
+
+
+@_quiet
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    a32, b32 = widen(a), widen(b)
+    bias32 = None if bias is None else widen(bias)
+    if a32.ndim == 2:
+        return finish(matmul_f32(a32, b32, bias32), a.dtype)
+    outs = [matmul_f32(a32[i], b32[i], bias32) for i in range(a32.shape[0])]
+    return finish(np.stack(outs), a.dtype)
+
+
+@_quiet
+def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:  # noqa: A002 - backend signature
+    return finish(softmax_f32(widen(x), log), x.dtype)
+
+
+@_quiet
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    w = None if weight is None else widen(weight)
+    return finish(rms_norm_f32(widen(x), w, eps), x.dtype)
+
+
+@_quiet
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               eps: float) -> torch.Tensor:
+    w = None if weight is None else widen(weight)
+    bb = None if bias is None else widen(bias)
+    return finish(layer_norm_f32(widen(x), w, bb, eps), x.dtype)
+
+
+@_quiet
+def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
+    return finish(row_sum_f32(widen(x), mean), x.dtype)
+
+
+@_quiet
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    m = None
+    if mask is not None:
+        shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        full = mask.expand(shape)
+        m = full.numpy().copy() if full.dtype == torch.bool else widen(full)
+    return finish(attention_f32(widen(q), widen(k), widen(v), m, scale), q.dtype)
+
+
+@_quiet
+def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
+    if name not in ELEMENTWISE:
+        raise InputError(f"unknown portable elementwise op {name!r}; choose from {sorted(ELEMENTWISE)}")
+    fn = ELEMENTWISE[name]
+    flat = widen(x).reshape(-1)
+    y = np.array([fn(F32(v)) for v in flat], dtype=F32).reshape(tuple(x.shape))
+    return finish(y, x.dtype)

@@ -1,0 +1,465 @@
+"""The torch mode: route aten ops of unmodified model code to detkit's kernels.
+
+>>> with detkit.batch_invariant():                 # doctest: +SKIP
+...     out = model.generate(**batch, do_sample=False)
+
+While the mode is on, the aten overloads listed in ``detkit._aten_adapters.OVERRIDES``
+(matmuls, softmaxes, sums/means, norms, attention, and the elementwise functions whose
+CPU loops are position dependent) have new kernels registered with
+``torch.library.Library("aten", "IMPL")`` for the CPU dispatch key, and for CUDA when
+``detkit.kernels.cuda`` imports and a GPU is present. Each new kernel hands its
+arguments to an adapter, which calls ``detkit.kernels``; arguments the kernels do not
+cover run torch's original kernel and are counted (:meth:`batch_invariant.uncovered`),
+or raise with ``strict=True``. Nothing falls back silently.
+
+Re-entrancy: the kernels themselves call aten ops (BLAS on fixed tiles, copies, ...).
+A thread-local flag is set while an adapter runs; an overridden op called under it goes
+straight to the original kernel captured at registration (``torch.library.get_kernel``),
+so the mode never recurses into itself.
+
+Autograd: leaf ops (mm, _softmax, ...) keep torch's autograd formulas, which sit above
+the CPU key. For CompositeImplicitAutograd ops (rms_norm, scaled_dot_product_attention)
+an autograd-key gate runs torch's decomposition when a gradient is needed (its leaves
+are routed) and the detkit kernel otherwise.
+
+State and threads: aten registrations are process wide, so while the mode is on it
+applies to every thread. The state (on, portable, strict) is one process-wide value
+changed under a lock; each context restores exactly the state it found, in ``finally``.
+Entering and leaving contexts from several threads at once interleaves those restores
+(last writer wins): switch the mode from one thread. The counters are process wide too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from detkit._aten_adapters import (
+    ELEMENTWISE_EXACT,
+    ELEMENTWISE_LIBM,
+    EXACT_OPS,
+    KNOWN_POSITION_DEPENDENT,
+    OVERRIDES,
+    Call,
+    OpOverride,
+    Unsupported,
+)
+from detkit.errors import InvarianceViolation
+
+__all__ = [
+    "Coverage",
+    "CoverageReport",
+    "ModeState",
+    "batch_invariant",
+    "counters",
+    "coverage_report",
+    "disable",
+    "enable",
+    "is_enabled",
+    "registered_keys",
+    "state",
+    "trace_ops",
+]
+
+_AUTOGRAD_KEY = {"CPU": "AutogradCPU", "CUDA": "AutogradCUDA"}
+
+
+@dataclass(frozen=True)
+class ModeState:
+    """The mode's whole state; contexts save and restore it as one value."""
+
+    enabled: bool = False
+    portable: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("enabled", "portable", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModeState.{name} must be a bool, got {getattr(self, name)!r}")
+        if not self.enabled and (self.portable or self.strict):
+            raise ValueError("a disabled ModeState carries no portable/strict flags")
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Calls of overridden ops: routed to detkit, run by torch (with why), decomposed.
+
+    ``fell_back``: the kernels did not cover the arguments; torch's kernel ran, so these
+    calls carry no invariance guarantee. ``passed_through``: torch's kernel ran but its
+    result is exact anyway (integer sums, empty tensors, pow(x, 2), ...).
+    ``decomposed``: a composite op ran torch's decomposition because a gradient was
+    needed; its leaves are routed and appear under ``routed``.
+    """
+
+    routed: dict[str, int] = field(default_factory=dict)
+    fell_back: dict[str, dict[str, int]] = field(default_factory=dict)
+    passed_through: dict[str, dict[str, int]] = field(default_factory=dict)
+    decomposed: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"routed to detkit kernels: {_fmt(self.routed) or 'none'}"]
+        if self.decomposed:
+            lines.append(f"decomposed for autograd (leaves routed): {_fmt(self.decomposed)}")
+        for title, table in (("fell back to torch (NOT covered)", self.fell_back), ("passed through (exact)", self.passed_through)):
+            lines.append(f"{title}: {'none' if not table else ''}")
+            for op, reasons in sorted(table.items()):
+                for reason, n in sorted(reasons.items()):
+                    lines.append(f"  {op}: {n} x {reason}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "routed": dict(self.routed),
+            "fell_back": {k: dict(v) for k, v in self.fell_back.items()},
+            "passed_through": {k: dict(v) for k, v in self.passed_through.items()},
+            "decomposed": dict(self.decomposed),
+        }
+
+
+def _fmt(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items()))
+
+
+class _Counters:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.routed: Counter[str] = Counter()
+        self.fell_back: Counter[tuple[str, str]] = Counter()
+        self.passed_through: Counter[tuple[str, str]] = Counter()
+        self.decomposed: Counter[str] = Counter()
+
+    def add(self, table: Counter[Any], key: Any) -> None:
+        with self._lock:
+            table[key] += 1
+
+    def snapshot(self) -> tuple[Counter[Any], ...]:
+        with self._lock:
+            return (Counter(self.routed), Counter(self.fell_back), Counter(self.passed_through), Counter(self.decomposed))
+
+
+def _coverage(now: tuple[Counter[Any], ...], before: tuple[Counter[Any], ...] | None = None) -> Coverage:
+    delta = [n - b for n, b in zip(now, before)] if before is not None else list(now)
+    routed, fell_back, passed, decomposed = delta
+
+    def nest(c: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (op, reason), n in c.items():
+            out.setdefault(op, {})[reason] = n
+        return out
+
+    return Coverage(dict(routed), nest(fell_back), nest(passed), dict(decomposed))
+
+
+_LOCK = threading.RLock()
+_STATE = ModeState()
+_COUNTERS = _Counters()
+_TLS = threading.local()
+
+
+class _Registration:
+    """The torch.library objects of one enabled period; ``close`` restores the originals."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        self.keys = keys
+        self.skipped: dict[str, str] = {}
+        self._libraries: list[torch.library.Library] = []
+        try:
+            for key in keys:
+                self._register(key)
+        except BaseException:
+            self.close()
+            raise
+
+    def _register(self, key: str) -> None:
+        plans: list[tuple[OpOverride, Any, Any]] = []
+        for spec in OVERRIDES[key]:
+            try:
+                spec.overload
+            except AttributeError:
+                self.skipped[f"{key}:{spec.name}"] = f"torch {torch.__version__} has no aten::{spec.name}"
+                continue
+            # Capture every original before the first registration changes the tables.
+            original = torch.library.get_kernel(spec.qualname, key)
+            grad_kernel = torch.library.get_kernel(spec.qualname, _AUTOGRAD_KEY[key]) if spec.composite else None
+            plans.append((spec, original, grad_kernel))
+        lib = torch.library.Library("aten", "IMPL")
+        self._libraries.append(lib)
+        with warnings.catch_warnings():
+            # torch warns once that an aten kernel is being overridden: that is the point.
+            warnings.simplefilter("ignore", UserWarning)
+            for spec, original, grad_kernel in plans:
+                lib.impl(spec.impl_name, _make_kernel(spec, original), key, with_keyset=True)
+                if grad_kernel is not None:
+                    lib.impl(spec.impl_name, _make_gate(spec, grad_kernel), _AUTOGRAD_KEY[key], with_keyset=True)
+
+    def close(self) -> None:
+        while self._libraries:
+            self._libraries.pop()._destroy()
+
+
+_REGISTRATION: _Registration | None = None
+_CUDA_NOTE: str = ""
+
+
+def _dispatch_keys() -> tuple[str, ...]:
+    global _CUDA_NOTE
+    keys = ["CPU"]
+    if torch.cuda.is_available():
+        try:
+            importlib.import_module("detkit.kernels.cuda")
+        except Exception as e:  # noqa: BLE001 - any import failure means: no CUDA routing
+            _CUDA_NOTE = f"CUDA not routed: detkit.kernels.cuda did not import ({type(e).__name__}: {e})"
+        else:
+            keys.append("CUDA")
+            _CUDA_NOTE = ""
+    else:
+        _CUDA_NOTE = "CUDA not routed: no GPU visible to torch"
+    return tuple(keys)
+
+
+def _grad_needed(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
+
+
+def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
+    def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_TLS, "inside", False):
+            # Called from inside a detkit kernel or adapter: torch's own kernel.
+            return original.call_boxed(keyset, *args, **kwargs)
+        state = _STATE
+        call = Call(state.portable, functools.partial(original.call_boxed, keyset))
+        _TLS.inside = True
+        try:
+            return_value = spec.adapter(call, *args, **kwargs)
+        except Unsupported as why:
+            unrouted = why
+        else:
+            _COUNTERS.add(_COUNTERS.routed, spec.name)
+            return return_value
+        finally:
+            _TLS.inside = False
+        if unrouted.benign:
+            _COUNTERS.add(_COUNTERS.passed_through, (spec.name, unrouted.reason))
+        else:
+            _COUNTERS.add(_COUNTERS.fell_back, (spec.name, unrouted.reason))
+            if state.strict:
+                raise InvarianceViolation(
+                    f"detkit.batch_invariant(strict=True): aten::{spec.name} was called with arguments the "
+                    f"detkit kernels do not cover ({unrouted.reason}), so torch's own kernel would run. "
+                    "Change the call, or use strict=False and read batch_invariant().uncovered()."
+                )
+        return original.call_boxed(keyset, *args, **kwargs)
+
+    kernel.__name__ = f"detkit_{spec.name.replace('.', '_')}"
+    return kernel
+
+
+def _make_gate(spec: OpOverride, grad_kernel: Any) -> Callable[..., Any]:
+    overload = spec.overload
+
+    def gate(keyset: Any, *args: Any, **kwargs: Any) -> Any:
+        if _grad_needed(args, kwargs) and not getattr(_TLS, "inside", False):
+            _COUNTERS.add(_COUNTERS.decomposed, spec.name)
+            return grad_kernel.call_boxed(keyset, *args, **kwargs)
+        with torch._C._AutoDispatchBelowAutograd():
+            return overload(*args, **kwargs)
+
+    gate.__name__ = f"detkit_gate_{spec.name.replace('.', '_')}"
+    return gate
+
+
+def _apply(new: ModeState) -> None:
+    """Switch to ``new``: register or remove the overrides as needed (under the lock)."""
+    global _STATE, _REGISTRATION
+    with _LOCK:
+        if new.enabled and _REGISTRATION is None:
+            _REGISTRATION = _Registration(_dispatch_keys())
+        elif not new.enabled and _REGISTRATION is not None:
+            registration, _REGISTRATION = _REGISTRATION, None
+            registration.close()
+        _STATE = new
+
+
+def enable(portable: bool = False, *, strict: bool = False) -> None:
+    """Turn the mode on for the whole process until :func:`disable` (prefer the context)."""
+    _apply(ModeState(True, bool(portable), bool(strict)))
+
+
+def disable() -> None:
+    """Turn the mode off and restore every original aten kernel."""
+    _apply(ModeState())
+
+
+def is_enabled() -> bool:
+    return _STATE.enabled
+
+
+def state() -> ModeState:
+    return _STATE
+
+
+def registered_keys() -> dict[str, Any]:
+    """Which dispatch keys are routed now, and why CUDA is not (if it is not)."""
+    with _LOCK:
+        reg = _REGISTRATION
+        return {
+            "keys": list(reg.keys) if reg else [],
+            "skipped": dict(reg.skipped) if reg else {},
+            "note": _CUDA_NOTE,
+        }
+
+
+def counters() -> Coverage:
+    """Process-wide call counts of overridden ops since import."""
+    return _coverage(_COUNTERS.snapshot())
+
+
+class batch_invariant(contextlib.ContextDecorator):  # noqa: N801 - reads like a function
+    """Context manager (and decorator) that turns the mode on with these flags.
+
+    It saves the state it finds and restores exactly that state on exit, also on an
+    exception, so contexts nest (an inner ``portable=True`` ends with its block) and an
+    inner :func:`disable` cannot outlive the outer block. :meth:`uncovered` lists the
+    calls in the block (all threads) that ran torch's kernel instead of detkit's.
+    """
+
+    def __init__(self, portable: bool = False, *, strict: bool = False) -> None:
+        if not isinstance(portable, bool) or not isinstance(strict, bool):
+            raise TypeError("batch_invariant(portable=..., strict=...) takes bools")
+        self.portable = portable
+        self.strict = strict
+        # Stacks, so one instance used as a decorator survives recursion.
+        self._saved: list[ModeState] = []
+        self._starts: list[tuple[Counter[Any], ...]] = []
+        self._last: Coverage | None = None
+
+    def __enter__(self) -> batch_invariant:
+        with _LOCK:
+            previous = _STATE
+            _apply(ModeState(True, self.portable, self.strict))
+            self._saved.append(previous)
+            self._starts.append(_COUNTERS.snapshot())
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with _LOCK:
+            start = self._starts.pop()
+            previous = self._saved.pop()
+            try:
+                self._last = _coverage(_COUNTERS.snapshot(), start)
+            finally:
+                _apply(previous)
+
+    def coverage(self) -> Coverage:
+        """Counts for the current block (while inside) or the last finished one."""
+        if self._starts:
+            return _coverage(_COUNTERS.snapshot(), self._starts[-1])
+        return self._last if self._last is not None else Coverage()
+
+    def uncovered(self) -> dict[str, dict[str, int]]:
+        """Overridden ops whose calls fell back to torch: {op: {reason: count}}."""
+        return self.coverage().fell_back
+
+    def routed(self) -> dict[str, int]:
+        return self.coverage().routed
+
+
+# ----------------------------------------------------------------------------- static coverage
+
+
+class _OpTracer(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        self.ops[f"{func._overloadpacket.__name__}.{func._overloadname}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def trace_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, Counter[str]]:
+    """Run ``fn`` and count the aten overloads that reach the backend ("mm.default", ...).
+
+    Composite ops appear as the ops they decompose into. Tracing goes through Python for
+    every op: use it to find out what a model runs, not while measuring speed.
+    """
+    tracer = _OpTracer()
+    with tracer:
+        result = fn(*args, **kwargs)
+    return result, tracer.ops
+
+
+def _full_name(name: str) -> str:
+    return name if "." in name else f"{name}.default"
+
+
+@dataclass(frozen=True)
+class CoverageReport:
+    """Traced ops sorted by what the mode guarantees for them.
+
+    ``routed``: computed by detkit. ``exact``: order free and exact anywhere (views,
+    indexing, comparisons, max, integer ops, IEEE add/mul/div/sqrt). ``not_portable``:
+    (portable mode only) routed or exact on this machine but from a math library whose
+    bits differ between CPUs and devices. ``uncovered``: anything else; its bits are
+    whatever torch gives, so check them with a test. ``notes``: why an op is listed.
+    """
+
+    portable: bool
+    routed: dict[str, int]
+    exact: dict[str, int]
+    not_portable: dict[str, int]
+    uncovered: dict[str, int]
+    notes: dict[str, str]
+
+    def __str__(self) -> str:
+        parts = [
+            f"coverage ({'portable' if self.portable else 'batch invariant'} mode)",
+            f"  routed:    {_fmt(self.routed) or 'none'}",
+            f"  exact:     {_fmt(self.exact) or 'none'}",
+        ]
+        if self.portable:
+            parts.append(f"  NOT portable: {_fmt(self.not_portable) or 'none'}")
+        parts.append(f"  UNCOVERED: {_fmt(self.uncovered) or 'none'}")
+        parts += [f"    {op}: {note}" for op, note in sorted(self.notes.items())]
+        return "\n".join(parts)
+
+
+def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: str = "CPU") -> CoverageReport:
+    """Classify traced ops (from :func:`trace_ops`) against the overrides for ``device``."""
+    table = {_full_name(s.name): s for s in OVERRIDES[device]}
+    routed: dict[str, int] = {}
+    exact: dict[str, int] = {}
+    not_portable: dict[str, int] = {}
+    uncovered: dict[str, int] = {}
+    notes: dict[str, str] = {}
+    for name, n in sorted(ops.items()):
+        full = _full_name(name)
+        packet = full.split(".")[0].removesuffix("_") if full.split(".")[0] not in EXACT_OPS else full.split(".")[0]
+        if portable and packet in ELEMENTWISE_LIBM:
+            not_portable[full] = n
+            notes[full] = "math-library function: bits differ between CPU instruction sets and devices"
+        elif full in table:
+            routed[full] = n
+        elif packet in EXACT_OPS or packet in ELEMENTWISE_EXACT:
+            exact[full] = n
+            if packet in KNOWN_POSITION_DEPENDENT:
+                notes[full] = f"exact except {KNOWN_POSITION_DEPENDENT[packet]}"
+        else:
+            uncovered[full] = n
+            if full in KNOWN_POSITION_DEPENDENT:
+                notes[full] = f"position dependent: {KNOWN_POSITION_DEPENDENT[full]}"
+    return CoverageReport(portable, routed, exact, not_portable, uncovered, notes)

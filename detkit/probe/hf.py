@@ -1,0 +1,273 @@
+"""Hugging Face ``transformers`` engine: batched greedy generation with left padding.
+
+Generation goes through ``model.generate`` (KV cache on, greedy, no sampling warpers),
+so the probe measures what users of ``transformers`` actually run. A logits processor,
+the last one in the chain, records the top-k logits each row's argmax was taken from,
+step by step, without keeping whole-vocabulary tensors alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+
+from detkit.errors import InputError, ModelLoadError
+from detkit.probe.engine import Generation, Request, StepScores
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Presets are small random-weight models: probe them in the dtype LLMs are served in.
+PRESET_DEFAULT_DTYPE = "bfloat16"
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_model(
+    model: str, *, dtype: str = "auto", attn_implementation: str = "eager", seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Load a preset name or a local model directory with its tokenizer.
+
+    Returns ``(model, tokenizer, description)``. Raises :class:`ModelLoadError` with
+    what to do when the directory, its weights or its tokenizer are missing.
+    """
+    from detkit.models import PRESETS, build_tokenizer, load_preset
+
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if model in PRESETS:
+        name = PRESET_DEFAULT_DTYPE if dtype == "auto" else dtype
+        hf_model = load_preset(model, dtype=_torch_dtype(name), attn_implementation=attn_implementation, seed=seed)
+        desc = {"model": model, "source": "preset", "dtype": name, "weights_seed": seed}
+        return hf_model, build_tokenizer(), {**desc, "attn_implementation": attn_implementation}
+
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"no model at {model!r}: give a built-in preset ({', '.join(PRESETS)}) or a local "
+            f"directory saved with save_pretrained (download hub models first, e.g. `hf download`)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model directory")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not load a tokenizer from {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"save one next to the weights with tokenizer.save_pretrained({str(path)!r})"
+        ) from exc
+    if tokenizer is None or isinstance(tokenizer, bool):
+        raise ModelLoadError(f"{path} has no tokenizer; save one with tokenizer.save_pretrained({str(path)!r})")
+    kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": attn_implementation}
+    kwargs["dtype"] = "auto" if dtype == "auto" else _torch_dtype(dtype)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelLoadError(f"could not load a causal LM from {path} ({type(exc).__name__}: {first})") from exc
+    hf_model.eval()
+    desc = {
+        "model": str(path),
+        "source": "path",
+        "dtype": str(hf_model.dtype).removeprefix("torch."),
+        "architecture": type(hf_model).__name__,
+        "attn_implementation": attn_implementation,
+    }
+    return hf_model, tokenizer, desc
+
+
+def _context_length(model: PreTrainedModel) -> int | None:
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class _TopKRecorder:
+    """Logits processor that records top-k (values, ids) per step and changes nothing."""
+
+    def __init__(self, k: int, model_dtype: torch.dtype) -> None:
+        self.k = k
+        self.model_dtype = model_dtype
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Whether every recorded logit is exactly representable in the model's dtype,
+        # i.e. the float32 scores are an exact upcast and ULPs can be counted there.
+        self.exact_in_model_dtype = True
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        values, ids = scores.topk(min(self.k, scores.shape[-1]), dim=-1)
+        values = values.detach().to("cpu")
+        if self.exact_in_model_dtype and values.dtype != self.model_dtype:
+            back = values.to(self.model_dtype).to(values.dtype)
+            self.exact_in_model_dtype = bool((back == values).all())
+        self.steps.append((values, ids.detach().to("cpu")))
+        return scores
+
+
+def _steps(values: torch.Tensor, ids: torch.Tensor) -> list[StepScores]:
+    """One StepScores per row of a (n, k) pair of tensors.
+
+    Ties are ordered by token id, as greedy argmax (first maximal index) breaks them, so
+    that the first entry is always the token generation picked; ``topk`` leaves the
+    order of equal values unspecified, and bfloat16 logits tie often.
+    """
+    out = []
+    for ti, vi in zip(ids.tolist(), values.double().tolist()):
+        ranked = sorted(zip(vi, ti), key=lambda vt: (-vt[0], vt[1]))
+        out.append(StepScores(ids=[int(t) for _, t in ranked], values=[float(v) for v, _ in ranked]))
+    return out
+
+
+class HFEngine:
+    """A local ``transformers`` causal LM as a probe engine.
+
+    ``mode``: a zero-argument factory of the context every forward pass runs in (e.g.
+    ``lambda: detkit.batch_invariant()``); None runs the model as is.
+    """
+
+    name = "hf"
+    token_unit = "token"
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        description: dict[str, Any] | None = None,
+        top_k: int = 5,
+        mode: Callable[[], ContextManager[Any]] | None = None,
+    ) -> None:
+        if top_k < 2:
+            raise InputError(f"top_k must be >= 2 (the margin needs the top-2 logit), got {top_k}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.top_k = top_k
+        self.mode = mode
+        self.unsupported_modes: dict[str, str] = {}
+        self.notes: list[str] = []
+        self._description = dict(description or {})
+        self.context_length = _context_length(model)
+        gen_cfg = model.generation_config
+        eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids: set[int] = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = next(iter(sorted(self.eos_ids)), 0)
+            self.notes.append(f"the tokenizer has no pad token; padding with id {pad} (masked out)")
+        self.pad_id = int(pad)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            **self._description,
+            "top_k": self.top_k,
+            "context_length": self.context_length,
+            "generate": "model.generate, greedy, use_cache=True, left padding",
+        }
+
+    def _context(self) -> ContextManager[Any]:
+        return self.mode() if self.mode is not None else contextlib.nullcontext()
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise InputError(f"prompt {prompt[:40]!r} tokenizes to nothing")
+        return [int(t) for t in ids]
+
+    def check_fits(self, n_prompt: int, max_new_tokens: int, what: str) -> None:
+        if self.context_length is not None and n_prompt + max_new_tokens > self.context_length:
+            raise InputError(
+                f"{what} has {n_prompt} tokens; with --max-new-tokens {max_new_tokens} that is "
+                f"{n_prompt + max_new_tokens} > the model's context of {self.context_length} tokens. "
+                f"Shorten the prompt or lower --max-new-tokens."
+            )
+
+    def generate(self, requests: Sequence[Request], *, max_new_tokens: int) -> list[Generation]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        if not requests:
+            return []
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        encoded = [self.encode(r.prompt) for r in requests]
+        widths = [len(ids) + r.extra_left_padding for ids, r in zip(encoded, requests)]
+        width = max(widths)
+        for ids, r in zip(encoded, requests):
+            self.check_fits(width, max_new_tokens, f"prompt {r.prompt[:40]!r} (padded in its batch)")
+        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, ids in enumerate(encoded):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            mask[row, width - len(ids) :] = 1
+        # A fresh config: greedy with nothing that rescales logits, whatever the model's
+        # own generation_config asks for (sampling settings do not apply at temperature 0).
+        config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            use_cache=True,
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids) or None,
+        )
+        recorder = _TopKRecorder(self.top_k, self.model.dtype)
+        with torch.inference_mode(), self._context():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([recorder]),
+            )
+        new = out[:, width:].tolist()
+        score_dtype = str(self.model.dtype).removeprefix("torch.") if recorder.exact_in_model_dtype else "float32"
+        results = []
+        for row, tokens in enumerate(new):
+            n = len(tokens)
+            for i, t in enumerate(tokens):
+                if t in self.eos_ids:
+                    n = i + 1
+                    break
+            tokens = tokens[:n]
+            steps = [_steps(v[row : row + 1], ids[row : row + 1])[0] for v, ids in recorder.steps[:n]]
+            results.append(
+                Generation(
+                    tokens=[int(t) for t in tokens],
+                    scores=steps,
+                    score_kind="logit",
+                    score_dtype=score_dtype,
+                    meta={"batch_size": len(requests), "row": row, "left_padding": width - len(encoded[row])},
+                )
+            )
+        return results
+
+    def teacher_forced(self, prompt: str, tokens: Sequence[int]) -> list[StepScores]:
+        import torch
+
+        if not tokens:
+            return []
+        ids = self.encode(prompt)
+        self.check_fits(len(ids), len(tokens), f"prompt {prompt[:40]!r}")
+        full = torch.tensor([ids + [int(t) for t in tokens]], dtype=torch.long)
+        with torch.inference_mode(), self._context():
+            logits = self.model(input_ids=full, attention_mask=torch.ones_like(full), use_cache=False).logits
+        # Position p predicts token p+1: the scores for generated token j sit at len(ids)-1+j.
+        picked = logits[0, len(ids) - 1 : len(ids) - 1 + len(tokens)].float()
+        values, top = picked.topk(min(self.top_k, picked.shape[-1]), dim=-1)
+        return _steps(values.to("cpu"), top.to("cpu"))
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def close(self) -> None:
+        """Nothing to release: the model is owned by the caller."""

@@ -1,0 +1,248 @@
+"""OpenAI-compatible HTTP engine (vLLM, SGLang, ``transformers serve``, llama.cpp server).
+
+A group of requests is sent as one burst of concurrent ``POST /v1/completions`` calls
+(``temperature=0``, ``logprobs``, ``max_tokens``) released together by a barrier, so the
+server batches the probe prompt with the filler requests; varying the group varies
+the batch composition on the server. Only standard fields are sent: strict servers
+reject unknown ones.
+
+Scores are the server's log-probabilities (``score_kind == "logprob"``). Token strings
+are interned into integer ids (first seen, first numbered) so streams are compared as
+ids. A server that returns no logprobs degrades to comparing the completion text
+character by character (``token_unit == "character"``), and the report says so.
+
+Timeouts, connection errors, 429 and 5xx answers are retried with exponential backoff;
+a request that still fails is recorded as that run's error, never fatal to the probe.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from detkit.errors import EndpointError, InputError
+from detkit.probe.engine import Generation, Request, StepScores
+
+NO_LOGPROBS_NOTE = (
+    "the server returned no logprobs for /v1/completions: comparing the completion text "
+    "character by character (token_unit 'character'); logit/logprob metrics are null"
+)
+
+
+def _server_message(body: bytes) -> str:
+    """The error sentence from an OpenAI-style (or FastAPI) error body, else the raw text."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:300]
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:300]
+        if isinstance(err, str):
+            return err[:300]
+        if data.get("detail"):
+            return str(data["detail"])[:300]
+        if data.get("message"):
+            return str(data["message"])[:300]
+    return text[:300]
+
+
+class HTTPEngine:
+    """Probe engine for an OpenAI-compatible server at ``endpoint`` (its ``/v1`` base URL)."""
+
+    name = "http"
+
+    def __init__(
+        self,
+        endpoint: str,
+        served_model: str | None = None,
+        *,
+        timeout: float = 120.0,
+        retries: int = 2,
+        backoff: float = 0.5,
+        top_logprobs: int = 5,
+    ) -> None:
+        parsed = urllib.parse.urlparse(endpoint)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise InputError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, got {endpoint!r}")
+        if timeout <= 0 or retries < 0 or backoff < 0:
+            raise InputError("timeout must be > 0, retries and backoff >= 0")
+        if not 1 <= top_logprobs <= 20:
+            raise InputError(f"top_logprobs must be between 1 and 20, got {top_logprobs}")
+        base = endpoint.rstrip("/")
+        self.base = base[: -len("/completions")] if base.endswith("/completions") else base
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.top_logprobs = top_logprobs
+        self.unsupported_modes = {
+            "padding": "a server decides padding itself; the padding mode needs an in-process engine",
+            "decode": "OpenAI-compatible servers have no standard teacher-forced scoring call",
+        }
+        self.notes: list[str] = []
+        self.token_unit = "token"
+        self._logprobs: bool | None = None  # decided by the first successful answer
+        self._vocab: dict[str, int] = {}
+        self._strings: list[str] = []
+        self._lock = threading.Lock()
+        self.served_model = served_model or self._only_model()
+
+    # ----- plumbing -----
+
+    def _open(self, req: urllib.request.Request) -> bytes:
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            return resp.read()
+
+    def _only_model(self) -> str:
+        """The served model's name from ``GET /models`` when the user did not give one."""
+        try:
+            body = self._open(urllib.request.Request(f"{self.base}/models"))
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            raise EndpointError(
+                f"cannot reach {self.base}/models ({exc}); is the server running, and is the URL its /v1 base?"
+            ) from exc
+        try:
+            names = [m["id"] for m in json.loads(body)["data"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EndpointError(f"{self.base}/models did not list models; pass --served-model NAME") from exc
+        if len(names) != 1:
+            raise InputError(f"the server lists {len(names)} models ({', '.join(names[:8])}); pick one with --served-model")
+        return str(names[0])
+
+    def _post(self, payload: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None, int]:
+        """POST with retries; returns (answer, error sentence, attempts)."""
+        data = json.dumps(payload).encode()
+        error = "no attempt made"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            req = urllib.request.Request(
+                f"{self.base}/completions", data=data, headers={"Content-Type": "application/json"}, method="POST"
+            )
+            try:
+                return json.loads(self._open(req)), None, attempt + 1
+            except urllib.error.HTTPError as exc:
+                error = f"HTTP {exc.code} from {self.base}/completions: {_server_message(exc.read())}"
+                if exc.code != 429 and exc.code < 500:
+                    return None, error, attempt + 1  # the request itself is wrong: retrying cannot help
+            except (urllib.error.URLError, OSError, TimeoutError) as exc:
+                reason = getattr(exc, "reason", exc)
+                error = f"no answer from {self.base}/completions ({reason})"
+            except ValueError as exc:
+                error = f"{self.base}/completions answered with invalid JSON ({exc})"
+        return None, f"{error} (after {self.retries + 1} attempts)", self.retries + 1
+
+    def _intern(self, token: str) -> int:
+        with self._lock:
+            if token not in self._vocab:
+                self._vocab[token] = len(self._strings)
+                self._strings.append(token)
+            return self._vocab[token]
+
+    # ----- parsing -----
+
+    def _parse(self, answer: dict[str, Any]) -> Generation:
+        try:
+            choice = answer["choices"][0]
+            text = choice.get("text") or ""
+        except (KeyError, IndexError, TypeError):
+            return Generation(tokens=[], error=f"answer without choices[0].text: {json.dumps(answer)[:200]}")
+        lp = choice.get("logprobs")
+        has = isinstance(lp, dict) and isinstance(lp.get("tokens"), list) and isinstance(lp.get("token_logprobs"), list)
+        with self._lock:
+            if self._logprobs is None:
+                self._logprobs = has
+                if not has:
+                    self.token_unit = "character"
+                    self.notes.append(NO_LOGPROBS_NOTE)
+            supported = self._logprobs
+        meta = {"finish_reason": choice.get("finish_reason")}
+        if not supported:
+            return Generation(tokens=[ord(c) for c in text], text=text, meta=meta)
+        if not has:
+            return Generation(tokens=[], error="this answer lacks the logprobs earlier answers had", meta=meta)
+        tokens = [self._intern(str(t)) for t in lp["tokens"]]
+        chosen = lp["token_logprobs"]
+        tops = lp.get("top_logprobs") or [None] * len(tokens)
+        steps = []
+        for tok, value, top in zip(tokens, chosen, tops):
+            if value is None:
+                return Generation(tokens=[], error="a generated token came without its logprob", meta=meta)
+            entries = {tok: float(value)}
+            if isinstance(top, dict):
+                for s, v in top.items():
+                    entries.setdefault(self._intern(str(s)), float(v))
+            # The generated token leads (greedy took it), then the rest by score.
+            ranked = sorted(entries.items(), key=lambda kv: (kv[0] != tok, -kv[1]))
+            steps.append(StepScores(ids=[k for k, _ in ranked], values=[v for _, v in ranked]))
+        return Generation(tokens=tokens, scores=steps, score_kind="logprob", text=text, meta=meta)
+
+    # ----- Engine -----
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "engine": self.name,
+            "endpoint": self.base,
+            "served_model": self.served_model,
+            "timeout_s": self.timeout,
+            "retries": self.retries,
+            "top_logprobs": self.top_logprobs,
+            "logprobs_supported": self._logprobs,
+            "token_unit": self.token_unit,
+        }
+
+    def _one(self, request: Request, max_new_tokens: int, barrier: threading.Barrier | None) -> Generation:
+        if request.extra_left_padding:
+            raise InputError("an HTTP server cannot be asked for extra left padding")
+        payload = {
+            "model": self.served_model,
+            "prompt": request.prompt,
+            "max_tokens": max_new_tokens,
+            "temperature": 0,
+            "logprobs": self.top_logprobs,
+        }
+        if barrier is not None:
+            try:
+                barrier.wait(timeout=self.timeout)
+            except threading.BrokenBarrierError:
+                pass  # a sibling failed to start: send anyway, the burst is still concurrent
+        start = time.perf_counter()
+        answer, error, attempts = self._post(payload)
+        if answer is None:
+            return Generation(tokens=[], error=error, meta={"attempts": attempts})
+        gen = self._parse(answer)
+        gen.meta.update({"attempts": attempts, "latency_s": round(time.perf_counter() - start, 4)})
+        return gen
+
+    def generate(self, requests: Sequence[Request], *, max_new_tokens: int) -> list[Generation]:
+        if not requests:
+            return []
+        if len(requests) == 1:
+            return [self._one(requests[0], max_new_tokens, None)]
+        barrier = threading.Barrier(len(requests))
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            futures = [pool.submit(self._one, r, max_new_tokens, barrier) for r in requests]
+            gens = [f.result() for f in futures]
+        for row, g in enumerate(gens):
+            g.meta.update({"concurrency": len(requests), "row": row})
+        return gens
+
+    def teacher_forced(self, prompt: str, tokens: Sequence[int]) -> list[StepScores]:
+        raise InputError(self.unsupported_modes["decode"])
+
+    def token_text(self, token: int) -> str:
+        if self.token_unit == "character":
+            return chr(token)
+        with self._lock:
+            return self._strings[token] if 0 <= token < len(self._strings) else f"<{token}>"
+
+    def close(self) -> None:
+        """Nothing held between calls: each request opens its own connection."""

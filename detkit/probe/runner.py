@@ -1,0 +1,122 @@
+"""Run a probe suite on an engine and write the report incrementally.
+
+The report is a ``detkit.report`` of kind ``probe``. On top of the shared conventions it
+carries ``references`` (the reference token stream per prompt) and ``modes`` (one
+summary per finished mode, see :class:`detkit.probe.metrics.ModeSummary`); ``results``
+holds the raw token stream of every compared run, so every number can be recomputed.
+The file is rewritten after every mode: Ctrl-C keeps the finished modes and marks the
+report ``partial``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from detkit.errors import EndpointError, InputError
+from detkit.probe.engine import Engine, Generation, Request
+from detkit.probe.modes import run_mode, work_units
+from detkit.probe.suite import ProbeSuite
+from detkit.report import ReportWriter
+
+
+def total_work(engine: Engine, suite: ProbeSuite, seed: int) -> int:
+    """Engine calls the whole probe makes: references plus every supported mode."""
+    return len(suite.prompts) + sum(
+        work_units(m, suite, seed) for m in suite.modes if m not in engine.unsupported_modes
+    )
+
+
+def _summary(modes: list[dict[str, Any]]) -> dict[str, Any]:
+    ran = [m for m in modes if m["skipped"] is None]
+    diffs = [m["max_abs_logit_diff"] for m in ran if m["max_abs_logit_diff"] is not None]
+    diffs += [m["max_abs_logprob_diff"] for m in ran if m["max_abs_logprob_diff"] is not None]
+    unique = [m["unique_completions"] for m in ran if m["unique_completions"] is not None]
+    diverging = sum(len(m["divergences"]) for m in ran)
+    failed = sum(m["failed_runs"] for m in ran)
+    invariant = bool(ran) and all(u == 1 for u in unique) and all(d == 0 for d in diffs) and failed == 0
+    return {
+        "modes_run": [m["name"] for m in ran],
+        "modes_skipped": {m["name"]: m["skipped"] for m in modes if m["skipped"] is not None},
+        "runs": sum(m["runs"] for m in ran),
+        "failed_runs": failed,
+        "diverging_runs": diverging,
+        "max_unique_completions": max(unique) if unique else None,
+        "max_abs_score_diff": max(diffs) if diffs else None,
+        "invariant": invariant,
+        "verdict": (
+            "identical to the reference in every mode (tokens and scores)"
+            if invariant
+            else f"{diverging} diverging run(s); max unique completions {max(unique) if unique else 'n/a'}; "
+            f"max |delta score| {max(diffs) if diffs else 'n/a'}"
+        ),
+    }
+
+
+def run_probe(
+    engine: Engine,
+    suite: ProbeSuite,
+    *,
+    seed: int,
+    config: dict[str, Any],
+    out: Path | None = None,
+    advance: Callable[[str], None] = lambda label: None,
+    on_mode: Callable[[dict[str, Any]], None] = lambda record: None,
+) -> dict[str, Any]:
+    """Run ``suite`` on ``engine``; returns the finished report (also written to ``out``).
+
+    Failures of single requests are recorded in the modes; a reference that cannot be
+    produced is fatal (:class:`EndpointError`), since nothing could be compared.
+    """
+    writer = ReportWriter("probe", config, out)
+    writer.data["notes"] = engine.notes
+    writer.data["references"] = {}
+    writer.data["modes"] = []
+    try:
+        references: dict[str, Generation] = {}
+        for prompt in suite.prompts:
+            gen = engine.generate([Request(prompt.text)], max_new_tokens=suite.max_new_tokens)[0]
+            if not gen.ok:
+                raise EndpointError(f"the reference run of prompt {prompt.id!r} (alone, batch size 1) failed: {gen.error}")
+            if not gen.tokens:
+                raise InputError(f"the reference of prompt {prompt.id!r} generated no tokens; nothing to compare")
+            references[prompt.id] = gen
+            writer.data["references"][prompt.id] = {
+                "tokens": gen.tokens,
+                "text": gen.text if gen.text is not None else "".join(engine.token_text(t) for t in gen.tokens),
+                "score_kind": gen.score_kind,
+                "score_dtype": gen.score_dtype,
+            }
+            writer.flush()
+            advance(f"reference {prompt.id}")
+        first = next(iter(references.values()))
+        score_kind = first.score_kind if all(g.scores is not None for g in references.values()) else None
+        for mode in suite.modes:
+            summary = run_mode(
+                mode,
+                engine,
+                suite,
+                references,
+                seed=seed,
+                score_kind=score_kind,
+                token_unit=engine.token_unit,
+                advance=advance,
+            )
+            record = summary.to_dict()
+            writer.data["modes"].append(record)
+            writer.add_result(
+                {
+                    "mode": mode,
+                    "runs": [
+                        {"run": r.label, "prompt": r.prompt_id, "tokens": r.tokens, "error": r.error, **r.meta}
+                        for r in summary.runs
+                    ],
+                }
+            )
+            on_mode(record)
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt):
+            writer.add_error("probe", exc)
+        writer.finish(_summary(writer.data["modes"]), partial=True)
+        raise
+    return writer.finish(_summary(writer.data["modes"]))

@@ -1,0 +1,196 @@
+"""Probe suites written as data (TOML).
+
+A suite names the prompts to probe and how to vary the batches around them::
+
+    name = "feynman"
+    description = "..."
+    max_new_tokens = 48
+    seed = 0
+    modes = ["single", "mixed", "prefix", "padding", "decode", "repeat"]
+
+    [[prompts]]
+    id = "feynman"
+    text = "Tell me about Richard Feynman"
+
+    [batch]
+    sizes = [1, 2, 4, 8]          # single: replicate; HTTP: concurrency levels
+    mixed_trials = 4              # mixed: random batches per prompt
+    prefix_fractions = [0.25, 0.5, 0.75]
+    padding = [1, 4, 16]          # padding: extra left pad tokens
+    repeats = 3                   # repeat: how often the same batch is run
+    fillers = ["...", "..."]      # texts the filler prompts are cut from
+
+Unknown keys are errors (a typo must not silently change what is measured).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detkit.errors import InputError
+
+MODES = ("single", "mixed", "prefix", "padding", "decode", "repeat")
+
+DEFAULT_FILLERS = (
+    "Once upon a time, in a village at the edge of a great forest, there lived an old clockmaker "
+    "who repaired every clock in the valley except his own.",
+    "List the first ten prime numbers and explain why 1 is not prime.",
+    "SELECT name, COUNT(*) FROM orders GROUP BY name HAVING COUNT(*) > 3;",
+    "Translate to French: the weather is nice today and we are going to the beach.",
+    "import numpy as np\nx = np.linspace(0, 1, 11)\nprint(x.sum())",
+    "Q: What is the capital of Australia?\nA:",
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if not self.id or not isinstance(self.id, str):
+            raise ValueError("every prompt needs a non-empty string id")
+        if not self.text or not isinstance(self.text, str):
+            raise ValueError(f"prompt {self.id!r} needs a non-empty text")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How batches are varied around the probe prompts."""
+
+    sizes: tuple[int, ...] = (1, 2, 4, 8)
+    mixed_trials: int = 4
+    prefix_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    padding: tuple[int, ...] = (1, 4, 16)
+    repeats: int = 3
+    fillers: tuple[str, ...] = DEFAULT_FILLERS
+
+    def __post_init__(self) -> None:
+        if not self.sizes or any(not isinstance(s, int) or s < 1 for s in self.sizes):
+            raise ValueError(f"batch sizes must be positive integers, got {list(self.sizes)}")
+        if self.mixed_trials < 1 or self.repeats < 1:
+            raise ValueError("mixed_trials and repeats must be >= 1")
+        if any(not 0.0 < f < 1.0 for f in self.prefix_fractions):
+            raise ValueError(f"prefix_fractions must lie strictly between 0 and 1, got {list(self.prefix_fractions)}")
+        if any(not isinstance(p, int) or p < 1 for p in self.padding):
+            raise ValueError(f"padding amounts must be positive integers, got {list(self.padding)}")
+        if not self.fillers or any(not isinstance(f, str) or not f for f in self.fillers):
+            raise ValueError("fillers must be a non-empty list of non-empty strings")
+
+    @property
+    def max_size(self) -> int:
+        return max(self.sizes)
+
+
+@dataclass(frozen=True)
+class ProbeSuite:
+    name: str
+    prompts: tuple[Prompt, ...]
+    description: str = ""
+    max_new_tokens: int = 32
+    seed: int = 0
+    modes: tuple[str, ...] = MODES
+    batch: BatchPlan = field(default_factory=BatchPlan)
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError(f"suite {self.name!r} has no prompts")
+        ids = [p.id for p in self.prompts]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"suite {self.name!r} has duplicate prompt ids: {ids}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"unknown probe mode(s) {bad}; choose from {', '.join(MODES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "modes": list(self.modes),
+            "prompts": [{"id": p.id, "text": p.text} for p in self.prompts],
+            "batch": {
+                "sizes": list(self.batch.sizes),
+                "mixed_trials": self.batch.mixed_trials,
+                "prefix_fractions": list(self.batch.prefix_fractions),
+                "padding": list(self.batch.padding),
+                "repeats": self.batch.repeats,
+                "fillers": list(self.batch.fillers),
+            },
+        }
+
+
+_TOP_KEYS = {"name", "description", "max_new_tokens", "seed", "modes", "prompts", "batch"}
+_BATCH_KEYS = {"sizes", "mixed_trials", "prefix_fractions", "padding", "repeats", "fillers"}
+
+
+def suite_from_dict(data: dict[str, Any], *, source: str = "suite") -> ProbeSuite:
+    """Build and validate a suite from parsed TOML; errors name the offending key."""
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise InputError(f"{source}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_TOP_KEYS)}")
+    batch = data.get("batch", {})
+    if not isinstance(batch, dict):
+        raise InputError(f"{source}: [batch] must be a table")
+    unknown = set(batch) - _BATCH_KEYS
+    if unknown:
+        raise InputError(f"{source}: unknown key(s) in [batch] {sorted(unknown)}; allowed: {sorted(_BATCH_KEYS)}")
+    prompts = data.get("prompts")
+    if not isinstance(prompts, list) or not prompts:
+        raise InputError(f"{source}: needs at least one [[prompts]] entry with id and text")
+    try:
+        plan_kwargs: dict[str, Any] = {}
+        for key in ("sizes", "prefix_fractions", "padding", "fillers"):
+            if key in batch:
+                plan_kwargs[key] = tuple(batch[key])
+        for key in ("mixed_trials", "repeats"):
+            if key in batch:
+                plan_kwargs[key] = int(batch[key])
+        parsed = []
+        for i, p in enumerate(prompts):
+            if not isinstance(p, dict) or set(p) - {"id", "text"}:
+                raise ValueError(f"prompt #{i + 1} must be a table with exactly the keys id and text")
+            parsed.append(Prompt(id=str(p.get("id", "")), text=p.get("text", "")))
+        kwargs: dict[str, Any] = {"name": str(data.get("name", source)), "prompts": tuple(parsed)}
+        if "description" in data:
+            kwargs["description"] = str(data["description"])
+        for key in ("max_new_tokens", "seed"):
+            if key in data:
+                kwargs[key] = int(data[key])
+        if "modes" in data:
+            kwargs["modes"] = tuple(data["modes"])
+        return ProbeSuite(batch=BatchPlan(**plan_kwargs), **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{source}: {exc}") from exc
+
+
+def load_suite(path: str | Path) -> ProbeSuite:
+    """Read a probe suite from a TOML file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no probe suite at {p}; give a TOML file such as probes/feynman.toml")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{p} is not valid TOML: {exc}") from exc
+    return suite_from_dict(data, source=str(p))
+
+
+def default_suite() -> ProbeSuite:
+    """The suite used when no file is given (the same as probes/default.toml)."""
+    return ProbeSuite(
+        name="default",
+        description="Four short prompts of different lengths and kinds, every mode.",
+        prompts=(
+            Prompt("feynman", "Tell me about Richard Feynman"),
+            Prompt("fox", "The quick brown fox"),
+            Prompt("einstein", "In 1905 Einstein"),
+            Prompt("fib", "def fib(n):"),
+        ),
+    )

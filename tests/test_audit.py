@@ -1,0 +1,365 @@
+"""The audit's parts in-process: catalogue, comparison, checks, runner, summary, renderers."""
+
+from __future__ import annotations
+
+import os
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from detkit.audit import catalogue, impls
+from detkit.audit.catalogue import CATALOGUE, FLOAT_DTYPES, Inputs, OpSpec, build_inputs, resolve_ops
+from detkit.audit.checks import CHECKS, compare
+from detkit.audit.render import heat_map_svg, short_cell, to_html, to_markdown, ulp_histogram_svg
+from detkit.audit.runner import AuditConfig, audit_one, parse_batch_sizes, parse_fail_on, run_audit
+from detkit.audit.summary import advice, fail_on_failures, summarize
+from detkit.errors import BackendUnavailable, InputError
+from detkit.report import ReportWriter, load_report
+
+SIZES = (1, 2, 3, 5, 8)
+
+
+def _spec(name: str, call: Any, *, width: int = 16) -> OpSpec:
+    """A synthetic op over (b, width) float32 rows, for checks that must see a known defect."""
+
+    def build(b: int, dtype: torch.dtype, g: torch.Generator, hidden: int) -> Inputs:
+        return Inputs({"input": torch.randn((b, width), generator=g).to(dtype)})
+
+    return OpSpec(name, "reduction", "synthetic", build, call)
+
+
+def _cfg(**kw: Any) -> AuditConfig:
+    base = dict(ops=("sum",), impls=("torch",), batch_sizes=SIZES, runs=2, hidden=64)
+    base.update(kw)
+    return AuditConfig(**base)
+
+
+def _checks(spec: OpSpec, **kw: Any) -> dict[str, dict[str, Any]]:
+    return audit_one(spec, "torch", kw.pop("dtype", "float32"), _cfg(**kw), torch.device("cpu"))["checks"]
+
+
+# --- catalogue ---------------------------------------------------------------------------
+
+
+def test_catalogue_covers_the_issue_list() -> None:
+    names = {s.name for s in CATALOGUE}
+    wanted = {"mm", "addmm", "bmm", "matmul", "linear", "softmax", "log_softmax", "layer_norm", "rms_norm", "sum",
+              "mean", "cumsum", "scaled_dot_product_attention", "index_add", "scatter_add", "embedding_bag",
+              "argmax", "topk"}
+    assert wanted <= names
+
+
+@pytest.mark.parametrize("spec", CATALOGUE, ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", list(FLOAT_DTYPES))
+def test_every_spec_runs_and_keeps_the_batch_in_dim0(spec: OpSpec, dtype: str) -> None:
+    inputs = build_inputs(spec, 3, FLOAT_DTYPES[dtype], seed=1, hidden=64)
+    assert inputs.batch == 3
+    outs = spec.run(inputs)
+    assert all(o.shape[0] == 3 for o in outs)
+    again = build_inputs(spec, 3, FLOAT_DTYPES[dtype], seed=1, hidden=64)
+    for k, t in inputs.batched.items():  # the same seed gives the same bits
+        assert torch.equal(t, again.batched[k])
+    assert all(o.shape[0] == 2 for o in spec.run(inputs.rows(slice(0, 2))))
+
+
+def test_ties_inputs_really_tie() -> None:
+    spec = catalogue.OPS["argmax"]
+    x = build_inputs(spec, 2, torch.float32, 0, 64).batched["input"]
+    assert ((x == x.max(dim=-1, keepdim=True).values).sum(dim=-1) > 1).all()
+
+
+def test_resolve_ops_unknown_and_alias() -> None:
+    assert [s.name for s in resolve_ops(["sdpa", "mm"])] == ["mm", "scaled_dot_product_attention"]
+    with pytest.raises(InputError, match="unknown op 'nope'.*--list-ops"):
+        resolve_ops(["nope"])
+
+
+def test_opspec_validates() -> None:
+    with pytest.raises(ValueError, match="family"):
+        OpSpec("x", "bogus", "", lambda *a: Inputs({}), lambda: None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="batch size"):
+        Inputs({"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)})
+
+
+# --- comparison ----------------------------------------------------------------------------
+
+
+@given(
+    values=st.lists(st.floats(-(2.0**100), 2.0**100, width=32).filter(lambda v: abs(v) > 2.0**-100),
+                    min_size=1, max_size=64),
+    steps=st.integers(1, 1000),
+    pick=st.integers(0, 63),
+)
+def test_compare_counts_bits_and_ulps(values: list[float], steps: int, pick: int) -> None:
+    ref = torch.tensor(values, dtype=torch.float32)
+    i = pick % ref.numel()
+    moved = ref.clone()
+    # move one element `steps` floats away from zero (same sign, so exactly `steps` ULPs)
+    moved.view(torch.int32)[i] += steps
+    c = compare((moved,), (ref,))
+    assert (c.compared, c.differing, c.max_ulp) == (ref.numel(), 1, steps)
+    assert sum(c.buckets.values()) == 1
+    same = compare((ref.clone(),), (ref,))
+    assert same.equal and same.max_ulp is None
+
+
+def test_compare_signed_zero_and_indices() -> None:
+    c = compare((torch.tensor([0.0, 1.0]),), (torch.tensor([-0.0, 1.0]),))
+    assert c.differing == 1 and c.max_ulp == 0  # bits differ, value distance 0
+    idx = compare((torch.tensor([3, 1]),), (torch.tensor([2, 1]),))
+    assert idx.differing == 1 and idx.max_ulp is None
+    bf = compare((torch.tensor([1.0078125], dtype=torch.bfloat16),), (torch.tensor([1.0], dtype=torch.bfloat16),))
+    assert bf.max_ulp == 1
+
+
+# --- checks on synthetic defects -----------------------------------------------------------
+
+
+def test_row_wise_op_passes_every_check() -> None:
+    checks = _checks(_spec("rowwise", lambda input: input * 2.0 + 1.0))
+    for name in ("run-to-run", "batch-variance", "batch-position"):
+        assert checks[name]["verdict"] == "pass", name
+    assert checks["batch-variance"]["variants"] == 1
+    assert checks["padding"]["verdict"] == "n/a"
+    assert checks["isa-variance"]["verdict"] == "skipped"
+
+
+@pytest.mark.parametrize("row", [0, 1, 2])
+@pytest.mark.parametrize("threshold", [2, 3, 5, 8])
+def test_batch_variance_finds_the_first_b_on_any_row(row: int, threshold: int) -> None:
+    # Row `row` changes by one ULP once the batch has `threshold` rows or more.
+    def call(input: torch.Tensor) -> torch.Tensor:
+        out = input.clone()
+        if input.shape[0] >= threshold and input.shape[0] > row:
+            out.view(torch.int32)[row] += 1
+        return out
+
+    res = _checks(_spec("variant", call))["batch-variance"]
+    # the row's reference is its result at the smallest b containing it; if that b is
+    # already past the threshold, every b agrees with it
+    seen = min(b for b in SIZES if b > row)
+    first = None if seen >= threshold else min(b for b in SIZES if b >= threshold)
+    if first is None:
+        assert res["verdict"] == "pass"
+    else:
+        assert res["verdict"] == "fail"
+        assert res["first_b"] == first
+        assert res["max_ulp"] == 1
+        assert res["variants"] == (2 if row == 0 else 1)
+
+
+def test_position_dependence_is_caught_but_not_batch_variance() -> None:
+    def call(input: torch.Tensor) -> torch.Tensor:
+        return input + torch.arange(input.shape[0], dtype=input.dtype)[:, None]
+
+    checks = _checks(_spec("positional", call))
+    assert checks["batch-variance"]["verdict"] == "pass"
+    assert checks["batch-position"]["verdict"] == "fail"
+
+
+def test_run_to_run_nondeterminism_is_caught() -> None:
+    calls = {"n": 0}
+
+    def call(input: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return input + calls["n"]
+
+    res = _checks(_spec("counter", call), runs=4)["run-to-run"]
+    assert res["verdict"] == "fail" and [p["run"] for p in res["per"]] == [2, 3, 4]
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs at least 2 torch threads")
+def test_thread_dependence_is_caught_and_threads_restored() -> None:
+    before = torch.get_num_threads()
+    res = _checks(_spec("threads", lambda input: input * torch.get_num_threads()))["thread-variance"]
+    assert res["verdict"] == "fail"
+    assert torch.get_num_threads() == before
+
+
+def test_torch_attention_padding_and_decode_checks_run() -> None:
+    checks = _checks(catalogue.OPS["scaled_dot_product_attention"])
+    for name in ("padding", "decode-prefill"):
+        assert checks[name]["verdict"] in ("pass", "fail")
+        assert checks[name]["compared"] > 0
+
+
+def test_real_mm_finding_on_this_cpu() -> None:
+    """torch.mm fp32 at K=N=4096 is batch variant on the CPUs this project is measured on."""
+    res = audit_one(catalogue.OPS["mm"], "torch", "float32", _cfg(batch_sizes=(1, 2, 3, 4, 5, 8), hidden=4096),
+                    torch.device("cpu"))["checks"]["batch-variance"]
+    assert res["verdict"] == "fail" and res["first_b"] is not None and res["max_ulp"] >= 1
+
+
+# --- runner --------------------------------------------------------------------------------
+
+
+def test_an_op_that_raises_is_recorded_and_the_audit_goes_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def boom(input: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("kernel exploded")
+
+    bad = _spec("boom", boom)
+    monkeypatch.setitem(catalogue.OPS, "boom", bad)
+    monkeypatch.setattr(catalogue, "CATALOGUE", (bad, *catalogue.CATALOGUE))
+    cfg = _cfg(ops=("boom", "sum"))
+    writer = ReportWriter("audit", cfg.to_dict(), tmp_path / "report.json")
+    records = run_audit(cfg, writer)
+    assert [(r["op"], r["status"]) for r in records] == [("boom", "error"), ("sum", "ok")]
+    assert "kernel exploded" in records[0]["error"]
+    assert all(c["verdict"] == "error" for c in records[0]["checks"].values())
+    saved = load_report(tmp_path / "report.json")
+    assert [r["op"] for r in saved["results"] if r["record"] == "op"] == ["boom", "sum"]
+    assert any("boom" in e["where"] for e in saved["errors"])
+
+
+def test_unavailable_impl_is_recorded_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> Any:
+        raise BackendUnavailable("no kernels here")
+
+    monkeypatch.setitem(impls.FACTORIES, "portable", broken)
+    writer = ReportWriter("audit", {})
+    run_audit(_cfg(impls=("torch", "portable")), writer)
+    avail = [r for r in writer.data["results"] if r["record"] == "impl"]
+    assert {r["impl"]: r["available"] for r in avail} == {"torch": True, "portable": False}
+    assert "no kernels here" in avail[1]["reason"]
+    assert {r["impl"] for r in writer.data["results"] if r["record"] == "op"} == {"torch"}
+    assert any("portable" in line for line in summarize(writer.data)["advice"])
+    with pytest.raises(BackendUnavailable, match="portable"):
+        run_audit(_cfg(impls=("torch", "portable"), impls_explicit=True), ReportWriter("audit", {}))
+
+
+def test_deterministic_impl_restores_state_even_on_error() -> None:
+    assert not torch.are_deterministic_algorithms_enabled()
+    had_env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    with pytest.raises(RuntimeError):
+        with impls.context("deterministic"):
+            assert torch.are_deterministic_algorithms_enabled()
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"]
+            raise RuntimeError("inside")
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == had_env
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(batch_sizes=(4,)), "at least two"),
+        (dict(batch_sizes=(0, 2)), "from 1 to"),
+        (dict(batch_sizes=(2, 2)), "without repeats"),
+        (dict(batch_sizes=(4, 2)), "increasing"),
+        (dict(runs=1), "at least 2"),
+        (dict(dtypes=("int8",)), "unknown dtype"),
+        (dict(impls=("magic",)), "unknown implementation"),
+        (dict(ops=("nope",)), "unknown op"),
+        (dict(fail_on=("speed",)), "unknown check"),
+        (dict(device="tpu"), "unknown device"),
+    ],
+)
+def test_config_rejects_bad_input(kw: dict[str, Any], match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        _cfg(**kw)
+
+
+def test_parsers() -> None:
+    assert parse_batch_sizes("8, 1,2") == (1, 2, 8)
+    with pytest.raises(InputError, match="integers"):
+        parse_batch_sizes("1,two")
+    assert parse_fail_on("any") == CHECKS
+    assert parse_fail_on("batch-variance,run-to-run") == ("batch-variance", "run-to-run")
+    with pytest.raises(InputError, match="unknown check"):
+        parse_fail_on("batch")
+    assert impls.parse_impls(None) == list(impls.IMPLS)
+    with pytest.raises(InputError, match="unknown implementation"):
+        impls.parse_impls("torch,cublas")
+
+
+# --- summary and rendering -----------------------------------------------------------------
+
+
+def _record(op: str, impl: str, **verdicts: str) -> dict[str, Any]:
+    checks = {c: {"verdict": "pass", "differing": 0, "compared": 10, "max_ulp": None, "first_b": None,
+                  "ulp_hist": [], "per": [], "note": ""} for c in CHECKS}
+    for key, verdict in verdicts.items():
+        name = key.replace("_", "-")
+        checks[name].update(verdict=verdict)
+        if verdict == "fail":
+            checks[name].update(differing=4, max_ulp=3, first_b=2 if name == "batch-variance" else None,
+                                ulp_hist=[[1, 1], [2, 3]])
+    return {"record": "op", "op": op, "impl": impl, "dtype": "float32", "status": "ok", "checks": checks,
+            "seconds": 0.1}
+
+
+def test_advice_names_the_ops_and_the_fix() -> None:
+    records = [_record("mm", "torch", batch_variance="fail"), _record("mm", "detkit"),
+               _record("sum", "torch"), _record("sum", "detkit")]
+    lines = advice(records, [], "cpu")
+    assert any(line.startswith("mm: batch variant") and "detkit.batch_invariant()" in line for line in lines)
+    assert not any("sum" in line for line in lines)
+    broken = advice([_record("mm", "torch", batch_variance="fail"), _record("mm", "detkit", batch_variance="fail")],
+                    [], "cpu")
+    assert any("meant to guarantee" in line for line in broken)
+    gpu = advice([_record("mm", "torch", run_to_run="fail"), _record("mm", "deterministic")], [], "cuda")
+    assert any("CUBLAS_WORKSPACE_CONFIG=:4096:8" in line for line in gpu)
+    assert advice([_record("sum", "torch")], [], "cpu") == [
+        "Every audited op passed every check it was run through."]
+
+
+def test_fail_on_counts_errors_as_failures() -> None:
+    records = [_record("mm", "torch", batch_variance="error"), _record("sum", "torch", run_to_run="fail")]
+    assert fail_on_failures(records, ["batch-variance"]) == ["mm [torch, float32]: batch-variance (error)"]
+    assert fail_on_failures(records, ["thread-variance"]) == []
+
+
+def _report(status: str = "complete") -> dict[str, Any]:
+    records = [_record("mm", "torch", batch_variance="fail", thread_variance="fail"), _record("mm", "detkit"),
+               _record("topk", "torch")]
+    data = {"schema": "detkit.report", "kind": "audit", "status": status, "config": {"device": "cpu"},
+            "fingerprint": {"versions": {"torch": "x"}}, "results": records, "errors": []}
+    data["summary"] = summarize(data, ["batch-variance"])
+    return data
+
+
+def test_markdown_has_every_record_and_the_verdicts() -> None:
+    md = to_markdown(_report())
+    assert md.count("| mm |") == 2 and "| topk |" in md
+    assert "**FAIL from b=2, max 3 ULP**" in md
+    assert "FAILED" in md  # --fail-on line
+    assert "PARTIAL" in to_markdown(_report("partial"))
+    assert "INCOMPLETE" in to_markdown(_report("running"))
+
+
+def test_html_is_self_contained_with_heat_map_and_histograms() -> None:
+    page = to_html(_report())
+    assert "<script" not in page and "src=" not in page and "href=" not in page
+    assert "@import" not in page and "url(" not in page
+    urls = set(re.findall(r"https?://[^\s\"'<>]+", page))
+    assert urls <= {"http://www.w3.org/2000/svg"}
+    svgs = re.findall(r"<svg.*?</svg>", page, flags=re.S)
+    assert len(svgs) == 1 + 2  # heat map + one histogram per failed check with ULPs
+    for svg in svgs:
+        ET.fromstring(svg)  # well-formed XML
+    assert "aria-label=\"heat map op x check\"" in page
+
+
+def test_heat_map_has_one_cell_per_op_impl_check() -> None:
+    records = _report()["results"]
+    svg = heat_map_svg(records, list(CHECKS[:3]))
+    root = ET.fromstring(svg)
+    rects = root.findall(".//{http://www.w3.org/2000/svg}rect")
+    # ops {mm, topk} x impls {torch, detkit} x 3 checks (topk has no detkit record: "not run" cell)
+    assert len(rects) == 2 * 2 * 3
+    assert ulp_histogram_svg([], "empty") == ""
+    assert short_cell({"verdict": "fail", "first_b": 4}, "batch-variance")[0] == "FAIL b>=4"
+
+
+def test_report_schema_doc_exists_and_names_the_fields() -> None:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "report-schema.md").read_text()
+    for field in ("schema_version", "fingerprint", "first_b", "max_ulp", "ulp_hist", "partial", "record"):
+        assert field in doc
+    assert "probe" in doc and "pytest" in doc
+

@@ -1,0 +1,379 @@
+"""Batch invariance of detkit's CPU kernels (portable=False), checked bitwise on every row.
+
+Each property compares a row's bits computed in one situation (alone, in a batch of a
+given size, at a given position, among other rows, with 1 or 2 threads, padded, as a
+decode step) with the same row computed in another. Values come from a seeded torch
+generator so that bfloat16/float16 are covered (hypothesis draws shapes and seeds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from detkit import kernels
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+dtypes = st.sampled_from(DTYPES)
+seeds = st.integers(0, 2**31 - 1)
+
+
+def same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bitwise equality (NaN payloads included, -0.0 != +0.0)."""
+    if x.shape != y.shape or x.dtype != y.dtype:
+        return False
+    iv = _INT_VIEW[x.dtype]
+    return torch.equal(x.contiguous().view(iv), y.contiguous().view(iv))
+
+
+def assert_rows_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    for r in range(got.shape[0]):
+        assert same_bits(got[r], want[r]), f"{what}: row {r} differs"
+
+
+def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+
+@contextmanager
+def threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def check_row_invariance(
+    f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, gen: torch.Generator, n_sizes: int = 4
+) -> None:
+    """f's rows must not depend on batch size, position, other rows or threads."""
+    m = x.shape[0]
+    with threads(2):
+        full = f(x)
+    sizes = {1, m} | {int(s) for s in torch.randint(1, m + 1, (n_sizes,), generator=gen)}
+    for b in sorted(sizes):
+        assert_rows_equal(f(x[:b]), full[:b], f"first {b} of {m} rows")
+    # Every row at a random position among fresh rows (other contents, other size).
+    other = torch.randn(x.shape, generator=gen).to(x.dtype)
+    perm = torch.randperm(m, generator=gen)
+    mixed = torch.cat([other[: m // 2 + 1], x[perm]])
+    got = f(mixed)[m // 2 + 1 :]
+    assert_rows_equal(got, full[perm], "rows placed after other rows, permuted")
+    with threads(1):
+        assert_rows_equal(f(x), full, "1 thread vs 2 threads")
+
+
+# --------------------------------------------------------------------------- matmul
+
+
+@given(
+    dtype=dtypes,
+    m=st.integers(1, 300),
+    k=st.integers(1, 2048),
+    n=st.integers(1, 80),
+    transposed=st.booleans(),
+    with_bias=st.booleans(),
+    seed=seeds,
+)
+def test_matmul_2d_row_invariance(
+    dtype: torch.dtype, m: int, k: int, n: int, transposed: bool, with_bias: bool, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(gen, m, k, dtype=dtype)
+    # A transposed weight view, as F.linear passes it, must work uncopied.
+    w = randn(gen, n, k, dtype=dtype).t() if transposed else randn(gen, k, n, dtype=dtype)
+    bias = randn(gen, n, dtype=dtype) if with_bias else None
+    check_row_invariance(lambda a: kernels.matmul(a, w, bias), x, gen)
+
+
+def test_matmul_fixed_order_fallback_is_invariant(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DETKIT_CPU_MATMUL", "fixed-order")
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = randn(gen, 67, 129, dtype=dtype)
+        w = randn(gen, 33, 129, dtype=dtype).t()
+        bias = randn(gen, 33, dtype=dtype)
+        check_row_invariance(lambda a: kernels.matmul(a, w, bias), x, gen)
+        ref = x.double() @ w.double() + bias.double()
+        assert (kernels.matmul(x, w, bias).double() - ref).abs().max() < 0.1
+    assert kernels.cpu_status()["forced_fixed_order"] is True
+
+
+def test_matmul_verdicts_are_recorded() -> None:
+    gen = torch.Generator().manual_seed(2)
+    kernels.matmul(randn(gen, 5, 77), randn(gen, 77, 19))
+    status = kernels.cpu_status()
+    verdicts = [v for v in status["verdicts"] if v["k"] == 77 and v["n"] == 19]  # type: ignore[index, union-attr]
+    assert verdicts, status
+    assert all(v["reason"] for v in verdicts)
+
+
+@given(
+    dtype=dtypes,
+    batch=st.integers(1, 6),
+    m=st.integers(1, 40),
+    k=st.integers(1, 300),
+    n=st.integers(1, 70),
+    pad_left=st.integers(0, 37),
+    pad_right=st.integers(0, 37),
+    seed=seeds,
+)
+def test_bmm_rows_and_zero_padding_along_k(
+    dtype: torch.dtype, batch: int, m: int, k: int, n: int, pad_left: int, pad_right: int, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    a = randn(gen, batch, m, k, dtype=dtype)
+    b = randn(gen, batch, k, n, dtype=dtype)
+    full = kernels.matmul(a, b)
+    for i in range(batch):
+        check_row_invariance(lambda r: kernels.matmul(r.unsqueeze(0), b[i : i + 1])[0], a[i], gen, n_sizes=2)
+        assert_rows_equal(kernels.matmul(a[i : i + 1], b[i : i + 1])[0], full[i], f"batch entry {i} alone")
+    # Exact-zero coefficients (left/right padding of attention probabilities) change nothing,
+    # whatever the padded rows of b hold.
+    zl = torch.zeros(batch, m, pad_left, dtype=dtype)
+    zr = torch.zeros(batch, m, pad_right, dtype=dtype)
+    a_pad = torch.cat([zl, a, zr], dim=2)
+    b_pad = torch.cat([randn(gen, batch, pad_left, n, dtype=dtype), b, randn(gen, batch, pad_right, n, dtype=dtype)], dim=1)
+    out = kernels.matmul(a_pad, b_pad)
+    for i in range(batch):
+        assert_rows_equal(out[i], full[i], "zero-padded along K")
+
+
+def test_matmul_transposed_and_noncontiguous_inputs_match_contiguous() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for dtype in DTYPES:
+        x = randn(gen, 50, 96, dtype=dtype)
+        w = randn(gen, 96, 40, dtype=dtype)
+        want = kernels.matmul(x, w)
+        x_t = x.t().contiguous().t()  # column-major view of the same values
+        x_s = torch.cat([x, x], dim=1)[:, ::2]
+        assert same_bits(kernels.matmul(x_t, w), want)
+        assert same_bits(kernels.matmul(x, w.t().contiguous().t()), want)
+        x_s.copy_(x)
+        assert same_bits(kernels.matmul(x_s, w), want)
+        a3 = randn(gen, 3, 9, 96, dtype=dtype)
+        b3 = randn(gen, 3, 40, 96, dtype=dtype).transpose(1, 2)
+        assert same_bits(kernels.matmul(a3, b3), kernels.matmul(a3, b3.contiguous()))
+
+
+# --------------------------------------------------------------------------- softmax
+
+
+@given(dtype=dtypes, r=st.integers(1, 300), length=st.integers(1, 2048), log=st.booleans(), seed=seeds)
+def test_softmax_row_invariance(dtype: torch.dtype, r: int, length: int, log: bool, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(gen, r, length, dtype=dtype, scale=4.0)
+    f = kernels.log_softmax if log else kernels.softmax
+    check_row_invariance(lambda t: f(t), x, gen)
+
+
+@given(
+    dtype=dtypes,
+    length=st.integers(1, 600),
+    pad_left=st.integers(0, 70),
+    pad_right=st.integers(0, 70),
+    additive=st.booleans(),
+    seed=seeds,
+)
+def test_softmax_padding_invariance(
+    dtype: torch.dtype, length: int, pad_left: int, pad_right: int, additive: bool, seed: int
+) -> None:
+    """Masked scores (-inf, or finfo.min added as HF does) must not change the real entries."""
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(gen, 3, length, dtype=dtype, scale=3.0)
+    if additive:
+        # HF adds finfo(dtype).min to masked scores: exp underflows to exact zeros.
+        left = randn(gen, 3, pad_left, dtype=dtype) + torch.finfo(dtype).min
+        right = randn(gen, 3, pad_right, dtype=dtype) + torch.finfo(dtype).min
+    else:
+        left = torch.full((3, pad_left), float("-inf"), dtype=dtype)
+        right = torch.full((3, pad_right), float("-inf"), dtype=dtype)
+    padded = torch.cat([left, x, right], dim=1)
+    want = kernels.softmax(x)
+    got = kernels.softmax(padded)
+    assert same_bits(got[:, pad_left : pad_left + length], want)
+    assert torch.all(got[:, :pad_left] == 0) and torch.all(got[:, pad_left + length :] == 0)
+    assert same_bits(kernels.log_softmax(padded)[:, pad_left : pad_left + length], kernels.log_softmax(x))
+
+
+# --------------------------------------------------------------------------- norms and reductions
+
+
+@given(
+    dtype=dtypes,
+    r=st.integers(1, 300),
+    length=st.integers(1, 2048),
+    kind=st.sampled_from(["rms", "rms_noweight", "layer", "layer_noaffine", "sum", "mean"]),
+    seed=seeds,
+)
+def test_row_kernels_invariance(dtype: torch.dtype, r: int, length: int, kind: str, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(gen, r, length, dtype=dtype, scale=2.0) + 0.5
+    w = randn(gen, length, dtype=dtype)
+    b = randn(gen, length, dtype=dtype)
+    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "rms": lambda t: kernels.rms_norm(t, w, 1e-6),
+        "rms_noweight": lambda t: kernels.rms_norm(t),
+        "layer": lambda t: kernels.layer_norm(t, w, b),
+        "layer_noaffine": lambda t: kernels.layer_norm(t, eps=1e-3),
+        "sum": lambda t: kernels.sum(t, -1, keepdim=True),
+        "mean": lambda t: kernels.mean(t, 1, keepdim=True),
+    }
+    check_row_invariance(fns[kind], x, gen)
+
+
+def test_reductions_over_other_dims_and_transposed_inputs() -> None:
+    gen = torch.Generator().manual_seed(4)
+    for dtype in DTYPES:
+        x = randn(gen, 4, 30, 50, dtype=dtype)
+        xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+        for fn in (kernels.sum, kernels.mean, kernels.softmax, kernels.log_softmax):
+            for d in (0, 1, 2, -1):
+                assert same_bits(fn(xt, d), fn(x, d)), (fn, d)
+                # Reducing dim d must equal the last-dim kernel on the moved tensor.
+                assert same_bits(fn(x, d), fn(x.movedim(d, -1), -1).movedim(-1, d) if fn in (kernels.softmax, kernels.log_softmax) else fn(x.movedim(d, -1), -1))
+        w = randn(gen, 50, dtype=dtype)
+        assert same_bits(kernels.rms_norm(xt, w), kernels.rms_norm(x, w))
+        assert same_bits(kernels.layer_norm(xt, w, w), kernels.layer_norm(x, w, w))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@given(
+    dtype=dtypes,
+    heads=st.sampled_from([(1, 1), (4, 4), (4, 2), (6, 1)]),
+    length=st.integers(1, 48),
+    d=st.sampled_from([1, 8, 16, 24, 64, 80]),
+    pad_left=st.integers(0, 9),
+    pad_right=st.integers(0, 9),
+    seed=seeds,
+)
+def test_attention_padding_and_decode_vs_prefill(
+    dtype: torch.dtype, heads: tuple[int, int], length: int, d: int, pad_left: int, pad_right: int, seed: int
+) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    h, hk = heads
+    q = randn(gen, 1, h, length, d, dtype=dtype)
+    k = randn(gen, 1, hk, length, d, dtype=dtype)
+    v = randn(gen, 1, hk, length, d, dtype=dtype)
+    gqa = h != hk
+    prefill = kernels.attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # Decode: query t alone against the cache of keys 0..t.
+    for t in range(length):
+        step = kernels.attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], enable_gqa=gqa)
+        assert same_bits(step[:, :, 0], prefill[:, :, t]), f"decode step {t} differs from prefill"
+    # Left/right padding with arbitrary junk keys that the mask excludes.
+    total = pad_left + length + pad_right
+    kp = randn(gen, 1, hk, total, d, dtype=dtype, scale=50.0)
+    vp = randn(gen, 1, hk, total, d, dtype=dtype, scale=50.0)
+    kp[:, :, pad_left : pad_left + length] = k
+    vp[:, :, pad_left : pad_left + length] = v
+    mask = torch.zeros(length, total, dtype=torch.bool)
+    mask[:, pad_left : pad_left + length] = torch.ones(length, length, dtype=torch.bool).tril()
+    padded = kernels.attention(q, kp, vp, attn_mask=mask, enable_gqa=gqa)
+    assert same_bits(padded, prefill), "padding changed the result"
+    # The same as an additive mask (0 / -inf), the form HF models build.
+    add = torch.zeros(length, total, dtype=dtype).masked_fill(~mask, float("-inf"))
+    assert same_bits(kernels.attention(q, kp, vp, attn_mask=add, enable_gqa=gqa), prefill)
+
+
+@given(dtype=dtypes, batch=st.integers(1, 12), lq=st.integers(1, 9), lk=st.integers(1, 40), seed=seeds)
+def test_attention_batch_invariance(dtype: torch.dtype, batch: int, lq: int, lk: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    q = randn(gen, batch, 2, lq, 32, dtype=dtype)
+    k = randn(gen, batch, 2, lk, 32, dtype=dtype)
+    v = randn(gen, batch, 2, lk, 16, dtype=dtype)
+    mask = torch.rand(batch, 1, lq, lk, generator=gen) > 0.3
+    with threads(2):
+        full = kernels.attention(q, k, v, attn_mask=mask)
+    with threads(1):
+        assert same_bits(kernels.attention(q, k, v, attn_mask=mask), full)
+    perm = torch.randperm(batch, generator=gen)
+    assert same_bits(kernels.attention(q[perm], k[perm], v[perm], attn_mask=mask[perm]), full[perm])
+    for i in range(batch):
+        alone = kernels.attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], attn_mask=mask[i : i + 1])
+        assert same_bits(alone, full[i : i + 1]), f"sequence {i} alone differs"
+
+
+# --------------------------------------------------------------------------- accuracy sanity
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accuracy_close_to_float64(dtype: torch.dtype) -> None:
+    """Loose sanity bound vs float64 torch: reduced in float32, rounded once."""
+    gen = torch.Generator().manual_seed(5)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    x = randn(gen, 64, 512, dtype=dtype)
+    w = randn(gen, 512, dtype=dtype)
+    x64, w64 = x.double(), w.double()
+
+    def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+        return float(((got.double() - ref).abs() / (ref.abs() + 1)).max())
+
+    assert rel(kernels.softmax(x), torch.softmax(x64, -1)) < tol
+    assert rel(kernels.log_softmax(x), torch.log_softmax(x64, -1)) < tol
+    assert rel(kernels.rms_norm(x, w, 1e-6), F.rms_norm(x64, (512,), w64, 1e-6)) < tol
+    assert rel(kernels.layer_norm(x, w, w), F.layer_norm(x64, (512,), w64, w64)) < tol
+    assert rel(kernels.mean(x), x64.mean(-1)) < tol
+    assert rel(kernels.sum(x) / 512, x64.sum(-1) / 512) < tol
+    b = randn(gen, 512, 96, dtype=dtype)
+    assert rel(kernels.matmul(x, b) / 512**0.5, (x64 @ b.double()) / 512**0.5) < tol
+    q = randn(gen, 2, 4, 17, 32, dtype=dtype)
+    kv = randn(gen, 2, 4, 23, 32, dtype=dtype)
+    mask = torch.rand(17, 23, generator=gen) > 0.2
+    ref = F.scaled_dot_product_attention(q.double(), kv.double(), kv.double(), attn_mask=mask)
+    assert rel(kernels.attention(q, kv, kv, attn_mask=mask), ref) < tol
+    assert rel(kernels.attention(q, kv, kv, is_causal=True), F.scaled_dot_product_attention(q.double(), kv.double(), kv.double(), is_causal=True)) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_torch_semantics(dtype: torch.dtype) -> None:
+    """Same function as torch (compared loosely): masks, GQA, scale, broadcasting."""
+    gen = torch.Generator().manual_seed(6)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-3}[dtype]
+    q = randn(gen, 2, 6, 5, 16, dtype=dtype)
+    k = randn(gen, 2, 3, 7, 16, dtype=dtype)
+    v = randn(gen, 2, 3, 7, 8, dtype=dtype)
+    bool_mask = torch.rand(2, 1, 5, 7, generator=gen) > 0.4
+    bool_mask[0, 0, 1] = False  # a query with no attended key: zeros, like torch
+    float_mask = randn(gen, 5, 7, dtype=dtype)
+    for kw in (
+        {"attn_mask": bool_mask},
+        {"attn_mask": float_mask},
+        {"is_causal": True},
+        {"scale": 0.3},
+    ):
+        got = kernels.attention(q, k, v, enable_gqa=True, **kw)
+        kw64 = {n: (t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in kw.items()}
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True, **kw64)
+        assert (got.double() - ref).abs().max() < tol, kw
+    a = randn(gen, 3, 1, 4, 10, dtype=dtype)
+    b = randn(gen, 5, 10, 6, dtype=dtype)
+    assert kernels.matmul(a, b).shape == torch.matmul(a, b).shape == (3, 5, 4, 6)
+    assert (kernels.matmul(a, b).double() - a.double() @ b.double()).abs().max() < tol * 10
+    vec = randn(gen, 10, dtype=dtype)
+    assert kernels.matmul(vec, b).shape == torch.matmul(vec, b).shape
+    assert kernels.matmul(a, vec).shape == torch.matmul(a, vec).shape
+    assert kernels.matmul(vec, vec).shape == ()
+    bias2 = randn(gen, 4, 6, dtype=dtype)
+    assert (kernels.matmul(a[0, 0], b[0], bias2).double() - (a[0, 0].double() @ b[0].double() + bias2.double())).abs().max() < tol * 10
+
+
+def test_float64_supported() -> None:
+    gen = torch.Generator().manual_seed(7)
+    x = randn(gen, 20, 33, dtype=torch.float64)
+    assert (kernels.softmax(x) - torch.softmax(x, -1)).abs().max() < 1e-14
+    assert (kernels.rms_norm(x) - F.rms_norm(x, (33,))).abs().max() < 1e-13
+    check_row_invariance(lambda t: kernels.matmul(t, x.t()), x, gen)

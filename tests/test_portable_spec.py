@@ -1,0 +1,312 @@
+"""The fast portable CPU kernels equal the executable spec bit for bit.
+
+``detkit.kernels.spec`` is ``docs/canonical-orders.md`` written as plain Python; the
+numba kernels in ``detkit.kernels.portable_cpu`` must reproduce it exactly on random
+and adversarial inputs (every fp32 bit pattern incl. NaN/Inf/subnormals, cancellation,
+huge and tiny magnitudes, lengths that straddle the 32 lanes and the 256 tiles). Also:
+the invariances the canonical orders promise (batch, padding, decode vs prefill,
+thread count), exp/log accuracy, and clear errors.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numba
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from detkit.errors import BackendUnavailable, InputError
+from detkit.kernels import portable_cpu as P
+from detkit.kernels import spec as S
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KINDS = ("normal", "bits", "cancel", "scaled", "special")
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_numpy():
+    with np.errstate(all="ignore"):
+        yield
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(_INT_VIEW[t.dtype])
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    gb, wb = bits(got), bits(want)
+    if not torch.equal(gb, wb):
+        idx = (gb != wb).nonzero()[0].tolist()
+        raise AssertionError(
+            f"{int((gb != wb).sum())} of {gb.numel()} elements differ; first at {idx}: "
+            f"got {got[tuple(idx)].item()!r} want {want[tuple(idx)].item()!r}"
+        )
+
+
+def make(kind: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Adversarial float tensors; reduced-precision ones are built from bit patterns."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    if kind == "bits":
+        if dtype == torch.float32:
+            raw = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32).view(np.int32)
+            return torch.from_numpy(raw.copy()).view(torch.float32).reshape(shape)
+        raw = rng.integers(0, 2**16, n, dtype=np.uint32).astype(np.uint16).view(np.int16)
+        return torch.from_numpy(raw.copy()).view(dtype).reshape(shape)
+    v = rng.standard_normal(n) * 3.0
+    if kind == "cancel":  # pairs x, -x(1 + tiny): sums cancel catastrophically
+        half = n // 2
+        v[1 : 2 * half : 2] = -v[0 : 2 * half : 2] * (1.0 + rng.standard_normal(half) * 1e-6)
+    elif kind == "scaled":  # huge, tiny and subnormal magnitudes in one row
+        lo, hi = (-24, 15) if dtype == torch.float16 else (-140, 120)
+        v = v * np.exp2(rng.integers(lo, hi, n).astype(np.float64))
+    elif kind == "special":
+        pool = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-42, -3e-39, 3e38, -3e38])
+        hit = rng.random(n) < 0.15
+        v[hit] = rng.choice(pool, int(hit.sum()))
+    return torch.from_numpy(v.reshape(shape)).to(dtype)
+
+
+case = st.tuples(st.sampled_from(DTYPES), st.sampled_from(KINDS), st.integers(0, 2**31 - 1))
+
+
+# ---------------------------------------------------------------- fast == spec
+
+
+@given(case, st.integers(1, 3), st.integers(1, 300), st.sampled_from([1, 5, 16, 33, 257]),
+       st.booleans(), st.booleans())
+def test_matmul_matches_spec(c, m, k, n, transposed, with_bias):
+    dtype, kind, seed = c
+    if n * k * m > 40_000:
+        k = max(1, 40_000 // (n * m))
+    a = make(kind, (m, k), dtype, seed)
+    b = make(kind, (n, k), dtype, seed + 1).T if transposed else make(kind, (k, n), dtype, seed + 1)
+    bias = make(kind, (n,), dtype, seed + 2) if with_bias else None
+    assert_same_bits(P.matmul(a, b, bias), S.matmul(a, b, bias))
+
+
+@given(case, st.integers(1, 3))
+def test_batched_matmul_matches_spec(c, batch):
+    dtype, kind, seed = c
+    a = make(kind, (batch, 3, 19), dtype, seed)
+    b = make(kind, (batch, 19, 7), dtype, seed + 1)
+    assert_same_bits(P.matmul(a, b, None), S.matmul(a, b, None))
+
+
+@given(case, st.integers(1, 4), st.integers(1, 100), st.booleans())
+def test_softmax_matches_spec(c, rows, length, log):
+    dtype, kind, seed = c
+    x = make(kind, (rows, length), dtype, seed)
+    assert_same_bits(P.softmax(x, log), S.softmax(x, log))
+
+
+@given(case, st.integers(1, 4), st.integers(1, 100), st.booleans())
+def test_row_sum_matches_spec(c, rows, length, mean):
+    dtype, kind, seed = c
+    x = make(kind, (rows, length), dtype, seed)
+    assert_same_bits(P.row_sum(x, mean), S.row_sum(x, mean))
+
+
+@given(case, st.integers(1, 4), st.integers(1, 100), st.booleans(), st.booleans(),
+       st.sampled_from([1e-5, 1e-6, 0.0]))
+def test_norms_match_spec(c, rows, length, with_weight, with_bias, eps):
+    dtype, kind, seed = c
+    x = make(kind, (rows, length), dtype, seed)
+    w = make("normal", (length,), dtype, seed + 1) if with_weight else None
+    b = make("normal", (length,), dtype, seed + 2) if with_bias else None
+    assert_same_bits(P.rms_norm(x, w, eps), S.rms_norm(x, w, eps))
+    assert_same_bits(P.layer_norm(x, w, b, eps), S.layer_norm(x, w, b, eps))
+
+
+@given(case, st.integers(1, 2), st.sampled_from([(2, 1), (2, 2), (4, 2)]), st.integers(1, 5),
+       st.integers(1, 40), st.integers(1, 9), st.sampled_from(["none", "bool", "float", "causal"]))
+def test_attention_matches_spec(c, nb, heads, lq, lk, d, mask_kind):
+    dtype, kind, seed = c
+    h, hk = heads
+    q = make(kind, (nb, h, lq, d), dtype, seed)
+    k = make(kind, (nb, hk, lk, d), dtype, seed + 1)
+    v = make(kind, (nb, hk, lk, d + 1), dtype, seed + 2)
+    rng = np.random.default_rng(seed)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.from_numpy(rng.random((nb, 1, lq, lk)) < 0.7)
+    elif mask_kind == "causal":  # SDPA's top-left alignment, as the front end folds it
+        mask = torch.ones(lq, lk, dtype=torch.bool).tril()
+    elif mask_kind == "float":
+        mv = rng.standard_normal((1, h, lq, lk))
+        mv[rng.random(mv.shape) < 0.3] = -np.inf
+        mask = torch.from_numpy(mv).float()
+    scale = float(rng.uniform(0.05, 1.0))
+    assert_same_bits(P.attention(q, k, v, mask, scale), S.attention(q, k, v, mask, scale))
+
+
+@given(case, st.sampled_from(P.ELEMENTWISE_OPS), st.integers(1, 300))
+def test_elementwise_matches_spec(c, name, n):
+    dtype, kind, seed = c
+    x = make(kind, (n,), dtype, seed)
+    assert_same_bits(P.elementwise(name, x), S.elementwise(name, x))
+
+
+def test_elementwise_special_values():
+    x = torch.tensor([0.0, -0.0, 1.0, -1.0, math.inf, -math.inf, math.nan, 88.72, 88.73,
+                      -103.9, -104.5, 1e-45, 1.17e-38, 3.4e38, -87.5])
+    for name in P.ELEMENTWISE_OPS:
+        assert_same_bits(P.elementwise(name, x), S.elementwise(name, x))
+    e = P.elementwise("exp", x)
+    assert e[0] == 1 and e[4] == math.inf and e[5] == 0 and e[8] == math.inf and e[10] == 0
+    lg = P.elementwise("log", x)
+    assert lg[0] == -math.inf and lg[2] == 0 and lg[4] == math.inf and torch.isnan(lg[3])
+
+
+def test_spec_fma_fast_path_is_exact():
+    rng = np.random.default_rng(7)
+    a = rng.integers(0, 2**32, 20_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    b = (rng.standard_normal(20_000) * np.exp2(rng.integers(-70, 70, 20_000))).astype(np.float32)
+    c = -(a.astype(np.float64) * b).astype(np.float32)  # near-total cancellation
+    c[::3] = rng.standard_normal(c[::3].shape[0]).astype(np.float32)
+    for x, y, z in zip(a, b, c, strict=True):
+        got, want = S.fma(x, y, z), S.fma_exact(x, y, z)
+        assert got.view(np.uint32) == want.view(np.uint32) or (np.isnan(got) and np.isnan(want))
+    # A double-rounding trap: exact value just above an fp32 midpoint.
+    one = np.float32(1.0)
+    tiny = np.float32(2.0**-60)
+    assert S.fma(one + np.float32(2.0**-23), one, np.float32(2.0**-24) + tiny) == S.fma_exact(
+        one + np.float32(2.0**-23), one, np.float32(2.0**-24) + tiny)
+    assert S.round_f32(Fraction(1) + Fraction(1, 2**24) + Fraction(1, 2**80)) == np.float32(1 + 2.0**-23)
+
+
+def test_nan_outputs_are_canonical():
+    x = torch.tensor([[1.0, math.nan, 2.0], [math.inf, 1.0, 0.0]])
+    y = P.softmax(x, False)
+    assert (bits(y[torch.isnan(y)]) == 0x7FC00000).all() and torch.isnan(y).all()
+    yb = P.softmax(x.bfloat16(), False)
+    assert (bits(yb) == 0x7FC0).all()
+    yh = P.softmax(x.half(), False)
+    assert (bits(yh) == 0x7E00).all()
+
+
+# ---------------------------------------------------------------- promised invariances
+
+
+@given(st.sampled_from(DTYPES), st.integers(0, 2**31 - 1), st.integers(1, 70))
+def test_matmul_rows_are_batch_invariant(dtype, seed, m):
+    a = make("normal", (m, 300), dtype, seed)
+    w = make("normal", (37, 300), dtype, seed + 1)
+    bias = make("normal", (37,), dtype, seed + 2)
+    full = P.matmul(a, w.T, bias)
+    for i in range(m):
+        assert_same_bits(full[i : i + 1], P.matmul(a[i : i + 1], w.T, bias))
+    # same bits whatever the layout of b
+    assert_same_bits(full, P.matmul(a, w.T.contiguous(), bias))
+
+
+@given(st.sampled_from(DTYPES), st.integers(0, 2**31 - 1), st.integers(0, 40), st.integers(0, 40),
+       st.integers(1, 80))
+def test_padding_changes_nothing_in_row_ops(dtype, seed, left, right, length):
+    x = make("normal", (3, length), dtype, seed)
+    pad_l = torch.full((3, left), -math.inf, dtype=dtype)
+    pad_r = torch.full((3, right), -math.inf, dtype=dtype)
+    padded = torch.cat([pad_l, x, pad_r], dim=1)
+    assert_same_bits(P.softmax(padded, False)[:, left : left + length], P.softmax(x, False))
+    assert_same_bits(P.softmax(padded, True)[:, left : left + length], P.softmax(x, True))
+    zeros = torch.cat([torch.zeros_like(pad_l), x, torch.zeros_like(pad_r)], dim=1)
+    assert_same_bits(P.row_sum(zeros, False), P.row_sum(x, False))
+
+
+@given(st.sampled_from(DTYPES), st.integers(0, 2**31 - 1), st.integers(0, 9), st.integers(1, 30))
+def test_attention_padding_and_decode_change_nothing(dtype, seed, pad, lk):
+    q = make("normal", (1, 4, lk, 16), dtype, seed)
+    k = make("normal", (1, 2, lk, 16), dtype, seed + 1)
+    v = make("normal", (1, 2, lk, 8), dtype, seed + 2)
+    causal = torch.ones(lk, lk, dtype=torch.bool).tril()
+    prefill = P.attention(q, k, v, causal, 0.25)
+    # decode: the last query alone against all keys
+    assert_same_bits(P.attention(q[:, :, -1:], k, v, None, 0.25), prefill[:, :, -1:])
+    # left padding with garbage (even NaN) keys, masked out by a bool mask
+    junk_k = torch.full((1, 2, pad, 16), math.nan, dtype=dtype)
+    kp, vp = torch.cat([junk_k, k], 2), torch.cat([junk_k[..., :8], v], 2)
+    mask = torch.cat([torch.zeros(lk, pad, dtype=torch.bool), causal], 1)
+    assert_same_bits(P.attention(q, kp, vp, mask, 0.25), prefill)
+    # the same with an additive -inf mask (finite junk keys)
+    kf, vf = torch.cat([torch.ones_like(junk_k), k], 2), torch.cat([torch.ones_like(junk_k[..., :8]), v], 2)
+    fmask = torch.zeros(lk, pad + lk).masked_fill(~mask, -math.inf)
+    assert_same_bits(P.attention(q, kf, vf, fmask, 0.25), prefill)
+
+
+def test_thread_count_changes_nothing():
+    before = numba.get_num_threads()
+    a = make("normal", (70, 600), torch.float32, 3)
+    w = make("normal", (530, 600), torch.bfloat16, 4).float()
+    x = make("special", (50, 333), torch.float32, 5)
+    outs = []
+    try:
+        for threads in sorted({1, before}):
+            numba.set_num_threads(threads)
+            outs.append([P.matmul(a, w.T, None), P.softmax(x, True), P.rms_norm(x, None, 1e-6),
+                         P.layer_norm(x, None, None, 1e-5), P.elementwise("silu", x)])
+    finally:
+        numba.set_num_threads(before)
+    for got in outs[1:]:
+        for g, w0 in zip(got, outs[0], strict=True):
+            assert_same_bits(g, w0)
+
+
+# ---------------------------------------------------------------- accuracy and errors
+
+
+def _ulp_err(y: float, exact: float) -> float:
+    if exact == 0:
+        return 0.0 if y == 0 else math.inf
+    e = math.frexp(abs(exact))[1] - 1
+    return abs(y - exact) / 2.0 ** (max(e, -126) - 23)
+
+
+def test_exp_and_log_within_one_ulp():
+    # float64 libm references are within 1e-8 fp32 ULP of exact: enough to bound by 1 ULP.
+    rng = np.random.default_rng(11)
+    xs = np.concatenate([rng.uniform(-103, 88.7, 20_000), rng.uniform(-1, 1, 5_000)]).astype(np.float32)
+    ye = P.elementwise("exp", torch.from_numpy(xs)).numpy()
+    assert max(_ulp_err(float(y), math.exp(float(x))) for x, y in zip(xs, ye, strict=True)) < 1.0
+    ls = np.exp2(rng.uniform(-149, 128, 20_000)).astype(np.float32)
+    ls = ls[(ls > 0) & np.isfinite(ls)]
+    yl = P.elementwise("log", torch.from_numpy(ls)).numpy()
+    assert max(_ulp_err(float(y), math.log(float(x))) for x, y in zip(ls, yl, strict=True)) < 1.0
+
+
+def test_bad_input_is_rejected():
+    with pytest.raises(InputError, match="float64"):
+        P.softmax(torch.zeros(2, 3, dtype=torch.float64), False)
+    with pytest.raises(InputError, match="elementwise"):
+        P.elementwise("erf", torch.zeros(3))
+    with pytest.raises(InputError, match="float64"):
+        S.softmax(torch.zeros(2, 3, dtype=torch.float64), False)
+
+
+def test_flush_to_zero_is_refused():
+    try:
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU cannot flush denormals")
+        with pytest.raises(BackendUnavailable, match="subnormal"):
+            P.softmax(torch.zeros(1, 3), False)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_final_rounding_is_ieee_nearest_even(dtype):
+    # every fp32 bit pattern class: compare with torch's conversion for non-NaN values
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 2**32, 50_000, dtype=np.uint64).astype(np.uint32)
+    raw[:4] = [0x3F808000, 0x3F818000, 0x7F7FFFFF, 0x33000001]  # ties to even, overflow, tiny
+    x = torch.from_numpy(raw.view(np.int32).copy()).view(torch.float32)
+    x = x[~torch.isnan(x)]
+    want = x.to(dtype)
+    assert_same_bits(S.finish(x.numpy(), dtype), want)
+    assert_same_bits(P._finish(x.numpy().copy(), dtype), want)

@@ -1,0 +1,447 @@
+"""detkit.testing: the assertions on real batch-variant and batch-invariant functions."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from detkit import testing as T
+from detkit._testing_observers import OBSERVERS
+from detkit.errors import InputError, InvarianceViolation
+from detkit.testing import (
+    BatchVariance,
+    BitwiseMismatch,
+    CheckResult,
+    Nondeterminism,
+    UlpMismatch,
+    assert_batch_invariant,
+    assert_bitwise_equal,
+    assert_deterministic,
+    assert_ulp_close,
+)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+W64 = torch.randn(64, 64, generator=_gen(0))
+X8 = torch.randn(8, 64, generator=_gen(1))
+
+
+def linear(t: torch.Tensor) -> torch.Tensor:
+    return F.linear(t, W64)
+
+
+# ---------------------------------------------------------------- batch invariance
+
+
+def test_linear_is_batch_variant_on_this_cpu_and_every_b_ge_2_is_flagged() -> None:
+    # Measured on this machine: F.linear fp32 differs from the single-row result for
+    # every b >= 2 (MKL picks a different kernel), so the check must flag each of them.
+    with pytest.raises(BatchVariance) as info:
+        assert_batch_invariant(linear, X8, batch_sizes=[1, 2, 3, 8, 16])
+    err = info.value
+    assert isinstance(err, AssertionError) and isinstance(err, InvarianceViolation)
+    per_b = err.result.detail["per_batch_size"]
+    assert per_b["1"]["differing"] == 0
+    for b in ("2", "3", "8", "16"):
+        assert per_b[b]["differing"] > 0, b
+    assert err.result.verdict == "BATCH-VARIANT" and not err.result.passed
+    assert err.result.worst_ulp is not None and err.result.worst_ulp >= 1
+    first = err.result.detail["first_difference"]
+    assert first["batch_size"] >= 2 and 0 <= first["position"] < first["batch_size"]
+
+
+def test_failure_message_says_what_differs_where_and_what_to_try() -> None:
+    with pytest.raises(BatchVariance) as info:
+        assert_batch_invariant(linear, X8, batch_sizes=[2, 4])
+    msg = str(info.value)
+    assert msg.startswith("BATCH-VARIANT: linear:")
+    assert "placements" in msg and "%" in msg and "worst ULP" in msg
+    assert "batch size  placements  differing  rows differing  max ULP" in msg
+    assert "First difference: row " in msg and " at position " in msg and "of a batch of " in msg
+    assert "elements differ bitwise" in msg and "max ULP" in msg
+    # The table of first mismatches shows both values with their bits and the ULP distance.
+    assert "alone (b=1)" in msg and "in batch (b=" in msg and "(0x" in msg
+    assert "detkit.batch_invariant()" in msg
+
+
+@given(
+    rows=st.integers(1, 6),
+    cols=st.integers(1, 33),
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    dim=st.sampled_from([0, 1]),
+    positions=st.sampled_from(["random", "all", [0, -1]]),
+    seed=st.integers(0, 2**16),
+)
+def test_elementwise_ops_are_batch_invariant(
+    rows: int, cols: int, sizes: list[int], dtype: torch.dtype, dim: int, positions: object, seed: int
+) -> None:
+    x = torch.randn(rows, cols, generator=_gen(seed)).to(dtype)
+    if dim == 1:
+        x = x.T.contiguous()
+    fn = lambda t: torch.tanh(t) * 3 + torch.exp(-t)  # noqa: E731
+    result = assert_batch_invariant(fn, x, batch_sizes=sizes, dim=dim, positions=positions, seed=seed)
+    assert result.passed and result.worst_ulp == 0
+    assert result.detail["placements_checked"] >= rows * len(set(sizes)) or positions == [0, -1]
+
+
+@given(rows=st.integers(1, 5), cols=st.integers(1, 20), seed=st.integers(0, 1000))
+def test_numpy_functions_and_arrays(rows: int, cols: int, seed: int) -> None:
+    x = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    assert assert_batch_invariant(np.exp, x, batch_sizes=[1, 2, 5]).passed
+
+
+def test_numpy_matmul_is_batch_variant_on_this_cpu() -> None:
+    # Measured here: np.matmul fp32 (OpenBLAS) differs from the single-row result for b >= 2.
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((8, 64), dtype=np.float32), rng.standard_normal((64, 64), dtype=np.float32)
+    with pytest.raises(BatchVariance) as info:
+        assert_batch_invariant(lambda a: a @ w, x, batch_sizes=[1, 2, 4, 8])
+    assert info.value.result.detail["per_batch_size"]["8"]["rows_differing"] > 0
+
+
+def test_every_row_is_checked_not_only_row_0() -> None:
+    sentinel = 1234.5
+
+    def variant_for_one_row(t: torch.Tensor) -> torch.Tensor:
+        out = t * 2
+        if t.shape[0] > 1:  # a batch: nudge only the rows holding the sentinel by 1 ULP
+            hit = t[:, 0] == sentinel
+            out[hit] = torch.nextafter(out[hit], torch.full_like(out[hit], float("inf")))
+        return out
+
+    x = torch.randn(7, 5, generator=_gen(3))
+    x[5, 0] = sentinel
+    with pytest.raises(BatchVariance) as info:
+        assert_batch_invariant(variant_for_one_row, x, batch_sizes=[2, 3])
+    result = info.value.result
+    assert result.detail["first_difference"]["row"] == 5
+    assert result.worst_ulp == 1
+    assert all(s["rows_differing"] == 1 for s in result.detail["per_batch_size"].values())
+
+
+def test_positions_all_puts_every_row_at_every_position() -> None:
+    seen: set[tuple[int, int, int]] = set()
+
+    def spy(t: torch.Tensor) -> torch.Tensor:
+        for pos, row in enumerate(t[:, 0].tolist()):
+            seen.add((t.shape[0], pos, int(row)))
+        return t.clone()
+
+    x = torch.arange(5, dtype=torch.float32)[:, None].repeat(1, 3)
+    assert_batch_invariant(spy, x, batch_sizes=[2, 3, 7], positions="all")
+    for b in (2, 3, 7):
+        assert {(b, p, r) for p in range(b) for r in range(5)} <= seen
+
+    def variant_at_one_place(t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        if t.shape[0] == 3 and t[2, 0] == 4:  # row 4 at position 2 of a batch of 3 only
+            out[2] = -out[2]
+        return out
+
+    with pytest.raises(BatchVariance) as info:
+        assert_batch_invariant(variant_at_one_place, x, batch_sizes=[3], positions="all")
+    assert info.value.result.detail["first_difference"] | {"diff": None} == {
+        "batch_size": 3, "position": 2, "row": 4, "output": "", "diff": None
+    }
+
+
+def test_explicit_positions_and_random_positions_are_seeded() -> None:
+    places: list[list[tuple[int, int]]] = []
+
+    def spy(t: torch.Tensor) -> torch.Tensor:
+        places[-1].append(tuple(int(v) for v in t[:, 0].tolist()))  # type: ignore[arg-type]
+        return t.clone()
+
+    x = torch.arange(6, dtype=torch.float32)[:, None]
+    for _ in range(2):
+        places.append([])
+        assert_batch_invariant(spy, x, batch_sizes=[4], seed=7)
+    assert places[0] == places[1]
+    places.append([])
+    assert_batch_invariant(spy, x, batch_sizes=[4], positions=[-1])
+    batches = [p for p in places[-1] if len(p) == 4]
+    assert sorted(p[3] for p in batches) == list(range(6))  # each row once at the last slot
+
+
+def test_other_rows_are_used_as_fillers() -> None:
+    def normalise_by_batch_max(t: torch.Tensor) -> torch.Tensor:
+        return t / t.abs().max()
+
+    x = torch.ones(3, 4)
+    # Identical rows: every batch made of them has the same max, so this passes ...
+    assert assert_batch_invariant(normalise_by_batch_max, x, batch_sizes=[2, 5]).passed
+    # ... but placed among other rows the result depends on the neighbours.
+    other = torch.full((4, 4), 8.0)
+    with pytest.raises(BatchVariance) as info:
+        assert_batch_invariant(normalise_by_batch_max, x, batch_sizes=[2, 5], other=other)
+    detail = info.value.result.detail
+    assert detail["fillers"] == 4 and detail["placements_checked"] == 3 * 2
+
+
+def test_tuple_and_dict_inputs_and_outputs() -> None:
+    a = torch.randn(5, 16, generator=_gen(4))
+    b = torch.randn(5, 16, generator=_gen(5))
+    assert assert_batch_invariant(lambda p, q: (p * q, {"s": p + q}), (a, b), batch_sizes=[2, 3]).passed
+    assert assert_batch_invariant(lambda p, q: p - q, {"p": a, "q": b}, batch_sizes=[2]).passed
+    with pytest.raises(BatchVariance) as info:
+        assert_batch_invariant(lambda p, q: {"exact": p * q, "mm": linear(p.repeat(1, 4))}, (a, b), batch_sizes=[4])
+    assert "output ['mm']" in str(info.value)
+
+
+def test_out_dim_and_bad_outputs() -> None:
+    x = torch.randn(4, 6, generator=_gen(6))
+    assert assert_batch_invariant(lambda t: t.T * 2, x, batch_sizes=[3], out_dim=1).passed
+    with pytest.raises(InputError, match="has shape \\(6, 1\\) for a batch of 1; expected size 1 along out_dim=0"):
+        assert_batch_invariant(lambda t: t.T * 2, x, batch_sizes=[3])
+    with pytest.raises(InputError, match="0-d"):
+        assert_batch_invariant(lambda t: t.sum(), x, batch_sizes=[2])
+    with pytest.raises(InputError, match="returned nothing"):
+        assert_batch_invariant(lambda t: None, x, batch_sizes=[2])
+    with pytest.raises(InputError, match="tensors"):
+        assert_batch_invariant(lambda t: "text", x, batch_sizes=[2])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_sizes": []}, "non-empty"),
+        ({"batch_sizes": [0, 2]}, "positive"),
+        ({"batch_sizes": [True]}, "positive"),
+        ({"positions": "first"}, "positions"),
+        ({"positions": []}, "positions"),
+        ({"dim": 2}, "out of range"),
+        ({"other": torch.zeros(3, 5)}, "does not match x"),
+        ({"other": torch.zeros(0, 4)}, "no rows"),
+    ],
+)
+def test_bad_arguments_raise_input_errors(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(InputError, match=match) as info:
+        assert_batch_invariant(torch.exp, torch.zeros(3, 4), **kwargs)  # type: ignore[arg-type]
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(InputError, match="tensor"):
+        assert_batch_invariant(torch.exp, [[1.0, 2.0]], batch_sizes=[2])
+    with pytest.raises(InputError, match="different sizes"):
+        assert_batch_invariant(torch.add, (torch.zeros(3, 2), torch.zeros(4, 2)), batch_sizes=[2])
+    with pytest.raises(InputError, match="callable"):
+        assert_batch_invariant("exp", torch.zeros(3, 2))  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- determinism
+
+
+def _random_order_sum(v: torch.Tensor) -> torch.Tensor:
+    """Genuinely nondeterministic: float addition in an order drawn from OS entropy."""
+    idx = list(range(v.shape[0]))
+    random.SystemRandom().shuffle(idx)
+    acc = torch.zeros((), dtype=v.dtype)
+    for i in idx:
+        acc = acc + v[i]
+    return acc
+
+
+def test_deterministic_passes_for_a_deterministic_function() -> None:
+    result = assert_deterministic(linear, X8, runs=4)
+    assert result.passed and result.detail["distinct_results"] == 1
+
+
+def test_deterministic_catches_a_random_summation_order() -> None:
+    v = torch.randn(300, generator=_gen(8)) * 1000
+    with pytest.raises(Nondeterminism) as info:
+        assert_deterministic(_random_order_sum, v, runs=5)
+    msg = str(info.value)
+    assert msg.startswith("NONDETERMINISTIC: _random_order_sum:")
+    assert "distinct results in 5 runs" in msg and "differs from run 1" in msg
+    assert info.value.result.detail["distinct_results"] >= 2
+
+
+def test_deterministic_restores_global_rng_states_between_runs() -> None:
+    def noisy(t: torch.Tensor) -> torch.Tensor:
+        return t + torch.randn(t.shape) + float(np.random.rand()) + random.random()
+
+    assert assert_deterministic(noisy, X8, runs=3).passed
+    with pytest.raises(Nondeterminism):
+        assert_deterministic(noisy, X8, runs=3, restore_rng=False)
+
+
+def test_deterministic_copies_outputs_returned_by_reference() -> None:
+    buf = torch.zeros(3)
+
+    def accumulate() -> torch.Tensor:
+        buf.add_(1.0)
+        return buf  # the same tensor every time, mutated in place
+
+    with pytest.raises(Nondeterminism):
+        assert_deterministic(accumulate, runs=2)
+
+
+def test_deterministic_arguments() -> None:
+    with pytest.raises(InputError, match="runs"):
+        assert_deterministic(torch.exp, X8, runs=1)
+    with pytest.raises(InputError, match="returned nothing"):
+        assert_deterministic(lambda: None)
+    assert assert_deterministic(lambda: 3.5).passed  # Python numbers are compared too
+
+
+# ---------------------------------------------------------------- bitwise and ULP
+
+
+def test_bitwise_equal_is_bitwise() -> None:
+    x = X8.clone()
+    assert assert_bitwise_equal(x, X8).passed
+    assert assert_bitwise_equal(X8.numpy(), X8).passed  # numpy vs torch: same bits
+    with pytest.raises(BitwiseMismatch, match="1 of 1 outputs differ"):
+        assert_bitwise_equal(torch.tensor([0.0]), torch.tensor([-0.0]))
+    nan_a = torch.tensor([0x7FC00000], dtype=torch.int32).view(torch.float32)
+    nan_b = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)
+    with pytest.raises(BitwiseMismatch):
+        assert_bitwise_equal(nan_a, nan_b)
+    with pytest.raises(BitwiseMismatch, match="float64"):
+        assert_bitwise_equal(X8.double(), X8)
+    with pytest.raises(BitwiseMismatch, match=r"\[8, 64\]"):
+        assert_bitwise_equal(X8[:4], X8)
+    with pytest.raises(BitwiseMismatch, match="1 of 3 elements differ"):
+        assert_bitwise_equal(np.array([1, 2, 3]), np.array([1, 5, 3]))
+
+
+def test_bitwise_equal_structures() -> None:
+    a = {"logits": X8, "ids": torch.arange(3)}
+    b = {"logits": X8.clone(), "ids": torch.tensor([0, 1, 3])}
+    with pytest.raises(BitwiseMismatch) as info:
+        assert_bitwise_equal(a, b)
+    assert "['ids']" in str(info.value) and "['logits']" not in str(info.value)
+    with pytest.raises(InputError, match="matching structures"):
+        assert_bitwise_equal((X8,), (X8, X8))
+
+
+def _ulps_up(x: torch.Tensor, k: int) -> torch.Tensor:
+    for _ in range(k):
+        x = torch.nextafter(x, torch.full_like(x, float("inf")))
+    return x
+
+
+@given(
+    # Any finite float32, subnormals and -0 included (nextafter of the largest is inf: 1 ULP).
+    values=st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=20),
+    k=st.integers(0, 4),
+    max_ulp=st.integers(0, 4),
+)
+def test_ulp_close_matches_nextafter_steps(values: list[float], k: int, max_ulp: int) -> None:
+    x = torch.tensor(values, dtype=torch.float32)
+    y = _ulps_up(x, k)
+    if k <= max_ulp:
+        result = assert_ulp_close(y, x, max_ulp=max_ulp)
+        assert result.worst_ulp == k
+    else:
+        with pytest.raises(UlpMismatch) as info:
+            assert_ulp_close(y, x, max_ulp=max_ulp)
+        assert info.value.result.worst_ulp == k
+        assert f"more than {max_ulp} ULP" in str(info.value)
+
+
+@given(bits=st.lists(st.integers(0, 0x7F7F), min_size=1, max_size=16), k=st.integers(1, 3))
+def test_ulp_close_bfloat16_from_bit_patterns(bits: list[int], k: int) -> None:
+    # numpy has no bfloat16: build values from uint16 bit patterns through torch.
+    base = torch.tensor(bits, dtype=torch.int16)
+    x = base.view(torch.bfloat16)
+    y = (base + k).view(torch.bfloat16)  # k ULP up for non-negative finite patterns
+    assert assert_ulp_close(y, x, max_ulp=k).worst_ulp == k
+    with pytest.raises(UlpMismatch):
+        assert_ulp_close(y, x, max_ulp=k - 1)
+
+
+def test_ulp_close_special_values() -> None:
+    nan, inf = float("nan"), float("inf")
+    assert assert_ulp_close(torch.tensor([nan, 0.0, inf]), torch.tensor([nan, -0.0, inf]), max_ulp=0).passed
+    with pytest.raises(UlpMismatch, match="NaN vs number"):
+        assert_ulp_close(torch.tensor([nan]), torch.tensor([1.0]), max_ulp=1000)
+    # No int32 overflow: 3e38 and -3e38 are 4,274,217,932 float32 ULPs apart.
+    with pytest.raises(UlpMismatch) as info:
+        assert_ulp_close(np.float32([3e38]), np.float32([-3e38]), max_ulp=2**31)
+    assert info.value.result.worst_ulp == 4_274_217_932
+    with pytest.raises(InputError, match="max_ulp"):
+        assert_ulp_close(X8, X8, max_ulp=-1)
+    with pytest.raises(UlpMismatch, match="differ"):
+        assert_ulp_close(torch.tensor([1, 2]), torch.tensor([1, 3]), max_ulp=5)  # integers: exact
+
+
+# ---------------------------------------------------------------- results and observers
+
+
+def test_results_reach_observers_and_serialise() -> None:
+    seen: list[CheckResult] = []
+    OBSERVERS.append(seen.append)
+    try:
+        assert_bitwise_equal(X8, X8)
+        with pytest.raises(BatchVariance):
+            assert_batch_invariant(linear, X8, batch_sizes=[2])
+    finally:
+        OBSERVERS.remove(seen.append)
+    assert [r.verdict for r in seen] == ["PASS", "BATCH-VARIANT"]
+    import json
+
+    json.dumps([r.to_dict() for r in seen], allow_nan=False)  # report-ready
+
+
+def test_check_result_validates() -> None:
+    with pytest.raises(ValueError, match="verdict"):
+        CheckResult("batch_invariant", "OK")
+    with pytest.raises(ValueError, match="check"):
+        CheckResult("speed", "PASS")
+    with pytest.raises(ValueError, match="worst_ulp"):
+        CheckResult("ulp_close", "PASS", -1)
+    assert set(T.VERDICTS) >= {"PASS", "BATCH-VARIANT", "NONDETERMINISTIC"}
+
+
+# ---------------------------------------------------------------- generation
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> torch.nn.Module:
+    from detkit.models import load_preset
+
+    return load_preset("tiny-llama")
+
+
+PROMPT_IDS = [[72, 101, 108, 108, 111], [84, 104, 101, 32, 113, 117, 105, 99, 107, 32, 98, 114, 111, 119, 110], [97]]
+
+
+def test_generation_is_batch_variant_without_the_mode(tiny_llama: torch.nn.Module) -> None:
+    # Negative control: plain HF Llama on this CPU gives different logits in a batch.
+    with pytest.raises(BatchVariance) as info:
+        T.assert_generation_invariant(tiny_llama, PROMPT_IDS, batch_sizes=[2, 3], max_new_tokens=3)
+    detail = info.value.result.detail
+    assert detail["placements_logits_differ"] > 0
+    msg = str(info.value)
+    assert "First difference: prompt" in msg and "left-padded by" in msg and "logits first differ at step" in msg
+
+
+def test_generation_is_batch_invariant_under_the_mode(tiny_llama: torch.nn.Module) -> None:
+    import detkit
+
+    with detkit.batch_invariant():
+        result = T.assert_generation_invariant(tiny_llama, PROMPT_IDS, batch_sizes=[1, 2, 3], max_new_tokens=3)
+    assert result.passed and result.detail["placements_checked"] == 3 + 4 + 3
+
+
+def test_generation_arguments(tiny_llama: torch.nn.Module) -> None:
+    with pytest.raises(InputError, match="tokenizer"):
+        T.assert_generation_invariant(tiny_llama, ["hello"], max_new_tokens=1)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        T.assert_generation_invariant(tiny_llama, PROMPT_IDS, max_new_tokens=0)
+    with pytest.raises(InputError, match="prompts"):
+        T.assert_generation_invariant(tiny_llama, "hello", max_new_tokens=1)
+    with pytest.raises(InputError, match="2-D integer"):
+        T.assert_generation_invariant(tiny_llama, torch.zeros(3), max_new_tokens=1)
