@@ -17,11 +17,19 @@ struct f16 { u16 bits; };
 // ---- exact widening to float32 -------------------------------------------------------
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __uint_as_float(((u32)x.bits) << 16); }
-__device__ __forceinline__ float to_f32(f16 x) {
+#ifndef DETKIT_HOST_EMU  // tests/cuda_emu/emu.h supplies these on the host
+__device__ __forceinline__ float f16_bits_to_f32(u16 b) {
     float r;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(x.bits));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(b));
     return r;
 }
+__device__ __forceinline__ u16 f32_to_f16_bits(float x) {  // IEEE round to nearest even
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+#endif
+__device__ __forceinline__ float to_f32(f16 x) { return f16_bits_to_f32(x.bits); }
 
 // ---- one rounding from float32 to the storage type ---------------------------------
 // Output step of docs/canonical-orders.md: NaN becomes the canonical quiet NaN
@@ -42,8 +50,7 @@ template <> __device__ __forceinline__ bf16 from_f32<bf16>(float x) {
 // float16: IEEE round to nearest even (PTX cvt.rn handles subnormals and overflow).
 template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
     f16 r;
-    if (x != x) { r.bits = 0x7E00u; return r; }
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(x));
+    r.bits = (x != x) ? (u16)0x7E00u : f32_to_f16_bits(x);
     return r;
 }
 

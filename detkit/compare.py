@@ -253,12 +253,12 @@ def _significant_digits(fmt: FloatFormat) -> int:
 
 
 def _bucket_label(k: int) -> str:
-    """Label of log2 bucket ``k`` (ULP values of bit length k): "0", "1", "2-3", ..., "2^11-2^12-1"."""
+    """Label of log2 bucket ``k`` (ULP values of bit length k): "0", "1", "2-3", ..., "2^11..2^12-1"."""
     if k <= 1:
         return str(k)
     if k <= 11:
         return f"{1 << (k - 1)}-{(1 << k) - 1}"
-    return f"2^{k - 1}-2^{k}-1"
+    return f"2^{k - 1}..2^{k}-1"
 
 
 @dataclass

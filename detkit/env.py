@@ -95,9 +95,13 @@ class Fingerprint:
         """One line for headers: versions, ISA, threads and device."""
         v, p, c = self.versions, self.platform, self.cuda
         device = "no CUDA"
-        if c.get("available") is True and c.get("devices"):
-            dev = c["devices"][0]
-            device = f"{dev.get('name')} (sm_{dev.get('compute_capability', '?').replace('.', '')})"
+        devices = c.get("devices")
+        if c.get("available") is True and isinstance(devices, list) and devices:
+            dev = devices[0]
+            if isinstance(dev, dict):
+                device = f"{dev.get('name')} (sm_{str(dev.get('compute_capability', '?')).replace('.', '')})"
+            else:
+                device = f"CUDA device ({dev})"
         return (
             f"detkit {v.get('detkit')}, python {v.get('python')}, torch {v.get('torch')}, "
             f"numpy {v.get('numpy')}; {p.get('cpu_model')} ISA {p.get('torch_cpu_capability')}, "
@@ -278,8 +282,8 @@ def _blas(torch: Any) -> dict[str, Any]:
             ):
                 m = re.search(pattern, show)
                 out[key] = m.group(1) if m else ABSENT
-            mkl = re.search(r"(Intel\(R\) oneAPI Math Kernel Library Version [^\n]*|Intel\(R\) Math Kernel Library Version [^\n]*)", show)
-            out["torch_mkl"] = mkl.group(1).strip() if mkl else ABSENT
+            mkl = re.search(r"Intel\(R\) (?:oneAPI )?Math Kernel Library Version [^\n]*", show)
+            out["torch_mkl"] = mkl.group(0).strip() if mkl else ABSENT
             dnn = re.search(r"(?:MKL-DNN|oneDNN) (v[\d.]+)", show)
             out["torch_onednn"] = dnn.group(1) if dnn else ABSENT
             omp = re.search(r"OpenMP (\d+)", show)
@@ -287,7 +291,8 @@ def _blas(torch: Any) -> dict[str, Any]:
         else:
             out["torch_config"] = show
         out["torch_mkl_available"] = _safe(torch.backends.mkl.is_available)
-        out["torch_mkldnn_enabled"] = _safe(lambda: bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled))
+        mkldnn = torch.backends.mkldnn
+        out["torch_mkldnn_enabled"] = _safe(lambda: bool(mkldnn.is_available() and mkldnn.enabled))
     numpy_info = _safe(_numpy_blas)
     if isinstance(numpy_info, dict):
         out.update(numpy_info)
@@ -319,19 +324,17 @@ def _cuda(torch: Any) -> dict[str, Any]:
         out["available"] = True
         out["device_count"] = torch.cuda.device_count()
         out["cudnn"] = _safe(lambda: torch.backends.cudnn.version() or ABSENT)
-        devices = []
-        for i in range(torch.cuda.device_count()):
+        def device(i: int) -> dict[str, Any]:
             p = torch.cuda.get_device_properties(i)
-            devices.append(
-                {
-                    "index": i,
-                    "name": p.name,
-                    "compute_capability": f"{p.major}.{p.minor}",
-                    "sm_count": p.multi_processor_count,
-                    "memory_gib": round(p.total_memory / 2**30, 1),
-                }
-            )
-        out["devices"] = devices
+            return {
+                "index": i,
+                "name": p.name,
+                "compute_capability": f"{p.major}.{p.minor}",
+                "sm_count": p.multi_processor_count,
+                "memory_gib": round(p.total_memory / 2**30, 1),
+            }
+
+        out["devices"] = [_safe(lambda i=i: device(i)) for i in range(torch.cuda.device_count())]
     else:
         out["devices"] = ABSENT
     cupy_loaded = "cupy" in sys.modules
@@ -426,4 +429,5 @@ def fingerprint_differences(a: dict[str, Any], b: dict[str, Any]) -> dict[str, t
 
     fa, fb = flat(a), flat(b)
     missing = "<missing>"
-    return {k: (fa.get(k, missing), fb.get(k, missing)) for k in sorted(set(fa) | set(fb)) if fa.get(k, missing) != fb.get(k, missing)}
+    keys = sorted(set(fa) | set(fb))
+    return {k: (fa.get(k, missing), fb.get(k, missing)) for k in keys if fa.get(k, missing) != fb.get(k, missing)}

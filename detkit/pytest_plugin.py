@@ -377,7 +377,7 @@ class DetkitSession:
         line = (
             f"detkit: {s['checks']} checks in {len(tests)} tests: {s['passed']} passed, {s['failed']} failed"
             + (f" ({failed})" if failed else "")
-            + f"; {failed_tests} tests failed on a detkit check"
+            + f"; tests failing on a detkit check: {failed_tests}"
             + f"; worst ULP {'-' if s['worst_ulp'] is None else s['worst_ulp']}; mode {self.mode}"
         )
         if self.report_path and not self.is_worker:

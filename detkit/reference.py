@@ -295,7 +295,8 @@ def _rows(x: np.ndarray, dim: int) -> tuple[np.ndarray, tuple[int, ...]]:
     if not -x.ndim <= dim < x.ndim:
         raise InputError(f"dim {dim} out of range for a {x.ndim}-D input")
     moved = np.moveaxis(x, dim, -1)
-    return moved.reshape(-1, moved.shape[-1]), moved.shape
+    count = int(np.prod(moved.shape[:-1], dtype=np.int64))
+    return moved.reshape(count, moved.shape[-1]), moved.shape
 
 
 # ------------------------------------------------------------------------- exact sums
@@ -328,9 +329,10 @@ def matmul(a: Any, b: Any, bias: Any = None, *, dtype: Any = None, exact: bool =
         _check_finite(vbias, "bias")
     if va.ndim == 3:
         parts = [matmul(va[i], vb[i], vbias, dtype=fmt.name, exact=exact) for i in range(va.shape[0])]
-        if exact:
-            return np.stack(parts)
-        return torch.stack(parts) if parts else torch.empty(va.shape[0], va.shape[1], vb.shape[2], dtype=_TORCH_DTYPES[fmt.name])
+        if not parts:
+            shape = (0, va.shape[1], vb.shape[2])
+            return np.empty(shape, dtype=object) if exact else torch.empty(shape, dtype=_TORCH_DTYPES[fmt.name])
+        return np.stack(parts) if exact else torch.stack(parts)
 
     m, k = va.shape
     n = vb.shape[1]
@@ -450,7 +452,8 @@ def _norm_common(
         _check_finite(vbias, "bias")
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
         raise InputError(f"eps must be a finite number >= 0, got {eps!r}")
-    return v.reshape(-1, length), v.shape, fmt, vw, vbias, Fraction(eps)
+    count = int(np.prod(v.shape[:-1], dtype=np.int64))
+    return v.reshape(count, length), v.shape, fmt, vw, vbias, Fraction(eps)
 
 
 def rms_norm(

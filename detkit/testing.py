@@ -136,8 +136,8 @@ class UlpMismatch(DetkitAssertionError):
 
 def _finish(result: CheckResult, error: type[DetkitAssertionError] | None) -> CheckResult:
     __tracebackhide__ = True
-    for observer in list(OBSERVERS):
-        observer(result)
+    if OBSERVERS:
+        OBSERVERS[-1](result)
     if not result.passed:
         assert error is not None
         raise error(result)

@@ -128,8 +128,10 @@ def test_float8_formats() -> None:
 def test_numpy_and_torch_inputs_mix_and_broadcast() -> None:
     a = np.array([[1.0, 2.0], [3.0, 4.0]], dtype=np.float32)
     b = torch.tensor([1.0, 2.0])
-    assert ulp_distance(a, b).tolist() == [[0, 0], [ulp_distance(np.float32(3.0), np.float32(1.0)).item(), int(ulp_distance(np.float32(4.0), np.float32(2.0)))]]
-    assert ulp_distance(a, b).dtype == np.int64
+    d = ulp_distance(a, b)
+    # 3.0 vs 1.0: one binade (2**23) plus half a binade (2**22); same for 4.0 vs 2.0 (one binade).
+    assert d.tolist() == [[0, 0], [2**23 + 2**22, 2**23]]
+    assert d.dtype == np.int64
 
 
 def test_bad_inputs_raise_clear_errors() -> None:

@@ -106,7 +106,7 @@ def test_matmul_fixed_order_fallback_is_invariant(monkeypatch: pytest.MonkeyPatc
         bias = randn(gen, 33, dtype=dtype)
         check_row_invariance(lambda a: kernels.matmul(a, w, bias), x, gen)
         ref = x.double() @ w.double() + bias.double()
-        assert (kernels.matmul(x, w, bias).double() - ref).abs().max() < 0.1
+        assert ((kernels.matmul(x, w, bias).double() - ref).abs() / (ref.abs() + 1)).max() < 1e-2
     assert kernels.cpu_status()["forced_fixed_order"] is True
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -70,14 +71,14 @@ class Inputs:
         return {**self.fixed, **self.batched}
 
 
-Builder = Callable[[int, torch.dtype, torch.Generator, int], Inputs]
+Builder = Callable[[int, torch.dtype, np.random.Generator, int], Inputs]
 
 
 @dataclass(frozen=True)
 class OpSpec:
     """One op of the catalogue.
 
-    ``build(batch, dtype, generator, hidden)`` returns CPU inputs; ``call(**inputs)``
+    ``build(batch, dtype, rng, hidden)`` returns CPU inputs drawn from the numpy ``rng``; ``call(**inputs)``
     is the torch user code. ``attention`` enables the padding and decode-vs-prefill
     checks; ``exact_output`` marks ops whose outputs are indices (compared for equality,
     no ULP distance).
@@ -105,9 +106,14 @@ class OpSpec:
 FAMILIES = ("matmul", "normalization", "reduction", "attention", "scatter", "selection")
 
 
-def _randn(g: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+def _randn(g: np.random.Generator, shape: tuple[int, ...], dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     # Drawn in float32 and rounded once, so every dtype sees the same underlying values.
-    return (torch.randn(shape, generator=g, dtype=torch.float32) * scale).to(dtype)
+    x = g.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+    return torch.from_numpy(x).to(dtype)
+
+
+def _randint(g: np.random.Generator, high: int, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.from_numpy(g.integers(0, high, shape, dtype=np.int64))
 
 
 def _scale(hidden: int, fraction: int) -> int:
@@ -119,11 +125,11 @@ def _scale(hidden: int, fraction: int) -> int:
 # shrinks or grows the whole suite.
 
 
-def _b_mm(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_mm(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs({"input": _randn(g, (b, h), dt)}, {"mat2": _randn(g, (h, h), dt, h**-0.5)})
 
 
-def _b_addmm(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_addmm(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     n = _scale(h, 4)  # a k/v projection: hidden -> hidden / 4
     return Inputs(
         {"mat1": _randn(g, (b, h), dt)},
@@ -131,68 +137,68 @@ def _b_addmm(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
     )
 
 
-def _b_bmm(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_bmm(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     # attention scores of one head group: (b, 16 queries, 128) x (b, 128, 256 keys)
     return Inputs({"input": _randn(g, (b, 16, 128), dt), "mat2": _randn(g, (b, 128, 256), dt)})
 
 
-def _b_matmul(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_matmul(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     # (batch, 4 tokens, hidden) @ (hidden, hidden / 4): torch folds batch and tokens into M
     n = _scale(h, 4)
     return Inputs({"input": _randn(g, (b, 4, h), dt)}, {"other": _randn(g, (h, n), dt, h**-0.5)})
 
 
-def _b_linear(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_linear(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs({"input": _randn(g, (b, h), dt)}, {"weight": _randn(g, (h, h), dt, h**-0.5)})
 
 
-def _b_row(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_row(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs({"input": _randn(g, (b, h), dt, 3.0)})
 
 
-def _b_vocab(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_vocab(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs({"input": _randn(g, (b, 8 * h), dt, 4.0)})  # logits over a 32k vocabulary
 
 
-def _b_layer_norm(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_layer_norm(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs(
         {"input": _randn(g, (b, h), dt, 3.0)},
         {"weight": _randn(g, (h,), dt), "bias": _randn(g, (h,), dt)},
     )
 
 
-def _b_rms_norm(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_rms_norm(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs({"input": _randn(g, (b, h), dt, 3.0)}, {"weight": _randn(g, (h,), dt)})
 
 
-def _b_attention(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_attention(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     # 4 heads of 64 over 128 tokens at hidden 4096: a slice of a layer, enough to exercise
     # the kernel's blocking over keys while keeping the suite fast
     heads = max(1, h // 1024)
     return Inputs({name: _randn(g, (b, heads, 128, 64), dt) for name in ("query", "key", "value")})
 
 
-def _b_index_add(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_index_add(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     # each batch row adds 512 source rows into 64 slots: many collisions per slot
-    index = torch.randint(0, 64, (512,), generator=g)
+    index = _randint(g, 64, (512,))
     return Inputs({"source": _randn(g, (b, 512, 64), dt)}, {"index": index})
 
 
-def _b_scatter_add(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
-    index = torch.randint(0, 64, (b, h), generator=g)
+def _b_scatter_add(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
+    index = _randint(g, 64, (b, h))
     return Inputs({"src": _randn(g, (b, h), dt), "index": index})
 
 
-def _b_embedding_bag(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_embedding_bag(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs(
-        {"input": torch.randint(0, 1000, (b, 32), generator=g)},
+        {"input": _randint(g, 1000, (b, 32))},
         {"weight": _randn(g, (1000, _scale(h, 4)), dt)},
     )
 
 
-def _b_ties(b: int, dt: torch.dtype, g: torch.Generator, h: int) -> Inputs:
+def _b_ties(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     # 4 distinct values over a 32k vocabulary: every row is full of ties at its maximum
-    return Inputs({"input": torch.randint(0, 4, (b, 8 * h), generator=g).to(dt)})
+    return Inputs({"input": _randint(g, 4, (b, 8 * h)).to(dt)})
 
 
 # --- calls: plain torch user code -----------------------------------------------------
@@ -283,6 +289,11 @@ def resolve_ops(names: list[str] | None) -> list[OpSpec]:
 
 
 def build_inputs(spec: OpSpec, batch: int, dtype: torch.dtype, seed: int, hidden: int) -> Inputs:
-    """Seeded CPU inputs of ``spec`` at ``batch`` rows: the same seed gives the same bits."""
-    g = torch.Generator().manual_seed(seed)
-    return spec.build(batch, dtype, g, hidden)
+    """Seeded CPU inputs of ``spec`` at ``batch`` rows: the same seed gives the same bits.
+
+    Drawn with numpy's PCG64 generator, not torch.randn: torch's normal sampler is
+    vectorized per CPU instruction set (its bits change with ATEN_CPU_CAPABILITY), which
+    would make the ISA check compare different inputs; numpy's draws are the same on
+    every x86/ARM machine, so reports from different machines audit the same values.
+    """
+    return spec.build(batch, dtype, np.random.default_rng(seed), hidden)

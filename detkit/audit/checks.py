@@ -157,7 +157,7 @@ PAD = 7  # left-padding tokens in the padding check
 DECODE_STEPS = 4  # the last positions checked by decode-vs-prefill
 
 
-def attention_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Generator) -> tuple[
+def attention_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: np.random.Generator) -> tuple[
     torch.Tensor, torch.Tensor
 ]:
     """(unpadded, padded-then-cropped) causal attention with explicit boolean masks.
@@ -169,7 +169,8 @@ def attention_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torc
     b, h, length, d = q.shape
     causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     plain = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
-    junk = [torch.randn((b, h, PAD, d), generator=g).to(q.dtype).to(q.device) for _ in range(3)]
+    junk = [torch.from_numpy(g.standard_normal((b, h, PAD, d), dtype=np.float32)).to(q.dtype).to(q.device)
+            for _ in range(3)]
     qp, kp, vp = (torch.cat([j, t], dim=2) for j, t in zip(junk, (q, k, v)))
     mask = torch.zeros(PAD + length, PAD + length, dtype=torch.bool, device=q.device)
     mask[PAD:, PAD:] = causal

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from detkit.audit.vocab import CHECK_HELP, CHECKS, ulp_bucket_label
-from detkit.audit.summary import impl_records, op_records, summarize
+from detkit.audit.summary import impl_records, op_records, summarize, uncovered_ops
 
 SHORT = {
     "run-to-run": "run",
@@ -147,6 +147,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             res = r["checks"][c]
             line = (f"- **{r['op']}** [{r['impl']}, {r['dtype']}] {c}: {res['differing']} of {res['compared']} "
                     f"elements differ, max ULP {_fmt_ulp(res.get('max_ulp'))}")
+            if res.get("max_abs") is not None:
+                line += f", max abs diff {res['max_abs']:.3g}"
             if res.get("first_b"):
                 line += f", first at b={res['first_b']}"
             if res.get("variants"):
@@ -155,6 +157,7 @@ def to_markdown(report: dict[str, Any]) -> str:
             if changed and c == "batch-variance":
                 line += "; b with changes: " + ", ".join(str(p["b"]) for p in changed)
             out.append(line + (f" ({_md(res['note'])})" if res.get("note") else ""))
+    out += _md_notes(records)
     impls = impl_records(report)
     if impls:
         out += ["", "## Implementations", ""]
@@ -169,6 +172,28 @@ def to_markdown(report: dict[str, Any]) -> str:
     out += ["", "The full environment fingerprint is in report.json.", "", "## Checks", ""]
     out += [f"- **{c}**: {CHECK_HELP[c]}" for c in CHECKS]
     return "\n".join(out) + "\n"
+
+
+def _notes(records: list[dict[str, Any]]) -> tuple[dict[str, dict[str, str]], list[tuple[str, str]]]:
+    """({impl: {op: why}} for calls detkit's mode did not cover, [(record label, warning)])."""
+    coverage = {impl: uncovered_ops(records, impl) for impl in ("detkit", "portable")}
+    warned = [(f"{r['op']} [{r['impl']}, {r['dtype']}]", w) for r in records for w in r.get("warnings", [])]
+    return {k: v for k, v in coverage.items() if v}, warned
+
+
+def _md_notes(records: list[dict[str, Any]]) -> list[str]:
+    coverage, warned = _notes(records)
+    out: list[str] = []
+    if coverage:
+        out += ["", "## detkit mode coverage", "",
+                "Calls the mode did not run through detkit's kernels carry no guarantee from it:", ""]
+        for impl, ops in coverage.items():
+            for op, why in ops.items():
+                out.append(f"- {op} [{impl}]: {_md(why)}")
+    if warned:
+        out += ["", "## Warnings raised during the audit", ""]
+        out += [f"- {_md(where)}: {_md(w)}" for where, w in warned]
+    return out
 
 
 # --- rich table --------------------------------------------------------------------------
@@ -368,6 +393,15 @@ def to_html(report: dict[str, Any]) -> str:
                     "smallest batch size containing them; variants: distinct results of row 0.</p><table><tr>"
                     "<th>op</th><th>impl</th><th>dtype</th><th>variants</th><th>differing per b</th></tr>"
                     + "".join(detail_rows) + "</table>")
+    coverage, warned = _notes(records)
+    if coverage:
+        body.append("<h2>detkit mode coverage</h2><p>Calls the mode did not run through detkit's kernels carry no "
+                    "guarantee from it:</p><ul>" + "".join(
+                        f"<li>{_e(op)} [{_e(impl)}]: {_e(why)}</li>" for impl, ops in coverage.items()
+                        for op, why in ops.items()) + "</ul>")
+    if warned:
+        body.append("<h2>Warnings raised during the audit</h2><ul>"
+                    + "".join(f"<li>{_e(where)}: {_e(w)}</li>" for where, w in warned) + "</ul>")
     impls = impl_records(report)
     if impls:
         body.append("<h2>Implementations</h2><ul>" + "".join(

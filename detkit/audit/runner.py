@@ -14,11 +14,13 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from detkit.audit import impls as _impls
@@ -213,7 +215,7 @@ def audit_one(
     sizes = list(cfg.batch_sizes)
     bmax = sizes[-1]
     results = {c: CheckResult(c) for c in CHECKS}
-    with _impls.context(impl):
+    with _impls.context(impl) as mode:
         outs = {b: spec.run(inputs.rows(slice(0, b))) for b in sizes}
         # inputs are built at bmax: the sweep's last call is run 1, these are runs 2..N
         repeats = [spec.run(inputs) for _ in range(cfg.runs - 1)]
@@ -229,7 +231,7 @@ def audit_one(
                 undo()
         padding = decode = None
         if spec.attention:
-            g = torch.Generator().manual_seed(cfg.seed + 1)
+            g = np.random.default_rng(cfg.seed + 1)
             q, k, v = (inputs.batched[n] for n in ("query", "key", "value"))
             padding = attention_padding(q, k, v, g)
             decode = attention_decode(q, k, v, outs[bmax][0])
@@ -276,11 +278,16 @@ def audit_one(
 
     _isa_check(results["isa-variance"], spec, impl, dtype, cfg, device, outs[bmax], isa_dirs)
 
-    return {
+    body: dict[str, Any] = {
         "inputs": inputs.describe(),
         "threads": threads_all,
         "checks": {c: r.to_dict() for c, r in results.items()},
     }
+    coverage = getattr(mode, "coverage", None)
+    if callable(coverage):
+        # which aten calls detkit's mode routed to its kernels, and which ran torch's
+        body["coverage"] = coverage().to_dict()
+    return body
 
 
 def _permutation(n: int, seed: int) -> torch.Tensor | None:
@@ -405,12 +412,18 @@ def _record(
         "runs": cfg.runs, "summary": spec.summary,
     }
     start = time.perf_counter()
-    try:
-        body = audit_one(spec, impl, dtype, cfg, device, isa_dirs)
-        base.update(status="ok", error=None, **body)
-    except Exception as exc:  # an op that raises is a finding; the audit goes on
-        text = f"{type(exc).__name__}: {exc}"
-        base.update(status="error", error=text, checks={c: CheckResult(c, "error", note=text).to_dict() for c in CHECKS})
-        writer.add_error(f"{spec.name} [{impl}, {dtype}]", text + "\n" + "".join(traceback.format_exc(limit=3)))
+    # Warnings raised while the op runs (e.g. a kernel choosing a slower path) are
+    # findings too: they go into the record instead of scrolling past the live table.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            body = audit_one(spec, impl, dtype, cfg, device, isa_dirs)
+            base.update(status="ok", error=None, **body)
+        except Exception as exc:  # an op that raises is a finding; the audit goes on
+            text = f"{type(exc).__name__}: {exc}"
+            base.update(status="error", error=text,
+                        checks={c: CheckResult(c, "error", note=text).to_dict() for c in CHECKS})
+            writer.add_error(f"{spec.name} [{impl}, {dtype}]", text + "\n" + "".join(traceback.format_exc(limit=3)))
+    base["warnings"] = list(dict.fromkeys(f"{w.category.__name__}: {w.message}" for w in caught))
     base["seconds"] = round(time.perf_counter() - start, 3)
     return base

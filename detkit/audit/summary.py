@@ -71,6 +71,32 @@ def _verdicts(records: list[dict[str, Any]], impl: str, check: str) -> dict[str,
     return out
 
 
+def _covered(record: dict[str, Any]) -> bool:
+    """Whether detkit's mode ran its own kernels for every overridden call of this record.
+
+    Records without coverage data (older reports) count as covered.
+    """
+    cov = record.get("coverage")
+    if cov is None:
+        return True
+    return bool(cov.get("routed")) and not cov.get("fell_back")
+
+
+def uncovered_ops(records: list[dict[str, Any]], impl: str) -> dict[str, str]:
+    """{op: why} for records of ``impl`` in which the mode did not run its own kernels."""
+    out = {}
+    for r in records:
+        cov = r.get("coverage")
+        if r["impl"] != impl or cov is None or _covered(r):
+            continue
+        if cov.get("fell_back"):
+            out[r["op"]] = "fell back to torch: " + "; ".join(
+                f"{op} ({', '.join(reasons)})" for op, reasons in cov["fell_back"].items())
+        else:
+            out[r["op"]] = "not overridden by the mode (torch's kernel ran)"
+    return out
+
+
 def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: str) -> list[str]:
     """Short lines on what to do about the findings, most important first."""
     lines: list[str] = []
@@ -143,10 +169,15 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
 
     for impl, mode in (("detkit", "detkit.batch_invariant()"), ("portable", "detkit.batch_invariant(portable=True)")):
         for check in MODE_GUARANTEES[impl]:
-            bad = sorted(o for o, v in _verdicts(records, impl, check).items() if "fail" in v)
-            if bad:
-                lines.append(f"{_names(bad)}: {check} fails under {mode}, which is meant to guarantee it; "
+            bad = [r for r in records if r["impl"] == impl and r["checks"].get(check, {}).get("verdict") == "fail"]
+            covered = sorted({r["op"] for r in bad if _covered(r)})
+            uncovered = sorted({r["op"] for r in bad if not _covered(r)})
+            if covered:
+                lines.append(f"{_names(covered)}: {check} fails under {mode}, which is meant to guarantee it; "
                              "please report it with this report attached.")
+            if uncovered:
+                lines.append(f"{_names(uncovered)}: {check} fails under {mode}, which does not cover "
+                             "these calls (torch's own kernel ran; see the coverage section).")
 
     others = sorted({label(r) for r in records if r["status"] == "error" and r["impl"] != "deterministic"})
     if others:

@@ -37,6 +37,7 @@ def _style(value: Any) -> str:
 def _print_table(data: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title="detkit environment fingerprint", show_lines=False, title_justify="left")
     table.add_column("key", style="cyan", no_wrap=True)
@@ -48,12 +49,13 @@ def _print_table(data: dict[str, Any]) -> None:
         if isinstance(values, dict):
             for key, value in values.items():
                 if section == "cuda" and key == "devices" and isinstance(value, list):
-                    for dev in value:
-                        table.add_row(f"  device {dev.get('index')}", _cell(dev))
+                    for i, dev in enumerate(value):
+                        table.add_row(f"  device {i}", Text(_cell(dev)), style=_style(dev))
                     continue
-                table.add_row(f"  {key}", _cell(value), style=_style(value))
+                # Text(): values are shown literally, never parsed as rich markup.
+                table.add_row(Text(f"  {key}"), Text(_cell(value)), style=_style(value))
         else:
-            table.add_row("  value", _cell(values), style=_style(values))
+            table.add_row("  value", Text(_cell(values)), style=_style(values))
     Console().print(table)
 
 

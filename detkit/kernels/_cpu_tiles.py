@@ -51,6 +51,7 @@ class TileVerdict:
     b_align: int
     bias: bool
     threads: tuple[int, ...]
+    pinned: bool
     heights: tuple[int, ...]
     reason: str
 
@@ -136,6 +137,8 @@ def _run(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, heights: t
 
 def _with_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     old = torch.get_num_threads()
+    if old == n:
+        return fn()
     torch.set_num_threads(n)
     try:
         return fn()
@@ -143,56 +146,108 @@ def _with_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         torch.set_num_threads(old)
 
 
-def _check_height(b: torch.Tensor, bias: torch.Tensor | None, h: int, gen: torch.Generator) -> str:
-    """'' if height h gives each row the same bits in every situation tried, else why not."""
-    k = b.shape[0]
-    dtype = b.dtype
-    a = torch.randn(h, k, generator=gen).to(dtype)
-    ref = _tile(a, b, bias, h)
+def _synthetic_b(b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random b with b's shape, strides and 64-byte alignment; rows K/2.. repeat rows 0.."""
+    k, n = b.shape
+    vals = torch.randn(k, n, generator=gen)
+    half = k // 2
+    vals[half : 2 * half] = vals[:half]
+    span = (k - 1) * b.stride(0) + (n - 1) * b.stride(1) + 1
+    per = 64 // b.element_size()
+    store = torch.zeros(span + per, dtype=b.dtype)
+    offset = (b.data_ptr() % 64) // b.element_size()
+    view = store[offset:].as_strided(b.shape, b.stride())
+    view.copy_(vals)
+    return view
+
+
+def _sensitive_rows(h: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Rows whose second half cancels the first against ``_synthetic_b``.
+
+    The exact product is then zero and what remains is the rounding error of the
+    partial sums, which changes with almost any change of the reduction order, so that
+    even a bfloat16 result (8 bits) shows it; with plain random data an order change
+    often vanishes in the final rounding. Every fourth row is ordinary random data.
+    """
+    a = torch.randn(h, k, generator=gen) * 8
+    half = k // 2
+    a[:, half : 2 * half] = -a[:, :half]
+    a[::4] = torch.randn(a[::4].shape, generator=gen)
+    return a.to(dtype)
+
+
+def _check_rows(run: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, gen: torch.Generator) -> str:
+    """'' if each row's bits survive permutation, other rows and zero padding, else why not."""
+    h = a.shape[0]
+    ref = run(a)
     perm = torch.randperm(h, generator=gen)
-    if not torch.equal(_tile(a[perm], b, bias, h), ref[perm]):
+    if not torch.equal(run(a[perm]), ref[perm]):
         return f"height {h}: rows changed when the tile's rows were permuted"
-    other = a.clone()
-    other[1:] = torch.randn(h - 1, k, generator=gen).to(dtype) if h > 1 else other[1:]
-    if not torch.equal(_tile(other, b, bias, h)[:1], ref[:1]):
-        return f"height {h}: row 0 changed when the other rows changed"
-    if h > 1 and not torch.equal(_tile(a[:1], b, bias, h), ref[:1]):
-        return f"height {h}: row 0 changed when the other rows were zero padding"
-    threads = torch.get_num_threads()
-    for n in sorted(_THREAD_COUNTS - {threads}):
-        if not torch.equal(_with_threads(n, lambda: _tile(a, b, bias, h)), ref):
-            return f"height {h}: rows changed between {threads} and {n} threads"
+    if h > 1:
+        other = a.clone()
+        other[1:] = _sensitive_rows(h - 1, a.shape[1], a.dtype, gen)
+        if not torch.equal(run(other)[:1], ref[:1]):
+            return f"height {h}: row 0 changed when the other rows changed"
+        if not torch.equal(run(a[:1]), ref[:1]):
+            return f"height {h}: row 0 changed when the other rows were zero padding"
     return ""
+
+
+def _thread_invariant(run: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor) -> bool:
+    ref = _with_threads(1, lambda: run(a))
+    return all(torch.equal(_with_threads(n, lambda: run(a)), ref) for n in sorted(_THREAD_COUNTS - {1}))
 
 
 def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...], layout: str) -> TileVerdict:
     dtype = b.dtype
+    k = b.shape[0]
     gen = torch.Generator().manual_seed(0x5EED)
+    sb = _synthetic_b(b, gen)
+    sbias = None if bias is None else torch.zeros(b.shape[1], dtype=dtype)
+    ladder = TILE_HEIGHTS[dtype]
+
+    def runner(h: int, pinned: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(a: torch.Tensor) -> torch.Tensor:
+            return _with_threads(1, lambda: _tile(a, sb, sbias, h)) if pinned else _tile(a, sb, sbias, h)
+
+        return run
+
+    h0 = ladder[0]
+    a0 = _sensitive_rows(h0, k, dtype, gen)
+    why = _check_rows(runner(h0, True), a0, gen)
     heights: list[int] = []
-    reason = "verified"
-    base: torch.Tensor | None = None
-    for h in TILE_HEIGHTS[dtype]:
-        why = _check_height(b, bias, h, gen)
-        if not why and base is not None:
-            # A larger height must reproduce the smallest height's rows exactly.
-            a = torch.randn(h, b.shape[0], generator=gen).to(dtype)
-            a[: base.shape[0]] = base
-            if not torch.equal(_tile(a, b, bias, h)[: base.shape[0]], _tile(base, b, bias, heights[0])):
-                why = f"height {h} gives other bits than height {heights[0]}"
-        if why:
-            reason = why if not heights else f"ladder stops before height {h}: {why}"
-            break
-        if base is None:
-            base = torch.randn(h, b.shape[0], generator=gen).to(dtype)
-        heights.append(h)
+    pinned = True
+    if why:
+        reason = why
+    else:
+        heights.append(h0)
+        # Free-threaded BLAS only if every thread count gives the same bits (MKL, for
+        # one, splits K across threads for small M); otherwise BLAS runs on one thread.
+        pinned = not _thread_invariant(runner(h0, False), a0)
+        ref0 = runner(h0, pinned)(a0)
+        reason = "verified" + (" (BLAS on one thread: not thread-count invariant here)" if pinned else "")
+        for h in ladder[1:]:
+            a = _sensitive_rows(h, k, dtype, gen)
+            a[:h0] = a0
+            run = runner(h, pinned)
+            why = _check_rows(run, a, gen)
+            if not why and not torch.equal(run(a)[:h0], ref0):
+                why = f"height {h} gives other bits than height {h0}"
+            if not why and not pinned and not _thread_invariant(run, a):
+                why = f"height {h} is not thread-count invariant"
+            if why:
+                reason += f"; ladder stops before height {h}: {why}"
+                break
+            heights.append(h)
     return TileVerdict(
         dtype=str(dtype).removeprefix("torch."),
-        k=int(key[1]),  # type: ignore[call-overload]
-        n=int(key[2]),  # type: ignore[call-overload]
+        k=k,
+        n=b.shape[1],
         b_layout=layout,
         b_align=int(key[4]),  # type: ignore[call-overload]
         bias=bias is not None,
         threads=tuple(sorted(_THREAD_COUNTS)),
+        pinned=pinned,
         heights=tuple(heights),
         reason=reason,
     )
@@ -227,16 +282,16 @@ def tiled_matmul(
     fallback: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """(M, K) @ (K, N) (+ bias) with per-row bits independent of M; see the module doc."""
-    if os.environ.get(_ENV_FORCE, "") == "fixed-order":
-        heights: tuple[int, ...] = ()
-    else:
-        heights = verdict_for(b, bias).heights
-    if not heights:
+    verdict = None if os.environ.get(_ENV_FORCE, "") == "fixed-order" else verdict_for(b, bias)
+    if verdict is None or not verdict.ok:
         out = fallback(a.unsqueeze(0), b.unsqueeze(0))[0]
         if bias is not None:
             out = out + bias.to(out.dtype)
         return out.to(a.dtype)
     _, bl = _layout(b)
+    heights = verdict.heights
+    if verdict.pinned:
+        return _with_threads(1, lambda: _run(a, bl, bias, heights))
     return _run(a, bl, bias, heights)
 
 

@@ -22,9 +22,7 @@ from numba import njit, prange
 from detkit.kernels._portable_llvm import (
     bits_to_f32,
     f32_to_bits,
-    f32_to_half_bits,
     fma32,
-    half_bits_to_f32,
     rint32,
 )
 
@@ -334,6 +332,43 @@ def elementwise(op: int, x: np.ndarray, out: np.ndarray) -> None:
             for j in range(xs.shape[0]):
                 v = xs[j]
                 ys[j] = canon(v / (ONE + exp_f32(-v)))
+
+
+# ------------------------------------------------------------------ float16 <-> float32
+# In integer arithmetic rather than LLVM's ``half`` type: on baseline x86-64 LLVM lowers
+# half conversions to compiler-rt helpers that numba's JIT cannot resolve.
+
+TWO_M24 = F32(2.0**-24)
+
+
+@njit(cache=True)
+def half_bits_to_f32(h: int) -> float:
+    """Exact widening of binary16 bits (low 16 bits of h) to fp32."""
+    h = np.int32(h) & np.int32(0xFFFF)
+    sign = (h & np.int32(0x8000)) << np.int32(16)
+    e = (h >> np.int32(10)) & np.int32(0x1F)
+    m = h & np.int32(0x3FF)
+    normal = bits_to_f32(np.int32(sign | ((e + np.int32(112)) << np.int32(23)) | (m << np.int32(13))))
+    special = bits_to_f32(np.int32(sign | np.int32(0x7F800000) | (m << np.int32(13))))
+    tiny = F32(m) * TWO_M24  # zero or subnormal: m * 2**-24, exact
+    tiny = -tiny if sign != 0 else tiny
+    return special if e == 31 else (tiny if e == 0 else normal)
+
+
+@njit(cache=True)
+def f32_to_half_bits(v: float) -> int:
+    """Round fp32 to binary16 bits, nearest even (NaN handled by the caller)."""
+    bits = f32_to_bits(v)
+    sign = (bits >> np.int32(16)) & np.int32(0x8000)
+    u = bits & np.int32(0x7FFFFFFF)
+    # normal range: rebias the exponent, round off 13 bits (carries are correct)
+    r = u - np.int32(0x38000000)
+    normal = (r + np.int32(0x0FFF) + ((r >> np.int32(13)) & np.int32(1))) >> np.int32(13)
+    # subnormal range: |v| + 0.5 rounds |v| to a multiple of 2**-24 (the ulp of 0.5)
+    t = bits_to_f32(u) + HALF
+    sub = f32_to_bits(t) - np.int32(0x3F000000)
+    mag = np.int32(0x7C00) if u >= np.int32(0x477FF000) else (normal if u >= np.int32(0x38800000) else sub)
+    return np.int32(sign | mag)
 
 
 # ------------------------------------------------------------------ output rounding

@@ -61,27 +61,3 @@ def f32_to_bits(typingctx, x):  # type: ignore[no-untyped-def]
 
     return sig, codegen
 
-
-@intrinsic
-def half_bits_to_f32(typingctx, x):  # type: ignore[no-untyped-def]
-    """Widen IEEE binary16 bits (low 16 bits of an int32) to fp32; exact."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        h = builder.bitcast(builder.trunc(args[0], ir.IntType(16)), ir.HalfType())
-        return builder.fpext(h, _F32)
-
-    return sig, codegen
-
-
-@intrinsic
-def f32_to_half_bits(typingctx, x):  # type: ignore[no-untyped-def]
-    """Round fp32 to IEEE binary16 (nearest even, subnormals, overflow to inf); the bits
-    are returned zero-extended in an int32."""
-    sig = types.int32(types.float32)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        h = builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-        return builder.zext(h, _I32)
-
-    return sig, codegen

@@ -13,12 +13,23 @@ Reduced-precision inputs are widened exactly to float32 and the result is rounde
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numba
 import numpy as np
 import torch
 
-from detkit.kernels import _cpu_numba as nk
-from detkit.kernels._cpu_tiles import cpu_status, tiled_matmul
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's OpenMP layer takes milliseconds to start each parallel region next to
+    # torch's own OpenMP runtime; the workqueue layer starts in microseconds. It is not
+    # re-entrant, so calls are serialised by _NUMBA_LOCK. (Results never depend on it.)
+    numba.config.THREADING_LAYER = "workqueue"
+
+from detkit.kernels import _cpu_numba as nk  # noqa: E402
+from detkit.kernels._cpu_tiles import cpu_status, tiled_matmul  # noqa: E402
+
+_NUMBA_LOCK = threading.Lock()
 
 __all__ = [
     "attention",
@@ -55,7 +66,8 @@ def bmm_fixed_order(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _sync_threads()
     an, bn = _np(a), _np(b)
     out = np.empty((an.shape[0], an.shape[1], bn.shape[2]), an.dtype)
-    nk.bmm(an, bn, out)
+    with _NUMBA_LOCK:
+        nk.bmm(an, bn, out)
     return torch.from_numpy(out)
 
 
@@ -75,7 +87,8 @@ def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:
     _sync_threads()
     xn = _np(x)
     out = np.empty_like(xn)
-    nk.softmax(xn, out, bool(log))
+    with _NUMBA_LOCK:
+        nk.softmax(xn, out, bool(log))
     return _finish(out, x.dtype)
 
 
@@ -85,7 +98,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     xn = _np(x)
     wn = _np(weight) if weight is not None else np.ones(1, xn.dtype)
     out = np.empty_like(xn)
-    nk.rms_norm(xn, wn, weight is not None, float(eps), out)
+    with _NUMBA_LOCK:
+        nk.rms_norm(xn, wn, weight is not None, float(eps), out)
     return _finish(out, x.dtype)
 
 
@@ -98,7 +112,8 @@ def layer_norm(
     wn = _np(weight) if weight is not None else np.ones(1, xn.dtype)
     bn = _np(bias) if bias is not None else np.zeros(1, xn.dtype)
     out = np.empty_like(xn)
-    nk.layer_norm(xn, wn, bn, weight is not None, bias is not None, float(eps), out)
+    with _NUMBA_LOCK:
+        nk.layer_norm(xn, wn, bn, weight is not None, bias is not None, float(eps), out)
     return _finish(out, x.dtype)
 
 
@@ -107,7 +122,8 @@ def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     _sync_threads()
     xn = _np(x)
     out = np.empty(xn.shape[0], xn.dtype)
-    nk.row_sum(xn, out, bool(mean))
+    with _NUMBA_LOCK:
+        nk.row_sum(xn, out, bool(mean))
     return _finish(out, x.dtype)
 
 
@@ -136,5 +152,6 @@ def attention(
             mode = 2
             maskf = np.broadcast_to(mask.to(_acc_dtype(q.dtype)).numpy(), shape)
     out = np.empty((B, H, Lq, vn.shape[3]), qn.dtype)
-    nk.attention(qn, kn, vn, maskb, maskf, mode, float(scale), out)
+    with _NUMBA_LOCK:
+        nk.attention(qn, kn, vn, maskb, maskf, mode, float(scale), out)
     return _finish(out, q.dtype)

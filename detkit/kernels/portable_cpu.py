@@ -37,18 +37,19 @@ ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "log", "rsqrt", "sigmoid", "silu")
 _OP_CODES = {name: code for code, name in enumerate(ELEMENTWISE_OPS)}
 _BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _MODE = {torch.float32: K.MODE_F32, torch.bfloat16: K.MODE_BF16, torch.float16: K.MODE_F16}
-_SMALLEST_SUBNORMAL = np.float32(1e-45)
+_SMALLEST_NORMAL = np.float32(2.0**-126)
 
 
 @njit(cache=True)
 def _keeps_subnormals(x: float) -> bool:
-    return x * np.float32(0.5) != np.float32(0.0) or x == np.float32(0.0)
+    # x is the smallest normal: half of it is subnormal, 0 under flush-to-zero.
+    return x * np.float32(0.5) != np.float32(0.0)
 
 
 def _check_fp_environment() -> None:
     # torch.set_flush_denormal(True) (or a library built with -ffast-math) sets FTZ/DAZ
     # on the calling thread; the canonical orders keep subnormals.
-    if not _keeps_subnormals(np.float32(2.0 * _SMALLEST_SUBNORMAL)):
+    if not _keeps_subnormals(_SMALLEST_NORMAL):
         raise BackendUnavailable(
             "the CPU is flushing subnormal floats to zero on this thread (FTZ/DAZ, e.g. "
             "torch.set_flush_denormal(True)); portable kernels need IEEE subnormals. "

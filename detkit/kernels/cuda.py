@@ -1,0 +1,409 @@
+"""CUDA backend: detkit's kernels (``cuda_kernels/*.cu``) launched through CuPy.
+
+Implements the contract of :mod:`detkit.kernels._backend` for CUDA tensors; every
+function takes ``portable=`` (False: batch invariant on this device and software stack;
+True: the canonical orders of ``docs/canonical-orders.md``, the same bits as the CPU
+portable backend).
+
+* Tensors stay torch tensors: kernels receive torch's device pointers (zero copy) and
+  run on torch's current stream of the tensors' device; outputs are allocated by torch.
+  :func:`to_cupy` / :func:`from_cupy` give DLPack views for code that wants CuPy arrays.
+* Kernel configurations come from tables keyed by (dtype, compute capability major),
+  never by the batch size: :data:`MATMUL_TILES`, :data:`PORTABLE_MATMUL_TILES`.
+* Compilation and module caching are :mod:`detkit.kernels.cuda_loader`'s job.
+
+float64 is not supported on CUDA (``InputError``). GPUs older than sm_80 (Ampere) are not
+supported (``BackendUnavailable``): the kernels use cp.async, ldmatrix and bf16 mma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from detkit.errors import BackendUnavailable, InputError
+from detkit.kernels import cuda_loader
+
+__all__ = [
+    "MATMUL_TILES",
+    "PORTABLE_MATMUL_TILES",
+    "ELEMENTWISE_OPS",
+    "attention",
+    "available",
+    "elementwise",
+    "from_cupy",
+    "layer_norm",
+    "matmul",
+    "rms_norm",
+    "row_sum",
+    "softmax",
+    "status",
+    "to_cupy",
+]
+
+ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "log", "rsqrt", "sigmoid", "silu")
+_SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+_MIN_MAJOR = 8
+_MAX_GRID_YZ = 65535
+_ROW_THREADS = 256   # RB_NT in rowops.cu
+_ROWS_PER_BLOCK = 4  # RP_ROWS in rowops.cu
+_ATT_WARPS = 4       # ATT_WARPS in attention.cu
+_ATT_DMAX = 256      # ATT_DMAX in attention.cu
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One matmul kernel configuration (must match the constants in matmul.cu)."""
+
+    kernel: str   # entry point prefix; "_kmajor" / "_nmajor" is appended for B's layout
+    bm: int
+    bn: int
+    bk: int
+    threads: int
+    stages: int
+    tensor_cores: bool
+
+    def __post_init__(self) -> None:
+        if min(self.bm, self.bn, self.bk, self.threads, self.stages) <= 0:
+            raise ValueError(f"tile sizes must be positive: {self}")
+        if self.threads % 32:
+            raise ValueError(f"threads must be a multiple of 32: {self}")
+
+
+_TC_BF16 = TileConfig("mm_tc_bf16", 128, 64, 32, 128, 3, True)
+_TC_F16 = TileConfig("mm_tc_f16", 128, 64, 32, 128, 3, True)
+_SIMT = {dt: TileConfig(f"mm_simt_{sfx}", 128, 64, 16, 256, 2, False) for dt, sfx in _SUFFIX.items()}
+_ARCH_MAJORS = (8, 9, 10, 12)
+
+# portable=False: tensor cores for 16-bit floats; float32 on CUDA cores (never TF32),
+# whose fixed order already is the canonical one. Keyed by (dtype, CC major), never M.
+MATMUL_TILES: dict[tuple[torch.dtype, int], TileConfig] = {
+    **{(torch.bfloat16, a): _TC_BF16 for a in _ARCH_MAJORS},
+    **{(torch.float16, a): _TC_F16 for a in _ARCH_MAJORS},
+    **{(torch.float32, a): _SIMT[torch.float32] for a in _ARCH_MAJORS},
+}
+# portable=True: the canonical order (sequential fma over k) on CUDA cores, every arch.
+PORTABLE_MATMUL_TILES: dict[tuple[torch.dtype, int], TileConfig] = {
+    (dt, a): _SIMT[dt] for dt in _SUFFIX for a in _ARCH_MAJORS
+}
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def _cupy() -> Any:
+    try:
+        import cupy  # type: ignore[import-not-found]
+    except ImportError as err:
+        raise BackendUnavailable(
+            "detkit's CUDA backend needs CuPy, which is not installed: "
+            "`pip install 'detkit[cuda12]'` (or [cuda13]) matching your CUDA driver."
+        ) from err
+    return cupy
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") if the CUDA backend can run here, else (False, the reason)."""
+    try:
+        _cupy()
+        if not torch.cuda.is_available():
+            return False, "torch reports no CUDA device (CPU-only torch build or no GPU/driver)"
+        major = torch.cuda.get_device_capability(0)[0]
+        if major < _MIN_MAJOR:
+            return False, f"GPU 0 is sm_{major}x; detkit's CUDA kernels need sm_80 (Ampere) or newer"
+        cuda_loader.kernel_dir()
+    except BackendUnavailable as err:
+        return False, str(err)
+    return True, ""
+
+
+def status() -> dict[str, Any]:
+    """Backend facts for the environment fingerprint and reports."""
+    ok, reason = available()
+    info: dict[str, Any] = {"available": ok, "reason": reason or None,
+                            "compile": cuda_loader.recorded_compile_options()}
+    if ok:
+        cupy = _cupy()
+        info["cupy"] = cupy.__version__
+        info["devices"] = [
+            {"index": i, "name": torch.cuda.get_device_name(i),
+             "arch": "sm_%d%d" % torch.cuda.get_device_capability(i)}
+            for i in range(torch.cuda.device_count())
+        ]
+    return info
+
+
+def _device_of(*tensors: torch.Tensor | None) -> torch.device:
+    dev = next(t.device for t in tensors if t is not None)
+    if dev.type != "cuda":
+        raise InputError(f"the CUDA backend got a tensor on {dev}; move the tensors to a CUDA device.")
+    ok, reason = available()
+    if not ok:
+        raise BackendUnavailable(f"detkit's CUDA backend is unavailable: {reason}.")
+    return dev
+
+
+def _suffix(dtype: torch.dtype) -> str:
+    sfx = _SUFFIX.get(dtype)
+    if sfx is None:
+        raise InputError(
+            f"detkit's CUDA kernels take float32, bfloat16 or float16, not {dtype}; "
+            "convert the tensors (float64 is CPU-only)."
+        )
+    return sfx
+
+
+def _major(dev: torch.device) -> int:
+    major = torch.cuda.get_device_capability(dev)[0]
+    if major < _MIN_MAJOR:
+        raise BackendUnavailable(f"{torch.cuda.get_device_name(dev)} is sm_{major}x; detkit needs sm_80 or newer.")
+    return major
+
+
+_streams: dict[tuple[int, int], Any] = {}
+
+
+def _launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, int],
+            block: int, args: tuple[Any, ...]) -> None:
+    """Launch ``entry`` of ``module`` on torch's current stream of ``dev``."""
+    cupy = _cupy()
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    torch_stream = torch.cuda.current_stream(index).cuda_stream
+    key = (index, torch_stream)
+    stream = _streams.get(key)
+    if stream is None:
+        stream = cupy.cuda.ExternalStream(torch_stream, index)
+        _streams[key] = stream
+    with cupy.cuda.Device(index):
+        fn = cuda_loader.load_module(module, index).function(entry)
+        fn(grid, (block, 1, 1), args, shared_mem=0, stream=stream)
+
+
+def _ptr(t: torch.Tensor | None) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _i32(v: int, what: str) -> np.int32:
+    if not 0 <= v < 2**31:
+        raise InputError(f"{what} = {v} does not fit the CUDA kernels' 32-bit sizes.")
+    return np.int32(v)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------- matmul
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
+           portable: bool = False) -> torch.Tensor:
+    """(M, K) @ (K, N) or (B, M, K) @ (B, K, N), plus bias (N,) after the K loop."""
+    dev = _device_of(a, b, bias)
+    _suffix(a.dtype)
+    major = _major(dev)
+    table = PORTABLE_MATMUL_TILES if portable else MATMUL_TILES
+    cfg = table.get((a.dtype, major))
+    if cfg is None:
+        raise BackendUnavailable(f"no matmul tile configuration for {a.dtype} on sm_{major}x.")
+    batched = a.dim() == 3
+    a3 = a if batched else a.unsqueeze(0)
+    b3 = b if b.dim() == 3 else b.unsqueeze(0)
+    nb, m, k = a3.shape
+    n = b3.shape[-1]
+    if b3.shape[0] not in (1, nb):
+        raise InputError(f"matmul: batch sizes of a ({nb}) and b ({b3.shape[0]}) differ.")
+    if a3.stride(-1) != 1 and k > 1:
+        a3 = a3.contiguous()  # the kernels read A along k; values (hence bits) unchanged
+    # B's layout: k-contiguous (a transposed nn.Linear weight, not copied) or n-contiguous.
+    if b3.stride(-2) == 1 or k == 1:
+        kmajor, ld = True, b3.stride(-1)
+    elif b3.stride(-1) == 1 or n == 1:
+        kmajor, ld = False, b3.stride(-2)
+    else:
+        b3 = b3.contiguous()
+        kmajor, ld = False, b3.stride(-2)
+    sb_b = b3.stride(0) if b3.shape[0] == nb and nb > 1 else 0
+    sa_b = a3.stride(0) if nb > 1 else 0
+    out = torch.empty((nb, m, n), dtype=a.dtype, device=dev)
+    bias_c = None if bias is None else bias.contiguous()
+    entry = f"{cfg.kernel}_{'kmajor' if kmajor else 'nmajor'}"
+    M, N, K = _i32(m, "M"), _i32(n, "N"), _i32(k, "K")
+    grid_x, grid_y = _cdiv(n, cfg.bn), _cdiv(m, cfg.bm)
+    if grid_y > _MAX_GRID_YZ:
+        raise InputError(f"matmul: M = {m} exceeds the kernel's grid limit ({_MAX_GRID_YZ * cfg.bm}).")
+    esz = a.element_size()
+    for z0 in range(0, nb, _MAX_GRID_YZ):
+        nz = min(_MAX_GRID_YZ, nb - z0)
+        a_ptr = a3.data_ptr() + z0 * sa_b * esz
+        b_ptr = b3.data_ptr() + z0 * sb_b * esz
+        c_ptr = out.data_ptr() + z0 * m * n * esz
+        if cfg.tensor_cores:
+            vec = _tc_vec_ok(a_ptr, b_ptr, a3.stride(1), sa_b, ld, sb_b, k, n, kmajor, nz > 1)
+            args = (np.uint64(a_ptr), np.uint64(b_ptr), _ptr(bias_c), np.uint64(c_ptr), M, N, K,
+                    np.int64(sa_b), np.int64(a3.stride(1)), np.int64(sb_b), np.int64(ld), np.int32(vec))
+        else:
+            args = (np.uint64(a_ptr), np.uint64(b_ptr), _ptr(bias_c), np.uint64(c_ptr), M, N, K,
+                    np.int64(sa_b), np.int64(a3.stride(1)), np.int64(sb_b), np.int64(ld))
+        _launch(dev, "matmul.cu", entry, (grid_x, grid_y, nz), cfg.threads, args)
+    return out if batched else out[0]
+
+
+def _tc_vec_ok(a_ptr: int, b_ptr: int, sa_m: int, sa_b: int, ld: int, sb_b: int, k: int, n: int,
+               kmajor: bool, many: bool) -> bool:
+    """Whether every 16-byte chunk the tensor-core kernel reads is aligned and whole."""
+    aligned = a_ptr % 16 == 0 and b_ptr % 16 == 0 and sa_m % 8 == 0 and ld % 8 == 0
+    if many:
+        aligned = aligned and sa_b % 8 == 0 and sb_b % 8 == 0
+    whole = k % 8 == 0 if kmajor else (k % 8 == 0 and n % 8 == 0)
+    return aligned and whole
+
+
+# --------------------------------------------------------------------------- row ops
+
+
+def _rows_launch(x: torch.Tensor, base: str, portable: bool, extra_ptrs: tuple[torch.Tensor | None, ...],
+                 out: torch.Tensor, scalars: tuple[Any, ...]) -> None:
+    dev = _device_of(x, *extra_ptrs)
+    sfx = _suffix(x.dtype)
+    _major(dev)
+    r, length = x.shape
+    R, L = _i32(r, "rows"), _i32(length, "row length")
+    ptrs = tuple(_ptr(p) for p in extra_ptrs)
+    if portable:
+        grid = (_cdiv(r, _ROWS_PER_BLOCK), 1, 1)
+        args = (_ptr(x), *ptrs, _ptr(out), R, L, *scalars)
+        _launch(dev, "rowops.cu", f"{base}_p_{sfx}", grid, 32 * _ROWS_PER_BLOCK, args)
+    else:
+        args = (_ptr(x), *ptrs, _ptr(out), L, *scalars)
+        _launch(dev, "rowops.cu", f"{base}_b_{sfx}", (r, 1, 1), _ROW_THREADS, args)
+
+
+def _same_dtype(x: torch.Tensor, *ps: torch.Tensor | None) -> None:
+    for p in ps:
+        if p is not None and p.dtype != x.dtype:
+            raise InputError(f"all tensors must have the dtype of x ({x.dtype}), got {p.dtype}.")
+
+
+def softmax(x: torch.Tensor, log: bool, *, portable: bool = False) -> torch.Tensor:
+    """Softmax (or log-softmax) over the last dim of a contiguous (R, L) tensor."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _rows_launch(x, "softmax", portable, (), out, (np.int32(1 if log else 0),))
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
+             portable: bool = False) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) (* weight) over the last dim."""
+    _same_dtype(x, weight)
+    x = x.contiguous()
+    w = None if weight is None else weight.contiguous()
+    out = torch.empty_like(x)
+    _rows_launch(x, "rms_norm", portable, (w,), out, (np.float32(eps),))
+    return out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+               *, portable: bool = False) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) (* weight) (+ bias) over the last dim (biased var)."""
+    _same_dtype(x, weight, bias)
+    x = x.contiguous()
+    w = None if weight is None else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    out = torch.empty_like(x)
+    _rows_launch(x, "layer_norm", portable, (w, b), out, (np.float32(eps),))
+    return out
+
+
+def row_sum(x: torch.Tensor, mean: bool, *, portable: bool = False) -> torch.Tensor:
+    """Sum (or mean) over the last dim, shape (R,)."""
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    _rows_launch(x, "row_sum", portable, (), out, (np.int32(1 if mean else 0),))
+    return out
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float, *, portable: bool = False) -> torch.Tensor:
+    """SDPA in the canonical order (both guarantees run it: it is batch, padding and
+    decode/prefill invariant by construction). Shapes as in the backend contract."""
+    del portable  # one kernel serves both guarantees
+    dev = _device_of(q, k, v, mask)
+    sfx = _suffix(q.dtype)
+    _major(dev)
+    _same_dtype(q, k, v)
+    nb, h, lq, d = q.shape
+    hk, lk, dv = k.shape[1], k.shape[2], v.shape[3]
+    if d > _ATT_DMAX or dv > _ATT_DMAX:
+        raise InputError(f"attention: head dims up to {_ATT_DMAX} are supported on CUDA, got {d} and {dv}.")
+    if hk == 0 or h % hk:
+        raise InputError(f"attention: query heads ({h}) must be a multiple of key/value heads ({hk}).")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    kind, strides, m = 0, (0, 0, 0, 0), None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            kind, m = 1, mask
+        else:
+            kind, m = 2, (mask if mask.dtype == torch.float32 else mask.to(torch.float32))
+        if tuple(m.shape) != (nb, h, lq, lk):
+            m = m.expand(nb, h, lq, lk)
+        strides = tuple(int(s) for s in m.stride())
+    out = torch.empty((nb, h, lq, dv), dtype=q.dtype, device=dev)
+    n_queries = nb * h * lq
+    args = (_ptr(q), _ptr(k), _ptr(v), _ptr(m), np.int32(kind), *(np.int64(s) for s in strides),
+            _ptr(out), _i32(nb, "batch"), _i32(h, "heads"), _i32(hk, "kv heads"), _i32(lq, "Lq"),
+            _i32(lk, "Lk"), np.int32(d), np.int32(dv), np.float32(scale))
+    _launch(dev, "attention.cu", f"attention_{sfx}", (_cdiv(n_queries, _ATT_WARPS), 1, 1),
+            32 * _ATT_WARPS, args)
+    return out
+
+
+# --------------------------------------------------------------------------- elementwise
+
+
+def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The portable elementwise ops of the canonical orders (exp, log, rsqrt, sigmoid, silu)."""
+    if name not in ELEMENTWISE_OPS:
+        raise InputError(f"unknown portable elementwise op {name!r}; choose from {list(ELEMENTWISE_OPS)}")
+    dev = _device_of(x)
+    sfx = _suffix(x.dtype)
+    _major(dev)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return out
+    grid = min(_cdiv(n, 256), 1 << 20)
+    _launch(dev, "rowops.cu", f"elementwise_p_{sfx}", (grid, 1, 1), 256,
+            (_ptr(x), _ptr(out), np.int64(n), np.int32(ELEMENTWISE_OPS.index(name))))
+    return out
+
+
+# --------------------------------------------------------------------------- DLPack interop
+
+
+def to_cupy(t: torch.Tensor) -> Any:
+    """A zero-copy CuPy view of a CUDA tensor (DLPack). 16-bit floats come back as
+    uint16 bit patterns, because CuPy has no bfloat16 dtype."""
+    cupy = _cupy()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.uint16) if hasattr(torch, "uint16") else t.view(torch.int16)
+    return cupy.from_dlpack(t)
+
+
+def from_cupy(arr: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A zero-copy torch view of a CuPy array (DLPack); ``dtype`` reinterprets the bits
+    (e.g. uint16 -> torch.bfloat16)."""
+    t = torch.from_dlpack(arr)
+    if dtype is not None and dtype != t.dtype:
+        if torch.empty((), dtype=dtype).element_size() != t.element_size():
+            raise InputError(f"cannot reinterpret {t.dtype} as {dtype}: element sizes differ.")
+        t = t.view(dtype)
+    return t

@@ -1,0 +1,179 @@
+// Host emulation of the small CUDA subset detkit's kernels use, so that the real
+// cuda_kernels/*.cu sources can run on a CPU in tests (tests/test_cuda_emulated.py).
+//
+// Model: a launch runs the blocks of the grid one after another; the threads of a block
+// are OS threads running concurrently, so __shared__ (mapped to function-level statics)
+// is shared by exactly the threads of one block, __syncthreads is a barrier, and the
+// warp collectives (shuffles, ballots, ldmatrix, mma) exchange values through per-warp
+// buffers between two warp barriers. float arithmetic is IEEE binary32 (x86-64 SSE, no
+// contraction), fmaf is correctly rounded, so the canonical-order kernels give the same
+// bits as on a GPU. Tensor-core mma is emulated in float (fragment layout exact, rounding
+// not the hardware's): use it to check indexing, not bits.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define DETKIT_HOST_EMU 1
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
+extern thread_local emu_dim3 threadIdx;
+extern thread_local emu_dim3 blockIdx;
+extern emu_dim3 blockDim, gridDim;
+
+static inline int min(int a, int b) { return a < b ? a : b; }
+static inline int max(int a, int b) { return a > b ? a : b; }
+
+static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+static inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+static inline float __fadd_rn(float a, float b) { return a + b; }
+static inline float __fsub_rn(float a, float b) { return a - b; }
+static inline float __fmul_rn(float a, float b) { return a * b; }
+static inline float __fdiv_rn(float a, float b) { return a / b; }
+static inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+static inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
+
+// ---- barriers -------------------------------------------------------------------------
+struct EmuBarrier {
+    std::mutex mu;
+    std::condition_variable cv;
+    int n = 0, waiting = 0;
+    unsigned long gen = 0;
+    void reset(int count) { std::lock_guard<std::mutex> g(mu); n = count; waiting = 0; }
+    void release_locked() { waiting = 0; ++gen; cv.notify_all(); }
+    void wait() {
+        std::unique_lock<std::mutex> g(mu);
+        unsigned long my = gen;
+        if (++waiting >= n) { release_locked(); return; }
+        cv.wait(g, [&] { return gen != my; });
+    }
+    void drop() {  // a thread left the kernel: it no longer takes part in this block
+        std::lock_guard<std::mutex> g(mu);
+        --n;
+        if (waiting > 0 && waiting >= n) release_locked();
+    }
+};
+
+struct EmuWarp {
+    EmuBarrier bar;
+    uint64_t slot[32];
+    const void* ptr[32];
+    uint32_t regs[32][10];
+    float acc[32][4];
+};
+EmuWarp* emu_warp();
+EmuBarrier* emu_block_barrier();
+
+static inline int emu_lane() { return (int)(threadIdx.x & 31u); }
+static inline void __syncthreads() { emu_block_barrier()->wait(); }
+static inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp()->bar.wait(); }
+
+template <typename V> static inline V emu_exchange(V v, int src) {
+    static_assert(sizeof(V) <= 8, "8 bytes at most");
+    EmuWarp* w = emu_warp();
+    uint64_t bits = 0;
+    std::memcpy(&bits, &v, sizeof(V));
+    w->slot[emu_lane()] = bits;
+    w->bar.wait();
+    uint64_t got = w->slot[src & 31];
+    w->bar.wait();
+    V r;
+    std::memcpy(&r, &got, sizeof(V));
+    return r;
+}
+template <typename V> static inline V __shfl_xor_sync(unsigned, V v, int o) { return emu_exchange(v, emu_lane() ^ o); }
+template <typename V> static inline V __shfl_sync(unsigned, V v, int src) { return emu_exchange(v, src); }
+static inline unsigned __ballot_sync(unsigned, bool pred) {
+    EmuWarp* w = emu_warp();
+    w->slot[emu_lane()] = pred ? 1u : 0u;
+    w->bar.wait();
+    unsigned r = 0;
+    for (int l = 0; l < 32; ++l) r |= (unsigned)(w->slot[l] & 1u) << l;
+    w->bar.wait();
+    return r;
+}
+static inline bool __any_sync(unsigned m, bool pred) { return __ballot_sync(m, pred) != 0u; }
+
+// ---- 16-bit float conversions (the .cu files use PTX cvt for these) ----------------------
+struct f16;
+struct bf16;
+static inline float emu_f16_to_f32(unsigned short b) { _Float16 h; std::memcpy(&h, &b, 2); return (float)h; }
+static inline unsigned short emu_f32_to_f16(float x) { _Float16 h = (_Float16)x; unsigned short b; std::memcpy(&b, &h, 2); return b; }
+
+// ---- cp.async / ldmatrix / mma (matmul.cu's tensor-core path) ----------------------------
+static inline void cp_async16(void* smem, const void* gmem, bool valid) {
+    if (valid) std::memcpy(smem, gmem, 16);
+    else std::memset(smem, 0, 16);
+}
+static inline void cp_async_commit() {}
+template <int N> static inline void cp_async_wait() {}
+
+static inline uint32_t emu_ld2(const void* p) { uint32_t r; std::memcpy(&r, p, 4); return r; }
+static inline uint16_t emu_ld1(const void* p) { uint16_t r; std::memcpy(&r, p, 2); return r; }
+
+// Lanes 8i..8i+7 give the row addresses of matrix i; lane l receives row l/4, columns
+// 2(l%4), 2(l%4)+1 of each matrix (of its transpose with .trans).
+static inline void emu_ldsm(uint32_t (&r)[4], const void* p, bool trans) {
+    EmuWarp* w = emu_warp();
+    const int lane = emu_lane();
+    w->ptr[lane] = p;
+    w->bar.wait();
+    for (int i = 0; i < 4; ++i) {
+        if (!trans) {
+            r[i] = emu_ld2((const uint16_t*)w->ptr[8 * i + lane / 4] + 2 * (lane % 4));
+        } else {
+            const uint16_t lo = emu_ld1((const uint16_t*)w->ptr[8 * i + 2 * (lane % 4)] + lane / 4);
+            const uint16_t hi = emu_ld1((const uint16_t*)w->ptr[8 * i + 2 * (lane % 4) + 1] + lane / 4);
+            r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
+        }
+    }
+    w->bar.wait();
+}
+static inline void ldsm_x4(uint32_t (&r)[4], const void* p) { emu_ldsm(r, p, false); }
+static inline void ldsm_x4_trans(uint32_t (&r)[4], const void* p) { emu_ldsm(r, p, true); }
+
+// mma.m16n8k16.row.col, f32 accumulate, emulated with sequential fmaf over k.
+template <bool IS_BF16>
+static inline void emu_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    EmuWarp* w = emu_warp();
+    const int lane = emu_lane();
+    for (int i = 0; i < 4; ++i) w->regs[lane][i] = a[i];
+    w->regs[lane][4] = b0;
+    w->regs[lane][5] = b1;
+    w->bar.wait();
+    auto half = [&](int ln, int reg, int hi) -> float {
+        const uint16_t bits = (uint16_t)(w->regs[ln][reg] >> (16 * hi));
+        return IS_BF16 ? __uint_as_float((uint32_t)bits << 16) : emu_f16_to_f32(bits);
+    };
+    const int g = lane / 4, t = lane % 4;
+    float out[4];
+    for (int r = 0; r < 4; ++r) {
+        const int row = g + (r >= 2 ? 8 : 0), col = 2 * t + (r & 1);
+        float acc = c[r];
+        for (int k = 0; k < 16; ++k) {
+            const float av = half((row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k % 2);
+            const float bv = half(col * 4 + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0), k % 2);
+            acc = std::fma(av, bv, acc);
+        }
+        out[r] = acc;
+    }
+    w->bar.wait();
+    for (int r = 0; r < 4; ++r) c[r] = out[r];
+}
+
+static inline float f16_bits_to_f32(unsigned short b) { return emu_f16_to_f32(b); }
+static inline unsigned short f32_to_f16_bits(float x) { return emu_f32_to_f16(x); }

@@ -1,0 +1,184 @@
+"""Portability proof on the CPU: identical bits under every instruction set and thread count.
+
+The same portable computations (every op, every dtype, adversarial values) run in
+fresh processes under ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` (torch's kernels,
+which the portable path must not depend on), ``NUMBA_CPU_NAME=generic`` (baseline
+x86-64: no AVX, no FMA unit, so ``fma`` becomes the C library's correctly rounded
+``fmaf``) and 1 or 2 numba threads; each process prints a SHA-256 per (op, dtype) and
+the test requires them all to be equal. Each worker also reports what its compiler
+actually emitted for a probe kernel, so the test can check that the generic build
+really has no hardware FMA and that no fast-math flag appears in the IR.
+
+Run as a script (``python tests/test_portable_isa.py``) it is the worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+WORKER_TIMEOUT_S = 240
+
+
+def _worker() -> None:
+    import numba
+    import numpy as np
+    import torch
+
+    from detkit.kernels import _portable_kernels as K
+    from detkit.kernels import portable_cpu as P
+    from detkit.kernels._portable_llvm import fma32
+
+    def make(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+        rng = np.random.default_rng(seed)
+        n = int(np.prod(shape))
+        v = rng.standard_normal(n) * np.exp2(rng.integers(-30, 30, n).astype(np.float64))
+        pool = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-42, 3e38, 65504.0, 6e-8])
+        hit = rng.random(n) < 0.05
+        v[hit] = rng.choice(pool, int(hit.sum()))
+        return torch.from_numpy(v.reshape(shape)).to(dtype)
+
+    def tame(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+        return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape)).to(dtype)
+
+    results: dict[str, str] = {}
+
+    def record(name: str, t: torch.Tensor) -> None:
+        raw = t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+        results[name] = hashlib.sha256(raw.numpy().tobytes()).hexdigest()[:16]
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        tag = str(dtype).replace("torch.", "")
+        a, w, bias = make((13, 300), dtype, 1), tame((37, 300), dtype, 2), tame((37,), dtype, 3)
+        record(f"matmul_wT/{tag}", P.matmul(a, w.T, bias))
+        record(f"matmul_big/{tag}", P.matmul(tame((9, 700), dtype, 4), tame((700, 530), dtype, 5), None))
+        record(f"bmm/{tag}", P.matmul(make((3, 5, 40), dtype, 6), tame((3, 40, 11), dtype, 7), None))
+        x = make((7, 333), dtype, 8)
+        record(f"softmax/{tag}", P.softmax(x, False))
+        record(f"log_softmax/{tag}", P.softmax(x, True))
+        wv, bv = tame((333,), dtype, 9), tame((333,), dtype, 10)
+        record(f"rms_norm/{tag}", P.rms_norm(x, wv, 1e-6))
+        record(f"layer_norm/{tag}", P.layer_norm(x, wv, bv, 1e-5))
+        record(f"sum/{tag}", P.row_sum(x, False))
+        record(f"mean/{tag}", P.row_sum(x, True))
+        q, k, v = tame((2, 4, 9, 16), dtype, 11), tame((2, 2, 21, 16), dtype, 12), tame((2, 2, 21, 8), dtype, 13)
+        causal = torch.ones(9, 21, dtype=torch.bool).tril(12)
+        record(f"attention_causal/{tag}", P.attention(q, k, v, causal, 0.25))
+        fmask = torch.from_numpy(np.random.default_rng(14).standard_normal((1, 4, 9, 21))).float()
+        record(f"attention_float/{tag}", P.attention(q, k, v, fmask, 0.25))
+        xe = make((4099,), dtype, 15) * 4
+        for name in P.ELEMENTWISE_OPS:
+            record(f"{name}/{tag}", P.elementwise(name, xe))
+
+    # What did this process's compiler emit? An uncached probe with the kernels' scalar
+    # building blocks (cached kernels cannot be inspected).
+    @numba.njit(cache=False)
+    def probe(x: np.ndarray, y: np.ndarray) -> None:
+        for j in range(x.shape[0]):
+            y[j] = fma32(x[j], y[j], K.exp_f32(x[j]))
+
+    xs = np.ones(64, dtype=np.float32)
+    probe(xs, xs.copy())
+    sig = probe.signatures[0]
+    asm = probe.inspect_asm(sig)
+    llvm_ir = probe.inspect_llvm(sig)
+    info = {
+        "aten_capability": torch.backends.cpu.get_cpu_capability(),
+        "numba_cpu": str(numba.config.CPU_NAME),
+        "threads": numba.get_num_threads(),
+        "hw_fma": "vfmadd" in asm,
+        "fmaf_call": "fmaf" in asm,
+        "fast_math_flags": any(f in llvm_ir for f in (" fast ", " contract ", " reassoc ", " nnan ", " afn ")),
+        "llvm_fma": "llvm.fma.f32" in llvm_ir,
+    }
+    print(json.dumps({"hashes": results, "info": info}))
+
+
+def _host_aten() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _configs() -> list[tuple[str, dict[str, str]]]:
+    host = _host_aten()
+    configs = [("host, 2 threads", {"NUMBA_NUM_THREADS": "2"}),
+               ("host, 1 thread", {"NUMBA_NUM_THREADS": "1"}),
+               ("aten default", {"ATEN_CPU_CAPABILITY": "default", "NUMBA_NUM_THREADS": "2"})]
+    if host in ("AVX2", "AVX512"):
+        configs.append(("aten avx2", {"ATEN_CPU_CAPABILITY": "avx2", "NUMBA_NUM_THREADS": "2"}))
+    if host == "AVX512":
+        configs.append(("aten avx512", {"ATEN_CPU_CAPABILITY": "avx512", "NUMBA_NUM_THREADS": "2"}))
+    configs += [("numba generic x86-64, 1 thread", {"NUMBA_CPU_NAME": "generic", "NUMBA_NUM_THREADS": "1"}),
+                ("numba generic x86-64, 2 threads", {"NUMBA_CPU_NAME": "generic", "NUMBA_NUM_THREADS": "2",
+                                                     "ATEN_CPU_CAPABILITY": "default"})]
+    return configs
+
+
+def _run(env_extra: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_NUM_THREADS")}
+    env.update(env_extra)
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=WORKER_TIMEOUT_S, check=False)
+    if proc.returncode != 0:
+        raise AssertionError(f"worker failed under {env_extra}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, dict]:
+    configs = _configs()
+    # The generic build compiles from scratch the first time (its cache is separate),
+    # so run it alongside the others rather than last.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outs = list(pool.map(lambda c: _run(c[1]), configs[::-1]))[::-1]
+    return {name: out for (name, _), out in zip(configs, outs, strict=True)}
+
+
+def test_workers_ran_where_asked(runs):
+    for name, out in runs.items():
+        info = out["info"]
+        if "aten" in name and "default" in name:
+            assert info["aten_capability"] == "DEFAULT", name
+        if "avx2" in name:
+            assert info["aten_capability"] == "AVX2", name
+        if "avx512" in name:
+            assert info["aten_capability"] == "AVX512", name
+        assert info["threads"] == (1 if "1 thread" in name else 2), name
+        if "generic" in name:
+            assert info["numba_cpu"] == "generic" and not info["hw_fma"] and info["fmaf_call"], info
+        assert info["llvm_fma"] and not info["fast_math_flags"], (name, info)
+
+
+def test_same_bits_on_every_isa_and_thread_count(runs):
+    names = list(runs)
+    base = runs[names[0]]["hashes"]
+    from detkit.kernels.portable_cpu import ELEMENTWISE_OPS
+
+    assert len(base) == 3 * (11 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
+    diffs = {name: sorted(k for k, h in runs[name]["hashes"].items() if base[k] != h) for name in names[1:]}
+    assert all(not d for d in diffs.values()), f"hash differs from {names[0]!r}: {diffs}"
+
+
+def test_host_build_uses_hardware_fma(runs):
+    # Guards the comparison's power: the host run must exercise the hardware FMA (and
+    # the generic run the software one), otherwise equal hashes would prove less.
+    try:
+        with open("/proc/cpuinfo") as fh:
+            has_fma = " fma " in fh.read()
+    except OSError:
+        pytest.skip("cannot read /proc/cpuinfo to know whether this CPU has FMA")
+    if not has_fma:
+        pytest.skip("this CPU has no FMA unit; only the software path was exercised")
+    assert runs["host, 2 threads"]["info"]["hw_fma"]
+
+
+if __name__ == "__main__":
+    _worker()

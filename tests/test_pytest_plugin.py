@@ -1,0 +1,373 @@
+"""The detkit pytest plugin, driven through pytester (mostly in-process runs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# Imported here so that pytester's in-process runs (which drop modules first imported
+# inside them) reuse them instead of importing torch, the mode or transformers again.
+import torch  # noqa: F401
+import detkit._testing_deterministic  # noqa: F401
+import detkit._testing_fixture  # noqa: F401
+import detkit._testing_generation  # noqa: F401
+import detkit.mode  # noqa: F401
+import detkit.models  # noqa: F401
+import detkit.testing  # noqa: F401
+from detkit.report import load_report
+
+pytest_plugins = ["pytester"]
+
+HEADER = """
+import random
+import pytest
+import torch
+import torch.nn.functional as F
+from detkit.testing import assert_batch_invariant, assert_deterministic
+
+W = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+X = torch.randn(6, 64, generator=torch.Generator().manual_seed(1))
+
+def linear(t):
+    return F.linear(t, W)
+
+def random_order_sum(v):
+    # Genuinely nondeterministic: the summation order comes from OS entropy.
+    idx = list(range(v.shape[0]))
+    random.SystemRandom().shuffle(idx)
+    acc = torch.zeros(())
+    for i in idx:
+        acc = acc + v[i]
+    return acc
+"""
+
+
+def _run(pytester: pytest.Pytester, body: str, *args: str) -> pytest.RunResult:
+    pytester.makepyfile(test_user=HEADER + textwrap.dedent(body))
+    return pytester.runpytest_inprocess("-p", "no:cacheprovider", *args)
+
+
+def test_options_are_grouped_with_defaults_in_help(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest_inprocess("--help")
+    out = result.stdout.str()
+    assert "detkit: determinism and batch invariance:" in out
+    assert "--detkit-mode={off,batch-invariant,portable}" in out
+    assert "--detkit-report=PATH" in out
+    assert "Default: off." in out and "Default: no report." in out
+
+
+def test_markers_are_registered(pytester: pytest.Pytester) -> None:
+    out = pytester.runpytest_inprocess("--markers").stdout.str()
+    assert "@pytest.mark.batch_invariant(portable=False, strict=False)" in out
+    assert "@pytest.mark.portable(strict=False)" in out
+    assert "@pytest.mark.deterministic(runs=3)" in out
+    result = _run(
+        pytester,
+        """
+        @pytest.mark.batch_invariant
+        @pytest.mark.deterministic(runs=2)
+        def test_marked():
+            return torch.ones(2)
+        """,
+        "--strict-markers",
+    )
+    result.assert_outcomes(passed=1)
+
+
+def test_passing_and_failing_checks_messages_and_summary(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        def test_invariant():
+            assert_batch_invariant(torch.exp, X, batch_sizes=[1, 2, 5])
+
+        def test_variant():
+            assert_batch_invariant(linear, X, batch_sizes=[1, 2, 4])
+
+        def test_expected_variant():
+            with pytest.raises(AssertionError):
+                assert_batch_invariant(linear, X, batch_sizes=[2])
+        """,
+    )
+    result.assert_outcomes(passed=2, failed=1)
+    out = result.stdout.str()
+    # __tracebackhide__: the user's line is shown, not detkit's internals.
+    result.stdout.fnmatch_lines([">       assert_batch_invariant(linear, X, batch_sizes=[1, 2, 4])"])
+    assert "detkit/testing.py" not in out
+    result.stdout.fnmatch_lines(
+        [
+            "E       detkit.testing.BatchVariance: BATCH-VARIANT: linear: * of 20 placements (*%) differ bitwise*",
+            "E         batch size  placements  differing  rows differing  max ULP",
+            "E       First difference: row * of x at position * of a batch of *",
+            "E       * of 64 elements differ bitwise (*%); max ULP *",
+            "E       What to try: wrap the call in `with detkit.batch_invariant():`*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*= detkit =*",
+            "test * outcome * checks * verdicts * worst ULP",
+            "test_user.py::test_variant * failed (BATCH-VARIANT) * 1 * 1 BATCH-VARIANT *",
+            "test_user.py::test_expected_variant * passed * 1 * 1 BATCH-VARIANT *",
+            "test_user.py::test_invariant * passed * 1 * 1 PASS * 0",
+            "detkit: 3 checks in 3 tests: 1 passed, 2 failed (2 BATCH-VARIANT); tests failing on a detkit check: 1; worst ULP *; mode off",
+        ]
+    )
+
+
+def test_report_file(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        def test_checks(detkit):
+            detkit.assert_batch_invariant(torch.tanh, X, batch_sizes=[2, 3])
+            detkit.record("logits", X * 2)
+            with pytest.raises(AssertionError):
+                detkit.assert_deterministic(random_order_sum, torch.randn(200) * 100, runs=3)
+
+        def test_failing():
+            assert_deterministic(random_order_sum, torch.randn(200) * 100, runs=3)
+
+        def test_unrelated():
+            pass
+        """,
+        "--detkit-report=out/report.json",
+    )
+    result.assert_outcomes(passed=2, failed=1)
+    report = load_report(pytester.path / "out" / "report.json")
+    assert report["kind"] == "pytest" and report["status"] == "complete"
+    assert report["config"]["mode"] == "off"
+    assert "python" in json.dumps(report["fingerprint"]).lower()
+    checks = [r for r in report["results"] if r["type"] == "check"]
+    assert [(c["test"], c["check"], c["verdict"]) for c in checks] == [
+        ("test_user.py::test_checks", "batch_invariant", "PASS"),
+        ("test_user.py::test_checks", "deterministic", "NONDETERMINISTIC"),
+        ("test_user.py::test_failing", "deterministic", "NONDETERMINISTIC"),
+    ]
+    assert checks[1]["detail"]["distinct_results"] >= 2 and checks[1]["worst_ulp"] >= 1
+    assert "NONDETERMINISTIC" in checks[1]["message"]
+    (record,) = [r for r in report["results"] if r["type"] == "record"]
+    assert record["name"] == "logits" and len(record["outputs"][0]["sha256"]) == 64
+    outcomes = {r["test"]: (r["outcome"], r["failed_check"]) for r in report["results"] if r["type"] == "test"}
+    assert outcomes == {
+        "test_user.py::test_checks": ("passed", None),
+        "test_user.py::test_failing": ("failed", "NONDETERMINISTIC"),
+    }
+    summary = report["summary"]
+    assert (summary["checks"], summary["passed"], summary["failed"]) == (3, 1, 2)
+    assert summary["verdicts"] == {"PASS": 1, "NONDETERMINISTIC": 2} and summary["exitstatus"] == 1
+    result.stdout.fnmatch_lines(["detkit: 3 checks in 2 tests: *; report out/report.json"])
+
+
+def test_report_path_that_cannot_be_written_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    (pytester.path / "blocker").write_text("a file, not a directory")
+    result = _run(pytester, "def test_x():\n    pass\n", "--detkit-report=blocker/report.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--detkit-report=blocker/report.json: cannot write the report*"])
+
+
+def test_deterministic_marker_catches_random_order_and_never_retries(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        CALLS = []
+
+        @pytest.mark.deterministic(runs=4)
+        def test_sum(detkit):
+            CALLS.append(1)
+            v = torch.randn(300) * 1000  # same draws every run: RNG states are restored
+            detkit.record("sum", random_order_sum(v))
+
+        def test_ran_exactly_four_times():
+            assert len(CALLS) == 4
+        """,
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E   detkit.testing.Nondeterminism: NONDETERMINISTIC: test_user.py::test_sum: * distinct results in 4 runs of the same test*Not retried*",
+            "*run * differs from run 1 in detkit.record('sum'):",
+            "*1 of 1 elements differ bitwise (100.0%); max ULP *",
+        ]
+    )
+    result.stdout.fnmatch_lines(["test_user.py::test_sum * failed (NONDETERMINISTIC) *"])
+
+
+def test_deterministic_marker_compares_return_values_and_records(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        RUNS = []
+
+        @pytest.mark.deterministic(runs=3)
+        def test_stable(detkit):
+            x = torch.randn(8, 64)  # seeded draws repeat across runs
+            detkit.record("hidden", torch.tanh(x))
+            return linear(x), {"mean": x.mean()}
+
+        @pytest.mark.deterministic(runs=3)
+        def test_third_run_differs():
+            RUNS.append(1)
+            return torch.tensor([1.0, 2.0, 3.0 if len(RUNS) < 3 else 3.0000002])
+
+        @pytest.mark.deterministic(runs=3)
+        def test_second_run_raises():
+            RUNS.append(1)
+            assert len(RUNS) != 5, "flaky"
+            return torch.ones(1)
+
+        @pytest.mark.deterministic
+        def test_nothing_to_compare():
+            pass
+
+        @pytest.mark.deterministic(runs=1)
+        def test_bad_runs():
+            return torch.ones(1)
+        """,
+    )
+    result.assert_outcomes(passed=1, failed=4)
+    result.stdout.fnmatch_lines(
+        [
+            "*NONDETERMINISTIC: test_user.py::test_third_run_differs: 2 distinct results in 3 runs*(1 of 2 reruns differ*",
+            "*run 3 differs from run 1 in the return value:",
+            "*1 of 3 elements differ bitwise (33.3%); max ULP 1,*",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        ["*NONDETERMINISTIC: test_user.py::test_second_run_raises: run 2 of 3 raised AssertionError while run 1 passed*"]
+    )
+    result.stdout.fnmatch_lines(["*test_nothing_to_compare returned nothing and recorded nothing*"])
+    result.stdout.fnmatch_lines(["*deterministic(runs=...) needs an int >= 2, got 1*"])
+    assert "PytestReturnNotNoneWarning" not in result.stdout.str()
+
+
+def test_mode_markers_and_suite_mode(pytester: pytest.Pytester) -> None:
+    body = """
+        import detkit.mode
+
+        @pytest.fixture
+        def mode_in_setup():
+            return detkit.mode.is_enabled()
+
+        @pytest.mark.batch_invariant
+        def test_marked(mode_in_setup):
+            assert detkit.mode.is_enabled() and not detkit.mode.state().portable
+            assert_batch_invariant(linear, X, batch_sizes=[1, 2, 4])
+
+        @pytest.mark.portable
+        def test_portable():
+            assert detkit.mode.state().portable
+            assert_batch_invariant(linear, X, batch_sizes=[1, 3])
+
+        def test_plain(mode_in_setup):
+            print("setup mode:", mode_in_setup, "body mode:", detkit.mode.is_enabled())
+            assert_batch_invariant(linear, X, batch_sizes=[1, 2, 4])
+        """
+    result = _run(pytester, body, "-s")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*setup mode: False body mode: False*"])
+    assert not detkit.mode.is_enabled()  # restored after the run
+
+    suite = _run(pytester, body, "-s", "--detkit-mode=batch-invariant")
+    suite.assert_outcomes(passed=3)
+    suite.stdout.fnmatch_lines(["detkit: mode batch-invariant", "*setup mode: True body mode: True*"])
+    suite.stdout.fnmatch_lines(["detkit: 3 checks in 3 tests: 3 passed, 0 failed; *; mode batch-invariant"])
+    assert not detkit.mode.is_enabled()
+
+
+def test_mode_coverage_is_recorded_in_the_report(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        @pytest.mark.batch_invariant
+        def test_marked():
+            linear(X)
+        """,
+        "--detkit-report=r.json",
+    )
+    result.assert_outcomes(passed=1)
+    (entry,) = [r for r in load_report(pytester.path / "r.json")["results"] if r["type"] == "mode"]
+    assert entry["test"] == "test_user.py::test_marked" and entry["when"] == "call"
+    assert entry["routed"] >= 1 and entry["portable"] is False
+
+
+class _ModelPlugin:
+    """Hands the outer session's model to the inner run (loading it there would redo imports)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model_obj = model
+
+    @pytest.fixture
+    def model(self) -> torch.nn.Module:
+        return self.model_obj
+
+
+def test_fixture_check_generation(pytester: pytest.Pytester) -> None:
+    model = detkit.models.load_preset("tiny-llama")
+    pytester.makepyfile(
+        test_user=HEADER
+        + textwrap.dedent(
+            """
+            from detkit.models import build_tokenizer
+
+            PROMPTS = ["Hello", "The quick brown fox", "a"]
+
+            @pytest.mark.batch_invariant
+            def test_under_mode(detkit, model):
+                detkit.check_generation(model, PROMPTS, batch_sizes=[1, 3], max_new_tokens=3, tokenizer=build_tokenizer())
+
+            def test_without_mode(detkit, model):
+                detkit.check_generation(model, PROMPTS, batch_sizes=[2], max_new_tokens=3, tokenizer=build_tokenizer())
+            """
+        )
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", plugins=[_ModelPlugin(model)])
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*BATCH-VARIANT: generation?LlamaForCausalLM?: of 4 batch placements of 3 prompts, * different logits*",
+            "*First difference: prompt * at position * of a batch of 2, left-padded by *",
+        ]
+    )
+    result.stdout.fnmatch_lines(["test_user.py::test_under_mode * passed * 1 * 1 PASS * 0"])
+
+
+def test_disabled_with_p_no_detkit(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_user="""
+        def test_uses_fixture(detkit):
+            pass
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "no:detkit")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'detkit' not found*"])
+    assert "= detkit =" not in result.stdout.str()
+    usage = pytester.runpytest_inprocess("-p", "no:detkit", "--detkit-mode=portable")
+    assert usage.ret == pytest.ExitCode.USAGE_ERROR
+
+
+def test_quiet_when_unused_and_imports_nothing_heavy(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_user="""
+        import sys
+
+        def test_light():
+            heavy = [m for m in ("torch", "numpy", "detkit.testing", "transformers") if m in sys.modules]
+            assert not heavy, heavy
+        """
+    )
+    # A subprocess: this process has torch loaded already.
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert "= detkit =" not in result.stdout.str()
+
+
+def test_plugin_module_import_is_light() -> None:
+    code = "import sys, detkit.pytest_plugin; print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
