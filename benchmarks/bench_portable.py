@@ -1,11 +1,12 @@
 """Benchmark: portable CPU kernels (``portable=True``) vs torch's own CPU ops.
 
-Prints, per kernel and shape, the median time of each and the ratio portable / torch,
+Prints, per kernel and shape, the best (minimum) time of each and the ratio portable / torch,
 measured in the same run. Shapes follow the CPU kernels issue. Usage::
 
     python benchmarks/bench_portable.py            # full table
     python benchmarks/bench_portable.py --quick    # a few shapes, fewer repeats
     python benchmarks/bench_portable.py --only matmul --json out.json
+    python benchmarks/bench_portable.py --accuracy # ULP table vs detkit.reference
 
 The backend module is called directly (``detkit.kernels.portable_cpu``), so the
 numbers are the kernels' cost without the front end's validation.
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,14 +41,15 @@ class Row:
         return self.portable_ms / self.torch_ms
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+def _best_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Minimum over repeats: on a shared machine the fastest run is the least disturbed."""
     fn()  # warm up (and compile on first use)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return min(times)
 
 
 def _cases(quick: bool) -> list[tuple[str, str, torch.dtype, Callable[[], object], Callable[[], object]]]:
@@ -103,13 +106,128 @@ def _cases(quick: bool) -> list[tuple[str, str, torch.dtype, Callable[[], object
     return cases
 
 
+def _fraction(v: object) -> Fraction:
+    import mpmath
+
+    x = mpmath.mpf(v)
+    man, exp = x.man_exp  # man is the magnitude
+    return (-1 if x < 0 else 1) * Fraction(int(man)) * Fraction(2) ** int(exp)
+
+
+def _exact_unary(name: str, x: torch.Tensor) -> np.ndarray:
+    """Exact-enough values (60 digits) of an elementwise function, as Fractions."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    fns = {
+        "exp": mpmath.exp,
+        "log": mpmath.log,
+        "rsqrt": lambda t: 1 / mpmath.sqrt(t),
+        "sigmoid": lambda t: 1 / (1 + mpmath.exp(-t)),
+        "silu": lambda t: t / (1 + mpmath.exp(-t)),
+    }
+    vals = [fns[name](mpmath.mpf(float(v))) for v in x.float().reshape(-1).tolist()]
+    return np.array([_fraction(v) for v in vals], dtype=object).reshape(tuple(x.shape))
+
+
+def _exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                     scale: float) -> np.ndarray:
+    import mpmath
+
+    mpmath.mp.dps = 60
+    qf, kf, vf = (t.double().numpy() for t in (q, k, v))  # exact copies of the inputs
+    nb, nh, lq, _ = qf.shape
+    out = np.empty((nb, nh, lq, vf.shape[3]), dtype=object)
+    sc = mpmath.mpf(float(np.float32(scale)))
+    for b in range(nb):
+        for h in range(nh):
+            for i in range(lq):
+                last = i + 1 if causal else kf.shape[2]
+                s = [mpmath.fsum(mpmath.mpf(x) * mpmath.mpf(y) for x, y in zip(qf[b, h, i], kf[b, h, j]))
+                     * sc for j in range(last)]
+                m = max(s)
+                p = [mpmath.exp(t - m) for t in s]
+                tot = mpmath.fsum(p)
+                for d in range(vf.shape[3]):
+                    out[b, h, i, d] = _fraction(mpmath.fsum(p[j] * mpmath.mpf(vf[b, h, j, d])
+                                                            for j in range(last)) / tot)
+    return out
+
+
+def accuracy() -> list[dict[str, object]]:
+    """Max / mean error in ULPs of the output format vs detkit.reference, portable vs torch."""
+    from detkit import reference as R
+
+    g = torch.Generator().manual_seed(1)
+    rows: list[dict[str, object]] = []
+
+    def add(op: str, shape: str, dtype: torch.dtype, exact: np.ndarray, port: torch.Tensor,
+            ref: torch.Tensor) -> None:
+        ep = R.ulp_error(port, exact)
+        et = R.ulp_error(ref.to(port.dtype), exact)
+        rows.append({"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
+                     "portable_max": float(np.nanmax(ep)), "portable_mean": float(np.nanmean(ep)),
+                     "torch_max": float(np.nanmax(et)), "torch_mean": float(np.nanmean(et))})
+        r = rows[-1]
+        print(f"{op:14} {shape:16} {r['dtype']:9} portable max {r['portable_max']:7.3f} "
+              f"mean {r['portable_mean']:6.3f} | torch max {r['torch_max']:7.3f} mean {r['torch_mean']:6.3f}",
+              flush=True)
+
+    xe = torch.empty(20000).uniform_(-87.0, 88.0, generator=g)
+    add("exp", "20000", torch.float32, _exact_unary("exp", xe), P.elementwise("exp", xe), torch.exp(xe))
+    xl = torch.exp2(torch.empty(20000).uniform_(-126.0, 127.0, generator=g))
+    add("log", "20000", torch.float32, _exact_unary("log", xl), P.elementwise("log", xl), torch.log(xl))
+    add("rsqrt", "20000", torch.float32, _exact_unary("rsqrt", xl), P.elementwise("rsqrt", xl), torch.rsqrt(xl))
+    xs = torch.randn(20000, generator=g) * 6
+    add("sigmoid", "20000", torch.float32, _exact_unary("sigmoid", xs), P.elementwise("sigmoid", xs),
+        torch.sigmoid(xs))
+    add("silu", "20000", torch.float32, _exact_unary("silu", xs), P.elementwise("silu", xs),
+        F.silu(xs))
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(8, 1024, generator=g).to(dtype)
+        w = torch.randn(128, 1024, generator=g).to(dtype)
+        bias = torch.randn(128, generator=g).to(dtype)
+        add("linear", "8x1024x128", dtype, R.matmul(a, w.T, bias, exact=True), P.matmul(a, w.T, bias),
+            F.linear(a, w, bias))
+        x = (torch.randn(16, 4096, generator=g) + 0.5).to(dtype)
+        add("sum", "16x4096", dtype, R.sum(x, exact=True), P.row_sum(x, False), x.sum(-1))
+        add("mean", "16x4096", dtype, R.mean(x, exact=True), P.row_sum(x, True), x.mean(-1))
+        x = (torch.randn(16, 1024, generator=g) * 4).to(dtype)
+        add("softmax", "16x1024", dtype, R.softmax(x, exact=True), P.softmax(x, False), torch.softmax(x, -1))
+        add("log_softmax", "16x1024", dtype, R.log_softmax(x, exact=True), P.softmax(x, True),
+            torch.log_softmax(x, -1))
+        wv = torch.randn(1024, generator=g).to(dtype)
+        bv = torch.randn(1024, generator=g).to(dtype)
+        eps = float(np.float32(1e-6))
+        add("rms_norm", "16x1024", dtype, R.rms_norm(x, wv, eps, exact=True), P.rms_norm(x, wv, eps),
+            F.rms_norm(x, (1024,), wv, eps))
+        eps = float(np.float32(1e-5))
+        add("layer_norm", "16x1024", dtype, R.layer_norm(x, wv, bv, eps, exact=True),
+            P.layer_norm(x, wv, bv, eps), F.layer_norm(x, (1024,), wv, bv, eps))
+        q = torch.randn(1, 2, 16, 32, generator=g).to(dtype)
+        k = torch.randn(1, 2, 64, 32, generator=g).to(dtype)
+        v = torch.randn(1, 2, 64, 32, generator=g).to(dtype)
+        causal = torch.ones(16, 64, dtype=torch.bool).tril()
+        add("attention", "2h 16q 64k d32", dtype, _exact_attention(q, k, v, True, 32**-0.5),
+            P.attention(q, k, v, causal, 32**-0.5),
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=32**-0.5))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     parser.add_argument("--only", default="", help="run only ops whose name contains this")
     parser.add_argument("--repeats", type=int, default=0, help="timed repeats (default 3 quick / 7)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    parser.add_argument("--accuracy", action="store_true", help="ULP accuracy table instead of timings")
     args = parser.parse_args()
+    if args.accuracy:
+        acc = accuracy()
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(acc, fh, indent=1)
+        return
     repeats = args.repeats or (3 if args.quick else 7)
     rows = []
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
@@ -117,8 +235,8 @@ def main() -> None:
     for op, shape, dtype, ref, port in _cases(args.quick):
         if args.only and args.only not in op:
             continue
-        row = Row(op, shape, str(dtype).replace("torch.", ""), _median_ms(ref, repeats),
-                  _median_ms(port, repeats))
+        row = Row(op, shape, str(dtype).replace("torch.", ""), _best_ms(ref, repeats),
+                  _best_ms(port, repeats))
         rows.append(row)
         print(f"{op:28} {shape:24} {row.dtype:9} {row.torch_ms:9.3f} {row.portable_ms:12.3f} "
               f"{row.ratio:6.2f}", flush=True)

@@ -11,11 +11,12 @@ from detkit._testing_fixture import DetkitFixture
 from detkit.errors import InputError
 
 
-def run_deterministic(item: Any, runs: int, session: Any) -> None:
+def run_deterministic(item: Any, runs: int, session: Any, *, restore_rng: bool = True) -> None:
     """Run the test function ``runs`` times with the same fixtures and compare the runs.
 
     Compared: the return value and everything recorded through the ``detkit`` fixture,
-    bitwise. The global RNG states are restored before each rerun, so seeded draws repeat.
+    bitwise. The global RNG states are restored before each rerun (unless ``restore_rng``
+    is False), so seeded draws repeat.
     A rerun that differs (or fails while run 1 passed) raises ``Nondeterminism``; nothing is
     retried. A failure in run 1 is reported as the test's own failure.
     """
@@ -27,13 +28,14 @@ def run_deterministic(item: Any, runs: int, session: Any) -> None:
     fixture = item.funcargs.get("detkit")
     if not isinstance(fixture, DetkitFixture):
         fixture = None
-    state = V.RngStates()
+    state = V.RngStates() if restore_rng else None
     outputs: list[V.Leaves] = []
     label = item.name
     for k in range(runs):
         session.run = k + 1
         if k:
-            state.restore()
+            if state is not None:
+                state.restore()
             if fixture is not None:
                 fixture._begin_rerun()
         try:
@@ -48,7 +50,7 @@ def run_deterministic(item: Any, runs: int, session: Any) -> None:
             message = "\n".join(
                 [
                     f"NONDETERMINISTIC: {item.nodeid}: run {k + 1} of {runs} raised {type(exc).__name__} "
-                    f"while run 1 passed (same fixtures, same RNG states):",
+                    "while run 1 passed (same fixtures" + (", same RNG states):" if restore_rng else "):"),
                     f"  {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
                     T.HINT_NONDET,
                 ]
@@ -74,6 +76,7 @@ def run_deterministic(item: Any, runs: int, session: Any) -> None:
     distinct = len({tuple(V.digest(leaf) for _, leaf in out) for out in outputs})
     detail = {
         "runs": runs,
+        "restore_rng": restore_rng,
         "compared": [p for p, _ in outputs[0]],
         "distinct_results": distinct,
         "runs_differing": [k + 1 for k in differing],

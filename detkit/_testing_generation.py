@@ -104,6 +104,10 @@ def check_generation(
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not callable(model) or not hasattr(model, "parameters"):
         raise InputError(f"model must be a torch causal LM (a Hugging Face model), got {type(model).__name__}")
+    if getattr(model, "training", False):
+        raise InputError(
+            "model is in training mode (dropout would make every run differ); call model.eval() first"
+        )
     sizes = _check_batch_sizes(batch_sizes)
     ids = _prompt_ids(prompts, tokenizer)
     pad_id = _pad_id(model, tokenizer)

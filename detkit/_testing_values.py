@@ -258,6 +258,22 @@ def describe(
     return "\n".join(lines), worst, info
 
 
+def max_ulp(a: Any, b: Any) -> int | None:
+    """Largest ULP distance between two float arrays of one dtype and shape; None if undefined.
+
+    None for integer data, for mismatched dtype/shape, and when the only differences are
+    NaN vs a number (no distance to speak of).
+    """
+    if not (is_float(a) and dtype_name(a) == dtype_name(b) and shape_of(a) == shape_of(b)):
+        return None
+    from detkit.compare import ulp_distance
+
+    if not shape_of(a):  # compare works elementwise; 1-element views avoid numpy's 0-d scalar paths
+        a, b = a.reshape(1), b.reshape(1)
+    worst = int(ulp_distance(a, b).max()) if int(np.prod(shape_of(a))) else 0
+    return None if worst < 0 else worst
+
+
 def _index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(k) for k in np.unravel_index(flat, shape)) if shape else ()
 

@@ -448,18 +448,17 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
     notes: dict[str, str] = {}
     for name, n in sorted(ops.items()):
         full = _full_name(name)
-        packet = full.split(".")[0].removesuffix("_") if full.split(".")[0] not in EXACT_OPS else full.split(".")[0]
-        if portable and packet in ELEMENTWISE_LIBM:
+        packet = full.split(".")[0]
+        base = packet if packet in EXACT_OPS else packet.removesuffix("_")
+        if full in KNOWN_POSITION_DEPENDENT:
+            notes[full] = f"position dependent {KNOWN_POSITION_DEPENDENT[full]}"
+        if portable and base in ELEMENTWISE_LIBM:
             not_portable[full] = n
             notes[full] = "math-library function: bits differ between CPU instruction sets and devices"
         elif full in table:
             routed[full] = n
-        elif packet in EXACT_OPS or packet in ELEMENTWISE_EXACT:
+        elif base in EXACT_OPS or base in ELEMENTWISE_EXACT:
             exact[full] = n
-            if packet in KNOWN_POSITION_DEPENDENT:
-                notes[full] = f"exact except {KNOWN_POSITION_DEPENDENT[packet]}"
         else:
             uncovered[full] = n
-            if full in KNOWN_POSITION_DEPENDENT:
-                notes[full] = f"position dependent: {KNOWN_POSITION_DEPENDENT[full]}"
     return CoverageReport(portable, routed, exact, not_portable, uncovered, notes)

@@ -39,8 +39,9 @@ _MARKERS = (
     "batch_invariant(portable=False, strict=False): run the test body under detkit.batch_invariant() (detkit)",
     "portable(strict=False): run the test body under detkit.batch_invariant(portable=True), the same bits on "
     "every device (detkit)",
-    f"deterministic(runs={DEFAULT_RUNS}): run the test body `runs` times and require its return values and "
-    "detkit.record()s to be bitwise identical; a differing run fails as NONDETERMINISTIC, never retried (detkit)",
+    f"deterministic(runs={DEFAULT_RUNS}, restore_rng=True): run the test body `runs` times (global RNG states "
+    "restored before each) and require its return values and detkit.record()s to be bitwise identical; a "
+    "differing run fails as NONDETERMINISTIC, never retried (detkit)",
 )
 _MARKER_NAMES = ("batch_invariant", "portable", "deterministic")
 _SUMMARY_ROWS = 30
@@ -92,13 +93,20 @@ def detkit(request: pytest.FixtureRequest) -> Any:
     return DetkitFixture(request.node.nodeid, session.sink)
 
 
-def _marker_runs(marker: pytest.Mark) -> int:
+def _marker_args(marker: pytest.Mark) -> tuple[int, bool]:
+    """(runs, restore_rng) of a ``deterministic`` marker, validated."""
+    from detkit.errors import InputError
+
     runs = marker.kwargs.get("runs", marker.args[0] if marker.args else DEFAULT_RUNS)
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 2:
-        from detkit.errors import InputError
-
         raise InputError(f"@pytest.mark.deterministic(runs=...) needs an int >= 2, got {runs!r}")
-    return runs
+    restore_rng = marker.kwargs.get("restore_rng", True)
+    if not isinstance(restore_rng, bool):
+        raise InputError(f"@pytest.mark.deterministic(restore_rng=...) takes a bool, got {restore_rng!r}")
+    unknown = set(marker.kwargs) - {"runs", "restore_rng"}
+    if unknown or len(marker.args) > 1:
+        raise InputError(f"@pytest.mark.deterministic takes runs= and restore_rng= only, got {marker.args}, {marker.kwargs}")
+    return runs, restore_rng
 
 
 class DetkitSession:
@@ -156,16 +164,19 @@ class DetkitSession:
         if self.run is not None:
             entry["run"] = self.run
         if self.current is None:
-            self._consume(entry)
+            self._consume([entry])
         else:
             self.pending.append(entry)
 
-    def _consume(self, entry: dict[str, Any]) -> None:
-        self.entries.append(entry)
+    def _consume(self, entries: list[dict[str, Any]]) -> None:
+        self.entries.extend(entries)
         if self.writer is None or self._write_failed:
             return
+        # One atomic rewrite per test report, not per entry: a hypothesis test can make
+        # hundreds of checks.
+        self.writer.data["results"].extend(entries)
         try:
-            self.writer.add_result(entry)
+            self.writer.flush()
         except (OSError, TypeError, ValueError) as exc:  # a report problem must not fail the tests
             self._write_failed = True
             warnings.warn(pytest.PytestWarning(f"detkit: could not update {self.report_path}: {exc}"), stacklevel=1)
@@ -264,8 +275,9 @@ class DetkitSession:
         return report
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        for entry in getattr(report, _REPORT_ATTR, None) or ():
-            self._consume(entry)
+        entries = getattr(report, _REPORT_ATTR, None)
+        if entries:
+            self._consume(list(entries))
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_pyfunc_call(self, pyfuncitem: pytest.Function) -> object | None:
@@ -275,9 +287,9 @@ class DetkitSession:
         __tracebackhide__ = True
         from detkit._testing_deterministic import run_deterministic
 
-        runs = _marker_runs(marker)
+        runs, restore_rng = _marker_args(marker)
         try:
-            run_deterministic(pyfuncitem, runs, self)
+            run_deterministic(pyfuncitem, runs, self, restore_rng=restore_rng)
         finally:
             self.run = None
         return True

@@ -183,6 +183,19 @@ def test_thread_dependence_is_caught_and_threads_restored() -> None:
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs at least 2 torch threads")
+def test_a_part_that_raises_marks_only_its_own_check() -> None:
+    def call(input: torch.Tensor) -> torch.Tensor:
+        if torch.get_num_threads() == 1:
+            raise RuntimeError("no single-thread kernel")
+        return input * 2.0
+
+    checks = _checks(_spec("picky", call))
+    assert checks["thread-variance"]["verdict"] == "error"
+    assert "no single-thread kernel" in checks["thread-variance"]["note"]
+    assert checks["batch-variance"]["verdict"] == checks["run-to-run"]["verdict"] == "pass"
+
+
 def test_torch_attention_padding_and_decode_checks_run() -> None:
     checks = _checks(catalogue.OPS["scaled_dot_product_attention"])
     for name in ("padding", "decode-prefill"):

@@ -23,14 +23,6 @@ def detkit(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]
                           check=False)
 
 
-def _mode_available() -> bool:
-    try:
-        from detkit.mode import batch_invariant  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def test_torch_mm_and_linear_are_batch_variant_here(tmp_path: Path) -> None:
     proc = detkit("audit", "--ops", "mm,linear", "--impl", "torch", "--fail-on", "batch-variance",
                   "--batch-sizes", SWEEP, "--runs", "2", "--out", str(tmp_path))
@@ -50,8 +42,6 @@ def test_torch_mm_and_linear_are_batch_variant_here(tmp_path: Path) -> None:
     assert "<svg" in (tmp_path / "report.html").read_text()
 
 
-@pytest.mark.xfail(not _mode_available(), strict=True,
-                   reason="detkit.batch_invariant() (detkit/mode.py) has not landed yet")
 def test_the_same_ops_pass_under_detkit_mode(tmp_path: Path) -> None:
     proc = detkit("audit", "--ops", "mm,linear", "--impl", "detkit", "--fail-on", "batch-variance",
                   "--batch-sizes", SWEEP, "--runs", "2", "--out", str(tmp_path))
@@ -198,3 +188,52 @@ def test_isa_check_runs_subprocesses(tmp_path: Path) -> None:
         assert res["verdict"] in ("pass", "fail"), res
         assert {p["isa"] for p in res["per"]} >= {"default"}
         assert all(p["actual"].lower() == p["isa"] for p in res["per"])
+
+
+def test_explicitly_requested_unavailable_impl_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from detkit.audit import impls
+    from detkit.cli import main
+    from detkit.errors import BackendUnavailable
+
+    def missing() -> object:
+        raise BackendUnavailable("no portable kernels on this machine")
+
+    monkeypatch.setitem(impls.FACTORIES, "portable", missing)
+    monkeypatch.setattr(sys, "argv", ["detkit", "audit", "--ops", "sum", "--impl", "torch,portable",
+                                      "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "portable" in err and "no portable kernels on this machine" in err
+    assert not (tmp_path / "report.json").exists()
+
+
+_CRASH = """
+import os, sys
+from detkit.audit import catalogue
+from detkit.cli import main
+
+def crash(input):
+    os._exit(3)  # a hard crash: no exception, no cleanup
+
+bad = catalogue.OpSpec("crash", "reduction", "dies", catalogue.OPS["sum"].build, crash)
+catalogue.OPS["crash"] = bad
+catalogue.CATALOGUE = (*catalogue.CATALOGUE, bad)
+sys.argv = ["detkit", "audit", "--ops", "sum,mean,crash", "--impl", "torch", "--batch-sizes", "1,2",
+            "--runs", "2", "--hidden", "64", "--out", sys.argv[1]]
+main()
+"""
+
+
+def test_a_hard_crash_leaves_a_readable_incomplete_report(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _CRASH, str(tmp_path)], capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert proc.returncode == 3
+    data = load_report(tmp_path / "report.json")
+    assert data["status"] == "running"  # nobody could mark it: renderers call it incomplete
+    assert [r["op"] for r in data["results"] if r["record"] == "op"] == ["sum", "mean"]
+    md = detkit("report", str(tmp_path), "--format", "md")
+    assert md.returncode == 0 and "INCOMPLETE" in md.stdout and "| sum |" in md.stdout

@@ -75,6 +75,12 @@ def _worker() -> None:
         xe = make((4099,), dtype, 15) * 4
         for name in P.ELEMENTWISE_OPS:
             record(f"{name}/{tag}", P.elementwise(name, xe))
+        # large enough for the multi-threaded drivers
+        xb = make((70, 600), dtype, 16)
+        wb = tame((600,), dtype, 17)
+        record(f"big_rows/{tag}", torch.cat([P.softmax(xb, True), P.rms_norm(xb, wb, 1e-6),
+                                            P.layer_norm(xb, wb, wb, 1e-5), P.row_sum(xb, True)[:, None],
+                                            P.elementwise("silu", xb)], 1))
 
     # What did this process's compiler emit? An uncached probe with the kernels' scalar
     # building blocks (cached kernels cannot be inspected).
@@ -162,7 +168,7 @@ def test_same_bits_on_every_isa_and_thread_count(runs):
     base = runs[names[0]]["hashes"]
     from detkit.kernels.portable_cpu import ELEMENTWISE_OPS
 
-    assert len(base) == 3 * (11 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
+    assert len(base) == 3 * (12 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
     diffs = {name: sorted(k for k, h in runs[name]["hashes"].items() if base[k] != h) for name in names[1:]}
     assert all(not d for d in diffs.values()), f"hash differs from {names[0]!r}: {diffs}"
 

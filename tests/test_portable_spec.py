@@ -21,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from detkit.errors import BackendUnavailable, InputError
+from detkit.kernels import _portable_kernels as K
 from detkit.kernels import portable_cpu as P
 from detkit.kernels import spec as S
 
@@ -240,11 +241,34 @@ def test_attention_padding_and_decode_change_nothing(dtype, seed, pad, lk):
     assert_same_bits(P.attention(q, kf, vf, fmask, 0.25), prefill)
 
 
+@given(st.integers(0, 2**31 - 1), st.integers(1, 30), st.integers(1, 200))
+def test_serial_and_parallel_paths_agree(seed, rows, length):
+    # small inputs run on the calling thread, large ones on the pool: same per-row code
+    x = make("special", (rows, length), torch.float32, seed).numpy()
+    w = make("normal", (length,), torch.float32, seed + 1).numpy()
+    eps = np.float32(1e-5)
+
+    def both(serial, parallel, *args):
+        a, b = np.full_like(x, 7.0), np.full_like(x, 8.0)
+        serial(*args, a, 0, rows)
+        parallel(*args, b)
+        np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32))
+
+    both(K.softmax_rows, K.softmax_par, x, True)
+    both(K.rms_norm_rows, K.rms_norm_par, x, w, True, eps)
+    both(K.layer_norm_rows, K.layer_norm_par, x, w, True, w, True, eps)
+    flat = x.reshape(-1)
+    a, b = np.empty_like(flat), np.empty_like(flat)
+    K.elementwise_range(4, flat, a, 0, flat.shape[0])
+    K.elementwise_par(4, flat, b)
+    np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32))
+
+
 def test_thread_count_changes_nothing():
     before = numba.get_num_threads()
     a = make("normal", (70, 600), torch.float32, 3)
     w = make("normal", (530, 600), torch.bfloat16, 4).float()
-    x = make("special", (50, 333), torch.float32, 5)
+    x = make("special", (150, 333), torch.float32, 5)  # above the parallel threshold
     outs = []
     try:
         for threads in sorted({1, before}):
@@ -322,3 +346,18 @@ def test_widening_and_rounding_every_16_bit_pattern(dtype):
     nan = torch.isnan(x)
     assert_same_bits(got[~nan], want[~nan])
     assert (bits(got[nan]) == (0x7FC0 if dtype == torch.bfloat16 else 0x7E00)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_dots_use_256_chunks(dtype):
+    # K and head dim beyond one ChunkDot chunk (and not a multiple of it)
+    a, b = make("cancel", (2, 600), dtype, 21), make("normal", (600, 3), dtype, 22)
+    assert_same_bits(P.matmul(a, b, None), S.matmul(a, b, None))
+    q, k, v = (make("normal", s, dtype, 23 + i) for i, s in enumerate([(1, 1, 2, 300), (1, 1, 3, 300), (1, 1, 3, 4)]))
+    assert_same_bits(P.attention(q, k, v, None, 0.1), S.attention(q, k, v, None, 0.1))
+    # K <= 256 is the plain fma-sequential chain
+    x, y = make("normal", (200,), torch.float32, 30).numpy(), make("normal", (200,), torch.float32, 31).numpy()
+    acc = np.float32(0.0)
+    for xi, yi in zip(x, y, strict=True):
+        acc = S.fma_exact(xi, yi, acc)
+    assert S.seq_dot(x, y).view(np.uint32) == acc.view(np.uint32)

@@ -57,7 +57,7 @@ def compare(outputs: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ..
     max_ulp: int | None = None
     max_abs: float | None = None
     buckets: dict[int, int] = {}
-    for out, ref in zip(outputs, reference):
+    for out, ref in zip(outputs, reference, strict=True):
         if out.shape != ref.shape or out.dtype != ref.dtype:
             raise ValueError(f"output {tuple(out.shape)}/{out.dtype} vs reference {tuple(ref.shape)}/{ref.dtype}")
         mask = _bits(out) != _bits(ref)
@@ -78,7 +78,7 @@ def compare(outputs: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ..
         if d.size:
             max_ulp = max(max_ulp or 0, int(d.max()))
             ks, counts = np.unique(np.searchsorted(_POWERS, d, side="right"), return_counts=True)
-            for k, c in zip(ks.tolist(), counts.tolist()):
+            for k, c in zip(ks.tolist(), counts.tolist(), strict=True):
                 buckets[k] = buckets.get(k, 0) + c
     return Comparison(total, differing, max_ulp, max_abs, nans, buckets)
 
@@ -171,7 +171,7 @@ def attention_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: np.r
     plain = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
     junk = [torch.from_numpy(g.standard_normal((b, h, PAD, d), dtype=np.float32)).to(q.dtype).to(q.device)
             for _ in range(3)]
-    qp, kp, vp = (torch.cat([j, t], dim=2) for j, t in zip(junk, (q, k, v)))
+    qp, kp, vp = (torch.cat([j, t], dim=2) for j, t in zip(junk, (q, k, v), strict=True))
     mask = torch.zeros(PAD + length, PAD + length, dtype=torch.bool, device=q.device)
     mask[PAD:, PAD:] = causal
     mask[:PAD, :PAD] = torch.eye(PAD, dtype=torch.bool, device=q.device)

@@ -15,14 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import ContextManager
 
 import torch
 
-from detkit.errors import InputError
-
 from detkit.audit.vocab import IMPLS
+from detkit.errors import InputError
 
 # cuBLAS needs a fixed workspace to be run-to-run deterministic; torch asks for one of these.
 CUBLAS_WORKSPACE = ":4096:8"
@@ -67,8 +66,8 @@ def _deterministic() -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
-def _detkit_mode(portable: bool) -> Callable[[], ContextManager[object]]:
-    def factory() -> ContextManager[object]:
+def _detkit_mode(portable: bool) -> Callable[[], AbstractContextManager[object]]:
+    def factory() -> AbstractContextManager[object]:
         from detkit.mode import batch_invariant
 
         return batch_invariant(portable=portable)
@@ -76,7 +75,7 @@ def _detkit_mode(portable: bool) -> Callable[[], ContextManager[object]]:
     return factory
 
 
-FACTORIES: dict[str, Callable[[], ContextManager[object]]] = {
+FACTORIES: dict[str, Callable[[], AbstractContextManager[object]]] = {
     "torch": _as_is,
     "deterministic": _deterministic,
     "detkit": _detkit_mode(False),
@@ -84,7 +83,7 @@ FACTORIES: dict[str, Callable[[], ContextManager[object]]] = {
 }
 
 
-def context(impl: str) -> ContextManager[object]:
+def context(impl: str) -> AbstractContextManager[object]:
     """A fresh context manager that runs torch code under ``impl``."""
     return FACTORIES[impl]()
 

@@ -14,8 +14,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from detkit.audit.vocab import CHECK_HELP, CHECKS, ulp_bucket_label
 from detkit.audit.summary import impl_records, op_records, summarize, uncovered_ops
+from detkit.audit.vocab import CHECK_HELP, CHECKS, ulp_bucket_label
 
 SHORT = {
     "run-to-run": "run",
@@ -74,7 +74,8 @@ def short_cell(res: dict[str, Any], check: str) -> tuple[str, str]:
         if check == "batch-variance" and res.get("first_b"):
             text = f"FAIL b>={res['first_b']}"
         elif res.get("compared"):
-            text = f"FAIL {100 * res['differing'] / res['compared']:.0f}%"
+            pct = 100 * res["differing"] / res["compared"]
+            text = f"FAIL {pct:.0f}%" if pct >= 1 else f"FAIL {pct:.1g}%"
     return text, _style(verdict)
 
 
@@ -88,7 +89,8 @@ def _sorted(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _env_lines(report: dict[str, Any]) -> list[tuple[str, str]]:
     fp = report.get("fingerprint", {})
-    v, p, t, b = (fp.get(k, {}) if isinstance(fp.get(k), dict) else {} for k in ("versions", "platform", "threads", "blas"))
+    v, p, t, b = (fp.get(k) if isinstance(fp.get(k), dict) else {}
+                  for k in ("versions", "platform", "threads", "blas"))
     cuda = fp.get("cuda", {}) if isinstance(fp.get("cuda"), dict) else {}
     rows = [
         ("detkit", str(report.get("detkit_version", "?"))),
@@ -139,7 +141,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     for r in records:
         cells = [cell(r["checks"].get(c, {}), c) for c in checks]
         cells = [f"**{c}**" if c.startswith("FAIL") else c for c in cells]
-        out.append(f"| {r['op']} | {r['dtype']} | {r['impl']} | " + " | ".join(cells) + f" | {r.get('seconds', 0):.2f} |")
+        out.append(f"| {r['op']} | {r['dtype']} | {r['impl']} | " + " | ".join(cells)
+                   + f" | {r.get('seconds', 0):.2f} |")
     fails = [(r, c) for r in records for c in CHECKS if r["checks"].get(c, {}).get("verdict") == "fail"]
     if fails:
         out += ["", "## Failures in detail", ""]
@@ -348,7 +351,8 @@ def to_html(report: dict[str, Any]) -> str:
         "<h1>detkit audit</h1>",
         f'<p><span class="status {_e(status)}">{_e(STATUS_TEXT.get(status, status))}</span> '
         f"created {_e(report.get('created'))}, updated {_e(report.get('updated'))}; device {_e(cfg.get('device'))}; "
-        f"dtypes {_e(', '.join(cfg.get('dtypes', [])))}; batch sizes {_e(', '.join(map(str, cfg.get('batch_sizes', []))))}; "
+        f"dtypes {_e(', '.join(cfg.get('dtypes', [])))}; "
+        f"batch sizes {_e(', '.join(map(str, cfg.get('batch_sizes', []))))}; "
         f"runs {_e(cfg.get('runs'))}; seed {_e(cfg.get('seed'))}; hidden {_e(cfg.get('hidden'))}</p>",
     ]
     if cfg.get("command"):
@@ -366,8 +370,8 @@ def to_html(report: dict[str, Any]) -> str:
     body.append("<h2>Verdicts</h2><table><tr><th>op</th><th>dtype</th><th>impl</th>"
                 + "".join(f'<th title="{_e(CHECK_HELP[c])}">{_e(c)}</th>' for c in checks) + "<th>s</th></tr>")
     for r in records:
-        tds = "".join(f'<td class="{_e(r["checks"].get(c, {}).get("verdict", ""))}">{_e(cell(r["checks"].get(c, {}), c))}</td>'
-                      for c in checks)
+        tds = "".join(f'<td class="{_e(r["checks"].get(c, {}).get("verdict", ""))}">'
+                      f'{_e(cell(r["checks"].get(c, {}), c))}</td>' for c in checks)
         body.append(f"<tr><td>{_e(r['op'])}</td><td>{_e(r['dtype'])}</td><td>{_e(r['impl'])}</td>{tds}"
                     f"<td>{r.get('seconds', 0):.2f}</td></tr>")
     body.append("</table>")

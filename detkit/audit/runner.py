@@ -27,6 +27,7 @@ from detkit.audit import impls as _impls
 from detkit.audit.catalogue import DEFAULT_HIDDEN, FLOAT_DTYPES, OPS, Inputs, OpSpec, build_inputs, resolve_ops
 from detkit.audit.checks import (
     CHECKS,
+    PAD,
     CheckResult,
     attention_decode,
     attention_padding,
@@ -37,6 +38,8 @@ from detkit.errors import BackendUnavailable, InputError
 from detkit.report import ReportWriter
 
 DEFAULT_BATCH_SIZES = (1, 2, 3, 4, 5, 8, 16)
+# GPU libraries switch kernels at larger M (cuBLAS heuristics, split-K): sweep further there.
+CUDA_BATCH_SIZES = (1, 2, 3, 4, 5, 8, 16, 32, 64, 128, 256)
 MAX_BATCH = 4096
 
 # ATEN_CPU_CAPABILITY values from the most basic up; a CPU runs the ones up to its own.
@@ -215,66 +218,79 @@ def audit_one(
     sizes = list(cfg.batch_sizes)
     bmax = sizes[-1]
     results = {c: CheckResult(c) for c in CHECKS}
+    # The sweep must run (an op that cannot run is an error record); every other part is
+    # attempted on its own, so one failing part marks only its own check as an error.
+    failed: dict[str, str] = {}
+
+    def attempt(check: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # recorded as that check's error
+            failed[check] = f"{type(exc).__name__}: {exc}"
+            return None
+
+    threads_all = torch.get_num_threads()
+    perm = _permutation(bmax, cfg.seed)
     with _impls.context(impl) as mode:
         outs = {b: spec.run(inputs.rows(slice(0, b))) for b in sizes}
         # inputs are built at bmax: the sweep's last call is run 1, these are runs 2..N
-        repeats = [spec.run(inputs) for _ in range(cfg.runs - 1)]
-        perm = _permutation(bmax, cfg.seed)
-        shuffled = spec.run(inputs.rows(perm)) if perm is not None else None
-        threads_all = torch.get_num_threads()
+        repeats = attempt("run-to-run", lambda: [spec.run(inputs) for _ in range(cfg.runs - 1)])
+        shuffled = None if perm is None else attempt("batch-position", lambda: spec.run(inputs.rows(perm)))
         single = None
         if device.type == "cpu" and threads_all > 1:
             undo = _set_threads(1)
             try:
-                single = spec.run(inputs)
+                single = attempt("thread-variance", lambda: spec.run(inputs))
             finally:
                 undo()
         padding = decode = None
         if spec.attention:
-            g = np.random.default_rng(cfg.seed + 1)
             q, k, v = (inputs.batched[n] for n in ("query", "key", "value"))
-            padding = attention_padding(q, k, v, g)
-            decode = attention_decode(q, k, v, outs[bmax][0])
+            rng = np.random.default_rng(cfg.seed + 1)
+            padding = attempt("padding", lambda: attention_padding(q, k, v, rng))
+            decode = attempt("decode-prefill", lambda: attention_decode(q, k, v, outs[bmax][0]))
 
-    # run-to-run
-    for i, rep in enumerate(repeats, start=2):
-        results["run-to-run"].add(compare(rep, outs[bmax]), run=i)
-    results["run-to-run"].note = f"{cfg.runs} runs at b={bmax}"
+    res = results["run-to-run"]
+    for i, rep in enumerate(repeats or [], start=2):
+        res.add(compare(rep, outs[bmax]), run=i)
+    res.note = f"{cfg.runs} runs at b={bmax}"
 
     _batch_sweep(results["batch-variance"], outs, sizes)
 
     res = results["batch-position"]
-    if shuffled is None:
+    if perm is None:
         res.verdict, res.note = "n/a", "needs a largest batch size of at least 2"
-    else:
-        assert perm is not None
+    elif shuffled is not None:
         res.add(compare(shuffled, tuple(o[perm] for o in outs[bmax])), b=bmax)
         res.note = f"rows permuted at b={bmax}"
 
     res = results["thread-variance"]
     if device.type != "cpu":
         res.verdict, res.note = "n/a", "CPU only"
-    elif single is None:
+    elif threads_all == 1:
         res.verdict, res.note = "skipped", "torch runs with 1 thread here: nothing to compare"
-    else:
+    elif single is not None:
         res.add(compare(single, outs[bmax]), threads=1)
         res.note = f"1 vs {threads_all} threads at b={bmax}"
 
     res = results["padding"]
-    if padding is None:
+    if not spec.attention:
         res.verdict, res.note = "n/a", "attention only"
-    else:
+    elif padding is not None:
         plain, cropped = padding
-        res.add(compare((cropped,), (plain,)), pad=7)
-        res.note = "7 masked left-padding tokens with random contents"
+        res.add(compare((cropped,), (plain,)), pad=PAD)
+        res.note = f"{PAD} masked left-padding tokens with random contents"
 
     res = results["decode-prefill"]
-    if decode is None:
+    if not spec.attention:
         res.verdict, res.note = "n/a", "attention only"
-    else:
+    elif decode is not None:
         for t, pre, step in decode:
             res.add(compare((step,), (pre,)), position=t)
         res.note = "decode of token t over keys 0..t vs row t of the causal prefill"
+
+    for check, text in failed.items():
+        results[check].verdict, results[check].note = "error", text
 
     _isa_check(results["isa-variance"], spec, impl, dtype, cfg, device, outs[bmax], isa_dirs)
 
@@ -313,7 +329,7 @@ def _batch_sweep(res: CheckResult, outs: dict[int, tuple[torch.Tensor, ...]], si
             res.add(c, b=b)
             if c.differing and res.first_b is None:
                 res.first_b = b
-            ref = tuple(torch.cat([r, o[prev:b]]) for r, o in zip(ref, out))
+            ref = tuple(torch.cat([r, o[prev:b]]) for r, o in zip(ref, out, strict=True))
         prev = b
     res.variants = len({digest(tuple(o[:1] for o in outs[b])) for b in sizes})
     res.note = f"rows of b in {sizes}; variants = distinct results of row 0"
@@ -347,13 +363,15 @@ def _isa_check(
             other = tuple(torch.load(path))
             res.add(compare(tuple(o.cpu() for o in here), other), isa=isa, actual=actual)
         else:
-            why = err.read_text().strip() if err.exists() else "the ISA worker did not produce a result"
+            crash = folder / "worker.err"
+            why = (err.read_text() if err.exists() else crash.read_text() if crash.exists() else "").strip()
             res.verdict = "error"
-            notes.append(f"{isa}: {why.splitlines()[-1] if why else 'failed'}")
+            notes.append(f"{isa}: {why.splitlines()[-1] if why else 'the ISA worker produced no result'}")
     res.note = "; ".join([f"{current} vs {', '.join(isa_dirs)}", *notes])
 
 
-def _probe_impls(cfg: AuditConfig, device: torch.device) -> list[_impls.Availability]:
+def probe_impls(cfg: AuditConfig, device: torch.device) -> list[_impls.Availability]:
+    """Which requested implementations can run here; raises if an explicitly requested one cannot."""
     found = [_impls.availability(impl, device) for impl in cfg.impls]
     missing = [a for a in found if not a.available]
     if cfg.impls_explicit and missing:
@@ -365,17 +383,23 @@ def _probe_impls(cfg: AuditConfig, device: torch.device) -> list[_impls.Availabi
     return found
 
 
-def run_audit(cfg: AuditConfig, writer: ReportWriter, listener: Listener | None = None) -> list[dict[str, Any]]:
+def run_audit(
+    cfg: AuditConfig,
+    writer: ReportWriter,
+    listener: Listener | None = None,
+    availability: list[_impls.Availability] | None = None,
+) -> list[dict[str, Any]]:
     """Run the audit, appending records to ``writer``; returns the op records.
 
-    ``KeyboardInterrupt`` propagates after the finished records are on disk; the caller
-    finishes the report as partial.
+    ``availability`` is ``probe_impls``'s answer when the caller already asked (so that
+    usage errors surface before a report file exists). ``KeyboardInterrupt`` propagates
+    after the finished records are on disk; the caller finishes the report as partial.
     """
     emit = listener or (lambda _e: None)
     device = resolve_device(cfg.device)
     specs = resolve_ops(list(cfg.ops))
     available = []
-    for a in _probe_impls(cfg, device):
+    for a in availability if availability is not None else probe_impls(cfg, device):
         writer.add_result(a.to_dict())
         if a.available:
             available.append(a.impl)

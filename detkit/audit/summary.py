@@ -118,9 +118,15 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
         torch_bad = sorted(o for o, v in _verdicts(records, "torch", check).items() if "fail" in v)
         if not torch_bad:
             continue
-        first_bs = sorted({r["checks"][check]["first_b"] for r in records
-                           if r["impl"] == "torch" and r["op"] in torch_bad and r["checks"][check].get("first_b")})
-        where = f", first at b={first_bs[0]}" if first_bs and check == "batch-variance" else ""
+        where = ""
+        if check == "batch-variance":
+            firsts = {}
+            for r in records:
+                b = r["checks"][check].get("first_b")
+                if r["impl"] == "torch" and r["op"] in torch_bad and b:
+                    firsts[r["op"]] = min(b, firsts.get(r["op"], b))
+            if firsts:
+                where = " (a row first changes at " + ", ".join(f"b={b} for {op}" for op, b in firsts.items()) + ")"
         if "detkit" in audited:
             good, _bad = fixed_by("detkit", check, torch_bad)
             if good:

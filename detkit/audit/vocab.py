@@ -29,9 +29,9 @@ IMPLS = ("torch", "deterministic", "detkit", "portable")
 
 
 def ulp_bucket_label(k: int) -> str:
-    """Label of ULP bucket ``k`` (distances in [2**(k-1), 2**k)): "1", "2-3", ..., "2^20+"."""
+    """Label of ULP bucket ``k`` (distances in [2**(k-1), 2**k)): "1", "2-3", ..., "2^20-2^21"."""
     if k <= 1:
         return str(k)
     if k <= 11:
         return f"{1 << (k - 1)}-{(1 << k) - 1}"
-    return f"2^{k - 1}+"
+    return f"2^{k - 1}-2^{k}"

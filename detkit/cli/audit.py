@@ -30,26 +30,44 @@ def _split(text: str | None) -> list[str]:
 
 
 def audit(
-    ops: Annotated[str | None, typer.Option("--ops", help="Comma-separated ops (default: the whole catalogue; see --list-ops).")] = None,
-    impl: Annotated[str | None, typer.Option("--impl", help="Implementations: torch, deterministic, detkit, portable (default: all available).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Comma-separated dtypes: float32, bfloat16, float16.")] = "float32",
-    batch_sizes: Annotated[str | None, typer.Option("--batch-sizes", help="Comma-separated batch sizes of the sweep (default 1,2,3,4,5,8,16).")] = None,
+    ops: Annotated[str | None, typer.Option(
+        "--ops", help="Comma-separated ops (default: the whole catalogue; see --list-ops).")] = None,
+    impl: Annotated[str | None, typer.Option(
+        "--impl", help="Implementations: torch, deterministic, detkit, portable (default: all available).")] = None,
+    dtype: Annotated[str, typer.Option(
+        "--dtype", help="Comma-separated dtypes: float32, bfloat16, float16.")] = "float32",
+    batch_sizes: Annotated[str | None, typer.Option(
+        "--batch-sizes", help="Comma-separated batch sizes of the sweep (default 1,2,3,4,5,8,16; on cuda up to 256).")
+    ] = None,
     runs: Annotated[int, typer.Option("--runs", help="Repetitions for the run-to-run check (>= 2).")] = 3,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
-    out: Annotated[Path | None, typer.Option("--out", help="Directory for report.json, report.md and report.html (JSON written as records finish).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report JSON on stdout (progress goes to stderr).")] = False,
-    fail_on: Annotated[str | None, typer.Option("--fail-on", help="Exit 1 if any audited op x implementation fails one of these checks (comma-separated, or 'any').")] = None,
-    isa: Annotated[bool, typer.Option("--isa", help="Also compare against subprocesses under lower ATEN_CPU_CAPABILITY values (CPU).")] = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Directory for report.json, report.md and report.html (JSON written as records finish).")
+    ] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the report JSON on stdout (progress goes to stderr).")] = False,
+    fail_on: Annotated[str | None, typer.Option(
+        "--fail-on", help="Exit 1 if any audited op x implementation fails one of these checks "
+        "(comma-separated, or 'any').")] = None,
+    isa: Annotated[bool, typer.Option(
+        "--isa", help="Also compare against subprocesses under lower ATEN_CPU_CAPABILITY values (CPU).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the op inputs.")] = 0,
     hidden: Annotated[int, typer.Option("--hidden", help="Model width the op shapes are derived from.")] = 4096,
-    list_ops: Annotated[bool, typer.Option("--list-ops", help="List the op catalogue and the checks, then exit.")] = False,
+    list_ops: Annotated[bool, typer.Option(
+        "--list-ops", help="List the op catalogue and the checks, then exit.")] = False,
 ) -> None:
     """Measure which ops are run-to-run nondeterministic, batch, thread, padding or ISA variant here."""
     from rich.console import Console
 
     from detkit.audit import CATALOGUE, CHECK_HELP
     from detkit.audit.impls import parse_impls
-    from detkit.audit.runner import DEFAULT_BATCH_SIZES, AuditConfig, parse_batch_sizes, parse_fail_on
+    from detkit.audit.runner import (
+        CUDA_BATCH_SIZES,
+        DEFAULT_BATCH_SIZES,
+        AuditConfig,
+        parse_batch_sizes,
+        parse_fail_on,
+    )
 
     console = Console(stderr=json_out, highlight=False)
     if list_ops:
@@ -64,7 +82,8 @@ def audit(
         ops=tuple(_split(ops)) or AuditConfig.ops,
         impls=tuple(parse_impls(impl)),
         dtypes=tuple(_split(dtype)),
-        batch_sizes=parse_batch_sizes(batch_sizes) if batch_sizes is not None else DEFAULT_BATCH_SIZES,
+        batch_sizes=(parse_batch_sizes(batch_sizes) if batch_sizes is not None
+                     else CUDA_BATCH_SIZES if device == "cuda" else DEFAULT_BATCH_SIZES),
         runs=runs,
         device=device,
         seed=seed,
@@ -83,11 +102,13 @@ def _run(cfg: Any, out: Path | None, json_out: bool, console: Any) -> int:
     from rich.text import Text
 
     from detkit.audit.render import SHORT, short_cell, to_html, to_markdown
-    from detkit.audit.runner import Event, resolve_device, run_audit
+    from detkit.audit.runner import Event, probe_impls, resolve_device, run_audit
     from detkit.audit.summary import summarize
     from detkit.report import ReportWriter
 
-    resolve_device(cfg.device)  # a missing GPU is a usage error before anything is written
+    # usage and environment errors (no GPU, a requested impl that cannot run) surface
+    # before any report file exists
+    availability = probe_impls(cfg, resolve_device(cfg.device))
     config = {**cfg.to_dict(), "command": _command_line(cfg)}
     config.pop("impls_explicit")
     writer = ReportWriter("audit", config, out / "report.json" if out else None)
@@ -121,7 +142,7 @@ def _run(cfg: Any, out: Path | None, json_out: bool, console: Any) -> int:
     partial = False
     try:
         with progress:
-            run_audit(cfg, writer, listen)
+            run_audit(cfg, writer, listen, availability)
     except KeyboardInterrupt:
         partial = True
     finally:

@@ -1,9 +1,116 @@
-"""`detkit kernels` (placeholder until its issue lands)."""
+"""`detkit kernels check`: compile every CUDA kernel and report (no GPU needed)."""
 
 from __future__ import annotations
 
+import json
+from typing import Annotated, Any
+
 import typer
+
+kernels_app = typer.Typer(
+    name="kernels",
+    help="detkit's kernels: compile-check the CUDA sources.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _local_gpu() -> tuple[int, str] | None:
+    """(device index, sm_XY) of the current GPU when torch and CuPy can use one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        import cupy  # type: ignore[import-not-found]  # noqa: F401 - needed to load modules
+    except ImportError:
+        return None
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return index, f"sm_{major}{minor}"
+
+
+def _check_on_gpu(index: int, arch: str) -> list[dict[str, Any]]:
+    """Compile each file to CUBIN for the local GPU and load it there."""
+    import time
+
+    from detkit.errors import CompileError
+    from detkit.kernels import cuda_loader
+
+    desc = cuda_loader.compiler_description()
+    rows = []
+    for name in cuda_loader.KERNEL_FILES:
+        t0 = time.perf_counter()
+        try:
+            cuda_loader.load_module(name, index)
+            ptx = cuda_loader.compile_source(cuda_loader.kernel_source(name), name, arch, output="ptx")
+            entries = cuda_loader._ENTRY_RE.findall(ptx.decode(errors="replace"))
+            rows.append(cuda_loader.CheckResult(name, arch, desc + f" (loaded on cuda:{index})", True,
+                                                time.perf_counter() - t0, tuple(entries)).as_dict())
+        except CompileError as err:
+            rows.append(cuda_loader.CheckResult(name, arch, desc, False, time.perf_counter() - t0,
+                                                (), str(err)).as_dict())
+    return rows
+
+
+def _print(rows: list[dict[str, Any]], target: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    compilers = sorted({r["compiler"] for r in rows})
+    table = Table(title=f"detkit CUDA kernels: compile check ({target})", title_justify="left",
+                  caption="compiler: " + "; ".join(compilers), caption_justify="left")
+    for col in ("file", "arch", "status", "entry points", "seconds"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        status = Text("ok", style="green") if r["ok"] else Text("FAILED", style="bold red")
+        table.add_row(r["file"], r["arch"], status, str(len(r["entries"])), f"{r['seconds']:.2f}")
+    console.print(table)
+    for r in rows:
+        if not r["ok"]:
+            err = Console(stderr=True)
+            err.print(f"[bold red]{r['file']} ({r['arch']}) failed:[/]")
+            err.print(Text("\n".join(r["log"].splitlines()[:40])))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's command(s) to the detkit app."""
+    """Add ``detkit kernels ...`` to the detkit app."""
+
+    @kernels_app.command("check")
+    def check(
+        arch: Annotated[
+            list[str] | None,
+            typer.Option("--arch", help="Target architecture, e.g. sm_90 (repeatable). "
+                         "Default: the local GPU, or sm_80 and sm_90 without one."),
+        ] = None,
+        compiler: Annotated[
+            str | None,
+            typer.Option("--compiler", help="nvrtc or nvcc (default: NVRTC if found, else nvcc)."),
+        ] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON only.")] = False,
+    ) -> None:
+        """Compile every CUDA kernel (cuda_kernels/*.cu) and report; exit 1 if any fails."""
+        from detkit.kernels import cuda_loader
+
+        gpu = None if (arch or compiler) else _local_gpu()
+        if gpu is not None:
+            index, gpu_arch = gpu
+            rows = _check_on_gpu(index, gpu_arch)
+            target = f"local GPU cuda:{index}, {gpu_arch}"
+        else:
+            archs = tuple(arch) if arch else cuda_loader.DEFAULT_CHECK_ARCHS
+            rows = [r.as_dict() for r in cuda_loader.check_all(archs, compiler=compiler)]
+            target = "no GPU used: " + ", ".join(archs)
+        ok = all(r["ok"] for r in rows)
+        if as_json:
+            payload = {"ok": ok, "target": target, "options": list(cuda_loader.COMPILE_OPTIONS),
+                       "kernel_dir": str(cuda_loader.kernel_dir()), "results": rows}
+            typer.echo(json.dumps(payload, indent=2))
+        else:
+            _print(rows, target)
+        if not ok:
+            raise typer.Exit(code=1)
+
+    app.add_typer(kernels_app, name="kernels")

@@ -21,7 +21,8 @@ def _generic_markdown(report: dict[str, Any]) -> str:
     """Fallback for report kinds without their own renderer: header, summary, records."""
     lines = [f"# detkit {report.get('kind')} report", "", f"- status: **{report.get('status')}**",
              f"- created: {report.get('created')}", "", "## Summary", "", "```json",
-             json.dumps(report.get("summary", {}), indent=2), "```", "", f"## Results ({len(report.get('results', []))})", ""]
+             json.dumps(report.get("summary", {}), indent=2), "```", "",
+             f"## Results ({len(report.get('results', []))})", ""]
     lines += [f"- `{json.dumps(r, sort_keys=True)[:300]}`" for r in report.get("results", [])]
     if report.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {e['where']}: {e['error'].splitlines()[0]}" for e in report["errors"]]

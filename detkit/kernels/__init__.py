@@ -71,7 +71,7 @@ def _same_dtype(fn: str, **tensors: torch.Tensor | None) -> None:
         raise InputError(f"{fn}: all tensors must have the same dtype ({desc}); convert them to one dtype.")
 
 
-def _backend(fn: str, portable: bool, **tensors: torch.Tensor | None) -> ModuleType:
+def _dispatch(fn: str, portable: bool, **tensors: torch.Tensor | None) -> ModuleType:
     given = {k: t for k, t in tensors.items() if t is not None}
     devices = {t.device for t in given.values()}
     if len(devices) > 1:
@@ -137,7 +137,7 @@ def matmul(
     if bias is not None:
         bias = _check(bias, "bias", fn)
     _same_dtype(fn, a=a, b=b, bias=bias)
-    backend = _backend(fn, portable, a=a, b=b, bias=bias)
+    backend = _dispatch(fn, portable, a=a, b=b, bias=bias)
     if a.dim() == 0 or b.dim() == 0:
         raise InputError(f"{fn}: both arguments need at least 1 dimension, got shapes {tuple(a.shape)} and {tuple(b.shape)}.")
     a_vec, b_vec = a.dim() == 1, b.dim() == 1
@@ -211,7 +211,7 @@ def _softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None, portable: boo
             raise InputError(f"{fn}: dtype {dtype} is not supported; use float32, bfloat16, float16 or float64.")
         x = x.to(dtype)
     x = _check(x, "x", fn)
-    backend = _backend(fn, portable, x=x)
+    backend = _dispatch(fn, portable, x=x)
     d = _dim(dim, x.dim(), fn)
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -246,7 +246,7 @@ def rms_norm(
     if weight is not None:
         weight = _check(weight, "weight", fn)
     _same_dtype(fn, x=x, weight=weight)
-    backend = _backend(fn, portable, x=x, weight=weight)
+    backend = _dispatch(fn, portable, x=x, weight=weight)
     if x.dim() == 0:
         raise InputError(f"{fn}: x needs at least one dimension (the normalised one).")
     e = _eps(eps, torch.finfo(x.dtype).eps, fn)
@@ -273,7 +273,7 @@ def layer_norm(
     if bias is not None:
         bias = _check(bias, "bias", fn)
     _same_dtype(fn, x=x, weight=weight, bias=bias)
-    backend = _backend(fn, portable, x=x, weight=weight, bias=bias)
+    backend = _dispatch(fn, portable, x=x, weight=weight, bias=bias)
     if x.dim() == 0:
         raise InputError(f"{fn}: x needs at least one dimension (the normalised one).")
     e = _eps(eps, 1e-5, fn)
@@ -291,7 +291,7 @@ def layer_norm(
 def _reduce(x: torch.Tensor, dim: int, keepdim: bool, portable: bool, mean: bool) -> torch.Tensor:
     fn = "mean" if mean else "sum"
     x = _check(x, "x", fn)
-    backend = _backend(fn, portable, x=x)
+    backend = _dispatch(fn, portable, x=x)
     d = _dim(dim, x.dim(), fn)
     if x.dim() == 0:
         return x.clone()
@@ -350,7 +350,7 @@ def attention(
         if attn_mask.dtype != torch.bool:
             attn_mask = _check(attn_mask, "attn_mask", fn)
         attn_mask = attn_mask.detach()
-    backend = _backend(fn, portable, q=q, k=k, v=v, attn_mask=attn_mask)
+    backend = _dispatch(fn, portable, q=q, k=k, v=v, attn_mask=attn_mask)
     if not (q.dim() == k.dim() == v.dim() and q.dim() >= 2):
         raise InputError(
             f"{fn}: q, k, v must have the same number (>= 2) of dimensions, got shapes "
@@ -391,10 +391,10 @@ def attention(
     if batch != tuple(q4.shape[:-3]):
         raise InputError(f"{fn}: k/v batch dimensions {tuple(k.shape[:-3])} would enlarge q's {tuple(q.shape[:-3])}.")
     kh = k4.shape[-3]
-    q4 = q4.reshape(-1, h, lq, e)
-    k4 = k4.expand(*batch, kh, lk, e).reshape(-1, kh, lk, e)
-    v4 = v4.expand(*batch, kh, lk, ev).reshape(-1, kh, lk, ev)
-    nb = q4.shape[0]
+    nb = math.prod(batch)
+    q4 = q4.reshape(nb, h, lq, e)
+    k4 = k4.expand(*batch, kh, lk, e).reshape(nb, kh, lk, e)
+    v4 = v4.expand(*batch, kh, lk, ev).reshape(nb, kh, lk, ev)
     out_shape = (*q.shape[:-1], ev)
 
     target = (*batch, h, lq, lk)

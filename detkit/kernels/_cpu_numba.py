@@ -13,7 +13,9 @@ Orders (W = 16 lanes):
   ``lane[w] += lane[w + h]`` for h = 8, 4, 2, 1. Exact zeros before ``j0`` are skipped
   and zeros after the end add nothing, so left and right zero padding cannot change
   the sum (this is what makes eager attention's probabilities padding invariant).
-* dot products over a head dimension: lanes over the index, same tree, explicit FMA.
+* attention scores: acc = fma(q_d, k_jd, acc) for d = 0..D-1 in order, per key; two
+  implementations (keys interleaved for decode, keys vectorised over a transposed K
+  for prefill) perform exactly this arithmetic, so they give identical bits.
 * batched matmul and attention's probabilities @ V: one accumulator per output element,
   starting at +0.0, ``acc = fma(a_k, b_k, acc)`` for k = 0..K-1 in order. Leading and
   trailing exact-zero terms leave the accumulator unchanged.
@@ -144,22 +146,6 @@ def _sum_centered_sq(x, n, mu, lanes):  # type: ignore[no-untyped-def]
     for w in range(n - full):
         d = x[full + w] - mu
         lanes[w] = lanes[w] + d * d
-    return _tree(lanes)
-
-
-@njit(cache=True, inline="always")
-def dot_lanes(a, b, n, lanes):  # type: ignore[no-untyped-def]
-    """sum_d a[d] * b[d]: element d in lane d mod W (FMA), then the tree."""
-    for w in range(W):
-        lanes[w] = 0.0
-    full = (n // W) * W
-    d = 0
-    while d < full:
-        for w in range(W):
-            lanes[w] = fma(a[d + w], b[d + w], lanes[w])
-        d += W
-    for w in range(n - full):
-        lanes[w] = fma(a[full + w], b[full + w], lanes[w])
     return _tree(lanes)
 
 
@@ -297,15 +283,65 @@ def bmm(a, b, out):  # type: ignore[no-untyped-def]
                 out[n, i0 + ii, j] = acc[ii, j]
 
 
+@njit(cache=True, inline="always")
+def _key_range(maskb, mode, bi, h, i, Lk):  # type: ignore[no-untyped-def]
+    """[first, last + 1) of the attended keys of one query (all keys unless a bool mask)."""
+    if mode != 1:
+        return 0, Lk
+    lo = 0
+    while lo < Lk and not maskb[bi, h, i, lo]:
+        lo += 1
+    hi = Lk
+    while hi > lo and not maskb[bi, h, i, hi - 1]:
+        hi -= 1
+    return lo, hi
+
+
+@njit(cache=True, inline="always")
+def _softmax_pv(s, lo, hi, bi, h, i, vb, maskb, maskf, mode, scale, lanes, acc, out):  # type: ignore[no-untyped-def]
+    """Finish one query from its raw scores s[lo:hi] (sequential-d dot products)."""
+    Dv = vb.shape[1]
+    m = -np.inf
+    for j in range(lo, hi):
+        sc = s[j] * scale
+        if mode == 1 and not maskb[bi, h, i, j]:
+            sc = -np.inf
+        elif mode == 2:
+            sc = sc + maskf[bi, h, i, j]
+        s[j] = sc  # rounded to the working dtype here, once
+        if s[j] > m:
+            m = s[j]
+    if m == -np.inf:
+        # No attended key (or none with a finite score): zeros, as torch's SDPA.
+        for d in range(Dv):
+            out[bi, h, i, d] = 0.0
+        return
+    m64 = np.float64(m)
+    for j in range(lo, hi):
+        s[j] = exp64(np.float64(s[j]) - m64)
+    j0 = lo + first_nonzero(s[lo:hi], hi - lo)
+    denom = anchored_sum(s, j0, hi, lanes)
+    for d in range(Dv):
+        acc[d] = 0.0
+    for j in range(j0, hi):
+        pj = s[j]
+        if pj != 0:
+            vj = vb[j]
+            for d in range(Dv):
+                acc[d] = fma(pj, vj[d], acc[d])
+    for d in range(Dv):
+        out[bi, h, i, d] = acc[d] / denom
+
+
 @njit(parallel=True, cache=True)
-def attention(q, k, v, maskb, maskf, mode, scale, out):  # type: ignore[no-untyped-def]
-    """Scaled dot-product attention, one (batch, head, query) row per task.
+def attention_rows(q, k, v, maskb, maskf, mode, scale, out):  # type: ignore[no-untyped-def]
+    """Scaled dot-product attention for few queries (decode); K in its natural layout.
 
     ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv), contiguous;
     ``mode``: 0 no mask, 1 ``maskb`` (bool, False = masked), 2 ``maskf`` (added to the
-    scaled score). Masked keys are never read. The score of a key depends on (q_i, k_j)
-    only; the normaliser is an anchored lane sum and the output accumulates the
-    unmasked keys in key order, so padding and decode-vs-prefill give identical bits.
+    scaled score). Score of key j: acc = fma(q_d, k_jd, acc) for d = 0..D-1 in order,
+    times ``scale`` (plus the additive mask): the same bits as ``attention_blocked``.
+    Eight keys are interleaved so that their independent chains overlap.
     """
     B, H, Lq, D = q.shape
     Hk = k.shape[1]
@@ -318,37 +354,102 @@ def attention(q, k, v, maskb, maskf, mode, scale, out):  # type: ignore[no-untyp
         i = t % Lq
         hk = h // group
         lanes = np.empty(W, q.dtype)
-        p = np.empty(Lk, q.dtype)
-        acc = np.zeros(Dv, q.dtype)
+        s = np.zeros(Lk, q.dtype)
+        acc = np.empty(Dv, q.dtype)
         qi = q[bi, h, i]
         kb = k[bi, hk]
-        vb = v[bi, hk]
-        m = -np.inf
-        for j in range(Lk):
-            if mode == 1 and not maskb[bi, h, i, j]:
-                p[j] = -np.inf
-                continue
-            sc = dot_lanes(qi, kb[j], D, lanes) * scale
-            if mode == 2:
-                sc = sc + maskf[bi, h, i, j]
-            p[j] = sc
-            if sc > m:
-                m = sc
-        if m == -np.inf:
-            # No attended key (or none with a finite score): zeros, as torch's SDPA.
-            for d in range(Dv):
-                out[bi, h, i, d] = 0.0
-            continue
-        m64 = np.float64(m)
-        for j in range(Lk):
-            p[j] = exp64(np.float64(p[j]) - m64)
-        j0 = first_nonzero(p, Lk)
-        denom = anchored_sum(p, j0, Lk, lanes)
-        for j in range(j0, Lk):
-            pj = p[j]
-            if pj != 0:
-                vj = vb[j]
-                for d in range(Dv):
-                    acc[d] = fma(pj, vj[d], acc[d])
-        for d in range(Dv):
-            out[bi, h, i, d] = acc[d] / denom
+        lo, hi = _key_range(maskb, mode, bi, h, i, Lk)
+        j = lo
+        while j + 8 <= hi:
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = s[0] * 0
+            k0, k1, k2, k3 = kb[j], kb[j + 1], kb[j + 2], kb[j + 3]
+            k4, k5, k6, k7 = kb[j + 4], kb[j + 5], kb[j + 6], kb[j + 7]
+            for d in range(D):
+                qd = qi[d]
+                a0 = fma(qd, k0[d], a0)
+                a1 = fma(qd, k1[d], a1)
+                a2 = fma(qd, k2[d], a2)
+                a3 = fma(qd, k3[d], a3)
+                a4 = fma(qd, k4[d], a4)
+                a5 = fma(qd, k5[d], a5)
+                a6 = fma(qd, k6[d], a6)
+                a7 = fma(qd, k7[d], a7)
+            s[j] = a0
+            s[j + 1] = a1
+            s[j + 2] = a2
+            s[j + 3] = a3
+            s[j + 4] = a4
+            s[j + 5] = a5
+            s[j + 6] = a6
+            s[j + 7] = a7
+            j += 8
+        while j < hi:
+            a0 = s[0] * 0
+            kj = kb[j]
+            for d in range(D):
+                a0 = fma(qi[d], kj[d], a0)
+            s[j] = a0
+            j += 1
+        _softmax_pv(s, lo, hi, bi, h, i, v[bi, hk], maskb, maskf, mode, scale, lanes, acc, out)
+
+
+@njit(parallel=True, cache=True)
+def attention_blocked(q, kt, v, maskb, maskf, mode, scale, out):  # type: ignore[no-untyped-def]
+    """Scaled dot-product attention for many queries (prefill); K transposed.
+
+    ``kt``: (B, Hk, D, Lk) contiguous (K transposed per head), the rest as in
+    ``attention_rows``, with the same arithmetic per score: acc = fma(q_d, k_jd, acc)
+    for d = 0..D-1 in order, here vectorised across keys and shared by four queries.
+    """
+    B, H, Lq, D = q.shape
+    Hk = kt.shape[1]
+    Lk = kt.shape[3]
+    Dv = v.shape[3]
+    group = H // Hk
+    QB = 4
+    nqb = (Lq + QB - 1) // QB
+    for t in prange(B * H * nqb):
+        bi = t // (H * nqb)
+        h = (t // nqb) % H
+        i0 = (t % nqb) * QB
+        nq = min(QB, Lq - i0)
+        hk = h // group
+        lanes = np.empty(W, q.dtype)
+        acc = np.empty(Dv, q.dtype)
+        s = np.zeros((QB, Lk), q.dtype)
+        lo = Lk
+        hi = 0
+        for qi in range(nq):
+            a, b = _key_range(maskb, mode, bi, h, i0 + qi, Lk)
+            if a < b:
+                lo = min(lo, a)
+                hi = max(hi, b)
+        ktb = kt[bi, hk]
+        qb = q[bi, h]
+        if nq == QB:
+            s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
+            for d in range(D):
+                kd = ktb[d]
+                q0 = qb[i0, d]
+                q1 = qb[i0 + 1, d]
+                q2 = qb[i0 + 2, d]
+                q3 = qb[i0 + 3, d]
+                for j in range(lo, hi):
+                    kv = kd[j]
+                    s0[j] = fma(q0, kv, s0[j])
+                    s1[j] = fma(q1, kv, s1[j])
+                    s2[j] = fma(q2, kv, s2[j])
+                    s3[j] = fma(q3, kv, s3[j])
+        else:
+            for qi in range(nq):
+                sq = s[qi]
+                for d in range(D):
+                    kd = ktb[d]
+                    qv = qb[i0 + qi, d]
+                    for j in range(lo, hi):
+                        sq[j] = fma(qv, kd[j], sq[j])
+        for qi in range(nq):
+            a, b = _key_range(maskb, mode, bi, h, i0 + qi, Lk)
+            if a >= b:
+                a, b = 0, 0
+            _softmax_pv(s[qi], a, b, bi, h, i0 + qi, v[bi, hk], maskb, maskf, mode, scale, lanes, acc, out)

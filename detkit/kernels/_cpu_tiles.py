@@ -2,19 +2,27 @@
 
 BLAS (MKL for float32/float64, oneDNN for bfloat16/float16 in torch's CPU build)
 chooses its kernel, blocking and thread split from the whole problem shape, so the
-bits of one output row change with M. Here BLAS only ever sees tiles of a few fixed
-heights taken from a table keyed by dtype (never chosen from M), each tile copied into
-a fixed, freshly allocated (64-byte aligned) buffer so that alignment and offsets
-cannot change the library's path either. M is padded with zero rows up to a tile.
+bits of one output row change with M, and (MKL splits K across threads for small M)
+with the thread count. Here BLAS only ever sees tiles whose heights come from a table
+keyed by dtype (never from M), each tile copied into a fixed, freshly allocated
+(64-byte aligned) buffer so that alignment and offsets cannot change the library's
+path either. M is covered by tiles, the last one padded with zero rows.
 
 That a row gets the same bits in every tile rests on the library's behaviour, so it is
 verified on this machine the first time a configuration (dtype, K, N, layout and
-alignment of b, bias or not) is used: for the smallest height, a row's
-bits must not change when the tile's rows are permuted, when the other rows are
-replaced or zeroed, or when torch runs on 1, 2 or all cores' threads; a larger height joins the ladder
-only if its rows equal the smallest height's bitwise. A configuration whose smallest
-height fails is computed by the fixed-order compiled kernel instead, with a warning
-and an entry in :func:`cpu_status` (never silently).
+alignment of b, bias or not) is used, on inputs built so that almost any change of the
+reduction order changes the result's bits (see ``_sensitive_rows``):
+
+* for each candidate height h, a row's bits must not change when the tile's rows are
+  permuted, replaced or zeroed ("row invariant");
+* "free" mode: BLAS keeps torch's threads, accepted only if 1, 2 and all-core thread
+  counts give the same bits; "pinned" mode: every BLAS call runs on one thread (tiles
+  are spread over a small pool of one-thread workers), checked also from a worker;
+* heights whose rows agree bitwise form a class; the class with the most heights is
+  used (free before pinned on a tie), and M is covered greedily by its heights.
+
+If no height is row invariant, the configuration uses the fixed-order compiled kernel
+instead, with a warning and an entry in :func:`cpu_status` (never silently).
 """
 
 from __future__ import annotations
@@ -23,21 +31,27 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
 
-# Tile heights per dtype, ascending; each larger height is used only if verified to give
-# the same bits as the smallest. Measured on a 2-core AVX-512/AMX Xeon (torch 2.13):
-# float32 MKL, K = N = 4096: M=16 costs 3x M=1 but M=256 costs only 6x M=16.
+# Candidate tile heights per dtype. Measured on a 2-core AVX-512/AMX Xeon, torch 2.13,
+# K = N = 4096: float32 (MKL) gives one class 16..512 but only on one thread; bfloat16
+# (oneDNN, AMX) forms classes such as {8, 16, 32} and {64, 128, 256} that depend on b's
+# layout, so several candidates let the verification find a large class.
 TILE_HEIGHTS: dict[torch.dtype, tuple[int, ...]] = {
     torch.float32: (16, 64, 256),
     torch.float64: (16, 64, 256),
-    torch.bfloat16: (32, 128, 512),
-    torch.float16: (32, 128, 512),
+    torch.bfloat16: (32, 64, 128, 256),
+    torch.float16: (32, 64, 128, 256),
 }
 
 _ENV_FORCE = "DETKIT_CPU_MATMUL"  # "fixed-order" bypasses BLAS (for testing the fallback)
+
+# Thread counts checked at verification, so that the verdict (and with it the algorithm)
+# never depends on the thread count in force when a configuration is first used.
+_THREAD_COUNTS = {1, 2, os.cpu_count() or 1, torch.get_num_threads()}
 
 
 @dataclass(frozen=True)
@@ -58,20 +72,19 @@ class TileVerdict:
     def __post_init__(self) -> None:
         if self.k < 1 or self.n < 1 or not self.threads:
             raise ValueError("TileVerdict needs k, n >= 1 and the thread counts checked")
+        if list(self.heights) != sorted(self.heights):
+            raise ValueError("TileVerdict heights must be ascending")
 
     @property
     def ok(self) -> bool:
-        """True when BLAS tiles are used (at least the smallest height verified)."""
+        """True when BLAS tiles are used (at least one height verified)."""
         return len(self.heights) > 0
 
-
-# Thread counts checked at verification, so that the verdict (and with it the algorithm)
-# never depends on the thread count in force when a configuration is first used.
-_THREAD_COUNTS = {1, 2, os.cpu_count() or 1, torch.get_num_threads()}
 
 _VERDICTS: dict[tuple[object, ...], TileVerdict] = {}
 _LOCK = threading.Lock()
 _BUFFERS = threading.local()
+_POOL: ThreadPoolExecutor | None = None
 
 
 def cpu_status() -> dict[str, object]:
@@ -84,6 +97,26 @@ def cpu_status() -> dict[str, object]:
         "verdicts": verdicts,
         "fallback_configs": sum(1 for v in verdicts if not v["ok"]),
     }
+
+
+def _one_thread_worker() -> None:
+    # torch initialises a thread's OpenMP/MKL thread count lazily, from a process-wide
+    # value, on the thread's first parallel op; force that first, then pin to one.
+    torch.ones(1 << 18).add_(1)
+    torch.set_num_threads(1)
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Workers whose BLAS runs on one thread each (torch's thread setting is per thread)."""
+    global _POOL
+    with _LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(
+                max_workers=max(2, os.cpu_count() or 1),
+                thread_name_prefix="detkit-blas",
+                initializer=_one_thread_worker,
+            )
+        return _POOL
 
 
 def _buffer(kind: str, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
@@ -122,17 +155,17 @@ def _tile(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, h: int) -
     return obuf[:rows].clone()
 
 
-def _run(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, heights: tuple[int, ...]) -> torch.Tensor:
-    m = a.shape[0]
-    out = torch.empty(m, b.shape[1], dtype=a.dtype)
+def _plan(m: int, heights: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(start, rows, height) tiles covering m rows: greedy by the largest height that fits."""
+    plan = []
     pos = 0
     while pos < m:
         rem = m - pos
         h = max((t for t in heights if t <= rem), default=heights[0])
         rows = min(h, rem)
-        out[pos : pos + rows] = _tile(a[pos : pos + rows], b, bias, h)
+        plan.append((pos, rows, h))
         pos += rows
-    return out
+    return plan
 
 
 def _with_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -144,6 +177,38 @@ def _with_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return fn()
     finally:
         torch.set_num_threads(old)
+
+
+def _run(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, heights: tuple[int, ...], pinned: bool
+) -> torch.Tensor:
+    out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+    plan = _plan(a.shape[0], heights)
+
+    def work(tiles: list[tuple[int, int, int]]) -> None:
+        if pinned:
+            torch.set_num_threads(1)  # idempotent; see _one_thread_worker
+        for pos, rows, h in tiles:
+            out[pos : pos + rows] = _tile(a[pos : pos + rows], b, bias, h)
+
+    if not pinned:
+        work(plan)
+        return out
+    workers = min(torch.get_num_threads(), len(plan))
+    if workers <= 1:
+        _with_threads(1, lambda: (work(plan), out)[1])
+        return out
+    # Tiles are independent; which one-thread worker computes one does not matter.
+    chunks = [plan[i::workers] for i in range(workers)]
+    threads = torch.get_num_threads()
+    try:
+        for f in [_pool().submit(work, c) for c in chunks]:
+            f.result()
+    finally:
+        # A worker's set_num_threads(1) also set torch's process-wide default that new
+        # threads start from; put back this thread's value.
+        torch.set_num_threads(threads)
+    return out
 
 
 def _synthetic_b(b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -176,20 +241,20 @@ def _sensitive_rows(h: int, k: int, dtype: torch.dtype, gen: torch.Generator) ->
     return a.to(dtype)
 
 
-def _check_rows(run: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, gen: torch.Generator) -> str:
+def _row_invariant(run: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor, gen: torch.Generator) -> str:
     """'' if each row's bits survive permutation, other rows and zero padding, else why not."""
     h = a.shape[0]
     ref = run(a)
     perm = torch.randperm(h, generator=gen)
     if not torch.equal(run(a[perm]), ref[perm]):
-        return f"height {h}: rows changed when the tile's rows were permuted"
+        return "rows changed when the tile's rows were permuted"
     if h > 1:
         other = a.clone()
         other[1:] = _sensitive_rows(h - 1, a.shape[1], a.dtype, gen)
         if not torch.equal(run(other)[:1], ref[:1]):
-            return f"height {h}: row 0 changed when the other rows changed"
+            return "row 0 changed when the other rows changed"
         if not torch.equal(run(a[:1]), ref[:1]):
-            return f"height {h}: row 0 changed when the other rows were zero padding"
+            return "row 0 changed when the other rows were zero padding"
     return ""
 
 
@@ -204,7 +269,9 @@ def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...],
     gen = torch.Generator().manual_seed(0x5EED)
     sb = _synthetic_b(b, gen)
     sbias = None if bias is None else torch.zeros(b.shape[1], dtype=dtype)
-    ladder = TILE_HEIGHTS[dtype]
+    candidates = TILE_HEIGHTS[dtype]
+    common = _sensitive_rows(max(candidates), k, dtype, gen)
+    h0 = candidates[0]
 
     def runner(h: int, pinned: bool) -> Callable[[torch.Tensor], torch.Tensor]:
         def run(a: torch.Tensor) -> torch.Tensor:
@@ -212,33 +279,35 @@ def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...],
 
         return run
 
-    h0 = ladder[0]
-    a0 = _sensitive_rows(h0, k, dtype, gen)
-    why = _check_rows(runner(h0, True), a0, gen)
-    heights: list[int] = []
+    notes: list[str] = []
+    classes: dict[tuple[bool, bytes], list[int]] = {}
+    for h in candidates:
+        a = common[:h]
+        why = _row_invariant(runner(h, True), a, gen)
+        if why:
+            notes.append(f"height {h}: {why}")
+            continue
+        pinned_rows = runner(h, True)(a)[:h0]
+        threads = torch.get_num_threads()
+        from_worker = _pool().submit(runner(h, True), a).result()[:h0]
+        torch.set_num_threads(threads)
+        if torch.equal(from_worker, pinned_rows):
+            classes.setdefault((True, pinned_rows.view(torch.uint8).numpy().tobytes()), []).append(h)
+        else:
+            notes.append(f"height {h}: a one-thread worker gives other bits")
+        if _thread_invariant(runner(h, False), a) and not _row_invariant(runner(h, False), a, gen):
+            free_rows = runner(h, False)(a)[:h0]
+            classes.setdefault((False, free_rows.view(torch.uint8).numpy().tobytes()), []).append(h)
+        else:
+            notes.append(f"height {h}: not thread-count invariant")
+    heights: tuple[int, ...] = ()
     pinned = True
-    if why:
-        reason = why
+    if classes:
+        (pinned, _), best = max(classes.items(), key=lambda kv: (len(kv[1]), not kv[0][0], -kv[1][0]))
+        heights = tuple(best)
+        notes.insert(0, f"verified heights {list(heights)}" + (" on one-thread BLAS" if pinned else ""))
     else:
-        heights.append(h0)
-        # Free-threaded BLAS only if every thread count gives the same bits (MKL, for
-        # one, splits K across threads for small M); otherwise BLAS runs on one thread.
-        pinned = not _thread_invariant(runner(h0, False), a0)
-        ref0 = runner(h0, pinned)(a0)
-        reason = "verified" + (" (BLAS on one thread: not thread-count invariant here)" if pinned else "")
-        for h in ladder[1:]:
-            a = _sensitive_rows(h, k, dtype, gen)
-            a[:h0] = a0
-            run = runner(h, pinned)
-            why = _check_rows(run, a, gen)
-            if not why and not torch.equal(run(a)[:h0], ref0):
-                why = f"height {h} gives other bits than height {h0}"
-            if not why and not pinned and not _thread_invariant(run, a):
-                why = f"height {h} is not thread-count invariant"
-            if why:
-                reason += f"; ladder stops before height {h}: {why}"
-                break
-            heights.append(h)
+        notes.insert(0, "no tile height is batch invariant")
     return TileVerdict(
         dtype=str(dtype).removeprefix("torch."),
         k=k,
@@ -248,8 +317,8 @@ def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...],
         bias=bias is not None,
         threads=tuple(sorted(_THREAD_COUNTS)),
         pinned=pinned,
-        heights=tuple(heights),
-        reason=reason,
+        heights=heights,
+        reason="; ".join(notes),
     )
 
 
@@ -289,10 +358,7 @@ def tiled_matmul(
             out = out + bias.to(out.dtype)
         return out.to(a.dtype)
     _, bl = _layout(b)
-    heights = verdict.heights
-    if verdict.pinned:
-        return _with_threads(1, lambda: _run(a, bl, bias, heights))
-    return _run(a, bl, bias, heights)
+    return _run(a, bl, bias, verdict.heights, verdict.pinned)
 
 
 __all__ = ["TILE_HEIGHTS", "TileVerdict", "cpu_status", "tiled_matmul", "verdict_for"]

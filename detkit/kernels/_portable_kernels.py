@@ -55,8 +55,9 @@ D4 = np.uint32(0x3E638E39).view(F32)
 LANES = 32
 
 # Tile sizes: fixed constants, never derived from M (batch size) or the thread count.
+DOT_CHUNK = 256  # ChunkDot's chunk length (canonical-orders section 2.1): part of the spec
 MATMUL_NB = 256
-MATMUL_KB = 256
+MATMUL_KB = DOT_CHUNK  # a K block is exactly one ChunkDot chunk
 MATMUL_MB = 64
 ROW_CHUNK = 4096
 
@@ -229,23 +230,25 @@ def ieee_maximum(v: np.ndarray, lanes: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------ row ops
+# Each op is a serial kernel over a range of rows (``*_rows``), used directly for small
+# inputs (no thread-pool wake-up), and a parallel driver (``*_par``) that hands fixed
+# blocks of rows to threads. Both run the same per-row code, so they give equal bits.
 
 
-@njit(parallel=True, cache=True)
-def row_sum(x: np.ndarray, mean: bool, out: np.ndarray) -> None:
-    rows, length = x.shape
-    flen = F32(length)
-    for r in prange(rows):
-        lanes = np.empty(LANES, dtype=F32)
+@njit(cache=True)
+def row_sum_rows(x: np.ndarray, mean: bool, out: np.ndarray, r0: int, r1: int) -> None:
+    flen = F32(x.shape[1])
+    lanes = np.empty(LANES, dtype=F32)
+    for r in range(r0, r1):
         s = anchored_sum(x[r], lanes)
         out[r] = canon(s / flen if mean else s)
 
 
-@njit(parallel=True, cache=True)
-def softmax(x: np.ndarray, log: bool, out: np.ndarray) -> None:
-    rows, length = x.shape
-    for r in prange(rows):
-        lanes = np.empty(LANES, dtype=F32)
+@njit(cache=True)
+def softmax_rows(x: np.ndarray, log: bool, out: np.ndarray, r0: int, r1: int) -> None:
+    length = x.shape[1]
+    lanes = np.empty(LANES, dtype=F32)
+    for r in range(r0, r1):
         xr = x[r]
         yr = out[r]
         m = ieee_maximum(xr, lanes)
@@ -261,13 +264,13 @@ def softmax(x: np.ndarray, log: bool, out: np.ndarray) -> None:
                 yr[j] = canon(yr[j] / s)
 
 
-@njit(parallel=True, cache=True)
-def rms_norm(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float,
-             out: np.ndarray) -> None:
-    rows, length = x.shape
+@njit(cache=True)
+def rms_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float,
+                  out: np.ndarray, r0: int, r1: int) -> None:
+    length = x.shape[1]
     flen = F32(length)
-    for r in prange(rows):
-        lanes = np.empty(LANES, dtype=F32)
+    lanes = np.empty(LANES, dtype=F32)
+    for r in range(r0, r1):
         xr = x[r]
         yr = out[r]
         ss = anchored_sum_sq(xr, lanes)
@@ -280,13 +283,13 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float,
                 yr[j] = canon(xr[j] * rr)
 
 
-@njit(parallel=True, cache=True)
-def layer_norm(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np.ndarray,
-               has_bias: bool, eps: float, out: np.ndarray) -> None:
-    rows, length = x.shape
+@njit(cache=True)
+def layer_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np.ndarray,
+                    has_bias: bool, eps: float, out: np.ndarray, r0: int, r1: int) -> None:
+    length = x.shape[1]
     flen = F32(length)
-    for r in prange(rows):
-        lanes = np.empty(LANES, dtype=F32)
+    lanes = np.empty(LANES, dtype=F32)
+    for r in range(r0, r1):
         xr = x[r]
         yr = out[r]
         mu = anchored_sum(xr, lanes) / flen
@@ -294,44 +297,85 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np.nda
             yr[j] = xr[j] - mu
         var = anchored_sum_sq(yr, lanes) / flen
         rr = ONE / np.sqrt(var + eps)
-        for j in range(length):
-            t = yr[j] * rr
-            if has_weight:
-                t = t * weight[j]
-            if has_bias:
-                t = t + bias[j]
-            yr[j] = canon(t)
+        if has_weight and has_bias:  # one fused rounding for the affine step
+            for j in range(length):
+                yr[j] = canon(fma32(yr[j] * rr, weight[j], bias[j]))
+        else:
+            for j in range(length):
+                t = yr[j] * rr
+                if has_weight:
+                    t = t * weight[j]
+                if has_bias:
+                    t = t + bias[j]
+                yr[j] = canon(t)
+
+
+ROWS_PER_TASK = 4
+
+
+@njit(parallel=True, cache=True)
+def row_sum_par(x: np.ndarray, mean: bool, out: np.ndarray) -> None:
+    n = x.shape[0]
+    for c in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        row_sum_rows(x, mean, out, c * ROWS_PER_TASK, min(n, (c + 1) * ROWS_PER_TASK))
+
+
+@njit(parallel=True, cache=True)
+def softmax_par(x: np.ndarray, log: bool, out: np.ndarray) -> None:
+    n = x.shape[0]
+    for c in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        softmax_rows(x, log, out, c * ROWS_PER_TASK, min(n, (c + 1) * ROWS_PER_TASK))
+
+
+@njit(parallel=True, cache=True)
+def rms_norm_par(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float,
+                 out: np.ndarray) -> None:
+    n = x.shape[0]
+    for c in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        rms_norm_rows(x, weight, has_weight, eps, out, c * ROWS_PER_TASK,
+                      min(n, (c + 1) * ROWS_PER_TASK))
+
+
+@njit(parallel=True, cache=True)
+def layer_norm_par(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np.ndarray,
+                   has_bias: bool, eps: float, out: np.ndarray) -> None:
+    n = x.shape[0]
+    for c in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        layer_norm_rows(x, weight, has_weight, bias, has_bias, eps, out, c * ROWS_PER_TASK,
+                        min(n, (c + 1) * ROWS_PER_TASK))
 
 
 # ------------------------------------------------------------------ elementwise
 
 
+@njit(cache=True)
+def elementwise_range(op: int, x: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
+    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu on x[lo:hi] (flat float32)."""
+    xs = x[lo:hi]
+    ys = out[lo:hi]
+    if op == 0:
+        for j in range(xs.shape[0]):
+            ys[j] = canon(exp_f32(xs[j]))
+    elif op == 1:
+        for j in range(xs.shape[0]):
+            ys[j] = canon(log_f32(xs[j]))
+    elif op == 2:
+        for j in range(xs.shape[0]):
+            ys[j] = canon(ONE / np.sqrt(xs[j]))
+    elif op == 3:
+        for j in range(xs.shape[0]):
+            ys[j] = canon(ONE / (ONE + exp_f32(-xs[j])))
+    else:
+        for j in range(xs.shape[0]):
+            v = xs[j]
+            ys[j] = canon(v / (ONE + exp_f32(-v)))
+
+
 @njit(parallel=True, cache=True)
-def elementwise(op: int, x: np.ndarray, out: np.ndarray) -> None:
-    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu (flat float32 arrays)."""
+def elementwise_par(op: int, x: np.ndarray, out: np.ndarray) -> None:
     n = x.shape[0]
-    nchunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
-    for c in prange(nchunks):
-        lo = c * ROW_CHUNK
-        hi = min(n, lo + ROW_CHUNK)
-        xs = x[lo:hi]
-        ys = out[lo:hi]
-        if op == 0:
-            for j in range(xs.shape[0]):
-                ys[j] = canon(exp_f32(xs[j]))
-        elif op == 1:
-            for j in range(xs.shape[0]):
-                ys[j] = canon(log_f32(xs[j]))
-        elif op == 2:
-            for j in range(xs.shape[0]):
-                ys[j] = canon(ONE / np.sqrt(xs[j]))
-        elif op == 3:
-            for j in range(xs.shape[0]):
-                ys[j] = canon(ONE / (ONE + exp_f32(-xs[j])))
-        else:
-            for j in range(xs.shape[0]):
-                v = xs[j]
-                ys[j] = canon(v / (ONE + exp_f32(-v)))
+    for c in prange((n + ROW_CHUNK - 1) // ROW_CHUNK):
+        elementwise_range(op, x, out, c * ROW_CHUNK, min(n, (c + 1) * ROW_CHUNK))
 
 
 # ------------------------------------------------------------------ float16 <-> float32
@@ -374,28 +418,31 @@ def f32_to_half_bits(v: float) -> int:
 # ------------------------------------------------------------------ output rounding
 
 
+@njit(cache=True)
+def round_out_range(y: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int) -> None:
+    """Round fp32 ``y[lo:hi]`` once, to nearest even, into bf16 (mode 1) or fp16 (mode 2)
+    bits (int16 ``out``). NaN becomes the canonical 0x7FC0 / 0x7E00. Done here rather
+    than by torch because torch's fp32 -> bf16 conversion of NaN differs between its
+    CPU paths (0xFFFF on AVX-512 here)."""
+    ys = y[lo:hi]
+    os = out[lo:hi]
+    if mode == MODE_BF16:
+        for j in range(ys.shape[0]):
+            v = ys[j]
+            u = f32_to_bits(v)
+            r = (u + np.int32(0x7FFF) + ((u >> np.int32(16)) & np.int32(1))) >> np.int32(16)
+            os[j] = np.int16(r) if v == v else np.int16(0x7FC0)
+    else:
+        for j in range(ys.shape[0]):
+            v = ys[j]
+            os[j] = np.int16(f32_to_half_bits(v)) if v == v else np.int16(0x7E00)
+
+
 @njit(parallel=True, cache=True)
-def round_out(y: np.ndarray, mode: int, out: np.ndarray) -> None:
-    """Round fp32 ``y`` once, to nearest even, into bf16 (mode 1) or fp16 (mode 2) bits
-    (int16 ``out``). NaN becomes the canonical 0x7FC0 / 0x7E00. Done here rather than by
-    torch because torch's fp32 -> bf16 conversion of NaN differs between its CPU paths."""
+def round_out_par(y: np.ndarray, mode: int, out: np.ndarray) -> None:
     n = y.shape[0]
-    nchunks = (n + ROW_CHUNK - 1) // ROW_CHUNK
-    for c in prange(nchunks):
-        lo = c * ROW_CHUNK
-        hi = min(n, lo + ROW_CHUNK)
-        ys = y[lo:hi]
-        os = out[lo:hi]
-        if mode == MODE_BF16:
-            for j in range(ys.shape[0]):
-                v = ys[j]
-                u = f32_to_bits(v)
-                r = (u + np.int32(0x7FFF) + ((u >> np.int32(16)) & np.int32(1))) >> np.int32(16)
-                os[j] = np.int16(r) if v == v else np.int16(0x7FC0)
-        else:
-            for j in range(ys.shape[0]):
-                v = ys[j]
-                os[j] = np.int16(f32_to_half_bits(v)) if v == v else np.int16(0x7E00)
+    for c in prange((n + ROW_CHUNK - 1) // ROW_CHUNK):
+        round_out_range(y, mode, out, c * ROW_CHUNK, min(n, (c + 1) * ROW_CHUNK))
 
 
 # ------------------------------------------------------------------ matmul
@@ -414,35 +461,39 @@ def _widen(u: int, mode: int) -> float:
 
 @njit(cache=True)
 def _tile(a: np.ndarray, panel: np.ndarray, pk0: int, pn0: int, nb: int, kb: int,
-          k0: int, m0: int, m1: int, c: np.ndarray, n0: int) -> None:
-    """c[m0:m1, n0:n0+nb] += a[:, k0:k0+kb] @ panel[pk0:pk0+kb, pn0:pn0+nb], fma in k order.
+          k0: int, m0: int, m1: int, c: np.ndarray, n0: int, tmp: np.ndarray) -> None:
+    """One K chunk (ChunkDot, section 2.1) for rows m0..m1 and columns n0..n0+nb:
+    part = fma-sequential sum over k0..k0+kb of a[i, k] * panel[pk0 + k - k0, pn0 + j]
+    from +0 (held in ``tmp``), then c[i, n0 + j] += part.
 
-    Two rows share each loaded panel vector; every c[i, j] still sees k strictly
-    increasing (its fp32 accumulator lives in c between K blocks, which is exact).
+    Two rows share each loaded panel vector; the lanes run over columns j, i.e. over
+    independent outputs, so every output still sees its k strictly increasing.
     """
     i = m0
-    while i + 1 < m1:
-        c0 = c[i, n0:n0 + nb]
-        c1 = c[i + 1, n0:n0 + nb]
+    while i < m1:
+        two = i + 1 < m1
+        t0 = tmp[0, :nb]
+        t1 = tmp[1, :nb]
+        t0[:] = ZERO
+        t1[:] = ZERO
         a0 = a[i, k0:k0 + kb]
-        a1 = a[i + 1, k0:k0 + kb]
+        a1 = a[i + 1, k0:k0 + kb] if two else a0
         for k in range(kb):
             br = panel[pk0 + k, pn0:pn0 + nb]
             x0 = a0[k]
             x1 = a1[k]
             for j in range(nb):
                 bj = br[j]
-                c0[j] = fma32(x0, bj, c0[j])
-                c1[j] = fma32(x1, bj, c1[j])
-        i += 2
-    if i < m1:
+                t0[j] = fma32(x0, bj, t0[j])
+                t1[j] = fma32(x1, bj, t1[j])
         c0 = c[i, n0:n0 + nb]
-        a0 = a[i, k0:k0 + kb]
-        for k in range(kb):
-            br = panel[pk0 + k, pn0:pn0 + nb]
-            x0 = a0[k]
+        for j in range(nb):
+            c0[j] = c0[j] + t0[j]
+        if two:
+            c1 = c[i + 1, n0:n0 + nb]
             for j in range(nb):
-                c0[j] = fma32(x0, br[j], c0[j])
+                c1[j] = c1[j] + t1[j]
+        i += 2
 
 
 @njit(cache=True)
@@ -472,11 +523,12 @@ def matmul_direct(a: np.ndarray, b: np.ndarray, bias: np.ndarray, has_bias: bool
         m0 = (t // n_tiles) * MATMUL_MB
         nb = min(n_dim, n0 + MATMUL_NB) - n0
         m1 = min(m_dim, m0 + MATMUL_MB)
+        tmp = np.empty((2, MATMUL_NB), dtype=F32)
         for i in range(m0, m1):
             c[i, n0:n0 + nb] = ZERO
         for k0 in range(0, k_dim, MATMUL_KB):
             kb = min(k_dim, k0 + MATMUL_KB) - k0
-            _tile(a, b, k0, n0, nb, kb, k0, m0, m1, c, n0)
+            _tile(a, b, k0, n0, nb, kb, k0, m0, m1, c, n0, tmp)
         _finish_tile(c, m0, m1, n0, nb, bias, has_bias)
 
 
@@ -510,12 +562,13 @@ def matmul_packed(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray
         nb = min(n_dim, n0 + MATMUL_NB) - n0
         m1 = min(m_dim, m0 + MATMUL_MB)
         panel = np.empty((MATMUL_KB, MATMUL_NB), dtype=F32)
+        tmp = np.empty((2, MATMUL_NB), dtype=F32)
         for i in range(m0, m1):
             c[i, n0:n0 + nb] = ZERO
         for k0 in range(0, k_dim, MATMUL_KB):
             kb = min(k_dim, k0 + MATMUL_KB) - k0
             _pack(b_bits[k0:k0 + kb, n0:n0 + nb], mode, panel)
-            _tile(a, panel, 0, 0, nb, kb, k0, m0, m1, c, n0)
+            _tile(a, panel, 0, 0, nb, kb, k0, m0, m1, c, n0, tmp)
         _finish_tile(c, m0, m1, n0, nb, bias, has_bias)
 
 
@@ -539,14 +592,19 @@ def attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask_bool: np.ndarra
         i = t % lq
         g = h // group
         s = np.zeros(lk, dtype=F32)
+        part = np.empty(lk, dtype=F32)
         kept = np.zeros(lk, dtype=np.uint8)
         qi = q[b, h, i]
         ktg = kt[b, g]
-        for d in range(d_dim):
-            qd = qi[d]
-            krow = ktg[d]
+        for c0 in range(0, d_dim, DOT_CHUNK):  # ChunkDot over d, lanes over keys
+            part[:] = ZERO
+            for d in range(c0, min(d_dim, c0 + DOT_CHUNK)):
+                qd = qi[d]
+                krow = ktg[d]
+                for j in range(lk):
+                    part[j] = fma32(qd, krow[j], part[j])
             for j in range(lk):
-                s[j] = fma32(qd, krow[j], s[j])
+                s[j] = s[j] + part[j]
         m = NEG_INF
         nkept = 0
         for j in range(lk):

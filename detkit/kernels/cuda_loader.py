@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import hashlib
 import os
@@ -33,11 +34,12 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detkit.errors import BackendUnavailable, CompileError
+from detkit.errors import BackendUnavailable, CompileError, InputError
 
 KERNEL_FILES: tuple[str, ...] = ("matmul.cu", "rowops.cu", "attention.cu")
 COMMON_HEADER = "common.cuh"
@@ -82,7 +84,7 @@ def kernel_dir() -> Path:
     candidates += [pkg / "cuda_kernels", pkg.parent / "cuda_kernels"]
     for cand in candidates:
         if (cand / COMMON_HEADER).is_file() and all((cand / f).is_file() for f in KERNEL_FILES):
-            return cand
+            return cand.resolve()  # through the detkit/cuda_kernels symlink of a checkout
     raise BackendUnavailable(
         "detkit's CUDA sources (cuda_kernels/*.cu) were not found; looked in "
         + ", ".join(str(c) for c in candidates)
@@ -129,7 +131,7 @@ def sources_digest() -> dict[str, str]:
 
 def _check_arch(arch: str) -> str:
     if not _ARCH_RE.match(arch):
-        raise ValueError(f"architecture {arch!r} is not of the form sm_XY (e.g. sm_80, sm_90)")
+        raise InputError(f"architecture {arch!r} is not of the form sm_XY (e.g. sm_80, sm_90)")
     return arch
 
 
@@ -325,7 +327,7 @@ def _pick_compiler(compiler: str | None) -> str:
     compiler = compiler or os.environ.get(ENV_COMPILER) or None
     if compiler is not None:
         if compiler not in ("nvrtc", "nvcc"):
-            raise ValueError(f"compiler must be 'nvrtc' or 'nvcc', got {compiler!r}")
+            raise InputError(f"compiler must be 'nvrtc' or 'nvcc', got {compiler!r}")
         return compiler
     avail = available_compilers()
     if not avail:
@@ -340,16 +342,36 @@ def compile_source(source: str, name: str, arch: str, *, output: str = "cubin",
                    compiler: str | None = None) -> bytes:
     """Compile a translation unit to CUBIN or PTX for ``arch``; raise CompileError with the log."""
     if output not in ("cubin", "ptx"):
-        raise ValueError(f"output must be 'cubin' or 'ptx', got {output!r}")
+        raise InputError(f"output must be 'cubin' or 'ptx', got {output!r}")
     options = _options(arch)
     which = _pick_compiler(compiler)
+    key = (hashlib.sha256(source.encode()).hexdigest(), name, arch, output, which)
+    with _compiled_lock:
+        hit = _compiled.get(key)
+    if hit is not None:
+        return hit
     if which == "nvrtc":
-        return _nvrtc().compile(source, name, options, output)
-    return _compile_nvcc(source, name, options, output)
+        out = _nvrtc().compile(source, name, options, output)
+    else:
+        out = _compile_nvcc(source, name, options, output)
+    with _compiled_lock:
+        _compiled[key] = out
+    return out
+
+
+# In-process cache of compiler outputs: (source sha256, name, arch, output, compiler).
+_compiled: dict[tuple[str, str, str, str, str], bytes] = {}
+_compiled_lock = threading.Lock()
 
 
 def compiler_description(compiler: str | None = None) -> str:
+    """Which compiler (and version, library path) compiles for ``compiler`` (None: auto)."""
     which = _pick_compiler(compiler)
+    return _describe(which)
+
+
+@functools.lru_cache(maxsize=None)
+def _describe(which: str) -> str:
     if which == "nvrtc":
         n = _nvrtc()
         return f"NVRTC {n.version[0]}.{n.version[1]} via {n.kind.split('(')[1].rstrip(')')} [{n.where}]"
@@ -385,25 +407,33 @@ _ENTRY_RE = re.compile(r"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
-              compiler: str | None = None, files: tuple[str, ...] = KERNEL_FILES) -> list[CheckResult]:
+              compiler: str | None = None, files: tuple[str, ...] = KERNEL_FILES,
+              workers: int | None = None) -> list[CheckResult]:
     """Compile every kernel file for every architecture to PTX; no GPU needed.
 
-    Returns one :class:`CheckResult` per (file, arch); failures carry the compiler log
-    instead of raising, so a report can show all of them.
+    Returns one :class:`CheckResult` per (arch, file), in that order; failures carry the
+    compiler log instead of raising, so a report can show all of them. Compilations run
+    in parallel threads (NVRTC and nvcc release the GIL).
     """
     which = _pick_compiler(compiler)
     desc = compiler_description(which)
-    results = []
     for arch in archs:
-        for name in files:
-            t0 = time.perf_counter()
-            try:
-                ptx = compile_source(kernel_source(name), name, arch, output="ptx", compiler=which)
-                entries = tuple(_ENTRY_RE.findall(ptx.decode(errors="replace")))
-                results.append(CheckResult(name, arch, desc, True, time.perf_counter() - t0, entries))
-            except CompileError as err:
-                results.append(CheckResult(name, arch, desc, False, time.perf_counter() - t0, (), str(err)))
-    return results
+        _check_arch(arch)
+
+    def one(job: tuple[str, str]) -> CheckResult:
+        arch, name = job
+        t0 = time.perf_counter()
+        try:
+            ptx = compile_source(kernel_source(name), name, arch, output="ptx", compiler=which)
+            entries = tuple(_ENTRY_RE.findall(ptx.decode(errors="replace")))
+            return CheckResult(name, arch, desc, True, time.perf_counter() - t0, entries)
+        except CompileError as err:
+            return CheckResult(name, arch, desc, False, time.perf_counter() - t0, (), str(err))
+
+    jobs = [(arch, name) for arch in archs for name in files]
+    n = workers or max(1, min(len(jobs), os.cpu_count() or 1, 4))
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        return list(pool.map(one, jobs))
 
 
 def recorded_compile_options() -> dict[str, Any]:
@@ -424,6 +454,10 @@ def recorded_compile_options() -> dict[str, Any]:
     except (BackendUnavailable, OSError) as err:
         info["compiler"] = None
         info["compiler_error"] = str(err)
+    with _modules_lock:
+        info["loaded_modules"] = [
+            {"file": m.name, "device": m.device, "arch": m.arch} for m in _modules.values()
+        ]
     return info
 
 

@@ -38,6 +38,9 @@ _OP_CODES = {name: code for code, name in enumerate(ELEMENTWISE_OPS)}
 _BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _MODE = {torch.float32: K.MODE_F32, torch.bfloat16: K.MODE_BF16, torch.float16: K.MODE_F16}
 _SMALLEST_NORMAL = np.float32(2.0**-126)
+# Below this many elements a kernel runs on the calling thread: waking the thread pool
+# costs more than the work. Both paths run the same per-row code (equal bits).
+_PARALLEL_MIN_ELEMENTS = 1 << 15
 
 
 @njit(cache=True)
@@ -90,7 +93,10 @@ def _finish(y: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(y)
     flat = np.ascontiguousarray(y).reshape(-1)
     out = np.empty(flat.shape[0], dtype=np.int16)
-    K.round_out(flat, _MODE[dtype], out)
+    if flat.shape[0] >= _PARALLEL_MIN_ELEMENTS:
+        K.round_out_par(flat, _MODE[dtype], out)
+    else:
+        K.round_out_range(flat, _MODE[dtype], out, 0, flat.shape[0])
     return torch.from_numpy(out).view(dtype).reshape(y.shape)
 
 
@@ -121,7 +127,10 @@ def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:
     dtype = _check_dtype(x)
     x32 = _f32(x)
     out = np.empty_like(x32)
-    K.softmax(x32, bool(log), out)
+    if x32.size >= _PARALLEL_MIN_ELEMENTS:
+        K.softmax_par(x32, bool(log), out)
+    else:
+        K.softmax_rows(x32, bool(log), out, 0, x32.shape[0])
     return _finish(out, dtype)
 
 
@@ -130,7 +139,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     x32 = _f32(x)
     w32, has_w = _opt_f32(weight)
     out = np.empty_like(x32)
-    K.rms_norm(x32, w32, has_w, np.float32(eps), out)
+    if x32.size >= _PARALLEL_MIN_ELEMENTS:
+        K.rms_norm_par(x32, w32, has_w, np.float32(eps), out)
+    else:
+        K.rms_norm_rows(x32, w32, has_w, np.float32(eps), out, 0, x32.shape[0])
     return _finish(out, dtype)
 
 
@@ -141,7 +153,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     w32, has_w = _opt_f32(weight)
     b32, has_b = _opt_f32(bias)
     out = np.empty_like(x32)
-    K.layer_norm(x32, w32, has_w, b32, has_b, np.float32(eps), out)
+    if x32.size >= _PARALLEL_MIN_ELEMENTS:
+        K.layer_norm_par(x32, w32, has_w, b32, has_b, np.float32(eps), out)
+    else:
+        K.layer_norm_rows(x32, w32, has_w, b32, has_b, np.float32(eps), out, 0, x32.shape[0])
     return _finish(out, dtype)
 
 
@@ -149,7 +164,10 @@ def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     dtype = _check_dtype(x)
     x32 = _f32(x)
     out = np.empty(x32.shape[0], dtype=np.float32)
-    K.row_sum(x32, bool(mean), out)
+    if x32.size >= _PARALLEL_MIN_ELEMENTS:
+        K.row_sum_par(x32, bool(mean), out)
+    else:
+        K.row_sum_rows(x32, bool(mean), out, 0, x32.shape[0])
     return _finish(out, dtype)
 
 
@@ -189,5 +207,8 @@ def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
     dtype = _check_dtype(x)
     x32 = _f32(x).reshape(-1)
     out = np.empty_like(x32)
-    K.elementwise(_OP_CODES[name], x32, out)
+    if x32.shape[0] >= _PARALLEL_MIN_ELEMENTS:
+        K.elementwise_par(_OP_CODES[name], x32, out)
+    else:
+        K.elementwise_range(_OP_CODES[name], x32, out, 0, x32.shape[0])
     return _finish(out.reshape(tuple(x.shape)), dtype)

@@ -24,6 +24,7 @@ from detkit.errors import InputError
 
 F32 = np.float32
 LANES = 32
+DOT_CHUNK = 256
 CANONICAL_NAN_BITS = 0x7FC00000
 
 LOG2E = np.uint32(0x3FB8AA3B).view(F32)
@@ -96,10 +97,15 @@ def fma(a: np.float32, b: np.float32, c: np.float32) -> np.float32:
 
 
 def seq_dot(a: Sequence[np.float32], b: Sequence[np.float32]) -> np.float32:
-    """SeqDot: acc = fma(a[k], b[k], acc) for k in increasing order, from +0."""
+    """ChunkDot (section 2.1): fma-sequential inside chunks of 256 consecutive k (from
+    k = 0), each chunk from +0; chunk results added left to right to an acc from +0."""
     acc = ZERO
-    for x, y in zip(a, b, strict=True):
-        acc = fma(F32(x), F32(y), acc)
+    n = len(a)
+    for c0 in range(0, n, DOT_CHUNK):
+        part = ZERO
+        for k in range(c0, min(n, c0 + DOT_CHUNK)):
+            part = fma(F32(a[k]), F32(b[k]), part)
+        acc = F32(acc + part)
     return acc
 
 
@@ -291,9 +297,11 @@ def layer_norm_f32(x: np.ndarray, weight: np.ndarray | None, bias: np.ndarray | 
         rr = F32(ONE / np.sqrt(F32(var + F32(eps))))
         for j in range(x.shape[1]):
             t = F32(d[j] * rr)
-            if weight is not None:
+            if weight is not None and bias is not None:
+                t = fma(t, weight[j], bias[j])
+            elif weight is not None:
                 t = F32(t * weight[j])
-            if bias is not None:
+            elif bias is not None:
                 t = F32(t + bias[j])
             out[r, j] = t
     return out

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Presets are small random-weight models: probe them in the dtype LLMs are served in.
 PRESET_DEFAULT_DTYPE = "bfloat16"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer_config.json")
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -58,6 +59,12 @@ def load_model(
         raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model directory")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # transformers 5 builds an *empty* tokenizer from config.json alone, without error.
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+            f"save one next to the weights with tokenizer.save_pretrained({str(path)!r})"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
@@ -65,8 +72,8 @@ def load_model(
             f"could not load a tokenizer from {path} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
             f"save one next to the weights with tokenizer.save_pretrained({str(path)!r})"
         ) from exc
-    if tokenizer is None or isinstance(tokenizer, bool):
-        raise ModelLoadError(f"{path} has no tokenizer; save one with tokenizer.save_pretrained({str(path)!r})")
+    if tokenizer is None or isinstance(tokenizer, bool) or len(tokenizer) < 2:
+        raise ModelLoadError(f"the tokenizer in {path} is empty; save a real one with tokenizer.save_pretrained({str(path)!r})")
     kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": attn_implementation}
     kwargs["dtype"] = "auto" if dtype == "auto" else _torch_dtype(dtype)
     try:

@@ -1,0 +1,220 @@
+"""GPU benchmarks: detkit's CUDA kernels against torch, measured in the same run.
+
+Each call is timed with CUDA events around the Python call (so launch overhead counts,
+for torch and detkit alike); the median over enough calls to fill ``--min-time`` is
+reported. ``speed`` is torch time / detkit time (1.0 = as fast as torch, higher is
+faster). TF32 is off for the torch float32 baseline, as for detkit.
+
+    python benchmarks/bench_cuda.py --json out/bench_cuda.json --md out/bench_cuda.md
+
+Targets (issue 5, H100/H200): bf16 matmul portable=False >= 0.9 at M >= 256 and >= 0.8
+at M in {1, 16, 64}; float32 portable=False >= 0.8; float32 portable=True >= 0.5;
+softmax / rms_norm / layer_norm >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MATMUL_M = (1, 16, 64, 256, 1024, 4096)
+MATMUL_KN = (4096, 8192)
+ROWS = (1, 64, 1024, 8192)
+ROW_LEN = 4096
+
+
+@dataclass
+class Result:
+    """One measured case: torch and each detkit variant, in milliseconds."""
+
+    op: str
+    dtype: str
+    shape: str
+    torch_ms: float
+    detkit_ms: float | None       # portable=False
+    portable_ms: float | None     # portable=True
+    speed: float | None = None           # torch / detkit (portable=False)
+    portable_speed: float | None = None  # torch / detkit (portable=True)
+
+    def __post_init__(self) -> None:
+        if self.torch_ms <= 0:
+            raise ValueError("torch_ms must be positive")
+        if self.detkit_ms:
+            self.speed = round(self.torch_ms / self.detkit_ms, 3)
+        if self.portable_ms:
+            self.portable_speed = round(self.torch_ms / self.portable_ms, 3)
+
+
+def time_call(fn: Callable[[], Any], min_time: float) -> float:
+    """Median milliseconds of one call, CUDA events around each call."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    one = max(time.perf_counter() - t0, 1e-6)
+    iters = int(min(max(min_time / one, 5), 500))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def bench_matmul(dtype: torch.dtype, min_time: float, deadline: float) -> list[Result]:
+    from detkit.kernels import cuda as kc
+
+    out = []
+    for kn in MATMUL_KN:
+        w = torch.randn(kn, kn, device="cuda").to(dtype) * 0.02  # nn.Linear weight (N, K)
+        for m in MATMUL_M:
+            if time.perf_counter() > deadline:
+                return out
+            x = torch.randn(m, kn, device="cuda").to(dtype)
+            t_torch = time_call(lambda: torch.nn.functional.linear(x, w), min_time)
+            t_bi = time_call(lambda: kc.matmul(x, w.t(), None, portable=False), min_time)
+            t_p = time_call(lambda: kc.matmul(x, w.t(), None, portable=True), min_time)
+            out.append(Result("matmul", str(dtype).replace("torch.", ""), f"M={m} K=N={kn}", t_torch, t_bi, t_p))
+    return out
+
+
+def bench_rows(dtype: torch.dtype, min_time: float, deadline: float) -> list[Result]:
+    from detkit.kernels import cuda as kc
+
+    F = torch.nn.functional
+    w = torch.randn(ROW_LEN, device="cuda").to(dtype)
+    b = torch.randn(ROW_LEN, device="cuda").to(dtype)
+    cases: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+        "softmax": (lambda x: torch.softmax(x, -1), lambda x, p: kc.softmax(x, False, portable=p)),
+        "rms_norm": (lambda x: F.rms_norm(x, (ROW_LEN,), w, 1e-6), lambda x, p: kc.rms_norm(x, w, 1e-6, portable=p)),
+        "layer_norm": (lambda x: F.layer_norm(x, (ROW_LEN,), w, b, 1e-5),
+                       lambda x, p: kc.layer_norm(x, w, b, 1e-5, portable=p)),
+    }
+    out = []
+    for rows in ROWS:
+        x = torch.randn(rows, ROW_LEN, device="cuda").to(dtype)
+        for op, (ref, ours) in cases.items():
+            if time.perf_counter() > deadline:
+                return out
+            t_torch = time_call(lambda: ref(x), min_time)
+            t_bi = time_call(lambda: ours(x, False), min_time)
+            t_p = time_call(lambda: ours(x, True), min_time)
+            out.append(Result(op, str(dtype).replace("torch.", ""), f"{rows}x{ROW_LEN}", t_torch, t_bi, t_p))
+    return out
+
+
+def bench_attention(min_time: float, deadline: float) -> list[Result]:
+    from detkit.kernels import cuda as kc
+
+    F = torch.nn.functional
+    dtype = torch.bfloat16
+    out = []
+    for name, lq, lk in (("decode", 1, 4096), ("prefill", 1024, 1024)):
+        if time.perf_counter() > deadline:
+            return out
+        q = torch.randn(1, 32, lq, 128, device="cuda").to(dtype)
+        k = torch.randn(1, 32, lk, 128, device="cuda").to(dtype)
+        v = torch.randn(1, 32, lk, 128, device="cuda").to(dtype)
+        causal = lq > 1
+        mask = torch.ones(lq, lk, dtype=torch.bool, device="cuda").tril().expand(1, 32, lq, lk) if causal else None
+        scale = 1 / math.sqrt(128)
+        t_torch = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), min_time)
+        t_ours = time_call(lambda: kc.attention(q, k, v, mask, scale), min_time)
+        out.append(Result("attention", "bfloat16", f"{name} 32x128 Lq={lq} Lk={lk}", t_torch, t_ours, None))
+    return out
+
+
+def targets(results: list[Result]) -> list[dict[str, Any]]:
+    """The issue's speed targets, checked against this run."""
+    checks = []
+    for r in results:
+        m = int(r.shape.split()[0][2:]) if r.op == "matmul" else None
+        if r.op == "matmul" and r.dtype == "bfloat16":
+            need = 0.9 if m is not None and m >= 256 else 0.8
+            checks.append({"case": f"matmul bf16 {r.shape} portable=False", "need": need, "got": r.speed})
+        elif r.op == "matmul" and r.dtype == "float32":
+            checks.append({"case": f"matmul fp32 {r.shape} portable=False", "need": 0.8, "got": r.speed})
+            checks.append({"case": f"matmul fp32 {r.shape} portable=True", "need": 0.5, "got": r.portable_speed})
+        elif r.op in ("softmax", "rms_norm", "layer_norm"):
+            checks.append({"case": f"{r.op} {r.dtype} {r.shape} portable=False", "need": 0.9, "got": r.speed})
+    for c in checks:
+        c["met"] = c["got"] is not None and c["got"] >= c["need"]
+    return checks
+
+
+def markdown(meta: dict[str, Any], results: list[Result], checks: list[dict[str, Any]]) -> str:
+    lines = [f"# detkit CUDA benchmarks on {meta['device']}", "",
+             f"torch {meta['torch']}, CuPy {meta['cupy']}, CUDA {meta['cuda']}; median per call, CUDA events; "
+             "speed = torch time / detkit time (higher is faster); TF32 off.", "",
+             "| op | dtype | shape | torch ms | detkit ms | speed | portable ms | portable speed |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+
+    def f(v: float | None, nd: int = 3) -> str:
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    for r in results:
+        lines.append(f"| {r.op} | {r.dtype} | {r.shape} | {f(r.torch_ms)} | {f(r.detkit_ms)} | {f(r.speed, 2)} "
+                     f"| {f(r.portable_ms)} | {f(r.portable_speed, 2)} |")
+    met = sum(c["met"] for c in checks)
+    lines += ["", f"Targets met: {met} of {len(checks)}.", ""]
+    missed = [c for c in checks if not c["met"]]
+    if missed:
+        lines += ["| missed target | need | got |", "|---|---:|---:|"]
+        lines += [f"| {c['case']} | {c['need']} | {f(c['got'], 2)} |" for c in missed]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", type=Path, help="write results as JSON here")
+    parser.add_argument("--md", type=Path, help="write a Markdown table here")
+    parser.add_argument("--min-time", type=float, default=0.05, help="seconds of calls per measurement")
+    parser.add_argument("--budget", type=float, default=150.0, help="stop starting new cases after this many seconds")
+    parser.add_argument("--only", choices=("matmul", "rows", "attention"), action="append")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_cuda: no CUDA device; nothing to measure", file=sys.stderr)
+        return 2
+    import cupy  # type: ignore[import-not-found]
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    deadline = time.perf_counter() + args.budget
+    only = set(args.only or ("matmul", "rows", "attention"))
+    results: list[Result] = []
+    if "matmul" in only:
+        for dtype in (torch.bfloat16, torch.float32):
+            results += bench_matmul(dtype, args.min_time, deadline)
+    if "rows" in only:
+        for dtype in (torch.bfloat16, torch.float32):
+            results += bench_rows(dtype, args.min_time, deadline)
+    if "attention" in only:
+        results += bench_attention(args.min_time, deadline)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
+            "cuda": torch.version.cuda, "budget_exhausted": time.perf_counter() > deadline}
+    checks = targets(results)
+    md = markdown(meta, results, checks)
+    if args.json:
+        args.json.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results], "targets": checks},
+                                        indent=2))
+    if args.md:
+        args.md.write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

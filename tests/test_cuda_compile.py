@@ -1,0 +1,157 @@
+"""Every CUDA kernel compiles for sm_80 and sm_90, without a GPU (runs in CI).
+
+The compiler is NVRTC (``nvidia-cuda-nvrtc-cu12``, part of the ``test`` extra) or nvcc.
+If neither is found these tests FAIL with instructions instead of skipping, so that CI
+cannot go green without compiling the kernels; set ``DETKIT_SKIP_CUDA_COMPILE=1`` to skip
+them on purpose.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from detkit.errors import CompileError, InputError
+from detkit.kernels import cuda as cuda_backend
+from detkit.kernels import cuda_loader
+
+ARCHS = ("sm_80", "sm_90")
+
+
+@pytest.fixture(scope="module")
+def compiler() -> str:
+    if os.environ.get("DETKIT_SKIP_CUDA_COMPILE") == "1":
+        pytest.skip("DETKIT_SKIP_CUDA_COMPILE=1: CUDA compile checks skipped on purpose")
+    found = cuda_loader.available_compilers()
+    if not found:
+        pytest.fail(
+            "no CUDA compiler found, so the CUDA kernels cannot be compile-checked: install the test "
+            "extra (`pip install -e '.[test]'` brings nvidia-cuda-nvrtc-cu12) or put nvcc on PATH; "
+            "set DETKIT_SKIP_CUDA_COMPILE=1 to skip these tests deliberately."
+        )
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def results(compiler: str) -> dict[tuple[str, str], cuda_loader.CheckResult]:
+    return {(r.arch, r.file): r for r in cuda_loader.check_all(ARCHS, compiler=compiler)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", cuda_loader.KERNEL_FILES)
+def test_kernel_compiles(results: dict, arch: str, name: str) -> None:
+    r = results[(arch, name)]
+    assert r.ok, f"{name} does not compile for {arch} with {r.compiler}:\n{r.log}"
+
+
+def _expected_entries() -> set[str]:
+    """Every entry point the Python backend launches (must exist in the compiled PTX)."""
+    sfx = ("f32", "bf16", "f16")
+    names = {f"mm_simt_{s}_{lay}" for s in sfx for lay in ("kmajor", "nmajor")}
+    names |= {f"mm_tc_{s}_{lay}" for s in ("bf16", "f16") for lay in ("kmajor", "nmajor")}
+    names |= {f"{op}_{g}_{s}" for op in ("softmax", "rms_norm", "layer_norm", "row_sum") for g in "pb" for s in sfx}
+    names |= {f"elementwise_p_{s}" for s in sfx} | {f"attention_{s}" for s in sfx}
+    return names
+
+
+def test_backend_entry_points_exist(results: dict) -> None:
+    for arch in ARCHS:
+        compiled = {e for (a, _), r in results.items() if a == arch for e in r.entries}
+        missing = _expected_entries() - compiled
+        assert not missing, f"entry points launched by detkit.kernels.cuda but not compiled for {arch}: {missing}"
+    tables = {**cuda_backend.MATMUL_TILES, **cuda_backend.PORTABLE_MATMUL_TILES}
+    for cfg in tables.values():
+        assert {f"{cfg.kernel}_kmajor", f"{cfg.kernel}_nmajor"} <= _expected_entries()
+
+
+def test_broken_kernel_error_points_at_its_line(compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A syntax error in a .cu file is reported at that file and line (the #line directive)."""
+    broken = tmp_path / "kernels"
+    shutil.copytree(cuda_loader.kernel_dir(), broken)
+    lines = (broken / "attention.cu").read_text().splitlines()
+    bad_line = 40
+    lines.insert(bad_line - 1, "this is not C++;")
+    (broken / "attention.cu").write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv(cuda_loader.ENV_KERNEL_DIR, str(broken))
+    (r,) = cuda_loader.check_all(("sm_90",), compiler=compiler, files=("attention.cu",))
+    assert not r.ok
+    assert f"attention.cu({bad_line})" in r.log, r.log
+
+
+def test_template_error_raises_compile_error_with_location(compiler: str) -> None:
+    src = cuda_loader.translation_unit(
+        "template <typename T>\n__device__ T twice(T x) { return x.missing; }\n"
+        'extern "C" __global__ void k(float* p) { p[0] = twice(p[0]); }\n',
+        "/src/broken.cu",
+    )
+    with pytest.raises(CompileError) as info:
+        cuda_loader.compile_source(src, "broken.cu", "sm_90", output="ptx", compiler=compiler)
+    msg = str(info.value)
+    assert "broken.cu(2)" in msg and "--ftz=false" in msg, msg
+
+
+def test_nvcc_compiles_too() -> None:
+    if os.environ.get("DETKIT_SKIP_CUDA_COMPILE") == "1":
+        pytest.skip("DETKIT_SKIP_CUDA_COMPILE=1")
+    if cuda_loader.find_nvcc() is None:
+        pytest.skip("nvcc not installed (NVRTC is checked above)")
+    (r,) = cuda_loader.check_all(("sm_90",), compiler="nvcc", files=("attention.cu",))
+    assert r.ok, r.log
+
+
+def test_compile_options_are_recorded_and_exact() -> None:
+    info = cuda_loader.recorded_compile_options()
+    opts = info["options"]
+    for required in ("--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--fmad=false"):
+        assert required in opts
+    assert not any("fast_math" in o or o in ("--ftz=true", "-ftz=true") for o in opts)
+    assert info["fast_math"] is False
+    assert set(info["sources_sha256"]) == {"common.cuh", *cuda_loader.KERNEL_FILES}
+    json.dumps(info)  # it goes into JSON reports
+
+
+def test_kernel_sources_ship_inside_the_package() -> None:
+    """detkit/cuda_kernels (the packaged location) holds the sources, as in a wheel."""
+    packaged = importlib.resources.files("detkit") / "cuda_kernels"
+    for name in ("common.cuh", *cuda_loader.KERNEL_FILES):
+        assert (packaged / name).is_file(), f"{name} is not reachable as package data"
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '"detkit.cuda_kernels" = ["*.cu", "*.cuh"]' in pyproject
+
+
+def test_translation_unit_has_line_directives() -> None:
+    tu = cuda_loader.kernel_source("rowops.cu")
+    assert tu.startswith('#line 1 "') and 'common.cuh"' in tu.splitlines()[0]
+    assert any(line.startswith("#line 1 ") and line.endswith('rowops.cu"') for line in tu.splitlines())
+
+
+def test_cli_check_json(results: dict) -> None:
+    from detkit.cli import app
+
+    out = CliRunner().invoke(app, ["kernels", "check", "--json", *[f"--arch={a}" for a in ARCHS]])
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.output)
+    assert payload["ok"] is True and len(payload["results"]) == len(ARCHS) * len(cuda_loader.KERNEL_FILES)
+
+
+def test_cli_rejects_bad_arch() -> None:
+    from detkit.cli import app
+
+    out = CliRunner().invoke(app, ["kernels", "check", "--arch", "sm_9"])
+    assert isinstance(out.exception, InputError) and "sm_9" in str(out.exception)
+
+
+def test_backend_explains_why_it_is_unavailable() -> None:
+    ok, reason = cuda_backend.available()
+    if ok:
+        pytest.skip("a usable GPU is present; tests/test_cuda_gpu.py covers it")
+    assert reason and ("CuPy" in reason or "CUDA" in reason or "sm_" in reason)
+    with pytest.raises(InputError, match="CUDA device"):
+        cuda_backend.softmax(torch.zeros(2, 3), False)

@@ -1,0 +1,328 @@
+"""GPU proof for detkit's CUDA kernels (any sm_80+ NVIDIA GPU; written for H100/H200).
+
+* batch invariance, bitwise, for every kernel, dtype and guarantee: every M in 1..2048
+  (all rows compared) plus shifted batch positions;
+* portable=True on CUDA equals the CPU portable backend bit for bit;
+* attention: decode vs prefill, left/right padding, batch composition, GQA;
+* sanity of portable=False values against a float64 reference;
+* launches follow torch's current stream.
+
+Skipped, with the reason, where no usable GPU + CuPy is present. Run by scripts/gpu-check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from detkit.kernels import cuda as cuda_backend
+
+_OK, _REASON = cuda_backend.available()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not _OK, reason=f"needs an NVIDIA GPU (sm_80+) with CUDA torch and CuPy: {_REASON}"),
+]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_M = 2048
+SHIFTS = (1, 3, 63)
+DEV = "cuda"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    view = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype]
+    return t.contiguous().view(view)
+
+
+def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape, got.dtype)
+    bad = (bits(got.cpu()) != bits(want.cpu())).nonzero()
+    assert bad.numel() == 0, (
+        f"{what}: {bad.shape[0]} of {got.numel()} elements differ; first at {bad[0].tolist()}: "
+        f"got {got.cpu()[tuple(bad[0])].item()!r}, want {want.cpu()[tuple(bad[0])].item()!r}"
+    )
+
+
+def rand(shape: tuple[int, ...], dtype: torch.dtype, seed: int, scale: float = 1.0,
+         device: str | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(device or DEV)
+
+
+def sweep(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, what: str) -> None:
+    """f(x[s:s+m]) == f(x)[s:s+m] bitwise for every m in 1..MAX_M (s = 0) and for shifted
+    starts; all rows compared. Mismatch flags stay on the GPU until the end (no syncs)."""
+    full = f(x)
+    full_bits = bits(full)
+    cases = [(0, m) for m in range(1, MAX_M + 1)]
+    cases += [(s, m) for s in SHIFTS for m in (1, 2, 17, 255, 256, 1000, MAX_M - 64) if s + m <= x.shape[0]]
+    flags = torch.zeros(len(cases), dtype=torch.bool, device=x.device)
+    for idx, (s, m) in enumerate(cases):
+        flags[idx] = (bits(f(x[s : s + m])) != full_bits[s : s + m]).any()
+    failed = [cases[i] for i in flags.nonzero().flatten().tolist()]
+    assert not failed, f"{what}: batch variant for (start, rows) in {failed[:10]} ({len(failed)} cases)"
+
+
+# ----------------------------------------------------------------------------- batch invariance
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_batch_invariant(dtype: torch.dtype, portable: bool) -> None:
+    k, n = 1000, 387  # K not a multiple of any tile depth, N not of any tile width
+    x = rand((MAX_M + 64, k), dtype, 1)
+    w = rand((n, k), dtype, 2, 0.05)  # nn.Linear weight; passed transposed (k-contiguous)
+    bias = rand((n,), dtype, 3)
+    sweep(lambda t: cuda_backend.matmul(t, w.t(), bias, portable=portable), x, f"matmul {dtype} portable={portable}")
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_matmul_batch_invariant_other_layouts(portable: bool) -> None:
+    dtype = torch.bfloat16
+    x = rand((MAX_M + 64, 999), dtype, 4)  # K % 8 != 0: the element-wise load path
+    b = rand((999, 200), dtype, 5, 0.05)   # n-contiguous B
+    sweep(lambda t: cuda_backend.matmul(t, b, None, portable=portable), x, f"matmul K=999 nmajor portable={portable}")
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_bmm_batch_invariant(portable: bool) -> None:
+    a = rand((16, 70, 128), torch.bfloat16, 6)
+    b = rand((16, 128, 96), torch.bfloat16, 7)
+    full = cuda_backend.matmul(a, b, None, portable=portable)
+    for nb in range(1, 17):
+        for s in (0, 16 - nb):
+            assert_bits_equal(cuda_backend.matmul(a[s : s + nb], b[s : s + nb], None, portable=portable),
+                              full[s : s + nb], f"bmm batch {s}:{s + nb}")
+
+
+ROW_OPS: dict[str, Callable[..., torch.Tensor]] = {
+    "softmax": lambda x, w, b, p: cuda_backend.softmax(x, False, portable=p),
+    "log_softmax": lambda x, w, b, p: cuda_backend.softmax(x, True, portable=p),
+    "rms_norm": lambda x, w, b, p: cuda_backend.rms_norm(x, w, 1e-6, portable=p),
+    "layer_norm": lambda x, w, b, p: cuda_backend.layer_norm(x, w, b, 1e-5, portable=p),
+    "sum": lambda x, w, b, p: cuda_backend.row_sum(x, False, portable=p),
+    "mean": lambda x, w, b, p: cuda_backend.row_sum(x, True, portable=p),
+}
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", sorted(ROW_OPS))
+def test_row_op_batch_invariant(op: str, dtype: torch.dtype, portable: bool) -> None:
+    length = 1000
+    x = rand((MAX_M + 64, length), dtype, 10, 3.0)
+    w, b = rand((length,), dtype, 11), rand((length,), dtype, 12)
+    fn = ROW_OPS[op]
+    sweep(lambda t: fn(t, w, b, portable), x, f"{op} {dtype} portable={portable}")
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_vocab_softmax_batch_invariant(portable: bool) -> None:
+    x = rand((64, 151936), torch.bfloat16, 13, 4.0)
+    for log in (False, True):
+        full = cuda_backend.softmax(x, log, portable=portable)
+        for m in (1, 2, 7, 33, 64):
+            assert_bits_equal(cuda_backend.softmax(x[:m], log, portable=portable), full[:m], f"vocab softmax rows {m}")
+        assert_bits_equal(cuda_backend.softmax(x[40:41], log, portable=portable), full[40:41], "vocab softmax row 40")
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _qkv(dtype: torch.dtype, nb: int, lq: int, lk: int, seed: int) -> tuple[torch.Tensor, ...]:
+    q = rand((nb, 8, lq, 128), dtype, seed)
+    k = rand((nb, 2, lk, 128), dtype, seed + 1)  # GQA: 8 query heads on 2 kv heads
+    v = rand((nb, 2, lk, 128), dtype, seed + 2)
+    return q, k, v
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_decode_equals_prefill(dtype: torch.dtype, portable: bool) -> None:
+    length = 300
+    q, k, v = _qkv(dtype, 2, length, length, 20)
+    causal = torch.ones(length, length, dtype=torch.bool, device=DEV).tril().expand(2, 8, length, length)
+    prefill = cuda_backend.attention(q, k, v, causal, 1 / math.sqrt(128), portable=portable)
+    got = torch.empty_like(prefill)
+    for t in range(length):
+        got[:, :, t : t + 1] = cuda_backend.attention(
+            q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], None, 1 / math.sqrt(128), portable=portable)
+    assert_bits_equal(got, prefill, f"decode vs prefill {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_padding_and_batch_composition(dtype: torch.dtype) -> None:
+    scale = 0.09
+    lengths = [1, 5, 31, 32, 33, 100, 257, 300]
+    total = max(lengths) + 40
+    singles = []
+    qs, ks, vs = [], [], []
+    for i, length in enumerate(lengths):
+        q, k, v = _qkv(dtype, 1, length, length, 100 + 3 * i)
+        causal = torch.ones(length, length, dtype=torch.bool, device=DEV).tril().expand(1, 8, length, length)
+        singles.append(cuda_backend.attention(q, k, v, causal, scale))
+        qs.append(q), ks.append(k), vs.append(v)
+    # Left-pad every sequence to `total` with junk keys/queries, in one batch.
+    pad_q = torch.zeros(len(lengths), 8, total, 128, dtype=dtype, device=DEV)
+    pad_k = rand((len(lengths), 2, total, 128), dtype, 999)
+    pad_v = rand((len(lengths), 2, total, 128), dtype, 998)
+    mask = torch.zeros(len(lengths), 1, total, total, dtype=torch.bool, device=DEV)
+    for i, length in enumerate(lengths):
+        off = total - length
+        pad_q[i, :, off:] = qs[i][0]
+        pad_k[i, :, off:] = ks[i][0]
+        pad_v[i, :, off:] = vs[i][0]
+        mask[i, 0, off:, off:] = torch.ones(length, length, dtype=torch.bool, device=DEV).tril()
+    batched = cuda_backend.attention(pad_q, pad_k, pad_v, mask.expand(-1, 8, -1, -1), scale)
+    fmask = torch.where(mask, 0.0, float("-inf")).to(torch.float32).expand(-1, 8, -1, -1)
+    batched_f = cuda_backend.attention(pad_q, pad_k, pad_v, fmask, scale)
+    for i, length in enumerate(lengths):
+        off = total - length
+        assert_bits_equal(batched[i : i + 1, :, off:], singles[i], f"left padding, bool mask, sequence {i}")
+        assert_bits_equal(batched_f[i : i + 1, :, off:], singles[i], f"left padding, float mask, sequence {i}")
+    # Right padding: extra masked keys after the real ones change nothing.
+    q, k, v = qs[5], ks[5], vs[5]
+    extra_k = torch.cat([k, rand((1, 2, 50, 128), dtype, 77)], dim=2)
+    extra_v = torch.cat([v, rand((1, 2, 50, 128), dtype, 78)], dim=2)
+    rmask = torch.zeros(100, 150, dtype=torch.bool, device=DEV)
+    rmask[:, :100] = torch.ones(100, 100, dtype=torch.bool, device=DEV).tril()
+    right = cuda_backend.attention(q, extra_k, extra_v, rmask.expand(1, 8, 100, 150), scale)
+    assert_bits_equal(right, singles[5], "right padding")
+
+
+def test_attention_fully_masked_rows_are_zero() -> None:
+    q, k, v = _qkv(torch.bfloat16, 1, 4, 10, 200)
+    mask = torch.zeros(1, 8, 4, 10, dtype=torch.bool, device=DEV)
+    out = cuda_backend.attention(q, k, v, mask, 0.1)
+    assert bool((out == 0).all())
+
+
+# ----------------------------------------------------------------------------- portable == CPU portable
+
+
+def _adversarial(dtype: torch.dtype, rows: int, length: int, seed: int) -> torch.Tensor:
+    x = rand((rows, length), torch.float32, seed, 2.0, device="cpu")
+    x[0, : length // 2] = 0.0
+    x[1, ::3] = float("-inf")
+    x[2, length // 2] = float("nan")
+    x[3] *= 1e30 if dtype == torch.float32 else 3e4
+    x[4] *= 1e-40 if dtype == torch.float32 else 1e-6
+    x[5, 0::2], x[5, 1::2] = 1000.0, -1000.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [1, 33, 1000, 4097])
+def test_portable_row_ops_equal_cpu(dtype: torch.dtype, length: int) -> None:
+    from detkit.kernels import portable_cpu
+
+    x = _adversarial(dtype, 64, length, 30)
+    w = rand((length,), dtype, 31, device="cpu")
+    b = rand((length,), dtype, 32, device="cpu")
+    xc, wc, bc = x.to(DEV), w.to(DEV), b.to(DEV)
+    for log in (False, True):
+        assert_bits_equal(cuda_backend.softmax(xc, log, portable=True), portable_cpu.softmax(x, log), f"softmax log={log}")
+    for mean in (False, True):
+        assert_bits_equal(cuda_backend.row_sum(xc, mean, portable=True), portable_cpu.row_sum(x, mean), "row_sum")
+    assert_bits_equal(cuda_backend.rms_norm(xc, wc, 1e-6, portable=True), portable_cpu.rms_norm(x, w, 1e-6), "rms_norm")
+    assert_bits_equal(cuda_backend.rms_norm(xc, None, 1e-6, portable=True), portable_cpu.rms_norm(x, None, 1e-6), "rms")
+    assert_bits_equal(cuda_backend.layer_norm(xc, wc, bc, 1e-5, portable=True),
+                      portable_cpu.layer_norm(x, w, b, 1e-5), "layer_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_portable_matmul_equals_cpu(dtype: torch.dtype) -> None:
+    from detkit.kernels import portable_cpu
+
+    a = _adversarial(dtype, 64, 1000, 40)
+    a[1] = torch.where(torch.isinf(a[1]), torch.zeros_like(a[1]), a[1])
+    w = rand((387, 1000), dtype, 41, 0.05, device="cpu")
+    bias = rand((387,), dtype, 42, device="cpu")
+    want = portable_cpu.matmul(a, w.t(), bias)
+    assert_bits_equal(cuda_backend.matmul(a.to(DEV), w.to(DEV).t(), bias.to(DEV), portable=True), want, "k-major B")
+    assert_bits_equal(cuda_backend.matmul(a.to(DEV), w.t().contiguous().to(DEV), bias.to(DEV), portable=True),
+                      want, "n-major B")
+    a3, b3 = rand((4, 33, 70), dtype, 43, device="cpu"), rand((4, 70, 50), dtype, 44, device="cpu")
+    assert_bits_equal(cuda_backend.matmul(a3.to(DEV), b3.to(DEV), None, portable=True),
+                      portable_cpu.matmul(a3, b3, None), "bmm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "causal"])
+def test_portable_attention_equals_cpu(dtype: torch.dtype, mask_kind: str) -> None:
+    from detkit.kernels import portable_cpu
+
+    q = rand((2, 4, 33, 64), dtype, 50, device="cpu")
+    k = rand((2, 2, 100, 64), dtype, 51, device="cpu")
+    v = rand((2, 2, 100, 48), dtype, 52, device="cpu")
+    mask: torch.Tensor | None = None
+    if mask_kind == "bool":
+        mask = (rand((2, 1, 33, 100), torch.float32, 53, device="cpu") > -0.5).expand(2, 4, 33, 100)
+    elif mask_kind == "float":
+        mask = rand((2, 4, 33, 100), torch.float32, 53, device="cpu")
+        mask[0, :, :, :10] = float("-inf")
+    elif mask_kind == "causal":
+        mask = torch.ones(33, 100, dtype=torch.bool).tril(diagonal=67).expand(2, 4, 33, 100)
+    want = portable_cpu.attention(q, k, v, mask, 0.125)
+    got = cuda_backend.attention(q.to(DEV), k.to(DEV), v.to(DEV), None if mask is None else mask.to(DEV), 0.125,
+                                 portable=True)
+    assert_bits_equal(got, want, f"attention {mask_kind}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_portable_elementwise_equals_cpu(dtype: torch.dtype) -> None:
+    from detkit.kernels import portable_cpu
+
+    x = torch.cat([rand((20000,), torch.float32, 60, 40.0, device="cpu"),
+                   torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40,
+                                 88.7, 89.5, -103.9, -110.0])]).to(dtype)
+    for name in cuda_backend.ELEMENTWISE_OPS:
+        assert_bits_equal(cuda_backend.elementwise(name, x.to(DEV)), portable_cpu.elementwise(name, x), name)
+
+
+# ----------------------------------------------------------------------------- values, streams, front end
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_invariant_values_are_right(dtype: torch.dtype) -> None:
+    a = rand((300, 1000), dtype, 70)
+    w = rand((387, 1000), dtype, 71, 0.05)
+    bias = rand((387,), dtype, 72)
+    ref = a.double() @ w.double().t() + bias.double()
+    got = cuda_backend.matmul(a, w.t(), bias).double()
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    scale = (a.double().abs() @ w.double().abs().t()) + bias.double().abs()
+    assert bool(((got - ref).abs() <= 2 * ulp * ref.abs() + 1e-5 * scale).all()), "matmul values off"
+    x = rand((64, 1000), dtype, 73, 3.0)
+    ref_sm = torch.softmax(x.double(), -1)
+    assert bool(((cuda_backend.softmax(x, False).double() - ref_sm).abs() <= 4 * ulp * ref_sm + 1e-7).all())
+    ref_ln = torch.nn.functional.layer_norm(x.double(), (1000,), eps=1e-5)
+    assert bool(((cuda_backend.layer_norm(x, None, None, 1e-5).double() - ref_ln).abs() <= 8 * ulp * ref_ln.abs() + 1e-4).all())
+
+
+def test_runs_on_torchs_current_stream() -> None:
+    a = rand((512, 1024), torch.bfloat16, 80)
+    w = rand((1024, 1024), torch.bfloat16, 81)
+    want = cuda_backend.matmul(a, w.t(), None)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = cuda_backend.matmul(a, w.t(), None)
+        got2 = cuda_backend.softmax(got, False)  # consumes got on the same stream
+    torch.cuda.current_stream().wait_stream(side)
+    assert_bits_equal(got, want, "side stream")
+    assert_bits_equal(got2, cuda_backend.softmax(want, False), "side stream softmax")
+
+
+def test_front_end_routes_cuda_tensors_and_portable_flag() -> None:
+    """detkit.kernels on CUDA tensors reaches this backend and honours portable=True."""
+    from detkit import kernels
+
+    a = rand((8, 256), torch.float32, 90, device="cpu")
+    b = rand((256, 64), torch.float32, 91, device="cpu")
+    assert_bits_equal(kernels.matmul(a.to(DEV), b.to(DEV), portable=True), kernels.matmul(a, b, portable=True), "matmul")
+    x = rand((8, 300), torch.bfloat16, 92, device="cpu")
+    assert_bits_equal(kernels.softmax(x.to(DEV), portable=True), kernels.softmax(x, portable=True), "softmax")

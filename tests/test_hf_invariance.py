@@ -1,0 +1,125 @@
+"""Unmodified Hugging Face models under the mode: per-step logits independent of the batch.
+
+For each preset (Llama, GPT-2, Qwen2), attention implementation (eager, sdpa) and dtype
+(float32, bfloat16), a target prompt is generated greedily alone, then inside batches of
+other prompts of different lengths (left padding) at several positions. Every per-step
+logit vector of every copy of the target must equal the alone run bitwise. Without the
+mode the same comparison must find differences (negative control).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+
+import detkit
+from detkit import mode
+from detkit.compare import diff, first_divergence
+
+pytest.importorskip("transformers")
+
+from detkit.models import build_tokenizer, load_preset  # noqa: E402
+
+NEW_TOKENS = 12
+TARGET = "Batch invariance means"
+FILLERS = [
+    "A much longer prompt, which pads the others",
+    "Hi",
+    "short one",
+    "The quick brown fox jumps",
+    "zz",
+    "Reproducible inference at temperature zero",
+    "ok",
+    "Left padding moves the target to the right",
+]
+# (batch size, positions of the target copies); the longest prompt is always present, so
+# every copy of the target is left padded, by a different amount in each batch.
+BATCHES: tuple[tuple[int, tuple[int, ...]], ...] = ((2, (1,)), (16, (0, 6, 15)))
+
+
+def _batch(size: int, positions: tuple[int, ...]) -> list[str]:
+    fillers = iter(FILLERS * 3)
+    return [TARGET if i in positions else next(fillers) for i in range(size)]
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name: str, attn: str, dtype: torch.dtype) -> Any:
+    return load_preset(name, dtype=dtype, attn_implementation=attn, seed=0)
+
+
+def _generate(model: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-step raw logits (B, steps, V), generated token ids (B, steps))."""
+    enc = build_tokenizer()(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,  # no early EOS: every run has all steps
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return torch.stack(out.logits, 1), out.sequences[:, enc.input_ids.shape[1] :]
+
+
+def _mismatches(model: Any) -> list[str]:
+    """Describe every (batch, position) whose target logits differ from the alone run."""
+    alone_logits, alone_tokens = _generate(model, [TARGET])
+    problems = []
+    for size, positions in BATCHES:
+        logits, tokens = _generate(model, _batch(size, positions))
+        for p in positions:
+            for step in range(NEW_TOKENS):
+                d = diff(logits[p, step], alone_logits[0, step])
+                if not d.ok:
+                    div = first_divergence(tokens[p].tolist(), alone_tokens[0].tolist())
+                    problems.append(f"batch {size}, position {p}, first differing step {step} (tokens diverge at {div}):\n{d}")
+                    break
+    return problems
+
+
+CASES = [
+    pytest.param(name, attn, dtype, id=f"{name}-{attn}-{str(dtype).removeprefix('torch.')}")
+    for name in ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
+    for attn in ("eager", "sdpa")
+    for dtype in (torch.float32, torch.bfloat16)
+]
+
+
+@pytest.mark.parametrize(("name", "attn", "dtype"), CASES)
+def test_per_step_logits_do_not_depend_on_the_batch(name: str, attn: str, dtype: torch.dtype) -> None:
+    model = _model(name, attn, dtype)
+    with detkit.batch_invariant() as bi:
+        problems = _mismatches(model)
+    assert not problems, "\n\n".join(problems)
+    assert bi.uncovered() == {}, f"ops fell back to torch:\n{bi.coverage()}"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_negative_control_without_the_mode_logits_differ(attn: str) -> None:
+    """The comparison above can fail: plain torch on this CPU is batch variant."""
+    problems = _mismatches(_model("tiny-llama", attn, torch.float32))
+    cases = sum(len(p) for _, p in BATCHES)
+    assert problems, f"expected plain torch to differ for some of the {cases} batch/position cases; none did"
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
+def test_presets_run_no_uncovered_op(name: str) -> None:
+    """Every aten op the presets run is routed or exact (bitwise independent of the batch)."""
+    ops: dict[str, int] = {}
+    for attn in ("eager", "sdpa"):
+        model = _model(name, attn, torch.float32)
+        enc = build_tokenizer()(["Hi", TARGET], padding=True, return_tensors="pt")
+        with detkit.batch_invariant(), torch.no_grad():
+            _, traced = mode.trace_ops(model.generate, **enc, max_new_tokens=2, do_sample=False)
+        for op, n in traced.items():
+            ops[op] = ops.get(op, 0) + n
+    report = mode.coverage_report(ops)
+    assert not report.uncovered, str(report)
+    assert {"mm.default", "bmm.default", "_softmax.default", "scaled_dot_product_attention.default"} <= set(report.routed)
+    # In portable mode the math-library functions (silu, exp, tanh, ...) are listed, not hidden.
+    portable = mode.coverage_report(ops, portable=True)
+    assert portable.not_portable, str(portable)

@@ -1,0 +1,196 @@
+"""Bad input to ``detkit.kernels``: clear errors, empty results like torch, NaN/Inf propagation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from detkit import kernels
+from detkit.errors import BackendUnavailable, InputError
+from detkit.kernels import _backend
+
+
+def x32(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: kernels.matmul(torch.ones(2, 3, dtype=torch.int64), torch.ones(3, 4, dtype=torch.int64)),
+        lambda: kernels.softmax(torch.arange(5)),
+        lambda: kernels.log_softmax(torch.ones(3, dtype=torch.bool)),
+        lambda: kernels.rms_norm(torch.ones(2, 3, dtype=torch.int32)),
+        lambda: kernels.layer_norm(torch.ones(2, 3, dtype=torch.uint8)),
+        lambda: kernels.sum(torch.ones(2, 3, dtype=torch.int16)),
+        lambda: kernels.mean(torch.ones(2, 3, dtype=torch.complex64)),
+        lambda: kernels.attention(torch.ones(1, 2, 4, dtype=torch.int64), x32(1, 2, 4), x32(1, 2, 4)),
+    ],
+)
+def test_integer_bool_complex_tensors_are_rejected(call: object) -> None:
+    with pytest.raises(InputError, match="float32, bfloat16, float16 or float64"):
+        call()  # type: ignore[operator]
+
+
+def test_non_tensor_is_rejected() -> None:
+    with pytest.raises(InputError, match="must be a torch.Tensor"):
+        kernels.matmul([[1.0]], x32(1, 1))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="must be a torch.Tensor"):
+        kernels.softmax(3.0)  # type: ignore[arg-type]
+
+
+def test_dtype_mismatch() -> None:
+    with pytest.raises(InputError, match="same dtype"):
+        kernels.matmul(x32(2, 3), x32(3, 4).double())
+    with pytest.raises(InputError, match="same dtype"):
+        kernels.matmul(x32(2, 3), x32(3, 4), x32(4).bfloat16())
+    with pytest.raises(InputError, match="same dtype"):
+        kernels.rms_norm(x32(2, 3), x32(3).half())
+    with pytest.raises(InputError, match="same dtype"):
+        kernels.attention(x32(1, 2, 4), x32(1, 2, 4).bfloat16(), x32(1, 2, 4))
+
+
+def test_shape_mismatch_messages_name_the_shapes() -> None:
+    with pytest.raises(InputError, match=r"\(2, 3\) and \(4, 5\)"):
+        kernels.matmul(x32(2, 3), x32(4, 5))
+    with pytest.raises(InputError, match="do not broadcast"):
+        kernels.matmul(x32(2, 3, 4), x32(3, 4, 5))
+    with pytest.raises(InputError, match="bias"):
+        kernels.matmul(x32(2, 3), x32(3, 4), x32(5))
+    with pytest.raises(InputError, match="at least 1 dimension"):
+        kernels.matmul(torch.tensor(2.0), x32(3))
+    with pytest.raises(InputError, match=r"weight must have shape \(3,\)"):
+        kernels.rms_norm(x32(2, 3), x32(4))
+    with pytest.raises(InputError, match=r"bias must have shape \(3,\)"):
+        kernels.layer_norm(x32(2, 3), None, x32(2, 3))
+    with pytest.raises(InputError, match="out of range"):
+        kernels.softmax(x32(2, 3), dim=2)
+    with pytest.raises(InputError, match="one int"):
+        kernels.sum(x32(2, 3), dim=(0, 1))  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="eps"):
+        kernels.rms_norm(x32(2, 3), eps=-1.0)
+    with pytest.raises(InputError, match="eps"):
+        kernels.layer_norm(x32(2, 3), eps=math.nan)
+
+
+def test_attention_argument_errors() -> None:
+    q, k, v = x32(1, 4, 3, 8), x32(1, 2, 5, 8), x32(1, 2, 5, 8)
+    with pytest.raises(InputError, match="enable_gqa=True"):
+        kernels.attention(q, k, v)
+    with pytest.raises(InputError, match="multiple"):
+        kernels.attention(q, x32(1, 3, 5, 8), x32(1, 3, 5, 8), enable_gqa=True)
+    with pytest.raises(InputError, match="not both"):
+        kernels.attention(q, k, v, attn_mask=torch.ones(3, 5, dtype=torch.bool), is_causal=True, enable_gqa=True)
+    with pytest.raises(InputError, match="last dimension"):
+        kernels.attention(q, x32(1, 2, 5, 7), v, enable_gqa=True)
+    with pytest.raises(InputError, match="sequence length"):
+        kernels.attention(q, k, x32(1, 2, 6, 8), enable_gqa=True)
+    with pytest.raises(InputError, match="does not broadcast"):
+        kernels.attention(q, k, v, attn_mask=torch.ones(4, 5, dtype=torch.bool), enable_gqa=True)
+    with pytest.raises(InputError, match="same number"):
+        kernels.attention(x32(3, 8), k, v)
+
+
+def test_unknown_device_and_missing_backend() -> None:
+    meta = torch.empty(2, 3, device="meta")
+    with pytest.raises(BackendUnavailable, match="meta"):
+        kernels.softmax(meta)
+    with pytest.raises(InputError, match="same device"):
+        kernels.matmul(x32(2, 3), torch.empty(3, 4, device="meta"))
+
+
+def test_missing_cuda_backend_is_backend_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CUDA tensor cannot be made on this machine; the dispatch path is what matters.
+    monkeypatch.setitem(_backend.BACKEND_MODULES, ("cuda", False), "detkit.kernels._no_such_backend")
+    with pytest.raises(BackendUnavailable, match="not available"):
+        _backend.backend_for("cuda", False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_empty_dimensions_like_torch(dtype: torch.dtype) -> None:
+    e = torch.empty(0, 5, dtype=dtype)
+    assert kernels.matmul(e, torch.ones(5, 3, dtype=dtype)).shape == (0, 3)
+    assert kernels.matmul(torch.ones(2, 5, dtype=dtype), torch.ones(5, 0, dtype=dtype)).shape == (2, 0)
+    zk = kernels.matmul(torch.ones(2, 0, dtype=dtype), torch.ones(0, 3, dtype=dtype), torch.ones(3, dtype=dtype))
+    assert torch.equal(zk, torch.addmm(torch.ones(3, dtype=dtype), torch.ones(2, 0, dtype=dtype), torch.ones(0, 3, dtype=dtype)))
+    assert kernels.matmul(torch.ones(0, 2, 5, dtype=dtype), torch.ones(0, 5, 3, dtype=dtype)).shape == (0, 2, 3)
+    assert kernels.softmax(e).shape == (0, 5)
+    assert kernels.softmax(torch.empty(3, 0, dtype=dtype)).shape == (3, 0)
+    assert kernels.rms_norm(e).shape == (0, 5)
+    assert kernels.layer_norm(torch.empty(2, 0, dtype=dtype)).shape == (2, 0)
+    assert torch.equal(kernels.sum(torch.empty(3, 0, dtype=dtype)), torch.zeros(3, dtype=dtype))
+    assert torch.isnan(kernels.mean(torch.empty(3, 0, dtype=dtype))).all()
+    assert kernels.sum(e, dim=1).shape == (0,)
+    assert kernels.sum(e, dim=0, keepdim=True).shape == (1, 5)
+    q = torch.ones(1, 2, 0, 4, dtype=dtype)
+    kv = torch.ones(1, 2, 3, 4, dtype=dtype)
+    assert kernels.attention(q, kv, kv).shape == (1, 2, 0, 4)
+    no_keys = torch.ones(1, 2, 0, 4, dtype=dtype)
+    qq = torch.ones(1, 2, 3, 4, dtype=dtype)
+    assert torch.equal(kernels.attention(qq, no_keys, no_keys), F.scaled_dot_product_attention(qq, no_keys, no_keys))
+
+
+def test_zero_dim_tensors() -> None:
+    s = torch.tensor(2.5)
+    assert torch.equal(kernels.softmax(s), torch.softmax(s, 0))
+    assert torch.equal(kernels.log_softmax(s), torch.log_softmax(s, 0))
+    assert torch.equal(kernels.sum(s), s)
+
+
+def test_fully_masked_query_returns_zeros_like_torch() -> None:
+    q, k, v = x32(1, 1, 3, 8), x32(1, 1, 4, 8), x32(1, 1, 4, 8)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1] = False
+    got = kernels.attention(q, k, v, attn_mask=mask)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(got[:, :, 1], torch.zeros_like(got[:, :, 1]))
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_nan_and_inf_propagate_like_torch() -> None:
+    x = x32(4, 9)
+    x[0, 3] = math.nan
+    x[1, 2] = math.inf
+    x[2, 5] = -math.inf
+    for ours, theirs in [
+        (kernels.softmax(x), torch.softmax(x, -1)),
+        (kernels.log_softmax(x), torch.log_softmax(x, -1)),
+        (kernels.rms_norm(x), F.rms_norm(x, (9,))),
+        (kernels.layer_norm(x), F.layer_norm(x, (9,))),
+        (kernels.sum(x), x.sum(-1)),
+        (kernels.mean(x), x.mean(-1)),
+        (kernels.matmul(x, x32(9, 3)), x @ x32(9, 3)),
+    ]:
+        assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+        assert torch.equal(torch.isinf(ours) & (ours > 0), torch.isinf(theirs) & (theirs > 0))
+
+
+def test_requires_grad_inputs_work_forward_only() -> None:
+    w = x32(5, 3).requires_grad_()
+    out = kernels.matmul(x32(2, 5), w)
+    assert not out.requires_grad
+    assert out.shape == (2, 3)
+
+
+def test_sparse_input_is_rejected() -> None:
+    with pytest.raises(InputError, match="dense"):
+        kernels.softmax(x32(3, 3).to_sparse())
+
+
+def test_softmax_dtype_argument_casts_first() -> None:
+    x = torch.arange(6).reshape(2, 3)
+    got = kernels.softmax(x, dtype=torch.float32)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, torch.softmax(x, -1, dtype=torch.float32))
+    with pytest.raises(InputError, match="not supported"):
+        kernels.softmax(x, dtype=torch.int64)
+
+
+def test_rms_norm_default_eps_is_torch_default() -> None:
+    x = x32(3, 16) * 1e-4
+    want = F.rms_norm(x.double(), (16,), eps=torch.finfo(torch.float32).eps)
+    assert torch.allclose(kernels.rms_norm(x).double(), want, rtol=1e-6)

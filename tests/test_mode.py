@@ -1,0 +1,429 @@
+"""The torch mode: routing, restore/nesting, re-entrancy, fallback accounting, invariance."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import detkit
+from detkit import _aten_adapters, mode
+from detkit.compare import diff
+from detkit.errors import InputError, InvarianceViolation
+
+
+@pytest.fixture(autouse=True)
+def _mode_off_after_each_test() -> Iterator[None]:
+    assert not mode.is_enabled(), "a previous test left the mode on"
+    yield
+    if mode.is_enabled():
+        mode.disable()
+        pytest.fail("the test left the mode on")
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and bool(diff(a, b).ok)
+
+
+class _StubKernels(SimpleNamespace):
+    """Kernels that record their calls and compute with torch (reached re-entrantly)."""
+
+    def __init__(self, reject: bool = False) -> None:
+        super().__init__(calls=[], reject=reject)
+
+    def _rec(self, name: str) -> None:
+        self.calls.append(name)
+        if self.reject:
+            raise InputError(f"stub rejects {name}")
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, portable: bool = False) -> torch.Tensor:
+        self._rec("matmul")
+        out = torch.matmul(a, b)  # an overridden op, called from inside a kernel
+        return out if bias is None else out + bias
+
+    def softmax(self, x: torch.Tensor, dim: int = -1, *, portable: bool = False) -> torch.Tensor:
+        self._rec("softmax")
+        return torch.softmax(x, dim)
+
+    def log_softmax(self, x: torch.Tensor, dim: int = -1, *, portable: bool = False) -> torch.Tensor:
+        self._rec("log_softmax")
+        return torch.log_softmax(x, dim)
+
+    def sum(self, x: torch.Tensor, dim: int = -1, keepdim: bool = False, *, portable: bool = False) -> torch.Tensor:
+        self._rec("sum")
+        return x.sum(dim, keepdim=keepdim)
+
+    def mean(self, x: torch.Tensor, dim: int = -1, keepdim: bool = False, *, portable: bool = False) -> torch.Tensor:
+        self._rec("mean")
+        return x.mean(dim, keepdim=keepdim)
+
+    def layer_norm(self, x: torch.Tensor, w: Any = None, b: Any = None, eps: float = 1e-5, *, portable: bool = False) -> torch.Tensor:
+        self._rec("layer_norm")
+        return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+    def rms_norm(self, x: torch.Tensor, w: Any = None, eps: Any = None, *, portable: bool = False) -> torch.Tensor:
+        self._rec("rms_norm")
+        return F.rms_norm(x, x.shape[-1:], w, eps)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any) -> torch.Tensor:
+        self._rec("attention")
+        kw.pop("portable")
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+@pytest.fixture
+def stub(monkeypatch: pytest.MonkeyPatch) -> _StubKernels:
+    kernels = _StubKernels()
+    monkeypatch.setattr(_aten_adapters, "kernels_module", lambda: kernels)
+    return kernels
+
+
+def _model_like_ops(x: torch.Tensor) -> list[torch.Tensor]:
+    w = torch.randn(24, x.shape[-1], generator=torch.Generator().manual_seed(1))
+    b = torch.randn(24, generator=torch.Generator().manual_seed(2))
+    q = x.reshape(2, 2, -1, 8)
+    return [
+        F.linear(x, w),
+        F.linear(x, w, b),
+        torch.matmul(x.reshape(2, -1, 8), x.reshape(2, 8, -1)),
+        F.softmax(x, -1),
+        F.softmax(x, 0),
+        F.log_softmax(x, -1),
+        x.mean(-1),
+        x.sum((0, 1)),
+        F.layer_norm(x, x.shape[-1:]),
+        F.rms_norm(x, x.shape[-1:]),
+        F.scaled_dot_product_attention(q, q, q, is_causal=True),
+        F.silu(x),
+    ]
+
+
+def test_ops_are_routed_and_results_match_torch(stub: _StubKernels) -> None:
+    x = torch.randn(4, 16)
+    expected = _model_like_ops(x)
+    with detkit.batch_invariant() as bi:
+        got = _model_like_ops(x)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e)
+    assert {"matmul", "softmax", "log_softmax", "mean", "sum", "layer_norm", "rms_norm", "attention"} <= set(stub.calls)
+    routed = bi.routed()
+    for op in ("mm", "addmm", "bmm", "_softmax", "_log_softmax", "mean.dim", "sum.dim_IntList", "native_layer_norm",
+               "rms_norm", "scaled_dot_product_attention", "silu"):
+        assert routed.get(op, 0) >= 1, (op, routed)
+    assert bi.uncovered() == {}
+
+
+def test_reentrant_kernels_do_not_recurse(stub: _StubKernels) -> None:
+    # The stub matmul calls torch.matmul (an overridden op): it must reach torch's kernel.
+    with detkit.batch_invariant() as bi:
+        torch.mm(torch.randn(3, 4), torch.randn(4, 5))
+    assert stub.calls == ["matmul"]
+    assert bi.routed() == {"mm": 1}
+
+
+def test_exit_restores_torch_kernels_bitwise() -> None:
+    a, b = torch.randn(37, 300), torch.randn(300, 129)
+    before = torch.mm(a, b)
+    with detkit.batch_invariant():
+        inside = torch.mm(a, b)
+    after = torch.mm(a, b)
+    assert _bits_equal(after, before)
+    torch.testing.assert_close(inside, before)
+    # The composite op has no CPU kernel of its own again.
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("aten::rms_norm", "CPU")
+    start = mode.counters().routed.get("mm", 0)
+    torch.mm(a, b)
+    assert mode.counters().routed.get("mm", 0) == start
+
+
+def test_nesting_restores_the_exact_outer_state(stub: _StubKernels) -> None:
+    assert mode.state() == mode.ModeState()
+    with detkit.batch_invariant():
+        assert mode.state() == mode.ModeState(True, False, False)
+        with detkit.batch_invariant(strict=True):
+            assert mode.state() == mode.ModeState(True, False, True)
+            mode.disable()  # an inner disable must not outlive its block
+            assert not mode.is_enabled()
+            with detkit.batch_invariant():
+                mode.enable(strict=True)
+            assert not mode.is_enabled()
+        assert mode.state() == mode.ModeState(True, False, False)
+        torch.mm(torch.randn(2, 3), torch.randn(3, 2))
+        assert stub.calls[-1] == "matmul"
+    assert mode.state() == mode.ModeState()
+
+
+def test_portable_flag_reaches_the_kernels_and_is_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+
+    def matmul(a: torch.Tensor, b: torch.Tensor, bias: Any = None, *, portable: bool = False) -> torch.Tensor:
+        seen.append(portable)
+        return torch.mm(a, b)
+
+    monkeypatch.setattr(_aten_adapters, "kernels_module", lambda: SimpleNamespace(matmul=matmul))
+    a, b = torch.randn(2, 3), torch.randn(3, 2)
+    with detkit.batch_invariant():
+        torch.mm(a, b)
+        with detkit.batch_invariant(portable=True):
+            torch.mm(a, b)
+        torch.mm(a, b)
+    assert seen == [False, True, False]
+
+
+def test_restores_on_exception(stub: _StubKernels) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        with detkit.batch_invariant():
+            with detkit.batch_invariant(portable=True):
+                raise RuntimeError("boom")
+    assert mode.state() == mode.ModeState()
+    n = len(stub.calls)
+    torch.mm(torch.randn(2, 3), torch.randn(3, 2))
+    assert len(stub.calls) == n
+
+
+def test_decorator_and_enable_disable(stub: _StubKernels) -> None:
+    @detkit.batch_invariant()
+    def f(depth: int) -> bool:
+        if depth:
+            f(depth - 1)  # the same instance re-entered (recursion)
+        return mode.is_enabled()
+
+    assert f(2) and not mode.is_enabled()
+    mode.enable()
+    try:
+        assert mode.is_enabled()
+        torch.mm(torch.randn(2, 3), torch.randn(3, 2))
+        assert stub.calls == ["matmul"]
+    finally:
+        mode.disable()
+    assert not mode.is_enabled()
+
+
+def test_fallbacks_are_counted_and_strict_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernels = _StubKernels(reject=True)
+    monkeypatch.setattr(_aten_adapters, "kernels_module", lambda: kernels)
+    a, b = torch.randn(2, 3), torch.randn(3, 2)
+    with detkit.batch_invariant() as bi:
+        out = torch.mm(a, b)
+        torch.arange(10).sum()  # integer sum: exact, passed through
+    assert _bits_equal(out, torch.mm(a, b))  # torch's kernel ran, visibly
+    assert list(bi.uncovered()) == ["mm"]
+    assert "stub rejects matmul" in next(iter(bi.uncovered()["mm"]))
+    assert "sum.default" in bi.coverage().passed_through
+    assert "mm" in str(bi.coverage())
+    with pytest.raises(InvarianceViolation, match="aten::mm"):
+        with detkit.batch_invariant(strict=True):
+            torch.mm(a, b)
+    assert not mode.is_enabled()
+
+
+def test_autograd_still_works_through_the_mode() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    w = torch.randn(16, 16, requires_grad=True)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        h = F.rms_norm(F.linear(x, w), (16,))
+        q = h.reshape(3, 5, 2, 8).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, is_causal=True).sum()
+
+    f(x).backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    with detkit.batch_invariant() as bi:
+        loss = f(x)
+        loss.backward()
+        with torch.no_grad():
+            no_grad_loss = f(x)
+    torch.testing.assert_close(x.grad, gx)
+    torch.testing.assert_close(w.grad, gw)
+    assert _bits_equal(loss.detach(), no_grad_loss)  # forward routed alike with and without grad
+    assert bi.coverage().decomposed.get("rms_norm", 0) >= 1
+    assert bi.uncovered() == {}
+
+
+def test_mode_applies_to_other_threads_while_on(stub: _StubKernels) -> None:
+    def work() -> None:
+        torch.mm(torch.randn(2, 3), torch.randn(3, 2))
+
+    with detkit.batch_invariant():
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    assert stub.calls == ["matmul"]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(TypeError):
+        detkit.batch_invariant(portable="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        mode.ModeState(False, True, False)
+
+
+# ----------------------------------------------------------------------------- real kernels
+
+
+def _rowwise_invariant(op: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, sizes: list[int]) -> None:
+    """Row r of op(x[:b]) must equal op(x[r:r+1]) bitwise for every b and r < b."""
+    alone = [op(x[r : r + 1]) for r in range(max(sizes))]
+    for b in sizes:
+        out = op(x[:b])
+        for r in range(b):
+            d = diff(out[r : r + 1], alone[r])
+            assert d.ok, f"batch {b}, row {r}:\n{d}"
+
+
+@given(
+    m=st.integers(1, 24),
+    k=st.integers(1, 300),
+    n=st.integers(1, 80),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_is_batch_invariant_under_the_mode(m: int, k: int, n: int, dtype: torch.dtype, bias: bool, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    with detkit.batch_invariant():
+        _rowwise_invariant(lambda t: F.linear(t, w, b), x, sorted({1, (m + 1) // 2, m}))
+
+
+@given(
+    rows=st.integers(1, 12),
+    length=st.integers(1, 700),
+    op=st.sampled_from(["silu", "sigmoid", "gelu_tanh", "softplus", "rsqrt", "pow"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_position_dependent_elementwise_ops_are_invariant(rows: int, length: int, op: str, dtype: torch.dtype, seed: int) -> None:
+    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "silu": F.silu,
+        "sigmoid": torch.sigmoid,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "softplus": F.softplus,
+        "rsqrt": torch.rsqrt,
+        "pow": lambda t: t.pow(1.7),
+    }
+    x = (torch.randn(rows, length, generator=torch.Generator().manual_seed(seed)) * 3).abs().add(0.1).to(dtype)
+    with detkit.batch_invariant():
+        _rowwise_invariant(fns[op], x, sorted({1, (rows + 1) // 2, rows}))
+        torch.testing.assert_close(fns[op](x[:, :5]), _outside(fns[op], x[:, :5]))
+
+
+def _outside(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    with detkit.batch_invariant():
+        mode.disable()
+        return fn(x)
+
+
+@given(
+    pad=st.integers(0, 40),
+    keys=st.integers(1, 90),
+    d=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_eager_attention_ignores_left_padding(pad: int, keys: int, d: int, dtype: torch.dtype, seed: int) -> None:
+    """softmax(scores + mask) @ V over padded keys == the same without the padding."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(3, keys, generator=g)
+    v = torch.randn(keys, d, generator=g).to(dtype)
+    masked = torch.cat([torch.full((3, pad), torch.finfo(torch.float32).min), scores], 1)
+    v_padded = torch.cat([torch.randn(pad, d, generator=g).to(dtype), v], 0)
+    with detkit.batch_invariant():
+        p_alone, p_pad = F.softmax(scores, -1), F.softmax(masked, -1)
+        assert diff(p_pad[:, pad:], p_alone).ok and bool((p_pad[:, :pad] == 0).all())
+        alone = torch.matmul(p_alone.to(dtype), v)
+        padded = torch.matmul(p_pad.to(dtype), v_padded)
+        batched = torch.bmm(torch.stack([p_pad, p_pad.roll(1, 0)]).to(dtype), torch.stack([v_padded, v_padded]))
+    assert diff(padded, alone).ok
+    assert diff(batched[0], alone).ok
+
+
+def test_leading_zero_skip_keeps_ieee_nan() -> None:
+    a = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    b = torch.tensor([[float("inf"), 1.0], [2.0, 3.0]])
+    with detkit.batch_invariant():
+        out = torch.mm(a, b)
+    assert torch.isnan(out[0, 0]) and torch.isinf(out[1, 0])  # 0 * inf stays NaN
+
+
+def test_reductions_over_several_dims_and_dtype_args() -> None:
+    x = torch.randn(4, 5, 6, dtype=torch.float32)
+    with detkit.batch_invariant() as bi:
+        got = [x.sum((0, 2)), x.mean((-1, -2), keepdim=True), x.sum(), x.mean(), x.bfloat16().sum(-1, dtype=torch.float32)]
+    want = [x.sum((0, 2)), x.mean((-1, -2), keepdim=True), x.sum(), x.mean(), x.bfloat16().sum(-1, dtype=torch.float32)]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert bi.uncovered() == {}
+    assert bi.routed().get("sum.dim_IntList", 0) == 2
+
+
+def test_coverage_report_classifies_traced_ops() -> None:
+    x = torch.randn(2, 8)
+    _, ops = mode.trace_ops(lambda: F.softmax(F.linear(x, torch.randn(4, 8)), -1).atan2(x[:, :4]).cumsum(-1))
+    report = mode.coverage_report(ops)
+    assert "_softmax.default" in report.routed and "mm.default" in report.routed
+    assert "cumsum.default" in report.exact
+    assert "atan2.default" in report.uncovered and "atan2.default" in report.notes
+    portable = mode.coverage_report(ops, portable=True)
+    assert "atan2.default" in portable.not_portable
+    assert "UNCOVERED" in str(report)
+
+
+class _OrderSensitiveKernels(SimpleNamespace):
+    """Stand-ins that reduce in blocks of 4 aligned to index 0 (like a blocked BLAS).
+
+    Leading zeros shift every block, so these kernels alone are NOT padding invariant;
+    the mode's leading-zero canonicalisation has to make them so.
+    """
+
+    @staticmethod
+    def _blocked(terms: torch.Tensor) -> torch.Tensor:  # (..., K) -> (...), fixed blocks of 4
+        acc = torch.zeros(terms.shape[:-1], dtype=torch.float32)
+        for s in range(0, terms.shape[-1], 4):
+            acc = acc + terms[..., s : s + 4].sum(-1)
+        return acc
+
+    def matmul(self, a: torch.Tensor, b: torch.Tensor, bias: Any = None, *, portable: bool = False) -> torch.Tensor:
+        prods = a.float().unsqueeze(-1) * b.float().unsqueeze(-3)  # (..., M, K, N)
+        return self._blocked(prods.transpose(-1, -2)).to(a.dtype)
+
+    def softmax(self, x: torch.Tensor, dim: int = -1, *, portable: bool = False) -> torch.Tensor:
+        e = torch.exp(x.float() - x.float().amax(-1, keepdim=True))
+        return (e / self._blocked(e).unsqueeze(-1)).to(x.dtype)
+
+
+def test_left_padding_invariance_does_not_rely_on_the_kernels_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernels = _OrderSensitiveKernels()
+    g = torch.Generator().manual_seed(0)
+    pads = range(1, 8)
+    scores = torch.randn(6, 37, generator=g)
+    v = torch.randn(37, 16, generator=g)
+
+    def padded(pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.cat([torch.full((6, pad), torch.finfo(torch.float32).min), scores], 1)
+        return s, torch.cat([torch.randn(pad, 16, generator=g), v], 0)
+
+    # The stand-in really is order sensitive: called directly, padding changes the bits.
+    direct = kernels.matmul(kernels.softmax(scores), v)
+    assert any(not diff(kernels.matmul(kernels.softmax(s), vp), direct).ok for s, vp in map(padded, pads))
+
+    monkeypatch.setattr(_aten_adapters, "kernels_module", lambda: kernels)
+    with detkit.batch_invariant():
+        alone = torch.softmax(scores, -1) @ v
+        assert diff(alone, direct).ok
+        for pad in pads:
+            s, vp = padded(pad)
+            assert diff(torch.softmax(s, -1) @ vp, alone).ok, pad
+            batched = torch.bmm(torch.softmax(torch.stack([s, s.flip(0)]), -1), torch.stack([vp, vp]))
+            assert diff(batched[0], alone).ok and diff(batched[1], alone.flip(0)).ok, pad

@@ -1,0 +1,162 @@
+"""The probe on a real Hugging Face model (tiny-llama preset): metrics, engine, and the proof.
+
+The proof (issue 7): on this CPU, tiny-llama in bfloat16 without detkit's mode shows
+logit differences and a token divergence for the documented suite
+``probes/tiny-llama-divergence.toml``; with ``detkit.batch_invariant()`` every mode of
+the same suite has one unique completion and zero logit difference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from detkit.errors import InputError, ModelLoadError
+from detkit.probe.engine import Generation, Request, StepScores
+from detkit.probe.hf import HFEngine, load_model
+from detkit.probe.metrics import ModeSummary, compare_run
+from detkit.probe.runner import run_probe
+from detkit.probe.suite import load_suite
+
+ROOT = Path(__file__).resolve().parent.parent
+DIVERGENCE_SUITE = ROOT / "probes" / "tiny-llama-divergence.toml"
+
+
+# ---------------------------------------------------------------- metrics (synthetic streams)
+
+
+def _gen(tokens: list[int], values: list[list[float]]) -> Generation:
+    steps = [StepScores(ids=[t] + [1000 + j for j in range(len(v) - 1)], values=v) for t, v in zip(tokens, values)]
+    return Generation(tokens=tokens, scores=steps, score_kind="logit", score_dtype="float32")
+
+
+@given(
+    tokens=st.lists(st.integers(0, 50), min_size=1, max_size=30),
+    data=st.data(),
+)
+def test_compare_run_finds_the_first_divergence_and_compares_scores_only_up_to_it(tokens, data):
+    n = len(tokens)
+    values = [[float(5 + i), float(4 + i), 0.0] for i in range(n)]
+    ref = _gen(tokens, values)
+    div = data.draw(st.integers(0, n - 1), label="divergence")
+    bump = data.draw(st.integers(0, div), label="perturbed step")
+    run_tokens = tokens[:div] + [tokens[div] + 100] + tokens[div + 1 :]
+    run_values = [list(v) for v in values]
+    run_values[bump][1] += 0.5  # the runner-up logit moved at a step with the same context
+    cmp = compare_run("mixed", "r", "p", ref, _gen(run_tokens, run_values))
+    assert cmp.divergence == div
+    assert (cmp.ref_token, cmp.run_token) == (tokens[div], tokens[div] + 100)
+    assert cmp.steps_compared == div + 1  # after the divergence the contexts differ
+    assert cmp.margin_ref == 1.0
+    assert cmp.max_abs == 0.5 and cmp.step_max_abs[bump] == 0.5
+    assert cmp.argmax_flips == 1  # the top-1 id differs exactly at the divergence step
+    assert cmp.max_ulp is not None and cmp.max_ulp > 0
+
+
+@given(tokens=st.lists(st.integers(0, 50), min_size=1, max_size=30))
+def test_identical_streams_compare_equal(tokens):
+    values = [[2.0, 1.0] for _ in tokens]
+    cmp = compare_run("single", "r", "p", _gen(tokens, values), _gen(list(tokens), [list(v) for v in values]))
+    assert cmp.divergence is None and cmp.max_abs == 0.0 and cmp.max_ulp == 0 and cmp.argmax_flips == 0
+    summary = ModeSummary("single", "logit", "token", runs=[cmp], references={"p": tokens}).to_dict()
+    assert summary["unique_completions"] == 1 and summary["divergences"] == []
+    assert summary["max_abs_logit_diff"] == 0.0 and summary["identical_runs"] == 1
+
+
+def test_a_strict_prefix_diverges_where_the_shorter_stream_ends():
+    ref = _gen([1, 2, 3, 4], [[1.0, 0.0]] * 4)
+    run = _gen([1, 2], [[1.0, 0.0]] * 2)
+    cmp = compare_run("mixed", "r", "p", ref, run)
+    assert cmp.divergence == 2 and cmp.ref_token == 3 and cmp.run_token is None
+
+
+def test_failed_runs_are_recorded_not_compared():
+    ref = _gen([1, 2], [[1.0, 0.0]] * 2)
+    cmp = compare_run("mixed", "r", "p", ref, Generation(tokens=[], error="HTTP 500"))
+    summary = ModeSummary("mixed", "logit", "token", runs=[cmp], references={"p": [1, 2]}).to_dict()
+    assert summary["failed_runs"] == 1 and summary["errors"][0]["error"] == "HTTP 500"
+    assert summary["unique_completions"] == 1
+
+
+# ---------------------------------------------------------------- the engine on a real model
+
+
+@pytest.fixture(scope="module")
+def bf16_engine() -> HFEngine:
+    model, tokenizer, desc = load_model("tiny-llama", dtype="bfloat16", seed=0)
+    return HFEngine(model, tokenizer, description=desc)
+
+
+def test_every_row_of_a_padded_batch_reports_the_token_greedy_chose(bf16_engine):
+    prompts = ["The quick brown fox", "a", "Tell me about Richard Feynman", "def fib(n):"]
+    gens = bf16_engine.generate([Request(p) for p in prompts], max_new_tokens=6)
+    width = max(len(bf16_engine.encode(p)) for p in prompts)
+    for row, (p, g) in enumerate(zip(prompts, gens)):
+        assert g.ok and 1 <= len(g.tokens) <= 6 and len(g.scores) == len(g.tokens)
+        # ties are ordered as argmax breaks them, so the first candidate is the token taken
+        assert [s.ids[0] for s in g.scores] == g.tokens
+        assert all(s.values == sorted(s.values, reverse=True) for s in g.scores)
+        assert g.meta["left_padding"] == width - len(bf16_engine.encode(p)) and g.meta["row"] == row
+        assert g.score_dtype == "bfloat16"  # logits are exact upcasts of bf16 values
+
+
+def test_teacher_forced_prefill_scores_the_given_tokens(bf16_engine):
+    ref = bf16_engine.generate([Request("def fib(n):")], max_new_tokens=5)[0]
+    forced = bf16_engine.teacher_forced("def fib(n):", ref.tokens)
+    assert len(forced) == len(ref.tokens)
+    assert all(set(f.ids) & set(r.ids) for f, r in zip(forced, ref.scores))
+
+
+def test_a_prompt_longer_than_the_context_is_an_input_error(bf16_engine):
+    with pytest.raises(InputError, match="context of 1024 tokens"):
+        bf16_engine.generate([Request("x" * 1020)], max_new_tokens=8)
+
+
+def test_missing_model_and_missing_tokenizer_are_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="no model at"):
+        load_model(str(tmp_path / "nope"))
+    from detkit.models import load_preset
+
+    load_preset("tiny-gpt2").save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match="tokenizer"):
+        load_model(str(tmp_path / "m"))
+
+
+# ---------------------------------------------------------------- the proof
+
+
+def test_without_the_mode_bf16_tiny_llama_diverges(bf16_engine):
+    suite = load_suite(DIVERGENCE_SUITE)
+    report = run_probe(bf16_engine, suite, seed=suite.seed, config={"test": "no mode"})
+    modes = {m["name"]: m for m in report["modes"]}
+    assert set(modes) == set(suite.modes)
+    # logits move when the batch around the prompt (padding, composition) changes ...
+    assert max(m["max_abs_logit_diff"] for m in modes.values()) > 0
+    assert max(m["max_ulp"] for m in modes.values()) >= 1
+    # ... and greedy decoding follows them to another completion
+    divergences = [d for m in modes.values() for d in m["divergences"]]
+    assert divergences, "expected a token divergence for the documented suite"
+    assert max(m["unique_completions"] for m in modes.values()) >= 2
+    for d in divergences:
+        assert d["ref_token"] != d["run_token"] and d["margin_ref"] is not None
+    assert report["summary"]["invariant"] is False
+
+
+def test_with_the_mode_every_mode_matches_the_reference_bitwise():
+    import detkit
+
+    model, tokenizer, desc = load_model("tiny-llama", dtype="bfloat16", seed=0)
+    engine = HFEngine(model, tokenizer, description=desc, mode=lambda: detkit.batch_invariant(portable=False))
+    suite = load_suite(DIVERGENCE_SUITE)
+    report = run_probe(engine, suite, seed=suite.seed, config={"test": "batch_invariant"})
+    assert [m["name"] for m in report["modes"]] == list(suite.modes)
+    for m in report["modes"]:
+        assert m["failed_runs"] == 0, m["errors"]
+        assert m["unique_completions"] == 1, m["name"]
+        assert m["divergences"] == [], m["name"]
+        assert m["max_abs_logit_diff"] == 0.0 and m["max_ulp"] == 0, m["name"]
+        assert m["steps_compared"] >= suite.max_new_tokens  # scores were compared at every step
+    assert report["summary"]["invariant"] is True

@@ -1,0 +1,212 @@
+"""The HTTP engine against a real OpenAI-compatible server: ``transformers serve``.
+
+The server is started on loopback by the fixture on a tiny-llama saved to a temporary
+directory (offline), with and without ``--continuous-batching``. ``transformers serve``
+(5.x) ignores ``logprobs`` on ``/v1/completions``, so it also exercises the degraded
+path (text compared character by character, said in the report).
+
+Error handling (retries, server errors recorded per run, logprob parsing) is tested
+against small scripted servers on loopback: real sockets and real HTTP, answering
+what a failing or logprob-capable server answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from detkit.errors import EndpointError, InputError
+from detkit.probe.http import NO_LOGPROBS_NOTE, HTTPEngine
+from detkit.probe.runner import run_probe
+from detkit.probe.suite import BatchPlan, ProbeSuite, Prompt
+
+pytest.importorskip("fastapi", reason="transformers serve needs the serving extras (pip install -e '.[test]')")
+pytest.importorskip("uvicorn", reason="transformers serve needs the serving extras (pip install -e '.[test]')")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SUITE = ProbeSuite(
+    name="http-test",
+    prompts=(Prompt("fox", "The quick brown fox"),),
+    max_new_tokens=6,
+    modes=("single", "mixed", "padding", "decode", "repeat"),
+    batch=BatchPlan(sizes=(1, 3), mixed_trials=1, repeats=2),
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from detkit.models import save_preset
+
+    return save_preset("tiny-llama", tmp_path_factory.mktemp("served") / "tiny-llama", dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "continuous-batching"])
+def server(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = _free_port()
+    cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1",
+           "--port", str(port), "--device", "cpu"]
+    if request.param:
+        cmd.append("--continuous-batching")
+    # One thread: the 2-core machine is shared with the test process itself.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"transformers serve did not start:\n{log.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_probe_against_transformers_serve(server: str, model_dir: Path) -> None:
+    engine = HTTPEngine(server, timeout=60, retries=1)
+    assert engine.served_model == str(model_dir)  # found through GET /v1/models
+    report = run_probe(engine, SUITE, seed=0, config={"engine": engine.describe()})
+    assert report["status"] == "complete"
+    assert NO_LOGPROBS_NOTE in report["notes"]
+    modes = {m["name"]: m for m in report["modes"]}
+    assert modes["padding"]["skipped"] and modes["decode"]["skipped"]
+    for name in ("single", "mixed", "repeat"):
+        m = modes[name]
+        assert m["skipped"] is None and m["failed_runs"] == 0, m["errors"]
+        assert m["token_unit"] == "character"
+        assert m["max_abs_logit_diff"] is None and m["max_abs_logprob_diff"] is None and m["score_kind"] is None
+        assert m["unique_completions"] >= 1
+        assert all(isinstance(d["position"], int) for d in m["divergences"])
+    assert modes["single"]["runs"] == 1 + 3  # every concurrent copy is compared
+    assert len(report["references"]["fox"]["tokens"]) > 0
+    burst = [r for r in report["results"] if r["mode"] == "single"][0]["runs"]
+    assert {r["concurrency"] for r in burst if "concurrency" in r} == {3}
+
+
+def test_a_wrong_served_model_name_fails_the_reference_with_the_servers_message(server: str) -> None:
+    engine = HTTPEngine(server, "no-such-model", timeout=30, retries=0)
+    with pytest.raises(EndpointError, match=r"HTTP 4\d\d .*no-such-model"):
+        run_probe(engine, SUITE, seed=0, config={})
+
+
+def test_an_endpoint_that_is_down_is_a_clear_error() -> None:
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(EndpointError, match="cannot reach .* is the server running"):
+        HTTPEngine(url, timeout=2, retries=0)
+    engine = HTTPEngine(url, "m", timeout=2, retries=1, backoff=0.01)
+    with pytest.raises(EndpointError, match=r"no answer from .*after 2 attempts"):
+        run_probe(engine, SUITE, seed=0, config={})
+
+
+def test_bad_endpoint_urls_are_input_errors() -> None:
+    with pytest.raises(InputError, match="http"):
+        HTTPEngine("127.0.0.1:8000", "m")
+
+
+# ---------------------------------------------------------------- scripted servers
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    """Answers /v1/completions as ``server.script(count, body)`` says: (status, json)."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.count += 1  # type: ignore[attr-defined]
+            count = self.server.count  # type: ignore[attr-defined]
+        status, answer = self.server.script(count, body)  # type: ignore[attr-defined]
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _completion(body: dict[str, Any]) -> dict[str, Any]:
+    """A completion with logprobs, as vLLM answers: the same for the same prompt."""
+    n = int(body["max_tokens"])
+    tokens = [f"t{i}" for i in range(n)]
+    return {
+        "choices": [{
+            "text": "".join(tokens),
+            "finish_reason": "length",
+            "logprobs": {
+                "tokens": tokens,
+                "token_logprobs": [-0.5] * n,
+                "top_logprobs": [{t: -0.5, "alt": -1.25} for t in tokens],
+            },
+        }]
+    }
+
+
+@pytest.fixture
+def scripted() -> Iterator[ThreadingHTTPServer]:
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    srv.count = 0  # type: ignore[attr-defined]
+    srv.lock = threading.Lock()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_server_errors_are_retried_then_reported(scripted: ThreadingHTTPServer) -> None:
+    scripted.script = lambda count, body: (503, {"error": {"message": "overloaded, try later"}})  # type: ignore[attr-defined]
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=2, backoff=0.01)
+    with pytest.raises(EndpointError, match=r"HTTP 503 .*overloaded, try later \(after 3 attempts\)"):
+        run_probe(engine, SUITE, seed=0, config={})
+    assert scripted.count == 3  # type: ignore[attr-defined]
+
+
+def test_failed_requests_are_recorded_and_never_fatal(scripted: ThreadingHTTPServer) -> None:
+    # The reference succeeds; afterwards every second request fails with a 500.
+    scripted.script = lambda count, body: (  # type: ignore[attr-defined]
+        (200, _completion(body)) if count == 1 or count % 2 else (500, {"error": {"message": "boom"}})
+    )
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=0)
+    report = run_probe(engine, SUITE, seed=0, config={})
+    assert report["status"] == "complete"
+    ran = [m for m in report["modes"] if m["skipped"] is None]
+    failed = sum(m["failed_runs"] for m in ran)
+    assert failed > 0 and report["summary"]["failed_runs"] == failed
+    assert all("HTTP 500" in e["error"] and "boom" in e["error"] for m in ran for e in m["errors"])
+    # the answers that came back carried logprobs: compared as logprobs, not logits
+    for m in ran:
+        assert m["score_kind"] == "logprob" and m["max_abs_logprob_diff"] == 0.0 and m["max_abs_logit_diff"] is None
+        assert m["token_unit"] == "token" and m["divergences"] == []
+    assert report["summary"]["invariant"] is False  # failed runs prove nothing
