@@ -48,11 +48,11 @@ def compare(model: object, tokenizer: object, new_tokens: int) -> list[tuple[str
         steps = [s for s in range(new_tokens) if not diff(logits[pos, s], alone_logits[0, s]).ok]
         if steps:
             worst = max(float((logits[pos, s].float() - alone_logits[0, s].float()).abs().max()) for s in steps)
-            verdict = f"[red]{len(steps)}/{new_tokens} steps differ[/] (max |d| {worst:.2e})"
+            verdict = f"[red]{len(steps)}/{new_tokens} steps differ[/], max |d| {worst:.1e}"
         else:
             verdict = "[green]bitwise equal[/]"
         div = first_divergence(tokens[pos].tolist(), alone_tokens[0].tolist())
-        rows.append((verdict, "[green]same[/]" if div is None else f"[red]diverge at token {div}[/]"))
+        rows.append((verdict, "[green]same[/]" if div is None else f"[red]differ from token {div}[/]"))
     return rows
 
 
@@ -78,7 +78,7 @@ def main() -> None:
         table.add_column(col)
     for (size, pos), (pl, pt), (rl, rt) in zip(BATCHES, plain, routed):
         table.add_row(str(size), str(pos), pl, pt, rl, rt)
-    console = Console()
+    console = Console(width=130)
     console.print(table)
     console.print(f"time: torch {t1 - t0:.1f} s, detkit mode {t2 - t1:.1f} s (includes first-use compilation)")
     console.print(f"ops that fell back to torch under the mode: {bi.uncovered() or 'none'}")

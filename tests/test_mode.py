@@ -427,3 +427,61 @@ def test_left_padding_invariance_does_not_rely_on_the_kernels_order(monkeypatch:
             assert diff(torch.softmax(s, -1) @ vp, alone).ok, pad
             batched = torch.bmm(torch.softmax(torch.stack([s, s.flip(0)]), -1), torch.stack([vp, vp]))
             assert diff(batched[0], alone).ok and diff(batched[1], alone.flip(0)).ok, pad
+
+
+_G = torch.Generator().manual_seed(7)
+_X = torch.randn(6, 40, generator=_G)
+_W = torch.randn(40, 40, generator=_G)
+_Q = torch.randn(2, 4, 5, 8, generator=_G)
+_KV = torch.randn(2, 2, 7, 8, generator=_G)
+_MASK = torch.rand(2, 1, 5, 7, generator=_G) > 0.3
+
+EVERY_OVERRIDE: dict[str, Callable[[], Any]] = {
+    "mm": lambda: torch.mm(_X, _W),
+    "addmm": lambda: torch.addmm(_W[0], _X, _W, beta=0.5, alpha=2.0),
+    "bmm": lambda: torch.bmm(_X.reshape(2, 3, 40), _W.expand(2, 40, 40)),
+    "baddbmm": lambda: torch.baddbmm(_X.reshape(2, 3, 40)[:, :, :3], _X.reshape(2, 3, 40), _W.expand(2, 40, 40)[:, :, :3]),
+    "mv": lambda: torch.mv(_W, _X[0]),
+    "addmv": lambda: torch.addmv(_X[1], _W, _X[0], beta=2.0),
+    "dot": lambda: torch.dot(_X[0], _X[1]),
+    "_softmax": lambda: F.softmax(_X.reshape(2, 3, 40), 1),
+    "_log_softmax": lambda: F.log_softmax(_X, -1),
+    "_safe_softmax": lambda: torch.ops.aten._safe_softmax(torch.cat([_X, torch.full((1, 40), float("-inf"))]), -1),
+    "mean.dim": lambda: _X.bfloat16().mean((0, 1), keepdim=True),
+    "mean.default": lambda: _X.mean(),
+    "sum.dim_IntList": lambda: _X.sum(0, dtype=torch.float64),
+    "sum.default": lambda: _X.sum(),
+    "native_layer_norm": lambda: F.layer_norm(_X.reshape(6, 5, 8), (5, 8), _W[:5, :8], _W[5, :40].reshape(5, 8)),
+    "rms_norm": lambda: F.rms_norm(_X.bfloat16(), (40,), _W[0].bfloat16(), 1e-6),
+    "_fused_rms_norm": lambda: torch.ops.aten._fused_rms_norm(_X, [40], _W[0], 1e-6),
+    "scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(_Q, _KV, _KV, attn_mask=_MASK, enable_gqa=True),
+    "_scaled_dot_product_flash_attention_for_cpu": lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _Q, _KV.repeat(1, 2, 1, 1), _KV.repeat(1, 2, 1, 1), is_causal=True
+    )[0],
+    "silu_": lambda: F.silu(_X.clone(), inplace=True),
+    "gelu": lambda: F.gelu(_X.t(), approximate="tanh"),
+    "pow.Tensor_Scalar": lambda: _X.abs().pow(1.3),
+    "pow_.Scalar": lambda: _X.abs().pow_(0.7),
+    "exp_": lambda: _X.clone().exp_(),
+}
+
+
+@pytest.mark.parametrize("op", list(EVERY_OVERRIDE))
+def test_every_override_matches_torch_and_is_routed(op: str) -> None:
+    fn = EVERY_OVERRIDE[op]
+    expected = fn()
+    with detkit.batch_invariant() as bi:
+        got = fn()
+    assert bi.routed().get(op, 0) >= 1, bi.coverage()
+    assert bi.uncovered() == {}
+    for g, e in zip(got if isinstance(got, tuple) else (got,), expected if isinstance(expected, tuple) else (expected,)):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        tol = {"atol": 2e-2, "rtol": 2e-2} if e.dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+        torch.testing.assert_close(g, e, equal_nan=True, **tol)
+
+
+def test_override_table_is_complete_for_this_torch() -> None:
+    with detkit.batch_invariant():
+        info = mode.registered_keys()
+    assert info["keys"] == ["CPU"] or "CUDA" in info["keys"]
+    assert info["skipped"] == {}

@@ -94,7 +94,11 @@ def _worker() -> None:
     sig = probe.signatures[0]
     asm = probe.inspect_asm(sig)
     llvm_ir = probe.inspect_llvm(sig)
+    kernel_ir: dict[str, dict[str, int]] = {}
+    if os.environ.get("DETKIT_PORTABLE_IR_CHECK") == "1":
+        kernel_ir = _inspect_real_kernels()
     info = {
+        "kernel_ir": kernel_ir,
         "aten_capability": torch.backends.cpu.get_cpu_capability(),
         "numba_cpu": str(numba.config.CPU_NAME),
         "threads": numba.get_num_threads(),
@@ -106,6 +110,40 @@ def _worker() -> None:
     print(json.dumps({"hashes": results, "info": info}))
 
 
+def _inspect_real_kernels() -> dict[str, dict[str, int]]:
+    """Recompile uncached copies of the real kernels and count, in their LLVM IR, any
+    fast-math flag on a float instruction, any float64 arithmetic (a silent promotion
+    would round twice), and the explicit fma calls."""
+    import re
+
+    import numba
+    import numpy as np
+
+    from detkit.kernels import _portable_kernels as K
+
+    f32 = np.float32
+    x = np.ones((3, 40), f32)
+    w = np.ones(40, f32)
+    flat = x.reshape(-1)
+    cases = {
+        "softmax_rows": (x, True, np.empty_like(x), 0, 3),
+        "layer_norm_rows": (x, w, True, w, True, f32(1e-5), np.empty_like(x), 0, 3),
+        "matmul_packed": (x, np.ones((40, 5), np.int16), 1, w, False, np.empty((3, 5), f32)),
+        "elementwise_range": (4, flat, np.empty_like(flat), 0, flat.shape[0]),
+    }
+    flag_re = re.compile(r"\b(?:fadd|fsub|fmul|fdiv|fneg|fcmp|call)\b[^\n]*\b(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
+    double_re = re.compile(r"\b(?:fadd|fsub|fmul|fdiv)\s+double\b|fpext float [^\n]* to double")
+    out = {}
+    for name, args in cases.items():
+        fn = getattr(K, name)
+        fresh = numba.njit(parallel=fn.targetoptions.get("parallel", False), error_model="numpy")(fn.py_func)
+        fresh(*args)
+        ir = fresh.inspect_llvm(fresh.signatures[0])
+        out[name] = {"fast_math": len(flag_re.findall(ir)), "double": len(double_re.findall(ir)),
+                     "fma_calls": ir.count("@llvm.fma.f32(")}
+    return out
+
+
 def _host_aten() -> str:
     import torch
 
@@ -114,7 +152,7 @@ def _host_aten() -> str:
 
 def _configs() -> list[tuple[str, dict[str, str]]]:
     host = _host_aten()
-    configs = [("host, 2 threads", {"NUMBA_NUM_THREADS": "2"}),
+    configs = [("host, 2 threads", {"NUMBA_NUM_THREADS": "2", "DETKIT_PORTABLE_IR_CHECK": "1"}),
                ("host, 1 thread", {"NUMBA_NUM_THREADS": "1"}),
                ("aten default", {"ATEN_CPU_CAPABILITY": "default", "NUMBA_NUM_THREADS": "2"})]
     if host in ("AVX2", "AVX512"):
@@ -171,6 +209,14 @@ def test_same_bits_on_every_isa_and_thread_count(runs):
     assert len(base) == 3 * (12 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
     diffs = {name: sorted(k for k, h in runs[name]["hashes"].items() if base[k] != h) for name in names[1:]}
     assert all(not d for d in diffs.values()), f"hash differs from {names[0]!r}: {diffs}"
+
+
+def test_real_kernels_have_no_fast_math_and_no_float64(runs):
+    kernel_ir = runs["host, 2 threads"]["info"]["kernel_ir"]
+    assert kernel_ir, "the host worker did not inspect the kernels"
+    for name, counts in kernel_ir.items():
+        assert counts["fast_math"] == 0 and counts["double"] == 0, (name, counts)
+        assert counts["fma_calls"] > 0, (name, counts)
 
 
 def test_host_build_uses_hardware_fma(runs):

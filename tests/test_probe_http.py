@@ -66,7 +66,9 @@ def server(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: py
     cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--device", "cpu"]
     if request.param:
-        cmd.append("--continuous-batching")
+        # A small paged cache: sized from free memory by default, its first allocation
+        # takes most of a minute on a CPU.
+        cmd += ["--continuous-batching", "--cb-num-blocks", "64", "--cb-block-size", "32", "--cb-max-batch-tokens", "512"]
     # One thread: the 2-core machine is shared with the test process itself.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"

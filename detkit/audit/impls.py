@@ -8,6 +8,11 @@
 ``portable``       ``detkit.batch_invariant(portable=True)``.
 
 An implementation that cannot run here is reported with its reason, never dropped.
+
+On CUDA, cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when a handle is created: for the
+``deterministic`` implementation to be faithful, export it before the process starts
+(``CUBLAS_WORKSPACE_CONFIG=:4096:8 detkit audit --device cuda``); the fingerprint in
+the report records whether it was set.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def short_cell(res: dict[str, Any], check: str) -> tuple[str, str]:
 
 
 def _sorted(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    order = {}
+    order: dict[tuple[str, str], int] = {}
     for r in records:
         order.setdefault((r["dtype"], r["op"]), len(order))
     impl_order = {"torch": 0, "deterministic": 1, "detkit": 2, "portable": 3}
@@ -159,6 +159,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             changed = [p for p in res.get("per", []) if p.get("differing")]
             if changed and c == "batch-variance":
                 line += "; b with changes: " + ", ".join(str(p["b"]) for p in changed)
+            if c == "isa-variance":
+                line += "; per ISA: " + ", ".join(f"{p['isa']} {p['differing']}" for p in res.get("per", []))
             out.append(line + (f" ({_md(res['note'])})" if res.get("note") else ""))
     out += _md_notes(records)
     impls = impl_records(report)

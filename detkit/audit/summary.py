@@ -120,7 +120,7 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
             continue
         where = ""
         if check == "batch-variance":
-            firsts = {}
+            firsts: dict[str, int] = {}
             for r in records:
                 b = r["checks"][check].get("first_b")
                 if r["impl"] == "torch" and r["op"] in torch_bad and b:
@@ -175,9 +175,10 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
 
     for impl, mode in (("detkit", "detkit.batch_invariant()"), ("portable", "detkit.batch_invariant(portable=True)")):
         for check in MODE_GUARANTEES[impl]:
-            bad = [r for r in records if r["impl"] == impl and r["checks"].get(check, {}).get("verdict") == "fail"]
-            covered = sorted({r["op"] for r in bad if _covered(r)})
-            uncovered = sorted({r["op"] for r in bad if not _covered(r)})
+            failing = [r for r in records
+                       if r["impl"] == impl and r["checks"].get(check, {}).get("verdict") == "fail"]
+            covered = sorted({r["op"] for r in failing if _covered(r)})
+            uncovered = sorted({r["op"] for r in failing if not _covered(r)})
             if covered:
                 lines.append(f"{_names(covered)}: {check} fails under {mode}, which is meant to guarantee it; "
                              "please report it with this report attached.")

@@ -7,15 +7,20 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from detkit.cli import EXIT_CHECK_FAILED
 
+if TYPE_CHECKING:  # pragma: no cover - torch is imported only when a command runs
+    from rich.console import Console
+
+    from detkit.audit.runner import AuditConfig
+
 INTERRUPTED = 130
 
-def _command_line(cfg: Any) -> str:
+def _command_line(cfg: AuditConfig) -> str:
     """The canonical command that reproduces this audit (the report records it)."""
     parts = ["detkit", "audit", "--ops", ",".join(cfg.ops), "--impl", ",".join(cfg.impls),
              "--dtype", ",".join(cfg.dtypes), "--batch-sizes", ",".join(map(str, cfg.batch_sizes)),
@@ -47,8 +52,9 @@ def audit(
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print the report JSON on stdout (progress goes to stderr).")] = False,
     fail_on: Annotated[str | None, typer.Option(
-        "--fail-on", help="Exit 1 if any audited op x implementation fails one of these checks "
-        "(comma-separated, or 'any').")] = None,
+        "--fail-on", help="Exit 1 if any audited op x implementation fails one of these checks, comma-separated: "
+        "run-to-run, batch-variance, batch-position, thread-variance, padding, decode-prefill, isa-variance, "
+        "or any.")] = None,
     isa: Annotated[bool, typer.Option(
         "--isa", help="Also compare against subprocesses under lower ATEN_CPU_CAPABILITY values (CPU).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the op inputs.")] = 0,
@@ -58,6 +64,7 @@ def audit(
 ) -> None:
     """Measure which ops are run-to-run nondeterministic, batch, thread, padding or ISA variant here."""
     from rich.console import Console
+    from rich.markup import escape
 
     from detkit.audit import CATALOGUE, CHECK_HELP
     from detkit.audit.impls import parse_impls
@@ -72,10 +79,10 @@ def audit(
     console = Console(stderr=json_out, highlight=False)
     if list_ops:
         for spec in CATALOGUE:
-            console.print(f"[bold]{spec.name:30}[/] {spec.family:14} {spec.summary}")
+            console.print(f"[bold]{spec.name:30}[/] {spec.family:14} {escape(spec.summary)}", soft_wrap=True)
         console.print()
         for check, text in CHECK_HELP.items():
-            console.print(f"[bold]{check:30}[/] {text}")
+            console.print(f"[bold]{check:30}[/] {escape(text)}", soft_wrap=True)
         return
 
     cfg = AuditConfig(
@@ -97,7 +104,7 @@ def audit(
         raise typer.Exit(code)
 
 
-def _run(cfg: Any, out: Path | None, json_out: bool, console: Any) -> int:
+def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.text import Text
 

@@ -356,12 +356,13 @@ def attention_rows(q, k, v, maskb, maskf, mode, scale, out):  # type: ignore[no-
         lanes = np.empty(W, q.dtype)
         s = np.zeros(Lk, q.dtype)
         acc = np.empty(Dv, q.dtype)
+        zero = acc[:0].sum()  # +0.0 of the working dtype
         qi = q[bi, h, i]
         kb = k[bi, hk]
         lo, hi = _key_range(maskb, mode, bi, h, i, Lk)
         j = lo
         while j + 8 <= hi:
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = s[0] * 0
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
             k0, k1, k2, k3 = kb[j], kb[j + 1], kb[j + 2], kb[j + 3]
             k4, k5, k6, k7 = kb[j + 4], kb[j + 5], kb[j + 6], kb[j + 7]
             for d in range(D):
@@ -384,7 +385,7 @@ def attention_rows(q, k, v, maskb, maskf, mode, scale, out):  # type: ignore[no-
             s[j + 7] = a7
             j += 8
         while j < hi:
-            a0 = s[0] * 0
+            a0 = zero
             kj = kb[j]
             for d in range(D):
                 a0 = fma(qi[d], kj[d], a0)

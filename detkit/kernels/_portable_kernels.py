@@ -12,6 +12,8 @@ Rules that keep these kernels equal to ``detkit.kernels.spec`` on every CPU:
   operations depends on the tile, the thread or the batch.
 * Loops that must vectorise index from 0 (slices), so numba's negative-index
   wraparound check folds away.
+* ``error_model="numpy"``: IEEE division (x / 0 = +-inf or NaN), as the spec says,
+  instead of numba's default Python ``ZeroDivisionError``.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ MODE_F16 = 2
 # ------------------------------------------------------------------ scalar functions
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def exp_f32(x: float) -> float:
     """Exp of canonical-orders section 2.4, branch free so that loops vectorise."""
     xc = x if x > EXP_LO else EXP_LO
@@ -94,7 +96,7 @@ def exp_f32(x: float) -> float:
     return y if x == x else x
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def log_f32(x: float) -> float:
     """Log of canonical-orders section 2.5."""
     if x != x:
@@ -128,7 +130,7 @@ def log_f32(x: float) -> float:
     return ((u - hfsq) + f) + dk * LN2_HI
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def canon(y: float) -> float:
     return y if y == y else CANON_NAN
 
@@ -136,7 +138,7 @@ def canon(y: float) -> float:
 # ------------------------------------------------------------------ row building blocks
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _anchor(v: np.ndarray) -> int:
     """First index with v[j] != 0 (NaN counts as nonzero); len(v) if none."""
     j = 0
@@ -146,7 +148,7 @@ def _anchor(v: np.ndarray) -> int:
     return j
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _tree(lanes: np.ndarray) -> float:
     h = LANES // 2
     while h >= 1:
@@ -156,7 +158,7 @@ def _tree(lanes: np.ndarray) -> float:
     return lanes[0]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def anchored_sum(v: np.ndarray, lanes: np.ndarray) -> float:
     """AnchoredSum (section 2.2); ``lanes`` is a float32[32] scratch buffer."""
     j0 = _anchor(v)
@@ -176,7 +178,7 @@ def anchored_sum(v: np.ndarray, lanes: np.ndarray) -> float:
     return _tree(lanes)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def anchored_sum_sq(v: np.ndarray, lanes: np.ndarray) -> float:
     """AnchoredSumSq (section 2.2): lane = fma(v, v, lane)."""
     j0 = _anchor(v)
@@ -196,7 +198,7 @@ def anchored_sum_sq(v: np.ndarray, lanes: np.ndarray) -> float:
     return _tree(lanes)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def ieee_maximum(v: np.ndarray, lanes: np.ndarray) -> float:
     """IEEE 754-2019 maximum of v (NaN-propagating, -0 < +0). Exact, so lanes are free."""
     n = v.shape[0]
@@ -235,7 +237,7 @@ def ieee_maximum(v: np.ndarray, lanes: np.ndarray) -> float:
 # blocks of rows to threads. Both run the same per-row code, so they give equal bits.
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def row_sum_rows(x: np.ndarray, mean: bool, out: np.ndarray, r0: int, r1: int) -> None:
     flen = F32(x.shape[1])
     lanes = np.empty(LANES, dtype=F32)
@@ -244,7 +246,7 @@ def row_sum_rows(x: np.ndarray, mean: bool, out: np.ndarray, r0: int, r1: int) -
         out[r] = canon(s / flen if mean else s)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def softmax_rows(x: np.ndarray, log: bool, out: np.ndarray, r0: int, r1: int) -> None:
     length = x.shape[1]
     lanes = np.empty(LANES, dtype=F32)
@@ -264,7 +266,7 @@ def softmax_rows(x: np.ndarray, log: bool, out: np.ndarray, r0: int, r1: int) ->
                 yr[j] = canon(yr[j] / s)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def rms_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float,
                   out: np.ndarray, r0: int, r1: int) -> None:
     length = x.shape[1]
@@ -283,7 +285,7 @@ def rms_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: floa
                 yr[j] = canon(xr[j] * rr)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def layer_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np.ndarray,
                     has_bias: bool, eps: float, out: np.ndarray, r0: int, r1: int) -> None:
     length = x.shape[1]
@@ -313,21 +315,21 @@ def layer_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: n
 ROWS_PER_TASK = 4
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def row_sum_par(x: np.ndarray, mean: bool, out: np.ndarray) -> None:
     n = x.shape[0]
     for c in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         row_sum_rows(x, mean, out, c * ROWS_PER_TASK, min(n, (c + 1) * ROWS_PER_TASK))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def softmax_par(x: np.ndarray, log: bool, out: np.ndarray) -> None:
     n = x.shape[0]
     for c in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         softmax_rows(x, log, out, c * ROWS_PER_TASK, min(n, (c + 1) * ROWS_PER_TASK))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def rms_norm_par(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float,
                  out: np.ndarray) -> None:
     n = x.shape[0]
@@ -336,7 +338,7 @@ def rms_norm_par(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float
                       min(n, (c + 1) * ROWS_PER_TASK))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def layer_norm_par(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np.ndarray,
                    has_bias: bool, eps: float, out: np.ndarray) -> None:
     n = x.shape[0]
@@ -348,7 +350,7 @@ def layer_norm_par(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np
 # ------------------------------------------------------------------ elementwise
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def elementwise_range(op: int, x: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
     """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu on x[lo:hi] (flat float32)."""
     xs = x[lo:hi]
@@ -371,7 +373,7 @@ def elementwise_range(op: int, x: np.ndarray, out: np.ndarray, lo: int, hi: int)
             ys[j] = canon(v / (ONE + exp_f32(-v)))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def elementwise_par(op: int, x: np.ndarray, out: np.ndarray) -> None:
     n = x.shape[0]
     for c in prange((n + ROW_CHUNK - 1) // ROW_CHUNK):
@@ -385,7 +387,7 @@ def elementwise_par(op: int, x: np.ndarray, out: np.ndarray) -> None:
 TWO_M24 = F32(2.0**-24)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def half_bits_to_f32(h: int) -> float:
     """Exact widening of binary16 bits (low 16 bits of h) to fp32."""
     h = np.int32(h) & np.int32(0xFFFF)
@@ -399,7 +401,7 @@ def half_bits_to_f32(h: int) -> float:
     return special if e == 31 else (tiny if e == 0 else normal)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def f32_to_half_bits(v: float) -> int:
     """Round fp32 to binary16 bits, nearest even (NaN handled by the caller)."""
     bits = f32_to_bits(v)
@@ -418,7 +420,7 @@ def f32_to_half_bits(v: float) -> int:
 # ------------------------------------------------------------------ output rounding
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def round_out_range(y: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int) -> None:
     """Round fp32 ``y[lo:hi]`` once, to nearest even, into bf16 (mode 1) or fp16 (mode 2)
     bits (int16 ``out``). NaN becomes the canonical 0x7FC0 / 0x7E00. Done here rather
@@ -438,7 +440,7 @@ def round_out_range(y: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int)
             os[j] = np.int16(f32_to_half_bits(v)) if v == v else np.int16(0x7E00)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def round_out_par(y: np.ndarray, mode: int, out: np.ndarray) -> None:
     n = y.shape[0]
     for c in prange((n + ROW_CHUNK - 1) // ROW_CHUNK):
@@ -448,7 +450,7 @@ def round_out_par(y: np.ndarray, mode: int, out: np.ndarray) -> None:
 # ------------------------------------------------------------------ matmul
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _widen(u: int, mode: int) -> float:
     """Raw bits (uint16/uint32 array element) to fp32; exact."""
     bits = np.int32(u)
@@ -459,7 +461,7 @@ def _widen(u: int, mode: int) -> float:
     return bits_to_f32(bits)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _tile(a: np.ndarray, panel: np.ndarray, pk0: int, pn0: int, nb: int, kb: int,
           k0: int, m0: int, m1: int, c: np.ndarray, n0: int, tmp: np.ndarray) -> None:
     """One K chunk (ChunkDot, section 2.1) for rows m0..m1 and columns n0..n0+nb:
@@ -496,7 +498,7 @@ def _tile(a: np.ndarray, panel: np.ndarray, pk0: int, pn0: int, nb: int, kb: int
         i += 2
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _finish_tile(c: np.ndarray, m0: int, m1: int, n0: int, nb: int, bias: np.ndarray,
                  has_bias: bool) -> None:
     for i in range(m0, m1):
@@ -510,7 +512,7 @@ def _finish_tile(c: np.ndarray, m0: int, m1: int, n0: int, nb: int, bias: np.nda
                 row[j] = canon(row[j])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def matmul_direct(a: np.ndarray, b: np.ndarray, bias: np.ndarray, has_bias: bool,
                   c: np.ndarray) -> None:
     """a (M, K) fp32 C-contiguous, b (K, N) fp32 C-contiguous, c (M, N) output."""
@@ -532,7 +534,7 @@ def matmul_direct(a: np.ndarray, b: np.ndarray, bias: np.ndarray, has_bias: bool
         _finish_tile(c, m0, m1, n0, nb, bias, has_bias)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _pack(src: np.ndarray, mode: int, panel: np.ndarray) -> None:
     """panel[:kb, :nb] = widen(src) in 16 x 16 blocks, so that both the reads (contiguous
     in k for a transposed weight) and the writes (contiguous in n) stay in cache."""
@@ -547,7 +549,7 @@ def _pack(src: np.ndarray, mode: int, panel: np.ndarray) -> None:
                     panel[k0 + k, j] = _widen(col[k], mode)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def matmul_packed(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray,
                   has_bias: bool, c: np.ndarray) -> None:
     """As matmul_direct, for b given as raw bits with any strides (e.g. a transposed
@@ -575,7 +577,7 @@ def matmul_packed(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray
 # ------------------------------------------------------------------ attention
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask_bool: np.ndarray,
               mask_float: np.ndarray, mask_mode: int, scale: float, out: np.ndarray) -> None:
     """q (B,H,Lq,D); kt (B,Hk,D,Lk) (keys transposed so scores vectorise over keys);

@@ -229,6 +229,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
     sb_b = b3.stride(0) if b3.shape[0] == nb and nb > 1 else 0
     sa_b = a3.stride(0) if nb > 1 else 0
     out = torch.empty((nb, m, n), dtype=a.dtype, device=dev)
+    if out.numel() == 0 or k == 0:  # nothing to reduce: CuPy would still launch one block
+        out.zero_()
+        if bias is not None:
+            out += bias
+        return out if batched else out[0]
     bias_c = None if bias is None else bias.contiguous()
     entry = f"{cfg.kernel}_{'kmajor' if kmajor else 'nmajor'}"
     M, N, K = _i32(m, "M"), _i32(n, "N"), _i32(k, "K")
@@ -271,6 +276,8 @@ def _rows_launch(x: torch.Tensor, base: str, portable: bool, extra_ptrs: tuple[t
     sfx = _suffix(x.dtype)
     _major(dev)
     r, length = x.shape
+    if r == 0 or length == 0:
+        raise InputError("the CUDA row kernels need at least one row of at least one element.")
     R, L = _i32(r, "rows"), _i32(length, "row length")
     ptrs = tuple(_ptr(p) for p in extra_ptrs)
     if portable:
@@ -357,6 +364,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         strides = tuple(int(s) for s in m.stride())
     out = torch.empty((nb, h, lq, dv), dtype=q.dtype, device=dev)
     n_queries = nb * h * lq
+    if n_queries == 0 or dv == 0 or lk == 0:
+        return out.zero_()
     args = (_ptr(q), _ptr(k), _ptr(v), _ptr(m), np.int32(kind), *(np.int64(s) for s in strides),
             _ptr(out), _i32(nb, "batch"), _i32(h, "heads"), _i32(hk, "kv heads"), _i32(lq, "Lq"),
             _i32(lk, "Lk"), np.int32(d), np.int32(dv), np.float32(scale))

@@ -508,10 +508,42 @@ def load_module(name: str, device: int) -> LoadedModule:
     with _modules_lock:
         mod = _modules.get(key)
         if mod is None:
-            cubin = compile_source(src, name, arch, output="cubin")
+            cubin = _cached_cubin(src, name, arch)
             with cupy.cuda.Device(device):
                 raw = cupy.cuda.function.Module()
                 raw.load(cubin)
             mod = LoadedModule(name, device, arch, raw)
             _modules[key] = mod
         return mod
+
+
+ENV_CACHE_DIR = "DETKIT_CUDA_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where compiled CUBINs are kept across processes ($DETKIT_CUDA_CACHE_DIR, else
+    ~/.cache/detkit/cuda)."""
+    env = os.environ.get(ENV_CACHE_DIR)
+    return Path(env) if env else Path.home() / ".cache" / "detkit" / "cuda"
+
+
+def _cached_cubin(src: str, name: str, arch: str) -> bytes:
+    """compile_source(..., output="cubin") with an on-disk cache keyed by everything that
+    decides the binary: source, options, architecture and compiler version."""
+    which = _pick_compiler(None)
+    key_text = "\n".join([src, *_options(arch), _describe(which)])
+    digest = hashlib.sha256(key_text.encode()).hexdigest()[:32]
+    path = cache_dir() / f"{Path(name).stem}-{arch}-{digest}.cubin"
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    cubin = compile_source(src, name, arch, output="cubin", compiler=which)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(cubin)
+        os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
+    except OSError:
+        pass  # a read-only home only costs a recompilation next time
+    return cubin

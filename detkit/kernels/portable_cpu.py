@@ -43,7 +43,7 @@ _SMALLEST_NORMAL = np.float32(2.0**-126)
 _PARALLEL_MIN_ELEMENTS = 1 << 15
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _keeps_subnormals(x: float) -> bool:
     # x is the smallest normal: half of it is subnormal, 0 under flush-to-zero.
     return x * np.float32(0.5) != np.float32(0.0)

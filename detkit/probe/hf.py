@@ -9,6 +9,8 @@ step by step, without keeping whole-vocabulary tensors alive.
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
@@ -104,10 +106,12 @@ def _context_length(model: PreTrainedModel) -> int | None:
 class _TopKRecorder:
     """Logits processor that records top-k (values, ids) per step and changes nothing."""
 
-    def __init__(self, k: int, model_dtype: torch.dtype) -> None:
+    def __init__(self, k: int, model_dtype: torch.dtype, logsumexp: bool = False) -> None:
         self.k = k
         self.model_dtype = model_dtype
         self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Per step, each row's logsumexp over the vocabulary (to turn logits into logprobs).
+        self.logsumexp: list[torch.Tensor] | None = [] if logsumexp else None
         # Whether every recorded logit is exactly representable in the model's dtype,
         # i.e. the float32 scores are an exact upcast and ULPs can be counted there.
         self.exact_in_model_dtype = True
@@ -119,6 +123,8 @@ class _TopKRecorder:
             back = values.to(self.model_dtype).to(values.dtype)
             self.exact_in_model_dtype = bool((back == values).all())
         self.steps.append((values, ids.detach().to("cpu")))
+        if self.logsumexp is not None:
+            self.logsumexp.append(scores.float().logsumexp(dim=-1).detach().to("cpu"))
         return scores
 
 
@@ -164,6 +170,8 @@ class HFEngine:
         self.unsupported_modes: dict[str, str] = {}
         self.notes: list[str] = []
         self._description = dict(description or {})
+        self._routed: Counter[str] = Counter()
+        self._fell_back: Counter[str] = Counter()
         self.context_length = _context_length(model)
         gen_cfg = model.generation_config
         eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else tokenizer.eos_token_id
@@ -183,8 +191,28 @@ class HFEngine:
             "generate": "model.generate, greedy, use_cache=True, left padding",
         }
 
-    def _context(self) -> ContextManager[Any]:
-        return self.mode() if self.mode is not None else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        """Run the block under ``mode`` and add up what the mode routed and what fell back."""
+        if self.mode is None:
+            yield
+            return
+        ctx = self.mode()
+        with ctx:
+            yield
+        coverage = getattr(ctx, "coverage", None)
+        if coverage is not None:
+            cov = coverage()
+            self._routed.update(cov.routed)
+            for op, reasons in cov.fell_back.items():
+                for reason, n in reasons.items():
+                    self._fell_back[f"{op}: {reason}"] += n
+
+    def mode_coverage(self) -> dict[str, Any] | None:
+        """Calls the mode routed to detkit's kernels and calls that fell back to torch."""
+        if self.mode is None:
+            return None
+        return {"routed": dict(sorted(self._routed.items())), "fell_back": dict(sorted(self._fell_back.items()))}
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer(prompt)["input_ids"]
@@ -200,7 +228,14 @@ class HFEngine:
                 f"Shorten the prompt or lower --max-new-tokens."
             )
 
-    def generate(self, requests: Sequence[Request], *, max_new_tokens: int) -> list[Generation]:
+    def generate(
+        self, requests: Sequence[Request], *, max_new_tokens: int, logsumexp: bool = False
+    ) -> list[Generation]:
+        """Generate for ``requests`` as one left-padded batch.
+
+        ``logsumexp``: also store each step's logsumexp over the vocabulary in
+        ``meta["logsumexp"]`` (what a server needs to answer with logprobs).
+        """
         import torch
         from transformers import GenerationConfig, LogitsProcessorList
 
@@ -228,7 +263,7 @@ class HFEngine:
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
         )
-        recorder = _TopKRecorder(self.top_k, self.model.dtype)
+        recorder = _TopKRecorder(self.top_k, self.model.dtype, logsumexp=logsumexp)
         with torch.inference_mode(), self._context():
             out = self.model.generate(
                 input_ids=input_ids,
@@ -247,13 +282,16 @@ class HFEngine:
                     break
             tokens = tokens[:n]
             steps = [_steps(v[row : row + 1], ids[row : row + 1])[0] for v, ids in recorder.steps[:n]]
+            meta: dict[str, Any] = {"batch_size": len(requests), "row": row, "left_padding": width - len(encoded[row])}
+            if recorder.logsumexp is not None:
+                meta["logsumexp"] = [float(lse[row]) for lse in recorder.logsumexp[:n]]
             results.append(
                 Generation(
                     tokens=[int(t) for t in tokens],
                     scores=steps,
                     score_kind="logit",
                     score_dtype=score_dtype,
-                    meta={"batch_size": len(requests), "row": row, "left_padding": width - len(encoded[row])},
+                    meta=meta,
                 )
             )
         return results

@@ -51,6 +51,11 @@ def _setup_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
         ("status", f"{report.get('status')} (updated {report.get('updated')})"),
         ("detkit", str(report.get("detkit_version"))),
     ]
+    coverage = report.get("mode_coverage")
+    if coverage is not None:
+        routed, fell = coverage.get("routed", {}), coverage.get("fell_back", {})
+        rows.append(("mode coverage", f"{sum(routed.values())} calls of {len(routed)} ops routed to detkit's kernels; "
+                                      f"{sum(fell.values())} fell back to torch"))
     versions, platform = fp.get("versions", {}), fp.get("platform", {})
     threads, cuda = fp.get("threads", {}), fp.get("cuda", {})
     if versions:

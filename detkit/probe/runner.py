@@ -53,6 +53,21 @@ def _summary(modes: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _sync_notes(writer: ReportWriter, engine: Engine) -> None:
+    """Copy the engine's notes, and what detkit's mode covered (no silent fallback)."""
+    notes = list(engine.notes)
+    coverage = getattr(engine, "mode_coverage", None)
+    data = coverage() if callable(coverage) else None
+    if data is not None:
+        writer.data["mode_coverage"] = data
+        if data["fell_back"]:
+            notes.append(
+                "under the mode, some calls ran torch's kernel (no invariance guarantee for them): "
+                + ", ".join(f"{k} x{v}" for k, v in data["fell_back"].items())
+            )
+    writer.data["notes"] = notes
+
+
 def run_probe(
     engine: Engine,
     suite: ProbeSuite,
@@ -69,7 +84,7 @@ def run_probe(
     produced is fatal (:class:`EndpointError`), since nothing could be compared.
     """
     writer = ReportWriter("probe", config, out)
-    writer.data["notes"] = engine.notes
+    writer.data["notes"] = list(engine.notes)
     writer.data["references"] = {}
     writer.data["modes"] = []
     try:
@@ -87,6 +102,7 @@ def run_probe(
                 "score_kind": gen.score_kind,
                 "score_dtype": gen.score_dtype,
             }
+            _sync_notes(writer, engine)
             writer.flush()
             advance(f"reference {prompt.id}")
         first = next(iter(references.values()))
@@ -104,6 +120,7 @@ def run_probe(
             )
             record = summary.to_dict()
             writer.data["modes"].append(record)
+            _sync_notes(writer, engine)
             writer.add_result(
                 {
                     "mode": mode,
@@ -115,8 +132,10 @@ def run_probe(
             )
             on_mode(record)
     except BaseException as exc:
+        _sync_notes(writer, engine)
         if not isinstance(exc, KeyboardInterrupt):
             writer.add_error("probe", exc)
         writer.finish(_summary(writer.data["modes"]), partial=True)
         raise
+    _sync_notes(writer, engine)
     return writer.finish(_summary(writer.data["modes"]))

@@ -1,0 +1,264 @@
+"""A small OpenAI-compatible completions server over a real HF model, with real batching.
+
+    python -m detkit.probe.server --model tiny-llama --port 8000 [--batch-invariant]
+
+Concurrent ``POST /v1/completions`` requests that arrive within ``--window-ms`` of each
+other are generated as one left-padded batch by :class:`~detkit.probe.hf.HFEngine`
+(up to ``--max-batch``), the way serving engines batch, and answered with OpenAI-style
+``logprobs`` (tokens, token_logprobs, top_logprobs). So ``detkit probe --endpoint``
+can be run end to end with logprobs on a machine without vLLM, and with
+``--batch-invariant`` the server's batches run under ``detkit.batch_invariant()``.
+
+It is a test and demonstration server (stdlib ``http.server``, one model, greedy
+decoding only), not a production one. Also ``GET /v1/models`` and ``GET /health``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from detkit.errors import DetkitError
+from detkit.probe.engine import Request
+from detkit.probe.hf import HFEngine, load_model
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class _Job:
+    prompt: str
+    max_tokens: int
+    done: threading.Event = field(default_factory=threading.Event)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+
+
+class Batcher:
+    """Collects concurrent jobs into batches and runs them on one thread."""
+
+    def __init__(self, engine: HFEngine, *, max_batch: int, window_s: float) -> None:
+        if max_batch < 1 or window_s < 0:
+            raise ValueError("max_batch must be >= 1 and the window >= 0")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.batch_sizes: list[int] = []
+        self._thread = threading.Thread(target=self._loop, name="detkit-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            first = self.jobs.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.window_s
+            while len(batch) < self.max_batch:
+                try:
+                    job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    self.jobs.put(None)
+                    break
+                batch.append(job)
+            self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        self.batch_sizes.append(len(batch))
+        try:
+            gens = self.engine.generate(
+                [Request(j.prompt) for j in batch], max_new_tokens=max(j.max_tokens for j in batch), logsumexp=True
+            )
+        except (DetkitError, ValueError) as exc:
+            for j in batch:
+                j.error = str(exc)
+                j.done.set()
+            return
+        except Exception as exc:  # a server answers 500 and keeps serving
+            for j in batch:
+                j.error = f"{type(exc).__name__}: {exc}"
+                j.done.set()
+            return
+        for j, g in zip(batch, gens):
+            n = min(j.max_tokens, len(g.tokens))
+            tok = self.engine.tokenizer
+            strings = [str(s) for s in tok.convert_ids_to_tokens(g.tokens[:n])]
+            if g.scores is None or "logsumexp" not in g.meta:
+                j.error = "the engine returned no logits"
+                j.done.set()
+                continue
+            lse = g.meta["logsumexp"][:n]
+            chosen = [s.values[0] - z for s, z in zip(g.scores[:n], lse)]
+            tops = []
+            for s, z in zip(g.scores[:n], lse):
+                names = tok.convert_ids_to_tokens(s.ids)
+                tops.append({str(name): v - z for name, v in zip(names, s.values)})
+            j.result = {
+                "text": tok.decode(g.tokens[:n]),
+                "tokens": strings,
+                "token_logprobs": chosen,
+                "top_logprobs": tops,
+                "batch_size": len(batch),
+                "finish_reason": "length" if n == j.max_tokens else "stop",
+            }
+            j.done.set()
+
+
+def make_handler(name: str, batcher: Batcher, timeout_s: float) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _send(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, message: str) -> None:
+            self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            if self.path.rstrip("/") in ("/health", "/v1/health"):
+                self._send(200, {"status": "ok"})
+            elif self.path.rstrip("/") == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "detkit"}]})
+            else:
+                self._error(404, f"no route {self.path}")
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server API
+            if self.path.rstrip("/") != "/v1/completions":
+                self._error(404, f"no route {self.path}; this server has /v1/completions")
+                return
+            try:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            except ValueError:
+                self._error(400, "the body is not JSON")
+                return
+            problem = _validate(body, name)
+            if problem:
+                self._error(400, problem)
+                return
+            job = _Job(prompt=body["prompt"], max_tokens=int(body.get("max_tokens", 16)))
+            batcher.submit(job)
+            if not job.done.wait(timeout_s):
+                self._error(504, f"generation took longer than {timeout_s} s")
+                return
+            if job.error is not None or job.result is None:
+                self._error(400 if job.error and "context" in job.error else 500, job.error or "no result")
+                return
+            r = job.result
+            k = body.get("logprobs")
+            logprobs = None
+            if k is not None:
+                top = [dict(sorted(t.items(), key=lambda kv: -kv[1])[: int(k)]) for t in r["top_logprobs"]]
+                logprobs = {"tokens": r["tokens"], "token_logprobs": r["token_logprobs"], "top_logprobs": top}
+            self._send(200, {
+                "id": f"cmpl-{id(job):x}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": name,
+                "choices": [{"index": 0, "text": r["text"], "logprobs": logprobs, "finish_reason": r["finish_reason"]}],
+                "usage": {"completion_tokens": len(r["tokens"])},
+                "detkit": {"batch_size": r["batch_size"]},
+            })
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Handler
+
+
+def _validate(body: Any, name: str) -> str | None:
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    if body.get("model") not in (None, name):
+        return f"this server serves {name!r}, not {body.get('model')!r}"
+    if not isinstance(body.get("prompt"), str) or not body["prompt"]:
+        return "prompt must be a non-empty string"
+    if float(body.get("temperature", 1.0)) != 0.0:
+        return "this server only decodes greedily: send temperature 0"
+    max_tokens = body.get("max_tokens", 16)
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        return "max_tokens must be a positive integer"
+    k = body.get("logprobs")
+    if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+        return f"logprobs must be an integer between 0 and {MAX_LOGPROBS}"
+    return None
+
+
+def serve(
+    model: str = "tiny-llama",
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    dtype: str = "auto",
+    seed: int = 0,
+    batch_invariant: bool = False,
+    max_batch: int = 32,
+    window_ms: float = 20.0,
+    timeout_s: float = 600.0,
+) -> tuple[ThreadingHTTPServer, Batcher]:
+    """Load ``model`` and return a started-to-be server (call ``serve_forever``) and its batcher."""
+    mode = None
+    if batch_invariant:
+        import detkit
+
+        def mode() -> Any:
+            return detkit.batch_invariant()
+
+    hf_model, tokenizer, desc = load_model(model, dtype=dtype, seed=seed)
+    engine = HFEngine(hf_model, tokenizer, description=desc, top_k=MAX_LOGPROBS, mode=mode)
+    batcher = Batcher(engine, max_batch=max_batch, window_s=window_ms / 1000.0)
+    server = ThreadingHTTPServer((host, port), make_handler(model, batcher, timeout_s))
+    server.daemon_threads = True
+    return server, batcher
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m detkit.probe.server")
+    parser.add_argument("--model", default="tiny-llama", help="preset or local HF model directory")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="weights seed of presets")
+    parser.add_argument("--batch-invariant", action="store_true", help="run batches under detkit.batch_invariant()")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--window-ms", type=float, default=20.0, help="how long a batch waits for more requests")
+    args = parser.parse_args(argv)
+    try:
+        server, batcher = serve(
+            args.model, host=args.host, port=args.port, dtype=args.dtype, seed=args.seed,
+            batch_invariant=args.batch_invariant, max_batch=args.max_batch, window_ms=args.window_ms,
+        )
+    except DetkitError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"serving {args.model} on http://{args.host}:{server.server_port}/v1", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        batcher.stop()
+
+
+if __name__ == "__main__":
+    main()

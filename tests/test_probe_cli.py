@@ -1,0 +1,147 @@
+"""`detkit probe` end to end: JSON shape, report files, suites, bad input, Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from detkit.cli import main
+from detkit.probe.suite import default_suite, load_suite
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """Run ``detkit probe ARGS`` through the console entry point; (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["detkit", "probe", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+def test_json_report_and_files(tmp_path, capsys, monkeypatch):
+    suite = tmp_path / "two.toml"
+    suite.write_text(
+        'name = "two"\n[[prompts]]\nid = "fox"\ntext = "The quick brown fox"\n'
+        '[[prompts]]\nid = "fib"\ntext = "def fib(n):"\n[batch]\nmixed_trials = 1\n'
+    )
+    code, out, err = run_cli(
+        [str(suite), "--model", "tiny-llama", "--modes", "single,mixed,decode", "--batch-sizes", "1,2",
+         "--max-new-tokens", "4", "--seed", "3", "--json", "--out", str(tmp_path)],
+        capsys, monkeypatch,
+    )
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["kind"] == "probe" and report["status"] == "complete"
+    assert [m["name"] for m in report["modes"]] == ["single", "mixed", "decode"]
+    for m in report["modes"]:
+        assert {"name", "unique_completions", "max_abs_logit_diff", "divergences"} <= set(m)
+        assert isinstance(m["unique_completions"], int) and m["unique_completions"] >= 1
+        assert isinstance(m["max_abs_logit_diff"], float)  # a local model has logits
+        assert all(isinstance(d["position"], int) for d in m["divergences"])
+    single = report["modes"][0]
+    assert single["runs"] == 2 * (1 + 2)  # every row of every batch size, 2 prompts
+    assert report["config"]["engine"]["dtype"] == "bfloat16" and report["config"]["suite"]["seed"] == 3
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["modes"] == report["modes"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| single |" in md and "Verdict" in md
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("<svg") == 2 and "src=" not in page and "href=" not in page  # self-contained
+
+
+def test_fail_on_divergence_exits_1_on_the_documented_divergence(capsys, monkeypatch):
+    suite = str(ROOT / "probes" / "tiny-llama-divergence.toml")
+    code, out, err = run_cli([suite, "--modes", "padding", "--fail-on-divergence"], capsys, monkeypatch)
+    assert code == 1, err
+    assert "padding" in out and "diverging run" in out
+
+
+def test_default_toml_is_the_built_in_default_suite():
+    assert load_suite(ROOT / "probes" / "default.toml") == default_suite()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "probes").glob("*.toml")))
+def test_shipped_suites_load(name):
+    suite = load_suite(ROOT / "probes" / name)
+    assert suite.prompts and suite.modes
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/no/such/model"], "no model at"),
+        (["--max-new-tokens", "2000", "--modes", "single"], "context of 1024 tokens"),
+        (["--modes", "single,bogus"], "unknown mode"),
+        (["--concurrency", "1,8"], "--concurrency applies to --endpoint"),
+        (["--batch-sizes", "1,x"], "comma-separated positive integers"),
+        (["--endpoint", "http://127.0.0.1:9/v1", "--batch-invariant"], "server needs them on its side"),
+        (["--endpoint", "http://127.0.0.1:9/v1", "--retries", "0"], "cannot reach"),
+        (["--dtype", "int8"], "--dtype must be one of"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys, monkeypatch):
+    code, out, err = run_cli(args, capsys, monkeypatch)
+    assert code == 2
+    assert message in err and "Traceback" not in err + out
+
+
+def test_a_model_without_tokenizer_and_bad_suites_exit_2(tmp_path, capsys, monkeypatch):
+    from detkit.models import load_preset
+
+    load_preset("tiny-llama").save_pretrained(tmp_path / "model")
+    code, _, err = run_cli(["--model", str(tmp_path / "model")], capsys, monkeypatch)
+    assert code == 2 and "has no tokenizer" in err
+    (tmp_path / "broken.toml").write_text("name = [")
+    code, _, err = run_cli([str(tmp_path / "broken.toml")], capsys, monkeypatch)
+    assert code == 2 and "not valid TOML" in err
+    (tmp_path / "typo.toml").write_text('name = "t"\nmax_new_token = 3\n[[prompts]]\nid = "a"\ntext = "b"\n')
+    code, _, err = run_cli([str(tmp_path / "typo.toml")], capsys, monkeypatch)
+    assert code == 2 and "unknown key(s) ['max_new_token']" in err
+    code, _, err = run_cli([str(tmp_path / "missing.toml")], capsys, monkeypatch)
+    assert code == 2 and "no probe suite at" in err
+
+
+def test_ctrl_c_keeps_finished_modes_and_marks_the_report_partial(tmp_path):
+    suite = tmp_path / "long.toml"
+    suite.write_text(
+        'name = "long"\nmax_new_tokens = 6\nmodes = ["single", "repeat"]\n'
+        '[[prompts]]\nid = "fox"\ntext = "The quick brown fox"\n'
+        "[batch]\nsizes = [1, 2]\nrepeats = 500\n"
+    )
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "detkit", "probe", str(suite), "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads((out / "report.json").read_text())["modes"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        assert proc.poll() is None, "the probe ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr.decode()
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "partial"
+    assert [m["name"] for m in report["modes"]] == ["single"]
+    assert "partial" in (out / "report.md").read_text()
+    assert b"Traceback" not in stderr
