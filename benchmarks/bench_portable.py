@@ -125,6 +125,7 @@ def _exact_unary(name: str, x: torch.Tensor) -> np.ndarray:
         "rsqrt": lambda t: 1 / mpmath.sqrt(t),
         "sigmoid": lambda t: 1 / (1 + mpmath.exp(-t)),
         "silu": lambda t: t / (1 + mpmath.exp(-t)),
+        "tanh": mpmath.tanh,
     }
     vals = [fns[name](mpmath.mpf(float(v))) for v in x.float().reshape(-1).tolist()]
     return np.array([_fraction(v) for v in vals], dtype=object).reshape(tuple(x.shape))
@@ -183,6 +184,8 @@ def accuracy() -> list[dict[str, object]]:
         torch.sigmoid(xs))
     add("silu", "20000", torch.float32, _exact_unary("silu", xs), P.elementwise("silu", xs),
         F.silu(xs))
+    xt = torch.randn(20000, generator=g) * 2
+    add("tanh", "20000", torch.float32, _exact_unary("tanh", xt), P.elementwise("tanh", xt), torch.tanh(xt))
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(8, 1024, generator=g).to(dtype)
         w = torch.randn(128, 1024, generator=g).to(dtype)

@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from detkit._aten_adapters import (
     ELEMENTWISE_EXACT,
@@ -54,7 +55,7 @@ from detkit._aten_adapters import (
     OpOverride,
     Unsupported,
 )
-from detkit.errors import InvarianceViolation
+from detkit.errors import InputError, InvarianceViolation
 
 __all__ = [
     "Coverage",
@@ -381,7 +382,7 @@ class batch_invariant(contextlib.ContextDecorator):  # noqa: N801 - reads like a
 # ----------------------------------------------------------------------------- static coverage
 
 
-class _OpTracer(torch.utils._python_dispatch.TorchDispatchMode):
+class _OpTracer(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
@@ -440,6 +441,8 @@ class CoverageReport:
 
 def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: str = "CPU") -> CoverageReport:
     """Classify traced ops (from :func:`trace_ops`) against the overrides for ``device``."""
+    if device not in OVERRIDES:
+        raise InputError(f"coverage_report: device must be one of {', '.join(OVERRIDES)}, got {device!r}")
     table = {_full_name(s.name): s for s in OVERRIDES[device]}
     routed: dict[str, int] = {}
     exact: dict[str, int] = {}

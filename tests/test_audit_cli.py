@@ -15,7 +15,7 @@ import torch
 
 from detkit.report import load_report
 
-SWEEP = "1,2,3,4,5,8"
+SWEEP = "1,2,3,4,5"
 
 
 def detkit(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -34,8 +34,8 @@ def test_torch_mm_and_linear_are_batch_variant_here(tmp_path: Path) -> None:
     assert {(r["op"], r["impl"]) for r in ops} == {("mm", "torch"), ("linear", "torch")}
     for r in ops:
         res = r["checks"]["batch-variance"]
-        assert res["verdict"] == "fail" and res["first_b"] in (2, 3, 4, 5, 8) and res["max_ulp"] >= 1
-        assert r["inputs"]["input"]["shape"] == [8, 4096] and r["seed"] == 0
+        assert res["verdict"] == "fail" and res["first_b"] in (2, 3, 4, 5) and res["max_ulp"] >= 1
+        assert r["inputs"]["input"]["shape"] == [5, 4096] and r["seed"] == 0
     assert data["summary"]["fail_on"]["passed"] is False
     assert data["config"]["command"].startswith("detkit audit --ops mm,linear --impl torch")
     assert (tmp_path / "report.md").read_text().startswith("# detkit audit")
@@ -62,16 +62,10 @@ def test_json_on_stdout_and_exit_0_without_fail_on() -> None:
     assert data["summary"]["advice"]
 
 
-def test_unknown_op_exits_2_with_a_clear_error(tmp_path: Path) -> None:
-    proc = detkit("audit", "--ops", "mm,frobnicate", "--out", str(tmp_path))
-    assert proc.returncode == 2
-    assert "unknown op 'frobnicate'" in proc.stderr and "--list-ops" in proc.stderr
-    assert not (tmp_path / "report.json").exists()
-
-
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--ops", "mm,frobnicate"], "unknown op 'frobnicate'"),
         (["--batch-sizes", "0,2"], "from 1 to"),
         (["--batch-sizes", "1,two"], "comma-separated integers"),
         (["--batch-sizes", "4"], "at least two"),
@@ -86,7 +80,7 @@ def test_unknown_op_exits_2_with_a_clear_error(tmp_path: Path) -> None:
 def test_bad_arguments_exit_2_with_a_clear_error(
     args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # in-process through the real entry point (the subprocess path is covered above)
+    # in-process through the real entry point (the subprocess path: the --device cuda test)
     from detkit.cli import main
 
     monkeypatch.setattr(sys, "argv", ["detkit", "audit", *args, "--out", str(tmp_path)])
@@ -168,11 +162,16 @@ def test_report_errors(tmp_path: Path) -> None:
     assert bad_format.returncode == 2
 
 
-def test_list_ops() -> None:
-    proc = detkit("audit", "--list-ops")
-    assert proc.returncode == 0
+def test_list_ops(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from detkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["detkit", "audit", "--list-ops"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
     for name in ("mm", "scaled_dot_product_attention", "topk", "batch-variance", "decode-prefill"):
-        assert name in proc.stdout
+        assert name in out
 
 
 @pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") is not None, reason="ISA pinned by the environment")
@@ -237,3 +236,21 @@ def test_a_hard_crash_leaves_a_readable_incomplete_report(tmp_path: Path) -> Non
     assert [r["op"] for r in data["results"] if r["record"] == "op"] == ["sum", "mean"]
     md = detkit("report", str(tmp_path), "--format", "md")
     assert md.returncode == 0 and "INCOMPLETE" in md.stdout and "| sum |" in md.stdout
+
+
+def test_report_renders_other_kinds_generically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from detkit.cli import main
+    from detkit.report import ReportWriter
+
+    writer = ReportWriter("pytest", {"tests": 2}, tmp_path / "report.json")
+    writer.add_result({"test": "test_mm", "outcome": "passed"})
+    writer.finish({"passed": 1})
+    for fmt, needle in (("md", "detkit pytest report"), ("html", "<!DOCTYPE html>")):
+        monkeypatch.setattr(sys, "argv", ["detkit", "report", str(tmp_path), "--format", fmt])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert needle in out and "test_mm" in out

@@ -97,6 +97,16 @@ def test_matmul_2d_row_invariance(
     check_row_invariance(lambda a: kernels.matmul(a, w, bias), x, gen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_model_sized_weight(dtype: torch.dtype) -> None:
+    """A GPT-2-sized linear layer (K=768, N=1024): every row, many batch sizes."""
+    gen = torch.Generator().manual_seed(8)
+    x = randn(gen, 160, 768, dtype=dtype)
+    w = randn(gen, 1024, 768, dtype=dtype)
+    bias = randn(gen, 1024, dtype=dtype)
+    check_row_invariance(lambda a: kernels.matmul(a, w.t(), bias), x, gen, n_sizes=3)
+
+
 def test_matmul_fixed_order_fallback_is_invariant(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DETKIT_CPU_MATMUL", "fixed-order")
     gen = torch.Generator().manual_seed(1)

@@ -4,7 +4,7 @@ The same portable computations (every op, every dtype, adversarial values) run i
 fresh processes under ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` (torch's kernels,
 which the portable path must not depend on), ``NUMBA_CPU_NAME=generic`` (baseline
 x86-64: no AVX, no FMA unit, so ``fma`` becomes the C library's correctly rounded
-``fmaf``) and 1 or 2 numba threads; each process prints a SHA-256 per (op, dtype) and
+``fmaf``) and 1 or 2 threads (``OMP_NUM_THREADS``); each process prints a SHA-256 per (op, dtype) and
 the test requires them all to be equal. Each worker also reports what its compiler
 actually emitted for a probe kernel, so the test can check that the generic build
 really has no hardware FMA and that no fast-math flag appears in the IR.
@@ -101,7 +101,7 @@ def _worker() -> None:
         "kernel_ir": kernel_ir,
         "aten_capability": torch.backends.cpu.get_cpu_capability(),
         "numba_cpu": str(numba.config.CPU_NAME),
-        "threads": numba.get_num_threads(),
+        "threads": torch.get_num_threads(),
         "hw_fma": "vfmadd" in asm,
         "fmaf_call": "fmaf" in asm,
         "fast_math_flags": any(f in llvm_ir for f in (" fast ", " contract ", " reassoc ", " nnan ", " afn ")),
@@ -136,7 +136,7 @@ def _inspect_real_kernels() -> dict[str, dict[str, int]]:
     out = {}
     for name, args in cases.items():
         fn = getattr(K, name)
-        fresh = numba.njit(parallel=fn.targetoptions.get("parallel", False), error_model="numpy")(fn.py_func)
+        fresh = numba.njit(error_model="numpy")(fn.py_func)
         fresh(*args)
         ir = fresh.inspect_llvm(fresh.signatures[0])
         out[name] = {"fast_math": len(flag_re.findall(ir)), "double": len(double_re.findall(ir)),
@@ -152,22 +152,23 @@ def _host_aten() -> str:
 
 def _configs() -> list[tuple[str, dict[str, str]]]:
     host = _host_aten()
-    configs = [("host, 2 threads", {"NUMBA_NUM_THREADS": "2", "DETKIT_PORTABLE_IR_CHECK": "1"}),
-               ("host, 1 thread", {"NUMBA_NUM_THREADS": "1"}),
-               ("aten default", {"ATEN_CPU_CAPABILITY": "default", "NUMBA_NUM_THREADS": "2"})]
+    configs = [("host, 2 threads", {"OMP_NUM_THREADS": "2", "DETKIT_PORTABLE_IR_CHECK": "1"}),
+               ("host, 1 thread", {"OMP_NUM_THREADS": "1"}),
+               ("aten default", {"ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "2"})]
     if host in ("AVX2", "AVX512"):
-        configs.append(("aten avx2", {"ATEN_CPU_CAPABILITY": "avx2", "NUMBA_NUM_THREADS": "2"}))
+        configs.append(("aten avx2", {"ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "2"}))
     if host == "AVX512":
-        configs.append(("aten avx512", {"ATEN_CPU_CAPABILITY": "avx512", "NUMBA_NUM_THREADS": "2"}))
-    configs += [("numba generic x86-64, 1 thread", {"NUMBA_CPU_NAME": "generic", "NUMBA_NUM_THREADS": "1"}),
-                ("numba generic x86-64, 2 threads", {"NUMBA_CPU_NAME": "generic", "NUMBA_NUM_THREADS": "2",
+        configs.append(("aten avx512", {"ATEN_CPU_CAPABILITY": "avx512", "OMP_NUM_THREADS": "2"}))
+    configs += [("numba generic x86-64, 1 thread", {"NUMBA_CPU_NAME": "generic", "OMP_NUM_THREADS": "1"}),
+                ("numba generic x86-64, 2 threads", {"NUMBA_CPU_NAME": "generic", "OMP_NUM_THREADS": "2",
                                                      "ATEN_CPU_CAPABILITY": "default"})]
     return configs
 
 
 def _run(env_extra: dict[str, str]) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "NUMBA_NUM_THREADS")}
+           if k not in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES", "OMP_NUM_THREADS",
+                        "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
     env.update(env_extra)
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=WORKER_TIMEOUT_S, check=False)

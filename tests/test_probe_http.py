@@ -138,6 +138,10 @@ def test_bad_endpoint_urls_are_input_errors() -> None:
 # ---------------------------------------------------------------- scripted servers
 
 
+def modes_by_name(modes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in modes}
+
+
 class _Scripted(BaseHTTPRequestHandler):
     """Answers /v1/completions as ``server.script(count, body)`` says: (status, json)."""
 
@@ -208,7 +212,54 @@ def test_failed_requests_are_recorded_and_never_fatal(scripted: ThreadingHTTPSer
     assert failed > 0 and report["summary"]["failed_runs"] == failed
     assert all("HTTP 500" in e["error"] and "boom" in e["error"] for m in ran for e in m["errors"])
     # the answers that came back carried logprobs: compared as logprobs, not logits
+    # (which rows of a burst fail is up to thread scheduling; single b=1 is request 2)
+    assert modes_by_name(ran)["single"]["failed_runs"] >= 1
     for m in ran:
+        if m["failed_runs"] == m["runs"]:
+            continue
         assert m["score_kind"] == "logprob" and m["max_abs_logprob_diff"] == 0.0 and m["max_abs_logit_diff"] is None
         assert m["token_unit"] == "token" and m["divergences"] == []
     assert report["summary"]["invariant"] is False  # failed runs prove nothing
+
+
+# ---------------------------------------------------------------- detkit's own server, with logprobs
+
+
+def test_logprob_probe_of_a_batching_server_under_the_mode_is_invariant(tmp_path: Path) -> None:
+    """End to end over HTTP with logprobs: detkit.probe.server batches concurrent requests
+    (left padding, one generate call) under detkit.batch_invariant(); every burst must
+    give the reference's tokens and bit-identical logprobs."""
+    port = _free_port()
+    log = tmp_path / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "detkit.probe.server", "--port", str(port), "--batch-invariant", "--window-ms", "200"],
+            stdout=fh, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"detkit.probe.server did not start:\n{log.read_text()[-2000:]}")
+                time.sleep(0.5)
+        engine = HTTPEngine(f"http://127.0.0.1:{port}/v1", timeout=120, retries=0)
+        suite = ProbeSuite(
+            name="server", prompts=(Prompt("fox", "The quick brown fox"),), max_new_tokens=6,
+            modes=("single", "mixed"), batch=BatchPlan(sizes=(1, 3), mixed_trials=1),
+        )
+        report = run_probe(engine, suite, seed=0, config={})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert report["notes"] == []  # logprobs came back: nothing degraded
+    for m in report["modes"]:
+        assert m["failed_runs"] == 0, m["errors"]
+        assert m["token_unit"] == "token" and m["score_kind"] == "logprob"
+        assert m["unique_completions"] == 1 and m["divergences"] == []
+        assert m["max_abs_logprob_diff"] == 0.0 and m["max_abs_logit_diff"] is None
+        assert m["steps_compared"] >= suite.max_new_tokens

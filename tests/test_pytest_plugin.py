@@ -302,7 +302,30 @@ def test_mode_coverage_is_recorded_in_the_report(pytester: pytest.Pytester) -> N
     result.assert_outcomes(passed=1)
     (entry,) = [r for r in load_report(pytester.path / "r.json")["results"] if r["type"] == "mode"]
     assert entry["test"] == "test_user.py::test_marked" and entry["when"] == "call"
-    assert entry["routed"] >= 1 and entry["portable"] is False
+    assert entry["routed"] >= 1 and entry["portable"] is False and entry["fell_back"] == {}
+
+
+def test_ops_that_fell_back_under_the_mode_are_listed(pytester: pytest.Pytester) -> None:
+    # Complex matmul has no detkit kernel: torch's runs, and the summary must say so.
+    result = _run(
+        pytester,
+        """
+        @pytest.mark.batch_invariant
+        def test_complex():
+            a = torch.ones(4, 4, dtype=torch.complex64)
+            assert_batch_invariant(lambda t: t @ a, a, batch_sizes=[2])
+        """,
+        "--detkit-report=r.json",
+    )
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "detkit: in 1 tests under the mode, ops fell back to torch's kernels (no invariance guarantee for them):",
+            "  test_user.py::test_complex: mm x*",
+        ]
+    )
+    report = load_report(pytester.path / "r.json")
+    assert report["summary"]["tests_with_uncovered_ops"] == 1
 
 
 class _ModelPlugin:
@@ -421,3 +444,24 @@ def test_fixture_record_validates_and_reports_digests() -> None:
     first, second = entries
     assert first["outputs"] == second["outputs"]  # same bits, same sha256
     assert first["outputs"][0]["dtype"] == "float32" and first["outputs"][0]["shape"] == [6]  # type: ignore[index]
+
+
+def test_entries_survive_report_serialisation(pytester: pytest.Pytester) -> None:
+    # pytest-xdist ships test reports from workers to the controller through
+    # pytest_report_to_serializable / _from_serializable: the detkit entries ride along.
+    pytester.makepyfile(
+        test_user=HEADER
+        + textwrap.dedent(
+            """
+            def test_check():
+                assert_batch_invariant(torch.exp, X, batch_sizes=[2])
+            """
+        )
+    )
+    reprec = pytester.inline_run("-p", "no:cacheprovider")
+    (call,) = [r for r in reprec.getreports("pytest_runtest_logreport") if r.when == "call"]
+    config = pytester.parseconfigure()
+    data = json.loads(json.dumps(config.hook.pytest_report_to_serializable(config=config, report=call)))
+    back = config.hook.pytest_report_from_serializable(config=config, data=data)
+    kinds = [e["type"] for e in back.detkit_entries]
+    assert kinds == ["check", "test"] and back.detkit_entries[0]["verdict"] == "PASS"

@@ -98,10 +98,15 @@ def availability(impl: str, device: torch.device) -> Availability:
     if impl not in IMPLS:
         raise InputError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
     try:
-        with context(impl):
+        with context(impl) as mode:
             torch.ones(2, 2, device=device) @ torch.ones(2, 2, device=device)
     except Exception as exc:  # recorded in the report: the reason is the finding
         return Availability(impl, False, f"{type(exc).__name__}: {exc}")
+    coverage = getattr(mode, "coverage", None)
+    if callable(coverage) and not coverage().routed:
+        # the mode ran torch's own matmul: it has no kernels registered for this device
+        return Availability(impl, False, f"detkit's mode routed no call to its kernels on {device.type}; "
+                                         "see `detkit env` for the backends available here")
     return Availability(impl, True)
 
 

@@ -280,7 +280,10 @@ def heat_map_svg(records: list[dict[str, Any]], checks: list[str]) -> str:
     impls = [i for i in ("torch", "deterministic", "detkit", "portable") if any(r["impl"] == i for r in records)]
     by = {(r["op"], r["dtype"], r["impl"]): r for r in records}
     multi_dtype = len({d for _, d in rows}) > 1
-    cw, ch, left, top, gap = 58, 20, 210, 46, 12
+    names = [f"{op} ({dtype})" if multi_dtype else op for op, dtype in rows]
+    # row labels at 12px are about 7px per character; leave room for the longest
+    cw, ch, top, gap = 58, 20, 46, 12
+    left = 16 + 7 * max((len(n) for n in names), default=10)
     width = left + len(impls) * (len(checks) * cw + gap) + 10
     height = top + len(rows) * ch + 10
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -292,9 +295,8 @@ def heat_map_svg(records: list[dict[str, Any]], checks: list[str]) -> str:
         for ci, c in enumerate(checks):
             parts.append(f'<text x="{x0 + ci * cw + cw / 2}" y="{top - 8}" text-anchor="middle" font-size="11">'
                          f'{_e(SHORT[c])}<title>{_e(c)}: {_e(CHECK_HELP[c])}</title></text>')
-    for ri, (op, dtype) in enumerate(rows):
+    for ri, ((op, dtype), name) in enumerate(zip(rows, names, strict=True)):
         y = top + ri * ch
-        name = f"{op} ({dtype})" if multi_dtype else op
         parts.append(f'<text x="{left - 6}" y="{y + 14}" text-anchor="end" font-size="12">{_e(name)}</text>')
         for gi, impl in enumerate(impls):
             x0 = left + gi * (len(checks) * cw + gap)

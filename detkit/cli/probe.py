@@ -240,7 +240,7 @@ def _print_table(console: Any, report: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
     for m in report["modes"]:
         if m["skipped"]:
-            table.add_row(m["name"], "-", "-", "-", "-", "-", "-", "-", f"skipped: {m['skipped']}")
+            table.add_row(m["name"], "skip", "-", "-", "-", "-", "-", "-", "-")
             continue
         positions = [d["position"] for d in m["divergences"]]
         diff = m["max_abs_logit_diff"] if m["max_abs_logit_diff"] is not None else m["max_abs_logprob_diff"]
@@ -262,6 +262,9 @@ def _print_table(console: Any, report: dict[str, Any]) -> None:
         "argmax flipped; margin: smallest reference top1-top2 margin at a divergence",
         style="dim",
     )
+    for m in report["modes"]:
+        if m["skipped"]:
+            console.print(f"[yellow]skipped {m['name']}:[/] {m['skipped']}")
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
     colour = "green" if report["summary"]["invariant"] else "red"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -36,20 +38,36 @@ def _generic_html(report: dict[str, Any]) -> str:
             f"<body><pre>{html.escape(_generic_markdown(report))}</pre></body></html>\n")
 
 
+# kind -> (module, Markdown renderer, HTML renderer); a kind not listed gets the generic view
+RENDERERS: dict[str, tuple[str, str, str]] = {
+    "audit": ("detkit.audit.render", "to_markdown", "to_html"),
+    "probe": ("detkit.probe.render", "render_markdown", "render_html"),
+}
+
+
+def _renderers(kind: str) -> tuple[Callable[[dict[str, Any]], str], Callable[[dict[str, Any]], str]]:
+    if kind in RENDERERS:
+        module_name, md, page = RENDERERS[kind]
+        module = importlib.import_module(module_name)
+        return getattr(module, md), getattr(module, page)
+    return _generic_markdown, _generic_html
+
+
 def render(report: dict[str, Any], fmt: Format) -> str | Any:
     """The report as text (md/html/json) or a rich renderable (table)."""
     if fmt is Format.json:
         return json.dumps(report, indent=2, allow_nan=False) + "\n"
-    if report.get("kind") == "audit":
-        from detkit.audit.render import rich_table, to_html, to_markdown
-        from detkit.audit.summary import op_records
+    to_md, to_page = _renderers(str(report.get("kind")))
+    if fmt is Format.table:
+        if report.get("kind") == "audit":
+            from detkit.audit.render import rich_table
+            from detkit.audit.summary import op_records
 
-        if fmt is Format.table:
             return rich_table(op_records(report), title=f"detkit audit ({report.get('status')})")
-        return to_markdown(report) if fmt is Format.md else to_html(report)
-    if fmt is Format.html:
-        return _generic_html(report)
-    return _generic_markdown(report)
+        from rich.markdown import Markdown
+
+        return Markdown(to_md(report))
+    return to_md(report) if fmt is Format.md else to_page(report)
 
 
 def report(

@@ -406,6 +406,9 @@ def attention(
             raise InputError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}.") from err
         if tuple(full) != target:
             raise InputError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} would enlarge the scores {target}.")
+        if attn_mask.dtype != torch.bool:
+            # Widen before broadcasting (exact; the view stays small).
+            attn_mask = attn_mask.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         mask4 = attn_mask.expand(target).reshape(nb, h, lq, lk)
     elif is_causal:
         mask4 = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril().expand(nb, h, lq, lk)

@@ -43,12 +43,17 @@ rounded once into the input dtype at the end):
 ``attention(q, k, v, mask, scale) -> Tensor``
     ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv) with ``H % Hk == 0``
     (query head ``h`` uses key/value head ``h // (H // Hk)``; that is how GQA arrives);
-    ``mask``: None, or a bool or float32 tensor *broadcastable view* of shape
-    (B, H, Lq, Lk) (zero strides allowed): bool False = key not attended; float = added
-    to the scaled score. ``is_causal`` has been folded into a bool mask by the front end
-    (SDPA's top-left alignment). ``scale``: float. Returns (B, H, Lq, Dv) contiguous.
+    ``mask``: None, or a bool or float32 (float64 when q is float64) tensor
+    *broadcastable view* of shape (B, H, Lq, Lk) (zero strides allowed): bool False =
+    key not attended; float = added to the scaled score. ``is_causal`` has been folded
+    into a bool mask by the front end (SDPA's top-left alignment). ``scale``: float. Returns (B, H, Lq, Dv) contiguous.
     A key that is masked out (bool False, or score + mask == -inf) must not influence
     the result in any way: this is what makes padding and decode-vs-prefill invariant.
+    A query with no attended key (or only -inf scores) returns zeros, as torch's CPU
+    SDPA does. ``Lk == 0`` and other empty shapes never reach the backend.
+
+The front end also handles K == 0 (zeros + bias) and every empty result itself, and
+raises ``BackendUnavailable`` (from ``backend_for``) when a backend module is missing.
 """
 
 from __future__ import annotations

@@ -284,30 +284,32 @@ def bmm(a, b, out):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _key_range(maskb, mode, bi, h, i, Lk):  # type: ignore[no-untyped-def]
+def _key_range(maskb, ms, mode, bi, h, i, Lk):  # type: ignore[no-untyped-def]
     """[first, last + 1) of the attended keys of one query (all keys unless a bool mask)."""
     if mode != 1:
         return 0, Lk
+    base = bi * ms[0] + h * ms[1] + i * ms[2]
     lo = 0
-    while lo < Lk and not maskb[bi, h, i, lo]:
+    while lo < Lk and not maskb[base + lo * ms[3]]:
         lo += 1
     hi = Lk
-    while hi > lo and not maskb[bi, h, i, hi - 1]:
+    while hi > lo and not maskb[base + (hi - 1) * ms[3]]:
         hi -= 1
     return lo, hi
 
 
 @njit(cache=True, inline="always")
-def _softmax_pv(s, lo, hi, bi, h, i, vb, maskb, maskf, mode, scale, lanes, acc, out):  # type: ignore[no-untyped-def]
+def _softmax_pv(s, lo, hi, bi, h, i, vb, maskb, maskf, ms, mode, scale, lanes, acc, out):  # type: ignore[no-untyped-def]
     """Finish one query from its raw scores s[lo:hi] (sequential-d dot products)."""
     Dv = vb.shape[1]
+    base = bi * ms[0] + h * ms[1] + i * ms[2]
     m = -np.inf
     for j in range(lo, hi):
         sc = s[j] * scale
-        if mode == 1 and not maskb[bi, h, i, j]:
+        if mode == 1 and not maskb[base + j * ms[3]]:
             sc = -np.inf
         elif mode == 2:
-            sc = sc + maskf[bi, h, i, j]
+            sc = sc + maskf[base + j * ms[3]]
         s[j] = sc  # rounded to the working dtype here, once
         if s[j] > m:
             m = s[j]
@@ -334,12 +336,13 @@ def _softmax_pv(s, lo, hi, bi, h, i, vb, maskb, maskf, mode, scale, lanes, acc, 
 
 
 @njit(parallel=True, cache=True)
-def attention_rows(q, k, v, maskb, maskf, mode, scale, out):  # type: ignore[no-untyped-def]
+def attention_rows(q, k, v, maskb, maskf, ms, mode, scale, out):  # type: ignore[no-untyped-def]
     """Scaled dot-product attention for few queries (decode); K in its natural layout.
 
     ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv), contiguous;
     ``mode``: 0 no mask, 1 ``maskb`` (bool, False = masked), 2 ``maskf`` (added to the
-    scaled score). Score of key j: acc = fma(q_d, k_jd, acc) for d = 0..D-1 in order,
+    scaled score); both masks are flat arrays indexed with the element strides ``ms``
+    of a (B, H, Lq, Lk) view (zeros where broadcast). Score of key j: acc = fma(q_d, k_jd, acc) for d = 0..D-1 in order,
     times ``scale`` (plus the additive mask): the same bits as ``attention_blocked``.
     Eight keys are interleaved so that their independent chains overlap.
     """
@@ -359,7 +362,7 @@ def attention_rows(q, k, v, maskb, maskf, mode, scale, out):  # type: ignore[no-
         zero = acc[:0].sum()  # +0.0 of the working dtype
         qi = q[bi, h, i]
         kb = k[bi, hk]
-        lo, hi = _key_range(maskb, mode, bi, h, i, Lk)
+        lo, hi = _key_range(maskb, ms, mode, bi, h, i, Lk)
         j = lo
         while j + 8 <= hi:
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
@@ -391,11 +394,11 @@ def attention_rows(q, k, v, maskb, maskf, mode, scale, out):  # type: ignore[no-
                 a0 = fma(qi[d], kj[d], a0)
             s[j] = a0
             j += 1
-        _softmax_pv(s, lo, hi, bi, h, i, v[bi, hk], maskb, maskf, mode, scale, lanes, acc, out)
+        _softmax_pv(s, lo, hi, bi, h, i, v[bi, hk], maskb, maskf, ms, mode, scale, lanes, acc, out)
 
 
 @njit(parallel=True, cache=True)
-def attention_blocked(q, kt, v, maskb, maskf, mode, scale, out):  # type: ignore[no-untyped-def]
+def attention_blocked(q, kt, v, maskb, maskf, ms, mode, scale, out):  # type: ignore[no-untyped-def]
     """Scaled dot-product attention for many queries (prefill); K transposed.
 
     ``kt``: (B, Hk, D, Lk) contiguous (K transposed per head), the rest as in
@@ -421,7 +424,7 @@ def attention_blocked(q, kt, v, maskb, maskf, mode, scale, out):  # type: ignore
         lo = Lk
         hi = 0
         for qi in range(nq):
-            a, b = _key_range(maskb, mode, bi, h, i0 + qi, Lk)
+            a, b = _key_range(maskb, ms, mode, bi, h, i0 + qi, Lk)
             if a < b:
                 lo = min(lo, a)
                 hi = max(hi, b)
@@ -450,7 +453,7 @@ def attention_blocked(q, kt, v, maskb, maskf, mode, scale, out):  # type: ignore
                     for j in range(lo, hi):
                         sq[j] = fma(qv, kd[j], sq[j])
         for qi in range(nq):
-            a, b = _key_range(maskb, mode, bi, h, i0 + qi, Lk)
+            a, b = _key_range(maskb, ms, mode, bi, h, i0 + qi, Lk)
             if a >= b:
                 a, b = 0, 0
-            _softmax_pv(s[qi], a, b, bi, h, i0 + qi, v[bi, hk], maskb, maskf, mode, scale, lanes, acc, out)
+            _softmax_pv(s[qi], a, b, bi, h, i0 + qi, v[bi, hk], maskb, maskf, ms, mode, scale, lanes, acc, out)

@@ -19,7 +19,7 @@ Rules that keep these kernels equal to ``detkit.kernels.spec`` on every CPU:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from detkit.kernels._portable_llvm import (
     bits_to_f32,
@@ -50,6 +50,9 @@ C4 = np.uint32(0x3D2AAAAB).view(F32)
 C5 = np.uint32(0x3C088889).view(F32)
 C6 = np.uint32(0x3AB60B61).view(F32)
 C7 = np.uint32(0x39500D01).view(F32)
+T3, T5, T7, T9, T11, T13, T15, T17, T19 = (np.uint32(b).view(F32) for b in (
+    0xbeaaaaab, 0x3e088889, 0xbd5d0dd1, 0x3cb327a4, 0xbc11371b,
+    0x3b6b69e8, 0xbabed1b2, 0x3a1aac12, 0xb97abebc))
 D1 = np.uint32(0x3F2AAAAB).view(F32)
 D2 = np.uint32(0x3ECCCCCD).view(F32)
 D3 = np.uint32(0x3E924925).view(F32)
@@ -128,6 +131,25 @@ def log_f32(x: float) -> float:
     dk = F32(e + k)
     u = fma32(s, hfsq + big_r, dk * LN2_LO)
     return ((u - hfsq) + f) + dk * LN2_HI
+
+
+@njit(cache=True, error_model="numpy")
+def tanh_f32(x: float) -> float:
+    """tanh of canonical-orders section 3 (elementwise)."""
+    a = abs(x)
+    z = x * x
+    q = fma32(T19, z, T17)
+    q = fma32(q, z, T15)
+    q = fma32(q, z, T13)
+    q = fma32(q, z, T11)
+    q = fma32(q, z, T9)
+    q = fma32(q, z, T7)
+    q = fma32(q, z, T5)
+    q = fma32(q, z, T3)
+    small = fma32(x, q * z, x)
+    t = ONE - TWO / (exp_f32(a + a) + ONE)
+    big = t if x > ZERO else -t
+    return small if a < HALF else big
 
 
 @njit(cache=True, error_model="numpy")
@@ -232,12 +254,11 @@ def ieee_maximum(v: np.ndarray, lanes: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------ row ops
-# Each op is a serial kernel over a range of rows (``*_rows``), used directly for small
-# inputs (no thread-pool wake-up), and a parallel driver (``*_par``) that hands fixed
-# blocks of rows to threads. Both run the same per-row code, so they give equal bits.
+# Every kernel works on a range of rows / elements / tiles given by its last two
+# arguments and releases the GIL; ``portable_cpu`` splits the range over threads.
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def row_sum_rows(x: np.ndarray, mean: bool, out: np.ndarray, r0: int, r1: int) -> None:
     flen = F32(x.shape[1])
     lanes = np.empty(LANES, dtype=F32)
@@ -246,7 +267,7 @@ def row_sum_rows(x: np.ndarray, mean: bool, out: np.ndarray, r0: int, r1: int) -
         out[r] = canon(s / flen if mean else s)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def softmax_rows(x: np.ndarray, log: bool, out: np.ndarray, r0: int, r1: int) -> None:
     length = x.shape[1]
     lanes = np.empty(LANES, dtype=F32)
@@ -266,7 +287,7 @@ def softmax_rows(x: np.ndarray, log: bool, out: np.ndarray, r0: int, r1: int) ->
                 yr[j] = canon(yr[j] / s)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def rms_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float,
                   out: np.ndarray, r0: int, r1: int) -> None:
     length = x.shape[1]
@@ -285,7 +306,7 @@ def rms_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: floa
                 yr[j] = canon(xr[j] * rr)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def layer_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np.ndarray,
                     has_bias: bool, eps: float, out: np.ndarray, r0: int, r1: int) -> None:
     length = x.shape[1]
@@ -312,47 +333,12 @@ def layer_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: n
                 yr[j] = canon(t)
 
 
-ROWS_PER_TASK = 4
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def row_sum_par(x: np.ndarray, mean: bool, out: np.ndarray) -> None:
-    n = x.shape[0]
-    for c in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        row_sum_rows(x, mean, out, c * ROWS_PER_TASK, min(n, (c + 1) * ROWS_PER_TASK))
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def softmax_par(x: np.ndarray, log: bool, out: np.ndarray) -> None:
-    n = x.shape[0]
-    for c in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        softmax_rows(x, log, out, c * ROWS_PER_TASK, min(n, (c + 1) * ROWS_PER_TASK))
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def rms_norm_par(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float,
-                 out: np.ndarray) -> None:
-    n = x.shape[0]
-    for c in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        rms_norm_rows(x, weight, has_weight, eps, out, c * ROWS_PER_TASK,
-                      min(n, (c + 1) * ROWS_PER_TASK))
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def layer_norm_par(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np.ndarray,
-                   has_bias: bool, eps: float, out: np.ndarray) -> None:
-    n = x.shape[0]
-    for c in prange((n + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        layer_norm_rows(x, weight, has_weight, bias, has_bias, eps, out, c * ROWS_PER_TASK,
-                        min(n, (c + 1) * ROWS_PER_TASK))
-
-
 # ------------------------------------------------------------------ elementwise
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def elementwise_range(op: int, x: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
-    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu on x[lo:hi] (flat float32)."""
+    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu, 5 tanh on x[lo:hi] (flat float32)."""
     xs = x[lo:hi]
     ys = out[lo:hi]
     if op == 0:
@@ -367,17 +353,13 @@ def elementwise_range(op: int, x: np.ndarray, out: np.ndarray, lo: int, hi: int)
     elif op == 3:
         for j in range(xs.shape[0]):
             ys[j] = canon(ONE / (ONE + exp_f32(-xs[j])))
-    else:
+    elif op == 4:
         for j in range(xs.shape[0]):
             v = xs[j]
             ys[j] = canon(v / (ONE + exp_f32(-v)))
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def elementwise_par(op: int, x: np.ndarray, out: np.ndarray) -> None:
-    n = x.shape[0]
-    for c in prange((n + ROW_CHUNK - 1) // ROW_CHUNK):
-        elementwise_range(op, x, out, c * ROW_CHUNK, min(n, (c + 1) * ROW_CHUNK))
+    else:
+        for j in range(xs.shape[0]):
+            ys[j] = canon(tanh_f32(xs[j]))
 
 
 # ------------------------------------------------------------------ float16 <-> float32
@@ -420,7 +402,7 @@ def f32_to_half_bits(v: float) -> int:
 # ------------------------------------------------------------------ output rounding
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def round_out_range(y: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int) -> None:
     """Round fp32 ``y[lo:hi]`` once, to nearest even, into bf16 (mode 1) or fp16 (mode 2)
     bits (int16 ``out``). NaN becomes the canonical 0x7FC0 / 0x7E00. Done here rather
@@ -438,13 +420,6 @@ def round_out_range(y: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int)
         for j in range(ys.shape[0]):
             v = ys[j]
             os[j] = np.int16(f32_to_half_bits(v)) if v == v else np.int16(0x7E00)
-
-
-@njit(parallel=True, cache=True, error_model="numpy")
-def round_out_par(y: np.ndarray, mode: int, out: np.ndarray) -> None:
-    n = y.shape[0]
-    for c in prange((n + ROW_CHUNK - 1) // ROW_CHUNK):
-        round_out_range(y, mode, out, c * ROW_CHUNK, min(n, (c + 1) * ROW_CHUNK))
 
 
 # ------------------------------------------------------------------ matmul
@@ -512,20 +487,25 @@ def _finish_tile(c: np.ndarray, m0: int, m1: int, n0: int, nb: int, bias: np.nda
                 row[j] = canon(row[j])
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
+def matmul_tiles(n_dim: int, m_dim: int) -> int:
+    """Number of (row block, column block) tiles; tiles are the unit of threading."""
+    return ((n_dim + MATMUL_NB - 1) // MATMUL_NB) * ((m_dim + MATMUL_MB - 1) // MATMUL_MB)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def matmul_direct(a: np.ndarray, b: np.ndarray, bias: np.ndarray, has_bias: bool,
-                  c: np.ndarray) -> None:
-    """a (M, K) fp32 C-contiguous, b (K, N) fp32 C-contiguous, c (M, N) output."""
+                  c: np.ndarray, t0: int, t1: int) -> None:
+    """Tiles t0..t1 of c = a @ b (+ bias); a (M, K), b (K, N) fp32 C-contiguous."""
     m_dim, k_dim = a.shape
     n_dim = b.shape[1]
     n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
-    m_tiles = (m_dim + MATMUL_MB - 1) // MATMUL_MB
-    for t in prange(n_tiles * m_tiles):
+    tmp = np.empty((2, MATMUL_NB), dtype=F32)
+    for t in range(t0, t1):
         n0 = (t % n_tiles) * MATMUL_NB
         m0 = (t // n_tiles) * MATMUL_MB
         nb = min(n_dim, n0 + MATMUL_NB) - n0
         m1 = min(m_dim, m0 + MATMUL_MB)
-        tmp = np.empty((2, MATMUL_NB), dtype=F32)
         for i in range(m0, m1):
             c[i, n0:n0 + nb] = ZERO
         for k0 in range(0, k_dim, MATMUL_KB):
@@ -549,22 +529,21 @@ def _pack(src: np.ndarray, mode: int, panel: np.ndarray) -> None:
                     panel[k0 + k, j] = _widen(col[k], mode)
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def matmul_packed(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray,
-                  has_bias: bool, c: np.ndarray) -> None:
+                  has_bias: bool, c: np.ndarray, t0: int, t1: int) -> None:
     """As matmul_direct, for b given as raw bits with any strides (e.g. a transposed
     bf16 weight); panels of b are widened to fp32 and packed row-major per tile."""
     m_dim, k_dim = a.shape
     n_dim = b_bits.shape[1]
     n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
-    m_tiles = (m_dim + MATMUL_MB - 1) // MATMUL_MB
-    for t in prange(n_tiles * m_tiles):
+    panel = np.empty((MATMUL_KB, MATMUL_NB), dtype=F32)
+    tmp = np.empty((2, MATMUL_NB), dtype=F32)
+    for t in range(t0, t1):
         n0 = (t % n_tiles) * MATMUL_NB
         m0 = (t // n_tiles) * MATMUL_MB
         nb = min(n_dim, n0 + MATMUL_NB) - n0
         m1 = min(m_dim, m0 + MATMUL_MB)
-        panel = np.empty((MATMUL_KB, MATMUL_NB), dtype=F32)
-        tmp = np.empty((2, MATMUL_NB), dtype=F32)
         for i in range(m0, m1):
             c[i, n0:n0 + nb] = ZERO
         for k0 in range(0, k_dim, MATMUL_KB):
@@ -577,25 +556,29 @@ def matmul_packed(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray
 # ------------------------------------------------------------------ attention
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask_bool: np.ndarray,
-              mask_float: np.ndarray, mask_mode: int, scale: float, out: np.ndarray) -> None:
+              mask_float: np.ndarray, mask_mode: int, scale: float, out: np.ndarray,
+              t0: int, t1: int) -> None:
     """q (B,H,Lq,D); kt (B,Hk,D,Lk) (keys transposed so scores vectorise over keys);
     v (B,Hk,Lk,Dv); masks are (B,H,Lq,Lk) views (zero strides allowed);
-    mask_mode 0 none, 1 bool (uint8, 0 = skip), 2 float (added)."""
+    mask_mode 0 none, 1 bool (uint8, 0 = skip), 2 float (added). Computes the query
+    rows t0..t1 of the flattened (B, H, Lq) index."""
     nb, nh, lq, d_dim = q.shape
     hk = kt.shape[1]
     lk = kt.shape[3]
     dv = v.shape[3]
     group = nh // hk
-    for t in prange(nb * nh * lq):
+    s = np.zeros(lk, dtype=F32)
+    part = np.empty(lk, dtype=F32)
+    kept = np.zeros(lk, dtype=np.uint8)
+    for t in range(t0, t1):
         b = t // (nh * lq)
         h = (t // lq) % nh
         i = t % lq
         g = h // group
-        s = np.zeros(lk, dtype=F32)
-        part = np.empty(lk, dtype=F32)
-        kept = np.zeros(lk, dtype=np.uint8)
+        s[:] = ZERO
+        kept[:] = 0
         qi = q[b, h, i]
         ktg = kt[b, g]
         for c0 in range(0, d_dim, DOT_CHUNK):  # ChunkDot over d, lanes over keys

@@ -140,27 +140,30 @@ def attention(
     _sync_threads()
     qn, vn = _np(q), _np(v)
     B, H, Lq, _ = qn.shape
-    Lk = k.shape[2]
-    shape = (B, H, Lq, Lk)
-    # Zero-stride placeholders keep one compiled signature per dtype whatever the mask.
-    maskb = np.broadcast_to(np.ones((1, 1, 1, 1), np.bool_), shape)
-    maskf = np.broadcast_to(np.zeros((1, 1, 1, 1), qn.dtype), shape)
+    # Masks travel as a flat array plus element strides (zero where broadcast): one
+    # compiled signature per dtype whatever the mask's layout.
+    maskb = np.ones(1, np.bool_)
+    maskf = np.zeros(1, qn.dtype)
+    ms = np.zeros(4, np.int64)
     mode = 0
     if mask is not None:
-        if mask.dtype == torch.bool:
-            mode = 1
-            maskb = np.broadcast_to(mask.numpy(), shape)
+        mode = 1 if mask.dtype == torch.bool else 2
+        span = 1 + sum((n - 1) * st for n, st in zip(mask.shape, mask.stride()))
+        flat_t = mask.as_strided((span,), (1,))
+        flat = (flat_t if mode == 1 else flat_t.to(_acc_dtype(q.dtype))).contiguous().numpy()
+        ms[:] = mask.stride()
+        if mode == 1:
+            maskb = flat
         else:
-            mode = 2
-            maskf = np.broadcast_to(mask.to(_acc_dtype(q.dtype)).numpy(), shape)
+            maskf = flat
     out = np.empty((B, H, Lq, vn.shape[3]), qn.dtype)
     if Lq >= _BLOCKED_MIN_QUERIES:
         # Same arithmetic per score as attention_rows (see _cpu_numba): only speed differs.
         ktn = _np(k.transpose(-1, -2))
         with _NUMBA_LOCK:
-            nk.attention_blocked(qn, ktn, vn, maskb, maskf, mode, float(scale), out)
+            nk.attention_blocked(qn, ktn, vn, maskb, maskf, ms, mode, float(scale), out)
     else:
         kn = _np(k)
         with _NUMBA_LOCK:
-            nk.attention_rows(qn, kn, vn, maskb, maskf, mode, float(scale), out)
+            nk.attention_rows(qn, kn, vn, maskb, maskf, ms, mode, float(scale), out)
     return _finish(out, q.dtype)

@@ -12,6 +12,10 @@ and ``round_out`` rounds it once, to nearest even, into the input dtype.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from numba import njit
@@ -33,14 +37,45 @@ __all__ = [
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 # Stable API for the torch mode: names accepted by ``elementwise``.
-ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "log", "rsqrt", "sigmoid", "silu")
+ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "log", "rsqrt", "sigmoid", "silu", "tanh")
 _OP_CODES = {name: code for code, name in enumerate(ELEMENTWISE_OPS)}
 _BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _MODE = {torch.float32: K.MODE_F32, torch.bfloat16: K.MODE_BF16, torch.float16: K.MODE_F16}
 _SMALLEST_NORMAL = np.float32(2.0**-126)
-# Below this many elements a kernel runs on the calling thread: waking the thread pool
-# costs more than the work. Both paths run the same per-row code (equal bits).
-_PARALLEL_MIN_ELEMENTS = 1 << 15
+# Below this much work (elements touched) a kernel runs on the calling thread: waking
+# the pool costs more than it saves. Threads only split the range of independent rows
+# or tiles, each computed by the same code, so the bits never depend on the split.
+_PARALLEL_MIN_WORK = 1 << 15
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _threads() -> int:
+    """Worker count: torch's intra-op setting (torch.set_num_threads / OMP_NUM_THREADS)."""
+    return max(1, int(torch.get_num_threads()))
+
+
+def _run_split(kernel: Callable[..., None], n: int, work: int, *args: object) -> None:
+    """Run ``kernel(*args, lo, hi)`` over [0, n), split into contiguous ranges, one per
+    thread (the kernels release the GIL)."""
+    global _pool, _pool_size
+    threads = min(_threads(), n)
+    if threads <= 1 or work < _PARALLEL_MIN_WORK:
+        kernel(*args, 0, n)
+        return
+    with _pool_lock:
+        if _pool is None or _pool_size != threads:
+            if _pool is not None:
+                _pool.shutdown(wait=True)
+            _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="detkit-portable")
+            _pool_size = threads
+        pool = _pool
+    bounds = [n * i // threads for i in range(threads + 1)]
+    futures = [pool.submit(kernel, *args, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    kernel(*args, bounds[0], bounds[1])
+    for f in futures:
+        f.result()
 
 
 @njit(cache=True, error_model="numpy")
@@ -93,20 +128,21 @@ def _finish(y: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.from_numpy(y)
     flat = np.ascontiguousarray(y).reshape(-1)
     out = np.empty(flat.shape[0], dtype=np.int16)
-    if flat.shape[0] >= _PARALLEL_MIN_ELEMENTS:
-        K.round_out_par(flat, _MODE[dtype], out)
-    else:
-        K.round_out_range(flat, _MODE[dtype], out, 0, flat.shape[0])
+    _run_split(K.round_out_range, flat.shape[0], flat.shape[0], flat, _MODE[dtype], out)
     return torch.from_numpy(out).view(dtype).reshape(y.shape)
 
 
 def _matmul_2d(a32: np.ndarray, b: torch.Tensor, bias32: np.ndarray, has_bias: bool) -> np.ndarray:
-    c = np.empty((a32.shape[0], b.shape[1]), dtype=np.float32)
+    m_dim, k_dim = a32.shape
+    n_dim = b.shape[1]
+    c = np.empty((m_dim, n_dim), dtype=np.float32)
+    tiles = K.matmul_tiles(n_dim, m_dim)
+    work = m_dim * n_dim * max(k_dim, 1)
     if b.dtype == torch.float32 and b.is_contiguous():
-        K.matmul_direct(a32, b.detach().numpy(), bias32, has_bias, c)
+        _run_split(K.matmul_direct, tiles, work, a32, b.detach().numpy(), bias32, has_bias, c)
     else:
         bits = b.detach().view(_BITS_VIEW[b.dtype]).numpy()
-        K.matmul_packed(a32, bits, _MODE[b.dtype], bias32, has_bias, c)
+        _run_split(K.matmul_packed, tiles, work, a32, bits, _MODE[b.dtype], bias32, has_bias, c)
     return c
 
 
@@ -127,10 +163,7 @@ def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:
     dtype = _check_dtype(x)
     x32 = _f32(x)
     out = np.empty_like(x32)
-    if x32.size >= _PARALLEL_MIN_ELEMENTS:
-        K.softmax_par(x32, bool(log), out)
-    else:
-        K.softmax_rows(x32, bool(log), out, 0, x32.shape[0])
+    _run_split(K.softmax_rows, x32.shape[0], x32.size, x32, bool(log), out)
     return _finish(out, dtype)
 
 
@@ -139,10 +172,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     x32 = _f32(x)
     w32, has_w = _opt_f32(weight)
     out = np.empty_like(x32)
-    if x32.size >= _PARALLEL_MIN_ELEMENTS:
-        K.rms_norm_par(x32, w32, has_w, np.float32(eps), out)
-    else:
-        K.rms_norm_rows(x32, w32, has_w, np.float32(eps), out, 0, x32.shape[0])
+    _run_split(K.rms_norm_rows, x32.shape[0], x32.size, x32, w32, has_w, np.float32(eps), out)
     return _finish(out, dtype)
 
 
@@ -153,10 +183,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     w32, has_w = _opt_f32(weight)
     b32, has_b = _opt_f32(bias)
     out = np.empty_like(x32)
-    if x32.size >= _PARALLEL_MIN_ELEMENTS:
-        K.layer_norm_par(x32, w32, has_w, b32, has_b, np.float32(eps), out)
-    else:
-        K.layer_norm_rows(x32, w32, has_w, b32, has_b, np.float32(eps), out, 0, x32.shape[0])
+    _run_split(K.layer_norm_rows, x32.shape[0], x32.size, x32, w32, has_w, b32, has_b,
+               np.float32(eps), out)
     return _finish(out, dtype)
 
 
@@ -164,10 +192,7 @@ def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     dtype = _check_dtype(x)
     x32 = _f32(x)
     out = np.empty(x32.shape[0], dtype=np.float32)
-    if x32.size >= _PARALLEL_MIN_ELEMENTS:
-        K.row_sum_par(x32, bool(mean), out)
-    else:
-        K.row_sum_rows(x32, bool(mean), out, 0, x32.shape[0])
+    _run_split(K.row_sum_rows, x32.shape[0], x32.size, x32, bool(mean), out)
     return _finish(out, dtype)
 
 
@@ -196,19 +221,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         else:
             mask_float, mode = full.to(torch.float32).numpy(), 2
     out = np.empty((nb, nh, lq, v.shape[3]), dtype=np.float32)
-    K.attention(q32, kt32, v32, mask_bool, mask_float, mode, np.float32(scale), out)
+    work = nb * nh * lq * lk * (q.shape[3] + v.shape[3])
+    _run_split(K.attention, nb * nh * lq, work, q32, kt32, v32, mask_bool, mask_float, mode,
+               np.float32(scale), out)
     return _finish(out, dtype)
 
 
 def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
-    """Portable ``exp``, ``log``, ``rsqrt``, ``sigmoid`` or ``silu`` of any-shaped x."""
+    """Portable ``exp``, ``log``, ``rsqrt``, ``sigmoid``, ``silu`` or ``tanh`` of any-shaped x."""
     if name not in _OP_CODES:
         raise InputError(f"unknown portable elementwise op {name!r}; choose one of {ELEMENTWISE_OPS}")
     dtype = _check_dtype(x)
     x32 = _f32(x).reshape(-1)
     out = np.empty_like(x32)
-    if x32.shape[0] >= _PARALLEL_MIN_ELEMENTS:
-        K.elementwise_par(_OP_CODES[name], x32, out)
-    else:
-        K.elementwise_range(_OP_CODES[name], x32, out, 0, x32.shape[0])
+    _run_split(K.elementwise_range, x32.shape[0], x32.shape[0], _OP_CODES[name], x32, out)
     return _finish(out.reshape(tuple(x.shape)), dtype)

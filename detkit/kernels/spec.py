@@ -34,6 +34,11 @@ SQRT2 = np.uint32(0x3FB504F3).view(F32)
 # Taylor coefficients 1/k! (k = 2..7) and 2/(2k+1) (k = 1..4), rounded to fp32.
 EXP_C = tuple(np.uint32(b).view(F32) for b in (
     0x3F000000, 0x3E2AAAAB, 0x3D2AAAAB, 0x3C088889, 0x3AB60B61, 0x39500D01))
+# Taylor coefficients of tanh for x^3, x^5, ..., x^19, rounded to fp32.
+TANH_T = tuple(np.uint32(b).view(F32) for b in (
+    0xbeaaaaab, 0x3e088889, 0xbd5d0dd1, 0x3cb327a4, 0xbc11371b,
+    0x3b6b69e8, 0xbabed1b2, 0x3a1aac12, 0xb97abebc)
+)
 LOG_D = tuple(np.uint32(b).view(F32) for b in (0x3F2AAAAB, 0x3ECCCCCD, 0x3E924925, 0x3E638E39))
 
 ONE = F32(1.0)
@@ -225,12 +230,27 @@ def silu(x: np.float32) -> np.float32:
     return F32(x / F32(ONE + exp(-x)))
 
 
+def tanh(x: np.float32) -> np.float32:
+    """|x| < 0.5: odd Taylor polynomial; else 1 - 2 / (Exp(2|x|) + 1) with x's sign."""
+    x = F32(x)
+    a = F32(abs(x))
+    if a < F32(0.5):
+        z = F32(x * x)
+        q = TANH_T[-1]
+        for c in TANH_T[-2::-1]:
+            q = fma(q, z, c)
+        return fma(x, F32(q * z), x)
+    t = F32(ONE - F32(F32(2.0) / F32(exp(F32(a + a)) + ONE)))
+    return t if x > 0 else F32(-t)
+
+
 ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
     "exp": exp,
     "log": log,
     "rsqrt": rsqrt,
     "sigmoid": sigmoid,
     "silu": silu,
+    "tanh": tanh,
 }
 
 

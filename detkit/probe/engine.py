@@ -122,3 +122,8 @@ class Engine(Protocol):
     def close(self) -> None:
         """Release resources (threads, sessions)."""
         ...
+
+
+# Optional: an engine that runs detkit's mode may also define
+# ``mode_coverage() -> {"routed": {...}, "fell_back": {...}} | None``; the runner copies
+# it into the report and turns fallbacks into a note (no silent fallback).

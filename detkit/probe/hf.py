@@ -246,8 +246,8 @@ class HFEngine:
         encoded = [self.encode(r.prompt) for r in requests]
         widths = [len(ids) + r.extra_left_padding for ids, r in zip(encoded, requests)]
         width = max(widths)
-        for ids, r in zip(encoded, requests):
-            self.check_fits(width, max_new_tokens, f"prompt {r.prompt[:40]!r} (padded in its batch)")
+        longest = requests[widths.index(width)]
+        self.check_fits(width, max_new_tokens, f"prompt {longest.prompt[:40]!r} (with its padding)")
         input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
         for row, ids in enumerate(encoded):
