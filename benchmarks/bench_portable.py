@@ -168,11 +168,13 @@ def accuracy() -> list[dict[str, object]]:
         et = R.ulp_error(ref.to(port.dtype), exact)
         rows.append({"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
                      "portable_max": float(np.nanmax(ep)), "portable_mean": float(np.nanmean(ep)),
-                     "torch_max": float(np.nanmax(et)), "torch_mean": float(np.nanmean(et))})
+                     "portable_median": float(np.nanmedian(ep)),
+                     "torch_max": float(np.nanmax(et)), "torch_mean": float(np.nanmean(et)),
+                     "torch_median": float(np.nanmedian(et))})
         r = rows[-1]
-        print(f"{op:14} {shape:16} {r['dtype']:9} portable max {r['portable_max']:7.3f} "
-              f"mean {r['portable_mean']:6.3f} | torch max {r['torch_max']:7.3f} mean {r['torch_mean']:6.3f}",
-              flush=True)
+        print(f"{op:14} {shape:16} {r['dtype']:9} portable max {r['portable_max']:9.3f} "
+              f"mean {r['portable_mean']:7.3f} median {r['portable_median']:6.3f} | torch max "
+              f"{r['torch_max']:9.3f} mean {r['torch_mean']:7.3f} median {r['torch_median']:6.3f}", flush=True)
 
     xe = torch.empty(20000).uniform_(-87.0, 88.0, generator=g)
     add("exp", "20000", torch.float32, _exact_unary("exp", xe), P.elementwise("exp", xe), torch.exp(xe))
@@ -192,6 +194,10 @@ def accuracy() -> list[dict[str, object]]:
         bias = torch.randn(128, generator=g).to(dtype)
         add("linear", "8x1024x128", dtype, R.matmul(a, w.T, bias, exact=True), P.matmul(a, w.T, bias),
             F.linear(a, w, bias))
+        a = torch.randn(4, 4096, generator=g).to(dtype)
+        w = torch.randn(64, 4096, generator=g).to(dtype)
+        add("linear", "4x4096x64", dtype, R.matmul(a, w.T, exact=True), P.matmul(a, w.T, None),
+            F.linear(a, w))
         x = (torch.randn(16, 4096, generator=g) + 0.5).to(dtype)
         add("sum", "16x4096", dtype, R.sum(x, exact=True), P.row_sum(x, False), x.sum(-1))
         add("mean", "16x4096", dtype, R.mean(x, exact=True), P.row_sum(x, True), x.mean(-1))

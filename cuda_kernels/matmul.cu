@@ -6,10 +6,13 @@
 // added after the K loop; rows outside [0, M) are zero-filled and never stored.
 
 // =====================================================================================
-// Fixed-order CUDA-core GEMM: the canonical order (docs/canonical-orders.md).
-//   acc = +0;  for k = 0 .. K-1:  acc = fma(a[m,k], b[k,n], acc)   (one rounding each)
-//   if bias:   acc = acc + bias[n]                                  (one rounding)
-//   out = round_to_T(acc)                                           (one rounding)
+// Fixed-order CUDA-core GEMM: the canonical order (docs/canonical-orders.md, ChunkDot).
+//   acc = +0
+//   for each chunk of 256 consecutive k (from k = 0):
+//       part = +0;  for k in the chunk, increasing:  part = fma(a[m,k], b[k,n], part)
+//       acc = acc + part
+//   if bias:   acc = acc + bias[n]
+//   out = round_to_T(acc)                     (every step one IEEE rounding)
 // Inputs are widened exactly to float32. Used for portable=True (every dtype) and for
 // float32 portable=False (CUDA cores, never TF32: this order is already as fast as any).
 // =====================================================================================
@@ -17,6 +20,8 @@ namespace simt {
 constexpr int BM = 128, BN = 64, BK = 16, NT = 256;
 constexpr int TM = 8, TN = 4;          // per-thread micro tile: 16 x 16 threads
 constexpr int PAD = 4;                 // smem row padding (floats) against bank conflicts
+constexpr int CHUNK = 256;             // ChunkDot chunk: a whole number of BK tiles
+static_assert(CHUNK % BK == 0, "K tiles must coincide with the 256-chunks");
 }
 
 template <typename T, bool B_KMAJOR>
@@ -75,11 +80,11 @@ __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __rest
         }
     };
 
-    float acc[TM][TN];
+    float acc[TM][TN], part[TM][TN];
 #pragma unroll
     for (int i = 0; i < TM; ++i)
 #pragma unroll
-        for (int j = 0; j < TN; ++j) acc[i][j] = 0.0f;
+        for (int j = 0; j < TN; ++j) acc[i][j] = part[i][j] = 0.0f;
 
     const int ktiles = (K + BK - 1) / BK;
     if (ktiles > 0) {
@@ -90,8 +95,8 @@ __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __rest
     for (int t = 0; t < ktiles; ++t) {
         const int buf = t & 1;
         if (t + 1 < ktiles) load_tiles((t + 1) * BK);
-        // Only the real k of the last tile take part: a padded fma(0, 0, acc) would turn
-        // an accumulator of -0 into +0 and break bit equality with the specification.
+        // Only the real k of the last tile take part: a padded fma(0, 0, part) would turn
+        // a partial sum of -0 (an underflowed product) into +0.
         const int kn = min(BK, K - t * BK);
         if (kn == BK) {
 #pragma unroll
@@ -104,7 +109,7 @@ __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __rest
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
-                    for (int j = 0; j < TN; ++j) acc[i][j] = __fmaf_rn(a[i], b[j], acc[i][j]);
+                    for (int j = 0; j < TN; ++j) part[i][j] = __fmaf_rn(a[i], b[j], part[i][j]);
             }
         } else {
             for (int kk = 0; kk < kn; ++kk) {
@@ -116,8 +121,17 @@ __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __rest
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
-                    for (int j = 0; j < TN; ++j) acc[i][j] = __fmaf_rn(a[i], b[j], acc[i][j]);
+                    for (int j = 0; j < TN; ++j) part[i][j] = __fmaf_rn(a[i], b[j], part[i][j]);
             }
+        }
+        if ((t + 1) % (CHUNK / BK) == 0 || t + 1 == ktiles) {  // chunk complete: one add
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) {
+                    acc[i][j] = __fadd_rn(acc[i][j], part[i][j]);
+                    part[i][j] = 0.0f;
+                }
         }
         if (t + 1 < ktiles) store_tiles(buf ^ 1);
         __syncthreads();

@@ -155,6 +155,37 @@ def test_batch_variance_finds_the_first_b_on_any_row(row: int, threshold: int) -
         assert res["variants"] == (2 if row == 0 else 1)
 
 
+@given(
+    sizes=st.lists(st.integers(1, 9), min_size=2, max_size=6, unique=True).map(sorted),
+    pattern=st.dictionaries(st.tuples(st.integers(1, 9), st.integers(0, 8)), st.integers(1, 3), max_size=12),
+)
+def test_batch_sweep_matches_a_brute_force_count(sizes: list[int], pattern: dict[tuple[int, int], int]) -> None:
+    """Row i at batch size b is moved pattern[(b, i)] ULPs; the sweep must count exactly what differs."""
+    width = 4
+
+    def call(input: torch.Tensor) -> torch.Tensor:
+        out = input.clone()
+        b = input.shape[0]
+        for i in range(b):
+            out.view(torch.int32)[i] += pattern.get((b, i), 0)
+        return out
+
+    res = audit_one(_spec("pattern", call, width=width), "torch", "float32",
+                    _cfg(batch_sizes=tuple(sizes)), torch.device("cpu"))["checks"]["batch-variance"]
+    differing, first = 0, None
+    for b in sizes:
+        for i in range(b):
+            home = min(x for x in sizes if x > i)  # the smallest batch size containing row i
+            if b > home and pattern.get((b, i), 0) != pattern.get((home, i), 0):
+                differing += width
+                first = b if first is None else min(first, b)
+    assert res["differing"] == differing
+    assert res["first_b"] == first
+    assert res["verdict"] == ("fail" if differing else "pass")
+    row0 = {pattern.get((b, 0), 0) for b in sizes}
+    assert res["variants"] == len(row0)
+
+
 def test_position_dependence_is_caught_but_not_batch_variance() -> None:
     def call(input: torch.Tensor) -> torch.Tensor:
         return input + torch.arange(input.shape[0], dtype=input.dtype)[:, None]

@@ -75,6 +75,7 @@ def test_json_on_stdout_and_exit_0_without_fail_on() -> None:
         (["--dtype", "int8"], "unknown dtype"),
         (["--runs", "1"], "at least 2"),
         (["--hidden", "3"], "--hidden"),
+        (["--out", __file__], "is a file"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_error(
@@ -83,7 +84,8 @@ def test_bad_arguments_exit_2_with_a_clear_error(
     # in-process through the real entry point (the subprocess path: the --device cuda test)
     from detkit.cli import main
 
-    monkeypatch.setattr(sys, "argv", ["detkit", "audit", *args, "--out", str(tmp_path)])
+    out = [] if "--out" in args else ["--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["detkit", "audit", *args, *out])
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2

@@ -37,7 +37,7 @@ FILLERS = [
 ]
 # (batch size, positions of the target copies); the longest prompt is always present, so
 # every copy of the target is left padded, by a different amount in each batch.
-BATCHES: tuple[tuple[int, tuple[int, ...]], ...] = ((2, (1,)), (16, (0, 6, 15)))
+BATCHES: tuple[tuple[int, tuple[int, ...]], ...] = ((2, (1,)), (5, (0, 3)), (16, (0, 6, 15)))
 
 
 def _batch(size: int, positions: tuple[int, ...]) -> list[str]:
@@ -50,14 +50,14 @@ def _model(name: str, attn: str, dtype: torch.dtype) -> Any:
     return load_preset(name, dtype=dtype, attn_implementation=attn, seed=0)
 
 
-def _generate(model: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _generate(model: Any, prompts: list[str], new_tokens: int = NEW_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-step raw logits (B, steps, V), generated token ids (B, steps))."""
     enc = build_tokenizer()(prompts, padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(
             **enc,
-            max_new_tokens=NEW_TOKENS,
-            min_new_tokens=NEW_TOKENS,  # no early EOS: every run has all steps
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # no early EOS: every run has all steps
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
@@ -65,14 +65,16 @@ def _generate(model: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tenso
     return torch.stack(out.logits, 1), out.sequences[:, enc.input_ids.shape[1] :]
 
 
-def _mismatches(model: Any) -> list[str]:
+def _mismatches(
+    model: Any, batches: tuple[tuple[int, tuple[int, ...]], ...] = BATCHES, new_tokens: int = NEW_TOKENS
+) -> list[str]:
     """Describe every (batch, position) whose target logits differ from the alone run."""
-    alone_logits, alone_tokens = _generate(model, [TARGET])
+    alone_logits, alone_tokens = _generate(model, [TARGET], new_tokens)
     problems = []
-    for size, positions in BATCHES:
-        logits, tokens = _generate(model, _batch(size, positions))
+    for size, positions in batches:
+        logits, tokens = _generate(model, _batch(size, positions), new_tokens)
         for p in positions:
-            for step in range(NEW_TOKENS):
+            for step in range(new_tokens):
                 d = diff(logits[p, step], alone_logits[0, step])
                 if not d.ok:
                     div = first_divergence(tokens[p].tolist(), alone_tokens[0].tolist())
@@ -123,3 +125,13 @@ def test_presets_run_no_uncovered_op(name: str) -> None:
     # In portable mode the math-library functions (silu, exp, tanh, ...) are listed, not hidden.
     portable = mode.coverage_report(ops, portable=True)
     assert portable.not_portable, str(portable)
+
+
+@pytest.mark.slow
+def test_portable_mode_is_batch_invariant_too() -> None:
+    """The portable kernels are much slower on the CPU: one batch, fewer steps."""
+    model = _model("tiny-llama", "sdpa", torch.float32)
+    with detkit.batch_invariant(portable=True) as bi:
+        problems = _mismatches(model, batches=((7, (0, 6)),), new_tokens=6)
+    assert not problems, "\n\n".join(problems)
+    assert bi.uncovered() == {}, f"ops fell back to torch:\n{bi.coverage()}"

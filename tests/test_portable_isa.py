@@ -128,7 +128,7 @@ def _inspect_real_kernels() -> dict[str, dict[str, int]]:
     cases = {
         "softmax_rows": (x, True, np.empty_like(x), 0, 3),
         "layer_norm_rows": (x, w, True, w, True, f32(1e-5), np.empty_like(x), 0, 3),
-        "matmul_packed": (x, np.ones((40, 5), np.int16), 1, w, False, np.empty((3, 5), f32)),
+        "matmul_packed": (x, np.ones((40, 5), np.int16), 1, w, False, np.empty((3, 5), f32), 0, 1),
         "elementwise_range": (4, flat, np.empty_like(flat), 0, flat.shape[0]),
     }
     flag_re = re.compile(r"\b(?:fadd|fsub|fmul|fdiv|fneg|fcmp|call)\b[^\n]*\b(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")

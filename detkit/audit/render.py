@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from detkit.audit.summary import impl_records, op_records, summarize, uncovered_ops
-from detkit.audit.vocab import CHECK_HELP, CHECKS, ulp_bucket_label
+from detkit.audit.vocab import CHECK_HELP, CHECKS, IMPLS, ulp_bucket_label
 
 SHORT = {
     "run-to-run": "run",
@@ -87,6 +87,19 @@ def _sorted(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (order[(r["dtype"], r["op"])], impl_order.get(r["impl"], 9)))
 
 
+def impl_totals(records: list[dict[str, Any]]) -> list[tuple[str, int, int, int, int]]:
+    """Per implementation: (impl, records, records with a failing check, failing cells, error cells)."""
+    out = []
+    for impl in IMPLS:
+        mine = [r for r in records if r["impl"] == impl]
+        if not mine:
+            continue
+        verdicts = [res.get("verdict") for r in mine for res in r["checks"].values()]
+        bad = sum(1 for r in mine if any(res.get("verdict") in ("fail", "error") for res in r["checks"].values()))
+        out.append((impl, len(mine), bad, verdicts.count("fail"), verdicts.count("error")))
+    return out
+
+
 def _env_lines(report: dict[str, Any]) -> list[tuple[str, str]]:
     fp = report.get("fingerprint", {})
     v, p, t, b = (fp.get(k) if isinstance(fp.get(k), dict) else {}
@@ -135,6 +148,12 @@ def to_markdown(report: dict[str, Any]) -> str:
     if fo.get("checks"):
         verdict = "passed" if fo.get("passed") else f"FAILED ({len(fo.get('failed', []))} cells)"
         out += ["", f"`--fail-on {','.join(fo['checks'])}`: **{verdict}**"]
+    totals = impl_totals(records)
+    if totals:
+        out += ["", "## Per implementation", "",
+                "| implementation | op records | with a failing check | failing checks | errors |",
+                "|---|---|---|---|---|"]
+        out += [f"| {i} | {n} | {bad} | {f} | {e} |" for i, n, bad, f, e in totals]
     out += ["", "## Verdicts", "", "Bitwise comparisons; ULP distances of the differing elements.", ""]
     out.append("| op | dtype | impl | " + " | ".join(checks) + " | s |")
     out.append("|---|---|---|" + "---|" * len(checks) + "---|")
@@ -271,7 +290,7 @@ def _heat_text(res: dict[str, Any], check: str) -> str:
             return f"b\u2265{res['first_b']}"
         u = res.get("max_ulp")
         return "\u2260" if u is None else f"{_fmt_ulp(u)}u" if u < 10_000 else f"2^{int(math.log2(u))}u"
-    return {"skipped": "skip"}.get(verdict, verdict)
+    return {"skipped": "skip", "not run": "-"}.get(verdict, verdict)
 
 
 def heat_map_svg(records: list[dict[str, Any]], checks: list[str]) -> str:
@@ -323,7 +342,7 @@ def ulp_histogram_svg(hist: list[list[int]], title: str) -> str:
         return ""
     ks = list(range(min(counts), max(counts) + 1))
     bw, h, left, bottom = max(10, min(26, 360 // len(ks))), 110, 44, 44
-    width = left + bw * len(ks) + 12
+    width = max(left + bw * len(ks) + 12, 16 + 7 * len(title))  # room for the title too
     peak = max(counts.values())
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h + bottom + 22}" role="img" '
              f'aria-label="ULP histogram {_e(title)}"><text x="4" y="14" font-size="12" font-weight="600">'
@@ -367,6 +386,12 @@ def to_html(report: dict[str, Any]) -> str:
         ok = fo.get("passed")
         body.append(f"<p><code>--fail-on {_e(','.join(fo['checks']))}</code>: "
                     f"<span class=\"{'pass' if ok else 'fail'}\">{'passed' if ok else 'FAILED'}</span></p>")
+    totals = impl_totals(records)
+    if totals:
+        body.append("<h2>Per implementation</h2><table><tr><th>implementation</th><th>op records</th>"
+                    "<th>with a failing check</th><th>failing checks</th><th>errors</th></tr>"
+                    + "".join(f"<tr><td>{_e(i)}</td><td>{n}</td><td class=\"{'fail' if bad else 'pass'}\">{bad}</td>"
+                              f"<td>{f}</td><td>{e}</td></tr>" for i, n, bad, f, e in totals) + "</table>")
     body.append("<h2>Heat map</h2><p>Green: bitwise identical. Orange to dark red: bits differ, darker for a "
                 "larger worst ULP distance (cell text: first batch size that changes a row, or worst ULPs). "
                 "Purple: the op raised. Grey: not applicable or skipped. Hover a cell for details.</p>")

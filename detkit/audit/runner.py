@@ -134,9 +134,10 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Event:
-    """Progress for the caller: ``phase`` text, or one finished ``record``."""
+    """Progress for the caller: ``start`` (total), ``stage`` (a long step worth a line),
+    ``phase`` (what runs now), or one finished ``record``."""
 
-    kind: str  # "start" | "phase" | "record"
+    kind: str  # "start" | "stage" | "phase" | "record"
     total: int = 0
     text: str = ""
     record: dict[str, Any] = field(default_factory=dict)
@@ -184,7 +185,7 @@ def _run_isa_workers(
             "seed": cfg.seed, "hidden": cfg.hidden}
     done: dict[str, tuple[Path, str]] = {}
     for isa in _isa_others(torch.device(cfg.device)):
-        listener(Event("phase", text=f"ISA run under ATEN_CPU_CAPABILITY={isa}"))
+        listener(Event("stage", text=f"running the suite in a subprocess under ATEN_CPU_CAPABILITY={isa}"))
         out = workdir / isa
         out.mkdir()
         (out / "spec.json").write_text(json.dumps(spec))
@@ -405,11 +406,10 @@ def run_audit(
             available.append(a.impl)
         else:
             writer.add_error(f"impl {a.impl}", f"unavailable: {a.reason}")
-    total = len(specs) * len(cfg.dtypes) * len(available)
-    emit(Event("start", total=total))
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="detkit-isa-") as tmp:
         isa_dirs = _run_isa_workers(cfg, available, Path(tmp), emit) if cfg.isa else None
+        emit(Event("start", total=len(specs) * len(cfg.dtypes) * len(available)))
         for dtype in cfg.dtypes:
             for spec in specs:
                 for impl in available:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from detkit.cli import EXIT_CHECK_FAILED
+from detkit.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover - torch is imported only when a command runs
     from rich.console import Console
@@ -85,6 +86,8 @@ def audit(
             console.print(f"[bold]{check:30}[/] {escape(text)}", soft_wrap=True)
         return
 
+    if out is not None and out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; pass a directory (report.json, .md and .html go inside)")
     cfg = AuditConfig(
         ops=tuple(_split(ops)) or AuditConfig.ops,
         impls=tuple(parse_impls(impl)),
@@ -130,6 +133,9 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
         if event.kind == "start":
             progress.update(task, total=event.total)
             progress.console.print(header, soft_wrap=True)
+        elif event.kind == "stage":
+            progress.console.print(event.text, style="dim", soft_wrap=True, markup=False)
+            progress.update(task, description=event.text)
         elif event.kind == "phase":
             progress.update(task, description=event.text)
         else:

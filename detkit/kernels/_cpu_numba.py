@@ -20,7 +20,7 @@ Orders (W = 16 lanes):
   starting at +0.0, ``acc = fma(a_k, b_k, acc)`` for k = 0..K-1 in order. Leading and
   trailing exact-zero terms leave the accumulator unchanged.
 * exp: computed in float64 (Cody-Waite reduction, degree-13 Taylor polynomial, scaling
-  by two table powers of two) from basic IEEE operations only, so it vectorises and
+  by two exact powers of two built from their bits) from basic IEEE operations only, so it vectorises and
   gives the same bits in every loop position; the float32 result is then within about
   0.5 ULP.
 
@@ -30,6 +30,7 @@ Arrays arrive as float32 or float64 (reduced precision is widened exactly before
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
@@ -39,8 +40,6 @@ _LOG2E = 1.4426950408889634
 _LN2_HI = 6.93147180369123816490e-01  # low 32 bits zero: k * LN2_HI is exact
 _LN2_LO = 1.90821492927058770002e-10
 _SHIFTER = 6755399441055744.0  # 1.5 * 2**52: (t + S) - S rounds t to the nearest integer
-_POW2_BIAS = 600
-_POW2 = np.array([2.0**k for k in range(-_POW2_BIAS, _POW2_BIAS + 1)], dtype=np.float64)
 _INV_FACT = tuple(1.0 / float(np.prod(np.arange(1, n + 1, dtype=np.float64))) for n in range(14))
 
 
@@ -54,6 +53,20 @@ def fma(typingctx, a, b, c):  # type: ignore[no-untyped-def]
         return builder.fma(args[0], args[1], args[2])
 
     return a(a, b, c), codegen
+
+
+@intrinsic
+def _pow2(typingctx, k):  # type: ignore[no-untyped-def]
+    """2.0**k as float64 for an int64 k in [-1022, 1023], by building the bits (exact)."""
+    if not isinstance(k, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        i64 = ir.IntType(64)
+        biased = builder.add(args[0], ir.Constant(i64, 1023))
+        return builder.bitcast(builder.shl(biased, ir.Constant(i64, 52)), ir.DoubleType())
+
+    return types.float64(types.int64), codegen
 
 
 @njit(cache=True, inline="always")
@@ -79,7 +92,7 @@ def exp64(t: float) -> float:
     p = p * r + 1.0
     k = np.int64(kf)
     k1 = k >> 1
-    res = p * _POW2[k1 + _POW2_BIAS] * _POW2[k - k1 + _POW2_BIAS]
+    res = p * _pow2(k1) * _pow2(k - k1)
     return res if t == t else t
 
 
@@ -169,75 +182,121 @@ def _row_max(x, n, lanes):  # type: ignore[no-untyped-def]
     return m
 
 
+# Row kernels: one function per row (the order), driven by a parallel loop over rows
+# or, for small inputs where waking threads costs more than the work, a serial one.
+# Both drivers run the same row function, so they give the same bits.
+
+
+@njit(cache=True, inline="always")
+def _sum_row(row, r, out, mean, lanes):  # type: ignore[no-untyped-def]
+    L = row.shape[0]
+    s = anchored_sum(row, first_nonzero(row, L), L, lanes)
+    out[r] = s / L if mean else s
+
+
+@njit(cache=True, inline="always")
+def _softmax_row(row, o, log, lanes):  # type: ignore[no-untyped-def]
+    L = row.shape[0]
+    m = np.float64(_row_max(row, L, lanes))
+    for j in range(L):
+        o[j] = exp64(np.float64(row[j]) - m)
+    s = anchored_sum(o, first_nonzero(o, L), L, lanes)
+    if log:
+        ls = np.log(np.float64(s))
+        for j in range(L):
+            o[j] = (np.float64(row[j]) - m) - ls
+    else:
+        for j in range(L):
+            o[j] = o[j] / s
+
+
+@njit(cache=True, inline="always")
+def _rms_row(row, o, weight, has_weight, eps, lanes):  # type: ignore[no-untyped-def]
+    L = row.shape[0]
+    ms = _sumsq(row, L, lanes) / L
+    inv = 1.0 / np.sqrt(np.float64(ms) + eps)
+    if has_weight:
+        for j in range(L):
+            o[j] = np.float64(row[j]) * inv * np.float64(weight[j])
+    else:
+        for j in range(L):
+            o[j] = np.float64(row[j]) * inv
+
+
+@njit(cache=True, inline="always")
+def _layer_norm_row(row, o, weight, bias, has_weight, has_bias, eps, lanes):  # type: ignore[no-untyped-def]
+    L = row.shape[0]
+    mu = anchored_sum(row, 0, L, lanes) / L
+    var = _sum_centered_sq(row, L, mu, lanes) / L
+    inv = 1.0 / np.sqrt(np.float64(var) + eps)
+    mu64 = np.float64(mu)
+    for j in range(L):
+        y = (np.float64(row[j]) - mu64) * inv
+        if has_weight:
+            y = y * np.float64(weight[j])
+        if has_bias:
+            y = y + np.float64(bias[j])
+        o[j] = y
+
+
 @njit(parallel=True, cache=True)
 def row_sum(x, out, mean):  # type: ignore[no-untyped-def]
     """out[r] = sum (or mean) of x[r, :], anchored lane order."""
-    R, L = x.shape
-    for r in prange(R):
-        lanes = np.empty(W, x.dtype)
-        row = x[r]
-        s = anchored_sum(row, first_nonzero(row, L), L, lanes)
-        out[r] = s / L if mean else s
+    for r in prange(x.shape[0]):
+        _sum_row(x[r], r, out, mean, np.empty(W, x.dtype))
+
+
+@njit(cache=True)
+def row_sum_serial(x, out, mean):  # type: ignore[no-untyped-def]
+    """``row_sum`` on one thread (same bits)."""
+    lanes = np.empty(W, x.dtype)
+    for r in range(x.shape[0]):
+        _sum_row(x[r], r, out, mean, lanes)
 
 
 @njit(parallel=True, cache=True)
 def softmax(x, out, log):  # type: ignore[no-untyped-def]
     """Softmax or log-softmax of each row; the normaliser is an anchored lane sum."""
-    R, L = x.shape
-    for r in prange(R):
-        lanes = np.empty(W, x.dtype)
-        row = x[r]
-        o = out[r]
-        m = np.float64(_row_max(row, L, lanes))
-        for j in range(L):
-            o[j] = exp64(np.float64(row[j]) - m)
-        s = anchored_sum(o, first_nonzero(o, L), L, lanes)
-        if log:
-            ls = np.log(np.float64(s))
-            for j in range(L):
-                o[j] = (np.float64(row[j]) - m) - ls
-        else:
-            for j in range(L):
-                o[j] = o[j] / s
+    for r in prange(x.shape[0]):
+        _softmax_row(x[r], out[r], log, np.empty(W, x.dtype))
+
+
+@njit(cache=True)
+def softmax_serial(x, out, log):  # type: ignore[no-untyped-def]
+    """``softmax`` on one thread (same bits)."""
+    lanes = np.empty(W, x.dtype)
+    for r in range(x.shape[0]):
+        _softmax_row(x[r], out[r], log, lanes)
 
 
 @njit(parallel=True, cache=True)
 def rms_norm(x, weight, has_weight, eps, out):  # type: ignore[no-untyped-def]
     """y = x / sqrt(mean(x^2) + eps) * weight; sum of squares in lane order."""
-    R, L = x.shape
-    for r in prange(R):
-        lanes = np.empty(W, x.dtype)
-        row = x[r]
-        o = out[r]
-        ms = _sumsq(row, L, lanes) / L
-        inv = 1.0 / np.sqrt(np.float64(ms) + eps)
-        if has_weight:
-            for j in range(L):
-                o[j] = np.float64(row[j]) * inv * np.float64(weight[j])
-        else:
-            for j in range(L):
-                o[j] = np.float64(row[j]) * inv
+    for r in prange(x.shape[0]):
+        _rms_row(x[r], out[r], weight, has_weight, eps, np.empty(W, x.dtype))
+
+
+@njit(cache=True)
+def rms_norm_serial(x, weight, has_weight, eps, out):  # type: ignore[no-untyped-def]
+    """``rms_norm`` on one thread (same bits)."""
+    lanes = np.empty(W, x.dtype)
+    for r in range(x.shape[0]):
+        _rms_row(x[r], out[r], weight, has_weight, eps, lanes)
 
 
 @njit(parallel=True, cache=True)
 def layer_norm(x, weight, bias, has_weight, has_bias, eps, out):  # type: ignore[no-untyped-def]
     """y = (x - mean) / sqrt(var + eps) * weight + bias; two-pass, lane order sums."""
-    R, L = x.shape
-    for r in prange(R):
-        lanes = np.empty(W, x.dtype)
-        row = x[r]
-        o = out[r]
-        mu = anchored_sum(row, 0, L, lanes) / L
-        var = _sum_centered_sq(row, L, mu, lanes) / L
-        inv = 1.0 / np.sqrt(np.float64(var) + eps)
-        mu64 = np.float64(mu)
-        for j in range(L):
-            y = (np.float64(row[j]) - mu64) * inv
-            if has_weight:
-                y = y * np.float64(weight[j])
-            if has_bias:
-                y = y + np.float64(bias[j])
-            o[j] = y
+    for r in prange(x.shape[0]):
+        _layer_norm_row(x[r], out[r], weight, bias, has_weight, has_bias, eps, np.empty(W, x.dtype))
+
+
+@njit(cache=True)
+def layer_norm_serial(x, weight, bias, has_weight, has_bias, eps, out):  # type: ignore[no-untyped-def]
+    """``layer_norm`` on one thread (same bits)."""
+    lanes = np.empty(W, x.dtype)
+    for r in range(x.shape[0]):
+        _layer_norm_row(x[r], out[r], weight, bias, has_weight, has_bias, eps, lanes)
 
 
 @njit(parallel=True, cache=True)

@@ -443,34 +443,42 @@ def _tile(a: np.ndarray, panel: np.ndarray, pk0: int, pn0: int, nb: int, kb: int
     part = fma-sequential sum over k0..k0+kb of a[i, k] * panel[pk0 + k - k0, pn0 + j]
     from +0 (held in ``tmp``), then c[i, n0 + j] += part.
 
-    Two rows share each loaded panel vector; the lanes run over columns j, i.e. over
-    independent outputs, so every output still sees its k strictly increasing.
+    Four rows share each loaded panel vector; the SIMD lanes run over columns j, i.e.
+    over independent outputs, so every output still sees its k strictly increasing.
     """
     i = m0
     while i < m1:
-        two = i + 1 < m1
+        rows = min(4, m1 - i)
         t0 = tmp[0, :nb]
         t1 = tmp[1, :nb]
+        t2 = tmp[2, :nb]
+        t3 = tmp[3, :nb]
         t0[:] = ZERO
         t1[:] = ZERO
+        t2[:] = ZERO
+        t3[:] = ZERO
         a0 = a[i, k0:k0 + kb]
-        a1 = a[i + 1, k0:k0 + kb] if two else a0
+        a1 = a[i + 1, k0:k0 + kb] if rows > 1 else a0  # missing rows recompute row i
+        a2 = a[i + 2, k0:k0 + kb] if rows > 2 else a0  # into scratch that is discarded
+        a3 = a[i + 3, k0:k0 + kb] if rows > 3 else a0
         for k in range(kb):
             br = panel[pk0 + k, pn0:pn0 + nb]
             x0 = a0[k]
             x1 = a1[k]
+            x2 = a2[k]
+            x3 = a3[k]
             for j in range(nb):
                 bj = br[j]
                 t0[j] = fma32(x0, bj, t0[j])
                 t1[j] = fma32(x1, bj, t1[j])
-        c0 = c[i, n0:n0 + nb]
-        for j in range(nb):
-            c0[j] = c0[j] + t0[j]
-        if two:
-            c1 = c[i + 1, n0:n0 + nb]
+                t2[j] = fma32(x2, bj, t2[j])
+                t3[j] = fma32(x3, bj, t3[j])
+        for r in range(rows):
+            cr = c[i + r, n0:n0 + nb]
+            tr = tmp[r, :nb]
             for j in range(nb):
-                c1[j] = c1[j] + t1[j]
-        i += 2
+                cr[j] = cr[j] + tr[j]
+        i += 4
 
 
 @njit(cache=True, error_model="numpy")
@@ -500,7 +508,7 @@ def matmul_direct(a: np.ndarray, b: np.ndarray, bias: np.ndarray, has_bias: bool
     m_dim, k_dim = a.shape
     n_dim = b.shape[1]
     n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
-    tmp = np.empty((2, MATMUL_NB), dtype=F32)
+    tmp = np.empty((4, MATMUL_NB), dtype=F32)
     for t in range(t0, t1):
         n0 = (t % n_tiles) * MATMUL_NB
         m0 = (t // n_tiles) * MATMUL_MB
@@ -538,7 +546,7 @@ def matmul_packed(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray
     n_dim = b_bits.shape[1]
     n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
     panel = np.empty((MATMUL_KB, MATMUL_NB), dtype=F32)
-    tmp = np.empty((2, MATMUL_NB), dtype=F32)
+    tmp = np.empty((4, MATMUL_NB), dtype=F32)
     for t in range(t0, t1):
         n0 = (t % n_tiles) * MATMUL_NB
         m0 = (t // n_tiles) * MATMUL_MB

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import numba
 import numpy as np
@@ -32,6 +33,14 @@ from detkit.kernels._cpu_tiles import cpu_status, tiled_matmul  # noqa: E402
 _NUMBA_LOCK = threading.Lock()
 # Queries per (batch, head) from which attention uses the K-transposed kernel.
 _BLOCKED_MIN_QUERIES = 4
+# Below this many elements a row kernel runs serially: waking numba's threads costs
+# more than the work. Same row function either way, so the same bits.
+_SERIAL_MAX_ELEMENTS = 1 << 16
+
+
+def _row_kernel(parallel: Any, serial: Any, x: np.ndarray) -> Any:
+    """The serial or the parallel driver of a row kernel (numba dispatchers)."""
+    return serial if x.size <= _SERIAL_MAX_ELEMENTS else parallel
 
 __all__ = [
     "attention",
@@ -90,7 +99,7 @@ def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:
     xn = _np(x)
     out = np.empty_like(xn)
     with _NUMBA_LOCK:
-        nk.softmax(xn, out, bool(log))
+        _row_kernel(nk.softmax, nk.softmax_serial, xn)(xn, out, bool(log))
     return _finish(out, x.dtype)
 
 
@@ -101,7 +110,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     wn = _np(weight) if weight is not None else np.ones(1, xn.dtype)
     out = np.empty_like(xn)
     with _NUMBA_LOCK:
-        nk.rms_norm(xn, wn, weight is not None, float(eps), out)
+        _row_kernel(nk.rms_norm, nk.rms_norm_serial, xn)(xn, wn, weight is not None, float(eps), out)
     return _finish(out, x.dtype)
 
 
@@ -115,7 +124,8 @@ def layer_norm(
     bn = _np(bias) if bias is not None else np.zeros(1, xn.dtype)
     out = np.empty_like(xn)
     with _NUMBA_LOCK:
-        nk.layer_norm(xn, wn, bn, weight is not None, bias is not None, float(eps), out)
+        kern = _row_kernel(nk.layer_norm, nk.layer_norm_serial, xn)
+        kern(xn, wn, bn, weight is not None, bias is not None, float(eps), out)
     return _finish(out, x.dtype)
 
 
@@ -125,7 +135,7 @@ def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     xn = _np(x)
     out = np.empty(xn.shape[0], xn.dtype)
     with _NUMBA_LOCK:
-        nk.row_sum(xn, out, bool(mean))
+        _row_kernel(nk.row_sum, nk.row_sum_serial, xn)(xn, out, bool(mean))
     return _finish(out, x.dtype)
 
 

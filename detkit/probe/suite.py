@@ -183,14 +183,17 @@ def load_suite(path: str | Path) -> ProbeSuite:
 
 
 def default_suite() -> ProbeSuite:
-    """The suite used when no file is given (the same as probes/default.toml)."""
+    """The suite used when no file is given (the same as probes/default.toml).
+
+    Small enough to run in minutes on a laptop CPU under the mode: two prompts, every
+    mode, batch sizes 1-8.
+    """
     return ProbeSuite(
         name="default",
-        description="Four short prompts of different lengths and kinds, every mode.",
+        description="Two short prompts, every mode, batch sizes 1-8: a quick first look.",
         prompts=(
             Prompt("feynman", "Tell me about Richard Feynman"),
             Prompt("fox", "The quick brown fox"),
-            Prompt("einstein", "In 1905 Einstein"),
-            Prompt("fib", "def fib(n):"),
         ),
+        batch=BatchPlan(mixed_trials=3, prefix_fractions=(0.5,), padding=(1, 8), repeats=2),
     )
