@@ -69,8 +69,9 @@ __device__ __forceinline__ void p_layer_norm(const T* __restrict__ x, const T* _
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
     for (int j = lane; j < L; j += 32) {
         float t = __fmul_rn(d(j), r);
-        if (w != nullptr) t = __fmul_rn(t, to_f32(w[j]));
-        if (b != nullptr) t = __fadd_rn(t, to_f32(b[j]));
+        if (w != nullptr && b != nullptr) t = __fmaf_rn(t, to_f32(w[j]), to_f32(b[j]));
+        else if (w != nullptr) t = __fmul_rn(t, to_f32(w[j]));
+        else if (b != nullptr) t = __fadd_rn(t, to_f32(b[j]));
         yr[j] = from_f32<T>(t);
     }
 }
@@ -167,7 +168,27 @@ __device__ __forceinline__ void b_row_sum(const T* __restrict__ x, T* __restrict
 
 // ------------------------------------------------------------------ portable elementwise
 
-enum EwOp { EW_EXP = 0, EW_LOG = 1, EW_RSQRT = 2, EW_SIGMOID = 3, EW_SILU = 4 };
+enum EwOp { EW_EXP = 0, EW_LOG = 1, EW_RSQRT = 2, EW_SIGMOID = 3, EW_SILU = 4, EW_TANH = 5 };
+
+// tanh of the canonical orders: odd Taylor polynomial below 0.5, else 1 - 2/(Exp(2|x|)+1).
+__device__ __forceinline__ float spec_tanh(float x) {
+    const float a = fabsf(x);
+    if (a < 0.5f) {
+        const float z = __fmul_rn(x, x);
+        float q = __uint_as_float(0xB97ABEBCu);              // T19
+        q = __fmaf_rn(q, z, __uint_as_float(0x3A1AAC12u));  // T17
+        q = __fmaf_rn(q, z, __uint_as_float(0xBABED1B2u));  // T15
+        q = __fmaf_rn(q, z, __uint_as_float(0x3B6B69E8u));  // T13
+        q = __fmaf_rn(q, z, __uint_as_float(0xBC11371Bu));  // T11
+        q = __fmaf_rn(q, z, __uint_as_float(0x3CB327A4u));  // T9
+        q = __fmaf_rn(q, z, __uint_as_float(0xBD5D0DD1u));  // T7
+        q = __fmaf_rn(q, z, __uint_as_float(0x3E088889u));  // T5
+        q = __fmaf_rn(q, z, __uint_as_float(0xBEAAAAABu));  // T3
+        return __fmaf_rn(x, __fmul_rn(q, z), x);
+    }
+    const float t = __fsub_rn(1.0f, __fdiv_rn(2.0f, __fadd_rn(spec_exp(__fadd_rn(a, a)), 1.0f)));
+    return (x > 0.0f) ? t : -t;
+}
 
 template <typename T>
 __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __restrict__ y, i64 n, int op) {
@@ -179,7 +200,8 @@ __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __rest
             case EW_LOG: r = spec_log(v); break;
             case EW_RSQRT: r = __fdiv_rn(1.0f, __fsqrt_rn(v)); break;
             case EW_SIGMOID: r = __fdiv_rn(1.0f, __fadd_rn(1.0f, spec_exp(-v))); break;
-            default: r = __fdiv_rn(v, __fadd_rn(1.0f, spec_exp(-v))); break;
+            case EW_SILU: r = __fdiv_rn(v, __fadd_rn(1.0f, spec_exp(-v))); break;
+            default: r = spec_tanh(v); break;
         }
         y[i] = from_f32<T>(r);
     }

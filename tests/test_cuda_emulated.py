@@ -149,16 +149,23 @@ def test_portable_row_ops_equal_spec(emulated: dict, dtype: torch.dtype, length:
         assert_bits_equal(cuda_backend.row_sum(x, mean, portable=True), spec.row_sum(x, mean), f"row_sum mean={mean}")
     for wt in (None, w):
         assert_bits_equal(cuda_backend.rms_norm(x, wt, 1e-6, portable=True), spec.rms_norm(x, wt, 1e-6), "rms_norm")
-    for wt, bb in ((None, None), (w, b), (w, None)):
+    for wt, bb in ((None, None), (w, b), (w, None), (None, b)):
         assert_bits_equal(cuda_backend.layer_norm(x, wt, bb, 1e-5, portable=True),
                           spec.layer_norm(x, wt, bb, 1e-5), "layer_norm")
+
+
+def test_elementwise_ops_track_the_cpu_backend() -> None:
+    """A new op in the canonical orders must reach the CUDA backend too."""
+    from detkit.kernels import portable_cpu
+
+    assert cuda_backend.ELEMENTWISE_OPS == portable_cpu.ELEMENTWISE_OPS
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_portable_elementwise_equals_spec(emulated: dict, dtype: torch.dtype) -> None:
     x = torch.cat([rand((200,), torch.float32, 3, 30.0),
                    torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40,
-                                 88.7, 89.5, -103.9, -110.0, 1.0, 2.0, 0.5])]).to(dtype)
+                                 88.7, 89.5, -103.9, -110.0, 1.0, 2.0, 0.5, -0.5, 0.49, -0.49, 9.0])]).to(dtype)
     for name in cuda_backend.ELEMENTWISE_OPS:
         assert_bits_equal(cuda_backend.elementwise(name, x), spec.elementwise(name, x), name)
 
@@ -175,6 +182,14 @@ def test_portable_matmul_equals_spec(emulated: dict, dtype: torch.dtype, b_layou
     b = rand((n, k), dtype, 2).t() if b_layout == "kmajor" else rand((k, n), dtype, 2)
     bias = rand((n,), dtype, 3) if with_bias else None
     assert_bits_equal(cuda_backend.matmul(a, b, bias, portable=True), spec.matmul(a, b, bias), "matmul")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_portable_matmul_long_k_equals_spec(emulated: dict, dtype: torch.dtype) -> None:
+    """K > 256: ChunkDot's 256-long fma chains and the chunk adds."""
+    a = rand((3, 600), dtype, 7)
+    b = rand((5, 600), dtype, 8).t()
+    assert_bits_equal(cuda_backend.matmul(a, b, None, portable=True), spec.matmul(a, b, None), "matmul K=600")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -341,3 +341,15 @@ def test_long_dots_use_256_chunks(dtype):
     for xi, yi in zip(x, y, strict=True):
         acc = S.fma_exact(xi, yi, acc)
     assert S.seq_dot(x, y).view(np.uint32) == acc.view(np.uint32)
+
+
+def test_signed_zero_rules():
+    # an fma chain can underflow to -0; ChunkDot's final `+0.0 + part` makes it +0
+    a = torch.tensor([[-1e-30, 0.0]])
+    b = torch.tensor([[1e-30], [5.0]])
+    for got in (P.matmul(a, b, None), S.matmul(a, b, None)):
+        assert bits(got).item() == 0
+    # rows whose maximum is a signed zero
+    x = torch.tensor([[-0.0, 0.0, -1.0], [-0.0, -0.0, -3.0], [-0.0, -math.inf, -math.inf]])
+    for log in (False, True):
+        assert_same_bits(P.softmax(x, log), S.softmax(x, log))

@@ -108,13 +108,20 @@ def _last_dim_param(p: torch.Tensor | None, name: str, size: int, fn: str) -> to
 
 def _rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Size]:
     """Move ``dim`` last and flatten the rest: (R, L) contiguous, plus the moved shape."""
-    xm = x.movedim(dim, -1) if x.dim() > 0 else x.reshape(1)
+    if x.dim() == 0:
+        xm = x.reshape(1)
+    elif dim == x.dim() - 1:
+        xm = x
+    else:
+        xm = x.movedim(dim, -1)
     return xm.reshape(-1, xm.shape[-1]).contiguous(), xm.shape
 
 
 def _restore(y: torch.Tensor, moved_shape: torch.Size, dim: int, ndim: int) -> torch.Tensor:
     if ndim == 0:
         return y.reshape(())
+    if dim == ndim - 1:
+        return y.reshape(moved_shape)
     return y.reshape(moved_shape).movedim(-1, dim).contiguous()
 
 

@@ -59,6 +59,7 @@ raises ``BackendUnavailable`` (from ``backend_for``) when a backend module is mi
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 from detkit.errors import BackendUnavailable
@@ -80,6 +81,9 @@ def backend_for(device_type: str, portable: bool) -> ModuleType:
             "supported: cpu, cuda. Move the tensors to one of those devices."
         )
     name = BACKEND_MODULES[key]
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:

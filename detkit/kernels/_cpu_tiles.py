@@ -19,7 +19,9 @@ reduction order changes the result's bits (see ``_sensitive_rows``):
   counts give the same bits; "pinned" mode: every BLAS call runs on one thread (tiles
   are spread over a small pool of one-thread workers), checked also from a worker;
 * heights whose rows agree bitwise form a class; the class with the most heights is
-  used (free before pinned on a tie), and M is covered greedily by its heights.
+  used (free before pinned on a tie), and M is covered greedily by its heights;
+* pinned, a single smallest tile (small M) may be split into equal 64-byte aligned
+  column blocks for the workers, if the blocks give the whole width's bits.
 
 If no height is row invariant, the configuration uses the fixed-order compiled kernel
 instead, with a warning and an entry in :func:`cpu_status` (never silently).
@@ -68,12 +70,15 @@ class TileVerdict:
     pinned: bool
     heights: tuple[int, ...]
     reason: str
+    n_split: int = 1
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.n < 1 or not self.threads:
             raise ValueError("TileVerdict needs k, n >= 1 and the thread counts checked")
         if list(self.heights) != sorted(self.heights):
             raise ValueError("TileVerdict heights must be ascending")
+        if self.n_split < 1 or self.n % self.n_split:
+            raise ValueError("TileVerdict n_split must be a divisor of n")
 
     @property
     def ok(self) -> bool:
@@ -179,28 +184,35 @@ def _with_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         torch.set_num_threads(old)
 
 
-def _run(
-    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, heights: tuple[int, ...], pinned: bool
-) -> torch.Tensor:
+def _run(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, verdict: TileVerdict) -> torch.Tensor:
     out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
+    heights = verdict.heights
     plan = _plan(a.shape[0], heights)
-
-    def work(tiles: list[tuple[int, int, int]]) -> None:
-        if pinned:
-            torch.set_num_threads(1)  # idempotent; see _one_thread_worker
-        for pos, rows, h in tiles:
-            out[pos : pos + rows] = _tile(a[pos : pos + rows], b, bias, h)
-
-    if not pinned:
-        work(plan)
-        return out
-    workers = min(torch.get_num_threads(), len(plan))
-    if workers <= 1:
-        _with_threads(1, lambda: (work(plan), out)[1])
-        return out
-    # Tiles are independent; which one-thread worker computes one does not matter.
-    chunks = [plan[i::workers] for i in range(workers)]
+    # Work items: (start, rows, height, column block); the blocks are verified to give
+    # the same bits as the whole width (only used for a single smallest tile).
+    items = [(pos, rows, h, slice(None)) for pos, rows, h in plan]
     threads = torch.get_num_threads()
+    if verdict.pinned and len(plan) == 1 and plan[0][2] == heights[0] and verdict.n_split > 1 and threads > 1:
+        nb = b.shape[1] // verdict.n_split
+        pos, rows, h = plan[0]
+        items = [(pos, rows, h, slice(c * nb, (c + 1) * nb)) for c in range(verdict.n_split)]
+
+    def work(chunk: list[tuple[int, int, int, slice]]) -> None:
+        if verdict.pinned:
+            torch.set_num_threads(1)  # idempotent; see _one_thread_worker
+        for pos, rows, h, cols in chunk:
+            bias_c = None if bias is None else bias[cols]
+            out[pos : pos + rows, cols] = _tile(a[pos : pos + rows], b[:, cols], bias_c, h)
+
+    if not verdict.pinned:
+        work(items)
+        return out
+    workers = min(threads, len(items))
+    if workers <= 1:
+        _with_threads(1, lambda: (work(items), out)[1])
+        return out
+    # Items are independent; which one-thread worker computes one does not matter.
+    chunks = [items[i::workers] for i in range(workers)]
     try:
         for f in [_pool().submit(work, c) for c in chunks]:
             f.result()
@@ -209,6 +221,14 @@ def _run(
         # threads start from; put back this thread's value.
         torch.set_num_threads(threads)
     return out
+
+
+def _split_ok(run_cols: Callable[[torch.Tensor, slice], torch.Tensor], a: torch.Tensor, n: int, split: int) -> bool:
+    """Whether computing ``split`` equal column blocks gives the whole width's bits."""
+    whole = run_cols(a, slice(None))
+    nb = n // split
+    parts = [run_cols(a, slice(c * nb, (c + 1) * nb)) for c in range(split)]
+    return torch.equal(torch.cat(parts, dim=1), whole)
 
 
 def _synthetic_b(b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -308,10 +328,24 @@ def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...],
         notes.insert(0, f"verified heights {list(heights)}" + (" on one-thread BLAS" if pinned else ""))
     else:
         notes.insert(0, "no tile height is batch invariant")
+    # One-thread BLAS on a single small tile leaves cores idle: split N into equal,
+    # 64-byte aligned column blocks for the workers if that gives the same bits.
+    n = b.shape[1]
+    split = max(2, os.cpu_count() or 1)
+    n_split = 1
+    if heights and pinned and n % split == 0 and (n // split) % 32 == 0:
+
+        def run_cols(a: torch.Tensor, cols: slice) -> torch.Tensor:
+            bias_c = None if sbias is None else sbias[cols]
+            return _with_threads(1, lambda: _tile(a, sb[:, cols], bias_c, heights[0]))
+
+        if _split_ok(run_cols, common[: heights[0]], n, split):
+            n_split = split
+            notes.append(f"a single tile is split into {split} column blocks")
     return TileVerdict(
         dtype=str(dtype).removeprefix("torch."),
         k=k,
-        n=b.shape[1],
+        n=n,
         b_layout=layout,
         b_align=int(key[4]),  # type: ignore[call-overload]
         bias=bias is not None,
@@ -319,6 +353,7 @@ def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...],
         pinned=pinned,
         heights=heights,
         reason="; ".join(notes),
+        n_split=n_split,
     )
 
 
@@ -358,7 +393,7 @@ def tiled_matmul(
             out = out + bias.to(out.dtype)
         return out.to(a.dtype)
     _, bl = _layout(b)
-    return _run(a, bl, bias, verdict.heights, verdict.pinned)
+    return _run(a, bl, bias, verdict)
 
 
 __all__ = ["TILE_HEIGHTS", "TileVerdict", "cpu_status", "tiled_matmul", "verdict_for"]

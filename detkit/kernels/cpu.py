@@ -40,7 +40,10 @@ _SERIAL_MAX_ELEMENTS = 1 << 16
 
 def _row_kernel(parallel: Any, serial: Any, x: np.ndarray) -> Any:
     """The serial or the parallel driver of a row kernel (numba dispatchers)."""
-    return serial if x.size <= _SERIAL_MAX_ELEMENTS else parallel
+    if x.size <= _SERIAL_MAX_ELEMENTS:
+        return serial
+    _sync_threads()
+    return parallel
 
 __all__ = [
     "attention",
@@ -95,7 +98,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:
     """See ``detkit.kernels._backend``."""
-    _sync_threads()
     xn = _np(x)
     out = np.empty_like(xn)
     with _NUMBA_LOCK:
@@ -105,7 +107,6 @@ def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """See ``detkit.kernels._backend``."""
-    _sync_threads()
     xn = _np(x)
     wn = _np(weight) if weight is not None else np.ones(1, xn.dtype)
     out = np.empty_like(xn)
@@ -118,7 +119,6 @@ def layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """See ``detkit.kernels._backend``."""
-    _sync_threads()
     xn = _np(x)
     wn = _np(weight) if weight is not None else np.ones(1, xn.dtype)
     bn = _np(bias) if bias is not None else np.zeros(1, xn.dtype)
@@ -131,7 +131,6 @@ def layer_norm(
 
 def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     """See ``detkit.kernels._backend``."""
-    _sync_threads()
     xn = _np(x)
     out = np.empty(xn.shape[0], xn.dtype)
     with _NUMBA_LOCK:

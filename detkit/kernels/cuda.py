@@ -44,7 +44,7 @@ __all__ = [
     "to_cupy",
 ]
 
-ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "log", "rsqrt", "sigmoid", "silu")
+ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "log", "rsqrt", "sigmoid", "silu", "tanh")
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _MIN_MAJOR = 8
 _MAX_GRID_YZ = 65535
@@ -378,7 +378,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 
 def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
-    """The portable elementwise ops of the canonical orders (exp, log, rsqrt, sigmoid, silu)."""
+    """The portable elementwise ops of the canonical orders (exp, log, rsqrt, sigmoid, silu, tanh)."""
     if name not in ELEMENTWISE_OPS:
         raise InputError(f"unknown portable elementwise op {name!r}; choose from {list(ELEMENTWISE_OPS)}")
     dev = _device_of(x)
