@@ -84,9 +84,9 @@ def bench_matmul(dtype: torch.dtype, min_time: float, deadline: float) -> list[R
             if time.perf_counter() > deadline:
                 return out
             x = torch.randn(m, kn, device="cuda").to(dtype)
-            t_torch = time_call(lambda: torch.nn.functional.linear(x, w), min_time)
-            t_bi = time_call(lambda: kc.matmul(x, w.t(), None, portable=False), min_time)
-            t_p = time_call(lambda: kc.matmul(x, w.t(), None, portable=True), min_time)
+            t_torch = time_call(lambda x=x, w=w: torch.nn.functional.linear(x, w), min_time)
+            t_bi = time_call(lambda x=x, w=w: kc.matmul(x, w.t(), None, portable=False), min_time)
+            t_p = time_call(lambda x=x, w=w: kc.matmul(x, w.t(), None, portable=True), min_time)
             out.append(Result("matmul", str(dtype).replace("torch.", ""), f"M={m} K=N={kn}", t_torch, t_bi, t_p))
     return out
 
@@ -109,9 +109,9 @@ def bench_rows(dtype: torch.dtype, min_time: float, deadline: float) -> list[Res
         for op, (ref, ours) in cases.items():
             if time.perf_counter() > deadline:
                 return out
-            t_torch = time_call(lambda: ref(x), min_time)
-            t_bi = time_call(lambda: ours(x, False), min_time)
-            t_p = time_call(lambda: ours(x, True), min_time)
+            t_torch = time_call(lambda ref=ref, x=x: ref(x), min_time)
+            t_bi = time_call(lambda ours=ours, x=x: ours(x, False), min_time)
+            t_p = time_call(lambda ours=ours, x=x: ours(x, True), min_time)
             out.append(Result(op, str(dtype).replace("torch.", ""), f"{rows}x{ROW_LEN}", t_torch, t_bi, t_p))
     return out
 
@@ -131,8 +131,9 @@ def bench_attention(min_time: float, deadline: float) -> list[Result]:
         causal = lq > 1
         mask = torch.ones(lq, lk, dtype=torch.bool, device="cuda").tril().expand(1, 32, lq, lk) if causal else None
         scale = 1 / math.sqrt(128)
-        t_torch = time_call(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal), min_time)
-        t_ours = time_call(lambda: kc.attention(q, k, v, mask, scale), min_time)
+        t_torch = time_call(lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c),
+                            min_time)
+        t_ours = time_call(lambda q=q, k=k, v=v, m=mask, s=scale: kc.attention(q, k, v, m, s), min_time)
         out.append(Result("attention", "bfloat16", f"{name} 32x128 Lq={lq} Lk={lk}", t_torch, t_ours, None))
     return out
 

@@ -41,14 +41,14 @@ class Row:
         return self.portable_ms / self.torch_ms
 
 
-def _best_ms(fn: Callable[[], object], repeats: int) -> float:
+def _best_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
     """Minimum over repeats: on a shared machine the fastest run is the least disturbed."""
     fn()  # warm up (and compile on first use)
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
+        times.append((clock() - t0) * 1e3)
     return min(times)
 
 
@@ -230,7 +230,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="timed repeats (default 3 quick / 7)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("--accuracy", action="store_true", help="ULP accuracy table instead of timings")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (both sides)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time with process CPU time instead of wall time (robust on a busy "
+                             "machine; use with --threads 1)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     if args.accuracy:
         acc = accuracy()
         if args.json:
@@ -239,13 +246,14 @@ def main() -> None:
         return
     repeats = args.repeats or (3 if args.quick else 7)
     rows = []
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"clock {'process CPU time' if args.cpu_time else 'wall'}, best of {repeats}")
     print(f"{'op':28} {'shape':24} {'dtype':9} {'torch ms':>9} {'portable ms':>12} {'ratio':>6}")
     for op, shape, dtype, ref, port in _cases(args.quick):
         if args.only and args.only not in op:
             continue
-        row = Row(op, shape, str(dtype).replace("torch.", ""), _best_ms(ref, repeats),
-                  _best_ms(port, repeats))
+        row = Row(op, shape, str(dtype).replace("torch.", ""), _best_ms(ref, repeats, clock),
+                  _best_ms(port, repeats, clock))
         rows.append(row)
         print(f"{op:28} {shape:24} {row.dtype:9} {row.torch_ms:9.3f} {row.portable_ms:12.3f} "
               f"{row.ratio:6.2f}", flush=True)

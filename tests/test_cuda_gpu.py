@@ -224,7 +224,8 @@ def test_portable_row_ops_equal_cpu(dtype: torch.dtype, length: int) -> None:
     b = rand((length,), dtype, 32, device="cpu")
     xc, wc, bc = x.to(DEV), w.to(DEV), b.to(DEV)
     for log in (False, True):
-        assert_bits_equal(cuda_backend.softmax(xc, log, portable=True), portable_cpu.softmax(x, log), f"softmax log={log}")
+        assert_bits_equal(cuda_backend.softmax(xc, log, portable=True), portable_cpu.softmax(x, log),
+                          f"softmax log={log}")
     for mean in (False, True):
         assert_bits_equal(cuda_backend.row_sum(xc, mean, portable=True), portable_cpu.row_sum(x, mean), "row_sum")
     assert_bits_equal(cuda_backend.rms_norm(xc, wc, 1e-6, portable=True), portable_cpu.rms_norm(x, w, 1e-6), "rms_norm")
@@ -295,12 +296,16 @@ def test_batch_invariant_values_are_right(dtype: torch.dtype) -> None:
     got = cuda_backend.matmul(a, w.t(), bias).double()
     ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
     scale = (a.double().abs() @ w.double().abs().t()) + bias.double().abs()
-    assert bool(((got - ref).abs() <= 2 * ulp * ref.abs() + 1e-5 * scale).all()), "matmul values off"
+    # one rounding to the output dtype plus float32 accumulation error (loose: a wrong
+    # fragment or tile index gives errors of the order of the values themselves)
+    assert bool(((got - ref).abs() <= 2 * ulp * ref.abs() + 5e-5 * scale).all()), "matmul values off"
     x = rand((64, 1000), dtype, 73, 3.0)
     ref_sm = torch.softmax(x.double(), -1)
-    assert bool(((cuda_backend.softmax(x, False).double() - ref_sm).abs() <= 4 * ulp * ref_sm + 1e-7).all())
+    rel = max(4 * ulp, 4e-6)  # expf, the float32 sum and the division
+    assert bool(((cuda_backend.softmax(x, False).double() - ref_sm).abs() <= rel * ref_sm + 1e-7).all())
     ref_ln = torch.nn.functional.layer_norm(x.double(), (1000,), eps=1e-5)
-    assert bool(((cuda_backend.layer_norm(x, None, None, 1e-5).double() - ref_ln).abs() <= 8 * ulp * ref_ln.abs() + 1e-4).all())
+    got_ln = cuda_backend.layer_norm(x, None, None, 1e-5).double()
+    assert bool(((got_ln - ref_ln).abs() <= 8 * ulp * ref_ln.abs() + 1e-4).all())
 
 
 def test_runs_on_torchs_current_stream() -> None:
@@ -323,6 +328,7 @@ def test_front_end_routes_cuda_tensors_and_portable_flag() -> None:
 
     a = rand((8, 256), torch.float32, 90, device="cpu")
     b = rand((256, 64), torch.float32, 91, device="cpu")
-    assert_bits_equal(kernels.matmul(a.to(DEV), b.to(DEV), portable=True), kernels.matmul(a, b, portable=True), "matmul")
+    assert_bits_equal(kernels.matmul(a.to(DEV), b.to(DEV), portable=True), kernels.matmul(a, b, portable=True),
+                      "matmul")
     x = rand((8, 300), torch.bfloat16, 92, device="cpu")
     assert_bits_equal(kernels.softmax(x.to(DEV), portable=True), kernels.softmax(x, portable=True), "softmax")

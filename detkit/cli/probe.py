@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -178,9 +179,7 @@ def _engine(
             from detkit.mode import batch_invariant as bi
         except ImportError as exc:
             raise BackendUnavailable(f"detkit.batch_invariant is unavailable here ({exc}); run without --batch-invariant") from exc
-
-        def mode() -> Any:
-            return bi(portable=portable)
+        mode = functools.partial(bi, portable=portable)
 
     hf_model, tokenizer, desc = load_model(model, dtype=dtype, attn_implementation=attn, seed=seed)
     return HFEngine(hf_model, tokenizer, description=desc, top_k=top_k, mode=mode)

@@ -46,7 +46,8 @@ rounded once into the input dtype at the end):
     ``mask``: None, or a bool or float32 (float64 when q is float64) tensor
     *broadcastable view* of shape (B, H, Lq, Lk) (zero strides allowed): bool False =
     key not attended; float = added to the scaled score. ``is_causal`` has been folded
-    into a bool mask by the front end (SDPA's top-left alignment). ``scale``: float. Returns (B, H, Lq, Dv) contiguous.
+    into a bool mask by the front end (SDPA's top-left alignment). ``scale``: float.
+    Returns (B, H, Lq, Dv) contiguous.
     A key that is masked out (bool False, or score + mask == -inf) must not influence
     the result in any way: this is what makes padding and decode-vs-prefill invariant.
     A query with no attended key (or only -inf scores) returns zeros, as torch's CPU

@@ -13,9 +13,8 @@ Orders (W = 16 lanes):
   ``lane[w] += lane[w + h]`` for h = 8, 4, 2, 1. Exact zeros before ``j0`` are skipped
   and zeros after the end add nothing, so left and right zero padding cannot change
   the sum (this is what makes eager attention's probabilities padding invariant).
-* attention scores: acc = fma(q_d, k_jd, acc) for d = 0..D-1 in order, per key; two
-  implementations (keys interleaved for decode, keys vectorised over a transposed K
-  for prefill) perform exactly this arithmetic, so they give identical bits.
+* attention scores: a lane dot product over the head dimension (element d in lane
+  d mod W, FMA, the same tree), times the scale, rounded.
 * batched matmul and attention's probabilities @ V: one accumulator per output element,
   starting at +0.0, ``acc = fma(a_k, b_k, acc)`` for k = 0..K-1 in order. Leading and
   trailing exact-zero terms leave the accumulator unchanged.
@@ -159,6 +158,22 @@ def _sum_centered_sq(x, n, mu, lanes):  # type: ignore[no-untyped-def]
     for w in range(n - full):
         d = x[full + w] - mu
         lanes[w] = lanes[w] + d * d
+    return _tree(lanes)
+
+
+@njit(cache=True, inline="always")
+def dot_lanes(a, b, n, lanes):  # type: ignore[no-untyped-def]
+    """sum_d a[d] * b[d]: element d in lane d mod W (FMA), lanes from +0.0, then the tree."""
+    for w in range(W):
+        lanes[w] = 0.0
+    full = (n // W) * W
+    d = 0
+    while d < full:
+        for w in range(W):
+            lanes[w] = fma(a[d + w], b[d + w], lanes[w])
+        d += W
+    for w in range(n - full):
+        lanes[w] = fma(a[full + w], b[full + w], lanes[w])
     return _tree(lanes)
 
 
@@ -395,15 +410,18 @@ def _softmax_pv(s, lo, hi, bi, h, i, vb, maskb, maskf, ms, mode, scale, lanes, a
 
 
 @njit(parallel=True, cache=True)
-def attention_rows(q, k, v, maskb, maskf, ms, mode, scale, out):  # type: ignore[no-untyped-def]
-    """Scaled dot-product attention for few queries (decode); K in its natural layout.
+def attention(q, k, v, maskb, maskf, ms, mode, scale, out):  # type: ignore[no-untyped-def]
+    """Scaled dot-product attention, one (batch, head, query) row per task.
 
     ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv), contiguous;
     ``mode``: 0 no mask, 1 ``maskb`` (bool, False = masked), 2 ``maskf`` (added to the
     scaled score); both masks are flat arrays indexed with the element strides ``ms``
-    of a (B, H, Lq, Lk) view (zeros where broadcast). Score of key j: acc = fma(q_d, k_jd, acc) for d = 0..D-1 in order,
-    times ``scale`` (plus the additive mask): the same bits as ``attention_blocked``.
-    Eight keys are interleaved so that their independent chains overlap.
+    of a (B, H, Lq, Lk) view (zeros where broadcast). Score of key j:
+    ``dot_lanes(q_i, k_j)`` times ``scale`` (plus the additive mask), rounded; then the
+    row's softmax with an anchored lane sum and P @ V accumulated over the attended
+    keys in key order. A
+    query only ever reads its attended keys' range, so padding and decode-vs-prefill
+    give identical bits.
     """
     B, H, Lq, D = q.shape
     Hk = k.shape[1]
@@ -418,101 +436,9 @@ def attention_rows(q, k, v, maskb, maskf, ms, mode, scale, out):  # type: ignore
         lanes = np.empty(W, q.dtype)
         s = np.zeros(Lk, q.dtype)
         acc = np.empty(Dv, q.dtype)
-        zero = acc[:0].sum()  # +0.0 of the working dtype
         qi = q[bi, h, i]
         kb = k[bi, hk]
         lo, hi = _key_range(maskb, ms, mode, bi, h, i, Lk)
-        j = lo
-        while j + 8 <= hi:
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
-            k0, k1, k2, k3 = kb[j], kb[j + 1], kb[j + 2], kb[j + 3]
-            k4, k5, k6, k7 = kb[j + 4], kb[j + 5], kb[j + 6], kb[j + 7]
-            for d in range(D):
-                qd = qi[d]
-                a0 = fma(qd, k0[d], a0)
-                a1 = fma(qd, k1[d], a1)
-                a2 = fma(qd, k2[d], a2)
-                a3 = fma(qd, k3[d], a3)
-                a4 = fma(qd, k4[d], a4)
-                a5 = fma(qd, k5[d], a5)
-                a6 = fma(qd, k6[d], a6)
-                a7 = fma(qd, k7[d], a7)
-            s[j] = a0
-            s[j + 1] = a1
-            s[j + 2] = a2
-            s[j + 3] = a3
-            s[j + 4] = a4
-            s[j + 5] = a5
-            s[j + 6] = a6
-            s[j + 7] = a7
-            j += 8
-        while j < hi:
-            a0 = zero
-            kj = kb[j]
-            for d in range(D):
-                a0 = fma(qi[d], kj[d], a0)
-            s[j] = a0
-            j += 1
+        for j in range(lo, hi):
+            s[j] = dot_lanes(qi, kb[j], D, lanes)
         _softmax_pv(s, lo, hi, bi, h, i, v[bi, hk], maskb, maskf, ms, mode, scale, lanes, acc, out)
-
-
-@njit(parallel=True, cache=True)
-def attention_blocked(q, kt, v, maskb, maskf, ms, mode, scale, out):  # type: ignore[no-untyped-def]
-    """Scaled dot-product attention for many queries (prefill); K transposed.
-
-    ``kt``: (B, Hk, D, Lk) contiguous (K transposed per head), the rest as in
-    ``attention_rows``, with the same arithmetic per score: acc = fma(q_d, k_jd, acc)
-    for d = 0..D-1 in order, here vectorised across keys and shared by four queries.
-    """
-    B, H, Lq, D = q.shape
-    Hk = kt.shape[1]
-    Lk = kt.shape[3]
-    Dv = v.shape[3]
-    group = H // Hk
-    QB = 4
-    nqb = (Lq + QB - 1) // QB
-    for t in prange(B * H * nqb):
-        bi = t // (H * nqb)
-        h = (t // nqb) % H
-        i0 = (t % nqb) * QB
-        nq = min(QB, Lq - i0)
-        hk = h // group
-        lanes = np.empty(W, q.dtype)
-        acc = np.empty(Dv, q.dtype)
-        s = np.zeros((QB, Lk), q.dtype)
-        lo = Lk
-        hi = 0
-        for qi in range(nq):
-            a, b = _key_range(maskb, ms, mode, bi, h, i0 + qi, Lk)
-            if a < b:
-                lo = min(lo, a)
-                hi = max(hi, b)
-        ktb = kt[bi, hk]
-        qb = q[bi, h]
-        if nq == QB:
-            s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
-            for d in range(D):
-                kd = ktb[d]
-                q0 = qb[i0, d]
-                q1 = qb[i0 + 1, d]
-                q2 = qb[i0 + 2, d]
-                q3 = qb[i0 + 3, d]
-                for j in range(lo, hi):
-                    kv = kd[j]
-                    s0[j] = fma(q0, kv, s0[j])
-                    s1[j] = fma(q1, kv, s1[j])
-                    s2[j] = fma(q2, kv, s2[j])
-                    s3[j] = fma(q3, kv, s3[j])
-        else:
-            for qi in range(nq):
-                sq = s[qi]
-                for d in range(D):
-                    kd = ktb[d]
-                    qv = qb[i0 + qi, d]
-                    for j in range(lo, hi):
-                        sq[j] = fma(qv, kd[j], sq[j])
-        for qi in range(nq):
-            a, b = _key_range(maskb, ms, mode, bi, h, i0 + qi, Lk)
-            if a >= b:
-                a, b = 0, 0
-            _softmax_pv(s[qi], a, b, bi, h, i0 + qi, v[bi, hk], maskb, maskf, ms, mode, scale, lanes, acc, out)

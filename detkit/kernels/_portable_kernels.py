@@ -63,7 +63,7 @@ LANES = 32
 DOT_CHUNK = 256  # ChunkDot's chunk length (canonical-orders section 2.1): part of the spec
 MATMUL_NB = 256
 MATMUL_KB = DOT_CHUNK  # a K block is exactly one ChunkDot chunk
-MATMUL_MB = 64
+MATMUL_MB = 256  # rows sharing one packed B panel (more rows: fewer re-packs)
 ROW_CHUNK = 4096
 
 # Widening modes for packed matmul operands (raw bits in, fp32 out).
@@ -222,26 +222,34 @@ def anchored_sum_sq(v: np.ndarray, lanes: np.ndarray) -> float:
 
 @njit(cache=True, error_model="numpy")
 def ieee_maximum(v: np.ndarray, lanes: np.ndarray) -> float:
-    """IEEE 754-2019 maximum of v (NaN-propagating, -0 < +0). Exact, so lanes are free."""
+    """IEEE 754-2019 maximum of v (NaN-propagating, -0 < +0). Exact, so lanes are free.
+
+    ``lanes`` is float32[64] scratch: 32 running maxima and 32 NaN probes (x - x is
+    NaN exactly for NaN and +-inf, and NaN sticks), all independent so they vectorise.
+    """
     n = v.shape[0]
-    lanes[:] = NEG_INF
-    probe = ZERO  # becomes NaN if some element is NaN or +-inf (x - x)
+    mx = lanes[:LANES]
+    probe = lanes[LANES:]
+    mx[:] = NEG_INF
+    probe[:] = ZERO
     full = n - n % LANES
     for base in range(0, full, LANES):
         blk = v[base:base + LANES]
         for idx in range(LANES):
             x = blk[idx]
-            lanes[idx] = x if x > lanes[idx] else lanes[idx]
+            mx[idx] = x if x > mx[idx] else mx[idx]
+            probe[idx] = probe[idx] + (x - x)
     tail = v[full:]
     for idx in range(tail.shape[0]):
         x = tail[idx]
-        lanes[idx] = x if x > lanes[idx] else lanes[idx]
+        mx[idx] = x if x > mx[idx] else mx[idx]
+        probe[idx] = probe[idx] + (x - x)
     m = NEG_INF
+    any_special = False
     for idx in range(LANES):
-        m = lanes[idx] if lanes[idx] > m else m
-    for j in range(n):
-        probe = probe + (v[j] - v[j])
-    if probe != probe:
+        m = mx[idx] if mx[idx] > m else m
+        any_special = any_special or probe[idx] != probe[idx]
+    if any_special:  # some +-inf or NaN: find out whether there is a NaN
         for j in range(n):
             if v[j] != v[j]:
                 return v[j]
@@ -270,14 +278,14 @@ def row_sum_rows(x: np.ndarray, mean: bool, out: np.ndarray, r0: int, r1: int) -
 @njit(cache=True, nogil=True, error_model="numpy")
 def softmax_rows(x: np.ndarray, log: bool, out: np.ndarray, r0: int, r1: int) -> None:
     length = x.shape[1]
-    lanes = np.empty(LANES, dtype=F32)
+    lanes = np.empty(2 * LANES, dtype=F32)
     for r in range(r0, r1):
         xr = x[r]
         yr = out[r]
         m = ieee_maximum(xr, lanes)
         for j in range(length):
             yr[j] = exp_f32(xr[j] - m)
-        s = anchored_sum(yr, lanes)
+        s = anchored_sum(yr, lanes[:LANES])
         if log:
             ls = log_f32(s)
             for j in range(length):
@@ -561,39 +569,123 @@ def matmul_packed(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray
         _finish_tile(c, m0, m1, n0, nb, bias, has_bias)
 
 
-# ------------------------------------------------------------------ attention
+WT_BLOCK = 8  # output columns computed together by matmul_wt_small
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask_bool: np.ndarray,
+def matmul_wt_small(a: np.ndarray, w_bits: np.ndarray, mode: int, bias: np.ndarray,
+                    has_bias: bool, c: np.ndarray, t0: int, t1: int) -> None:
+    """c = a @ w.T (+ bias) for few rows of a (decode), straight from the weight
+    ``w_bits`` (N, K) C-contiguous raw bits, without packing: eight output columns run
+    as eight independent fma chains over k (ChunkDot, section 2.1, per output).
+    Blocks t0..t1 of WT_BLOCK columns."""
+    m_dim, k_dim = a.shape
+    n_dim = w_bits.shape[0]
+    for t in range(t0, t1):
+        n0 = t * WT_BLOCK
+        n1 = min(n_dim, n0 + WT_BLOCK)
+        for i in range(m_dim):
+            c[i, n0:n1] = ZERO
+        for k0 in range(0, k_dim, DOT_CHUNK):
+            k1 = min(k_dim, k0 + DOT_CHUNK)
+            for i in range(m_dim):
+                ai = a[i, k0:k1]
+                if n1 - n0 == WT_BLOCK:
+                    w0 = w_bits[n0, k0:k1]
+                    w1 = w_bits[n0 + 1, k0:k1]
+                    w2 = w_bits[n0 + 2, k0:k1]
+                    w3 = w_bits[n0 + 3, k0:k1]
+                    w4 = w_bits[n0 + 4, k0:k1]
+                    w5 = w_bits[n0 + 5, k0:k1]
+                    w6 = w_bits[n0 + 6, k0:k1]
+                    w7 = w_bits[n0 + 7, k0:k1]
+                    p0 = ZERO
+                    p1 = ZERO
+                    p2 = ZERO
+                    p3 = ZERO
+                    p4 = ZERO
+                    p5 = ZERO
+                    p6 = ZERO
+                    p7 = ZERO
+                    for k in range(k1 - k0):
+                        x = ai[k]
+                        p0 = fma32(x, _widen(w0[k], mode), p0)
+                        p1 = fma32(x, _widen(w1[k], mode), p1)
+                        p2 = fma32(x, _widen(w2[k], mode), p2)
+                        p3 = fma32(x, _widen(w3[k], mode), p3)
+                        p4 = fma32(x, _widen(w4[k], mode), p4)
+                        p5 = fma32(x, _widen(w5[k], mode), p5)
+                        p6 = fma32(x, _widen(w6[k], mode), p6)
+                        p7 = fma32(x, _widen(w7[k], mode), p7)
+                    c[i, n0] = c[i, n0] + p0
+                    c[i, n0 + 1] = c[i, n0 + 1] + p1
+                    c[i, n0 + 2] = c[i, n0 + 2] + p2
+                    c[i, n0 + 3] = c[i, n0 + 3] + p3
+                    c[i, n0 + 4] = c[i, n0 + 4] + p4
+                    c[i, n0 + 5] = c[i, n0 + 5] + p5
+                    c[i, n0 + 6] = c[i, n0 + 6] + p6
+                    c[i, n0 + 7] = c[i, n0 + 7] + p7
+                else:
+                    for n in range(n0, n1):
+                        wn = w_bits[n, k0:k1]
+                        p = ZERO
+                        for k in range(k1 - k0):
+                            p = fma32(ai[k], _widen(wn[k], mode), p)
+                        c[i, n] = c[i, n] + p
+        _finish_tile(c, 0, m_dim, n0, n1 - n0, bias, has_bias)
+
+
+# ------------------------------------------------------------------ attention
+
+
+@njit(cache=True, error_model="numpy")
+def _transpose_keys(kg: np.ndarray, kt: np.ndarray) -> None:
+    """kt[d, j] = kg[j, d] in 16 x 16 blocks (both sides stay in cache)."""
+    lk, d_dim = kg.shape
+    for j0 in range(0, lk, 16):
+        j1 = min(lk, j0 + 16)
+        for d0 in range(0, d_dim, 16):
+            d1 = min(d_dim, d0 + 16)
+            for j in range(j0, j1):
+                row = kg[j, d0:d1]
+                for d in range(d1 - d0):
+                    kt[d0 + d, j] = row[d]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask_bool: np.ndarray,
               mask_float: np.ndarray, mask_mode: int, scale: float, out: np.ndarray,
               t0: int, t1: int) -> None:
-    """q (B,H,Lq,D); kt (B,Hk,D,Lk) (keys transposed so scores vectorise over keys);
-    v (B,Hk,Lk,Dv); masks are (B,H,Lq,Lk) views (zero strides allowed);
-    mask_mode 0 none, 1 bool (uint8, 0 = skip), 2 float (added). Computes the query
-    rows t0..t1 of the flattened (B, H, Lq) index."""
+    """q (B,H,Lq,D); k (B,Hk,Lk,D); v (B,Hk,Lk,Dv); masks are (B,H,Lq,Lk) views (zero
+    strides allowed); mask_mode 0 none, 1 bool (uint8, 0 = skip), 2 float (added).
+    Computes the query rows t0..t1 of the flattened (B, H, Lq) index. Each thread keeps
+    the current head's keys transposed, so scores vectorise over keys."""
     nb, nh, lq, d_dim = q.shape
-    hk = kt.shape[1]
-    lk = kt.shape[3]
+    hk = k.shape[1]
+    lk = k.shape[2]
     dv = v.shape[3]
     group = nh // hk
     s = np.zeros(lk, dtype=F32)
     part = np.empty(lk, dtype=F32)
     kept = np.zeros(lk, dtype=np.uint8)
+    kt = np.empty((d_dim, lk), dtype=F32)
+    current = -1
     for t in range(t0, t1):
         b = t // (nh * lq)
         h = (t // lq) % nh
         i = t % lq
         g = h // group
+        if b * hk + g != current:
+            _transpose_keys(k[b, g], kt)
+            current = b * hk + g
         s[:] = ZERO
         kept[:] = 0
         qi = q[b, h, i]
-        ktg = kt[b, g]
         for c0 in range(0, d_dim, DOT_CHUNK):  # ChunkDot over d, lanes over keys
             part[:] = ZERO
             for d in range(c0, min(d_dim, c0 + DOT_CHUNK)):
                 qd = qi[d]
-                krow = ktg[d]
+                krow = kt[d]
                 for j in range(lk):
                     part[j] = fma32(qd, krow[j], part[j])
             for j in range(lk):
@@ -620,10 +712,12 @@ def attention(q: np.ndarray, kt: np.ndarray, v: np.ndarray, mask_bool: np.ndarra
         o[:] = ZERO
         if nkept == 0:
             continue
+        for j in range(lk):  # vectorised; skipped keys get a value that is never read
+            s[j] = exp_f32(s[j] - m)
         total = ZERO
         for j in range(lk):
             if kept[j] == 1:
-                p = exp_f32(s[j] - m)
+                p = s[j]
                 total = total + p
                 vrow = v[b, g, j]
                 for d in range(dv):

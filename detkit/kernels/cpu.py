@@ -31,8 +31,6 @@ from detkit.kernels import _cpu_numba as nk  # noqa: E402
 from detkit.kernels._cpu_tiles import cpu_status, tiled_matmul  # noqa: E402
 
 _NUMBA_LOCK = threading.Lock()
-# Queries per (batch, head) from which attention uses the K-transposed kernel.
-_BLOCKED_MIN_QUERIES = 4
 # Below this many elements a row kernel runs serially: waking numba's threads costs
 # more than the work. Same row function either way, so the same bits.
 _SERIAL_MAX_ELEMENTS = 1 << 16
@@ -166,13 +164,7 @@ def attention(
         else:
             maskf = flat
     out = np.empty((B, H, Lq, vn.shape[3]), qn.dtype)
-    if Lq >= _BLOCKED_MIN_QUERIES:
-        # Same arithmetic per score as attention_rows (see _cpu_numba): only speed differs.
-        ktn = _np(k.transpose(-1, -2))
-        with _NUMBA_LOCK:
-            nk.attention_blocked(qn, ktn, vn, maskb, maskf, ms, mode, float(scale), out)
-    else:
-        kn = _np(k)
-        with _NUMBA_LOCK:
-            nk.attention_rows(qn, kn, vn, maskb, maskf, ms, mode, float(scale), out)
+    kn = _np(k)
+    with _NUMBA_LOCK:
+        nk.attention(qn, kn, vn, maskb, maskf, ms, mode, float(scale), out)
     return _finish(out, q.dtype)

@@ -18,6 +18,7 @@ supported (``BackendUnavailable``): the kernels use cp.async, ldmatrix and bf16 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +107,13 @@ def _cupy() -> Any:
 
 
 def available() -> tuple[bool, str]:
-    """(True, "") if the CUDA backend can run here, else (False, the reason)."""
+    """(True, "") if the CUDA backend can run here, else (False, the reason). Decided
+    once per process (it is asked on every call)."""
+    return _availability()
+
+
+@functools.cache
+def _availability() -> tuple[bool, str]:
     try:
         _cupy()
         if not torch.cuda.is_available():
@@ -130,7 +137,7 @@ def status() -> dict[str, Any]:
         info["cupy"] = cupy.__version__
         info["devices"] = [
             {"index": i, "name": torch.cuda.get_device_name(i),
-             "arch": "sm_%d%d" % torch.cuda.get_device_capability(i)}
+             "arch": "sm_{}{}".format(*torch.cuda.get_device_capability(i))}
             for i in range(torch.cuda.device_count())
         ]
     return info
@@ -164,6 +171,8 @@ def _major(dev: torch.device) -> int:
 
 
 _streams: dict[tuple[int, int], Any] = {}
+# Loaded kernels by (device, file, entry point): the per-call path does no file I/O.
+_functions: dict[tuple[int, str, str], Any] = {}
 
 
 def _launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, int],
@@ -177,8 +186,11 @@ def _launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, in
     if stream is None:
         stream = cupy.cuda.ExternalStream(torch_stream, index)
         _streams[key] = stream
+    fn = _functions.get((index, module, entry))
     with cupy.cuda.Device(index):
-        fn = cuda_loader.load_module(module, index).function(entry)
+        if fn is None:  # first use on this device: compile (or read the disk cache) and load
+            fn = cuda_loader.load_module(module, index).function(entry)
+            _functions[(index, module, entry)] = fn
         fn(grid, (block, 1, 1), args, shared_mem=0, stream=stream)
 
 

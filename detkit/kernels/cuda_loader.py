@@ -370,7 +370,7 @@ def compiler_description(compiler: str | None = None) -> str:
     return _describe(which)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _describe(which: str) -> str:
     if which == "nvrtc":
         n = _nvrtc()
@@ -441,7 +441,7 @@ def recorded_compile_options() -> dict[str, Any]:
     info: dict[str, Any] = {
         "options": list(COMPILE_OPTIONS),
         "fast_math": False,
-        "cupy_adds_ftz": "avoided: detkit compiles with NVRTC itself and loads the CUBIN with CuPy",
+        "compiled_by": "detkit (NVRTC or nvcc), not cupy.RawModule, which would add -ftz=true",
     }
     try:
         info["kernel_dir"] = str(kernel_dir())

@@ -45,7 +45,9 @@ _SMALLEST_NORMAL = np.float32(2.0**-126)
 # Below this much work (elements touched) a kernel runs on the calling thread: waking
 # the pool costs more than it saves. Threads only split the range of independent rows
 # or tiles, each computed by the same code, so the bits never depend on the split.
-_PARALLEL_MIN_WORK = 1 << 15
+_PARALLEL_MIN_WORK = 1 << 19
+# Up to this many rows of a, a transposed weight is read in place (no packing).
+_SMALL_M = 4
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
@@ -138,7 +140,12 @@ def _matmul_2d(a32: np.ndarray, b: torch.Tensor, bias32: np.ndarray, has_bias: b
     c = np.empty((m_dim, n_dim), dtype=np.float32)
     tiles = K.matmul_tiles(n_dim, m_dim)
     work = m_dim * n_dim * max(k_dim, 1)
-    if b.dtype == torch.float32 and b.is_contiguous():
+    if m_dim <= _SMALL_M and b.stride(0) == 1 and b.stride(1) >= k_dim:
+        # b is a transposed weight (nn.Linear): read the weight rows directly
+        w_bits = b.detach().t().contiguous().view(_BITS_VIEW[b.dtype]).numpy()
+        blocks = (n_dim + K.WT_BLOCK - 1) // K.WT_BLOCK
+        _run_split(K.matmul_wt_small, blocks, work, a32, w_bits, _MODE[b.dtype], bias32, has_bias, c)
+    elif b.dtype == torch.float32 and b.is_contiguous():
         _run_split(K.matmul_direct, tiles, work, a32, b.detach().numpy(), bias32, has_bias, c)
     else:
         bits = b.detach().view(_BITS_VIEW[b.dtype]).numpy()
@@ -209,7 +216,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     lk = k.shape[2]
     shape = (nb, nh, lq, lk)
     q32 = _f32(q)
-    kt32 = k.detach().to(torch.float32).transpose(-1, -2).contiguous().numpy()
+    k32 = _f32(k)
     v32 = _f32(v)
     mask_bool = _zero_stride(np.uint8, shape)
     mask_float = _zero_stride(np.float32, shape)
@@ -222,7 +229,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             mask_float, mode = full.to(torch.float32).numpy(), 2
     out = np.empty((nb, nh, lq, v.shape[3]), dtype=np.float32)
     work = nb * nh * lq * lk * (q.shape[3] + v.shape[3])
-    _run_split(K.attention, nb * nh * lq, work, q32, kt32, v32, mask_bool, mask_float, mode,
+    _run_split(K.attention, nb * nh * lq, work, q32, k32, v32, mask_bool, mask_float, mode,
                np.float32(scale), out)
     return _finish(out, dtype)
 

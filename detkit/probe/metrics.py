@@ -146,9 +146,12 @@ class ModeSummary:
     def to_dict(self) -> dict[str, Any]:
         ok = [r for r in self.runs if r.error is None]
         unique_by_prompt: dict[str, int] = {}
+        among_runs: list[int] = []  # distinct streams among the runs alone (run-to-run, for repeat)
         for pid, ref in self.references.items():
-            streams = {tuple(ref)} | {tuple(r.tokens) for r in ok if r.prompt_id == pid}
-            unique_by_prompt[pid] = len(streams)
+            runs = {tuple(r.tokens) for r in ok if r.prompt_id == pid}
+            unique_by_prompt[pid] = len({tuple(ref)} | runs)
+            if runs:
+                among_runs.append(len(runs))
         diverging = [r for r in ok if r.divergence is not None]
         with_scores = [r for r in ok if r.step_max_abs]
         per_step: list[float] = []
@@ -174,6 +177,7 @@ class ModeSummary:
             "identical_runs": sum(1 for r in ok if r.divergence is None and not any(r.step_max_abs)),
             "unique_completions": max(unique_by_prompt.values()) if unique_by_prompt and self.skipped is None else None,
             "unique_completions_by_prompt": unique_by_prompt,
+            "unique_among_runs": max(among_runs) if among_runs else None,
             "token_unit": self.token_unit,
             "score_kind": self.score_kind if has_scores else None,
             "max_abs_logit_diff": max_abs if self.score_kind == "logit" else None,

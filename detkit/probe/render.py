@@ -214,7 +214,7 @@ def _svg_curve(report: dict[str, Any], width: int = 560, height: int = 220) -> s
     out.append(f'<text x="4" y="{pad + plot_h}" font-size="11">0</text>')
     out.append(f'<text x="{left}" y="{height - 8}" font-size="11">step 0</text>')
     out.append(f'<text x="{left + plot_w - 40}" y="{height - 8}" font-size="11">step {steps - 1}</text>')
-    if not series or top == 1.0 and all(not any(s) for _, s in series):
+    if not any(any(s) for _, s in series):
         out.append(f'<text x="{left + 20}" y="{pad + plot_h / 2}" font-size="13">no score difference at any step</text>')
     out.append("</svg>")
     return "".join(out)

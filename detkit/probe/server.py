@@ -219,10 +219,9 @@ def serve(
     """Load ``model`` and return a started-to-be server (call ``serve_forever``) and its batcher."""
     mode = None
     if batch_invariant:
-        import detkit
+        from detkit.mode import batch_invariant as bi
 
-        def mode() -> Any:
-            return detkit.batch_invariant()
+        mode = bi
 
     hf_model, tokenizer, desc = load_model(model, dtype=dtype, seed=seed)
     engine = HFEngine(hf_model, tokenizer, description=desc, top_k=MAX_LOGPROBS, mode=mode)
