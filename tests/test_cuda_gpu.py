@@ -202,6 +202,17 @@ def test_attention_fully_masked_rows_are_zero() -> None:
 
 # ----------------------------------------------------------------------------- portable == CPU portable
 
+# The reference: the CPU portable backend (numba) where installed, else the executable
+# specification itself (plain Python, so smaller shapes). Both are the canonical orders.
+try:
+    from detkit.kernels import portable_cpu as REF
+
+    REF_NAME, BIG = "portable_cpu", True
+except ImportError:  # numba missing on the GPU machine
+    from detkit.kernels import spec as REF  # type: ignore[no-redef]
+
+    REF_NAME, BIG = "spec", False
+
 
 def _adversarial(dtype: torch.dtype, rows: int, length: int, seed: int) -> torch.Tensor:
     x = rand((rows, length), torch.float32, seed, 2.0, device="cpu")
@@ -217,71 +228,69 @@ def _adversarial(dtype: torch.dtype, rows: int, length: int, seed: int) -> torch
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("length", [1, 33, 1000, 4097])
 def test_portable_row_ops_equal_cpu(dtype: torch.dtype, length: int) -> None:
-    from detkit.kernels import portable_cpu
-
-    x = _adversarial(dtype, 64, length, 30)
+    rows = 64 if BIG else 8
+    if not BIG:
+        length = min(length, 300)
+    x = _adversarial(dtype, rows, length, 30)
     w = rand((length,), dtype, 31, device="cpu")
     b = rand((length,), dtype, 32, device="cpu")
     xc, wc, bc = x.to(DEV), w.to(DEV), b.to(DEV)
     for log in (False, True):
-        assert_bits_equal(cuda_backend.softmax(xc, log, portable=True), portable_cpu.softmax(x, log),
-                          f"softmax log={log}")
+        assert_bits_equal(cuda_backend.softmax(xc, log, portable=True), REF.softmax(x, log), f"softmax log={log}")
     for mean in (False, True):
-        assert_bits_equal(cuda_backend.row_sum(xc, mean, portable=True), portable_cpu.row_sum(x, mean), "row_sum")
-    assert_bits_equal(cuda_backend.rms_norm(xc, wc, 1e-6, portable=True), portable_cpu.rms_norm(x, w, 1e-6), "rms_norm")
-    assert_bits_equal(cuda_backend.rms_norm(xc, None, 1e-6, portable=True), portable_cpu.rms_norm(x, None, 1e-6), "rms")
-    assert_bits_equal(cuda_backend.layer_norm(xc, wc, bc, 1e-5, portable=True),
-                      portable_cpu.layer_norm(x, w, b, 1e-5), "layer_norm")
+        assert_bits_equal(cuda_backend.row_sum(xc, mean, portable=True), REF.row_sum(x, mean), "row_sum")
+    assert_bits_equal(cuda_backend.rms_norm(xc, wc, 1e-6, portable=True), REF.rms_norm(x, w, 1e-6), "rms_norm")
+    assert_bits_equal(cuda_backend.rms_norm(xc, None, 1e-6, portable=True), REF.rms_norm(x, None, 1e-6), "rms")
+    for wt, bb in ((w, b), (None, None), (w, None), (None, b)):
+        got = cuda_backend.layer_norm(xc, None if wt is None else wc, None if bb is None else bc, 1e-5, portable=True)
+        assert_bits_equal(got, REF.layer_norm(x, wt, bb, 1e-5), f"layer_norm w={wt is not None} b={bb is not None}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_portable_matmul_equals_cpu(dtype: torch.dtype) -> None:
-    from detkit.kernels import portable_cpu
-
-    a = _adversarial(dtype, 64, 1000, 40)
+    m, k, n = (64, 1000, 387) if BIG else (6, 600, 20)  # K > 256: ChunkDot's chunks
+    a = _adversarial(dtype, m, k, 40)
     a[1] = torch.where(torch.isinf(a[1]), torch.zeros_like(a[1]), a[1])
-    w = rand((387, 1000), dtype, 41, 0.05, device="cpu")
-    bias = rand((387,), dtype, 42, device="cpu")
-    want = portable_cpu.matmul(a, w.t(), bias)
+    w = rand((n, k), dtype, 41, 0.05, device="cpu")
+    bias = rand((n,), dtype, 42, device="cpu")
+    want = REF.matmul(a, w.t(), bias)
     assert_bits_equal(cuda_backend.matmul(a.to(DEV), w.to(DEV).t(), bias.to(DEV), portable=True), want, "k-major B")
     assert_bits_equal(cuda_backend.matmul(a.to(DEV), w.t().contiguous().to(DEV), bias.to(DEV), portable=True),
                       want, "n-major B")
-    a3, b3 = rand((4, 33, 70), dtype, 43, device="cpu"), rand((4, 70, 50), dtype, 44, device="cpu")
+    nb, mm, kk, nn = (4, 33, 70, 50) if BIG else (2, 5, 40, 9)
+    a3, b3 = rand((nb, mm, kk), dtype, 43, device="cpu"), rand((nb, kk, nn), dtype, 44, device="cpu")
     assert_bits_equal(cuda_backend.matmul(a3.to(DEV), b3.to(DEV), None, portable=True),
-                      portable_cpu.matmul(a3, b3, None), "bmm")
+                      REF.matmul(a3, b3, None), "bmm")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "causal"])
 def test_portable_attention_equals_cpu(dtype: torch.dtype, mask_kind: str) -> None:
-    from detkit.kernels import portable_cpu
-
-    q = rand((2, 4, 33, 64), dtype, 50, device="cpu")
-    k = rand((2, 2, 100, 64), dtype, 51, device="cpu")
-    v = rand((2, 2, 100, 48), dtype, 52, device="cpu")
+    nb, lq, lk, d, dv = (2, 33, 100, 64, 48) if BIG else (1, 5, 40, 16, 12)
+    q = rand((nb, 4, lq, d), dtype, 50, device="cpu")
+    k = rand((nb, 2, lk, d), dtype, 51, device="cpu")
+    v = rand((nb, 2, lk, dv), dtype, 52, device="cpu")
     mask: torch.Tensor | None = None
     if mask_kind == "bool":
-        mask = (rand((2, 1, 33, 100), torch.float32, 53, device="cpu") > -0.5).expand(2, 4, 33, 100)
+        mask = (rand((nb, 1, lq, lk), torch.float32, 53, device="cpu") > -0.5).expand(nb, 4, lq, lk)
     elif mask_kind == "float":
-        mask = rand((2, 4, 33, 100), torch.float32, 53, device="cpu")
+        mask = rand((nb, 4, lq, lk), torch.float32, 53, device="cpu")
         mask[0, :, :, :10] = float("-inf")
     elif mask_kind == "causal":
-        mask = torch.ones(33, 100, dtype=torch.bool).tril(diagonal=67).expand(2, 4, 33, 100)
-    want = portable_cpu.attention(q, k, v, mask, 0.125)
+        mask = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq).expand(nb, 4, lq, lk)
+    want = REF.attention(q, k, v, mask, 0.125)
     got = cuda_backend.attention(q.to(DEV), k.to(DEV), v.to(DEV), None if mask is None else mask.to(DEV), 0.125,
                                  portable=True)
-    assert_bits_equal(got, want, f"attention {mask_kind}")
+    assert_bits_equal(got, want, f"attention {mask_kind} (reference: {REF_NAME})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_portable_elementwise_equals_cpu(dtype: torch.dtype) -> None:
-    from detkit.kernels import portable_cpu
-
-    x = torch.cat([rand((20000,), torch.float32, 60, 40.0, device="cpu"),
+    x = torch.cat([rand((20000 if BIG else 2000,), torch.float32, 60, 40.0, device="cpu"),
                    torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40,
-                                 88.7, 89.5, -103.9, -110.0])]).to(dtype)
+                                 88.7, 89.5, -103.9, -110.0, 0.5, -0.5, 0.49])]).to(dtype)
     for name in cuda_backend.ELEMENTWISE_OPS:
-        assert_bits_equal(cuda_backend.elementwise(name, x.to(DEV)), portable_cpu.elementwise(name, x), name)
+        assert_bits_equal(cuda_backend.elementwise(name, x.to(DEV)), REF.elementwise(name, x), name)
 
 
 # ----------------------------------------------------------------------------- values, streams, front end
@@ -323,12 +332,13 @@ def test_runs_on_torchs_current_stream() -> None:
 
 
 def test_front_end_routes_cuda_tensors_and_portable_flag() -> None:
-    """detkit.kernels on CUDA tensors reaches this backend and honours portable=True."""
+    """detkit.kernels on CUDA tensors reaches this backend and honours portable=True
+    (needs ("cuda", True) -> detkit.kernels.cuda_portable in _backend.BACKEND_MODULES)."""
     from detkit import kernels
+    from detkit.kernels import spec
 
-    a = rand((8, 256), torch.float32, 90, device="cpu")
-    b = rand((256, 64), torch.float32, 91, device="cpu")
-    assert_bits_equal(kernels.matmul(a.to(DEV), b.to(DEV), portable=True), kernels.matmul(a, b, portable=True),
-                      "matmul")
-    x = rand((8, 300), torch.bfloat16, 92, device="cpu")
-    assert_bits_equal(kernels.softmax(x.to(DEV), portable=True), kernels.softmax(x, portable=True), "softmax")
+    a = rand((3, 300), torch.bfloat16, 90, device="cpu")
+    b = rand((300, 5), torch.bfloat16, 91, device="cpu")
+    assert_bits_equal(kernels.matmul(a.to(DEV), b.to(DEV), portable=True), spec.matmul(a, b, None), "matmul")
+    x = rand((3, 50), torch.bfloat16, 92, device="cpu")
+    assert_bits_equal(kernels.softmax(x.to(DEV), portable=True), spec.softmax(x, False), "softmax")

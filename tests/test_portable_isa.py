@@ -57,6 +57,7 @@ def _worker() -> None:
         tag = str(dtype).replace("torch.", "")
         a, w, bias = make((13, 300), dtype, 1), tame((37, 300), dtype, 2), tame((37,), dtype, 3)
         record(f"matmul_wT/{tag}", P.matmul(a, w.T, bias))
+        record(f"matmul_decode/{tag}", P.matmul(a[:3], w.T, bias))
         record(f"matmul_big/{tag}", P.matmul(tame((9, 700), dtype, 4), tame((700, 530), dtype, 5), None))
         record(f"bmm/{tag}", P.matmul(make((3, 5, 40), dtype, 6), tame((3, 40, 11), dtype, 7), None))
         x = make((7, 333), dtype, 8)
@@ -126,10 +127,10 @@ def _inspect_real_kernels() -> dict[str, dict[str, int]]:
     w = np.ones(40, f32)
     flat = x.reshape(-1)
     cases = {
-        "softmax_rows": (x, True, np.empty_like(x), 0, 3),
-        "layer_norm_rows": (x, w, True, w, True, f32(1e-5), np.empty_like(x), 0, 3),
+        "softmax_rows": (x, 0, True, np.empty_like(x), 0, 3),
+        "layer_norm_rows": (np.ones((3, 40), np.int16), 1, w, True, w, True, f32(1e-5), np.empty_like(x), 0, 3),
         "matmul_packed": (x, np.ones((40, 5), np.int16), 1, w, False, np.empty((3, 5), f32), 0, 1),
-        "elementwise_range": (4, flat, np.empty_like(flat), 0, flat.shape[0]),
+        "elementwise_range": (4, flat, 0, np.empty_like(flat), 0, flat.shape[0]),
     }
     flag_re = re.compile(r"\b(?:fadd|fsub|fmul|fdiv|fneg|fcmp|call)\b[^\n]*\b(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
     double_re = re.compile(r"\b(?:fadd|fsub|fmul|fdiv)\s+double\b|fpext float [^\n]* to double")
@@ -213,7 +214,7 @@ def test_same_bits_on_every_isa_and_thread_count(runs):
     base = runs[names[0]]["hashes"]
     from detkit.kernels.portable_cpu import ELEMENTWISE_OPS
 
-    assert len(base) == 3 * (12 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
+    assert len(base) == 3 * (13 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
     diffs = {name: sorted(k for k, h in runs[name]["hashes"].items() if base[k] != h) for name in names[1:]}
     assert all(not d for d in diffs.values()), f"hash differs from {names[0]!r}: {diffs}"
 

@@ -316,12 +316,13 @@ def test_final_rounding_is_ieee_nearest_even(dtype):
     assert_same_bits(P._finish(x.numpy().copy(), dtype), want)
 
 
+@pytest.mark.parametrize("rows", [1, 5])  # in-place weight path (few rows) and packed path
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_widening_and_rounding_every_16_bit_pattern(dtype):
-    # through the packed matmul path (in-kernel widening) and the output rounding:
+def test_widening_and_rounding_every_16_bit_pattern(dtype, rows):
+    # through the matmul's in-kernel widening and the output rounding:
     # 1 * x + 0 must give x back for every pattern except -0 (-> +0) and NaN (canonical)
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    got = P.matmul(torch.ones(1, 1, dtype=dtype), x.reshape(-1, 1).T, None).reshape(-1)
+    got = P.matmul(torch.ones(rows, 1, dtype=dtype), x.reshape(-1, 1).T, None)[-1]
     want = torch.where(x == 0, torch.zeros_like(x), x)
     nan = torch.isnan(x)
     assert_same_bits(got[~nan], want[~nan])

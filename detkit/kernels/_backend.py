@@ -14,7 +14,8 @@ device      portable    module
 ==========  ==========  =====================================
 cpu         False       ``detkit.kernels.cpu``
 cpu         True        ``detkit.kernels.portable_cpu``
-cuda        either      ``detkit.kernels.cuda`` (functions take ``portable=``)
+cuda        False       ``detkit.kernels.cuda``
+cuda        True        ``detkit.kernels.cuda_portable`` (``cuda`` with ``portable=True`` bound)
 ==========  ==========  =====================================
 
 Functions (tensors are torch tensors on the backend's device; ``dtype`` is one of
@@ -69,7 +70,7 @@ BACKEND_MODULES: dict[tuple[str, bool], str] = {
     ("cpu", False): "detkit.kernels.cpu",
     ("cpu", True): "detkit.kernels.portable_cpu",
     ("cuda", False): "detkit.kernels.cuda",
-    ("cuda", True): "detkit.kernels.cuda",
+    ("cuda", True): "detkit.kernels.cuda_portable",
 }
 
 

@@ -31,9 +31,13 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+
+from detkit.kernels._portable_kernels import exp_f32
 
 W = 16
+QB = 8  # attention: queries per task (they share each loaded key/value row)
+KB = 64  # attention: keys per score tile (vector lanes across keys)
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 6.93147180369123816490e-01  # low 32 bits zero: k * LN2_HI is exact
@@ -93,6 +97,20 @@ def exp64(t: float) -> float:
     k1 = k >> 1
     res = p * _pow2(k1) * _pow2(k - k1)
     return res if t == t else t
+
+
+def exp_w(t):  # type: ignore[no-untyped-def]
+    """exp in the working dtype: ``exp_f32`` for float32, ``exp64`` for float64."""
+    raise NotImplementedError("exp_w is only callable from numba-compiled code")
+
+
+@overload(exp_w, inline="always")
+def _exp_w_impl(t):  # type: ignore[no-untyped-def]
+    if t == types.float32:
+        return lambda t: exp_f32(t)
+    if t == types.float64:
+        return lambda t: exp64(t)
+    return None
 
 
 @njit(cache=True, inline="always")
@@ -373,72 +391,179 @@ def _key_range(maskb, ms, mode, bi, h, i, Lk):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _softmax_pv(s, lo, hi, bi, h, i, vb, maskb, maskf, ms, mode, scale, lanes, acc, out):  # type: ignore[no-untyped-def]
-    """Finish one query from its raw scores s[lo:hi] (sequential-d dot products)."""
-    Dv = vb.shape[1]
-    base = bi * ms[0] + h * ms[1] + i * ms[2]
-    m = -np.inf
+def _scores_tiled(qblk, nq, kTb, jlo, jhi, s):  # type: ignore[no-untyped-def]
+    """s[qi, j] = sequential-d FMA chain of q_qi . k_j for j in [jlo, jhi) (and up to KB past).
+
+    Vectorised across the KB keys of a tile (``kTb`` is K transposed, keys padded to a
+    multiple of KB with zeros); the QB queries share each loaded row of ``kTb``. Each
+    score is still ``acc = fma(q[d], k[j, d], acc)`` for d = 0..D-1 from +0.0.
+    """
+    D = kTb.shape[0]
+    acc = np.empty((QB, KB), s.dtype)
+    jb = (jlo // KB) * KB
+    while jb < jhi:
+        for qi in range(QB):
+            for w in range(KB):
+                acc[qi, w] = 0.0
+        for d in range(D):
+            kd = kTb[d, jb : jb + KB]
+            for qi in range(QB):
+                qv = qblk[qi, d]
+                for w in range(KB):
+                    acc[qi, w] = fma(qv, kd[w], acc[qi, w])
+        for qi in range(nq):
+            for w in range(KB):
+                s[qi, jb + w] = acc[qi, w]
+        jb += KB
+
+
+@njit(cache=True, inline="always")
+def _scores_rows(qi_vec, kb, lo, hi, srow):  # type: ignore[no-untyped-def]
+    """The same sequential-d FMA chains as ``_scores_tiled``, four keys at a time from K rows."""
+    D = kb.shape[1]
+    j = lo
+    while j + 4 <= hi:
+        k0 = kb[j]
+        k1 = kb[j + 1]
+        k2 = kb[j + 2]
+        k3 = kb[j + 3]
+        s0 = srow[j]  # +0.0 in the working dtype (srow arrives zeroed)
+        s1 = s0
+        s2 = s0
+        s3 = s0
+        for d in range(D):
+            qd = qi_vec[d]
+            s0 = fma(qd, k0[d], s0)
+            s1 = fma(qd, k1[d], s1)
+            s2 = fma(qd, k2[d], s2)
+            s3 = fma(qd, k3[d], s3)
+        srow[j] = s0
+        srow[j + 1] = s1
+        srow[j + 2] = s2
+        srow[j + 3] = s3
+        j += 4
+    while j < hi:
+        kj = kb[j]
+        s0 = srow[j]
+        for d in range(D):
+            s0 = fma(qi_vec[d], kj[d], s0)
+        srow[j] = s0
+        j += 1
+
+
+@njit(cache=True, inline="always")
+def _probabilities(srow, lo, hi, jlo, jhi, base, maskb, maskf, ms, mode, scale):  # type: ignore[no-untyped-def]
+    """Turn one query's raw scores in srow[lo:hi] into unnormalised probabilities.
+
+    Entries of [jlo, jhi) outside [lo, hi) become 0 (they are skipped by P @ V). Returns
+    (denominator, attended): the anchored lane sum of the probabilities, and False when
+    no key has a score above -inf (the output row is then zeros, as torch's SDPA).
+    """
+    for j in range(jlo, lo):
+        srow[j] = 0.0
+    for j in range(hi, jhi):
+        srow[j] = 0.0
+    lanes = np.empty(W, srow.dtype)
+    lanes[0] = -np.inf
+    m = lanes[0]  # -inf in the working dtype, so that exp's argument is computed in it
     for j in range(lo, hi):
-        sc = s[j] * scale
+        sc = srow[j] * scale
         if mode == 1 and not maskb[base + j * ms[3]]:
             sc = -np.inf
         elif mode == 2:
             sc = sc + maskf[base + j * ms[3]]
-        s[j] = sc  # rounded to the working dtype here, once
-        if s[j] > m:
-            m = s[j]
+        srow[j] = sc  # rounded to the working dtype here, once
+        if srow[j] > m:
+            m = srow[j]
     if m == -np.inf:
-        # No attended key (or none with a finite score): zeros, as torch's SDPA.
-        for d in range(Dv):
-            out[bi, h, i, d] = 0.0
-        return
-    m64 = np.float64(m)
+        for j in range(lo, hi):
+            srow[j] = 0.0
+        return srow[lo], False
     for j in range(lo, hi):
-        s[j] = exp64(np.float64(s[j]) - m64)
-    j0 = lo + first_nonzero(s[lo:hi], hi - lo)
-    denom = anchored_sum(s, j0, hi, lanes)
-    for d in range(Dv):
-        acc[d] = 0.0
-    for j in range(j0, hi):
-        pj = s[j]
-        if pj != 0:
-            vj = vb[j]
-            for d in range(Dv):
-                acc[d] = fma(pj, vj[d], acc[d])
-    for d in range(Dv):
-        out[bi, h, i, d] = acc[d] / denom
+        srow[j] = exp_w(srow[j] - m)
+    j0 = lo + first_nonzero(srow[lo:hi], hi - lo)
+    return anchored_sum(srow, j0, hi, lanes), True
 
 
 @njit(parallel=True, cache=True)
-def attention(q, k, v, maskb, maskf, ms, mode, scale, out):  # type: ignore[no-untyped-def]
-    """Scaled dot-product attention, one (batch, head, query) row per task.
+def attention(q, k, kT, tiled, v, maskb, maskf, ms, mode, scale, out):  # type: ignore[no-untyped-def]
+    """Scaled dot-product attention; one task = up to QB queries of one (batch, head).
 
     ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv), contiguous;
-    ``mode``: 0 no mask, 1 ``maskb`` (bool, False = masked), 2 ``maskf`` (added to the
-    scaled score); both masks are flat arrays indexed with the element strides ``ms``
-    of a (B, H, Lq, Lk) view (zeros where broadcast). Score of key j:
-    ``dot_lanes(q_i, k_j)`` times ``scale`` (plus the additive mask), rounded; then the
-    row's softmax with an anchored lane sum and P @ V accumulated over the attended
-    keys in key order. A
-    query only ever reads its attended keys' range, so padding and decode-vs-prefill
-    give identical bits.
+    ``kT``: k transposed to (B, Hk, D, Lk padded to a multiple of KB with zeros) when
+    ``tiled`` (otherwise unused); ``mode``: 0 no mask, 1 ``maskb`` (bool, False =
+    masked), 2 ``maskf`` (added to the scaled score); both masks are flat arrays indexed
+    with the element strides ``ms`` of a (B, H, Lq, Lk) view (zeros where broadcast).
+
+    Per query, over its attended key range only: score of key j = sequential-d FMA
+    chain of q . k_j from +0.0, times ``scale`` (plus the additive mask), rounded;
+    p_j = exp(score_j - max); denominator = anchored lane sum of the p_j;
+    out = (sum over attended j in key order of fma(p_j, v_j, acc)) / denominator,
+    zero p_j skipped. The tiled and the row score paths execute the same operations
+    per score, and which one runs never depends on anything but ``tiled``; a query's
+    bits therefore do not depend on the other queries of its task, on padding keys,
+    nor on decode vs prefill.
     """
     B, H, Lq, D = q.shape
     Hk = k.shape[1]
     Lk = k.shape[2]
     Dv = v.shape[3]
     group = H // Hk
-    for t in prange(B * H * Lq):
-        bi = t // (H * Lq)
-        h = (t // Lq) % H
-        i = t % Lq
+    nqb = (Lq + QB - 1) // QB
+    for t in prange(B * H * nqb):
+        bi = t // (H * nqb)
+        h = (t // nqb) % H
+        i0 = (t % nqb) * QB
+        nq = min(QB, Lq - i0)
         hk = h // group
-        lanes = np.empty(W, q.dtype)
-        s = np.zeros(Lk, q.dtype)
-        acc = np.empty(Dv, q.dtype)
-        qi = q[bi, h, i]
-        kb = k[bi, hk]
-        lo, hi = _key_range(maskb, ms, mode, bi, h, i, Lk)
-        for j in range(lo, hi):
-            s[j] = dot_lanes(qi, kb[j], D, lanes)
-        _softmax_pv(s, lo, hi, bi, h, i, v[bi, hk], maskb, maskf, ms, mode, scale, lanes, acc, out)
+        los = np.empty(QB, np.int64)
+        his = np.empty(QB, np.int64)
+        jlo = Lk
+        jhi = 0
+        for qi in range(nq):
+            lo, hi = _key_range(maskb, ms, mode, bi, h, i0 + qi, Lk)
+            los[qi] = lo
+            his[qi] = hi
+            if hi > lo:
+                jlo = min(jlo, lo)
+                jhi = max(jhi, hi)
+        width = ((Lk + KB - 1) // KB) * KB
+        s = np.zeros((QB, width), q.dtype)
+        if tiled:
+            qblk = np.zeros((QB, D), q.dtype)
+            for qi in range(nq):
+                for d in range(D):
+                    qblk[qi, d] = q[bi, h, i0 + qi, d]
+            if jhi > jlo:
+                _scores_tiled(qblk, nq, kT[bi, hk], jlo, jhi, s)
+        else:
+            for qi in range(nq):
+                _scores_rows(q[bi, h, i0 + qi], k[bi, hk], los[qi], his[qi], s[qi])
+        denom = np.empty(QB, q.dtype)
+        live = np.zeros(QB, np.bool_)
+        for qi in range(nq):
+            if his[qi] > los[qi]:
+                base = bi * ms[0] + h * ms[1] + (i0 + qi) * ms[2]
+                dn, ok = _probabilities(s[qi], los[qi], his[qi], jlo, jhi, base, maskb, maskf, ms, mode, scale)
+                denom[qi] = dn
+                live[qi] = ok
+            else:
+                for j in range(jlo, jhi):
+                    s[qi, j] = 0.0
+        acc = np.zeros((QB, Dv), q.dtype)
+        vb = v[bi, hk]
+        for j in range(jlo, jhi):
+            vj = vb[j]
+            for qi in range(nq):
+                pj = s[qi, j]
+                if pj != 0:
+                    for d in range(Dv):
+                        acc[qi, d] = fma(pj, vj[d], acc[qi, d])
+        for qi in range(nq):
+            if live[qi]:
+                for d in range(Dv):
+                    out[bi, h, i0 + qi, d] = acc[qi, d] / denom[qi]
+            else:
+                # No attended key (or none with a finite score): zeros, as torch's SDPA.
+                for d in range(Dv):
+                    out[bi, h, i0 + qi, d] = 0.0

@@ -19,7 +19,8 @@ Rules that keep these kernels equal to ``detkit.kernels.spec`` on every CPU:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from detkit.kernels._portable_llvm import (
     bits_to_f32,
@@ -261,26 +262,52 @@ def ieee_maximum(v: np.ndarray, lanes: np.ndarray) -> float:
     return m
 
 
+# ------------------------------------------------------------------ input widening
+
+
+def as_f32(v: np.ndarray, buf: np.ndarray, mode: int) -> np.ndarray:
+    """A float32 view of the 1-D array ``v``: ``v`` itself if it is float32, else its
+    raw bf16/fp16 bits (int16) widened exactly into ``buf`` (resolved at compile time)."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(as_f32)
+def _as_f32_impl(v, buf, mode):  # type: ignore[no-untyped-def]
+    if isinstance(v, types.Array) and v.dtype == types.float32:
+        return lambda v, buf, mode: v
+
+    def widen_into(v, buf, mode):  # type: ignore[no-untyped-def]
+        n = v.shape[0]
+        out = buf[:n]
+        for j in range(n):
+            out[j] = _widen(v[j], mode)
+        return out
+
+    return widen_into
+
+
 # ------------------------------------------------------------------ row ops
 # Every kernel works on a range of rows / elements / tiles given by its last two
 # arguments and releases the GIL; ``portable_cpu`` splits the range over threads.
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def row_sum_rows(x: np.ndarray, mean: bool, out: np.ndarray, r0: int, r1: int) -> None:
+def row_sum_rows(x: np.ndarray, mode: int, mean: bool, out: np.ndarray, r0: int, r1: int) -> None:
     flen = F32(x.shape[1])
     lanes = np.empty(LANES, dtype=F32)
+    buf = np.empty(x.shape[1], dtype=F32)
     for r in range(r0, r1):
-        s = anchored_sum(x[r], lanes)
+        s = anchored_sum(as_f32(x[r], buf, mode), lanes)
         out[r] = canon(s / flen if mean else s)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def softmax_rows(x: np.ndarray, log: bool, out: np.ndarray, r0: int, r1: int) -> None:
+def softmax_rows(x: np.ndarray, mode: int, log: bool, out: np.ndarray, r0: int, r1: int) -> None:
     length = x.shape[1]
     lanes = np.empty(2 * LANES, dtype=F32)
+    buf = np.empty(length, dtype=F32)
     for r in range(r0, r1):
-        xr = x[r]
+        xr = as_f32(x[r], buf, mode)
         yr = out[r]
         m = ieee_maximum(xr, lanes)
         for j in range(length):
@@ -296,13 +323,14 @@ def softmax_rows(x: np.ndarray, log: bool, out: np.ndarray, r0: int, r1: int) ->
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def rms_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: float,
+def rms_norm_rows(x: np.ndarray, mode: int, weight: np.ndarray, has_weight: bool, eps: float,
                   out: np.ndarray, r0: int, r1: int) -> None:
     length = x.shape[1]
     flen = F32(length)
     lanes = np.empty(LANES, dtype=F32)
+    buf = np.empty(length, dtype=F32)
     for r in range(r0, r1):
-        xr = x[r]
+        xr = as_f32(x[r], buf, mode)
         yr = out[r]
         ss = anchored_sum_sq(xr, lanes)
         rr = ONE / np.sqrt(ss / flen + eps)
@@ -315,13 +343,15 @@ def rms_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, eps: floa
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def layer_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: np.ndarray,
-                    has_bias: bool, eps: float, out: np.ndarray, r0: int, r1: int) -> None:
+def layer_norm_rows(x: np.ndarray, mode: int, weight: np.ndarray, has_weight: bool,
+                    bias: np.ndarray, has_bias: bool, eps: float, out: np.ndarray, r0: int,
+                    r1: int) -> None:
     length = x.shape[1]
     flen = F32(length)
     lanes = np.empty(LANES, dtype=F32)
+    buf = np.empty(length, dtype=F32)
     for r in range(r0, r1):
-        xr = x[r]
+        xr = as_f32(x[r], buf, mode)
         yr = out[r]
         mu = anchored_sum(xr, lanes) / flen
         for j in range(length):
@@ -345,29 +375,33 @@ def layer_norm_rows(x: np.ndarray, weight: np.ndarray, has_weight: bool, bias: n
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def elementwise_range(op: int, x: np.ndarray, out: np.ndarray, lo: int, hi: int) -> None:
-    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu, 5 tanh on x[lo:hi] (flat float32)."""
-    xs = x[lo:hi]
-    ys = out[lo:hi]
-    if op == 0:
-        for j in range(xs.shape[0]):
-            ys[j] = canon(exp_f32(xs[j]))
-    elif op == 1:
-        for j in range(xs.shape[0]):
-            ys[j] = canon(log_f32(xs[j]))
-    elif op == 2:
-        for j in range(xs.shape[0]):
-            ys[j] = canon(ONE / np.sqrt(xs[j]))
-    elif op == 3:
-        for j in range(xs.shape[0]):
-            ys[j] = canon(ONE / (ONE + exp_f32(-xs[j])))
-    elif op == 4:
-        for j in range(xs.shape[0]):
-            v = xs[j]
-            ys[j] = canon(v / (ONE + exp_f32(-v)))
-    else:
-        for j in range(xs.shape[0]):
-            ys[j] = canon(tanh_f32(xs[j]))
+def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int) -> None:
+    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu, 5 tanh on x[lo:hi] (flat; float32
+    or raw bf16/fp16 bits), in blocks of ROW_CHUNK."""
+    buf = np.empty(ROW_CHUNK, dtype=F32)
+    for c0 in range(lo, hi, ROW_CHUNK):
+        c1 = min(hi, c0 + ROW_CHUNK)
+        xs = as_f32(x[c0:c1], buf, mode)
+        ys = out[c0:c1]
+        if op == 0:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(exp_f32(xs[j]))
+        elif op == 1:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(log_f32(xs[j]))
+        elif op == 2:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(ONE / np.sqrt(xs[j]))
+        elif op == 3:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(ONE / (ONE + exp_f32(-xs[j])))
+        elif op == 4:
+            for j in range(xs.shape[0]):
+                v = xs[j]
+                ys[j] = canon(v / (ONE + exp_f32(-v)))
+        else:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(tanh_f32(xs[j]))
 
 
 # ------------------------------------------------------------------ float16 <-> float32

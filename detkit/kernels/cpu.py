@@ -34,6 +34,9 @@ _NUMBA_LOCK = threading.Lock()
 # Below this many elements a row kernel runs serially: waking numba's threads costs
 # more than the work. Same row function either way, so the same bits.
 _SERIAL_MAX_ELEMENTS = 1 << 16
+# From this many queries on, attention scores come from K-transposed tiles (the copy of
+# K pays for itself); fewer queries (decode) read K rows directly. Same bits either way.
+_TILED_MIN_QUERIES = 4
 
 
 def _row_kernel(parallel: Any, serial: Any, x: np.ndarray) -> Any:
@@ -165,6 +168,15 @@ def attention(
             maskf = flat
     out = np.empty((B, H, Lq, vn.shape[3]), qn.dtype)
     kn = _np(k)
+    # Several queries per (batch, head): score tiles vectorised across keys need K
+    # transposed. Both score paths give the same bits (see _cpu_numba.attention).
+    tiled = Lq >= _TILED_MIN_QUERIES
+    if tiled:
+        Lk, D = kn.shape[2], kn.shape[3]
+        kT = np.zeros((kn.shape[0], kn.shape[1], D, -(-Lk // nk.KB) * nk.KB), kn.dtype)
+        kT[..., :Lk] = kn.transpose(0, 1, 3, 2)
+    else:
+        kT = np.zeros((1, 1, 1, 1), kn.dtype)
     with _NUMBA_LOCK:
-        nk.attention(qn, kn, vn, maskb, maskf, ms, mode, float(scale), out)
+        nk.attention(qn, kn, kT, tiled, vn, maskb, maskf, ms, mode, float(scale), out)
     return _finish(out, q.dtype)

@@ -118,6 +118,15 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
+def _rows_in(t: torch.Tensor) -> tuple[np.ndarray, int]:
+    """Kernel input without a widened copy: float32 values, or the raw bf16/fp16 bits
+    that the kernels widen (exactly) row by row."""
+    t = t.detach().contiguous()
+    if t.dtype == torch.float32:
+        return t.numpy(), K.MODE_F32
+    return t.view(torch.int16).numpy(), _MODE[t.dtype]
+
+
 def _opt_f32(t: torch.Tensor | None) -> tuple[np.ndarray, bool]:
     if t is None:
         return np.zeros(1, dtype=np.float32), False
@@ -168,38 +177,38 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch
 
 def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:
     dtype = _check_dtype(x)
-    x32 = _f32(x)
-    out = np.empty_like(x32)
-    _run_split(K.softmax_rows, x32.shape[0], x32.size, x32, bool(log), out)
+    xin, mode = _rows_in(x)
+    out = np.empty(xin.shape, dtype=np.float32)
+    _run_split(K.softmax_rows, xin.shape[0], xin.size, xin, mode, bool(log), out)
     return _finish(out, dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     dtype = _check_dtype(x, weight)
-    x32 = _f32(x)
+    xin, mode = _rows_in(x)
     w32, has_w = _opt_f32(weight)
-    out = np.empty_like(x32)
-    _run_split(K.rms_norm_rows, x32.shape[0], x32.size, x32, w32, has_w, np.float32(eps), out)
+    out = np.empty(xin.shape, dtype=np.float32)
+    _run_split(K.rms_norm_rows, xin.shape[0], xin.size, xin, mode, w32, has_w, np.float32(eps), out)
     return _finish(out, dtype)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                eps: float) -> torch.Tensor:
     dtype = _check_dtype(x, weight, bias)
-    x32 = _f32(x)
+    xin, mode = _rows_in(x)
     w32, has_w = _opt_f32(weight)
     b32, has_b = _opt_f32(bias)
-    out = np.empty_like(x32)
-    _run_split(K.layer_norm_rows, x32.shape[0], x32.size, x32, w32, has_w, b32, has_b,
+    out = np.empty(xin.shape, dtype=np.float32)
+    _run_split(K.layer_norm_rows, xin.shape[0], xin.size, xin, mode, w32, has_w, b32, has_b,
                np.float32(eps), out)
     return _finish(out, dtype)
 
 
 def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     dtype = _check_dtype(x)
-    x32 = _f32(x)
-    out = np.empty(x32.shape[0], dtype=np.float32)
-    _run_split(K.row_sum_rows, x32.shape[0], x32.size, x32, bool(mean), out)
+    xin, mode = _rows_in(x)
+    out = np.empty(xin.shape[0], dtype=np.float32)
+    _run_split(K.row_sum_rows, xin.shape[0], xin.size, xin, mode, bool(mean), out)
     return _finish(out, dtype)
 
 
@@ -239,7 +248,7 @@ def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
     if name not in _OP_CODES:
         raise InputError(f"unknown portable elementwise op {name!r}; choose one of {ELEMENTWISE_OPS}")
     dtype = _check_dtype(x)
-    x32 = _f32(x).reshape(-1)
-    out = np.empty_like(x32)
-    _run_split(K.elementwise_range, x32.shape[0], x32.shape[0], _OP_CODES[name], x32, out)
+    xin, mode = _rows_in(x.reshape(-1))
+    out = np.empty(xin.shape, dtype=np.float32)
+    _run_split(K.elementwise_range, xin.shape[0], xin.shape[0], _OP_CODES[name], xin, mode, out)
     return _finish(out.reshape(tuple(x.shape)), dtype)

@@ -25,7 +25,6 @@ Unknown keys are errors (a typo must not silently change what is measured).
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,6 +171,10 @@ def suite_from_dict(data: dict[str, Any], *, source: str = "suite") -> ProbeSuit
 
 def load_suite(path: str | Path) -> ProbeSuite:
     """Read a probe suite from a TOML file."""
+    try:
+        import tomllib
+    except ModuleNotFoundError as exc:  # Python 3.10
+        raise InputError("probe suite files need Python >= 3.11 (tomllib); use the built-in default suite") from exc
     p = Path(path)
     if not p.is_file():
         raise InputError(f"no probe suite at {p}; give a TOML file such as probes/feynman.toml")
