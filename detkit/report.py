@@ -54,6 +54,8 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=2, allow_nan=False, default=_json_default)
             fh.write("\n")
+        # mkstemp creates 0600; a report is meant to be read by others (CI artifacts).
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
