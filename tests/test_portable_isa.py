@@ -132,7 +132,8 @@ def _inspect_real_kernels() -> dict[str, dict[str, int]]:
         "matmul_packed": (x, np.ones((40, 5), np.int16), 1, w, False, np.empty((3, 5), f32), 0, 1),
         "elementwise_range": (4, flat, 0, np.empty_like(flat), 0, flat.shape[0]),
     }
-    flag_re = re.compile(r"\b(?:fadd|fsub|fmul|fdiv|fneg|fcmp|call)\b[^\n]*\b(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
+    flag_re = re.compile(r"\b(?:fadd|fsub|fmul|fdiv|fneg|fcmp|call)\b[^\n]*"
+                         r"\b(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
     double_re = re.compile(r"\b(?:fadd|fsub|fmul|fdiv)\s+double\b|fpext float [^\n]* to double")
     out = {}
     for name, args in cases.items():

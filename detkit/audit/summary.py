@@ -120,11 +120,12 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
             continue
         where = ""
         if check == "batch-variance":
+            several = len({r["dtype"] for r in records}) > 1
             firsts: dict[str, int] = {}
             for r in records:
                 b = r["checks"][check].get("first_b")
                 if r["impl"] == "torch" and r["op"] in torch_bad and b:
-                    firsts[r["op"]] = min(b, firsts.get(r["op"], b))
+                    firsts[f"{r['op']} {r['dtype']}" if several else r["op"]] = b
             if firsts:
                 where = " (a row first changes at " + ", ".join(f"b={b} for {op}" for op, b in firsts.items()) + ")"
         if "detkit" in audited:
@@ -189,6 +190,18 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
     others = sorted({label(r) for r in records if r["status"] == "error" and r["impl"] != "deterministic"})
     if others:
         lines.append(f"{_names(others)} raised an error; see the errors section.")
+    # a check that could not run inside an otherwise working record (e.g. the op raises
+    # under another ATEN_CPU_CAPABILITY): one line per distinct cause
+    unmeasured: dict[str, list[str]] = {}
+    for r in records:
+        if r["status"] != "ok":
+            continue
+        for check, res in r["checks"].items():
+            if res.get("verdict") == "error":
+                cause = f"{r['op']} ({r['dtype']}): {check} could not be measured: {res.get('note', '')}"
+                unmeasured.setdefault(cause, []).append(r["impl"])
+    for cause, who in unmeasured.items():
+        lines.append(f"{cause} [{', '.join(who)}]")
     for impl, reason in unavailable.items():
         lines.append(f"implementation {impl} was not audited: {reason}")
     if records and not lines:

@@ -31,13 +31,16 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from detkit.kernels._portable_kernels import exp_f32
 
 W = 16
+VL = 16  # attention tiles: lanes per LLVM vector
+NV = 2  # attention tiles: vectors per query row of a tile
 QB = 8  # attention: queries per task (they share each loaded key/value row)
-KB = 64  # attention: keys per score tile (vector lanes across keys)
+KB = NV * VL  # attention: keys per score tile, value columns per P @ V tile
 
 _LOG2E = 1.4426950408889634
 _LN2_HI = 6.93147180369123816490e-01  # low 32 bits zero: k * LN2_HI is exact
@@ -113,6 +116,83 @@ def _exp_w_impl(t):  # type: ignore[no-untyped-def]
     return None
 
 
+def _make_lane_loop(kind: str):  # type: ignore[no-untyped-def]
+    """A lane loop over ``nchunks`` full chunks of W elements of ``x`` from ``start``.
+
+    Lane w of the vector accumulator (loaded from and stored back to ``lanes``) takes
+    element ``start + c * W + w`` of chunk c, in chunk order: exactly the scalar
+    ``lanes[w] = op(lanes[w], x[j + w])`` loops it replaces, with the accumulator in a
+    register. kind: "sum" (lane + x), "sumsq" (lane + x * x), "csq" (d = x - mu;
+    lane + d * d), "max" (x if x > lane else lane, so NaN is never taken).
+    """
+
+    @intrinsic
+    def lane_loop(typingctx, x, start, nchunks, lanes, mu):  # type: ignore[no-untyped-def]
+        if not all(isinstance(t, types.Array) and t.ndim == 1 and t.layout == "C" for t in (x, lanes)):
+            return None
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            xa = context.make_array(sig.args[0])(context, builder, args[0])
+            la = context.make_array(sig.args[3])(context, builder, args[3])
+            start_v, n_v, mu_v = args[1], args[2], args[4]
+            i64 = ir.IntType(64)
+            fty = context.get_value_type(sig.args[0].dtype)
+            vty, _, load_v, store_v, splat = _vec_helpers(builder, fty)
+            # "csq" runs in mu's dtype (float64 for float32 rows: d = x - mu, d * d and
+            # lane + d * d in float64, rounded once into the float32 lane, as the scalar
+            # loop it replaces).
+            mty = context.get_value_type(sig.args[4])
+            wide = mty != fty
+            vmty = ir.VectorType(mty, W)
+            mu_s = None
+            if kind == "csq":
+                mu_s = builder.insert_element(ir.Constant(vmty, ir.Undefined), mu_v, ir.Constant(ir.IntType(32), 0))
+                mu_s = builder.shuffle_vector(mu_s, ir.Constant(vmty, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W))
+            init = load_v(la.data)
+            pre = builder.basic_block
+            head = builder.append_basic_block("lane.head")
+            body = builder.append_basic_block("lane.body")
+            done = builder.append_basic_block("lane.done")
+            builder.branch(head)
+            builder.position_at_end(head)
+            c = builder.phi(i64)
+            c.add_incoming(ir.Constant(i64, 0), pre)
+            acc = builder.phi(vty)
+            acc.add_incoming(init, pre)
+            builder.cbranch(builder.icmp_signed("<", c, n_v), body, done)
+            builder.position_at_end(body)
+            off = builder.add(start_v, builder.mul(c, ir.Constant(i64, W)))
+            v = load_v(builder.gep(xa.data, [off]))
+            if kind == "sum":
+                new = builder.fadd(acc, v)
+            elif kind == "sumsq":
+                new = builder.fadd(acc, builder.fmul(v, v))
+            elif kind == "csq":
+                xw = builder.fpext(v, vmty) if wide else v
+                aw = builder.fpext(acc, vmty) if wide else acc
+                dv = builder.fsub(xw, mu_s)
+                new = builder.fadd(aw, builder.fmul(dv, dv))
+                new = builder.fptrunc(new, vty) if wide else new
+            else:
+                new = builder.select(builder.fcmp_ordered(">", v, acc), v, acc)
+            c.add_incoming(builder.add(c, ir.Constant(i64, 1)), body)
+            acc.add_incoming(new, body)
+            builder.branch(head)
+            builder.position_at_end(done)
+            store_v(acc, la.data)
+            return context.get_dummy_value()
+
+        return types.void(x, start, nchunks, lanes, mu), codegen
+
+    return lane_loop
+
+
+_lanes_sum = _make_lane_loop("sum")
+_lanes_sumsq = _make_lane_loop("sumsq")
+_lanes_csq = _make_lane_loop("csq")
+_lanes_max = _make_lane_loop("max")
+
+
 @njit(cache=True, inline="always")
 def _tree(lanes):  # type: ignore[no-untyped-def]
     h = W // 2
@@ -136,12 +216,9 @@ def anchored_sum(x, start, stop, lanes):  # type: ignore[no-untyped-def]
     """Lane sum of x[start:stop], element j in lane (j - start) mod W, then the tree."""
     for w in range(W):
         lanes[w] = 0.0
-    full = start + ((stop - start) // W) * W
-    j = start
-    while j < full:
-        for w in range(W):
-            lanes[w] = lanes[w] + x[j + w]
-        j += W
+    nch = (stop - start) // W
+    _lanes_sum(x, start, nch, lanes, lanes[0])
+    full = start + nch * W
     for w in range(stop - full):
         lanes[w] = lanes[w] + x[full + w]
     return _tree(lanes)
@@ -151,12 +228,9 @@ def anchored_sum(x, start, stop, lanes):  # type: ignore[no-untyped-def]
 def _sumsq(x, n, lanes):  # type: ignore[no-untyped-def]
     for w in range(W):
         lanes[w] = 0.0
-    full = (n // W) * W
-    j = 0
-    while j < full:
-        for w in range(W):
-            lanes[w] = lanes[w] + x[j + w] * x[j + w]
-        j += W
+    nch = n // W
+    _lanes_sumsq(x, 0, nch, lanes, lanes[0])
+    full = nch * W
     for w in range(n - full):
         lanes[w] = lanes[w] + x[full + w] * x[full + w]
     return _tree(lanes)
@@ -166,13 +240,9 @@ def _sumsq(x, n, lanes):  # type: ignore[no-untyped-def]
 def _sum_centered_sq(x, n, mu, lanes):  # type: ignore[no-untyped-def]
     for w in range(W):
         lanes[w] = 0.0
-    full = (n // W) * W
-    j = 0
-    while j < full:
-        for w in range(W):
-            d = x[j + w] - mu
-            lanes[w] = lanes[w] + d * d
-        j += W
+    nch = n // W
+    _lanes_csq(x, 0, nch, lanes, mu)
+    full = nch * W
     for w in range(n - full):
         d = x[full + w] - mu
         lanes[w] = lanes[w] + d * d
@@ -180,32 +250,12 @@ def _sum_centered_sq(x, n, mu, lanes):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def dot_lanes(a, b, n, lanes):  # type: ignore[no-untyped-def]
-    """sum_d a[d] * b[d]: element d in lane d mod W (FMA), lanes from +0.0, then the tree."""
-    for w in range(W):
-        lanes[w] = 0.0
-    full = (n // W) * W
-    d = 0
-    while d < full:
-        for w in range(W):
-            lanes[w] = fma(a[d + w], b[d + w], lanes[w])
-        d += W
-    for w in range(n - full):
-        lanes[w] = fma(a[full + w], b[full + w], lanes[w])
-    return _tree(lanes)
-
-
-@njit(cache=True, inline="always")
 def _row_max(x, n, lanes):  # type: ignore[no-untyped-def]
     for w in range(W):
         lanes[w] = -np.inf
-    full = (n // W) * W
-    j = 0
-    while j < full:
-        for w in range(W):
-            v = x[j + w]
-            lanes[w] = v if v > lanes[w] else lanes[w]
-        j += W
+    nch = n // W
+    _lanes_max(x, 0, nch, lanes, lanes[0])
+    full = nch * W
     for w in range(n - full):
         v = x[full + w]
         lanes[w] = v if v > lanes[w] else lanes[w]
@@ -230,14 +280,15 @@ def _sum_row(row, r, out, mean, lanes):  # type: ignore[no-untyped-def]
 @njit(cache=True, inline="always")
 def _softmax_row(row, o, log, lanes):  # type: ignore[no-untyped-def]
     L = row.shape[0]
-    m = np.float64(_row_max(row, L, lanes))
+    m = _row_max(row, L, lanes)
     for j in range(L):
-        o[j] = exp64(np.float64(row[j]) - m)
+        o[j] = exp_w(row[j] - m)
     s = anchored_sum(o, first_nonzero(o, L), L, lanes)
     if log:
         ls = np.log(np.float64(s))
+        m64 = np.float64(m)
         for j in range(L):
-            o[j] = (np.float64(row[j]) - m) - ls
+            o[j] = (np.float64(row[j]) - m64) - ls
     else:
         for j in range(L):
             o[j] = o[j] / s
@@ -263,13 +314,19 @@ def _layer_norm_row(row, o, weight, bias, has_weight, has_bias, eps, lanes):  # 
     var = _sum_centered_sq(row, L, mu, lanes) / L
     inv = 1.0 / np.sqrt(np.float64(var) + eps)
     mu64 = np.float64(mu)
-    for j in range(L):
-        y = (np.float64(row[j]) - mu64) * inv
-        if has_weight:
-            y = y * np.float64(weight[j])
-        if has_bias:
-            y = y + np.float64(bias[j])
-        o[j] = y
+    # One loop per affine variant (no branch in the loop, so it vectorises).
+    if has_weight and has_bias:
+        for j in range(L):
+            o[j] = (np.float64(row[j]) - mu64) * inv * np.float64(weight[j]) + np.float64(bias[j])
+    elif has_weight:
+        for j in range(L):
+            o[j] = (np.float64(row[j]) - mu64) * inv * np.float64(weight[j])
+    elif has_bias:
+        for j in range(L):
+            o[j] = (np.float64(row[j]) - mu64) * inv + np.float64(bias[j])
+    else:
+        for j in range(L):
+            o[j] = (np.float64(row[j]) - mu64) * inv
 
 
 @njit(parallel=True, cache=True)
@@ -390,31 +447,164 @@ def _key_range(maskb, ms, mode, bi, h, i, Lk):  # type: ignore[no-untyped-def]
     return lo, hi
 
 
-@njit(cache=True, inline="always")
-def _scores_tiled(qblk, nq, kTb, jlo, jhi, s):  # type: ignore[no-untyped-def]
-    """s[qi, j] = sequential-d FMA chain of q_qi . k_j for j in [jlo, jhi) (and up to KB past).
+def _vec_helpers(builder, fty):  # type: ignore[no-untyped-def]
+    """LLVM vector type of VL lanes, its fma intrinsic, unaligned load/store, broadcast."""
+    vty = ir.VectorType(fty, VL)
+    fname = f"llvm.fma.v{VL}{fty.intrinsic_name}"
+    fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]), fname)
 
-    Vectorised across the KB keys of a tile (``kTb`` is K transposed, keys padded to a
-    multiple of KB with zeros); the QB queries share each loaded row of ``kTb``. Each
-    score is still ``acc = fma(q[d], k[j, d], acc)`` for d = 0..D-1 from +0.0.
+    def load_v(ptr):  # type: ignore[no-untyped-def]
+        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4, typ=vty)
+
+    def store_v(val, ptr):  # type: ignore[no-untyped-def]
+        builder.store(val, builder.bitcast(ptr, vty.as_pointer()), align=4)
+
+    def splat(x):  # type: ignore[no-untyped-def]
+        v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL))
+
+    return vty, fma_v, load_v, store_v, splat
+
+
+@intrinsic
+def tile_scores(typingctx, qb, kt, s, jb):  # type: ignore[no-untyped-def]
+    """s[a, jb + w] = fma chain over d = 0..D-1 of qb[a, d] * kt[d, jb + w], from +0.0.
+
+    For all QB rows of ``qb`` (QB, D) and the KB keys jb..jb+KB-1 of ``kt`` (D, width):
+    the QB x KB accumulators live in vector registers (QB * KB / VL of them), each
+    lane one score's own sequential chain (``llvm.fma`` on vectors is lane-wise).
     """
-    D = kTb.shape[0]
-    acc = np.empty((QB, KB), s.dtype)
-    jb = (jlo // KB) * KB
-    while jb < jhi:
-        for qi in range(QB):
-            for w in range(KB):
-                acc[qi, w] = 0.0
-        for d in range(D):
-            kd = kTb[d, jb : jb + KB]
-            for qi in range(QB):
-                qv = qblk[qi, d]
-                for w in range(KB):
-                    acc[qi, w] = fma(qv, kd[w], acc[qi, w])
-        for qi in range(nq):
-            for w in range(KB):
-                s[qi, jb + w] = acc[qi, w]
-        jb += KB
+    if not all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in (qb, kt, s)):
+        return None
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        qa = context.make_array(sig.args[0])(context, builder, args[0])
+        ka = context.make_array(sig.args[1])(context, builder, args[1])
+        sa = context.make_array(sig.args[2])(context, builder, args[2])
+        jbv = args[3]
+        i64 = ir.IntType(64)
+        D = cgutils.unpack_tuple(builder, qa.shape)[1]
+        kw = cgutils.unpack_tuple(builder, ka.shape)[1]
+        sw = cgutils.unpack_tuple(builder, sa.shape)[1]
+        fty = context.get_value_type(sig.args[0].dtype)
+        vty, fma_v, load_v, store_v, splat = _vec_helpers(builder, fty)
+        zero = ir.Constant(vty, None)
+        pre = builder.basic_block
+        head = builder.append_basic_block("ts.head")
+        body = builder.append_basic_block("ts.body")
+        done = builder.append_basic_block("ts.done")
+        builder.branch(head)
+        builder.position_at_end(head)
+        d = builder.phi(i64)
+        d.add_incoming(ir.Constant(i64, 0), pre)
+        accs = []
+        for _ in range(QB * NV):
+            p = builder.phi(vty)
+            p.add_incoming(zero, pre)
+            accs.append(p)
+        builder.cbranch(builder.icmp_signed("<", d, D), body, done)
+        builder.position_at_end(body)
+        krow = builder.add(builder.mul(d, kw), jbv)
+        kv = [load_v(builder.gep(ka.data, [builder.add(krow, ir.Constant(i64, b * VL))])) for b in range(NV)]
+        new = []
+        for a in range(QB):
+            qv = builder.load(builder.gep(qa.data, [builder.add(builder.mul(ir.Constant(i64, a), D), d)]), typ=fty)
+            qs = splat(qv)
+            for b in range(NV):
+                new.append(builder.call(fma_v, [qs, kv[b], accs[a * NV + b]]))
+        dn = builder.add(d, ir.Constant(i64, 1))
+        d.add_incoming(dn, body)
+        for p, n in zip(accs, new):
+            p.add_incoming(n, body)
+        builder.branch(head)
+        builder.position_at_end(done)
+        for a in range(QB):
+            base = builder.add(builder.mul(ir.Constant(i64, a), sw), jbv)
+            for b in range(NV):
+                store_v(accs[a * NV + b], builder.gep(sa.data, [builder.add(base, ir.Constant(i64, b * VL))]))
+        return context.get_dummy_value()
+
+    return types.void(qb, kt, s, jb), codegen
+
+
+def _make_tile_pv(rows: int, nvec: int):  # type: ignore[no-untyped-def]
+    """P @ V tile over ``rows`` query rows and ``nvec * VL`` value columns (see tile_pv)."""
+
+    @intrinsic
+    def tile(typingctx, s, v, jlo, jhi, acc, c0):  # type: ignore[no-untyped-def]
+        """acc[a, c] = fma(s[a, j], v[j, c], acc[a, c]) for j = jlo..jhi-1 in order, where s[a, j] != 0.
+
+        For rows a < ``rows`` of ``s`` and columns c0..c0+nvec*VL-1 of ``v``; accumulators in
+        vector registers, loaded from and stored back to ``acc``. A zero probability is
+        skipped (select, not fma): a masked key's value, even inf or NaN, never enters.
+        """
+        if not all(isinstance(t, types.Array) and t.ndim == 2 and t.layout == "C" for t in (s, v, acc)):
+            return None
+
+        def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+            sa = context.make_array(sig.args[0])(context, builder, args[0])
+            va = context.make_array(sig.args[1])(context, builder, args[1])
+            aa = context.make_array(sig.args[4])(context, builder, args[4])
+            jlo_v, jhi_v, c0v = args[2], args[3], args[5]
+            i64 = ir.IntType(64)
+            sw = cgutils.unpack_tuple(builder, sa.shape)[1]
+            vw = cgutils.unpack_tuple(builder, va.shape)[1]
+            aw = cgutils.unpack_tuple(builder, aa.shape)[1]
+            fty = context.get_value_type(sig.args[0].dtype)
+            vty, fma_v, load_v, store_v, splat = _vec_helpers(builder, fty)
+            init = []
+            for a in range(rows):
+                base = builder.add(builder.mul(ir.Constant(i64, a), aw), c0v)
+                for b in range(nvec):
+                    init.append(load_v(builder.gep(aa.data, [builder.add(base, ir.Constant(i64, b * VL))])))
+            pre = builder.basic_block
+            head = builder.append_basic_block("pv.head")
+            body = builder.append_basic_block("pv.body")
+            done = builder.append_basic_block("pv.done")
+            builder.branch(head)
+            builder.position_at_end(head)
+            j = builder.phi(i64)
+            j.add_incoming(jlo_v, pre)
+            accs = []
+            for x in init:
+                p = builder.phi(vty)
+                p.add_incoming(x, pre)
+                accs.append(p)
+            builder.cbranch(builder.icmp_signed("<", j, jhi_v), body, done)
+            builder.position_at_end(body)
+            vrow = builder.add(builder.mul(j, vw), c0v)
+            vv = [load_v(builder.gep(va.data, [builder.add(vrow, ir.Constant(i64, b * VL))])) for b in range(nvec)]
+            zf = ir.Constant(fty, 0.0)
+            new = []
+            for a in range(rows):
+                pj = builder.load(builder.gep(sa.data, [builder.add(builder.mul(ir.Constant(i64, a), sw), j)]), typ=fty)
+                nz = builder.fcmp_unordered("!=", pj, zf)
+                ps = splat(pj)
+                for b in range(nvec):
+                    f = builder.call(fma_v, [ps, vv[b], accs[a * nvec + b]])
+                    new.append(builder.select(nz, f, accs[a * nvec + b]))
+            jn = builder.add(j, ir.Constant(i64, 1))
+            j.add_incoming(jn, body)
+            for p, n in zip(accs, new):
+                p.add_incoming(n, body)
+            builder.branch(head)
+            builder.position_at_end(done)
+            for a in range(rows):
+                base = builder.add(builder.mul(ir.Constant(i64, a), aw), c0v)
+                for b in range(nvec):
+                    store_v(accs[a * nvec + b], builder.gep(aa.data, [builder.add(base, ir.Constant(i64, b * VL))]))
+            return context.get_dummy_value()
+
+        return types.void(s, v, jlo, jhi, acc, c0), codegen
+
+    return tile
+
+
+# P @ V for a block of QB queries, KB columns at a time (prefill), and for one query,
+# 128 or KB columns at a time (decode): the same per-element operations in the same order.
+tile_pv = _make_tile_pv(QB, NV)
+tile_pv1_wide = _make_tile_pv(1, 8)
+tile_pv1 = _make_tile_pv(1, NV)
 
 
 @njit(cache=True, inline="always")
@@ -534,8 +724,11 @@ def attention(q, k, kT, tiled, v, maskb, maskf, ms, mode, scale, out):  # type: 
             for qi in range(nq):
                 for d in range(D):
                     qblk[qi, d] = q[bi, h, i0 + qi, d]
-            if jhi > jlo:
-                _scores_tiled(qblk, nq, kT[bi, hk], jlo, jhi, s)
+            kTb = kT[bi, hk]
+            jb = (jlo // KB) * KB
+            while jb < jhi:
+                tile_scores(qblk, kTb, s, jb)
+                jb += KB
         else:
             for qi in range(nq):
                 _scores_rows(q[bi, h, i0 + qi], k[bi, hk], los[qi], his[qi], s[qi])
@@ -552,13 +745,23 @@ def attention(q, k, kT, tiled, v, maskb, maskf, ms, mode, scale, out):  # type: 
                     s[qi, j] = 0.0
         acc = np.zeros((QB, Dv), q.dtype)
         vb = v[bi, hk]
-        for j in range(jlo, jhi):
-            vj = vb[j]
-            for qi in range(nq):
-                pj = s[qi, j]
-                if pj != 0:
-                    for d in range(Dv):
-                        acc[qi, d] = fma(pj, vj[d], acc[qi, d])
+        if nq == 1 and Dv % (8 * VL) == 0:
+            for c0 in range(0, Dv, 8 * VL):
+                tile_pv1_wide(s, vb, jlo, jhi, acc, c0)
+        elif nq == 1 and Dv % KB == 0:
+            for c0 in range(0, Dv, KB):
+                tile_pv1(s, vb, jlo, jhi, acc, c0)
+        elif Dv % KB == 0:
+            for c0 in range(0, Dv, KB):
+                tile_pv(s, vb, jlo, jhi, acc, c0)
+        else:
+            for j in range(jlo, jhi):
+                vj = vb[j]
+                for qi in range(nq):
+                    pj = s[qi, j]
+                    if pj != 0:
+                        for d in range(Dv):
+                            acc[qi, d] = fma(pj, vj[d], acc[qi, d])
         for qi in range(nq):
             if live[qi]:
                 for d in range(Dv):

@@ -674,7 +674,7 @@ def matmul_wt_small(a: np.ndarray, w_bits: np.ndarray, mode: int, bias: np.ndarr
 
 @njit(cache=True, error_model="numpy")
 def _transpose_keys(kg: np.ndarray, kt: np.ndarray) -> None:
-    """kt[d, j] = kg[j, d] in 16 x 16 blocks (both sides stay in cache)."""
+    """kt[d, j] = kg[j, d] (j < len(kg)) in 16 x 16 blocks (both sides stay in cache)."""
     lk, d_dim = kg.shape
     for j0 in range(0, lk, 16):
         j1 = min(lk, j0 + 16)
@@ -702,7 +702,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask_bool: np.ndarray
     s = np.zeros(lk, dtype=F32)
     part = np.empty(lk, dtype=F32)
     kept = np.zeros(lk, dtype=np.uint8)
-    kt = np.empty((d_dim, lk), dtype=F32)
+    order = np.empty(lk, dtype=np.int64)
+    # Padded rows: a power-of-two row stride would make the transposing writes collide
+    # in the same cache sets (4x slower at 4096 keys).
+    kt = np.empty((d_dim, lk + 24), dtype=F32)
     current = -1
     for t in range(t0, t1):
         b = t // (nh * lq)
@@ -712,21 +715,33 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask_bool: np.ndarray
         if b * hk + g != current:
             _transpose_keys(k[b, g], kt)
             current = b * hk + g
-        s[:] = ZERO
+        # With a bool mask, keys outside [jlo, jhi) are all skipped: do not score them
+        # (a causal prefill then does half the work). Bits are unaffected.
+        jlo = 0
+        jhi = lk
+        if mask_mode == 1:
+            mrow = mask_bool[b, h, i]
+            while jlo < lk and mrow[jlo] == 0:
+                jlo += 1
+            while jhi > jlo and mrow[jhi - 1] == 0:
+                jhi -= 1
         kept[:] = 0
+        sw = s[jlo:jhi]
+        pw = part[jlo:jhi]
+        sw[:] = ZERO
         qi = q[b, h, i]
         for c0 in range(0, d_dim, DOT_CHUNK):  # ChunkDot over d, lanes over keys
-            part[:] = ZERO
+            pw[:] = ZERO
             for d in range(c0, min(d_dim, c0 + DOT_CHUNK)):
                 qd = qi[d]
-                krow = kt[d]
-                for j in range(lk):
-                    part[j] = fma32(qd, krow[j], part[j])
-            for j in range(lk):
-                s[j] = s[j] + part[j]
+                krow = kt[d, jlo:jhi]
+                for j in range(jhi - jlo):
+                    pw[j] = fma32(qd, krow[j], pw[j])
+            for j in range(jhi - jlo):
+                sw[j] = sw[j] + pw[j]
         m = NEG_INF
         nkept = 0
-        for j in range(lk):
+        for j in range(jlo, jhi):
             if mask_mode == 1 and mask_bool[b, h, i, j] == 0:
                 continue
             sj = s[j] * scale
@@ -746,15 +761,40 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask_bool: np.ndarray
         o[:] = ZERO
         if nkept == 0:
             continue
-        for j in range(lk):  # vectorised; skipped keys get a value that is never read
-            s[j] = exp_f32(s[j] - m)
-        total = ZERO
-        for j in range(lk):
+        for j in range(jhi - jlo):  # vectorised; skipped keys get a value never read
+            sw[j] = exp_f32(sw[j] - m)
+        nk = 0
+        for j in range(jlo, jhi):
             if kept[j] == 1:
-                p = s[j]
-                total = total + p
-                vrow = v[b, g, j]
-                for d in range(dv):
-                    o[d] = fma32(p, vrow[d], o[d])
+                order[nk] = j
+                nk += 1
+        total = ZERO
+        vg = v[b, g]
+        u = 0
+        while u + 4 <= nk:  # four kept keys per pass over o; per d still in key order
+            j0 = order[u]
+            j1 = order[u + 1]
+            j2 = order[u + 2]
+            j3 = order[u + 3]
+            p0 = s[j0]
+            p1 = s[j1]
+            p2 = s[j2]
+            p3 = s[j3]
+            total = (((total + p0) + p1) + p2) + p3
+            v0 = vg[j0]
+            v1 = vg[j1]
+            v2 = vg[j2]
+            v3 = vg[j3]
+            for d in range(dv):
+                o[d] = fma32(p3, v3[d], fma32(p2, v2[d], fma32(p1, v1[d], fma32(p0, v0[d], o[d]))))
+            u += 4
+        while u < nk:
+            j0 = order[u]
+            p0 = s[j0]
+            total = total + p0
+            v0 = vg[j0]
+            for d in range(dv):
+                o[d] = fma32(p0, v0[d], o[d])
+            u += 1
         for d in range(dv):
             o[d] = canon(o[d] / total)

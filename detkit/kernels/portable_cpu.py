@@ -45,7 +45,7 @@ _SMALLEST_NORMAL = np.float32(2.0**-126)
 # Below this much work (elements touched) a kernel runs on the calling thread: waking
 # the pool costs more than it saves. Threads only split the range of independent rows
 # or tiles, each computed by the same code, so the bits never depend on the split.
-_PARALLEL_MIN_WORK = 1 << 19
+_PARALLEL_MIN_WORK = 1 << 17
 # Up to this many rows of a, a transposed weight is read in place (no packing).
 _SMALL_M = 4
 _pool: ThreadPoolExecutor | None = None
