@@ -13,15 +13,25 @@ Orders (W = 16 lanes):
   ``lane[w] += lane[w + h]`` for h = 8, 4, 2, 1. Exact zeros before ``j0`` are skipped
   and zeros after the end add nothing, so left and right zero padding cannot change
   the sum (this is what makes eager attention's probabilities padding invariant).
-* attention scores: a lane dot product over the head dimension (element d in lane
-  d mod W, FMA, the same tree), times the scale, rounded.
+  Sums of squares and the row maximum use the same lanes from element 0.
+* attention scores: one sequential FMA chain per score over the head dimension,
+  ``acc = fma(q[d], k[j, d], acc)`` for d = 0..D-1 from +0.0, times the scale,
+  rounded. Vectorised across keys (K transposed) when several queries share a task,
+  read from K rows otherwise (decode): the same operations either way.
 * batched matmul and attention's probabilities @ V: one accumulator per output element,
   starting at +0.0, ``acc = fma(a_k, b_k, acc)`` for k = 0..K-1 in order. Leading and
-  trailing exact-zero terms leave the accumulator unchanged.
-* exp: computed in float64 (Cody-Waite reduction, degree-13 Taylor polynomial, scaling
-  by two exact powers of two built from their bits) from basic IEEE operations only, so it vectorises and
-  gives the same bits in every loop position; the float32 result is then within about
-  0.5 ULP.
+  trailing exact-zero terms leave the accumulator unchanged (attention skips them, so
+  a masked key's value never enters, even inf or NaN).
+* exp: float32 rows use ``exp_f32`` of ``docs/canonical-orders.md`` (section 2.4: fixed
+  fp32 FMA polynomial, within 0.9 ULP, branch free so it vectorises); float64 rows use
+  ``exp64`` (Cody-Waite reduction, degree-13 Taylor polynomial, scaling by two exact
+  powers of two built from their bits). Both are basic IEEE operations only, so every
+  loop position gives the same bits.
+
+Where LLVM would keep an accumulator in memory (numba arrays are heap objects), the
+inner loops are written as LLVM IR with vector registers (``tile_scores``, the P @ V
+tiles, the lane loops): ``llvm.fma``/``fadd``/``fmul`` on vectors are lane-wise, so a
+lane performs exactly the scalar operations it replaces, in the same order.
 
 Arrays arrive as float32 or float64 (reduced precision is widened exactly before).
 """
@@ -250,13 +260,14 @@ def _sum_centered_sq(x, n, mu, lanes):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _row_max(x, n, lanes):  # type: ignore[no-untyped-def]
+def _row_max(x, start, stop, lanes):  # type: ignore[no-untyped-def]
+    """Largest non-NaN value of x[start:stop] (-inf if none); max is exact, any order."""
     for w in range(W):
         lanes[w] = -np.inf
-    nch = n // W
-    _lanes_max(x, 0, nch, lanes, lanes[0])
-    full = nch * W
-    for w in range(n - full):
+    nch = (stop - start) // W
+    _lanes_max(x, start, nch, lanes, lanes[0])
+    full = start + nch * W
+    for w in range(stop - full):
         v = x[full + w]
         lanes[w] = v if v > lanes[w] else lanes[w]
     m = lanes[0]
@@ -280,7 +291,7 @@ def _sum_row(row, r, out, mean, lanes):  # type: ignore[no-untyped-def]
 @njit(cache=True, inline="always")
 def _softmax_row(row, o, log, lanes):  # type: ignore[no-untyped-def]
     L = row.shape[0]
-    m = _row_max(row, L, lanes)
+    m = _row_max(row, 0, L, lanes)
     for j in range(L):
         o[j] = exp_w(row[j] - m)
     s = anchored_sum(o, first_nonzero(o, L), L, lanes)
@@ -432,21 +443,6 @@ def bmm(a, b, out):  # type: ignore[no-untyped-def]
                 out[n, i0 + ii, j] = acc[ii, j]
 
 
-@njit(cache=True, inline="always")
-def _key_range(maskb, ms, mode, bi, h, i, Lk):  # type: ignore[no-untyped-def]
-    """[first, last + 1) of the attended keys of one query (all keys unless a bool mask)."""
-    if mode != 1:
-        return 0, Lk
-    base = bi * ms[0] + h * ms[1] + i * ms[2]
-    lo = 0
-    while lo < Lk and not maskb[base + lo * ms[3]]:
-        lo += 1
-    hi = Lk
-    while hi > lo and not maskb[base + (hi - 1) * ms[3]]:
-        hi -= 1
-    return lo, hi
-
-
 def _vec_helpers(builder, fty):  # type: ignore[no-untyped-def]
     """LLVM vector type of VL lanes, its fma intrinsic, unaligned load/store, broadcast."""
     vty = ir.VectorType(fty, VL)
@@ -575,18 +571,46 @@ def _make_tile_pv(rows: int, nvec: int):  # type: ignore[no-untyped-def]
             vrow = builder.add(builder.mul(j, vw), c0v)
             vv = [load_v(builder.gep(va.data, [builder.add(vrow, ir.Constant(i64, b * VL))])) for b in range(nvec)]
             zf = ir.Constant(fty, 0.0)
-            new = []
+            pjs, nzs = [], []
             for a in range(rows):
                 pj = builder.load(builder.gep(sa.data, [builder.add(builder.mul(ir.Constant(i64, a), sw), j)]), typ=fty)
-                nz = builder.fcmp_unordered("!=", pj, zf)
-                ps = splat(pj)
+                pjs.append(pj)
+                nzs.append(builder.fcmp_unordered("!=", pj, zf))
+            allnz = nzs[0]
+            for nz in nzs[1:]:
+                allnz = builder.and_(allnz, nz)
+            # Common case, no zero probability among the rows: plain fmas; otherwise a
+            # select keeps the accumulator of a zero-probability row unchanged.
+            fast = builder.append_basic_block("pv.fast")
+            slow = builder.append_basic_block("pv.slow")
+            latch = builder.append_basic_block("pv.latch")
+            builder.cbranch(allnz, fast, slow)
+            builder.position_at_end(fast)
+            new_fast = []
+            for a in range(rows):
+                ps = splat(pjs[a])
+                for b in range(nvec):
+                    new_fast.append(builder.call(fma_v, [ps, vv[b], accs[a * nvec + b]]))
+            builder.branch(latch)
+            builder.position_at_end(slow)
+            new_slow = []
+            for a in range(rows):
+                ps = splat(pjs[a])
                 for b in range(nvec):
                     f = builder.call(fma_v, [ps, vv[b], accs[a * nvec + b]])
-                    new.append(builder.select(nz, f, accs[a * nvec + b]))
+                    new_slow.append(builder.select(nzs[a], f, accs[a * nvec + b]))
+            builder.branch(latch)
+            builder.position_at_end(latch)
+            new = []
+            for nf, ns in zip(new_fast, new_slow):
+                ph = builder.phi(vty)
+                ph.add_incoming(nf, fast)
+                ph.add_incoming(ns, slow)
+                new.append(ph)
             jn = builder.add(j, ir.Constant(i64, 1))
-            j.add_incoming(jn, body)
+            j.add_incoming(jn, latch)
             for p, n in zip(accs, new):
-                p.add_incoming(n, body)
+                p.add_incoming(n, latch)
             builder.branch(head)
             builder.position_at_end(done)
             for a in range(rows):
@@ -653,18 +677,20 @@ def _probabilities(srow, lo, hi, jlo, jhi, base, maskb, maskf, ms, mode, scale):
         srow[j] = 0.0
     for j in range(hi, jhi):
         srow[j] = 0.0
+    # The scaled score (plus the additive mask) is computed in float64 and rounded to
+    # the working dtype once; one loop per mask mode so that the common ones vectorise.
+    if mode == 2:
+        for j in range(lo, hi):
+            srow[j] = srow[j] * scale + maskf[base + j * ms[3]]
+    else:
+        for j in range(lo, hi):
+            srow[j] = srow[j] * scale
+        if mode == 1:
+            for j in range(lo, hi):
+                if not maskb[base + j * ms[3]]:
+                    srow[j] = -np.inf
     lanes = np.empty(W, srow.dtype)
-    lanes[0] = -np.inf
-    m = lanes[0]  # -inf in the working dtype, so that exp's argument is computed in it
-    for j in range(lo, hi):
-        sc = srow[j] * scale
-        if mode == 1 and not maskb[base + j * ms[3]]:
-            sc = -np.inf
-        elif mode == 2:
-            sc = sc + maskf[base + j * ms[3]]
-        srow[j] = sc  # rounded to the working dtype here, once
-        if srow[j] > m:
-            m = srow[j]
+    m = _row_max(srow, lo, hi, lanes)  # in the working dtype, so exp's argument is too
     if m == -np.inf:
         for j in range(lo, hi):
             srow[j] = 0.0
@@ -676,7 +702,7 @@ def _probabilities(srow, lo, hi, jlo, jhi, base, maskb, maskf, ms, mode, scale):
 
 
 @njit(parallel=True, cache=True)
-def attention(q, k, kT, tiled, v, maskb, maskf, ms, mode, scale, out):  # type: ignore[no-untyped-def]
+def attention(q, k, kT, tiled, v, maskb, maskf, ms, mode, ranges, scale, out):  # type: ignore[no-untyped-def]
     """Scaled dot-product attention; one task = up to QB queries of one (batch, head).
 
     ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv), contiguous;
@@ -684,6 +710,8 @@ def attention(q, k, kT, tiled, v, maskb, maskf, ms, mode, scale, out):  # type: 
     ``tiled`` (otherwise unused); ``mode``: 0 no mask, 1 ``maskb`` (bool, False =
     masked), 2 ``maskf`` (added to the scaled score); both masks are flat arrays indexed
     with the element strides ``ms`` of a (B, H, Lq, Lk) view (zeros where broadcast).
+    ``ranges`` (B, H, Lq, 2): with a bool mask, each query's first attended key and
+    last attended key + 1 (hi <= lo: none); keys outside are never read.
 
     Per query, over its attended key range only: score of key j = sequential-d FMA
     chain of q . k_j from +0.0, times ``scale`` (plus the additive mask), rounded;
@@ -711,7 +739,10 @@ def attention(q, k, kT, tiled, v, maskb, maskf, ms, mode, scale, out):  # type: 
         jlo = Lk
         jhi = 0
         for qi in range(nq):
-            lo, hi = _key_range(maskb, ms, mode, bi, h, i0 + qi, Lk)
+            lo, hi = 0, Lk
+            if mode == 1:
+                lo = ranges[bi, h, i0 + qi, 0]
+                hi = ranges[bi, h, i0 + qi, 1]
             los[qi] = lo
             his[qi] = hi
             if hi > lo:

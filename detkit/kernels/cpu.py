@@ -139,6 +139,29 @@ def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     return _finish(out, x.dtype)
 
 
+def _key_ranges(mask: torch.Tensor) -> np.ndarray:
+    """(B, H, Lq, 2) int64: first attended key and last attended key + 1 of each query.
+
+    Computed once per distinct mask row (broadcast dimensions are not expanded);
+    numpy's ``argmax`` returns the first maximal index. A query with no attended key
+    gets (0, 0).
+    """
+    compact = mask
+    for dim in range(3):
+        if mask.stride(dim) == 0:
+            compact = compact.narrow(dim, 0, 1)
+    rows = compact.numpy()
+    lo = rows.argmax(-1)
+    hi = rows.shape[-1] - rows[..., ::-1].argmax(-1)
+    none = ~rows.any(-1)
+    lo[none] = 0
+    hi[none] = 0
+    out = np.empty((*mask.shape[:3], 2), np.int64)
+    out[..., 0] = lo
+    out[..., 1] = hi
+    return out
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -155,6 +178,7 @@ def attention(
     maskb = np.ones(1, np.bool_)
     maskf = np.zeros(1, qn.dtype)
     ms = np.zeros(4, np.int64)
+    ranges = np.zeros((1, 1, 1, 2), np.int64)
     mode = 0
     if mask is not None:
         mode = 1 if mask.dtype == torch.bool else 2
@@ -164,6 +188,7 @@ def attention(
         ms[:] = mask.stride()
         if mode == 1:
             maskb = flat
+            ranges = _key_ranges(mask)
         else:
             maskf = flat
     out = np.empty((B, H, Lq, vn.shape[3]), qn.dtype)
@@ -178,5 +203,5 @@ def attention(
     else:
         kT = np.zeros((1, 1, 1, 1), kn.dtype)
     with _NUMBA_LOCK:
-        nk.attention(qn, kn, kT, tiled, vn, maskb, maskf, ms, mode, float(scale), out)
+        nk.attention(qn, kn, kT, tiled, vn, maskb, maskf, ms, mode, ranges, float(scale), out)
     return _finish(out, q.dtype)
