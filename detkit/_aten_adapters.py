@@ -30,6 +30,13 @@ Face tests):
   multiple of ``_ALIGN`` elements and calls the original kernel on slices of
   ``_SLICE`` elements, below torch's parallel grain, so every element takes the
   vectorised path on one thread.
+
+In portable mode (``Call.portable``) the elementwise functions the portable backends
+implement (``ELEMENTWISE_PORTABLE``: exp, log, rsqrt, sigmoid, silu, tanh) go to that
+backend's ``elementwise(name, x)`` for float32/bfloat16/float16 instead: one float32
+evaluation per element in a fixed sequence of IEEE operations, rounded once, so the
+bits are the same on every instruction set (and position independent). Registered on
+the CPU dispatch key only, like the rest of the elementwise table.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from detkit.errors import InputError
 __all__ = [
     "ELEMENTWISE_EXACT",
     "ELEMENTWISE_LIBM",
+    "ELEMENTWISE_PORTABLE",
     "EXACT_OPS",
     "KNOWN_POSITION_DEPENDENT",
     "OVERRIDES",
@@ -54,9 +62,15 @@ __all__ = [
     "OpOverride",
     "Unsupported",
     "kernels_module",
+    "portable_backend",
 ]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# What the portable backends compute (float64 keeps the aligned torch path).
+_PORTABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The portable backends' ``ELEMENTWISE_OPS`` (kept here so importing the mode does not
+# import numba; tests/test_mode_portable.py checks the two agree).
+ELEMENTWISE_PORTABLE: frozenset[str] = frozenset({"exp", "log", "rsqrt", "sigmoid", "silu", "tanh"})
 # exp(d) is exactly 0 in float32 for d < -104 and in float64 for d < -746; the margins
 # are generous so no rounding of the threshold can skip a contributing logit.
 _SOFTMAX_SKIP = {torch.float64: 1600.0}
@@ -132,6 +146,17 @@ def kernels_module() -> ModuleType:
     import detkit.kernels
 
     return detkit.kernels
+
+
+def portable_backend(device_type: str) -> ModuleType:
+    """The portable backend for a device type (a function so tests can substitute it).
+
+    Raises ``BackendUnavailable`` when there is none: portable mode never quietly
+    computes a routed function with torch's non-portable kernel instead.
+    """
+    from detkit.kernels._backend import backend_for
+
+    return backend_for(device_type, True)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -552,8 +577,27 @@ def _aligned(call: Call, x: torch.Tensor, extra: tuple[Any, ...], kwargs: dict[s
     return _like(res, x)
 
 
-def _elementwise(inplace: bool = False) -> Adapter:
+def _portable(name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``name`` of ``x`` from the portable backend of ``x``'s device."""
+    res = _kernel_call(portable_backend(x.device.type).elementwise, name, x.detach())
+    if inplace:
+        with torch.no_grad():
+            x.copy_(res)
+        return x
+    return _like(res, x)
+
+
+def _elementwise(op: str, inplace: bool = False) -> Adapter:
+    """Adapter of a unary op; ``op`` is the aten name without a trailing underscore."""
+    portable_name = op if op in ELEMENTWISE_PORTABLE else None
+
     def adapter(call: Call, self: torch.Tensor, *extra: Any, **kwargs: Any) -> torch.Tensor:
+        if call.portable and portable_name is not None and not extra and not kwargs:
+            _float(self)
+            if self.numel() == 0:
+                raise Unsupported("empty input", benign=True)
+            if self.dtype in _PORTABLE_DTYPES:
+                return _portable(portable_name, self, inplace)
         return _aligned(call, self, extra, kwargs, inplace)
 
     return adapter
@@ -599,8 +643,8 @@ _ELEMENTWISE_NAMES = ("silu", "sigmoid", "gelu", "softplus", "mish", "sinh", "rs
 _ELEMENTWISE_INPLACE = ("silu_", "sigmoid_", "gelu_", "mish_", "rsqrt_", "tanh_", "exp_")
 
 _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
-    *(OpOverride(name, _elementwise(), "elementwise") for name in _ELEMENTWISE_NAMES),
-    *(OpOverride(name, _elementwise(inplace=True), "elementwise") for name in _ELEMENTWISE_INPLACE),
+    *(OpOverride(name, _elementwise(name), "elementwise") for name in _ELEMENTWISE_NAMES),
+    *(OpOverride(name, _elementwise(name.removesuffix("_"), inplace=True), "elementwise") for name in _ELEMENTWISE_INPLACE),
     OpOverride("pow.Tensor_Scalar", _pow_scalar(inplace=False), "elementwise"),
     OpOverride("pow_.Scalar", _pow_scalar(inplace=True), "elementwise"),
 )

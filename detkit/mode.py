@@ -10,7 +10,9 @@ CPU loops are position dependent) have new kernels registered with
 ``detkit.kernels.cuda`` imports and a GPU is present. Each new kernel hands its
 arguments to an adapter, which calls ``detkit.kernels``; arguments the kernels do not
 cover run torch's original kernel and are counted (:meth:`batch_invariant.uncovered`),
-or raise with ``strict=True``. Nothing falls back silently.
+or raise with ``strict=True``. Nothing falls back silently. With ``portable=True`` the
+kernels run their canonical orders, and exp/log/rsqrt/sigmoid/silu/tanh (float32,
+bfloat16, float16) go to the portable backend's ``elementwise``.
 
 Re-entrancy: the kernels themselves call aten ops (BLAS on fixed tiles, copies, ...).
 A thread-local flag is set while an adapter runs; an overridden op called under it goes
@@ -48,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from detkit._aten_adapters import (
     ELEMENTWISE_EXACT,
     ELEMENTWISE_LIBM,
+    ELEMENTWISE_PORTABLE,
     EXACT_OPS,
     KNOWN_POSITION_DEPENDENT,
     OVERRIDES,
@@ -415,7 +418,11 @@ class CoverageReport:
     ``routed``: computed by detkit. ``exact``: order free and exact anywhere (views,
     indexing, comparisons, max, integer ops, IEEE add/mul/div/sqrt). ``not_portable``:
     (portable mode only) routed or exact on this machine but from a math library whose
-    bits differ between CPUs and devices. ``uncovered``: anything else; its bits are
+    bits differ between CPUs and devices; the elementwise functions the portable
+    backend implements (``ELEMENTWISE_PORTABLE``) are routed to it and count as
+    ``routed`` where the device's table has them. The classification is by op name:
+    ``pow.Tensor_Scalar`` is listed as not portable even where its exponent is 2 or 3
+    (plain multiplies, the same everywhere). ``uncovered``: anything else; its bits are
     whatever torch gives, so check them with a test. ``notes``: why an op is listed.
     """
 
@@ -455,10 +462,12 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
         base = packet if packet in EXACT_OPS else packet.removesuffix("_")
         if full in KNOWN_POSITION_DEPENDENT:
             notes[full] = f"position dependent {KNOWN_POSITION_DEPENDENT[full]}"
-        if portable and base in ELEMENTWISE_LIBM:
+        if portable and base in ELEMENTWISE_LIBM and not (full in table and base in ELEMENTWISE_PORTABLE):
             not_portable[full] = n
             notes[full] = "math-library function: bits differ between CPU instruction sets and devices"
         elif full in table:
+            if portable and base in ELEMENTWISE_PORTABLE:
+                notes[full] = "portable kernel for float32/bfloat16/float16; float64 runs torch's kernel (not portable)"
             routed[full] = n
         elif base in EXACT_OPS or base in ELEMENTWISE_EXACT:
             exact[full] = n

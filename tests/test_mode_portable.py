@@ -1,0 +1,269 @@
+"""Portable mode: elementwise math goes to the portable backend; logits equal across ISAs.
+
+Under ``batch_invariant(portable=True)`` the aten functions exp, log, rsqrt, sigmoid,
+silu and tanh (functional and in-place) are computed by ``portable_cpu.elementwise``,
+whose bits are fixed by ``detkit.kernels.spec``. The end-to-end test runs tiny Hugging
+Face models in fresh processes with torch's CPU kernels forced to another instruction
+set (``ATEN_CPU_CAPABILITY=default``) and numba compiling for a generic x86-64
+(``NUMBA_CPU_NAME=generic``), and requires bitwise equal logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import detkit
+from detkit import _aten_adapters, mode
+from detkit.kernels import portable_cpu, spec
+
+FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "exp": torch.exp,
+    "log": torch.log,
+    "rsqrt": torch.rsqrt,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+}
+INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "exp_": torch.Tensor.exp_,
+    "rsqrt_": torch.Tensor.rsqrt_,
+    "sigmoid_": torch.Tensor.sigmoid_,
+    "silu_": lambda t: F.silu(t, inplace=True),
+    "tanh_": torch.Tensor.tanh_,
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 88.7, -104.0, 1e30, -1e30]
+
+
+@pytest.fixture(autouse=True)
+def _mode_off_after_each_test() -> Iterator[None]:
+    assert not mode.is_enabled(), "a previous test left the mode on"
+    yield
+    if mode.is_enabled():
+        mode.disable()
+        pytest.fail("the test left the mode on")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_bits(a), _bits(b))
+
+
+def _values(n: int, seed: int, dtype: torch.dtype, specials: bool) -> torch.Tensor:
+    x = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 8
+    if specials:
+        k = min(n, len(SPECIALS))
+        x[:k] = torch.tensor(SPECIALS[:k])
+    return x.to(dtype)
+
+
+def test_portable_table_matches_the_backends() -> None:
+    assert _aten_adapters.ELEMENTWISE_PORTABLE == frozenset(portable_cpu.ELEMENTWISE_OPS)
+    assert set(FNS) == set(portable_cpu.ELEMENTWISE_OPS)
+
+
+@given(
+    op=st.sampled_from(sorted(FNS)),
+    dtype=st.sampled_from(DTYPES),
+    rows=st.integers(1, 5),
+    cols=st.integers(1, 70),
+    transpose=st.booleans(),
+    specials=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_portable_mode_equals_the_spec(
+    op: str, dtype: torch.dtype, rows: int, cols: int, transpose: bool, specials: bool, seed: int
+) -> None:
+    x = _values(rows * cols, seed, dtype, specials).reshape(rows, cols)
+    if transpose:
+        x = x.t()  # a non-contiguous input: the result keeps torch's layout
+    with detkit.batch_invariant(portable=True, strict=True) as bi:
+        got = FNS[op](x)
+    want = spec.elementwise(op, x.contiguous())
+    assert _same_bits(got, want), f"{op} {dtype}: portable mode differs from detkit.kernels.spec"
+    assert got.stride() == FNS[op](x).stride()  # torch's own layout for this input
+    assert bi.routed() == {op: 1} and bi.uncovered() == {}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", sorted(INPLACE))
+def test_portable_mode_in_place_variants(op: str, dtype: torch.dtype) -> None:
+    x = _values(300, 7, dtype, specials=True)
+    want = portable_cpu.elementwise(op.removesuffix("_"), x)
+    y = x.clone()
+    with detkit.batch_invariant(portable=True) as bi:
+        returned = INPLACE[op](y)
+    assert returned.data_ptr() == y.data_ptr()
+    assert _same_bits(y, want)
+    assert bi.routed() == {op: 1}
+
+
+def test_portable_kernel_is_really_used_and_exit_restores_torch() -> None:
+    # On a vectorising CPU torch's silu/exp/tanh differ from the canonical float32
+    # evaluation for some of these inputs: the test sees which one ran.
+    x = _values(4096, 3, torch.float32, specials=False)
+    before = {op: fn(x) for op, fn in FNS.items() if op not in ("log", "rsqrt")}
+    with detkit.batch_invariant(portable=True):
+        inside = {op: fn(x) for op, fn in FNS.items() if op not in ("log", "rsqrt")}
+    after = {op: fn(x) for op, fn in FNS.items() if op not in ("log", "rsqrt")}
+    for op in before:
+        assert _same_bits(inside[op], portable_cpu.elementwise(op, x))
+        assert _same_bits(after[op], before[op]), f"{op}: torch's kernel is not restored after the mode"
+    assert any(not _same_bits(inside[op], before[op]) for op in before), "portable results equal torch's everywhere"
+
+
+def test_non_portable_mode_does_not_use_the_portable_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(device_type: str) -> Any:
+        raise AssertionError("the portable backend was used outside portable mode")
+
+    monkeypatch.setattr(_aten_adapters, "portable_backend", refuse)
+    # 64-aligned and below torch's grain: the aligned path runs torch's kernel unchanged.
+    x = _values(640, 5, torch.float32, specials=True).abs()
+    with detkit.batch_invariant() as bi:
+        got = {op: fn(x) for op, fn in FNS.items()}
+    for op, fn in FNS.items():
+        assert _same_bits(got[op], fn(x)), op
+    assert bi.routed() == {op: 1 for op in FNS}
+
+
+def test_float64_and_unlisted_ops_keep_the_torch_path_in_portable_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(device_type: str) -> Any:
+        raise AssertionError("the portable backend got an op or dtype it does not implement")
+
+    monkeypatch.setattr(_aten_adapters, "portable_backend", refuse)
+    x64 = _values(640, 9, torch.float64, specials=False)
+    x32 = x64.float()
+    with detkit.batch_invariant(portable=True):
+        e64, s32, g32 = torch.exp(x64), torch.sin(x32), F.gelu(x32)
+    assert _same_bits(e64.view(torch.float32), torch.exp(x64).view(torch.float32))
+    assert _same_bits(s32, torch.sin(x32)) and _same_bits(g32, F.gelu(x32))
+
+
+def test_empty_and_integer_inputs_pass_through() -> None:
+    with detkit.batch_invariant(portable=True, strict=True) as bi:
+        assert torch.exp(torch.empty(0, 3)).shape == (0, 3)
+    assert bi.coverage().passed_through == {"exp": {"empty input": 1}}
+
+
+def test_coverage_report_in_portable_mode() -> None:
+    x = torch.rand(3, 64) + 0.5
+    fns = (F.silu, torch.tanh, torch.rsqrt, torch.exp, torch.sin, torch.cos, lambda t: t.pow(1.5), F.gelu)
+    _, ops = mode.trace_ops(lambda: [fn(x) for fn in fns])
+    report = mode.coverage_report(ops, portable=True)
+    for op in ("silu.default", "tanh.default", "rsqrt.default", "exp.default"):
+        assert op in report.routed and op not in report.not_portable, op
+    for op in ("sin.default", "cos.default", "pow.Tensor_Scalar", "gelu.default"):
+        assert op in report.not_portable, op
+    # No portable elementwise kernels are registered for CUDA: there they stay not portable.
+    cuda = mode.coverage_report(ops, portable=True, device="CUDA")
+    assert "silu.default" in cuda.not_portable and "exp.default" in cuda.not_portable
+
+
+# ----------------------------------------------------------------------------- across ISAs
+
+PRESETS = ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
+
+# Run in a fresh process: the model's forward logits (and every module's output) hashed,
+# with the mode off and under portable mode. The weights come from the parent process,
+# because the seeded initialisation itself (torch's vectorised normal_) differs per ISA.
+_CHILD = r"""
+import hashlib, json, sys
+import torch, detkit
+from detkit.models import build_tokenizer, load_preset
+
+def h(t):
+    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+weights_dir, presets = sys.argv[1], sys.argv[2].split(",")
+enc = build_tokenizer()(["Batch invariance means", "hi", "The quick brown fox"], padding=True, return_tensors="pt")
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+for name in presets:
+    for attn in ("eager", "sdpa"):
+        model = load_preset(name, dtype=torch.float32, attn_implementation=attn)
+        model.load_state_dict(torch.load(f"{weights_dir}/{name}.pt"))
+        seen = {}
+        def hook(module, args, output, name=None):
+            t = output if isinstance(output, torch.Tensor) else (output[0] if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) else None)
+            if t is not None and name not in seen:
+                seen[name] = h(t)
+        for mname, module in model.named_modules():
+            module.register_forward_hook(lambda m, a, o, mname=mname: hook(m, a, o, mname))
+        with torch.no_grad():
+            off = h(model(**enc).logits)
+            seen.clear()
+            with detkit.batch_invariant(portable=True):
+                logits = model(**enc).logits
+        out[f"{name}/{attn}"] = {"off": off, "portable": h(logits), "modules": dict(seen)}
+print(json.dumps(out))
+"""
+
+_ENVS: dict[str, dict[str, str]] = {
+    "host": {},
+    "ATEN_CPU_CAPABILITY=default": {"ATEN_CPU_CAPABILITY": "default"},
+    "NUMBA_CPU_NAME=generic": {"NUMBA_CPU_NAME": "generic"},
+}
+
+
+@pytest.fixture(scope="module")
+def isa_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    pytest.importorskip("transformers")
+    from detkit.models import load_preset
+
+    weights = tmp_path_factory.mktemp("weights")
+    for name in PRESETS:
+        torch.save(load_preset(name, dtype=torch.float32).state_dict(), weights / f"{name}.pt")
+    runs = {}
+    for label, extra in _ENVS.items():
+        env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME")}
+        env.update(extra)
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(weights), ",".join(PRESETS)],
+            env=env, capture_output=True, text=True, timeout=300, check=False,
+        )
+        assert proc.returncode == 0, f"{label}: child failed:\n{proc.stderr[-3000:]}"
+        runs[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return runs
+
+
+def _first_difference(a: dict[str, str], b: dict[str, str]) -> str:
+    return next((m or "<model>" for m in a if a[m] != b.get(m)), "none")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("other", [k for k in _ENVS if k != "host"])
+def test_portable_logits_are_identical_across_instruction_sets(
+    isa_runs: dict[str, dict[str, Any]], preset: str, attn: str, other: str
+) -> None:
+    host, alt = isa_runs["host"][f"{preset}/{attn}"], isa_runs[other][f"{preset}/{attn}"]
+    assert host["portable"] == alt["portable"], (
+        f"{preset}/{attn}: portable-mode logits differ under {other}; first module whose output "
+        f"differs: {_first_difference(host['modules'], alt['modules'])}"
+    )
+
+
+@pytest.mark.slow
+def test_instruction_set_switch_changes_torch_results(isa_runs: dict[str, dict[str, Any]]) -> None:
+    # Negative control: without the mode, forcing torch's scalar kernels changes the
+    # logits (silu/sigmoid round differently), so the test above can fail.
+    if isa_runs["host"]["capability"] == "DEFAULT":
+        pytest.skip("this CPU already runs torch's DEFAULT kernels; nothing to compare")
+    alt = isa_runs["ATEN_CPU_CAPABILITY=default"]
+    assert alt["capability"] == "DEFAULT"
+    assert isa_runs["host"]["tiny-llama/eager"]["off"] != alt["tiny-llama/eager"]["off"]
