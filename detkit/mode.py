@@ -21,8 +21,9 @@ so the mode never recurses into itself.
 
 Autograd: leaf ops (mm, _softmax, ...) keep torch's autograd formulas, which sit above
 the CPU key. For CompositeImplicitAutograd ops (rms_norm, scaled_dot_product_attention)
-an autograd-key gate runs torch's decomposition when a gradient is needed (its leaves
-are routed) and the detkit kernel otherwise.
+an autograd-key gate returns the detkit kernel's values in both cases; when a gradient
+is needed it also runs torch's decomposition (its leaves routed) to carry the gradient,
+so the forward bits never depend on requires_grad.
 
 State and threads: aten registrations are process wide, so while the mode is on it
 applies to every thread. The state (on, portable, strict) is one process-wide value
@@ -101,8 +102,8 @@ class Coverage:
     ``fell_back``: the kernels did not cover the arguments; torch's kernel ran, so these
     calls carry no invariance guarantee. ``passed_through``: torch's kernel ran but its
     result is exact anyway (integer sums, empty tensors, pow(x, 2), ...).
-    ``decomposed``: a composite op ran torch's decomposition because a gradient was
-    needed; its leaves are routed and appear under ``routed``.
+    ``decomposed``: a composite op also ran torch's decomposition, for its gradient,
+    because a gradient was needed; the values still come from the detkit kernel.
     """
 
     routed: dict[str, int] = field(default_factory=dict)
@@ -270,13 +271,33 @@ def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
     return kernel
 
 
+class _RoutedValues(torch.autograd.Function):
+    """The routed kernel's values with the decomposition's gradient (identity backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, decomposed: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        return routed.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 def _make_gate(spec: OpOverride, grad_kernel: Any) -> Callable[..., Any]:
     overload = spec.overload
 
     def gate(keyset: Any, *args: Any, **kwargs: Any) -> Any:
         if _grad_needed(args, kwargs) and not getattr(_TLS, "inside", False):
             _COUNTERS.add(_COUNTERS.decomposed, spec.name)
-            return grad_kernel.call_boxed(keyset, *args, **kwargs)
+            decomposed = grad_kernel.call_boxed(keyset, *args, **kwargs)
+            if not isinstance(decomposed, torch.Tensor):
+                return decomposed
+            # The values must not depend on requires_grad (a trainer and a sampler must see
+            # the same forward bits), so they come from the routed kernel; the gradient
+            # flows through torch's decomposition of the same function.
+            with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+                routed = overload(*args, **kwargs)
+            return _RoutedValues.apply(decomposed, routed)
         with torch._C._AutoDispatchBelowAutograd():
             return overload(*args, **kwargs)
 

@@ -22,11 +22,12 @@ Orders (W = 16 lanes):
   starting at +0.0, ``acc = fma(a_k, b_k, acc)`` for k = 0..K-1 in order. Leading and
   trailing exact-zero terms leave the accumulator unchanged (attention skips them, so
   a masked key's value never enters, even inf or NaN).
-* exp: float32 rows use ``exp_f32`` of ``docs/canonical-orders.md`` (section 2.4: fixed
-  fp32 FMA polynomial, within 0.9 ULP, branch free so it vectorises); float64 rows use
-  ``exp64`` (Cody-Waite reduction, degree-13 Taylor polynomial, scaling by two exact
-  powers of two built from their bits). Both are basic IEEE operations only, so every
-  loop position gives the same bits.
+* exp(x - max): for float32 rows ``exp32_of64``: x - max exact in float64, Cody-Waite
+  reduction in float64, the fp32 FMA polynomial of ``docs/canonical-orders.md`` section
+  2.4 on the reduced argument, one rounding of p * 2^n. float64 rows use ``exp64``
+  (Cody-Waite reduction, degree-13 Taylor polynomial, scaling by two exact powers of
+  two built from their bits). Both are basic IEEE operations only, so every loop
+  position gives the same bits.
 
 Where LLVM would keep an accumulator in memory (numba arrays are heap objects), the
 inner loops are written as LLVM IR with vector registers (``tile_scores``, the P @ V
@@ -44,7 +45,6 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from detkit.kernels._portable_kernels import exp_f32
 
 W = 16
 VL = 16  # attention tiles: lanes per LLVM vector
@@ -112,18 +112,70 @@ def exp64(t: float) -> float:
     return res if t == t else t
 
 
-def exp_w(t):  # type: ignore[no-untyped-def]
-    """exp in the working dtype: ``exp_f32`` for float32, ``exp64`` for float64."""
-    raise NotImplementedError("exp_w is only callable from numba-compiled code")
+# float32 Taylor coefficients 1/2! .. 1/7! of canonical-orders section 2.4 (the
+# portable Exp's polynomial, accurate on |r| <= 0.35).
+_C2, _C3, _C4, _C5, _C6, _C7 = (
+    np.uint32(b).view(np.float32) for b in (0x3F000000, 0x3E2AAAAB, 0x3D2AAAAB, 0x3C088889, 0x3AB60B61, 0x39500D01)
+)
+_ONE32 = np.float32(1.0)
 
 
-@overload(exp_w, inline="always")
-def _exp_w_impl(t):  # type: ignore[no-untyped-def]
-    if t == types.float32:
-        return lambda t: exp_f32(t)
-    if t == types.float64:
-        return lambda t: exp64(t)
+@njit(cache=True, inline="always")
+def exp32_of64(t: float) -> float:
+    """exp(t) rounded to float32, for a float64 argument (softmax's exact x - max).
+
+    The reduction t = n ln2 + r runs in float64 (so the argument is never rounded to
+    float32 first: no error growing with |x - max|), r is rounded to float32 and the
+    float32 FMA polynomial of the portable Exp gives exp(r); p * 2^n is exact in float64
+    and rounded once. Basic IEEE operations only and branch free, so it vectorises.
+    """
+    tc = t if t > -104.0 else -104.0
+    tc = tc if tc < 89.0 else 89.0
+    kf = (tc * _LOG2E + _SHIFTER) - _SHIFTER
+    r = np.float32((tc - kf * _LN2_HI) - kf * _LN2_LO)
+    q = fma(_C7, r, _C6)
+    q = fma(q, r, _C5)
+    q = fma(q, r, _C4)
+    q = fma(q, r, _C3)
+    q = fma(q, r, _C2)
+    q = fma(q, r, _ONE32)
+    p = fma(q, r, _ONE32)
+    res = np.float32(np.float64(p) * _pow2(np.int64(kf)))
+    return res if t == t else np.float32(t)
+
+
+def exp_diff(x, m):  # type: ignore[no-untyped-def]
+    """exp(x - m) in the dtype of x: ``exp32_of64`` for float32, ``exp64`` for float64."""
+    raise NotImplementedError("exp_diff is only callable from numba-compiled code")
+
+
+@overload(exp_diff, inline="always")
+def _exp_diff_impl(x, m):  # type: ignore[no-untyped-def]
+    if x == types.float32:
+        return lambda x, m: exp32_of64(np.float64(x) - np.float64(m))
+    if x == types.float64:
+        return lambda x, m: exp64(x - m)
     return None
+
+
+def _vec_helpers(builder, fty):  # type: ignore[no-untyped-def]
+    """LLVM vector type of VL lanes, its fma intrinsic, unaligned load/store, broadcast."""
+    vty = ir.VectorType(fty, VL)
+    fname = f"llvm.fma.v{VL}{fty.intrinsic_name}"
+    fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]), fname)
+
+    def load_v(ptr):  # type: ignore[no-untyped-def]
+        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4, typ=vty)
+
+    def store_v(val, ptr):  # type: ignore[no-untyped-def]
+        builder.store(val, builder.bitcast(ptr, vty.as_pointer()), align=4)
+
+    def splat(x):  # type: ignore[no-untyped-def]
+        v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL)
+        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), zeros)
+
+    return vty, fma_v, load_v, store_v, splat
 
 
 def _make_lane_loop(kind: str):  # type: ignore[no-untyped-def]
@@ -133,7 +185,7 @@ def _make_lane_loop(kind: str):  # type: ignore[no-untyped-def]
     element ``start + c * W + w`` of chunk c, in chunk order: exactly the scalar
     ``lanes[w] = op(lanes[w], x[j + w])`` loops it replaces, with the accumulator in a
     register. kind: "sum" (lane + x), "sumsq" (lane + x * x), "csq" (d = x - mu;
-    lane + d * d), "max" (x if x > lane else lane, so NaN is never taken).
+    lane + d * d, in mu's dtype), "max" (x if x > lane else lane, so NaN is never taken).
     """
 
     @intrinsic
@@ -157,7 +209,8 @@ def _make_lane_loop(kind: str):  # type: ignore[no-untyped-def]
             mu_s = None
             if kind == "csq":
                 mu_s = builder.insert_element(ir.Constant(vmty, ir.Undefined), mu_v, ir.Constant(ir.IntType(32), 0))
-                mu_s = builder.shuffle_vector(mu_s, ir.Constant(vmty, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W))
+                zeros = ir.Constant(ir.VectorType(ir.IntType(32), W), [0] * W)
+                mu_s = builder.shuffle_vector(mu_s, ir.Constant(vmty, ir.Undefined), zeros)
             init = load_v(la.data)
             pre = builder.basic_block
             head = builder.append_basic_block("lane.head")
@@ -293,7 +346,7 @@ def _softmax_row(row, o, log, lanes):  # type: ignore[no-untyped-def]
     L = row.shape[0]
     m = _row_max(row, 0, L, lanes)
     for j in range(L):
-        o[j] = exp_w(row[j] - m)
+        o[j] = exp_diff(row[j], m)
     s = anchored_sum(o, first_nonzero(o, L), L, lanes)
     if log:
         ls = np.log(np.float64(s))
@@ -321,10 +374,13 @@ def _rms_row(row, o, weight, has_weight, eps, lanes):  # type: ignore[no-untyped
 @njit(cache=True, inline="always")
 def _layer_norm_row(row, o, weight, bias, has_weight, has_bias, eps, lanes):  # type: ignore[no-untyped-def]
     L = row.shape[0]
-    mu = anchored_sum(row, 0, L, lanes) / L
-    var = _sum_centered_sq(row, L, mu, lanes) / L
+    mu64 = anchored_sum(row, 0, L, lanes) / L  # float64 division of the lane sum
+    # The squares are centred on the mean rounded to the working dtype: any centre c
+    # gives the variance up to (mean - c)^2, negligible here, and keeps that pass in
+    # the working dtype (vector width); the output is centred on the float64 mean.
+    lanes[0] = mu64
+    var = _sum_centered_sq(row, L, lanes[0], lanes) / L
     inv = 1.0 / np.sqrt(np.float64(var) + eps)
-    mu64 = np.float64(mu)
     # One loop per affine variant (no branch in the loop, so it vectorises).
     if has_weight and has_bias:
         for j in range(L):
@@ -441,25 +497,6 @@ def bmm(a, b, out):  # type: ignore[no-untyped-def]
         for ii in range(rows):
             for j in range(N):
                 out[n, i0 + ii, j] = acc[ii, j]
-
-
-def _vec_helpers(builder, fty):  # type: ignore[no-untyped-def]
-    """LLVM vector type of VL lanes, its fma intrinsic, unaligned load/store, broadcast."""
-    vty = ir.VectorType(fty, VL)
-    fname = f"llvm.fma.v{VL}{fty.intrinsic_name}"
-    fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]), fname)
-
-    def load_v(ptr):  # type: ignore[no-untyped-def]
-        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4, typ=vty)
-
-    def store_v(val, ptr):  # type: ignore[no-untyped-def]
-        builder.store(val, builder.bitcast(ptr, vty.as_pointer()), align=4)
-
-    def splat(x):  # type: ignore[no-untyped-def]
-        v = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), VL), [0] * VL))
-
-    return vty, fma_v, load_v, store_v, splat
 
 
 @intrinsic
@@ -633,29 +670,48 @@ tile_pv1 = _make_tile_pv(1, NV)
 
 @njit(cache=True, inline="always")
 def _scores_rows(qi_vec, kb, lo, hi, srow):  # type: ignore[no-untyped-def]
-    """The same sequential-d FMA chains as ``_scores_tiled``, four keys at a time from K rows."""
+    """The same sequential-d FMA chains as ``tile_scores``, eight keys at a time from K rows.
+
+    Eight independent chains keep both FMA units busy (one chain waits on its latency).
+    """
     D = kb.shape[1]
     j = lo
-    while j + 4 <= hi:
+    while j + 8 <= hi:
         k0 = kb[j]
         k1 = kb[j + 1]
         k2 = kb[j + 2]
         k3 = kb[j + 3]
+        k4 = kb[j + 4]
+        k5 = kb[j + 5]
+        k6 = kb[j + 6]
+        k7 = kb[j + 7]
         s0 = srow[j]  # +0.0 in the working dtype (srow arrives zeroed)
         s1 = s0
         s2 = s0
         s3 = s0
+        s4 = s0
+        s5 = s0
+        s6 = s0
+        s7 = s0
         for d in range(D):
             qd = qi_vec[d]
             s0 = fma(qd, k0[d], s0)
             s1 = fma(qd, k1[d], s1)
             s2 = fma(qd, k2[d], s2)
             s3 = fma(qd, k3[d], s3)
+            s4 = fma(qd, k4[d], s4)
+            s5 = fma(qd, k5[d], s5)
+            s6 = fma(qd, k6[d], s6)
+            s7 = fma(qd, k7[d], s7)
         srow[j] = s0
         srow[j + 1] = s1
         srow[j + 2] = s2
         srow[j + 3] = s3
-        j += 4
+        srow[j + 4] = s4
+        srow[j + 5] = s5
+        srow[j + 6] = s6
+        srow[j + 7] = s7
+        j += 8
     while j < hi:
         kj = kb[j]
         s0 = srow[j]
@@ -696,7 +752,7 @@ def _probabilities(srow, lo, hi, jlo, jhi, base, maskb, maskf, ms, mode, scale):
             srow[j] = 0.0
         return srow[lo], False
     for j in range(lo, hi):
-        srow[j] = exp_w(srow[j] - m)
+        srow[j] = exp_diff(srow[j], m)
     j0 = lo + first_nonzero(srow[lo:hi], hi - lo)
     return anchored_sum(srow, j0, hi, lanes), True
 
