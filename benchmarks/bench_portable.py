@@ -1,6 +1,6 @@
 """Benchmark: portable CPU kernels (``portable=True``) vs torch's own CPU ops.
 
-Prints, per kernel and shape, the best (minimum) time of each and the ratio portable / torch,
+Prints, per kernel and shape, the median time of each and the ratio portable / torch,
 measured in the same run. Shapes follow the CPU kernels issue. Usage::
 
     python benchmarks/bench_portable.py            # full table
@@ -41,15 +41,15 @@ class Row:
         return self.portable_ms / self.torch_ms
 
 
-def _best_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
-    """Minimum over repeats: on a shared machine the fastest run is the least disturbed."""
+def _median_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
+    """Median over repeats (the first, untimed call compiles and warms caches)."""
     fn()  # warm up (and compile on first use)
     times = []
     for _ in range(repeats):
         t0 = clock()
         fn()
         times.append((clock() - t0) * 1e3)
-    return min(times)
+    return float(np.median(times))
 
 
 def _cases(quick: bool) -> list[tuple[str, str, torch.dtype, Callable[[], object], Callable[[], object]]]:
@@ -247,13 +247,13 @@ def main() -> None:
     repeats = args.repeats or (3 if args.quick else 7)
     rows = []
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"clock {'process CPU time' if args.cpu_time else 'wall'}, best of {repeats}")
+          f"clock {'process CPU time' if args.cpu_time else 'wall'}, median of {repeats}")
     print(f"{'op':28} {'shape':24} {'dtype':9} {'torch ms':>9} {'portable ms':>12} {'ratio':>6}")
     for op, shape, dtype, ref, port in _cases(args.quick):
         if args.only and args.only not in op:
             continue
-        row = Row(op, shape, str(dtype).replace("torch.", ""), _best_ms(ref, repeats, clock),
-                  _best_ms(port, repeats, clock))
+        row = Row(op, shape, str(dtype).replace("torch.", ""), _median_ms(ref, repeats, clock),
+                  _median_ms(port, repeats, clock))
         rows.append(row)
         print(f"{op:28} {shape:24} {row.dtype:9} {row.torch_ms:9.3f} {row.portable_ms:12.3f} "
               f"{row.ratio:6.2f}", flush=True)

@@ -188,14 +188,16 @@ def _run(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, verdict: T
     out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
     heights = verdict.heights
     plan = _plan(a.shape[0], heights)
-    # Work items: (start, rows, height, column block); the blocks are verified to give
-    # the same bits as the whole width (only used for a single smallest tile).
+    # Work items: (start, rows, height, column block). Column blocks are verified at
+    # first use to give the whole width's bits for every height, so splitting when there
+    # are fewer tiles than workers only changes who computes what, never the bits.
     items = [(pos, rows, h, slice(None)) for pos, rows, h in plan]
     threads = torch.get_num_threads()
-    if verdict.pinned and len(plan) == 1 and plan[0][2] == heights[0] and verdict.n_split > 1 and threads > 1:
+    if verdict.pinned and len(plan) < threads and verdict.n_split > 1:
         nb = b.shape[1] // verdict.n_split
-        pos, rows, h = plan[0]
-        items = [(pos, rows, h, slice(c * nb, (c + 1) * nb)) for c in range(verdict.n_split)]
+        items = [
+            (pos, rows, h, slice(c * nb, (c + 1) * nb)) for pos, rows, h in plan for c in range(verdict.n_split)
+        ]
 
     def work(chunk: list[tuple[int, int, int, slice]]) -> None:
         if verdict.pinned:
@@ -328,20 +330,24 @@ def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...],
         notes.insert(0, f"verified heights {list(heights)}" + (" on one-thread BLAS" if pinned else ""))
     else:
         notes.insert(0, "no tile height is batch invariant")
-    # One-thread BLAS on a single small tile leaves cores idle: split N into equal,
-    # 64-byte aligned column blocks for the workers if that gives the same bits.
+    # One-thread BLAS on fewer tiles than workers leaves cores idle: split N into equal,
+    # 64-byte aligned column blocks for the workers if, for every height, that gives
+    # the same bits as the whole width (then the split is scheduling, not numerics).
     n = b.shape[1]
     split = max(2, os.cpu_count() or 1)
     n_split = 1
     if heights and pinned and n % split == 0 and (n // split) % 32 == 0:
 
-        def run_cols(a: torch.Tensor, cols: slice) -> torch.Tensor:
-            bias_c = None if sbias is None else sbias[cols]
-            return _with_threads(1, lambda: _tile(a, sb[:, cols], bias_c, heights[0]))
+        def cols_runner(h: int) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+            def run_cols(a: torch.Tensor, cols: slice) -> torch.Tensor:
+                bias_c = None if sbias is None else sbias[cols]
+                return _with_threads(1, lambda: _tile(a, sb[:, cols], bias_c, h))
 
-        if _split_ok(run_cols, common[: heights[0]], n, split):
+            return run_cols
+
+        if all(_split_ok(cols_runner(h), common[:h], n, split) for h in heights):
             n_split = split
-            notes.append(f"a single tile is split into {split} column blocks")
+            notes.append(f"tiles fewer than workers are split into {split} column blocks")
     return TileVerdict(
         dtype=str(dtype).removeprefix("torch."),
         k=k,
