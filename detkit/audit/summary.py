@@ -167,10 +167,15 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
         if not torch_bad:
             continue
         line = f"{_names(torch_bad)}: {_PHRASES[check]}; {pin}"
-        if "portable" in audited:
-            good, _bad = fixed_by("portable", check, torch_bad)
-            if good:
-                line += f"; detkit.batch_invariant(portable=True) gives the same bits for {_names(good)}"
+        # Thread invariance is part of the plain mode's guarantee; ISA invariance only of portable.
+        fixers = (("detkit", "detkit.batch_invariant()"),) if check == "thread-variance" else ()
+        fixers += (("portable", "detkit.batch_invariant(portable=True)"),)
+        for impl, mode in fixers:
+            if impl in audited:
+                good, _bad = fixed_by(impl, check, torch_bad)
+                if good:
+                    line += f"; {mode} gives the same bits for {_names(good)}"
+                    break
         line += "."
         lines.append(line)
 
