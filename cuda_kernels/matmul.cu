@@ -98,31 +98,23 @@ __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __rest
         // Only the real k of the last tile take part: a padded fma(0, 0, part) would turn
         // a partial sum of -0 (an underflowed product) into +0.
         const int kn = min(BK, K - t * BK);
+        // One k step of the register tile, in increasing k (the spec's fma chain).
+        auto step = [&](int kk) {
+            float a[TM], b[TN];
+#pragma unroll
+            for (int i = 0; i < TM; ++i) a[i] = As[buf][kk][tr * TM + i];
+#pragma unroll
+            for (int j = 0; j < TN; ++j) b[j] = Bs[buf][kk][tc * TN + j];
+#pragma unroll
+            for (int i = 0; i < TM; ++i)
+#pragma unroll
+                for (int j = 0; j < TN; ++j) part[i][j] = __fmaf_rn(a[i], b[j], part[i][j]);
+        };
         if (kn == BK) {
 #pragma unroll
-            for (int kk = 0; kk < BK; ++kk) {
-                float a[TM], b[TN];
-#pragma unroll
-                for (int i = 0; i < TM; ++i) a[i] = As[buf][kk][tr * TM + i];
-#pragma unroll
-                for (int j = 0; j < TN; ++j) b[j] = Bs[buf][kk][tc * TN + j];
-#pragma unroll
-                for (int i = 0; i < TM; ++i)
-#pragma unroll
-                    for (int j = 0; j < TN; ++j) part[i][j] = __fmaf_rn(a[i], b[j], part[i][j]);
-            }
+            for (int kk = 0; kk < BK; ++kk) step(kk);  // full tile: constant trip count, unrolled
         } else {
-            for (int kk = 0; kk < kn; ++kk) {
-                float a[TM], b[TN];
-#pragma unroll
-                for (int i = 0; i < TM; ++i) a[i] = As[buf][kk][tr * TM + i];
-#pragma unroll
-                for (int j = 0; j < TN; ++j) b[j] = Bs[buf][kk][tc * TN + j];
-#pragma unroll
-                for (int i = 0; i < TM; ++i)
-#pragma unroll
-                    for (int j = 0; j < TN; ++j) part[i][j] = __fmaf_rn(a[i], b[j], part[i][j]);
-            }
+            for (int kk = 0; kk < kn; ++kk) step(kk);
         }
         if ((t + 1) % (CHUNK / BK) == 0 || t + 1 == ktiles) {  // chunk complete: one add
 #pragma unroll

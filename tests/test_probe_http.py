@@ -51,6 +51,19 @@ SUITE = ProbeSuite(
 )
 
 
+def _wait_until_healthy(port: int, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    """Poll GET /health until the server answers; fail with its log if it dies or hangs."""
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{what} did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
@@ -75,15 +88,7 @@ def server(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: py
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"transformers serve did not start:\n{log.read_text()[-2000:]}")
-                time.sleep(0.5)
+        _wait_until_healthy(port, proc, log, "transformers serve")
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()
@@ -238,15 +243,7 @@ def test_logprob_probe_of_a_batching_server_under_the_mode_is_invariant(tmp_path
             stdout=fh, stderr=subprocess.STDOUT, env=env,
         )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"detkit.probe.server did not start:\n{log.read_text()[-2000:]}")
-                time.sleep(0.5)
+        _wait_until_healthy(port, proc, log, "detkit.probe.server")
         engine = HTTPEngine(f"http://127.0.0.1:{port}/v1", timeout=120, retries=0)
         suite = ProbeSuite(
             name="server", prompts=(Prompt("fox", "The quick brown fox"),), max_new_tokens=6,
