@@ -141,6 +141,14 @@ def test_cli_check_json(results: dict) -> None:
     assert payload["ok"] is True and len(payload["results"]) == len(ARCHS) * len(cuda_loader.KERNEL_FILES)
 
 
+def test_cli_check_table_names_the_compiler(results: dict) -> None:
+    from detkit.cli import app
+
+    out = CliRunner().invoke(app, ["kernels", "check", "--arch=sm_90"])
+    assert out.exit_code == 0, out.output
+    assert "compiler:" in out.output and "matmul.cu" in out.output
+
+
 def test_cli_rejects_bad_arch() -> None:
     from detkit.cli import app
 

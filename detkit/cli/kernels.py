@@ -61,7 +61,8 @@ def _print(rows: list[dict[str, Any]], target: str) -> None:
     console = Console()
     compilers = sorted({r["compiler"] for r in rows})
     table = Table(title=f"detkit CUDA kernels: compile check ({target})", title_justify="left",
-                  caption="compiler: " + "; ".join(compilers), caption_justify="left")
+                  # Text, not a markup string: compiler names look like "nvrtc [/path/libnvrtc.so]".
+                  caption=Text("compiler: " + "; ".join(compilers)), caption_justify="left")
     for col in ("file", "arch", "status", "entry points", "seconds"):
         table.add_column(col, no_wrap=True)
     for r in rows:
