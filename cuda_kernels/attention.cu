@@ -1,16 +1,23 @@
-// detkit attention: scaled-dot-product attention in the canonical order of
-// docs/canonical-orders.md ("attention"), one warp per query (b, h, i).
+// detkit attention, two kernels families.
 //
-// A key is skipped (takes part in no operation at all) when the bool mask is False or
-// its score is -inf after the float mask. The kept keys are visited in increasing
-// order: the maximum is exact (order free), the normaliser l and the outputs o[d] are
-// plain sequential sums over kept keys. Hence padding keys, the KV length beyond the
-// last kept key, the batch, and decode (one query) vs prefill (causal mask) cannot
-// change a query's bits. Used for portable=True and portable=False alike.
+// attention_<T> (portable=True, and portable=False with a float mask): scaled-dot-product
+// attention in the canonical order of docs/canonical-orders.md ("attention"), one warp
+// per query (b, h, i). A key is skipped (takes part in no operation at all) when the
+// bool mask is False or its score is -inf after the float mask. The kept keys are
+// visited in increasing order: the maximum is exact (order free), the normaliser l and
+// the outputs o[d] are plain sequential sums over kept keys. Hence padding keys, the KV
+// length beyond the last kept key, the batch, and decode (one query) vs prefill (causal
+// mask) cannot change a query's bits. Lane j of the warp scores key c + j of a 32-key
+// chunk (sequential fma over d); the chunk's kept keys are then consumed in order by all
+// lanes, each lane owning the output dimensions d = lane, lane + 32, ...
 //
-// Lane j of the warp scores key c + j of a 32-key chunk (sequential fma over d); the
-// chunk's kept keys are then consumed in order by all lanes, each lane owning the
-// output dimensions d = lane, lane + 32, ...
+// attention_split_<T> + attention_combine_<T> (portable=False, no mask or a bool mask):
+// split KV. A query's keys are cut into splits of ATS_SPLIT consecutive key indices
+// anchored at its first unmasked key (attention_anchor), one warp per (query, split);
+// each split yields (m, l, o[]) by an online softmax over its kept keys in order, and the
+// combine merges the splits in order. Every boundary is fixed by the anchor and
+// ATS_SPLIT, so batch, left/right padding and decode vs prefill leave a query's bits
+// unchanged, as in the canonical kernel, while decode gets Lk / ATS_SPLIT warps per head.
 
 #define ATT_WARPS 4
 #define ATT_DMAX 256
@@ -115,3 +122,203 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ q, const T*
 DETKIT_ATT_ENTRY(f32, float)
 DETKIT_ATT_ENTRY(bf16, bf16)
 DETKIT_ATT_ENTRY(f16, f16)
+
+// ------------------------------------------------------------------ split KV (portable=False)
+
+#define ATS_SPLIT 128  // keys per split: a constant, never derived from the batch or Lk
+#define ATS_KB 8       // keys scored together (independent chains, for latency)
+
+// First key j whose bool mask is True, or Lk if none: the anchor of the query's splits.
+extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)
+attention_anchor(const unsigned char* __restrict__ mask, i64 ms0, i64 ms1, i64 ms2, i64 ms3,
+                 int* __restrict__ anchor, int B, int H, int Lq, int Lk) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const i64 query = (i64)blockIdx.x * ATT_WARPS + warp;
+    if (query >= (i64)B * H * Lq) return;
+    const int i = (int)(query % Lq), h = (int)((query / Lq) % H), b = (int)(query / ((i64)Lq * H));
+    const i64 mrow = (i64)b * ms0 + (i64)h * ms1 + (i64)i * ms2;
+    int a = Lk;
+    for (int c = 0; c < Lk; c += 32) {
+        const int j = c + lane;
+        const u32 on = __ballot_sync(DETKIT_FULL, j < Lk && mask[mrow + (i64)j * ms3] != 0);
+        if (on != 0u) {
+            a = c + __ffs(on) - 1;
+            break;
+        }
+    }
+    if (lane == 0) anchor[query] = a;
+}
+
+// Number of splits of a query with anchor a.
+__device__ __forceinline__ int ats_splits(int a, int Lk) { return a < Lk ? (Lk - a + ATS_SPLIT - 1) / ATS_SPLIT : 0; }
+
+// One warp: query q0 + (blockIdx.x * ATT_WARPS + warp), split blockIdx.y. Score of a key:
+// lane l accumulates q[d] * k[d] for d = l, l + 32, ... (fma, increasing d), then the
+// fixed xor butterfly; times scale. Online softmax over the split's kept keys in order:
+// a larger score rescales l and o by expf(m_old - m_new) first. Writes m (-inf: no kept
+// key), l and o[Dv] of the split to the workspace slot (query - q0) * NS + split.
+template <typename T>
+__device__ __forceinline__ void attention_split_impl(const T* __restrict__ q, const T* __restrict__ k,
+                                                     const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                                                     i64 ms0, i64 ms1, i64 ms2, i64 ms3,
+                                                     const int* __restrict__ anchor, float* __restrict__ part_m,
+                                                     float* __restrict__ part_l, float* __restrict__ part_o, i64 q0,
+                                                     int nq, int NS, int H, int Hk, int Lq, int Lk, int D, int Dv,
+                                                     float scale) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const i64 local = (i64)blockIdx.x * ATT_WARPS + warp;
+    if (local >= nq) return;  // the whole warp leaves together
+    const i64 query = q0 + local;
+    const int i = (int)(query % Lq), h = (int)((query / Lq) % H), b = (int)(query / ((i64)Lq * H));
+    const int g = h / (H / Hk);
+    const int split = blockIdx.y;
+    const int a = anchor != nullptr ? anchor[query] : 0;
+    if (split >= ats_splits(a, Lk)) return;  // not one of this query's splits: never read
+    const int lo = a + split * ATS_SPLIT;
+    const int hi = min(lo + ATS_SPLIT, Lk);
+
+    const T* qr = q + query * D;
+    const T* kb = k + ((i64)b * Hk + g) * (i64)Lk * D;
+    const T* vb = v + ((i64)b * Hk + g) * (i64)Lk * Dv;
+    const i64 mrow = (i64)b * ms0 + (i64)h * ms1 + (i64)i * ms2;
+    const float NEG_INF = __uint_as_float(0xFF800000u);
+
+    float qv[ATT_VPL], o[ATT_VPL];
+#pragma unroll
+    for (int t = 0; t < ATT_VPL; ++t) {
+        const int d = lane + 32 * t;
+        qv[t] = d < D ? to_f32(qr[d]) : 0.0f;
+        o[t] = 0.0f;
+    }
+    float m = NEG_INF, l = 0.0f;
+    for (int c = lo; c < hi; c += 32) {
+        const int j = c + lane;
+        u32 keep = __ballot_sync(DETKIT_FULL, j < hi && (mask == nullptr || mask[mrow + (i64)j * ms3] != 0));
+        while (keep != 0u) {
+            int js[ATS_KB];  // the next ATS_KB kept keys, in order (-1: none); same in every lane
+            float sc[ATS_KB];
+#pragma unroll
+            for (int u = 0; u < ATS_KB; ++u) {
+                js[u] = -1;
+                if (keep != 0u) {
+                    js[u] = c + __ffs(keep) - 1;
+                    keep &= keep - 1u;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < ATS_KB; ++u) {
+                float p = 0.0f;
+                if (js[u] >= 0) {
+                    const T* kr = kb + (i64)js[u] * D;
+#pragma unroll
+                    for (int t = 0; t < ATT_VPL; ++t) {
+                        const int d = lane + 32 * t;
+                        if (d < D) p = __fmaf_rn(qv[t], to_f32(kr[d]), p);
+                    }
+                }
+                sc[u] = p;
+            }
+#pragma unroll
+            for (int o2 = 16; o2 > 0; o2 >>= 1)
+#pragma unroll
+                for (int u = 0; u < ATS_KB; ++u) sc[u] = __fadd_rn(sc[u], __shfl_xor_sync(DETKIT_FULL, sc[u], o2));
+#pragma unroll
+            for (int u = 0; u < ATS_KB; ++u) {
+                if (js[u] < 0) break;
+                const float s = __fmul_rn(sc[u], scale);
+                if (s == NEG_INF) continue;  // skipped, as in the canonical order
+                if (!(s <= m)) {             // a new maximum (or NaN): rescale what is summed so far
+                    const float m_new = ieee_max(m, s);
+                    if (m != NEG_INF) {
+                        const float alpha = expf(__fsub_rn(m, m_new));
+                        l = __fmul_rn(l, alpha);
+#pragma unroll
+                        for (int t = 0; t < ATT_VPL; ++t) o[t] = __fmul_rn(o[t], alpha);
+                    }
+                    m = m_new;
+                }
+                const float p = expf(__fsub_rn(s, m));
+                l = __fadd_rn(l, p);
+                const T* vr = vb + (i64)js[u] * Dv;
+#pragma unroll
+                for (int t = 0; t < ATT_VPL; ++t) {
+                    const int d = lane + 32 * t;
+                    if (d < Dv) o[t] = __fmaf_rn(p, to_f32(vr[d]), o[t]);
+                }
+            }
+        }
+    }
+    const i64 slot = local * NS + split;
+    if (lane == 0) {
+        part_m[slot] = m;
+        part_l[slot] = l;
+    }
+#pragma unroll
+    for (int t = 0; t < ATT_VPL; ++t) {
+        const int d = lane + 32 * t;
+        if (d < Dv) part_o[slot * Dv + d] = o[t];
+    }
+}
+
+// One warp per query: M = IEEE maximum of the splits' m; then, over the splits in order,
+// w = expf(m_s - M), L = fma(l_s, w, L), O[d] = fma(o_s[d], w, O[d]); out = O / L.
+// Splits without a kept key are skipped; a query without any gets zeros.
+template <typename T>
+__device__ __forceinline__ void attention_combine_impl(const int* __restrict__ anchor, const float* __restrict__ part_m,
+                                                       const float* __restrict__ part_l,
+                                                       const float* __restrict__ part_o, T* __restrict__ out, i64 q0,
+                                                       int nq, int NS, int Lk, int Dv) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const i64 local = (i64)blockIdx.x * ATT_WARPS + warp;
+    if (local >= nq) return;
+    const i64 query = q0 + local;
+    const int ns = ats_splits(anchor != nullptr ? anchor[query] : 0, Lk);
+    const float NEG_INF = __uint_as_float(0xFF800000u);
+    const float* pm = part_m + local * NS;
+    const float* pl = part_l + local * NS;
+    float M = NEG_INF;
+    for (int s = 0; s < ns; ++s)
+        if (pm[s] != NEG_INF) M = ieee_max(M, pm[s]);
+    T* orow = out + query * Dv;
+    if (M == NEG_INF) {
+        for (int d = lane; d < Dv; d += 32) orow[d] = from_f32<T>(0.0f);
+        return;
+    }
+    float L = 0.0f, O[ATT_VPL];
+#pragma unroll
+    for (int t = 0; t < ATT_VPL; ++t) O[t] = 0.0f;
+    for (int s = 0; s < ns; ++s) {
+        if (pm[s] == NEG_INF) continue;
+        const float w = expf(__fsub_rn(pm[s], M));
+        L = __fmaf_rn(pl[s], w, L);
+        const float* po = part_o + (local * NS + s) * Dv;
+#pragma unroll
+        for (int t = 0; t < ATT_VPL; ++t) {
+            const int d = lane + 32 * t;
+            if (d < Dv) O[t] = __fmaf_rn(po[d], w, O[t]);
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < ATT_VPL; ++t) {
+        const int d = lane + 32 * t;
+        if (d < Dv) orow[d] = from_f32<T>(__fdiv_rn(O[t], L));
+    }
+}
+
+#define DETKIT_ATS_ENTRY(SUF, T)                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)                                     \
+    attention_split_##SUF(const T* q, const T* k, const T* v, const unsigned char* mask, i64 ms0,     \
+                          i64 ms1, i64 ms2, i64 ms3, const int* anchor, float* part_m, float* part_l, \
+                          float* part_o, i64 q0, int nq, int NS, int H, int Hk, int Lq, int Lk, int D, \
+                          int Dv, float scale) {                                                     \
+        attention_split_impl<T>(q, k, v, mask, ms0, ms1, ms2, ms3, anchor, part_m, part_l, part_o, q0, \
+                                nq, NS, H, Hk, Lq, Lk, D, Dv, scale);                                \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)                                     \
+    attention_combine_##SUF(const int* anchor, const float* part_m, const float* part_l,              \
+                            const float* part_o, T* out, i64 q0, int nq, int NS, int Lk, int Dv) {    \
+        attention_combine_impl<T>(anchor, part_m, part_l, part_o, out, q0, nq, NS, Lk, Dv);           \
+    }
+DETKIT_ATS_ENTRY(f32, float)
+DETKIT_ATS_ENTRY(bf16, bf16)
+DETKIT_ATS_ENTRY(f16, f16)

@@ -209,40 +209,96 @@ def _attention_inputs(dtype: torch.dtype, lq: int, lk: int, seed: int) -> tuple[
     return q, k, v
 
 
+def _attention_mask(kind: str, lq: int, lk: int) -> torch.Tensor | None:
+    if kind == "bool":
+        mask = rand((2, 1, lq, lk), torch.float32, 9) > -0.3
+        mask[0, 0, 1, :] = False  # a fully masked query: zeros
+        return mask.expand(2, 4, lq, lk)  # zero strides, as the front end passes them
+    if kind == "float":
+        fmask = rand((2, 4, lq, lk), torch.float32, 9)
+        fmask[1, :, :, :6] = float("-inf")  # left padding
+        return fmask
+    if kind == "causal":
+        return torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq).expand(2, 4, lq, lk)
+    return None
+
+
+def _attention_f64(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   scale: float) -> torch.Tensor:
+    """float64 SDPA over kept keys; zeros for queries without one."""
+    rep = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    s = (q.double() @ kk.transpose(-1, -2)) * float(torch.tensor(scale, dtype=torch.float32))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ vv
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float", "causal"])
 def test_attention_equals_spec(emulated: dict, dtype: torch.dtype, mask_kind: str) -> None:
+    """The canonical kernel (portable=True, and portable=False with a float mask) gives
+    the spec's bits."""
     q, k, v = _attention_inputs(dtype, 5, 37, 20)
-    mask: torch.Tensor | None = None
-    if mask_kind == "bool":
-        mask = rand((2, 1, 5, 37), torch.float32, 9) > -0.3
-        mask[0, 0, 1, :] = False  # a fully masked query: zeros
-        mask = mask.expand(2, 4, 5, 37)  # zero strides, as the front end passes them
-    elif mask_kind == "float":
-        mask = rand((2, 4, 5, 37), torch.float32, 9)
-        mask[1, :, :, :6] = float("-inf")  # left padding
-    elif mask_kind == "causal":
-        mask = torch.ones(5, 37, dtype=torch.bool).tril(diagonal=32).expand(2, 4, 5, 37)
-    for portable in (False, True):
+    mask = _attention_mask(mask_kind, 5, 37)
+    portables = (False, True) if mask_kind == "float" else (True,)
+    for portable in portables:
         got = cuda_backend.attention(q, k, v, mask, 0.125, portable=portable)
         assert_bits_equal(got, spec.attention(q, k, v, mask, 0.125), f"attention mask={mask_kind}")
 
 
-def test_attention_padding_and_decode_invariance(emulated: dict) -> None:
-    """Left padding and decode (one query on the cache) vs prefill (causal) give the same bits."""
-    dtype = torch.bfloat16
-    q, k, v = _attention_inputs(dtype, 40, 40, 30)
-    causal = torch.ones(40, 40, dtype=torch.bool).tril().expand(2, 4, 40, 40)
-    prefill = cuda_backend.attention(q, k, v, causal, 0.15)
-    for t in (0, 32, 39):
-        decode = cuda_backend.attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], None, 0.15)
-        assert_bits_equal(decode, prefill[:, :, t : t + 1], f"decode at {t}")
+@pytest.mark.parametrize(("mask_kind", "dtype"), [("none", torch.float32), ("bool", torch.bfloat16),
+                                                   ("causal", torch.float16), ("causal", torch.bfloat16)])
+def test_split_attention_values(emulated: dict, dtype: torch.dtype, mask_kind: str) -> None:
+    """The split-KV kernel (portable=False, two splits of ATS_SPLIT keys) agrees with a
+    float64 SDPA to float32 accuracy plus one rounding; fully masked queries are zeros."""
+    lk = cuda_backend._ATT_SPLIT + 21
+    q, k, v = _attention_inputs(dtype, 3, lk, 21)
+    mask = _attention_mask(mask_kind, 3, lk)
+    got = cuda_backend.attention(q, k, v, mask, 0.125, portable=False)
+    want = _attention_f64(q, k, v, mask, 0.125)
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    err = (got.double() - want).abs()
+    assert bool((err <= ulp * want.abs() + 1e-5).all()), f"max error {err.max().item()}"
+    if mask_kind == "bool":
+        assert bool((got[0, :, 1] == 0).all()), "a fully masked query must give zeros"
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_attention_invariance(emulated: dict, portable: bool) -> None:
+    """Decode (one query, no mask) equals prefill (causal) at positions on both sides of
+    a split boundary; left padding that is not a multiple of the split size, the batch
+    entry's position and (split KV) a chunked workspace change no bit."""
+    dtype, split = torch.float32, cuda_backend._ATT_SPLIT  # float32: no rounding hides a change
+    lk = split + 12
+    q, k, v = _attention_inputs(dtype, lk, lk, 31)
+    q, k, v = q[:1, :2, -6:], k[:1, :1], v[:1, :1]  # 2 heads on 1 kv head, the last 6 queries
+    causal = torch.ones(lk, lk, dtype=torch.bool).tril()[-6:].expand(1, 2, 6, lk)
+    prefill = cuda_backend.attention(q, k, v, causal, 0.15, portable=portable)
+    for t in range(6):
+        pos = lk - 6 + t
+        decode = cuda_backend.attention(q[:, :, t : t + 1], k[:, :, : pos + 1], v[:, :, : pos + 1], None, 0.15,
+                                        portable=portable)
+        assert_bits_equal(decode, prefill[:, :, t : t + 1], f"decode at key {pos}")
     pad = 7
-    kp = torch.cat([rand((2, 2, pad, 40), dtype, 99), k], dim=2)
-    vp = torch.cat([rand((2, 2, pad, 36), dtype, 98), v], dim=2)
-    padded_mask = torch.cat([torch.zeros(40, pad, dtype=torch.bool), torch.ones(40, 40, dtype=torch.bool).tril()], 1)
-    padded = cuda_backend.attention(q, kp, vp, padded_mask.expand(2, 4, 40, 40 + pad), 0.15)
+    kp = torch.cat([rand((1, 1, pad, 40), dtype, 99), k], dim=2)
+    vp = torch.cat([rand((1, 1, pad, 36), dtype, 98), v], dim=2)
+    padded_mask = torch.cat([torch.zeros(6, pad, dtype=torch.bool), causal[0, 0]], 1).expand(1, 2, 6, lk + pad)
+    padded = cuda_backend.attention(q, kp, vp, padded_mask, 0.15, portable=portable)
     assert_bits_equal(padded, prefill, "left padding")
+    other = rand(tuple(q.shape), dtype, 97)
+    two = cuda_backend.attention(torch.cat([other, q]), torch.cat([k.flip(2), k]), torch.cat([v, v]),
+                                 causal.expand(2, 2, 6, lk), 0.15, portable=portable)
+    assert_bits_equal(two[1:], prefill, "second entry of a batch of two")
+    if not portable:
+        orig = cuda_backend._ATT_WORKSPACE_FLOATS
+        try:
+            cuda_backend._ATT_WORKSPACE_FLOATS = 3 * 2 * (36 + 2)  # 3 queries per chunk of 2 splits
+            chunked = cuda_backend.attention(q, k, v, causal, 0.15)
+        finally:
+            cuda_backend._ATT_WORKSPACE_FLOATS = orig
+        assert_bits_equal(chunked, prefill, "chunked workspace")
 
 
 # ----------------------------------------------------------------------------- batch invariance

@@ -158,12 +158,14 @@ def test_attention_padding_and_batch_composition(dtype: torch.dtype) -> None:
     scale = 0.09
     lengths = [1, 5, 31, 32, 33, 100, 257, 300]
     total = max(lengths) + 40
-    singles = []
+    singles, singles_f = [], []
     qs, ks, vs = [], [], []
     for i, length in enumerate(lengths):
         q, k, v = _qkv(dtype, 1, length, length, 100 + 3 * i)
         causal = torch.ones(length, length, dtype=torch.bool, device=DEV).tril().expand(1, 8, length, length)
         singles.append(cuda_backend.attention(q, k, v, causal, scale))
+        # a float mask takes the canonical kernel under portable=False too: compare like with like
+        singles_f.append(cuda_backend.attention(q, k, v, torch.where(causal, 0.0, float("-inf")), scale))
         qs.append(q), ks.append(k), vs.append(v)
     # Left-pad every sequence to `total` with junk keys/queries, in one batch.
     pad_q = torch.zeros(len(lengths), 8, total, 128, dtype=dtype, device=DEV)
@@ -182,7 +184,7 @@ def test_attention_padding_and_batch_composition(dtype: torch.dtype) -> None:
     for i, length in enumerate(lengths):
         off = total - length
         assert_bits_equal(batched[i : i + 1, :, off:], singles[i], f"left padding, bool mask, sequence {i}")
-        assert_bits_equal(batched_f[i : i + 1, :, off:], singles[i], f"left padding, float mask, sequence {i}")
+        assert_bits_equal(batched_f[i : i + 1, :, off:], singles_f[i], f"left padding, float mask, sequence {i}")
     # Right padding: extra masked keys after the real ones change nothing.
     q, k, v = qs[5], ks[5], vs[5]
     extra_k = torch.cat([k, rand((1, 2, 50, 128), dtype, 77)], dim=2)
@@ -191,6 +193,23 @@ def test_attention_padding_and_batch_composition(dtype: torch.dtype) -> None:
     rmask[:, :100] = torch.ones(100, 100, dtype=torch.bool, device=DEV).tril()
     right = cuda_backend.attention(q, extra_k, extra_v, rmask.expand(1, 8, 100, 150), scale)
     assert_bits_equal(right, singles[5], "right padding")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_attention_values_and_workspace_chunks(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """portable=False split KV (Lk = 1000: 8 splits) against float64 SDPA, and the same
+    bits when the workspace is cut into chunks of queries."""
+    q, k, v = _qkv(dtype, 2, 16, 1000, 300)
+    mask = (rand((2, 1, 16, 1000), torch.float32, 301) > -1.0).expand(2, 8, 16, 1000)
+    got = cuda_backend.attention(q, k, v, mask, 0.088)
+    kk, vv = k.double().repeat_interleave(4, 1), v.double().repeat_interleave(4, 1)
+    s = (q.double() @ kk.transpose(-1, -2)) * 0.088
+    want = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vv
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    err = (got.double() - want).abs()
+    assert bool((err <= ulp * want.abs() + 1e-5).all()), f"split attention max error {err.max().item()}"
+    monkeypatch.setattr(cuda_backend, "_ATT_WORKSPACE_FLOATS", 5 * 8 * 130)  # 5 queries per chunk
+    assert_bits_equal(cuda_backend.attention(q, k, v, mask, 0.088), got, "chunked split-KV workspace")
 
 
 def test_attention_fully_masked_rows_are_zero() -> None:

@@ -53,6 +53,10 @@ _ROW_THREADS = 256   # RB_NT in rowops.cu
 _ROWS_PER_BLOCK = 4  # RP_ROWS in rowops.cu
 _ATT_WARPS = 4       # ATT_WARPS in attention.cu
 _ATT_DMAX = 256      # ATT_DMAX in attention.cu
+_ATT_SPLIT = 128     # ATS_SPLIT in attention.cu
+# Cap of the split-KV workspace (float32 values); queries are processed in chunks that
+# fit. Chunking never changes a query's arithmetic.
+_ATT_WORKSPACE_FLOATS = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -351,9 +355,18 @@ def row_sum(x: torch.Tensor, mean: bool, *, portable: bool = False) -> torch.Ten
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float, *, portable: bool = False) -> torch.Tensor:
-    """SDPA in the canonical order (both guarantees run it: it is batch, padding and
-    decode/prefill invariant by construction). Shapes as in the backend contract."""
-    del portable  # one kernel serves both guarantees
+    """SDPA, shapes as in the backend contract. Both kernels are batch, padding and
+    decode/prefill invariant by construction:
+
+    * ``portable=True``, or a float mask: the canonical order (one warp per query,
+      sequential over kept keys), the same bits as the CPU portable backend. A float
+      mask keeps this kernel under ``portable=False`` too, because additive masks often
+      pad with a large finite negative (``finfo.min``) instead of ``-inf``: such keys
+      are kept (with probability 0), which the canonical order absorbs exactly but which
+      would move the anchor of the split kernel.
+    * ``portable=False`` with no mask or a bool mask: split KV, ``ATS_SPLIT`` keys per
+      split anchored at the query's first unmasked key, splits merged in order.
+    """
     dev = _device_of(q, k, v, mask)
     sfx = _suffix(q.dtype)
     _major(dev)
@@ -378,12 +391,48 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     n_queries = nb * h * lq
     if n_queries == 0 or dv == 0 or lk == 0:
         return out.zero_()
-    args = (_ptr(q), _ptr(k), _ptr(v), _ptr(m), np.int32(kind), *(np.int64(s) for s in strides),
-            _ptr(out), _i32(nb, "batch"), _i32(h, "heads"), _i32(hk, "kv heads"), _i32(lq, "Lq"),
-            _i32(lk, "Lk"), np.int32(d), np.int32(dv), np.float32(scale))
-    _launch(dev, "attention.cu", f"attention_{sfx}", (_cdiv(n_queries, _ATT_WARPS), 1, 1),
-            32 * _ATT_WARPS, args)
+    dims = (_i32(nb, "batch"), _i32(h, "heads"), _i32(hk, "kv heads"), _i32(lq, "Lq"), _i32(lk, "Lk"))
+    if portable or kind == 2:
+        args = (_ptr(q), _ptr(k), _ptr(v), _ptr(m), np.int32(kind), *(np.int64(s) for s in strides),
+                _ptr(out), *dims, np.int32(d), np.int32(dv), np.float32(scale))
+        _launch(dev, "attention.cu", f"attention_{sfx}", (_cdiv(n_queries, _ATT_WARPS), 1, 1),
+                32 * _ATT_WARPS, args)
+        return out
+    _attention_split(q, k, v, m, strides, out, sfx, dims, d, dv, scale)
     return out
+
+
+def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     strides: tuple[int, ...], out: torch.Tensor, sfx: str, dims: tuple[np.int32, ...],
+                     d: int, dv: int, scale: float) -> None:
+    dev = q.device
+    nb, h, _, lq, lk = (int(x) for x in dims)
+    n_queries = nb * h * lq
+    block = 32 * _ATT_WARPS
+    mstrides = tuple(np.int64(s) for s in strides)
+    anchor = None
+    if mask is not None:
+        anchor = torch.empty(n_queries, dtype=torch.int32, device=dev)
+        _launch(dev, "attention.cu", "attention_anchor", (_cdiv(n_queries, _ATT_WARPS), 1, 1), block,
+                (_ptr(mask), *mstrides, _ptr(anchor), dims[0], dims[1], dims[3], dims[4]))
+    n_splits = _cdiv(lk, _ATT_SPLIT)
+    if n_splits > _MAX_GRID_YZ:
+        raise InputError(f"attention: Lk = {lk} exceeds the split kernel's limit ({_MAX_GRID_YZ * _ATT_SPLIT}).")
+    per_query = n_splits * (dv + 2)
+    chunk = max(1, min(n_queries, _ATT_WORKSPACE_FLOATS // per_query))
+    work = torch.empty(chunk * per_query, dtype=torch.float32, device=dev)
+    part_m, part_l = work[: chunk * n_splits], work[chunk * n_splits : 2 * chunk * n_splits]
+    part_o = work[2 * chunk * n_splits :]
+    for q0 in range(0, n_queries, chunk):
+        nq = min(chunk, n_queries - q0)
+        grid_x = _cdiv(nq, _ATT_WARPS)
+        _launch(dev, "attention.cu", f"attention_split_{sfx}", (grid_x, n_splits, 1), block,
+                (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *mstrides, _ptr(anchor), _ptr(part_m), _ptr(part_l),
+                 _ptr(part_o), np.int64(q0), np.int32(nq), np.int32(n_splits), dims[1], dims[2], dims[3],
+                 dims[4], np.int32(d), np.int32(dv), np.float32(scale)))
+        _launch(dev, "attention.cu", f"attention_combine_{sfx}", (grid_x, 1, 1), block,
+                (_ptr(anchor), _ptr(part_m), _ptr(part_l), _ptr(part_o), _ptr(out), np.int64(q0), np.int32(nq),
+                 np.int32(n_splits), dims[4], np.int32(dv)))
 
 
 # --------------------------------------------------------------------------- elementwise
