@@ -20,7 +20,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ MATMUL_M = (1, 16, 64, 256, 1024, 4096)
 MATMUL_KN = (4096, 8192)
 ROWS = (1, 64, 1024, 8192)
 ROW_LEN = 4096
+ATTENTION_CASES = (("decode", 1, 4096), ("decode", 1, 32768), ("prefill", 1024, 1024))  # (name, Lq, Lk)
+DEVICE = "cuda"
 
 
 @dataclass
@@ -74,68 +76,66 @@ def time_call(fn: Callable[[], Any], min_time: float) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def bench_matmul(dtype: torch.dtype, min_time: float, deadline: float) -> list[Result]:
+def bench_matmul(dtype: torch.dtype, min_time: float, deadline: float) -> Iterator[Result]:
     from detkit.kernels import cuda as kc
 
-    out = []
     for kn in MATMUL_KN:
-        w = torch.randn(kn, kn, device="cuda").to(dtype) * 0.02  # nn.Linear weight (N, K)
+        w = torch.randn(kn, kn, device=DEVICE).to(dtype) * 0.02  # nn.Linear weight (N, K)
         for m in MATMUL_M:
             if time.perf_counter() > deadline:
-                return out
-            x = torch.randn(m, kn, device="cuda").to(dtype)
+                return
+            x = torch.randn(m, kn, device=DEVICE).to(dtype)
             t_torch = time_call(lambda x=x, w=w: torch.nn.functional.linear(x, w), min_time)
             t_bi = time_call(lambda x=x, w=w: kc.matmul(x, w.t(), None, portable=False), min_time)
             t_p = time_call(lambda x=x, w=w: kc.matmul(x, w.t(), None, portable=True), min_time)
-            out.append(Result("matmul", str(dtype).replace("torch.", ""), f"M={m} K=N={kn}", t_torch, t_bi, t_p))
-    return out
+            yield Result("matmul", str(dtype).replace("torch.", ""), f"M={m} K=N={kn}", t_torch, t_bi, t_p)
 
 
-def bench_rows(dtype: torch.dtype, min_time: float, deadline: float) -> list[Result]:
+def bench_rows(dtype: torch.dtype, min_time: float, deadline: float) -> Iterator[Result]:
     from detkit.kernels import cuda as kc
 
     F = torch.nn.functional
-    w = torch.randn(ROW_LEN, device="cuda").to(dtype)
-    b = torch.randn(ROW_LEN, device="cuda").to(dtype)
+    w = torch.randn(ROW_LEN, device=DEVICE).to(dtype)
+    b = torch.randn(ROW_LEN, device=DEVICE).to(dtype)
     cases: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
         "softmax": (lambda x: torch.softmax(x, -1), lambda x, p: kc.softmax(x, False, portable=p)),
         "rms_norm": (lambda x: F.rms_norm(x, (ROW_LEN,), w, 1e-6), lambda x, p: kc.rms_norm(x, w, 1e-6, portable=p)),
         "layer_norm": (lambda x: F.layer_norm(x, (ROW_LEN,), w, b, 1e-5),
                        lambda x, p: kc.layer_norm(x, w, b, 1e-5, portable=p)),
     }
-    out = []
     for rows in ROWS:
-        x = torch.randn(rows, ROW_LEN, device="cuda").to(dtype)
+        x = torch.randn(rows, ROW_LEN, device=DEVICE).to(dtype)
         for op, (ref, ours) in cases.items():
             if time.perf_counter() > deadline:
-                return out
+                return
             t_torch = time_call(lambda ref=ref, x=x: ref(x), min_time)
             t_bi = time_call(lambda ours=ours, x=x: ours(x, False), min_time)
             t_p = time_call(lambda ours=ours, x=x: ours(x, True), min_time)
-            out.append(Result(op, str(dtype).replace("torch.", ""), f"{rows}x{ROW_LEN}", t_torch, t_bi, t_p))
-    return out
+            yield Result(op, str(dtype).replace("torch.", ""), f"{rows}x{ROW_LEN}", t_torch, t_bi, t_p)
 
 
-def bench_attention(min_time: float, deadline: float) -> list[Result]:
+def bench_attention(min_time: float, deadline: float) -> Iterator[Result]:
+    """portable=False runs the split-KV kernel (bool mask or none), portable=True the
+    canonical one."""
     from detkit.kernels import cuda as kc
 
     F = torch.nn.functional
     dtype = torch.bfloat16
-    out = []
-    for name, lq, lk in (("decode", 1, 4096), ("prefill", 1024, 1024)):
+    for name, lq, lk in ATTENTION_CASES:
         if time.perf_counter() > deadline:
-            return out
-        q = torch.randn(1, 32, lq, 128, device="cuda").to(dtype)
-        k = torch.randn(1, 32, lk, 128, device="cuda").to(dtype)
-        v = torch.randn(1, 32, lk, 128, device="cuda").to(dtype)
+            return
+        q = torch.randn(1, 32, lq, 128, device=DEVICE).to(dtype)
+        k = torch.randn(1, 32, lk, 128, device=DEVICE).to(dtype)
+        v = torch.randn(1, 32, lk, 128, device=DEVICE).to(dtype)
         causal = lq > 1
-        mask = torch.ones(lq, lk, dtype=torch.bool, device="cuda").tril().expand(1, 32, lq, lk) if causal else None
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=DEVICE).tril().expand(1, 32, lq, lk) if causal else None
         scale = 1 / math.sqrt(128)
         t_torch = time_call(lambda q=q, k=k, v=v, c=causal: F.scaled_dot_product_attention(q, k, v, is_causal=c),
                             min_time)
         t_ours = time_call(lambda q=q, k=k, v=v, m=mask, s=scale: kc.attention(q, k, v, m, s), min_time)
-        out.append(Result("attention", "bfloat16", f"{name} 32x128 Lq={lq} Lk={lk}", t_torch, t_ours, None))
-    return out
+        t_p = time_call(lambda q=q, k=k, v=v, m=mask, s=scale: kc.attention(q, k, v, m, s, portable=True),
+                        min_time)
+        yield Result("attention", "bfloat16", f"{name} 32x128 Lq={lq} Lk={lk}", t_torch, t_ours, t_p)
 
 
 def targets(results: list[Result]) -> list[dict[str, Any]]:
@@ -195,26 +195,42 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     deadline = time.perf_counter() + args.budget
     only = set(args.only or ("matmul", "rows", "attention"))
-    results: list[Result] = []
-    if "matmul" in only:
-        for dtype in (torch.bfloat16, torch.float32):
-            results += bench_matmul(dtype, args.min_time, deadline)
-    if "rows" in only:
-        for dtype in (torch.bfloat16, torch.float32):
-            results += bench_rows(dtype, args.min_time, deadline)
-    if "attention" in only:
-        results += bench_attention(args.min_time, deadline)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
-            "cuda": torch.version.cuda, "budget_exhausted": time.perf_counter() > deadline}
-    checks = targets(results)
-    md = markdown(meta, results, checks)
-    if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results], "targets": checks},
-                                        indent=2))
-    if args.md:
-        args.md.write_text(md)
-    print(md)
-    return 0
+            "cuda": torch.version.cuda, "budget_exhausted": False, "complete": False}
+    results: list[Result] = []
+
+    def write() -> str:
+        """Rewrite the outputs with every finished case (after each case: a timeout or
+        Ctrl-C loses nothing already measured)."""
+        checks = targets(results)
+        md = markdown(meta, results, checks)
+        if args.json:
+            args.json.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results],
+                                             "targets": checks}, indent=2))
+        if args.md:
+            args.md.write_text(md)
+        return md
+
+    suites: list[Iterator[Result]] = []
+    if "matmul" in only:
+        suites += [bench_matmul(dt, args.min_time, deadline) for dt in (torch.bfloat16, torch.float32)]
+    if "rows" in only:
+        suites += [bench_rows(dt, args.min_time, deadline) for dt in (torch.bfloat16, torch.float32)]
+    if "attention" in only:
+        suites.append(bench_attention(args.min_time, deadline))
+    try:
+        for suite in suites:
+            for result in suite:
+                results.append(result)
+                print(f"{result.op} {result.dtype} {result.shape}: speed {result.speed} "
+                      f"portable {result.portable_speed}", file=sys.stderr, flush=True)
+                write()
+        meta["complete"] = True
+    except KeyboardInterrupt:
+        print("bench_cuda: interrupted; the finished cases are written", file=sys.stderr)
+    meta["budget_exhausted"] = time.perf_counter() > deadline
+    print(write())
+    return 0 if meta["complete"] else 130
 
 
 if __name__ == "__main__":

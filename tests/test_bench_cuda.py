@@ -1,0 +1,71 @@
+"""The GPU benchmark's bookkeeping, run on the CPU with a stand-in timer (the kernels are
+never called): every case is recorded, the targets are checked, and an interruption
+keeps the finished cases on disk. The GPU numbers themselves come from scripts/gpu-check."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cuda.py"
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
+    spec = importlib.util.spec_from_file_location("bench_cuda_under_test", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "DEVICE", "cpu")
+    monkeypatch.setattr(mod, "MATMUL_KN", (64,))
+    monkeypatch.setattr(mod, "ROW_LEN", 32)
+    monkeypatch.setattr(mod, "ATTENTION_CASES", (("decode", 1, 16), ("prefill", 8, 8)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(__version__="0-test"))
+    return mod
+
+
+def test_every_case_is_recorded_with_its_targets(bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch takes 1 ms; detkit 1.25 ms (speed 0.8), portable 4 ms (0.25)
+    times = iter([1.0, 1.25, 4.0] * 1000)
+    monkeypatch.setattr(bench, "time_call", lambda fn, min_time: next(times))
+    rc = bench.main(["--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")])
+    assert rc == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["meta"]["complete"] and data["meta"]["device"] == "stand-in GPU"
+    ops = [(r["op"], r["dtype"]) for r in data["results"]]
+    n_mm = len(bench.MATMUL_M)
+    assert ops.count(("matmul", "bfloat16")) == n_mm and ops.count(("matmul", "float32")) == n_mm
+    assert ops.count(("softmax", "float32")) == len(bench.ROWS) and ops.count(("attention", "bfloat16")) == 2
+    assert {r["speed"] for r in data["results"]} == {0.8} and {r["portable_speed"] for r in data["results"]} == {0.25}
+    checks = {c["case"]: c for c in data["targets"]}
+    assert checks["matmul bf16 M=1 K=N=64 portable=False"]["met"]          # needs 0.8
+    assert not checks["matmul bf16 M=256 K=N=64 portable=False"]["met"]    # needs 0.9
+    assert not checks["matmul fp32 M=16 K=N=64 portable=True"]["met"]      # needs 0.5
+    assert not checks["softmax bfloat16 1x32 portable=False"]["met"]       # needs 0.9
+    assert "| missed target |" in (tmp_path / "b.md").read_text()
+
+
+def test_an_interruption_keeps_the_finished_cases(bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+
+    def timer(fn: Any, min_time: float) -> float:
+        calls["n"] += 1
+        if calls["n"] > 3 * 5:  # five whole cases, then Ctrl-C
+            raise KeyboardInterrupt
+        return 1.0
+
+    monkeypatch.setattr(bench, "time_call", timer)
+    rc = bench.main(["--json", str(tmp_path / "b.json"), "--only", "matmul"])
+    assert rc == 130
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert len(data["results"]) == 5 and not data["meta"]["complete"]
