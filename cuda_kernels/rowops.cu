@@ -6,9 +6,14 @@
 // depends only on L, never on R or on the row's index.
 //   * portable=True  (``*_p_*``): one warp per row, exactly docs/canonical-orders.md
 //     (AnchoredSum, IEEE maximum, Exp/Log from correctly rounded operations);
-//   * portable=False (``*_b_*``): one block of RB_NT threads per row; thread t reduces
-//     elements t, t + RB_NT, ... sequentially, then the fixed block tree of common.cuh;
-//     CUDA's expf/logf (deterministic on one device and toolkit).
+//   * portable=False (``*_b_*``): one block of RB_NT threads per row. The row is cut into
+//     16-byte slots of V = 16 / sizeof(T) elements; thread t owns slots t, t + RB_NT, ...
+//     and reduces their elements sequentially (slot by slot, in element order), then the
+//     fixed block tree of common.cuh; CUDA's expf/logf (deterministic on one device and
+//     toolkit). A slot is read with one 16-byte load when the row is 16-byte aligned and
+//     element by element otherwise: the same values in the same order, so a row's bits
+//     do not depend on its alignment (which changes with its index when L * sizeof(T) is
+//     not a multiple of 16).
 // Every intermediate is float32; the result is rounded once into T.
 
 #define RB_NT 256  // threads per row, portable=False
@@ -89,78 +94,186 @@ __device__ __forceinline__ void p_row_sum(const T* __restrict__ x, T* __restrict
 
 // ------------------------------------------------------------------ batch invariant (one block)
 
+template <typename T> struct Slot { static constexpr int V = 16 / (int)sizeof(T); };
+struct __align__(16) u32x4 { u32 w[4]; };
+
+__device__ __forceinline__ bool aligned16(const void* p) { return ((unsigned long long)p & 15ull) == 0ull; }
+
+__device__ __forceinline__ float slot_elem(const u32x4& r, int e, float*) { return __uint_as_float(r.w[e]); }
+__device__ __forceinline__ float slot_elem(const u32x4& r, int e, bf16*) {
+    bf16 h; h.bits = (u16)(r.w[e >> 1] >> (16 * (e & 1))); return to_f32(h);
+}
+__device__ __forceinline__ float slot_elem(const u32x4& r, int e, f16*) {
+    f16 h; h.bits = (u16)(r.w[e >> 1] >> (16 * (e & 1))); return to_f32(h);
+}
+__device__ __forceinline__ u32 slot_bits(float x) { return __float_as_uint(from_f32<float>(x)); }
+template <typename T> __device__ __forceinline__ u32 slot_bits16(float x) { return (u32)from_f32<T>(x).bits; }
+
+// Elements j0 .. j0 + n - 1 (n <= V) of p as float32, into v[0 .. n-1].
+template <typename T>
+__device__ __forceinline__ void load_slot(const T* __restrict__ p, int j0, int n, bool vec, float (&v)[Slot<T>::V]) {
+    constexpr int V = Slot<T>::V;
+    if (vec && n == V) {
+        const u32x4 r = *reinterpret_cast<const u32x4*>(p + j0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] = slot_elem(r, e, (T*)nullptr);
+    } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] = e < n ? to_f32(p[j0 + e]) : 0.0f;
+    }
+}
+
+// Round v[0 .. n-1] into T and store them at p + j0.
+template <typename T>
+__device__ __forceinline__ void store_slot(T* __restrict__ p, int j0, int n, bool vec, const float (&v)[Slot<T>::V]) {
+    constexpr int V = Slot<T>::V;
+    if (vec && n == V) {
+        u32x4 r;
+        if constexpr (sizeof(T) == 4) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) r.w[e] = slot_bits(v[e]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) r.w[e] = slot_bits16<T>(v[2 * e]) | (slot_bits16<T>(v[2 * e + 1]) << 16);
+        }
+        *reinterpret_cast<u32x4*>(p + j0) = r;
+    } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+            if (e < n) p[j0 + e] = from_f32<T>(v[e]);
+    }
+}
+
+// f(j0, n, v) for each slot this thread owns, in order, with its n values loaded into v.
+template <typename T, typename F>
+__device__ __forceinline__ void for_owned_slots(const T* __restrict__ xr, int L, bool vec, const F& f) {
+    constexpr int V = Slot<T>::V;
+    for (int j0 = threadIdx.x * V; j0 < L; j0 += RB_NT * V) {
+        const int n = min(V, L - j0);
+        float v[V];
+        load_slot<T>(xr, j0, n, vec, v);
+        f(j0, n, v);
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void b_softmax(const T* __restrict__ x, T* __restrict__ y, int L, bool log_) {
+    constexpr int V = Slot<T>::V;
     __shared__ float scratch[32];
     const T* xr = x + (i64)blockIdx.x * L;
     T* yr = y + (i64)blockIdx.x * L;
+    const bool vx = aligned16(xr), vy = aligned16(yr);
     float m = __uint_as_float(0xFF800000u);
-    for (int j = threadIdx.x; j < L; j += RB_NT) m = fmaxf(m, to_f32(xr[j]));
+    for_owned_slots<T>(xr, L, vx, [&](int j0, int n, float (&v)[V]) {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+            if (e < n) m = fmaxf(m, v[e]);
+    });
     m = block_reduce<RB_NT, true>(m, scratch);
     float s = 0.0f;
-    for (int j = threadIdx.x; j < L; j += RB_NT) s = __fadd_rn(s, expf(__fsub_rn(to_f32(xr[j]), m)));
+    for_owned_slots<T>(xr, L, vx, [&](int j0, int n, float (&v)[V]) {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+            if (e < n) s = __fadd_rn(s, expf(__fsub_rn(v[e], m)));
+    });
     s = block_reduce<RB_NT, false>(s, scratch);
     if (log_) {
         const float ls = logf(s);
-        for (int j = threadIdx.x; j < L; j += RB_NT) yr[j] = from_f32<T>(__fsub_rn(__fsub_rn(to_f32(xr[j]), m), ls));
+        for_owned_slots<T>(xr, L, vx, [&](int j0, int n, float (&v)[V]) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) v[e] = __fsub_rn(__fsub_rn(v[e], m), ls);
+            store_slot<T>(yr, j0, n, vy, v);
+        });
     } else {
         const float inv = __fdiv_rn(1.0f, s);
-        for (int j = threadIdx.x; j < L; j += RB_NT)
-            yr[j] = from_f32<T>(__fmul_rn(expf(__fsub_rn(to_f32(xr[j]), m)), inv));
+        for_owned_slots<T>(xr, L, vx, [&](int j0, int n, float (&v)[V]) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) v[e] = __fmul_rn(expf(__fsub_rn(v[e], m)), inv);
+            store_slot<T>(yr, j0, n, vy, v);
+        });
     }
 }
 
 template <typename T>
 __device__ __forceinline__ void b_rms_norm(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y,
                                            int L, float eps) {
+    constexpr int V = Slot<T>::V;
     __shared__ float scratch[32];
     const T* xr = x + (i64)blockIdx.x * L;
     T* yr = y + (i64)blockIdx.x * L;
+    const bool vx = aligned16(xr), vy = aligned16(yr), vw = w != nullptr && aligned16(w);
     float ss = 0.0f;
-    for (int j = threadIdx.x; j < L; j += RB_NT) {
-        const float v = to_f32(xr[j]);
-        ss = __fmaf_rn(v, v, ss);
-    }
+    for_owned_slots<T>(xr, L, vx, [&](int j0, int n, float (&v)[V]) {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+            if (e < n) ss = __fmaf_rn(v[e], v[e], ss);
+    });
     ss = block_reduce<RB_NT, false>(ss, scratch);
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, (float)L), eps)));
-    for (int j = threadIdx.x; j < L; j += RB_NT) {
-        float t = __fmul_rn(to_f32(xr[j]), r);
-        if (w != nullptr) t = __fmul_rn(t, to_f32(w[j]));
-        yr[j] = from_f32<T>(t);
-    }
+    for_owned_slots<T>(xr, L, vx, [&](int j0, int n, float (&v)[V]) {
+        float wv[V];
+        if (w != nullptr) load_slot<T>(w, j0, n, vw, wv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            v[e] = __fmul_rn(v[e], r);
+            if (w != nullptr) v[e] = __fmul_rn(v[e], wv[e]);
+        }
+        store_slot<T>(yr, j0, n, vy, v);
+    });
 }
 
 template <typename T>
 __device__ __forceinline__ void b_layer_norm(const T* __restrict__ x, const T* __restrict__ w,
                                              const T* __restrict__ b, T* __restrict__ y, int L, float eps) {
+    constexpr int V = Slot<T>::V;
     __shared__ float scratch[32];
     const T* xr = x + (i64)blockIdx.x * L;
     T* yr = y + (i64)blockIdx.x * L;
+    const bool vx = aligned16(xr), vy = aligned16(yr);
+    const bool vw = w != nullptr && aligned16(w), vb = b != nullptr && aligned16(b);
     const float fl = (float)L;
     float s = 0.0f;
-    for (int j = threadIdx.x; j < L; j += RB_NT) s = __fadd_rn(s, to_f32(xr[j]));
+    for_owned_slots<T>(xr, L, vx, [&](int j0, int n, float (&v)[V]) {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+            if (e < n) s = __fadd_rn(s, v[e]);
+    });
     const float mu = __fdiv_rn(block_reduce<RB_NT, false>(s, scratch), fl);
     float ss = 0.0f;
-    for (int j = threadIdx.x; j < L; j += RB_NT) {
-        const float d = __fsub_rn(to_f32(xr[j]), mu);
-        ss = __fmaf_rn(d, d, ss);
-    }
+    for_owned_slots<T>(xr, L, vx, [&](int j0, int n, float (&v)[V]) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const float d = __fsub_rn(v[e], mu);
+            if (e < n) ss = __fmaf_rn(d, d, ss);
+        }
+    });
     const float var = __fdiv_rn(block_reduce<RB_NT, false>(ss, scratch), fl);
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
-    for (int j = threadIdx.x; j < L; j += RB_NT) {
-        float t = __fmul_rn(__fsub_rn(to_f32(xr[j]), mu), r);
-        if (w != nullptr) t = __fmul_rn(t, to_f32(w[j]));
-        if (b != nullptr) t = __fadd_rn(t, to_f32(b[j]));
-        yr[j] = from_f32<T>(t);
-    }
+    for_owned_slots<T>(xr, L, vx, [&](int j0, int n, float (&v)[V]) {
+        float wv[V], bv[V];
+        if (w != nullptr) load_slot<T>(w, j0, n, vw, wv);
+        if (b != nullptr) load_slot<T>(b, j0, n, vb, bv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            v[e] = __fmul_rn(__fsub_rn(v[e], mu), r);
+            if (w != nullptr) v[e] = __fmul_rn(v[e], wv[e]);
+            if (b != nullptr) v[e] = __fadd_rn(v[e], bv[e]);
+        }
+        store_slot<T>(yr, j0, n, vy, v);
+    });
 }
 
 template <typename T>
 __device__ __forceinline__ void b_row_sum(const T* __restrict__ x, T* __restrict__ y, int L, bool mean) {
+    constexpr int V = Slot<T>::V;
     __shared__ float scratch[32];
     const T* xr = x + (i64)blockIdx.x * L;
     float s = 0.0f;
-    for (int j = threadIdx.x; j < L; j += RB_NT) s = __fadd_rn(s, to_f32(xr[j]));
+    for_owned_slots<T>(xr, L, aligned16(xr), [&](int j0, int n, float (&v)[V]) {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+            if (e < n) s = __fadd_rn(s, v[e]);
+    });
     s = block_reduce<RB_NT, false>(s, scratch);
     if (mean) s = __fdiv_rn(s, (float)L);
     if (threadIdx.x == 0) y[blockIdx.x] = from_f32<T>(s);

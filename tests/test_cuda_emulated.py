@@ -305,21 +305,51 @@ def test_attention_invariance(emulated: dict, portable: bool) -> None:
 
 
 def _check_rows_invariant(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, what: str) -> None:
+    """Slices keep each row's address (and alignment); a copy moves it to a fresh,
+    16-byte aligned allocation. Both must give the rows' bits in the full batch."""
     full = f(x)
-    for start, stop in ((0, 1), (4, 5), (1, 4)):
+    for start, stop in ((0, 1), (4, 5), (1, 4), (3, 5)):
         assert_bits_equal(f(x[start:stop]), full[start:stop], f"{what} rows {start}:{stop}")
+        assert_bits_equal(f(x[start:stop].clone()), full[start:stop], f"{what} rows {start}:{stop}, moved")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("portable", [False, True])
 def test_row_ops_batch_invariant(emulated: dict, dtype: torch.dtype, portable: bool) -> None:
-    x = rand((5, 300), dtype, 40)
-    w, b = rand((300,), dtype, 41), rand((300,), dtype, 42)
+    length = 301  # L * sizeof(T) is not a multiple of 16: rows alternate 16-byte alignment
+    x = rand((5, length), dtype, 40)
+    w, b = rand((length,), dtype, 41), rand((length,), dtype, 42)
     _check_rows_invariant(lambda t: cuda_backend.softmax(t, False, portable=portable), x, "softmax")
     _check_rows_invariant(lambda t: cuda_backend.softmax(t, True, portable=portable), x, "log_softmax")
     _check_rows_invariant(lambda t: cuda_backend.rms_norm(t, w, 1e-6, portable=portable), x, "rms_norm")
     _check_rows_invariant(lambda t: cuda_backend.layer_norm(t, w, b, 1e-5, portable=portable), x, "layer_norm")
     _check_rows_invariant(lambda t: cuda_backend.row_sum(t, True, portable=portable), x, "mean")
+    # weights at an odd address: the element-wise weight path
+    w_odd, b_odd = torch.cat([w[:1], w])[1:], torch.cat([b[:1], b])[1:]
+    assert_bits_equal(cuda_backend.layer_norm(x, w_odd, b_odd, 1e-5, portable=portable),
+                      cuda_backend.layer_norm(x, w, b, 1e-5, portable=portable), "layer_norm, unaligned weights")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("length", [7, 2048 + 13])
+def test_batch_invariant_row_ops_values(emulated: dict, dtype: torch.dtype, length: int) -> None:
+    """portable=False row ops against float64: float32 accumulation, one rounding."""
+    x = rand((3, length), dtype, 43, 3.0)
+    w, b = rand((length,), dtype, 44), rand((length,), dtype, 45)
+    xd, wd, bd = x.double(), w.double(), b.double()
+    ulp = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    F = torch.nn.functional
+
+    def close(got: torch.Tensor, want: torch.Tensor, what: str, rel: float, abs_: float) -> None:
+        err = (got.double() - want).abs()
+        assert bool((err <= rel * want.abs() + abs_).all()), f"{what}: max error {err.max().item()}"
+
+    close(cuda_backend.softmax(x, False), torch.softmax(xd, -1), "softmax", 2 * ulp + 1e-5, 1e-7)
+    close(cuda_backend.softmax(x, True), torch.log_softmax(xd, -1), "log_softmax", 2 * ulp, 1e-5)
+    close(cuda_backend.rms_norm(x, w, 1e-6), F.rms_norm(xd, (length,), wd, 1e-6), "rms_norm", 2 * ulp + 1e-5, 1e-6)
+    close(cuda_backend.layer_norm(x, w, b, 1e-5), F.layer_norm(xd, (length,), wd, bd, 1e-5), "layer_norm",
+          2 * ulp + 1e-5, 1e-4)
+    close(cuda_backend.row_sum(x, True), xd.mean(-1), "mean", 2 * ulp, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
