@@ -16,20 +16,26 @@
 // Inputs are widened exactly to float32. Used for portable=True (every dtype) and for
 // float32 portable=False (CUDA cores, never TF32: this order is already as fast as any).
 // =====================================================================================
-namespace simt {
-constexpr int BM = 128, BN = 64, BK = 16, NT = 256;
-constexpr int TM = 8, TN = 4;          // per-thread micro tile: 16 x 16 threads
-constexpr int PAD = 4;                 // smem row padding (floats) against bank conflicts
-constexpr int CHUNK = 256;             // ChunkDot chunk: a whole number of BK tiles
-static_assert(CHUNK % BK == 0, "K tiles must coincide with the 256-chunks");
-}
+// A configuration: CTA tile BM x BN, K step BK, per-thread micro tile TM x TN. The
+// arithmetic (ChunkDot) is the same for every configuration; only speed differs.
+template <int BM_, int BN_, int BK_, int TM_, int TN_>
+struct SimtCfg {
+    static constexpr int BM = BM_, BN = BN_, BK = BK_, TM = TM_, TN = TN_;
+    static constexpr int NT = (BM / TM) * (BN / TN);
+    static constexpr int PAD = 4;      // smem row padding (floats) against bank conflicts
+    static constexpr int CHUNK = 256;  // ChunkDot chunk: a whole number of BK tiles
+    static_assert(CHUNK % BK == 0, "K tiles must coincide with the 256-chunks");
+    static_assert(NT % BK == 0 && NT % BN == 0 && (BM * BK) % NT == 0 && (BK * BN) % NT == 0,
+                  "the load mapping needs whole rows per pass");
+};
 
-template <typename T, bool B_KMAJOR>
+template <typename T, bool B_KMAJOR, typename CFG>
 __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __restrict__ B,
                                         const T* __restrict__ bias, T* __restrict__ C,
                                         int M, int N, int K, i64 sa_b, i64 sa_m,
                                         i64 sb_b, i64 sb_ld) {
-    using namespace simt;
+    constexpr int BM = CFG::BM, BN = CFG::BN, BK = CFG::BK, TM = CFG::TM, TN = CFG::TN;
+    constexpr int NT = CFG::NT, PAD = CFG::PAD, CHUNK = CFG::CHUNK;
     __shared__ __align__(16) float As[2][BK][BM + PAD];
     __shared__ __align__(16) float Bs[2][BK][BN + PAD];
 
@@ -144,18 +150,24 @@ __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __rest
     }
 }
 
-#define DETKIT_SIMT_ENTRY(NAME, T, KMAJOR)                                                   \
-    extern "C" __global__ void __launch_bounds__(simt::NT, 2)                                 \
+#define DETKIT_SIMT_ENTRY(NAME, T, KMAJOR, CFG)                                              \
+    extern "C" __global__ void __launch_bounds__(CFG::NT)                                     \
     NAME(const T* A, const T* B, const T* bias, T* C, int M, int N, int K, i64 sa_b,          \
          i64 sa_m, i64 sb_b, i64 sb_ld) {                                                     \
-        simt_mm<T, KMAJOR>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld);                  \
+        simt_mm<T, KMAJOR, CFG>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld);             \
     }
-DETKIT_SIMT_ENTRY(mm_simt_f32_kmajor, float, true)
-DETKIT_SIMT_ENTRY(mm_simt_f32_nmajor, float, false)
-DETKIT_SIMT_ENTRY(mm_simt_bf16_kmajor, bf16, true)
-DETKIT_SIMT_ENTRY(mm_simt_bf16_nmajor, bf16, false)
-DETKIT_SIMT_ENTRY(mm_simt_f16_kmajor, f16, true)
-DETKIT_SIMT_ENTRY(mm_simt_f16_nmajor, f16, false)
+// mm_simt_<BM>x<BN>x<BK>_<TM>x<TN>_<dtype>_<B layout>. This file instantiates the
+// configurations detkit.kernels.cuda's tables use; matmul_tiles.cu (compiled together with
+// this file) adds the alternatives that benchmarks/bench_cuda.py compares.
+#define DETKIT_SIMT_CONFIG(TAG, BM, BN, BK, TM, TN)                                           \
+    using SimtCfg_##TAG = SimtCfg<BM, BN, BK, TM, TN>;                                         \
+    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_f32_kmajor, float, true, SimtCfg_##TAG)                  \
+    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_f32_nmajor, float, false, SimtCfg_##TAG)                 \
+    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_bf16_kmajor, bf16, true, SimtCfg_##TAG)                  \
+    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_bf16_nmajor, bf16, false, SimtCfg_##TAG)                 \
+    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_f16_kmajor, f16, true, SimtCfg_##TAG)                    \
+    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_f16_nmajor, f16, false, SimtCfg_##TAG)
+DETKIT_SIMT_CONFIG(128x64x16_8x4, 128, 64, 16, 8, 4)
 
 // =====================================================================================
 // Tensor-core GEMM for bfloat16 / float16 with float32 accumulation (portable=False).
@@ -165,15 +177,24 @@ DETKIT_SIMT_ENTRY(mm_simt_f16_nmajor, f16, false)
 // weight) or n-contiguous; both layouts feed identical fragments to the mma, so the
 // bits do not depend on B's layout either.
 // =====================================================================================
-namespace tc {
-constexpr int BM = 128, BN = 64, BK = 32, NT = 128, STAGES = 3;
-constexpr int WM = 64, WN = 32;                 // warp tile; warps laid out 2 x 2
-constexpr int MI = WM / 16, NI = WN / 8;        // mma tiles per warp
-constexpr int LDA = BK + 8;                     // padded smem rows (halfs): conflict-free ldmatrix
-constexpr int LDB_K = BK + 8, LDB_N = BN + 8;
-constexpr int A_STAGE = BM * LDA;
-constexpr int B_STAGE = (BN * LDB_K > BK * LDB_N) ? BN * LDB_K : BK * LDB_N;
-}
+// A configuration: CTA tile BM x BN, K step BK, WGM x WGN warps (each a (BM / WGM) x
+// (BN / WGN) warp tile), STAGES-deep cp.async pipeline. Every configuration feeds each
+// output element the same chain of mma over k = 0..15, 16..31, ..., so all give the same
+// bits (tests/test_cuda_*.py check it); they differ only in speed.
+template <int BM_, int BN_, int BK_, int WGM_, int WGN_, int STAGES_>
+struct TcCfg {
+    static constexpr int BM = BM_, BN = BN_, BK = BK_, STAGES = STAGES_;
+    static constexpr int WGM = WGM_, WGN = WGN_, NT = 32 * WGM * WGN;
+    static constexpr int WM = BM / WGM, WN = BN / WGN;    // warp tile
+    static constexpr int MI = WM / 16, NI = WN / 8;       // mma tiles per warp
+    static constexpr int LDA = BK + 8;                    // padded smem rows (halfs): conflict-free ldmatrix
+    static constexpr int LDB_K = BK + 8, LDB_N = BN + 8;
+    static constexpr int A_STAGE = BM * LDA;
+    static constexpr int B_STAGE = (BN * LDB_K > BK * LDB_N) ? BN * LDB_K : BK * LDB_N;
+    static_assert(WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0, "whole mma tiles, B fragments in pairs");
+    static_assert((BM * BK / 8) % NT == 0 && (BN * BK / 8) % NT == 0, "whole 16-byte chunks per thread");
+    static_assert(STAGES >= 2 && 2 * STAGES * (A_STAGE + B_STAGE) <= 48 * 1024, "static shared memory");
+};
 
 #ifndef DETKIT_HOST_EMU  // tests/cuda_emu/emu.h supplies these on the host
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -224,16 +245,19 @@ template <> struct Mma<f16> {
 // inside or wholly outside the matrix (the host checks pointers, strides, K and N), so
 // cp.async can be used; otherwise the tiles are loaded element by element. Both paths
 // put the same values in shared memory.
-template <typename T, bool B_KMAJOR>
+template <typename T, bool B_KMAJOR, typename CFG>
 __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restrict__ B,
                                       const T* __restrict__ bias, T* __restrict__ C, int M, int N,
                                       int K, i64 sa_b, i64 sa_m, i64 sb_b, i64 sb_ld, int vec) {
-    using namespace tc;
+    constexpr int BM = CFG::BM, BN = CFG::BN, BK = CFG::BK, NT = CFG::NT, STAGES = CFG::STAGES;
+    constexpr int WM = CFG::WM, WN = CFG::WN, MI = CFG::MI, NI = CFG::NI, WGN = CFG::WGN;
+    constexpr int LDA = CFG::LDA, LDB_K = CFG::LDB_K, LDB_N = CFG::LDB_N;
+    constexpr int A_STAGE = CFG::A_STAGE, B_STAGE = CFG::B_STAGE;
     __shared__ __align__(16) u16 sA[STAGES * A_STAGE];
     __shared__ __align__(16) u16 sB[STAGES * B_STAGE];
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int wm = warp >> 1, wn = warp & 1;
+    const int wm = warp / WGN, wn = warp % WGN;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const u16* Ag = reinterpret_cast<const u16*>(A) + (i64)blockIdx.z * sa_b;
     const u16* Bg = reinterpret_cast<const u16*>(B) + (i64)blockIdx.z * sb_b;
@@ -368,13 +392,18 @@ __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restri
     }
 }
 
-#define DETKIT_TC_ENTRY(NAME, T, KMAJOR)                                                      \
-    extern "C" __global__ void __launch_bounds__(tc::NT)                                      \
+#define DETKIT_TC_ENTRY(NAME, T, KMAJOR, CFG)                                                 \
+    extern "C" __global__ void __launch_bounds__(CFG::NT)                                     \
     NAME(const T* A, const T* B, const T* bias, T* C, int M, int N, int K, i64 sa_b,           \
          i64 sa_m, i64 sb_b, i64 sb_ld, int vec) {                                             \
-        tc_mm<T, KMAJOR>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld, vec);                \
+        tc_mm<T, KMAJOR, CFG>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld, vec);           \
     }
-DETKIT_TC_ENTRY(mm_tc_bf16_kmajor, bf16, true)
-DETKIT_TC_ENTRY(mm_tc_bf16_nmajor, bf16, false)
-DETKIT_TC_ENTRY(mm_tc_f16_kmajor, f16, true)
-DETKIT_TC_ENTRY(mm_tc_f16_nmajor, f16, false)
+// mm_tc_<BM>x<BN>x<BK>_<warps>_s<stages>_<dtype>_<B layout>: the configuration of
+// detkit.kernels.cuda.MATMUL_TILES here, the alternatives in matmul_tiles.cu.
+#define DETKIT_TC_CONFIG(TAG, BM, BN, BK, WGM, WGN, S)                                        \
+    using TcCfg_##TAG = TcCfg<BM, BN, BK, WGM, WGN, S>;                                        \
+    DETKIT_TC_ENTRY(mm_tc_##TAG##_bf16_kmajor, bf16, true, TcCfg_##TAG)                        \
+    DETKIT_TC_ENTRY(mm_tc_##TAG##_bf16_nmajor, bf16, false, TcCfg_##TAG)                       \
+    DETKIT_TC_ENTRY(mm_tc_##TAG##_f16_kmajor, f16, true, TcCfg_##TAG)                          \
+    DETKIT_TC_ENTRY(mm_tc_##TAG##_f16_nmajor, f16, false, TcCfg_##TAG)
+DETKIT_TC_CONFIG(128x64x32_2x2_s3, 128, 64, 32, 2, 2, 3)

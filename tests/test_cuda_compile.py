@@ -54,22 +54,36 @@ def test_kernel_compiles(results: dict, arch: str, name: str) -> None:
 def _expected_entries() -> set[str]:
     """Every entry point the Python backend launches (must exist in the compiled PTX)."""
     sfx = ("f32", "bf16", "f16")
-    names = {f"mm_simt_{s}_{lay}" for s in sfx for lay in ("kmajor", "nmajor")}
-    names |= {f"mm_tc_{s}_{lay}" for s in ("bf16", "f16") for lay in ("kmajor", "nmajor")}
-    names |= {f"{op}_{g}_{s}" for op in ("softmax", "rms_norm", "layer_norm", "row_sum") for g in "pb" for s in sfx}
+    names = {f"{op}_{g}_{s}" for op in ("softmax", "rms_norm", "layer_norm", "row_sum") for g in "pb" for s in sfx}
     names |= {f"elementwise_p_{s}" for s in sfx} | {f"attention_{s}" for s in sfx}
     names |= {f"attention_{part}_{s}" for part in ("split", "combine") for s in sfx} | {"attention_anchor"}
     return names
 
 
+def _matmul_entries(configs: object) -> dict[str, set[str]]:
+    """{module: entry points} of matmul tile configurations."""
+    out: dict[str, set[str]] = {}
+    for cfg in configs:  # type: ignore[attr-defined]
+        out.setdefault(cfg.module, set()).update({f"{cfg.kernel}_kmajor", f"{cfg.kernel}_nmajor"})
+    return out
+
+
 def test_backend_entry_points_exist(results: dict) -> None:
+    tables = [*cuda_backend.MATMUL_TILES.values(), *cuda_backend.PORTABLE_MATMUL_TILES.values()]
+    catalogue = [c for cs in (*cuda_backend.TILE_CATALOGUE.values(), *cuda_backend.PORTABLE_TILE_CATALOGUE.values())
+                 for c in cs]
     for arch in ARCHS:
         compiled = {e for (a, _), r in results.items() if a == arch for e in r.entries}
         missing = _expected_entries() - compiled
         assert not missing, f"entry points launched by detkit.kernels.cuda but not compiled for {arch}: {missing}"
-    tables = {**cuda_backend.MATMUL_TILES, **cuda_backend.PORTABLE_MATMUL_TILES}
-    for cfg in tables.values():
-        assert {f"{cfg.kernel}_kmajor", f"{cfg.kernel}_nmajor"} <= _expected_entries()
+        for module, entries in _matmul_entries([*tables, *catalogue]).items():
+            missing = entries - set(results[(arch, module)].entries)
+            assert not missing, f"matmul configurations missing from {module} for {arch}: {sorted(missing)}"
+    # the default configurations are in matmul.cu itself, so that detkit never compiles the alternatives
+    assert {c.module for c in tables} == {"matmul.cu"}
+    for cfg in tables:
+        assert any(c.kernel == cfg.kernel for cs in (*cuda_backend.TILE_CATALOGUE.values(),
+                                                    *cuda_backend.PORTABLE_TILE_CATALOGUE.values()) for c in cs)
 
 
 def test_broken_kernel_error_points_at_its_line(compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

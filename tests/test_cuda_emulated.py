@@ -385,3 +385,33 @@ def test_fp32_matmul_batch_invariant(emulated: dict) -> None:
     full = cuda_backend.matmul(a, b, None)
     for rows in ((0, 1), (3, 4), (64, 130), (129, 130)):
         assert_bits_equal(cuda_backend.matmul(a[rows[0] : rows[1]], b, None), full[rows[0] : rows[1]], f"rows {rows}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_tile_configuration_gives_the_same_bits(emulated: dict, dtype: torch.dtype) -> None:
+    """The arithmetic order never depends on the tile: every configuration of the
+    catalogue (matmul_tiles.cu) reproduces the default kernel's bits, for both B layouts,
+    aligned (cp.async) and unaligned (element-wise) loads, M = 1 and M, N past a whole
+    tile of the largest configuration (every warp of a CTA owns stored outputs)."""
+    k, n = 40, 136
+    a, w = rand((140, k + 1), dtype, 80), rand((n, k + 1), dtype, 81, 0.1)
+    bias = rand((n,), dtype, 82)
+    cases = {"aligned k-major": (a[:, :k].contiguous(), w[:, :k].contiguous().t()),
+             "n-major": (a[:, :k].contiguous(), w[:, :k].t().contiguous()),
+             "unaligned": (a[:, 1:], w[:, 1:].t())}
+    for portable in (False, True):
+        catalogue = (cuda_backend.PORTABLE_TILE_CATALOGUE if portable else cuda_backend.TILE_CATALOGUE)[dtype]
+        for what, (x, b) in cases.items():
+            for m in (1, 140) if what == "aligned k-major" else (140,):
+                want = cuda_backend.matmul(x[:m], b, bias, portable=portable)
+                for cfg in catalogue:
+                    got = cuda_backend.matmul(x[:m], b, bias, portable=portable, tile=cfg)
+                    assert_bits_equal(got, want, f"{cfg.name} {what} M={m} portable={portable}")
+
+
+def test_tile_override_must_come_from_the_catalogue(emulated: dict) -> None:
+    from detkit.errors import InputError
+
+    a = rand((4, 16), torch.bfloat16, 83)
+    with pytest.raises(InputError, match="not a configuration for torch.bfloat16"):
+        cuda_backend.matmul(a, a.t(), None, tile=cuda_backend.TILE_CATALOGUE[torch.float32][0])

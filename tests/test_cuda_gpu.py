@@ -98,6 +98,24 @@ def test_bmm_batch_invariant(portable: bool) -> None:
                               full[s : s + nb], f"bmm batch {s}:{s + nb}")
 
 
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_tile_configuration_gives_the_same_bits(dtype: torch.dtype, portable: bool) -> None:
+    """Each configuration of the catalogue (benchmarked by bench_cuda.py, any of which
+    the tables may pick) reproduces the default kernel's bits, on the GPU's own mma."""
+    x = rand((600, 4104), dtype, 14)
+    w = rand((1000, 4104), dtype, 15, 0.02)
+    bias = rand((1000,), dtype, 16)
+    want = cuda_backend.matmul(x, w.t(), bias, portable=portable)
+    catalogue = (cuda_backend.PORTABLE_TILE_CATALOGUE if portable else cuda_backend.TILE_CATALOGUE)[dtype]
+    for cfg in catalogue:
+        for m in (1, 16, 64, 600):
+            got = cuda_backend.matmul(x[:m], w.t(), bias, portable=portable, tile=cfg)
+            assert_bits_equal(got, want[:m], f"{cfg.name} M={m} portable={portable}")
+        assert_bits_equal(cuda_backend.matmul(x[:64], w.t().contiguous(), bias, portable=portable, tile=cfg),
+                          want[:64], f"{cfg.name} n-major B")
+
+
 ROW_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "softmax": lambda x, w, b, p: cuda_backend.softmax(x, False, portable=p),
     "log_softmax": lambda x, w, b, p: cuda_backend.softmax(x, True, portable=p),

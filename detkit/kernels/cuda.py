@@ -31,6 +31,9 @@ from detkit.kernels import cuda_loader
 __all__ = [
     "MATMUL_TILES",
     "PORTABLE_MATMUL_TILES",
+    "PORTABLE_TILE_CATALOGUE",
+    "TILE_CATALOGUE",
+    "TileConfig",
     "ELEMENTWISE_OPS",
     "attention",
     "available",
@@ -61,7 +64,9 @@ _ATT_WORKSPACE_FLOATS = 32 << 20
 
 @dataclass(frozen=True)
 class TileConfig:
-    """One matmul kernel configuration (must match the constants in matmul.cu)."""
+    """One matmul kernel configuration (instantiated in ``module`` by the matching
+    ``DETKIT_*_CONFIG`` line). The arithmetic does not depend on it: every configuration
+    of a kernel family gives the same bits, only the speed differs."""
 
     kernel: str   # entry point prefix; "_kmajor" / "_nmajor" is appended for B's layout
     bm: int
@@ -70,17 +75,51 @@ class TileConfig:
     threads: int
     stages: int
     tensor_cores: bool
+    module: str = "matmul.cu"
 
     def __post_init__(self) -> None:
         if min(self.bm, self.bn, self.bk, self.threads, self.stages) <= 0:
             raise ValueError(f"tile sizes must be positive: {self}")
         if self.threads % 32:
             raise ValueError(f"threads must be a multiple of 32: {self}")
+        if self.module not in cuda_loader.KERNEL_FILES:
+            raise ValueError(f"unknown kernel module {self.module!r}: {self}")
+
+    @property
+    def name(self) -> str:
+        """The configuration's tag, e.g. ``128x64x32_2x2_s3``."""
+        return self.kernel.split("_", 2)[2].rsplit("_", 1)[0]
 
 
-_TC_BF16 = TileConfig("mm_tc_bf16", 128, 64, 32, 128, 3, True)
-_TC_F16 = TileConfig("mm_tc_f16", 128, 64, 32, 128, 3, True)
-_SIMT = {dt: TileConfig(f"mm_simt_{sfx}", 128, 64, 16, 256, 2, False) for dt, sfx in _SUFFIX.items()}
+def _tc(tag: str, dtype_sfx: str, module: str) -> TileConfig:
+    bm, bn, bk = (int(x) for x in tag.split("_")[0].split("x"))
+    wgm, wgn = (int(x) for x in tag.split("_")[1].split("x"))
+    return TileConfig(f"mm_tc_{tag}_{dtype_sfx}", bm, bn, bk, 32 * wgm * wgn, int(tag.split("_s")[1]), True, module)
+
+
+def _simt(tag: str, dtype_sfx: str, module: str) -> TileConfig:
+    bm, bn, bk = (int(x) for x in tag.split("_")[0].split("x"))
+    tm, tn = (int(x) for x in tag.split("_")[1].split("x"))
+    return TileConfig(f"mm_simt_{tag}_{dtype_sfx}", bm, bn, bk, (bm // tm) * (bn // tn), 2, False, module)
+
+
+# Every configuration compiled (matmul.cu + matmul_tiles.cu), for benchmarks and tests:
+# the tag lists must match the DETKIT_*_CONFIG lines of the two files.
+TC_TAGS: tuple[str, ...] = ("128x64x32_2x2_s3", "128x128x32_2x4_s2", "64x128x32_2x2_s3", "64x64x32_2x2_s4",
+                            "64x32x64_2x2_s3")
+SIMT_TAGS: tuple[str, ...] = ("128x64x16_8x4", "128x128x16_8x8", "64x64x16_4x4")
+TILE_CATALOGUE: dict[torch.dtype, tuple[TileConfig, ...]] = {
+    torch.bfloat16: tuple(_tc(t, "bf16", "matmul_tiles.cu") for t in TC_TAGS),
+    torch.float16: tuple(_tc(t, "f16", "matmul_tiles.cu") for t in TC_TAGS),
+    torch.float32: tuple(_simt(t, "f32", "matmul_tiles.cu") for t in SIMT_TAGS),
+}
+PORTABLE_TILE_CATALOGUE: dict[torch.dtype, tuple[TileConfig, ...]] = {
+    dt: tuple(_simt(t, sfx, "matmul_tiles.cu") for t in SIMT_TAGS) for dt, sfx in _SUFFIX.items()
+}
+
+_TC_BF16 = _tc("128x64x32_2x2_s3", "bf16", "matmul.cu")
+_TC_F16 = _tc("128x64x32_2x2_s3", "f16", "matmul.cu")
+_SIMT = {dt: _simt("128x64x16_8x4", sfx, "matmul.cu") for dt, sfx in _SUFFIX.items()}
 _ARCH_MAJORS = (8, 9, 10, 12)
 
 # portable=False: tensor cores for 16-bit floats; float32 on CUDA cores (never TF32),
@@ -216,13 +255,22 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
-           portable: bool = False) -> torch.Tensor:
-    """(M, K) @ (K, N) or (B, M, K) @ (B, K, N), plus bias (N,) after the K loop."""
+           portable: bool = False, tile: TileConfig | None = None) -> torch.Tensor:
+    """(M, K) @ (K, N) or (B, M, K) @ (B, K, N), plus bias (N,) after the K loop.
+
+    ``tile`` overrides the table's configuration with one of :data:`TILE_CATALOGUE` /
+    :data:`PORTABLE_TILE_CATALOGUE` (benchmarks and tests; the bits are the same)."""
     dev = _device_of(a, b, bias)
     _suffix(a.dtype)
     major = _major(dev)
-    table = PORTABLE_MATMUL_TILES if portable else MATMUL_TILES
-    cfg = table.get((a.dtype, major))
+    if tile is not None:
+        catalogue = (PORTABLE_TILE_CATALOGUE if portable else TILE_CATALOGUE).get(a.dtype, ())
+        if tile not in catalogue and tile != (PORTABLE_MATMUL_TILES if portable else MATMUL_TILES).get((a.dtype, major)):
+            raise InputError(f"matmul: {tile.kernel} is not a {'portable ' if portable else ''}configuration "
+                             f"for {a.dtype}; choose one of {[c.name for c in catalogue]}.")
+        cfg: TileConfig | None = tile
+    else:
+        cfg = (PORTABLE_MATMUL_TILES if portable else MATMUL_TILES).get((a.dtype, major))
     if cfg is None:
         raise BackendUnavailable(f"no matmul tile configuration for {a.dtype} on sm_{major}x.")
     batched = a.dim() == 3
@@ -269,7 +317,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
         else:
             args = (np.uint64(a_ptr), np.uint64(b_ptr), _ptr(bias_c), np.uint64(c_ptr), M, N, K,
                     np.int64(sa_b), np.int64(a3.stride(1)), np.int64(sb_b), np.int64(ld))
-        _launch(dev, "matmul.cu", entry, (grid_x, grid_y, nz), cfg.threads, args)
+        _launch(dev, cfg.module, entry, (grid_x, grid_y, nz), cfg.threads, args)
     return out if batched else out[0]
 
 

@@ -41,7 +41,10 @@ from typing import Any
 
 from detkit.errors import BackendUnavailable, CompileError, InputError
 
-KERNEL_FILES: tuple[str, ...] = ("matmul.cu", "rowops.cu", "attention.cu")
+KERNEL_FILES: tuple[str, ...] = ("matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu")
+# The source files of each unit after common.cuh, in order (default: the file alone).
+# matmul_tiles.cu only instantiates more configurations of matmul.cu's templates.
+KERNEL_UNITS: dict[str, tuple[str, ...]] = {"matmul_tiles.cu": ("matmul.cu", "matmul_tiles.cu")}
 COMMON_HEADER = "common.cuh"
 DEFAULT_CHECK_ARCHS: tuple[str, ...] = ("sm_80", "sm_90")
 
@@ -97,8 +100,10 @@ def _read(path: Path) -> str:
 
 
 def translation_unit(source: str, filename: str, *, header: str | None = None,
-                     header_name: str | None = None) -> str:
-    """One compilable unit: the common header, then ``source``, each under a ``#line``.
+                     header_name: str | None = None,
+                     before: tuple[tuple[str, str], ...] = ()) -> str:
+    """One compilable unit: the common header, the ``before`` parts ((source, filename)
+    pairs), then ``source``, each under a ``#line``.
 
     ``#line 1 "file"`` makes NVRTC and nvcc report errors as ``file(line)`` of the real
     file rather than of the concatenated string.
@@ -106,18 +111,18 @@ def translation_unit(source: str, filename: str, *, header: str | None = None,
     if header is None:
         hpath = kernel_dir() / COMMON_HEADER
         header, header_name = _read(hpath), str(hpath)
-    return (
-        f'#line 1 "{header_name}"\n{header}\n'
-        f'#line 1 "{filename}"\n{source}\n'
-    )
+    parts = [(header, header_name), *before, (source, filename)]
+    return "".join(f'#line 1 "{fname}"\n{text}\n' for text, fname in parts)
 
 
 def kernel_source(name: str) -> str:
     """The translation unit for one of :data:`KERNEL_FILES`."""
     if name not in KERNEL_FILES:
         raise ValueError(f"unknown CUDA kernel file {name!r}; expected one of {KERNEL_FILES}")
-    path = kernel_dir() / name
-    return translation_unit(_read(path), str(path))
+    d = kernel_dir()
+    *first, last = KERNEL_UNITS.get(name, (name,))
+    before = tuple((_read(d / f), str(d / f)) for f in first)
+    return translation_unit(_read(d / last), str(d / last), before=before)
 
 
 def sources_digest() -> dict[str, str]:

@@ -1,0 +1,14 @@
+// Alternative matmul tile configurations, compiled after matmul.cu in one translation
+// unit (cuda_loader.KERNEL_UNITS). Every configuration computes the same bits as the
+// default one (the arithmetic order does not depend on the tile); benchmarks/bench_cuda.py
+// times them against cuBLAS so that the tables in detkit/kernels/cuda.py can pick the
+// fastest per (dtype, architecture), and the GPU and emulation tests check the bits.
+// Kept out of matmul.cu so the kernels detkit launches compile in a third of the time.
+
+DETKIT_SIMT_CONFIG(128x128x16_8x8, 128, 128, 16, 8, 8)
+DETKIT_SIMT_CONFIG(64x64x16_4x4, 64, 64, 16, 4, 4)
+
+DETKIT_TC_CONFIG(128x128x32_2x4_s2, 128, 128, 32, 2, 4, 2)
+DETKIT_TC_CONFIG(64x128x32_2x2_s3, 64, 128, 32, 2, 2, 3)
+DETKIT_TC_CONFIG(64x64x32_2x2_s4, 64, 64, 32, 2, 2, 4)
+DETKIT_TC_CONFIG(64x32x64_2x2_s3, 64, 32, 64, 2, 2, 3)
