@@ -31,6 +31,8 @@ MATMUL_M = (1, 16, 64, 256, 1024, 4096)
 MATMUL_KN = (4096, 8192)
 ROWS = (1, 64, 1024, 8192)
 ROW_LEN = 4096
+TILE_M = (1, 16, 64, 256, 1024, 4096)
+TILE_KN = 4096
 ATTENTION_CASES = (("decode", 1, 4096), ("decode", 1, 32768), ("prefill", 1024, 1024))  # (name, Lq, Lk)
 DEVICE = "cuda"
 
@@ -138,6 +140,48 @@ def bench_attention(min_time: float, deadline: float) -> Iterator[Result]:
         yield Result("attention", "bfloat16", f"{name} 32x128 Lq={lq} Lk={lk}", t_torch, t_ours, t_p)
 
 
+@dataclass
+class TileSweep:
+    """One (dtype, M) of the tile sweep: torch and every catalogue configuration, in ms."""
+
+    dtype: str
+    m: int
+    kn: int
+    torch_ms: float
+    config_ms: dict[str, float]
+
+
+def bench_tiles(min_time: float, deadline: float) -> Iterator[TileSweep]:
+    """Every configuration of detkit.kernels.cuda.TILE_CATALOGUE (same bits, different
+    speed) against torch, K = N = TILE_KN, portable=False."""
+    from detkit.kernels import cuda as kc
+
+    for dtype in (torch.bfloat16, torch.float32):
+        w = torch.randn(TILE_KN, TILE_KN, device=DEVICE).to(dtype) * 0.02
+        for m in TILE_M:
+            if time.perf_counter() > deadline:
+                return
+            x = torch.randn(m, TILE_KN, device=DEVICE).to(dtype)
+            t_torch = time_call(lambda x=x, w=w: torch.nn.functional.linear(x, w), min_time)
+            per = {cfg.name: time_call(lambda x=x, w=w, c=cfg: kc.matmul(x, w.t(), None, tile=c), min_time)
+                   for cfg in kc.TILE_CATALOGUE[dtype]}
+            yield TileSweep(str(dtype).replace("torch.", ""), m, TILE_KN, t_torch, per)
+
+
+def tile_choice(sweeps: list[TileSweep]) -> dict[str, dict[str, Any]]:
+    """Per dtype, the configuration whose worst speed (torch / config) over the swept M
+    is highest: one configuration for every M, as the tables require."""
+    out: dict[str, dict[str, Any]] = {}
+    for dtype in sorted({s.dtype for s in sweeps}):
+        rows = [s for s in sweeps if s.dtype == dtype]
+        names = set.intersection(*(set(s.config_ms) for s in rows))
+        worst = {n: min(s.torch_ms / s.config_ms[n] for s in rows) for n in names}
+        best = max(worst, key=lambda n: worst[n])
+        out[dtype] = {"best": best, "worst_speed": round(worst[best], 3),
+                      "worst_speed_by_config": {n: round(v, 3) for n, v in sorted(worst.items())}}
+    return out
+
+
 def targets(results: list[Result]) -> list[dict[str, Any]]:
     """The issue's speed targets, checked against this run."""
     checks = []
@@ -154,6 +198,22 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
     for c in checks:
         c["met"] = c["got"] is not None and c["got"] >= c["need"]
     return checks
+
+
+def tiles_markdown(sweeps: list[TileSweep]) -> list[str]:
+    if not sweeps:
+        return []
+    names = list(sweeps[0].config_ms)
+    lines = ["", f"## Tile configurations (portable=False, K = N = {sweeps[0].kn}; speed = torch / config)", "",
+             "| dtype | M | torch ms | " + " | ".join(names) + " |", "|---|---:|---:|" + "---:|" * len(names)]
+    for s in sweeps:
+        cells = " | ".join(f"{s.torch_ms / s.config_ms[n]:.2f}" if n in s.config_ms else "-" for n in names)
+        lines.append(f"| {s.dtype} | {s.m} | {s.torch_ms:.3f} | {cells} |")
+    lines.append("")
+    for dtype, c in tile_choice(sweeps).items():
+        lines.append(f"Best single configuration for {dtype} (highest worst-case speed): `{c['best']}` "
+                     f"({c['worst_speed']}).")
+    return lines
 
 
 def markdown(meta: dict[str, Any], results: list[Result], checks: list[dict[str, Any]]) -> str:
@@ -184,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path, help="write a Markdown table here")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds of calls per measurement")
     parser.add_argument("--budget", type=float, default=150.0, help="stop starting new cases after this many seconds")
-    parser.add_argument("--only", choices=("matmul", "rows", "attention"), action="append")
+    parser.add_argument("--only", choices=("matmul", "rows", "attention", "tiles"), action="append")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device; nothing to measure", file=sys.stderr)
@@ -194,19 +254,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     deadline = time.perf_counter() + args.budget
-    only = set(args.only or ("matmul", "rows", "attention"))
+    only = set(args.only or ("matmul", "rows", "attention", "tiles"))
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
             "cuda": torch.version.cuda, "budget_exhausted": False, "complete": False}
     results: list[Result] = []
+    sweeps: list[TileSweep] = []
 
     def write() -> str:
         """Rewrite the outputs with every finished case (after each case: a timeout or
         Ctrl-C loses nothing already measured)."""
         checks = targets(results)
-        md = markdown(meta, results, checks)
+        md = markdown(meta, results, checks) + "\n".join(tiles_markdown(sweeps)) + "\n"
         if args.json:
             args.json.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results],
-                                             "targets": checks}, indent=2))
+                                             "targets": checks, "tiles": [asdict(t) for t in sweeps],
+                                             "tile_choice": tile_choice(sweeps) if sweeps else {}}, indent=2))
         if args.md:
             args.md.write_text(md)
         return md
@@ -224,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(result)
                 print(f"{result.op} {result.dtype} {result.shape}: speed {result.speed} "
                       f"portable {result.portable_speed}", file=sys.stderr, flush=True)
+                write()
+        if "tiles" in only:
+            for sweep in bench_tiles(args.min_time, deadline):
+                sweeps.append(sweep)
+                print(f"tiles {sweep.dtype} M={sweep.m}: done", file=sys.stderr, flush=True)
                 write()
         meta["complete"] = True
     except KeyboardInterrupt:

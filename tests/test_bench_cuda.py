@@ -28,6 +28,8 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(mod, "MATMUL_KN", (64,))
     monkeypatch.setattr(mod, "ROW_LEN", 32)
     monkeypatch.setattr(mod, "ATTENTION_CASES", (("decode", 1, 16), ("prefill", 8, 8)))
+    monkeypatch.setattr(mod, "TILE_KN", 64)
+    monkeypatch.setattr(mod, "TILE_M", (1, 16))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(__version__="0-test"))
@@ -53,6 +55,20 @@ def test_every_case_is_recorded_with_its_targets(bench: Any, tmp_path: Path, mon
     assert not checks["matmul fp32 M=16 K=N=64 portable=True"]["met"]      # needs 0.5
     assert not checks["softmax bfloat16 1x32 portable=False"]["met"]       # needs 0.9
     assert "| missed target |" in (tmp_path / "b.md").read_text()
+    from detkit.kernels import cuda as kc
+
+    assert [(t["dtype"], t["m"]) for t in data["tiles"]] == [("bfloat16", 1), ("bfloat16", 16), ("float32", 1),
+                                                              ("float32", 16)]
+    assert set(data["tiles"][0]["config_ms"]) == {c.name for c in kc.TILE_CATALOGUE[torch.bfloat16]}
+    assert data["tile_choice"]["bfloat16"]["best"] in data["tiles"][0]["config_ms"]
+    assert "Best single configuration for float32" in (tmp_path / "b.md").read_text()
+
+
+def test_tile_choice_maximises_the_worst_case(bench: Any) -> None:
+    sweeps = [bench.TileSweep("bfloat16", 1, 4096, 1.0, {"fast_small": 1.1, "even": 1.4}),
+              bench.TileSweep("bfloat16", 4096, 4096, 1.0, {"fast_small": 2.0, "even": 1.25})]
+    choice = bench.tile_choice(sweeps)["bfloat16"]
+    assert choice["best"] == "even" and choice["worst_speed"] == 0.714
 
 
 def test_an_interruption_keeps_the_finished_cases(bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
