@@ -50,6 +50,7 @@ def test_json_report_and_files(tmp_path, capsys, monkeypatch):
     single = report["modes"][0]
     assert single["runs"] == 2 * (1 + 2)  # every row of every batch size, 2 prompts
     assert report["config"]["engine"]["dtype"] == "bfloat16" and report["config"]["suite"]["seed"] == 3
+    assert report["config"]["engine"]["device"] == "cpu"
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["modes"] == report["modes"]
     md = (tmp_path / "report.md").read_text()
@@ -86,6 +87,10 @@ def test_shipped_suites_load(name):
         (["--endpoint", "http://127.0.0.1:9/v1", "--batch-invariant"], "server needs them on its side"),
         (["--endpoint", "http://127.0.0.1:9/v1", "--retries", "0"], "cannot reach"),
         (["--dtype", "int8"], "--dtype must be one of"),
+        (["--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
+        (["--endpoint", "http://127.0.0.1:9/v1", "--device", "cuda"], "--device applies to local models"),
+        pytest.param(["--device", "cuda", "--modes", "single"], "torch reports no CUDA device",
+                     marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")),
     ],
 )
 def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys, monkeypatch):

@@ -45,6 +45,9 @@ def probe(
         str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (auto: bfloat16 for presets, the checkpoint's dtype otherwise).")
     ] = "auto",
     attn: Annotated[str, typer.Option("--attn", help="Attention implementation for HF models: eager or sdpa.")] = "eager",
+    device: Annotated[
+        str, typer.Option("--device", help="Where a local model runs: cpu, cuda or cuda:N (needs CUDA torch; CuPy for --batch-invariant).")
+    ] = "cpu",
     modes: Annotated[
         str | None, typer.Option("--modes", help="Comma-separated: single, mixed, prefix, padding, decode, repeat (default: the suite's).")
     ] = None,
@@ -122,7 +125,7 @@ def probe(
         batch = dataclasses.replace(batch, sizes=_ints(sizes_text, option))
     suite = dataclasses.replace(suite, batch=batch, **overrides)
     engine = _engine(
-        model=model, dtype=dtype, attn=attn, endpoint=endpoint, served_model=served_model, seed=suite.seed,
+        model=model, dtype=dtype, attn=attn, device=device, endpoint=endpoint, served_model=served_model, seed=suite.seed,
         top_k=top_k, timeout=timeout, retries=retries, batch_invariant=batch_invariant, portable=portable,
     )
     config = {
@@ -158,7 +161,7 @@ def probe(
 
 
 def _engine(
-    *, model: str, dtype: str, attn: str, endpoint: str | None, served_model: str | None, seed: int,
+    *, model: str, dtype: str, attn: str, device: str, endpoint: str | None, served_model: str | None, seed: int,
     top_k: int, timeout: float, retries: int, batch_invariant: bool, portable: bool,
 ) -> Any:
     if endpoint is not None:
@@ -166,6 +169,8 @@ def _engine(
 
         if batch_invariant or portable:
             raise InputError("--batch-invariant/--portable switch detkit's kernels in this process; a server needs them on its side")
+        if device != "cpu":
+            raise InputError("--device applies to local models; a server runs where it runs")
         return HTTPEngine(endpoint, served_model, timeout=timeout, retries=retries, top_logprobs=top_k)
     if served_model is not None:
         raise InputError("--served-model applies to --endpoint; use --model for a local model")
@@ -181,7 +186,7 @@ def _engine(
             raise BackendUnavailable(f"detkit.batch_invariant is unavailable here ({exc}); run without --batch-invariant") from exc
         mode = functools.partial(bi, portable=portable)
 
-    hf_model, tokenizer, desc = load_model(model, dtype=dtype, attn_implementation=attn, seed=seed)
+    hf_model, tokenizer, desc = load_model(model, dtype=dtype, attn_implementation=attn, seed=seed, device=device)
     return HFEngine(hf_model, tokenizer, description=desc, top_k=top_k, mode=mode)
 
 

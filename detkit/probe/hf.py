@@ -9,12 +9,13 @@ step by step, without keeping whole-vocabulary tensors alive.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
-from detkit.errors import InputError, ModelLoadError
+from detkit.errors import BackendUnavailable, InputError, ModelLoadError
 from detkit.probe.engine import Generation, Request, StepScores
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,10 +34,30 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device, or an error that says why it
+    cannot be used here."""
+    import torch
+
+    if device == "cpu":
+        return torch.device("cpu")
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise InputError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(
+            f"--device {device}: torch reports no CUDA device (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda or 'none'}); run on a GPU machine with CUDA torch, or use --device cpu"
+        )
+    dev = torch.device(device)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def load_model(
-    model: str, *, dtype: str = "auto", attn_implementation: str = "eager", seed: int = 0
+    model: str, *, dtype: str = "auto", attn_implementation: str = "eager", seed: int = 0, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Load a preset name or a local model directory with its tokenizer.
+    """Load a preset name or a local model directory with its tokenizer, on ``device``.
 
     Returns ``(model, tokenizer, description)``. Raises :class:`ModelLoadError` with
     what to do when the directory, its weights or its tokenizer are missing.
@@ -45,11 +66,13 @@ def load_model(
 
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dev = resolve_device(device)
     if model in PRESETS:
         name = PRESET_DEFAULT_DTYPE if dtype == "auto" else dtype
+        # built on the CPU from the seed (the same weights wherever the model then runs)
         hf_model = load_preset(model, dtype=_torch_dtype(name), attn_implementation=attn_implementation, seed=seed)
-        desc = {"model": model, "source": "preset", "dtype": name, "weights_seed": seed}
-        return hf_model, build_tokenizer(), {**desc, "attn_implementation": attn_implementation}
+        desc = {"model": model, "source": "preset", "dtype": name, "weights_seed": seed, "device": str(dev)}
+        return hf_model.to(dev), build_tokenizer(), {**desc, "attn_implementation": attn_implementation}
 
     path = Path(model).expanduser()
     if not path.exists():
@@ -83,9 +106,10 @@ def load_model(
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelLoadError(f"could not load a causal LM from {path} ({type(exc).__name__}: {first})") from exc
-    hf_model.eval()
+    hf_model = hf_model.to(dev).eval()
     desc = {
         "model": str(path),
+        "device": str(dev),
         "source": "path",
         "dtype": str(hf_model.dtype).removeprefix("torch."),
         "architecture": type(hf_model).__name__,
@@ -253,6 +277,7 @@ class HFEngine:
         for row, ids in enumerate(encoded):
             input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             mask[row, width - len(ids) :] = 1
+        input_ids, mask = input_ids.to(self.model.device), mask.to(self.model.device)
         # A fresh config: greedy with nothing that rescales logits, whatever the model's
         # own generation_config asks for (sampling settings do not apply at temperature 0).
         config = GenerationConfig(
@@ -303,7 +328,7 @@ class HFEngine:
             return []
         ids = self.encode(prompt)
         self.check_fits(len(ids), len(tokens), f"prompt {prompt[:40]!r}")
-        full = torch.tensor([ids + [int(t) for t in tokens]], dtype=torch.long)
+        full = torch.tensor([ids + [int(t) for t in tokens]], dtype=torch.long, device=self.model.device)
         with torch.inference_mode(), self._context():
             logits = self.model(input_ids=full, attention_mask=torch.ones_like(full), use_cache=False).logits
         # Position p predicts token p+1: the scores for generated token j sit at len(ids)-1+j.
