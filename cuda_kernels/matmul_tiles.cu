@@ -12,3 +12,4 @@ DETKIT_TC_CONFIG(128x128x32_2x4_s2, 128, 128, 32, 2, 4, 2)
 DETKIT_TC_CONFIG(64x128x32_2x2_s3, 64, 128, 32, 2, 2, 3)
 DETKIT_TC_CONFIG(64x64x32_2x2_s4, 64, 64, 32, 2, 2, 4)
 DETKIT_TC_CONFIG(64x32x64_2x2_s3, 64, 32, 64, 2, 2, 3)
+DETKIT_TC_CONFIG(16x64x64_1x4_s3, 16, 64, 64, 1, 4, 3)  // decode-sized rows: no idle mma rows up to M = 16
