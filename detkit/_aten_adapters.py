@@ -603,6 +603,24 @@ def _elementwise(op: str, inplace: bool = False) -> Adapter:
     return adapter
 
 
+def _cuda_elementwise(op: str, inplace: bool = False) -> Adapter:
+    """CUDA adapter of a unary op the portable backends implement. torch's CUDA
+    elementwise kernels evaluate every element with the same code (no scalar tail, unlike
+    its CPU loops), so outside portable mode the op passes through; in portable mode it
+    goes to the CUDA portable kernel, which gives the CPU portable backend's bits."""
+
+    def adapter(call: Call, self: torch.Tensor, *extra: Any, **kwargs: Any) -> torch.Tensor:
+        if call.portable and not extra and not kwargs:
+            _float(self)
+            if self.numel() == 0:
+                raise Unsupported("empty input", benign=True)
+            if self.dtype in _PORTABLE_DTYPES:
+                return _portable(op, self, inplace)
+        raise Unsupported("torch's CUDA elementwise kernels are position independent", benign=True)
+
+    return adapter
+
+
 # pow(x, e) is correctly rounded (hence position independent) for these exponents.
 _EXACT_EXPONENTS = (0.0, 1.0, 2.0, 0.5)
 
@@ -649,6 +667,13 @@ _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
     OpOverride("pow_.Scalar", _pow_scalar(inplace=True), "elementwise"),
 )
 
+# CUDA: only the functions the portable backends implement, for portable mode.
+_CUDA_ELEMENTWISE: tuple[OpOverride, ...] = (
+    *(OpOverride(name, _cuda_elementwise(name), "elementwise") for name in sorted(ELEMENTWISE_PORTABLE)),
+    *(OpOverride(name, _cuda_elementwise(name.removesuffix("_"), inplace=True), "elementwise")
+      for name in _ELEMENTWISE_INPLACE if name.removesuffix("_") in ELEMENTWISE_PORTABLE),
+)
+
 # One table, keyed by dispatch key. The CPU flash entry point is what SDPA calls when a
 # gradient is needed (the composite gate keeps torch's decomposition then), so the
 # forward stays routed under autograd too. The aligned-slice elementwise trick is about
@@ -659,7 +684,7 @@ OVERRIDES: dict[str, tuple[OpOverride, ...]] = {
         OpOverride("_scaled_dot_product_flash_attention_for_cpu", flash_attention_for_cpu, "attention"),
         *_CPU_ELEMENTWISE,
     ),
-    "CUDA": _COMMON,
+    "CUDA": (*_COMMON, *_CUDA_ELEMENTWISE),
 }
 
 # ----------------------------------------------------------------------------- coverage classes

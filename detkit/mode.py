@@ -486,6 +486,8 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
         if portable and base in ELEMENTWISE_LIBM and not (full in table and base in ELEMENTWISE_PORTABLE):
             not_portable[full] = n
             notes[full] = "math-library function: bits differ between CPU instruction sets and devices"
+        elif device == "CUDA" and not portable and base in ELEMENTWISE_LIBM:
+            exact[full] = n  # torch's CUDA elementwise kernels: the same code for every element
         elif full in table:
             if portable and base in ELEMENTWISE_PORTABLE:
                 notes[full] = "portable kernel for float32/bfloat16/float16; float64 runs torch's kernel (not portable)"

@@ -169,9 +169,41 @@ def test_coverage_report_in_portable_mode() -> None:
         assert op in report.routed and op not in report.not_portable, op
     for op in ("sin.default", "cos.default", "pow.Tensor_Scalar", "gelu.default"):
         assert op in report.not_portable, op
-    # No portable elementwise kernels are registered for CUDA: there they stay not portable.
+    # On CUDA the portable kernels are routed too; the other math-library functions are
+    # not portable, and outside portable mode all of them are position independent there.
     cuda = mode.coverage_report(ops, portable=True, device="CUDA")
-    assert "silu.default" in cuda.not_portable and "exp.default" in cuda.not_portable
+    assert {"silu.default", "exp.default", "tanh.default", "rsqrt.default"} <= set(cuda.routed)
+    assert {"sin.default", "gelu.default"} <= set(cuda.not_portable)
+    plain = mode.coverage_report(ops, device="CUDA")
+    assert {"silu.default", "sin.default", "gelu.default"} <= set(plain.exact) and not plain.uncovered
+
+
+def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA table's elementwise adapters, driven directly with a stand-in portable
+    backend: portable mode computes through it (in place too), plain mode passes through."""
+    from detkit import _aten_adapters as ad
+
+    by_name = {o.name: o for o in ad.OVERRIDES["CUDA"]}
+    assert {"silu", "exp", "tanh", "rsqrt", "sigmoid", "log", "silu_", "exp_"} <= set(by_name)
+    assert "gelu" not in by_name and "sin" not in by_name
+    calls: list[str] = []
+
+    class Backend:
+        @staticmethod
+        def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
+            calls.append(name)
+            return torch.full_like(x, 7.0)
+
+    monkeypatch.setattr(ad, "portable_backend", lambda device_type: Backend)
+    x = torch.rand(3, 5)
+    original = lambda *a, **k: pytest.fail("the portable route must not call torch's kernel")  # noqa: E731
+    out = by_name["silu"].adapter(ad.Call(True, original), x)
+    assert calls == ["silu"] and bool((out == 7.0).all()) and bool((x != 7.0).all())
+    y = x.clone()
+    assert by_name["exp_"].adapter(ad.Call(True, original), y) is y and bool((y == 7.0).all())
+    with pytest.raises(ad.Unsupported, match="position independent") as why:
+        by_name["silu"].adapter(ad.Call(False, original), x)
+    assert why.value.benign
 
 
 # ----------------------------------------------------------------------------- across ISAs
