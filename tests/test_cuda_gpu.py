@@ -438,3 +438,21 @@ def test_probe_cli_on_a_cuda_model_under_the_mode(tmp_path: object) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert report["config"]["engine"]["device"] == "cuda" and report["summary"]["invariant"] is True
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_portable_mode_gives_the_cpu_logits_on_the_gpu(attn: str) -> None:
+    """The portable guarantee for a whole model: GPT-2 (learned positions, no RoPE; every
+    reduction and its tanh-GELU's tanh routed, its pow(x, 3) plain multiplies) gives the
+    same float32 logits bits under batch_invariant(portable=True) on the GPU as on the CPU,
+    for a left-padded batch. (Llama/Qwen2 would need portable sin/cos for RoPE.)"""
+    pytest.importorskip("transformers")
+    import detkit
+    from detkit.models import build_tokenizer, load_preset
+
+    model = load_preset("tiny-gpt2", dtype=torch.float32, attn_implementation=attn, seed=0)
+    enc = build_tokenizer()(["Hi", _TARGET, "The quick brown fox jumps"], padding=True, return_tensors="pt")
+    with detkit.batch_invariant(portable=True), torch.no_grad():
+        cpu = model(**enc).logits
+        gpu = model.to(DEV)(**enc.to(DEV)).logits
+    assert_bits_equal(gpu, cpu, f"tiny-gpt2 {attn}: portable logits, CUDA vs CPU")
