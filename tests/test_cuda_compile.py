@@ -178,3 +178,25 @@ def test_backend_explains_why_it_is_unavailable() -> None:
     assert reason and ("CuPy" in reason or "CUDA" in reason or "sm_" in reason)
     with pytest.raises(InputError, match="CUDA device"):
         cuda_backend.softmax(torch.zeros(2, 3), False)
+
+
+def test_tile_tags_match_the_instantiations() -> None:
+    """Each DETKIT_*_CONFIG line's numbers are the ones its tag (and so the host's grid
+    and block sizes) encodes, and the Python catalogue lists exactly those lines."""
+    import re
+
+    d = cuda_loader.kernel_dir()
+    text = (d / "matmul.cu").read_text() + (d / "matmul_tiles.cu").read_text()
+    tc = re.findall(r"^DETKIT_TC_CONFIG\((\w+), (\d+), (\d+), (\d+), (\d+), (\d+), (\d+)\)", text, re.M)
+    simt = re.findall(r"^DETKIT_SIMT_CONFIG\((\w+), (\d+), (\d+), (\d+), (\d+), (\d+)\)", text, re.M)
+    assert [t[0] for t in tc] and [t[0] for t in simt]
+    for tag, *nums in tc:
+        assert tag == "{}x{}x{}_{}x{}_s{}".format(*nums), tag
+    for tag, *nums in simt:
+        assert tag == "{}x{}x{}_{}x{}".format(*nums), tag
+    assert sorted(t[0] for t in tc) == sorted(cuda_backend.TC_TAGS)
+    assert sorted(t[0] for t in simt) == sorted(cuda_backend.SIMT_TAGS)
+    for cfgs in cuda_backend.TILE_CATALOGUE.values():
+        for cfg in cfgs:
+            nums = next(n for t, *n in (tc if cfg.tensor_cores else simt) if t == cfg.name)
+            assert (cfg.bm, cfg.bn, cfg.bk) == tuple(int(x) for x in nums[:3]), cfg

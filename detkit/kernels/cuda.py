@@ -29,12 +29,12 @@ from detkit.errors import BackendUnavailable, InputError
 from detkit.kernels import cuda_loader
 
 __all__ = [
+    "ELEMENTWISE_OPS",
     "MATMUL_TILES",
     "PORTABLE_MATMUL_TILES",
     "PORTABLE_TILE_CATALOGUE",
     "TILE_CATALOGUE",
     "TileConfig",
-    "ELEMENTWISE_OPS",
     "attention",
     "available",
     "elementwise",
