@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from detkit.kernels import cuda as cuda_backend
 from detkit.kernels import cuda_loader, spec
@@ -415,3 +417,45 @@ def test_tile_override_must_come_from_the_catalogue(emulated: dict) -> None:
     a = rand((4, 16), torch.bfloat16, 83)
     with pytest.raises(InputError, match="not a configuration for torch.bfloat16"):
         cuda_backend.matmul(a, a.t(), None, tile=cuda_backend.TILE_CATALOGUE[torch.float32][0])
+
+
+# ----------------------------------------------------------------------------- drawn shapes
+
+_DRAWN = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_DRAWN
+@given(length=st.integers(1, 700), rows=st.integers(1, 6), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_batch_invariant_row_ops_for_drawn_shapes(emulated: dict, length: int, rows: int, dtype: torch.dtype,
+                                                  seed: int, data: st.DataObject) -> None:
+    """portable=False row ops, any length: a row alone (at its address, or moved to a
+    fresh aligned buffer) has its bits in the batch."""
+    x = rand((rows, length), dtype, seed, 3.0)
+    w, b = rand((length,), dtype, seed + 1), rand((length,), dtype, seed + 2)
+    r = data.draw(st.integers(0, rows - 1))
+    for what, fn in (("softmax", lambda t: cuda_backend.softmax(t, False)),
+                     ("layer_norm", lambda t: cuda_backend.layer_norm(t, w, b, 1e-5)),
+                     ("rms_norm", lambda t: cuda_backend.rms_norm(t, w, 1e-6))):
+        full = fn(x)
+        assert_bits_equal(fn(x[r : r + 1]), full[r : r + 1], f"{what} row {r} of {rows}x{length}")
+        assert_bits_equal(fn(x[r : r + 1].clone()), full[r : r + 1], f"{what} row {r} moved")
+
+
+@_DRAWN
+@given(lk=st.integers(1, 300), pad=st.integers(0, 140), d=st.sampled_from((8, 40, 64)), seed=st.integers(0, 2**16))
+def test_split_attention_for_drawn_shapes(emulated: dict, lk: int, pad: int, d: int, seed: int) -> None:
+    """Split KV, any length and padding: the last query of a causal prefill, decode
+    against the cache and the left-padded decode give the same bits."""
+    dtype = torch.float32
+    q = rand((1, 2, 2, d), dtype, seed)
+    k, v = rand((1, 1, lk, d), dtype, seed + 1), rand((1, 1, lk, d), dtype, seed + 2)
+    causal = torch.ones(lk, lk, dtype=torch.bool).tril()[-2:].expand(1, 2, 2, lk) if lk >= 2 else None
+    decode = cuda_backend.attention(q[:, :, -1:], k, v, None, 0.1)
+    if causal is not None:
+        assert_bits_equal(cuda_backend.attention(q, k, v, causal, 0.1)[:, :, -1:], decode, f"prefill, Lk={lk}")
+    kp = torch.cat([rand((1, 1, pad, d), dtype, seed + 3), k], 2)
+    vp = torch.cat([rand((1, 1, pad, d), dtype, seed + 4), v], 2)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, lk, dtype=torch.bool)], 1)
+    padded = cuda_backend.attention(q[:, :, -1:], kp, vp, mask.expand(1, 2, 1, lk + pad), 0.1)
+    assert_bits_equal(padded, decode, f"left padding {pad}, Lk={lk}")

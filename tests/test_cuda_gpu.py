@@ -5,7 +5,9 @@
 * portable=True on CUDA equals the CPU portable backend bit for bit;
 * attention: decode vs prefill, left/right padding, batch composition, GQA;
 * sanity of portable=False values against a float64 reference;
-* launches follow torch's current stream.
+* launches follow torch's current stream;
+* hypothesis-drawn shapes for matmul, the row ops and attention;
+* the torch mode on a CUDA Hugging Face model, portable logits CUDA == CPU, the probe CLI.
 
 Skipped, with the reason, where no usable GPU + CuPy is present. Run by scripts/gpu-check.
 """
@@ -17,6 +19,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from detkit.kernels import cuda as cuda_backend
 
@@ -456,3 +460,60 @@ def test_portable_mode_gives_the_cpu_logits_on_the_gpu(attn: str) -> None:
         cpu = model(**enc).logits
         gpu = model.to(DEV)(**enc.to(DEV)).logits
     assert_bits_equal(gpu, cpu, f"tiny-gpt2 {attn}: portable logits, CUDA vs CPU")
+
+
+# ----------------------------------------------------------------------------- drawn shapes
+
+_DRAWN = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_DRAWN
+@given(k=st.integers(1, 700), n=st.integers(1, 300), rows=st.integers(1, 300), data=st.data(),
+       dtype=st.sampled_from(DTYPES), portable=st.booleans(), kmajor=st.booleans(), seed=st.integers(0, 2**16))
+def test_matmul_rows_for_drawn_shapes(k: int, n: int, rows: int, data: st.DataObject, dtype: torch.dtype,
+                                      portable: bool, kmajor: bool, seed: int) -> None:
+    """Any (M, K, N, B layout): every row of any slice equals that row of the full product."""
+    x = rand((rows, k), dtype, seed)
+    w = rand((n, k), dtype, seed + 1, 0.1)
+    b = w.t() if kmajor else w.t().contiguous()
+    full = cuda_backend.matmul(x, b, None, portable=portable)
+    s = data.draw(st.integers(0, rows - 1))
+    m = data.draw(st.integers(1, rows - s))
+    assert_bits_equal(cuda_backend.matmul(x[s : s + m], b, None, portable=portable), full[s : s + m],
+                      f"rows {s}:{s + m} of M={rows} K={k} N={n}")
+
+
+@_DRAWN
+@given(length=st.integers(1, 5000), rows=st.integers(1, 40), dtype=st.sampled_from(DTYPES), portable=st.booleans(),
+       op=st.sampled_from(sorted(ROW_OPS)), seed=st.integers(0, 2**16), data=st.data())
+def test_row_ops_for_drawn_shapes(length: int, rows: int, dtype: torch.dtype, portable: bool, op: str, seed: int,
+                                  data: st.DataObject) -> None:
+    """Any row length: a row alone, in place or copied to a fresh (aligned) buffer, has its bits in the batch."""
+    x = rand((rows, length), dtype, seed, 3.0)
+    w, b = rand((length,), dtype, seed + 1), rand((length,), dtype, seed + 2)
+    fn = ROW_OPS[op]
+    full = fn(x, w, b, portable)
+    r = data.draw(st.integers(0, rows - 1))
+    assert_bits_equal(fn(x[r : r + 1], w, b, portable), full[r : r + 1], f"{op} row {r} of {rows}x{length}")
+    assert_bits_equal(fn(x[r : r + 1].clone(), w, b, portable), full[r : r + 1], f"{op} row {r} moved")
+
+
+@_DRAWN
+@given(lk=st.integers(1, 700), pad=st.integers(0, 200), d=st.sampled_from((64, 80, 128)), portable=st.booleans(),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_attention_decode_and_padding_for_drawn_shapes(lk: int, pad: int, d: int, portable: bool,
+                                                       dtype: torch.dtype, seed: int) -> None:
+    """The last query of a causal prefill, the same query decoding against the cache, and
+    the same query with `pad` masked keys in front give the same bits."""
+    q = rand((1, 4, lk, d), dtype, seed)
+    k, v = rand((1, 2, lk, d), dtype, seed + 1), rand((1, 2, lk, d), dtype, seed + 2)
+    causal = torch.ones(lk, lk, dtype=torch.bool, device=DEV).tril().expand(1, 4, lk, lk)
+    prefill = cuda_backend.attention(q, k, v, causal, 0.1, portable=portable)[:, :, -1:]
+    decode = cuda_backend.attention(q[:, :, -1:], k, v, None, 0.1, portable=portable)
+    assert_bits_equal(decode, prefill, f"decode vs prefill, Lk={lk}")
+    kp = torch.cat([rand((1, 2, pad, d), dtype, seed + 3), k], 2)
+    vp = torch.cat([rand((1, 2, pad, d), dtype, seed + 4), v], 2)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.bool, device=DEV),
+                      torch.ones(1, lk, dtype=torch.bool, device=DEV)], 1).expand(1, 4, 1, lk + pad)
+    padded = cuda_backend.attention(q[:, :, -1:], kp, vp, mask, 0.1, portable=portable)
+    assert_bits_equal(padded, decode, f"left padding {pad}, Lk={lk}")
