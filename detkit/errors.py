@@ -27,6 +27,10 @@ class CompileError(DetkitError, RuntimeError):
     """A CUDA kernel failed to compile; the message carries the compiler log."""
 
 
+class KernelLaunchError(DetkitError, RuntimeError):
+    """A CUDA kernel could not be launched; the message names it and its configuration."""
+
+
 class ModelLoadError(DetkitError):
     """A model or tokenizer could not be found or loaded."""
 

@@ -200,3 +200,28 @@ def test_tile_tags_match_the_instantiations() -> None:
         for cfg in cfgs:
             nums = next(n for t, *n in (tc if cfg.tensor_cores else simt) if t == cfg.name)
             assert (cfg.bm, cfg.bn, cfg.bk) == tuple(int(x) for x in nums[:3]), cfg
+
+
+def test_a_failed_launch_names_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's own error path, with stand-ins for CuPy and torch's stream (no GPU
+    here): a driver error becomes a KernelLaunchError naming the entry point and grid."""
+    import contextlib
+    import types
+
+    from detkit.errors import KernelLaunchError
+
+    class Function:
+        def __call__(self, *args: object, **kwargs: object) -> None:
+            raise RuntimeError("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: too many resources requested for launch")
+
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        ExternalStream=lambda ptr, device: object(), Device=lambda index: contextlib.nullcontext()))
+    module = types.SimpleNamespace(function=lambda entry: Function())
+    monkeypatch.setattr(cuda_backend, "_cupy", lambda: fake_cupy)
+    monkeypatch.setattr(cuda_backend, "_functions", {})
+    monkeypatch.setattr(cuda_backend, "_streams", {})
+    monkeypatch.setattr(cuda_loader, "load_module", lambda name, index: module)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=0))
+    with pytest.raises(KernelLaunchError, match=r"mm_tc_x_kmajor \(matmul.cu\) on cuda:0 with grid \(2, 1, 1\)") as err:
+        cuda_backend._launch(torch.device("cuda", 0), "matmul.cu", "mm_tc_x_kmajor", (2, 1, 1), 128, ())
+    assert "OUT_OF_RESOURCES" in str(err.value) and "CUDA_LAUNCH_BLOCKING=1" in str(err.value)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from detkit.errors import BackendUnavailable, InputError
+from detkit.errors import BackendUnavailable, InputError, KernelLaunchError
 from detkit.kernels import cuda_loader
 
 __all__ = [
@@ -234,7 +234,14 @@ def _launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, in
         if fn is None:  # first use on this device: compile (or read the disk cache) and load
             fn = cuda_loader.load_module(module, index).function(entry)
             _functions[(index, module, entry)] = fn
-        fn(grid, (block, 1, 1), args, shared_mem=0, stream=stream)
+        try:
+            fn(grid, (block, 1, 1), args, shared_mem=0, stream=stream)
+        except Exception as err:  # CuPy's CUDADriverError and friends: say which kernel
+            raise KernelLaunchError(
+                f"launching {entry} ({module}) on cuda:{index} with grid {grid}, {block} threads failed: "
+                f"{type(err).__name__}: {err}. Errors from an earlier kernel surface here too: "
+                "rerun with CUDA_LAUNCH_BLOCKING=1 to find the kernel that failed."
+            ) from err
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:
