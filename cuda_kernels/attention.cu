@@ -8,8 +8,9 @@
 // the outputs o[d] are plain sequential sums over kept keys. Hence padding keys, the KV
 // length beyond the last kept key, the batch, and decode (one query) vs prefill (causal
 // mask) cannot change a query's bits. Lane j of the warp scores key c + j of a 32-key
-// chunk (sequential fma over d); the chunk's kept keys are then consumed in order by all
-// lanes, each lane owning the output dimensions d = lane, lane + 32, ...
+// chunk (sequential fma over d, the chunk's rows staged through shared memory); the
+// chunk's kept keys are then consumed in order by all lanes, each lane owning the output
+// dimensions d = lane, lane + 32, ...
 //
 // attention_split_<T> + attention_combine_<T> (portable=False, no mask or a bool mask):
 // split KV. A query's keys are cut into splits of ATS_SPLIT consecutive key indices
@@ -22,6 +23,7 @@
 #define ATT_WARPS 4
 #define ATT_DMAX 256
 #define ATT_VPL (ATT_DMAX / 32)  // output dims per lane
+#define ATT_DB 64                // key dims staged in shared memory at a time
 
 enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_FLOAT = 2 };
 
@@ -32,6 +34,7 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ q, const T*
                                                T* __restrict__ out, int B, int H, int Hk, int Lq, int Lk,
                                                int D, int Dv, float scale) {
     __shared__ float sq[ATT_WARPS][ATT_DMAX];
+    __shared__ float sk[ATT_WARPS][32][ATT_DB + 1];  // +1: lane j reads row j without bank conflicts
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const i64 query = (i64)blockIdx.x * ATT_WARPS + warp;  // flat (b, h, i)
     if (query >= (i64)B * H * Lq) return;                  // the whole warp leaves together
@@ -50,15 +53,33 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ q, const T*
     for (int d = lane; d < D; d += 32) sq[warp][d] = to_f32(qr[d]);
     __syncwarp();
 
-    // Score of key j (every lane computes its own key), or -inf when skipped. Computed
-    // twice per key (max pass, sum pass) with the same operations, hence the same bits.
-    auto score = [&](int j, bool& kept) -> float {
-        kept = false;
-        if (j >= Lk) return 0.0f;
-        if (mask_kind == MASK_BOOL && mb[mrow + (i64)j * ms3] == 0) return 0.0f;
-        const T* kr = kb + (i64)j * D;
+    // Score of key c + lane (every lane computes its own key; all lanes call this
+    // together), or kept = false when skipped. The arithmetic is the canonical one chain
+    // of fma over d = 0 .. D-1 per key; the keys' rows are staged through shared memory
+    // ATT_DB dims at a time so that global reads are coalesced (lanes read along d), and
+    // rows of masked keys are not read at all. Computed twice per key (max pass, sum
+    // pass) with the same operations, hence the same bits.
+    auto score = [&](int c, bool& kept) -> float {
+        const int j = c + lane;
+        const bool live = j < Lk && !(mask_kind == MASK_BOOL && mb[mrow + (i64)j * ms3] == 0);
+        const u32 rows = __ballot_sync(DETKIT_FULL, live);
         float s = 0.0f;
-        for (int d = 0; d < D; ++d) s = __fmaf_rn(sq[warp][d], to_f32(kr[d]), s);
+        if (rows != 0u) {
+            for (int d0 = 0; d0 < D; d0 += ATT_DB) {
+                const int nd = min(ATT_DB, D - d0);
+                __syncwarp();  // the previous block's readers are done with sk
+                for (u32 left = rows; left != 0u; left &= left - 1u) {
+                    const int r = __ffs(left) - 1;
+                    const T* kr = kb + (i64)(c + r) * D + d0;
+                    for (int dd = lane; dd < nd; dd += 32) sk[warp][r][dd] = to_f32(kr[dd]);
+                }
+                __syncwarp();
+                if (live)
+                    for (int dd = 0; dd < nd; ++dd) s = __fmaf_rn(sq[warp][d0 + dd], sk[warp][lane][dd], s);
+            }
+        }
+        kept = false;
+        if (!live) return 0.0f;
         s = __fmul_rn(s, scale);
         if (mask_kind == MASK_FLOAT) s = __fadd_rn(s, mf[mrow + (i64)j * ms3]);
         kept = (s != __uint_as_float(0xFF800000u));
@@ -70,7 +91,7 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ q, const T*
     bool any = false;
     for (int c = 0; c < Lk; c += 32) {
         bool kept;
-        const float s = score(c + lane, kept);
+        const float s = score(c, kept);
         if (kept) m = ieee_max(m, s);
         any |= kept;
     }
@@ -88,7 +109,7 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ q, const T*
     for (int t = 0; t < ATT_VPL; ++t) o[t] = 0.0f;
     for (int c = 0; c < Lk; c += 32) {
         bool kept;
-        const float s = score(c + lane, kept);
+        const float s = score(c, kept);
         const float p = kept ? spec_exp(__fsub_rn(s, m)) : 0.0f;
         u32 keep = __ballot_sync(DETKIT_FULL, kept);
         while (keep != 0u) {

@@ -250,6 +250,16 @@ def test_attention_equals_spec(emulated: dict, dtype: torch.dtype, mask_kind: st
         assert_bits_equal(got, spec.attention(q, k, v, mask, 0.125), f"attention mask={mask_kind}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_canonical_attention_head_dims_past_one_staged_block(emulated: dict, dtype: torch.dtype) -> None:
+    """Head dims of 100: keys are staged 64 dims at a time, the fma chain runs on across blocks."""
+    q, k, v = rand((1, 2, 3, 100), dtype, 22), rand((1, 1, 50, 100), dtype, 23), rand((1, 1, 50, 70), dtype, 24)
+    mask = (rand((1, 1, 3, 50), torch.float32, 25) > -0.5).expand(1, 2, 3, 50)
+    for m in (None, mask):
+        got = cuda_backend.attention(q, k, v, m, 0.1, portable=True)
+        assert_bits_equal(got, spec.attention(q, k, v, m, 0.1), f"head dim 100, mask={m is not None}")
+
+
 @pytest.mark.parametrize(("mask_kind", "dtype"), [("none", torch.float32), ("bool", torch.bfloat16),
                                                    ("causal", torch.float16), ("causal", torch.bfloat16)])
 def test_split_attention_values(emulated: dict, dtype: torch.dtype, mask_kind: str) -> None:
