@@ -1,4 +1,4 @@
-// detkit attention, two kernels families.
+// detkit attention: two kernel families.
 //
 // attention_<T> (portable=True, and portable=False with a float mask): scaled-dot-product
 // attention in the canonical order of docs/canonical-orders.md ("attention"), one warp
