@@ -85,3 +85,23 @@ def test_an_interruption_keeps_the_finished_cases(bench: Any, tmp_path: Path, mo
     assert rc == 130
     data = json.loads((tmp_path / "b.json").read_text())
     assert len(data["results"]) == 5 and not data["meta"]["complete"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine scripts/gpu-check runs for real (minutes)")
+def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path) -> None:
+    """scripts/gpu-check end to end on this CPU machine: it compiles every kernel, finds
+    that no GPU test ran, writes its summary and exits 1 (a skip-only run is no proof)."""
+    import os
+    import subprocess
+
+    script = BENCH.parent.parent / "scripts" / "gpu-check"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] is False and summary["tests"]["passed"] == 0 and summary["tests"]["skipped"] > 0
+    assert summary["kernels_check"]["ok"] is True
+    assert set(summary["kernels_check"]["files"]) == {"matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu"}
+    md = (tmp_path / "summary.md").read_text()
+    assert "Verdict: FAIL" in md and "No GPU test ran" in md
