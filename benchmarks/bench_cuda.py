@@ -164,7 +164,7 @@ def bench_tiles(min_time: float, deadline: float) -> Iterator[TileSweep]:
             x = torch.randn(m, TILE_KN, device=DEVICE).to(dtype)
             t_torch = time_call(lambda x=x, w=w: torch.nn.functional.linear(x, w), min_time)
             per = {cfg.name: time_call(lambda x=x, w=w, c=cfg: kc.matmul(x, w.t(), None, tile=c), min_time)
-                   for cfg in kc.TILE_CATALOGUE[dtype]}
+                   for cfg in kc.TILE_CATALOGUE[dtype] if kc.fits(cfg, x.device)}
             yield TileSweep(str(dtype).replace("torch.", ""), m, TILE_KN, t_torch, per)
 
 

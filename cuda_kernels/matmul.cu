@@ -193,10 +193,14 @@ struct TcCfg {
     static constexpr int B_STAGE = (BN * LDB_K > BK * LDB_N) ? BN * LDB_K : BK * LDB_N;
     static_assert(WM % 16 == 0 && WN % 16 == 0 && BK % 16 == 0, "whole mma tiles, B fragments in pairs");
     static_assert((BM * BK / 8) % NT == 0 && (BN * BK / 8) % NT == 0, "whole 16-byte chunks per thread");
-    static_assert(STAGES >= 2 && 2 * STAGES * (A_STAGE + B_STAGE) <= 48 * 1024, "static shared memory");
+    // Dynamic shared memory (launch argument); above 48 KiB the launcher raises the
+    // kernel's limit first. 227 KiB is the most an sm_90 CTA may have.
+    static constexpr int SMEM_BYTES = 2 * STAGES * (A_STAGE + B_STAGE);
+    static_assert(STAGES >= 2 && SMEM_BYTES <= 227 * 1024, "shared memory");
 };
 
 #ifndef DETKIT_HOST_EMU  // tests/cuda_emu/emu.h supplies these on the host
+#define DETKIT_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
@@ -253,8 +257,9 @@ __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restri
     constexpr int WM = CFG::WM, WN = CFG::WN, MI = CFG::MI, NI = CFG::NI, WGN = CFG::WGN;
     constexpr int LDA = CFG::LDA, LDB_K = CFG::LDB_K, LDB_N = CFG::LDB_N;
     constexpr int A_STAGE = CFG::A_STAGE, B_STAGE = CFG::B_STAGE;
-    __shared__ __align__(16) u16 sA[STAGES * A_STAGE];
-    __shared__ __align__(16) u16 sB[STAGES * B_STAGE];
+    DETKIT_DYNAMIC_SMEM(u16, tc_smem);  // CFG::SMEM_BYTES, passed at launch
+    u16* const sA = tc_smem;
+    u16* const sB = tc_smem + STAGES * A_STAGE;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WGN, wn = warp % WGN;
@@ -402,6 +407,8 @@ __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restri
 // detkit.kernels.cuda.MATMUL_TILES here, the alternatives in matmul_tiles.cu.
 #define DETKIT_TC_CONFIG(TAG, BM, BN, BK, WGM, WGN, S)                                        \
     using TcCfg_##TAG = TcCfg<BM, BN, BK, WGM, WGN, S>;                                        \
+    /* the dynamic shared memory to launch with, for tests/test_cuda_compile.py */             \
+    extern "C" __device__ const int mm_tc_##TAG##_smem_bytes = TcCfg_##TAG::SMEM_BYTES;        \
     DETKIT_TC_ENTRY(mm_tc_##TAG##_bf16_kmajor, bf16, true, TcCfg_##TAG)                        \
     DETKIT_TC_ENTRY(mm_tc_##TAG##_bf16_nmajor, bf16, false, TcCfg_##TAG)                       \
     DETKIT_TC_ENTRY(mm_tc_##TAG##_f16_kmajor, f16, true, TcCfg_##TAG)                          \

@@ -225,3 +225,51 @@ def test_a_failed_launch_names_the_kernel(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(KernelLaunchError, match=r"mm_tc_x_kmajor \(matmul.cu\) on cuda:0 with grid \(2, 1, 1\)") as err:
         cuda_backend._launch(torch.device("cuda", 0), "matmul.cu", "mm_tc_x_kmajor", (2, 1, 1), 128, ())
     assert "OUT_OF_RESOURCES" in str(err.value) and "CUDA_LAUNCH_BLOCKING=1" in str(err.value)
+
+
+def test_tensor_core_shared_memory_sizes_match_the_kernels(compiler: str) -> None:
+    """The dynamic shared memory the launcher passes (TileConfig.smem) is what each
+    configuration's TcCfg::SMEM_BYTES says, read from the compiled PTX."""
+    import re
+
+    ptx = cuda_loader.compile_source(cuda_loader.kernel_source("matmul_tiles.cu"), "matmul_tiles.cu", "sm_90",
+                                     output="ptx", compiler=compiler).decode()
+    declared = {m[0]: int(m[1]) for m in re.findall(r"mm_tc_(\w+)_smem_bytes = (\d+);", ptx)}
+    configs = [*cuda_backend.TILE_CATALOGUE[torch.bfloat16], *cuda_backend.TILE_CATALOGUE[torch.float16],
+               *(c for c in cuda_backend.MATMUL_TILES.values() if c.tensor_cores)]
+    for cfg in configs:
+        assert declared[cfg.name] == cfg.smem, (cfg.name, declared[cfg.name], cfg.smem)
+    # the tables' defaults stay within the 48 KiB every GPU grants without opting in
+    assert all(c.smem <= 48 * 1024 for c in cuda_backend.MATMUL_TILES.values())
+    assert sum(c.smem > 48 * 1024 for c in cuda_backend.TILE_CATALOGUE[torch.bfloat16]) >= 3
+
+
+def test_launcher_opts_in_to_large_shared_memory_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above 48 KiB the launcher raises the kernel's dynamic shared memory limit (once per
+    loaded function) and passes the size at every launch; below it, it sets nothing."""
+    import contextlib
+    import types
+
+    attrs: list[tuple[int, int, int]] = []
+    launches: list[int] = []
+
+    class Function:
+        ptr = 1234
+
+        def __call__(self, grid: object, block: object, args: object, shared_mem: int = 0, stream: object = None) -> None:
+            launches.append(shared_mem)
+
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        ExternalStream=lambda ptr, device: object(), Device=lambda index: contextlib.nullcontext(),
+        driver=types.SimpleNamespace(funcSetAttribute=lambda f, a, v: attrs.append((f, a, v)))))
+    monkeypatch.setattr(cuda_backend, "_cupy", lambda: fake_cupy)
+    monkeypatch.setattr(cuda_backend, "_functions", {})
+    monkeypatch.setattr(cuda_backend, "_streams", {})
+    monkeypatch.setattr(cuda_loader, "load_module", lambda name, index: types.SimpleNamespace(function=lambda e: Function()))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=0))
+    dev = torch.device("cuda", 0)
+    for _ in range(2):
+        cuda_backend._launch(dev, "matmul_tiles.cu", "big", (1, 1, 1), 128, (), shared_mem=147456)
+        cuda_backend._launch(dev, "matmul.cu", "small", (1, 1, 1), 128, (), shared_mem=46080)
+    assert attrs == [(1234, 8, 147456)]  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    assert launches == [147456, 46080, 147456, 46080]

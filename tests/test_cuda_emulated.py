@@ -76,7 +76,9 @@ def emulated(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[dict[str, ctype
                         pool.map(lambda n: _build(n, out_dir), cuda_loader.KERNEL_FILES), strict=True))
 
     def launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, int],
-               block: int, args: tuple[Any, ...]) -> None:
+               block: int, args: tuple[Any, ...], shared_mem: int = 0) -> None:
+        # the emulation's dynamic shared memory is a static buffer of the sm_90 maximum
+        assert 0 <= shared_mem <= 227 * 1024, (entry, shared_mem)
         lib = libs[module]
         fn = getattr(lib, entry)
         fn.restype = None
@@ -399,7 +401,7 @@ def test_fp32_matmul_batch_invariant(emulated: dict) -> None:
         assert_bits_equal(cuda_backend.matmul(a[rows[0] : rows[1]], b, None), full[rows[0] : rows[1]], f"rows {rows}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # float16: the same template as bfloat16
 def test_every_tile_configuration_gives_the_same_bits(emulated: dict, dtype: torch.dtype) -> None:
     """The arithmetic order never depends on the tile: every configuration of the
     catalogue (matmul_tiles.cu) reproduces the default kernel's bits, for both B layouts,

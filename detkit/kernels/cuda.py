@@ -37,6 +37,7 @@ __all__ = [
     "TileConfig",
     "attention",
     "available",
+    "fits",
     "elementwise",
     "from_cupy",
     "layer_norm",
@@ -76,6 +77,7 @@ class TileConfig:
     stages: int
     tensor_cores: bool
     module: str = "matmul.cu"
+    smem: int = 0  # dynamic shared memory per CTA, bytes (TcCfg::SMEM_BYTES)
 
     def __post_init__(self) -> None:
         if min(self.bm, self.bn, self.bk, self.threads, self.stages) <= 0:
@@ -94,7 +96,10 @@ class TileConfig:
 def _tc(tag: str, dtype_sfx: str, module: str) -> TileConfig:
     bm, bn, bk = (int(x) for x in tag.split("_")[0].split("x"))
     wgm, wgn = (int(x) for x in tag.split("_")[1].split("x"))
-    return TileConfig(f"mm_tc_{tag}_{dtype_sfx}", bm, bn, bk, 32 * wgm * wgn, int(tag.split("_s")[1]), True, module)
+    stages = int(tag.split("_s")[1])
+    # TcCfg::SMEM_BYTES: STAGES x (A tile + B tile) of 16-bit values, rows padded by 8
+    smem = 2 * stages * (bm * (bk + 8) + max(bn * (bk + 8), bk * (bn + 8)))
+    return TileConfig(f"mm_tc_{tag}_{dtype_sfx}", bm, bn, bk, 32 * wgm * wgn, stages, True, module, smem)
 
 
 def _simt(tag: str, dtype_sfx: str, module: str) -> TileConfig:
@@ -106,7 +111,8 @@ def _simt(tag: str, dtype_sfx: str, module: str) -> TileConfig:
 # Every configuration compiled (matmul.cu + matmul_tiles.cu), for benchmarks and tests:
 # the tag lists must match the DETKIT_*_CONFIG lines of the two files.
 TC_TAGS: tuple[str, ...] = ("128x64x32_2x2_s3", "128x128x32_2x4_s2", "64x128x32_2x2_s3", "64x64x32_2x2_s4",
-                            "64x32x64_2x2_s3", "16x64x64_1x4_s3")
+                            "64x32x64_2x2_s3", "16x64x64_1x4_s3", "128x128x64_2x4_s4", "128x64x64_2x2_s4",
+                            "64x64x64_2x2_s6", "16x64x128_1x4_s6")
 SIMT_TAGS: tuple[str, ...] = ("128x64x16_8x4", "128x128x16_8x8", "64x64x16_4x4")
 TILE_CATALOGUE: dict[torch.dtype, tuple[TileConfig, ...]] = {
     torch.bfloat16: tuple(_tc(t, "bf16", "matmul_tiles.cu") for t in TC_TAGS),
@@ -213,14 +219,17 @@ def _major(dev: torch.device) -> int:
     return major
 
 
+_STATIC_SMEM_LIMIT = 48 * 1024
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute in cuda.h
 _streams: dict[tuple[int, int], Any] = {}
 # Loaded kernels by (device, file, entry point): the per-call path does no file I/O.
 _functions: dict[tuple[int, str, str], Any] = {}
 
 
 def _launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, int],
-            block: int, args: tuple[Any, ...]) -> None:
-    """Launch ``entry`` of ``module`` on torch's current stream of ``dev``."""
+            block: int, args: tuple[Any, ...], shared_mem: int = 0) -> None:
+    """Launch ``entry`` of ``module`` on torch's current stream of ``dev`` with
+    ``shared_mem`` bytes of dynamic shared memory."""
     cupy = _cupy()
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     torch_stream = torch.cuda.current_stream(index).cuda_stream
@@ -233,9 +242,12 @@ def _launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, in
     with cupy.cuda.Device(index):
         if fn is None:  # first use on this device: compile (or read the disk cache) and load
             fn = cuda_loader.load_module(module, index).function(entry)
+            if shared_mem > _STATIC_SMEM_LIMIT:  # opt in above the default limit, once
+                cupy.cuda.driver.funcSetAttribute(fn.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                  shared_mem)
             _functions[(index, module, entry)] = fn
         try:
-            fn(grid, (block, 1, 1), args, shared_mem=0, stream=stream)
+            fn(grid, (block, 1, 1), args, shared_mem=shared_mem, stream=stream)
         except Exception as err:  # CuPy's CUDADriverError and friends: say which kernel
             raise KernelLaunchError(
                 f"launching {entry} ({module}) on cuda:{index} with grid {grid}, {block} threads failed: "
@@ -275,6 +287,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
         if tile not in catalogue and tile != (PORTABLE_MATMUL_TILES if portable else MATMUL_TILES).get((a.dtype, major)):
             raise InputError(f"matmul: {tile.kernel} is not a {'portable ' if portable else ''}configuration "
                              f"for {a.dtype}; choose one of {[c.name for c in catalogue]}.")
+        if not fits(tile, dev):
+            raise InputError(f"matmul: {tile.name} needs {tile.smem} bytes of shared memory per block; "
+                             f"{torch.cuda.get_device_name(dev)} allows {_smem_optin(dev)}.")
         cfg: TileConfig | None = tile
     else:
         cfg = (PORTABLE_MATMUL_TILES if portable else MATMUL_TILES).get((a.dtype, major))
@@ -324,8 +339,20 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
         else:
             args = (np.uint64(a_ptr), np.uint64(b_ptr), _ptr(bias_c), np.uint64(c_ptr), M, N, K,
                     np.int64(sa_b), np.int64(a3.stride(1)), np.int64(sb_b), np.int64(ld))
-        _launch(dev, cfg.module, entry, (grid_x, grid_y, nz), cfg.threads, args)
+        _launch(dev, cfg.module, entry, (grid_x, grid_y, nz), cfg.threads, args, cfg.smem)
     return out if batched else out[0]
+
+
+def _smem_optin(dev: torch.device) -> int:
+    """The most dynamic shared memory one block may opt in to on ``dev``."""
+    props = torch.cuda.get_device_properties(dev)
+    return int(getattr(props, "shared_memory_per_block_optin", _STATIC_SMEM_LIMIT))
+
+
+def fits(tile: TileConfig, dev: torch.device) -> bool:
+    """Whether ``tile``'s shared memory fits a block of ``dev`` (the deep-pipeline
+    configurations need an A100/H100-class 163-227 KiB; consumer GPUs allow 99 KiB)."""
+    return tile.smem <= _STATIC_SMEM_LIMIT or tile.smem <= _smem_optin(dev)
 
 
 def _tc_vec_ok(a_ptr: int, b_ptr: int, sa_m: int, sa_b: int, ld: int, sb_b: int, k: int, n: int,

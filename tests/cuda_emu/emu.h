@@ -25,6 +25,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+// Dynamic shared memory: one static buffer per kernel instantiation, as large as an sm_90
+// CTA may ask for (blocks run one after another, so one buffer serves every block).
+#define DETKIT_DYNAMIC_SMEM(T, name) static T name[(227 * 1024) / sizeof(T)] __attribute__((aligned(16)))
 #define __align__(n) __attribute__((aligned(n)))
 
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
