@@ -91,6 +91,7 @@ def emulated(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[dict[str, ctype
     monkeypatch_module.setattr(cuda_backend, "_launch", launch)
     monkeypatch_module.setattr(cuda_backend, "_device_of", lambda *ts: next(t.device for t in ts if t is not None))
     monkeypatch_module.setattr(cuda_backend, "_major", lambda dev: 9)
+    monkeypatch_module.setattr(cuda_backend, "_smem_optin", lambda dev: 227 * 1024)  # as an H100
     yield libs
 
 
