@@ -34,6 +34,7 @@ from detkit.audit.checks import (
     compare,
     digest,
 )
+from detkit.devices import resolve_device as _resolve_device
 from detkit.errors import BackendUnavailable, InputError
 from detkit.report import ReportWriter
 
@@ -117,19 +118,8 @@ def parse_fail_on(text: str | None) -> tuple[str, ...]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for ``name``, or a clear error when it is not usable here."""
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            built = torch.version.cuda
-            why = "this torch build has no CUDA support" if built is None else "no NVIDIA GPU is visible"
-            raise BackendUnavailable(
-                f"--device cuda: {why} (torch {torch.__version__}). Run on a machine with an NVIDIA "
-                "GPU and a CUDA build of torch, or audit this machine with --device cpu."
-            )
-        return torch.device("cuda")
-    if name == "cpu":
-        return torch.device("cpu")
-    raise InputError(f"unknown device {name!r}; use cpu or cuda")
+    """The torch device for ``name`` (cpu or cuda), or a clear error when it is not usable here."""
+    return _resolve_device(name, allow_index=False, instead="audit this machine with --device cpu")
 
 
 @dataclass

@@ -9,13 +9,13 @@ step by step, without keeping whole-vocabulary tensors alive.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
-from detkit.errors import BackendUnavailable, InputError, ModelLoadError
+from detkit.devices import resolve_device
+from detkit.errors import InputError, ModelLoadError
 from detkit.probe.engine import Generation, Request, StepScores
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,26 +32,6 @@ def _torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device, or an error that says why it
-    cannot be used here."""
-    import torch
-
-    if device == "cpu":
-        return torch.device("cpu")
-    if not re.fullmatch(r"cuda(:\d+)?", device):
-        raise InputError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
-        raise BackendUnavailable(
-            f"--device {device}: torch reports no CUDA device (torch {torch.__version__}, "
-            f"CUDA build: {torch.version.cuda or 'none'}); run on a GPU machine with CUDA torch, or use --device cpu"
-        )
-    dev = torch.device(device)
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
 
 
 def load_model(
