@@ -27,6 +27,28 @@
 
 enum MaskKind { MASK_NONE = 0, MASK_BOOL = 1, MASK_FLOAT = 2 };
 
+// A flat query index of the (B, H, Lq) grid: its batch, head, position, and the offset of
+// its row in a (B, H, Lq, Lk) mask with element strides ms0, ms1, ms2.
+struct QueryPos {
+    int b, h, i;
+    __device__ __forceinline__ QueryPos(i64 query, int H, int Lq)
+        : b((int)(query / ((i64)Lq * H))), h((int)((query / Lq) % H)), i((int)(query % Lq)) {}
+    __device__ __forceinline__ i64 mask_row(i64 ms0, i64 ms1, i64 ms2) const {
+        return (i64)b * ms0 + (i64)h * ms1 + (i64)i * ms2;
+    }
+};
+
+// out[d] = o[t] / l for the output dims d = lane + 32 t this lane owns, one rounding into T.
+template <typename T>
+__device__ __forceinline__ void store_normalised(T* __restrict__ orow, const float (&o)[ATT_VPL], float l, int Dv) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int t = 0; t < ATT_VPL; ++t) {
+        const int d = lane + 32 * t;
+        if (d < Dv) orow[d] = from_f32<T>(__fdiv_rn(o[t], l));
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void attention_impl(const T* __restrict__ q, const T* __restrict__ k,
                                                const T* __restrict__ v, const void* __restrict__ mask,
@@ -38,17 +60,15 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ q, const T*
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const i64 query = (i64)blockIdx.x * ATT_WARPS + warp;  // flat (b, h, i)
     if (query >= (i64)B * H * Lq) return;                  // the whole warp leaves together
-    const int i = (int)(query % Lq);
-    const int h = (int)((query / Lq) % H);
-    const int b = (int)(query / ((i64)Lq * H));
-    const int g = h / (H / Hk);
+    const QueryPos pos(query, H, Lq);
+    const int g = pos.h / (H / Hk);
 
     const T* qr = q + query * D;
-    const T* kb = k + ((i64)b * Hk + g) * (i64)Lk * D;
-    const T* vb = v + ((i64)b * Hk + g) * (i64)Lk * Dv;
+    const T* kb = k + ((i64)pos.b * Hk + g) * (i64)Lk * D;
+    const T* vb = v + ((i64)pos.b * Hk + g) * (i64)Lk * Dv;
     const unsigned char* mb = (const unsigned char*)mask;
     const float* mf = (const float*)mask;
-    const i64 mrow = (i64)b * ms0 + (i64)h * ms1 + (i64)i * ms2;
+    const i64 mrow = pos.mask_row(ms0, ms1, ms2);
 
     for (int d = lane; d < D; d += 32) sq[warp][d] = to_f32(qr[d]);
     __syncwarp();
@@ -125,11 +145,7 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ q, const T*
             }
         }
     }
-#pragma unroll
-    for (int t = 0; t < ATT_VPL; ++t) {
-        const int d = lane + 32 * t;
-        if (d < Dv) orow[d] = from_f32<T>(__fdiv_rn(o[t], l));
-    }
+    store_normalised<T>(orow, o, l, Dv);
 }
 
 #define DETKIT_ATT_ENTRY(SUF, T)                                                                     \
@@ -156,8 +172,7 @@ attention_anchor(const unsigned char* __restrict__ mask, i64 ms0, i64 ms1, i64 m
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const i64 query = (i64)blockIdx.x * ATT_WARPS + warp;
     if (query >= (i64)B * H * Lq) return;
-    const int i = (int)(query % Lq), h = (int)((query / Lq) % H), b = (int)(query / ((i64)Lq * H));
-    const i64 mrow = (i64)b * ms0 + (i64)h * ms1 + (i64)i * ms2;
+    const i64 mrow = QueryPos(query, H, Lq).mask_row(ms0, ms1, ms2);
     int a = Lk;
     for (int c = 0; c < Lk; c += 32) {
         const int j = c + lane;
@@ -190,8 +205,8 @@ __device__ __forceinline__ void attention_split_impl(const T* __restrict__ q, co
     const i64 local = (i64)blockIdx.x * ATT_WARPS + warp;
     if (local >= nq) return;  // the whole warp leaves together
     const i64 query = q0 + local;
-    const int i = (int)(query % Lq), h = (int)((query / Lq) % H), b = (int)(query / ((i64)Lq * H));
-    const int g = h / (H / Hk);
+    const QueryPos pos(query, H, Lq);
+    const int g = pos.h / (H / Hk);
     const int split = blockIdx.y;
     const int a = anchor != nullptr ? anchor[query] : 0;
     if (split >= ats_splits(a, Lk)) return;  // not one of this query's splits: never read
@@ -199,9 +214,9 @@ __device__ __forceinline__ void attention_split_impl(const T* __restrict__ q, co
     const int hi = min(lo + ATS_SPLIT, Lk);
 
     const T* qr = q + query * D;
-    const T* kb = k + ((i64)b * Hk + g) * (i64)Lk * D;
-    const T* vb = v + ((i64)b * Hk + g) * (i64)Lk * Dv;
-    const i64 mrow = (i64)b * ms0 + (i64)h * ms1 + (i64)i * ms2;
+    const T* kb = k + ((i64)pos.b * Hk + g) * (i64)Lk * D;
+    const T* vb = v + ((i64)pos.b * Hk + g) * (i64)Lk * Dv;
+    const i64 mrow = pos.mask_row(ms0, ms1, ms2);
     const float NEG_INF = __uint_as_float(0xFF800000u);
 
     float qv[ATT_VPL], o[ATT_VPL];
@@ -319,11 +334,7 @@ __device__ __forceinline__ void attention_combine_impl(const int* __restrict__ a
             if (d < Dv) O[t] = __fmaf_rn(po[d], w, O[t]);
         }
     }
-#pragma unroll
-    for (int t = 0; t < ATT_VPL; ++t) {
-        const int d = lane + 32 * t;
-        if (d < Dv) orow[d] = from_f32<T>(__fdiv_rn(O[t], L));
-    }
+    store_normalised<T>(orow, O, L, Dv);
 }
 
 #define DETKIT_ATS_ENTRY(SUF, T)                                                                     \
