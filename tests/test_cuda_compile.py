@@ -202,26 +202,34 @@ def test_tile_tags_match_the_instantiations() -> None:
             assert (cfg.bm, cfg.bn, cfg.bk) == tuple(int(x) for x in nums[:3]), cfg
 
 
-def test_a_failed_launch_names_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The launcher's own error path, with stand-ins for CuPy and torch's stream (no GPU
-    here): a driver error becomes a KernelLaunchError naming the entry point and grid."""
+def _stand_in_cupy(monkeypatch: pytest.MonkeyPatch, function: object,
+                   attrs: list[tuple[int, int, int]] | None = None) -> None:
+    """Route the launcher to stand-ins for CuPy, the loaded module and torch's stream (no
+    GPU here): every entry point is ``function``; funcSetAttribute calls go to ``attrs``."""
     import contextlib
     import types
 
+    calls = [] if attrs is None else attrs
+    driver = types.SimpleNamespace(funcSetAttribute=lambda f, a, v: calls.append((f, a, v)))
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        ExternalStream=lambda ptr, device: object(), Device=lambda index: contextlib.nullcontext(), driver=driver))
+    monkeypatch.setattr(cuda_backend, "_cupy", lambda: fake_cupy)
+    monkeypatch.setattr(cuda_backend, "_functions", {})
+    monkeypatch.setattr(cuda_backend, "_streams", {})
+    monkeypatch.setattr(cuda_loader, "load_module", lambda name, index: types.SimpleNamespace(function=lambda e: function))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=0))
+
+
+def test_a_failed_launch_names_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's own error path: a driver error becomes a KernelLaunchError naming
+    the entry point and grid."""
     from detkit.errors import KernelLaunchError
 
     class Function:
         def __call__(self, *args: object, **kwargs: object) -> None:
             raise RuntimeError("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: too many resources requested for launch")
 
-    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        ExternalStream=lambda ptr, device: object(), Device=lambda index: contextlib.nullcontext()))
-    module = types.SimpleNamespace(function=lambda entry: Function())
-    monkeypatch.setattr(cuda_backend, "_cupy", lambda: fake_cupy)
-    monkeypatch.setattr(cuda_backend, "_functions", {})
-    monkeypatch.setattr(cuda_backend, "_streams", {})
-    monkeypatch.setattr(cuda_loader, "load_module", lambda name, index: module)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=0))
+    _stand_in_cupy(monkeypatch, Function())
     with pytest.raises(KernelLaunchError, match=r"mm_tc_x_kmajor \(matmul.cu\) on cuda:0 with grid \(2, 1, 1\)") as err:
         cuda_backend._launch(torch.device("cuda", 0), "matmul.cu", "mm_tc_x_kmajor", (2, 1, 1), 128, ())
     assert "OUT_OF_RESOURCES" in str(err.value) and "CUDA_LAUNCH_BLOCKING=1" in str(err.value)
@@ -247,9 +255,6 @@ def test_tensor_core_shared_memory_sizes_match_the_kernels(compiler: str) -> Non
 def test_launcher_opts_in_to_large_shared_memory_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Above 48 KiB the launcher raises the kernel's dynamic shared memory limit (once per
     loaded function) and passes the size at every launch; below it, it sets nothing."""
-    import contextlib
-    import types
-
     attrs: list[tuple[int, int, int]] = []
     launches: list[int] = []
 
@@ -259,14 +264,7 @@ def test_launcher_opts_in_to_large_shared_memory_once(monkeypatch: pytest.Monkey
         def __call__(self, grid: object, block: object, args: object, shared_mem: int = 0, stream: object = None) -> None:
             launches.append(shared_mem)
 
-    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        ExternalStream=lambda ptr, device: object(), Device=lambda index: contextlib.nullcontext(),
-        driver=types.SimpleNamespace(funcSetAttribute=lambda f, a, v: attrs.append((f, a, v)))))
-    monkeypatch.setattr(cuda_backend, "_cupy", lambda: fake_cupy)
-    monkeypatch.setattr(cuda_backend, "_functions", {})
-    monkeypatch.setattr(cuda_backend, "_streams", {})
-    monkeypatch.setattr(cuda_loader, "load_module", lambda name, index: types.SimpleNamespace(function=lambda e: Function()))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=0))
+    _stand_in_cupy(monkeypatch, Function(), attrs)
     dev = torch.device("cuda", 0)
     for _ in range(2):
         cuda_backend._launch(dev, "matmul_tiles.cu", "big", (1, 1, 1), 128, (), shared_mem=147456)

@@ -93,9 +93,16 @@ class TileConfig:
         return self.kernel.split("_", 2)[2].rsplit("_", 1)[0]
 
 
+def _tag_sizes(tag: str) -> tuple[int, int, int, int, int]:
+    """``BMxBNxBK_PxQ[_sS]`` -> (BM, BN, BK, P, Q): the CTA tile, then warps or the thread tile."""
+    tile, pair = tag.split("_")[:2]
+    bm, bn, bk = (int(x) for x in tile.split("x"))
+    p, q = (int(x) for x in pair.split("x"))
+    return bm, bn, bk, p, q
+
+
 def _tc(tag: str, dtype_sfx: str, module: str) -> TileConfig:
-    bm, bn, bk = (int(x) for x in tag.split("_")[0].split("x"))
-    wgm, wgn = (int(x) for x in tag.split("_")[1].split("x"))
+    bm, bn, bk, wgm, wgn = _tag_sizes(tag)
     stages = int(tag.split("_s")[1])
     # TcCfg::SMEM_BYTES: STAGES x (A tile + B tile) of 16-bit values, rows padded by 8
     smem = 2 * stages * (bm * (bk + 8) + max(bn * (bk + 8), bk * (bn + 8)))
@@ -103,8 +110,7 @@ def _tc(tag: str, dtype_sfx: str, module: str) -> TileConfig:
 
 
 def _simt(tag: str, dtype_sfx: str, module: str) -> TileConfig:
-    bm, bn, bk = (int(x) for x in tag.split("_")[0].split("x"))
-    tm, tn = (int(x) for x in tag.split("_")[1].split("x"))
+    bm, bn, bk, tm, tn = _tag_sizes(tag)
     return TileConfig(f"mm_simt_{tag}_{dtype_sfx}", bm, bn, bk, (bm // tm) * (bn // tn), 2, False, module)
 
 
@@ -282,17 +288,16 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
     dev = _device_of(a, b, bias)
     _suffix(a.dtype)
     major = _major(dev)
+    default = (PORTABLE_MATMUL_TILES if portable else MATMUL_TILES).get((a.dtype, major))
     if tile is not None:
         catalogue = (PORTABLE_TILE_CATALOGUE if portable else TILE_CATALOGUE).get(a.dtype, ())
-        if tile not in catalogue and tile != (PORTABLE_MATMUL_TILES if portable else MATMUL_TILES).get((a.dtype, major)):
+        if tile not in catalogue and tile != default:
             raise InputError(f"matmul: {tile.kernel} is not a {'portable ' if portable else ''}configuration "
                              f"for {a.dtype}; choose one of {[c.name for c in catalogue]}.")
         if not fits(tile, dev):
             raise InputError(f"matmul: {tile.name} needs {tile.smem} bytes of shared memory per block; "
                              f"{torch.cuda.get_device_name(dev)} allows {_smem_optin(dev)}.")
-        cfg: TileConfig | None = tile
-    else:
-        cfg = (PORTABLE_MATMUL_TILES if portable else MATMUL_TILES).get((a.dtype, major))
+    cfg = tile or default
     if cfg is None:
         raise BackendUnavailable(f"no matmul tile configuration for {a.dtype} on sm_{major}x.")
     batched = a.dim() == 3
