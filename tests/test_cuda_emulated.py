@@ -22,6 +22,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,46 +50,78 @@ _CTYPE = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes
 _THUNK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
-def _build(name: str, out_dir: Path) -> ctypes.CDLL:
-    src = cuda_loader.kernel_source(name)
+# DETKIT_EMU_SANITIZE=1 builds the emulation with AddressSanitizer and UBSan, so that a
+# kernel reading or writing outside a tensor, a shared array or the dynamic shared memory
+# (an illegal-address fault on a GPU) or doing undefined integer arithmetic stops the
+# process with a report. The process must preload libasan: test_emulation_under_sanitizers.
+SANITIZE = os.environ.get("DETKIT_EMU_SANITIZE") == "1"
+SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+def _build(name: str, out_dir: Path, source: str | None = None) -> ctypes.CDLL:
+    """The host build of kernel file ``name`` (or of ``source`` in its place), cached by content."""
+    src = cuda_loader.kernel_source(name) if source is None else source
     emu = (EMU_DIR / "emu.h").read_text() + (EMU_DIR / "runtime.cpp").read_text()
     digest = hashlib.sha256((src + emu).encode()).hexdigest()[:16]
-    so = out_dir / f"{Path(name).stem}-{digest}.so"
+    stem = f"{Path(name).stem}-{digest}{'-asan' if SANITIZE else ''}"
+    so = out_dir / f"{stem}.so"
     if not so.exists():
-        cpp = out_dir / f"{Path(name).stem}.cpp"
+        cpp = out_dir / f"{stem}.cpp"
         cpp.write_text(src)
         cmd = [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
-               "-pthread", "-Wno-unknown-pragmas", "-include", str(EMU_DIR / "emu.h"), str(cpp),
-               str(EMU_DIR / "runtime.cpp"), "-o", str(so)]
+               "-pthread", "-Wno-unknown-pragmas", *(SANITIZER_FLAGS if SANITIZE else []),
+               "-include", str(EMU_DIR / "emu.h"), str(cpp), str(EMU_DIR / "runtime.cpp"), "-o", str(so)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"host build of {name} failed:\n{proc.stderr[-4000:]}"
     return ctypes.CDLL(str(so))
 
 
-@pytest.fixture(scope="module")
-def emulated(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[dict[str, ctypes.CDLL]]:
-    """Build the three kernel files for the host and route the CUDA backend's launches
-    (with CPU tensors) to them."""
+def _out_dir() -> Path:
     out_dir = Path(tempfile.gettempdir()) / "detkit-cuda-emu"
     out_dir.mkdir(exist_ok=True)
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        libs = dict(zip(cuda_loader.KERNEL_FILES,
-                        pool.map(lambda n: _build(n, out_dir), cuda_loader.KERNEL_FILES), strict=True))
+    return out_dir
+
+
+class _Libs(dict[str, ctypes.CDLL]):
+    """Host builds by kernel file, built at first use when not built yet."""
+
+    def __missing__(self, name: str) -> ctypes.CDLL:
+        self[name] = _build(name, _out_dir())
+        return self[name]
+
+
+def _launcher(libs: dict[str, ctypes.CDLL]) -> Callable[..., None]:
+    """A stand-in for ``detkit.kernels.cuda._launch`` that runs the host builds ``libs``."""
 
     def launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, int],
                block: int, args: tuple[Any, ...], shared_mem: int = 0) -> None:
-        # the emulation's dynamic shared memory is a static buffer of the sm_90 maximum
-        assert 0 <= shared_mem <= 227 * 1024, (entry, shared_mem)
+        assert 0 <= shared_mem <= 227 * 1024, (entry, shared_mem)  # what an sm_90 block may have
         lib = libs[module]
         fn = getattr(lib, entry)
         fn.restype = None
         fn.argtypes = [_CTYPE[type(a)] for a in args]
         cargs = [_CTYPE[type(a)](a.item()) for a in args]
         thunk = _THUNK(lambda _ctx: fn(*cargs))
-        lib.emu_launch.argtypes = [_THUNK, ctypes.c_void_p] + [ctypes.c_uint] * 4
-        lib.emu_launch(thunk, None, *grid, block)
+        lib.emu_launch.argtypes = [_THUNK, ctypes.c_void_p] + [ctypes.c_uint] * 5
+        lib.emu_launch(thunk, None, *grid, block, shared_mem)
+        lib.emu_last_error.restype = ctypes.c_char_p
+        error = lib.emu_last_error().decode()
+        assert not error, f"{entry} (grid {grid}, {block} threads): {error}; on a GPU this is undefined behaviour"
 
-    monkeypatch_module.setattr(cuda_backend, "_launch", launch)
+    return launch
+
+
+@pytest.fixture(scope="module")
+def emulated(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[dict[str, ctypes.CDLL]]:
+    """Build the kernel files for the host and route the CUDA backend's launches (with
+    CPU tensors) to them. DETKIT_EMU_PREBUILD=0 builds each file at its first launch
+    instead of all of them up front (for runs that need one)."""
+    libs = _Libs()
+    if os.environ.get("DETKIT_EMU_PREBUILD") != "0":
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            libs.update(zip(cuda_loader.KERNEL_FILES,
+                            pool.map(lambda n: _build(n, _out_dir()), cuda_loader.KERNEL_FILES), strict=True))
+    monkeypatch_module.setattr(cuda_backend, "_launch", _launcher(libs))
     monkeypatch_module.setattr(cuda_backend, "_device_of", lambda *ts: next(t.device for t in ts if t is not None))
     monkeypatch_module.setattr(cuda_backend, "_major", lambda dev: 9)
     monkeypatch_module.setattr(cuda_backend, "_smem_optin", lambda dev: 227 * 1024)  # as an H100
@@ -472,3 +505,84 @@ def test_split_attention_for_drawn_shapes(emulated: dict, lk: int, pad: int, d: 
     mask = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, lk, dtype=torch.bool)], 1)
     padded = cuda_backend.attention(q[:, :, -1:], kp, vp, mask.expand(1, 2, 1, lk + pad), 0.1)
     assert_bits_equal(padded, decode, f"left padding {pad}, Lk={lk}")
+
+
+# ----------------------------------------------------------------------------- GPU faults on the host
+# Mistakes that a GPU punishes (an illegal address kills the CUDA context for the rest of
+# the process; a warp collective with a lane gone is undefined) but that plain host runs
+# would let pass. Each checker has a negative control: a one-line mutation of rowops.cu.
+
+# A lane leaving early while the rest of its warp goes on into shuffles.
+_LANE_EXIT = ("    if (row >= R) return;  // whole warp leaves together\n",
+              "    if (row >= R || (threadIdx.x & 31) == 31) return;\n")
+# One element read past each row, past the tensor for the last row.
+_OVERREAD = ("for (int j = lane; j < L; j += 32) m = ieee_max(m, to_f32(xr[j]));",
+             "for (int j = lane; j <= L; j += 32) m = ieee_max(m, to_f32(xr[j]));")
+
+
+def _mutated(source: str, mutation: tuple[str, str]) -> str:
+    assert mutation[0] in source, "rowops.cu changed: update this negative control's mutation"
+    return source.replace(*mutation)
+
+
+def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(emulated: dict,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    source = _mutated(cuda_loader.kernel_source("rowops.cu"), _LANE_EXIT)
+    libs = {**emulated, "rowops.cu": _build("rowops.cu", _out_dir(), source)}
+    monkeypatch.setattr(cuda_backend, "_launch", _launcher(libs))
+    with pytest.raises(AssertionError, match="softmax_p_f32 .*(warp collective ran after a lane|lane returned)"):
+        cuda_backend.softmax(rand((2, 40), torch.float32, 1), False, portable=True)
+
+
+def _libasan() -> str | None:
+    if CXX is None:
+        return None
+    out = subprocess.run([CXX, "-print-file-name=libasan.so"], capture_output=True, text=True, check=False).stdout
+    path = out.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+_NO_SANITIZERS = pytest.mark.skipif(SANITIZE or _libasan() is None,
+                                    reason="needs g++'s libasan (and is not run from inside the sanitized run)")
+# Every kernel and load path once: float32 and bfloat16 (float16 shares bfloat16's code),
+# every matmul tile configuration; not the drawn-shape tests, which repeat the same paths.
+SANITIZED_SELECTION = "not drawn_shapes and not dtype2 and not (row_ops_batch_invariant and dtype0) and not mutation"
+
+
+def _sanitized_run(tmp_path: Path, select: str, kernels_dir: Path | None = None) -> tuple[int, str, str]:
+    """Run tests of this file selected by ``select`` in a process under AddressSanitizer
+    and UBSan; (exit code, pytest's output, the sanitizer reports)."""
+    logs = tmp_path / "sanitizer-logs"
+    logs.mkdir()
+    env = {**os.environ, "DETKIT_EMU_SANITIZE": "1", "LD_PRELOAD": str(_libasan()),
+           "ASAN_OPTIONS": f"detect_leaks=0:log_path={logs / 'asan'}",
+           "UBSAN_OPTIONS": f"print_stacktrace=1:log_path={logs / 'ubsan'}"}
+    if kernels_dir is not None:  # one test of one file: build only what it launches
+        env.update({cuda_loader.ENV_KERNEL_DIR: str(kernels_dir), "DETKIT_EMU_PREBUILD": "0"})
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                           "-k", select], env=env, capture_output=True, text=True, timeout=900, check=False)
+    reports = "\n".join(f.read_text(errors="replace")[:6000] for f in sorted(logs.iterdir()))
+    return proc.returncode, proc.stdout + proc.stderr, reports
+
+
+@_NO_SANITIZERS
+def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
+    """No out-of-bounds access of a tensor, a shared array or the dynamic shared memory
+    (sized by the launch), and no undefined integer arithmetic, in any kernel. Every
+    test of this file: DETKIT_EMU_SANITIZE=1 LD_PRELOAD=$(g++ -print-file-name=libasan.so)
+    ASAN_OPTIONS=detect_leaks=0 pytest tests/test_cuda_emulated.py"""
+    rc, output, reports = _sanitized_run(tmp_path, SANITIZED_SELECTION)
+    assert rc == 0 and not reports, (
+        f"the kernels under AddressSanitizer/UBSan failed (exit code {rc}); on a GPU this is an illegal "
+        f"address or undefined behaviour. Sanitizer reports:\n{reports or '(none)'}\npytest:\n{output[-4000:]}")
+    assert " passed" in output and "failed" not in output, output[-2000:]
+
+
+@_NO_SANITIZERS
+def test_mutation_read_past_the_tensor_is_caught_by_the_sanitized_run(tmp_path: Path) -> None:
+    kernels = tmp_path / "kernels"
+    shutil.copytree(cuda_loader.kernel_dir(), kernels)
+    (kernels / "rowops.cu").write_text(_mutated((kernels / "rowops.cu").read_text(), _OVERREAD))
+    rc, output, reports = _sanitized_run(tmp_path, "test_portable_row_ops_equal_spec and 517 and dtype0", kernels)
+    assert rc != 0, f"the sanitized run passed with a read past the tensor:\n{output[-2000:]}"
+    assert "heap-buffer-overflow" in reports and "rowops.cu:" in reports, reports[:3000] or output[-3000:]

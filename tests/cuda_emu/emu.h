@@ -5,8 +5,13 @@
 // are OS threads running concurrently, so __shared__ (mapped to function-level statics)
 // is shared by exactly the threads of one block, __syncthreads is a barrier, and the
 // warp collectives (shuffles, ballots, ldmatrix, mma) exchange values through per-warp
-// buffers between two warp barriers. float arithmetic is IEEE binary32 (x86-64 SSE, no
-// contraction), fmaf is correctly rounded, so the canonical-order kernels give the same
+// buffers around a warp barrier. Dynamic shared memory is a heap buffer of exactly
+// the launch's size, refilled with 0xFF bytes (NaN in every float type) before each
+// block, so an overrun is a heap overflow under AddressSanitizer and a read of memory the
+// block did not write shows up as NaN. A warp collective that a lane of the warp has left
+// (returned from the kernel) is undefined on a GPU; here it fails the launch
+// (emu_last_error). float arithmetic is IEEE binary32 (x86-64 SSE, no contraction),
+// fmaf is correctly rounded, so the canonical-order kernels give the same
 // bits as on a GPU. Tensor-core mma is emulated in float (fragment layout exact, rounding
 // not the hardware's): use it to check indexing, not bits.
 #pragma once
@@ -25,9 +30,10 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
-// Dynamic shared memory: one static buffer per kernel instantiation, as large as an sm_90
-// CTA may ask for (blocks run one after another, so one buffer serves every block).
-#define DETKIT_DYNAMIC_SMEM(T, name) static T name[(227 * 1024) / sizeof(T)] __attribute__((aligned(16)))
+// Dynamic shared memory: the launch's buffer (blocks run one after another, so one buffer
+// serves every block).
+void* emu_dynamic_smem();
+#define DETKIT_DYNAMIC_SMEM(T, name) T* const name = static_cast<T*>(emu_dynamic_smem())
 #define __align__(n) __attribute__((aligned(n)))
 
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
@@ -51,15 +57,20 @@ static inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b,
 static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 
 // ---- barriers -------------------------------------------------------------------------
+// The first error of a launch (a collective with exited lanes), for emu_last_error().
+void emu_report(const char* what);
+
 struct EmuBarrier {
     std::mutex mu;
     std::condition_variable cv;
-    int n = 0, waiting = 0;
+    int n = 0, full = 0, waiting = 0;
+    bool warp = false;  // a warp's barrier: every lane must take part (a block's: the threads left)
     unsigned long gen = 0;
-    void reset(int count) { std::lock_guard<std::mutex> g(mu); n = count; waiting = 0; }
+    void reset(int count) { std::lock_guard<std::mutex> g(mu); n = full = count; waiting = 0; }
     void release_locked() { waiting = 0; ++gen; cv.notify_all(); }
     void wait() {
         std::unique_lock<std::mutex> g(mu);
+        if (warp && n < full) emu_report("a warp collective ran after a lane of the warp returned from the kernel");
         unsigned long my = gen;
         if (++waiting >= n) { release_locked(); return; }
         cv.wait(g, [&] { return gen != my; });
@@ -67,21 +78,31 @@ struct EmuBarrier {
     void drop() {  // a thread left the kernel: it no longer takes part in this block
         std::lock_guard<std::mutex> g(mu);
         --n;
+        if (warp && waiting > 0) emu_report("a lane returned from the kernel while its warp waited in a collective");
         if (waiting > 0 && waiting >= n) release_locked();
     }
 };
 
+// A collective is one warp barrier: lanes publish into buffer `phase`, wait, read. The
+// buffers alternate, so a lane that runs ahead into the next collective writes the other
+// buffer, and the one after that only after every lane has reached the next barrier,
+// that is, has finished reading this one.
 struct EmuWarp {
     EmuBarrier bar;
-    uint64_t slot[32];
-    const void* ptr[32];
-    uint32_t regs[32][10];
-    float acc[32][4];
+    int phase[32];
+    uint64_t slot[2][32];
+    const void* ptr[2][32];
+    uint32_t regs[2][32][6];
 };
 EmuWarp* emu_warp();
 EmuBarrier* emu_block_barrier();
 
 static inline int emu_lane() { return (int)(threadIdx.x & 31u); }
+static inline int emu_next_phase(EmuWarp* w) {
+    const int ph = w->phase[emu_lane()];
+    w->phase[emu_lane()] = ph ^ 1;
+    return ph;
+}
 static inline void __syncthreads() { emu_block_barrier()->wait(); }
 static inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp()->bar.wait(); }
 
@@ -90,10 +111,10 @@ template <typename V> static inline V emu_exchange(V v, int src) {
     EmuWarp* w = emu_warp();
     uint64_t bits = 0;
     std::memcpy(&bits, &v, sizeof(V));
-    w->slot[emu_lane()] = bits;
+    const int ph = emu_next_phase(w);
+    w->slot[ph][emu_lane()] = bits;
     w->bar.wait();
-    uint64_t got = w->slot[src & 31];
-    w->bar.wait();
+    uint64_t got = w->slot[ph][src & 31];
     V r;
     std::memcpy(&r, &got, sizeof(V));
     return r;
@@ -102,11 +123,11 @@ template <typename V> static inline V __shfl_xor_sync(unsigned, V v, int o) { re
 template <typename V> static inline V __shfl_sync(unsigned, V v, int src) { return emu_exchange(v, src); }
 static inline unsigned __ballot_sync(unsigned, bool pred) {
     EmuWarp* w = emu_warp();
-    w->slot[emu_lane()] = pred ? 1u : 0u;
+    const int ph = emu_next_phase(w);
+    w->slot[ph][emu_lane()] = pred ? 1u : 0u;
     w->bar.wait();
     unsigned r = 0;
-    for (int l = 0; l < 32; ++l) r |= (unsigned)(w->slot[l] & 1u) << l;
-    w->bar.wait();
+    for (int l = 0; l < 32; ++l) r |= (unsigned)(w->slot[ph][l] & 1u) << l;
     return r;
 }
 static inline bool __any_sync(unsigned m, bool pred) { return __ballot_sync(m, pred) != 0u; }
@@ -133,18 +154,18 @@ static inline uint16_t emu_ld1(const void* p) { uint16_t r; std::memcpy(&r, p, 2
 static inline void emu_ldsm(uint32_t (&r)[4], const void* p, bool trans) {
     EmuWarp* w = emu_warp();
     const int lane = emu_lane();
-    w->ptr[lane] = p;
+    const int ph = emu_next_phase(w);
+    w->ptr[ph][lane] = p;
     w->bar.wait();
     for (int i = 0; i < 4; ++i) {
         if (!trans) {
-            r[i] = emu_ld2((const uint16_t*)w->ptr[8 * i + lane / 4] + 2 * (lane % 4));
+            r[i] = emu_ld2((const uint16_t*)w->ptr[ph][8 * i + lane / 4] + 2 * (lane % 4));
         } else {
-            const uint16_t lo = emu_ld1((const uint16_t*)w->ptr[8 * i + 2 * (lane % 4)] + lane / 4);
-            const uint16_t hi = emu_ld1((const uint16_t*)w->ptr[8 * i + 2 * (lane % 4) + 1] + lane / 4);
+            const uint16_t lo = emu_ld1((const uint16_t*)w->ptr[ph][8 * i + 2 * (lane % 4)] + lane / 4);
+            const uint16_t hi = emu_ld1((const uint16_t*)w->ptr[ph][8 * i + 2 * (lane % 4) + 1] + lane / 4);
             r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
         }
     }
-    w->bar.wait();
 }
 static inline void ldsm_x4(uint32_t (&r)[4], const void* p) { emu_ldsm(r, p, false); }
 static inline void ldsm_x4_trans(uint32_t (&r)[4], const void* p) { emu_ldsm(r, p, true); }
@@ -154,12 +175,13 @@ template <bool IS_BF16>
 static inline void emu_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     EmuWarp* w = emu_warp();
     const int lane = emu_lane();
-    for (int i = 0; i < 4; ++i) w->regs[lane][i] = a[i];
-    w->regs[lane][4] = b0;
-    w->regs[lane][5] = b1;
+    const int ph = emu_next_phase(w);
+    for (int i = 0; i < 4; ++i) w->regs[ph][lane][i] = a[i];
+    w->regs[ph][lane][4] = b0;
+    w->regs[ph][lane][5] = b1;
     w->bar.wait();
     auto half = [&](int ln, int reg, int hi) -> float {
-        const uint16_t bits = (uint16_t)(w->regs[ln][reg] >> (16 * hi));
+        const uint16_t bits = (uint16_t)(w->regs[ph][ln][reg] >> (16 * hi));
         return IS_BF16 ? __uint_as_float((uint32_t)bits << 16) : emu_f16_to_f32(bits);
     };
     const int g = lane / 4, t = lane % 4;
@@ -174,7 +196,6 @@ static inline void emu_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, u
         }
         out[r] = acc;
     }
-    w->bar.wait();
     for (int r = 0; r < 4; ++r) c[r] = out[r];
 }
 
