@@ -222,6 +222,8 @@ def markdown(meta: dict[str, Any], results: list[Result], checks: list[dict[str,
              "speed = torch time / detkit time (higher is faster); TF32 off.", "",
              "| op | dtype | shape | torch ms | detkit ms | speed | portable ms | portable speed |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
+    if meta.get("error"):
+        lines[2:2] = [f"**Stopped early by {meta['error']}**: the cases below are the ones that finished.", ""]
 
     def f(v: float | None, nd: int = 3) -> str:
         return "-" if v is None else f"{v:.{nd}f}"
@@ -273,28 +275,38 @@ def main(argv: list[str] | None = None) -> int:
             args.md.write_text(md)
         return md
 
+    def record(result: Result) -> None:
+        results.append(result)
+        print(f"{result.op} {result.dtype} {result.shape}: speed {result.speed} "
+              f"portable {result.portable_speed}", file=sys.stderr, flush=True)
+        write()
+
     suites: list[Iterator[Result]] = []
     if "matmul" in only:
         suites += [bench_matmul(dt, args.min_time, deadline) for dt in (torch.bfloat16, torch.float32)]
     if "rows" in only:
         suites += [bench_rows(dt, args.min_time, deadline) for dt in (torch.bfloat16, torch.float32)]
-    if "attention" in only:
-        suites.append(bench_attention(args.min_time, deadline))
     try:
         for suite in suites:
             for result in suite:
-                results.append(result)
-                print(f"{result.op} {result.dtype} {result.shape}: speed {result.speed} "
-                      f"portable {result.portable_speed}", file=sys.stderr, flush=True)
-                write()
+                record(result)
         if "tiles" in only:
             for sweep in bench_tiles(args.min_time, deadline):
                 sweeps.append(sweep)
                 print(f"tiles {sweep.dtype} M={sweep.m}: done", file=sys.stderr, flush=True)
                 write()
+        # Last: attention has no speed target, and the tile sweep decides MATMUL_TILES.
+        if "attention" in only:
+            for result in bench_attention(args.min_time, deadline):
+                record(result)
         meta["complete"] = True
     except KeyboardInterrupt:
         print("bench_cuda: interrupted; the finished cases are written", file=sys.stderr)
+    except Exception as err:  # a kernel fault ends the process's CUDA context: keep what ran
+        meta["error"] = f"{type(err).__name__}: {err}"
+        print(f"bench_cuda: stopped by {meta['error']}; the finished cases are written", file=sys.stderr)
+        write()
+        raise
     meta["budget_exhausted"] = time.perf_counter() > deadline
     print(write())
     return 0 if meta["complete"] else 130

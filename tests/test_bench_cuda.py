@@ -110,3 +110,13 @@ def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path) -> None:
     assert set(summary["kernels_check"]["files"]) == {"matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu"}
     md = (tmp_path / "summary.md").read_text()
     assert "Verdict: FAIL" in md and "No GPU test ran" in md
+    # The four test processes partition tests/test_cuda_gpu.py: every test in exactly one.
+    groups = summary["tests"]["groups"]
+    assert set(groups) == {"matmul", "rows", "attention", "integration"}
+    assert all(g["passed"] + g["failed"] + g["errors"] == 0 and g["skipped"] > 0 for g in groups.values()), groups
+    names = [t for g in groups.values() for t in g["tests"]]
+    collect = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              str(BENCH.parent.parent / "tests" / "test_cuda_gpu.py")],
+                             capture_output=True, text=True, check=False)
+    collected = [line for line in collect.stdout.splitlines() if "::" in line]
+    assert len(names) == len(set(names)) == len(collected), (len(names), len(set(names)), len(collected))
