@@ -449,21 +449,16 @@ def test_probe_cli_on_a_cuda_model_under_the_mode(tmp_path: object) -> None:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_portable_mode_gives_the_cpu_logits_on_the_gpu(attn: str) -> None:
-    """The portable guarantee for a whole model: GPT-2 (learned positions, no RoPE; every
-    reduction and its tanh-GELU's tanh routed, its pow(x, 3) plain multiplies) gives the
-    same float32 logits bits under batch_invariant(portable=True) on the GPU as on the CPU,
-    for a left-padded batch. (Llama/Qwen2 would need portable sin/cos for RoPE.)"""
+    """The portable guarantee for a whole model: a small GPT-2 (tests/portable_reference.py)
+    under batch_invariant(portable=True) on the GPU gives, for a left-padded batch, the
+    float32 logits bits committed from the CPU portable backend. The CPU side is a file,
+    so this runs without numba; tests/test_mode_portable.py keeps the file current."""
     pytest.importorskip("transformers")
-    pytest.importorskip("numba", reason="the CPU side of the comparison needs the CPU portable backend (numba)")
-    import detkit
-    from detkit.models import build_tokenizer, load_preset
+    import portable_reference as ref
 
-    model = load_preset("tiny-gpt2", dtype=torch.float32, attn_implementation=attn, seed=0)
-    enc = build_tokenizer()(["Hi", _TARGET, "The quick brown fox jumps"], padding=True, return_tensors="pt")
-    with detkit.batch_invariant(portable=True), torch.no_grad():
-        cpu = model(**enc).logits
-        gpu = model.to(DEV)(**enc.to(DEV)).logits
-    assert_bits_equal(gpu, cpu, f"tiny-gpt2 {attn}: portable logits, CUDA vs CPU")
+    logits, uncovered = ref.portable_logits(ref.build_model(attn).to(DEV), ref.inputs().to(DEV))
+    assert uncovered == {}, f"ops fell back to torch on CUDA, so the logits are not portable: {uncovered}"
+    assert_bits_equal(logits, ref.load()[attn], f"GPT-2 {attn}: portable logits, CUDA vs the CPU's committed bits")
 
 
 # ----------------------------------------------------------------------------- drawn shapes

@@ -298,3 +298,36 @@ def test_instruction_set_switch_changes_torch_results(isa_runs: dict[str, dict[s
     alt = isa_runs["ATEN_CPU_CAPABILITY=default"]
     assert alt["capability"] == "DEFAULT"
     assert isa_runs["host"]["tiny-llama/eager"]["off"] != alt["tiny-llama/eager"]["off"]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_committed_portable_gpt2_logits_are_current(attn: str) -> None:
+    """tests/data/portable-gpt2-logits.npz is what the GPU test compares CUDA against: it
+    must be the bits this CPU's portable backend gives now (regenerate with
+    `python tests/portable_reference.py` only if the canonical orders changed on purpose)."""
+    pytest.importorskip("transformers")
+    import portable_reference as ref
+
+    logits, uncovered = ref.portable_logits(ref.build_model(attn), ref.inputs())
+    assert uncovered == {}
+    want = ref.load()[attn]
+    differ = int((logits.view(torch.int32) != want.view(torch.int32)).sum())
+    assert differ == 0, (f"{attn}: {differ} of {want.numel()} committed portable logits differ from this run; "
+                         "if the canonical orders changed on purpose, run `python tests/portable_reference.py`")
+    # The padded batch is no degenerate case: real spread, every prompt's logits distinct.
+    assert float(want.std()) > 0.1 and not torch.equal(want[0, -1], want[1, -1])
+
+
+def test_portable_reference_weights_come_from_integer_hashing() -> None:
+    """The weights are fixed by splitmix64 and IEEE operations, not by torch's RNG, so a
+    GPU machine (any CPU) rebuilds the same model: a torch seed change leaves them alone."""
+    pytest.importorskip("transformers")
+    import portable_reference as ref
+
+    torch.manual_seed(1)
+    a = ref.build_model("eager").state_dict()
+    torch.manual_seed(2)
+    b = ref.build_model("eager").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # splitmix64's first outputs (seed 0), as published with the algorithm, top 12 bits.
+    assert ref._hashed_ints(2, 0).tolist() == [(0xE220A8397B1DCDAF >> 52) - 2048, (0x6E789E6AA1B965F4 >> 52) - 2048]
