@@ -44,7 +44,8 @@ def test_every_case_is_recorded_with_its_targets(bench: Any, tmp_path: Path, mon
     # torch takes 1 ms; detkit 1.25 ms (speed 0.8), portable 4 ms (0.25)
     times = iter([1.0, 1.25, 4.0] * 1000)
     monkeypatch.setattr(bench, "time_call", lambda fn, min_time: next(times))
-    rc = bench.main(["--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")])
+    cases = ["--only", "matmul", "--only", "rows", "--only", "attention"]
+    rc = bench.main([*cases, "--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")])
     assert rc == 0
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["meta"]["complete"] and data["meta"]["device"] == "stand-in GPU"
@@ -59,6 +60,9 @@ def test_every_case_is_recorded_with_its_targets(bench: Any, tmp_path: Path, mon
     assert not checks["matmul fp32 M=16 K=N=64 portable=True"]["met"]      # needs 0.5
     assert not checks["softmax bfloat16 1x32 portable=False"]["met"]       # needs 0.9
     assert "| missed target |" in (tmp_path / "b.md").read_text()
+    # The tile sweep (a run of its own here: it times 1 + one per configuration per case).
+    assert bench.main(["--only", "tiles", "--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")]) == 0
+    data = json.loads((tmp_path / "b.json").read_text())
     from detkit.kernels import cuda as kc
 
     assert [(t["dtype"], t["m"]) for t in data["tiles"]] == [("bfloat16", 1), ("bfloat16", 16), ("float32", 1),
@@ -120,3 +124,23 @@ def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path) -> None:
                              capture_output=True, text=True, check=False)
     collected = [line for line in collect.stdout.splitlines() if "::" in line]
     assert len(names) == len(set(names)) == len(collected), (len(names), len(set(names)), len(collected))
+
+
+def test_a_kernel_fault_keeps_the_sweep_and_says_what_stopped_it(bench: Any, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault ends the process's CUDA context: attention runs after the tile sweep, and
+    what finished before the fault is written with the error."""
+    monkeypatch.setattr(bench, "time_call", lambda fn, min_time: 1.0)
+
+    def faulting_attention(min_time: float, deadline: float) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        yield  # a generator, as bench_attention
+
+    monkeypatch.setattr(bench, "bench_attention", faulting_attention)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench.main(["--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")])
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert "illegal memory access" in data["meta"]["error"] and not data["meta"]["complete"]
+    assert {r["op"] for r in data["results"]} == {"matmul", "softmax", "rms_norm", "layer_norm"}
+    assert len(data["tiles"]) == 4 and data["tile_choice"]
+    assert "**Stopped early by RuntimeError: CUDA error" in (tmp_path / "b.md").read_text()
