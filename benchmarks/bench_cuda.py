@@ -105,6 +105,12 @@ def bench_rows(dtype: torch.dtype, min_time: float, deadline: float) -> Iterator
         "layer_norm": (lambda x: F.layer_norm(x, (ROW_LEN,), w, b, 1e-5),
                        lambda x, p: kc.layer_norm(x, w, b, 1e-5, portable=p)),
     }
+    # A 1x1 row sum is almost all host time on both sides (Python, dispatch, launch): its
+    # speed is the ratio of per-call overheads, which bounds the small row cases below.
+    x1 = torch.randn(1, 1, device=DEVICE).to(dtype)
+    yield Result("launch overhead", str(dtype).replace("torch.", ""), "row_sum 1x1",
+                 time_call(lambda: torch.sum(x1, -1), min_time), time_call(lambda: kc.row_sum(x1, False), min_time),
+                 time_call(lambda: kc.row_sum(x1, False, portable=True), min_time))
     for rows in ROWS:
         x = torch.randn(rows, ROW_LEN, device=DEVICE).to(dtype)
         for op, (ref, ours) in cases.items():

@@ -19,3 +19,5 @@ DETKIT_TC_CONFIG(128x128x64_2x4_s4, 128, 128, 64, 2, 4, 4)
 DETKIT_TC_CONFIG(128x64x64_2x2_s4, 128, 64, 64, 2, 2, 4)
 DETKIT_TC_CONFIG(64x64x64_2x2_s6, 64, 64, 64, 2, 2, 6)
 DETKIT_TC_CONFIG(16x64x128_1x4_s6, 16, 64, 128, 1, 4, 6)
+// N / 32 CTAs (128 at N = 4096: one per SM of an H100) with 7 stages of B in flight each.
+DETKIT_TC_CONFIG(16x32x128_1x2_s8, 16, 32, 128, 1, 2, 8)

@@ -141,6 +141,6 @@ def test_a_kernel_fault_keeps_the_sweep_and_says_what_stopped_it(bench: Any, tmp
         bench.main(["--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")])
     data = json.loads((tmp_path / "b.json").read_text())
     assert "illegal memory access" in data["meta"]["error"] and not data["meta"]["complete"]
-    assert {r["op"] for r in data["results"]} == {"matmul", "softmax", "rms_norm", "layer_norm"}
+    assert {r["op"] for r in data["results"]} == {"matmul", "launch overhead", "softmax", "rms_norm", "layer_norm"}
     assert len(data["tiles"]) == 4 and data["tile_choice"]
     assert "**Stopped early by RuntimeError: CUDA error" in (tmp_path / "b.md").read_text()
