@@ -50,12 +50,17 @@ _CTYPE = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes
 _THUNK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
-# DETKIT_EMU_SANITIZE=1 builds the emulation with AddressSanitizer and UBSan, so that a
+# DETKIT_EMU_SANITIZE=address builds the emulation with AddressSanitizer and UBSan: a
 # kernel reading or writing outside a tensor, a shared array or the dynamic shared memory
 # (an illegal-address fault on a GPU) or doing undefined integer arithmetic stops the
-# process with a report. The process must preload libasan: test_emulation_under_sanitizers.
-SANITIZE = os.environ.get("DETKIT_EMU_SANITIZE") == "1"
-SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+# process with a report. DETKIT_EMU_SANITIZE=thread builds it with ThreadSanitizer: two
+# threads of a block touching the same memory without a barrier between them (a missing
+# __syncthreads) is reported. The process must preload the runtime (_sanitized_run).
+SANITIZE = os.environ.get("DETKIT_EMU_SANITIZE", "")  # "", "address" or "thread"
+SANITIZER_FLAGS = {"": [],
+                   "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+                               "-g"],
+                   "thread": ["-fsanitize=thread", "-fno-omit-frame-pointer", "-g"]}
 
 
 def _build(name: str, out_dir: Path, source: str | None = None) -> ctypes.CDLL:
@@ -63,13 +68,13 @@ def _build(name: str, out_dir: Path, source: str | None = None) -> ctypes.CDLL:
     src = cuda_loader.kernel_source(name) if source is None else source
     emu = (EMU_DIR / "emu.h").read_text() + (EMU_DIR / "runtime.cpp").read_text()
     digest = hashlib.sha256((src + emu).encode()).hexdigest()[:16]
-    stem = f"{Path(name).stem}-{digest}{'-asan' if SANITIZE else ''}"
+    stem = f"{Path(name).stem}-{digest}{'-' + SANITIZE if SANITIZE else ''}"
     so = out_dir / f"{stem}.so"
     if not so.exists():
         cpp = out_dir / f"{stem}.cpp"
         cpp.write_text(src)
         cmd = [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
-               "-pthread", "-Wno-unknown-pragmas", *(SANITIZER_FLAGS if SANITIZE else []),
+               "-pthread", "-Wno-unknown-pragmas", *SANITIZER_FLAGS[SANITIZE],
                "-include", str(EMU_DIR / "emu.h"), str(cpp), str(EMU_DIR / "runtime.cpp"), "-o", str(so)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"host build of {name} failed:\n{proc.stderr[-4000:]}"
@@ -520,43 +525,56 @@ _OVERREAD = ("for (int j = lane; j < L; j += 32) m = ieee_max(m, to_f32(xr[j]));
              "for (int j = lane; j <= L; j += 32) m = ieee_max(m, to_f32(xr[j]));")
 
 
-def _mutated(source: str, mutation: tuple[str, str]) -> str:
-    assert mutation[0] in source, "rowops.cu changed: update this negative control's mutation"
-    return source.replace(*mutation)
-
-
 def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(emulated: dict,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    source = _mutated(cuda_loader.kernel_source("rowops.cu"), _LANE_EXIT)
+    source = cuda_loader.kernel_source("rowops.cu")
+    assert _LANE_EXIT[0] in source, "rowops.cu changed: update this negative control's mutation"
+    source = source.replace(*_LANE_EXIT)
     libs = {**emulated, "rowops.cu": _build("rowops.cu", _out_dir(), source)}
     monkeypatch.setattr(cuda_backend, "_launch", _launcher(libs))
     with pytest.raises(AssertionError, match="softmax_p_f32 .*(warp collective ran after a lane|lane returned)"):
         cuda_backend.softmax(rand((2, 40), torch.float32, 1), False, portable=True)
 
 
-def _libasan() -> str | None:
+def _runtime(kind: str) -> str | None:
+    """The sanitizer runtime to preload for ``kind`` ("address" or "thread"), if g++ has it."""
     if CXX is None:
         return None
-    out = subprocess.run([CXX, "-print-file-name=libasan.so"], capture_output=True, text=True, check=False).stdout
-    path = out.strip()
+    lib = {"address": "libasan.so", "thread": "libtsan.so"}[kind]
+    path = subprocess.run([CXX, f"-print-file-name={lib}"], capture_output=True, text=True, check=False).stdout.strip()
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
-_NO_SANITIZERS = pytest.mark.skipif(SANITIZE or _libasan() is None,
-                                    reason="needs g++'s libasan (and is not run from inside the sanitized run)")
-# Every kernel and load path once: float32 and bfloat16 (float16 shares bfloat16's code),
-# every matmul tile configuration; not the drawn-shape tests, which repeat the same paths.
-SANITIZED_SELECTION = "not drawn_shapes and not dtype2 and not (row_ops_batch_invariant and dtype0) and not mutation"
+def _needs(kind: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(bool(SANITIZE) or _runtime(kind) is None,
+                              reason=f"needs g++'s {kind} sanitizer runtime (and is not run inside a sanitized run)")
 
 
-def _sanitized_run(tmp_path: Path, select: str, kernels_dir: Path | None = None) -> tuple[int, str, str]:
-    """Run tests of this file selected by ``select`` in a process under AddressSanitizer
-    and UBSan; (exit code, pytest's output, the sanitizer reports)."""
-    logs = tmp_path / "sanitizer-logs"
+# AddressSanitizer: every kernel and load path once, float32 and bfloat16 (float16 shares
+# bfloat16's code), every matmul tile configuration; not the drawn-shape tests, which
+# repeat the same paths.
+ADDRESS_SELECTION = "not drawn_shapes and not dtype2 and not (row_ops_batch_invariant and dtype0) and not mutation"
+# ThreadSanitizer (slower): each kernel that shares memory between threads once - the
+# tensor-core pipeline in every tile configuration, the CUDA-core GEMM, the block
+# reductions of the row ops, both attention kernels.
+THREAD_SELECTION = ("(tensor_core and dtype0) or (every_tile and dtype1) or (row_ops_batch_invariant and dtype1) "
+                    "or (split_attention_values and bool) or attention_invariance")
+
+
+def _sanitized_run(tmp_path: Path, kind: str, select: str, kernels_dir: Path | None = None) -> tuple[int, str, str]:
+    """Run the tests of this file selected by ``select`` in a process under ``kind``
+    ("address": AddressSanitizer + UBSan, "thread": ThreadSanitizer); (exit code,
+    pytest's output, the sanitizer reports)."""
+    logs = tmp_path / f"{kind}-logs"
     logs.mkdir()
-    env = {**os.environ, "DETKIT_EMU_SANITIZE": "1", "LD_PRELOAD": str(_libasan()),
-           "ASAN_OPTIONS": f"detect_leaks=0:log_path={logs / 'asan'}",
-           "UBSAN_OPTIONS": f"print_stacktrace=1:log_path={logs / 'ubsan'}"}
+    env = {**os.environ, "DETKIT_EMU_SANITIZE": kind, "LD_PRELOAD": str(_runtime(kind))}
+    if kind == "address":
+        env.update({"ASAN_OPTIONS": f"detect_leaks=0:log_path={logs / 'asan'}",
+                    "UBSAN_OPTIONS": f"print_stacktrace=1:log_path={logs / 'ubsan'}"})
+    else:
+        # torch's OpenMP and numba's workers are not instrumented: ThreadSanitizer would
+        # not see their synchronisation and report races inside torch.
+        env.update({"TSAN_OPTIONS": f"log_path={logs / 'tsan'}", "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"})
     if kernels_dir is not None:  # one test of one file: build only what it launches
         env.update({cuda_loader.ENV_KERNEL_DIR: str(kernels_dir), "DETKIT_EMU_PREBUILD": "0"})
     proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
@@ -565,24 +583,56 @@ def _sanitized_run(tmp_path: Path, select: str, kernels_dir: Path | None = None)
     return proc.returncode, proc.stdout + proc.stderr, reports
 
 
-@_NO_SANITIZERS
-def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
-    """No out-of-bounds access of a tensor, a shared array or the dynamic shared memory
-    (sized by the launch), and no undefined integer arithmetic, in any kernel. Every
-    test of this file: DETKIT_EMU_SANITIZE=1 LD_PRELOAD=$(g++ -print-file-name=libasan.so)
-    ASAN_OPTIONS=detect_leaks=0 pytest tests/test_cuda_emulated.py"""
-    rc, output, reports = _sanitized_run(tmp_path, SANITIZED_SELECTION)
+def _assert_clean(kind: str, rc: int, output: str, reports: str, fault: str) -> None:
     assert rc == 0 and not reports, (
-        f"the kernels under AddressSanitizer/UBSan failed (exit code {rc}); on a GPU this is an illegal "
-        f"address or undefined behaviour. Sanitizer reports:\n{reports or '(none)'}\npytest:\n{output[-4000:]}")
+        f"the kernels under the {kind} sanitizer failed (exit code {rc}); on a GPU this is {fault}. "
+        f"Sanitizer reports:\n{reports or '(none)'}\npytest:\n{output[-4000:]}")
     assert " passed" in output and "failed" not in output, output[-2000:]
 
 
-@_NO_SANITIZERS
-def test_mutation_read_past_the_tensor_is_caught_by_the_sanitized_run(tmp_path: Path) -> None:
+def _mutated_kernels(tmp_path: Path, name: str, mutation: tuple[str, str]) -> Path:
     kernels = tmp_path / "kernels"
     shutil.copytree(cuda_loader.kernel_dir(), kernels)
-    (kernels / "rowops.cu").write_text(_mutated((kernels / "rowops.cu").read_text(), _OVERREAD))
-    rc, output, reports = _sanitized_run(tmp_path, "test_portable_row_ops_equal_spec and 517 and dtype0", kernels)
+    text = (kernels / name).read_text()
+    assert mutation[0] in text, f"{name} changed: update this negative control's mutation"
+    (kernels / name).write_text(text.replace(*mutation))
+    return kernels
+
+
+@_needs("address")
+def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
+    """No out-of-bounds access of a tensor, a shared array or the dynamic shared memory
+    (sized by the launch), and no undefined integer arithmetic, in any kernel. Every
+    test of this file: DETKIT_EMU_SANITIZE=address LD_PRELOAD=$(g++ -print-file-name=libasan.so)
+    ASAN_OPTIONS=detect_leaks=0 pytest tests/test_cuda_emulated.py"""
+    rc, output, reports = _sanitized_run(tmp_path, "address", ADDRESS_SELECTION)
+    _assert_clean("address", rc, output, reports, "an illegal address or undefined behaviour")
+
+
+@_needs("thread")
+def test_kernels_have_no_data_race_under_the_thread_sanitizer(tmp_path: Path) -> None:
+    """No two threads touch the same shared or global memory without a barrier between
+    them (a missing __syncthreads: on a GPU, results that change from run to run)."""
+    rc, output, reports = _sanitized_run(tmp_path, "thread", THREAD_SELECTION)
+    _assert_clean("thread", rc, output, reports, "a data race: results that can change from run to run")
+
+
+@_needs("address")
+def test_mutation_read_past_the_tensor_is_caught_by_the_address_sanitizer(tmp_path: Path) -> None:
+    kernels = _mutated_kernels(tmp_path, "rowops.cu", _OVERREAD)
+    rc, output, reports = _sanitized_run(tmp_path, "address", "test_portable_row_ops_equal_spec and 517 and dtype0",
+                                         kernels)
     assert rc != 0, f"the sanitized run passed with a read past the tensor:\n{output[-2000:]}"
     assert "heap-buffer-overflow" in reports and "rowops.cu:" in reports, reports[:3000] or output[-3000:]
+
+
+# The barrier between the warps' partial results and their reduction, dropped.
+_NO_BARRIER = ("    if (lane == 0) scratch[warp] = v;\n    __syncthreads();\n", "    if (lane == 0) scratch[warp] = v;\n")
+
+
+@_needs("thread")
+def test_mutation_missing_barrier_is_caught_by_the_thread_sanitizer(tmp_path: Path) -> None:
+    kernels = _mutated_kernels(tmp_path, "common.cuh", _NO_BARRIER)
+    rc, output, reports = _sanitized_run(tmp_path, "thread", "row_ops_batch_invariant and False-dtype1", kernels)
+    assert rc != 0 and "ThreadSanitizer: data race" in reports, reports[:3000] or output[-3000:]
+    assert "common.cuh:" in reports, reports[:3000]
