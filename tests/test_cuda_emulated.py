@@ -10,7 +10,10 @@ Python launchers (``detkit.kernels.cuda``) with CPU tensors. This checks, withou
 * the host-side launch code (argument order and types, grids, strides, layouts);
 * the tensor-core GEMM's fragment indexing, pipeline and bounds (mma is emulated in
   float, so against a float64 reference with a tolerance, not bit for bit);
-* batch invariance of every kernel over batch sizes and positions.
+* batch invariance of every kernel over batch sizes and positions;
+* faults a GPU would punish: out-of-bounds accesses and undefined integer arithmetic
+  (AddressSanitizer + UBSan), data races between threads (ThreadSanitizer), warp
+  collectives with a lane gone, shared memory read before it is written.
 
 It does not check GPU timing, memory-model or hardware rounding: tests/test_cuda_gpu.py.
 """
