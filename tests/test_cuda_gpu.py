@@ -42,12 +42,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Bitwise equality; on a mismatch, detkit's own report (count, share, max ULP, the
+    first differing elements as a table)."""
     assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape, got.dtype)
-    bad = (bits(got.cpu()) != bits(want.cpu())).nonzero()
-    assert bad.numel() == 0, (
-        f"{what}: {bad.shape[0]} of {got.numel()} elements differ; first at {bad[0].tolist()}: "
-        f"got {got.cpu()[tuple(bad[0])].item()!r}, want {want.cpu()[tuple(bad[0])].item()!r}"
-    )
+    if torch.equal(bits(got), bits(want)):
+        return
+    from detkit.testing import assert_bitwise_equal
+
+    assert_bitwise_equal(got.cpu(), want.cpu(), name=what)
+    raise AssertionError(f"{what}: the bits differ")  # assert_bitwise_equal raised already
 
 
 def rand(shape: tuple[int, ...], dtype: torch.dtype, seed: int, scale: float = 1.0,
@@ -67,7 +70,11 @@ def sweep(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, what: str)
     for idx, (s, m) in enumerate(cases):
         flags[idx] = (bits(f(x[s : s + m])) != full_bits[s : s + m]).any()
     failed = [cases[i] for i in flags.nonzero().flatten().tolist()]
-    assert not failed, f"{what}: batch variant for (start, rows) in {failed[:10]} ({len(failed)} cases)"
+    if failed:
+        s, m = failed[0]
+        message = f"{what}: batch variant for (start, rows) in {failed[:10]} ({len(failed)} cases)"
+        assert_bits_equal(f(x[s : s + m]), full[s : s + m], f"{message}; the first case again")
+        raise AssertionError(f"{message}; the first case gave the full batch's bits when run again: nondeterminism")
 
 
 # ----------------------------------------------------------------------------- batch invariance
