@@ -517,8 +517,9 @@ def test_split_attention_for_drawn_shapes(emulated: dict, lk: int, pad: int, d: 
 
 # ----------------------------------------------------------------------------- GPU faults on the host
 # Mistakes that a GPU punishes (an illegal address kills the CUDA context for the rest of
-# the process; a warp collective with a lane gone is undefined) but that plain host runs
-# would let pass. Each checker has a negative control: a one-line mutation of rowops.cu.
+# the process; a race or a warp collective with a lane gone gives results that change
+# from run to run) but that plain host runs would let pass. Each checker has a negative
+# control: a one-line mutation of rowops.cu or common.cuh.
 
 # A lane leaving early while the rest of its warp goes on into shuffles.
 _LANE_EXIT = ("    if (row >= R) return;  // whole warp leaves together\n",
@@ -528,8 +529,9 @@ _OVERREAD = ("for (int j = lane; j < L; j += 32) m = ieee_max(m, to_f32(xr[j]));
              "for (int j = lane; j <= L; j += 32) m = ieee_max(m, to_f32(xr[j]));")
 
 
-def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(emulated: dict,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(
+    emulated: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = cuda_loader.kernel_source("rowops.cu")
     assert _LANE_EXIT[0] in source, "rowops.cu changed: update this negative control's mutation"
     source = source.replace(*_LANE_EXIT)
