@@ -8,6 +8,9 @@ generator so that bfloat16/float16 are covered (hypothesis draws shapes and seed
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -487,3 +490,36 @@ def test_row_sum_is_the_documented_lane_order(r: int, length: int, lead: int, se
     gen = torch.Generator().manual_seed(seed)
     x = torch.cat([torch.zeros(r, lead), randn(gen, r, length, scale=3.0)], dim=1)
     assert same_bits(kernels.sum(x, -1), _lane_sum_reference(x))
+
+
+_WORKER_THREADS = """
+import os, threading, torch
+torch.set_num_threads(2)
+torch.ones(1 << 18).add_(1)  # the main thread's own OpenMP team exists
+from detkit.kernels import _cpu_tiles
+before = len(os.listdir("/proc/self/task"))
+started, release = threading.Event(), threading.Event()
+def worker():
+    _cpu_tiles._one_thread_worker()
+    torch.ones(1 << 18).add_(1)  # a parallel op on the worker afterwards, as a tile's copy
+    started.set()
+    release.wait()
+t = threading.Thread(target=worker)
+t.start()
+started.wait()
+print(len(os.listdir("/proc/self/task")) - before)
+release.set()
+t.join()
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts OS threads through /proc (Linux)")
+def test_one_thread_blas_workers_start_no_openmp_team() -> None:
+    """A pinned BLAS worker adds exactly one OS thread (itself). A second OpenMP team would
+    be a regression with a cost outside detkit: while a process has more OpenMP threads
+    than cores, libgomp stops spin-waiting in every team, and torch's own small ops on the
+    caller's thread became about 5x slower after the first detkit matmul."""
+    proc = subprocess.run([sys.executable, "-c", _WORKER_THREADS], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "1", f"threads added by one BLAS worker: {proc.stdout.split()[-1]} (want 1)"
