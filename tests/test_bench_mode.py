@@ -1,0 +1,55 @@
+"""benchmarks/bench_mode.py on a real (tiny, offline) Hugging Face model, on the CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_mode.py"
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
+    pytest.importorskip("transformers")
+    spec = importlib.util.spec_from_file_location("bench_mode_under_test", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_times_plain_and_mode_generate_per_batch_size(bench: Any, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mode.json"
+    rc = bench.main(["--batch-sizes", "1,3", "--new-tokens", "2", "--repeats", "1", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["device"] == "cpu" and data["meta"]["preset"] == "tiny-llama"
+    assert [c["batch"] for c in data["cases"]] == [1, 3]
+    for case in data["cases"]:
+        assert case["plain_ms"] > 0 and case["mode_ms"] > 0 and case["fallbacks"] == {}
+        assert case["ratio"] == pytest.approx(case["mode_ms"] / case["plain_ms"], rel=1e-2)
+    table = capsys.readouterr().out
+    assert "| batch | new tokens | plain ms | mode ms |" in table and table.count("| none |") == 2
+
+
+def test_bad_arguments_exit_2_with_the_reason(bench: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--batch-sizes", "0"]) == 2
+    assert "must be at least 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench.main(["--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+    assert bench.main(["--preset", "no-such-model"]) == 2
+    assert "unknown model preset" in capsys.readouterr().err
+
+
+def test_case_rejects_non_positive_times(bench: Any) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        bench.Case(1, 2, 0.0, 1.0, {})
