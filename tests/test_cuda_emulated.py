@@ -58,7 +58,7 @@ _THUNK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 # (an illegal-address fault on a GPU) or doing undefined integer arithmetic stops the
 # process with a report. DETKIT_EMU_SANITIZE=thread builds it with ThreadSanitizer: two
 # threads of a block touching the same memory without a barrier between them (a missing
-# __syncthreads) is reported. The process must preload the runtime (_sanitized_run).
+# __syncthreads) is reported. The process must preload the runtime (_SanitizedRun).
 SANITIZE = os.environ.get("DETKIT_EMU_SANITIZE", "")  # "", "address" or "thread"
 SANITIZER_FLAGS = {"": [],
                    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
@@ -566,26 +566,52 @@ THREAD_SELECTION = ("(tensor_core and dtype0) or (every_tile and dtype1) or (row
                     "or (split_attention_values and bool) or attention_invariance")
 
 
-def _sanitized_run(tmp_path: Path, kind: str, select: str, kernels_dir: Path | None = None) -> tuple[int, str, str]:
-    """Run the tests of this file selected by ``select`` in a process under ``kind``
-    ("address": AddressSanitizer + UBSan, "thread": ThreadSanitizer); (exit code,
-    pytest's output, the sanitizer reports)."""
-    logs = tmp_path / f"{kind}-logs"
-    logs.mkdir()
-    env = {**os.environ, "DETKIT_EMU_SANITIZE": kind, "LD_PRELOAD": str(_runtime(kind))}
-    if kind == "address":
-        env.update({"ASAN_OPTIONS": f"detect_leaks=0:log_path={logs / 'asan'}",
-                    "UBSAN_OPTIONS": f"print_stacktrace=1:log_path={logs / 'ubsan'}"})
-    else:
-        # torch's OpenMP and numba's workers are not instrumented: ThreadSanitizer would
-        # not see their synchronisation and report races inside torch.
-        env.update({"TSAN_OPTIONS": f"log_path={logs / 'tsan'}", "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1"})
-    if kernels_dir is not None:  # one test of one file: build only what it launches
-        env.update({cuda_loader.ENV_KERNEL_DIR: str(kernels_dir), "DETKIT_EMU_PREBUILD": "0"})
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                           "-k", select], env=env, capture_output=True, text=True, timeout=900, check=False)
-    reports = "\n".join(f.read_text(errors="replace")[:6000] for f in sorted(logs.iterdir()))
-    return proc.returncode, proc.stdout + proc.stderr, reports
+class _SanitizedRun:
+    """The tests of this file selected by ``select``, in a process under ``kind``
+    ("address": AddressSanitizer + UBSan, "thread": ThreadSanitizer), started at once."""
+
+    def __init__(self, tmp_path: Path, kind: str, select: str, kernels_dir: Path | None = None) -> None:
+        self.kind = kind
+        self.logs = tmp_path / f"{kind}-logs"
+        self.logs.mkdir()
+        env = {**os.environ, "DETKIT_EMU_SANITIZE": kind, "LD_PRELOAD": str(_runtime(kind))}
+        if kind == "address":
+            env.update({"ASAN_OPTIONS": f"detect_leaks=0:log_path={self.logs / 'asan'}",
+                        "UBSAN_OPTIONS": f"print_stacktrace=1:log_path={self.logs / 'ubsan'}"})
+        else:
+            # torch's OpenMP and numba's workers are not instrumented: ThreadSanitizer would
+            # not see their synchronisation and report races inside torch.
+            env.update({"TSAN_OPTIONS": f"log_path={self.logs / 'tsan'}", "OMP_NUM_THREADS": "1",
+                        "NUMBA_NUM_THREADS": "1"})
+        if kernels_dir is not None:  # one test of one file: build only what it launches
+            env.update({cuda_loader.ENV_KERNEL_DIR: str(kernels_dir), "DETKIT_EMU_PREBUILD": "0"})
+        self.proc = subprocess.Popen([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                                      "-k", select], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
+
+    def result(self) -> tuple[int, str, str]:
+        """(exit code, pytest's output, the sanitizer reports), once the process ended."""
+        try:
+            output, _ = self.proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            output, _ = self.proc.communicate()
+        reports = "\n".join(f.read_text(errors="replace")[:6000] for f in sorted(self.logs.iterdir()))
+        return self.proc.returncode, output, reports
+
+
+@pytest.fixture(scope="module")
+def sanitized_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _SanitizedRun]]:
+    """Both sanitized runs, started together (the emulation waits on barriers more than
+    it computes, so the two overlap well on two cores)."""
+    selections = {"address": ADDRESS_SELECTION, "thread": THREAD_SELECTION}
+    runs = {kind: _SanitizedRun(tmp_path_factory.mktemp(kind), kind, select)
+            for kind, select in selections.items() if _runtime(kind) is not None}
+    yield runs
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.communicate()
 
 
 def _assert_clean(kind: str, rc: int, output: str, reports: str, fault: str) -> None:
@@ -605,28 +631,30 @@ def _mutated_kernels(tmp_path: Path, name: str, mutation: tuple[str, str]) -> Pa
 
 
 @_needs("address")
-def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
+def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(
+    sanitized_runs: dict[str, _SanitizedRun]
+) -> None:
     """No out-of-bounds access of a tensor, a shared array or the dynamic shared memory
     (sized by the launch), and no undefined integer arithmetic, in any kernel. Every
     test of this file: DETKIT_EMU_SANITIZE=address LD_PRELOAD=$(g++ -print-file-name=libasan.so)
     ASAN_OPTIONS=detect_leaks=0 pytest tests/test_cuda_emulated.py"""
-    rc, output, reports = _sanitized_run(tmp_path, "address", ADDRESS_SELECTION)
+    rc, output, reports = sanitized_runs["address"].result()
     _assert_clean("address", rc, output, reports, "an illegal address or undefined behaviour")
 
 
 @_needs("thread")
-def test_kernels_have_no_data_race_under_the_thread_sanitizer(tmp_path: Path) -> None:
+def test_kernels_have_no_data_race_under_the_thread_sanitizer(sanitized_runs: dict[str, _SanitizedRun]) -> None:
     """No two threads touch the same shared or global memory without a barrier between
     them (a missing __syncthreads: on a GPU, results that change from run to run)."""
-    rc, output, reports = _sanitized_run(tmp_path, "thread", THREAD_SELECTION)
+    rc, output, reports = sanitized_runs["thread"].result()
     _assert_clean("thread", rc, output, reports, "a data race: results that can change from run to run")
 
 
 @_needs("address")
 def test_mutation_read_past_the_tensor_is_caught_by_the_address_sanitizer(tmp_path: Path) -> None:
     kernels = _mutated_kernels(tmp_path, "rowops.cu", _OVERREAD)
-    rc, output, reports = _sanitized_run(tmp_path, "address", "test_portable_row_ops_equal_spec and 517 and dtype0",
-                                         kernels)
+    rc, output, reports = _SanitizedRun(tmp_path, "address", "test_portable_row_ops_equal_spec and 517 and dtype0",
+                                        kernels).result()
     assert rc != 0, f"the sanitized run passed with a read past the tensor:\n{output[-2000:]}"
     assert "heap-buffer-overflow" in reports and "rowops.cu:" in reports, reports[:3000] or output[-3000:]
 
@@ -638,6 +666,6 @@ _NO_BARRIER = ("    if (lane == 0) scratch[warp] = v;\n    __syncthreads();\n", 
 @_needs("thread")
 def test_mutation_missing_barrier_is_caught_by_the_thread_sanitizer(tmp_path: Path) -> None:
     kernels = _mutated_kernels(tmp_path, "common.cuh", _NO_BARRIER)
-    rc, output, reports = _sanitized_run(tmp_path, "thread", "row_ops_batch_invariant and False-dtype1", kernels)
+    rc, output, reports = _SanitizedRun(tmp_path, "thread", "row_ops_batch_invariant and False-dtype1", kernels).result()
     assert rc != 0 and "ThreadSanitizer: data race" in reports, reports[:3000] or output[-3000:]
     assert "common.cuh:" in reports, reports[:3000]
