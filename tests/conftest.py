@@ -1,8 +1,15 @@
-"""Shared test configuration: hypothesis profiles and the GPU skip."""
+"""Shared test configuration: hypothesis profiles, and helpers several test files use."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
 
 from hypothesis import HealthCheck, settings
 
@@ -16,3 +23,25 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("DETKIT_HYPOTHESIS_PROFILE", "ci"))
+
+
+def load_script(path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Import a script that is not part of the package (benchmarks/*.py) as a module."""
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def mode_left_off() -> Iterator[None]:
+    """Fails a test that finds detkit's mode on, or leaves it on (and turns it off)."""
+    from detkit import mode
+
+    assert not mode.is_enabled(), "a previous test left the mode on"
+    yield
+    if mode.is_enabled():
+        mode.disable()
+        pytest.fail("the test left the mode on")

@@ -4,7 +4,6 @@ keeps the finished cases on disk. The GPU numbers themselves come from scripts/g
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -13,17 +12,14 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import load_script
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cuda.py"
 
 
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
-    spec = importlib.util.spec_from_file_location("bench_cuda_under_test", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up
-    spec.loader.exec_module(mod)
+    mod = load_script(BENCH, monkeypatch)
     monkeypatch.setattr(mod, "DEVICE", "cpu")
     monkeypatch.setattr(mod, "MATMUL_KN", (64,))
     monkeypatch.setattr(mod, "ROW_LEN", 32)

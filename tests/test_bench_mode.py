@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import load_script
 
 BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_mode.py"
 
@@ -17,11 +16,7 @@ BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_mode.py"
 @pytest.fixture
 def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
     pytest.importorskip("transformers")
-    spec = importlib.util.spec_from_file_location("bench_mode_under_test", BENCH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up
-    spec.loader.exec_module(mod)
+    mod = load_script(BENCH, monkeypatch)
     return mod
 
 

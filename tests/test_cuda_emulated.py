@@ -529,12 +529,16 @@ _OVERREAD = ("for (int j = lane; j < L; j += 32) m = ieee_max(m, to_f32(xr[j]));
              "for (int j = lane; j <= L; j += 32) m = ieee_max(m, to_f32(xr[j]));")
 
 
+def _mutated(name: str, text: str, mutation: tuple[str, str]) -> str:
+    """``text`` (of kernel file ``name``) with the negative control's one-line change."""
+    assert mutation[0] in text, f"{name} changed: update this negative control's mutation"
+    return text.replace(*mutation)
+
+
 def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(
     emulated: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    source = cuda_loader.kernel_source("rowops.cu")
-    assert _LANE_EXIT[0] in source, "rowops.cu changed: update this negative control's mutation"
-    source = source.replace(*_LANE_EXIT)
+    source = _mutated("rowops.cu", cuda_loader.kernel_source("rowops.cu"), _LANE_EXIT)
     libs = {**emulated, "rowops.cu": _build("rowops.cu", _out_dir(), source)}
     monkeypatch.setattr(cuda_backend, "_launch", _launcher(libs))
     with pytest.raises(AssertionError, match="softmax_p_f32 .*(warp collective ran after a lane|lane returned)"):
@@ -622,11 +626,10 @@ def _assert_clean(kind: str, rc: int, output: str, reports: str, fault: str) -> 
 
 
 def _mutated_kernels(tmp_path: Path, name: str, mutation: tuple[str, str]) -> Path:
+    """A copy of the kernel directory with ``mutation`` applied to file ``name``."""
     kernels = tmp_path / "kernels"
     shutil.copytree(cuda_loader.kernel_dir(), kernels)
-    text = (kernels / name).read_text()
-    assert mutation[0] in text, f"{name} changed: update this negative control's mutation"
-    (kernels / name).write_text(text.replace(*mutation))
+    (kernels / name).write_text(_mutated(name, (kernels / name).read_text(), mutation))
     return kernels
 
 

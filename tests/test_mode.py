@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,13 +19,7 @@ from detkit.compare import diff
 from detkit.errors import InputError, InvarianceViolation
 
 
-@pytest.fixture(autouse=True)
-def _mode_off_after_each_test() -> Iterator[None]:
-    assert not mode.is_enabled(), "a previous test left the mode on"
-    yield
-    if mode.is_enabled():
-        mode.disable()
-        pytest.fail("the test left the mode on")
+pytestmark = pytest.mark.usefixtures("mode_left_off")
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

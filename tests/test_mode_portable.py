@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -46,13 +46,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 88.7, -104.0, 1e30, -1e30]
 
 
-@pytest.fixture(autouse=True)
-def _mode_off_after_each_test() -> Iterator[None]:
-    assert not mode.is_enabled(), "a previous test left the mode on"
-    yield
-    if mode.is_enabled():
-        mode.disable()
-        pytest.fail("the test left the mode on")
+pytestmark = pytest.mark.usefixtures("mode_left_off")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
