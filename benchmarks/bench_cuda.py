@@ -148,18 +148,34 @@ def bench_attention(min_time: float, deadline: float) -> Iterator[Result]:
 
 @dataclass
 class TileSweep:
-    """One (dtype, M) of the tile sweep: torch and every catalogue configuration, in ms."""
+    """One (dtype, M) of the tile sweep: torch and every catalogue configuration, in ms,
+    and whether each configuration gave the table default's bits on this input."""
 
     dtype: str
     m: int
     kn: int
     torch_ms: float
     config_ms: dict[str, float]
+    same_bits_as_default: dict[str, bool]
 
 
-def bench_tiles(min_time: float, deadline: float) -> Iterator[TileSweep]:
-    """Every configuration of detkit.kernels.cuda.TILE_CATALOGUE (same bits, different
-    speed) against torch, K = N = TILE_KN, portable=False."""
+def bits_agree(x: torch.Tensor, w: torch.Tensor, configs: list[Any]) -> dict[str, bool]:
+    """Per configuration: x @ w.T has the bits of the table's default configuration. True
+    within a kernel family by construction (the GPU tests check it); across mma.sync and
+    wgmma it is the hardware's business, and decides whether adopting a wgmma
+    configuration changes the default's bits."""
+    from detkit.kernels import cuda as kc
+
+    def raw(t: torch.Tensor) -> torch.Tensor:
+        return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+    want = raw(kc.matmul(x, w.t(), None))
+    return {c.name: torch.equal(raw(kc.matmul(x, w.t(), None, tile=c)), want) for c in configs}
+
+
+def bench_tiles(min_time: float, deadline: float, wgmma: bool = True) -> Iterator[TileSweep]:
+    """Every configuration of detkit.kernels.cuda.TILE_CATALOGUE that runs here (the
+    wgmma ones only with ``wgmma``) against torch, K = N = TILE_KN, portable=False."""
     from detkit.kernels import cuda as kc
 
     for dtype in (torch.bfloat16, torch.float32):
@@ -168,10 +184,13 @@ def bench_tiles(min_time: float, deadline: float) -> Iterator[TileSweep]:
             if time.perf_counter() > deadline:
                 return
             x = torch.randn(m, TILE_KN, device=DEVICE).to(dtype)
+            configs = [c for c in kc.TILE_CATALOGUE[dtype]
+                       if kc.fits(c, x.device) and (wgmma or c.family != "wgmma")]
+            same = bits_agree(x, w, configs)
             t_torch = time_call(lambda x=x, w=w: torch.nn.functional.linear(x, w), min_time)
             per = {cfg.name: time_call(lambda x=x, w=w, c=cfg: kc.matmul(x, w.t(), None, tile=c), min_time)
-                   for cfg in kc.TILE_CATALOGUE[dtype] if kc.fits(cfg, x.device)}
-            yield TileSweep(str(dtype).replace("torch.", ""), m, TILE_KN, t_torch, per)
+                   for cfg in configs}
+            yield TileSweep(str(dtype).replace("torch.", ""), m, TILE_KN, t_torch, per, same)
 
 
 def tile_choice(sweeps: list[TileSweep]) -> dict[str, dict[str, Any]]:
@@ -219,6 +238,9 @@ def tiles_markdown(sweeps: list[TileSweep]) -> list[str]:
     for dtype, c in tile_choice(sweeps).items():
         lines.append(f"Best single configuration for {dtype} (highest worst-case speed): `{c['best']}` "
                      f"({c['worst_speed']}).")
+    differ = sorted({f"{s.dtype} {n}" for s in sweeps for n, same in s.same_bits_as_default.items() if not same})
+    lines += ["", "Bits differ from the table's default configuration: "
+              + (", ".join(f"`{d}`" for d in differ) if differ else "none") + "."]
     return lines
 
 
@@ -253,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds of calls per measurement")
     parser.add_argument("--budget", type=float, default=150.0, help="stop starting new cases after this many seconds")
     parser.add_argument("--only", choices=("matmul", "rows", "attention", "tiles"), action="append")
+    parser.add_argument("--no-wgmma", action="store_true",
+                        help="leave the wgmma configurations out of the tile sweep (gpu-check: when their tests failed)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device; nothing to measure", file=sys.stderr)
@@ -264,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.perf_counter() + args.budget
     only = set(args.only or ("matmul", "rows", "attention", "tiles"))
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
-            "cuda": torch.version.cuda, "budget_exhausted": False, "complete": False}
+            "cuda": torch.version.cuda, "budget_exhausted": False, "complete": False,
+            "wgmma_in_sweep": not args.no_wgmma}
     results: list[Result] = []
     sweeps: list[TileSweep] = []
 
@@ -297,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             for result in suite:
                 record(result)
         if "tiles" in only:
-            for sweep in bench_tiles(args.min_time, deadline):
+            for sweep in bench_tiles(args.min_time, deadline, wgmma=not args.no_wgmma):
                 sweeps.append(sweep)
                 print(f"tiles {sweep.dtype} M={sweep.m}: done", file=sys.stderr, flush=True)
                 write()

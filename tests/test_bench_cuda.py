@@ -33,6 +33,8 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
 
     # a stand-in GPU that grants no shared memory beyond the default 48 KiB
     monkeypatch.setattr(kc, "fits", lambda cfg, dev: cfg.smem <= 48 * 1024)
+    # the kernels are never called: the stand-in says only the first configuration keeps the bits
+    monkeypatch.setattr(mod, "bits_agree", lambda x, w, configs: {c.name: i == 0 for i, c in enumerate(configs)})
     return mod
 
 
@@ -67,11 +69,29 @@ def test_every_case_is_recorded_with_its_targets(bench: Any, tmp_path: Path, mon
     assert set(data["tiles"][0]["config_ms"]) == small and len(small) < len(kc.TILE_CATALOGUE[torch.bfloat16])
     assert data["tile_choice"]["bfloat16"]["best"] in data["tiles"][0]["config_ms"]
     assert "Best single configuration for float32" in (tmp_path / "b.md").read_text()
+    assert data["tiles"][0]["same_bits_as_default"][kc.TC_TAGS[0]] is True
+    differ = f"`bfloat16 {kc.TILE_CATALOGUE[torch.bfloat16][1].name}`"
+    assert differ in (tmp_path / "b.md").read_text().split("Bits differ from the table's default configuration:")[1]
+
+
+def test_the_sweep_leaves_wgmma_out_when_asked(bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gpu-check passes --no-wgmma when the wgmma tests failed: the sweep must not run them."""
+    from detkit.kernels import cuda as kc
+
+    monkeypatch.setattr(bench, "time_call", lambda fn, min_time: 1.0)
+    monkeypatch.setattr(kc, "fits", lambda cfg, dev: True)  # an H100: everything fits
+    for flags, has_wgmma in (([], True), (["--no-wgmma"], False)):
+        assert bench.main(["--only", "tiles", "--json", str(tmp_path / "b.json"), *flags]) == 0
+        data = json.loads((tmp_path / "b.json").read_text())
+        names = set(data["tiles"][0]["config_ms"])
+        assert any(n.startswith("wgmma_") for n in names) is has_wgmma, names
+        assert data["meta"]["wgmma_in_sweep"] is has_wgmma
 
 
 def test_tile_choice_maximises_the_worst_case(bench: Any) -> None:
-    sweeps = [bench.TileSweep("bfloat16", 1, 4096, 1.0, {"fast_small": 1.1, "even": 1.4}),
-              bench.TileSweep("bfloat16", 4096, 4096, 1.0, {"fast_small": 2.0, "even": 1.25})]
+    same = {"fast_small": True, "even": True}
+    sweeps = [bench.TileSweep("bfloat16", 1, 4096, 1.0, {"fast_small": 1.1, "even": 1.4}, same),
+              bench.TileSweep("bfloat16", 4096, 4096, 1.0, {"fast_small": 2.0, "even": 1.25}, same)]
     choice = bench.tile_choice(sweeps)["bfloat16"]
     assert choice["best"] == "even" and choice["worst_speed"] == 0.714
 
@@ -107,12 +127,14 @@ def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ok"] is False and summary["tests"]["passed"] == 0 and summary["tests"]["skipped"] > 0
     assert summary["kernels_check"]["ok"] is True
-    assert set(summary["kernels_check"]["files"]) == {"matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu"}
+    assert set(summary["kernels_check"]["files"]) == {"matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu",
+                                                      "matmul_sm90.cu"}
     md = (tmp_path / "summary.md").read_text()
     assert "Verdict: FAIL" in md and "No GPU test ran" in md
-    # The four test processes partition tests/test_cuda_gpu.py: every test in exactly one.
+    # The five test processes partition tests/test_cuda_gpu.py: every test in exactly one.
     groups = summary["tests"]["groups"]
-    assert set(groups) == {"matmul", "rows", "attention", "integration"}
+    assert set(groups) == {"wgmma", "matmul", "rows", "attention", "integration"}
+    assert all("wgmma" in t for t in groups["wgmma"]["tests"]) and groups["wgmma"]["tests"]
     assert all(g["passed"] + g["failed"] + g["errors"] == 0 and g["skipped"] > 0 for g in groups.values()), groups
     names = [t for g in groups.values() for t in g["tests"]]
     collect = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",

@@ -23,6 +23,8 @@ from detkit.kernels import cuda as cuda_backend
 from detkit.kernels import cuda_loader
 
 ARCHS = ("sm_80", "sm_90")
+# (target, file) of every compilation check_all(ARCHS) does: matmul_sm90.cu only for sm_90, as sm_90a.
+JOBS = [(t, n) for a in ARCHS for n in cuda_loader.KERNEL_FILES if (t := cuda_loader.build_arch(n, a)) is not None]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,7 @@ def results(compiler: str) -> dict[tuple[str, str], cuda_loader.CheckResult]:
     return {(r.arch, r.file): r for r in cuda_loader.check_all(ARCHS, compiler=compiler)}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", cuda_loader.KERNEL_FILES)
+@pytest.mark.parametrize(("arch", "name"), JOBS)
 def test_kernel_compiles(results: dict, arch: str, name: str) -> None:
     r = results[(arch, name)]
     assert r.ok, f"{name} does not compile for {arch} with {r.compiler}:\n{r.log}"
@@ -77,13 +78,42 @@ def test_backend_entry_points_exist(results: dict) -> None:
         missing = _expected_entries() - compiled
         assert not missing, f"entry points launched by detkit.kernels.cuda but not compiled for {arch}: {missing}"
         for module, entries in _matmul_entries([*tables, *catalogue]).items():
-            missing = entries - set(results[(arch, module)].entries)
+            target = cuda_loader.build_arch(module, arch)
+            if target is None:
+                continue
+            missing = entries - set(results[(target, module)].entries)
             assert not missing, f"matmul configurations missing from {module} for {arch}: {sorted(missing)}"
     # the default configurations are in matmul.cu itself, so that detkit never compiles the alternatives
     assert {c.module for c in tables} == {"matmul.cu"}
     for cfg in tables:
         assert any(c.kernel == cfg.kernel for cs in (*cuda_backend.TILE_CATALOGUE.values(),
                                                     *cuda_backend.PORTABLE_TILE_CATALOGUE.values()) for c in cs)
+
+
+def test_wgmma_unit_is_built_only_for_sm_90a(compiler: str) -> None:
+    """matmul_sm90.cu is compiled for sm_90a on sm_90 GPUs and for nothing else; compiled
+    for plain sm_90 it stops with an error that says so (wgmma is not in sm_90)."""
+    assert cuda_loader.build_arch("matmul_sm90.cu", "sm_90") == "sm_90a"
+    assert cuda_loader.build_arch("matmul_sm90.cu", "sm_80") is None
+    assert cuda_loader.build_arch("matmul_sm90.cu", "sm_100") is None
+    assert cuda_loader.build_arch("matmul.cu", "sm_80") == "sm_80"
+    with pytest.raises(CompileError, match="compile it for sm_90a"):
+        cuda_loader.compile_source(cuda_loader.kernel_source("matmul_sm90.cu"), "matmul_sm90.cu", "sm_90",
+                                   output="ptx", compiler=compiler)
+
+
+def test_wgmma_kernels_assemble(compiler: str) -> None:
+    """The PTX checks only parse inline assembly; building a CUBIN runs ptxas, which checks
+    each wgmma instruction's shape, operand count and types (sm_90a, every configuration)."""
+    import re
+
+    cubin = cuda_loader.compile_source(cuda_loader.kernel_source("matmul_sm90.cu"), "matmul_sm90.cu", "sm_90a",
+                                       output="cubin", compiler=compiler)
+    assert cubin[:4] == b"\x7fELF"
+    names = set(re.findall(rb"mm_wg_\w+_(?:bf16|f16)_(?:kmajor|nmajor)", cubin))
+    want = {f"{c.kernel}_{layout}".encode() for dt in (torch.bfloat16, torch.float16)
+            for c in cuda_backend.TILE_CATALOGUE[dt] if c.family == "wgmma" for layout in ("kmajor", "nmajor")}
+    assert want and want <= names, sorted(want - names)
 
 
 def test_broken_kernel_error_points_at_its_line(compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,7 +183,7 @@ def test_cli_check_json(results: dict) -> None:
     out = CliRunner().invoke(app, ["kernels", "check", "--json", *[f"--arch={a}" for a in ARCHS]])
     assert out.exit_code == 0, out.output
     payload = json.loads(out.output)
-    assert payload["ok"] is True and len(payload["results"]) == len(ARCHS) * len(cuda_loader.KERNEL_FILES)
+    assert payload["ok"] is True and [(r["arch"], r["file"]) for r in payload["results"]] == JOBS
 
 
 def test_cli_check_table_names_the_compiler(results: dict) -> None:
@@ -186,19 +216,24 @@ def test_tile_tags_match_the_instantiations() -> None:
     import re
 
     d = cuda_loader.kernel_dir()
-    text = (d / "matmul.cu").read_text() + (d / "matmul_tiles.cu").read_text()
+    text = "".join((d / f).read_text() for f in ("matmul.cu", "matmul_tiles.cu", "matmul_sm90.cu"))
     tc = re.findall(r"^DETKIT_TC_CONFIG\((\w+), (\d+), (\d+), (\d+), (\d+), (\d+), (\d+)\)", text, re.M)
     simt = re.findall(r"^DETKIT_SIMT_CONFIG\((\w+), (\d+), (\d+), (\d+), (\d+), (\d+)\)", text, re.M)
-    assert [t[0] for t in tc] and [t[0] for t in simt]
+    wg = re.findall(r"^DETKIT_WG_CONFIG\((\w+), (\d+), (\d+), (\d+)\)", text, re.M)
+    assert [t[0] for t in tc] and [t[0] for t in simt] and [t[0] for t in wg]
     for tag, *nums in tc:
         assert tag == "{}x{}x{}_{}x{}_s{}".format(*nums), tag
     for tag, *nums in simt:
         assert tag == "{}x{}x{}_{}x{}".format(*nums), tag
+    for tag, bm, bn, stages in wg:  # BK is 64: one 128-byte swizzle row of 16-bit values
+        assert tag == f"{bm}x{bn}x64_s{stages}", tag
     assert sorted(t[0] for t in tc) == sorted(cuda_backend.TC_TAGS)
     assert sorted(t[0] for t in simt) == sorted(cuda_backend.SIMT_TAGS)
+    assert sorted(t[0] for t in wg) == sorted(cuda_backend.WG_TAGS)
+    families = {"tc": tc, "simt": simt, "wgmma": [(t, bm, bn, "64") for t, bm, bn, _ in wg]}
     for cfgs in cuda_backend.TILE_CATALOGUE.values():
         for cfg in cfgs:
-            nums = next(n for t, *n in (tc if cfg.tensor_cores else simt) if t == cfg.name)
+            nums = next(n for t, *n in families[cfg.family] if t == cfg.name.removeprefix("wgmma_"))
             assert (cfg.bm, cfg.bn, cfg.bk) == tuple(int(x) for x in nums[:3]), cfg
 
 
@@ -237,12 +272,14 @@ def test_a_failed_launch_names_the_kernel(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_tensor_core_shared_memory_sizes_match_the_kernels(compiler: str) -> None:
     """The dynamic shared memory the launcher passes (TileConfig.smem) is what each
-    configuration's TcCfg::SMEM_BYTES says, read from the compiled PTX."""
+    configuration's TcCfg / WgCfg::SMEM_BYTES says, read from the compiled PTX."""
     import re
 
-    ptx = cuda_loader.compile_source(cuda_loader.kernel_source("matmul_tiles.cu"), "matmul_tiles.cu", "sm_90",
-                                     output="ptx", compiler=compiler).decode()
+    ptx = "".join(cuda_loader.compile_source(cuda_loader.kernel_source(f), f, arch, output="ptx",
+                                             compiler=compiler).decode()
+                  for f, arch in (("matmul_tiles.cu", "sm_90"), ("matmul_sm90.cu", "sm_90a")))
     declared = {m[0]: int(m[1]) for m in re.findall(r"mm_tc_(\w+)_smem_bytes = (\d+);", ptx)}
+    declared |= {f"wgmma_{m[0]}": int(m[1]) for m in re.findall(r"mm_wg_(\w+)_smem_bytes = (\d+);", ptx)}
     configs = [*cuda_backend.TILE_CATALOGUE[torch.bfloat16], *cuda_backend.TILE_CATALOGUE[torch.float16],
                *(c for c in cuda_backend.MATMUL_TILES.values() if c.tensor_cores)]
     for cfg in configs:

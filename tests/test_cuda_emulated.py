@@ -443,26 +443,79 @@ def test_fp32_matmul_batch_invariant(emulated: dict) -> None:
         assert_bits_equal(cuda_backend.matmul(a[rows[0] : rows[1]], b, None), full[rows[0] : rows[1]], f"rows {rows}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # float16: the same template as bfloat16
-def test_every_tile_configuration_gives_the_same_bits(emulated: dict, dtype: torch.dtype) -> None:
+# float16: the same templates as bfloat16. The wgmma family (no float32, no portable
+# configurations) apart, so that ThreadSanitizer can leave it to the wgmma pipeline test.
+@pytest.mark.parametrize(("dtype", "family"), [(torch.float32, "mma"), (torch.bfloat16, "mma"),
+                                               (torch.bfloat16, "wgmma")], ids=["float32", "bfloat16", "wgmma"])
+def test_every_tile_configuration_gives_the_same_bits(emulated: dict, dtype: torch.dtype, family: str) -> None:
     """The arithmetic order never depends on the tile: every configuration of the
-    catalogue (matmul_tiles.cu) reproduces the default kernel's bits, for both B layouts,
-    aligned (cp.async) and unaligned (element-wise) loads, M = 1 and M, N past a whole
-    tile of the largest configuration (every warp of a CTA owns stored outputs)."""
+    catalogue (matmul_tiles.cu, matmul_sm90.cu) reproduces the default kernel's bits, for
+    both B layouts, aligned (cp.async) and unaligned (element-wise) loads, M = 1 and M, N
+    past a whole tile of the largest configuration (every warp of a CTA owns stored
+    outputs). In the emulation that includes the wgmma family, whose arithmetic is emulated
+    like mma.sync's."""
     k, n = 40, 136
     a, w = rand((140, k + 1), dtype, 80), rand((n, k + 1), dtype, 81, 0.1)
     bias = rand((n,), dtype, 82)
     cases = {"aligned k-major": (a[:, :k].contiguous(), w[:, :k].contiguous().t()),
              "n-major": (a[:, :k].contiguous(), w[:, :k].t().contiguous()),
              "unaligned": (a[:, 1:], w[:, 1:].t())}
-    for portable in (False, True):
-        catalogue = (cuda_backend.PORTABLE_TILE_CATALOGUE if portable else cuda_backend.TILE_CATALOGUE)[dtype]
+    for portable in (False, True) if family == "mma" else (False,):
+        catalogue = [c for c in (cuda_backend.PORTABLE_TILE_CATALOGUE if portable else cuda_backend.TILE_CATALOGUE)[dtype]
+                     if (c.family == "wgmma") == (family == "wgmma")]
+        assert catalogue, (family, dtype, portable)
         for what, (x, b) in cases.items():
             for m in (1, 140) if what == "aligned k-major" else (140,):
                 want = cuda_backend.matmul(x[:m], b, bias, portable=portable)
                 for cfg in catalogue:
                     got = cuda_backend.matmul(x[:m], b, bias, portable=portable, tile=cfg)
                     assert_bits_equal(got, want, f"{cfg.name} {what} M={m} portable={portable}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_pipeline_values_and_layouts(emulated: dict, dtype: torch.dtype) -> None:
+    """The Hopper wgmma kernels (matmul_sm90.cu) over more k tiles than any pipeline has
+    stages: right values (vs float64), the bits of the mma.sync default (the emulation
+    gives both families the same arithmetic, so this checks descriptors, swizzle, stage
+    rotation and fragment layout exactly), both B layouts, rows independent of M."""
+    m, k, n = 131, 584, 200  # 10 k tiles of 64; N not a multiple of any BN
+    a, w, bias = rand((m, k), dtype, 84), rand((n, k), dtype, 85), rand((n,), dtype, 86)
+    ref = a.double() @ w.double().t() + bias.double()
+    want = cuda_backend.matmul(a, w.t(), bias)
+    tol = 2.0 * ref.abs() * (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11) + 1e-3
+    configs = [c for c in cuda_backend.TILE_CATALOGUE[dtype] if c.family == "wgmma"]
+    assert configs, "no wgmma configuration in the catalogue"
+    for cfg in configs if dtype == torch.bfloat16 else configs[:1]:  # float16 shares the template
+        got = cuda_backend.matmul(a, w.t(), bias, tile=cfg)
+        assert bool(((got.double() - ref).abs() <= tol).all()), f"{cfg.name}: values off"
+        assert_bits_equal(got, want, f"{cfg.name} vs the mma.sync default")
+        assert_bits_equal(cuda_backend.matmul(a, w.t().contiguous(), bias, tile=cfg), got, f"{cfg.name} n-major B")
+        assert_bits_equal(cuda_backend.matmul(a[64:67], w.t(), bias, tile=cfg), got[64:67], f"{cfg.name} rows 64:67")
+
+
+# Negative controls of the wgmma emulation, each a mistake the GPU would punish with wrong
+# bits: refilling the stage a wgmma still reads (prefetching one tile deeper than the
+# wait allows), tiles not 1024-byte aligned (the hardware swizzles by address bits), and
+# tiles stored without the swizzle their descriptors declare.
+_WGMMA_MISTAKES = {
+    "refill in flight": ("static constexpr int PREFETCH = STAGES - 2;", "static constexpr int PREFETCH = STAGES - 1;"),
+    "unaligned tiles": ("unsigned char* const sA = wg_smem + ((1024u - (smem_addr(wg_smem) & 1023u)) & 1023u);",
+                        "unsigned char* const sA = wg_smem;"),
+    "unswizzled tiles": ("return row * 128 + ((chunk ^ (row & 7)) << 4);", "return row * 128 + (chunk << 4);"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(_WGMMA_MISTAKES))
+def test_mutation_wgmma_mistakes_change_the_bits(emulated: dict, monkeypatch: pytest.MonkeyPatch,
+                                                 mistake: str) -> None:
+    a, w = rand((70, 584), torch.bfloat16, 87), rand((72, 584), torch.bfloat16, 88)
+    cfg = next(c for c in cuda_backend.TILE_CATALOGUE[torch.bfloat16] if c.name == "wgmma_64x64x64_s8")
+    want = cuda_backend.matmul(a, w.t(), None, tile=cfg)
+    source = _mutated("matmul_sm90.cu", cuda_loader.kernel_source("matmul_sm90.cu"), _WGMMA_MISTAKES[mistake])
+    monkeypatch.setattr(cuda_backend, "_launch",
+                        _launcher({**emulated, "matmul_sm90.cu": _build("matmul_sm90.cu", _out_dir(), source)}))
+    got = cuda_backend.matmul(a, w.t(), None, tile=cfg)
+    assert not torch.equal(bits(got), bits(want)), f"the emulation did not notice {mistake}"
 
 
 def test_tile_override_must_come_from_the_catalogue(emulated: dict) -> None:
@@ -564,10 +617,11 @@ def _needs(kind: str) -> pytest.MarkDecorator:
 # repeat the same paths.
 ADDRESS_SELECTION = "not drawn_shapes and not dtype2 and not (row_ops_batch_invariant and dtype0) and not mutation"
 # ThreadSanitizer (slower): each kernel that shares memory between threads once - the
-# tensor-core pipeline in every tile configuration, the CUDA-core GEMM, the block
-# reductions of the row ops, both attention kernels.
-THREAD_SELECTION = ("(tensor_core and dtype0) or (every_tile and dtype1) or (row_ops_batch_invariant and dtype1) "
-                    "or (split_attention_values and bool) or attention_invariance")
+# tensor-core pipeline in every tile configuration, the wgmma pipeline through its stage
+# rotation (float16: one configuration), the CUDA-core GEMM, the block reductions of the
+# row ops, both attention kernels.
+THREAD_SELECTION = ("(tensor_core and dtype0) or (every_tile and bfloat16) or (row_ops_batch_invariant and dtype1) "
+                    "or (split_attention_values and bool) or attention_invariance or (wgmma_pipeline and dtype1)")
 
 
 class _SanitizedRun:

@@ -112,15 +112,17 @@ def test_bmm_batch_invariant(portable: bool) -> None:
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_tile_configuration_gives_the_same_bits(dtype: torch.dtype, portable: bool) -> None:
-    """Each configuration of the catalogue (benchmarked by bench_cuda.py, any of which
-    the tables may pick) reproduces the default kernel's bits, on the GPU's own mma."""
+    """Each mma.sync / CUDA-core configuration of the catalogue (benchmarked by
+    bench_cuda.py, any of which the tables may pick) reproduces the default kernel's bits,
+    on the GPU's own mma."""
     x = rand((600, 4104), dtype, 14)
     w = rand((1000, 4104), dtype, 15, 0.02)
     bias = rand((1000,), dtype, 16)
     want = cuda_backend.matmul(x, w.t(), bias, portable=portable)
     catalogue = (cuda_backend.PORTABLE_TILE_CATALOGUE if portable else cuda_backend.TILE_CATALOGUE)[dtype]
     dev = torch.device(DEV, torch.cuda.current_device())
-    runnable = [c for c in catalogue if cuda_backend.fits(c, dev)]
+    # the wgmma family has tests of its own (test_wgmma_*), in their own process in gpu-check
+    runnable = [c for c in catalogue if cuda_backend.fits(c, dev) and c.family != "wgmma"]
     assert runnable and all(cuda_backend.fits(c, dev) for c in cuda_backend.MATMUL_TILES.values())
     for cfg in runnable:
         for m in (1, 16, 64, 600):
@@ -128,6 +130,52 @@ def test_every_tile_configuration_gives_the_same_bits(dtype: torch.dtype, portab
             assert_bits_equal(got, want[:m], f"{cfg.name} M={m} portable={portable}")
         assert_bits_equal(cuda_backend.matmul(x[:64], w.t().contiguous(), bias, portable=portable, tile=cfg),
                           want[:64], f"{cfg.name} n-major B")
+
+
+def _wgmma_configs(dtype: torch.dtype) -> list[cuda_backend.TileConfig]:
+    dev = torch.device(DEV, torch.cuda.current_device())
+    if torch.cuda.get_device_capability(dev) != (9, 0):
+        pytest.skip(f"wgmma needs an sm_90 GPU (H100, H200); this is {torch.cuda.get_device_name(dev)}")
+    return [c for c in cuda_backend.TILE_CATALOGUE[dtype] if c.family == "wgmma" and cuda_backend.fits(c, dev)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_values_are_right(dtype: torch.dtype) -> None:
+    """Each wgmma configuration against float64: a wrong descriptor, swizzle or fragment
+    index gives errors of the order of the values. M, N and K are not multiples of any
+    tile, K spans more k tiles than any pipeline has stages."""
+    a = rand((300, 1000), dtype, 90)
+    w = rand((387, 1000), dtype, 91, 0.05)
+    bias = rand((387,), dtype, 92)
+    ref = a.double() @ w.double().t() + bias.double()
+    scale = (a.double().abs() @ w.double().abs().t()) + bias.double().abs()
+    ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    for cfg in _wgmma_configs(dtype):
+        for what, b in (("k-major", w.t()), ("n-major", w.t().contiguous())):
+            got = cuda_backend.matmul(a, b, bias, tile=cfg).double()
+            err = (got - ref).abs() - (2 * ulp * ref.abs() + 5e-5 * scale)
+            assert bool((err <= 0).all()), f"{cfg.name} {what}: values off by up to {float(err.max()):.3g} past the tolerance"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_batch_invariant_and_configurations_agree(dtype: torch.dtype) -> None:
+    """Every wgmma configuration: rows independent of M for every M in 1..MAX_M, and the
+    same bits as the family's first configuration (both B layouts, unaligned rows)."""
+    configs = _wgmma_configs(dtype)
+    x = rand((MAX_M + 64, 4104), dtype, 93)
+    w = rand((1000, 4104), dtype, 94, 0.02)
+    bias = rand((1000,), dtype, 95)
+    first = cuda_backend.matmul(x[:600], w.t(), bias, tile=configs[0])
+    for cfg in configs:
+        sweep(lambda t, c=cfg: cuda_backend.matmul(t, w.t(), bias, tile=c), x, f"{cfg.name}")
+        assert_bits_equal(cuda_backend.matmul(x[:600], w.t(), bias, tile=cfg), first, f"{cfg.name} vs {configs[0].name}")
+        assert_bits_equal(cuda_backend.matmul(x[:64], w.t().contiguous(), bias, tile=cfg), first[:64],
+                          f"{cfg.name} n-major B")
+        # K = 4103 through a view: unaligned rows, element-wise loads; zero-padded K gives the same bits
+        unaligned = cuda_backend.matmul(x[:64, 1:], w[:, 1:].t(), bias, tile=cfg)
+        padded = cuda_backend.matmul(torch.nn.functional.pad(x[:64, 1:], (0, 1)),
+                                     torch.nn.functional.pad(w[:, 1:], (0, 1)).t(), bias, tile=cfg)
+        assert_bits_equal(unaligned, padded, f"{cfg.name} element-wise loads")
 
 
 ROW_OPS: dict[str, Callable[..., torch.Tensor]] = {

@@ -77,7 +77,7 @@ class TileConfig:
     stages: int
     tensor_cores: bool
     module: str = "matmul.cu"
-    smem: int = 0  # dynamic shared memory per CTA, bytes (TcCfg::SMEM_BYTES)
+    smem: int = 0  # dynamic shared memory per CTA, bytes (TcCfg / WgCfg::SMEM_BYTES)
 
     def __post_init__(self) -> None:
         if min(self.bm, self.bn, self.bk, self.threads, self.stages) <= 0:
@@ -88,9 +88,17 @@ class TileConfig:
             raise ValueError(f"unknown kernel module {self.module!r}: {self}")
 
     @property
+    def family(self) -> str:
+        """``tc`` (mma.sync, sm_80+), ``wgmma`` (sm_90 only) or ``simt`` (CUDA cores).
+        Configurations of one family give the same bits; across tensor-core families that
+        is up to the hardware (matmul_sm90.cu)."""
+        return {"tc": "tc", "wg": "wgmma", "simt": "simt"}[self.kernel.split("_")[1]]
+
+    @property
     def name(self) -> str:
-        """The configuration's tag, e.g. ``128x64x32_2x2_s3``."""
-        return self.kernel.split("_", 2)[2].rsplit("_", 1)[0]
+        """The configuration's tag, e.g. ``128x64x32_2x2_s3`` or ``wgmma_128x128x64_s5``."""
+        tag = self.kernel.split("_", 2)[2].rsplit("_", 1)[0]
+        return f"wgmma_{tag}" if self.family == "wgmma" else tag
 
 
 def _tag_sizes(tag: str) -> tuple[int, int, int, int, int]:
@@ -109,20 +117,29 @@ def _tc(tag: str, dtype_sfx: str, module: str) -> TileConfig:
     return TileConfig(f"mm_tc_{tag}_{dtype_sfx}", bm, bn, bk, 32 * wgm * wgn, stages, True, module, smem)
 
 
+def _wg(tag: str, dtype_sfx: str) -> TileConfig:
+    bm, bn, bk = (int(x) for x in tag.split("_")[0].split("x"))
+    stages = int(tag.split("_s")[1])
+    # WgCfg::SMEM_BYTES: STAGES x (A + B) rows of 128 bytes, + 1024 to align the tiles
+    smem = stages * (bm + bn) * 128 + 1024
+    return TileConfig(f"mm_wg_{tag}_{dtype_sfx}", bm, bn, bk, 128 * (bm // 64), stages, True, "matmul_sm90.cu", smem)
+
+
 def _simt(tag: str, dtype_sfx: str, module: str) -> TileConfig:
     bm, bn, bk, tm, tn = _tag_sizes(tag)
     return TileConfig(f"mm_simt_{tag}_{dtype_sfx}", bm, bn, bk, (bm // tm) * (bn // tn), 2, False, module)
 
 
-# Every configuration compiled (matmul.cu + matmul_tiles.cu), for benchmarks and tests:
-# the tag lists must match the DETKIT_*_CONFIG lines of the two files.
+# Every configuration compiled (matmul.cu + matmul_tiles.cu, and matmul_sm90.cu for
+# sm_90), for benchmarks and tests: the tag lists must match the DETKIT_*_CONFIG lines.
 TC_TAGS: tuple[str, ...] = ("128x64x32_2x2_s3", "128x128x32_2x4_s2", "64x128x32_2x2_s3", "64x64x32_2x2_s4",
                             "64x32x64_2x2_s3", "16x64x64_1x4_s3", "128x128x64_2x4_s4", "128x64x64_2x2_s4",
                             "64x64x64_2x2_s6", "16x64x128_1x4_s6", "16x32x128_1x2_s8")
+WG_TAGS: tuple[str, ...] = ("128x256x64_s4", "128x128x64_s5", "128x64x64_s6", "64x128x64_s6", "64x64x64_s8")
 SIMT_TAGS: tuple[str, ...] = ("128x64x16_8x4", "128x128x16_8x8", "64x64x16_4x4")
 TILE_CATALOGUE: dict[torch.dtype, tuple[TileConfig, ...]] = {
-    torch.bfloat16: tuple(_tc(t, "bf16", "matmul_tiles.cu") for t in TC_TAGS),
-    torch.float16: tuple(_tc(t, "f16", "matmul_tiles.cu") for t in TC_TAGS),
+    **{dt: (*(_tc(t, sfx, "matmul_tiles.cu") for t in TC_TAGS), *(_wg(t, sfx) for t in WG_TAGS))
+       for dt, sfx in ((torch.bfloat16, "bf16"), (torch.float16, "f16"))},
     torch.float32: tuple(_simt(t, "f32", "matmul_tiles.cu") for t in SIMT_TAGS),
 }
 PORTABLE_TILE_CATALOGUE: dict[torch.dtype, tuple[TileConfig, ...]] = {
@@ -294,6 +311,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
         if tile not in catalogue and tile != default:
             raise InputError(f"matmul: {tile.kernel} is not a {'portable ' if portable else ''}configuration "
                              f"for {a.dtype}; choose one of {[c.name for c in catalogue]}.")
+        if tile.family == "wgmma" and major != 9:
+            raise InputError(f"matmul: {tile.name} uses wgmma, which only sm_90 GPUs (H100, H200, GH200) have; "
+                             f"this is sm_{major}x. Choose a tc configuration.")
         if not fits(tile, dev):
             raise InputError(f"matmul: {tile.name} needs {tile.smem} bytes of shared memory per block; "
                              f"{torch.cuda.get_device_name(dev)} allows {_smem_optin(dev)}.")
@@ -355,8 +375,11 @@ def _smem_optin(dev: torch.device) -> int:
 
 
 def fits(tile: TileConfig, dev: torch.device) -> bool:
-    """Whether ``tile``'s shared memory fits a block of ``dev`` (the deep-pipeline
-    configurations need an A100/H100-class 163-227 KiB; consumer GPUs allow 99 KiB)."""
+    """Whether ``tile`` runs on ``dev``: its shared memory fits a block (the deep-pipeline
+    configurations need an A100/H100-class 163-227 KiB; consumer GPUs allow 99 KiB), and a
+    wgmma configuration needs an sm_90 GPU."""
+    if tile.family == "wgmma" and _major(dev) != 9:
+        return False
     return tile.smem <= _STATIC_SMEM_LIMIT or tile.smem <= _smem_optin(dev)
 
 

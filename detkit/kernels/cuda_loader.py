@@ -41,10 +41,16 @@ from typing import Any
 
 from detkit.errors import BackendUnavailable, CompileError, InputError
 
-KERNEL_FILES: tuple[str, ...] = ("matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu")
+KERNEL_FILES: tuple[str, ...] = ("matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu", "matmul_sm90.cu")
 # The source files of each unit after common.cuh, in order (default: the file alone).
-# matmul_tiles.cu only instantiates more configurations of matmul.cu's templates.
-KERNEL_UNITS: dict[str, tuple[str, ...]] = {"matmul_tiles.cu": ("matmul.cu", "matmul_tiles.cu")}
+# matmul_tiles.cu only instantiates more configurations of matmul.cu's templates;
+# matmul_sm90.cu uses matmul.cu's cp.async helpers.
+KERNEL_UNITS: dict[str, tuple[str, ...]] = {"matmul_tiles.cu": ("matmul.cu", "matmul_tiles.cu"),
+                                            "matmul_sm90.cu": ("matmul.cu", "matmul_sm90.cu")}
+# Units built only for some GPU architectures, and the target each is compiled for there
+# (default: every architecture, for itself). wgmma exists only in sm_90a, the
+# architecture-specific feature set of sm_90, whose code runs on sm_90 GPUs alone.
+UNIT_ARCHS: dict[str, dict[str, str]] = {"matmul_sm90.cu": {"sm_90": "sm_90a"}}
 COMMON_HEADER = "common.cuh"
 DEFAULT_CHECK_ARCHS: tuple[str, ...] = ("sm_80", "sm_90")
 
@@ -132,6 +138,15 @@ def sources_digest() -> dict[str, str]:
         f: hashlib.sha256((d / f).read_bytes()).hexdigest()[:16]
         for f in (COMMON_HEADER, *KERNEL_FILES)
     }
+
+
+def build_arch(name: str, arch: str) -> str | None:
+    """The target kernel file ``name`` is compiled for on a GPU of ``arch`` (``sm_XY``), or
+    None when the file is not built for that architecture (:data:`UNIT_ARCHS`)."""
+    only = UNIT_ARCHS.get(name)
+    if only is None:
+        return arch
+    return only.get(arch)
 
 
 def _check_arch(arch: str) -> str:
@@ -416,7 +431,8 @@ def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
               workers: int | None = None) -> list[CheckResult]:
     """Compile every kernel file for every architecture to PTX; no GPU needed.
 
-    Returns one :class:`CheckResult` per (arch, file), in that order; failures carry the
+    Returns one :class:`CheckResult` per (arch, file), in that order, for the files built
+    for that arch (a :data:`UNIT_ARCHS` file under its own target, e.g. ``sm_90a``); failures carry the
     compiler log instead of raising, so a report can show all of them. Compilations run
     in parallel threads (NVRTC and nvcc release the GIL).
     """
@@ -435,7 +451,8 @@ def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
         except CompileError as err:
             return CheckResult(name, arch, desc, False, time.perf_counter() - t0, (), str(err))
 
-    jobs = [(arch, name) for arch in archs for name in files]
+    # Files built only for other architectures (UNIT_ARCHS) are left out for an arch.
+    jobs = [(target, name) for arch in archs for name in files if (target := build_arch(name, arch)) is not None]
     n = workers or max(1, min(len(jobs), os.cpu_count() or 1, 4))
     with ThreadPoolExecutor(max_workers=n) as pool:
         return list(pool.map(one, jobs))
@@ -507,7 +524,11 @@ def load_module(name: str, device: int) -> LoadedModule:
         raise BackendUnavailable(
             "the CUDA backend needs CuPy: `pip install detkit[cuda12]` (or [cuda13])"
         ) from err
-    arch = device_arch(device)
+    arch = build_arch(name, device_arch(device))
+    if arch is None:
+        raise BackendUnavailable(
+            f"{name} is built only for {', '.join(UNIT_ARCHS[name])} GPUs; cuda:{device} is {device_arch(device)}."
+        )
     src = kernel_source(name)
     key = (device, arch, name, COMPILE_OPTIONS, hashlib.sha256(src.encode()).hexdigest())
     with _modules_lock:

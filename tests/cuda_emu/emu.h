@@ -21,6 +21,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define DETKIT_HOST_EMU 1
@@ -197,6 +198,79 @@ static inline void emu_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, u
         out[r] = acc;
     }
     for (int r = 0; r < 4; ++r) c[r] = out[r];
+}
+
+// ---- wgmma (matmul_sm90.cu) -------------------------------------------------------------
+// A shared-memory address is the offset into the dynamic shared memory plus an origin that
+// is 16-byte but not 1024-byte aligned: a kernel whose swizzled tiles need 1024-byte
+// alignment has to align them itself, as on a GPU.
+struct uint4 { unsigned x, y, z, w; };
+constexpr uint32_t EMU_SMEM_ORIGIN = 0x10;
+static inline uint32_t smem_addr(const void* p) {
+    return (uint32_t)((const unsigned char*)p - (const unsigned char*)emu_dynamic_smem()) + EMU_SMEM_ORIGIN;
+}
+
+// wgmma.mma_async is asynchronous: an issued operation joins the open group, commit closes
+// it, and wait_group N completes all but the newest N groups. The emulation computes an
+// operation when it completes, reading shared memory then, so a kernel that refills a
+// stage before the wgmma reading it has been waited for gets the new values (and, under
+// ThreadSanitizer, a race report), and one that reads the accumulators early reads stale
+// ones. Each thread computes its own accumulator fragment: rows 16 * (warp % 4) + lane / 4
+// (+ 8) of the 64, columns 8 * (i / 4) + 2 * (lane % 4) + i % 2, by sequential fma over
+// the instruction's 16 k (like emu_mma: the layout is exact, the rounding not the hardware's).
+struct EmuWgmmaOp { float* d; int n; uint64_t da, db; bool is_bf16; };
+inline thread_local std::vector<EmuWgmmaOp> emu_wg_open;
+inline thread_local std::vector<std::vector<EmuWgmmaOp>> emu_wg_groups;
+
+// Element (row, k) of a K-major operand in the 128-byte swizzle: rows 128 bytes apart
+// within an 8-row group, groups `stride` bytes apart (descriptor bits 32-45), and the
+// 16-byte chunk bits 4-6 of the address xor-ed with its bits 7-9.
+static inline float emu_wg_operand(uint64_t desc, int row, int k, bool is_bf16) {
+    if ((desc >> 62) != 1u || ((desc >> 49) & 7u) != 0u) {
+        emu_report("wgmma descriptor: only the 128-byte swizzle with base offset 0 is emulated");
+        return 0.0f;
+    }
+    const uint32_t start = (uint32_t)(desc & 0x3FFFu) << 4, stride = (uint32_t)((desc >> 32) & 0x3FFFu) << 4;
+    uint32_t addr = start + (uint32_t)(row / 8) * stride + (uint32_t)(row % 8) * 128u + (uint32_t)k * 2u;
+    addr ^= ((addr >> 7) & 7u) << 4;
+    uint16_t bits;
+    std::memcpy(&bits, (const unsigned char*)emu_dynamic_smem() + (addr - EMU_SMEM_ORIGIN), 2);
+    return is_bf16 ? __uint_as_float((uint32_t)bits << 16) : emu_f16_to_f32(bits);
+}
+static inline void emu_wgmma_run(const EmuWgmmaOp& op) {
+    const int w = (int)(threadIdx.x / 32) % 4, lane = emu_lane();
+    for (int i = 0; i < op.n / 2; ++i) {
+        const int row = 16 * w + lane / 4 + 8 * ((i % 4) / 2), col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
+        float acc = op.d[i];
+        for (int k = 0; k < 16; ++k)
+            acc = std::fma(emu_wg_operand(op.da, row, k, op.is_bf16), emu_wg_operand(op.db, col, k, op.is_bf16), acc);
+        op.d[i] = acc;
+    }
+}
+template <typename T, int N> struct Wgmma {
+    static inline void run(float (&d)[N / 2], uint64_t da, uint64_t db) {
+        emu_wg_open.push_back({d, N, da, db, std::is_same<T, bf16>::value});
+    }
+};
+static inline void wgmma_fence() {}
+static inline void fence_proxy_async() {}
+template <int R> static inline void wg_fence_acc(float (&)[R]) {}
+static inline void wgmma_commit() {
+    emu_wg_groups.push_back(std::move(emu_wg_open));
+    emu_wg_open.clear();
+}
+template <int N> static inline void wgmma_wait() {
+    while ((int)emu_wg_groups.size() > N) {
+        for (const EmuWgmmaOp& op : emu_wg_groups.front()) emu_wgmma_run(op);
+        emu_wg_groups.erase(emu_wg_groups.begin());
+    }
+}
+// At the end of a thread: a wgmma never waited for is undefined behaviour.
+static inline bool emu_wgmma_pending() {
+    const bool pending = !emu_wg_open.empty() || !emu_wg_groups.empty();
+    emu_wg_open.clear();
+    emu_wg_groups.clear();
+    return pending;
 }
 
 static inline float f16_bits_to_f32(unsigned short b) { return emu_f16_to_f32(b); }

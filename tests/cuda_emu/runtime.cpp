@@ -59,6 +59,7 @@ extern "C" void emu_launch(emu_thunk thunk, void* ctx, unsigned gx, unsigned gy,
                         if (t == 0 && !g_dynamic_smem.empty()) std::memset(g_dynamic_smem.data(), 0xFF, g_dynamic_smem.size());
                         g_all.wait();  // the block starts with its shared memory poisoned
                         thunk(ctx);
+                        if (emu_wgmma_pending()) emu_report("the kernel returned with a wgmma it never waited for");
                         g_block.drop();
                         g_warps[t / 32]->bar.drop();
                         g_all.wait();
