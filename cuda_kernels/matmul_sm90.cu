@@ -57,6 +57,7 @@ template <int R> __device__ __forceinline__ void wg_fence_acc(float (&d)[R]) {
 }
 
 // D[64 x N] += A[64 x 16] B[16 x N], both operands in shared memory (descriptors), f32 D.
+// One asm per width N (N / 2 accumulator registers per thread, listed one by one).
 template <typename T, int N> struct Wgmma;
 #define DETKIT_WGMMA_N64(T, PTX_T)                                                                                                 \
     template <> struct Wgmma<T, 64> {                                                                                              \
