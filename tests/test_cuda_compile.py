@@ -186,6 +186,35 @@ def test_cli_check_json(results: dict) -> None:
     assert payload["ok"] is True and [(r["arch"], r["file"]) for r in payload["results"]] == JOBS
 
 
+def test_check_on_a_gpu_compiles_in_parallel_then_loads_from_the_disk_cache(
+    compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`detkit kernels check` on a GPU machine: every file built for the GPU's arch is
+    compiled (CUBIN into the disk cache, PTX for its entries) before it is loaded, so the
+    load compiles nothing; files built for other architectures are left out; a compile
+    error is reported, not raised. Loading is stood in for (no GPU here)."""
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(cuda_loader.ENV_COMPILER, compiler)
+    loaded: list[tuple[str, int, int]] = []
+
+    def load(name: str, device: int) -> object:
+        cached = list(tmp_path.glob(f"{Path(name).stem}-*.cubin"))
+        loaded.append((name, device, len(cached)))
+        return object()
+
+    monkeypatch.setattr(cuda_loader, "load_module", load)
+    rows = cuda_loader.check_device(3, "sm_80", files=("attention.cu", "rowops.cu", "matmul_sm90.cu"))
+    assert [(r.file, r.arch, r.ok) for r in rows] == [("attention.cu", "sm_80", True), ("rowops.cu", "sm_80", True)]
+    assert loaded == [("attention.cu", 3, 1), ("rowops.cu", 3, 1)]  # each CUBIN on disk before its load
+    assert "attention_anchor" in rows[0].entries and "loaded on cuda:3" in rows[0].compiler
+    broken = tmp_path / "kernels"
+    shutil.copytree(cuda_loader.kernel_dir(), broken)
+    (broken / "rowops.cu").write_text((broken / "rowops.cu").read_text() + "\nthis is not C++;\n")
+    monkeypatch.setenv(cuda_loader.ENV_KERNEL_DIR, str(broken))
+    (row,) = cuda_loader.check_device(3, "sm_80", files=("rowops.cu",))
+    assert not row.ok and "rowops.cu(" in row.log and len(loaded) == 2
+
+
 def test_cli_check_table_names_the_compiler(results: dict) -> None:
     from detkit.cli import app
 

@@ -32,28 +32,9 @@ def _local_gpu() -> tuple[int, str] | None:
 
 def _check_on_gpu(index: int, arch: str) -> list[dict[str, Any]]:
     """Compile each file to CUBIN for the local GPU and load it there."""
-    import time
-
-    from detkit.errors import CompileError
     from detkit.kernels import cuda_loader
 
-    desc = cuda_loader.compiler_description()
-    rows = []
-    for name in cuda_loader.KERNEL_FILES:
-        target = cuda_loader.build_arch(name, arch)
-        if target is None:  # built only for other GPUs (cuda_loader.UNIT_ARCHS)
-            continue
-        t0 = time.perf_counter()
-        try:
-            cuda_loader.load_module(name, index)
-            ptx = cuda_loader.compile_source(cuda_loader.kernel_source(name), name, target, output="ptx")
-            entries = cuda_loader._ENTRY_RE.findall(ptx.decode(errors="replace"))
-            rows.append(cuda_loader.CheckResult(name, target, desc + f" (loaded on cuda:{index})", True,
-                                                time.perf_counter() - t0, tuple(entries)).as_dict())
-        except CompileError as err:
-            rows.append(cuda_loader.CheckResult(name, target, desc, False, time.perf_counter() - t0,
-                                                (), str(err)).as_dict())
-    return rows
+    return [r.as_dict() for r in cuda_loader.check_device(index, arch)]
 
 
 def _print(rows: list[dict[str, Any]], target: str) -> None:
