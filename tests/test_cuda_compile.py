@@ -103,8 +103,9 @@ def test_wgmma_unit_is_built_only_for_sm_90a(compiler: str) -> None:
 
 
 def test_wgmma_kernels_assemble(compiler: str) -> None:
-    """The PTX checks only parse inline assembly; building a CUBIN runs ptxas, which checks
-    each wgmma instruction's shape, operand count and types (sm_90a, every configuration)."""
+    """PTX compilation only parses inline assembly; ptxas checks each wgmma instruction's
+    shape, operand count and types, so check_all assembles matmul_sm90.cu to a CUBIN too
+    (this one, from the cache), which holds every configuration's entry points."""
     import re
 
     cubin = cuda_loader.compile_source(cuda_loader.kernel_source("matmul_sm90.cu"), "matmul_sm90.cu", "sm_90a",

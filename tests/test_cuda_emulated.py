@@ -556,6 +556,25 @@ def test_batch_invariant_row_ops_for_drawn_shapes(emulated: dict, length: int, r
 
 
 @_DRAWN
+@given(m=st.integers(1, 140), k=st.integers(1, 200), n=st.integers(1, 300), layout=st.sampled_from(
+    ["k-major", "n-major", "unaligned"]), config=st.integers(0, len(cuda_backend.WG_TAGS) - 1), seed=st.integers(0, 2**16))
+def test_wgmma_for_drawn_shapes(emulated: dict, m: int, k: int, n: int, layout: str, config: int, seed: int) -> None:
+    """Any (M, K, N, B layout, alignment) through a wgmma configuration: the mma.sync
+    default's bits (the emulation gives both the same arithmetic), so edge tiles in M, N
+    and K, K below one 16-byte chunk and N-major tails are indexed right."""
+    cfg = [c for c in cuda_backend.TILE_CATALOGUE[torch.bfloat16] if c.family == "wgmma"][config]
+    x = rand((m, k + 1), torch.bfloat16, seed)
+    w = rand((n, k + 1), torch.bfloat16, seed + 1, 0.1)
+    if layout == "unaligned":  # views one element in: element-wise loads
+        a, b = x[:, 1:], w[:, 1:].t()
+    else:
+        a, w = x[:, :k].contiguous(), w[:, :k].contiguous()
+        b = w.t() if layout == "k-major" else w.t().contiguous()
+    assert_bits_equal(cuda_backend.matmul(a, b, None, tile=cfg), cuda_backend.matmul(a, b, None),
+                      f"{cfg.name} M={m} K={k} N={n} {layout}")
+
+
+@_DRAWN
 @given(lk=st.integers(1, 300), pad=st.integers(0, 140), d=st.sampled_from((8, 40, 64)), seed=st.integers(0, 2**16))
 def test_split_attention_for_drawn_shapes(emulated: dict, lk: int, pad: int, d: int, seed: int) -> None:
     """Split KV, any length and padding: the last query of a causal prefill, decode

@@ -538,6 +538,26 @@ def test_matmul_rows_for_drawn_shapes(k: int, n: int, rows: int, data: st.DataOb
 
 
 @_DRAWN
+@given(k=st.integers(1, 700), n=st.integers(1, 300), rows=st.integers(1, 300), data=st.data(),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), kmajor=st.booleans(), seed=st.integers(0, 2**16))
+def test_wgmma_rows_for_drawn_shapes(k: int, n: int, rows: int, data: st.DataObject, dtype: torch.dtype,
+                                     kmajor: bool, seed: int) -> None:
+    """Any (M, K, N, B layout) through a drawn wgmma configuration: every row of any slice
+    equals that row of the full product, and the other B layout gives the same bits."""
+    cfg = data.draw(st.sampled_from(_wgmma_configs(dtype)))
+    x = rand((rows, k), dtype, seed)
+    w = rand((n, k), dtype, seed + 1, 0.1)
+    b = w.t() if kmajor else w.t().contiguous()
+    full = cuda_backend.matmul(x, b, None, tile=cfg)
+    s = data.draw(st.integers(0, rows - 1))
+    m = data.draw(st.integers(1, rows - s))
+    what = f"{cfg.name} M={rows} K={k} N={n} {'k' if kmajor else 'n'}-major"
+    assert_bits_equal(cuda_backend.matmul(x[s : s + m], b, None, tile=cfg), full[s : s + m], f"rows {s}:{s + m}, {what}")
+    other = w.t().contiguous() if kmajor else w.t()
+    assert_bits_equal(cuda_backend.matmul(x, other, None, tile=cfg), full, f"the other B layout, {what}")
+
+
+@_DRAWN
 @given(length=st.integers(1, 5000), rows=st.integers(1, 40), dtype=st.sampled_from(DTYPES), portable=st.booleans(),
        op=st.sampled_from(sorted(ROW_OPS)), seed=st.integers(0, 2**16), data=st.data())
 def test_row_ops_for_drawn_shapes(length: int, rows: int, dtype: torch.dtype, portable: bool, op: str, seed: int,

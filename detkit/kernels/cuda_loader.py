@@ -360,7 +360,11 @@ def _pick_compiler(compiler: str | None) -> str:
 
 def compile_source(source: str, name: str, arch: str, *, output: str = "cubin",
                    compiler: str | None = None) -> bytes:
-    """Compile a translation unit to CUBIN or PTX for ``arch``; raise CompileError with the log."""
+    """Compile a translation unit to CUBIN or PTX for ``arch``; raise CompileError with the log.
+
+    Outputs are cached in the process and on disk (:func:`cache_dir`), keyed by everything
+    that decides them: source, options, architecture, output kind and compiler version.
+    Failures are never cached."""
     if output not in ("cubin", "ptx"):
         raise InputError(f"output must be 'cubin' or 'ptx', got {output!r}")
     options = _options(arch)
@@ -370,10 +374,20 @@ def compile_source(source: str, name: str, arch: str, *, output: str = "cubin",
         hit = _compiled.get(key)
     if hit is not None:
         return hit
-    if which == "nvrtc":
-        out = _nvrtc().compile(source, name, options, output)
-    else:
-        out = _compile_nvcc(source, name, options, output)
+    key_text = "\n".join([source, *options, output, _describe(which)])
+    path = cache_dir() / f"{Path(name).stem}-{arch}-{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.{output}"
+    try:
+        out = path.read_bytes()
+    except OSError:
+        out = _nvrtc().compile(source, name, options, output) if which == "nvrtc" else _compile_nvcc(
+            source, name, options, output)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
+            tmp.write_bytes(out)
+            os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
+        except OSError:
+            pass  # a read-only home only costs a recompilation next time
     with _compiled_lock:
         _compiled[key] = out
     return out
@@ -429,7 +443,9 @@ _ENTRY_RE = re.compile(r"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)")
 def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
               compiler: str | None = None, files: tuple[str, ...] = KERNEL_FILES,
               workers: int | None = None) -> list[CheckResult]:
-    """Compile every kernel file for every architecture to PTX; no GPU needed.
+    """Compile every kernel file for every architecture to PTX; no GPU needed. A file of
+    :data:`UNIT_ARCHS` (architecture-specific instructions, e.g. wgmma) is also assembled
+    to CUBIN, since only ptxas checks those instructions' operands.
 
     Returns one :class:`CheckResult` per (arch, file), in that order, for the files built
     for that arch (a :data:`UNIT_ARCHS` file under its own target, e.g. ``sm_90a``); failures carry the
@@ -445,7 +461,10 @@ def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
         arch, name = job
         t0 = time.perf_counter()
         try:
-            ptx = compile_source(kernel_source(name), name, arch, output="ptx", compiler=which)
+            src = kernel_source(name)
+            ptx = compile_source(src, name, arch, output="ptx", compiler=which)
+            if name in UNIT_ARCHS:  # architecture-specific instructions: only the assembler checks them
+                compile_source(src, name, arch, output="cubin", compiler=which)
             entries = tuple(_ENTRY_RE.findall(ptx.decode(errors="replace")))
             return CheckResult(name, arch, desc, True, time.perf_counter() - t0, entries)
         except CompileError as err:
@@ -477,9 +496,7 @@ def check_device(device: int, arch: str, *, files: tuple[str, ...] = KERNEL_FILE
         t0 = time.perf_counter()
         src = kernel_source(name)
         try:
-            out = _cached_cubin(src, name, target) if output == "cubin" else compile_source(src, name, target,
-                                                                                             output="ptx")
-            outcome[(name, output)] = out
+            outcome[(name, output)] = compile_source(src, name, target, output=output)
         except CompileError as err:
             outcome[(name, output)] = err
         seconds[(name, output)] = time.perf_counter() - t0
@@ -582,7 +599,7 @@ def load_module(name: str, device: int) -> LoadedModule:
     with _modules_lock:
         mod = _modules.get(key)
         if mod is None:
-            cubin = _cached_cubin(src, name, arch)
+            cubin = compile_source(src, name, arch, output="cubin")
             with cupy.cuda.Device(device):
                 raw = cupy.cuda.function.Module()
                 raw.load(cubin)
@@ -595,29 +612,7 @@ ENV_CACHE_DIR = "DETKIT_CUDA_CACHE_DIR"
 
 
 def cache_dir() -> Path:
-    """Where compiled CUBINs are kept across processes ($DETKIT_CUDA_CACHE_DIR, else
+    """Where compiled CUBIN and PTX are kept across processes ($DETKIT_CUDA_CACHE_DIR, else
     ~/.cache/detkit/cuda)."""
     env = os.environ.get(ENV_CACHE_DIR)
     return Path(env) if env else Path.home() / ".cache" / "detkit" / "cuda"
-
-
-def _cached_cubin(src: str, name: str, arch: str) -> bytes:
-    """compile_source(..., output="cubin") with an on-disk cache keyed by everything that
-    decides the binary: source, options, architecture and compiler version."""
-    which = _pick_compiler(None)
-    key_text = "\n".join([src, *_options(arch), _describe(which)])
-    digest = hashlib.sha256(key_text.encode()).hexdigest()[:32]
-    path = cache_dir() / f"{Path(name).stem}-{arch}-{digest}.cubin"
-    try:
-        return path.read_bytes()
-    except OSError:
-        pass
-    cubin = compile_source(src, name, arch, output="cubin", compiler=which)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(cubin)
-        os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
-    except OSError:
-        pass  # a read-only home only costs a recompilation next time
-    return cubin
