@@ -44,9 +44,14 @@ def _print(rows: list[dict[str, Any]], target: str) -> None:
 
     console = Console()
     compilers = sorted({r["compiler"] for r in rows})
+    from detkit.kernels import cuda_loader
+
+    caption = ("compiler: " + "; ".join(compilers) + f"\ncompile cache: {cuda_loader.cache_dir()} (an output is "
+               "reused only for the same source, options, architecture and compiler; set "
+               f"{cuda_loader.ENV_CACHE_DIR} to an empty directory to compile everything again)")
     table = Table(title=f"detkit CUDA kernels: compile check ({target})", title_justify="left",
                   # Text, not a markup string: compiler names look like "nvrtc [/path/libnvrtc.so]".
-                  caption=Text("compiler: " + "; ".join(compilers)), caption_justify="left")
+                  caption=Text(caption), caption_justify="left")
     for col in ("file", "arch", "status", "entry points", "seconds"):
         table.add_column(col, no_wrap=True)
     for r in rows:
@@ -91,7 +96,8 @@ def register(app: typer.Typer) -> None:
         ok = all(r["ok"] for r in rows)
         if as_json:
             payload = {"ok": ok, "target": target, "options": list(cuda_loader.COMPILE_OPTIONS),
-                       "kernel_dir": str(cuda_loader.kernel_dir()), "results": rows}
+                       "kernel_dir": str(cuda_loader.kernel_dir()), "compile_cache": str(cuda_loader.cache_dir()),
+                       "results": rows}
             typer.echo(json.dumps(payload, indent=2))
         else:
             _print(rows, target)
