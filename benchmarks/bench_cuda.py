@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=150.0, help="stop starting new cases after this many seconds")
     parser.add_argument("--only", choices=("matmul", "rows", "attention", "tiles"), action="append")
     parser.add_argument("--no-wgmma", action="store_true",
-                        help="leave the wgmma configurations out of the tile sweep (gpu-check: when their tests failed)")
+                        help="leave the wgmma configurations out of the tile sweep "
+                        "(gpu-check passes it when their tests failed)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA device; nothing to measure", file=sys.stderr)

@@ -143,6 +143,43 @@ def test_template_error_raises_compile_error_with_location(compiler: str) -> Non
     assert "broken.cu(2)" in msg and "--ftz=false" in msg, msg
 
 
+def test_compile_outputs_are_cached_on_disk_and_failures_are_not(
+    compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second process (here: an empty in-process cache) reads PTX and CUBIN from the disk
+    cache instead of compiling; a damaged entry is compiled again; an error is not stored."""
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_DIR, str(tmp_path))
+    src = cuda_loader.translation_unit('extern "C" __global__ void k(float* p) { p[0] += 1.0f; }\n', "/src/k.cu")
+    outs = {o: cuda_loader.compile_source(src, "k.cu", "sm_80", output=o, compiler=compiler) for o in ("ptx", "cubin")}
+    assert sorted(p.name.split(".", 1)[1] for p in tmp_path.iterdir()) == ["cubin", "ptx.z"]
+    monkeypatch.setattr(cuda_loader, "_compiled", {})
+    calls: list[str] = []
+    real_nvcc, real_nvrtc = cuda_loader._compile_nvcc, cuda_loader._nvrtc
+
+    def counting_nvcc(*args: object) -> bytes:
+        calls.append("nvcc")
+        return real_nvcc(*args)  # type: ignore[arg-type]
+
+    class CountingNvrtc:
+        def compile(self, *args: object) -> bytes:
+            calls.append("nvrtc")
+            return real_nvrtc().compile(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cuda_loader, "_compile_nvcc", counting_nvcc)
+    monkeypatch.setattr(cuda_loader, "_nvrtc", CountingNvrtc)
+    for o, want in outs.items():
+        assert cuda_loader.compile_source(src, "k.cu", "sm_80", output=o, compiler=compiler) == want
+    assert calls == []
+    monkeypatch.setattr(cuda_loader, "_compiled", {})
+    next(tmp_path.glob("*.ptx.z")).write_bytes(b"not zlib")
+    assert cuda_loader.compile_source(src, "k.cu", "sm_80", output="ptx", compiler=compiler) == outs["ptx"]
+    assert calls == [compiler]
+    broken = cuda_loader.translation_unit('extern "C" __global__ void k(float* p) { p[0] = q; }\n', "/src/b.cu")
+    with pytest.raises(CompileError):
+        cuda_loader.compile_source(broken, "b.cu", "sm_80", output="ptx", compiler=compiler)
+    assert not list(tmp_path.glob("b-*"))
+
+
 def test_nvcc_compiles_too() -> None:
     if os.environ.get("DETKIT_SKIP_CUDA_COMPILE") == "1":
         pytest.skip("DETKIT_SKIP_CUDA_COMPILE=1")

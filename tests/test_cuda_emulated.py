@@ -461,8 +461,8 @@ def test_every_tile_configuration_gives_the_same_bits(emulated: dict, dtype: tor
              "n-major": (a[:, :k].contiguous(), w[:, :k].t().contiguous()),
              "unaligned": (a[:, 1:], w[:, 1:].t())}
     for portable in (False, True) if family == "mma" else (False,):
-        catalogue = [c for c in (cuda_backend.PORTABLE_TILE_CATALOGUE if portable else cuda_backend.TILE_CATALOGUE)[dtype]
-                     if (c.family == "wgmma") == (family == "wgmma")]
+        tables = cuda_backend.PORTABLE_TILE_CATALOGUE if portable else cuda_backend.TILE_CATALOGUE
+        catalogue = [c for c in tables[dtype] if (c.family == "wgmma") == (family == "wgmma")]
         assert catalogue, (family, dtype, portable)
         for what, (x, b) in cases.items():
             for m in (1, 140) if what == "aligned k-major" else (140,):
@@ -556,8 +556,9 @@ def test_batch_invariant_row_ops_for_drawn_shapes(emulated: dict, length: int, r
 
 
 @_DRAWN
-@given(m=st.integers(1, 140), k=st.integers(1, 200), n=st.integers(1, 300), layout=st.sampled_from(
-    ["k-major", "n-major", "unaligned"]), config=st.integers(0, len(cuda_backend.WG_TAGS) - 1), seed=st.integers(0, 2**16))
+@given(m=st.integers(1, 140), k=st.integers(1, 200), n=st.integers(1, 300),
+       layout=st.sampled_from(["k-major", "n-major", "unaligned"]),
+       config=st.integers(0, len(cuda_backend.WG_TAGS) - 1), seed=st.integers(0, 2**16))
 def test_wgmma_for_drawn_shapes(emulated: dict, m: int, k: int, n: int, layout: str, config: int, seed: int) -> None:
     """Any (M, K, N, B layout, alignment) through a wgmma configuration: the mma.sync
     default's bits (the emulation gives both the same arithmetic), so edge tiles in M, N

@@ -154,7 +154,8 @@ def test_wgmma_values_are_right(dtype: torch.dtype) -> None:
         for what, b in (("k-major", w.t()), ("n-major", w.t().contiguous())):
             got = cuda_backend.matmul(a, b, bias, tile=cfg).double()
             err = (got - ref).abs() - (2 * ulp * ref.abs() + 5e-5 * scale)
-            assert bool((err <= 0).all()), f"{cfg.name} {what}: values off by up to {float(err.max()):.3g} past the tolerance"
+            assert bool((err <= 0).all()), (
+                f"{cfg.name} {what}: values off by up to {float(err.max()):.3g} past the tolerance")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -168,7 +169,8 @@ def test_wgmma_batch_invariant_and_configurations_agree(dtype: torch.dtype) -> N
     first = cuda_backend.matmul(x[:600], w.t(), bias, tile=configs[0])
     for cfg in configs:
         sweep(lambda t, c=cfg: cuda_backend.matmul(t, w.t(), bias, tile=c), x, f"{cfg.name}")
-        assert_bits_equal(cuda_backend.matmul(x[:600], w.t(), bias, tile=cfg), first, f"{cfg.name} vs {configs[0].name}")
+        assert_bits_equal(cuda_backend.matmul(x[:600], w.t(), bias, tile=cfg), first,
+                          f"{cfg.name} vs {configs[0].name}")
         assert_bits_equal(cuda_backend.matmul(x[:64], w.t().contiguous(), bias, tile=cfg), first[:64],
                           f"{cfg.name} n-major B")
         # K = 4103 through a view: unaligned rows, element-wise loads; zero-padded K gives the same bits
@@ -552,7 +554,8 @@ def test_wgmma_rows_for_drawn_shapes(k: int, n: int, rows: int, data: st.DataObj
     s = data.draw(st.integers(0, rows - 1))
     m = data.draw(st.integers(1, rows - s))
     what = f"{cfg.name} M={rows} K={k} N={n} {'k' if kmajor else 'n'}-major"
-    assert_bits_equal(cuda_backend.matmul(x[s : s + m], b, None, tile=cfg), full[s : s + m], f"rows {s}:{s + m}, {what}")
+    assert_bits_equal(cuda_backend.matmul(x[s : s + m], b, None, tile=cfg), full[s : s + m],
+                      f"rows {s}:{s + m}, {what}")
     other = w.t().contiguous() if kmajor else w.t()
     assert_bits_equal(cuda_backend.matmul(x, other, None, tile=cfg), full, f"the other B layout, {what}")
 

@@ -34,6 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -375,16 +376,19 @@ def compile_source(source: str, name: str, arch: str, *, output: str = "cubin",
     if hit is not None:
         return hit
     key_text = "\n".join([source, *options, output, _describe(which)])
-    path = cache_dir() / f"{Path(name).stem}-{arch}-{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.{output}"
+    # PTX is text of 1-13 MB per unit: kept zlib-compressed (a tenth of the size)
+    suffix = "ptx.z" if output == "ptx" else output
+    path = cache_dir() / f"{Path(name).stem}-{arch}-{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.{suffix}"
     try:
-        out = path.read_bytes()
-    except OSError:
+        stored = path.read_bytes()
+        out = zlib.decompress(stored) if output == "ptx" else stored
+    except (OSError, zlib.error):
         out = _nvrtc().compile(source, name, options, output) if which == "nvrtc" else _compile_nvcc(
             source, name, options, output)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")
-            tmp.write_bytes(out)
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+            tmp.write_bytes(zlib.compress(out, 6) if output == "ptx" else out)
             os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
         except OSError:
             pass  # a read-only home only costs a recompilation next time
