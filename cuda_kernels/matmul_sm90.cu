@@ -280,9 +280,12 @@ __device__ __forceinline__ void wg_mm(const T* __restrict__ A, const T* __restri
     DETKIT_WG_ENTRY(mm_wg_##TAG##_f16_kmajor, f16, true, WgCfg_##TAG)                          \
     DETKIT_WG_ENTRY(mm_wg_##TAG##_f16_nmajor, f16, false, WgCfg_##TAG)
 // Two warpgroups (256 threads) for large M; one for fewer rows; 64 wide for N / 64 CTAs
-// at decode sizes.
+// at decode sizes. All but one take a whole SM's shared memory for pipeline depth;
+// 64x128x64_s4 (97 KiB) fits two CTAs per SM instead, so one CTA's barrier wait overlaps
+// the other's wgmma.
 DETKIT_WG_CONFIG(128x256x64_s4, 128, 256, 4)
 DETKIT_WG_CONFIG(128x128x64_s5, 128, 128, 5)
 DETKIT_WG_CONFIG(128x64x64_s6, 128, 64, 6)
 DETKIT_WG_CONFIG(64x128x64_s6, 64, 128, 6)
+DETKIT_WG_CONFIG(64x128x64_s4, 64, 128, 4)
 DETKIT_WG_CONFIG(64x64x64_s8, 64, 64, 8)

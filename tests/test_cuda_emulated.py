@@ -1,15 +1,16 @@
 """detkit's real CUDA sources, run on the CPU through a host emulation (no GPU needed).
 
 ``tests/cuda_emu/emu.h`` maps the CUDA subset the kernels use (threads, shared memory,
-barriers, shuffles, ballots, ldmatrix, cp.async, mma.m16n8k16) onto host threads; the
+barriers, shuffles, ballots, ldmatrix, cp.async, mma.m16n8k16, wgmma) onto host threads; the
 ``.cu`` files are compiled unchanged by g++ and launched through the CUDA backend's own
 Python launchers (``detkit.kernels.cuda``) with CPU tensors. This checks, without a GPU:
 
 * the portable kernels give exactly the bits of the specification (``spec.py``) and the
   CPU portable backend: float arithmetic on the host is IEEE binary32 like the GPU's;
 * the host-side launch code (argument order and types, grids, strides, layouts);
-* the tensor-core GEMM's fragment indexing, pipeline and bounds (mma is emulated in
-  float, so against a float64 reference with a tolerance, not bit for bit);
+* the tensor-core GEMMs' fragment indexing, pipeline and bounds (mma and wgmma are
+  emulated in float, so against a float64 reference with a tolerance, not bit for bit;
+  wgmma through its descriptors and swizzle, completing at wait_group);
 * batch invariance of every kernel over batch sizes and positions;
 * faults a GPU would punish: out-of-bounds accesses and undefined integer arithmetic
   (AddressSanitizer + UBSan), data races between threads (ThreadSanitizer), warp

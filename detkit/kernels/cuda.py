@@ -135,7 +135,8 @@ def _simt(tag: str, dtype_sfx: str, module: str) -> TileConfig:
 TC_TAGS: tuple[str, ...] = ("128x64x32_2x2_s3", "128x128x32_2x4_s2", "64x128x32_2x2_s3", "64x64x32_2x2_s4",
                             "64x32x64_2x2_s3", "16x64x64_1x4_s3", "128x128x64_2x4_s4", "128x64x64_2x2_s4",
                             "64x64x64_2x2_s6", "16x64x128_1x4_s6", "16x32x128_1x2_s8")
-WG_TAGS: tuple[str, ...] = ("128x256x64_s4", "128x128x64_s5", "128x64x64_s6", "64x128x64_s6", "64x64x64_s8")
+WG_TAGS: tuple[str, ...] = ("128x256x64_s4", "128x128x64_s5", "128x64x64_s6", "64x128x64_s6", "64x128x64_s4",
+                            "64x64x64_s8")
 SIMT_TAGS: tuple[str, ...] = ("128x64x16_8x4", "128x128x16_8x8", "64x64x16_4x4")
 TILE_CATALOGUE: dict[torch.dtype, tuple[TileConfig, ...]] = {
     **{dt: (*(_tc(t, sfx, "matmul_tiles.cu") for t in TC_TAGS), *(_wg(t, sfx) for t in WG_TAGS))
