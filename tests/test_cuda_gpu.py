@@ -523,6 +523,16 @@ def test_portable_mode_gives_the_cpu_logits_on_the_gpu(attn: str) -> None:
 _DRAWN = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+def _assert_a_drawn_slice(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, data: st.DataObject,
+                          what: str) -> torch.Tensor:
+    """f of a drawn slice of x's rows equals those rows of f(x), bitwise; returns f(x)."""
+    full = f(x)
+    s = data.draw(st.integers(0, x.shape[0] - 1))
+    m = data.draw(st.integers(1, x.shape[0] - s))
+    assert_bits_equal(f(x[s : s + m]), full[s : s + m], f"rows {s}:{s + m} of {what}")
+    return full
+
+
 @_DRAWN
 @given(k=st.integers(1, 700), n=st.integers(1, 300), rows=st.integers(1, 300), data=st.data(),
        dtype=st.sampled_from(DTYPES), portable=st.booleans(), kmajor=st.booleans(), seed=st.integers(0, 2**16))
@@ -532,11 +542,8 @@ def test_matmul_rows_for_drawn_shapes(k: int, n: int, rows: int, data: st.DataOb
     x = rand((rows, k), dtype, seed)
     w = rand((n, k), dtype, seed + 1, 0.1)
     b = w.t() if kmajor else w.t().contiguous()
-    full = cuda_backend.matmul(x, b, None, portable=portable)
-    s = data.draw(st.integers(0, rows - 1))
-    m = data.draw(st.integers(1, rows - s))
-    assert_bits_equal(cuda_backend.matmul(x[s : s + m], b, None, portable=portable), full[s : s + m],
-                      f"rows {s}:{s + m} of M={rows} K={k} N={n}")
+    _assert_a_drawn_slice(lambda t: cuda_backend.matmul(t, b, None, portable=portable), x, data,
+                          f"M={rows} K={k} N={n}")
 
 
 @_DRAWN
@@ -550,12 +557,8 @@ def test_wgmma_rows_for_drawn_shapes(k: int, n: int, rows: int, data: st.DataObj
     x = rand((rows, k), dtype, seed)
     w = rand((n, k), dtype, seed + 1, 0.1)
     b = w.t() if kmajor else w.t().contiguous()
-    full = cuda_backend.matmul(x, b, None, tile=cfg)
-    s = data.draw(st.integers(0, rows - 1))
-    m = data.draw(st.integers(1, rows - s))
     what = f"{cfg.name} M={rows} K={k} N={n} {'k' if kmajor else 'n'}-major"
-    assert_bits_equal(cuda_backend.matmul(x[s : s + m], b, None, tile=cfg), full[s : s + m],
-                      f"rows {s}:{s + m}, {what}")
+    full = _assert_a_drawn_slice(lambda t: cuda_backend.matmul(t, b, None, tile=cfg), x, data, what)
     other = w.t().contiguous() if kmajor else w.t()
     assert_bits_equal(cuda_backend.matmul(x, other, None, tile=cfg), full, f"the other B layout, {what}")
 
