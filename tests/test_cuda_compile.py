@@ -180,6 +180,47 @@ def test_compile_outputs_are_cached_on_disk_and_failures_are_not(
     assert not list(tmp_path.glob("b-*"))
 
 
+def test_disk_cache_deletes_least_recently_used_outputs_past_its_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each source version and checkout location adds its own outputs: past the limit the
+    least recently used go (a read counts as a use); other files and the newest stay."""
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_DIR, str(tmp_path))
+    names = [f"u{i}-sm_90-{i:032x}.{'cubin' if i % 2 else 'ptx.z'}" for i in range(6)]
+    for age, name in enumerate(names):
+        (tmp_path / name).write_bytes(b"x" * 1000)
+        os.utime(tmp_path / name, (1e9 + age, 1e9 + age))
+    (tmp_path / "notes.txt").write_bytes(b"y" * 5000)
+    assert cuda_loader.prune_cache(6000) == []
+    assert cuda_loader.prune_cache(3500) == [tmp_path / n for n in names[:3]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*names[3:], "notes.txt"])
+    assert cuda_loader.prune_cache(0) == [tmp_path / n for n in names[3:5]]  # the newest stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names[5], "notes.txt"])
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_MAX_MB, "lots")
+    with pytest.raises(InputError, match="DETKIT_CUDA_CACHE_MAX_MB='lots' is not a number"):
+        cuda_loader.cache_limit_bytes()
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_MAX_MB, "0.5")
+    assert cuda_loader.cache_limit_bytes() == 1 << 19
+
+
+def test_compiling_prunes_the_cache_and_a_read_refreshes_an_entry(
+    compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_MAX_MB, "0")
+    src = [cuda_loader.translation_unit(f'extern "C" __global__ void k(float* p) {{ p[0] += {i}.0f; }}\n', "/src/k.cu")
+           for i in range(2)]
+    cuda_loader.compile_source(src[0], "k.cu", "sm_80", output="ptx", compiler=compiler)
+    (first,) = tmp_path.iterdir()
+    os.utime(first, (1e9, 1e9))
+    monkeypatch.setattr(cuda_loader, "_compiled", {})
+    cuda_loader.compile_source(src[0], "k.cu", "sm_80", output="ptx", compiler=compiler)  # a disk hit
+    assert first.stat().st_mtime > 1e9 + 1
+    cuda_loader.compile_source(src[1], "k.cu", "sm_80", output="ptx", compiler=compiler)
+    (second,) = tmp_path.iterdir()  # a limit of 0 keeps only the output just compiled
+    assert second != first
+
+
 def test_nvcc_compiles_too() -> None:
     if os.environ.get("DETKIT_SKIP_CUDA_COMPILE") == "1":
         pytest.skip("DETKIT_SKIP_CUDA_COMPILE=1")

@@ -48,7 +48,9 @@ def _print(rows: list[dict[str, Any]], target: str) -> None:
 
     caption = ("compiler: " + "; ".join(compilers) + f"\ncompile cache: {cuda_loader.cache_dir()} (an output is "
                "reused only for the same source, options, architecture and compiler; set "
-               f"{cuda_loader.ENV_CACHE_DIR} to an empty directory to compile everything again)")
+               f"{cuda_loader.ENV_CACHE_DIR} to an empty directory to compile everything again; least recently used "
+               f"outputs are deleted past {cuda_loader.cache_limit_bytes() / (1 << 20):g} MB, "
+               f"${cuda_loader.ENV_CACHE_MAX_MB})")
     table = Table(title=f"detkit CUDA kernels: compile check ({target})", title_justify="left",
                   # Text, not a markup string: compiler names look like "nvrtc [/path/libnvrtc.so]".
                   caption=Text(caption), caption_justify="left")
@@ -97,6 +99,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             payload = {"ok": ok, "target": target, "options": list(cuda_loader.COMPILE_OPTIONS),
                        "kernel_dir": str(cuda_loader.kernel_dir()), "compile_cache": str(cuda_loader.cache_dir()),
+                       "compile_cache_limit_mb": cuda_loader.cache_limit_bytes() / (1 << 20),
                        "results": rows}
             typer.echo(json.dumps(payload, indent=2))
         else:

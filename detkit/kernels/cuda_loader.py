@@ -22,6 +22,7 @@ toolkit) or ``nvcc``; that is what CI runs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -38,6 +39,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from detkit.errors import BackendUnavailable, CompileError, InputError
@@ -382,6 +384,8 @@ def compile_source(source: str, name: str, arch: str, *, output: str = "cubin",
     try:
         stored = path.read_bytes()
         out = zlib.decompress(stored) if output == "ptx" else stored
+        with contextlib.suppress(OSError):
+            os.utime(path)  # last use, for pruning least recently used entries first
     except (OSError, zlib.error):
         out = _nvrtc().compile(source, name, options, output) if which == "nvrtc" else _compile_nvcc(
             source, name, options, output)
@@ -392,6 +396,8 @@ def compile_source(source: str, name: str, arch: str, *, output: str = "cubin",
             os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
         except OSError:
             pass  # a read-only home only costs a recompilation next time
+        else:
+            prune_cache()
     with _compiled_lock:
         _compiled[key] = out
     return out
@@ -620,3 +626,61 @@ def cache_dir() -> Path:
     ~/.cache/detkit/cuda)."""
     env = os.environ.get(ENV_CACHE_DIR)
     return Path(env) if env else Path.home() / ".cache" / "detkit" / "cuda"
+
+
+ENV_CACHE_MAX_MB = "DETKIT_CUDA_CACHE_MAX_MB"
+# A full set of outputs (CUBIN and PTX of every unit, two architectures) is about 14 MB;
+# each source version and checkout location adds its own set.
+DEFAULT_CACHE_MAX_MB = 256
+
+
+def cache_limit_bytes() -> int:
+    """The disk cache's size limit ($DETKIT_CUDA_CACHE_MAX_MB, default 256 MB)."""
+    text = os.environ.get(ENV_CACHE_MAX_MB)
+    if text is None:
+        return DEFAULT_CACHE_MAX_MB << 20
+    try:
+        mb = float(text)
+    except ValueError:
+        raise InputError(f"{ENV_CACHE_MAX_MB}={text!r} is not a number: give the cache's size limit in MB, "
+                         f"e.g. {ENV_CACHE_MAX_MB}={DEFAULT_CACHE_MAX_MB}.") from None
+    if not mb >= 0:
+        raise InputError(f"{ENV_CACHE_MAX_MB}={text!r}: the size limit must be 0 or more MB.")
+    return int(mb * (1 << 20))
+
+
+_CACHE_SUFFIXES = (".cubin", ".ptx.z")
+
+
+def prune_cache(limit_bytes: int | None = None) -> list[Path]:
+    """Delete the least recently used outputs until the disk cache fits ``limit_bytes``
+    (default :func:`cache_limit_bytes`); return what was deleted. Only detkit's own
+    outputs (``*.cubin``, ``*.ptx.z``) are counted or touched; the newest one is kept even
+    if it alone is over the limit, so the output just compiled is never lost."""
+    limit = cache_limit_bytes() if limit_bytes is None else limit_bytes
+    entries: list[tuple[float, int, Path]] = []
+    for p in _iter_cache():
+        with contextlib.suppress(OSError):  # another process may prune at the same time
+            st = p.stat()
+            entries.append((st.st_mtime, st.st_size, p))
+    entries.sort(key=lambda e: e[0])
+    total = sum(size for _, size, _ in entries)
+    removed: list[Path] = []
+    for _, size, p in entries[:-1]:
+        if total <= limit:
+            break
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+        total -= size
+        removed.append(p)
+    return removed
+
+
+def _iter_cache() -> Iterator[Path]:
+    try:
+        children = list(cache_dir().iterdir())
+    except OSError:
+        return
+    for p in children:
+        if p.name.endswith(_CACHE_SUFFIXES) and p.is_file():
+            yield p
