@@ -1,8 +1,8 @@
 """The probe on a real Hugging Face model (tiny-llama preset): metrics, engine, and the proof.
 
-The proof (issue 7): on this CPU, tiny-llama in bfloat16 without detkit's mode shows
-logit differences and a token divergence for the documented suite
-``probes/tiny-llama-divergence.toml``; with ``detkit.batch_invariant()`` every mode of
+The proof (issue 7): on the CPUs measured (docs/probe.md), tiny-llama in bfloat16
+without detkit's mode shows logit differences and a token divergence for the documented
+suite ``probes/tiny-llama-divergence.toml`` (one prompt per CPU); with ``detkit.batch_invariant()`` every mode of
 the same suite has one unique completion and zero logit difference.
 """
 
