@@ -1,9 +1,11 @@
 """detkit's real CUDA sources, run on the CPU through a host emulation (no GPU needed).
 
 ``tests/cuda_emu/emu.h`` maps the CUDA subset the kernels use (threads, shared memory,
-barriers, shuffles, ballots, ldmatrix, cp.async, mma.m16n8k16, wgmma) onto host threads; the
-``.cu`` files are compiled unchanged by g++ and launched through the CUDA backend's own
-Python launchers (``detkit.kernels.cuda``) with CPU tensors. This checks, without a GPU:
+barriers, shuffles, ballots, ldmatrix, cp.async, mma.m16n8k16, wgmma) onto the host (a
+block's threads as fibers, or as OS threads under the sanitizers); the ``.cu`` files are
+compiled unchanged by g++ and launched through the CUDA backend's own Python launchers
+(``detkit.kernels.cuda``) with CPU tensors; each launch calls the kernel from C++ with its
+own parameter types (a table appended at build time). This checks, without a GPU:
 
 * the portable kernels give exactly the bits of the specification (``spec.py``) and the
   CPU portable backend: float arithmetic on the host is IEEE binary32 like the GPU's;
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import re
 import os
 import shutil
 import subprocess
@@ -51,7 +54,6 @@ pytestmark = pytest.mark.skipif(
 
 _CTYPE = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
           np.float32: ctypes.c_float}
-_THUNK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
 # DETKIT_EMU_SANITIZE=address builds the emulation with AddressSanitizer and UBSan: a
@@ -61,25 +63,40 @@ _THUNK = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 # threads of a block touching the same memory without a barrier between them (a missing
 # __syncthreads) is reported. The process must preload the runtime (_SanitizedRun).
 SANITIZE = os.environ.get("DETKIT_EMU_SANITIZE", "")  # "", "address" or "thread"
-SANITIZER_FLAGS = {"": [],
+# The plain build runs a block's threads as fibers on one OS thread (the same order every
+# run, and about 7x faster than OS threads here). The sanitized builds keep OS threads:
+# ThreadSanitizer needs them to see a race, and AddressSanitizer's swapcontext support
+# warns of false positives and clears a fiber's whole stack shadow at every switch
+# (slower than the threads).
+SANITIZER_FLAGS = {"": ["-DDETKIT_EMU_FIBERS"],
                    "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
                                "-g"],
                    "thread": ["-fsanitize=thread", "-fno-omit-frame-pointer", "-g"]}
+
+
+_ENTRY_RE = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(')
+_SOURCE_MARK = "detkit_emu_kernel_source_starts_here"
 
 
 def _build(name: str, out_dir: Path, source: str | None = None) -> ctypes.CDLL:
     """The host build of kernel file ``name`` (or of ``source`` in its place), cached by content."""
     src = cuda_loader.kernel_source(name) if source is None else source
     emu = (EMU_DIR / "emu.h").read_text() + (EMU_DIR / "runtime.cpp").read_text()
-    digest = hashlib.sha256((src + emu).encode()).hexdigest()[:16]
+    digest = hashlib.sha256((src + emu + " ".join(SANITIZER_FLAGS[SANITIZE])).encode()).hexdigest()[:16]
     stem = f"{Path(name).stem}-{digest}{'-' + SANITIZE if SANITIZE else ''}"
     so = out_dir / f"{stem}.so"
     if not so.exists():
         cpp = out_dir / f"{stem}.cpp"
-        cpp.write_text(src)
-        cmd = [CXX, "-std=c++17", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared",
-               "-pthread", "-Wno-unknown-pragmas", *SANITIZER_FLAGS[SANITIZE],
-               "-include", str(EMU_DIR / "emu.h"), str(cpp), str(EMU_DIR / "runtime.cpp"), "-o", str(so)]
+        # The kernels (macros expanded; after the marker, so not the C++ library's) get a
+        # table that calls each with its parameter types.
+        cpp.write_text(f"{_SOURCE_MARK}\n{src}")
+        common = [CXX, "-std=c++17", "-Wno-unknown-pragmas", *SANITIZER_FLAGS[SANITIZE], "-include", str(EMU_DIR / "emu.h")]
+        pre = subprocess.run([*common, "-E", "-P", str(cpp)], capture_output=True, text=True, check=False)
+        assert pre.returncode == 0, f"host build of {name} failed:\n{pre.stderr[-4000:]}"
+        entries = sorted(set(_ENTRY_RE.findall(pre.stdout.split(_SOURCE_MARK, 1)[1])))
+        cpp.write_text(f"{src}\nEMU_ENTRIES({' '.join(f'EMU_ENTRY({e})' for e in entries)})\n")
+        cmd = [*common, "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread",
+               str(cpp), str(EMU_DIR / "runtime.cpp"), "-o", str(so)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"host build of {name} failed:\n{proc.stderr[-4000:]}"
     return ctypes.CDLL(str(so))
@@ -106,15 +123,14 @@ def _launcher(libs: dict[str, ctypes.CDLL]) -> Callable[..., None]:
                block: int, args: tuple[Any, ...], shared_mem: int = 0) -> None:
         assert 0 <= shared_mem <= 227 * 1024, (entry, shared_mem)  # what an sm_90 block may have
         lib = libs[module]
-        fn = getattr(lib, entry)
-        fn.restype = None
-        fn.argtypes = [_CTYPE[type(a)] for a in args]
-        cargs = [_CTYPE[type(a)](a.item()) for a in args]
-        thunk = _THUNK(lambda _ctx: fn(*cargs))
-        lib.emu_launch.argtypes = [_THUNK, ctypes.c_void_p] + [ctypes.c_uint] * 5
-        lib.emu_launch(thunk, None, *grid, block, shared_mem)
-        lib.emu_last_error.restype = ctypes.c_char_p
-        error = lib.emu_last_error().decode()
+        values = [_CTYPE[type(a)](a.item()) for a in args]
+        argv = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
+                                                          for v in values])
+        sizes = (ctypes.c_uint * max(1, len(values)))(*[ctypes.sizeof(v) for v in values])
+        lib.emu_launch_entry.restype = ctypes.c_char_p
+        lib.emu_launch_entry.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                         *[ctypes.c_uint] * 5]
+        error = lib.emu_launch_entry(entry.encode(), len(values), argv, sizes, *grid, block, shared_mem).decode()
         assert not error, f"{entry} (grid {grid}, {block} threads): {error}; on a GPU this is undefined behaviour"
 
     return launch

@@ -1,9 +1,12 @@
 // Host emulation of the small CUDA subset detkit's kernels use, so that the real
 // cuda_kernels/*.cu sources can run on a CPU in tests (tests/test_cuda_emulated.py).
 //
-// Model: a launch runs the blocks of the grid one after another; the threads of a block
-// are OS threads running concurrently, so __shared__ (mapped to function-level statics)
-// is shared by exactly the threads of one block, __syncthreads is a barrier, and the
+// Model: a launch runs the blocks of the grid one after another. The threads of a block
+// are fibers taking turns on one OS thread, switching at barriers (DETKIT_EMU_FIBERS: the
+// plain build), or OS threads running concurrently (the sanitizer builds: ThreadSanitizer
+// needs real threads to see a race). Either way __shared__
+// (mapped to function-level statics) is shared by exactly the threads of one block,
+// __syncthreads is a barrier, and the
 // warp collectives (shuffles, ballots, ldmatrix, mma) exchange values through per-warp
 // buffers around a warp barrier. Dynamic shared memory is a heap buffer of exactly
 // the launch's size, refilled with 0xFF bytes (NaN in every float type) before each
@@ -22,6 +25,7 @@
 #include <mutex>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #define DETKIT_HOST_EMU 1
@@ -38,8 +42,15 @@ void* emu_dynamic_smem();
 #define __align__(n) __attribute__((aligned(n)))
 
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
-extern thread_local emu_dim3 threadIdx;
-extern thread_local emu_dim3 blockIdx;
+// Per CUDA thread: thread_local for OS threads; for fibers one global, swapped in by the
+// runtime when a fiber resumes.
+#ifdef DETKIT_EMU_FIBERS
+#define EMU_LANE_LOCAL
+#else
+#define EMU_LANE_LOCAL thread_local
+#endif
+extern EMU_LANE_LOCAL emu_dim3 threadIdx;
+extern EMU_LANE_LOCAL emu_dim3 blockIdx;
 extern emu_dim3 blockDim, gridDim;
 
 static inline int min(int a, int b) { return a < b ? a : b; }
@@ -61,6 +72,8 @@ static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 // The first error of a launch (a collective with exited lanes), for emu_last_error().
 void emu_report(const char* what);
 
+// wait() and drop() are the runtime's (runtime.cpp): a fiber yields until the barrier
+// opens, an OS thread sleeps on a condition variable.
 struct EmuBarrier {
     std::mutex mu;
     std::condition_variable cv;
@@ -69,19 +82,8 @@ struct EmuBarrier {
     unsigned long gen = 0;
     void reset(int count) { std::lock_guard<std::mutex> g(mu); n = full = count; waiting = 0; }
     void release_locked() { waiting = 0; ++gen; cv.notify_all(); }
-    void wait() {
-        std::unique_lock<std::mutex> g(mu);
-        if (warp && n < full) emu_report("a warp collective ran after a lane of the warp returned from the kernel");
-        unsigned long my = gen;
-        if (++waiting >= n) { release_locked(); return; }
-        cv.wait(g, [&] { return gen != my; });
-    }
-    void drop() {  // a thread left the kernel: it no longer takes part in this block
-        std::lock_guard<std::mutex> g(mu);
-        --n;
-        if (warp && waiting > 0) emu_report("a lane returned from the kernel while its warp waited in a collective");
-        if (waiting > 0 && waiting >= n) release_locked();
-    }
+    void wait();
+    void drop();  // a thread left the kernel: it no longer takes part in this block
 };
 
 // A collective is one warp barrier: lanes publish into buffer `phase`, wait, read. The
@@ -219,8 +221,8 @@ static inline uint32_t smem_addr(const void* p) {
 // (+ 8) of the 64, columns 8 * (i / 4) + 2 * (lane % 4) + i % 2, by sequential fma over
 // the instruction's 16 k (like emu_mma: the layout is exact, the rounding not the hardware's).
 struct EmuWgmmaOp { float* d; int n; uint64_t da, db; bool is_bf16; };
-inline thread_local std::vector<EmuWgmmaOp> emu_wg_open;
-inline thread_local std::vector<std::vector<EmuWgmmaOp>> emu_wg_groups;
+inline EMU_LANE_LOCAL std::vector<EmuWgmmaOp> emu_wg_open;
+inline EMU_LANE_LOCAL std::vector<std::vector<EmuWgmmaOp>> emu_wg_groups;
 
 // Element (row, k) of a K-major operand in the 128-byte swizzle: rows 128 bytes apart
 // within an 8-row group, groups `stride` bytes apart (descriptor bits 32-45), and the
@@ -275,3 +277,35 @@ static inline bool emu_wgmma_pending() {
 
 static inline float f16_bits_to_f32(unsigned short b) { return emu_f16_to_f32(b); }
 static inline unsigned short f32_to_f16_bits(float x) { return emu_f32_to_f16(x); }
+
+// ---- entry points ---------------------------------------------------------------------
+// The test harness appends an EMU_ENTRIES(...) table of the file's extern "C" kernels, so
+// that a launch calls a kernel from C++ with its real parameter types (no Python on a
+// fiber's stack). Each argument arrives as a pointer to its value and its size in bytes.
+struct EmuEntry {
+    const char* name;
+    int (*call)(int argc, void* const* argv, const unsigned* sizes);  // -1: the arguments do not fit
+};
+template <typename... A, size_t... I>
+static inline int emu_invoke_at(void (*f)(A...), void* const* argv, const unsigned* sizes, std::index_sequence<I...>) {
+    const bool fit = ((sizes[I] == sizeof(std::decay_t<A>)) && ... && true);
+    if (!fit) return -1;
+    f(*static_cast<const std::decay_t<A>*>(argv[I])...);
+    return 0;
+}
+template <typename... A>
+static inline int emu_invoke(void (*f)(A...), int argc, void* const* argv, const unsigned* sizes) {
+    if (argc != (int)sizeof...(A)) return -1;
+    return emu_invoke_at(f, argv, sizes, std::index_sequence_for<A...>{});
+}
+extern "C" const char* emu_launch_entry_in(const EmuEntry* table, size_t n, const char* name, int argc,
+                                           void* const* argv, const unsigned* sizes, unsigned gx, unsigned gy,
+                                           unsigned gz, unsigned bx, unsigned smem);
+#define EMU_ENTRY(f) {#f, [](int argc, void* const* argv, const unsigned* sizes) { return emu_invoke(&f, argc, argv, sizes); }},
+#define EMU_ENTRIES(...)                                                                                         \
+    static const EmuEntry emu_entry_table[] = {__VA_ARGS__};                                                     \
+    extern "C" const char* emu_launch_entry(const char* name, int argc, void* const* argv, const unsigned* sizes, \
+                                            unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem) {  \
+        return emu_launch_entry_in(emu_entry_table, sizeof(emu_entry_table) / sizeof(emu_entry_table[0]), name,  \
+                                   argc, argv, sizes, gx, gy, gz, bx, smem);                                     \
+    }

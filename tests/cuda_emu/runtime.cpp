@@ -1,12 +1,16 @@
 // Launch runtime for emu.h: compiled into the same shared object as the kernel source.
 #include <functional>
+#include <memory>
 #include <string>
+#ifdef DETKIT_EMU_FIBERS
+#include <ucontext.h>
+#endif
 
-thread_local emu_dim3 threadIdx;
-thread_local emu_dim3 blockIdx;
+EMU_LANE_LOCAL emu_dim3 threadIdx;
+EMU_LANE_LOCAL emu_dim3 blockIdx;
 emu_dim3 blockDim, gridDim;
 
-static EmuBarrier g_block, g_all;
+static EmuBarrier g_block;
 static std::vector<EmuWarp*> g_warps;
 static std::vector<unsigned char> g_dynamic_smem;
 static std::mutex g_error_mu;
@@ -27,15 +31,177 @@ void emu_report(const char* what) {
 extern "C" const char* emu_last_error() { return g_error.c_str(); }
 
 typedef void (*emu_thunk)(void*);
+static emu_thunk g_thunk = nullptr;  // what every thread of the launch runs
+static void* g_thunk_ctx = nullptr;
 
-// Run `thunk(ctx)` once per (block, thread) of the grid; blocks in order, the threads of
-// a block concurrently, with `smem` bytes of dynamic shared memory. blockDim.x must be a
-// multiple of 32 (as in detkit's kernels).
-extern "C" void emu_launch(emu_thunk thunk, void* ctx, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                           unsigned smem) {
+// Every block starts with its shared memory poisoned and its barriers counting all threads.
+static void emu_start_block(unsigned x, unsigned y, unsigned z, unsigned bx) {
+    blockIdx = {x, y, z};
+    if (!g_dynamic_smem.empty()) std::memset(g_dynamic_smem.data(), 0xFF, g_dynamic_smem.size());
+    g_block.reset((int)bx);
+    for (auto* w : g_warps) w->bar.reset(32);
+}
+
+// A thread returned from the kernel.
+static void emu_end_thread() {
+    if (emu_wgmma_pending()) emu_report("the kernel returned with a wgmma it never waited for");
+    g_block.drop();
+    g_warps[threadIdx.x / 32]->bar.drop();
+}
+
+#ifdef DETKIT_EMU_FIBERS
+// ---- fibers: the block's threads take turns on the launching thread ---------------------
+// A fiber runs until it waits at a barrier that is not open yet, then yields; the
+// scheduler resumes the block's unfinished fibers in turn. A switch costs no system call
+// beyond ucontext's signal mask (the OS-thread version spent most of its time in futex
+// calls and context switches), and the order is the same in every run.
+struct EmuFiber {
+    ucontext_t ctx;
+    std::unique_ptr<char[]> stack;  // uninitialised: only the pages a fiber touches are mapped
+    emu_dim3 tid;
+    std::vector<EmuWgmmaOp> wg_open;
+    std::vector<std::vector<EmuWgmmaOp>> wg_groups;
+    bool done = false;
+};
+constexpr size_t EMU_FIBER_STACK = 512 * 1024;
+static ucontext_t g_scheduler;
+static EmuFiber* g_current = nullptr;
+// Barrier arrivals and finished threads: a turn of the scheduler without one is a deadlock.
+static unsigned long g_progress = 0;
+
+void EmuBarrier::wait() {
+    if (warp && n < full) emu_report("a warp collective ran after a lane of the warp returned from the kernel");
+    ++g_progress;
+    const unsigned long my = gen;
+    if (++waiting >= n) {
+        waiting = 0;
+        ++gen;
+        return;
+    }
+    while (gen == my) swapcontext(&g_current->ctx, &g_scheduler);
+}
+
+void EmuBarrier::drop() {
+    --n;
+    if (warp && waiting > 0) emu_report("a lane returned from the kernel while its warp waited in a collective");
+    if (waiting > 0 && waiting >= n) {
+        waiting = 0;
+        ++gen;
+    }
+}
+
+static void emu_fiber_main() {
+    g_thunk(g_thunk_ctx);
+    emu_end_thread();
+    g_current->done = true;
+    ++g_progress;
+}  // returns to uc_link, the scheduler
+
+// Run fiber `f` until it yields or finishes, with its per-thread state swapped in.
+static void emu_resume(EmuFiber& f) {
+    g_current = &f;
+    threadIdx = f.tid;
+    std::swap(emu_wg_open, f.wg_open);
+    std::swap(emu_wg_groups, f.wg_groups);
+    swapcontext(&g_scheduler, &f.ctx);
+    std::swap(emu_wg_open, f.wg_open);
+    std::swap(emu_wg_groups, f.wg_groups);
+}
+
+// Run one block; false if its threads deadlocked (then its fibers are abandoned).
+static bool emu_run_block(std::vector<EmuFiber>& fibers) {
+    for (EmuFiber& f : fibers) {
+        f.done = false;
+        f.wg_open.clear();
+        f.wg_groups.clear();
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.get();
+        f.ctx.uc_stack.ss_size = EMU_FIBER_STACK;
+        f.ctx.uc_link = &g_scheduler;
+        makecontext(&f.ctx, emu_fiber_main, 0);
+    }
+    size_t alive = fibers.size();
+    while (alive > 0) {
+        const unsigned long before = g_progress;
+        for (EmuFiber& f : fibers) {
+            if (f.done) continue;
+            emu_resume(f);
+            if (f.done) --alive;
+        }
+        if (alive > 0 && g_progress == before) {
+            emu_report("every thread left waits at a barrier that cannot open: on a GPU the launch hangs");
+            return false;
+        }
+    }
+    return true;
+}
+
+static void emu_run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
+    std::vector<EmuFiber> fibers(bx);
+    for (unsigned t = 0; t < bx; ++t) {
+        fibers[t].tid = {t, 0, 0};
+        fibers[t].stack.reset(new char[EMU_FIBER_STACK]);
+    }
+    for (unsigned z = 0; z < gz; ++z)
+        for (unsigned y = 0; y < gy; ++y)
+            for (unsigned x = 0; x < gx; ++x) {
+                emu_start_block(x, y, z, bx);
+                if (!emu_run_block(fibers)) return;
+            }
+}
+
+#else
+// ---- OS threads: one per thread of the block, reused from block to block ----------------
+void EmuBarrier::wait() {
+    std::unique_lock<std::mutex> g(mu);
+    if (warp && n < full) emu_report("a warp collective ran after a lane of the warp returned from the kernel");
+    unsigned long my = gen;
+    if (++waiting >= n) {
+        release_locked();
+        return;
+    }
+    cv.wait(g, [&] { return gen != my; });
+}
+
+void EmuBarrier::drop() {
+    std::lock_guard<std::mutex> g(mu);
+    --n;
+    if (warp && waiting > 0) emu_report("a lane returned from the kernel while its warp waited in a collective");
+    if (waiting > 0 && waiting >= n) release_locked();
+}
+
+static void emu_run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
+    EmuBarrier all;  // the block's threads start and end a block together
+    all.reset((int)bx);
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < bx; ++t) {
+        threads.emplace_back([=, &all] {
+            threadIdx = {t, 0, 0};
+            for (unsigned z = 0; z < gz; ++z)
+                for (unsigned y = 0; y < gy; ++y)
+                    for (unsigned x = 0; x < gx; ++x) {
+                        if (t == 0) emu_start_block(x, y, z, bx);
+                        else blockIdx = {x, y, z};
+                        all.wait();
+                        g_thunk(g_thunk_ctx);
+                        emu_end_thread();
+                        all.wait();
+                    }
+        });
+    }
+    for (auto& th : threads) th.join();
+}
+#endif
+
+// Run `thunk(ctx)` once per (block, thread) of the grid; blocks in order, with `smem` bytes
+// of dynamic shared memory. blockDim.x must be a multiple of 32 (as in detkit's kernels).
+static void emu_launch(emu_thunk thunk, void* ctx, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                       unsigned smem) {
     gridDim = {gx, gy, gz};
     blockDim = {bx, 1, 1};
     g_error.clear();
+    g_thunk = thunk;
+    g_thunk_ctx = ctx;
     // Exactly `smem` bytes (none when 0), so that AddressSanitizer sees an overrun.
     g_dynamic_smem = std::vector<unsigned char>(smem);
     g_dynamic_smem.shrink_to_fit();
@@ -44,34 +210,37 @@ extern "C" void emu_launch(emu_thunk thunk, void* ctx, unsigned gx, unsigned gy,
     for (unsigned i = 0; i < nwarps; ++i) {
         g_warps.push_back(new EmuWarp());
         g_warps.back()->bar.warp = true;
-        g_warps.back()->bar.reset(32);
     }
-    g_block.reset((int)bx);
-    g_all.reset((int)bx);
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < bx; ++t) {
-        threads.emplace_back([=] {
-            threadIdx = {t, 0, 0};
-            for (unsigned z = 0; z < gz; ++z)
-                for (unsigned y = 0; y < gy; ++y)
-                    for (unsigned x = 0; x < gx; ++x) {
-                        blockIdx = {x, y, z};
-                        if (t == 0 && !g_dynamic_smem.empty()) std::memset(g_dynamic_smem.data(), 0xFF, g_dynamic_smem.size());
-                        g_all.wait();  // the block starts with its shared memory poisoned
-                        thunk(ctx);
-                        if (emu_wgmma_pending()) emu_report("the kernel returned with a wgmma it never waited for");
-                        g_block.drop();
-                        g_warps[t / 32]->bar.drop();
-                        g_all.wait();
-                        if (t == 0) {
-                            g_block.reset((int)bx);
-                            for (auto* w : g_warps) w->bar.reset(32);
-                        }
-                        g_all.wait();
-                    }
-        });
-    }
-    for (auto& th : threads) th.join();
+    emu_run_grid(gx, gy, gz, bx);
     for (auto* w : g_warps) delete w;
     g_warps.clear();
+}
+
+struct EmuCall {
+    const EmuEntry* entry;
+    int argc;
+    void* const* argv;
+    const unsigned* sizes;
+};
+
+static void emu_call_thunk(void* p) {
+    const EmuCall* c = static_cast<const EmuCall*>(p);
+    if (c->entry->call(c->argc, c->argv, c->sizes) != 0)
+        emu_report("the arguments do not match the kernel's parameters (their number or a size in bytes)");
+}
+
+// Launch kernel `name` of `table`; the error of the launch ("" if none).
+extern "C" const char* emu_launch_entry_in(const EmuEntry* table, size_t n, const char* name, int argc,
+                                           void* const* argv, const unsigned* sizes, unsigned gx, unsigned gy,
+                                           unsigned gz, unsigned bx, unsigned smem) {
+    const EmuEntry* entry = nullptr;
+    for (size_t i = 0; i < n; ++i)
+        if (std::strcmp(table[i].name, name) == 0) entry = &table[i];
+    if (entry == nullptr) {
+        g_error = std::string("no kernel named ") + name + " in this file";
+        return g_error.c_str();
+    }
+    EmuCall call{entry, argc, argv, sizes};
+    emu_launch(emu_call_thunk, &call, gx, gy, gz, bx, smem);
+    return g_error.c_str();
 }
