@@ -641,6 +641,25 @@ def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(
         cuda_backend.softmax(rand((2, 40), torch.float32, 1), False, portable=True)
 
 
+@pytest.mark.skipif(bool(SANITIZE), reason="fibers only: with OS threads (the sanitizer builds) this launch hangs")
+def test_threads_waiting_at_barriers_that_cannot_open_fail_the_launch() -> None:
+    """A lane waiting at __syncthreads while the rest of its warp waits in a collective: on
+    a GPU the launch hangs; here the scheduler finds a turn in which no thread moved."""
+    source = ('extern "C" __global__ void stuck(float* p) {\n'
+              '    if ((threadIdx.x & 31) == 31) __syncthreads();\n'
+              '    __syncwarp();\n'
+              '    p[threadIdx.x] = 1.0f;\n'
+              '}\n')
+    launch = _launcher({"stuck.cu": _build("stuck.cu", _out_dir(), source)})
+    out = torch.zeros(64)
+    with pytest.raises(AssertionError, match="stuck .*every thread left waits at a barrier that cannot open"):
+        launch(out.device, "stuck.cu", "stuck", (2, 1, 1), 64, (np.uint64(out.data_ptr()),))
+    fine = source.replace("    if ((threadIdx.x & 31) == 31) __syncthreads();\n", "")
+    _launcher({"fine.cu": _build("fine.cu", _out_dir(), fine)})(out.device, "fine.cu", "stuck", (2, 1, 1), 64,
+                                                                 (np.uint64(out.data_ptr()),))
+    assert bool((out == 1).all())
+
+
 def _runtime(kind: str) -> str | None:
     """The sanitizer runtime to preload for ``kind`` ("address" or "thread"), if g++ has it."""
     if CXX is None:
