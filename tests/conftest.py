@@ -45,3 +45,35 @@ def mode_left_off() -> Iterator[None]:
     if mode.is_enabled():
         mode.disable()
         pytest.fail("the test left the mode on")
+
+
+# ---------------------------------------------------------------- background sanitized runs
+# tests/test_cuda_emulated.py's two sanitized runs take minutes of both cores: started
+# when the tests are collected, at the lowest CPU priority, they use what the rest of the
+# suite leaves idle; the two tests that collect them run last.
+_emulated: ModuleType | None = None
+
+
+def _sanitized_kind(item: pytest.Item) -> str | None:
+    module = getattr(item, "module", None)
+    return getattr(module, "SANITIZED_TESTS", {}).get(getattr(item, "originalname", ""))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: _sanitized_kind(item) is not None)  # stable: the rest keep their order
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    global _emulated
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        kind = _sanitized_kind(item)
+        if kind is not None and not item.get_closest_marker("skip"):
+            _emulated = item.module  # type: ignore[attr-defined]
+            _emulated.start_sanitized_runs([kind])
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _emulated is not None:
+        _emulated.stop_sanitized_runs()

@@ -23,6 +23,7 @@ It does not check GPU timing, memory-model or hardware rounding: tests/test_cuda
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import re
@@ -31,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -692,7 +693,8 @@ class _SanitizedRun:
     """The tests of this file selected by ``select``, in a process under ``kind``
     ("address": AddressSanitizer + UBSan, "thread": ThreadSanitizer), started at once."""
 
-    def __init__(self, tmp_path: Path, kind: str, select: str, kernels_dir: Path | None = None) -> None:
+    def __init__(self, tmp_path: Path, kind: str, select: str, kernels_dir: Path | None = None,
+                 background: bool = False) -> None:
         self.kind = kind
         self.logs = tmp_path / f"{kind}-logs"
         self.logs.mkdir()
@@ -710,6 +712,9 @@ class _SanitizedRun:
         self.proc = subprocess.Popen([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
                                       "-k", select], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
+        if background:  # the threads it starts inherit the priority of its main thread
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
 
     def result(self) -> tuple[int, str, str]:
         """(exit code, pytest's output, the sanitizer reports), once the process ended."""
@@ -722,18 +727,36 @@ class _SanitizedRun:
         return self.proc.returncode, output, reports
 
 
-@pytest.fixture(scope="module")
-def sanitized_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _SanitizedRun]]:
-    """Both sanitized runs, started together (the emulation waits on barriers more than
-    it computes, so the two overlap well on two cores)."""
-    selections = {"address": ADDRESS_SELECTION, "thread": THREAD_SELECTION}
-    runs = {kind: _SanitizedRun(tmp_path_factory.mktemp(kind), kind, select)
-            for kind, select in selections.items() if _runtime(kind) is not None}
-    yield runs
-    for run in runs.values():
+# The two sanitized runs take minutes of both cores. tests/conftest.py starts them as soon
+# as the tests are collected, at the lowest CPU priority, so that they use what the rest of
+# the suite leaves idle, and moves the two tests that collect them to the end.
+SANITIZED_TESTS = {"test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers": "address",
+                   "test_kernels_have_no_data_race_under_the_thread_sanitizer": "thread"}
+_SELECTIONS = {"address": ADDRESS_SELECTION, "thread": THREAD_SELECTION}
+_background: dict[str, _SanitizedRun] = {}
+
+
+def start_sanitized_runs(kinds: Iterable[str]) -> None:
+    """Start the sanitized run of each of ``kinds`` that can run here, unless started."""
+    for kind in kinds:
+        if kind not in _background and not SANITIZE and _runtime(kind) is not None:
+            tmp = Path(tempfile.mkdtemp(prefix=f"detkit-emu-{kind}-"))
+            _background[kind] = _SanitizedRun(tmp, kind, _SELECTIONS[kind], background=True)
+
+
+def stop_sanitized_runs() -> None:
+    """End the sanitized runs (killed if the session ended before their tests) and remove their logs."""
+    for run in _background.values():
         if run.proc.poll() is None:
             run.proc.kill()
-            run.proc.communicate()
+        run.proc.communicate()
+        shutil.rmtree(run.logs.parent, ignore_errors=True)
+    _background.clear()
+
+
+def _sanitized_result(kind: str) -> tuple[int, str, str]:
+    start_sanitized_runs([kind])  # only if the session hooks did not start it
+    return _background[kind].result()
 
 
 def _assert_clean(kind: str, rc: int, output: str, reports: str, fault: str) -> None:
@@ -752,22 +775,20 @@ def _mutated_kernels(tmp_path: Path, name: str, mutation: tuple[str, str]) -> Pa
 
 
 @_needs("address")
-def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers(
-    sanitized_runs: dict[str, _SanitizedRun]
-) -> None:
+def test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers() -> None:
     """No out-of-bounds access of a tensor, a shared array or the dynamic shared memory
     (sized by the launch), and no undefined integer arithmetic, in any kernel. Every
     test of this file: DETKIT_EMU_SANITIZE=address LD_PRELOAD=$(g++ -print-file-name=libasan.so)
     ASAN_OPTIONS=detect_leaks=0 pytest tests/test_cuda_emulated.py"""
-    rc, output, reports = sanitized_runs["address"].result()
+    rc, output, reports = _sanitized_result("address")
     _assert_clean("address", rc, output, reports, "an illegal address or undefined behaviour")
 
 
 @_needs("thread")
-def test_kernels_have_no_data_race_under_the_thread_sanitizer(sanitized_runs: dict[str, _SanitizedRun]) -> None:
+def test_kernels_have_no_data_race_under_the_thread_sanitizer() -> None:
     """No two threads touch the same shared or global memory without a barrier between
     them (a missing __syncthreads: on a GPU, results that change from run to run)."""
-    rc, output, reports = sanitized_runs["thread"].result()
+    rc, output, reports = _sanitized_result("thread")
     _assert_clean("thread", rc, output, reports, "a data race: results that can change from run to run")
 
 
