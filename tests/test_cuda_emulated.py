@@ -26,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -645,7 +645,8 @@ def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(
 @pytest.mark.skipif(bool(SANITIZE), reason="fibers only: with OS threads (the sanitizer builds) this launch hangs")
 def test_threads_waiting_at_barriers_that_cannot_open_fail_the_launch() -> None:
     """A lane waiting at __syncthreads while the rest of its warp waits in a collective: on
-    a GPU the launch hangs; here the scheduler finds a turn in which no thread moved."""
+    a GPU the launch hangs; here the scheduler finds a turn in which no thread moved. And a
+    launch whose arguments do not fit the kernel's parameters fails."""
     source = ('extern "C" __global__ void stuck(float* p) {\n'
               '    if ((threadIdx.x & 31) == 31) __syncthreads();\n'
               '    __syncwarp();\n'
@@ -656,9 +657,13 @@ def test_threads_waiting_at_barriers_that_cannot_open_fail_the_launch() -> None:
     with pytest.raises(AssertionError, match="stuck .*every thread left waits at a barrier that cannot open"):
         launch(out.device, "stuck.cu", "stuck", (2, 1, 1), 64, (np.uint64(out.data_ptr()),))
     fine = source.replace("    if ((threadIdx.x & 31) == 31) __syncthreads();\n", "")
-    _launcher({"fine.cu": _build("fine.cu", _out_dir(), fine)})(out.device, "fine.cu", "stuck", (2, 1, 1), 64,
-                                                                 (np.uint64(out.data_ptr()),))
+    launch = _launcher({"fine.cu": _build("fine.cu", _out_dir(), fine)})
+    launch(out.device, "fine.cu", "stuck", (2, 1, 1), 64, (np.uint64(out.data_ptr()),))
     assert bool((out == 1).all())
+    # The entry table calls a kernel with its own parameter types: other arguments fail.
+    for args in [(np.uint64(out.data_ptr()), np.int32(1)), (np.int32(0),)]:
+        with pytest.raises(AssertionError, match="arguments do not match the kernel's parameters"):
+            launch(out.device, "fine.cu", "stuck", (1, 1, 1), 32, args)
 
 
 def _runtime(kind: str) -> str | None:
