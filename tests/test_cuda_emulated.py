@@ -100,7 +100,11 @@ def _build(name: str, out_dir: Path, source: str | None = None) -> ctypes.CDLL:
                str(cpp), str(EMU_DIR / "runtime.cpp"), "-o", str(so)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"host build of {name} failed:\n{proc.stderr[-4000:]}"
-    return ctypes.CDLL(str(so))
+    lib = ctypes.CDLL(str(so))
+    lib.emu_launch_entry.restype = ctypes.c_char_p
+    lib.emu_launch_entry.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                     *[ctypes.c_uint] * 5]
+    return lib
 
 
 def _out_dir() -> Path:
@@ -128,9 +132,6 @@ def _launcher(libs: dict[str, ctypes.CDLL]) -> Callable[..., None]:
         argv = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
                                                           for v in values])
         sizes = (ctypes.c_uint * max(1, len(values)))(*[ctypes.sizeof(v) for v in values])
-        lib.emu_launch_entry.restype = ctypes.c_char_p
-        lib.emu_launch_entry.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                         *[ctypes.c_uint] * 5]
         error = lib.emu_launch_entry(entry.encode(), len(values), argv, sizes, *grid, block, shared_mem).decode()
         assert not error, f"{entry} (grid {grid}, {block} threads): {error}; on a GPU this is undefined behaviour"
 

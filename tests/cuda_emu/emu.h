@@ -12,7 +12,7 @@
 // block, so an overrun is a heap overflow under AddressSanitizer and a read of memory the
 // block did not write shows up as NaN. A warp collective that a lane of the warp has left
 // (returned from the kernel) is undefined on a GPU; here it fails the launch
-// (emu_last_error). float arithmetic is IEEE binary32 (x86-64 SSE, no contraction),
+// (its error is the launch's result). float arithmetic is IEEE binary32 (x86-64 SSE, no contraction),
 // fmaf is correctly rounded, so the canonical-order kernels give the same
 // bits as on a GPU. Tensor-core mma is emulated in float (fragment layout exact, rounding
 // not the hardware's): use it to check indexing, not bits.
@@ -68,7 +68,7 @@ static inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b,
 static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 
 // ---- barriers -------------------------------------------------------------------------
-// The first error of a launch (a collective with exited lanes), for emu_last_error().
+// The first error of a launch (a collective with exited lanes), the launch's result.
 void emu_report(const char* what);
 
 // wait() and drop() are the runtime's (runtime.cpp): a fiber yields until the barrier

@@ -1,5 +1,4 @@
 // Launch runtime for emu.h: compiled into the same shared object as the kernel source.
-#include <functional>
 #include <memory>
 #include <string>
 #ifdef DETKIT_EMU_FIBERS
@@ -27,12 +26,18 @@ void emu_report(const char* what) {
                   "," + std::to_string(blockIdx.z) + ", thread " + std::to_string(threadIdx.x) + ")";
 }
 
-// The first error of the last launch, "" if none.
-extern "C" const char* emu_last_error() { return g_error.c_str(); }
+// The kernel every thread of the launch runs, and its arguments.
+static struct {
+    const EmuEntry* entry;
+    int argc;
+    void* const* argv;
+    const unsigned* sizes;
+} g_call;
 
-typedef void (*emu_thunk)(void*);
-static emu_thunk g_thunk = nullptr;  // what every thread of the launch runs
-static void* g_thunk_ctx = nullptr;
+static void emu_run_kernel() {
+    if (g_call.entry->call(g_call.argc, g_call.argv, g_call.sizes) != 0)
+        emu_report("the arguments do not match the kernel's parameters (their number or a size in bytes)");
+}
 
 // Every block starts with its shared memory poisoned and its barriers counting all threads.
 static void emu_start_block(unsigned x, unsigned y, unsigned z, unsigned bx) {
@@ -91,7 +96,7 @@ void EmuBarrier::drop() {
 }
 
 static void emu_fiber_main() {
-    g_thunk(g_thunk_ctx);
+    emu_run_kernel();
     emu_end_thread();
     g_current->done = true;
     ++g_progress;
@@ -183,7 +188,7 @@ static void emu_run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
                         if (t == 0) emu_start_block(x, y, z, bx);
                         else blockIdx = {x, y, z};
                         all.wait();
-                        g_thunk(g_thunk_ctx);
+                        emu_run_kernel();
                         emu_end_thread();
                         all.wait();
                     }
@@ -193,15 +198,23 @@ static void emu_run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
 }
 #endif
 
-// Run `thunk(ctx)` once per (block, thread) of the grid; blocks in order, with `smem` bytes
-// of dynamic shared memory. blockDim.x must be a multiple of 32 (as in detkit's kernels).
-static void emu_launch(emu_thunk thunk, void* ctx, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                       unsigned smem) {
+// Launch kernel `name` of `table` on a (gx, gy, gz) grid of `bx`-thread blocks (a multiple
+// of 32, as in detkit's kernels), blocks in order, with `smem` bytes of dynamic shared
+// memory; the launch's first error ("" if none).
+extern "C" const char* emu_launch_entry_in(const EmuEntry* table, size_t n, const char* name, int argc,
+                                           void* const* argv, const unsigned* sizes, unsigned gx, unsigned gy,
+                                           unsigned gz, unsigned bx, unsigned smem) {
+    g_error.clear();
+    const EmuEntry* entry = nullptr;
+    for (size_t i = 0; i < n; ++i)
+        if (std::strcmp(table[i].name, name) == 0) entry = &table[i];
+    if (entry == nullptr) {
+        g_error = std::string("no kernel named ") + name + " in this file";
+        return g_error.c_str();
+    }
+    g_call = {entry, argc, argv, sizes};
     gridDim = {gx, gy, gz};
     blockDim = {bx, 1, 1};
-    g_error.clear();
-    g_thunk = thunk;
-    g_thunk_ctx = ctx;
     // Exactly `smem` bytes (none when 0), so that AddressSanitizer sees an overrun.
     g_dynamic_smem = std::vector<unsigned char>(smem);
     g_dynamic_smem.shrink_to_fit();
@@ -214,33 +227,5 @@ static void emu_launch(emu_thunk thunk, void* ctx, unsigned gx, unsigned gy, uns
     emu_run_grid(gx, gy, gz, bx);
     for (auto* w : g_warps) delete w;
     g_warps.clear();
-}
-
-struct EmuCall {
-    const EmuEntry* entry;
-    int argc;
-    void* const* argv;
-    const unsigned* sizes;
-};
-
-static void emu_call_thunk(void* p) {
-    const EmuCall* c = static_cast<const EmuCall*>(p);
-    if (c->entry->call(c->argc, c->argv, c->sizes) != 0)
-        emu_report("the arguments do not match the kernel's parameters (their number or a size in bytes)");
-}
-
-// Launch kernel `name` of `table`; the error of the launch ("" if none).
-extern "C" const char* emu_launch_entry_in(const EmuEntry* table, size_t n, const char* name, int argc,
-                                           void* const* argv, const unsigned* sizes, unsigned gx, unsigned gy,
-                                           unsigned gz, unsigned bx, unsigned smem) {
-    const EmuEntry* entry = nullptr;
-    for (size_t i = 0; i < n; ++i)
-        if (std::strcmp(table[i].name, name) == 0) entry = &table[i];
-    if (entry == nullptr) {
-        g_error = std::string("no kernel named ") + name + " in this file";
-        return g_error.c_str();
-    }
-    EmuCall call{entry, argc, argv, sizes};
-    emu_launch(emu_call_thunk, &call, gx, gy, gz, bx, smem);
     return g_error.c_str();
 }
