@@ -142,15 +142,19 @@ __device__ __forceinline__ void wg_mm(const T* __restrict__ A, const T* __restri
                 const bool ok = (m0 + row < M) && (k0 + ch * 8 < K);
                 cp_async16(a_s + wg_swizzle(row, ch), ok ? Ag + (i64)(m0 + row) * sa_m + (k0 + ch * 8) : Ag, ok);
             }
+            if (B_KMAJOR) {  // global b[k, n] at n * sb_ld + k: 16-byte chunks along k
 #pragma unroll
-            for (int i = 0; i < BN * 8 / NT; ++i) {
-                const int c = tid + i * NT;
-                if (B_KMAJOR) {  // global b[k, n] at n * sb_ld + k: 16-byte chunks along k
-                    const int row = c / 8, ch = c % 8;
+                for (int i = 0; i < BN * 8 / NT; ++i) {
+                    const int c = tid + i * NT, row = c / 8, ch = c % 8;
                     const bool ok = (n0 + row < N) && (k0 + ch * 8 < K);
                     cp_async16(b_s + wg_swizzle(row, ch), ok ? Bg + (i64)(n0 + row) * sb_ld + (k0 + ch * 8) : Bg, ok);
-                } else {         // global b[k, n] at k * sb_ld + n: chunks along n, transposed here
-                    const int k = c / (BN / 8), nc = (c % (BN / 8)) * 8;
+                }
+            } else {  // global b[k, n] at k * sb_ld + n: chunks along n, transposed here
+                // Four 16-byte loads in flight, not all eight: fully unrolled, the loads'
+                // registers on top of 128 accumulators made the 128x256 tile spill.
+#pragma unroll 4
+                for (int i = 0; i < BN * 8 / NT; ++i) {
+                    const int c = tid + i * NT, k = c / (BN / 8), nc = (c % (BN / 8)) * 8;
                     const bool ok = (k0 + k < K) && (n0 + nc < N);
                     uint4 v = {0u, 0u, 0u, 0u};
                     if (ok) v = *reinterpret_cast<const uint4*>(Bg + (i64)(k0 + k) * sb_ld + (n0 + nc));

@@ -37,7 +37,7 @@ def _check_on_gpu(index: int, arch: str) -> list[dict[str, Any]]:
     return [r.as_dict() for r in cuda_loader.check_device(index, arch)]
 
 
-def _print(rows: list[dict[str, Any]], target: str) -> None:
+def _print(rows: list[dict[str, Any]], target: str, resources: bool) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -54,17 +54,52 @@ def _print(rows: list[dict[str, Any]], target: str) -> None:
     table = Table(title=f"detkit CUDA kernels: compile check ({target})", title_justify="left",
                   # Text, not a markup string: compiler names look like "nvrtc [/path/libnvrtc.so]".
                   caption=Text(caption), caption_justify="left")
-    for col in ("file", "arch", "status", "entry points", "seconds"):
+    for col in ("file", "arch", "status", "entries", "max regs", "spilling", "notes", "seconds"):
         table.add_column(col, no_wrap=True)
     for r in rows:
         status = Text("ok", style="green") if r["ok"] else Text("FAILED", style="bold red")
-        table.add_row(r["file"], r["arch"], status, str(len(r["entries"])), f"{r['seconds']:.2f}")
+        res = r["resources"]
+        spilling = sum(_spills(x) for x in res)
+        table.add_row(r["file"], r["arch"], status, str(len(r["entries"])),
+                      str(max((x["registers"] for x in res), default="-")),
+                      Text(str(spilling), style="yellow" if spilling else ""), str(len(r["notes"]) or ""),
+                      f"{r['seconds']:.2f}")
     console.print(table)
+    if resources:
+        _print_resources(console, rows)
+    for r in rows:
+        for note in r["notes"]:
+            console.print(Text(f"{r['file']} ({r['arch']}): {note}", style="yellow"))
     for r in rows:
         if not r["ok"]:
             err = Console(stderr=True)
             err.print(f"[bold red]{r['file']} ({r['arch']}) failed:[/]")
             err.print(Text("\n".join(r["log"].splitlines()[:40])))
+
+
+def _spills(x: dict[str, Any]) -> bool:
+    return bool(x["spill_store_bytes"] or x["spill_load_bytes"])
+
+
+def _print_resources(console: Any, rows: list[dict[str, Any]]) -> None:
+    """One row per entry point: what ptxas reports it uses."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="per entry point, as ptxas -v reports it", title_justify="left",
+                  caption="regs, stack and spill bytes per thread; static shared memory per CTA (the matmul "
+                  "launchers add their dynamic shared memory)", caption_justify="left")
+    for col in ("entry point", "regs", "stack", "spill st", "spill ld", "smem"):
+        table.add_column(col, no_wrap=True, justify="left" if col == "entry point" else "right")
+    for r in rows:
+        table.add_row(Text(f"{r['file']} ({r['arch']})", style="bold"), end_section=True)
+        for x in r["resources"]:
+            style = "yellow" if _spills(x) else ""
+            table.add_row(Text(x["entry"], style=style), str(x["registers"]), str(x["stack_bytes"]),
+                          Text(str(x["spill_store_bytes"]), style=style), Text(str(x["spill_load_bytes"]), style=style),
+                          str(x["shared_bytes"]))
+        table.add_section()
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -81,9 +116,15 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option("--compiler", help="nvrtc or nvcc (default: NVRTC if found, else nvcc)."),
         ] = None,
+        resources: Annotated[
+            bool,
+            typer.Option("--resources", help="Also list every entry point's registers, stack frame, spills and "
+                         "static shared memory, as ptxas reports them (always in --json)."),
+        ] = False,
         as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON only.")] = False,
     ) -> None:
-        """Compile every CUDA kernel (cuda_kernels/*.cu) and report; exit 1 if any fails."""
+        """Compile every CUDA kernel (cuda_kernels/*.cu) to CUBIN and report, with what ptxas says each kernel
+        uses (registers, spills); exit 1 if any fails to compile."""
         from detkit.kernels import cuda_loader
 
         gpu = None if (arch or compiler) else _local_gpu()
@@ -103,7 +144,7 @@ def register(app: typer.Typer) -> None:
                        "results": rows}
             typer.echo(json.dumps(payload, indent=2))
         else:
-            _print(rows, target)
+            _print(rows, target, resources)
         if not ok:
             raise typer.Exit(code=1)
 

@@ -14,10 +14,11 @@ We compile with NVRTC ourselves rather than through ``cupy.RawModule(code=...)``
 because CuPy appends ``-ftz=true`` to every NVRTC compilation, which would flush
 subnormals to zero. CuPy is used only to load the CUBIN and launch.
 
-Without a GPU, :func:`check_all` compiles every file for given architectures (sm_80 and
-sm_90 by default) with NVRTC (CuPy's bindings when CuPy is installed, else the
-``libnvrtc`` shared library from the ``nvidia-cuda-nvrtc-cu12`` wheel or a CUDA
-toolkit) or ``nvcc``; that is what CI runs.
+Without a GPU, :func:`check_all` compiles every file to CUBIN for given architectures
+(sm_80 and sm_90 by default) with NVRTC (CuPy's bindings when CuPy is installed, else
+the ``libnvrtc`` shared library from the ``nvidia-cuda-nvrtc-cu12`` wheel or a CUDA
+toolkit) or ``nvcc``, and reads ptxas's report of each kernel's registers and spills
+(:mod:`detkit.kernels.cuda_resources`); that is what CI runs.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from detkit.errors import BackendUnavailable, CompileError, InputError
+from detkit.kernels.cuda_resources import KernelResources, cubin_entries, parse_ptxas_report, ptxas_notes
 
 KERNEL_FILES: tuple[str, ...] = ("matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu", "matmul_sm90.cu")
 # The source files of each unit after common.cuh, in order (default: the file alone).
@@ -190,12 +192,13 @@ class _Nvrtc:
         lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
         self.version = (major.value, minor.value)
 
-    def compile(self, source: str, name: str, options: list[str], output: str) -> bytes:
+    def compile(self, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
+        """(output, compiler log); the log holds ptxas's report when asked for one."""
         if self._cupy is not None:
             return self._compile_cupy(source, name, options, output)
         return self._compile_ctypes(source, name, options, output)
 
-    def _compile_cupy(self, source: str, name: str, options: list[str], output: str) -> bytes:
+    def _compile_cupy(self, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
         n = self._cupy
         prog = n.createProgram(source, name, [], [])
         try:
@@ -203,24 +206,24 @@ class _Nvrtc:
                 n.compileProgram(prog, options)
             except n.NVRTCError as err:
                 raise CompileError(_compile_message(name, options, n.getProgramLog(prog), str(err))) from None
-            return bytes(n.getCUBIN(prog) if output == "cubin" else n.getPTX(prog))
+            return bytes(n.getCUBIN(prog) if output == "cubin" else n.getPTX(prog)), n.getProgramLog(prog)
         finally:
             n.destroyProgram(prog)
 
-    def _compile_ctypes(self, source: str, name: str, options: list[str], output: str) -> bytes:
+    def _compile_ctypes(self, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
         lib = self._lib
         prog = ctypes.c_void_p()
         self._ok(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None))
         try:
             opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
             rc = lib.nvrtcCompileProgram(prog, len(options), opts)
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log_buf = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log_buf)
+            log = log_buf.value.decode(errors="replace")
             if rc != 0:
-                size = ctypes.c_size_t()
-                lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-                buf = ctypes.create_string_buffer(size.value)
-                lib.nvrtcGetProgramLog(prog, buf)
-                raise CompileError(_compile_message(name, options, buf.value.decode(errors="replace"),
-                                                    self._err(rc)))
+                raise CompileError(_compile_message(name, options, log, self._err(rc)))
             get_size, get = (
                 (lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN) if output == "cubin"
                 else (lib.nvrtcGetPTXSize, lib.nvrtcGetPTX)
@@ -229,7 +232,7 @@ class _Nvrtc:
             self._ok(get_size(prog, ctypes.byref(size)))
             buf = ctypes.create_string_buffer(size.value)
             self._ok(get(prog, buf))
-            return buf.raw
+            return buf.raw, log
         finally:
             lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
@@ -314,7 +317,7 @@ def nvcc_version(nvcc: str) -> str:
     return m.group(1) if m else "unknown"
 
 
-def _compile_nvcc(source: str, name: str, options: list[str], output: str) -> bytes:
+def _compile_nvcc(source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
     nvcc = find_nvcc()
     if nvcc is None:
         raise BackendUnavailable("nvcc was not found on PATH, in $CUDA_HOME or /usr/local/cuda.")
@@ -327,7 +330,7 @@ def _compile_nvcc(source: str, name: str, options: list[str], output: str) -> by
         if proc.returncode != 0:
             raise CompileError(_compile_message(name, options, proc.stdout + proc.stderr,
                                                 f"nvcc exit {proc.returncode}"))
-        return out.read_bytes()
+        return out.read_bytes(), proc.stdout + proc.stderr
 
 
 # --------------------------------------------------------------------------- compile API
@@ -361,6 +364,11 @@ def _pick_compiler(compiler: str | None) -> str:
     return avail[0]
 
 
+# ptxas reports each kernel's registers, stack frame, spills and shared memory; a report,
+# not a code change, so it is added to CUBIN compilations outside COMPILE_OPTIONS.
+PTXAS_REPORT_OPTION = "--ptxas-options=-v"
+
+
 def compile_source(source: str, name: str, arch: str, *, output: str = "cubin",
                    compiler: str | None = None) -> bytes:
     """Compile a translation unit to CUBIN or PTX for ``arch``; raise CompileError with the log.
@@ -368,9 +376,20 @@ def compile_source(source: str, name: str, arch: str, *, output: str = "cubin",
     Outputs are cached in the process and on disk (:func:`cache_dir`), keyed by everything
     that decides them: source, options, architecture, output kind and compiler version.
     Failures are never cached."""
+    return _compile(source, name, arch, output, compiler)[0]
+
+
+def ptxas_report(source: str, name: str, arch: str, *, compiler: str | None = None) -> str:
+    """ptxas's ``-v`` report of the unit's CUBIN (compiled, or read from the cache, with it):
+    :func:`detkit.kernels.cuda_resources.parse_ptxas_report` reads it."""
+    return _compile(source, name, arch, "cubin", compiler)[1]
+
+
+def _compile(source: str, name: str, arch: str, output: str, compiler: str | None) -> tuple[bytes, str]:
+    """(output, ptxas report: empty for PTX), from the caches or compiled."""
     if output not in ("cubin", "ptx"):
         raise InputError(f"output must be 'cubin' or 'ptx', got {output!r}")
-    options = _options(arch)
+    options = _options(arch) + ([PTXAS_REPORT_OPTION] if output == "cubin" else [])
     which = _pick_compiler(compiler)
     key = (hashlib.sha256(source.encode()).hexdigest(), name, arch, output, which)
     with _compiled_lock:
@@ -378,33 +397,50 @@ def compile_source(source: str, name: str, arch: str, *, output: str = "cubin",
     if hit is not None:
         return hit
     key_text = "\n".join([source, *options, output, _describe(which)])
-    # PTX is text of 1-13 MB per unit: kept zlib-compressed (a tenth of the size)
-    suffix = "ptx.z" if output == "ptx" else output
+    # zlib-compressed: PTX is text of 1-13 MB per unit (a tenth of that compressed); a
+    # CUBIN entry holds the length of ptxas's report, the report, then the CUBIN.
+    suffix = "ptx.z" if output == "ptx" else "cubin.z"
     path = cache_dir() / f"{Path(name).stem}-{arch}-{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.{suffix}"
     try:
-        stored = path.read_bytes()
-        out = zlib.decompress(stored) if output == "ptx" else stored
+        got = _unpack(zlib.decompress(path.read_bytes()), output)
         with contextlib.suppress(OSError):
             os.utime(path)  # last use, for pruning least recently used entries first
-    except (OSError, zlib.error):
-        out = _nvrtc().compile(source, name, options, output) if which == "nvrtc" else _compile_nvcc(
+    except (OSError, zlib.error, ValueError):
+        out, log = _nvrtc().compile(source, name, options, output) if which == "nvrtc" else _compile_nvcc(
             source, name, options, output)
+        got = (out, log if output == "cubin" else "")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-            tmp.write_bytes(zlib.compress(out, 6) if output == "ptx" else out)
+            tmp.write_bytes(zlib.compress(_pack(*got, output), 6))
             os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
         except OSError:
             pass  # a read-only home only costs a recompilation next time
         else:
             prune_cache()
     with _compiled_lock:
-        _compiled[key] = out
-    return out
+        _compiled[key] = got
+    return got
 
 
-# In-process cache of compiler outputs: (source sha256, name, arch, output, compiler).
-_compiled: dict[tuple[str, str, str, str, str], bytes] = {}
+def _pack(out: bytes, log: str, output: str) -> bytes:
+    if output == "ptx":
+        return out
+    report = log.encode()
+    return len(report).to_bytes(8, "little") + report + out
+
+
+def _unpack(data: bytes, output: str) -> tuple[bytes, str]:
+    if output == "ptx":
+        return data, ""
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 8 + n:
+        raise ValueError("truncated cache entry")
+    return data[8 + n:], data[8:8 + n].decode(errors="replace")
+
+
+# In-process cache of compiler outputs and ptxas reports: (source sha256, name, arch, output, compiler).
+_compiled: dict[tuple[str, str, str, str, str], tuple[bytes, str]] = {}
 _compiled_lock = threading.Lock()
 
 
@@ -435,27 +471,46 @@ class CheckResult:
     seconds: float
     entries: tuple[str, ...] = ()
     log: str = ""
+    # ptxas's report per entry point, and its warnings and performance notes.
+    resources: tuple[KernelResources, ...] = ()
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.seconds < 0:
             raise ValueError("seconds must be non-negative")
+        missing = set(self.entries) - {r.entry for r in self.resources}
+        if self.resources and missing:
+            raise ValueError(f"no ptxas report for {sorted(missing)}")
+
+    @property
+    def spilling(self) -> tuple[KernelResources, ...]:
+        """The entry points whose registers overflow to local memory."""
+        return tuple(r for r in self.resources if r.spills)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "file": self.file, "arch": self.arch, "compiler": self.compiler, "ok": self.ok,
             "seconds": round(self.seconds, 3), "entries": list(self.entries), "log": self.log,
+            "resources": [r.as_dict() for r in self.resources], "notes": list(self.notes),
         }
 
 
-_ENTRY_RE = re.compile(r"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)")
+def _compiled_unit(name: str, target: str, compiler: str | None) -> tuple[bytes, tuple[str, ...],
+                                                                           tuple[KernelResources, ...], tuple[str, ...]]:
+    """(CUBIN, entry points, ptxas's report per entry, ptxas's notes) of one unit."""
+    src = kernel_source(name)
+    cubin, report = _compile(src, name, target, "cubin", compiler)
+    entries = cubin_entries(cubin)
+    per_entry = parse_ptxas_report(report)
+    return cubin, entries, tuple(per_entry[e] for e in entries if e in per_entry), ptxas_notes(report)
 
 
 def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
               compiler: str | None = None, files: tuple[str, ...] = KERNEL_FILES,
               workers: int | None = None) -> list[CheckResult]:
-    """Compile every kernel file for every architecture to PTX; no GPU needed. A file of
-    :data:`UNIT_ARCHS` (architecture-specific instructions, e.g. wgmma) is also assembled
-    to CUBIN, since only ptxas checks those instructions' operands.
+    """Compile every kernel file for every architecture to CUBIN; no GPU needed. ptxas
+    runs on every file (it alone checks inline assembly's operands, e.g. wgmma's) and
+    reports each kernel's registers, spills and shared memory.
 
     Returns one :class:`CheckResult` per (arch, file), in that order, for the files built
     for that arch (a :data:`UNIT_ARCHS` file under its own target, e.g. ``sm_90a``); failures carry the
@@ -471,12 +526,9 @@ def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
         arch, name = job
         t0 = time.perf_counter()
         try:
-            src = kernel_source(name)
-            ptx = compile_source(src, name, arch, output="ptx", compiler=which)
-            if name in UNIT_ARCHS:  # architecture-specific instructions: only the assembler checks them
-                compile_source(src, name, arch, output="cubin", compiler=which)
-            entries = tuple(_ENTRY_RE.findall(ptx.decode(errors="replace")))
-            return CheckResult(name, arch, desc, True, time.perf_counter() - t0, entries)
+            _, entries, resources, notes = _compiled_unit(name, arch, which)
+            return CheckResult(name, arch, desc, True, time.perf_counter() - t0, entries,
+                               resources=resources, notes=notes)
         except CompileError as err:
             return CheckResult(name, arch, desc, False, time.perf_counter() - t0, (), str(err))
 
@@ -492,44 +544,32 @@ def check_device(device: int, arch: str, *, files: tuple[str, ...] = KERNEL_FILE
     """Compile every kernel file for GPU ``device`` (of architecture ``arch``) and load it
     there; one :class:`CheckResult` per file built for ``arch``.
 
-    The CUBIN (loaded) and the PTX (for the entry list) of every file are compiled in
-    parallel threads first, filling the disk cache, so that loading reads it: on a GPU
-    machine the sequential version spent minutes of the GPU's time in the compiler.
+    The CUBINs are compiled in parallel threads first, filling the disk cache, so that
+    loading reads it: on a GPU machine the sequential version spent minutes of the GPU's
+    time in the compiler.
     """
-    jobs = [(name, target, output) for name in files if (target := build_arch(name, arch)) is not None
-            for output in ("cubin", "ptx")]
-    outcome: dict[tuple[str, str], bytes | CompileError] = {}
-    seconds: dict[tuple[str, str], float] = {}
+    jobs = [(name, target) for name in files if (target := build_arch(name, arch)) is not None]
+    desc = compiler_description()
 
-    def one(job: tuple[str, str, str]) -> None:
-        name, target, output = job
+    def one(job: tuple[str, str]) -> CheckResult:
+        name, target = job
         t0 = time.perf_counter()
-        src = kernel_source(name)
         try:
-            outcome[(name, output)] = compile_source(src, name, target, output=output)
+            _, entries, resources, notes = _compiled_unit(name, target, None)
         except CompileError as err:
-            outcome[(name, output)] = err
-        seconds[(name, output)] = time.perf_counter() - t0
+            return CheckResult(name, target, desc, False, time.perf_counter() - t0, (), str(err))
+        return CheckResult(name, target, desc, True, time.perf_counter() - t0, entries,
+                           resources=resources, notes=notes)
 
     with ThreadPoolExecutor(max_workers=workers or max(1, min(len(jobs), os.cpu_count() or 1, 8))) as pool:
-        list(pool.map(one, jobs))
-    desc = compiler_description()
+        compiled = list(pool.map(one, jobs))
     results = []
-    for name, target, output in jobs:
-        if output != "cubin":
-            continue
-        err = next((o for o in (outcome[(name, "cubin")], outcome[(name, "ptx")]) if isinstance(o, CompileError)),
-                   None)
-        compiled_in = max(seconds[(name, "cubin")], seconds[(name, "ptx")])  # they ran side by side
-        if err is not None:
-            results.append(CheckResult(name, target, desc, False, compiled_in, (), str(err)))
-            continue
-        t0 = time.perf_counter()
-        load_module(name, device)  # the disk cache holds the CUBIN now
-        ptx = outcome[(name, "ptx")]
-        entries = tuple(_ENTRY_RE.findall(ptx.decode(errors="replace")))  # type: ignore[union-attr]
-        results.append(CheckResult(name, target, f"{desc} (loaded on cuda:{device})", True,
-                                   compiled_in + time.perf_counter() - t0, entries))
+    for r in compiled:
+        if r.ok:
+            t0 = time.perf_counter()
+            load_module(r.file, device)  # the disk cache holds the CUBIN now
+            r = replace(r, compiler=f"{desc} (loaded on cuda:{device})", seconds=r.seconds + time.perf_counter() - t0)
+        results.append(r)
     return results
 
 
@@ -649,13 +689,14 @@ def cache_limit_bytes() -> int:
     return int(mb * (1 << 20))
 
 
-_CACHE_SUFFIXES = (".cubin", ".ptx.z")
+# ".cubin": raw CUBIN entries written before ptxas reports were kept; pruned like the rest.
+_CACHE_SUFFIXES = (".cubin.z", ".ptx.z", ".cubin")
 
 
 def prune_cache(limit_bytes: int | None = None) -> list[Path]:
     """Delete the least recently used outputs until the disk cache fits ``limit_bytes``
     (default :func:`cache_limit_bytes`); return what was deleted. Only detkit's own
-    outputs (``*.cubin``, ``*.ptx.z``) are counted or touched; the newest one is kept even
+    outputs (``*.cubin.z``, ``*.ptx.z``) are counted or touched; the newest one is kept even
     if it alone is over the limit, so the output just compiled is never lost."""
     limit = cache_limit_bytes() if limit_bytes is None else limit_bytes
     entries: list[tuple[float, int, Path]] = []
