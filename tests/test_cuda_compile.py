@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
+import re
 import shutil
 import zlib
 from pathlib import Path
@@ -155,7 +156,6 @@ def test_kernels_do_not_spill_registers(results: dict, arch: str, name: str) -> 
 def test_ptxas_report_of_a_real_compile(compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Registers, spills, stack frame and static shared memory as ptxas reports them, for
     kernels built to show each; the entry points read from the CUBIN are the PTX's."""
-    import re
     import struct
 
     monkeypatch.setenv(cuda_loader.ENV_CACHE_DIR, str(tmp_path))
@@ -211,6 +211,37 @@ def test_ptxas_report_parsing_rejects_what_it_cannot_read() -> None:
     assert ptxas_notes("ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are "
                        "serialized\nptxas info    : Used 40 registers") == (
         "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized",)
+
+
+# Float instructions that are not correctly rounded, flush subnormals, or use TF32.
+_INEXACT = re.compile(r"\b[a-z0-9]+(?:\.[a-z0-9]+)*\.(?:approx|ftz)(?:\.[a-z0-9]+)*\b|\btf32\b")
+# The one inexact instruction allowed, and where: CUDA's expf (ex2.approx.ftz on a reduced
+# argument, within 2 ulp) in the batch-invariant softmax and split attention. It gives the
+# same bits for the same input on one GPU, which is all portable=False promises; the
+# portable kernels, which promise the same bits on every GPU, use none.
+_EXPF_ENTRIES = re.compile(r"^(?:softmax_b|attention_split|attention_combine)_(?:f32|bf16|f16)$")
+
+
+def _ptx_by_entry(ptx: str) -> dict[str, str]:
+    parts = re.split(r"^(?=(?:\.visible\s+)?\.entry\s)", ptx, flags=re.M)
+    return {m.group(1): part for part in parts if (m := re.match(r"(?:\.visible\s+)?\.entry\s+(\w+)", part))}
+
+
+@pytest.mark.parametrize("name", ["matmul.cu", "rowops.cu", "attention.cu"])
+def test_kernels_use_no_approximate_flush_to_zero_or_tf32_instructions(compiler: str, name: str) -> None:
+    """The compiled instructions keep the promises the options make: in every kernel of
+    the default tables, no approximate (ex2.approx, rcp.approx, ...) or flush-to-zero
+    float instruction and no TF32, except CUDA's expf where _EXPF_ENTRIES allows it."""
+    ptx = cuda_loader.compile_source(cuda_loader.kernel_source(name), name, "sm_80", output="ptx",
+                                     compiler=compiler).decode()
+    entries = _ptx_by_entry(ptx)
+    assert sorted(entries) == sorted(cubin_entries(cuda_loader.compile_source(
+        cuda_loader.kernel_source(name), name, "sm_80", compiler=compiler)))
+    found = {entry: sorted(set(_INEXACT.findall(body))) for entry, body in entries.items()}
+    bad = {e: ops for e, ops in found.items() if ops and not (_EXPF_ENTRIES.match(e) and ops == ["ex2.approx.ftz.f32"])}
+    assert not bad, f"inexact float instructions in {name}: {bad}"
+    if name == "rowops.cu":  # the exception is where it is said to be, so this test can see one
+        assert found["softmax_b_f32"] == ["ex2.approx.ftz.f32"] and not found["softmax_p_f32"]
 
 
 def test_no_ptxas_warnings_or_performance_notes(results: dict) -> None:
@@ -445,8 +476,6 @@ def test_backend_explains_why_it_is_unavailable() -> None:
 def test_tile_tags_match_the_instantiations() -> None:
     """Each DETKIT_*_CONFIG line's numbers are the ones its tag (and so the host's grid
     and block sizes) encodes, and the Python catalogue lists exactly those lines."""
-    import re
-
     d = cuda_loader.kernel_dir()
     text = "".join((d / f).read_text() for f in ("matmul.cu", "matmul_tiles.cu", "matmul_sm90.cu"))
     tc = re.findall(r"^DETKIT_TC_CONFIG\((\w+), (\d+), (\d+), (\d+), (\d+), (\d+), (\d+)\)", text, re.M)
