@@ -159,6 +159,46 @@ class TileSweep:
     same_bits_as_default: dict[str, bool]
 
 
+@dataclass
+class TileResources:
+    """What one catalogue configuration occupies on this GPU, for reading the sweep: the
+    registers ptxas gave its kernels, the CTAs an SM holds at once (the driver's
+    occupancy calculation) and the CTAs of the sweep's grids (M x TILE_KN outputs)."""
+
+    dtype: str
+    config: str
+    threads: int
+    smem: int                    # shared memory per CTA, bytes: dynamic + static (the larger layout's)
+    registers: dict[str, int]    # per thread, by B layout ("kmajor", "nmajor")
+    ctas_per_sm: dict[str, int]  # by B layout
+    sms: int
+    grid_ctas: dict[int, int]    # M -> CTAs of the M x TILE_KN output
+
+
+def tile_resources(dtype: torch.dtype, configs: list[Any]) -> list[TileResources]:
+    from detkit.kernels import cuda as kc
+    from detkit.kernels import cuda_loader
+
+    dev = torch.device(DEVICE, torch.cuda.current_device())
+    major, minor = torch.cuda.get_device_capability(dev)
+    arch = f"sm_{major}{minor}"
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    reports: dict[str, dict[str, Any]] = {}
+    out = []
+    for cfg in configs:
+        if cfg.module not in reports:
+            reports[cfg.module] = cuda_loader.unit_resources(cfg.module, arch)
+        layouts = ("kmajor", "nmajor")
+        ptxas = {lay: reports[cfg.module][f"{cfg.kernel}_{lay}"] for lay in layouts}
+        out.append(TileResources(
+            str(dtype).replace("torch.", ""), cfg.name, cfg.threads,
+            cfg.smem + max(r.shared_bytes for r in ptxas.values()),
+            {lay: r.registers for lay, r in ptxas.items()},
+            {lay: kc.ctas_per_sm(cfg, dev, kmajor=lay == "kmajor") for lay in layouts}, sms,
+            {m: math.ceil(m / cfg.bm) * math.ceil(TILE_KN / cfg.bn) for m in TILE_M}))
+    return out
+
+
 def bits_agree(x: torch.Tensor, w: torch.Tensor, configs: list[Any]) -> dict[str, bool]:
     """Per configuration: x @ w.T has the bits of the table's default configuration. True
     within a kernel family by construction (the GPU tests check it); across mma.sync and
@@ -225,15 +265,41 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
     return checks
 
 
+def resources_markdown(resources: list[TileResources]) -> list[str]:
+    """The configurations' occupancy: CTAs per SM, and how many waves of CTAs the
+    smallest and largest M of the sweep take (a grid smaller than one wave leaves SMs
+    idle: without split-K, decode-sized M has only TILE_KN / BN CTAs)."""
+    if not resources:
+        return []
+    lo, hi = min(TILE_M), max(TILE_M)
+    lines = ["", f"## Tile configurations: resources on this GPU ({resources[0].sms} SMs; K = N = {TILE_KN})", "",
+             "| dtype | configuration | threads | smem KiB | registers k/n-major | CTAs per SM k/n-major "
+             f"| CTAs at M={lo} | waves at M={lo} | CTAs at M={hi} | waves at M={hi} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in resources:
+        per_sm = min(r.ctas_per_sm.values())
+
+        def waves(m: int, r: TileResources = r, per_sm: int = per_sm) -> str:
+            return f"{r.grid_ctas[m] / (r.sms * per_sm):.2f}" if per_sm else "does not fit"
+
+        lines.append(f"| {r.dtype} | {r.config} | {r.threads} | {r.smem / 1024:.1f} "
+                     f"| {r.registers['kmajor']}/{r.registers['nmajor']} "
+                     f"| {r.ctas_per_sm['kmajor']}/{r.ctas_per_sm['nmajor']} "
+                     f"| {r.grid_ctas[lo]} | {waves(lo)} | {r.grid_ctas[hi]} | {waves(hi)} |")
+    return lines
+
+
 def tiles_markdown(sweeps: list[TileSweep]) -> list[str]:
     if not sweeps:
         return []
-    names = list(sweeps[0].config_ms)
-    lines = ["", f"## Tile configurations (portable=False, K = N = {sweeps[0].kn}; speed = torch / config)", "",
-             "| dtype | M | torch ms | " + " | ".join(names) + " |", "|---|---:|---:|" + "---:|" * len(names)]
-    for s in sweeps:
-        cells = " | ".join(f"{s.torch_ms / s.config_ms[n]:.2f}" if n in s.config_ms else "-" for n in names)
-        lines.append(f"| {s.dtype} | {s.m} | {s.torch_ms:.3f} | {cells} |")
+    lines = ["", f"## Tile configurations (portable=False, K = N = {sweeps[0].kn}; speed = torch / config)"]
+    for dtype in dict.fromkeys(s.dtype for s in sweeps):  # a table per dtype: each has its own catalogue
+        rows = [s for s in sweeps if s.dtype == dtype]
+        names = list(dict.fromkeys(n for s in rows for n in s.config_ms))
+        lines += ["", "| dtype | M | torch ms | " + " | ".join(names) + " |", "|---|---:|---:|" + "---:|" * len(names)]
+        for s in rows:
+            cells = " | ".join(f"{s.torch_ms / s.config_ms[n]:.2f}" if n in s.config_ms else "-" for n in names)
+            lines.append(f"| {s.dtype} | {s.m} | {s.torch_ms:.3f} | {cells} |")
     lines.append("")
     for dtype, c in tile_choice(sweeps).items():
         lines.append(f"Best single configuration for {dtype} (highest worst-case speed): `{c['best']}` "
@@ -284,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import cupy  # type: ignore[import-not-found]
 
+    from detkit.kernels import cuda as kc
+
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     deadline = time.perf_counter() + args.budget
@@ -293,16 +361,21 @@ def main(argv: list[str] | None = None) -> int:
             "wgmma_in_sweep": not args.no_wgmma}
     results: list[Result] = []
     sweeps: list[TileSweep] = []
+    resources: list[TileResources] = []
 
     def write() -> str:
         """Rewrite the outputs with every finished case (after each case: a timeout or
         Ctrl-C loses nothing already measured)."""
         checks = targets(results)
-        md = markdown(meta, results, checks) + "\n".join(tiles_markdown(sweeps)) + "\n"
+        failed = (["", f"Tile resources not measured: {meta['tile_resources_error']}"]
+                  if meta.get("tile_resources_error") else [])
+        md = markdown(meta, results, checks) + "\n".join(tiles_markdown(sweeps) + resources_markdown(resources)
+                                                         + failed) + "\n"
         if args.json:
             args.json.write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results],
                                              "targets": checks, "tiles": [asdict(t) for t in sweeps],
-                                             "tile_choice": tile_choice(sweeps) if sweeps else {}}, indent=2))
+                                             "tile_choice": tile_choice(sweeps) if sweeps else {},
+                                             "tile_resources": [asdict(r) for r in resources]}, indent=2))
         if args.md:
             args.md.write_text(md)
         return md
@@ -327,6 +400,14 @@ def main(argv: list[str] | None = None) -> int:
                 sweeps.append(sweep)
                 print(f"tiles {sweep.dtype} M={sweep.m}: done", file=sys.stderr, flush=True)
                 write()
+            try:  # explains the sweep; a failure here must not cost what was measured
+                for dtype in sorted({s.dtype for s in sweeps}):
+                    names = set(next(s for s in sweeps if s.dtype == dtype).config_ms)
+                    dt = getattr(torch, dtype)
+                    resources += tile_resources(dt, [c for c in kc.TILE_CATALOGUE[dt] if c.name in names])
+            except Exception as err:  # noqa: BLE001 - recorded in the outputs
+                meta["tile_resources_error"] = f"{type(err).__name__}: {err}"
+            write()
         # Last: attention has no speed target, and the tile sweep decides MATMUL_TILES.
         if "attention" in only:
             for result in bench_attention(args.min_time, deadline):

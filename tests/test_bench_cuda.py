@@ -33,6 +33,11 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
 
     # a stand-in GPU that grants no shared memory beyond the default 48 KiB
     monkeypatch.setattr(kc, "fits", lambda cfg, dev: cfg.smem <= 48 * 1024)
+    # an sm_90 with 132 SMs holding two CTAs of any k-major kernel, one of any n-major one
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(kc, "ctas_per_sm", lambda cfg, dev, kmajor=True: 2 if kmajor else 1)
     # the kernels are never called: the stand-in says only the first configuration keeps the bits
     monkeypatch.setattr(mod, "bits_agree", lambda x, w, configs: {c.name: i == 0 for i, c in enumerate(configs)})
     return mod
@@ -62,6 +67,7 @@ def test_every_case_is_recorded_with_its_targets(bench: Any, tmp_path: Path, mon
     assert bench.main(["--only", "tiles", "--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")]) == 0
     data = json.loads((tmp_path / "b.json").read_text())
     from detkit.kernels import cuda as kc
+    from detkit.kernels import cuda_loader
 
     assert [(t["dtype"], t["m"]) for t in data["tiles"]] == [("bfloat16", 1), ("bfloat16", 16), ("float32", 1),
                                                               ("float32", 16)]
@@ -69,9 +75,41 @@ def test_every_case_is_recorded_with_its_targets(bench: Any, tmp_path: Path, mon
     assert set(data["tiles"][0]["config_ms"]) == small and len(small) < len(kc.TILE_CATALOGUE[torch.bfloat16])
     assert data["tile_choice"]["bfloat16"]["best"] in data["tiles"][0]["config_ms"]
     assert "Best single configuration for float32" in (tmp_path / "b.md").read_text()
+    # each dtype's table has its own catalogue's columns, so every swept speed is shown
+    for line in (tmp_path / "b.md").read_text().splitlines():
+        if line.startswith(("| bfloat16 | 1 | ", "| float32 | 1 | ")):
+            assert " - " not in line, line
     assert data["tiles"][0]["same_bits_as_default"][kc.TC_TAGS[0]] is True
     differ = f"`bfloat16 {kc.TILE_CATALOGUE[torch.bfloat16][1].name}`"
     assert differ in (tmp_path / "b.md").read_text().split("Bits differ from the table's default configuration:")[1]
+    # What each swept configuration occupies: ptxas's registers (a real sm_90 compile here)
+    # and the stand-in driver's CTAs per SM, with the grids' waves.
+    res = {(r["dtype"], r["config"]): r for r in data["tile_resources"]}
+    assert set(res) == {(t["dtype"], n) for t in data["tiles"] for n in t["config_ms"]}
+    default = kc.MATMUL_TILES[(torch.bfloat16, 9)]
+    want = cuda_loader.unit_resources("matmul.cu", "sm_90")[f"{default.kernel}_kmajor"].registers
+    r = res[("bfloat16", default.name)]
+    assert r["registers"]["kmajor"] == want and r["ctas_per_sm"] == {"kmajor": 2, "nmajor": 1}
+    assert r["grid_ctas"] == {"1": 1, "16": 1} and r["threads"] == default.threads and r["sms"] == 132
+    row = next(line for line in (tmp_path / "b.md").read_text().splitlines() if f"| bfloat16 | {default.name} |" in line
+               and "/" in line)
+    assert f"| {want}/" in row and "| 2/1 | 1 | 0.01 | 1 | 0.01 |" in row  # 1 CTA / (132 SMs x 1)
+
+
+def test_a_failed_resource_query_keeps_the_sweep(bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from detkit.kernels import cuda as kc
+
+    monkeypatch.setattr(bench, "time_call", lambda fn, min_time: 1.0)
+
+    def broken(cfg: Any, dev: Any, kmajor: bool = True) -> int:
+        raise RuntimeError("CUDA_ERROR_INVALID_HANDLE")
+
+    monkeypatch.setattr(kc, "ctas_per_sm", broken)
+    assert bench.main(["--only", "tiles", "--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")]) == 0
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert len(data["tiles"]) == 4 and data["tile_resources"] == [] and data["meta"]["complete"]
+    assert "CUDA_ERROR_INVALID_HANDLE" in data["meta"]["tile_resources_error"]
+    assert "Tile resources not measured: RuntimeError: CUDA_ERROR_INVALID_HANDLE" in (tmp_path / "b.md").read_text()
 
 
 def test_the_sweep_leaves_wgmma_out_when_asked(bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -132,6 +132,20 @@ def test_every_tile_configuration_gives_the_same_bits(dtype: torch.dtype, portab
                           want[:64], f"{cfg.name} n-major B")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_tile_configuration_fits_an_sm(dtype: torch.dtype) -> None:
+    """The driver's occupancy (benchmarks/bench_cuda.py reports it beside the sweep) says
+    at least one CTA of each runnable configuration fits an SM, for both B layouts: with
+    the shared-memory opt-in, registers and threads as the launcher uses them."""
+    dev = torch.device(DEV, torch.cuda.current_device())
+    configs = [c for c in (*cuda_backend.TILE_CATALOGUE[dtype], *cuda_backend.PORTABLE_TILE_CATALOGUE[dtype])
+               if cuda_backend.fits(c, dev) and c.family != "wgmma"]
+    for cfg in configs:
+        for kmajor in (True, False):
+            ctas = cuda_backend.ctas_per_sm(cfg, dev, kmajor=kmajor)
+            assert 1 <= ctas <= 32, (cfg.name, kmajor, ctas)
+
+
 def _wgmma_configs(dtype: torch.dtype) -> list[cuda_backend.TileConfig]:
     dev = torch.device(DEV, torch.cuda.current_device())
     if torch.cuda.get_device_capability(dev) != (9, 0):

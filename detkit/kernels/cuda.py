@@ -262,14 +262,8 @@ def _launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, in
     if stream is None:
         stream = cupy.cuda.ExternalStream(torch_stream, index)
         _streams[key] = stream
-    fn = _functions.get((index, module, entry))
     with cupy.cuda.Device(index):
-        if fn is None:  # first use on this device: compile (or read the disk cache) and load
-            fn = cuda_loader.load_module(module, index).function(entry)
-            if shared_mem > _STATIC_SMEM_LIMIT:  # opt in above the default limit, once
-                cupy.cuda.driver.funcSetAttribute(fn.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                                                  shared_mem)
-            _functions[(index, module, entry)] = fn
+        fn = _function(cupy, index, module, entry, shared_mem)
         try:
             fn(grid, (block, 1, 1), args, shared_mem=shared_mem, stream=stream)
         except Exception as err:  # CuPy's CUDADriverError and friends: say which kernel
@@ -278,6 +272,30 @@ def _launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, in
                 f"{type(err).__name__}: {err}. Errors from an earlier kernel surface here too: "
                 "rerun with CUDA_LAUNCH_BLOCKING=1 to find the kernel that failed."
             ) from err
+
+
+def _function(cupy: Any, index: int, module: str, entry: str, shared_mem: int) -> Any:
+    """The loaded kernel, allowed ``shared_mem`` bytes of dynamic shared memory; the first
+    use on a device compiles (or reads the disk cache) and loads it."""
+    fn = _functions.get((index, module, entry))
+    if fn is None:
+        fn = cuda_loader.load_module(module, index).function(entry)
+        if shared_mem > _STATIC_SMEM_LIMIT:  # opt in above the default limit, once
+            cupy.cuda.driver.funcSetAttribute(fn.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
+        _functions[(index, module, entry)] = fn
+    return fn
+
+
+def ctas_per_sm(tile: TileConfig, dev: torch.device, *, kmajor: bool = True) -> int:
+    """How many CTAs of ``tile`` (its k-major or n-major kernel) one SM of ``dev`` holds
+    at once, as the driver computes it from the kernel's registers, threads and shared
+    memory (cuOccupancyMaxActiveBlocksPerMultiprocessor); 0 if it does not fit."""
+    cupy = _cupy()
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    entry = f"{tile.kernel}_{'kmajor' if kmajor else 'nmajor'}"
+    with cupy.cuda.Device(index):
+        fn = _function(cupy, index, tile.module, entry, tile.smem)
+        return int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, tile.threads, tile.smem))
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:

@@ -495,6 +495,16 @@ class CheckResult:
         }
 
 
+def unit_resources(name: str, arch: str, *, compiler: str | None = None) -> dict[str, KernelResources]:
+    """ptxas's report for every entry point of kernel file ``name`` built for GPUs of
+    ``arch`` (e.g. ``sm_90``; matmul_sm90.cu is built as sm_90a), compiling it if needed."""
+    target = build_arch(name, _check_arch(arch))
+    if target is None:
+        raise InputError(f"{name} is not built for {arch} (only for {', '.join(UNIT_ARCHS[name])}).")
+    _, entries, resources, _ = _compiled_unit(name, target, compiler)
+    return {r.entry: r for r in resources}
+
+
 def _compiled_unit(name: str, target: str, compiler: str | None) -> tuple[bytes, tuple[str, ...],
                                                                            tuple[KernelResources, ...], tuple[str, ...]]:
     """(CUBIN, entry points, ptxas's report per entry, ptxas's notes) of one unit."""
@@ -502,7 +512,10 @@ def _compiled_unit(name: str, target: str, compiler: str | None) -> tuple[bytes,
     cubin, report = _compile(src, name, target, "cubin", compiler)
     entries = cubin_entries(cubin)
     per_entry = parse_ptxas_report(report)
-    return cubin, entries, tuple(per_entry[e] for e in entries if e in per_entry), ptxas_notes(report)
+    missing = [e for e in entries if e not in per_entry]
+    if missing:
+        raise CompileError(f"ptxas reported nothing for {missing} of {name} ({target}); its report:\n{report[-2000:]}")
+    return cubin, entries, tuple(per_entry[e] for e in entries), ptxas_notes(report)
 
 
 def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
