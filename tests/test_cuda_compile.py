@@ -192,6 +192,34 @@ def test_ptxas_report_of_a_real_compile(compiler: str, tmp_path: Path, monkeypat
     assert parse_ptxas_report(cuda_loader.ptxas_report(src, "r.cu", "sm_80", compiler=compiler)) == report
 
 
+def test_a_compiler_without_the_report_option_still_builds(compiler: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An NVRTC that rejects --ptxas-options still compiles every kernel; the check says
+    the report is missing instead of failing (a GPU run must not be lost to it)."""
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(cuda_loader, "_compiled", {})
+    real_nvcc, real_nvrtc = cuda_loader._compile_nvcc, cuda_loader._nvrtc
+
+    def refuse(options: list[str]) -> None:
+        if cuda_loader.PTXAS_REPORT_OPTION in options:
+            raise CompileError("CUDA compilation failed (NVRTC_ERROR_INVALID_OPTION (5)): unrecognized option")
+
+    def nvcc(source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
+        refuse(options)
+        return real_nvcc(source, name, options, output)
+
+    class Nvrtc:
+        def compile(self, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
+            refuse(options)
+            return real_nvrtc().compile(source, name, options, output)
+
+    monkeypatch.setattr(cuda_loader, "_compile_nvcc", nvcc)
+    monkeypatch.setattr(cuda_loader, "_nvrtc", Nvrtc)
+    (r,) = cuda_loader.check_all(("sm_80",), compiler=compiler, files=("attention.cu",))
+    assert r.ok and "attention_anchor" in r.entries and r.resources == ()
+    assert r.notes and "no ptxas report" in r.notes[0] and cuda_loader.PTXAS_REPORT_OPTION in r.notes[0]
+
+
 def test_ptxas_report_parsing_rejects_what_it_cannot_read() -> None:
     good = ("ptxas info    : Compiling entry function 'k' for 'sm_90'\n"
             "ptxas info    : Function properties for k\n"

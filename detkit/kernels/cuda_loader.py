@@ -406,9 +406,7 @@ def _compile(source: str, name: str, arch: str, output: str, compiler: str | Non
         with contextlib.suppress(OSError):
             os.utime(path)  # last use, for pruning least recently used entries first
     except (OSError, zlib.error, ValueError):
-        out, log = _nvrtc().compile(source, name, options, output) if which == "nvrtc" else _compile_nvcc(
-            source, name, options, output)
-        got = (out, log if output == "cubin" else "")
+        got = _run_compiler(which, source, name, options, output)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
@@ -421,6 +419,23 @@ def _compile(source: str, name: str, arch: str, output: str, compiler: str | Non
     with _compiled_lock:
         _compiled[key] = got
     return got
+
+
+def _run_compiler(which: str, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
+    def run(opts: list[str]) -> tuple[bytes, str]:
+        return _nvrtc().compile(source, name, opts, output) if which == "nvrtc" else _compile_nvcc(
+            source, name, opts, output)
+
+    if PTXAS_REPORT_OPTION not in options:
+        return run(options)[0], ""
+    try:
+        return run(options)
+    except CompileError as err:
+        # A compiler that does not take the report option still builds the kernels: the
+        # check then says the report is missing rather than failing every compilation.
+        if "INVALID_OPTION" not in str(err).upper().replace(" ", "_"):
+            raise
+        return run([o for o in options if o != PTXAS_REPORT_OPTION])[0], ""
 
 
 def _pack(out: bytes, log: str, output: str) -> bytes:
@@ -512,6 +527,9 @@ def _compiled_unit(name: str, target: str, compiler: str | None) -> tuple[bytes,
     cubin, report = _compile(src, name, target, "cubin", compiler)
     entries = cubin_entries(cubin)
     per_entry = parse_ptxas_report(report)
+    if not report:
+        return cubin, entries, (), (f"no ptxas report: {compiler_description(compiler)} did not take "
+                                    f"{PTXAS_REPORT_OPTION}",)
     missing = [e for e in entries if e not in per_entry]
     if missing:
         raise CompileError(f"ptxas reported nothing for {missing} of {name} ({target}); its report:\n{report[-2000:]}")
