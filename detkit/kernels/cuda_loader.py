@@ -516,8 +516,7 @@ def unit_resources(name: str, arch: str, *, compiler: str | None = None) -> dict
     target = build_arch(name, _check_arch(arch))
     if target is None:
         raise InputError(f"{name} is not built for {arch} (only for {', '.join(UNIT_ARCHS[name])}).")
-    _, entries, resources, _ = _compiled_unit(name, target, compiler)
-    return {r.entry: r for r in resources}
+    return {r.entry: r for r in _compiled_unit(name, target, compiler)[2]}
 
 
 def _compiled_unit(name: str, target: str, compiler: str | None) -> tuple[bytes, tuple[str, ...],
@@ -526,10 +525,10 @@ def _compiled_unit(name: str, target: str, compiler: str | None) -> tuple[bytes,
     src = kernel_source(name)
     cubin, report = _compile(src, name, target, "cubin", compiler)
     entries = cubin_entries(cubin)
-    per_entry = parse_ptxas_report(report)
     if not report:
         return cubin, entries, (), (f"no ptxas report: {compiler_description(compiler)} did not take "
                                     f"{PTXAS_REPORT_OPTION}",)
+    per_entry = parse_ptxas_report(report)
     missing = [e for e in entries if e not in per_entry]
     if missing:
         raise CompileError(f"ptxas reported nothing for {missing} of {name} ({target}); its report:\n{report[-2000:]}")
