@@ -12,12 +12,16 @@ Three canonicalisations make unfused ops invariant where the plain kernels alone
 not be (they are what lets eager attention and odd-sized activations pass the Hugging
 Face tests):
 
-* **Leading zeros of a matmul row are skipped.** Eager attention computes
-  ``probs @ V`` over all keys, and a left-padded row has exact-zero probabilities on
-  its padding keys. Each row of ``a`` is reduced from its first nonzero element on, so
-  the row gives the same bits with or without padding in front, whatever blocking the
+* **Leading zeros of a batched matmul row are skipped** (``bmm``, ``baddbmm``). Eager
+  attention computes ``probs @ V`` over all keys, as a batched product (torch.matmul
+  of 4-D tensors is ``bmm``), and a left-padded row has exact-zero probabilities on its
+  padding keys. Each row of ``a`` is reduced from its first nonzero element on, so the
+  row gives the same bits with or without padding in front, whatever blocking the
   kernel uses over K (the products skipped are exact zeros; when any skipped row of
-  ``b`` holds inf/NaN nothing is skipped, so IEEE semantics are kept).
+  ``b`` holds inf/NaN nothing is skipped, so IEEE semantics are kept). 2-D products
+  (``mm``, ``addmm``: every ``nn.Linear``) are left alone: their K is a feature
+  dimension, which padding never lengthens, and skipping there cost a kernel call per
+  distinct start after a ReLU and, on CUDA, a host synchronisation per layer.
 * **Leading negligible logits of a softmax row are skipped**: entries more than
   ``_SOFTMAX_SKIP[dtype]`` below the row maximum, whose ``exp`` is exactly 0, get
   probability 0 and the kernel sees the rest (masked padding keys hold ``finfo.min``).
@@ -215,8 +219,10 @@ def _leading_zero_starts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | Non
     return starts
 
 
-def _matmul(call: Call, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """2-D (M,K)@(K,N) or 3-D (B,M,K)@(B,K,N), with leading zeros of each row skipped."""
+def _matmul(call: Call, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
+            skip_leading_zeros: bool = False) -> torch.Tensor:
+    """2-D (M,K)@(K,N) or 3-D (B,M,K)@(B,K,N); with ``skip_leading_zeros`` (3-D only: the
+    batched products) each row of ``a`` is reduced from its first nonzero element on."""
     _float(a, b, bias)
     if a.dtype != b.dtype or (bias is not None and bias.dtype != a.dtype):
         raise Unsupported("mixed dtypes", benign=True)  # torch raises its own error
@@ -224,22 +230,17 @@ def _matmul(call: Call, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | N
         raise Unsupported("empty operand", benign=True)
     a, b, bias = _plain(a), _plain(b), _plain(bias)
     kn = kernels_module()
-    starts = _leading_zero_starts(a, b)
+    starts = _leading_zero_starts(a, b) if skip_leading_zeros else None
     if starts is None:
         return _kernel_call(kn.matmul, a, b, bias, portable=call.portable)
     out = torch.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype, device=a.device)
     for start in torch.unique(starts).tolist():
-        rows = starts == start
-        if a.dim() == 2:
-            idx = rows.nonzero().squeeze(1)
-            part = _kernel_call(kn.matmul, a[idx, start:], b[start:], bias, portable=call.portable)
-            out.index_copy_(0, idx, part)
-        else:
-            # Batch entries holding such a row; their other rows are computed and dropped.
-            bidx = rows.any(-1).nonzero().squeeze(1)
-            part = _kernel_call(kn.matmul, a[bidx][:, :, start:], b[bidx][:, start:], bias, portable=call.portable)
-            keep = rows[bidx].unsqueeze(-1)
-            out.index_copy_(0, bidx, torch.where(keep, part, out[bidx]))
+        rows = starts == start  # (B, M): only batched products skip
+        # Batch entries holding such a row; their other rows are computed and dropped.
+        bidx = rows.any(-1).nonzero().squeeze(1)
+        part = _kernel_call(kn.matmul, a[bidx][:, :, start:], b[bidx][:, start:], bias, portable=call.portable)
+        keep = rows[bidx].unsqueeze(-1)
+        out.index_copy_(0, bidx, torch.where(keep, part, out[bidx]))
     return out
 
 
@@ -261,7 +262,7 @@ def mm(call: Call, self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
 
 
 def bmm(call: Call, self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
-    return _matmul(call, self, mat2)
+    return _matmul(call, self, mat2, skip_leading_zeros=True)
 
 
 def addmm(
@@ -284,7 +285,7 @@ def addmm(
 def baddbmm(
     call: Call, self: torch.Tensor, batch1: torch.Tensor, batch2: torch.Tensor, *, beta: Any = 1, alpha: Any = 1
 ) -> torch.Tensor:
-    return _add_scaled(call, self, _matmul(call, batch1, batch2), beta, alpha)
+    return _add_scaled(call, self, _matmul(call, batch1, batch2, skip_leading_zeros=True), beta, alpha)
 
 
 def mv(call: Call, self: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
