@@ -514,10 +514,13 @@ def test_wgmma_pipeline_values_and_layouts(emulated: dict, dtype: torch.dtype) -
 
 # Negative controls of the wgmma emulation, each a mistake the GPU would punish with wrong
 # bits: refilling the stage a wgmma still reads (prefetching one tile deeper than the
-# wait allows), tiles not 1024-byte aligned (the hardware swizzles by address bits), and
-# tiles stored without the swizzle their descriptors declare.
+# wait allows), a tile's copies not waited for before the wgmma reads it, tiles not
+# 1024-byte aligned (the hardware swizzles by address bits), and tiles stored without the
+# swizzle their descriptors declare.
 _WGMMA_MISTAKES = {
     "refill in flight": ("static constexpr int PREFETCH = STAGES - 2;", "static constexpr int PREFETCH = STAGES - 1;"),
+    "copies not waited for": ("cp_async_wait<PREFETCH - 1>();  // tile kt has landed",
+                              "cp_async_wait<PREFETCH>();  // tile kt has landed"),
     "unaligned tiles": ("unsigned char* const sA = wg_smem + ((1024u - (smem_addr(wg_smem) & 1023u)) & 1023u);",
                         "unsigned char* const sA = wg_smem;"),
     "unswizzled tiles": ("return row * 128 + ((chunk ^ (row & 7)) << 4);", "return row * 128 + (chunk << 4);"),
@@ -535,6 +538,20 @@ def test_mutation_wgmma_mistakes_change_the_bits(emulated: dict, monkeypatch: py
                         _launcher({**emulated, "matmul_sm90.cu": _build("matmul_sm90.cu", _out_dir(), source)}))
     got = cuda_backend.matmul(a, w.t(), None, tile=cfg)
     assert not torch.equal(bits(got), bits(want)), f"the emulation did not notice {mistake}"
+
+
+def test_mutation_a_stage_read_before_its_copies_land_changes_the_bits(emulated: dict,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """cp.async lands when the kernel waits for its group, not when it is issued: the
+    mma.sync pipeline waiting for one group too few reads a stage still in flight."""
+    a, w = rand((70, 584), torch.bfloat16, 89), rand((72, 584), torch.bfloat16, 90)
+    want = cuda_backend.matmul(a, w.t(), None)
+    source = _mutated("matmul.cu", cuda_loader.kernel_source("matmul.cu"),
+                      ("cp_async_wait<STAGES - 2>();", "cp_async_wait<STAGES - 1>();"))
+    monkeypatch.setattr(cuda_backend, "_launch",
+                        _launcher({**emulated, "matmul.cu": _build("matmul.cu", _out_dir(), source)}))
+    got = cuda_backend.matmul(a, w.t(), None)
+    assert not torch.equal(bits(got), bits(want)), "the emulation did not notice a stage read before it landed"
 
 
 def test_tile_override_must_come_from_the_catalogue(emulated: dict, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -665,6 +682,27 @@ def test_threads_waiting_at_barriers_that_cannot_open_fail_the_launch() -> None:
     for args in [(np.uint64(out.data_ptr()), np.int32(1)), (np.int32(0),)]:
         with pytest.raises(AssertionError, match="arguments do not match the kernel's parameters"):
             launch(out.device, "fine.cu", "stuck", (1, 1, 1), 32, args)
+
+
+def test_a_cp_async_copy_lands_at_its_wait() -> None:
+    """cp.async as on a GPU: the destination holds the data only once the thread waits
+    for the copy's group (before that it reads NaN, the emulation's poison), and a thread
+    that returns with a copy in flight fails the launch."""
+    source = ('extern "C" __global__ void copy(const float* src, float* out, int wait) {\n'
+              "    __shared__ __align__(16) float s[4 * 32];\n"
+              "    cp_async16(s + 4 * threadIdx.x, src + 4 * threadIdx.x, true);\n"
+              "    cp_async_commit();\n"
+              "    if (wait) cp_async_wait<0>();\n"
+              "    out[threadIdx.x] = s[4 * threadIdx.x];\n"
+              "}\n")
+    launch = _launcher({"copy.cu": _build("copy.cu", _out_dir(), source)})
+    src, out = torch.arange(128, dtype=torch.float32), torch.zeros(32)
+    args = (np.uint64(src.data_ptr()), np.uint64(out.data_ptr()))
+    launch(out.device, "copy.cu", "copy", (1, 1, 1), 32, (*args, np.int32(1)))
+    assert torch.equal(out, src[::4])
+    with pytest.raises(AssertionError, match="returned with a cp.async copy it never waited for"):
+        launch(out.device, "copy.cu", "copy", (1, 1, 1), 32, (*args, np.int32(0)))
+    assert bool(out.isnan().all())  # read before the copy landed
 
 
 def _runtime(kind: str) -> str | None:

@@ -141,12 +141,40 @@ static inline float emu_f16_to_f32(unsigned short b) { _Float16 h; std::memcpy(&
 static inline unsigned short emu_f32_to_f16(float x) { _Float16 h = (_Float16)x; unsigned short b; std::memcpy(&b, &h, 2); return b; }
 
 // ---- cp.async / ldmatrix / mma (matmul.cu's tensor-core path) ----------------------------
+// cp.async is asynchronous: a copy joins the thread's open group, commit closes it, and
+// cp.async.wait_group N completes all but the newest N committed groups. The emulation
+// makes a copy land when its group completes, and fills the destination with 0xFF bytes
+// (NaN in every float type) when it is issued, so a kernel that reads a stage before
+// waiting for it (a wait count one too small) reads NaN, and a stage refilled before the
+// wgmma reading it was retired feeds NaN to that wgmma.
+struct EmuCopy { void* dst; const void* src; bool valid; };
+inline EMU_LANE_LOCAL std::vector<EmuCopy> emu_cp_open;
+inline EMU_LANE_LOCAL std::vector<std::vector<EmuCopy>> emu_cp_groups;
 static inline void cp_async16(void* smem, const void* gmem, bool valid) {
-    if (valid) std::memcpy(smem, gmem, 16);
-    else std::memset(smem, 0, 16);
+    std::memset(smem, 0xFF, 16);
+    emu_cp_open.push_back({smem, gmem, valid});
 }
-static inline void cp_async_commit() {}
-template <int N> static inline void cp_async_wait() {}
+static inline void cp_async_commit() {
+    emu_cp_groups.push_back(std::move(emu_cp_open));
+    emu_cp_open.clear();
+}
+template <int N> static inline void cp_async_wait() {
+    while ((int)emu_cp_groups.size() > N) {
+        for (const EmuCopy& c : emu_cp_groups.front()) {
+            if (c.valid) std::memcpy(c.dst, c.src, 16);
+            else std::memset(c.dst, 0, 16);  // src-size 0: zero fill
+        }
+        emu_cp_groups.erase(emu_cp_groups.begin());
+    }
+}
+// At the end of a thread: copies still in flight into shared memory nobody waited for.
+static inline bool emu_cp_async_pending() {
+    bool pending = !emu_cp_open.empty();
+    for (const auto& g : emu_cp_groups) pending = pending || !g.empty();
+    emu_cp_open.clear();
+    emu_cp_groups.clear();
+    return pending;
+}
 
 static inline uint32_t emu_ld2(const void* p) { uint32_t r; std::memcpy(&r, p, 4); return r; }
 static inline uint16_t emu_ld1(const void* p) { uint16_t r; std::memcpy(&r, p, 2); return r; }

@@ -50,6 +50,7 @@ static void emu_start_block(unsigned x, unsigned y, unsigned z, unsigned bx) {
 // A thread returned from the kernel.
 static void emu_end_thread() {
     if (emu_wgmma_pending()) emu_report("the kernel returned with a wgmma it never waited for");
+    if (emu_cp_async_pending()) emu_report("the kernel returned with a cp.async copy it never waited for");
     g_block.drop();
     g_warps[threadIdx.x / 32]->bar.drop();
 }
@@ -66,6 +67,8 @@ struct EmuFiber {
     emu_dim3 tid;
     std::vector<EmuWgmmaOp> wg_open;
     std::vector<std::vector<EmuWgmmaOp>> wg_groups;
+    std::vector<EmuCopy> cp_open;
+    std::vector<std::vector<EmuCopy>> cp_groups;
     bool done = false;
 };
 constexpr size_t EMU_FIBER_STACK = 512 * 1024;
@@ -108,9 +111,13 @@ static void emu_resume(EmuFiber& f) {
     threadIdx = f.tid;
     std::swap(emu_wg_open, f.wg_open);
     std::swap(emu_wg_groups, f.wg_groups);
+    std::swap(emu_cp_open, f.cp_open);
+    std::swap(emu_cp_groups, f.cp_groups);
     swapcontext(&g_scheduler, &f.ctx);
     std::swap(emu_wg_open, f.wg_open);
     std::swap(emu_wg_groups, f.wg_groups);
+    std::swap(emu_cp_open, f.cp_open);
+    std::swap(emu_cp_groups, f.cp_groups);
 }
 
 // Run one block; false if its threads deadlocked (then its fibers are abandoned).
@@ -119,6 +126,8 @@ static bool emu_run_block(std::vector<EmuFiber>& fibers) {
         f.done = false;
         f.wg_open.clear();
         f.wg_groups.clear();
+        f.cp_open.clear();
+        f.cp_groups.clear();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack.get();
         f.ctx.uc_stack.ss_size = EMU_FIBER_STACK;
