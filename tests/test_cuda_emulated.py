@@ -705,6 +705,18 @@ def test_a_cp_async_copy_lands_at_its_wait() -> None:
     assert bool(out.isnan().all())  # read before the copy landed
 
 
+def test_a_misaligned_16_byte_copy_fails_the_launch(emulated: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher picks 16-byte copies only for aligned operands (_tc_vec_ok): were it
+    wrong, a GPU would fault on the misaligned address and lose the CUDA context. The
+    emulation reports the address instead (negative control: the predicate always true)."""
+    x = rand((9, 66), torch.bfloat16, 91)
+    a, w = x[:, 1:65], rand((40, 64), torch.bfloat16, 92)  # a starts 2 bytes into its buffer
+    cuda_backend.matmul(a, w.t(), None)  # element loads: fine
+    monkeypatch.setattr(cuda_backend, "_tc_vec_ok", lambda *args: True)
+    with pytest.raises(AssertionError, match="not 16-byte aligned"):
+        cuda_backend.matmul(a, w.t(), None)
+
+
 def _runtime(kind: str) -> str | None:
     """The sanitizer runtime to preload for ``kind`` ("address" or "thread"), if g++ has it."""
     if CXX is None:

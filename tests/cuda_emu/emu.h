@@ -150,7 +150,11 @@ static inline unsigned short emu_f32_to_f16(float x) { _Float16 h = (_Float16)x;
 struct EmuCopy { void* dst; const void* src; bool valid; };
 inline EMU_LANE_LOCAL std::vector<EmuCopy> emu_cp_open;
 inline EMU_LANE_LOCAL std::vector<std::vector<EmuCopy>> emu_cp_groups;
+// A GPU faults on a misaligned address (and the CUDA context is lost with it).
+static inline bool emu_aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0u; }
 static inline void cp_async16(void* smem, const void* gmem, bool valid) {
+    if (!emu_aligned16(smem) || (valid && !emu_aligned16(gmem)))
+        emu_report("cp.async of 16 bytes at an address that is not 16-byte aligned: a GPU faults");
     std::memset(smem, 0xFF, 16);
     emu_cp_open.push_back({smem, gmem, valid});
 }
@@ -185,6 +189,7 @@ static inline void emu_ldsm(uint32_t (&r)[4], const void* p, bool trans) {
     EmuWarp* w = emu_warp();
     const int lane = emu_lane();
     const int ph = emu_next_phase(w);
+    if (!emu_aligned16(p)) emu_report("ldmatrix row address not 16-byte aligned: a GPU faults");
     w->ptr[ph][lane] = p;
     w->bar.wait();
     for (int i = 0; i < 4; ++i) {
@@ -233,7 +238,9 @@ static inline void emu_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, u
 // A shared-memory address is the offset into the dynamic shared memory plus an origin that
 // is 16-byte but not 1024-byte aligned: a kernel whose swizzled tiles need 1024-byte
 // alignment has to align them itself, as on a GPU.
-struct uint4 { unsigned x, y, z, w; };
+// 16-byte aligned as CUDA's: a 16-byte load from a misaligned address is an error that
+// the UndefinedBehaviorSanitizer run reports (a GPU faults).
+struct alignas(16) uint4 { unsigned x, y, z, w; };
 constexpr uint32_t EMU_SMEM_ORIGIN = 0x10;
 static inline uint32_t smem_addr(const void* p) {
     return (uint32_t)((const unsigned char*)p - (const unsigned char*)emu_dynamic_smem()) + EMU_SMEM_ORIGIN;
