@@ -11,7 +11,7 @@ mode is slower). Also reports the ops that fell back to torch under the mode. Us
 On the CPU the cost is mostly fixed-height BLAS tiles (a 2-row decode matmul computes a
 whole 16-row float32 / 64-row bfloat16 tile, so that no row's bits depend on M) and one
 Python adapter per routed op; on CUDA, the adapter, the launch and one stream
-synchronisation per routed matmul (docs/mode.md, "Cost").
+synchronisation per routed bmm and softmax (eager attention's; docs/mode.md, "Cost").
 """
 
 from __future__ import annotations
