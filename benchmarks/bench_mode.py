@@ -7,6 +7,7 @@ mode is slower). Also reports the ops that fell back to torch under the mode. Us
     python benchmarks/bench_mode.py                                  # CPU, float32
     python benchmarks/bench_mode.py --device cuda --dtype bfloat16 --json out.json
     python benchmarks/bench_mode.py --portable --batch-sizes 1,8 --new-tokens 32
+    python benchmarks/bench_mode.py --relu-linear      # one layer whose input rows start with zeros
 
 On the CPU the cost is mostly fixed-height BLAS tiles (a 2-row decode matmul computes a
 whole 16-row float32 / 64-row bfloat16 tile, so that no row's bits depend on M) and one
@@ -86,6 +87,54 @@ def measure(model: Any, tokenizer: Any, batch: int, new_tokens: int, repeats: in
     return Case(batch, new_tokens, statistics.median(plain), statistics.median(mode), fallbacks)
 
 
+@dataclass
+class LayerCase:
+    """One layer, plain vs under the mode: median milliseconds per call."""
+
+    name: str
+    plain_ms: float
+    mode_ms: float
+
+    def __post_init__(self) -> None:
+        if self.plain_ms <= 0 or self.mode_ms <= 0:
+            raise ValueError(f"times must be positive: {self}")
+
+    @property
+    def ratio(self) -> float:
+        return self.mode_ms / self.plain_ms
+
+
+def measure_relu_linear(repeats: int, device: str, dtype: torch.dtype, portable: bool,
+                        rows: int = 128, k: int = 3072, n: int = 768) -> LayerCase:
+    """nn.Linear(k, n) on ``rows`` ReLU outputs: about half the rows start with exact
+    zeros. The mode once skipped leading zeros in every matmul, which split this call into
+    one kernel call per distinct start; now only batched products (attention) skip."""
+    import detkit
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(k, n).to(device=device, dtype=dtype)
+    x = torch.relu(torch.randn(rows, k, generator=g)).to(device=device, dtype=dtype)
+
+    def call() -> None:
+        with torch.no_grad():
+            layer(x)
+        _sync(device)
+
+    plain, mode = [], []
+    call()
+    with detkit.batch_invariant(portable=portable):
+        call()
+    for _ in range(repeats * 10):  # interleaved; one call is milliseconds
+        t0 = time.perf_counter()
+        call()
+        plain.append((time.perf_counter() - t0) * 1e3)
+        with detkit.batch_invariant(portable=portable):
+            t0 = time.perf_counter()
+            call()
+            mode.append((time.perf_counter() - t0) * 1e3)
+    return LayerCase(f"Linear({k}, {n}) on {rows} ReLU rows", statistics.median(plain), statistics.median(mode))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny-llama", help="a detkit.models preset")
@@ -97,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--relu-linear", action="store_true",
+                        help="time one nn.Linear on ReLU rows instead of generate (no model needed)")
     args = parser.parse_args(argv)
     from detkit.devices import resolve_device
     from detkit.errors import DetkitError
@@ -107,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         batches = [int(b) for b in args.batch_sizes.split(",")]
         if min(batches) < 1 or args.new_tokens < 1 or args.repeats < 1:
             raise ValueError("batch sizes, --new-tokens and --repeats must be at least 1")
+        if args.relu_linear:
+            return _relu_linear(args, device)
         model = load_preset(args.preset, dtype=getattr(torch, args.dtype), attn_implementation=args.attn).to(device)
     except (DetkitError, ValueError) as err:
         print(f"bench_mode: {err}", file=sys.stderr)
@@ -129,6 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:  # after each case: an interruption keeps the finished ones
             args.json.write_text(json.dumps({"meta": meta, "cases": [{**asdict(c), "ratio": round(c.ratio, 3)}
                                                                      for c in cases]}, indent=2))
+    return 0
+
+
+def _relu_linear(args: argparse.Namespace, device: str) -> int:
+    case = measure_relu_linear(args.repeats, device, getattr(torch, args.dtype), args.portable)
+    print(f"# batch_invariant(portable={args.portable}) vs plain torch: {args.dtype} on {device} "
+          f"({torch.get_num_threads()} threads), median of {args.repeats * 10} calls")
+    print("| layer | plain ms | mode ms | ratio (mode / plain) |\n|---|---:|---:|---:|")
+    print(f"| {case.name} | {case.plain_ms:.2f} | {case.mode_ms:.2f} | {case.ratio:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"meta": {"device": device, "dtype": args.dtype, "portable": args.portable},
+                                         "layer": {**asdict(case), "ratio": round(case.ratio, 3)}}, indent=2))
     return 0
 
 

@@ -45,6 +45,27 @@ def test_bad_arguments_exit_2_with_the_reason(bench: Any, capsys: pytest.Capture
     assert "unknown model preset" in capsys.readouterr().err
 
 
+def test_relu_linear_is_one_kernel_call_under_the_mode(bench: Any, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from detkit import _aten_adapters
+    from detkit import kernels as real
+
+    calls: list[tuple[int, ...]] = []
+
+    def counting(a: torch.Tensor, *args: Any, **kw: Any) -> torch.Tensor:
+        calls.append(tuple(a.shape))
+        return real.matmul(a, *args, **kw)
+
+    monkeypatch.setattr(_aten_adapters, "kernels_module", lambda: type("K", (), {"matmul": staticmethod(counting)}))
+    out = tmp_path / "relu.json"
+    assert bench.main(["--relu-linear", "--repeats", "1", "--json", str(out)]) == 0
+    layer = json.loads(out.read_text())["layer"]
+    assert layer["plain_ms"] > 0 and layer["mode_ms"] > 0 and "ReLU rows" in layer["name"]
+    assert calls and set(calls) == {(128, 3072)}  # every call under the mode: the whole batch at once
+    assert "| Linear(3072, 768) on 128 ReLU rows |" in capsys.readouterr().out
+
+
 def test_case_rejects_non_positive_times(bench: Any) -> None:
     with pytest.raises(ValueError, match="positive"):
         bench.Case(1, 2, 0.0, 1.0, {})
