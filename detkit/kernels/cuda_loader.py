@@ -699,7 +699,7 @@ def cache_dir() -> Path:
 
 
 ENV_CACHE_MAX_MB = "DETKIT_CUDA_CACHE_MAX_MB"
-# A full set of outputs (CUBIN and PTX of every unit, two architectures) is about 14 MB;
+# A full set of outputs (the CUBIN of every unit, compressed, for two architectures) is about 8 MB;
 # each source version and checkout location adds its own set.
 DEFAULT_CACHE_MAX_MB = 256
 
