@@ -152,9 +152,13 @@ __device__ __forceinline__ void wg_mm(const T* __restrict__ A, const T* __restri
             } else {  // global b[k, n] at k * sb_ld + n: chunks along n, transposed here
                 // Four 16-byte loads in flight, not all eight: fully unrolled, the loads'
                 // registers on top of 128 accumulators made the 128x256 tile spill.
+                // A warp's 32 threads take 32 consecutive k of one 8-column chunk, so
+                // each of the 8 stores writes one 128-byte row: 16 words in 16 banks. With
+                // consecutive threads along n (coalesced loads) every store of a warp hit
+                // one bank in BN / 8 rows: an 8- to 32-way conflict.
 #pragma unroll 4
                 for (int i = 0; i < BN * 8 / NT; ++i) {
-                    const int c = tid + i * NT, k = c / (BN / 8), nc = (c % (BN / 8)) * 8;
+                    const int c = tid + i * NT, k = c % BK, nc = (c / BK) * 8;
                     const bool ok = (k0 + k < K) && (n0 + nc < N);
                     uint4 v = {0u, 0u, 0u, 0u};
                     if (ok) v = *reinterpret_cast<const uint4*>(Bg + (i64)(k0 + k) * sb_ld + (n0 + nc));
