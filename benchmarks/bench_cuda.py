@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,8 @@ def bench_attention(min_time: float, deadline: float) -> Iterator[Result]:
 @dataclass
 class TileSweep:
     """One (dtype, M) of the tile sweep: torch and every catalogue configuration, in ms,
-    and whether each configuration gave the table default's bits on this input."""
+    and whether each configuration gave the table default's bits on this input. At the
+    largest M, also B n-contiguous (``x @ W`` with W stored (K, N)): its own load path."""
 
     dtype: str
     m: int
@@ -157,6 +158,8 @@ class TileSweep:
     torch_ms: float
     config_ms: dict[str, float]
     same_bits_as_default: dict[str, bool]
+    nmajor_torch_ms: float | None = None
+    nmajor_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -230,7 +233,13 @@ def bench_tiles(min_time: float, deadline: float, wgmma: bool = True) -> Iterato
             t_torch = time_call(lambda x=x, w=w: torch.nn.functional.linear(x, w), min_time)
             per = {cfg.name: time_call(lambda x=x, w=w, c=cfg: kc.matmul(x, w.t(), None, tile=c), min_time)
                    for cfg in configs}
-            yield TileSweep(str(dtype).replace("torch.", ""), m, TILE_KN, t_torch, per, same)
+            sweep = TileSweep(str(dtype).replace("torch.", ""), m, TILE_KN, t_torch, per, same)
+            if m == max(TILE_M):
+                wn = w.t().contiguous()
+                sweep.nmajor_torch_ms = time_call(lambda x=x, wn=wn: torch.matmul(x, wn), min_time)
+                sweep.nmajor_ms = {cfg.name: time_call(lambda x=x, wn=wn, c=cfg: kc.matmul(x, wn, None, tile=c),
+                                                       min_time) for cfg in configs}
+            yield sweep
 
 
 def tile_choice(sweeps: list[TileSweep]) -> dict[str, dict[str, Any]]:
@@ -301,6 +310,11 @@ def tiles_markdown(sweeps: list[TileSweep]) -> list[str]:
             cells = " | ".join(f"{s.torch_ms / s.config_ms[n]:.2f}" if n in s.config_ms else "-" for n in names)
             lines.append(f"| {s.dtype} | {s.m} | {s.torch_ms:.3f} | {cells} |")
     lines.append("")
+    for s in sweeps:
+        if s.nmajor_torch_ms:
+            speeds = ", ".join(f"{n} {s.nmajor_torch_ms / ms:.2f}" for n, ms in s.nmajor_ms.items())
+            lines += [f"B n-contiguous (x @ W, W stored K x N), {s.dtype}, M={s.m}: torch {s.nmajor_torch_ms:.3f} ms; "
+                      f"speed {speeds}.", ""]
     for dtype, c in tile_choice(sweeps).items():
         lines.append(f"Best single configuration for {dtype} (highest worst-case speed): `{c['best']}` "
                      f"({c['worst_speed']}).")

@@ -36,7 +36,8 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
     # an sm_90 with 132 SMs holding two CTAs of any k-major kernel, one of any n-major one
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: types.SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *a: types.SimpleNamespace(multi_processor_count=132))
     monkeypatch.setattr(kc, "ctas_per_sm", lambda cfg, dev, kmajor=True: 2 if kmajor else 1)
     # the kernels are never called: the stand-in says only the first configuration keeps the bits
     monkeypatch.setattr(mod, "bits_agree", lambda x, w, configs: {c.name: i == 0 for i, c in enumerate(configs)})
@@ -75,6 +76,10 @@ def test_every_case_is_recorded_with_its_targets(bench: Any, tmp_path: Path, mon
     assert set(data["tiles"][0]["config_ms"]) == small and len(small) < len(kc.TILE_CATALOGUE[torch.bfloat16])
     assert data["tile_choice"]["bfloat16"]["best"] in data["tiles"][0]["config_ms"]
     assert "Best single configuration for float32" in (tmp_path / "b.md").read_text()
+    # n-contiguous B is timed at the largest M only, for every configuration swept
+    assert [bool(t["nmajor_ms"]) for t in data["tiles"]] == [False, True, False, True]
+    assert set(data["tiles"][1]["nmajor_ms"]) == set(data["tiles"][1]["config_ms"])
+    assert "B n-contiguous (x @ W, W stored K x N), bfloat16, M=16: torch" in (tmp_path / "b.md").read_text()
     # each dtype's table has its own catalogue's columns, so every swept speed is shown
     for line in (tmp_path / "b.md").read_text().splitlines():
         if line.startswith(("| bfloat16 | 1 | ", "| float32 | 1 | ")):

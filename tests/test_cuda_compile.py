@@ -179,7 +179,8 @@ def test_ptxas_report_of_a_real_compile(compiler: str, tmp_path: Path, monkeypat
     ptx = cuda_loader.compile_source(src, "r.cu", "sm_80", output="ptx", compiler=compiler).decode()
     assert sorted(cubin_entries(cubin)) == sorted(re.findall(r"\.entry\s+(\w+)", ptx)) == ["shared", "tight"]
     tight, shared = report["tight"], report["shared"]
-    assert tight.registers <= 32 and tight.stack_bytes > 0 and tight.spill_store_bytes > 0 and tight.spill_load_bytes > 0
+    assert tight.registers <= 32 and tight.stack_bytes > 0
+    assert tight.spill_store_bytes > 0 and tight.spill_load_bytes > 0
     assert not shared.spills and shared.stack_bytes == 0 and shared.shared_bytes == 1200 and shared.barriers == 1
     assert tight.shared_bytes == 0 and tight.barriers == 0
     assert struct.unpack("<i", cubin_symbol(cubin, "answer", 4)) == (42,)
@@ -571,7 +572,8 @@ def test_tensor_core_shared_memory_sizes_match_the_kernels(compiler: str) -> Non
     for cfg in configs:
         wg = cfg.family == "wgmma"
         symbol = f"mm_wg_{cfg.name.removeprefix('wgmma_')}_smem_bytes" if wg else f"mm_tc_{cfg.name}_smem_bytes"
-        (declared,) = struct.unpack("<i", cubin_symbol(cubins["matmul_sm90.cu" if wg else "matmul_tiles.cu"], symbol, 4))
+        cubin = cubins["matmul_sm90.cu" if wg else "matmul_tiles.cu"]
+        (declared,) = struct.unpack("<i", cubin_symbol(cubin, symbol, 4))
         assert declared == cfg.smem, (cfg.name, declared, cfg.smem)
     # the tables' defaults stay within the 48 KiB every GPU grants without opting in
     assert all(c.smem <= 48 * 1024 for c in cuda_backend.MATMUL_TILES.values())

@@ -519,8 +519,10 @@ def unit_resources(name: str, arch: str, *, compiler: str | None = None) -> dict
     return {r.entry: r for r in _compiled_unit(name, target, compiler)[2]}
 
 
-def _compiled_unit(name: str, target: str, compiler: str | None) -> tuple[bytes, tuple[str, ...],
-                                                                           tuple[KernelResources, ...], tuple[str, ...]]:
+_Unit = tuple[bytes, tuple[str, ...], tuple[KernelResources, ...], tuple[str, ...]]
+
+
+def _compiled_unit(name: str, target: str, compiler: str | None) -> _Unit:
     """(CUBIN, entry points, ptxas's report per entry, ptxas's notes) of one unit."""
     src = kernel_source(name)
     cubin, report = _compile(src, name, target, "cubin", compiler)
