@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,23 @@ PROMPTS = ("Batch invariance means", "Hello there", "The quick brown fox jumps o
            "Reproducible inference at temperature zero", "Left padding", "A", "Numbers: 1 2 3")
 
 
+class _Timed:
+    """Validation and ratio of a result with ``plain_ms`` and ``mode_ms`` (median ms)."""
+
+    plain_ms: float
+    mode_ms: float
+
+    def __post_init__(self) -> None:
+        if self.plain_ms <= 0 or self.mode_ms <= 0:
+            raise ValueError(f"times must be positive: {self}")
+
+    @property
+    def ratio(self) -> float:
+        return self.mode_ms / self.plain_ms
+
+
 @dataclass
-class Case:
+class Case(_Timed):
     """One batch size: median milliseconds of a whole generate call, plain and under the mode."""
 
     batch: int
@@ -42,24 +58,39 @@ class Case:
     mode_ms: float
     fallbacks: dict[str, int]
 
-    def __post_init__(self) -> None:
-        if self.plain_ms <= 0 or self.mode_ms <= 0:
-            raise ValueError(f"times must be positive: {self}")
-
-    @property
-    def ratio(self) -> float:
-        return self.mode_ms / self.plain_ms
-
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def measure(model: Any, tokenizer: Any, batch: int, new_tokens: int, repeats: int, device: str,
-            portable: bool) -> Case:
+def _interleaved(call: Callable[[], None], repeats: int, portable: bool) -> tuple[float, float, dict[str, int]]:
+    """Median ms of ``call`` plain and under the mode, interleaved so that drift on a noisy
+    machine hits both (after one untimed call of each: warm-up, compilation, tile checks),
+    and the most calls of each op that fell back to torch in one run under the mode."""
     import detkit
 
+    plain, mode = [], []
+    fallbacks: dict[str, int] = {}
+    call()
+    with detkit.batch_invariant(portable=portable):
+        call()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        plain.append((time.perf_counter() - t0) * 1e3)
+        with detkit.batch_invariant(portable=portable) as bi:
+            t0 = time.perf_counter()
+            call()
+            mode.append((time.perf_counter() - t0) * 1e3)
+        for ops in bi.uncovered().values():
+            for op, n in ops.items():
+                fallbacks[op] = max(fallbacks.get(op, 0), n)
+    return statistics.median(plain), statistics.median(mode), fallbacks
+
+
+def measure(model: Any, tokenizer: Any, batch: int, new_tokens: int, repeats: int, device: str,
+            portable: bool) -> Case:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     enc = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
 
@@ -68,40 +99,16 @@ def measure(model: Any, tokenizer: Any, batch: int, new_tokens: int, repeats: in
             model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         _sync(device)
 
-    plain, mode = [], []
-    fallbacks: dict[str, int] = {}
-    generate()  # warm up torch (and, below, detkit's kernels: compilation, tile checks)
-    with detkit.batch_invariant(portable=portable) as bi:
-        generate()
-    for _ in range(repeats):  # interleaved, so that drift on a noisy machine hits both
-        t0 = time.perf_counter()
-        generate()
-        plain.append((time.perf_counter() - t0) * 1e3)
-        with detkit.batch_invariant(portable=portable) as bi:
-            t0 = time.perf_counter()
-            generate()
-            mode.append((time.perf_counter() - t0) * 1e3)
-        for ops in bi.uncovered().values():
-            for op, n in ops.items():
-                fallbacks[op] = max(fallbacks.get(op, 0), n)
-    return Case(batch, new_tokens, statistics.median(plain), statistics.median(mode), fallbacks)
+    return Case(batch, new_tokens, *_interleaved(generate, repeats, portable))
 
 
 @dataclass
-class LayerCase:
+class LayerCase(_Timed):
     """One layer, plain vs under the mode: median milliseconds per call."""
 
     name: str
     plain_ms: float
     mode_ms: float
-
-    def __post_init__(self) -> None:
-        if self.plain_ms <= 0 or self.mode_ms <= 0:
-            raise ValueError(f"times must be positive: {self}")
-
-    @property
-    def ratio(self) -> float:
-        return self.mode_ms / self.plain_ms
 
 
 def measure_relu_linear(repeats: int, device: str, dtype: torch.dtype, portable: bool,
@@ -109,8 +116,6 @@ def measure_relu_linear(repeats: int, device: str, dtype: torch.dtype, portable:
     """nn.Linear(k, n) on ``rows`` ReLU outputs: about half the rows start with exact
     zeros. The mode once skipped leading zeros in every matmul, which split this call into
     one kernel call per distinct start; now only batched products (attention) skip."""
-    import detkit
-
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(k, n).to(device=device, dtype=dtype)
     x = torch.relu(torch.randn(rows, k, generator=g)).to(device=device, dtype=dtype)
@@ -120,19 +125,8 @@ def measure_relu_linear(repeats: int, device: str, dtype: torch.dtype, portable:
             layer(x)
         _sync(device)
 
-    plain, mode = [], []
-    call()
-    with detkit.batch_invariant(portable=portable):
-        call()
-    for _ in range(repeats * 10):  # interleaved; one call is milliseconds
-        t0 = time.perf_counter()
-        call()
-        plain.append((time.perf_counter() - t0) * 1e3)
-        with detkit.batch_invariant(portable=portable):
-            t0 = time.perf_counter()
-            call()
-            mode.append((time.perf_counter() - t0) * 1e3)
-    return LayerCase(f"Linear({k}, {n}) on {rows} ReLU rows", statistics.median(plain), statistics.median(mode))
+    plain_ms, mode_ms, _ = _interleaved(call, repeats * 10, portable)  # one call is milliseconds
+    return LayerCase(f"Linear({k}, {n}) on {rows} ReLU rows", plain_ms, mode_ms)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,7 +78,9 @@ def _print(rows: list[dict[str, Any]], target: str, resources: bool) -> None:
 
 
 def _spills(x: dict[str, Any]) -> bool:
-    return bool(x["spill_store_bytes"] or x["spill_load_bytes"])
+    from detkit.kernels.cuda_resources import KernelResources
+
+    return KernelResources(**x).spills
 
 
 def _print_resources(console: Any, rows: list[dict[str, Any]]) -> None:

@@ -537,6 +537,16 @@ def _compiled_unit(name: str, target: str, compiler: str | None) -> _Unit:
     return cubin, entries, tuple(per_entry[e] for e in entries), ptxas_notes(report)
 
 
+def _check_unit(name: str, target: str, compiler: str | None, desc: str) -> CheckResult:
+    """Compile one unit to CUBIN; a compile error becomes a failed result, not an exception."""
+    t0 = time.perf_counter()
+    try:
+        _, entries, resources, notes = _compiled_unit(name, target, compiler)
+    except CompileError as err:
+        return CheckResult(name, target, desc, False, time.perf_counter() - t0, (), str(err))
+    return CheckResult(name, target, desc, True, time.perf_counter() - t0, entries, resources=resources, notes=notes)
+
+
 def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
               compiler: str | None = None, files: tuple[str, ...] = KERNEL_FILES,
               workers: int | None = None) -> list[CheckResult]:
@@ -555,14 +565,7 @@ def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
         _check_arch(arch)
 
     def one(job: tuple[str, str]) -> CheckResult:
-        arch, name = job
-        t0 = time.perf_counter()
-        try:
-            _, entries, resources, notes = _compiled_unit(name, arch, which)
-            return CheckResult(name, arch, desc, True, time.perf_counter() - t0, entries,
-                               resources=resources, notes=notes)
-        except CompileError as err:
-            return CheckResult(name, arch, desc, False, time.perf_counter() - t0, (), str(err))
+        return _check_unit(job[1], job[0], which, desc)
 
     # Files built only for other architectures (UNIT_ARCHS) are left out for an arch.
     jobs = [(target, name) for arch in archs for name in files if (target := build_arch(name, arch)) is not None]
@@ -584,14 +587,7 @@ def check_device(device: int, arch: str, *, files: tuple[str, ...] = KERNEL_FILE
     desc = compiler_description()
 
     def one(job: tuple[str, str]) -> CheckResult:
-        name, target = job
-        t0 = time.perf_counter()
-        try:
-            _, entries, resources, notes = _compiled_unit(name, target, None)
-        except CompileError as err:
-            return CheckResult(name, target, desc, False, time.perf_counter() - t0, (), str(err))
-        return CheckResult(name, target, desc, True, time.perf_counter() - t0, entries,
-                           resources=resources, notes=notes)
+        return _check_unit(*job, None, desc)
 
     with ThreadPoolExecutor(max_workers=workers or max(1, min(len(jobs), os.cpu_count() or 1, 8))) as pool:
         compiled = list(pool.map(one, jobs))
