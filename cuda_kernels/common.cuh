@@ -86,6 +86,22 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch) {
     return IS_MAX ? warp_max(w) : warp_sum(w);
 }
 
+// Block-wide minimum of an int (exact: any order), for blockDim.x == NT; `scratch` holds
+// 32 ints. Every thread receives the result.
+template <int NT>
+__device__ __forceinline__ int block_min(int v, int* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();  // scratch may still be read by a previous reduction
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    int w = (lane < NT / 32) ? scratch[lane] : 0x7fffffff;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) w = min(w, __shfl_xor_sync(0xffffffffu, w, o));
+    return w;
+}
+
 // =====================================================================================
 // Building blocks of docs/canonical-orders.md (section 2), each operation correctly
 // rounded and written out; the spec's oracle is detkit/kernels/spec.py.

@@ -13,7 +13,10 @@
 //     toolkit). A slot is read with one 16-byte load when the row is 16-byte aligned and
 //     element by element otherwise: the same values in the same order, so a row's bits
 //     do not depend on its alignment (which changes with its index when L * sizeof(T) is
-//     not a multiple of 16).
+//     not a multiple of 16). The sums of softmax and row sum are anchored, like the CPU
+//     kernels and the canonical AnchoredSum: slots are counted from the first nonzero
+//     term (for softmax, the first element whose exp is nonzero), so masked or zero
+//     entries in front of a row (left padding) do not change its bits.
 // Every intermediate is float32; the result is rounded once into T.
 
 #define RB_NT 256  // threads per row, portable=False
@@ -156,6 +159,24 @@ __device__ __forceinline__ void for_owned_slots(const T* __restrict__ xr, int L,
     }
 }
 
+// The anchor of a row: the first index j whose value satisfies nonzero(x[j]), L if none.
+// Each thread stops at the first hit among its own slots; the block takes the minimum.
+template <typename T, typename P>
+__device__ __forceinline__ int first_nonzero(const T* __restrict__ xr, int L, bool vec, const P& nonzero,
+                                             int* scratch) {
+    constexpr int V = Slot<T>::V;
+    int first = L;
+    for (int j0 = threadIdx.x * V; j0 < L && first == L; j0 += RB_NT * V) {
+        const int n = min(V, L - j0);
+        float v[V];
+        load_slot<T>(xr, j0, n, vec, v);
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+            if (first == L && e < n && nonzero(v[e])) first = j0 + e;
+    }
+    return block_min<RB_NT>(first, scratch);
+}
+
 template <typename T>
 __device__ __forceinline__ void b_softmax(const T* __restrict__ x, T* __restrict__ y, int L, bool log_) {
     constexpr int V = Slot<T>::V;
@@ -170,8 +191,12 @@ __device__ __forceinline__ void b_softmax(const T* __restrict__ x, T* __restrict
             if (e < n) m = fmaxf(m, v[e]);
     });
     m = block_reduce<RB_NT, true>(m, scratch);
+    // Entries before the anchor have exp == 0 (NaN counts as nonzero): skipping them changes
+    // no term, and slots counted from the anchor make the sum padding invariant.
+    __shared__ int iscratch[32];
+    const int a = first_nonzero<T>(xr, L, vx, [&](float v) { return expf(__fsub_rn(v, m)) != 0.0f; }, iscratch);
     float s = 0.0f;
-    for_owned_slots<T>(xr, L, vx, [&](int j0, int n, float (&v)[V]) {
+    for_owned_slots<T>(xr + a, L - a, aligned16(xr + a), [&](int j0, int n, float (&v)[V]) {
 #pragma unroll
         for (int e = 0; e < V; ++e)
             if (e < n) s = __fadd_rn(s, expf(__fsub_rn(v[e], m)));
@@ -267,9 +292,12 @@ template <typename T>
 __device__ __forceinline__ void b_row_sum(const T* __restrict__ x, T* __restrict__ y, int L, bool mean) {
     constexpr int V = Slot<T>::V;
     __shared__ float scratch[32];
+    __shared__ int iscratch[32];
     const T* xr = x + (i64)blockIdx.x * L;
+    // Anchored at the first nonzero term (-0.0 is zero, NaN is not): zeros in front change nothing.
+    const int a = first_nonzero<T>(xr, L, aligned16(xr), [](float v) { return v != 0.0f; }, iscratch);
     float s = 0.0f;
-    for_owned_slots<T>(xr, L, aligned16(xr), [&](int j0, int n, float (&v)[V]) {
+    for_owned_slots<T>(xr + a, L - a, aligned16(xr + a), [&](int j0, int n, float (&v)[V]) {
 #pragma unroll
         for (int e = 0; e < V; ++e)
             if (e < n) s = __fadd_rn(s, v[e]);

@@ -8,9 +8,9 @@ kernel, and returns what the aten op returns. When the arguments fall outside wh
 kernels cover it raises :class:`Unsupported`; the mode then runs the original kernel
 and counts the call, so nothing falls back silently.
 
-Three canonicalisations make unfused ops invariant where the plain kernels alone would
+Two canonicalisations make unfused ops invariant where the plain kernels alone would
 not be (they are what lets eager attention and odd-sized activations pass the Hugging
-Face tests):
+Face tests); a third invariance is the kernels' own:
 
 * **Leading zeros of a batched matmul row are skipped** (``bmm``, ``baddbmm``). Eager
   attention computes ``probs @ V`` over all keys, as a batched product (torch.matmul
@@ -18,13 +18,17 @@ Face tests):
   padding keys. Each row of ``a`` is reduced from its first nonzero element on, so the
   row gives the same bits with or without padding in front, whatever blocking the
   kernel uses over K (the products skipped are exact zeros; when any skipped row of
-  ``b`` holds inf/NaN nothing is skipped, so IEEE semantics are kept). 2-D products
+  ``b`` holds inf/NaN nothing is skipped, so IEEE semantics are kept). A backend whose
+  batched product is one fma chain over k from +0 (the CPU's ``portable=False``,
+  ``BATCHED_MATMUL_SEQUENTIAL_IN_K``) gets the same bits without the skip, so it is
+  not done there: it cost a pass over ``a`` and one kernel call per distinct start. 2-D products
   (``mm``, ``addmm``: every ``nn.Linear``) are left alone: their K is a feature
   dimension, which padding never lengthens, and skipping there cost a kernel call per
   distinct start after a ReLU and, on CUDA, a host synchronisation per layer.
-* **Leading negligible logits of a softmax row are skipped**: entries more than
-  ``_SOFTMAX_SKIP[dtype]`` below the row maximum, whose ``exp`` is exactly 0, get
-  probability 0 and the kernel sees the rest (masked padding keys hold ``finfo.min``).
+* **Softmax needs no help**: every backend anchors its sum at the row's first entry
+  whose ``exp`` is nonzero (``detkit.kernels._backend``), so masked padding keys
+  (``finfo.min``) in front of a row change nothing, with no pass over the scores here
+  and no host synchronisation on CUDA.
 * **Position-dependent elementwise ops run in aligned slices.** torch's vectorised
   CPU loops compute the last ``n mod (2 * vector width)`` elements of a tensor, and of
   each thread's chunk, with a scalar code path that rounds differently for ``silu``,
@@ -75,10 +79,6 @@ _PORTABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The portable backends' ``ELEMENTWISE_OPS`` (kept here so importing the mode does not
 # import numba; tests/test_mode_portable.py checks the two agree).
 ELEMENTWISE_PORTABLE: frozenset[str] = frozenset({"exp", "log", "rsqrt", "sigmoid", "silu", "tanh"})
-# exp(d) is exactly 0 in float32 for d < -104 and in float64 for d < -746; the margins
-# are generous so no rounding of the threshold can skip a contributing logit.
-_SOFTMAX_SKIP = {torch.float64: 1600.0}
-_SOFTMAX_SKIP_DEFAULT = 200.0
 # A multiple of two AVX-512 float32 vectors (torch unrolls by 2) and of every smaller ISA.
 _ALIGN = 64
 # torch's at::internal::GRAIN_SIZE: TensorIterator splits work across threads only above it.
@@ -219,6 +219,13 @@ def _leading_zero_starts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | Non
     return starts
 
 
+def _sequential_in_k(kn: Any, device_type: str, portable: bool) -> bool:
+    """Whether leading zeros of a batched-product row already change no bit; kernels
+    that do not say (test stand-ins) are assumed to block K."""
+    query = getattr(kn, "batched_matmul_is_sequential_in_k", None)
+    return query is not None and bool(query(device_type, portable))
+
+
 def _matmul(call: Call, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *,
             skip_leading_zeros: bool = False) -> torch.Tensor:
     """2-D (M,K)@(K,N) or 3-D (B,M,K)@(B,K,N); with ``skip_leading_zeros`` (3-D only: the
@@ -230,7 +237,8 @@ def _matmul(call: Call, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | N
         raise Unsupported("empty operand", benign=True)
     a, b, bias = _plain(a), _plain(b), _plain(bias)
     kn = kernels_module()
-    starts = _leading_zero_starts(a, b) if skip_leading_zeros else None
+    skip = skip_leading_zeros and not _sequential_in_k(kn, a.device.type, call.portable)
+    starts = _leading_zero_starts(a, b) if skip else None
     if starts is None:
         return _kernel_call(kn.matmul, a, b, bias, portable=call.portable)
     out = torch.empty((*a.shape[:-1], b.shape[-1]), dtype=a.dtype, device=a.device)
@@ -323,29 +331,10 @@ def _softmax_rows(call: Call, x: torch.Tensor, dim: int, log: bool) -> torch.Ten
     fn = kn.log_softmax if log else kn.softmax
     d = dim % x.dim()
     moved = x.movedim(d, -1)
-    rows = moved.reshape(-1, moved.shape[-1])
-    starts = None if log else _negligible_prefix(rows)
-    if starts is None:
-        res = _kernel_call(fn, rows, -1, portable=call.portable)
-    else:
-        res = torch.zeros_like(rows)
-        for start in torch.unique(starts).tolist():
-            idx = (starts == start).nonzero().squeeze(1)
-            res[idx, start:] = _kernel_call(fn, rows[idx, start:], -1, portable=call.portable)
+    # The kernels anchor each row's sum at its first entry with nonzero exp: masked
+    # padding in front of a row changes nothing, so no canonicalisation here.
+    res = _kernel_call(fn, moved.reshape(-1, moved.shape[-1]), -1, portable=call.portable)
     return _like(res.reshape(moved.shape).movedim(-1, d), x)
-
-
-def _negligible_prefix(rows: torch.Tensor) -> torch.Tensor | None:
-    """Per row, how many leading logits have exp(x - max) == 0 exactly; None if none."""
-    if rows.shape[-1] <= 1:
-        return None
-    margin = _SOFTMAX_SKIP.get(rows.dtype, _SOFTMAX_SKIP_DEFAULT)
-    threshold = rows.amax(-1, keepdim=True).to(torch.float64) - margin
-    if bool((rows[:, :1].to(torch.float64) >= threshold).all()):
-        return None
-    # NaN rows compare False everywhere, so they keep all their entries.
-    keep = ~(rows.to(torch.float64) < threshold)
-    return keep.to(torch.uint8).argmax(-1)
 
 
 def _softmax(call: Call, self: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:

@@ -427,6 +427,48 @@ def test_batch_invariant_row_ops_values(emulated: dict, dtype: torch.dtype, leng
     close(cuda_backend.row_sum(x, True), xd.mean(-1), "mean", 2 * ulp, 1e-5)
 
 
+def _masked(shape: tuple[int, int], dtype: torch.dtype, fill: str, seed: int) -> torch.Tensor:
+    """Logits that left or right padding puts into a row: their exp is exactly 0."""
+    if fill == "-inf":
+        return torch.full(shape, float("-inf"), dtype=dtype)
+    if fill == "finfo.min":  # what HF's eager attention mask adds
+        return (rand(shape, torch.float32, seed) + torch.finfo(dtype).min).to(dtype)
+    return (rand(shape, torch.float32, seed) - 300.0).to(dtype)  # far below the row max
+
+
+def _padded_softmax_is_the_rows_softmax(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                                        portable: bool, what: str) -> None:
+    pad = left.shape[1]
+    padded = torch.cat([left, x, right], 1)
+    for log in (False, True):
+        got = cuda_backend.softmax(padded, log, portable=portable)
+        assert_bits_equal(got[:, pad : pad + x.shape[1]], cuda_backend.softmax(x, log, portable=portable),
+                          f"{'log_' if log else ''}softmax, {what}")
+        if not log:
+            assert bool((got[:, :pad] == 0).all()) and bool((got[:, pad + x.shape[1] :] == 0).all()), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("portable", [False, True])
+def test_softmax_and_sum_ignore_what_padding_puts_around_a_row(emulated: dict, dtype: torch.dtype,
+                                                               portable: bool) -> None:
+    """Masked logits (exp == 0) before or after a row, and zeros (-0.0 too) before a sum:
+    the row keeps its bits, as on the CPU and in the canonical AnchoredSum. So eager
+    attention's softmax over padding keys needs no pass (no host synchronisation) in the mode."""
+    length = 301
+    x = rand((3, length), dtype, 46, 3.0)
+    # pads of 1 and 7 move the 16-byte alignment of the row's first real element; 2051
+    # spans more than one sweep of a 256-thread block over 16-byte slots
+    for pad in (1, 7, 2051):
+        for fill in ("-inf", "finfo.min", "far below"):
+            _padded_softmax_is_the_rows_softmax(x, _masked((3, pad), dtype, fill, pad), _masked((3, 5), dtype, fill, 1),
+                                                portable, f"{pad} x {fill} in front")
+        zeros = torch.zeros((3, pad), dtype=dtype)
+        zeros[:, ::2] = -0.0
+        assert_bits_equal(cuda_backend.row_sum(torch.cat([zeros, x], 1), False, portable=portable),
+                          cuda_backend.row_sum(x, False, portable=portable), f"sum, {pad} zeros in front")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tensor_core_matmul_indexing(emulated: dict, dtype: torch.dtype) -> None:
     """Emulated mma: right values (vs float64), identical bits for both B layouts and for
@@ -592,6 +634,18 @@ def test_batch_invariant_row_ops_for_drawn_shapes(emulated: dict, length: int, r
 
 
 @_DRAWN
+@given(length=st.integers(1, 700), left=st.integers(0, 2200), right=st.integers(0, 40),
+       dtype=st.sampled_from(DTYPES), fill=st.sampled_from(["-inf", "finfo.min", "far below"]), seed=st.integers(0, 2**16))
+def test_batch_invariant_softmax_and_sum_padding_for_drawn_shapes(emulated: dict, length: int, left: int, right: int,
+                                                                  dtype: torch.dtype, fill: str, seed: int) -> None:
+    x = rand((2, length), dtype, seed, 3.0)
+    _padded_softmax_is_the_rows_softmax(x, _masked((2, left), dtype, fill, seed + 1),
+                                        _masked((2, right), dtype, fill, seed + 2), False, f"{left} + {length} + {right}")
+    padded = torch.cat([torch.zeros((2, left), dtype=dtype), x, torch.zeros((2, right), dtype=dtype)], 1)
+    assert_bits_equal(cuda_backend.row_sum(padded, False), cuda_backend.row_sum(x, False), f"sum, {left} + {length}")
+
+
+@_DRAWN
 @given(m=st.integers(1, 140), k=st.integers(1, 200), n=st.integers(1, 300),
        layout=st.sampled_from(["k-major", "n-major", "unaligned"]),
        config=st.integers(0, len(cuda_backend.WG_TAGS) - 1), seed=st.integers(0, 2**16))
@@ -648,6 +702,21 @@ def _mutated(name: str, text: str, mutation: tuple[str, str]) -> str:
     """``text`` (of kernel file ``name``) with the negative control's one-line change."""
     assert mutation[0] in text, f"{name} changed: update this negative control's mutation"
     return text.replace(*mutation)
+
+
+def test_mutation_an_unanchored_softmax_sum_changes_with_padding(emulated: dict,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The portable=False softmax with its slots counted from index 0 again: padding in
+    front moves the real entries to other threads and the padding test sees the bits change."""
+    source = _mutated("rowops.cu", cuda_loader.kernel_source("rowops.cu"),
+                      ("const int a = first_nonzero<T>(xr, L, vx, [&](float v) { return expf(__fsub_rn(v, m)) != 0.0f; }, "
+                       "iscratch);", "const int a = 0;"))
+    monkeypatch.setattr(cuda_backend, "_launch", _launcher({**emulated, "rowops.cu": _build("rowops.cu", _out_dir(),
+                                                                                            source)}))
+    x = rand((3, 301), torch.float32, 46, 3.0)
+    with pytest.raises(AssertionError, match="softmax, 7 x -inf in front"):
+        _padded_softmax_is_the_rows_softmax(x, _masked((3, 7), torch.float32, "-inf", 0), x[:, :0], False,
+                                            "7 x -inf in front")
 
 
 def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(

@@ -225,6 +225,24 @@ def test_vocab_softmax_batch_invariant(portable: bool) -> None:
         assert_bits_equal(cuda_backend.softmax(x[40:41], log, portable=portable), full[40:41], "vocab softmax row 40")
 
 
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_and_sum_ignore_padding_around_a_row(dtype: torch.dtype, portable: bool) -> None:
+    """Masked logits before and after a row (eager attention's padding keys: finfo.min)
+    and zeros before a sum leave the row's bits unchanged: the torch mode relies on it."""
+    x = rand((6, 1000), dtype, 14, 3.0)
+    for pad in (1, 7, 2051):
+        left = (rand((6, pad), torch.float32, 15) + torch.finfo(dtype).min).to(dtype)
+        right = torch.full((6, 9), float("-inf"), dtype=dtype, device=DEV)
+        padded = torch.cat([left, x, right], 1)
+        for log in (False, True):
+            got = cuda_backend.softmax(padded, log, portable=portable)[:, pad : pad + 1000]
+            assert_bits_equal(got, cuda_backend.softmax(x, log, portable=portable), f"softmax log={log}, {pad} in front")
+        zeros = torch.cat([torch.zeros((6, pad), dtype=dtype, device=DEV), x], 1)
+        assert_bits_equal(cuda_backend.row_sum(zeros, False, portable=portable),
+                          cuda_backend.row_sum(x, False, portable=portable), f"sum, {pad} zeros in front")
+
+
 # ----------------------------------------------------------------------------- attention
 
 

@@ -376,10 +376,12 @@ def test_coverage_report_classifies_traced_ops() -> None:
 
 
 class _OrderSensitiveKernels(SimpleNamespace):
-    """Stand-ins that reduce in blocks of 4 aligned to index 0 (like a blocked BLAS).
+    """Stand-ins that reduce in blocks of 4 (like a blocked BLAS).
 
-    Leading zeros shift every block, so these kernels alone are NOT padding invariant;
-    the mode's leading-zero canonicalisation has to make them so.
+    matmul's blocks are aligned to index 0: leading zeros shift every block, so it alone
+    is NOT padding invariant, and the mode's leading-zero canonicalisation of batched
+    products has to make it so. softmax's blocks start at the row's first entry with
+    nonzero exp, as the backend contract (detkit.kernels._backend) requires of softmax.
     """
 
     @staticmethod
@@ -395,7 +397,8 @@ class _OrderSensitiveKernels(SimpleNamespace):
 
     def softmax(self, x: torch.Tensor, dim: int = -1, *, portable: bool = False) -> torch.Tensor:
         e = torch.exp(x.float() - x.float().amax(-1, keepdim=True))
-        return (e / self._blocked(e).unsqueeze(-1)).to(x.dtype)
+        sums = torch.stack([self._blocked(row[int((row != 0).to(torch.uint8).argmax()) :]) for row in e])
+        return (e / sums.unsqueeze(-1)).to(x.dtype)
 
 
 def test_left_padding_invariance_does_not_rely_on_the_kernels_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -449,6 +452,46 @@ def test_linear_after_relu_is_one_kernel_call(monkeypatch: pytest.MonkeyPatch) -
     assert calls == [(40, 96), (40, 96)]
     want = real.matmul(x, lin.weight.detach().t(), lin.bias.detach())
     assert diff(got, want).ok and diff(got_3d.reshape(40, 24), want).ok
+
+
+def test_padded_batched_product_is_one_kernel_call_where_k_is_sequential(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager attention's probs @ V with left padding: the CPU's portable=False batched
+    product is one fma chain over k from +0, so leading zeros change no bit and the mode
+    makes one kernel call; the portable kernel chunks K from k = 0, so the mode starts
+    each row at its first nonzero (one call per distinct start). Both give every row the
+    bits it has without padding."""
+    from detkit import kernels as real
+
+    calls: list[tuple[int, ...]] = []
+
+    def matmul(a: torch.Tensor, b: torch.Tensor, bias: Any = None, *, portable: bool = False) -> torch.Tensor:
+        calls.append(tuple(a.shape))
+        return real.matmul(a, b, bias, portable=portable)
+
+    monkeypatch.setattr(_aten_adapters, "kernels_module", lambda: SimpleNamespace(
+        matmul=matmul, batched_matmul_is_sequential_in_k=real.batched_matmul_is_sequential_in_k))
+    assert real.batched_matmul_is_sequential_in_k("cpu", False)
+    assert not real.batched_matmul_is_sequential_in_k("cpu", True)
+    g = torch.Generator().manual_seed(5)
+    keys, total, pads = 300, 311, (0, 3, 7, 11)  # K past one 256-chunk of the portable order
+    probs = torch.softmax(torch.randn(2, 4, keys, generator=g), -1)
+    v = torch.randn(2, total, 16, generator=g)  # rows before a row's keys: other rows' keys
+    padded = torch.zeros(2, 4, total)
+    for i in range(2):
+        for r in range(4):
+            pad = pads[(i + r) % 4]
+            padded[i, r, pad : pad + keys] = probs[i, r]
+    for portable, want_calls in ((False, 1), (True, 4)):
+        calls.clear()
+        with detkit.batch_invariant(portable=portable):
+            got = torch.bmm(padded, v)
+        assert len(calls) == want_calls, (portable, calls)
+        for i in range(2):
+            for r in range(4):
+                pad = pads[(i + r) % 4]
+                # the row without padding, as a batched product of its own
+                alone = real.matmul(probs[i, r][None, None], v[i, pad : pad + keys][None], portable=portable)[0, 0]
+                assert _bits_equal(got[i, r], alone), (portable, i, r)
 
 
 _G = torch.Generator().manual_seed(7)

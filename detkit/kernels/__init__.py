@@ -3,7 +3,9 @@
 For every function here, a row's result (one matrix row, one softmax/norm row, one
 attention query) is bitwise independent of the batch size, of the row's position in
 the batch, of the other rows' contents and of the thread count; for attention also of
-left/right padding (masked keys) and of decode vs prefill. ``portable=True`` asks for
+left/right padding (masked keys) and of decode vs prefill; for softmax and log_softmax
+also of masked entries (``exp == 0``: ``-inf``, ``finfo.min``) before or after a row's
+others, and for sum of zeros there. ``portable=True`` asks for
 the stronger guarantee of identical bits on every device (a separate backend).
 
 This module validates input and reshapes it into the backend contract described in
@@ -44,6 +46,13 @@ def cpu_status() -> dict[str, object]:
     from detkit.kernels.cpu import cpu_status as status
 
     return status()
+
+
+def batched_matmul_is_sequential_in_k(device_type: str, portable: bool) -> bool:
+    """Whether the backend for ``device_type`` and ``portable`` reduces every output of a
+    batched (3-D) matmul as one fma chain over k from +0, so that zeros at the start of a
+    row of ``a`` change no bit (``BATCHED_MATMUL_SEQUENTIAL_IN_K`` in the backend contract)."""
+    return bool(getattr(backend_for(device_type, portable), "BATCHED_MATMUL_SEQUENTIAL_IN_K", False))
 
 
 # --------------------------------------------------------------------------- checks

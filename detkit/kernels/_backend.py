@@ -28,9 +28,18 @@ rounded once into the input dtype at the end):
     transposed weight view must not be copied by the caller); ``bias``: (N,) or None.
     Same dtype for all. Returns (M, N) or (B, M, N), contiguous, in that dtype.
     Bias is added after the full K reduction.
+    A backend whose 3-D matmul reduces every output as one fma chain over
+    ``k = 0 .. K-1`` starting from ``+0.0`` sets ``BATCHED_MATMUL_SEQUENTIAL_IN_K = True``:
+    zeros at the start of a row of ``a`` then change no bit (``fma(0, b, +0) == +0`` for
+    finite ``b``), and the torch mode skips its leading-zero canonicalisation of batched
+    products (``detkit._aten_adapters``). A backend without it is assumed to block K.
 
 ``softmax(x, log) -> Tensor``
     ``x``: (R, L) contiguous. Softmax (``log=False``) or log-softmax over the last dim.
+    The normaliser is anchored at the row's first element whose ``exp(x - max)`` is
+    nonzero (NaN counts as nonzero): entries with ``exp == 0`` in front of a row or after
+    it (masked padding: ``-inf``, ``finfo.min``) leave the other entries' bits unchanged.
+    The torch mode relies on this for eager attention over padding keys.
 
 ``rms_norm(x, weight, eps) -> Tensor``
     ``x``: (R, L) contiguous; ``weight``: (L,) or None; ``eps``: float.
@@ -39,7 +48,9 @@ rounded once into the input dtype at the end):
     ``x``: (R, L) contiguous; ``weight``, ``bias``: (L,) or None.
 
 ``row_sum(x, mean) -> Tensor``
-    ``x``: (R, L) contiguous. Sum (or mean) over the last dim, shape (R,).
+    ``x``: (R, L) contiguous. Sum (or mean) over the last dim, shape (R,). The sum is
+    anchored at the first nonzero element (``-0.0`` is zero): zeros in front of a row or
+    after it leave a sum's bits unchanged.
 
 ``attention(q, k, v, mask, scale) -> Tensor``
     ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv) with ``H % Hk == 0``

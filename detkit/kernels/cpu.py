@@ -30,6 +30,9 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 from detkit.kernels import _cpu_numba as nk  # noqa: E402
 from detkit.kernels._cpu_tiles import cpu_status, tiled_matmul  # noqa: E402
 
+# nk.bmm: acc = fma(a_k, b_k, acc) for k = 0..K-1 from +0 (see detkit.kernels._backend).
+BATCHED_MATMUL_SEQUENTIAL_IN_K = True
+
 _NUMBA_LOCK = threading.Lock()
 # Below this many elements a row kernel runs serially: waking numba's threads costs
 # more than the work. Same row function either way, so the same bits.
