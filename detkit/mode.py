@@ -25,6 +25,14 @@ an autograd-key gate returns the detkit kernel's values in both cases; when a gr
 is needed it also runs torch's decomposition (its leaves routed) to carry the gradient,
 so the forward bits never depend on requires_grad.
 
+torch.compile: compiled code does not dispatch the aten ops one by one (inductor emits
+its own kernels), so it would bypass the overrides without a trace. While the mode is on,
+the compiler's stance is ``force_eager`` (``torch.compiler.set_stance``, torch >= 2.6):
+compiled functions, including those compiled before the mode was entered, run their
+Python code eagerly, through the overrides; the previous stance returns when the mode
+turns off. torch without ``set_stance`` gets a warning, once, that compiled code is not
+covered.
+
 State and threads: aten registrations are process wide, so while the mode is on it
 applies to every thread. The state (on, portable, strict) is one process-wide value
 changed under a lock; each context restores exactly the state it found, in ``finally``.
@@ -172,18 +180,36 @@ _TLS = threading.local()
 
 
 class _Registration:
-    """The torch.library objects of one enabled period; ``close`` restores the originals."""
+    """The torch.library objects and the compiler stance of one enabled period; ``close``
+    restores the original kernels and stance."""
 
     def __init__(self, keys: tuple[str, ...]) -> None:
         self.keys = keys
         self.skipped: dict[str, str] = {}
         self._libraries: list[torch.library.Library] = []
+        self._stance: Any = None
+        self.compile_note = ""
         try:
+            self._force_eager()
             for key in keys:
                 self._register(key)
         except BaseException:
             self.close()
             raise
+
+    def _force_eager(self) -> None:
+        """Compiled code would run inductor's kernels instead of the overrides."""
+        set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
+        if set_stance is None:
+            self.compile_note = (f"torch {torch.__version__} has no torch.compiler.set_stance: torch.compile'd code "
+                                 "runs its compiled kernels, NOT detkit's; upgrade to torch >= 2.6 or do not compile "
+                                 "under the mode")
+            warnings.warn(f"detkit.batch_invariant(): {self.compile_note}.", RuntimeWarning, stacklevel=5)
+            return
+        # Sets the stance now; __exit__ restores the previous one. (Inside a compiled
+        # function torch raises here: the mode belongs around the compiled call.)
+        self._stance = set_stance("force_eager")
+        self.compile_note = "torch.compile'd code runs eagerly (stance force_eager) while the mode is on"
 
     def _register(self, key: str) -> None:
         plans: list[tuple[OpOverride, Any, Any]] = []
@@ -208,8 +234,13 @@ class _Registration:
                     lib.impl(spec.impl_name, _make_gate(spec, grad_kernel), _AUTOGRAD_KEY[key], with_keyset=True)
 
     def close(self) -> None:
-        while self._libraries:
-            self._libraries.pop()._destroy()
+        try:
+            while self._libraries:
+                self._libraries.pop()._destroy()
+        finally:
+            if self._stance is not None:
+                stance, self._stance = self._stance, None
+                stance.__exit__(None, None, None)
 
 
 _REGISTRATION: _Registration | None = None
@@ -343,6 +374,7 @@ def registered_keys() -> dict[str, Any]:
             "keys": list(reg.keys) if reg else [],
             "skipped": dict(reg.skipped) if reg else {},
             "note": _CUDA_NOTE,
+            "compile": reg.compile_note if reg else "",
         }
 
 

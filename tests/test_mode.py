@@ -550,3 +550,63 @@ def test_override_table_is_complete_for_this_torch() -> None:
         info = mode.registered_keys()
     assert info["keys"] == ["CPU"] or "CUDA" in info["keys"]
     assert info["skipped"] == {}
+
+
+class _RecordingBackend:
+    """A torch.compile backend that counts its compilations and its compiled runs. Its
+    compiled code calls the graph's aten ops like eager code would, so only the counts
+    (not the bits) tell whether compiled code ran; inductor would emit its own kernels."""
+
+    def __init__(self) -> None:
+        self.compiles = 0
+        self.runs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        self.compiles += 1
+
+        def run(*args: Any) -> Any:
+            self.runs += 1
+            return gm.forward(*args)
+
+        return run
+
+
+def test_compiled_code_runs_eagerly_under_the_mode() -> None:
+    """torch.compile'd code does not dispatch aten ops one by one, so under the mode it
+    would bypass detkit's kernels without a trace (measured with inductor: the bits were
+    neither detkit's nor batch invariant, and uncovered() was empty). The mode sets the
+    compiler's stance to force_eager: code compiled before the mode, or inside it, runs
+    eagerly, through the overrides; the stance returns when the mode ends."""
+    from detkit import kernels
+
+    backend = _RecordingBackend()
+    g = torch.Generator().manual_seed(11)
+    w, bias, x = torch.randn(64, 48, generator=g), torch.randn(48, generator=g), torch.randn(9, 64, generator=g)
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(t @ w + bias, -1)
+
+    compiled = torch.compile(f, backend=backend)
+    compiled(x)
+    assert (backend.compiles, backend.runs) == (1, 1)
+    want = kernels.softmax(kernels.matmul(x, w, bias))
+    with detkit.batch_invariant() as outer:
+        assert "force_eager" in mode.registered_keys()["compile"]
+        with detkit.batch_invariant(portable=True):
+            pass  # an inner context ends; the outer one still forces eager
+        got = compiled(x)
+        alone = compiled(x[4:5])
+        late = torch.compile(lambda t: torch.softmax(t, -1), backend=backend)(x)
+    assert (backend.compiles, backend.runs) == (1, 1), "compiled code ran under the mode"
+    assert _bits_equal(got, want) and _bits_equal(alone[0], got[4])
+    assert _bits_equal(late, kernels.softmax(x))
+    assert outer.routed().get("_softmax", 0) >= 3 and outer.uncovered() == {}
+    compiled(x)  # the stance is back: compiled code runs again
+    assert backend.runs == 2 and mode.registered_keys()["compile"] == ""
+
+
+def test_without_set_stance_the_mode_warns_that_compiled_code_is_not_covered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch.compiler, "set_stance")
+    with pytest.warns(RuntimeWarning, match=r"torch\.compile'd code runs its compiled kernels, NOT detkit's"):
+        with detkit.batch_invariant():
+            assert "upgrade to torch >= 2.6" in mode.registered_keys()["compile"]
