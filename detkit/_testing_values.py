@@ -211,7 +211,7 @@ def describe(
 
         if not sa:  # compare works elementwise; 1-element views avoid numpy's 0-d scalar paths
             actual, expected = actual.reshape(1), expected.reshape(1)
-        d = diff(actual, expected, max_mismatches=0)
+        d = diff(actual, expected, max_mismatches=max_rows)  # the report keeps them too
         ulp = ulp_distance(actual, expected).reshape(-1)
         if max_ulp is None:
             sel = np.flatnonzero(ba != be)

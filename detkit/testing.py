@@ -70,6 +70,10 @@ HINT_BITWISE = (
     "compute both under `detkit.batch_invariant()` (portable=True for the same bits on every "
     "device); if a few ULPs are acceptable, use assert_ulp_close(..., max_ulp=N)."
 )
+HINT_KIND = (
+    "What to try: compare like with like (no ULP distance exists between different dtypes or shapes): "
+    "fix the code that produced the other dtype or shape, or convert one side explicitly."
+)
 HINT_ULP = (
     "What to try: check the error against a correctly rounded reference (detkit.reference); "
     "raise max_ulp only if that much error is acceptable for this computation."
@@ -294,6 +298,9 @@ def _check_batch_sizes(batch_sizes: Any) -> list[int]:
         raise InputError(f"batch_sizes must be a list of positive ints, got {batch_sizes!r}") from None
     if not sizes or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 1 for b in sizes):
         raise InputError(f"batch_sizes must be a non-empty list of positive ints, got {batch_sizes!r}")
+    if max(sizes) < 2:  # a check that compares nothing must not pass
+        raise InputError(f"batch_sizes={sizes} compares rows only with themselves; include a batch size of 2 or "
+                         "more (e.g. [1, 2, 3, 8, 64])")
     return sorted({int(b) for b in sizes})
 
 
@@ -406,6 +413,9 @@ def assert_batch_invariant(
         differing_total += stats["differing"]
         ulps.append(stats["max_ulp"])
 
+    if checked_total == 0:
+        raise InputError(f"nothing was compared: positions {where} lie beyond every batch size {sizes}; "
+                         "pass positions smaller than the largest batch size, or positions='random'")
     worst = _worst(ulps) if differing_total else 0
     detail = {
         "fn": _fn_name(fn),
@@ -535,8 +545,9 @@ def assert_deterministic(
 
 def _pairwise(
     actual: Any, expected: Any, max_ulp: int | None
-) -> tuple[int, int, list[str], int | None, list[dict[str, Any]]]:
-    """Compare two structures leaf by leaf: (leaves, failing leaves, texts, worst ULP, details)."""
+) -> tuple[int, int, list[str], int | None, list[dict[str, Any]], int]:
+    """Compare two structures leaf by leaf: (leaves, failing leaves, texts, worst ULP,
+    details, leaves whose dtype or shape differs)."""
     la, le = V.flatten(actual, "actual"), V.flatten(expected, "expected")
     pa, pe = [p for p, _ in la], [p for p, _ in le]
     if pa != pe:
@@ -544,9 +555,10 @@ def _pairwise(
     texts: list[str] = []
     details: list[dict[str, Any]] = []
     ulps: list[int | None] = []
-    failing = 0
+    failing = kind = 0
     for (path, a), (_, e) in zip(la, le):
         same_kind = V.dtype_name(a) == V.dtype_name(e) and V.shape_of(a) == V.shape_of(e)
+        kind += not same_kind
         if V.same_bits(a, e):
             ulps.append(0 if V.is_float(a) else None)
             continue
@@ -559,20 +571,27 @@ def _pairwise(
         if len(texts) < 3:
             texts.append((f"{path}: " if path else "") + text)
         details.append({"output": path, "diff": info})
-    return len(la), failing, texts, _worst(ulps), details
+    return len(la), failing, texts, _worst(ulps), details, kind
+
+
+def _kind_headline(status: str, label: str, kind: int, total: int) -> str:
+    return f"{status}: {label}: {kind} of {total} outputs have another dtype or shape than expected."
 
 
 def assert_bitwise_equal(actual: Any, expected: Any, *, name: str | None = None) -> CheckResult:
     """Assert that two tensors/arrays (or structures of them) have the same dtype, shape and bits."""
     __tracebackhide__ = True
-    total, failing, texts, worst, details = _pairwise(actual, expected, None)
+    total, failing, texts, worst, details, kind = _pairwise(actual, expected, None)
     label = name or "assert_bitwise_equal"
     detail = {"outputs": total, "outputs_differing": failing, "differences": details}
     if not failing:
         return _finish(CheckResult("bitwise_equal", "PASS", 0, label, detail, f"{label}: bitwise equal"), None)
-    message = "\n".join(
-        [f"MISMATCH: {label}: {failing} of {total} outputs differ bitwise; worst ULP {'-' if worst is None else worst}.", *texts, HINT_BITWISE]
-    )
+    if kind:
+        message = "\n".join([_kind_headline("MISMATCH", label, kind, total), *texts, HINT_KIND])
+    else:
+        message = "\n".join(
+            [f"MISMATCH: {label}: {failing} of {total} outputs differ bitwise; worst ULP {'-' if worst is None else worst}.", *texts, HINT_BITWISE]
+        )
     return _finish(CheckResult("bitwise_equal", "MISMATCH", worst, label, detail, message), BitwiseMismatch)
 
 
@@ -585,20 +604,23 @@ def assert_ulp_close(actual: Any, expected: Any, max_ulp: int = 2, *, name: str 
     __tracebackhide__ = True
     if isinstance(max_ulp, bool) or not isinstance(max_ulp, int) or max_ulp < 0:
         raise InputError(f"max_ulp must be an int >= 0, got {max_ulp!r}")
-    total, failing, texts, worst, details = _pairwise(actual, expected, max_ulp)
+    total, failing, texts, worst, details, kind = _pairwise(actual, expected, max_ulp)
     label = name or "assert_ulp_close"
     detail = {"max_ulp": max_ulp, "outputs": total, "outputs_failing": failing, "differences": details}
     if not failing:
         message = f"{label}: within {max_ulp} ULP (worst {worst})"
         return _finish(CheckResult("ulp_close", "PASS", worst, label, detail, message), None)
-    message = "\n".join(
-        [
-            f"ULP-EXCEEDED: {label}: {failing} of {total} outputs are more than {max_ulp} ULP from "
-            f"the expected values; worst ULP {'-' if worst is None else worst}.",
-            *texts,
-            HINT_ULP,
-        ]
-    )
+    if kind:
+        message = "\n".join([_kind_headline("ULP-EXCEEDED", label, kind, total), *texts, HINT_KIND])
+    else:
+        message = "\n".join(
+            [
+                f"ULP-EXCEEDED: {label}: {failing} of {total} outputs are more than {max_ulp} ULP from "
+                f"the expected values; worst ULP {'-' if worst is None else worst}.",
+                *texts,
+                HINT_ULP,
+            ]
+        )
     return _finish(CheckResult("ulp_close", "ULP-EXCEEDED", worst, label, detail, message), UlpMismatch)
 
 

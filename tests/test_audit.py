@@ -408,3 +408,24 @@ def test_report_schema_doc_exists_and_names_the_fields() -> None:
         assert field in doc
     assert "probe" in doc and "pytest" in doc
 
+
+
+def test_the_terminal_lists_the_errors_the_advice_points_to(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from detkit.cli import main
+
+    def boom(input: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("kernel exploded [on purpose]")
+
+    bad = _spec("boom", boom)
+    monkeypatch.setitem(catalogue.OPS, "boom", bad)
+    monkeypatch.setattr(catalogue, "CATALOGUE", (bad, *catalogue.CATALOGUE))
+    monkeypatch.setattr(sys, "argv", ["detkit", "audit", "--ops", "boom", "--impl", "torch"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr().out
+    assert exc.value.code in (0, None)  # errors are reported, not gated on without --fail-on
+    assert "see the errors section" in out
+    assert "errors (" in out and "kernel exploded [on purpose]" in out  # brackets printed as text

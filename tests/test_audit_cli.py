@@ -76,6 +76,8 @@ def test_json_on_stdout_and_exit_0_without_fail_on() -> None:
         (["--runs", "1"], "at least 2"),
         (["--hidden", "3"], "--hidden"),
         (["--out", __file__], "is a file"),
+        (["--out", f"{__file__}/report"], "cannot create this directory"),
+        (["--seed", "-1"], "--seed must be an integer from 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_error(
@@ -162,6 +164,11 @@ def test_report_errors(tmp_path: Path) -> None:
     assert wrong.returncode == 2 and "not a detkit report" in wrong.stderr
     bad_format = detkit("report", str(other), "--format", "pdf")
     assert bad_format.returncode == 2
+    # --out must be a writable file path: a directory, or a path under a file, is exit 2 without a traceback
+    saved = Path(__file__).resolve().parent.parent / "reports" / "cpu-audit"
+    for out, message in ((tmp_path, "is a directory"), (other / "x.md", "is a file, not a directory")):
+        proc = detkit("report", str(saved), "--format", "json", "--out", str(out))
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_list_ops(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

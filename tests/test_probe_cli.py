@@ -64,6 +64,8 @@ def test_fail_on_divergence_exits_1_on_the_documented_divergence(capsys, monkeyp
     code, out, err = run_cli([suite, "--modes", "padding", "--fail-on-divergence"], capsys, monkeypatch)
     assert code == 1, err
     assert "padding" in out and "diverging run" in out
+    # stderr says which gate failed and why
+    assert "--fail-on-divergence: exit 1: NOT invariant:" in err and "diverge from the reference in tokens" in err
 
 
 def test_default_toml_is_the_built_in_default_suite():
@@ -80,6 +82,9 @@ def test_shipped_suites_load(name):
     ("args", "message"),
     [
         (["--model", "/no/such/model"], "no model at"),
+        # brackets are text, not rich markup: the path is printed as given, with no MarkupError
+        (["--model", "/no/such/run[bold]1"], "no model at '/no/such/run[bold]1'"),
+        (["--model", "/no/such/a[/b]"], "no model at '/no/such/a[/b]'"),
         (["--max-new-tokens", "2000", "--modes", "single"], "context of 1024 tokens"),
         (["--modes", "single,bogus"], "unknown mode"),
         (["--concurrency", "1,8"], "--concurrency applies to --endpoint"),
@@ -87,6 +92,8 @@ def test_shipped_suites_load(name):
         (["--endpoint", "http://127.0.0.1:9/v1", "--batch-invariant"], "server needs them on its side"),
         (["--endpoint", "http://127.0.0.1:9/v1", "--retries", "0"], "cannot reach"),
         (["--dtype", "int8"], "--dtype must be one of"),
+        (["--out", __file__], "is a file; pass a directory"),
+        (["--out", f"{__file__}/x"], "cannot create this directory"),
         (["--device", "gpu"], "--device must be cpu, cuda or cuda:N"),
         (["--endpoint", "http://127.0.0.1:9/v1", "--device", "cuda"], "--device applies to local models"),
         pytest.param(["--device", "cuda", "--modes", "single"], "torch reports no CUDA device",
@@ -105,6 +112,9 @@ def test_a_model_without_tokenizer_and_bad_suites_exit_2(tmp_path, capsys, monke
     load_preset("tiny-llama").save_pretrained(tmp_path / "model")
     code, _, err = run_cli(["--model", str(tmp_path / "model")], capsys, monkeypatch)
     assert code == 2 and "has no tokenizer" in err
+    (tmp_path / "empty.toml").write_text('name = "t"\n')
+    code, _, err = run_cli([str(tmp_path / "empty.toml")], capsys, monkeypatch)
+    assert code == 2 and "needs at least one [[prompts]] entry" in err  # printed, not read as markup
     (tmp_path / "broken.toml").write_text("name = [")
     code, _, err = run_cli([str(tmp_path / "broken.toml")], capsys, monkeypatch)
     assert code == 2 and "not valid TOML" in err
@@ -150,3 +160,19 @@ def test_ctrl_c_keeps_finished_modes_and_marks_the_report_partial(tmp_path):
     assert [m["name"] for m in report["modes"]] == ["single"]
     assert "partial" in (out / "report.md").read_text()
     assert b"Traceback" not in stderr
+
+
+def test_verdict_names_what_failed():
+    from detkit.probe.runner import _summary
+
+    def mode(unique: int, diff: float, divergences: int = 0, failed: int = 0) -> dict:
+        return {"name": "m", "skipped": None, "runs": 4, "failed_runs": failed, "unique_completions": unique,
+                "max_abs_logit_diff": diff, "max_abs_logprob_diff": None, "divergences": [{}] * divergences}
+
+    assert _summary([mode(1, 0.0)])["verdict"].startswith("identical")
+    scores = _summary([mode(1, 0.03125)])
+    assert not scores["invariant"]
+    assert scores["verdict"] == "NOT invariant: scores differ from the reference by up to 0.03125 (tokens identical)"
+    tokens = _summary([mode(2, 0.5, divergences=1), mode(1, 0.0, failed=1)])["verdict"]
+    assert "1 run(s) diverge" in tokens and "up to 2 distinct completions" in tokens and "1 run(s) failed" in tokens
+    assert "tokens identical" not in tokens

@@ -57,6 +57,9 @@ def test_linear_is_batch_variant_on_this_cpu_and_every_b_ge_2_is_flagged() -> No
     assert err.result.worst_ulp is not None and err.result.worst_ulp >= 1
     first = err.result.detail["first_difference"]
     assert first["batch_size"] >= 2 and 0 <= first["position"] < first["batch_size"]
+    # the report keeps the first mismatching elements, not only the message's table
+    mismatches = first["diff"]["first_mismatches"]
+    assert mismatches and all(m["a_bits"] != m["b_bits"] for m in mismatches)
 
 
 def test_failure_message_says_what_differs_where_and_what_to_try() -> None:
@@ -76,7 +79,7 @@ def test_failure_message_says_what_differs_where_and_what_to_try() -> None:
 @given(
     rows=st.integers(1, 6),
     cols=st.integers(1, 33),
-    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4).filter(lambda s: max(s) >= 2),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
     dim=st.sampled_from([0, 1]),
     positions=st.sampled_from(["random", "all", [0, -1]]),
@@ -222,6 +225,9 @@ def test_out_dim_and_bad_outputs() -> None:
         ({"dim": 2}, "out of range"),
         ({"other": torch.zeros(3, 5)}, "does not match x"),
         ({"other": torch.zeros(0, 4)}, "no rows"),
+        # a check that compares nothing must not pass
+        ({"batch_sizes": [1]}, "compares rows only with themselves"),
+        ({"batch_sizes": [8, 64], "positions": [99]}, "nothing was compared"),
     ],
 )
 def test_bad_arguments_raise_input_errors(kwargs: dict[str, object], match: str) -> None:
@@ -451,3 +457,14 @@ def test_generation_arguments(tiny_llama: torch.nn.Module) -> None:
         T.assert_generation_invariant(tiny_llama, "hello", max_new_tokens=1)
     with pytest.raises(InputError, match="2-D integer"):
         T.assert_generation_invariant(tiny_llama, torch.zeros(3), max_new_tokens=1)
+
+
+def test_another_dtype_or_shape_is_named_as_such_not_as_ulp_distance() -> None:
+    for check, error in ((T.assert_ulp_close, T.UlpMismatch), (T.assert_bitwise_equal, T.BitwiseMismatch)):
+        for actual, expected, what in ((torch.ones(2), torch.ones(1), "float32[2] but expected is float32[1]"),
+                                       (torch.ones(2), torch.ones(2, dtype=torch.float64), "but expected is float64[2]")):
+            with pytest.raises(error) as info:
+                check(actual, expected)
+            text = str(info.value)
+            assert "1 of 1 outputs have another dtype or shape than expected" in text and what in text
+            assert "compare like with like" in text and "raise max_ulp" not in text

@@ -86,6 +86,8 @@ class AuditConfig:
             raise InputError(f"--runs must be at least 2 to compare runs, got {self.runs}")
         if self.device not in ("cpu", "cuda"):
             raise InputError(f"unknown device {self.device!r}; use cpu or cuda")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**31 - 1:
+            raise InputError(f"--seed must be an integer from 0 to 2147483647, got {self.seed!r}")
         if self.hidden < 16 or self.hidden > 65536:
             raise InputError(f"--hidden must be between 16 and 65536, got {self.hidden}")
         for check in self.fail_on:

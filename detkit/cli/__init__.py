@@ -9,17 +9,47 @@ them. Exit codes: 0 all requested checks passed, 1 a check failed (``--fail-on``
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from pathlib import Path
 
 import typer
 
-from detkit.errors import DetkitError
+from detkit.errors import DetkitError, InputError
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 
 _COMMAND_MODULES = ("env", "kernels", "audit", "report", "probe")
+
+
+def output_dir(out: Path, option: str = "--out") -> Path:
+    """Create ``out`` (and its parents) before a long run, or say why it cannot be used."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{option} {out} is a file; pass a directory (report.json, .md and .html go inside)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{option} {out}: cannot create this directory ({e.strerror}: {e.filename}); "
+                         "pass a directory you can write to") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {out}: the directory is not writable; pass a directory you can write to")
+    return out
+
+
+def output_file(out: Path, option: str = "--out") -> Path:
+    """Check that a file can be written at ``out`` (its parents are created)."""
+    if out.is_dir():
+        raise InputError(f"{option} {out} is a directory; pass a file path inside it")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"{option} {out}: {parent} is a file, not a directory; pass a file path in a directory")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{option} {out}: cannot create its directory ({e.strerror}); pass a path you can write to") from e
+    return out
 
 app = typer.Typer(
     name="detkit",
@@ -58,8 +88,10 @@ def main() -> None:
         app()
     except DetkitError as err:
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        # escape: paths and TOML keys ("[[prompts]]") must not be read as rich markup
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from detkit.cli import EXIT_CHECK_FAILED
-from detkit.errors import InputError
+from detkit.cli import EXIT_CHECK_FAILED, output_dir
 
 if TYPE_CHECKING:  # pragma: no cover - torch is imported only when a command runs
     from rich.console import Console
@@ -86,8 +85,8 @@ def audit(
             console.print(f"[bold]{check:30}[/] {escape(text)}", soft_wrap=True)
         return
 
-    if out is not None and out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; pass a directory (report.json, .md and .html go inside)")
+    if out is not None:
+        output_dir(out)
     cfg = AuditConfig(
         ops=tuple(_split(ops)) or AuditConfig.ops,
         impls=tuple(parse_impls(impl)),
@@ -171,6 +170,13 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
     console.print()
     for line in summary["advice"]:
         console.print(f"- {line}", markup=False, soft_wrap=True)
+    errors = report.get("errors") or []
+    if errors:  # the advice points here; the full tracebacks are in report.json
+        console.print(f"\nerrors ({len(errors)}):", markup=False)
+        for e in errors[:10]:
+            console.print(f"  {e['where']}: {e['error'].splitlines()[0]}", markup=False, soft_wrap=True)
+        if len(errors) > 10:
+            console.print(f"  ... {len(errors) - 10} more (report.json)", markup=False)
     if out is not None:
         console.print(f"\nreport: {out / 'report.json'} (+ report.md, report.html)", markup=False, soft_wrap=True)
     if partial:

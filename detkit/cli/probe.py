@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from detkit.cli import EXIT_CHECK_FAILED
+from detkit.cli import EXIT_CHECK_FAILED, output_dir
 from detkit.errors import BackendUnavailable, InputError
 
 INTERRUPTED = 130
@@ -98,6 +99,8 @@ def probe(
 
     console = Console(stderr=json_out, highlight=False)
     err_console = Console(stderr=True, highlight=False)
+    if out is not None:
+        output_dir(out)  # before loading a model: a bad --out fails in a second
     suite = load_suite(suite_file) if suite_file is not None else default_suite()
     overrides: dict[str, Any] = {}
     if modes is not None:
@@ -143,7 +146,7 @@ def probe(
         engine.close()
         if out is not None:
             _render_files(out)
-            err_console.print(f"[yellow]interrupted:[/] finished modes kept in {report_path} (status partial)")
+            err_console.print(f"[yellow]interrupted:[/] finished modes kept in {escape(str(report_path))} (status partial)")
         else:
             err_console.print("[yellow]interrupted[/] (no --out given, nothing kept)")
         raise typer.Exit(INTERRUPTED)
@@ -155,8 +158,10 @@ def probe(
     else:
         _print_table(console, report)
         if out is not None:
-            console.print(f"report: {out / 'report.json'}, {out / 'report.md'}, {out / 'report.html'}")
+            console.print(f"report: {out / 'report.json'}, {out / 'report.md'}, {out / 'report.html'}", markup=False)
     if fail_on_divergence and not report["summary"]["invariant"]:
+        err_console.print(f"--fail-on-divergence: exit {EXIT_CHECK_FAILED}: {report['summary']['verdict']}",
+                          markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
@@ -196,7 +201,7 @@ def _run(engine: Any, suite: Any, config: dict[str, Any], report_path: Path | No
     from detkit.probe.runner import run_probe, total_work
 
     for note in engine.notes:
-        err.print(f"[yellow]note:[/] {note}")
+        err.print(f"[yellow]note:[/] {escape(note)}")
     seen = len(engine.notes)
     with Progress(
         TextColumn("[bold]probe[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -208,7 +213,7 @@ def _run(engine: Any, suite: Any, config: dict[str, Any], report_path: Path | No
             nonlocal seen
             progress.update(task, advance=1, description=label)
             for note in engine.notes[seen:]:
-                progress.console.print(f"[yellow]note:[/] {note}")
+                progress.console.print(f"[yellow]note:[/] {escape(note)}")
             seen = len(engine.notes)
 
         return run_probe(engine, suite, seed=suite.seed, config=config, out=report_path, advance=advance)
@@ -268,11 +273,11 @@ def _print_table(console: Any, report: dict[str, Any]) -> None:
     )
     for m in report["modes"]:
         if m["skipped"]:
-            console.print(f"[yellow]skipped {m['name']}:[/] {m['skipped']}")
+            console.print(f"[yellow]skipped {escape(m['name'])}:[/] {escape(m['skipped'])}")
     for note in report.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     colour = "green" if report["summary"]["invariant"] else "red"
-    console.print(f"[{colour}]{report['summary']['verdict']}[/]")
+    console.print(f"[{colour}]{escape(report['summary']['verdict'])}[/]")
 
 
 def register(app: typer.Typer) -> None:

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from detkit.cli import output_file
+
 
 class Format(str, Enum):
     md = "md"
@@ -81,10 +83,11 @@ def report(
     from detkit.report import load_report
 
     data = load_report(path / "report.json" if path.is_dir() else path)
+    if out is not None:
+        output_file(out)
     rendered = render(data, fmt)
     if isinstance(rendered, str):
         if out is not None:
-            out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(rendered)
         else:
             typer.echo(rendered, nl=False)
@@ -94,7 +97,7 @@ def report(
     console.print(rendered)
     if data.get("kind") == "audit":
         for line in (data.get("summary") or {}).get("advice", []):
-            console.print(f"- {line}", highlight=False)
+            console.print(f"- {line}", highlight=False, markup=False)
     if out is not None:
         out.write_text(console.export_text())
 

@@ -166,7 +166,7 @@ class HFEngine:
         mode: Callable[[], ContextManager[Any]] | None = None,
     ) -> None:
         if top_k < 2:
-            raise InputError(f"top_k must be >= 2 (the margin needs the top-2 logit), got {top_k}")
+            raise InputError(f"--top-k must be >= 2 (the margin needs the top-2 logit), got {top_k}")
         self.model = model
         self.tokenizer = tokenizer
         self.top_k = top_k

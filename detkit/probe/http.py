@@ -73,10 +73,13 @@ class HTTPEngine:
         parsed = urllib.parse.urlparse(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InputError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, got {endpoint!r}")
-        if timeout <= 0 or retries < 0 or backoff < 0:
-            raise InputError("timeout must be > 0, retries and backoff >= 0")
+        if timeout <= 0:
+            raise InputError(f"--timeout must be > 0 seconds, got {timeout}")
+        if retries < 0 or backoff < 0:
+            raise InputError(f"--retries and the backoff must be >= 0, got {retries} and {backoff}")
         if not 1 <= top_logprobs <= 20:
-            raise InputError(f"top_logprobs must be between 1 and 20, got {top_logprobs}")
+            raise InputError(f"--top-k (top_logprobs) must be between 1 and 20 for an endpoint (the OpenAI API "
+                             f"limit), got {top_logprobs}")
         base = endpoint.rstrip("/")
         self.base = base[: -len("/completions")] if base.endswith("/completions") else base
         self.timeout = timeout

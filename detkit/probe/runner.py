@@ -35,6 +35,15 @@ def _summary(modes: list[dict[str, Any]]) -> dict[str, Any]:
     diverging = sum(len(m["divergences"]) for m in ran)
     failed = sum(m["failed_runs"] for m in ran)
     invariant = bool(ran) and all(u == 1 for u in unique) and all(d == 0 for d in diffs) and failed == 0
+    # Say which criterion failed: scores can differ while every token agrees.
+    reasons = [text for bad, text in (
+        (not ran, "no mode ran"),
+        (diverging > 0, f"{diverging} run(s) diverge from the reference in tokens"),
+        (any(u > 1 for u in unique), f"up to {max(unique, default=0)} distinct completions of one prompt"),
+        (any(d != 0 for d in diffs), f"scores differ from the reference by up to {max(diffs, default=0)}"
+                                     f"{' (tokens identical)' if diverging == 0 else ''}"),
+        (failed > 0, f"{failed} run(s) failed"),
+    ) if bad]
     return {
         "modes_run": [m["name"] for m in ran],
         "modes_skipped": {m["name"]: m["skipped"] for m in modes if m["skipped"] is not None},
@@ -44,12 +53,8 @@ def _summary(modes: list[dict[str, Any]]) -> dict[str, Any]:
         "max_unique_completions": max(unique) if unique else None,
         "max_abs_score_diff": max(diffs) if diffs else None,
         "invariant": invariant,
-        "verdict": (
-            "identical to the reference in every mode (tokens and scores)"
-            if invariant
-            else f"{diverging} diverging run(s); max unique completions {max(unique) if unique else 'n/a'}; "
-            f"max |delta score| {max(diffs) if diffs else 'n/a'}"
-        ),
+        "verdict": ("identical to the reference in every mode (tokens and scores)" if invariant
+                    else "NOT invariant: " + "; ".join(reasons)),
     }
 
 
