@@ -62,6 +62,15 @@ def test_json_on_stdout_and_exit_0_without_fail_on() -> None:
     assert data["summary"]["advice"]
 
 
+def test_a_name_given_twice_runs_once() -> None:
+    proc = detkit("audit", "--ops", "sum,sum", "--impl", "torch,torch", "--dtype", "float32,float32",
+                  "--batch-sizes", "1,2", "--runs", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["config"]["dtypes"] == ["float32"]
+    assert [(r["op"], r["impl"], r["dtype"]) for r in data["results"] if r["record"] == "op"] == [("sum", "torch", "float32")]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -89,6 +89,7 @@ def test_shipped_suites_load(name):
         (["--modes", "single,bogus"], "unknown mode"),
         (["--concurrency", "1,8"], "--concurrency applies to --endpoint"),
         (["--batch-sizes", "1,x"], "comma-separated positive integers"),
+        (["--batch-sizes", "1,100000"], "--batch-sizes: batch sizes (and concurrency) must be at most 4096"),
         (["--endpoint", "http://127.0.0.1:9/v1", "--batch-invariant"], "server needs them on its side"),
         (["--endpoint", "http://127.0.0.1:9/v1", "--retries", "0"], "cannot reach"),
         (["--dtype", "int8"], "--dtype must be one of"),

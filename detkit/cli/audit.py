@@ -90,7 +90,7 @@ def audit(
     cfg = AuditConfig(
         ops=tuple(_split(ops)) or AuditConfig.ops,
         impls=tuple(parse_impls(impl)),
-        dtypes=tuple(_split(dtype)),
+        dtypes=tuple(dict.fromkeys(_split(dtype))),  # once each, as --ops and --impl
         batch_sizes=(parse_batch_sizes(batch_sizes) if batch_sizes is not None
                      else CUDA_BATCH_SIZES if device == "cuda" else DEFAULT_BATCH_SIZES),
         runs=runs,

@@ -42,7 +42,8 @@ def _print(rows: list[dict[str, Any]], target: str, resources: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    console = Console()
+    # Never squeeze the table below its natural width (a pipe gets 80 columns by default).
+    console = Console(width=max(Console().width, 120))
     compilers = sorted({r["compiler"] for r in rows})
     from detkit.kernels import cuda_loader
 

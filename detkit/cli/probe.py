@@ -125,8 +125,15 @@ def probe(
     batch = suite.batch
     if sizes_text is not None:
         option = "--concurrency" if endpoint is not None else "--batch-sizes"
-        batch = dataclasses.replace(batch, sizes=_ints(sizes_text, option))
-    suite = dataclasses.replace(suite, batch=batch, **overrides)
+        sizes = _ints(sizes_text, option)
+        try:
+            batch = dataclasses.replace(batch, sizes=sizes)
+        except ValueError as exc:  # BatchPlan's own checks
+            raise InputError(f"{option}: {exc}") from None
+    try:
+        suite = dataclasses.replace(suite, batch=batch, **overrides)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     engine = _engine(
         model=model, dtype=dtype, attn=attn, device=device, endpoint=endpoint, served_model=served_model, seed=suite.seed,
         top_k=top_k, timeout=timeout, retries=retries, batch_invariant=batch_invariant, portable=portable,

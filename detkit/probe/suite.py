@@ -56,6 +56,9 @@ class Prompt:
             raise ValueError(f"prompt {self.id!r} needs a non-empty text")
 
 
+MAX_BATCH = 4096  # as detkit audit
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     """How batches are varied around the probe prompts."""
@@ -70,6 +73,8 @@ class BatchPlan:
     def __post_init__(self) -> None:
         if not self.sizes or any(not isinstance(s, int) or s < 1 for s in self.sizes):
             raise ValueError(f"batch sizes must be positive integers, got {list(self.sizes)}")
+        if max(self.sizes) > MAX_BATCH:  # a typo such as 100000 would otherwise run for hours
+            raise ValueError(f"batch sizes (and concurrency) must be at most {MAX_BATCH}, got {max(self.sizes)}")
         if self.mixed_trials < 1 or self.repeats < 1:
             raise ValueError("mixed_trials and repeats must be >= 1")
         if any(not 0.0 < f < 1.0 for f in self.prefix_fractions):
