@@ -85,8 +85,6 @@ def audit(
             console.print(f"[bold]{check:30}[/] {escape(text)}", soft_wrap=True)
         return
 
-    if out is not None:
-        output_dir(out)
     cfg = AuditConfig(
         ops=tuple(_split(ops)) or AuditConfig.ops,
         impls=tuple(parse_impls(impl)),
@@ -101,6 +99,8 @@ def audit(
         fail_on=parse_fail_on(fail_on),
         impls_explicit=impl is not None,
     )
+    if out is not None:  # after the arguments are checked, before any work
+        output_dir(out)
     code = _run(cfg, out, json_out, console)
     if code:
         raise typer.Exit(code)

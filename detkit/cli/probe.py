@@ -99,8 +99,6 @@ def probe(
 
     console = Console(stderr=json_out, highlight=False)
     err_console = Console(stderr=True, highlight=False)
-    if out is not None:
-        output_dir(out)  # before loading a model: a bad --out fails in a second
     suite = load_suite(suite_file) if suite_file is not None else default_suite()
     overrides: dict[str, Any] = {}
     if modes is not None:
@@ -134,6 +132,8 @@ def probe(
         suite = dataclasses.replace(suite, batch=batch, **overrides)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    if out is not None:
+        output_dir(out)  # before loading a model: a bad --out fails in a second
     engine = _engine(
         model=model, dtype=dtype, attn=attn, device=device, endpoint=endpoint, served_model=served_model, seed=suite.seed,
         top_k=top_k, timeout=timeout, retries=retries, batch_invariant=batch_invariant, portable=portable,
