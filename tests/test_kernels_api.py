@@ -169,11 +169,21 @@ def test_nan_and_inf_propagate_like_torch() -> None:
         assert torch.equal(torch.isinf(ours) & (ours > 0), torch.isinf(theirs) & (theirs > 0))
 
 
-def test_requires_grad_inputs_work_forward_only() -> None:
+def test_requires_grad_inputs_work_forward_only_and_say_so() -> None:
+    """The kernels are forward only; a silently missing gradient (the result summed with
+    other terms) would be worse than a warning. Under no_grad, or detached, nothing is said."""
+    import warnings
+
     w = x32(5, 3).requires_grad_()
-    out = kernels.matmul(x32(2, 5), w)
+    with pytest.warns(UserWarning, match=r"detkit.kernels.matmul: b requires grad, but detkit.kernels are forward only"):
+        out = kernels.matmul(x32(2, 5), w)
     assert not out.requires_grad
     assert out.shape == (2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            kernels.matmul(x32(2, 5), w)
+        kernels.softmax(w.detach())
 
 
 def test_sparse_input_is_rejected() -> None:
@@ -194,3 +204,4 @@ def test_rms_norm_default_eps_is_torch_default() -> None:
     x = x32(3, 16) * 1e-4
     want = F.rms_norm(x.double(), (16,), eps=torch.finfo(torch.float32).eps)
     assert torch.allclose(kernels.rms_norm(x).double(), want, rtol=1e-6)
+

@@ -10,13 +10,15 @@ the stronger guarantee of identical bits on every device (a separate backend).
 
 This module validates input and reshapes it into the backend contract described in
 ``detkit.kernels._backend``; the backend is chosen by the tensors' device type and the
-``portable`` flag, never by the batch size. Forward only (no autograd).
+``portable`` flag, never by the batch size. Forward only (no autograd; an input that
+requires grad, with grad enabled, gives a warning: the result carries no gradient).
 """
 
 from __future__ import annotations
 
 import builtins
 import math
+import warnings
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -68,6 +70,15 @@ def _check(x: object, name: str, fn: str) -> torch.Tensor:
         raise InputError(
             f"{fn}: {name} is {kind} {x.dtype} tensor; detkit kernels take float32, bfloat16, "
             "float16 or float64. Convert it first, e.g. x.float()."
+        )
+    if x.requires_grad and torch.is_grad_enabled():
+        # A missing gradient would be silent when the result is summed with other terms.
+        warnings.warn(
+            f"detkit.kernels.{fn}: {name} requires grad, but detkit.kernels are forward only: the result carries "
+            "no gradient. Call them under torch.no_grad() (or on .detach()ed tensors), or use "
+            "detkit.batch_invariant(), which keeps torch's autograd.",
+            UserWarning,
+            stacklevel=3,
         )
     return x.detach()
 
