@@ -80,12 +80,15 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")
 
 
+KINDS: tuple[str, ...] = ("audit", "probe", "pytest")
+
+
 class ReportWriter:
     """Accumulates a report in memory and keeps ``path`` (if given) always valid on disk."""
 
     def __init__(self, kind: str, config: dict[str, Any], path: Path | str | None = None) -> None:
-        if kind not in {"audit", "probe", "pytest"}:
-            raise ValueError(f"unknown report kind {kind!r}; expected audit, probe or pytest")
+        if kind not in KINDS:
+            raise ValueError(f"unknown report kind {kind!r}; expected {', '.join(KINDS)}")
         from detkit import __version__
 
         self.path = Path(path) if path is not None else None
@@ -143,4 +146,7 @@ def load_report(path: Path | str) -> dict[str, Any]:
             f"{p} has schema_version {data.get('schema_version')}, newer than this detkit "
             f"understands ({SCHEMA_VERSION}); upgrade detkit"
         )
+    if data.get("kind") not in KINDS:
+        raise ReportError(f"{p} has report kind {data.get('kind')!r}, which this detkit cannot render "
+                          f"(it knows {', '.join(KINDS)})")
     return data

@@ -173,6 +173,10 @@ def test_report_errors(tmp_path: Path) -> None:
     assert wrong.returncode == 2 and "not a detkit report" in wrong.stderr
     bad_format = detkit("report", str(other), "--format", "pdf")
     assert bad_format.returncode == 2
+    saved_json = json.loads((Path(__file__).resolve().parent.parent / "reports" / "cpu-audit" / "report.json").read_text())
+    (tmp_path / "odd.json").write_text(json.dumps({**saved_json, "kind": "benchmark"}))
+    odd = detkit("report", str(tmp_path / "odd.json"))
+    assert odd.returncode == 2 and "report kind 'benchmark'" in odd.stderr and "Traceback" not in odd.stderr
     # --out must be a writable file path: a directory, or a path under a file, is exit 2 without a traceback
     saved = Path(__file__).resolve().parent.parent / "reports" / "cpu-audit"
     for out, message in ((tmp_path, "is a directory"), (other / "x.md", "is a file, not a directory")):
@@ -256,16 +260,19 @@ def test_a_hard_crash_leaves_a_readable_incomplete_report(tmp_path: Path) -> Non
     assert md.returncode == 0 and "INCOMPLETE" in md.stdout and "| sum |" in md.stdout
 
 
-def test_report_renders_other_kinds_generically(
+def test_report_renders_every_kind_it_accepts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from detkit.cli import main
-    from detkit.report import ReportWriter
+    from detkit.cli.report import RENDERERS
+    from detkit.report import KINDS, ReportWriter
 
-    writer = ReportWriter("pytest", {"tests": 2}, tmp_path / "report.json")
-    writer.add_result({"test": "test_mm", "outcome": "passed"})
-    writer.finish({"passed": 1})
-    for fmt, needle in (("md", "detkit pytest report"), ("html", "<!DOCTYPE html>")):
+    assert set(RENDERERS) == set(KINDS)
+    writer = ReportWriter("pytest", {"mode": "off", "args": []}, tmp_path / "report.json")
+    writer.add_result({"type": "check", "test": "t.py::test_mm", "check": "batch_invariant", "name": "mm",
+                       "verdict": "PASS", "passed": True, "worst_ulp": 0, "detail": {}})
+    writer.finish({"checks": 1, "passed": 1, "failed": 0, "verdicts": {"PASS": 1}})
+    for fmt, needle in (("md", "detkit pytest report"), ("html", "<!DOCTYPE html>"), ("table", "Checks (1)")):
         monkeypatch.setattr(sys, "argv", ["detkit", "report", str(tmp_path), "--format", fmt])
         with pytest.raises(SystemExit) as exc:
             main()

@@ -13,6 +13,7 @@ import pytest
 # Imported here so that pytester's in-process runs (which drop modules first imported
 # inside them) reuse them instead of importing torch, the mode or transformers again.
 import torch  # noqa: F401
+import torch._dynamo  # noqa: F401  (the mode sets the compiler's stance; its modules register torch libraries once)
 import detkit._testing_deterministic  # noqa: F401
 import detkit._testing_fixture  # noqa: F401
 import detkit._testing_generation  # noqa: F401
@@ -162,6 +163,16 @@ def test_report_file(pytester: pytest.Pytester) -> None:
     assert (summary["checks"], summary["passed"], summary["failed"]) == (3, 1, 2)
     assert summary["verdicts"] == {"PASS": 1, "NONDETERMINISTIC": 2} and summary["exitstatus"] == 1
     result.stdout.fnmatch_lines(["detkit: 3 checks in 2 tests: *; report out/report.json"])
+    # `detkit report` renders it as tables (failures first), not as JSON lines
+    from detkit._testing_render import to_html, to_markdown
+
+    md = to_markdown(report)
+    assert "2 failed (2 NONDETERMINISTIC, 1 PASS)" in md and "pytest exit status 1" in md
+    rows = [line for line in md.splitlines() if line.startswith("| test_")]
+    assert [r.split(" | ")[3] for r in rows[:3]] == ["NONDETERMINISTIC", "NONDETERMINISTIC", "PASS"]
+    assert "| test_checks | logits | " in md and record["outputs"][0]["sha256"][:12] in md
+    page = to_html(report)
+    assert page.count("<table>") == 2 and "NONDETERMINISTIC" in page and "{" not in page.split("<body>")[1]
 
 
 def test_report_path_that_cannot_be_written_is_a_usage_error(pytester: pytest.Pytester) -> None:

@@ -21,38 +21,18 @@ class Format(str, Enum):
     json = "json"
 
 
-def _generic_markdown(report: dict[str, Any]) -> str:
-    """Fallback for report kinds without their own renderer: header, summary, records."""
-    lines = [f"# detkit {report.get('kind')} report", "", f"- status: **{report.get('status')}**",
-             f"- created: {report.get('created')}", "", "## Summary", "", "```json",
-             json.dumps(report.get("summary", {}), indent=2), "```", "",
-             f"## Results ({len(report.get('results', []))})", ""]
-    lines += [f"- `{json.dumps(r, sort_keys=True)[:300]}`" for r in report.get("results", [])]
-    if report.get("errors"):
-        lines += ["", "## Errors", ""] + [f"- {e['where']}: {e['error'].splitlines()[0]}" for e in report["errors"]]
-    return "\n".join(lines) + "\n"
-
-
-def _generic_html(report: dict[str, Any]) -> str:
-    import html
-
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>detkit report</title></head>"
-            f"<body><pre>{html.escape(_generic_markdown(report))}</pre></body></html>\n")
-
-
-# kind -> (module, Markdown renderer, HTML renderer); a kind not listed gets the generic view
+# kind -> (module, Markdown renderer, HTML renderer): every kind detkit.report accepts
 RENDERERS: dict[str, tuple[str, str, str]] = {
     "audit": ("detkit.audit.render", "to_markdown", "to_html"),
     "probe": ("detkit.probe.render", "render_markdown", "render_html"),
+    "pytest": ("detkit._testing_render", "to_markdown", "to_html"),
 }
 
 
 def _renderers(kind: str) -> tuple[Callable[[dict[str, Any]], str], Callable[[dict[str, Any]], str]]:
-    if kind in RENDERERS:
-        module_name, md, page = RENDERERS[kind]
-        module = importlib.import_module(module_name)
-        return getattr(module, md), getattr(module, page)
-    return _generic_markdown, _generic_html
+    module_name, md, page = RENDERERS[kind]  # load_report has checked the kind
+    module = importlib.import_module(module_name)
+    return getattr(module, md), getattr(module, page)
 
 
 def render(report: dict[str, Any], fmt: Format) -> str | Any:
