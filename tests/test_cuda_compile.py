@@ -488,11 +488,14 @@ def test_cli_check_table_names_the_compiler(results: dict) -> None:
     assert "compiler:" in out.output and "matmul.cu" in out.output
 
 
-def test_cli_rejects_bad_arch() -> None:
+def test_cli_rejects_bad_arch(compiler: str) -> None:
     from detkit.cli import app
 
     out = CliRunner().invoke(app, ["kernels", "check", "--arch", "sm_9"])
     assert isinstance(out.exception, InputError) and "sm_9" in str(out.exception)
+    # well formed but unknown to the compiler: bad input (exit 2), not five failed checks
+    out = CliRunner().invoke(app, ["kernels", "check", "--arch", "sm_99"])
+    assert isinstance(out.exception, InputError) and "cannot compile for sm_99" in str(out.exception)
 
 
 def test_backend_explains_why_it_is_unavailable() -> None:

@@ -547,6 +547,18 @@ def _check_unit(name: str, target: str, compiler: str | None, desc: str) -> Chec
     return CheckResult(name, target, desc, True, time.perf_counter() - t0, entries, resources=resources, notes=notes)
 
 
+def _check_known_arch(which: str, arch: str, desc: str) -> None:
+    """An architecture the compiler does not know is bad input, not a failed check."""
+    try:
+        _run_compiler(which, 'extern "C" __global__ void detkit_arch_probe() {}\n', "arch_probe.cu",
+                      [f"--gpu-architecture={arch}"], "ptx")
+    except CompileError as err:
+        if "architecture" not in str(err).lower():
+            raise
+        raise InputError(f"{desc} cannot compile for {arch}: it does not know that architecture "
+                         f"(detkit checks {', '.join(DEFAULT_CHECK_ARCHS)} by default)") from None
+
+
 def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
               compiler: str | None = None, files: tuple[str, ...] = KERNEL_FILES,
               workers: int | None = None) -> list[CheckResult]:
@@ -562,7 +574,7 @@ def check_all(archs: tuple[str, ...] | list[str] = DEFAULT_CHECK_ARCHS, *,
     which = _pick_compiler(compiler)
     desc = compiler_description(which)
     for arch in archs:
-        _check_arch(arch)
+        _check_known_arch(which, _check_arch(arch), desc)
 
     def one(job: tuple[str, str]) -> CheckResult:
         return _check_unit(job[1], job[0], which, desc)
