@@ -26,11 +26,11 @@ def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _first_difference(detail: dict[str, Any]) -> str:
     first = detail.get("first_difference")
-    if not first:
+    if not isinstance(first, dict):
         return ""
     names = {"row": "row", "prompt": "prompt", "position": "position", "batch_size": "batch of",
              "token_divergence_step": "tokens diverge at step", "logits_first_differ_step": "logits differ at step"}
-    where = [f"{label} {first[k]}" for k, label in names.items() if isinstance(first, dict) and first.get(k) is not None]
+    where = [f"{label} {first[k]}" for k, label in names.items() if first.get(k) is not None]
     if "runs_differing" in detail:  # assert_deterministic
         where.append(f"runs {detail['runs_differing']} differ from run 1")
     return ", ".join(where)

@@ -574,8 +574,11 @@ def _pairwise(
     return len(la), failing, texts, _worst(ulps), details, kind
 
 
-def _kind_headline(status: str, label: str, kind: int, total: int) -> str:
-    return f"{status}: {label}: {kind} of {total} outputs have another dtype or shape than expected."
+def _pair_message(status: str, label: str, kind: int, total: int, headline: str, texts: list[str], hint: str) -> str:
+    """The failure message of a pairwise check; another dtype or shape gets its own headline and hint."""
+    if kind:
+        headline, hint = f"{kind} of {total} outputs have another dtype or shape than expected.", HINT_KIND
+    return "\n".join([f"{status}: {label}: {headline}", *texts, hint])
 
 
 def assert_bitwise_equal(actual: Any, expected: Any, *, name: str | None = None) -> CheckResult:
@@ -586,12 +589,9 @@ def assert_bitwise_equal(actual: Any, expected: Any, *, name: str | None = None)
     detail = {"outputs": total, "outputs_differing": failing, "differences": details}
     if not failing:
         return _finish(CheckResult("bitwise_equal", "PASS", 0, label, detail, f"{label}: bitwise equal"), None)
-    if kind:
-        message = "\n".join([_kind_headline("MISMATCH", label, kind, total), *texts, HINT_KIND])
-    else:
-        message = "\n".join(
-            [f"MISMATCH: {label}: {failing} of {total} outputs differ bitwise; worst ULP {'-' if worst is None else worst}.", *texts, HINT_BITWISE]
-        )
+    message = _pair_message("MISMATCH", label, kind, total,
+                            f"{failing} of {total} outputs differ bitwise; worst ULP {'-' if worst is None else worst}.",
+                            texts, HINT_BITWISE)
     return _finish(CheckResult("bitwise_equal", "MISMATCH", worst, label, detail, message), BitwiseMismatch)
 
 
@@ -610,17 +610,9 @@ def assert_ulp_close(actual: Any, expected: Any, max_ulp: int = 2, *, name: str 
     if not failing:
         message = f"{label}: within {max_ulp} ULP (worst {worst})"
         return _finish(CheckResult("ulp_close", "PASS", worst, label, detail, message), None)
-    if kind:
-        message = "\n".join([_kind_headline("ULP-EXCEEDED", label, kind, total), *texts, HINT_KIND])
-    else:
-        message = "\n".join(
-            [
-                f"ULP-EXCEEDED: {label}: {failing} of {total} outputs are more than {max_ulp} ULP from "
-                f"the expected values; worst ULP {'-' if worst is None else worst}.",
-                *texts,
-                HINT_ULP,
-            ]
-        )
+    message = _pair_message("ULP-EXCEEDED", label, kind, total,
+                            f"{failing} of {total} outputs are more than {max_ulp} ULP from the expected values; "
+                            f"worst ULP {'-' if worst is None else worst}.", texts, HINT_ULP)
     return _finish(CheckResult("ulp_close", "ULP-EXCEEDED", worst, label, detail, message), UlpMismatch)
 
 

@@ -549,9 +549,9 @@ def _check_unit(name: str, target: str, compiler: str | None, desc: str) -> Chec
 
 def _check_known_arch(which: str, arch: str, desc: str) -> None:
     """An architecture the compiler does not know is bad input, not a failed check."""
-    try:
-        _run_compiler(which, 'extern "C" __global__ void detkit_arch_probe() {}\n', "arch_probe.cu",
-                      [f"--gpu-architecture={arch}"], "ptx")
+    try:  # compile_source caches the probe, so repeated checks compile it once
+        compile_source('extern "C" __global__ void detkit_arch_probe() {}\n', "arch_probe.cu", arch,
+                       output="ptx", compiler=which)
     except CompileError as err:
         if "architecture" not in str(err).lower():
             raise
