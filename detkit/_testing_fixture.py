@@ -12,7 +12,7 @@ from detkit.errors import InputError
 
 
 class DetkitFixture:
-    """detkit.testing's assertions, plus ``record`` and ``check_generation``.
+    """detkit.testing's assertions, plus ``record``, ``check_generation`` and ``check_sampler_trainer``.
 
     Every check made through it (or through ``detkit.testing`` directly) is recorded by
     the plugin: terminal summary and ``--detkit-report``. ``record(name, value)`` keeps a
@@ -58,6 +58,28 @@ class DetkitFixture:
         __tracebackhide__ = True
         return T.assert_generation_invariant(
             model, prompts_or_input_ids, batch_sizes, max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed, name=name
+        )
+
+    def check_sampler_trainer(
+        self,
+        model: Any,
+        prompts_or_input_ids: Any,
+        *,
+        max_new_tokens: int = 8,
+        sampler_batch_size: int | None = None,
+        trainer_batch_sizes: Sequence[int] = (1, 3),
+        padding_side: str = "right",
+        train: bool = True,
+        tokenizer: Any = None,
+        seed: int = 0,
+        name: str | None = None,
+    ) -> T.CheckResult:
+        """The trainer's forward vs the sampler's logits: see ``assert_trainer_matches_sampler``."""
+        __tracebackhide__ = True
+        return T.assert_trainer_matches_sampler(
+            model, prompts_or_input_ids, max_new_tokens=max_new_tokens, sampler_batch_size=sampler_batch_size,
+            trainer_batch_sizes=trainer_batch_sizes, padding_side=padding_side, train=train, tokenizer=tokenizer,
+            seed=seed, name=name,
         )
 
     def batch_invariant(self, portable: bool = False) -> AbstractContextManager[Any]:

@@ -28,7 +28,7 @@ def _first_difference(detail: dict[str, Any]) -> str:
     first = detail.get("first_difference")
     if not isinstance(first, dict):
         return ""
-    names = {"row": "row", "prompt": "prompt", "position": "position", "batch_size": "batch of",
+    names = {"row": "row", "prompt": "prompt", "step": "step", "position": "position", "batch_size": "batch of",
              "token_divergence_step": "tokens diverge at step", "logits_first_differ_step": "logits differ at step"}
     where = [f"{label} {first[k]}" for k, label in names.items() if first.get(k) is not None]
     if "runs_differing" in detail:  # assert_deterministic

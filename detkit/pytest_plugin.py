@@ -84,7 +84,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def detkit(request: pytest.FixtureRequest) -> Any:
-    """detkit.testing's assertions plus ``record(name, value)`` and ``check_generation(...)``;
+    """detkit.testing's assertions plus ``record(name, value)``, ``check_generation(...)`` and
+    ``check_sampler_trainer(...)``;
     every check is listed in the detkit summary and the --detkit-report file."""
     from detkit._testing_fixture import DetkitFixture
 

@@ -45,10 +45,11 @@ __all__ = [
     "assert_bitwise_equal",
     "assert_deterministic",
     "assert_generation_invariant",
+    "assert_trainer_matches_sampler",
     "assert_ulp_close",
 ]
 
-CHECKS = ("batch_invariant", "deterministic", "bitwise_equal", "ulp_close", "generation")
+CHECKS = ("batch_invariant", "deterministic", "bitwise_equal", "ulp_close", "generation", "sampler_trainer")
 VERDICTS = ("PASS", "BATCH-VARIANT", "NONDETERMINISTIC", "MISMATCH", "ULP-EXCEEDED")
 
 DEFAULT_BATCH_SIZES = (1, 2, 3, 4, 8, 16, 32)
@@ -644,3 +645,44 @@ def assert_generation_invariant(
         model, prompts, batch_sizes, max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed, name=name
     )
     return _finish(result, BatchVariance if error else None)
+
+
+def assert_trainer_matches_sampler(
+    model: Any,
+    prompts: Any,
+    *,
+    max_new_tokens: int = 8,
+    sampler_batch_size: int | None = None,
+    trainer_batch_sizes: Sequence[int] = (1, 3),
+    padding_side: str = "right",
+    train: bool = True,
+    tokenizer: Any = None,
+    seed: int = 0,
+    name: str | None = None,
+) -> CheckResult:
+    """Assert that a trainer's forward reproduces, bitwise, the logits the sampler generated with.
+
+    The RL check ("true on-policy": sampler-trainer KL exactly 0). The sampler greedily
+    decodes ``max_new_tokens`` tokens for every prompt through the KV cache, in left-padded
+    batches of ``sampler_batch_size`` (default: all prompts in one batch), without
+    autograd, in eval mode. The trainer then scores every prompt + completion with one
+    teacher-forced forward per batch, for each of ``trainer_batch_sizes`` (batches of
+    random composition, ``padding_side``-padded), with autograd recording and, with
+    ``train=True``, in train mode (dropout must be 0). The logits that predicted each
+    completion token must be bitwise equal on both sides. The model's train/eval state is
+    restored afterwards. ``model`` and ``prompts``: as for
+    :func:`assert_generation_invariant`.
+
+    A failure (:class:`BitwiseMismatch`) reports how many steps differ, the sampler-trainer
+    KL (mean and max, nats), the largest gap in the sampled token's log-probability, the
+    worst ULP, per trainer batch size, and the first differing step.
+    """
+    __tracebackhide__ = True
+    from detkit._testing_policy import check_sampler_trainer
+
+    result, error = check_sampler_trainer(
+        model, prompts, max_new_tokens=max_new_tokens, sampler_batch_size=sampler_batch_size,
+        trainer_batch_sizes=trainer_batch_sizes, padding_side=padding_side, train=train,
+        tokenizer=tokenizer, seed=seed, name=name,
+    )
+    return _finish(result, BitwiseMismatch if error else None)

@@ -17,6 +17,7 @@ import torch._dynamo  # noqa: F401  (the mode sets the compiler's stance; its mo
 import detkit._testing_deterministic  # noqa: F401
 import detkit._testing_fixture  # noqa: F401
 import detkit._testing_generation  # noqa: F401
+import detkit._testing_policy  # noqa: F401
 import detkit.mode  # noqa: F401
 import detkit.models  # noqa: F401
 import detkit.testing  # noqa: F401
@@ -378,6 +379,46 @@ def test_fixture_check_generation(pytester: pytest.Pytester) -> None:
         ]
     )
     result.stdout.fnmatch_lines(["test_user.py::test_under_mode * passed * 1 * 1 PASS * 0"])
+
+
+def test_fixture_check_sampler_trainer_is_reported(pytester: pytest.Pytester) -> None:
+    model = detkit.models.load_preset("tiny-llama", attn_implementation="sdpa")
+    pytester.makepyfile(
+        test_user=HEADER
+        + textwrap.dedent(
+            """
+            from detkit.models import build_tokenizer
+
+            PROMPTS = ["Hello", "The quick brown fox", "a"]
+
+            @pytest.mark.batch_invariant
+            def test_on_policy(detkit, model):
+                detkit.check_sampler_trainer(model, PROMPTS, max_new_tokens=3, tokenizer=build_tokenizer())
+
+            def test_off_policy(detkit, model):
+                detkit.check_sampler_trainer(model, PROMPTS, max_new_tokens=3, tokenizer=build_tokenizer())
+            """
+        )
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--detkit-report=r.json", plugins=[_ModelPlugin(model)])
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*MISMATCH: sampler-trainer?LlamaForCausalLM?: 3 prompts x 3 steps, * differ from the sampler's at *",
+            "*First difference: prompt *, completion step *, trainer batch of * at position *, right-padded by *",
+        ]
+    )
+    checks = {r["test"].rsplit("::", 1)[-1]: r for r in load_report(pytester.path / "r.json")["results"] if r["type"] == "check"}
+    assert checks["test_on_policy"]["check"] == "sampler_trainer" and checks["test_on_policy"]["passed"]
+    off = checks["test_off_policy"]
+    assert off["verdict"] == "MISMATCH" and off["detail"]["kl_max"] > 0
+
+    from detkit._testing_render import to_markdown
+
+    text = to_markdown(load_report(pytester.path / "r.json"))
+    step = off["detail"]["first_difference"]["step"]
+    assert f"| test_off_policy | sampler_trainer | sampler-trainer[LlamaForCausalLM] | MISMATCH |" in text
+    assert f"step {step}" in text
 
 
 def test_disabled_with_p_no_detkit(pytester: pytest.Pytester) -> None:

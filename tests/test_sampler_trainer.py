@@ -1,0 +1,210 @@
+"""assert_trainer_matches_sampler: the RL sampler's logits vs the trainer's forward, on real HF models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import detkit
+from detkit import testing as T
+from detkit._testing_policy import _kl_and_logprob_gap, _trainer_batch
+from detkit.errors import InputError
+from detkit.models import build_tokenizer, load_preset
+
+PROMPTS = ["Tell me about Richard Feynman", "hi", "The quick brown fox jumps over", "2+2=", "a"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> torch.nn.Module:
+    return load_preset("tiny-llama", attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    return build_tokenizer()
+
+
+@pytest.mark.parametrize(
+    ("preset", "dtype", "attn", "side", "portable"),
+    [
+        ("tiny-llama", torch.float32, "sdpa", "right", False),
+        ("tiny-llama", torch.bfloat16, "eager", "left", False),
+        ("tiny-qwen2", torch.bfloat16, "sdpa", "right", False),
+        ("tiny-qwen2", torch.float32, "eager", "left", True),
+    ],
+)
+def test_the_trainer_reproduces_the_samplers_logits_under_the_mode(
+    preset: str, dtype: torch.dtype, attn: str, side: str, portable: bool, tokenizer: Any
+) -> None:
+    model = load_preset(preset, dtype=dtype, attn_implementation=attn)
+    with detkit.batch_invariant(portable=portable) as mode:
+        result = T.assert_trainer_matches_sampler(
+            model, PROMPTS, tokenizer=tokenizer, max_new_tokens=6, trainer_batch_sizes=[1, 2, 4], padding_side=side
+        )
+    assert mode.uncovered() == {}, "the check's own arithmetic must not run through the mode"
+    d = result.detail
+    # Every sequence scored once per trainer batch size, plus the random rows that top up the last batch.
+    assert d["steps_compared"] == 6 * (5 + 6 + 8)
+    assert (d["steps_differ"], d["kl_mean"], d["kl_max"], d["max_logprob_gap"]) == (0, 0.0, 0.0, 0.0)
+    assert result.worst_ulp == 0 and "KL 0" in result.message
+
+
+def test_negative_control_without_the_mode_the_trainer_is_off_policy(tiny_llama: torch.nn.Module, tokenizer: Any) -> None:
+    with pytest.raises(T.BitwiseMismatch) as info:
+        T.assert_trainer_matches_sampler(tiny_llama, PROMPTS, tokenizer=tokenizer, max_new_tokens=4)
+    result = info.value.result
+    d = result.detail
+    assert result.check == "sampler_trainer" and result.verdict == "MISMATCH"
+    assert 0 < d["steps_differ"] <= d["steps_compared"] and d["kl_max"] > 0 and d["max_logprob_gap"] > 0
+    assert result.worst_ulp is not None and result.worst_ulp > 0
+    assert set(d["per_trainer_batch_size"]) == {"1", "3"}
+    first = d["first_difference"]
+    assert {"prompt", "step", "batch_size", "position", "padding"} <= set(first)
+    msg = str(info.value)
+    for part in ("MISMATCH: sampler-trainer[LlamaForCausalLM]", "sampler-trainer KL mean", "not on-policy",
+                 "trainer batch  sequences  steps differ", "First difference: prompt", "detkit.batch_invariant()"):
+        assert part in msg
+
+
+class _Calls:
+    """Records how the model is called: grad mode, train flag and batch shape of each forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls: list[tuple[bool, bool, tuple[int, ...]]] = []
+        self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        self.calls.append((torch.is_grad_enabled(), module.training, tuple(kwargs["input_ids"].shape)))
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("start_training", [True, False])
+def test_sampler_and_trainer_run_as_in_rl_and_the_model_state_is_restored(
+    tiny_llama: torch.nn.Module, tokenizer: Any, train: bool, start_training: bool
+) -> None:
+    tiny_llama.train(start_training)
+    rec = _Calls(tiny_llama)
+    try:
+        with detkit.batch_invariant():
+            T.assert_trainer_matches_sampler(tiny_llama, PROMPTS, tokenizer=tokenizer, max_new_tokens=3,
+                                             sampler_batch_size=2, trainer_batch_sizes=[2, 5], train=train)
+    finally:
+        rec.handle.remove()
+    assert tiny_llama.training is start_training
+    tiny_llama.eval()
+    sampler = [c for c in rec.calls if not c[0]]
+    trainer = [c for c in rec.calls if c[0]]
+    # Sampler: batches of 2, 2, 1; a prefill and 2 decode steps each; eval mode, no autograd.
+    assert [s[2][0] for s in sampler] == [2, 2, 2, 2, 2, 2, 1, 1, 1]
+    assert all(not training for _, training, _ in sampler)
+    assert [s[2][1] for s in sampler[1:3]] == [1, 1]  # decode steps feed one token through the cache
+    # Trainer: 3 batches of 2, 1 batch of 5, whole sequences, autograd on, in the asked mode.
+    assert [t[2][0] for t in trainer] == [2, 2, 2, 5]
+    assert all(training is train for _, training, _ in trainer)
+    assert all(p.grad is None for p in tiny_llama.parameters()), "the check runs no backward"
+
+
+def test_active_dropout_is_refused_in_train_mode(tokenizer: Any) -> None:
+    gpt2 = load_preset("tiny-gpt2")  # GPT-2's config keeps dropout at 0.1
+    with pytest.raises(InputError, match=r"dropout is active in train mode \(module .*p=0.1\).*train=False"):
+        T.assert_trainer_matches_sampler(gpt2, PROMPTS, tokenizer=tokenizer, max_new_tokens=2)
+    with detkit.batch_invariant():  # eval mode: dropout is off, and the check passes
+        T.assert_trainer_matches_sampler(gpt2, PROMPTS, tokenizer=tokenizer, max_new_tokens=2, train=False)
+    llama = load_preset("tiny-llama")
+    llama.config.attention_dropout = 0.1
+    with pytest.raises(InputError, match=r"config.attention_dropout=0.1"):
+        T.assert_trainer_matches_sampler(llama, PROMPTS, tokenizer=tokenizer, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1"),
+        ({"padding_side": "middle"}, "padding_side must be one of right, left"),
+        ({"trainer_batch_sizes": []}, "trainer_batch_sizes must be a non-empty list"),
+        ({"trainer_batch_sizes": [0, 2]}, "trainer_batch_sizes must be a non-empty list"),
+        ({"trainer_batch_sizes": "12"}, "trainer_batch_sizes must be a non-empty list"),
+        ({"trainer_batch_sizes": 4}, "trainer_batch_sizes must be a non-empty list"),
+        ({"sampler_batch_size": 0}, "sampler_batch_size must be a positive int or None"),
+        ({"tokenizer": None}, "no tokenizer was given"),
+    ],
+)
+def test_bad_arguments_say_what_to_do(tiny_llama: torch.nn.Module, tokenizer: Any, kwargs: dict[str, Any],
+                                       match: str) -> None:
+    args = {"tokenizer": tokenizer, **kwargs}
+    with pytest.raises(InputError, match=match):
+        T.assert_trainer_matches_sampler(tiny_llama, PROMPTS, **args)
+    with pytest.raises(InputError, match="must be a torch causal LM"):
+        T.assert_trainer_matches_sampler(lambda x: x, PROMPTS, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_trainer_batches_pad_on_the_asked_side_and_count_positions_from_the_first_real_token(side: str) -> None:
+    ids, mask, pos, offsets = _trainer_batch([[5, 6, 7], [8]], 0, side, "cpu")
+    if side == "right":
+        assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]] and offsets == [0, 0]
+        assert pos[1, 0] == 0
+    else:
+        assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]] and offsets == [0, 2]
+        assert pos[1, 2] == 0
+    assert pos[0].tolist() == [0, 1, 2]
+
+
+@given(
+    logits=st.lists(st.floats(-30, 30, width=32), min_size=2, max_size=40),
+    shift=st.lists(st.floats(-2, 2, width=32), min_size=2, max_size=40),
+    token=st.integers(0, 39),
+)
+def test_kl_and_logprob_gap_agree_with_torch_in_float64(logits: list[float], shift: list[float], token: int) -> None:
+    n = min(len(logits), len(shift))
+    a = torch.tensor([logits[:n]], dtype=torch.float32)
+    b = a + torch.tensor([shift[:n]], dtype=torch.float32)
+    tok = torch.tensor([token % n])
+    kl, gap = _kl_and_logprob_gap(a, b, tok)
+    la, lb = a.double().log_softmax(-1), b.double().log_softmax(-1)
+    want_kl = torch.nn.functional.kl_div(lb, la, log_target=True, reduction="sum").clamp(min=0).item()
+    assert kl[0] == pytest.approx(want_kl, abs=1e-12)
+    assert gap[0] == pytest.approx(abs((la - lb)[0, tok].item()), abs=1e-12)
+    same_kl, same_gap = _kl_and_logprob_gap(a, a.clone(), tok)
+    assert (same_kl == 0).all() and (same_gap == 0).all()
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    prompts=st.lists(st.lists(st.integers(0, 255), min_size=1, max_size=24), min_size=1, max_size=5),
+    sampler_batch=st.integers(1, 5),
+    trainer_sizes=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    side=st.sampled_from(["right", "left"]),
+    seed=st.integers(0, 2**16),
+)
+def test_drawn_prompts_and_batchings_stay_on_policy_under_the_mode(
+    tiny_llama: torch.nn.Module, prompts: list[list[int]], sampler_batch: int, trainer_sizes: list[int], side: str,
+    seed: int,
+) -> None:
+    with detkit.batch_invariant():
+        result = T.assert_trainer_matches_sampler(
+            tiny_llama, prompts, max_new_tokens=3, sampler_batch_size=sampler_batch,
+            trainer_batch_sizes=trainer_sizes, padding_side=side, seed=seed,
+        )
+    assert result.detail["steps_differ"] == 0 and result.detail["steps_compared"] >= 3 * len(prompts)
+    assert np.isfinite(result.detail["kl_mean"])
+
+
+def test_the_rl_example_runs_generate_and_a_train_step_on_policy_under_the_mode() -> None:
+    # The example uses HF generate (sampling, temperature 1) and a real backward + SGD step.
+    script = Path(__file__).resolve().parents[1] / "examples" / "rl_sampler_trainer.py"
+    out = subprocess.run([sys.executable, str(script), "--new-tokens", "6", "--trainer-batch", "4"],
+                         capture_output=True, text=True, check=True).stdout
+    (plain,) = [line for line in out.splitlines() if line.startswith("│ torch ")]
+    (mode,) = [line for line in out.splitlines() if line.startswith("│ detkit.batch_invariant() ")]
+    cells = [c.strip() for c in mode.strip("│").split("│")]
+    assert cells[1:] == ["0 of 36", "0", "0", "yes"], mode
+    assert [c.strip() for c in plain.strip("│").split("│")][-1] == "no", "negative control: torch's kernels differ"
