@@ -341,6 +341,21 @@ def test_split_attention_values(emulated: dict, dtype: torch.dtype, mask_kind: s
 
 
 @pytest.mark.parametrize("portable", [False, True])
+def test_attention_nan_query_gives_nan_and_a_fully_masked_query_gives_zeros(emulated: dict, portable: bool) -> None:
+    """The semantics the CPU kernels share (tests/test_kernels_cpu.py), over both KV splits."""
+    lk = cuda_backend._ATT_SPLIT + 21
+    q, k, v = _attention_inputs(torch.float32, 3, lk, 41)
+    q[1, 2, 0, 5] = float("nan")
+    mask = _attention_mask("bool", 3, lk)
+    got = cuda_backend.attention(q, k, v, mask, 0.125, portable=portable)
+    assert bool(got[1, 2, 0].isnan().all()), "the NaN query's row must be NaN"
+    assert bool((got[0, :, 1] == 0).all()), "a fully masked query must give zeros"
+    rest = torch.ones(got.shape[:3], dtype=torch.bool)
+    rest[1, 2, 0] = False
+    assert not bool(got[rest].isnan().any())
+
+
+@pytest.mark.parametrize("portable", [False, True])
 def test_attention_invariance(emulated: dict, portable: bool) -> None:
     """Decode (one query, no mask) equals prefill (causal) at positions on both sides of
     a split boundary; left padding that is not a multiple of the split size, the batch

@@ -492,6 +492,40 @@ def test_attention_masked_keys_with_inf_and_nan_change_nothing(monkeypatch: pyte
         assert same_bits(kernels.attention(q, kb, vb, attn_mask=mask), want), bad
 
 
+@pytest.mark.parametrize("tiled_min", [1, 10**9])
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_nan_query_gives_nan_and_a_fully_masked_query_gives_zeros(
+    monkeypatch: pytest.MonkeyPatch, tiled_min: int, portable: bool, dtype: torch.dtype
+) -> None:
+    """A NaN must not turn into plausible zeros (torch's CPU SDPA returns 0 for a NaN query);
+    both guarantees and the CUDA kernels agree on these semantics. Other rows are untouched."""
+    from detkit.kernels import cpu
+
+    monkeypatch.setattr(cpu, "_TILED_MIN_QUERIES", tiled_min)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = randn(gen, 2, 2, 9, 16, dtype=dtype), randn(gen, 2, 2, 9, 16, dtype=dtype), randn(gen, 2, 2, 9, 32, dtype=dtype)
+    want = kernels.attention(q, k, v, is_causal=True, portable=portable)
+    bad = q.clone()
+    bad[1, 0, 5, 3] = float("nan")
+    mask = torch.ones(2, 2, 9, 9, dtype=torch.bool).tril()
+    mask[0, 1, 2] = False  # a query with no key at all
+    for label, got in (
+        ("causal", kernels.attention(bad, k, v, is_causal=True, portable=portable)),
+        ("bool mask", kernels.attention(bad, k, v, attn_mask=mask, portable=portable)),
+    ):
+        assert bool(got[1, 0, 5].isnan().all()), f"{label}: the NaN query's row must be NaN"
+        keep = torch.ones(2, 2, 9, dtype=torch.bool)
+        keep[1, 0, 5] = False
+        if label == "causal":
+            assert same_bits(got[keep], want[keep]), f"{label}: other rows changed"
+        else:
+            assert bool((got[0, 1, 2] == 0).all()), "a query with no key gives zeros"
+            assert not bool(got[keep].isnan().any()), f"{label}: NaN leaked into other rows"
+    decode = kernels.attention(bad[:, :, 5:6], k[:, :, :6], v[:, :, :6], portable=portable)
+    assert bool(decode[1, 0, 0].isnan().all()) and same_bits(decode[0], want[0, :, 5:6])
+
+
 def _lane_sum_reference(x: torch.Tensor) -> torch.Tensor:
     """The documented anchored lane order, one float32 operation at a time (numpy)."""
     import numpy as np

@@ -364,7 +364,8 @@ def attention(
     mask marks attended keys with True; a float mask is added to the scaled scores;
     ``is_causal`` is SDPA's top-left aligned causal mask. With ``enable_gqa``, query head
     h uses key/value head h // (H // Hk). A query with no attended key returns zeros,
-    like torch's CPU SDPA.
+    like torch's CPU SDPA; a NaN in a query or an attended key gives a NaN row (torch's
+    CPU SDPA returns zeros for a NaN query, which hides it).
     """
     fn = "attention"
     q = _check(q, "q", fn)

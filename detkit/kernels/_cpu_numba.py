@@ -727,7 +727,8 @@ def _probabilities(srow, lo, hi, jlo, jhi, base, maskb, maskf, ms, mode, scale):
 
     Entries of [jlo, jhi) outside [lo, hi) become 0 (they are skipped by P @ V). Returns
     (denominator, attended): the anchored lane sum of the probabilities, and False when
-    no key has a score above -inf (the output row is then zeros, as torch's SDPA).
+    no key has a score above -inf (the output row is then zeros, as torch's SDPA); scores
+    that are all NaN or -inf give NaN everywhere (denominator included).
     """
     for j in range(jlo, lo):
         srow[j] = 0.0
@@ -748,9 +749,14 @@ def _probabilities(srow, lo, hi, jlo, jhi, base, maskb, maskf, ms, mode, scale):
     lanes = np.empty(W, srow.dtype)
     m = _row_max(srow, lo, hi, lanes)  # in the working dtype, so exp's argument is too
     if m == -np.inf:
+        # No key above -inf: the row is zeros, as torch's SDPA. Unless every finite score is
+        # NaN (a NaN query): NaN propagates, as in the CUDA kernels and the canonical order.
+        nan = False
         for j in range(lo, hi):
-            srow[j] = 0.0
-        return srow[lo], False
+            nan |= srow[j] != srow[j]
+        for j in range(lo, hi):
+            srow[j] = np.nan if nan else 0.0
+        return srow[lo], nan
     for j in range(lo, hi):
         srow[j] = exp_diff(srow[j], m)
     j0 = lo + first_nonzero(srow[lo:hi], hi - lo)
