@@ -49,6 +49,7 @@ the CPU dispatch key only, like the rest of the elementwise table.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ __all__ = [
     "ELEMENTWISE_LIBM",
     "ELEMENTWISE_PORTABLE",
     "EXACT_OPS",
+    "FOLDS",
     "KNOWN_POSITION_DEPENDENT",
     "OVERRIDES",
     "Call",
@@ -679,6 +681,54 @@ OVERRIDES: dict[str, tuple[OpOverride, ...]] = {
     ),
     "CUDA": (*_COMMON, *_CUDA_ELEMENTWISE),
 }
+
+# ----------------------------------------------------------------------------- folds
+
+
+@dataclass(frozen=True)
+class Fold:
+    """A composite op whose arguments are made canonical before torch's decomposition runs.
+
+    Not a route to a detkit kernel: ``canonical`` returns value-equal arguments for which
+    the decomposition always takes the same path, so the ops it reaches (routed as usual)
+    see the same problem however the caller laid its tensors out. The mode registers it on
+    the backend key and on the autograd key (a composite op is decomposed at the latter).
+    """
+
+    name: str
+    canonical: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+
+    @property
+    def qualname(self) -> str:
+        return f"aten::{self.name}"
+
+
+def _foldable(x: torch.Tensor) -> bool:
+    """torch's own test (``should_fold``), strides of size-1 dimensions included: a
+    (1, 1, H) slice is_contiguous() and still not folded."""
+    return all(x.stride(i) == x.stride(i + 1) * x.size(i + 1) for i in range(x.dim() - 2))
+
+
+def _weight_input(args: tuple[Any, ...], *, linear: bool) -> tuple[Any, ...]:
+    """torch folds a 3-D+ input times a matrix into one 2-D product (``mm``/``addmm``) only
+    when the input's leading dimensions are contiguous or a gradient is needed; otherwise
+    it runs ``bmm`` against the broadcast matrix. So a frozen model's ``lm_head`` on HF
+    generate's last-position slice took ``bmm`` while the trainer's forward took ``mm``.
+    ``F.linear`` also adds its bias inside ``addmm`` only for a contiguous input (else
+    ``matmul`` and then ``add_``: two roundings in 16-bit). A contiguous copy (same values)
+    always takes the 2-D path, with the bias fused."""
+    x, other = args[0], args[1]
+    if not (isinstance(x, torch.Tensor) and isinstance(other, torch.Tensor) and x.dim() >= 3 and other.dim() <= 2):
+        return args
+    if _foldable(x) and (x.is_contiguous() or not linear):
+        return args
+    return (x.clone(memory_format=torch.contiguous_format), *args[1:])
+
+
+FOLDS: tuple[Fold, ...] = (
+    Fold("linear", functools.partial(_weight_input, linear=True)),
+    Fold("matmul", functools.partial(_weight_input, linear=False)),
+)
 
 # ----------------------------------------------------------------------------- coverage classes
 

@@ -67,12 +67,16 @@ def greedy(model: Any, prompts: list[list[int]], pad_id: int, steps: int) -> tup
     # Positions count real tokens only, so a padded row sees the positions it has alone.
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     # transformers 5.x renamed past_key_values to cache; accept models from either side.
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    # Logits of the last position only, as HF generate computes them (the lm_head then
+    # sees a slice of the hidden states, as in a real sampler).
+    keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
     tokens, logits = [], []
     past = None
     with torch.no_grad():
         for _ in range(steps):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: past})
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: past}, **keep)
             step_logits = out.logits[:, -1, :]
             nxt = step_logits.argmax(-1)
             tokens.append(nxt)
@@ -84,6 +88,32 @@ def greedy(model: Any, prompts: list[list[int]], pad_id: int, steps: int) -> tup
             pos = pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
     return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
+
+
+def check_fits(model: Any, ids: list[list[int]], max_new_tokens: int) -> None:
+    """Token ids inside the vocabulary and sequences inside the position table, or an
+    InputError now (instead of an IndexError deep in the model)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    for i, p in enumerate(ids):
+        if vocab is not None and not all(0 <= t < vocab for t in p):
+            bad = next(t for t in p if not 0 <= t < vocab)
+            raise InputError(f"prompt {i} holds token id {bad}, outside the model's vocabulary (0..{vocab - 1})")
+    config = getattr(model, "config", None)
+    limit = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions")
+                  if isinstance(getattr(config, a, None), int)), None)
+    longest = max(len(p) for p in ids) + max_new_tokens
+    if limit is not None and longest > limit:
+        raise InputError(f"the longest prompt plus max_new_tokens is {longest} tokens, past the model's {limit} "
+                         "positions; shorten the prompts or lower max_new_tokens")
+
+
+def mode_name() -> str:
+    """Whether the check ran under detkit's mode: 'off', 'batch-invariant' or 'portable'."""
+    from detkit.mode import state
+
+    s = state()
+    return "off" if not s.enabled else "portable" if s.portable else "batch-invariant"
 
 
 def check_generation(
@@ -110,6 +140,7 @@ def check_generation(
         )
     sizes = _check_batch_sizes(batch_sizes)
     ids = _prompt_ids(prompts, tokenizer)
+    check_fits(model, ids, max_new_tokens)
     pad_id = _pad_id(model, tokenizer)
     label = name or f"generation[{type(model).__name__}]"
     n = len(ids)
@@ -183,6 +214,7 @@ def check_generation(
         "max_new_tokens": max_new_tokens,
         "batch_sizes": sizes,
         "seed": seed,
+        "mode": mode_name(),
         "placements_checked": checked,
         "placements_token_diverged": token_diffs,
         "placements_logits_differ": logit_diffs,
@@ -192,7 +224,7 @@ def check_generation(
     if not (token_diffs or logit_diffs):
         message = (
             f"{label}: {n} prompts x {max_new_tokens} greedy steps: token ids and logits bitwise "
-            f"equal alone and in {checked} batch placements (batch sizes {sizes})"
+            f"equal alone and in {checked} batch placements (batch sizes {sizes}); detkit mode {detail['mode']}"
         )
         return CheckResult("generation", "PASS", 0, label, detail, message), False
     rows_t = [("batch size", "placements", "tokens diverged", "logits differ", "max ULP")] + [
@@ -203,7 +235,7 @@ def check_generation(
         [
             f"BATCH-VARIANT: {label}: of {checked} batch placements of {n} prompts, {token_diffs} "
             f"generated different token ids and {logit_diffs} different logits than the prompt alone; "
-            f"worst ULP {'-' if worst is None else worst}.",
+            f"worst ULP {'-' if worst is None else worst}; detkit mode {detail['mode']}.",
             *V.table(rows_t),
             first_text,
             HINT_BATCH,

@@ -113,7 +113,7 @@ def check_sampler_trainer(
     """Run the check; returns (result, failed)."""
     import torch
 
-    from detkit._testing_generation import _pad_id, _prompt_ids, greedy
+    from detkit._testing_generation import _pad_id, _prompt_ids, check_fits, greedy, mode_name
     from detkit.testing import CheckResult, _worst
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -122,8 +122,11 @@ def check_sampler_trainer(
         raise InputError(f"model must be a torch causal LM (a Hugging Face model), got {type(model).__name__}")
     if padding_side not in PADDING_SIDES:
         raise InputError(f"padding_side must be one of {', '.join(PADDING_SIDES)}, got {padding_side!r}")
+    if not isinstance(train, bool):
+        raise InputError(f"train must be True (score in train mode) or False (eval mode), got {train!r}")
     sizes = _trainer_sizes(trainer_batch_sizes)
     ids = _prompt_ids(prompts, tokenizer)
+    check_fits(model, ids, max_new_tokens)
     n = len(ids)
     sb = n if sampler_batch_size is None else sampler_batch_size
     if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
@@ -137,16 +140,24 @@ def check_sampler_trainer(
     label = name or f"sampler-trainer[{type(model).__name__}]"
     rng = random.Random(seed)
     was_training = model.training
+    params = list(model.parameters())
+    trainable = [p.requires_grad for p in params]
 
     try:
-        # The sampler: incremental greedy decoding, prompts in left-padded batches, no autograd.
+        # The sampler, as an inference engine runs it: weights without gradients, eval mode,
+        # no autograd, incremental greedy decoding through the KV cache in left-padded
+        # batches, logits of the last position only (HF generate's logits_to_keep=1).
         model.eval()
+        for p in params:
+            p.requires_grad_(False)
         tokens: list[torch.Tensor] = []
         sampled: list[torch.Tensor] = []
         for start in range(0, n, sb):
             toks, logs = greedy(model, ids[start : start + sb], pad_id, max_new_tokens)
             tokens.extend(toks)
             sampled.extend(logs)
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
         seqs = [p + [int(t) for t in toks] for p, toks in zip(ids, tokens)]
 
         # The trainer: one teacher-forced forward per batch of whole sequences, autograd on.
@@ -200,6 +211,8 @@ def check_sampler_trainer(
             per_b[str(b)] = stats
             ulps.append(stats["max_ulp"])
     finally:
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
         model.train(was_training)
 
     detail = {
@@ -212,6 +225,8 @@ def check_sampler_trainer(
         "trainer_batch_sizes": sizes,
         "padding_side": padding_side,
         "train": train,
+        "trainer_autograd": any(trainable),
+        "mode": mode_name(),
         "seed": seed,
         "steps_compared": steps_total,
         "steps_differ": steps_differ,
@@ -221,12 +236,17 @@ def check_sampler_trainer(
         "per_trainer_batch_size": per_b,
         "first_difference": first,
     }
+    autograd = "autograd on" if any(trainable) else "no parameter requires grad, so no autograd graph"
     scope = (
         f"{n} prompts x {max_new_tokens} steps, sampled in batches of {sb}, scored by the trainer "
-        f"({'train' if train else 'eval'} mode, autograd on, {padding_side}-padded) in batches of {sizes}"
+        f"({'train' if train else 'eval'} mode, {autograd}, {padding_side}-padded) in batches of {sizes}; "
+        f"detkit mode {mode_name()}"
     )
     if not steps_differ:
-        message = f"{label}: {scope}: trainer logits bitwise equal to the sampler's at all {steps_total} steps (KL 0)"
+        message = (
+            f"{label}: {scope}: trainer logits bitwise equal to the sampler's at all {steps_total} scored steps "
+            "(each prompt once per trainer batch size, last batches topped up with repeats; KL 0)"
+        )
         return CheckResult("sampler_trainer", "PASS", 0, label, detail, message), False
     worst = _worst(ulps)
     rows_t = [("trainer batch", "sequences", "steps differ", "max ULP", "max KL (nats)", "max |dlogp|")] + [
@@ -237,7 +257,7 @@ def check_sampler_trainer(
     message = "\n".join(
         [
             f"MISMATCH: {label}: {scope}: the trainer's logits differ from the sampler's at {steps_differ} of "
-            f"{steps_total} steps ({steps_differ / steps_total:.1%}); sampler-trainer KL mean {kl_sum / steps_total:.3g}, "
+            f"{steps_total} scored steps ({steps_differ / steps_total:.1%}); sampler-trainer KL mean {kl_sum / steps_total:.3g}, "
             f"max {kl_max:.3g} nats; sampled-token log-prob gap up to {gap_max:.3g}; worst ULP "
             f"{'-' if worst is None else worst}. Training on these samples is not on-policy.",
             *V.table(rows_t),

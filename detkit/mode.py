@@ -61,9 +61,11 @@ from detkit._aten_adapters import (
     ELEMENTWISE_LIBM,
     ELEMENTWISE_PORTABLE,
     EXACT_OPS,
+    FOLDS,
     KNOWN_POSITION_DEPENDENT,
     OVERRIDES,
     Call,
+    Fold,
     OpOverride,
     Unsupported,
 )
@@ -223,6 +225,7 @@ class _Registration:
             original = torch.library.get_kernel(spec.qualname, key)
             grad_kernel = torch.library.get_kernel(spec.qualname, _AUTOGRAD_KEY[key]) if spec.composite else None
             plans.append((spec, original, grad_kernel))
+        folds = [(fold, k, torch.library.get_kernel(fold.qualname, k)) for fold in FOLDS for k in (key, _AUTOGRAD_KEY[key])]
         lib = torch.library.Library("aten", "IMPL")
         self._libraries.append(lib)
         with warnings.catch_warnings():
@@ -232,6 +235,8 @@ class _Registration:
                 lib.impl(spec.impl_name, _make_kernel(spec, original), key, with_keyset=True)
                 if grad_kernel is not None:
                     lib.impl(spec.impl_name, _make_gate(spec, grad_kernel), _AUTOGRAD_KEY[key], with_keyset=True)
+            for fold, k, original in folds:
+                lib.impl(fold.name, _make_fold(fold, original), k, with_keyset=True)
 
     def close(self) -> None:
         try:
@@ -312,6 +317,14 @@ class _RoutedValues(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         return grad, None
+
+
+def _make_fold(fold: Fold, original: Any) -> Callable[..., Any]:
+    def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
+        return original.call_boxed(keyset, *fold.canonical(args), **kwargs)
+
+    kernel.__name__ = f"detkit_fold_{fold.name}"
+    return kernel
 
 
 def _make_gate(spec: OpOverride, grad_kernel: Any) -> Callable[..., Any]:

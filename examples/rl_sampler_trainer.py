@@ -1,6 +1,7 @@
 """RL with a Hugging Face model: do the sampler and the trainer see the same policy?
 
-One RL step, as RL libraries run it: the sampler draws completions with ``model.generate``
+One RL step, as RL libraries run it: the sampler, a frozen copy of the policy's weights
+(as an inference engine holds them), draws completions with ``model.generate``
 (temperature 1, a left-padded batch, KV cache, no autograd); the trainer scores the same
 sequences with a teacher-forced forward (right-padded batches of another size, train
 mode, autograd on) and takes a policy-gradient step. Where the two log-probabilities of a
@@ -104,8 +105,9 @@ def main() -> None:
         table.add_column(col)
     for label, ctx in (("torch", contextlib.nullcontext()), ("detkit.batch_invariant()", detkit.batch_invariant())):
         model = copy.deepcopy(base)  # both runs start from the same weights
+        engine = copy.deepcopy(model).requires_grad_(False)  # the weights synced to the sampler
         with ctx:
-            prompts, sampler, tokens = sample(model, tokenizer, args.new_tokens, args.seed)
+            prompts, sampler, tokens = sample(engine, tokenizer, args.new_tokens, args.seed)
             trainer = train_step(model, prompts, tokens, args.trainer_batch, tokenizer.pad_token_id)
         table.add_row(label, *compare(sampler, trainer, tokens))
     console = Console(width=140)

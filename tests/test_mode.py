@@ -291,6 +291,69 @@ def test_linear_is_batch_invariant_under_the_mode(m: int, k: int, n: int, dtype:
         _rowwise_invariant(lambda t: F.linear(t, w, b), x, sorted({1, (m + 1) // 2, m}))
 
 
+_VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "last position": lambda x: x[:, -1:],  # HF generate's logits_to_keep=1
+    "middle": lambda x: x[:, 1:-1] if x.shape[1] > 2 else x[:, :1],
+    "every other": lambda x: x[:, ::2],
+    "one row of one entry": lambda x: x[-1:, :1],  # (1, 1, K): is_contiguous() yet not folded by torch
+    "transposed batch": lambda x: x.transpose(0, 1),
+    "whole": lambda x: x,
+}
+_PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]] = {
+    "F.linear": lambda x, w, b: F.linear(x, w, b),
+    "x @ w.T": lambda x, w, b: x @ w.t() if b is None else x @ w.t() + b,
+    "torch.matmul": lambda x, w, b: torch.matmul(x, w.t()) if b is None else torch.matmul(x, w.t()) + b,
+}
+
+
+@given(
+    batch=st.integers(1, 4),
+    length=st.integers(1, 9),
+    k=st.integers(1, 70),
+    n=st.integers(1, 40),
+    view=st.sampled_from(sorted(_VIEWS)),
+    product=st.sampled_from(sorted(_PRODUCTS)),
+    frozen=st.booleans(),
+    bias=st.booleans(),
+    grad_mode=st.sampled_from(["grad", "no_grad", "inference_mode"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    portable=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_a_weight_product_gives_each_row_the_2d_bits_whatever_the_input_layout(
+    batch: int, length: int, k: int, n: int, view: str, product: str, frozen: bool, bias: bool, grad_mode: str,
+    dtype: torch.dtype, portable: bool, seed: int,
+) -> None:
+    """torch runs bmm against the broadcast weight for a non-foldable 3-D input whose
+    weight needs no gradient, mm/addmm otherwise; under the mode a row's bits must not
+    depend on which (a frozen sampler's sliced lm_head vs the trainer's forward)."""
+    g = torch.Generator().manual_seed(seed)
+    x = _VIEWS[view](torch.randn(batch, length, k, generator=g).to(dtype))
+    w = torch.randn(n, k, generator=g).to(dtype).requires_grad_(not frozen)
+    b = torch.randn(n, generator=g).to(dtype).requires_grad_(not frozen) if bias else None
+    ctx = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[grad_mode]
+    with detkit.batch_invariant(portable=portable) as bi:
+        with torch.no_grad():  # the reference: the same code on every row at once, 2-D and contiguous
+            want = _PRODUCTS[product](x.reshape(-1, k).contiguous(), w, b).reshape(*x.shape[:-1], n)
+        with ctx():
+            got = _PRODUCTS[product](x, w, b)
+    assert bi.uncovered() == {}
+    assert diff(got.detach(), want).ok, f"{product} on a {view} view: a row's bits depend on the layout"
+
+
+def test_without_the_folds_a_frozen_weights_sliced_product_takes_bmm_and_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control for the test above (float32 on this CPU: mm's BLAS tiles and
+    bmm's fma chain round differently)."""
+    monkeypatch.setattr(mode, "FOLDS", ())
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(4, 40, 256, generator=g), torch.randn(259, 256, generator=g)
+    with detkit.batch_invariant() as bi:
+        full = F.linear(h, w)
+        last = F.linear(h[:, -1:], w)
+    assert bi.routed() == {"mm": 1, "bmm": 1}
+    assert not diff(last, full[:, -1:]).ok
+
+
 @given(
     rows=st.integers(1, 12),
     length=st.integers(1, 700),

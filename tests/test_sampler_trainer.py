@@ -79,10 +79,14 @@ class _Calls:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.calls: list[tuple[bool, bool, tuple[int, ...]]] = []
+        self.frozen: list[bool] = []
+        self.keep: list[int | None] = []
         self.handle = model.register_forward_pre_hook(self.hook, with_kwargs=True)
 
     def hook(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self.calls.append((torch.is_grad_enabled(), module.training, tuple(kwargs["input_ids"].shape)))
+        self.frozen.append(not any(p.requires_grad for p in module.parameters()))
+        self.keep.append(kwargs.get("logits_to_keep"))
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -105,11 +109,46 @@ def test_sampler_and_trainer_run_as_in_rl_and_the_model_state_is_restored(
     # Sampler: batches of 2, 2, 1; a prefill and 2 decode steps each; eval mode, no autograd.
     assert [s[2][0] for s in sampler] == [2, 2, 2, 2, 2, 2, 1, 1, 1]
     assert all(not training for _, training, _ in sampler)
+    # As an inference engine: weights without gradients, last-position logits (HF generate's logits_to_keep=1).
+    n_s = len(sampler)
+    assert rec.frozen[:n_s] == [True] * n_s and rec.keep[:n_s] == [1] * n_s
+    assert not any(rec.frozen[n_s:]) and rec.keep[n_s:] == [None] * len(trainer)
+    assert all(p.requires_grad for p in tiny_llama.parameters()), "the parameters' flags are restored"
     assert [s[2][1] for s in sampler[1:3]] == [1, 1]  # decode steps feed one token through the cache
     # Trainer: 3 batches of 2, 1 batch of 5, whole sequences, autograd on, in the asked mode.
     assert [t[2][0] for t in trainer] == [2, 2, 2, 5]
     assert all(training is train for _, training, _ in trainer)
     assert all(p.grad is None for p in tiny_llama.parameters()), "the check runs no backward"
+
+
+def test_the_frozen_sampler_catches_a_product_whose_path_depends_on_the_input_layout(
+    monkeypatch: pytest.MonkeyPatch, tiny_llama: torch.nn.Module, tokenizer: Any
+) -> None:
+    """Without the mode's folds, a frozen lm_head on the prefill's last-position slice runs
+    bmm while the trainer's forward runs mm (float32: other bits on this CPU). The check's
+    sampler is frozen and keeps only the last position, so it sees it."""
+    from detkit import mode
+
+    monkeypatch.setattr(mode, "FOLDS", ())
+    with detkit.batch_invariant() as bi, pytest.raises(T.BitwiseMismatch) as info:
+        T.assert_trainer_matches_sampler(tiny_llama, PROMPTS, tokenizer=tokenizer, max_new_tokens=3)
+    assert bi.routed().get("bmm", 0) > 0 and bi.uncovered() == {}
+    d = info.value.result.detail
+    assert d["mode"] == "batch-invariant" and d["first_difference"]["step"] == 0  # the prefill's slice
+
+
+def test_the_result_says_whether_the_mode_was_on_and_whether_autograd_ran(tiny_llama: torch.nn.Module,
+                                                                           tokenizer: Any) -> None:
+    llama_bf16 = load_preset("tiny-llama", dtype=torch.bfloat16)  # eager bf16 agrees by chance on this CPU
+    plain = T.assert_trainer_matches_sampler(llama_bf16, PROMPTS[:2], tokenizer=tokenizer, max_new_tokens=2)
+    assert plain.detail["mode"] == "off" and "detkit mode off" in plain.message
+    with detkit.batch_invariant(portable=True):
+        result = T.assert_trainer_matches_sampler(tiny_llama, PROMPTS[:2], tokenizer=tokenizer, max_new_tokens=2)
+    assert result.detail["mode"] == "portable" and result.detail["trainer_autograd"] and "autograd on" in result.message
+    frozen = load_preset("tiny-llama").requires_grad_(False)
+    with detkit.batch_invariant():
+        result = T.assert_trainer_matches_sampler(frozen, PROMPTS[:2], tokenizer=tokenizer, max_new_tokens=2)
+    assert not result.detail["trainer_autograd"] and "no parameter requires grad" in result.message
 
 
 def test_active_dropout_is_refused_in_train_mode(tokenizer: Any) -> None:
@@ -135,6 +174,9 @@ def test_active_dropout_is_refused_in_train_mode(tokenizer: Any) -> None:
         ({"trainer_batch_sizes": 4}, "trainer_batch_sizes must be a non-empty list"),
         ({"sampler_batch_size": 0}, "sampler_batch_size must be a positive int or None"),
         ({"tokenizer": None}, "no tokenizer was given"),
+        ({"train": None}, "train must be True"),
+        ({"train": "no"}, "train must be True"),
+        ({"max_new_tokens": 1020}, "past the model's 1024 positions"),
     ],
 )
 def test_bad_arguments_say_what_to_do(tiny_llama: torch.nn.Module, tokenizer: Any, kwargs: dict[str, Any],
@@ -144,6 +186,8 @@ def test_bad_arguments_say_what_to_do(tiny_llama: torch.nn.Module, tokenizer: An
         T.assert_trainer_matches_sampler(tiny_llama, PROMPTS, **args)
     with pytest.raises(InputError, match="must be a torch causal LM"):
         T.assert_trainer_matches_sampler(lambda x: x, PROMPTS, tokenizer=tokenizer)
+    with pytest.raises(InputError, match="prompt 1 holds token id 300, outside the model's vocabulary"):
+        T.assert_trainer_matches_sampler(tiny_llama, [[1, 2], [3, 300]])
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
