@@ -49,7 +49,6 @@ the CPU dispatch key only, like the rest of the elementwise table.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -687,20 +686,29 @@ OVERRIDES: dict[str, tuple[OpOverride, ...]] = {
 
 @dataclass(frozen=True)
 class Fold:
-    """A composite op whose arguments are made canonical before torch's decomposition runs.
+    """A composite op made to take one path through torch's decomposition.
 
-    Not a route to a detkit kernel: ``canonical`` returns value-equal arguments for which
-    the decomposition always takes the same path, so the ops it reaches (routed as usual)
-    see the same problem however the caller laid its tensors out. The mode registers it on
-    the backend key and on the autograd key (a composite op is decomposed at the latter).
+    Not a route to a detkit kernel: ``run(original, *args, **kwargs)`` computes the op
+    with value-equal arguments, or with the very ops torch's canonical path calls, so the
+    ops it reaches (routed as usual) see the same problem however the caller laid its
+    tensors out. The mode registers it on the backend key and on the autograd key (a
+    composite op is decomposed at the latter).
     """
 
     name: str
-    canonical: Callable[[tuple[Any, ...]], tuple[Any, ...]]
+    run: Callable[..., Any]
 
     @property
     def qualname(self) -> str:
         return f"aten::{self.name}"
+
+
+# torch reduces a 3-D+ input times a matrix to one 2-D product (mm/addmm) only when the
+# input's leading dimensions are contiguous or a gradient is needed; otherwise it runs bmm
+# against the broadcast matrix, and F.linear then adds its bias after the product (two
+# roundings in 16-bit) instead of inside addmm. So a frozen model's lm_head on HF
+# generate's last-position slice took bmm while the trainer's forward took mm. Under the
+# mode both always take the 2-D path.
 
 
 def _foldable(x: torch.Tensor) -> bool:
@@ -709,26 +717,25 @@ def _foldable(x: torch.Tensor) -> bool:
     return all(x.stride(i) == x.stride(i + 1) * x.size(i + 1) for i in range(x.dim() - 2))
 
 
-def _weight_input(args: tuple[Any, ...], *, linear: bool) -> tuple[Any, ...]:
-    """torch folds a 3-D+ input times a matrix into one 2-D product (``mm``/``addmm``) only
-    when the input's leading dimensions are contiguous or a gradient is needed; otherwise
-    it runs ``bmm`` against the broadcast matrix. So a frozen model's ``lm_head`` on HF
-    generate's last-position slice took ``bmm`` while the trainer's forward took ``mm``.
-    ``F.linear`` also adds its bias inside ``addmm`` only for a contiguous input (else
-    ``matmul`` and then ``add_``: two roundings in 16-bit). A contiguous copy (same values)
-    always takes the 2-D path, with the bias fused."""
-    x, other = args[0], args[1]
-    if not (isinstance(x, torch.Tensor) and isinstance(other, torch.Tensor) and x.dim() >= 3 and other.dim() <= 2):
-        return args
-    if _foldable(x) and (x.is_contiguous() or not linear):
-        return args
-    return (x.clone(memory_format=torch.contiguous_format), *args[1:])
+def _fold_linear(original: Callable[..., Any], x: Any, weight: Any, bias: Any = None) -> Any:
+    """What torch does for a contiguous input, for every 3-D+ input: one mm/addmm of the
+    flattened rows (a copy when x is a strided view: same values), the bias inside addmm.
+    Calling mm/addmm directly spares the matmul fold a second pass."""
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() >= 3 and weight.dim() == 2):
+        return original(x, weight, bias)
+    flat = x.reshape(-1, x.shape[-1])
+    out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
-FOLDS: tuple[Fold, ...] = (
-    Fold("linear", functools.partial(_weight_input, linear=True)),
-    Fold("matmul", functools.partial(_weight_input, linear=False)),
-)
+def _fold_matmul(original: Callable[..., Any], x: Any, other: Any) -> Any:
+    if (isinstance(x, torch.Tensor) and isinstance(other, torch.Tensor) and x.dim() >= 3 and other.dim() <= 2
+            and not _foldable(x)):
+        x = x.clone(memory_format=torch.contiguous_format)  # same values; torch then folds
+    return original(x, other)
+
+
+FOLDS: tuple[Fold, ...] = (Fold("linear", _fold_linear), Fold("matmul", _fold_matmul))
 
 # ----------------------------------------------------------------------------- coverage classes
 

@@ -321,7 +321,7 @@ class _RoutedValues(torch.autograd.Function):
 
 def _make_fold(fold: Fold, original: Any) -> Callable[..., Any]:
     def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
-        return original.call_boxed(keyset, *fold.canonical(args), **kwargs)
+        return fold.run(functools.partial(original.call_boxed, keyset), *args, **kwargs)
 
     kernel.__name__ = f"detkit_fold_{fold.name}"
     return kernel

@@ -341,6 +341,22 @@ def test_a_weight_product_gives_each_row_the_2d_bits_whatever_the_input_layout(
     assert diff(got.detach(), want).ok, f"{product} on a {view} view: a row's bits depend on the layout"
 
 
+@pytest.mark.parametrize("view", ["last position", "every other", "transposed batch"])
+def test_gradients_flow_through_the_folds(view: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 7, 24, generator=g)
+    w, b = torch.randn(10, 24, generator=g), torch.randn(10, generator=g)
+    grads = []
+    for on in (False, True):
+        x, wg, bg = (t.clone().requires_grad_(True) for t in (base, w, b))
+        with detkit.batch_invariant() if on else torch.enable_grad():
+            y = F.linear(_VIEWS[view](x), wg, bg) + torch.matmul(_VIEWS[view](x), wg.t())
+            (y * torch.arange(y.numel()).reshape(y.shape)).sum().backward()
+        grads.append([t.grad for t in (x, wg, bg)])
+    for plain, routed in zip(*grads):
+        torch.testing.assert_close(routed, plain, rtol=1e-5, atol=1e-4)
+
+
 def test_without_the_folds_a_frozen_weights_sliced_product_takes_bmm_and_differs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control for the test above (float32 on this CPU: mm's BLAS tiles and
     bmm's fma chain round differently)."""
