@@ -518,6 +518,24 @@ def test_mode_makes_a_cuda_model_batch_invariant(dtype: torch.dtype, attn: str, 
     assert bi.uncovered() == {}, f"ops fell back to torch on CUDA:\n{bi.coverage()}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trainer_matches_sampler_on_a_cuda_model(dtype: torch.dtype) -> None:
+    """RL on the GPU: the frozen sampler's incremental logits (left-padded batch) and the
+    trainer's teacher-forced forward (train mode, autograd, right-padded batches of 1
+    and 3) are bitwise equal under the mode; KL exactly 0."""
+    pytest.importorskip("transformers")
+    import detkit
+    from detkit.models import build_tokenizer, load_preset
+    from detkit.testing import assert_trainer_matches_sampler
+
+    model = load_preset("tiny-llama", dtype=dtype, attn_implementation="sdpa", seed=0).to(DEV)
+    with detkit.batch_invariant() as bi:
+        result = assert_trainer_matches_sampler(model, [_TARGET, *_FILLERS[:4]], tokenizer=build_tokenizer(),
+                                                max_new_tokens=6, trainer_batch_sizes=[1, 3])
+    assert result.detail["kl_max"] == 0.0 and result.detail["mode"] == "batch-invariant"
+    assert bi.uncovered() == {}, f"ops fell back to torch on CUDA:\n{bi.coverage()}"
+
+
 def test_probe_cli_on_a_cuda_model_under_the_mode(tmp_path: object) -> None:
     """`detkit probe --device cuda --batch-invariant` end to end: every mode matches the
     reference bit for bit (exit 0 with --fail-on-divergence) and the report names the device."""
