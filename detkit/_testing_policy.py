@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -83,18 +84,134 @@ def _log_softmax64(logits: torch.Tensor) -> np.ndarray:
 
     # numpy, not torch: the check's own arithmetic must not run through (or count in) the mode.
     x = logits.detach().to("cpu", torch.float64).numpy()
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    with np.errstate(invalid="ignore"):  # a row of -inf logits stays -inf/NaN, as it is
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def _kl_and_logprob_gap(sampler: torch.Tensor, trainer: torch.Tensor, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per step: KL(sampler || trainer) in nats and |log p_sampler(token) - log p_trainer(token)|,
-    both in float64 from the logits."""
+    both in float64 from the logits. Equal log-probabilities (-inf included) contribute 0."""
     ls, lt = _log_softmax64(sampler), _log_softmax64(trainer)
-    kl = np.maximum((np.exp(ls) * (ls - lt)).sum(-1), 0.0)
+    with np.errstate(invalid="ignore"):
+        delta = np.where(ls == lt, 0.0, ls - lt)
+        kl = np.maximum((np.exp(ls) * delta).sum(-1), 0.0)
     picked = tokens.to("cpu").numpy()[:, None]
-    gap = np.abs(np.take_along_axis(ls - lt, picked, -1)[:, 0])
+    gap = np.abs(np.take_along_axis(delta, picked, -1)[:, 0])
     return kl, gap
+
+
+def _sample(model: Any, ids: list[list[int]], pad_id: int, batch: int, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The sampler, as an inference engine runs it: weights without gradients, eval mode,
+    no autograd, incremental greedy decoding through the KV cache in left-padded batches,
+    logits of the last position only (HF generate's logits_to_keep=1). Per prompt: the
+    tokens (steps,) and their logits (steps, V). The caller restores the model's state."""
+    from detkit._testing_generation import greedy
+
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tokens: list[torch.Tensor] = []
+    logits: list[torch.Tensor] = []
+    for start in range(0, len(ids), batch):
+        toks, logs = greedy(model, ids[start : start + batch], pad_id, steps)
+        tokens.extend(toks)
+        logits.extend(logs)
+    return tokens, logits
+
+
+@dataclass
+class _Tally:
+    """What the trainer's scoring found, for one trainer batch size or for all."""
+
+    sequences: int = 0
+    steps: int = 0
+    steps_differ: int = 0
+    max_ulp: int | None = None
+    kl_sum: float = 0.0
+    kl_max: float = 0.0
+    max_logprob_gap: float = 0.0
+
+    def add(self, kl: np.ndarray, gap: np.ndarray, differ: int, ulp: int | None) -> None:
+        from detkit.testing import _worst
+
+        self.sequences += 1
+        self.steps += kl.size
+        self.kl_sum += float(kl.sum())
+        self.kl_max = max(self.kl_max, float(kl.max()))
+        self.max_logprob_gap = max(self.max_logprob_gap, float(gap.max()))
+        if differ:
+            self.steps_differ += differ
+            self.max_ulp = _worst([self.max_ulp, ulp])
+
+    def merge(self, other: _Tally) -> None:
+        from detkit.testing import _worst
+
+        self.sequences += other.sequences
+        self.steps += other.steps
+        self.steps_differ += other.steps_differ
+        self.max_ulp = _worst([self.max_ulp, other.max_ulp])
+        self.kl_sum += other.kl_sum
+        self.kl_max = max(self.kl_max, other.kl_max)
+        self.max_logprob_gap = max(self.max_logprob_gap, other.max_logprob_gap)
+
+
+@dataclass
+class _Scoring:
+    """The trainer's side: per trainer batch size, and the first differing step."""
+
+    per_size: dict[str, _Tally] = field(default_factory=dict)
+    first: dict[str, Any] | None = None
+    first_text: str = ""
+
+    def total(self) -> _Tally:
+        out = _Tally()
+        for tally in self.per_size.values():
+            out.merge(tally)
+        return out
+
+
+def _score(model: Any, ids: list[list[int]], tokens: list[torch.Tensor], sampled: list[torch.Tensor], pad_id: int,
+           sizes: list[int], side: str, rng: random.Random) -> _Scoring:
+    """The trainer: one teacher-forced forward per batch of whole sequences (random
+    composition, ``side``-padded), autograd recording; each prompt's completion logits
+    compared with the sampler's."""
+    import torch
+
+    steps = len(tokens[0])
+    seqs = [p + [int(t) for t in toks] for p, toks in zip(ids, tokens)]
+    device = next(model.parameters()).device
+    out = _Scoring()
+    n = len(ids)
+    for b in sizes:
+        tally = out.per_size.setdefault(str(b), _Tally())
+        order = rng.sample(range(n), n)
+        for start in range(0, n, b):
+            rows = order[start : start + b]
+            rows += [rng.randrange(n) for _ in range(b - len(rows))]
+            rng.shuffle(rows)
+            inp, mask, pos, offsets = _trainer_batch([seqs[r] for r in rows], pad_id, side, device)
+            with torch.enable_grad():
+                logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=False).logits
+            for slot, r in enumerate(rows):
+                at = offsets[slot] + len(ids[r]) - 1  # the logits that predict the first completion token
+                mine, ref = logits[slot, at : at + steps].detach(), sampled[r]
+                kl, gap = _kl_and_logprob_gap(ref, mine, tokens[r])
+                bad = [] if V.same_bits(mine, ref) else [s for s in range(steps) if not V.same_bits(mine[s], ref[s])]
+                tally.add(kl, gap, len(bad), V.max_ulp(mine, ref) if bad else None)
+                if bad and out.first is None:
+                    s = bad[0]
+                    text, _, info = V.describe(mine[s], ref[s], ("sampler", f"trainer (b={b})"))
+                    pad = max(len(seqs[q]) for q in rows) - len(seqs[r])
+                    out.first_text = (
+                        f"First difference: prompt {r} ({len(ids[r])} tokens), completion step {s} "
+                        f"(token {int(tokens[r][s])}), trainer batch of {b} at position {slot}, "
+                        f"{side}-padded by {pad}: {text}"
+                    )
+                    out.first = {"prompt": r, "step": s, "batch_size": b, "position": slot, "padding": pad,
+                                 "logits_diff": info}
+            del logits
+    return out
 
 
 def check_sampler_trainer(
@@ -111,10 +228,8 @@ def check_sampler_trainer(
     name: str | None,
 ) -> tuple[CheckResult, bool]:
     """Run the check; returns (result, failed)."""
-    import torch
-
-    from detkit._testing_generation import _pad_id, _prompt_ids, check_fits, greedy, mode_name
-    from detkit.testing import CheckResult, _worst
+    from detkit._testing_generation import _pad_id, _prompt_ids, check_fits, mode_name
+    from detkit.testing import CheckResult
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -138,86 +253,24 @@ def check_sampler_trainer(
         )
     pad_id = _pad_id(model, tokenizer)
     label = name or f"sampler-trainer[{type(model).__name__}]"
-    rng = random.Random(seed)
     was_training = model.training
     params = list(model.parameters())
     trainable = [p.requires_grad for p in params]
-
     try:
-        # The sampler, as an inference engine runs it: weights without gradients, eval mode,
-        # no autograd, incremental greedy decoding through the KV cache in left-padded
-        # batches, logits of the last position only (HF generate's logits_to_keep=1).
-        model.eval()
-        for p in params:
-            p.requires_grad_(False)
-        tokens: list[torch.Tensor] = []
-        sampled: list[torch.Tensor] = []
-        for start in range(0, n, sb):
-            toks, logs = greedy(model, ids[start : start + sb], pad_id, max_new_tokens)
-            tokens.extend(toks)
-            sampled.extend(logs)
+        tokens, sampled = _sample(model, ids, pad_id, sb, max_new_tokens)
         for p, flag in zip(params, trainable):
             p.requires_grad_(flag)
-        seqs = [p + [int(t) for t in toks] for p, toks in zip(ids, tokens)]
-
-        # The trainer: one teacher-forced forward per batch of whole sequences, autograd on.
         model.train(train)
-        device = next(model.parameters()).device
-        per_b: dict[str, dict[str, Any]] = {}
-        first: dict[str, Any] | None = None
-        first_text = ""
-        steps_total = steps_differ = 0
-        kl_sum, kl_max, gap_max = 0.0, 0.0, 0.0
-        ulps: list[int | None] = []
-        for b in sizes:
-            stats: dict[str, Any] = {"sequences": 0, "steps_differ": 0, "max_ulp": None, "kl_max": 0.0, "max_logprob_gap": 0.0}
-            order = rng.sample(range(n), n)
-            for start in range(0, n, b):
-                rows = order[start : start + b]
-                rows += [rng.randrange(n) for _ in range(b - len(rows))]
-                rng.shuffle(rows)
-                inp, mask, pos, offsets = _trainer_batch([seqs[r] for r in rows], pad_id, padding_side, device)
-                with torch.enable_grad():
-                    logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=False).logits
-                for slot, r in enumerate(rows):
-                    at = offsets[slot] + len(ids[r]) - 1  # the logits that predict the first completion token
-                    mine = logits[slot, at : at + max_new_tokens].detach()
-                    ref = sampled[r]
-                    stats["sequences"] += 1
-                    steps_total += max_new_tokens
-                    kl, gap = _kl_and_logprob_gap(ref, mine, tokens[r])
-                    kl_sum += float(kl.sum())
-                    kl_max, gap_max = max(kl_max, float(kl.max())), max(gap_max, float(gap.max()))
-                    stats["kl_max"] = max(stats["kl_max"], float(kl.max()))
-                    stats["max_logprob_gap"] = max(stats["max_logprob_gap"], float(gap.max()))
-                    if V.same_bits(mine, ref):
-                        continue
-                    bad = [s for s in range(max_new_tokens) if not V.same_bits(mine[s], ref[s])]
-                    stats["steps_differ"] += len(bad)
-                    steps_differ += len(bad)
-                    stats["max_ulp"] = _worst([stats["max_ulp"], V.max_ulp(mine, ref)])
-                    if first is None:
-                        s = bad[0]
-                        text, _, info = V.describe(mine[s], ref[s], ("sampler", f"trainer (b={b})"))
-                        pad = max(len(seqs[q]) for q in rows) - len(seqs[r])
-                        first_text = (
-                            f"First difference: prompt {r} ({len(ids[r])} tokens), completion step {s} "
-                            f"(token {int(tokens[r][s])}), trainer batch of {b} at position {slot}, "
-                            f"{padding_side}-padded by {pad}: {text}"
-                        )
-                        first = {"prompt": r, "step": s, "batch_size": b, "position": slot,
-                                 "padding": pad, "logits_diff": info}
-                del logits
-            per_b[str(b)] = stats
-            ulps.append(stats["max_ulp"])
+        scoring = _score(model, ids, tokens, sampled, pad_id, sizes, padding_side, random.Random(seed))
     finally:
         for p, flag in zip(params, trainable):
             p.requires_grad_(flag)
         model.train(was_training)
 
+    total = scoring.total()
     detail = {
         "model": type(model).__name__,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(params[0].dtype).removeprefix("torch."),
         "prompts": n,
         "prompt_lengths": [len(p) for p in ids],
         "max_new_tokens": max_new_tokens,
@@ -228,41 +281,45 @@ def check_sampler_trainer(
         "trainer_autograd": any(trainable),
         "mode": mode_name(),
         "seed": seed,
-        "steps_compared": steps_total,
-        "steps_differ": steps_differ,
-        "kl_mean": kl_sum / steps_total,
-        "kl_max": kl_max,
-        "max_logprob_gap": gap_max,
-        "per_trainer_batch_size": per_b,
-        "first_difference": first,
+        "steps_compared": total.steps,
+        "steps_differ": total.steps_differ,
+        "kl_mean": total.kl_sum / total.steps,
+        "kl_max": total.kl_max,
+        "max_logprob_gap": total.max_logprob_gap,
+        "per_trainer_batch_size": {
+            b: {"sequences": t.sequences, "steps_differ": t.steps_differ, "max_ulp": t.max_ulp, "kl_max": t.kl_max,
+                "max_logprob_gap": t.max_logprob_gap}
+            for b, t in scoring.per_size.items()
+        },
+        "first_difference": scoring.first,
     }
     autograd = "autograd on" if any(trainable) else "no parameter requires grad, so no autograd graph"
     scope = (
         f"{n} prompts x {max_new_tokens} steps, sampled in batches of {sb}, scored by the trainer "
         f"({'train' if train else 'eval'} mode, {autograd}, {padding_side}-padded) in batches of {sizes}; "
-        f"detkit mode {mode_name()}"
+        f"detkit mode {detail['mode']}"
     )
-    if not steps_differ:
+    if not total.steps_differ:
         message = (
-            f"{label}: {scope}: trainer logits bitwise equal to the sampler's at all {steps_total} scored steps "
+            f"{label}: {scope}: trainer logits bitwise equal to the sampler's at all {total.steps} scored steps "
             "(each prompt once per trainer batch size, last batches topped up with repeats; KL 0)"
         )
         return CheckResult("sampler_trainer", "PASS", 0, label, detail, message), False
-    worst = _worst(ulps)
     rows_t = [("trainer batch", "sequences", "steps differ", "max ULP", "max KL (nats)", "max |dlogp|")] + [
-        (b, str(s["sequences"]), str(s["steps_differ"]), "-" if s["max_ulp"] is None else str(s["max_ulp"]),
-         f"{s['kl_max']:.3g}", f"{s['max_logprob_gap']:.3g}")
-        for b, s in per_b.items()
+        (b, str(t.sequences), str(t.steps_differ), "-" if t.max_ulp is None else str(t.max_ulp), f"{t.kl_max:.3g}",
+         f"{t.max_logprob_gap:.3g}")
+        for b, t in scoring.per_size.items()
     ]
     message = "\n".join(
         [
-            f"MISMATCH: {label}: {scope}: the trainer's logits differ from the sampler's at {steps_differ} of "
-            f"{steps_total} scored steps ({steps_differ / steps_total:.1%}); sampler-trainer KL mean {kl_sum / steps_total:.3g}, "
-            f"max {kl_max:.3g} nats; sampled-token log-prob gap up to {gap_max:.3g}; worst ULP "
-            f"{'-' if worst is None else worst}. Training on these samples is not on-policy.",
+            f"MISMATCH: {label}: {scope}: the trainer's logits differ from the sampler's at {total.steps_differ} of "
+            f"{total.steps} scored steps ({total.steps_differ / total.steps:.1%}); sampler-trainer KL mean "
+            f"{total.kl_sum / total.steps:.3g}, max {total.kl_max:.3g} nats; sampled-token log-prob gap up to "
+            f"{total.max_logprob_gap:.3g}; worst ULP {'-' if total.max_ulp is None else total.max_ulp}. "
+            "Training on these samples is not on-policy.",
             *V.table(rows_t),
-            first_text,
+            scoring.first_text,
             HINT_POLICY,
         ]
     )
-    return CheckResult("sampler_trainer", "MISMATCH", worst, label, detail, message), True
+    return CheckResult("sampler_trainer", "MISMATCH", total.max_ulp, label, detail, message), True
