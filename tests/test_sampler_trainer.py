@@ -252,3 +252,13 @@ def test_the_rl_example_runs_generate_and_a_train_step_on_policy_under_the_mode(
     cells = [c.strip() for c in mode.strip("│").split("│")]
     assert cells[1:] == ["0 of 36", "0", "0", "yes"], mode
     assert [c.strip() for c in plain.strip("│").split("│")][-1] == "no", "negative control: torch's kernels differ"
+
+
+def test_kl_ignores_vocabulary_entries_masked_to_minus_inf_on_both_sides() -> None:
+    logits = torch.tensor([[0.5, float("-inf"), 1.0, float("-inf")]])
+    kl, gap = _kl_and_logprob_gap(logits, logits.clone(), torch.tensor([1]))
+    assert kl.tolist() == [0.0] and gap.tolist() == [0.0]
+    shifted = logits.clone()
+    shifted[0, 0] = 0.25
+    kl, gap = _kl_and_logprob_gap(logits, shifted, torch.tensor([2]))
+    assert np.isfinite(kl).all() and kl[0] > 0 and gap[0] > 0
