@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -46,13 +47,33 @@ def _fingerprint() -> dict[str, Any]:
         return {"error": f"fingerprint unavailable: {exc}"}
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every inf/nan float replaced by its repr ("inf", "-inf", "nan"):
+    reports are strict JSON, and a non-finite value (a server's -inf logprob, a difference
+    to it) must never be the reason a report is lost. Producers that know better convert
+    first (``detkit.compare``)."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else repr(data)
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
+
+
+def dumps(data: Any) -> str:
+    """Strict, indented JSON of a report (what ``--json`` prints)."""
+    return json.dumps(strict_json(data), indent=2, allow_nan=False, default=_json_default)
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as JSON to ``path`` so that readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    text = dumps(data)  # before the temporary file: an unserialisable value leaves nothing behind
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, allow_nan=False, default=_json_default)
+            fh.write(text)
             fh.write("\n")
         # mkstemp creates 0600; a report is meant to be read by others (CI artifacts).
         os.chmod(tmp, 0o644)

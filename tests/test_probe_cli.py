@@ -166,14 +166,32 @@ def test_ctrl_c_keeps_finished_modes_and_marks_the_report_partial(tmp_path):
 def test_verdict_names_what_failed():
     from detkit.probe.runner import _summary
 
-    def mode(unique: int, diff: float, divergences: int = 0, failed: int = 0) -> dict:
-        return {"name": "m", "skipped": None, "runs": 4, "failed_runs": failed, "unique_completions": unique,
-                "max_abs_logit_diff": diff, "max_abs_logprob_diff": None, "divergences": [{}] * divergences}
+    def mode(unique: int | None, diff: float | None, divergences: int = 0, failed: int = 0, name: str = "m",
+             skipped: str | None = None, retried: int = 0) -> dict:
+        return {"name": name, "skipped": skipped, "runs": 4, "failed_runs": failed, "retried_runs": retried,
+                "unique_completions": unique, "max_abs_logit_diff": None, "max_abs_logprob_diff": diff,
+                "divergences": [{}] * divergences}
 
-    assert _summary([mode(1, 0.0)])["verdict"].startswith("identical")
-    scores = _summary([mode(1, 0.03125)])
-    assert not scores["invariant"]
+    def summary(modes: list[dict], complete: bool = True) -> dict:
+        return _summary(modes, ["m", "padding", "repeat"], complete=complete)
+
+    ok = summary([mode(1, 0.0), mode(None, None, name="padding", skipped="no padding on a server"),
+                  mode(1, 0.0, name="repeat", retried=2)])
+    assert ok["invariant"] is True and ok["verdict"] == (
+        "identical to the reference in the 2 mode(s) run (tokens and scores); skipped: padding; "
+        "2 run(s) needed a retry, sent alone outside their burst")
+    assert ok["retried_runs"] == 2 and not ok["differences_found"]
+    tokens_only = summary([mode(1, None), mode(1, None, name="padding"), mode(1, None, name="repeat")])
+    assert tokens_only["verdict"] == "identical to the reference in every mode (tokens only: the engine returned no scores)"
+    scores = summary([mode(1, 0.03125)])
+    assert scores["invariant"] is False and scores["differences_found"]
     assert scores["verdict"] == "NOT invariant: scores differ from the reference by up to 0.03125 (tokens identical)"
-    tokens = _summary([mode(2, 0.5, divergences=1), mode(1, 0.0, failed=1)])["verdict"]
+    tokens = summary([mode(2, 0.5, divergences=1), mode(1, 0.0, failed=1)])["verdict"]
     assert "1 run(s) diverge" in tokens and "up to 2 distinct completions" in tokens and "1 run(s) failed" in tokens
     assert "tokens identical" not in tokens
+    failed_only = summary([mode(None, None, failed=4), mode(1, 0.0, name="padding"), mode(1, 0.0, name="repeat")])
+    assert failed_only["invariant"] is False and not failed_only["differences_found"]
+    stopped = summary([mode(1, 0.0)], complete=False)
+    assert stopped["invariant"] is None and stopped["modes_not_reached"] == ["padding", "repeat"]
+    assert stopped["verdict"] == ("INCOMPLETE: stopped before padding, repeat; so far identical to the reference "
+                                  "(tokens and scores)")

@@ -78,7 +78,8 @@ def test_failed_runs_are_recorded_not_compared():
     cmp = compare_run("mixed", "r", "p", ref, Generation(tokens=[], error="HTTP 500"))
     summary = ModeSummary("mixed", "logit", "token", runs=[cmp], references={"p": [1, 2]}).to_dict()
     assert summary["failed_runs"] == 1 and summary["errors"][0]["error"] == "HTTP 500"
-    assert summary["unique_completions"] == 1
+    assert summary["unique_completions"] is None, "nothing succeeded: no count of completions, not 1"
+    assert summary["unique_completions_by_prompt"] == {}
 
 
 # ---------------------------------------------------------------- the engine on a real model

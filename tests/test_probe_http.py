@@ -114,6 +114,12 @@ def test_probe_against_transformers_serve(server: str, model_dir: Path) -> None:
         assert m["max_abs_logit_diff"] is None and m["max_abs_logprob_diff"] is None and m["score_kind"] is None
         assert m["unique_completions"] >= 1
         assert all(isinstance(d["position"], int) for d in m["divergences"])
+    if report["summary"]["invariant"]:  # only tokens were compared, and the verdict says so
+        assert "(tokens only: the engine returned no scores)" in report["summary"]["verdict"]
+    assert report["summary"]["modes_skipped"].keys() == {"padding", "decode"}
+    # what the engine learnt from the first answer is in the report, not the guess before it
+    assert report["config"]["engine"]["logprobs_supported"] is False
+    assert report["config"]["engine"]["token_unit"] == "character"
     assert modes["single"]["runs"] == 1 + 3  # every concurrent copy is compared
     assert len(report["references"]["fox"]["tokens"]) > 0
     burst = [r for r in report["results"] if r["mode"] == "single"][0]["runs"]
@@ -225,6 +231,101 @@ def test_failed_requests_are_recorded_and_never_fatal(scripted: ThreadingHTTPSer
         assert m["score_kind"] == "logprob" and m["max_abs_logprob_diff"] == 0.0 and m["max_abs_logit_diff"] is None
         assert m["token_unit"] == "token" and m["divergences"] == []
     assert report["summary"]["invariant"] is False  # failed runs prove nothing
+
+
+def _with_top(body: dict[str, Any], value: float) -> dict[str, Any]:
+    answer = _completion(body)
+    answer["choices"][0]["logprobs"]["top_logprobs"][1]["alt"] = value
+    return answer
+
+
+def test_a_minus_inf_logprob_is_a_score_and_the_report_stays_strict_json(scripted: ThreadingHTTPServer,
+                                                                          tmp_path: Path) -> None:
+    # Concurrent requests see probability 0 (-inf) for a candidate the reference gave -1.25.
+    scripted.script = lambda count, body: (  # type: ignore[attr-defined]
+        200, _with_top(body, float("-inf")) if count > 2 else _completion(body))
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=0)
+    suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single",),
+                       batch=BatchPlan(sizes=(1, 3)))
+    report = run_probe(engine, suite, seed=0, config={"engine": engine.describe()}, out=tmp_path / "report.json")
+    on_disk = json.loads((tmp_path / "report.json").read_text())  # strict JSON: Python's parser accepts it
+    assert on_disk["status"] == "complete" and on_disk["modes"][0]["max_abs_logprob_diff"] == "inf"
+    from detkit.probe.render import render_html, render_markdown
+
+    assert "| inf (logprob) |" in render_markdown(on_disk) and "<svg" in render_html(on_disk)
+    assert report["summary"]["invariant"] is False and report["summary"]["differences_found"]
+    assert report["config"]["engine"]["logprobs_supported"] is True
+
+
+def test_a_nan_logprob_fails_that_run_and_nothing_else(scripted: ThreadingHTTPServer) -> None:
+    scripted.script = lambda count, body: (  # type: ignore[attr-defined]
+        200, _with_top(body, float("nan")) if count == 2 else _completion(body))
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=0)
+    suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single",),
+                       batch=BatchPlan(sizes=(1, 3)))
+    report = run_probe(engine, suite, seed=0, config={})
+    (mode,) = report["modes"]
+    assert mode["failed_runs"] == 1 and "NaN among the logprobs of step 1" in mode["errors"][0]["error"]
+    assert report["summary"]["invariant"] is False and not report["summary"]["differences_found"]
+    assert "1 run(s) failed" in report["summary"]["verdict"]
+
+
+def test_retries_are_counted_and_named_in_the_verdict(scripted: ThreadingHTTPServer) -> None:
+    scripted.script = lambda count, body: (  # type: ignore[attr-defined]
+        (503, {"error": {"message": "busy"}}) if count == 2 else (200, _completion(body)))
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=1, backoff=0.01)
+    suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single",), batch=BatchPlan(sizes=(1,)))
+    report = run_probe(engine, suite, seed=0, config={})
+    assert report["modes"][0]["retried_runs"] == 1 and report["summary"]["invariant"] is True
+    assert report["summary"]["verdict"].endswith("1 run(s) needed a retry, sent alone outside their burst")
+
+
+def test_modes_that_need_company_are_skipped_with_batches_of_one(scripted: ThreadingHTTPServer) -> None:
+    scripted.script = lambda count, body: (200, _completion(body))  # type: ignore[attr-defined]
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=0)
+    suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single", "mixed", "prefix", "repeat"),
+                       batch=BatchPlan(sizes=(1,)))
+    report = run_probe(engine, suite, seed=0, config={})
+    skipped = report["summary"]["modes_skipped"]
+    assert set(skipped) == {"mixed", "prefix", "repeat"} and "largest batch size asked for is 1" in skipped["prefix"]
+    assert scripted.count == 2  # type: ignore[attr-defined]  # the reference and single's one run: no burst of 2
+
+
+def test_only_modes_a_server_cannot_run_is_an_input_error(scripted: ThreadingHTTPServer) -> None:
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=0)
+    suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("padding", "decode"),
+                       batch=BatchPlan(sizes=(1, 2)))
+    with pytest.raises(InputError, match="none of the modes asked for can run on this engine: padding: .*decode: "):
+        run_probe(engine, suite, seed=0, config={})
+    assert scripted.count == 0  # type: ignore[attr-defined]  # not even the references
+
+
+def _cli(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    """``detkit probe ARGS`` through the console entry point: (exit code, stderr)."""
+    from detkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["detkit", "probe", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    return int(exc.value.code or 0), capsys.readouterr().err
+
+
+def test_cli_exit_codes_against_a_server(scripted: ThreadingHTTPServer, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"http://127.0.0.1:{scripted.server_port}/v1"
+    scripted.script = lambda count, body: (  # type: ignore[attr-defined]  # the default suite's 2 references pass
+        (200, _completion(body)) if count <= 2 else (500, {"error": {"message": "boom"}}))
+    # a mode a server cannot run, asked for by name: exit 2 before any request
+    code, err = _cli(["--endpoint", url, "--served-model", "m", "--modes", "single,padding"], capsys, monkeypatch)
+    assert code == 2 and "--modes padding: a server decides padding itself" in err
+    assert scripted.count == 0  # type: ignore[attr-defined]
+    # every run after the reference fails: nothing differed, but nothing was decided either
+    code, err = _cli(["--endpoint", url, "--served-model", "m", "--modes", "single", "--concurrency", "1,2",
+                      "--retries", "0", "--max-new-tokens", "3", "--fail-on-divergence"], capsys, monkeypatch)
+    assert code == 2 and "--fail-on-divergence: exit 2: could not decide: NOT invariant: 6 run(s) failed" in err
+    # GET /models answered with an HTTP error (this server has no GET): reached, wrong base URL
+    code, err = _cli(["--endpoint", url, "--modes", "single"], capsys, monkeypatch)
+    assert code == 2 and "/v1/models answered HTTP 501" in err and "usually ends in /v1" in err
 
 
 # ---------------------------------------------------------------- detkit's own server, with logprobs

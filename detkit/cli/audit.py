@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from detkit.cli import EXIT_CHECK_FAILED, output_dir
+from detkit.report import dumps as _dumps
 
 if TYPE_CHECKING:  # pragma: no cover - torch is imported only when a command runs
     from rich.console import Console
@@ -166,7 +166,7 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
         (out / "report.html").write_text(to_html(report))
 
     if json_out:
-        sys.stdout.write(json.dumps(report, indent=2, allow_nan=False) + "\n")
+        sys.stdout.write(_dumps(report) + "\n")
     console.print()
     for line in summary["advice"]:
         console.print(f"- {line}", markup=False, soft_wrap=True)

@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from detkit.report import dumps as _dumps
+
 _SECTION_TITLES = {
     "versions": "Versions",
     "platform": "CPU and platform",
@@ -71,6 +73,6 @@ def register(app: typer.Typer) -> None:
 
         data = fingerprint().to_dict()
         if as_json:
-            typer.echo(json.dumps(data, indent=2, allow_nan=False))
+            typer.echo(_dumps(data))
         else:
             _print_table(data)

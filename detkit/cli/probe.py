@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,8 +10,9 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from detkit.cli import EXIT_CHECK_FAILED, output_dir
+from detkit.cli import EXIT_CHECK_FAILED, EXIT_USAGE, output_dir
 from detkit.errors import BackendUnavailable, InputError
+from detkit.report import dumps as _dumps
 
 INTERRUPTED = 130
 
@@ -138,6 +138,11 @@ def probe(
         model=model, dtype=dtype, attn=attn, device=device, endpoint=endpoint, served_model=served_model, seed=suite.seed,
         top_k=top_k, timeout=timeout, retries=retries, batch_invariant=batch_invariant, portable=portable,
     )
+    unsupported = [m for m in suite.modes if m in engine.unsupported_modes] if modes is not None else []
+    if unsupported:  # asked for by name: say so now, not after the references ran
+        engine.close()
+        raise InputError("; ".join(f"--modes {m}: {engine.unsupported_modes[m]}" for m in unsupported)
+                         + "; leave it out for this engine")
     config = {
         "command": _command_line(sys.argv[2:] if len(sys.argv) > 2 and sys.argv[1] == "probe" else sys.argv[1:]),
         "engine": engine.describe(),
@@ -161,15 +166,19 @@ def probe(
     if out is not None:
         _render_files(out)
     if json_out:
-        typer.echo(json.dumps(report, indent=2, allow_nan=False))
+        typer.echo(_dumps(report))
     else:
         _print_table(console, report)
         if out is not None:
             console.print(f"report: {out / 'report.json'}, {out / 'report.md'}, {out / 'report.html'}", markup=False)
     if fail_on_divergence and not report["summary"]["invariant"]:
-        err_console.print(f"--fail-on-divergence: exit {EXIT_CHECK_FAILED}: {report['summary']['verdict']}",
-                          markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(EXIT_CHECK_FAILED)
+        # 1: a difference was found; 2: nothing differed, but the probe could not decide
+        # (failed runs, no mode ran): an environment problem, not a verdict on the engine.
+        found = report["summary"]["differences_found"]
+        code = EXIT_CHECK_FAILED if found else EXIT_USAGE
+        err_console.print(f"--fail-on-divergence: exit {code}: {'' if found else 'could not decide: '}"
+                          f"{report['summary']['verdict']}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(code)
 
 
 def _engine(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from detkit.cli import output_file
+from detkit.report import dumps as _dumps
 
 
 class Format(str, Enum):
@@ -38,7 +38,7 @@ def _renderers(kind: str) -> tuple[Callable[[dict[str, Any]], str], Callable[[di
 def render(report: dict[str, Any], fmt: Format) -> str | Any:
     """The report as text (md/html/json) or a rich renderable (table)."""
     if fmt is Format.json:
-        return json.dumps(report, indent=2, allow_nan=False) + "\n"
+        return _dumps(report) + "\n"
     to_md, to_page = _renderers(str(report.get("kind")))
     if fmt is Format.table:
         if report.get("kind") == "audit":

@@ -18,6 +18,7 @@ a request that still fails is recorded as that run's error, never fatal to the p
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import urllib.error
@@ -108,6 +109,11 @@ class HTTPEngine:
         """The served model's name from ``GET /models`` when the user did not give one."""
         try:
             body = self._open(urllib.request.Request(f"{self.base}/models"))
+        except urllib.error.HTTPError as exc:  # reached, but not an OpenAI-style API root
+            raise EndpointError(
+                f"{self.base}/models answered HTTP {exc.code} ({_server_message(exc.read())}); is {self.base} the "
+                "server's API base (it usually ends in /v1)? Or pass --served-model NAME"
+            ) from exc
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             raise EndpointError(
                 f"cannot reach {self.base}/models ({exc}); is the server running, and is the URL its /v1 base?"
@@ -141,7 +147,8 @@ class HTTPEngine:
                 error = f"no answer from {self.base}/completions ({reason})"
             except ValueError as exc:
                 error = f"{self.base}/completions answered with invalid JSON ({exc})"
-        return None, f"{error} (after {self.retries + 1} attempts)", self.retries + 1
+        attempts = self.retries + 1
+        return None, f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})", attempts
 
     def _intern(self, token: str) -> int:
         with self._lock:
@@ -176,13 +183,17 @@ class HTTPEngine:
         chosen = lp["token_logprobs"]
         tops = lp.get("top_logprobs") or [None] * len(tokens)
         steps = []
-        for tok, value, top in zip(tokens, chosen, tops):
+        for step, (tok, value, top) in enumerate(zip(tokens, chosen, tops)):
             if value is None:
                 return Generation(tokens=[], error="a generated token came without its logprob", meta=meta)
             entries = {tok: float(value)}
             if isinstance(top, dict):
                 for s, v in top.items():
                     entries.setdefault(self._intern(str(s)), float(v))
+            if any(math.isnan(v) for v in entries.values()):
+                # -inf is a probability of 0; NaN is no number at all: this answer proves nothing.
+                return Generation(tokens=[], error=f"the server returned NaN among the logprobs of step {step}",
+                                  meta=meta)
             # The generated token leads (greedy took it), then the rest by score.
             ranked = sorted(entries.items(), key=lambda kv: (kv[0] != tok, -kv[1]))
             steps.append(StepScores(ids=[k for k, _ in ranked], values=[v for _, v in ranked]))

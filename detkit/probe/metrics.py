@@ -149,8 +149,8 @@ class ModeSummary:
         among_runs: list[int] = []  # distinct streams among the runs alone (run-to-run, for repeat)
         for pid, ref in self.references.items():
             runs = {tuple(r.tokens) for r in ok if r.prompt_id == pid}
-            unique_by_prompt[pid] = len({tuple(ref)} | runs)
-            if runs:
+            if runs:  # a prompt whose runs all failed shows nothing, not "1 unique"
+                unique_by_prompt[pid] = len({tuple(ref)} | runs)
                 among_runs.append(len(runs))
         diverging = [r for r in ok if r.divergence is not None]
         with_scores = [r for r in ok if r.step_max_abs]
@@ -174,6 +174,7 @@ class ModeSummary:
             "skipped": self.skipped,
             "runs": len(self.runs),
             "failed_runs": len(self.runs) - len(ok),
+            "retried_runs": sum(1 for r in self.runs if r.meta.get("attempts", 1) > 1),
             "identical_runs": sum(1 for r in ok if r.divergence is None and not any(r.step_max_abs)),
             "unique_completions": max(unique_by_prompt.values()) if unique_by_prompt and self.skipped is None else None,
             "unique_completions_by_prompt": unique_by_prompt,

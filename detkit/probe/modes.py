@@ -134,11 +134,23 @@ BUILDERS: dict[str, Callable[[Prompt, BatchPlan, int], list[Group]]] = {
 }
 
 
+# Modes that put the prompt among other requests: with batches of 1 they would exceed the
+# sizes asked for, or compare the prompt with itself.
+_NEED_COMPANY = ("mixed", "prefix", "repeat")
+
+
+def batch_too_small(mode: str, suite: ProbeSuite) -> str | None:
+    """Why ``mode`` cannot run with the suite's batch sizes, or None."""
+    if mode in _NEED_COMPANY and suite.batch.max_size < 2:
+        return f"{mode} puts the prompt among other requests; the largest batch size asked for is 1"
+    return None
+
+
 def plan_mode(mode: str, suite: ProbeSuite, seed: int) -> list[Group]:
     """All groups ``mode`` runs for ``suite`` (``decode`` has none: it is not batched)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
-    if mode == "decode":
+    if mode == "decode" or batch_too_small(mode, suite):
         return []
     return [g for p in suite.prompts for g in BUILDERS[mode](p, suite.batch, seed)]
 
@@ -168,6 +180,9 @@ def run_mode(
     )
     if mode in engine.unsupported_modes:
         summary.skipped = engine.unsupported_modes[mode]
+        return summary
+    if (why := batch_too_small(mode, suite)) is not None:
+        summary.skipped = why
         return summary
     if mode == "decode":
         for prompt in suite.prompts:

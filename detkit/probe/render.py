@@ -8,6 +8,7 @@ curve of each mode (steps compared with identical context, see ``metrics``).
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 _COLOURS = {
@@ -194,10 +195,17 @@ def _svg_histogram(report: dict[str, Any], width: int = 560, height: int = 220) 
     return "".join(out)
 
 
+def _finite(values: list[Any]) -> list[float | None]:
+    """Plottable values: a non-finite difference (a -inf logprob; "inf" once read back from
+    JSON) has no height on a linear axis and is left out of the curve."""
+    return [v if isinstance(v, (int, float)) and math.isfinite(v) else None for v in values]
+
+
 def _svg_curve(report: dict[str, Any], width: int = 560, height: int = 220) -> str:
-    series = [(m["name"], m["per_step_max_abs_diff"]) for m in report.get("modes", []) if m.get("per_step_max_abs_diff")]
+    series = [(m["name"], _finite(m["per_step_max_abs_diff"])) for m in report.get("modes", [])
+              if m.get("per_step_max_abs_diff")]
     steps = max((len(s) for _, s in series), default=1)
-    top = max((max(s) for _, s in series), default=0.0) or 1.0
+    top = max((v for _, s in series for v in s if v is not None), default=0.0) or 1.0
     left, bottom, pad = 50, 30, 10
     plot_w, plot_h = width - left - pad, height - bottom - pad
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -206,7 +214,8 @@ def _svg_curve(report: dict[str, Any], width: int = 560, height: int = 220) -> s
     out.append(f'<line x1="{left}" y1="{pad}" x2="{left}" y2="{pad + plot_h}" stroke="#333"/>')
     for name, values in series:
         pts = " ".join(
-            f"{left + plot_w * i / max(steps - 1, 1):.1f},{pad + plot_h * (1 - v / top):.1f}" for i, v in enumerate(values)
+            f"{left + plot_w * i / max(steps - 1, 1):.1f},{pad + plot_h * (1 - v / top):.1f}"
+            for i, v in enumerate(values) if v is not None
         )
         out.append(f'<polyline fill="none" stroke="{_COLOURS.get(name, "#555")}" stroke-width="1.5" points="{pts}">'
                    f'<title>{html.escape(name)}</title></polyline>')
@@ -214,7 +223,7 @@ def _svg_curve(report: dict[str, Any], width: int = 560, height: int = 220) -> s
     out.append(f'<text x="4" y="{pad + plot_h}" font-size="11">0</text>')
     out.append(f'<text x="{left}" y="{height - 8}" font-size="11">step 0</text>')
     out.append(f'<text x="{left + plot_w - 40}" y="{height - 8}" font-size="11">step {steps - 1}</text>')
-    if not any(any(s) for _, s in series):
+    if not any(any(v for v in s if v is not None) for _, s in series):
         out.append(f'<text x="{left + 20}" y="{pad + plot_h / 2}" font-size="13">no score difference at any step</text>')
     out.append("</svg>")
     return "".join(out)

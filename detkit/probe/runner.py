@@ -27,14 +27,17 @@ def total_work(engine: Engine, suite: ProbeSuite, seed: int) -> int:
     )
 
 
-def _summary(modes: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(modes: list[dict[str, Any]], planned: list[str], *, complete: bool) -> dict[str, Any]:
     ran = [m for m in modes if m["skipped"] is None]
+    skipped = {m["name"]: m["skipped"] for m in modes if m["skipped"] is not None}
+    not_run = [name for name in planned if name not in {m["name"] for m in modes}]
     diffs = [m["max_abs_logit_diff"] for m in ran if m["max_abs_logit_diff"] is not None]
     diffs += [m["max_abs_logprob_diff"] for m in ran if m["max_abs_logprob_diff"] is not None]
     unique = [m["unique_completions"] for m in ran if m["unique_completions"] is not None]
     diverging = sum(len(m["divergences"]) for m in ran)
     failed = sum(m["failed_runs"] for m in ran)
-    invariant = bool(ran) and all(u == 1 for u in unique) and all(d == 0 for d in diffs) and failed == 0
+    retried = sum(m.get("retried_runs", 0) for m in ran)
+    differences = diverging > 0 or any(u > 1 for u in unique) or any(d != 0 for d in diffs)
     # Say which criterion failed: scores can differ while every token agrees.
     reasons = [text for bad, text in (
         (not ran, "no mode ran"),
@@ -42,19 +45,35 @@ def _summary(modes: list[dict[str, Any]]) -> dict[str, Any]:
         (any(u > 1 for u in unique), f"up to {max(unique, default=0)} distinct completions of one prompt"),
         (any(d != 0 for d in diffs), f"scores differ from the reference by up to {max(diffs, default=0)}"
                                      f"{' (tokens identical)' if diverging == 0 else ''}"),
-        (failed > 0, f"{failed} run(s) failed"),
+        (failed > 0, f"{failed} run(s) failed, so they prove nothing"),
     ) if bad]
+    compared = "tokens and scores" if diffs else "tokens only: the engine returned no scores"
+    scope = "every mode" if not skipped else f"the {len(ran)} mode(s) run"
+    caveats = ([f"skipped: {', '.join(skipped)}"] if skipped else []) + (
+        [f"{retried} run(s) needed a retry, sent alone outside their burst"] if retried else [])
+    if not complete:
+        invariant = None
+        verdict = (f"INCOMPLETE: stopped before {', '.join(not_run) or 'the end'}; "
+                   + ("; ".join(reasons) if reasons else f"so far identical to the reference ({compared})"))
+    elif reasons:
+        invariant = False
+        verdict = "NOT invariant: " + "; ".join(reasons)
+    else:
+        invariant = True
+        verdict = "; ".join([f"identical to the reference in {scope} ({compared})", *caveats])
     return {
         "modes_run": [m["name"] for m in ran],
-        "modes_skipped": {m["name"]: m["skipped"] for m in modes if m["skipped"] is not None},
+        "modes_skipped": skipped,
+        "modes_not_reached": not_run,
         "runs": sum(m["runs"] for m in ran),
         "failed_runs": failed,
+        "retried_runs": retried,
         "diverging_runs": diverging,
         "max_unique_completions": max(unique) if unique else None,
         "max_abs_score_diff": max(diffs) if diffs else None,
+        "differences_found": differences,
         "invariant": invariant,
-        "verdict": ("identical to the reference in every mode (tokens and scores)" if invariant
-                    else "NOT invariant: " + "; ".join(reasons)),
+        "verdict": verdict,
     }
 
 
@@ -71,6 +90,8 @@ def _sync_notes(writer: ReportWriter, engine: Engine) -> None:
                 + ", ".join(f"{k} x{v}" for k, v in data["fell_back"].items())
             )
     writer.data["notes"] = notes
+    if "engine" in writer.data["config"]:  # what the engine learnt on the way (logprobs, token unit)
+        writer.data["config"]["engine"] = engine.describe()
 
 
 def run_probe(
@@ -88,6 +109,10 @@ def run_probe(
     Failures of single requests are recorded in the modes; a reference that cannot be
     produced is fatal (:class:`EndpointError`), since nothing could be compared.
     """
+    runnable = [m for m in suite.modes if m not in engine.unsupported_modes]
+    if not runnable:
+        raise InputError("none of the modes asked for can run on this engine: " + "; ".join(
+            f"{m}: {engine.unsupported_modes[m]}" for m in suite.modes))
     writer = ReportWriter("probe", config, out)
     writer.data["notes"] = list(engine.notes)
     writer.data["references"] = {}
@@ -140,7 +165,7 @@ def run_probe(
         _sync_notes(writer, engine)
         if not isinstance(exc, KeyboardInterrupt):
             writer.add_error("probe", exc)
-        writer.finish(_summary(writer.data["modes"]), partial=True)
+        writer.finish(_summary(writer.data["modes"], list(suite.modes), complete=False), partial=True)
         raise
     _sync_notes(writer, engine)
-    return writer.finish(_summary(writer.data["modes"]))
+    return writer.finish(_summary(writer.data["modes"], list(suite.modes), complete=True))
