@@ -283,8 +283,7 @@ def addmm(
         and _scalar_is(alpha, 1)
         and self.dtype == mat1.dtype
         and self.numel() == n
-        and self.dim() <= 2
-        and (self.dim() < 2 or self.shape[0] == 1)
+        and self.dim() <= 1  # a (1, N) self may be one row of a per-row matrix: fusing it would depend on M
     ):
         # F.linear's bias: the kernel adds it once, after the full K reduction.
         return _matmul(call, mat1, mat2, self.reshape(n))
@@ -578,11 +577,19 @@ def _portable(name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
     return _like(res, x)
 
 
+# Unary ops that compute an integer or bool input in the default float dtype (the others
+# refuse such input): their results come from the same position-dependent float loops.
+_PROMOTES_INTEGERS = frozenset({"sigmoid", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos"})
+
+
 def _elementwise(op: str, inplace: bool = False) -> Adapter:
     """Adapter of a unary op; ``op`` is the aten name without a trailing underscore."""
     portable_name = op if op in ELEMENTWISE_PORTABLE else None
+    promotes = op in _PROMOTES_INTEGERS and not inplace
 
     def adapter(call: Call, self: torch.Tensor, *extra: Any, **kwargs: Any) -> torch.Tensor:
+        if promotes and isinstance(self, torch.Tensor) and not (self.is_floating_point() or self.is_complex()):
+            self = self.to(torch.get_default_dtype())  # what torch computes from; not an exact op
         if call.portable and portable_name is not None and not extra and not kwargs:
             _float(self)
             if self.numel() == 0:
@@ -729,9 +736,29 @@ def _fold_linear(original: Callable[..., Any], x: Any, weight: Any, bias: Any = 
 
 
 def _fold_matmul(original: Callable[..., Any], x: Any, other: Any) -> Any:
-    if (isinstance(x, torch.Tensor) and isinstance(other, torch.Tensor) and x.dim() >= 3 and other.dim() <= 2
-            and not _foldable(x)):
-        x = x.clone(memory_format=torch.contiguous_format)  # same values; torch then folds
+    """torch folds into mm/mv only when it can without a copy or when an operand requires
+    grad; otherwise bmm against the broadcast matrix. Under the mode it always folds:
+
+    * a 3-D+ ``x`` times a matrix or vector: a copy of a non-foldable ``x`` (same values);
+    * a matrix or vector times a 3-D+ ``other`` (Mamba's ``dt_proj.weight @ x.mT``): torch's
+      folded form, ``(other.mT @ x.mT).mT``, which folds by the first rule;
+    * a batched ``x`` times a right operand with a batch of one, e.g. (1, K, N): torch folds
+      it into mm or not depending on the batch of ``x``; it is broadcast to that batch, so
+      every batch entry takes bmm, as the same product with a batch of one does (a
+      single-head attention's ``probs @ V`` alone and in a batch)."""
+    if not (isinstance(x, torch.Tensor) and isinstance(other, torch.Tensor)):
+        return original(x, other)
+    if (x.dim() >= 3 and 3 <= other.dim() <= x.dim() and all(d == 1 for d in other.shape[:-2])
+            and math.prod(x.shape[:-2]) > 1):
+        other = other.expand(*x.shape[:-2], *other.shape[-2:])
+    if x.dim() >= 3 and other.dim() <= 2:
+        if not _foldable(x):
+            x = x.clone(memory_format=torch.contiguous_format)  # same values; torch then folds
+        return original(x, other)
+    if x.dim() <= 2 and other.dim() >= 3:
+        if x.dim() == 1:
+            return _fold_matmul(original, other.mT, x)  # (..., N, K) @ (K,): (..., N)
+        return _fold_matmul(original, other.mT, x.mT).mT
     return original(x, other)
 
 

@@ -357,6 +357,77 @@ def test_gradients_flow_through_the_folds(view: str) -> None:
         torch.testing.assert_close(routed, plain, rtol=1e-5, atol=1e-4)
 
 
+_BATCH_PRODUCTS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "W @ X.mT (Mamba's dt_proj)": lambda w, x: w @ x.mT,
+    "v @ X.mT": lambda w, x: w[0] @ x.mT,
+    "X @ W[None].mT": lambda w, x: x @ w[None].mT,
+    "X[:, ::2] @ W.T": lambda w, x: x[:, ::2] @ w.t(),
+}
+
+
+@given(
+    batch=st.integers(1, 4),
+    length=st.integers(1, 8),
+    k=st.integers(1, 300),
+    n=st.integers(1, 24),
+    product=st.sampled_from(sorted(_BATCH_PRODUCTS)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_matrix_and_a_batch_give_the_same_bits_frozen_or_trainable(
+    batch: int, length: int, k: int, n: int, product: str, dtype: torch.dtype, seed: int
+) -> None:
+    """torch folds these products into mm/mv only when an operand requires grad; a frozen
+    sampler and a trainer must still get the same bits, and each batch entry its own."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(batch, length, k, generator=g).to(dtype)
+    f = _BATCH_PRODUCTS[product]
+    with detkit.batch_invariant() as bi:
+        with torch.no_grad():
+            frozen = f(w, x)
+            trainable = f(w.clone().requires_grad_(True), x)
+            entries = [f(w, x[i : i + 1]) for i in range(batch)]
+        with torch.inference_mode():
+            inference = f(w, x)
+    assert bi.uncovered() == {}
+    assert diff(trainable, frozen).ok and diff(inference, frozen).ok, f"{product}: bits depend on requires_grad"
+    for i, entry in enumerate(entries):
+        assert diff(entry, frozen[i : i + 1]).ok, f"{product}: batch entry {i} changed with the batch"
+
+
+def test_without_the_folds_a_frozen_matrix_on_the_left_takes_bmm_and_differs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mode, "FOLDS", ())
+    g = torch.Generator().manual_seed(0)
+    w, ts = torch.randn(512, 256, generator=g), torch.randn(2, 12, 256, generator=g)
+    with detkit.batch_invariant() as bi, torch.no_grad():
+        frozen = w @ ts.mT
+        trainable = w.clone().requires_grad_(True) @ ts.mT
+    assert bi.routed() == {"mm": 1, "bmm": 1} and not diff(frozen, trainable).ok
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_addmm_with_a_per_row_matrix_does_not_depend_on_the_row_count(dtype: torch.dtype) -> None:
+    """Only a vector bias is fused into the kernel: a (1, N) ``self`` that is one row of a
+    per-row matrix (decode) must get the bits of the same row among many (prefill)."""
+    g = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(*shape, generator=g).to(dtype) for shape in ((4, 1024), (1024, 256), (4, 256)))
+    with detkit.batch_invariant():
+        whole = torch.addmm(c, a, b)
+        for i in range(4):
+            assert diff(torch.addmm(c[i : i + 1], a[i : i + 1], b), whole[i : i + 1]).ok, f"row {i}"
+
+
+def test_integer_input_of_a_float_function_is_routed_not_passed_as_exact() -> None:
+    x = torch.randint(-20, 20, (33, 100), generator=torch.Generator().manual_seed(2))
+    with detkit.batch_invariant() as bi:
+        whole = torch.sigmoid(x)
+        rows = [torch.sigmoid(x[i : i + 1]) for i in range(33)]
+    assert whole.dtype == torch.float32
+    assert bi.routed().get("sigmoid") == 34 and not bi.coverage().passed_through
+    assert all(diff(r, whole[i : i + 1]).ok for i, r in enumerate(rows))
+
+
 def test_without_the_folds_a_frozen_weights_sliced_product_takes_bmm_and_differs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control for the test above (float32 on this CPU: mm's BLAS tiles and
     bmm's fma chain round differently)."""
