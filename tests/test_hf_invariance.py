@@ -135,3 +135,23 @@ def test_portable_mode_is_batch_invariant_too() -> None:
         problems = _mismatches(model, batches=((7, (0, 6)),), new_tokens=6)
     assert not problems, "\n\n".join(problems)
     assert bi.uncovered() == {}, f"ops fell back to torch:\n{bi.coverage()}"
+
+
+def test_a_mamba_models_logits_do_not_depend_on_whether_its_weights_are_frozen() -> None:
+    """HF Mamba computes ``dt_proj.weight @ time_step.transpose(1, 2)``: torch folds that
+    into mm only when the weight requires grad, so a frozen sampler copy and the trainer
+    took different kernels (3281 of 3600 logits differed before the matmul fold)."""
+    import transformers
+
+    config = transformers.MambaConfig(vocab_size=300, hidden_size=256, state_size=16, num_hidden_layers=2,
+                                      time_step_rank=256, use_mambapy=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.MambaForCausalLM(config).eval()
+        ids = torch.randint(0, 300, (2, 12))
+    with detkit.batch_invariant() as bi, torch.no_grad():
+        trainable = model(ids).logits
+        model.requires_grad_(False)
+        frozen = model(ids).logits
+    assert diff(frozen, trainable).ok
+    assert bi.uncovered() == {}
