@@ -737,7 +737,8 @@ def _fold_linear(original: Callable[..., Any], x: Any, weight: Any, bias: Any = 
 
 def _fold_matmul(original: Callable[..., Any], x: Any, other: Any) -> Any:
     """torch folds into mm/mv only when it can without a copy or when an operand requires
-    grad; otherwise bmm against the broadcast matrix. Under the mode it always folds:
+    grad; otherwise bmm against the broadcast matrix. Under the mode each shape takes one
+    path, whatever the layout and the ``requires_grad`` flags:
 
     * a 3-D+ ``x`` times a matrix or vector: a copy of a non-foldable ``x`` (same values);
     * a matrix or vector times a 3-D+ ``other`` (Mamba's ``dt_proj.weight @ x.mT``): torch's
