@@ -73,7 +73,7 @@ def run_deterministic(item: Any, runs: int, session: Any, *, restore_rng: bool =
     session.run = None  # the verdict belongs to the test, not to one run
     labels = [f"run {k + 1}" for k in range(runs)]
     differing, text, worst, info = T._compare_runs(outputs, labels, "")
-    distinct = len({tuple(V.digest(leaf) for _, leaf in out) for out in outputs})
+    distinct = len({tuple((p, V.digest(leaf)) for p, leaf in out) for out in outputs})
     detail = {
         "runs": runs,
         "restore_rng": restore_rng,

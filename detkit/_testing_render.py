@@ -15,8 +15,6 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _short(test: str) -> str:
-    return test.rsplit("::", 1)[-1] if "::" in test else test
 
 
 def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -40,8 +38,10 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
     """(title, header, rows) of each table."""
     out: list[tuple[str, list[str], list[list[str]]]] = []
     checks = _checks(report)
-    out.append((f"Checks ({len(checks)})", ["test", "check", "name", "verdict", "worst ULP", "first difference"],
-                [[_short(c["test"]), c.get("check", ""), c.get("name", ""), c.get("verdict", ""),
+    outcomes = _outcomes(report)
+    out.append((f"Checks ({len(checks)})",
+                ["test", "test outcome", "check", "name", "verdict", "worst ULP", "first difference"],
+                [[c["test"], outcomes.get(c["test"], "-"), c.get("check", ""), c.get("name", ""), c.get("verdict", ""),
                   "-" if c.get("worst_ulp") is None else str(c["worst_ulp"]),
                   _first_difference(c.get("detail") or {})] for c in checks]))
     modes = [r for r in report.get("results", []) if r.get("type") == "mode"]
@@ -50,23 +50,33 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[st
         for m in modes:
             fell = "; ".join(f"{op}: {n} x {why}" for op, reasons in sorted((m.get("fell_back") or {}).items())
                              for why, n in sorted(reasons.items()))
-            rows.append([_short(m["test"]), "portable" if m.get("portable") else "batch invariant",
+            rows.append([m["test"], "portable" if m.get("portable") else "batch invariant",
                          str(m.get("routed", 0)), fell or "none"])
         out.append(("Mode coverage per test", ["test", "mode", "routed calls", "fell back to torch"], rows))
     records = [r for r in report.get("results", []) if r.get("type") == "record"]
     if records:
-        rows = [[_short(r["test"]), r.get("name", ""), str(r.get("run", "")),
+        rows = [[r["test"], r.get("name", ""), str(r.get("run", "")),
                  ", ".join(f"{o.get('output') or 'out'} {o.get('dtype')}{o.get('shape')} {str(o.get('sha256', ''))[:12]}"
                            for o in r.get("outputs", []))] for r in records]
         out.append(("Recorded values", ["test", "name", "run", "outputs (dtype, shape, sha256)"], rows))
     return out
 
 
+def _outcomes(report: dict[str, Any]) -> dict[str, str]:
+    """Per test: its pytest outcome (failed wins over passed), from the ``test`` records."""
+    out: dict[str, str] = {}
+    for r in report.get("results", []):
+        if r.get("type") == "test" and out.get(r["test"]) in (None, "passed"):
+            out[r["test"]] = str(r.get("outcome", "-"))
+    return out
+
+
 def _headline(report: dict[str, Any]) -> str:
     s = report.get("summary") or {}
-    verdicts = ", ".join(f"{n} {v}" for v, n in sorted((s.get("verdicts") or {}).items()))
+    failed = ", ".join(f"{n} {v}" for v, n in sorted((s.get("verdicts") or {}).items()) if v != "PASS")
+    worst = "-" if s.get("worst_ulp") is None else s["worst_ulp"]
     return (f"{s.get('checks', 0)} checks: {s.get('passed', 0)} passed, {s.get('failed', 0)} failed"
-            f"{f' ({verdicts})' if verdicts else ''}; worst ULP {s.get('worst_ulp', '-')}; mode {s.get('mode', '-')}; "
+            f"{f' ({failed})' if failed else ''}; worst ULP {worst}; mode {s.get('mode', '-')}; "
             f"tests with uncovered ops {s.get('tests_with_uncovered_ops', 0)}; pytest exit status "
             f"{s.get('exitstatus', '-')}")
 

@@ -56,10 +56,17 @@ def flatten(obj: Any, what: str = "output") -> Leaves:
     def walk(x: Any, path: str) -> None:
         if x is None:
             return
+        if is_torch(x) and str(x.layout) != "torch.strided":
+            raise InputError(f"{what}{path or ''} is a {x.layout} tensor; compare x.to_dense()")
+        if is_torch(x) and x.device.type == "meta":
+            raise InputError(f"{what}{path or ''} is a meta tensor: it holds no values to compare")
         if is_array(x):
             leaves.append((path, _real_view(x)))
         elif isinstance(x, _SCALARS):
-            leaves.append((path, _real_view(np.asarray(x))))
+            arr = np.asarray(x)
+            if arr.dtype == object:
+                raise InputError(f"{what}{path or ''} = {x!r} does not fit a 64-bit number; compare it with ==")
+            leaves.append((path, _real_view(arr)))
         elif isinstance(x, Mapping):
             for k, v in x.items():
                 walk(v, f"{path}[{k!r}]")

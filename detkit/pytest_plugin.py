@@ -94,6 +94,28 @@ def detkit(request: pytest.FixtureRequest) -> Any:
     return DetkitFixture(request.node.nodeid, session.sink)
 
 
+def _mode_marker_args(marker: pytest.Mark) -> tuple[bool, bool]:
+    """(portable, strict) of a ``batch_invariant`` or ``portable`` marker, validated: a
+    misspelt argument must not leave the test running under another mode than asked."""
+    from detkit.errors import InputError
+
+    allowed = ("strict",) if marker.name == "portable" else ("portable", "strict")
+    unknown = set(marker.kwargs) - set(allowed)
+    if marker.args or unknown or any(not isinstance(v, bool) for v in marker.kwargs.values()):
+        raise InputError(
+            f"@pytest.mark.{marker.name} takes only {', '.join(f'{a}=True/False' for a in allowed)}, "
+            f"got args {marker.args} and kwargs {marker.kwargs}"
+        )
+    return marker.name == "portable" or marker.kwargs.get("portable", False), marker.kwargs.get("strict", False)
+
+
+def _is_unittest(item: pytest.Item) -> bool:
+    import unittest
+
+    cls = getattr(item, "cls", None)
+    return isinstance(cls, type) and issubclass(cls, unittest.TestCase)
+
+
 def _marker_args(marker: pytest.Mark) -> tuple[int, bool]:
     """(runs, restore_rng) of a ``deterministic`` marker, validated."""
     from detkit.errors import InputError
@@ -212,8 +234,8 @@ class DetkitSession:
         if self.mode != "off":
             contexts.append(batch_invariant(portable=self.mode == "portable"))
         if marker is not None:
-            portable = marker.name == "portable" or bool(marker.kwargs.get("portable", False))
-            contexts.append(batch_invariant(portable=portable, strict=bool(marker.kwargs.get("strict", False))))
+            portable, strict = _mode_marker_args(marker)
+            contexts.append(batch_invariant(portable=portable, strict=strict))
         try:
             with ExitStack() as stack:
                 for ctx in contexts:
@@ -236,6 +258,13 @@ class DetkitSession:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> Generator[None, object, object]:
         __tracebackhide__ = True
+        if item.get_closest_marker("deterministic") is not None and _is_unittest(item):
+            from detkit.errors import InputError
+
+            # pytest hands unittest methods to unittest, which the rerun hook never sees:
+            # the marker would silently do nothing.
+            raise InputError(f"@pytest.mark.deterministic cannot rerun the unittest.TestCase method {item.nodeid}; "
+                             "write it as a plain test function, or call detkit.testing.assert_deterministic in it")
         with self._modes(item, "setup"):
             return (yield)
 
@@ -261,12 +290,15 @@ class DetkitSession:
             self.touched.add(item.nodeid)
         # One outcome per test: the call phase, or the phase that failed before/after it.
         if touched and (call.when == "call" or report.outcome != "passed"):
+            outcome = report.outcome
+            if hasattr(report, "wasxfail"):  # an expected failure is not a failing test
+                outcome = "xfailed" if report.skipped else "xpassed"
             entries.append(
                 {
                     "type": "test",
                     "test": item.nodeid,
                     "when": call.when,
-                    "outcome": report.outcome,
+                    "outcome": outcome,
                     "failed_check": _failed_verdict(call),
                     "markers": markers,
                 }
@@ -385,7 +417,7 @@ class DetkitSession:
             if len(shown) < len(order):
                 tr.write_line(f"... {len(order) - len(shown)} more tests with passing detkit checks (-v lists all)")
         s = self.summary()
-        failed_tests = sum(1 for t in tests.values() if t["failed_check"])
+        failed_tests = sum(1 for t in tests.values() if t["failed_check"] and t["outcome"] == "failed")
         failed = ", ".join(f"{n} {v}" for v, n in sorted(s["verdicts"].items()) if v != "PASS")
         line = (
             f"detkit: {s['checks']} checks in {len(tests)} tests: {s['passed']} passed, {s['failed']} failed"

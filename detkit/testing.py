@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from detkit import _testing_values as V
 from detkit._testing_observers import OBSERVERS
 from detkit.errors import InputError, InvarianceViolation
@@ -355,6 +357,11 @@ def assert_batch_invariant(
     n = inputs.rows
     if n == 0:
         raise InputError(f"x has no rows along dim={dim}; pass at least one row")
+    if n == 1 and other is None:  # every batch would be copies of one row: rows that mix would pass
+        raise InputError(
+            f"x has 1 row along dim={dim}, so every batch would hold copies of it and a function that mixes "
+            "rows would still pass; pass several different rows, or filler rows with other="
+        )
     pool = inputs if other is None else inputs.concat(_Inputs.parse(other, dim, "other"))
     if other is not None and pool.rows == n:
         raise InputError("other has no rows along dim; pass filler rows or leave other=None")
@@ -368,7 +375,19 @@ def assert_batch_invariant(
         if not leaves:
             raise InputError("fn returned nothing to compare (None or an empty structure)")
         _rows_of_output(leaves, odim, 1, f"fn(row {i})")
+        if not any(int(np.prod(V.shape_of(leaf))) for _, leaf in leaves):
+            raise InputError(f"fn(row {i}) has no elements to compare (every output is empty)")
         refs.append([(p, V.snapshot(leaf)) for p, leaf in leaves])
+    # A row that differs from itself alone is nondeterminism, not batch variance: say so.
+    again = V.flatten(pool.call(fn, [0]), "fn(x[0])")
+    changed = [(leaf, ref) for (_, leaf), (_, ref) in zip(again, refs[0]) if not V.same_bits(leaf, ref)]
+    if changed:
+        text, ulp, info = V.describe(changed[0][0], changed[0][1], ("first call", "second call"))
+        message = "\n".join([
+            f"NONDETERMINISTIC: {label}: row 0 computed alone twice gave different bits, so batch invariance "
+            "cannot be assessed (dropout in train mode? an unseeded random draw?):", text, HINT_NONDET])
+        return _finish(CheckResult("batch_invariant", "NONDETERMINISTIC", ulp, label,
+                                   {"fn": _fn_name(fn), "rows": n, "first_difference": info}, message), Nondeterminism)
 
     per_b: dict[int, dict[str, Any]] = {}
     first: dict[str, Any] | None = None
@@ -487,7 +506,7 @@ def _compare_runs(
             t, ulp, d = V.describe(a, ref, (labels[0], labels[k]))
             ulps.append(ulp)
             if not text:
-                where = f" in {what}{path}" if what or path else ""
+                where = f" in {(what + path).strip()}" if (what + path).strip() else ""
                 text = f"{labels[k]} differs from {labels[0]}{where}:\n{t}"
                 info = {"run": k, "output": path, "diff": d}
             break
@@ -526,7 +545,7 @@ def assert_deterministic(
         outputs.append([(p, V.snapshot(leaf)) for p, leaf in leaves])
     labels = [f"run {k + 1}" for k in range(runs)]
     differing, text, worst, info = _compare_runs(outputs, labels, "output ")
-    distinct = len({tuple(V.digest(leaf) for _, leaf in out) for out in outputs})
+    distinct = len({tuple((p, V.digest(leaf)) for p, leaf in out) for out in outputs})
     detail = {"fn": _fn_name(fn), "runs": runs, "restore_rng": restore_rng, "distinct_results": distinct,
               "runs_differing": [k + 1 for k in differing], "first_difference": info}
     if not differing:
@@ -546,9 +565,9 @@ def assert_deterministic(
 
 def _pairwise(
     actual: Any, expected: Any, max_ulp: int | None
-) -> tuple[int, int, list[str], int | None, list[dict[str, Any]], int]:
+) -> tuple[int, int, list[str], int | None, list[dict[str, Any]], int, int]:
     """Compare two structures leaf by leaf: (leaves, failing leaves, texts, worst ULP,
-    details, leaves whose dtype or shape differs)."""
+    details, leaves whose dtype or shape differs, NaN-vs-number elements)."""
     la, le = V.flatten(actual, "actual"), V.flatten(expected, "expected")
     pa, pe = [p for p, _ in la], [p for p, _ in le]
     if pa != pe:
@@ -556,7 +575,7 @@ def _pairwise(
     texts: list[str] = []
     details: list[dict[str, Any]] = []
     ulps: list[int | None] = []
-    failing = kind = 0
+    failing = kind = nans = 0
     for (path, a), (_, e) in zip(la, le):
         same_kind = V.dtype_name(a) == V.dtype_name(e) and V.shape_of(a) == V.shape_of(e)
         kind += not same_kind
@@ -565,6 +584,7 @@ def _pairwise(
             continue
         text, ulp, info = V.describe(a, e, ("expected", "actual"), max_ulp=max_ulp)
         ulps.append(ulp)
+        nans += int(info.get("nan_mismatches") or 0)
         over = not same_kind or ulp is None or (max_ulp is None) or bool(info.get("num_over_max_ulp"))
         if not over:
             continue
@@ -572,7 +592,7 @@ def _pairwise(
         if len(texts) < 3:
             texts.append((f"{path}: " if path else "") + text)
         details.append({"output": path, "diff": info})
-    return len(la), failing, texts, _worst(ulps), details, kind
+    return len(la), failing, texts, _worst(ulps), details, kind, nans
 
 
 def _pair_message(status: str, label: str, kind: int, total: int, headline: str, texts: list[str], hint: str) -> str:
@@ -585,7 +605,7 @@ def _pair_message(status: str, label: str, kind: int, total: int, headline: str,
 def assert_bitwise_equal(actual: Any, expected: Any, *, name: str | None = None) -> CheckResult:
     """Assert that two tensors/arrays (or structures of them) have the same dtype, shape and bits."""
     __tracebackhide__ = True
-    total, failing, texts, worst, details, kind = _pairwise(actual, expected, None)
+    total, failing, texts, worst, details, kind, _ = _pairwise(actual, expected, None)
     label = name or "assert_bitwise_equal"
     detail = {"outputs": total, "outputs_differing": failing, "differences": details}
     if not failing:
@@ -605,7 +625,7 @@ def assert_ulp_close(actual: Any, expected: Any, max_ulp: int = 2, *, name: str 
     __tracebackhide__ = True
     if isinstance(max_ulp, bool) or not isinstance(max_ulp, int) or max_ulp < 0:
         raise InputError(f"max_ulp must be an int >= 0, got {max_ulp!r}")
-    total, failing, texts, worst, details, kind = _pairwise(actual, expected, max_ulp)
+    total, failing, texts, worst, details, kind, nans = _pairwise(actual, expected, max_ulp)
     label = name or "assert_ulp_close"
     detail = {"max_ulp": max_ulp, "outputs": total, "outputs_failing": failing, "differences": details}
     if not failing:
@@ -613,7 +633,8 @@ def assert_ulp_close(actual: Any, expected: Any, max_ulp: int = 2, *, name: str 
         return _finish(CheckResult("ulp_close", "PASS", worst, label, detail, message), None)
     message = _pair_message("ULP-EXCEEDED", label, kind, total,
                             f"{failing} of {total} outputs are more than {max_ulp} ULP from the expected values; "
-                            f"worst ULP {'-' if worst is None else worst}.", texts, HINT_ULP)
+                            f"worst ULP {'-' if worst is None else worst}"
+                            + (f" among numbers, and {nans} NaN vs number." if nans else "."), texts, HINT_ULP)
     return _finish(CheckResult("ulp_close", "ULP-EXCEEDED", worst, label, detail, message), UlpMismatch)
 
 

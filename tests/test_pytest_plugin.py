@@ -168,10 +168,15 @@ def test_report_file(pytester: pytest.Pytester) -> None:
     from detkit._testing_render import to_html, to_markdown
 
     md = to_markdown(report)
-    assert "2 failed (2 NONDETERMINISTIC, 1 PASS)" in md and "pytest exit status 1" in md
-    rows = [line for line in md.splitlines() if line.startswith("| test_")]
-    assert [r.split(" | ")[3] for r in rows[:3]] == ["NONDETERMINISTIC", "NONDETERMINISTIC", "PASS"]
-    assert "| test_checks | logits | " in md and record["outputs"][0]["sha256"][:12] in md
+    assert "2 failed (2 NONDETERMINISTIC); worst ULP" in md and "pytest exit status 1" in md
+    rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| test_")]
+    # full node ids (two files may hold tests of one name), the test's outcome, the verdict
+    assert [(r[0], r[1], r[4]) for r in rows[:3]] == [
+        ("| test_user.py::test_checks", "passed", "NONDETERMINISTIC"),  # inside pytest.raises
+        ("| test_user.py::test_failing", "failed", "NONDETERMINISTIC"),
+        ("| test_user.py::test_checks", "passed", "PASS"),
+    ]
+    assert "| test_user.py::test_checks | logits | " in md and record["outputs"][0]["sha256"][:12] in md
     page = to_html(report)
     assert page.count("<table>") == 2 and "NONDETERMINISTIC" in page and "{" not in page.split("<body>")[1]
 
@@ -301,6 +306,62 @@ def test_mode_markers_and_suite_mode(pytester: pytest.Pytester) -> None:
     assert not detkit.mode.is_enabled()
 
 
+def test_markers_refuse_arguments_they_would_ignore(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        import unittest
+
+        @pytest.mark.batch_invariant(portabel=True)
+        def test_misspelt():
+            pass
+
+        @pytest.mark.batch_invariant(True)
+        def test_positional():
+            pass
+
+        @pytest.mark.portable(strict="yes")
+        def test_not_a_bool():
+            pass
+
+        @pytest.mark.batch_invariant(portable=True, strict=True)
+        def test_fine():
+            pass
+
+        class TestOld(unittest.TestCase):
+            @pytest.mark.deterministic(runs=3)
+            def test_method(self):
+                return random_order_sum(torch.randn(200) * 100)
+        """,
+    )
+    result.assert_outcomes(passed=1, failed=3, errors=1)
+    out = result.stdout.str()
+    for text in ("@pytest.mark.batch_invariant takes only portable=True/False, strict=True/False, got args () and "
+                 "kwargs {'portabel': True}", "got args (True,) and kwargs {}",
+                 "@pytest.mark.portable takes only strict=True/False, got args () and kwargs {'strict': 'yes'}",
+                 "@pytest.mark.deterministic cannot rerun the unittest.TestCase method test_user.py::TestOld::test_method"):
+        assert text in out, text
+
+
+def test_an_expected_failure_is_not_counted_as_a_failing_test(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        @pytest.mark.xfail(reason="known nondeterministic", strict=True)
+        @pytest.mark.deterministic(runs=3)
+        def test_known():
+            return random_order_sum(torch.randn(200) * 100)
+        """,
+        "--detkit-report=r.json",
+    )
+    result.assert_outcomes(xfailed=1)
+    result.stdout.fnmatch_lines(["test_user.py::test_known  xfailed (NONDETERMINISTIC)*",
+                                 "detkit: 1 checks in 1 tests: 0 passed, 1 failed (1 NONDETERMINISTIC); "
+                                 "tests failing on a detkit check: 0;*"])
+    (test,) = [r for r in load_report(pytester.path / "r.json")["results"] if r["type"] == "test"]
+    assert test["outcome"] == "xfailed"
+
+
 def test_mode_coverage_is_recorded_in_the_report(pytester: pytest.Pytester) -> None:
     result = _run(
         pytester,
@@ -417,7 +478,7 @@ def test_fixture_check_sampler_trainer_is_reported(pytester: pytest.Pytester) ->
 
     text = to_markdown(load_report(pytester.path / "r.json"))
     step = off["detail"]["first_difference"]["step"]
-    assert f"| test_off_policy | sampler_trainer | sampler-trainer[LlamaForCausalLM] | MISMATCH |" in text
+    assert "| test_user.py::test_off_policy | failed | sampler_trainer | sampler-trainer[LlamaForCausalLM] | MISMATCH |" in text
     assert f"step {step}" in text
 
 

@@ -97,10 +97,44 @@ def test_elementwise_ops_are_batch_invariant(
     assert result.detail["placements_checked"] >= rows * len(set(sizes)) or positions == [0, -1]
 
 
-@given(rows=st.integers(1, 5), cols=st.integers(1, 20), seed=st.integers(0, 1000))
+@given(rows=st.integers(2, 5), cols=st.integers(1, 20), seed=st.integers(0, 1000))
 def test_numpy_functions_and_arrays(rows: int, cols: int, seed: int) -> None:
     x = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
     assert assert_batch_invariant(np.exp, x, batch_sizes=[1, 2, 5]).passed
+
+
+def test_checks_that_could_not_fail_are_refused() -> None:
+    """One row (batches of its copies), or outputs without elements, compare nothing that
+    could reveal a function that mixes rows."""
+    mixes_rows = lambda t: t - t.mean(0, keepdim=True)  # noqa: E731
+    with pytest.raises(InputError, match="x has 1 row along dim=0, so every batch would hold copies"):
+        assert_batch_invariant(mixes_rows, torch.randn(1, 8), batch_sizes=[1, 2, 4])
+    with pytest.raises(BatchVariance):  # two rows: the same function is caught
+        assert_batch_invariant(mixes_rows, torch.randn(2, 8), batch_sizes=[1, 2, 4])
+    with pytest.raises(InputError, match=r"fn\(row 0\) has no elements to compare"):
+        assert_batch_invariant(lambda t: t[:, :0], torch.randn(4, 8), batch_sizes=[1, 2])
+    assert assert_batch_invariant(torch.exp, torch.randn(1, 8), batch_sizes=[1, 4], other=torch.randn(3, 8)).passed
+
+
+def test_a_function_that_differs_from_itself_is_nondeterministic_not_batch_variant() -> None:
+    dropout = torch.nn.Dropout(0.5).train()
+    with pytest.raises(Nondeterminism, match="row 0 computed alone twice gave different bits") as info:
+        assert_batch_invariant(dropout, torch.randn(4, 8), batch_sizes=[1, 2])
+    assert info.value.result.verdict == "NONDETERMINISTIC" and info.value.result.check == "batch_invariant"
+
+
+def test_values_that_cannot_be_compared_are_input_errors() -> None:
+    with pytest.raises(InputError, match="does not fit a 64-bit number; compare it with =="):
+        assert_bitwise_equal(2**70, 2**70 + 1)
+    with pytest.raises(InputError, match=r"is a torch.sparse_coo tensor; compare x.to_dense\(\)"):
+        assert_bitwise_equal(torch.eye(3).to_sparse(), torch.eye(3).to_sparse())
+    with pytest.raises(InputError, match="is a meta tensor: it holds no values"):
+        assert_bitwise_equal(torch.empty(3, device="meta"), torch.empty(3, device="meta"))
+
+
+def test_a_nan_against_a_number_is_named_not_reported_as_zero_ulp() -> None:
+    with pytest.raises(UlpMismatch, match=r"worst ULP 0 among numbers, and 1 NaN vs number\."):
+        assert_ulp_close(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]), max_ulp=0)
 
 
 def test_numpy_matmul_is_batch_variant_on_this_cpu() -> None:
