@@ -64,7 +64,7 @@ HINT_BATCH = (
 )
 HINT_NONDET = (
     "What to try: look for unseeded randomness (global RNG states were restored before each "
-    "run), GPU atomics (index_add, scatter_add), reductions that depend on thread timing; "
+    "run; an explicit torch.Generator passed in is not, so create it inside the function), GPU atomics (index_add, scatter_add), reductions that depend on thread timing; "
     "set torch.use_deterministic_algorithms(True); run under `detkit.batch_invariant()`. "
     "`detkit audit` measures run-to-run nondeterminism per op."
 )
