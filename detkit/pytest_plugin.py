@@ -285,7 +285,7 @@ class DetkitSession:
         report = yield
         entries, self.pending = self.pending, []
         markers = sorted({m.name for m in item.iter_markers() if m.name in _MARKER_NAMES})
-        touched = entries or markers or item.nodeid in self.touched
+        touched = entries or markers or item.nodeid in self.touched or _failed_verdict(call) is not None
         if touched:
             self.touched.add(item.nodeid)
         # One outcome per test: the call phase, or the phase that failed before/after it.
@@ -386,7 +386,7 @@ class DetkitSession:
         return out
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-        tests = {k: v for k, v in self.tests().items() if v["checks"]}
+        tests = {k: v for k, v in self.tests().items() if v["checks"] or v["failed_check"]}
         if not tests and not self.uncovered() and self.mode == "off" and not self.report_path:
             return
         tr = terminalreporter
@@ -442,12 +442,15 @@ class DetkitSession:
 
 
 def _failed_verdict(call: pytest.CallInfo[None]) -> str | None:
-    """The verdict when the phase failed on a detkit check, else None."""
+    """The verdict when the phase failed on a detkit check ("INPUT-ERROR" when a detkit call
+    refused its arguments), else None."""
     if call.excinfo is None:
         return None
-    result = getattr(call.excinfo.value, "result", None)
-    verdict = getattr(result, "verdict", None)
-    return verdict if isinstance(verdict, str) and type(call.excinfo.value).__module__ == "detkit.testing" else None
+    exc = call.excinfo.value
+    if type(exc).__name__ == "InputError" and type(exc).__module__ == "detkit.errors":
+        return "INPUT-ERROR"  # a detkit call refused its arguments: no check ran, and the summary says so
+    verdict = getattr(getattr(exc, "result", None), "verdict", None)
+    return verdict if isinstance(verdict, str) and type(exc).__module__ == "detkit.testing" else None
 
 
 def _short(text: str, width: int) -> str:

@@ -343,6 +343,22 @@ def test_markers_refuse_arguments_they_would_ignore(pytester: pytest.Pytester) -
         assert text in out, text
 
 
+def test_a_test_whose_detkit_call_refused_its_arguments_is_listed(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        def test_one_row():
+            assert_batch_invariant(torch.exp, X[:1], batch_sizes=[1, 2])
+        """,
+        "--detkit-report=r.json",
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["test_user.py::test_one_row  failed (INPUT-ERROR)*",
+                                 "*tests failing on a detkit check: 1;*"])
+    (test,) = [r for r in load_report(pytester.path / "r.json")["results"] if r["type"] == "test"]
+    assert (test["outcome"], test["failed_check"]) == ("failed", "INPUT-ERROR")
+
+
 def test_an_expected_failure_is_not_counted_as_a_failing_test(pytester: pytest.Pytester) -> None:
     result = _run(
         pytester,
