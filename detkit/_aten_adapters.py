@@ -801,10 +801,10 @@ ELEMENTWISE_LIBM: frozenset[str] = frozenset(
 # Measured on an AVX-512 CPU with torch 2.13: these change bits with a value's position in
 # the tensor (vector body vs scalar tail) and are not routed by the mode.
 KNOWN_POSITION_DEPENDENT: dict[str, str] = {
-    "add.Tensor": "with alpha != 1 in bfloat16/float16 (fused multiply-add in the vector path only)",
-    "add_.Tensor": "with alpha != 1 in bfloat16/float16 (fused multiply-add in the vector path only)",
-    "sub.Tensor": "with alpha != 1 in bfloat16/float16 (fused multiply-add in the vector path only)",
-    "sub_.Tensor": "with alpha != 1 in bfloat16/float16 (fused multiply-add in the vector path only)",
+    **{op: "with alpha != 1 (the vector path fuses the multiply and the add; measured in bfloat16/float16, "
+           "and in float32 on some batch shapes)"
+       for op in ("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "rsub.Tensor", "rsub.Scalar")},
     "atan2.default": "float32: the vector path rounds differently from the scalar tail",
     "pow.Tensor_Tensor": "float32: the vector path rounds differently from the scalar tail",
+    "elu.default": "float32: the vector path rounds differently from the scalar tail",
 }

@@ -190,9 +190,11 @@ class _Registration:
         self.skipped: dict[str, str] = {}
         self._libraries: list[torch.library.Library] = []
         self._stance: Any = None
+        self._mha_fastpath: bool | None = None
         self.compile_note = ""
         try:
             self._force_eager()
+            self._disable_mha_fastpath()
             for key in keys:
                 self._register(key)
         except BaseException:
@@ -212,6 +214,17 @@ class _Registration:
         # function torch raises here: the mode belongs around the compiled call.)
         self._stance = set_stance("force_eager")
         self.compile_note = "torch.compile'd code runs eagerly (stance force_eager) while the mode is on"
+
+    def _disable_mha_fastpath(self) -> None:
+        """nn.MultiheadAttention and nn.TransformerEncoderLayer in eval without grad run
+        torch's fused kernels (``_native_multi_head_attention``,
+        ``_transformer_encoder_layer_fwd``), which never dispatch the overridden ops: rows
+        changed with the batch and with padding, and differed from the same module under
+        autograd, with nothing counted as a fallback. Off, they take their Python path."""
+        backends = getattr(torch.backends, "mha", None)
+        if backends is not None and hasattr(backends, "set_fastpath_enabled"):
+            self._mha_fastpath = bool(backends.get_fastpath_enabled())
+            backends.set_fastpath_enabled(False)
 
     def _register(self, key: str) -> None:
         plans: list[tuple[OpOverride, Any, Any]] = []
@@ -243,6 +256,9 @@ class _Registration:
             while self._libraries:
                 self._libraries.pop()._destroy()
         finally:
+            if self._mha_fastpath is not None:
+                torch.backends.mha.set_fastpath_enabled(self._mha_fastpath)
+                self._mha_fastpath = None
             if self._stance is not None:
                 stance, self._stance = self._stance, None
                 stance.__exit__(None, None, None)
@@ -388,6 +404,8 @@ def registered_keys() -> dict[str, Any]:
             "skipped": dict(reg.skipped) if reg else {},
             "note": _CUDA_NOTE,
             "compile": reg.compile_note if reg else "",
+            "mha_fastpath": ("torch's fused MultiheadAttention/TransformerEncoderLayer kernels are off while the "
+                             "mode is on" if reg and reg._mha_fastpath is not None else ""),
         }
 
 

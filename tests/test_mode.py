@@ -428,6 +428,32 @@ def test_integer_input_of_a_float_function_is_routed_not_passed_as_exact() -> No
     assert all(diff(r, whole[i : i + 1]).ok for i, r in enumerate(rows))
 
 
+def _encoder_rows_invariant() -> bool:
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(8, 6, 64, generator=g)
+    with detkit.batch_invariant(), torch.no_grad():
+        full = layer(x)
+        rows = [layer(x[i : i + 1]) for i in range(8)]
+    with detkit.batch_invariant():  # with autograd torch never took the fused path
+        graded = layer(x.requires_grad_(True)).detach()
+    return all(diff(r, full[i : i + 1]).ok for i, r in enumerate(rows)) and diff(graded, full).ok
+
+
+def test_torchs_fused_transformer_kernels_are_off_under_the_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nn.TransformerEncoderLayer/MultiheadAttention in eval without grad run fused kernels
+    that never reach the overridden ops; the mode turns that fast path off, and back on."""
+    assert torch.backends.mha.get_fastpath_enabled()
+    assert _encoder_rows_invariant()
+    assert torch.backends.mha.get_fastpath_enabled(), "restored when the mode ends"
+    with detkit.batch_invariant():
+        assert not torch.backends.mha.get_fastpath_enabled() and mode.registered_keys()["mha_fastpath"]
+    monkeypatch.setattr(mode._Registration, "_disable_mha_fastpath", lambda self: None)
+    assert not _encoder_rows_invariant(), "negative control: the fused kernels change rows with the batch"
+
+
 def test_without_the_folds_a_frozen_weights_sliced_product_takes_bmm_and_differs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Negative control for the test above (float32 on this CPU: mm's BLAS tiles and
     bmm's fma chain round differently)."""
