@@ -89,7 +89,9 @@ def _log_softmax64(logits: torch.Tensor) -> np.ndarray:
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def _kl_and_logprob_gap(sampler: torch.Tensor, trainer: torch.Tensor, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def _kl_and_logprob_gap(
+    sampler: torch.Tensor, trainer: torch.Tensor, tokens: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
     """Per step: KL(sampler || trainer) in nats and |log p_sampler(token) - log p_trainer(token)|,
     both in float64 from the logits. Equal log-probabilities (-inf included) contribute 0."""
     ls, lt = _log_softmax64(sampler), _log_softmax64(trainer)
@@ -101,7 +103,9 @@ def _kl_and_logprob_gap(sampler: torch.Tensor, trainer: torch.Tensor, tokens: to
     return kl, gap
 
 
-def _sample(model: Any, ids: list[list[int]], pad_id: int, batch: int, steps: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _sample(
+    model: Any, ids: list[list[int]], pad_id: int, batch: int, steps: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The sampler, as an inference engine runs it: weights without gradients, eval mode,
     no autograd, incremental greedy decoding through the KV cache in left-padded batches,
     logits of the last position only (HF generate's logits_to_keep=1). Per prompt: the
@@ -245,7 +249,9 @@ def check_sampler_trainer(
     n = len(ids)
     sb = n if sampler_batch_size is None else sampler_batch_size
     if isinstance(sb, bool) or not isinstance(sb, int) or sb < 1:
-        raise InputError(f"sampler_batch_size must be a positive int or None (all prompts in one batch), got {sampler_batch_size!r}")
+        raise InputError(
+            f"sampler_batch_size must be a positive int or None (all prompts in one batch), got {sampler_batch_size!r}"
+        )
     if train and (where := _active_dropout(model)):
         raise InputError(
             f"dropout is active in train mode ({where}), so every trainer forward draws a different mask "

@@ -74,8 +74,8 @@ def flatten(obj: Any, what: str = "output") -> Leaves:
             for i, v in enumerate(x):
                 walk(v, f"{path}[{i}]")
         else:
-            cache = " (a Hugging Face KV cache: return out.logits, or call the model with use_cache=False)" \
-                if "Cache" in type(x).__name__ else ""
+            cache = (" (a Hugging Face KV cache: return out.logits, or call the model with use_cache=False)"
+                     if "Cache" in type(x).__name__ else "")
             raise InputError(
                 f"{what}{path or ''} is a {type(x).__name__}{cache}; detkit.testing compares torch tensors, "
                 "numpy arrays, Python numbers and tuples/lists/dicts of them. Return the tensors "

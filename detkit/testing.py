@@ -64,7 +64,8 @@ HINT_BATCH = (
 )
 HINT_NONDET = (
     "What to try: look for unseeded randomness (global RNG states were restored before each "
-    "run; an explicit torch.Generator passed in is not, so create it inside the function), GPU atomics (index_add, scatter_add), reductions that depend on thread timing; "
+    "run; an explicit torch.Generator passed in is not, so create it inside the function), "
+    "GPU atomics (index_add, scatter_add), reductions that depend on thread timing; "
     "set torch.use_deterministic_algorithms(True); run under `detkit.batch_invariant()`. "
     "`detkit audit` measures run-to-run nondeterminism per op."
 )
@@ -347,6 +348,10 @@ def assert_batch_invariant(
     structure as ``x``) used only as batch fillers; then each checked row sits alone
     among them. ``x`` may be a tuple/list (``fn(*x)``) or dict (``fn(**x)``) whose parts
     share the batch dimension. ``seed`` fixes the placements.
+
+    A check that could not fail is an ``InputError``: one row without ``other`` (batches
+    of its copies), outputs without elements, nothing compared. Row 0 is computed alone
+    twice first; if the two differ the verdict is NONDETERMINISTIC, not BATCH-VARIANT.
     """
     __tracebackhide__ = True
     if not callable(fn):
