@@ -60,27 +60,10 @@ class DetkitFixture:
             model, prompts_or_input_ids, batch_sizes, max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed, name=name
         )
 
-    def check_sampler_trainer(
-        self,
-        model: Any,
-        prompts_or_input_ids: Any,
-        *,
-        max_new_tokens: int = 8,
-        sampler_batch_size: int | None = None,
-        trainer_batch_sizes: Sequence[int] = (1, 3),
-        padding_side: str = "right",
-        train: bool = True,
-        tokenizer: Any = None,
-        seed: int = 0,
-        name: str | None = None,
-    ) -> T.CheckResult:
+    def check_sampler_trainer(self, model: Any, prompts_or_input_ids: Any, **kwargs: Any) -> T.CheckResult:
         """The trainer's forward vs the sampler's logits: see ``assert_trainer_matches_sampler``."""
         __tracebackhide__ = True
-        return T.assert_trainer_matches_sampler(
-            model, prompts_or_input_ids, max_new_tokens=max_new_tokens, sampler_batch_size=sampler_batch_size,
-            trainer_batch_sizes=trainer_batch_sizes, padding_side=padding_side, train=train, tokenizer=tokenizer,
-            seed=seed, name=name,
-        )
+        return T.assert_trainer_matches_sampler(model, prompts_or_input_ids, **kwargs)
 
     def batch_invariant(self, portable: bool = False) -> AbstractContextManager[Any]:
         """``detkit.batch_invariant(portable=...)``, for a block inside a test."""

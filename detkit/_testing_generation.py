@@ -90,6 +90,14 @@ def greedy(model: Any, prompts: list[list[int]], pad_id: int, steps: int) -> tup
     return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
 
 
+def check_model_and_steps(model: Any, max_new_tokens: Any) -> None:
+    """The arguments both generation checks share: a torch causal LM and a step count."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not callable(model) or not hasattr(model, "parameters") or not hasattr(model, "train"):
+        raise InputError(f"model must be a torch causal LM (a Hugging Face model), got {type(model).__name__}")
+
+
 def check_fits(model: Any, ids: list[list[int]], max_new_tokens: int) -> None:
     """Token ids inside the vocabulary and sequences inside the position table, or an
     InputError now (instead of an IndexError deep in the model)."""
@@ -130,10 +138,7 @@ def check_generation(
     from detkit.compare import first_divergence
     from detkit.testing import HINT_BATCH, CheckResult, _check_batch_sizes, _worst
 
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not callable(model) or not hasattr(model, "parameters"):
-        raise InputError(f"model must be a torch causal LM (a Hugging Face model), got {type(model).__name__}")
+    check_model_and_steps(model, max_new_tokens)
     if getattr(model, "training", False):
         raise InputError(
             "model is in training mode (dropout would make every run differ); call model.eval() first"

@@ -232,13 +232,10 @@ def check_sampler_trainer(
     name: str | None,
 ) -> tuple[CheckResult, bool]:
     """Run the check; returns (result, failed)."""
-    from detkit._testing_generation import _pad_id, _prompt_ids, check_fits, mode_name
+    from detkit._testing_generation import _pad_id, _prompt_ids, check_fits, check_model_and_steps, mode_name
     from detkit.testing import CheckResult
 
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if not callable(model) or not hasattr(model, "parameters") or not hasattr(model, "train"):
-        raise InputError(f"model must be a torch causal LM (a Hugging Face model), got {type(model).__name__}")
+    check_model_and_steps(model, max_new_tokens)
     if padding_side not in PADDING_SIDES:
         raise InputError(f"padding_side must be one of {', '.join(PADDING_SIDES)}, got {padding_side!r}")
     if not isinstance(train, bool):
