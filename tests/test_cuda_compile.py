@@ -507,6 +507,28 @@ def test_backend_explains_why_it_is_unavailable() -> None:
         cuda_backend.softmax(torch.zeros(2, 3), False)
 
 
+def test_backend_is_unavailable_when_cupy_cannot_use_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CuPy wheel for a newer CUDA than the driver imports fine and fails at its first
+    call: available() says so (the GPU tests skip with that reason) instead of every
+    launch failing with CuPy's raw runtime error."""
+    import types
+
+    def no_driver() -> int:
+        raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
+
+    runtime = types.SimpleNamespace(getDeviceCount=no_driver)
+    fake_cupy = types.SimpleNamespace(__version__="13.6.0", cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setattr(cuda_backend, "_cupy", lambda: fake_cupy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    cuda_backend._availability.cache_clear()
+    try:
+        ok, reason = cuda_backend.available()
+    finally:
+        cuda_backend._availability.cache_clear()
+    assert not ok and "cudaErrorInsufficientDriver" in reason and "cupy-cuda13x" in reason
+
+
 def test_tile_tags_match_the_instantiations() -> None:
     """Each DETKIT_*_CONFIG line's numbers are the ones its tag (and so the host's grid
     and block sizes) encodes, and the Python catalogue lists exactly those lines."""

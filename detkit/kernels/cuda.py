@@ -188,12 +188,20 @@ def available() -> tuple[bool, str]:
 @functools.cache
 def _availability() -> tuple[bool, str]:
     try:
-        _cupy()
+        cupy = _cupy()
         if not torch.cuda.is_available():
             return False, "torch reports no CUDA device (CPU-only torch build or no GPU/driver)"
         major = torch.cuda.get_device_capability(0)[0]
         if major < _MIN_MAJOR:
             return False, f"GPU 0 is sm_{major}x; detkit's CUDA kernels need sm_80 (Ampere) or newer"
+        # CuPy loads its own CUDA runtime: a wheel for a newer CUDA than the driver (or one
+        # missing its libraries) imports fine and fails at its first call, inside a launch.
+        try:
+            cupy.cuda.runtime.getDeviceCount()
+        except Exception as err:  # noqa: BLE001 - CuPy's CUDARuntimeError and loader errors
+            return False, (f"CuPy {getattr(cupy, '__version__', '?')} cannot use the GPU that torch sees "
+                           f"({type(err).__name__}: {err}); install the CuPy wheel for the driver's CUDA "
+                           "version (cupy-cuda12x or cupy-cuda13x)")
         cuda_loader.kernel_dir()
     except BackendUnavailable as err:
         return False, str(err)
