@@ -161,6 +161,7 @@ def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path) -> None:
     """scripts/gpu-check end to end on this CPU machine: it compiles every kernel, finds
     that no GPU test ran, writes its summary and exits 1 (a skip-only run is no proof)."""
     import os
+    import shutil
     import subprocess
 
     script = BENCH.parent.parent / "scripts" / "gpu-check"
@@ -172,6 +173,8 @@ def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ok"] is False and summary["tests"]["passed"] == 0 and summary["tests"]["skipped"] > 0
+    if shutil.which("nvidia-smi") is None:
+        assert summary["device"] == ["unknown (nvidia-smi not found)"]
     assert summary["kernels_check"]["ok"] is True
     assert set(summary["kernels_check"]["files"]) == {"matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu",
                                                       "matmul_sm90.cu"}

@@ -607,6 +607,33 @@ def test_tensor_core_shared_memory_sizes_match_the_kernels(compiler: str) -> Non
     assert sum(c.smem > 48 * 1024 for c in cuda_backend.TILE_CATALOGUE[torch.bfloat16]) >= 3
 
 
+def test_shared_memory_limit_is_asked_of_the_driver_when_torch_does_not_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch < 2.6 has no ``shared_memory_per_block_optin``: the limit then comes from the
+    driver (through CuPy), not the 48 KiB default, which would leave every deep-pipeline
+    and wgmma configuration out of the tests and benchmarks on an H100."""
+    import types
+
+    asked: list[tuple[int, int]] = []
+
+    def attribute(attr: int, index: int) -> int:
+        asked.append((attr, index))
+        return 232448  # an H100's opt-in limit
+
+    runtime = types.SimpleNamespace(deviceGetAttribute=attribute)
+    monkeypatch.setattr(cuda_backend, "_cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(major=9, minor=0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    dev = torch.device("cuda", 1)
+    assert cuda_backend._smem_optin(dev) == 232448 and asked == [(97, 1)]
+    big = max(cuda_backend.TILE_CATALOGUE[torch.bfloat16], key=lambda c: c.smem)
+    assert big.smem > 48 * 1024 and cuda_backend.fits(big, dev)
+    # torch >= 2.6 says it itself
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: types.SimpleNamespace(shared_memory_per_block_optin=101376))
+    asked.clear()
+    assert cuda_backend._smem_optin(dev) == 101376 and not asked
+
+
 def test_launcher_opts_in_to_large_shared_memory_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Above 48 KiB the launcher raises the kernel's dynamic shared memory limit (once per
     loaded function) and passes the size at every launch; below it, it sets nothing."""

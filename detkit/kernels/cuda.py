@@ -253,6 +253,7 @@ def _major(dev: torch.device) -> int:
 
 _STATIC_SMEM_LIMIT = 48 * 1024
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute in cuda.h
+_CUDA_DEV_ATTR_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97  # cudaDeviceAttr in driver_types.h
 _streams: dict[tuple[int, int], Any] = {}
 # Loaded kernels by (device, file, entry point): the per-call path does no file I/O.
 _functions: dict[tuple[int, str, str], Any] = {}
@@ -398,7 +399,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
 def _smem_optin(dev: torch.device) -> int:
     """The most dynamic shared memory one block may opt in to on ``dev``."""
     props = torch.cuda.get_device_properties(dev)
-    return int(getattr(props, "shared_memory_per_block_optin", _STATIC_SMEM_LIMIT))
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:  # torch < 2.6 does not expose it: ask the driver through CuPy
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        optin = _cupy().cuda.runtime.deviceGetAttribute(_CUDA_DEV_ATTR_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, index)
+    return int(optin)
 
 
 def fits(tile: TileConfig, dev: torch.device) -> bool:
