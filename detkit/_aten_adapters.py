@@ -215,7 +215,15 @@ def _leading_zero_starts(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | Non
     # An all-zero row keeps its last term, so the result keeps the sign rules of a sum.
     starts = torch.where(nonzero.any(-1), first, torch.full_like(first, k - 1))
     skip = int(starts.max())
-    if skip == 0 or not bool(torch.isfinite(b[..., :skip, :]).all()):
+    if skip == 0:
+        return None
+    # A row skips nothing if its own batch entry's b has inf/NaN among the skipped rows
+    # (0 * inf must stay NaN). Decided per batch entry: inf in another entry's b (another
+    # sequence's values) or another row's longer padding must not change this row's bits.
+    bad = ~torch.isfinite(b[..., :skip, :]).all(-1)  # (B, skip)
+    limit = torch.where(bad.any(-1), bad.to(torch.uint8).argmax(-1), skip)  # first bad row of b
+    starts = torch.where(starts <= limit.unsqueeze(-1), starts, 0)
+    if int(starts.max()) == 0:
         return None
     return starts
 

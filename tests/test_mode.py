@@ -528,6 +528,25 @@ def test_leading_zero_skip_keeps_ieee_nan() -> None:
     assert torch.isnan(out[0, 0]) and torch.isinf(out[1, 0])  # 0 * inf stays NaN
 
 
+def test_leading_zero_skip_does_not_depend_on_other_batch_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a padded row skips its leading zeros is decided by its own batch entry:
+    inf in another entry's b, or a longer padding in another row, once turned the skip
+    off for every row, changing this row's bits with the batch (with a kernel that
+    blocks K)."""
+    monkeypatch.setattr(_aten_adapters, "kernels_module", lambda: _OrderSensitiveKernels())
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 2, 23, generator=g)
+    a[0, 0, :5] = 0.0  # a padded row
+    a[1, 0, :9] = 0.0  # a longer padding in the other entry, over a row of b holding inf
+    b = torch.randn(2, 23, 3, generator=g)
+    b[1, 7, 0] = float("inf")
+    with detkit.batch_invariant():
+        alone = torch.bmm(a[:1], b[:1])
+        batched = torch.bmm(a, b)
+    assert diff(batched[0], alone[0]).ok
+    assert torch.isnan(batched[1, 0, 0])  # that row still keeps 0 * inf = NaN
+
+
 def test_reductions_over_several_dims_and_dtype_args() -> None:
     x = torch.randn(4, 5, 6, dtype=torch.float32)
     with detkit.batch_invariant() as bi:
