@@ -417,6 +417,21 @@ def test_matches_torch_semantics(dtype: torch.dtype) -> None:
     assert (kernels.matmul(a[0, 0], b[0], bias2).double() - want).abs().max() < tol * 10
 
 
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("rows", [2, 20000])  # the serial and the parallel driver
+def test_norms_of_a_zero_row_with_eps_zero_give_nan_like_torch(rows: int, portable: bool) -> None:
+    """0 / sqrt(0): NaN, as torch gives, whatever the batch size (the serial driver used
+    to raise ZeroDivisionError, the parallel one to give NaN)."""
+    x = torch.zeros(rows, 8)
+    x[0] = torch.arange(8.0)
+    for got, want in (
+        (kernels.rms_norm(x, eps=0.0, portable=portable), F.rms_norm(x, (8,), eps=0.0)),
+        (kernels.layer_norm(x, eps=0.0, portable=portable), F.layer_norm(x, (8,), eps=0.0)),
+    ):
+        assert got[1:].isnan().all() and want[1:].isnan().all()
+        assert (got[0] - want[0]).abs().max() < 1e-5
+
+
 def test_float64_supported() -> None:
     gen = torch.Generator().manual_seed(7)
     x = randn(gen, 20, 33, dtype=torch.float64)

@@ -29,6 +29,11 @@ Orders (W = 16 lanes):
   two built from their bits). Both are basic IEEE operations only, so every loop
   position gives the same bits.
 
+Entry points compile with ``error_model="numpy"``: IEEE division (x / 0 = +-inf or
+NaN). numba's default raises ``ZeroDivisionError`` in the serial drivers only (its
+parallel loops already divide as IEEE), so a zero row with ``eps=0`` raised for a small
+input and gave NaN, as torch does, for a large one.
+
 Where LLVM would keep an accumulator in memory (numba arrays are heap objects), the
 inner loops are written as LLVM IR with vector registers (``tile_scores``, the P @ V
 tiles, the lane loops): ``llvm.fma``/``fadd``/``fmul`` on vectors are lane-wise, so a
@@ -396,14 +401,14 @@ def _layer_norm_row(row, o, weight, bias, has_weight, has_bias, eps, lanes):  # 
             o[j] = (np.float64(row[j]) - mu64) * inv
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def row_sum(x, out, mean):  # type: ignore[no-untyped-def]
     """out[r] = sum (or mean) of x[r, :], anchored lane order."""
     for r in prange(x.shape[0]):
         _sum_row(x[r], r, out, mean, np.empty(W, x.dtype))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def row_sum_serial(x, out, mean):  # type: ignore[no-untyped-def]
     """``row_sum`` on one thread (same bits)."""
     lanes = np.empty(W, x.dtype)
@@ -411,14 +416,14 @@ def row_sum_serial(x, out, mean):  # type: ignore[no-untyped-def]
         _sum_row(x[r], r, out, mean, lanes)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def softmax(x, out, log):  # type: ignore[no-untyped-def]
     """Softmax or log-softmax of each row; the normaliser is an anchored lane sum."""
     for r in prange(x.shape[0]):
         _softmax_row(x[r], out[r], log, np.empty(W, x.dtype))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def softmax_serial(x, out, log):  # type: ignore[no-untyped-def]
     """``softmax`` on one thread (same bits)."""
     lanes = np.empty(W, x.dtype)
@@ -426,14 +431,14 @@ def softmax_serial(x, out, log):  # type: ignore[no-untyped-def]
         _softmax_row(x[r], out[r], log, lanes)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def rms_norm(x, weight, has_weight, eps, out):  # type: ignore[no-untyped-def]
     """y = x / sqrt(mean(x^2) + eps) * weight; sum of squares in lane order."""
     for r in prange(x.shape[0]):
         _rms_row(x[r], out[r], weight, has_weight, eps, np.empty(W, x.dtype))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def rms_norm_serial(x, weight, has_weight, eps, out):  # type: ignore[no-untyped-def]
     """``rms_norm`` on one thread (same bits)."""
     lanes = np.empty(W, x.dtype)
@@ -441,14 +446,14 @@ def rms_norm_serial(x, weight, has_weight, eps, out):  # type: ignore[no-untyped
         _rms_row(x[r], out[r], weight, has_weight, eps, lanes)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def layer_norm(x, weight, bias, has_weight, has_bias, eps, out):  # type: ignore[no-untyped-def]
     """y = (x - mean) / sqrt(var + eps) * weight + bias; two-pass, lane order sums."""
     for r in prange(x.shape[0]):
         _layer_norm_row(x[r], out[r], weight, bias, has_weight, has_bias, eps, np.empty(W, x.dtype))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def layer_norm_serial(x, weight, bias, has_weight, has_bias, eps, out):  # type: ignore[no-untyped-def]
     """``layer_norm`` on one thread (same bits)."""
     lanes = np.empty(W, x.dtype)
@@ -456,7 +461,7 @@ def layer_norm_serial(x, weight, bias, has_weight, has_bias, eps, out):  # type:
         _layer_norm_row(x[r], out[r], weight, bias, has_weight, has_bias, eps, lanes)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def bmm(a, b, out):  # type: ignore[no-untyped-def]
     """out[n] = a[n] @ b[n] with acc = fma(a_k, b_k, acc) for k = 0..K-1 in order.
 
@@ -763,7 +768,7 @@ def _probabilities(srow, lo, hi, jlo, jhi, base, maskb, maskf, ms, mode, scale):
     return anchored_sum(srow, j0, hi, lanes), True
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, error_model="numpy")
 def attention(q, k, kT, tiled, v, maskb, maskf, ms, mode, ranges, scale, out):  # type: ignore[no-untyped-def]
     """Scaled dot-product attention; one task = up to QB queries of one (batch, head).
 
