@@ -140,6 +140,21 @@ def test_zero_dim_tensors() -> None:
     assert torch.equal(kernels.sum(s), s)
 
 
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("fn", ["sum", "mean"])
+def test_zero_dim_reductions_are_a_row_of_one(fn: str, portable: bool) -> None:
+    """A 0-dim tensor gives the bits of the same value as a row of one (torch: sum of
+    -0.0 is +0.0; portable: a NaN comes back as the canonical NaN)."""
+    reduce = getattr(kernels, fn)
+    neg_nan = torch.tensor(-(2**22) - 1, dtype=torch.int32).view(torch.float32)  # 0xFFBFFFFF
+    for value in (torch.tensor(-0.0), neg_nan, torch.tensor(2.5)):
+        got = reduce(value, portable=portable)
+        want = reduce(value.reshape(1), portable=portable)
+        assert got.shape == () and torch.equal(got.view(torch.int32), want.view(torch.int32)), value
+    assert torch.equal(kernels.sum(torch.tensor(-0.0)).view(torch.int32), torch.tensor(-0.0).sum().view(torch.int32))
+    assert reduce(torch.tensor(2.5), 0, keepdim=True, portable=portable).shape == ()
+
+
 def test_fully_masked_query_returns_zeros_like_torch() -> None:
     q, k, v = x32(1, 1, 3, 8), x32(1, 1, 4, 8), x32(1, 1, 4, 8)
     mask = torch.ones(3, 4, dtype=torch.bool)

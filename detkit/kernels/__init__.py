@@ -320,13 +320,15 @@ def _reduce(x: torch.Tensor, dim: int, keepdim: bool, portable: bool, mean: bool
     x = _check(x, "x", fn)
     backend = _dispatch(fn, portable, x=x)
     d = _dim(dim, x.dim(), fn)
-    if x.dim() == 0:
-        return x.clone()
+    # A 0-dim tensor is a row of one, reduced by the backend like any other: returning x
+    # itself kept -0.0 (the anchored sum of a zero row is +0.0, as torch's) and, under
+    # portable=True, a NaN's payload (the spec's outputs carry the canonical NaN).
     out_shape = list(x.shape)
-    if keepdim:
-        out_shape[d] = 1
-    else:
-        del out_shape[d]
+    if x.dim() > 0:
+        if keepdim:
+            out_shape[d] = 1
+        else:
+            del out_shape[d]
     if x.numel() == 0:
         fill = math.nan if mean and x.shape[d] == 0 else 0.0
         return torch.full(out_shape, fill, dtype=x.dtype, device=x.device)
