@@ -268,6 +268,8 @@ def _scaled(prod: torch.Tensor, alpha: Any) -> torch.Tensor:
 def _add_scaled(call: Call, self: torch.Tensor, prod: torch.Tensor, beta: Any, alpha: Any) -> torch.Tensor:
     """beta * self + alpha * prod, elementwise (row independent), as torch's addmm family."""
     _float(self)
+    if self.dtype != prod.dtype:
+        raise Unsupported("mixed dtypes", benign=True)  # torch raises its own error
     if _scalar_is(beta, 0):  # torch ignores self entirely (even NaN) when beta == 0
         return _scaled(prod, alpha)
     term = self if _scalar_is(beta, 1) else self * beta
@@ -494,6 +496,8 @@ def _attention(
     enable_gqa: bool,
 ) -> torch.Tensor:
     _float(query, key, value)
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise Unsupported("attn_mask dtype", benign=True)  # torch raises its own error
     if dropout_p > 0.0:
         raise Unsupported("dropout_p > 0")
     return _kernel_call(

@@ -547,6 +547,25 @@ def test_leading_zero_skip_does_not_depend_on_other_batch_entries(monkeypatch: p
     assert torch.isnan(batched[1, 0, 0])  # that row still keeps 0 * inf = NaN
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: torch.addmm(torch.randn(5), torch.randn(3, 4).bfloat16(), torch.randn(4, 5).bfloat16()),
+        lambda: torch.addmm(torch.randn(3, 5), torch.randn(3, 4).bfloat16(), torch.randn(4, 5).bfloat16(), beta=2),
+        lambda: torch.baddbmm(torch.randn(2, 3, 5).double(), torch.randn(2, 3, 4), torch.randn(2, 4, 5)),
+        lambda: F.scaled_dot_product_attention(*[torch.randn(1, 1, 3, 4)] * 3, attn_mask=torch.zeros(3, 3).double()),
+        lambda: F.scaled_dot_product_attention(*[torch.randn(1, 1, 3, 4)] * 3, attn_mask=torch.zeros(3, 3).half()),
+    ],
+)
+def test_arguments_torch_refuses_are_refused_under_the_mode(call: Callable[[], torch.Tensor]) -> None:
+    """A self or an attn_mask of another dtype: torch raises, and so must the mode (it
+    used to cast and return a result, so code that ran under the mode failed without it)."""
+    with pytest.raises(RuntimeError, match="dtype"):
+        call()
+    with detkit.batch_invariant(), pytest.raises(RuntimeError, match="dtype"):
+        call()
+
+
 def test_reductions_over_several_dims_and_dtype_args() -> None:
     x = torch.randn(4, 5, 6, dtype=torch.float32)
     with detkit.batch_invariant() as bi:
