@@ -133,6 +133,20 @@ def test_empty_dimensions_like_torch(dtype: torch.dtype) -> None:
     assert torch.equal(kernels.attention(qq, no_keys, no_keys), F.scaled_dot_product_attention(qq, no_keys, no_keys))
 
 
+@pytest.mark.parametrize("portable", ["no", 0, None])
+def test_portable_must_be_a_bool(portable: object) -> None:
+    """The flag chooses the guarantee, so it is not read by truthiness ("no" was portable)."""
+    x = x32(2, 3)
+    for call in (
+        lambda: kernels.softmax(x, portable=portable),
+        lambda: kernels.matmul(x, x.t(), portable=portable),
+        lambda: kernels.sum(x, portable=portable),
+        lambda: kernels.attention(x, x, x, portable=portable),
+    ):
+        with pytest.raises(InputError, match="portable must be True or False"):
+            call()
+
+
 def test_zero_dim_tensors() -> None:
     s = torch.tensor(2.5)
     assert torch.equal(kernels.softmax(s), torch.softmax(s, 0))

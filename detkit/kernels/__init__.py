@@ -92,6 +92,9 @@ def _same_dtype(fn: str, **tensors: torch.Tensor | None) -> None:
 
 
 def _dispatch(fn: str, portable: bool, **tensors: torch.Tensor | None) -> ModuleType:
+    if not isinstance(portable, bool):
+        # Truthiness would pick a guarantee: portable="no" ran the portable kernels.
+        raise InputError(f"{fn}: portable must be True or False, got {portable!r}.")
     given = {k: t for k, t in tensors.items() if t is not None}
     devices = {t.device for t in given.values()}
     if len(devices) > 1:
