@@ -50,6 +50,7 @@ the CPU dispatch key only, like the rest of the elementwise table.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -687,17 +688,56 @@ _CUDA_ELEMENTWISE: tuple[OpOverride, ...] = (
       for name in _ELEMENTWISE_INPLACE if name.removesuffix("_") in ELEMENTWISE_PORTABLE),
 )
 
+# out= overloads (``torch.mm(a, b, out=c)``, ``torch.sum(x, 1, out=o)``, ...) of the routed
+# functional forms: unrouted, they ran torch's kernel without a trace in uncovered().
+_OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim_IntList": "sum.IntList_out",
+              "sum.default": "sum.out", "pow.Tensor_Scalar": "pow.Tensor_Scalar_out"}
+_NO_OUT_FORM = frozenset({"_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
+                          "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})
+
+
+def _out_form(spec: OpOverride) -> OpOverride:
+    """The out= overload of ``spec``: its adapter computes the result, then torch's own
+    resize rule and a copy put it in ``out``. A result whose dtype or device differs from
+    ``out``'s (torch would cast, or refuse) is left to torch and counted as uncovered."""
+    functional = spec.overload
+
+    def adapter(call: Call, *args: Any, out: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        # The functional adapter's own calls of torch's kernel go through the functional
+        # overload (re-dispatched; the mode passes calls from inside an adapter to torch).
+        res = spec.adapter(Call(call.portable, functional), *args, **kwargs)
+        if res.dtype != out.dtype or res.device != out.device:
+            raise Unsupported(f"out= of {out.dtype} on {out.device} for a {res.dtype} result on {res.device}")
+        if out.shape != res.shape:  # torch's resize rule for out= (aten's resize_output)
+            if out.numel() != 0:
+                warnings.warn(f"An output with one or more elements was resized since it had shape {list(out.shape)}, "
+                              f"which does not match the required output shape {list(res.shape)}. This behavior is "
+                              "deprecated in torch: resize out to zero elements (out.resize_(0)) to reuse it.",
+                              UserWarning, stacklevel=2)
+            out.resize_(res.shape)
+        with torch.no_grad():
+            out.copy_(res)
+        return out
+
+    return OpOverride(_OUT_NAMES.get(spec.name, f"{spec.name}.out"), adapter, spec.kind)
+
+
+def _with_out_forms(table: tuple[OpOverride, ...]) -> tuple[OpOverride, ...]:
+    return (*table, *(_out_form(s) for s in table if s.name not in _NO_OUT_FORM and not s.name.endswith("_")
+                      and not s.name.startswith("pow_")))
+
+
 # One table, keyed by dispatch key. The CPU flash entry point is what SDPA calls when a
 # gradient is needed (the composite gate keeps torch's decomposition then), so the
 # forward stays routed under autograd too. The aligned-slice elementwise trick is about
 # torch's CPU loops; CUDA elementwise kernels have no scalar tail.
 OVERRIDES: dict[str, tuple[OpOverride, ...]] = {
-    "CPU": (
+    "CPU": _with_out_forms((
         *_COMMON,
         OpOverride("_scaled_dot_product_flash_attention_for_cpu", flash_attention_for_cpu, "attention"),
         *_CPU_ELEMENTWISE,
-    ),
-    "CUDA": (*_COMMON, *_CUDA_ELEMENTWISE),
+    )),
+    "CUDA": _with_out_forms((*_COMMON, *_CUDA_ELEMENTWISE)),
 }
 
 # ----------------------------------------------------------------------------- folds

@@ -69,6 +69,7 @@ from detkit._aten_adapters import (
     OpOverride,
     Unsupported,
 )
+from detkit._reentry import is_inside, set_inside
 from detkit.errors import InputError, InvarianceViolation
 
 __all__ = [
@@ -178,7 +179,6 @@ def _coverage(now: tuple[Counter[Any], ...], before: tuple[Counter[Any], ...] | 
 _LOCK = threading.RLock()
 _STATE = ModeState()
 _COUNTERS = _Counters()
-_TLS = threading.local()
 
 
 class _Registration:
@@ -292,12 +292,12 @@ def _grad_needed(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
 
 def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
     def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(_TLS, "inside", False):
+        if is_inside():
             # Called from inside a detkit kernel or adapter: torch's own kernel.
             return original.call_boxed(keyset, *args, **kwargs)
         state = _STATE
         call = Call(state.portable, functools.partial(original.call_boxed, keyset))
-        _TLS.inside = True
+        set_inside(True)
         try:
             return_value = spec.adapter(call, *args, **kwargs)
         except Unsupported as why:
@@ -306,7 +306,7 @@ def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
             _COUNTERS.add(_COUNTERS.routed, spec.name)
             return return_value
         finally:
-            _TLS.inside = False
+            set_inside(False)
         if unrouted.benign:
             _COUNTERS.add(_COUNTERS.passed_through, (spec.name, unrouted.reason))
         else:
@@ -347,7 +347,7 @@ def _make_gate(spec: OpOverride, grad_kernel: Any) -> Callable[..., Any]:
     overload = spec.overload
 
     def gate(keyset: Any, *args: Any, **kwargs: Any) -> Any:
-        if _grad_needed(args, kwargs) and not getattr(_TLS, "inside", False):
+        if _grad_needed(args, kwargs) and not is_inside():
             _COUNTERS.add(_COUNTERS.decomposed, spec.name)
             decomposed = grad_kernel.call_boxed(keyset, *args, **kwargs)
             if not isinstance(decomposed, torch.Tensor):

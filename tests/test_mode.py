@@ -566,6 +566,69 @@ def test_arguments_torch_refuses_are_refused_under_the_mode(call: Callable[[], t
         call()
 
 
+OUT_FORMS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    # name: (the out= call, the functional call)
+    "mm": (lambda x, o: torch.mm(x, x.mT[:, :5], out=o), lambda x: torch.mm(x, x.mT[:, :5])),
+    "addmm": (lambda x, o: torch.addmm(x[0, :5], x, x.mT[:, :5], out=o), lambda x: torch.addmm(x[0, :5], x, x.mT[:, :5])),
+    "bmm": (lambda x, o: torch.bmm(x[None], x.mT[None], out=o), lambda x: torch.bmm(x[None], x.mT[None])),
+    "mv": (lambda x, o: torch.mv(x, x[0], out=o), lambda x: torch.mv(x, x[0])),
+    "sum": (lambda x, o: torch.sum(x, -1, out=o), lambda x: torch.sum(x, -1)),
+    "mean": (lambda x, o: torch.mean(x, 0, keepdim=True, out=o), lambda x: torch.mean(x, 0, keepdim=True)),
+    "softmax": (lambda x, o: torch.softmax(x, -1, out=o), lambda x: torch.softmax(x, -1)),
+    "log_softmax": (lambda x, o: torch.log_softmax(x, -1, out=o), lambda x: torch.log_softmax(x, -1)),
+    "silu": (lambda x, o: torch.ops.aten.silu.out(x, out=o), lambda x: F.silu(x)),
+    "gelu": (lambda x, o: torch.ops.aten.gelu.out(x, approximate="tanh", out=o), lambda x: F.gelu(x, approximate="tanh")),
+    "exp": (lambda x, o: torch.exp(x, out=o), lambda x: torch.exp(x)),
+    "tanh": (lambda x, o: torch.tanh(x, out=o), lambda x: torch.tanh(x)),
+    "pow": (lambda x, o: torch.pow(x, 3, out=o), lambda x: torch.pow(x, 3)),
+}
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("name", sorted(OUT_FORMS))
+def test_out_forms_are_routed_and_give_the_functional_bits(name: str, portable: bool) -> None:
+    """``torch.mm(a, b, out=c)`` and the other out= overloads of routed ops give the
+    functional form's bits (routed; they used to run torch's kernel without a trace in
+    uncovered()), resized as torch resizes an empty out."""
+    into, functional = OUT_FORMS[name]
+    x = torch.randn(37, 19, generator=torch.Generator().manual_seed(3))
+    with detkit.batch_invariant(portable=portable, strict=True) as bi:
+        want = functional(x)
+        out = torch.empty(0)
+        got = into(x, out)
+        assert bi.uncovered() == {}
+    assert got is out and diff(out, want).ok, diff(out, want).summary()
+
+
+def test_out_forms_keep_rows_batch_invariant() -> None:
+    """A row of ``torch.mm(a, b, out=c)`` under the mode has the same bits at every M;
+    with torch's kernels the same call changes (the negative control)."""
+    a = torch.randn(64, 512, generator=torch.Generator().manual_seed(4))
+    b = torch.randn(512, 96, generator=torch.Generator().manual_seed(5))
+
+    def changed_rows() -> int:
+        full = torch.mm(a, b, out=torch.empty(0))
+        return sum(not torch.equal(torch.mm(a[:m], b, out=torch.empty(0)), full[:m]) for m in range(1, 65))
+
+    with detkit.batch_invariant():
+        assert changed_rows() == 0
+    assert changed_rows() > 0
+
+
+def test_an_out_of_another_dtype_is_left_to_torch_and_counted() -> None:
+    """An out= whose dtype differs from the result's: torch's kernel decides (here it
+    refuses), and uncovered() says so; strict mode refuses it up front."""
+    x = torch.randn(4, 6)
+    with detkit.batch_invariant() as bi:
+        with pytest.raises(RuntimeError, match="dtype"):
+            torch.mm(x, x.mT, out=torch.empty(0, dtype=torch.float64))
+        assert "mm.out" in bi.uncovered()
+        with pytest.warns(UserWarning, match="was resized"):  # torch's rule for a non-empty out of another shape
+            torch.mm(x, x.mT, out=torch.zeros(2, 2))
+    with detkit.batch_invariant(strict=True), pytest.raises(InvarianceViolation, match=r"aten::sum\.IntList_out"):
+        torch.sum(x, -1, out=torch.empty(0, dtype=torch.float64))
+
+
 def test_reductions_over_several_dims_and_dtype_args() -> None:
     x = torch.randn(4, 5, 6, dtype=torch.float32)
     with detkit.batch_invariant() as bi:

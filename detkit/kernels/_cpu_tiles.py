@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from detkit._reentry import set_inside
+
 # Candidate tile heights per dtype. Measured on a 2-core AVX-512/AMX Xeon, torch 2.13,
 # K = N = 4096: float32 (MKL) gives one class 16..512 but only on one thread; bfloat16
 # (oneDNN, AMX) forms classes such as {8, 16, 32} and {64, 128, 256} that depend on b's
@@ -114,6 +116,9 @@ def _one_thread_worker() -> None:
     torch.set_num_threads(1)
     torch.ones(1 << 18).add_(1)
     torch.set_num_threads(1)
+    # Its torch calls (BLAS on a tile) are detkit's building blocks: under the mode they
+    # must reach torch's kernels, not be routed back into detkit.
+    set_inside(True)
 
 
 def _pool() -> ThreadPoolExecutor:

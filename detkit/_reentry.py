@@ -1,0 +1,20 @@
+"""Which threads are running detkit's own code.
+
+While a thread is inside a detkit kernel or adapter, the torch mode hands the torch calls
+it makes to torch's own kernels (the kernels use BLAS and torch ops as building blocks).
+A kernel's worker threads are detkit's own for their whole life.
+"""
+
+from __future__ import annotations
+
+import threading
+
+TLS = threading.local()
+
+
+def is_inside() -> bool:
+    return bool(getattr(TLS, "inside", False))
+
+
+def set_inside(value: bool) -> None:
+    TLS.inside = value
