@@ -299,6 +299,8 @@ def test_deterministic_impl_restores_state_even_on_error() -> None:
         (dict(batch_sizes=(4, 2)), "increasing"),
         (dict(runs=1), "at least 2"),
         (dict(dtypes=("int8",)), "unknown dtype"),
+        (dict(dtypes=()), "no dtypes selected"),
+        (dict(impls=()), "no implementations selected"),
         (dict(impls=("magic",)), "unknown implementation"),
         (dict(ops=("nope",)), "unknown op"),
         (dict(fail_on=("speed",)), "unknown check"),

@@ -82,6 +82,7 @@ def test_a_name_given_twice_runs_once() -> None:
         (["--impl", "cublas"], "unknown implementation"),
         (["--fail-on", "speed"], "unknown check"),
         (["--dtype", "int8"], "unknown dtype"),
+        (["--dtype", ","], "no dtypes selected"),
         (["--runs", "1"], "at least 2"),
         (["--hidden", "3"], "--hidden"),
         (["--out", __file__], "is a file"),

@@ -69,6 +69,11 @@ class AuditConfig:
         resolve_ops(list(self.ops))
         if not self.ops:
             raise InputError("no ops selected; pass --ops with names from `detkit audit --list-ops`")
+        # an empty selection would audit nothing and exit 0: a CI gate that passes unchecked
+        if not self.impls:
+            raise InputError(f"no implementations selected; pass --impl with names from {', '.join(_impls.IMPLS)}")
+        if not self.dtypes:
+            raise InputError(f"no dtypes selected; pass --dtype with names from {', '.join(FLOAT_DTYPES)}")
         for impl in self.impls:
             if impl not in _impls.IMPLS:
                 raise InputError(f"unknown implementation {impl!r}; choose from {', '.join(_impls.IMPLS)}")
