@@ -304,6 +304,7 @@ def test_deterministic_impl_restores_state_even_on_error() -> None:
         (dict(impls=("magic",)), "unknown implementation"),
         (dict(ops=("nope",)), "unknown op"),
         (dict(fail_on=("speed",)), "unknown check"),
+        (dict(fail_on=("isa-variance",)), "needs --isa"),
         (dict(device="tpu"), "unknown device"),
     ],
 )
@@ -316,7 +317,8 @@ def test_parsers() -> None:
     assert parse_batch_sizes("8, 1,2") == (1, 2, 8)
     with pytest.raises(InputError, match="integers"):
         parse_batch_sizes("1,two")
-    assert parse_fail_on("any") == CHECKS
+    assert parse_fail_on("any", isa=True) == CHECKS
+    assert parse_fail_on("any") == tuple(c for c in CHECKS if c != "isa-variance")
     assert parse_fail_on("batch-variance,run-to-run") == ("batch-variance", "run-to-run")
     with pytest.raises(InputError, match="unknown check"):
         parse_fail_on("batch")

@@ -81,6 +81,7 @@ def test_a_name_given_twice_runs_once() -> None:
         (["--batch-sizes", "2,2"], "without repeats"),
         (["--impl", "cublas"], "unknown implementation"),
         (["--fail-on", "speed"], "unknown check"),
+        (["--fail-on", "isa-variance"], "--fail-on isa-variance needs --isa"),
         (["--dtype", "int8"], "unknown dtype"),
         (["--dtype", ","], "no dtypes selected"),
         (["--runs", "1"], "at least 2"),

@@ -53,8 +53,8 @@ def audit(
         "--json", help="Print the report JSON on stdout (progress goes to stderr).")] = False,
     fail_on: Annotated[str | None, typer.Option(
         "--fail-on", help="Exit 1 if any audited op x implementation fails one of these checks, comma-separated: "
-        "run-to-run, batch-variance, batch-position, thread-variance, padding, decode-prefill, isa-variance, "
-        "or any.")] = None,
+        "run-to-run, batch-variance, batch-position, thread-variance, padding, decode-prefill, isa-variance "
+        "(needs --isa), or any (every check that runs).")] = None,
     isa: Annotated[bool, typer.Option(
         "--isa", help="Also compare against subprocesses under lower ATEN_CPU_CAPABILITY values (CPU).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the op inputs.")] = 0,
@@ -96,7 +96,7 @@ def audit(
         seed=seed,
         hidden=hidden,
         isa=isa,
-        fail_on=parse_fail_on(fail_on),
+        fail_on=parse_fail_on(fail_on, isa=isa),
         impls_explicit=impl is not None,
     )
     if out is not None:  # after the arguments are checked, before any work
