@@ -95,8 +95,8 @@ def digest(outputs: tuple[torch.Tensor, ...]) -> str:
 class CheckResult:
     """The verdict of one check for one op x implementation x dtype, with its evidence.
 
-    ``first_b``: the smallest batch size at which some row's bits differ from its result at
-    the smallest batch size containing it (batch-variance). ``variants``: distinct results of
+    ``first_b``: the smallest batch size at which some row's bits differ from the same row
+    computed alone (batch-variance). ``variants``: distinct results of
     batch row 0 over the sweep. ``per``: one entry per batch size / thread count / ISA.
     """
 

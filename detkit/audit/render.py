@@ -422,8 +422,8 @@ def to_html(report: dict[str, Any]) -> str:
             detail_rows.append(f"<tr><td>{_e(r['op'])}</td><td>{_e(r['impl'])}</td><td>{_e(r['dtype'])}</td>"
                                f"<td>{_e(res.get('variants'))}</td><td>{_e(per)}</td></tr>")
     if detail_rows:
-        body.append("<h2>Batch sweep</h2><p>Elements of the earlier rows that differ from their result at the "
-                    "smallest batch size containing them; variants: distinct results of row 0.</p><table><tr>"
+        body.append("<h2>Batch sweep</h2><p>Elements of f(x[:b]) that differ from the same row computed "
+                    "alone (b=1); variants: distinct results of row 0.</p><table><tr>"
                     "<th>op</th><th>impl</th><th>dtype</th><th>variants</th><th>differing per b</th></tr>"
                     + "".join(detail_rows) + "</table>")
     coverage, warned = _notes(records)

@@ -15,7 +15,7 @@ CHECKS = (
 
 CHECK_HELP = {
     "run-to-run": "the same call repeated --runs times gives the same bits",
-    "batch-variance": "every row of f(x[:b]) equals the same row at every other b of the sweep",
+    "batch-variance": "every row of f(x[:b]) equals the same row computed alone (b=1), at every b of the sweep",
     "batch-position": "f(x[perm]) == f(x)[perm]: a row's bits do not depend on where it sits in the batch",
     "thread-variance": "1 thread gives the same bits as all threads (CPU)",
     "padding": "attention over a left-padded, masked sequence equals attention without the padding",
