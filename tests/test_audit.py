@@ -443,3 +443,27 @@ def test_the_terminal_lists_the_errors_the_advice_points_to(monkeypatch: pytest.
     assert exc.value.code in (0, None)  # errors are reported, not gated on without --fail-on
     assert "see the errors section" in out
     assert "errors (" in out and "kernel exploded [on purpose]" in out  # brackets printed as text
+
+
+def test_the_live_table_keeps_a_space_between_full_width_cells(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from detkit.cli import main
+
+    def late(input: torch.Tensor) -> torch.Tensor:  # row 0 changes from b=16: "FAIL b>=16", 10 characters
+        out = input.clone()
+        if input.shape[0] >= 16:
+            out.view(torch.int32)[0] += 1
+        return out
+
+    spec = _spec("late", late)
+    monkeypatch.setitem(catalogue.OPS, "late", spec)
+    monkeypatch.setattr(catalogue, "CATALOGUE", (spec, *catalogue.CATALOGUE))
+    monkeypatch.setattr(sys, "argv", ["detkit", "audit", "--ops", "late", "--impl", "torch",
+                                      "--batch-sizes", "1,2,16", "--runs", "2"])
+    with pytest.raises(SystemExit):
+        main()
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("late"))
+    assert "FAIL b>=16 " in line, line
+

@@ -125,7 +125,8 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True)
     task = progress.add_task("starting", total=None)
-    header = Text(f"{'op':29}{'dtype':9}{'impl':14}" + "".join(f"{SHORT[c]:10}" for c in checks) + "seconds",
+    # cells hold up to 10 characters ("FAIL 0.02%"): 11 columns keep a space between them
+    header = Text(f"{'op':29}{'dtype':9}{'impl':14}" + "".join(f"{SHORT[c]:11}" for c in checks) + "seconds",
                   style="bold")
 
     def listen(event: Event) -> None:
@@ -142,7 +143,7 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
             line = Text(f"{r['op'][:28]:29}{r['dtype']:9}{r['impl']:14}")
             for c in checks:
                 text, style = short_cell(r["checks"].get(c, {}), c)
-                line.append(f"{text:10}", style=style)
+                line.append(f"{text:11}", style=style)
             line.append(f"{r['seconds']:.1f}")
             progress.console.print(line, soft_wrap=True)
             progress.advance(task)
