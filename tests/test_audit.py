@@ -383,6 +383,16 @@ def _report(status: str = "complete") -> dict[str, Any]:
     return data
 
 
+def test_a_gated_check_that_was_skipped_is_named() -> None:
+    # with one thread (OMP_NUM_THREADS=1 in CI) thread-variance is skipped and never fails
+    record = _record("mm", "torch")
+    record["checks"]["thread-variance"].update(verdict="skipped", note="torch runs with 1 thread here")
+    summary = summarize({"results": [record]}, ["thread-variance", "batch-variance"])
+    assert summary["fail_on"]["passed"] is True
+    assert summary["fail_on"]["skipped"] == {"thread-variance": "torch runs with 1 thread here"}
+    assert summary["advice"][0].startswith("--fail-on thread-variance: not measured (torch runs with 1 thread")
+
+
 def test_markdown_has_every_record_and_the_verdicts() -> None:
     md = to_markdown(_report())
     assert md.count("| mm |") == 2 and "| topk |" in md

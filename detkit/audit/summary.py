@@ -57,6 +57,20 @@ def fail_on_failures(records: Iterable[dict[str, Any]], checks: Iterable[str]) -
     return out
 
 
+def fail_on_skipped(records: Iterable[dict[str, Any]], checks: Iterable[str]) -> dict[str, str]:
+    """{check: why} for ``--fail-on`` checks that some record skipped (e.g. one thread).
+
+    A skipped check never fails, so the gate passes without having measured it: say so.
+    """
+    out: dict[str, str] = {}
+    for check in checks:
+        for r in records:
+            res = r["checks"].get(check, {})
+            if res.get("verdict") == "skipped":
+                out.setdefault(check, res.get("note") or "skipped")
+    return out
+
+
 def _names(ops: Iterable[str]) -> str:
     ops = list(dict.fromkeys(ops))
     return ", ".join(ops[:8]) + (f" and {len(ops) - 8} more" if len(ops) > 8 else "")
@@ -234,12 +248,15 @@ def summarize(report: dict[str, Any], fail_on: Iterable[str] = ()) -> dict[str, 
     device = report.get("config", {}).get("device", "cpu")
     wanted = list(fail_on)
     failed = fail_on_failures(records, wanted)
+    skipped = fail_on_skipped(records, wanted)
+    unmeasured = [f"--fail-on {check}: not measured ({why}), so this gate passes without it."
+                  for check, why in skipped.items()]
     return {
         "records": len(records),
         "errors": sum(1 for r in records if r["status"] == "error"),
         "seconds": round(sum(r.get("seconds", 0.0) for r in records), 2),
         "verdicts": counts,
         "findings": findings,
-        "fail_on": {"checks": wanted, "failed": failed, "passed": not failed},
-        "advice": advice(records, impl_records(report), device),
+        "fail_on": {"checks": wanted, "failed": failed, "passed": not failed, "skipped": skipped},
+        "advice": unmeasured + advice(records, impl_records(report), device),
     }
