@@ -126,6 +126,30 @@ def test_missing_model_and_missing_tokenizer_are_clear_errors(tmp_path):
         load_model(str(tmp_path / "m"))
 
 
+def test_the_models_generation_config_does_not_rescale_the_greedy_logits(tmp_path):
+    # Real checkpoints ship generation_config.json with e.g. repetition_penalty; generate()
+    # fills every field the probe leaves unset from it, which would make the "greedy"
+    # reference and its recorded logits something else than argmax of the model's logits.
+    import torch
+    from transformers import GenerationConfig
+
+    from detkit.models import save_preset
+
+    path = save_preset("tiny-llama", tmp_path / "m", dtype=torch.float32)
+    GenerationConfig(repetition_penalty=1.3, no_repeat_ngram_size=2, eos_token_id=258, pad_token_id=256).save_pretrained(path)
+    model, tokenizer, desc = load_model(str(path))
+    engine = HFEngine(model, tokenizer, description=desc)
+    prompt = "The quick brown fox"
+    gen = engine.generate([Request(prompt)], max_new_tokens=12)[0]
+    ids = engine.encode(prompt)
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids + gen.tokens])).logits[0, len(ids) - 1 : -1]
+    assert gen.tokens == logits.argmax(-1).tolist()
+    # a penalty of 1.3 moves logits by far more than the prefill-vs-decode rounding
+    assert torch.allclose(torch.tensor([s.values[0] for s in gen.scores], dtype=torch.float64), logits.max(-1).values.double(), atol=1e-4)
+    assert model.generation_config.repetition_penalty == 1.3  # the caller's model is left as it was
+
+
 # ---------------------------------------------------------------- the proof
 
 

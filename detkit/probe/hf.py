@@ -107,6 +107,24 @@ def _context_length(model: PreTrainedModel) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _no_model_generation_defaults(model: PreTrainedModel) -> Iterator[None]:
+    """Hide the model's own generation_config from ``generate`` for the block.
+
+    ``generate`` fills every field the given config leaves unset from
+    ``model.generation_config``: a checkpoint's ``repetition_penalty`` or
+    ``no_repeat_ngram_size`` would rescale the logits and change the "greedy" tokens.
+    """
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
 class _TopKRecorder:
     """Logits processor that records top-k (values, ids) per step and changes nothing."""
 
@@ -269,7 +287,7 @@ class HFEngine:
             eos_token_id=sorted(self.eos_ids) or None,
         )
         recorder = _TopKRecorder(self.top_k, self.model.dtype, logsumexp=logsumexp)
-        with torch.inference_mode(), self._context():
+        with torch.inference_mode(), self._context(), _no_model_generation_defaults(self.model):
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
