@@ -116,6 +116,20 @@ def test_a_prompt_longer_than_the_context_is_an_input_error(bf16_engine):
         bf16_engine.generate([Request("x" * 1020)], max_new_tokens=8)
 
 
+def test_fillers_made_up_by_the_probe_fit_the_context_when_the_prompt_does(bf16_engine):
+    # fillers are drawn up to 4x (mixed) and 2x (prefix) the prompt's length: a 500-byte
+    # prompt fits tiny-llama's 1024 tokens, its fillers must too
+    from detkit.probe.suite import BatchPlan, ProbeSuite, Prompt
+
+    suite = ProbeSuite(
+        name="long", prompts=(Prompt("long", "abcdefghij" * 50),), max_new_tokens=2, modes=("mixed", "prefix"),
+        batch=BatchPlan(sizes=(2,), mixed_trials=4, prefix_fractions=(0.5,)),
+    )
+    report = run_probe(bf16_engine, suite, seed=suite.seed, config={})
+    assert report["status"] == "complete" and report["errors"] == []
+    assert [m["runs"] for m in report["modes"]] == [4, 1]
+
+
 def test_missing_model_and_missing_tokenizer_are_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="no model at"):
         load_model(str(tmp_path / "nope"))

@@ -127,3 +127,5 @@ class Engine(Protocol):
 # Optional: an engine that runs detkit's mode may also define
 # ``mode_coverage() -> {"routed": {...}, "fell_back": {...}} | None``; the runner copies
 # it into the report and turns fallbacks into a note (no silent fallback).
+# An engine that knows its context may define ``context_length: int | None`` (tokens);
+# the modes then keep the filler prompts they make up within it.

@@ -50,6 +50,9 @@ class Group:
             raise ValueError(f"group {self.label!r} watches a row outside the batch")
 
 
+_SPECIAL_TOKENS = 8  # BOS and the like, added by a tokenizer around a prompt
+
+
 def filler(rng: random.Random, plan: BatchPlan, target_chars: int) -> str:
     """A filler prompt of about ``target_chars`` characters cut from the suite's fillers."""
     base = rng.choice(plan.fillers)
@@ -58,12 +61,28 @@ def filler(rng: random.Random, plan: BatchPlan, target_chars: int) -> str:
     return text[start : start + max(1, target_chars)].strip() or base[:1]
 
 
+def _room(chars: int, max_chars: int | None, used: int = 0) -> int:
+    """The upper bound of a filler's length: ``chars``, within ``max_chars - used``."""
+    return chars if max_chars is None else max(1, min(chars, max_chars - used))
+
+
+def filler_limit(engine: Engine, suite: ProbeSuite) -> int | None:
+    """The longest filler (in characters) that fits the engine's context, or None.
+
+    Fillers are drawn up to four times the prompt's length; for a prompt that fits, they
+    must not be what overflows the model. A character is taken as at least one token (true
+    of ASCII text for byte-level and BPE tokenizers), with a few tokens spare for specials.
+    """
+    context = getattr(engine, "context_length", None)
+    return None if context is None else context - suite.max_new_tokens - _SPECIAL_TOKENS
+
+
 def _rng(seed: int, mode: str, prompt: Prompt) -> random.Random:
     # A string seed is hashed deterministically (not with the per-process hash salt).
     return random.Random(f"{seed}:{mode}:{prompt.id}")
 
 
-def groups_single(prompt: Prompt, plan: BatchPlan, seed: int) -> list[Group]:
+def groups_single(prompt: Prompt, plan: BatchPlan, seed: int, max_chars: int | None) -> list[Group]:
     out = []
     for size in plan.sizes:
         reqs = tuple(Request(prompt.text) for _ in range(size))
@@ -72,14 +91,16 @@ def groups_single(prompt: Prompt, plan: BatchPlan, seed: int) -> list[Group]:
     return out
 
 
-def groups_mixed(prompt: Prompt, plan: BatchPlan, seed: int) -> list[Group]:
+def groups_mixed(prompt: Prompt, plan: BatchPlan, seed: int, max_chars: int | None) -> list[Group]:
     rng = _rng(seed, "mixed", prompt)
     out = []
     for trial in range(plan.mixed_trials):
         size = rng.randint(min(2, plan.max_size), plan.max_size)
         pos = rng.randrange(size)
         reqs = [
-            Request(filler(rng, plan, rng.randint(1, 4 * len(prompt.text)))) if row != pos else Request(prompt.text)
+            Request(filler(rng, plan, rng.randint(1, _room(4 * len(prompt.text), max_chars))))
+            if row != pos
+            else Request(prompt.text)
             for row in range(size)
         ]
         label = f"{prompt.id} trial={trial} b={size} pos={pos}"
@@ -87,14 +108,14 @@ def groups_mixed(prompt: Prompt, plan: BatchPlan, seed: int) -> list[Group]:
     return out
 
 
-def groups_prefix(prompt: Prompt, plan: BatchPlan, seed: int) -> list[Group]:
+def groups_prefix(prompt: Prompt, plan: BatchPlan, seed: int, max_chars: int | None) -> list[Group]:
     rng = _rng(seed, "prefix", prompt)
     out = []
     size = max(2, min(plan.max_size, 4))
     for frac in plan.prefix_fractions:
         shared = max(1, int(len(prompt.text) * frac))
         others = [
-            Request(prompt.text[:shared] + filler(rng, plan, rng.randint(1, 2 * len(prompt.text))))
+            Request(prompt.text[:shared] + filler(rng, plan, rng.randint(1, _room(2 * len(prompt.text), max_chars, shared))))
             for _ in range(size - 1)
         ]
         pos = rng.randrange(size)
@@ -104,7 +125,7 @@ def groups_prefix(prompt: Prompt, plan: BatchPlan, seed: int) -> list[Group]:
     return out
 
 
-def groups_padding(prompt: Prompt, plan: BatchPlan, seed: int) -> list[Group]:
+def groups_padding(prompt: Prompt, plan: BatchPlan, seed: int, max_chars: int | None) -> list[Group]:
     return [
         Group(
             f"padding {prompt.id} pad={pad}",
@@ -115,9 +136,9 @@ def groups_padding(prompt: Prompt, plan: BatchPlan, seed: int) -> list[Group]:
     ]
 
 
-def groups_repeat(prompt: Prompt, plan: BatchPlan, seed: int) -> list[Group]:
+def groups_repeat(prompt: Prompt, plan: BatchPlan, seed: int, max_chars: int | None) -> list[Group]:
     # One fixed mixed batch (drawn once), run `repeats` times.
-    base = groups_mixed(prompt, BatchPlan(sizes=plan.sizes, mixed_trials=1, fillers=plan.fillers), seed + 1)[0]
+    base = groups_mixed(prompt, BatchPlan(sizes=plan.sizes, mixed_trials=1, fillers=plan.fillers), seed + 1, max_chars)[0]
     out = []
     for rep in range(plan.repeats):
         label = f"{prompt.id} repeat={rep} b={len(base.requests)}"
@@ -125,7 +146,7 @@ def groups_repeat(prompt: Prompt, plan: BatchPlan, seed: int) -> list[Group]:
     return out
 
 
-BUILDERS: dict[str, Callable[[Prompt, BatchPlan, int], list[Group]]] = {
+BUILDERS: dict[str, Callable[[Prompt, BatchPlan, int, int | None], list[Group]]] = {
     "single": groups_single,
     "mixed": groups_mixed,
     "prefix": groups_prefix,
@@ -146,13 +167,16 @@ def batch_too_small(mode: str, suite: ProbeSuite) -> str | None:
     return None
 
 
-def plan_mode(mode: str, suite: ProbeSuite, seed: int) -> list[Group]:
-    """All groups ``mode`` runs for ``suite`` (``decode`` has none: it is not batched)."""
+def plan_mode(mode: str, suite: ProbeSuite, seed: int, max_chars: int | None = None) -> list[Group]:
+    """All groups ``mode`` runs for ``suite`` (``decode`` has none: it is not batched).
+
+    ``max_chars``: the longest filler prompt the engine can hold, or None for no limit.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}")
     if mode == "decode" or batch_too_small(mode, suite):
         return []
-    return [g for p in suite.prompts for g in BUILDERS[mode](p, suite.batch, seed)]
+    return [g for p in suite.prompts for g in BUILDERS[mode](p, suite.batch, seed, max_chars)]
 
 
 def work_units(mode: str, suite: ProbeSuite, seed: int) -> int:
@@ -211,7 +235,7 @@ def run_mode(
             "with the incrementally decoded reference; every step is comparable."
         )
         return summary
-    for group in plan_mode(mode, suite, seed):
+    for group in plan_mode(mode, suite, seed, filler_limit(engine, suite)):
         gens = engine.generate(group.requests, max_new_tokens=suite.max_new_tokens)
         for w in group.watch:
             summary.runs.append(
