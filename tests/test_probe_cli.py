@@ -126,7 +126,8 @@ def test_a_model_without_tokenizer_and_bad_suites_exit_2(tmp_path, capsys, monke
     assert code == 2 and "no probe suite at" in err
 
 
-def test_ctrl_c_keeps_finished_modes_and_marks_the_report_partial(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a CI timeout, docker stop
+def test_ctrl_c_keeps_finished_modes_and_marks_the_report_partial(tmp_path, signum):
     suite = tmp_path / "long.toml"
     suite.write_text(
         'name = "long"\nmax_new_tokens = 6\nmodes = ["single", "repeat"]\n'
@@ -149,7 +150,7 @@ def test_ctrl_c_keeps_finished_modes_and_marks_the_report_partial(tmp_path):
                 pass
             time.sleep(0.05)
         assert proc.poll() is None, "the probe ended before it could be interrupted"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
@@ -152,6 +154,11 @@ def probe(
         "suite_file": str(suite_file) if suite_file is not None else None,
     }
     report_path = out / "report.json" if out is not None else None
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # a CI timeout or `docker stop` ends the run as Ctrl-C does
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         report = _run(engine, suite, config, report_path, err_console)
     except KeyboardInterrupt:
@@ -162,6 +169,8 @@ def probe(
         else:
             err_console.print("[yellow]interrupted[/] (no --out given, nothing kept)")
         raise typer.Exit(INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     engine.close()
     if out is not None:
         _render_files(out)
