@@ -124,6 +124,13 @@ def test_a_model_without_tokenizer_and_bad_suites_exit_2(tmp_path, capsys, monke
     assert code == 2 and "unknown key(s) ['max_new_token']" in err
     code, _, err = run_cli([str(tmp_path / "missing.toml")], capsys, monkeypatch)
     assert code == 2 and "no probe suite at" in err
+    # a scalar where a list belongs is an error, not a list of its characters
+    for line, message in [('modes = "single"', "modes must be a list"), ("max_new_tokens = 2.5", "must be an integer"),
+                          ('[batch]\nfillers = "lorem ipsum"', "fillers must be a list"),
+                          ("[batch]\nsizes = 2", "sizes must be a list"), ("[batch]\nrepeats = true", "must be an integer")]:
+        (tmp_path / "scalar.toml").write_text(f'name = "t"\n{line}\n[[prompts]]\nid = "a"\ntext = "b"\n')
+        code, _, err = run_cli([str(tmp_path / "scalar.toml")], capsys, monkeypatch)
+        assert code == 2 and message in err, (line, err)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a CI timeout, docker stop

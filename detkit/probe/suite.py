@@ -134,6 +134,22 @@ _TOP_KEYS = {"name", "description", "max_new_tokens", "seed", "modes", "prompts"
 _BATCH_KEYS = {"sizes", "mixed_trials", "prefix_fractions", "padding", "repeats", "fillers"}
 
 
+def _list(table: dict[str, Any], key: str) -> tuple[Any, ...]:
+    # tuple() of a string would silently make one entry per character (fillers, modes)
+    value = table[key]
+    if not isinstance(value, list):
+        raise ValueError(f"{key} must be a list such as {key} = [...], got {value!r}")
+    return tuple(value)
+
+
+def _int(table: dict[str, Any], key: str) -> int:
+    # int() would silently truncate 2.5 or read true as 1
+    value = table[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return value
+
+
 def suite_from_dict(data: dict[str, Any], *, source: str = "suite") -> ProbeSuite:
     """Build and validate a suite from parsed TOML; errors name the offending key."""
     unknown = set(data) - _TOP_KEYS
@@ -152,10 +168,10 @@ def suite_from_dict(data: dict[str, Any], *, source: str = "suite") -> ProbeSuit
         plan_kwargs: dict[str, Any] = {}
         for key in ("sizes", "prefix_fractions", "padding", "fillers"):
             if key in batch:
-                plan_kwargs[key] = tuple(batch[key])
+                plan_kwargs[key] = _list(batch, key)
         for key in ("mixed_trials", "repeats"):
             if key in batch:
-                plan_kwargs[key] = int(batch[key])
+                plan_kwargs[key] = _int(batch, key)
         parsed = []
         for i, p in enumerate(prompts):
             if not isinstance(p, dict) or set(p) - {"id", "text"}:
@@ -166,9 +182,9 @@ def suite_from_dict(data: dict[str, Any], *, source: str = "suite") -> ProbeSuit
             kwargs["description"] = str(data["description"])
         for key in ("max_new_tokens", "seed"):
             if key in data:
-                kwargs[key] = int(data[key])
+                kwargs[key] = _int(data, key)
         if "modes" in data:
-            kwargs["modes"] = tuple(data["modes"])
+            kwargs["modes"] = _list(data, "modes")
         return ProbeSuite(batch=BatchPlan(**plan_kwargs), **kwargs)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{source}: {exc}") from exc
