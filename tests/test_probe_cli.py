@@ -171,6 +171,20 @@ def test_ctrl_c_keeps_finished_modes_and_marks_the_report_partial(tmp_path, sign
     assert b"Traceback" not in stderr
 
 
+def test_a_report_left_running_renders_as_incomplete(tmp_path):
+    # what a SIGKILL or a segfault leaves behind: status running, no summary
+    from detkit.probe.render import render_html, render_markdown
+    from detkit.report import ReportWriter
+
+    writer = ReportWriter("probe", {"engine": {"model": "m"}, "suite": default_suite().to_dict()}, tmp_path / "r.json")
+    writer.data.update(references={}, modes=[])
+    writer.flush()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "running"
+    assert "**Verdict:** INCOMPLETE" in render_markdown(report)
+    assert "<b>Verdict:</b> INCOMPLETE" in render_html(report)
+
+
 def test_verdict_names_what_failed():
     from detkit.probe.runner import _summary
 

@@ -121,6 +121,10 @@ def _div_rows(report: dict[str, Any], limit: int = 60) -> list[list[str]]:
     return rows[:limit]
 
 
+# A report left "running" (crashed, killed, or still going) has no verdict yet.
+_UNFINISHED = "INCOMPLETE: the run stopped without finishing (crashed, killed or still running)"
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", "\\n")
@@ -135,7 +139,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     summary = report.get("summary") or {}
     parts = [f"# {_title(report)}", ""]
     parts.append(_md_table(["", ""], [[k, v] for k, v in _setup_rows(report)]))
-    parts += ["", f"**Verdict:** {summary.get('verdict', 'run not finished')}", ""]
+    parts += ["", f"**Verdict:** {summary.get('verdict', _UNFINISHED)}", ""]
     parts += ["## Modes", "", _md_table(_MODE_HEADER, _mode_rows(report)), ""]
     parts.append(
         "Reference: each prompt alone at batch size 1. Token ids are compared step by step; "
@@ -256,7 +260,7 @@ def render_html(report: dict[str, Any]) -> str:
         "pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}</style></head><body>",
         f"<h1>{html.escape(_title(report))}</h1>",
         _html_table(["", ""], [[k, v] for k, v in _setup_rows(report)]),
-        f'<p class="{"ok" if ok else "bad"}"><b>Verdict:</b> {html.escape(str(summary.get("verdict", "run not finished")))}</p>',
+        f'<p class="{"ok" if ok else "bad"}"><b>Verdict:</b> {html.escape(str(summary.get("verdict", _UNFINISHED)))}</p>',
         "<h2>Modes</h2>",
         _html_table(_MODE_HEADER, _mode_rows(report)),
         f"<p>{legend}</p>",
