@@ -368,6 +368,16 @@ def test_advice_names_the_ops_and_the_fix() -> None:
         "Every audited op passed every check it was run through."]
 
 
+def test_advice_says_which_passes_under_the_mode_are_torchs() -> None:
+    """An op the mode does not override shows "ok" under detkit in the table: the advice
+    says that pass is torch's kernel on this machine, not a detkit guarantee."""
+    routed = {**_record("sum", "detkit"), "coverage": {"routed": {"sum.dim_IntList": 3}, "fell_back": {}}}
+    unrouted = {**_record("cumsum", "detkit"), "coverage": {"routed": {}, "fell_back": {}}}
+    lines = advice([_record("sum", "torch"), routed, _record("cumsum", "torch"), unrouted], [], "cpu")
+    assert lines == ["cumsum: not covered by detkit.batch_invariant() (torch's own kernel ran): their passing "
+                     "verdicts under it are torch's behaviour on this machine, not a detkit guarantee."]
+
+
 def test_fail_on_counts_errors_as_failures() -> None:
     records = [_record("mm", "torch", batch_variance="error"), _record("sum", "torch", run_to_run="fail")]
     assert fail_on_failures(records, ["batch-variance"]) == ["mm [torch, float32]: batch-variance (error)"]
