@@ -123,6 +123,31 @@ def test_matmul_fixed_order_fallback_is_invariant(monkeypatch: pytest.MonkeyPatc
     assert kernels.cpu_status()["forced_fixed_order"] is True
 
 
+@pytest.mark.parametrize("flags", [frozenset({"avx512f"}), frozenset({"avx512f", "avx512_fp16"})])
+def test_float16_uses_blas_only_with_native_float16_instructions(monkeypatch: pytest.MonkeyPatch,
+                                                                 flags: frozenset[str]) -> None:
+    """Without AVX512-FP16/AMX-FP16, torch's float16 GEMM is a scalar loop (5.5 s where the
+    fixed-order kernel takes 0.1 s, and minutes to verify one shape): float16 then takes the
+    fixed-order kernel, decided from the CPU's flags and listed in cpu_status()."""
+    from detkit.kernels import _cpu_tiles
+
+    monkeypatch.setattr(_cpu_tiles, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(_cpu_tiles, "_VERDICTS", {})
+    gen = torch.Generator().manual_seed(6)
+    x = randn(gen, 40, 72, dtype=torch.float16)
+    w = randn(gen, 72, 24, dtype=torch.float16)
+    check_row_invariance(lambda a: kernels.matmul(a, w), x, gen, n_sizes=3)
+    status = kernels.cpu_status()
+    native = "avx512_fp16" in flags
+    assert ("float16" in status["fixed_order_dtypes"]) is not native  # type: ignore[operator]
+    assert any(v["dtype"] == "float16" for v in status["verdicts"]) is native  # type: ignore[union-attr]
+    with monkeypatch.context() as mp:
+        mp.setenv("DETKIT_CPU_MATMUL", "fixed-order")
+        fixed = kernels.matmul(x, w)
+    if not native:  # the very kernel DETKIT_CPU_MATMUL=fixed-order forces
+        assert same_bits(kernels.matmul(x, w), fixed)
+
+
 def test_matmul_verdicts_are_recorded() -> None:
     gen = torch.Generator().manual_seed(2)
     kernels.matmul(randn(gen, 5, 77), randn(gen, 77, 19))
@@ -188,6 +213,9 @@ def test_layout_of_b_matters_only_to_blas(monkeypatch: pytest.MonkeyPatch) -> No
     AVX-512 EPYC without AMX), so the tiles are verified per layout of b and each layout is
     batch invariant on its own (test_matmul_2d_row_invariance). The fixed-order kernel and
     the portable kernel give the same bits for both layouts."""
+    from detkit.kernels import _cpu_tiles
+
+    monkeypatch.setattr(_cpu_tiles, "_blas_skipped", lambda dtype: None)  # float16 tiles too, on any CPU
     gen = torch.Generator().manual_seed(4)
     for dtype in DTYPES:
         x = randn(gen, 20, 96, dtype=dtype)

@@ -25,10 +25,18 @@ reduction order changes the result's bits (see ``_sensitive_rows``):
 
 If no height is row invariant, the configuration uses the fixed-order compiled kernel
 instead, with a warning and an entry in :func:`cpu_status` (never silently).
+
+float16 uses BLAS only on a CPU with native float16 matrix instructions (AVX512-FP16 or
+AMX-FP16). Elsewhere torch's float16 GEMM is a scalar reference loop: measured on a
+2-core EPYC (AVX-512, no FP16), 256x2048 @ 2048x2048 took 5.5 s against 0.10 s for the
+fixed-order kernel, and the first-use verification of one shape took minutes. Decided
+from the CPU's flags, never from a timing (a timing could pick another kernel, hence
+other bits, from one run to the next); :func:`cpu_status` lists the choice.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import warnings
@@ -52,6 +60,26 @@ TILE_HEIGHTS: dict[torch.dtype, tuple[int, ...]] = {
 }
 
 _ENV_FORCE = "DETKIT_CPU_MATMUL"  # "fixed-order" bypasses BLAS (for testing the fallback)
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _blas_skipped(dtype: torch.dtype) -> str | None:
+    """Why BLAS is not used for ``dtype`` on this CPU (None: it is, once verified)."""
+    if dtype == torch.float16 and not _cpu_flags() & {"avx512_fp16", "amx_fp16"}:
+        return ("no native float16 matrix instructions (AVX512-FP16, AMX-FP16) on this CPU: torch's float16 "
+                "GEMM is a scalar loop, far slower than the fixed-order kernel")
+    return None
 
 # Thread counts checked at verification, so that the verdict (and with it the algorithm)
 # never depends on the thread count in force when a configuration is first used.
@@ -101,6 +129,8 @@ def cpu_status() -> dict[str, object]:
     return {
         "tile_heights": {str(k).removeprefix("torch."): list(v) for k, v in TILE_HEIGHTS.items()},
         "forced_fixed_order": os.environ.get(_ENV_FORCE, "") == "fixed-order",
+        "fixed_order_dtypes": {str(d).removeprefix("torch."): why for d in TILE_HEIGHTS
+                               if (why := _blas_skipped(d)) is not None},
         "verdicts": verdicts,
         "fallback_configs": sum(1 for v in verdicts if not v["ok"]),
     }
@@ -402,7 +432,8 @@ def tiled_matmul(
     fallback: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """(M, K) @ (K, N) (+ bias) with per-row bits independent of M; see the module doc."""
-    verdict = None if os.environ.get(_ENV_FORCE, "") == "fixed-order" else verdict_for(b, bias)
+    fixed = os.environ.get(_ENV_FORCE, "") == "fixed-order" or _blas_skipped(b.dtype) is not None
+    verdict = None if fixed else verdict_for(b, bias)
     if verdict is None or not verdict.ok:
         out = fallback(a.unsqueeze(0), b.unsqueeze(0))[0]
         if bias is not None:
