@@ -156,6 +156,7 @@ def test_ctrl_c_keeps_finished_modes_and_marks_the_report_partial(tmp_path, sign
             except (OSError, ValueError, KeyError):
                 pass
             time.sleep(0.05)
+        time.sleep(1.5)  # into the repeat mode: some of its runs finish
         assert proc.poll() is None, "the probe ended before it could be interrupted"
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=120)
@@ -166,8 +167,14 @@ def test_ctrl_c_keeps_finished_modes_and_marks_the_report_partial(tmp_path, sign
     assert proc.returncode == 130, stderr.decode()
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "partial"
-    assert [m["name"] for m in report["modes"]] == ["single"]
-    assert "partial" in (out / "report.md").read_text()
+    # the finished mode, and the runs of the interrupted one that finished (not lost)
+    assert [(m["name"], m["complete"]) for m in report["modes"]] == [("single", True), ("repeat", False)]
+    assert report["modes"][1]["runs"] > 0
+    assert [r["mode"] for r in report["results"]] == ["single", "repeat"]
+    assert len(report["results"][1]["runs"]) == report["modes"][1]["runs"]
+    assert report["summary"]["verdict"].startswith("INCOMPLETE: stopped in repeat (its finished runs kept)")
+    md = (out / "report.md").read_text()
+    assert "partial" in md and "repeat (interrupted)" in md
     assert b"Traceback" not in stderr
 
 
@@ -217,3 +224,6 @@ def test_verdict_names_what_failed():
     assert stopped["invariant"] is None and stopped["modes_not_reached"] == ["padding", "repeat"]
     assert stopped["verdict"] == ("INCOMPLETE: stopped before padding, repeat; so far identical to the reference "
                                   "(tokens and scores)")
+    cut = summary([mode(1, 0.0), {**mode(1, 0.0, name="padding"), "complete": False}], complete=False)
+    assert cut["verdict"] == ("INCOMPLETE: stopped in padding (its finished runs kept), before repeat; so far "
+                              "identical to the reference (tokens and scores)")

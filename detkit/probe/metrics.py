@@ -142,6 +142,7 @@ class ModeSummary:
     references: dict[str, list[int]] = field(default_factory=dict)
     skipped: str | None = None
     notes: list[str] = field(default_factory=list)
+    complete: bool = True  # False: interrupted; ``runs`` holds what finished before
 
     def to_dict(self) -> dict[str, Any]:
         ok = [r for r in self.runs if r.error is None]
@@ -172,6 +173,7 @@ class ModeSummary:
         return {
             "name": self.name,
             "skipped": self.skipped,
+            "complete": self.complete,
             "runs": len(self.runs),
             "failed_runs": len(self.runs) - len(ok),
             "retried_runs": sum(1 for r in self.runs if r.meta.get("attempts", 1) > 1),

@@ -184,6 +184,14 @@ def work_units(mode: str, suite: ProbeSuite, seed: int) -> int:
     return len(suite.prompts) if mode == "decode" else len(plan_mode(mode, suite, seed))
 
 
+class ModeInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) inside a mode: ``summary`` holds the runs that finished."""
+
+    def __init__(self, summary: ModeSummary) -> None:
+        super().__init__()
+        self.summary = summary
+
+
 def run_mode(
     mode: str,
     engine: Engine,
@@ -195,13 +203,32 @@ def run_mode(
     token_unit: str,
     advance: Callable[[str], None] = lambda label: None,
 ) -> ModeSummary:
-    """Run every group of ``mode`` and compare each watched row with its reference."""
+    """Run every group of ``mode`` and compare each watched row with its reference.
+
+    Interrupted, it raises :class:`ModeInterrupted` carrying the runs finished so far."""
     summary = ModeSummary(
         name=mode,
         score_kind=score_kind,
         token_unit=token_unit,
         references={pid: list(g.tokens) for pid, g in references.items()},
     )
+    try:
+        return _run_mode(mode, engine, suite, references, summary, seed=seed, advance=advance)
+    except KeyboardInterrupt as stop:
+        summary.complete = False
+        raise ModeInterrupted(summary) from stop
+
+
+def _run_mode(
+    mode: str,
+    engine: Engine,
+    suite: ProbeSuite,
+    references: dict[str, Generation],
+    summary: ModeSummary,
+    *,
+    seed: int,
+    advance: Callable[[str], None],
+) -> ModeSummary:
     if mode in engine.unsupported_modes:
         summary.skipped = engine.unsupported_modes[mode]
         return summary

@@ -87,7 +87,7 @@ def _mode_rows(report: dict[str, Any]) -> list[list[str]]:
             continue
         diff = m["max_abs_logit_diff"] if m["max_abs_logit_diff"] is not None else m.get("max_abs_logprob_diff")
         rows.append([
-            m["name"],
+            m["name"] + ("" if m.get("complete", True) else " (interrupted)"),
             f"{m['runs']}" + (f" ({m['failed_runs']} failed)" if m["failed_runs"] else ""),
             _fmt(m["unique_completions"]),
             str(len(m["divergences"])),

@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from detkit.errors import EndpointError, InputError
 from detkit.probe.engine import Engine, Generation, Request
-from detkit.probe.modes import run_mode, work_units
+from detkit.probe.metrics import ModeSummary
+from detkit.probe.modes import ModeInterrupted, run_mode, work_units
 from detkit.probe.suite import ProbeSuite
 from detkit.report import ReportWriter
 
@@ -27,8 +28,14 @@ def total_work(engine: Engine, suite: ProbeSuite, seed: int) -> int:
     )
 
 
+def _runs(summary: ModeSummary) -> list[dict[str, Any]]:
+    return [{"run": r.label, "prompt": r.prompt_id, "tokens": r.tokens, "error": r.error, **r.meta}
+            for r in summary.runs]
+
+
 def _summary(modes: list[dict[str, Any]], planned: list[str], *, complete: bool) -> dict[str, Any]:
     ran = [m for m in modes if m["skipped"] is None]
+    cut = [m["name"] for m in modes if not m.get("complete", True)]
     skipped = {m["name"]: m["skipped"] for m in modes if m["skipped"] is not None}
     not_run = [name for name in planned if name not in {m["name"] for m in modes}]
     diffs = [m["max_abs_logit_diff"] for m in ran if m["max_abs_logit_diff"] is not None]
@@ -53,7 +60,9 @@ def _summary(modes: list[dict[str, Any]], planned: list[str], *, complete: bool)
         [f"{retried} run(s) needed a retry, sent alone outside their burst"] if retried else [])
     if not complete:
         invariant = None
-        verdict = (f"INCOMPLETE: stopped before {', '.join(not_run) or 'the end'}; "
+        where = (f"stopped in {', '.join(cut)} (its finished runs kept)" + (f", before {', '.join(not_run)}"
+                 if not_run else "")) if cut else f"stopped before {', '.join(not_run) or 'the end'}"
+        verdict = (f"INCOMPLETE: {where}; "
                    + ("; ".join(reasons) if reasons else f"so far identical to the reference ({compared})"))
     elif reasons:
         invariant = False
@@ -151,17 +160,12 @@ def run_probe(
             record = summary.to_dict()
             writer.data["modes"].append(record)
             _sync_notes(writer, engine)
-            writer.add_result(
-                {
-                    "mode": mode,
-                    "runs": [
-                        {"run": r.label, "prompt": r.prompt_id, "tokens": r.tokens, "error": r.error, **r.meta}
-                        for r in summary.runs
-                    ],
-                }
-            )
+            writer.add_result({"mode": mode, "runs": _runs(summary)})
             on_mode(record)
     except BaseException as exc:
+        if isinstance(exc, ModeInterrupted) and exc.summary.runs:  # keep the interrupted mode's finished runs
+            writer.data["modes"].append(exc.summary.to_dict())
+            writer.add_result({"mode": exc.summary.name, "complete": False, "runs": _runs(exc.summary)})
         _sync_notes(writer, engine)
         if not isinstance(exc, KeyboardInterrupt):
             writer.add_error("probe", exc)
