@@ -92,6 +92,15 @@ def test_attention_argument_errors() -> None:
         kernels.attention(q, k, v, attn_mask=torch.ones(4, 5, dtype=torch.bool), enable_gqa=True)
     with pytest.raises(InputError, match="same number"):
         kernels.attention(x32(3, 8), k, v)
+    for scale in ("x", float("nan"), float("inf"), True):
+        with pytest.raises(InputError, match="scale must be a finite number"):
+            kernels.attention(q, k, v, scale=scale, enable_gqa=True)  # type: ignore[arg-type]
+    np = pytest.importorskip("numpy")
+    kernels.attention(q, k, v, scale=np.float32(0.5), enable_gqa=True)
+    # a float64 mask for a float32 query would be rounded silently: SDPA refuses it too
+    for dtype in (torch.float64, torch.float16):
+        with pytest.raises(InputError, match="float32 or q's dtype"):
+            kernels.attention(q, k, v, attn_mask=torch.zeros(3, 5, dtype=dtype), enable_gqa=True)
 
 
 def test_unknown_device_and_missing_backend() -> None:

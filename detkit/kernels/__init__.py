@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
@@ -382,7 +383,14 @@ def attention(
             raise InputError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}.")
         if attn_mask.dtype != torch.bool:
             attn_mask = _check(attn_mask, "attn_mask", fn)
+            if attn_mask.dtype not in (torch.float32, q.dtype):
+                # SDPA refuses it too; a wider mask would be rounded silently
+                raise InputError(f"{fn}: a float attn_mask must be float32 or q's dtype ({q.dtype}), got "
+                                 f"{attn_mask.dtype}; convert it, or pass a bool mask.")
         attn_mask = attn_mask.detach()
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise InputError(f"{fn}: scale must be a finite number or None (1/sqrt(E)), got {scale!r}.")
     backend = _dispatch(fn, portable, q=q, k=k, v=v, attn_mask=attn_mask)
     if not (q.dim() == k.dim() == v.dim() and q.dim() >= 2):
         raise InputError(
