@@ -106,6 +106,14 @@ def _cases(quick: bool) -> list[tuple[str, str, torch.dtype, Callable[[], object
     return cases
 
 
+def _error_stats(side: str, err: np.ndarray) -> dict[str, float]:
+    """Max, mean and median of ULP errors. NaN (``ulp_error``: exactly one of result and
+    exact value is NaN) propagates, so a wrong NaN shows in the table instead of being
+    skipped (``np.nanmax`` & co. would drop it)."""
+    return {f"{side}_max": float(np.max(err)), f"{side}_mean": float(np.mean(err)),
+            f"{side}_median": float(np.median(err))}
+
+
 def _fraction(v: object) -> Fraction:
     import mpmath
 
@@ -167,10 +175,7 @@ def accuracy() -> list[dict[str, object]]:
         ep = R.ulp_error(port, exact)
         et = R.ulp_error(ref.to(port.dtype), exact)
         rows.append({"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
-                     "portable_max": float(np.nanmax(ep)), "portable_mean": float(np.nanmean(ep)),
-                     "portable_median": float(np.nanmedian(ep)),
-                     "torch_max": float(np.nanmax(et)), "torch_mean": float(np.nanmean(et)),
-                     "torch_median": float(np.nanmedian(et))})
+                     **_error_stats("portable", ep), **_error_stats("torch", et)})
         r = rows[-1]
         print(f"{op:14} {shape:16} {r['dtype']:9} portable max {r['portable_max']:9.3f} "
               f"mean {r['portable_mean']:7.3f} median {r['portable_median']:6.3f} | torch max "

@@ -1,0 +1,28 @@
+"""benchmarks/bench_portable.py: how its numbers are computed (no timing asserted)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import load_script
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_portable.py"
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
+    return load_script(BENCH, monkeypatch)
+
+
+def test_error_stats_show_a_wrong_nan_instead_of_skipping_it(bench: Any) -> None:
+    # ulp_error gives NaN where exactly one of result and exact value is NaN.
+    stats = bench._error_stats("portable", np.array([0.25, math.nan, 0.5]))
+    assert set(stats) == {"portable_max", "portable_mean", "portable_median"}
+    assert all(math.isnan(v) for v in stats.values())
+    clean = bench._error_stats("torch", np.array([0.25, 0.5, 3.0]))
+    assert clean == {"torch_max": 3.0, "torch_mean": pytest.approx(3.75 / 3), "torch_median": 0.5}
+
