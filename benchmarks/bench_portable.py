@@ -1,7 +1,7 @@
 """Benchmark: portable CPU kernels (``portable=True``) vs torch's own CPU ops.
 
 Prints, per kernel and shape, the median time of each and the ratio portable / torch,
-measured in the same run. Shapes follow the CPU kernels issue. Usage::
+measured in the same run, the two interleaved. Shapes follow the CPU kernels issue. Usage::
 
     python benchmarks/bench_portable.py            # full table
     python benchmarks/bench_portable.py --quick    # a few shapes, fewer repeats
@@ -41,15 +41,20 @@ class Row:
         return self.portable_ms / self.torch_ms
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
-    """Median over repeats (the first, untimed call compiles and warms caches)."""
-    fn()  # warm up (and compile on first use)
-    times = []
+def _median_ms(ref: Callable[[], object], port: Callable[[], object], repeats: int,
+               clock: Callable[[], float]) -> tuple[float, float]:
+    """Median ms of ``ref`` and of ``port`` over repeats, interleaved (ref, port, ref, ...)
+    so that drift on a busy machine hits both sides alike; one untimed call of each first
+    (compilation on first use, caches)."""
+    ref()
+    port()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        t0 = clock()
-        fn()
-        times.append((clock() - t0) * 1e3)
-    return float(np.median(times))
+        for fn, out in ((ref, times[0]), (port, times[1])):
+            t0 = clock()
+            fn()
+            out.append((clock() - t0) * 1e3)
+    return float(np.median(times[0])), float(np.median(times[1]))
 
 
 def _cases(quick: bool) -> list[tuple[str, str, torch.dtype, Callable[[], object], Callable[[], object]]]:
@@ -257,8 +262,7 @@ def main() -> None:
     for op, shape, dtype, ref, port in _cases(args.quick):
         if args.only and args.only not in op:
             continue
-        row = Row(op, shape, str(dtype).replace("torch.", ""), _median_ms(ref, repeats, clock),
-                  _median_ms(port, repeats, clock))
+        row = Row(op, shape, str(dtype).replace("torch.", ""), *_median_ms(ref, port, repeats, clock))
         rows.append(row)
         print(f"{op:28} {shape:24} {row.dtype:9} {row.torch_ms:9.3f} {row.portable_ms:12.3f} "
               f"{row.ratio:6.2f}", flush=True)

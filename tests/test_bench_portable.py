@@ -26,3 +26,14 @@ def test_error_stats_show_a_wrong_nan_instead_of_skipping_it(bench: Any) -> None
     clean = bench._error_stats("torch", np.array([0.25, 0.5, 3.0]))
     assert clean == {"torch_max": 3.0, "torch_mean": pytest.approx(3.75 / 3), "torch_median": 0.5}
 
+
+def test_torch_and_portable_are_timed_interleaved_after_one_untimed_call(bench: Any) -> None:
+    calls: list[str] = []
+    ticks = iter(range(1000))
+
+    def clock() -> float:
+        return float(next(ticks))
+
+    ref_ms, port_ms = bench._median_ms(lambda: calls.append("torch"), lambda: calls.append("portable"), 3, clock)
+    assert calls == ["torch", "portable"] * 4  # the first pair untimed, then alternating
+    assert ref_ms == port_ms == 1000.0  # each timed call spans one tick of the fake clock
