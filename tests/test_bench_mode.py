@@ -31,8 +31,10 @@ def test_times_plain_and_mode_generate_per_batch_size(bench: Any, tmp_path: Path
     for case in data["cases"]:
         assert case["plain_ms"] > 0 and case["mode_ms"] > 0 and case["fallbacks"] == {}
         assert case["ratio"] == pytest.approx(case["mode_ms"] / case["plain_ms"], rel=1e-2)
+        assert case["mode_first_ms"] > 0  # the warm-up is left out of the medians but reported
     table = capsys.readouterr().out
     assert "| batch | new tokens | plain ms | mode ms |" in table and table.count("| none |") == 2
+    assert "| mode first call ms |" in table
 
 
 def test_bad_arguments_exit_2_with_the_reason(bench: Any, capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,4 +70,4 @@ def test_relu_linear_is_one_kernel_call_under_the_mode(bench: Any, tmp_path: Pat
 
 def test_case_rejects_non_positive_times(bench: Any) -> None:
     with pytest.raises(ValueError, match="positive"):
-        bench.Case(1, 2, 0.0, 1.0, {})
+        bench.Case(1, 2, 0.0, 1.0, {}, 1.0)
