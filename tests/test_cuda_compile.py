@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from detkit.errors import CompileError, InputError
+from detkit.errors import BackendUnavailable, CompileError, InputError
 from detkit.kernels import cuda as cuda_backend
 from detkit.kernels import cuda_loader
 from detkit.kernels.cuda_resources import (
@@ -653,3 +653,25 @@ def test_launcher_opts_in_to_large_shared_memory_once(monkeypatch: pytest.Monkey
         cuda_backend._launch(dev, "matmul.cu", "small", (1, 1, 1), 128, (), shared_mem=46080)
     assert attrs == [(1234, 8, 147456)]  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     assert launches == [147456, 46080, 147456, 46080]
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_cli_check_with_nvcc_asked_for_but_missing_is_an_environment_error(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, `--compiler nvcc` without nvcc died on an AssertionError (exit 1, which
+    means "a kernel failed to compile"); it is a missing tool: one line, exit 2."""
+    from detkit.cli import app
+
+    monkeypatch.setattr(cuda_loader, "find_nvcc", lambda: None)
+    cuda_loader._describe.cache_clear()  # an earlier test may have described a real nvcc
+    if how == "env":
+        monkeypatch.setenv(cuda_loader.ENV_COMPILER, "nvcc")
+    args = ["kernels", "check", "--arch=sm_80"] + (["--compiler", "nvcc"] if how == "option" else [])
+    out = CliRunner().invoke(app, args)
+    # main() turns a DetkitError into one line on stderr and exit code 2
+    assert isinstance(out.exception, BackendUnavailable), out.output
+    assert "nvcc was asked for" in str(out.exception) and "--compiler nvrtc" in str(out.exception)
+    if how == "env":  # the fingerprint records the missing compiler instead of an AssertionError
+        info = cuda_loader.recorded_compile_options()
+        assert info["compiler"] is None and "nvcc was asked for" in info["compiler_error"]

@@ -354,6 +354,13 @@ def _pick_compiler(compiler: str | None) -> str:
     if compiler is not None:
         if compiler not in ("nvrtc", "nvcc"):
             raise InputError(f"compiler must be 'nvrtc' or 'nvcc', got {compiler!r}")
+        # Asked for by name (--compiler, $DETKIT_CUDA_COMPILER): a missing nvcc is an
+        # environment error to report, not something _describe may assume away.
+        if compiler == "nvcc" and find_nvcc() is None:
+            raise BackendUnavailable(
+                f"nvcc was asked for (--compiler nvcc or ${ENV_COMPILER}) but was not found on PATH, in "
+                "$CUDA_HOME or /usr/local/cuda; install the CUDA toolkit or use NVRTC (--compiler nvrtc)."
+            )
         return compiler
     avail = available_compilers()
     if not avail:
