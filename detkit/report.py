@@ -102,6 +102,8 @@ def _json_default(obj: Any) -> Any:
 
 
 KINDS: tuple[str, ...] = ("audit", "probe", "pytest")
+# Top-level fields every kind shares, with their types (docs/report-schema.md).
+_FIELD_TYPES: dict[str, type] = {"fingerprint": dict, "config": dict, "results": list, "errors": list, "summary": dict}
 
 
 class ReportWriter:
@@ -157,12 +159,17 @@ def load_report(path: Path | str) -> dict[str, Any]:
     if not p.is_file():
         raise ReportError(f"no report at {p}; run `detkit audit --out DIR` or `detkit probe --out DIR` first")
     try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ReportError(f"cannot read {p} ({exc.strerror})") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # a binary file is not valid JSON either
         raise ReportError(f"{p} is not valid JSON ({exc}); was it written by detkit?") from exc
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ReportError(f"{p} is not a detkit report (missing schema {SCHEMA!r})")
-    if data.get("schema_version", 0) > SCHEMA_VERSION:
+    version = data.get("schema_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ReportError(f"{p} has schema_version {version!r}; detkit writes an integer. Is the file damaged?")
+    if version > SCHEMA_VERSION:
         raise ReportError(
             f"{p} has schema_version {data.get('schema_version')}, newer than this detkit "
             f"understands ({SCHEMA_VERSION}); upgrade detkit"
@@ -170,4 +177,13 @@ def load_report(path: Path | str) -> dict[str, Any]:
     if data.get("kind") not in KINDS:
         raise ReportError(f"{p} has report kind {data.get('kind')!r}, which this detkit cannot render "
                           f"(it knows {', '.join(KINDS)})")
+    # The renderers iterate these: a wrong type is a damaged file, not a crash in a renderer.
+    for name, kind in _FIELD_TYPES.items():
+        if name in data and not isinstance(data[name], kind):
+            raise ReportError(f"{p}: field {name!r} is {type(data[name]).__name__}, not {kind.__name__}; "
+                              "the file is damaged or was not written by detkit")
+    for name in ("results", "errors"):
+        if not all(isinstance(r, dict) for r in data.get(name, [])):
+            raise ReportError(f"{p}: {name!r} holds something other than objects; the file is damaged or was "
+                              "not written by detkit")
     return data

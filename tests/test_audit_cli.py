@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -281,3 +283,37 @@ def test_report_renders_every_kind_it_accepts(
         assert exc.value.code == 0
         out = capsys.readouterr().out
         assert needle in out and "test_mm" in out
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda text: b"\xff\xfe" + text.encode(), "is not valid JSON"),
+        (lambda text: text.replace('"schema_version": 1', '"schema_version": "1"'), "schema_version '1'"),
+        (lambda text: text.replace('"schema_version": 1', '"schema_version": null'), "schema_version None"),
+        (lambda text: text.replace('"results": [', '"results": null, "x": ['), "field 'results' is NoneType"),
+        (lambda text: text.replace('"summary": {', '"summary": [], "x": {'), "field 'summary' is list"),
+        (lambda text: text.replace('"results": [', '"results": [1, '), "'results' holds something other"),
+    ],
+)
+def test_a_damaged_report_is_a_report_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], damage: Any, message: str
+) -> None:
+    """Before, these raised UnicodeDecodeError / TypeError / AttributeError (exit 1, a traceback)
+    from load_report or a renderer; `detkit report` says what is wrong and exits 2."""
+    from detkit.cli import main
+    from detkit.errors import ReportError
+    from detkit.report import ReportWriter
+
+    writer = ReportWriter("audit", {"ops": ["mm"]}, tmp_path / "ok.json")
+    writer.add_result({"record": "op", "op": "mm"})
+    writer.finish({"advice": []})
+    damaged = damage((tmp_path / "ok.json").read_text())
+    path = tmp_path / "report.json"
+    path.write_bytes(damaged) if isinstance(damaged, bytes) else path.write_text(damaged)
+    with pytest.raises(ReportError, match=re.escape(message)):
+        load_report(path)
+    monkeypatch.setattr(sys, "argv", ["detkit", "report", str(path)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2 and message in capsys.readouterr().err
