@@ -53,7 +53,8 @@ def strict_json(data: Any) -> Any:
     to it) must never be the reason a report is lost. Producers that know better convert
     first (``detkit.compare``)."""
     if isinstance(data, float):
-        return data if math.isfinite(data) else repr(data)
+        # float(): numpy's float64 is a float whose repr is "np.float64(nan)"
+        return data if math.isfinite(data) else repr(float(data))
     if isinstance(data, dict):
         return {k: strict_json(v) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
@@ -88,14 +89,16 @@ def _json_default(obj: Any) -> Any:
     try:
         import numpy as np
 
+        # What this hook returns is encoded as is: non-finite values inside it (a float32
+        # inf, an array with a NaN) must go through strict_json too, or the write fails.
         if isinstance(obj, np.generic):
-            return obj.item()
+            return strict_json(obj.item())
         if isinstance(obj, np.ndarray):
-            return obj.tolist()
+            return strict_json(obj.tolist())
     except ImportError:  # pragma: no cover
         pass
     if hasattr(obj, "to_dict"):
-        return obj.to_dict()
+        return strict_json(obj.to_dict())
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serializable: {type(obj).__name__}")

@@ -317,3 +317,23 @@ def test_a_damaged_report_is_a_report_error_not_a_traceback(
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_non_finite_numpy_values_are_written_as_strict_json(tmp_path: Path) -> None:
+    """Before, a float32/float16 inf or an array holding a NaN raised ValueError (the record
+    and the report were lost), and a float64 NaN was written as "np.float64(nan)"."""
+    import numpy as np
+
+    from detkit.report import ReportWriter
+
+    class Stats:
+        def to_dict(self) -> dict[str, Any]:
+            return {"max": float("inf")}
+
+    writer = ReportWriter("pytest", {}, tmp_path / "report.json")
+    writer.add_result({"type": "record", "f32": np.float32("inf"), "f16": np.float16("-inf"),
+                       "f64": np.float64("nan"), "array": np.array([1.0, np.nan]), "stats": Stats()})
+    text = (tmp_path / "report.json").read_text()
+    record = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON token {c}"))["results"][0]
+    assert record == {"type": "record", "f32": "inf", "f16": "-inf", "f64": "nan", "array": [1.0, "nan"],
+                      "stats": {"max": "inf"}}
