@@ -270,7 +270,8 @@ class Diff:
     value mismatches; ``num_value_mismatches`` counts values that differ with +-0 equal
     and NaN == NaN, and includes ``nan_mismatches`` (NaN vs a number).
     ``max_ulp``/``ulp_histogram`` cover the pairs that are not NaN vs number.
-    ``max_rel`` is ``|a - b| / |b|`` (``b`` is the reference; ``inf`` where b == 0 != a).
+    ``max_rel`` is ``|a - b| / |b|`` (``b`` is the reference; ``inf`` where b == 0 != a and
+    where b is infinite and a differs).
     Indices are multi-indices into the common shape, None when there is nothing to point at.
     """
 
@@ -409,7 +410,9 @@ def diff(a: Any, b: Any, *, max_mismatches: int = 8) -> Diff:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         # Equal values (incl. equal infinities) have zero error; inf - inf would be NaN.
         abs_err = np.where(va == vb, 0.0, np.abs(va - vb))
-        rel_err = np.where(abs_err == 0, 0.0, abs_err / np.abs(vb))
+        # A differing value against an infinite reference is infinitely wrong; inf / inf
+        # would be NaN, which argmax picks first and which hides every finite error.
+        rel_err = np.where(abs_err == 0, 0.0, np.where(np.isinf(vb), np.inf, abs_err / np.abs(vb)))
     abs_err = np.where(finite_pair, abs_err, -1.0)
     rel_err = np.where(finite_pair, rel_err, -1.0)
     max_abs, max_abs_index, max_rel, max_rel_index = 0.0, None, 0.0, None

@@ -276,6 +276,18 @@ def test_diff_inf_and_zero_reference_stay_json_safe() -> None:
     assert out["max_abs"] == "inf"
 
 
+@pytest.mark.parametrize("a_value", [1.0, -np.inf, 3.0e38])
+def test_diff_against_an_infinite_reference_is_an_infinite_relative_error(a_value: float) -> None:
+    """Before, |a - inf| / inf was NaN: max_rel read nan, and argmax put it first, hiding
+    the finite relative error of the other elements."""
+    a = np.array([a_value, 3.0, 2.0], dtype=np.float32)
+    b = np.array([np.inf, 2.0, 2.0], dtype=np.float32)
+    d = diff(a, b)
+    assert d.max_rel == np.inf and d.max_rel_index == (0,)
+    assert "nan" not in str(d)
+    assert diff(a[1:], b[1:]).max_rel == 0.5
+
+
 def test_diff_shape_and_dtype_mismatch_raise() -> None:
     with pytest.raises(InputError, match=r"shape mismatch: a is \(2, 3\), b is \(3, 2\)"):
         diff(torch.zeros(2, 3), torch.zeros(3, 2))
