@@ -35,6 +35,7 @@ the target format is our own exact integer code (``round_fraction``).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import math
 from fractions import Fraction
 from typing import Any, Callable, Sequence
@@ -75,6 +76,27 @@ _MAX_PREC = 1 << 15
 # (they carry 14-20 guard bits internally and are within 1 ulp); see docs/reference.md.
 _MP_SLACK = 4
 _EXACT_VALUE_PREC = 160  # working precision for exact=True on irrational results
+
+
+# ------------------------------------------------------------------- subnormals kept
+
+
+@contextlib.contextmanager
+def _subnormals_kept() -> Any:
+    """Turn off torch.set_flush_denormal(True) while a reference is computed.
+
+    That mode sets FTZ/DAZ on the calling thread, so the exact widening of inputs to
+    float64 and the final conversion into the target dtype (torch's and numpy's alike)
+    would turn subnormal inputs and results into zeros. torch has no getter for the mode:
+    a subnormal that does not survive a multiplication by one says it is on."""
+    flushing = torch.tensor(2.0**-1074, dtype=torch.float64).mul(1.0).item() == 0.0
+    if flushing:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(True)
 
 
 # --------------------------------------------------------------------------- rounding
@@ -126,6 +148,7 @@ def _round_ratio(num: int, den: int, fmt: FloatFormat, zero_sign: int = 1) -> fl
     return -value if neg else value
 
 
+@_subnormals_kept()
 def round_fraction(value: Fraction | int, dtype: Any = "float32") -> float:
     """Round an exact rational to nearest-even in ``dtype`` (subnormals, overflow to inf).
 
@@ -302,6 +325,7 @@ def _rows(x: np.ndarray, dim: int) -> tuple[np.ndarray, tuple[int, ...]]:
 # ------------------------------------------------------------------------- exact sums
 
 
+@_subnormals_kept()
 def dot(x: Any, y: Any, *, dtype: Any = None, exact: bool = False) -> Any:
     """Exact sum of exact products of two 1-D vectors, rounded once. Returns a 0-d tensor."""
     vx, nx = _values(x, "x")
@@ -312,6 +336,7 @@ def dot(x: Any, y: Any, *, dtype: Any = None, exact: bool = False) -> Any:
     return out.reshape(())
 
 
+@_subnormals_kept()
 def matmul(a: Any, b: Any, bias: Any = None, *, dtype: Any = None, exact: bool = False) -> Any:
     """Exact ``a @ b (+ bias)`` rounded once per element. 2-D (M,K)x(K,N) or batched (B,M,K)x(B,K,N)."""
     va, na = _values(a, "a")
@@ -365,11 +390,13 @@ def matmul(a: Any, b: Any, bias: Any = None, *, dtype: Any = None, exact: bool =
     return _to_tensor(vals, (m, n), fmt)
 
 
+@_subnormals_kept()
 def sum(x: Any, dim: int = -1, *, dtype: Any = None, exact: bool = False) -> Any:  # noqa: A001
     """Exact sum over ``dim``, rounded once."""
     return _sum_or_mean(x, dim, dtype, exact, mean=False)
 
 
+@_subnormals_kept()
 def mean(x: Any, dim: int = -1, *, dtype: Any = None, exact: bool = False) -> Any:
     """Exact mean over ``dim`` (exact sum divided by the count), rounded once."""
     return _sum_or_mean(x, dim, dtype, exact, mean=True)
@@ -456,6 +483,7 @@ def _norm_common(
     return v.reshape(count, length), v.shape, fmt, vw, vbias, Fraction(eps)
 
 
+@_subnormals_kept()
 def rms_norm(
     x: Any, weight: Any = None, eps: float = 1e-6, *, dtype: Any = None, exact: bool = False
 ) -> Any:
@@ -489,6 +517,7 @@ def rms_norm(
     return _to_exact_array(results, shape) if exact else _to_tensor(results, shape, fmt)
 
 
+@_subnormals_kept()
 def layer_norm(
     x: Any,
     weight: Any = None,
@@ -584,6 +613,7 @@ def _log_enclosure(lo: Fraction, hi: Fraction, prec: int) -> Interval:
     return (_widen(l_lo, prec)[0] if l_lo else l_lo, _widen(l_hi, prec)[1] if l_hi else l_hi)
 
 
+@_subnormals_kept()
 def exp(x: Any, *, dtype: Any = None, exact: bool = False) -> Any:
     """Correctly rounded ``exp(x)`` elementwise."""
     v, name = _values(x, "x")
@@ -611,11 +641,13 @@ def exp(x: Any, *, dtype: Any = None, exact: bool = False) -> Any:
     return _to_exact_array(vals, v.shape) if exact else _to_tensor(vals, v.shape, fmt)
 
 
+@_subnormals_kept()
 def softmax(x: Any, dim: int = -1, *, dtype: Any = None, exact: bool = False) -> Any:
     """Correctly rounded softmax over ``dim``; -inf entries are masked (0); an all -inf row is NaN."""
     return _softmax(x, dim, dtype, exact, log=False)
 
 
+@_subnormals_kept()
 def log_softmax(x: Any, dim: int = -1, *, dtype: Any = None, exact: bool = False) -> Any:
     """Correctly rounded log-softmax over ``dim``; -inf stays -inf; an all -inf row is NaN."""
     return _softmax(x, dim, dtype, exact, log=True)
@@ -687,6 +719,7 @@ def _ulp_of(v: Fraction, fmt: FloatFormat) -> Fraction:
     return _dyadic(1, e - fmt.precision + 1)
 
 
+@_subnormals_kept()
 def ulp_error(result: Any, exact: Any) -> np.ndarray:
     """Error of ``result`` in ULPs, as a float64 numpy array of ``result``'s shape.
 

@@ -412,3 +412,24 @@ def test_bad_inputs() -> None:
         R.sum(np.ones(3), dtype="int32")
     with pytest.raises(InputError, match="weight must have shape"):
         R.rms_norm(torch.ones(2, 3), torch.ones(4))
+
+
+def test_flush_denormal_mode_does_not_change_the_reference() -> None:
+    """torch.set_flush_denormal(True) (FTZ/DAZ on this thread) flushed subnormal inputs and
+    results of the reference to zero: sum([2**-140, 2**-140]) was 0 instead of 2**-139."""
+    tiny = torch.tensor([2.0**-140, 2.0**-140], dtype=torch.float32)
+    x = torch.tensor([[0.0, -100.0, -100.0]], dtype=torch.float32)
+    expected = {"sum": R.sum(tiny), "softmax": R.softmax(x), "exp": R.exp(torch.tensor([-100.0]))}
+    assert expected["sum"].item() == 2.0**-139
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        got = {"sum": R.sum(tiny), "softmax": R.softmax(x), "exp": R.exp(torch.tensor([-100.0]))}
+        err = R.ulp_error(tiny, [Fraction(2) ** -140] * 2)
+        # the user's mode is left as it was
+        assert torch.tensor(2.0**-1074, dtype=torch.float64).mul(1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+    for name, value in expected.items():
+        assert torch.equal(got[name].view(torch.int32), value.view(torch.int32)), name
+    assert err.tolist() == [0.0, 0.0]
