@@ -364,6 +364,9 @@ def _determinism(torch: Any) -> dict[str, Any]:
         "cudnn_deterministic": lambda: b.cudnn.deterministic,
         "cudnn_benchmark": lambda: b.cudnn.benchmark,
         "mkldnn_enabled": lambda: b.mkldnn.enabled,
+        # torch.set_flush_denormal(True) (FTZ/DAZ on this thread) changes CPU results that
+        # pass through subnormals; torch has no getter, so test a subnormal times one.
+        "cpu_flush_denormal": lambda: torch.tensor(2.0**-1074, dtype=torch.float64).mul(1.0).item() == 0.0,
     }
     out = {k: _safe(fn) for k, fn in probes.items()}
     # Newer torch exposes a per-backend precision API ("ieee" / "tf32"); record it when present.

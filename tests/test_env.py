@@ -48,6 +48,19 @@ def test_fingerprint_tracks_flag_changes() -> None:
         torch.set_num_threads(before)
 
 
+def test_fingerprint_records_the_flush_denormal_mode() -> None:
+    """torch.set_flush_denormal(True) changes the bits of CPU results that pass through
+    subnormals; before, the fingerprint did not say whether it was on."""
+    assert denv.fingerprint().to_dict()["determinism"]["cpu_flush_denormal"] is False
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        fp = denv.fingerprint().to_dict()
+    finally:
+        torch.set_flush_denormal(False)
+    assert fp["determinism"]["cpu_flush_denormal"] is True
+
+
 def test_env_vars_by_prefix_and_secrets_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
     monkeypatch.setenv("MKL_CBWR", "AVX2")
