@@ -30,6 +30,7 @@ be compared as ``torch.from_numpy(u).view(torch.bfloat16)``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -161,6 +162,26 @@ def _bits(x: Any, what: str) -> _Bits:
         )
     raw = np.ascontiguousarray(arr).view(_UINT[fmt.bits]).reshape(arr.shape)  # keeps 0-d
     return _Bits(raw.astype(np.uint64), fmt, arr)
+
+
+@contextlib.contextmanager
+def _subnormals_kept() -> Any:
+    """Turn off torch.set_flush_denormal(True) while values are widened or rounded.
+
+    That mode sets FTZ/DAZ on the calling thread, so conversions to and from float64
+    (torch's and numpy's alike) would turn subnormal values into zeros. torch has no
+    getter for the mode: a subnormal that does not survive a multiplication by one says
+    it is on."""
+    import torch
+
+    flushing = torch.tensor(2.0**-1074, dtype=torch.float64).mul(1.0).item() == 0.0
+    if flushing:
+        torch.set_flush_denormal(False)
+    try:
+        yield
+    finally:
+        if flushing:
+            torch.set_flush_denormal(True)
 
 
 def _values64(b: _Bits) -> np.ndarray:
@@ -373,6 +394,7 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(flat, shape)) if shape else ()
 
 
+@_subnormals_kept()
 def diff(a: Any, b: Any, *, max_mismatches: int = 8) -> Diff:
     """Compare ``a`` with the reference ``b`` bitwise, in ULPs, and in absolute/relative error."""
     if max_mismatches < 0:

@@ -35,7 +35,6 @@ the target format is our own exact integer code (``round_fraction``).
 from __future__ import annotations
 
 import builtins
-import contextlib
 import math
 from fractions import Fraction
 from typing import Any, Callable, Sequence
@@ -43,7 +42,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from detkit.compare import FORMATS, FloatFormat, _bits, ulp_distance
+from detkit.compare import FORMATS, FloatFormat, _bits, _subnormals_kept, ulp_distance
 from detkit.errors import DetkitError, InputError
 
 __all__ = [
@@ -76,27 +75,6 @@ _MAX_PREC = 1 << 15
 # (they carry 14-20 guard bits internally and are within 1 ulp); see docs/reference.md.
 _MP_SLACK = 4
 _EXACT_VALUE_PREC = 160  # working precision for exact=True on irrational results
-
-
-# ------------------------------------------------------------------- subnormals kept
-
-
-@contextlib.contextmanager
-def _subnormals_kept() -> Any:
-    """Turn off torch.set_flush_denormal(True) while a reference is computed.
-
-    That mode sets FTZ/DAZ on the calling thread, so the exact widening of inputs to
-    float64 and the final conversion into the target dtype (torch's and numpy's alike)
-    would turn subnormal inputs and results into zeros. torch has no getter for the mode:
-    a subnormal that does not survive a multiplication by one says it is on."""
-    flushing = torch.tensor(2.0**-1074, dtype=torch.float64).mul(1.0).item() == 0.0
-    if flushing:
-        torch.set_flush_denormal(False)
-    try:
-        yield
-    finally:
-        if flushing:
-            torch.set_flush_denormal(True)
 
 
 # --------------------------------------------------------------------------- rounding

@@ -328,3 +328,17 @@ def test_first_divergence_rejects_text_and_floats() -> None:
         first_divergence("abc", "abd")
     with pytest.raises(InputError, match="integer"):
         first_divergence(np.array([1.0]), np.array([1.0]))
+
+
+def test_diff_values_under_flush_denormal_mode() -> None:
+    """Under torch.set_flush_denormal(True) diff showed subnormals as 0 ("0 vs 0, 256 ULP")
+    and max abs 0; the values and errors are those of the bits."""
+    a, b = torch.tensor([2.0**-140]), torch.tensor([2.0**-141])
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        d = diff(a, b)
+    finally:
+        torch.set_flush_denormal(False)
+    assert (d.first_mismatches[0].a, d.first_mismatches[0].b) == (2.0**-140, 2.0**-141)
+    assert d.max_abs == 2.0**-141 and d.max_rel == 1.0
