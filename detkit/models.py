@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from detkit.errors import InputError
+from detkit.errors import BackendUnavailable, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -98,6 +98,21 @@ PRESETS: tuple[str, ...] = tuple(_PRESETS)
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "sdpa")
 
 
+def require_transformers() -> None:
+    """Raise :class:`BackendUnavailable` with the install command when Hugging Face
+    ``transformers`` or ``tokenizers`` (the ``hf`` extra, not a core dependency) is missing."""
+    for module in ("transformers", "tokenizers"):
+        try:
+            __import__(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            raise BackendUnavailable(
+                f"Hugging Face models (the presets such as tiny-llama, local model directories) need "
+                f"`{module}`, which is not installed: `pip install 'detkit[hf]'`"
+            ) from exc
+
+
 def _config(preset: Preset, attn_implementation: str) -> Any:
     import transformers
 
@@ -116,6 +131,8 @@ def load_preset(
 ) -> PreTrainedModel:
     """Build preset ``name`` with weights drawn from ``seed``, in eval mode, on the CPU."""
     import torch
+
+    require_transformers()
     import transformers
 
     if name not in _PRESETS:
@@ -143,6 +160,7 @@ def load_preset(
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """An offline byte-level tokenizer: ids 0..255 are bytes, then pad, bos, eos."""
+    require_transformers()
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

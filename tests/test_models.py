@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detkit.errors import InputError
+from detkit.errors import BackendUnavailable, InputError
 from detkit.models import EOS_ID, PAD_ID, PRESETS, build_tokenizer, load_preset, save_preset
 
 
@@ -50,3 +50,12 @@ def test_saved_preset_reloads_with_transformers(tmp_path) -> None:
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
     assert tok.eos_token_id == EOS_ID
+
+
+@pytest.mark.parametrize("module", ["transformers", "tokenizers"])
+def test_missing_hf_extra_names_the_install_command(module: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # transformers is the `hf` extra, not a core dependency: `pip install detkit` alone lacks it
+    monkeypatch.setitem(__import__("sys").modules, module, None)
+    for call in (lambda: load_preset("tiny-llama"), build_tokenizer):
+        with pytest.raises(BackendUnavailable, match=rf"need `{module}`.*pip install 'detkit\[hf\]'"):
+            call()

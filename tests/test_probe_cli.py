@@ -107,6 +107,14 @@ def test_bad_input_is_one_clear_line_and_exit_2(args, message, capsys, monkeypat
     assert message in err and "Traceback" not in err + out
 
 
+def test_probe_without_transformers_is_one_clear_line_and_exit_2(capsys, monkeypatch):
+    # `pip install detkit` (no `hf` extra) then `detkit probe`: the install command, not a traceback
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    code, out, err = run_cli(["--max-new-tokens", "1"], capsys, monkeypatch)
+    assert code == 2
+    assert "pip install 'detkit[hf]'" in err and "Traceback" not in err + out
+
+
 def test_a_model_without_tokenizer_and_bad_suites_exit_2(tmp_path, capsys, monkeypatch):
     from detkit.models import load_preset
 

@@ -42,10 +42,11 @@ def load_model(
     Returns ``(model, tokenizer, description)``. Raises :class:`ModelLoadError` with
     what to do when the directory, its weights or its tokenizer are missing.
     """
-    from detkit.models import PRESETS, build_tokenizer, load_preset
+    from detkit.models import PRESETS, build_tokenizer, load_preset, require_transformers
 
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    require_transformers()
     dev = resolve_device(device)
     if model in PRESETS:
         name = PRESET_DEFAULT_DTYPE if dtype == "auto" else dtype

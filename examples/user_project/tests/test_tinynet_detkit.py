@@ -75,6 +75,7 @@ def test_portable_mode_matches_itself_across_batch_sizes(detkit, model: TinyMLP)
 def test_generation(detkit) -> None:
     # A tiny Hugging Face Llama built offline: each prompt generated alone and inside
     # left-padded batches of 1, 4 and 8 must give the same tokens and logits, bitwise.
+    pytest.importorskip("transformers", reason="needs Hugging Face transformers: pip install 'detkit[hf]'")
     from detkit.models import build_tokenizer, load_preset
 
     llm = load_preset("tiny-llama")
