@@ -30,6 +30,9 @@ def test_torch_mm_and_linear_are_batch_variant_here(tmp_path: Path) -> None:
                   "--batch-sizes", SWEEP, "--runs", "2", "--out", str(tmp_path))
     assert proc.returncode == 1, proc.stderr
     assert "--fail-on batch-variance: 2 failing" in proc.stdout
+    # the live table is explained under it: the impls that ran and the cells
+    assert "torch: torch's own kernels" in proc.stdout and "deterministic:" not in proc.stdout
+    assert "FAIL b>=N: a row first changes at batch size N" in proc.stdout
     data = load_report(tmp_path / "report.json")
     assert data["kind"] == "audit" and data["status"] == "complete"
     ops = [r for r in data["results"] if r["record"] == "op"]

@@ -15,7 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from detkit.audit.summary import impl_records, op_records, summarize, uncovered_ops
-from detkit.audit.vocab import CHECK_HELP, CHECKS, IMPLS, ulp_bucket_label
+from detkit.audit.vocab import CELL_LEGEND, CHECK_HELP, CHECKS, IMPLS, ulp_bucket_label
 
 SHORT = {
     "run-to-run": "run",
@@ -230,8 +230,7 @@ def _style(verdict: str) -> str:
 def rich_table(records: list[dict[str, Any]], checks: list[str] | None = None, title: str | None = None) -> Table:
     """One row per op x implementation x dtype, one column per check."""
     checks = checks or shown_checks(records)
-    table = Table(title=title, header_style="bold", expand=False, caption="ok: bitwise identical; FAIL b>=N: a "
-                  "row first changes at batch size N; FAIL P%: share of elements that differ; .: not applicable")
+    table = Table(title=title, header_style="bold", expand=False, caption=CELL_LEGEND)
     for name in ("op", "dtype", "impl"):
         table.add_column(name, no_wrap=True)
     for c in checks:

@@ -27,6 +27,16 @@ VERDICTS = ("pass", "fail", "error", "skipped", "n/a")
 
 IMPLS = ("torch", "deterministic", "detkit", "portable")
 
+IMPL_HELP = {
+    "torch": "torch's own kernels",
+    "deterministic": "torch under torch.use_deterministic_algorithms(True)",
+    "detkit": "under detkit.batch_invariant()",
+    "portable": "under detkit.batch_invariant(portable=True)",
+}
+
+CELL_LEGEND = ("ok: bitwise identical; FAIL b>=N: a row first changes at batch size N; "
+               "FAIL P%: share of elements that differ; .: not applicable")
+
 
 def ulp_bucket_label(k: int) -> str:
     """Label of ULP bucket ``k`` (distances in [2**(k-1), 2**k)): "1", "2-3", ..., "2^20-2^21"."""

@@ -113,6 +113,7 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
     from detkit.audit.render import SHORT, short_cell, to_html, to_markdown
     from detkit.audit.runner import Event, probe_impls, resolve_device, run_audit
     from detkit.audit.summary import summarize
+    from detkit.audit.vocab import CELL_LEGEND, IMPL_HELP
     from detkit.report import ReportWriter
 
     # usage and environment errors (no GPU, a requested impl that cannot run) surface
@@ -168,6 +169,11 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
 
     if json_out:
         sys.stdout.write(_dumps(report) + "\n")
+    # what the live table's columns mean, for a first-time reader (`--list-ops` explains the checks)
+    console.print()
+    console.print("; ".join(f"{i}: {IMPL_HELP[i]}" for i in cfg.impls), style="dim", markup=False, soft_wrap=True)
+    console.print(f"{CELL_LEGEND} (`detkit audit --list-ops` explains each check)", style="dim", markup=False,
+                  soft_wrap=True)
     console.print()
     for line in summary["advice"]:
         console.print(f"- {line}", markup=False, soft_wrap=True)
