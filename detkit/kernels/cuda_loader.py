@@ -273,8 +273,9 @@ def _load_libnvrtc() -> tuple[Any, str]:
         except OSError as err:
             errors.append(f"{cand}: {err}")
     raise BackendUnavailable(
-        "NVRTC (libnvrtc) was not found. Install it with `pip install nvidia-cuda-nvrtc-cu12` "
-        f"(part of detkit's `test` and `cuda12` extras), or set ${ENV_NVRTC_LIB} to the library path."
+        "NVRTC (libnvrtc) was not found. Install it with `pip install nvidia-cuda-nvrtc-cu12` (CUDA 12; "
+        "part of detkit's `test` and `cuda12` extras) or `pip install 'nvidia-cuda-nvrtc>=13,<14'` (CUDA 13; "
+        f"the `cuda13` extra), or set ${ENV_NVRTC_LIB} to the library path."
     )
 
 
