@@ -81,6 +81,7 @@ def _blas_skipped(dtype: torch.dtype) -> str | None:
                 "GEMM is a scalar loop, far slower than the fixed-order kernel")
     return None
 
+
 # Thread counts checked at verification, so that the verdict (and with it the algorithm)
 # never depends on the thread count in force when a configuration is first used.
 _THREAD_COUNTS = {1, 2, os.cpu_count() or 1, torch.get_num_threads()}

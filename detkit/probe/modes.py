@@ -70,8 +70,9 @@ def filler_limit(engine: Engine, suite: ProbeSuite) -> int | None:
     """The longest filler (in characters) that fits the engine's context, or None.
 
     Fillers are drawn up to four times the prompt's length; for a prompt that fits, they
-    must not be what overflows the model. A character is taken as at least one token (true
-    of ASCII text for byte-level and BPE tokenizers), with a few tokens spare for specials.
+    must not be what overflows the model. A filler of n characters is taken to have at
+    most n tokens (every token covers at least one character: true of ASCII text for
+    byte-level and BPE tokenizers), with a few tokens spare for specials.
     """
     context = getattr(engine, "context_length", None)
     return None if context is None else context - suite.max_new_tokens - _SPECIAL_TOKENS
@@ -115,7 +116,8 @@ def groups_prefix(prompt: Prompt, plan: BatchPlan, seed: int, max_chars: int | N
     for frac in plan.prefix_fractions:
         shared = max(1, int(len(prompt.text) * frac))
         others = [
-            Request(prompt.text[:shared] + filler(rng, plan, rng.randint(1, _room(2 * len(prompt.text), max_chars, shared))))
+            Request(prompt.text[:shared]
+                    + filler(rng, plan, rng.randint(1, _room(2 * len(prompt.text), max_chars, shared))))
             for _ in range(size - 1)
         ]
         pos = rng.randrange(size)
