@@ -536,6 +536,30 @@ def test_trainer_matches_sampler_on_a_cuda_model(dtype: torch.dtype) -> None:
     assert bi.uncovered() == {}, f"ops fell back to torch on CUDA:\n{bi.coverage()}"
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_out_forms_under_the_mode_on_cuda(portable: bool) -> None:
+    """``torch.mm(a, b, out=c)`` and the other out= overloads on CUDA under the mode: the
+    functional form's bits, rows independent of M, nothing left to torch."""
+    import detkit
+
+    x = rand((300, 1000), torch.bfloat16, 96)
+    w = rand((1000, 384), torch.bfloat16, 97, 0.05)
+    with detkit.batch_invariant(portable=portable) as bi:
+        full = torch.empty(0, dtype=x.dtype, device=DEV)
+        torch.mm(x, w, out=full)
+        assert_bits_equal(full, torch.mm(x, w), "mm.out vs mm")
+        for m in (1, 2, 17, 64, 255):
+            row = torch.empty(0, dtype=x.dtype, device=DEV)
+            assert_bits_equal(torch.mm(x[:m], w, out=row), full[:m], f"mm.out rows at M={m}")
+        for name, into, functional in (
+            ("sum.IntList_out", lambda o: torch.sum(x, -1, out=o), lambda: torch.sum(x, -1)),
+            ("_softmax.out", lambda o: torch.softmax(x, -1, out=o), lambda: torch.softmax(x, -1)),
+            ("exp.out", lambda o: torch.exp(x, out=o), lambda: torch.exp(x)),
+        ):
+            assert_bits_equal(into(torch.empty(0, dtype=x.dtype, device=DEV)), functional(), name)
+    assert bi.uncovered() == {}, f"ops fell back to torch on CUDA:\n{bi.coverage()}"
+
+
 def test_probe_cli_on_a_cuda_model_under_the_mode(tmp_path: object) -> None:
     """`detkit probe --device cuda --batch-invariant` end to end: every mode matches the
     reference bit for bit (exit 0 with --fail-on-divergence) and the report names the device."""
