@@ -21,6 +21,7 @@ summarised and reported too.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Generator, Iterator
@@ -268,10 +269,37 @@ class DetkitSession:
         with self._modes(item, "setup"):
             return (yield)
 
+    @contextmanager
+    def _body_leaves_mode_as_found(self, item: pytest.Item) -> Iterator[None]:
+        """Restore the mode a test body changed without restoring it (``detkit.mode.enable()``
+        then a failure before ``disable()``, a context entered and never exited): left on, it
+        would run every later test of the process under the mode, so verdicts would depend on
+        test order and, under xdist, on which worker ran what. Only the body: fixtures may
+        turn the mode on for a whole session on purpose."""
+        mode = sys.modules.get("detkit.mode")  # not imported yet: the mode is off (and stays unimported)
+        before = mode.state() if mode is not None else None
+        try:
+            yield
+        finally:
+            mode = sys.modules.get("detkit.mode")
+            if mode is not None and mode.state() != (before or mode.ModeState()):
+                after = mode.state()
+                if before is not None and before.enabled:
+                    mode.enable(before.portable, strict=before.strict)
+                else:
+                    mode.disable()
+                warnings.warn(
+                    pytest.PytestWarning(
+                        f"detkit: {item.nodeid} left detkit's mode {'on' if after.enabled else 'off'}; "
+                        "restored for the next test. Use `with detkit.batch_invariant():` or a marker."
+                    ),
+                    stacklevel=1,
+                )
+
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_call(self, item: pytest.Item) -> Generator[None, object, object]:
         __tracebackhide__ = True
-        with self._modes(item, "call"):
+        with self._body_leaves_mode_as_found(item), self._modes(item, "call"):
             return (yield)
 
     @pytest.hookimpl(wrapper=True)

@@ -594,3 +594,46 @@ def test_entries_survive_report_serialisation(pytester: pytest.Pytester) -> None
     back = config.hook.pytest_report_from_serializable(config=config, data=data)
     kinds = [e["type"] for e in back.detkit_entries]
     assert kinds == ["check", "test"] and back.detkit_entries[0]["verdict"] == "PASS"
+
+
+LEAKY = """
+    import detkit.mode
+
+    def test_enables_and_fails_before_disabling():
+        detkit.mode.enable()
+        raise RuntimeError("failed before detkit.mode.disable()")
+
+    def test_leaves_a_context_open():
+        detkit.batch_invariant(portable=True).__enter__()
+
+    @pytest.mark.batch_invariant
+    def test_marked_and_enables():
+        detkit.mode.enable(portable=True)
+
+    def test_next_test_runs_without_the_mode():
+        assert not detkit.mode.is_enabled()
+    """
+
+
+def _assert_mode_not_leaked(result: pytest.RunResult) -> None:
+    try:
+        result.assert_outcomes(passed=3, failed=1, warnings=2)
+        result.stdout.fnmatch_lines(
+            ["*test_enables_and_fails_before_disabling left detkit's mode on*restored*",
+             "*test_leaves_a_context_open left detkit's mode on*restored*"]
+        )
+        assert not detkit.mode.is_enabled()
+    finally:
+        detkit.mode.disable()  # a leak must not reach the tests of this suite either
+
+
+def test_a_test_body_that_leaves_the_mode_on_does_not_leak_into_the_next_test(pytester: pytest.Pytester) -> None:
+    # An unmarked test that turns the mode on and fails before turning it off would
+    # otherwise run every later test of its process under the mode: verdicts would
+    # depend on test order and, under xdist, on which worker ran what.
+    _assert_mode_not_leaked(_run(pytester, LEAKY, "-p", "no:randomly"))
+
+
+def test_the_mode_does_not_leak_between_tests_of_an_xdist_worker(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    _assert_mode_not_leaked(_run(pytester, LEAKY, "-p", "no:randomly", "-n", "1"))
