@@ -363,8 +363,12 @@ class DetkitSession:
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         if self.writer is None:
             return
+        # -x/--maxfail/--sw stop the session with tests left unrun (xdist's controller then
+        # exits INTERRUPTED; plain pytest with TESTS_FAILED and shouldfail/shouldstop set).
+        stopped = bool(session.shouldfail or session.shouldstop)
+        interrupted = exitstatus in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR)
         try:
-            self.writer.finish(self.summary(exitstatus), partial=exitstatus in (pytest.ExitCode.INTERRUPTED, pytest.ExitCode.INTERNAL_ERROR))
+            self.writer.finish(self.summary(exitstatus), partial=stopped or interrupted)
         except (OSError, TypeError, ValueError) as exc:
             warnings.warn(pytest.PytestWarning(f"detkit: could not finish {self.report_path}: {exc}"), stacklevel=1)
 

@@ -637,3 +637,27 @@ def test_a_test_body_that_leaves_the_mode_on_does_not_leak_into_the_next_test(py
 def test_the_mode_does_not_leak_between_tests_of_an_xdist_worker(pytester: pytest.Pytester) -> None:
     pytest.importorskip("xdist")
     _assert_mode_not_leaked(_run(pytester, LEAKY, "-p", "no:randomly", "-n", "1"))
+
+
+STOPPED_EARLY = """
+    def test_fails():
+        assert_batch_invariant(lambda t: t - t.mean(0), X, batch_sizes=[2])
+
+    def test_never_runs():
+        assert_batch_invariant(torch.exp, X, batch_sizes=[2])
+    """
+
+
+def test_a_run_stopped_by_maxfail_writes_a_partial_report(pytester: pytest.Pytester) -> None:
+    # -x/--maxfail leaves tests unrun: a "complete" report would read as if they had no checks.
+    result = _run(pytester, STOPPED_EARLY, "-p", "no:randomly", "-x", "--detkit-report=out.json")
+    result.assert_outcomes(failed=1)
+    report = load_report(pytester.path / "out.json")
+    assert report["status"] == "partial" and report["summary"]["checks"] == 1
+
+
+def test_a_run_stopped_by_maxfail_under_xdist_writes_a_partial_report(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    result = _run(pytester, STOPPED_EARLY, "-p", "no:randomly", "-x", "-n", "1", "--detkit-report=out.json")
+    result.assert_outcomes(failed=1)
+    assert load_report(pytester.path / "out.json")["status"] == "partial"
