@@ -167,7 +167,8 @@ class DetkitSession:
                         "args": [str(a) for a in config.invocation_params.args],
                         "rootdir": str(config.rootpath),
                     },
-                    self.report_path,
+                    # Resolved now: a test that changes directory must not move the report.
+                    config.invocation_params.dir / self.report_path,
                 )
             except OSError as exc:
                 raise pytest.UsageError(f"--detkit-report={self.report_path}: cannot write the report ({exc})") from exc

@@ -661,3 +661,20 @@ def test_a_run_stopped_by_maxfail_under_xdist_writes_a_partial_report(pytester: 
     result = _run(pytester, STOPPED_EARLY, "-p", "no:randomly", "-x", "-n", "1", "--detkit-report=out.json")
     result.assert_outcomes(failed=1)
     assert load_report(pytester.path / "out.json")["status"] == "partial"
+
+
+def test_a_relative_report_path_does_not_follow_a_test_that_changes_directory(pytester: pytest.Pytester) -> None:
+    (pytester.path / "elsewhere").mkdir()
+    result = _run(
+        pytester,
+        """
+        def test_in_another_directory(monkeypatch):
+            monkeypatch.chdir("elsewhere")
+            assert_batch_invariant(torch.exp, X, batch_sizes=[2])
+        """,
+        "--detkit-report=out.json",
+    )
+    result.assert_outcomes(passed=1)
+    assert not (pytester.path / "elsewhere" / "out.json").exists()
+    assert load_report(pytester.path / "out.json")["summary"]["checks"] == 1
+    result.stdout.fnmatch_lines(["detkit: 1 checks in 1 tests: *; report out.json"])
