@@ -678,3 +678,43 @@ def test_a_relative_report_path_does_not_follow_a_test_that_changes_directory(py
     assert not (pytester.path / "elsewhere" / "out.json").exists()
     assert load_report(pytester.path / "out.json")["summary"]["checks"] == 1
     result.stdout.fnmatch_lines(["detkit: 1 checks in 1 tests: *; report out.json"])
+
+
+def test_a_timeout_during_a_deterministic_rerun_is_not_nondeterminism(pytester: pytest.Pytester) -> None:
+    # pytest-timeout's limit covers all runs together; its signal method raises this
+    # pytest.fail in the body, here in run 2 as if the runs had added up past the limit.
+    result = _run(
+        pytester,
+        """
+        RUNS = []
+
+        @pytest.mark.deterministic(runs=3)
+        def test_slow():
+            RUNS.append(1)
+            if len(RUNS) == 2:
+                pytest.fail("Timeout (>1.0s) from pytest-timeout.")
+            return torch.ones(2)
+        """,
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E*Failed: Timeout (>1.0s) from pytest-timeout."])
+    result.stdout.no_fnmatch_line("*NONDETERMINISTIC*")
+
+
+def test_pytest_timeout_during_a_deterministic_rerun_is_not_nondeterminism(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("pytest_timeout")
+    result = _run(
+        pytester,
+        """
+        import time
+
+        @pytest.mark.deterministic(runs=3)
+        def test_slow():
+            time.sleep(0.4)
+            return torch.ones(2)
+        """,
+        "--timeout=1", "--timeout-method=signal",
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E*Failed: Timeout (>1.0s) from pytest-timeout."])
+    result.stdout.no_fnmatch_line("*NONDETERMINISTIC*")
