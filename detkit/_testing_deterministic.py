@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import pytest
+
 from detkit import _testing_values as V
 from detkit import testing as T
 from detkit._testing_fixture import DetkitFixture
@@ -40,7 +42,7 @@ def run_deterministic(item: Any, runs: int, session: Any, *, restore_rng: bool =
                 fixture._begin_rerun()
         try:
             returned = fn(**testargs)
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, pytest.exit.Exception):  # stopping the session is no run's result
             raise
         except BaseException as exc:  # pytest.fail/skip outcomes are BaseExceptions too
             if k == 0 or _timed_out(exc):
@@ -101,6 +103,4 @@ def run_deterministic(item: Any, runs: int, session: Any, *, restore_rng: bool =
 def _timed_out(exc: BaseException) -> bool:
     """pytest-timeout's limit (signal method: a ``pytest.fail`` raised in the body) covers all
     runs together; hitting it in a rerun is the test's own failure, not a differing run."""
-    import pytest
-
     return isinstance(exc, pytest.fail.Exception) and str(exc).endswith("from pytest-timeout.")

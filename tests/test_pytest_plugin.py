@@ -718,3 +718,26 @@ def test_pytest_timeout_during_a_deterministic_rerun_is_not_nondeterminism(pytes
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["E*Failed: Timeout (>1.0s) from pytest-timeout."])
     result.stdout.no_fnmatch_line("*NONDETERMINISTIC*")
+
+
+def test_pytest_exit_in_a_deterministic_rerun_stops_the_session(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        RUNS = []
+
+        @pytest.mark.deterministic(runs=3)
+        def test_exits():
+            RUNS.append(1)
+            if len(RUNS) == 2:
+                pytest.exit("stop the session")
+            return torch.ones(2)
+
+        def test_never_runs():
+            pass
+        """,
+        "-p", "no:randomly",
+    )
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*Exit: stop the session*"])
+    result.stdout.no_fnmatch_line("*NONDETERMINISTIC*")
