@@ -627,3 +627,45 @@ def test_one_thread_blas_workers_start_no_openmp_team() -> None:
                           check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-1] == "1", f"threads added by one BLAS worker: {proc.stdout.split()[-1]} (want 1)"
+
+
+_FORKED_CHILDREN = """
+import os, signal, torch
+import detkit
+def in_child(work):
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(50)  # a hung child ends (and the check fails) instead of staying behind
+        ok = False
+        try:
+            ok = work()
+        finally:
+            os._exit(0 if ok else 1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+big = torch.randn(64, 4096)  # above the portable pool's serial limit
+with detkit.batch_invariant(portable=True):
+    want = torch.softmax(big, -1)  # the portable pool's workers started
+def portable_softmax():  # torch's thread count (2): the portable pool
+    with detkit.batch_invariant(portable=True):
+        return torch.equal(torch.softmax(big, -1), want)
+first = in_child(portable_softmax)
+with detkit.batch_invariant():
+    torch.nn.functional.linear(torch.randn(40, 64), torch.randn(32, 64))  # verified: OpenMP teams, BLAS pool
+def new_shape():
+    torch.set_num_threads(1)  # what a DataLoader worker does: torch's own ops are fork safe then
+    x, w = torch.randn(24, 96), torch.randn(80, 96)
+    with detkit.batch_invariant():  # verified in the child
+        return torch.equal(torch.nn.functional.linear(x, w)[5], torch.nn.functional.linear(x[5:6], w)[0])
+print("children exit", first, in_child(new_shape))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_forked_child_uses_the_kernels_without_hanging() -> None:
+    """A forked child (multiprocessing's default start on Linux, DataLoader workers) has only
+    the thread that forked: submitting to the parent's worker pools, and the verification's
+    OpenMP teams on the forking thread, waited forever."""
+    proc = subprocess.run([sys.executable, "-c", _FORKED_CHILDREN], capture_output=True, text=True, timeout=150,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["0", "0"], proc.stdout[-2000:]

@@ -165,6 +165,23 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+_FORKED = False
+
+
+def _after_fork_in_child() -> None:
+    # A forked child has only the thread that forked: the pool's workers did not come
+    # along, and work submitted to the inherited pool waited forever (a DataLoader-style
+    # child's first verification or pinned matmul hung). A lock held by another thread at
+    # the fork would never be released either.
+    global _POOL, _LOCK, _FORKED
+    _POOL = None
+    _LOCK = threading.Lock()
+    _FORKED = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _buffer(kind: str, dtype: torch.dtype, rows: int, cols: int) -> torch.Tensor:
     store: dict[tuple[object, ...], torch.Tensor] | None = getattr(_BUFFERS, "store", None)
     if store is None:
@@ -404,6 +421,17 @@ def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...],
     )
 
 
+def _verify_in_child(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...], layout: str) -> TileVerdict:
+    """``_verify`` on a new thread of detkit's own. The verification runs BLAS on 2 and
+    all-core OpenMP teams, and in a forked child the forking thread's team is stale
+    (libgomp is not fork safe: the next parallel region there waited forever for threads
+    that were not copied, even in a child that had set one thread); a new thread gets a
+    new team."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="detkit-verify", initializer=set_inside,
+                            initargs=(True,)) as one:
+        return one.submit(_verify, b, bias, key, layout).result()
+
+
 def verdict_for(b: torch.Tensor, bias: torch.Tensor | None) -> TileVerdict:
     """The (cached) verdict for multiplying by ``b`` with this bias on this machine."""
     layout, b = _layout(b)
@@ -411,7 +439,7 @@ def verdict_for(b: torch.Tensor, bias: torch.Tensor | None) -> TileVerdict:
     with _LOCK:
         v = _VERDICTS.get(key)
     if v is None:
-        v = _verify(b, bias, key, layout)
+        v = _verify_in_child(b, bias, key, layout) if _FORKED else _verify(b, bias, key, layout)
         with _LOCK:
             _VERDICTS[key] = v
         if not v.ok:

@@ -12,6 +12,7 @@ and ``round_out`` rounds it once, to nearest even, into the input dtype.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,16 @@ _SMALL_M = 4
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()
+
+
+def _forget_pool_in_child() -> None:
+    # A forked child has only the thread that forked: work submitted to the inherited
+    # pool, whose workers were not copied, waited forever.
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def _threads() -> int:
