@@ -669,3 +669,33 @@ def test_forked_child_uses_the_kernels_without_hanging() -> None:
                           check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-2:] == ["0", "0"], proc.stdout[-2000:]
+
+
+_CONCURRENT_FIRST_USE = """
+import threading, torch
+from detkit import kernels
+barrier = threading.Barrier(4)
+errors = []
+def first_use():
+    barrier.wait()
+    try:
+        kernels.softmax(torch.randn(3, 5), -1)
+    except Exception as e:
+        errors.append(repr(e))
+threads = [threading.Thread(target=first_use) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(errors or "ok")
+"""
+
+
+def test_first_use_from_several_threads_waits_for_the_backend_import() -> None:
+    """Threads that call a kernel while another imports the backend (a second, numba) got
+    the half-executed module and an AttributeError."""
+    for _ in range(3):  # the import is slow, so the race is hit nearly every time; 3 tries
+        proc = subprocess.run([sys.executable, "-c", _CONCURRENT_FIRST_USE], capture_output=True, text=True,
+                              timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == "ok", proc.stdout[-2000:]

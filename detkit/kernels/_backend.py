@@ -72,7 +72,6 @@ raises ``BackendUnavailable`` (from ``backend_for``) when a backend module is mi
 from __future__ import annotations
 
 import importlib
-import sys
 from types import ModuleType
 
 from detkit.errors import BackendUnavailable
@@ -94,9 +93,9 @@ def backend_for(device_type: str, portable: bool) -> ModuleType:
             "supported: cpu, cuda. Move the tensors to one of those devices."
         )
     name = BACKEND_MODULES[key]
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
+    # Not sys.modules directly: while one thread imports a backend (numba compiles, ~1 s)
+    # the module is already there, half executed, and other threads' first calls failed
+    # with AttributeError; import_module waits for the import to finish.
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
