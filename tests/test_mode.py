@@ -904,3 +904,17 @@ def test_without_set_stance_the_mode_warns_that_compiled_code_is_not_covered(mon
     with pytest.warns(RuntimeWarning, match=r"torch\.compile'd code runs its compiled kernels, NOT detkit's"):
         with detkit.batch_invariant():
             assert "upgrade to torch >= 2.6" in mode.registered_keys()["compile"]
+
+
+def test_kernels_called_directly_under_the_mode_are_not_routed_back() -> None:
+    """The CPU matmul's tiles call torch.mm(..., out=) on BLAS; a direct kernel call while the
+    mode is on (not through an adapter) routed each tile back into detkit as mm.out."""
+    from detkit import kernels
+
+    a, b = torch.randn(20, 56), torch.randn(56, 24)
+    want = kernels.matmul(a, b)
+    with detkit.batch_invariant() as bi:
+        got = kernels.matmul(a, b)
+        kernels.matmul(torch.randn(20, 72), torch.randn(72, 40))  # a new shape: verified under the mode
+    assert _bits_equal(got, want)
+    assert bi.routed() == {}

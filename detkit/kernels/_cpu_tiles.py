@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from detkit._reentry import set_inside
+from detkit._reentry import is_inside, set_inside
 
 # Candidate tile heights per dtype. Measured on a 2-core AVX-512/AMX Xeon, torch 2.13,
 # K = N = 4096: float32 (MKL) gives one class 16..512 but only on one thread; bfloat16
@@ -452,7 +452,27 @@ def verdict_for(b: torch.Tensor, bias: torch.Tensor | None) -> TileVerdict:
             )
     return v
 
+def _own(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Marks the calling thread as detkit's own while ``fn`` runs. The tiles' BLAS calls
+    (``torch.mm(..., out=)``) are building blocks: called directly (not from the mode's
+    adapter) while the mode was on, they were routed back into detkit, once per tile (a
+    second tiling inside the first, the verification's tiles retiled, and every call
+    counted as a routed ``mm.out`` in the user's coverage)."""
 
+    @functools.wraps(fn)
+    def run(*args: object, **kwargs: object) -> torch.Tensor:
+        if is_inside():
+            return fn(*args, **kwargs)
+        set_inside(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            set_inside(False)
+
+    return run
+
+
+@_own
 def tiled_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
