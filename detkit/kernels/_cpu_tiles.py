@@ -452,6 +452,7 @@ def verdict_for(b: torch.Tensor, bias: torch.Tensor | None) -> TileVerdict:
             )
     return v
 
+
 def _own(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Marks the calling thread as detkit's own while ``fn`` runs. The tiles' BLAS calls
     (``torch.mm(..., out=)``) are building blocks: called directly (not from the mode's
