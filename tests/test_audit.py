@@ -375,7 +375,12 @@ def test_advice_says_which_passes_under_the_mode_are_torchs() -> None:
     unrouted = {**_record("cumsum", "detkit"), "coverage": {"routed": {}, "fell_back": {}}}
     lines = advice([_record("sum", "torch"), routed, _record("cumsum", "torch"), unrouted], [], "cpu")
     assert lines == ["cumsum: not covered by detkit.batch_invariant() (torch's own kernel ran): their passing "
-                     "verdicts under it are torch's behaviour on this machine, not a detkit guarantee."]
+                     "verdicts there are torch's behaviour on this machine, not a detkit guarantee."]
+    # both modes leave it to torch: one line naming both
+    both = advice([_record("cumsum", "torch"), unrouted, {**unrouted, "impl": "portable"}], [], "cpu")
+    assert both == ["cumsum: not covered by detkit.batch_invariant() or detkit.batch_invariant(portable=True) "
+                    "(torch's own kernel ran): their passing verdicts there are torch's behaviour on this machine, "
+                    "not a detkit guarantee."]
 
 
 def test_fail_on_counts_errors_as_failures() -> None:

@@ -193,6 +193,7 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
         line += "."
         lines.append(line)
 
+    unrouted_by_mode: dict[str, list[str]] = {}
     for impl, mode in (("detkit", "detkit.batch_invariant()"), ("portable", "detkit.batch_invariant(portable=True)")):
         for check in MODE_GUARANTEES[impl]:
             failing = [r for r in records
@@ -209,8 +210,12 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
         unrouted = sorted({r["op"] for r in records if r["impl"] == impl and r["status"] == "ok" and not _covered(r)
                            and not any(res.get("verdict") == "fail" for res in r["checks"].values())})
         if unrouted:
-            lines.append(f"{_names(unrouted)}: not covered by {mode} (torch's own kernel ran): their passing "
-                         "verdicts under it are torch's behaviour on this machine, not a detkit guarantee.")
+            unrouted_by_mode[mode] = unrouted
+    # one line when both modes leave the same ops to torch (the usual case: ops not in the table)
+    for ops in dict.fromkeys(tuple(v) for v in unrouted_by_mode.values()):
+        modes = " or ".join(m for m, v in unrouted_by_mode.items() if tuple(v) == ops)
+        lines.append(f"{_names(ops)}: not covered by {modes} (torch's own kernel ran): their passing "
+                     "verdicts there are torch's behaviour on this machine, not a detkit guarantee.")
 
     others = sorted({label(r) for r in records if r["status"] == "error" and r["impl"] != "deterministic"})
     if others:
