@@ -723,8 +723,9 @@ def _out_form(spec: OpOverride) -> OpOverride:
 
 
 def _with_out_forms(table: tuple[OpOverride, ...]) -> tuple[OpOverride, ...]:
-    return (*table, *(_out_form(s) for s in table if s.name not in _NO_OUT_FORM and not s.name.endswith("_")
-                      and not s.name.startswith("pow_")))
+    # in-place forms (silu_, pow_.Scalar: a trailing "_" on the op name) have no out= form
+    return (*table, *(_out_form(s) for s in table
+                      if s.name not in _NO_OUT_FORM and not s.name.partition(".")[0].endswith("_")))
 
 
 # One table, keyed by dispatch key. The CPU flash entry point is what SDPA calls when a

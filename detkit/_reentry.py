@@ -7,7 +7,9 @@ A kernel's worker threads are detkit's own for their whole life.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 TLS = threading.local()
 
@@ -18,3 +20,16 @@ def is_inside() -> bool:
 
 def set_inside(value: bool) -> None:
     TLS.inside = value
+
+
+@contextlib.contextmanager
+def own_thread() -> Iterator[None]:
+    """Mark the calling thread as detkit's own for the block (restored after; nests)."""
+    if is_inside():
+        yield
+        return
+    set_inside(True)
+    try:
+        yield
+    finally:
+        set_inside(False)

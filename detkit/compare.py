@@ -164,17 +164,24 @@ def _bits(x: Any, what: str) -> _Bits:
     return _Bits(raw.astype(np.uint64), fmt, arr)
 
 
+def flushes_subnormals() -> bool:
+    """Whether torch.set_flush_denormal(True) (FTZ/DAZ) is on for the calling thread.
+    torch has no getter for it: a subnormal that does not survive a multiplication by one
+    says it is on."""
+    import torch
+
+    return torch.tensor(2.0**-1074, dtype=torch.float64).mul(1.0).item() == 0.0
+
+
 @contextlib.contextmanager
 def _subnormals_kept() -> Any:
     """Turn off torch.set_flush_denormal(True) while values are widened or rounded.
 
     That mode sets FTZ/DAZ on the calling thread, so conversions to and from float64
-    (torch's and numpy's alike) would turn subnormal values into zeros. torch has no
-    getter for the mode: a subnormal that does not survive a multiplication by one says
-    it is on."""
+    (torch's and numpy's alike) would turn subnormal values into zeros."""
     import torch
 
-    flushing = torch.tensor(2.0**-1074, dtype=torch.float64).mul(1.0).item() == 0.0
+    flushing = flushes_subnormals()
     if flushing:
         torch.set_flush_denormal(False)
     try:

@@ -349,6 +349,12 @@ def _cuda(torch: Any) -> dict[str, Any]:
     return out
 
 
+def _flushes_subnormals() -> bool:
+    from detkit.compare import flushes_subnormals
+
+    return flushes_subnormals()
+
+
 def _determinism(torch: Any) -> dict[str, Any]:
     if torch is None:
         return {"torch": ABSENT}
@@ -365,8 +371,8 @@ def _determinism(torch: Any) -> dict[str, Any]:
         "cudnn_benchmark": lambda: b.cudnn.benchmark,
         "mkldnn_enabled": lambda: b.mkldnn.enabled,
         # torch.set_flush_denormal(True) (FTZ/DAZ on this thread) changes CPU results that
-        # pass through subnormals; torch has no getter, so test a subnormal times one.
-        "cpu_flush_denormal": lambda: torch.tensor(2.0**-1074, dtype=torch.float64).mul(1.0).item() == 0.0,
+        # pass through subnormals
+        "cpu_flush_denormal": _flushes_subnormals,
     }
     out = {k: _safe(fn) for k, fn in probes.items()}
     # Newer torch exposes a per-backend precision API ("ieee" / "tf32"); record it when present.

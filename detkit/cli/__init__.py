@@ -8,10 +8,14 @@ them. Exit codes: 0 all requested checks passed, 1 a check failed (``--fail-on``
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import typer
 
@@ -22,6 +26,21 @@ EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
 
 _COMMAND_MODULES = ("env", "kernels", "audit", "report", "probe")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a CI timeout, `docker stop`) raises KeyboardInterrupt inside the block, so a
+    long run ends as on Ctrl-C: finished results kept, report partial, exit 130."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def output_dir(out: Path, option: str = "--out") -> Path:

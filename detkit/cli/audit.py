@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from detkit.cli import EXIT_CHECK_FAILED, output_dir
+from detkit.cli import EXIT_CHECK_FAILED, output_dir, sigterm_as_interrupt
 from detkit.report import dumps as _dumps
 
 if TYPE_CHECKING:  # pragma: no cover - torch is imported only when a command runs
@@ -149,18 +147,12 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
             progress.console.print(line, soft_wrap=True)
             progress.advance(task)
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_term)
     partial = False
     try:
-        with progress:
+        with sigterm_as_interrupt(), progress:
             run_audit(cfg, writer, listen, availability)
     except KeyboardInterrupt:
         partial = True
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     summary = summarize(writer.data, cfg.fail_on)
     report = writer.finish(summary, partial=partial)
     if out is not None:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import functools
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 
-from detkit.cli import EXIT_CHECK_FAILED, EXIT_USAGE, output_dir
+from detkit.cli import EXIT_CHECK_FAILED, EXIT_USAGE, output_dir, sigterm_as_interrupt
 from detkit.errors import BackendUnavailable, InputError
 from detkit.report import dumps as _dumps
 
@@ -155,12 +153,9 @@ def probe(
     }
     report_path = out / "report.json" if out is not None else None
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt  # a CI timeout or `docker stop` ends the run as Ctrl-C does
-
-    previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        report = _run(engine, suite, config, report_path, err_console)
+        with sigterm_as_interrupt():
+            report = _run(engine, suite, config, report_path, err_console)
     except KeyboardInterrupt:
         engine.close()
         if out is not None:
@@ -169,8 +164,6 @@ def probe(
         else:
             err_console.print("[yellow]interrupted[/] (no --out given, nothing kept)")
         raise typer.Exit(INTERRUPTED)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     engine.close()
     if out is not None:
         _render_files(out)

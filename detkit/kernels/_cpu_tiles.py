@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from detkit._reentry import is_inside, set_inside
+from detkit._reentry import own_thread, set_inside
 
 # Candidate tile heights per dtype. Measured on a 2-core AVX-512/AMX Xeon, torch 2.13,
 # K = N = 4096: float32 (MKL) gives one class 16..512 but only on one thread; bfloat16
@@ -462,13 +462,8 @@ def _own(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
 
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> torch.Tensor:
-        if is_inside():
+        with own_thread():
             return fn(*args, **kwargs)
-        set_inside(True)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            set_inside(False)
 
     return run
 
