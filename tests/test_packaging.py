@@ -26,7 +26,7 @@ def test_the_wheel_ships_the_cuda_sources_and_py_typed_and_no_caches(tmp_path: P
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     # as they are in a checkout: the symlink kept, __pycache__ (numba's caches too) included
-    for name in ("detkit", "cuda_kernels"):
+    for name in ("detkit", "cuda_kernels", "probes"):
         shutil.copytree(ROOT / name, src / name, symlinks=True)
     out = tmp_path / "dist"
     proc = subprocess.run(
@@ -39,6 +39,8 @@ def test_the_wheel_ships_the_cuda_sources_and_py_typed_and_no_caches(tmp_path: P
         entry_points = whl.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     for f in (COMMON_HEADER, *KERNEL_FILES):
         assert f"detkit/cuda_kernels/{f}" in names, f
+    # the shipped probe suites, loadable by name from an installed wheel
+    assert {f"detkit/probes/{p.name}" for p in (ROOT / "probes").glob("*.toml")} <= names
     assert "detkit/py.typed" in names
     assert {"detkit/cli/__init__.py", "detkit/probe/suite.py", "detkit/audit/isa_worker.py"} <= names
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".nbi", ".nbc"))]

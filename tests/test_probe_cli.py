@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from detkit.cli import main
-from detkit.probe.suite import default_suite, load_suite
+from detkit.errors import InputError
+from detkit.probe.suite import default_suite, load_suite, shipped_suites
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,6 +77,22 @@ def test_default_toml_is_the_built_in_default_suite():
 def test_shipped_suites_load(name):
     suite = load_suite(ROOT / "probes" / name)
     assert suite.prompts and suite.modes
+
+
+def test_a_shipped_suite_loads_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert set(shipped_suites()) == {p.stem for p in (ROOT / "probes").glob("*.toml")}
+    assert load_suite("feynman") == load_suite(ROOT / "probes" / "feynman.toml")
+    # a file of that name in the working directory wins over the shipped suite
+    (tmp_path / "feynman").write_text('[[prompts]]\nid = "mine"\ntext = "my prompt"\n')
+    assert [p.id for p in load_suite("feynman").prompts] == ["mine"]
+
+
+@pytest.mark.parametrize("arg", ["feynmann", "probes/feynman", "feynman.toml"])
+def test_a_missing_suite_names_the_shipped_ones(tmp_path, monkeypatch, arg):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"no probe suite at .*shipped suite \(default, feynman, tiny-llama-divergence\)"):
+        load_suite(arg)
 
 
 @pytest.mark.parametrize(

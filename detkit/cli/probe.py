@@ -37,7 +37,7 @@ def _command_line(argv: list[str]) -> str:
 
 def probe(
     suite_file: Annotated[
-        Path | None, typer.Argument(help="A probe suite (TOML, e.g. probes/feynman.toml); default: the built-in default suite.")
+        Path | None, typer.Argument(help="A probe suite: a TOML file, or a shipped suite by name (default, feynman, tiny-llama-divergence); default: the built-in default suite.")
     ] = None,
     model: Annotated[
         str, typer.Option("--model", help="A preset (tiny-llama, tiny-gpt2, tiny-qwen2; no download) or a local HF model directory.")

@@ -190,15 +190,28 @@ def suite_from_dict(data: dict[str, Any], *, source: str = "suite") -> ProbeSuit
         raise InputError(f"{source}: {exc}") from exc
 
 
+def shipped_suites() -> dict[str, Path]:
+    """The suites that ship with detkit, by name (``probes/*.toml``; in a wheel, ``detkit/probes``)."""
+    folder = Path(__file__).resolve().parent.parent / "probes"
+    return {f.stem: f for f in sorted(folder.glob("*.toml"))}
+
+
 def load_suite(path: str | Path) -> ProbeSuite:
-    """Read a probe suite from a TOML file."""
+    """Read a probe suite from a TOML file, or a shipped one by name (``feynman``)."""
     try:
         import tomllib
     except ModuleNotFoundError as exc:  # Python 3.10
         raise InputError("probe suite files need Python >= 3.11 (tomllib); use the built-in default suite") from exc
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"no probe suite at {p}; give a TOML file such as probes/feynman.toml")
+        shipped = shipped_suites()
+        # A bare name (no folder, no suffix) picks a shipped suite, so that an installed
+        # wheel, which has no probes/ folder next to the user's work, can run them.
+        if p.parent == Path(".") and p.suffix == "" and p.name in shipped:
+            p = shipped[p.name]
+        else:
+            names = ", ".join(shipped) or "none found"
+            raise InputError(f"no probe suite at {p}; give a TOML file, or the name of a shipped suite ({names})")
     try:
         data = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
