@@ -76,6 +76,10 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.write("\n")
+            # On disk before the rename: after a crash of the machine the report is the
+            # old one or the new one, never an empty file under the new name.
+            fh.flush()
+            os.fsync(fh.fileno())
         # mkstemp creates 0600; a report is meant to be read by others (CI artifacts).
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import xml.etree.ElementTree as ET
@@ -270,6 +271,29 @@ def test_an_op_that_raises_is_recorded_and_the_audit_goes_on(monkeypatch: pytest
     saved = load_report(tmp_path / "report.json")
     assert [r["op"] for r in saved["results"] if r["record"] == "op"] == ["boom", "sum"]
     assert any("boom" in e["where"] for e in saved["errors"])
+
+
+def test_a_report_is_synced_to_disk_before_it_replaces_the_old_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from detkit import report
+
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str | Path) -> None:
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(report.os, "fsync", fsync)
+    monkeypatch.setattr(report.os, "replace", replace)
+    path = tmp_path / "report.json"
+    report.write_json_atomic(path, {"n": 1})
+    assert [e[0] for e in events] == ["fsync", "replace"]
+    assert events[0][1] == events[1][1] != str(path)  # the temporary file, synced, then renamed
+    assert json.loads(path.read_text()) == {"n": 1}
 
 
 def test_unavailable_impl_is_recorded_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
