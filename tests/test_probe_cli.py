@@ -203,6 +203,26 @@ def test_ctrl_c_keeps_finished_modes_and_marks_the_report_partial(tmp_path, sign
     assert b"Traceback" not in stderr
 
 
+def test_ctrl_c_with_json_and_no_out_prints_the_partial_report(tmp_path, capsys, monkeypatch):
+    from detkit.probe import runner
+
+    real_run_mode = runner.run_mode
+
+    def interrupted_after_single(mode, *args, **kwargs):
+        if mode != "single":
+            raise KeyboardInterrupt
+        return real_run_mode(mode, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_mode", interrupted_after_single)
+    code, out, err = run_cli(["--model", "tiny-llama", "--modes", "single,decode", "--batch-sizes", "1,2",
+                              "--max-new-tokens", "3", "--json"], capsys, monkeypatch)
+    assert code == 130, err
+    report = json.loads(out)  # nothing else on stdout
+    assert report["status"] == "partial" and [m["name"] for m in report["modes"]] == ["single"]
+    assert report["summary"]["verdict"].startswith("INCOMPLETE")
+    assert "the JSON on stdout holds the finished modes" in err
+
+
 def test_a_report_left_running_renders_as_incomplete(tmp_path):
     # what a SIGKILL or a segfault leaves behind: status running, no summary
     from detkit.probe.render import render_html, render_markdown

@@ -95,6 +95,7 @@ def probe(
     """
     from rich.console import Console
 
+    from detkit.probe.runner import ProbeInterrupted
     from detkit.probe.suite import MODES, default_suite, load_suite
 
     console = Console(stderr=json_out, highlight=False)
@@ -156,13 +157,16 @@ def probe(
     try:
         with sigterm_as_interrupt():
             report = _run(engine, suite, config, report_path, err_console)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         engine.close()
         if out is not None:
             _render_files(out)
             err_console.print(f"[yellow]interrupted:[/] finished modes kept in {escape(str(report_path))} (status partial)")
-        else:
-            err_console.print("[yellow]interrupted[/] (no --out given, nothing kept)")
+        if json_out and isinstance(exc, ProbeInterrupted):  # a pipe gets what finished, as with --out
+            typer.echo(_dumps(exc.report))
+            err_console.print("[yellow]interrupted:[/] the JSON on stdout holds the finished modes (status partial)")
+        elif out is None:
+            err_console.print("[yellow]interrupted[/] (no --out or --json given, nothing kept)")
         raise typer.Exit(INTERRUPTED)
     engine.close()
     if out is not None:

@@ -103,6 +103,14 @@ def _sync_notes(writer: ReportWriter, engine: Engine) -> None:
         writer.data["config"]["engine"] = engine.describe()
 
 
+class ProbeInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) during a probe: ``report`` is the partial report (``status: partial``)."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        super().__init__()
+        self.report = report
+
+
 def run_probe(
     engine: Engine,
     suite: ProbeSuite,
@@ -169,7 +177,9 @@ def run_probe(
         _sync_notes(writer, engine)
         if not isinstance(exc, KeyboardInterrupt):
             writer.add_error("probe", exc)
-        writer.finish(_summary(writer.data["modes"], list(suite.modes), complete=False), partial=True)
+        partial = writer.finish(_summary(writer.data["modes"], list(suite.modes), complete=False), partial=True)
+        if isinstance(exc, KeyboardInterrupt):
+            raise ProbeInterrupted(partial) from exc
         raise
     _sync_notes(writer, engine)
     return writer.finish(_summary(writer.data["modes"], list(suite.modes), complete=True))
