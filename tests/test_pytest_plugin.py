@@ -523,8 +523,9 @@ def test_quiet_when_unused_and_imports_nothing_heavy(pytester: pytest.Pytester) 
             assert not heavy, heavy
         """
     )
-    # A subprocess: this process has torch loaded already.
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    # A subprocess: this process has torch loaded already. Other plugins are blocked that
+    # import numpy themselves (pytest-randomly seeds numpy's generator).
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly")
     result.assert_outcomes(passed=1)
     assert "= detkit =" not in result.stdout.str()
 
