@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py            # all shapes of issue 3
     python benchmarks/bench_kernels.py --quick    # fewer repeats, smaller attention
     python benchmarks/bench_kernels.py --json out.json
+    python benchmarks/bench_kernels.py --threads 1  # one thread each (a shared machine)
 
 For every case it prints the median wall time of detkit and of torch and the ratio
 detkit / torch. The two are interleaved (detkit, torch, detkit, ...) so that a noisy
@@ -139,7 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer repeats and smaller attention shapes")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     p.add_argument("--only", metavar="TEXT", help="only kernels whose name contains TEXT")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch.set_num_threads(N) before timing; detkit's kernels follow torch's count")
     args = p.parse_args(argv)
+    if args.threads < 0:
+        p.error(f"--threads must be >= 1 (0: keep torch's default), got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = run(args.quick, args.only)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}")
     print(f"{'kernel':28} {'shape':34} {'dtype':9} {'detkit ms':>10} {'torch ms':>10} {'ratio':>7}")

@@ -1,0 +1,37 @@
+"""benchmarks/bench_kernels.py: its options and what it records (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import load_script
+
+BENCH = Path(__file__).parent.parent / "benchmarks" / "bench_kernels.py"
+
+
+@pytest.fixture
+def bench(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    threads = torch.get_num_threads()
+    yield load_script(BENCH, monkeypatch)
+    torch.set_num_threads(threads)
+
+
+def test_threads_sets_the_count_both_sides_run_with_and_records_it(bench: Any, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    assert bench.main(["--quick", "--only", "rms_norm", "--threads", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["threads"] == 1 and torch.get_num_threads() == 1
+    assert [r["kernel"] for r in doc["results"]] == ["rms_norm"] * 3
+    assert all(r["detkit_ms"] > 0 and r["torch_ms"] > 0 for r in doc["results"])
+
+
+@pytest.mark.parametrize("bad", ["-1", "two"])
+def test_a_bad_thread_count_exits_2(bench: Any, bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--threads", bad])
+    assert exc.value.code == 2 and "--threads" in capsys.readouterr().err
