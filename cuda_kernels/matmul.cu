@@ -340,8 +340,13 @@ __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restri
 
         const u16* a_s = sA + (kt % STAGES) * A_STAGE;
         const u16* b_s = sB + (kt % STAGES) * B_STAGE;
+        // Only the k steps that hold a real k: every configuration runs the same ceil(K / 16)
+        // mma steps. A deeper tile's all-zero steps past K would turn a -0.0 accumulator
+        // (products that underflowed below zero) into +0.0 where a shallower tile keeps it.
+        const int ksteps = min(BK / 16, (K - kt * BK + 15) / 16);
 #pragma unroll
         for (int ks = 0; ks < BK / 16; ++ks) {
+            if (ks >= ksteps) break;
             u32 af[MI][4];
             u32 bfr[NI][2];
 #pragma unroll

@@ -203,11 +203,16 @@ __device__ __forceinline__ void wg_mm(const T* __restrict__ A, const T* __restri
         cp_async_commit();
 
         const int s = kt % STAGES;
+        // The k steps that hold a real k, as in tc_mm: ceil(K / 16) steps in all, so that
+        // both tensor-core families run the same chain (no all-zero step past K).
+        const int ksteps = min(BK / 16, (K - kt * BK + 15) / 16);
         wg_fence_acc(acc);
         wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < BK / 16; ++ks)
-            Wgmma<T, BN>::run(acc, wg_desc(a_base + s * A_STAGE + ks * 32), wg_desc(b_base + s * B_STAGE + ks * 32));
+            if (ks < ksteps)
+                Wgmma<T, BN>::run(acc, wg_desc(a_base + s * A_STAGE + ks * 32),
+                                  wg_desc(b_base + s * B_STAGE + ks * 32));
         wgmma_commit();
         wgmma_wait<1>();  // the wgmma of kt - 1 is done: its stage may be refilled after the next barrier
         wg_fence_acc(acc);

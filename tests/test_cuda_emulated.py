@@ -548,6 +548,51 @@ def test_every_tile_configuration_gives_the_same_bits(emulated: dict, dtype: tor
                     assert_bits_equal(got, want, f"{cfg.name} {what} M={m} portable={portable}")
 
 
+def _special_rows(dtype: torch.dtype, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (5, k) and a weight (n, k) with positive entries: in the first n / 2 columns row
+    0's products all underflow below zero (an fma chain from +0.0 ends at -0.0) and row
+    1's above it (+0.0); row 2 has a NaN, row 3 an Inf, row 4 zeros in its last 16 k."""
+    w = rand((n, k), torch.float32, seed, 0.1).abs() + 0.5
+    w[: n // 2] = 1e-30
+    a = rand((5, k), torch.float32, seed + 1)
+    a[0], a[1] = -1e-30, 1e-30
+    a[2, k // 3] = float("nan")
+    a[3, k // 2] = float("inf")
+    a[4, max(0, k - 16) :] = 0.0
+    return a.to(dtype), w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_signed_zeros_nan_and_inf_in_every_tile_configuration(emulated: dict, dtype: torch.dtype) -> None:
+    """Rows ending at -0.0 or +0.0, with a NaN or an Inf, and with zeros in their last k
+    steps give the default's bits (the sign of zero included) in every configuration of
+    their family and at every M, for K a multiple of some tiles' depth and not of others'
+    (K = 96: three 32-deep tiles, one and a half 64-deep ones, wgmma's too, three
+    quarters of a 128-deep one): a configuration must not run k steps past K that others
+    skip. NaN and Inf propagate as in float64; the portable kernels give the spec's bits
+    (ChunkDot's +0.0 start turns -0.0 into +0.0)."""
+    for k in (96, 40):
+        a, w = _special_rows(dtype, k, 72, 83)
+        bias = torch.cat([torch.full((36,), -0.0), rand((36,), torch.float32, 84)]).to(dtype)  # -0.0 keeps a sign
+        for portable in (False, True):
+            tables = cuda_backend.PORTABLE_TILE_CATALOGUE if portable else cuda_backend.TILE_CATALOGUE
+            for b, layout in ((w.t(), "k-major"), (w.t().contiguous(), "n-major")):
+                want = cuda_backend.matmul(a, b, bias, portable=portable)
+                for cfg in tables[dtype]:
+                    assert_bits_equal(cuda_backend.matmul(a, b, bias, portable=portable, tile=cfg), want,
+                                      f"{cfg.name} K={k} {layout} portable={portable}")
+                    assert_bits_equal(cuda_backend.matmul(a[:1], b, bias, portable=portable, tile=cfg), want[:1],
+                                      f"{cfg.name} K={k} {layout} portable={portable} M=1")
+            if portable:
+                assert_bits_equal(want, spec.matmul(a, w.t(), bias), f"portable K={k} vs spec")
+            ref = a.double() @ w.double().t() + bias.double()
+            assert bool(torch.equal(want[2:4].isnan(), ref[2:4].isnan())), f"NaN rows, K={k} portable={portable}"
+            inf = ref[2:4].isinf()
+            assert bool(torch.equal(want[2:4][inf].double(), ref[2:4][inf])), f"Inf rows, K={k} portable={portable}"
+        if dtype == torch.bfloat16 and k % 16 == 0:  # the emulated mma: -0.0 when no padded k joins the chain
+            assert bool((bits(cuda_backend.matmul(a[:1], w.t(), bias))[0, :36] == -32768).all()), "row 0 not -0.0"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_wgmma_pipeline_values_and_layouts(emulated: dict, dtype: torch.dtype) -> None:
     """The Hopper wgmma kernels (matmul_sm90.cu) over more k tiles than any pipeline has
