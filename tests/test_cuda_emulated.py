@@ -14,6 +14,7 @@ own parameter types (a table appended at build time). This checks, without a GPU
   emulated in float, so against a float64 reference with a tolerance, not bit for bit;
   wgmma through its descriptors and swizzle, completing at wait_group);
 * batch invariance of every kernel over batch sizes and positions;
+* a small GPT-2 under the torch mode, its ops routed from the front end to the CUDA backend;
 * faults a GPU would punish: out-of-bounds accesses and undefined integer arithmetic
   (AddressSanitizer + UBSan), data races between threads (ThreadSanitizer), warp
   collectives with a lane gone, shared memory read before it is written.
@@ -127,6 +128,9 @@ def _launcher(libs: dict[str, ctypes.CDLL]) -> Callable[..., None]:
     def launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, int],
                block: int, args: tuple[Any, ...], shared_mem: int = 0) -> None:
         assert 0 <= shared_mem <= 227 * 1024, (entry, shared_mem)  # what an sm_90 block may have
+        # A GPU refuses these launches; the emulation would run them.
+        assert 0 < grid[0] < 2**31 and 0 < grid[1] <= 65535 and 0 < grid[2] <= 65535, (entry, grid)
+        assert 0 < block <= 1024 and block % 32 == 0, (entry, block)
         lib = libs[module]
         values = [_CTYPE[type(a)](a.item()) for a in args]
         argv = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
@@ -511,6 +515,33 @@ def test_tensor_core_matmul_indexing(emulated: dict, dtype: torch.dtype) -> None
         assert_bits_equal(part, got_k[rows[0] : rows[1]], f"rows {rows}")
 
 
+@pytest.mark.parametrize("family", ["mma", "wgmma", "portable"])
+def test_batched_matmul_entries_are_their_own_products(emulated: dict, monkeypatch: pytest.MonkeyPatch,
+                                                       family: str) -> None:
+    """(B, M, K) @ (B, K, N), and @ (K, N) (one weight: batch stride 0): each entry has the
+    bits of its own 2-D product (blockIdx.z and the batch strides), also when the launcher
+    cuts the batch into launches of grid.z <= _MAX_GRID_YZ (here 1 or 2, on a GPU 65535)
+    and offsets their pointers itself, and for a batch stride that is no multiple of 16
+    bytes (entries alternate between the cp.async and the element-wise loads)."""
+    dtype = torch.bfloat16
+    portable = family == "portable"
+    tile = next(c for c in cuda_backend.TILE_CATALOGUE[dtype] if c.family == "wgmma") if family == "wgmma" else None
+    a = rand((3, 20 * 40 + 4), dtype, 70)[:, : 20 * 40].reshape(3, 20, 40)  # batch stride 804 elements
+    b3, w = rand((3, 40, 72), dtype, 71), rand((72, 40), dtype, 72)
+    bias = rand((72,), dtype, 73)
+    for b, what in ((b3, "batched n-major B"), (b3.transpose(1, 2).contiguous().transpose(1, 2), "batched k-major B"),
+                    (w.t(), "one k-major B")):
+        full = cuda_backend.matmul(a, b, bias, portable=portable, tile=tile)
+        for i in range(3):
+            entry = cuda_backend.matmul(a[i], b[i] if b.dim() == 3 else b, bias, portable=portable, tile=tile)
+            assert_bits_equal(full[i], entry, f"{family} {what}, entry {i}")
+        for most in (1, 2):
+            with monkeypatch.context() as mp:
+                mp.setattr(cuda_backend, "_MAX_GRID_YZ", most)
+                chunked = cuda_backend.matmul(a, b, bias, portable=portable, tile=tile)
+            assert_bits_equal(chunked, full, f"{family} {what}, launches of {most} entries")
+
+
 def test_fp32_matmul_batch_invariant(emulated: dict) -> None:
     a = rand((130, 50), torch.float32, 60)
     b = rand((50, 70), torch.float32, 61)
@@ -668,6 +699,83 @@ def test_tile_override_must_come_from_the_catalogue(emulated: dict, monkeypatch:
         assert not cuda_backend.fits(wgmma, a.device)
         with pytest.raises(InputError, match="only sm_90 GPUs"):
             cuda_backend.matmul(a, a.t(), None, tile=wgmma)
+
+
+# ----------------------------------------------------------------------------- a whole model
+# The GPU run's integration group sends a Hugging Face model's ops through the front end
+# and the torch mode to the CUDA backend. Here the backend table routes CPU tensors to the
+# CUDA backend modules, whose launches the emulation runs: the same calls (shapes,
+# strides, views, masks, dtypes) reach the same launchers and kernels.
+
+
+def _cpu_tensors_take_the_cuda_backend(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """Route CPU tensors to the CUDA backend; the set fills with the entry points launched
+    (the CPU backends give the same bits, so a test must see that the CUDA ones ran)."""
+    from detkit.kernels import _backend
+
+    monkeypatch.setitem(_backend.BACKEND_MODULES, ("cpu", False), "detkit.kernels.cuda")
+    monkeypatch.setitem(_backend.BACKEND_MODULES, ("cpu", True), "detkit.kernels.cuda_portable")
+    launched: set[str] = set()
+    emulated_launch = cuda_backend._launch
+
+    def launch(dev: torch.device, module: str, entry: str, *args: Any, **kwargs: Any) -> None:
+        launched.add(entry)
+        emulated_launch(dev, module, entry, *args, **kwargs)
+
+    monkeypatch.setattr(cuda_backend, "_launch", launch)
+    return launched
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_portable_mode_through_the_cuda_backend_gives_the_committed_cpu_logits(
+    emulated: dict, monkeypatch: pytest.MonkeyPatch, attn: str
+) -> None:
+    """tests/test_cuda_gpu.py's test_portable_mode_gives_the_cpu_logits_on_the_gpu: a small
+    GPT-2 under batch_invariant(portable=True), every op on the CUDA backend, gives the
+    float32 logits bits committed from the CPU portable backend."""
+    pytest.importorskip("transformers")
+    import portable_reference as ref
+
+    launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
+    logits, uncovered = ref.portable_logits(ref.build_model(attn), ref.inputs())
+    assert uncovered == {}, f"ops fell back to torch: {uncovered}"
+    assert {"mm_simt_128x64x16_8x4_f32_kmajor", "layer_norm_p_f32", "elementwise_p_f32"} <= launched, launched
+    assert ("softmax_p_f32" if attn == "eager" else "attention_f32") in launched, launched
+    assert_bits_equal(logits, ref.load()[attn], f"GPT-2 {attn}: portable logits through the CUDA backend")
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_mode_through_the_cuda_backend_makes_a_bf16_model_batch_invariant(
+    emulated: dict, monkeypatch: pytest.MonkeyPatch, attn: str
+) -> None:
+    """batch_invariant() on the CUDA backend, as tests/test_cuda_gpu.py's
+    test_mode_makes_a_cuda_model_batch_invariant: greedy generate with a KV cache
+    (tensor-core matmuls; split-KV attention or the block softmax over masked logits,
+    prefill and, with sdpa, a one-query decode step): each prompt's per-step logits alone
+    equal its logits in the left-padded batch, bitwise, and no op falls back to torch."""
+    pytest.importorskip("transformers")
+    import detkit
+    import portable_reference as ref
+
+    launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
+    model = ref.build_model(attn).to(torch.bfloat16)
+    enc = ref.inputs()
+    steps = 2 if attn == "sdpa" else 1  # eager's emulated batched products are slow; sdpa decodes too
+
+    def generate(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        return torch.stack(out.logits, 1)
+
+    with detkit.batch_invariant() as bi, torch.no_grad():
+        batch = generate(enc["input_ids"], enc["attention_mask"])
+        for i in range(batch.shape[0]):
+            n = int(enc["attention_mask"][i].sum())
+            alone = generate(enc["input_ids"][i : i + 1, -n:], enc["attention_mask"][i : i + 1, -n:])
+            assert_bits_equal(batch[i], alone[0], f"{attn}: prompt {i} alone vs in the padded batch")
+    assert bi.uncovered() == {}, f"ops fell back to torch: {bi.coverage()}"
+    assert {"mm_tc_128x64x32_2x2_s3_bf16_kmajor", "layer_norm_b_bf16"} <= launched, launched
+    assert ("softmax_b_bf16" if attn == "eager" else "attention_split_bf16") in launched, launched
 
 
 # ----------------------------------------------------------------------------- drawn shapes
@@ -863,9 +971,10 @@ def _needs(kind: str) -> pytest.MarkDecorator:
 # AddressSanitizer: every kernel and load path once, float32 and bfloat16 (float16 shares
 # bfloat16's code), every matmul tile configuration (wgmma included, through the tile
 # test); not the drawn-shape tests or the wgmma pipeline test, which repeat the same paths
-# (a stage index past the ring would also give wrong bits there).
+# (a stage index past the ring would also give wrong bits there), nor the whole model
+# (the same kernels again, minutes on OS threads under the sanitizer).
 ADDRESS_SELECTION = ("not drawn_shapes and not dtype2 and not (row_ops_batch_invariant and dtype0) and not mutation "
-                     "and not wgmma_pipeline")
+                     "and not wgmma_pipeline and not through_the_cuda_backend")
 # ThreadSanitizer (slower): each kernel that shares memory between threads once - the
 # tensor-core pipeline in every tile configuration, the wgmma pipeline through its stage
 # rotation (float16: one configuration), the CUDA-core GEMM, the block reductions of the
