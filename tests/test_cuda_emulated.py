@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from detkit.kernels import cuda as cuda_backend
@@ -393,6 +393,24 @@ def test_attention_invariance(emulated: dict, portable: bool) -> None:
         finally:
             cuda_backend._ATT_WORKSPACE_FLOATS = orig
         assert_bits_equal(chunked, prefill, "chunked workspace")
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_attention_masked_keys_holding_inf_or_nan_change_nothing(emulated: dict, portable: bool) -> None:
+    """As on the CPU (tests/test_kernels_cpu.py): a key the bool mask leaves out never
+    enters, even when its k and v hold inf or NaN (a KV cache's unwritten slots), in both
+    kernels and across the split-KV boundaries (left and right padding, a hole)."""
+    lk = cuda_backend._ATT_SPLIT + 30
+    q, k, v = _attention_inputs(torch.float32, 3, lk, 61)
+    keep = torch.ones(lk, dtype=torch.bool)
+    keep[:5], keep[-9:], keep[cuda_backend._ATT_SPLIT] = False, False, False
+    mask = keep.expand(2, 4, 3, lk)
+    want = cuda_backend.attention(q, k, v, mask, 0.125, portable=portable)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        kb, vb = k.clone(), v.clone()
+        kb[:, :, ~keep], vb[:, :, ~keep] = bad, bad
+        got = cuda_backend.attention(q, kb, vb, mask, 0.125, portable=portable)
+        assert_bits_equal(got, want, f"masked keys = {bad}")
 
 
 # ----------------------------------------------------------------------------- batch invariance
@@ -835,6 +853,10 @@ def test_wgmma_for_drawn_shapes(emulated: dict, m: int, k: int, n: int, layout: 
 
 @_DRAWN
 @given(lk=st.integers(1, 300), pad=st.integers(0, 140), d=st.sampled_from((8, 40, 64)), seed=st.integers(0, 2**16))
+# kept keys a whole split, one past it, two whole splits; anchors one short of and at a split
+@example(lk=128, pad=127, d=8, seed=1)
+@example(lk=129, pad=128, d=8, seed=2)
+@example(lk=256, pad=1, d=40, seed=3)
 def test_split_attention_for_drawn_shapes(emulated: dict, lk: int, pad: int, d: int, seed: int) -> None:
     """Split KV, any length and padding: the last query of a causal prefill, decode
     against the cache and the left-padded decode give the same bits."""
