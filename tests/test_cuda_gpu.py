@@ -132,6 +132,72 @@ def test_every_tile_configuration_gives_the_same_bits(dtype: torch.dtype, portab
                           want[:64], f"{cfg.name} n-major B")
 
 
+def _special_rows(dtype: torch.dtype, k: int, n: int) -> tuple[torch.Tensor, ...]:
+    """CPU (5, k), weight (n, k) and bias (n,): in the first n / 2 columns row 0's products
+    all underflow below zero and row 1's above it (which signed zero the GPU's tensor
+    cores give is theirs to decide; every configuration must give the same one), row 2
+    has a NaN, row 3 an Inf, row 4 zeros in its last 16 k; the bias is -0.0 there."""
+    w = rand((n, k), torch.float32, 83, 0.1, device="cpu").abs() + 0.5
+    w[: n // 2] = 1e-30
+    a = rand((5, k), torch.float32, 84, device="cpu")
+    a[0], a[1] = -1e-30, 1e-30
+    a[2, k // 3] = float("nan")
+    a[3, k // 2] = float("inf")
+    a[4, max(0, k - 16) :] = 0.0
+    bias = torch.cat([torch.full((n // 2,), -0.0), rand((n - n // 2,), torch.float32, 85, device="cpu")])
+    return a.to(dtype), w.to(dtype), bias.to(dtype)
+
+
+def _assert_nan_and_inf_as_in_float64(got: torch.Tensor, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor,
+                                      what: str) -> None:
+    ref = a.double() @ w.double().t() + bias.double()
+    got = got.cpu()
+    assert torch.equal(got[2:4].isnan(), ref[2:4].isnan()), f"{what}: NaN rows"
+    inf = ref[2:4].isinf()
+    assert torch.equal(got[2:4][inf].double(), ref[2:4][inf]), f"{what}: Inf rows"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_tile_configuration_keeps_signed_zeros_nan_and_inf(dtype: torch.dtype) -> None:
+    """Rows ending at a signed zero, with a NaN, an Inf or zeros in their last k steps:
+    each mma.sync / CUDA-core configuration gives the default's bits at M = 5 and 1, for
+    K = 96 (a whole number of some tiles' depth, not of others') and 40; NaN and Inf as
+    in float64; portable=True gives the CPU's bits (ChunkDot turns -0.0 into +0.0)."""
+    dev = torch.device(DEV, torch.cuda.current_device())
+    for k in (96, 40):
+        a, w, bias = _special_rows(dtype, k, 72)
+        ac, wc, bc = a.to(DEV), w.to(DEV), bias.to(DEV)
+        for portable in (False, True):
+            catalogue = (cuda_backend.PORTABLE_TILE_CATALOGUE if portable else cuda_backend.TILE_CATALOGUE)[dtype]
+            for b, layout in ((wc.t(), "k-major"), (wc.t().contiguous(), "n-major")):
+                want = cuda_backend.matmul(ac, b, bc, portable=portable)
+                for cfg in (c for c in catalogue if cuda_backend.fits(c, dev) and c.family != "wgmma"):
+                    what = f"{cfg.name} K={k} {layout} portable={portable}"
+                    assert_bits_equal(cuda_backend.matmul(ac, b, bc, portable=portable, tile=cfg), want, what)
+                    assert_bits_equal(cuda_backend.matmul(ac[:1], b, bc, portable=portable, tile=cfg), want[:1],
+                                      f"{what} M=1")
+            if portable:
+                assert_bits_equal(want, REF.matmul(a, w.t(), bias), f"portable K={k} (reference: {REF_NAME})")
+            _assert_nan_and_inf_as_in_float64(want, a, w, bias, f"K={k} portable={portable}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_keeps_signed_zeros_nan_and_inf(dtype: torch.dtype) -> None:
+    """The wgmma family on the same rows: every configuration gives the first one's bits
+    (both B layouts, M = 5 and 1, K = 96 and 40); NaN and Inf as in float64."""
+    configs = _wgmma_configs(dtype)
+    for k in (96, 40):
+        a, w, bias = _special_rows(dtype, k, 72)
+        ac, wc, bc = a.to(DEV), w.to(DEV), bias.to(DEV)
+        want = cuda_backend.matmul(ac, wc.t(), bc, tile=configs[0])
+        _assert_nan_and_inf_as_in_float64(want, a, w, bias, f"{configs[0].name} K={k}")
+        for cfg in configs:
+            for b, layout in ((wc.t(), "k-major"), (wc.t().contiguous(), "n-major")):
+                what = f"{cfg.name} K={k} {layout}"
+                assert_bits_equal(cuda_backend.matmul(ac, b, bc, tile=cfg), want, what)
+                assert_bits_equal(cuda_backend.matmul(ac[:1], b, bc, tile=cfg), want[:1], f"{what} M=1")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_tile_configuration_fits_an_sm(dtype: torch.dtype) -> None:
     """The driver's occupancy (benchmarks/bench_cuda.py reports it beside the sweep) says
