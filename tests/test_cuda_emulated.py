@@ -464,6 +464,32 @@ def test_batch_invariant_row_ops_values(emulated: dict, dtype: torch.dtype, leng
     close(cuda_backend.row_sum(x, True), xd.mean(-1), "mean", 2 * ulp, 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariant_row_ops_put_nan_inf_and_signed_zeros_where_the_cpu_kernels_do(
+    emulated: dict, dtype: torch.dtype
+) -> None:
+    """portable=False promises no bits across devices, but a model under the mode must not
+    turn NaN or infinite on one device only: on rows with NaN, +-Inf, all -inf, all -0.0,
+    huge and subnormal values, each row op's NaNs, infinities and the signs of its zeros
+    fall where the CPU backend's (detkit.kernels.cpu) do."""
+    from detkit.kernels import cpu
+
+    length = 300
+    extra = torch.zeros((4, length))
+    extra[0, 0], extra[1], extra[2, :2], extra[3] = float("inf"), float("-inf"), torch.tensor([float("inf"), -1e30]), -0.0
+    x = torch.cat([adversarial_rows(dtype, length), extra.to(dtype)])
+    w, b = rand((length,), dtype, 1), rand((length,), dtype, 2)
+    for name, op in (("softmax", lambda m, t: m.softmax(t, False)), ("log_softmax", lambda m, t: m.softmax(t, True)),
+                     ("rms_norm", lambda m, t: m.rms_norm(t, w, 1e-6)),
+                     ("layer_norm", lambda m, t: m.layer_norm(t, w, b, 1e-5)),
+                     ("sum", lambda m, t: m.row_sum(t, False)), ("mean", lambda m, t: m.row_sum(t, True))):
+        got, want = op(cuda_backend, x), op(cpu, x)
+        assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN elsewhere than on the CPU"
+        assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got[got.isinf()], want[want.isinf()]), name
+        zeros = (got == 0) & (want == 0)
+        assert torch.equal(got[zeros].signbit(), want[zeros].signbit()), f"{name}: signs of zeros"
+
+
 def _masked(shape: tuple[int, int], dtype: torch.dtype, fill: str, seed: int) -> torch.Tensor:
     """Logits that left or right padding puts into a row: their exp is exactly 0."""
     if fill == "-inf":
