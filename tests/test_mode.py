@@ -846,6 +846,20 @@ def test_override_table_is_complete_for_this_torch() -> None:
     assert info["skipped"] == {}
 
 
+def test_an_op_without_a_kernel_for_the_device_is_skipped_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An overridden op with no kernel for a device cannot run there (aten::_grouped_mm
+    had only a CUDA kernel before torch 2.9); capturing its original raised, so the mode
+    could not be entered at all."""
+    assert not torch._C._dispatch_has_computed_kernel_for_dispatch_key("aten::_scaled_grouped_mm", "CPU")
+    cuda_only = _aten_adapters.OpOverride("_scaled_grouped_mm", _aten_adapters.mm, "matmul")
+    monkeypatch.setitem(_aten_adapters.OVERRIDES, "CPU", (*_aten_adapters.OVERRIDES["CPU"], cuda_only))
+    with detkit.batch_invariant() as bi:
+        info = mode.registered_keys()
+        torch.mm(_X, _W)
+    assert "no CPU kernel for aten::_scaled_grouped_mm" in info["skipped"]["CPU:_scaled_grouped_mm"]
+    assert bi.routed().get("mm") == 1
+
+
 class _RecordingBackend:
     """A torch.compile backend that counts its compilations and its compiled runs. Its
     compiled code calls the graph's aten ops like eager code would, so only the counts
