@@ -321,6 +321,53 @@ def dot(call: Call, self: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     return _matmul(call, self.unsqueeze(0), tensor.unsqueeze(1)).reshape(())
 
 
+def grouped_mm(
+    call: Call,
+    self: torch.Tensor,
+    mat2: torch.Tensor,
+    offs: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``torch._grouped_mm``: the expert products of MoE layers (transformers 5's default
+    ``experts_implementation``), one detkit matmul per group. torch's CUDA kernel is a
+    grouped GEMM that never reaches ``mm``; its CPU fallback happens to loop over
+    ``mm.out``. Routed here, every token's row is one row-invariant product on either.
+
+    Forms: (S, K) x (G, K, N) with ``offs`` (rows of group g end at ``offs[g]``; rows past
+    ``offs[-1]``, which torch leaves uninitialised, are zero); (S, M, K) x (S, K, N)
+    without ``offs``; (M, K) x (K, N) with ``offs`` partitioning K (G results).
+    """
+    _float(self, mat2)
+    if bias is not None:
+        raise Unsupported("bias")
+    if out_dtype is not None and out_dtype != self.dtype:
+        raise Unsupported(f"out_dtype={out_dtype} for {self.dtype} operands")
+    if self.dtype != mat2.dtype:
+        raise Unsupported("mixed dtypes", benign=True)  # torch raises its own error
+    if offs is None:
+        if self.dim() == 3 and mat2.dim() == 3:
+            return _matmul(call, self, mat2)
+        raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D without offs", benign=True)  # torch raises
+    ends = offs.tolist() if offs.dim() == 1 and not offs.is_floating_point() else None
+    jagged = self.shape[0] if mat2.dim() == 3 else self.shape[-1]
+    if not ends or any(e < s for s, e in zip([0, *ends], ends)) or ends[-1] > jagged:
+        raise Unsupported(f"offs {offs.tolist()} are not nondecreasing ends within the jagged dimension ({jagged})")
+    if self.dim() == 2 and mat2.dim() == 3 and len(ends) == mat2.shape[0]:
+        out = torch.zeros((self.shape[0], mat2.shape[-1]), dtype=self.dtype, device=self.device)
+        for g, (start, end) in enumerate(zip([0, *ends], ends)):
+            if end > start:  # an empty group has no rows to compute
+                out[start:end] = _matmul(call, self[start:end], mat2[g])
+        return out
+    if self.dim() == 2 and mat2.dim() == 2:
+        out = torch.zeros((len(ends), self.shape[0], mat2.shape[-1]), dtype=self.dtype, device=self.device)
+        for g, (start, end) in enumerate(zip([0, *ends], ends)):
+            if end > start:  # an empty K range sums nothing: zeros
+                out[g] = _matmul(call, self[:, start:end], mat2[start:end])
+        return out
+    raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D grouped product with {len(ends)} offsets")
+
+
 # ----------------------------------------------------------------------------- softmax
 
 
@@ -655,6 +702,7 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("mv", mv, "matmul"),
     OpOverride("addmv", addmv, "matmul"),
     OpOverride("dot", dot, "matmul"),
+    OpOverride("_grouped_mm", grouped_mm, "matmul"),
     OpOverride("_softmax", _softmax, "softmax"),
     OpOverride("_log_softmax", _log_softmax, "softmax"),
     OpOverride("_safe_softmax", _safe_softmax, "softmax"),
@@ -692,7 +740,7 @@ _CUDA_ELEMENTWISE: tuple[OpOverride, ...] = (
 # functional forms: unrouted, they ran torch's kernel without a trace in uncovered().
 _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim_IntList": "sum.IntList_out",
               "sum.default": "sum.out", "pow.Tensor_Scalar": "pow.Tensor_Scalar_out"}
-_NO_OUT_FORM = frozenset({"_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
+_NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})
 
 

@@ -800,6 +800,7 @@ EVERY_OVERRIDE: dict[str, Callable[[], Any]] = {
     "_scaled_dot_product_flash_attention_for_cpu": lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         _Q, _KV.repeat(1, 2, 1, 1), _KV.repeat(1, 2, 1, 1), is_causal=True
     )[0],
+    "_grouped_mm": lambda: torch._grouped_mm(_X, _W.expand(2, 40, 40), offs=torch.tensor([2, 6], dtype=torch.int32)),
     "silu_": lambda: F.silu(_X.clone(), inplace=True),
     "gelu": lambda: F.gelu(_X.t(), approximate="tanh"),
     "pow.Tensor_Scalar": lambda: _X.abs().pow(1.3),
@@ -820,6 +821,44 @@ def test_every_override_matches_torch_and_is_routed(op: str) -> None:
         assert g.shape == e.shape and g.dtype == e.dtype
         tol = {"atol": 2e-2, "rtol": 2e-2} if e.dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
         torch.testing.assert_close(g, e, equal_nan=True, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_gives_a_token_the_same_bits_whatever_its_group_holds(dtype: torch.dtype) -> None:
+    """MoE experts (transformers 5's default ``experts_implementation``) run
+    ``torch._grouped_mm``; torch's CUDA kernel never reaches ``mm``, so it is routed
+    itself: a token's row must not depend on how many tokens share its expert."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(48, 64, generator=g).to(dtype)
+    w = torch.randn(4, 96, 64, generator=g).to(dtype).transpose(-2, -1)  # HF's weight.transpose(-2, -1)
+    ends = torch.tensor([5, 5, 40, 46], dtype=torch.int32)  # an empty group; rows 46.. belong to none
+    with detkit.batch_invariant(strict=True) as bi:
+        full = torch._grouped_mm(x, w, offs=ends)
+        alone = [torch._grouped_mm(x[i : i + 1], w[e : e + 1], offs=torch.tensor([1], dtype=torch.int32))
+                 for i, e in ((0, 0), (5, 2), (39, 2), (45, 3))]
+        batched = torch._grouped_mm(x[:8].reshape(2, 4, 64), w[:2])
+        one_entry = torch.bmm(x[4:8][None], w[1][None])
+        k_split = torch._grouped_mm(x[:, :6].t(), x[:, :16], offs=torch.tensor([20, 20, 48], dtype=torch.int32))
+    assert bi.routed().get("_grouped_mm", 0) == 7 and bi.uncovered() == {}, bi.coverage()
+    for got, i in zip(alone, (0, 5, 39, 45)):
+        assert _bits_equal(got[0], full[i]), i
+    assert torch.equal(full[46:], torch.zeros_like(full[46:]))
+    assert _bits_equal(batched[1], one_entry[0])
+    assert torch.equal(k_split[1], torch.zeros_like(k_split[1]))
+    tol = {"atol": 5e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-4, "rtol": 1e-5}
+    torch.testing.assert_close(full[:46], torch._grouped_mm(x, w, offs=ends)[:46], **tol)
+    torch.testing.assert_close(k_split[2], x[20:, :6].t() @ x[20:, :16], **tol)
+
+
+def test_grouped_mm_arguments_the_kernels_do_not_take_are_counted() -> None:
+    x = torch.randn(8, 32)
+    w = torch.randn(2, 32, 16)
+    bad_offs = torch.tensor([6, 2], dtype=torch.int32)  # torch's CPU kernel runs this anyway
+    with detkit.batch_invariant() as bi:
+        torch._grouped_mm(x, w, offs=bad_offs)
+    assert "not nondecreasing" in next(iter(bi.uncovered()["_grouped_mm"])), bi.coverage()
+    with detkit.batch_invariant(strict=True), pytest.raises(InvarianceViolation, match="_grouped_mm"):
+        torch._grouped_mm(x, w, offs=bad_offs)
 
 
 @pytest.mark.parametrize("name", _aten_adapters._ELEMENTWISE_INPLACE)
