@@ -155,3 +155,73 @@ def test_a_mamba_models_logits_do_not_depend_on_whether_its_weights_are_frozen()
         frozen = model(ids).logits
     assert diff(frozen, trainable).ok
     assert bi.uncovered() == {}
+
+
+# Tiny random members of other families (2 layers, hidden 64), each for what it adds: MoE
+# routing and experts (torch._grouped_mm, transformers 5's default experts path), MLA,
+# sliding windows, logit softcapping (tanh), ALiBi through baddbmm.
+_SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=256)
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mixtral": ("MixtralConfig", dict(_SMALL, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(_SMALL, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                                         head_dim=16)),
+    "deepseek-v3": ("DeepseekV3Config", dict(_SMALL, num_key_value_heads=4, moe_intermediate_size=32,
+                                             first_k_dense_replace=1, n_routed_experts=8, n_shared_experts=1,
+                                             num_experts_per_tok=2, n_group=2, topk_group=1, q_lora_rank=32,
+                                             kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)),
+    "mistral": ("MistralConfig", dict(_SMALL, sliding_window=8, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(_SMALL, head_dim=16, sliding_window=8, attn_logit_softcapping=50.0,
+                                    final_logit_softcapping=30.0)),
+    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
+}
+MOE = ("mixtral", "qwen3-moe", "deepseek-v3")
+FAMILY_BATCHES = ((4, (0, 3)), (9, (5,)))
+
+
+@functools.lru_cache(maxsize=None)
+def _family(name: str, attn: str, dtype: torch.dtype) -> Any:
+    import transformers
+
+    from detkit.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+
+    cls, fields = FAMILIES[name]
+    config = getattr(transformers, cls)(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                                       eos_token_id=EOS_ID, initializer_range=0.1, **fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+    model = model.to(dtype).eval()
+    model.generation_config.pad_token_id = PAD_ID
+    return model
+
+
+FAMILY_CASES = [
+    pytest.param(name, attn, dtype, id=f"{name}-{attn}-{str(dtype).removeprefix('torch.')}")
+    for name, attn, dtype in (
+        ("mixtral", "sdpa", torch.float32),
+        ("qwen3-moe", "sdpa", torch.bfloat16),
+        ("deepseek-v3", "eager", torch.float32),
+        ("mistral", "sdpa", torch.float32),
+        ("gemma2", "eager", torch.float32),
+        ("bloom", "eager", torch.bfloat16),
+    )
+]
+
+
+@pytest.mark.parametrize(("name", "attn", "dtype"), FAMILY_CASES)
+def test_other_families_per_step_logits_do_not_depend_on_the_batch(name: str, attn: str, dtype: torch.dtype) -> None:
+    model = _family(name, attn, dtype)
+    with detkit.batch_invariant() as bi:
+        problems = _mismatches(model, batches=FAMILY_BATCHES, new_tokens=5)
+    assert not problems, "\n\n".join(problems)
+    assert bi.uncovered() == {}, f"ops fell back to torch:\n{bi.coverage()}"
+    if name in MOE:
+        # The experts' products are detkit's own, not torch's grouped GEMM (on CUDA a
+        # fused kernel that never reaches mm, so it would bypass the mode unseen).
+        assert bi.routed().get("_grouped_mm", 0) > 0, bi.coverage()
+
+
+def test_negative_control_a_moe_model_without_the_mode_is_batch_variant() -> None:
+    problems = _mismatches(_family("mixtral", "sdpa", torch.float32), batches=FAMILY_BATCHES, new_tokens=5)
+    assert problems, "expected plain torch to change the MoE model's logits with the batch; it did not"
