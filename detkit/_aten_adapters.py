@@ -909,4 +909,6 @@ KNOWN_POSITION_DEPENDENT: dict[str, str] = {
     "atan2.default": "float32: the vector path rounds differently from the scalar tail",
     "pow.Tensor_Tensor": "float32: the vector path rounds differently from the scalar tail",
     "elu.default": "float32: the vector path rounds differently from the scalar tail",
+    "floor_divide.default": "bfloat16/float16: the vector path rounds differently from the scalar tail "
+                            "(integer operands, as in MoE token indices, are exact)",
 }

@@ -91,6 +91,25 @@ _PRESETS: dict[str, Preset] = {
                 **_COMMON,
             ),
         ),
+        Preset(
+            "tiny-mixtral",
+            "MixtralForCausalLM",
+            dict(
+                hidden_size=256,
+                intermediate_size=256,
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                # MoE: a router picks 2 of 4 experts per token (transformers 5 runs the
+                # experts through torch._grouped_mm, a fused grouped GEMM on CUDA).
+                num_local_experts=4,
+                num_experts_per_tok=2,
+                max_position_embeddings=MAX_POSITIONS,
+                rms_norm_eps=1e-5,
+                tie_word_embeddings=False,
+                **_COMMON,
+            ),
+        ),
     )
 }
 

@@ -85,7 +85,7 @@ def _mismatches(
 
 CASES = [
     pytest.param(name, attn, dtype, id=f"{name}-{attn}-{str(dtype).removeprefix('torch.')}")
-    for name in ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
+    for name in ("tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-mixtral")
     for attn in ("eager", "sdpa")
     for dtype in (torch.float32, torch.bfloat16)
 ]
@@ -108,7 +108,12 @@ def test_negative_control_without_the_mode_logits_differ(attn: str) -> None:
     assert problems, f"expected plain torch to differ for some of the {cases} batch/position cases; none did"
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
+# tiny-mixtral's router counts tokens per expert (histc) and divides integer indices
+# (floor_divide): listed, by name, as not routed (docs/mode.md, "Model families").
+MOE_INTEGER_OPS = {"histc.default", "floor_divide.default"}
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-mixtral"])
 def test_presets_run_no_uncovered_op(name: str) -> None:
     """Every aten op the presets run is routed or exact (bitwise independent of the batch)."""
     ops: dict[str, int] = {}
@@ -120,8 +125,10 @@ def test_presets_run_no_uncovered_op(name: str) -> None:
         for op, n in traced.items():
             ops[op] = ops.get(op, 0) + n
     report = mode.coverage_report(ops)
-    assert not report.uncovered, str(report)
+    assert set(report.uncovered) == (MOE_INTEGER_OPS if name == "tiny-mixtral" else set()), str(report)
     assert {"mm.default", "bmm.default", "_softmax.default", "scaled_dot_product_attention.default"} <= set(report.routed)
+    if name == "tiny-mixtral":
+        assert "_grouped_mm.default" in report.routed, str(report)
     # In portable mode the math-library functions (silu, exp, tanh, ...) are listed, not hidden.
     portable = mode.coverage_report(ops, portable=True)
     assert portable.not_portable, str(portable)

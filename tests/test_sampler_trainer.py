@@ -39,6 +39,8 @@ def tokenizer() -> Any:
         ("tiny-llama", torch.bfloat16, "eager", "left", False),
         ("tiny-qwen2", torch.bfloat16, "sdpa", "right", False),
         ("tiny-qwen2", torch.float32, "eager", "left", True),
+        # MoE: the experts' grouped products (routed) in the sampler and, with autograd, the trainer
+        ("tiny-mixtral", torch.bfloat16, "sdpa", "left", False),
     ],
 )
 def test_the_trainer_reproduces_the_samplers_logits_under_the_mode(

@@ -40,7 +40,7 @@ def probe(
         Path | None, typer.Argument(help="A probe suite: a TOML file, or a shipped suite by name (default, feynman, tiny-llama-divergence); default: the built-in default suite.")
     ] = None,
     model: Annotated[
-        str, typer.Option("--model", help="A preset (tiny-llama, tiny-gpt2, tiny-qwen2; no download) or a local HF model directory.")
+        str, typer.Option("--model", help="A preset (tiny-llama, tiny-gpt2, tiny-qwen2, tiny-mixtral; no download) or a local HF model directory.")
     ] = "tiny-llama",
     dtype: Annotated[
         str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (auto: bfloat16 for presets, the checkpoint's dtype otherwise).")
