@@ -822,6 +822,41 @@ def test_mode_through_the_cuda_backend_makes_a_bf16_model_batch_invariant(
     assert ("softmax_b_bf16" if attn == "eager" else "attention_split_bf16") in launched, launched
 
 
+def test_mode_through_the_cuda_backend_routes_a_moe_models_grouped_experts(
+    emulated: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/test_cuda_gpu.py's test_mode_makes_a_cuda_moe_model_batch_invariant, small: a
+    Mixtral's experts (torch._grouped_mm over transposed expert weights, one group per
+    expert) go through the mode's adapter to the tensor-core kernels, and each prompt's
+    last logits alone equal its row of the left-padded batch, bitwise."""
+    transformers = pytest.importorskip("transformers")
+    import detkit
+    import portable_reference as ref
+    from detkit.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+
+    config = transformers.MixtralConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                                        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                                        initializer_range=0.1, attn_implementation="sdpa")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.MixtralForCausalLM(config).to(torch.bfloat16).eval()
+    launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
+    enc = ref.inputs()
+    # a plain forward numbers positions from the padded start: give them from the mask
+    positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with detkit.batch_invariant() as bi, torch.no_grad():
+        batch = model(**enc, position_ids=positions).logits[:, -1]
+        for i in range(batch.shape[0]):
+            n = int(enc["attention_mask"][i].sum())
+            alone = model(input_ids=enc["input_ids"][i : i + 1, -n:]).logits[0, -1]
+            assert_bits_equal(batch[i], alone, f"MoE prompt {i} alone vs in the padded batch")
+    assert bi.uncovered() == {}, f"ops fell back to torch: {bi.coverage()}"
+    assert bi.routed().get("_grouped_mm", 0) > 0, bi.coverage()
+    assert "mm_tc_128x64x32_2x2_s3_bf16_kmajor" in launched, launched
+
+
 # ----------------------------------------------------------------------------- drawn shapes
 
 _DRAWN = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detkit.kernels import cuda as cuda_backend
+from detkit.mode import batch_invariant
 
 _OK, _REASON = cuda_backend.available()
 pytestmark = [
@@ -567,11 +568,23 @@ def test_mode_makes_a_cuda_model_batch_invariant(dtype: torch.dtype, attn: str, 
     """`with detkit.batch_invariant(): model.generate(...)` on a CUDA Hugging Face model:
     the target's per-step logits alone and left padded inside batches of 2, 5 and 16 at
     several positions are bitwise equal, and no op fell back to torch."""
+    _check_cuda_model_batch_invariant("tiny-llama", dtype, attn, portable)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_mode_makes_a_cuda_moe_model_batch_invariant(portable: bool) -> None:
+    """The same for the MoE preset: its experts run through torch._grouped_mm, on CUDA a
+    fused grouped GEMM that never reaches mm; under the mode they are detkit's products."""
+    bi = _check_cuda_model_batch_invariant("tiny-mixtral", torch.bfloat16, "sdpa", portable)
+    assert bi.routed().get("_grouped_mm", 0) > 0, bi.coverage()
+
+
+def _check_cuda_model_batch_invariant(preset: str, dtype: torch.dtype, attn: str, portable: bool) -> batch_invariant:
     pytest.importorskip("transformers")
     import detkit
     from detkit.models import load_preset
 
-    model = load_preset("tiny-llama", dtype=dtype, attn_implementation=attn, seed=0).to(DEV)
+    model = load_preset(preset, dtype=dtype, attn_implementation=attn, seed=0).to(DEV)
     steps = 8
     with detkit.batch_invariant(portable=portable) as bi:
         alone = _hf_generate(model, [_TARGET], steps)[0]
@@ -580,8 +593,10 @@ def test_mode_makes_a_cuda_model_batch_invariant(dtype: torch.dtype, attn: str, 
             prompts = [_TARGET if i in positions else next(fillers) for i in range(size)]
             logits = _hf_generate(model, prompts, steps)
             for p in positions:
-                assert_bits_equal(logits[p], alone, f"batch {size}, position {p}, {attn} {dtype} portable={portable}")
+                assert_bits_equal(logits[p], alone,
+                                  f"{preset}: batch {size}, position {p}, {attn} {dtype} portable={portable}")
     assert bi.uncovered() == {}, f"ops fell back to torch on CUDA:\n{bi.coverage()}"
+    return bi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
