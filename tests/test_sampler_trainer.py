@@ -131,6 +131,10 @@ def test_the_frozen_sampler_catches_a_product_whose_path_depends_on_the_input_la
     sampler is frozen and keeps only the last position, so it sees it."""
     from detkit import mode
 
+    h, w = torch.zeros(2, 3, 8), torch.zeros(5, 8)
+    if "bmm.default" not in mode.trace_ops(torch.nn.functional.linear, h[:, -1:], w)[1]:
+        pytest.skip(f"torch {torch.__version__} runs mm itself for a one-position slice: no layout-dependent "
+                    "path to catch (tests/test_mode.py keeps a negative control for the folds)")
     monkeypatch.setattr(mode, "FOLDS", ())
     with detkit.batch_invariant() as bi, pytest.raises(T.BitwiseMismatch) as info:
         T.assert_trainer_matches_sampler(tiny_llama, PROMPTS, tokenizer=tokenizer, max_new_tokens=3)
