@@ -196,6 +196,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token=EOS_TOKEN,
         padding_side="left",
         model_max_length=MAX_POSITIONS,
+        # transformers 4.x also returns token_type_ids by default: generate() then refuses
+        # them for Llama, and GPT-2 adds a token-type embedding to every position.
+        model_input_names=["input_ids", "attention_mask"],
     )
     return tokenizer
 

@@ -15,6 +15,9 @@ def test_tokenizer_round_trips_bytes_and_pads_left() -> None:
     assert enc.input_ids[0, 0].item() == PAD_ID  # left padding
     assert enc.input_ids[1].tolist() == list("Héllo wörld".encode())
     assert tok.batch_decode(enc.input_ids, skip_special_tokens=True) == ["hi", "Héllo wörld"]
+    # Only what a causal LM takes: transformers 4.x would add token_type_ids, which
+    # generate() refuses for Llama and GPT-2 turns into an extra embedding.
+    assert set(enc) == {"input_ids", "attention_mask"}
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -45,6 +48,7 @@ def test_saved_preset_reloads_with_transformers(tmp_path) -> None:
     path = save_preset("tiny-gpt2", tmp_path / "m", seed=2)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
     tok = AutoTokenizer.from_pretrained(path)
+    assert set(tok(["abc"])) == {"input_ids", "attention_mask"}
     ref = load_preset("tiny-gpt2", seed=2)
     ids = tok(["abc"], return_tensors="pt").input_ids
     with torch.no_grad():
