@@ -164,6 +164,30 @@ def test_the_models_generation_config_does_not_rescale_the_greedy_logits(tmp_pat
     assert model.generation_config.repetition_penalty == 1.3  # the caller's model is left as it was
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_model_directory_loads_in_the_asked_dtype(tmp_path, dtype):
+    import torch
+
+    from detkit.models import save_preset
+
+    path = save_preset("tiny-gpt2", tmp_path / "m", dtype=torch.float16)
+    model, _, desc = load_model(str(path), dtype=dtype)
+    assert str(model.dtype) == f"torch.{dtype}" and desc["dtype"] == dtype
+    assert load_model(str(path))[2]["dtype"] == "float16"  # "auto": the checkpoint's own
+
+
+@pytest.mark.parametrize(("version", "keyword"), [("4.46.3", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                                  ("4.56.0", "dtype"), ("5.0.0.dev0", "dtype")])
+def test_from_pretrained_gets_the_dtype_keyword_of_the_installed_transformers(monkeypatch, version, keyword):
+    # transformers < 4.56 rejects dtype= (TypeError in the model's __init__); >= 4.56 deprecates torch_dtype=.
+    import transformers
+
+    from detkit.probe.hf import _dtype_keyword
+
+    monkeypatch.setattr(transformers, "__version__", version)
+    assert _dtype_keyword() == keyword
+
+
 # ---------------------------------------------------------------- the proof
 
 

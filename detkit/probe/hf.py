@@ -34,6 +34,15 @@ def _torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` from transformers 4.56 on (``torch_dtype``
+    is deprecated there), ``torch_dtype`` before (older versions reject ``dtype``)."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__).release >= (4, 56) else "torch_dtype"
+
+
 def load_model(
     model: str, *, dtype: str = "auto", attn_implementation: str = "eager", seed: int = 0, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
@@ -81,7 +90,7 @@ def load_model(
     if tokenizer is None or isinstance(tokenizer, bool) or len(tokenizer) < 2:
         raise ModelLoadError(f"the tokenizer in {path} is empty; save a real one with tokenizer.save_pretrained({str(path)!r})")
     kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": attn_implementation}
-    kwargs["dtype"] = "auto" if dtype == "auto" else _torch_dtype(dtype)
+    kwargs[_dtype_keyword()] = "auto" if dtype == "auto" else _torch_dtype(dtype)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as exc:
