@@ -74,6 +74,13 @@ def portable_logits(model: Any, enc: Any) -> tuple[torch.Tensor, dict[str, Any]]
     return logits.cpu(), bi.uncovered()
 
 
+def real_positions(logits: torch.Tensor, enc: Any) -> torch.Tensor:
+    """The logits of the real tokens, (n, vocab): those of left-padding positions depend
+    on how the transformers version masks a query that attends to nothing (4.x and 5.x
+    differ), not on the kernels."""
+    return logits[enc["attention_mask"].to(logits.device).bool()]
+
+
 def load() -> dict[str, torch.Tensor]:
     """The committed logits by attention implementation."""
     with np.load(REFERENCE) as data:
