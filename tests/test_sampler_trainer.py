@@ -88,7 +88,8 @@ class _Calls:
     def hook(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         self.calls.append((torch.is_grad_enabled(), module.training, tuple(kwargs["input_ids"].shape)))
         self.frozen.append(not any(p.requires_grad for p in module.parameters()))
-        self.keep.append(kwargs.get("logits_to_keep"))
+        # transformers < 4.50 names it num_logits_to_keep
+        self.keep.append(kwargs.get("logits_to_keep", kwargs.get("num_logits_to_keep")))
 
 
 @pytest.mark.parametrize("train", [True, False])
