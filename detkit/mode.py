@@ -27,11 +27,12 @@ so the forward bits never depend on requires_grad.
 
 torch.compile: compiled code does not dispatch the aten ops one by one (inductor emits
 its own kernels), so it would bypass the overrides without a trace. While the mode is on,
-the compiler's stance is ``force_eager`` (``torch.compiler.set_stance``, torch >= 2.6):
-compiled functions, including those compiled before the mode was entered, run their
-Python code eagerly, through the overrides; the previous stance returns when the mode
-turns off. torch without ``set_stance`` gets a warning, once, that compiled code is not
-covered.
+the compiler's stance is ``force_eager`` (``torch.compiler.set_stance``): compiled
+functions, including those compiled before the mode was entered, run their Python code
+eagerly, through the overrides; the previous stance returns when the mode turns off.
+
+The mode needs torch >= 2.9 (``torch.library.get_kernel``); on older torch turning it on
+raises :class:`~detkit.errors.BackendUnavailable`, while ``detkit.kernels`` still work.
 
 State and threads: aten registrations are process wide, so while the mode is on it
 applies to every thread. The state (on, portable, strict) is one process-wide value
@@ -70,7 +71,7 @@ from detkit._aten_adapters import (
     Unsupported,
 )
 from detkit._reentry import is_inside, set_inside
-from detkit.errors import InputError, InvarianceViolation
+from detkit.errors import BackendUnavailable, InputError, InvarianceViolation
 
 __all__ = [
     "Coverage",
@@ -88,6 +89,17 @@ __all__ = [
 ]
 
 _AUTOGRAD_KEY = {"CPU": "AutogradCPU", "CUDA": "AutogradCUDA"}
+
+
+def _require_torch() -> None:
+    """An override calls torch's own kernel through ``torch.library.get_kernel`` (torch 2.9);
+    older torch has no way to reach a kernel once it is overridden."""
+    if not hasattr(torch.library, "get_kernel"):
+        raise BackendUnavailable(
+            f"detkit.batch_invariant() needs torch >= 2.9 (torch.library.get_kernel), and this is torch "
+            f"{torch.__version__}: install a newer torch (pip install 'torch>=2.9'). Without the mode, "
+            "detkit.kernels still run on this torch."
+        )
 
 
 @dataclass(frozen=True)
@@ -192,6 +204,7 @@ class _Registration:
         self._stance: Any = None
         self._mha_fastpath: bool | None = None
         self.compile_note = ""
+        _require_torch()
         try:
             self._force_eager()
             self._disable_mha_fastpath()
@@ -203,16 +216,9 @@ class _Registration:
 
     def _force_eager(self) -> None:
         """Compiled code would run inductor's kernels instead of the overrides."""
-        set_stance = getattr(getattr(torch, "compiler", None), "set_stance", None)
-        if set_stance is None:
-            self.compile_note = (f"torch {torch.__version__} has no torch.compiler.set_stance: torch.compile'd code "
-                                 "runs its compiled kernels, NOT detkit's; upgrade to torch >= 2.6 or do not compile "
-                                 "under the mode")
-            warnings.warn(f"detkit.batch_invariant(): {self.compile_note}.", RuntimeWarning, stacklevel=5)
-            return
         # Sets the stance now; __exit__ restores the previous one. (Inside a compiled
         # function torch raises here: the mode belongs around the compiled call.)
-        self._stance = set_stance("force_eager")
+        self._stance = torch.compiler.set_stance("force_eager")
         self.compile_note = "torch.compile'd code runs eagerly (stance force_eager) while the mode is on"
 
     def _disable_mha_fastpath(self) -> None:

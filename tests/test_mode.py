@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import detkit
 from detkit import _aten_adapters, mode
 from detkit.compare import diff
-from detkit.errors import InputError, InvarianceViolation
+from detkit.errors import BackendUnavailable, InputError, InvarianceViolation
 
 
 pytestmark = pytest.mark.usefixtures("mode_left_off")
@@ -953,11 +953,20 @@ def test_compiled_code_runs_eagerly_under_the_mode() -> None:
     assert backend.runs == 2 and mode.registered_keys()["compile"] == ""
 
 
-def test_without_set_stance_the_mode_warns_that_compiled_code_is_not_covered(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(torch.compiler, "set_stance")
-    with pytest.warns(RuntimeWarning, match=r"torch\.compile'd code runs its compiled kernels, NOT detkit's"):
+def test_torch_without_get_kernel_is_refused_with_the_version_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch < 2.9 has no torch.library.get_kernel: the mode says which torch it needs and
+    stays off, registering nothing; the kernels still run."""
+    from detkit import kernels
+
+    monkeypatch.delattr(torch.library, "get_kernel")
+    with pytest.raises(BackendUnavailable, match=r"needs torch >= 2\.9 .*pip install 'torch>=2\.9'"):
         with detkit.batch_invariant():
-            assert "upgrade to torch >= 2.6" in mode.registered_keys()["compile"]
+            pass
+    with pytest.raises(BackendUnavailable, match="torch.library.get_kernel"):
+        mode.enable()
+    assert not mode.is_enabled() and mode.registered_keys()["keys"] == []
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("aten::rms_norm", "CPU")
+    assert kernels.matmul(torch.ones(2, 3), torch.ones(3, 4), bias=None).eq(3).all()
 
 
 def test_kernels_called_directly_under_the_mode_are_not_routed_back() -> None:
