@@ -160,6 +160,7 @@ def test_an_interruption_keeps_the_finished_cases(bench: Any, tmp_path: Path, mo
 def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path) -> None:
     """scripts/gpu-check end to end on this CPU machine: it compiles every kernel, finds
     that no GPU test ran, writes its summary and exits 1 (a skip-only run is no proof)."""
+    import importlib.metadata
     import os
     import shutil
     import subprocess
@@ -175,6 +176,9 @@ def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path) -> None:
     assert summary["ok"] is False and summary["tests"]["passed"] == 0 and summary["tests"]["skipped"] > 0
     if shutil.which("nvidia-smi") is None:
         assert summary["device"] == ["unknown (nvidia-smi not found)"]
+    # the GPU machine's own versions, to read its failures against
+    assert summary["versions"]["torch"] == importlib.metadata.version("torch")
+    assert summary["versions"]["mode_supported"] is hasattr(torch.library, "get_kernel")
     assert summary["kernels_check"]["ok"] is True
     assert set(summary["kernels_check"]["files"]) == {"matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu",
                                                       "matmul_sm90.cu"}
