@@ -32,7 +32,7 @@ functions, including those compiled before the mode was entered, run their Pytho
 eagerly, through the overrides; the previous stance returns when the mode turns off.
 
 The mode needs torch >= 2.9 (``torch.library.get_kernel``); on older torch turning it on
-raises :class:`~detkit.errors.BackendUnavailable`, while ``detkit.kernels`` still work.
+raises :class:`~detkit.errors.BackendUnavailable` (``detkit.kernels`` do not use it).
 
 State and threads: aten registrations are process wide, so while the mode is on it
 applies to every thread. The state (on, portable, strict) is one process-wide value
@@ -97,8 +97,8 @@ def _require_torch() -> None:
     if not hasattr(torch.library, "get_kernel"):
         raise BackendUnavailable(
             f"detkit.batch_invariant() needs torch >= 2.9 (torch.library.get_kernel), and this is torch "
-            f"{torch.__version__}: install a newer torch (pip install 'torch>=2.9'). Without the mode, "
-            "detkit.kernels still run on this torch."
+            f"{torch.__version__}: install a newer torch (pip install 'torch>=2.9'). detkit.kernels called "
+            "directly do not use it."
         )
 
 

@@ -955,7 +955,7 @@ def test_compiled_code_runs_eagerly_under_the_mode() -> None:
 
 def test_torch_without_get_kernel_is_refused_with_the_version_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch < 2.9 has no torch.library.get_kernel: the mode says which torch it needs and
-    stays off, registering nothing; the kernels still run."""
+    stays off, registering nothing; the kernels, which do not use it, still run."""
     from detkit import kernels
 
     monkeypatch.delattr(torch.library, "get_kernel")
