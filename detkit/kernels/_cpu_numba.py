@@ -44,6 +44,8 @@ Arrays arrive as float32 or float64 (reduced precision is widened exactly before
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -163,6 +165,15 @@ def _exp_diff_impl(x, m):  # type: ignore[no-untyped-def]
     return None
 
 
+# llvmlite >= 0.44 (numba >= 0.61) loads through opaque pointers and takes the loaded type;
+# older llvmlite rejects ``typ`` and reads the type from the typed pointer, the same one here.
+_LOAD_TAKES_TYPE = "typ" in inspect.signature(ir.IRBuilder.load).parameters
+
+
+def _load(builder, ptr, ty, **kwargs):  # type: ignore[no-untyped-def]
+    return builder.load(ptr, typ=ty, **kwargs) if _LOAD_TAKES_TYPE else builder.load(ptr, **kwargs)
+
+
 def _vec_helpers(builder, fty):  # type: ignore[no-untyped-def]
     """LLVM vector type of VL lanes, its fma intrinsic, unaligned load/store, broadcast."""
     vty = ir.VectorType(fty, VL)
@@ -170,7 +181,7 @@ def _vec_helpers(builder, fty):  # type: ignore[no-untyped-def]
     fma_v = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty, vty, vty]), fname)
 
     def load_v(ptr):  # type: ignore[no-untyped-def]
-        return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=4, typ=vty)
+        return _load(builder, builder.bitcast(ptr, vty.as_pointer()), vty, align=4)
 
     def store_v(val, ptr):  # type: ignore[no-untyped-def]
         builder.store(val, builder.bitcast(ptr, vty.as_pointer()), align=4)
@@ -546,7 +557,7 @@ def tile_scores(typingctx, qb, kt, s, jb):  # type: ignore[no-untyped-def]
         kv = [load_v(builder.gep(ka.data, [builder.add(krow, ir.Constant(i64, b * VL))])) for b in range(NV)]
         new = []
         for a in range(QB):
-            qv = builder.load(builder.gep(qa.data, [builder.add(builder.mul(ir.Constant(i64, a), D), d)]), typ=fty)
+            qv = _load(builder, builder.gep(qa.data, [builder.add(builder.mul(ir.Constant(i64, a), D), d)]), fty)
             qs = splat(qv)
             for b in range(NV):
                 new.append(builder.call(fma_v, [qs, kv[b], accs[a * NV + b]]))
@@ -615,7 +626,7 @@ def _make_tile_pv(rows: int, nvec: int):  # type: ignore[no-untyped-def]
             zf = ir.Constant(fty, 0.0)
             pjs, nzs = [], []
             for a in range(rows):
-                pj = builder.load(builder.gep(sa.data, [builder.add(builder.mul(ir.Constant(i64, a), sw), j)]), typ=fty)
+                pj = _load(builder, builder.gep(sa.data, [builder.add(builder.mul(ir.Constant(i64, a), sw), j)]), fty)
                 pjs.append(pj)
                 nzs.append(builder.fcmp_unordered("!=", pj, zf))
             allnz = nzs[0]
