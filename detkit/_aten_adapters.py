@@ -350,7 +350,9 @@ def grouped_mm(
             return _matmul(call, self, mat2)
         raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D without offs", benign=True)  # torch raises
     ends = offs.tolist() if offs.dim() == 1 and not offs.is_floating_point() else None
-    jagged = self.shape[0] if mat2.dim() == 3 else self.shape[-1]
+    # The dimension offs partitions: rows (2-D x 3-D), K (2-D x 2-D) or, in the 3-D x 2-D
+    # form these kernels do not take, mat2's columns.
+    jagged = self.shape[0] if mat2.dim() == 3 else self.shape[-1] if self.dim() == 2 else mat2.shape[-1]
     if not ends or any(e < s for s, e in zip([0, *ends], ends)) or ends[-1] > jagged:
         raise Unsupported(f"offs {offs.tolist()} are not nondecreasing ends within the jagged dimension ({jagged})")
     if self.dim() == 2 and mat2.dim() == 3 and len(ends) == mat2.shape[0]:

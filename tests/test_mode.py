@@ -860,6 +860,12 @@ def test_grouped_mm_arguments_the_kernels_do_not_take_are_counted() -> None:
     assert "not nondecreasing" in next(iter(bi.uncovered()["_grouped_mm"])), bi.coverage()
     with detkit.batch_invariant(strict=True), pytest.raises(InvarianceViolation, match="_grouped_mm"):
         torch._grouped_mm(x, w, offs=bad_offs)
+    # (G, M, K) x (K, N) with offs over N: valid offsets, a form the adapter does not take;
+    # the reason names the form, not the offsets (they were checked against K)
+    a, b = torch.randn(2, 4, 16), torch.randn(16, 40)
+    with detkit.batch_invariant() as bi:
+        torch._grouped_mm(a, b, offs=torch.tensor([20, 40], dtype=torch.int32))
+    assert list(bi.uncovered()["_grouped_mm"]) == ["3-D x 2-D grouped product with 2 offsets"], bi.coverage()
 
 
 @pytest.mark.parametrize("name", _aten_adapters._ELEMENTWISE_INPLACE)
