@@ -223,6 +223,18 @@ def test_ctrl_c_with_json_and_no_out_prints_the_partial_report(tmp_path, capsys,
     assert "the JSON on stdout holds the finished modes" in err
 
 
+def test_ctrl_c_with_json_before_the_probe_starts_says_so(capsys, monkeypatch):
+    from detkit.probe import runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "total_work", interrupted)  # before run_probe: no partial report
+    code, out, err = run_cli(["--model", "tiny-llama", "--modes", "single", "--json"], capsys, monkeypatch)
+    assert code == 130 and out == "", err
+    assert "before the probe started" in err and "no --out or --json given" not in err
+
+
 def test_a_report_left_running_renders_as_incomplete(tmp_path):
     # what a SIGKILL or a segfault leaves behind: status running, no summary
     from detkit.probe.render import render_html, render_markdown

@@ -166,7 +166,9 @@ def probe(
             typer.echo(_dumps(exc.report))
             err_console.print("[yellow]interrupted:[/] the JSON on stdout holds the finished modes (status partial)")
         elif out is None:
-            err_console.print("[yellow]interrupted[/] (no --out or --json given, nothing kept)")
+            # with --json too when the probe itself had not started (no partial report yet)
+            err_console.print("[yellow]interrupted[/] " + ("before the probe started, nothing kept" if json_out
+                                                           else "(no --out or --json given, nothing kept)"))
         raise typer.Exit(INTERRUPTED)
     engine.close()
     if out is not None:
