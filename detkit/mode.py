@@ -241,8 +241,8 @@ class _Registration:
                 self.skipped[f"{key}:{spec.name}"] = f"torch {torch.__version__} has no aten::{spec.name}"
                 continue
             if not torch._C._dispatch_has_computed_kernel_for_dispatch_key(spec.qualname, key):
-                # The op cannot run on this device at all (aten::_grouped_mm was CUDA only
-                # before torch 2.9), so nothing escapes; get_kernel would raise.
+                # The op cannot run on this device at all (as aten::_grouped_mm on CPU before
+                # torch 2.9, below the mode's floor), so nothing escapes; get_kernel would raise.
                 self.skipped[f"{key}:{spec.name}"] = f"torch {torch.__version__} has no {key} kernel for aten::{spec.name}"
                 continue
             # Capture every original before the first registration changes the tables.
