@@ -223,7 +223,7 @@ def test_ctrl_c_with_json_and_no_out_prints_the_partial_report(tmp_path, capsys,
     assert "the JSON on stdout holds the finished modes" in err
 
 
-def test_ctrl_c_with_json_before_the_probe_starts_says_so(capsys, monkeypatch):
+def test_ctrl_c_before_the_probe_starts_says_so(tmp_path, capsys, monkeypatch):
     from detkit.probe import runner
 
     def interrupted(*args, **kwargs):
@@ -233,6 +233,10 @@ def test_ctrl_c_with_json_before_the_probe_starts_says_so(capsys, monkeypatch):
     code, out, err = run_cli(["--model", "tiny-llama", "--modes", "single", "--json"], capsys, monkeypatch)
     assert code == 130 and out == "", err
     assert "before the probe started" in err and "no --out or --json given" not in err
+    # with --out, no report.json exists yet: said so, not a traceback from rendering it
+    code, out, err = run_cli(["--model", "tiny-llama", "--modes", "single", "--out", str(tmp_path)], capsys, monkeypatch)
+    assert code == 130 and "before the probe started" in err and "Traceback" not in err, err
+    assert not (tmp_path / "report.json").exists()
 
 
 def test_a_report_left_running_renders_as_incomplete(tmp_path):

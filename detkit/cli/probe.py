@@ -159,16 +159,17 @@ def probe(
             report = _run(engine, suite, config, report_path, err_console)
     except KeyboardInterrupt as exc:
         engine.close()
+        if not isinstance(exc, ProbeInterrupted):  # stopped before run_probe wrote anything
+            err_console.print("[yellow]interrupted[/] before the probe started, nothing kept")
+            raise typer.Exit(INTERRUPTED) from None
         if out is not None:
             _render_files(out)
             err_console.print(f"[yellow]interrupted:[/] finished modes kept in {escape(str(report_path))} (status partial)")
-        if json_out and isinstance(exc, ProbeInterrupted):  # a pipe gets what finished, as with --out
+        if json_out:  # a pipe gets what finished, as with --out
             typer.echo(_dumps(exc.report))
             err_console.print("[yellow]interrupted:[/] the JSON on stdout holds the finished modes (status partial)")
-        elif out is None:
-            # with --json too when the probe itself had not started (no partial report yet)
-            err_console.print("[yellow]interrupted[/] " + ("before the probe started, nothing kept" if json_out
-                                                           else "(no --out or --json given, nothing kept)"))
+        if out is None and not json_out:
+            err_console.print("[yellow]interrupted[/] (no --out or --json given, nothing kept)")
         raise typer.Exit(INTERRUPTED)
     engine.close()
     if out is not None:
