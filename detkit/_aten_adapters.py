@@ -355,17 +355,17 @@ def grouped_mm(
     jagged = self.shape[0] if mat2.dim() == 3 else self.shape[-1] if self.dim() == 2 else mat2.shape[-1]
     if not ends or any(e < s for s, e in zip([0, *ends], ends)) or ends[-1] > jagged:
         raise Unsupported(f"offs {offs.tolist()} are not nondecreasing ends within the jagged dimension ({jagged})")
+    # (group, start, end) of the nonempty groups: an empty one has no rows, or sums no K (zeros)
+    groups = [(g, start, end) for g, (start, end) in enumerate(zip([0, *ends], ends)) if end > start]
     if self.dim() == 2 and mat2.dim() == 3 and len(ends) == mat2.shape[0]:
         out = torch.zeros((self.shape[0], mat2.shape[-1]), dtype=self.dtype, device=self.device)
-        for g, (start, end) in enumerate(zip([0, *ends], ends)):
-            if end > start:  # an empty group has no rows to compute
-                out[start:end] = _matmul(call, self[start:end], mat2[g])
+        for g, start, end in groups:
+            out[start:end] = _matmul(call, self[start:end], mat2[g])
         return out
     if self.dim() == 2 and mat2.dim() == 2:
         out = torch.zeros((len(ends), self.shape[0], mat2.shape[-1]), dtype=self.dtype, device=self.device)
-        for g, (start, end) in enumerate(zip([0, *ends], ends)):
-            if end > start:  # an empty K range sums nothing: zeros
-                out[g] = _matmul(call, self[:, start:end], mat2[start:end])
+        for g, start, end in groups:
+            out[g] = _matmul(call, self[:, start:end], mat2[start:end])
         return out
     raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D grouped product with {len(ends)} offsets")
 

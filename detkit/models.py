@@ -52,6 +52,10 @@ _COMMON = {
     # varied greedy continuations, so token divergences are visible and meaningful.
     "initializer_range": 0.1,
 }
+# The Llama-style decoders' shared size (Llama, Qwen2, Mixtral): each preset adds what
+# makes it its family.
+_DECODER = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, max_position_embeddings=MAX_POSITIONS,
+                tie_word_embeddings=False, **_COMMON)
 
 _PRESETS: dict[str, Preset] = {
     p.name: p
@@ -59,17 +63,7 @@ _PRESETS: dict[str, Preset] = {
         Preset(
             "tiny-llama",
             "LlamaForCausalLM",
-            dict(
-                hidden_size=256,
-                intermediate_size=688,
-                num_hidden_layers=4,
-                num_attention_heads=8,
-                num_key_value_heads=4,  # GQA, as in real Llama models
-                max_position_embeddings=MAX_POSITIONS,
-                rms_norm_eps=1e-5,
-                tie_word_embeddings=False,
-                **_COMMON,
-            ),
+            dict(_DECODER, intermediate_size=688, num_key_value_heads=4, rms_norm_eps=1e-5),  # GQA, as in Llama
         ),
         Preset(
             "tiny-gpt2",
@@ -79,36 +73,15 @@ _PRESETS: dict[str, Preset] = {
         Preset(
             "tiny-qwen2",
             "Qwen2ForCausalLM",
-            dict(
-                hidden_size=256,
-                intermediate_size=688,
-                num_hidden_layers=4,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                max_position_embeddings=MAX_POSITIONS,
-                rms_norm_eps=1e-6,
-                tie_word_embeddings=True,
-                **_COMMON,
-            ),
+            dict(_DECODER, intermediate_size=688, num_key_value_heads=2, rms_norm_eps=1e-6, tie_word_embeddings=True),
         ),
         Preset(
             "tiny-mixtral",
             "MixtralForCausalLM",
-            dict(
-                hidden_size=256,
-                intermediate_size=256,
-                num_hidden_layers=4,
-                num_attention_heads=8,
-                num_key_value_heads=4,
-                # MoE: a router picks 2 of 4 experts per token (transformers 5 runs the
-                # experts through torch._grouped_mm, a fused grouped GEMM on CUDA).
-                num_local_experts=4,
-                num_experts_per_tok=2,
-                max_position_embeddings=MAX_POSITIONS,
-                rms_norm_eps=1e-5,
-                tie_word_embeddings=False,
-                **_COMMON,
-            ),
+            # MoE: a router picks 2 of 4 experts per token (transformers 5 runs the experts
+            # through torch._grouped_mm, a fused grouped GEMM on CUDA).
+            dict(_DECODER, intermediate_size=256, num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2,
+                 rms_norm_eps=1e-5),
         ),
     )
 }

@@ -681,6 +681,12 @@ def test_a_relative_report_path_does_not_follow_a_test_that_changes_directory(py
     result.stdout.fnmatch_lines(["detkit: 1 checks in 1 tests: *; report out.json"])
 
 
+def _assert_a_timeout_not_nondeterminism(result: pytest.RunResult) -> None:
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E*Failed: Timeout (>1.0s) from pytest-timeout."])
+    result.stdout.no_fnmatch_line("*NONDETERMINISTIC*")
+
+
 def test_a_timeout_during_a_deterministic_rerun_is_not_nondeterminism(pytester: pytest.Pytester) -> None:
     # pytest-timeout's limit covers all runs together; its signal method raises this
     # pytest.fail in the body, here in run 2 as if the runs had added up past the limit.
@@ -697,9 +703,7 @@ def test_a_timeout_during_a_deterministic_rerun_is_not_nondeterminism(pytester: 
             return torch.ones(2)
         """,
     )
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["E*Failed: Timeout (>1.0s) from pytest-timeout."])
-    result.stdout.no_fnmatch_line("*NONDETERMINISTIC*")
+    _assert_a_timeout_not_nondeterminism(result)
 
 
 def test_pytest_timeout_during_a_deterministic_rerun_is_not_nondeterminism(pytester: pytest.Pytester) -> None:
@@ -716,9 +720,7 @@ def test_pytest_timeout_during_a_deterministic_rerun_is_not_nondeterminism(pytes
         """,
         "--timeout=1", "--timeout-method=signal",
     )
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["E*Failed: Timeout (>1.0s) from pytest-timeout."])
-    result.stdout.no_fnmatch_line("*NONDETERMINISTIC*")
+    _assert_a_timeout_not_nondeterminism(result)
 
 
 def test_pytest_exit_in_a_deterministic_rerun_stops_the_session(pytester: pytest.Pytester) -> None:
