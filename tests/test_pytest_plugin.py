@@ -27,6 +27,7 @@ pytest_plugins = ["pytester"]
 
 HEADER = """
 import random
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,13 +40,12 @@ def linear(t):
     return F.linear(t, W)
 
 def random_order_sum(v):
-    # Genuinely nondeterministic: the summation order comes from OS entropy.
-    idx = list(range(v.shape[0]))
-    random.SystemRandom().shuffle(idx)
-    acc = torch.zeros(())
-    for i in idx:
-        acc = acc + v[i]
-    return acc
+    # Genuinely nondeterministic: the summation order comes from OS entropy. A sequential
+    # float32 sum (numpy's accumulate; torch's CPU sums accumulate wider) of 10^6 values
+    # takes hundreds of distinct values over random orders, so 4 runs agreeing by chance
+    # (which 300 values allowed now and then) is out of reach.
+    perm = np.random.default_rng(random.SystemRandom().getrandbits(64)).permutation(v.shape[0])
+    return torch.from_numpy(np.add.accumulate(v.numpy()[perm])[-1:]).reshape(())
 """
 
 
@@ -130,10 +130,10 @@ def test_report_file(pytester: pytest.Pytester) -> None:
             detkit.assert_batch_invariant(torch.tanh, X, batch_sizes=[2, 3])
             detkit.record("logits", X * 2)
             with pytest.raises(AssertionError):
-                detkit.assert_deterministic(random_order_sum, torch.randn(200) * 100, runs=3)
+                detkit.assert_deterministic(random_order_sum, torch.randn(1_000_000), runs=3)
 
         def test_failing():
-            assert_deterministic(random_order_sum, torch.randn(200) * 100, runs=3)
+            assert_deterministic(random_order_sum, torch.randn(1_000_000), runs=3)
 
         def test_unrelated():
             pass
@@ -197,7 +197,7 @@ def test_deterministic_marker_catches_random_order_and_never_retries(pytester: p
         @pytest.mark.deterministic(runs=4)
         def test_sum(detkit):
             CALLS.append(1)
-            v = torch.randn(300) * 1000  # same draws every run: RNG states are restored
+            v = torch.randn(1_000_000)  # same draws every run: RNG states are restored
             detkit.record("sum", random_order_sum(v))
 
         def test_ran_exactly_four_times():
@@ -331,7 +331,7 @@ def test_markers_refuse_arguments_they_would_ignore(pytester: pytest.Pytester) -
         class TestOld(unittest.TestCase):
             @pytest.mark.deterministic(runs=3)
             def test_method(self):
-                return random_order_sum(torch.randn(200) * 100)
+                return random_order_sum(torch.randn(1_000_000))
         """,
     )
     result.assert_outcomes(passed=1, failed=3, errors=1)
@@ -366,7 +366,7 @@ def test_an_expected_failure_is_not_counted_as_a_failing_test(pytester: pytest.P
         @pytest.mark.xfail(reason="known nondeterministic", strict=True)
         @pytest.mark.deterministic(runs=3)
         def test_known():
-            return random_order_sum(torch.randn(200) * 100)
+            return random_order_sum(torch.randn(1_000_000))
         """,
         "--detkit-report=r.json",
     )
