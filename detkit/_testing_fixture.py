@@ -53,11 +53,13 @@ class DetkitFixture:
         tokenizer: Any = None,
         seed: int = 0,
         name: str | None = None,
+        padding_side: str | None = None,
     ) -> T.CheckResult:
-        """Greedy generation alone vs in left-padded batches: see ``assert_generation_invariant``."""
+        """Greedy generation alone vs in padded batches: see ``assert_generation_invariant``."""
         __tracebackhide__ = True
         return T.assert_generation_invariant(
-            model, prompts_or_input_ids, batch_sizes, max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed, name=name
+            model, prompts_or_input_ids, batch_sizes, max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed,
+            name=name, padding_side=padding_side,
         )
 
     def check_sampler_trainer(self, model: Any, prompts_or_input_ids: Any, **kwargs: Any) -> T.CheckResult:

@@ -1,9 +1,12 @@
-"""Greedy generation alone vs inside left-padded batches, for ``assert_generation_invariant``.
+"""Greedy generation alone vs inside padded batches, for ``assert_generation_invariant``.
 
 The loop is written out (prefill, then one token per step with the KV cache) instead of
 calling ``model.generate``: it never stops at EOS, so every run takes the same number of
 steps, and it passes position ids derived from the attention mask, which is what makes a
-left-padded row see the same positions as the row alone.
+left-padded row see the same positions as the row alone. An encoder-decoder model (T5,
+BART, Marian) runs its encoder once over the padded prompts, as ``generate`` does, and
+its decoder from the start token: the decoder inputs of a batch all have one length, so
+only the encoder sees padding (on the right by default, as their tokenizers pad).
 """
 
 from __future__ import annotations
@@ -90,6 +93,71 @@ def greedy(model: Any, prompts: list[list[int]], pad_id: int, steps: int) -> tup
     return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
 
 
+def greedy_seq2seq(
+    model: Any, prompts: list[list[int]], pad_id: int, steps: int, start_id: int, padding_side: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy-decode an encoder-decoder model over padded prompts: (token ids (B, steps),
+    logits (B, steps, V))."""
+    import torch
+
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    if padding_side == "right":
+        rows, marks = [p + [pad_id] * (width - len(p)) for p in prompts], [[1] * len(p) + [0] * (width - len(p)) for p in prompts]
+    else:
+        rows, marks = [[pad_id] * (width - len(p)) + p for p in prompts], [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    ids = torch.tensor(rows, dtype=torch.long, device=device)
+    mask = torch.tensor(marks, dtype=torch.long, device=device)
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    dec = torch.full((len(prompts), 1), start_id, dtype=torch.long, device=device)
+    tokens, logits = [], []
+    past = None
+    with torch.no_grad():
+        encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
+        for _ in range(steps):
+            out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=dec, use_cache=True, **{cache_arg: past})
+            step_logits = out.logits[:, -1, :]
+            nxt = step_logits.argmax(-1)
+            tokens.append(nxt)
+            logits.append(step_logits)
+            past = getattr(out, cache_arg, None)
+            if past is None:
+                raise InputError(f"{type(model).__name__} returned no KV cache ({cache_arg}); check_generation needs use_cache=True support")
+            dec = nxt[:, None]
+    return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
+
+
+def is_encoder_decoder(model: Any) -> bool:
+    """Whether ``model`` is a Hugging Face encoder-decoder (T5, BART, Marian, ...)."""
+    return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
+
+
+def _decoder_start_id(model: Any) -> int:
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        start = getattr(source, "decoder_start_token_id", None)
+        if isinstance(start, int):
+            return start
+    raise InputError(
+        f"{type(model).__name__} is an encoder-decoder model without a decoder_start_token_id in its "
+        "config or generation_config; set model.generation_config.decoder_start_token_id"
+    )
+
+
+def _padding_side(model: Any, padding_side: Any) -> str:
+    """'left' for a causal LM; 'right' (default) or 'left' for an encoder-decoder model."""
+    if padding_side not in (None, "left", "right"):
+        raise InputError(f"padding_side must be 'left', 'right' or None (the model's usual side), got {padding_side!r}")
+    if not is_encoder_decoder(model):
+        if padding_side == "right":
+            raise InputError(
+                "a causal LM generates after the prompt's last token, so its batches are padded on the left; "
+                "padding_side='right' applies to encoder-decoder models only"
+            )
+        return "left"
+    return padding_side or "right"
+
+
 def check_model_and_steps(model: Any, max_new_tokens: Any) -> None:
     """The arguments both generation checks share: a torch causal LM and a step count."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -110,10 +178,17 @@ def check_fits(model: Any, ids: list[list[int]], max_new_tokens: int) -> None:
     config = getattr(model, "config", None)
     limit = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions")
                   if isinstance(getattr(config, a, None), int)), None)
-    longest = max(len(p) for p in ids) + max_new_tokens
-    if limit is not None and longest > limit:
-        raise InputError(f"the longest prompt plus max_new_tokens is {longest} tokens, past the model's {limit} "
-                         "positions; shorten the prompts or lower max_new_tokens")
+    if limit is None:
+        return
+    longest = max(len(p) for p in ids)
+    if is_encoder_decoder(model):
+        # The encoder sees the prompt, the decoder the start token and the generated tokens.
+        if max(longest, max_new_tokens) > limit:
+            raise InputError(f"the longest prompt has {longest} tokens and the decoder needs {max_new_tokens} positions; "
+                             f"the model has {limit}; shorten the prompts or lower max_new_tokens")
+    elif longest + max_new_tokens > limit:
+        raise InputError(f"the longest prompt plus max_new_tokens is {longest + max_new_tokens} tokens, past the model's "
+                         f"{limit} positions; shorten the prompts or lower max_new_tokens")
 
 
 def mode_name() -> str:
@@ -133,6 +208,7 @@ def check_generation(
     tokenizer: Any,
     seed: int,
     name: str | None,
+    padding_side: str | None = None,
 ) -> tuple[CheckResult, bool]:
     """Run the generation check; returns (result, failed)."""
     from detkit.compare import first_divergence
@@ -144,14 +220,24 @@ def check_generation(
             "model is in training mode (dropout would make every run differ); call model.eval() first"
         )
     sizes = _check_batch_sizes(batch_sizes)
+    side = _padding_side(model, padding_side)
     ids = _prompt_ids(prompts, tokenizer)
     check_fits(model, ids, max_new_tokens)
     pad_id = _pad_id(model, tokenizer)
+    if is_encoder_decoder(model):
+        start_id = _decoder_start_id(model)
+
+        def run(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            return greedy_seq2seq(model, batch, pad_id, max_new_tokens, start_id, side)
+    else:
+
+        def run(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            return greedy(model, batch, pad_id, max_new_tokens)
     label = name or f"generation[{type(model).__name__}]"
     n = len(ids)
     rng = random.Random(seed)
 
-    alone = [greedy(model, [p], pad_id, max_new_tokens) for p in ids]
+    alone = [run([p]) for p in ids]
     per_b: dict[str, dict[str, Any]] = {}
     first: dict[str, Any] | None = None
     first_text = ""
@@ -164,7 +250,7 @@ def check_generation(
             rows = order[start : start + b]
             rows += [rng.randrange(n) for _ in range(b - len(rows))]
             rng.shuffle(rows)
-            toks, logs = greedy(model, [ids[r] for r in rows], pad_id, max_new_tokens)
+            toks, logs = run([ids[r] for r in rows])
             width = max(len(ids[r]) for r in rows)
             for slot, r in enumerate(rows):
                 stats["placements"] += 1
@@ -183,7 +269,7 @@ def check_generation(
                     stats["max_ulp"] = _worst([stats["max_ulp"], ulp])
                 if first is None:
                     pad = width - len(ids[r])
-                    where = f"prompt {r} ({len(ids[r])} tokens) at position {slot} of a batch of {b}, left-padded by {pad}"
+                    where = f"prompt {r} ({len(ids[r])} tokens) at position {slot} of a batch of {b}, {side}-padded by {pad}"
                     parts = [f"First difference: {where}:"]
                     if step is not None:
                         parts.append(
@@ -199,7 +285,7 @@ def check_generation(
                         "prompt": r,
                         "batch_size": b,
                         "position": slot,
-                        "left_padding": pad,
+                        "padding": pad,
                         "token_divergence_step": step,
                         "logits_first_differ_step": None if same_logits else bad_step,
                         "logits_diff": None if same_logits else info,
@@ -217,6 +303,8 @@ def check_generation(
         "prompts": n,
         "prompt_lengths": [len(p) for p in ids],
         "max_new_tokens": max_new_tokens,
+        "encoder_decoder": is_encoder_decoder(model),
+        "padding_side": side,
         "batch_sizes": sizes,
         "seed": seed,
         "mode": mode_name(),
@@ -243,10 +331,18 @@ def check_generation(
             f"worst ULP {'-' if worst is None else worst}; detkit mode {detail['mode']}.",
             *V.table(rows_t),
             first_text,
+            *([HINT_LEFT_PADDED_ENCODER] if detail["encoder_decoder"] and side == "left" else []),
             HINT_BATCH,
         ]
     )
     return CheckResult("generation", "BATCH-VARIANT", worst, label, detail, message), True
+
+
+HINT_LEFT_PADDED_ENCODER = (
+    "The encoder was padded on the left: an encoder with learned absolute positions (BART, Marian) "
+    "counts them from the padded start, so left padding changes its input, not only its rounding. "
+    "Pad it on the right (padding_side='right', the default)."
+)
 
 
 def _pad_id(model: Any, tokenizer: Any) -> int:

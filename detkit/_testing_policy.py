@@ -232,10 +232,22 @@ def check_sampler_trainer(
     name: str | None,
 ) -> tuple[CheckResult, bool]:
     """Run the check; returns (result, failed)."""
-    from detkit._testing_generation import _pad_id, _prompt_ids, check_fits, check_model_and_steps, mode_name
+    from detkit._testing_generation import (
+        _pad_id,
+        _prompt_ids,
+        check_fits,
+        check_model_and_steps,
+        is_encoder_decoder,
+        mode_name,
+    )
     from detkit.testing import CheckResult
 
     check_model_and_steps(model, max_new_tokens)
+    if is_encoder_decoder(model):
+        raise InputError(
+            f"{type(model).__name__} is an encoder-decoder model; the sampler-trainer check scores prompt + "
+            "completion as one causal sequence and takes causal LMs only (assert_generation_invariant takes both)"
+        )
     if padding_side not in PADDING_SIDES:
         raise InputError(f"padding_side must be one of {', '.join(PADDING_SIDES)}, got {padding_side!r}")
     if not isinstance(train, bool):

@@ -652,23 +652,29 @@ def assert_generation_invariant(
     tokenizer: Any = None,
     seed: int = 0,
     name: str | None = None,
+    padding_side: str | None = None,
 ) -> CheckResult:
     """Assert that greedy generation of each prompt is the same alone and inside batches.
 
     ``model``: a Hugging Face causal LM (anything taking ``input_ids``,
     ``attention_mask``, ``position_ids``, ``use_cache`` and ``cache`` (transformers 5) or
-    ``past_key_values``, and returning ``.logits`` and that cache). ``prompts``: a list of strings (with
+    ``past_key_values``, and returning ``.logits`` and that cache), or an encoder-decoder
+    model (``config.is_encoder_decoder``: T5, BART, Marian; ``get_encoder()``,
+    ``encoder_outputs``, ``decoder_input_ids``). ``prompts``: a list of strings (with
     ``tokenizer``), a list of token-id lists, or a 2-D tensor of ids. Each prompt is
     generated alone (batch of 1, no padding) for ``max_new_tokens`` greedy steps; then, for
-    every batch size, inside left-padded batches of random composition. Token ids and the
+    every batch size, inside padded batches of random composition. Token ids and the
     logits of every step must be bitwise equal to the alone run. No early stop at EOS:
-    every run takes the same number of steps.
+    every run takes the same number of steps. ``padding_side``: a causal LM's batches are
+    padded on the left; an encoder-decoder's encoder inputs on the right unless
+    ``padding_side="left"``.
     """
     __tracebackhide__ = True
     from detkit._testing_generation import check_generation
 
     result, error = check_generation(
-        model, prompts, batch_sizes, max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed, name=name
+        model, prompts, batch_sizes, max_new_tokens=max_new_tokens, tokenizer=tokenizer, seed=seed, name=name,
+        padding_side=padding_side,
     )
     return _finish(result, BatchVariance if error else None)
 

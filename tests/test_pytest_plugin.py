@@ -443,7 +443,8 @@ def test_fixture_check_generation(pytester: pytest.Pytester) -> None:
                 detkit.check_generation(model, PROMPTS, batch_sizes=[1, 3], max_new_tokens=3, tokenizer=build_tokenizer())
 
             def test_without_mode(detkit, model):
-                detkit.check_generation(model, PROMPTS, batch_sizes=[2], max_new_tokens=3, tokenizer=build_tokenizer())
+                detkit.check_generation(model, PROMPTS, batch_sizes=[2], max_new_tokens=3, tokenizer=build_tokenizer(),
+                                        padding_side="left")
             """
         )
     )

@@ -491,6 +491,89 @@ def test_generation_arguments(tiny_llama: torch.nn.Module) -> None:
         T.assert_generation_invariant(tiny_llama, torch.zeros(3), max_new_tokens=1)
 
 
+def _tiny_seq2seq(family: str) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "t5":  # relative position buckets
+        config = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+        return transformers.T5ForConditionalGeneration(config).eval()
+    # learned absolute positions, counted from the first (possibly padded) encoder position
+    config = transformers.BartConfig(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                     decoder_ffn_dim=128, max_position_embeddings=32)
+    return transformers.BartForConditionalGeneration(config).eval()
+
+
+SEQ2SEQ_PROMPTS = [[t % 128 for t in p] for p in PROMPT_IDS]
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_generation_is_batch_variant_without_the_mode(family: str) -> None:
+    with pytest.raises(BatchVariance) as info:
+        T.assert_generation_invariant(_tiny_seq2seq(family), SEQ2SEQ_PROMPTS, batch_sizes=[2, 3], max_new_tokens=3)
+    detail = info.value.result.detail
+    assert detail["encoder_decoder"] is True and detail["padding_side"] == "right"
+    assert detail["placements_logits_differ"] > 0
+    assert "right-padded by" in str(info.value) and "padded on the left" not in str(info.value)
+
+
+@pytest.mark.parametrize(("family", "side"), [("t5", "right"), ("t5", "left"), ("bart", "right")])
+def test_encoder_decoder_generation_is_batch_invariant_under_the_mode(family: str, side: str) -> None:
+    import detkit
+
+    model = _tiny_seq2seq(family)
+    with detkit.batch_invariant():
+        result = T.assert_generation_invariant(model, SEQ2SEQ_PROMPTS, batch_sizes=[1, 2, 3], max_new_tokens=3,
+                                               padding_side=side)
+    assert result.passed and result.detail["placements_checked"] == 3 + 4 + 3
+    assert result.detail["padding_side"] == side
+    # The written-out loop is HF generate's greedy decoding (without the model's own
+    # generation defaults, such as BART's forced EOS): the same tokens for a prompt alone.
+    from transformers import GenerationConfig
+
+    from detkit._testing_generation import greedy_seq2seq
+    from detkit.probe.hf import _no_model_generation_defaults
+
+    start = model.config.decoder_start_token_id
+    with detkit.batch_invariant(), _no_model_generation_defaults(model):
+        for prompt in SEQ2SEQ_PROMPTS:
+            tokens, _ = greedy_seq2seq(model, [prompt], 0, 3, start, side)
+            config = GenerationConfig(max_new_tokens=3, do_sample=False, decoder_start_token_id=start)
+            generated = model.generate(torch.tensor([prompt]), generation_config=config)
+            assert generated[0, 1:].tolist() == tokens[0].tolist()
+
+
+def test_a_left_padded_bart_encoder_is_batch_variant_even_under_the_mode() -> None:
+    # Not rounding: BART's learned positions count from the padded start, so left padding
+    # changes what the encoder sees. The check catches it and says to pad on the right.
+    import detkit
+
+    with detkit.batch_invariant(), pytest.raises(BatchVariance) as info:
+        T.assert_generation_invariant(_tiny_seq2seq("bart"), SEQ2SEQ_PROMPTS, batch_sizes=[2], max_new_tokens=2,
+                                      padding_side="left")
+    assert "left-padded by" in str(info.value) and "Pad it on the right" in str(info.value)
+
+
+def test_encoder_decoder_arguments(tiny_llama: torch.nn.Module) -> None:
+    with pytest.raises(InputError, match="causal LM generates after the prompt"):
+        T.assert_generation_invariant(tiny_llama, PROMPT_IDS, max_new_tokens=1, padding_side="right")
+    bart = _tiny_seq2seq("bart")
+    with pytest.raises(InputError, match="padding_side must be"):
+        T.assert_generation_invariant(bart, SEQ2SEQ_PROMPTS, max_new_tokens=1, padding_side="middle")
+    with pytest.raises(InputError, match="decoder needs 40 positions; the model has 32"):
+        T.assert_generation_invariant(bart, SEQ2SEQ_PROMPTS, max_new_tokens=40)
+    with pytest.raises(InputError, match="the model has 32"):
+        T.assert_generation_invariant(bart, [[5] * 33], max_new_tokens=1)
+    with pytest.raises(InputError, match="encoder-decoder model; the sampler-trainer check"):
+        T.assert_trainer_matches_sampler(bart, SEQ2SEQ_PROMPTS, max_new_tokens=1)
+    bart.generation_config.decoder_start_token_id = None
+    bart.config.decoder_start_token_id = None
+    with pytest.raises(InputError, match="decoder_start_token_id"):
+        T.assert_generation_invariant(bart, SEQ2SEQ_PROMPTS, max_new_tokens=1)
+
+
 def test_another_dtype_or_shape_is_named_as_such_not_as_ulp_distance() -> None:
     for check, error in ((T.assert_ulp_close, T.UlpMismatch), (T.assert_bitwise_equal, T.BitwiseMismatch)):
         for actual, expected, what in ((torch.ones(2), torch.ones(1), "float32[2] but expected is float32[1]"),
