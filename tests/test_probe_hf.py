@@ -140,6 +140,28 @@ def test_missing_model_and_missing_tokenizer_are_clear_errors(tmp_path):
         load_model(str(tmp_path / "m"))
 
 
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_an_encoder_decoder_checkpoint_is_refused_by_name(tmp_path, family):
+    # BART has a ForCausalLM class: AutoModelForCausalLM would load its decoder alone.
+    import transformers
+
+    from detkit.models import build_tokenizer
+
+    if family == "t5":
+        config = transformers.T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                       decoder_start_token_id=0)
+        model = transformers.T5ForConditionalGeneration(config)
+    else:
+        config = transformers.BartConfig(vocab_size=300, d_model=32, encoder_layers=1, decoder_layers=1,
+                                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                         decoder_ffn_dim=64, max_position_embeddings=64)
+        model = transformers.BartForConditionalGeneration(config)
+    model.save_pretrained(tmp_path / "m")
+    build_tokenizer().save_pretrained(tmp_path / "m")
+    with pytest.raises(ModelLoadError, match=f"encoder-decoder model [(]{family}[)].*assert_generation_invariant"):
+        load_model(str(tmp_path / "m"))
+
+
 def test_the_models_generation_config_does_not_rescale_the_greedy_logits(tmp_path):
     # Real checkpoints ship generation_config.json with e.g. repetition_penalty; generate()
     # fills every field the probe leaves unset from it, which would make the "greedy"

@@ -89,6 +89,7 @@ def load_model(
         ) from exc
     if tokenizer is None or isinstance(tokenizer, bool) or len(tokenizer) < 2:
         raise ModelLoadError(f"the tokenizer in {path} is empty; save a real one with tokenizer.save_pretrained({str(path)!r})")
+    _refuse_encoder_decoder(path)
     kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": attn_implementation}
     kwargs[_dtype_keyword()] = "auto" if dtype == "auto" else _torch_dtype(dtype)
     try:
@@ -106,6 +107,24 @@ def load_model(
         "attn_implementation": attn_implementation,
     }
     return hf_model, tokenizer, desc
+
+
+def _refuse_encoder_decoder(path: Path) -> None:
+    """The probe generates with causal LMs. ``AutoModelForCausalLM`` would load only the
+    decoder of some encoder-decoder checkpoints (BART, mBART, Marian have a ``ForCausalLM``
+    class), dropping the encoder without a word; refuse them by name instead."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - from_pretrained below reports an unreadable config
+        return
+    if getattr(config, "is_encoder_decoder", False) is True:
+        raise ModelLoadError(
+            f"{path} holds an encoder-decoder model ({getattr(config, 'model_type', '?')}); the probe generates "
+            "with causal LMs only. Check it with detkit.testing.assert_generation_invariant, which takes "
+            "encoder-decoder models (docs/pytest.md)"
+        )
 
 
 def _context_length(model: PreTrainedModel) -> int | None:
