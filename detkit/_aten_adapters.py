@@ -349,7 +349,9 @@ def grouped_mm(
         if self.dim() == 3 and mat2.dim() == 3:
             return _matmul(call, self, mat2)
         raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D without offs", benign=True)  # torch raises
-    ends = offs.tolist() if offs.dim() == 1 and not offs.is_floating_point() else None
+    if offs.dtype != torch.int32:
+        raise Unsupported(f"{offs.dtype} offs", benign=True)  # torch raises: offsets have to be int32
+    ends = offs.tolist() if offs.dim() == 1 else None
     # The dimension offs partitions: rows (2-D x 3-D), K (2-D x 2-D) or, in the 3-D x 2-D
     # form these kernels do not take, mat2's columns.
     jagged = self.shape[0] if mat2.dim() == 3 else self.shape[-1] if self.dim() == 2 else mat2.shape[-1]

@@ -866,6 +866,13 @@ def test_grouped_mm_arguments_the_kernels_do_not_take_are_counted() -> None:
     with detkit.batch_invariant() as bi:
         torch._grouped_mm(a, b, offs=torch.tensor([20, 40], dtype=torch.int32))
     assert list(bi.uncovered()["_grouped_mm"]) == ["3-D x 2-D grouped product with 2 offsets"], bi.coverage()
+    # offsets torch refuses are refused under the mode too, by torch, with torch's error
+    for dtype in (torch.int64, torch.int16):
+        with pytest.raises(RuntimeError) as plain:
+            torch._grouped_mm(x, w, offs=torch.tensor([2, 6], dtype=dtype))
+        with detkit.batch_invariant(strict=True), pytest.raises(RuntimeError) as routed:
+            torch._grouped_mm(x, w, offs=torch.tensor([2, 6], dtype=dtype))
+        assert str(routed.value) == str(plain.value) and not isinstance(routed.value, InvarianceViolation)
 
 
 @pytest.mark.parametrize("name", _aten_adapters._ELEMENTWISE_INPLACE)
