@@ -134,6 +134,13 @@ def is_encoder_decoder(model: Any) -> bool:
 
 
 def _decoder_start_id(model: Any) -> int:
+    """The decoder's first input; also checks that the encoder takes token ids."""
+    encoder = model.get_encoder() if callable(getattr(model, "get_encoder", None)) else None
+    if encoder is None or "input_ids" not in inspect.signature(encoder.forward).parameters:
+        raise InputError(
+            f"{type(model).__name__} is an encoder-decoder model whose encoder does not take token ids "
+            "(get_encoder() with input_ids); the generation check feeds text prompts to text encoders only"
+        )
     for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
         start = getattr(source, "decoder_start_token_id", None)
         if isinstance(start, int):
@@ -159,11 +166,11 @@ def _padding_side(model: Any, padding_side: Any) -> str:
 
 
 def check_model_and_steps(model: Any, max_new_tokens: Any) -> None:
-    """The arguments both generation checks share: a torch causal LM and a step count."""
+    """The arguments both generation checks share: a torch model and a step count."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if not callable(model) or not hasattr(model, "parameters") or not hasattr(model, "train"):
-        raise InputError(f"model must be a torch causal LM (a Hugging Face model), got {type(model).__name__}")
+        raise InputError(f"model must be a torch causal LM or encoder-decoder model (a Hugging Face model), got {type(model).__name__}")
 
 
 def check_fits(model: Any, ids: list[list[int]], max_new_tokens: int) -> None:

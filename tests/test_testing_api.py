@@ -557,6 +557,8 @@ def test_a_left_padded_bart_encoder_is_batch_variant_even_under_the_mode() -> No
 
 
 def test_encoder_decoder_arguments(tiny_llama: torch.nn.Module) -> None:
+    import transformers
+
     with pytest.raises(InputError, match="causal LM generates after the prompt"):
         T.assert_generation_invariant(tiny_llama, PROMPT_IDS, max_new_tokens=1, padding_side="right")
     bart = _tiny_seq2seq("bart")
@@ -568,6 +570,13 @@ def test_encoder_decoder_arguments(tiny_llama: torch.nn.Module) -> None:
         T.assert_generation_invariant(bart, [[5] * 33], max_new_tokens=1)
     with pytest.raises(InputError, match="encoder-decoder model; the sampler-trainer check"):
         T.assert_trainer_matches_sampler(bart, SEQ2SEQ_PROMPTS, max_new_tokens=1)
+    torch.manual_seed(0)
+    speech = transformers.WhisperForConditionalGeneration(transformers.WhisperConfig(
+        vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+        max_target_positions=32, decoder_start_token_id=0, pad_token_id=1, bos_token_id=2, eos_token_id=3)).eval()
+    with pytest.raises(InputError, match="encoder does not take token ids"):
+        T.assert_generation_invariant(speech, SEQ2SEQ_PROMPTS, max_new_tokens=1)
     bart.generation_config.decoder_start_token_id = None
     bart.config.decoder_start_token_id = None
     with pytest.raises(InputError, match="decoder_start_token_id"):
