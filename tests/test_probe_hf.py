@@ -140,26 +140,78 @@ def test_missing_model_and_missing_tokenizer_are_clear_errors(tmp_path):
         load_model(str(tmp_path / "m"))
 
 
-@pytest.mark.parametrize("family", ["t5", "bart"])
-def test_an_encoder_decoder_checkpoint_is_refused_by_name(tmp_path, family):
-    # BART has a ForCausalLM class: AutoModelForCausalLM would load its decoder alone.
+def _save_seq2seq(path: Path, family: str, dtype: str) -> Path:
+    import torch
     import transformers
 
     from detkit.models import build_tokenizer
 
-    if family == "t5":
-        config = transformers.T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-                                       decoder_start_token_id=0)
+    torch.manual_seed(0)
+    if family == "t5":  # relative position buckets
+        config = transformers.T5Config(vocab_size=300, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=None,
+                                       tie_word_embeddings=False)
         model = transformers.T5ForConditionalGeneration(config)
-    else:
-        config = transformers.BartConfig(vocab_size=300, d_model=32, encoder_layers=1, decoder_layers=1,
-                                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
-                                         decoder_ffn_dim=64, max_position_embeddings=64)
+    else:  # learned absolute positions; has a BartForCausalLM that would drop the encoder
+        config = transformers.BartConfig(vocab_size=300, d_model=64, encoder_layers=2, decoder_layers=2,
+                                         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                         decoder_ffn_dim=128, max_position_embeddings=256, eos_token_id=None,
+                                         forced_eos_token_id=None)
         model = transformers.BartForConditionalGeneration(config)
-    model.save_pretrained(tmp_path / "m")
-    build_tokenizer().save_pretrained(tmp_path / "m")
-    with pytest.raises(ModelLoadError, match=f"encoder-decoder model [(]{family}[)].*assert_generation_invariant"):
-        load_model(str(tmp_path / "m"))
+    # HF's initialisation makes a tiny random model repeat one token; wider weights give varied completions
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.3)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+SEQ2SEQ_SUITE = dict(
+    name="seq2seq", max_new_tokens=6, modes=("single", "mixed", "prefix", "padding", "decode", "repeat"),
+)
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_an_encoder_decoder_model_is_probed_with_right_padded_encoder_inputs(tmp_path, family):
+    import detkit
+    from detkit.probe.suite import BatchPlan, ProbeSuite, Prompt
+
+    path = _save_seq2seq(tmp_path / "m", family, "float32")
+    model, tokenizer, desc = load_model(str(path))
+    assert desc["architecture"].endswith("ForConditionalGeneration")  # the encoder too, not BartForCausalLM
+    suite = ProbeSuite(prompts=(Prompt("a", "Translate the quick brown fox"), Prompt("b", "hi")),
+                       batch=BatchPlan(sizes=(1, 3), mixed_trials=2, prefix_fractions=(0.5,), padding=(3,), repeats=2),
+                       **SEQ2SEQ_SUITE)
+    engine = HFEngine(model, tokenizer, description=desc)
+    assert engine.describe()["generate"] == "model.generate, greedy, use_cache=True, right padding of the encoder inputs"
+    plain = run_probe(engine, suite, seed=0, config={})
+    batched = [r for m in plain["results"] if m["mode"] != "decode" for r in m["runs"]]
+    assert batched and all("right_padding" in r and "left_padding" not in r for r in batched)
+    assert any(r["right_padding"] > 0 for r in batched)
+    # negative control: float32 without the mode, the padded encoder's logits move
+    assert plain["summary"]["invariant"] is False
+    assert max(m["max_ulp"] or 0 for m in plain["modes"] if m["name"] in ("mixed", "padding")) > 0
+    engine = HFEngine(model, tokenizer, description=desc, mode=lambda: detkit.batch_invariant())
+    report = run_probe(engine, suite, seed=0, config={})
+    for m in report["modes"]:
+        assert m["failed_runs"] == 0 and m["skipped"] is None, (m["name"], m["errors"])
+        # decode: a teacher-forced decoder over the whole reference gives the bits incremental decoding gave
+        assert m["unique_completions"] == 1 and m["max_ulp"] == 0 and m["steps_compared"] > 0, m["name"]
+    assert report["summary"]["invariant"] is True
+    refs = list(report["references"].values())
+    assert all(len(ref["tokens"]) == suite.max_new_tokens for ref in refs)  # no EOS configured: every step generated
+    assert any(len(set(ref["tokens"])) > 1 for ref in refs), refs  # a real completion, not one token repeated
+
+
+def test_an_encoder_decoder_model_without_a_decoder_start_token_is_a_clear_error(tmp_path):
+    path = _save_seq2seq(tmp_path / "m", "t5", "float32")
+    model, tokenizer, desc = load_model(str(path))
+    model.generation_config.decoder_start_token_id = None
+    model.config.decoder_start_token_id = None
+    with pytest.raises(InputError, match="without a decoder_start_token_id"):
+        HFEngine(model, tokenizer, description=desc)
 
 
 def test_the_models_generation_config_does_not_rescale_the_greedy_logits(tmp_path):

@@ -22,7 +22,9 @@ class Request:
     """One prompt to run inside a group.
 
     ``extra_left_padding``: pad tokens added on the left beyond what the group needs
-    (the ``padding`` mode); engines that cannot control padding reject nonzero values.
+    (the ``padding`` mode; an engine that pads on the right, as the Hugging Face engine
+    does an encoder-decoder's encoder, adds them there); engines that cannot control
+    padding reject nonzero values.
     """
 
     prompt: str

@@ -1,7 +1,10 @@
-"""Hugging Face ``transformers`` engine: batched greedy generation with left padding.
+"""Hugging Face ``transformers`` engine: batched greedy generation with padding.
 
 Generation goes through ``model.generate`` (KV cache on, greedy, no sampling warpers),
-so the probe measures what users of ``transformers`` actually run. A logits processor,
+so the probe measures what users of ``transformers`` actually run. A causal LM's batch
+is padded on the left; an encoder-decoder model's (T5, BART, Marian) encoder inputs are
+padded on the right, as their tokenizers pad, and its decoder starts from
+``decoder_start_token_id`` in every row, so the decoder sees no padding. A logits processor,
 the last one in the chain, records the top-k logits each row's argmax was taken from,
 step by step, without keeping whole-vocabulary tensors alive.
 """
@@ -72,7 +75,7 @@ def load_model(
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model directory")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     # transformers 5 builds an *empty* tokenizer from config.json alone, without error.
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
@@ -89,14 +92,18 @@ def load_model(
         ) from exc
     if tokenizer is None or isinstance(tokenizer, bool) or len(tokenizer) < 2:
         raise ModelLoadError(f"the tokenizer in {path} is empty; save a real one with tokenizer.save_pretrained({str(path)!r})")
-    _refuse_encoder_decoder(path)
+    # AutoModelForCausalLM would load BART's, mBART's or Marian's decoder alone (they have a
+    # ForCausalLM class), dropping the encoder without a word.
+    seq2seq = _is_encoder_decoder_checkpoint(path)
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": attn_implementation}
     kwargs[_dtype_keyword()] = "auto" if dtype == "auto" else _torch_dtype(dtype)
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        hf_model = auto.from_pretrained(path, **kwargs)
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ModelLoadError(f"could not load a causal LM from {path} ({type(exc).__name__}: {first})") from exc
+        kind = "an encoder-decoder (seq2seq) LM" if seq2seq else "a causal LM"
+        raise ModelLoadError(f"could not load {kind} from {path} ({type(exc).__name__}: {first})") from exc
     hf_model = hf_model.to(dev).eval()
     desc = {
         "model": str(path),
@@ -109,22 +116,25 @@ def load_model(
     return hf_model, tokenizer, desc
 
 
-def _refuse_encoder_decoder(path: Path) -> None:
-    """The probe generates with causal LMs. ``AutoModelForCausalLM`` would load only the
-    decoder of some encoder-decoder checkpoints (BART, mBART, Marian have a ``ForCausalLM``
-    class), dropping the encoder without a word; refuse them by name instead."""
+def _is_encoder_decoder_checkpoint(path: Path) -> bool:
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception:  # noqa: BLE001 - from_pretrained below reports an unreadable config
-        return
-    if getattr(config, "is_encoder_decoder", False) is True:
-        raise ModelLoadError(
-            f"{path} holds an encoder-decoder model ({getattr(config, 'model_type', '?')}); the probe generates "
-            "with causal LMs only. Check it with detkit.testing.assert_generation_invariant, which takes "
-            "encoder-decoder models (docs/pytest.md)"
-        )
+    except Exception:  # noqa: BLE001 - from_pretrained reports an unreadable config
+        return False
+    return getattr(config, "is_encoder_decoder", False) is True
+
+
+def _decoder_start_id(model: PreTrainedModel) -> int:
+    for source in (model.generation_config, model.config):
+        start = getattr(source, "decoder_start_token_id", None)
+        if isinstance(start, int):
+            return start
+    raise InputError(
+        f"{type(model).__name__} is an encoder-decoder model without a decoder_start_token_id in its config or "
+        "generation_config; set one (model.generation_config.decoder_start_token_id = ...) and save it"
+    )
 
 
 def _context_length(model: PreTrainedModel) -> int | None:
@@ -194,7 +204,7 @@ def _steps(values: torch.Tensor, ids: torch.Tensor) -> list[StepScores]:
 
 
 class HFEngine:
-    """A local ``transformers`` causal LM as a probe engine.
+    """A local ``transformers`` causal LM or encoder-decoder LM as a probe engine.
 
     ``mode``: a zero-argument factory of the context every forward pass runs in (e.g.
     ``lambda: detkit.batch_invariant()``); None runs the model as is.
@@ -224,6 +234,9 @@ class HFEngine:
         self._routed: Counter[str] = Counter()
         self._fell_back: Counter[str] = Counter()
         self.context_length = _context_length(model)
+        self.encoder_decoder = getattr(model.config, "is_encoder_decoder", False) is True
+        self.padding_side = "right" if self.encoder_decoder else "left"
+        self.decoder_start_id = _decoder_start_id(model) if self.encoder_decoder else None
         gen_cfg = model.generation_config
         eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
@@ -239,7 +252,8 @@ class HFEngine:
             **self._description,
             "top_k": self.top_k,
             "context_length": self.context_length,
-            "generate": "model.generate, greedy, use_cache=True, left padding",
+            "generate": (f"model.generate, greedy, use_cache=True, {self.padding_side} padding"
+                         + (" of the encoder inputs" if self.encoder_decoder else "")),
         }
 
     @contextlib.contextmanager
@@ -272,6 +286,14 @@ class HFEngine:
         return [int(t) for t in ids]
 
     def check_fits(self, n_prompt: int, max_new_tokens: int, what: str) -> None:
+        if self.context_length is not None and self.encoder_decoder:
+            # the encoder holds the prompt, the decoder the start token and the new tokens
+            if max(n_prompt, max_new_tokens) > self.context_length:
+                raise InputError(
+                    f"{what} has {n_prompt} tokens and --max-new-tokens is {max_new_tokens}; the model's encoder and "
+                    f"decoder each take {self.context_length} positions. Shorten the prompt or lower --max-new-tokens."
+                )
+            return
         if self.context_length is not None and n_prompt + max_new_tokens > self.context_length:
             raise InputError(
                 f"{what} has {n_prompt} tokens; with --max-new-tokens {max_new_tokens} that is "
@@ -282,7 +304,9 @@ class HFEngine:
     def generate(
         self, requests: Sequence[Request], *, max_new_tokens: int, logsumexp: bool = False
     ) -> list[Generation]:
-        """Generate for ``requests`` as one left-padded batch.
+        """Generate for ``requests`` as one padded batch (on the left; an encoder-decoder's
+        encoder inputs on the right, ``extra_left_padding`` included: it is extra padding on
+        the side this engine pads).
 
         ``logsumexp``: also store each step's logsumexp over the vocabulary in
         ``meta["logsumexp"]`` (what a server needs to answer with logprobs).
@@ -302,8 +326,9 @@ class HFEngine:
         input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
         for row, ids in enumerate(encoded):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            mask[row, width - len(ids) :] = 1
+            start = 0 if self.encoder_decoder else width - len(ids)
+            input_ids[row, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            mask[row, start : start + len(ids)] = 1
         input_ids, mask = input_ids.to(self.model.device), mask.to(self.model.device)
         # A fresh config: greedy with nothing that rescales logits, whatever the model's
         # own generation_config asks for (sampling settings do not apply at temperature 0).
@@ -314,6 +339,7 @@ class HFEngine:
             use_cache=True,
             pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids) or None,
+            decoder_start_token_id=self.decoder_start_id,
         )
         recorder = _TopKRecorder(self.top_k, self.model.dtype, logsumexp=logsumexp)
         with torch.inference_mode(), self._context(), _no_model_generation_defaults(self.model):
@@ -323,7 +349,8 @@ class HFEngine:
                 generation_config=config,
                 logits_processor=LogitsProcessorList([recorder]),
             )
-        new = out[:, width:].tolist()
+        # an encoder-decoder returns the decoder's sequence: its start token, then the new ones
+        new = (out[:, 1:] if self.encoder_decoder else out[:, width:]).tolist()
         score_dtype = str(self.model.dtype).removeprefix("torch.") if recorder.exact_in_model_dtype else "float32"
         results = []
         for row, tokens in enumerate(new):
@@ -334,7 +361,8 @@ class HFEngine:
                     break
             tokens = tokens[:n]
             steps = [_steps(v[row : row + 1], ids[row : row + 1])[0] for v, ids in recorder.steps[:n]]
-            meta: dict[str, Any] = {"batch_size": len(requests), "row": row, "left_padding": width - len(encoded[row])}
+            meta: dict[str, Any] = {"batch_size": len(requests), "row": row,
+                                    f"{self.padding_side}_padding": width - len(encoded[row])}
             if recorder.logsumexp is not None:
                 meta["logsumexp"] = [float(lse[row]) for lse in recorder.logsumexp[:n]]
             results.append(
@@ -355,11 +383,22 @@ class HFEngine:
             return []
         ids = self.encode(prompt)
         self.check_fits(len(ids), len(tokens), f"prompt {prompt[:40]!r}")
-        full = torch.tensor([ids + [int(t) for t in tokens]], dtype=torch.long, device=self.model.device)
-        with torch.inference_mode(), self._context():
-            logits = self.model(input_ids=full, attention_mask=torch.ones_like(full), use_cache=False).logits
-        # Position p predicts token p+1: the scores for generated token j sit at len(ids)-1+j.
-        picked = logits[0, len(ids) - 1 : len(ids) - 1 + len(tokens)].float()
+        device = self.model.device
+        if self.encoder_decoder:
+            # the decoder's whole input at once: the start token, then every token but the last
+            encoder_ids = torch.tensor([ids], dtype=torch.long, device=device)
+            decoder_ids = torch.tensor([[self.decoder_start_id, *(int(t) for t in tokens[:-1])]], dtype=torch.long,
+                                       device=device)
+            with torch.inference_mode(), self._context():
+                logits = self.model(input_ids=encoder_ids, attention_mask=torch.ones_like(encoder_ids),
+                                    decoder_input_ids=decoder_ids, use_cache=False).logits
+            picked = logits[0].float()
+        else:
+            full = torch.tensor([ids + [int(t) for t in tokens]], dtype=torch.long, device=device)
+            with torch.inference_mode(), self._context():
+                logits = self.model(input_ids=full, attention_mask=torch.ones_like(full), use_cache=False).logits
+            # Position p predicts token p+1: the scores for generated token j sit at len(ids)-1+j.
+            picked = logits[0, len(ids) - 1 : len(ids) - 1 + len(tokens)].float()
         values, top = picked.topk(min(self.top_k, picked.shape[-1]), dim=-1)
         return _steps(values.to("cpu"), top.to("cpu"))
 

@@ -8,7 +8,7 @@ size 1, no extra padding.
 - ``mixed``: the prompt at a random position in batches of random size, among filler
   prompts of random lengths.
 - ``prefix``: the prompt among prompts that share its first 25/50/75% of characters.
-- ``padding``: the prompt alone with extra left padding.
+- ``padding``: the prompt alone with extra padding (left; an encoder-decoder engine pads its encoder on the right).
 - ``decode``: logits of the reference's tokens from one teacher-forced prefill of the
   whole sequence vs those from incremental decoding.
 - ``repeat``: one fixed mixed batch run several times.
