@@ -232,3 +232,43 @@ def test_other_families_per_step_logits_do_not_depend_on_the_batch(name: str, at
 def test_negative_control_a_moe_model_without_the_mode_is_batch_variant() -> None:
     problems = _mismatches(_family("mixtral", "sdpa", torch.float32), batches=FAMILY_BATCHES, new_tokens=5)
     assert problems, "expected plain torch to change the MoE model's logits with the batch; it did not"
+
+
+# Encoder-decoder families, through assert_generation_invariant's encoder-decoder path
+# (encoder inputs right padded, as their tokenizers pad): relative positions (T5 family,
+# with Switch's MoE), learned positions (Marian), positions from the padding mask (M2M100,
+# with NLLB's MoE). docs/mode.md lists the 17 families measured.
+_SEQ2SEQ_BART = dict(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+_SEQ2SEQ_T5 = dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+SEQ2SEQ_FAMILIES: dict[str, dict[str, Any]] = {
+    "switch_transformers": dict(_SEQ2SEQ_T5, num_experts=4, expert_capacity=64, num_sparse_encoder_layers=1,
+                                num_sparse_decoder_layers=1),
+    "marian": dict(_SEQ2SEQ_BART, decoder_vocab_size=128),
+    "nllb-moe": dict(_SEQ2SEQ_BART, num_experts=4, expert_capacity=64, encoder_sparse_step=2, decoder_sparse_step=2),
+}
+SEQ2SEQ_PROMPTS = [[5, 17, 33, 60, 8], [84, 104, 101, 32, 113, 117, 105, 99, 107, 32, 98, 114, 111, 119, 110], [97]]
+
+
+@pytest.mark.parametrize("family", list(SEQ2SEQ_FAMILIES))
+def test_encoder_decoder_families_generate_the_same_alone_and_in_a_batch(family: str) -> None:
+    import transformers
+
+    from detkit.testing import BatchVariance, assert_generation_invariant
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = transformers.AutoConfig.for_model(family, **SEQ2SEQ_FAMILIES[family])
+        model = transformers.AutoModelForSeq2SeqLM.from_config(config).eval()
+        with torch.no_grad():  # wider than HF's initialisation, so that completions vary
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, 0.3)
+    with pytest.raises(BatchVariance):  # negative control: float32 without the mode
+        assert_generation_invariant(model, SEQ2SEQ_PROMPTS, batch_sizes=[3], max_new_tokens=3)
+    with detkit.batch_invariant() as bi:
+        result = assert_generation_invariant(model, SEQ2SEQ_PROMPTS, batch_sizes=[2, 3], max_new_tokens=4)
+    assert result.detail["encoder_decoder"] is True and result.detail["padding_side"] == "right"
+    assert bi.uncovered() == {}, f"ops fell back to torch:\n{bi.coverage()}"
