@@ -150,8 +150,17 @@ def load_preset(
     return model
 
 
+# ChatML's layout, spelled out in bytes (the byte tokenizer has no special tokens for it):
+# what `detkit probe --chat` and the probe server's chat API feed the presets.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """An offline byte-level tokenizer: ids 0..255 are bytes, then pad, bos, eos."""
+    """An offline byte-level tokenizer: ids 0..255 are bytes, then pad, bos, eos; a
+    ChatML-style chat template (:data:`CHAT_TEMPLATE`)."""
     require_transformers()
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -173,6 +182,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         # them for Llama, and GPT-2 adds a token-type embedding to every position.
         model_input_names=["input_ids", "attention_mask"],
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 

@@ -60,6 +60,32 @@ def test_json_report_and_files(tmp_path, capsys, monkeypatch):
     assert page.count("<svg") == 2 and "src=" not in page and "href=" not in page  # self-contained
 
 
+def test_chat_puts_each_prompt_in_the_tokenizers_chat_template(tmp_path, capsys, monkeypatch):
+    from detkit.models import build_tokenizer, load_preset
+    from detkit.probe.engine import Request
+    from detkit.probe.hf import HFEngine
+
+    args = ["--model", "tiny-llama", "--modes", "single", "--batch-sizes", "1,2", "--max-new-tokens", "4", "--json"]
+    code, out, err = run_cli([*args, "--chat"], capsys, monkeypatch)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["config"]["engine"]["chat_template"] is True and report["status"] == "complete"
+    # the reference is what the model generates after the templated prompt, not after the bare one
+    engine = HFEngine(load_preset("tiny-llama", dtype=__import__("torch").bfloat16), build_tokenizer(), chat=True)
+    prompt = next(iter(default_suite().prompts))
+    templated = build_tokenizer().apply_chat_template([{"role": "user", "content": prompt.text}],
+                                                      add_generation_prompt=True, tokenize=False)
+    assert templated.startswith("<|im_start|>user\n") and engine.encode(prompt.text) == list(templated.encode())
+    alone = engine.generate([Request(prompt.text)], max_new_tokens=4)[0]
+    assert report["references"][prompt.id]["tokens"] == alone.tokens
+    bare = json.loads(run_cli(args, capsys, monkeypatch)[1])
+    assert bare["config"]["engine"]["chat_template"] is False
+    no_template = build_tokenizer()
+    no_template.chat_template = None
+    with pytest.raises(InputError, match="--chat: the tokenizer of .* has no chat template"):
+        HFEngine(engine.model, no_template, chat=True)
+
+
 def test_fail_on_divergence_exits_1_on_the_documented_divergence(capsys, monkeypatch):
     suite = str(ROOT / "probes" / "tiny-llama-divergence.toml")
     code, out, err = run_cli([suite, "--modes", "padding", "--fail-on-divergence"], capsys, monkeypatch)

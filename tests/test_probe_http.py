@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -126,6 +127,18 @@ def test_probe_against_transformers_serve(server: str, model_dir: Path) -> None:
     assert {r["concurrency"] for r in burst if "concurrency" in r} == {3}
 
 
+def test_chat_probe_against_transformers_serve(server: str) -> None:
+    engine = HTTPEngine(server, timeout=60, retries=1, api="chat")
+    suite = ProbeSuite(name="chat", prompts=SUITE.prompts, max_new_tokens=6, modes=("single",),
+                       batch=BatchPlan(sizes=(1, 3)))
+    report = run_probe(engine, suite, seed=0, config={})
+    assert report["status"] == "complete" and report["modes"][0]["failed_runs"] == 0, report["modes"][0]["errors"]
+    # transformers serve applies the preset's chat template and, as on /v1/completions, returns no logprobs
+    assert report["notes"] == [NO_LOGPROBS_NOTE.replace("/v1/completions", "/v1/chat/completions")]
+    assert report["modes"][0]["token_unit"] == "character" and report["references"]["fox"]["text"]
+    assert report["modes"][0]["runs"] == 1 + 3
+
+
 def test_a_wrong_served_model_name_fails_the_reference_with_the_servers_message(server: str) -> None:
     engine = HTTPEngine(server, "no-such-model", timeout=30, retries=0)
     with pytest.raises(EndpointError, match=r"HTTP 4\d\d .*no-such-model"):
@@ -159,6 +172,7 @@ class _Scripted(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server API
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.server.lock:  # type: ignore[attr-defined]
+            self.server.paths.add(self.path)  # type: ignore[attr-defined]
             self.server.count += 1  # type: ignore[attr-defined]
             count = self.server.count  # type: ignore[attr-defined]
         status, answer = self.server.script(count, body)  # type: ignore[attr-defined]
@@ -194,12 +208,62 @@ def _completion(body: dict[str, Any]) -> dict[str, Any]:
 def scripted() -> Iterator[ThreadingHTTPServer]:
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
     srv.count = 0  # type: ignore[attr-defined]
+    srv.paths = set()  # type: ignore[attr-defined]
     srv.lock = threading.Lock()  # type: ignore[attr-defined]
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
     srv.shutdown()
     srv.server_close()
+
+
+def _chat_completion(body: dict[str, Any]) -> dict[str, Any]:
+    """A chat completion with logprobs, as vLLM answers /v1/chat/completions."""
+    tokens = [f"t{i}" for i in range(int(body["max_tokens"]))]
+    content = [{"token": t, "logprob": -0.5, "top_logprobs": [{"token": t, "logprob": -0.5}, {"token": "alt", "logprob": -1.25}]}
+               for t in tokens]
+    return {"choices": [{"message": {"role": "assistant", "content": "".join(tokens)}, "finish_reason": "length",
+                         "logprobs": {"content": content}}]}
+
+
+def test_the_chat_api_sends_one_user_message_and_reads_chat_logprobs(scripted: ThreadingHTTPServer) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def script(count: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        bodies.append(body)
+        return 200, _chat_completion(body)
+
+    scripted.script = script  # type: ignore[attr-defined]
+    # the chat route itself given as the endpoint: its /v1 base is kept
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1/chat/completions", "m", timeout=5, retries=0,
+                        api="chat", top_logprobs=3)
+    assert engine.base.endswith(":%d/v1" % scripted.server_port) and engine.describe()["api"] == "/v1/chat/completions"
+    report = run_probe(engine, SUITE, seed=0, config={})
+    assert scripted.paths == {"/v1/chat/completions"}  # type: ignore[attr-defined]
+    assert bodies[0] == {"model": "m", "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 3,
+                         "messages": [{"role": "user", "content": "The quick brown fox"}]}
+    assert report["notes"] == [] and report["references"]["fox"]["text"] == "t0t1t2t3t4t5"
+    for m in report["modes"]:
+        if m["skipped"] is None:
+            assert m["failed_runs"] == 0 and m["score_kind"] == "logprob" and m["token_unit"] == "token", m
+            assert m["max_abs_logprob_diff"] == 0.0 and m["unique_completions"] == 1
+
+
+def test_a_chat_answer_without_logprobs_compares_characters_and_one_without_a_message_fails_its_run(
+        scripted: ThreadingHTTPServer) -> None:
+    plain = {"choices": [{"message": {"role": "assistant", "content": "abc"}, "finish_reason": "length"}]}
+    scripted.script = lambda count, body: (200, plain if count % 2 else {"choices": [{"text": "abc"}]})  # type: ignore[attr-defined]
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=0, api="chat")
+    suite = ProbeSuite(name="chat", prompts=SUITE.prompts, max_new_tokens=3, modes=("single",),
+                       batch=BatchPlan(sizes=(2,)))
+    report = run_probe(engine, suite, seed=0, config={})
+    assert report["notes"] == [
+        "the server returned no logprobs for /v1/chat/completions: comparing the completion text character by "
+        "character (token_unit 'character'); logit/logprob metrics are null"]
+    errors = report["modes"][0]["errors"]
+    assert len(errors) == 1 and "answer without choices[0].message.content" in errors[0]["error"]
+    with pytest.raises(InputError, match="api must be one of completions, chat"):
+        HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", api="responses")
 
 
 def test_server_errors_are_retried_then_reported(scripted: ThreadingHTTPServer) -> None:
@@ -351,13 +415,38 @@ def test_logprob_probe_of_a_batching_server_under_the_mode_is_invariant(tmp_path
             modes=("single", "mixed"), batch=BatchPlan(sizes=(1, 3), mixed_trials=1),
         )
         report = run_probe(engine, suite, seed=0, config={})
+        # the chat API: each prompt as one user message in the tokenizer's chat template
+        chat = HTTPEngine(f"http://127.0.0.1:{port}/v1", timeout=120, retries=0, api="chat")
+        chat_report = run_probe(chat, suite, seed=0, config={})
+        for body, message in (
+            ({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]},
+             "messages must be one user message"),
+            ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 5}, "logprobs must be true or false"),
+            ({"messages": [{"role": "user", "content": "hi"}], "temperature": 0.7}, "only decodes greedily"),
+        ):
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                                         data=json.dumps({"temperature": 0, **body}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(req, timeout=30)
+            assert answer.value.code == 400 and message in answer.value.read().decode()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert report["notes"] == []  # logprobs came back: nothing degraded
-    for m in report["modes"]:
-        assert m["failed_runs"] == 0, m["errors"]
-        assert m["token_unit"] == "token" and m["score_kind"] == "logprob"
-        assert m["unique_completions"] == 1 and m["divergences"] == []
-        assert m["max_abs_logprob_diff"] == 0.0 and m["max_abs_logit_diff"] is None
-        assert m["steps_compared"] >= suite.max_new_tokens
+    for r in (report, chat_report):
+        assert r["notes"] == []  # logprobs came back: nothing degraded
+        for m in r["modes"]:
+            assert m["failed_runs"] == 0, m["errors"]
+            assert m["token_unit"] == "token" and m["score_kind"] == "logprob"
+            assert m["unique_completions"] == 1 and m["divergences"] == []
+            assert m["max_abs_logprob_diff"] == 0.0 and m["max_abs_logit_diff"] is None
+            assert m["steps_compared"] >= suite.max_new_tokens
+    # The server's chat answer is the preset's greedy completion of the templated prompt.
+    import detkit
+    from detkit.probe.engine import Request
+    from detkit.probe.hf import HFEngine, load_model
+
+    local = HFEngine(*load_model("tiny-llama")[:2], mode=detkit.batch_invariant, chat=True)
+    expected = local.generate([Request("The quick brown fox")], max_new_tokens=suite.max_new_tokens)[0]
+    assert chat_report["references"]["fox"]["text"] == local.tokenizer.decode(expected.tokens)
+    assert chat_report["references"]["fox"]["text"] != report["references"]["fox"]["text"]

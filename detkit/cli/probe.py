@@ -64,6 +64,11 @@ def probe(
     served_model: Annotated[
         str | None, typer.Option("--served-model", help="Model name the server serves (default: the only one in GET /v1/models).")
     ] = None,
+    chat: Annotated[
+        bool,
+        typer.Option("--chat", help="Send each prompt as one user chat message: a server through /v1/chat/completions, "
+                                    "a local model through its tokenizer's chat template."),
+    ] = False,
     concurrency: Annotated[
         str | None, typer.Option("--concurrency", help="HTTP: comma-separated concurrency levels, e.g. 1,8,32 (the batch sizes).")
     ] = None,
@@ -137,7 +142,7 @@ def probe(
         output_dir(out)  # before loading a model: a bad --out fails in a second
     engine = _engine(
         model=model, dtype=dtype, attn=attn, device=device, endpoint=endpoint, served_model=served_model, seed=suite.seed,
-        top_k=top_k, timeout=timeout, retries=retries, batch_invariant=batch_invariant, portable=portable,
+        top_k=top_k, timeout=timeout, retries=retries, batch_invariant=batch_invariant, portable=portable, chat=chat,
     )
     unsupported = [m for m in suite.modes if m in engine.unsupported_modes] if modes is not None else []
     if unsupported:  # asked for by name: say so now, not after the references ran
@@ -192,7 +197,7 @@ def probe(
 
 def _engine(
     *, model: str, dtype: str, attn: str, device: str, endpoint: str | None, served_model: str | None, seed: int,
-    top_k: int, timeout: float, retries: int, batch_invariant: bool, portable: bool,
+    top_k: int, timeout: float, retries: int, batch_invariant: bool, portable: bool, chat: bool,
 ) -> Any:
     if endpoint is not None:
         from detkit.probe.http import HTTPEngine
@@ -201,7 +206,8 @@ def _engine(
             raise InputError("--batch-invariant/--portable switch detkit's kernels in this process; a server needs them on its side")
         if device != "cpu":
             raise InputError("--device applies to local models; a server runs where it runs")
-        return HTTPEngine(endpoint, served_model, timeout=timeout, retries=retries, top_logprobs=top_k)
+        return HTTPEngine(endpoint, served_model, timeout=timeout, retries=retries, top_logprobs=top_k,
+                          api="chat" if chat else "completions")
     if served_model is not None:
         raise InputError("--served-model applies to --endpoint; use --model for a local model")
     from detkit.probe.hf import HFEngine, load_model
@@ -217,7 +223,7 @@ def _engine(
         mode = functools.partial(bi, portable=portable)
 
     hf_model, tokenizer, desc = load_model(model, dtype=dtype, attn_implementation=attn, seed=seed, device=device)
-    return HFEngine(hf_model, tokenizer, description=desc, top_k=top_k, mode=mode)
+    return HFEngine(hf_model, tokenizer, description=desc, top_k=top_k, mode=mode, chat=chat)
 
 
 def _run(engine: Any, suite: Any, config: dict[str, Any], report_path: Path | None, err: Any) -> dict[str, Any]:

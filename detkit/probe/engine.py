@@ -24,11 +24,14 @@ class Request:
     ``extra_left_padding``: pad tokens added on the left beyond what the group needs
     (the ``padding`` mode; an engine that pads on the right, as the Hugging Face engine
     does an encoder-decoder's encoder, adds them there); engines that cannot control
-    padding reject nonzero values.
+    padding reject nonzero values. ``chat``: the prompt is one user message, put in the
+    tokenizer's chat template (the Hugging Face engine; a server takes chat requests
+    through its chat API instead).
     """
 
     prompt: str
     extra_left_padding: int = 0
+    chat: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str) or not self.prompt:

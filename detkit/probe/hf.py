@@ -221,11 +221,18 @@ class HFEngine:
         description: dict[str, Any] | None = None,
         top_k: int = 5,
         mode: Callable[[], ContextManager[Any]] | None = None,
+        chat: bool = False,
     ) -> None:
         if top_k < 2:
             raise InputError(f"--top-k must be >= 2 (the margin needs the top-2 logit), got {top_k}")
+        if chat and not getattr(tokenizer, "chat_template", None):
+            raise InputError(
+                f"--chat: the tokenizer of {(description or {}).get('model', type(model).__name__)} has no chat "
+                "template; probe it without --chat, or save a tokenizer whose chat_template is set"
+            )
         self.model = model
         self.tokenizer = tokenizer
+        self.chat = chat
         self.top_k = top_k
         self.mode = mode
         self.unsupported_modes: dict[str, str] = {}
@@ -254,6 +261,7 @@ class HFEngine:
             "context_length": self.context_length,
             "generate": (f"model.generate, greedy, use_cache=True, {self.padding_side} padding"
                          + (" of the encoder inputs" if self.encoder_decoder else "")),
+            "chat_template": self.chat,
         }
 
     @contextlib.contextmanager
@@ -279,8 +287,17 @@ class HFEngine:
             return None
         return {"routed": dict(sorted(self._routed.items())), "fell_back": dict(sorted(self._fell_back.items()))}
 
-    def encode(self, prompt: str) -> list[int]:
-        ids = self.tokenizer(prompt)["input_ids"]
+    def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        """Token ids of ``prompt``; with ``chat`` (or an engine built with ``chat=True``) the
+        prompt is one user message in the tokenizer's chat template, generation prompt added."""
+        if chat and not getattr(self.tokenizer, "chat_template", None):
+            raise InputError("a chat request needs a tokenizer with a chat template; this one has none")
+        if chat or self.chat:
+            message = [{"role": "user", "content": prompt}]
+            ids = self.tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt)["input_ids"]
         if not ids:
             raise InputError(f"prompt {prompt[:40]!r} tokenizes to nothing")
         return [int(t) for t in ids]
@@ -318,7 +335,7 @@ class HFEngine:
             return []
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        encoded = [self.encode(r.prompt) for r in requests]
+        encoded = [self.encode(r.prompt, chat=r.chat) for r in requests]
         widths = [len(ids) + r.extra_left_padding for ids, r in zip(encoded, requests)]
         width = max(widths)
         longest = requests[widths.index(width)]

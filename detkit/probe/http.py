@@ -3,8 +3,10 @@
 A group of requests is sent as one burst of concurrent ``POST /v1/completions`` calls
 (``temperature=0``, ``logprobs``, ``max_tokens``) released together by a barrier, so the
 server batches the probe prompt with the filler requests; varying the group varies
-the batch composition on the server. Only standard fields are sent: strict servers
-reject unknown ones.
+the batch composition on the server. With ``api="chat"`` each prompt is one user
+message to ``POST /v1/chat/completions`` (``logprobs=true``, ``top_logprobs``): the
+server applies the model's chat template, as it does for chat clients. Only standard
+fields are sent: strict servers reject unknown ones.
 
 Scores are the server's log-probabilities (``score_kind == "logprob"``). Token strings
 are interned into integer ids (first seen, first numbered) so streams are compared as
@@ -30,10 +32,16 @@ from typing import Any, Sequence
 from detkit.errors import EndpointError, InputError
 from detkit.probe.engine import Generation, Request, StepScores
 
-NO_LOGPROBS_NOTE = (
-    "the server returned no logprobs for /v1/completions: comparing the completion text "
-    "character by character (token_unit 'character'); logit/logprob metrics are null"
-)
+APIS = ("completions", "chat")
+_PATHS = {"completions": "completions", "chat": "chat/completions"}
+
+
+def _no_logprobs_note(path: str) -> str:
+    return (f"the server returned no logprobs for /v1/{path}: comparing the completion text "
+            "character by character (token_unit 'character'); logit/logprob metrics are null")
+
+
+NO_LOGPROBS_NOTE = _no_logprobs_note("completions")
 
 
 def _server_message(body: bytes) -> str:
@@ -70,7 +78,10 @@ class HTTPEngine:
         retries: int = 2,
         backoff: float = 0.5,
         top_logprobs: int = 5,
+        api: str = "completions",
     ) -> None:
+        if api not in APIS:
+            raise InputError(f"api must be one of {', '.join(APIS)}, got {api!r}")
         parsed = urllib.parse.urlparse(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InputError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, got {endpoint!r}")
@@ -82,7 +93,11 @@ class HTTPEngine:
             raise InputError(f"--top-k (top_logprobs) must be between 1 and 20 for an endpoint (the OpenAI API "
                              f"limit), got {top_logprobs}")
         base = endpoint.rstrip("/")
-        self.base = base[: -len("/completions")] if base.endswith("/completions") else base
+        for suffix in ("/chat/completions", "/completions"):
+            base = base[: -len(suffix)] if base.endswith(suffix) else base
+        self.base = base
+        self.api = api
+        self.path = _PATHS[api]
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
@@ -133,20 +148,19 @@ class HTTPEngine:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            req = urllib.request.Request(
-                f"{self.base}/completions", data=data, headers={"Content-Type": "application/json"}, method="POST"
-            )
+            url = f"{self.base}/{self.path}"
+            req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
             try:
                 return json.loads(self._open(req)), None, attempt + 1
             except urllib.error.HTTPError as exc:
-                error = f"HTTP {exc.code} from {self.base}/completions: {_server_message(exc.read())}"
+                error = f"HTTP {exc.code} from {url}: {_server_message(exc.read())}"
                 if exc.code != 429 and exc.code < 500:
                     return None, error, attempt + 1  # the request itself is wrong: retrying cannot help
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 reason = getattr(exc, "reason", exc)
-                error = f"no answer from {self.base}/completions ({reason})"
+                error = f"no answer from {url} ({reason})"
             except ValueError as exc:
-                error = f"{self.base}/completions answered with invalid JSON ({exc})"
+                error = f"{url} answered with invalid JSON ({exc})"
         attempts = self.retries + 1
         return None, f"{error} (after {attempts} attempt{'s' if attempts > 1 else ''})", attempts
 
@@ -159,20 +173,38 @@ class HTTPEngine:
 
     # ----- parsing -----
 
+    @staticmethod
+    def _chat_logprobs(lp: Any) -> dict[str, Any] | None:
+        """A chat answer's ``logprobs.content`` ([{token, logprob, top_logprobs: [{token,
+        logprob}]}]) in the completions layout (tokens, token_logprobs, top_logprobs)."""
+        content = lp.get("content") if isinstance(lp, dict) else None
+        if not isinstance(content, list) or not all(isinstance(c, dict) and "token" in c for c in content):
+            return None
+        tops = []
+        for c in content:
+            top = c.get("top_logprobs")
+            tops.append({str(t["token"]): t.get("logprob") for t in top if isinstance(t, dict) and "token" in t}
+                        if isinstance(top, list) else None)
+        return {"tokens": [c["token"] for c in content], "token_logprobs": [c.get("logprob") for c in content],
+                "top_logprobs": tops}
+
     def _parse(self, answer: dict[str, Any]) -> Generation:
+        field = "message.content" if self.api == "chat" else "text"
         try:
             choice = answer["choices"][0]
-            text = choice.get("text") or ""
-        except (KeyError, IndexError, TypeError):
-            return Generation(tokens=[], error=f"answer without choices[0].text: {json.dumps(answer)[:200]}")
+            text = (choice["message"].get("content") if self.api == "chat" else choice.get("text")) or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return Generation(tokens=[], error=f"answer without choices[0].{field}: {json.dumps(answer)[:200]}")
         lp = choice.get("logprobs")
+        if self.api == "chat":
+            lp = self._chat_logprobs(lp)
         has = isinstance(lp, dict) and isinstance(lp.get("tokens"), list) and isinstance(lp.get("token_logprobs"), list)
         with self._lock:
             if self._logprobs is None:
                 self._logprobs = has
                 if not has:
                     self.token_unit = "character"
-                    self.notes.append(NO_LOGPROBS_NOTE)
+                    self.notes.append(_no_logprobs_note(self.path))
             supported = self._logprobs
         meta = {"finish_reason": choice.get("finish_reason")}
         if not supported:
@@ -205,6 +237,7 @@ class HTTPEngine:
         return {
             "engine": self.name,
             "endpoint": self.base,
+            "api": f"/v1/{self.path}",
             "served_model": self.served_model,
             "timeout_s": self.timeout,
             "retries": self.retries,
@@ -216,13 +249,12 @@ class HTTPEngine:
     def _one(self, request: Request, max_new_tokens: int, barrier: threading.Barrier | None) -> Generation:
         if request.extra_left_padding:
             raise InputError("an HTTP server cannot be asked for extra left padding")
-        payload = {
-            "model": self.served_model,
-            "prompt": request.prompt,
-            "max_tokens": max_new_tokens,
-            "temperature": 0,
-            "logprobs": self.top_logprobs,
-        }
+        payload: dict[str, Any] = {"model": self.served_model, "max_tokens": max_new_tokens, "temperature": 0}
+        if self.api == "chat":
+            payload.update(messages=[{"role": "user", "content": request.prompt}], logprobs=True,
+                           top_logprobs=self.top_logprobs)
+        else:
+            payload.update(prompt=request.prompt, logprobs=self.top_logprobs)
         if barrier is not None:
             try:
                 barrier.wait(timeout=self.timeout)

@@ -5,7 +5,9 @@
 Concurrent ``POST /v1/completions`` requests that arrive within ``--window-ms`` of each
 other are generated as one left-padded batch by :class:`~detkit.probe.hf.HFEngine`
 (up to ``--max-batch``), the way serving engines batch, and answered with OpenAI-style
-``logprobs`` (tokens, token_logprobs, top_logprobs). So ``detkit probe --endpoint``
+``logprobs`` (tokens, token_logprobs, top_logprobs). ``POST /v1/chat/completions``
+takes one user message, puts it in the tokenizer's chat template and joins the same
+batches; its answers carry chat-style ``logprobs.content``. So ``detkit probe --endpoint``
 can be run end to end with logprobs on a machine without vLLM, and with
 ``--batch-invariant`` the server's batches run under ``detkit.batch_invariant()``.
 
@@ -35,6 +37,7 @@ MAX_LOGPROBS = 20
 class _Job:
     prompt: str
     max_tokens: int
+    chat: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
     error: str | None = None
@@ -83,7 +86,8 @@ class Batcher:
         self.batch_sizes.append(len(batch))
         try:
             gens = self.engine.generate(
-                [Request(j.prompt) for j in batch], max_new_tokens=max(j.max_tokens for j in batch), logsumexp=True
+                [Request(j.prompt, chat=j.chat) for j in batch], max_new_tokens=max(j.max_tokens for j in batch),
+                logsumexp=True,
             )
         except (DetkitError, ValueError) as exc:
             for j in batch:
@@ -144,19 +148,22 @@ def make_handler(name: str, batcher: Batcher, timeout_s: float) -> type[BaseHTTP
                 self._error(404, f"no route {self.path}")
 
         def do_POST(self) -> None:  # noqa: N802 - http.server API
-            if self.path.rstrip("/") != "/v1/completions":
-                self._error(404, f"no route {self.path}; this server has /v1/completions")
+            route = self.path.rstrip("/")
+            if route not in ("/v1/completions", "/v1/chat/completions"):
+                self._error(404, f"no route {self.path}; this server has /v1/completions and /v1/chat/completions")
                 return
+            chat = route == "/v1/chat/completions"
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
             except ValueError:
                 self._error(400, "the body is not JSON")
                 return
-            problem = _validate(body, name)
+            problem = _validate_chat(body, name, batcher.engine) if chat else _validate(body, name)
             if problem:
                 self._error(400, problem)
                 return
-            job = _Job(prompt=body["prompt"], max_tokens=int(body.get("max_tokens", 16)))
+            prompt = body["messages"][0]["content"] if chat else body["prompt"]
+            job = _Job(prompt=prompt, max_tokens=int(body.get("max_tokens", 16)), chat=chat)
             batcher.submit(job)
             if not job.done.wait(timeout_s):
                 self._error(504, f"generation took longer than {timeout_s} s")
@@ -165,6 +172,9 @@ def make_handler(name: str, batcher: Batcher, timeout_s: float) -> type[BaseHTTP
                 self._error(400 if job.error and "context" in job.error else 500, job.error or "no result")
                 return
             r = job.result
+            if chat:
+                self._send(200, _chat_answer(r, f"chatcmpl-{id(job):x}", body, name))
+                return
             k = body.get("logprobs")
             logprobs = None
             if k is not None:
@@ -184,6 +194,48 @@ def make_handler(name: str, batcher: Batcher, timeout_s: float) -> type[BaseHTTP
             pass
 
     return Handler
+
+
+def _chat_answer(r: dict[str, Any], answer_id: str, body: dict[str, Any], name: str) -> dict[str, Any]:
+    """An OpenAI chat.completion answer for result ``r``; ``logprobs.content`` when asked for."""
+    logprobs = None
+    if body.get("logprobs"):
+        k = int(body.get("top_logprobs") or 0)
+        content = []
+        for token, value, top in zip(r["tokens"], r["token_logprobs"], r["top_logprobs"]):
+            best = sorted(top.items(), key=lambda kv: -kv[1])[:k]
+            content.append({"token": token, "logprob": value,
+                            "top_logprobs": [{"token": t, "logprob": v} for t, v in best]})
+        logprobs = {"content": content}
+    return {
+        "id": answer_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": r["text"]}, "logprobs": logprobs,
+                     "finish_reason": r["finish_reason"]}],
+        "usage": {"completion_tokens": len(r["tokens"])},
+        "detkit": {"batch_size": r["batch_size"]},
+    }
+
+
+def _validate_chat(body: Any, name: str, engine: HFEngine) -> str | None:
+    if not isinstance(body, dict):
+        return "the body must be a JSON object"
+    messages = body.get("messages")
+    if (not isinstance(messages, list) or len(messages) != 1 or not isinstance(messages[0], dict)
+            or messages[0].get("role") != "user" or not isinstance(messages[0].get("content"), str)
+            or not messages[0]["content"]):
+        return "messages must be one user message with non-empty string content (this test server takes no history)"
+    if not getattr(engine.tokenizer, "chat_template", None):
+        return f"the tokenizer of {name!r} has no chat template; use /v1/completions"
+    if not isinstance(body.get("logprobs", False), bool):
+        return "logprobs must be true or false in a chat request"
+    k = body.get("top_logprobs")
+    if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+        return f"top_logprobs must be an integer between 0 and {MAX_LOGPROBS}"
+    rest = {key: value for key, value in body.items() if key not in ("messages", "logprobs", "top_logprobs")}
+    return _validate({**rest, "prompt": messages[0]["content"]}, name)
 
 
 def _validate(body: Any, name: str) -> str | None:
