@@ -128,6 +128,14 @@ def test_fillers_made_up_by_the_probe_fit_the_context_when_the_prompt_does(bf16_
     report = run_probe(bf16_engine, suite, seed=suite.seed, config={})
     assert report["status"] == "complete" and report["errors"] == []
     assert [m["runs"] for m in report["modes"]] == [4, 1]
+    # the longest filler any draw can make fits, in the chat template too (50 bytes more per prompt)
+    from detkit.probe.modes import filler_limit
+
+    chat = HFEngine(bf16_engine.model, bf16_engine.tokenizer, chat=True)
+    assert chat.prompt_overhead == 50 and bf16_engine.prompt_overhead == 0
+    for engine in (bf16_engine, chat):
+        longest = filler_limit(engine, suite)
+        engine.check_fits(len(engine.encode("a" * longest)), suite.max_new_tokens, "the longest filler")
 
 
 def test_missing_model_and_missing_tokenizer_are_clear_errors(tmp_path):

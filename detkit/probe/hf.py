@@ -233,6 +233,8 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.chat = chat
+        # Tokens the chat template adds around every prompt (the probe sizes fillers by it).
+        self.prompt_overhead = len(self.encode("x")) - len(self.tokenizer("x")["input_ids"]) if chat else 0
         self.top_k = top_k
         self.mode = mode
         self.unsupported_modes: dict[str, str] = {}

@@ -72,10 +72,13 @@ def filler_limit(engine: Engine, suite: ProbeSuite) -> int | None:
     Fillers are drawn up to four times the prompt's length; for a prompt that fits, they
     must not be what overflows the model. A filler of n characters is taken to have at
     most n tokens (every token covers at least one character: true of ASCII text for
-    byte-level and BPE tokenizers), with a few tokens spare for specials.
+    byte-level and BPE tokenizers), with a few tokens spare for specials, and room for
+    what a chat template adds around every prompt (``prompt_overhead``).
     """
     context = getattr(engine, "context_length", None)
-    return None if context is None else context - suite.max_new_tokens - _SPECIAL_TOKENS
+    if context is None:
+        return None
+    return context - suite.max_new_tokens - _SPECIAL_TOKENS - getattr(engine, "prompt_overhead", 0)
 
 
 def _rng(seed: int, mode: str, prompt: Prompt) -> random.Random:
