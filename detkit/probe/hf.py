@@ -309,8 +309,9 @@ class HFEngine:
             # the encoder holds the prompt, the decoder the start token and the new tokens
             if max(n_prompt, max_new_tokens) > self.context_length:
                 raise InputError(
-                    f"{what} has {n_prompt} tokens and --max-new-tokens is {max_new_tokens}; the model's encoder and "
-                    f"decoder each take {self.context_length} positions. Shorten the prompt or lower --max-new-tokens."
+                    f"{what} has {n_prompt} tokens and --max-new-tokens is {max_new_tokens}, past the model's context: "
+                    f"its encoder and decoder each take {self.context_length} positions. "
+                    "Shorten the prompt or lower --max-new-tokens."
                 )
             return
         if self.context_length is not None and n_prompt + max_new_tokens > self.context_length:
