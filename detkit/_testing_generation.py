@@ -141,13 +141,15 @@ def _decoder_start_id(model: Any) -> int:
             f"{type(model).__name__} is an encoder-decoder model whose encoder does not take token ids "
             "(get_encoder() with input_ids); the generation check feeds text prompts to text encoders only"
         )
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        start = getattr(source, "decoder_start_token_id", None)
+    # generate's order: generation_config's decoder_start_token_id, else its bos_token_id
+    gen, config = getattr(model, "generation_config", None), getattr(model, "config", None)
+    for source, key in ((gen, "decoder_start_token_id"), (gen, "bos_token_id"), (config, "decoder_start_token_id")):
+        start = getattr(source, key, None)
         if isinstance(start, int):
             return start
     raise InputError(
-        f"{type(model).__name__} is an encoder-decoder model without a decoder_start_token_id in its "
-        "config or generation_config; set model.generation_config.decoder_start_token_id"
+        f"{type(model).__name__} is an encoder-decoder model without a decoder_start_token_id (nor a "
+        "bos_token_id) in its generation_config or config; set model.generation_config.decoder_start_token_id"
     )
 
 

@@ -222,6 +222,28 @@ def test_an_encoder_decoder_model_without_a_decoder_start_token_is_a_clear_error
         HFEngine(model, tokenizer, description=desc)
 
 
+def test_an_encoder_decoder_checkpoint_without_a_generation_decoder_start_starts_where_generate_does(tmp_path):
+    # A generation_config.json without decoder_start_token_id (config.json has BART's 2):
+    # generate starts the decoder from generation_config.bos_token_id (0), and so must the
+    # probe, or its references are not what users of the checkpoint generate.
+    import json
+
+    import torch
+
+    path = _save_seq2seq(tmp_path / "m", "bart", "float32")
+    gen_file = path / "generation_config.json"
+    gen_file.write_text(json.dumps({k: v for k, v in json.loads(gen_file.read_text()).items()
+                                    if k != "decoder_start_token_id"}))
+    model, tokenizer, desc = load_model(str(path))
+    assert model.config.decoder_start_token_id == 2 and model.generation_config.bos_token_id == 0
+    engine = HFEngine(model, tokenizer, description=desc)
+    ids = torch.tensor([engine.encode("Translate the quick brown fox")])
+    with torch.inference_mode():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert engine.decoder_start_id == generated[0, 0].item() == 0
+    assert engine.generate([Request("Translate the quick brown fox")], max_new_tokens=4)[0].tokens == generated[0, 1:].tolist()
+
+
 def test_the_server_answers_400_to_an_encoder_decoder_prompt_past_the_models_positions(tmp_path):
     # detkit.probe.server tells a client error (400) from a server error (500) by the
     # word "context" in the engine's message: the encoder-decoder message lacked it.

@@ -579,8 +579,23 @@ def test_encoder_decoder_arguments(tiny_llama: torch.nn.Module) -> None:
         T.assert_generation_invariant(speech, SEQ2SEQ_PROMPTS, max_new_tokens=1)
     bart.generation_config.decoder_start_token_id = None
     bart.config.decoder_start_token_id = None
+    bart.generation_config.bos_token_id = None  # generate's fallback
     with pytest.raises(InputError, match="decoder_start_token_id"):
         T.assert_generation_invariant(bart, SEQ2SEQ_PROMPTS, max_new_tokens=1)
+
+
+def test_encoder_decoder_generation_starts_the_decoder_where_generate_does() -> None:
+    # generation_config without decoder_start_token_id, config with one: generate starts
+    # from generation_config.bos_token_id, not from the config's decoder_start_token_id.
+    from detkit._testing_generation import _decoder_start_id
+
+    bart = _tiny_seq2seq("bart")
+    bart.config.decoder_start_token_id = 5
+    bart.generation_config.decoder_start_token_id = None
+    bart.generation_config.forced_eos_token_id = None
+    with torch.no_grad():
+        generated = bart.generate(torch.tensor([SEQ2SEQ_PROMPTS[0]]), max_new_tokens=2, do_sample=False)
+    assert _decoder_start_id(bart) == generated[0, 0].item() == bart.generation_config.bos_token_id
 
 
 def test_another_dtype_or_shape_is_named_as_such_not_as_ulp_distance() -> None:

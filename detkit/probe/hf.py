@@ -127,13 +127,15 @@ def _is_encoder_decoder_checkpoint(path: Path) -> bool:
 
 
 def _decoder_start_id(model: PreTrainedModel) -> int:
-    for source in (model.generation_config, model.config):
-        start = getattr(source, "decoder_start_token_id", None)
+    # generate's order: generation_config's decoder_start_token_id, else its bos_token_id
+    gen, config = model.generation_config, model.config
+    for source, key in ((gen, "decoder_start_token_id"), (gen, "bos_token_id"), (config, "decoder_start_token_id")):
+        start = getattr(source, key, None)
         if isinstance(start, int):
             return start
     raise InputError(
-        f"{type(model).__name__} is an encoder-decoder model without a decoder_start_token_id in its config or "
-        "generation_config; set one (model.generation_config.decoder_start_token_id = ...) and save it"
+        f"{type(model).__name__} is an encoder-decoder model without a decoder_start_token_id (nor a bos_token_id) "
+        "in its generation_config or config; set one (model.generation_config.decoder_start_token_id = ...) and save it"
     )
 
 
