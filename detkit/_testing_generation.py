@@ -185,17 +185,25 @@ def check_fits(model: Any, ids: list[list[int]], max_new_tokens: int) -> None:
             bad = next(t for t in p if not 0 <= t < vocab)
             raise InputError(f"prompt {i} holds token id {bad}, outside the model's vocabulary (0..{vocab - 1})")
     config = getattr(model, "config", None)
-    limit = next((getattr(config, a) for a in ("max_position_embeddings", "n_positions")
-                  if isinstance(getattr(config, a, None), int)), None)
-    if limit is None:
-        return
+
+    def positions(*keys: str) -> int | None:
+        return next((getattr(config, a) for a in keys if isinstance(getattr(config, a, None), int)), None)
+
+    limit = positions("max_position_embeddings", "n_positions")
     longest = max(len(p) for p in ids)
     if is_encoder_decoder(model):
-        # The encoder sees the prompt, the decoder the start token and the generated tokens.
-        if max(longest, max_new_tokens) > limit:
+        # The encoder sees the prompt, the decoder the start token and the generated tokens;
+        # LED sizes their position tables apart.
+        enc = positions("max_encoder_position_embeddings", "max_position_embeddings", "n_positions")
+        dec = positions("max_decoder_position_embeddings", "max_position_embeddings", "n_positions")
+        if (enc is not None and longest > enc) or (dec is not None and max_new_tokens > dec):
+            has = f"{enc}" if enc == dec else f"{enc or 'any number'} in its encoder and {dec or 'any number'} in its decoder"
             raise InputError(f"the longest prompt has {longest} tokens and the decoder needs {max_new_tokens} positions; "
-                             f"the model has {limit}; shorten the prompts or lower max_new_tokens")
-    elif longest + max_new_tokens > limit:
+                             f"the model has {has}; shorten the prompts or lower max_new_tokens")
+        return
+    if limit is None:
+        return
+    if longest + max_new_tokens > limit:
         raise InputError(f"the longest prompt plus max_new_tokens is {longest + max_new_tokens} tokens, past the model's "
                          f"{limit} positions; shorten the prompts or lower max_new_tokens")
 

@@ -222,6 +222,30 @@ def test_an_encoder_decoder_model_without_a_decoder_start_token_is_a_clear_error
         HFEngine(model, tokenizer, description=desc)
 
 
+def test_an_encoder_decoder_with_separate_position_tables_is_checked_against_each():
+    # LED: max_encoder_/max_decoder_position_embeddings, no max_position_embeddings. Past
+    # the decoder's positions was an IndexError inside generate, not an InputError.
+    import torch
+    import transformers
+
+    from detkit.models import build_tokenizer
+
+    torch.manual_seed(0)
+    config = transformers.LEDConfig(vocab_size=300, d_model=32, encoder_layers=1, decoder_layers=1,
+                                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                    decoder_ffn_dim=64, max_encoder_position_embeddings=64,
+                                    max_decoder_position_embeddings=8, attention_window=[4], eos_token_id=None,
+                                    forced_eos_token_id=None)
+    engine = HFEngine(transformers.LEDForConditionalGeneration(config).eval(), build_tokenizer())
+    assert len(engine.generate([Request("hello")], max_new_tokens=8)[0].tokens) == 8
+    with pytest.raises(InputError, match="past the model's context: its encoder takes 64 positions, its decoder 8"):
+        engine.generate([Request("hello")], max_new_tokens=9)
+    with pytest.raises(InputError, match="has 70 tokens"):
+        engine.generate([Request("x" * 70)], max_new_tokens=1)
+    with pytest.raises(InputError, match="its decoder 8"):
+        engine.teacher_forced("hello", list(range(10, 19)))
+
+
 def test_an_encoder_decoder_checkpoint_without_a_generation_decoder_start_starts_where_generate_does(tmp_path):
     # A generation_config.json without decoder_start_token_id (config.json has BART's 2):
     # generate starts the decoder from generation_config.bos_token_id (0), and so must the

@@ -584,6 +584,32 @@ def test_encoder_decoder_arguments(tiny_llama: torch.nn.Module) -> None:
         T.assert_generation_invariant(bart, SEQ2SEQ_PROMPTS, max_new_tokens=1)
 
 
+def _tiny_led() -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LEDConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                    decoder_ffn_dim=64, max_encoder_position_embeddings=64,
+                                    max_decoder_position_embeddings=8, attention_window=[4], pad_token_id=1,
+                                    bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    return transformers.LEDForConditionalGeneration(config).eval()
+
+
+def test_an_encoder_decoder_with_separate_position_tables_is_checked_against_each() -> None:
+    # LED has no max_position_embeddings: max_encoder_/max_decoder_position_embeddings.
+    # Past the decoder's 8 positions was an IndexError inside the model, not an InputError.
+    led = _tiny_led()
+    with pytest.raises(InputError, match="decoder needs 9 positions; the model has 64 in its encoder and 8 in its decoder"):
+        T.assert_generation_invariant(led, [[5, 6, 7], [8, 9]], batch_sizes=[2], max_new_tokens=9)
+    with pytest.raises(InputError, match="the longest prompt has 65 tokens"):
+        T.assert_generation_invariant(led, [[5] * 65, [6]], batch_sizes=[2], max_new_tokens=1)
+    import detkit
+
+    with detkit.batch_invariant():  # at both limits: runs
+        assert T.assert_generation_invariant(led, [[5, 6, 7] * 21 + [8], [9]], batch_sizes=[2], max_new_tokens=8).passed
+
+
 def test_encoder_decoder_generation_starts_the_decoder_where_generate_does() -> None:
     # generation_config without decoder_start_token_id, config with one: generate starts
     # from generation_config.bos_token_id, not from the config's decoder_start_token_id.

@@ -139,9 +139,9 @@ def _decoder_start_id(model: PreTrainedModel) -> int:
     )
 
 
-def _context_length(model: PreTrainedModel) -> int | None:
+def _context_length(model: PreTrainedModel, *first: str) -> int | None:
     cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+    for key in (*first, "max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:
             return value
@@ -248,6 +248,11 @@ class HFEngine:
         self.encoder_decoder = getattr(model.config, "is_encoder_decoder", False) is True
         self.padding_side = "right" if self.encoder_decoder else "left"
         self.decoder_start_id = _decoder_start_id(model) if self.encoder_decoder else None
+        # LED sizes the encoder's and the decoder's position tables apart
+        self._positions = (
+            (_context_length(model, "max_encoder_position_embeddings"), _context_length(model, "max_decoder_position_embeddings"))
+            if self.encoder_decoder else (self.context_length, self.context_length)
+        )
         gen_cfg = model.generation_config
         eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else tokenizer.eos_token_id
         self.eos_ids: set[int] = set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
@@ -307,13 +312,15 @@ class HFEngine:
         return [int(t) for t in ids]
 
     def check_fits(self, n_prompt: int, max_new_tokens: int, what: str) -> None:
-        if self.context_length is not None and self.encoder_decoder:
+        if self.encoder_decoder:
             # the encoder holds the prompt, the decoder the start token and the new tokens
-            if max(n_prompt, max_new_tokens) > self.context_length:
+            enc, dec = self._positions
+            if (enc is not None and n_prompt > enc) or (dec is not None and max_new_tokens > dec):
+                each = (f"its encoder and decoder each take {enc} positions" if enc == dec else
+                        f"its encoder takes {enc or 'any number of'} positions, its decoder {dec or 'any number'}")
                 raise InputError(
                     f"{what} has {n_prompt} tokens and --max-new-tokens is {max_new_tokens}, past the model's context: "
-                    f"its encoder and decoder each take {self.context_length} positions. "
-                    "Shorten the prompt or lower --max-new-tokens."
+                    f"{each}. Shorten the prompt or lower --max-new-tokens."
                 )
             return
         if self.context_length is not None and n_prompt + max_new_tokens > self.context_length:
