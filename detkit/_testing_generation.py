@@ -356,7 +356,7 @@ def check_generation(
 
 
 HINT_LEFT_PADDED_ENCODER = (
-    "The encoder was padded on the left: an encoder with learned absolute positions (BART, Marian) "
+    "The encoder was padded on the left: an encoder with absolute positions (learned in BART, sinusoidal in Marian) "
     "counts them from the padded start, so left padding changes its input, not only its rounding. "
     "Pad it on the right (padding_side='right', the default)."
 )

@@ -236,7 +236,7 @@ def test_negative_control_a_moe_model_without_the_mode_is_batch_variant() -> Non
 
 # Encoder-decoder families, through assert_generation_invariant's encoder-decoder path
 # (encoder inputs right padded, as their tokenizers pad): relative positions (T5 family,
-# with Switch's MoE), learned positions (Marian), positions from the padding mask (M2M100,
+# with Switch's MoE), sinusoidal absolute positions (Marian), positions from the padding mask (M2M100,
 # with NLLB's MoE). docs/mode.md lists the 17 families measured.
 _SEQ2SEQ_BART = dict(vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                      decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,

@@ -556,6 +556,24 @@ def test_a_left_padded_bart_encoder_is_batch_variant_even_under_the_mode() -> No
     assert "left-padded by" in str(info.value) and "Pad it on the right" in str(info.value)
 
 
+def test_a_left_padded_marian_encoder_fails_and_the_hint_does_not_call_its_positions_learned() -> None:
+    # Marian's absolute positions are sinusoidal (MarianSinusoidalPositionalEmbedding), not
+    # learned; counted from the padded start all the same.
+    import transformers
+
+    import detkit
+
+    torch.manual_seed(0)
+    marian = transformers.MarianMTModel(transformers.MarianConfig(
+        vocab_size=128, decoder_vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+        max_position_embeddings=32, pad_token_id=1, eos_token_id=2, decoder_start_token_id=1)).eval()
+    assert type(marian.model.encoder.embed_positions).__name__ == "MarianSinusoidalPositionalEmbedding"
+    with detkit.batch_invariant(), pytest.raises(BatchVariance) as info:
+        T.assert_generation_invariant(marian, SEQ2SEQ_PROMPTS, batch_sizes=[2], max_new_tokens=2, padding_side="left")
+    assert "sinusoidal in Marian" in str(info.value) and "Pad it on the right" in str(info.value)
+
+
 def test_encoder_decoder_arguments(tiny_llama: torch.nn.Module) -> None:
     import transformers
 
