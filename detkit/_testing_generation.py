@@ -6,7 +6,7 @@ steps, and it passes position ids derived from the attention mask, which is what
 left-padded row see the same positions as the row alone. An encoder-decoder model (T5,
 BART, Marian) runs its encoder once over the padded prompts, as ``generate`` does, and
 its decoder from the start token: the decoder inputs of a batch all have one length, so
-only the encoder sees padding (on the right by default, as their tokenizers pad).
+only the encoder sees padding (on the right by default, as most seq2seq tokenizers pad).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def _decoder_start_id(model: Any) -> int:
 def _padding_side(model: Any, padding_side: Any) -> str:
     """'left' for a causal LM; 'right' (default) or 'left' for an encoder-decoder model."""
     if padding_side not in (None, "left", "right"):
-        raise InputError(f"padding_side must be 'left', 'right' or None (the model's usual side), got {padding_side!r}")
+        raise InputError(f"padding_side must be 'left', 'right' or None (left for a causal LM, right for an encoder-decoder), got {padding_side!r}")
     if not is_encoder_decoder(model):
         if padding_side == "right":
             raise InputError(
@@ -348,7 +348,7 @@ def check_generation(
             f"worst ULP {'-' if worst is None else worst}; detkit mode {detail['mode']}.",
             *V.table(rows_t),
             first_text,
-            *([HINT_LEFT_PADDED_ENCODER] if detail["encoder_decoder"] and side == "left" else []),
+            *([HINT_LEFT_PADDED_ENCODER] if detail["encoder_decoder"] and side == "left" and detail["mode"] != "off" else []),
             HINT_BATCH,
         ]
     )

@@ -3,7 +3,7 @@
 Generation goes through ``model.generate`` (KV cache on, greedy, no sampling warpers),
 so the probe measures what users of ``transformers`` actually run. A causal LM's batch
 is padded on the left; an encoder-decoder model's (T5, BART, Marian) encoder inputs are
-padded on the right, as their tokenizers pad, and its decoder starts from
+padded on the right, as most seq2seq tokenizers pad, and its decoder starts from
 ``decoder_start_token_id`` in every row, so the decoder sees no padding. A logits processor,
 the last one in the chain, records the top-k logits each row's argmax was taken from,
 step by step, without keeping whole-vocabulary tensors alive.

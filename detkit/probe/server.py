@@ -3,7 +3,7 @@
     python -m detkit.probe.server --model tiny-llama --port 8000 [--batch-invariant]
 
 Concurrent ``POST /v1/completions`` requests that arrive within ``--window-ms`` of each
-other are generated as one left-padded batch by :class:`~detkit.probe.hf.HFEngine`
+other are generated as one padded batch by :class:`~detkit.probe.hf.HFEngine`
 (up to ``--max-batch``), the way serving engines batch, and answered with OpenAI-style
 ``logprobs`` (tokens, token_logprobs, top_logprobs). ``POST /v1/chat/completions``
 takes one user message, puts it in the tokenizer's chat template and joins the same
