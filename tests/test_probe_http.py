@@ -450,3 +450,28 @@ def test_logprob_probe_of_a_batching_server_under_the_mode_is_invariant(tmp_path
     expected = local.generate([Request("The quick brown fox")], max_new_tokens=suite.max_new_tokens)[0]
     assert chat_report["references"]["fox"]["text"] == local.tokenizer.decode(expected.tokens)
     assert chat_report["references"]["fox"]["text"] != report["references"]["fox"]["text"]
+
+
+def test_a_chat_top_logprob_without_its_number_fails_that_run_and_nothing_else(scripted: ThreadingHTTPServer) -> None:
+    # a top_logprobs entry whose logprob is null (or missing) once raised TypeError out of the
+    # probe: it is a malformed answer, recorded as that run's error like a NaN
+    def script(count: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        answer = _chat_completion(body)
+        if count == 2:
+            answer["choices"][0]["logprobs"]["content"][1]["top_logprobs"][1]["logprob"] = None
+        if count == 3:
+            del answer["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["logprob"]
+        return 200, answer
+
+    scripted.script = script  # type: ignore[attr-defined]
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=0, api="chat")
+    suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single",),
+                       batch=BatchPlan(sizes=(1, 3)))
+    report = run_probe(engine, suite, seed=0, config={})
+    (mode,) = report["modes"]
+    assert mode["failed_runs"] == 2, mode["errors"]
+    assert sorted(e["error"] for e in mode["errors"]) == [
+        "the server returned a logprob that is not a number among the candidates of step 0",
+        "the server returned a logprob that is not a number among the candidates of step 1",
+    ]
+    assert report["summary"]["invariant"] is False and not report["summary"]["differences_found"]

@@ -44,6 +44,11 @@ def _no_logprobs_note(path: str) -> str:
 NO_LOGPROBS_NOTE = _no_logprobs_note("completions")
 
 
+def _is_number(value: Any) -> bool:
+    """A JSON number (NaN and infinities included; null, strings and booleans are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _server_message(body: bytes) -> str:
     """The error sentence from an OpenAI-style (or FastAPI) error body, else the raw text."""
     text = body.decode("utf-8", "replace").strip()
@@ -216,10 +221,13 @@ class HTTPEngine:
         tops = lp.get("top_logprobs") or [None] * len(tokens)
         steps = []
         for step, (tok, value, top) in enumerate(zip(tokens, chosen, tops)):
-            if value is None:
+            if not _is_number(value):
                 return Generation(tokens=[], error="a generated token came without its logprob", meta=meta)
             entries = {tok: float(value)}
             if isinstance(top, dict):
+                if not all(_is_number(v) for v in top.values()):
+                    return Generation(tokens=[], meta=meta, error="the server returned a logprob that is not a "
+                                                                  f"number among the candidates of step {step}")
                 for s, v in top.items():
                     entries.setdefault(self._intern(str(s)), float(v))
             if any(math.isnan(v) for v in entries.values()):
