@@ -475,3 +475,18 @@ def test_a_chat_top_logprob_without_its_number_fails_that_run_and_nothing_else(s
         "the server returned a logprob that is not a number among the candidates of step 1",
     ]
     assert report["summary"]["invariant"] is False and not report["summary"]["differences_found"]
+
+
+def test_chat_candidates_that_decode_to_one_string_keep_the_best_logprob() -> None:
+    # vLLM decodes each candidate id to text, so distinct byte tokens all read "\ufffd"; the
+    # list comes best first, and a later duplicate must not replace the runner-up's score
+    engine = HTTPEngine("http://127.0.0.1:9/v1", "m", api="chat")
+    top = [{"token": "a", "logprob": -0.1}, {"token": "\ufffd", "logprob": -2.0}, {"token": "\ufffd", "logprob": -9.0},
+           {"token": "b", "logprob": -3.0}]
+    answer = {"choices": [{"message": {"role": "assistant", "content": "a"}, "finish_reason": "length",
+                           "logprobs": {"content": [{"token": "a", "logprob": -0.1, "top_logprobs": top}]}}]}
+    gen = engine._parse(answer)
+    assert gen.error is None and gen.scores is not None
+    (step,) = gen.scores
+    assert [(engine.token_text(i), v) for i, v in zip(step.ids, step.values)] == [("a", -0.1), ("\ufffd", -2.0),
+                                                                                   ("b", -3.0)]

@@ -185,11 +185,22 @@ class HTTPEngine:
         content = lp.get("content") if isinstance(lp, dict) else None
         if not isinstance(content, list) or not all(isinstance(c, dict) and "token" in c for c in content):
             return None
-        tops = []
+        tops: list[dict[str, Any] | None] = []
         for c in content:
             top = c.get("top_logprobs")
-            tops.append({str(t["token"]): t.get("logprob") for t in top if isinstance(t, dict) and "token" in t}
-                        if isinstance(top, list) else None)
+            if not isinstance(top, list):
+                tops.append(None)
+                continue
+            # Candidates whose text is one string (a server decodes ids to text: distinct byte
+            # tokens all read "\ufffd") are one candidate here: keep the first (the list is best
+            # first), or a larger score that comes later.
+            merged: dict[str, Any] = {}
+            for t in top:
+                if isinstance(t, dict) and "token" in t:
+                    key, value = str(t["token"]), t.get("logprob")
+                    if key not in merged or (_is_number(value) and _is_number(merged[key]) and value > merged[key]):
+                        merged[key] = value
+            tops.append(merged)
         return {"tokens": [c["token"] for c in content], "token_logprobs": [c.get("logprob") for c in content],
                 "top_logprobs": tops}
 
