@@ -490,3 +490,27 @@ def test_chat_candidates_that_decode_to_one_string_keep_the_best_logprob() -> No
     (step,) = gen.scores
     assert [(engine.token_text(i), v) for i, v in zip(step.ids, step.values)] == [("a", -0.1), ("\ufffd", -2.0),
                                                                                    ("b", -3.0)]
+
+
+def test_a_reasoning_models_chat_text_includes_its_reasoning(scripted: ThreadingHTTPServer) -> None:
+    # Reasoning parsers move the thinking out of message.content (vLLM into `reasoning`, formerly
+    # `reasoning_content`, as SGLang, llama.cpp and transformers serve still do); content is null
+    # until the thinking ends. Reading content alone compared nothing of the thinking: a server
+    # without logprobs failed the reference ("generated no tokens"), or passed runs whose
+    # thinking differed.
+    def script(count: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        thinking = "think it over" if count == 1 else "think it out"
+        message = {"role": "assistant", "content": None if count == 1 else "ok", "reasoning_content": thinking}
+        return 200, {"choices": [{"message": message, "finish_reason": "length", "logprobs": None}]}
+
+    scripted.script = script  # type: ignore[attr-defined]
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=0, api="chat")
+    suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single",), batch=BatchPlan(sizes=(2,)))
+    report = run_probe(engine, suite, seed=0, config={})
+    assert report["references"]["fox"]["text"] == "think it over"
+    assert report["modes"][0]["failed_runs"] == 0 and report["summary"]["invariant"] is False
+    assert report["modes"][0]["divergences"] and report["summary"]["differences_found"]
+    # vLLM's current field; with logprobs the text covers what logprobs.content does
+    answer = _chat_completion({"max_tokens": 2})
+    answer["choices"][0]["message"].update(content=None, reasoning="t0t1")
+    assert HTTPEngine("http://127.0.0.1:9/v1", "m", api="chat")._parse(answer).text == "t0t1"

@@ -49,6 +49,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _chat_text(message: dict[str, Any]) -> str:
+    """What a chat answer generated: a reasoning parser's thinking (``reasoning``, formerly
+    ``reasoning_content``, which SGLang, llama.cpp and ``transformers serve`` use), then
+    ``content`` (null until the thinking ends). The logprobs cover both."""
+    thinking = message.get("reasoning")
+    if not isinstance(thinking, str):
+        thinking = message.get("reasoning_content")
+    return (thinking if isinstance(thinking, str) else "") + (message.get("content") or "")
+
+
 def _server_message(body: bytes) -> str:
     """The error sentence from an OpenAI-style (or FastAPI) error body, else the raw text."""
     text = body.decode("utf-8", "replace").strip()
@@ -208,7 +218,7 @@ class HTTPEngine:
         field = "message.content" if self.api == "chat" else "text"
         try:
             choice = answer["choices"][0]
-            text = (choice["message"].get("content") if self.api == "chat" else choice.get("text")) or ""
+            text = _chat_text(choice["message"]) if self.api == "chat" else choice.get("text") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
             return Generation(tokens=[], error=f"answer without choices[0].{field}: {json.dumps(answer)[:200]}")
         lp = choice.get("logprobs")
