@@ -514,3 +514,40 @@ def test_a_reasoning_models_chat_text_includes_its_reasoning(scripted: Threading
     answer = _chat_completion({"max_tokens": 2})
     answer["choices"][0]["message"].update(content=None, reasoning="t0t1")
     assert HTTPEngine("http://127.0.0.1:9/v1", "m", api="chat")._parse(answer).text == "t0t1"
+
+
+@pytest.fixture
+def detkit_server() -> Iterator[Any]:
+    """detkit.probe.server over tiny-llama in this process; yields post(path, body) -> (status, json)."""
+    from detkit.probe import server as S
+
+    srv, batcher = S.serve("tiny-llama", port=0, window_ms=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    def post(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(f"http://127.0.0.1:{srv.server_port}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        yield post
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        batcher.stop()
+
+
+def test_the_servers_chat_api_takes_max_completion_tokens(detkit_server: Any) -> None:
+    # OpenAI's chat field (max_tokens is its deprecated alias); the server ignored it and
+    # generated its default 16 tokens
+    hi = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    status, answer = detkit_server("/v1/chat/completions", {**hi, "max_completion_tokens": 3})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 3, answer
+    status, answer = detkit_server("/v1/chat/completions", {**hi, "max_completion_tokens": 2, "max_tokens": 5})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
+    status, answer = detkit_server("/v1/chat/completions", {**hi, "max_completion_tokens": 0})
+    assert status == 400 and "max_completion_tokens must be a positive integer" in answer["error"]["message"]

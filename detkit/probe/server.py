@@ -163,7 +163,8 @@ def make_handler(name: str, batcher: Batcher, timeout_s: float) -> type[BaseHTTP
                 self._error(400, problem)
                 return
             prompt = body["messages"][0]["content"] if chat else body["prompt"]
-            job = _Job(prompt=prompt, max_tokens=int(body.get("max_tokens", 16)), chat=chat)
+            job = _Job(prompt=prompt, max_tokens=_chat_max_tokens(body) if chat else int(body.get("max_tokens", 16)),
+                       chat=chat)
             batcher.submit(job)
             if not job.done.wait(timeout_s):
                 self._error(504, f"generation took longer than {timeout_s} s")
@@ -234,8 +235,18 @@ def _validate_chat(body: Any, name: str, engine: HFEngine) -> str | None:
     k = body.get("top_logprobs")
     if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
         return f"top_logprobs must be an integer between 0 and {MAX_LOGPROBS}"
-    rest = {key: value for key, value in body.items() if key not in ("messages", "logprobs", "top_logprobs")}
+    limit = body.get("max_completion_tokens")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        return "max_completion_tokens must be a positive integer"
+    rest = {key: value for key, value in body.items()
+            if key not in ("messages", "logprobs", "top_logprobs", "max_completion_tokens")}
     return _validate({**rest, "prompt": messages[0]["content"]}, name)
+
+
+def _chat_max_tokens(body: dict[str, Any]) -> int:
+    """OpenAI's ``max_completion_tokens``, else its deprecated alias ``max_tokens`` (as vLLM reads them)."""
+    limit = body.get("max_completion_tokens")
+    return int(limit) if limit is not None else int(body.get("max_tokens", 16))
 
 
 def _validate(body: Any, name: str) -> str | None:
