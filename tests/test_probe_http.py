@@ -551,3 +551,16 @@ def test_the_servers_chat_api_takes_max_completion_tokens(detkit_server: Any) ->
     assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
     status, answer = detkit_server("/v1/chat/completions", {**hi, "max_completion_tokens": 0})
     assert status == 400 and "max_completion_tokens must be a positive integer" in answer["error"]["message"]
+
+
+def test_the_servers_chat_api_refuses_top_logprobs_without_logprobs(detkit_server: Any) -> None:
+    # OpenAI and vLLM answer 400 ("when using `top_logprobs`, `logprobs` must be set to true");
+    # the server answered 200 with logprobs null, so a client's mistake passed as "no logprobs"
+    hi = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0, "max_tokens": 2}
+    for extra in ({"top_logprobs": 3}, {"top_logprobs": 3, "logprobs": False}):
+        status, answer = detkit_server("/v1/chat/completions", {**hi, **extra})
+        assert status == 400 and "logprobs must be true" in answer["error"]["message"], (extra, status, answer)
+    status, answer = detkit_server("/v1/chat/completions", {**hi, "top_logprobs": 0})  # 0 asks for nothing
+    assert status == 200 and answer["choices"][0]["logprobs"] is None
+    status, answer = detkit_server("/v1/chat/completions", {**hi, "top_logprobs": 2, "logprobs": True})
+    assert status == 200 and [len(c["top_logprobs"]) for c in answer["choices"][0]["logprobs"]["content"]] == [2, 2]

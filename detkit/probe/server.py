@@ -235,6 +235,8 @@ def _validate_chat(body: Any, name: str, engine: HFEngine) -> str | None:
     k = body.get("top_logprobs")
     if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
         return f"top_logprobs must be an integer between 0 and {MAX_LOGPROBS}"
+    if k and not body.get("logprobs"):  # as OpenAI and vLLM refuse it; 0 asks for nothing
+        return "when using top_logprobs, logprobs must be true"
     limit = body.get("max_completion_tokens")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         return "max_completion_tokens must be a positive integer"
