@@ -77,7 +77,7 @@ def test_failure_message_says_what_differs_where_and_what_to_try() -> None:
 
 
 @given(
-    rows=st.integers(1, 6),
+    rows=st.integers(2, 6),  # one row is refused (test_checks_that_could_not_fail_are_refused)
     cols=st.integers(1, 33),
     sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4).filter(lambda s: max(s) >= 2),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
