@@ -66,6 +66,7 @@ __all__ = [
     "ELEMENTWISE_PORTABLE",
     "EXACT_OPS",
     "FOLDS",
+    "INTEGER_EXACT_OPS",
     "KNOWN_POSITION_DEPENDENT",
     "OVERRIDES",
     "Call",
@@ -903,6 +904,12 @@ ELEMENTWISE_LIBM: frozenset[str] = frozenset(
         "atan", "asin", "acos", "atan2", "sigmoid", "silu", "gelu", "erf", "erfc", "rsqrt", "pow", "softplus",
         "mish", "elu", "logit", "hardswish", "hardsigmoid",
     }
+)
+# Exact when every tensor operand is an integer (or bool) tensor, as MoE layers call them on
+# token counts and indices; on floating-point operands they round (or, for bincount and
+# histc, add float weights or bin floats), so a float call stays uncovered.
+INTEGER_EXACT_OPS: frozenset[str] = frozenset(
+    {"floor_divide", "remainder", "fmod", "bincount", "histc", "cumprod", "prod", "sum", "index_add", "scatter_add"}
 )
 # Measured on an AVX-512 CPU with torch 2.13: these change bits with a value's position in
 # the tensor (vector body vs scalar tail) and are not routed by the mode.

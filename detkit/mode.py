@@ -63,6 +63,7 @@ from detkit._aten_adapters import (
     ELEMENTWISE_PORTABLE,
     EXACT_OPS,
     FOLDS,
+    INTEGER_EXACT_OPS,
     KNOWN_POSITION_DEPENDENT,
     OVERRIDES,
     Call,
@@ -86,6 +87,7 @@ __all__ = [
     "registered_keys",
     "state",
     "trace_ops",
+    "TracedOps",
 ]
 
 _AUTOGRAD_KEY = {"CPU": "AutogradCPU", "CUDA": "AutogradCUDA"}
@@ -480,21 +482,45 @@ class batch_invariant(contextlib.ContextDecorator):  # noqa: N801 - reads like a
 # ----------------------------------------------------------------------------- static coverage
 
 
+class TracedOps(Counter):  # type: ignore[type-arg]
+    """Calls per aten overload, and which overloads ever took a floating-point tensor
+    (``float_inputs``): an op of ``INTEGER_EXACT_OPS`` that never did is exact."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.float_inputs: set[str] = set()
+
+
+def _has_float_tensor(values: Any) -> bool:
+    for v in values:
+        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+            return True
+        if isinstance(v, (list, tuple)) and _has_float_tensor(v):
+            return True
+    return False
+
+
 class _OpTracer(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
-        self.ops: Counter[str] = Counter()
+        self.ops = TracedOps()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        self.ops[f"{func._overloadpacket.__name__}.{func._overloadname}"] += 1
+        name = f"{func._overloadpacket.__name__}.{func._overloadname}"
+        self.ops[name] += 1
+        if name not in self.ops.float_inputs and _has_float_tensor((*args, *(kwargs or {}).values())):
+            self.ops.float_inputs.add(name)
         return func(*args, **(kwargs or {}))
 
 
-def trace_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, Counter[str]]:
+def trace_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, TracedOps]:
     """Run ``fn`` and count the aten overloads that reach the backend ("mm.default", ...).
 
-    Composite ops appear as the ops they decompose into. Tracing goes through Python for
-    every op: use it to find out what a model runs, not while measuring speed.
+    Composite ops appear as the ops they decompose into. The counts also record which
+    overloads saw a floating-point tensor (``float_inputs``), so that
+    :func:`coverage_report` can tell integer arithmetic (exact) from float arithmetic.
+    Tracing goes through Python for every op: use it to find out what a model runs, not
+    while measuring speed.
     """
     tracer = _OpTracer()
     with tracer:
@@ -517,7 +543,8 @@ class CoverageReport:
     backend implements (``ELEMENTWISE_PORTABLE``) are routed to it and count as
     ``routed`` where the device's table has them. The classification is by op name:
     ``pow.Tensor_Scalar`` is listed as not portable even where its exponent is 2 or 3
-    (plain multiplies, the same everywhere). ``uncovered``: anything else; its bits are
+    (plain multiplies, the same everywhere); the one use of dtypes is that an op of
+    ``INTEGER_EXACT_OPS`` traced with integer operands only is exact. ``uncovered``: anything else; its bits are
     whatever torch gives, so check them with a test. ``notes``: why an op is listed.
     """
 
@@ -542,7 +569,11 @@ class CoverageReport:
 
 
 def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: str = "CPU") -> CoverageReport:
-    """Classify traced ops (from :func:`trace_ops`) against the overrides for ``device``."""
+    """Classify traced ops (from :func:`trace_ops`) against the overrides for ``device``.
+
+    An op of ``INTEGER_EXACT_OPS`` (``floor_divide``, ``histc``, ``bincount``, ...) that the
+    trace saw with integer operands only is exact; with ``ops`` from elsewhere (a plain
+    mapping of counts, no ``float_inputs``) it is classified by name alone."""
     if device not in OVERRIDES:
         raise InputError(f"coverage_report: device must be one of {', '.join(OVERRIDES)}, got {device!r}")
     table = {_full_name(s.name): s for s in OVERRIDES[device]}
@@ -551,10 +582,16 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
     not_portable: dict[str, int] = {}
     uncovered: dict[str, int] = {}
     notes: dict[str, str] = {}
+    float_inputs = getattr(ops, "float_inputs", None)
     for name, n in sorted(ops.items()):
         full = _full_name(name)
         packet = full.split(".")[0]
         base = packet if packet in EXACT_OPS else packet.removesuffix("_")
+        integers_only = float_inputs is not None and name not in float_inputs and base in INTEGER_EXACT_OPS
+        if integers_only and full not in table:
+            exact[full] = n
+            notes[full] = "integer operands only (as traced): exact"
+            continue
         if full in KNOWN_POSITION_DEPENDENT:
             notes[full] = f"position dependent {KNOWN_POSITION_DEPENDENT[full]}"
         if portable and base in ELEMENTWISE_LIBM and not (full in table and base in ELEMENTWISE_PORTABLE):

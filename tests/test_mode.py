@@ -653,6 +653,23 @@ def test_coverage_report_classifies_traced_ops() -> None:
     assert "UNCOVERED" in str(report)
 
 
+def test_coverage_report_tells_integer_arithmetic_from_float_arithmetic() -> None:
+    # MoE routers divide token indices and count tokens per expert on integers: exact.
+    # The same ops on floats round (floor_divide in bfloat16 is even position dependent).
+    ids = torch.tensor([5, 3, 8, 1])
+    _, ints = mode.trace_ops(lambda: (torch.floor_divide(ids, 2), torch.bincount(ids), ids.remainder(3)))
+    report = mode.coverage_report(ints)
+    assert {"floor_divide.default", "bincount.default", "remainder.Scalar"} <= set(report.exact), str(report)
+    assert report.uncovered == {} and report.notes["bincount.default"] == "integer operands only (as traced): exact"
+    x = torch.randn(4, dtype=torch.bfloat16)
+    _, floats = mode.trace_ops(lambda: (torch.floor_divide(x, 2), torch.bincount(ids, weights=x.float())))
+    report = mode.coverage_report(floats)
+    assert {"floor_divide.default", "bincount.default"} <= set(report.uncovered), str(report)
+    assert "position dependent" in report.notes["floor_divide.default"]
+    # counts from elsewhere (a plain mapping) are classified by name alone, as before
+    assert "floor_divide.default" in mode.coverage_report(dict(ints)).uncovered
+
+
 class _OrderSensitiveKernels(SimpleNamespace):
     """Stand-ins that reduce in blocks of 4 (like a blocked BLAS).
 
