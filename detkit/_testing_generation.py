@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from detkit import _testing_values as V
@@ -59,27 +59,33 @@ def _prompt_ids(prompts: Any, tokenizer: Any) -> list[list[int]]:
     return out
 
 
-def greedy(model: Any, prompts: list[list[int]], pad_id: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy-decode a left-padded batch: (token ids (B, steps), logits (B, steps, V))."""
+def _padded(prompts: list[list[int]], pad_id: int, side: str, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts padded to one width on ``side``: (ids, attention mask)."""
     import torch
 
-    device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=device)
-    # Positions count real tokens only, so a padded row sees the positions it has alone.
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pads = [width - len(p) for p in prompts]
+    if side == "right":
+        rows, marks = [p + [pad_id] * n for p, n in zip(prompts, pads)], [[1] * len(p) + [0] * n for p, n in zip(prompts, pads)]
+    else:
+        rows, marks = [[pad_id] * n + p for p, n in zip(prompts, pads)], [[0] * n + [1] * len(p) for p, n in zip(prompts, pads)]
+    return torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(marks, dtype=torch.long, device=device)
+
+
+def _decode(
+    model: Any, steps: int, inputs: dict[str, Any], advance: Callable[[torch.Tensor, dict[str, Any]], dict[str, Any]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` greedy steps through the KV cache: ``inputs`` are the first call's
+    arguments, ``advance(next_ids, inputs)`` the next call's. (token ids, logits) per step."""
+    import torch
+
     # transformers 5.x renamed past_key_values to cache; accept models from either side.
-    params = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"
-    # Logits of the last position only, as HF generate computes them (the lm_head then
-    # sees a slice of the hidden states, as in a real sampler).
-    keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens, logits = [], []
     past = None
     with torch.no_grad():
         for _ in range(steps):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: past}, **keep)
+            out = model(**inputs, use_cache=True, **{cache_arg: past})
             step_logits = out.logits[:, -1, :]
             nxt = step_logits.argmax(-1)
             tokens.append(nxt)
@@ -87,45 +93,44 @@ def greedy(model: Any, prompts: list[list[int]], pad_id: int, steps: int) -> tup
             past = getattr(out, cache_arg, None)
             if past is None:
                 raise InputError(f"{type(model).__name__} returned no KV cache ({cache_arg}); check_generation needs use_cache=True support")
-            ids = nxt[:, None]
-            pos = pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            inputs = advance(nxt, inputs)
     return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
+
+
+def greedy(model: Any, prompts: list[list[int]], pad_id: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy-decode a left-padded batch: (token ids (B, steps), logits (B, steps, V))."""
+    import torch
+
+    ids, mask = _padded(prompts, pad_id, "left", next(model.parameters()).device)
+    # Positions count real tokens only, so a padded row sees the positions it has alone.
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Logits of the last position only, as HF generate computes them (the lm_head then
+    # sees a slice of the hidden states, as in a real sampler).
+    params = inspect.signature(model.forward).parameters
+    keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
+
+    def advance(nxt: torch.Tensor, prev: dict[str, Any]) -> dict[str, Any]:
+        mask = prev["attention_mask"]
+        return {**prev, "input_ids": nxt[:, None], "position_ids": prev["position_ids"][:, -1:] + 1,
+                "attention_mask": torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)}
+
+    return _decode(model, steps, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **keep}, advance)
 
 
 def greedy_seq2seq(
     model: Any, prompts: list[list[int]], pad_id: int, steps: int, start_id: int, padding_side: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy-decode an encoder-decoder model over padded prompts: (token ids (B, steps),
-    logits (B, steps, V))."""
+    logits (B, steps, V)). The encoder runs once, as in ``generate``."""
     import torch
 
     device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    if padding_side == "right":
-        rows, marks = [p + [pad_id] * (width - len(p)) for p in prompts], [[1] * len(p) + [0] * (width - len(p)) for p in prompts]
-    else:
-        rows, marks = [[pad_id] * (width - len(p)) + p for p in prompts], [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
-    ids = torch.tensor(rows, dtype=torch.long, device=device)
-    mask = torch.tensor(marks, dtype=torch.long, device=device)
-    params = inspect.signature(model.forward).parameters
-    cache_arg = "cache" if "cache" in params else "past_key_values"
-    dec = torch.full((len(prompts), 1), start_id, dtype=torch.long, device=device)
-    tokens, logits = [], []
-    past = None
+    ids, mask = _padded(prompts, pad_id, padding_side, device)
     with torch.no_grad():
         encoded = model.get_encoder()(input_ids=ids, attention_mask=mask)
-        for _ in range(steps):
-            out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=dec, use_cache=True, **{cache_arg: past})
-            step_logits = out.logits[:, -1, :]
-            nxt = step_logits.argmax(-1)
-            tokens.append(nxt)
-            logits.append(step_logits)
-            past = getattr(out, cache_arg, None)
-            if past is None:
-                raise InputError(f"{type(model).__name__} returned no KV cache ({cache_arg}); check_generation needs use_cache=True support")
-            dec = nxt[:, None]
-    return torch.stack(tokens, dim=1), torch.stack(logits, dim=1)
+    start = torch.full((len(prompts), 1), start_id, dtype=torch.long, device=device)
+    inputs = {"encoder_outputs": encoded, "attention_mask": mask, "decoder_input_ids": start}
+    return _decode(model, steps, inputs, lambda nxt, prev: {**prev, "decoder_input_ids": nxt[:, None]})
 
 
 def is_encoder_decoder(model: Any) -> bool:
@@ -133,14 +138,19 @@ def is_encoder_decoder(model: Any) -> bool:
     return getattr(getattr(model, "config", None), "is_encoder_decoder", False) is True
 
 
-def _decoder_start_id(model: Any) -> int:
-    """The decoder's first input; also checks that the encoder takes token ids."""
+def _text_decoder_start_id(model: Any) -> int:
+    """The decoder's first input, for an encoder that takes token ids."""
     encoder = model.get_encoder() if callable(getattr(model, "get_encoder", None)) else None
     if encoder is None or "input_ids" not in inspect.signature(encoder.forward).parameters:
         raise InputError(
             f"{type(model).__name__} is an encoder-decoder model whose encoder does not take token ids "
             "(get_encoder() with input_ids); the generation check feeds text prompts to text encoders only"
         )
+    return decoder_start_id(model)
+
+
+def decoder_start_id(model: Any) -> int:
+    """The token an encoder-decoder's decoder starts from, as ``generate`` picks it."""
     # generate's order: generation_config's decoder_start_token_id, else its bos_token_id
     gen, config = getattr(model, "generation_config", None), getattr(model, "config", None)
     for source, key in ((gen, "decoder_start_token_id"), (gen, "bos_token_id"), (config, "decoder_start_token_id")):
@@ -149,7 +159,8 @@ def _decoder_start_id(model: Any) -> int:
             return start
     raise InputError(
         f"{type(model).__name__} is an encoder-decoder model without a decoder_start_token_id (nor a "
-        "bos_token_id) in its generation_config or config; set model.generation_config.decoder_start_token_id"
+        "bos_token_id) in its generation_config or config; set model.generation_config.decoder_start_token_id "
+        "(and save it)"
     )
 
 
@@ -242,7 +253,7 @@ def check_generation(
     check_fits(model, ids, max_new_tokens)
     pad_id = _pad_id(model, tokenizer)
     if is_encoder_decoder(model):
-        start_id = _decoder_start_id(model)
+        start_id = _text_decoder_start_id(model)
 
         def run(batch: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
             return greedy_seq2seq(model, batch, pad_id, max_new_tokens, start_id, side)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -33,6 +35,36 @@ def load_script(path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextlib.contextmanager
+def probe_server(model: str) -> Iterator[Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]]:
+    """detkit.probe.server over ``model`` in this process; yields post(path, body) -> (status, json)."""
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from detkit.probe import server as S
+
+    srv, batcher = S.serve(model, port=0, window_ms=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    def post(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(f"http://127.0.0.1:{srv.server_port}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    try:
+        yield post
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        batcher.stop()
 
 
 @pytest.fixture

@@ -271,37 +271,16 @@ def test_an_encoder_decoder_checkpoint_without_a_generation_decoder_start_starts
 def test_the_server_answers_400_to_an_encoder_decoder_prompt_past_the_models_positions(tmp_path):
     # detkit.probe.server tells a client error (400) from a server error (500) by the
     # word "context" in the engine's message: the encoder-decoder message lacked it.
-    import json
-    import threading
-    import urllib.error
-    import urllib.request
-
-    from detkit.probe import server as S
+    from conftest import probe_server
 
     path = _save_seq2seq(tmp_path / "m", "bart", "float32")  # 256 positions
-    srv, batcher = S.serve(str(path), port=0, window_ms=0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-
-    def post(body):
-        req = urllib.request.Request(f"http://127.0.0.1:{srv.server_port}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as answer:
-                return answer.status, json.loads(answer.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    try:
-        status, answer = post({"prompt": "hi", "max_tokens": 2, "temperature": 0})
+    with probe_server(str(path)) as post:
+        status, answer = post("/v1/completions", {"prompt": "hi", "max_tokens": 2, "temperature": 0})
         assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
         for body in ({"prompt": "x" * 300, "max_tokens": 2, "temperature": 0},
                      {"prompt": "hi", "max_tokens": 300, "temperature": 0}):
-            status, answer = post(body)
+            status, answer = post("/v1/completions", body)
             assert status == 400 and "256 positions" in answer["error"]["message"], (status, answer)
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        batcher.stop()
 
 
 def test_the_models_generation_config_does_not_rescale_the_greedy_logits(tmp_path):

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from conftest import probe_server
 from detkit.errors import EndpointError, InputError
 from detkit.probe.http import NO_LOGPROBS_NOTE, HTTPEngine
 from detkit.probe.runner import run_probe
@@ -519,26 +520,8 @@ def test_a_reasoning_models_chat_text_includes_its_reasoning(scripted: Threading
 @pytest.fixture
 def detkit_server() -> Iterator[Any]:
     """detkit.probe.server over tiny-llama in this process; yields post(path, body) -> (status, json)."""
-    from detkit.probe import server as S
-
-    srv, batcher = S.serve("tiny-llama", port=0, window_ms=0)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-
-    def post(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(f"http://127.0.0.1:{srv.server_port}{path}", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=60) as answer:
-                return answer.status, json.loads(answer.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    try:
+    with probe_server("tiny-llama") as post:
         yield post
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        batcher.stop()
 
 
 def test_the_servers_chat_api_takes_max_completion_tokens(detkit_server: Any) -> None:

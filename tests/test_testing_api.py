@@ -636,7 +636,7 @@ def test_an_encoder_decoder_with_separate_position_tables_is_checked_against_eac
 def test_encoder_decoder_generation_starts_the_decoder_where_generate_does() -> None:
     # generation_config without decoder_start_token_id, config with one: generate starts
     # from generation_config.bos_token_id, not from the config's decoder_start_token_id.
-    from detkit._testing_generation import _decoder_start_id
+    from detkit._testing_generation import decoder_start_id
 
     bart = _tiny_seq2seq("bart")
     bart.config.decoder_start_token_id = 5
@@ -644,7 +644,7 @@ def test_encoder_decoder_generation_starts_the_decoder_where_generate_does() -> 
     bart.generation_config.forced_eos_token_id = None
     with torch.no_grad():
         generated = bart.generate(torch.tensor([SEQ2SEQ_PROMPTS[0]]), max_new_tokens=2, do_sample=False)
-    assert _decoder_start_id(bart) == generated[0, 0].item() == bart.generation_config.bos_token_id
+    assert decoder_start_id(bart) == generated[0, 0].item() == bart.generation_config.bos_token_id
 
 
 def test_another_dtype_or_shape_is_named_as_such_not_as_ulp_distance() -> None:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
+from detkit._testing_generation import decoder_start_id
 from detkit.devices import resolve_device
 from detkit.errors import InputError, ModelLoadError
 from detkit.probe.engine import Generation, Request, StepScores
@@ -124,19 +125,6 @@ def _is_encoder_decoder_checkpoint(path: Path) -> bool:
     except Exception:  # noqa: BLE001 - from_pretrained reports an unreadable config
         return False
     return getattr(config, "is_encoder_decoder", False) is True
-
-
-def _decoder_start_id(model: PreTrainedModel) -> int:
-    # generate's order: generation_config's decoder_start_token_id, else its bos_token_id
-    gen, config = model.generation_config, model.config
-    for source, key in ((gen, "decoder_start_token_id"), (gen, "bos_token_id"), (config, "decoder_start_token_id")):
-        start = getattr(source, key, None)
-        if isinstance(start, int):
-            return start
-    raise InputError(
-        f"{type(model).__name__} is an encoder-decoder model without a decoder_start_token_id (nor a bos_token_id) "
-        "in its generation_config or config; set one (model.generation_config.decoder_start_token_id = ...) and save it"
-    )
 
 
 def _context_length(model: PreTrainedModel, *first: str) -> int | None:
@@ -247,7 +235,7 @@ class HFEngine:
         self.context_length = _context_length(model)
         self.encoder_decoder = getattr(model.config, "is_encoder_decoder", False) is True
         self.padding_side = "right" if self.encoder_decoder else "left"
-        self.decoder_start_id = _decoder_start_id(model) if self.encoder_decoder else None
+        self.decoder_start_id = decoder_start_id(model) if self.encoder_decoder else None
         # LED sizes the encoder's and the decoder's position tables apart
         self._positions = (
             (_context_length(model, "max_encoder_position_embeddings"), _context_length(model, "max_decoder_position_embeddings"))
