@@ -33,6 +33,9 @@ ROWS = (1, 64, 1024, 8192)
 ROW_LEN = 4096
 TILE_M = (1, 16, 64, 256, 1024, 4096)
 TILE_KN = 4096
+# MoE experts' products, (experts, K, N, routed rows): a Qwen/DeepSeek-sized expert at
+# decode (one token, top 8) and prefill, and Mixtral's 8 experts (top 2).
+GROUPED_CASES = ((64, 2048, 1408, 8), (64, 2048, 1408, 4096), (8, 4096, 14336, 2), (8, 4096, 14336, 1024))
 ATTENTION_CASES = (("decode", 1, 4096), ("decode", 1, 32768), ("prefill", 1024, 1024))  # (name, Lq, Lk)
 DEVICE = "cuda"
 
@@ -91,6 +94,42 @@ def bench_matmul(dtype: torch.dtype, min_time: float, deadline: float) -> Iterat
             t_bi = time_call(lambda x=x, w=w: kc.matmul(x, w.t(), None, portable=False), min_time)
             t_p = time_call(lambda x=x, w=w: kc.matmul(x, w.t(), None, portable=True), min_time)
             yield Result("matmul", str(dtype).replace("torch.", ""), f"M={m} K=N={kn}", t_torch, t_bi, t_p)
+
+
+def bench_grouped(min_time: float, deadline: float) -> Iterator[Result]:
+    """MoE experts, bfloat16: torch._grouped_mm against detkit's grouped kernel (one
+    launch, offsets read on the GPU); op ``grouped_mm per expert`` times the launch per
+    expert that the mode used before (offsets read on the host), as the detkit column."""
+    from detkit.kernels import cuda as kc
+
+    dtype = torch.bfloat16
+    for experts, k, n, tokens in GROUPED_CASES:
+        if time.perf_counter() > deadline:
+            return
+        x = torch.randn(tokens, k, device=DEVICE).to(dtype)
+        w = (torch.randn(experts, n, k, device=DEVICE) * 0.02).to(dtype).transpose(1, 2)
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        routed = torch.randint(0, experts, (tokens,), device=DEVICE, generator=g)
+        offs = torch.bincount(routed, minlength=experts).cumsum(0).to(torch.int32)
+        shape = f"G={experts} K={k} N={n} rows={tokens}"
+        try:
+            t_torch = time_call(lambda: torch._grouped_mm(x, w, offs=offs), min_time)
+        except RuntimeError as err:  # torch's grouped GEMM needs sm_90 (or newer torch for sm_80)
+            print(f"grouped_mm {shape}: torch._grouped_mm unavailable here ({err}); case skipped", file=sys.stderr)
+            return
+        t_bi = time_call(lambda: kc.grouped_matmul(x, w, offs), min_time)
+        t_p = time_call(lambda: kc.grouped_matmul(x, w, offs, portable=True), min_time)
+        yield Result("grouped_mm", "bfloat16", shape, t_torch, t_bi, t_p)
+
+        def per_expert() -> torch.Tensor:
+            out = torch.zeros(tokens, n, dtype=dtype, device=DEVICE)
+            ends = offs.tolist()
+            for e, (start, end) in enumerate(zip([0, *ends], ends)):
+                if end > start:
+                    out[start:end] = kc.matmul(x[start:end], w[e], None)
+            return out
+
+        yield Result("grouped_mm per expert", "bfloat16", shape, t_torch, time_call(per_expert, min_time), None)
 
 
 def bench_rows(dtype: torch.dtype, min_time: float, deadline: float) -> Iterator[Result]:
@@ -354,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path, help="write a Markdown table here")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds of calls per measurement")
     parser.add_argument("--budget", type=float, default=150.0, help="stop starting new cases after this many seconds")
-    parser.add_argument("--only", choices=("matmul", "rows", "attention", "tiles"), action="append")
+    parser.add_argument("--only", choices=("matmul", "grouped", "rows", "attention", "tiles"), action="append")
     parser.add_argument("--no-wgmma", action="store_true",
                         help="leave the wgmma configurations out of the tile sweep "
                         "(gpu-check passes it when their tests failed)")
@@ -369,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     deadline = time.perf_counter() + args.budget
-    only = set(args.only or ("matmul", "rows", "attention", "tiles"))
+    only = set(args.only or ("matmul", "grouped", "rows", "attention", "tiles"))
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cupy": cupy.__version__,
             "cuda": torch.version.cuda, "budget_exhausted": False, "complete": False,
             "wgmma_in_sweep": not args.no_wgmma}
@@ -403,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     suites: list[Iterator[Result]] = []
     if "matmul" in only:
         suites += [bench_matmul(dt, args.min_time, deadline) for dt in (torch.bfloat16, torch.float32)]
+    if "grouped" in only:
+        suites.append(bench_grouped(args.min_time, deadline))
     if "rows" in only:
         suites += [bench_rows(dt, args.min_time, deadline) for dt in (torch.bfloat16, torch.float32)]
     try:

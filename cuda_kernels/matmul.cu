@@ -33,7 +33,7 @@ template <typename T, bool B_KMAJOR, typename CFG>
 __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __restrict__ B,
                                         const T* __restrict__ bias, T* __restrict__ C,
                                         int M, int N, int K, i64 sa_b, i64 sa_m,
-                                        i64 sb_b, i64 sb_ld) {
+                                        i64 sb_b, i64 sb_ld, int mt, int z) {
     constexpr int BM = CFG::BM, BN = CFG::BN, BK = CFG::BK, TM = CFG::TM, TN = CFG::TN;
     constexpr int NT = CFG::NT, PAD = CFG::PAD, CHUNK = CFG::CHUNK;
     __shared__ __align__(16) float As[2][BK][BM + PAD];
@@ -41,10 +41,10 @@ __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __rest
 
     const int tid = threadIdx.x;
     const int tr = tid / (BN / TN), tc = tid % (BN / TN);
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    A += (i64)blockIdx.z * sa_b;
-    B += (i64)blockIdx.z * sb_b;
-    C += (i64)blockIdx.z * (i64)M * (i64)N;
+    const int m0 = mt * BM, n0 = blockIdx.x * BN;
+    A += (i64)z * sa_b;
+    B += (i64)z * sb_b;
+    C += (i64)z * (i64)M * (i64)N;
 
     // Global -> shared mapping (follows the unit stride for coalescing; it decides only
     // where values are loaded from, never the arithmetic order). A is k-contiguous:
@@ -154,7 +154,8 @@ __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __rest
     extern "C" __global__ void __launch_bounds__(CFG::NT)                                     \
     NAME(const T* A, const T* B, const T* bias, T* C, int M, int N, int K, i64 sa_b,          \
          i64 sa_m, i64 sb_b, i64 sb_ld) {                                                     \
-        simt_mm<T, KMAJOR, CFG>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld);             \
+        simt_mm<T, KMAJOR, CFG>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld, blockIdx.y,  \
+                                blockIdx.z);                                                  \
     }
 // mm_simt_<BM>x<BN>x<BK>_<TM>x<TN>_<dtype>_<B layout>. This file instantiates the
 // configurations detkit.kernels.cuda's tables use; matmul_tiles.cu (compiled together with
@@ -252,7 +253,8 @@ template <> struct Mma<f16> {
 template <typename T, bool B_KMAJOR, typename CFG>
 __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restrict__ B,
                                       const T* __restrict__ bias, T* __restrict__ C, int M, int N,
-                                      int K, i64 sa_b, i64 sa_m, i64 sb_b, i64 sb_ld, int vec) {
+                                      int K, i64 sa_b, i64 sa_m, i64 sb_b, i64 sb_ld, int vec,
+                                      int mt, int z) {
     constexpr int BM = CFG::BM, BN = CFG::BN, BK = CFG::BK, NT = CFG::NT, STAGES = CFG::STAGES;
     constexpr int WM = CFG::WM, WN = CFG::WN, MI = CFG::MI, NI = CFG::NI, WGN = CFG::WGN;
     constexpr int LDA = CFG::LDA, LDB_K = CFG::LDB_K, LDB_N = CFG::LDB_N;
@@ -263,10 +265,10 @@ __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restri
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int wm = warp / WGN, wn = warp % WGN;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const u16* Ag = reinterpret_cast<const u16*>(A) + (i64)blockIdx.z * sa_b;
-    const u16* Bg = reinterpret_cast<const u16*>(B) + (i64)blockIdx.z * sb_b;
-    C += (i64)blockIdx.z * (i64)M * (i64)N;
+    const int m0 = mt * BM, n0 = blockIdx.x * BN;
+    const u16* Ag = reinterpret_cast<const u16*>(A) + (i64)z * sa_b;
+    const u16* Bg = reinterpret_cast<const u16*>(B) + (i64)z * sb_b;
+    C += (i64)z * (i64)M * (i64)N;
 
     auto load_stage = [&](int stage, int k0) {
         u16* a_s = sA + stage * A_STAGE;
@@ -406,7 +408,8 @@ __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restri
     extern "C" __global__ void __launch_bounds__(CFG::NT)                                     \
     NAME(const T* A, const T* B, const T* bias, T* C, int M, int N, int K, i64 sa_b,           \
          i64 sa_m, i64 sb_b, i64 sb_ld, int vec) {                                             \
-        tc_mm<T, KMAJOR, CFG>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld, vec);           \
+        tc_mm<T, KMAJOR, CFG>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld, vec, blockIdx.y, \
+                              blockIdx.z);                                                    \
     }
 // mm_tc_<BM>x<BN>x<BK>_<warps>_s<stages>_<dtype>_<B layout>: the configuration of
 // detkit.kernels.cuda.MATMUL_TILES here, the alternatives in matmul_tiles.cu.
@@ -419,3 +422,70 @@ __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restri
     DETKIT_TC_ENTRY(mm_tc_##TAG##_f16_kmajor, f16, true, TcCfg_##TAG)                          \
     DETKIT_TC_ENTRY(mm_tc_##TAG##_f16_nmajor, f16, false, TcCfg_##TAG)
 DETKIT_TC_CONFIG(128x64x32_2x2_s3, 128, 64, 32, 2, 2, 3)
+
+// =====================================================================================
+// Grouped GEMM: torch._grouped_mm's (S, K) x (G, K, N) form, the experts of MoE layers.
+// Rows offs[g-1] .. offs[g] of A (offs[-1] = 0) times B[g], into the same rows of C.
+// The offsets are read on the device, so the host never waits for the routing: grid.y
+// covers cdiv(S, BM) + G row tiles, at least as many as any split of S rows into G
+// groups has, and a CTA past the last tile returns at once. Each CTA runs the plain
+// kernel on its group (same configuration, same K loop), so a row's bits are those of
+// the plain kernel on the group's rows, which do not depend on how many rows that is.
+// Offsets that are not nondecreasing within [0, S] are clamped into it (a group then
+// takes no rows, or fewer), never read past A or C; rows past the last offset are not
+// written (the launcher zeroes them).
+// =====================================================================================
+// Which tile of which group CTA row `t` computes: false when t is past the last one.
+template <int BM>
+__device__ __forceinline__ bool group_tile(const int* __restrict__ offs, int G, int S, int& t, int& g,
+                                           int& start, int& rows) {
+    int prev = 0;
+    for (int i = 0; i < G; ++i) {
+        const int end = min(max(offs[i], prev), S);
+        const int tiles = (end - prev + BM - 1) / BM;
+        if (t < tiles) {
+            g = i;
+            start = prev;
+            rows = end - prev;
+            return true;
+        }
+        t -= tiles;
+        prev = end;
+    }
+    return false;
+}
+
+#define DETKIT_SIMT_GROUPED_ENTRY(NAME, T, KMAJOR, CFG)                                      \
+    extern "C" __global__ void __launch_bounds__(CFG::NT)                                     \
+    NAME(const T* A, const T* B, const int* offs, T* C, int S, int G, int N, int K,           \
+         i64 sa_m, i64 sb_b, i64 sb_ld) {                                                     \
+        int t = blockIdx.y, g, start, rows;                                                   \
+        if (!group_tile<CFG::BM>(offs, G, S, t, g, start, rows)) return;                      \
+        simt_mm<T, KMAJOR, CFG>(A + (i64)start * sa_m, B + (i64)g * sb_b, nullptr,            \
+                                C + (i64)start * N, rows, N, K, 0, sa_m, 0, sb_ld, t, 0);     \
+    }
+#define DETKIT_TC_GROUPED_ENTRY(NAME, T, KMAJOR, CFG)                                        \
+    extern "C" __global__ void __launch_bounds__(CFG::NT)                                     \
+    NAME(const T* A, const T* B, const int* offs, T* C, int S, int G, int N, int K,           \
+         i64 sa_m, i64 sb_b, i64 sb_ld, int vec) {                                            \
+        int t = blockIdx.y, g, start, rows;                                                   \
+        if (!group_tile<CFG::BM>(offs, G, S, t, g, start, rows)) return;                      \
+        tc_mm<T, KMAJOR, CFG>(A + (i64)start * sa_m, B + (i64)g * sb_b, nullptr,              \
+                              C + (i64)start * N, rows, N, K, 0, sa_m, 0, sb_ld, vec, t, 0);  \
+    }
+// <configuration's entry prefix>_grouped_<B layout>, for the configurations of
+// detkit.kernels.cuda's tables only.
+#define DETKIT_SIMT_GROUPED(TAG)                                                             \
+    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_f32_grouped_kmajor, float, true, SimtCfg_##TAG)  \
+    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_f32_grouped_nmajor, float, false, SimtCfg_##TAG) \
+    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_bf16_grouped_kmajor, bf16, true, SimtCfg_##TAG)  \
+    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_bf16_grouped_nmajor, bf16, false, SimtCfg_##TAG) \
+    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_f16_grouped_kmajor, f16, true, SimtCfg_##TAG)    \
+    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_f16_grouped_nmajor, f16, false, SimtCfg_##TAG)
+#define DETKIT_TC_GROUPED(TAG)                                                               \
+    DETKIT_TC_GROUPED_ENTRY(mm_tc_##TAG##_bf16_grouped_kmajor, bf16, true, TcCfg_##TAG)        \
+    DETKIT_TC_GROUPED_ENTRY(mm_tc_##TAG##_bf16_grouped_nmajor, bf16, false, TcCfg_##TAG)       \
+    DETKIT_TC_GROUPED_ENTRY(mm_tc_##TAG##_f16_grouped_kmajor, f16, true, TcCfg_##TAG)          \
+    DETKIT_TC_GROUPED_ENTRY(mm_tc_##TAG##_f16_grouped_nmajor, f16, false, TcCfg_##TAG)
+DETKIT_SIMT_GROUPED(128x64x16_8x4)
+DETKIT_TC_GROUPED(128x64x32_2x2_s3)

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 
 from detkit.errors import InputError
+from detkit.kernels._grouped import offsets_problem
 
 __all__ = [
     "ELEMENTWISE_EXACT",
@@ -331,13 +332,15 @@ def grouped_mm(
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``torch._grouped_mm``: the expert products of MoE layers (transformers 5's default
-    ``experts_implementation``), one detkit matmul per group. torch's CUDA kernel is a
-    grouped GEMM that never reaches ``mm``; its CPU fallback happens to loop over
-    ``mm.out``. Routed here, every token's row is one row-invariant product on either.
+    ``experts_implementation``). torch's CUDA kernel is a grouped GEMM that never reaches
+    ``mm``; its CPU fallback happens to loop over ``mm.out``. Routed here, every token's
+    row is one row-invariant product on either.
 
     Forms: (S, K) x (G, K, N) with ``offs`` (rows of group g end at ``offs[g]``; rows past
-    ``offs[-1]``, which torch leaves uninitialised, are zero); (S, M, K) x (S, K, N)
-    without ``offs``; (M, K) x (K, N) with ``offs`` partitioning K (G results).
+    ``offs[-1]``, which torch leaves uninitialised, are zero): ``kernels.grouped_matmul``,
+    whose CUDA backend reads ``offs`` on the device; (S, M, K) x (S, K, N) without
+    ``offs``; (M, K) x (K, N) with ``offs`` partitioning K (G results, offsets read on
+    the host).
     """
     _float(self, mat2)
     if bias is not None:
@@ -352,25 +355,23 @@ def grouped_mm(
         raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D without offs", benign=True)  # torch raises
     if offs.dtype != torch.int32:
         raise Unsupported(f"{offs.dtype} offs", benign=True)  # torch raises: offsets have to be int32
-    ends = offs.tolist() if offs.dim() == 1 else None
-    # The dimension offs partitions: rows (2-D x 3-D), K (2-D x 2-D) or, in the 3-D x 2-D
-    # form these kernels do not take, mat2's columns.
-    jagged = self.shape[0] if mat2.dim() == 3 else self.shape[-1] if self.dim() == 2 else mat2.shape[-1]
-    if not ends or any(e < s for s, e in zip([0, *ends], ends)) or ends[-1] > jagged:
-        raise Unsupported(f"offs {offs.tolist()} are not nondecreasing ends within the jagged dimension ({jagged})")
-    # (group, start, end) of the nonempty groups: an empty one has no rows, or sums no K (zeros)
-    groups = [(g, start, end) for g, (start, end) in enumerate(zip([0, *ends], ends)) if end > start]
-    if self.dim() == 2 and mat2.dim() == 3 and len(ends) == mat2.shape[0]:
-        out = torch.zeros((self.shape[0], mat2.shape[-1]), dtype=self.dtype, device=self.device)
-        for g, start, end in groups:
-            out[start:end] = _matmul(call, self[start:end], mat2[g])
-        return out
-    if self.dim() == 2 and mat2.dim() == 2:
+    if offs.dim() == 1 and self.dim() == 2 and mat2.dim() == 3 and offs.shape[0] == mat2.shape[0] > 0:
+        # The MoE form: one grouped launch that reads offs where they are (on a GPU, no
+        # host synchronisation per layer).
+        return _kernel_call(kernels_module().grouped_matmul, _plain(self), _plain(mat2), offs,
+                            portable=call.portable, check_offsets=False)
+    if offs.dim() == 1 and self.dim() == 2 and mat2.dim() == 2:
+        # offs partition K (weight gradients): one product per group, offsets read on the host.
+        ends = offs.tolist()
+        problem = offsets_problem(ends, self.shape[-1])
+        if not ends or problem:
+            raise Unsupported(problem or "no offsets")
         out = torch.zeros((len(ends), self.shape[0], mat2.shape[-1]), dtype=self.dtype, device=self.device)
-        for g, start, end in groups:
-            out[g] = _matmul(call, self[:, start:end], mat2[start:end])
+        for g, (start, end) in enumerate(zip([0, *ends], ends)):
+            if end > start:  # an empty group sums no K: zeros
+                out[g] = _matmul(call, self[:, start:end], mat2[start:end])
         return out
-    raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D grouped product with {len(ends)} offsets")
+    raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D grouped product with {offs.shape[0] if offs.dim() else 0} offsets")
 
 
 # ----------------------------------------------------------------------------- softmax

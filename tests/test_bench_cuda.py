@@ -25,6 +25,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setattr(mod, "MATMUL_KN", (64,))
     monkeypatch.setattr(mod, "ROW_LEN", 32)
     monkeypatch.setattr(mod, "ATTENTION_CASES", (("decode", 1, 16), ("prefill", 8, 8)))
+    monkeypatch.setattr(mod, "GROUPED_CASES", ((4, 64, 32, 8),))
     monkeypatch.setattr(mod, "TILE_KN", 64)
     monkeypatch.setattr(mod, "TILE_M", (1, 16))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -214,6 +215,7 @@ def test_a_kernel_fault_keeps_the_sweep_and_says_what_stopped_it(bench: Any, tmp
         bench.main(["--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")])
     data = json.loads((tmp_path / "b.json").read_text())
     assert "illegal memory access" in data["meta"]["error"] and not data["meta"]["complete"]
-    assert {r["op"] for r in data["results"]} == {"matmul", "launch overhead", "softmax", "rms_norm", "layer_norm"}
+    assert {r["op"] for r in data["results"]} == {"matmul", "grouped_mm", "grouped_mm per expert", "launch overhead",
+                                                  "softmax", "rms_norm", "layer_norm"}
     assert len(data["tiles"]) == 4 and data["tile_choice"]
     assert "**Stopped early by RuntimeError: CUDA error" in (tmp_path / "b.md").read_text()

@@ -92,6 +92,10 @@ def test_backend_entry_points_exist(results: dict) -> None:
                 continue
             missing = entries - set(results[(target, module)].entries)
             assert not missing, f"matmul configurations missing from {module} for {arch}: {sorted(missing)}"
+        # the grouped (MoE) launches use the tables' configurations only
+        grouped = {f"{c.kernel}_grouped_{layout}" for c in tables for layout in ("kmajor", "nmajor")}
+        missing = grouped - set(results[(arch, "matmul.cu")].entries)
+        assert not missing, f"grouped matmul entry points missing from matmul.cu for {arch}: {sorted(missing)}"
     # the default configurations are in matmul.cu itself, so that detkit never compiles the alternatives
     assert {c.module for c in tables} == {"matmul.cu"}
     for cfg in tables:

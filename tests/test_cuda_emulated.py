@@ -594,6 +594,81 @@ def test_fp32_matmul_batch_invariant(emulated: dict) -> None:
         assert_bits_equal(cuda_backend.matmul(a[rows[0] : rows[1]], b, None), full[rows[0] : rows[1]], f"rows {rows}")
 
 
+# ----------------------------------------------------------------------------- grouped (MoE experts)
+
+
+def _clamped_ends(offs: list[int], rows: int) -> list[int]:
+    """The group ends matmul.cu's group_tile uses: offsets clamped nondecreasing into [0, rows]."""
+    ends, prev = [], 0
+    for o in offs:
+        prev = min(max(o, prev), rows)
+        ends.append(prev)
+    return ends
+
+
+def _grouped_by_launches(a: torch.Tensor, b: torch.Tensor, ends: list[int], portable: bool) -> torch.Tensor:
+    """The reference: one plain matmul launch per nonempty group, zeros elsewhere."""
+    out = torch.zeros((a.shape[0], b.shape[-1]), dtype=a.dtype)
+    for g, (start, end) in enumerate(zip([0, *ends], ends)):
+        if end > start:
+            out[start:end] = cuda_backend.matmul(a[start:end], b[g], None, portable=portable)
+    return out
+
+
+def _experts(dtype: torch.dtype, groups: int, k: int, n: int, layout: str, seed: int) -> torch.Tensor:
+    w = rand((groups, n, k), dtype, seed, 0.2)  # HF's expert weights (G, N, K)
+    return w.transpose(1, 2) if layout == "kmajor" else w.transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("layout", ["kmajor", "nmajor"])
+def test_grouped_matmul_rows_are_their_groups_products(emulated: dict, monkeypatch: pytest.MonkeyPatch,
+                                                       dtype: torch.dtype, portable: bool, layout: str) -> None:
+    """One grouped launch, CTAs finding their group from offs on the device: each group's
+    rows have the bits of a plain matmul of that group (groups crossing a 128-row tile,
+    empty groups, one-row groups, a group at the end), rows past offs[-1] are zero, a row
+    alone in its group gives the same bits, and portable=True equals the CPU portable
+    backend. K = 72 with k-major B takes the tensor cores' cp.async loads, N = 70 with
+    n-major B the element-wise ones."""
+    from detkit.kernels import portable_cpu
+
+    s, k, n = 300, 72, 70
+    a = rand((s, k), dtype, 80)
+    b = _experts(dtype, 5, k, n, layout, 81)
+    ends = [0, 130, 131, 131, 271]
+    offs = torch.tensor(ends, dtype=torch.int32)
+    launched: list[str] = []
+    emulated_launch = cuda_backend._launch
+    with monkeypatch.context() as mp:
+        mp.setattr(cuda_backend, "_launch", lambda dev, module, entry, *args: (launched.append(entry),
+                                                                                emulated_launch(dev, module, entry, *args)))
+        got = cuda_backend.grouped_matmul(a, b, offs, portable=portable)
+    table = cuda_backend.PORTABLE_MATMUL_TILES if portable else cuda_backend.MATMUL_TILES
+    assert launched == [f"{table[(dtype, 9)].kernel}_grouped_{layout}"], launched
+    assert_bits_equal(got, _grouped_by_launches(a, b, ends, portable), "grouped vs a launch per group")
+    assert torch.equal(got[271:], torch.zeros_like(got[271:]))
+    for row, group in ((0, 1), (129, 1), (130, 2), (200, 4), (270, 4)):
+        alone = cuda_backend.grouped_matmul(a[row : row + 1], b[group : group + 1], torch.tensor([1], dtype=torch.int32),
+                                            portable=portable)
+        assert_bits_equal(alone[0], got[row], f"row {row} alone in expert {group}")
+    if portable:
+        assert_bits_equal(got, portable_cpu.grouped_matmul(a, b, offs), "portable CUDA vs portable CPU")
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_grouped_matmul_clamps_offsets_it_cannot_trust(emulated: dict, portable: bool) -> None:
+    """The kernel reads offs on the device, where nobody checked them: decreasing, negative
+    or past-the-end offsets are clamped into [0, S] (under AddressSanitizer: never a read
+    past A or a write past the result), with the clamped groups' products."""
+    a = rand((150, 40), torch.bfloat16, 82)
+    b = _experts(torch.bfloat16, 4, 40, 24, "kmajor", 83)
+    for offs in ([-5, 140, 100, 10_000], [150, 0, 0, 150], [2**31 - 1] * 4, [-(2**31)] * 4):
+        ends = _clamped_ends(offs, 150)
+        got = cuda_backend.grouped_matmul(a, b, torch.tensor(offs, dtype=torch.int32), portable=portable)
+        assert_bits_equal(got, _grouped_by_launches(a, b, ends, portable), f"offs {offs} (clamped to {ends})")
+
+
 # float16: the same templates as bfloat16. The wgmma family (no float32, no portable
 # configurations) apart, so that ThreadSanitizer can leave it to the wgmma pipeline test.
 @pytest.mark.parametrize(("dtype", "family"), [(torch.float32, "mma"), (torch.bfloat16, "mma"),
@@ -827,8 +902,8 @@ def test_mode_through_the_cuda_backend_routes_a_moe_models_grouped_experts(
 ) -> None:
     """tests/test_cuda_gpu.py's test_mode_makes_a_cuda_moe_model_batch_invariant, small: a
     Mixtral's experts (torch._grouped_mm over transposed expert weights, one group per
-    expert) go through the mode's adapter to the tensor-core kernels, and each prompt's
-    last logits alone equal its row of the left-padded batch, bitwise."""
+    expert) go through the mode's adapter to the grouped tensor-core kernel, and each
+    prompt's last logits alone equal its row of the left-padded batch, bitwise."""
     transformers = pytest.importorskip("transformers")
     import detkit
     import portable_reference as ref
@@ -854,12 +929,31 @@ def test_mode_through_the_cuda_backend_routes_a_moe_models_grouped_experts(
             assert_bits_equal(batch[i], alone, f"MoE prompt {i} alone vs in the padded batch")
     assert bi.uncovered() == {}, f"ops fell back to torch: {bi.coverage()}"
     assert bi.routed().get("_grouped_mm", 0) > 0, bi.coverage()
-    assert "mm_tc_128x64x32_2x2_s3_bf16_kmajor" in launched, launched
+    # the attention projections' products, and the experts' in one grouped launch each
+    assert {"mm_tc_128x64x32_2x2_s3_bf16_kmajor", "mm_tc_128x64x32_2x2_s3_bf16_grouped_kmajor"} <= launched, launched
 
 
 # ----------------------------------------------------------------------------- drawn shapes
 
 _DRAWN = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_DRAWN
+@given(sizes=st.lists(st.integers(0, 140), min_size=1, max_size=6), tail=st.integers(0, 20),
+       k=st.integers(1, 100), n=st.integers(1, 80), dtype=st.sampled_from(DTYPES),
+       layout=st.sampled_from(["kmajor", "nmajor"]), portable=st.booleans(), seed=st.integers(0, 2**16))
+def test_grouped_matmul_for_drawn_shapes(emulated: dict, sizes: list[int], tail: int, k: int, n: int,
+                                         dtype: torch.dtype, layout: str, portable: bool, seed: int) -> None:
+    """Any split of the rows into experts (empty ones, a tail past offs[-1]), any K and N:
+    the bits of one launch per group."""
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    s = ends[-1] + tail
+    if s == 0:
+        return  # the front end answers an empty product itself
+    a = rand((s, k), dtype, seed)
+    b = _experts(dtype, len(sizes), k, n, layout, seed + 1)
+    got = cuda_backend.grouped_matmul(a, b, torch.tensor(ends, dtype=torch.int32), portable=portable)
+    assert_bits_equal(got, _grouped_by_launches(a, b, ends, portable), f"groups {sizes} + {tail} K={k} N={n}")
 
 
 @_DRAWN
@@ -1061,9 +1155,10 @@ ADDRESS_SELECTION = ("not drawn_shapes and not dtype2 and not (row_ops_batch_inv
 # ThreadSanitizer (slower): each kernel that shares memory between threads once - the
 # tensor-core pipeline in every tile configuration, the wgmma pipeline through its stage
 # rotation (float16: one configuration), the CUDA-core GEMM, the block reductions of the
-# row ops, both attention kernels.
+# row ops, both attention kernels, the grouped GEMM (CTAs that return before any barrier).
 THREAD_SELECTION = ("(tensor_core and dtype0) or (every_tile and bfloat16) or (row_ops_batch_invariant and dtype1) "
-                    "or (split_attention_values and bool) or attention_invariance or (wgmma_pipeline and dtype1)")
+                    "or (split_attention_values and bool) or attention_invariance or (wgmma_pipeline and dtype1) "
+                    "or (grouped_matmul_rows and kmajor-False-dtype1)")
 
 
 class _SanitizedRun:

@@ -110,6 +110,61 @@ def test_bmm_batch_invariant(portable: bool) -> None:
                               full[s : s + nb], f"bmm batch {s}:{s + nb}")
 
 
+def _routed(s: int, experts: int, seed: int) -> torch.Tensor:
+    """Group ends (int32, on the GPU) of ``s`` token rows routed at random to ``experts``
+    experts, some of which get none."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(experts, generator=g) * (torch.rand(experts, generator=g) > 0.2)
+    counts = torch.bincount(torch.multinomial(weights + 1e-9, s, replacement=True, generator=g), minlength=experts)
+    return counts.cumsum(0).to(torch.int32).to(DEV)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_matmul_rows_do_not_depend_on_their_experts_other_tokens(dtype: torch.dtype, portable: bool) -> None:
+    """MoE experts in one grouped launch (offsets read on the GPU): every token's row is
+    bitwise its product alone with its expert's matrix, for 2048 tokens over 64 experts;
+    the same tokens split over launches of other sizes give the same rows."""
+    s, experts, k, n = 2048, 64, 1000, 387
+    x = rand((s, k), dtype, 100)
+    w = rand((experts, n, k), dtype, 101, 0.05).transpose(1, 2)  # HF's expert weights, transposed views
+    ends = _routed(s, experts, 102)
+    full = cuda_backend.grouped_matmul(x, w, ends, portable=portable)
+    host_ends = ends.tolist()
+    flags = torch.zeros(s, dtype=torch.bool, device=DEV)
+    one = torch.ones(1, dtype=torch.int32, device=DEV)
+    for e, (start, end) in enumerate(zip([0, *host_ends], host_ends)):
+        for r in range(start, end):
+            alone = cuda_backend.grouped_matmul(x[r : r + 1], w[e : e + 1], one, portable=portable)
+            flags[r] = (bits(alone) != bits(full[r : r + 1])).any()
+        if end > start:
+            assert_bits_equal(full[start:end], cuda_backend.matmul(x[start:end], w[e], None, portable=portable),
+                              f"expert {e}: grouped vs plain matmul of its rows")
+    bad = flags.nonzero().flatten().tolist()
+    assert not bad, f"{len(bad)} rows differ from their product alone; first rows {bad[:10]}"
+    # the first 700 tokens alone, routed as they were in the full batch
+    part_ends = ends.clamp(max=700)
+    assert_bits_equal(cuda_backend.grouped_matmul(x[:700], w, part_ends, portable=portable), full[:700], "700 tokens")
+
+
+def test_grouped_matmul_under_the_mode_never_waits_for_the_gpu() -> None:
+    """torch._grouped_mm under the mode reads the routing on the GPU: no host
+    synchronisation per MoE layer (torch's sync debug mode turns one into an error)."""
+    x = rand((512, 256), torch.bfloat16, 103)
+    w = rand((8, 128, 256), torch.bfloat16, 104).transpose(1, 2)
+    ends = _routed(512, 8, 105)
+    with batch_invariant(strict=True) as bi:
+        torch._grouped_mm(x, w, offs=ends)  # warm: first-use compilation and loading may wait
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = torch._grouped_mm(x, w, offs=ends)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert bi.routed().get("_grouped_mm", 0) == 2, bi.coverage()
+    assert_bits_equal(got, cuda_backend.grouped_matmul(x, w, ends), "mode vs backend")
+
+
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_every_tile_configuration_gives_the_same_bits(dtype: torch.dtype, portable: bool) -> None:

@@ -103,6 +103,42 @@ def test_attention_argument_errors() -> None:
             kernels.attention(q, k, v, attn_mask=torch.zeros(3, 5, dtype=dtype), enable_gqa=True)
 
 
+def test_grouped_matmul_argument_errors() -> None:
+    x, w = x32(6, 4), x32(2, 4, 3)
+    ends = torch.tensor([2, 6], dtype=torch.int32)
+    cases = [
+        ((x, w, ends.long()), "offs must be a 1-D int32 tensor"),
+        ((x, w, [2, 6]), "offs must be a 1-D int32 tensor of group ends, got list"),
+        ((x, w, ends[None]), "offs must be a 1-D int32 tensor"),
+        ((x, w, ends[:1]), r"one end per group of b \(2\), got 1"),
+        ((x, x32(2, 5, 3), ends), r"a's K \(4\) must equal b's second dimension \(5\)"),
+        ((x[None], w, ends), r"a must be 2-D \(S, K\) and b 3-D \(G, K, N\)"),
+        ((x, w.bfloat16(), ends), "same dtype"),
+        ((x, w, torch.tensor([4, 2], dtype=torch.int32)), r"offs \[4, 2\] are not nondecreasing"),
+        ((x, w, torch.tensor([2, 7], dtype=torch.int32)), r"within the grouped dimension \(6\)"),
+        ((x, w, torch.tensor([-1, 6], dtype=torch.int32)), "not nondecreasing"),
+    ]
+    for args, message in cases:
+        with pytest.raises(InputError, match=message):
+            kernels.grouped_matmul(*args)  # type: ignore[arg-type]
+    # the CPU backends read the offsets on the host, so they check them even when told not to
+    with pytest.raises(InputError, match="not nondecreasing"):
+        kernels.grouped_matmul(x, w, torch.tensor([4, 2], dtype=torch.int32), check_offsets=False)
+    with pytest.raises(InputError, match="check_offsets must be True or False"):
+        kernels.grouped_matmul(x, w, ends, check_offsets="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_grouped_matmul_empty_dimensions(portable: bool) -> None:
+    ends = torch.tensor([0, 0], dtype=torch.int32)
+    assert kernels.grouped_matmul(x32(0, 4), x32(2, 4, 3), ends, portable=portable).shape == (0, 3)
+    full = torch.tensor([1, 2], dtype=torch.int32)
+    assert kernels.grouped_matmul(x32(2, 4), x32(2, 4, 0), full, portable=portable).shape == (2, 0)
+    assert torch.equal(kernels.grouped_matmul(x32(2, 0), x32(2, 0, 3), full, portable=portable), torch.zeros(2, 3))
+    # every row in no group: all zero, as the rows past offs[-1] always are
+    assert torch.equal(kernels.grouped_matmul(x32(3, 4), x32(2, 4, 3), ends, portable=portable), torch.zeros(3, 3))
+
+
 def test_unknown_device_and_missing_backend() -> None:
     meta = torch.empty(2, 3, device="meta")
     with pytest.raises(BackendUnavailable, match="meta"):

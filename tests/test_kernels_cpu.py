@@ -100,6 +100,33 @@ def test_matmul_2d_row_invariance(
     check_row_invariance(lambda a: kernels.matmul(a, w, bias), x, gen)
 
 
+@given(
+    dtype=dtypes,
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=8),
+    tail=st.integers(0, 5),
+    k=st.integers(1, 300),
+    n=st.integers(1, 48),
+    portable=st.booleans(),
+    seed=seeds,
+)
+def test_grouped_matmul_rows_do_not_depend_on_their_experts_other_tokens(
+    dtype: torch.dtype, sizes: list[int], tail: int, k: int, n: int, portable: bool, seed: int
+) -> None:
+    """MoE: every token's row is its own product with its expert's matrix, whatever else
+    the expert got and wherever the token sits; rows past the last group are zero."""
+    gen = torch.Generator().manual_seed(seed)
+    ends = torch.tensor(sizes).cumsum(0)
+    s = int(ends[-1]) + tail
+    x = randn(gen, s, k, dtype=dtype)
+    w = randn(gen, len(sizes), n, k, dtype=dtype).transpose(1, 2)  # HF's weight.transpose(-2, -1)
+    got = kernels.grouped_matmul(x, w, ends.to(torch.int32), portable=portable)
+    expert = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    for r in range(int(ends[-1])):
+        alone = kernels.matmul(x[r : r + 1], w[int(expert[r])], portable=portable)
+        assert same_bits(got[r : r + 1], alone), f"row {r} (expert {int(expert[r])}) differs from its product alone"
+    assert torch.equal(got[int(ends[-1]) :], torch.zeros(tail, n, dtype=dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matmul_model_sized_weight(dtype: torch.dtype) -> None:
     """A GPT-2-sized linear layer (K=768, N=1024): every row, many batch sizes."""

@@ -32,6 +32,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "attention",
     "cpu_status",
+    "grouped_matmul",
     "layer_norm",
     "log_softmax",
     "matmul",
@@ -211,6 +212,54 @@ def matmul(
     if b_vec:
         out = out.squeeze(-1)
     return out
+
+
+def grouped_matmul(
+    a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, portable: bool = False, check_offsets: bool = True
+) -> torch.Tensor:
+    """The experts' products of an MoE layer: ``torch._grouped_mm(a, b, offs=offs)``.
+
+    ``a`` (S, K) holds the tokens sorted by expert, ``b`` (G, K, N) one matrix per expert
+    (any strides: a transposed weight view is not copied), ``offs`` (G,) int32 the
+    running ends of the groups (``torch.cumsum`` of the tokens per expert). Row ``r`` of
+    group ``g`` gets ``a[r] @ b[g]``, bitwise what :func:`matmul` gives for that row
+    alone: how many tokens an expert got, and where, changes no bit. Rows past
+    ``offs[-1]`` are zero (torch leaves them uninitialised).
+
+    ``check_offsets=True`` reads ``offs`` on the host and raises ``InputError`` unless
+    they are nondecreasing within [0, S]; for CUDA tensors that waits for the GPU. With
+    ``False`` the CUDA backend reads them on the device only (no synchronisation; invalid
+    offsets are clamped into [0, S], never read past ``a``); the CPU backends always check.
+    """
+    fn = "grouped_matmul"
+    a = _check(a, "a", fn)
+    b = _check(b, "b", fn)
+    _same_dtype(fn, a=a, b=b)
+    if not isinstance(check_offsets, bool):
+        raise InputError(f"{fn}: check_offsets must be True or False, got {check_offsets!r}.")
+    if not isinstance(offs, torch.Tensor) or offs.dtype != torch.int32 or offs.dim() != 1:
+        desc = f"a {offs.dim()}-D {offs.dtype} tensor" if isinstance(offs, torch.Tensor) else type(offs).__name__
+        raise InputError(f"{fn}: offs must be a 1-D int32 tensor of group ends, got {desc}; "
+                         "use torch.cumsum(counts, 0, dtype=torch.int32).")
+    backend = _dispatch(fn, portable, a=a, b=b, offs=offs)
+    if a.dim() != 2 or b.dim() != 3:
+        raise InputError(f"{fn}: a must be 2-D (S, K) and b 3-D (G, K, N), got shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}.")
+    s, k = a.shape
+    g, kb, n = b.shape
+    if kb != k:
+        raise InputError(f"{fn}: a's K ({k}) must equal b's second dimension ({kb}).")
+    if offs.shape[0] != g or g == 0:
+        raise InputError(f"{fn}: offs must hold one end per group of b ({g}), got {offs.shape[0]}.")
+    if check_offsets:
+        from detkit.kernels._grouped import offsets_problem
+
+        problem = offsets_problem(offs.tolist(), s)
+        if problem:
+            raise InputError(f"{fn}: {problem}; pass int32 row counts summed up (torch.cumsum).")
+    if s == 0 or n == 0 or k == 0:
+        return torch.zeros((s, n), dtype=a.dtype, device=a.device)
+    return backend.grouped_matmul(a, b, offs)
 
 
 def _split_bias(

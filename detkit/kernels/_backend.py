@@ -34,6 +34,15 @@ rounded once into the input dtype at the end):
     finite ``b``), and the torch mode skips its leading-zero canonicalisation of batched
     products (``detkit._aten_adapters``). A backend without it is assumed to block K.
 
+``grouped_matmul(a, b, offs) -> Tensor``
+    ``a``: (S, K); ``b``: (G, K, N), any strides; ``offs``: (G,) int32 on the same
+    device, the ends of the groups' rows (torch._grouped_mm's MoE form). Row ``r`` of
+    group ``g`` (``offs[g-1] <= r < offs[g]``, ``offs[-1] = 0``) is ``matmul(a[r:r+1],
+    b[g], None)``, bit for bit; rows past ``offs[G-1]`` are zero. A backend that reads the
+    offsets on the host raises ``InputError`` for offsets that are not nondecreasing
+    within [0, S]; one that reads them on the device clamps them into it and must never
+    read or write outside ``a`` and the result. S, N, K, G >= 1.
+
 ``softmax(x, log) -> Tensor``
     ``x``: (R, L) contiguous. Softmax (``log=False``) or log-softmax over the last dim.
     The normaliser is anchored at the row's first element whose ``exp(x - max)`` is

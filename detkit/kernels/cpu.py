@@ -29,6 +29,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 from detkit.kernels import _cpu_numba as nk  # noqa: E402
 from detkit.kernels._cpu_tiles import cpu_status, tiled_matmul  # noqa: E402
+from detkit.kernels._grouped import host_grouped_matmul  # noqa: E402
 
 # nk.bmm: acc = fma(a_k, b_k, acc) for k = 0..K-1 from +0 (see detkit.kernels._backend).
 BATCHED_MATMUL_SEQUENTIAL_IN_K = True
@@ -52,6 +53,7 @@ def _row_kernel(parallel: Any, serial: Any, x: np.ndarray) -> Any:
 __all__ = [
     "attention",
     "cpu_status",
+    "grouped_matmul",
     "layer_norm",
     "matmul",
     "rms_norm",
@@ -104,6 +106,11 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch
     if bias is not None:
         out = out + bias.to(out.dtype)
     return out.to(dtype)
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """See ``detkit.kernels._backend``."""
+    return host_grouped_matmul(matmul, a, b, offs)
 
 
 def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:

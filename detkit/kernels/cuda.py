@@ -40,6 +40,7 @@ __all__ = [
     "fits",
     "elementwise",
     "from_cupy",
+    "grouped_matmul",
     "layer_norm",
     "matmul",
     "rms_norm",
@@ -357,14 +358,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
         raise InputError(f"matmul: batch sizes of a ({nb}) and b ({b3.shape[0]}) differ.")
     if a3.stride(-1) != 1 and k > 1:
         a3 = a3.contiguous()  # the kernels read A along k; values (hence bits) unchanged
-    # B's layout: k-contiguous (a transposed nn.Linear weight, not copied) or n-contiguous.
-    if b3.stride(-2) == 1 or k == 1:
-        kmajor, ld = True, b3.stride(-1)
-    elif b3.stride(-1) == 1 or n == 1:
-        kmajor, ld = False, b3.stride(-2)
-    else:
-        b3 = b3.contiguous()
-        kmajor, ld = False, b3.stride(-2)
+    b3, kmajor, ld = _b_layout(b3)
     sb_b = b3.stride(0) if b3.shape[0] == nb and nb > 1 else 0
     sa_b = a3.stride(0) if nb > 1 else 0
     out = torch.empty((nb, m, n), dtype=a.dtype, device=dev)
@@ -394,6 +388,60 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
                     np.int64(sa_b), np.int64(a3.stride(1)), np.int64(sb_b), np.int64(ld))
         _launch(dev, cfg.module, entry, (grid_x, grid_y, nz), cfg.threads, args, cfg.smem)
     return out if batched else out[0]
+
+
+def _b_layout(b3: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
+    """(b3, k-major?, leading stride) of a (B, K, N) operand: k-contiguous (a transposed
+    nn.Linear weight, not copied) or n-contiguous; any other layout is copied first."""
+    k, n = b3.shape[-2:]
+    if b3.stride(-2) == 1 or k == 1:
+        return b3, True, b3.stride(-1)
+    if b3.stride(-1) == 1 or n == 1:
+        return b3, False, b3.stride(-2)
+    b3 = b3.contiguous()
+    return b3, False, b3.stride(-2)
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, portable: bool = False) -> torch.Tensor:
+    """(S, K) x (G, K, N) with int32 ``offs`` (G,): rows ``offs[g-1]:offs[g]`` of ``a``
+    times ``b[g]`` (torch._grouped_mm's MoE form); rows past ``offs[-1]`` are zero.
+
+    One launch of the table's configuration (:data:`MATMUL_TILES` /
+    :data:`PORTABLE_MATMUL_TILES`) whose CTAs find their group from ``offs`` on the device:
+    the host never reads the offsets (no synchronisation, nothing that would stop stream
+    capture). A row's bits equal :func:`matmul` of its group's rows. Offsets that are not
+    nondecreasing within [0, S] are clamped into it (see matmul.cu), not reported."""
+    dev = _device_of(a, b, offs)
+    _suffix(a.dtype)
+    cfg = (PORTABLE_MATMUL_TILES if portable else MATMUL_TILES).get((a.dtype, _major(dev)))
+    if cfg is None:
+        raise BackendUnavailable(f"no matmul tile configuration for {a.dtype} on sm_{_major(dev)}x.")
+    s, k = a.shape
+    g, _, n = b.shape
+    out = torch.zeros((s, n), dtype=a.dtype, device=dev)
+    if out.numel() == 0 or k == 0 or g == 0:
+        return out
+    if a.stride(-1) != 1 and k > 1:
+        a = a.contiguous()
+    b, kmajor, ld = _b_layout(b)
+    offs_c = offs.contiguous()
+    grid_y = _cdiv(s, cfg.bm) + g  # every split of S rows into G groups has at most this many row tiles
+    if grid_y > _MAX_GRID_YZ:
+        raise InputError(f"grouped_matmul: {s} rows in {g} groups exceed the kernel's grid limit "
+                         f"({_MAX_GRID_YZ} row tiles of {cfg.bm}).")
+    sb_b = b.stride(0) if g > 1 else 0
+    head = (np.uint64(a.data_ptr()), np.uint64(b.data_ptr()), _ptr(offs_c), np.uint64(out.data_ptr()),
+            _i32(s, "S"), _i32(g, "G"), _i32(n, "N"), _i32(k, "K"), np.int64(a.stride(0)), np.int64(sb_b),
+            np.int64(ld))
+    if cfg.tensor_cores:
+        # a group starts at a whole row of A: aligned when A's rows are (sa_m % 8 == 0)
+        vec = _tc_vec_ok(a.data_ptr(), b.data_ptr(), a.stride(0), 0, ld, sb_b, k, n, kmajor, True)
+        args: tuple[Any, ...] = (*head, np.int32(vec))
+    else:
+        args = head
+    entry = f"{cfg.kernel}_grouped_{'kmajor' if kmajor else 'nmajor'}"
+    _launch(dev, cfg.module, entry, (_cdiv(n, cfg.bn), grid_y, 1), cfg.threads, args, cfg.smem)
+    return out
 
 
 def _smem_optin(dev: torch.device) -> int:

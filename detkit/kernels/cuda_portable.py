@@ -19,6 +19,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch
     return _cuda.matmul(a, b, bias, portable=True)
 
 
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _cuda.grouped_matmul(a, b, offs, portable=True)
+
+
 def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:  # noqa: A002 - backend signature
     return _cuda.softmax(x, log, portable=True)
 

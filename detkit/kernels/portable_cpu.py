@@ -23,12 +23,14 @@ from numba import njit
 
 from detkit.errors import BackendUnavailable, InputError
 from detkit.kernels import _portable_kernels as K
+from detkit.kernels._grouped import host_grouped_matmul
 
 __all__ = [
     "ELEMENTWISE_OPS",
     "SUPPORTED_DTYPES",
     "attention",
     "elementwise",
+    "grouped_matmul",
     "layer_norm",
     "matmul",
     "rms_norm",
@@ -184,6 +186,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch
     for i in range(a.shape[0]):
         out[i] = _matmul_2d(a32[i], b[i], bias32, has_bias)
     return _finish(out, dtype)
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return host_grouped_matmul(matmul, a, b, offs)
 
 
 def softmax(x: torch.Tensor, log: bool) -> torch.Tensor:
