@@ -70,6 +70,30 @@ def test_every_spec_runs_and_keeps_the_batch_in_dim0(spec: OpSpec, dtype: str) -
     assert all(o.shape[0] == 2 for o in spec.run(inputs.rows(slice(0, 2))))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_mm_spec_is_each_tokens_product_with_its_expert(dtype: str) -> None:
+    """The MoE spec sorts, multiplies and unsorts: row t is input[t] @ weight[expert[t]].T,
+    and every expert gets tokens at the batch sizes the audit uses."""
+    spec = catalogue.OPS["grouped_mm"]
+    inputs = build_inputs(spec, 64, FLOAT_DTYPES[dtype], seed=3, hidden=64)
+    x, expert, w = inputs.batched["input"], inputs.batched["expert"], inputs.fixed["weight"]
+    assert set(expert.tolist()) == set(range(catalogue.MOE_EXPERTS))
+    want = torch.stack([x[t].double() @ w[int(expert[t])].double().t() for t in range(64)])
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == "bfloat16" else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(spec.run(inputs)[0].double(), want, **tol)
+
+
+def test_grouped_mm_is_batch_and_position_invariant_only_under_the_mode() -> None:
+    """torch's CPU grouped GEMM is one mm per expert, so a token's bits change with how many
+    tokens share its expert; under the mode they do not."""
+    spec = catalogue.OPS["grouped_mm"]
+    cfg = _cfg(ops=("grouped_mm",), hidden=256, batch_sizes=(1, 2, 4, 8, 16, 32, 64))
+    detkit_checks = audit_one(spec, "detkit", "float32", cfg, torch.device("cpu"))["checks"]
+    assert all(detkit_checks[c]["verdict"] == "pass" for c in ("batch-variance", "batch-position")), detkit_checks
+    torch_checks = audit_one(spec, "torch", "float32", cfg, torch.device("cpu"))["checks"]
+    assert torch_checks["batch-variance"]["verdict"] == "fail", torch_checks["batch-variance"]
+
+
 def test_ties_inputs_really_tie() -> None:
     spec = catalogue.OPS["argmax"]
     x = build_inputs(spec, 2, torch.float32, 0, 64).batched["input"]

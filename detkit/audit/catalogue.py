@@ -29,6 +29,7 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 }
 
 DEFAULT_HIDDEN = 4096
+MOE_EXPERTS = 8
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,13 @@ def _b_linear(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs
     return Inputs({"input": _randn(g, (b, h), dt)}, {"weight": _randn(g, (h, h), dt, h**-0.5)})
 
 
+def _b_grouped_mm(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
+    # an MoE layer's experts: every token routed to one of 8 experts of hidden -> hidden / 4
+    n = _scale(h, 4)
+    return Inputs({"input": _randn(g, (b, h), dt), "expert": _randint(g, MOE_EXPERTS, (b,))},
+                  {"weight": _randn(g, (MOE_EXPERTS, n, h), dt, h**-0.5)})
+
+
 def _b_row(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs({"input": _randn(g, (b, h), dt, 3.0)})
 
@@ -207,6 +215,15 @@ def _c_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) ->
     return F.scaled_dot_product_attention(query, key, value, is_causal=True)
 
 
+def _c_grouped_mm(input: torch.Tensor, expert: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # as transformers' grouped_mm experts: tokens sorted by expert, one grouped GEMM over
+    # the transposed expert weights, results put back in token order
+    order = torch.argsort(expert, stable=True)
+    offs = torch.bincount(expert, minlength=weight.shape[0]).cumsum(0).to(torch.int32)
+    out = torch._grouped_mm(input[order], weight.transpose(1, 2), offs=offs)
+    return torch.empty_like(out).index_copy_(0, order, out)
+
+
 def _c_index_add(source: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(source.shape[0], 64, source.shape[2], dtype=source.dtype, device=source.device)
     return out.index_add_(1, index, source)
@@ -241,6 +258,9 @@ CATALOGUE: tuple[OpSpec, ...] = (
            lambda input, other: torch.matmul(input, other)),
     OpSpec("linear", "matmul", "F.linear(x, W): (b, hidden) -> hidden, no bias", _b_linear,
            lambda input, weight: F.linear(input, weight)),
+    OpSpec("grouped_mm", "matmul",
+           f"torch._grouped_mm: MoE experts, each token to one of {MOE_EXPERTS} experts of hidden -> hidden/4",
+           _b_grouped_mm, _c_grouped_mm),
     OpSpec("softmax", "normalization", "F.softmax over hidden", _b_row,
            lambda input: F.softmax(input, dim=-1)),
     OpSpec("log_softmax", "normalization", "F.log_softmax over a vocabulary of 8*hidden", _b_vocab,
