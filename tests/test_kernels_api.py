@@ -117,6 +117,7 @@ def test_grouped_matmul_argument_errors() -> None:
         ((x, w, torch.tensor([4, 2], dtype=torch.int32)), r"offs \[4, 2\] are not nondecreasing"),
         ((x, w, torch.tensor([2, 7], dtype=torch.int32)), r"within the grouped dimension \(6\)"),
         ((x, w, torch.tensor([-1, 6], dtype=torch.int32)), "not nondecreasing"),
+        ((x, x32(0, 4, 3), torch.zeros(0, dtype=torch.int32)), r"at least one group \(G >= 1\), got shape \(0, 4, 3\)"),
     ]
     for args, message in cases:
         with pytest.raises(InputError, match=message):
@@ -124,6 +125,11 @@ def test_grouped_matmul_argument_errors() -> None:
     # the CPU backends read the offsets on the host, so they check them even when told not to
     with pytest.raises(InputError, match="not nondecreasing"):
         kernels.grouped_matmul(x, w, torch.tensor([4, 2], dtype=torch.int32), check_offsets=False)
+    # ... also when the product is empty (no row, no column or no K), which never reaches a backend
+    bad = torch.tensor([5, 1], dtype=torch.int32)
+    for args in ((x[:, :0], x32(2, 0, 3)), (x, x32(2, 4, 0)), (x[:0], w)):
+        with pytest.raises(InputError, match="not nondecreasing"):
+            kernels.grouped_matmul(*args, bad, check_offsets=False)
     with pytest.raises(InputError, match="check_offsets must be True or False"):
         kernels.grouped_matmul(x, w, ends, check_offsets="no")  # type: ignore[arg-type]
 

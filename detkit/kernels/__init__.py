@@ -229,7 +229,8 @@ def grouped_matmul(
     ``check_offsets=True`` reads ``offs`` on the host and raises ``InputError`` unless
     they are nondecreasing within [0, S]; for CUDA tensors that waits for the GPU. With
     ``False`` the CUDA backend reads them on the device only (no synchronisation; invalid
-    offsets are clamped into [0, S], never read past ``a``); the CPU backends always check.
+    offsets are clamped into [0, S], never read past ``a``); offsets on the CPU are always
+    checked.
     """
     fn = "grouped_matmul"
     a = _check(a, "a", fn)
@@ -249,9 +250,13 @@ def grouped_matmul(
     g, kb, n = b.shape
     if kb != k:
         raise InputError(f"{fn}: a's K ({k}) must equal b's second dimension ({kb}).")
-    if offs.shape[0] != g or g == 0:
+    if g == 0:
+        raise InputError(f"{fn}: b must hold at least one group (G >= 1), got shape {tuple(b.shape)}.")
+    if offs.shape[0] != g:
         raise InputError(f"{fn}: offs must hold one end per group of b ({g}), got {offs.shape[0]}.")
-    if check_offsets:
+    # Offsets on the host cost nothing to read: checked whatever check_offsets says (the
+    # CPU backends read them there anyway), also when the product is empty.
+    if check_offsets or offs.device.type == "cpu":
         from detkit.kernels._grouped import offsets_problem
 
         problem = offsets_problem(offs.tolist(), s)
