@@ -371,7 +371,8 @@ def grouped_mm(
             if end > start:  # an empty group sums no K: zeros
                 out[g] = _matmul(call, self[:, start:end], mat2[start:end])
         return out
-    raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D grouped product with {offs.shape[0] if offs.dim() else 0} offsets")
+    what = f"{offs.shape[0]} offsets" if offs.dim() == 1 else f"{offs.dim()}-D offs of shape {tuple(offs.shape)}"
+    raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D grouped product with {what}")
 
 
 # ----------------------------------------------------------------------------- softmax

@@ -883,6 +883,11 @@ def test_grouped_mm_arguments_the_kernels_do_not_take_are_counted() -> None:
     with detkit.batch_invariant() as bi:
         torch._grouped_mm(a, b, offs=torch.tensor([20, 40], dtype=torch.int32))
     assert list(bi.uncovered()["_grouped_mm"]) == ["3-D x 2-D grouped product with 2 offsets"], bi.coverage()
+    # a 2-D offs (torch refuses it): the reason gives its shape, not its first dimension as a count
+    with detkit.batch_invariant() as bi, pytest.raises(RuntimeError):
+        torch._grouped_mm(x, w, offs=torch.tensor([[2, 8]], dtype=torch.int32))
+    assert list(bi.uncovered()["_grouped_mm"]) == ["2-D x 3-D grouped product with 2-D offs of shape (1, 2)"], \
+        bi.coverage()
     # offsets torch refuses are refused under the mode too, by torch, with torch's error
     for dtype in (torch.int64, torch.int16):
         with pytest.raises(RuntimeError) as plain:
