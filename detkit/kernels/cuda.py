@@ -408,8 +408,7 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, port
 
     One launch of the table's configuration (:data:`MATMUL_TILES` /
     :data:`PORTABLE_MATMUL_TILES`) whose CTAs find their group from ``offs`` on the device:
-    the host never reads the offsets (no synchronisation, nothing that would stop stream
-    capture). A row's bits equal :func:`matmul` of its group's rows. Offsets that are not
+    the host never reads the offsets (no synchronisation with the GPU). A row's bits equal :func:`matmul` of its group's rows. Offsets that are not
     nondecreasing within [0, S] are clamped into it (see matmul.cu), not reported."""
     dev = _device_of(a, b, offs)
     _suffix(a.dtype)
