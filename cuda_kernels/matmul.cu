@@ -160,14 +160,17 @@ __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __rest
 // mm_simt_<BM>x<BN>x<BK>_<TM>x<TN>_<dtype>_<B layout>. This file instantiates the
 // configurations detkit.kernels.cuda's tables use; matmul_tiles.cu (compiled together with
 // this file) adds the alternatives that benchmarks/bench_cuda.py compares.
+// ENTRY for every dtype and B layout of configuration TAG; KIND is empty or _grouped.
+#define DETKIT_SIMT_ENTRIES(ENTRY, TAG, KIND)                                                 \
+    ENTRY(mm_simt_##TAG##_f32##KIND##_kmajor, float, true, SimtCfg_##TAG)                      \
+    ENTRY(mm_simt_##TAG##_f32##KIND##_nmajor, float, false, SimtCfg_##TAG)                     \
+    ENTRY(mm_simt_##TAG##_bf16##KIND##_kmajor, bf16, true, SimtCfg_##TAG)                      \
+    ENTRY(mm_simt_##TAG##_bf16##KIND##_nmajor, bf16, false, SimtCfg_##TAG)                     \
+    ENTRY(mm_simt_##TAG##_f16##KIND##_kmajor, f16, true, SimtCfg_##TAG)                        \
+    ENTRY(mm_simt_##TAG##_f16##KIND##_nmajor, f16, false, SimtCfg_##TAG)
 #define DETKIT_SIMT_CONFIG(TAG, BM, BN, BK, TM, TN)                                           \
     using SimtCfg_##TAG = SimtCfg<BM, BN, BK, TM, TN>;                                         \
-    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_f32_kmajor, float, true, SimtCfg_##TAG)                  \
-    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_f32_nmajor, float, false, SimtCfg_##TAG)                 \
-    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_bf16_kmajor, bf16, true, SimtCfg_##TAG)                  \
-    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_bf16_nmajor, bf16, false, SimtCfg_##TAG)                 \
-    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_f16_kmajor, f16, true, SimtCfg_##TAG)                    \
-    DETKIT_SIMT_ENTRY(mm_simt_##TAG##_f16_nmajor, f16, false, SimtCfg_##TAG)
+    DETKIT_SIMT_ENTRIES(DETKIT_SIMT_ENTRY, TAG, )
 DETKIT_SIMT_CONFIG(128x64x16_8x4, 128, 64, 16, 8, 4)
 
 // =====================================================================================
@@ -413,14 +416,17 @@ __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restri
     }
 // mm_tc_<BM>x<BN>x<BK>_<warps>_s<stages>_<dtype>_<B layout>: the configuration of
 // detkit.kernels.cuda.MATMUL_TILES here, the alternatives in matmul_tiles.cu.
+// ENTRY for every dtype and B layout of configuration TAG; KIND is empty or _grouped.
+#define DETKIT_TC_ENTRIES(ENTRY, TAG, KIND)                                                   \
+    ENTRY(mm_tc_##TAG##_bf16##KIND##_kmajor, bf16, true, TcCfg_##TAG)                          \
+    ENTRY(mm_tc_##TAG##_bf16##KIND##_nmajor, bf16, false, TcCfg_##TAG)                         \
+    ENTRY(mm_tc_##TAG##_f16##KIND##_kmajor, f16, true, TcCfg_##TAG)                            \
+    ENTRY(mm_tc_##TAG##_f16##KIND##_nmajor, f16, false, TcCfg_##TAG)
 #define DETKIT_TC_CONFIG(TAG, BM, BN, BK, WGM, WGN, S)                                        \
     using TcCfg_##TAG = TcCfg<BM, BN, BK, WGM, WGN, S>;                                        \
     /* the dynamic shared memory to launch with, for tests/test_cuda_compile.py */             \
     extern "C" __device__ const int mm_tc_##TAG##_smem_bytes = TcCfg_##TAG::SMEM_BYTES;        \
-    DETKIT_TC_ENTRY(mm_tc_##TAG##_bf16_kmajor, bf16, true, TcCfg_##TAG)                        \
-    DETKIT_TC_ENTRY(mm_tc_##TAG##_bf16_nmajor, bf16, false, TcCfg_##TAG)                       \
-    DETKIT_TC_ENTRY(mm_tc_##TAG##_f16_kmajor, f16, true, TcCfg_##TAG)                          \
-    DETKIT_TC_ENTRY(mm_tc_##TAG##_f16_nmajor, f16, false, TcCfg_##TAG)
+    DETKIT_TC_ENTRIES(DETKIT_TC_ENTRY, TAG, )
 DETKIT_TC_CONFIG(128x64x32_2x2_s3, 128, 64, 32, 2, 2, 3)
 
 // =====================================================================================
@@ -475,17 +481,5 @@ __device__ __forceinline__ bool group_tile(const int* __restrict__ offs, int G, 
     }
 // <configuration's entry prefix>_grouped_<B layout>, for the configurations of
 // detkit.kernels.cuda's tables only.
-#define DETKIT_SIMT_GROUPED(TAG)                                                             \
-    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_f32_grouped_kmajor, float, true, SimtCfg_##TAG)  \
-    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_f32_grouped_nmajor, float, false, SimtCfg_##TAG) \
-    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_bf16_grouped_kmajor, bf16, true, SimtCfg_##TAG)  \
-    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_bf16_grouped_nmajor, bf16, false, SimtCfg_##TAG) \
-    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_f16_grouped_kmajor, f16, true, SimtCfg_##TAG)    \
-    DETKIT_SIMT_GROUPED_ENTRY(mm_simt_##TAG##_f16_grouped_nmajor, f16, false, SimtCfg_##TAG)
-#define DETKIT_TC_GROUPED(TAG)                                                               \
-    DETKIT_TC_GROUPED_ENTRY(mm_tc_##TAG##_bf16_grouped_kmajor, bf16, true, TcCfg_##TAG)        \
-    DETKIT_TC_GROUPED_ENTRY(mm_tc_##TAG##_bf16_grouped_nmajor, bf16, false, TcCfg_##TAG)       \
-    DETKIT_TC_GROUPED_ENTRY(mm_tc_##TAG##_f16_grouped_kmajor, f16, true, TcCfg_##TAG)          \
-    DETKIT_TC_GROUPED_ENTRY(mm_tc_##TAG##_f16_grouped_nmajor, f16, false, TcCfg_##TAG)
-DETKIT_SIMT_GROUPED(128x64x16_8x4)
-DETKIT_TC_GROUPED(128x64x32_2x2_s3)
+DETKIT_SIMT_ENTRIES(DETKIT_SIMT_GROUPED_ENTRY, 128x64x16_8x4, _grouped)
+DETKIT_TC_ENTRIES(DETKIT_TC_GROUPED_ENTRY, 128x64x32_2x2_s3, _grouped)
