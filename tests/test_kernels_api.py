@@ -285,3 +285,15 @@ def test_rms_norm_default_eps_is_torch_default() -> None:
     want = F.rms_norm(x.double(), (16,), eps=torch.finfo(torch.float32).eps)
     assert torch.allclose(kernels.rms_norm(x).double(), want, rtol=1e-6)
 
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_missing_numba_names_the_package_to_install(monkeypatch: pytest.MonkeyPatch, portable: bool) -> None:
+    """`pip install --no-deps` leaves numba out: the CPU backends' import then fails on it."""
+    import sys
+
+    name = _backend.BACKEND_MODULES[("cpu", portable)]
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ModuleNotFoundError(name="numba")
+    with pytest.raises(BackendUnavailable, match=r"need numba, which is not installed: `pip install 'numba>=0.60'`"):
+        _backend.backend_for("cpu", portable)

@@ -93,6 +93,10 @@ BACKEND_MODULES: dict[tuple[str, bool], str] = {
 }
 
 
+# Packages the CPU backends import, with the requirement that installs them (pyproject).
+DEPENDENCIES: dict[str, str] = {"numba": "numba>=0.60"}
+
+
 def backend_for(device_type: str, portable: bool) -> ModuleType:
     """Return the backend module for a device type and guarantee, or raise a clear error."""
     key = (device_type, bool(portable))
@@ -108,9 +112,17 @@ def backend_for(device_type: str, portable: bool) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as e:
+        what = "portable" if key[1] else "batch-invariant"
+        package = (e.name or "").partition(".")[0]
+        if package in DEPENDENCIES:
+            # A dependency skipped by `pip install --no-deps`: say which and how to get it,
+            # rather than a bare ModuleNotFoundError from inside detkit.
+            raise BackendUnavailable(
+                f"detkit's {what} {device_type} kernels need {package}, which is not installed: "
+                f"`pip install '{DEPENDENCIES[package]}'`."
+            ) from e
         if e.name != name:
             raise
-        what = "portable" if key[1] else "batch-invariant"
         raise BackendUnavailable(
             f"detkit's {what} {device_type} backend ({name}) is not available in this "
             "installation. Use portable=False on the CPU, or install a version that has it."
