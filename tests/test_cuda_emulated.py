@@ -44,6 +44,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from detkit.errors import InputError
 from detkit.kernels import cuda as cuda_backend
 from detkit.kernels import cuda_loader, spec
 
@@ -586,6 +587,19 @@ def test_batched_matmul_entries_are_their_own_products(emulated: dict, monkeypat
             assert_bits_equal(chunked, full, f"{family} {what}, launches of {most} entries")
 
 
+def test_sizes_past_the_32_bit_limit_are_refused_before_launch(emulated: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels step `int` indices by up to 2048 past a row's or K's end: a size near
+    2**31 would wrap them around into reads out of bounds, so the launcher refuses it
+    (shown with the limit lowered to 64, as real sizes would need 8 GiB rows)."""
+    monkeypatch.setattr(cuda_backend, "I32_LIMIT", 64)
+    ok, long = rand((2, 63), torch.float32, 80), rand((2, 64), torch.float32, 81)
+    assert cuda_backend.softmax(ok, False).shape == (2, 63)
+    with pytest.raises(InputError, match=r"row length = 64 is past the CUDA kernels' 32-bit sizes \(at most 63\)"):
+        cuda_backend.softmax(long, False)
+    with pytest.raises(InputError, match=r"K = 64 is past .* split the tensor along that dimension"):
+        cuda_backend.matmul(long, rand((64, 3), torch.float32, 82), None)
+
+
 def test_fp32_matmul_batch_invariant(emulated: dict) -> None:
     a = rand((130, 50), torch.float32, 60)
     b = rand((50, 70), torch.float32, 61)
@@ -807,8 +821,6 @@ def test_mutation_a_stage_read_before_its_copies_land_changes_the_bits(emulated:
 
 
 def test_tile_override_must_come_from_the_catalogue(emulated: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    from detkit.errors import InputError
-
     a = rand((4, 16), torch.bfloat16, 83)
     with pytest.raises(InputError, match="not a configuration for torch.bfloat16"):
         cuda_backend.matmul(a, a.t(), None, tile=cuda_backend.TILE_CATALOGUE[torch.float32][0])

@@ -312,9 +312,15 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
+# The kernels index a row, a K loop or a group with `int`, stepping by at most 2048: sizes
+# stay this far below 2**31 so that no `j += step` past the last element wraps around.
+I32_LIMIT = 2**31 - 2**16
+
+
 def _i32(v: int, what: str) -> np.int32:
-    if not 0 <= v < 2**31:
-        raise InputError(f"{what} = {v} does not fit the CUDA kernels' 32-bit sizes.")
+    if not 0 <= v < I32_LIMIT:
+        raise InputError(f"{what} = {v} is past the CUDA kernels' 32-bit sizes (at most {I32_LIMIT - 1}): "
+                         "split the tensor along that dimension.")
     return np.int32(v)
 
 
