@@ -444,8 +444,10 @@ def _reduce(
     reduced = sorted({d % nd for d in dims}) if (dims and nd) else list(range(nd))
     kept = [d for d in range(nd) if d not in reduced]
     # Reduced dims last, flattened into one row per output element: each output is one
-    # fixed-order row reduction, whatever else is in the tensor.
-    rows = x.permute(*kept, *reduced).reshape(-1, math.prod(x.shape[d] for d in reduced))
+    # fixed-order row reduction, whatever else is in the tensor. (A 0-d tensor is one row
+    # of one element: permute() of no dims raises.)
+    moved = x.permute(*kept, *reduced) if nd else x
+    rows = moved.reshape(-1, math.prod(x.shape[d] for d in reduced))
     fn = kn.mean if mean else kn.sum
     res = _kernel_call(fn, rows, -1, portable=call.portable).reshape([x.shape[d] for d in kept])
     if keepdim:

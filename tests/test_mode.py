@@ -1017,3 +1017,14 @@ def test_kernels_called_directly_under_the_mode_are_not_routed_back() -> None:
         kernels.matmul(torch.randn(20, 72), torch.randn(72, 40))  # a new shape: verified under the mode
     assert _bits_equal(got, want)
     assert bi.routed() == {}
+
+
+def test_reductions_of_a_0d_tensor() -> None:
+    # x.sum() / x.mean() of a scalar (a loss) raised TypeError from permute() under the mode.
+    x = torch.tensor(-1.5)
+    with detkit.batch_invariant() as bi:
+        got = [x.sum(), x.mean(), x.sum(0), x.sum(-1, keepdim=True), x.mean([]), x.sum(dtype=torch.float64)]
+    want = [x.sum(), x.mean(), x.sum(0), x.sum(-1, keepdim=True), x.mean([]), x.sum(dtype=torch.float64)]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype and _bits_equal(g, w)
+    assert bi.uncovered() == {} and bi.routed().get("sum.default", 0) == 2
