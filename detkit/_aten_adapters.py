@@ -394,6 +394,8 @@ def _softmax_rows(call: Call, x: torch.Tensor, dim: int, log: bool) -> torch.Ten
     x = _plain(x)
     kn = kernels_module()
     fn = kn.log_softmax if log else kn.softmax
+    if not -x.dim() <= dim < x.dim():
+        raise Unsupported(f"dim {dim} out of range for {x.dim()}-d input", benign=True)  # torch raises
     d = dim % x.dim()
     moved = x.movedim(d, -1)
     # The kernels anchor each row's sum at its first entry with nonzero exp: masked
@@ -441,6 +443,9 @@ def _reduce(
     kn = kernels_module()
     nd = x.dim()
     dims = [dim] if isinstance(dim, int) else list(dim or [])
+    span = max(nd, 1)  # torch lets a 0-d tensor be reduced over dim 0 or -1
+    if any(not -span <= d < span for d in dims) or len({d % span for d in dims}) != len(dims):
+        raise Unsupported(f"dim {dim} out of range or repeated for {nd}-d input", benign=True)  # torch raises
     reduced = sorted({d % nd for d in dims}) if (dims and nd) else list(range(nd))
     kept = [d for d in range(nd) if d not in reduced]
     # Reduced dims last, flattened into one row per output element: each output is one

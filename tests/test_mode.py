@@ -1028,3 +1028,16 @@ def test_reductions_of_a_0d_tensor() -> None:
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == w.dtype and _bits_equal(g, w)
     assert bi.uncovered() == {} and bi.routed().get("sum.default", 0) == 2
+
+
+def test_reductions_and_softmax_refuse_bad_dims_as_torch_does() -> None:
+    # An out-of-range or repeated dim was wrapped (dim % ndim) or deduplicated under the
+    # mode, so x.sum(5) of a 2-D x silently summed over dim 1 where torch raises.
+    x = torch.randn(4, 6)
+    calls = [lambda: x.sum(5), lambda: x.mean(-3), lambda: x.sum((0, 0)), lambda: x.sum((1, -1)),
+             lambda: torch.tensor(2.0).sum(1), lambda: torch.softmax(x, 3), lambda: torch.log_softmax(x, -3)]
+    for call in calls:
+        with pytest.raises((IndexError, RuntimeError)):
+            call()
+        with detkit.batch_invariant(), pytest.raises((IndexError, RuntimeError)):
+            call()
