@@ -401,7 +401,9 @@ def _softmax_rows(call: Call, x: torch.Tensor, dim: int, log: bool) -> torch.Ten
     # The kernels anchor each row's sum at its first entry with nonzero exp: masked
     # padding in front of a row changes nothing, so no canonicalisation here.
     res = _kernel_call(fn, moved.reshape(-1, moved.shape[-1]), -1, portable=call.portable)
-    return _like(res.reshape(moved.shape).movedim(-1, d), x)
+    # torch's CPU softmax returns a contiguous tensor whatever the input's layout (unlike
+    # the elementwise ops, which keep it); code may .view() it.
+    return res.reshape(moved.shape).movedim(-1, d).contiguous()
 
 
 def _softmax(call: Call, self: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:

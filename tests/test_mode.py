@@ -1041,3 +1041,18 @@ def test_reductions_and_softmax_refuse_bad_dims_as_torch_does() -> None:
             call()
         with detkit.batch_invariant(), pytest.raises((IndexError, RuntimeError)):
             call()
+
+
+def test_softmax_of_a_strided_input_is_contiguous_as_torch_makes_it() -> None:
+    # The result was laid out like the input, so softmax(x.t(), 0).view(-1) raised under the
+    # mode only; torch's CPU softmax is contiguous for every input layout.
+    x = torch.randn(2, 3, 4, 5)
+    inputs = [(x.transpose(0, 3), 2), (x[:, :, ::2], 1), (x.to(memory_format=torch.channels_last), 1), (x[0, 0].t(), 0)]
+    for fn in (torch.softmax, torch.log_softmax, torch.ops.aten._safe_softmax):
+        for t, d in inputs:
+            want = fn(t, d)
+            with detkit.batch_invariant() as bi:
+                got = fn(t, d)
+                got.view(-1)
+            assert got.stride() == want.stride() and bi.uncovered() == {}
+            torch.testing.assert_close(got, want)
