@@ -876,7 +876,9 @@ def _fold_matmul(original: Callable[..., Any], x: Any, other: Any) -> Any:
     if x.dim() <= 2 and other.dim() >= 3:
         if x.dim() == 1:
             return _fold_matmul(original, other.mT, x)  # (..., N, K) @ (K,): (..., N)
-        return _fold_matmul(original, other.mT, x.mT).mT
+        # torch's bmm path (no operand requiring grad) returns a contiguous result, and code
+        # may .view() it; the folded form's .mT alone is strided.
+        return _fold_matmul(original, other.mT, x.mT).mT.contiguous()
     return original(x, other)
 
 

@@ -1056,3 +1056,15 @@ def test_softmax_of_a_strided_input_is_contiguous_as_torch_makes_it() -> None:
                 got.view(-1)
             assert got.stride() == want.stride() and bi.uncovered() == {}
             torch.testing.assert_close(got, want)
+
+
+def test_a_matrix_times_a_batch_is_contiguous_as_without_the_mode() -> None:
+    # The fold's (x.mT @ w.mT).mT was returned strided, so (w @ x).view(...) raised under
+    # the mode only (torch's frozen path, bmm, gives a contiguous result).
+    w, x = torch.randn(4, 6), torch.randn(2, 3, 6, 5)
+    want = w @ x
+    with detkit.batch_invariant(), torch.no_grad():
+        got = w @ x
+        got.view(2, 3, -1)
+    assert got.stride() == want.stride()
+    torch.testing.assert_close(got, want)
