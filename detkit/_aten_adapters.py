@@ -438,6 +438,10 @@ def _reduce(
 ) -> torch.Tensor:
     if dtype is not None and dtype not in _FLOATS:
         raise Unsupported(f"dtype={dtype}", benign=not (dtype.is_floating_point or dtype.is_complex))
+    if dtype is not None and isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()):
+        # An integer input summed in a float dtype is a float reduction (it rounds): cast
+        # first, as torch does, and route it; it is not an exact integer sum.
+        x = x.to(dtype)
     _float(x)
     if x.numel() == 0:
         raise Unsupported("empty input", benign=True)
