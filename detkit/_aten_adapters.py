@@ -707,6 +707,11 @@ def _pow_scalar(inplace: bool) -> Adapter:
     def adapter(call: Call, self: torch.Tensor, exponent: Any) -> torch.Tensor:
         if not isinstance(exponent, torch.Tensor) and any(_scalar_is(exponent, e) for e in _EXACT_EXPONENTS):
             raise Unsupported(f"exponent {exponent} is exact", benign=True)
+        if (not inplace and isinstance(exponent, float) and isinstance(self, torch.Tensor)
+                and not (self.is_floating_point() or self.is_complex())):
+            # An integer tensor to a float power is computed in the default float dtype, by
+            # the same position-dependent loop: not an exact integer op.
+            self = self.to(torch.get_default_dtype())
         return _aligned(call, self, (exponent,), {}, inplace)
 
     return adapter

@@ -1086,3 +1086,18 @@ def test_an_integer_tensor_summed_in_a_float_dtype_is_routed() -> None:
     cov = bi.coverage()
     assert cov.fell_back == {} and set(cov.passed_through) == {"sum.dim_IntList"}, str(cov)
     assert cov.routed["sum.dim_IntList"] == 2 and cov.routed["mean.dim"] == 1 and cov.routed["sum.default"] == 1
+
+
+def test_an_integer_tensor_to_a_float_power_is_routed() -> None:
+    # torch.pow(ints, 1.7) is float32 from torch's position-dependent loop (670 of 700
+    # elements differed from the element alone), yet it was counted as an exact pass-through.
+    x = torch.randint(1, 1000, (700,), generator=torch.Generator().manual_seed(0))
+    with detkit.batch_invariant() as bi:
+        full = torch.pow(x, 1.7)
+        alone = torch.cat([torch.pow(x[i : i + 1], 1.7) for i in range(700)])
+        ints = torch.pow(x, 2)
+    assert full.dtype == torch.float32 and _bits_equal(full, alone)
+    torch.testing.assert_close(full, x.double().pow(1.7).float())
+    assert torch.equal(ints, x * x)
+    cov = bi.coverage()
+    assert cov.routed["pow.Tensor_Scalar"] == 701 and cov.fell_back == {}, str(cov)
