@@ -416,6 +416,26 @@ def test_advice_names_the_ops_and_the_fix() -> None:
         "Every audited op passed every check it was run through."]
 
 
+def test_advice_of_an_interrupted_audit_keeps_findings_not_yet_measured_under_the_mode() -> None:
+    """Interrupted after linear [torch] failed but before linear [detkit] ran: the finding
+    stays in the advice (it used to say every op passed), and the first-b list names only
+    the ops of its own line."""
+    records = [_record("bmm", "torch"), _record("bmm", "detkit"), _record("linear", "torch", batch_variance="fail")]
+    lines = advice(records, [], "cpu")
+    assert lines == ["linear: batch variant (a row's bits change with the batch size) here (a row first changes at "
+                     "b=2 for linear); detkit.batch_invariant() is meant to fix this (not measured under it in this "
+                     "report)."]
+    records = [_record("mm", "torch", batch_variance="fail"), _record("mm", "detkit"),
+               _record("addmm", "torch", batch_variance="fail")]
+    mm_line, addmm_line = advice(records, [], "cpu")
+    assert mm_line.startswith("mm: ") and "for addmm" not in mm_line
+    assert addmm_line.startswith("addmm: ") and "b=2 for addmm" in addmm_line
+    nd = advice([_record("mm", "torch", run_to_run="fail")] + [_record("mm", "detkit")]
+                + [_record("sum", "torch"), _record("sum", "deterministic")], [], "cpu")
+    assert nd == ["mm: run-to-run nondeterministic (the same call gives different bits); not measured under "
+                  "torch.use_deterministic_algorithms(True) in this report."]
+
+
 def test_advice_says_which_passes_under_the_mode_are_torchs() -> None:
     """An op the mode does not override shows "ok" under detkit in the table: the advice
     says that pass is torch's kernel on this machine, not a detkit guarantee."""

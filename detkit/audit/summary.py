@@ -132,24 +132,33 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
         torch_bad = sorted(o for o, v in _verdicts(records, "torch", check).items() if "fail" in v)
         if not torch_bad:
             continue
-        where = ""
-        if check == "batch-variance":
+
+        def where(ops: list[str], check: str = check) -> str:
+            if check != "batch-variance":
+                return ""
             several = len({r["dtype"] for r in records}) > 1
             firsts: dict[str, int] = {}
             for r in records:
                 b = r["checks"][check].get("first_b")
-                if r["impl"] == "torch" and r["op"] in torch_bad and b:
+                if r["impl"] == "torch" and r["op"] in ops and b:
                     firsts[f"{r['op']} {r['dtype']}" if several else r["op"]] = b
-            if firsts:
-                where = " (a row first changes at " + ", ".join(f"b={b} for {op}" for op, b in firsts.items()) + ")"
+            if not firsts:
+                return ""
+            return " (a row first changes at " + ", ".join(f"b={b} for {op}" for op, b in firsts.items()) + ")"
+
         if "detkit" in audited:
-            good, _bad = fixed_by("detkit", check, torch_bad)
+            good, bad = fixed_by("detkit", check, torch_bad)
             if good:
-                lines.append(f"{_names(good)}: {_PHRASES[check]} here{where}; use detkit.batch_invariant(), "
+                lines.append(f"{_names(good)}: {_PHRASES[check]} here{where(good)}; use detkit.batch_invariant(), "
                              "which passes this check.")
+            # not measured under the mode (an interrupted audit): still a finding
+            unmeasured = [o for o in torch_bad if o not in good and o not in bad]
+            if unmeasured:
+                lines.append(f"{_names(unmeasured)}: {_PHRASES[check]} here{where(unmeasured)}; "
+                             "detkit.batch_invariant() is meant to fix this (not measured under it in this report).")
         else:
-            lines.append(f"{_names(torch_bad)}: {_PHRASES[check]} here{where}; detkit.batch_invariant() is "
-                         f"meant to fix this{mode_hint('detkit')}.")
+            lines.append(f"{_names(torch_bad)}: {_PHRASES[check]} here{where(torch_bad)}; detkit.batch_invariant() "
+                         f"is meant to fix this{mode_hint('detkit')}.")
 
     torch_nd = sorted(o for o, v in _verdicts(records, "torch", "run-to-run").items() if "fail" in v)
     if torch_nd:
@@ -162,6 +171,10 @@ def advice(records: list[dict[str, Any]], impls: list[dict[str, Any]], device: s
             if bad:
                 lines.append(f"{_names(bad)}: still nondeterministic (or raising) with "
                              "torch.use_deterministic_algorithms(True); use detkit.batch_invariant() if it passes.")
+            unmeasured = [o for o in torch_nd if o not in good and o not in bad]
+            if unmeasured:
+                lines.append(f"{_names(unmeasured)}: {_PHRASES['run-to-run']}; not measured under "
+                             "torch.use_deterministic_algorithms(True) in this report.")
         else:
             lines.append(f"{_names(torch_nd)}: {_PHRASES['run-to-run']}; set torch.use_deterministic_algorithms(True)"
                          " and CUBLAS_WORKSPACE_CONFIG=:4096:8 (rerun with --impl torch,deterministic to confirm).")
