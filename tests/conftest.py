@@ -67,6 +67,40 @@ def probe_server(model: str) -> Iterator[Callable[[str, dict[str, Any]], tuple[i
         batcher.stop()
 
 
+# The architectures CI compile-checks every kernel for (no GPU needed).
+COMPILE_ARCHS = ("sm_80", "sm_90")
+
+
+@pytest.fixture(scope="session")
+def cuda_compiler() -> str:
+    """The CUDA compiler the compile checks use; with none, those tests FAIL with what to
+    install (CI must not go green without compiling the kernels), unless
+    DETKIT_SKIP_CUDA_COMPILE=1 skips them on purpose."""
+    from detkit.kernels import cuda_loader
+
+    if os.environ.get("DETKIT_SKIP_CUDA_COMPILE") == "1":
+        pytest.skip("DETKIT_SKIP_CUDA_COMPILE=1: CUDA compile checks skipped on purpose")
+    found = cuda_loader.available_compilers()
+    if not found:
+        pytest.fail(
+            "no CUDA compiler found, so the CUDA kernels cannot be compile-checked: install the test "
+            "extra (`pip install -e '.[test]'` brings nvidia-cuda-nvrtc-cu12) or put nvcc on PATH; "
+            "set DETKIT_SKIP_CUDA_COMPILE=1 to skip these tests deliberately."
+        )
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def compiled_kernels(cuda_compiler: str) -> dict[tuple[str, Any], Any]:
+    """Every kernel file compiled for sm_80 and sm_90 to CUBIN once per session, in
+    parallel threads: {(arch, file): CheckResult}. It fills the disk cache that every later
+    compile of the same unit reads (the benchmark's ptxas reports, scripts/gpu-check),
+    which on 2 cores would otherwise compile one unit at a time."""
+    from detkit.kernels import cuda_loader
+
+    return {(r.arch, r.file): r for r in cuda_loader.check_all(COMPILE_ARCHS, compiler=cuda_compiler)}
+
+
 @pytest.fixture
 def mode_left_off() -> Iterator[None]:
     """Fails a test that finds detkit's mode on, or leaves it on (and turns it off)."""

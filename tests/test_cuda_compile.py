@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COMPILE_ARCHS as ARCHS
 from typer.testing import CliRunner
 
 from detkit.errors import BackendUnavailable, CompileError, InputError
@@ -31,28 +32,18 @@ from detkit.kernels.cuda_resources import (
     ptxas_notes,
 )
 
-ARCHS = ("sm_80", "sm_90")
 # (target, file) of every compilation check_all(ARCHS) does: matmul_sm90.cu only for sm_90, as sm_90a.
 JOBS = [(t, n) for a in ARCHS for n in cuda_loader.KERNEL_FILES if (t := cuda_loader.build_arch(n, a)) is not None]
 
 
 @pytest.fixture(scope="module")
-def compiler() -> str:
-    if os.environ.get("DETKIT_SKIP_CUDA_COMPILE") == "1":
-        pytest.skip("DETKIT_SKIP_CUDA_COMPILE=1: CUDA compile checks skipped on purpose")
-    found = cuda_loader.available_compilers()
-    if not found:
-        pytest.fail(
-            "no CUDA compiler found, so the CUDA kernels cannot be compile-checked: install the test "
-            "extra (`pip install -e '.[test]'` brings nvidia-cuda-nvrtc-cu12) or put nvcc on PATH; "
-            "set DETKIT_SKIP_CUDA_COMPILE=1 to skip these tests deliberately."
-        )
-    return found[0]
+def compiler(cuda_compiler: str) -> str:
+    return cuda_compiler
 
 
 @pytest.fixture(scope="module")
-def results(compiler: str) -> dict[tuple[str, str], cuda_loader.CheckResult]:
-    return {(r.arch, r.file): r for r in cuda_loader.check_all(ARCHS, compiler=compiler)}
+def results(compiled_kernels: dict) -> dict[tuple[str, str], cuda_loader.CheckResult]:
+    return compiled_kernels
 
 
 @pytest.mark.parametrize(("arch", "name"), JOBS)
