@@ -80,6 +80,9 @@ def test_a_name_given_twice_runs_once() -> None:
     ("args", "message"),
     [
         (["--ops", "mm,frobnicate"], "unknown op 'frobnicate'"),
+        (["--ops", ""], "--ops names no op"),
+        (["--ops", " , "], "--ops names no op"),
+        (["--impl", ""], "--impl names no implementation"),
         (["--batch-sizes", "0,2"], "from 1 to"),
         (["--batch-sizes", "1,two"], "comma-separated integers"),
         (["--batch-sizes", "4"], "at least two"),

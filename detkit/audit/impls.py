@@ -112,8 +112,10 @@ def availability(impl: str, device: torch.device) -> Availability:
 
 def parse_impls(text: str | None) -> list[str]:
     """``"torch,detkit"`` -> ["torch", "detkit"]; None or "all" -> every implementation."""
-    if text is None or text.strip() in ("", "all"):
+    if text is None or text.strip() == "all":
         return list(IMPLS)
+    if not text.replace(",", "").strip():
+        raise InputError(f"--impl names no implementation; choose from {', '.join(IMPLS)}, or 'all'")
     out: list[str] = []
     for raw in text.split(","):
         name = raw.strip()

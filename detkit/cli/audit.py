@@ -66,6 +66,7 @@ def audit(
 
     from detkit.audit import CATALOGUE, CHECK_HELP
     from detkit.audit.impls import parse_impls
+    from detkit.errors import InputError
     from detkit.audit.runner import (
         CUDA_BATCH_SIZES,
         DEFAULT_BATCH_SIZES,
@@ -83,6 +84,10 @@ def audit(
             console.print(f"[bold]{check:30}[/] {escape(text)}", soft_wrap=True)
         return
 
+    if ops is not None and not _split(ops):
+        # an empty $OPS in a script must not quietly audit the whole catalogue
+        raise InputError("--ops names no op; pass op names (see --list-ops), or leave --ops out for the "
+                         "whole catalogue")
     cfg = AuditConfig(
         ops=tuple(_split(ops)) or AuditConfig.ops,
         impls=tuple(parse_impls(impl)),
