@@ -15,6 +15,10 @@ class InputError(DetkitError, ValueError):
     """An argument is wrong: dtype, shape, NaN where not allowed, empty, unknown name."""
 
 
+class ContextTooLong(InputError):
+    """A prompt and the tokens asked for do not fit the model's context."""
+
+
 class BackendUnavailable(DetkitError, RuntimeError):
     """A requested backend (CUDA, CuPy, NVRTC, a compiler) is missing on this machine."""
 

@@ -38,8 +38,9 @@ def load_script(path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 @contextlib.contextmanager
-def probe_server(model: str) -> Iterator[Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]]:
-    """detkit.probe.server over ``model`` in this process; yields post(path, body) -> (status, json)."""
+def probe_server(model: str, window_ms: float = 0) -> Iterator[Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]]:
+    """detkit.probe.server over ``model`` in this process (requests that arrive within
+    ``window_ms`` of the first form one batch); yields post(path, body) -> (status, json)."""
     import json
     import threading
     import urllib.error
@@ -47,7 +48,7 @@ def probe_server(model: str) -> Iterator[Callable[[str, dict[str, Any]], tuple[i
 
     from detkit.probe import server as S
 
-    srv, batcher = S.serve(model, port=0, window_ms=0)
+    srv, batcher = S.serve(model, port=0, window_ms=window_ms)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
 
     def post(path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

@@ -547,3 +547,23 @@ def test_the_servers_chat_api_refuses_top_logprobs_without_logprobs(detkit_serve
     assert status == 200 and answer["choices"][0]["logprobs"] is None
     status, answer = detkit_server("/v1/chat/completions", {**hi, "top_logprobs": 2, "logprobs": True})
     assert status == 200 and [len(c["top_logprobs"]) for c in answer["choices"][0]["logprobs"]["content"]] == [2, 2]
+
+
+def test_the_server_answers_requests_that_fit_alone_even_when_their_batch_would_not() -> None:
+    """One padded batch generates every row to the longest prompt plus the largest
+    max_tokens. A long prompt asking for few tokens and a short one asking for many each
+    fit the context (1024) alone; batched they did not, and both got a 400 naming the
+    other request's prompt and the CLI's --max-new-tokens."""
+    import concurrent.futures
+
+    long_prompt = " ".join(["the"] * 250)  # 999 tokens with tiny-llama's tokenizer
+    requests = [{"prompt": long_prompt, "max_tokens": 4, "temperature": 0},
+                {"prompt": "hi", "max_tokens": 200, "temperature": 0}]
+    with probe_server("tiny-llama", window_ms=2000) as post, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda body: post("/v1/completions", body), requests))
+        assert [status for status, _ in answers] == [200, 200], answers
+        assert answers[0][1]["usage"]["completion_tokens"] == 4
+        # alone, a request past the context is the client's error, in the request's own terms
+        status, answer = post("/v1/completions", {"prompt": long_prompt, "max_tokens": 300, "temperature": 0})
+        assert status == 400 and "with max_tokens 300 that is" in answer["error"]["message"], answer
+        assert "--max-new-tokens" not in answer["error"]["message"]

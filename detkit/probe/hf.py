@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 from detkit._testing_generation import decoder_start_id
 from detkit.devices import resolve_device
-from detkit.errors import InputError, ModelLoadError
+from detkit.errors import ContextTooLong, InputError, ModelLoadError
 from detkit.probe.engine import Generation, Request, StepScores
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -233,6 +233,8 @@ class HFEngine:
         self._routed: Counter[str] = Counter()
         self._fell_back: Counter[str] = Counter()
         self.context_length = _context_length(model)
+        # How the caller names the new-token limit in its errors (the server: max_tokens).
+        self.new_tokens_option = "--max-new-tokens"
         self.encoder_decoder = getattr(model.config, "is_encoder_decoder", False) is True
         self.padding_side = "right" if self.encoder_decoder else "left"
         self.decoder_start_id = decoder_start_id(model) if self.encoder_decoder else None
@@ -300,22 +302,23 @@ class HFEngine:
         return [int(t) for t in ids]
 
     def check_fits(self, n_prompt: int, max_new_tokens: int, what: str) -> None:
+        opt = self.new_tokens_option
         if self.encoder_decoder:
             # the encoder holds the prompt, the decoder the start token and the new tokens
             enc, dec = self._positions
             if (enc is not None and n_prompt > enc) or (dec is not None and max_new_tokens > dec):
                 each = (f"its encoder and decoder each take {enc} positions" if enc == dec else
                         f"its encoder takes {enc or 'any number of'} positions, its decoder {dec or 'any number'}")
-                raise InputError(
-                    f"{what} has {n_prompt} tokens and --max-new-tokens is {max_new_tokens}, past the model's context: "
-                    f"{each}. Shorten the prompt or lower --max-new-tokens."
+                raise ContextTooLong(
+                    f"{what} has {n_prompt} tokens and {opt} is {max_new_tokens}, past the model's context: "
+                    f"{each}. Shorten the prompt or lower {opt}."
                 )
             return
         if self.context_length is not None and n_prompt + max_new_tokens > self.context_length:
-            raise InputError(
-                f"{what} has {n_prompt} tokens; with --max-new-tokens {max_new_tokens} that is "
+            raise ContextTooLong(
+                f"{what} has {n_prompt} tokens; with {opt} {max_new_tokens} that is "
                 f"{n_prompt + max_new_tokens} > the model's context of {self.context_length} tokens. "
-                f"Shorten the prompt or lower --max-new-tokens."
+                f"Shorten the prompt or lower {opt}."
             )
 
     def generate(

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from detkit.errors import DetkitError
+from detkit.errors import ContextTooLong, DetkitError
 from detkit.probe.engine import Request
 from detkit.probe.hf import HFEngine, load_model
 
@@ -41,6 +41,7 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: dict[str, Any] | None = None
     error: str | None = None
+    status: int = 500  # of an answer with an error
 
 
 class Batcher:
@@ -82,23 +83,35 @@ class Batcher:
                 batch.append(job)
             self._run(batch)
 
-    def _run(self, batch: list[_Job]) -> None:
+    def _fail(self, batch: list[_Job], error: str, status: int) -> None:
         self.batch_sizes.append(len(batch))
+        for j in batch:
+            j.error, j.status = error, status
+            j.done.set()
+
+    def _run(self, batch: list[_Job]) -> None:
         try:
             gens = self.engine.generate(
                 [Request(j.prompt, chat=j.chat) for j in batch], max_new_tokens=max(j.max_tokens for j in batch),
                 logsumexp=True,
             )
-        except (DetkitError, ValueError) as exc:
+        except ContextTooLong as exc:
+            if len(batch) == 1:
+                self._fail(batch, str(exc), 400)
+                return
+            # One padded batch generates every row to the longest prompt plus the largest
+            # max_tokens: requests that each fit alone need not fit together. Run them one
+            # at a time, so that each succeeds or fails on its own request.
             for j in batch:
-                j.error = str(exc)
-                j.done.set()
+                self._run([j])
+            return
+        except (DetkitError, ValueError) as exc:
+            self._fail(batch, str(exc), 500)
             return
         except Exception as exc:  # a server answers 500 and keeps serving
-            for j in batch:
-                j.error = f"{type(exc).__name__}: {exc}"
-                j.done.set()
+            self._fail(batch, f"{type(exc).__name__}: {exc}", 500)
             return
+        self.batch_sizes.append(len(batch))
         for j, g in zip(batch, gens):
             n = min(j.max_tokens, len(g.tokens))
             tok = self.engine.tokenizer
@@ -170,7 +183,7 @@ def make_handler(name: str, batcher: Batcher, timeout_s: float) -> type[BaseHTTP
                 self._error(504, f"generation took longer than {timeout_s} s")
                 return
             if job.error is not None or job.result is None:
-                self._error(400 if job.error and "context" in job.error else 500, job.error or "no result")
+                self._error(job.status, job.error or "no result")
                 return
             r = job.result
             if chat:
@@ -290,6 +303,7 @@ def serve(
 
     hf_model, tokenizer, desc = load_model(model, dtype=dtype, seed=seed)
     engine = HFEngine(hf_model, tokenizer, description=desc, top_k=MAX_LOGPROBS, mode=mode)
+    engine.new_tokens_option = "max_tokens"  # the request's field, in a too-long request's 400
     batcher = Batcher(engine, max_batch=max_batch, window_s=window_ms / 1000.0)
     server = ThreadingHTTPServer((host, port), make_handler(model, batcher, timeout_s))
     server.daemon_threads = True
