@@ -38,7 +38,8 @@ def load_script(path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
 
 
 @contextlib.contextmanager
-def probe_server(model: str, window_ms: float = 0) -> Iterator[Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]]:
+def probe_server(model: str,
+                 window_ms: float = 0) -> Iterator[Callable[[str, dict[str, Any]], tuple[int, dict[str, Any]]]]:
     """detkit.probe.server over ``model`` in this process (requests that arrive within
     ``window_ms`` of the first form one batch); yields post(path, body) -> (status, json)."""
     import json
@@ -92,7 +93,7 @@ def cuda_compiler() -> str:
 
 
 @pytest.fixture(scope="session")
-def compiled_kernels(cuda_compiler: str) -> dict[tuple[str, Any], Any]:
+def compiled_kernels(cuda_compiler: str) -> dict[tuple[str, str], Any]:
     """Every kernel file compiled for sm_80 and sm_90 to CUBIN once per session, in
     parallel threads: {(arch, file): CheckResult}. It fills the disk cache that every later
     compile of the same unit reads (the benchmark's ptxas reports, scripts/gpu-check),

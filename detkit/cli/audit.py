@@ -66,7 +66,6 @@ def audit(
 
     from detkit.audit import CATALOGUE, CHECK_HELP
     from detkit.audit.impls import parse_impls
-    from detkit.errors import InputError
     from detkit.audit.runner import (
         CUDA_BATCH_SIZES,
         DEFAULT_BATCH_SIZES,
@@ -74,6 +73,7 @@ def audit(
         parse_batch_sizes,
         parse_fail_on,
     )
+    from detkit.errors import InputError
 
     console = Console(stderr=json_out, highlight=False)
     if list_ops:
