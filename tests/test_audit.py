@@ -250,6 +250,18 @@ def test_thread_dependence_is_caught_and_threads_restored() -> None:
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs at least 2 torch threads")
+def test_thread_dependence_at_small_batches_only_is_caught() -> None:
+    # As torch's sum of one long row (hidden 65536): with one output element the reduction
+    # is split across threads, with several the rows are, so only b=1 depends on threads.
+    def call(input: torch.Tensor) -> torch.Tensor:
+        return input * torch.get_num_threads() if input.shape[0] == 1 else input * 1.0
+
+    res = _checks(_spec("small_b_threads", call))["thread-variance"]
+    assert res["verdict"] == "fail"
+    assert [p["b"] for p in res["per"] if p["differing"]] == [1]
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs at least 2 torch threads")
 def test_a_part_that_raises_marks_only_its_own_check() -> None:
     def call(input: torch.Tensor) -> torch.Tensor:
         if torch.get_num_threads() == 1:

@@ -243,9 +243,13 @@ def audit_one(
         shuffled = None if perm is None else attempt("batch-position", lambda: spec.run(inputs.rows(perm)))
         single = None
         if device.type == "cpu" and threads_all > 1:
+            # at every b of the sweep, not only the largest: libraries split the reduction
+            # across threads when there are few rows (torch's sum of one long row, BLAS for
+            # small M) and split the rows when there are many, which is thread invariant
             undo = _set_threads(1)
             try:
-                single = attempt("thread-variance", lambda: spec.run(inputs))
+                single = attempt("thread-variance",
+                                 lambda: {b: spec.run(inputs.rows(slice(0, b))) for b in sizes})
             finally:
                 undo()
         padding = decode = None
@@ -275,8 +279,9 @@ def audit_one(
     elif threads_all == 1:
         res.verdict, res.note = "skipped", "torch runs with 1 thread here: nothing to compare"
     elif single is not None:
-        res.add(compare(single, outs[bmax]), threads=1)
-        res.note = f"1 vs {threads_all} threads at b={bmax}"
+        for b in sizes:
+            res.add(compare(single[b], outs[b]), threads=1, b=b)
+        res.note = f"1 vs {threads_all} threads at every b of the sweep"
 
     res = results["padding"]
     if not spec.attention:

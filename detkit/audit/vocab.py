@@ -17,7 +17,7 @@ CHECK_HELP = {
     "run-to-run": "the same call repeated --runs times gives the same bits",
     "batch-variance": "every row of f(x[:b]) equals the same row computed alone (b=1), at every b of the sweep",
     "batch-position": "f(x[perm]) == f(x)[perm]: a row's bits do not depend on where it sits in the batch",
-    "thread-variance": "1 thread gives the same bits as all threads (CPU)",
+    "thread-variance": "1 thread gives the same bits as all threads (CPU), at every b of the sweep",
     "padding": "attention over a left-padded, masked sequence equals attention without the padding",
     "decode-prefill": "attention of one decoded token equals the same row of the causal prefill",
     "isa-variance": "the same bits under other ATEN_CPU_CAPABILITY values (CPU, --isa)",
