@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -259,6 +261,30 @@ def test_thread_dependence_at_small_batches_only_is_caught() -> None:
     res = _checks(_spec("small_b_threads", call))["thread-variance"]
     assert res["verdict"] == "fail"
     assert [p["b"] for p in res["per"] if p["differing"]] == [1]
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs at least 2 torch threads")
+def test_one_thread_holds_when_numba_launches_its_threads_during_the_check() -> None:
+    # numba imported but its threading layer not launched yet (as in `detkit audit`, whose
+    # fingerprint imports numba): numba's first set_num_threads starts its OpenMP layer,
+    # which reset OpenMP to NUMBA_NUM_THREADS after torch.set_num_threads(1), so the
+    # "1 thread" side ran on all threads and the check compared all threads with themselves.
+    code = (
+        "import numba, numpy as np, torch\n"
+        "from detkit.audit.catalogue import Inputs, OpSpec\n"
+        "from detkit.audit.runner import AuditConfig, audit_one\n"
+        "def build(b, dt, g, h):\n"
+        "    return Inputs({'input': torch.from_numpy(g.standard_normal((b, 4), dtype=np.float32))})\n"
+        "spec = OpSpec('threads', 'reduction', 's', build, lambda input: input * torch.get_num_threads())\n"
+        "cfg = AuditConfig(ops=('sum',), impls=('torch',), batch_sizes=(1, 2), runs=2, hidden=64)\n"
+        "print(audit_one(spec, 'torch', 'float32', cfg, torch.device('cpu'))['checks']['thread-variance']['verdict'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                                        os.environ.get("PYTHONPATH")]))}
+    env.pop("NUMBA_THREADING_LAYER", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "fail"
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs at least 2 torch threads")

@@ -148,18 +148,22 @@ Listener = Callable[[Event], None]
 
 
 def _set_threads(n: int) -> Callable[[], None]:
-    """Set torch's (and numba's, if loaded) thread count; return the undo."""
+    """Set torch's (and numba's, if loaded) thread count; return the undo.
+
+    numba first: its first thread call launches its OpenMP threading layer, which sets
+    OpenMP's thread count to NUMBA_NUM_THREADS and so would undo torch.set_num_threads.
+    """
     prev_torch = torch.get_num_threads()
-    torch.set_num_threads(n)
     numba = sys.modules.get("numba")
     prev_numba = numba.get_num_threads() if numba is not None else None
     if numba is not None:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(n)
 
     def undo() -> None:
-        torch.set_num_threads(prev_torch)
         if numba is not None and prev_numba is not None:
             numba.set_num_threads(prev_numba)
+        torch.set_num_threads(prev_torch)
 
     return undo
 
@@ -246,10 +250,14 @@ def audit_one(
             # at every b of the sweep, not only the largest: libraries split the reduction
             # across threads when there are few rows (torch's sum of one long row, BLAS for
             # small M) and split the rows when there are many, which is thread invariant
+            def one_thread() -> dict[int, tuple[torch.Tensor, ...]]:
+                if torch.get_num_threads() != 1:
+                    raise RuntimeError(f"torch.set_num_threads(1) did not take effect ({torch.get_num_threads()} threads)")
+                return {b: spec.run(inputs.rows(slice(0, b))) for b in sizes}
+
             undo = _set_threads(1)
             try:
-                single = attempt("thread-variance",
-                                 lambda: {b: spec.run(inputs.rows(slice(0, b))) for b in sizes})
+                single = attempt("thread-variance", one_thread)
             finally:
                 undo()
         padding = decode = None
