@@ -314,3 +314,23 @@ def test_verdict_names_what_failed():
     cut = summary([mode(1, 0.0), {**mode(1, 0.0, name="padding"), "complete": False}], complete=False)
     assert cut["verdict"] == ("INCOMPLETE: stopped in padding (its finished runs kept), before repeat; so far "
                               "identical to the reference (tokens and scores)")
+
+
+def test_the_histogram_draws_divergences_past_max_new_tokens():
+    # A server without logprobs is compared character by character: 32 new tokens are
+    # ~150 characters, so a divergence can sit past max_new_tokens and must still be drawn.
+    import re
+
+    from detkit.probe.engine import Generation
+    from detkit.probe.metrics import ModeSummary, compare_run
+    from detkit.probe.render import _svg_histogram
+
+    ref_text, run_text = "x" * 150, "x" * 120 + "y" * 30
+    ref = Generation(tokens=[ord(c) for c in ref_text], text=ref_text)
+    run = Generation(tokens=[ord(c) for c in run_text], text=run_text)
+    summary = ModeSummary("single", None, "character", runs=[compare_run("single", "p", "p", ref, run)],
+                          references={"p": ref.tokens})
+    mode = summary.to_dict()
+    assert [d["position"] for d in mode["divergences"]] == [120]
+    svg = _svg_histogram({"config": {"suite": {"max_new_tokens": 32}}, "modes": [mode]})
+    assert len(re.findall("<rect", svg)) == 1 and "1 run(s) at step 120" in svg

@@ -167,7 +167,10 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _svg_histogram(report: dict[str, Any], width: int = 560, height: int = 220) -> str:
     modes = [m for m in report.get("modes", []) if m["divergences"]]
-    steps = int(report.get("config", {}).get("suite", {}).get("max_new_tokens") or 1)
+    # Positions count characters when a server returns no logprobs (token_unit "character"):
+    # they can lie past max_new_tokens, and a bar there must still be drawn.
+    steps = max([int(report.get("config", {}).get("suite", {}).get("max_new_tokens") or 1)]
+                + [d["position"] for m in modes for d in m["divergences"]])
     counts: dict[str, dict[int, int]] = {m["name"]: {} for m in modes}
     for m in modes:
         for d in m["divergences"]:
