@@ -334,3 +334,11 @@ def test_the_histogram_draws_divergences_past_max_new_tokens():
     assert [d["position"] for d in mode["divergences"]] == [120]
     svg = _svg_histogram({"config": {"suite": {"max_new_tokens": 32}}, "modes": [mode]})
     assert len(re.findall("<rect", svg)) == 1 and "1 run(s) at step 120" in svg
+
+
+def test_the_median_divergence_position_of_an_even_count_is_the_middle_two_averaged():
+    from detkit.probe.render import _positions
+
+    assert _positions({"divergences": [{"position": 3}, {"position": 10}]}) == "3 / 6.5 / 10"
+    assert _positions({"divergences": [{"position": p} for p in (30, 3, 5, 20)]}) == "3 / 12.5 / 30"
+    assert _positions({"divergences": [{"position": p} for p in (3, 5, 9)]}) == "3 / 5 / 9"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import statistics
 from typing import Any
 
 _COLOURS = {
@@ -76,7 +77,8 @@ def _positions(m: dict[str, Any]) -> str:
     if not pos:
         return "-"
     pos.sort()
-    return f"{pos[0]} / {pos[len(pos) // 2]} / {pos[-1]}"
+    # the median of an even count is the mean of the middle two, not the upper one (3 / 10 / 10 for [3, 10])
+    return f"{pos[0]} / {_fmt(statistics.median(pos))} / {pos[-1]}"
 
 
 def _mode_rows(report: dict[str, Any]) -> list[list[str]]:
