@@ -567,3 +567,26 @@ def test_the_server_answers_requests_that_fit_alone_even_when_their_batch_would_
         status, answer = post("/v1/completions", {"prompt": long_prompt, "max_tokens": 300, "temperature": 0})
         assert status == 400 and "with max_tokens 300 that is" in answer["error"]["message"], answer
         assert "--max-new-tokens" not in answer["error"]["message"]
+
+
+def test_a_completion_that_ends_with_eos_at_max_tokens_finishes_with_stop() -> None:
+    from detkit.probe.engine import Request
+    from detkit.probe.hf import HFEngine, load_model
+    from detkit.probe.server import Batcher, _Job
+
+    model, tokenizer, desc = load_model("tiny-llama", dtype="auto", seed=0)
+    prompt = "My favourite colour is"
+    tokens = HFEngine(model, tokenizer, description=desc).generate([Request(prompt)], max_new_tokens=32)[0].tokens
+    # make end-of-text a token generated late, for the first time
+    stop = max(i for i, t in enumerate(tokens) if t not in tokens[:i])
+    assert stop >= 4
+    model.generation_config.eos_token_id = tokens[stop]
+    batcher = Batcher(HFEngine(model, tokenizer, description=desc), max_batch=1, window_s=0.0)
+    for max_tokens in (stop + 1, stop + 3):  # the same tokens, the last one end-of-text, both times
+        job = _Job(prompt, max_tokens=max_tokens)
+        batcher._run([job])
+        assert job.result is not None and len(job.result["tokens"]) == stop + 1
+        assert job.result["finish_reason"] == "stop", max_tokens
+    job = _Job(prompt, max_tokens=stop)  # cut before end-of-text
+    batcher._run([job])
+    assert job.result is not None and job.result["finish_reason"] == "length"

@@ -132,7 +132,8 @@ class Batcher:
                 "token_logprobs": chosen,
                 "top_logprobs": tops,
                 "batch_size": len(batch),
-                "finish_reason": "length" if n == j.max_tokens else "stop",
+                # a row that ends with end-of-text stopped, even when that token was its last allowed one
+                "finish_reason": "stop" if n < j.max_tokens or g.tokens[n - 1] in self.engine.eos_ids else "length",
             }
             j.done.set()
 
