@@ -298,7 +298,7 @@ def _print_table(console: Any, report: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         "uniq: unique completions incl. the reference; div: diverging runs; 1st: earliest divergence step; "
-        "max|Δ|: max |delta score| (logit or logprob) before divergence; flips: share of compared steps whose "
+        "max|Δ|: max |delta score| (logit or logprob) up to and including the divergence step; flips: share of compared steps whose "
         "argmax flipped; margin: smallest reference top1-top2 margin at a divergence",
         style="dim",
     )
