@@ -268,10 +268,12 @@ def describe(
 
 
 def max_ulp(a: Any, b: Any) -> int | None:
-    """Largest ULP distance between two float arrays of one dtype and shape; None if undefined.
+    """Largest ULP distance between two float arrays of one dtype and shape, among numbers;
+    None if undefined.
 
-    None for integer data, for mismatched dtype/shape, and when the only differences are
-    NaN vs a number (no distance to speak of).
+    None for integer data, for mismatched dtype/shape, and when every element is NaN vs a
+    number. NaN vs a number has no distance: elsewhere it is left out (0 when nothing else
+    differs), as in every "worst ULP" detkit reports.
     """
     if not (is_float(a) and dtype_name(a) == dtype_name(b) and shape_of(a) == shape_of(b)):
         return None

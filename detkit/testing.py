@@ -166,6 +166,15 @@ def _worst(values: Sequence[int | None]) -> int | None:
     return max(known) if known else None
 
 
+def _worst_text(worst: int | None) -> str:
+    """The worst ULP of outputs that differ bitwise: 0 needs saying why."""
+    if worst is None:
+        return "-"
+    if worst == 0:
+        return "0 (the bits differ only in signs of zero, NaN payloads or NaN vs number)"
+    return str(worst)
+
+
 # ---------------------------------------------------------------------------- inputs
 
 
@@ -475,7 +484,7 @@ def assert_batch_invariant(
         [
             f"BATCH-VARIANT: {label}: {differing_total} of {checked_total} placements "
             f"({differing_total / checked_total:.0%}) differ bitwise from the row computed alone; "
-            f"batch sizes with differences: {bad_sizes}; worst ULP {'-' if worst is None else worst}.",
+            f"batch sizes with differences: {bad_sizes}; worst ULP {_worst_text(worst)}.",
             *V.table(rows),
             first_text,
             HINT_BATCH,
@@ -559,8 +568,7 @@ def assert_deterministic(
     message = "\n".join(
         [
             f"NONDETERMINISTIC: {label}: {distinct} distinct results in {runs} runs "
-            f"({len(differing)} of {runs - 1} reruns differ from run 1); worst ULP "
-            f"{'-' if worst is None else worst}.",
+            f"({len(differing)} of {runs - 1} reruns differ from run 1); worst ULP {_worst_text(worst)}.",
             text,
             HINT_NONDET,
         ]
@@ -616,7 +624,7 @@ def assert_bitwise_equal(actual: Any, expected: Any, *, name: str | None = None)
     if not failing:
         return _finish(CheckResult("bitwise_equal", "PASS", 0, label, detail, f"{label}: bitwise equal"), None)
     message = _pair_message("MISMATCH", label, kind, total,
-                            f"{failing} of {total} outputs differ bitwise; worst ULP {'-' if worst is None else worst}.",
+                            f"{failing} of {total} outputs differ bitwise; worst ULP {_worst_text(worst)}.",
                             texts, HINT_BITWISE)
     return _finish(CheckResult("bitwise_equal", "MISMATCH", worst, label, detail, message), BitwiseMismatch)
 

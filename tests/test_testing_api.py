@@ -137,6 +137,25 @@ def test_a_nan_against_a_number_is_named_not_reported_as_zero_ulp() -> None:
         assert_ulp_close(torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]), max_ulp=0)
 
 
+def test_a_worst_ulp_of_zero_says_why_the_bits_differ() -> None:
+    """Bits can differ at 0 ULP: -0 vs +0, NaN payloads, NaN vs a number (no distance).
+    A bare "worst ULP 0" in a failure read as a contradiction."""
+    why = r"worst ULP 0 \(the bits differ only in signs of zero, NaN payloads or NaN vs number\)\."
+    with pytest.raises(BitwiseMismatch, match=why):
+        assert_bitwise_equal(torch.tensor([1.0, -0.0]), torch.tensor([1.0, 0.0]))
+
+    def nan_in_company(x: torch.Tensor) -> torch.Tensor:
+        y = x * 2
+        if x.shape[0] > 1:
+            y[-1, 0] = float("nan")
+        return y
+
+    with pytest.raises(BatchVariance, match=why):
+        assert_batch_invariant(nan_in_company, torch.randn(8, 16), batch_sizes=[1, 2, 4])
+    with pytest.raises(BitwiseMismatch, match=r"worst ULP 1\.\n"):
+        assert_bitwise_equal(torch.tensor([1.0]), torch.tensor([1.0]).nextafter(torch.tensor([2.0])))
+
+
 def test_numpy_matmul_is_batch_variant_on_this_cpu() -> None:
     # Measured here: np.matmul fp32 (OpenBLAS) differs from the single-row result for b >= 2.
     rng = np.random.default_rng(0)
