@@ -495,6 +495,21 @@ def test_float64_supported() -> None:
     check_row_invariance(lambda t: kernels.matmul(t, x.t()), x, gen)
 
 
+@pytest.mark.parametrize(("k", "n", "transposed"), [(8, 3, False), (7, 128, True), (9, 129, False), (17, 3, True)])
+def test_float64_matmul_rows_with_full_precision_values(k: int, n: int, transposed: bool) -> None:
+    # float64 data with 53-bit mantissas: MKL's small-K dgemm gives even and odd rows of
+    # a tile other bits here, which a verification on float32-valued data (products exact
+    # in float64) did not see, so BLAS tiles were accepted and rows depended on M.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(300, k, generator=gen, dtype=torch.float64) * torch.exp(
+        torch.randn(300, k, generator=gen, dtype=torch.float64))
+    w = torch.randn(n, k, generator=gen, dtype=torch.float64)
+    b = w.t() if transposed else w.t().contiguous()
+    full = kernels.matmul(x, b)
+    for r in range(0, 300, 7):
+        assert same_bits(kernels.matmul(x[r : r + 1], b), full[r : r + 1]), f"row {r} alone differs from M=300"
+
+
 # --------------------------------------------------------------------------- compiled paths agree
 
 

@@ -291,10 +291,16 @@ def _split_ok(run_cols: Callable[[torch.Tensor, slice], torch.Tensor], a: torch.
     return torch.equal(torch.cat(parts, dim=1), whole)
 
 
+def _random_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _synthetic_b(b: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random b with b's shape, strides and 64-byte alignment; rows K/2.. repeat rows 0.."""
     k, n = b.shape
-    vals = torch.randn(k, n, generator=gen)
+    # float64 values for float64 (float32 ones multiply exactly in float64, which hides
+    # the difference between fused and separate multiply-adds and many order changes)
+    vals = torch.randn(k, n, generator=gen, dtype=_random_dtype(b.dtype))
     half = k // 2
     vals[half : 2 * half] = vals[:half]
     span = (k - 1) * b.stride(0) + (n - 1) * b.stride(1) + 1
@@ -314,10 +320,10 @@ def _sensitive_rows(h: int, k: int, dtype: torch.dtype, gen: torch.Generator) ->
     even a bfloat16 result (8 bits) shows it; with plain random data an order change
     often vanishes in the final rounding. Every fourth row is ordinary random data.
     """
-    a = torch.randn(h, k, generator=gen) * 8
+    a = torch.randn(h, k, generator=gen, dtype=_random_dtype(dtype)) * 8
     half = k // 2
     a[:, half : 2 * half] = -a[:, :half]
-    a[::4] = torch.randn(a[::4].shape, generator=gen)
+    a[::4] = torch.randn(a[::4].shape, generator=gen, dtype=a.dtype)
     return a.to(dtype)
 
 
