@@ -495,6 +495,25 @@ def test_float64_supported() -> None:
     check_row_invariance(lambda t: kernels.matmul(t, x.t()), x, gen)
 
 
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_per_row_bias_rows_alone_and_in_the_batch(dtype: torch.dtype, portable: bool) -> None:
+    # A per-row bias (M, N): row r alone gets bias[r:r+1], of shape (1, N), which was
+    # fused into the product while the batch's (M, N) bias was added after rounding.
+    gen = torch.Generator().manual_seed(11)
+    a = randn(gen, 8, 300, dtype=dtype)
+    b = randn(gen, 300, 40, dtype=dtype)
+    bias = randn(gen, 8, 40, dtype=dtype, scale=3.0)
+    full = kernels.matmul(a, b, bias, portable=portable)
+    for r in range(8):
+        assert same_bits(kernels.matmul(a[r : r + 1], b, bias[r : r + 1], portable=portable), full[r : r + 1]), r
+    a3 = randn(gen, 4, 3, 300, dtype=dtype)
+    bias3 = randn(gen, 4, 1, 40, dtype=dtype, scale=3.0)
+    full3 = kernels.matmul(a3, b, bias3, portable=portable)
+    for i in range(4):
+        assert same_bits(kernels.matmul(a3[i : i + 1], b, bias3[i : i + 1], portable=portable), full3[i : i + 1]), i
+
+
 @pytest.mark.parametrize(("k", "n", "transposed"), [(8, 3, False), (7, 128, True), (9, 129, False), (17, 3, True)])
 def test_float64_matmul_rows_with_full_precision_values(k: int, n: int, transposed: bool) -> None:
     # float64 data with 53-bit mantissas: MKL's small-K dgemm gives even and odd rows of

@@ -161,7 +161,9 @@ def matmul(
     Covers mm, addmm, linear (pass ``weight.t()``: the view is not copied), bmm and
     matmul. ``bias`` must broadcast to the result; a bias over the last dimension is
     added in the accumulation precision after the whole K reduction, any other bias is
-    added elementwise to the rounded product.
+    added elementwise to the rounded product. Only a 1-D (N,) bias (or a scalar) counts as
+    one over the last dimension: a (1, N) or (B, 1, N) bias is added to the rounded
+    product whatever M and B are, so that a row's bits do not depend on them.
     """
     fn = "matmul"
     a = _check(a, "a", fn)
@@ -279,7 +281,10 @@ def _split_bias(
         raise InputError(f"{fn}: bias of shape {tuple(bias.shape)} does not broadcast to the result {tuple(out_shape)}.") from e
     if tuple(full) != tuple(out_shape):
         raise InputError(f"{fn}: bias of shape {tuple(bias.shape)} would enlarge the result {tuple(out_shape)}.")
-    if all(s == 1 for s in bias.shape[:-1]):
+    # Only a bias of at most one dimension is fused: a (1, N) bias may be one row of a
+    # per-row (M, N) bias (a row computed alone), and fusing it only then gave that row
+    # other bits than in its batch (as addmm's adapter, which fuses only a 1-D self).
+    if bias.dim() <= 1:
         return bias.reshape(-1).expand(n).contiguous(), None
     return None, bias
 
