@@ -77,9 +77,21 @@ def _empty_like(xn: np.ndarray) -> np.ndarray:
     return torch.empty(xn.shape, dtype=torch.float32 if xn.dtype == np.float32 else torch.float64).numpy()
 
 
+def _canonical_nan(out: np.ndarray) -> np.ndarray:
+    """Every NaN of ``out`` as the positive quiet NaN, in place.
+
+    A NaN's payload and sign depend on which NaN operand an instruction propagated, and
+    torch's float16 -> float32 widening keeps an input NaN's payload in its vector loop
+    but makes it 0x7FFFFFFF in its scalar tail (the last numel % 8 elements): a row's
+    NaN bits depended on its position in the flat tensor, so on the batch.
+    """
+    np.copyto(out, np.nan, where=np.isnan(out))
+    return out
+
+
 def _finish(out: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Round the float32/float64 result once into ``dtype``."""
-    return torch.from_numpy(out).to(dtype)
+    """Round the float32/float64 result once into ``dtype`` (NaN canonical first)."""
+    return torch.from_numpy(_canonical_nan(out)).to(dtype)
 
 
 def _sync_threads() -> None:
@@ -94,7 +106,7 @@ def bmm_fixed_order(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = np.empty((an.shape[0], an.shape[1], bn.shape[2]), an.dtype)
     with _NUMBA_LOCK:
         nk.bmm(an, bn, out)
-    return torch.from_numpy(out)
+    return torch.from_numpy(_canonical_nan(out))
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
