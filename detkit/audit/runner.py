@@ -47,10 +47,6 @@ MAX_BATCH = 4096
 ISA_LEVELS = ("default", "avx2", "avx512")
 # numba compiles detkit's CPU kernels for the host; the ISA run asks it for a matching CPU.
 NUMBA_CPU_FOR_ISA = {"default": "generic", "avx2": "haswell", "avx512": "skylake-avx512"}
-# torch's matmuls do not follow ATEN_CPU_CAPABILITY: oneDNN (bf16/fp16 GEMMs) and MKL (fp32
-# GEMMs) pick their own kernels by CPU; these cap them at the same level.
-ONEDNN_ISA_FOR_ISA = {"default": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE"}
-MKL_ISA_FOR_ISA = {"default": "SSE4_2", "avx2": "AVX2", "avx512": "AVX512"}
 
 
 @dataclass(frozen=True)
@@ -198,8 +194,7 @@ def _run_isa_workers(
         out = workdir / isa
         out.mkdir()
         (out / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "NUMBA_CPU_NAME": NUMBA_CPU_FOR_ISA[isa],
-               "ONEDNN_MAX_CPU_ISA": ONEDNN_ISA_FOR_ISA[isa], "MKL_ENABLE_INSTRUCTIONS": MKL_ISA_FOR_ISA[isa]}
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "NUMBA_CPU_NAME": NUMBA_CPU_FOR_ISA[isa]}
         proc = subprocess.run(
             [sys.executable, "-m", "detkit.audit.isa_worker", str(out)],
             env=env, capture_output=True, text=True, check=False,
