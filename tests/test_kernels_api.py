@@ -286,7 +286,6 @@ def test_rms_norm_default_eps_is_torch_default() -> None:
     assert torch.allclose(kernels.rms_norm(x).double(), want, rtol=1e-6)
 
 
-
 @pytest.mark.parametrize("portable", [False, True])
 def test_missing_numba_names_the_package_to_install(monkeypatch: pytest.MonkeyPatch, portable: bool) -> None:
     """`pip install --no-deps` leaves numba out: the CPU backends' import then fails on it."""

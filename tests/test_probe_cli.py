@@ -316,7 +316,7 @@ def test_verdict_names_what_failed():
                               "identical to the reference (tokens and scores)")
 
 
-def test_the_histogram_draws_divergences_past_max_new_tokens():
+def test_the_histogram_draws_divergences_past_max_new_tokens() -> None:
     # A server without logprobs is compared character by character: 32 new tokens are
     # ~150 characters, so a divergence can sit past max_new_tokens and must still be drawn.
     import re
@@ -336,7 +336,7 @@ def test_the_histogram_draws_divergences_past_max_new_tokens():
     assert len(re.findall("<rect", svg)) == 1 and "1 run(s) at step 120" in svg
 
 
-def test_the_median_divergence_position_of_an_even_count_is_the_middle_two_averaged():
+def test_the_median_divergence_position_of_an_even_count_is_the_middle_two_averaged() -> None:
     from detkit.probe.render import _positions
 
     assert _positions({"divergences": [{"position": 3}, {"position": 10}]}) == "3 / 6.5 / 10"
