@@ -198,6 +198,8 @@ class HFEngine:
 
     ``mode``: a zero-argument factory of the context every forward pass runs in (e.g.
     ``lambda: detkit.batch_invariant()``); None runs the model as is.
+    ``new_tokens_option``: how a too-long prompt's error names the new-token limit (the
+    CLI's ``--max-new-tokens``; the server's ``max_tokens``).
     """
 
     name = "hf"
@@ -212,6 +214,7 @@ class HFEngine:
         top_k: int = 5,
         mode: Callable[[], ContextManager[Any]] | None = None,
         chat: bool = False,
+        new_tokens_option: str = "--max-new-tokens",
     ) -> None:
         if top_k < 2:
             raise InputError(f"--top-k must be >= 2 (the margin needs the top-2 logit), got {top_k}")
@@ -233,8 +236,7 @@ class HFEngine:
         self._routed: Counter[str] = Counter()
         self._fell_back: Counter[str] = Counter()
         self.context_length = _context_length(model)
-        # How the caller names the new-token limit in its errors (the server: max_tokens).
-        self.new_tokens_option = "--max-new-tokens"
+        self.new_tokens_option = new_tokens_option
         self.encoder_decoder = getattr(model.config, "is_encoder_decoder", False) is True
         self.padding_side = "right" if self.encoder_decoder else "left"
         self.decoder_start_id = decoder_start_id(model) if self.encoder_decoder else None

@@ -303,8 +303,9 @@ def serve(
         mode = bi
 
     hf_model, tokenizer, desc = load_model(model, dtype=dtype, seed=seed)
-    engine = HFEngine(hf_model, tokenizer, description=desc, top_k=MAX_LOGPROBS, mode=mode)
-    engine.new_tokens_option = "max_tokens"  # the request's field, in a too-long request's 400
+    # a too-long request's 400 names the request's own field
+    engine = HFEngine(hf_model, tokenizer, description=desc, top_k=MAX_LOGPROBS, mode=mode,
+                      new_tokens_option="max_tokens")
     batcher = Batcher(engine, max_batch=max_batch, window_s=window_ms / 1000.0)
     server = ThreadingHTTPServer((host, port), make_handler(model, batcher, timeout_s))
     server.daemon_threads = True
