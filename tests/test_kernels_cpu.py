@@ -522,6 +522,37 @@ def test_nan_bits_of_a_row_do_not_depend_on_the_batch(dtype: torch.dtype) -> Non
             assert same_bits(alone, full[r : r + 1]), ("matmul", bb.dim(), r)
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64])
+def test_every_nan_out_of_a_row_op_or_attention_is_the_canonical_nan(dtype: torch.dtype) -> None:
+    # Input NaNs with a sign and payloads; 1001 columns put some of them in torch's
+    # scalar tail when it widens float16, which used to keep other payload bits there.
+    # Canonical: the positive quiet float32/float64 NaN, rounded to ``dtype`` by torch
+    # from a contiguous tensor (its vectorised bfloat16 rounding gives 0xFFFF).
+    gen = torch.Generator().manual_seed(9)
+    x = randn(gen, 12, 1001, dtype=dtype)
+    nans = torch.tensor([0xFFF8000000000ABC - (1 << 64), 0x7FF8000000123000], dtype=torch.int64).view(torch.float64)  # sign set, payloads
+    for r, c in ((0, 3), (5, 998), (11, 1000), (11, 17)):
+        x[r, c] = nans[(r + c) % 2].to(dtype)
+    iv = _INT_VIEW[dtype]
+    canonical = torch.full((1,), float("nan"), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    canonical = canonical.to(dtype).view(iv).item()
+    q = randn(gen, 2, 2, 6, 32, dtype=dtype)
+    q[1, 0, 3, 7] = nans[0].to(dtype)
+    outs = {
+        "softmax": kernels.softmax(x),
+        "log_softmax": kernels.log_softmax(x),
+        "rms_norm": kernels.rms_norm(x, x[1].abs()),
+        "layer_norm": kernels.layer_norm(x, x[2], x[3]),
+        "sum": kernels.sum(x),
+        "mean": kernels.mean(x),
+        "attention": kernels.attention(q, q, q, is_causal=True),
+    }
+    for name, y in outs.items():
+        nan = y.isnan()
+        assert nan.any(), name
+        assert (y[nan].view(iv) == canonical).all(), f"{name}: NaN bits {y[nan].view(iv).unique().tolist()}"
+
+
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_per_row_bias_rows_alone_and_in_the_batch(dtype: torch.dtype, portable: bool) -> None:

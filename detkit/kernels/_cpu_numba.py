@@ -351,10 +351,23 @@ def _row_max(x, start, stop, lanes):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
+def _canon(v):  # type: ignore[no-untyped-def]
+    """``v``, or the positive quiet NaN if ``v`` is a NaN.
+
+    A NaN's sign and payload depend on which NaN operand an instruction propagated, and
+    torch widens a float16 NaN with its payload in its vector loop but as 0x7FFFFFFF in
+    its scalar tail: without this a row's NaN bits depended on its place in the batch.
+    Applied in the final stores, where the select vectorises (a separate pass over the
+    output cost the row ops 18-24%).
+    """
+    return v if v == v else np.nan
+
+
+@njit(cache=True, inline="always")
 def _sum_row(row, r, out, mean, lanes):  # type: ignore[no-untyped-def]
     L = row.shape[0]
     s = anchored_sum(row, first_nonzero(row, L), L, lanes)
-    out[r] = s / L if mean else s
+    out[r] = _canon(s / L if mean else s)
 
 
 @njit(cache=True, inline="always")
@@ -368,10 +381,10 @@ def _softmax_row(row, o, log, lanes):  # type: ignore[no-untyped-def]
         ls = np.log(np.float64(s))
         m64 = np.float64(m)
         for j in range(L):
-            o[j] = (np.float64(row[j]) - m64) - ls
+            o[j] = _canon((np.float64(row[j]) - m64) - ls)
     else:
         for j in range(L):
-            o[j] = o[j] / s
+            o[j] = _canon(o[j] / s)
 
 
 @njit(cache=True, inline="always")
@@ -381,10 +394,10 @@ def _rms_row(row, o, weight, has_weight, eps, lanes):  # type: ignore[no-untyped
     inv = 1.0 / np.sqrt(np.float64(ms) + eps)
     if has_weight:
         for j in range(L):
-            o[j] = np.float64(row[j]) * inv * np.float64(weight[j])
+            o[j] = _canon(np.float64(row[j]) * inv * np.float64(weight[j]))
     else:
         for j in range(L):
-            o[j] = np.float64(row[j]) * inv
+            o[j] = _canon(np.float64(row[j]) * inv)
 
 
 @njit(cache=True, inline="always")
@@ -400,16 +413,16 @@ def _layer_norm_row(row, o, weight, bias, has_weight, has_bias, eps, lanes):  # 
     # One loop per affine variant (no branch in the loop, so it vectorises).
     if has_weight and has_bias:
         for j in range(L):
-            o[j] = (np.float64(row[j]) - mu64) * inv * np.float64(weight[j]) + np.float64(bias[j])
+            o[j] = _canon((np.float64(row[j]) - mu64) * inv * np.float64(weight[j]) + np.float64(bias[j]))
     elif has_weight:
         for j in range(L):
-            o[j] = (np.float64(row[j]) - mu64) * inv * np.float64(weight[j])
+            o[j] = _canon((np.float64(row[j]) - mu64) * inv * np.float64(weight[j]))
     elif has_bias:
         for j in range(L):
-            o[j] = (np.float64(row[j]) - mu64) * inv + np.float64(bias[j])
+            o[j] = _canon((np.float64(row[j]) - mu64) * inv + np.float64(bias[j]))
     else:
         for j in range(L):
-            o[j] = (np.float64(row[j]) - mu64) * inv
+            o[j] = _canon((np.float64(row[j]) - mu64) * inv)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
@@ -874,7 +887,7 @@ def attention(q, k, kT, tiled, v, maskb, maskf, ms, mode, ranges, scale, out):  
         for qi in range(nq):
             if live[qi]:
                 for d in range(Dv):
-                    out[bi, h, i0 + qi, d] = acc[qi, d] / denom[qi]
+                    out[bi, h, i0 + qi, d] = _canon(acc[qi, d] / denom[qi])
             else:
                 # No attended key (or none with a finite score): zeros, as torch's SDPA.
                 for d in range(Dv):
