@@ -35,11 +35,10 @@ def run_deterministic(item: Any, runs: int, session: Any, *, restore_rng: bool =
     label = item.name
     for k in range(runs):
         session.run = k + 1
-        if k:
-            if state is not None:
-                state.restore()
-            if fixture is not None:
-                fixture._begin_rerun()
+        if k and state is not None:
+            state.restore()
+        if fixture is not None:  # run 1 too: records a fixture made once at setup belong to no run
+            fixture._begin_rerun()
         try:
             returned = fn(**testargs)
         except (KeyboardInterrupt, SystemExit, pytest.exit.Exception):  # stopping the session is no run's result

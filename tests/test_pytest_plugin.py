@@ -272,6 +272,26 @@ def test_deterministic_marker_compares_return_values_and_records(pytester: pytes
     assert "PytestReturnNotNoneWarning" not in result.stdout.str()
 
 
+def test_deterministic_marker_does_not_compare_records_a_fixture_made_once_at_setup(pytester: pytest.Pytester) -> None:
+    # The fixture runs once, before run 1: its record belongs to no run and must not make
+    # every rerun look like it "returned" one output fewer.
+    result = _run(
+        pytester,
+        """
+        @pytest.fixture
+        def weights(detkit):
+            detkit.record("weights", W)
+            return W
+
+        @pytest.mark.deterministic(runs=3)
+        def test_stable(detkit, weights):
+            detkit.record("out", F.linear(X, weights))
+            return X.sum()
+        """,
+    )
+    result.assert_outcomes(passed=1)
+
+
 def test_mode_markers_and_suite_mode(pytester: pytest.Pytester) -> None:
     body = """
         import detkit.mode
