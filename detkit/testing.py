@@ -516,14 +516,16 @@ def _compare_runs(
         for (path, a), (_, ref) in zip(leaves, base):
             if V.same_bits(a, ref):
                 continue
-            differing.append(k)
+            if not differing or differing[-1] != k:
+                differing.append(k)
+            if text:  # every differing output counts in the worst ULP, not only the first
+                ulps.append(V.max_ulp(a, ref))
+                continue
             t, ulp, d = V.describe(a, ref, (labels[0], labels[k]))
             ulps.append(ulp)
-            if not text:
-                where = f" in {(what + path).strip()}" if (what + path).strip() else ""
-                text = f"{labels[k]} differs from {labels[0]}{where}:\n{t}"
-                info = {"run": k, "output": path, "diff": d}
-            break
+            where = f" in {(what + path).strip()}" if (what + path).strip() else ""
+            text = f"{labels[k]} differs from {labels[0]}{where}:\n{t}"
+            info = {"run": k, "output": path, "diff": d}
     return differing, text, _worst(ulps), info
 
 

@@ -344,6 +344,21 @@ def test_deterministic_copies_outputs_returned_by_reference() -> None:
         assert_deterministic(accumulate, runs=2)
 
 
+def test_deterministic_worst_ulp_covers_every_differing_output_not_only_the_first() -> None:
+    calls = []
+
+    def two_outputs() -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        bump = len(calls) > 1
+        # A 1-ULP difference in the first output, 1024 ULP in the second.
+        return (torch.tensor([1.0]) + bump * 2.0**-23, torch.tensor([1.0]) + bump * 2.0**-13)
+
+    with pytest.raises(Nondeterminism) as info:
+        assert_deterministic(two_outputs, runs=2)
+    assert info.value.result.worst_ulp == 1024
+    assert "worst ULP 1024." in str(info.value)
+
+
 def test_deterministic_arguments() -> None:
     with pytest.raises(InputError, match="runs"):
         assert_deterministic(torch.exp, X8, runs=1)
