@@ -511,7 +511,7 @@ def _compare_runs(
             differing.append(k)
             if not text:
                 text = f"{labels[k]} returned outputs {paths}, {labels[0]} returned {paths0}"
-                info = {"run": k, "outputs": [paths0, paths]}
+                info = {"run": k + 1, "outputs": [paths0, paths]}
             continue
         for (path, a), (_, ref) in zip(leaves, base):
             if V.same_bits(a, ref):
@@ -525,7 +525,7 @@ def _compare_runs(
             ulps.append(ulp)
             where = f" in {(what + path).strip()}" if (what + path).strip() else ""
             text = f"{labels[k]} differs from {labels[0]}{where}:\n{t}"
-            info = {"run": k, "output": path, "diff": d}
+            info = {"run": k + 1, "output": path, "diff": d}  # 1-based, as in the message and runs_differing
     return differing, text, _worst(ulps), info
 
 

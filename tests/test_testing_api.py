@@ -359,6 +359,19 @@ def test_deterministic_worst_ulp_covers_every_differing_output_not_only_the_firs
     assert "worst ULP 1024." in str(info.value)
 
 
+def test_deterministic_first_difference_names_runs_as_the_message_does() -> None:
+    calls = []
+
+    def third_run_differs() -> torch.Tensor:
+        calls.append(1)
+        return torch.tensor([1.0 + (len(calls) == 3)])
+
+    with pytest.raises(Nondeterminism, match="run 3 differs from run 1") as info:
+        assert_deterministic(third_run_differs, runs=3)
+    detail = info.value.result.detail
+    assert detail["runs_differing"] == [3] and detail["first_difference"]["run"] == 3
+
+
 def test_deterministic_arguments() -> None:
     with pytest.raises(InputError, match="runs"):
         assert_deterministic(torch.exp, X8, runs=1)
