@@ -587,6 +587,9 @@ def _pairwise(
     pa, pe = [p for p, _ in la], [p for p, _ in le]
     if pa != pe:
         raise InputError(f"actual has outputs {pa} but expected has {pe}; compare matching structures")
+    if not la:  # a check that compares nothing must not pass
+        raise InputError("actual and expected hold nothing to compare (None or empty structures); "
+                         "pass the tensors you mean to compare")
     texts: list[str] = []
     details: list[dict[str, Any]] = []
     ulps: list[int | None] = []

@@ -411,6 +411,15 @@ def test_bitwise_equal_structures() -> None:
         assert_bitwise_equal((X8,), (X8, X8))
 
 
+@pytest.mark.parametrize("empty", [None, (), {}, [None], {"past_key_values": None}])
+def test_pairwise_checks_that_compare_nothing_are_refused(empty: object) -> None:
+    # HF outputs hold None for what was not asked for: comparing two of them is no check.
+    with pytest.raises(InputError, match="nothing to compare"):
+        assert_bitwise_equal(empty, empty)
+    with pytest.raises(InputError, match="nothing to compare"):
+        assert_ulp_close(empty, empty)
+
+
 def _ulps_up(x: torch.Tensor, k: int) -> torch.Tensor:
     for _ in range(k):
         x = torch.nextafter(x, torch.full_like(x, float("inf")))
