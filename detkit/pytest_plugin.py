@@ -448,7 +448,11 @@ class DetkitSession:
                 markup = {} if i == 0 else ({"red": True, "bold": True} if row[1].startswith("failed") else {"green": True})
                 tr.write_line("  ".join(cells).rstrip(), **markup)
             if len(shown) < len(order):
-                tr.write_line(f"... {len(order) - len(shown)} more tests with passing detkit checks (-v lists all)")
+                # Failed tests come first, but more than _SUMMARY_ROWS of them leave some out too.
+                hidden_failed = sum(1 for _, t in order[len(shown):] if t["outcome"] == "failed")
+                tr.write_line(f"... {len(order) - len(shown)} more tests"
+                              + (f" ({hidden_failed} failed)" if hidden_failed else ", none failed")
+                              + " (-v lists all)")
         s = self.summary()
         failed_tests = sum(1 for t in tests.values() if t["failed_check"] and t["outcome"] == "failed")
         failed = ", ".join(f"{n} {v}" for v, n in sorted(s["verdicts"].items()) if v != "PASS")

@@ -379,6 +379,23 @@ def test_a_test_whose_detkit_call_refused_its_arguments_is_listed(pytester: pyte
     assert (test["outcome"], test["failed_check"]) == ("failed", "INPUT-ERROR")
 
 
+def test_the_line_for_summary_rows_left_out_does_not_call_failed_tests_passing(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        from detkit.testing import assert_bitwise_equal
+
+        @pytest.mark.parametrize("i", range(32))
+        def test_differs(i):
+            assert_bitwise_equal(torch.tensor([float(i)]), torch.tensor([i + 0.5]))
+        """,
+    )
+    result.assert_outcomes(failed=32)
+    out = result.stdout.str()
+    assert "passing detkit checks" not in out
+    result.stdout.fnmatch_lines(["... 2 more tests (2 failed) (-v lists all)"])
+
+
 def test_an_expected_failure_is_not_counted_as_a_failing_test(pytester: pytest.Pytester) -> None:
     result = _run(
         pytester,
