@@ -553,6 +553,25 @@ def test_every_nan_out_of_a_row_op_or_attention_is_the_canonical_nan(dtype: torc
         assert (y[nan].view(iv) == canonical).all(), f"{name}: NaN bits {y[nan].view(iv).unique().tolist()}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_matmul_rows_whose_products_overflow_do_not_depend_on_the_batch(dtype: torch.dtype) -> None:
+    # Products of +-inf added in the accumulation: whether a row gets inf, -inf or NaN
+    # depends on the library's order. With K = 2, bfloat16's 32-row BLAS tiles gave
+    # other bits than its larger tiles, and the tile verification had no such row.
+    gen = torch.Generator().manual_seed(1)
+    big = torch.finfo(dtype).max
+    for k in (1, 2, 3):
+        b = (torch.randn(k, 64, generator=gen) * 4).to(dtype)
+        a = torch.randn(300, k, generator=gen).to(dtype)
+        for r in range(0, 300, 7):
+            sign = torch.where(torch.rand(k, generator=gen) < 0.5, -1.0, 1.0).to(dtype)
+            a[r] = sign * big * (0.25 + torch.rand(k, generator=gen)).to(dtype)
+        full = kernels.matmul(a, b)
+        assert full.isinf().any() and (k == 1 or full.isnan().any())
+        for m in (1, 7, 33, 65, 129, 257):
+            assert same_bits(kernels.matmul(a[:m], b), full[:m]), (k, m)
+
+
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matmul_per_row_bias_rows_alone_and_in_the_batch(dtype: torch.dtype, portable: bool) -> None:
