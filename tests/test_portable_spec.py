@@ -181,6 +181,21 @@ def test_spec_fma_fast_path_is_exact():
     assert S.round_f32(Fraction(1) + Fraction(1, 2**24) + Fraction(1, 2**80)) == np.float32(1 + 2.0**-23)
 
 
+def test_spec_fma_rounds_at_the_overflow_threshold():
+    # a * b is exactly the midpoint 2^128 - 2^103 between FLT_MAX and 2^128: a tiny c
+    # below it rounds to FLT_MAX, above it to inf (float64 rounds both onto the midpoint)
+    a, b = np.float32(18631 * 2.0**103), np.float32(1801.0)
+    tiny = np.float32(2.0**-149)
+    for sign in (1, -1):
+        sa, big = np.float32(sign) * a, np.float32(sign * np.finfo(np.float32).max)
+        assert S.fma(sa, b, -sign * tiny) == big == S.fma_exact(sa, b, -sign * tiny)
+        assert S.fma(sa, b, sign * tiny) == sign * math.inf == S.fma_exact(sa, b, sign * tiny)
+    # through ChunkDot: part = -2^-149, then fma(a, b, part)
+    x = torch.tensor([[-(2.0**-149), float(a)]])
+    y = torch.tensor([[1.0], [float(b)]])
+    assert_same_bits(P.matmul(x, y, None), S.matmul(x, y, None))
+
+
 def test_nan_outputs_are_canonical():
     x = torch.tensor([[1.0, math.nan, 2.0], [math.inf, 1.0, 0.0]])
     y = P.softmax(x, False)

@@ -95,6 +95,8 @@ def fma(a: np.float32, b: np.float32, c: np.float32) -> np.float32:
     t = (p - bp) + (cf - (s - bp))
     r = F32(s)
     if t != 0.0 and float(r) != s:
+        if math.isinf(r):  # s at or past the overflow midpoint 2^128 - 2^103: no finite pair to test
+            return fma_exact(a, b, c)
         other = np.nextafter(r, F32(math.copysign(math.inf, s - float(r))))
         if float(r) + float(other) == 2.0 * s:
             return fma_exact(a, b, c)
