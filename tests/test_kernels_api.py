@@ -184,6 +184,22 @@ def test_empty_dimensions_like_torch(dtype: torch.dtype) -> None:
     assert torch.equal(kernels.attention(qq, no_keys, no_keys), F.scaled_dot_product_attention(qq, no_keys, no_keys))
 
 
+@pytest.mark.parametrize(("dtype", "ints", "neg_nan"), [(torch.float32, torch.int32, -0x00400000),
+                                                        (torch.bfloat16, torch.int16, -0x0040),
+                                                        (torch.float16, torch.int16, -0x0200)])
+def test_portable_matmul_with_k_zero_keeps_the_output_step(dtype: torch.dtype, ints: torch.dtype,
+                                                           neg_nan: int) -> None:
+    # K == 0: acc = +0, acc + bias, then Out: NaN is the canonical quiet NaN whatever the
+    # bias's NaN bits (x86 keeps a negative NaN's sign through the add)
+    from detkit.kernels import spec
+
+    bias = torch.tensor([neg_nan, 0, 0], dtype=ints).view(dtype)
+    bias[1:] = torch.tensor([-0.0, 2.0])
+    a, b = torch.ones(2, 0, dtype=dtype), torch.ones(0, 3, dtype=dtype)
+    got = kernels.matmul(a, b, bias, portable=True)
+    assert torch.equal(got.view(ints), spec.matmul(a, b, bias).view(ints))
+
+
 @pytest.mark.parametrize("portable", ["no", 0, None])
 def test_portable_must_be_a_bool(portable: object) -> None:
     """The flag chooses the guarantee, so it is not read by truthiness ("no" was portable)."""

@@ -201,6 +201,8 @@ def matmul(
         out = torch.zeros(out_shape, dtype=a.dtype, device=a.device)
         if vec_bias is not None:
             out = out + vec_bias
+            if portable:  # the canonical orders' output step: NaN is the canonical quiet NaN
+                out = out.masked_fill(out.isnan(), math.nan)
     elif b2.dim() == 2:
         out = backend.matmul(a2.reshape(-1, k), b2, vec_bias).reshape(out_shape)
     else:
