@@ -590,3 +590,47 @@ def test_a_completion_that_ends_with_eos_at_max_tokens_finishes_with_stop() -> N
     job = _Job(prompt, max_tokens=stop)  # cut before end-of-text
     batcher._run([job])
     assert job.result is not None and job.result["finish_reason"] == "length"
+
+
+class _CutShort(BaseHTTPRequestHandler):
+    """Answers /v1/completions like a server that dies mid-answer on its second request:
+    the headers promise the whole body, half of it comes, then the connection closes."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:  # type: ignore[attr-defined]
+            self.server.count += 1  # type: ignore[attr-defined]
+            count = self.server.count  # type: ignore[attr-defined]
+        data = json.dumps(_completion(body)).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2] if count == 2 else data)
+        self.close_connection = True
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_connection_cut_mid_body_is_retried_and_then_a_failed_run() -> None:
+    # http.client raises IncompleteRead (not an OSError) when the body ends early: it escaped
+    # the retries and the per-run error handling and stopped the whole probe with a traceback
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _CutShort)
+    srv.count, srv.lock = 0, threading.Lock()  # type: ignore[attr-defined]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single",),
+                           batch=BatchPlan(sizes=(1,)))
+        url = f"http://127.0.0.1:{srv.server_port}/v1"
+        report = run_probe(HTTPEngine(url, "m", timeout=5, retries=1, backoff=0.01), suite, seed=0, config={})
+        (mode,) = report["modes"]
+        assert mode["failed_runs"] == 0 and mode["retried_runs"] == 1 and report["summary"]["invariant"] is True
+        srv.count = 0  # type: ignore[attr-defined]  # its first run is cut again: no retry left
+        report = run_probe(HTTPEngine(url, "m", timeout=5, retries=0), suite, seed=0, config={})
+        (mode,) = report["modes"]
+        assert report["status"] == "complete" and mode["failed_runs"] == 1, mode
+        assert mode["errors"][0]["error"].startswith(f"no answer from {url}/completions (IncompleteRead")
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -19,6 +19,7 @@ a request that still fails is recorded as that run's error, never fatal to the p
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import threading
@@ -144,7 +145,7 @@ class HTTPEngine:
                 f"{self.base}/models answered HTTP {exc.code} ({_server_message(exc.read())}); is {self.base} the "
                 "server's API base (it usually ends in /v1)? Or pass --served-model NAME"
             ) from exc
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
             raise EndpointError(
                 f"cannot reach {self.base}/models ({exc}); is the server running, and is the URL its /v1 base?"
             ) from exc
@@ -171,7 +172,8 @@ class HTTPEngine:
                 error = f"HTTP {exc.code} from {url}: {_server_message(exc.read())}"
                 if exc.code != 429 and exc.code < 500:
                     return None, error, attempt + 1  # the request itself is wrong: retrying cannot help
-            except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
+                # HTTPException: the connection closed mid-answer (IncompleteRead), a garbled status line
                 reason = getattr(exc, "reason", exc)
                 error = f"no answer from {url} ({reason})"
             except ValueError as exc:
