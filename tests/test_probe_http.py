@@ -634,3 +634,42 @@ def test_a_connection_cut_mid_body_is_retried_and_then_a_failed_run() -> None:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_ctrl_c_during_a_burst_stops_now_and_keeps_the_finished_runs(scripted: ThreadingHTTPServer,
+                                                                      tmp_path: Path) -> None:
+    # The burst's requests ran in a thread pool whose shutdown waited for every answer (up to
+    # --timeout per attempt, retries included) before Ctrl-C/SIGTERM reached the runner: the
+    # report stayed "running" meanwhile (lost to the SIGKILL that follows a SIGTERM), and the
+    # process still waited for the pool's threads at exit.
+    import signal
+
+    main = threading.main_thread().ident
+    assert main is not None
+    pressed: list[float] = []
+
+    def ctrl_c() -> None:
+        pressed.append(time.monotonic())
+        signal.pthread_kill(main, signal.SIGINT)
+
+    def script(count: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if count == 3:  # the burst of 2 is in flight: the user presses Ctrl-C
+            threading.Timer(0.3, ctrl_c).start()
+        if count >= 3:
+            time.sleep(4)
+        return 200, _completion(body)
+
+    scripted.script = script  # type: ignore[attr-defined]
+    scripted.daemon_threads = True  # type: ignore[attr-defined]  # closing it does not wait for the slow answers
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=10, retries=0)
+    suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single",),
+                       batch=BatchPlan(sizes=(1, 2)))
+    from detkit.probe.runner import ProbeInterrupted
+
+    with pytest.raises(ProbeInterrupted):
+        run_probe(engine, suite, seed=0, config={}, out=tmp_path / "report.json")
+    assert time.monotonic() - pressed[0] < 2  # not the 4 s the burst's answers take
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["status"] == "partial"
+    (mode,) = on_disk["modes"]
+    assert mode["complete"] is False and mode["runs"] == 1

@@ -27,7 +27,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
 from detkit.errors import EndpointError, InputError
@@ -305,9 +304,27 @@ class HTTPEngine:
         if len(requests) == 1:
             return [self._one(requests[0], max_new_tokens, None)]
         barrier = threading.Barrier(len(requests))
-        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-            futures = [pool.submit(self._one, r, max_new_tokens, barrier) for r in requests]
-            gens = [f.result() for f in futures]
+        # Daemon threads, not a thread pool: on Ctrl-C (or SIGTERM) the probe stops now, keeping
+        # its finished runs, instead of waiting for the burst's answers (up to --timeout per attempt).
+        results: list[Generation | BaseException | None] = [None] * len(requests)
+
+        def send(row: int) -> None:
+            try:
+                results[row] = self._one(requests[row], max_new_tokens, barrier)
+            except BaseException as exc:  # raised below, in the caller's thread
+                results[row] = exc
+
+        threads = [threading.Thread(target=send, args=(row,), name=f"detkit-http-{row}", daemon=True)
+                   for row in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        gens: list[Generation] = []
+        for result in results:
+            if not isinstance(result, Generation):
+                raise result if isinstance(result, BaseException) else RuntimeError("a request thread returned nothing")
+            gens.append(result)
         for row, g in enumerate(gens):
             g.meta.update({"concurrency": len(requests), "row": row})
         return gens
