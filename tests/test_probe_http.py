@@ -673,3 +673,25 @@ def test_ctrl_c_during_a_burst_stops_now_and_keeps_the_finished_runs(scripted: T
     assert on_disk["status"] == "partial"
     (mode,) = on_disk["modes"]
     assert mode["complete"] is False and mode["runs"] == 1
+
+
+def test_an_answer_the_server_aborted_fails_its_run_and_is_no_divergence(scripted: ThreadingHTTPServer) -> None:
+    # vLLM ends a request its engine aborts (shutdown, sleep mode, a scale-down) with HTTP 200,
+    # the tokens so far and finish_reason "abort"; SGLang does the same. That cut was counted
+    # as a divergence: a server problem reported as batch variance (exit 1 under --fail-on-divergence).
+    def script(count: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if count != 3:
+            return 200, _completion(body)
+        answer = _completion({**body, "max_tokens": 2})
+        answer["choices"][0]["finish_reason"] = "abort"
+        return 200, answer
+
+    scripted.script = script  # type: ignore[attr-defined]
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=0)
+    suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single",),
+                       batch=BatchPlan(sizes=(1, 2)))
+    report = run_probe(engine, suite, seed=0, config={})
+    (mode,) = report["modes"]
+    assert mode["failed_runs"] == 1 and mode["divergences"] == [], mode
+    assert "finish_reason 'abort'" in mode["errors"][0]["error"]
+    assert report["summary"]["invariant"] is False and not report["summary"]["differences_found"]

@@ -34,6 +34,8 @@ from detkit.probe.engine import Generation, Request, StepScores
 
 APIS = ("completions", "chat")
 _PATHS = {"completions": "completions", "chat": "chat/completions"}
+# finish_reason of an answer the server cut short itself (vLLM, SGLang: HTTP 200 with the tokens so far)
+_ABORTED = ("abort", "error")
 
 
 def _no_logprobs_note(path: str) -> str:
@@ -222,6 +224,10 @@ class HTTPEngine:
             text = _chat_text(choice["message"]) if self.api == "chat" else choice.get("text") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
             return Generation(tokens=[], error=f"answer without choices[0].{field}: {json.dumps(answer)[:200]}")
+        if choice.get("finish_reason") in _ABORTED:
+            return Generation(tokens=[], meta={"finish_reason": choice["finish_reason"]},
+                              error=f"the server ended this answer with finish_reason {choice['finish_reason']!r}: it "
+                                    "stopped generating for its own reasons (see its log), so the answer proves nothing")
         lp = choice.get("logprobs")
         if self.api == "chat":
             lp = self._chat_logprobs(lp)
