@@ -695,3 +695,27 @@ def test_an_answer_the_server_aborted_fails_its_run_and_is_no_divergence(scripte
     assert mode["failed_runs"] == 1 and mode["divergences"] == [], mode
     assert "finish_reason 'abort'" in mode["errors"][0]["error"]
     assert report["summary"]["invariant"] is False and not report["summary"]["differences_found"]
+
+
+def test_llama_cpp_completions_logprobs_in_the_chat_layout_are_read(scripted: ThreadingHTTPServer) -> None:
+    # llama.cpp's server answers /v1/completions with logprobs {"content": [{id, token, bytes,
+    # logprob, top_logprobs}]}, the chat layout: they were taken for no logprobs at all, the
+    # probe compared characters and noted a server "without logprobs"
+    def script(count: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        answer = _chat_completion(body)
+        choice = answer["choices"][0]
+        if count > 2:  # the burst sees another score for the runner-up
+            for c in choice["logprobs"]["content"]:
+                c["top_logprobs"][1]["logprob"] = -1.75
+        text = choice.pop("message")["content"]
+        return 200, {"choices": [{**choice, "text": text, "index": 0}], "object": "text_completion"}
+
+    scripted.script = script  # type: ignore[attr-defined]
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=0)
+    suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single",),
+                       batch=BatchPlan(sizes=(1, 2)))
+    report = run_probe(engine, suite, seed=0, config={})
+    assert report["notes"] == [] and scripted.paths == {"/v1/completions"}  # type: ignore[attr-defined]
+    (mode,) = report["modes"]
+    assert mode["token_unit"] == "token" and mode["score_kind"] == "logprob" and mode["failed_runs"] == 0
+    assert mode["max_abs_logprob_diff"] == 0.5 and mode["divergences"] == []

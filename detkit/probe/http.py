@@ -229,7 +229,8 @@ class HTTPEngine:
                               error=f"the server ended this answer with finish_reason {choice['finish_reason']!r}: it "
                                     "stopped generating for its own reasons (see its log), so the answer proves nothing")
         lp = choice.get("logprobs")
-        if self.api == "chat":
+        if self.api == "chat" or (isinstance(lp, dict) and "tokens" not in lp and "content" in lp):
+            # llama.cpp's server answers /v1/completions in the chat layout too
             lp = self._chat_logprobs(lp)
         has = isinstance(lp, dict) and isinstance(lp.get("tokens"), list) and isinstance(lp.get("token_logprobs"), list)
         with self._lock:
