@@ -719,3 +719,45 @@ def test_llama_cpp_completions_logprobs_in_the_chat_layout_are_read(scripted: Th
     (mode,) = report["modes"]
     assert mode["token_unit"] == "token" and mode["score_kind"] == "logprob" and mode["failed_runs"] == 0
     assert mode["max_abs_logprob_diff"] == 0.5 and mode["divergences"] == []
+
+
+class _Redirecting(BaseHTTPRequestHandler):
+    """A proxy in front of a server that moved: POSTs are redirected (301, as an http-to-https
+    rule does; 307 as FastAPI's slash redirect does), and a GET there is not allowed."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(307 if self.path.startswith("/b/") else 301)
+        self.send_header("Location", "/moved/v1/completions")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        data = b'{"detail": "Method Not Allowed"}'
+        self.send_response(405)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_redirected_request_names_where_it_was_sent() -> None:
+    # urllib follows a 301/302/303 to a POST by sending a GET without the body: the probe
+    # reported the target's "HTTP 405 ... Method Not Allowed" for a request it never made
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Redirecting)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        suite = ProbeSuite(name="t", prompts=SUITE.prompts, max_new_tokens=4, modes=("single",),
+                           batch=BatchPlan(sizes=(1,)))
+        for base, code in (("v1", 301), ("b/v1", 307)):
+            engine = HTTPEngine(f"http://127.0.0.1:{srv.server_port}/{base}", "m", timeout=5, retries=0)
+            with pytest.raises(EndpointError) as err:
+                run_probe(engine, suite, seed=0, config={})
+            url = f"http://127.0.0.1:{srv.server_port}"
+            assert f"HTTP {code} from {url}/{base}/completions: it redirects to {url}/moved/v1/completions; pass the " \
+                   "API base it redirects to as --endpoint" in str(err.value)
+    finally:
+        srv.shutdown()
+        srv.server_close()

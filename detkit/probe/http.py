@@ -81,6 +81,20 @@ def _server_message(body: bytes) -> str:
     return text[:300]
 
 
+class _NoPostRedirect(urllib.request.HTTPRedirectHandler):
+    """A POST is not followed where the server redirects it (urllib would send a 301/302/303's
+    target a GET without the body): the 3xx comes back as an HTTPError, said as such."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        if req.get_method() == "POST":
+            return None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_NoPostRedirect)
+
+
 class HTTPEngine:
     """Probe engine for an OpenAI-compatible server at ``endpoint`` (its ``/v1`` base URL)."""
 
@@ -134,7 +148,7 @@ class HTTPEngine:
     # ----- plumbing -----
 
     def _open(self, req: urllib.request.Request) -> bytes:
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+        with _OPENER.open(req, timeout=self.timeout) as resp:
             return resp.read()
 
     def _only_model(self) -> str:
@@ -171,6 +185,10 @@ class HTTPEngine:
                 return json.loads(self._open(req)), None, attempt + 1
             except urllib.error.HTTPError as exc:
                 error = f"HTTP {exc.code} from {url}: {_server_message(exc.read())}"
+                if 300 <= exc.code < 400 and exc.headers.get("Location"):
+                    target = urllib.parse.urljoin(url, exc.headers["Location"])
+                    error = (f"HTTP {exc.code} from {url}: it redirects to {target}; pass the API base it "
+                             "redirects to as --endpoint")
                 if exc.code != 429 and exc.code < 500:
                     return None, error, attempt + 1  # the request itself is wrong: retrying cannot help
             except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
