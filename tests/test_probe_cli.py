@@ -306,7 +306,15 @@ def test_verdict_names_what_failed():
     assert "1 run(s) diverge" in tokens and "up to 2 distinct completions" in tokens and "1 run(s) failed" in tokens
     assert "tokens identical" not in tokens
     failed_only = summary([mode(None, None, failed=4), mode(1, 0.0, name="padding"), mode(1, 0.0, name="repeat")])
-    assert failed_only["invariant"] is False and not failed_only["differences_found"]
+    # Failures alone decide nothing: not "NOT invariant" (that would blame the engine).
+    assert failed_only["invariant"] is None and not failed_only["differences_found"]
+    assert failed_only["verdict"] == ("UNDECIDED: 4 run(s) failed, so they prove nothing; the rest identical to the "
+                                      "reference (tokens and scores)")
+    all_failed = summary([mode(None, None, failed=4), mode(None, None, name="padding", failed=4),
+                          mode(None, None, name="repeat", failed=4)])
+    assert all_failed["invariant"] is None and all_failed["verdict"] == "UNDECIDED: 12 run(s) failed, so they prove nothing"
+    nothing = summary([], complete=True)
+    assert nothing["invariant"] is None and nothing["verdict"].startswith("UNDECIDED: no mode ran")
     stopped = summary([mode(1, 0.0)], complete=False)
     assert stopped["invariant"] is None and stopped["modes_not_reached"] == ["padding", "repeat"]
     assert stopped["verdict"] == ("INCOMPLETE: stopped before padding, repeat; so far identical to the reference "

@@ -295,7 +295,7 @@ def test_failed_requests_are_recorded_and_never_fatal(scripted: ThreadingHTTPSer
             continue
         assert m["score_kind"] == "logprob" and m["max_abs_logprob_diff"] == 0.0 and m["max_abs_logit_diff"] is None
         assert m["token_unit"] == "token" and m["divergences"] == []
-    assert report["summary"]["invariant"] is False  # failed runs prove nothing
+    assert report["summary"]["invariant"] is None  # failed runs prove nothing
 
 
 def _with_top(body: dict[str, Any], value: float) -> dict[str, Any]:
@@ -331,7 +331,7 @@ def test_a_nan_logprob_fails_that_run_and_nothing_else(scripted: ThreadingHTTPSe
     report = run_probe(engine, suite, seed=0, config={})
     (mode,) = report["modes"]
     assert mode["failed_runs"] == 1 and "NaN among the logprobs of step 1" in mode["errors"][0]["error"]
-    assert report["summary"]["invariant"] is False and not report["summary"]["differences_found"]
+    assert report["summary"]["invariant"] is None and not report["summary"]["differences_found"]
     assert "1 run(s) failed" in report["summary"]["verdict"]
 
 
@@ -387,7 +387,7 @@ def test_cli_exit_codes_against_a_server(scripted: ThreadingHTTPServer, capsys: 
     # every run after the reference fails: nothing differed, but nothing was decided either
     code, err = _cli(["--endpoint", url, "--served-model", "m", "--modes", "single", "--concurrency", "1,2",
                       "--retries", "0", "--max-new-tokens", "3", "--fail-on-divergence"], capsys, monkeypatch)
-    assert code == 2 and "--fail-on-divergence: exit 2: could not decide: NOT invariant: 6 run(s) failed" in err
+    assert code == 2 and "--fail-on-divergence: exit 2: UNDECIDED: 6 run(s) failed, so they prove nothing" in err
     # GET /models answered with an HTTP error (this server has no GET): reached, wrong base URL
     code, err = _cli(["--endpoint", url, "--modes", "single"], capsys, monkeypatch)
     assert code == 2 and "/v1/models answered HTTP 501" in err and "usually ends in /v1" in err

@@ -190,8 +190,10 @@ def probe(
         # (failed runs, no mode ran): an environment problem, not a verdict on the engine.
         found = report["summary"]["differences_found"]
         code = EXIT_CHECK_FAILED if found else EXIT_USAGE
-        err_console.print(f"--fail-on-divergence: exit {code}: {'' if found else 'could not decide: '}"
-                          f"{report['summary']['verdict']}", markup=False, highlight=False, soft_wrap=True)
+        verdict = report["summary"]["verdict"]
+        prefix = "" if found or verdict.startswith("UNDECIDED") else "could not decide: "
+        err_console.print(f"--fail-on-divergence: exit {code}: {prefix}{verdict}", markup=False, highlight=False,
+                          soft_wrap=True)
         raise typer.Exit(code)
 
 
@@ -307,7 +309,7 @@ def _print_table(console: Any, report: dict[str, Any]) -> None:
             console.print(f"[yellow]skipped {escape(m['name'])}:[/] {escape(m['skipped'])}")
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {escape(note)}")
-    colour = "green" if report["summary"]["invariant"] else "red"
+    colour = {True: "green", False: "red"}.get(report["summary"]["invariant"], "yellow")
     console.print(f"[{colour}]{escape(report['summary']['verdict'])}[/]")
 
 

@@ -64,9 +64,16 @@ def _summary(modes: list[dict[str, Any]], planned: list[str], *, complete: bool)
                  if not_run else "")) if cut else f"stopped before {', '.join(not_run) or 'the end'}"
         verdict = (f"INCOMPLETE: {where}; "
                    + ("; ".join(reasons) if reasons else f"so far identical to the reference ({compared})"))
-    elif reasons:
+    elif differences:
         invariant = False
         verdict = "NOT invariant: " + "; ".join(reasons)
+    elif reasons:
+        # Nothing differed, but failed runs (or no mode at all) leave the question open:
+        # an environment problem, not a verdict on the engine.
+        invariant = None
+        verdict = "UNDECIDED: " + "; ".join(reasons) + (f"; the rest identical to the reference ({compared})"
+                                                       if len(ran) and any(m["runs"] > m["failed_runs"] for m in ran)
+                                                       else "")
     else:
         invariant = True
         verdict = "; ".join([f"identical to the reference in {scope} ({compared})", *caveats])
