@@ -75,6 +75,9 @@ _MAX_PREC = 1 << 15
 # (they carry 14-20 guard bits internally and are within 1 ulp); see docs/reference.md.
 _MP_SLACK = 4
 _EXACT_VALUE_PREC = 160  # working precision for exact=True on irrational results
+# Rounding boundaries of every target format are multiples of 2**-1075 (half of float64's
+# smallest subnormal); inputs widened from float64 are multiples of 2**-1074.
+_SUB_GRID = Fraction(1, 1 << 1076)
 
 
 # --------------------------------------------------------------------------- rounding
@@ -668,8 +671,14 @@ def _softmax(x: Any, dim: int, dtype: Any, exact: bool, log: bool) -> Any:
             if log:
                 # log S >= 0 and a_j <= 0: a_j - log S has no cancellation.
                 l_lo, l_hi = _log_enclosure(s_lo, s_hi, prec)
+                # S > 1 when some a_j < 0, even if its enclosure starts at 1 (terms below the
+                # cutoff): then a_j - log S lies in [a_j - l_hi, a_j), and a_j itself (a
+                # multiple of 2**-1074) may be a rounding boundary (0, a tie). No boundary lies
+                # in [a_j - d, a_j) for d <= 2**-1076, so a_j - d is an upper end that rounds
+                # as the value does.
+                gap = min(l_hi / 2, _SUB_GRID) if l_lo == 0 and t_hi > 0 else l_lo
                 for aj in a:
-                    out.append(-math.inf if aj is None else (aj - l_hi, aj - l_lo))
+                    out.append(-math.inf if aj is None else (aj - l_hi, aj - gap))
             else:
                 for e in encl:
                     out.append(0.0 if e is None else (e[0] / s_hi, e[1] / s_lo))

@@ -297,6 +297,21 @@ def test_softmax_special_rows() -> None:
 
 
 @pytest.mark.parametrize("dtype", TARGETS)
+def test_log_softmax_of_the_max_with_only_far_below_terms(dtype: torch.dtype) -> None:
+    """A row whose other terms all lie below the cutoff (a mask of -1e5 or finfo.min) left
+    the max's enclosure at [-log(1 + tiny), 0]: -0 and +0 never agreed and the Ziv loop
+    raised DetkitError at 2**15 bits. The value -log(1 + e**-1e5) < 0 rounds to -0."""
+    x = torch.tensor([[0.0, -1e4], [3.0, torch.finfo(dtype).min]], dtype=dtype)
+    got = R.log_softmax(x)
+    assert got.dtype == dtype and got[:, 1].tolist() == x[:, 1].tolist()
+    assert got[:, 0].tolist() == [0.0, 0.0] and torch.signbit(got[:, 0]).all()
+    assert R.softmax(x)[:, 0].tolist() == [1.0, 1.0]
+    # a_1 = -65536 - 2**-8 is a float32 tie; the value, a tiny bit below it, rounds down.
+    tie = R.log_softmax(torch.tensor([2.0**-8, -65536.0]))
+    assert tie.tolist() == [0.0, -65536.0 - 2.0**-7] and tie[0].item() == 0.0 and torch.signbit(tie[0])
+
+
+@pytest.mark.parametrize("dtype", TARGETS)
 @given(x=st.lists(st.floats(-120.0, 100.0, width=32), min_size=1, max_size=8))
 def test_exp_correctly_rounded(dtype: torch.dtype, x: list[float]) -> None:
     got = R.exp(torch.tensor(x, dtype=torch.float32), dtype=dtype)
