@@ -160,6 +160,8 @@ def _bits(x: Any, what: str) -> _Bits:
             f"({', '.join(FORMATS)}). For bfloat16 bits held in uint16 use "
             "torch.from_numpy(u).view(torch.bfloat16)."
         )
+    if not arr.dtype.isnative:  # byte-swapped (e.g. ">f4" on x86): the uint view must see native bytes
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     raw = np.ascontiguousarray(arr).view(_UINT[fmt.bits]).reshape(arr.shape)  # keeps 0-d
     return _Bits(raw.astype(np.uint64), fmt, arr)
 

@@ -134,6 +134,17 @@ def test_numpy_and_torch_inputs_mix_and_broadcast() -> None:
     assert d.dtype == np.int64
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_byte_swapped_numpy_arrays_compare_by_value(dtype: type) -> None:
+    # A big-endian array (np.frombuffer(..., ">f4"), files written on other machines) was
+    # read through a native uint view: 1.0 vs 1.0 came out 1065320385 ULPs apart in float32.
+    native = np.array([1.0, -2.5, 0.0], dtype=dtype)
+    swapped = native.astype(np.dtype(dtype).newbyteorder("S"))
+    assert ulp_distance(swapped, native).tolist() == [0, 0, 0]
+    assert diff(swapped, native).ok and diff(native, swapped).ok
+    assert ulp_distance(swapped, np.nextafter(native, np.inf)).tolist() == [1, 1, 1]
+
+
 def test_bad_inputs_raise_clear_errors() -> None:
     with pytest.raises(InputError, match="dtype mismatch"):
         ulp_distance(np.float32([1.0]), np.float64([1.0]))
