@@ -519,10 +519,15 @@ def layer_norm(
         mu = builtins.sum(xs) / length
         var = builtins.sum((t - mu) ** 2 for t in xs) / length + feps
         terms: list[tuple[int, Fraction, Fraction] | Fraction | float] = []
-        for xi, wi, bi in zip(xs, w, b):
+        for j, (xi, wi, bi) in enumerate(zip(xs, w, b)):
             num = (xi - mu) * wi
             if var == 0:
                 terms.append(math.nan)
+            elif num == 0 and bi == 0:
+                # -0 only when both terms are: the product's zero has the sign of
+                # (x_j - mu) * w_j (x_j - mu is +0 when zero), as the float computation does.
+                neg_prod = (xi < mu) != bool(vw is not None and np.signbit(vw[j]))
+                terms.append(-0.0 if neg_prod and vb is not None and np.signbit(vb[j]) else 0.0)
             elif num == 0:
                 terms.append(bi)  # exact
             else:

@@ -384,6 +384,19 @@ def test_norms_exact_cases_and_zero_variance() -> None:
     assert R.layer_norm(torch.ones(1, 3), bias=torch.tensor([0.5, 0.25, 0.0])).tolist() == [[0.5, 0.25, 0.0]]
 
 
+def test_layer_norm_zero_result_is_negative_only_when_both_terms_are() -> None:
+    # (x - mu) * rstd * w + b with x == mu (x - mu is +0) or w == +-0: the product's zero
+    # has the sign of (x - mu) * w, and -0 + -0 is the only sum that stays -0. The -0.0
+    # bias used to become Fraction(0), so every such result was +0.
+    x = torch.tensor([[1.0, 1.0, 2.0, 0.0], [1.0, 1.0, 2.0, 0.0]])
+    w = torch.tensor([-1.0, 1.0, -0.0, -0.0])
+    got = R.layer_norm(x, w, torch.full((4,), -0.0))
+    assert got.tolist() == [[0.0] * 4] * 2
+    assert torch.signbit(got).tolist() == [[True, False, True, False]] * 2
+    assert torch.equal(torch.signbit(got), torch.signbit(torch.nn.functional.layer_norm(x, (4,), w, -torch.zeros(4))))
+    assert not torch.signbit(R.layer_norm(x, w)).any()  # no bias: no -0 term
+
+
 def test_norm_rows_are_independent_and_run_at_realistic_sizes() -> None:
     g = torch.Generator().manual_seed(6)
     x = torch.randn(8, 256, generator=g)
