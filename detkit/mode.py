@@ -501,12 +501,20 @@ def _has_float_tensor(values: Any) -> bool:
 
 
 class _OpTracer(TorchDispatchMode):
+    # Higher-order operators (flex_attention: HF's attn_implementation="flex_attention")
+    # raised NotImplementedError here. Each call is now counted under the operator's own
+    # name (not routed, so listed as uncovered); the aten ops it runs inside are not traced.
+    supports_higher_order_operators = True
+
     def __init__(self) -> None:
         super().__init__()
         self.ops = TracedOps()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        name = f"{func._overloadpacket.__name__}.{func._overloadname}"
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            name = f"{func.name()}.default"
+        else:
+            name = f"{func._overloadpacket.__name__}.{func._overloadname}"
         self.ops[name] += 1
         if name not in self.ops.float_inputs and _has_float_tensor((*args, *(kwargs or {}).values())):
             self.ops.float_inputs.add(name)

@@ -670,6 +670,21 @@ def test_coverage_report_tells_integer_arithmetic_from_float_arithmetic() -> Non
     assert "floor_divide.default" in mode.coverage_report(dict(ints)).uncovered
 
 
+def test_trace_ops_lists_a_higher_order_operator_instead_of_raising() -> None:
+    # HF's attn_implementation="flex_attention" runs the flex_attention higher-order
+    # operator (eagerly under the mode's force_eager stance); trace_ops raised
+    # NotImplementedError on it, so no coverage report could be made for such a model.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    with detkit.batch_invariant(), pytest.warns(UserWarning):  # torch warns that flex_attention is not compiled
+        out, ops = mode.trace_ops(flex_attention, q, k, v)
+        want = flex_attention(q, k, v)
+    assert diff(out, want).ok
+    report = mode.coverage_report(ops)
+    assert report.uncovered.get("flex_attention.default") == 1, str(report)
+
+
 class _OrderSensitiveKernels(SimpleNamespace):
     """Stand-ins that reduce in blocks of 4 (like a blocked BLAS).
 
