@@ -58,6 +58,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from detkit._aten_adapters import (
+    COMPLEX_POSITION_DEPENDENT,
     ELEMENTWISE_EXACT,
     ELEMENTWISE_LIBM,
     ELEMENTWISE_PORTABLE,
@@ -483,19 +484,21 @@ class batch_invariant(contextlib.ContextDecorator):  # noqa: N801 - reads like a
 
 
 class TracedOps(Counter):  # type: ignore[type-arg]
-    """Calls per aten overload, and which overloads ever took a floating-point tensor
-    (``float_inputs``): an op of ``INTEGER_EXACT_OPS`` that never did is exact."""
+    """Calls per aten overload, which overloads ever took a floating-point tensor
+    (``float_inputs``): an op of ``INTEGER_EXACT_OPS`` that never did is exact; and which
+    took a complex one (``complex_inputs``): there ``COMPLEX_POSITION_DEPENDENT`` is not."""
 
     def __init__(self) -> None:
         super().__init__()
         self.float_inputs: set[str] = set()
+        self.complex_inputs: set[str] = set()
 
 
-def _has_float_tensor(values: Any) -> bool:
+def _has_float_tensor(values: Any, complex_only: bool = False) -> bool:
     for v in values:
-        if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()):
+        if isinstance(v, torch.Tensor) and (v.is_complex() or (v.is_floating_point() and not complex_only)):
             return True
-        if isinstance(v, (list, tuple)) and _has_float_tensor(v):
+        if isinstance(v, (list, tuple)) and _has_float_tensor(v, complex_only):
             return True
     return False
 
@@ -516,8 +519,11 @@ class _OpTracer(TorchDispatchMode):
         else:
             name = f"{func._overloadpacket.__name__}.{func._overloadname}"
         self.ops[name] += 1
-        if name not in self.ops.float_inputs and _has_float_tensor((*args, *(kwargs or {}).values())):
+        values = (*args, *(kwargs or {}).values())
+        if name not in self.ops.float_inputs and _has_float_tensor(values):
             self.ops.float_inputs.add(name)
+        if name not in self.ops.complex_inputs and _has_float_tensor(values, complex_only=True):
+            self.ops.complex_inputs.add(name)
         return func(*args, **(kwargs or {}))
 
 
@@ -551,8 +557,9 @@ class CoverageReport:
     backend implements (``ELEMENTWISE_PORTABLE``) are routed to it and count as
     ``routed`` where the device's table has them. The classification is by op name:
     ``pow.Tensor_Scalar`` is listed as not portable even where its exponent is 2 or 3
-    (plain multiplies, the same everywhere); the one use of dtypes is that an op of
-    ``INTEGER_EXACT_OPS`` traced with integer operands only is exact. ``uncovered``: anything else; its bits are
+    (plain multiplies, the same everywhere); the uses of dtypes are that an op of
+    ``INTEGER_EXACT_OPS`` traced with integer operands only is exact, and that on the CPU
+    an op of ``COMPLEX_POSITION_DEPENDENT`` traced with a complex operand is uncovered. ``uncovered``: anything else; its bits are
     whatever torch gives, so check them with a test. ``notes``: why an op is listed.
     """
 
@@ -580,8 +587,10 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
     """Classify traced ops (from :func:`trace_ops`) against the overrides for ``device``.
 
     An op of ``INTEGER_EXACT_OPS`` (``floor_divide``, ``histc``, ``bincount``, ...) that the
-    trace saw with integer operands only is exact; with ``ops`` from elsewhere (a plain
-    mapping of counts, no ``float_inputs``) it is classified by name alone."""
+    trace saw with integer operands only is exact, and on the CPU an op of
+    ``COMPLEX_POSITION_DEPENDENT`` (``mul``, ``div``, ...) it saw with a complex operand is
+    uncovered; with ``ops`` from elsewhere (a plain mapping of counts, no ``float_inputs``
+    or ``complex_inputs``) an op is classified by name alone."""
     if device not in OVERRIDES:
         raise InputError(f"coverage_report: device must be one of {', '.join(OVERRIDES)}, got {device!r}")
     table = {_full_name(s.name): s for s in OVERRIDES[device]}
@@ -591,6 +600,7 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
     uncovered: dict[str, int] = {}
     notes: dict[str, str] = {}
     float_inputs = getattr(ops, "float_inputs", None)
+    complex_inputs = getattr(ops, "complex_inputs", set())
     for name, n in sorted(ops.items()):
         full = _full_name(name)
         packet = full.split(".")[0]
@@ -599,6 +609,11 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
         if integers_only and full not in table:
             exact[full] = n
             notes[full] = "integer operands only (as traced): exact"
+            continue
+        if device == "CPU" and name in complex_inputs and packet in COMPLEX_POSITION_DEPENDENT and full not in table:
+            uncovered[full] = n
+            notes[full] = ("complex operands (as traced): several roundings per element, which torch's vector path "
+                           "and scalar tail order differently (position dependent)")
             continue
         if full in KNOWN_POSITION_DEPENDENT:
             notes[full] = f"position dependent {KNOWN_POSITION_DEPENDENT[full]}"

@@ -670,6 +670,23 @@ def test_coverage_report_tells_integer_arithmetic_from_float_arithmetic() -> Non
     assert "floor_divide.default" in mode.coverage_report(dict(ints)).uncovered
 
 
+def test_coverage_report_lists_complex_products_as_uncovered_on_the_cpu() -> None:
+    # Complex RoPE (x viewed as complex times freqs_cis, as Llama 4 and DeepSeek-V2 do) is a
+    # complex mul: several roundings per element, whose order torch's vector path and scalar
+    # tail do not share, so its bits can depend on the row's place in the batch.
+    x = torch.randn(3, 5, dtype=torch.complex64)
+    real = torch.randn(3, 5)
+    _, ops = mode.trace_ops(lambda: (x * x, x / 2, x + x, real * real))
+    report = mode.coverage_report(ops)
+    assert {"mul.Tensor", "div.Tensor"} <= set(report.uncovered), str(report)
+    assert "complex operands" in report.notes["mul.Tensor"]
+    assert "add.Tensor" in report.exact  # componentwise: one IEEE add per part
+    _, real_ops = mode.trace_ops(lambda: real * real / 3)
+    assert {"mul.Tensor", "div.Tensor"} <= set(mode.coverage_report(real_ops).exact)
+    # torch's CUDA kernels compute every element with the same code
+    assert "mul.Tensor" in mode.coverage_report(ops, device="CUDA").exact
+
+
 def test_trace_ops_lists_a_higher_order_operator_instead_of_raising() -> None:
     # HF's attn_implementation="flex_attention" runs the flex_attention higher-order
     # operator (eagerly under the mode's force_eager stance); trace_ops raised
