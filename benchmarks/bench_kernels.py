@@ -112,9 +112,11 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def run(quick: bool = False, only: str | None = None) -> list[Result]:
-    """Time every case (medians of interleaved repeats) and return the results."""
-    results = []
+def run(quick: bool = False, only: str | None = None,
+        on_result: Callable[[list[Result]], None] | None = None) -> list[Result]:
+    """Time every case (medians of interleaved repeats) and return the results;
+    ``on_result(results so far)`` after each case."""
+    results: list[Result] = []
     for case in _cases(quick):
         if only and only not in case.kernel:
             continue
@@ -131,6 +133,8 @@ def run(quick: bool = False, only: str | None = None) -> list[Result]:
         results.append(
             Result(case.kernel, case.shape, case.dtype, statistics.median(t_d) * 1e3, statistics.median(t_t) * 1e3, len(t_d))
         )
+        if on_result:
+            on_result(results)
     return results
 
 
@@ -147,12 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--threads must be >= 1 (0: keep torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run(args.quick, args.only)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}")
     print(f"{'kernel':28} {'shape':34} {'dtype':9} {'detkit ms':>10} {'torch ms':>10} {'ratio':>7}")
-    for r in results:
-        print(f"{r.kernel:28} {r.shape:34} {r.dtype:9} {r.detkit_ms:10.3f} {r.torch_ms:10.3f} {r.ratio:7.2f}")
-    if args.json:
+
+    def json_text(results: list[Result]) -> str:
         doc = {
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -161,12 +163,22 @@ def main(argv: list[str] | None = None) -> int:
             "results": [asdict(r) | {"ratio": r.ratio} for r in results],
             "cpu_status": kernels.cpu_status(),
         }
-        text = json.dumps(doc, indent=2, default=str)
+        return json.dumps(doc, indent=2, default=str)
+
+    def write(results: list[Result]) -> None:
         if args.json == "-":
-            print(text)
-        else:
+            print(json_text(results))
+        elif args.json:
             with open(args.json, "w", encoding="utf-8") as f:
-                f.write(text + "\n")
+                f.write(json_text(results) + "\n")
+
+    def finished(results: list[Result]) -> None:
+        r = results[-1]
+        print(f"{r.kernel:28} {r.shape:34} {r.dtype:9} {r.detkit_ms:10.3f} {r.torch_ms:10.3f} {r.ratio:7.2f}", flush=True)
+        if args.json != "-":  # after each case: an interruption keeps the finished ones
+            write(results)
+
+    write(run(args.quick, args.only, finished))
     return 0
 
 

@@ -35,3 +35,18 @@ def test_a_bad_thread_count_exits_2(bench: Any, bad: str, capsys: pytest.Capture
     with pytest.raises(SystemExit) as exc:
         bench.main(["--threads", bad])
     assert exc.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+def test_an_interruption_keeps_the_finished_cases(bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "_cases", lambda quick: [
+        bench.Case("first", "1x1", "float32", lambda: None, lambda: None),
+        bench.Case("second", "1x1", "float32", interrupted, lambda: None)])
+    out = tmp_path / "r.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--quick", "--json", str(out)])
+    assert [r["kernel"] for r in json.loads(out.read_text())["results"]] == ["first"]
+    assert "first" in capsys.readouterr().out
