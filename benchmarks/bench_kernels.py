@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--threads must be >= 1 (0: keep torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}")
-    print(f"{'kernel':28} {'shape':34} {'dtype':9} {'detkit ms':>10} {'torch ms':>10} {'ratio':>7}")
+    table = sys.stderr if args.json == "-" else sys.stdout  # stdout: the JSON alone
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ISA {torch.backends.cpu.get_cpu_capability()}",
+          file=table)
+    print(f"{'kernel':28} {'shape':34} {'dtype':9} {'detkit ms':>10} {'torch ms':>10} {'ratio':>7}", file=table)
 
     def json_text(results: list[Result]) -> str:
         doc = {
@@ -174,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def finished(results: list[Result]) -> None:
         r = results[-1]
-        print(f"{r.kernel:28} {r.shape:34} {r.dtype:9} {r.detkit_ms:10.3f} {r.torch_ms:10.3f} {r.ratio:7.2f}", flush=True)
+        print(f"{r.kernel:28} {r.shape:34} {r.dtype:9} {r.detkit_ms:10.3f} {r.torch_ms:10.3f} {r.ratio:7.2f}",
+              file=table, flush=True)
         if args.json != "-":  # after each case: an interruption keeps the finished ones
             write(results)
 

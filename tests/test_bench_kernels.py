@@ -50,3 +50,13 @@ def test_an_interruption_keeps_the_finished_cases(bench: Any, tmp_path: Path, mo
         bench.main(["--quick", "--json", str(out)])
     assert [r["kernel"] for r in json.loads(out.read_text())["results"]] == ["first"]
     assert "first" in capsys.readouterr().out
+
+
+def test_json_to_stdout_is_the_only_thing_on_stdout(bench: Any, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(bench, "_cases", lambda quick: [bench.Case("first", "1x1", "float32", lambda: None,
+                                                                   lambda: None)])
+    assert bench.main(["--quick", "--json", "-"]) == 0
+    out = capsys.readouterr()
+    assert [r["kernel"] for r in json.loads(out.out)["results"]] == ["first"]  # `| jq` works
+    assert "first" in out.err  # the table still shows
