@@ -266,9 +266,9 @@ def main() -> None:
         rows.append(row)
         print(f"{op:28} {shape:24} {row.dtype:9} {row.torch_ms:9.3f} {row.portable_ms:12.3f} "
               f"{row.ratio:6.2f}", flush=True)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], fh, indent=1)
+        if args.json:  # after each row: an interruption keeps the finished ones
+            with open(args.json, "w") as fh:
+                json.dump([asdict(r) | {"ratio": r.ratio} for r in rows], fh, indent=1)
 
 
 if __name__ == "__main__":

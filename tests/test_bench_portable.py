@@ -37,3 +37,21 @@ def test_torch_and_portable_are_timed_interleaved_after_one_untimed_call(bench: 
     ref_ms, port_ms = bench._median_ms(lambda: calls.append("torch"), lambda: calls.append("portable"), 3, clock)
     assert calls == ["torch", "portable"] * 4  # the first pair untimed, then alternating
     assert ref_ms == port_ms == 1000.0  # each timed call spans one tick of the fake clock
+
+
+def test_an_interruption_keeps_the_finished_rows(bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import sys
+
+    import torch
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "_cases", lambda quick: [("first", "1", torch.float32, lambda: None, lambda: None),
+                                                        ("second", "1", torch.float32, lambda: None, interrupted)])
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", ["bench_portable.py", "--repeats", "1", "--json", str(out)])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    assert [r["op"] for r in json.loads(out.read_text())] == ["first"]
