@@ -250,9 +250,10 @@ def main() -> None:
     clock = time.process_time if args.cpu_time else time.perf_counter
     if args.accuracy:
         acc = accuracy()
-        if args.json:
+        if args.json:  # strict JSON: a NaN or infinite error as the string "nan" / "inf"
             with open(args.json, "w") as fh:
-                json.dump(acc, fh, indent=1)
+                json.dump([{k: str(v) if isinstance(v, float) and not np.isfinite(v) else v for k, v in r.items()}
+                           for r in acc], fh, indent=1, allow_nan=False)
         return
     repeats = args.repeats or (3 if args.quick else 7)
     rows = []

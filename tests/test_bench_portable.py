@@ -55,3 +55,22 @@ def test_an_interruption_keeps_the_finished_rows(bench: Any, tmp_path: Path, mon
     with pytest.raises(KeyboardInterrupt):
         bench.main()
     assert [r["op"] for r in json.loads(out.read_text())] == ["first"]
+
+
+def test_accuracy_json_is_strict_json_with_a_wrong_nan(bench: Any, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import sys
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    row = {"op": "exp", **bench._error_stats("portable", np.array([0.25, math.nan])),
+           **bench._error_stats("torch", np.array([0.25, math.inf]))}
+    monkeypatch.setattr(bench, "accuracy", lambda: [row])
+    out = tmp_path / "acc.json"
+    monkeypatch.setattr(sys, "argv", ["bench_portable.py", "--accuracy", "--json", str(out)])
+    bench.main()
+    got = json.loads(out.read_text(), parse_constant=refuse)[0]
+    # the wrong NaN (and an infinite error) still show, as strings
+    assert got["portable_max"] == "nan" and got["torch_max"] == "inf" and got["op"] == "exp"
