@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = run(args.rows, args.length)
     if args.json:
-        text = json.dumps([asdict(r) for r in rows], indent=2)
+        # strict JSON: a NaN or infinite error (ulp_error's wrong NaN / inf) as the string "nan" / "inf"
+        text = json.dumps([{k: str(v) if isinstance(v, float) and not np.isfinite(v) else v
+                            for k, v in asdict(r).items()} for r in rows], indent=2, allow_nan=False)
         if args.json == "-":
             print(text)
         else:
