@@ -372,6 +372,11 @@ def markdown(meta: dict[str, Any], results: list[Result], checks: list[dict[str,
              "|---|---|---|---:|---:|---:|---:|---:|"]
     if meta.get("error"):
         lines[2:2] = [f"**Stopped early by {meta['error']}**: the cases below are the ones that finished.", ""]
+    elif not meta.get("complete"):
+        lines[2:2] = ["**Interrupted (or still running)**: the cases below are the ones that finished.", ""]
+    if meta.get("budget_exhausted"):
+        lines[2:2] = ["**The --budget ran out** before the run ended: any case not started by then is missing; the "
+                      "targets below are checked on the finished cases only.", ""]
 
     def f(v: float | None, nd: int = 3) -> str:
         return "-" if v is None else f"{v:.{nd}f}"

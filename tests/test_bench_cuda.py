@@ -220,3 +220,25 @@ def test_a_kernel_fault_keeps_the_sweep_and_says_what_stopped_it(bench: Any, tmp
                                                   "softmax", "rms_norm", "layer_norm"}
     assert len(data["tiles"]) == 4 and data["tile_choice"]
     assert "**Stopped early by RuntimeError: CUDA error" in (tmp_path / "b.md").read_text()
+
+
+def test_the_markdown_says_when_cases_are_missing(bench: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench_cuda.md is the table that gets published: a run cut short by --budget or by
+    Ctrl-C must say so above its 'Targets met: N of M', which counts finished cases only."""
+    monkeypatch.setattr(bench, "time_call", lambda fn, min_time: 1.0)
+    md = tmp_path / "b.md"
+    assert bench.main(["--only", "matmul", "--only", "rows", "--budget", "0", "--md", str(md)]) == 0
+    text = md.read_text()
+    assert "Targets met: 0 of 0." in text and "budget" in text.split("| op |")[0]
+    calls = {"n": 0}
+
+    def timer(fn: Any, min_time: float) -> float:
+        calls["n"] += 1
+        if calls["n"] > 3:  # one whole case, then Ctrl-C
+            raise KeyboardInterrupt
+        return 1.0
+
+    monkeypatch.setattr(bench, "time_call", timer)
+    assert bench.main(["--only", "matmul", "--md", str(md)]) == 130
+    text = md.read_text()
+    assert "Targets met: 1 of 1." in text and "Interrupted" in text.split("| op |")[0]
