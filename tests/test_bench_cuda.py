@@ -242,3 +242,11 @@ def test_the_markdown_says_when_cases_are_missing(bench: Any, tmp_path: Path, mo
     assert bench.main(["--only", "matmul", "--md", str(md)]) == 130
     text = md.read_text()
     assert "Targets met: 1 of 1." in text and "Interrupted" in text.split("| op |")[0]
+
+
+def test_a_target_is_met_on_the_unrounded_speed(bench: Any) -> None:
+    # speed 0.89951 is stored rounded to 0.9; it does not meet a 0.9 target
+    short = bench.Result("matmul", "bfloat16", "M=256 K=N=4096", 0.89951, 1.0, None)
+    exact = bench.Result("matmul", "bfloat16", "M=256 K=N=4096", 0.9, 1.0, None)
+    assert short.speed == 0.9
+    assert [c["met"] for c in bench.targets([short, exact])] == [False, True]
