@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
     print(f"# batch_invariant(portable={args.portable}) vs plain torch: {args.preset} {args.dtype} {args.attn} "
           f"on {meta['gpu'] or device} ({meta['threads']} threads), greedy generate, median of {args.repeats}; "
-          "first call: the untimed warm-up under the mode (tile checks and compilation of the shapes this "
-          "process has not seen yet, so mostly the first batch size)")
+          "first call: the warm-up under the mode, timed but left out of the medians (tile checks and compilation "
+          "of the shapes this process has not seen yet, so mostly the first batch size)")
     print("| batch | new tokens | plain ms | mode ms | ratio (mode / plain) | ops falling back | mode first call ms |")
     print("|---:|---:|---:|---:|---:|---|---:|")
     cases = []
