@@ -194,7 +194,8 @@ def _relu_linear(args: argparse.Namespace, device: str) -> int:
     print("| layer | plain ms | mode ms | ratio (mode / plain) |\n|---|---:|---:|---:|")
     print(f"| {case.name} | {case.plain_ms:.2f} | {case.mode_ms:.2f} | {case.ratio:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"meta": {"device": device, "dtype": args.dtype, "portable": args.portable},
+        args.json.write_text(json.dumps({"meta": {"device": device, "dtype": args.dtype, "portable": args.portable,
+                                                  "torch": torch.__version__, "threads": torch.get_num_threads()},
                                          "layer": {**asdict(case), "ratio": round(case.ratio, 3)}}, indent=2))
     return 0
 

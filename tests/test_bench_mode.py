@@ -62,7 +62,10 @@ def test_relu_linear_is_one_kernel_call_under_the_mode(bench: Any, tmp_path: Pat
     monkeypatch.setattr(_aten_adapters, "kernels_module", lambda: type("K", (), {"matmul": staticmethod(counting)}))
     out = tmp_path / "relu.json"
     assert bench.main(["--relu-linear", "--repeats", "1", "--json", str(out)]) == 0
-    layer = json.loads(out.read_text())["layer"]
+    data = json.loads(out.read_text())
+    layer = data["layer"]
+    # what the table's header says, as the generate JSON records it
+    assert data["meta"]["threads"] == torch.get_num_threads() and data["meta"]["torch"] == torch.__version__
     assert layer["plain_ms"] > 0 and layer["mode_ms"] > 0 and "ReLU rows" in layer["name"]
     assert calls and set(calls) == {(128, 3072)}  # every call under the mode: the whole batch at once
     assert "| Linear(3072, 768) on 128 ReLU rows |" in capsys.readouterr().out
