@@ -160,6 +160,13 @@ def test_bad_endpoint_urls_are_input_errors() -> None:
         HTTPEngine("127.0.0.1:8000", "m")
 
 
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 1e12])
+def test_a_timeout_sockets_cannot_take_is_an_input_error(timeout: float) -> None:
+    # not a ValueError/OverflowError traceback from socket.settimeout at the first request
+    with pytest.raises(InputError, match="--timeout must be"):
+        HTTPEngine("http://127.0.0.1:8000/v1", "m", timeout=timeout)
+
+
 # ---------------------------------------------------------------- scripted servers
 
 

@@ -116,8 +116,8 @@ class HTTPEngine:
         parsed = urllib.parse.urlparse(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise InputError(f"--endpoint must be an http(s) URL such as http://127.0.0.1:8000/v1, got {endpoint!r}")
-        if timeout <= 0:
-            raise InputError(f"--timeout must be > 0 seconds, got {timeout}")
+        if not 0 < timeout <= threading.TIMEOUT_MAX:  # also NaN and inf, which sockets refuse
+            raise InputError(f"--timeout must be > 0 seconds and at most {threading.TIMEOUT_MAX:.0f}, got {timeout}")
         if retries < 0 or backoff < 0:
             raise InputError(f"--retries and the backoff must be >= 0, got {retries} and {backoff}")
         if not 1 <= top_logprobs <= 20:
