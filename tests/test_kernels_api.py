@@ -214,6 +214,20 @@ def test_portable_must_be_a_bool(portable: object) -> None:
             call()
 
 
+@pytest.mark.parametrize("flag", ["no", 0, None])
+def test_is_causal_enable_gqa_and_keepdim_must_be_bools(flag: object) -> None:
+    """As SDPA and torch.sum refuse them: is_causal="no" ran causal attention, keepdim="no" kept the dim."""
+    x = x32(2, 3)
+    for call, name in (
+        (lambda: kernels.attention(x, x, x, is_causal=flag), "is_causal"),
+        (lambda: kernels.attention(x, x, x, enable_gqa=flag), "enable_gqa"),
+        (lambda: kernels.sum(x, keepdim=flag), "keepdim"),
+        (lambda: kernels.mean(x, keepdim=flag), "keepdim"),
+    ):
+        with pytest.raises(InputError, match=f"{name} must be True or False"):
+            call()
+
+
 def test_zero_dim_tensors() -> None:
     s = torch.tensor(2.5)
     assert torch.equal(kernels.softmax(s), torch.softmax(s, 0))

@@ -106,6 +106,13 @@ def _dispatch(fn: str, portable: bool, **tensors: torch.Tensor | None) -> Module
     return backend_for(device.type, portable)
 
 
+def _flag(value: object, name: str, fn: str) -> bool:
+    if not isinstance(value, bool):
+        # Truthiness would flip the result: is_causal="no" masked causally (torch raises TypeError).
+        raise InputError(f"{fn}: {name} must be True or False, got {value!r}.")
+    return value
+
+
 def _dim(dim: object, ndim: int, fn: str) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise InputError(f"{fn}: dim must be one int (reductions run over one dimension), got {dim!r}.")
@@ -385,6 +392,7 @@ def _reduce(x: torch.Tensor, dim: int, keepdim: bool, portable: bool, mean: bool
     x = _check(x, "x", fn)
     backend = _dispatch(fn, portable, x=x)
     d = _dim(dim, x.dim(), fn)
+    keepdim = _flag(keepdim, "keepdim", fn)
     # A 0-dim tensor is a row of one, reduced by the backend like any other: returning x
     # itself kept -0.0 (the anchored sum of a zero row is +0.0, as torch's) and, under
     # portable=True, a NaN's payload (the spec's outputs carry the canonical NaN).
@@ -458,6 +466,8 @@ def attention(
             f"{fn}: q, k, v must have the same number (>= 2) of dimensions, got shapes "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
         )
+    is_causal = _flag(is_causal, "is_causal", fn)
+    enable_gqa = _flag(enable_gqa, "enable_gqa", fn)
     if attn_mask is not None and is_causal:
         raise InputError(f"{fn}: pass either attn_mask or is_causal=True, not both (as in SDPA).")
     lq, e = q.shape[-2], q.shape[-1]
