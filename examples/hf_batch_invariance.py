@@ -58,12 +58,19 @@ def compare(model: object, tokenizer: object, target: str, new_tokens: int) -> l
     return rows
 
 
+def count(text: str) -> int:
+    """argparse type for --new-tokens: a usage error, not a traceback, below 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=PRESETS, default="tiny-llama")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--new-tokens", type=count, default=16)
     parser.add_argument("--target", default=TARGET, help="the prompt whose generation is compared")
     args = parser.parse_args()
 

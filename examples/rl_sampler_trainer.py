@@ -84,13 +84,20 @@ def compare(sampler: torch.Tensor, trainer: torch.Tensor, tokens: torch.Tensor) 
             f"[{colour}]{'yes' if same_bits else 'no'}[/]")
 
 
+def count(text: str) -> int:
+    """argparse type for --new-tokens and batch sizes: a usage error, not a traceback, below 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=PRESETS, default="tiny-llama")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--attn", choices=["eager", "sdpa"], default="sdpa")
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--trainer-batch", type=int, default=4, help="sequences per trainer forward (the sampler runs all at once)")
+    parser.add_argument("--new-tokens", type=count, default=24)
+    parser.add_argument("--trainer-batch", type=count, default=4, help="sequences per trainer forward (the sampler runs all at once)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

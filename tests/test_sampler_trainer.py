@@ -261,6 +261,19 @@ def test_the_rl_example_runs_generate_and_a_train_step_on_policy_under_the_mode(
     assert [c.strip() for c in plain.strip("│").split("│")][-1] == "no", "negative control: torch's kernels differ"
 
 
+@pytest.mark.parametrize(("script", "args"), [
+    ("rl_sampler_trainer.py", ["--trainer-batch", "0"]),
+    ("rl_sampler_trainer.py", ["--new-tokens", "-1"]),
+    ("hf_batch_invariance.py", ["--new-tokens", "0"]),
+])
+def test_the_examples_refuse_counts_below_one_with_a_usage_error(script: str, args: list[str]) -> None:
+    # not a traceback from range() or from generate() after the model was built
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    proc = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{args[0]}: must be an integer >= 1, got {args[1]!r}" in proc.stderr
+
+
 def test_kl_ignores_vocabulary_entries_masked_to_minus_inf_on_both_sides() -> None:
     logits = torch.tensor([[0.5, float("-inf"), 1.0, float("-inf")]])
     kl, gap = _kl_and_logprob_gap(logits, logits.clone(), torch.tensor([1]))
