@@ -768,3 +768,31 @@ def test_a_redirected_request_names_where_it_was_sent() -> None:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+    (["--window-ms", "-1"], "--window-ms must be a finite number >= 0, got -1.0"),
+    (["--window-ms", "nan"], "--window-ms must be a finite number >= 0, got nan"),
+    (["--port", "99999"], "--port must be from 0 to 65535, got 99999"),
+])
+def test_the_server_refuses_bad_options_before_loading_the_model(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from detkit.probe.server import main
+
+    # not a ValueError/OverflowError traceback (or, for NaN, a server that never batches)
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", "/no/such/model", *args])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_port_the_server_cannot_listen_on_is_a_one_line_error() -> None:
+    from detkit.probe.server import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(SystemExit, match=r"error: cannot listen on 127\.0\.0\.1:\d+ \(Address already in use\)"):
+            main(["--port", str(taken.getsockname()[1])])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import queue
 import threading
 import time
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from detkit.errors import ContextTooLong, DetkitError
+from detkit.errors import ContextTooLong, DetkitError, InputError
 from detkit.probe.engine import Request
 from detkit.probe.hf import HFEngine, load_model
 
@@ -307,7 +308,11 @@ def serve(
     engine = HFEngine(hf_model, tokenizer, description=desc, top_k=MAX_LOGPROBS, mode=mode,
                       new_tokens_option="max_tokens")
     batcher = Batcher(engine, max_batch=max_batch, window_s=window_ms / 1000.0)
-    server = ThreadingHTTPServer((host, port), make_handler(model, batcher, timeout_s))
+    try:
+        server = ThreadingHTTPServer((host, port), make_handler(model, batcher, timeout_s))
+    except OSError as exc:  # the port is taken, the host is not this machine's
+        batcher.stop()
+        raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pass another --port or --host") from exc
     server.daemon_threads = True
     return server, batcher
 
@@ -323,6 +328,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--window-ms", type=float, default=20.0, help="how long a batch waits for more requests")
     args = parser.parse_args(argv)
+    # before the model loads; argparse's usage error (exit 2) rather than a traceback from the batcher or bind()
+    if args.max_batch < 1:
+        parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
+    if not (math.isfinite(args.window_ms) and args.window_ms >= 0):
+        parser.error(f"--window-ms must be a finite number >= 0, got {args.window_ms}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be from 0 to 65535, got {args.port}")
     try:
         server, batcher = serve(
             args.model, host=args.host, port=args.port, dtype=args.dtype, seed=args.seed,
