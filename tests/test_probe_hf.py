@@ -141,11 +141,17 @@ def test_fillers_made_up_by_the_probe_fit_the_context_when_the_prompt_does(bf16_
 def test_missing_model_and_missing_tokenizer_are_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match="no model at"):
         load_model(str(tmp_path / "nope"))
-    from detkit.models import load_preset
+    from detkit.models import build_tokenizer, load_preset
 
     load_preset("tiny-gpt2").save_pretrained(tmp_path / "m")
     with pytest.raises(ModelLoadError, match="tokenizer"):
         load_model(str(tmp_path / "m"))
+    # a broken config.json (which the tokenizer loader reads too) is named as such
+    build_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "gpt2",')
+    with pytest.raises(ModelLoadError, match=r"could not read .*config\.json \(") as exc:
+        load_model(str(tmp_path / "m"))
+    assert "tokenizer" not in str(exc.value)
 
 
 def _save_seq2seq(path: Path, family: str, dtype: str) -> Path:

@@ -76,8 +76,16 @@ def load_model(
         )
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model directory")
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    # The tokenizer loader reads config.json too: a broken one would read as a tokenizer problem.
+    try:
+        AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not read {path / 'config.json'} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); save the model with save_pretrained, or fix the file"
+        ) from exc
     # transformers 5 builds an *empty* tokenizer from config.json alone, without error.
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         raise ModelLoadError(
