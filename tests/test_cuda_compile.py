@@ -491,6 +491,9 @@ def test_cli_rejects_bad_arch(compiler: str) -> None:
     # well formed but unknown to the compiler: bad input (exit 2), not five failed checks
     out = CliRunner().invoke(app, ["kernels", "check", "--arch", "sm_99"])
     assert isinstance(out.exception, InputError) and "cannot compile for sm_99" in str(out.exception)
+    # older than the kernels support: said so, not ptxas errors from five failed checks
+    out = CliRunner().invoke(app, ["kernels", "check", "--arch", "sm_70"])
+    assert isinstance(out.exception, InputError) and "need sm_80 or newer" in str(out.exception)
 
 
 def test_backend_explains_why_it_is_unavailable() -> None:

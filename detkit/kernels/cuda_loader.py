@@ -155,8 +155,11 @@ def build_arch(name: str, arch: str) -> str | None:
 
 
 def _check_arch(arch: str) -> str:
-    if not _ARCH_RE.match(arch):
+    match = _ARCH_RE.match(arch)
+    if not match:
         raise InputError(f"architecture {arch!r} is not of the form sm_XY (e.g. sm_80, sm_90)")
+    if int(match.group(1)) < 80:  # as cuda.py refuses such a GPU: bf16 MMA, cp.async
+        raise InputError(f"architecture {arch}: detkit's kernels need sm_80 or newer (e.g. sm_80, sm_90)")
     return arch
 
 
