@@ -128,7 +128,7 @@ def _marker_args(marker: pytest.Mark) -> tuple[int, bool]:
     if not isinstance(restore_rng, bool):
         raise InputError(f"@pytest.mark.deterministic(restore_rng=...) takes a bool, got {restore_rng!r}")
     unknown = set(marker.kwargs) - {"runs", "restore_rng"}
-    if unknown or len(marker.args) > 1:
+    if unknown or len(marker.args) > 1 or (marker.args and "runs" in marker.kwargs):  # (5, runs=3): which?
         raise InputError(f"@pytest.mark.deterministic takes runs= and restore_rng= only, got {marker.args}, {marker.kwargs}")
     return runs, restore_rng
 

@@ -246,6 +246,10 @@ def test_deterministic_marker_compares_return_values_and_records(pytester: pytes
         def test_bad_runs():
             return torch.ones(1)
 
+        @pytest.mark.deterministic(5, runs=3)
+        def test_runs_given_twice():
+            return torch.ones(1)
+
         @pytest.mark.deterministic(runs=2)
         def test_seeded_draws_repeat():
             return torch.randn(3)
@@ -255,7 +259,7 @@ def test_deterministic_marker_compares_return_values_and_records(pytester: pytes
             return torch.randn(3)
         """,
     )
-    result.assert_outcomes(passed=2, failed=5)
+    result.assert_outcomes(passed=2, failed=6)
     result.stdout.fnmatch_lines(["*NONDETERMINISTIC: test_user.py::test_rng_consumption_counts: 2 distinct results in 2 runs*"])
     result.stdout.fnmatch_lines(
         [
@@ -269,6 +273,7 @@ def test_deterministic_marker_compares_return_values_and_records(pytester: pytes
     )
     result.stdout.fnmatch_lines(["*test_nothing_to_compare returned nothing and recorded nothing*"])
     result.stdout.fnmatch_lines(["*deterministic(runs=...) needs an int >= 2, got 1*"])
+    result.stdout.fnmatch_lines(["*deterministic takes runs= and restore_rng= only, got (5,), {'runs': 3}*"])
     assert "PytestReturnNotNoneWarning" not in result.stdout.str()
 
 
