@@ -318,14 +318,20 @@ def test_mode_markers_and_suite_mode(pytester: pytest.Pytester) -> None:
         def test_plain(mode_in_setup):
             print("setup mode:", mode_in_setup, "body mode:", detkit.mode.is_enabled())
             assert_batch_invariant(linear, X, batch_sizes=[1, 2, 4])
+
+        @pytest.mark.portable
+        class TestClassMarked:
+            @pytest.mark.batch_invariant(strict=True)
+            def test_own_mark_wins(self):  # the function's own mark, not its class's
+                assert detkit.mode.state().strict and not detkit.mode.state().portable
         """
     result = _run(pytester, body, "-s")
-    result.assert_outcomes(passed=2, failed=1)
+    result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*setup mode: False body mode: False*"])
     assert not detkit.mode.is_enabled()  # restored after the run
 
     suite = _run(pytester, body, "-s", "--detkit-mode=batch-invariant")
-    suite.assert_outcomes(passed=3)
+    suite.assert_outcomes(passed=4)
     suite.stdout.fnmatch_lines(["detkit: mode batch-invariant", "*setup mode: True body mode: True*"])
     suite.stdout.fnmatch_lines(["detkit: 3 checks in 3 tests: 3 passed, 0 failed; *; mode batch-invariant"])
     assert not detkit.mode.is_enabled()
