@@ -62,6 +62,7 @@ from detkit.errors import InputError
 from detkit.kernels._grouped import offsets_problem
 
 __all__ = [
+    "COMPLEX_POSITION_DEPENDENT",
     "ELEMENTWISE_EXACT",
     "ELEMENTWISE_LIBM",
     "ELEMENTWISE_PORTABLE",
@@ -69,7 +70,6 @@ __all__ = [
     "FOLDS",
     "INTEGER_EXACT_OPS",
     "KNOWN_POSITION_DEPENDENT",
-    "COMPLEX_POSITION_DEPENDENT",
     "OVERRIDES",
     "Call",
     "OpOverride",

@@ -559,8 +559,9 @@ class CoverageReport:
     ``pow.Tensor_Scalar`` is listed as not portable even where its exponent is 2 or 3
     (plain multiplies, the same everywhere); the uses of dtypes are that an op of
     ``INTEGER_EXACT_OPS`` traced with integer operands only is exact, and that on the CPU
-    an op of ``COMPLEX_POSITION_DEPENDENT`` traced with a complex operand is uncovered. ``uncovered``: anything else; its bits are
-    whatever torch gives, so check them with a test. ``notes``: why an op is listed.
+    an op of ``COMPLEX_POSITION_DEPENDENT`` traced with a complex operand is uncovered.
+    ``uncovered``: anything else; its bits are whatever torch gives, so check them with a
+    test. ``notes``: why an op is listed.
     """
 
     portable: bool

@@ -330,7 +330,7 @@ def _sensitive_rows(h: int, k: int, dtype: torch.dtype, gen: torch.Generator) ->
     often vanishes in the final rounding. Every fourth row is ordinary random data.
     Row 2 (when there is one) overflows: its products are +-inf in the accumulation,
     and which of inf, -inf or NaN a row gets depends on how the library adds them (with
-    K <= 3 bfloat16's small-row tiles gave NaN where its 128/256-row tiles gave inf).
+    K = 2, bfloat16's 32-row BLAS tiles gave NaN where its larger tiles gave inf).
     """
     a = torch.randn(h, k, generator=gen, dtype=_random_dtype(dtype)) * 8
     half = k // 2

@@ -71,9 +71,9 @@ def _summary(modes: list[dict[str, Any]], planned: list[str], *, complete: bool)
         # Nothing differed, but failed runs (or no mode at all) leave the question open:
         # an environment problem, not a verdict on the engine.
         invariant = None
-        verdict = "UNDECIDED: " + "; ".join(reasons) + (f"; the rest identical to the reference ({compared})"
-                                                       if len(ran) and any(m["runs"] > m["failed_runs"] for m in ran)
-                                                       else "")
+        answered = any(m["runs"] > m["failed_runs"] for m in ran)
+        verdict = "UNDECIDED: " + "; ".join(reasons) + (
+            f"; the rest identical to the reference ({compared})" if answered else "")
     else:
         invariant = True
         verdict = "; ".join([f"identical to the reference in {scope} ({compared})", *caveats])
