@@ -659,11 +659,14 @@ def test_ctrl_c_during_a_burst_stops_now_and_keeps_the_finished_runs(scripted: T
         pressed.append(time.monotonic())
         signal.pthread_kill(main, signal.SIGINT)
 
+    answered = threading.Event()  # set once a slow answer has gone out
+
     def script(count: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         if count == 3:  # the burst of 2 is in flight: the user presses Ctrl-C
             threading.Timer(0.3, ctrl_c).start()
         if count >= 3:
-            time.sleep(4)
+            time.sleep(8)
+            answered.set()
         return 200, _completion(body)
 
     scripted.script = script  # type: ignore[attr-defined]
@@ -675,7 +678,8 @@ def test_ctrl_c_during_a_burst_stops_now_and_keeps_the_finished_runs(scripted: T
 
     with pytest.raises(ProbeInterrupted):
         run_probe(engine, suite, seed=0, config={}, out=tmp_path / "report.json")
-    assert time.monotonic() - pressed[0] < 2  # not the 4 s the burst's answers take
+    # back before any slow answer came (not a timed bound: this machine may be loaded)
+    assert pressed and not answered.is_set()
     on_disk = json.loads((tmp_path / "report.json").read_text())
     assert on_disk["status"] == "partial"
     (mode,) = on_disk["modes"]
