@@ -344,7 +344,11 @@ class HTTPEngine:
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join()
+            while thread.is_alive():
+                # A bounded wait returns to the interpreter, which runs a pending SIGINT's
+                # handler: an unbounded join() was not interrupted in every process (in the
+                # full test suite it waited for the answers).
+                thread.join(0.05)
         gens: list[Generation] = []
         for result in results:
             if not isinstance(result, Generation):
