@@ -13,12 +13,14 @@ are interned into integer ids (first seen, first numbered) so streams are compar
 ids. A server that returns no logprobs degrades to comparing the completion text
 character by character (``token_unit == "character"``), and the report says so.
 
-Timeouts, connection errors, 429 and 5xx answers are retried with exponential backoff;
-a request that still fails is recorded as that run's error, never fatal to the probe.
+Timeouts, connection errors, 429 and 5xx answers are retried with exponential backoff
+(at least what a ``Retry-After`` header asks, up to the timeout); a request that still
+fails is recorded as that run's error, never fatal to the probe.
 """
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import math
@@ -79,6 +81,21 @@ def _server_message(body: bytes) -> str:
         if data.get("message"):
             return str(data["message"])[:300]
     return text[:300]
+
+
+def _retry_after(value: str | None, cap: float) -> float:
+    """Seconds a Retry-After header asks for (a number or an HTTP date), at most ``cap``
+    (the request timeout: a gateway's long pause is not waited out); 0 if none or unreadable."""
+    if not value:
+        return 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return 0.0
+    return min(max(seconds, 0.0), cap) if math.isfinite(seconds) else 0.0
 
 
 class _NoPostRedirect(urllib.request.HTTPRedirectHandler):
@@ -176,9 +193,11 @@ class HTTPEngine:
         """POST with retries; returns (answer, error sentence, attempts)."""
         data = json.dumps(payload).encode()
         error = "no attempt made"
+        asked = 0.0  # what the last 429/503 asked for in Retry-After, in seconds
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(max(self.backoff * 2 ** (attempt - 1), asked))
+                asked = 0.0
             url = f"{self.base}/{self.path}"
             req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
             try:
@@ -191,6 +210,7 @@ class HTTPEngine:
                              "redirects to as --endpoint")
                 if exc.code != 429 and exc.code < 500:
                     return None, error, attempt + 1  # the request itself is wrong: retrying cannot help
+                asked = _retry_after(exc.headers.get("Retry-After"), self.timeout)
             except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:
                 # HTTPException: the connection closed mid-answer (IncompleteRead), a garbled status line
                 reason = getattr(exc, "reason", exc)
