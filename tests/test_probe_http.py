@@ -176,7 +176,8 @@ def modes_by_name(modes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 class _Scripted(BaseHTTPRequestHandler):
-    """Answers /v1/completions as ``server.script(count, body)`` says: (status, json)."""
+    """Answers /v1/completions as ``server.script(count, body)`` says: (status, json) or
+    (status, json, extra headers)."""
 
     def do_POST(self) -> None:  # noqa: N802 - http.server API
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -184,9 +185,11 @@ class _Scripted(BaseHTTPRequestHandler):
             self.server.paths.add(self.path)  # type: ignore[attr-defined]
             self.server.count += 1  # type: ignore[attr-defined]
             count = self.server.count  # type: ignore[attr-defined]
-        status, answer = self.server.script(count, body)  # type: ignore[attr-defined]
+        status, answer, *headers = self.server.script(count, body)  # type: ignore[attr-defined]
         data = json.dumps(answer).encode()
         self.send_response(status)
+        for name, value in (headers[0] if headers else {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -687,43 +690,25 @@ def test_ctrl_c_during_a_burst_stops_now_and_keeps_the_finished_runs(scripted: T
     assert mode["complete"] is False and mode["runs"] == 1
 
 
-class _RateLimited(BaseHTTPRequestHandler):
-    """Answers its first request 429 with ``Retry-After: <server.after>``, then completions."""
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server API
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.times.append(time.monotonic())  # type: ignore[attr-defined]
-        first = len(self.server.times) == 1  # type: ignore[attr-defined]
-        data = json.dumps({"error": {"message": "slow down"}} if first else _completion(body)).encode()
-        self.send_response(429 if first else 200)
-        if first:
-            self.send_header("Retry-After", self.server.after)  # type: ignore[attr-defined]
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.mark.parametrize("after", ["1", "Sun, 06 Nov 1994 08:49:37 GMT", "soon"])
-def test_a_retry_waits_at_least_what_retry_after_asks(after: str) -> None:
+def test_a_retry_waits_at_least_what_retry_after_asks(scripted: ThreadingHTTPServer, after: str) -> None:
     # A gateway's 429 says when to come back; the 0.5 s, 1 s backoff ignored it and gave up
     # before the gateway would answer. A date in the past or an unreadable value: the
     # backoff alone.
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _RateLimited)
-    srv.times, srv.after = [], after  # type: ignore[attr-defined]
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        engine = HTTPEngine(f"http://127.0.0.1:{srv.server_port}/v1", "m", timeout=5, retries=1, backoff=0.01)
-        (gen,) = engine.generate([Request("fox")], max_new_tokens=2)
-        assert gen.error is None and gen.meta["attempts"] == 2
-        if after == "1":  # a lower bound only: sleeping never takes less than asked
-            assert srv.times[1] - srv.times[0] >= 0.95, srv.times  # type: ignore[attr-defined]
-    finally:
-        srv.shutdown()
-        srv.server_close()
+    times: list[float] = []
+
+    def script(count: int, body: dict[str, Any]) -> tuple[Any, ...]:
+        times.append(time.monotonic())
+        if count == 1:
+            return 429, {"error": {"message": "slow down"}}, {"Retry-After": after}
+        return 200, _completion(body)
+
+    scripted.script = script  # type: ignore[attr-defined]
+    engine = HTTPEngine(f"http://127.0.0.1:{scripted.server_port}/v1", "m", timeout=5, retries=1, backoff=0.01)
+    (gen,) = engine.generate([Request("fox")], max_new_tokens=2)
+    assert gen.error is None and gen.meta["attempts"] == 2
+    if after == "1":  # a lower bound only: sleeping never takes less than asked
+        assert times[1] - times[0] >= 0.95, times
 
 
 def test_an_answer_the_server_aborted_fails_its_run_and_is_no_divergence(scripted: ThreadingHTTPServer) -> None:

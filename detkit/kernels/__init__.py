@@ -93,10 +93,16 @@ def _same_dtype(fn: str, **tensors: torch.Tensor | None) -> None:
         raise InputError(f"{fn}: all tensors must have the same dtype ({desc}); convert them to one dtype.")
 
 
+def _flag(value: object, name: str, fn: str) -> bool:
+    if not isinstance(value, bool):
+        # Truthiness would flip the result: portable="no" ran the portable kernels,
+        # is_causal="no" masked causally (torch raises TypeError).
+        raise InputError(f"{fn}: {name} must be True or False, got {value!r}.")
+    return value
+
+
 def _dispatch(fn: str, portable: bool, **tensors: torch.Tensor | None) -> ModuleType:
-    if not isinstance(portable, bool):
-        # Truthiness would pick a guarantee: portable="no" ran the portable kernels.
-        raise InputError(f"{fn}: portable must be True or False, got {portable!r}.")
+    portable = _flag(portable, "portable", fn)
     given = {k: t for k, t in tensors.items() if t is not None}
     devices = {t.device for t in given.values()}
     if len(devices) > 1:
@@ -104,13 +110,6 @@ def _dispatch(fn: str, portable: bool, **tensors: torch.Tensor | None) -> Module
         raise InputError(f"{fn}: all tensors must be on the same device ({desc}).")
     device = next(iter(devices))
     return backend_for(device.type, portable)
-
-
-def _flag(value: object, name: str, fn: str) -> bool:
-    if not isinstance(value, bool):
-        # Truthiness would flip the result: is_causal="no" masked causally (torch raises TypeError).
-        raise InputError(f"{fn}: {name} must be True or False, got {value!r}.")
-    return value
 
 
 def _dim(dim: object, ndim: int, fn: str) -> int:
@@ -247,8 +246,7 @@ def grouped_matmul(
     a = _check(a, "a", fn)
     b = _check(b, "b", fn)
     _same_dtype(fn, a=a, b=b)
-    if not isinstance(check_offsets, bool):
-        raise InputError(f"{fn}: check_offsets must be True or False, got {check_offsets!r}.")
+    check_offsets = _flag(check_offsets, "check_offsets", fn)
     if not isinstance(offs, torch.Tensor) or offs.dtype != torch.int32 or offs.dim() != 1:
         desc = f"a {offs.dim()}-D {offs.dtype} tensor" if isinstance(offs, torch.Tensor) else type(offs).__name__
         raise InputError(f"{fn}: offs must be a 1-D int32 tensor of group ends, got {desc}; "

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from detkit._reentry import own_thread, set_inside
+from detkit._testing_values import same_bits  # bitwise, unlike torch.equal (NaN never equals NaN)
 
 # Candidate tile heights per dtype. Measured on a 2-core AVX-512/AMX Xeon, torch 2.13,
 # K = N = 4096: float32 (MKL) gives one class 16..512 but only on one thread; bfloat16
@@ -283,21 +284,12 @@ def _run(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, verdict: T
     return out
 
 
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Bitwise equality: NaN equals a NaN with its bits, -0.0 differs from +0.0
-    (``torch.equal`` has neither, so a NaN row could never verify)."""
-    return torch.equal(x.contiguous().view(_BITS[x.dtype]), y.contiguous().view(_BITS[y.dtype]))
-
-
 def _split_ok(run_cols: Callable[[torch.Tensor, slice], torch.Tensor], a: torch.Tensor, n: int, split: int) -> bool:
     """Whether computing ``split`` equal column blocks gives the whole width's bits."""
     whole = run_cols(a, slice(None))
     nb = n // split
     parts = [run_cols(a, slice(c * nb, (c + 1) * nb)) for c in range(split)]
-    return _same_bits(torch.cat(parts, dim=1), whole)
+    return same_bits(torch.cat(parts, dim=1), whole)
 
 
 def _random_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -346,21 +338,21 @@ def _row_invariant(run: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor,
     h = a.shape[0]
     ref = run(a)
     perm = torch.randperm(h, generator=gen)
-    if not _same_bits(run(a[perm]), ref[perm]):
+    if not same_bits(run(a[perm]), ref[perm]):
         return "rows changed when the tile's rows were permuted"
     if h > 1:
         other = a.clone()
         other[1:] = _sensitive_rows(h - 1, a.shape[1], a.dtype, gen)
-        if not _same_bits(run(other)[:1], ref[:1]):
+        if not same_bits(run(other)[:1], ref[:1]):
             return "row 0 changed when the other rows changed"
-        if not _same_bits(run(a[:1]), ref[:1]):
+        if not same_bits(run(a[:1]), ref[:1]):
             return "row 0 changed when the other rows were zero padding"
     return ""
 
 
 def _thread_invariant(run: Callable[[torch.Tensor], torch.Tensor], a: torch.Tensor) -> bool:
     ref = _with_threads(1, lambda: run(a))
-    return all(_same_bits(_with_threads(n, lambda: run(a)), ref) for n in sorted(_THREAD_COUNTS - {1}))
+    return all(same_bits(_with_threads(n, lambda: run(a)), ref) for n in sorted(_THREAD_COUNTS - {1}))
 
 
 def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...], layout: str) -> TileVerdict:
@@ -391,7 +383,7 @@ def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...],
         threads = torch.get_num_threads()
         from_worker = _pool().submit(runner(h, True), a).result()[:h0]
         torch.set_num_threads(threads)
-        if _same_bits(from_worker, pinned_rows):
+        if same_bits(from_worker, pinned_rows):
             classes.setdefault((True, pinned_rows.view(torch.uint8).numpy().tobytes()), []).append(h)
         else:
             notes.append(f"height {h}: a one-thread worker gives other bits")
