@@ -261,6 +261,29 @@ def test_the_chat_api_sends_one_user_message_and_reads_chat_logprobs(scripted: T
             assert m["max_abs_logprob_diff"] == 0.0 and m["unique_completions"] == 1
 
 
+@pytest.mark.parametrize(("path", "api", "sent"), [
+    ("/v1", None, "/v1/completions"),
+    ("/v1/", "chat", "/v1/chat/completions"),
+    ("/v1/chat/completions", None, "/v1/chat/completions"),  # the URL names the chat API: no --chat needed
+    ("/v1/chat/completions/", "chat", "/v1/chat/completions"),
+    ("/v1/completions", None, "/v1/completions"),
+    ("/v1/completions", "completions", "/v1/completions"),
+])
+def test_the_api_is_the_one_asked_for_or_the_one_the_url_names(path: str, api: str | None, sent: str) -> None:
+    engine = HTTPEngine(f"http://127.0.0.1:8000{path}", "m", api=api)
+    assert engine.base == "http://127.0.0.1:8000/v1" and engine.describe()["api"] == sent
+
+
+@pytest.mark.parametrize(("path", "api", "advice"), [
+    ("/v1/chat/completions", "completions", "use --chat"),
+    ("/v1/completions", "chat", "use --no-chat"),
+])
+def test_an_api_the_url_contradicts_is_an_input_error(path: str, api: str, advice: str) -> None:
+    # before, a chat URL without --chat was silently probed through /v1/completions
+    with pytest.raises(InputError, match=f"names /v1/.*but the probe was asked to send .*{advice}, or give the server's /v1 base"):
+        HTTPEngine(f"http://127.0.0.1:8000{path}", "m", api=api)
+
+
 def test_a_chat_answer_without_logprobs_compares_characters_and_one_without_a_message_fails_its_run(
         scripted: ThreadingHTTPServer) -> None:
     plain = {"choices": [{"message": {"role": "assistant", "content": "abc"}, "finish_reason": "length"}]}
@@ -402,6 +425,20 @@ def test_cli_exit_codes_against_a_server(scripted: ThreadingHTTPServer, capsys: 
     # GET /models answered with an HTTP error (this server has no GET): reached, wrong base URL
     code, err = _cli(["--endpoint", url, "--modes", "single"], capsys, monkeypatch)
     assert code == 2 and "/v1/models answered HTTP 501" in err and "usually ends in /v1" in err
+
+
+def test_cli_probes_the_chat_api_a_chat_url_names(scripted: ThreadingHTTPServer, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    scripted.script = lambda count, body: (200, _chat_completion(body))  # type: ignore[attr-defined]
+    url = f"http://127.0.0.1:{scripted.server_port}/v1/chat/completions"
+    code, err = _cli(["--endpoint", url, "--served-model", "m", "--modes", "single", "--concurrency", "1,2",
+                      "--max-new-tokens", "3", "--fail-on-divergence"], capsys, monkeypatch)
+    assert code == 0, err
+    assert scripted.paths == {"/v1/chat/completions"}  # type: ignore[attr-defined]
+    sent = scripted.count  # type: ignore[attr-defined]
+    code, err = _cli(["--endpoint", url, "--served-model", "m", "--no-chat"], capsys, monkeypatch)
+    assert code == 2 and "use --chat, or give the server's /v1 base" in err
+    assert scripted.count == sent  # type: ignore[attr-defined]  # refused before any request
 
 
 # ---------------------------------------------------------------- detkit's own server, with logprobs

@@ -65,10 +65,12 @@ def probe(
         str | None, typer.Option("--served-model", help="Model name the server serves (default: the only one in GET /v1/models).")
     ] = None,
     chat: Annotated[
-        bool,
-        typer.Option("--chat", help="Send each prompt as one user chat message: a server through /v1/chat/completions, "
-                                    "a local model through its tokenizer's chat template."),
-    ] = False,
+        bool | None,
+        typer.Option("--chat/--no-chat", help="Send each prompt as one user chat message: a server through "
+                                              "/v1/chat/completions, a local model through its tokenizer's chat "
+                                              "template. Default: a server's as its --endpoint path names "
+                                              "(.../chat/completions), else not."),
+    ] = None,
     concurrency: Annotated[
         str | None, typer.Option("--concurrency", help="HTTP: comma-separated concurrency levels, e.g. 1,8,32 (the batch sizes).")
     ] = None,
@@ -199,7 +201,7 @@ def probe(
 
 def _engine(
     *, model: str, dtype: str, attn: str, device: str, endpoint: str | None, served_model: str | None, seed: int,
-    top_k: int, timeout: float, retries: int, batch_invariant: bool, portable: bool, chat: bool,
+    top_k: int, timeout: float, retries: int, batch_invariant: bool, portable: bool, chat: bool | None,
 ) -> Any:
     if endpoint is not None:
         from detkit.probe.http import HTTPEngine
@@ -209,7 +211,7 @@ def _engine(
         if device != "cpu":
             raise InputError("--device applies to local models; a server runs where it runs")
         return HTTPEngine(endpoint, served_model, timeout=timeout, retries=retries, top_logprobs=top_k,
-                          api="chat" if chat else "completions")
+                          api=None if chat is None else "chat" if chat else "completions")
     if served_model is not None:
         raise InputError("--served-model applies to --endpoint; use --model for a local model")
     from detkit.probe.hf import HFEngine, load_model
@@ -225,7 +227,7 @@ def _engine(
         mode = functools.partial(bi, portable=portable)
 
     hf_model, tokenizer, desc = load_model(model, dtype=dtype, attn_implementation=attn, seed=seed, device=device)
-    return HFEngine(hf_model, tokenizer, description=desc, top_k=top_k, mode=mode, chat=chat)
+    return HFEngine(hf_model, tokenizer, description=desc, top_k=top_k, mode=mode, chat=bool(chat))
 
 
 def _run(engine: Any, suite: Any, config: dict[str, Any], report_path: Path | None, err: Any) -> dict[str, Any]:

@@ -3,10 +3,11 @@
 A group of requests is sent as one burst of concurrent ``POST /v1/completions`` calls
 (``temperature=0``, ``logprobs``, ``max_tokens``) released together by a barrier, so the
 server batches the probe prompt with the filler requests; varying the group varies
-the batch composition on the server. With ``api="chat"`` each prompt is one user
-message to ``POST /v1/chat/completions`` (``logprobs=true``, ``top_logprobs``): the
-server applies the model's chat template, as it does for chat clients. Only standard
-fields are sent: strict servers reject unknown ones.
+the batch composition on the server. With ``api="chat"`` (or an endpoint that ends in
+``/chat/completions``) each prompt is one user message to ``POST /v1/chat/completions``
+(``logprobs=true``, ``top_logprobs``): the server applies the model's chat template, as
+it does for chat clients. Only standard fields are sent: strict servers reject unknown
+ones.
 
 Scores are the server's log-probabilities (``score_kind == "logprob"``). Token strings
 are interned into integer ids (first seen, first numbered) so streams are compared as
@@ -126,9 +127,9 @@ class HTTPEngine:
         retries: int = 2,
         backoff: float = 0.5,
         top_logprobs: int = 5,
-        api: str = "completions",
+        api: str | None = None,
     ) -> None:
-        if api not in APIS:
+        if api is not None and api not in APIS:
             raise InputError(f"api must be one of {', '.join(APIS)}, got {api!r}")
         parsed = urllib.parse.urlparse(endpoint)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
@@ -141,8 +142,19 @@ class HTTPEngine:
             raise InputError(f"--top-k (top_logprobs) must be between 1 and 20 for an endpoint (the OpenAI API "
                              f"limit), got {top_logprobs}")
         base = endpoint.rstrip("/")
-        for suffix in ("/chat/completions", "/completions"):
-            base = base[: -len(suffix)] if base.endswith(suffix) else base
+        named = None  # the API an endpoint's own path names (".../v1/chat/completions")
+        for candidate in ("chat", "completions"):
+            suffix = "/" + _PATHS[candidate]
+            if base.endswith(suffix):
+                base, named = base[: -len(suffix)], candidate
+                break
+        if api is None:
+            api = named or "completions"
+        elif named is not None and named != api:
+            # probing the other API than the URL names would test a path the user never asked about
+            flag = "--chat" if named == "chat" else "--no-chat"
+            raise InputError(f"--endpoint {endpoint} names /v1/{_PATHS[named]}, but the probe was asked to send "
+                             f"/v1/{_PATHS[api]}: use {flag}, or give the server's /v1 base")
         self.base = base
         self.api = api
         self.path = _PATHS[api]
