@@ -84,7 +84,10 @@ def probe(
         int | None, typer.Option("--seed", help="Seed of the batch compositions and of preset weights (default: the suite's, 0).")
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Candidates kept per step (HF logits; HTTP logprobs, max 20).")] = 5,
-    timeout: Annotated[float, typer.Option("--timeout", help="HTTP: seconds per request.")] = 120.0,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="HTTP: seconds a request waits for the server to connect, to start "
+                                              "answering (generation included), and between reads of the answer.")
+    ] = 120.0,
     retries: Annotated[int, typer.Option("--retries", help="HTTP: retries per request (exponential backoff).")] = 2,
     out: Annotated[
         Path | None, typer.Option("--out", help="Directory for report.json (written as modes finish), report.md and report.html.")
