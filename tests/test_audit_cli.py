@@ -90,6 +90,8 @@ def test_a_name_given_twice_runs_once() -> None:
         (["--impl", "cublas"], "unknown implementation"),
         (["--fail-on", "speed"], "unknown check"),
         (["--fail-on", "isa-variance"], "--fail-on isa-variance needs --isa"),
+        (["--fail-on", ""], "--fail-on names no check"),
+        (["--fail-on", " , "], "--fail-on names no check"),
         (["--dtype", "int8"], "unknown dtype"),
         (["--dtype", ","], "no dtypes selected"),
         (["--runs", "1"], "at least 2"),

@@ -117,9 +117,13 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 def parse_fail_on(text: str | None, isa: bool = False) -> tuple[str, ...]:
     """``"any"`` means every check that runs: isa-variance only with ``isa`` (--isa)."""
-    if not text:
+    if text is None:
         return ()
     names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        # an empty $CHECKS in a CI script must not turn the gate off and exit 0
+        raise InputError(f"--fail-on names no check; choose from {', '.join(CHECKS)} or any, "
+                         "or leave --fail-on out for no gate")
     if "any" in names or "all" in names:
         return CHECKS if isa else tuple(c for c in CHECKS if c != "isa-variance")
     for name in names:
