@@ -418,6 +418,12 @@ def test_parsers() -> None:
     assert parse_fail_on("batch-variance,run-to-run") == ("batch-variance", "run-to-run")
     with pytest.raises(InputError, match="unknown check"):
         parse_fail_on("batch")
+    with pytest.raises(InputError, match="unknown check 'batch-varaince'"):
+        parse_fail_on("any,batch-varaince")
+    # named explicitly next to any: kept, so that AuditConfig asks for --isa
+    assert "isa-variance" in parse_fail_on("any,isa-variance")
+    with pytest.raises(InputError, match="needs --isa"):
+        _cfg(fail_on=parse_fail_on("any,isa-variance"))
     assert impls.parse_impls(None) == list(impls.IMPLS)
     with pytest.raises(InputError, match="unknown implementation"):
         impls.parse_impls("torch,cublas")

@@ -124,11 +124,14 @@ def parse_fail_on(text: str | None, isa: bool = False) -> tuple[str, ...]:
         # an empty $CHECKS in a CI script must not turn the gate off and exit 0
         raise InputError(f"--fail-on names no check; choose from {', '.join(CHECKS)} or any, "
                          "or leave --fail-on out for no gate")
-    if "any" in names or "all" in names:
-        return CHECKS if isa else tuple(c for c in CHECKS if c != "isa-variance")
+    # every name is checked, "any" or not: a typo next to it, or an isa-variance that
+    # needs --isa, must not be dropped in silence
     for name in names:
-        if name not in CHECKS:
+        if name not in CHECKS and name not in ("any", "all"):
             raise InputError(f"unknown check {name!r} in --fail-on; choose from {', '.join(CHECKS)} or any")
+    if "any" in names or "all" in names:
+        ran = CHECKS if isa else tuple(c for c in CHECKS if c != "isa-variance")
+        return tuple(dict.fromkeys([*ran, *(n for n in names if n in CHECKS)]))
     return tuple(dict.fromkeys(names))
 
 
