@@ -244,6 +244,37 @@ def test_explicitly_requested_unavailable_impl_is_a_usage_error(
     assert not (tmp_path / "report.json").exists()
 
 
+def test_the_recorded_command_reruns_the_same_audit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shlex
+
+    from detkit.audit import impls
+    from detkit.cli import main
+    from detkit.errors import BackendUnavailable
+
+    def missing() -> object:
+        raise BackendUnavailable("no portable kernels on this machine")
+
+    monkeypatch.setitem(impls.FACTORIES, "portable", missing)
+    args = ["--ops", "sum", "--batch-sizes", "1,2", "--runs", "2", "--hidden", "64", "--fail-on", "batch-variance"]
+
+    def run(argv: list[str], out: Path) -> tuple[int | None, dict[str, Any]]:
+        monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+        with pytest.raises(SystemExit) as exc:
+            main()
+        return exc.value.code, load_report(out / "report.json")
+
+    code, first = run(["detkit", "audit", *args], tmp_path / "first")
+    assert code in (0, None)
+    command = first["config"]["command"]
+    assert "--fail-on batch-variance" in command
+    # the default audits every available impl: the command must not name the unavailable one
+    code, again = run(shlex.split(command), tmp_path / "again")
+    assert code in (0, None), capsys.readouterr().err
+    assert again["config"] == first["config"]
+
+
 _CRASH = """
 import os, sys
 from detkit.audit import catalogue

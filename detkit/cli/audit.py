@@ -20,11 +20,17 @@ INTERRUPTED = 130
 
 def _command_line(cfg: AuditConfig) -> str:
     """The canonical command that reproduces this audit (the report records it)."""
-    parts = ["detkit", "audit", "--ops", ",".join(cfg.ops), "--impl", ",".join(cfg.impls),
-             "--dtype", ",".join(cfg.dtypes), "--batch-sizes", ",".join(map(str, cfg.batch_sizes)),
-             "--runs", str(cfg.runs), "--device", cfg.device, "--seed", str(cfg.seed), "--hidden", str(cfg.hidden)]
+    parts = ["detkit", "audit", "--ops", ",".join(cfg.ops)]
+    # Defaulted impls stay defaulted: named, one that is unavailable here would make the
+    # rerun a usage error instead of the same audit (the default skips it and says so).
+    if cfg.impls_explicit:
+        parts += ["--impl", ",".join(cfg.impls)]
+    parts += ["--dtype", ",".join(cfg.dtypes), "--batch-sizes", ",".join(map(str, cfg.batch_sizes)),
+              "--runs", str(cfg.runs), "--device", cfg.device, "--seed", str(cfg.seed), "--hidden", str(cfg.hidden)]
     if cfg.isa:
         parts.append("--isa")
+    if cfg.fail_on:  # the report's verdict on the gate and the exit code depend on it
+        parts += ["--fail-on", ",".join(cfg.fail_on)]
     return " ".join(parts)
 
 
