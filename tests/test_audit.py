@@ -604,3 +604,37 @@ def test_the_live_table_keeps_a_space_between_full_width_cells(monkeypatch: pyte
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("late"))
     assert "FAIL b>=16 " in line, line
 
+
+
+def test_a_tiny_share_of_differing_elements_fits_the_live_tables_cell() -> None:
+    # 1 element of a million: "FAIL 0.0001%" (12 characters) ran into the next column
+    text, _style = short_cell({"verdict": "fail", "compared": 1_048_576, "differing": 1}, "run-to-run")
+    assert text == "FAIL <.01%"
+    assert short_cell({"verdict": "fail", "compared": 10_000, "differing": 2}, "run-to-run")[0] == "FAIL 0.02%"
+
+
+def test_the_live_table_keeps_a_space_after_a_three_digit_first_b(monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from detkit.cli import main
+
+    def late(input: torch.Tensor) -> torch.Tensor:  # row 0 changes from b=128 (the cuda sweep goes to 256)
+        out = input.clone()
+        if input.shape[0] >= 128:
+            out.view(torch.int32)[0] += 1
+        return out
+
+    spec = _spec("late", late)
+    monkeypatch.setitem(catalogue.OPS, "late", spec)
+    monkeypatch.setattr(catalogue, "CATALOGUE", (spec, *catalogue.CATALOGUE))
+    monkeypatch.setattr(sys, "argv", ["detkit", "audit", "--ops", "late", "--impl", "torch",
+                                      "--batch-sizes", "1,2,128", "--runs", "2"])
+    with pytest.raises(SystemExit):
+        main()
+    lines = capsys.readouterr().out.splitlines()
+    header = next(x for x in lines if x.startswith("op "))
+    line = next(x for x in lines if x.startswith("late"))
+    assert "FAIL b>=128 " in line, line
+    # every cell starts under its column's name
+    assert line.index("FAIL b>=128") == header.index("batch"), (header, line)

@@ -67,7 +67,8 @@ _MARK = {"pass": "ok", "fail": "FAIL", "error": "err", "skipped": "-", "n/a": ".
 
 
 def short_cell(res: dict[str, Any], check: str) -> tuple[str, str]:
-    """A verdict in at most 10 characters for terminal tables, and its rich style."""
+    """A verdict for terminal tables, and its rich style: at most 10 characters, or
+    ``short_cell_width`` of the sweep for "FAIL b>=N"."""
     verdict = res.get("verdict", "n/a")
     text = _MARK.get(verdict, verdict)
     if verdict == "fail":
@@ -75,8 +76,15 @@ def short_cell(res: dict[str, Any], check: str) -> tuple[str, str]:
             text = f"FAIL b>={res['first_b']}"
         elif res.get("compared"):
             pct = 100 * res["differing"] / res["compared"]
-            text = f"FAIL {pct:.0f}%" if pct >= 1 else f"FAIL {pct:.1g}%"
+            # a few elements of millions ("0.0001%") would overflow the column; the exact
+            # share is in the report
+            text = f"FAIL {pct:.0f}%" if pct >= 1 else f"FAIL {pct:.1g}%" if pct >= 0.01 else "FAIL <.01%"
     return text, _style(verdict)
+
+
+def short_cell_width(batch_sizes: list[int] | tuple[int, ...]) -> int:
+    """Characters of the widest ``short_cell`` of an audit over ``batch_sizes``."""
+    return max(10, len(f"FAIL b>={max(batch_sizes, default=1)}"))
 
 
 def _sorted(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -119,7 +119,7 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
-    from detkit.audit.render import SHORT, short_cell, to_html, to_markdown
+    from detkit.audit.render import SHORT, short_cell, short_cell_width, to_html, to_markdown
     from detkit.audit.runner import Event, probe_impls, resolve_device, run_audit
     from detkit.audit.summary import summarize
     from detkit.audit.vocab import CELL_LEGEND, IMPL_HELP
@@ -135,8 +135,10 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True)
     task = progress.add_task("starting", total=None)
-    # cells hold up to 10 characters ("FAIL 0.02%"): 11 columns keep a space between them
-    header = Text(f"{'op':29}{'dtype':9}{'impl':14}" + "".join(f"{SHORT[c]:11}" for c in checks) + "seconds",
+    # cells hold up to 10 characters ("FAIL 0.02%"), more for "FAIL b>=N" of a sweep past
+    # b=99 (the cuda sweep's "FAIL b>=128" is 11): one more keeps a space between them
+    width = short_cell_width(cfg.batch_sizes) + 1
+    header = Text(f"{'op':29}{'dtype':9}{'impl':14}" + "".join(f"{SHORT[c]:{width}}" for c in checks) + "seconds",
                   style="bold")
 
     def listen(event: Event) -> None:
@@ -153,7 +155,7 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
             line = Text(f"{r['op'][:28]:29}{r['dtype']:9}{r['impl']:14}")
             for c in checks:
                 text, style = short_cell(r["checks"].get(c, {}), c)
-                line.append(f"{text:11}", style=style)
+                line.append(f"{text:{width}}", style=style)
             line.append(f"{r['seconds']:.1f}")
             progress.console.print(line, soft_wrap=True)
             progress.advance(task)
