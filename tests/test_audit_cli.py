@@ -18,6 +18,7 @@ import torch
 from detkit.report import load_report
 
 SWEEP = "1,2,3,4,5"
+SMALL = ("--ops", "sum", "--impl", "torch", "--batch-sizes", "1,2", "--runs", "2", "--hidden", "64")
 
 
 def detkit(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -99,6 +100,9 @@ def test_a_name_given_twice_runs_once() -> None:
         (["--out", __file__], "is a file"),
         (["--out", f"{__file__}/report"], "cannot create this directory"),
         (["--seed", "-1"], "--seed must be an integer from 0"),
+        # a small audit, so that a check made only after the run fails fast
+        (["--out", "{tmp}/has-json", *SMALL], "report.json is a directory"),
+        (["--out", "{tmp}/has-md", *SMALL], "report.md is a directory"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_error(
@@ -107,6 +111,9 @@ def test_bad_arguments_exit_2_with_a_clear_error(
     # in-process through the real entry point (the subprocess path: the --device cuda test)
     from detkit.cli import main
 
+    for name in ("json", "md"):  # a report file's path taken by a directory
+        (tmp_path / f"has-{name}" / f"report.{name}").mkdir(parents=True)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     out = [] if "--out" in args else ["--out", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["detkit", "audit", *args, *out])
     with pytest.raises(SystemExit) as exc:

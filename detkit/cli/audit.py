@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -109,10 +110,27 @@ def audit(
         impls_explicit=impl is not None,
     )
     if out is not None:  # after the arguments are checked, before any work
-        output_dir(out)
+        _report_files(output_dir(out))
     code = _run(cfg, out, json_out, console)
     if code:
         raise typer.Exit(code)
+
+
+REPORT_FILES = ("report.json", "report.md", "report.html")
+
+
+def _report_files(out: Path) -> None:
+    """Refuse an --out whose report files cannot be written, before the audit runs: found
+    after it, the run's Markdown and HTML were lost to a traceback (exit 1, as a failed gate)."""
+    from detkit.errors import InputError
+
+    for name in REPORT_FILES:
+        path = out / name
+        if path.is_dir():
+            raise InputError(f"--out {out}: {path} is a directory; remove it or pass another --out directory")
+        # report.json is replaced by a rename (the directory's permission); the others are rewritten
+        if name != "report.json" and path.exists() and not os.access(path, os.W_OK):
+            raise InputError(f"--out {out}: {path} is not writable; remove it or pass another --out directory")
 
 
 def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -> int:
