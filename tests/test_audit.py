@@ -402,6 +402,8 @@ def test_deterministic_impl_restores_state_even_on_error() -> None:
         (dict(fail_on=("speed",)), "unknown check"),
         (dict(fail_on=("isa-variance",)), "needs --isa"),
         (dict(device="tpu"), "unknown device"),
+        (dict(device="cuda", isa=True), "--isa compares CPU instruction sets"),
+        (dict(device="cuda", isa=True, fail_on=("isa-variance",)), "applies to --device cpu only"),
     ],
 )
 def test_config_rejects_bad_input(kw: dict[str, Any], match: str) -> None:

@@ -91,6 +91,11 @@ class AuditConfig:
             raise InputError(f"--runs must be at least 2 to compare runs, got {self.runs}")
         if self.device not in ("cpu", "cuda"):
             raise InputError(f"unknown device {self.device!r}; use cpu or cuda")
+        if self.isa and self.device != "cpu":
+            # the ISA check is "n/a" on every cuda record: --isa would be ignored, and a
+            # --fail-on isa-variance gate would pass without having measured anything
+            raise InputError("--isa compares CPU instruction sets (ATEN_CPU_CAPABILITY) and applies to --device cpu "
+                             "only; leave it out, or audit the CPU with --device cpu --isa")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= 2**31 - 1:
             raise InputError(f"--seed must be an integer from 0 to 2147483647, got {self.seed!r}")
         if self.hidden < 16 or self.hidden > 65536:
