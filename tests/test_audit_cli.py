@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 
+from detkit.audit.runner import isa_environment
 from detkit.report import load_report
 
 SWEEP = "1,2,3,4,5"
@@ -228,6 +229,9 @@ def test_isa_check_runs_subprocesses(tmp_path: Path) -> None:
         assert res["verdict"] in ("pass", "fail"), res
         assert {p["isa"] for p in res["per"]} >= {"default"}
         assert all(p["actual"].lower() == p["isa"] for p in res["per"])
+        # the worker ran with oneDNN and MKL capped too, as it recorded itself
+        assert all(p["environment"] == isa_environment(p["isa"]) for p in res["per"]), res["per"]
+        assert all(p["environment"]["ONEDNN_MAX_CPU_ISA"] for p in res["per"])
 
 
 def test_explicitly_requested_unavailable_impl_is_a_usage_error(

@@ -1,16 +1,18 @@
 """Subprocess of ``detkit audit --isa``: compute the suite at one ATEN_CPU_CAPABILITY.
 
-The parent sets ``ATEN_CPU_CAPABILITY`` (and ``NUMBA_CPU_NAME``) in this process's
-environment, which torch and numba read once at start-up; that is why this runs in a
-fresh interpreter. Usage: ``python -m detkit.audit.isa_worker DIR`` where ``DIR/spec.json``
+The parent sets ``ATEN_CPU_CAPABILITY``, ``NUMBA_CPU_NAME``, ``ONEDNN_MAX_CPU_ISA`` and
+``MKL_ENABLE_INSTRUCTIONS`` in this process's environment, which torch, numba, oneDNN and
+MKL read once at start-up; that is why this runs in a fresh interpreter. Usage: ``python -m detkit.audit.isa_worker DIR`` where ``DIR/spec.json``
 holds the ops, implementations, dtypes, batch size, seed and hidden size. For each
 op x implementation x dtype it writes ``DIR/<op>.<impl>.<dtype>.pt`` (the outputs) or
-``.err`` (the error), and ``DIR/capability.txt`` (the capability torch actually used).
+``.err`` (the error), ``DIR/capability.txt`` (the capability torch actually used) and
+``DIR/environment.json`` (those variables as this process saw them).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +20,13 @@ import torch
 
 from detkit.audit import impls
 from detkit.audit.catalogue import FLOAT_DTYPES, build_inputs, resolve_ops
+from detkit.audit.runner import ISA_VARIABLES
 
 
 def main(folder: Path) -> int:
     spec = json.loads((folder / "spec.json").read_text())
     (folder / "capability.txt").write_text(torch.backends.cpu.get_cpu_capability())
+    (folder / "environment.json").write_text(json.dumps({k: os.environ.get(k) for k in ISA_VARIABLES}))
     for dtype in spec["dtypes"]:
         for op in resolve_ops(spec["ops"]):
             inputs = build_inputs(op, spec["batch"], FLOAT_DTYPES[dtype], spec["seed"], spec["hidden"])

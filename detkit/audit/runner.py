@@ -47,6 +47,22 @@ MAX_BATCH = 4096
 ISA_LEVELS = ("default", "avx2", "avx512")
 # numba compiles detkit's CPU kernels for the host; the ISA run asks it for a matching CPU.
 NUMBA_CPU_FOR_ISA = {"default": "generic", "avx2": "haswell", "avx512": "skylake-avx512"}
+# The libraries under torch's matmuls pick their own code paths: capped to match, since a
+# CPU of that generation would run those paths (oneDNN's bfloat16 matmul changes bits).
+LIBRARY_CAPS_FOR_ISA = {
+    "default": {"ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+}
+
+
+# What an ISA worker records of its own environment, so the report shows what it ran under.
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_environment(isa: str) -> dict[str, str]:
+    """The variables an ISA worker runs under: ATen's kernels, detkit's numba kernels, oneDNN and MKL."""
+    return {"ATEN_CPU_CAPABILITY": isa, "NUMBA_CPU_NAME": NUMBA_CPU_FOR_ISA[isa], **LIBRARY_CAPS_FOR_ISA[isa]}
 
 
 @dataclass(frozen=True)
@@ -202,11 +218,12 @@ def _run_isa_workers(
             "seed": cfg.seed, "hidden": cfg.hidden}
     done: dict[str, tuple[Path, str]] = {}
     for isa in _isa_others(torch.device(cfg.device)):
-        listener(Event("stage", text=f"running the suite in a subprocess under ATEN_CPU_CAPABILITY={isa}"))
+        listener(Event("stage", text=f"running the suite in a subprocess under ATEN_CPU_CAPABILITY={isa}, with "
+                                     "numba, oneDNN and MKL capped to match (half-precision matmuls are slow there)"))
         out = workdir / isa
         out.mkdir()
         (out / "spec.json").write_text(json.dumps(spec))
-        env = {**os.environ, "ATEN_CPU_CAPABILITY": isa, "NUMBA_CPU_NAME": NUMBA_CPU_FOR_ISA[isa]}
+        env = {**os.environ, **isa_environment(isa)}
         proc = subprocess.run(
             [sys.executable, "-m", "detkit.audit.isa_worker", str(out)],
             env=env, capture_output=True, text=True, check=False,
@@ -389,7 +406,9 @@ def _isa_check(
         err = folder / f"{_key(spec.name, impl, dtype)}.err"
         if path.exists():
             other = tuple(torch.load(path))
-            res.add(compare(tuple(o.cpu() for o in here), other), isa=isa, actual=actual)
+            env_file = folder / "environment.json"
+            env = json.loads(env_file.read_text()) if env_file.exists() else {}
+            res.add(compare(tuple(o.cpu() for o in here), other), isa=isa, actual=actual, environment=env)
         else:
             crash = folder / "worker.err"
             why = (err.read_text() if err.exists() else crash.read_text() if crash.exists() else "").strip()

@@ -20,8 +20,8 @@ CHECK_HELP = {
     "thread-variance": "1 thread gives the same bits as all threads (CPU), at every b of the sweep",
     "padding": "attention over a left-padded, masked sequence equals attention without the padding",
     "decode-prefill": "attention of one decoded token equals the same row of the causal prefill",
-    "isa-variance": ("the same bits under other ATEN_CPU_CAPABILITY values (CPU, --isa); oneDNN and MKL, which run "
-                     "torch's matmuls, keep this CPU's instruction set"),
+    "isa-variance": ("the same bits under other ATEN_CPU_CAPABILITY values (CPU, --isa), with numba, oneDNN and "
+                     "MKL (which run torch's matmuls) capped to the same instruction set"),
 }
 
 VERDICTS = ("pass", "fail", "error", "skipped", "n/a")
