@@ -317,6 +317,16 @@ def test_rms_norm_default_eps_is_torch_default() -> None:
 
 
 @pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_default_eps_of_half_dtypes_is_float32_eps(dtype: torch.dtype, portable: bool) -> None:
+    # torch's rms_norm takes the epsilon of its opmath type (float32), not finfo(dtype)
+    x = (x32(3, 16) * 1e-3).to(dtype)
+    want = F.rms_norm(x, (16,))
+    got = kernels.rms_norm(x, portable=portable)
+    assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("portable", [False, True])
 def test_missing_numba_names_the_package_to_install(monkeypatch: pytest.MonkeyPatch, portable: bool) -> None:
     """`pip install --no-deps` leaves numba out: the CPU backends' import then fails on it."""
     import sys

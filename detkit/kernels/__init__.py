@@ -336,7 +336,9 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMSNorm over the last dim: x / sqrt(mean(x^2) + eps) * weight.
 
-    ``eps=None`` means torch's default, ``torch.finfo(x.dtype).eps``.
+    ``eps=None`` means torch's default: the machine epsilon of the accumulation dtype,
+    ``torch.finfo(torch.float32).eps`` (``float64``'s for float64 x), also for bfloat16
+    and float16 x, as torch's rms_norm (its opmath type).
     """
     fn = "rms_norm"
     x = _check(x, "x", fn)
@@ -346,7 +348,9 @@ def rms_norm(
     backend = _dispatch(fn, portable, x=x, weight=weight)
     if x.dim() == 0:
         raise InputError(f"{fn}: x needs at least one dimension (the normalised one).")
-    e = _eps(eps, torch.finfo(x.dtype).eps, fn)
+    # torch takes the epsilon of its opmath type: bfloat16's (2^-7) or float16's (2^-10)
+    # swamped mean(x^2) for rows of small values (bf16 rows near 1e-3 came out ~100x small).
+    e = _eps(eps, torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps, fn)
     weight = _last_dim_param(weight, "weight", x.shape[-1], fn)
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
