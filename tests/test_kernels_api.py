@@ -336,3 +336,28 @@ def test_missing_numba_names_the_package_to_install(monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "numba", None)  # import numba -> ModuleNotFoundError(name="numba")
     with pytest.raises(BackendUnavailable, match=r"need numba, which is not installed: `pip install 'numba>=0.60'`"):
         _backend.backend_for("cpu", portable)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_matmul_bias_broadcasts_to_the_result_of_a_1d_operand(portable: bool) -> None:
+    # The bias must broadcast to torch.matmul(a, b)'s shape, which drops the dimension of
+    # a 1-D a or b: an (M,) bias of a matrix-vector product was refused ("would enlarge
+    # the result (M, 1)") and an (M, 1) bias, which torch broadcasts to (M, M), was
+    # taken and the result squeezed to (M,).
+    a, b = x32(3, 4), x32(2, 4, 5)
+    vec = x32(4)
+    cases = [
+        (a, vec, x32(3)),  # (M,) over the rows of a matrix-vector product
+        (x32(2, 3, 4), vec, x32(2, 3)),  # (B, M)
+        (vec, b, x32(2, 5)),  # (B, N) for a 1-D a
+        (vec, b, x32(5)),
+        (a, vec, x32(1)),
+    ]
+    for left, right, bias in cases:
+        got = kernels.matmul(left, right, bias, portable=portable)
+        want = torch.matmul(left.double(), right.double()) + bias.double()
+        assert got.shape == want.shape, (tuple(left.shape), tuple(right.shape), tuple(bias.shape))
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    for left, right, bias in [(a, vec, x32(3, 1)), (vec, x32(4, 5), x32(1, 5))]:
+        with pytest.raises(InputError, match="would enlarge the result"):
+            kernels.matmul(left, right, bias, portable=portable)

@@ -199,7 +199,9 @@ def matmul(
                 f"{fn}: batch dimensions {tuple(a.shape[:-2])} and {tuple(b.shape[:-2])} do not broadcast."
             ) from e
     out_shape = (*batch, m, n)
-    vec_bias, other_bias = _split_bias(bias, out_shape, n, fn)
+    # The result drops the dimension of a 1-D a (m) or b (n); bias broadcasts to it.
+    res_shape = (*batch, *(() if a_vec else (m,)), *(() if b_vec else (n,)))
+    vec_bias, other_bias = _split_bias(bias, res_shape, n, a_vec, b_vec, fn)
 
     if math.prod(out_shape) == 0:
         out = torch.empty(out_shape, dtype=a.dtype, device=a.device)
@@ -277,22 +279,32 @@ def grouped_matmul(
 
 
 def _split_bias(
-    bias: torch.Tensor | None, out_shape: Sequence[int], n: int, fn: str
+    bias: torch.Tensor | None, res_shape: Sequence[int], n: int, a_vec: bool, b_vec: bool, fn: str
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(bias over the last dim as (N,), other bias) - at most one is not None."""
+    """(bias over the last dim as (N,), other bias) - at most one is not None.
+
+    ``res_shape`` is the result's shape (without the dimension of a 1-D a or b); the
+    other bias comes back in the layout of the (..., M, N) product, those dimensions
+    restored as size 1.
+    """
     if bias is None:
         return None, None
     try:
-        full = torch.broadcast_shapes(bias.shape, tuple(out_shape))
+        full = torch.broadcast_shapes(bias.shape, tuple(res_shape))
     except RuntimeError as e:
-        raise InputError(f"{fn}: bias of shape {tuple(bias.shape)} does not broadcast to the result {tuple(out_shape)}.") from e
-    if tuple(full) != tuple(out_shape):
-        raise InputError(f"{fn}: bias of shape {tuple(bias.shape)} would enlarge the result {tuple(out_shape)}.")
+        raise InputError(f"{fn}: bias of shape {tuple(bias.shape)} does not broadcast to the result {tuple(res_shape)}.") from e
+    if tuple(full) != tuple(res_shape):
+        raise InputError(f"{fn}: bias of shape {tuple(bias.shape)} would enlarge the result {tuple(res_shape)}.")
     # Only a bias of at most one dimension is fused: a (1, N) bias may be one row of a
     # per-row (M, N) bias (a row computed alone), and fusing it only then gave that row
     # other bits than in its batch (as addmm's adapter, which fuses only a 1-D self).
-    if bias.dim() <= 1:
+    # With a 1-D b the result's last dimension is M, not N (= 1): only a constant is fused.
+    if bias.dim() == 0 or (bias.dim() == 1 and (not b_vec or bias.shape[0] == 1)):
         return bias.reshape(-1).expand(n).contiguous(), None
+    if b_vec:
+        bias = bias.unsqueeze(-1)
+    if a_vec and bias.dim() >= 2:
+        bias = bias.unsqueeze(-2)
     return None, bias
 
 
