@@ -200,6 +200,28 @@ def test_portable_matmul_with_k_zero_keeps_the_output_step(dtype: torch.dtype, i
     assert torch.equal(got.view(ints), spec.matmul(a, b, bias).view(ints))
 
 
+@pytest.mark.parametrize(("dtype", "ints", "neg_nan"), [(torch.float32, torch.int32, -0x00400000),
+                                                        (torch.bfloat16, torch.int16, -0x0040),
+                                                        (torch.float16, torch.int16, -0x0200)])
+@pytest.mark.parametrize("k", [0, 3])
+def test_portable_matmul_with_a_2d_bias_gives_canonical_nans(dtype: torch.dtype, ints: torch.dtype, neg_nan: int,
+                                                             k: int) -> None:
+    # A bias that is not 1-D is added by torch to the rounded product: a negative NaN in
+    # it, or inf - inf, came out as a negative NaN (bfloat16: 0xFFFF), not the canonical
+    # NaN of every other portable output (and of the CUDA backend).
+    bias = torch.zeros(2, 3, dtype=dtype)
+    bias[0, 0:1] = torch.tensor([neg_nan], dtype=ints).view(dtype)
+    bias[1, 1] = math.inf
+    a, b = torch.ones(2, k, dtype=dtype), torch.ones(k, 3, dtype=dtype)
+    if k:
+        a[1, 0] = -math.inf
+    got = kernels.matmul(a, b, bias, portable=True)
+    canonical = torch.tensor(math.nan, dtype=dtype).view(ints)
+    nan = got.isnan()
+    assert nan[0, 0] and (nan[1, 1] or not k)  # row 1: -inf + inf with k > 0
+    assert torch.equal(got.view(ints)[nan], canonical.expand(int(nan.sum())))
+
+
 @pytest.mark.parametrize("portable", ["no", 0, None])
 def test_portable_must_be_a_bool(portable: object) -> None:
     """The flag chooses the guarantee, so it is not read by truthiness ("no" was portable)."""

@@ -219,6 +219,8 @@ def matmul(
         out = backend.matmul(a3, b3, vec_bias).reshape(out_shape)
     if other_bias is not None:
         out = (out.to(torch.float64 if a.dtype == torch.float64 else torch.float32) + other_bias).to(a.dtype)
+        if portable:  # torch's add and rounding keep a NaN's sign (bfloat16: 0xFFFF here)
+            out = out.masked_fill(out.isnan(), math.nan)
     if a_vec:
         out = out.squeeze(-2)
     if b_vec:
