@@ -383,3 +383,21 @@ def test_matmul_bias_broadcasts_to_the_result_of_a_1d_operand(portable: bool) ->
     for left, right, bias in [(a, vec, x32(3, 1)), (vec, x32(4, 5), x32(1, 5))]:
         with pytest.raises(InputError, match="would enlarge the result"):
             kernels.matmul(left, right, bias, portable=portable)
+
+
+def test_numpy_scalars_are_numbers_for_dim_and_eps() -> None:
+    # torch takes a numpy integer dim and a numpy float eps; they were refused with
+    # "dim must be one int" / "eps must be a finite number >= 0", and an int eps beyond
+    # float's range raised OverflowError instead of InputError.
+    import numpy as np
+
+    x = x32(2, 5)
+    assert torch.equal(kernels.softmax(x, np.int64(0)), kernels.softmax(x, 0))
+    assert torch.equal(kernels.sum(x, np.int32(-1), keepdim=True), kernels.sum(x, -1, keepdim=True))
+    assert torch.equal(kernels.rms_norm(x, None, np.float32(1e-5)), kernels.rms_norm(x, None, float(np.float32(1e-5))))
+    assert torch.equal(kernels.layer_norm(x, eps=np.float64(1e-5)), kernels.layer_norm(x, eps=1e-5))
+    for bad in (10**400, np.float32(np.inf), np.bool_(True)):
+        with pytest.raises(InputError, match="eps must be"):
+            kernels.rms_norm(x, None, bad)
+    with pytest.raises(InputError, match="dim must be one int"):
+        kernels.softmax(x, np.float64(1.0))

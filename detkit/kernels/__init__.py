@@ -113,8 +113,10 @@ def _dispatch(fn: str, portable: bool, **tensors: torch.Tensor | None) -> Module
 
 
 def _dim(dim: object, ndim: int, fn: str) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int):
+    # numbers.Integral: a numpy integer is an int to torch too (np.bool_ is not Integral)
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise InputError(f"{fn}: dim must be one int (reductions run over one dimension), got {dim!r}.")
+    dim = int(dim)
     n = builtins.max(ndim, 1)
     if not -n <= dim < n:
         raise InputError(f"{fn}: dim {dim} is out of range for a tensor with {ndim} dimension(s).")
@@ -124,9 +126,16 @@ def _dim(dim: object, ndim: int, fn: str) -> int:
 def _eps(eps: object, default: float, fn: str) -> float:
     if eps is None:
         return default
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    # numbers.Real: a numpy float (np.float32 from a config) is a number to torch too
+    value = math.nan
+    if not isinstance(eps, bool) and isinstance(eps, numbers.Real):
+        try:
+            value = float(eps)
+        except OverflowError:  # an int beyond float's range
+            pass
+    if not math.isfinite(value) or value < 0:
         raise InputError(f"{fn}: eps must be a finite number >= 0, got {eps!r}.")
-    return float(eps)
+    return value
 
 
 def _last_dim_param(p: torch.Tensor | None, name: str, size: int, fn: str) -> torch.Tensor | None:
