@@ -401,3 +401,23 @@ def test_numpy_scalars_are_numbers_for_dim_and_eps() -> None:
             kernels.rms_norm(x, None, bad)
     with pytest.raises(InputError, match="dim must be one int"):
         kernels.softmax(x, np.float64(1.0))
+
+
+def test_nested_tensors_and_sparse_bool_masks_are_rejected() -> None:
+    # A (strided) nested tensor raised torch's "Internal error: NestedTensorImpl doesn't
+    # support sizes", a sparse bool attn_mask "expand is unsupported for Sparse tensors".
+    import warnings
+
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # prototype/beta warnings of nested and CSR tensors
+        nested = torch.nested.nested_tensor([x32(2, 3), x32(4, 3)])
+        sparse_masks = (mask.to_sparse(), mask.to_sparse_csr())
+    with pytest.raises(InputError, match="x is a nested tensor"):
+        kernels.softmax(nested)
+    with pytest.raises(InputError, match="a is a nested tensor"):
+        kernels.matmul(nested, x32(3, 2))
+    q = x32(1, 2, 4, 8)
+    for sparse in sparse_masks:
+        with pytest.raises(InputError, match="attn_mask is a torch.sparse"):
+            kernels.attention(q, q, q, attn_mask=sparse)

@@ -62,11 +62,20 @@ def batched_matmul_is_sequential_in_k(device_type: str, portable: bool) -> bool:
 # --------------------------------------------------------------------------- checks
 
 
+def _dense(x: torch.Tensor, name: str, fn: str) -> None:
+    # A strided nested tensor has layout torch.strided, but no sizes: torch raised
+    # "Internal error: NestedTensorImpl doesn't support sizes".
+    if x.is_nested:
+        raise InputError(f"{fn}: {name} is a nested tensor; pass a regular tensor (e.g. x.to_padded_tensor(0.0) "
+                         "with a mask), or one call per component.")
+    if x.layout != torch.strided:
+        raise InputError(f"{fn}: {name} is a {x.layout} tensor; pass a dense tensor (x.to_dense()).")
+
+
 def _check(x: object, name: str, fn: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{fn}: {name} must be a torch.Tensor, got {type(x).__name__}.")
-    if x.layout != torch.strided:
-        raise InputError(f"{fn}: {name} is a {x.layout} tensor; pass a dense tensor (x.to_dense()).")
+    _dense(x, name, fn)
     if x.dtype not in SUPPORTED_DTYPES:
         kind = "an integer/bool" if not (x.is_floating_point() or x.is_complex()) else "a"
         raise InputError(
@@ -475,6 +484,7 @@ def attention(
     if attn_mask is not None:
         if not isinstance(attn_mask, torch.Tensor):
             raise InputError(f"{fn}: attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}.")
+        _dense(attn_mask, "attn_mask", fn)  # a sparse bool mask failed in expand()
         if attn_mask.dtype != torch.bool:
             attn_mask = _check(attn_mask, "attn_mask", fn)
             if attn_mask.dtype not in (torch.float32, q.dtype):
