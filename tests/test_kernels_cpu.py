@@ -175,6 +175,44 @@ def test_float16_uses_blas_only_with_native_float16_instructions(monkeypatch: py
         assert same_bits(kernels.matmul(x, w), fixed)
 
 
+def test_matmul_bits_do_not_depend_on_a_thread_count_the_verification_left_out() -> None:
+    """The verification checks 1, 2, all-core and torch's thread count at import; MKL's
+    float64 GEMM on a transposed b gave other bits on 8 or 16 threads (2-core machine),
+    set after import. Such a count is checked at first use (or BLAS keeps a verified one)."""
+    from detkit.kernels import _cpu_tiles
+
+    gen = torch.Generator().manual_seed(12)
+    x = randn(gen, 40, 1024, dtype=torch.float64)
+    w = randn(gen, 256, 1024, dtype=torch.float64).t()
+    with threads(1):
+        want = kernels.matmul(x, w)
+    for n in sorted({8, 16} - set(_cpu_tiles._THREAD_COUNTS)):
+        with threads(n):
+            assert same_bits(kernels.matmul(x, w), want), n
+
+
+def test_a_thread_count_that_disagrees_runs_blas_on_a_verified_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from detkit.kernels import _cpu_tiles
+
+    gen = torch.Generator().manual_seed(13)
+    x = randn(gen, 20, 64)
+    w = randn(gen, 64, 48)
+    kernels.matmul(x, w)  # the verdict
+    verdict = next(v for v in _cpu_tiles._VERDICTS.values() if (v.k, v.n, v.dtype) == (64, 48, "float32"))
+    if verdict.pinned or not verdict.ok:
+        pytest.skip("BLAS tiles run on one thread for this shape here")
+    n = max(verdict.threads) + 3
+    monkeypatch.setattr(_cpu_tiles, "_FREE_THREADS", {})
+    monkeypatch.setattr(_cpu_tiles, "_agrees_at", lambda *args: False)
+    seen: list[int] = []
+    tile = _cpu_tiles._tile
+    monkeypatch.setattr(_cpu_tiles, "_tile", lambda *args: (seen.append(torch.get_num_threads()), tile(*args))[1])
+    with threads(n):
+        kernels.matmul(x, w)
+        assert torch.get_num_threads() == n
+    assert seen and set(seen) == {max(verdict.threads)}, seen
+
+
 def test_matmul_verdicts_are_recorded() -> None:
     gen = torch.Generator().manual_seed(2)
     kernels.matmul(randn(gen, 5, 77), randn(gen, 77, 19))

@@ -16,7 +16,8 @@ reduction order changes the result's bits (see ``_sensitive_rows``):
 * for each candidate height h, a row's bits must not change when the tile's rows are
   permuted, replaced or zeroed ("row invariant");
 * "free" mode: BLAS keeps torch's threads, accepted only if 1, 2 and all-core thread
-  counts give the same bits; "pinned" mode: every BLAS call runs on one thread (tiles
+  counts give the same bits (another count, set later, is checked at its first use;
+  if it disagrees, BLAS runs on the largest verified count below it); "pinned" mode: every BLAS call runs on one thread (tiles
   are spread over a small pool of one-thread workers), checked also from a worker;
 * heights whose rows agree bitwise form a class; the class with the most heights is
   used (free before pinned on a tie), and M is covered greedily by its heights;
@@ -243,6 +244,53 @@ def _with_threads(n: int, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         torch.set_num_threads(old)
 
 
+# (verdict, torch's thread count outside verdict.threads) -> the thread count free-mode
+# BLAS runs at: that count if it gives the verified bits, else the largest verified one
+# below it.
+_FREE_THREADS: dict[tuple[TileVerdict, int], int] = {}
+
+
+def _agrees_at(b: torch.Tensor, bias: torch.Tensor | None, verdict: TileVerdict, n: int) -> bool:
+    """Whether BLAS on ``n`` threads gives the verified heights' one-thread bits, on the
+    verification's inputs (same seed, so the same sensitive rows and synthetic b)."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    sb = _synthetic_b(b, gen)
+    sbias = None if bias is None else torch.zeros(b.shape[1], dtype=b.dtype)
+    common = _sensitive_rows(max(TILE_HEIGHTS[b.dtype]), b.shape[0], b.dtype, gen)
+    for h in verdict.heights:
+        a = common[:h]
+        ref = _with_threads(1, lambda: _tile(a, sb, sbias, h))
+        if not same_bits(_with_threads(n, lambda: _tile(a, sb, sbias, h)), ref):
+            return False
+    return True
+
+
+def _free_threads(b: torch.Tensor, bias: torch.Tensor | None, verdict: TileVerdict) -> int:
+    """The thread count for free-mode BLAS: torch's, where it gives the verified bits.
+
+    The verification checks the thread counts in ``verdict.threads`` only (1, 2, the
+    cores, torch's at import); torch.set_num_threads(8) afterwards gave float64 rows
+    other bits (MKL splits the work by thread count). Another count is checked at its
+    first use; if it disagrees, BLAS runs on the largest verified count below it.
+    """
+    n = torch.get_num_threads()
+    if n in verdict.threads:
+        return n
+    with _LOCK:
+        run = _FREE_THREADS.get((verdict, n))
+    if run is None:
+        if _FORKED:  # a forked child's own OpenMP team is stale (see _verify_in_child)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="detkit-verify", initializer=set_inside,
+                                    initargs=(True,)) as one:
+                agrees = one.submit(_agrees_at, b, bias, verdict, n).result()
+        else:
+            agrees = _agrees_at(b, bias, verdict, n)
+        run = n if agrees else max(t for t in verdict.threads if t <= n)
+        with _LOCK:
+            _FREE_THREADS[(verdict, n)] = run
+    return run
+
+
 def _run(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, verdict: TileVerdict) -> torch.Tensor:
     out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype)
     heights = verdict.heights
@@ -266,7 +314,7 @@ def _run(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, verdict: T
             out[pos : pos + rows, cols] = _tile(a[pos : pos + rows], b[:, cols], bias_c, h)
 
     if not verdict.pinned:
-        work(items)
+        _with_threads(_free_threads(b, bias, verdict), lambda: (work(items), out)[1])
         return out
     workers = min(threads, len(items))
     if workers <= 1:
