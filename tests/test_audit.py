@@ -300,6 +300,26 @@ def test_a_part_that_raises_marks_only_its_own_check() -> None:
     assert checks["batch-variance"]["verdict"] == checks["run-to-run"]["verdict"] == "pass"
 
 
+def test_an_isa_that_differs_is_a_finding_even_when_another_isas_worker_failed(tmp_path: Path) -> None:
+    spec = _spec("doubling", lambda input: input * 2.0)
+    cfg = _cfg(isa=True)
+    here = spec.run(build_inputs(spec, max(SIZES), torch.float32, cfg.seed, cfg.hidden))
+    differs, crashed = tmp_path / "default", tmp_path / "avx2"
+    differs.mkdir()
+    crashed.mkdir()
+    torch.save([o + 1.0 for o in here], differs / "doubling.torch.float32.pt")
+    (crashed / "worker.err").write_text("Traceback ...\nMemoryError: out of memory")
+    isa_dirs = {"default": (differs, "DEFAULT"), "avx2": (crashed, "AVX2")}
+    res = audit_one(spec, "torch", "float32", cfg, torch.device("cpu"), isa_dirs)["checks"]["isa-variance"]
+    # the difference found under default is kept, not hidden behind avx2's crash
+    assert res["verdict"] == "fail" and res["differing"] == here[0].numel(), res
+    assert "avx2: MemoryError: out of memory" in res["note"]
+    # with nothing found, the crash makes the check an error
+    torch.save(list(here), differs / "doubling.torch.float32.pt")
+    res = audit_one(spec, "torch", "float32", cfg, torch.device("cpu"), isa_dirs)["checks"]["isa-variance"]
+    assert res["verdict"] == "error" and "avx2: MemoryError" in res["note"], res
+
+
 def test_torch_attention_padding_and_decode_checks_run() -> None:
     checks = _checks(catalogue.OPS["scaled_dot_product_attention"])
     for name in ("padding", "decode-prefill"):

@@ -412,8 +412,9 @@ def _isa_check(
         else:
             crash = folder / "worker.err"
             why = (err.read_text() if err.exists() else crash.read_text() if crash.exists() else "").strip()
-            res.verdict = "error"
             notes.append(f"{isa}: {why.splitlines()[-1] if why else 'the ISA worker produced no result'}")
+    if notes and res.verdict != "fail":  # a difference found under one ISA stays a finding
+        res.verdict = "error"
     res.note = "; ".join([f"{current} vs {', '.join(isa_dirs)}", *notes])
 
 
