@@ -8,6 +8,7 @@ the same suite has one unique completion and zero logit difference.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -372,3 +373,20 @@ def test_with_the_mode_every_mode_matches_the_reference_bitwise():
         assert m["max_abs_logit_diff"] == 0.0 and m["max_ulp"] == 0, m["name"]
         assert m["steps_compared"] >= suite.max_new_tokens  # scores were compared at every step
     assert report["summary"]["invariant"] is True
+
+
+def test_a_prompt_that_only_the_padding_mode_pushes_past_the_context_fails_before_anything_runs(bf16_engine):
+    # 1015 bytes + 4 new tokens fit tiny-llama's 1024 positions; with 16 extra pad tokens they do not.
+    # The error must come first, not after the single mode ran (whose work would be thrown away).
+    from detkit.errors import ContextTooLong
+    from detkit.probe.suite import BatchPlan, ProbeSuite, Prompt
+
+    suite = ProbeSuite(name="long", prompts=(Prompt("long", "a" * 1015),), max_new_tokens=4,
+                       modes=("single", "padding"), batch=BatchPlan(sizes=(1,), padding=(1, 16)))
+    calls: list[str] = []
+    with pytest.raises(ContextTooLong, match=r"prompt 'long' with the padding mode's 16 extra pad tokens.*\[batch\] padding"):
+        run_probe(bf16_engine, suite, seed=0, config={}, advance=calls.append)
+    assert calls == []
+    # without the padding mode the same suite runs
+    report = run_probe(bf16_engine, replace(suite, modes=("single",)), seed=0, config={})
+    assert report["status"] == "complete"

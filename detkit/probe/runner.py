@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from detkit.errors import EndpointError, InputError
+from detkit.errors import ContextTooLong, EndpointError, InputError
 from detkit.probe.engine import Engine, Generation, Request
 from detkit.probe.metrics import ModeSummary
 from detkit.probe.modes import ModeInterrupted, run_mode, work_units
@@ -110,6 +110,32 @@ def _sync_notes(writer: ReportWriter, engine: Engine) -> None:
         writer.data["config"]["engine"] = engine.describe()
 
 
+def check_context(engine: Engine, suite: ProbeSuite) -> None:
+    """Raise :class:`ContextTooLong` now if a prompt, with the new tokens and the ``padding``
+    mode's largest extra padding, is past the model's context.
+
+    The engine would say so itself, but only when that run comes: the padding mode's
+    prompt is its longest input, and finding that out after the other modes ran would
+    throw their work away. Engines that know their context have ``encode`` and
+    ``check_fits`` (the Hugging Face engine); others are not checked here.
+    """
+    encode, check_fits = getattr(engine, "encode", None), getattr(engine, "check_fits", None)
+    if not callable(encode) or not callable(check_fits):
+        return
+    padding = "padding" in suite.modes and "padding" not in engine.unsupported_modes
+    pad = max(suite.batch.padding) if padding else 0
+    for prompt in suite.prompts:
+        n = len(encode(prompt.text))
+        check_fits(n, suite.max_new_tokens, f"prompt {prompt.id!r}")
+        if pad:
+            try:
+                check_fits(n + pad, suite.max_new_tokens,
+                           f"prompt {prompt.id!r} with the padding mode's {pad} extra pad tokens")
+            except ContextTooLong as exc:
+                raise ContextTooLong(f"{exc} Or lower the suite's [batch] padding (largest {pad}), "
+                                     "or leave the padding mode out (--modes).") from None
+
+
 class ProbeInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM) during a probe: ``report`` is the partial report (``status: partial``)."""
 
@@ -137,6 +163,7 @@ def run_probe(
     if not runnable:
         raise InputError("none of the modes asked for can run on this engine: " + "; ".join(
             f"{m}: {engine.unsupported_modes[m]}" for m in suite.modes))
+    check_context(engine, suite)
     writer = ReportWriter("probe", config, out)
     writer.data["notes"] = list(engine.notes)
     writer.data["references"] = {}
