@@ -350,3 +350,12 @@ def test_the_median_divergence_position_of_an_even_count_is_the_middle_two_avera
     assert _positions({"divergences": [{"position": 3}, {"position": 10}]}) == "3 / 6.5 / 10"
     assert _positions({"divergences": [{"position": p} for p in (30, 3, 5, 20)]}) == "3 / 12.5 / 30"
     assert _positions({"divergences": [{"position": p} for p in (3, 5, 9)]}) == "3 / 5 / 9"
+
+
+@pytest.mark.parametrize("line", ["prefix_fractions = []", "padding = []"])
+def test_an_empty_list_of_prefix_fractions_or_padding_is_an_input_error(tmp_path, line):
+    # it would run no prefix (padding) run at all, and the verdict would still say
+    # "identical to the reference in every mode"
+    (tmp_path / "empty.toml").write_text(f'name = "t"\n[[prompts]]\nid = "a"\ntext = "b"\n[batch]\n{line}\n')
+    with pytest.raises(InputError, match="need at least one entry"):
+        load_suite(tmp_path / "empty.toml")

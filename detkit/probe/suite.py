@@ -77,6 +77,11 @@ class BatchPlan:
             raise ValueError(f"batch sizes (and concurrency) must be at most {MAX_BATCH}, got {max(self.sizes)}")
         if self.mixed_trials < 1 or self.repeats < 1:
             raise ValueError("mixed_trials and repeats must be >= 1")
+        # Empty lists would make their mode run nothing, and a mode with no runs would
+        # still read "identical to the reference" in the verdict.
+        if not self.prefix_fractions or not self.padding:
+            raise ValueError("prefix_fractions and padding need at least one entry each "
+                             "(leave a mode out with modes = [...] instead)")
         if any(not 0.0 < f < 1.0 for f in self.prefix_fractions):
             raise ValueError(f"prefix_fractions must lie strictly between 0 and 1, got {list(self.prefix_fractions)}")
         if any(not isinstance(p, int) or p < 1 for p in self.padding):
