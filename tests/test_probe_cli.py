@@ -359,3 +359,12 @@ def test_an_empty_list_of_prefix_fractions_or_padding_is_an_input_error(tmp_path
     (tmp_path / "empty.toml").write_text(f'name = "t"\n[[prompts]]\nid = "a"\ntext = "b"\n[batch]\n{line}\n')
     with pytest.raises(InputError, match="need at least one entry"):
         load_suite(tmp_path / "empty.toml")
+
+
+def test_a_mode_listed_twice_is_an_input_error(tmp_path, capsys, monkeypatch):
+    # it ran twice: two "single" records, its runs counted twice in the summary
+    code, out, err = run_cli(["--modes", "single,mixed,single", "--max-new-tokens", "1"], capsys, monkeypatch)
+    assert code == 2 and "listed more than once: single" in err and "Traceback" not in err + out
+    (tmp_path / "twice.toml").write_text('name = "t"\nmodes = ["decode", "decode"]\n[[prompts]]\nid = "a"\ntext = "b"\n')
+    with pytest.raises(InputError, match="listed more than once: decode"):
+        load_suite(tmp_path / "twice.toml")

@@ -115,6 +115,10 @@ class ProbeSuite:
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ValueError(f"unknown probe mode(s) {bad}; choose from {', '.join(MODES)}")
+        # A mode listed twice would run twice and be counted twice in the summary.
+        twice = sorted({m for m in self.modes if self.modes.count(m) > 1})
+        if twice:
+            raise ValueError(f"probe mode(s) listed more than once: {', '.join(twice)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
