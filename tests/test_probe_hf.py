@@ -290,6 +290,21 @@ def test_the_server_answers_400_to_an_encoder_decoder_prompt_past_the_models_pos
             assert status == 400 and "256 positions" in answer["error"]["message"], (status, answer)
 
 
+@pytest.mark.parametrize(("temperature", "message"), [(None, "send temperature 0"), ("zero", "must be a number"),
+                                                      ([0], "must be a number"), (True, "must be a number")])
+def test_the_server_answers_a_temperature_that_is_not_a_number_with_a_message(temperature, message):
+    # float() of it raised in the handler thread: the client's connection was dropped, no answer
+    from detkit.probe.server import _validate, _validate_chat
+
+    body = {"prompt": "hi", "temperature": temperature, "max_tokens": 2}
+    assert message in (_validate(body, "m") or "")
+    chat = {"messages": [{"role": "user", "content": "hi"}], "temperature": temperature}
+    engine = type("E", (), {"tokenizer": type("T", (), {"chat_template": "x"})()})()
+    assert message in (_validate_chat(chat, "m", engine) or "")
+    assert "max_tokens must be a positive integer" in (_validate({**body, "temperature": 0, "max_tokens": True}, "m") or "")
+    assert _validate({**body, "temperature": 0}, "m") is None and _validate({**body, "temperature": 0.0}, "m") is None
+
+
 def test_the_models_generation_config_does_not_rescale_the_greedy_logits(tmp_path):
     # Real checkpoints ship generation_config.json with e.g. repetition_penalty; generate()
     # fills every field the probe leaves unset from it, which would make the "greedy"

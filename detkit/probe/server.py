@@ -273,10 +273,16 @@ def _validate(body: Any, name: str) -> str | None:
         return f"this server serves {name!r}, not {body.get('model')!r}"
     if not isinstance(body.get("prompt"), str) or not body["prompt"]:
         return "prompt must be a non-empty string"
-    if float(body.get("temperature", 1.0)) != 0.0:
+    # null is OpenAI's default (1); float() of anything else but a number raised in the
+    # handler thread, and the client saw its connection dropped instead of a 400.
+    temperature = body.get("temperature")
+    temperature = 1.0 if temperature is None else temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        return f"temperature must be a number, got {temperature!r}; this server only decodes greedily: send 0"
+    if temperature != 0.0:
         return "this server only decodes greedily: send temperature 0"
     max_tokens = body.get("max_tokens", 16)
-    if not isinstance(max_tokens, int) or max_tokens < 1:
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         return "max_tokens must be a positive integer"
     k = body.get("logprobs")
     if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
