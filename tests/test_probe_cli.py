@@ -368,3 +368,29 @@ def test_a_mode_listed_twice_is_an_input_error(tmp_path, capsys, monkeypatch):
     (tmp_path / "twice.toml").write_text('name = "t"\nmodes = ["decode", "decode"]\n[[prompts]]\nid = "a"\ntext = "b"\n')
     with pytest.raises(InputError, match="listed more than once: decode"):
         load_suite(tmp_path / "twice.toml")
+
+
+def test_a_failure_halfway_keeps_the_finished_modes_in_the_json_and_the_report_files(tmp_path, capsys, monkeypatch):
+    # e.g. CUDA out of memory at the largest batch size, after the decode mode finished: the
+    # report.json was partial, but --json printed nothing and report.md/.html were not written
+    from detkit.probe import hf
+
+    generate = hf.HFEngine.generate
+
+    def out_of_memory_at_4(self, requests, **kwargs):
+        if len(requests) > 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return generate(self, requests, **kwargs)
+
+    monkeypatch.setattr(hf.HFEngine, "generate", out_of_memory_at_4)
+    monkeypatch.setattr(sys, "argv", ["detkit", "probe", "--modes", "decode,single", "--batch-sizes", "1,2,4",
+                                      "--max-new-tokens", "3", "--json", "--out", str(tmp_path)])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        main()
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["status"] == "partial" and [m["name"] for m in report["modes"]] == ["decode"]
+    assert "out of memory" in report["errors"][0]["error"]
+    assert report["summary"]["verdict"].startswith("INCOMPLETE") and report["summary"]["invariant"] is None
+    assert "| decode |" in (tmp_path / "report.md").read_text() and (tmp_path / "report.html").is_file()
+    assert "finished modes kept in" in err

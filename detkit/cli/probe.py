@@ -181,6 +181,18 @@ def probe(
         if out is None and not json_out:
             err_console.print("[yellow]interrupted[/] (no --out or --json given, nothing kept)")
         raise typer.Exit(INTERRUPTED)
+    except Exception as exc:
+        # A failure halfway (a CUDA out-of-memory at the largest batch, a server gone):
+        # the finished modes are kept as on Ctrl-C, then the error is reported as usual.
+        engine.close()
+        partial = getattr(exc, "partial_report", None)
+        if partial is not None:
+            if out is not None:
+                _render_files(out)
+                err_console.print(f"[yellow]failed:[/] finished modes kept in {escape(str(report_path))} (status partial)")
+            if json_out:
+                typer.echo(_dumps(partial))
+        raise
     engine.close()
     if out is not None:
         _render_files(out)

@@ -157,7 +157,9 @@ def run_probe(
     """Run ``suite`` on ``engine``; returns the finished report (also written to ``out``).
 
     Failures of single requests are recorded in the modes; a reference that cannot be
-    produced is fatal (:class:`EndpointError`), since nothing could be compared.
+    produced is fatal (:class:`EndpointError`), since nothing could be compared. An
+    exception that stops the probe carries the partial report (``status: partial``, the
+    finished modes, the error) as its ``partial_report`` attribute.
     """
     runnable = [m for m in suite.modes if m not in engine.unsupported_modes]
     if not runnable:
@@ -214,6 +216,8 @@ def run_probe(
         partial = writer.finish(_summary(writer.data["modes"], list(suite.modes), complete=False), partial=True)
         if isinstance(exc, KeyboardInterrupt):
             raise ProbeInterrupted(partial) from exc
+        # so that a caller without a report file (``--json`` alone) can still show what finished
+        exc.partial_report = partial  # type: ignore[attr-defined]
         raise
     _sync_notes(writer, engine)
     return writer.finish(_summary(writer.data["modes"], list(suite.modes), complete=True))
