@@ -39,13 +39,15 @@ def probe(
     suite_file: Annotated[
         Path | None, typer.Argument(help="A probe suite: a TOML file, or a shipped suite by name (default, feynman, tiny-llama-divergence); default: the built-in default suite.")
     ] = None,
+    # model, dtype, attn, timeout and retries default to None so that one given to the
+    # wrong engine (a local model's --dtype with --endpoint) is refused, not ignored.
     model: Annotated[
-        str, typer.Option("--model", help="A preset (tiny-llama, tiny-gpt2, tiny-qwen2, tiny-mixtral; no download) or a local HF model directory.")
-    ] = "tiny-llama",
+        str | None, typer.Option("--model", help="A preset (tiny-llama, tiny-gpt2, tiny-qwen2, tiny-mixtral; no download) or a local HF model directory (default: tiny-llama).")
+    ] = None,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (auto: bfloat16 for presets, the checkpoint's dtype otherwise).")
-    ] = "auto",
-    attn: Annotated[str, typer.Option("--attn", help="Attention implementation for HF models: eager or sdpa.")] = "eager",
+        str | None, typer.Option("--dtype", help="auto, float32, bfloat16 or float16 (default auto: bfloat16 for presets, the checkpoint's dtype otherwise).")
+    ] = None,
+    attn: Annotated[str | None, typer.Option("--attn", help="Attention implementation for HF models: eager (default) or sdpa.")] = None,
     device: Annotated[
         str, typer.Option("--device", help="Where a local model runs: cpu, cuda or cuda:N (needs CUDA torch; CuPy for --batch-invariant).")
     ] = "cpu",
@@ -85,10 +87,11 @@ def probe(
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Candidates kept per step (HF logits; HTTP logprobs, max 20).")] = 5,
     timeout: Annotated[
-        float, typer.Option("--timeout", help="HTTP: seconds a request waits for the server to connect, to start "
-                                              "answering (generation included), and between reads of the answer.")
-    ] = 120.0,
-    retries: Annotated[int, typer.Option("--retries", help="HTTP: retries per request (exponential backoff).")] = 2,
+        float | None, typer.Option("--timeout", help="HTTP: seconds a request waits for the server to connect, to "
+                                                     "start answering (generation included), and between reads of "
+                                                     "the answer (default 120).")
+    ] = None,
+    retries: Annotated[int | None, typer.Option("--retries", help="HTTP: retries per request, exponential backoff (default 2).")] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Directory for report.json (written as modes finish), report.md and report.html.")
     ] = None,
@@ -215,20 +218,32 @@ def probe(
 
 
 def _engine(
-    *, model: str, dtype: str, attn: str, device: str, endpoint: str | None, served_model: str | None, seed: int,
-    top_k: int, timeout: float, retries: int, batch_invariant: bool, portable: bool, chat: bool | None,
+    *, model: str | None, dtype: str | None, attn: str | None, device: str, endpoint: str | None,
+    served_model: str | None, seed: int, top_k: int, timeout: float | None, retries: int | None,
+    batch_invariant: bool, portable: bool, chat: bool | None,
 ) -> Any:
     if endpoint is not None:
         from detkit.probe.http import HTTPEngine
 
+        local = [opt for opt, value in (("--model", model), ("--dtype", dtype), ("--attn", attn)) if value is not None]
+        if local:
+            raise InputError(f"{', '.join(local)} apply to local models; a server runs its own model "
+                             "(name it with --served-model)")
         if batch_invariant or portable:
             raise InputError("--batch-invariant/--portable switch detkit's kernels in this process; a server needs them on its side")
         if device != "cpu":
             raise InputError("--device applies to local models; a server runs where it runs")
-        return HTTPEngine(endpoint, served_model, timeout=timeout, retries=retries, top_logprobs=top_k,
+        return HTTPEngine(endpoint, served_model, timeout=120.0 if timeout is None else timeout,
+                          retries=2 if retries is None else retries, top_logprobs=top_k,
                           api=None if chat is None else "chat" if chat else "completions")
     if served_model is not None:
         raise InputError("--served-model applies to --endpoint; use --model for a local model")
+    http = [opt for opt, value in (("--timeout", timeout), ("--retries", retries)) if value is not None]
+    if http:
+        raise InputError(f"{', '.join(http)} apply to --endpoint; a local model runs in this process")
+    model = "tiny-llama" if model is None else model
+    dtype = "auto" if dtype is None else dtype
+    attn = "eager" if attn is None else attn
     from detkit.probe.hf import HFEngine, load_model
 
     if attn not in ("eager", "sdpa"):
