@@ -133,6 +133,9 @@ def load_preset(
         raise InputError(
             f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r}"
         )
+    # torch.manual_seed's range; past it, torch raises a bare "Overflow when unpacking long long"
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise InputError(f"the weights seed must be an integer from -2**63 to 2**64-1, got {seed!r}")
     dtype = torch.float32 if dtype is None else dtype
     if not dtype.is_floating_point:
         raise InputError(f"model dtype must be a floating point dtype, got {dtype}")

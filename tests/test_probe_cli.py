@@ -410,3 +410,9 @@ def test_an_option_of_the_other_engine_is_refused_not_ignored(args, message, cap
     # they were accepted and silently ignored (a server's dtype is the server's; a local model has no timeout)
     code, out, err = run_cli(args, capsys, monkeypatch)
     assert code == 2 and message in err and "Traceback" not in err + out
+
+
+def test_a_seed_past_torchs_range_is_one_clear_line_and_exit_2(capsys, monkeypatch):
+    # torch.manual_seed raised "ValueError: Overflow when unpacking long long" with a traceback (exit 1)
+    code, out, err = run_cli(["--seed", str(2**64), "--modes", "single", "--max-new-tokens", "1"], capsys, monkeypatch)
+    assert code == 2 and "seed must be an integer from -2**63 to 2**64-1" in err and "Traceback" not in err + out
