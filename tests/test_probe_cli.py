@@ -416,3 +416,15 @@ def test_a_seed_past_torchs_range_is_one_clear_line_and_exit_2(capsys, monkeypat
     # torch.manual_seed raised "ValueError: Overflow when unpacking long long" with a traceback (exit 1)
     code, out, err = run_cli(["--seed", str(2**64), "--modes", "single", "--max-new-tokens", "1"], capsys, monkeypatch)
     assert code == 2 and "seed must be an integer from -2**63 to 2**64-1" in err and "Traceback" not in err + out
+
+
+def test_the_reports_command_line_is_quoted_for_a_shell():
+    # joined with spaces, a model path holding a space came back as two arguments when pasted
+    import shlex
+
+    from detkit.cli.probe import _command_line
+
+    argv = ["/my suites/s.toml", "--model", "/my models/m", "--modes", "single, mixed", "--json"]
+    line = _command_line(argv)
+    assert shlex.split(line) == ["detkit", "probe", *argv]
+    assert _command_line(["--model", "tiny-llama"]) == "detkit probe --model tiny-llama"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -32,7 +33,9 @@ def _ints(text: str, option: str) -> tuple[int, ...]:
 
 
 def _command_line(argv: list[str]) -> str:
-    return " ".join(["detkit", "probe", *argv])
+    # quoted for a shell: the report's command must reproduce the run when pasted, also
+    # with a path that holds a space or a --modes list written "single, mixed"
+    return shlex.join(["detkit", "probe", *argv])
 
 
 def probe(
