@@ -428,3 +428,18 @@ def test_the_reports_command_line_is_quoted_for_a_shell():
     line = _command_line(argv)
     assert shlex.split(line) == ["detkit", "probe", *argv]
     assert _command_line(["--model", "tiny-llama"]) == "detkit probe --model tiny-llama"
+
+
+@pytest.mark.parametrize("model", ["/runs/mm[/x]", "/runs/r[red]/m"])
+def test_the_tables_title_prints_a_model_path_with_brackets_as_text(model):
+    # the title went through rich markup: "[/x]" raised MarkupError after the probe had
+    # finished (a traceback instead of the table), and "[red]" vanished from the path
+    from rich.console import Console
+
+    from detkit.cli.probe import _print_table
+
+    report = {"config": {"engine": {"model": model, "dtype": "bfloat16"}}, "modes": [], "notes": [],
+              "summary": {"invariant": True, "verdict": "identical"}}
+    console = Console(record=True, width=200)
+    _print_table(console, report)
+    assert f"detkit probe: {model} (bfloat16)" in console.export_text()

@@ -312,7 +312,8 @@ def _print_table(console: Any, report: dict[str, Any]) -> None:
     title = f"detkit probe: {what} ({engine.get('dtype', engine.get('endpoint'))})"
     if report["config"].get("batch_invariant"):
         title += ", batch_invariant" + ("(portable=True)" if report["config"].get("portable") else "()")
-    table = Table(title=title)
+    # a title is rich markup: a model path such as runs/[/x] must be printed as text
+    table = Table(title=escape(title))
     for col in ("mode", "runs", "uniq", "div", "1st", "max|Δ|", "ULP", "flips", "margin"):
         table.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
     for m in report["modes"]:
