@@ -443,3 +443,12 @@ def test_the_tables_title_prints_a_model_path_with_brackets_as_text(model):
     console = Console(record=True, width=200)
     _print_table(console, report)
     assert f"detkit probe: {model} (bfloat16)" in console.export_text()
+
+
+@pytest.mark.parametrize(("line", "message"), [("sizes = [true, 2]", "batch sizes must be positive integers"),
+                                               ("padding = [1, true]", "padding amounts must be positive integers")])
+def test_a_boolean_batch_size_or_padding_is_an_input_error(tmp_path, line, message):
+    # true ran as 1 (labels "b=True"), as the scalar keys already refuse it
+    (tmp_path / "bool.toml").write_text(f'name = "t"\n[[prompts]]\nid = "a"\ntext = "b"\n[batch]\n{line}\n')
+    with pytest.raises(InputError, match=message):
+        load_suite(tmp_path / "bool.toml")

@@ -71,7 +71,8 @@ class BatchPlan:
     fillers: tuple[str, ...] = DEFAULT_FILLERS
 
     def __post_init__(self) -> None:
-        if not self.sizes or any(not isinstance(s, int) or s < 1 for s in self.sizes):
+        # bool is an int to Python: `sizes = [true]` would run as 1 and be reported as true
+        if not self.sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in self.sizes):
             raise ValueError(f"batch sizes must be positive integers, got {list(self.sizes)}")
         if max(self.sizes) > MAX_BATCH:  # a typo such as 100000 would otherwise run for hours
             raise ValueError(f"batch sizes (and concurrency) must be at most {MAX_BATCH}, got {max(self.sizes)}")
@@ -84,7 +85,7 @@ class BatchPlan:
                              "(leave a mode out with modes = [...] instead)")
         if any(not 0.0 < f < 1.0 for f in self.prefix_fractions):
             raise ValueError(f"prefix_fractions must lie strictly between 0 and 1, got {list(self.prefix_fractions)}")
-        if any(not isinstance(p, int) or p < 1 for p in self.padding):
+        if any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in self.padding):
             raise ValueError(f"padding amounts must be positive integers, got {list(self.padding)}")
         if not self.fillers or any(not isinstance(f, str) or not f for f in self.fillers):
             raise ValueError("fillers must be a non-empty list of non-empty strings")
