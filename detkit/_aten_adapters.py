@@ -857,7 +857,8 @@ def _fold_linear(original: Callable[..., Any], x: Any, weight: Any, bias: Any = 
     Calling mm/addmm directly spares the matmul fold a second pass."""
     if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() >= 3 and weight.dim() == 2):
         return original(x, weight, bias)
-    flat = x.reshape(-1, x.shape[-1])
+    # The row count spelled out: reshape(-1, 0) of an input with no features is ambiguous.
+    flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
     return out.view(*x.shape[:-1], weight.shape[0])
 

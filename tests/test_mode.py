@@ -1133,3 +1133,14 @@ def test_an_integer_tensor_to_a_float_power_is_routed() -> None:
     assert torch.equal(ints, x * x)
     cov = bi.coverage()
     assert cov.routed["pow.Tensor_Scalar"] == 701 and cov.fell_back == {}, str(cov)
+
+
+def test_a_linear_of_a_3d_input_with_no_features_gives_torchs_result() -> None:
+    # The linear fold flattened the rows with reshape(-1, 0), which torch refuses as
+    # ambiguous, so F.linear of a (B, T, 0) input raised under the mode only.
+    x, w, b = torch.randn(2, 3, 0), torch.randn(4, 0), torch.randn(4)
+    want = F.linear(x, w, b)
+    with detkit.batch_invariant():
+        got = F.linear(x, w, b), F.linear(x, w)
+    assert _bits_equal(got[0], want)
+    assert _bits_equal(got[1], torch.zeros(2, 3, 4))
