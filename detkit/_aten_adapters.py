@@ -280,17 +280,43 @@ def _add_scaled(call: Call, self: torch.Tensor, prod: torch.Tensor, beta: Any, a
     return (term + _scaled(prod, alpha)).to(prod.dtype).expand(prod.shape).contiguous()
 
 
+# The operand ranks each product op takes (a, b): torch refuses any other.
+_PRODUCT_RANKS: dict[str, tuple[int, int]] = {
+    "mm": (2, 2), "addmm": (2, 2), "bmm": (3, 3), "baddbmm": (3, 3), "mv": (2, 1), "addmv": (2, 1), "dot": (1, 1),
+}
+
+
+def _product_shapes(op: str, a: torch.Tensor, b: torch.Tensor, self: torch.Tensor | None = None) -> None:
+    """torch's shape rules for ``op``. The kernels broadcast as ``torch.matmul`` does, so a
+    call torch refuses (``mm`` of a 3-D tensor, ``bmm`` of unequal batches, a ``self`` that
+    does not expand to the product) returned a result under the mode only; it goes to
+    torch's kernel instead, which raises its own error (nothing is computed: benign)."""
+    a_dim, b_dim = _PRODUCT_RANKS[op]
+    ok = a.dim() == a_dim and b.dim() == b_dim
+    if ok:
+        ok = a.shape[-1] == b.shape[0 if b_dim == 1 else -2] and (a_dim < 3 or a.shape[0] == b.shape[0])
+    if ok and self is not None:
+        out = (*a.shape[:-1], *(b.shape[-1:] if b_dim > 1 else ()))
+        ok = self.dim() <= len(out) and all(s in (1, o) for s, o in zip(reversed(self.shape), reversed(out)))
+    if not ok:
+        shapes = ", ".join(str(tuple(t.shape)) for t in (self, a, b) if t is not None)
+        raise Unsupported(f"{op} of shapes {shapes}, which torch refuses", benign=True)
+
+
 def mm(call: Call, self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    _product_shapes("mm", self, mat2)
     return _matmul(call, self, mat2)
 
 
 def bmm(call: Call, self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    _product_shapes("bmm", self, mat2)
     return _matmul(call, self, mat2, skip_leading_zeros=True)
 
 
 def addmm(
     call: Call, self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: Any = 1, alpha: Any = 1
 ) -> torch.Tensor:
+    _product_shapes("addmm", mat1, mat2, self)
     n = mat2.shape[-1]
     if (
         _scalar_is(beta, 1)
@@ -307,20 +333,24 @@ def addmm(
 def baddbmm(
     call: Call, self: torch.Tensor, batch1: torch.Tensor, batch2: torch.Tensor, *, beta: Any = 1, alpha: Any = 1
 ) -> torch.Tensor:
+    _product_shapes("baddbmm", batch1, batch2, self)
     return _add_scaled(call, self, _matmul(call, batch1, batch2, skip_leading_zeros=True), beta, alpha)
 
 
 def mv(call: Call, self: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+    _product_shapes("mv", self, vec)
     return _matmul(call, self, vec.unsqueeze(1)).squeeze(1)
 
 
 def addmv(
     call: Call, self: torch.Tensor, mat: torch.Tensor, vec: torch.Tensor, *, beta: Any = 1, alpha: Any = 1
 ) -> torch.Tensor:
+    _product_shapes("addmv", mat, vec, self)
     return _add_scaled(call, self, _matmul(call, mat, vec.unsqueeze(1)).squeeze(1), beta, alpha)
 
 
 def dot(call: Call, self: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    _product_shapes("dot", self, tensor)
     return _matmul(call, self.unsqueeze(0), tensor.unsqueeze(1)).reshape(())
 
 

@@ -567,6 +567,41 @@ def test_arguments_torch_refuses_are_refused_under_the_mode(call: Callable[[], t
         call()
 
 
+_R = torch.randn
+REFUSED_SHAPES: dict[str, Callable[[], torch.Tensor]] = {
+    "mm of a 3-D tensor": lambda: torch.mm(_R(2, 3, 4), _R(4, 2)),
+    "mm of a vector": lambda: torch.mm(_R(4), _R(4, 2)),
+    "mm with unequal K": lambda: torch.mm(_R(3, 4), _R(5, 2)),
+    "bmm of matrices": lambda: torch.bmm(_R(3, 4), _R(4, 2)),
+    "bmm of unequal batches": lambda: torch.bmm(_R(2, 3, 4), _R(1, 4, 2)),
+    "mv of a 3-D tensor": lambda: torch.mv(_R(2, 3, 4), _R(4)),
+    "mv of a matrix": lambda: torch.mv(_R(3, 4), _R(4, 1)),
+    "dot of matrices": lambda: torch.dot(_R(3, 1), _R(3, 1)),
+    "addmm with beta 0 and a 3-D self": lambda: torch.addmm(_R(4, 3, 2), _R(3, 4), _R(4, 2), beta=0),
+    "baddbmm with beta 0 and a self of another batch": lambda: torch.baddbmm(_R(3, 3, 2), _R(2, 3, 4), _R(2, 4, 2),
+                                                                              beta=0),
+    "addmv with a matrix as vec": lambda: torch.addmv(_R(3), _R(3, 4), _R(4, 1)),
+    "mm.out of a 3-D tensor": lambda: torch.mm(_R(2, 3, 4), _R(4, 2), out=torch.empty(0)),
+}
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("name", sorted(REFUSED_SHAPES))
+def test_product_shapes_torch_refuses_raise_torchs_error_under_the_mode(name: str, strict: bool) -> None:
+    """The kernels broadcast as torch.matmul does, so mm of a 3-D tensor, bmm of unequal
+    batches, mv of a 3-D tensor or a beta=0 addmm whose self does not expand returned a
+    result under the mode, where torch raises (code that ran under the mode failed without
+    it); dot of matrices raised an unrelated reshape error, and a K mismatch became an
+    InvarianceViolation with strict=True. Now torch's own error, in every case."""
+    call = REFUSED_SHAPES[name]
+    with pytest.raises(RuntimeError) as want:
+        call()
+    with detkit.batch_invariant(strict=strict) as bi, pytest.raises(RuntimeError) as got:
+        call()
+    assert type(got.value) is type(want.value) and str(got.value) == str(want.value)
+    assert not bi.uncovered()
+
+
 OUT_FORMS: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
     # name: (the out= call, the functional call)
     "mm": (lambda x, o: torch.mm(x, x.mT[:, :5], out=o), lambda x: torch.mm(x, x.mT[:, :5])),
