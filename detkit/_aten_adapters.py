@@ -521,10 +521,16 @@ def sum_all(call: Call, self: torch.Tensor, *, dtype: torch.dtype | None = None)
 # ----------------------------------------------------------------------------- norms
 
 
-def _norm_rows(x: torch.Tensor, normalized_shape: Sequence[int]) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+def _norm_rows(
+    x: torch.Tensor, normalized_shape: Sequence[int], *params: torch.Tensor | None
+) -> tuple[torch.Tensor, int, tuple[int, ...]]:
     k = len(normalized_shape)
     if k == 0 or tuple(x.shape[x.dim() - k :]) != tuple(normalized_shape):
         raise Unsupported(f"normalized_shape {tuple(normalized_shape)} does not match input {tuple(x.shape)}", benign=True)
+    # torch wants weight and bias of exactly normalized_shape; reshaped here, a (4,) weight
+    # for (2, 2) gave a result where torch raises (and a (5,) one an unrelated reshape error).
+    if any(p is not None and tuple(p.shape) != tuple(normalized_shape) for p in params):
+        raise Unsupported(f"weight/bias shape is not normalized_shape {tuple(normalized_shape)}", benign=True)  # torch raises
     if x.numel() == 0:
         raise Unsupported("empty input", benign=True)
     n = math.prod(normalized_shape)
@@ -541,7 +547,7 @@ def native_layer_norm(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _float(input, weight, bias)
-    rows, n, stat_shape = _norm_rows(_plain(input), normalized_shape)
+    rows, n, stat_shape = _norm_rows(_plain(input), normalized_shape, weight, bias)
     w = None if weight is None else _plain(weight).reshape(n)
     b = None if bias is None else _plain(bias).reshape(n)
     out = _kernel_call(kernels_module().layer_norm, rows, w, b, eps, portable=call.portable)
@@ -561,7 +567,7 @@ def rms_norm(
     eps: float | None = None,
 ) -> torch.Tensor:
     _float(input, weight)
-    rows, n, _ = _norm_rows(_plain(input), normalized_shape)
+    rows, n, _ = _norm_rows(_plain(input), normalized_shape, weight)
     w = None if weight is None else _plain(weight).reshape(n)
     out = _kernel_call(kernels_module().rms_norm, rows, w, eps, portable=call.portable)
     return out.reshape(input.shape)

@@ -1179,3 +1179,23 @@ def test_a_linear_of_a_3d_input_with_no_features_gives_torchs_result() -> None:
         got = F.linear(x, w, b), F.linear(x, w)
     assert _bits_equal(got[0], want)
     assert _bits_equal(got[1], torch.zeros(2, 3, 4))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: F.layer_norm(torch.randn(3, 2, 2), (2, 2), torch.randn(4)),
+        lambda: F.rms_norm(torch.randn(3, 2, 2), (2, 2), torch.randn(4)),
+        lambda: F.rms_norm(torch.randn(3, 2, 2), (2, 2), torch.randn(4).requires_grad_()),
+        lambda: F.layer_norm(torch.randn(3, 4), (4,), torch.randn(5)),
+        lambda: F.layer_norm(torch.randn(3, 4), (4,), torch.randn(4), torch.randn(1, 4)),
+    ],
+)
+def test_a_norm_weight_of_another_shape_raises_torchs_error(call: Callable[[], torch.Tensor]) -> None:
+    """torch wants weight and bias of exactly normalized_shape. The adapters reshaped them,
+    so a (4,) weight for normalized_shape (2, 2) gave a result under the mode only, and a
+    (5,) weight for (4,) an unrelated reshape error."""
+    with pytest.raises(RuntimeError, match="same shape as normalized_shape"):
+        call()
+    with detkit.batch_invariant(), pytest.raises(RuntimeError, match="same shape as normalized_shape"):
+        call()
