@@ -364,13 +364,18 @@ def _make_gate(spec: OpOverride, grad_kernel: Any) -> Callable[..., Any]:
         if _grad_needed(args, kwargs) and not is_inside():
             _COUNTERS.add(_COUNTERS.decomposed, spec.name)
             decomposed = grad_kernel.call_boxed(keyset, *args, **kwargs)
-            if not isinstance(decomposed, torch.Tensor):
+            first = decomposed[0] if isinstance(decomposed, tuple) and decomposed else decomposed
+            if not isinstance(first, torch.Tensor):
                 return decomposed
             # The values must not depend on requires_grad (a trainer and a sampler must see
             # the same forward bits), so they come from the routed kernel; the gradient
             # flows through torch's decomposition of the same function.
             with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
                 routed = overload(*args, **kwargs)
+            if isinstance(decomposed, tuple):
+                # _fused_rms_norm's (output, rstd): returned whole, its output was torch's
+                # decomposition whenever a gradient was needed. rstd only feeds the backward.
+                return (_RoutedValues.apply(first, routed[0]), *decomposed[1:])
             return _RoutedValues.apply(decomposed, routed)
         with torch._C._AutoDispatchBelowAutograd():
             return overload(*args, **kwargs)

@@ -243,6 +243,24 @@ def test_autograd_still_works_through_the_mode() -> None:
     assert bi.uncovered() == {}
 
 
+def test_fused_rms_norm_gives_the_same_bits_with_and_without_requires_grad() -> None:
+    # The autograd gate returned a composite's tuple result (_fused_rms_norm's output, rstd)
+    # straight from torch's decomposition when a gradient was needed: its output differed
+    # from the no-grad (routed) one by up to 1e-6. Now the output is routed, the gradient
+    # torch's.
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 64, generator=g), torch.randn(64, generator=g)
+    trainable = w.clone().requires_grad_()
+    (want,) = torch.autograd.grad(torch.ops.aten._fused_rms_norm(x, [64], trainable, None)[0].square().sum(), trainable)
+    with detkit.batch_invariant() as bi:
+        frozen = torch.ops.aten._fused_rms_norm(x, [64], w, None)[0]
+        out, _ = torch.ops.aten._fused_rms_norm(x, [64], trainable, None)
+        (got,) = torch.autograd.grad(out.square().sum(), trainable)
+    assert _bits_equal(out.detach(), frozen)
+    torch.testing.assert_close(got, want)
+    assert bi.coverage().decomposed == {"_fused_rms_norm": 1}
+
+
 def test_mode_applies_to_other_threads_while_on(stub: _StubKernels) -> None:
     def work() -> None:
         torch.mm(torch.randn(2, 3), torch.randn(3, 2))
