@@ -304,11 +304,30 @@ def _grad_needed(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
     return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
 
 
+# Set by a composite op's autograd gate around its routed call: an Unsupported then
+# propagates to the gate instead of running torch's kernel (see _make_gate).
+_GATE = threading.local()
+
+
+def _count_unrouted(spec: OpOverride, unrouted: Unsupported, state: ModeState) -> None:
+    if unrouted.benign:
+        _COUNTERS.add(_COUNTERS.passed_through, (spec.name, unrouted.reason))
+    else:
+        _COUNTERS.add(_COUNTERS.fell_back, (spec.name, unrouted.reason))
+        if state.strict:
+            raise InvarianceViolation(
+                f"detkit.batch_invariant(strict=True): aten::{spec.name} was called with arguments the "
+                f"detkit kernels do not cover ({unrouted.reason}), so torch's own kernel would run. "
+                "Change the call, or use strict=False and read batch_invariant().uncovered()."
+            )
+
+
 def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
     def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
         if is_inside():
             # Called from inside a detkit kernel or adapter: torch's own kernel.
             return original.call_boxed(keyset, *args, **kwargs)
+        gated, _GATE.active = getattr(_GATE, "active", False), False
         state = _STATE
         call = Call(state.portable, functools.partial(original.call_boxed, keyset))
         set_inside(True)
@@ -321,16 +340,9 @@ def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
             return return_value
         finally:
             set_inside(False)
-        if unrouted.benign:
-            _COUNTERS.add(_COUNTERS.passed_through, (spec.name, unrouted.reason))
-        else:
-            _COUNTERS.add(_COUNTERS.fell_back, (spec.name, unrouted.reason))
-            if state.strict:
-                raise InvarianceViolation(
-                    f"detkit.batch_invariant(strict=True): aten::{spec.name} was called with arguments the "
-                    f"detkit kernels do not cover ({unrouted.reason}), so torch's own kernel would run. "
-                    "Change the call, or use strict=False and read batch_invariant().uncovered()."
-                )
+        if gated:
+            raise unrouted  # the gate runs torch's decomposition instead, once
+        _count_unrouted(spec, unrouted, state)
         return original.call_boxed(keyset, *args, **kwargs)
 
     kernel.__name__ = f"detkit_{spec.name.replace('.', '_')}"
@@ -362,16 +374,26 @@ def _make_gate(spec: OpOverride, grad_kernel: Any) -> Callable[..., Any]:
 
     def gate(keyset: Any, *args: Any, **kwargs: Any) -> Any:
         if _grad_needed(args, kwargs) and not is_inside():
+            # The values must not depend on requires_grad (a trainer and a sampler must see
+            # the same forward bits), so they come from the routed kernel; the gradient
+            # flows through torch's decomposition of the same function. The routed call
+            # comes first: where it would fall back, torch's decomposition alone gives the
+            # values and the gradient. (Running the fallback as well drew SDPA's dropout
+            # mask twice: the values came from one mask, the gradient from the other.)
+            _GATE.active = True
+            try:
+                with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+                    routed = overload(*args, **kwargs)
+            except Unsupported as unrouted:
+                _count_unrouted(spec, unrouted, _STATE)
+                return grad_kernel.call_boxed(keyset, *args, **kwargs)
+            finally:
+                _GATE.active = False
             _COUNTERS.add(_COUNTERS.decomposed, spec.name)
             decomposed = grad_kernel.call_boxed(keyset, *args, **kwargs)
             first = decomposed[0] if isinstance(decomposed, tuple) and decomposed else decomposed
             if not isinstance(first, torch.Tensor):
                 return decomposed
-            # The values must not depend on requires_grad (a trainer and a sampler must see
-            # the same forward bits), so they come from the routed kernel; the gradient
-            # flows through torch's decomposition of the same function.
-            with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
-                routed = overload(*args, **kwargs)
             if isinstance(decomposed, tuple):
                 # _fused_rms_norm's (output, rstd): returned whole, its output was torch's
                 # decomposition whenever a gradient was needed. rstd only feeds the backward.

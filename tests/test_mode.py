@@ -261,6 +261,28 @@ def test_fused_rms_norm_gives_the_same_bits_with_and_without_requires_grad() -> 
     assert bi.coverage().decomposed == {"_fused_rms_norm": 1}
 
 
+def test_attention_dropout_under_autograd_takes_one_mask_for_values_and_gradient() -> None:
+    # With a gradient needed, the SDPA gate ran torch's decomposition (one dropout mask, the
+    # gradient's) and then the routed call, which fell back to torch's kernel (a second
+    # mask, the values'): the output was not the function whose gradient came back, and the
+    # generator advanced twice. Now the fallback is torch's decomposition alone.
+    def run() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        q = torch.randn(1, 2, 6, 8, requires_grad=True)
+        out = F.scaled_dot_product_attention(q, q.detach(), q.detach(), dropout_p=0.5)
+        (grad,) = torch.autograd.grad(out, q, torch.ones_like(out))
+        return out.detach(), grad, torch.rand(4)
+
+    want = run()
+    with detkit.batch_invariant() as bi:
+        got = run()
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w)  # the leaves (bmm, softmax) are routed: rounding only
+    assert bi.uncovered() == {"scaled_dot_product_attention": {"dropout_p > 0": 1}}
+    with detkit.batch_invariant(strict=True), pytest.raises(InvarianceViolation, match="dropout_p"):
+        run()
+
+
 def test_mode_applies_to_other_threads_while_on(stub: _StubKernels) -> None:
     def work() -> None:
         torch.mm(torch.randn(2, 3), torch.randn(3, 2))
