@@ -3,7 +3,8 @@
 Each subcommand lives in its own module with a ``register(app)`` function, so the
 commands stay independent and heavy imports happen only inside the command that needs
 them. Exit codes: 0 all requested checks passed, 1 a check failed (``--fail-on``),
-2 usage or environment error.
+2 usage or environment error, 3 an unexpected error (traceback on stderr), 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from detkit.errors import DetkitError, InputError
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_USAGE = 2
+# Not 1: a CI that gates on --fail-on must not read a crash (an out-of-memory error, a
+# bug) as "a check failed". 3 is pytest's code for an internal error too.
+EXIT_UNEXPECTED = 3
 
 _COMMAND_MODULES = ("env", "kernels", "audit", "report", "probe")
 
@@ -102,7 +106,8 @@ _register_all()
 
 
 def main() -> None:
-    """Console entry point: detkit errors become one line on stderr and exit code 2."""
+    """Console entry point: detkit errors become one line on stderr and exit code 2,
+    anything unexpected a traceback and exit code 3."""
     try:
         app()
     except DetkitError as err:
@@ -115,3 +120,10 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"detkit: unexpected error (exit {EXIT_UNEXPECTED}): the traceback above says where; if it is not "
+              "your environment (memory, disk, a driver), please report it with that traceback", file=sys.stderr)
+        sys.exit(EXIT_UNEXPECTED)
