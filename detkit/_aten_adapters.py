@@ -603,6 +603,8 @@ def _attention(
     _float(query, key, value)
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
         raise Unsupported("attn_mask dtype", benign=True)  # torch raises its own error
+    if dropout_p < 0.0:
+        raise Unsupported("dropout_p < 0", benign=True)  # torch raises its own error
     if dropout_p > 0.0:
         raise Unsupported("dropout_p > 0")
     return _kernel_call(

@@ -283,6 +283,17 @@ def test_attention_dropout_under_autograd_takes_one_mask_for_values_and_gradient
         run()
 
 
+def test_a_negative_dropout_is_refused_as_torch_refuses_it() -> None:
+    # it ran as dropout_p = 0 under the mode only: code that passed there failed without it
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(RuntimeError) as plain:
+        F.scaled_dot_product_attention(q, q, q, dropout_p=-0.1)
+    with detkit.batch_invariant(strict=True) as bi, pytest.raises(RuntimeError) as under:
+        F.scaled_dot_product_attention(q, q, q, dropout_p=-0.1)
+    assert str(under.value) == str(plain.value)
+    assert bi.uncovered() == {}
+
+
 def test_mode_applies_to_other_threads_while_on(stub: _StubKernels) -> None:
     def work() -> None:
         torch.mm(torch.randn(2, 3), torch.randn(3, 2))
