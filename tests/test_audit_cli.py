@@ -216,6 +216,22 @@ def test_list_ops(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
         assert name in out
 
 
+def test_list_ops_json(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # --json printed the list on stderr and nothing on stdout
+    from detkit.audit.catalogue import CATALOGUE
+    from detkit.audit.checks import CHECKS
+    from detkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["detkit", "audit", "--list-ops", "--json"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [o["name"] for o in listed["ops"]] == [spec.name for spec in CATALOGUE]
+    assert all(o["family"] and o["summary"] for o in listed["ops"])
+    assert list(listed["checks"]) == list(CHECKS)
+
+
 @pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") is not None, reason="ISA pinned by the environment")
 def test_isa_check_runs_subprocesses(tmp_path: Path) -> None:
     if torch.backends.cpu.get_cpu_capability().lower() == "default":

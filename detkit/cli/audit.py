@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -84,6 +85,10 @@ def audit(
 
     console = Console(stderr=json_out, highlight=False)
     if list_ops:
+        if json_out:  # for scripts that pick ops from the catalogue
+            typer.echo(json.dumps({"ops": [{"name": spec.name, "family": spec.family, "summary": spec.summary}
+                                           for spec in CATALOGUE], "checks": dict(CHECK_HELP)}, indent=2))
+            return
         for spec in CATALOGUE:
             console.print(f"[bold]{spec.name:30}[/] {spec.family:14} {escape(spec.summary)}", soft_wrap=True)
         console.print()
