@@ -250,6 +250,23 @@ def test_isa_check_runs_subprocesses(tmp_path: Path) -> None:
         assert all(p["environment"]["ONEDNN_MAX_CPU_ISA"] for p in res["per"])
 
 
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") is not None, reason="ISA pinned by the environment")
+def test_isa_workers_report_each_result_as_progress(tmp_path: Path) -> None:
+    # a capped worker takes minutes over half-precision matmuls: the parent shows what it is at
+    from detkit.audit.runner import AuditConfig, Event, _isa_others, _run_isa_workers
+
+    if not _isa_others(torch.device("cpu")):
+        pytest.skip("this CPU has no capability above default to compare with")
+    events: list[Event] = []
+    cfg = AuditConfig(ops=("sum", "mean"), impls=("torch",), batch_sizes=(1, 2), hidden=64, isa=True)
+    done = _run_isa_workers(cfg, ["torch"], tmp_path, events.append)
+    phases = [e.text for e in events if e.kind == "phase"]
+    assert phases[:2] == ["ATEN_CPU_CAPABILITY=default: sum float32 torch (1/2)",
+                          "ATEN_CPU_CAPABILITY=default: mean float32 torch (2/2)"], phases
+    assert len(phases) == 2 * len(done)
+    assert all((folder / "sum.torch.float32.pt").is_file() for folder, _ in done.values())
+
+
 def test_explicitly_requested_unavailable_impl_is_a_usage_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

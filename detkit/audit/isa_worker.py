@@ -6,7 +6,8 @@ MKL read once at start-up; that is why this runs in a fresh interpreter. Usage: 
 holds the ops, implementations, dtypes, batch size, seed and hidden size. For each
 op x implementation x dtype it writes ``DIR/<op>.<impl>.<dtype>.pt`` (the outputs) or
 ``.err`` (the error), ``DIR/capability.txt`` (the capability torch actually used) and
-``DIR/environment.json`` (those variables as this process saw them).
+``DIR/environment.json`` (those variables as this process saw them). It prints one line
+per result as it starts it, which the parent shows as progress.
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ def main(folder: Path) -> int:
     spec = json.loads((folder / "spec.json").read_text())
     (folder / "capability.txt").write_text(torch.backends.cpu.get_cpu_capability())
     (folder / "environment.json").write_text(json.dumps({k: os.environ.get(k) for k in ISA_VARIABLES}))
+    ops = resolve_ops(spec["ops"])
+    total = len(spec["dtypes"]) * len(ops) * len(spec["impls"])
+    done = 0
     for dtype in spec["dtypes"]:
-        for op in resolve_ops(spec["ops"]):
+        for op in ops:
             inputs = build_inputs(op, spec["batch"], FLOAT_DTYPES[dtype], spec["seed"], spec["hidden"])
             for impl in spec["impls"]:
                 stem = f"{op.name}.{impl}.{dtype}"
+                done += 1
+                print(f"{op.name} {dtype} {impl} ({done}/{total})", flush=True)  # the parent's progress
                 try:
                     with impls.context(impl):
                         outputs = op.run(inputs)

@@ -224,14 +224,23 @@ def _run_isa_workers(
         out.mkdir()
         (out / "spec.json").write_text(json.dumps(spec))
         env = {**os.environ, **isa_environment(isa)}
-        proc = subprocess.run(
-            [sys.executable, "-m", "detkit.audit.isa_worker", str(out)],
-            env=env, capture_output=True, text=True, check=False,
-        )
+        log = out / "worker.log"
+        with log.open("w") as stderr:
+            # the worker names each result as it starts it (capped, one takes seconds): shown as the phase
+            proc = subprocess.Popen([sys.executable, "-m", "detkit.audit.isa_worker", str(out)], env=env,
+                                    stdout=subprocess.PIPE, stderr=stderr, text=True)
+            try:
+                for line in proc.stdout or ():
+                    listener(Event("phase", text=f"ATEN_CPU_CAPABILITY={isa}: {line.strip()}"))
+                proc.wait()
+            except BaseException:  # Ctrl-C, SIGTERM: the worker must not outlive the audit
+                proc.kill()
+                proc.wait()
+                raise
         cap_file = out / "capability.txt"
         actual = cap_file.read_text().strip() if cap_file.exists() else "?"
         if proc.returncode != 0:
-            (out / "worker.err").write_text(proc.stderr[-4000:])
+            (out / "worker.err").write_text(log.read_text()[-4000:])
         done[isa] = (out, actual)
     return done
 
