@@ -246,7 +246,7 @@ def test_isa_check_runs_subprocesses(tmp_path: Path) -> None:
         assert {p["isa"] for p in res["per"]} >= {"default"}
         assert all(p["actual"].lower() == p["isa"] for p in res["per"])
         # the worker ran with oneDNN and MKL capped too, as it recorded itself
-        assert all(p["environment"] == isa_environment(p["isa"]) for p in res["per"]), res["per"]
+        assert all(p["environment"] == isa_environment(p["isa"], r["impl"]) for p in res["per"]), res["per"]
         assert all(p["environment"]["ONEDNN_MAX_CPU_ISA"] for p in res["per"])
 
 
@@ -258,13 +258,22 @@ def test_isa_workers_report_each_result_as_progress(tmp_path: Path) -> None:
     if not _isa_others(torch.device("cpu")):
         pytest.skip("this CPU has no capability above default to compare with")
     events: list[Event] = []
-    cfg = AuditConfig(ops=("sum", "mean"), impls=("torch",), batch_sizes=(1, 2), hidden=64, isa=True)
-    done = _run_isa_workers(cfg, ["torch"], tmp_path, events.append)
+    cfg = AuditConfig(ops=("sum", "mean"), impls=("torch", "detkit"), batch_sizes=(1, 2), hidden=64, isa=True)
+    done = _run_isa_workers(cfg, ["torch", "detkit"], tmp_path, events.append)
     phases = [e.text for e in events if e.kind == "phase"]
-    assert phases[:2] == ["ATEN_CPU_CAPABILITY=default: sum float32 torch (1/2)",
-                          "ATEN_CPU_CAPABILITY=default: mean float32 torch (2/2)"], phases
-    assert len(phases) == 2 * len(done)
-    assert all((folder / "sum.torch.float32.pt").is_file() for folder, _ in done.values())
+    assert phases[:4] == ["ATEN_CPU_CAPABILITY=default: sum float32 torch (1/2)",
+                          "ATEN_CPU_CAPABILITY=default: mean float32 torch (2/2)",
+                          "ATEN_CPU_CAPABILITY=default: sum float32 detkit (1/2)",
+                          "ATEN_CPU_CAPABILITY=default: mean float32 detkit (2/2)"], phases
+    assert len(phases) == 4 * len(done)
+    for isa, (folder, _) in done.items():
+        assert {p.name for p in folder.glob("*.pt")} == {f"{op}.{impl}.float32.pt" for op in ("sum", "mean")
+                                                         for impl in ("torch", "detkit")}
+        # torch's libraries capped to the ISA; detkit's BLAS tiles keep this CPU's (their
+        # first-use verification would take tens of minutes on a capped oneDNN)
+        assert json.loads((folder / "environment.torch.json").read_text()) == isa_environment(isa)
+        detkit_env = json.loads((folder / "environment.detkit.json").read_text())
+        assert detkit_env["ATEN_CPU_CAPABILITY"] == isa and detkit_env["ONEDNN_MAX_CPU_ISA"] is None
 
 
 def test_explicitly_requested_unavailable_impl_is_a_usage_error(

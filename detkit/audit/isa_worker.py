@@ -1,13 +1,15 @@
 """Subprocess of ``detkit audit --isa``: compute the suite at one ATEN_CPU_CAPABILITY.
 
-The parent sets ``ATEN_CPU_CAPABILITY``, ``NUMBA_CPU_NAME``, ``ONEDNN_MAX_CPU_ISA`` and
-``MKL_ENABLE_INSTRUCTIONS`` in this process's environment, which torch, numba, oneDNN and
-MKL read once at start-up; that is why this runs in a fresh interpreter. Usage: ``python -m detkit.audit.isa_worker DIR`` where ``DIR/spec.json``
-holds the ops, implementations, dtypes, batch size, seed and hidden size. For each
-op x implementation x dtype it writes ``DIR/<op>.<impl>.<dtype>.pt`` (the outputs) or
-``.err`` (the error), ``DIR/capability.txt`` (the capability torch actually used) and
-``DIR/environment.json`` (those variables as this process saw them). It prints one line
-per result as it starts it, which the parent shows as progress.
+The parent sets ``ATEN_CPU_CAPABILITY`` and ``NUMBA_CPU_NAME`` (and, but for detkit's own
+kernels, ``ONEDNN_MAX_CPU_ISA`` and ``MKL_ENABLE_INSTRUCTIONS``) in this process's
+environment, which torch, numba, oneDNN and MKL read once at start-up; that is why this
+runs in a fresh interpreter. Usage: ``python -m detkit.audit.isa_worker DIR SPEC`` where
+``DIR/SPEC`` (JSON) holds the ops, implementations, dtypes, batch size, seed and hidden
+size. For each op x implementation x dtype it writes ``DIR/<op>.<impl>.<dtype>.pt`` (the
+outputs) or ``.err`` (the error); ``DIR/capability.txt`` (the capability torch actually
+used); and per implementation ``DIR/environment.<impl>.json`` (those variables as this
+process saw them). It prints one line per result as it starts it, which the parent shows
+as progress.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ from detkit.audit.catalogue import FLOAT_DTYPES, build_inputs, resolve_ops
 from detkit.audit.runner import ISA_VARIABLES
 
 
-def main(folder: Path) -> int:
-    spec = json.loads((folder / "spec.json").read_text())
+def main(folder: Path, spec_name: str) -> int:
+    spec = json.loads((folder / spec_name).read_text())
     (folder / "capability.txt").write_text(torch.backends.cpu.get_cpu_capability())
-    (folder / "environment.json").write_text(json.dumps({k: os.environ.get(k) for k in ISA_VARIABLES}))
+    seen = json.dumps({k: os.environ.get(k) for k in ISA_VARIABLES})
+    for impl in spec["impls"]:
+        (folder / f"environment.{impl}.json").write_text(seen)
     ops = resolve_ops(spec["ops"])
     total = len(spec["dtypes"]) * len(ops) * len(spec["impls"])
     done = 0
@@ -48,7 +52,7 @@ def main(folder: Path) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m detkit.audit.isa_worker DIR", file=sys.stderr)
+    if len(sys.argv) != 3:
+        print("usage: python -m detkit.audit.isa_worker DIR SPEC", file=sys.stderr)
         sys.exit(2)
-    sys.exit(main(Path(sys.argv[1])))
+    sys.exit(main(Path(sys.argv[1]), sys.argv[2]))

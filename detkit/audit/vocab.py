@@ -21,7 +21,8 @@ CHECK_HELP = {
     "padding": "attention over a left-padded, masked sequence equals attention without the padding",
     "decode-prefill": "attention of one decoded token equals the same row of the causal prefill",
     "isa-variance": ("the same bits under other ATEN_CPU_CAPABILITY values (CPU, --isa), with numba, oneDNN and "
-                     "MKL (which run torch's matmuls) capped to the same instruction set"),
+                     "MKL (which run torch's matmuls) capped to the same instruction set; for detkit's kernels, "
+                     "whose BLAS tiles verify themselves at first use, oneDNN and MKL keep this CPU's"),
 }
 
 VERDICTS = ("pass", "fail", "error", "skipped", "n/a")
