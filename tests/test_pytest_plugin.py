@@ -25,6 +25,18 @@ from detkit.report import load_report
 
 pytest_plugins = ["pytester"]
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _numba_runtime_loaded_outside_pytester() -> None:
+    """numba loads its runtime and typing registries (and llvmlite.ir) at its first compile
+    or cache load. Done inside an in-process run, those modules were dropped after it while
+    numba's C extension kept the old ones, and the next kernel failed in llvmlite
+    (``assert isinstance(typ, types.Type)``) whenever these tests ran before any other
+    test had used a kernel (``-k report``)."""
+    from detkit import kernels
+
+    kernels.mean(torch.ones(1, 4), -1)
+
 HEADER = """
 import random
 import numpy as np
