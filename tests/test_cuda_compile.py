@@ -673,3 +673,34 @@ def test_cli_check_with_nvcc_asked_for_but_missing_is_an_environment_error(
     if how == "env":  # the fingerprint records the missing compiler instead of an AssertionError
         info = cuda_loader.recorded_compile_options()
         assert info["compiler"] is None and "nvcc was asked for" in info["compiler_error"]
+
+
+def test_check_on_a_gpu_reports_a_module_that_does_not_load_as_a_failed_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CUBIN the driver refuses (a toolkit newer than the driver, CuPy unable to use the
+    GPU) is that file's failed row, with the driver's message, not a traceback that loses
+    every other file's result and `detkit kernels check --json`'s output."""
+    from detkit.cli import app
+
+    def compiled(name: str, target: str, compiler: str | None, desc: str) -> cuda_loader.CheckResult:
+        return cuda_loader.CheckResult(name, target, desc, True, 0.5, ("k",))
+
+    def load(name: str, device: int) -> object:
+        if name == "rowops.cu":
+            raise RuntimeError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the provided PTX was compiled with an "
+                               "unsupported toolchain.")
+        return object()
+
+    monkeypatch.setattr(cuda_loader, "compiler_description", lambda compiler=None: "NVRTC 99.0")
+    monkeypatch.setattr(cuda_loader, "_check_unit", compiled)
+    monkeypatch.setattr(cuda_loader, "load_module", load)
+    rows = cuda_loader.check_device(0, "sm_80", files=("attention.cu", "rowops.cu"))
+    assert [(r.file, r.ok) for r in rows] == [("attention.cu", True), ("rowops.cu", False)]
+    assert "loading rowops.cu (sm_80) on cuda:0 failed" in rows[1].log
+    assert "UNSUPPORTED_PTX_VERSION" in rows[1].log
+    monkeypatch.setattr("detkit.cli.kernels._local_gpu", lambda: (0, "sm_80"))
+    out = CliRunner().invoke(app, ["kernels", "check", "--json"])
+    assert out.exit_code == 1, out.output
+    payload = json.loads(out.stdout)
+    assert payload["ok"] is False and {r["file"]: r["ok"] for r in payload["results"]}["rowops.cu"] is False

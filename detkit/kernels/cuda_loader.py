@@ -618,8 +618,15 @@ def check_device(device: int, arch: str, *, files: tuple[str, ...] = KERNEL_FILE
     for r in compiled:
         if r.ok:
             t0 = time.perf_counter()
-            load_module(r.file, device)  # the disk cache holds the CUBIN now
-            r = replace(r, compiler=f"{desc} (loaded on cuda:{device})", seconds=r.seconds + time.perf_counter() - t0)
+            try:
+                load_module(r.file, device)  # the disk cache holds the CUBIN now
+            except Exception as err:  # noqa: BLE001 - CuPy/driver errors: a failed row, like a compile error
+                r = replace(r, ok=False, seconds=r.seconds + time.perf_counter() - t0,
+                            log=f"compiled, but loading {r.file} ({r.arch}) on cuda:{device} failed: "
+                                f"{type(err).__name__}: {err}")
+            else:
+                r = replace(r, compiler=f"{desc} (loaded on cuda:{device})",
+                            seconds=r.seconds + time.perf_counter() - t0)
         results.append(r)
     return results
 
