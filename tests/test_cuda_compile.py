@@ -704,3 +704,14 @@ def test_check_on_a_gpu_reports_a_module_that_does_not_load_as_a_failed_file(
     assert out.exit_code == 1, out.output
     payload = json.loads(out.stdout)
     assert payload["ok"] is False and {r["file"]: r["ok"] for r in payload["results"]}["rowops.cu"] is False
+
+
+def test_a_bad_compiler_variable_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """recorded_compile_options() (every report's fingerprint, cuda.status()) records why no
+    compiler is known; a misspelt $DETKIT_CUDA_COMPILER made it raise, and the fingerprint
+    lost the options and source hashes with it."""
+    monkeypatch.setenv(cuda_loader.ENV_COMPILER, "clang")
+    info = cuda_loader.recorded_compile_options()
+    assert info["compiler"] is None and "'clang'" in info["compiler_error"]
+    assert info["options"] == list(cuda_loader.COMPILE_OPTIONS) and info["sources_sha256"]
+    assert cuda_backend.status()["compile"]["compiler"] is None

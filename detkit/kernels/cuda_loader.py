@@ -646,7 +646,7 @@ def recorded_compile_options() -> dict[str, Any]:
         info["sources_error"] = str(err)
     try:
         info["compiler"] = compiler_description()
-    except (BackendUnavailable, OSError) as err:
+    except (BackendUnavailable, InputError, OSError) as err:  # InputError: a bad $DETKIT_CUDA_COMPILER
         info["compiler"] = None
         info["compiler_error"] = str(err)
     with _modules_lock:
