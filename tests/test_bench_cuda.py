@@ -250,3 +250,27 @@ def test_a_target_is_met_on_the_unrounded_speed(bench: Any) -> None:
     exact = bench.Result("matmul", "bfloat16", "M=256 K=N=4096", 0.9, 1.0, None)
     assert short.speed == 0.9
     assert [c["met"] for c in bench.targets([short, exact])] == [False, True]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine scripts/gpu-check runs for real (minutes)")
+def test_gpu_check_does_not_report_an_earlier_runs_outputs(tmp_path: Path) -> None:
+    """Rerun into the same directory: a step that writes nothing this time (here: no GPU,
+    so no benchmark or audit output; the compile check cut off at once) must not leave the
+    previous run's results in summary.json as if they were this run's."""
+    import os
+    import subprocess
+
+    (tmp_path / "gpu-audit").mkdir()
+    (tmp_path / "gpu-audit" / "report.json").write_text("{}")
+    (tmp_path / "bench_cuda.json").write_text(json.dumps(
+        {"meta": {"device": "an earlier run"}, "targets": [{"met": True}], "tile_choice": "stale"}))
+    (tmp_path / "gpu_tests_stale.xml").write_text('<testsuite><testcase classname="t" name="old"/></testsuite>')
+    script = BENCH.parent.parent / "scripts" / "gpu-check"
+    env = {**os.environ, "PYTHON": sys.executable, "DETKIT_GPU_CHECK_COMPILE_S": "1"}
+    proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=400, check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "error" in summary["bench"], summary["bench"]
+    assert summary["audit"]["report"] is None
+    assert set(summary["tests"]["groups"]) == {"wgmma", "matmul", "rows", "attention", "integration"}
