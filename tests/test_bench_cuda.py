@@ -273,4 +273,7 @@ def test_gpu_check_does_not_report_an_earlier_runs_outputs(tmp_path: Path) -> No
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "error" in summary["bench"], summary["bench"]
     assert summary["audit"]["report"] is None
+    # the compile check cut off by its 1 s limit: the summary says so, not just "no JSON"
+    assert summary["kernels_check"]["exit"] == 124 and "time limit (1 s" in summary["kernels_check"]["timed_out"]
+    assert "time limit" in (tmp_path / "summary.md").read_text()
     assert set(summary["tests"]["groups"]) == {"wgmma", "matmul", "rows", "attention", "integration"}
