@@ -367,8 +367,11 @@ class Diff:
             return head + "bitwise equal"
         lines = [
             head
-            + f"{self.num_bit_mismatches} bit mismatches ({self.num_value_mismatches} values, "
-            + f"{self.signed_zero_mismatches} signed zeros, {self.nan_mismatches} NaN vs number, "
+            # The four parts partition the bit mismatches: num_value_mismatches includes the
+            # NaN-vs-number pairs, so the numbers that differ are the rest of it.
+            + f"{self.num_bit_mismatches} bit mismatches "
+            + f"({self.num_value_mismatches - self.nan_mismatches} numbers differ, "
+            + f"{self.nan_mismatches} NaN vs number, {self.signed_zero_mismatches} signed zeros, "
             + f"{self.nan_payload_mismatches} NaN payloads)",
             f"  max ULP {self.max_ulp} at {self.max_ulp_index}; "
             f"max abs {self.max_abs:.3g} at {self.max_abs_index}; "

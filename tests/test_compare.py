@@ -353,3 +353,33 @@ def test_diff_values_under_flush_denormal_mode() -> None:
         torch.set_flush_denormal(False)
     assert (d.first_mismatches[0].a, d.first_mismatches[0].b) == (2.0**-140, 2.0**-141)
     assert d.max_abs == 2.0**-141 and d.max_rel == 1.0
+
+
+def test_diff_summary_parts_add_up_to_the_bit_mismatches() -> None:
+    """The header used to list num_value_mismatches (which includes NaN vs number) and
+    nan_mismatches side by side, so a NaN-vs-number pair was counted twice and the parts
+    added to more than the total."""
+    a = np.array([1.0, np.nan, 0.0, 2.0, np.nan], dtype=np.float32)
+    b = np.array([1.0, 1.0, -0.0, 3.0, np.nan], dtype=np.float32)
+    b[4:] = np.array([0x7FC00001], dtype=np.uint32).view(np.float32)  # another NaN payload
+    d = diff(a, b)
+    head = str(d).splitlines()[0]
+    assert "4 bit mismatches (1 numbers differ, 1 NaN vs number, 1 signed zeros, 1 NaN payloads)" in head
+
+
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=40), st.data())
+def test_diff_summary_parts_partition_property(bits_a: list[int], data: st.DataObject) -> None:
+    import re
+
+    bits_b = data.draw(st.lists(st.sampled_from(bits_a + [0, 0x80000000, 0x7FC00000, 0x7FC00001, 0x3F800000]),
+                                min_size=len(bits_a), max_size=len(bits_a)))
+    a = np.array(bits_a, dtype=np.uint32).view(np.float32)
+    b = np.array(bits_b, dtype=np.uint32).view(np.float32)
+    d = diff(a, b)
+    if d.ok:
+        return
+    m = re.search(r"(\d+) bit mismatches \((\d+) numbers differ, (\d+) NaN vs number, (\d+) signed zeros, "
+                  r"(\d+) NaN payloads\)", str(d))
+    assert m is not None
+    total, *parts = (int(g) for g in m.groups())
+    assert total == d.num_bit_mismatches == sum(parts)
