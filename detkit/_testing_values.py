@@ -290,7 +290,19 @@ def _index(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _values(x: Any) -> np.ndarray:
-    """Flat values for display: floats widened exactly to float64, integers as they are."""
+    """Flat values for display: floats widened exactly to float64, integers as they are.
+
+    Widened with torch's flush-denormal mode off: under torch.set_flush_denormal(True) the
+    conversion (torch's and numpy's alike) would show subnormal values as 0."""
+    if is_torch(x) or np.asarray(x).dtype.kind == "f":
+        from detkit.compare import _subnormals_kept
+
+        with _subnormals_kept():
+            return _widened(x)
+    return _widened(x)
+
+
+def _widened(x: Any) -> np.ndarray:
     if is_torch(x):
         import torch
 

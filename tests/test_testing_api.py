@@ -712,3 +712,22 @@ def test_another_dtype_or_shape_is_named_as_such_not_as_ulp_distance() -> None:
             text = str(info.value)
             assert "1 of 1 outputs have another dtype or shape than expected" in text and what in text
             assert "compare like with like" in text and "raise max_ulp" not in text
+
+
+def test_failure_table_shows_subnormal_values_under_flush_denormal_mode() -> None:
+    """Under torch.set_flush_denormal(True) the table of first mismatches widened the values
+    with the mode on and showed two different subnormals as "0 (0x00022d85)" and
+    "0 (0x000116c2)": values that read equal next to bits that differ."""
+    a, b = torch.tensor([2.0**-140, 1.0]), torch.tensor([2.0**-141, 1.0])
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-denormal mode")
+    try:
+        with pytest.raises(BitwiseMismatch) as info:
+            assert_bitwise_equal(a, b)
+        with pytest.raises(UlpMismatch) as info_np:
+            assert_ulp_close(a.numpy(), b.numpy(), max_ulp=0)
+    finally:
+        torch.set_flush_denormal(False)
+    for text in (str(info.value), str(info_np.value)):
+        row = next(line for line in text.splitlines() if line.strip().startswith("(0,)"))
+        assert f"{2.0**-141:.9g} (0x" in row and f"{2.0**-140:.9g} (0x" in row, row
