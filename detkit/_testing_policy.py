@@ -328,7 +328,7 @@ def check_sampler_trainer(
     message = "\n".join(
         [
             f"MISMATCH: {label}: {scope}: the trainer's logits differ from the sampler's at {total.steps_differ} of "
-            f"{total.steps} scored steps ({total.steps_differ / total.steps:.1%}); sampler-trainer KL mean "
+            f"{total.steps} scored steps ({V.share(total.steps_differ, total.steps)}); sampler-trainer KL mean "
             f"{total.kl_sum / total.steps:.3g}, max {total.kl_max:.3g} nats; sampled-token log-prob gap up to "
             f"{total.max_logprob_gap:.3g}; worst ULP {'-' if total.max_ulp is None else total.max_ulp}. "
             "Training on these samples is not on-policy.",

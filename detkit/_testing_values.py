@@ -184,6 +184,21 @@ def row_of(x: Any, dim: int, i: int) -> Any:
 # ---------------------------------------------------------------------------- messages
 
 
+def share(k: int, n: int, decimals: int = 1) -> str:
+    """``k / n`` as a percentage that never rounds a nonzero share to 0% nor a partial one
+    to 100% ("<0.1%", ">99.9%"): a failure must not read as "0.0% differ"."""
+    if n <= 0 or k <= 0:
+        return f"{0:.{decimals}%}"
+    if k >= n:
+        return f"{1:.{decimals}%}"
+    step = 10.0 ** -(decimals + 2)  # the smallest share the format shows
+    if k / n < step:
+        return f"<{step:.{decimals}%}"
+    if 1 - k / n < step:
+        return f">{1 - step:.{decimals}%}"
+    return f"{k / n:.{decimals}%}"
+
+
 def _fmt_value(v: float, dtype: str) -> str:
     if math.isnan(v) or math.isinf(v):
         return repr(v)
@@ -224,12 +239,12 @@ def describe(
         ulp = ulp_distance(actual, expected).reshape(-1)
         if max_ulp is None:
             sel = np.flatnonzero(ba != be)
-            head = f"{d.num_bit_mismatches:,} of {numel:,} elements differ bitwise ({d.num_bit_mismatches / max(numel, 1):.1%})"
+            head = f"{d.num_bit_mismatches:,} of {numel:,} elements differ bitwise ({share(d.num_bit_mismatches, numel)})"
         else:
             sel = np.flatnonzero((ulp > max_ulp) | (ulp < 0))
             head = (
                 f"{sel.size:,} of {numel:,} elements are more than {max_ulp} ULP apart "
-                f"({sel.size / max(numel, 1):.1%}; {d.num_bit_mismatches:,} differ bitwise)"
+                f"({share(sel.size, numel)}; {d.num_bit_mismatches:,} differ bitwise)"
             )
         lines = [
             f"{head}; max ULP {d.max_ulp}, max abs diff {d.max_abs:.3g}, max rel diff {d.max_rel:.3g}"
@@ -253,7 +268,7 @@ def describe(
     else:
         # Integers and booleans: exact equality, no ULP scale.
         sel = np.flatnonzero(ba != be)
-        lines = [f"{sel.size:,} of {numel:,} elements differ ({sel.size / max(numel, 1):.1%})"]
+        lines = [f"{sel.size:,} of {numel:,} elements differ ({share(sel.size, numel)})"]
         rows = [("index", labels[0], labels[1])]
         for i in sel[:max_rows]:
             i = int(i)

@@ -483,7 +483,7 @@ def assert_batch_invariant(
     message = "\n".join(
         [
             f"BATCH-VARIANT: {label}: {differing_total} of {checked_total} placements "
-            f"({differing_total / checked_total:.0%}) differ bitwise from the row computed alone; "
+            f"({V.share(differing_total, checked_total, 0)}) differ bitwise from the row computed alone; "
             f"batch sizes with differences: {bad_sizes}; worst ULP {_worst_text(worst)}.",
             *V.table(rows),
             first_text,

@@ -731,3 +731,38 @@ def test_failure_table_shows_subnormal_values_under_flush_denormal_mode() -> Non
     for text in (str(info.value), str(info_np.value)):
         row = next(line for line in text.splitlines() if line.strip().startswith("(0,)"))
         assert f"{2.0**-141:.9g} (0x" in row and f"{2.0**-140:.9g} (0x" in row, row
+
+
+def test_a_failure_never_reports_its_share_as_0_or_100_percent() -> None:
+    """1 differing element of 100,000 read "(0.0%)", 99,999 of 100,000 "(100.0%)", and 10
+    differing placements of 2128 "(0%)": shares that say nothing or everything differs."""
+    x = np.zeros(100_000, dtype=np.float32)
+    one = x.copy()
+    one[7] = 1
+    with pytest.raises(BitwiseMismatch, match=r"1 of 100,000 elements differ bitwise \(<0\.1%\)"):
+        assert_bitwise_equal(one, x)
+    almost = x + 1
+    almost[7] = 0
+    with pytest.raises(UlpMismatch, match=r"99,999 of 100,000 elements are more than 2 ULP apart \(>99\.9%;"):
+        assert_ulp_close(almost, x)
+    with pytest.raises(BitwiseMismatch, match=r"1 of 100,000 elements differ \(<0\.1%\)"):
+        assert_bitwise_equal(one.astype(np.int32), x.astype(np.int32))
+
+    def slot5_of_b32(t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        if t.shape[0] == 32:
+            out[5] += 1
+        return out
+
+    with pytest.raises(BatchVariance, match=r"10 of 2128 placements \(<1%\) differ"):
+        assert_batch_invariant(slot5_of_b32, torch.randn(300, 4, generator=_gen(3)))
+
+
+@given(st.integers(0, 10**6), st.integers(1, 10**6), st.integers(0, 2))
+def test_share_is_never_rounded_to_a_false_extreme(k: int, n: int, decimals: int) -> None:
+    from detkit._testing_values import share
+
+    k = min(k, n)
+    text = share(k, n, decimals)
+    zero, full = f"{0:.{decimals}%}", f"{1:.{decimals}%}"
+    assert (text == zero) == (k == 0) and (text == full) == (k == n)
