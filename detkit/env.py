@@ -338,13 +338,17 @@ def _cuda(torch: Any) -> dict[str, Any]:
     else:
         out["devices"] = ABSENT
     cupy_loaded = "cupy" in sys.modules
+    cupy: Any = None
     if _installed("cupy") and (out["available"] or cupy_loaded):
-        import cupy
-
+        # An installed but broken cupy (built for another CUDA) must not cost the devices above.
+        cupy = _safe(lambda: importlib.import_module("cupy"))
+        if isinstance(cupy, str):
+            out["cupy_runtime"] = cupy
+    if cupy is not None and not isinstance(cupy, str):
         out["cupy_runtime"] = _safe(lambda: _cuda_int_version(cupy.cuda.runtime.runtimeGetVersion()))
         out["cupy_driver_api"] = _safe(lambda: _cuda_int_version(cupy.cuda.runtime.driverGetVersion()))
         out["cupy_device_count"] = _safe(cupy.cuda.runtime.getDeviceCount)
-    else:
+    elif cupy is None:
         out["cupy_runtime"] = ABSENT if not _installed("cupy") else "not probed (no CUDA device seen by torch)"
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -148,3 +149,22 @@ def test_env_json_as_a_real_subprocess() -> None:
     assert data["env_vars"]["OMP_NUM_THREADS"] == "1"
     assert data["threads"]["omp_max_threads"] == 1
     assert data["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_a_broken_cupy_costs_only_its_own_entries(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """cupy installed but failing to import (built for another CUDA) on a machine where torch
+    sees a GPU: the import raised inside the cuda section, which became only
+    {"error": ...}, losing the driver, the devices and torch's CUDA build."""
+    import importlib
+
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text('raise ImportError("CuPy failed to load libnvrtc.so.12")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    importlib.invalidate_caches()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    cuda = denv.fingerprint().to_dict()["cuda"]
+    assert "error" not in cuda
+    assert cuda["available"] is True and cuda["devices"] == [] and "driver" in cuda
+    assert cuda["cupy_runtime"] == "error: ImportError: CuPy failed to load libnvrtc.so.12"
