@@ -114,6 +114,8 @@ def host_bits(x: Any) -> np.ndarray:
             return t.numpy().view(f"u{width}")
         return t.numpy()
     arr = np.ascontiguousarray(np.asarray(x))
+    if not arr.dtype.isnative:  # byte-swapped (">f4" on x86): the bits are those of the values, in native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype.kind == "f":
         return arr.view(f"u{arr.dtype.itemsize}")
     return arr

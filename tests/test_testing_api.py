@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from detkit import _testing_values as V
 from detkit import testing as T
 from detkit._testing_observers import OBSERVERS
 from detkit.errors import InputError, InvarianceViolation
@@ -766,3 +767,18 @@ def test_share_is_never_rounded_to_a_false_extreme(k: int, n: int, decimals: int
     text = share(k, n, decimals)
     zero, full = f"{0:.{decimals}%}", f"{1:.{decimals}%}"
     assert (text == zero) == (k == 0) and (text == full) == (k == n)
+
+
+def test_byte_swapped_arrays_compare_by_their_bits_not_their_bytes() -> None:
+    """A big-endian float32 array (">f4", as np.frombuffer of a file gives) against the same
+    values in native order failed assert_bitwise_equal with "0 of 2 elements differ bitwise",
+    the table printed byte-swapped bits (0x0000803f for 1.0) and digests differed."""
+    big = np.array([1.0, 2.0, -0.0], dtype=">f4")
+    native = big.astype("=f4")
+    assert assert_bitwise_equal(big, native).passed
+    assert V.digest(big) == V.digest(native)
+    other = np.array([1.0, 2.001953125], dtype=">f2")
+    with pytest.raises(BitwiseMismatch) as info:
+        assert_bitwise_equal(other, np.array([1.0, 2.0], dtype=">f2"))
+    assert "2.002 (0x4001)" in str(info.value) and "2 (0x4000)" in str(info.value)
+    assert V.digest(np.array([7], dtype=">i4")) == V.digest(np.array([7], dtype="<i4"))
