@@ -24,14 +24,33 @@ def _checks(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _first_difference(detail: dict[str, Any]) -> str:
     first = detail.get("first_difference")
-    if not isinstance(first, dict):
-        return ""
+    if not isinstance(first, dict):  # assert_bitwise_equal / assert_ulp_close: the failing outputs
+        differences = detail.get("differences")
+        first = differences[0] if isinstance(differences, list) and differences else None
+        if not isinstance(first, dict):
+            return ""
     names = {"row": "row", "prompt": "prompt", "step": "step", "position": "position", "batch_size": "batch of",
              "token_divergence_step": "tokens diverge at step", "logits_first_differ_step": "logits differ at step"}
     where = [f"{label} {first[k]}" for k, label in names.items() if first.get(k) is not None]
+    if first.get("output"):
+        where.append(f"output {first['output']}")
+    where.extend(_diff_location(first.get("diff")))
     if "runs_differing" in detail:  # assert_deterministic
         where.append(f"runs {detail['runs_differing']} differ from run 1")
     return ", ".join(where)
+
+
+def _diff_location(diff: Any) -> list[str]:
+    """Where a ``describe`` diff first differs: the element index, or the dtype/shape clash."""
+    if not isinstance(diff, dict):
+        return []
+    if isinstance(diff.get("dtype"), list) and isinstance(diff.get("shape"), list):
+        (de, da), (se, sa) = diff["dtype"], diff["shape"]
+        return [f"expected {de}{se}, got {da}{sa}"]
+    mismatches = diff.get("first_mismatches")
+    if isinstance(mismatches, list) and mismatches and isinstance(mismatches[0], dict):
+        return [f"index {tuple(mismatches[0].get('index') or ())}"]
+    return []
 
 
 def _sections(report: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:

@@ -782,3 +782,23 @@ def test_byte_swapped_arrays_compare_by_their_bits_not_their_bytes() -> None:
         assert_bitwise_equal(other, np.array([1.0, 2.0], dtype=">f2"))
     assert "2.002 (0x4001)" in str(info.value) and "2 (0x4000)" in str(info.value)
     assert V.digest(np.array([7], dtype=">i4")) == V.digest(np.array([7], dtype="<i4"))
+
+
+def test_report_table_says_where_a_pairwise_check_first_differs() -> None:
+    """docs/pytest.md: the report has, per check, "where the first difference is"; for
+    assert_bitwise_equal and assert_ulp_close (whose detail lists "differences", not a
+    "first_difference") that column was empty, and a dtype clash was not named."""
+    from detkit._testing_render import to_markdown
+
+    def row(fn: object, *args: object, **kwargs: object) -> str:
+        with pytest.raises(T.DetkitAssertionError) as info:
+            fn(*args, **kwargs)  # type: ignore[operator]
+        entry = {"type": "check", "test": "t.py::t", **info.value.result.to_dict()}
+        return next(line for line in to_markdown({"results": [entry]}).splitlines() if line.startswith("| t.py::t"))
+
+    a = np.zeros((2, 3), dtype=np.float32)
+    b = a.copy()
+    b[1, 2] = 1
+    assert row(assert_bitwise_equal, {"logits": a}, {"logits": b}).endswith("| output ['logits'], index (1, 2) |")
+    assert row(assert_ulp_close, a, b, max_ulp=1).endswith("| index (1, 2) |")
+    assert row(assert_bitwise_equal, a, a.astype(np.float64)).endswith("| expected float64[2, 3], got float32[2, 3] |")
