@@ -50,6 +50,16 @@ def _active_dropout(model: Any) -> str | None:
     return None
 
 
+def _rng_states(device: Any) -> list[bytes]:
+    """The states of the generators a forward on ``device`` would draw from (dropout, noise)."""
+    import torch
+
+    states = [torch.get_rng_state()]
+    if getattr(device, "type", None) == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return [bytes(s.numpy()) for s in states]  # bytes, not torch.equal: nothing of the check runs through the mode
+
+
 def _trainer_batch(
     seqs: list[list[int]], pad_id: int, side: str, device: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
@@ -195,8 +205,18 @@ def _score(model: Any, ids: list[list[int]], tokens: list[torch.Tensor], sampled
             rows += [rng.randrange(n) for _ in range(b - len(rows))]
             rng.shuffle(rows)
             inp, mask, pos, offsets = _trainer_batch([seqs[r] for r in rows], pad_id, side, device)
+            before = _rng_states(device)
             with torch.enable_grad():
                 logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=False).logits
+            if _rng_states(device) != before:
+                raise InputError(
+                    f"the trainer's forward ({'train' if model.training else 'eval'} mode) draws random numbers "
+                    "(torch's random number generator advanced during it): a dropout or noise that no nn.Dropout "
+                    "module nor config.attention_dropout shows, such as a functional dropout from the config "
+                    "(OPT's config.dropout) or an MoE router's jitter (config.router_jitter_noise); every trainer "
+                    "forward then differs and no two runs can agree. Set it to 0 as RL trainers do, or pass "
+                    "train=False"
+                )
             for slot, r in enumerate(rows):
                 at = offsets[slot] + len(ids[r]) - 1  # the logits that predict the first completion token
                 mine, ref = logits[slot, at : at + steps].detach(), sampled[r]

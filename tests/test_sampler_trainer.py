@@ -170,6 +170,34 @@ def test_active_dropout_is_refused_in_train_mode(tokenizer: Any) -> None:
         T.assert_trainer_matches_sampler(llama, PROMPTS, tokenizer=tokenizer, max_new_tokens=2)
 
 
+def test_randomness_in_the_trainer_forward_that_no_dropout_module_shows_is_refused(tokenizer: Any) -> None:
+    # OPT applies config.dropout functionally (no nn.Dropout module), Mixtral's router jitter
+    # multiplies by uniform noise in train mode: both made every step "differ" and the message
+    # blamed the kernels, under the mode.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                                 max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=1)
+    opt = transformers.OPTForCausalLM(cfg).eval()
+    assert cfg.dropout == 0.1 and not any(isinstance(m, torch.nn.Dropout) for m in opt.modules())
+    with detkit.batch_invariant(), pytest.raises(InputError, match=r"trainer's forward \(train mode\) draws random"):
+        T.assert_trainer_matches_sampler(opt, [[2, 5, 7], [2, 9]], max_new_tokens=2)
+    assert opt.training is False
+    with detkit.batch_invariant():  # eval mode, and dropout 0: no randomness, and the check passes
+        T.assert_trainer_matches_sampler(opt, [[2, 5, 7], [2, 9]], max_new_tokens=2, train=False)
+        opt.config.dropout = 0.0
+        for layer in opt.model.decoder.layers:
+            layer.dropout = 0.0
+        T.assert_trainer_matches_sampler(opt, [[2, 5, 7], [2, 9]], max_new_tokens=2)
+    mixtral = load_preset("tiny-mixtral")
+    jittered = [m for m in mixtral.modules() if hasattr(m, "jitter_noise")]
+    assert jittered
+    for m in jittered:
+        m.jitter_noise = 0.1
+    with detkit.batch_invariant(), pytest.raises(InputError, match="router_jitter_noise"):
+        T.assert_trainer_matches_sampler(mixtral, PROMPTS[:2], tokenizer=tokenizer, max_new_tokens=2)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
