@@ -103,11 +103,13 @@ def _kl_and_logprob_gap(
     sampler: torch.Tensor, trainer: torch.Tensor, tokens: torch.Tensor
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per step: KL(sampler || trainer) in nats and |log p_sampler(token) - log p_trainer(token)|,
-    both in float64 from the logits. Equal log-probabilities (-inf included) contribute 0."""
+    both in float64 from the logits. Equal log-probabilities (-inf included) contribute 0, and
+    so does a token the sampler gives probability 0 (0 log 0/q = 0, not 0 * -inf = NaN)."""
     ls, lt = _log_softmax64(sampler), _log_softmax64(trainer)
     with np.errstate(invalid="ignore"):
         delta = np.where(ls == lt, 0.0, ls - lt)
-        kl = np.maximum((np.exp(ls) * delta).sum(-1), 0.0)
+        ps = np.exp(ls)
+        kl = np.maximum(np.where(ps == 0, 0.0, ps * delta).sum(-1), 0.0)
     picked = tokens.to("cpu").numpy()[:, None]
     gap = np.abs(np.take_along_axis(delta, picked, -1)[:, 0])
     return kl, gap

@@ -310,3 +310,17 @@ def test_kl_ignores_vocabulary_entries_masked_to_minus_inf_on_both_sides() -> No
     shifted[0, 0] = 0.25
     kl, gap = _kl_and_logprob_gap(logits, shifted, torch.tensor([2]))
     assert np.isfinite(kl).all() and kl[0] > 0 and gap[0] > 0
+
+
+def test_kl_counts_a_token_the_sampler_masks_to_minus_inf_as_zero_not_nan() -> None:
+    # e.g. a float16 logit that overflowed to -inf on the sampler's path only: p_sampler = 0 there,
+    # so it adds 0 * log(0 / q) = 0 to KL(sampler || trainer); 0 * -inf gave NaN.
+    sampler = torch.tensor([[0.5, float("-inf"), 1.0]])
+    trainer = torch.tensor([[0.5, -30.0, 1.0]])
+    kl, gap = _kl_and_logprob_gap(sampler, trainer, torch.tensor([2]))
+    ls, lt = sampler.double().log_softmax(-1), trainer.double().log_softmax(-1)
+    want = float((ls.exp() * (ls - lt))[0, [0, 2]].sum())
+    assert np.isfinite(kl).all() and kl[0] == pytest.approx(want, abs=1e-15) and kl[0] > 0
+    assert gap[0] == pytest.approx(abs(float((ls - lt)[0, 2])), abs=1e-15)
+    kl, _ = _kl_and_logprob_gap(trainer, sampler, torch.tensor([2]))  # the other way round: KL is infinite
+    assert kl.tolist() == [float("inf")]
