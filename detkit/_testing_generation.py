@@ -374,9 +374,13 @@ HINT_LEFT_PADDED_ENCODER = (
 
 
 def _pad_id(model: Any, tokenizer: Any) -> int:
-    """The id fed at padded positions (masked out, so only its validity matters)."""
+    """The id fed at padded positions (masked out, so only its validity matters): the first
+    declared pad id inside the embedding table (a config's -1, or a tokenizer's added pad the
+    embeddings were never resized for, would be an IndexError deep in the model), else 0."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
     for source in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
         pad = getattr(source, "pad_token_id", None)
-        if isinstance(pad, int):
+        if isinstance(pad, int) and not isinstance(pad, bool) and (vocab is None or 0 <= pad < vocab):
             return pad
     return 0

@@ -324,3 +324,15 @@ def test_kl_counts_a_token_the_sampler_masks_to_minus_inf_as_zero_not_nan() -> N
     assert gap[0] == pytest.approx(abs(float((ls - lt)[0, 2])), abs=1e-15)
     kl, _ = _kl_and_logprob_gap(trainer, sampler, torch.tensor([2]))  # the other way round: KL is infinite
     assert kl.tolist() == [float("inf")]
+
+
+@pytest.mark.parametrize("pad", [-1, 10_000])
+def test_a_declared_pad_id_outside_the_embeddings_does_not_crash_the_checks(pad: int) -> None:
+    # config.pad_token_id = -1 (old Llama conversions), or a tokenizer's added pad the embeddings were
+    # not resized for: the padded positions are masked, so any id inside the table does; was an IndexError.
+    model = load_preset("tiny-llama")
+    model.config.pad_token_id = model.generation_config.pad_token_id = pad
+    with detkit.batch_invariant():
+        result = T.assert_trainer_matches_sampler(model, [[1, 2, 3], [4]], max_new_tokens=2)
+        assert result.detail["steps_differ"] == 0
+        T.assert_generation_invariant(model, [[1, 2, 3], [4]], batch_sizes=[2], max_new_tokens=2)
