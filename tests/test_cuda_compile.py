@@ -291,6 +291,21 @@ def test_broken_kernel_error_points_at_its_line(compiler: str, tmp_path: Path, m
     assert f"attention.cu({bad_line})" in r.log, r.log
 
 
+def test_a_kernel_dir_the_user_names_is_used_or_refused_never_replaced(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # a directory missing a file used to fall back to the packaged sources without a word
+    copy = tmp_path / "kernels"
+    shutil.copytree(cuda_loader.kernel_dir(), copy)
+    monkeypatch.setenv(cuda_loader.ENV_KERNEL_DIR, str(copy))
+    assert cuda_loader.kernel_dir() == copy.resolve()
+    (copy / "rowops.cu").unlink()
+    with pytest.raises(InputError, match=r"DETKIT_CUDA_KERNELS_DIR=.* lacks rowops.cu; point it at a cuda_kernels"):
+        cuda_loader.kernel_dir()
+    monkeypatch.setenv(cuda_loader.ENV_KERNEL_DIR, str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match="lacks common.cuh, "):
+        cuda_loader.kernel_dir()
+
+
 def test_template_error_raises_compile_error_with_location(compiler: str) -> None:
     src = cuda_loader.translation_unit(
         "template <typename T>\n__device__ T twice(T x) { return x.missing; }\n"

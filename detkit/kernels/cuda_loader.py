@@ -84,18 +84,23 @@ _ARCH_RE = re.compile(r"^sm_(\d{2,3})[a-z]?$")
 def kernel_dir() -> Path:
     """The directory holding ``common.cuh`` and the ``.cu`` files.
 
-    Looked up, in order: ``$DETKIT_CUDA_KERNELS_DIR``, ``detkit/cuda_kernels`` inside the
-    installed package (wheel), ``cuda_kernels/`` next to the ``detkit`` package (source
-    checkout or editable install).
+    ``$DETKIT_CUDA_KERNELS_DIR`` when set (an ``InputError`` if it lacks a file), else
+    ``detkit/cuda_kernels`` inside the installed package (wheel), else ``cuda_kernels/``
+    next to the ``detkit`` package (source checkout or editable install).
     """
     import detkit
 
     pkg = Path(detkit.__file__).resolve().parent
-    candidates: list[Path] = []
     env = os.environ.get(ENV_KERNEL_DIR)
     if env:
-        candidates.append(Path(env))
-    candidates += [pkg / "cuda_kernels", pkg.parent / "cuda_kernels"]
+        # Asked for by name: compiling the packaged sources instead would test other code
+        # than the user pointed at, without a word.
+        missing = [f for f in (COMMON_HEADER, *KERNEL_FILES) if not (Path(env) / f).is_file()]
+        if missing:
+            raise InputError(f"${ENV_KERNEL_DIR}={env} lacks {', '.join(missing)}; point it at a cuda_kernels "
+                             "directory, or unset it to use the sources installed with detkit")
+        return Path(env).resolve()
+    candidates = [pkg / "cuda_kernels", pkg.parent / "cuda_kernels"]
     for cand in candidates:
         if (cand / COMMON_HEADER).is_file() and all((cand / f).is_file() for f in KERNEL_FILES):
             return cand.resolve()  # through the detkit/cuda_kernels symlink of a checkout
