@@ -98,6 +98,8 @@ def test_wgmma_unit_is_built_only_for_sm_90a(compiler: str) -> None:
     """matmul_sm90.cu is compiled for sm_90a on sm_90 GPUs and for nothing else; compiled
     for plain sm_90 it stops with an error that says so (wgmma is not in sm_90)."""
     assert cuda_loader.build_arch("matmul_sm90.cu", "sm_90") == "sm_90a"
+    # asked for by its own name (kernels check --arch sm_90a), it is built, not left out
+    assert cuda_loader.build_arch("matmul_sm90.cu", "sm_90a") == "sm_90a"
     assert cuda_loader.build_arch("matmul_sm90.cu", "sm_80") is None
     assert cuda_loader.build_arch("matmul_sm90.cu", "sm_100") is None
     assert cuda_loader.build_arch("matmul.cu", "sm_80") == "sm_80"

@@ -55,7 +55,7 @@ KERNEL_UNITS: dict[str, tuple[str, ...]] = {"matmul_tiles.cu": ("matmul.cu", "ma
 # Units built only for some GPU architectures, and the target each is compiled for there
 # (default: every architecture, for itself). wgmma exists only in sm_90a, the
 # architecture-specific feature set of sm_90, whose code runs on sm_90 GPUs alone.
-UNIT_ARCHS: dict[str, dict[str, str]] = {"matmul_sm90.cu": {"sm_90": "sm_90a"}}
+UNIT_ARCHS: dict[str, dict[str, str]] = {"matmul_sm90.cu": {"sm_90": "sm_90a", "sm_90a": "sm_90a"}}
 COMMON_HEADER = "common.cuh"
 DEFAULT_CHECK_ARCHS: tuple[str, ...] = ("sm_80", "sm_90")
 
