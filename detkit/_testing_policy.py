@@ -10,6 +10,7 @@ off-policy (sampler-trainer KL > 0). This check measures exactly that, on the us
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,11 @@ def _sample(
     return tokens, logits
 
 
+def _max(a: float, b: float) -> float:
+    """max that keeps a NaN (a NaN trainer logit): Python's max drops one in second place."""
+    return a if math.isnan(a) else b if math.isnan(b) else max(a, b)
+
+
 @dataclass
 class _Tally:
     """What the trainer's scoring found, for one trainer batch size or for all."""
@@ -154,8 +160,8 @@ class _Tally:
         self.sequences += 1
         self.steps += kl.size
         self.kl_sum += float(kl.sum())
-        self.kl_max = max(self.kl_max, float(kl.max()))
-        self.max_logprob_gap = max(self.max_logprob_gap, float(gap.max()))
+        self.kl_max = _max(self.kl_max, float(kl.max()))
+        self.max_logprob_gap = _max(self.max_logprob_gap, float(gap.max()))
         if differ:
             self.steps_differ += differ
             self.max_ulp = _worst([self.max_ulp, ulp])
@@ -168,8 +174,8 @@ class _Tally:
         self.steps_differ += other.steps_differ
         self.max_ulp = _worst([self.max_ulp, other.max_ulp])
         self.kl_sum += other.kl_sum
-        self.kl_max = max(self.kl_max, other.kl_max)
-        self.max_logprob_gap = max(self.max_logprob_gap, other.max_logprob_gap)
+        self.kl_max = _max(self.kl_max, other.kl_max)
+        self.max_logprob_gap = _max(self.max_logprob_gap, other.max_logprob_gap)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -336,3 +337,22 @@ def test_a_declared_pad_id_outside_the_embeddings_does_not_crash_the_checks(pad:
         result = T.assert_trainer_matches_sampler(model, [[1, 2, 3], [4]], max_new_tokens=2)
         assert result.detail["steps_differ"] == 0
         T.assert_generation_invariant(model, [[1, 2, 3], [4]], batch_sizes=[2], max_new_tokens=2)
+
+
+def test_a_nan_kl_is_the_worst_not_dropped() -> None:
+    # Python's max(0.25, nan) is 0.25: a NaN trainer logit vanished from the KL max
+    from detkit._testing_policy import _Tally
+
+    nan = float("nan")
+    for kls in ([0.25, nan], [nan, 0.25]):
+        tally = _Tally()
+        for kl in kls:
+            tally.add(np.array([kl]), np.array([kl]), 1, 3)
+        assert math.isnan(tally.kl_max) and math.isnan(tally.max_logprob_gap), (kls, tally)
+    total = _Tally()
+    good, bad = _Tally(), _Tally()
+    good.add(np.array([0.5]), np.array([0.5]), 1, 3)
+    bad.add(np.array([nan]), np.array([nan]), 1, 3)
+    total.merge(good)
+    total.merge(bad)
+    assert math.isnan(total.kl_max) and total.steps == 2
