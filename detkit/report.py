@@ -139,6 +139,13 @@ class ReportWriter:
         self.flush()
 
     def add_result(self, record: dict[str, Any]) -> None:
+        # Serialised before it joins the report: appended first, a value JSON cannot hold
+        # made every later flush raise, and the records after it were lost.
+        try:
+            dumps(record)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"this result cannot be written to a JSON report ({exc}); record numbers, strings, "
+                            "lists and dicts") from exc
         self.data["results"].append(record)
         self.flush()
 

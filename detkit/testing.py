@@ -102,6 +102,9 @@ class CheckResult:
             raise ValueError(f"unknown verdict {self.verdict!r}; expected one of {VERDICTS}")
         if self.worst_ulp is not None and self.worst_ulp < 0:
             raise ValueError(f"worst_ulp must be >= 0 or None, got {self.worst_ulp}")
+        if not isinstance(self.name, str):
+            # it goes into the pytest report: a value JSON cannot hold (an Enum) stopped the writing
+            raise InputError(f"a check's name must be a string, got {self.name!r} ({type(self.name).__name__})")
 
     @property
     def passed(self) -> bool:

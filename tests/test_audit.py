@@ -355,6 +355,23 @@ def test_an_op_that_raises_is_recorded_and_the_audit_goes_on(monkeypatch: pytest
     assert any("boom" in e["where"] for e in saved["errors"])
 
 
+def test_a_result_json_cannot_hold_is_refused_and_the_report_goes_on(tmp_path: Path) -> None:
+    # appended first, it made every later flush raise: the file stayed "running" and lost the rest
+    import enum
+
+    class Colour(enum.Enum):
+        RED = 1
+
+    writer = ReportWriter("pytest", {}, tmp_path / "report.json")
+    writer.add_result({"name": "first"})
+    with pytest.raises(TypeError, match="cannot be written to a JSON report"):
+        writer.add_result({"name": Colour.RED})
+    writer.add_result({"name": "third"})
+    writer.finish({})
+    saved = load_report(tmp_path / "report.json")
+    assert saved["status"] == "complete" and [r["name"] for r in saved["results"]] == ["first", "third"]
+
+
 def test_a_report_is_synced_to_disk_before_it_replaces_the_old_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from detkit import report
 

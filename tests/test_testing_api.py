@@ -802,3 +802,16 @@ def test_report_table_says_where_a_pairwise_check_first_differs() -> None:
     assert row(assert_bitwise_equal, {"logits": a}, {"logits": b}).endswith("| output ['logits'], index (1, 2) |")
     assert row(assert_ulp_close, a, b, max_ulp=1).endswith("| index (1, 2) |")
     assert row(assert_bitwise_equal, a, a.astype(np.float64)).endswith("| expected float64[2, 3], got float32[2, 3] |")
+
+
+def test_a_check_name_that_is_not_a_string_is_an_input_error() -> None:
+    # an Enum name reached the pytest report, which could then not be written any more
+    import enum
+
+    class Colour(enum.Enum):
+        RED = 1
+
+    x = torch.ones(3)
+    with pytest.raises(InputError, match="a check's name must be a string, got <Colour.RED: 1>"):
+        assert_bitwise_equal(x, x, name=Colour.RED)  # type: ignore[arg-type]
+    assert assert_bitwise_equal(x, x, name="ones").passed
