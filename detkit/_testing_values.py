@@ -61,11 +61,13 @@ def flatten(obj: Any, what: str = "output") -> Leaves:
         if is_torch(x) and x.device.type == "meta":
             raise InputError(f"{what}{path or ''} is a meta tensor: it holds no values to compare")
         if is_array(x):
+            _comparable_width(x, f"{what}{path or ''}")
             leaves.append((path, _real_view(x)))
         elif isinstance(x, _SCALARS):
             arr = np.asarray(x)
             if arr.dtype == object:
                 raise InputError(f"{what}{path or ''} = {x!r} does not fit a 64-bit number; compare it with ==")
+            _comparable_width(arr, f"{what}{path or ''}")
             leaves.append((path, _real_view(arr)))
         elif isinstance(x, Mapping):
             for k, v in x.items():
@@ -84,6 +86,13 @@ def flatten(obj: Any, what: str = "output") -> Leaves:
 
     walk(obj, "")
     return leaves
+
+
+def _comparable_width(x: Any, where: str) -> None:
+    # np.longdouble: 80-bit values padded to 12 or 16 bytes, no bit pattern to compare
+    if not is_torch(x) and x.dtype.kind in "fc" and x.real.dtype.itemsize not in (2, 4, 8):
+        raise InputError(f"{where} is {x.dtype} (numpy's long double), which detkit cannot compare bit for bit; "
+                         "convert it with .astype(np.float64) if that keeps what matters")
 
 
 def _real_view(x: Any) -> Any:

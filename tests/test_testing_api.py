@@ -815,3 +815,12 @@ def test_a_check_name_that_is_not_a_string_is_an_input_error() -> None:
     with pytest.raises(InputError, match="a check's name must be a string, got <Colour.RED: 1>"):
         assert_bitwise_equal(x, x, name=Colour.RED)  # type: ignore[arg-type]
     assert assert_bitwise_equal(x, x, name="ones").passed
+
+
+@pytest.mark.parametrize("dtype", [np.longdouble, np.clongdouble])
+def test_numpys_long_double_is_an_input_error_not_a_type_error(dtype: type) -> None:
+    # it failed in a numpy view with "data type 'u16' not understood"
+    values = np.ones(3, dtype=dtype)
+    for actual in (values, values[0]):
+        with pytest.raises(InputError, match="long double.*astype\\(np.float64\\)"):
+            assert_bitwise_equal(actual, actual)
