@@ -277,6 +277,11 @@ def test_a_report_left_running_renders_as_incomplete(tmp_path):
     assert report["status"] == "running"
     assert "**Verdict:** INCOMPLETE" in render_markdown(report)
     assert "<b>Verdict:</b> INCOMPLETE" in render_html(report)
+    # neither red (a difference found) nor green: no verdict yet
+    assert '<p class="undecided"><b>Verdict:</b> INCOMPLETE' in render_html(report)
+    for invariant, css in ((True, "ok"), (False, "bad"), (None, "undecided")):
+        report["summary"] = {"invariant": invariant, "verdict": "V"}
+        assert f'<p class="{css}"><b>Verdict:</b> V' in render_html(report)
 
 
 def test_verdict_names_what_failed():

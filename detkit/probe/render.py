@@ -261,11 +261,12 @@ def render_html(report: dict[str, Any]) -> str:
         f"<title>{html.escape(_title(report))}</title>",
         "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-        "td:first-child,th:first-child{text-align:left}.ok{color:#2a7}.bad{color:#c22}figure{display:inline-block;margin:0 1em}"
+        "td:first-child,th:first-child{text-align:left}.ok{color:#2a7}.bad{color:#c22}.undecided{color:#b70}figure{display:inline-block;margin:0 1em}"
         "pre{white-space:pre-wrap;background:#f6f6f6;padding:.5em}</style></head><body>",
         f"<h1>{html.escape(_title(report))}</h1>",
         _html_table(["", ""], [[k, v] for k, v in _setup_rows(report)]),
-        f'<p class="{"ok" if ok else "bad"}"><b>Verdict:</b> {html.escape(str(summary.get("verdict", _UNFINISHED)))}</p>',
+        # invariant null (UNDECIDED, INCOMPLETE) is no failure: amber, as the terminal's yellow
+        f'<p class="{"ok" if ok is True else "bad" if ok is False else "undecided"}"><b>Verdict:</b> {html.escape(str(summary.get("verdict", _UNFINISHED)))}</p>',
         "<h2>Modes</h2>",
         _html_table(_MODE_HEADER, _mode_rows(report)),
         f"<p>{legend}</p>",
