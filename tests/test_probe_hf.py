@@ -155,6 +155,18 @@ def test_missing_model_and_missing_tokenizer_are_clear_errors(tmp_path):
     assert "tokenizer" not in str(exc.value)
 
 
+def test_a_directory_named_like_a_preset_is_not_silently_replaced_by_it(tmp_path, monkeypatch):
+    from detkit.models import build_tokenizer, load_preset
+
+    monkeypatch.chdir(tmp_path)
+    load_preset("tiny-gpt2").save_pretrained(tmp_path / "tiny-llama")
+    build_tokenizer().save_pretrained(tmp_path / "tiny-llama")
+    with pytest.raises(InputError, match="names a built-in preset and also a directory here; pass ./tiny-llama"):
+        load_model("tiny-llama")
+    _, _, desc = load_model("./tiny-llama")  # the directory, by its path
+    assert desc["source"] != "preset" and "gpt2" in str(desc).lower(), desc
+
+
 def _save_seq2seq(path: Path, family: str, dtype: str) -> Path:
     import torch
     import transformers

@@ -62,6 +62,10 @@ def load_model(
     require_transformers()
     dev = resolve_device(device)
     if model in PRESETS:
+        if Path(model).expanduser().is_dir():
+            # loading the preset would probe another model than the directory, without a word
+            raise InputError(f"--model {model} names a built-in preset and also a directory here; pass "
+                             f"./{model} for the directory, or run from elsewhere for the preset")
         name = PRESET_DEFAULT_DTYPE if dtype == "auto" else dtype
         # built on the CPU from the seed (the same weights wherever the model then runs)
         hf_model = load_preset(model, dtype=_torch_dtype(name), attn_implementation=attn_implementation, seed=seed)
