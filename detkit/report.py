@@ -110,6 +110,11 @@ def _json_default(obj: Any) -> Any:
 
 KINDS: tuple[str, ...] = ("audit", "probe", "pytest")
 # Top-level fields every kind shares, with their types (docs/report-schema.md).
+# (kind, the result's "record" field) -> the keys every such result has.
+_RESULT_KEYS: dict[tuple[str, Any], tuple[str, ...]] = {
+    ("pytest", None): ("test", "type"),
+    ("audit", "op"): ("op", "dtype", "impl", "checks"),
+}
 _FIELD_TYPES: dict[str, type] = {"fingerprint": dict, "config": dict, "results": list, "errors": list, "summary": dict}
 
 
@@ -171,7 +176,8 @@ def load_report(path: Path | str) -> dict[str, Any]:
     """Read a saved report, checking that it is one detkit can render."""
     p = Path(path)
     if not p.is_file():
-        raise ReportError(f"no report at {p}; run `detkit audit --out DIR` or `detkit probe --out DIR` first")
+        raise ReportError(f"no report at {p}; run `detkit audit --out DIR`, `detkit probe --out DIR` or "
+                          "`pytest --detkit-report=FILE` first")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -200,4 +206,11 @@ def load_report(path: Path | str) -> dict[str, Any]:
         if not all(isinstance(r, dict) for r in data.get(name, [])):
             raise ReportError(f"{p}: {name!r} holds something other than objects; the file is damaged or was "
                               "not written by detkit")
+    # The fields the renderers read of each result (a hand-edited entry was a KeyError there).
+    for i, r in enumerate(data.get("results", [])):
+        need = _RESULT_KEYS.get((data["kind"], r.get("record")), ())
+        missing = [k for k in need if k not in r]
+        if missing or ("checks" in need and not isinstance(r["checks"], dict)):
+            raise ReportError(f"{p}: results[{i}] lacks {', '.join(missing) or 'a checks object'}; the file is "
+                              "damaged or was not written by detkit")
     return data

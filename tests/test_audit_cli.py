@@ -186,7 +186,7 @@ def test_report_rerenders_every_format(tmp_path: Path) -> None:
 
 def test_report_errors(tmp_path: Path) -> None:
     missing = detkit("report", str(tmp_path / "nope.json"))
-    assert missing.returncode == 2 and "no report at" in missing.stderr
+    assert missing.returncode == 2 and "no report at" in missing.stderr and "pytest --detkit-report" in missing.stderr
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"hello": 1}))
     wrong = detkit("report", str(other))
@@ -202,6 +202,25 @@ def test_report_errors(tmp_path: Path) -> None:
     for out, message in ((tmp_path, "is a directory"), (other / "x.md", "is a file, not a directory")):
         proc = detkit("report", str(saved), "--format", "json", "--out", str(out))
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_report_whose_results_lack_what_the_renderers_read_is_a_report_error(tmp_path: Path) -> None:
+    # a hand-edited entry was a KeyError traceback inside the renderer
+    from detkit.errors import ReportError
+    from detkit.report import ReportWriter
+
+    saved = load_report(Path(__file__).resolve().parent.parent / "reports" / "cpu-audit" / "report.json")
+    op = next(i for i, r in enumerate(saved["results"]) if r.get("record") == "op")
+    del saved["results"][op]["checks"]
+    (tmp_path / "audit.json").write_text(json.dumps(saved))
+    with pytest.raises(ReportError, match=rf"results\[{op}\] lacks checks; the file is damaged"):
+        load_report(tmp_path / "audit.json")
+    writer = ReportWriter("pytest", {}, tmp_path / "pytest.json")
+    writer.add_result({"type": "check", "check": "bitwise", "verdict": "PASS"})
+    with pytest.raises(ReportError, match=r"results\[0\] lacks test;"):
+        load_report(tmp_path / "pytest.json")
+    proc = detkit("report", str(tmp_path / "pytest.json"))
+    assert proc.returncode == 2 and "lacks test" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_list_ops(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
