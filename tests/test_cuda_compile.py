@@ -383,6 +383,23 @@ def test_disk_cache_deletes_least_recently_used_outputs_past_its_limit(
     assert cuda_loader.cache_limit_bytes() == 1 << 19
 
 
+def test_a_bad_cache_limit_fails_before_compiling_and_writes_nothing(
+    compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # it was read only after the compile had been written to the cache: the first call
+    # failed, and the next ones (disk hits) passed
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_MAX_MB, "lots")
+    calls: list[str] = []
+    real = cuda_loader._run_compiler
+    monkeypatch.setattr(cuda_loader, "_run_compiler", lambda *args: (calls.append(args[2]), real(*args))[1])
+    src = cuda_loader.translation_unit('extern "C" __global__ void k(float* p) { p[0] += 7.0f; }\n', "/src/k.cu")
+    for _ in range(2):
+        with pytest.raises(InputError, match="DETKIT_CUDA_CACHE_MAX_MB='lots' is not a number"):
+            cuda_loader.compile_source(src, "k.cu", "sm_80", output="ptx", compiler=compiler)
+    assert calls == [] and list(tmp_path.iterdir()) == []
+
+
 def test_compiling_prunes_the_cache_and_a_read_refreshes_an_entry(
     compiler: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

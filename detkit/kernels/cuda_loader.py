@@ -422,6 +422,7 @@ def _compile(source: str, name: str, arch: str, output: str, compiler: str | Non
         with contextlib.suppress(OSError):
             os.utime(path)  # last use, for pruning least recently used entries first
     except (OSError, zlib.error, ValueError):
+        limit = cache_limit_bytes()  # a bad $DETKIT_CUDA_CACHE_MAX_MB says so before a long compile, not after
         got = _run_compiler(which, source, name, options, output)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -431,7 +432,7 @@ def _compile(source: str, name: str, arch: str, output: str, compiler: str | Non
         except OSError:
             pass  # a read-only home only costs a recompilation next time
         else:
-            prune_cache()
+            prune_cache(limit)
     with _compiled_lock:
         _compiled[key] = got
     return got
