@@ -61,6 +61,19 @@ def _rng_states(device: Any) -> list[bytes]:
     return [bytes(s.numpy()) for s in states]  # bytes, not torch.equal: nothing of the check runs through the mode
 
 
+def _depends_on_rng(model: Any, inp: Any, mask: Any, pos: Any, logits: Any, device: Any) -> bool:
+    """Whether the forward's values change with the random numbers it drew: run again on
+    other random numbers. A draw that changes nothing (transformers' LayerDrop coin,
+    tossed in train mode even at layerdrop 0) must not refuse the model."""
+    import torch
+
+    # From the state the first forward left (so other numbers); fork_rng puts it back after.
+    with torch.random.fork_rng(devices=[device] if getattr(device, "type", None) == "cuda" else []):
+        with torch.enable_grad():
+            again = model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    return not V.same_bits(logits.detach(), again.detach())
+
+
 def _trainer_batch(
     seqs: list[list[int]], pad_id: int, side: str, device: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
@@ -216,10 +229,11 @@ def _score(model: Any, ids: list[list[int]], tokens: list[torch.Tensor], sampled
             before = _rng_states(device)
             with torch.enable_grad():
                 logits = model(input_ids=inp, attention_mask=mask, position_ids=pos, use_cache=False).logits
-            if _rng_states(device) != before:
+            if _rng_states(device) != before and _depends_on_rng(model, inp, mask, pos, logits, device):
                 raise InputError(
                     f"the trainer's forward ({'train' if model.training else 'eval'} mode) draws random numbers "
-                    "(torch's random number generator advanced during it): a dropout or noise that no nn.Dropout "
+                    "(torch's random number generator advanced during it, and a second forward on other numbers "
+                    "gave other logits): a dropout or noise that no nn.Dropout "
                     "module nor config.attention_dropout shows, such as a functional dropout from the config "
                     "(OPT's config.dropout) or an MoE router's jitter (config.router_jitter_noise); every trainer "
                     "forward then differs and no two runs can agree. Set it to 0 as RL trainers do, or pass "
