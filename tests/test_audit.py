@@ -363,10 +363,10 @@ def test_a_result_json_cannot_hold_is_refused_and_the_report_goes_on(tmp_path: P
         RED = 1
 
     writer = ReportWriter("pytest", {}, tmp_path / "report.json")
-    writer.add_result({"name": "first"})
+    writer.add_result({"test": "t", "type": "record", "name": "first"})
     with pytest.raises(TypeError, match="cannot be written to a JSON report"):
-        writer.add_result({"name": Colour.RED})
-    writer.add_result({"name": "third"})
+        writer.add_result({"test": "t", "type": "record", "name": Colour.RED})
+    writer.add_result({"test": "t", "type": "record", "name": "third"})
     writer.finish({})
     saved = load_report(tmp_path / "report.json")
     assert saved["status"] == "complete" and [r["name"] for r in saved["results"]] == ["first", "third"]
