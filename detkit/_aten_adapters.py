@@ -110,6 +110,10 @@ class Call:
 
     portable: bool
     original: Callable[..., Any]  # the op's previous kernel, dispatch keys already bound
+    # Portable mode: an adapter that computed its result with torch's own math library
+    # (batch invariant, but not in the canonical orders) reports why here; the mode counts
+    # it in Coverage.not_portable, so a routed call never passes silently for portable.
+    not_portable: Callable[[str], None] = lambda reason: None
 
 
 Adapter = Callable[..., Any]
@@ -715,9 +719,21 @@ def _elementwise(op: str, inplace: bool = False) -> Adapter:
                 raise Unsupported("empty input", benign=True)
             if self.dtype in _PORTABLE_DTYPES:
                 return _portable(portable_name, self, inplace)
-        return _aligned(call, self, extra, kwargs, inplace)
+        res = _aligned(call, self, extra, kwargs, inplace)
+        if call.portable:
+            call.not_portable(_not_portable_reason(op, portable_name, self, extra, kwargs))
+        return res
 
     return adapter
+
+
+def _not_portable_reason(op: str, portable_name: str | None, x: torch.Tensor, extra: tuple[Any, ...],
+                         kwargs: dict[str, Any]) -> str:
+    if portable_name is None:
+        return "torch's math library (not in the canonical orders)"
+    if extra or kwargs:
+        return "extra arguments: torch's math library"
+    return f"{x.dtype}: torch's math library (portable kernels take float32, bfloat16, float16)"
 
 
 def _cuda_elementwise(op: str, inplace: bool = False) -> Adapter:
@@ -751,7 +767,10 @@ def _pow_scalar(inplace: bool) -> Adapter:
             # An integer tensor to a float power is computed in the default float dtype, by
             # the same position-dependent loop: not an exact integer op.
             self = self.to(torch.get_default_dtype())
-        return _aligned(call, self, (exponent,), {}, inplace)
+        res = _aligned(call, self, (exponent,), {}, inplace)
+        if call.portable:
+            call.not_portable(f"exponent {exponent}: torch's math library (not in the canonical orders)")
+        return res
 
     return adapter
 
@@ -817,7 +836,7 @@ def _out_form(spec: OpOverride) -> OpOverride:
     def adapter(call: Call, *args: Any, out: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         # The functional adapter's own calls of torch's kernel go through the functional
         # overload (re-dispatched; the mode passes calls from inside an adapter to torch).
-        res = spec.adapter(Call(call.portable, functional), *args, **kwargs)
+        res = spec.adapter(Call(call.portable, functional, call.not_portable), *args, **kwargs)
         if res.dtype != out.dtype or res.device != out.device:
             raise Unsupported(f"out= of {out.dtype} on {out.device} for a {res.dtype} result on {res.device}")
         if out.shape != res.shape:  # torch's resize rule for out= (aten's resize_output)

@@ -136,12 +136,16 @@ class Coverage:
     fell_back: dict[str, dict[str, int]] = field(default_factory=dict)
     passed_through: dict[str, dict[str, int]] = field(default_factory=dict)
     decomposed: dict[str, int] = field(default_factory=dict)
+    not_portable: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"routed to detkit kernels: {_fmt(self.routed) or 'none'}"]
         if self.decomposed:
             lines.append(f"decomposed for autograd (leaves routed): {_fmt(self.decomposed)}")
-        for title, table in (("fell back to torch (NOT covered)", self.fell_back), ("passed through (exact)", self.passed_through)):
+        tables = [("fell back to torch (NOT covered)", self.fell_back), ("passed through (exact)", self.passed_through)]
+        if self.not_portable:
+            tables.append(("routed, but torch's math library (NOT portable)", self.not_portable))
+        for title, table in tables:
             lines.append(f"{title}: {'none' if not table else ''}")
             for op, reasons in sorted(table.items()):
                 for reason, n in sorted(reasons.items()):
@@ -154,6 +158,7 @@ class Coverage:
             "fell_back": {k: dict(v) for k, v in self.fell_back.items()},
             "passed_through": {k: dict(v) for k, v in self.passed_through.items()},
             "decomposed": dict(self.decomposed),
+            "not_portable": {k: dict(v) for k, v in self.not_portable.items()},
         }
 
 
@@ -168,6 +173,7 @@ class _Counters:
         self.fell_back: Counter[tuple[str, str]] = Counter()
         self.passed_through: Counter[tuple[str, str]] = Counter()
         self.decomposed: Counter[str] = Counter()
+        self.not_portable: Counter[tuple[str, str]] = Counter()
 
     def add(self, table: Counter[Any], key: Any) -> None:
         with self._lock:
@@ -175,12 +181,13 @@ class _Counters:
 
     def snapshot(self) -> tuple[Counter[Any], ...]:
         with self._lock:
-            return (Counter(self.routed), Counter(self.fell_back), Counter(self.passed_through), Counter(self.decomposed))
+            return (Counter(self.routed), Counter(self.fell_back), Counter(self.passed_through), Counter(self.decomposed),
+                    Counter(self.not_portable))
 
 
 def _coverage(now: tuple[Counter[Any], ...], before: tuple[Counter[Any], ...] | None = None) -> Coverage:
     delta = [n - b for n, b in zip(now, before)] if before is not None else list(now)
-    routed, fell_back, passed, decomposed = delta
+    routed, fell_back, passed, decomposed, not_portable = delta
 
     def nest(c: Counter[tuple[str, str]]) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -188,7 +195,7 @@ def _coverage(now: tuple[Counter[Any], ...], before: tuple[Counter[Any], ...] | 
             out.setdefault(op, {})[reason] = n
         return out
 
-    return Coverage(dict(routed), nest(fell_back), nest(passed), dict(decomposed))
+    return Coverage(dict(routed), nest(fell_back), nest(passed), dict(decomposed), nest(not_portable))
 
 
 _LOCK = threading.RLock()
@@ -329,7 +336,8 @@ def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
             return original.call_boxed(keyset, *args, **kwargs)
         gated, _GATE.active = getattr(_GATE, "active", False), False
         state = _STATE
-        call = Call(state.portable, functools.partial(original.call_boxed, keyset))
+        call = Call(state.portable, functools.partial(original.call_boxed, keyset),
+                    lambda reason: _COUNTERS.add(_COUNTERS.not_portable, (spec.name, reason)))
         set_inside(True)
         try:
             return_value = spec.adapter(call, *args, **kwargs)
@@ -505,6 +513,12 @@ class batch_invariant(contextlib.ContextDecorator):  # noqa: N801 - reads like a
 
     def routed(self) -> dict[str, int]:
         return self.coverage().routed
+
+    def not_portable(self) -> dict[str, dict[str, int]]:
+        """Portable mode: routed calls whose values came from torch's math library (``sin``,
+        ``gelu``, float64 ``exp``, ...): batch invariant, but their bits may differ between
+        instruction sets and devices. {op: {reason: count}}; empty outside portable mode."""
+        return self.coverage().not_portable
 
 
 # ----------------------------------------------------------------------------- static coverage

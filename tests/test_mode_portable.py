@@ -171,6 +171,26 @@ def test_coverage_report_in_portable_mode() -> None:
     assert {"silu.default", "sin.default", "gelu.default"} <= set(plain.exact) and not plain.uncovered
 
 
+def test_portable_mode_reports_calls_left_to_torchs_math_library() -> None:
+    """A routed elementwise call whose values come from torch's math library (gelu of
+    Gemma/StarCoder2/GPT-NeoX/Falcon, RoPE's sin/cos, float64 exp, pow(x, 1.5)) is batch
+    invariant but not portable: measured, gelu's float32 bits change with
+    ATEN_CPU_CAPABILITY. The block's coverage must say so, not only list it as routed."""
+    x = torch.rand(3, 70) + 0.5
+    with detkit.batch_invariant(portable=True, strict=True) as bi:
+        F.gelu(x, approximate="tanh"), F.gelu(x), torch.sin(x), torch.exp(x.double()), x.pow(1.5)
+        F.silu(x), torch.exp(x), torch.rsqrt(x.bfloat16()), x.pow(2)  # portable kernels, or exact
+    assert set(bi.not_portable()) == {"gelu", "sin", "exp", "pow.Tensor_Scalar"}
+    assert bi.not_portable()["gelu"] == {"torch's math library (not in the canonical orders)": 2}
+    assert bi.not_portable()["exp"] == {"torch.float64: torch's math library (portable kernels take float32, "
+                                        "bfloat16, float16)": 1}
+    assert bi.uncovered() == {}  # still batch invariant: nothing fell back
+    assert "NOT portable" in str(bi.coverage()) and "gelu" in bi.coverage().to_dict()["not_portable"]
+    with detkit.batch_invariant() as plain:  # batch-invariant mode promises nothing across ISAs
+        F.gelu(x), torch.sin(x)
+    assert plain.not_portable() == {} and "NOT portable" not in str(plain.coverage())
+
+
 def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA table's elementwise adapters, driven directly with a stand-in portable
     backend: portable mode computes through it (in place too), plain mode passes through."""
