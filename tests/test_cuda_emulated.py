@@ -81,9 +81,21 @@ _ENTRY_RE = re.compile(r'extern\s+"C"\s+void\s+(\w+)\s*\(')
 _SOURCE_MARK = "detkit_emu_kernel_source_starts_here"
 
 
+# A static ``__shared__`` array declaration (not the ``extern`` dynamic one): the build appends
+# emu_shared_register(name, sizeof(name)) to it, so that the runtime refills the array with
+# 0xFF bytes at every block start, as a GPU gives a block uninitialised shared memory (a
+# function-level static would otherwise carry zeros or the previous block's values).
+_SHARED_DECL_RE = re.compile(r"^(\s*)__shared__\s+((?:__align__\(\d+\)\s+)?\w+\s+(\w+)\s*(?:\[[^\]\n]+\])+\s*;)",
+                             re.MULTILINE)
+
+
+def _register_static_shared(src: str) -> str:
+    return _SHARED_DECL_RE.sub(r"\1__shared__ \2 emu_shared_register(\3, sizeof(\3));", src)
+
+
 def _build(name: str, out_dir: Path, source: str | None = None) -> ctypes.CDLL:
     """The host build of kernel file ``name`` (or of ``source`` in its place), cached by content."""
-    src = cuda_loader.kernel_source(name) if source is None else source
+    src = _register_static_shared(cuda_loader.kernel_source(name) if source is None else source)
     emu = (EMU_DIR / "emu.h").read_text() + (EMU_DIR / "runtime.cpp").read_text()
     digest = hashlib.sha256((src + emu + " ".join(SANITIZER_FLAGS[SANITIZE])).encode()).hexdigest()[:16]
     stem = f"{Path(name).stem}-{digest}{'-' + SANITIZE if SANITIZE else ''}"
@@ -1074,6 +1086,31 @@ def test_mutation_an_unanchored_softmax_sum_changes_with_padding(emulated: dict,
     with pytest.raises(AssertionError, match="softmax, 7 x -inf in front"):
         _padded_softmax_is_the_rows_softmax(x, _masked((3, 7), torch.float32, "-inf", 0), x[:, :0], False,
                                             "7 x -inf in front")
+
+
+# block_reduce (common.cuh) summing all 32 slots of its scratch, of which a 256-thread block
+# writes 8; and only the grid's first block writing its warps' partial sums.
+_SCRATCH_UNWRITTEN = ("float w = (lane < NT / 32) ? scratch[lane] : neutral;",
+                      "float w = (IS_MAX && lane >= NT / 32) ? neutral : scratch[lane];")
+_SCRATCH_OTHER_BLOCK = ("if (lane == 0) scratch[warp] = v;\n    __syncthreads();\n    const float neutral",
+                        "if (lane == 0 && blockIdx.x == 0) scratch[warp] = v;\n    __syncthreads();\n    const float neutral")
+
+
+@pytest.mark.parametrize(("mutation", "rows_hit"), [(_SCRATCH_UNWRITTEN, slice(0, None)),
+                                                    (_SCRATCH_OTHER_BLOCK, slice(1, None))])
+def test_mutation_static_shared_memory_read_before_the_block_writes_it_gives_nan(
+    emulated: dict, monkeypatch: pytest.MonkeyPatch, mutation: tuple[str, str], rows_hit: slice
+) -> None:
+    """A static __shared__ array is uninitialised at the start of every block on a GPU; the
+    emulation refills it with 0xFF bytes (NaN), like the dynamic shared memory. Without that
+    the first mutation read zeros (and summed right) and the second the previous block's
+    sums: both passed on the host."""
+    source = _mutated("rowops.cu", cuda_loader.kernel_source("rowops.cu"), mutation)
+    monkeypatch.setattr(cuda_backend, "_launch", _launcher({**emulated, "rowops.cu": _build("rowops.cu", _out_dir(),
+                                                                                            source)}))
+    x = rand((3, 301), torch.float32, 47)
+    got = cuda_backend.row_sum(x, False)
+    assert bool(got[rows_hit].isnan().all()), f"unwritten shared memory did not show up: {got.tolist()}"
 
 
 def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(

@@ -10,7 +10,8 @@
 // buffers around a warp barrier. Dynamic shared memory is a heap buffer of exactly
 // the launch's size, refilled with 0xFF bytes (NaN in every float type) before each
 // block, so an overrun is a heap overflow under AddressSanitizer and a read of memory the
-// block did not write shows up as NaN. A warp collective that a lane of the warp has left
+// block did not write shows up as NaN; static __shared__ arrays are refilled the same way
+// (emu_shared_register). A warp collective that a lane of the warp has left
 // (returned from the kernel) is undefined on a GPU; here it fails the launch
 // (its error is the launch's result). float arithmetic is IEEE binary32 (x86-64 SSE, no contraction),
 // fmaf is correctly rounded, so the canonical-order kernels give the same
@@ -34,6 +35,14 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+// A static __shared__ array is a function-level static here, so it would keep the previous
+// block's (or launch's) values, and start as zeros, where a GPU gives a block uninitialised
+// shared memory: a kernel reading a slot it never wrote would pass on the host (a sum
+// reading zeros is even right) and be wrong on the GPU. The test harness appends
+// emu_shared_register(name, sizeof(name)) to each such declaration; the runtime fills a
+// registered array with 0xFF bytes (NaN in every float type) when it is first reached and
+// at the start of every block, as it does the dynamic shared memory.
+void emu_shared_register(void* p, unsigned long bytes);
 // Dynamic shared memory: the launch's buffer (blocks run one after another, so one buffer
 // serves every block).
 void* emu_dynamic_smem();

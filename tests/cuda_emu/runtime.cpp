@@ -39,10 +39,28 @@ static void emu_run_kernel() {
         emu_report("the arguments do not match the kernel's parameters (their number or a size in bytes)");
 }
 
+// The static __shared__ arrays reached so far (address, bytes): refilled with 0xFF bytes at
+// every block start, and when first reached (before any thread of the block can write them:
+// whoever reaches the declaration first fills it, the others wait on the lock).
+static std::mutex g_shared_mu;
+static std::vector<std::pair<void*, unsigned long>> g_shared;
+
+void emu_shared_register(void* p, unsigned long bytes) {
+    std::lock_guard<std::mutex> g(g_shared_mu);
+    for (const auto& r : g_shared)
+        if (r.first == p) return;
+    g_shared.emplace_back(p, bytes);
+    std::memset(p, 0xFF, bytes);
+}
+
 // Every block starts with its shared memory poisoned and its barriers counting all threads.
 static void emu_start_block(unsigned x, unsigned y, unsigned z, unsigned bx) {
     blockIdx = {x, y, z};
     if (!g_dynamic_smem.empty()) std::memset(g_dynamic_smem.data(), 0xFF, g_dynamic_smem.size());
+    {
+        std::lock_guard<std::mutex> g(g_shared_mu);
+        for (const auto& r : g_shared) std::memset(r.first, 0xFF, r.second);
+    }
     g_block.reset((int)bx);
     for (auto* w : g_warps) w->bar.reset(32);
 }
