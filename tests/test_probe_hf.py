@@ -402,6 +402,25 @@ def test_with_the_mode_every_mode_matches_the_reference_bitwise():
     assert report["summary"]["invariant"] is True
 
 
+def test_a_portable_probe_names_the_calls_torchs_math_library_computed():
+    # tiny-llama's RoPE takes sin/cos of its angles: batch invariant, but not in the canonical
+    # orders; the report used to show only "routed" and "fell back"
+    import detkit
+    from detkit.probe.render import render_markdown
+    from detkit.probe.suite import BatchPlan, ProbeSuite, Prompt
+
+    model, tokenizer, desc = load_model("tiny-llama", dtype="float32", seed=0)
+    engine = HFEngine(model, tokenizer, description=desc, mode=lambda: detkit.batch_invariant(portable=True))
+    suite = ProbeSuite(name="p", prompts=(Prompt("p", "The fox"),), max_new_tokens=2, modes=("single",),
+                       batch=BatchPlan(sizes=(1,)))
+    report = run_probe(engine, suite, seed=0, config={})
+    not_portable = report["mode_coverage"]["not_portable"]
+    assert any(k.startswith("sin: ") for k in not_portable) and any(k.startswith("cos: ") for k in not_portable), not_portable
+    assert any(n.startswith("portable mode: some calls' values came from torch's math library") and "sin: " in n
+               for n in report["notes"]), report["notes"]
+    assert "routed to torch's math library (not portable)" in render_markdown(report)
+
+
 def test_a_prompt_that_only_the_padding_mode_pushes_past_the_context_fails_before_anything_runs(bf16_engine):
     # 1015 bytes + 4 new tokens fit tiny-llama's 1024 positions; with 16 extra pad tokens they do not.
     # The error must come first, not after the single mode ran (whose work would be thrown away).

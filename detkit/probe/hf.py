@@ -247,6 +247,7 @@ class HFEngine:
         self._description = dict(description or {})
         self._routed: Counter[str] = Counter()
         self._fell_back: Counter[str] = Counter()
+        self._not_portable: Counter[str] = Counter()
         self.context_length = _context_length(model)
         self.new_tokens_option = new_tokens_option
         self.encoder_decoder = getattr(model.config, "is_encoder_decoder", False) is True
@@ -293,12 +294,17 @@ class HFEngine:
             for op, reasons in cov.fell_back.items():
                 for reason, n in reasons.items():
                     self._fell_back[f"{op}: {reason}"] += n
+            for op, reasons in getattr(cov, "not_portable", {}).items():
+                for reason, n in reasons.items():
+                    self._not_portable[f"{op}: {reason}"] += n
 
     def mode_coverage(self) -> dict[str, Any] | None:
-        """Calls the mode routed to detkit's kernels and calls that fell back to torch."""
+        """Calls the mode routed to detkit's kernels, calls that fell back to torch, and (portable
+        mode) routed calls whose values came from torch's math library."""
         if self.mode is None:
             return None
-        return {"routed": dict(sorted(self._routed.items())), "fell_back": dict(sorted(self._fell_back.items()))}
+        return {"routed": dict(sorted(self._routed.items())), "fell_back": dict(sorted(self._fell_back.items())),
+                "not_portable": dict(sorted(self._not_portable.items()))}
 
     def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
         """Token ids of ``prompt``; with ``chat`` (or an engine built with ``chat=True``) the

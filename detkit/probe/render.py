@@ -56,8 +56,11 @@ def _setup_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     coverage = report.get("mode_coverage")
     if coverage is not None:
         routed, fell = coverage.get("routed", {}), coverage.get("fell_back", {})
-        rows.append(("mode coverage", f"{sum(routed.values())} calls of {len(routed)} ops routed to detkit's kernels; "
-                                      f"{sum(fell.values())} fell back to torch"))
+        text = (f"{sum(routed.values())} calls of {len(routed)} ops routed to detkit's kernels; "
+                f"{sum(fell.values())} fell back to torch")
+        if coverage.get("not_portable"):
+            text += f"; {sum(coverage['not_portable'].values())} routed to torch's math library (not portable)"
+        rows.append(("mode coverage", text))
     versions, platform = fp.get("versions", {}), fp.get("platform", {})
     threads, cuda = fp.get("threads", {}), fp.get("cuda", {})
     if versions:

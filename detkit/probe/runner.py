@@ -105,6 +105,12 @@ def _sync_notes(writer: ReportWriter, engine: Engine) -> None:
                 "under the mode, some calls ran torch's kernel (no invariance guarantee for them): "
                 + ", ".join(f"{k} x{v}" for k, v in data["fell_back"].items())
             )
+        if data.get("not_portable"):
+            notes.append(
+                "portable mode: some calls' values came from torch's math library (batch invariant, but their bits "
+                "may differ on another CPU or a GPU): "
+                + ", ".join(f"{k} x{v}" for k, v in data["not_portable"].items())
+            )
     writer.data["notes"] = notes
     if "engine" in writer.data["config"]:  # what the engine learnt on the way (logprobs, token unit)
         writer.data["config"]["engine"] = engine.describe()
