@@ -256,6 +256,8 @@ class DetkitSession:
                         "portable": contexts[-1].portable,
                         "routed": sum(coverage.routed.values()),
                         "fell_back": coverage.fell_back,
+                        # portable: routed calls computed by torch's math library (bits may change with the CPU)
+                        "not_portable": coverage.not_portable,
                     }
                 )
 

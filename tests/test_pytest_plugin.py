@@ -452,6 +452,22 @@ def test_mode_coverage_is_recorded_in_the_report(pytester: pytest.Pytester) -> N
     (entry,) = [r for r in load_report(pytester.path / "r.json")["results"] if r["type"] == "mode"]
     assert entry["test"] == "test_user.py::test_marked" and entry["when"] == "call"
     assert entry["routed"] >= 1 and entry["portable"] is False and entry["fell_back"] == {}
+    assert entry["not_portable"] == {}
+
+
+def test_portable_calls_torchs_math_library_computed_are_recorded(pytester: pytest.Pytester) -> None:
+    result = _run(
+        pytester,
+        """
+        @pytest.mark.portable
+        def test_angles():
+            torch.sin(X)
+        """,
+        "--detkit-report=r.json",
+    )
+    result.assert_outcomes(passed=1)
+    (entry,) = [r for r in load_report(pytester.path / "r.json")["results"] if r["type"] == "mode"]
+    assert entry["portable"] is True and list(entry["not_portable"]) == ["sin"], entry
 
 
 def test_ops_that_fell_back_under_the_mode_are_listed(pytester: pytest.Pytester) -> None:
