@@ -56,13 +56,9 @@ LIBRARY_CAPS_FOR_ISA = {
     "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
 }
-
-
+UNCAPPED_LIBRARIES_IMPLS = ("detkit",)
 # What an ISA worker records of its own environment, so the report shows what it ran under.
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-
-
-UNCAPPED_LIBRARIES_IMPLS = ("detkit",)
 
 
 def isa_environment(isa: str, impl: str = "torch") -> dict[str, str]:
@@ -229,8 +225,9 @@ def _run_isa_workers(
                           [i for i in impls if i in UNCAPPED_LIBRARIES_IMPLS]) if g]
     done: dict[str, tuple[Path, str]] = {}
     for isa in _isa_others(torch.device(cfg.device)):
-        listener(Event("stage", text=f"running the suite in a subprocess under ATEN_CPU_CAPABILITY={isa}, with "
-                                     "numba, oneDNN and MKL capped to match (half-precision matmuls are slow there)"))
+        listener(Event("stage", text=f"running the suite in subprocesses under ATEN_CPU_CAPABILITY={isa}, numba, "
+                                     "oneDNN and MKL capped to match (oneDNN and MKL not for detkit's own kernels; "
+                                     "half-precision matmuls are slow there)"))
         out = workdir / isa
         out.mkdir()
         for n, group in enumerate(groups):
