@@ -330,14 +330,16 @@ def _count_unrouted(spec: OpOverride, unrouted: Unsupported, state: ModeState) -
 
 
 def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
+    def count_not_portable(reason: str) -> None:  # made once per op, not per call
+        _COUNTERS.add(_COUNTERS.not_portable, (spec.name, reason))
+
     def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
         if is_inside():
             # Called from inside a detkit kernel or adapter: torch's own kernel.
             return original.call_boxed(keyset, *args, **kwargs)
         gated, _GATE.active = getattr(_GATE, "active", False), False
         state = _STATE
-        call = Call(state.portable, functools.partial(original.call_boxed, keyset),
-                    lambda reason: _COUNTERS.add(_COUNTERS.not_portable, (spec.name, reason)))
+        call = Call(state.portable, functools.partial(original.call_boxed, keyset), count_not_portable)
         set_inside(True)
         try:
             return_value = spec.adapter(call, *args, **kwargs)

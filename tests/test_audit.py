@@ -621,15 +621,16 @@ def test_the_terminal_lists_the_errors_the_advice_points_to(monkeypatch: pytest.
     assert "errors (" in out and "kernel exploded [on purpose]" in out  # brackets printed as text
 
 
-def test_the_live_table_keeps_a_space_between_full_width_cells(monkeypatch: pytest.MonkeyPatch,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def _live_table_of_an_op_that_changes_from(first_b: int, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> list[str]:
+    """The terminal lines of ``detkit audit`` over an op whose row 0 changes from b=first_b."""
     import sys
 
     from detkit.cli import main
 
-    def late(input: torch.Tensor) -> torch.Tensor:  # row 0 changes from b=16: "FAIL b>=16", 10 characters
+    def late(input: torch.Tensor) -> torch.Tensor:
         out = input.clone()
-        if input.shape[0] >= 16:
+        if input.shape[0] >= first_b:
             out.view(torch.int32)[0] += 1
         return out
 
@@ -637,12 +638,17 @@ def test_the_live_table_keeps_a_space_between_full_width_cells(monkeypatch: pyte
     monkeypatch.setitem(catalogue.OPS, "late", spec)
     monkeypatch.setattr(catalogue, "CATALOGUE", (spec, *catalogue.CATALOGUE))
     monkeypatch.setattr(sys, "argv", ["detkit", "audit", "--ops", "late", "--impl", "torch",
-                                      "--batch-sizes", "1,2,16", "--runs", "2"])
+                                      "--batch-sizes", f"1,2,{first_b}", "--runs", "2"])
     with pytest.raises(SystemExit):
         main()
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("late"))
-    assert "FAIL b>=16 " in line, line
+    return capsys.readouterr().out.splitlines()
 
+
+def test_the_live_table_keeps_a_space_between_full_width_cells(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    lines = _live_table_of_an_op_that_changes_from(16, monkeypatch, capsys)  # "FAIL b>=16", 10 characters
+    line = next(x for x in lines if x.startswith("late"))
+    assert "FAIL b>=16 " in line, line
 
 
 def test_a_tiny_share_of_differing_elements_fits_the_live_tables_cell() -> None:
@@ -654,24 +660,7 @@ def test_a_tiny_share_of_differing_elements_fits_the_live_tables_cell() -> None:
 
 def test_the_live_table_keeps_a_space_after_a_three_digit_first_b(monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    import sys
-
-    from detkit.cli import main
-
-    def late(input: torch.Tensor) -> torch.Tensor:  # row 0 changes from b=128 (the cuda sweep goes to 256)
-        out = input.clone()
-        if input.shape[0] >= 128:
-            out.view(torch.int32)[0] += 1
-        return out
-
-    spec = _spec("late", late)
-    monkeypatch.setitem(catalogue.OPS, "late", spec)
-    monkeypatch.setattr(catalogue, "CATALOGUE", (spec, *catalogue.CATALOGUE))
-    monkeypatch.setattr(sys, "argv", ["detkit", "audit", "--ops", "late", "--impl", "torch",
-                                      "--batch-sizes", "1,2,128", "--runs", "2"])
-    with pytest.raises(SystemExit):
-        main()
-    lines = capsys.readouterr().out.splitlines()
+    lines = _live_table_of_an_op_that_changes_from(128, monkeypatch, capsys)  # the cuda sweep goes to 256
     header = next(x for x in lines if x.startswith("op "))
     line = next(x for x in lines if x.startswith("late"))
     assert "FAIL b>=128 " in line, line

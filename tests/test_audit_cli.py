@@ -295,17 +295,24 @@ def test_isa_workers_report_each_result_as_progress(tmp_path: Path) -> None:
         assert detkit_env["ATEN_CPU_CAPABILITY"] == isa and detkit_env["ONEDNN_MAX_CPU_ISA"] is None
 
 
-def test_explicitly_requested_unavailable_impl_is_a_usage_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+@pytest.fixture
+def portable_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The portable implementation cannot run here (as on a machine without its kernels)."""
     from detkit.audit import impls
-    from detkit.cli import main
     from detkit.errors import BackendUnavailable
 
     def missing() -> object:
         raise BackendUnavailable("no portable kernels on this machine")
 
     monkeypatch.setitem(impls.FACTORIES, "portable", missing)
+
+
+@pytest.mark.usefixtures("portable_unavailable")
+def test_explicitly_requested_unavailable_impl_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from detkit.cli import main
+
     monkeypatch.setattr(sys, "argv", ["detkit", "audit", "--ops", "sum", "--impl", "torch,portable",
                                       "--out", str(tmp_path)])
     with pytest.raises(SystemExit) as exc:
@@ -316,19 +323,14 @@ def test_explicitly_requested_unavailable_impl_is_a_usage_error(
     assert not (tmp_path / "report.json").exists()
 
 
+@pytest.mark.usefixtures("portable_unavailable")
 def test_the_recorded_command_reruns_the_same_audit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import shlex
 
-    from detkit.audit import impls
     from detkit.cli import main
-    from detkit.errors import BackendUnavailable
 
-    def missing() -> object:
-        raise BackendUnavailable("no portable kernels on this machine")
-
-    monkeypatch.setitem(impls.FACTORIES, "portable", missing)
     args = ["--ops", "sum", "--batch-sizes", "1,2", "--runs", "2", "--hidden", "64", "--fail-on", "batch-variance"]
 
     def run(argv: list[str], out: Path) -> tuple[int | None, dict[str, Any]]:

@@ -158,23 +158,31 @@ def test_an_interruption_keeps_the_finished_cases(bench: Any, tmp_path: Path, mo
     assert len(data["results"]) == 5 and not data["meta"]["complete"]
 
 
+def _gpu_check_without_a_gpu(out: Path, *, compile_s: int, timeout: int) -> dict[str, Any]:
+    """scripts/gpu-check run into ``out`` on this machine, which must exit 1 (no GPU test
+    ran); its summary.json."""
+    import os
+    import subprocess
+
+    script = BENCH.parent.parent / "scripts" / "gpu-check"
+    env = {**os.environ, "PYTHON": sys.executable, "DETKIT_GPU_CHECK_COMPILE_S": str(compile_s)}
+    proc = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine scripts/gpu-check runs for real (minutes)")
 def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path, compiled_kernels: dict) -> None:
     """scripts/gpu-check end to end on this CPU machine: it compiles every kernel, finds
     that no GPU test ran, writes its summary and exits 1 (a skip-only run is no proof)."""
     import importlib.metadata
-    import os
     import shutil
     import subprocess
 
-    script = BENCH.parent.parent / "scripts" / "gpu-check"
     # Without a GPU the check compiles for sm_80 and sm_90 (every unit to CUBIN), which
     # compiled_kernels has put in the disk cache; the limit covers a cold cache on 2 busy cores.
-    env = {**os.environ, "PYTHON": sys.executable, "DETKIT_GPU_CHECK_COMPILE_S": "600"}
-    proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=600, check=False)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = _gpu_check_without_a_gpu(tmp_path, compile_s=600, timeout=600)
     assert summary["ok"] is False and summary["tests"]["passed"] == 0 and summary["tests"]["skipped"] > 0
     if shutil.which("nvidia-smi") is None:
         assert summary["device"] == ["unknown (nvidia-smi not found)"]
@@ -257,20 +265,12 @@ def test_gpu_check_does_not_report_an_earlier_runs_outputs(tmp_path: Path) -> No
     """Rerun into the same directory: a step that writes nothing this time (here: no GPU,
     so no benchmark or audit output; the compile check cut off at once) must not leave the
     previous run's results in summary.json as if they were this run's."""
-    import os
-    import subprocess
-
     (tmp_path / "gpu-audit").mkdir()
     (tmp_path / "gpu-audit" / "report.json").write_text("{}")
     (tmp_path / "bench_cuda.json").write_text(json.dumps(
         {"meta": {"device": "an earlier run"}, "targets": [{"met": True}], "tile_choice": "stale"}))
     (tmp_path / "gpu_tests_stale.xml").write_text('<testsuite><testcase classname="t" name="old"/></testsuite>')
-    script = BENCH.parent.parent / "scripts" / "gpu-check"
-    env = {**os.environ, "PYTHON": sys.executable, "DETKIT_GPU_CHECK_COMPILE_S": "1"}
-    proc = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, env=env,
-                          timeout=400, check=False)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = _gpu_check_without_a_gpu(tmp_path, compile_s=1, timeout=400)
     assert "error" in summary["bench"], summary["bench"]
     assert summary["audit"]["report"] is None
     # the compile check cut off by its 1 s limit: the summary says so, not just "no JSON"

@@ -253,10 +253,7 @@ _FREE_THREADS: dict[tuple[TileVerdict, int], int] = {}
 def _agrees_at(b: torch.Tensor, bias: torch.Tensor | None, verdict: TileVerdict, n: int) -> bool:
     """Whether BLAS on ``n`` threads gives the verified heights' one-thread bits, on the
     verification's inputs (same seed, so the same sensitive rows and synthetic b)."""
-    gen = torch.Generator().manual_seed(0x5EED)
-    sb = _synthetic_b(b, gen)
-    sbias = None if bias is None else torch.zeros(b.shape[1], dtype=b.dtype)
-    common = _sensitive_rows(max(TILE_HEIGHTS[b.dtype]), b.shape[0], b.dtype, gen)
+    _, sb, sbias, common = _verification_inputs(b, bias)
     for h in verdict.heights:
         a = common[:h]
         ref = _with_threads(1, lambda: _tile(a, sb, sbias, h))
@@ -403,14 +400,21 @@ def _thread_invariant(run: Callable[[torch.Tensor], torch.Tensor], a: torch.Tens
     return all(same_bits(_with_threads(n, lambda: run(a)), ref) for n in sorted(_THREAD_COUNTS - {1}))
 
 
-def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...], layout: str) -> TileVerdict:
-    dtype = b.dtype
-    k = b.shape[0]
+def _verification_inputs(
+    b: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Generator, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(generator, synthetic b, zero bias or None, sensitive rows for the tallest tile): the
+    same seed every time, so a later check sees exactly the inputs the verdict was made on."""
     gen = torch.Generator().manual_seed(0x5EED)
     sb = _synthetic_b(b, gen)
-    sbias = None if bias is None else torch.zeros(b.shape[1], dtype=dtype)
+    sbias = None if bias is None else torch.zeros(b.shape[1], dtype=b.dtype)
+    return gen, sb, sbias, _sensitive_rows(max(TILE_HEIGHTS[b.dtype]), b.shape[0], b.dtype, gen)
+
+
+def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...], layout: str) -> TileVerdict:
+    dtype = b.dtype
+    gen, sb, sbias, common = _verification_inputs(b, bias)
     candidates = TILE_HEIGHTS[dtype]
-    common = _sensitive_rows(max(candidates), k, dtype, gen)
     h0 = candidates[0]
 
     def runner(h: int, pinned: bool) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -468,7 +472,7 @@ def _verify(b: torch.Tensor, bias: torch.Tensor | None, key: tuple[object, ...],
             notes.append(f"tiles fewer than workers are split into {split} column blocks")
     return TileVerdict(
         dtype=str(dtype).removeprefix("torch."),
-        k=k,
+        k=b.shape[0],
         n=n,
         b_layout=layout,
         b_align=int(key[4]),  # type: ignore[call-overload]
