@@ -309,7 +309,10 @@ __device__ __forceinline__ void b_row_sum(const T* __restrict__ x, T* __restrict
 
 // ------------------------------------------------------------------ portable elementwise
 
-enum EwOp { EW_EXP = 0, EW_LOG = 1, EW_RSQRT = 2, EW_SIGMOID = 3, EW_SILU = 4, EW_TANH = 5 };
+enum EwOp {
+    EW_EXP = 0, EW_LOG = 1, EW_RSQRT = 2, EW_SIGMOID = 3, EW_SILU = 4, EW_TANH = 5,
+    EW_ERF = 6, EW_GELU = 7, EW_GELU_TANH = 8
+};
 
 // tanh of the canonical orders: odd Taylor polynomial below 0.5, else 1 - 2/(Exp(2|x|)+1).
 __device__ __forceinline__ float spec_tanh(float x) {
@@ -331,6 +334,51 @@ __device__ __forceinline__ float spec_tanh(float x) {
     return (x > 0.0f) ? t : -t;
 }
 
+// erf of the canonical orders (section 2.6): x + x*E(x^2) below 1, else 1 - Exp(G(|x|)),
+// 1 from 3.875 on.
+__device__ __forceinline__ float spec_erf(float x) {
+    if (x != x) return x;
+    const float a = fabsf(x);
+    if (a < 1.0f) {
+        const float z = __fmul_rn(x, x);
+        float q = __uint_as_float(0x38A6609Fu);              // E6
+        q = __fmaf_rn(q, z, __uint_as_float(0xBA52A0F1u));  // E5
+        q = __fmaf_rn(q, z, __uint_as_float(0x3BAA1B19u));  // E4
+        q = __fmaf_rn(q, z, __uint_as_float(0xBCDBFFDBu));  // E3
+        q = __fmaf_rn(q, z, __uint_as_float(0x3DE716B2u));  // E2
+        q = __fmaf_rn(q, z, __uint_as_float(0xBEC093A0u));  // E1
+        q = __fmaf_rn(q, z, __uint_as_float(0x3E0375D4u));  // E0
+        return __fmaf_rn(x, q, x);
+    }
+    float t = 1.0f;
+    if (a < 3.875f) {
+        float p = __uint_as_float(0x35DEE9FFu);              // G8
+        p = __fmaf_rn(p, a, __uint_as_float(0xB842F401u));  // G7
+        p = __fmaf_rn(p, a, __uint_as_float(0x3A1D487Au));  // G6
+        p = __fmaf_rn(p, a, __uint_as_float(0xBB9C64EEu));  // G5
+        p = __fmaf_rn(p, a, __uint_as_float(0x3CD8B5B6u));  // G4
+        p = __fmaf_rn(p, a, __uint_as_float(0xBDE18BAAu));  // G3
+        p = __fmaf_rn(p, a, __uint_as_float(0xBF21BC6Cu));  // G2
+        p = __fmaf_rn(p, a, __uint_as_float(0xBF90AC34u));  // G1
+        p = __fmaf_rn(p, a, __uint_as_float(0x39AA25A8u));  // G0
+        t = __fsub_rn(1.0f, spec_exp(p));
+    }
+    return (x > 0.0f) ? t : -t;
+}
+
+// GELU as torch writes it: exact (x*0.5)*(1+Erf(x*SQRT1_2)); tanh (0.5*x)*(1+Tanh(BETA*(x+KAPPA*x^3))).
+__device__ __forceinline__ float spec_gelu(float x) {
+    const float e = spec_erf(__fmul_rn(x, __uint_as_float(0x3F3504F3u)));  // SQRT1_2
+    return __fmul_rn(__fmul_rn(x, 0.5f), __fadd_rn(1.0f, e));
+}
+
+__device__ __forceinline__ float spec_gelu_tanh(float x) {
+    const float x3 = __fmul_rn(__fmul_rn(x, x), x);
+    const float inner = __fmul_rn(__uint_as_float(0x3F4C422Au),                          // BETA
+                                  __fadd_rn(x, __fmul_rn(__uint_as_float(0x3D372713u), x3)));  // KAPPA
+    return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, spec_tanh(inner)));
+}
+
 template <typename T>
 __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __restrict__ y, i64 n, int op) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
@@ -342,7 +390,10 @@ __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __rest
             case EW_RSQRT: r = __fdiv_rn(1.0f, __fsqrt_rn(v)); break;
             case EW_SIGMOID: r = __fdiv_rn(1.0f, __fadd_rn(1.0f, spec_exp(-v))); break;
             case EW_SILU: r = __fdiv_rn(v, __fadd_rn(1.0f, spec_exp(-v))); break;
-            default: r = spec_tanh(v); break;
+            case EW_TANH: r = spec_tanh(v); break;
+            case EW_ERF: r = spec_erf(v); break;
+            case EW_GELU: r = spec_gelu(v); break;
+            default: r = spec_gelu_tanh(v); break;
         }
         y[i] = from_f32<T>(r);
     }

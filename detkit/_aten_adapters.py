@@ -40,11 +40,13 @@ Face tests); a third invariance is the kernels' own:
   vectorised path on one thread.
 
 In portable mode (``Call.portable``) the elementwise functions the portable backends
-implement (``ELEMENTWISE_PORTABLE``: exp, log, rsqrt, sigmoid, silu, tanh) go to that
-backend's ``elementwise(name, x)`` for float32/bfloat16/float16 instead: one float32
+implement (``ELEMENTWISE_PORTABLE``: exp, log, rsqrt, sigmoid, silu, tanh, erf, and
+gelu with either ``approximate``) go to that backend's ``elementwise(name, x)`` for
+float32/bfloat16/float16 instead: one float32
 evaluation per element in a fixed sequence of IEEE operations, rounded once, so the
-bits are the same on every instruction set (and position independent). Registered on
-the CPU dispatch key only, like the rest of the elementwise table.
+bits are the same on every instruction set (and position independent). On the CUDA
+dispatch key only these functions are registered, and only portable mode routes them
+(torch's CUDA elementwise kernels are position independent already).
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PORTABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The portable backends' ``ELEMENTWISE_OPS`` (kept here so importing the mode does not
 # import numba; tests/test_mode_portable.py checks the two agree).
-ELEMENTWISE_PORTABLE: frozenset[str] = frozenset({"exp", "log", "rsqrt", "sigmoid", "silu", "tanh"})
+ELEMENTWISE_PORTABLE: frozenset[str] = frozenset({"exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu"})
+# gelu's ``approximate`` argument picks the backend function.
+_GELU_PORTABLE = {"none": "gelu", "tanh": "gelu_tanh"}
 # A multiple of two AVX-512 float32 vectors (torch unrolls by 2) and of every smaller ISA.
 _ALIGN = 64
 # torch's at::internal::GRAIN_SIZE: TensorIterator splits work across threads only above it.
@@ -705,15 +709,24 @@ def _portable(name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
 _PROMOTES_INTEGERS = frozenset({"sigmoid", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos"})
 
 
+def _portable_name(op: str, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The portable backend's name for ``op`` with these arguments, or None if it has none."""
+    if op not in ELEMENTWISE_PORTABLE:
+        return None
+    if op == "gelu" and not extra and set(kwargs) <= {"approximate"}:
+        return _GELU_PORTABLE.get(kwargs.get("approximate", "none"))
+    return None if extra or kwargs else op
+
+
 def _elementwise(op: str, inplace: bool = False) -> Adapter:
     """Adapter of a unary op; ``op`` is the aten name without a trailing underscore."""
-    portable_name = op if op in ELEMENTWISE_PORTABLE else None
     promotes = op in _PROMOTES_INTEGERS and not inplace
 
     def adapter(call: Call, self: torch.Tensor, *extra: Any, **kwargs: Any) -> torch.Tensor:
         if promotes and isinstance(self, torch.Tensor) and not (self.is_floating_point() or self.is_complex()):
             self = self.to(torch.get_default_dtype())  # what torch computes from; not an exact op
-        if call.portable and portable_name is not None and not extra and not kwargs:
+        portable_name = _portable_name(op, extra, kwargs) if call.portable else None
+        if portable_name is not None:
             _float(self)
             if self.numel() == 0:
                 raise Unsupported("empty input", benign=True)
@@ -721,17 +734,16 @@ def _elementwise(op: str, inplace: bool = False) -> Adapter:
                 return _portable(portable_name, self, inplace)
         res = _aligned(call, self, extra, kwargs, inplace)
         if call.portable:
-            call.not_portable(_not_portable_reason(op, portable_name, self, extra, kwargs))
+            call.not_portable(_not_portable_reason(op, portable_name, self))
         return res
 
     return adapter
 
 
-def _not_portable_reason(op: str, portable_name: str | None, x: torch.Tensor, extra: tuple[Any, ...],
-                         kwargs: dict[str, Any]) -> str:
-    if portable_name is None:
+def _not_portable_reason(op: str, portable_name: str | None, x: torch.Tensor) -> str:
+    if op not in ELEMENTWISE_PORTABLE:
         return "torch's math library (not in the canonical orders)"
-    if extra or kwargs:
+    if portable_name is None:
         return "extra arguments: torch's math library"
     return f"{x.dtype}: torch's math library (portable kernels take float32, bfloat16, float16)"
 
@@ -743,12 +755,13 @@ def _cuda_elementwise(op: str, inplace: bool = False) -> Adapter:
     goes to the CUDA portable kernel, which gives the CPU portable backend's bits."""
 
     def adapter(call: Call, self: torch.Tensor, *extra: Any, **kwargs: Any) -> torch.Tensor:
-        if call.portable and not extra and not kwargs:
+        portable_name = _portable_name(op, extra, kwargs) if call.portable else None
+        if portable_name is not None:
             _float(self)
             if self.numel() == 0:
                 raise Unsupported("empty input", benign=True)
             if self.dtype in _PORTABLE_DTYPES:
-                return _portable(op, self, inplace)
+                return _portable(portable_name, self, inplace)
         raise Unsupported("torch's CUDA elementwise kernels are position independent", benign=True)
 
     return adapter

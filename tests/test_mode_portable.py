@@ -1,7 +1,8 @@
 """Portable mode: elementwise math goes to the portable backend; logits equal across ISAs.
 
 Under ``batch_invariant(portable=True)`` the aten functions exp, log, rsqrt, sigmoid,
-silu and tanh (functional and in-place) are computed by ``portable_cpu.elementwise``,
+silu, tanh, erf and gelu (both approximations; functional and in-place) are computed by
+``portable_cpu.elementwise``,
 whose bits are fixed by ``detkit.kernels.spec``. The end-to-end test runs tiny Hugging
 Face models in fresh processes with torch's CPU kernels forced to another instruction
 set (``ATEN_CPU_CAPABILITY=default``) and numba compiling for a generic x86-64
@@ -14,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -34,13 +36,20 @@ FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sigmoid": torch.sigmoid,
     "silu": F.silu,
     "tanh": torch.tanh,
+    "erf": torch.erf,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
 }
+# The aten op each portable function is routed as (gelu's approximate= picks the function).
+ATEN_OP = {name: "gelu" if name == "gelu_tanh" else name for name in FNS}
 INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "exp_": torch.Tensor.exp_,
     "rsqrt_": torch.Tensor.rsqrt_,
     "sigmoid_": torch.Tensor.sigmoid_,
     "silu_": lambda t: F.silu(t, inplace=True),
     "tanh_": torch.Tensor.tanh_,
+    "erf_": torch.Tensor.erf_,
+    "gelu_": torch.ops.aten.gelu_,
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 88.7, -104.0, 1e30, -1e30]
@@ -66,7 +75,7 @@ def _values(n: int, seed: int, dtype: torch.dtype, specials: bool) -> torch.Tens
 
 
 def test_portable_table_matches_the_backends() -> None:
-    assert _aten_adapters.ELEMENTWISE_PORTABLE == frozenset(portable_cpu.ELEMENTWISE_OPS)
+    assert _aten_adapters.ELEMENTWISE_PORTABLE == frozenset(ATEN_OP.values())
     assert set(FNS) == set(portable_cpu.ELEMENTWISE_OPS)
 
 
@@ -90,7 +99,7 @@ def test_portable_mode_equals_the_spec(
     want = spec.elementwise(op, x.contiguous())
     assert _same_bits(got, want), f"{op} {dtype}: portable mode differs from detkit.kernels.spec"
     assert got.stride() == FNS[op](x).stride()  # torch's own layout for this input
-    assert bi.routed() == {op: 1} and bi.uncovered() == {}
+    assert bi.routed() == {ATEN_OP[op]: 1} and bi.uncovered() == {}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -131,7 +140,7 @@ def test_non_portable_mode_does_not_use_the_portable_backend(monkeypatch: pytest
         got = {op: fn(x) for op, fn in FNS.items()}
     for op, fn in FNS.items():
         assert _same_bits(got[op], fn(x)), op
-    assert bi.routed() == {op: 1 for op in FNS}
+    assert bi.routed() == dict(Counter(ATEN_OP.values()))
 
 
 def test_float64_and_unlisted_ops_keep_the_torch_path_in_portable_mode(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -142,9 +151,9 @@ def test_float64_and_unlisted_ops_keep_the_torch_path_in_portable_mode(monkeypat
     x64 = _values(640, 9, torch.float64, specials=False)
     x32 = x64.float()
     with detkit.batch_invariant(portable=True):
-        e64, s32, g32 = torch.exp(x64), torch.sin(x32), F.gelu(x32)
+        e64, s32, g32 = torch.exp(x64), torch.sin(x32), F.softplus(x32)
     assert _same_bits(e64.view(torch.float32), torch.exp(x64).view(torch.float32))
-    assert _same_bits(s32, torch.sin(x32)) and _same_bits(g32, F.gelu(x32))
+    assert _same_bits(s32, torch.sin(x32)) and _same_bits(g32, F.softplus(x32))
 
 
 def test_empty_and_integer_inputs_pass_through() -> None:
@@ -155,39 +164,40 @@ def test_empty_and_integer_inputs_pass_through() -> None:
 
 def test_coverage_report_in_portable_mode() -> None:
     x = torch.rand(3, 64) + 0.5
-    fns = (F.silu, torch.tanh, torch.rsqrt, torch.exp, torch.sin, torch.cos, lambda t: t.pow(1.5), F.gelu)
+    fns = (F.silu, torch.tanh, torch.rsqrt, torch.exp, torch.sin, torch.cos, lambda t: t.pow(1.5), F.gelu,
+           F.softplus)
     _, ops = mode.trace_ops(lambda: [fn(x) for fn in fns])
     report = mode.coverage_report(ops, portable=True)
-    for op in ("silu.default", "tanh.default", "rsqrt.default", "exp.default"):
+    for op in ("silu.default", "tanh.default", "rsqrt.default", "exp.default", "gelu.default"):
         assert op in report.routed and op not in report.not_portable, op
-    for op in ("sin.default", "cos.default", "pow.Tensor_Scalar", "gelu.default"):
+    for op in ("sin.default", "cos.default", "pow.Tensor_Scalar", "softplus.default"):
         assert op in report.not_portable, op
     # On CUDA the portable kernels are routed too; the other math-library functions are
     # not portable, and outside portable mode all of them are position independent there.
     cuda = mode.coverage_report(ops, portable=True, device="CUDA")
-    assert {"silu.default", "exp.default", "tanh.default", "rsqrt.default"} <= set(cuda.routed)
-    assert {"sin.default", "gelu.default"} <= set(cuda.not_portable)
+    assert {"silu.default", "exp.default", "tanh.default", "rsqrt.default", "gelu.default"} <= set(cuda.routed)
+    assert {"sin.default", "softplus.default"} <= set(cuda.not_portable)
     plain = mode.coverage_report(ops, device="CUDA")
     assert {"silu.default", "sin.default", "gelu.default"} <= set(plain.exact) and not plain.uncovered
 
 
 def test_portable_mode_reports_calls_left_to_torchs_math_library() -> None:
-    """A routed elementwise call whose values come from torch's math library (gelu of
-    Gemma/StarCoder2/GPT-NeoX/Falcon, RoPE's sin/cos, float64 exp, pow(x, 1.5)) is batch
-    invariant but not portable: measured, gelu's float32 bits change with
-    ATEN_CPU_CAPABILITY. The block's coverage must say so, not only list it as routed."""
+    """A routed elementwise call whose values come from torch's math library (softplus,
+    RoPE's sin/cos, float64 exp, pow(x, 1.5)) is batch invariant but not portable:
+    measured, softplus's float32 bits change with ATEN_CPU_CAPABILITY. The block's
+    coverage must say so, not only list it as routed."""
     x = torch.rand(3, 70) + 0.5
     with detkit.batch_invariant(portable=True, strict=True) as bi:
-        F.gelu(x, approximate="tanh"), F.gelu(x), torch.sin(x), torch.exp(x.double()), x.pow(1.5)
-        F.silu(x), torch.exp(x), torch.rsqrt(x.bfloat16()), x.pow(2)  # portable kernels, or exact
-    assert set(bi.not_portable()) == {"gelu", "sin", "exp", "pow.Tensor_Scalar"}
-    assert bi.not_portable()["gelu"] == {"torch's math library (not in the canonical orders)": 2}
+        F.softplus(x), F.softplus(x, beta=2.0), torch.sin(x), torch.exp(x.double()), x.pow(1.5)
+        F.silu(x), torch.exp(x), torch.rsqrt(x.bfloat16()), x.pow(2), F.gelu(x)  # portable kernels, or exact
+    assert set(bi.not_portable()) == {"softplus", "sin", "exp", "pow.Tensor_Scalar"}
+    assert bi.not_portable()["softplus"] == {"torch's math library (not in the canonical orders)": 2}
     assert bi.not_portable()["exp"] == {"torch.float64: torch's math library (portable kernels take float32, "
                                         "bfloat16, float16)": 1}
     assert bi.uncovered() == {}  # still batch invariant: nothing fell back
-    assert "NOT portable" in str(bi.coverage()) and "gelu" in bi.coverage().to_dict()["not_portable"]
+    assert "NOT portable" in str(bi.coverage()) and "softplus" in bi.coverage().to_dict()["not_portable"]
     with detkit.batch_invariant() as plain:  # batch-invariant mode promises nothing across ISAs
-        F.gelu(x), torch.sin(x)
+        F.softplus(x), torch.sin(x)
     assert plain.not_portable() == {} and "NOT portable" not in str(plain.coverage())
 
 
@@ -197,8 +207,8 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
     from detkit import _aten_adapters as ad
 
     by_name = {o.name: o for o in ad.OVERRIDES["CUDA"]}
-    assert {"silu", "exp", "tanh", "rsqrt", "sigmoid", "log", "silu_", "exp_"} <= set(by_name)
-    assert "gelu" not in by_name and "sin" not in by_name
+    assert {"silu", "exp", "tanh", "rsqrt", "sigmoid", "log", "erf", "gelu", "silu_", "exp_", "gelu_"} <= set(by_name)
+    assert "sin" not in by_name and "softplus" not in by_name
     calls: list[str] = []
 
     class Backend:
@@ -214,6 +224,9 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
     assert calls == ["silu"] and bool((out == 7.0).all()) and bool((x != 7.0).all())
     y = x.clone()
     assert by_name["exp_"].adapter(ad.Call(True, original), y) is y and bool((y == 7.0).all())
+    by_name["gelu"].adapter(ad.Call(True, original), x, approximate="tanh")
+    by_name["gelu"].adapter(ad.Call(True, original), x)
+    assert calls == ["silu", "exp", "gelu_tanh", "gelu"]
     with pytest.raises(ad.Unsupported, match="position independent") as why:
         by_name["silu"].adapter(ad.Call(False, original), x)
     assert why.value.benign
@@ -222,24 +235,37 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
 # ----------------------------------------------------------------------------- across ISAs
 
 PRESETS = ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
+# Families whose MLP calls torch's gelu: Gemma's tanh approximation, GPT-NeoX's erf. With
+# gelu from torch's math library, tiny Gemma's portable-mode logits changed under
+# ATEN_CPU_CAPABILITY=default on this AVX-512 machine.
+GELU_FAMILIES: dict[str, dict[str, Any]] = {
+    "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, hidden_activation="gelu_pytorch_tanh"),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     hidden_act="gelu"),
+}
 
 # Run in a fresh process: the model's forward logits (and every module's output) hashed,
 # with the mode off and under portable mode. The weights come from the parent process,
 # because the seeded initialisation itself (torch's vectorised normal_) differs per ISA.
 _CHILD = r"""
 import hashlib, json, sys
-import torch, detkit
+import torch, transformers, detkit
 from detkit.models import build_tokenizer, load_preset
 
 def h(t):
     return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
-weights_dir, presets = sys.argv[1], sys.argv[2].split(",")
+weights_dir, presets, families = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3])
 enc = build_tokenizer()(["Batch invariance means", "hi", "The quick brown fox"], padding=True, return_tensors="pt")
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
-for name in presets:
+for name in presets + list(families):
     for attn in ("eager", "sdpa"):
-        model = load_preset(name, dtype=torch.float32, attn_implementation=attn)
+        if name in families:
+            config = transformers.AutoConfig.for_model(name, **families[name], attn_implementation=attn)
+            model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        else:
+            model = load_preset(name, dtype=torch.float32, attn_implementation=attn)
         model.load_state_dict(torch.load(f"{weights_dir}/{name}.pt"))
         seen = {}
         def hook(module, args, output, name=None):
@@ -266,18 +292,24 @@ _ENVS: dict[str, dict[str, str]] = {
 
 @pytest.fixture(scope="module")
 def isa_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    pytest.importorskip("transformers")
-    from detkit.models import load_preset
+    transformers = pytest.importorskip("transformers")
+    from detkit.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, load_preset
 
     weights = tmp_path_factory.mktemp("weights")
     for name in PRESETS:
         torch.save(load_preset(name, dtype=torch.float32).state_dict(), weights / f"{name}.pt")
+    common = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                  initializer_range=0.1)  # as the presets: varied logits, not one repeated token
+    families = {name: dict(common, **fields) for name, fields in GELU_FAMILIES.items()}
+    for name, fields in families.items():
+        config = transformers.AutoConfig.for_model(name, **fields)
+        torch.save(transformers.AutoModelForCausalLM.from_config(config).state_dict(), weights / f"{name}.pt")
     runs = {}
     for label, extra in _ENVS.items():
         env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME")}
         env.update(extra)
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(weights), ",".join(PRESETS)],
+            [sys.executable, "-c", _CHILD, str(weights), ",".join(PRESETS), json.dumps(families)],
             env=env, capture_output=True, text=True, timeout=300, check=False,
         )
         assert proc.returncode == 0, f"{label}: child failed:\n{proc.stderr[-3000:]}"
@@ -291,7 +323,7 @@ def _first_difference(a: dict[str, str], b: dict[str, str]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [*PRESETS, *GELU_FAMILIES])
 @pytest.mark.parametrize("other", [k for k in _ENVS if k != "host"])
 def test_portable_logits_are_identical_across_instruction_sets(
     isa_runs: dict[str, dict[str, Any]], preset: str, attn: str, other: str
@@ -312,6 +344,7 @@ def test_instruction_set_switch_changes_torch_results(isa_runs: dict[str, dict[s
     alt = isa_runs["ATEN_CPU_CAPABILITY=default"]
     assert alt["capability"] == "DEFAULT"
     assert isa_runs["host"]["tiny-llama/eager"]["off"] != alt["tiny-llama/eager"]["off"]
+    assert isa_runs["host"]["gemma/eager"]["off"] != alt["gemma/eager"]["off"]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -299,11 +299,26 @@ def test_exp_and_log_within_one_ulp():
     assert max(_ulp_err(float(y), math.log(float(x))) for x, y in zip(ls, yl, strict=True)) < 1.0
 
 
+def test_erf_within_two_ulp_and_its_branch_edges_match_the_spec():
+    # Measured over 66 million float32 in [1e-30, 5]: at most 1.13 ULP (docs/canonical-orders.md 2.7).
+    rng = np.random.default_rng(12)
+    xs = np.concatenate([rng.uniform(-5, 5, 20_000), np.exp2(rng.uniform(-140, 0, 5_000))]).astype(np.float32)
+    ye = P.elementwise("erf", torch.from_numpy(xs)).numpy()
+    assert max(_ulp_err(float(y), math.erf(float(x))) for x, y in zip(xs, ye, strict=True)) < 2.0
+    edges = [np.nextafter(np.float32(1), np.float32(0)), 1.0, np.nextafter(np.float32(3.875), np.float32(0)), 3.875]
+    x = torch.tensor([v for e in edges for v in (e, -e)], dtype=torch.float32)
+    got = P.elementwise("erf", x)
+    assert_same_bits(got, S.elementwise("erf", x))
+    assert torch.equal(got[6:], torch.tensor([1.0, -1.0])) and torch.all(got[:6].abs() < 1)
+    # Erf is odd and monotone at the branch edges: no step back where the branches meet.
+    assert torch.equal(got[0::2], -got[1::2]) and torch.all(got[0::2].diff() >= 0)
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(InputError, match="float64"):
         P.softmax(torch.zeros(2, 3, dtype=torch.float64), False)
     with pytest.raises(InputError, match="elementwise"):
-        P.elementwise("erf", torch.zeros(3))
+        P.elementwise("sin", torch.zeros(3))
     with pytest.raises(InputError, match="float64"):
         S.softmax(torch.zeros(2, 3, dtype=torch.float64), False)
 

@@ -58,6 +58,14 @@ D1 = np.uint32(0x3F2AAAAB).view(F32)
 D2 = np.uint32(0x3ECCCCCD).view(F32)
 D3 = np.uint32(0x3E924925).view(F32)
 D4 = np.uint32(0x3E638E39).view(F32)
+E0, E1, E2, E3, E4, E5, E6 = (np.uint32(b).view(F32) for b in (
+    0x3E0375D4, 0xBEC093A0, 0x3DE716B2, 0xBCDBFFDB, 0x3BAA1B19, 0xBA52A0F1, 0x38A6609F))
+G0, G1, G2, G3, G4, G5, G6, G7, G8 = (np.uint32(b).view(F32) for b in (
+    0x39AA25A8, 0xBF90AC34, 0xBF21BC6C, 0xBDE18BAA, 0x3CD8B5B6, 0xBB9C64EE, 0x3A1D487A, 0xB842F401, 0x35DEE9FF))
+ERF_ONE_FROM = F32(3.875)
+SQRT1_2 = np.uint32(0x3F3504F3).view(F32)
+GELU_BETA = np.uint32(0x3F4C422A).view(F32)
+GELU_KAPPA = np.uint32(0x3D372713).view(F32)
 LANES = 32
 
 # Tile sizes: fixed constants, never derived from M (batch size) or the thread count.
@@ -151,6 +159,45 @@ def tanh_f32(x: float) -> float:
     t = ONE - TWO / (exp_f32(a + a) + ONE)
     big = t if x > ZERO else -t
     return small if a < HALF else big
+
+
+@njit(cache=True, error_model="numpy")
+def erf_f32(x: float) -> float:
+    """Erf of canonical-orders section 2.6; both branches computed, then selected, so
+    that loops vectorise."""
+    a = abs(x)
+    z = x * x
+    q = fma32(E6, z, E5)
+    q = fma32(q, z, E4)
+    q = fma32(q, z, E3)
+    q = fma32(q, z, E2)
+    q = fma32(q, z, E1)
+    q = fma32(q, z, E0)
+    small = fma32(x, q, x)
+    p = fma32(G8, a, G7)
+    p = fma32(p, a, G6)
+    p = fma32(p, a, G5)
+    p = fma32(p, a, G4)
+    p = fma32(p, a, G3)
+    p = fma32(p, a, G2)
+    p = fma32(p, a, G1)
+    p = fma32(p, a, G0)
+    t = ONE - exp_f32(p)
+    t = t if a < ERF_ONE_FROM else ONE
+    big = t if x > ZERO else -t
+    y = small if a < ONE else big
+    return y if x == x else x
+
+
+@njit(cache=True, error_model="numpy")
+def gelu_f32(x: float) -> float:
+    return (x * HALF) * (ONE + erf_f32(x * SQRT1_2))
+
+
+@njit(cache=True, error_model="numpy")
+def gelu_tanh_f32(x: float) -> float:
+    x3 = (x * x) * x
+    return (HALF * x) * (ONE + tanh_f32(GELU_BETA * (x + GELU_KAPPA * x3)))
 
 
 @njit(cache=True, error_model="numpy")
@@ -376,8 +423,8 @@ def layer_norm_rows(x: np.ndarray, mode: int, weight: np.ndarray, has_weight: bo
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int) -> None:
-    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu, 5 tanh on x[lo:hi] (flat; float32
-    or raw bf16/fp16 bits), in blocks of ROW_CHUNK."""
+    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu, 5 tanh, 6 erf, 7 gelu, 8 gelu_tanh
+    on x[lo:hi] (flat; float32 or raw bf16/fp16 bits), in blocks of ROW_CHUNK."""
     buf = np.empty(ROW_CHUNK, dtype=F32)
     for c0 in range(lo, hi, ROW_CHUNK):
         c1 = min(hi, c0 + ROW_CHUNK)
@@ -399,9 +446,18 @@ def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: in
             for j in range(xs.shape[0]):
                 v = xs[j]
                 ys[j] = canon(v / (ONE + exp_f32(-v)))
-        else:
+        elif op == 5:
             for j in range(xs.shape[0]):
                 ys[j] = canon(tanh_f32(xs[j]))
+        elif op == 6:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(erf_f32(xs[j]))
+        elif op == 7:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(gelu_f32(xs[j]))
+        else:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(gelu_tanh_f32(xs[j]))
 
 
 # ------------------------------------------------------------------ float16 <-> float32

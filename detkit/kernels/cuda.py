@@ -50,7 +50,7 @@ __all__ = [
     "to_cupy",
 ]
 
-ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "log", "rsqrt", "sigmoid", "silu", "tanh")
+ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu", "gelu_tanh")
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _MIN_MAJOR = 8
 _MAX_GRID_YZ = 65535
@@ -634,7 +634,7 @@ def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
-    """The portable elementwise ops of the canonical orders (exp, log, rsqrt, sigmoid, silu, tanh)."""
+    """The portable elementwise ops of the canonical orders (``ELEMENTWISE_OPS``)."""
     if name not in ELEMENTWISE_OPS:
         raise InputError(f"unknown portable elementwise op {name!r}; choose from {list(ELEMENTWISE_OPS)}")
     dev = _device_of(x)

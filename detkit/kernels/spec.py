@@ -40,6 +40,16 @@ TANH_T = tuple(np.uint32(b).view(F32) for b in (
     0x3b6b69e8, 0xbabed1b2, 0x3a1aac12, 0xb97abebc)
 )
 LOG_D = tuple(np.uint32(b).view(F32) for b in (0x3F2AAAAB, 0x3ECCCCCD, 0x3E924925, 0x3E638E39))
+# Erf (section 2.6): E0..E6 fit erf(x)/x - 1 in x^2 on [0, 1]; G0..G8 fit log(erfc(a)) in a
+# on [1, 3.875] (least squares on Chebyshev nodes, rounded to fp32).
+ERF_E = tuple(np.uint32(b).view(F32) for b in (
+    0x3E0375D4, 0xBEC093A0, 0x3DE716B2, 0xBCDBFFDB, 0x3BAA1B19, 0xBA52A0F1, 0x38A6609F))
+ERF_G = tuple(np.uint32(b).view(F32) for b in (
+    0x39AA25A8, 0xBF90AC34, 0xBF21BC6C, 0xBDE18BAA, 0x3CD8B5B6, 0xBB9C64EE, 0x3A1D487A, 0xB842F401, 0x35DEE9FF))
+ERF_ONE_FROM = F32(3.875)  # erf(a) rounds to 1.0 in fp32 from about a = 3.84 on
+SQRT1_2 = np.uint32(0x3F3504F3).view(F32)
+GELU_BETA = np.uint32(0x3F4C422A).view(F32)  # fp32(sqrt(2 / pi)), torch's kGeluBeta
+GELU_KAPPA = np.uint32(0x3D372713).view(F32)  # fp32(0.044715)
 
 ONE = F32(1.0)
 ZERO = F32(0.0)
@@ -246,6 +256,42 @@ def tanh(x: np.float32) -> np.float32:
     return t if x > 0 else F32(-t)
 
 
+def erf(x: np.float32) -> np.float32:
+    """Erf of section 2.6."""
+    x = F32(x)
+    if math.isnan(x):
+        return x
+    a = F32(abs(x))
+    if a < ONE:
+        z = F32(x * x)
+        q = ERF_E[-1]
+        for c in ERF_E[-2::-1]:
+            q = fma(q, z, c)
+        return fma(x, q, x)
+    if a >= ERF_ONE_FROM:
+        t = ONE
+    else:
+        p = ERF_G[-1]
+        for c in ERF_G[-2::-1]:
+            p = fma(p, a, c)
+        t = F32(ONE - exp(p))
+    return t if x > 0 else F32(-t)
+
+
+def gelu(x: np.float32) -> np.float32:
+    """Exact GELU as torch writes it: (x * 0.5) * (1 + Erf(x * SQRT1_2))."""
+    x = F32(x)
+    return F32(F32(x * F32(0.5)) * F32(ONE + erf(F32(x * SQRT1_2))))
+
+
+def gelu_tanh(x: np.float32) -> np.float32:
+    """Tanh GELU as torch writes it: (0.5 * x) * (1 + Tanh(BETA * (x + KAPPA * x^3)))."""
+    x = F32(x)
+    x3 = F32(F32(x * x) * x)
+    inner = F32(GELU_BETA * F32(x + F32(GELU_KAPPA * x3)))
+    return F32(F32(F32(0.5) * x) * F32(ONE + tanh(inner)))
+
+
 ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
     "exp": exp,
     "log": log,
@@ -253,6 +299,9 @@ ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
     "sigmoid": sigmoid,
     "silu": silu,
     "tanh": tanh,
+    "erf": erf,
+    "gelu": gelu,
+    "gelu_tanh": gelu_tanh,
 }
 
 
