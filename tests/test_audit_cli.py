@@ -450,3 +450,87 @@ def test_non_finite_numpy_values_are_written_as_strict_json(tmp_path: Path) -> N
     record = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON token {c}"))["results"][0]
     assert record == {"type": "record", "f32": "inf", "f16": "-inf", "f64": "nan", "array": [1.0, "nan"],
                       "stats": {"max": "inf"}}
+
+
+def _audit_in_process(out: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                      *extra: str) -> tuple[int, str]:
+    """`detkit audit SMALL --out out` through the real entry point: (exit code, stdout + stderr)."""
+    from detkit.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["detkit", "audit", *SMALL, "--out", str(out), *extra])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out + captured.err
+
+
+def _ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)  # the handler runs here, as a Ctrl-C landing inside real work
+
+
+def test_interrupt_while_implementations_are_probed_says_so_and_leaves_a_partial_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the first check: exit 130 with a message (it was a silent 130), and a partial
+    report, so that --out never holds a previous run's report as if it were this one's."""
+    import detkit.audit.runner as runner
+
+    (tmp_path / "report.json").write_text("an earlier run's report")
+
+    def probe(*_a: Any) -> Any:
+        _ctrl_c()
+        pytest.fail("the Ctrl-C did not stop the probe")
+
+    monkeypatch.setattr(runner, "probe_impls", probe)
+    code, text = _audit_in_process(tmp_path, monkeypatch, capsys)
+    assert code == 130
+    assert "interrupted" in text and "before any op was audited" in text
+    data = load_report(tmp_path / "report.json")
+    assert data["status"] == "partial" and not [r for r in data["results"] if r["record"] == "op"]
+    assert "PARTIAL" in (tmp_path / "report.md").read_text()
+
+
+def test_a_ctrl_c_that_a_library_swallows_still_ends_the_audit_as_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Ctrl-C landing in torch's lazy imports (the mode's first use) came back as an
+    AttributeError: the implementations were reported unavailable and the audit exited 0."""
+    import detkit.audit.runner as runner
+
+    real = runner.probe_impls
+
+    def probe(*args: Any) -> Any:
+        try:
+            _ctrl_c()
+        except KeyboardInterrupt:  # as a library's `except BaseException` does
+            pass
+        return real(*args)
+
+    monkeypatch.setattr(runner, "probe_impls", probe)
+    code, text = _audit_in_process(tmp_path, monkeypatch, capsys)
+    assert code == 130, text
+    assert "interrupted" in text
+    assert load_report(tmp_path / "report.json")["status"] == "partial"
+
+
+def test_interrupt_while_the_report_is_written_still_writes_every_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The audit finished; a Ctrl-C while report.md was rendered left report.json 'running'
+    or report.html missing, with a silent 130. The files are finished first, then exit 130."""
+    import detkit.audit.render as render
+
+    real = render.to_markdown
+
+    def to_markdown(report: dict[str, Any]) -> str:
+        _ctrl_c()
+        return real(report)
+
+    monkeypatch.setattr(render, "to_markdown", to_markdown)
+    code, text = _audit_in_process(tmp_path, monkeypatch, capsys)
+    assert code == 130, text
+    assert "interrupted" in text
+    data = load_report(tmp_path / "report.json")
+    assert data["status"] == "complete" and [r for r in data["results"] if r["record"] == "op"]
+    assert (tmp_path / "report.md").exists() and (tmp_path / "report.html").exists()

@@ -32,19 +32,48 @@ EXIT_UNEXPECTED = 3
 _COMMAND_MODULES = ("env", "kernels", "audit", "report", "probe")
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a CI timeout, `docker stop`) raises KeyboardInterrupt inside the block, so a
-    long run ends as on Ctrl-C: finished results kept, report partial, exit 130."""
+class Interrupt:
+    """What :func:`sigterm_as_interrupt` saw. ``requested`` stays True once SIGINT or SIGTERM
+    arrived, even where a library caught the KeyboardInterrupt it raised: a Ctrl-C that
+    lands in torch's lazy imports came back as an AttributeError, and the run exited 0."""
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
+    def __init__(self) -> None:
+        self.requested = False
+        self.holding = False
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Inside, the first signal is only recorded (a report's files are finished, not cut
+        halfway); a second one raises, so that a stuck write can still be stopped."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[Interrupt]:
+    """SIGTERM (a CI timeout, `docker stop`) raises KeyboardInterrupt inside the block, as
+    SIGINT (Ctrl-C) does, so a long run ends as on Ctrl-C: finished results kept, report
+    partial, exit 130. Both are recorded in the :class:`Interrupt` it yields."""
+    state = Interrupt()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        state.requested = True
+        if state.holding:
+            state.holding = False
+            return
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_signal)}
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a job started with SIGINT ignored stays so
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, on_signal)
     try:
-        yield
+        yield state
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def output_dir(out: Path, option: str = "--out") -> Path:

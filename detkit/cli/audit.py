@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover - torch is imported only when a command ru
     from rich.console import Console
 
     from detkit.audit.runner import AuditConfig
+    from detkit.report import ReportWriter
 
 INTERRUPTED = 130
 
@@ -142,18 +143,10 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
-    from detkit.audit.render import SHORT, short_cell, short_cell_width, to_html, to_markdown
+    from detkit.audit.render import SHORT, short_cell, short_cell_width
     from detkit.audit.runner import Event, probe_impls, resolve_device, run_audit
-    from detkit.audit.summary import summarize
-    from detkit.audit.vocab import CELL_LEGEND, IMPL_HELP
     from detkit.report import ReportWriter
 
-    # usage and environment errors (no GPU, a requested impl that cannot run) surface
-    # before any report file exists
-    availability = probe_impls(cfg, resolve_device(cfg.device))
-    config = {**cfg.to_dict(), "command": _command_line(cfg)}
-    config.pop("impls_explicit")
-    writer = ReportWriter("audit", config, out / "report.json" if out else None)
     checks = [c for c in SHORT if c != "isa-variance" or cfg.isa]
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, transient=True)
@@ -183,12 +176,48 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
             progress.console.print(line, soft_wrap=True)
             progress.advance(task)
 
-    partial = False
-    try:
-        with sigterm_as_interrupt(), progress:
-            run_audit(cfg, writer, listen, availability)
-    except KeyboardInterrupt:
-        partial = True
+    device = resolve_device(cfg.device)
+    config = {**cfg.to_dict(), "command": _command_line(cfg)}
+    config.pop("impls_explicit")
+    with sigterm_as_interrupt() as stop:
+        interrupted = False
+        try:
+            # usage and environment errors (no GPU, a requested impl that cannot run) surface
+            # before any report file exists
+            availability = probe_impls(cfg, device)
+        except KeyboardInterrupt:
+            availability, interrupted = None, True
+        with stop.held():  # interrupted or not, --out gets this run's report, not an earlier one
+            writer = ReportWriter("audit", config, out / "report.json" if out else None)
+        if availability is not None and not stop.requested:
+            try:
+                with progress:
+                    run_audit(cfg, writer, listen, availability)
+            except KeyboardInterrupt:
+                interrupted = True
+        # partial: not every record was measured; a signal after that only changes the exit code
+        partial = interrupted or stop.requested
+        with stop.held():
+            code = _finish(cfg, writer, partial, out, json_out, console)
+        if partial or stop.requested:
+            done = len([r for r in writer.data["results"] if r.get("record") == "op"])
+            kept = ("the report holds them and is marked partial" if out is not None or json_out
+                    else "no --out or --json given, only the table above shows them")
+            console.print("[bold yellow]interrupted[/] "
+                          + (f"after {done} op record(s): {kept}" if partial and done else
+                             "before any op was audited: the report is marked partial" if partial else
+                             "after the audit finished: the report is complete"), soft_wrap=True)
+            return INTERRUPTED
+    return code
+
+
+def _finish(cfg: AuditConfig, writer: ReportWriter, partial: bool, out: Path | None, json_out: bool,
+            console: Console) -> int:
+    """Write the report's files and print the summary; returns the exit code of the gate."""
+    from detkit.audit.render import to_html, to_markdown
+    from detkit.audit.summary import summarize
+    from detkit.audit.vocab import CELL_LEGEND, IMPL_HELP
+
     summary = summarize(writer.data, cfg.fail_on)
     report = writer.finish(summary, partial=partial)
     if out is not None:
@@ -214,9 +243,6 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
             console.print(f"  ... {len(errors) - 10} more (report.json)", markup=False)
     if out is not None:
         console.print(f"\nreport: {out / 'report.json'} (+ report.md, report.html)", markup=False, soft_wrap=True)
-    if partial:
-        console.print("[bold yellow]interrupted:[/] the report holds the finished records and is marked partial")
-        return INTERRUPTED
     if summary["fail_on"]["failed"]:
         failed = summary["fail_on"]["failed"]
         console.print(f"[bold red]--fail-on {','.join(cfg.fail_on)}: {len(failed)} failing[/]")
