@@ -534,3 +534,29 @@ def test_interrupt_while_the_report_is_written_still_writes_every_file(
     data = load_report(tmp_path / "report.json")
     assert data["status"] == "complete" and [r for r in data["results"] if r["record"] == "op"]
     assert (tmp_path / "report.md").exists() and (tmp_path / "report.html").exists()
+
+
+def test_a_failure_halfway_keeps_the_finished_records_in_a_partial_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An error that stops the audit (a full disk, a bug in the live table) left report.json
+    'running' and no report.md or .html: it ends as on Ctrl-C, then exits 3 with its traceback."""
+    import detkit.audit.runner as runner
+
+    real, calls = runner._record, []
+
+    def record(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(runner, "_record", record)
+    code, text = _audit_in_process(tmp_path, monkeypatch, capsys, "--impl", "torch,deterministic")
+    assert code == 3, text
+    assert "No space left on device" in text
+    data = load_report(tmp_path / "report.json")
+    assert data["status"] == "partial"
+    assert [(r["op"], r["impl"]) for r in data["results"] if r["record"] == "op"] == [("sum", "torch")]
+    assert any("No space left on device" in e["error"] for e in data["errors"])
+    assert "PARTIAL" in (tmp_path / "report.md").read_text() and (tmp_path / "report.html").exists()

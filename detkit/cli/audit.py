@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -189,23 +190,33 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
             availability, interrupted = None, True
         with stop.held():  # interrupted or not, --out gets this run's report, not an earlier one
             writer = ReportWriter("audit", config, out / "report.json" if out else None)
+        failure: Exception | None = None
         if availability is not None and not stop.requested:
             try:
                 with progress:
                     run_audit(cfg, writer, listen, availability)
             except KeyboardInterrupt:
                 interrupted = True
+            except Exception as exc:
+                # stopped halfway (a full disk, a bug): the finished records are kept as on
+                # Ctrl-C, then the error ends the command as usual (traceback, exit 3)
+                failure = exc
+                writer.add_error("audit", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}")
         # partial: not every record was measured; a signal after that only changes the exit code
-        partial = interrupted or stop.requested
+        partial = interrupted or stop.requested or failure is not None
         with stop.held():
             code = _finish(cfg, writer, partial, out, json_out, console)
+        done = len([r for r in writer.data["results"] if r.get("record") == "op"])
+        kept = ("the report holds them and is marked partial" if out is not None or json_out
+                else "no --out or --json given, only the table above shows them")
+        if failure is not None:
+            console.print(f"[bold red]failed[/] after {done} op record(s): {kept}", soft_wrap=True)
+            raise failure
         if partial or stop.requested:
-            done = len([r for r in writer.data["results"] if r.get("record") == "op"])
-            kept = ("the report holds them and is marked partial" if out is not None or json_out
-                    else "no --out or --json given, only the table above shows them")
             console.print("[bold yellow]interrupted[/] "
                           + (f"after {done} op record(s): {kept}" if partial and done else
-                             "before any op was audited: the report is marked partial" if partial else
+                             "before any op was audited" + (": the report is marked partial" if out is not None
+                                                            or json_out else "") if partial else
                              "after the audit finished: the report is complete"), soft_wrap=True)
             return INTERRUPTED
     return code
