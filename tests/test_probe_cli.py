@@ -265,6 +265,20 @@ def test_ctrl_c_before_the_probe_starts_says_so(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "report.json").exists()
 
 
+
+def test_ctrl_c_while_the_model_loads_says_so(capsys, monkeypatch):
+    """Loading the model is the longest wait before the probe: a Ctrl-C there exited 130 in
+    silence (typer turns the KeyboardInterrupt into its exit)."""
+    from detkit.probe import hf
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, "load_model", interrupted)
+    code, out, err = run_cli(["--model", "tiny-llama", "--modes", "single", "--json"], capsys, monkeypatch)
+    assert code == 130 and out == "", err
+    assert "interrupted" in err and "before the probe started" in err
+
 def test_a_report_left_running_renders_as_incomplete(tmp_path):
     # what a SIGKILL or a segfault leaves behind: status running, no summary
     from detkit.probe.render import render_html, render_markdown

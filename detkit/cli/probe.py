@@ -151,10 +151,17 @@ def probe(
         raise InputError(str(exc)) from None
     if out is not None:
         output_dir(out)  # before loading a model: a bad --out fails in a second
-    engine = _engine(
-        model=model, dtype=dtype, attn=attn, device=device, endpoint=endpoint, served_model=served_model, seed=suite.seed,
-        top_k=top_k, timeout=timeout, retries=retries, batch_invariant=batch_invariant, portable=portable, chat=chat,
-    )
+    try:
+        # loading a model (or reaching a server) is the longest wait before the probe
+        with sigterm_as_interrupt():
+            engine = _engine(
+                model=model, dtype=dtype, attn=attn, device=device, endpoint=endpoint, served_model=served_model,
+                seed=suite.seed, top_k=top_k, timeout=timeout, retries=retries, batch_invariant=batch_invariant,
+                portable=portable, chat=chat,
+            )
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/] before the probe started (while the engine was set up), nothing kept")
+        raise typer.Exit(INTERRUPTED) from None
     unsupported = [m for m in suite.modes if m in engine.unsupported_modes] if modes is not None else []
     if unsupported:  # asked for by name: say so now, not after the references ran
         engine.close()
