@@ -1335,3 +1335,18 @@ def test_mutation_missing_barrier_is_caught_by_the_thread_sanitizer(tmp_path: Pa
     # the race is on the reduction's scratch: named by its line in common.cuh, or (when the
     # symbolizer gives no line for the inlined frame) by the variable
     assert "common.cuh:" in reports or "::scratch'" in reports, reports[:3000]
+
+
+# The warp barrier between one key block's readers of `sk` and the next block's writers,
+# dropped. With D <= 64 (one block per score) the only thing between them is the next
+# chunk's __ballot_sync, which on a GPU orders no memory access (only __syncwarp does).
+_NO_SYNCWARP = ("                __syncwarp();  // the previous block's readers are done with sk\n", "")
+
+
+@_needs("thread")
+def test_mutation_a_shuffle_in_place_of_a_syncwarp_is_caught_by_the_thread_sanitizer(tmp_path: Path) -> None:
+    """Warp collectives synchronise the emulation's lanes but must not count as ordering
+    shared memory for ThreadSanitizer (emu.h's EmuUnordered), or a race a GPU has passes."""
+    kernels = _mutated_kernels(tmp_path, "attention.cu", _NO_SYNCWARP)
+    rc, output, reports = _SanitizedRun(tmp_path, "thread", "attention_invariance and True", kernels).result()
+    assert "ThreadSanitizer: data race" in reports and "attention" in reports, reports[:3000] or output[-3000:]

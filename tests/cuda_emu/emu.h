@@ -94,6 +94,37 @@ struct EmuBarrier {
     void drop();  // a thread left the kernel: it no longer takes part in this block
 };
 
+// A warp collective (shuffle, ballot, ldmatrix, mma) synchronises a warp's lanes but, on a
+// GPU, orders no memory access: only __syncwarp and __syncthreads do (CUDA C++ Programming
+// Guide, "Warp Shuffle Functions" vs "__syncwarp()"). Its barrier here is a mutex and a
+// condition variable, which ThreadSanitizer would take for an ordering: a lane writing
+// shared memory that another lane read before the same shuffle, with no __syncwarp in
+// between, would pass. In the ThreadSanitizer build a collective's own bookkeeping therefore
+// runs with TSan's synchronisation and memory tracking switched off (EmuUnordered), so
+// the kernel's accesses on either side of it are checked as if nothing ordered them.
+#if defined(__SANITIZE_THREAD__)
+extern "C" void AnnotateIgnoreSyncBegin(const char*, int);
+extern "C" void AnnotateIgnoreSyncEnd(const char*, int);
+extern "C" void AnnotateIgnoreReadsBegin(const char*, int);
+extern "C" void AnnotateIgnoreReadsEnd(const char*, int);
+extern "C" void AnnotateIgnoreWritesBegin(const char*, int);
+extern "C" void AnnotateIgnoreWritesEnd(const char*, int);
+struct EmuUnordered {
+    EmuUnordered() {
+        AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
+        AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+        AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+    }
+    ~EmuUnordered() {
+        AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+        AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+        AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
+    }
+};
+#else
+struct EmuUnordered {};
+#endif
+
 // A collective is one warp barrier: lanes publish into buffer `phase`, wait, read. The
 // buffers alternate, so a lane that runs ahead into the next collective writes the other
 // buffer, and the one after that only after every lane has reached the next barrier,
@@ -120,12 +151,15 @@ static inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp()->bar.wait(); 
 template <typename V> static inline V emu_exchange(V v, int src) {
     static_assert(sizeof(V) <= 8, "8 bytes at most");
     EmuWarp* w = emu_warp();
-    uint64_t bits = 0;
+    uint64_t bits = 0, got = 0;
     std::memcpy(&bits, &v, sizeof(V));
-    const int ph = emu_next_phase(w);
-    w->slot[ph][emu_lane()] = bits;
-    w->bar.wait();
-    uint64_t got = w->slot[ph][src & 31];
+    {
+        EmuUnordered unordered;
+        const int ph = emu_next_phase(w);
+        w->slot[ph][emu_lane()] = bits;
+        w->bar.wait();
+        got = w->slot[ph][src & 31];
+    }
     V r;
     std::memcpy(&r, &got, sizeof(V));
     return r;
@@ -134,6 +168,7 @@ template <typename V> static inline V __shfl_xor_sync(unsigned, V v, int o) { re
 template <typename V> static inline V __shfl_sync(unsigned, V v, int src) { return emu_exchange(v, src); }
 static inline unsigned __ballot_sync(unsigned, bool pred) {
     EmuWarp* w = emu_warp();
+    EmuUnordered unordered;
     const int ph = emu_next_phase(w);
     w->slot[ph][emu_lane()] = pred ? 1u : 0u;
     w->bar.wait();
@@ -197,16 +232,25 @@ static inline uint16_t emu_ld1(const void* p) { uint16_t r; std::memcpy(&r, p, 2
 static inline void emu_ldsm(uint32_t (&r)[4], const void* p, bool trans) {
     EmuWarp* w = emu_warp();
     const int lane = emu_lane();
-    const int ph = emu_next_phase(w);
     if (!emu_aligned16(p)) emu_report("ldmatrix row address not 16-byte aligned: a GPU faults");
-    w->ptr[ph][lane] = p;
-    w->bar.wait();
+    const void* rows[4][2];  // the row addresses this lane reads, from the lanes that gave them
+    {
+        EmuUnordered unordered;
+        const int ph = emu_next_phase(w);
+        w->ptr[ph][lane] = p;
+        w->bar.wait();
+        for (int i = 0; i < 4; ++i) {
+            rows[i][0] = w->ptr[ph][trans ? 8 * i + 2 * (lane % 4) : 8 * i + lane / 4];
+            rows[i][1] = w->ptr[ph][trans ? 8 * i + 2 * (lane % 4) + 1 : 8 * i + lane / 4];
+        }
+    }
+    // The shared-memory reads themselves stay visible to ThreadSanitizer.
     for (int i = 0; i < 4; ++i) {
         if (!trans) {
-            r[i] = emu_ld2((const uint16_t*)w->ptr[ph][8 * i + lane / 4] + 2 * (lane % 4));
+            r[i] = emu_ld2((const uint16_t*)rows[i][0] + 2 * (lane % 4));
         } else {
-            const uint16_t lo = emu_ld1((const uint16_t*)w->ptr[ph][8 * i + 2 * (lane % 4)] + lane / 4);
-            const uint16_t hi = emu_ld1((const uint16_t*)w->ptr[ph][8 * i + 2 * (lane % 4) + 1] + lane / 4);
+            const uint16_t lo = emu_ld1((const uint16_t*)rows[i][0] + lane / 4);
+            const uint16_t hi = emu_ld1((const uint16_t*)rows[i][1] + lane / 4);
             r[i] = (uint32_t)lo | ((uint32_t)hi << 16);
         }
     }
@@ -219,6 +263,7 @@ template <bool IS_BF16>
 static inline void emu_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     EmuWarp* w = emu_warp();
     const int lane = emu_lane();
+    EmuUnordered unordered;  // registers only
     const int ph = emu_next_phase(w);
     for (int i = 0; i < 4; ++i) w->regs[ph][lane][i] = a[i];
     w->regs[ph][lane][4] = b0;
