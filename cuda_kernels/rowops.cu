@@ -311,7 +311,7 @@ __device__ __forceinline__ void b_row_sum(const T* __restrict__ x, T* __restrict
 
 enum EwOp {
     EW_EXP = 0, EW_LOG = 1, EW_RSQRT = 2, EW_SIGMOID = 3, EW_SILU = 4, EW_TANH = 5,
-    EW_ERF = 6, EW_GELU = 7, EW_GELU_TANH = 8
+    EW_ERF = 6, EW_GELU = 7, EW_GELU_TANH = 8, EW_SIN = 9, EW_COS = 10
 };
 
 // tanh of the canonical orders: odd Taylor polynomial below 0.5, else 1 - 2/(Exp(2|x|)+1).
@@ -379,6 +379,49 @@ __device__ __forceinline__ float spec_gelu_tanh(float x) {
     return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, spec_tanh(inner)));
 }
 
+typedef unsigned long long u64;
+
+// 2/pi to 224 fraction bits as 32-bit words, least significant first, zero padded so that
+// a 96-bit window starting anywhere in it reads whole words (section 2.7).
+__constant__ u64 kTwoOverPi[10] = {0xFE5163ABull, 0x3C439041ull, 0xDB629599ull, 0xF534DDC0ull, 0xFC2757D1ull,
+                                   0x4E441529ull, 0xA2F9836Eull, 0ull, 0ull, 0ull};
+
+// Sin or Cos of the canonical orders (section 2.7): exact reduction by 2/pi in 64-bit
+// integer arithmetic (wraparound as the spec writes it), then polynomials in r^2.
+__device__ __forceinline__ float spec_sin_cos(float x, bool want_cos) {
+    const float a = fabsf(x);
+    if (!(a < __uint_as_float(0x7F800000u))) return __uint_as_float(0x7FC00000u);  // inf or NaN
+    if (a < __uint_as_float(0x39800000u)) return want_cos ? 1.0f : x;
+    const u64 bits = __float_as_uint(a);
+    const u64 m = (bits & 0x7FFFFFull) | 0x800000ull;
+    const u64 t = 280ull - (bits >> 23);  // 224 - (e + 94), e = exponent - 150
+    const u64 wq = t >> 5, wr = t & 31ull;
+    const u64 w0 = (((kTwoOverPi[wq + 1] << 32) | kTwoOverPi[wq]) >> wr) & 0xFFFFFFFFull;
+    const u64 w1 = (((kTwoOverPi[wq + 2] << 32) | kTwoOverPi[wq + 1]) >> wr) & 0xFFFFFFFFull;
+    const u64 w2 = (((kTwoOverPi[wq + 3] << 32) | kTwoOverPi[wq + 2]) >> wr) & 0xFFFFFFFFull;
+    const u64 v = ((m * w0) >> 32) + m * w1 + ((m * w2) << 32);  // a * 2/pi mod 4, 62 fraction bits
+    const u64 k = (v + (1ull << 61)) >> 62;
+    const long long f = (long long)(v - (k << 62));
+    const float hi = __ll2float_rn(f);
+    const float lo = __ll2float_rn(f - (long long)hi);
+    const float pio2_hi = __uint_as_float(0x3FC90FDBu), pio2_lo = __uint_as_float(0xB33BBD2Eu);
+    const float r = __fmul_rn(__fmaf_rn(hi, pio2_hi, __fmaf_rn(hi, pio2_lo, __fmul_rn(lo, pio2_hi))),
+                              __uint_as_float(0x20800000u));  // 2^-62
+    const float z = __fmul_rn(r, r);
+    float sp = __fmaf_rn(__uint_as_float(0x3636DAFDu), z, __uint_as_float(0xB95009D8u));  // S4, S3
+    sp = __fmaf_rn(sp, z, __uint_as_float(0x3C088887u));                                  // S2
+    sp = __fmaf_rn(sp, z, __uint_as_float(0xBE2AAAABu));                                  // S1
+    const float sn = __fmaf_rn(__fmul_rn(r, z), sp, r);
+    float cp = __fmaf_rn(__uint_as_float(0x37CD3214u), z, __uint_as_float(0xBAB6070Au));  // C4, C3
+    cp = __fmaf_rn(cp, z, __uint_as_float(0x3D2AAAA7u));                                  // C2
+    cp = __fmaf_rn(cp, z, __uint_as_float(0xBF000000u));                                  // C1
+    const float cs = __fmaf_rn(z, cp, 1.0f);
+    const int q = (int)(k & 3ull);
+    if (want_cos) return q == 0 ? cs : q == 1 ? -sn : q == 2 ? -cs : sn;
+    const float y = q == 0 ? sn : q == 1 ? cs : q == 2 ? -sn : -cs;
+    return x > 0.0f ? y : -y;
+}
+
 template <typename T>
 __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __restrict__ y, i64 n, int op) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
@@ -393,7 +436,9 @@ __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __rest
             case EW_TANH: r = spec_tanh(v); break;
             case EW_ERF: r = spec_erf(v); break;
             case EW_GELU: r = spec_gelu(v); break;
-            default: r = spec_gelu_tanh(v); break;
+            case EW_GELU_TANH: r = spec_gelu_tanh(v); break;
+            case EW_SIN: r = spec_sin_cos(v, false); break;
+            default: r = spec_sin_cos(v, true); break;
         }
         y[i] = from_f32<T>(r);
     }

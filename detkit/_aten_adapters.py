@@ -40,8 +40,8 @@ Face tests); a third invariance is the kernels' own:
   vectorised path on one thread.
 
 In portable mode (``Call.portable``) the elementwise functions the portable backends
-implement (``ELEMENTWISE_PORTABLE``: exp, log, rsqrt, sigmoid, silu, tanh, erf, and
-gelu with either ``approximate``) go to that backend's ``elementwise(name, x)`` for
+implement (``ELEMENTWISE_PORTABLE``: exp, log, rsqrt, sigmoid, silu, tanh, erf, sin,
+cos, and gelu with either ``approximate``) go to that backend's ``elementwise(name, x)`` for
 float32/bfloat16/float16 instead: one float32
 evaluation per element in a fixed sequence of IEEE operations, rounded once, so the
 bits are the same on every instruction set (and position independent). On the CUDA
@@ -85,7 +85,9 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _PORTABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The portable backends' ``ELEMENTWISE_OPS`` (kept here so importing the mode does not
 # import numba; tests/test_mode_portable.py checks the two agree).
-ELEMENTWISE_PORTABLE: frozenset[str] = frozenset({"exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu"})
+ELEMENTWISE_PORTABLE: frozenset[str] = frozenset(
+    {"exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu", "sin", "cos"}
+)
 # gelu's ``approximate`` argument picks the backend function.
 _GELU_PORTABLE = {"none": "gelu", "tanh": "gelu_tanh"}
 # A multiple of two AVX-512 float32 vectors (torch unrolls by 2) and of every smaller ISA.

@@ -544,7 +544,8 @@ def test_portable_elementwise_equals_cpu(dtype: torch.dtype) -> None:
     x = torch.cat([rand((20000 if BIG else 2000,), torch.float32, 60, 40.0, device="cpu"),
                    torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40,
                                  88.7, 89.5, -103.9, -110.0, 0.5, -0.5, 0.49,
-                                 0.99999994, 1.0, -1.25, 3.8749998, 3.875, -3.875, 1e30, -1e30])]).to(dtype)
+                                 0.99999994, 1.0, -1.25, 3.8749998, 3.875, -3.875, 1e30, -1e30,
+                                 2.0**-12, -0.7853982, 12345.678, 3.0e38])]).to(dtype)
     for name in cuda_backend.ELEMENTWISE_OPS:
         assert_bits_equal(cuda_backend.elementwise(name, x.to(DEV)), REF.elementwise(name, x), name)
 

@@ -1,7 +1,8 @@
 """Portable mode: elementwise math goes to the portable backend; logits equal across ISAs.
 
 Under ``batch_invariant(portable=True)`` the aten functions exp, log, rsqrt, sigmoid,
-silu, tanh, erf and gelu (both approximations; functional and in-place) are computed by
+silu, tanh, erf, sin, cos and gelu (both approximations; functional and in-place) are
+computed by
 ``portable_cpu.elementwise``,
 whose bits are fixed by ``detkit.kernels.spec``. The end-to-end test runs tiny Hugging
 Face models in fresh processes with torch's CPU kernels forced to another instruction
@@ -39,6 +40,8 @@ FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "erf": torch.erf,
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "sin": torch.sin,
+    "cos": torch.cos,
 }
 # The aten op each portable function is routed as (gelu's approximate= picks the function).
 ATEN_OP = {name: "gelu" if name == "gelu_tanh" else name for name in FNS}
@@ -50,6 +53,8 @@ INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "tanh_": torch.Tensor.tanh_,
     "erf_": torch.Tensor.erf_,
     "gelu_": torch.ops.aten.gelu_,
+    "sin_": torch.Tensor.sin_,
+    "cos_": torch.Tensor.cos_,
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 88.7, -104.0, 1e30, -1e30]
@@ -151,9 +156,9 @@ def test_float64_and_unlisted_ops_keep_the_torch_path_in_portable_mode(monkeypat
     x64 = _values(640, 9, torch.float64, specials=False)
     x32 = x64.float()
     with detkit.batch_invariant(portable=True):
-        e64, s32, g32 = torch.exp(x64), torch.sin(x32), F.softplus(x32)
+        e64, s32, g32 = torch.exp(x64), F.mish(x32), F.softplus(x32)
     assert _same_bits(e64.view(torch.float32), torch.exp(x64).view(torch.float32))
-    assert _same_bits(s32, torch.sin(x32)) and _same_bits(g32, F.softplus(x32))
+    assert _same_bits(s32, F.mish(x32)) and _same_bits(g32, F.softplus(x32))
 
 
 def test_empty_and_integer_inputs_pass_through() -> None:
@@ -165,39 +170,40 @@ def test_empty_and_integer_inputs_pass_through() -> None:
 def test_coverage_report_in_portable_mode() -> None:
     x = torch.rand(3, 64) + 0.5
     fns = (F.silu, torch.tanh, torch.rsqrt, torch.exp, torch.sin, torch.cos, lambda t: t.pow(1.5), F.gelu,
-           F.softplus)
+           F.softplus, F.mish)
     _, ops = mode.trace_ops(lambda: [fn(x) for fn in fns])
     report = mode.coverage_report(ops, portable=True)
-    for op in ("silu.default", "tanh.default", "rsqrt.default", "exp.default", "gelu.default"):
+    for op in ("silu.default", "tanh.default", "rsqrt.default", "exp.default", "gelu.default", "sin.default",
+               "cos.default"):
         assert op in report.routed and op not in report.not_portable, op
-    for op in ("sin.default", "cos.default", "pow.Tensor_Scalar", "softplus.default"):
+    for op in ("mish.default", "pow.Tensor_Scalar", "softplus.default"):
         assert op in report.not_portable, op
     # On CUDA the portable kernels are routed too; the other math-library functions are
     # not portable, and outside portable mode all of them are position independent there.
     cuda = mode.coverage_report(ops, portable=True, device="CUDA")
     assert {"silu.default", "exp.default", "tanh.default", "rsqrt.default", "gelu.default"} <= set(cuda.routed)
-    assert {"sin.default", "softplus.default"} <= set(cuda.not_portable)
+    assert {"mish.default", "softplus.default"} <= set(cuda.not_portable)
     plain = mode.coverage_report(ops, device="CUDA")
-    assert {"silu.default", "sin.default", "gelu.default"} <= set(plain.exact) and not plain.uncovered
+    assert {"silu.default", "sin.default", "gelu.default", "mish.default"} <= set(plain.exact) and not plain.uncovered
 
 
 def test_portable_mode_reports_calls_left_to_torchs_math_library() -> None:
     """A routed elementwise call whose values come from torch's math library (softplus,
-    RoPE's sin/cos, float64 exp, pow(x, 1.5)) is batch invariant but not portable:
+    mish, float64 exp, pow(x, 1.5)) is batch invariant but not portable:
     measured, softplus's float32 bits change with ATEN_CPU_CAPABILITY. The block's
     coverage must say so, not only list it as routed."""
     x = torch.rand(3, 70) + 0.5
     with detkit.batch_invariant(portable=True, strict=True) as bi:
-        F.softplus(x), F.softplus(x, beta=2.0), torch.sin(x), torch.exp(x.double()), x.pow(1.5)
-        F.silu(x), torch.exp(x), torch.rsqrt(x.bfloat16()), x.pow(2), F.gelu(x)  # portable kernels, or exact
-    assert set(bi.not_portable()) == {"softplus", "sin", "exp", "pow.Tensor_Scalar"}
+        F.softplus(x), F.softplus(x, beta=2.0), F.mish(x), torch.exp(x.double()), x.pow(1.5)
+        F.silu(x), torch.exp(x), torch.rsqrt(x.bfloat16()), x.pow(2), F.gelu(x), torch.sin(x)  # portable, or exact
+    assert set(bi.not_portable()) == {"softplus", "mish", "exp", "pow.Tensor_Scalar"}
     assert bi.not_portable()["softplus"] == {"torch's math library (not in the canonical orders)": 2}
     assert bi.not_portable()["exp"] == {"torch.float64: torch's math library (portable kernels take float32, "
                                         "bfloat16, float16)": 1}
     assert bi.uncovered() == {}  # still batch invariant: nothing fell back
     assert "NOT portable" in str(bi.coverage()) and "softplus" in bi.coverage().to_dict()["not_portable"]
     with detkit.batch_invariant() as plain:  # batch-invariant mode promises nothing across ISAs
-        F.softplus(x), torch.sin(x)
+        F.softplus(x), F.mish(x)
     assert plain.not_portable() == {} and "NOT portable" not in str(plain.coverage())
 
 
@@ -207,8 +213,9 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
     from detkit import _aten_adapters as ad
 
     by_name = {o.name: o for o in ad.OVERRIDES["CUDA"]}
-    assert {"silu", "exp", "tanh", "rsqrt", "sigmoid", "log", "erf", "gelu", "silu_", "exp_", "gelu_"} <= set(by_name)
-    assert "sin" not in by_name and "softplus" not in by_name
+    assert {"silu", "exp", "tanh", "rsqrt", "sigmoid", "log", "erf", "gelu", "sin", "cos", "silu_", "exp_", "gelu_",
+            "sin_"} <= set(by_name)
+    assert "softplus" not in by_name and "mish" not in by_name
     calls: list[str] = []
 
     class Backend:

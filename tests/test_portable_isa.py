@@ -76,6 +76,12 @@ def _worker() -> None:
         xe = make((4099,), dtype, 15) * 4
         for name in P.ELEMENTWISE_OPS:
             record(f"{name}/{tag}", P.elementwise(name, xe))
+        # RoPE's angles (1024 positions x 32 frequencies): torch's sin/cos of these differ
+        # between AVX-512 and ATEN_CPU_CAPABILITY=default on the EPYC of docs/mode.md.
+        # (Frequencies from Python floats: torch's pow is itself ISA variant; the product is IEEE.)
+        freqs = torch.tensor([10000.0 ** (-i / 32) for i in range(32)], dtype=torch.float32)
+        angles = (torch.arange(1024.0)[:, None] * freqs[None]).to(dtype)
+        record(f"rope/{tag}", torch.cat([P.elementwise("sin", angles), P.elementwise("cos", angles)]))
         # large enough for the multi-threaded drivers
         xb = make((70, 600), dtype, 16)
         wb = tame((600,), dtype, 17)
@@ -215,7 +221,7 @@ def test_same_bits_on_every_isa_and_thread_count(runs):
     base = runs[names[0]]["hashes"]
     from detkit.kernels.portable_cpu import ELEMENTWISE_OPS
 
-    assert len(base) == 3 * (13 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
+    assert len(base) == 3 * (14 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
     diffs = {name: sorted(k for k, h in runs[name]["hashes"].items() if base[k] != h) for name in names[1:]}
     assert all(not d for d in diffs.values()), f"hash differs from {names[0]!r}: {diffs}"
 

@@ -314,11 +314,30 @@ def test_erf_within_two_ulp_and_its_branch_edges_match_the_spec():
     assert torch.equal(got[0::2], -got[1::2]) and torch.all(got[0::2].diff() >= 0)
 
 
+def test_sin_and_cos_within_two_ulp_over_the_whole_float32_range():
+    # Measured over 174 million float32 in [1e-30, 3.4e38]: at most 1.49 ULP (section 2.7);
+    # the reduction by 2/pi is exact, so huge arguments are as accurate as small ones.
+    rng = np.random.default_rng(13)
+    xs = np.concatenate([rng.uniform(-1000, 1000, 10_000), np.exp2(rng.uniform(-12, 127, 5_000)),
+                         -np.exp2(rng.uniform(-20, 127, 5_000))]).astype(np.float32)
+    x = torch.from_numpy(xs)
+    for name, exact in (("sin", math.sin), ("cos", math.cos)):
+        y = P.elementwise(name, x).numpy()
+        assert max(_ulp_err(float(v), exact(float(u))) for u, v in zip(xs, y, strict=True)) < 2.0, name
+    # Odd and even, the tiny-argument shortcut, and no value outside [-1, 1] anywhere.
+    assert torch.equal(P.elementwise("sin", -x), -P.elementwise("sin", x))
+    assert torch.equal(P.elementwise("cos", -x), P.elementwise("cos", x))
+    tiny = torch.tensor([0.0, -0.0, 1e-40, -2.0**-13], dtype=torch.float32)
+    assert_same_bits(P.elementwise("sin", tiny), tiny)
+    assert bool((P.elementwise("cos", tiny) == 1).all())
+    assert float(P.elementwise("sin", x).abs().max()) <= 1 and float(P.elementwise("cos", x).abs().max()) <= 1
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(InputError, match="float64"):
         P.softmax(torch.zeros(2, 3, dtype=torch.float64), False)
     with pytest.raises(InputError, match="elementwise"):
-        P.elementwise("sin", torch.zeros(3))
+        P.elementwise("softplus", torch.zeros(3))
     with pytest.raises(InputError, match="float64"):
         S.softmax(torch.zeros(2, 3, dtype=torch.float64), False)
 

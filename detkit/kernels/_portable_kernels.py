@@ -66,6 +66,17 @@ ERF_ONE_FROM = F32(3.875)
 SQRT1_2 = np.uint32(0x3F3504F3).view(F32)
 GELU_BETA = np.uint32(0x3F4C422A).view(F32)
 GELU_KAPPA = np.uint32(0x3D372713).view(F32)
+# 2/pi to 224 fraction bits as 32-bit words, least significant first, zero padded so that
+# a 96-bit window starting anywhere in it reads whole words.
+TWO_OVER_PI_WORDS = np.array([0xFE5163AB, 0x3C439041, 0xDB629599, 0xF534DDC0, 0xFC2757D1, 0x4E441529, 0xA2F9836E,
+                              0, 0, 0], dtype=np.uint64)
+PIO2_HI = np.uint32(0x3FC90FDB).view(F32)
+PIO2_LO = np.uint32(0xB33BBD2E).view(F32)
+S1, S2, S3, S4 = (np.uint32(b).view(F32) for b in (0xBE2AAAAB, 0x3C088887, 0xB95009D8, 0x3636DAFD))
+K1, K2, K3, K4 = (np.uint32(b).view(F32) for b in (0xBF000000, 0x3D2AAAA7, 0xBAB6070A, 0x37CD3214))
+TRIG_TINY = F32(2.0**-12)
+TWO_M62 = F32(2.0**-62)
+U32 = np.uint64(0xFFFFFFFF)
 LANES = 32
 
 # Tile sizes: fixed constants, never derived from M (batch size) or the thread count.
@@ -198,6 +209,47 @@ def gelu_f32(x: float) -> float:
 def gelu_tanh_f32(x: float) -> float:
     x3 = (x * x) * x
     return (HALF * x) * (ONE + tanh_f32(GELU_BETA * (x + GELU_KAPPA * x3)))
+
+
+@njit(cache=True, error_model="numpy")
+def sin_cos_f32(x: float, want_cos: bool) -> float:
+    """Sin or Cos of canonical-orders section 2.7: an exact reduction by 2/pi in 64-bit
+    integer arithmetic (wraparound as the spec writes it), then polynomials in r^2."""
+    a = abs(x)
+    if not a < INF:  # inf or NaN
+        return CANON_NAN
+    if a < TRIG_TINY:
+        return ONE if want_cos else x
+    bits = np.uint64(f32_to_bits(a))
+    m = (bits & np.uint64(0x7FFFFF)) | np.uint64(0x800000)
+    t = np.uint64(130) + np.uint64(150) - (bits >> np.uint64(23))  # 224 - (e + 94), e = exponent - 150
+    wq = t >> np.uint64(5)
+    wr = t & np.uint64(31)
+    words = TWO_OVER_PI_WORDS
+    w0 = (((words[wq + np.uint64(1)] << np.uint64(32)) | words[wq]) >> wr) & U32
+    w1 = (((words[wq + np.uint64(2)] << np.uint64(32)) | words[wq + np.uint64(1)]) >> wr) & U32
+    w2 = (((words[wq + np.uint64(3)] << np.uint64(32)) | words[wq + np.uint64(2)]) >> wr) & U32
+    v = ((m * w0) >> np.uint64(32)) + m * w1 + ((m * w2) << np.uint64(32))  # mod 2^64
+    k = (v + (np.uint64(1) << np.uint64(61))) >> np.uint64(62)
+    f = np.int64(v - (k << np.uint64(62)))
+    hi = F32(f)
+    lo = F32(f - np.int64(hi))
+    r = fma32(hi, PIO2_HI, fma32(hi, PIO2_LO, lo * PIO2_HI)) * TWO_M62
+    z = r * r
+    sp = fma32(S4, z, S3)
+    sp = fma32(sp, z, S2)
+    sp = fma32(sp, z, S1)
+    sn = fma32(r * z, sp, r)
+    cp = fma32(K4, z, K3)
+    cp = fma32(cp, z, K2)
+    cp = fma32(cp, z, K1)
+    cs = fma32(z, cp, ONE)
+    q = np.int64(k & np.uint64(3))
+    if want_cos:
+        y = cs if q == 0 else (-sn if q == 1 else (-cs if q == 2 else sn))
+        return y
+    y = sn if q == 0 else (cs if q == 1 else (-sn if q == 2 else -cs))
+    return y if x > ZERO else -y
 
 
 @njit(cache=True, error_model="numpy")
@@ -423,8 +475,8 @@ def layer_norm_rows(x: np.ndarray, mode: int, weight: np.ndarray, has_weight: bo
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int) -> None:
-    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu, 5 tanh, 6 erf, 7 gelu, 8 gelu_tanh
-    on x[lo:hi] (flat; float32 or raw bf16/fp16 bits), in blocks of ROW_CHUNK."""
+    """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu, 5 tanh, 6 erf, 7 gelu, 8 gelu_tanh,
+    9 sin, 10 cos on x[lo:hi] (flat; float32 or raw bf16/fp16 bits), in blocks of ROW_CHUNK."""
     buf = np.empty(ROW_CHUNK, dtype=F32)
     for c0 in range(lo, hi, ROW_CHUNK):
         c1 = min(hi, c0 + ROW_CHUNK)
@@ -455,9 +507,13 @@ def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: in
         elif op == 7:
             for j in range(xs.shape[0]):
                 ys[j] = canon(gelu_f32(xs[j]))
-        else:
+        elif op == 8:
             for j in range(xs.shape[0]):
                 ys[j] = canon(gelu_tanh_f32(xs[j]))
+        else:
+            want_cos = op == 10
+            for j in range(xs.shape[0]):
+                ys[j] = canon(sin_cos_f32(xs[j], want_cos))
 
 
 # ------------------------------------------------------------------ float16 <-> float32

@@ -50,7 +50,9 @@ __all__ = [
     "to_cupy",
 ]
 
-ELEMENTWISE_OPS: tuple[str, ...] = ("exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu", "gelu_tanh")
+ELEMENTWISE_OPS: tuple[str, ...] = (
+    "exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu", "gelu_tanh", "sin", "cos",
+)
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _MIN_MAJOR = 8
 _MAX_GRID_YZ = 65535

@@ -48,6 +48,14 @@ ERF_G = tuple(np.uint32(b).view(F32) for b in (
     0x39AA25A8, 0xBF90AC34, 0xBF21BC6C, 0xBDE18BAA, 0x3CD8B5B6, 0xBB9C64EE, 0x3A1D487A, 0xB842F401, 0x35DEE9FF))
 ERF_ONE_FROM = F32(3.875)  # erf(a) rounds to 1.0 in fp32 from about a = 3.84 on
 SQRT1_2 = np.uint32(0x3F3504F3).view(F32)
+# Sin/Cos (section 2.7): 2/pi to 224 fraction bits, pi/2 as an fp32 pair, and fits of
+# (sin(r) - r)/r^3 and (cos(r) - 1)/r^2 in r^2 on [0, 0.8].
+TWO_OVER_PI_224 = 0xA2F9836E4E441529FC2757D1F534DDC0DB6295993C439041FE5163AB
+PIO2_HI = np.uint32(0x3FC90FDB).view(F32)
+PIO2_LO = np.uint32(0xB33BBD2E).view(F32)
+SIN_S = tuple(np.uint32(b).view(F32) for b in (0xBE2AAAAB, 0x3C088887, 0xB95009D8, 0x3636DAFD))
+COS_C = tuple(np.uint32(b).view(F32) for b in (0xBF000000, 0x3D2AAAA7, 0xBAB6070A, 0x37CD3214))
+TRIG_TINY = F32(2.0**-12)  # below: sin(x) rounds to x and cos(x) to 1
 GELU_BETA = np.uint32(0x3F4C422A).view(F32)  # fp32(sqrt(2 / pi)), torch's kGeluBeta
 GELU_KAPPA = np.uint32(0x3D372713).view(F32)  # fp32(0.044715)
 
@@ -292,6 +300,65 @@ def gelu_tanh(x: np.float32) -> np.float32:
     return F32(F32(F32(0.5) * x) * F32(ONE + tanh(inner)))
 
 
+def _i64_to_f32(v: int) -> np.float32:
+    """An integer rounded once to fp32 (round to nearest even)."""
+    return ZERO if v == 0 else round_f32(Fraction(v))
+
+
+def _quarter_turns(a: np.float32) -> tuple[int, int]:
+    """Section 2.7's exact reduction of a finite a >= 2^-12: (k mod 4, F), where
+    a * 2/pi = k + F * 2^-62 (|F| <= 2^61), from 96 bits of 2/pi and 64-bit wraparound."""
+    bits = int(np.float32(a).view(np.uint32))
+    m = (bits & 0x7FFFFF) | 0x800000
+    e = ((bits >> 23) & 0xFF) - 150  # a = m * 2^e
+    w = (TWO_OVER_PI_224 >> (224 - (e + 94))) & (2**96 - 1)
+    v = ((m * w) % 2**96) >> 32  # a * 2/pi mod 4, 62 fraction bits
+    k = ((v + 2**61) % 2**64) >> 62
+    f = (v - (k << 62)) % 2**64
+    return k % 4, f - 2**64 if f >= 2**63 else f
+
+
+def _sin_cos_reduced(a: np.float32) -> tuple[int, np.float32, np.float32]:
+    """(quadrant, sin r, cos r) for a finite a >= 2^-12, r = a - quadrant * pi/2 in [-pi/4, pi/4]."""
+    q, f = _quarter_turns(a)
+    hi = _i64_to_f32(f)
+    lo = _i64_to_f32(f - int(hi))
+    r = F32(fma(hi, PIO2_HI, fma(hi, PIO2_LO, F32(lo * PIO2_HI))) * F32(2.0**-62))
+    z = F32(r * r)
+    s = SIN_S[-1]
+    for c in SIN_S[-2::-1]:
+        s = fma(s, z, c)
+    c_ = COS_C[-1]
+    for c in COS_C[-2::-1]:
+        c_ = fma(c_, z, c)
+    return q, fma(F32(r * z), s, r), fma(z, c_, ONE)
+
+
+def sin(x: np.float32) -> np.float32:
+    """Sin of section 2.7."""
+    x = F32(x)
+    if not math.isfinite(x):
+        return F32(math.nan)
+    a = F32(abs(x))
+    if a < TRIG_TINY:
+        return x
+    q, sn, cs = _sin_cos_reduced(a)
+    y = (sn, cs, F32(-sn), F32(-cs))[q]
+    return y if x > 0 else F32(-y)
+
+
+def cos(x: np.float32) -> np.float32:
+    """Cos of section 2.7."""
+    x = F32(x)
+    if not math.isfinite(x):
+        return F32(math.nan)
+    a = F32(abs(x))
+    if a < TRIG_TINY:
+        return ONE
+    q, sn, cs = _sin_cos_reduced(a)
+    return (cs, F32(-sn), F32(-cs), sn)[q]
+
+
 ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
     "exp": exp,
     "log": log,
@@ -302,6 +369,8 @@ ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
     "erf": erf,
     "gelu": gelu,
     "gelu_tanh": gelu_tanh,
+    "sin": sin,
+    "cos": cos,
 }
 
 

@@ -35,6 +35,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __constant__
 // A static __shared__ array is a function-level static here, so it would keep the previous
 // block's (or launch's) values, and start as zeros, where a GPU gives a block uninitialised
 // shared memory: a kernel reading a slot it never wrote would pass on the host (a sum
@@ -68,6 +69,7 @@ static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4
 static inline float __int_as_float(int u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 static inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
+static inline float __ll2float_rn(long long v) { return (float)v; }  // one rounding, to nearest even
 static inline float __fadd_rn(float a, float b) { return a + b; }
 static inline float __fsub_rn(float a, float b) { return a - b; }
 static inline float __fmul_rn(float a, float b) { return a * b; }
