@@ -74,8 +74,17 @@ def test_a_name_given_twice_runs_once() -> None:
                   "--batch-sizes", "1,2", "--runs", "2", "--json")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
-    assert data["config"]["dtypes"] == ["float32"]
+    assert data["config"]["dtypes"] == ["float32"] and data["config"]["ops"] == ["sum"]
     assert [(r["op"], r["impl"], r["dtype"]) for r in data["results"] if r["record"] == "op"] == [("sum", "torch", "float32")]
+
+
+def test_config_records_catalogue_names_in_the_order_they_run() -> None:
+    """report-schema.md: config.ops holds catalogue names; an alias or a repeat there made two
+    reports of the same audit differ (and named no op of the records)."""
+    from detkit.audit.runner import AuditConfig
+
+    cfg = AuditConfig(ops=("attention", "sum", "sdpa", "sum"))
+    assert cfg.ops == ("sum", "scaled_dot_product_attention")
 
 
 @pytest.mark.parametrize(

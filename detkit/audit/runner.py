@@ -85,9 +85,10 @@ class AuditConfig:
     impls_explicit: bool = False  # an explicitly requested impl that cannot run is an error
 
     def __post_init__(self) -> None:
-        resolve_ops(list(self.ops))
         if not self.ops:
             raise InputError("no ops selected; pass --ops with names from `detkit audit --list-ops`")
+        # the report's config.ops: catalogue names, once each, in the order they run (not aliases)
+        object.__setattr__(self, "ops", tuple(spec.name for spec in resolve_ops(list(self.ops))))
         # an empty selection would audit nothing and exit 0: a CI gate that passes unchecked
         if not self.impls:
             raise InputError(f"no implementations selected; pass --impl with names from {', '.join(_impls.IMPLS)}")
