@@ -128,6 +128,8 @@ def test_a_missing_suite_names_the_shipped_ones(tmp_path, monkeypatch, arg):
         # brackets are text, not rich markup: the path is printed as given, with no MarkupError
         (["--model", "/no/such/run[bold]1"], "no model at '/no/such/run[bold]1'"),
         (["--model", "/no/such/a[/b]"], "no model at '/no/such/a[/b]'"),
+        # a file inside the model directory (config.json, the weights): said "<file> has no config.json"
+        (["--model", __file__], f"{__file__} is a file, not a model directory; pass the directory that holds it"),
         (["--max-new-tokens", "2000", "--modes", "single"], "context of 1024 tokens"),
         (["--modes", "single,bogus"], "unknown mode"),
         (["--concurrency", "1,8"], "--concurrency applies to --endpoint"),

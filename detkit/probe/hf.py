@@ -78,6 +78,9 @@ def load_model(
             f"no model at {model!r}: give a built-in preset ({', '.join(PRESETS)}) or a local "
             f"directory saved with save_pretrained (download hub models first, e.g. `hf download`)"
         )
+    if path.is_file():
+        raise ModelLoadError(f"{path} is a file, not a model directory; pass the directory that holds it "
+                             f"({path.parent}), as saved by save_pretrained")
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json; it is not a Hugging Face model directory")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
