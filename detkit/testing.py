@@ -78,6 +78,10 @@ HINT_KIND = (
     "What to try: compare like with like (no ULP distance exists between different dtypes or shapes): "
     "fix the code that produced the other dtype or shape, or convert one side explicitly."
 )
+HINT_INT = (
+    "What to try: integers (indices, token ids, counts) have no ULPs to allow: find where they come to "
+    "differ, often a floating difference upstream that flipped an argmax or a comparison."
+)
 HINT_ULP = (
     "What to try: check the error against a correctly rounded reference (detkit.reference); "
     "raise max_ulp only if that much error is acceptable for this computation."
@@ -583,9 +587,10 @@ def assert_deterministic(
 
 def _pairwise(
     actual: Any, expected: Any, max_ulp: int | None
-) -> tuple[int, int, list[str], int | None, list[dict[str, Any]], int, int]:
+) -> tuple[int, int, list[str], int | None, list[dict[str, Any]], int, int, int]:
     """Compare two structures leaf by leaf: (leaves, failing leaves, texts, worst ULP,
-    details, leaves whose dtype or shape differs, NaN-vs-number elements)."""
+    details, leaves whose dtype or shape differs, NaN-vs-number elements, failing
+    integer leaves of the expected dtype and shape)."""
     la, le = V.flatten(actual, "actual"), V.flatten(expected, "expected")
     pa, pe = [p for p, _ in la], [p for p, _ in le]
     if pa != pe:
@@ -596,7 +601,7 @@ def _pairwise(
     texts: list[str] = []
     details: list[dict[str, Any]] = []
     ulps: list[int | None] = []
-    failing = kind = nans = 0
+    failing = kind = nans = ints = 0
     for (path, a), (_, e) in zip(la, le):
         same_kind = V.dtype_name(a) == V.dtype_name(e) and V.shape_of(a) == V.shape_of(e)
         kind += not same_kind
@@ -610,10 +615,11 @@ def _pairwise(
         if not over:
             continue
         failing += 1
+        ints += same_kind and not V.is_float(a)
         if len(texts) < 3:
             texts.append((f"{path}: " if path else "") + text)
         details.append({"output": path, "diff": info})
-    return len(la), failing, texts, _worst(ulps), details, kind, nans
+    return len(la), failing, texts, _worst(ulps), details, kind, nans, ints
 
 
 def _pair_message(status: str, label: str, kind: int, total: int, headline: str, texts: list[str], hint: str) -> str:
@@ -626,7 +632,7 @@ def _pair_message(status: str, label: str, kind: int, total: int, headline: str,
 def assert_bitwise_equal(actual: Any, expected: Any, *, name: str | None = None) -> CheckResult:
     """Assert that two tensors/arrays (or structures of them) have the same dtype, shape and bits."""
     __tracebackhide__ = True
-    total, failing, texts, worst, details, kind, _ = _pairwise(actual, expected, None)
+    total, failing, texts, worst, details, kind, _, _ = _pairwise(actual, expected, None)
     label = name or "assert_bitwise_equal"
     detail = {"outputs": total, "outputs_differing": failing, "differences": details}
     if not failing:
@@ -646,16 +652,21 @@ def assert_ulp_close(actual: Any, expected: Any, max_ulp: int = 2, *, name: str 
     __tracebackhide__ = True
     if isinstance(max_ulp, bool) or not isinstance(max_ulp, int) or max_ulp < 0:
         raise InputError(f"max_ulp must be an int >= 0, got {max_ulp!r}")
-    total, failing, texts, worst, details, kind, nans = _pairwise(actual, expected, max_ulp)
+    total, failing, texts, worst, details, kind, nans, ints = _pairwise(actual, expected, max_ulp)
     label = name or "assert_ulp_close"
     detail = {"max_ulp": max_ulp, "outputs": total, "outputs_failing": failing, "differences": details}
     if not failing:
         message = f"{label}: within {max_ulp} ULP (worst {worst})"
         return _finish(CheckResult("ulp_close", "PASS", worst, label, detail, message), None)
-    message = _pair_message("ULP-EXCEEDED", label, kind, total,
-                            f"{failing} of {total} outputs are more than {max_ulp} ULP from the expected values; "
-                            f"worst ULP {'-' if worst is None else worst}"
-                            + (f" among numbers, and {nans} NaN vs number." if nans else "."), texts, HINT_ULP)
+    if ints == failing:  # no ULP bound applies: neither "more than max_ulp" nor "raise max_ulp" would be true
+        headline, hint = (f"{failing} of {total} outputs differ; they hold integers, and integer outputs must "
+                          "match exactly (ULP distances apply to floating outputs)."), HINT_INT
+    else:
+        headline, hint = (f"{failing} of {total} outputs are more than {max_ulp} ULP from the expected values; "
+                          f"worst ULP {'-' if worst is None else worst}"
+                          + (f" among numbers, and {nans} NaN vs number" if nans else "")
+                          + (f"; {ints} of them hold integers, which must match exactly." if ints else ".")), HINT_ULP
+    message = _pair_message("ULP-EXCEEDED", label, kind, total, headline, texts, hint)
     return _finish(CheckResult("ulp_close", "ULP-EXCEEDED", worst, label, detail, message), UlpMismatch)
 
 
