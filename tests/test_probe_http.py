@@ -425,6 +425,8 @@ def test_cli_exit_codes_against_a_server(scripted: ThreadingHTTPServer, capsys: 
     # GET /models answered with an HTTP error (this server has no GET): reached, wrong base URL
     code, err = _cli(["--endpoint", url, "--modes", "single"], capsys, monkeypatch)
     assert code == 2 and "/v1/models answered HTTP 501" in err and "usually ends in /v1" in err
+    # the server's HTML error page is quoted on that one line, not printed as 12 (probe.md: one line on stderr)
+    assert len(err.strip().splitlines()) == 1 and "Error code: 501" in err
 
 
 def test_cli_probes_the_chat_api_a_chat_url_names(scripted: ThreadingHTTPServer, capsys: pytest.CaptureFixture[str],

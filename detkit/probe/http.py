@@ -65,23 +65,24 @@ def _chat_text(message: dict[str, Any]) -> str:
 
 
 def _server_message(body: bytes) -> str:
-    """The error sentence from an OpenAI-style (or FastAPI) error body, else the raw text."""
+    """The error sentence from an OpenAI-style (or FastAPI) error body, else the raw text,
+    its whitespace collapsed: it is quoted in one-line errors (an HTML error page has many)."""
     text = body.decode("utf-8", "replace").strip()
     try:
         data = json.loads(text)
     except ValueError:
-        return text[:300]
+        data = None
     if isinstance(data, dict):
         err = data.get("error")
         if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])[:300]
-        if isinstance(err, str):
-            return err[:300]
-        if data.get("detail"):
-            return str(data["detail"])[:300]
-        if data.get("message"):
-            return str(data["message"])[:300]
-    return text[:300]
+            text = str(err["message"])
+        elif isinstance(err, str):
+            text = err
+        elif data.get("detail"):
+            text = str(data["detail"])
+        elif data.get("message"):
+            text = str(data["message"])
+    return " ".join(text.split())[:300]
 
 
 def _retry_after(value: str | None, cap: float) -> float:
