@@ -269,6 +269,17 @@ def test_portable_matmul_equals_spec(emulated: dict, dtype: torch.dtype, b_layou
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_portable_matmul_with_k_zero_gives_the_canonical_nan(emulated: dict, dtype: torch.dtype) -> None:
+    """K = 0 is only the bias; a NaN in it comes out as the spec's canonical NaN, as from
+    every other portable output (the backend called directly, not through the front end)."""
+    bias = rand((6,), dtype, 9)
+    raw = bias.view(torch.int32 if dtype == torch.float32 else torch.int16)
+    raw[2] = 0x7FFFFFFF if dtype == torch.float32 else 0x7FFF  # a NaN with a payload
+    a, b = torch.zeros((3, 0), dtype=dtype), torch.zeros((0, 6), dtype=dtype)
+    assert_bits_equal(cuda_backend.matmul(a, b, bias, portable=True), spec.matmul(a, b, bias), "matmul K=0")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_portable_matmul_long_k_equals_spec(emulated: dict, dtype: torch.dtype) -> None:
     """K > 256: ChunkDot's 256-long fma chains and the chunk adds."""
     a = rand((3, 600), dtype, 7)

@@ -19,6 +19,7 @@ supported (``BackendUnavailable``): the kernels use cp.async, ldmatrix and bf16 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -374,6 +375,8 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
         out.zero_()
         if bias is not None:
             out += bias
+            if portable:  # the canonical orders' output step: NaN is the canonical quiet NaN
+                out.masked_fill_(out.isnan(), math.nan)
         return out if batched else out[0]
     bias_c = None if bias is None else bias.contiguous()
     entry = f"{cfg.kernel}_{'kmajor' if kmajor else 'nmajor'}"
