@@ -423,17 +423,22 @@ def test_a_failure_halfway_keeps_the_finished_modes_in_the_json_and_the_report_f
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--endpoint", "http://127.0.0.1:9/v1", "--dtype", "bfloat16"], "--dtype apply to local models"),
+        (["--endpoint", "http://127.0.0.1:9/v1", "--dtype", "bfloat16"], "--dtype applies to local models"),
         (["--endpoint", "http://127.0.0.1:9/v1", "--model", "tiny-gpt2", "--attn", "sdpa"],
          "--model, --attn apply to local models"),
-        (["--timeout", "5", "--modes", "single"], "--timeout apply to --endpoint"),
-        (["--model", "tiny-llama", "--retries", "0", "--modes", "single"], "--retries apply to --endpoint"),
+        (["--timeout", "5", "--modes", "single"], "--timeout applies to --endpoint"),
+        (["--model", "tiny-llama", "--retries", "0", "--modes", "single"], "--retries applies to --endpoint"),
     ],
 )
 def test_an_option_of_the_other_engine_is_refused_not_ignored(args, message, capsys, monkeypatch):
     # they were accepted and silently ignored (a server's dtype is the server's; a local model has no timeout)
     code, out, err = run_cli(args, capsys, monkeypatch)
     assert code == 2 and message in err and "Traceback" not in err + out
+
+
+def test_an_empty_model_is_refused_not_read_as_the_current_directory(capsys, monkeypatch):
+    code, out, err = run_cli(["--model", "", "--modes", "single"], capsys, monkeypatch)
+    assert code == 2 and "--model is empty" in err and "Traceback" not in err + out
 
 
 def test_a_seed_past_torchs_range_is_one_clear_line_and_exit_2(capsys, monkeypatch):

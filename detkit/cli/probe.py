@@ -237,7 +237,8 @@ def _engine(
 
         local = [opt for opt, value in (("--model", model), ("--dtype", dtype), ("--attn", attn)) if value is not None]
         if local:
-            raise InputError(f"{', '.join(local)} apply to local models; a server runs its own model "
+            raise InputError(f"{', '.join(local)} {'applies' if len(local) == 1 else 'apply'} to local models; a server "
+                             "runs its own model "
                              "(name it with --served-model)")
         if batch_invariant or portable:
             raise InputError("--batch-invariant/--portable switch detkit's kernels in this process; a server needs them on its side")
@@ -250,7 +251,10 @@ def _engine(
         raise InputError("--served-model applies to --endpoint; use --model for a local model")
     http = [opt for opt, value in (("--timeout", timeout), ("--retries", retries)) if value is not None]
     if http:
-        raise InputError(f"{', '.join(http)} apply to --endpoint; a local model runs in this process")
+        raise InputError(f"{', '.join(http)} {'applies' if len(http) == 1 else 'apply'} to --endpoint; a local model "
+                         "runs in this process")
+    if model is not None and not model.strip():  # Path("") is the current directory
+        raise InputError("--model is empty: give a preset name (tiny-llama, ...) or a model directory")
     model = "tiny-llama" if model is None else model
     dtype = "auto" if dtype is None else dtype
     attn = "eager" if attn is None else attn
