@@ -267,6 +267,27 @@ def test_ctrl_c_before_the_probe_starts_says_so(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "report.json").exists()
 
 
+def test_a_ctrl_c_that_a_library_swallows_still_ends_the_probe_as_interrupted(capsys, monkeypatch):
+    """A KeyboardInterrupt caught inside torch or transformers (an ``except BaseException``)
+    let the probe run on and exit 0, as if it had passed."""
+    from detkit.probe import runner
+
+    real = runner.total_work
+
+    def swallowing(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs here
+        except KeyboardInterrupt:
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "total_work", swallowing)
+    code, out, err = run_cli(["--model", "tiny-llama", "--modes", "single", "--max-new-tokens", "2", "--json"],
+                             capsys, monkeypatch)
+    assert code == 130, err
+    assert "caught inside a library" in err and json.loads(out)["status"] == "complete"
+
 
 def test_ctrl_c_while_the_model_loads_says_so(capsys, monkeypatch):
     """Loading the model is the longest wait before the probe: a Ctrl-C there exited 130 in
@@ -280,6 +301,7 @@ def test_ctrl_c_while_the_model_loads_says_so(capsys, monkeypatch):
     code, out, err = run_cli(["--model", "tiny-llama", "--modes", "single", "--json"], capsys, monkeypatch)
     assert code == 130 and out == "", err
     assert "interrupted" in err and "before the probe started" in err
+
 
 def test_a_report_left_running_renders_as_incomplete(tmp_path):
     # what a SIGKILL or a segfault leaves behind: status running, no summary

@@ -178,7 +178,7 @@ def probe(
     report_path = out / "report.json" if out is not None else None
 
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt() as stop:
             report = _run(engine, suite, config, report_path, err_console)
     except KeyboardInterrupt as exc:
         engine.close()
@@ -215,6 +215,11 @@ def probe(
         _print_table(console, report)
         if out is not None:
             console.print(f"report: {out / 'report.json'}, {out / 'report.md'}, {out / 'report.html'}", markup=False)
+    if stop.requested:  # a Ctrl-C or SIGTERM that a library caught: the run went on, but it was asked to stop
+        err_console.print("[yellow]interrupted:[/] a Ctrl-C or SIGTERM arrived and was caught inside a library, "
+                          "so the probe ran to the end; the report is written, and the exit is 130 so that a CI "
+                          "does not take this run as passing")
+        raise typer.Exit(INTERRUPTED)
     if fail_on_divergence and not report["summary"]["invariant"]:
         # 1: a difference was found; 2: nothing differed, but the probe could not decide
         # (failed runs, no mode ran): an environment problem, not a verdict on the engine.
