@@ -311,7 +311,7 @@ __device__ __forceinline__ void b_row_sum(const T* __restrict__ x, T* __restrict
 
 enum EwOp {
     EW_EXP = 0, EW_LOG = 1, EW_RSQRT = 2, EW_SIGMOID = 3, EW_SILU = 4, EW_TANH = 5,
-    EW_ERF = 6, EW_GELU = 7, EW_GELU_TANH = 8, EW_SIN = 9, EW_COS = 10
+    EW_ERF = 6, EW_GELU = 7, EW_GELU_TANH = 8, EW_SIN = 9, EW_COS = 10, EW_CUBE = 11
 };
 
 // tanh of the canonical orders: odd Taylor polynomial below 0.5, else 1 - 2/(Exp(2|x|)+1).
@@ -438,7 +438,8 @@ __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __rest
             case EW_GELU: r = spec_gelu(v); break;
             case EW_GELU_TANH: r = spec_gelu_tanh(v); break;
             case EW_SIN: r = spec_sin_cos(v, false); break;
-            default: r = spec_sin_cos(v, true); break;
+            case EW_COS: r = spec_sin_cos(v, true); break;
+            default: r = __fmul_rn(__fmul_rn(v, v), v); break;  // EW_CUBE: pow(x, 3)
         }
         y[i] = from_f32<T>(r);
     }

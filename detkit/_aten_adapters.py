@@ -44,8 +44,9 @@ implement (``ELEMENTWISE_PORTABLE``: exp, log, rsqrt, sigmoid, silu, tanh, erf, 
 cos, and gelu with either ``approximate``) go to that backend's ``elementwise(name, x)`` for
 float32/bfloat16/float16 instead: one float32
 evaluation per element in a fixed sequence of IEEE operations, rounded once, so the
-bits are the same on every instruction set (and position independent). On the CUDA
-dispatch key only these functions are registered, and only portable mode routes them
+bits are the same on every instruction set (and position independent); so does
+``pow(x, 3)``, to the backend's ``cube``. On the CUDA dispatch key only these functions
+(and ``pow``, for ``cube``) are registered, and only portable mode routes them
 (torch's CUDA elementwise kernels are position independent already).
 """
 
@@ -773,10 +774,20 @@ def _cuda_elementwise(op: str, inplace: bool = False) -> Adapter:
 _EXACT_EXPONENTS = (0.0, 1.0, 2.0, 0.5)
 
 
+def _portable_cube(call: Call, self: Any, exponent: Any) -> bool:
+    """pow(x, 3) in portable mode: the portable backend's ``cube``, (x * x) * x in float32
+    rounded once (GPT-2's gelu_new); torch's own float32 kernels compute the same, but
+    its float16 kernel rounds once on the CPU and twice on CUDA."""
+    return (call.portable and _scalar_is(exponent, 3) and isinstance(self, torch.Tensor)
+            and self.dtype in _PORTABLE_DTYPES and self.numel() > 0)
+
+
 def _pow_scalar(inplace: bool) -> Adapter:
     def adapter(call: Call, self: torch.Tensor, exponent: Any) -> torch.Tensor:
         if not isinstance(exponent, torch.Tensor) and any(_scalar_is(exponent, e) for e in _EXACT_EXPONENTS):
             raise Unsupported(f"exponent {exponent} is exact", benign=True)
+        if _portable_cube(call, self, exponent):
+            return _portable("cube", self, inplace)
         if (not inplace and isinstance(exponent, float) and isinstance(self, torch.Tensor)
                 and not (self.is_floating_point() or self.is_complex())):
             # An integer tensor to a float power is computed in the default float dtype, by
@@ -786,6 +797,18 @@ def _pow_scalar(inplace: bool) -> Adapter:
         if call.portable:
             call.not_portable(f"exponent {exponent}: torch's math library (not in the canonical orders)")
         return res
+
+    return adapter
+
+
+def _cuda_pow_scalar(inplace: bool) -> Adapter:
+    """CUDA: pow(x, 3) goes to the portable ``cube`` in portable mode; everything else passes
+    through (torch's CUDA elementwise kernels are position independent)."""
+
+    def adapter(call: Call, self: torch.Tensor, exponent: Any) -> torch.Tensor:
+        if _portable_cube(call, self, exponent):
+            return _portable("cube", self, inplace)
+        raise Unsupported("torch's CUDA elementwise kernels are position independent", benign=True)
 
     return adapter
 
@@ -832,6 +855,8 @@ _CUDA_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _cuda_elementwise(name), "elementwise") for name in sorted(ELEMENTWISE_PORTABLE)),
     *(OpOverride(name, _cuda_elementwise(name.removesuffix("_"), inplace=True), "elementwise")
       for name in _ELEMENTWISE_INPLACE if name.removesuffix("_") in ELEMENTWISE_PORTABLE),
+    OpOverride("pow.Tensor_Scalar", _cuda_pow_scalar(inplace=False), "elementwise"),
+    OpOverride("pow_.Scalar", _cuda_pow_scalar(inplace=True), "elementwise"),
 )
 
 # out= overloads (``torch.mm(a, b, out=c)``, ``torch.sum(x, 1, out=o)``, ...) of the routed

@@ -599,8 +599,8 @@ class CoverageReport:
     bits differ between CPUs and devices; the elementwise functions the portable
     backend implements (``ELEMENTWISE_PORTABLE``) are routed to it and count as
     ``routed`` where the device's table has them. The classification is by op name:
-    ``pow.Tensor_Scalar`` is listed as not portable even where its exponent is 2 or 3
-    (plain multiplies, the same everywhere); the uses of dtypes are that an op of
+    ``pow.Tensor_Scalar`` is listed as not portable even where its exponent is 2 (one
+    correctly rounded multiply) or 3 (the portable ``cube`` at run time); the uses of dtypes are that an op of
     ``INTEGER_EXACT_OPS`` traced with integer operands only is exact, and that on the CPU
     an op of ``COMPLEX_POSITION_DEPENDENT`` traced with a complex operand is uncovered.
     ``uncovered``: anything else; its bits are whatever torch gives, so check them with a

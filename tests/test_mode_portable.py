@@ -42,9 +42,10 @@ FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "sin": torch.sin,
     "cos": torch.cos,
+    "cube": lambda t: t.pow(3.0),
 }
 # The aten op each portable function is routed as (gelu's approximate= picks the function).
-ATEN_OP = {name: "gelu" if name == "gelu_tanh" else name for name in FNS}
+ATEN_OP = {name: {"gelu_tanh": "gelu", "cube": "pow.Tensor_Scalar"}.get(name, name) for name in FNS}
 INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "exp_": torch.Tensor.exp_,
     "rsqrt_": torch.Tensor.rsqrt_,
@@ -55,6 +56,7 @@ INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_": torch.ops.aten.gelu_,
     "sin_": torch.Tensor.sin_,
     "cos_": torch.Tensor.cos_,
+    "cube_": lambda t: t.pow_(3),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 88.7, -104.0, 1e30, -1e30]
@@ -80,7 +82,7 @@ def _values(n: int, seed: int, dtype: torch.dtype, specials: bool) -> torch.Tens
 
 
 def test_portable_table_matches_the_backends() -> None:
-    assert _aten_adapters.ELEMENTWISE_PORTABLE == frozenset(ATEN_OP.values())
+    assert _aten_adapters.ELEMENTWISE_PORTABLE | {"pow.Tensor_Scalar"} == frozenset(ATEN_OP.values())
     assert set(FNS) == set(portable_cpu.ELEMENTWISE_OPS)
 
 
@@ -117,7 +119,7 @@ def test_portable_mode_in_place_variants(op: str, dtype: torch.dtype) -> None:
         returned = INPLACE[op](y)
     assert returned.data_ptr() == y.data_ptr()
     assert _same_bits(y, want)
-    assert bi.routed() == {op: 1}
+    assert bi.routed() == {"pow_.Scalar" if op == "cube_" else op: 1}
 
 
 def test_portable_kernel_is_really_used_and_exit_restores_torch() -> None:
@@ -207,6 +209,21 @@ def test_portable_mode_reports_calls_left_to_torchs_math_library() -> None:
     assert plain.not_portable() == {} and "NOT portable" not in str(plain.coverage())
 
 
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-mixtral"])
+def test_every_preset_runs_entirely_on_portable_kernels(preset: str) -> None:
+    """RoPE's sin/cos, GPT-2's gelu_new (tanh, pow(x, 3)), SiLU, the norms, attention and the
+    MoE router: nothing from torch's math library, nothing uncovered."""
+    pytest.importorskip("transformers")
+    from detkit.models import build_tokenizer, load_preset
+
+    enc = build_tokenizer()(["Batch invariance means", "hi"], padding=True, return_tensors="pt")
+    model = load_preset(preset, dtype=torch.float32)
+    with torch.no_grad(), detkit.batch_invariant(portable=True) as bi:
+        model(**enc)
+    assert bi.not_portable() == {} and bi.uncovered() == {}, bi.coverage()
+    assert bi.routed()
+
+
 def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA table's elementwise adapters, driven directly with a stand-in portable
     backend: portable mode computes through it (in place too), plain mode passes through."""
@@ -234,6 +251,11 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
     by_name["gelu"].adapter(ad.Call(True, original), x, approximate="tanh")
     by_name["gelu"].adapter(ad.Call(True, original), x)
     assert calls == ["silu", "exp", "gelu_tanh", "gelu"]
+    by_name["pow.Tensor_Scalar"].adapter(ad.Call(True, original), x, 3)
+    assert calls[-1] == "cube"
+    for exponent, portable in ((1.5, True), (3.0, False)):  # torch's CUDA pow is position independent
+        with pytest.raises(ad.Unsupported, match="position independent"):
+            by_name["pow.Tensor_Scalar"].adapter(ad.Call(portable, original), x, exponent)
     with pytest.raises(ad.Unsupported, match="position independent") as why:
         by_name["silu"].adapter(ad.Call(False, original), x)
     assert why.value.benign

@@ -476,7 +476,7 @@ def layer_norm_rows(x: np.ndarray, mode: int, weight: np.ndarray, has_weight: bo
 @njit(cache=True, nogil=True, error_model="numpy")
 def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int) -> None:
     """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu, 5 tanh, 6 erf, 7 gelu, 8 gelu_tanh,
-    9 sin, 10 cos on x[lo:hi] (flat; float32 or raw bf16/fp16 bits), in blocks of ROW_CHUNK."""
+    9 sin, 10 cos, 11 cube on x[lo:hi] (flat; float32 or raw bf16/fp16 bits), in blocks of ROW_CHUNK."""
     buf = np.empty(ROW_CHUNK, dtype=F32)
     for c0 in range(lo, hi, ROW_CHUNK):
         c1 = min(hi, c0 + ROW_CHUNK)
@@ -510,10 +510,14 @@ def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: in
         elif op == 8:
             for j in range(xs.shape[0]):
                 ys[j] = canon(gelu_tanh_f32(xs[j]))
-        else:
+        elif op == 9 or op == 10:
             want_cos = op == 10
             for j in range(xs.shape[0]):
                 ys[j] = canon(sin_cos_f32(xs[j], want_cos))
+        else:
+            for j in range(xs.shape[0]):
+                v = xs[j]
+                ys[j] = canon((v * v) * v)
 
 
 # ------------------------------------------------------------------ float16 <-> float32

@@ -359,6 +359,12 @@ def cos(x: np.float32) -> np.float32:
     return (cs, F32(-sn), F32(-cs), sn)[q]
 
 
+def cube(x: np.float32) -> np.float32:
+    """pow(x, 3) as torch's float32 kernels compute it: (x * x) * x."""
+    x = F32(x)
+    return F32(F32(x * x) * x)
+
+
 ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
     "exp": exp,
     "log": log,
@@ -371,6 +377,7 @@ ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
     "gelu_tanh": gelu_tanh,
     "sin": sin,
     "cos": cos,
+    "cube": cube,
 }
 
 
