@@ -777,7 +777,7 @@ _EXACT_EXPONENTS = (0.0, 1.0, 2.0, 0.5)
 def _portable_cube(call: Call, self: Any, exponent: Any) -> bool:
     """pow(x, 3) in portable mode: the portable backend's ``cube``, (x * x) * x in float32
     rounded once (GPT-2's gelu_new); torch's own float32 kernels compute the same, but
-    its float16 kernel rounds once on the CPU and twice on CUDA."""
+    on the CPU its float16 kernel rounds once and its bfloat16 one after each multiply."""
     return (call.portable and _scalar_is(exponent, 3) and isinstance(self, torch.Tensor)
             and self.dtype in _PORTABLE_DTYPES and self.numel() > 0)
 
