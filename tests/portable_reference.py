@@ -1,12 +1,14 @@
-"""A small GPT-2 whose float32 logits under ``batch_invariant(portable=True)`` are
-committed (``tests/data/portable-gpt2-logits.npz``), so that a machine without the CPU
-portable backend (numba), such as the GPU machine, can still check a whole model's
-portable logits against the CPU's bits.
+"""A small GPT-2 and a small Llama whose float32 logits under
+``batch_invariant(portable=True)`` are committed (``tests/data/portable-<family>-logits.npz``),
+so that a machine without the CPU portable backend (numba), such as the GPU machine, can
+still check a whole model's portable logits against the CPU's bits.
 
 The weights come from integer hashing and IEEE operations only, so they are the same bits
 on every machine; torch's ``normal_`` is not (its vectorised path depends on the CPU's
-instruction set). GPT-2: learned positions (no RoPE, whose sin/cos are not portable),
-every reduction and the tanh of its GELU routed by the mode.
+instruction set). GPT-2: learned positions, LayerNorm, gelu_new (tanh and pow(x, 3)).
+Llama: RoPE (its sin/cos tables), RMSNorm, SiLU, grouped-query attention; its RoPE
+frequencies are set to powers of two, because transformers computes them with torch's
+pow on the CPU, whose bits depend on the instruction set.
 
 Regenerate (only when the canonical orders change on purpose): ``python tests/portable_reference.py``.
 """
@@ -19,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-REFERENCE = Path(__file__).parent / "data" / "portable-gpt2-logits.npz"
+FAMILIES = ("gpt2", "llama")
+REFERENCES = {family: Path(__file__).parent / "data" / f"portable-{family}-logits.npz" for family in FAMILIES}
 PROMPTS = ("Hi", "Batch invariance", "The quick brown fox")
 ATTN = ("eager", "sdpa")
 
@@ -35,16 +38,24 @@ def _hashed_ints(n: int, stream: int) -> np.ndarray:
     return (z >> np.uint64(52)).astype(np.int64) - 2048
 
 
-def build_model(attn: str) -> Any:
+def build_model(attn: str, family: str = "gpt2") -> Any:
     """The model, float32, on the CPU, in eval mode."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers
 
     from detkit.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
-    config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-                        attn_implementation=attn)
-    model = GPT2LMHeadModel(config).eval()
+    ids = dict(vocab_size=VOCAB_SIZE, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+               attn_implementation=attn)
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                                                     **ids))
+    elif family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False, **ids))
+    else:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    model.eval()
     with torch.no_grad():
         for i, (name, p) in enumerate(sorted(model.named_parameters())):
             ints = _hashed_ints(p.numel(), i).astype(np.float64)
@@ -55,6 +66,11 @@ def build_model(attn: str) -> Any:
             else:
                 values = ints * (0.06 / 2048)
             p.copy_(torch.from_numpy(values.astype(np.float32)).reshape(p.shape))
+        for module in model.modules():  # RoPE: frequencies 1, 1/4, 1/16, ... (exact)
+            for name in ("inv_freq", "original_inv_freq"):
+                freqs = getattr(module, name, None)
+                if isinstance(freqs, torch.Tensor):
+                    freqs.copy_(torch.tensor([2.0 ** (-2 * i) for i in range(freqs.numel())], dtype=freqs.dtype))
     return model
 
 
@@ -81,22 +97,24 @@ def real_positions(logits: torch.Tensor, enc: Any) -> torch.Tensor:
     return logits[enc["attention_mask"].to(logits.device).bool()]
 
 
-def load() -> dict[str, torch.Tensor]:
-    """The committed logits by attention implementation."""
-    with np.load(REFERENCE) as data:
+def load(family: str = "gpt2") -> dict[str, torch.Tensor]:
+    """The committed logits of ``family`` by attention implementation."""
+    with np.load(REFERENCES[family]) as data:
         return {attn: torch.from_numpy(data[attn]) for attn in ATTN}
 
 
 def main() -> None:
-    out = {}
-    for attn in ATTN:
-        logits, uncovered = portable_logits(build_model(attn), inputs())
-        if uncovered:
-            raise SystemExit(f"{attn}: ops fell back to torch, so the logits are not portable: {uncovered}")
-        out[attn] = logits.numpy()
-    REFERENCE.parent.mkdir(exist_ok=True)
-    np.savez_compressed(REFERENCE, **out)
-    print(f"wrote {REFERENCE} ({REFERENCE.stat().st_size} bytes)")
+    for family in FAMILIES:
+        out = {}
+        for attn in ATTN:
+            logits, uncovered = portable_logits(build_model(attn, family), inputs())
+            if uncovered:
+                raise SystemExit(f"{family} {attn}: ops fell back to torch, so the logits are not portable: {uncovered}")
+            out[attn] = logits.numpy()
+        path = REFERENCES[family]
+        path.parent.mkdir(exist_ok=True)
+        np.savez_compressed(path, **out)
+        print(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":

@@ -883,21 +883,24 @@ def _cpu_tensors_take_the_cuda_backend(monkeypatch: pytest.MonkeyPatch) -> set[s
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_portable_mode_through_the_cuda_backend_gives_the_committed_cpu_logits(
-    emulated: dict, monkeypatch: pytest.MonkeyPatch, attn: str
+    emulated: dict, monkeypatch: pytest.MonkeyPatch, family: str, attn: str
 ) -> None:
     """tests/test_cuda_gpu.py's test_portable_mode_gives_the_cpu_logits_on_the_gpu: a small
-    GPT-2 under batch_invariant(portable=True), every op on the CUDA backend, gives the
-    float32 logits bits committed from the CPU portable backend."""
+    GPT-2 or Llama (RoPE's sin/cos, RMSNorm, SiLU) under batch_invariant(portable=True),
+    every op on the CUDA backend, gives the float32 logits bits committed from the CPU
+    portable backend."""
     pytest.importorskip("transformers")
     import portable_reference as ref
 
     launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
-    logits, uncovered = ref.portable_logits(ref.build_model(attn), ref.inputs())
+    logits, uncovered = ref.portable_logits(ref.build_model(attn, family), ref.inputs())
     assert uncovered == {}, f"ops fell back to torch: {uncovered}"
-    assert {"mm_simt_128x64x16_8x4_f32_kmajor", "layer_norm_p_f32", "elementwise_p_f32"} <= launched, launched
+    norm = "layer_norm_p_f32" if family == "gpt2" else "row_sum_p_f32"  # HF's RMSNorm: pow, mean, rsqrt
+    assert {"mm_simt_128x64x16_8x4_f32_kmajor", norm, "elementwise_p_f32"} <= launched, launched
     assert ("softmax_p_f32" if attn == "eager" else "attention_f32") in launched, launched
-    assert_bits_equal(logits, ref.load()[attn], f"GPT-2 {attn}: portable logits through the CUDA backend")
+    assert_bits_equal(logits, ref.load(family)[attn], f"{family} {attn}: portable logits through the CUDA backend")
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

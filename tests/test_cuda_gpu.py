@@ -717,19 +717,21 @@ def test_probe_cli_on_a_cuda_model_under_the_mode(tmp_path: object) -> None:
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_portable_mode_gives_the_cpu_logits_on_the_gpu(attn: str) -> None:
-    """The portable guarantee for a whole model: a small GPT-2 (tests/portable_reference.py)
-    under batch_invariant(portable=True) on the GPU gives, for a left-padded batch, the
-    float32 logits bits committed from the CPU portable backend. The CPU side is a file,
-    so this runs without numba; tests/test_mode_portable.py keeps the file current."""
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_portable_mode_gives_the_cpu_logits_on_the_gpu(family: str, attn: str) -> None:
+    """The portable guarantee for a whole model: a small GPT-2 or Llama (RoPE's sin/cos;
+    tests/portable_reference.py) under batch_invariant(portable=True) on the GPU gives, for
+    a left-padded batch, the float32 logits bits committed from the CPU portable backend.
+    The CPU side is a file, so this runs without numba; tests/test_mode_portable.py keeps
+    the file current."""
     pytest.importorskip("transformers")
     import portable_reference as ref
 
     enc = ref.inputs()
-    logits, uncovered = ref.portable_logits(ref.build_model(attn).to(DEV), enc.to(DEV))
+    logits, uncovered = ref.portable_logits(ref.build_model(attn, family).to(DEV), enc.to(DEV))
     assert uncovered == {}, f"ops fell back to torch on CUDA, so the logits are not portable: {uncovered}"
-    assert_bits_equal(ref.real_positions(logits, enc), ref.real_positions(ref.load()[attn], enc),
-                      f"GPT-2 {attn}: portable logits of the real tokens, CUDA vs the CPU's committed bits")
+    assert_bits_equal(ref.real_positions(logits, enc), ref.real_positions(ref.load(family)[attn], enc),
+                      f"{family} {attn}: portable logits of the real tokens, CUDA vs the CPU's committed bits")
 
 
 # ----------------------------------------------------------------------------- drawn shapes

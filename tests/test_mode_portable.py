@@ -377,35 +377,45 @@ def test_instruction_set_switch_changes_torch_results(isa_runs: dict[str, dict[s
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_committed_portable_gpt2_logits_are_current(attn: str) -> None:
-    """tests/data/portable-gpt2-logits.npz is what the GPU test compares CUDA against: it
-    must be the bits this CPU's portable backend gives now (regenerate with
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_committed_portable_logits_are_current(family: str, attn: str) -> None:
+    """tests/data/portable-{gpt2,llama}-logits.npz are what the GPU test compares CUDA
+    against: they must be the bits this CPU's portable backend gives now (regenerate with
     `python tests/portable_reference.py` only if the canonical orders changed on purpose)."""
     pytest.importorskip("transformers")
     import portable_reference as ref
 
     enc = ref.inputs()
-    logits, uncovered = ref.portable_logits(ref.build_model(attn), enc)
-    assert uncovered == {}
-    want = ref.load()[attn]
+    with detkit.batch_invariant(portable=True) as bi, torch.no_grad():
+        logits = ref.build_model(attn, family)(**enc).logits
+    assert bi.uncovered() == {} and bi.not_portable() == {}, bi.coverage()
+    want = ref.load(family)[attn]
     got, want_real = ref.real_positions(logits, enc), ref.real_positions(want, enc)
     differ = int((got.view(torch.int32) != want_real.view(torch.int32)).sum())
-    assert differ == 0, (f"{attn}: {differ} of {want_real.numel()} committed portable logits differ from this run; "
-                         "if the canonical orders changed on purpose, run `python tests/portable_reference.py`")
+    assert differ == 0, (f"{family} {attn}: {differ} of {want_real.numel()} committed portable logits differ from "
+                         "this run; if the canonical orders changed on purpose, run `python tests/portable_reference.py`")
     # The padded batch is no degenerate case: real spread, every prompt's logits distinct.
     assert float(want.std()) > 0.1 and not torch.equal(want[0, -1], want[1, -1])
 
 
-def test_portable_reference_weights_come_from_integer_hashing() -> None:
-    """The weights are fixed by splitmix64 and IEEE operations, not by torch's RNG, so a
-    GPU machine (any CPU) rebuilds the same model: a torch seed change leaves them alone."""
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_portable_reference_weights_come_from_integer_hashing(family: str) -> None:
+    """The weights (and Llama's RoPE frequencies) are fixed by splitmix64 and IEEE
+    operations, not by torch's RNG or its pow, so a GPU machine (any CPU) rebuilds the same
+    model: a torch seed change leaves them alone."""
     pytest.importorskip("transformers")
     import portable_reference as ref
 
+    def tensors() -> dict[str, torch.Tensor]:
+        model = ref.build_model("eager", family)
+        return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
     torch.manual_seed(1)
-    a = ref.build_model("eager").state_dict()
+    a = tensors()
     torch.manual_seed(2)
-    b = ref.build_model("eager").state_dict()
+    b = tensors()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if family == "llama":
+        assert torch.equal(a["model.rotary_emb.inv_freq"], torch.tensor([4.0 ** -i for i in range(8)]))
     # splitmix64's first outputs (seed 0), as published with the algorithm, top 12 bits.
     assert ref._hashed_ints(2, 0).tolist() == [(0xE220A8397B1DCDAF >> 52) - 2048, (0x6E789E6AA1B965F4 >> 52) - 2048]
