@@ -1,0 +1,431 @@
+"""docs/canonical-orders.md, implemented a second time, independently, equals spec.py.
+
+The functions below were written from the document alone (sections 1, 2.4, 2.6, 2.7 and
+the "elementwise" table of section 3), without reading ``detkit/kernels/spec.py`` or the
+kernels, in exact arithmetic: every value is a Python float holding an fp32 value, every
+operation is computed exactly with ``fractions.Fraction`` and rounded once to fp32
+(nearest, ties to even, subnormals kept) by ``_round``. The constants are copied from the
+document by hand (nothing is parsed from it), so this is a second implementation of the
+written specification: if it and ``spec.py`` disagree, the document does not pin the bits
+down, or ``spec.py`` does not follow it.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from detkit.kernels import portable_cpu as P
+from detkit.kernels import spec as S
+
+# ---------------------------------------------------------------------------------------
+# fp32 arithmetic, exact then rounded once (section 1)
+# ---------------------------------------------------------------------------------------
+
+
+def _f(bits: int) -> float:
+    """The fp32 value with this bit pattern."""
+    return struct.unpack("<f", struct.pack("<I", bits))[0]
+
+
+def _bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _neg(x: float) -> bool:
+    return math.copysign(1.0, x) < 0
+
+
+def _round(q: Fraction | int, zero_sign: bool = False, p: int = 24, emin: int = -126, emax: int = 127) -> float:
+    """Round-to-nearest-even of an exact rational to a binary format with a ``p``-bit
+    significand (fp32 by default; a zero gets ``zero_sign``)."""
+    q = Fraction(q)
+    if q == 0:
+        return -0.0 if zero_sign else 0.0
+    neg, a = q < 0, abs(q)
+    e = a.numerator.bit_length() - a.denominator.bit_length()  # 2^e <= a < 2^(e+2)
+    if Fraction(2) ** e > a:
+        e -= 1
+    quantum = Fraction(2) ** (max(e, emin) - (p - 1))
+    n, rem = divmod(a, quantum)
+    n = int(n)
+    if rem * 2 > quantum or (rem * 2 == quantum and n % 2 == 1):
+        n += 1
+    v = n * quantum
+    out = math.inf if v >= Fraction(2) ** (emax + 1) else float(v)
+    return -out if neg else out
+
+
+def _finite(*xs: float) -> bool:
+    return all(math.isfinite(x) for x in xs)
+
+
+def add(x: float, y: float) -> float:
+    if not _finite(x, y):
+        return x + y  # inf/nan: float64 gives the IEEE result
+    s = Fraction(x) + Fraction(y)
+    return _round(s, zero_sign=(x == 0 and y == 0 and _neg(x) and _neg(y)))
+
+
+def sub(x: float, y: float) -> float:
+    return add(x, -y)
+
+
+def mul(x: float, y: float) -> float:
+    if not _finite(x, y):
+        return x * y
+    return _round(Fraction(x) * Fraction(y), zero_sign=_neg(x) != _neg(y))
+
+
+def div(x: float, y: float) -> float:
+    if not _finite(x, y) or y == 0:
+        with np.errstate(all="ignore"):
+            return float(np.float32(x) / np.float32(y))
+    return _round(Fraction(x) / Fraction(y), zero_sign=_neg(x) != _neg(y))
+
+
+def fma(a: float, b: float, c: float) -> float:
+    """a*b + c rounded once; an exact zero follows IEEE 754's sign rules."""
+    if not _finite(a, b, c):
+        return a * b + c  # products of fp32 values are exact in float64
+    p = Fraction(a) * Fraction(b)
+    s = p + Fraction(c)
+    if s == 0:
+        psign = _neg(a) != _neg(b)
+        both_zero_same_sign = p == 0 and c == 0 and psign == _neg(c)
+        return _round(0, zero_sign=both_zero_same_sign and psign)
+    return _round(s, zero_sign=s < 0)  # an underflow to zero keeps the exact sign
+
+
+def rint(x: float) -> float:
+    return float(round(x)) if math.isfinite(x) else x  # Python's round: ties to even
+
+
+def p2(n: int) -> float:
+    assert -126 <= n <= 127
+    return float(Fraction(2) ** n)
+
+
+# ---------------------------------------------------------------------------------------
+# 2.4 Exp
+# ---------------------------------------------------------------------------------------
+
+LOG2E = _f(0x3FB8AA3B)
+LN2_HI = _f(0x3F317200)
+LN2_LO = _f(0x35BFBE8E)
+C2, C3, C4, C5, C6, C7 = map(_f, (0x3F000000, 0x3E2AAAAB, 0x3D2AAAAB, 0x3C088889, 0x3AB60B61, 0x39500D01))
+
+
+def Exp(x: float) -> float:
+    if math.isnan(x):
+        return x
+    x = max(x, -104.0)
+    x = min(x, 89.0)
+    n = rint(mul(x, LOG2E))
+    r = fma(-n, LN2_HI, x)
+    r = fma(-n, LN2_LO, r)
+    q = C7
+    for c in (C6, C5, C4, C3, C2, 1.0):
+        q = fma(q, r, c)
+    p = fma(q, r, 1.0)
+    n = int(n)
+    n1 = n // 2
+    n2 = n - n1
+    return mul(mul(p, p2(n1)), p2(n2))
+
+
+# ---------------------------------------------------------------------------------------
+# 2.6 Erf
+# ---------------------------------------------------------------------------------------
+
+E = [_f(b) for b in (0x3E0375D4, 0xBEC093A0, 0x3DE716B2, 0xBCDBFFDB, 0x3BAA1B19, 0xBA52A0F1, 0x38A6609F)]
+G = [_f(b) for b in (0x39AA25A8, 0xBF90AC34, 0xBF21BC6C, 0xBDE18BAA, 0x3CD8B5B6, 0xBB9C64EE, 0x3A1D487A,
+                     0xB842F401, 0x35DEE9FF)]
+
+
+def Erf(x: float) -> float:
+    if math.isnan(x):
+        return x
+    a = abs(x)
+    if a < 1.0:
+        z = mul(x, x)
+        q = E[6]
+        for c in reversed(E[:6]):
+            q = fma(q, z, c)
+        return fma(x, q, x)
+    if a >= 3.875:
+        t = 1.0
+    else:
+        p = G[8]
+        for c in reversed(G[:8]):
+            p = fma(p, a, c)
+        t = sub(1.0, Exp(p))
+    return t if x > 0 else -t
+
+
+# ---------------------------------------------------------------------------------------
+# 2.7 Sin and Cos
+# ---------------------------------------------------------------------------------------
+
+TWO_OVER_PI_224 = 0xA2F9836E4E441529FC2757D1F534DDC0DB6295993C439041FE5163AB
+PIO2_HI = _f(0x3FC90FDB)
+PIO2_LO = _f(0xB33BBD2E)
+S1, S2, S3, S4 = map(_f, (0xBE2AAAAB, 0x3C088887, 0xB95009D8, 0x3636DAFD))
+K1, K2, K3, K4 = map(_f, (0xBF000000, 0x3D2AAAA7, 0xBAB6070A, 0x37CD3214))  # the doc's C1..C4
+
+
+def _reduce_int(a: float) -> tuple[int, int]:
+    """(k, F) of Reduce(a): the integer part."""
+    b = _bits(a)
+    m = (b & 0x7FFFFF) | 0x800000
+    e = ((b >> 23) & 0xFF) - 150
+    w = (TWO_OVER_PI_224 >> (130 - e)) % 2**96
+    v = ((m * w) % 2**96) >> 32
+    k = ((v + 2**61) % 2**64) >> 62
+    F = (v - k * 2**62) % 2**64
+    if F >= 2**63:
+        F -= 2**64
+    return k, F
+
+
+def Reduce(a: float) -> tuple[int, float, float]:
+    assert math.isfinite(a) and a >= 2.0**-12
+    k, F = _reduce_int(a)
+    hi = _round(F)
+    lo = _round(F - int(hi))
+    r = mul(fma(hi, PIO2_HI, fma(hi, PIO2_LO, mul(lo, PIO2_HI))), float(Fraction(2) ** -62))
+    z = mul(r, r)
+    s = fma(fma(fma(S4, z, S3), z, S2), z, S1)
+    sn = fma(mul(r, z), s, r)
+    c = fma(fma(fma(K4, z, K3), z, K2), z, K1)
+    cs = fma(z, c, 1.0)
+    return k % 4, sn, cs
+
+
+def Sin(x: float) -> float:
+    if not math.isfinite(x):
+        return math.nan
+    if abs(x) < 2.0**-12:
+        return x
+    q, sn, cs = Reduce(abs(x))
+    y = [sn, cs, -sn, -cs][q]
+    return y if x > 0 else -y
+
+
+def Cos(x: float) -> float:
+    if not math.isfinite(x):
+        return math.nan
+    if abs(x) < 2.0**-12:
+        return 1.0
+    q, sn, cs = Reduce(abs(x))
+    return [cs, -sn, -cs, sn][q]
+
+
+# ---------------------------------------------------------------------------------------
+# Section 3, elementwise
+# ---------------------------------------------------------------------------------------
+
+SQRT1_2 = _f(0x3F3504F3)
+BETA = _f(0x3F4C422A)
+KAPPA = _f(0x3D372713)
+T = [_f(b) for b in (0xBEAAAAAB, 0x3E088889, 0xBD5D0DD1, 0x3CB327A4, 0xBC11371B, 0x3B6B69E8, 0xBABED1B2,
+                     0x3A1AAC12, 0xB97ABEBC)]  # T3, T5, ..., T19
+
+
+def Tanh(x: float) -> float:
+    if abs(x) < 0.5:
+        z = mul(x, x)
+        q = T[-1]
+        for c in reversed(T[:-1]):
+            q = fma(q, z, c)
+        return fma(x, mul(q, z), x)
+    ax = abs(x)
+    t = sub(1.0, div(2.0, add(Exp(add(ax, ax)), 1.0)))
+    return t if x > 0 else -t
+
+
+def cube(x: float) -> float:
+    return mul(mul(x, x), x)
+
+
+def gelu(x: float) -> float:
+    return mul(mul(x, 0.5), add(1.0, Erf(mul(x, SQRT1_2))))
+
+
+def gelu_tanh(x: float) -> float:
+    x3 = mul(mul(x, x), x)
+    return mul(mul(0.5, x), add(1.0, Tanh(mul(BETA, add(x, mul(KAPPA, x3))))))
+
+
+DOC = {"erf": Erf, "sin": Sin, "cos": Cos, "cube": cube, "gelu": gelu, "gelu_tanh": gelu_tanh,
+       "exp": Exp, "tanh": Tanh}
+
+
+# (significand bits, emin, emax, canonical NaN) of each output format (section 1, "Output")
+_FORMATS = {torch.float32: (24, -126, 127, 0x7FC00000), torch.bfloat16: (8, -126, 127, 0x7FC0),
+            torch.float16: (11, -14, 15, 0x7E00)}
+
+
+def _to_bits(y: float, dtype: torch.dtype) -> int:
+    """Section 1, "Output": NaN -> the canonical NaN, else round once into ``dtype``."""
+    p, emin, emax, nan = _FORMATS[dtype]
+    if math.isnan(y):
+        return nan
+    if math.isfinite(y):
+        y = _round(Fraction(y), zero_sign=_neg(y), p=p, emin=emin, emax=emax)
+    b32 = _bits(y)
+    if dtype == torch.float32:
+        return b32
+    if dtype == torch.bfloat16:
+        return b32 >> 16  # y is now a bf16 value, so the low half is zero
+    return int(np.array([y], dtype=np.float16).view(np.uint16)[0])  # exact: y is an fp16 value
+
+
+def doc_elementwise(name: str, x: torch.Tensor) -> list[int]:
+    """The output bit patterns the document gives for ``name`` on ``x``."""
+    xs = x.float().reshape(-1).tolist()  # widening is exact
+    return [_to_bits(DOC[name](float(v)), x.dtype) for v in xs]
+
+
+_INT = {torch.float32: (torch.int32, 0xFFFFFFFF), torch.bfloat16: (torch.int16, 0xFFFF),
+        torch.float16: (torch.int16, 0xFFFF)}
+
+
+def out_bits(y: torch.Tensor) -> list[int]:
+    it, mask = _INT[y.dtype]
+    return [b & mask for b in y.contiguous().view(it).reshape(-1).tolist()]
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------
+
+# float32 values extremely close to a multiple of pi/2 (|F| < 2^35 of 2^61, i.e. |r| <
+# 2^-26) or to an odd multiple of pi/4 (|F| within 2^35 of 2^61, the k boundary), found
+# by running Reduce's integer arithmetic over every significand of every exponent.
+HARD_REDUCTION = (0x6F79BE45, 0x50A3E87F, 0x6FF9BE45, 0x5123E87F, 0x437CE5F1, 0x7079BE45, 0x6A1976F1,
+                  0x53B146A6, 0x65898498, 0x51A3E87F, 0x43FCE5F1, 0x77584625)
+HARD_QUARTER = (0x6EF9BE45, 0x5023E87F, 0x42FCE5F1, 0x699976F1, 0x533146A6, 0x65098498, 0x76D84625, 0x4BA332E9)
+# Its F rounds to a different hi through float64 than directly to fp32 (a double rounding).
+DOUBLE_ROUNDING_HI = 0x6279BE45
+
+
+def _f32s(values) -> list[float]:
+    return [float(np.float32(v)) for v in values]
+
+
+def _around(v: float, n: int = 1) -> list[float]:
+    """v's fp32 and its n fp32 neighbours on either side."""
+    b = _bits(float(np.float32(v)))
+    return [_f(b + d) for d in range(-n, n + 1) if 0 <= b + d < 0x7F800000]
+
+
+def edge_inputs() -> torch.Tensor:
+    xs: list[float] = [0.0, math.inf, math.nan, 3.4e38, 3.4028235e38, 1e30, 12345.678, 0.49, 0.5, 88.7, 89.5,
+                       103.9, 110.0, 2.0**-126, 2.0**-149, 1e-40, 5.48, 5.49, 5.5, 2.0**-24]
+    for v in (1.0, 3.875, 2.0**-12, 0.5, 2.0**-126, 1.0 / SQRT1_2, 3.875 / SQRT1_2):  # branch edges
+        xs += _around(v, 2)
+    for k in range(1, 13):  # quadrant boundaries: multiples of pi/4 and pi/2
+        xs += _around(k * math.pi / 4)
+    for k in (101, 1001, 10001, 2**20 + 1, 2**30 + 3):
+        xs += _around(k * math.pi / 2)
+    for b in HARD_REDUCTION + HARD_QUARTER + (DOUBLE_ROUNDING_HI,):
+        xs += [_f(b - 1), _f(b), _f(b + 1)]
+    rng = np.random.default_rng(20261130)
+    xs += (rng.standard_normal(150) * 4).astype(np.float32).tolist()
+    xs += rng.uniform(-12, 12, 100).astype(np.float32).tolist()
+    xs += rng.integers(0, 2**32, 200, dtype=np.uint64).astype(np.uint32).view(np.float32).tolist()
+    xs += (rng.integers(1, 2**23, 20) * 2.0**-149).tolist()  # subnormals
+    x = torch.tensor(_f32s(xs), dtype=torch.float32)
+    return torch.cat([x, -x])
+
+
+INPUTS = edge_inputs()
+OPS = ("erf", "sin", "cos", "cube", "gelu", "gelu_tanh", "exp", "tanh")
+
+
+# ---------------------------------------------------------------------------------------
+# Tests
+# ---------------------------------------------------------------------------------------
+
+
+def _first_difference(want: list[int], got: list[int], x: torch.Tensor) -> str:
+    bad = [i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b]
+    if not bad:
+        return ""
+    i = bad[0]
+    return f"{len(bad)} of {len(want)} differ; first x={x.reshape(-1)[i].item()!r}: doc {want[i]:#x}, got {got[i]:#x}"
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_document_equals_spec_and_cpu_float32(name: str) -> None:
+    want = doc_elementwise(name, INPUTS)
+    for impl, fn in (("spec.py", S.elementwise), ("portable_cpu", P.elementwise)):
+        diff = _first_difference(want, out_bits(fn(name, INPUTS)), INPUTS)
+        assert not diff, f"{impl}: {diff}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ("erf", "sin", "cos", "gelu", "gelu_tanh", "cube"))
+def test_document_equals_spec_reduced_precision(name: str, dtype: torch.dtype) -> None:
+    """Section 1's output rule: one rounding of the fp32 result, canonical NaN."""
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 2**16, 300, dtype=np.uint32).astype(np.uint16).view(np.int16)
+    x = torch.cat([INPUTS[::4].to(dtype), torch.from_numpy(raw.copy()).view(dtype)])
+    want = doc_elementwise(name, x)
+    for impl, fn in (("spec.py", S.elementwise), ("portable_cpu", P.elementwise)):
+        diff = _first_difference(want, out_bits(fn(name, x)), x)
+        assert not diff, f"{impl}: {diff}"
+
+
+def test_hard_reduction_inputs_are_hard() -> None:
+    """The listed inputs keep what they claim: a * 2/pi within 2^-26 of an integer, or of
+    an integer + 1/2 (the quadrant decision)."""
+    for b in HARD_REDUCTION:
+        assert abs(_reduce_int(_f(b))[1]) < 2**35, hex(b)
+    for b in HARD_QUARTER:
+        assert abs(abs(_reduce_int(_f(b))[1]) - 2**61) < 2**35, hex(b)
+    f = _reduce_int(_f(DOUBLE_ROUNDING_HI))[1]
+    assert _round(f) != float(np.float32(float(f)))
+
+
+def test_document_constants_are_what_the_document_says() -> None:
+    """Where the document defines a hex constant in words, the words give the hex."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.prec = 400
+
+    def fp32_of(v) -> float:  # an mpmath value rounded once to fp32
+        return _round(Fraction(int(mpmath.floor(v * mpmath.mpf(2) ** 300)), 2**300))
+
+    assert [C2, C3, C4, C5, C6, C7] == [_round(Fraction(1, math.factorial(k))) for k in range(2, 8)]
+    assert LOG2E == fp32_of(1 / mpmath.log(2)) and LN2_LO == fp32_of(mpmath.log(2) - LN2_HI)
+    assert Fraction(LN2_HI).numerator.bit_length() == 15  # "15 significant bits"
+    assert TWO_OVER_PI_224 == int(mpmath.floor(2 / mpmath.pi * mpmath.mpf(2) ** 224))
+    assert PIO2_HI == fp32_of(mpmath.pi / 2) and PIO2_LO == fp32_of(mpmath.pi / 2 - PIO2_HI)
+    assert SQRT1_2 == fp32_of(mpmath.sqrt(0.5))
+    assert BETA == fp32_of(mpmath.sqrt(2 / mpmath.pi)) and KAPPA == _round(Fraction("0.044715"))
+    taylor = mpmath.taylor(mpmath.tanh, 0, 19)
+    assert T == [fp32_of(taylor[n]) for n in range(3, 20, 2)]
+
+
+def test_document_claims_about_erf_sin_cos() -> None:
+    """Sections 2.6 and 2.7: oddness, evenness, special values, the 2^-12 threshold."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.prec = 100
+    for v in [v for v in INPUTS.tolist() if math.isfinite(v) and v > 0]:
+        assert _bits(Erf(-v)) == _bits(-Erf(v)) and _bits(Sin(-v)) == _bits(-Sin(v))
+        assert _bits(Cos(-v)) == _bits(Cos(v))
+    assert _bits(Erf(-0.0)) == _bits(-0.0) and _bits(Sin(-0.0)) == _bits(-0.0) and Cos(-0.0) == 1.0
+    assert Erf(math.inf) == 1.0 and Erf(-math.inf) == -1.0
+    assert all(math.isnan(f(v)) for f in (Sin, Cos) for v in (math.inf, -math.inf, math.nan))
+    # Below 2^-12, sin(x) rounds to x and cos(x) to 1 (the largest such x is the worst case).
+    below = _f(_bits(2.0**-12) - 1)
+    exact = lambda v: Fraction(int(mpmath.floor(v * mpmath.mpf(2) ** 150)), 2**150)  # noqa: E731
+    assert _round(exact(mpmath.sin(below))) == below and _round(exact(mpmath.cos(below))) == 1.0
+    # From 3.875 on, erf(a) is within one ULP of 1 (erfc(a) < 2^-24), so Erf's 1.0 there is too.
+    assert mpmath.erfc(3.875) < mpmath.mpf(2) ** -24
