@@ -27,6 +27,7 @@ from detkit.kernels._portable_llvm import bits_to_f32
 
 OPS = ("erf", "sin", "cos")
 LAST = int(np.float32(np.finfo(np.float32).max).view(np.int32))  # bit pattern of the largest finite float32
+BELOW_ONE = int(np.float32(1.0).view(np.int32))  # patterns under this are the values in (0, 1)
 CHUNKS = 4096
 
 
@@ -38,10 +39,12 @@ def _ulps(y: float, exact: float) -> float:
 
 
 @njit(parallel=True, cache=False)
-def _scan(op: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _scan(op: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     size = (LAST + CHUNKS - 1) // CHUNKS
     worst = np.zeros(CHUNKS)
     where = np.zeros(CHUNKS, dtype=np.int64)
+    worst_small = np.zeros(CHUNKS)  # the same over (0, 1)
+    where_small = np.zeros(CHUNKS, dtype=np.int64)
     total = np.zeros(CHUNKS)
     for c in prange(CHUNKS):
         for i in range(1 + c * size, min(LAST + 1, 1 + (c + 1) * size)):
@@ -56,7 +59,10 @@ def _scan(op: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             if e > worst[c]:
                 worst[c] = e
                 where[c] = i
-    return worst, where, total
+            if i < BELOW_ONE and e > worst_small[c]:
+                worst_small[c] = e
+                where_small[c] = i
+    return worst, where, worst_small, where_small, total
 
 
 def main() -> None:
@@ -71,14 +77,17 @@ def main() -> None:
     rows = []
     for name in ops:
         start = time.perf_counter()
-        worst, where, total = _scan(OPS.index(name))
-        i = int(worst.argmax())
+        worst, where, worst_small, where_small, total = _scan(OPS.index(name))
+        i, j = int(worst.argmax()), int(worst_small.argmax())
         rows.append({"op": name, "values": LAST, "max_ulp": float(worst[i]),
                      "at": float(np.int32(where[i]).view(np.float32)), "mean_ulp": float(total.sum() / LAST),
+                     "max_ulp_below_1": float(worst_small[j]),
+                     "at_below_1": float(np.int32(where_small[j]).view(np.float32)),
                      "seconds": round(time.perf_counter() - start, 1)})
         r = rows[-1]
         print(f"{name}: {r['values']:,} positive finite float32: max {r['max_ulp']:.4f} ULP at {r['at']!r}, "
-              f"mean {r['mean_ulp']:.4f} ({r['seconds']} s)", flush=True)
+              f"mean {r['mean_ulp']:.4f}; below 1: max {r['max_ulp_below_1']:.4f} at {r['at_below_1']!r} "
+              f"({r['seconds']} s)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -316,6 +316,7 @@ enum EwOp {
 
 // tanh of the canonical orders: odd Taylor polynomial below 0.5, else 1 - 2/(Exp(2|x|)+1).
 __device__ __forceinline__ float spec_tanh(float x) {
+    if (x == 0.0f) return x;  // keeps -0 (the polynomial's fma gives +0)
     const float a = fabsf(x);
     if (a < 0.5f) {
         const float z = __fmul_rn(x, x);

@@ -238,6 +238,8 @@ T = [_f(b) for b in (0xBEAAAAAB, 0x3E088889, 0xBD5D0DD1, 0x3CB327A4, 0xBC11371B,
 
 
 def Tanh(x: float) -> float:
+    if x == 0:
+        return x
     if abs(x) < 0.5:
         z = mul(x, x)
         q = T[-1]

@@ -545,7 +545,10 @@ def test_portable_elementwise_equals_cpu(dtype: torch.dtype) -> None:
                    torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40,
                                  88.7, 89.5, -103.9, -110.0, 0.5, -0.5, 0.49,
                                  0.99999994, 1.0, -1.25, 3.8749998, 3.875, -3.875, 1e30, -1e30,
-                                 2.0**-12, -0.7853982, 12345.678, 3.0e38])]).to(dtype)
+                                 2.0**-12, -0.7853982, 12345.678, 3.0e38,
+                                 # within ~2^-30 of a multiple of pi/2: the hardest reductions
+                                 252.89821, *torch.tensor([0x6F79BE45, 0x50A3E87F, 0x6279BE45],
+                                                         dtype=torch.int32).view(torch.float32).tolist()])]).to(dtype)
     for name in cuda_backend.ELEMENTWISE_OPS:
         assert_bits_equal(cuda_backend.elementwise(name, x.to(DEV)), REF.elementwise(name, x), name)
 

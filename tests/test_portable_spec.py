@@ -160,6 +160,8 @@ def test_elementwise_special_values():
         assert_same_bits(P.elementwise(name, x), S.elementwise(name, x))
     e = P.elementwise("exp", x)
     assert e[0] == 1 and e[4] == math.inf and e[5] == 0 and e[8] == math.inf and e[10] == 0
+    th = P.elementwise("tanh", x)  # odd at zero too, as torch's: -0 stays -0
+    assert math.copysign(1.0, float(th[0])) == 1.0 and math.copysign(1.0, float(th[1])) == -1.0
     lg = P.elementwise("log", x)
     assert lg[0] == -math.inf and lg[2] == 0 and lg[4] == math.inf and torch.isnan(lg[3])
 

@@ -166,7 +166,7 @@ def tanh_f32(x: float) -> float:
     q = fma32(q, z, T7)
     q = fma32(q, z, T5)
     q = fma32(q, z, T3)
-    small = fma32(x, q * z, x)
+    small = x if x == ZERO else fma32(x, q * z, x)  # keeps -0 (the fma gives +0)
     t = ONE - TWO / (exp_f32(a + a) + ONE)
     big = t if x > ZERO else -t
     return small if a < HALF else big

@@ -251,8 +251,10 @@ def silu(x: np.float32) -> np.float32:
 
 
 def tanh(x: np.float32) -> np.float32:
-    """|x| < 0.5: odd Taylor polynomial; else 1 - 2 / (Exp(2|x|) + 1) with x's sign."""
+    """+-0 kept; |x| < 0.5: odd Taylor polynomial; else 1 - 2 / (Exp(2|x|) + 1) with x's sign."""
     x = F32(x)
+    if x == 0:  # the polynomial's fma would give +0 for -0
+        return x
     a = F32(abs(x))
     if a < F32(0.5):
         z = F32(x * x)
