@@ -213,11 +213,14 @@ def _run(cfg: AuditConfig, out: Path | None, json_out: bool, console: Console) -
             console.print(f"[bold red]failed[/] after {done} op record(s): {kept}", soft_wrap=True)
             raise failure
         if partial or stop.requested:
-            console.print("[bold yellow]interrupted[/] "
-                          + (f"after {done} op record(s): {kept}" if partial and done else
-                             "before any op was audited" + (": the report is marked partial" if out is not None
-                                                            or json_out else "") if partial else
-                             "after the audit finished: the report is complete"), soft_wrap=True)
+            if not partial:
+                when = "after the audit finished: the report is complete"
+            elif done:
+                when = f"after {done} op record(s): {kept}"
+            else:
+                when = "before any op was audited" + (": the report is marked partial" if out is not None or json_out
+                                                      else "")
+            console.print(f"[bold yellow]interrupted[/] {when}", soft_wrap=True)
             return INTERRUPTED
     return code
 
