@@ -289,6 +289,25 @@ def test_a_ctrl_c_that_a_library_swallows_still_ends_the_probe_as_interrupted(ca
     assert "caught inside a library" in err and json.loads(out)["status"] == "complete"
 
 
+def test_a_ctrl_c_swallowed_while_the_model_loads_stops_the_probe_before_it_starts(capsys, monkeypatch):
+    from detkit.probe import hf
+
+    real = hf.load_model
+
+    def swallowing(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs here
+        except KeyboardInterrupt:
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "load_model", swallowing)
+    code, out, err = run_cli(["--model", "tiny-llama", "--modes", "single", "--json"], capsys, monkeypatch)
+    assert code == 130 and out == "", err
+    assert "before the probe started" in err
+
+
 def test_ctrl_c_while_the_model_loads_says_so(capsys, monkeypatch):
     """Loading the model is the longest wait before the probe: a Ctrl-C there exited 130 in
     silence (typer turns the KeyboardInterrupt into its exit)."""

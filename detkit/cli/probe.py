@@ -153,12 +153,15 @@ def probe(
         output_dir(out)  # before loading a model: a bad --out fails in a second
     try:
         # loading a model (or reaching a server) is the longest wait before the probe
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt() as setup:
             engine = _engine(
                 model=model, dtype=dtype, attn=attn, device=device, endpoint=endpoint, served_model=served_model,
                 seed=suite.seed, top_k=top_k, timeout=timeout, retries=retries, batch_invariant=batch_invariant,
                 portable=portable, chat=chat,
             )
+        if setup.requested:  # a Ctrl-C that the model's loading caught (a library's except BaseException)
+            engine.close()
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/] before the probe started (while the engine was set up), nothing kept")
         raise typer.Exit(INTERRUPTED) from None
