@@ -76,8 +76,8 @@ def _worker() -> None:
         xe = make((4099,), dtype, 15) * 4
         for name in P.ELEMENTWISE_OPS:
             record(f"{name}/{tag}", P.elementwise(name, xe))
-        # RoPE's angles (1024 positions x 32 frequencies): torch's sin/cos of these differ
-        # between AVX-512 and ATEN_CPU_CAPABILITY=default on the EPYC of docs/mode.md.
+        # RoPE's angles (1024 positions x 32 frequencies): mostly small arguments, and the
+        # largest the reduction by 2/pi meets in a model.
         # (Frequencies from Python floats: torch's pow is itself ISA variant; the product is IEEE.)
         freqs = torch.tensor([10000.0 ** (-i / 32) for i in range(32)], dtype=torch.float32)
         angles = (torch.arange(1024.0)[:, None] * freqs[None]).to(dtype)
