@@ -103,7 +103,7 @@ class OpSpec:
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-FAMILIES = ("matmul", "normalization", "reduction", "attention", "scatter", "selection")
+FAMILIES = ("matmul", "normalization", "reduction", "attention", "scatter", "selection", "activation")
 
 
 def _randn(g: np.random.Generator, shape: tuple[int, ...], dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -203,6 +203,25 @@ def _b_embedding_bag(b: int, dt: torch.dtype, g: np.random.Generator, h: int) ->
     )
 
 
+def _mlp_width(h: int) -> int:
+    return max(8, h * 43 // 16)  # Llama-7B's 11008 at hidden 4096; tiny-llama's 688 at 256
+
+
+def _b_mlp(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
+    return Inputs({"input": _randn(g, (b, _mlp_width(h)), dt, 3.0)})
+
+
+def _b_angles(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
+    # RoPE angles (position x frequency, head dim 128, base 10000) of hidden/64 consecutive
+    # tokens from a random start in a 4096-token context; in numpy, since torch's pow is
+    # itself ISA variant. Most of them are small, where torch's vector and scalar sin differ.
+    freqs = (10000.0 ** (-np.arange(64) / 64)).astype(np.float32)
+    starts = g.integers(0, 4096, b)
+    positions = (starts[:, None] + np.arange(max(1, h // 64))[None]).astype(np.float32)
+    angles = (positions[:, :, None] * freqs[None, None]).reshape(b, -1)
+    return Inputs({"input": torch.from_numpy(angles).to(dt)})
+
+
 def _b_ties(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     # 4 distinct values over 8*hidden logits: every row is full of ties at its maximum
     return Inputs({"input": _randint(g, 4, (b, 8 * h)).to(dt)})
@@ -284,6 +303,12 @@ CATALOGUE: tuple[OpSpec, ...] = (
            _b_ties, lambda input: input.argmax(dim=-1)),
     OpSpec("topk", "selection", "torch.topk(x, 8) over 8*hidden logits holding 4 distinct values (ties)",
            _b_ties, _c_topk),
+    OpSpec("silu", "activation", "F.silu over the MLP width (43/16 of hidden: 11008 at 4096)", _b_mlp,
+           lambda input: F.silu(input)),
+    OpSpec("gelu", "activation", "F.gelu(approximate='tanh') over the MLP width (Gemma's activation)", _b_mlp,
+           lambda input: F.gelu(input, approximate="tanh")),
+    OpSpec("rope", "activation", "torch.cos and torch.sin of RoPE angles: hidden/64 tokens x 64 frequencies", _b_angles,
+           lambda input: torch.cat([torch.cos(input), torch.sin(input)], dim=-1)),
 )
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in CATALOGUE}
