@@ -143,6 +143,7 @@ def _exact_unary(name: str, x: torch.Tensor) -> np.ndarray:
         "gelu": lambda t: t / 2 * (1 + mpmath.erf(t / mpmath.sqrt(2))),
         "sin": mpmath.sin,
         "cos": mpmath.cos,
+        "softplus": lambda t: t if t > 20 else mpmath.log1p(mpmath.exp(t)),
         "gelu_tanh": lambda t: t / 2 * (1 + mpmath.tanh(mpmath.sqrt(2 / mpmath.pi) * (t + mpmath.mpf("0.044715") * t**3))),
     }
     vals = [fns[name](mpmath.mpf(float(v))) for v in x.float().reshape(-1).tolist()]
@@ -209,6 +210,9 @@ def accuracy() -> list[dict[str, object]]:
     xr = torch.empty(20000).uniform_(-1000.0, 1000.0, generator=torch.Generator().manual_seed(3))
     add("sin", "20000", torch.float32, _exact_unary("sin", xr), P.elementwise("sin", xr), torch.sin(xr))
     add("cos", "20000", torch.float32, _exact_unary("cos", xr), P.elementwise("cos", xr), torch.cos(xr))
+    xp = torch.empty(20000).uniform_(-30.0, 30.0, generator=torch.Generator().manual_seed(4))
+    add("softplus", "20000", torch.float32, _exact_unary("softplus", xp), P.elementwise("softplus", xp),
+        F.softplus(xp))
     # Below x = -3, 1 + erf (or 1 + tanh) cancels in torch's formula, which both columns
     # follow: tiny outputs with a huge relative error. The second row leaves them out.
     keep = xg > -3

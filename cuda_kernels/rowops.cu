@@ -311,7 +311,7 @@ __device__ __forceinline__ void b_row_sum(const T* __restrict__ x, T* __restrict
 
 enum EwOp {
     EW_EXP = 0, EW_LOG = 1, EW_RSQRT = 2, EW_SIGMOID = 3, EW_SILU = 4, EW_TANH = 5,
-    EW_ERF = 6, EW_GELU = 7, EW_GELU_TANH = 8, EW_SIN = 9, EW_COS = 10, EW_CUBE = 11
+    EW_ERF = 6, EW_GELU = 7, EW_GELU_TANH = 8, EW_SIN = 9, EW_COS = 10, EW_CUBE = 11, EW_SOFTPLUS = 12
 };
 
 // tanh of the canonical orders: odd Taylor polynomial below 0.5, else 1 - 2/(Exp(2|x|)+1).
@@ -423,6 +423,16 @@ __device__ __forceinline__ float spec_sin_cos(float x, bool want_cos) {
     return x > 0.0f ? y : -y;
 }
 
+// softplus with torch's defaults (beta 1, threshold 20): x above 20, else log1p(Exp(x)),
+// log1p(y) = y if 1 + y == 1, else Log(1 + y) * (y / ((1 + y) - 1)).
+__device__ __forceinline__ float spec_softplus(float x) {
+    if (x > 20.0f) return x;
+    const float y = spec_exp(x);
+    const float u = __fadd_rn(1.0f, y);
+    if (u == 1.0f) return y;
+    return __fmul_rn(spec_log(u), __fdiv_rn(y, __fsub_rn(u, 1.0f)));
+}
+
 template <typename T>
 __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __restrict__ y, i64 n, int op) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
@@ -440,7 +450,8 @@ __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __rest
             case EW_GELU_TANH: r = spec_gelu_tanh(v); break;
             case EW_SIN: r = spec_sin_cos(v, false); break;
             case EW_COS: r = spec_sin_cos(v, true); break;
-            default: r = __fmul_rn(__fmul_rn(v, v), v); break;  // EW_CUBE: pow(x, 3)
+            case EW_CUBE: r = __fmul_rn(__fmul_rn(v, v), v); break;  // pow(x, 3)
+            default: r = spec_softplus(v); break;
         }
         y[i] = from_f32<T>(r);
     }

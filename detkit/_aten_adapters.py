@@ -41,7 +41,8 @@ Face tests); a third invariance is the kernels' own:
 
 In portable mode (``Call.portable``) the elementwise functions the portable backends
 implement (``ELEMENTWISE_PORTABLE``: exp, log, rsqrt, sigmoid, silu, tanh, erf, sin,
-cos, and gelu with either ``approximate``) go to that backend's ``elementwise(name, x)`` for
+cos, gelu with either ``approximate``, and softplus with torch's default beta and
+threshold) go to that backend's ``elementwise(name, x)`` for
 float32/bfloat16/float16 instead: one float32
 evaluation per element in a fixed sequence of IEEE operations, rounded once, so the
 bits are the same on every instruction set (and position independent); so does
@@ -87,10 +88,12 @@ _PORTABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The portable backends' ``ELEMENTWISE_OPS`` (kept here so importing the mode does not
 # import numba; tests/test_mode_portable.py checks the two agree).
 ELEMENTWISE_PORTABLE: frozenset[str] = frozenset(
-    {"exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu", "sin", "cos"}
+    {"exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu", "sin", "cos", "softplus"}
 )
 # gelu's ``approximate`` argument picks the backend function.
 _GELU_PORTABLE = {"none": "gelu", "tanh": "gelu_tanh"}
+# The canonical softplus is torch's with its default beta and threshold.
+_SOFTPLUS_DEFAULTS = (1, 20)
 # A multiple of two AVX-512 float32 vectors (torch unrolls by 2) and of every smaller ISA.
 _ALIGN = 64
 # torch's at::internal::GRAIN_SIZE: TensorIterator splits work across threads only above it.
@@ -718,6 +721,10 @@ def _portable_name(op: str, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> s
         return None
     if op == "gelu" and not extra and set(kwargs) <= {"approximate"}:
         return _GELU_PORTABLE.get(kwargs.get("approximate", "none"))
+    if op == "softplus" and len(extra) <= 2 and set(kwargs) <= {"beta", "threshold"}:
+        given = (*extra, *(kwargs.get(k, d) for k, d in zip(("beta", "threshold")[len(extra):],
+                                                              _SOFTPLUS_DEFAULTS[len(extra):])))
+        return op if all(_scalar_is(v, d) for v, d in zip(given, _SOFTPLUS_DEFAULTS)) else None
     return None if extra or kwargs else op
 
 

@@ -43,6 +43,7 @@ FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sin": torch.sin,
     "cos": torch.cos,
     "cube": lambda t: t.pow(3.0),
+    "softplus": F.softplus,
 }
 # The aten op each portable function is routed as (gelu's approximate= picks the function).
 ATEN_OP = {name: {"gelu_tanh": "gelu", "cube": "pow.Tensor_Scalar"}.get(name, name) for name in FNS}
@@ -158,9 +159,9 @@ def test_float64_and_unlisted_ops_keep_the_torch_path_in_portable_mode(monkeypat
     x64 = _values(640, 9, torch.float64, specials=False)
     x32 = x64.float()
     with detkit.batch_invariant(portable=True):
-        e64, s32, g32 = torch.exp(x64), F.mish(x32), F.softplus(x32)
+        e64, s32, g32 = torch.exp(x64), F.mish(x32), F.softplus(x32, beta=2.0)
     assert _same_bits(e64.view(torch.float32), torch.exp(x64).view(torch.float32))
-    assert _same_bits(s32, F.mish(x32)) and _same_bits(g32, F.softplus(x32))
+    assert _same_bits(s32, F.mish(x32)) and _same_bits(g32, F.softplus(x32, beta=2.0))
 
 
 def test_empty_and_integer_inputs_pass_through() -> None:
@@ -172,40 +173,41 @@ def test_empty_and_integer_inputs_pass_through() -> None:
 def test_coverage_report_in_portable_mode() -> None:
     x = torch.rand(3, 64) + 0.5
     fns = (F.silu, torch.tanh, torch.rsqrt, torch.exp, torch.sin, torch.cos, lambda t: t.pow(1.5), F.gelu,
-           F.softplus, F.mish)
+           F.softplus, F.mish, torch.sinh)
     _, ops = mode.trace_ops(lambda: [fn(x) for fn in fns])
     report = mode.coverage_report(ops, portable=True)
     for op in ("silu.default", "tanh.default", "rsqrt.default", "exp.default", "gelu.default", "sin.default",
-               "cos.default"):
+               "cos.default", "softplus.default"):
         assert op in report.routed and op not in report.not_portable, op
-    for op in ("mish.default", "pow.Tensor_Scalar", "softplus.default"):
+    for op in ("mish.default", "pow.Tensor_Scalar", "sinh.default"):
         assert op in report.not_portable, op
     # On CUDA the portable kernels are routed too; the other math-library functions are
     # not portable, and outside portable mode all of them are position independent there.
     cuda = mode.coverage_report(ops, portable=True, device="CUDA")
     assert {"silu.default", "exp.default", "tanh.default", "rsqrt.default", "gelu.default"} <= set(cuda.routed)
-    assert {"mish.default", "softplus.default"} <= set(cuda.not_portable)
+    assert {"mish.default", "sinh.default"} <= set(cuda.not_portable)
     plain = mode.coverage_report(ops, device="CUDA")
     assert {"silu.default", "sin.default", "gelu.default", "mish.default"} <= set(plain.exact) and not plain.uncovered
 
 
 def test_portable_mode_reports_calls_left_to_torchs_math_library() -> None:
-    """A routed elementwise call whose values come from torch's math library (softplus,
-    mish, float64 exp, pow(x, 1.5)) is batch invariant but not portable:
-    measured, softplus's float32 bits change with ATEN_CPU_CAPABILITY. The block's
+    """A routed elementwise call whose values come from torch's math library (mish,
+    softplus with another beta, float64 exp, pow(x, 1.5)) is batch invariant but not portable:
+    measured, mish's float32 bits change with ATEN_CPU_CAPABILITY. The block's
     coverage must say so, not only list it as routed."""
     x = torch.rand(3, 70) + 0.5
     with detkit.batch_invariant(portable=True, strict=True) as bi:
         F.softplus(x), F.softplus(x, beta=2.0), F.mish(x), torch.exp(x.double()), x.pow(1.5)
         F.silu(x), torch.exp(x), torch.rsqrt(x.bfloat16()), x.pow(2), F.gelu(x), torch.sin(x)  # portable, or exact
     assert set(bi.not_portable()) == {"softplus", "mish", "exp", "pow.Tensor_Scalar"}
-    assert bi.not_portable()["softplus"] == {"torch's math library (not in the canonical orders)": 2}
+    assert bi.not_portable()["mish"] == {"torch's math library (not in the canonical orders)": 1}
+    assert bi.not_portable()["softplus"] == {"extra arguments: torch's math library": 1}  # beta=2.0
     assert bi.not_portable()["exp"] == {"torch.float64: torch's math library (portable kernels take float32, "
                                         "bfloat16, float16)": 1}
     assert bi.uncovered() == {}  # still batch invariant: nothing fell back
-    assert "NOT portable" in str(bi.coverage()) and "softplus" in bi.coverage().to_dict()["not_portable"]
+    assert "NOT portable" in str(bi.coverage()) and "mish" in bi.coverage().to_dict()["not_portable"]
     with detkit.batch_invariant() as plain:  # batch-invariant mode promises nothing across ISAs
-        F.softplus(x), F.mish(x)
+        F.softplus(x, beta=2.0), F.mish(x)
     assert plain.not_portable() == {} and "NOT portable" not in str(plain.coverage())
 
 
@@ -232,7 +234,7 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
     by_name = {o.name: o for o in ad.OVERRIDES["CUDA"]}
     assert {"silu", "exp", "tanh", "rsqrt", "sigmoid", "log", "erf", "gelu", "sin", "cos", "silu_", "exp_", "gelu_",
             "sin_"} <= set(by_name)
-    assert "softplus" not in by_name and "mish" not in by_name
+    assert "mish" not in by_name and "sinh" not in by_name
     calls: list[str] = []
 
     class Backend:
@@ -264,15 +266,20 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
 # ----------------------------------------------------------------------------- across ISAs
 
 PRESETS = ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
-# Families whose MLP calls torch's gelu: Gemma's tanh approximation, GPT-NeoX's erf. With
-# gelu from torch's math library, tiny Gemma's portable-mode logits changed under
+# Families built from their configs whose portability rests on today's portable functions:
+# Gemma's tanh gelu, GPT-NeoX's erf gelu, Mamba's softplus (its dt). With those from torch's
+# math library, tiny Gemma's and tiny Mamba's portable-mode logits changed under
 # ATEN_CPU_CAPABILITY=default on this AVX-512 machine.
-GELU_FAMILIES: dict[str, dict[str, Any]] = {
+CONFIG_FAMILIES: dict[str, dict[str, Any]] = {
     "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, hidden_activation="gelu_pytorch_tanh"),
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      hidden_act="gelu"),
+    "mamba": dict(hidden_size=64, state_size=16, num_hidden_layers=2, use_mambapy=False),
 }
+NO_ATTENTION = frozenset({"mamba"})  # one run: transformers refuses attn_implementation="sdpa" for it
+MODEL_RUNS = [(name, attn) for name in (*PRESETS, *CONFIG_FAMILIES) for attn in ("eager", "sdpa")
+              if not (name in NO_ATTENTION and attn == "sdpa")]
 
 # Run in a fresh process: the model's forward logits (and every module's output) hashed,
 # with the mode off and under portable mode. The weights come from the parent process,
@@ -286,10 +293,11 @@ def h(t):
     return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 weights_dir, presets, families = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3])
+no_attention = set(sys.argv[4].split(","))
 enc = build_tokenizer()(["Batch invariance means", "hi", "The quick brown fox"], padding=True, return_tensors="pt")
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
 for name in presets + list(families):
-    for attn in ("eager", "sdpa"):
+    for attn in ("eager",) if name in no_attention else ("eager", "sdpa"):
         if name in families:
             config = transformers.AutoConfig.for_model(name, **families[name], attn_implementation=attn)
             model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -329,7 +337,7 @@ def isa_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
         torch.save(load_preset(name, dtype=torch.float32).state_dict(), weights / f"{name}.pt")
     common = dict(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
                   initializer_range=0.1)  # as the presets: varied logits, not one repeated token
-    families = {name: dict(common, **fields) for name, fields in GELU_FAMILIES.items()}
+    families = {name: dict(common, **fields) for name, fields in CONFIG_FAMILIES.items()}
     for name, fields in families.items():
         config = transformers.AutoConfig.for_model(name, **fields)
         torch.save(transformers.AutoModelForCausalLM.from_config(config).state_dict(), weights / f"{name}.pt")
@@ -338,7 +346,8 @@ def isa_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
         env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME")}
         env.update(extra)
         proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(weights), ",".join(PRESETS), json.dumps(families)],
+            [sys.executable, "-c", _CHILD, str(weights), ",".join(PRESETS), json.dumps(families),
+             ",".join(sorted(NO_ATTENTION))],
             env=env, capture_output=True, text=True, timeout=300, check=False,
         )
         assert proc.returncode == 0, f"{label}: child failed:\n{proc.stderr[-3000:]}"
@@ -351,8 +360,7 @@ def _first_difference(a: dict[str, str], b: dict[str, str]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("preset", [*PRESETS, *GELU_FAMILIES])
+@pytest.mark.parametrize(("preset", "attn"), MODEL_RUNS)
 @pytest.mark.parametrize("other", [k for k in _ENVS if k != "host"])
 def test_portable_logits_are_identical_across_instruction_sets(
     isa_runs: dict[str, dict[str, Any]], preset: str, attn: str, other: str
@@ -374,6 +382,7 @@ def test_instruction_set_switch_changes_torch_results(isa_runs: dict[str, dict[s
     assert alt["capability"] == "DEFAULT"
     assert isa_runs["host"]["tiny-llama/eager"]["off"] != alt["tiny-llama/eager"]["off"]
     assert isa_runs["host"]["gemma/eager"]["off"] != alt["gemma/eager"]["off"]
+    assert isa_runs["host"]["mamba/eager"]["off"] != alt["mamba/eager"]["off"]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -335,11 +335,24 @@ def test_sin_and_cos_within_two_ulp_over_the_whole_float32_range():
     assert float(P.elementwise("sin", x).abs().max()) <= 1 and float(P.elementwise("cos", x).abs().max()) <= 1
 
 
+def test_softplus_within_three_ulp_and_exact_where_torch_is():
+    # log1p(y) as Log(1 + y) * (y / ((1 + y) - 1)): accurate for tiny exp(x), where a plain
+    # Log(1 + y) returns 0 (below x ~ -17).
+    rng = np.random.default_rng(14)
+    xs = np.concatenate([rng.uniform(-100, 30, 20_000), [-17.5, -30.0, -87.0, 19.999998, 20.0, 20.000002]])
+    xs = xs.astype(np.float32)
+    y = P.elementwise("softplus", torch.from_numpy(xs)).numpy()
+    exact = [float(v) if v > 20 else math.log1p(math.exp(float(v))) for v in xs]
+    assert max(_ulp_err(float(a), e) for a, e in zip(y, exact, strict=True)) < 3.0
+    assert y[-1] == xs[-1]  # above the threshold: x itself
+    assert float(y[-4]) > 0  # softplus(-87) ~ exp(-87) = 1.6e-38, where Log(1 + y) would give 0
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(InputError, match="float64"):
         P.softmax(torch.zeros(2, 3, dtype=torch.float64), False)
     with pytest.raises(InputError, match="elementwise"):
-        P.elementwise("softplus", torch.zeros(3))
+        P.elementwise("mish", torch.zeros(3))
     with pytest.raises(InputError, match="float64"):
         S.softmax(torch.zeros(2, 3, dtype=torch.float64), False)
 

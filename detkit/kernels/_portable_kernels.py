@@ -253,6 +253,18 @@ def sin_cos_f32(x: float, want_cos: bool) -> float:
 
 
 @njit(cache=True, error_model="numpy")
+def softplus_f32(x: float) -> float:
+    """softplus of canonical-orders section 3 (torch's defaults: beta 1, threshold 20)."""
+    if x > F32(20.0):
+        return x
+    y = exp_f32(x)
+    u = ONE + y
+    if u == ONE:
+        return y
+    return log_f32(u) * (y / (u - ONE))
+
+
+@njit(cache=True, error_model="numpy")
 def canon(y: float) -> float:
     return y if y == y else CANON_NAN
 
@@ -476,7 +488,7 @@ def layer_norm_rows(x: np.ndarray, mode: int, weight: np.ndarray, has_weight: bo
 @njit(cache=True, nogil=True, error_model="numpy")
 def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int) -> None:
     """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu, 5 tanh, 6 erf, 7 gelu, 8 gelu_tanh,
-    9 sin, 10 cos, 11 cube on x[lo:hi] (flat; float32 or raw bf16/fp16 bits), in blocks of ROW_CHUNK."""
+    9 sin, 10 cos, 11 cube, 12 softplus on x[lo:hi] (flat; float32 or raw bf16/fp16 bits), in blocks of ROW_CHUNK."""
     buf = np.empty(ROW_CHUNK, dtype=F32)
     for c0 in range(lo, hi, ROW_CHUNK):
         c1 = min(hi, c0 + ROW_CHUNK)
@@ -514,10 +526,13 @@ def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: in
             want_cos = op == 10
             for j in range(xs.shape[0]):
                 ys[j] = canon(sin_cos_f32(xs[j], want_cos))
-        else:
+        elif op == 11:
             for j in range(xs.shape[0]):
                 v = xs[j]
                 ys[j] = canon((v * v) * v)
+        else:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(softplus_f32(xs[j]))
 
 
 # ------------------------------------------------------------------ float16 <-> float32

@@ -361,6 +361,19 @@ def cos(x: np.float32) -> np.float32:
     return (cs, F32(-sn), F32(-cs), sn)[q]
 
 
+def softplus(x: np.float32) -> np.float32:
+    """softplus with torch's defaults (beta 1, threshold 20): x above 20, else log1p(Exp(x))
+    with log1p(y) = y if 1 + y == 1, else Log(1 + y) * (y / ((1 + y) - 1))."""
+    x = F32(x)
+    if x > F32(20.0):
+        return x
+    y = exp(x)
+    u = F32(ONE + y)
+    if u == ONE:
+        return y
+    return F32(log(u) * F32(y / F32(u - ONE)))
+
+
 def cube(x: np.float32) -> np.float32:
     """pow(x, 3) as torch's float32 kernels compute it: (x * x) * x."""
     x = F32(x)
@@ -380,6 +393,7 @@ ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
     "sin": sin,
     "cos": cos,
     "cube": cube,
+    "softplus": softplus,
 }
 
 
