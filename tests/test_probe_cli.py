@@ -267,12 +267,8 @@ def test_ctrl_c_before_the_probe_starts_says_so(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "report.json").exists()
 
 
-def test_a_ctrl_c_that_a_library_swallows_still_ends_the_probe_as_interrupted(capsys, monkeypatch):
-    """A KeyboardInterrupt caught inside torch or transformers (an ``except BaseException``)
-    let the probe run on and exit 0, as if it had passed."""
-    from detkit.probe import runner
-
-    real = runner.total_work
+def _swallowing_a_ctrl_c(real):
+    """``real``, after a Ctrl-C that arrives and is caught, as a library's ``except BaseException`` does."""
 
     def swallowing(*args, **kwargs):
         try:
@@ -282,7 +278,15 @@ def test_a_ctrl_c_that_a_library_swallows_still_ends_the_probe_as_interrupted(ca
             pass
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "total_work", swallowing)
+    return swallowing
+
+
+def test_a_ctrl_c_that_a_library_swallows_still_ends_the_probe_as_interrupted(capsys, monkeypatch):
+    """A KeyboardInterrupt caught inside torch or transformers (an ``except BaseException``)
+    let the probe run on and exit 0, as if it had passed."""
+    from detkit.probe import runner
+
+    monkeypatch.setattr(runner, "total_work", _swallowing_a_ctrl_c(runner.total_work))
     code, out, err = run_cli(["--model", "tiny-llama", "--modes", "single", "--max-new-tokens", "2", "--json"],
                              capsys, monkeypatch)
     assert code == 130, err
@@ -292,17 +296,7 @@ def test_a_ctrl_c_that_a_library_swallows_still_ends_the_probe_as_interrupted(ca
 def test_a_ctrl_c_swallowed_while_the_model_loads_stops_the_probe_before_it_starts(capsys, monkeypatch):
     from detkit.probe import hf
 
-    real = hf.load_model
-
-    def swallowing(*args, **kwargs):
-        try:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.5)  # the handler runs here
-        except KeyboardInterrupt:
-            pass
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(hf, "load_model", swallowing)
+    monkeypatch.setattr(hf, "load_model", _swallowing_a_ctrl_c(hf.load_model))
     code, out, err = run_cli(["--model", "tiny-llama", "--modes", "single", "--json"], capsys, monkeypatch)
     assert code == 130 and out == "", err
     assert "before the probe started" in err

@@ -336,29 +336,27 @@ def _sin_cos_reduced(a: np.float32) -> tuple[int, np.float32, np.float32]:
     return q, fma(F32(r * z), s, r), fma(z, c_, ONE)
 
 
-def sin(x: np.float32) -> np.float32:
-    """Sin of section 2.7."""
+def _sin_or_cos(x: np.float32, want_cos: bool) -> np.float32:
+    """Sin or Cos of section 2.7."""
     x = F32(x)
     if not math.isfinite(x):
         return F32(math.nan)
     a = F32(abs(x))
     if a < TRIG_TINY:
-        return x
+        return ONE if want_cos else x
     q, sn, cs = _sin_cos_reduced(a)
+    if want_cos:
+        return (cs, F32(-sn), F32(-cs), sn)[q]
     y = (sn, cs, F32(-sn), F32(-cs))[q]
     return y if x > 0 else F32(-y)
 
 
+def sin(x: np.float32) -> np.float32:
+    return _sin_or_cos(x, False)
+
+
 def cos(x: np.float32) -> np.float32:
-    """Cos of section 2.7."""
-    x = F32(x)
-    if not math.isfinite(x):
-        return F32(math.nan)
-    a = F32(abs(x))
-    if a < TRIG_TINY:
-        return ONE
-    q, sn, cs = _sin_cos_reduced(a)
-    return (cs, F32(-sn), F32(-cs), sn)[q]
+    return _sin_or_cos(x, True)
 
 
 def softplus(x: np.float32) -> np.float32:
