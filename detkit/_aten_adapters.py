@@ -420,6 +420,97 @@ def grouped_mm(
     raise Unsupported(f"{self.dim()}-D x {mat2.dim()}-D grouped product with {what}")
 
 
+def _triple(values: Sequence[int], nd: int, what: str) -> list[int]:
+    """aten.convolution's stride/padding/dilation: one value per spatial dim, or one for all."""
+    values = list(values)
+    if len(values) == 1:
+        return values * nd
+    if len(values) != nd:
+        raise Unsupported(f"{len(values)} {what} values for {nd} spatial dims", benign=True)  # torch raises
+    return values
+
+
+def convolution(
+    call: Call,
+    input: torch.Tensor,  # noqa: A002 (aten's name)
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    transposed: bool,
+    output_padding: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """Every 1-D, 2-D and 3-D convolution (``F.conv1d``/``conv2d``/``conv3d``, any stride,
+    zero padding, dilation and groups) as routed products of its patches (im2col).
+
+    Each output element is one row of a matmul: the input patch it reads, flattened in
+    the weight's (channel, kernel position) order, times that filter. With ``groups ==
+    1`` the patches of every position of every batch entry are the rows of one 2-D
+    product and the bias is the kernel's (added once after the K reduction): the same
+    bits as ``F.linear`` of the patches. With ``groups > 1`` (Mamba's depthwise causal
+    conv) the groups are the batch of a 3-D product, and the bias is a last column of
+    ones in the patches against the bias as a last row of the filters (one rounding,
+    where adding it after the product would round twice in 16-bit). Rows are
+    independent of how many there are, so a position's result does not depend on the
+    batch, the sequence length, or prefill (one conv over the sequence) versus decode
+    (one conv over the last kernel-width window): the patches are equal, so are the
+    bits. torch's CPU kernels happened to give that too on the shapes measured; cuDNN's
+    algorithm choice depends on the batch size. Costs a copy of the patches (the kernel
+    volume times the input).
+    """
+    _float(input, weight, bias)
+    if transposed:
+        raise Unsupported("transposed convolution")
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise Unsupported("mixed dtypes", benign=True)  # torch raises its own error
+    nd = weight.dim() - 2
+    if not 1 <= nd <= 3 or input.dim() not in (nd + 1, nd + 2):
+        raise Unsupported(f"{input.dim()}-D input with a {weight.dim()}-D weight", benign=True)  # torch raises
+    stride, padding, dilation = (_triple(v, nd, w) for v, w in ((stride, "stride"), (padding, "padding"),
+                                                                (dilation, "dilation")))
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or groups < 1:
+        raise Unsupported("non-positive stride, dilation or groups, or negative padding", benign=True)
+    x, w, b = _plain(input), _plain(weight), _plain(bias)
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    n, c = x.shape[:2]
+    o, cg, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+    if c != cg * groups or o % groups or (b is not None and b.shape != (o,)):
+        raise Unsupported("channels, groups and bias do not match", benign=True)  # torch raises
+    lengths = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation)]
+    if min(lengths) < 1:
+        raise Unsupported("the kernel is larger than the padded input", benign=True)  # torch raises
+    if x.numel() == 0 or w.numel() == 0:
+        raise Unsupported("empty operand", benign=True)
+    # F.pad lists the last dim first; zero padding on both sides of every spatial dim.
+    x = torch.nn.functional.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
+    for i, (k, s, d) in enumerate(zip(kernel, stride, dilation)):
+        x = x.unfold(2 + i, (k - 1) * d + 1, s)  # windows, appended as the last dim
+        if d > 1:
+            x = x[..., ::d]
+    g, og, kvol, rows = groups, o // groups, cg * math.prod(kernel), math.prod(lengths)
+    # (N, C, *L, *k) -> (G, N * L, Cg * k): a patch per row, in the weight's flattened order
+    patches = (x.reshape(n, g, cg, *lengths, *kernel)
+               .permute(1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
+               .reshape(g, n * rows, kvol))
+    filters = w.reshape(g, og, kvol)
+    if g == 1:
+        out = _matmul(call, patches[0], filters[0].t(), b)
+    else:
+        if b is not None:
+            patches = torch.cat([patches, patches.new_ones(g, n * rows, 1)], dim=2)
+            filters = torch.cat([filters, b.reshape(g, og, 1)], dim=2)
+        out = _matmul(call, patches, filters.transpose(1, 2))
+    # (G, N * L, Og) -> (N, G * Og, *L)
+    out = (out.reshape(g, n, *lengths, og).permute(1, 0, nd + 2, *range(2, 2 + nd))
+           .reshape(n, o, *lengths).contiguous())
+    return out.squeeze(0) if unbatched else out
+
+
 # ----------------------------------------------------------------------------- softmax
 
 
@@ -831,6 +922,7 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("addmv", addmv, "matmul"),
     OpOverride("dot", dot, "matmul"),
     OpOverride("_grouped_mm", grouped_mm, "matmul"),
+    OpOverride("convolution", convolution, "matmul"),
     OpOverride("_softmax", _softmax, "softmax"),
     OpOverride("_log_softmax", _log_softmax, "softmax"),
     OpOverride("_safe_softmax", _safe_softmax, "softmax"),

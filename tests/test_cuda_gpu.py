@@ -604,6 +604,44 @@ def test_front_end_routes_cuda_tensors_and_portable_flag() -> None:
     assert_bits_equal(kernels.softmax(x.to(DEV), portable=True), spec.softmax(x, False), "softmax")
 
 
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_convolutions_under_the_mode_on_cuda(dtype: torch.dtype, portable: bool) -> None:
+    """Routed convolutions on CUDA (instead of cuDNN, whose algorithm depends on the batch
+    size): Mamba's causal depthwise conv gives decode (one window) the prefill bits, every
+    batch entry the bits it has alone; in portable mode a depthwise conv, a dense conv1d
+    and a ViT-style conv2d give the CPU's portable bits."""
+    import torch.nn.functional as F
+
+    import detkit
+
+    ch, k, length = 1536, 4, 33
+    x, w, b = rand((8, ch, length), dtype, 120), rand((ch, 1, k), dtype, 121), rand((ch,), dtype, 122)
+    with detkit.batch_invariant(portable=portable) as bi:
+        prefill = F.conv1d(x, w, b, padding=k - 1, groups=ch)[..., :length]
+        padded = F.pad(x, (k - 1, 0))
+        decode = torch.stack([F.conv1d(padded[..., t : t + k], w, b, groups=ch)[..., 0] for t in range(length)], -1)
+        assert_bits_equal(decode, prefill, f"depthwise conv decode vs prefill, {dtype} portable={portable}")
+        for m in (1, 2, 3, 5, 7):
+            assert_bits_equal(F.conv1d(x[:m], w, b, padding=k - 1, groups=ch)[..., :length], prefill[:m],
+                              f"depthwise conv rows at batch {m}")
+    assert bi.uncovered() == {} and bi.routed().get("convolution", 0) > 0, bi.coverage()
+    if not portable:
+        return
+    cases = [
+        (F.conv1d, x, w, b, dict(padding=k - 1, groups=ch)),
+        (F.conv1d, rand((3, 80, 50), dtype, 123), rand((96, 80, 3), dtype, 124), rand((96,), dtype, 125),
+         dict(padding=1, stride=2)),
+        (F.conv2d, rand((2, 3, 64, 64), dtype, 126), rand((64, 3, 16, 16), dtype, 127), rand((64,), dtype, 128),
+         dict(stride=16)),
+    ]
+    for conv, xi, wi, bi_, kw in cases:
+        with detkit.batch_invariant(portable=True):
+            got = conv(xi, wi, bi_, **kw)
+            want = conv(xi.cpu(), wi.cpu(), bi_.cpu(), **kw)
+        assert_bits_equal(got.cpu(), want, f"portable {conv.__name__} {tuple(xi.shape)} CUDA vs CPU, {dtype}")
+
+
 # ----------------------------------------------------------------------------- the torch mode on a CUDA model
 
 _TARGET = "Batch invariance means"

@@ -937,6 +937,7 @@ EVERY_OVERRIDE: dict[str, Callable[[], Any]] = {
         _Q, _KV.repeat(1, 2, 1, 1), _KV.repeat(1, 2, 1, 1), is_causal=True
     )[0],
     "_grouped_mm": lambda: torch._grouped_mm(_X, _W.expand(2, 40, 40), offs=torch.tensor([2, 6], dtype=torch.int32)),
+    "convolution": lambda: F.conv1d(_X.reshape(3, 8, 10), _W[:8, :6].reshape(4, 4, 3), _W[9, :4], padding=1, groups=2),
     "silu_": lambda: F.silu(_X.clone(), inplace=True),
     "gelu": lambda: F.gelu(_X.t(), approximate="tanh"),
     "pow.Tensor_Scalar": lambda: _X.abs().pow(1.3),

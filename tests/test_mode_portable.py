@@ -324,7 +324,11 @@ _ENVS: dict[str, dict[str, str]] = {
     "host": {},
     "ATEN_CPU_CAPABILITY=default": {"ATEN_CPU_CAPABILITY": "default"},
     "NUMBA_CPU_NAME=generic": {"NUMBA_CPU_NAME": "generic"},
+    # oneDNN's own dispatch (torch's CPU convolutions): its SSE4.1 kernels changed tiny
+    # Mamba's conv, so its portable-mode logits, until convolutions were routed.
+    "ONEDNN_MAX_CPU_ISA=SSE41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
 }
+_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "ONEDNN_MAX_CPU_ISA")
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +347,7 @@ def isa_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
         torch.save(transformers.AutoModelForCausalLM.from_config(config).state_dict(), weights / f"{name}.pt")
     runs = {}
     for label, extra in _ENVS.items():
-        env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME")}
+        env = {k: v for k, v in os.environ.items() if k not in _ISA_VARIABLES}
         env.update(extra)
         proc = subprocess.run(
             [sys.executable, "-c", _CHILD, str(weights), ",".join(PRESETS), json.dumps(families),
@@ -383,6 +387,16 @@ def test_instruction_set_switch_changes_torch_results(isa_runs: dict[str, dict[s
     assert isa_runs["host"]["tiny-llama/eager"]["off"] != alt["tiny-llama/eager"]["off"]
     assert isa_runs["host"]["gemma/eager"]["off"] != alt["gemma/eager"]["off"]
     assert isa_runs["host"]["mamba/eager"]["off"] != alt["mamba/eager"]["off"]
+
+
+@pytest.mark.slow
+def test_onednn_instruction_set_switch_changes_torchs_convolution(isa_runs: dict[str, dict[str, Any]]) -> None:
+    # Negative control for the oneDNN run: torch's conv (Mamba's causal conv1d) changes
+    # with oneDNN's instruction set, so the portable logits above could differ there.
+    if isa_runs["host"]["capability"] == "DEFAULT":
+        pytest.skip("this CPU has no AVX2: oneDNN may already run its SSE4.1 kernels; nothing to compare")
+    host, alt = isa_runs["host"]["mamba/eager"], isa_runs["ONEDNN_MAX_CPU_ISA=SSE41"]["mamba/eager"]
+    assert host["off"] != alt["off"]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
