@@ -109,12 +109,35 @@ def greedy(model: Any, prompts: list[list[int]], pad_id: int, steps: int) -> tup
     params = inspect.signature(model.forward).parameters
     keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
 
+    step_mask = _passes_mask_when_decoding(model, ids, mask)
+    grown = [mask]
+
     def advance(nxt: torch.Tensor, prev: dict[str, Any]) -> dict[str, Any]:
-        mask = prev["attention_mask"]
+        grown[0] = torch.cat([grown[0], torch.ones_like(grown[0][:, :1])], dim=-1)
         return {**prev, "input_ids": nxt[:, None], "position_ids": prev["position_ids"][:, -1:] + 1,
-                "attention_mask": torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)}
+                "attention_mask": grown[0] if step_mask else None}
 
     return _decode(model, steps, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **keep}, advance)
+
+
+def _passes_mask_when_decoding(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether the model's own ``generate`` passes the attention mask on decode steps.
+
+    HF's Mamba, Mamba2 and FalconMamba drop it there (their ``prepare_inputs_for_generation``):
+    their mixers multiply the step's hidden states by the mask, and a mask of the full
+    length broadcasts the one new token over every position. Fed that mask, a tiny Mamba
+    computed something else than ``generate`` (and than a teacher-forced forward: 0.1
+    nats of sampler-trainer KL, with or without the mode). Asked with a decode step's
+    arguments as transformers 5 (``is_first_iteration``) and 4 (``cache_position``) take them.
+    """
+    import torch
+
+    prepare = getattr(model, "prepare_inputs_for_generation", None)
+    if prepare is None:
+        return True
+    prepared = prepare(ids, attention_mask=mask, use_cache=True, is_first_iteration=False,
+                       cache_position=torch.tensor([ids.shape[1]], device=ids.device))
+    return not (isinstance(prepared, dict) and "attention_mask" in prepared and prepared["attention_mask"] is None)
 
 
 def greedy_seq2seq(

@@ -77,6 +77,57 @@ def test_negative_control_without_the_mode_the_trainer_is_off_policy(tiny_llama:
         assert part in msg
 
 
+def _tiny_mamba(dtype: torch.dtype) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    from detkit.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+
+    config = transformers.MambaConfig(vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                                      eos_token_id=EOS_ID, hidden_size=64, state_size=16, num_hidden_layers=2,
+                                      use_mambapy=False, initializer_range=0.1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers.MambaForCausalLM(config).eval().to(dtype)
+
+
+# A state-space model pads nothing away (padding enters its state), so equal-length prompts.
+MAMBA_PROMPTS = [[5, 17, 33, 60, 8], [84, 104, 101, 32, 113], [97, 98, 99, 100, 101]]
+
+
+def test_the_sampler_decodes_a_mamba_model_as_generate_does() -> None:
+    """HF Mamba's generate drops the attention mask on decode steps; the check's sampler
+    passed the full-length mask, which the mixer multiplied into the step's hidden
+    states, broadcasting the new token over every position: steps 2 on computed
+    something else (0.1 nats of sampler-trainer KL, with or without the mode)."""
+    from detkit._testing_generation import greedy
+
+    model = _tiny_mamba(torch.float32)
+    ids = torch.tensor(MAMBA_PROMPTS)
+    with detkit.batch_invariant(), torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                             do_sample=False, output_logits=True, return_dict_in_generate=True)
+        tokens, logits = greedy(model, MAMBA_PROMPTS, pad_id=0, steps=5)
+    assert torch.equal(tokens, out.sequences[:, ids.shape[1]:])
+    assert torch.equal(logits, torch.stack(out.logits, 1))
+
+
+def test_a_mamba_trainer_reproduces_its_sampler_under_the_mode(tokenizer: Any) -> None:
+    """float32 Mamba: the sampler's cached decode (the causal conv over the last 4
+    inputs and the recurrent state) and the trainer's teacher-forced forward (one conv and
+    one scan over the sequence) agree bitwise under the mode, not without it. (bfloat16
+    does not, under the mode either: HF keeps Mamba's cached state in the model's dtype
+    and the forward's scan in float32, docs/mode.md.)"""
+    model = _tiny_mamba(torch.float32)
+    with detkit.batch_invariant() as bi:
+        result = T.assert_trainer_matches_sampler(model, MAMBA_PROMPTS, tokenizer=tokenizer, max_new_tokens=5,
+                                                  trainer_batch_sizes=[1, 3])
+    assert result.detail["kl_max"] == 0.0 and bi.uncovered() == {}
+    assert bi.routed().get("convolution", 0) > 0
+    with pytest.raises(T.BitwiseMismatch) as info:
+        T.assert_trainer_matches_sampler(model, MAMBA_PROMPTS, tokenizer=tokenizer, max_new_tokens=5,
+                                         trainer_batch_sizes=[1, 3])
+    assert 0 < info.value.result.detail["kl_max"] < 1e-9  # rounding, not another computation
+
+
 class _Calls:
     """Records how the model is called: grad mode, train flag and batch shape of each forward."""
 
