@@ -8,6 +8,7 @@ mode is slower). Also reports the ops that fell back to torch under the mode. Us
     python benchmarks/bench_mode.py --device cuda --dtype bfloat16 --json out.json
     python benchmarks/bench_mode.py --portable --batch-sizes 1,8 --new-tokens 32
     python benchmarks/bench_mode.py --relu-linear      # one layer whose input rows start with zeros
+    python benchmarks/bench_mode.py --conv [--portable]   # convolutions (Mamba's, a ViT's), routed as patch products
 
 On the CPU the cost is mostly fixed-height BLAS tiles (a 2-row decode matmul computes a
 whole 16-row float32 tile, or bfloat16 one of the smallest height that verifies: 64 rows
@@ -135,6 +136,41 @@ def measure_relu_linear(repeats: int, device: str, dtype: torch.dtype, portable:
     return LayerCase(f"Linear({k}, {n}) on {rows} ReLU rows", plain_ms, mode_ms)
 
 
+def measure_convs(repeats: int, device: str, dtype: torch.dtype, portable: bool) -> list[LayerCase]:
+    """Convolutions as models run them, routed under the mode as products of their patches:
+    Mamba-2.8B's depthwise causal conv (5120 channels, kernel 4) over a 64-token prefill
+    and over one decode window for a batch of 8, and a ViT-B/16 patch embedding of one
+    224 x 224 image."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    ch = 5120
+    w, b = r(ch, 1, 4), r(ch)
+    prefill, window = r(1, ch, 64), r(8, ch, 4)
+    image, pw, pb = r(1, 3, 224, 224), r(768, 3, 16, 16), r(768)
+    convs: list[tuple[str, Callable[[], torch.Tensor]]] = [
+        ("Mamba-2.8B conv1d, prefill 1 x 5120 x 64", lambda: F.conv1d(prefill, w, b, padding=3, groups=ch)),
+        ("Mamba-2.8B conv1d, decode 8 x 5120 x 4", lambda: F.conv1d(window, w, b, groups=ch)),
+        ("ViT-B/16 patch conv2d, 1 x 3 x 224 x 224", lambda: F.conv2d(image, pw, pb, stride=16)),
+    ]
+    cases = []
+    for name, conv in convs:
+        def call(conv: Callable[[], torch.Tensor] = conv) -> None:
+            with torch.no_grad():
+                conv()
+            _sync(device)
+
+        plain_ms, mode_ms, fallbacks, _ = _interleaved(call, repeats * 10, portable)
+        if fallbacks:
+            raise RuntimeError(f"{name}: ops fell back to torch under the mode: {fallbacks}")
+        cases.append(LayerCase(name, plain_ms, mode_ms))
+    return cases
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny-llama", help="a detkit.models preset")
@@ -148,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--relu-linear", action="store_true",
                         help="time one nn.Linear on ReLU rows instead of generate (no model needed)")
+    parser.add_argument("--conv", action="store_true",
+                        help="time convolutions (Mamba's causal conv1d, a ViT patch conv2d) instead of generate")
     args = parser.parse_args(argv)
     from detkit.devices import resolve_device
     from detkit.errors import DetkitError
@@ -159,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         if min(batches) < 1 or args.new_tokens < 1 or args.repeats < 1:
             raise ValueError("batch sizes, --new-tokens and --repeats must be at least 1")
         if args.relu_linear:
-            return _relu_linear(args, device)
+            return _layers(args, device, [measure_relu_linear(args.repeats, device, getattr(torch, args.dtype),
+                                                              args.portable)], "layer")
+        if args.conv:
+            return _layers(args, device, measure_convs(args.repeats, device, getattr(torch, args.dtype), args.portable),
+                           "layers")
         model = load_preset(args.preset, dtype=getattr(torch, args.dtype), attn_implementation=args.attn).to(device)
     except (DetkitError, ValueError) as err:
         print(f"bench_mode: {err}", file=sys.stderr)
@@ -187,16 +229,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _relu_linear(args: argparse.Namespace, device: str) -> int:
-    case = measure_relu_linear(args.repeats, device, getattr(torch, args.dtype), args.portable)
+def _layers(args: argparse.Namespace, device: str, cases: list[LayerCase], key: str) -> int:
+    """Print (and with --json write, under ``key``: one case or a list) single-layer timings."""
     print(f"# batch_invariant(portable={args.portable}) vs plain torch: {args.dtype} on {device} "
           f"({torch.get_num_threads()} threads), median of {args.repeats * 10} calls")
     print("| layer | plain ms | mode ms | ratio (mode / plain) |\n|---|---:|---:|---:|")
-    print(f"| {case.name} | {case.plain_ms:.2f} | {case.mode_ms:.2f} | {case.ratio:.2f} |")
+    for case in cases:
+        print(f"| {case.name} | {case.plain_ms:.2f} | {case.mode_ms:.2f} | {case.ratio:.2f} |")
     if args.json:
+        rows = [{**asdict(case), "ratio": round(case.ratio, 3)} for case in cases]
         args.json.write_text(json.dumps({"meta": {"device": device, "dtype": args.dtype, "portable": args.portable,
                                                   "torch": torch.__version__, "threads": torch.get_num_threads()},
-                                         "layer": {**asdict(case), "ratio": round(case.ratio, 3)}}, indent=2))
+                                         key: rows if key == "layers" else rows[0]}, indent=2))
     return 0
 
 

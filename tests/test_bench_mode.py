@@ -71,6 +71,29 @@ def test_relu_linear_is_one_kernel_call_under_the_mode(bench: Any, tmp_path: Pat
     assert "| Linear(3072, 768) on 128 ReLU rows |" in capsys.readouterr().out
 
 
+def test_conv_times_the_routed_convolutions(bench: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import detkit
+
+    routed: list[dict[str, int]] = []
+
+    def once(call: Any, repeats: int, portable: bool) -> tuple[float, float, dict[str, int], float]:
+        call()
+        with detkit.batch_invariant(portable=portable, strict=True) as bi:
+            call()
+        routed.append(bi.routed())
+        return 1.0, 2.0, {}, 3.0
+
+    monkeypatch.setattr(bench, "_interleaved", once)
+    out = tmp_path / "conv.json"
+    assert bench.main(["--conv", "--repeats", "1", "--json", str(out)]) == 0
+    layers = json.loads(out.read_text())["layers"]
+    assert [x["name"].split(",")[0] for x in layers] == ["Mamba-2.8B conv1d"] * 2 + ["ViT-B/16 patch conv2d"]
+    assert all(x["ratio"] == 2.0 for x in layers)
+    assert routed == [{"convolution": 1}] * 3
+    assert "| Mamba-2.8B conv1d, decode 8 x 5120 x 4 |" in capsys.readouterr().out
+
+
 def test_case_rejects_non_positive_times(bench: Any) -> None:
     with pytest.raises(ValueError, match="positive"):
         bench.Case(1, 2, 0.0, 1.0, {}, 1.0)

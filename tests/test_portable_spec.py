@@ -91,12 +91,21 @@ def test_matmul_matches_spec(c, m, k, n, transposed, with_bias):
     assert_same_bits(P.matmul(a, b, bias), S.matmul(a, b, bias))
 
 
-@given(case, st.integers(1, 3))
-def test_batched_matmul_matches_spec(c, batch):
+@given(case, st.integers(1, 6), st.integers(1, 40), st.integers(0, 150), st.integers(1, 40), st.booleans(),
+       st.booleans())
+def test_batched_matmul_matches_spec_and_each_entrys_product(c, batch, m, k, n, transposed, with_bias):
+    """One kernel call for all entries (a depthwise conv's thousands of tiny products) gives
+    each entry the bits of its own 2-D product, which for up to 4 rows of a transposed b
+    takes another kernel (matmul_wt_small)."""
     dtype, kind, seed = c
-    a = make(kind, (batch, 3, 19), dtype, seed)
-    b = make(kind, (batch, 19, 7), dtype, seed + 1)
-    assert_same_bits(P.matmul(a, b, None), S.matmul(a, b, None))
+    a = make(kind, (batch, m, k), dtype, seed)
+    b = make(kind, (batch, n, k), dtype, seed + 1).transpose(1, 2) if transposed else make(kind, (batch, k, n), dtype,
+                                                                                            seed + 1)
+    bias = make(kind, (n,), dtype, seed + 2) if with_bias else None
+    got = P.matmul(a, b, bias)
+    assert_same_bits(got, S.matmul(a, b, bias))
+    for i in range(batch):
+        assert_same_bits(got[i], P.matmul(a[i], b[i], bias))
 
 
 @given(case, st.integers(1, 4), st.integers(1, 100), st.booleans())

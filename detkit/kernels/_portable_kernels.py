@@ -710,28 +710,48 @@ def _pack(src: np.ndarray, mode: int, panel: np.ndarray) -> None:
                     panel[k0 + k, j] = _widen(col[k], mode)
 
 
+@njit(cache=True, error_model="numpy")
+def _packed_tile(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray, has_bias: bool,
+                 c: np.ndarray, t: int, panel: np.ndarray, tmp: np.ndarray) -> None:
+    m_dim, k_dim = a.shape
+    n_dim = b_bits.shape[1]
+    n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
+    n0 = (t % n_tiles) * MATMUL_NB
+    m0 = (t // n_tiles) * MATMUL_MB
+    nb = min(n_dim, n0 + MATMUL_NB) - n0
+    m1 = min(m_dim, m0 + MATMUL_MB)
+    for i in range(m0, m1):
+        c[i, n0:n0 + nb] = ZERO
+    for k0 in range(0, k_dim, MATMUL_KB):
+        kb = min(k_dim, k0 + MATMUL_KB) - k0
+        _pack(b_bits[k0:k0 + kb, n0:n0 + nb], mode, panel)
+        _tile(a, panel, 0, 0, nb, kb, k0, m0, m1, c, n0, tmp)
+    _finish_tile(c, m0, m1, n0, nb, bias, has_bias)
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def matmul_packed(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray,
                   has_bias: bool, c: np.ndarray, t0: int, t1: int) -> None:
     """As matmul_direct, for b given as raw bits with any strides (e.g. a transposed
     bf16 weight); panels of b are widened to fp32 and packed row-major per tile."""
-    m_dim, k_dim = a.shape
-    n_dim = b_bits.shape[1]
-    n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
     panel = np.empty((MATMUL_KB, MATMUL_NB), dtype=F32)
     tmp = np.empty((4, MATMUL_NB), dtype=F32)
     for t in range(t0, t1):
-        n0 = (t % n_tiles) * MATMUL_NB
-        m0 = (t // n_tiles) * MATMUL_MB
-        nb = min(n_dim, n0 + MATMUL_NB) - n0
-        m1 = min(m_dim, m0 + MATMUL_MB)
-        for i in range(m0, m1):
-            c[i, n0:n0 + nb] = ZERO
-        for k0 in range(0, k_dim, MATMUL_KB):
-            kb = min(k_dim, k0 + MATMUL_KB) - k0
-            _pack(b_bits[k0:k0 + kb, n0:n0 + nb], mode, panel)
-            _tile(a, panel, 0, 0, nb, kb, k0, m0, m1, c, n0, tmp)
-        _finish_tile(c, m0, m1, n0, nb, bias, has_bias)
+        _packed_tile(a, b_bits, mode, bias, has_bias, c, t, panel, tmp)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def matmul_packed_batched(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray,
+                          has_bias: bool, c: np.ndarray, t0: int, t1: int) -> None:
+    """matmul_packed for every entry of a batch: a (B, M, K), b_bits (B, K, N), c (B, M, N);
+    t runs over (entry, tile) pairs, entry-major. One call for all entries: a depthwise
+    convolution is thousands of tiny products, which cost a Python call each before."""
+    tiles = matmul_tiles(b_bits.shape[2], a.shape[1])
+    panel = np.empty((MATMUL_KB, MATMUL_NB), dtype=F32)
+    tmp = np.empty((4, MATMUL_NB), dtype=F32)
+    for t in range(t0, t1):
+        e = t // tiles
+        _packed_tile(a[e], b_bits[e], mode, bias, has_bias, c[e], t % tiles, panel, tmp)
 
 
 WT_BLOCK = 8  # output columns computed together by matmul_wt_small
