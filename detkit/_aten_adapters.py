@@ -869,7 +869,7 @@ def _cuda_elementwise(op: str, inplace: bool = False) -> Adapter:
 
 
 # pow(x, e) is correctly rounded (hence position independent) for these exponents.
-_EXACT_EXPONENTS = (0.0, 1.0, 2.0, 0.5)
+EXACT_EXPONENTS = (0.0, 1.0, 2.0, 0.5)  # pow: 1, x, x * x, sqrt(x): one correct rounding at most
 
 
 def _portable_cube(call: Call, self: Any, exponent: Any) -> bool:
@@ -882,7 +882,7 @@ def _portable_cube(call: Call, self: Any, exponent: Any) -> bool:
 
 def _pow_scalar(inplace: bool) -> Adapter:
     def adapter(call: Call, self: torch.Tensor, exponent: Any) -> torch.Tensor:
-        if not isinstance(exponent, torch.Tensor) and any(_scalar_is(exponent, e) for e in _EXACT_EXPONENTS):
+        if not isinstance(exponent, torch.Tensor) and any(_scalar_is(exponent, e) for e in EXACT_EXPONENTS):
             raise Unsupported(f"exponent {exponent} is exact", benign=True)
         if _portable_cube(call, self, exponent):
             return _portable("cube", self, inplace)

@@ -62,6 +62,7 @@ from detkit._aten_adapters import (
     ELEMENTWISE_EXACT,
     ELEMENTWISE_LIBM,
     ELEMENTWISE_PORTABLE,
+    EXACT_EXPONENTS,
     EXACT_OPS,
     FOLDS,
     INTEGER_EXACT_OPS,
@@ -535,6 +536,9 @@ class TracedOps(Counter):  # type: ignore[type-arg]
         super().__init__()
         self.float_inputs: set[str] = set()
         self.complex_inputs: set[str] = set()
+        # pow overloads with a scalar exponent: the exponents seen (2 and 0.5 are exact,
+        # 3 is the portable cube; only the others are torch's math library)
+        self.pow_exponents: dict[str, set[float]] = {}
 
 
 def _has_float_tensor(values: Any, complex_only: bool = False) -> bool:
@@ -544,6 +548,9 @@ def _has_float_tensor(values: Any, complex_only: bool = False) -> bool:
         if isinstance(v, (list, tuple)) and _has_float_tensor(v, complex_only):
             return True
     return False
+
+
+_SCALAR_POW = frozenset({"pow.Tensor_Scalar", "pow_.Scalar", "pow.Tensor_Scalar_out"})
 
 
 class _OpTracer(TorchDispatchMode):
@@ -567,6 +574,8 @@ class _OpTracer(TorchDispatchMode):
             self.ops.float_inputs.add(name)
         if name not in self.ops.complex_inputs and _has_float_tensor(values, complex_only=True):
             self.ops.complex_inputs.add(name)
+        if name in _SCALAR_POW and len(args) > 1 and not isinstance(args[1], torch.Tensor):
+            self.ops.pow_exponents.setdefault(name, set()).add(float(args[1]))
         return func(*args, **(kwargs or {}))
 
 
@@ -598,11 +607,12 @@ class CoverageReport:
     (portable mode only) routed or exact on this machine but from a math library whose
     bits differ between CPUs and devices; the elementwise functions the portable
     backend implements (``ELEMENTWISE_PORTABLE``) are routed to it and count as
-    ``routed`` where the device's table has them. The classification is by op name:
-    ``pow.Tensor_Scalar`` is listed as not portable even where its exponent is 2 (one
-    correctly rounded multiply) or 3 (the portable ``cube`` at run time); the uses of dtypes are that an op of
-    ``INTEGER_EXACT_OPS`` traced with integer operands only is exact, and that on the CPU
-    an op of ``COMPLEX_POSITION_DEPENDENT`` traced with a complex operand is uncovered.
+    ``routed`` where the device's table has them. The classification is by op name,
+    with what :func:`trace_ops` records: a scalar ``pow`` traced with exponents 0, 1, 2 and
+    0.5 only is exact (one correctly rounded operation at most), with 3 among them routed
+    (the portable ``cube``; a float64 cube would still be torch's); an op of
+    ``INTEGER_EXACT_OPS`` traced with integer operands only is exact; and on the CPU an op
+    of ``COMPLEX_POSITION_DEPENDENT`` traced with a complex operand is uncovered.
     ``uncovered``: anything else; its bits are whatever torch gives, so check them with a
     test. ``notes``: why an op is listed.
     """
@@ -625,6 +635,9 @@ class CoverageReport:
         parts.append(f"  UNCOVERED: {_fmt(self.uncovered) or 'none'}")
         parts += [f"    {op}: {note}" for op, note in sorted(self.notes.items())]
         return "\n".join(parts)
+
+
+_EXACT_OR_CUBE = frozenset({*EXACT_EXPONENTS, 3.0})
 
 
 def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: str = "CPU") -> CoverageReport:
@@ -658,6 +671,18 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
             uncovered[full] = n
             notes[full] = ("complex operands (as traced): several roundings per element, which torch's vector path "
                            "and scalar tail order differently (position dependent)")
+            continue
+        exponents = getattr(ops, "pow_exponents", {}).get(name)
+        if portable and exponents is not None and exponents <= _EXACT_OR_CUBE and full in table:
+            # the exponents as traced: 2 and 0.5 are one correctly rounded operation, 3
+            # the portable cube; none reaches torch's math library
+            listed = ", ".join(f"{e:g}" for e in sorted(exponents))
+            if exponents <= set(EXACT_EXPONENTS):
+                exact[full] = n
+                notes[full] = f"exponents {listed} (as traced): exact"
+            else:
+                routed[full] = n
+                notes[full] = f"exponents {listed} (as traced): 3 is the portable cube, the others exact"
             continue
         if full in KNOWN_POSITION_DEPENDENT:
             notes[full] = f"position dependent {KNOWN_POSITION_DEPENDENT[full]}"

@@ -190,6 +190,30 @@ def test_coverage_report_in_portable_mode() -> None:
     assert {"silu.default", "sin.default", "gelu.default", "mish.default"} <= set(plain.exact) and not plain.uncovered
 
 
+@pytest.mark.parametrize("device", ["CPU", "CUDA"])
+def test_coverage_report_classifies_pow_by_its_traced_exponents(device: str) -> None:
+    """RMSNorm's pow(x, 2) is one correctly rounded multiply, GPT-2's pow(x, 3) the portable
+    cube: the report listed every Llama as not portable for the first. By the exponents
+    trace_ops saw: exact, routed, or (any other exponent among them) not portable."""
+    x = torch.rand(3, 8) + 0.5
+
+    def report(*exponents: float) -> mode.CoverageReport:
+        return mode.coverage_report(mode.trace_ops(lambda: [x.pow(e) for e in exponents])[1], portable=True,
+                                    device=device)
+
+    squares = report(2, 0.5)
+    assert "pow.Tensor_Scalar" in squares.exact and not squares.not_portable, str(squares)
+    assert squares.notes["pow.Tensor_Scalar"] == "exponents 0.5, 2 (as traced): exact"
+    cubes = report(2, 3)
+    assert "pow.Tensor_Scalar" in cubes.routed and not cubes.not_portable, str(cubes)
+    assert "portable cube" in cubes.notes["pow.Tensor_Scalar"]
+    assert "pow.Tensor_Scalar" in report(2, 1.5).not_portable
+    _, ops = mode.trace_ops(lambda: x.clone().pow_(2))
+    assert "pow_.Scalar" in mode.coverage_report(ops, portable=True, device=device).exact
+    # counts from elsewhere (a plain mapping): by name, as before
+    assert "pow.Tensor_Scalar" in mode.coverage_report({"pow.Tensor_Scalar": 1}, portable=True).not_portable
+
+
 def test_portable_mode_reports_calls_left_to_torchs_math_library() -> None:
     """A routed elementwise call whose values come from torch's math library (mish,
     softplus with another beta, float64 exp, pow(x, 1.5)) is batch invariant but not portable:
