@@ -85,6 +85,23 @@ def test_grouped_mm_spec_is_each_tokens_product_with_its_expert(dtype: str) -> N
     torch.testing.assert_close(spec.run(inputs)[0].double(), want, **tol)
 
 
+def test_the_convolution_specs_are_a_causal_depthwise_conv_and_a_patch_embedding() -> None:
+    """conv1d: output t of channel c is bias[c] + the filter over inputs t-3..t (zeros
+    before the start), as Mamba's; conv2d: each 16 x 16 tile of the image times each filter."""
+    spec = catalogue.OPS["conv1d"]
+    inputs = build_inputs(spec, 3, torch.float32, seed=4, hidden=64)
+    x, w, b = (t.double() for t in (inputs.batched["input"], inputs.fixed["weight"], inputs.fixed["bias"]))
+    padded = torch.nn.functional.pad(x, (3, 0))
+    want = torch.stack([(padded[..., t : t + 4] * w[:, 0]).sum(-1) + b for t in range(x.shape[-1])], -1)
+    torch.testing.assert_close(spec.run(inputs)[0].double(), want, atol=1e-5, rtol=1e-5)
+    spec = catalogue.OPS["conv2d"]
+    inputs = build_inputs(spec, 2, torch.float32, seed=5, hidden=64)
+    img, w, b = (t.double() for t in (inputs.batched["input"], inputs.fixed["weight"], inputs.fixed["bias"]))
+    tiles = img.unfold(2, 16, 16).unfold(3, 16, 16)  # (2, 3, 4, 4, 16, 16)
+    want = torch.einsum("bcijkl,fckl->bfij", tiles, w) + b[None, :, None, None]
+    torch.testing.assert_close(spec.run(inputs)[0].double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_mm_is_batch_and_position_invariant_only_under_the_mode() -> None:
     """torch's CPU grouped GEMM is one mm per expert, so a token's bits change with how many
     tokens share its expert; under the mode they do not."""

@@ -103,7 +103,7 @@ class OpSpec:
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-FAMILIES = ("matmul", "normalization", "reduction", "attention", "scatter", "selection", "activation")
+FAMILIES = ("matmul", "normalization", "reduction", "attention", "scatter", "selection", "activation", "convolution")
 
 
 def _randn(g: np.random.Generator, shape: tuple[int, ...], dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -211,6 +211,18 @@ def _b_mlp(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs({"input": _randn(g, (b, _mlp_width(h)), dt, 3.0)})
 
 
+def _b_causal_conv(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
+    # Mamba's conv: one kernel-4 filter per channel (hidden channels) over 32 tokens
+    return Inputs({"input": _randn(g, (b, h, 32), dt)},
+                  {"weight": _randn(g, (h, 1, 4), dt, 0.5), "bias": _randn(g, (h,), dt)})
+
+
+def _b_patches(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
+    # a ViT patch embedding: 64 x 64 RGB images, 16 x 16 patches, hidden/4 filters
+    return Inputs({"input": _randn(g, (b, 3, 64, 64), dt)},
+                  {"weight": _randn(g, (_scale(h, 4), 3, 16, 16), dt, 768**-0.5), "bias": _randn(g, (_scale(h, 4),), dt)})
+
+
 def _b_angles(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     # RoPE angles (position x frequency, head dim 128, base 10000) of hidden/64 consecutive
     # tokens from a random start in a 4096-token context; in numpy, since torch's pow is
@@ -309,6 +321,12 @@ CATALOGUE: tuple[OpSpec, ...] = (
            lambda input: F.gelu(input, approximate="tanh")),
     OpSpec("rope", "activation", "torch.cos and torch.sin of RoPE angles: hidden/64 tokens x 64 frequencies", _b_angles,
            lambda input: torch.cat([torch.cos(input), torch.sin(input)], dim=-1)),
+    OpSpec("conv1d", "convolution",
+           "F.conv1d: Mamba's causal depthwise conv, hidden channels x 32 tokens, kernel 4, padding 3",
+           _b_causal_conv, lambda input, weight, bias: F.conv1d(input, weight, bias, padding=3,
+                                                                groups=weight.shape[0])[..., :input.shape[-1]]),
+    OpSpec("conv2d", "convolution", "F.conv2d: a ViT patch embedding, 64 x 64 images, 16 x 16 patches, hidden/4 filters",
+           _b_patches, lambda input, weight, bias: F.conv2d(input, weight, bias, stride=16)),
 )
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in CATALOGUE}
