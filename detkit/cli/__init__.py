@@ -29,7 +29,7 @@ EXIT_USAGE = 2
 # bug) as "a check failed". 3 is pytest's code for an internal error too.
 EXIT_UNEXPECTED = 3
 
-_COMMAND_MODULES = ("env", "kernels", "audit", "report", "probe")
+_COMMAND_MODULES = ("env", "kernels", "audit", "report", "probe", "coverage")
 
 
 class Interrupt:

@@ -1,0 +1,138 @@
+"""`detkit coverage`: which of a model's ops the mode computes, and which it leaves to torch.
+
+Runs a short greedy ``generate`` of the model twice: once traced (``trace_ops``: every
+aten op that reaches a backend, sorted by ``coverage_report`` into routed, exact, not
+portable and uncovered), once under ``batch_invariant()`` (the calls that were routed,
+that fell back to torch, and in portable mode that took torch's math library). Exit 1
+when anything is uncovered (or, with ``--portable``, not portable): a CI can gate on it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from detkit.report import dumps as _dumps
+
+DEFAULT_PROMPTS = ("Batch invariance means", "hi")
+
+
+def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, portable: bool,
+                   device: str) -> dict[str, Any]:
+    import torch
+
+    import detkit
+    from detkit.mode import coverage_report, trace_ops
+
+    seq2seq = getattr(model.config, "is_encoder_decoder", False) is True
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # A causal LM is batched left padded (as generate wants it); an encoder pads on the right.
+    tokenizer.padding_side = "right" if seq2seq else "left"
+    enc = tokenizer(prompts, padding=True, return_tensors="pt").to(model.device)
+
+    def generate() -> None:
+        with torch.no_grad():
+            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+
+    _, ops = trace_ops(generate)
+    static = coverage_report(ops, portable=portable, device="CUDA" if device.startswith("cuda") else "CPU")
+    with detkit.batch_invariant(portable=portable) as bi:
+        generate()
+    runtime = {"routed": bi.routed(), "uncovered": bi.uncovered(), "not_portable": bi.not_portable()}
+    findings = bool(static.uncovered or runtime["uncovered"]
+                    or (portable and (static.not_portable or runtime["not_portable"])))
+    return {
+        "static": {"routed": static.routed, "exact": static.exact, "not_portable": static.not_portable,
+                   "uncovered": static.uncovered, "notes": static.notes},
+        "runtime": runtime,
+        "ok": not findings,
+    }
+
+
+def _print(result: dict[str, Any], show_exact: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(width=max(Console().width, 120))
+    static, runtime, portable = result["static"], result["runtime"], result["portable"]
+    m = result["model"]
+    table = Table(title=f"detkit coverage: {m['model']} ({m['dtype']}, {m['attn_implementation']}, {m['device']}), "
+                        f"{'portable' if portable else 'batch-invariant'} mode, greedy generate of "
+                        f"{len(result['prompts'])} prompts x {result['new_tokens']} tokens",
+                  title_justify="left")
+    for col in ("aten op", "calls", "under the mode", "why"):
+        table.add_column(col, overflow="fold")
+    styles = {"routed": ("routed", "green"), "exact": ("exact", ""), "not_portable": ("NOT PORTABLE", "bold yellow"),
+              "uncovered": ("UNCOVERED", "bold red")}
+    for key in ("uncovered", "not_portable", "routed", "exact") if show_exact else ("uncovered", "not_portable", "routed"):
+        label, style = styles[key]
+        for op, n in sorted(static[key].items()):
+            table.add_row(Text(op), str(n), Text(label, style=style), Text(static["notes"].get(op, "")))
+    console.print(table)
+    if not show_exact:
+        console.print(Text(f"and {len(static['exact'])} exact ops (views, indexing, comparisons, integer ops, IEEE "
+                           "add/mul/div/sqrt: the same bits in any order and batch); --all lists them", style="dim"))
+    routed_calls = sum(runtime["routed"].values())
+    console.print(Text(f"under batch_invariant(portable={portable}): {routed_calls} routed calls"
+                       f"{'' if runtime['uncovered'] else ', none fell back to torch'}"))
+    for key, what in (("uncovered", "fell back to torch"), ("not_portable", "took torch's math library")):
+        for op, reasons in sorted(runtime[key].items()):
+            for reason, n in sorted(reasons.items()):
+                console.print(Text(f"  {op}: {n} calls {what} ({reason})", style="yellow"))
+    if result["ok"]:
+        console.print(Text("verdict: every op is computed by detkit or exact"
+                           + (" and portable" if portable else ""), style="green"))
+    else:
+        console.print(Text("verdict: ops left to torch (UNCOVERED" + (" / NOT PORTABLE" if portable else "")
+                           + "): their bits are torch's; check them with a test (detkit.testing), and see "
+                             "docs/mode.md for what each note means", style="bold red"))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``detkit coverage`` to the detkit app."""
+
+    @app.command("coverage")
+    def coverage(
+        model: Annotated[str, typer.Option(
+            "--model", help="A built-in preset (tiny-llama, tiny-gpt2, tiny-qwen2, tiny-mixtral) or a local HF "
+                            "model directory.")] = "tiny-llama",
+        dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")] = "auto",
+        attn: Annotated[str, typer.Option("--attn", help="Attention implementation: eager or sdpa.")] = "eager",
+        device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")] = "cpu",
+        portable: Annotated[bool, typer.Option(
+            "--portable", help="Check batch_invariant(portable=True): math-library functions count too.")] = False,
+        prompts: Annotated[list[str] | None, typer.Option(
+            "--prompt", help="A prompt (repeat for several; default two of different lengths, so the batch is "
+                             "padded).")] = None,
+        new_tokens: Annotated[int, typer.Option("--new-tokens", help="Greedy tokens generated per run.")] = 4,
+        show_all: Annotated[bool, typer.Option("--all", help="List the exact ops too.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
+    ) -> None:
+        """Which of a model's ops the mode computes, which are exact, and which it leaves to torch."""
+        from detkit.cli import EXIT_CHECK_FAILED
+        from detkit.errors import InputError
+        from detkit.probe.hf import load_model
+
+        if new_tokens < 1:
+            raise InputError(f"--new-tokens must be at least 1, got {new_tokens}")
+        if attn not in ("eager", "sdpa"):
+            raise InputError(f"--attn must be eager or sdpa, got {attn!r}")
+        texts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
+        if any(not p for p in texts):
+            raise InputError("--prompt must not be empty")
+        hf_model, tokenizer, desc = load_model(model, dtype=dtype, attn_implementation=attn, device=device)
+        print(f"tracing and running {desc['model']} ...", file=sys.stderr)
+        result = {"model": desc, "portable": portable, "prompts": texts, "new_tokens": new_tokens,
+                  **_trace_and_run(hf_model, tokenizer, texts, new_tokens, portable, desc["device"])}
+        if json_out:
+            typer.echo(_dumps(json.loads(json.dumps(result, default=str))))
+        else:
+            _print(result, show_all)
+        if not result["ok"]:
+            raise typer.Exit(EXIT_CHECK_FAILED)

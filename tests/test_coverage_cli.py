@@ -1,0 +1,67 @@
+"""`detkit coverage`: a model's ops as the mode treats them, from a real traced generate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from detkit.cli import app
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("mode_left_off")
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["coverage", *args], env={"COLUMNS": "200"})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout
+
+
+def test_a_llama_is_covered_and_the_json_says_what_ran() -> None:
+    code, out = _run("--model", "tiny-llama", "--attn", "sdpa", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    static, runtime = data["static"], data["runtime"]
+    assert data["ok"] is True and static["uncovered"] == {} and runtime["uncovered"] == {}
+    assert {"mm.default", "mean.dim", "rsqrt.default"} <= set(static["routed"])
+    assert any("scaled_dot_product" in op for op in static["routed"]), static["routed"]
+    assert runtime["routed"].get("mm", 0) > 0 and "view.default" in static["exact"]
+    assert data["model"]["model"] == "tiny-llama" and data["model"]["attn_implementation"] == "sdpa"
+
+
+def test_portable_gpt2_routes_its_cube_and_the_table_says_so() -> None:
+    code, out = _run("--model", "tiny-gpt2", "--portable", "--dtype", "float32")
+    assert code == 0, out
+    assert "portable mode" in out and "verdict: every op is computed by detkit or exact and portable" in out
+    assert "pow.Tensor_Scalar" in out and "portable cube" in out  # gelu_new's pow(x, 3)
+    assert "exact ops" in out and "--all lists them" in out and "view.default" not in out
+    code, everything = _run("--model", "tiny-gpt2", "--portable", "--dtype", "float32", "--all")
+    assert code == 0 and "view.default" in everything
+
+
+def test_an_uncovered_op_is_exit_1_with_its_note() -> None:
+    """tiny-mixtral's router counts tokens per expert with histc, on floats on the CPU."""
+    code, out = _run("--model", "tiny-mixtral", "--json")
+    assert code == 1
+    data = json.loads(out)
+    assert data["ok"] is False and set(data["static"]["uncovered"]) == {"histc.default"}
+    assert "below 2^24" in data["static"]["notes"]["histc.default"]
+    assert data["runtime"]["uncovered"] == {} and data["runtime"]["routed"].get("_grouped_mm", 0) > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model", "/no/such/model"], "no model at"),
+    (["--new-tokens", "0"], "--new-tokens must be at least 1"),
+    (["--attn", "flash"], "--attn must be eager or sdpa"),
+    (["--device", "cuda:7"], "cuda"),
+])
+def test_bad_input_is_exit_2_with_what_to_do(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "detkit", "coverage", *args], capture_output=True, text=True,
+                          timeout=240, check=False)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert message in proc.stderr and "Traceback" not in proc.stderr
