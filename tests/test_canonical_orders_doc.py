@@ -1,6 +1,6 @@
 """docs/canonical-orders.md, implemented a second time, independently, equals spec.py.
 
-The functions below were written from the document alone (sections 1, 2.4, 2.6, 2.7 and
+The functions below were written from the document alone (sections 1, 2.4 to 2.7 and
 the "elementwise" table of section 3), without reading ``detkit/kernels/spec.py`` or the
 kernels, in exact arithmetic: every value is a Python float holding an fp32 value, every
 operation is computed exactly with ``fractions.Fraction`` and rounded once to fp32
@@ -139,6 +139,49 @@ def Exp(x: float) -> float:
     return mul(mul(p, p2(n1)), p2(n2))
 
 
+def sqrt(x: float) -> float:
+    """Correctly rounded: float64's sqrt of an fp32 value rounds innocuously to fp32
+    (53 >= 2 * 24 + 2 bits)."""
+    if math.isnan(x) or x < 0:
+        return math.nan
+    return x if x == 0 or math.isinf(x) else _round(Fraction(math.sqrt(x)))
+
+
+# ---------------------------------------------------------------------------------------
+# 2.5 Log
+# ---------------------------------------------------------------------------------------
+
+SQRT2 = _f(0x3FB504F3)
+D1, D2, D3, D4 = map(_f, (0x3F2AAAAB, 0x3ECCCCCD, 0x3E924925, 0x3E638E39))
+
+
+def Log(x: float) -> float:
+    if math.isnan(x):
+        return x
+    if x < 0:
+        return math.nan
+    if x == 0:
+        return -math.inf
+    if x == math.inf:
+        return x
+    k = 0
+    if x < p2(-126):
+        x, k = mul(x, p2(23)), -23
+    m, e = math.frexp(x)  # m in [0.5, 1)
+    m, e = m * 2, e - 1   # exact: m in [1, 2)
+    if m > SQRT2:
+        m, e = m * 0.5, e + 1
+    f = sub(m, 1.0)
+    s = div(f, add(2.0, f))
+    z = mul(s, s)
+    t = fma(fma(fma(D4, z, D3), z, D2), z, D1)
+    r = mul(t, z)
+    hfsq = mul(mul(0.5, f), f)
+    dk = float(e + k)
+    u = fma(s, add(hfsq, r), mul(dk, LN2_LO))
+    return add(add(sub(u, hfsq), f), mul(dk, LN2_HI))
+
+
 # ---------------------------------------------------------------------------------------
 # 2.6 Erf
 # ---------------------------------------------------------------------------------------
@@ -264,8 +307,18 @@ def gelu_tanh(x: float) -> float:
     return mul(mul(0.5, x), add(1.0, Tanh(mul(BETA, add(x, mul(KAPPA, x3))))))
 
 
+def softplus(x: float) -> float:
+    if x > 20.0:
+        return x
+    y = Exp(x)
+    u = add(1.0, y)
+    return y if u == 1.0 else mul(Log(u), div(y, sub(u, 1.0)))
+
+
 DOC = {"erf": Erf, "sin": Sin, "cos": Cos, "cube": cube, "gelu": gelu, "gelu_tanh": gelu_tanh,
-       "exp": Exp, "tanh": Tanh}
+       "exp": Exp, "tanh": Tanh, "log": Log, "rsqrt": lambda x: div(1.0, sqrt(x)),
+       "sigmoid": lambda x: div(1.0, add(1.0, Exp(-x))), "silu": lambda x: div(x, add(1.0, Exp(-x))),
+       "softplus": softplus}
 
 
 # (significand bits, emin, emax, canonical NaN) of each output format (section 1, "Output")
@@ -332,6 +385,8 @@ def edge_inputs() -> torch.Tensor:
                        103.9, 110.0, 2.0**-126, 2.0**-149, 1e-40, 5.48, 5.49, 5.5, 2.0**-24]
     for v in (1.0, 3.875, 2.0**-12, 0.5, 2.0**-126, 1.0 / SQRT1_2, 3.875 / SQRT1_2):  # branch edges
         xs += _around(v, 2)
+    for v in (SQRT2, 20.0, 16.6355, 17.33, 1.5, 2.0):  # Log's m > SQRT2; softplus's threshold and u == 1
+        xs += _around(v, 2)
     for k in range(1, 13):  # quadrant boundaries: multiples of pi/4 and pi/2
         xs += _around(k * math.pi / 4)
     for k in (101, 1001, 10001, 2**20 + 1, 2**30 + 3):
@@ -348,7 +403,7 @@ def edge_inputs() -> torch.Tensor:
 
 
 INPUTS = edge_inputs()
-OPS = ("erf", "sin", "cos", "cube", "gelu", "gelu_tanh", "exp", "tanh")
+OPS = ("erf", "sin", "cos", "cube", "gelu", "gelu_tanh", "exp", "tanh", "log", "rsqrt", "sigmoid", "silu", "softplus")
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,7 +428,7 @@ def test_document_equals_spec_and_cpu_float32(name: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ("erf", "sin", "cos", "gelu", "gelu_tanh", "cube"))
+@pytest.mark.parametrize("name", ("erf", "sin", "cos", "gelu", "gelu_tanh", "cube", "log", "softplus"))
 def test_document_equals_spec_reduced_precision(name: str, dtype: torch.dtype) -> None:
     """Section 1's output rule: one rounding of the fp32 result, canonical NaN."""
     rng = np.random.default_rng(7)
