@@ -466,16 +466,15 @@ def convolution(
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != input.dtype):
         raise Unsupported("mixed dtypes", benign=True)  # torch raises its own error
     nd = weight.dim() - 2
-    if not 1 <= nd <= 3 or input.dim() not in (nd + 1, nd + 2):
+    # F.conv1d/2d/3d batch an unbatched input before they reach aten.convolution, which
+    # itself refuses one (torch raises "Expected 3-dimensional input ...").
+    if not 1 <= nd <= 3 or input.dim() != nd + 2:
         raise Unsupported(f"{input.dim()}-D input with a {weight.dim()}-D weight", benign=True)  # torch raises
     stride, padding, dilation = (_triple(v, nd, w) for v, w in ((stride, "stride"), (padding, "padding"),
                                                                 (dilation, "dilation")))
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or groups < 1:
         raise Unsupported("non-positive stride, dilation or groups, or negative padding", benign=True)
     x, w, b = _plain(input), _plain(weight), _plain(bias)
-    unbatched = x.dim() == nd + 1
-    if unbatched:
-        x = x.unsqueeze(0)
     n, c = x.shape[:2]
     o, cg, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
     if c != cg * groups or o % groups or (b is not None and b.shape != (o,)):
@@ -508,7 +507,7 @@ def convolution(
     # (G, N * L, Og) -> (N, G * Og, *L)
     out = (out.reshape(g, n, *lengths, og).permute(1, 0, nd + 2, *range(2, 2 + nd))
            .reshape(n, o, *lengths).contiguous())
-    return out.squeeze(0) if unbatched else out
+    return out
 
 
 # ----------------------------------------------------------------------------- softmax

@@ -159,6 +159,9 @@ REFUSED: dict[str, Callable[[], torch.Tensor]] = {
     "a kernel larger than the input": lambda: F.conv1d(_R(1, 2, 2), _R(4, 2, 3)),
     "a bias of the wrong size": lambda: F.conv1d(_R(1, 2, 9), _R(4, 2, 3), _R(3)),
     "a float64 bias for float32 operands": lambda: F.conv1d(_R(1, 2, 9), _R(4, 2, 3), _R(4).double()),
+    # F.conv1d batches an unbatched input before aten.convolution, which refuses one
+    "an unbatched input to aten.convolution": lambda: torch.ops.aten.convolution(
+        _R(2, 9), _R(4, 2, 3), None, [1], [0], [1], False, [0], 1),
 }
 
 
