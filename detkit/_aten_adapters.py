@@ -61,6 +61,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch._prims_common import suggest_memory_format  # Tensor.suggest_memory_format, which Python lacks
 
 from detkit.errors import InputError
 from detkit.kernels._grouped import offsets_problem
@@ -504,10 +505,13 @@ def convolution(
             patches = torch.cat([patches, patches.new_ones(g, n * rows, 1)], dim=2)
             filters = torch.cat([filters, b.reshape(g, og, 1)], dim=2)
         out = _matmul(call, patches, filters.transpose(1, 2))
-    # (G, N * L, Og) -> (N, G * Og, *L)
-    out = (out.reshape(g, n, *lengths, og).permute(1, 0, nd + 2, *range(2, 2 + nd))
-           .reshape(n, o, *lengths).contiguous())
-    return out
+    # (G, N * L, Og) -> (N, G * Og, *L), in torch's layout: channels_last (channels_last_3d)
+    # when the input or the weight is (a model moved to channels_last), as torch's CPU and
+    # cuDNN convolutions return; code after the conv may view it as such.
+    out = out.reshape(g, n, *lengths, og).permute(1, 0, nd + 2, *range(2, 2 + nd)).reshape(n, o, *lengths)
+    layouts = (suggest_memory_format(input), suggest_memory_format(weight))
+    layout = next((f for f in layouts if f in (torch.channels_last, torch.channels_last_3d)), torch.contiguous_format)
+    return out.contiguous(memory_format=layout)
 
 
 # ----------------------------------------------------------------------------- softmax

@@ -141,6 +141,42 @@ def test_unbatched_input_and_the_out_form() -> None:
     assert bi.routed() == {"convolution": 2, "convolution.out": 1}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_the_result_has_torchs_memory_format(dtype: torch.dtype) -> None:
+    """torch's convolution returns channels_last (channels_last_3d) when its input or its
+    weight is (a model moved to channels_last, usual for vision inference); the routed
+    result used to be contiguous always, so a view that relies on the layout, such as the
+    patch embedding's ``.permute(0, 2, 3, 1).view(n, h * w, c)``, raised under the mode only."""
+    g = torch.Generator().manual_seed(10)
+    cl = torch.channels_last
+    x, w = _rand((2, 4, 9, 9), dtype, g), _rand((6, 4, 3, 3), dtype, g)
+    xd, wd = _rand((2, 4, 5, 5, 5), dtype, g), _rand((3, 4, 3, 3, 3), dtype, g)
+    cases = {
+        "input": lambda: F.conv2d(x.to(memory_format=cl), w, padding=1),
+        "weight": lambda: F.conv2d(x, w.to(memory_format=cl), padding=1),
+        "both, grouped": lambda: F.conv2d(x.to(memory_format=cl), w[:, :2].to(memory_format=cl), padding=1, groups=2),
+        "depthwise": lambda: F.conv2d(x.to(memory_format=cl), w[:4, :1].contiguous(), padding=1, groups=4),
+        "sliced channels_last input": lambda: F.conv2d(x.to(memory_format=cl)[:, :, ::2], w, padding=1),
+        "one pixel": lambda: F.conv2d(x[:1, :, :1, :1].to(memory_format=cl), w[:, :, :1, :1]),
+        "contiguous": lambda: F.conv2d(x, w, padding=1),
+        "1-D": lambda: F.conv1d(x[..., 0], w[..., 0]),
+    }
+    # torch's CPU conv3d returns channels_last_3d from oneDNN, contiguous from its slow path
+    # (float16 without AVX512-FP16, float64); cuDNN returns channels_last_3d. The mode
+    # follows oneDNN and cuDNN.
+    if dtype in (torch.float32, torch.bfloat16):
+        cases["3-D"] = lambda: F.conv3d(xd.to(memory_format=torch.channels_last_3d), wd)
+    for name, conv in cases.items():
+        want = conv()
+        with detkit.batch_invariant(strict=True):
+            got = conv()
+        assert got.stride() == want.stride(), name
+    with detkit.batch_invariant(strict=True):
+        y, plain = cases["input"](), cases["contiguous"]()
+        tokens = y.permute(0, 2, 3, 1).view(2, 81, 6)
+    assert diff(y, plain).ok and diff(tokens, plain.flatten(2).transpose(1, 2)).ok  # the layout changes no bit
+
+
 def test_a_transposed_convolution_is_left_to_torch_and_counted() -> None:
     g = torch.Generator().manual_seed(8)
     x, w = _rand((2, 4, 9), torch.float32, g), _rand((4, 3, 3), torch.float32, g)
