@@ -431,6 +431,15 @@ def _triple(values: Sequence[int], nd: int, what: str) -> list[int]:
     return values
 
 
+# One patch product's rows (output positions of its batch entries) and patch elements: the
+# CUDA kernels' grid takes 65535 blocks of 128 rows (a larger product falls back), and the
+# patches are the kernel volume times the input. A convolution past either is computed a
+# block of batch entries at a time; a row's bits do not depend on the other rows of its
+# product, so the blocks change no bit. (One entry past them is still one product.)
+_CONV_ROWS = 1 << 22
+_CONV_PATCH_ELEMENTS = 1 << 28
+
+
 def convolution(
     call: Call,
     input: torch.Tensor,  # noqa: A002 (aten's name)
@@ -448,12 +457,13 @@ def convolution(
 
     Each output element is one row of a matmul: the input patch it reads, flattened in
     the weight's (channel, kernel position) order, times that filter. With ``groups ==
-    1`` the patches of every position of every batch entry are the rows of one 2-D
-    product and the bias is the kernel's (added once after the K reduction): the same
-    bits as ``F.linear`` of the patches. With ``groups > 1`` (Mamba's depthwise causal
-    conv) the groups are the batch of a 3-D product, and the bias is a last column of
-    ones in the patches against the bias as a last row of the filters (one rounding,
-    where adding it after the product would round twice in 16-bit). Rows are
+    1`` the patches of every position of every batch entry (of a block of entries, past
+    ``_CONV_ROWS``/``_CONV_PATCH_ELEMENTS``) are the rows of one 2-D product and the
+    bias is the kernel's (added once after the K reduction): the same bits as
+    ``F.linear`` of the patches. With ``groups > 1`` (Mamba's depthwise causal conv) the
+    groups are the batch of a 3-D product, and the bias is a last column of ones in the
+    patches against the bias as a last row of the filters (one rounding, where adding it
+    after the product would round twice in 16-bit). Rows are
     independent of how many there are, so a position's result does not depend on the
     batch, the sequence length, or prefill (one conv over the sequence) versus decode
     (one conv over the last kernel-width window): the patches are equal, so are the
@@ -493,18 +503,23 @@ def convolution(
         if d > 1:
             x = x[..., ::d]
     g, og, kvol, rows = groups, o // groups, cg * math.prod(kernel), math.prod(lengths)
-    # (N, C, *L, *k) -> (G, N * L, Cg * k): a patch per row, in the weight's flattened order
-    patches = (x.reshape(n, g, cg, *lengths, *kernel)
-               .permute(1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
-               .reshape(g, n * rows, kvol))
+    # (N, C, *L, *k) -> (G, N, *L, Cg, *k), a view: each (entry, position) a patch
+    windows = x.reshape(n, g, cg, *lengths, *kernel).permute(1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd))
     filters = w.reshape(g, og, kvol)
-    if g == 1:
-        out = _matmul(call, patches[0], filters[0].t(), b)
-    else:
+    if g > 1 and b is not None:
+        filters = torch.cat([filters, b.reshape(g, og, 1)], dim=2)
+    per = max(1, min(_CONV_ROWS // rows, _CONV_PATCH_ELEMENTS // (g * rows * kvol)))  # batch entries a product
+    outs = []
+    for start in range(0, n, per):
+        # (G, m, *L, Cg, *k) -> (G, m * L, Cg * k): a patch per row, in the weight's flattened order
+        patches = windows[:, start : start + per].reshape(g, -1, kvol)
+        if g == 1:
+            outs.append(_matmul(call, patches[0], filters[0].t(), b).unsqueeze(0))
+            continue
         if b is not None:
-            patches = torch.cat([patches, patches.new_ones(g, n * rows, 1)], dim=2)
-            filters = torch.cat([filters, b.reshape(g, og, 1)], dim=2)
-        out = _matmul(call, patches, filters.transpose(1, 2))
+            patches = torch.cat([patches, patches.new_ones(g, patches.shape[1], 1)], dim=2)
+        outs.append(_matmul(call, patches, filters.transpose(1, 2)))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     # (G, N * L, Og) -> (N, G * Og, *L), in torch's layout: channels_last (channels_last_3d)
     # when the input or the weight is (a model moved to channels_last), as torch's CPU and
     # cuDNN convolutions return; code after the conv may view it as such.

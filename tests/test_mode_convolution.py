@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -175,6 +176,46 @@ def test_the_result_has_torchs_memory_format(dtype: torch.dtype) -> None:
         y, plain = cases["input"](), cases["contiguous"]()
         tokens = y.permute(0, 2, 3, 1).view(2, 81, 6)
     assert diff(y, plain).ok and diff(tokens, plain.flatten(2).transpose(1, 2)).ok  # the layout changes no bit
+
+
+def test_a_large_convolution_is_computed_in_blocks_of_batch_entries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rows of a patch product are the output positions of every batch entry. One CUDA
+    product takes at most 65535 x 128 rows (its grid): past that the kernel refuses and
+    the conv fell back to cuDNN, counted, for a large enough batch only (8 entries of a
+    1024 x 1024 feature map routed, 9 did not); and the patches (the kernel volume times
+    the input) were built for the whole batch at once. Blocks of batch entries keep every
+    product below both limits and change no bit."""
+    from detkit import _aten_adapters
+    from detkit.errors import InputError
+
+    g = torch.Generator().manual_seed(11)
+    # Rows past the CUDA grid, in a product cheap enough here (depthwise, kernel 4, one channel).
+    limit = 65535 * 128
+    x, w, b = _rand((9, 1, limit // 8), torch.float32, g), _rand((1, 1, 4), torch.float32, g), _rand((1,), torch.float32, g)
+    seen: list[int] = []
+
+    def matmul(a: torch.Tensor, bm: torch.Tensor, bias: torch.Tensor | None = None, *, portable: bool) -> torch.Tensor:
+        seen.append(a.shape[-2])
+        if a.shape[-2] > limit:  # as detkit.kernels.cuda.matmul
+            raise InputError(f"matmul: M = {a.shape[-2]} exceeds the kernel's grid limit")
+        return kernels.matmul(a, bm, bias, portable=portable)
+
+    monkeypatch.setattr(_aten_adapters, "kernels_module", lambda: SimpleNamespace(matmul=matmul))
+    with detkit.batch_invariant(strict=True):
+        got = F.conv1d(x, w, b, padding=3, groups=1)[..., : x.shape[-1]]
+    assert max(seen) <= limit and len(seen) > 1
+    monkeypatch.undo()
+    with detkit.batch_invariant(strict=True):
+        assert diff(got[:1], F.conv1d(x[:1], w, b, padding=3)[..., : x.shape[-1]]).ok
+    # Blocks of entries give the bits of the whole product, grouped and dense, with a bias.
+    x, w, b = _rand((5, 6, 11, 7), torch.bfloat16, g), _rand((6, 6, 3, 2), torch.bfloat16, g), _rand((6,), torch.bfloat16, g)
+    for groups in (1, 2):
+        with detkit.batch_invariant(strict=True):
+            whole = F.conv2d(x, w[:, : 6 // groups], b, padding=1, groups=groups)
+            monkeypatch.setattr(_aten_adapters, "_CONV_ROWS", 2 * 11 * 8)  # 2 entries a block
+            blocks = F.conv2d(x, w[:, : 6 // groups], b, padding=1, groups=groups)
+            monkeypatch.undo()
+        assert diff(blocks, whole).ok, groups
 
 
 def test_a_transposed_convolution_is_left_to_torch_and_counted() -> None:
