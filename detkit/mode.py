@@ -538,7 +538,7 @@ class TracedOps(Counter):  # type: ignore[type-arg]
         self.complex_inputs: set[str] = set()
         # pow overloads with a scalar exponent: the exponents seen (2 and 0.5 are exact,
         # 3 is the portable cube; only the others are torch's math library)
-        self.pow_exponents: dict[str, set[float]] = {}
+        self.pow_exponents: dict[str, set[float | complex]] = {}
 
 
 def _has_float_tensor(values: Any, complex_only: bool = False) -> bool:
@@ -551,6 +551,14 @@ def _has_float_tensor(values: Any, complex_only: bool = False) -> bool:
 
 
 _SCALAR_POW = frozenset({"pow.Tensor_Scalar", "pow_.Scalar", "pow.Tensor_Scalar_out"})
+
+
+def _exponent(value: Any) -> float | complex:
+    """A scalar pow exponent as recorded. z ** 2j has no float(): it stays complex, and so
+    equals no exact exponent; 2 + 0j is 2, as the mode's pow adapter compares it."""
+    if isinstance(value, complex):
+        return float(value.real) if value.imag == 0 else value
+    return float(value)
 
 
 class _OpTracer(TorchDispatchMode):
@@ -575,7 +583,7 @@ class _OpTracer(TorchDispatchMode):
         if name not in self.ops.complex_inputs and _has_float_tensor(values, complex_only=True):
             self.ops.complex_inputs.add(name)
         if name in _SCALAR_POW and len(args) > 1 and not isinstance(args[1], torch.Tensor):
-            self.ops.pow_exponents.setdefault(name, set()).add(float(args[1]))
+            self.ops.pow_exponents.setdefault(name, set()).add(_exponent(args[1]))
         return func(*args, **(kwargs or {}))
 
 

@@ -214,6 +214,19 @@ def test_coverage_report_classifies_pow_by_its_traced_exponents(device: str) -> 
     assert "pow.Tensor_Scalar" in mode.coverage_report({"pow.Tensor_Scalar": 1}, portable=True).not_portable
 
 
+def test_trace_ops_records_a_complex_pow_exponent_instead_of_raising() -> None:
+    """The tracer took float() of every scalar exponent: z ** 2j (no float) raised a
+    TypeError out of trace_ops, which traced it before exponents were recorded. A complex
+    exponent is kept as such and matches no exact one (by name: not portable); 2 + 0j is
+    2, as the mode's adapter compares it (exact at run time)."""
+    z = (torch.rand(3, 8) + 0.5).to(torch.complex64)
+    _, ops = mode.trace_ops(lambda: (z.pow(2), z.pow(2j)))
+    assert ops["pow.Tensor_Scalar"] == 2
+    assert "pow.Tensor_Scalar" in mode.coverage_report(ops, portable=True).not_portable
+    _, ops = mode.trace_ops(lambda: (z.pow(2 + 0j), z.pow(0.5)))
+    assert mode.coverage_report(ops, portable=True).notes["pow.Tensor_Scalar"] == "exponents 0.5, 2 (as traced): exact"
+
+
 def test_portable_mode_reports_calls_left_to_torchs_math_library() -> None:
     """A routed elementwise call whose values come from torch's math library (mish,
     softplus with another beta, float64 exp, pow(x, 1.5)) is batch invariant but not portable:
