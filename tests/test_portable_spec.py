@@ -427,3 +427,17 @@ def test_signed_zero_rules():
     x = torch.tensor([[-0.0, 0.0, -1.0], [-0.0, -0.0, -3.0], [-0.0, -math.inf, -math.inf]])
     for log in (False, True):
         assert_same_bits(P.softmax(x, log), S.softmax(x, log))
+
+
+def test_the_portable_backend_refuses_shapes_that_do_not_multiply() -> None:
+    """Its numba kernels index without bounds checks: a batch of b shorter than a's, or a
+    K that differs, read past b (the batched kernel) instead of raising."""
+    from detkit.errors import InputError
+
+    a = torch.ones(3, 2, 4)
+    for b, bias in ((torch.ones(2, 4, 5), None), (torch.ones(3, 5, 5), None), (torch.ones(3, 4, 5), torch.ones(4)),
+                    (torch.ones(4, 5), None)):
+        with pytest.raises(InputError, match="do not multiply"):
+            P.matmul(a, b, bias)
+    with pytest.raises(InputError, match="do not multiply"):
+        P.matmul(a[0], torch.ones(3, 5), None)

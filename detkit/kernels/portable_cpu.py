@@ -180,6 +180,13 @@ def _matmul_2d(a32: np.ndarray, b: torch.Tensor, bias32: np.ndarray, has_bias: b
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """(M, K) @ (K, N) or batched (B, M, K) @ (B, K, N), plus bias after the K loop."""
     dtype = _check_dtype(a, b, bias)
+    # The numba kernels index without bounds checks: shapes that do not multiply (the front
+    # end broadcasts first) would read past b instead of raising.
+    if (a.dim() not in (2, 3) or b.dim() != a.dim() or b.shape[-2] != a.shape[-1]
+            or b.shape[:-2] != a.shape[:-2] or (bias is not None and bias.shape != (b.shape[-1],))):
+        raise InputError(f"portable matmul: shapes {tuple(a.shape)} @ {tuple(b.shape)}"
+                         f"{'' if bias is None else f' + {tuple(bias.shape)}'} do not multiply; use "
+                         "detkit.kernels.matmul, which broadcasts them")
     a32 = _f32(a)
     bias32, has_bias = _opt_f32(bias)
     if a.dim() == 2:
