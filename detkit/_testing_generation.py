@@ -110,12 +110,13 @@ def greedy(model: Any, prompts: list[list[int]], pad_id: int, steps: int) -> tup
     keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
 
     step_mask = _passes_mask_when_decoding(model, ids, mask)
-    grown = [mask]
+    grown = mask  # kept growing even where the steps go without it
 
     def advance(nxt: torch.Tensor, prev: dict[str, Any]) -> dict[str, Any]:
-        grown[0] = torch.cat([grown[0], torch.ones_like(grown[0][:, :1])], dim=-1)
+        nonlocal grown
+        grown = torch.cat([grown, torch.ones_like(grown[:, :1])], dim=-1)
         return {**prev, "input_ids": nxt[:, None], "position_ids": prev["position_ids"][:, -1:] + 1,
-                "attention_mask": grown[0] if step_mask else None}
+                "attention_mask": grown if step_mask else None}
 
     return _decode(model, steps, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **keep}, advance)
 
