@@ -730,7 +730,7 @@ def _attention(
         raise Unsupported("dropout_p < 0", benign=True)  # torch raises its own error
     if dropout_p > 0.0:
         raise Unsupported("dropout_p > 0")
-    return _kernel_call(
+    out = _kernel_call(
         kernels_module().attention,
         _plain(query),
         _plain(key),
@@ -741,6 +741,10 @@ def _attention(
         enable_gqa=enable_gqa,
         portable=call.portable,
     )
+    # torch lays SDPA's output out as the query (empty_like) when the value head size is
+    # the query's: an HF query is a (B, L, H, E) projection viewed as (B, H, L, E), and code
+    # that .view()s the output transposed back relies on that layout.
+    return _like(out, query) if out.shape == query.shape else out
 
 
 def scaled_dot_product_attention(

@@ -1177,6 +1177,43 @@ def test_softmax_of_a_strided_input_is_contiguous_as_torch_makes_it() -> None:
             torch.testing.assert_close(got, want)
 
 
+def _bhle(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, L, E) values in (B, L, H, E) memory: an HF projection viewed per head."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+_Q, _K, _V = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+_V16, _KEEP = torch.randn(2, 4, 7, 16), torch.rand(2, 1, 5, 7) > 0.3
+SDPA_LAYOUTS: dict[str, Callable[[], torch.Tensor]] = {
+    "contiguous": lambda: F.scaled_dot_product_attention(_Q, _K, _V),
+    "HF query": lambda: F.scaled_dot_product_attention(_bhle(_Q), _bhle(_K), _bhle(_V)),
+    "HF query, causal": lambda: F.scaled_dot_product_attention(_bhle(_Q), _K, _V, is_causal=True),
+    "HF query, bool mask": lambda: F.scaled_dot_product_attention(_bhle(_Q), _K, _V, attn_mask=_KEEP),
+    "HF query, gqa": lambda: F.scaled_dot_product_attention(_bhle(_Q), _K[:, :2], _V[:, :2], enable_gqa=True),
+    "HF query, bfloat16": lambda: F.scaled_dot_product_attention(_bhle(_Q).bfloat16(), _K.bfloat16(), _V.bfloat16()),
+    "heads outermost": lambda: F.scaled_dot_product_attention(_Q.transpose(0, 1).contiguous().transpose(0, 1), _K, _V),
+    "a sliced query": lambda: F.scaled_dot_product_attention(_Q[:, :, ::2], _K, _V),
+    "another value head size": lambda: F.scaled_dot_product_attention(_bhle(_Q), _K, _V16),
+    "flash entry point": lambda: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(_bhle(_Q), _K, _V)[0],
+}
+
+
+@pytest.mark.parametrize("case", list(SDPA_LAYOUTS))
+def test_attention_output_is_laid_out_as_torch_lays_it_out(case: str) -> None:
+    """torch's CPU SDPA lays its output out as the query (an HF query: (B, L, H, E) memory);
+    the mode's was always contiguous, so out.transpose(1, 2).view(B, L, H * E) (the value
+    layout torch's callers may rely on) raised under the mode only."""
+    want = SDPA_LAYOUTS[case]()
+    with detkit.batch_invariant(strict=True) as bi:
+        got = SDPA_LAYOUTS[case]()
+    assert sum(bi.routed().values()) == 1
+    assert got.shape == want.shape and got.stride() == want.stride(), (got.stride(), want.stride())
+    torch.testing.assert_close(got, want, atol=2e-2 if want.dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+    if case.startswith("HF query") and "head size" not in case:
+        b, h, length, e = got.shape
+        assert torch.equal(got.transpose(1, 2).view(b, length, h * e), got.transpose(1, 2).reshape(b, length, h * e))
+
+
 def test_a_matrix_times_a_batch_is_contiguous_as_without_the_mode() -> None:
     # The fold's (x.mT @ w.mT).mT was returned strided, so (w @ x).view(...) raised under
     # the mode only (torch's frozen path, bmm, gives a contiguous result).
