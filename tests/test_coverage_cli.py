@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from detkit.cli import app
@@ -65,3 +67,30 @@ def test_bad_input_is_exit_2_with_what_to_do(args: list[str], message: str) -> N
                           timeout=240, check=False)
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _tiny_gpt2_dir(path: Path, **tokenizer_attrs: None) -> Path:
+    """A small GPT-2 saved with the preset tokenizer (``pad_token=None``: a tokenizer without one)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from detkit.models import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    for name, value in tokenizer_attrs.items():
+        setattr(tokenizer, name, value)
+    eos = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                       bos_token_id=eos, eos_token_id=eos))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_model_path_with_brackets_is_printed_as_it_is(tmp_path: Path) -> None:
+    """The title was rich markup: x[/y] raised MarkupError (exit 3), a[bold]b printed as ab."""
+    for name in ("x[/y]", "a[bold]b"):
+        model = _tiny_gpt2_dir(tmp_path / name)
+        code, out = _run("--model", str(model), "--new-tokens", "1")
+        assert code == 0, out
+        assert f"detkitcoverage:{model}(" in "".join(out.split())  # the title wraps at the table's width

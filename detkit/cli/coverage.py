@@ -62,9 +62,10 @@ def _print(result: dict[str, Any], show_exact: bool) -> None:
     console = Console(width=max(Console().width, 120))
     static, runtime, portable = result["static"], result["runtime"], result["portable"]
     m = result["model"]
-    table = Table(title=f"detkit coverage: {m['model']} ({m['dtype']}, {m['attn_implementation']}, {m['device']}), "
-                        f"{'portable' if portable else 'batch-invariant'} mode, greedy generate of "
-                        f"{len(result['prompts'])} prompts x {result['new_tokens']} tokens",
+    # Text, not a str: a str title is rich markup, and a model path such as runs/x[/y] is not
+    table = Table(title=Text(f"detkit coverage: {m['model']} ({m['dtype']}, {m['attn_implementation']}, "
+                             f"{m['device']}), {'portable' if portable else 'batch-invariant'} mode, greedy generate "
+                             f"of {len(result['prompts'])} prompts x {result['new_tokens']} tokens"),
                   title_justify="left")
     for col in ("aten op", "calls", "under the mode", "why"):
         table.add_column(col, overflow="fold")
