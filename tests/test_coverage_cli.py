@@ -94,3 +94,12 @@ def test_a_model_path_with_brackets_is_printed_as_it_is(tmp_path: Path) -> None:
         code, out = _run("--model", str(model), "--new-tokens", "1")
         assert code == 0, out
         assert f"detkitcoverage:{model}(" in "".join(out.split())  # the title wraps at the table's width
+
+
+def test_a_tokenizer_without_pad_and_eos_tokens_pads_with_a_masked_id(tmp_path: Path) -> None:
+    """tokenizer(padding=True) raised ValueError (exit 3, a traceback) when there was no eos token
+    to pad with either; probe's engine pads such a batch with id 0, masked out."""
+    model = _tiny_gpt2_dir(tmp_path / "m", pad_token=None, eos_token=None)
+    code, out = _run("--model", str(model), "--new-tokens", "2", "--json")
+    assert code == 0, out
+    assert json.loads(out)["ok"] is True

@@ -26,18 +26,29 @@ def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
 
     import detkit
     from detkit.mode import coverage_report, trace_ops
+    from detkit.probe.hf import HFEngine
 
-    seq2seq = getattr(model.config, "is_encoder_decoder", False) is True
-    if getattr(tokenizer, "pad_token_id", None) is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # A causal LM is batched left padded (as generate wants it); an encoder pads on the right.
-    tokenizer.padding_side = "right" if seq2seq else "left"
-    enc = tokenizer(prompts, padding=True, return_tensors="pt").to(model.device)
+    # The batch is padded here, as probe pads it: a causal LM on the left, an encoder on the
+    # right. tokenizer(padding=True) needs a pad token, and a tokenizer may have no pad and
+    # no eos token either: then probe's fallback (a model eos id, else 0), masked out.
+    engine = HFEngine(model, tokenizer)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, engine.pad_id) if i is not None)
+    if tokenizer.pad_token_id is None:
+        print(f"note: the tokenizer has no pad token; padding with id {pad_id} (masked out)", file=sys.stderr)
+    encoded = [engine.encode(p) for p in prompts]
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        start = 0 if engine.encoder_decoder else width - len(ids)
+        input_ids[row, start:start + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[row, start:start + len(ids)] = 1
+    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
 
     def generate() -> None:
         with torch.no_grad():
-            model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
+            model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
 
     _, ops = trace_ops(generate)
     static = coverage_report(ops, portable=portable, device="CUDA" if device.startswith("cuda") else "CPU")
