@@ -103,3 +103,13 @@ def test_a_tokenizer_without_pad_and_eos_tokens_pads_with_a_masked_id(tmp_path: 
     code, out = _run("--model", str(model), "--new-tokens", "2", "--json")
     assert code == 0, out
     assert json.loads(out)["ok"] is True
+
+
+@pytest.mark.parametrize("args", [["--new-tokens", "1100"], ["--prompt", "x" * 1100]])
+def test_past_the_context_is_exit_2_before_tracing(args: list[str]) -> None:
+    """tiny-gpt2 has 1024 positions: past them its position embedding raised IndexError (exit 3)."""
+    proc = subprocess.run([sys.executable, "-m", "detkit", "coverage", "--model", "tiny-gpt2", *args],
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "the model's context of 1024 tokens" in proc.stderr and "Traceback" not in proc.stderr
+    assert "--new-tokens" in proc.stderr

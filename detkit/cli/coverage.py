@@ -31,12 +31,15 @@ def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
     # The batch is padded here, as probe pads it: a causal LM on the left, an encoder on the
     # right. tokenizer(padding=True) needs a pad token, and a tokenizer may have no pad and
     # no eos token either: then probe's fallback (a model eos id, else 0), masked out.
-    engine = HFEngine(model, tokenizer)
+    engine = HFEngine(model, tokenizer, new_tokens_option="--new-tokens")
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, engine.pad_id) if i is not None)
     if tokenizer.pad_token_id is None:
         print(f"note: the tokenizer has no pad token; padding with id {pad_id} (masked out)", file=sys.stderr)
     encoded = [engine.encode(p) for p in prompts]
     width = max(len(ids) for ids in encoded)
+    # past its position table a model raises IndexError deep in generate (GPT-2's wpe)
+    longest = prompts[[len(ids) for ids in encoded].index(width)]
+    engine.check_fits(width, new_tokens, f"prompt {longest[:40]!r}")
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, ids in enumerate(encoded):
