@@ -113,3 +113,17 @@ def test_past_the_context_is_exit_2_before_tracing(args: list[str]) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "the model's context of 1024 tokens" in proc.stderr and "Traceback" not in proc.stderr
     assert "--new-tokens" in proc.stderr
+
+
+def test_the_checkpoints_generation_config_does_not_turn_greedy_into_beam_search(tmp_path: Path) -> None:
+    """generate fills what it is not given from model.generation_config: a checkpoint's num_beams
+    and no_repeat_ngram_size (Marian's and BART-CNN's have them) traced beam search, and the
+    n-gram blocker's unfold was UNCOVERED (exit 1), under a title that says greedy."""
+    from transformers import GenerationConfig
+
+    model = _tiny_gpt2_dir(tmp_path / "m")
+    GenerationConfig(num_beams=2, no_repeat_ngram_size=2, eos_token_id=258, pad_token_id=256).save_pretrained(model)
+    code, out = _run("--model", str(model), "--new-tokens", "3", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert "unfold.default" not in data["static"]["uncovered"] and data["ok"] is True

@@ -23,10 +23,11 @@ DEFAULT_PROMPTS = ("Batch invariance means", "hi")
 def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, portable: bool,
                    device: str) -> dict[str, Any]:
     import torch
+    from transformers import GenerationConfig
 
     import detkit
     from detkit.mode import coverage_report, trace_ops
-    from detkit.probe.hf import HFEngine
+    from detkit.probe.hf import HFEngine, _no_model_generation_defaults
 
     # The batch is padded here, as probe pads it: a causal LM on the left, an encoder on the
     # right. tokenizer(padding=True) needs a pad token, and a tokenizer may have no pad and
@@ -48,10 +49,17 @@ def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
         mask[row, start:start + len(ids)] = 1
     input_ids, mask = input_ids.to(model.device), mask.to(model.device)
 
+    # A fresh config, as probe's: generate fills what it is not given from the checkpoint's
+    # generation_config, whose num_beams or no_repeat_ngram_size would trace beam search or an
+    # n-gram blocker, not the greedy decoding the table reports. min_new_tokens: an early eos
+    # would leave the decode steps untraced.
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              use_cache=True, pad_token_id=pad_id, eos_token_id=sorted(engine.eos_ids) or None,
+                              decoder_start_token_id=engine.decoder_start_id)
+
     def generate() -> None:
-        with torch.no_grad():
-            model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id)
+        with torch.no_grad(), _no_model_generation_defaults(model):
+            model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
 
     _, ops = trace_ops(generate)
     static = coverage_report(ops, portable=portable, device="CUDA" if device.startswith("cuda") else "CPU")
