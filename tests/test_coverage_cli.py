@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,43 @@ def test_the_checkpoints_generation_config_does_not_turn_greedy_into_beam_search
     assert code == 0, out
     data = json.loads(out)
     assert "unfold.default" not in data["static"]["uncovered"] and data["ok"] is True
+
+
+def test_sigterm_ends_the_run_as_ctrl_c_does() -> None:
+    """A CI's timeout or docker stop sends SIGTERM: the process died of it (-15), without the
+    exit 130 and the line that probe and audit give."""
+    proc = subprocess.Popen([sys.executable, "-m", "detkit", "coverage", "--model", "tiny-llama", "--new-tokens", "500"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        while "tracing and running" not in seen:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            assert line, "the run ended before tracing"
+            seen += line
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert "interrupted" in err and "Traceback" not in err and out == ""
+
+
+def test_a_ctrl_c_that_a_library_caught_is_still_exit_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A KeyboardInterrupt swallowed inside a library (a lazy import, an except BaseException) let
+    the run go on and exit 0: a CI read a run it had stopped as passing."""
+    from detkit.cli import coverage
+
+    real = coverage._trace_and_run
+
+    def swallowing(*args: object, **kwargs: object) -> object:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # the signal handler raises here
+        except KeyboardInterrupt:
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(coverage, "_trace_and_run", swallowing)
+    code, out = _run("--model", "tiny-gpt2", "--new-tokens", "1")
+    assert code == 130, out

@@ -18,6 +18,7 @@ import typer
 from detkit.report import dumps as _dumps
 
 DEFAULT_PROMPTS = ("Batch invariance means", "hi")
+INTERRUPTED = 130
 
 
 def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, portable: bool,
@@ -138,7 +139,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON only.")] = False,
     ) -> None:
         """Which of a model's ops the mode computes, which are exact, and which it leaves to torch."""
-        from detkit.cli import EXIT_CHECK_FAILED
+        from detkit.cli import EXIT_CHECK_FAILED, sigterm_as_interrupt
         from detkit.errors import InputError
         from detkit.probe.hf import load_model
 
@@ -149,10 +150,20 @@ def register(app: typer.Typer) -> None:
         texts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
         if any(not p for p in texts):
             raise InputError("--prompt must not be empty")
-        hf_model, tokenizer, desc = load_model(model, dtype=dtype, attn_implementation=attn, device=device)
-        print(f"tracing and running {desc['model']} ...", file=sys.stderr)
-        result = {"model": desc, "portable": portable, "prompts": texts, "new_tokens": new_tokens,
-                  **_trace_and_run(hf_model, tokenizer, texts, new_tokens, portable, desc["device"])}
+        try:
+            # SIGTERM (a CI timeout, docker stop) ends the run as Ctrl-C does: exit 130
+            with sigterm_as_interrupt() as stop:
+                hf_model, tokenizer, desc = load_model(model, dtype=dtype, attn_implementation=attn, device=device)
+                print(f"tracing and running {desc['model']} ...", file=sys.stderr)
+                result = {"model": desc, "portable": portable, "prompts": texts, "new_tokens": new_tokens,
+                          **_trace_and_run(hf_model, tokenizer, texts, new_tokens, portable, desc["device"])}
+            if stop.requested:
+                # caught inside a library (a lazy import, an except BaseException): the run went
+                # on, but it was asked to stop, and a CI must not read it as passing
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            print(f"interrupted: no coverage reported (exit {INTERRUPTED})", file=sys.stderr)
+            raise typer.Exit(INTERRUPTED) from None
         if json_out:
             typer.echo(_dumps(json.loads(json.dumps(result, default=str))))
         else:
