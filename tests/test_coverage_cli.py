@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from detkit.cli import app
+from detkit.errors import InputError
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("mode_left_off")
@@ -170,3 +171,12 @@ def test_a_ctrl_c_that_a_library_caught_is_still_exit_130(monkeypatch: pytest.Mo
     monkeypatch.setattr(coverage, "_trace_and_run", swallowing)
     code, out = _run("--model", "tiny-gpt2", "--new-tokens", "1")
     assert code == 130, out
+
+
+def test_an_empty_model_is_refused_not_read_as_the_current_directory(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Path("") is ".": --model "$MODEL" with MODEL unset checked whatever model the CI's working
+    directory held, under the title "."; probe refuses an empty --model."""
+    monkeypatch.chdir(_tiny_gpt2_dir(tmp_path / "m"))
+    result = CliRunner().invoke(app, ["coverage", "--model", "", "--new-tokens", "1"])
+    assert isinstance(result.exception, InputError) and "--model is empty" in str(result.exception)

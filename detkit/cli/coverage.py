@@ -147,6 +147,8 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--new-tokens must be at least 1, got {new_tokens}")
         if attn not in ("eager", "sdpa"):
             raise InputError(f"--attn must be eager or sdpa, got {attn!r}")
+        if not model.strip():  # Path("") is the current directory
+            raise InputError("--model is empty: give a preset name (tiny-llama, ...) or a model directory")
         texts = list(prompts) if prompts else list(DEFAULT_PROMPTS)
         if any(not p for p in texts):
             raise InputError("--prompt must not be empty")
