@@ -1121,7 +1121,7 @@ EXACT_OPS: frozenset[str] = frozenset(
     {
         "_local_scalar_dense", "_to_copy", "_unsafe_view", "alias", "all", "any", "arange", "argmax", "argmin",
         "as_strided", "bitwise_and", "bitwise_not", "bitwise_or", "bitwise_xor", "cat", "clone", "copy_",
-        "cumsum", "detach", "embedding", "empty", "empty_like", "empty_strided", "eq", "expand", "fill_", "full",
+        "detach", "embedding", "empty", "empty_like", "empty_strided", "eq", "expand", "fill_", "full",
         "full_like", "ge", "gt", "index", "index_select", "index_put_", "isin", "isinf", "isnan", "le", "lift_fresh",
         "logical_and", "logical_not", "logical_or", "lt", "masked_fill", "masked_fill_", "max", "amax", "min",
         "amin", "aminmax", "maximum", "minimum", "ne", "new_empty", "new_ones", "new_zeros", "ones", "ones_like",
@@ -1131,6 +1131,9 @@ EXACT_OPS: frozenset[str] = frozenset(
         "gather", "scatter", "abs", "neg", "sign", "clamp", "clamp_min", "clamp_max", "round", "floor", "ceil",
         "_assert_tensor_metadata", "split_with_sizes", "narrow", "flip", "roll", "nonzero", "unique_dim",
         "_unique2", "resize_", "set_", "sym_size", "sym_stride",
+        # padding: copies and a fill (Mamba2's chunking, F.pad of every mode)
+        "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d",
+        "replication_pad2d", "replication_pad3d",
     }
 )
 # IEEE-754 correctly rounded elementwise arithmetic: position independent and, for one
@@ -1151,7 +1154,8 @@ ELEMENTWISE_LIBM: frozenset[str] = frozenset(
 # token counts and indices; on floating-point operands they round (or, for bincount and
 # histc, add float weights or bin floats), so a float call stays uncovered.
 INTEGER_EXACT_OPS: frozenset[str] = frozenset(
-    {"floor_divide", "remainder", "fmod", "bincount", "histc", "cumprod", "prod", "sum", "index_add", "scatter_add"}
+    {"floor_divide", "remainder", "fmod", "bincount", "histc", "cumsum", "cumprod", "prod", "sum", "index_add",
+     "scatter_add"}
 )
 # Exact on real operands, but with a complex operand a product (or quotient) is several
 # roundings whose order torch's CPU vector path and scalar tail do not share: measured

@@ -646,6 +646,14 @@ class CoverageReport:
 
 
 _EXACT_OR_CUBE = frozenset({*EXACT_EXPONENTS, 3.0})
+_FLOAT_OPERAND_NOTE = ("float operands (as traced): exact only while they hold integers below 2^24, as an MoE "
+                       "router's tokens per expert do (torch's CPU histc takes floats only); check with a test")
+_FLOAT_OPERAND_NOTES = {
+    op: (f"float operands (as traced): exact while they hold integers below 2^24 (an MoE router's counts per "
+         f"expert); otherwise a running {what} rounds at every step, in the order of torch's kernel (sequential "
+         "per row on the CPU; another device's scan may differ)")
+    for op, what in (("cumsum", "sum"), ("cumprod", "product"))
+}
 
 
 def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: str = "CPU") -> CoverageReport:
@@ -676,9 +684,8 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
             notes[full] = "integer operands only (as traced): exact"
             continue
         if float_inputs is not None and base in INTEGER_EXACT_OPS and full not in table:
-            # listed below as uncovered; say when that is still exact
-            notes[full] = ("float operands (as traced): exact only while they hold integers below 2^24, as an MoE "
-                           "router's tokens per expert do (torch's CPU histc takes floats only); check with a test")
+            # listed below as uncovered; say what that means for this op
+            notes[full] = _FLOAT_OPERAND_NOTES.get(base, _FLOAT_OPERAND_NOTE)
         if device == "CPU" and name in complex_inputs and packet in COMPLEX_POSITION_DEPENDENT and full not in table:
             uncovered[full] = n
             notes[full] = ("complex operands (as traced): several roundings per element, which torch's vector path "

@@ -732,7 +732,7 @@ def test_coverage_report_classifies_traced_ops() -> None:
     _, ops = mode.trace_ops(lambda: F.softmax(F.linear(x, torch.randn(4, 8)), -1).atan2(x[:, :4]).cumsum(-1))
     report = mode.coverage_report(ops)
     assert "_softmax.default" in report.routed and "mm.default" in report.routed
-    assert "cumsum.default" in report.exact
+    assert "cumsum.default" in report.uncovered and "running sum" in report.notes["cumsum.default"]
     assert "atan2.default" in report.uncovered and "atan2.default" in report.notes
     portable = mode.coverage_report(ops, portable=True)
     assert "atan2.default" in portable.not_portable
@@ -754,6 +754,21 @@ def test_coverage_report_tells_integer_arithmetic_from_float_arithmetic() -> Non
     assert "position dependent" in report.notes["floor_divide.default"]
     # counts from elsewhere (a plain mapping) are classified by name alone, as before
     assert "floor_divide.default" in mode.coverage_report(dict(ints)).uncovered
+
+
+def test_coverage_report_tells_a_position_id_cumsum_from_a_running_float_sum_and_padding_is_exact() -> None:
+    """HF models take position ids from mask.cumsum (integers: exact); Mamba2-style segment
+    sums are float cumsums (torch's running order), which the report called exact by name.
+    F.pad (Mamba2's chunking) is a copy and a fill, which it called uncovered."""
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    _, ints = mode.trace_ops(lambda: (mask.cumsum(-1) - 1, F.pad(mask.float(), (2, 0)), F.pad(mask[None].float(), (1, 1),
+                                                                                         mode="reflect")))
+    report = mode.coverage_report(ints)
+    assert "cumsum.default" in report.exact and not report.uncovered, str(report)
+    assert {"constant_pad_nd.default", "reflection_pad1d.default"} <= set(report.exact)
+    _, floats = mode.trace_ops(lambda: torch.randn(2, 8).cumsum(-1))
+    assert "cumsum.default" in mode.coverage_report(floats).uncovered
+    assert "cumsum.default" in mode.coverage_report({"cumsum.default": 1}).uncovered
 
 
 def test_coverage_report_lists_complex_products_as_uncovered_on_the_cpu() -> None:
