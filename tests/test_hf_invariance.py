@@ -168,6 +168,52 @@ def test_a_mamba_models_logits_do_not_depend_on_whether_its_weights_are_frozen()
     assert bi.uncovered() == {}
 
 
+# State-space and hybrid families: padding enters an SSM's state, so prompts of one length.
+# Mamba2: chunked scan (segment sums: float cumsum), depthwise causal conv; Qwen3-Next:
+# gated delta rule (linear attention) beside full attention and MoE; Lfm2: short convs.
+_SSM_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+SSM_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mamba2": ("Mamba2", dict(num_heads=8, head_dim=16, state_size=16, n_groups=1, expand=2)),
+    "qwen3-next": ("Qwen3Next", dict(layer_types=["linear_attention", "full_attention"], head_dim=16,
+                                     linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                                     linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                     moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    "lfm2": ("Lfm2", dict(layer_types=["conv", "full_attention"], conv_L_cache=3)),
+}
+SSM_PROMPTS = [[5, 17, 33, 60, 8, 9, 10, 11], [84, 104, 101, 32, 113, 7, 7, 7], [97, 98, 99, 100, 101, 102, 103, 104],
+               [3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17, 18]]
+
+
+def _ssm(name: str) -> Any:
+    import transformers
+
+    from detkit.models import VOCAB_SIZE
+
+    cls, fields = SSM_FAMILIES[name]
+    config = getattr(transformers, f"{cls}Config")(vocab_size=VOCAB_SIZE, **_SSM_BASE, **fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return getattr(transformers, f"{cls}ForCausalLM")(config).eval()
+
+
+@pytest.mark.parametrize("name", list(SSM_FAMILIES))
+def test_state_space_and_hybrid_families_generate_the_same_in_any_batch(name: str) -> None:
+    """float32, equal-length prompts alone and in batches of 2 and 5: token ids and every
+    step's logits bitwise equal under the mode, nothing left to torch at run time; without
+    it, logits differed in 11 of 16 placements for each of these (and for Mamba, Jamba,
+    Bamba, FalconMamba, FalconH1 and GraniteMoeHybrid, docs/mode.md)."""
+    from detkit.testing import BatchVariance, assert_generation_invariant
+
+    model = _ssm(name)
+    with detkit.batch_invariant() as bi:
+        assert_generation_invariant(model, SSM_PROMPTS, batch_sizes=(1, 2, 5), max_new_tokens=4)
+    assert bi.uncovered() == {}, f"ops fell back to torch:\n{bi.coverage()}"
+    if name == "mamba2":  # negative control
+        with pytest.raises(BatchVariance):
+            assert_generation_invariant(model, SSM_PROMPTS, batch_sizes=(1, 2, 5), max_new_tokens=4)
+
+
 # Tiny random members of other families (2 layers, hidden 64), each for what it adds: MoE
 # routing and experts (torch._grouped_mm, transformers 5's default experts path), MLA,
 # sliding windows, logit softcapping (tanh), ALiBi through baddbmm.
