@@ -66,7 +66,10 @@ def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
     static = coverage_report(ops, portable=portable, device="CUDA" if device.startswith("cuda") else "CPU")
     with detkit.batch_invariant(portable=portable) as bi:
         generate()
-    runtime = {"routed": bi.routed(), "uncovered": bi.uncovered(), "not_portable": bi.not_portable()}
+    # the overrides' names ("mm", "sum.dim_IntList") as full overload names, as the static report has them
+    runtime = {key: {op if "." in op else f"{op}.default": v for op, v in counts.items()}
+               for key, counts in (("routed", bi.routed()), ("uncovered", bi.uncovered()),
+                                   ("not_portable", bi.not_portable()))}
     findings = bool(static.uncovered or runtime["uncovered"]
                     or (portable and (static.not_portable or runtime["not_portable"])))
     return {
@@ -75,6 +78,10 @@ def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
         "runtime": runtime,
         "ok": not findings,
     }
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _print(result: dict[str, Any], show_exact: bool) -> None:
@@ -88,7 +95,8 @@ def _print(result: dict[str, Any], show_exact: bool) -> None:
     # Text, not a str: a str title is rich markup, and a model path such as runs/x[/y] is not
     table = Table(title=Text(f"detkit coverage: {m['model']} ({m['dtype']}, {m['attn_implementation']}, "
                              f"{m['device']}), {'portable' if portable else 'batch-invariant'} mode, greedy generate "
-                             f"of {len(result['prompts'])} prompts x {result['new_tokens']} tokens"),
+                             f"of {_count(len(result['prompts']), 'prompt')} x "
+                             f"{_count(result['new_tokens'], 'token')}"),
                   title_justify="left")
     for col in ("aten op", "calls", "under the mode", "why"):
         table.add_column(col, overflow="fold")
