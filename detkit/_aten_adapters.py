@@ -61,7 +61,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from torch._prims_common import suggest_memory_format  # Tensor.suggest_memory_format, which Python lacks
 
 from detkit.errors import InputError
 from detkit.kernels._grouped import offsets_problem
@@ -524,6 +523,9 @@ def convolution(
     # when the input or the weight is (a model moved to channels_last), as torch's CPU and
     # cuDNN convolutions return; code after the conv may view it as such.
     out = out.reshape(g, n, *lengths, og).permute(1, 0, nd + 2, *range(2, 2 + nd)).reshape(n, o, *lengths)
+    # Tensor.suggest_memory_format, which Python lacks (imported here: a private module)
+    from torch._prims_common import suggest_memory_format
+
     layouts = (suggest_memory_format(input), suggest_memory_format(weight))
     layout = next((f for f in layouts if f in (torch.channels_last, torch.channels_last_3d)), torch.contiguous_format)
     return out.contiguous(memory_format=layout)
