@@ -168,7 +168,8 @@ def test_a_mamba_models_logits_do_not_depend_on_whether_its_weights_are_frozen()
     assert bi.uncovered() == {}
 
 
-# State-space and hybrid families: padding enters an SSM's state, so prompts of one length.
+# State-space and hybrid families, with prompts of one length: Mamba2's chunked scan rounds
+# its decays differently with left padding (docs/mode.md, "Model families").
 # Mamba2: chunked scan (segment sums: float cumsum), depthwise causal conv; Qwen3-Next:
 # gated delta rule (linear attention) beside full attention and MoE; Lfm2: short convs.
 _SSM_BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -89,7 +89,7 @@ def _tiny_mamba(dtype: torch.dtype) -> torch.nn.Module:
         return transformers.MambaForCausalLM(config).eval().to(dtype)
 
 
-# A state-space model pads nothing away (padding enters its state), so equal-length prompts.
+# Prompts of one length: the sampler's batch is then unpadded, whatever the model does with padding.
 MAMBA_PROMPTS = [[5, 17, 33, 60, 8], [84, 104, 101, 32, 113], [97, 98, 99, 100, 101]]
 
 
