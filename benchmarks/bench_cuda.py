@@ -144,6 +144,8 @@ def bench_rows(dtype: torch.dtype, min_time: float, deadline: float) -> Iterator
         "rms_norm": (lambda x: F.rms_norm(x, (ROW_LEN,), w, 1e-6), lambda x, p: kc.rms_norm(x, w, 1e-6, portable=p)),
         "layer_norm": (lambda x: F.layer_norm(x, (ROW_LEN,), w, b, 1e-5),
                        lambda x, p: kc.layer_norm(x, w, b, 1e-5, portable=p)),
+        # no target: one thread per row (the sequential order), against torch's parallel scan
+        "cumsum": (lambda x: torch.cumsum(x, -1), lambda x, p: kc.row_cumsum(x, portable=p)),
     }
     # A 1x1 row sum is almost all host time on both sides (Python, dispatch, launch): its
     # speed is the ratio of per-call overheads, which bounds the small row cases below.

@@ -85,6 +85,19 @@ def _cases(quick: bool) -> list[Case]:
             Case("layer_norm", shape, "float32",
                  lambda x=x, wt=wt: kernels.layer_norm(x, wt, wt), lambda x=x, wt=wt: F.layer_norm(x, (4096,), wt, wt))
         )
+        cases.append(Case("cumsum", shape, "float32", lambda x=x: kernels.cumsum(x), lambda x=x: torch.cumsum(x, -1)))
+    # Mamba2's segment sums: a running sum down dim -2 of (batch x heads x chunks) masked
+    # 256 x 256 blocks (the front end moves the dim last and back: two copies).
+    blocks = torch.randn(16, 256, 256, generator=gen).tril(-1)
+    cases.append(Case("cumsum", "16x256x256, dim -2", "float32", lambda: kernels.cumsum(blocks, -2),
+                      lambda: torch.cumsum(blocks, -2)))
+    # Qwen3-Next's UT systems: unit lower triangular 64 x 64, 128 columns, one per (batch,
+    # head, chunk); torch's is LAPACK's trsm
+    ut = torch.randn(64, 64, 64, generator=gen).tril(-1) * 0.1 + torch.eye(64)
+    rhs = torch.randn(64, 64, 128, generator=gen)
+    cases.append(Case("solve_triangular", "64 x (64x64 \\ 64x128), unit lower", "float32",
+                      lambda: kernels.solve_triangular(ut, rhs, upper=False, unitriangular=True),
+                      lambda: torch.linalg.solve_triangular(ut, rhs, upper=False, unitriangular=True)))
     heads, d = 32, 128
     kv_len = 1024 if quick else 4096
     q = torch.randn(1, heads, 1, d, generator=gen)

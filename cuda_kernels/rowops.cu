@@ -1,6 +1,6 @@
-// detkit row kernels: softmax, log_softmax, rms_norm, layer_norm, row sum / mean over
-// the last dimension of a contiguous (R, L) tensor, plus the portable elementwise ops
-// the torch mode uses.
+// detkit row kernels: softmax, log_softmax, rms_norm, layer_norm, row sum / mean and
+// the running sum (cumsum) over the last dimension of a contiguous (R, L) tensor, plus
+// the portable elementwise ops the torch mode uses.
 //
 // Batch invariance: a row is reduced by one fixed group of threads in an order that
 // depends only on L, never on R or on the row's index.
@@ -93,6 +93,50 @@ __device__ __forceinline__ void p_row_sum(const T* __restrict__ x, T* __restrict
     float S = anchored_sum_warp<false>(v, L);
     if (mean) S = __fdiv_rn(S, (float)L);
     if (lane == 0) y[row] = from_f32<T>(S);
+}
+
+// ------------------------------------------------------------------ running sum (both guarantees)
+// docs/canonical-orders.md, cumsum: one running sum per row, from +0.0, left to right, in
+// float64 for float32 inputs and in float32 for bfloat16/float16 ones (torch's CPU
+// kernel's order and accumulators), each output rounded once into T. The order is
+// sequential, so one thread owns one row; a warp takes 32 rows and moves them through
+// shared memory in 32 x 32 tiles, so that global loads and stores run along a row
+// (coalesced) while each lane adds along its own row. The tile is padded to 33 columns:
+// lane i reading column j of row i then hits bank (i + j) % 32, no conflicts.
+
+#define CS_WARPS 4  // warps per block, 32 rows each
+
+template <typename T> struct CumsumAcc { using type = float; };
+template <> struct CumsumAcc<float> { using type = double; };
+__device__ __forceinline__ float cumsum_add(float s, float v) { return __fadd_rn(s, v); }
+__device__ __forceinline__ double cumsum_add(double s, float v) { return __dadd_rn(s, (double)v); }
+__device__ __forceinline__ float cumsum_out(float s) { return s; }
+__device__ __forceinline__ float cumsum_out(double s) { return __double2float_rn(s); }
+
+template <typename T>
+__device__ __forceinline__ void row_cumsum(const T* __restrict__ x, T* __restrict__ y, int R, int L) {
+    __shared__ float tile[CS_WARPS][32][33];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int r0 = (blockIdx.x * CS_WARPS + warp) * 32;
+    if (r0 >= R) return;  // whole warp leaves together
+    const int nr = min(32, R - r0);
+    float(*t)[33] = tile[warp];
+    typename CumsumAcc<T>::type s = 0;
+    for (int c0 = 0; c0 < L; c0 += 32) {
+        const int nc = min(32, L - c0);
+        if (lane < nc)
+            for (int i = 0; i < nr; ++i) t[i][lane] = to_f32(x[(i64)(r0 + i) * L + c0 + lane]);
+        __syncwarp();
+        if (lane < nr)
+            for (int j = 0; j < nc; ++j) {
+                s = cumsum_add(s, t[lane][j]);
+                t[lane][j] = cumsum_out(s);
+            }
+        __syncwarp();
+        if (lane < nc)
+            for (int i = 0; i < nr; ++i) y[(i64)(r0 + i) * L + c0 + lane] = from_f32<T>(t[i][lane]);
+        __syncwarp();  // the next tile overwrites t
+    }
 }
 
 // ------------------------------------------------------------------ batch invariant (one block)
@@ -482,6 +526,8 @@ __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __rest
     }                                                                                              \
     extern "C" __global__ void __launch_bounds__(RB_NT)                                            \
     row_sum_b_##SUF(const T* x, T* y, int L, int mean) { b_row_sum<T>(x, y, L, mean != 0); }      \
+    extern "C" __global__ void __launch_bounds__(32 * CS_WARPS)                                    \
+    row_cumsum_##SUF(const T* x, T* y, int R, int L) { row_cumsum<T>(x, y, R, L); }               \
     extern "C" __global__ void elementwise_p_##SUF(const T* x, T* y, i64 n, int op) {             \
         p_elementwise<T>(x, y, n, op);                                                             \
     }

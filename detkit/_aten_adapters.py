@@ -144,7 +144,7 @@ class OpOverride:
     composite: bool = False
 
     def __post_init__(self) -> None:
-        if self.kind not in {"matmul", "softmax", "reduction", "norm", "attention", "elementwise"}:
+        if self.kind not in {"matmul", "softmax", "reduction", "scan", "solve", "norm", "attention", "elementwise"}:
             raise ValueError(f"unknown override kind {self.kind!r} for {self.name}")
         if "::" in self.name:
             raise ValueError(f"override names are aten overload names without a namespace, got {self.name!r}")
@@ -643,6 +643,51 @@ def sum_all(call: Call, self: torch.Tensor, *, dtype: torch.dtype | None = None)
     return _reduce(call, self, None, False, dtype, mean=False)
 
 
+# ----------------------------------------------------------------------------- cumsum
+
+
+def _cumsum(call: Call, x: torch.Tensor, dim: int, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and dtype not in _FLOATS:
+        raise Unsupported(f"dtype={dtype}", benign=not (dtype.is_floating_point or dtype.is_complex))
+    if dtype is not None and isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex()):
+        x = x.to(dtype)  # integers summed in a float dtype round: a float scan, routed
+    # An integer or bool scan (HF's position ids from a mask, MoE token offsets) is exact.
+    _float(x)
+    if x.numel() == 0:
+        raise Unsupported("empty input", benign=True)
+    x = _plain(x) if dtype is None else _plain(x).to(dtype)
+    return _kernel_call(kernels_module().cumsum, x, dim, portable=call.portable)
+
+
+def cumsum(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return _cumsum(call, self, dim, dtype)
+
+
+def cumsum_(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if dtype is not None and dtype != self.dtype:
+        raise Unsupported(f"in-place cumsum of {self.dtype} with dtype={dtype}", benign=not self.is_floating_point())
+    res = _cumsum(call, self, dim, dtype)
+    with torch.no_grad():
+        self.copy_(res)
+    return self
+
+
+# ----------------------------------------------------------------------------- triangular solve
+
+
+def linalg_solve_triangular(call: Call, self: torch.Tensor, B: torch.Tensor, *, upper: bool, left: bool = True,
+                            unitriangular: bool = False) -> torch.Tensor:
+    _float(self, B)
+    if self.dtype != B.dtype or self.dtype not in (torch.float32, torch.float64):
+        # torch has no CPU or CUDA kernel for 16-bit floats (and refuses mixed dtypes): its error stands
+        raise Unsupported(f"{self.dtype} and {B.dtype} operands")
+    if self.numel() == 0 or B.numel() == 0:
+        raise Unsupported("empty input", benign=True)
+    x = _kernel_call(kernels_module().solve_triangular, _plain(self), _plain(B), upper=upper, left=left,
+                     unitriangular=unitriangular, portable=call.portable)
+    return x.mT.contiguous().mT  # torch's layout: each matrix column major, as LAPACK leaves it
+
+
 # ----------------------------------------------------------------------------- norms
 
 
@@ -954,6 +999,9 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("mean.default", mean_all, "reduction"),
     OpOverride("sum.dim_IntList", sum_dim, "reduction"),
     OpOverride("sum.default", sum_all, "reduction"),
+    OpOverride("cumsum", cumsum, "scan"),
+    OpOverride("cumsum_", cumsum_, "scan"),
+    OpOverride("linalg_solve_triangular", linalg_solve_triangular, "solve"),
     OpOverride("native_layer_norm", native_layer_norm, "norm"),
     OpOverride("rms_norm", rms_norm, "norm", composite=True),
     OpOverride("_fused_rms_norm", _fused_rms_norm, "norm", composite=True),

@@ -649,10 +649,9 @@ _EXACT_OR_CUBE = frozenset({*EXACT_EXPONENTS, 3.0})
 _FLOAT_OPERAND_NOTE = ("float operands (as traced): exact only while they hold integers below 2^24, as an MoE "
                        "router's tokens per expert do (torch's CPU histc takes floats only); check with a test")
 _FLOAT_OPERAND_NOTES = {
-    op: (f"float operands (as traced): exact while they hold integers below 2^24 (an MoE router's counts per "
-         f"expert); otherwise a running {what} rounds at every step, in the order of torch's kernel (sequential "
-         "per row on the CPU; another device's scan may differ)")
-    for op, what in (("cumsum", "sum"), ("cumprod", "product"))
+    "cumprod": ("float operands (as traced): exact while they hold integers whose products stay below 2^24; "
+                "otherwise a running product rounds at every step, in the order of torch's kernel (sequential per "
+                "row on the CPU; another device's scan may differ)"),
 }
 
 
@@ -679,7 +678,8 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
         packet = full.split(".")[0]
         base = packet if packet in EXACT_OPS else packet.removesuffix("_")
         integers_only = float_inputs is not None and name not in float_inputs and base in INTEGER_EXACT_OPS
-        if integers_only and full not in table:
+        if integers_only:
+            # routed or not, the mode passes integer operands to torch: the result is exact
             exact[full] = n
             notes[full] = "integer operands only (as traced): exact"
             continue

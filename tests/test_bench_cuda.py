@@ -190,8 +190,8 @@ def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path, compiled_ker
     assert summary["versions"]["torch"] == importlib.metadata.version("torch")
     assert summary["versions"]["mode_supported"] is hasattr(torch.library, "get_kernel")
     assert summary["kernels_check"]["ok"] is True
-    assert set(summary["kernels_check"]["files"]) == {"matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu",
-                                                      "matmul_sm90.cu"}
+    assert set(summary["kernels_check"]["files"]) == {"matmul.cu", "rowops.cu", "attention.cu", "solve.cu",
+                                                      "matmul_tiles.cu", "matmul_sm90.cu"}
     assert set(summary["kernels_check"]["spilling"]) <= set(KNOWN_SPILLS)
     assert summary["kernels_check"]["ptxas_notes"] == []
     md = (tmp_path / "summary.md").read_text()
@@ -225,7 +225,7 @@ def test_a_kernel_fault_keeps_the_sweep_and_says_what_stopped_it(bench: Any, tmp
     data = json.loads((tmp_path / "b.json").read_text())
     assert "illegal memory access" in data["meta"]["error"] and not data["meta"]["complete"]
     assert {r["op"] for r in data["results"]} == {"matmul", "grouped_mm", "grouped_mm per expert", "launch overhead",
-                                                  "softmax", "rms_norm", "layer_norm"}
+                                                  "softmax", "rms_norm", "layer_norm", "cumsum"}
     assert len(data["tiles"]) == 4 and data["tile_choice"]
     assert "**Stopped early by RuntimeError: CUDA error" in (tmp_path / "b.md").read_text()
 

@@ -236,6 +236,60 @@ def test_portable_row_ops_equal_spec(emulated: dict, dtype: torch.dtype, length:
                           spec.layer_norm(x, wt, bb, 1e-5), "layer_norm")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("portable", [False, True])
+def test_row_cumsum_equals_spec_and_is_batch_and_padding_invariant(emulated: dict, dtype: torch.dtype,
+                                                                   portable: bool) -> None:
+    """One lane per row, rows moved through shared memory in 32 x 32 tiles: rows past 32
+    (a second warp) and past 128 (a second block), lengths that end inside a tile, NaN,
+    inf and signed zeros, and zeros in front of a row (left padding)."""
+    for rows, length in ((1, 1), (3, 33), (37, 70), (130, 5)):
+        x = torch.cat([rand((rows, length), dtype, rows + length, 3.0), adversarial_rows(dtype, length)])
+        what = f"cumsum {tuple(x.shape)}"
+        got = cuda_backend.row_cumsum(x, portable=portable)
+        assert_bits_equal(got, spec.row_cumsum(x), what)
+        for start, stop in ((0, 1), (1, 4), (x.shape[0] - 2, x.shape[0])):
+            assert_bits_equal(cuda_backend.row_cumsum(x[start:stop].clone(), portable=portable), got[start:stop],
+                              f"{what} rows {start}:{stop}")
+        zeros = torch.zeros((x.shape[0], 35), dtype=dtype)
+        zeros[:, ::2] = -0.0
+        padded = cuda_backend.row_cumsum(torch.cat([zeros, x], 1), portable=portable)
+        assert_bits_equal(padded[:, 35:], got, f"{what}, 35 zeros in front")
+
+
+def _triangular_system(dtype: torch.dtype, batch: int, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A well-conditioned lower system (Qwen3-Next's UT system is unit lower triangular),
+    with junk above the diagonal that a solve must not read."""
+    a = rand((batch, n, n), torch.float32, seed, 0.3)
+    a.diagonal(dim1=-2, dim2=-1).add_(2.0)
+    a = a + torch.triu(torch.full((n, n), float("nan")), 1)
+    return a.to(dtype), rand((batch, n, k), dtype, seed + 1, 2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("portable", [False, True])
+def test_triangular_solve_equals_spec_and_is_batch_invariant(emulated: dict, dtype: torch.dtype,
+                                                             portable: bool) -> None:
+    """One thread per column: right-hand sides past one block of 128 columns, one batch
+    entry or several, unit and non-unit diagonals, a zero pivot (inf/NaN as IEEE) and NaN
+    above the diagonal, which must not be read."""
+    for batch, n, k in ((1, 1, 1), (3, 9, 5), (2, 17, 130)):
+        a, b = _triangular_system(dtype, batch, n, k, n + k)
+        for unit in (False, True):
+            what = f"solve {dtype} {batch}x{n}x{k} unit={unit}"
+            got = cuda_backend.solve_lower(a, b, unit, portable=portable)
+            assert_bits_equal(got, spec.solve_lower(a, b, unit), what)
+            assert_bits_equal(cuda_backend.solve_lower(a[-1:].clone(), b[-1:].clone(), unit, portable=portable),
+                              got[-1:], f"{what}, last entry alone")
+            assert_bits_equal(cuda_backend.solve_lower(a, b[..., :1].clone(), unit, portable=portable),
+                              got[..., :1], f"{what}, first column alone")
+    a, b = _triangular_system(dtype, 1, 4, 3, 9)
+    a[0, 2, 2] = 0.0
+    got = cuda_backend.solve_lower(a, b, False, portable=portable)
+    assert_bits_equal(got, spec.solve_lower(a, b, False), "zero pivot")
+    assert bool(torch.isinf(got[0, 2]).all()) and not bool(torch.isfinite(got[0, 3]).any())
+
+
 def test_elementwise_ops_track_the_cpu_backend() -> None:
     """A new op in the canonical orders must reach the CUDA backend too."""
     from detkit.kernels import portable_cpu
@@ -906,6 +960,54 @@ def test_portable_mode_through_the_cuda_backend_gives_the_committed_cpu_logits(
     assert_bits_equal(logits, ref.load(family)[attn], f"{family} {attn}: portable logits through the CUDA backend")
 
 
+_SCAN_FAMILIES = {
+    "mamba2": dict(hidden_size=64, state_size=16, num_heads=8, head_dim=16, n_groups=1, num_hidden_layers=2,
+                   chunk_size=8),
+    "qwen3_next": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_SCAN_FAMILIES))
+def test_portable_chunked_scans_through_the_cuda_backend_give_the_cpu_portable_logits(
+    emulated: dict, monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
+    """A small Mamba2 (chunked scan: float cumsum of its segment sums and decays, causal
+    conv, softplus, gated RMSNorm) and Qwen3-Next (gated delta rule: cumsum of the gates,
+    the UT system's triangular solves; attention and MoE beside it) under
+    batch_invariant(portable=True), every op on the CUDA backend, give the CPU portable
+    backend's float32 logits bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    from detkit.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
+
+    import detkit
+
+    config = transformers.AutoConfig.for_model(family, vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                                               eos_token_id=EOS_ID, initializer_range=0.1, **_SCAN_FAMILIES[family])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    enc = build_tokenizer()(["Batch invariance means", "hi", "The quick brown fox"], padding=True,
+                            return_tensors="pt")
+
+    def logits() -> tuple[torch.Tensor, dict]:
+        with torch.no_grad(), detkit.batch_invariant(portable=True) as bi:
+            out = model(**enc).logits
+        return out, bi.uncovered()
+
+    want, uncovered = logits()
+    assert uncovered == {}, uncovered
+    launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
+    got, uncovered = logits()
+    assert uncovered == {}, uncovered
+    used = {"row_cumsum_f32", "elementwise_p_f32"} | ({"solve_lower_f32"} if family == "qwen3_next" else set())
+    assert used <= launched, launched
+    assert_bits_equal(got, want, f"{family} portable logits: CUDA backend vs CPU portable backend")
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_mode_through_the_cuda_backend_makes_a_bf16_model_batch_invariant(
     emulated: dict, monkeypatch: pytest.MonkeyPatch, attn: str
@@ -1050,7 +1152,8 @@ def test_batch_invariant_row_ops_for_drawn_shapes(emulated: dict, length: int, r
     r = data.draw(st.integers(0, rows - 1))
     for what, fn in (("softmax", lambda t: cuda_backend.softmax(t, False)),
                      ("layer_norm", lambda t: cuda_backend.layer_norm(t, w, b, 1e-5)),
-                     ("rms_norm", lambda t: cuda_backend.rms_norm(t, w, 1e-6))):
+                     ("rms_norm", lambda t: cuda_backend.rms_norm(t, w, 1e-6)),
+                     ("cumsum", cuda_backend.row_cumsum)):
         full = fn(x)
         assert_bits_equal(fn(x[r : r + 1]), full[r : r + 1], f"{what} row {r} of {rows}x{length}")
         assert_bits_equal(fn(x[r : r + 1].clone()), full[r : r + 1], f"{what} row {r} moved")

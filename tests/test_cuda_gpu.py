@@ -323,6 +323,7 @@ ROW_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "layer_norm": lambda x, w, b, p: cuda_backend.layer_norm(x, w, b, 1e-5, portable=p),
     "sum": lambda x, w, b, p: cuda_backend.row_sum(x, False, portable=p),
     "mean": lambda x, w, b, p: cuda_backend.row_sum(x, True, portable=p),
+    "cumsum": lambda x, w, b, p: cuda_backend.row_cumsum(x, portable=p),
 }
 
 
@@ -363,6 +364,8 @@ def test_softmax_and_sum_ignore_padding_around_a_row(dtype: torch.dtype, portabl
         zeros = torch.cat([torch.zeros((6, pad), dtype=dtype, device=DEV), x], 1)
         assert_bits_equal(cuda_backend.row_sum(zeros, False, portable=portable),
                           cuda_backend.row_sum(x, False, portable=portable), f"sum, {pad} zeros in front")
+        assert_bits_equal(cuda_backend.row_cumsum(zeros, portable=portable)[:, pad:],
+                          cuda_backend.row_cumsum(x, portable=portable), f"cumsum, {pad} zeros in front")
 
 
 # ----------------------------------------------------------------------------- attention
@@ -494,6 +497,7 @@ def test_portable_row_ops_equal_cpu(dtype: torch.dtype, length: int) -> None:
         assert_bits_equal(cuda_backend.softmax(xc, log, portable=True), REF.softmax(x, log), f"softmax log={log}")
     for mean in (False, True):
         assert_bits_equal(cuda_backend.row_sum(xc, mean, portable=True), REF.row_sum(x, mean), "row_sum")
+    assert_bits_equal(cuda_backend.row_cumsum(xc, portable=True), REF.row_cumsum(x), "row_cumsum")
     assert_bits_equal(cuda_backend.rms_norm(xc, wc, 1e-6, portable=True), REF.rms_norm(x, w, 1e-6), "rms_norm")
     assert_bits_equal(cuda_backend.rms_norm(xc, None, 1e-6, portable=True), REF.rms_norm(x, None, 1e-6), "rms")
     for wt, bb in ((w, b), (None, None), (w, None), (None, b)):
@@ -640,6 +644,54 @@ def test_convolutions_under_the_mode_on_cuda(dtype: torch.dtype, portable: bool)
             got = conv(xi, wi, bi_, **kw)
             want = conv(xi.cpu(), wi.cpu(), bi_.cpu(), **kw)
         assert_bits_equal(got.cpu(), want, f"portable {conv.__name__} {tuple(xi.shape)} CUDA vs CPU, {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cumsum_under_the_mode_on_cuda(dtype: torch.dtype) -> None:
+    """torch's CUDA scan picks its threads per row from the number of rows (ScanUtils.cuh),
+    so a row's running sums can change with the batch: the negative control. Under the
+    mode (either guarantee) they are the canonical ones, the CPU's portable bits."""
+    import detkit
+
+    x = rand((512, 1000), dtype, 130, 3.0)
+    sizes = (1, 2, 3, 16, 64, 511)
+    torch_full = torch.cumsum(x, -1)
+    changed = [m for m in sizes if not torch.equal(bits(torch.cumsum(x[:m], -1)), bits(torch_full[:m]))]
+    for portable in (False, True):
+        with detkit.batch_invariant(portable=portable) as bi:
+            full = torch.cumsum(x, -1)
+            for m in sizes:
+                assert_bits_equal(torch.cumsum(x[:m], -1), full[:m], f"cumsum under the mode, rows {m}")
+            assert_bits_equal(x.t().cumsum(0).t(), full, "cumsum along dim 0 of the transpose")
+        assert bi.uncovered() == {} and bi.routed().get("cumsum", 0) == len(sizes) + 2, bi.coverage()
+        assert_bits_equal(full.cpu(), REF.row_cumsum(x.cpu()), f"cumsum portable={portable}: CUDA vs CPU portable")
+    assert changed, f"torch's CUDA cumsum gave every row its full-batch bits at rows {sizes} (negative control)"
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_triangular_solve_on_cuda(portable: bool) -> None:
+    """Qwen3-Next's UT systems (64 x 64 unit lower triangular, 128 right-hand columns, one
+    per batch, head and chunk): every batch entry alone has its bits in the batch, the
+    CPU's bits (one order for both guarantees), values close to torch's; under the mode
+    torch.linalg.solve_triangular is routed."""
+    import detkit
+
+    a = rand((256, 64, 64), torch.float32, 140, 0.3) + 2.0 * torch.eye(64, device=DEV)
+    b = rand((256, 64, 128), torch.float32, 141)
+    for unit in (True, False):
+        full = cuda_backend.solve_lower(a, b, unit, portable=portable)
+        for m in (1, 2, 7, 64, 255):
+            assert_bits_equal(cuda_backend.solve_lower(a[:m], b[:m], unit, portable=portable), full[:m],
+                              f"solve unit={unit}, entries {m}")
+        assert_bits_equal(cuda_backend.solve_lower(a, b[..., 5:6], unit, portable=portable), full[..., 5:6],
+                          f"solve unit={unit}, one column")
+        assert_bits_equal(full[:8].cpu(), REF.solve_lower(a[:8].cpu(), b[:8].cpu(), unit), f"solve unit={unit}: CPU")
+        want = torch.linalg.solve_triangular(a.double(), b.double(), upper=False, unitriangular=unit)
+        torch.testing.assert_close(full.double(), want, rtol=1e-4, atol=1e-5)
+    with detkit.batch_invariant(portable=portable) as bi:
+        x = torch.linalg.solve_triangular(a, b, upper=False, unitriangular=True)
+    assert bi.routed() == {"linalg_solve_triangular": 1} and bi.uncovered() == {}, bi.coverage()
+    assert_bits_equal(x.contiguous(), cuda_backend.solve_lower(a, b, True), "solve under the mode")
 
 
 # ----------------------------------------------------------------------------- the torch mode on a CUDA model

@@ -27,6 +27,7 @@ def x32(*shape: int) -> torch.Tensor:
         lambda: kernels.layer_norm(torch.ones(2, 3, dtype=torch.uint8)),
         lambda: kernels.sum(torch.ones(2, 3, dtype=torch.int16)),
         lambda: kernels.mean(torch.ones(2, 3, dtype=torch.complex64)),
+        lambda: kernels.cumsum(torch.ones(2, 3, dtype=torch.int64)),
         lambda: kernels.attention(torch.ones(1, 2, 4, dtype=torch.int64), x32(1, 2, 4), x32(1, 2, 4)),
     ],
 )
@@ -330,6 +331,42 @@ def test_softmax_dtype_argument_casts_first() -> None:
     assert torch.allclose(got, torch.softmax(x, -1, dtype=torch.float32))
     with pytest.raises(InputError, match="not supported"):
         kernels.softmax(x, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_cumsum_arguments_like_torch(portable: bool) -> None:
+    x = torch.arange(6).reshape(2, 3)
+    got = kernels.cumsum(x, 1, dtype=torch.float32, portable=portable)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.cumsum(x, 1, dtype=torch.float32))
+    s = torch.tensor(-2.5)
+    assert torch.equal(kernels.cumsum(s, 0, portable=portable), s) and kernels.cumsum(s, -1).shape == ()
+    empty = torch.empty(0, 3)
+    assert kernels.cumsum(empty, 0, portable=portable).shape == (0, 3)
+    with pytest.raises(InputError, match="not supported"):
+        kernels.cumsum(x, dtype=torch.int64)
+    with pytest.raises(InputError, match="dim 2 is out of range"):
+        kernels.cumsum(x32(2, 3), 2, portable=portable)
+    with pytest.raises(InputError, match="dim must be one int"):
+        kernels.cumsum(x32(2, 3), (0, 1), portable=portable)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="must be a torch.Tensor"):
+        kernels.cumsum([1.0, 2.0], portable=portable)  # type: ignore[arg-type]
+
+
+def test_solve_triangular_argument_errors() -> None:
+    a, b = x32(3, 3), x32(3, 2)
+    with pytest.raises(InputError, match=r"a must be \(\.\.\., n, n\) square matrices, got shape \(3, 2\)"):
+        kernels.solve_triangular(b, b, upper=False)
+    with pytest.raises(InputError, match=r"b must be \(\.\.\., k, 3\) to match a of shape \(3, 3\) with left=False"):
+        kernels.solve_triangular(a, b, upper=False, left=False)
+    with pytest.raises(InputError, match="do not broadcast"):
+        kernels.solve_triangular(x32(2, 3, 3), x32(4, 3, 2), upper=False)
+    with pytest.raises(InputError, match="upper must be True or False"):
+        kernels.solve_triangular(a, b, upper=None)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="same dtype"):
+        kernels.solve_triangular(a, b.double(), upper=False)
+    with pytest.raises(InputError, match="float32, bfloat16, float16 or float64"):
+        kernels.solve_triangular(a.long(), b.long(), upper=False)
+    assert kernels.solve_triangular(x32(2, 0, 0), x32(0, 5), upper=True).shape == (2, 0, 5)
 
 
 def test_rms_norm_default_eps_is_torch_default() -> None:

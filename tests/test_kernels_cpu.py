@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -364,6 +365,120 @@ def test_row_kernels_invariance(dtype: torch.dtype, r: int, length: int, kind: s
         "mean": lambda t: kernels.mean(t, 1, keepdim=True),
     }
     check_row_invariance(fns[kind], x, gen)
+
+
+@given(
+    dtype=st.sampled_from([*DTYPES, torch.float64]),
+    portable=st.booleans(),
+    r=st.integers(1, 200),
+    length=st.integers(1, 700),
+    left=st.integers(0, 40),
+    seed=seeds,
+)
+def test_cumsum_rows_are_batch_and_left_padding_invariant(dtype: torch.dtype, portable: bool, r: int, length: int,
+                                                          left: int, seed: int) -> None:
+    portable = portable and dtype != torch.float64  # the portable kernels take no float64
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(gen, r, length, dtype=dtype, scale=3.0)
+
+    def f(t: torch.Tensor) -> torch.Tensor:
+        return kernels.cumsum(t, -1, portable=portable)
+
+    check_row_invariance(f, x, gen)
+    # A left-padded batch: zeros in front of a row leave its running sums' bits alone.
+    padded = torch.cat([torch.zeros(r, left, dtype=dtype), x], 1)
+    assert_rows_equal(f(padded)[:, left:], f(x), f"{left} zeros in front")
+    # Along dim 0 of the transposed tensor: the same rows, the same bits.
+    assert same_bits(kernels.cumsum(x.t(), 0, portable=portable), f(x).t().contiguous())
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_cumsum_is_the_sequential_running_sum(portable: bool) -> None:
+    """Two independent oracles of the order. numpy adds left to right in the array's
+    dtype: its float64 running sum of float32 inputs, rounded per output, and its float32
+    one of widened bfloat16/float16 inputs. torch's CPU cumsum does the same (float32 in
+    float64, the 16-bit types in float32), so its bits must come back too."""
+    gen = torch.Generator().manual_seed(3)
+    x = randn(gen, 7, 2, 3000, scale=5.0)
+    x[0, 0, :50] = 0.0  # leading zeros, and a -0.0 first entry (the sum starts at +0.0)
+    x[0, 1, 0] = -0.0
+
+    def running(a: torch.Tensor, d: int) -> torch.Tensor:
+        wide = np.float64 if a.dtype == torch.float32 else np.float32
+        # numpy starts from the first element, so a leading -0.0 stays -0.0 there; adding
+        # +0.0 gives the +0.0 of a sum started at +0.0 and changes nothing else
+        y = np.cumsum(a.float().numpy().astype(wide), axis=d) + wide(0.0)
+        return torch.from_numpy(y.astype(np.float32)).to(a.dtype)
+
+    for d in (0, 1, 2, -1):
+        for a in (x, x.transpose(0, 2), (x / 64).bfloat16(), (x / 64).half()):
+            got = kernels.cumsum(a, d, portable=portable)
+            assert same_bits(got, running(a, d)), (d, a.dtype, a.stride())
+            assert same_bits(got, torch.cumsum(a, d)), (d, a.dtype, a.stride())
+    if not portable:
+        assert same_bits(kernels.cumsum(x.double(), 1), torch.cumsum(x.double(), 1))
+
+
+def _lower_system(gen: torch.Generator, batch: int, n: int, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Unit-diagonal-dominant lower systems (Qwen3-Next's UT system is unit lower
+    triangular) with NaN above the diagonal, which a solve must not read."""
+    a = randn(gen, batch, n, n, scale=0.3) + 2.0 * torch.eye(n)
+    a = (a + torch.triu(torch.full((n, n), float("nan")), 1)).to(dtype)
+    return a, randn(gen, batch, n, k, dtype=dtype)
+
+
+@given(
+    dtype=st.sampled_from([*DTYPES, torch.float64]),
+    portable=st.booleans(),
+    batch=st.integers(1, 40),
+    n=st.integers(1, 70),
+    k=st.integers(1, 40),
+    unit=st.booleans(),
+    seed=seeds,
+)
+def test_solve_triangular_entries_and_columns_are_invariant(dtype: torch.dtype, portable: bool, batch: int, n: int,
+                                                            k: int, unit: bool, seed: int) -> None:
+    portable = portable and dtype != torch.float64
+    gen = torch.Generator().manual_seed(seed)
+    a, b = _lower_system(gen, batch, n, k, dtype)
+
+    def solve(a_: torch.Tensor, b_: torch.Tensor) -> torch.Tensor:
+        return kernels.solve_triangular(a_, b_, upper=False, unitriangular=unit, portable=portable)
+
+    full = solve(a, b)
+    # every batch entry alone, and at a random place among other systems
+    check_row_invariance(lambda t: solve(t[:, :, :n], t[:, :, n:]), torch.cat([a, b], -1), gen)
+    # every column of the right-hand side alone: columns are independent chains
+    c = int(torch.randint(0, k, (1,), generator=gen))
+    assert same_bits(solve(a, b[..., c : c + 1]), full[..., c : c + 1]), f"column {c} alone"
+    if dtype == torch.float32:  # one order for both guarantees
+        assert same_bits(kernels.solve_triangular(a, b, upper=False, unitriangular=unit, portable=not portable), full)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_solve_triangular_variants_are_the_lower_left_solve_and_close_to_torch(portable: bool) -> None:
+    """upper: the lower solve with rows and columns reversed; left=False: the left solve of
+    the transposes; broadcast batch dimensions; the values within a few ULP of torch's."""
+    gen = torch.Generator().manual_seed(5)
+    a = randn(gen, 3, 1, 12, 12, scale=0.3) + 2.0 * torch.eye(12)
+    b = randn(gen, 1, 4, 12, 7)
+    for unit in (False, True):
+        def solve(a_: torch.Tensor, b_: torch.Tensor, upper: bool, left: bool = True) -> torch.Tensor:
+            return kernels.solve_triangular(a_, b_, upper=upper, left=left, unitriangular=unit, portable=portable)
+
+        lower = solve(a, b, False)
+        assert lower.shape == (3, 4, 12, 7) and lower.is_contiguous()
+        assert same_bits(lower, solve(a.expand(3, 4, 12, 12), b.expand(3, 4, 12, 7), False))
+        flipped = solve(a.flip(-2, -1), b.flip(-2), True).flip(-2)
+        assert same_bits(flipped, lower), "upper = lower reversed"
+        assert same_bits(solve(a.mT, b.mT, True, left=False), lower.mT.contiguous()), "right = left transposed"
+        for upper in (False, True):
+            for left in (True, False):
+                bb = b if left else b.mT
+                got = solve(a, bb, upper, left)
+                want = torch.linalg.solve_triangular(a.double(), bb.double(), upper=upper, left=left,
+                                                     unitriangular=unit)
+                assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6), (upper, left, unit)
 
 
 def test_reductions_over_other_dims_and_transposed_inputs() -> None:
@@ -748,7 +863,6 @@ def test_attention_nan_query_gives_nan_and_a_fully_masked_query_gives_zeros(
 
 def _lane_sum_reference(x: torch.Tensor) -> torch.Tensor:
     """The documented anchored lane order, one float32 operation at a time (numpy)."""
-    import numpy as np
 
     out = []
     for row in x.numpy():

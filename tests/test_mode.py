@@ -727,12 +727,63 @@ def test_reductions_over_several_dims_and_dtype_args() -> None:
     assert bi.routed().get("sum.dim_IntList", 0) == 2
 
 
+def test_cumsum_is_routed_in_every_form() -> None:
+    """Float running sums (Mamba2's segment sums along dim -2 of masked blocks, its decay
+    cumsum along -1) go to kernels.cumsum under the mode, in functional, in-place, out=
+    and dtype= form; integer ones (position ids from a mask) are exact and stay torch's.
+    The canonical order is torch's CPU one, so the CPU bits are torch's."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 3, 40, generator=gen) * 4
+    keep = torch.ones(40, 40, dtype=torch.bool).tril(-1)
+    with detkit.batch_invariant(strict=True) as bi:
+        full = torch.cumsum(x, -1)
+        segsum = x[..., None].expand(6, 3, 40, 40).masked_fill(~keep, 0.0).cumsum(-2)
+        inplace = x.clone().cumsum_(1)
+        out = torch.cumsum(x, 0, out=torch.empty(0))
+        cast = x.bfloat16().cumsum(-1, dtype=torch.float32)
+        ids = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]).cumsum(-1)
+    assert bi.routed() == {"cumsum": 3, "cumsum_": 1, "cumsum.out": 1}
+    assert bi.uncovered() == {} and bi.coverage().passed_through == {"cumsum": {"torch.int64 input": 1}}
+    assert torch.equal(full, torch.cumsum(x, -1)) and torch.equal(full, detkit.kernels.cumsum(x, -1))
+    blocks = x[..., None].expand(6, 3, 40, 40).masked_fill(~keep, 0.0)
+    assert torch.equal(segsum, torch.cumsum(blocks, -2))
+    assert torch.equal(inplace, detkit.kernels.cumsum(x, 1)) and torch.equal(out, detkit.kernels.cumsum(x, 0))
+    assert torch.equal(cast, detkit.kernels.cumsum(x.bfloat16().float(), -1))
+    assert ids.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]]
+
+
+def test_linalg_solve_triangular_is_routed_with_torchs_layout() -> None:
+    """Qwen3-Next's UT transform: a unit lower-triangular solve per (batch, head, chunk).
+    Under the mode every variant is kernels.solve_triangular (within a few ULP of torch's
+    LAPACK), laid out as torch lays it out (each matrix column major); 16-bit operands,
+    which torch has no kernel for, keep torch's error and are counted."""
+    gen = torch.Generator().manual_seed(8)
+    a = torch.randn(2, 3, 16, 16, generator=gen) * 0.3 + 2.0 * torch.eye(16)
+    b = torch.randn(2, 3, 16, 8, generator=gen)
+    with detkit.batch_invariant(strict=True) as bi:
+        got = {(upper, left, unit): torch.linalg.solve_triangular(a, b if left else b.mT, upper=upper, left=left,
+                                                                  unitriangular=unit)
+               for upper in (False, True) for left in (True, False) for unit in (False, True)}
+        out = torch.linalg.solve_triangular(a, b, upper=False, out=torch.empty(0))
+    assert bi.routed() == {"linalg_solve_triangular": 8, "linalg_solve_triangular.out": 1}
+    for (upper, left, unit), x in got.items():
+        bb = b if left else b.mT
+        want = torch.linalg.solve_triangular(a, bb, upper=upper, left=left, unitriangular=unit)
+        assert x.shape == want.shape and x.stride() == want.stride(), (upper, left, unit)
+        assert torch.equal(x, detkit.kernels.solve_triangular(a, bb, upper=upper, left=left, unitriangular=unit))
+        torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out, got[(False, True, False)])
+    with detkit.batch_invariant() as bi, pytest.raises(NotImplementedError, match="BFloat16"):
+        torch.linalg.solve_triangular(a.bfloat16(), b.bfloat16(), upper=False)
+    assert "linalg_solve_triangular" in bi.uncovered()
+
+
 def test_coverage_report_classifies_traced_ops() -> None:
     x = torch.randn(2, 8)
-    _, ops = mode.trace_ops(lambda: F.softmax(F.linear(x, torch.randn(4, 8)), -1).atan2(x[:, :4]).cumsum(-1))
+    _, ops = mode.trace_ops(lambda: F.softmax(F.linear(x, torch.randn(4, 8)), -1).atan2(x[:, :4]).cumprod(-1))
     report = mode.coverage_report(ops)
     assert "_softmax.default" in report.routed and "mm.default" in report.routed
-    assert "cumsum.default" in report.uncovered and "running sum" in report.notes["cumsum.default"]
+    assert "cumprod.default" in report.uncovered and "running product" in report.notes["cumprod.default"]
     assert "atan2.default" in report.uncovered and "atan2.default" in report.notes
     portable = mode.coverage_report(ops, portable=True)
     assert "atan2.default" in portable.not_portable
@@ -757,9 +808,9 @@ def test_coverage_report_tells_integer_arithmetic_from_float_arithmetic() -> Non
 
 
 def test_coverage_report_tells_a_position_id_cumsum_from_a_running_float_sum_and_padding_is_exact() -> None:
-    """HF models take position ids from mask.cumsum (integers: exact); Mamba2-style segment
-    sums are float cumsums (torch's running order), which the report called exact by name.
-    F.pad (Mamba2's chunking) is a copy and a fill, which it called uncovered."""
+    """HF models take position ids from mask.cumsum (integers: exact, passed to torch);
+    Mamba2-style segment sums are float cumsums, which the mode routes. F.pad (Mamba2's
+    chunking) is a copy and a fill, which the report once called uncovered."""
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     _, ints = mode.trace_ops(lambda: (mask.cumsum(-1) - 1, F.pad(mask.float(), (2, 0)), F.pad(mask[None].float(), (1, 1),
                                                                                          mode="reflect")))
@@ -767,8 +818,10 @@ def test_coverage_report_tells_a_position_id_cumsum_from_a_running_float_sum_and
     assert "cumsum.default" in report.exact and not report.uncovered, str(report)
     assert {"constant_pad_nd.default", "reflection_pad1d.default"} <= set(report.exact)
     _, floats = mode.trace_ops(lambda: torch.randn(2, 8).cumsum(-1))
-    assert "cumsum.default" in mode.coverage_report(floats).uncovered
-    assert "cumsum.default" in mode.coverage_report({"cumsum.default": 1}).uncovered
+    for device in ("CPU", "CUDA"):
+        for portable in (False, True):
+            assert "cumsum.default" in mode.coverage_report(floats, portable=portable, device=device).routed
+    assert "cumsum.default" in mode.coverage_report({"cumsum.default": 1}).routed
 
 
 def test_coverage_report_lists_complex_products_as_uncovered_on_the_cpu() -> None:

@@ -164,6 +164,18 @@ def test_float64_and_unlisted_ops_keep_the_torch_path_in_portable_mode(monkeypat
     assert _same_bits(s32, F.mish(x32)) and _same_bits(g32, F.softplus(x32, beta=2.0))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_portable_mode_routes_cumsum_to_the_canonical_order(dtype: torch.dtype) -> None:
+    x = _values(300, 11, torch.float32, specials=True).reshape(10, 30).to(dtype)
+    with detkit.batch_invariant(portable=True, strict=True) as bi:
+        got = x.cumsum(0)
+    assert _same_bits(got, spec.row_cumsum(x.t().contiguous()).t().contiguous())
+    assert bi.routed() == {"cumsum": 1}
+    with detkit.batch_invariant(portable=True) as bi:
+        x.double().cumsum(0)  # no portable float64 kernel: torch's, and counted
+    assert "kernel rejected the input" in next(iter(bi.uncovered()["cumsum"]))
+
+
 def test_empty_and_integer_inputs_pass_through() -> None:
     with detkit.batch_invariant(portable=True, strict=True) as bi:
         assert torch.exp(torch.empty(0, 3)).shape == (0, 3)
@@ -263,6 +275,34 @@ def test_every_preset_runs_entirely_on_portable_kernels(preset: str) -> None:
     assert bi.routed()
 
 
+@pytest.mark.parametrize("family", ["mamba2", "qwen3_next"])
+def test_chunked_scan_families_run_entirely_on_portable_kernels(family: str) -> None:
+    """Mamba2's segment sums (float cumsum) and Qwen3-Next's gated delta rule (cumsum of
+    the gates, linalg_solve_triangular of its UT system): the static report and the run
+    under the mode find nothing left to torch but Qwen3-Next's MoE router's float histc
+    (token counts: exact while they are integers below 2^24)."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    from detkit.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
+
+    config = transformers.AutoConfig.for_model(family, vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+                                               eos_token_id=EOS_ID, **CONFIG_FAMILIES[family])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    enc = build_tokenizer()(["Batch invariance means", "hi"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        _, traced = detkit.mode.trace_ops(model, **enc)
+        with detkit.batch_invariant(portable=True) as bi:
+            model(**enc)
+    report = detkit.mode.coverage_report(traced, portable=True)
+    assert set(report.uncovered) <= {"histc.default"} and report.not_portable == {}, str(report)
+    assert bi.not_portable() == {} and bi.uncovered() == {}, bi.coverage()
+    routed = {"cumsum"} | ({"linalg_solve_triangular"} if family == "qwen3_next" else set())
+    assert routed <= set(bi.routed()), bi.routed()
+
+
 def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA table's elementwise adapters, driven directly with a stand-in portable
     backend: portable mode computes through it (in place too), plain mode passes through."""
@@ -304,8 +344,10 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
 
 PRESETS = ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
 # Families built from their configs whose portability rests on today's portable functions:
-# Gemma's tanh gelu, GPT-NeoX's erf gelu, Mamba's softplus (its dt). With those from torch's
-# math library, tiny Gemma's and tiny Mamba's portable-mode logits changed under
+# Gemma's tanh gelu, GPT-NeoX's erf gelu, Mamba's softplus (its dt), Mamba2's chunked scan
+# (routed float cumsum; chunks of 8 tokens, so the prompts span several), Qwen3-Next's gated
+# delta rule (cumsum and linalg_solve_triangular). With those from
+# torch's math library, tiny Gemma's and tiny Mamba's portable-mode logits changed under
 # ATEN_CPU_CAPABILITY=default on this AVX-512 machine.
 CONFIG_FAMILIES: dict[str, dict[str, Any]] = {
     "gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -313,8 +355,15 @@ CONFIG_FAMILIES: dict[str, dict[str, Any]] = {
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      hidden_act="gelu"),
     "mamba": dict(hidden_size=64, state_size=16, num_hidden_layers=2, use_mambapy=False),
+    "mamba2": dict(hidden_size=64, state_size=16, num_heads=8, head_dim=16, n_groups=1, num_hidden_layers=2,
+                   chunk_size=8),
+    "qwen3_next": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32),
 }
-NO_ATTENTION = frozenset({"mamba"})  # one run: transformers refuses attn_implementation="sdpa" for it
+NO_ATTENTION = frozenset({"mamba", "mamba2"})  # one run: transformers refuses attn_implementation="sdpa" for it
 MODEL_RUNS = [(name, attn) for name in (*PRESETS, *CONFIG_FAMILIES) for attn in ("eager", "sdpa")
               if not (name in NO_ATTENTION and attn == "sdpa")]
 

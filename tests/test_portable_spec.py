@@ -122,6 +122,21 @@ def test_row_sum_matches_spec(c, rows, length, mean):
     assert_same_bits(P.row_sum(x, mean), S.row_sum(x, mean))
 
 
+@given(case, st.integers(1, 4), st.integers(1, 100))
+def test_row_cumsum_matches_spec(c, rows, length):
+    dtype, kind, seed = c
+    x = make(kind, (rows, length), dtype, seed)
+    assert_same_bits(P.row_cumsum(x), S.row_cumsum(x))
+
+
+@given(case, st.integers(1, 3), st.integers(1, 40), st.integers(1, 40), st.booleans())
+def test_solve_lower_matches_spec(c, batch, n, k, unit):
+    dtype, kind, seed = c
+    a = make(kind, (batch, n, n), dtype, seed)
+    b = make(kind, (batch, n, k), dtype, seed + 1)
+    assert_same_bits(P.solve_lower(a, b, unit), S.solve_lower(a, b, unit))
+
+
 @given(case, st.integers(1, 4), st.integers(1, 100), st.booleans(), st.booleans(),
        st.sampled_from([1e-5, 1e-6, 0.0]))
 def test_norms_match_spec(c, rows, length, with_weight, with_bias, eps):
@@ -215,6 +230,10 @@ def test_nan_outputs_are_canonical():
     assert (bits(yb) == 0x7FC0).all()
     yh = P.softmax(x.half(), False)
     assert (bits(yh) == 0x7E00).all()
+    # a NaN, or inf + -inf, makes every later running sum the canonical NaN
+    neg_nan = torch.tensor([-(2**22) - 1], dtype=torch.int32).view(torch.float32)  # 0xFFBFFFFF
+    c = P.row_cumsum(torch.cat([torch.tensor([1.0, math.inf, -math.inf, 2.0]), neg_nan]).reshape(1, 5))
+    assert bits(c)[0, :2].tolist() == [0x3F800000, 0x7F800000] and (bits(c)[0, 2:] == 0x7FC00000).all()
 
 
 # ---------------------------------------------------------------- promised invariances
@@ -243,6 +262,7 @@ def test_padding_changes_nothing_in_row_ops(dtype, seed, left, right, length):
     assert_same_bits(P.softmax(padded, True)[:, left : left + length], P.softmax(x, True))
     zeros = torch.cat([torch.zeros_like(pad_l), x, torch.zeros_like(pad_r)], dim=1)
     assert_same_bits(P.row_sum(zeros, False), P.row_sum(x, False))
+    assert_same_bits(P.row_cumsum(zeros)[:, left : left + length], P.row_cumsum(x))
 
 
 @given(st.sampled_from(DTYPES), st.integers(0, 2**31 - 1), st.integers(0, 9), st.integers(1, 30))
@@ -279,7 +299,8 @@ def test_thread_count_changes_nothing(seed, rows, length):
             torch.set_num_threads(threads)
             outs.append([P.matmul(a.bfloat16(), w.T, None), P.matmul(a, w.float().T.contiguous(), None),
                          P.softmax(x, True), P.rms_norm(x, None, 1e-6), P.row_sum(x, False),
-                         P.layer_norm(x, None, None, 1e-5), P.elementwise("silu", x),
+                         P.row_cumsum(x), P.solve_lower(x[None, :, : x.shape[0]], x[None], True),
+                         P.solve_lower(x[:, :1, None], x[:, None, :], False), P.layer_norm(x, None, None, 1e-5), P.elementwise("silu", x),
                          P.attention(q, q, q, None, 0.25)])
     finally:
         torch.set_num_threads(before)

@@ -32,6 +32,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "attention",
     "cpu_status",
+    "cumsum",
     "grouped_matmul",
     "layer_norm",
     "log_softmax",
@@ -39,6 +40,7 @@ __all__ = [
     "mean",
     "rms_norm",
     "softmax",
+    "solve_triangular",
     "sum",
 ]
 
@@ -451,6 +453,88 @@ def sum(x: torch.Tensor, dim: int = -1, keepdim: bool = False, *, portable: bool
 def mean(x: torch.Tensor, dim: int = -1, keepdim: bool = False, *, portable: bool = False) -> torch.Tensor:
     """Mean over one dimension, accumulated in float32 (float64 for float64)."""
     return _reduce(x, dim, keepdim, portable, mean=True)
+
+
+# --------------------------------------------------------------------------- cumsum
+
+
+def cumsum(x: torch.Tensor, dim: int = -1, *, dtype: torch.dtype | None = None,
+           portable: bool = False) -> torch.Tensor:
+    """Running sum along ``dim`` (torch.cumsum semantics; ``dtype``: cast the input first).
+
+    One running sum per row, from +0.0, left to right, in float64 for float32 and float64
+    inputs and in float32 for bfloat16/float16 ones, each output rounded once into the
+    dtype: the order of ``docs/canonical-orders.md`` under both guarantees, and the bits of
+    torch's CPU cumsum (NaN payloads aside). Zeros in front of a row change nothing.
+    """
+    fn = "cumsum"
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}.")
+    if dtype is not None:
+        if dtype not in SUPPORTED_DTYPES:
+            raise InputError(f"{fn}: dtype {dtype} is not supported; use float32, bfloat16, float16 or float64.")
+        x = x.to(dtype)
+    x = _check(x, "x", fn)
+    backend = _dispatch(fn, portable, x=x)
+    d = _dim(dim, x.dim(), fn)
+    if x.numel() == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    rows, moved = _rows(x, d)
+    return _restore(backend.row_cumsum(rows), moved, d, x.dim())
+
+
+# --------------------------------------------------------------------------- triangular solve
+
+
+def solve_triangular(a: torch.Tensor, b: torch.Tensor, *, upper: bool, left: bool = True,
+                     unitriangular: bool = False, portable: bool = False) -> torch.Tensor:
+    """``torch.linalg.solve_triangular`` semantics: X with ``a @ X = b`` (``left``) or
+    ``X @ a = b``, for triangular ``a`` (..., n, n); batch dimensions broadcast.
+
+    The canonical order of ``docs/canonical-orders.md`` under both guarantees: forward
+    substitution, each element one fma chain over the solved elements above it in its
+    column, in order, then one division by the diagonal (none if ``unitriangular``). An
+    upper solve is the lower one with rows and columns reversed; a right solve is the left
+    one of the transposes. Only the triangle named by ``upper`` is read (without its
+    diagonal if ``unitriangular``). A zero diagonal gives inf/NaN, as IEEE division does.
+    Returns a contiguous tensor.
+    """
+    fn = "solve_triangular"
+    a = _check(a, "a", fn)
+    b = _check(b, "b", fn)
+    _same_dtype(fn, a=a, b=b)
+    backend = _dispatch(fn, portable, a=a, b=b)
+    upper = _flag(upper, "upper", fn)
+    left = _flag(left, "left", fn)
+    unit = _flag(unitriangular, "unitriangular", fn)
+    if a.dim() < 2 or a.shape[-1] != a.shape[-2]:
+        raise InputError(f"{fn}: a must be (..., n, n) square matrices, got shape {tuple(a.shape)}.")
+    n = a.shape[-1]
+    if b.dim() < 2 or (b.shape[-2] if left else b.shape[-1]) != n:
+        want = f"(..., {n}, k)" if left else f"(..., k, {n})"
+        raise InputError(f"{fn}: b must be {want} to match a of shape {tuple(a.shape)} with left={left}, "
+                         f"got shape {tuple(b.shape)}.")
+    try:
+        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except RuntimeError as e:
+        raise InputError(f"{fn}: the batch dimensions of a {tuple(a.shape)} and b {tuple(b.shape)} do not "
+                         "broadcast.") from e
+    out_shape = (*batch, *b.shape[-2:])
+    if not left:  # X a = b  <=>  a^T X^T = b^T
+        a, b, upper = a.mT, b.mT, not upper
+    if upper:  # the lower solve with rows and columns reversed
+        a, b = a.flip(-2, -1), b.flip(-2)
+    k = b.shape[-1]
+    if math.prod(out_shape) == 0:
+        return torch.zeros(out_shape, dtype=b.dtype, device=b.device)
+    flat_a = a.expand(*batch, n, n).reshape(-1, n, n).contiguous()
+    flat_b = b.expand(*batch, n, k).reshape(-1, n, k).contiguous()
+    x = backend.solve_lower(flat_a, flat_b, unit).reshape(*batch, n, k)
+    if upper:
+        x = x.flip(-2)
+    if not left:
+        x = x.mT
+    return x.contiguous()
 
 
 # --------------------------------------------------------------------------- attention

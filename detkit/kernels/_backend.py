@@ -61,6 +61,23 @@ rounded once into the input dtype at the end):
     anchored at the first nonzero element (``-0.0`` is zero): zeros in front of a row or
     after it leave a sum's bits unchanged.
 
+``row_cumsum(x) -> Tensor``
+    ``x``: (R, L) contiguous. The running sum of each row, (R, L): ``y[r, j]`` is
+    ``+0.0 + x[r, 0] + ... + x[r, j]`` added left to right, in float64 for float32 and
+    float64 inputs and in float32 for bfloat16/float16 ones (torch's CPU kernel's
+    accumulators), each output rounded once into the dtype, NaNs canonical
+    (``docs/canonical-orders.md``, cumsum; both guarantees compute that order). Zeros in
+    front of a row change nothing.
+
+``solve_lower(a, b, unit) -> Tensor``
+    ``a``: (T, n, n), ``b``: (T, n, k), both contiguous, n, k, T >= 1. Forward
+    substitution per batch entry and column: ``x[i] = b[i]``, then
+    ``x[i] = fma(-a[i, j], x[j], x[i])`` for j = 0 .. i-1 in order, then ``x[i] / a[i, i]``
+    unless ``unit``; float32 throughout (float64 for float64), rounded once into the
+    dtype at the end, NaNs canonical (``docs/canonical-orders.md``, solve_triangular; both
+    guarantees compute that order). Reads only a's strict lower triangle (and the diagonal
+    unless ``unit``). Returns (T, n, k) contiguous.
+
 ``attention(q, k, v, mask, scale) -> Tensor``
     ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv) with ``H % Hk == 0``
     (query head ``h`` uses key/value head ``h // (H // Hk)``; that is how GQA arrives);

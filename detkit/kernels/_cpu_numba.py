@@ -440,6 +440,73 @@ def row_sum_serial(x, out, mean):  # type: ignore[no-untyped-def]
         _sum_row(x[r], r, out, mean, lanes)
 
 
+@njit(cache=True, inline="always")
+def _cumsum_row(row, o, wide):  # type: ignore[no-untyped-def]
+    if wide:
+        s64 = np.float64(0.0)
+        for j in range(row.shape[0]):
+            s64 = s64 + np.float64(row[j])
+            o[j] = _canon(s64)  # stored as o's dtype: float64, or rounded to float32
+    else:
+        s = row.dtype.type(0.0)
+        for j in range(row.shape[0]):
+            s = s + row[j]
+            o[j] = _canon(s)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def row_cumsum(x, out, wide):  # type: ignore[no-untyped-def]
+    """out[r, j] = x[r, 0] + ... + x[r, j]: one running sum per row, from +0.0, left to
+    right, in float64 when ``wide`` (float32 and float64 inputs), else in x's dtype."""
+    for r in prange(x.shape[0]):
+        _cumsum_row(x[r], out[r], wide)
+
+
+@njit(cache=True, error_model="numpy")
+def row_cumsum_serial(x, out, wide):  # type: ignore[no-untyped-def]
+    """``row_cumsum`` on one thread (same bits)."""
+    for r in range(x.shape[0]):
+        _cumsum_row(x[r], out[r], wide)
+
+
+@njit(cache=True, inline="always")
+def _solve_lower_one(at, bt, unit, xt):  # type: ignore[no-untyped-def]
+    n, k = bt.shape
+    for i in range(n):
+        xi = xt[i]
+        bi = bt[i]
+        for c in range(k):
+            xi[c] = bi[c]
+        for j in range(i):
+            m = -at[i, j]
+            xj = xt[j]
+            for c in range(k):
+                xi[c] = fma(m, xj[c], xi[c])
+        if not unit:
+            d = at[i, i]
+            for c in range(k):
+                xi[c] = xi[c] / d
+    for i in range(n):
+        xi = xt[i]
+        for c in range(k):
+            xi[c] = _canon(xi[c])
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def solve_lower(a, b, unit, out):  # type: ignore[no-untyped-def]
+    """out[t] = the forward substitution of a[t] (lower) against b[t]: x[i, :] = b[i, :],
+    then fma(-a[i, j], x[j, :], x[i, :]) for j = 0 .. i-1, then / a[i, i] unless ``unit``."""
+    for t in prange(a.shape[0]):
+        _solve_lower_one(a[t], b[t], unit, out[t])
+
+
+@njit(cache=True, error_model="numpy")
+def solve_lower_serial(a, b, unit, out):  # type: ignore[no-untyped-def]
+    """``solve_lower`` on one thread (same bits)."""
+    for t in range(a.shape[0]):
+        _solve_lower_one(a[t], b[t], unit, out[t])
+
+
 @njit(parallel=True, cache=True, error_model="numpy")
 def softmax(x, out, log):  # type: ignore[no-untyped-def]
     """Softmax or log-softmax of each row; the normaliser is an anchored lane sum."""

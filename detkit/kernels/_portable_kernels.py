@@ -413,6 +413,56 @@ def row_sum_rows(x: np.ndarray, mode: int, mean: bool, out: np.ndarray, r0: int,
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def row_cumsum_rows(x: np.ndarray, mode: int, out: np.ndarray, r0: int, r1: int) -> None:
+    # The one float64 kernel: float32 inputs are summed in float64, as torch's CPU kernel
+    # sums them (section 3, cumsum); bfloat16/float16 ones in float32.
+    length = x.shape[1]
+    buf = np.empty(length, dtype=F32)
+    for r in range(r0, r1):
+        xr = as_f32(x[r], buf, mode)
+        yr = out[r]
+        if mode == MODE_F32:
+            s64 = np.float64(0.0)
+            for j in range(length):
+                s64 = s64 + np.float64(xr[j])
+                yr[j] = canon(np.float32(s64))
+        else:
+            s = ZERO
+            for j in range(length):
+                s = s + xr[j]
+                yr[j] = canon(s)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def solve_lower(a: np.ndarray, b: np.ndarray, unit: bool, out: np.ndarray, t0: int, t1: int) -> None:
+    """Forward substitution (section 3, solve_triangular) of batch entries t0 .. t1-1:
+    x[i, :] = b[i, :], then fma(-a[i, j], x[j, :], x[i, :]) for j = 0 .. i-1, then / a[i, i]
+    unless ``unit``. The lanes of the inner loop are the right-hand side's columns, each
+    its own chain."""
+    n, k = b.shape[1], b.shape[2]
+    for t in range(t0, t1):
+        at, bt, xt = a[t], b[t], out[t]
+        for i in range(n):
+            xi = xt[i]
+            bi = bt[i]
+            for c in range(k):
+                xi[c] = bi[c]
+            for j in range(i):
+                m = -at[i, j]
+                xj = xt[j]
+                for c in range(k):
+                    xi[c] = fma32(m, xj[c], xi[c])
+            if not unit:
+                d = at[i, i]
+                for c in range(k):
+                    xi[c] = xi[c] / d
+        for i in range(n):
+            xi = xt[i]
+            for c in range(k):
+                xi[c] = canon(xi[c])
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def softmax_rows(x: np.ndarray, mode: int, log: bool, out: np.ndarray, r0: int, r1: int) -> None:
     length = x.shape[1]
     lanes = np.empty(2 * LANES, dtype=F32)

@@ -57,8 +57,10 @@ __all__ = [
     "layer_norm",
     "matmul",
     "rms_norm",
+    "row_cumsum",
     "row_sum",
     "softmax",
+    "solve_lower",
 ]
 
 
@@ -166,6 +168,26 @@ def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     with _NUMBA_LOCK:
         _row_kernel(nk.row_sum, nk.row_sum_serial, xn)(xn, out, bool(mean))
     return _finish(out, x.dtype)
+
+
+def row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    """See ``detkit.kernels._backend``."""
+    xn = _np(x)
+    out = _empty_like(xn)
+    # float32 and float64 inputs are summed in float64, bfloat16/float16 ones in float32
+    wide = x.dtype in (torch.float32, torch.float64)
+    with _NUMBA_LOCK:
+        _row_kernel(nk.row_cumsum, nk.row_cumsum_serial, xn)(xn, out, wide)
+    return _finish(out, x.dtype)
+
+
+def solve_lower(a: torch.Tensor, b: torch.Tensor, unit: bool) -> torch.Tensor:
+    """See ``detkit.kernels._backend``."""
+    an, bn = _np(a), _np(b)
+    out = _empty_like(bn)
+    with _NUMBA_LOCK:
+        _row_kernel(nk.solve_lower, nk.solve_lower_serial, bn)(an, bn, bool(unit), out)
+    return _finish(out, b.dtype)
 
 
 def _key_ranges(mask: torch.Tensor) -> np.ndarray:

@@ -45,8 +45,10 @@ __all__ = [
     "layer_norm",
     "matmul",
     "rms_norm",
+    "row_cumsum",
     "row_sum",
     "softmax",
+    "solve_lower",
     "status",
     "to_cupy",
 ]
@@ -59,6 +61,8 @@ _MIN_MAJOR = 8
 _MAX_GRID_YZ = 65535
 _ROW_THREADS = 256   # RB_NT in rowops.cu
 _ROWS_PER_BLOCK = 4  # RP_ROWS in rowops.cu
+_CUMSUM_WARPS = 4    # CS_WARPS in rowops.cu (32 rows per warp)
+_SOLVE_THREADS = 128  # SV_THREADS in solve.cu (columns per block)
 _ATT_WARPS = 4       # ATT_WARPS in attention.cu
 _ATT_DMAX = 256      # ATT_DMAX in attention.cu
 _ATT_SPLIT = 128     # ATS_SPLIT in attention.cu
@@ -547,6 +551,53 @@ def row_sum(x: torch.Tensor, mean: bool, *, portable: bool = False) -> torch.Ten
     x = x.contiguous()
     out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
     _rows_launch(x, "row_sum", portable, (), out, (np.int32(1 if mean else 0),))
+    return out
+
+
+def row_cumsum(x: torch.Tensor, *, portable: bool = False) -> torch.Tensor:
+    """Running sum over the last dim of a contiguous (R, L) tensor, in the canonical order
+    under both guarantees (a sequential order is batch invariant already, and a parallel
+    scan would add in another order): ``portable`` changes nothing here."""
+    del portable
+    dev = _device_of(x)
+    sfx = _suffix(x.dtype)
+    _major(dev)
+    x = x.contiguous()
+    r, length = x.shape
+    if r == 0 or length == 0:
+        raise InputError("the CUDA row kernels need at least one row of at least one element.")
+    R, L = _i32(r, "rows"), _i32(length, "row length")
+    out = torch.empty_like(x)
+    _launch(dev, "rowops.cu", f"row_cumsum_{sfx}", (_cdiv(r, 32 * _CUMSUM_WARPS), 1, 1), 32 * _CUMSUM_WARPS,
+            (_ptr(x), _ptr(out), R, L))
+    return out
+
+
+# --------------------------------------------------------------------------- triangular solve
+
+
+def solve_lower(a: torch.Tensor, b: torch.Tensor, unit: bool, *, portable: bool = False) -> torch.Tensor:
+    """Forward substitution of (T, n, n) lower-triangular ``a`` against (T, n, k) ``b``, in
+    the canonical order under both guarantees (one column is one sequential chain):
+    ``portable`` changes nothing here."""
+    del portable
+    dev = _device_of(a, b)
+    sfx = _suffix(b.dtype)
+    _same_dtype(b, a)
+    _major(dev)
+    a, b = a.contiguous(), b.contiguous()
+    batch, n, k = b.shape
+    if batch == 0 or n == 0 or k == 0:
+        raise InputError("the CUDA triangular solve needs a nonempty batch, matrix and right-hand side.")
+    col_blocks = _cdiv(k, _SOLVE_THREADS)
+    _i32(batch * col_blocks, "blocks (batch entries x column blocks)")
+    _i32(n, "matrix size")
+    _i32(k, "right-hand side columns")
+    out = torch.empty_like(b)
+    ws = out if b.dtype == torch.float32 else torch.empty(b.shape, dtype=torch.float32, device=b.device)
+    _launch(dev, "solve.cu", f"solve_lower_{sfx}", (batch * col_blocks, 1, 1), _SOLVE_THREADS,
+            (_ptr(a), _ptr(b), _ptr(ws), _ptr(out), np.int32(n), np.int32(k), np.int32(col_blocks),
+             np.int32(1 if unit else 0)))
     return out
 
 

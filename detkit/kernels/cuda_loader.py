@@ -46,7 +46,8 @@ from typing import Any
 from detkit.errors import BackendUnavailable, CompileError, InputError
 from detkit.kernels.cuda_resources import KernelResources, cubin_entries, parse_ptxas_report, ptxas_notes
 
-KERNEL_FILES: tuple[str, ...] = ("matmul.cu", "rowops.cu", "attention.cu", "matmul_tiles.cu", "matmul_sm90.cu")
+KERNEL_FILES: tuple[str, ...] = ("matmul.cu", "rowops.cu", "attention.cu", "solve.cu", "matmul_tiles.cu",
+                                 "matmul_sm90.cu")
 # The source files of each unit after common.cuh, in order (default: the file alone).
 # matmul_tiles.cu only instantiates more configurations of matmul.cu's templates;
 # matmul_sm90.cu uses matmul.cu's cp.async helpers.

@@ -40,6 +40,14 @@ def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     return _cuda.row_sum(x, mean, portable=True)
 
 
+def row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return _cuda.row_cumsum(x, portable=True)
+
+
+def solve_lower(a: torch.Tensor, b: torch.Tensor, unit: bool) -> torch.Tensor:
+    return _cuda.solve_lower(a, b, unit, portable=True)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               scale: float) -> torch.Tensor:
     return _cuda.attention(q, k, v, mask, scale, portable=True)

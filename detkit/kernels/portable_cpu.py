@@ -34,8 +34,10 @@ __all__ = [
     "layer_norm",
     "matmul",
     "rms_norm",
+    "row_cumsum",
     "row_sum",
     "softmax",
+    "solve_lower",
 ]
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
@@ -240,6 +242,22 @@ def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     xin, mode = _rows_in(x)
     out = np.empty(xin.shape[0], dtype=np.float32)
     _run_split(K.row_sum_rows, xin.shape[0], xin.size, xin, mode, bool(mean), out)
+    return _finish(out, dtype)
+
+
+def row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    dtype = _check_dtype(x)
+    xin, mode = _rows_in(x)
+    out = np.empty(xin.shape, dtype=np.float32)
+    _run_split(K.row_cumsum_rows, xin.shape[0], xin.size, xin, mode, out)
+    return _finish(out, dtype)
+
+
+def solve_lower(a: torch.Tensor, b: torch.Tensor, unit: bool) -> torch.Tensor:
+    dtype = _check_dtype(a, b)
+    a32, b32 = _f32(a), _f32(b)
+    out = np.empty(b32.shape, dtype=np.float32)
+    _run_split(K.solve_lower, b32.shape[0], a32.size + b32.size * b32.shape[1], a32, b32, bool(unit), out)
     return _finish(out, dtype)
 
 

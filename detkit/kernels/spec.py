@@ -419,6 +419,40 @@ def row_sum_f32(x: np.ndarray, mean: bool) -> np.ndarray:
     return out
 
 
+def row_cumsum_f32(x: np.ndarray, wide: bool) -> np.ndarray:
+    """Section 3, cumsum: one running sum per row, from +0.0, left to right, in float64
+    (``wide``: float32 inputs) or float32 (bfloat16/float16 inputs), each output rounded
+    to float32 (numpy's float64 -> float32 conversion is IEEE nearest-even)."""
+    out = np.empty_like(x)
+    for r in range(x.shape[0]):
+        if wide:
+            s64 = np.float64(0.0)
+            for j in range(x.shape[1]):
+                s64 = np.float64(s64 + np.float64(x[r, j]))
+                out[r, j] = F32(s64)
+        else:
+            s = ZERO
+            for j in range(x.shape[1]):
+                s = F32(s + x[r, j])
+                out[r, j] = s
+    return out
+
+
+def solve_lower_f32(a: np.ndarray, b: np.ndarray, unit: bool) -> np.ndarray:
+    """Section 3, solve_triangular: forward substitution, column by column, each x[i, c]
+    one fma chain from b[i, c] over j = 0 .. i-1, then a division by a[i, i] unless
+    ``unit``. Only a's strict lower triangle (and its diagonal unless ``unit``) is read."""
+    n, k = b.shape
+    x = np.empty_like(b)
+    for c in range(k):
+        for i in range(n):
+            acc = b[i, c]
+            for j in range(i):
+                acc = fma(-a[i, j], x[j, c], acc)
+            x[i, c] = acc if unit else F32(acc / a[i, i])
+    return x
+
+
 def softmax_f32(x: np.ndarray, log_: bool) -> np.ndarray:
     out = np.empty_like(x)
     for r in range(x.shape[0]):
@@ -582,6 +616,17 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 @_quiet
 def row_sum(x: torch.Tensor, mean: bool) -> torch.Tensor:
     return finish(row_sum_f32(widen(x), mean), x.dtype)
+
+
+@_quiet
+def row_cumsum(x: torch.Tensor) -> torch.Tensor:
+    return finish(row_cumsum_f32(widen(x), x.dtype == torch.float32), x.dtype)
+
+
+@_quiet
+def solve_lower(a: torch.Tensor, b: torch.Tensor, unit: bool) -> torch.Tensor:
+    a32, b32 = widen(a), widen(b)
+    return finish(np.stack([solve_lower_f32(a32[i], b32[i], unit) for i in range(a32.shape[0])]), a.dtype)
 
 
 @_quiet

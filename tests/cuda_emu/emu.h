@@ -76,6 +76,8 @@ static inline float __fmul_rn(float a, float b) { return a * b; }
 static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 static inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline float __double2float_rn(double a) { return (float)a; }  // x86-64: IEEE nearest even
 static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 
 // ---- barriers -------------------------------------------------------------------------
