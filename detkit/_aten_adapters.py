@@ -655,6 +655,11 @@ def _cumsum(call: Call, x: torch.Tensor, dim: int, dtype: torch.dtype | None) ->
     _float(x)
     if x.numel() == 0:
         raise Unsupported("empty input", benign=True)
+    span = max(x.dim(), 1)  # torch lets a 0-d tensor be scanned over dim 0 or -1
+    if not -span <= dim < span:
+        # torch raises its IndexError; left to the kernel's InputError, it was a fallback
+        # (InvarianceViolation under strict=True)
+        raise Unsupported(f"dim {dim} out of range for {x.dim()}-d input", benign=True)  # torch raises
     x = _plain(x) if dtype is None else _plain(x).to(dtype)
     return _kernel_call(kernels_module().cumsum, x, dim, portable=call.portable)
 
@@ -665,7 +670,8 @@ def cumsum(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | Non
 
 def cumsum_(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     if dtype is not None and dtype != self.dtype:
-        raise Unsupported(f"in-place cumsum of {self.dtype} with dtype={dtype}", benign=not self.is_floating_point())
+        # torch refuses it whatever the dtypes ("Bad in-place call"): its error stands
+        raise Unsupported(f"in-place cumsum of {self.dtype} with dtype={dtype}", benign=True)  # torch raises
     res = _cumsum(call, self, dim, dtype)
     with torch.no_grad():
         self.copy_(res)

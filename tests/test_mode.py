@@ -752,6 +752,24 @@ def test_cumsum_is_routed_in_every_form() -> None:
     assert ids.tolist() == [[0, 1, 2, 3], [1, 2, 3, 4]]
 
 
+def test_cumsum_refuses_bad_arguments_as_torch_does_even_when_strict() -> None:
+    # An out-of-range dim (the kernel's InputError) and an in-place dtype= of another dtype
+    # were counted as fallbacks, so strict=True raised InvarianceViolation where torch
+    # raises its own IndexError / RuntimeError, and uncovered() listed calls that fail.
+    x = torch.randn(4, 6)
+    calls = [(lambda: x.cumsum(2), IndexError), (lambda: x.cumsum(-3), IndexError),
+             (lambda: torch.tensor(2.0).cumsum(1), IndexError),
+             (lambda: torch.cumsum(x, 5, out=torch.empty(0)), IndexError),
+             (lambda: x.clone().cumsum_(2), IndexError),
+             (lambda: x.clone().cumsum_(0, dtype=torch.float64), RuntimeError)]
+    for call, error in calls:
+        with pytest.raises(error):
+            call()
+        with detkit.batch_invariant(strict=True) as bi, pytest.raises(error):
+            call()
+        assert bi.uncovered() == {}, bi.uncovered()
+
+
 def test_linalg_solve_triangular_is_routed_with_torchs_layout() -> None:
     """Qwen3-Next's UT transform: a unit lower-triangular solve per (batch, head, chunk).
     Under the mode every variant is kernels.solve_triangular (within a few ULP of torch's
