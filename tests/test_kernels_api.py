@@ -352,6 +352,32 @@ def test_cumsum_arguments_like_torch(portable: bool) -> None:
         kernels.cumsum([1.0, 2.0], portable=portable)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cumsum_of_a_0d_tensor_is_the_tensor_as_torchs(portable: bool, dtype: torch.dtype) -> None:
+    # torch's cumsum of a 0-d tensor is a copy of it (on every device), so -0.0 stays -0.0;
+    # the kernel added it to the running sum's +0.0 and gave +0.0, under the mode too.
+    # (A row of one element is a running sum from +0.0 in torch as well: [-0.0] -> [0.0].)
+    if portable and dtype == torch.float64:
+        pytest.skip("the portable kernels take no float64")
+    import detkit
+
+    for v in (-0.0, 0.0, -2.5, float("inf")):
+        s = torch.tensor(v, dtype=dtype)
+        want = torch.cumsum(s, 0)
+        for dim in (0, -1):
+            got = kernels.cumsum(s, dim, portable=portable)
+            assert got.shape == () and got.dtype == dtype and torch.equal(got, want), (v, dim)
+            assert bool(torch.signbit(got)) == bool(torch.signbit(want)), (v, dim)
+        with detkit.batch_invariant(portable=portable) as bi:
+            got = torch.cumsum(s, 0)
+        assert bool(torch.signbit(got)) == bool(torch.signbit(want)) and bi.routed() == {"cumsum": 1}, v
+    one = kernels.cumsum(torch.tensor([-0.0], dtype=dtype), 0, portable=portable)
+    assert not bool(torch.signbit(one[0])) and not bool(torch.signbit(torch.cumsum(torch.tensor([-0.0]), 0)[0]))
+    nan = kernels.cumsum(torch.tensor(float("nan"), dtype=dtype), 0, portable=portable)
+    assert nan.shape == () and bool(torch.isnan(nan))
+
+
 def test_solve_triangular_argument_errors() -> None:
     a, b = x32(3, 3), x32(3, 2)
     with pytest.raises(InputError, match=r"a must be \(\.\.\., n, n\) square matrices, got shape \(3, 2\)"):

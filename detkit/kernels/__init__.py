@@ -465,7 +465,8 @@ def cumsum(x: torch.Tensor, dim: int = -1, *, dtype: torch.dtype | None = None,
     One running sum per row, from +0.0, left to right, in float64 for float32 and float64
     inputs and in float32 for bfloat16/float16 ones, each output rounded once into the
     dtype: the order of ``docs/canonical-orders.md`` under both guarantees, and the bits of
-    torch's CPU cumsum (NaN payloads aside). Zeros in front of a row change nothing.
+    torch's CPU cumsum (NaN payloads aside). Zeros in front of a row change nothing. A
+    0-d tensor is not summed: its cumsum is itself, as torch's (-0.0 stays -0.0).
     """
     fn = "cumsum"
     if not isinstance(x, torch.Tensor):
@@ -480,7 +481,13 @@ def cumsum(x: torch.Tensor, dim: int = -1, *, dtype: torch.dtype | None = None,
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     rows, moved = _rows(x, d)
-    return _restore(backend.row_cumsum(rows), moved, d, x.dim())
+    y = backend.row_cumsum(rows)
+    if x.dim() == 0:
+        # torch's cumsum of a 0-d tensor is a copy of it (on every device), not a running
+        # sum from +0.0: -0.0 stays -0.0. +0.0 + v is v for every other v (NaN aside, which
+        # keeps the kernel's canonical NaN), so only a zero takes the input's bits.
+        y = torch.where(rows == 0, rows, y)
+    return _restore(y, moved, d, x.dim())
 
 
 # --------------------------------------------------------------------------- triangular solve
