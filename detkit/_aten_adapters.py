@@ -681,9 +681,28 @@ def cumsum_(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | No
 # ----------------------------------------------------------------------------- triangular solve
 
 
+def _solve_shapes(a: torch.Tensor, b: torch.Tensor, left: bool) -> None:
+    """torch's shape rules for linalg_solve_triangular. A call torch refuses (A not square,
+    B not a matrix, B's n not A's, batches that do not broadcast) goes to torch's kernel,
+    which raises its own error (nothing is computed: benign); the kernel's InputError made
+    it a fallback, an InvarianceViolation with strict=True."""
+    ok = a.dim() >= 2 and b.dim() >= 2 and a.shape[-1] == a.shape[-2]
+    if ok:
+        ok = (b.shape[-2] if left else b.shape[-1]) == a.shape[-1]
+    if ok:
+        try:
+            torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except RuntimeError:
+            ok = False
+    if not ok:
+        raise Unsupported(f"linalg_solve_triangular of shapes {tuple(a.shape)}, {tuple(b.shape)} with left={left}, "
+                          "which torch refuses", benign=True)
+
+
 def linalg_solve_triangular(call: Call, self: torch.Tensor, B: torch.Tensor, *, upper: bool, left: bool = True,
                             unitriangular: bool = False) -> torch.Tensor:
     _float(self, B)
+    _solve_shapes(self, B, left)
     if self.dtype != B.dtype or self.dtype not in (torch.float32, torch.float64):
         # torch has no CPU or CUDA kernel for 16-bit floats (and refuses mixed dtypes): its error stands
         raise Unsupported(f"{self.dtype} and {B.dtype} operands")

@@ -633,6 +633,16 @@ REFUSED_SHAPES: dict[str, Callable[[], torch.Tensor]] = {
                                                                               beta=0),
     "addmv with a matrix as vec": lambda: torch.addmv(_R(3), _R(3, 4), _R(4, 1)),
     "mm.out of a 3-D tensor": lambda: torch.mm(_R(2, 3, 4), _R(4, 2), out=torch.empty(0)),
+    "solve_triangular of a non-square A": lambda: torch.linalg.solve_triangular(_R(4, 3), _R(4, 2), upper=False),
+    "solve_triangular of a vector A": lambda: torch.linalg.solve_triangular(_R(4), _R(4, 2), upper=False),
+    "solve_triangular of a vector B": lambda: torch.linalg.solve_triangular(_R(4, 4), _R(4), upper=True),
+    "solve_triangular with unequal n": lambda: torch.linalg.solve_triangular(_R(4, 4), _R(3, 2), upper=False),
+    "solve_triangular right with unequal n": lambda: torch.linalg.solve_triangular(_R(4, 4), _R(4, 3), upper=False,
+                                                                                     left=False),
+    "solve_triangular of batches that do not broadcast": lambda: torch.linalg.solve_triangular(_R(2, 4, 4), _R(3, 4, 2),
+                                                                                                 upper=False),
+    "solve_triangular.out of a non-square A": lambda: torch.linalg.solve_triangular(_R(4, 3), _R(4, 2), upper=False,
+                                                                                      out=torch.empty(0)),
 }
 
 
@@ -643,7 +653,9 @@ def test_product_shapes_torch_refuses_raise_torchs_error_under_the_mode(name: st
     batches, mv of a 3-D tensor or a beta=0 addmm whose self does not expand returned a
     result under the mode, where torch raises (code that ran under the mode failed without
     it); dot of matrices raised an unrelated reshape error, and a K mismatch became an
-    InvarianceViolation with strict=True. Now torch's own error, in every case."""
+    InvarianceViolation with strict=True. linalg_solve_triangular's shape errors (A not
+    square, B's n not A's, batches that do not broadcast) were fallbacks in uncovered() and
+    InvarianceViolations with strict=True. Now torch's own error, in every case."""
     call = REFUSED_SHAPES[name]
     with pytest.raises(RuntimeError) as want:
         call()
