@@ -687,7 +687,14 @@ def test_triangular_solve_on_cuda(portable: bool) -> None:
                           f"solve unit={unit}, one column")
         assert_bits_equal(full[:8].cpu(), REF.solve_lower(a[:8].cpu(), b[:8].cpu(), unit), f"solve unit={unit}: CPU")
         want = torch.linalg.solve_triangular(a.double(), b.double(), upper=False, unitriangular=unit)
-        torch.testing.assert_close(full.double(), want, rtol=1e-4, atol=1e-5)
+        # Normwise, per column: a forward substitution's error is bounded against the
+        # column's largest element, not each element's own size. The unit systems here
+        # grow |x| to ~140, and an element that cancels to ~0.03 then carries ~2e-5 of
+        # absolute error (these are the CPU's bits: an elementwise rtol=1e-4, atol=1e-5
+        # failed on one of 2^21 elements). Measured on the CPU: 1.6e-6 (torch's float32
+        # trsm: 1.2e-6).
+        err = (full.double() - want).abs() / want.abs().amax(-2, keepdim=True)
+        assert float(err.max()) < 1e-5, f"solve unit={unit}: normwise error {float(err.max()):.3g} vs float64"
     with detkit.batch_invariant(portable=portable) as bi:
         x = torch.linalg.solve_triangular(a, b, upper=False, unitriangular=True)
     assert bi.routed() == {"linalg_solve_triangular": 1} and bi.uncovered() == {}, bi.coverage()
