@@ -710,7 +710,10 @@ def linalg_solve_triangular(call: Call, self: torch.Tensor, B: torch.Tensor, *, 
         raise Unsupported("empty input", benign=True)
     x = _kernel_call(kernels_module().solve_triangular, _plain(self), _plain(B), upper=upper, left=left,
                      unitriangular=unitriangular, portable=call.portable)
-    return x.mT.contiguous().mT  # torch's layout: each matrix column major, as LAPACK leaves it
+    # torch's layout: each matrix column major, as LAPACK leaves it. Not x.mT.contiguous().mT:
+    # with a size-1 dimension (one right-hand column) the row-major x counts as contiguous
+    # transposed too and kept its strides, which are not torch's.
+    return torch.empty_like(x.mT, memory_format=torch.contiguous_format).mT.copy_(x)
 
 
 # ----------------------------------------------------------------------------- norms

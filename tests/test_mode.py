@@ -808,6 +808,26 @@ def test_linalg_solve_triangular_is_routed_with_torchs_layout() -> None:
     assert "linalg_solve_triangular" in bi.uncovered()
 
 
+@pytest.mark.parametrize("a_shape, b_shape", [((4, 4), (4, 1)), ((1, 1), (1, 5)), ((4, 4), (3, 4, 1)),
+                                              ((2, 1, 1), (2, 1, 1)), ((3, 1, 4, 4), (1, 1, 4, 3))])
+def test_linalg_solve_triangular_keeps_torchs_strides_with_size_one_dims(a_shape: tuple[int, ...],
+                                                                         b_shape: tuple[int, ...]) -> None:
+    """One right-hand column (a vector solve), a 1 x 1 system, size-1 batch dimensions:
+    torch's result is column major there too, strides of size-1 dimensions included
+    (``x.mT.contiguous()`` kept a row-major x that also counts as contiguous transposed)."""
+    gen = torch.Generator().manual_seed(9)
+    n = a_shape[-1]
+    a = torch.randn(a_shape, generator=gen) * 0.3 + 2.0 * torch.eye(n)
+    b = torch.randn(b_shape, generator=gen)
+    for upper in (False, True):
+        want = torch.linalg.solve_triangular(a, b, upper=upper)
+        with detkit.batch_invariant(strict=True) as bi:
+            got = torch.linalg.solve_triangular(a, b, upper=upper)
+        assert bi.routed() == {"linalg_solve_triangular": 1}
+        assert got.shape == want.shape and got.stride() == want.stride(), (upper, got.stride(), want.stride())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_coverage_report_classifies_traced_ops() -> None:
     x = torch.randn(2, 8)
     _, ops = mode.trace_ops(lambda: F.softmax(F.linear(x, torch.randn(4, 8)), -1).atan2(x[:, :4]).cumprod(-1))
