@@ -703,9 +703,11 @@ def linalg_solve_triangular(call: Call, self: torch.Tensor, B: torch.Tensor, *, 
                             unitriangular: bool = False) -> torch.Tensor:
     _float(self, B)
     _solve_shapes(self, B, left)
-    if self.dtype != B.dtype or self.dtype not in (torch.float32, torch.float64):
-        # torch has no CPU or CUDA kernel for 16-bit floats (and refuses mixed dtypes): its error stands
-        raise Unsupported(f"{self.dtype} and {B.dtype} operands")
+    if self.dtype == B.dtype and self.dtype not in (torch.float32, torch.float64):
+        # torch has no CPU or CUDA kernel for 16-bit floats: its error stands, nothing is computed
+        raise Unsupported(f"{self.dtype} operands, which torch has no kernel for", benign=True)
+    if self.dtype != B.dtype:
+        raise Unsupported(f"{self.dtype} and {B.dtype} operands")  # torch computes in A's dtype
     if self.numel() == 0 or B.numel() == 0:
         raise Unsupported("empty input", benign=True)
     x = _kernel_call(kernels_module().solve_triangular, _plain(self), _plain(B), upper=upper, left=left,
