@@ -52,7 +52,10 @@ def test_compare_run_finds_the_first_divergence_and_compares_scores_only_up_to_i
     assert (cmp.ref_token, cmp.run_token) == (tokens[div], tokens[div] + 100)
     assert cmp.steps_compared == div + 1  # after the divergence the contexts differ
     assert cmp.margin_ref == 1.0
-    assert cmp.max_abs == 0.5 and cmp.step_max_abs[bump] == 0.5
+    # At the divergence each run's top id is missing from the other's list, scored above all
+    # the other kept (0.0): a difference of at least 5 + div. Elsewhere only the bump.
+    assert cmp.step_max_abs[div] == 5.0 + div
+    assert cmp.step_max_abs[:div] == [0.5 if i == bump else 0.0 for i in range(div)]
     assert cmp.argmax_flips == 1  # the top-1 id differs exactly at the divergence step
     assert cmp.max_ulp is not None and cmp.max_ulp > 0
 
@@ -65,6 +68,26 @@ def test_identical_streams_compare_equal(tokens):
     summary = ModeSummary("single", "logit", "token", runs=[cmp], references={"p": tokens}).to_dict()
     assert summary["unique_completions"] == 1 and summary["divergences"] == []
     assert summary["max_abs_logit_diff"] == 0.0 and summary["identical_runs"] == 1
+
+
+def test_a_candidate_one_run_kept_above_all_the_other_kept_is_a_difference():
+    """Both top-k lists agree on every id they share, but the run kept id 9 at 2.0 and the
+    reference did not keep it although the lowest score it kept is 1.0: the reference
+    scored id 9 at most 1.0, so the scores differ by at least 1.0 and the run is not
+    identical. A candidate tied with the other list's lowest score proves nothing (a tie
+    broken another way)."""
+    def gen(ids: list[int], values: list[float]) -> Generation:
+        return Generation(tokens=[7], scores=[StepScores(ids=ids, values=values)], score_kind="logit",
+                          score_dtype="float32")
+
+    ref = gen([7, 1, 2], [5.0, 3.0, 1.0])
+    cmp = compare_run("single", "r", "p", ref, gen([7, 1, 9], [5.0, 3.0, 2.0]))
+    assert cmp.divergence is None and cmp.max_abs == 1.0 and cmp.max_ulp == 2**23  # 1.0 to 2.0 in float32
+    summary = ModeSummary("single", "logit", "token", runs=[cmp], references={"p": [7]}).to_dict()
+    assert summary["identical_runs"] == 0 and summary["runs_with_logit_diff"] == 1
+    tie = compare_run("single", "r", "p", ref, gen([7, 1, 9], [5.0, 3.0, 1.0]))
+    assert tie.max_abs == 0.0
+    assert ModeSummary("single", "logit", "token", runs=[tie], references={"p": [7]}).to_dict()["identical_runs"] == 1
 
 
 def test_a_strict_prefix_diverges_where_the_shorter_stream_ends():

@@ -6,7 +6,8 @@ including the first divergence (after it, the two runs condition on different to
 and their logits are no longer comparable), or every step when the context was
 teacher-forced (``decode`` mode). At each such step the top-k lists of both runs are
 matched by token id and the largest |delta| over the shared ids is kept, with its
-distance in ULPs of the dtype the scores were produced in.
+distance in ULPs of the dtype the scores were produced in; an id one list kept above
+everything the other kept counts with the gap, a lower bound of its difference.
 """
 
 from __future__ import annotations
@@ -77,15 +78,32 @@ def _ulp(a: float, b: float, dtype: str | None) -> int:
 
 
 def step_diff(ref: StepScores, run: StepScores, dtype: str | None) -> tuple[float, int]:
-    """Max |delta| and max ULP distance over the token ids present in both top-k lists."""
+    """Max |delta| and max ULP distance over the token ids present in both top-k lists.
+
+    An id that one list kept and the other did not, scored above the lowest score the
+    other kept (past its first entry, the token generation took), was scored no higher
+    than that lowest score by the other run: the gap is a lower bound of its difference
+    and counts as one. Without it, two runs whose shared scores agree but whose candidate
+    lists differ were called identical. A tie with that lowest score proves nothing.
+    """
     ref_by_id = dict(zip(ref.ids, ref.values))
     best_abs, best_ulp = 0.0, 0
+
+    def differ(a: float, b: float) -> None:
+        nonlocal best_abs, best_ulp
+        best_abs = max(best_abs, abs(a - b))
+        best_ulp = max(best_ulp, _ulp(a, b, dtype))
+
     for token, value in zip(run.ids, run.values):
-        if token in ref_by_id:
-            other = ref_by_id[token]
-            if other != value:
-                best_abs = max(best_abs, abs(other - value))
-                best_ulp = max(best_ulp, _ulp(other, value, dtype))
+        if token in ref_by_id and ref_by_id[token] != value:
+            differ(ref_by_id[token], value)
+    for mine, other in ((run, ref), (ref, run)):
+        if len(other.values) < 2:
+            continue
+        floor, kept = min(other.values[1:]), set(other.ids)
+        for token, value in zip(mine.ids, mine.values):
+            if token not in kept and value > floor:
+                differ(value, floor)
     return best_abs, best_ulp
 
 
