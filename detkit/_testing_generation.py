@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -136,8 +137,16 @@ def _passes_mask_when_decoding(model: Any, ids: torch.Tensor, mask: torch.Tensor
     prepare = getattr(model, "prepare_inputs_for_generation", None)
     if prepare is None:
         return True
-    prepared = prepare(ids, attention_mask=mask, use_cache=True, is_first_iteration=False,
-                       cache_position=torch.tensor([ids.shape[1]], device=ids.device))
+    try:
+        prepared = prepare(ids, attention_mask=mask, use_cache=True, is_first_iteration=False,
+                           cache_position=torch.tensor([ids.shape[1]], device=ids.device))
+    except Exception as e:  # noqa: BLE001 - a custom model's own method, any failure
+        warnings.warn(f"detkit's generation check asked {type(model).__name__}.prepare_inputs_for_generation whether "
+                      f"decode steps take the attention mask, and prepare_inputs_for_generation raised "
+                      f"{type(e).__name__}: {e}. Every step gets the mask, as HF's generate gives it to every model "
+                      "but the state-space ones; if this model's generate drops it, the check computes something "
+                      "else than generate does.", UserWarning, stacklevel=2)
+        return True
     return not (isinstance(prepared, dict) and "attention_mask" in prepared and prepared["attention_mask"] is None)
 
 

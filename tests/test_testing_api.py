@@ -535,6 +535,22 @@ def test_generation_is_batch_invariant_under_the_mode(tiny_llama: torch.nn.Modul
     assert result.passed and result.detail["placements_checked"] == 3 + 4 + 3
 
 
+def test_a_model_whose_prepare_inputs_raises_is_still_checked(tiny_llama: torch.nn.Module,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A custom model's prepare_inputs_for_generation that refuses the decode step's
+    arguments the check asks it with: the check says so and passes the mask on every step
+    (what HF's generate does for every model but the state-space ones)."""
+    import detkit
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise TypeError("prepare_inputs_for_generation() got an unexpected keyword argument 'is_first_iteration'")
+
+    monkeypatch.setattr(tiny_llama, "prepare_inputs_for_generation", refuse)
+    with detkit.batch_invariant(), pytest.warns(UserWarning, match=r"prepare_inputs_for_generation raised TypeError"):
+        result = T.assert_generation_invariant(tiny_llama, PROMPT_IDS, batch_sizes=[2], max_new_tokens=2)
+    assert result.passed
+
+
 def test_generation_arguments(tiny_llama: torch.nn.Module) -> None:
     tiny_llama.train()
     try:
