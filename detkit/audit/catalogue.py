@@ -159,6 +159,20 @@ def _b_grouped_mm(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> In
                   {"weight": _randn(g, (MOE_EXPERTS, n, h), dt, h**-0.5)})
 
 
+def _b_solve(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
+    # b right-hand sides (rows) against one unit lower-triangular system of hidden / 16
+    # (256 at 4096); entries small enough that forward substitution stays well scaled
+    n = _scale(h, 16)
+    return Inputs({"input": _randn(g, (b, n), dt)}, {"system": _randn(g, (n, n), dt, 0.5 * n**-0.5)})
+
+
+def _c_solve(input: torch.Tensor, system: torch.Tensor) -> torch.Tensor:
+    # in float32 whatever the dtype, as Qwen3-Next's gated delta rule solves (torch has no
+    # 16-bit kernel); X A = B: each row of the batch is one right-hand side
+    x = torch.linalg.solve_triangular(system.float(), input.float(), upper=False, left=False, unitriangular=True)
+    return x.to(input.dtype)
+
+
 def _b_row(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs({"input": _randn(g, (b, h), dt, 3.0)})
 
@@ -292,6 +306,9 @@ CATALOGUE: tuple[OpSpec, ...] = (
     OpSpec("grouped_mm", "matmul",
            f"torch._grouped_mm: MoE experts, each token to one of {MOE_EXPERTS} experts of hidden -> hidden/4",
            _b_grouped_mm, _c_grouped_mm),
+    OpSpec("solve_triangular", "matmul",
+           "torch.linalg.solve_triangular(A, x, left=False) in float32: rows of hidden/16 against one unit lower "
+           "triangular A", _b_solve, _c_solve),
     OpSpec("softmax", "normalization", "F.softmax over hidden", _b_row,
            lambda input: F.softmax(input, dim=-1)),
     OpSpec("log_softmax", "normalization", "F.log_softmax over a vocabulary of 8*hidden", _b_vocab,
