@@ -551,6 +551,9 @@ def _has_float_tensor(values: Any, complex_only: bool = False) -> bool:
 
 
 _SCALAR_POW = frozenset({"pow.Tensor_Scalar", "pow_.Scalar", "pow.Tensor_Scalar_out"})
+# Reductions and scans that cast their input to ``dtype=`` first: that dtype, not the
+# operands', is the type they compute in (Mixtral's router sums float counts as int32).
+_COMPUTES_IN_DTYPE = frozenset({"sum", "mean", "prod", "cumsum", "cumsum_", "cumprod", "cumprod_"})
 
 
 def _exponent(value: Any) -> float | complex:
@@ -578,8 +581,13 @@ class _OpTracer(TorchDispatchMode):
             name = f"{func._overloadpacket.__name__}.{func._overloadname}"
         self.ops[name] += 1
         values = (*args, *(kwargs or {}).values())
-        if name not in self.ops.float_inputs and _has_float_tensor(values):
-            self.ops.float_inputs.add(name)
+        if name not in self.ops.float_inputs:
+            floats = _has_float_tensor(values)
+            dtype = (kwargs or {}).get("dtype")
+            if isinstance(dtype, torch.dtype) and name.partition(".")[0] in _COMPUTES_IN_DTYPE:
+                floats = dtype.is_floating_point or dtype.is_complex
+            if floats:
+                self.ops.float_inputs.add(name)
         if name not in self.ops.complex_inputs and _has_float_tensor(values, complex_only=True):
             self.ops.complex_inputs.add(name)
         if name in _SCALAR_POW and len(args) > 1 and not isinstance(args[1], torch.Tensor):
@@ -591,8 +599,9 @@ def trace_ops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, T
     """Run ``fn`` and count the aten overloads that reach the backend ("mm.default", ...).
 
     Composite ops appear as the ops they decompose into. The counts also record which
-    overloads saw a floating-point tensor (``float_inputs``), so that
-    :func:`coverage_report` can tell integer arithmetic (exact) from float arithmetic.
+    overloads saw a floating-point tensor (``float_inputs``; for a sum or scan with
+    ``dtype=``, that dtype decides), so that :func:`coverage_report` can tell integer
+    arithmetic (exact) from float arithmetic.
     Tracing goes through Python for every op: use it to find out what a model runs, not
     while measuring speed.
     """

@@ -55,15 +55,14 @@ def test_portable_gpt2_routes_its_cube_and_the_table_says_so() -> None:
 
 def test_an_uncovered_op_is_exit_1_with_its_note() -> None:
     """tiny-mixtral's router counts tokens per expert with histc, on floats on the CPU (left
-    to torch), and sums the float counts with cumsum (routed by name; at run time its
-    dtype=int32 makes it an integer scan, which passes through)."""
+    to torch), and sums the float counts with cumsum(dtype=int32): an integer scan, exact."""
     code, out = _run("--model", "tiny-mixtral", "--json")
     assert code == 1
     data = json.loads(out)
     assert data["ok"] is False and set(data["static"]["uncovered"]) == {"histc.default"}
     assert "below 2^24" in data["static"]["notes"]["histc.default"]
     assert data["runtime"]["uncovered"] == {} and data["runtime"]["routed"].get("_grouped_mm.default", 0) > 0
-    assert "cumsum.default" in data["static"]["routed"]
+    assert "cumsum.default" in data["static"]["exact"]
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -872,6 +872,12 @@ def test_coverage_report_tells_a_position_id_cumsum_from_a_running_float_sum_and
     report = mode.coverage_report(ints)
     assert "cumsum.default" in report.exact and not report.uncovered, str(report)
     assert {"constant_pad_nd.default", "reflection_pad1d.default"} <= set(report.exact)
+    # dtype= is the type the scan computes in: float counts cast to int32 (Mixtral's router)
+    # are an integer scan, integers cast to float16 a float one
+    _, cast = mode.trace_ops(lambda: (torch.ones(4).cumsum(0, dtype=torch.int32), torch.arange(4).sum(dtype=torch.int64)))
+    assert {"cumsum.default", "sum.default"} <= set(mode.coverage_report(cast).exact), str(mode.coverage_report(cast))
+    _, cast = mode.trace_ops(lambda: torch.arange(4).cumsum(0, dtype=torch.float16))
+    assert "cumsum.default" in mode.coverage_report(cast).routed
     _, floats = mode.trace_ops(lambda: torch.randn(2, 8).cumsum(-1))
     for device in ("CPU", "CUDA"):
         for portable in (False, True):
