@@ -1,6 +1,7 @@
 """Benchmark: what ``detkit.batch_invariant()`` costs a whole model.
 
-Greedy ``generate`` of a preset model (offline, no download) with and without the mode,
+Greedy ``generate`` of a preset model (offline, no download) or of a local model directory
+(``--preset DIR``) with and without the mode,
 interleaved repeats in the same run, medians; ``ratio`` = mode / plain (above 1: the
 mode is slower). Also reports the ops that fell back to torch under the mode. Usage::
 
@@ -173,7 +174,8 @@ def measure_convs(repeats: int, device: str, dtype: torch.dtype, portable: bool)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="tiny-llama", help="a detkit.models preset")
+    parser.add_argument("--preset", default="tiny-llama",
+                        help="a detkit.models preset, or a local model directory (with its tokenizer)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--attn", default="sdpa", choices=("eager", "sdpa"))
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from detkit.devices import resolve_device
     from detkit.errors import DetkitError
-    from detkit.models import build_tokenizer, load_preset
+    from detkit.probe.hf import load_model
 
     try:
         device = str(resolve_device(args.device))
@@ -202,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.conv:
             return _layers(args, device, measure_convs(args.repeats, device, getattr(torch, args.dtype), args.portable),
                            "layers")
-        model = load_preset(args.preset, dtype=getattr(torch, args.dtype), attn_implementation=args.attn).to(device)
+        # the probe's loader: presets, or a directory with its tokenizer, with clear errors
+        model, tokenizer, _ = load_model(args.preset, dtype=args.dtype, attn_implementation=args.attn, device=device)
     except (DetkitError, ValueError) as err:
         print(f"bench_mode: {err}", file=sys.stderr)
         return 2
-    tokenizer = build_tokenizer()
     meta = {"preset": args.preset, "device": device, "dtype": args.dtype, "attn": args.attn,
             "portable": args.portable, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
