@@ -333,15 +333,22 @@ def _split_bias(
 # --------------------------------------------------------------------------- softmax
 
 
-def _softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None, portable: bool, log: bool) -> torch.Tensor:
-    fn = "log_softmax" if log else "softmax"
+def _cast_first(x: object, dtype: torch.dtype | None, fn: str) -> torch.Tensor:
+    """``x`` checked, after casting it to ``dtype`` first when one is given (torch's
+    ``dtype=`` of softmax and cumsum)."""
     if not isinstance(x, torch.Tensor):
         raise InputError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}.")
     if dtype is not None:
         if dtype not in SUPPORTED_DTYPES:
-            raise InputError(f"{fn}: dtype {dtype} is not supported; use float32, bfloat16, float16 or float64.")
+            raise InputError(f"{fn}: dtype {dtype!r} is not supported; use torch.float32, torch.bfloat16, "
+                             "torch.float16 or torch.float64.")
         x = x.to(dtype)
-    x = _check(x, "x", fn)
+    return _check(x, "x", fn)
+
+
+def _softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None, portable: bool, log: bool) -> torch.Tensor:
+    fn = "log_softmax" if log else "softmax"
+    x = _cast_first(x, dtype, fn)
     backend = _dispatch(fn, portable, x=x)
     d = _dim(dim, x.dim(), fn)
     if x.numel() == 0:
@@ -469,13 +476,7 @@ def cumsum(x: torch.Tensor, dim: int = -1, *, dtype: torch.dtype | None = None,
     0-d tensor is not summed: its cumsum is itself, as torch's (-0.0 stays -0.0).
     """
     fn = "cumsum"
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"{fn}: x must be a torch.Tensor, got {type(x).__name__}.")
-    if dtype is not None:
-        if dtype not in SUPPORTED_DTYPES:
-            raise InputError(f"{fn}: dtype {dtype} is not supported; use float32, bfloat16, float16 or float64.")
-        x = x.to(dtype)
-    x = _check(x, "x", fn)
+    x = _cast_first(x, dtype, fn)
     backend = _dispatch(fn, portable, x=x)
     d = _dim(dim, x.dim(), fn)
     if x.numel() == 0:
