@@ -724,21 +724,29 @@ def matmul_tiles(n_dim: int, m_dim: int) -> int:
     return ((n_dim + MATMUL_NB - 1) // MATMUL_NB) * ((m_dim + MATMUL_MB - 1) // MATMUL_MB)
 
 
+@njit(cache=True, inline="always")
+def _start_tile(c: np.ndarray, t: int) -> tuple[int, int, int, int]:
+    """Tile t of c: its rows m0..m1-1 and columns n0..n0+nb-1, zeroed (the chunk sums
+    are added onto +0.0)."""
+    m_dim, n_dim = c.shape
+    n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
+    n0 = (t % n_tiles) * MATMUL_NB
+    m0 = (t // n_tiles) * MATMUL_MB
+    nb = min(n_dim, n0 + MATMUL_NB) - n0
+    m1 = min(m_dim, m0 + MATMUL_MB)
+    for i in range(m0, m1):
+        c[i, n0:n0 + nb] = ZERO
+    return m0, m1, n0, nb
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def matmul_direct(a: np.ndarray, b: np.ndarray, bias: np.ndarray, has_bias: bool,
                   c: np.ndarray, t0: int, t1: int) -> None:
     """Tiles t0..t1 of c = a @ b (+ bias); a (M, K), b (K, N) fp32 C-contiguous."""
-    m_dim, k_dim = a.shape
-    n_dim = b.shape[1]
-    n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
+    k_dim = a.shape[1]
     tmp = np.empty((4, MATMUL_NB), dtype=F32)
     for t in range(t0, t1):
-        n0 = (t % n_tiles) * MATMUL_NB
-        m0 = (t // n_tiles) * MATMUL_MB
-        nb = min(n_dim, n0 + MATMUL_NB) - n0
-        m1 = min(m_dim, m0 + MATMUL_MB)
-        for i in range(m0, m1):
-            c[i, n0:n0 + nb] = ZERO
+        m0, m1, n0, nb = _start_tile(c, t)
         for k0 in range(0, k_dim, MATMUL_KB):
             kb = min(k_dim, k0 + MATMUL_KB) - k0
             _tile(a, b, k0, n0, nb, kb, k0, m0, m1, c, n0, tmp)
@@ -763,15 +771,8 @@ def _pack(src: np.ndarray, mode: int, panel: np.ndarray) -> None:
 @njit(cache=True, error_model="numpy")
 def _packed_tile(a: np.ndarray, b_bits: np.ndarray, mode: int, bias: np.ndarray, has_bias: bool,
                  c: np.ndarray, t: int, panel: np.ndarray, tmp: np.ndarray) -> None:
-    m_dim, k_dim = a.shape
-    n_dim = b_bits.shape[1]
-    n_tiles = (n_dim + MATMUL_NB - 1) // MATMUL_NB
-    n0 = (t % n_tiles) * MATMUL_NB
-    m0 = (t // n_tiles) * MATMUL_MB
-    nb = min(n_dim, n0 + MATMUL_NB) - n0
-    m1 = min(m_dim, m0 + MATMUL_MB)
-    for i in range(m0, m1):
-        c[i, n0:n0 + nb] = ZERO
+    k_dim = a.shape[1]
+    m0, m1, n0, nb = _start_tile(c, t)
     for k0 in range(0, k_dim, MATMUL_KB):
         kb = min(k_dim, k0 + MATMUL_KB) - k0
         _pack(b_bits[k0:k0 + kb, n0:n0 + nb], mode, panel)
