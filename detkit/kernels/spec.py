@@ -64,6 +64,29 @@ ZERO = F32(0.0)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _f64(bits: int) -> float:
+    return float(np.uint64(bits).view(np.float64))
+
+
+# Pow (section 2.9) runs in binary64: Python floats, whose + - * / are IEEE binary64,
+# correctly rounded. The constants are binary64 bit patterns.
+POW_SQRT2 = _f64(0x3FF6A09E667F3BCD)
+POW_LN2 = _f64(0x3FE62E42FEFA39EF)
+POW_INV_LN2 = _f64(0x3FF71547652B82FE)
+POW_LN2_HI = _f64(0x3FE62E42FEE00000)  # 32 significant bits: k * POW_LN2_HI is exact for |k| < 2^21
+POW_LN2_LO = _f64(0x3DEA39EF35793C76)
+# binary64(1 / (2k + 1)), k = 1 .. 10: log(m) = 2s (1 + z/3 + z^2/5 + ...), z = s^2
+POW_L = tuple(_f64(b) for b in (
+    0x3FD5555555555555, 0x3FC999999999999A, 0x3FC2492492492492, 0x3FBC71C71C71C71C, 0x3FB745D1745D1746,
+    0x3FB3B13B13B13B14, 0x3FB1111111111111, 0x3FAE1E1E1E1E1E1E, 0x3FAAF286BCA1AF28, 0x3FA8618618618618))
+# binary64(1 / j!), j = 2 .. 13
+POW_E = tuple(_f64(b) for b in (
+    0x3FE0000000000000, 0x3FC5555555555555, 0x3FA5555555555555, 0x3F81111111111111, 0x3F56C16C16C16C17,
+    0x3F2A01A01A01A01A, 0x3EFA01A01A01A01A, 0x3EC71DE3A556C734, 0x3E927E4FB7789F5C, 0x3E5AE64567F544E4,
+    0x3E21EED8EFF8D898, 0x3DE6124613A86D09))
+POW_T_LIMIT = 200.0  # |y log x| past this is 0 or inf in fp32; keeps 2^k a normal binary64
+
+
 def round_f32(q: Fraction) -> np.float32:
     """Round an exact nonzero rational to the nearest fp32 (ties to even, subnormals, overflow)."""
     sign = -1 if q < 0 else 1
@@ -378,6 +401,62 @@ def cube(x: np.float32) -> np.float32:
     return F32(F32(x * x) * x)
 
 
+def _is_odd_integer(y: float) -> bool:
+    return abs(y) < 2.0**53 and float(round(y)) == y and float(round(y * 0.5)) != y * 0.5
+
+
+def pow_(x: np.float32, y: float) -> np.float32:
+    """Pow of section 2.9: x an fp32 value, y a binary64 value (an fp32 exponent widened
+    exactly, or a scalar exponent as given); binary64 arithmetic, one rounding to fp32."""
+    xd = float(F32(x))
+    y = float(y)
+    if y == 0.0 or xd == 1.0:
+        return ONE
+    if math.isnan(xd) or math.isnan(y):
+        return F32(math.nan)
+    if y == 2.0:
+        return F32(xd * xd)  # exact in binary64, rounded once: fp32's x * x
+    odd = _is_odd_integer(y)
+    if math.isinf(y):
+        if xd == -1.0:
+            return ONE
+        return F32(math.inf) if (abs(xd) < 1.0) == (y < 0.0) else F32(0.0)
+    if xd == 0.0 or math.isinf(xd):
+        # 0^y and inf^y: a signed zero or infinity, its sign x's for odd integer y
+        big = (xd == 0.0) == (y < 0.0)
+        mag = math.inf if big else 0.0
+        return F32(math.copysign(mag, xd) if odd else mag)
+    if xd < 0.0 and float(round(y)) != y:
+        return F32(math.nan)
+    a = abs(xd)
+    mant, e = math.frexp(a)  # exact: a = mant * 2^e, mant in [0.5, 1)
+    m = mant * 2.0
+    e -= 1
+    if m > POW_SQRT2:
+        m = m * 0.5
+        e += 1
+    f = m - 1.0  # exact
+    s = f / (2.0 + f)  # 2.0 + f exact
+    z = s * s
+    q = POW_L[9]
+    for c in reversed(POW_L[:9]):
+        q = q * z + c
+    s2 = s + s
+    lm = s2 + s2 * (z * q)
+    t = y * (e * POW_LN2 + lm)
+    t = min(max(t, -POW_T_LIMIT), POW_T_LIMIT)
+    k = float(round(t * POW_INV_LN2))
+    r = (t - k * POW_LN2_HI) - k * POW_LN2_LO
+    p = POW_E[11]
+    for c in reversed(POW_E[:11]):
+        p = p * r + c
+    p = p * r + 1.0
+    p = p * r + 1.0
+    w = math.ldexp(p, int(k))  # exact: 2^k is a normal binary64
+    res = F32(w)
+    return -res if xd < 0.0 and odd else res
+
+
 ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
     "exp": exp,
     "log": log,
@@ -648,3 +727,11 @@ def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
     flat = widen(x).reshape(-1)
     y = np.array([fn(F32(v)) for v in flat], dtype=F32).reshape(tuple(x.shape))
     return finish(y, x.dtype)
+
+
+@_quiet
+def pow(x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:  # noqa: A001 - backend signature
+    xs = widen(x).reshape(-1)
+    ys = [float(y)] * xs.size if not isinstance(y, torch.Tensor) else widen(y).reshape(-1).astype(np.float64)
+    out = np.array([pow_(F32(a), float(b)) for a, b in zip(xs, ys)], dtype=F32).reshape(tuple(x.shape))
+    return finish(out, x.dtype)
