@@ -142,6 +142,10 @@ class OpOverride:
     adapter: Adapter
     kind: str
     composite: bool = False
+    # C++ code may pass this op a Python scalar as a Tensor argument (a "wrapped number":
+    # pow.Scalar's CPU kernel calls pow_out(wrapped(base), exponent)); a Python kernel
+    # receives it as a number, which the original kernel's boxed call refuses.
+    numbers_as_tensors: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in {"matmul", "softmax", "reduction", "scan", "solve", "norm", "attention", "elementwise"}:
@@ -979,6 +983,94 @@ def _portable_cube(call: Call, self: Any, exponent: Any) -> bool:
             and self.dtype in _PORTABLE_DTYPES and self.numel() > 0)
 
 
+def _scalar_in(value: Any, dtype: torch.dtype) -> float:
+    """A Python scalar as torch uses it in ``dtype``: rounded into the dtype (nearest even)."""
+    return float(torch.tensor(value, dtype=dtype))
+
+
+def _portable_pow(call: Call, base: Any, exponent: Any, inplace: bool) -> torch.Tensor | None:
+    """``base ** exponent`` (one of them a tensor) from the portable backend's ``pow``
+    (canonical-orders section 2.9), or None when the result's dtype is not one it takes.
+    The operands are what torch computes from: a tensor cast to the result dtype, a
+    scalar rounded into it, except a scalar exponent of a float32 tensor, which torch's
+    CPU kernel keeps in double (so does ``Pow``: its exponent is binary64)."""
+    if not call.portable:
+        return None
+    if isinstance(exponent, bool) or isinstance(base, bool) or isinstance(exponent, complex):
+        return None
+    tensor = base if isinstance(base, torch.Tensor) else exponent
+    dtype = torch.result_type(base, exponent)
+    if dtype not in _PORTABLE_DTYPES:
+        return None
+    for t in (base, exponent):
+        if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+            raise Unsupported(f"{t.layout} tensor")
+    if isinstance(base, torch.Tensor) and not isinstance(exponent, torch.Tensor):
+        x, y = base.detach().to(dtype), float(exponent) if dtype == torch.float32 else _scalar_in(exponent, dtype)
+    else:
+        xt = base.detach().to(dtype) if isinstance(base, torch.Tensor) else torch.tensor(_scalar_in(base, dtype), dtype=dtype)
+        x, y = torch.broadcast_tensors(xt.to(tensor.device), exponent.detach().to(device=tensor.device, dtype=dtype))
+        y = y.contiguous()
+    if inplace and (x.shape != base.shape or dtype != base.dtype):
+        raise Unsupported("in-place pow whose result does not fit the tensor (torch says why)")
+    if x.numel() == 0:
+        raise Unsupported("empty input", benign=True)
+    res = _kernel_call(portable_backend(tensor.device.type).pow, x.contiguous(), y)
+    if inplace:
+        with torch.no_grad():
+            base.copy_(res)
+        return base
+    return _like(res, base) if isinstance(base, torch.Tensor) and base.shape == res.shape else res
+
+
+def _pow_not_portable(call: Call, base: Any, exponent: Any) -> None:
+    dtype = torch.result_type(base, exponent)
+    if call.portable and (dtype.is_floating_point or dtype.is_complex):
+        call.not_portable(f"{dtype}: torch's math library (portable pow takes float32, bfloat16, float16)")
+
+
+def _aligned_pow(call: Call, base: Any, exponent: Any, inplace: bool) -> torch.Tensor:
+    """torch's pow with every element on its vector path (``_aligned``, for two operands):
+    both broadcast, flattened and padded with ones to a multiple of ``_ALIGN``, in slices."""
+    tensors = [t for t in (base, exponent) if isinstance(t, torch.Tensor)]
+    dtype = torch.result_type(base, exponent)
+    if any(t.layout != torch.strided for t in tensors):
+        raise Unsupported("a tensor that is not strided")
+    if dtype not in _FLOATS:
+        raise Unsupported(f"{dtype} pow")
+    shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+    n = math.prod(shape)
+    if n == 0:
+        raise Unsupported("empty input", benign=True)
+    if inplace and shape != base.shape:
+        raise Unsupported("in-place pow whose result does not fit the tensor (torch says why)")
+    padded = -(-n // _ALIGN) * _ALIGN
+
+    def flat(v: Any) -> Any:
+        # tensors in the result dtype first: a flattened 0-d operand would otherwise
+        # take part in type promotion as a dimensioned one
+        if not isinstance(v, torch.Tensor):
+            return v
+        buf = torch.ones(padded, dtype=dtype, device=v.device)
+        buf[:n] = v.detach().expand(shape).reshape(-1)
+        return buf
+
+    fb, fe = flat(base), flat(exponent)
+
+    def part(v: Any, i: int) -> Any:
+        return v[i : i + _SLICE] if isinstance(v, torch.Tensor) else v
+
+    parts = [torch.pow(part(fb, i), part(fe, i)) for i in range(0, padded, _SLICE)]
+    res = (parts[0] if len(parts) == 1 else torch.cat(parts))[:n].reshape(shape)
+    if inplace:
+        if res.dtype != base.dtype:
+            raise Unsupported("in-place pow whose result dtype is not the tensor's (torch says why)")
+        with torch.no_grad():
+            base.copy_(res)
+        return base
+    return _like(res, base) if isinstance(base, torch.Tensor) and base.shape == shape else res
+
+
 def _pow_scalar(inplace: bool) -> Adapter:
     def adapter(call: Call, self: torch.Tensor, exponent: Any) -> torch.Tensor:
         if not isinstance(exponent, torch.Tensor) and any(_scalar_is(exponent, e) for e in EXACT_EXPONENTS):
@@ -990,21 +1082,51 @@ def _pow_scalar(inplace: bool) -> Adapter:
             # An integer tensor to a float power is computed in the default float dtype, by
             # the same position-dependent loop: not an exact integer op.
             self = self.to(torch.get_default_dtype())
+        res = _portable_pow(call, self, exponent, inplace)
+        if res is not None:
+            return res
         res = _aligned(call, self, (exponent,), {}, inplace)
-        if call.portable:
-            call.not_portable(f"exponent {exponent}: torch's math library (not in the canonical orders)")
+        _pow_not_portable(call, self, exponent)
         return res
 
     return adapter
 
 
-def _cuda_pow_scalar(inplace: bool) -> Adapter:
-    """CUDA: pow(x, 3) goes to the portable ``cube`` in portable mode; everything else passes
-    through (torch's CUDA elementwise kernels are position independent)."""
+def _pow_tensor(inplace: bool) -> Adapter:
+    """pow.Tensor_Tensor, pow_.Tensor and pow.Scalar (a scalar base) on the CPU: the
+    portable ``Pow`` in portable mode, else torch's kernel with every element on its vector
+    path (float32's scalar tail rounds differently: 73 of 4,099 elements changed)."""
 
-    def adapter(call: Call, self: torch.Tensor, exponent: Any) -> torch.Tensor:
-        if _portable_cube(call, self, exponent):
-            return _portable("cube", self, inplace)
+    def adapter(call: Call, self: Any, exponent: Any) -> torch.Tensor:
+        tensors = [t for t in (self, exponent) if isinstance(t, torch.Tensor)]
+        if not any(t.is_floating_point() or t.is_complex() for t in tensors) and not (
+                isinstance(self, float) or isinstance(exponent, float)):
+            raise Unsupported("integer pow is exact", benign=True)
+        res = _portable_pow(call, self, exponent, inplace)
+        if res is not None:
+            return res
+        res = _aligned_pow(call, self, exponent, inplace)
+        _pow_not_portable(call, self, exponent)
+        return res
+
+    return adapter
+
+
+def _cuda_pow(inplace: bool) -> Adapter:
+    """CUDA pow (every overload): the portable ``Pow`` in portable mode (pow(x, 3) the
+    portable ``cube``, exponents 0, 1, 2 and 0.5 exact); everything else passes through
+    (torch's CUDA elementwise kernels are position independent)."""
+
+    def adapter(call: Call, self: Any, exponent: Any) -> torch.Tensor:
+        if call.portable and not isinstance(exponent, torch.Tensor):
+            if any(_scalar_is(exponent, e) for e in EXACT_EXPONENTS):
+                raise Unsupported(f"exponent {exponent} is exact", benign=True)
+            if _portable_cube(call, self, exponent):
+                return _portable("cube", self, inplace)
+        res = _portable_pow(call, self, exponent, inplace)
+        if res is not None:
+            return res
+        _pow_not_portable(call, self, exponent)
         raise Unsupported("torch's CUDA elementwise kernels are position independent", benign=True)
 
     return adapter
@@ -1049,6 +1171,9 @@ _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _elementwise(name.removesuffix("_"), inplace=True), "elementwise") for name in _ELEMENTWISE_INPLACE),
     OpOverride("pow.Tensor_Scalar", _pow_scalar(inplace=False), "elementwise"),
     OpOverride("pow_.Scalar", _pow_scalar(inplace=True), "elementwise"),
+    OpOverride("pow.Tensor_Tensor", _pow_tensor(inplace=False), "elementwise", numbers_as_tensors=True),
+    OpOverride("pow_.Tensor", _pow_tensor(inplace=True), "elementwise", numbers_as_tensors=True),
+    OpOverride("pow.Scalar", _pow_tensor(inplace=False), "elementwise"),
 )
 
 # CUDA: only the functions the portable backends implement, for portable mode.
@@ -1056,14 +1181,15 @@ _CUDA_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _cuda_elementwise(name), "elementwise") for name in sorted(ELEMENTWISE_PORTABLE)),
     *(OpOverride(name, _cuda_elementwise(name.removesuffix("_"), inplace=True), "elementwise")
       for name in _ELEMENTWISE_INPLACE if name.removesuffix("_") in ELEMENTWISE_PORTABLE),
-    OpOverride("pow.Tensor_Scalar", _cuda_pow_scalar(inplace=False), "elementwise"),
-    OpOverride("pow_.Scalar", _cuda_pow_scalar(inplace=True), "elementwise"),
+    *(OpOverride(name, _cuda_pow(inplace=name.startswith("pow_")), "elementwise", numbers_as_tensors=True)
+      for name in ("pow.Tensor_Scalar", "pow_.Scalar", "pow.Tensor_Tensor", "pow_.Tensor", "pow.Scalar")),
 )
 
 # out= overloads (``torch.mm(a, b, out=c)``, ``torch.sum(x, 1, out=o)``, ...) of the routed
 # functional forms: unrouted, they ran torch's kernel without a trace in uncovered().
 _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim_IntList": "sum.IntList_out",
-              "sum.default": "sum.out", "pow.Tensor_Scalar": "pow.Tensor_Scalar_out"}
+              "sum.default": "sum.out", "pow.Tensor_Scalar": "pow.Tensor_Scalar_out",
+              "pow.Tensor_Tensor": "pow.Tensor_Tensor_out", "pow.Scalar": "pow.Scalar_out"}
 _NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})
 
@@ -1091,7 +1217,8 @@ def _out_form(spec: OpOverride) -> OpOverride:
             out.copy_(res)
         return out
 
-    return OpOverride(_OUT_NAMES.get(spec.name, f"{spec.name}.out"), adapter, spec.kind)
+    return OpOverride(_OUT_NAMES.get(spec.name, f"{spec.name}.out"), adapter, spec.kind,
+                      numbers_as_tensors=spec.numbers_as_tensors)
 
 
 def _with_out_forms(table: tuple[OpOverride, ...]) -> tuple[OpOverride, ...]:
@@ -1250,7 +1377,6 @@ KNOWN_POSITION_DEPENDENT: dict[str, str] = {
            "and in float32 on some batch shapes)"
        for op in ("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "rsub.Tensor", "rsub.Scalar")},
     "atan2.default": "float32: the vector path rounds differently from the scalar tail",
-    "pow.Tensor_Tensor": "float32: the vector path rounds differently from the scalar tail",
     "elu.default": "float32: the vector path rounds differently from the scalar tail",
     "floor_divide.default": "bfloat16/float16: the vector path rounds differently from the scalar tail "
                             "(integer operands, as in MoE token indices, are exact)",

@@ -258,6 +258,8 @@ class _Registration:
                 continue
             # Capture every original before the first registration changes the tables.
             original = torch.library.get_kernel(spec.qualname, key)
+            if spec.numbers_as_tensors:
+                original = _NumbersAsTensors(original)
             grad_kernel = torch.library.get_kernel(spec.qualname, _AUTOGRAD_KEY[key]) if spec.composite else None
             plans.append((spec, original, grad_kernel))
         folds = [(fold, k, torch.library.get_kernel(fold.qualname, k)) for fold in FOLDS for k in (key, _AUTOGRAD_KEY[key])]
@@ -304,6 +306,23 @@ def _dispatch_keys() -> tuple[str, ...]:
     else:
         _CUDA_NOTE = "CUDA not routed: no GPU visible to torch"
     return tuple(keys)
+
+
+class _NumbersAsTensors:
+    """An original kernel whose Tensor arguments may arrive as Python numbers: torch hands
+    a Python kernel a wrapped-number tensor (a scalar that C++ code passed as a Tensor)
+    as a number, and the boxed call refuses it. A number becomes a 0-d tensor of the dtype
+    it would promote to, which gives the call the wrapped number's result dtype."""
+
+    def __init__(self, original: Any) -> None:
+        self._original = original
+
+    def call_boxed(self, keyset: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            args = tuple(torch.tensor(a, dtype=torch.result_type(a, tensors[0]), device=tensors[0].device)
+                         if isinstance(a, (int, float)) and not isinstance(a, bool) and tensors else a for a in args)
+        return self._original.call_boxed(keyset, *args, **kwargs)
 
 
 def _grad_needed(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
@@ -623,8 +642,8 @@ class CoverageReport:
     indexing, comparisons, max, integer ops, IEEE add/mul/div/sqrt). ``not_portable``:
     (portable mode only) routed or exact on this machine but from a math library whose
     bits differ between CPUs and devices; the elementwise functions the portable
-    backend implements (``ELEMENTWISE_PORTABLE``) are routed to it and count as
-    ``routed`` where the device's table has them. The classification is by op name,
+    backend implements (``ELEMENTWISE_PORTABLE``, and ``pow``) are routed to it and count
+    as ``routed`` where the device's table has them. The classification is by op name,
     with what :func:`trace_ops` records: a scalar ``pow`` traced with exponents 0, 1, 2 and
     0.5 only is exact (one correctly rounded operation at most), with 3 among them routed
     (the portable ``cube``; a float64 cube would still be torch's); an op of
@@ -655,6 +674,9 @@ class CoverageReport:
 
 
 _EXACT_OR_CUBE = frozenset({*EXACT_EXPONENTS, 3.0})
+# What the portable backends compute: the unary functions, and pow (Pow, every overload
+# the device's table routes).
+_PORTABLE_FUNCTIONS = ELEMENTWISE_PORTABLE | {"pow"}
 _FLOAT_OPERAND_NOTE = ("float operands (as traced): exact only while they hold integers below 2^24, as an MoE "
                        "router's tokens per expert do (torch's CPU histc takes floats only); check with a test")
 _FLOAT_OPERAND_NOTES = {
@@ -712,15 +734,19 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
                 routed[full] = n
                 notes[full] = f"exponents {listed} (as traced): 3 is the portable cube, the others exact"
             continue
+        if packet in ("pow", "pow_") and name in complex_inputs:
+            uncovered[full] = n
+            notes[full] = "complex operands (as traced): torch's kernel (detkit's pow takes real floats)"
+            continue
         if full in KNOWN_POSITION_DEPENDENT:
             notes[full] = f"position dependent {KNOWN_POSITION_DEPENDENT[full]}"
-        if portable and base in ELEMENTWISE_LIBM and not (full in table and base in ELEMENTWISE_PORTABLE):
+        if portable and base in ELEMENTWISE_LIBM and not (full in table and base in _PORTABLE_FUNCTIONS):
             not_portable[full] = n
             notes[full] = "math-library function: bits differ between CPU instruction sets and devices"
         elif device == "CUDA" and not portable and base in ELEMENTWISE_LIBM:
             exact[full] = n  # torch's CUDA elementwise kernels: the same code for every element
         elif full in table:
-            if portable and base in ELEMENTWISE_PORTABLE:
+            if portable and base in _PORTABLE_FUNCTIONS:
                 notes[full] = "portable kernel for float32/bfloat16/float16; float64 runs torch's kernel (not portable)"
             routed[full] = n
         elif base in EXACT_OPS or base in ELEMENTWISE_EXACT:

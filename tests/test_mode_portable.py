@@ -189,9 +189,9 @@ def test_coverage_report_in_portable_mode() -> None:
     _, ops = mode.trace_ops(lambda: [fn(x) for fn in fns])
     report = mode.coverage_report(ops, portable=True)
     for op in ("silu.default", "tanh.default", "rsqrt.default", "exp.default", "gelu.default", "sin.default",
-               "cos.default", "softplus.default"):
+               "cos.default", "softplus.default", "pow.Tensor_Scalar"):
         assert op in report.routed and op not in report.not_portable, op
-    for op in ("mish.default", "pow.Tensor_Scalar", "sinh.default"):
+    for op in ("mish.default", "sinh.default"):
         assert op in report.not_portable, op
     # On CUDA the portable kernels are routed too; the other math-library functions are
     # not portable, and outside portable mode all of them are position independent there.
@@ -206,7 +206,7 @@ def test_coverage_report_in_portable_mode() -> None:
 def test_coverage_report_classifies_pow_by_its_traced_exponents(device: str) -> None:
     """RMSNorm's pow(x, 2) is one correctly rounded multiply, GPT-2's pow(x, 3) the portable
     cube: the report listed every Llama as not portable for the first. By the exponents
-    trace_ops saw: exact, routed, or (any other exponent among them) not portable."""
+    trace_ops saw: exact, or routed (the portable cube, or Pow for any other exponent)."""
     x = torch.rand(3, 8) + 0.5
 
     def report(*exponents: float) -> mode.CoverageReport:
@@ -219,35 +219,36 @@ def test_coverage_report_classifies_pow_by_its_traced_exponents(device: str) -> 
     cubes = report(2, 3)
     assert "pow.Tensor_Scalar" in cubes.routed and not cubes.not_portable, str(cubes)
     assert "portable cube" in cubes.notes["pow.Tensor_Scalar"]
-    assert "pow.Tensor_Scalar" in report(2, 1.5).not_portable
+    general = report(2, 1.5)
+    assert "pow.Tensor_Scalar" in general.routed and not general.not_portable, str(general)
     _, ops = mode.trace_ops(lambda: x.clone().pow_(2))
     assert "pow_.Scalar" in mode.coverage_report(ops, portable=True, device=device).exact
-    # counts from elsewhere (a plain mapping): by name, as before
-    assert "pow.Tensor_Scalar" in mode.coverage_report({"pow.Tensor_Scalar": 1}, portable=True).not_portable
+    # counts from elsewhere (a plain mapping): by name, routed to the portable Pow
+    assert "pow.Tensor_Scalar" in mode.coverage_report({"pow.Tensor_Scalar": 1}, portable=True).routed
 
 
 def test_trace_ops_records_a_complex_pow_exponent_instead_of_raising() -> None:
     """The tracer took float() of every scalar exponent: z ** 2j (no float) raised a
     TypeError out of trace_ops, which traced it before exponents were recorded. A complex
-    exponent is kept as such and matches no exact one (by name: not portable); 2 + 0j is
-    2, as the mode's adapter compares it (exact at run time)."""
+    exponent is kept as such and matches no exact one (a complex pow is torch's: uncovered);
+    2 + 0j is 2, as the mode's adapter compares it (exact at run time)."""
     z = (torch.rand(3, 8) + 0.5).to(torch.complex64)
     _, ops = mode.trace_ops(lambda: (z.pow(2), z.pow(2j)))
     assert ops["pow.Tensor_Scalar"] == 2
-    assert "pow.Tensor_Scalar" in mode.coverage_report(ops, portable=True).not_portable
+    assert "pow.Tensor_Scalar" in mode.coverage_report(ops, portable=True).uncovered
     _, ops = mode.trace_ops(lambda: (z.pow(2 + 0j), z.pow(0.5)))
     assert mode.coverage_report(ops, portable=True).notes["pow.Tensor_Scalar"] == "exponents 0.5, 2 (as traced): exact"
 
 
 def test_portable_mode_reports_calls_left_to_torchs_math_library() -> None:
     """A routed elementwise call whose values come from torch's math library (mish,
-    softplus with another beta, float64 exp, pow(x, 1.5)) is batch invariant but not portable:
+    softplus with another beta, float64 exp and pow) is batch invariant but not portable:
     measured, mish's float32 bits change with ATEN_CPU_CAPABILITY. The block's
     coverage must say so, not only list it as routed."""
     x = torch.rand(3, 70) + 0.5
     with detkit.batch_invariant(portable=True, strict=True) as bi:
-        F.softplus(x), F.softplus(x, beta=2.0), F.mish(x), torch.exp(x.double()), x.pow(1.5)
-        F.silu(x), torch.exp(x), torch.rsqrt(x.bfloat16()), x.pow(2), F.gelu(x), torch.sin(x)  # portable, or exact
+        F.softplus(x), F.softplus(x, beta=2.0), F.mish(x), torch.exp(x.double()), x.double().pow(1.5)
+        F.silu(x), torch.exp(x), torch.rsqrt(x.bfloat16()), x.pow(2), x.pow(1.5), F.gelu(x), torch.sin(x)  # portable, or exact
     assert set(bi.not_portable()) == {"softplus", "mish", "exp", "pow.Tensor_Scalar"}
     assert bi.not_portable()["mish"] == {"torch's math library (not in the canonical orders)": 1}
     assert bi.not_portable()["softplus"] == {"extra arguments: torch's math library": 1}  # beta=2.0
@@ -320,6 +321,11 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
             calls.append(name)
             return torch.full_like(x, 7.0)
 
+        @staticmethod
+        def pow(x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:  # noqa: A003 - the backend's name
+            calls.append(f"pow {y if isinstance(y, float) else tuple(y.shape)}")
+            return torch.full_like(x, 5.0)
+
     monkeypatch.setattr(ad, "portable_backend", lambda device_type: Backend)
     x = torch.rand(3, 5)
     original = lambda *a, **k: pytest.fail("the portable route must not call torch's kernel")  # noqa: E731
@@ -332,9 +338,15 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
     assert calls == ["silu", "exp", "gelu_tanh", "gelu"]
     by_name["pow.Tensor_Scalar"].adapter(ad.Call(True, original), x, 3)
     assert calls[-1] == "cube"
-    for exponent, portable in ((1.5, True), (3.0, False)):  # torch's CUDA pow is position independent
+    # any other exponent, and a tensor one, or a scalar base: the portable Pow
+    assert bool((by_name["pow.Tensor_Scalar"].adapter(ad.Call(True, original), x, 1.5) == 5.0).all())
+    by_name["pow.Tensor_Tensor"].adapter(ad.Call(True, original), x, x[0])
+    by_name["pow.Scalar"].adapter(ad.Call(True, original), 2.0, x)
+    assert calls[-3:] == ["pow 1.5", "pow (3, 5)", "pow (3, 5)"]
+    for name, args in (("pow.Tensor_Scalar", (x, 1.5)), ("pow.Tensor_Scalar", (x, 3.0)), ("pow.Tensor_Tensor", (x, x)),
+                       ("pow.Scalar", (2.0, x))):  # plain mode: torch's CUDA pow is position independent
         with pytest.raises(ad.Unsupported, match="position independent"):
-            by_name["pow.Tensor_Scalar"].adapter(ad.Call(portable, original), x, exponent)
+            by_name[name].adapter(ad.Call(False, original), *args)
     with pytest.raises(ad.Unsupported, match="position independent") as why:
         by_name["silu"].adapter(ad.Call(False, original), x)
     assert why.value.benign

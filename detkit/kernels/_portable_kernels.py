@@ -24,9 +24,12 @@ from numba.extending import overload
 
 from detkit.kernels._portable_llvm import (
     bits_to_f32,
+    bits_to_f64,
     f32_to_bits,
+    f64_to_bits,
     fma32,
     rint32,
+    rint64,
 )
 
 F32 = np.float32
@@ -78,6 +81,26 @@ TRIG_TINY = F32(2.0**-12)
 TWO_M62 = F32(2.0**-62)
 U32 = np.uint64(0xFFFFFFFF)
 LANES = 32
+# Pow (section 2.9) is binary64: its constants are float64 bit patterns, the spec's.
+F64 = np.float64
+POW_SQRT2, POW_LN2, POW_INV_LN2, POW_LN2_HI, POW_LN2_LO = (np.uint64(b).view(F64) for b in (
+    0x3FF6A09E667F3BCD, 0x3FE62E42FEFA39EF, 0x3FF71547652B82FE, 0x3FE62E42FEE00000, 0x3DEA39EF35793C76))
+L1, L2, L3, L4, L5, L6, L7, L8, L9, L10 = (np.uint64(b).view(F64) for b in (
+    0x3FD5555555555555, 0x3FC999999999999A, 0x3FC2492492492492, 0x3FBC71C71C71C71C, 0x3FB745D1745D1746,
+    0x3FB3B13B13B13B14, 0x3FB1111111111111, 0x3FAE1E1E1E1E1E1E, 0x3FAAF286BCA1AF28, 0x3FA8618618618618))
+X2, X3, X4, X5, X6, X7, X8, X9, X10, X11, X12, X13 = (np.uint64(b).view(F64) for b in (
+    0x3FE0000000000000, 0x3FC5555555555555, 0x3FA5555555555555, 0x3F81111111111111, 0x3F56C16C16C16C17,
+    0x3F2A01A01A01A01A, 0x3EFA01A01A01A01A, 0x3EC71DE3A556C734, 0x3E927E4FB7789F5C, 0x3E5AE64567F544E4,
+    0x3E21EED8EFF8D898, 0x3DE6124613A86D09))
+ONE64 = F64(1.0)
+TWO64 = F64(2.0)
+HALF64 = F64(0.5)
+ZERO64 = F64(0.0)
+INF64 = F64(np.inf)
+TWO53 = F64(2.0**53)
+POW_T_LIMIT = F64(200.0)
+MANTISSA64 = np.int64(0x000FFFFFFFFFFFFF)
+ONE64_BITS = np.int64(0x3FF0000000000000)
 
 # Tile sizes: fixed constants, never derived from M (batch size) or the thread count.
 DOT_CHUNK = 256  # ChunkDot's chunk length (canonical-orders section 2.1): part of the spec
@@ -262,6 +285,75 @@ def softplus_f32(x: float) -> float:
     if u == ONE:
         return y
     return log_f32(u) * (y / (u - ONE))
+
+
+@njit(cache=True, error_model="numpy")
+def _odd_integer64(y: float) -> bool:
+    return abs(y) < TWO53 and rint64(y) == y and rint64(y * HALF64) != y * HALF64
+
+
+@njit(cache=True, error_model="numpy")
+def pow_f32(x: float, y: float) -> float:
+    """Pow of section 2.9: fp32 ``x``, binary64 ``y``, binary64 arithmetic, one rounding."""
+    xd = F64(x)
+    if y == ZERO64 or xd == ONE64:
+        return ONE
+    if xd != xd or y != y:
+        return CANON_NAN
+    if y == TWO64:
+        return np.float32(xd * xd)  # exact in binary64: fp32's x * x
+    odd = _odd_integer64(y)
+    if abs(y) == INF64:
+        if xd == -ONE64:
+            return ONE
+        return INF if (abs(xd) < ONE64) == (y < ZERO64) else ZERO
+    if xd == ZERO64 or abs(xd) == INF64:
+        mag = INF if (xd == ZERO64) == (y < ZERO64) else ZERO
+        return -mag if odd and f32_to_bits(x) < np.int32(0) else mag  # x's sign, -0.0 included
+    if xd < ZERO64 and rint64(y) != y:
+        return CANON_NAN
+    bits = f64_to_bits(abs(xd))  # a normal binary64 (fp32 subnormals included)
+    e = (bits >> np.int64(52)) - np.int64(1023)
+    m = bits_to_f64((bits & MANTISSA64) | ONE64_BITS)  # |x| = m * 2^e, m in [1, 2)
+    if m > POW_SQRT2:
+        m = m * HALF64
+        e += np.int64(1)
+    f = m - ONE64
+    s = f / (TWO64 + f)
+    z = s * s
+    q = L10
+    q = q * z + L9
+    q = q * z + L8
+    q = q * z + L7
+    q = q * z + L6
+    q = q * z + L5
+    q = q * z + L4
+    q = q * z + L3
+    q = q * z + L2
+    q = q * z + L1
+    s2 = s + s
+    lm = s2 + s2 * (z * q)
+    t = y * (F64(e) * POW_LN2 + lm)
+    t = min(max(t, -POW_T_LIMIT), POW_T_LIMIT)
+    k = rint64(t * POW_INV_LN2)
+    r = (t - k * POW_LN2_HI) - k * POW_LN2_LO
+    p = X13
+    p = p * r + X12
+    p = p * r + X11
+    p = p * r + X10
+    p = p * r + X9
+    p = p * r + X8
+    p = p * r + X7
+    p = p * r + X6
+    p = p * r + X5
+    p = p * r + X4
+    p = p * r + X3
+    p = p * r + X2
+    p = p * r + ONE64
+    p = p * r + ONE64
+    w = p * bits_to_f64((np.int64(k) + np.int64(1023)) << np.int64(52))  # exact: 2^k is normal
+    res = np.float32(w)
+    return -res if xd < ZERO64 and odd else res
 
 
 @njit(cache=True, error_model="numpy")
@@ -583,6 +675,27 @@ def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: in
         else:
             for j in range(xs.shape[0]):
                 ys[j] = canon(softplus_f32(xs[j]))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def pow_range(x: np.ndarray, y: np.ndarray, y_scalar: float, y_is_scalar: bool, mode: int, out: np.ndarray,
+              lo: int, hi: int) -> None:
+    """Pow (section 2.9) of x[lo:hi] to y[lo:hi], or to the binary64 ``y_scalar`` for every
+    element (flat; x and y float32 or raw bf16/fp16 bits of one dtype), in blocks of ROW_CHUNK.
+    The one binary64 elementwise kernel."""
+    xbuf = np.empty(ROW_CHUNK, dtype=F32)
+    ybuf = np.empty(ROW_CHUNK, dtype=F32)
+    for c0 in range(lo, hi, ROW_CHUNK):
+        c1 = min(hi, c0 + ROW_CHUNK)
+        xs = as_f32(x[c0:c1], xbuf, mode)
+        ys = out[c0:c1]
+        if y_is_scalar:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(pow_f32(xs[j], y_scalar))
+        else:
+            es = as_f32(y[c0:c1], ybuf, mode)
+            for j in range(xs.shape[0]):
+                ys[j] = canon(pow_f32(xs[j], F64(es[j])))
 
 
 # ------------------------------------------------------------------ float16 <-> float32

@@ -14,7 +14,9 @@ from numba.core import types
 from numba.extending import intrinsic
 
 _F32 = ir.FloatType()
+_F64 = ir.DoubleType()
 _I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
 
 
 @intrinsic
@@ -36,6 +38,40 @@ def rint32(typingctx, x):  # type: ignore[no-untyped-def]
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         fn = builder.module.declare_intrinsic("llvm.rint", [_F32])
         return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
+@intrinsic
+def rint64(typingctx, x):  # type: ignore[no-untyped-def]
+    """binary64 round to integral, ties to even (exact): Pow's ``rint``."""
+    sig = types.float64(types.float64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fn = builder.module.declare_intrinsic("llvm.rint", [_F64])
+        return builder.call(fn, [args[0]])
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_to_f64(typingctx, x):  # type: ignore[no-untyped-def]
+    """Reinterpret an int64 bit pattern as binary64."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], _F64)
+
+    return sig, codegen
+
+
+@intrinsic
+def f64_to_bits(typingctx, x):  # type: ignore[no-untyped-def]
+    """Reinterpret a binary64 as its int64 bit pattern."""
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], _I64)
 
     return sig, codegen
 

@@ -3,7 +3,7 @@
 Same bits as ``detkit.kernels.spec`` (the executable specification) and the CUDA
 portable kernels, on any x86-64 instruction set and any thread count. Implements the
 backend contract of ``detkit/kernels/_backend.py`` plus :func:`elementwise` for the
-torch mode.
+torch mode, and :func:`pow` (``Pow``, section 2.9).
 
 Inputs are widened exactly to float32 (in torch, or inside the matmul packing), the
 numba kernels in ``_portable_kernels`` compute the float32 result with canonical NaNs,
@@ -33,6 +33,7 @@ __all__ = [
     "grouped_matmul",
     "layer_norm",
     "matmul",
+    "pow",
     "rms_norm",
     "row_cumsum",
     "row_sum",
@@ -302,4 +303,22 @@ def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
     xin, mode = _rows_in(x.reshape(-1))
     out = np.empty(xin.shape, dtype=np.float32)
     _run_split(K.elementwise_range, xin.shape[0], xin.shape[0], _OP_CODES[name], xin, mode, out)
+    return _finish(out.reshape(tuple(x.shape)), dtype)
+
+
+def pow(x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:  # noqa: A001 - backend contract name
+    """``Pow(x, y)`` of every element: ``y`` a tensor of ``x``'s dtype and shape, or a
+    Python float (a binary64 exponent for every element)."""
+    scalar = not isinstance(y, torch.Tensor)
+    if scalar:
+        dtype = _check_dtype(x)
+    else:
+        dtype = _check_dtype(x, y)
+        if y.shape != x.shape:
+            raise InputError(f"pow: the exponent's shape {tuple(y.shape)} is not the base's {tuple(x.shape)}; "
+                             "broadcast them first (torch.broadcast_tensors)")
+    xin, mode = _rows_in(x.reshape(-1))
+    yin = xin if scalar else _rows_in(y.reshape(-1))[0]
+    out = np.empty(xin.shape, dtype=np.float32)
+    _run_split(K.pow_range, xin.shape[0], xin.shape[0], xin, yin, float(y) if scalar else 0.0, scalar, mode, out)
     return _finish(out.reshape(tuple(x.shape)), dtype)
