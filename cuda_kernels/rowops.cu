@@ -1,6 +1,6 @@
 // detkit row kernels: softmax, log_softmax, rms_norm, layer_norm, row sum / mean and
 // the running sum (cumsum) over the last dimension of a contiguous (R, L) tensor, plus
-// the portable elementwise ops the torch mode uses.
+// the portable elementwise ops the torch mode uses and Pow (in binary64, section 2.9).
 //
 // Batch invariance: a row is reduced by one fixed group of threads in an order that
 // depends only on L, never on R or on the row's index.
@@ -17,7 +17,8 @@
 //     kernels and the canonical AnchoredSum: slots are counted from the first nonzero
 //     term (for softmax, the first element whose exp is nonzero), so masked or zero
 //     entries in front of a row (left padding) do not change its bits.
-// Every intermediate is float32; the result is rounded once into T.
+// Every intermediate is float32 (but cumsum's float64 sums and Pow's binary64); the result
+// is rounded once into T.
 
 #define RB_NT 256  // threads per row, portable=False
 #define RP_ROWS 4  // rows (warps) per block, portable=True
@@ -501,6 +502,95 @@ __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __rest
     }
 }
 
+// ------------------------------------------------------------------ pow (section 2.9)
+// Pow(x, y) of the canonical orders: x fp32, y binary64 (an fp32 exponent widened exactly,
+// or the caller's scalar), evaluated in binary64 with correctly rounded add/sub/mul/div
+// (the _rn intrinsics: never contracted into an fma), rint, and exact bit-level splitting
+// and scaling by powers of two; rounded once to fp32. Special cases are C99's pow.
+
+__device__ __forceinline__ double pow_f64(unsigned long long bits) { return __longlong_as_double((long long)bits); }
+
+// y an odd integer: |y| < 2^53 (past it every double is even), integral, y/2 not integral.
+__device__ __forceinline__ bool pow_odd(double y) {
+    const double h = __dmul_rn(y, 0.5);
+    return fabs(y) < 9007199254740992.0 && rint(y) == y && rint(h) != h;
+}
+
+__device__ __forceinline__ float spec_pow(float x, double y) {
+    const double X = (double)x;  // exact
+    if (y == 0.0 || X == 1.0) return 1.0f;  // NaN included
+    if (X != X || y != y) return __uint_as_float(0x7FC00000u);
+    if (y == 2.0) return __double2float_rn(__dmul_rn(X, X));  // exact product: fp32's x * x
+    const double inf = pow_f64(0x7FF0000000000000ull);
+    const double A = fabs(X);
+    if (y == inf || y == -inf) {
+        if (X == -1.0) return 1.0f;
+        return ((A < 1.0) == (y < 0.0)) ? __uint_as_float(0x7F800000u) : 0.0f;
+    }
+    const bool odd = pow_odd(y);
+    if (X == 0.0 || A == inf) {
+        const float mag = ((X == 0.0) == (y < 0.0)) ? __uint_as_float(0x7F800000u) : 0.0f;
+        return (odd && (__float_as_uint(x) >> 31)) ? -mag : mag;  // copysign(mag, x) for odd y: -0 counts
+    }
+    if (X < 0.0 && rint(y) != y) return __uint_as_float(0x7FC00000u);
+    // |x| = m * 2^e, m in [1, 2): fp32 subnormals are normal in binary64, so the fields split it.
+    const unsigned long long b = (unsigned long long)__double_as_longlong(A);
+    int e = (int)((b >> 52) & 0x7FFull) - 1023;
+    double m = pow_f64((b & 0x000FFFFFFFFFFFFFull) | 0x3FF0000000000000ull);
+    if (m > pow_f64(0x3FF6A09E667F3BCDull)) {  // SQRT2_D
+        m = __dmul_rn(m, 0.5);
+        e += 1;
+    }
+    const double f = __dsub_rn(m, 1.0);                 // exact
+    const double s = __ddiv_rn(f, __dadd_rn(2.0, f));   // 2 + f exact
+    const double z = __dmul_rn(s, s);
+    double q = pow_f64(0x3FA8618618618618ull);                       // L10 = 1/21
+    q = __dadd_rn(__dmul_rn(q, z), pow_f64(0x3FAAF286BCA1AF28ull));  // L9
+    q = __dadd_rn(__dmul_rn(q, z), pow_f64(0x3FAE1E1E1E1E1E1Eull));  // L8
+    q = __dadd_rn(__dmul_rn(q, z), pow_f64(0x3FB1111111111111ull));  // L7
+    q = __dadd_rn(__dmul_rn(q, z), pow_f64(0x3FB3B13B13B13B14ull));  // L6
+    q = __dadd_rn(__dmul_rn(q, z), pow_f64(0x3FB745D1745D1746ull));  // L5
+    q = __dadd_rn(__dmul_rn(q, z), pow_f64(0x3FBC71C71C71C71Cull));  // L4
+    q = __dadd_rn(__dmul_rn(q, z), pow_f64(0x3FC2492492492492ull));  // L3
+    q = __dadd_rn(__dmul_rn(q, z), pow_f64(0x3FC999999999999Aull));  // L2
+    q = __dadd_rn(__dmul_rn(q, z), pow_f64(0x3FD5555555555555ull));  // L1 = 1/3
+    const double s2 = __dadd_rn(s, s);
+    const double lm = __dadd_rn(s2, __dmul_rn(s2, __dmul_rn(z, q)));  // log(m) = 2 atanh(s)
+    double t = __dmul_rn(y, __dadd_rn(__dmul_rn((double)e, pow_f64(0x3FE62E42FEFA39EFull)), lm));  // LN2_D
+    t = t < -200.0 ? -200.0 : (t > 200.0 ? 200.0 : t);  // past +-200 the fp32 result is 0 or inf
+    const double k = rint(__dmul_rn(t, pow_f64(0x3FF71547652B82FEull)));  // INV_LN2; |k| <= 289
+    const double r = __dsub_rn(__dsub_rn(t, __dmul_rn(k, pow_f64(0x3FE62E42FEE00000ull))),  // LN2_HI
+                               __dmul_rn(k, pow_f64(0x3DEA39EF35793C76ull)));              // LN2_LO
+    double p = pow_f64(0x3DE6124613A86D09ull);                       // E13 = 1/13!
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3E21EED8EFF8D898ull));  // E12
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3E5AE64567F544E4ull));  // E11
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3E927E4FB7789F5Cull));  // E10
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3EC71DE3A556C734ull));  // E9
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3EFA01A01A01A01Aull));  // E8
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3F2A01A01A01A01Aull));  // E7
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3F56C16C16C16C17ull));  // E6
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3F81111111111111ull));  // E5
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3FA5555555555555ull));  // E4
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3FC5555555555555ull));  // E3
+    p = __dadd_rn(__dmul_rn(p, r), pow_f64(0x3FE0000000000000ull));  // E2 = 1/2
+    p = __dadd_rn(__dmul_rn(p, r), 1.0);
+    p = __dadd_rn(__dmul_rn(p, r), 1.0);
+    // 2^k is a normal binary64 (|k| <= 289), so the product is exact: p scaled, not rounded.
+    const double w = __dmul_rn(p, pow_f64((unsigned long long)((long long)k + 1023) << 52));
+    const float res = __double2float_rn(w);
+    return (X < 0.0 && odd) ? -res : res;
+}
+
+// out[i] = Pow(x[i], y[i]), or Pow(x[i], y_scalar) for every i when y_is_scalar (y unused).
+template <typename T>
+__device__ __forceinline__ void p_pow(const T* __restrict__ x, const T* __restrict__ y, double y_scalar,
+                                      bool y_is_scalar, T* __restrict__ out, i64 n) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const double yv = y_is_scalar ? y_scalar : (double)to_f32(y[i]);  // exact widening
+        out[i] = from_f32<T>(spec_pow(to_f32(x[i]), yv));
+    }
+}
+
 // ------------------------------------------------------------------ entry points
 
 #define DETKIT_ROW_ENTRIES(SUF, T)                                                                 \
@@ -530,6 +620,10 @@ __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __rest
     row_cumsum_##SUF(const T* x, T* y, int R, int L) { row_cumsum<T>(x, y, R, L); }               \
     extern "C" __global__ void elementwise_p_##SUF(const T* x, T* y, i64 n, int op) {             \
         p_elementwise<T>(x, y, n, op);                                                             \
+    }                                                                                              \
+    extern "C" __global__ void pow_p_##SUF(const T* x, const T* y, double y_scalar, int y_is_scalar, \
+                                           T* out, i64 n) {                                        \
+        p_pow<T>(x, y, y_scalar, y_is_scalar != 0, out, n);                                        \
     }
 
 DETKIT_ROW_ENTRIES(f32, float)

@@ -57,6 +57,7 @@ def _expected_entries() -> set[str]:
     sfx = ("f32", "bf16", "f16")
     names = {f"{op}_{g}_{s}" for op in ("softmax", "rms_norm", "layer_norm", "row_sum") for g in "pb" for s in sfx}
     names |= {f"elementwise_p_{s}" for s in sfx} | {f"row_cumsum_{s}" for s in sfx} | {f"attention_{s}" for s in sfx}
+    names |= {f"pow_p_{s}" for s in sfx}
     names |= {f"solve_lower_{s}" for s in sfx}
     names |= {f"attention_{part}_{s}" for part in ("split", "combine") for s in sfx} | {"attention_anchor"}
     return names

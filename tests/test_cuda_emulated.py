@@ -56,7 +56,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 _CTYPE = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
-          np.float32: ctypes.c_float}
+          np.float32: ctypes.c_float, np.float64: ctypes.c_double}
 
 
 # DETKIT_EMU_SANITIZE=address builds the emulation with AddressSanitizer and UBSan: a
@@ -309,6 +309,129 @@ def test_portable_elementwise_equals_spec(emulated: dict, dtype: torch.dtype) ->
                                                          dtype=torch.int32).view(torch.float32).tolist()])]).to(dtype)
     for name in cuda_backend.ELEMENTWISE_OPS:
         assert_bits_equal(cuda_backend.elementwise(name, x), spec.elementwise(name, x), name)
+
+
+# Pow (section 2.9): bases and exponents of C99's special cases and of the evaluation's
+# edges: signed zeros, infinities, NaN, +-1, negative bases with odd, even and non-integer
+# exponents, subnormal bases (float32; bfloat16 keeps some), bases at the split's sqrt(2)
+# boundary and next to 1, results that overflow or underflow (in fp32, or only in the
+# 16-bit output step), y == 2 (fp32's x * x), exponents past 2^24 and 2^53.
+_INF, _NAN = float("inf"), float("nan")
+POW_BASES = (0.0, -0.0, _INF, -_INF, _NAN, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0, 10.0, -10.0, 300.0, -300.0,
+             1e-40, -1e-40, 3e-39, 1e-45, 6e-8, -1e-7, 1.4142135, 1.4142137, 0.70710677, 0.99999994, 1.0000001,
+             -0.99999994, 65504.0, 1e30, -1e30, 3.0e38, 2.0**-126, 7.25)
+POW_EXPONENTS = (0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0, 0.5, -0.5, 2.5, -2.5, 1 / 3, 4.0, 7.0, -7.0, 50.0,
+                 -50.0, 127.0, -149.0, 1000.0, -1001.0, 1e10, -1e10, 16777215.0, 16777216.0, 3e38, _INF, -_INF,
+                 _NAN, 0.1)
+# Scalar exponents are binary64 as given: values no fp32 holds, odd and even integers
+# around 2^53, the smallest subnormal, huge ones.
+POW_SCALARS = (2.0, 3.0, -3.0, 0.5, 1 / 3, 0.1, -1.5, 2.0**52 + 1, 2.0**53 - 1, 2.0**53, 2.0**53 + 2, 1e300,
+               -1e300, 5e-324, 0.0, -0.0, _INF, -_INF, _NAN, 1.0000000000000002)
+
+
+def pow_operands(dtype: torch.dtype, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of ``dtype``: every base against every exponent above, then ``n`` random
+    pairs (wide magnitudes; negative bases with integer exponents; bases near 1 with
+    large exponents)."""
+    xs, ys = torch.meshgrid(torch.tensor(POW_BASES), torch.tensor(POW_EXPONENTS), indexing="ij")
+    g = torch.Generator().manual_seed(seed)
+    k = n // 3
+    wide = torch.randn(k, generator=g) * torch.exp2(torch.randint(-40, 41, (k,), generator=g).float())
+    wide_y = torch.randn(k, generator=g) * 6.0
+    ints = torch.randn(k, generator=g) * 4.0
+    ints_y = (torch.randn(k, generator=g) * 12.0).round()
+    near = 1.0 + torch.randn(n - 2 * k, generator=g) * 1e-3
+    near_y = torch.randn(n - 2 * k, generator=g) * 2e4
+    x = torch.cat([xs.flatten(), wide, ints, near])
+    y = torch.cat([ys.flatten(), wide_y, ints_y, near_y])
+    return x.to(dtype), y.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_portable_pow_equals_spec(emulated: dict, dtype: torch.dtype) -> None:
+    """pow_p_*: the bits of spec.pow, with a tensor exponent (one per element, widened
+    exactly) and with every scalar exponent of POW_SCALARS (binary64, as given)."""
+    x, y = pow_operands(dtype, 5, 3000)
+    assert_bits_equal(cuda_backend.pow(x, y), spec.pow(x, y), f"pow {dtype}, tensor exponent")
+    # a 2-D strided view of both operands: the launcher makes them contiguous
+    x2, y2 = x[: 34 * 30].reshape(34, 30).t(), y[: 34 * 30].reshape(34, 30).t()
+    assert_bits_equal(cuda_backend.pow(x2, y2), spec.pow(x2, y2), f"pow {dtype}, transposed operands")
+    xs = torch.cat([torch.tensor(POW_BASES).to(dtype), x[-300:]])
+    for s in POW_SCALARS:
+        assert_bits_equal(cuda_backend.pow(xs, s), spec.pow(xs, s), f"pow {dtype}, scalar exponent {s!r}")
+    assert cuda_backend.pow(x[:0], y[:0]).shape == (0,)
+
+
+def test_portable_pow_special_values(emulated: dict) -> None:
+    """A few results written out (C99's pow), so that kernel and spec are not only
+    checked against each other."""
+    inf, nan = _INF, _NAN
+    cases = [((-0.0, -3.0), -inf), ((-0.0, -2.0), inf), ((-0.0, 3.0), -0.0), ((-0.0, 0.5), 0.0), ((0.0, -1.0), inf),
+             ((-inf, 3.0), -inf), ((-inf, -3.0), -0.0), ((-inf, 2.5), inf), ((inf, -0.5), 0.0),
+             ((-1.0, inf), 1.0), ((-1.0, -inf), 1.0), ((0.5, inf), 0.0), ((0.5, -inf), inf), ((2.0, -inf), 0.0),
+             ((nan, 0.0), 1.0), ((1.0, nan), 1.0), ((nan, 1.0), nan), ((-8.0, 1 / 3), nan), ((-2.0, 3.0), -8.0),
+             ((-2.0, 2.0), 4.0), ((-2.0, -2.0), 0.25), ((2.0, 10.0), 1024.0), ((2.0, -149.0), 2.0**-149),
+             ((10.0, 50.0), inf), ((10.0, -50.0), 0.0), ((-10.0, 51.0), -inf), ((9.0, 0.5), 3.0),
+             # correctly rounded next to a midpoint (1 + 2^-24 + 2^-48 + ...; 1 - 2^-25 - ...)
+             ((0.99999994, -1.0), 1.0000001192092896), ((0.99999994, 0.5), 0.99999994)]
+    x = torch.tensor([c[0][0] for c in cases])
+    y = torch.tensor([c[0][1] for c in cases])
+    want = torch.tensor([c[1] for c in cases])
+    for got in (cuda_backend.pow(x, y), spec.pow(x, y)):
+        assert_bits_equal(got, want, "pow special values")
+    assert_bits_equal(cuda_backend.pow(torch.tensor([-8.0, 8.0, -0.0]), 1 / 3),
+                      torch.tensor([nan, 2.0, 0.0]), "pow scalar 1/3")
+
+
+def test_portable_pow_refuses_a_mismatched_exponent(emulated: dict) -> None:
+    x = torch.ones(4)
+    with pytest.raises(InputError, match="x's dtype"):
+        cuda_backend.pow(x, torch.ones(4, dtype=torch.float16))
+    with pytest.raises(InputError, match="x's shape"):
+        cuda_backend.pow(x, torch.ones(2, 2))
+    with pytest.raises(InputError, match="x's shape"):
+        cuda_backend.pow(x, torch.ones(()))  # no broadcasting: the front end expands first
+    with pytest.raises(InputError, match="x's device"):
+        cuda_backend.pow(x, torch.ones(4, device="meta"))
+    with pytest.raises(InputError, match="tensor or a Python float"):
+        cuda_backend.pow(x, "2")  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="float32, bfloat16 or float16"):
+        cuda_backend.pow(x.double(), 2.0)
+
+
+_POW_FLOATS = st.one_of(st.floats(width=32), st.integers(-40, 40).map(float), st.floats(-30.0, 30.0, width=32))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(xs=st.lists(st.floats(width=32), min_size=1, max_size=48),
+       ys=st.one_of(st.floats(), st.integers(-300, 300).map(float), st.lists(_POW_FLOATS, min_size=48, max_size=48)),
+       dtype=st.sampled_from(DTYPES))
+def test_portable_pow_for_drawn_operands(emulated: dict, xs: list[float], ys: float | list[float],
+                                         dtype: torch.dtype) -> None:
+    """Any fp32 bit pattern class (subnormals, NaN, infinities) against any binary64
+    scalar exponent or any exponent tensor: spec's bits."""
+    x = torch.tensor(xs, dtype=torch.float32).to(dtype)
+    y = ys if isinstance(ys, float) else torch.tensor(ys[: len(xs)], dtype=torch.float32).to(dtype)
+    assert_bits_equal(cuda_backend.pow(x, y), spec.pow(x, y), f"pow {dtype} y={ys!r}")
+
+
+# Negative controls: the sign of 0^y for odd y taken from `X < 0` (false for -0.0, which
+# gives +inf for pow(-0, -3) where C99 says -inf); the low part of ln 2 dropped from the
+# reduction (up to about 289 * 2^-33 relative: last-bit changes where |y log x| is large).
+_POW_MUTATIONS = {
+    "sign of -0": ("return (odd && (__float_as_uint(x) >> 31)) ? -mag : mag;", "return (odd && X < 0.0) ? -mag : mag;"),
+    "no LN2_LO": ("__dmul_rn(k, pow_f64(0x3DEA39EF35793C76ull))", "0.0"),
+}
+
+
+@pytest.mark.parametrize("mutation", sorted(_POW_MUTATIONS))
+def test_mutation_pow_mistakes_change_the_bits(emulated: dict, monkeypatch: pytest.MonkeyPatch, mutation: str) -> None:
+    source = _mutated("rowops.cu", cuda_loader.kernel_source("rowops.cu"), _POW_MUTATIONS[mutation])
+    monkeypatch.setattr(cuda_backend, "_launch", _launcher({**emulated, "rowops.cu": _build("rowops.cu", _out_dir(),
+                                                                                            source)}))
+    x, y = pow_operands(torch.float32, 5, 600)
+    with pytest.raises(AssertionError, match="elements differ"):
+        assert_bits_equal(cuda_backend.pow(x, y), spec.pow(x, y), "pow, mutated kernel")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -557,6 +557,45 @@ def test_portable_elementwise_equals_cpu(dtype: torch.dtype) -> None:
         assert_bits_equal(cuda_backend.elementwise(name, x.to(DEV)), REF.elementwise(name, x), name)
 
 
+def _pow_operands(dtype: torch.dtype, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) on the CPU: C99's special cases of pow (signed zeros, infinities, NaN, +-1,
+    negative bases with odd, even and non-integer exponents, subnormal bases, overflow and
+    underflow, y == 2) base against exponent, then ``n`` random pairs."""
+    inf, nan = float("inf"), float("nan")
+    bases = torch.tensor([0.0, -0.0, inf, -inf, nan, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 3.0, -3.0, 10.0, -10.0,
+                          300.0, 1e-40, -1e-40, 1e-45, 6e-8, 1.4142135, 0.70710677, 0.99999994, 1.0000001,
+                          65504.0, 1e30, -1e30, 3.0e38])
+    exps = torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0, 0.5, -0.5, 2.5, 1 / 3, 7.0, -7.0, 50.0, -50.0,
+                         127.0, -149.0, 1001.0, 1e10, 16777215.0, 3e38, inf, -inf, nan])
+    xs, ys = torch.meshgrid(bases, exps, indexing="ij")
+    g = torch.Generator().manual_seed(80)
+    k = n // 3
+    wide = torch.randn(k, generator=g) * torch.exp2(torch.randint(-40, 41, (k,), generator=g).float())
+    near = 1.0 + torch.randn(n - 2 * k, generator=g) * 1e-3
+    x = torch.cat([xs.flatten(), wide, torch.randn(k, generator=g) * 4.0, near])
+    y = torch.cat([ys.flatten(), torch.randn(k, generator=g) * 6.0, (torch.randn(k, generator=g) * 12.0).round(),
+                   torch.randn(n - 2 * k, generator=g) * 2e4])
+    return x.to(dtype), y.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_portable_pow_equals_cpu(dtype: torch.dtype) -> None:
+    """Pow (section 2.9) in binary64 on the GPU (div.rn.f64, cvt.rni, no fma): the bits of
+    the executable specification, tensor and scalar (binary64) exponents, through the
+    portable backend module."""
+    from detkit.kernels import cuda_portable, spec
+
+    x, y = _pow_operands(dtype, 3000)
+    assert_bits_equal(cuda_portable.pow(x.to(DEV), y.to(DEV)), spec.pow(x, y), f"pow {dtype}, tensor exponent")
+    x2, y2 = x[:1000].reshape(40, 25), y[:1000].reshape(40, 25)
+    assert_bits_equal(cuda_portable.pow(x2.to(DEV).t(), y2.to(DEV).t()), spec.pow(x2.t(), y2.t()),
+                      f"pow {dtype}, transposed operands")
+    xs = x[:1500]
+    for s in (2.0, 3.0, -3.0, 0.5, 1 / 3, 0.1, -1.5, 2.0**53 - 1, 2.0**53, 1e300, 5e-324, 0.0,
+              float("inf"), float("-inf"), float("nan")):
+        assert_bits_equal(cuda_portable.pow(xs.to(DEV), s), spec.pow(xs, s), f"pow {dtype}, scalar exponent {s!r}")
+
+
 # ----------------------------------------------------------------------------- values, streams, front end
 
 

@@ -78,6 +78,15 @@ rounded once into the input dtype at the end):
     guarantees compute that order). Reads only a's strict lower triangle (and the diagonal
     unless ``unit``). Returns (T, n, k) contiguous.
 
+``pow(x, y) -> Tensor``
+    ``x``: a float32, bfloat16 or float16 tensor; ``y``: a tensor of x's dtype and shape
+    (on x's device), or a Python float (one binary64 exponent for every element). Returns
+    a tensor like ``x`` (contiguous, x's dtype) holding ``Out(Pow(x, y))`` per element:
+    ``Pow`` of ``docs/canonical-orders.md`` section 2.9 (binary64 arithmetic, C99's
+    special cases, one rounding to fp32), a tensor ``y``'s elements widened exactly; then
+    the output step (NaN canonical, one rounding into the dtype). Portable backends only
+    (``portable_cpu``, ``cuda_portable``).
+
 ``attention(q, k, v, mask, scale) -> Tensor``
     ``q``: (B, H, Lq, D); ``k``: (B, Hk, Lk, D); ``v``: (B, Hk, Lk, Dv) with ``H % Hk == 0``
     (query head ``h`` uses key/value head ``h // (H // Hk)``; that is how GQA arrives);

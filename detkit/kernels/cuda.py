@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ __all__ = [
     "grouped_matmul",
     "layer_norm",
     "matmul",
+    "pow",
     "rms_norm",
     "row_cumsum",
     "row_sum",
@@ -704,6 +706,40 @@ def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
     grid = min(_cdiv(n, 256), 1 << 20)
     _launch(dev, "rowops.cu", f"elementwise_p_{sfx}", (grid, 1, 1), 256,
             (_ptr(x), _ptr(out), np.int64(n), np.int32(ELEMENTWISE_OPS.index(name))))
+    return out
+
+
+def pow(x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:  # noqa: A001 - backend signature
+    """``Pow(x, y)`` of the canonical orders (section 2.9) per element, in x's dtype: ``y``
+    a tensor of x's dtype, shape and device (each element widened exactly), or a Python
+    number, one binary64 exponent for every element. Like ``elementwise`` it takes no
+    ``portable``: there is one evaluation, the canonical one, which ``cuda_portable``
+    exposes."""
+    dev = _device_of(x)
+    sfx = _suffix(x.dtype)
+    scalar = not isinstance(y, torch.Tensor)
+    if scalar:
+        if not isinstance(y, numbers.Real):
+            raise InputError(f"pow: the exponent must be a tensor or a Python float, got {type(y).__name__}.")
+        y_scalar = np.float64(float(y))
+    else:
+        if y.dtype != x.dtype:
+            raise InputError(f"pow: the exponent tensor must have x's dtype ({x.dtype}), got {y.dtype}.")
+        if y.shape != x.shape:
+            raise InputError(f"pow: the exponent tensor must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}.")
+        if y.device != x.device:
+            raise InputError(f"pow: the exponent tensor must be on x's device ({x.device}), got {y.device}.")
+        y_scalar = np.float64(0.0)
+    _major(dev)
+    x = x.contiguous()
+    yt = None if scalar else y.contiguous()
+    out = torch.empty_like(x)
+    n = x.numel()
+    if n == 0:
+        return out
+    grid = min(_cdiv(n, 256), 1 << 20)
+    _launch(dev, "rowops.cu", f"pow_p_{sfx}", (grid, 1, 1), 256,
+            (_ptr(x), _ptr(yt), y_scalar, np.int32(1 if scalar else 0), _ptr(out), np.int64(n)))
     return out
 
 

@@ -55,3 +55,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
     return _cuda.elementwise(name, x)
+
+
+def pow(x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:  # noqa: A001 - backend signature
+    return _cuda.pow(x, y)

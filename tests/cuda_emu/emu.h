@@ -13,8 +13,9 @@
 // block did not write shows up as NaN; static __shared__ arrays are refilled the same way
 // (emu_shared_register). A warp collective that a lane of the warp has left
 // (returned from the kernel) is undefined on a GPU; here it fails the launch
-// (its error is the launch's result). float arithmetic is IEEE binary32 (x86-64 SSE, no contraction),
-// fmaf is correctly rounded, so the canonical-order kernels give the same
+// (its error is the launch's result). float and double arithmetic is IEEE binary32 and
+// binary64 (x86-64 SSE2; built with -ffp-contract=off, so no contraction), rint rounds to
+// nearest even, fmaf is correctly rounded, so the canonical-order kernels give the same
 // bits as on a GPU. Tensor-core mma is emulated in float (fragment layout exact, rounding
 // not the hardware's): use it to check indexing, not bits.
 #pragma once
@@ -77,6 +78,11 @@ static inline float __fdiv_rn(float a, float b) { return a / b; }
 static inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 static inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 static inline double __dadd_rn(double a, double b) { return a + b; }
+static inline double __dsub_rn(double a, double b) { return a - b; }
+static inline double __dmul_rn(double a, double b) { return a * b; }
+static inline double __ddiv_rn(double a, double b) { return a / b; }
+static inline long long __double_as_longlong(double d) { long long u; std::memcpy(&u, &d, 8); return u; }
+static inline double __longlong_as_double(long long u) { double d; std::memcpy(&d, &u, 8); return d; }
 static inline float __double2float_rn(double a) { return (float)a; }  // x86-64: IEEE nearest even
 static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 
