@@ -34,7 +34,8 @@ Face tests); a third invariance is the kernels' own:
   each thread's chunk, with a scalar code path that rounds differently for ``silu``,
   ``sigmoid``, ``gelu(tanh)``, ``softplus``, ``mish``, ``sinh``, ``pow``, and
   ``rsqrt`` in 16-bit (measured on AVX-512: ``silu`` over rows of 688 float32 values
-  changes bits with the batch size). The adapter pads the flattened tensor to a
+  changes bits with the batch size); ``pow`` with a tensor exponent or a scalar base
+  runs the same way with both operands broadcast and padded alike. The adapter pads the flattened tensor to a
   multiple of ``_ALIGN`` elements and calls the original kernel on slices of
   ``_SLICE`` elements, below torch's parallel grain, so every element takes the
   vectorised path on one thread.
@@ -46,9 +47,10 @@ threshold) go to that backend's ``elementwise(name, x)`` for
 float32/bfloat16/float16 instead: one float32
 evaluation per element in a fixed sequence of IEEE operations, rounded once, so the
 bits are the same on every instruction set (and position independent); so does
-``pow(x, 3)``, to the backend's ``cube``. On the CUDA dispatch key only these functions
-(and ``pow``, for ``cube``) are registered, and only portable mode routes them
-(torch's CUDA elementwise kernels are position independent already).
+``pow(x, 3)``, to the backend's ``cube``, and every other ``pow`` (but exponents 0, 1,
+2 and 0.5) to the backend's ``pow(x, y)`` (``Pow``). On the CUDA dispatch key only these
+functions (and ``pow``) are registered, and only portable mode routes them (torch's CUDA
+elementwise kernels are position independent already).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -352,13 +353,50 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
     assert why.value.benign
 
 
+POW_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    # ALiBi slopes: pow.Tensor_Tensor (Bloom, Falcon), pow.Scalar (MPT)
+    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
+    "falcon-alibi": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+                                          new_decoder_architecture=False)),
+    "mpt": ("MptConfig", dict(d_model=64, n_layers=2, n_heads=4)),
+    # dynamic NTK RoPE recomputes inv_freq = base ** (arange / dim) once past 16 positions
+    "llama-dynamic-rope": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=16,
+                                               rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                "rope_theta": 10000.0})),
+}
+
+
+@pytest.mark.parametrize("name", list(POW_FAMILIES))
+def test_pow_families_run_entirely_on_portable_kernels(name: str) -> None:
+    """Their pow (ALiBi's slopes, dynamic RoPE's frequencies) came from torch's math
+    library, so portable mode listed them as not portable; now it is the portable Pow,
+    and greedy generation takes nothing from torch's math library and leaves nothing
+    uncovered."""
+    transformers = pytest.importorskip("transformers")
+    from detkit.models import VOCAB_SIZE
+
+    cls, fields = POW_FAMILIES[name]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls)(vocab_size=VOCAB_SIZE,
+                                                                                        **fields)).eval()
+    ids = torch.tensor([[5, 17, 33, 60, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]])
+    with torch.no_grad(), warnings.catch_warnings(), detkit.batch_invariant(portable=True) as bi:
+        warnings.simplefilter("ignore")  # past the tiny Llama's 16 positions: the dynamic RoPE's point
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert bi.routed().get("pow.Tensor_Tensor", 0) + bi.routed().get("pow.Scalar", 0) > 0, bi.coverage()
+    assert bi.not_portable() == {} and bi.uncovered() == {}, bi.coverage()
+
+
 # ----------------------------------------------------------------------------- across ISAs
 
 PRESETS = ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
 # Families built from their configs whose portability rests on today's portable functions:
 # Gemma's tanh gelu, GPT-NeoX's erf gelu, Mamba's softplus (its dt), Mamba2's chunked scan
 # (routed float cumsum; chunks of 8 tokens, so the prompts span several), Qwen3-Next's gated
-# delta rule (cumsum and linalg_solve_triangular). With those from
+# delta rule (cumsum and linalg_solve_triangular), Bloom's ALiBi slopes (pow). With those from
 # torch's math library, tiny Gemma's and tiny Mamba's portable-mode logits changed under
 # ATEN_CPU_CAPABILITY=default on this AVX-512 machine.
 CONFIG_FAMILIES: dict[str, dict[str, Any]] = {
@@ -374,8 +412,10 @@ CONFIG_FAMILIES: dict[str, dict[str, Any]] = {
                        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                        linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=32),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
 }
-NO_ATTENTION = frozenset({"mamba", "mamba2"})  # one run: transformers refuses attn_implementation="sdpa" for it
+# one run: transformers refuses attn_implementation="sdpa" for these
+NO_ATTENTION = frozenset({"mamba", "mamba2", "bloom"})
 MODEL_RUNS = [(name, attn) for name in (*PRESETS, *CONFIG_FAMILIES) for attn in ("eager", "sdpa")
               if not (name in NO_ATTENTION and attn == "sdpa")]
 

@@ -77,6 +77,9 @@ def _worker() -> None:
         xe = make((4099,), dtype, 15) * 4
         for name in P.ELEMENTWISE_OPS:
             record(f"{name}/{tag}", P.elementwise(name, xe))
+        # Pow (binary64): a tensor exponent, and a scalar one kept in double
+        record(f"pow/{tag}", torch.cat([P.pow(xe.abs(), make((4099,), dtype, 18)), P.pow(xe, 3.0),
+                                        P.pow(xe.abs(), 1.0 / 3.0)]))
         # RoPE's angles (1024 positions x 32 frequencies): mostly small arguments, and the
         # largest the reduction by 2/pi meets in a model.
         # (Frequencies from Python floats: torch's pow is itself ISA variant; the product is IEEE.)
@@ -139,6 +142,7 @@ def _inspect_real_kernels() -> dict[str, dict[str, int]]:
         "layer_norm_rows": (np.ones((3, 40), np.int16), 1, w, True, w, True, f32(1e-5), np.empty_like(x), 0, 3),
         "matmul_packed": (x, np.ones((40, 5), np.int16), 1, w, False, np.empty((3, 5), f32), 0, 1),
         "elementwise_range": (4, flat, 0, np.empty_like(flat), 0, flat.shape[0]),
+        "pow_range": (flat, flat, 0.5, False, 0, np.empty_like(flat), 0, flat.shape[0]),
     }
     flag_re = re.compile(r"\b(?:fadd|fsub|fmul|fdiv|fneg|fcmp|call)\b[^\n]*"
                          r"\b(?:fast|contract|reassoc|nnan|ninf|nsz|arcp|afn)\b")
@@ -150,7 +154,7 @@ def _inspect_real_kernels() -> dict[str, dict[str, int]]:
         fresh(*args)
         ir = fresh.inspect_llvm(fresh.signatures[0])
         out[name] = {"fast_math": len(flag_re.findall(ir)), "double": len(double_re.findall(ir)),
-                     "fma_calls": ir.count("@llvm.fma.f32(")}
+                     "fma_calls": ir.count("@llvm.fma.f32("), "fma64_calls": ir.count("@llvm.fma.f64(")}
     return out
 
 
@@ -223,7 +227,7 @@ def test_same_bits_on_every_isa_and_thread_count(runs):
     base = runs[names[0]]["hashes"]
     from detkit.kernels.portable_cpu import ELEMENTWISE_OPS
 
-    assert len(base) == 3 * (15 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
+    assert len(base) == 3 * (16 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
     diffs = {name: sorted(k for k, h in runs[name]["hashes"].items() if base[k] != h) for name in names[1:]}
     assert all(not d for d in diffs.values()), f"hash differs from {names[0]!r}: {diffs}"
 
@@ -233,10 +237,11 @@ def test_real_kernels_have_no_fast_math_and_no_float64(runs):
     assert kernel_ir, "the host worker did not inspect the kernels"
     for name, counts in kernel_ir.items():
         assert counts["fast_math"] == 0, (name, counts)
-        # cumsum sums float32 in float64 (canonical-orders.md) and has no fma; every other
-        # kernel is float32 only, with fmas
-        running_sum = name == "row_cumsum_rows"
-        assert (counts["double"] > 0) == running_sum and (counts["fma_calls"] > 0) != running_sum, (name, counts)
+        # cumsum sums float32 in float64 and Pow is binary64 (canonical-orders.md), neither
+        # with an fma; every other kernel is float32 only, with fmas
+        binary64 = name in ("row_cumsum_rows", "pow_range")
+        assert (counts["double"] > 0) == binary64 and (counts["fma_calls"] > 0) != binary64, (name, counts)
+        assert counts["fma64_calls"] == 0, (name, counts)  # Pow's binary64 has no fma either
 
 
 def test_host_build_uses_hardware_fma(runs):
