@@ -92,6 +92,11 @@ def _cases(quick: bool) -> list[tuple[str, str, torch.dtype, Callable[[], object
                  lambda x=x, w=wv, b=bv: P.layer_norm(x, w, b, 1e-5)),
                 ("sum", shape, dtype, lambda x=x: x.sum(-1), lambda x=x: P.row_sum(x, False)),
             ]
+    for dtype in (torch.float32, torch.bfloat16):
+        xw = (torch.rand(64, 4096, generator=g) * 4).to(dtype)
+        yw = torch.randn(64, 4096, generator=g).to(dtype)
+        cases += [("pow(x, y)", "64x4096", dtype, lambda x=xw, y=yw: torch.pow(x, y), lambda x=xw, y=yw: P.pow(x, y)),
+                  ("pow(x, 1.7)", "64x4096", dtype, lambda x=xw: torch.pow(x, 1.7), lambda x=xw: P.pow(x, 1.7))]
     heads, d = 32, 128
     kv = 1024 if quick else 4096
     q = torch.randn(1, heads, 1, d, generator=g)
