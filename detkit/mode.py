@@ -548,16 +548,32 @@ class batch_invariant(contextlib.ContextDecorator):  # noqa: N801 - reads like a
 
 class TracedOps(Counter):  # type: ignore[type-arg]
     """Calls per aten overload, which overloads ever took a floating-point tensor
-    (``float_inputs``): an op of ``INTEGER_EXACT_OPS`` that never did is exact; and which
-    took a complex one (``complex_inputs``): there ``COMPLEX_POSITION_DEPENDENT`` is not."""
+    (``float_inputs``): an op of ``INTEGER_EXACT_OPS`` that never did is exact; which
+    took a complex one (``complex_inputs``): there ``COMPLEX_POSITION_DEPENDENT`` is not;
+    and which ever computed in float64 (``float64_inputs``: its first floating-point
+    operand, or its ``dtype=``, was float64), which the portable and CUDA kernels do not
+    take."""
 
     def __init__(self) -> None:
         super().__init__()
         self.float_inputs: set[str] = set()
         self.complex_inputs: set[str] = set()
+        self.float64_inputs: set[str] = set()
         # pow overloads with a scalar exponent: the exponents seen (2 and 0.5 are exact,
         # 3 is the portable cube; only the others are torch's math library)
         self.pow_exponents: dict[str, set[float | complex]] = {}
+
+
+def _first_float_dtype(values: Any) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor (the operand a routed op computes in)."""
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.dtype
+        if isinstance(v, (list, tuple)):
+            found = _first_float_dtype(v)
+            if found is not None:
+                return found
+    return None
 
 
 def _has_float_tensor(values: Any, complex_only: bool = False) -> bool:
@@ -600,13 +616,16 @@ class _OpTracer(TorchDispatchMode):
             name = f"{func._overloadpacket.__name__}.{func._overloadname}"
         self.ops[name] += 1
         values = (*args, *(kwargs or {}).values())
+        dtype = (kwargs or {}).get("dtype")
+        computes_in = dtype if isinstance(dtype, torch.dtype) and name.partition(".")[0] in _COMPUTES_IN_DTYPE else None
         if name not in self.ops.float_inputs:
             floats = _has_float_tensor(values)
-            dtype = (kwargs or {}).get("dtype")
-            if isinstance(dtype, torch.dtype) and name.partition(".")[0] in _COMPUTES_IN_DTYPE:
-                floats = dtype.is_floating_point or dtype.is_complex
+            if computes_in is not None:
+                floats = computes_in.is_floating_point or computes_in.is_complex
             if floats:
                 self.ops.float_inputs.add(name)
+        if name not in self.ops.float64_inputs and (computes_in or _first_float_dtype(values)) == torch.float64:
+            self.ops.float64_inputs.add(name)
         if name not in self.ops.complex_inputs and _has_float_tensor(values, complex_only=True):
             self.ops.complex_inputs.add(name)
         if name in _SCALAR_POW and len(args) > 1 and not isinstance(args[1], torch.Tensor):
@@ -646,9 +665,11 @@ class CoverageReport:
     as ``routed`` where the device's table has them. The classification is by op name,
     with what :func:`trace_ops` records: a scalar ``pow`` traced with exponents 0, 1, 2 and
     0.5 only is exact (one correctly rounded operation at most), with 3 among them routed
-    (the portable ``cube``; a float64 cube would still be torch's); an op of
-    ``INTEGER_EXACT_OPS`` traced with integer operands only is exact; and on the CPU an op
-    of ``COMPLEX_POSITION_DEPENDENT`` traced with a complex operand is uncovered.
+    (the portable ``cube``); an op of ``INTEGER_EXACT_OPS`` traced with integer operands
+    only is exact; on the CPU an op of ``COMPLEX_POSITION_DEPENDENT`` traced with a
+    complex operand is uncovered; and in portable mode, or on CUDA, a routed op traced
+    computing in float64 is uncovered (an elementwise one: not portable, in portable
+    mode), since those kernels take float32, bfloat16 and float16 only.
     ``uncovered``: anything else; its bits are whatever torch gives, so check them with a
     test. ``notes``: why an op is listed.
     """
@@ -704,6 +725,7 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
     notes: dict[str, str] = {}
     float_inputs = getattr(ops, "float_inputs", None)
     complex_inputs = getattr(ops, "complex_inputs", set())
+    float64_inputs = getattr(ops, "float64_inputs", set())
     for name, n in sorted(ops.items()):
         full = _full_name(name)
         packet = full.split(".")[0]
@@ -738,6 +760,17 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
             uncovered[full] = n
             notes[full] = "complex operands (as traced): torch's kernel (detkit's pow takes real floats)"
             continue
+        if name in float64_inputs and full in table and (portable or device == "CUDA"):
+            # the portable and the CUDA kernels take float32, bfloat16 and float16 only
+            if table[full].kind != "elementwise":
+                uncovered[full] = n
+                notes[full] = ("float64 operands (as traced): the portable and CUDA kernels take float32, bfloat16 "
+                               "and float16, so torch's kernel runs (a counted fallback)")
+                continue
+            if portable:
+                not_portable[full] = n
+                notes[full] = "float64 operands (as traced): torch's math library (portable kernels take 16/32-bit)"
+                continue
         if full in KNOWN_POSITION_DEPENDENT:
             notes[full] = f"position dependent {KNOWN_POSITION_DEPENDENT[full]}"
         if portable and base in ELEMENTWISE_LIBM and not (full in table and base in _PORTABLE_FUNCTIONS):

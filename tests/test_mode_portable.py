@@ -580,3 +580,29 @@ def test_portable_reference_weights_come_from_integer_hashing(family: str) -> No
         assert torch.equal(a["model.rotary_emb.inv_freq"], torch.tensor([4.0 ** -i for i in range(8)]))
     # splitmix64's first outputs (seed 0), as published with the algorithm, top 12 bits.
     assert ref._hashed_ints(2, 0).tolist() == [(0xE220A8397B1DCDAF >> 52) - 2048, (0x6E789E6AA1B965F4 >> 52) - 2048]
+
+
+def test_coverage_report_lists_float64_calls_as_the_run_counts_them() -> None:
+    """The portable kernels take float32, bfloat16 and float16: a float64 matmul, softmax,
+    norm, sum or cumsum falls back to torch at run time (uncovered) and a float64 silu or
+    pow is torch's math library (not portable). The static report listed them all as
+    routed; trace_ops now records which ops computed in float64 (a sum's dtype= too)."""
+    x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64)
+
+    def run() -> None:
+        x @ w, torch.softmax(x, -1), F.layer_norm(x, (8,)), x.cumsum(-1), F.silu(x), x.pow(1.5)
+        x.float().sum(-1, dtype=torch.float64)
+        x.float() @ w.float(), F.silu(x.float())  # float32: routed and portable
+
+    with detkit.batch_invariant(portable=True) as bi:
+        run()
+    _, ops = mode.trace_ops(run)
+    static = mode.coverage_report(ops, portable=True)
+    full = lambda names: {n if "." in n else f"{n}.default" for n in names}  # noqa: E731
+    assert set(static.uncovered) == full(bi.uncovered()) == {"mm.default", "_softmax.default",
+                                                             "native_layer_norm.default", "cumsum.default",
+                                                             "sum.dim_IntList"}, str(static)
+    assert set(static.not_portable) == full(bi.not_portable()) == {"silu.default", "pow.Tensor_Scalar"}, str(static)
+    assert "float64 operands (as traced)" in static.notes["mm.default"]
+    # Outside portable mode the CPU kernels take float64: all routed, as at run time.
+    assert mode.coverage_report(ops).uncovered == {}
