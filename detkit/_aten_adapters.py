@@ -32,10 +32,11 @@ Face tests); a third invariance is the kernels' own:
 * **Position-dependent elementwise ops run in aligned slices.** torch's vectorised
   CPU loops compute the last ``n mod (2 * vector width)`` elements of a tensor, and of
   each thread's chunk, with a scalar code path that rounds differently for ``silu``,
-  ``sigmoid``, ``gelu(tanh)``, ``softplus``, ``mish``, ``sinh``, ``pow``, and
+  ``sigmoid``, ``gelu(tanh)``, ``softplus``, ``mish``, ``sinh``, ``elu``, ``exp2``,
+  ``cosh``, ``pow``, ``atan2``, and
   ``rsqrt`` in 16-bit (measured on AVX-512: ``silu`` over rows of 688 float32 values
-  changes bits with the batch size); ``pow`` with a tensor exponent or a scalar base
-  runs the same way with both operands broadcast and padded alike. The adapter pads the flattened tensor to a
+  changes bits with the batch size); ``pow`` with a tensor exponent or a scalar base,
+  and ``atan2``, run the same way with both operands broadcast and padded alike. The adapter pads the flattened tensor to a
   multiple of ``_ALIGN`` elements and calls the original kernel on slices of
   ``_SLICE`` elements, below torch's parallel grain, so every element takes the
   vectorised path on one thread.
@@ -908,7 +909,7 @@ def _portable(name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
 
 # Unary ops that compute an integer or bool input in the default float dtype (the others
 # refuse such input): their results come from the same position-dependent float loops.
-_PROMOTES_INTEGERS = frozenset({"sigmoid", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos"})
+_PROMOTES_INTEGERS = frozenset({"sigmoid", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos", "exp2", "cosh"})
 
 
 def _portable_name(op: str, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -1031,21 +1032,22 @@ def _pow_not_portable(call: Call, base: Any, exponent: Any) -> None:
         call.not_portable(f"{dtype}: torch's math library (portable pow takes float32, bfloat16, float16)")
 
 
-def _aligned_pow(call: Call, base: Any, exponent: Any, inplace: bool) -> torch.Tensor:
-    """torch's pow with every element on its vector path (``_aligned``, for two operands):
-    both broadcast, flattened and padded with ones to a multiple of ``_ALIGN``, in slices."""
+def _aligned_binary(fn: Callable[[Any, Any], torch.Tensor], base: Any, exponent: Any, inplace: bool) -> torch.Tensor:
+    """torch's binary ``fn`` (pow, atan2) with every element on its vector path
+    (``_aligned``, for two operands): both broadcast, flattened and padded with ones to a
+    multiple of ``_ALIGN``, in slices."""
     tensors = [t for t in (base, exponent) if isinstance(t, torch.Tensor)]
     dtype = torch.result_type(base, exponent)
     if any(t.layout != torch.strided for t in tensors):
         raise Unsupported("a tensor that is not strided")
     if dtype not in _FLOATS:
-        raise Unsupported(f"{dtype} pow")
+        raise Unsupported(f"{dtype} {fn.__name__}")
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     n = math.prod(shape)
     if n == 0:
         raise Unsupported("empty input", benign=True)
     if inplace and shape != base.shape:
-        raise Unsupported("in-place pow whose result does not fit the tensor (torch says why)")
+        raise Unsupported(f"in-place {fn.__name__} whose result does not fit the tensor (torch says why)")
     padded = -(-n // _ALIGN) * _ALIGN
 
     def flat(v: Any) -> Any:
@@ -1062,11 +1064,11 @@ def _aligned_pow(call: Call, base: Any, exponent: Any, inplace: bool) -> torch.T
     def part(v: Any, i: int) -> Any:
         return v[i : i + _SLICE] if isinstance(v, torch.Tensor) else v
 
-    parts = [torch.pow(part(fb, i), part(fe, i)) for i in range(0, padded, _SLICE)]
+    parts = [fn(part(fb, i), part(fe, i)) for i in range(0, padded, _SLICE)]
     res = (parts[0] if len(parts) == 1 else torch.cat(parts))[:n].reshape(shape)
     if inplace:
         if res.dtype != base.dtype:
-            raise Unsupported("in-place pow whose result dtype is not the tensor's (torch says why)")
+            raise Unsupported(f"in-place {fn.__name__} whose result dtype is not the tensor's (torch says why)")
         with torch.no_grad():
             base.copy_(res)
         return base
@@ -1107,8 +1109,25 @@ def _pow_tensor(inplace: bool) -> Adapter:
         res = _portable_pow(call, self, exponent, inplace)
         if res is not None:
             return res
-        res = _aligned_pow(call, self, exponent, inplace)
+        res = _aligned_binary(torch.pow, self, exponent, inplace)
         _pow_not_portable(call, self, exponent)
+        return res
+
+    return adapter
+
+
+def _atan2(inplace: bool) -> Adapter:
+    """atan2 on the CPU: torch's kernel with every element on its vector path (float32's
+    scalar tail rounded 673 of 4,099 elements differently); in portable mode it is still
+    torch's math library (counted as not portable)."""
+
+    def adapter(call: Call, self: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        if not inplace and not torch.result_type(self, other).is_floating_point:
+            # integers are computed in the default float dtype, by the same loop
+            self, other = self.to(torch.get_default_dtype()), other.to(torch.get_default_dtype())
+        res = _aligned_binary(torch.atan2, self, other, inplace)
+        if call.portable:
+            call.not_portable("torch's math library (not in the canonical orders)")
         return res
 
     return adapter
@@ -1162,11 +1181,12 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("scaled_dot_product_attention", scaled_dot_product_attention, "attention", composite=True),
 )
 
-_ELEMENTWISE_NAMES = ("silu", "sigmoid", "gelu", "softplus", "mish", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos")
+_ELEMENTWISE_NAMES = ("silu", "sigmoid", "gelu", "softplus", "mish", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos",
+                      "elu", "exp2", "cosh")
 # Every in-place form aten has of the names above (softplus has none): an unrouted one
 # would run torch's position-dependent loop without a trace in uncovered().
 _ELEMENTWISE_INPLACE = ("silu_", "sigmoid_", "gelu_", "mish_", "sinh_", "rsqrt_", "tanh_", "exp_", "erf_", "log_",
-                        "sin_", "cos_")
+                        "sin_", "cos_", "elu_", "exp2_", "cosh_")
 
 _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _elementwise(name), "elementwise") for name in _ELEMENTWISE_NAMES),
@@ -1176,6 +1196,8 @@ _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
     OpOverride("pow.Tensor_Tensor", _pow_tensor(inplace=False), "elementwise", numbers_as_tensors=True),
     OpOverride("pow_.Tensor", _pow_tensor(inplace=True), "elementwise", numbers_as_tensors=True),
     OpOverride("pow.Scalar", _pow_tensor(inplace=False), "elementwise"),
+    OpOverride("atan2", _atan2(inplace=False), "elementwise"),
+    OpOverride("atan2_", _atan2(inplace=True), "elementwise"),
 )
 
 # CUDA: only the functions the portable backends implement, for portable mode.
@@ -1378,8 +1400,6 @@ KNOWN_POSITION_DEPENDENT: dict[str, str] = {
     **{op: "with alpha != 1 (the vector path fuses the multiply and the add; measured in bfloat16/float16, "
            "and in float32 on some batch shapes)"
        for op in ("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "rsub.Tensor", "rsub.Scalar")},
-    "atan2.default": "float32: the vector path rounds differently from the scalar tail",
-    "elu.default": "float32: the vector path rounds differently from the scalar tail",
     "floor_divide.default": "bfloat16/float16: the vector path rounds differently from the scalar tail "
                             "(integer operands, as in MoE token indices, are exact)",
 }
