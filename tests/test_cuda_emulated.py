@@ -1083,7 +1083,7 @@ def test_portable_mode_through_the_cuda_backend_gives_the_committed_cpu_logits(
     assert_bits_equal(logits, ref.load(family)[attn], f"{family} {attn}: portable logits through the CUDA backend")
 
 
-_SCAN_FAMILIES = {
+_PORTABLE_FAMILIES = {
     "mamba2": dict(hidden_size=64, state_size=16, num_heads=8, head_dim=16, n_groups=1, num_hidden_layers=2,
                    chunk_size=8),
     "qwen3_next": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -1091,25 +1091,29 @@ _SCAN_FAMILIES = {
                        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
                        linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                        shared_expert_intermediate_size=32),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
 }
+# what each family must have launched besides the portable elementwise kernel
+_FAMILY_KERNELS = {"mamba2": {"row_cumsum_f32"}, "qwen3_next": {"row_cumsum_f32", "solve_lower_f32"},
+                   "bloom": {"pow_p_f32"}}
 
 
-@pytest.mark.parametrize("family", sorted(_SCAN_FAMILIES))
-def test_portable_chunked_scans_through_the_cuda_backend_give_the_cpu_portable_logits(
+@pytest.mark.parametrize("family", sorted(_PORTABLE_FAMILIES))
+def test_portable_families_through_the_cuda_backend_give_the_cpu_portable_logits(
     emulated: dict, monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:
     """A small Mamba2 (chunked scan: float cumsum of its segment sums and decays, causal
     conv, softplus, gated RMSNorm) and Qwen3-Next (gated delta rule: cumsum of the gates,
-    the UT system's triangular solves; attention and MoE beside it) under
-    batch_invariant(portable=True), every op on the CUDA backend, give the CPU portable
-    backend's float32 logits bit for bit."""
+    the UT system's triangular solves; attention and MoE beside it) and Bloom (ALiBi
+    slopes through Pow: pow.Tensor_Tensor) under batch_invariant(portable=True), every op
+    on the CUDA backend, give the CPU portable backend's float32 logits bit for bit."""
     transformers = pytest.importorskip("transformers")
     from detkit.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_tokenizer
 
     import detkit
 
     config = transformers.AutoConfig.for_model(family, vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
-                                               eos_token_id=EOS_ID, initializer_range=0.1, **_SCAN_FAMILIES[family])
+                                               eos_token_id=EOS_ID, initializer_range=0.1, **_PORTABLE_FAMILIES[family])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config).eval()
@@ -1126,8 +1130,7 @@ def test_portable_chunked_scans_through_the_cuda_backend_give_the_cpu_portable_l
     launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
     got, uncovered = logits()
     assert uncovered == {}, uncovered
-    used = {"row_cumsum_f32", "elementwise_p_f32"} | ({"solve_lower_f32"} if family == "qwen3_next" else set())
-    assert used <= launched, launched
+    assert {"elementwise_p_f32", *_FAMILY_KERNELS[family]} <= launched, launched
     assert_bits_equal(got, want, f"{family} portable logits: CUDA backend vs CPU portable backend")
 
 
