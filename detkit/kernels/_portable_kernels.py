@@ -312,12 +312,26 @@ def pow_f32(x: float, y: float) -> float:
         return -mag if odd and f32_to_bits(x) < np.int32(0) else mag  # x's sign, -0.0 included
     if xd < ZERO64 and rint64(y) != y:
         return CANON_NAN
-    bits = f64_to_bits(abs(xd))  # a normal binary64 (fp32 subnormals included)
+    res = _pow_positive(abs(xd), y)
+    return -res if xd < ZERO64 and odd else res
+
+
+@njit(cache=True, error_model="numpy")
+def _pow_plain(x: float, y: float) -> bool:
+    """Pow(x, y) is _pow_positive(x, y): x finite, positive and not 1; y finite, not 0 or 2."""
+    return x > ZERO and x < INF and x != ONE and abs(y) < INF64 and y != ZERO64 and y != TWO64
+
+
+@njit(cache=True, error_model="numpy")
+def _pow_positive(a: float, y: float) -> float:
+    """The general path of Pow for a finite a > 0 and a finite y, without branches (so that
+    loops over it vectorise): log(a) by the atanh series, y log(a), exp by Cody-Waite."""
+    bits = f64_to_bits(a)  # a normal binary64 (fp32 subnormals included)
     e = (bits >> np.int64(52)) - np.int64(1023)
-    m = bits_to_f64((bits & MANTISSA64) | ONE64_BITS)  # |x| = m * 2^e, m in [1, 2)
-    if m > POW_SQRT2:
-        m = m * HALF64
-        e += np.int64(1)
+    m = bits_to_f64((bits & MANTISSA64) | ONE64_BITS)  # a = m * 2^e, m in [1, 2)
+    big = m > POW_SQRT2
+    m = m * HALF64 if big else m
+    e = e + np.int64(1) if big else e
     f = m - ONE64
     s = f / (TWO64 + f)
     z = s * s
@@ -352,8 +366,7 @@ def pow_f32(x: float, y: float) -> float:
     p = p * r + ONE64
     p = p * r + ONE64
     w = p * bits_to_f64((np.int64(k) + np.int64(1023)) << np.int64(52))  # exact: 2^k is normal
-    res = np.float32(w)
-    return -res if xd < ZERO64 and odd else res
+    return np.float32(w)
 
 
 @njit(cache=True, error_model="numpy")
@@ -689,13 +702,22 @@ def pow_range(x: np.ndarray, y: np.ndarray, y_scalar: float, y_is_scalar: bool, 
         c1 = min(hi, c0 + ROW_CHUNK)
         xs = as_f32(x[c0:c1], xbuf, mode)
         ys = out[c0:c1]
+        # The general path for every element (a loop without branches, which vectorises),
+        # then the special cases (zeros, infinities, NaN, negative bases, 1, y in {0, 2})
+        # element by element: same bits as pow_f32 for each.
         if y_is_scalar:
             for j in range(xs.shape[0]):
-                ys[j] = canon(pow_f32(xs[j], y_scalar))
+                ys[j] = _pow_positive(abs(F64(xs[j])), y_scalar)
+            for j in range(xs.shape[0]):
+                if not _pow_plain(xs[j], y_scalar):
+                    ys[j] = canon(pow_f32(xs[j], y_scalar))
         else:
             es = as_f32(y[c0:c1], ybuf, mode)
             for j in range(xs.shape[0]):
-                ys[j] = canon(pow_f32(xs[j], F64(es[j])))
+                ys[j] = _pow_positive(abs(F64(xs[j])), F64(es[j]))
+            for j in range(xs.shape[0]):
+                if not _pow_plain(xs[j], F64(es[j])):
+                    ys[j] = canon(pow_f32(xs[j], F64(es[j])))
 
 
 # ------------------------------------------------------------------ float16 <-> float32
