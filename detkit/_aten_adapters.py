@@ -35,11 +35,11 @@ Face tests); a third invariance is the kernels' own:
   ``sigmoid``, ``gelu(tanh)``, ``softplus``, ``mish``, ``sinh``, ``elu``, ``exp2``,
   ``cosh``, ``pow``, ``atan2``, and
   ``rsqrt`` in 16-bit (measured on AVX-512: ``silu`` over rows of 688 float32 values
-  changes bits with the batch size); ``pow`` with a tensor exponent or a scalar base,
-  and ``atan2``, run the same way with both operands broadcast and padded alike. The adapter pads the flattened tensor to a
+  changes bits with the batch size). The adapter pads the flattened tensor to a
   multiple of ``_ALIGN`` elements and calls the original kernel on slices of
   ``_SLICE`` elements, below torch's parallel grain, so every element takes the
-  vectorised path on one thread.
+  vectorised path on one thread; ``pow`` with a tensor exponent or a scalar base, and
+  ``atan2``, the same with both operands broadcast and padded alike.
 
 In portable mode (``Call.portable``) the elementwise functions the portable backends
 implement (``ELEMENTWISE_PORTABLE``: exp, log, rsqrt, sigmoid, silu, tanh, erf, sin,
@@ -1011,7 +1011,10 @@ def _portable_pow(call: Call, base: Any, exponent: Any, inplace: bool) -> torch.
     if isinstance(base, torch.Tensor) and not isinstance(exponent, torch.Tensor):
         x, y = base.detach().to(dtype), float(exponent) if dtype == torch.float32 else _scalar_in(exponent, dtype)
     else:
-        xt = base.detach().to(dtype) if isinstance(base, torch.Tensor) else torch.tensor(_scalar_in(base, dtype), dtype=dtype)
+        if isinstance(base, torch.Tensor):
+            xt = base.detach().to(dtype)
+        else:
+            xt = torch.tensor(_scalar_in(base, dtype), dtype=dtype)
         x, y = torch.broadcast_tensors(xt.to(tensor.device), exponent.detach().to(device=tensor.device, dtype=dtype))
         y = y.contiguous()
     if inplace and (x.shape != base.shape or dtype != base.dtype):
@@ -1181,8 +1184,8 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("scaled_dot_product_attention", scaled_dot_product_attention, "attention", composite=True),
 )
 
-_ELEMENTWISE_NAMES = ("silu", "sigmoid", "gelu", "softplus", "mish", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos",
-                      "elu", "exp2", "cosh")
+_ELEMENTWISE_NAMES = ("silu", "sigmoid", "gelu", "softplus", "mish", "sinh", "rsqrt", "tanh", "exp", "erf", "log",
+                      "sin", "cos", "elu", "exp2", "cosh")
 # Every in-place form aten has of the names above (softplus has none): an unrouted one
 # would run torch's position-dependent loop without a trace in uncovered().
 _ELEMENTWISE_INPLACE = ("silu_", "sigmoid_", "gelu_", "mish_", "sinh_", "rsqrt_", "tanh_", "exp_", "erf_", "log_",
@@ -1205,7 +1208,8 @@ _CUDA_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _cuda_elementwise(name), "elementwise") for name in sorted(ELEMENTWISE_PORTABLE)),
     *(OpOverride(name, _cuda_elementwise(name.removesuffix("_"), inplace=True), "elementwise")
       for name in _ELEMENTWISE_INPLACE if name.removesuffix("_") in ELEMENTWISE_PORTABLE),
-    *(OpOverride(name, _cuda_pow(inplace=name.startswith("pow_")), "elementwise", numbers_as_tensors=True)
+    *(OpOverride(name, _cuda_pow(inplace=name.startswith("pow_")), "elementwise",
+                 numbers_as_tensors=name in ("pow.Tensor_Tensor", "pow_.Tensor"))
       for name in ("pow.Tensor_Scalar", "pow_.Scalar", "pow.Tensor_Tensor", "pow_.Tensor", "pow.Scalar")),
 )
 

@@ -318,11 +318,15 @@ class _NumbersAsTensors:
         self._original = original
 
     def call_boxed(self, keyset: Any, *args: Any, **kwargs: Any) -> Any:
-        if any(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            args = tuple(torch.tensor(a, dtype=torch.result_type(a, tensors[0]), device=tensors[0].device)
-                         if isinstance(a, (int, float)) and not isinstance(a, bool) and tensors else a for a in args)
+        like = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if like is not None:
+            args = tuple(torch.tensor(a, dtype=torch.result_type(a, like), device=like.device) if _is_number(a) else a
+                         for a in args)
         return self._original.call_boxed(keyset, *args, **kwargs)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _grad_needed(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
@@ -560,7 +564,7 @@ class TracedOps(Counter):  # type: ignore[type-arg]
         self.complex_inputs: set[str] = set()
         self.float64_inputs: set[str] = set()
         # pow overloads with a scalar exponent: the exponents seen (2 and 0.5 are exact,
-        # 3 is the portable cube; only the others are torch's math library)
+        # 3 is the portable cube, the others the portable Pow)
         self.pow_exponents: dict[str, set[float | complex]] = {}
 
 

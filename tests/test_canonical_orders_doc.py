@@ -1,10 +1,10 @@
 """docs/canonical-orders.md, implemented a second time, independently, equals spec.py.
 
-The functions below were written from the document alone (sections 1, 2.4 to 2.7 and
-the "elementwise" table of section 3), without reading ``detkit/kernels/spec.py`` or the
+The functions below were written from the document alone (sections 1, 2.4 to 2.7, 2.9
+and the "elementwise" table of section 3), without reading ``detkit/kernels/spec.py`` or the
 kernels, in exact arithmetic: every value is a Python float holding an fp32 value, every
 operation is computed exactly with ``fractions.Fraction`` and rounded once to fp32
-(nearest, ties to even, subnormals kept) by ``_round``. The constants are copied from the
+(nearest, ties to even, subnormals kept) by ``_round`` (Pow's binary64 steps to binary64). The constants are copied from the
 document by hand (nothing is parsed from it), so this is a second implementation of the
 written specification: if it and ``spec.py`` disagree, the document does not pin the bits
 down, or ``spec.py`` does not follow it.
@@ -499,3 +499,138 @@ def test_sin_cos_accuracy_below_one_at_the_worst_points() -> None:
         x = float(np.float32(x))
         err = abs(mpmath.mpf(f(x)) - ref(mpmath.mpf(x))) / mpmath.mpf(2) ** -24  # results in [0.5, 1)
         assert claimed - 0.01 < err <= claimed, (f.__name__, x, float(err))
+
+
+# ---------------------------------------------------------------------------------------
+# 2.9 Pow: binary64 operations, each exact then rounded once (p = 53)
+# ---------------------------------------------------------------------------------------
+
+
+def _d(bits: int) -> float:
+    """The binary64 value with this bit pattern."""
+    return struct.unpack("<d", struct.pack("<Q", bits))[0]
+
+
+def _r64(q: Fraction) -> float:
+    return _round(q, p=53, emin=-1022, emax=1023)
+
+
+def dadd(x: float, y: float) -> float:
+    return _r64(Fraction(x) + Fraction(y))
+
+
+def dsub(x: float, y: float) -> float:
+    return _r64(Fraction(x) - Fraction(y))
+
+
+def dmul(x: float, y: float) -> float:
+    return _r64(Fraction(x) * Fraction(y))
+
+
+def ddiv(x: float, y: float) -> float:
+    return _r64(Fraction(x) / Fraction(y))
+
+
+SQRT2_D, LN2_D, INV_LN2 = _d(0x3FF6A09E667F3BCD), _d(0x3FE62E42FEFA39EF), _d(0x3FF71547652B82FE)
+LN2_HI_D, LN2_LO_D = _d(0x3FE62E42FEE00000), _d(0x3DEA39EF35793C76)
+POW_L = [_r64(Fraction(1, 2 * k + 1)) for k in range(1, 11)]  # "binary64(1/3), ..., binary64(1/21)"
+POW_E = [_r64(Fraction(1, math.factorial(j))) for j in range(2, 14)]  # "binary64(1/2!), ..., binary64(1/13!)"
+
+
+def _odd(y: float) -> bool:
+    return abs(y) < 2.0**53 and y == rint(y) and rint(dmul(y, 0.5)) != dmul(y, 0.5)
+
+
+def Pow(x: float, y: float) -> float:  # noqa: N802 - the document's name
+    """Section 2.9 as written: x an fp32 value, y a binary64 value."""
+    X = x
+    if y == 0 or X == 1:
+        return 1.0
+    if math.isnan(X) or math.isnan(y):
+        return math.nan
+    if y == 2:
+        # fp32(X * X): the binary64 product is exact (and inf * inf = inf)
+        return _round(Fraction(X) * Fraction(X)) if math.isfinite(X) else X * X
+    if math.isinf(y):
+        if X == -1:
+            return 1.0
+        return math.inf if (abs(X) < 1) == (y < 0) else 0.0
+    if X == 0 or math.isinf(X):
+        mag = math.inf if (X == 0) == (y < 0) else 0.0
+        return math.copysign(mag, X) if _odd(y) else mag
+    if X < 0 and y != rint(y):
+        return math.nan
+    m, e = abs(X), 0
+    while m >= 2:
+        m, e = m / 2, e + 1
+    while m < 1:
+        m, e = m * 2, e - 1  # exact: powers of two
+    if m > SQRT2_D:
+        m, e = dmul(m, 0.5), e + 1
+    f = dsub(m, 1.0)
+    s = ddiv(f, dadd(2.0, f))
+    z = dmul(s, s)
+    q = POW_L[9]
+    for c in reversed(POW_L[:9]):  # L9 .. L1
+        q = dadd(dmul(q, z), c)
+    s2 = dadd(s, s)
+    lm = dadd(s2, dmul(s2, dmul(z, q)))
+    t = dmul(y, dadd(dmul(float(e), LN2_D), lm))
+    t = min(max(t, -200.0), 200.0)
+    k = rint(dmul(t, INV_LN2))
+    r = dsub(dsub(t, dmul(k, LN2_HI_D)), dmul(k, LN2_LO_D))
+    p = POW_E[11]
+    for c in reversed(POW_E[:11]):  # E12 .. E2
+        p = dadd(dmul(p, r), c)
+    p = dadd(dmul(p, r), 1.0)
+    p = dadd(dmul(p, r), 1.0)
+    w = Fraction(p) * Fraction(2) ** int(k)  # exact
+    res = _round(w)
+    return -res if X < 0 and _odd(y) else res
+
+
+def _pow_inputs() -> tuple[list[float], list[float]]:
+    """Base-exponent pairs: the special values against each other, then random ones."""
+    specials_x = [0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 0.5, math.inf, -math.inf, math.nan, _f(1), _f(0x80000001),
+                  _f(0x7F7FFFFF), 1.5, -3.0, _f(0x3F7FFFFF), _f(0x3F800001), 10.0]
+    specials_y = [0.0, -0.0, 1.0, -1.0, 2.0, 3.0, -3.0, 0.5, 2.5, math.inf, -math.inf, math.nan, 1e30, 16777215.0,
+                  149.0, -149.0, 0.3, 1e6]
+    xs = [a for a in specials_x for _ in specials_y]
+    ys = [b for _ in specials_x for b in specials_y]
+    rng = np.random.default_rng(29)
+    xs += [float(v) for v in (rng.random(150) * 20).astype(np.float32)]
+    xs += [float(v) for v in (-rng.integers(1, 9, 50)).astype(np.float32)]
+    ys += [float(v) for v in (rng.standard_normal(150) * 8).astype(np.float32)]
+    ys += [float(v) for v in rng.integers(-30, 30, 50).astype(np.float32)]
+    return xs, ys
+
+
+def test_document_pow_equals_spec_and_cpu() -> None:
+    """Section 2.9 written out in exact arithmetic rounded to binary64 at every step:
+    spec.py and the numba kernel give its bits, for tensor exponents and for binary64
+    scalar ones (1.7 is not an fp32 value)."""
+    xs, ys = _pow_inputs()
+    x, y = torch.tensor(xs, dtype=torch.float32), torch.tensor(ys, dtype=torch.float32)
+    ys = y.tolist()  # a tensor exponent is an fp32 value (0.3 is not)
+    want = [_to_bits(Pow(a, b), torch.float32) for a, b in zip(xs, ys, strict=True)]
+    for impl, fn in (("spec.py", S.pow), ("portable_cpu", P.pow)):
+        diff = _first_difference(want, out_bits(fn(x, y)), x)
+        assert not diff, f"{impl}: {diff}"
+    for scalar in (1.7, 1.0 / 3.0, -2.5):
+        want = [_to_bits(Pow(a, scalar), torch.float32) for a in xs]
+        for impl, fn in (("spec.py", S.pow), ("portable_cpu", P.pow)):
+            diff = _first_difference(want, out_bits(fn(x, scalar)), x)
+            assert not diff, f"{impl}, y = {scalar}: {diff}"
+
+
+def test_document_pow_constants_are_what_the_document_says() -> None:
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.prec = 300
+
+    def d_of(v) -> float:  # an mpmath value rounded once to binary64
+        return _r64(Fraction(int(mpmath.floor(v * mpmath.mpf(2) ** 250)), 2**250))
+
+    assert SQRT2_D == d_of(mpmath.sqrt(2)) and LN2_D == d_of(mpmath.log(2)) and INV_LN2 == d_of(1 / mpmath.log(2))
+    assert LN2_LO_D == d_of(mpmath.log(2) - LN2_HI_D)
+    assert Fraction(LN2_HI_D).numerator.bit_length() <= 32  # "k * LN2_HI exact for |k| < 2^21"
+    assert POW_L == [S.POW_L[i] for i in range(10)] and POW_E == list(S.POW_E)
