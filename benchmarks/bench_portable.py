@@ -155,6 +155,15 @@ def _exact_unary(name: str, x: torch.Tensor) -> np.ndarray:
     return np.array([_fraction(v) for v in vals], dtype=object).reshape(tuple(x.shape))
 
 
+def _exact_pow(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """Exact-enough values (60 digits) of x ** y, as Fractions."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    vals = [mpmath.power(mpmath.mpf(a), mpmath.mpf(b)) for a, b in zip(x.tolist(), y.tolist(), strict=True)]
+    return np.array([_fraction(v) for v in vals], dtype=object).reshape(tuple(x.shape))
+
+
 def _exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
                      scale: float) -> np.ndarray:
     import mpmath
@@ -225,6 +234,10 @@ def accuracy() -> list[dict[str, object]]:
         exact, port, ref = _exact_unary(name, xg), P.elementwise(name, xg), torch_fn(xg)
         add(name, "20000", torch.float32, exact, port, ref)
         add(name, f"{int(keep.sum())}, x > -3", torch.float32, exact[keep.numpy()], port[keep], ref[keep])
+    gp = torch.Generator().manual_seed(5)
+    xw = torch.exp2(torch.empty(20000).uniform_(-20.0, 20.0, generator=gp))
+    yw = torch.empty(20000).uniform_(-4.0, 4.0, generator=gp)
+    add("pow", "20000", torch.float32, _exact_pow(xw, yw), P.pow(xw, yw), torch.pow(xw, yw))
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(8, 1024, generator=g).to(dtype)
         w = torch.randn(128, 1024, generator=g).to(dtype)
