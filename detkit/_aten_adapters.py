@@ -56,6 +56,7 @@ elementwise kernels are position independent already).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -909,7 +910,8 @@ def _portable(name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
 
 # Unary ops that compute an integer or bool input in the default float dtype (the others
 # refuse such input): their results come from the same position-dependent float loops.
-_PROMOTES_INTEGERS = frozenset({"sigmoid", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos", "exp2", "cosh"})
+_PROMOTES_INTEGERS = frozenset({"sigmoid", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos", "exp2", "cosh",
+                                "logit"})
 
 
 def _portable_name(op: str, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -1035,22 +1037,24 @@ def _pow_not_portable(call: Call, base: Any, exponent: Any) -> None:
         call.not_portable(f"{dtype}: torch's math library (portable pow takes float32, bfloat16, float16)")
 
 
-def _aligned_binary(fn: Callable[[Any, Any], torch.Tensor], base: Any, exponent: Any, inplace: bool) -> torch.Tensor:
-    """torch's binary ``fn`` (pow, atan2) with every element on its vector path
-    (``_aligned``, for two operands): both broadcast, flattened and padded with ones to a
-    multiple of ``_ALIGN``, in slices."""
+def _aligned_binary(fn: Callable[[Any, Any], torch.Tensor], base: Any, exponent: Any, inplace: bool,
+                    name: str = "") -> torch.Tensor:
+    """torch's binary ``fn`` (pow, atan2, ...; ``name`` for messages) with every element on
+    its vector path (``_aligned``, for two operands): both broadcast, flattened and padded
+    with ones to a multiple of ``_ALIGN``, in slices."""
+    name = name or fn.__name__
     tensors = [t for t in (base, exponent) if isinstance(t, torch.Tensor)]
     dtype = torch.result_type(base, exponent)
     if any(t.layout != torch.strided for t in tensors):
         raise Unsupported("a tensor that is not strided")
     if dtype not in _FLOATS:
-        raise Unsupported(f"{dtype} {fn.__name__}")
+        raise Unsupported(f"{dtype} {name}")
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     n = math.prod(shape)
     if n == 0:
         raise Unsupported("empty input", benign=True)
     if inplace and shape != base.shape:
-        raise Unsupported(f"in-place {fn.__name__} whose result does not fit the tensor (torch says why)")
+        raise Unsupported(f"in-place {name} whose result does not fit the tensor (torch says why)")
     padded = -(-n // _ALIGN) * _ALIGN
 
     def flat(v: Any) -> Any:
@@ -1071,7 +1075,7 @@ def _aligned_binary(fn: Callable[[Any, Any], torch.Tensor], base: Any, exponent:
     res = (parts[0] if len(parts) == 1 else torch.cat(parts))[:n].reshape(shape)
     if inplace:
         if res.dtype != base.dtype:
-            raise Unsupported(f"in-place {fn.__name__} whose result dtype is not the tensor's (torch says why)")
+            raise Unsupported(f"in-place {name} whose result dtype is not the tensor's (torch says why)")
         with torch.no_grad():
             base.copy_(res)
         return base
@@ -1119,17 +1123,25 @@ def _pow_tensor(inplace: bool) -> Adapter:
     return adapter
 
 
-def _atan2(inplace: bool) -> Adapter:
-    """atan2 on the CPU: torch's kernel with every element on its vector path (float32's
-    scalar tail rounded 673 of 4,099 elements differently); in portable mode it is still
-    torch's math library (counted as not portable)."""
+def _binary(fn: Callable[..., torch.Tensor], inplace: bool, *, libm: bool) -> Adapter:
+    """A binary op on the CPU (atan2, logaddexp: ``libm``, from torch's math library;
+    floor_divide, div with a rounding mode: IEEE operations) through torch's kernel with
+    every element on its vector path: the scalar tail rounded differently (float32
+    atan2 673 and logaddexp 88 of 4,099 elements; bfloat16/float16 floor division 11 and
+    1). In portable mode a ``libm`` op is still torch's math library (counted as not
+    portable). Integer operands: a ``libm`` op computes them in the default float dtype,
+    by the same loop; the divisions are exact on them and pass through."""
 
-    def adapter(call: Call, self: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        if not inplace and not torch.result_type(self, other).is_floating_point:
-            # integers are computed in the default float dtype, by the same loop
-            self, other = self.to(torch.get_default_dtype()), other.to(torch.get_default_dtype())
-        res = _aligned_binary(torch.atan2, self, other, inplace)
-        if call.portable:
+    def adapter(call: Call, self: Any, other: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.result_type(self, other).is_floating_point:
+            if not libm:
+                raise Unsupported("integer operands: exact", benign=True)
+            if not inplace:
+                self, other = self.to(torch.get_default_dtype()), other.to(torch.get_default_dtype())
+        if "rounding_mode" in kwargs and kwargs["rounding_mode"] is None:
+            raise Unsupported("true division is one correctly rounded operation", benign=True)
+        res = _aligned_binary(functools.partial(fn, **kwargs), self, other, inplace, name=fn.__name__)
+        if call.portable and libm:
             call.not_portable("torch's math library (not in the canonical orders)")
         return res
 
@@ -1185,11 +1197,11 @@ _COMMON: tuple[OpOverride, ...] = (
 )
 
 _ELEMENTWISE_NAMES = ("silu", "sigmoid", "gelu", "softplus", "mish", "sinh", "rsqrt", "tanh", "exp", "erf", "log",
-                      "sin", "cos", "elu", "exp2", "cosh")
+                      "sin", "cos", "elu", "exp2", "cosh", "logit")
 # Every in-place form aten has of the names above (softplus has none): an unrouted one
 # would run torch's position-dependent loop without a trace in uncovered().
 _ELEMENTWISE_INPLACE = ("silu_", "sigmoid_", "gelu_", "mish_", "sinh_", "rsqrt_", "tanh_", "exp_", "erf_", "log_",
-                        "sin_", "cos_", "elu_", "exp2_", "cosh_")
+                        "sin_", "cos_", "elu_", "exp2_", "cosh_", "logit_")
 
 _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _elementwise(name), "elementwise") for name in _ELEMENTWISE_NAMES),
@@ -1199,8 +1211,13 @@ _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
     OpOverride("pow.Tensor_Tensor", _pow_tensor(inplace=False), "elementwise", numbers_as_tensors=True),
     OpOverride("pow_.Tensor", _pow_tensor(inplace=True), "elementwise", numbers_as_tensors=True),
     OpOverride("pow.Scalar", _pow_tensor(inplace=False), "elementwise"),
-    OpOverride("atan2", _atan2(inplace=False), "elementwise"),
-    OpOverride("atan2_", _atan2(inplace=True), "elementwise"),
+    # floor_divide.Scalar and div.Scalar_mode call these with a wrapped number
+    *(OpOverride(name, _binary(fn, inplace=name.partition(".")[0].endswith("_"), libm=libm), "elementwise",
+                 numbers_as_tensors=True)
+      for name, fn, libm in (("atan2", torch.atan2, True), ("atan2_", torch.atan2, True),
+                             ("logaddexp", torch.logaddexp, True), ("floor_divide", torch.floor_divide, False),
+                             ("floor_divide_.Tensor", torch.floor_divide, False),
+                             ("div.Tensor_mode", torch.div, False), ("div_.Tensor_mode", torch.div, False))),
 )
 
 # CUDA: only the functions the portable backends implement, for portable mode.
@@ -1217,7 +1234,8 @@ _CUDA_ELEMENTWISE: tuple[OpOverride, ...] = (
 # functional forms: unrouted, they ran torch's kernel without a trace in uncovered().
 _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim_IntList": "sum.IntList_out",
               "sum.default": "sum.out", "pow.Tensor_Scalar": "pow.Tensor_Scalar_out",
-              "pow.Tensor_Tensor": "pow.Tensor_Tensor_out", "pow.Scalar": "pow.Scalar_out"}
+              "pow.Tensor_Tensor": "pow.Tensor_Tensor_out", "pow.Scalar": "pow.Scalar_out",
+              "div.Tensor_mode": "div.out_mode"}
 _NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})
 
@@ -1381,7 +1399,7 @@ ELEMENTWISE_EXACT: frozenset[str] = frozenset(
 ELEMENTWISE_LIBM: frozenset[str] = frozenset(
     {
         "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "tanh", "sinh", "cosh",
-        "atan", "asin", "acos", "atan2", "sigmoid", "silu", "gelu", "erf", "erfc", "rsqrt", "pow", "softplus",
+        "atan", "asin", "acos", "atan2", "sigmoid", "silu", "gelu", "erf", "erfc", "rsqrt", "pow", "softplus", "logaddexp",
         "mish", "elu", "logit", "hardswish", "hardsigmoid",
     }
 )
@@ -1404,6 +1422,4 @@ KNOWN_POSITION_DEPENDENT: dict[str, str] = {
     **{op: "with alpha != 1 (the vector path fuses the multiply and the add; measured in bfloat16/float16, "
            "and in float32 on some batch shapes)"
        for op in ("add.Tensor", "add_.Tensor", "sub.Tensor", "sub_.Tensor", "rsub.Tensor", "rsub.Scalar")},
-    "floor_divide.default": "bfloat16/float16: the vector path rounds differently from the scalar tail "
-                            "(integer operands, as in MoE token indices, are exact)",
 }
