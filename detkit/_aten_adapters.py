@@ -999,7 +999,7 @@ def _portable_pow(call: Call, base: Any, exponent: Any, inplace: bool) -> torch.
     The operands are what torch computes from: a tensor cast to the result dtype, a
     scalar rounded into it, except a scalar exponent of a float32 tensor, which torch's
     CPU kernel keeps in double (so does ``Pow``: its exponent is binary64)."""
-    if not call.portable:
+    if not call.portable or not (isinstance(base, torch.Tensor) or isinstance(exponent, torch.Tensor)):
         return None
     if isinstance(exponent, bool) or isinstance(base, bool) or isinstance(exponent, complex):
         return None
@@ -1044,6 +1044,8 @@ def _aligned_binary(fn: Callable[[Any, Any], torch.Tensor], base: Any, exponent:
     with ones to a multiple of ``_ALIGN``, in slices."""
     name = name or fn.__name__
     tensors = [t for t in (base, exponent) if isinstance(t, torch.Tensor)]
+    if not tensors:  # two wrapped scalars (torch.div(7.5, 2, rounding_mode=...)): one value, no position
+        raise Unsupported("scalar operands only", benign=True)
     dtype = torch.result_type(base, exponent)
     if any(t.layout != torch.strided for t in tensors):
         raise Unsupported("a tensor that is not strided")

@@ -312,17 +312,24 @@ class _NumbersAsTensors:
     """An original kernel whose Tensor arguments may arrive as Python numbers: torch hands
     a Python kernel a wrapped-number tensor (a scalar that C++ code passed as a Tensor)
     as a number, and the boxed call refuses it. A number becomes a 0-d tensor of the dtype
-    it would promote to, which gives the call the wrapped number's result dtype."""
+    it would promote to, which gives the call the wrapped number's result dtype (with no
+    tensor at all, as LED's ``torch.div(seq_len, window, rounding_mode="trunc")`` of two
+    ints, each number's own: int64 or the default float dtype)."""
 
     def __init__(self, original: Any) -> None:
         self._original = original
 
     def call_boxed(self, keyset: Any, *args: Any, **kwargs: Any) -> Any:
         like = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if like is not None:
-            args = tuple(torch.tensor(a, dtype=torch.result_type(a, like), device=like.device) if _is_number(a) else a
-                         for a in args)
-        return self._original.call_boxed(keyset, *args, **kwargs)
+
+        def as_tensor(a: Any) -> Any:
+            if not _is_number(a):
+                return a
+            if like is None:
+                return torch.tensor(a)
+            return torch.tensor(a, dtype=torch.result_type(a, like), device=like.device)
+
+        return self._original.call_boxed(keyset, *(as_tensor(a) for a in args), **kwargs)
 
 
 def _is_number(value: Any) -> bool:

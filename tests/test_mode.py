@@ -1464,7 +1464,7 @@ def test_scalar_overloads_that_call_a_routed_op_with_a_wrapped_number_still_run(
     """floor_divide.Scalar and div.Scalar_mode call floor_divide / div.Tensor_mode with the
     scalar wrapped as a tensor, which a Python kernel receives as a Python number: passed
     on as such, torch's kernel refused it (Expected a value of type 'Tensor'), and every
-    MoE model (token // top_k) failed under the mode."""
+    MoE model (token // top_k) failed under the mode, and LED's torch.div of two ints."""
     ints, floats = torch.arange(-7, 9), torch.linspace(-4, 4, 37).bfloat16()
     calls = {
         "ints // 2": lambda: ints // 2, "floats // 2": lambda: floats // 2,
@@ -1472,6 +1472,9 @@ def test_scalar_overloads_that_call_a_routed_op_with_a_wrapped_number_still_run(
         "div trunc, ints": lambda: torch.div(ints, 3, rounding_mode="trunc"),
         "in place": lambda: floats.clone().floor_divide_(2),
         "div_ floor": lambda: floats.clone().div_(3, rounding_mode="floor"),
+        # two Python ints, both wrapped (LED's chunk count): no tensor to take a dtype from
+        "ints only": lambda: torch.div(64, 2, rounding_mode="trunc"),
+        "floats only": lambda: torch.div(7.5, 2, rounding_mode="floor"),
     }
     want = {name: fn() for name, fn in calls.items()}
     with detkit.batch_invariant(strict=True) as bi:
