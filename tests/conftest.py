@@ -27,6 +27,22 @@ settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("DETKIT_HYPOTHESIS_PROFILE", "ci"))
 
 
+# Tiny configs (AutoConfig.for_model keyword arguments) of the families that the cross-ISA
+# test (test_mode_portable), the emulated CUDA backend (test_cuda_emulated) and the portable
+# coverage checks all build: Mamba2's chunked scan, Qwen3-Next's gated delta rule,
+# Bloom's ALiBi slopes (pow).
+TINY_FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
+    "mamba2": dict(hidden_size=64, state_size=16, num_heads=8, head_dim=16, n_groups=1, num_hidden_layers=2,
+                   chunk_size=8),
+    "qwen3_next": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                       linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32),
+    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
+}
+
+
 def load_script(path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     """Import a script that is not part of the package (benchmarks/*.py) as a module."""
     spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)

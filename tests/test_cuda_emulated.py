@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FAMILY_CONFIGS
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -1083,22 +1084,12 @@ def test_portable_mode_through_the_cuda_backend_gives_the_committed_cpu_logits(
     assert_bits_equal(logits, ref.load(family)[attn], f"{family} {attn}: portable logits through the CUDA backend")
 
 
-_PORTABLE_FAMILIES = {
-    "mamba2": dict(hidden_size=64, state_size=16, num_heads=8, head_dim=16, n_groups=1, num_hidden_layers=2,
-                   chunk_size=8),
-    "qwen3_next": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
-                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
-                       linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=32),
-    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
-}
 # what each family must have launched besides the portable elementwise kernel
 _FAMILY_KERNELS = {"mamba2": {"row_cumsum_f32"}, "qwen3_next": {"row_cumsum_f32", "solve_lower_f32"},
                    "bloom": {"pow_p_f32"}}
 
 
-@pytest.mark.parametrize("family", sorted(_PORTABLE_FAMILIES))
+@pytest.mark.parametrize("family", sorted(TINY_FAMILY_CONFIGS))
 def test_portable_families_through_the_cuda_backend_give_the_cpu_portable_logits(
     emulated: dict, monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:
@@ -1113,7 +1104,7 @@ def test_portable_families_through_the_cuda_backend_give_the_cpu_portable_logits
     import detkit
 
     config = transformers.AutoConfig.for_model(family, vocab_size=VOCAB_SIZE, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
-                                               eos_token_id=EOS_ID, initializer_range=0.1, **_PORTABLE_FAMILIES[family])
+                                               eos_token_id=EOS_ID, initializer_range=0.1, **TINY_FAMILY_CONFIGS[family])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = transformers.AutoModelForCausalLM.from_config(config).eval()

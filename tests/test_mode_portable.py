@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_FAMILY_CONFIGS
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -355,7 +356,7 @@ def test_cuda_elementwise_adapters_route_only_in_portable_mode(monkeypatch: pyte
 
 POW_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # ALiBi slopes: pow.Tensor_Tensor (Bloom, Falcon), pow.Scalar (MPT)
-    "bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
+    "bloom": ("BloomConfig", TINY_FAMILY_CONFIGS["bloom"]),
     "falcon-alibi": ("FalconConfig", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
                                           new_decoder_architecture=False)),
     "mpt": ("MptConfig", dict(d_model=64, n_layers=2, n_heads=4)),
@@ -405,14 +406,7 @@ CONFIG_FAMILIES: dict[str, dict[str, Any]] = {
     "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      hidden_act="gelu"),
     "mamba": dict(hidden_size=64, state_size=16, num_hidden_layers=2, use_mambapy=False),
-    "mamba2": dict(hidden_size=64, state_size=16, num_heads=8, head_dim=16, n_groups=1, num_hidden_layers=2,
-                   chunk_size=8),
-    "qwen3_next": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention"],
-                       linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
-                       linear_value_head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=32),
-    "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
+    **TINY_FAMILY_CONFIGS,
 }
 # one run: transformers refuses attn_implementation="sdpa" for these
 NO_ATTENTION = frozenset({"mamba", "mamba2", "bloom"})

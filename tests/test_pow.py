@@ -24,6 +24,7 @@ from detkit.errors import InputError
 from detkit.kernels import portable_cpu as P
 from detkit.kernels import spec as S
 from detkit.reference import round_fraction
+from detkit.testing import assert_bitwise_equal
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -48,15 +49,6 @@ def _quiet_numpy():
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(_INT_VIEW[t.dtype])
-
-
-def assert_same_bits(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, want.dtype, got.shape, want.shape)
-    gb, wb = bits(got), bits(want)
-    if not torch.equal(gb, wb):
-        idx = (gb != wb).nonzero()[0].tolist()
-        raise AssertionError(f"{int((gb != wb).sum())} of {gb.numel()} elements differ; first at {idx}: "
-                             f"got {got[tuple(idx)].item()!r} want {want[tuple(idx)].item()!r}")
 
 
 def _exact_power(x: float, y: float) -> Fraction:
@@ -148,7 +140,7 @@ def pow_case(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor | float]:
 @given(pow_case())
 def test_portable_cpu_pow_equals_the_spec(case: tuple[torch.Tensor, torch.Tensor | float]) -> None:
     x, y = case
-    assert_same_bits(P.pow(x, y), S.pow(x, y))
+    assert_bitwise_equal(P.pow(x, y), S.pow(x, y))
 
 
 def test_portable_cpu_pow_is_the_same_in_any_shape_and_thread_split() -> None:
@@ -158,13 +150,13 @@ def test_portable_cpu_pow_is_the_same_in_any_shape_and_thread_split() -> None:
     x = torch.from_numpy(rng.random(70_000) * 8).float()
     y = torch.from_numpy(rng.standard_normal(70_000) * 5).float()
     whole = P.pow(x, y)
-    assert_same_bits(P.pow(x.reshape(350, 200), y.reshape(350, 200)).reshape(-1), whole)
+    assert_bitwise_equal(P.pow(x.reshape(350, 200), y.reshape(350, 200)).reshape(-1), whole)
     for i in (0, 1, 4095, 4096, 69_999):
-        assert_same_bits(P.pow(x[i : i + 1], y[i : i + 1]), whole[i : i + 1])
+        assert_bitwise_equal(P.pow(x[i : i + 1], y[i : i + 1]), whole[i : i + 1])
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert_same_bits(P.pow(x, y), whole)
+        assert_bitwise_equal(P.pow(x, y), whole)
     finally:
         torch.set_num_threads(prev)
 
@@ -218,7 +210,7 @@ def test_pow_rows_are_batch_invariant_under_the_mode() -> None:
         for b in range(1, 10):
             out = torch.pow(x[:b], y[:b])
             for r in range(b):
-                assert_same_bits(out[r : r + 1], alone[r])
+                assert_bitwise_equal(out[r : r + 1], alone[r])
 
 
 def test_the_overloads_keep_torchs_dtypes_layouts_and_values_under_the_mode() -> None:
@@ -270,15 +262,15 @@ def test_portable_mode_computes_pow_with_the_spec_and_torchs_operand_rounding() 
         }
     assert bi.not_portable() == {}, bi.coverage()
     bf = lambda v: float(torch.tensor(v, dtype=torch.bfloat16))  # noqa: E731
-    assert_same_bits(got["tensor"], S.pow(x, y))
-    assert_same_bits(got["scalar exponent"], S.pow(x, 1.7))
+    assert_bitwise_equal(got["tensor"], S.pow(x, y))
+    assert_bitwise_equal(got["scalar exponent"], S.pow(x, 1.7))
     assert not torch.equal(S.pow(x, 1.7), S.pow(x, float(np.float32(1.7))))  # the check can tell
-    assert_same_bits(got["bf16 scalar exponent"], S.pow(xb, bf(1.7)))
-    assert_same_bits(got["scalar base"], S.pow(torch.full_like(y, float(np.float32(1.1))), y))
-    assert_same_bits(got["bf16 scalar base"], S.pow(torch.full((40,), bf(1.1), dtype=torch.bfloat16), y.bfloat16()))
-    assert_same_bits(got["in place"], S.pow(x, y))
+    assert_bitwise_equal(got["bf16 scalar exponent"], S.pow(xb, bf(1.7)))
+    assert_bitwise_equal(got["scalar base"], S.pow(torch.full_like(y, float(np.float32(1.1))), y))
+    assert_bitwise_equal(got["bf16 scalar base"], S.pow(torch.full((40,), bf(1.1), dtype=torch.bfloat16), y.bfloat16()))
+    assert_bitwise_equal(got["in place"], S.pow(x, y))
     xx, yy = torch.broadcast_tensors(x[:, None], y[None, :8])
-    assert_same_bits(got["broadcast"], S.pow(xx.contiguous(), yy.contiguous()))
+    assert_bitwise_equal(got["broadcast"], S.pow(xx.contiguous(), yy.contiguous()))
 
 
 def test_a_scalar_base_reaches_the_kernel_through_torchs_wrapped_number() -> None:

@@ -701,12 +701,16 @@ def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
-    if n == 0:
-        return out
-    grid = min(_cdiv(n, 256), 1 << 20)
-    _launch(dev, "rowops.cu", f"elementwise_p_{sfx}", (grid, 1, 1), 256,
-            (_ptr(x), _ptr(out), np.int64(n), np.int32(ELEMENTWISE_OPS.index(name))))
+    _grid_stride(dev, f"elementwise_p_{sfx}", n,
+                 (_ptr(x), _ptr(out), np.int64(n), np.int32(ELEMENTWISE_OPS.index(name))))
     return out
+
+
+def _grid_stride(dev: torch.device, entry: str, n: int, args: tuple[Any, ...]) -> None:
+    """Launch a grid-stride elementwise kernel of rowops.cu over ``n`` elements (nothing
+    to launch for n == 0)."""
+    if n:
+        _launch(dev, "rowops.cu", entry, (min(_cdiv(n, 256), 1 << 20), 1, 1), 256, args)
 
 
 def pow(x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:  # noqa: A001 - backend signature
@@ -735,11 +739,8 @@ def pow(x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:  # noqa: A001
     yt = None if scalar else y.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
-    if n == 0:
-        return out
-    grid = min(_cdiv(n, 256), 1 << 20)
-    _launch(dev, "rowops.cu", f"pow_p_{sfx}", (grid, 1, 1), 256,
-            (_ptr(x), _ptr(yt), y_scalar, np.int32(1 if scalar else 0), _ptr(out), np.int64(n)))
+    _grid_stride(dev, f"pow_p_{sfx}", n,
+                 (_ptr(x), _ptr(yt), y_scalar, np.int32(1 if scalar else 0), _ptr(out), np.int64(n)))
     return out
 
 
