@@ -66,6 +66,7 @@ from typing import Any
 
 import torch
 
+from detkit._reentry import routed
 from detkit.errors import InputError
 from detkit.kernels._grouped import offsets_problem
 
@@ -592,6 +593,16 @@ def _safe_softmax(call: Call, self: torch.Tensor, dim: int, dtype: torch.dtype |
 # ----------------------------------------------------------------------------- sum / mean
 
 
+def _reduced_dims(dim: Sequence[int] | int | None, nd: int) -> list[int]:
+    """The dims a reduction over ``dim`` reduces, sorted and nonnegative (None or no dims:
+    all of them, as torch reads ``dim=[]``); torch's own error for a bad one."""
+    dims = [dim] if isinstance(dim, int) else list(dim or [])
+    span = max(nd, 1)  # torch lets a 0-d tensor be reduced over dim 0 or -1
+    if any(not -span <= d < span for d in dims) or len({d % span for d in dims}) != len(dims):
+        raise Unsupported(f"dim {dim} out of range or repeated for {nd}-d input", benign=True)  # torch raises
+    return sorted({d % nd for d in dims}) if (dims and nd) else list(range(nd))
+
+
 def _reduce(
     call: Call,
     x: torch.Tensor,
@@ -612,11 +623,7 @@ def _reduce(
     x = _plain(x) if dtype is None else _plain(x).to(dtype)
     kn = kernels_module()
     nd = x.dim()
-    dims = [dim] if isinstance(dim, int) else list(dim or [])
-    span = max(nd, 1)  # torch lets a 0-d tensor be reduced over dim 0 or -1
-    if any(not -span <= d < span for d in dims) or len({d % span for d in dims}) != len(dims):
-        raise Unsupported(f"dim {dim} out of range or repeated for {nd}-d input", benign=True)  # torch raises
-    reduced = sorted({d % nd for d in dims}) if (dims and nd) else list(range(nd))
+    reduced = _reduced_dims(dim, nd)
     kept = [d for d in range(nd) if d not in reduced]
     # Reduced dims last, flattened into one row per output element: each output is one
     # fixed-order row reduction, whatever else is in the tensor. (A 0-d tensor is one row
@@ -649,6 +656,113 @@ def sum_dim(
 
 def sum_all(call: Call, self: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
     return _reduce(call, self, None, False, dtype, mean=False)
+
+
+# ----------------------------------------------------------------------------- composed reductions
+# logsumexp, var/std (and their _mean forms) and vector norms are compositions of routed
+# ops, run with the mode's routing on inside the adapter: each is one fixed sequence of
+# batch-invariant ops (the canonical sum of each output's row, elementwise functions,
+# order-free max), so it inherits their guarantees, portable mode's included. 16-bit
+# inputs are computed in float32 and rounded once at the end, as the row kernels do.
+
+
+def _composed_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """(what the composition computes in, the result dtype) of a float input."""
+    _float(x)
+    if x.numel() == 0:
+        raise Unsupported("empty input", benign=True)  # torch's own values (or error)
+    x = _plain(x)
+    return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x), x.dtype
+
+
+def _squeezed(t: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
+    return t if keepdim or not dims else t.squeeze(dims)
+
+
+def logsumexp(call: Call, self: torch.Tensor, dim: Sequence[int] | int, keepdim: bool = False) -> torch.Tensor:
+    """torch's definition: ``log(sum(exp(x - m))) + m``, ``m`` the max (0 where infinite)."""
+    if isinstance(self, torch.Tensor) and not (self.is_floating_point() or self.is_complex()):
+        self = self.to(torch.get_default_dtype())  # torch promotes integers; not an exact op
+    x, dtype = _composed_input(self)
+    if not keepdim and x.dim() and not (isinstance(dim, int) or dim):
+        raise Unsupported("dim=() without keepdim", benign=True)  # torch's kernel raises a shape error
+    dims = _reduced_dims(dim, x.dim())
+    with routed():
+        m = torch.amax(x, dims, keepdim=True)
+        m = m.masked_fill(m.abs() == math.inf, 0)
+        res = torch.log(torch.sum(torch.exp(x - m), dims, keepdim=keepdim)) + _squeezed(m, dims, keepdim)
+    return res.to(dtype)
+
+
+def _moments(self: torch.Tensor, dim: Sequence[int] | int | None, correction: Any, keepdim: bool,
+             std: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(var or std, mean): the canonical mean, then the canonical sum of squared
+    deviations divided by ``max(N - correction, 0)``, as torch defines them."""
+    if isinstance(self, torch.Tensor) and self.is_complex():
+        raise Unsupported("complex input")
+    x, dtype = _composed_input(self)
+    dims = _reduced_dims(dim, x.dim())
+    n = math.prod(x.shape[d] for d in dims)
+    divisor = max(n - (1 if correction is None else float(correction)), 0)
+    with routed():
+        mean = torch.mean(x, dims, keepdim=True)
+        d = x - mean
+        res = torch.sum(d * d, dims, keepdim=keepdim) / divisor
+        if std:
+            res = torch.sqrt(res)
+    return res.to(dtype), _squeezed(mean, dims, keepdim).to(dtype)
+
+
+def var(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, *, correction: Any = None,
+        keepdim: bool = False) -> torch.Tensor:
+    return _moments(self, dim, correction, keepdim, std=False)[0]
+
+
+def std(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, *, correction: Any = None,
+        keepdim: bool = False) -> torch.Tensor:
+    return _moments(self, dim, correction, keepdim, std=True)[0]
+
+
+def var_mean(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, *, correction: Any = None,
+             keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return _moments(self, dim, correction, keepdim, std=False)
+
+
+def std_mean(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, *, correction: Any = None,
+             keepdim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return _moments(self, dim, correction, keepdim, std=True)
+
+
+def linalg_vector_norm(call: Call, self: torch.Tensor, ord: Any = 2, dim: Sequence[int] | None = None,  # noqa: A002
+                       keepdim: bool = False, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch's definitions: ``sum(|x|^p)^(1/p)``; 2: ``sqrt(sum(x*x))``; 1: ``sum(|x|)``;
+    inf / -inf: max / min of ``|x|``; 0: the count of nonzeros."""
+    if isinstance(self, torch.Tensor) and self.is_complex():
+        raise Unsupported("complex input")  # |z| is a hypot: not in the canonical orders
+    if isinstance(ord, torch.Tensor) or isinstance(ord, complex):
+        raise Unsupported(f"ord {ord!r}")
+    if dtype is not None:
+        if not dtype.is_floating_point or not self.is_floating_point():
+            raise Unsupported(f"dtype={dtype} for a {self.dtype} input", benign=True)  # torch raises
+        self = self.to(dtype)
+    x, out_dtype = _composed_input(self)
+    dims = _reduced_dims(dim, x.dim())
+    p = float(ord)
+    with routed():
+        a = x.abs()
+        if p == math.inf:
+            res = torch.amax(a, dims, keepdim=keepdim)
+        elif p == -math.inf:
+            res = torch.amin(a, dims, keepdim=keepdim)
+        elif p == 0:
+            res = torch.sum(a != 0, dims, keepdim=keepdim).to(x.dtype)  # an exact integer count
+        elif p == 1:
+            res = torch.sum(a, dims, keepdim=keepdim)
+        elif p == 2:
+            res = torch.sqrt(torch.sum(a * a, dims, keepdim=keepdim))
+        else:
+            res = torch.pow(torch.sum(torch.pow(a, p), dims, keepdim=keepdim), 1.0 / p)
+    return res.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- cumsum
@@ -1189,6 +1303,12 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("mean.default", mean_all, "reduction"),
     OpOverride("sum.dim_IntList", sum_dim, "reduction"),
     OpOverride("sum.default", sum_all, "reduction"),
+    OpOverride("logsumexp", logsumexp, "reduction"),
+    OpOverride("var.correction", var, "reduction"),
+    OpOverride("std.correction", std, "reduction"),
+    OpOverride("var_mean.correction", var_mean, "reduction"),
+    OpOverride("std_mean.correction", std_mean, "reduction"),
+    OpOverride("linalg_vector_norm", linalg_vector_norm, "reduction"),
     OpOverride("cumsum", cumsum, "scan"),
     OpOverride("cumsum_", cumsum_, "scan"),
     OpOverride("linalg_solve_triangular", linalg_solve_triangular, "solve"),
@@ -1237,8 +1357,10 @@ _CUDA_ELEMENTWISE: tuple[OpOverride, ...] = (
 _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim_IntList": "sum.IntList_out",
               "sum.default": "sum.out", "pow.Tensor_Scalar": "pow.Tensor_Scalar_out",
               "pow.Tensor_Tensor": "pow.Tensor_Tensor_out", "pow.Scalar": "pow.Scalar_out",
-              "div.Tensor_mode": "div.out_mode"}
+              "div.Tensor_mode": "div.out_mode", "var.correction": "var.correction_out",
+              "std.correction": "std.correction_out"}
 _NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
+                          "var_mean.correction", "std_mean.correction",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})
 
 

@@ -2,7 +2,8 @@
 
 While a thread is inside a detkit kernel or adapter, the torch mode hands the torch calls
 it makes to torch's own kernels (the kernels use BLAS and torch ops as building blocks).
-A kernel's worker threads are detkit's own for their whole life.
+A kernel's worker threads are detkit's own for their whole life. An adapter that is a
+composition of routed ops (logsumexp, var, vector norms) runs it ``routed()``.
 """
 
 from __future__ import annotations
@@ -33,3 +34,14 @@ def own_thread() -> Iterator[None]:
         yield
     finally:
         set_inside(False)
+
+
+@contextlib.contextmanager
+def routed() -> Iterator[None]:
+    """Let the block's torch calls reach the mode's overrides again (restored after)."""
+    before = is_inside()
+    set_inside(False)
+    try:
+        yield
+    finally:
+        set_inside(before)

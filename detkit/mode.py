@@ -599,7 +599,7 @@ def _has_float_tensor(values: Any, complex_only: bool = False) -> bool:
 _SCALAR_POW = frozenset({"pow.Tensor_Scalar", "pow_.Scalar", "pow.Tensor_Scalar_out"})
 # Reductions and scans that cast their input to ``dtype=`` first: that dtype, not the
 # operands', is the type they compute in (Mixtral's router sums float counts as int32).
-_COMPUTES_IN_DTYPE = frozenset({"sum", "mean", "prod", "cumsum", "cumsum_", "cumprod", "cumprod_"})
+_COMPUTES_IN_DTYPE = frozenset({"sum", "mean", "prod", "cumsum", "cumsum_", "cumprod", "cumprod_", "linalg_vector_norm"})
 
 
 def _exponent(value: Any) -> float | complex:

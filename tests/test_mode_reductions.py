@@ -1,0 +1,276 @@
+"""logsumexp, var/std (and var_mean/std_mean) and linalg_vector_norm (so F.normalize)
+under the mode: compositions of routed ops (docs/mode.md, "Composed reductions").
+
+torch's CPU reductions split one long row across threads, so the logsumexp of a row over
+a real vocabulary changes when the row is computed alone (a decode step, a sampler) instead
+of in a batch (a trainer's forward): the negative control below. Under the mode each
+output is the same fixed sequence of batch-invariant ops, and in portable mode of portable
+ones, so its bits are also the definition's, computed here by hand from the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import detkit
+from detkit import kernels as kn
+from detkit import mode
+from detkit.errors import InvarianceViolation
+from detkit.kernels import portable_cpu as P
+from detkit.testing import assert_batch_invariant, assert_bitwise_equal
+
+Op = Callable[[torch.Tensor], object]
+
+# name: (the call, the aten overload it routes). Each reduces the last dim (or the last
+# two), one output per row of dim 0.
+OPS: dict[str, tuple[Op, str]] = {
+    "logsumexp": (lambda x: torch.logsumexp(x, -1), "logsumexp"),
+    "logsumexp_2d": (lambda x: torch.logsumexp(x, (-2, -1), keepdim=True), "logsumexp"),
+    "var": (lambda x: x.var(-1), "var.correction"),
+    "var_c0": (lambda x: torch.var(x, -1, correction=0, keepdim=True), "var.correction"),
+    "std": (lambda x: x.std(-1), "std.correction"),
+    "var_mean": (lambda x: torch.var_mean(x, -1), "var_mean.correction"),
+    "std_mean_2d": (lambda x: torch.std_mean(x, (1, 2)), "std_mean.correction"),
+    "norm2": (lambda x: torch.linalg.vector_norm(x, dim=-1), "linalg_vector_norm"),
+    "norm1": (lambda x: torch.linalg.vector_norm(x, 1, dim=-1), "linalg_vector_norm"),
+    "norm_inf": (lambda x: torch.linalg.vector_norm(x, math.inf, dim=-1), "linalg_vector_norm"),
+    "norm_3": (lambda x: torch.linalg.vector_norm(x, 3, dim=-1), "linalg_vector_norm"),
+    "norm_2.5": (lambda x: torch.linalg.vector_norm(x, 2.5, dim=-1), "linalg_vector_norm"),
+    "normalize": (lambda x: F.normalize(x, dim=-1), "linalg_vector_norm"),
+    "normalize_2d": (lambda x: F.normalize(x, dim=(1, 2)), "linalg_vector_norm"),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _rows(shape: tuple[int, ...], dtype: torch.dtype, seed: int, scale: float = 3.0) -> torch.Tensor:
+    # numpy's generator: torch.randn itself differs between CPU instruction sets
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.standard_normal(shape) * scale).to(dtype)
+
+
+def _input(name: str, rows: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return _rows((rows, 3, max(n // 3, 1)) if name.endswith("_2d") else (rows, n), dtype, seed)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_torchs_logsumexp_of_a_row_alone_differs_from_the_batch_and_the_modes_does_not(portable: bool) -> None:
+    """A sampler's logsumexp of one row of GPT-2-sized logits (50,257) against a trainer's
+    of the batch: torch's CPU sum splits a lone row across threads, the batch by rows, so
+    some rows' bits differ (the negative control); under the mode none does."""
+    x = _rows((64, 50257), torch.float32, 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what splits the row; the CI machine has 2 cores
+    try:
+        def rows_differing() -> int:
+            full = torch.logsumexp(x, -1)
+            return sum(not torch.equal(torch.logsumexp(x[i : i + 1], -1), full[i : i + 1]) for i in range(64))
+
+        assert rows_differing() > 0, "negative control: torch's logsumexp did not change; the test proves nothing here"
+        with detkit.batch_invariant(portable=portable, strict=True) as bi:
+            assert rows_differing() == 0
+        assert bi.routed()["logsumexp"] == 65 and bi.routed()["sum.dim_IntList"] == 65
+    finally:
+        torch.set_num_threads(threads)
+
+
+@given(name=st.sampled_from(sorted(OPS)), rows=st.integers(2, 9), n=st.integers(1, 700),
+       dtype=st.sampled_from(DTYPES), portable=st.booleans(), seed=st.integers(0, 2**16))
+def test_every_row_has_the_same_bits_alone_in_any_batch_and_at_any_position(
+    name: str, rows: int, n: int, dtype: torch.dtype, portable: bool, seed: int
+) -> None:
+    x = _input(name, rows, n, dtype, seed)
+    filler = _input(name, 7, n, dtype, seed + 1)
+    with detkit.batch_invariant(portable=portable, strict=True):
+        assert_batch_invariant(OPS[name][0], x, [1, 2, 3, 8, 16], positions="random", name=name)
+        assert_batch_invariant(OPS[name][0], x, [2, 5], positions="all", other=filler, name=f"{name} among others")
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    return P.elementwise("exp", x)
+
+
+def _by_hand(name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The portable definition, from the portable kernels themselves (rows of dim 0; 16-bit
+    inputs computed in float32 and rounded once)."""
+    dtype = x.dtype
+    w = x.float().reshape(x.shape[0], -1) if name.endswith("_2d") else x.float()
+    n = w.shape[-1]
+
+    def out(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(dtype) for t in ts)
+
+    def ss(v: torch.Tensor) -> torch.Tensor:
+        return kn.sum(v, -1, portable=True)
+
+    if name.startswith("logsumexp"):
+        m = w.amax(-1, keepdim=True)
+        m = m.masked_fill(m.abs() == math.inf, 0)
+        res = P.elementwise("log", ss(_exp(w - m))) + m[:, 0]
+        return out(res.reshape(-1, 1, 1) if name.endswith("_2d") else res)
+    if name.startswith(("var", "std")):
+        mean = kn.mean(w, -1, keepdim=True, portable=True)
+        d = w - mean
+        v = ss(d * d) / max(n - (0 if name == "var_c0" else 1), 0)
+        v = v.sqrt() if name.startswith("std") else v
+        if name == "var_c0":
+            v = v[:, None]
+        return out(v, mean[:, 0]) if "_mean" in name else out(v)
+    a = w.abs()
+    if name == "norm2":
+        return out(ss(a * a).sqrt())
+    if name == "norm1":
+        return out(ss(a))
+    if name == "norm_inf":
+        return out(a.amax(-1))
+    if name == "norm_3":  # pow(x, 3) is the portable cube; the root is Pow
+        return out(P.pow(ss(P.elementwise("cube", a)), 1.0 / 3))
+    if name == "norm_2.5":
+        return out(P.pow(ss(P.pow(a, 2.5)), 1.0 / 2.5))
+    # F.normalize: x / max(norm, eps), the norm rounded to x's dtype first
+    (norm,) = _by_hand("norm2", x.reshape(x.shape[0], -1))
+    return (x / norm.reshape(-1, *[1] * (x.dim() - 1)).clamp_min(1e-12),)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_portable_results_are_the_composition_of_the_portable_kernels(name: str, dtype: torch.dtype) -> None:
+    x = _input(name, 6, 333, dtype, 5)
+    flat = x.view(6, -1)
+    flat[1, 0], flat[2, 3], flat[3, 5] = math.inf, -math.inf, math.nan
+    fn, routed_as = OPS[name]
+    with detkit.batch_invariant(portable=True, strict=True) as bi:
+        got = fn(x)
+    assert bi.not_portable() == {} and bi.uncovered() == {}
+    assert routed_as in bi.routed()
+    assert_bitwise_equal(got if isinstance(got, tuple) else (got,), _by_hand(name, x), name=f"{name} {dtype}")
+
+
+CALLS: dict[str, Callable[[torch.Tensor], object]] = {
+    "logsumexp keepdim": lambda x: torch.logsumexp(x, 1, keepdim=True),
+    "logsumexp dims 0,2": lambda x: torch.logsumexp(x, (0, 2)),
+    "logsumexp all": lambda x: torch.logsumexp(x, (), keepdim=True),
+    "logsumexp of ints": lambda x: torch.logsumexp((x * 4).long(), -1),
+    "logsumexp of -inf rows": lambda x: torch.logsumexp(torch.full_like(x, -math.inf), -1),
+    "var all": lambda x: x.var(),
+    "var dim 0": lambda x: x.var(0, keepdim=True),
+    "var correction 2.5": lambda x: torch.var(x, -1, correction=2.5),
+    "var of one value": lambda x: x[..., :1].var(-1),
+    "std unbiased=False": lambda x: x.std((0, 1), unbiased=False),
+    "var_mean keepdim": lambda x: torch.var_mean(x, 1, keepdim=True),
+    "std_mean all": lambda x: torch.std_mean(x),
+    "norm all": lambda x: torch.linalg.vector_norm(x),
+    "norm ord 0": lambda x: torch.linalg.vector_norm(x.round(), 0, dim=-1),
+    "norm ord -inf": lambda x: torch.linalg.vector_norm(x, -math.inf, dim=(0, 2), keepdim=True),
+    "norm ord -1.5": lambda x: torch.linalg.vector_norm(x, -1.5, dim=-1),
+    "norm dtype=float64": lambda x: torch.linalg.vector_norm(x.float(), dim=-1, dtype=torch.float64),
+    "Tensor.norm": lambda x: x.norm(dim=1),
+    "0-d logsumexp": lambda x: torch.logsumexp(x[0, 0, 0], 0),
+    "0-d var": lambda x: x[0, 0, 0].var(correction=0),
+}
+
+
+# torch's var_mean/std_mean kernel (Welford's update) gives a mean of NaN or +-inf for a
+# row holding an infinity, depending on where it is; the composition's mean is torch.mean's.
+WANT = {
+    "var_mean keepdim": lambda x: (torch.var(x, 1, keepdim=True), torch.mean(x, 1, keepdim=True)),
+    "std_mean all": lambda x: (torch.std(x), torch.mean(x)),
+}
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_values_shapes_and_dtypes_are_torchs(call: str, dtype: torch.dtype, portable: bool) -> None:
+    """Every argument form gives torch's shape, dtype and special values, and values within
+    rounding of torch's (bfloat16 inputs are computed in float32, so closer to exact)."""
+    x = _rows((4, 5, 37), dtype, 9)
+    x[0, 1, 2] = math.nan
+    x[1, 2, 3] = math.inf
+    want = WANT.get(call, CALLS[call])(x)
+    with detkit.batch_invariant(portable=portable) as bi:
+        got = CALLS[call](x)
+    assert bi.routed(), "nothing was routed"
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                    strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
+        tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float64: 1e-12}[w.dtype]
+        torch.testing.assert_close(g, w, rtol=tol, atol=tol, equal_nan=True)
+
+
+def test_outside_the_composition_torch_runs_and_says_so() -> None:
+    """Complex input is left to torch and counted (strict: an error); empty input and the
+    errors torch raises (var of integers, a bad dim) are torch's own."""
+    z = torch.randn(3, 8, dtype=torch.complex64)
+    with detkit.batch_invariant() as bi:
+        torch.linalg.vector_norm(z, dim=-1)
+        torch.var(z, -1)
+    assert set(bi.uncovered()) == {"linalg_vector_norm", "var.correction"}
+    with detkit.batch_invariant(strict=True), pytest.raises(InvarianceViolation, match="logsumexp"):
+        torch.logsumexp(z, -1)
+    empty = torch.empty(3, 0)
+    with detkit.batch_invariant(strict=True) as bi:
+        assert torch.equal(torch.logsumexp(empty, -1), torch.full((3,), -math.inf))
+        assert torch.linalg.vector_norm(empty, dim=-1).tolist() == [0.0, 0.0, 0.0]
+        assert torch.var(empty, -1).isnan().all()
+        for bad, match in ((lambda: torch.var(torch.arange(6), -1), "floating point"),
+                           (lambda: torch.logsumexp(torch.ones(2, 3), 2), "out of range"),
+                           (lambda: torch.logsumexp(torch.ones(2, 3), ()), "shape")):
+            with pytest.raises((RuntimeError, IndexError), match=match):
+                bad()
+    assert bi.uncovered() == {}
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_out_forms_are_routed(portable: bool) -> None:
+    x = _rows((6, 40), torch.float32, 2)
+    with detkit.batch_invariant(portable=portable, strict=True) as bi:
+        for fn, out_fn in ((lambda: torch.logsumexp(x, -1), lambda o: torch.logsumexp(x, -1, out=o)),
+                           (lambda: torch.var(x, -1), lambda o: torch.var(x, -1, out=o)),
+                           (lambda: torch.std(x, 0), lambda o: torch.std(x, 0, out=o)),
+                           (lambda: torch.linalg.vector_norm(x, dim=-1), lambda o: torch.linalg.vector_norm(x, dim=-1, out=o))):
+            out = torch.empty(0)
+            assert out_fn(out) is out
+            assert_bitwise_equal(out, fn())
+    assert {"logsumexp.out", "var.correction_out", "std.correction_out", "linalg_vector_norm.out"} <= set(bi.routed())
+
+
+def test_gradients_are_torchs_and_values_do_not_depend_on_requires_grad() -> None:
+    """A trainer (requires_grad) and a sampler (no grad) see the same forward bits; the
+    gradients are torch's formulas."""
+    x = _rows((5, 300), torch.float32, 4)
+    for name in ("logsumexp", "var", "std_mean_2d", "norm2", "norm_2.5", "normalize"):
+        fn = OPS[name][0]
+        xi = _input(name, 5, 300, torch.float32, 4) if name.endswith("_2d") else x
+        leaf = xi.clone().requires_grad_(True)
+        with detkit.batch_invariant(strict=True):
+            frozen = fn(xi)
+            trained = fn(leaf)
+            first = trained[0] if isinstance(trained, tuple) else trained
+            (grad,) = torch.autograd.grad(first.sum(), leaf)
+        assert_bitwise_equal(tuple(t.detach() for t in (trained if isinstance(trained, tuple) else (trained,))),
+                             frozen if isinstance(frozen, tuple) else (frozen,), name=name)
+        ref = xi.clone().requires_grad_(True)
+        want = fn(ref)
+        (want_grad,) = torch.autograd.grad((want[0] if isinstance(want, tuple) else want).sum(), ref)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_coverage_report_lists_them_as_routed() -> None:
+    x = torch.randn(3, 16)
+    _, ops = mode.trace_ops(lambda: (torch.logsumexp(x, -1), x.var(-1), torch.std_mean(x, -1), F.normalize(x, dim=-1)))
+    for portable in (False, True):
+        report = mode.coverage_report(ops, portable=portable)
+        assert {"logsumexp.default", "var.correction", "std_mean.correction", "linalg_vector_norm.default"} <= set(
+            report.routed), str(report)
+        assert report.uncovered == {} and report.not_portable == {}, str(report)
+    _, ops64 = mode.trace_ops(lambda: torch.logsumexp(x.double(), -1))
+    assert "logsumexp.default" in mode.coverage_report(ops64, portable=True).uncovered
+    assert "logsumexp.default" in mode.coverage_report(ops64).routed
