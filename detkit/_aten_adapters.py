@@ -675,6 +675,14 @@ def _composed_input(x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x), x.dtype
 
 
+def _finished(res: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``res`` rounded once into ``dtype``, a NaN as the canonical quiet NaN of
+    canonical-orders.md: torch's float32-to-16-bit conversion writes a NaN as 0x7FC0 on its
+    scalar path and 0xFFFF on its vector path (so by position), and a NaN's sign and
+    payload from torch's arithmetic differ between devices."""
+    return res.to(dtype).masked_fill(res.isnan(), math.nan)
+
+
 def _squeezed(t: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
     return t if keepdim or not dims else t.squeeze(dims)
 
@@ -691,7 +699,7 @@ def logsumexp(call: Call, self: torch.Tensor, dim: Sequence[int] | int, keepdim:
         m = torch.amax(x, dims, keepdim=True)
         m = m.masked_fill(m.abs() == math.inf, 0)
         res = torch.log(torch.sum(torch.exp(x - m), dims, keepdim=keepdim)) + _squeezed(m, dims, keepdim)
-    return res.to(dtype)
+        return _finished(res, dtype)
 
 
 def _moments(self: torch.Tensor, dim: Sequence[int] | int | None, correction: Any, keepdim: bool,
@@ -710,7 +718,7 @@ def _moments(self: torch.Tensor, dim: Sequence[int] | int | None, correction: An
         res = torch.sum(d * d, dims, keepdim=keepdim) / divisor
         if std:
             res = torch.sqrt(res)
-    return res.to(dtype), _squeezed(mean, dims, keepdim).to(dtype)
+        return _finished(res, dtype), _finished(_squeezed(mean, dims, keepdim), dtype)
 
 
 def var(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, *, correction: Any = None,
@@ -762,7 +770,7 @@ def linalg_vector_norm(call: Call, self: torch.Tensor, ord: Any = 2, dim: Sequen
             res = torch.sqrt(torch.sum(a * a, dims, keepdim=keepdim))
         else:
             res = torch.pow(torch.sum(torch.pow(a, p), dims, keepdim=keepdim), 1.0 / p)
-    return res.to(out_dtype)
+        return _finished(res, out_dtype)
 
 
 # ----------------------------------------------------------------------------- cumsum

@@ -31,6 +31,7 @@ def _worker() -> None:
     import numpy as np
     import torch
 
+    import detkit
     from detkit.kernels import _portable_kernels as K
     from detkit.kernels import portable_cpu as P
     from detkit.kernels._portable_llvm import fma32
@@ -86,6 +87,19 @@ def _worker() -> None:
         freqs = torch.tensor([10000.0 ** (-i / 32) for i in range(32)], dtype=torch.float32)
         angles = (torch.arange(1024.0)[:, None] * freqs[None]).to(dtype)
         record(f"rope/{tag}", torch.cat([P.elementwise("sin", angles), P.elementwise("cos", angles)]))
+        # The mode's composed reductions (logsumexp, var/std, vector norms): portable ops in
+        # a fixed sequence, so the same bits too; a row of 40,000 is what torch splits across
+        # threads when it is alone.
+        with detkit.batch_invariant(portable=True, strict=True):
+            for label, xr in (("adversarial", make((9, 517), dtype, 19)), ("tame", tame((9, 517), dtype, 20)),
+                              ("long row", tame((1, 40000), dtype, 21) * 3)):
+                record(f"composed {label}/{tag}", torch.cat([
+                    torch.logsumexp(xr, -1), xr.var(-1), xr.std(-1, correction=0), torch.var_mean(xr, -1)[1],
+                    torch.linalg.vector_norm(xr, dim=-1), torch.linalg.vector_norm(xr, 2.5, dim=-1),
+                    torch.linalg.vector_norm(xr, 3, dim=-1)]))
+            # (F.normalize's division by the norm is torch's: on NaN its 16-bit output is
+            # torch's position-dependent NaN, so the adversarial values stay out of it.)
+            record(f"normalize/{tag}", torch.nn.functional.normalize(tame((9, 517), dtype, 20), dim=-1))
         # large enough for the multi-threaded drivers
         xb = make((70, 600), dtype, 16)
         wb = tame((600,), dtype, 17)
@@ -227,7 +241,7 @@ def test_same_bits_on_every_isa_and_thread_count(runs):
     base = runs[names[0]]["hashes"]
     from detkit.kernels.portable_cpu import ELEMENTWISE_OPS
 
-    assert len(base) == 3 * (16 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
+    assert len(base) == 3 * (20 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
     diffs = {name: sorted(k for k, h in runs[name]["hashes"].items() if base[k] != h) for name in names[1:]}
     assert all(not d for d in diffs.values()), f"hash differs from {names[0]!r}: {diffs}"
 
