@@ -773,6 +773,29 @@ def linalg_vector_norm(call: Call, self: torch.Tensor, ord: Any = 2, dim: Sequen
         return _finished(res, out_dtype)
 
 
+def norm_dim(call: Call, self: torch.Tensor, p: Any, dim: Sequence[int], keepdim: bool = False) -> torch.Tensor:
+    """The legacy ``norm`` overloads (``F.pairwise_distance``): ``linalg_vector_norm``'s."""
+    return linalg_vector_norm(call, self, 2 if p is None else p, dim, keepdim)
+
+
+def norm_all(call: Call, self: torch.Tensor, p: Any = 2) -> torch.Tensor:
+    return linalg_vector_norm(call, self, p)
+
+
+def nansum(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, keepdim: bool = False, *,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The canonical sum with NaN read as zero (``nanmean`` is nansum over a count)."""
+    if dtype is not None and isinstance(self, torch.Tensor):
+        self = self.to(dtype)
+    _float(self)
+    if self.numel() == 0:
+        raise Unsupported("empty input", benign=True)
+    x = _plain(self)
+    dims = _reduced_dims(dim, x.dim())
+    with routed():
+        return torch.sum(x.masked_fill(x.isnan(), 0), dims, keepdim=keepdim)
+
+
 # ----------------------------------------------------------------------------- cumsum
 
 
@@ -1317,6 +1340,9 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("var_mean.correction", var_mean, "reduction"),
     OpOverride("std_mean.correction", std_mean, "reduction"),
     OpOverride("linalg_vector_norm", linalg_vector_norm, "reduction"),
+    OpOverride("norm.ScalarOpt_dim", norm_dim, "reduction"),
+    OpOverride("norm.Scalar", norm_all, "reduction"),
+    OpOverride("nansum", nansum, "reduction"),
     OpOverride("cumsum", cumsum, "scan"),
     OpOverride("cumsum_", cumsum_, "scan"),
     OpOverride("linalg_solve_triangular", linalg_solve_triangular, "solve"),
@@ -1366,7 +1392,8 @@ _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim
               "sum.default": "sum.out", "pow.Tensor_Scalar": "pow.Tensor_Scalar_out",
               "pow.Tensor_Tensor": "pow.Tensor_Tensor_out", "pow.Scalar": "pow.Scalar_out",
               "div.Tensor_mode": "div.out_mode", "var.correction": "var.correction_out",
-              "std.correction": "std.correction_out"}
+              "std.correction": "std.correction_out", "norm.ScalarOpt_dim": "norm.out",
+              "norm.Scalar": "norm.Scalar_out"}
 _NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
                           "var_mean.correction", "std_mean.correction",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})

@@ -46,6 +46,9 @@ OPS: dict[str, tuple[Op, str]] = {
     "norm_2.5": (lambda x: torch.linalg.vector_norm(x, 2.5, dim=-1), "linalg_vector_norm"),
     "normalize": (lambda x: F.normalize(x, dim=-1), "linalg_vector_norm"),
     "normalize_2d": (lambda x: F.normalize(x, dim=(1, 2)), "linalg_vector_norm"),
+    "norm_legacy": (lambda x: torch.ops.aten.norm.ScalarOpt_dim(x, 2, [-1]), "norm.ScalarOpt_dim"),
+    "nansum": (lambda x: torch.nansum(x, -1), "nansum"),
+    "nanmean_2d": (lambda x: torch.nanmean(x, (1, 2)), "nansum"),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -57,7 +60,10 @@ def _rows(shape: tuple[int, ...], dtype: torch.dtype, seed: int, scale: float = 
 
 
 def _input(name: str, rows: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
-    return _rows((rows, 3, max(n // 3, 1)) if name.endswith("_2d") else (rows, n), dtype, seed)
+    x = _rows((rows, 3, max(n // 3, 1)) if name.endswith("_2d") else (rows, n), dtype, seed)
+    if name.startswith("nan"):  # what nansum and nanmean are for
+        x[torch.from_numpy(np.random.default_rng(seed + 7).random(x.shape) < 0.1)] = math.nan
+    return x
 
 
 @pytest.mark.parametrize("portable", [False, True])
@@ -123,8 +129,13 @@ def _by_hand(name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if name == "var_c0":
             v = v[:, None]
         return out(v, mean[:, 0]) if "_mean" in name else out(v)
+    if name == "nansum":
+        return out(ss(w.masked_fill(w.isnan(), 0)))
+    if name == "nanmean_2d":  # torch's nanmean: nansum over the count of non-NaN values, in x's dtype
+        (total,) = out(ss(w.masked_fill(w.isnan(), 0)))
+        return (total / (~w.isnan()).sum(-1),)
     a = w.abs()
-    if name == "norm2":
+    if name in ("norm2", "norm_legacy"):
         return out(ss(a * a).sqrt())
     if name == "norm1":
         return out(ss(a))
@@ -165,8 +176,8 @@ def test_a_nan_result_is_the_canonical_nan_at_every_position(dtype: torch.dtype,
     compositions return is canonical-orders.md's quiet NaN."""
     with detkit.batch_invariant(portable=portable, strict=True):
         for name, (fn, _) in OPS.items():
-            if name.startswith("normalize"):
-                continue  # its division by the norm is torch's, NaN bits and all
+            if name.startswith(("normalize", "nan")):
+                continue  # a division of torch's (NaN bits and all), or NaN read as zero
             x = _input(name, 100, 120, dtype, 3)
             x.view(100, -1)[::3, 5] = math.nan
             got = fn(x)
@@ -195,6 +206,12 @@ CALLS: dict[str, Callable[[torch.Tensor], object]] = {
     "norm ord -1.5": lambda x: torch.linalg.vector_norm(x, -1.5, dim=-1),
     "norm dtype=float64": lambda x: torch.linalg.vector_norm(x.float(), dim=-1, dtype=torch.float64),
     "Tensor.norm": lambda x: x.norm(dim=1),
+    "norm.Scalar": lambda x: torch.ops.aten.norm.Scalar(x, 3),
+    "pairwise_distance": lambda x: F.pairwise_distance(x[0], x[1]),
+    "cosine_similarity": lambda x: F.cosine_similarity(x[0], x[1], dim=-1),
+    "nansum dims 0,2": lambda x: torch.nansum(x, (0, 2)),
+    "nansum dtype=float64": lambda x: torch.nansum(x, -1, dtype=torch.float64),
+    "nanmean": lambda x: x.nanmean(-1, keepdim=True),
     "0-d logsumexp": lambda x: torch.logsumexp(x[0, 0, 0], 0),
     "0-d var": lambda x: x[0, 0, 0].var(correction=0),
 }
@@ -258,11 +275,16 @@ def test_out_forms_are_routed(portable: bool) -> None:
         for fn, out_fn in ((lambda: torch.logsumexp(x, -1), lambda o: torch.logsumexp(x, -1, out=o)),
                            (lambda: torch.var(x, -1), lambda o: torch.var(x, -1, out=o)),
                            (lambda: torch.std(x, 0), lambda o: torch.std(x, 0, out=o)),
-                           (lambda: torch.linalg.vector_norm(x, dim=-1), lambda o: torch.linalg.vector_norm(x, dim=-1, out=o))):
+                           (lambda: torch.linalg.vector_norm(x, dim=-1), lambda o: torch.linalg.vector_norm(x, dim=-1, out=o)),
+                           (lambda: torch.nansum(x, 1), lambda o: torch.nansum(x, 1, out=o)),
+                           (lambda: torch.ops.aten.norm.ScalarOpt_dim(x, 1, [0]),
+                            lambda o: torch.ops.aten.norm.out(x, 1, [0], out=o)),
+                           (lambda: torch.ops.aten.norm.Scalar(x, 3), lambda o: torch.ops.aten.norm.Scalar_out(x, 3, out=o))):
             out = torch.empty(0)
             assert out_fn(out) is out
             assert_bitwise_equal(out, fn())
-    assert {"logsumexp.out", "var.correction_out", "std.correction_out", "linalg_vector_norm.out"} <= set(bi.routed())
+    assert {"logsumexp.out", "var.correction_out", "std.correction_out", "linalg_vector_norm.out", "nansum.out",
+            "norm.out", "norm.Scalar_out"} <= set(bi.routed())
 
 
 def test_gradients_are_torchs_and_values_do_not_depend_on_requires_grad() -> None:
