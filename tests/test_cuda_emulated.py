@@ -1234,6 +1234,66 @@ def test_convolutions_through_the_cuda_backend(emulated: dict, monkeypatch: pyte
         assert_bits_equal(patches, cpu_patches, f"{dtype}: patch conv2d, CUDA vs CPU portable")
 
 
+def _composed_reduction_inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """tests/test_mode_reductions.py's input for each of its OPS: 6 rows of 333 (3 x 111 for
+    the 2-D forms), an inf, a -inf and a NaN planted in rows 1, 2 and 3."""
+    from test_mode_reductions import OPS, planted_input
+
+    return {name: planted_input(name, 6, 333, dtype, 5) for name in OPS}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_composed_reductions_through_the_cuda_backend_give_the_cpu_portable_bits(
+    emulated: dict, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """tests/test_cuda_gpu.py's test_portable_composed_reductions_on_cuda_equal_cpu, small:
+    logsumexp, var/std (and var_mean/std_mean) and vector norms (F.normalize) under
+    batch_invariant(portable=True) are compositions of routed ops; with every op on the
+    CUDA backend (the portable row sum, elementwise and pow kernels; bfloat16 computed in
+    float32) each gives the CPU portable backend's bits, rows holding inf, -inf and NaN
+    included."""
+    import detkit
+    from detkit.testing import assert_bitwise_equal
+    from test_mode_reductions import OPS
+
+    inputs = _composed_reduction_inputs(dtype)
+
+    def results() -> dict[str, object]:
+        with detkit.batch_invariant(portable=True, strict=True) as bi:
+            out = {name: fn(inputs[name]) for name, (fn, _) in OPS.items()}
+        assert bi.uncovered() == {} and bi.not_portable() == {}, bi.coverage()
+        assert {routed_as for _, routed_as in OPS.values()} <= set(bi.routed()), bi.coverage()
+        return out
+
+    want = results()
+    launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
+    got = results()
+    assert {"row_sum_p_f32", "elementwise_p_f32", "pow_p_f32"} <= launched, launched
+    for name in OPS:
+        assert_bitwise_equal(got[name], want[name], name=f"{name} {dtype}: CUDA backend vs CPU portable backend")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_composed_reductions_through_the_cuda_backend_are_batch_invariant(
+    emulated: dict, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """tests/test_cuda_gpu.py's test_composed_reductions_under_the_mode_are_batch_invariant_on_cuda,
+    small: under batch_invariant() on the CUDA backend each composed reduction's row has
+    its bits alone at any position of a batch of 2 or 5 (its sums are the batch-invariant
+    row sum's, which must have run)."""
+    import detkit
+    from detkit.testing import assert_batch_invariant
+    from test_mode_reductions import OPS
+
+    inputs = _composed_reduction_inputs(dtype)
+    launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
+    with detkit.batch_invariant(strict=True) as bi:
+        for name, (fn, _) in OPS.items():
+            assert_batch_invariant(fn, inputs[name], [1, 2, 5], positions="random", name=f"{name} {dtype}")
+    assert bi.uncovered() == {}, bi.coverage()
+    assert "row_sum_b_f32" in launched, launched
+
+
 # ----------------------------------------------------------------------------- drawn shapes
 
 _DRAWN = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

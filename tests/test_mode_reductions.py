@@ -24,7 +24,6 @@ import detkit
 from detkit import kernels as kn
 from detkit import mode
 from detkit.errors import InvarianceViolation
-from detkit.kernels import portable_cpu as P
 from detkit.testing import assert_batch_invariant, assert_bitwise_equal
 
 Op = Callable[[torch.Tensor], object]
@@ -66,6 +65,15 @@ def _input(name: str, rows: int, n: int, dtype: torch.dtype, seed: int) -> torch
     return x
 
 
+def planted_input(name: str, rows: int, n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """``_input`` with an inf, a -inf and a NaN planted in rows 1, 2 and 3 (the CUDA tests
+    use it too)."""
+    x = _input(name, rows, n, dtype, seed)
+    flat = x.view(rows, -1)
+    flat[1, 0], flat[2, 3], flat[3, 5] = math.inf, -math.inf, math.nan
+    return x
+
+
 @pytest.mark.parametrize("portable", [False, True])
 def test_torchs_logsumexp_of_a_row_alone_differs_from_the_batch_and_the_modes_does_not(portable: bool) -> None:
     """A sampler's logsumexp of one row of GPT-2-sized logits (50,257) against a trainer's
@@ -99,13 +107,12 @@ def test_every_row_has_the_same_bits_alone_in_any_batch_and_at_any_position(
         assert_batch_invariant(OPS[name][0], x, [2, 5], positions="all", other=filler, name=f"{name} among others")
 
 
-def _exp(x: torch.Tensor) -> torch.Tensor:
-    return P.elementwise("exp", x)
-
-
 def _by_hand(name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The portable definition, from the portable kernels themselves (rows of dim 0; 16-bit
     inputs computed in float32 and rounded once)."""
+    # imported here: tests/test_cuda_gpu.py imports OPS on GPU machines that may lack numba
+    from detkit.kernels import portable_cpu as P
+
     dtype = x.dtype
     w = x.float().reshape(x.shape[0], -1) if name.endswith("_2d") else x.float()
     n = w.shape[-1]
@@ -119,7 +126,7 @@ def _by_hand(name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if name.startswith("logsumexp"):
         m = w.amax(-1, keepdim=True)
         m = m.masked_fill(m.abs() == math.inf, 0)
-        res = P.elementwise("log", ss(_exp(w - m))) + m[:, 0]
+        res = P.elementwise("log", ss(P.elementwise("exp", w - m))) + m[:, 0]
         return out(res.reshape(-1, 1, 1) if name.endswith("_2d") else res)
     if name.startswith(("var", "std")):
         mean = kn.mean(w, -1, keepdim=True, portable=True)
@@ -153,9 +160,7 @@ def _by_hand(name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", sorted(OPS))
 def test_portable_results_are_the_composition_of_the_portable_kernels(name: str, dtype: torch.dtype) -> None:
-    x = _input(name, 6, 333, dtype, 5)
-    flat = x.view(6, -1)
-    flat[1, 0], flat[2, 3], flat[3, 5] = math.inf, -math.inf, math.nan
+    x = planted_input(name, 6, 333, dtype, 5)
     fn, routed_as = OPS[name]
     with detkit.batch_invariant(portable=True, strict=True) as bi:
         got = fn(x)
