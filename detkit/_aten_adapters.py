@@ -796,6 +796,22 @@ def nansum(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, kee
         return torch.sum(x.masked_fill(x.isnan(), 0), dims, keepdim=keepdim)
 
 
+def nanmean(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, keepdim: bool = False, *,
+            dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The nansum over the count of non-NaN values, 16-bit inputs in float32 and rounded
+    once. torch's decomposition divides the 16-bit nansum by the integer count, which its
+    CPU kernel rounds to 16 bits first unless the count is one element (a batch of one):
+    a bfloat16 row's mean changed with the batch size."""
+    if dtype is not None and isinstance(self, torch.Tensor):
+        self = self.to(dtype)
+    x, out_dtype = _composed_input(self)
+    dims = _reduced_dims(dim, x.dim())
+    with routed():
+        kept = ~x.isnan()
+        total = torch.sum(x.masked_fill(~kept, 0), dims, keepdim=keepdim)
+        return _finished(total / torch.sum(kept, dims, keepdim=keepdim).to(x.dtype), out_dtype)
+
+
 # ----------------------------------------------------------------------------- cumsum
 
 
@@ -1343,6 +1359,7 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("norm.ScalarOpt_dim", norm_dim, "reduction"),
     OpOverride("norm.Scalar", norm_all, "reduction"),
     OpOverride("nansum", nansum, "reduction"),
+    OpOverride("nanmean", nanmean, "reduction", composite=True),
     OpOverride("cumsum", cumsum, "scan"),
     OpOverride("cumsum_", cumsum_, "scan"),
     OpOverride("linalg_solve_triangular", linalg_solve_triangular, "solve"),

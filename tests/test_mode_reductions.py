@@ -47,7 +47,7 @@ OPS: dict[str, tuple[Op, str]] = {
     "normalize_2d": (lambda x: F.normalize(x, dim=(1, 2)), "linalg_vector_norm"),
     "norm_legacy": (lambda x: torch.ops.aten.norm.ScalarOpt_dim(x, 2, [-1]), "norm.ScalarOpt_dim"),
     "nansum": (lambda x: torch.nansum(x, -1), "nansum"),
-    "nanmean_2d": (lambda x: torch.nanmean(x, (1, 2)), "nansum"),
+    "nanmean_2d": (lambda x: torch.nanmean(x, (1, 2)), "nanmean"),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -95,6 +95,24 @@ def test_torchs_logsumexp_of_a_row_alone_differs_from_the_batch_and_the_modes_do
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_torchs_bfloat16_nanmean_changes_at_a_batch_of_one_and_the_modes_does_not(portable: bool) -> None:
+    """torch's nanmean divides the bfloat16 nansum by the integer count of non-NaN values;
+    its CPU kernel rounds that count to bfloat16 first (297 becomes 296) unless the count is
+    a single element, as at a batch of one. Under the mode the mean is taken in float32 and
+    rounded once, whatever the batch."""
+    x = _input("nanmean", 64, 333, torch.bfloat16, 5)
+
+    def rows_differing() -> int:
+        full = torch.nanmean(x, -1)
+        return sum(not torch.equal(torch.nanmean(x[i : i + 1], -1), full[i : i + 1]) for i in range(64))
+
+    assert rows_differing() > 0, "negative control: torch's nanmean did not change; the test proves nothing here"
+    with detkit.batch_invariant(portable=portable, strict=True) as bi:
+        assert rows_differing() == 0
+    assert bi.routed()["nanmean"] == 65
+
+
 @given(name=st.sampled_from(sorted(OPS)), rows=st.integers(2, 9), n=st.integers(1, 700),
        dtype=st.sampled_from(DTYPES), portable=st.booleans(), seed=st.integers(0, 2**16))
 def test_every_row_has_the_same_bits_alone_in_any_batch_and_at_any_position(
@@ -138,9 +156,8 @@ def _by_hand(name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return out(v, mean[:, 0]) if "_mean" in name else out(v)
     if name == "nansum":
         return out(ss(w.masked_fill(w.isnan(), 0)))
-    if name == "nanmean_2d":  # torch's nanmean: nansum over the count of non-NaN values, in x's dtype
-        (total,) = out(ss(w.masked_fill(w.isnan(), 0)))
-        return (total / (~w.isnan()).sum(-1),)
+    if name == "nanmean_2d":
+        return out(ss(w.masked_fill(w.isnan(), 0)) / (~w.isnan()).sum(-1).float())
     a = w.abs()
     if name in ("norm2", "norm_legacy"):
         return out(ss(a * a).sqrt())
@@ -282,6 +299,7 @@ def test_out_forms_are_routed(portable: bool) -> None:
                            (lambda: torch.std(x, 0), lambda o: torch.std(x, 0, out=o)),
                            (lambda: torch.linalg.vector_norm(x, dim=-1), lambda o: torch.linalg.vector_norm(x, dim=-1, out=o)),
                            (lambda: torch.nansum(x, 1), lambda o: torch.nansum(x, 1, out=o)),
+                           (lambda: torch.nanmean(x, 1), lambda o: torch.nanmean(x, 1, out=o)),
                            (lambda: torch.ops.aten.norm.ScalarOpt_dim(x, 1, [0]),
                             lambda o: torch.ops.aten.norm.out(x, 1, [0], out=o)),
                            (lambda: torch.ops.aten.norm.Scalar(x, 3), lambda o: torch.ops.aten.norm.Scalar_out(x, 3, out=o))):
@@ -289,14 +307,14 @@ def test_out_forms_are_routed(portable: bool) -> None:
             assert out_fn(out) is out
             assert_bitwise_equal(out, fn())
     assert {"logsumexp.out", "var.correction_out", "std.correction_out", "linalg_vector_norm.out", "nansum.out",
-            "norm.out", "norm.Scalar_out"} <= set(bi.routed())
+            "nanmean.out", "norm.out", "norm.Scalar_out"} <= set(bi.routed())
 
 
 def test_gradients_are_torchs_and_values_do_not_depend_on_requires_grad() -> None:
     """A trainer (requires_grad) and a sampler (no grad) see the same forward bits; the
     gradients are torch's formulas."""
     x = _rows((5, 300), torch.float32, 4)
-    for name in ("logsumexp", "var", "std_mean_2d", "norm2", "norm_2.5", "normalize"):
+    for name in ("logsumexp", "var", "std_mean_2d", "norm2", "norm_2.5", "normalize", "nansum", "nanmean_2d"):
         fn = OPS[name][0]
         xi = _input(name, 5, 300, torch.float32, 4) if name.endswith("_2d") else x
         leaf = xi.clone().requires_grad_(True)

@@ -181,6 +181,12 @@ def _b_vocab(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs({"input": _randn(g, (b, 8 * h), dt, 4.0)})  # logits over a 32k vocabulary
 
 
+def _b_long_vocab(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
+    # 131,072 at 4096, Llama 3's vocabulary: a lone row this long is what torch's CPU sum
+    # splits across threads
+    return Inputs({"input": _randn(g, (b, 32 * h), dt, 4.0)})
+
+
 def _b_layer_norm(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     return Inputs(
         {"input": _randn(g, (b, h), dt, 3.0)},
@@ -319,6 +325,8 @@ CATALOGUE: tuple[OpSpec, ...] = (
     OpSpec("sum", "reduction", "x.sum(-1) over hidden", _b_row, lambda input: input.sum(dim=-1)),
     OpSpec("mean", "reduction", "x.mean(-1) over hidden", _b_row, lambda input: input.mean(dim=-1)),
     OpSpec("cumsum", "reduction", "x.cumsum(-1) over hidden", _b_row, lambda input: input.cumsum(dim=-1)),
+    OpSpec("logsumexp", "reduction", "torch.logsumexp over a vocabulary of 32*hidden (a trainer's log-probs)",
+           _b_long_vocab, lambda input: torch.logsumexp(input, dim=-1)),
     OpSpec("scaled_dot_product_attention", "attention",
            "F.scaled_dot_product_attention, causal, (b, hidden/1024 heads, 128 tokens, 64)",
            _b_attention, _c_attention, attention=True),
