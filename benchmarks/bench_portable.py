@@ -7,6 +7,7 @@ measured in the same run, the two interleaved. Shapes follow the CPU kernels iss
     python benchmarks/bench_portable.py --quick    # a few shapes, fewer repeats
     python benchmarks/bench_portable.py --only matmul --json out.json
     python benchmarks/bench_portable.py --accuracy # ULP table vs detkit.reference
+    python benchmarks/bench_portable.py --accuracy reductions  # only its logsumexp/var/std/norm rows
 
 The backend module is called directly (``detkit.kernels.portable_cpu``), so the
 numbers are the kernels' cost without the front end's validation.
@@ -188,6 +189,90 @@ def _exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     return out
 
 
+def _exact_logsumexp(x: torch.Tensor) -> np.ndarray:
+    """Exact-enough logsumexp (60 digits) of each row of a 2-D tensor, as Fractions."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    out = []
+    for row in x.double().numpy():  # exact copies of the inputs
+        m = mpmath.mpf(float(row.max()))
+        out.append(_fraction(mpmath.log(mpmath.fsum(mpmath.exp(mpmath.mpf(float(v)) - m) for v in row)) + m))
+    return np.array(out, dtype=object)
+
+
+def _exact_moments(x: torch.Tensor, correction: int) -> tuple[np.ndarray, np.ndarray]:
+    """(var, std) of each row of a 2-D tensor: var as an exact Fraction, std its square root
+    to 60 digits."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    var, std = [], []
+    for row in x.double().numpy():
+        vals = [Fraction(float(v)) for v in row]  # float -> Fraction is exact
+        mean = sum(vals, Fraction(0)) / len(vals)
+        v = sum(((t - mean) ** 2 for t in vals), Fraction(0)) / (len(vals) - correction)
+        var.append(v)
+        std.append(_fraction(mpmath.sqrt(mpmath.mpf(v.numerator) / v.denominator)))
+    return np.array(var, dtype=object), np.array(std, dtype=object)
+
+
+def _exact_norm2(x: torch.Tensor) -> np.ndarray:
+    """sqrt(sum x*x) of each row of a 2-D tensor, to 60 digits, as Fractions (the sum of
+    squares is exact: integers scaled by 2**149, the smallest float32 step)."""
+    import mpmath
+
+    mpmath.mp.dps = 60
+    out = []
+    for row in x.double().numpy():
+        total = sum(int(v * 2.0**149) ** 2 for v in row)  # exact: a float32 times 2**149 is an integer
+        out.append(_fraction(mpmath.sqrt(mpmath.mpf(total)) / mpmath.mpf(2) ** 149))
+    return np.array(out, dtype=object)
+
+
+def _add_row(rows: list[dict[str, object]], op: str, shape: str, dtype: torch.dtype, exact: np.ndarray,
+             port: torch.Tensor, ref: torch.Tensor) -> None:
+    """Append (and print) the ULP statistics of one case, portable vs torch."""
+    from detkit import reference as R
+
+    ep = R.ulp_error(port, exact)
+    et = R.ulp_error(ref.to(port.dtype), exact)
+    rows.append({"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
+                 **_error_stats("portable", ep), **_error_stats("torch", et)})
+    r = rows[-1]
+    print(f"{op:14} {shape:16} {r['dtype']:9} portable max {r['portable_max']:9.3f} "
+          f"mean {r['portable_mean']:7.3f} median {r['portable_median']:6.3f} | torch max "
+          f"{r['torch_max']:9.3f} mean {r['torch_mean']:7.3f} median {r['torch_median']:6.3f}", flush=True)
+
+
+def reduction_accuracy() -> list[dict[str, object]]:
+    """ULP table of the reductions the mode composes from routed ops (logsumexp, var, std,
+    the 2-norm): each called under ``batch_invariant(portable=True)`` vs torch's own op."""
+    import detkit
+
+    # numpy's generator, of their own: torch.randn's bits differ between CPU instruction
+    # sets, and the rows above keep their inputs
+    rng = np.random.default_rng(6)
+    rows: list[dict[str, object]] = []
+    Exact = Callable[[torch.Tensor], np.ndarray]
+    cases: list[tuple[str, str, np.ndarray, Exact, Callable[[torch.Tensor], object]]] = []
+    for n in (50257, 1024):
+        cases.append(("logsumexp", f"16x{n}", rng.standard_normal((16, n)) * 3, _exact_logsumexp,
+                      lambda x: torch.logsumexp(x, -1)))
+    moments = rng.standard_normal((16, 4096)) + 0.5
+    cases += [("var", "16x4096", moments, lambda x: _exact_moments(x, 1)[0], lambda x: x.var(-1)),
+              ("std", "16x4096", moments, lambda x: _exact_moments(x, 1)[1], lambda x: x.std(-1)),
+              ("vector_norm 2", "16x4096", rng.standard_normal((16, 4096)), _exact_norm2,
+               lambda x: torch.linalg.vector_norm(x, dim=-1))]
+    for dtype in (torch.float32, torch.bfloat16):
+        for op, shape, values, exact, fn in cases:
+            x = torch.from_numpy(values).to(dtype)
+            with detkit.batch_invariant(portable=True, strict=True):  # strict: a fallback would be torch's op
+                port = fn(x)
+            _add_row(rows, op, shape, dtype, exact(x), port, fn(x))
+    return rows
+
+
 def accuracy() -> list[dict[str, object]]:
     """Max / mean error in ULPs of the output format vs detkit.reference, portable vs torch."""
     from detkit import reference as R
@@ -197,14 +282,7 @@ def accuracy() -> list[dict[str, object]]:
 
     def add(op: str, shape: str, dtype: torch.dtype, exact: np.ndarray, port: torch.Tensor,
             ref: torch.Tensor) -> None:
-        ep = R.ulp_error(port, exact)
-        et = R.ulp_error(ref.to(port.dtype), exact)
-        rows.append({"op": op, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
-                     **_error_stats("portable", ep), **_error_stats("torch", et)})
-        r = rows[-1]
-        print(f"{op:14} {shape:16} {r['dtype']:9} portable max {r['portable_max']:9.3f} "
-              f"mean {r['portable_mean']:7.3f} median {r['portable_median']:6.3f} | torch max "
-              f"{r['torch_max']:9.3f} mean {r['torch_mean']:7.3f} median {r['torch_median']:6.3f}", flush=True)
+        _add_row(rows, op, shape, dtype, exact, port, ref)
 
     xe = torch.empty(20000).uniform_(-87.0, 88.0, generator=g)
     add("exp", "20000", torch.float32, _exact_unary("exp", xe), P.elementwise("exp", xe), torch.exp(xe))
@@ -270,7 +348,7 @@ def accuracy() -> list[dict[str, object]]:
         add("attention", "2h 16q 64k d32", dtype, _exact_attention(q, k, v, True, 32**-0.5),
             P.attention(q, k, v, causal, 32**-0.5),
             F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=32**-0.5))
-    return rows
+    return rows + reduction_accuracy()
 
 
 def main() -> None:
@@ -279,7 +357,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only ops whose name contains this")
     parser.add_argument("--repeats", type=int, default=0, help="timed repeats (default 3 quick / 7)")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
-    parser.add_argument("--accuracy", action="store_true", help="ULP accuracy table instead of timings")
+    parser.add_argument("--accuracy", nargs="?", const="all", choices=("all", "reductions"),
+                        help="ULP accuracy table instead of timings (reductions: only the rows of the "
+                             "reductions the mode composes, logsumexp, var, std, the 2-norm)")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (both sides)")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time with process CPU time instead of wall time (robust on a busy "
@@ -289,7 +369,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
     if args.accuracy:
-        acc = accuracy()
+        acc = accuracy() if args.accuracy == "all" else reduction_accuracy()
         if args.json:  # strict JSON: a NaN or infinite error as the string "nan" / "inf"
             with open(args.json, "w") as fh:
                 json.dump([{k: str(v) if isinstance(v, float) and not np.isfinite(v) else v for k, v in r.items()}
