@@ -10,6 +10,7 @@ mode is slower). Also reports the ops that fell back to torch under the mode. Us
     python benchmarks/bench_mode.py --portable --batch-sizes 1,8 --new-tokens 32
     python benchmarks/bench_mode.py --relu-linear      # one layer whose input rows start with zeros
     python benchmarks/bench_mode.py --conv [--portable]   # convolutions (Mamba's, a ViT's), routed as patch products
+    python benchmarks/bench_mode.py --reductions [--portable]   # logsumexp, var, vector_norm, F.normalize
 
 On the CPU the cost is mostly fixed-height BLAS tiles (a 2-row decode matmul computes a
 whole 16-row float32 tile, or bfloat16 one of the smallest height that verifies: 64 rows
@@ -153,16 +154,42 @@ def measure_convs(repeats: int, device: str, dtype: torch.dtype, portable: bool)
     w, b = r(ch, 1, 4), r(ch)
     prefill, window = r(1, ch, 64), r(8, ch, 4)
     image, pw, pb = r(1, 3, 224, 224), r(768, 3, 16, 16), r(768)
-    convs: list[tuple[str, Callable[[], torch.Tensor]]] = [
+    return _measure_calls([
         ("Mamba-2.8B conv1d, prefill 1 x 5120 x 64", lambda: F.conv1d(prefill, w, b, padding=3, groups=ch)),
         ("Mamba-2.8B conv1d, decode 8 x 5120 x 4", lambda: F.conv1d(window, w, b, groups=ch)),
         ("ViT-B/16 patch conv2d, 1 x 3 x 224 x 224", lambda: F.conv2d(image, pw, pb, stride=16)),
-    ]
+    ], repeats, device, portable)
+
+
+def measure_reductions(repeats: int, device: str, dtype: torch.dtype, portable: bool) -> list[LayerCase]:
+    """The reductions the mode composes from routed ops: logsumexp over GPT-2's and
+    Qwen2's vocabularies (a sampler's, a loss's), and over hidden rows var, the 2-norm and
+    F.normalize (which calls the norm)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    gpt2, qwen, hidden = r(64, 50257), r(8, 151936), r(64, 4096)
+    return _measure_calls([
+        ("logsumexp 64 x 50257", lambda: torch.logsumexp(gpt2, -1)),
+        ("logsumexp 8 x 151936", lambda: torch.logsumexp(qwen, -1)),
+        ("var 64 x 4096", lambda: hidden.var(-1)),
+        ("vector_norm 64 x 4096", lambda: torch.linalg.vector_norm(hidden, dim=-1)),
+        ("F.normalize 64 x 4096", lambda: F.normalize(hidden, dim=-1)),
+    ], repeats, device, portable)
+
+
+def _measure_calls(calls: list[tuple[str, Callable[[], torch.Tensor]]], repeats: int, device: str,
+                   portable: bool) -> list[LayerCase]:
+    """One LayerCase per named call; an op falling back to torch would time torch twice."""
     cases = []
-    for name, conv in convs:
-        def call(conv: Callable[[], torch.Tensor] = conv) -> None:
+    for name, fn in calls:
+        def call(fn: Callable[[], torch.Tensor] = fn) -> None:
             with torch.no_grad():
-                conv()
+                fn()
             _sync(device)
 
         plain_ms, mode_ms, fallbacks, _ = _interleaved(call, repeats * 10, portable)
@@ -188,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="time one nn.Linear on ReLU rows instead of generate (no model needed)")
     parser.add_argument("--conv", action="store_true",
                         help="time convolutions (Mamba's causal conv1d, a ViT patch conv2d) instead of generate")
+    parser.add_argument("--reductions", action="store_true",
+                        help="time logsumexp, var, vector_norm and F.normalize instead of generate")
     args = parser.parse_args(argv)
     from detkit.devices import resolve_device
     from detkit.errors import DetkitError
@@ -204,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.conv:
             return _layers(args, device, measure_convs(args.repeats, device, getattr(torch, args.dtype), args.portable),
                            "layers")
+        if args.reductions:
+            return _layers(args, device, measure_reductions(args.repeats, device, getattr(torch, args.dtype),
+                                                            args.portable), "layers")
         # the probe's loader: presets, or a directory with its tokenizer, with clear errors
         model, tokenizer, _ = load_model(args.preset, dtype=args.dtype, attn_implementation=args.attn, device=device)
     except (DetkitError, ValueError) as err:
@@ -237,7 +269,7 @@ def _layers(args: argparse.Namespace, device: str, cases: list[LayerCase], key: 
           f"({torch.get_num_threads()} threads), median of {args.repeats * 10} calls")
     print("| layer | plain ms | mode ms | ratio (mode / plain) |\n|---|---:|---:|---:|")
     for case in cases:
-        print(f"| {case.name} | {case.plain_ms:.2f} | {case.mode_ms:.2f} | {case.ratio:.2f} |")
+        print(f"| {case.name} | {case.plain_ms:.3f} | {case.mode_ms:.3f} | {case.ratio:.2f} |")
     if args.json:
         rows = [{**asdict(case), "ratio": round(case.ratio, 3)} for case in cases]
         args.json.write_text(json.dumps({"meta": {"device": device, "dtype": args.dtype, "portable": args.portable,

@@ -115,6 +115,35 @@ def test_conv_times_the_routed_convolutions(bench: Any, tmp_path: Path, capsys: 
     assert "| Mamba-2.8B conv1d, decode 8 x 5120 x 4 |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("portable", [False, True])
+def test_reductions_times_the_composed_reductions(bench: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch, portable: bool) -> None:
+    import detkit
+
+    routed: list[dict[str, int]] = []
+
+    def once(call: Any, repeats: int, portable: bool) -> tuple[float, float, dict[str, int], float]:
+        call()
+        with detkit.batch_invariant(portable=portable, strict=True) as bi:
+            call()
+        routed.append(bi.routed())
+        return 1.0, 3.0, {}, 4.0
+
+    monkeypatch.setattr(bench, "_interleaved", once)
+    out = tmp_path / "reductions.json"
+    argv = ["--reductions", "--dtype", "bfloat16", "--repeats", "1", "--json", str(out)] + ["--portable"] * portable
+    assert bench.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["portable"] is portable and data["meta"]["dtype"] == "bfloat16"
+    layers = data["layers"]
+    assert [x["name"].split(" ")[0] for x in layers] == ["logsumexp"] * 2 + ["var", "vector_norm", "F.normalize"]
+    assert all(x["ratio"] == 3.0 for x in layers)
+    # each call is the composed op itself, not torch's kernel
+    outer = ["logsumexp", "logsumexp", "var.correction", "linalg_vector_norm", "linalg_vector_norm"]
+    assert [r[op] for r, op in zip(routed, outer, strict=True)] == [1] * 5
+    assert "| logsumexp 8 x 151936 |" in capsys.readouterr().out
+
+
 def test_case_rejects_non_positive_times(bench: Any) -> None:
     with pytest.raises(ValueError, match="positive"):
         bench.Case(1, 2, 0.0, 1.0, {}, 1.0)
