@@ -563,7 +563,8 @@ class TracedOps(Counter):  # type: ignore[type-arg]
     took a complex one (``complex_inputs``): there ``COMPLEX_POSITION_DEPENDENT`` is not;
     and which ever computed in float64 (``float64_inputs``: its first floating-point
     operand, or its ``dtype=``, was float64), which the portable and CUDA kernels do not
-    take."""
+    take; and which ``mul``/``div`` calls took a 16-bit float tensor and an integer tensor
+    that dtype cannot represent (``rounded_integer_operands``)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -573,6 +574,9 @@ class TracedOps(Counter):  # type: ignore[type-arg]
         # pow overloads with a scalar exponent: the exponents seen (2 and 0.5 are exact,
         # 3 is the portable cube, the others the portable Pow)
         self.pow_exponents: dict[str, set[float | complex]] = {}
+        # mul/div of a 16-bit float tensor by an integer tensor holding a value that the
+        # 16-bit dtype cannot represent (see ROUNDED_INTEGER_OPERAND)
+        self.rounded_integer_operands: set[str] = set()
 
 
 def _first_float_dtype(values: Any) -> torch.dtype | None:
@@ -600,6 +604,29 @@ _SCALAR_POW = frozenset({"pow.Tensor_Scalar", "pow_.Scalar", "pow.Tensor_Scalar_
 # Reductions and scans that cast their input to ``dtype=`` first: that dtype, not the
 # operands', is the type they compute in (Mixtral's router sums float counts as int32).
 _COMPUTES_IN_DTYPE = frozenset({"sum", "mean", "prod", "cumsum", "cumsum_", "cumprod", "cumprod_", "linalg_vector_norm"})
+
+
+# torch's CPU mul and div of a 16-bit float tensor by an integer tensor round the integers
+# to the 16-bit dtype first, except when the integer tensor has one element: then its
+# exact value is used (read as a CPU scalar). A sum over a count, a row per batch entry,
+# changes at a batch of one: bfloat16 s / 297 is s / 296 in a batch. Measured with torch
+# 2.13 (add and sub do not do this; nor does float32, whose own rounding the scalar gets).
+_ROUNDS_INTEGER_OPERAND = frozenset({"mul", "mul_", "div", "div_"})
+
+
+def _rounds_an_integer_operand(values: tuple[Any, ...]) -> bool:
+    """A 16-bit float tensor and an integer tensor (not 0-d: that is a CPU scalar at every
+    batch) holding a value the 16-bit dtype cannot represent."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    half = next((t.dtype for t in tensors if t.dtype in (torch.bfloat16, torch.float16)), None)
+    if half is None:
+        return False
+    for t in tensors:
+        if t.dim() and not (t.is_floating_point() or t.is_complex()) and t.dtype != torch.bool:
+            wide = t.to(torch.float64)
+            if not bool((wide.to(half).to(torch.float64) == wide).all()):
+                return True
+    return False
 
 
 def _exponent(value: Any) -> float | complex:
@@ -639,6 +666,9 @@ class _OpTracer(TorchDispatchMode):
             self.ops.float64_inputs.add(name)
         if name not in self.ops.complex_inputs and _has_float_tensor(values, complex_only=True):
             self.ops.complex_inputs.add(name)
+        if (name not in self.ops.rounded_integer_operands and name.partition(".")[0] in _ROUNDS_INTEGER_OPERAND
+                and _rounds_an_integer_operand(values)):
+            self.ops.rounded_integer_operands.add(name)
         if name in _SCALAR_POW and len(args) > 1 and not isinstance(args[1], torch.Tensor):
             self.ops.pow_exponents.setdefault(name, set()).add(_exponent(args[1]))
         return func(*args, **(kwargs or {}))
@@ -678,7 +708,9 @@ class CoverageReport:
     0.5 only is exact (one correctly rounded operation at most), with 3 among them routed
     (the portable ``cube``); an op of ``INTEGER_EXACT_OPS`` traced with integer operands
     only is exact; on the CPU an op of ``COMPLEX_POSITION_DEPENDENT`` traced with a
-    complex operand is uncovered; and in portable mode, or on CUDA, a routed op traced
+    complex operand is uncovered, and so is a ``mul``/``div`` traced with a 16-bit float
+    tensor and an integer tensor holding values that dtype cannot represent (torch's CPU
+    kernel rounds them, except from a one-element tensor); and in portable mode, or on CUDA, a routed op traced
     computing in float64 is uncovered (an elementwise one: not portable, in portable
     mode), since those kernels take float32, bfloat16 and float16 only.
     ``uncovered``: anything else; its bits are whatever torch gives, so check them with a
@@ -723,8 +755,9 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
 
     An op of ``INTEGER_EXACT_OPS`` (``floor_divide``, ``histc``, ``bincount``, ...) that the
     trace saw with integer operands only is exact, and on the CPU an op of
-    ``COMPLEX_POSITION_DEPENDENT`` (``mul``, ``div``, ...) it saw with a complex operand is
-    uncovered; with ``ops`` from elsewhere (a plain mapping of counts, no ``float_inputs``
+    ``COMPLEX_POSITION_DEPENDENT`` (``mul``, ``div``, ...) it saw with a complex operand, or
+    ``mul``/``div`` it saw with a 16-bit float and an integer tensor the 16-bit dtype cannot
+    hold exactly, is uncovered; with ``ops`` from elsewhere (a plain mapping of counts, no ``float_inputs``
     or ``complex_inputs``) an op is classified by name alone."""
     if device not in OVERRIDES:
         raise InputError(f"coverage_report: device must be one of {', '.join(OVERRIDES)}, got {device!r}")
@@ -754,6 +787,13 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
             uncovered[full] = n
             notes[full] = ("complex operands (as traced): several roundings per element, which torch's vector path "
                            "and scalar tail order differently (position dependent)")
+            continue
+        if device == "CPU" and name in getattr(ops, "rounded_integer_operands", set()):
+            uncovered[full] = n
+            notes[full] = ("a 16-bit float times or over an integer tensor holding values the 16-bit dtype cannot "
+                           "represent (as traced): torch's CPU kernel rounds them to 16 bits, except for an integer "
+                           "tensor of one element (a batch of one), whose exact value it uses, so the result changes "
+                           "with the batch; convert the integers to the float dtype first (or compute in float32)")
             continue
         exponents = getattr(ops, "pow_exponents", {}).get(name)
         if portable and exponents is not None and exponents <= _EXACT_OR_CUBE and full in table:

@@ -1482,3 +1482,27 @@ def test_scalar_overloads_that_call_a_routed_op_with_a_wrapped_number_still_run(
     for name in calls:
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
     assert bi.uncovered() == {} and bi.routed().get("floor_divide", 0) >= 1, bi.coverage()
+
+
+def test_coverage_report_lists_a_16_bit_mean_over_an_integer_count_on_the_cpu() -> None:
+    """torch's CPU div of a bfloat16 tensor by an integer tensor rounds the integers to
+    bfloat16 (297 becomes 296), except from a one-element tensor, whose exact value it uses:
+    a masked mean written as sum / count changes at a batch of one (shown here). The
+    trace lists such a call as uncovered; a 0/1 mask, which bfloat16 holds exactly, is not."""
+    gen = torch.Generator().manual_seed(11)
+    emb = torch.randn(6, 297, 8, generator=gen).bfloat16()
+    count = torch.full((6, 1), 297)
+
+    def pooled(e: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return e.sum(1) / c
+
+    full = pooled(emb, count)
+    assert any(not torch.equal(pooled(emb[i : i + 1], count[i : i + 1]), full[i : i + 1]) for i in range(6))
+    _, ops = mode.trace_ops(pooled, emb, count)
+    report = mode.coverage_report(ops)
+    assert "div.Tensor" in report.uncovered and "one element" in report.notes["div.Tensor"], str(report)
+    assert "div.Tensor" not in mode.coverage_report(ops, device="CUDA").uncovered  # no CPU scalars there
+    _, masked = mode.trace_ops(lambda e, m: e * m, emb, torch.ones(6, 297, 1, dtype=torch.long))
+    assert "mul.Tensor" in mode.coverage_report(masked).exact
+    _, wide = mode.trace_ops(pooled, emb.float(), count)  # float32 gets the same rounding either way
+    assert "div.Tensor" in mode.coverage_report(wide).exact
