@@ -186,6 +186,25 @@ def test_portable_results_are_the_composition_of_the_portable_kernels(name: str,
     assert_bitwise_equal(got if isinstance(got, tuple) else (got,), _by_hand(name, x), name=f"{name} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_through_the_executable_spec_the_compositions_give_the_portable_backends_bits(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU check compares the CUDA results with these where numba is missing: portable
+    mode with the CPU portable backend replaced by the plain-Python spec gives the numba
+    backend's bits for every composition (small rows: the spec is slow)."""
+    from detkit.kernels import _backend
+
+    inputs = {name: planted_input(name, 4, 60, dtype, 17) for name in OPS}
+    with detkit.batch_invariant(portable=True, strict=True):
+        want = {name: fn(inputs[name]) for name, (fn, _) in OPS.items()}
+    monkeypatch.setitem(_backend.BACKEND_MODULES, ("cpu", True), "detkit.kernels.spec")
+    with detkit.batch_invariant(portable=True, strict=True) as bi:
+        got = {name: fn(inputs[name]) for name, (fn, _) in OPS.items()}
+    assert bi.uncovered() == {} and bi.not_portable() == {}
+    assert_bitwise_equal(got, want, name=f"spec vs numba, {dtype}")
+
+
 CANONICAL_NAN = {torch.float32: 0x7FC00000, torch.bfloat16: 0x7FC0, torch.float16: 0x7E00}
 
 
