@@ -747,7 +747,7 @@ def linalg_vector_norm(call: Call, self: torch.Tensor, ord: Any = 2, dim: Sequen
     inf / -inf: max / min of ``|x|``; 0: the count of nonzeros."""
     if isinstance(self, torch.Tensor) and self.is_complex():
         raise Unsupported("complex input")  # |z| is a hypot: not in the canonical orders
-    if isinstance(ord, torch.Tensor) or isinstance(ord, complex):
+    if isinstance(ord, (torch.Tensor, complex)):
         raise Unsupported(f"ord {ord!r}")
     if dtype is not None:
         if not dtype.is_floating_point or not self.is_floating_point():

@@ -575,7 +575,7 @@ class TracedOps(Counter):  # type: ignore[type-arg]
         # 3 is the portable cube, the others the portable Pow)
         self.pow_exponents: dict[str, set[float | complex]] = {}
         # mul/div of a 16-bit float tensor by an integer tensor holding a value that the
-        # 16-bit dtype cannot represent (see ROUNDED_INTEGER_OPERAND)
+        # 16-bit dtype cannot represent (see _ROUNDS_INTEGER_OPERAND)
         self.rounded_integer_operands: set[str] = set()
 
 
@@ -603,7 +603,8 @@ def _has_float_tensor(values: Any, complex_only: bool = False) -> bool:
 _SCALAR_POW = frozenset({"pow.Tensor_Scalar", "pow_.Scalar", "pow.Tensor_Scalar_out"})
 # Reductions and scans that cast their input to ``dtype=`` first: that dtype, not the
 # operands', is the type they compute in (Mixtral's router sums float counts as int32).
-_COMPUTES_IN_DTYPE = frozenset({"sum", "mean", "prod", "cumsum", "cumsum_", "cumprod", "cumprod_", "linalg_vector_norm"})
+_COMPUTES_IN_DTYPE = frozenset({"sum", "mean", "prod", "cumsum", "cumsum_", "cumprod", "cumprod_",
+                                "linalg_vector_norm"})
 
 
 # torch's CPU mul and div of a 16-bit float tensor by an integer tensor round the integers
@@ -710,9 +711,10 @@ class CoverageReport:
     only is exact; on the CPU an op of ``COMPLEX_POSITION_DEPENDENT`` traced with a
     complex operand is uncovered, and so is a ``mul``/``div`` traced with a 16-bit float
     tensor and an integer tensor holding values that dtype cannot represent (torch's CPU
-    kernel rounds them, except from a one-element tensor); and in portable mode, or on CUDA, a routed op traced
-    computing in float64 is uncovered (an elementwise one: not portable, in portable
-    mode), since those kernels take float32, bfloat16 and float16 only.
+    kernel rounds them, except from a one-element tensor); and in portable mode, or on
+    CUDA, a routed op traced computing in float64 is uncovered (an elementwise one: not
+    portable, in portable mode), since those kernels take float32, bfloat16 and float16
+    only.
     ``uncovered``: anything else; its bits are whatever torch gives, so check them with a
     test. ``notes``: why an op is listed.
     """
@@ -757,8 +759,8 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
     trace saw with integer operands only is exact, and on the CPU an op of
     ``COMPLEX_POSITION_DEPENDENT`` (``mul``, ``div``, ...) it saw with a complex operand, or
     ``mul``/``div`` it saw with a 16-bit float and an integer tensor the 16-bit dtype cannot
-    hold exactly, is uncovered; with ``ops`` from elsewhere (a plain mapping of counts, no ``float_inputs``
-    or ``complex_inputs``) an op is classified by name alone."""
+    hold exactly, is uncovered; with ``ops`` from elsewhere (a plain mapping of counts, no
+    ``float_inputs`` or ``complex_inputs``) an op is classified by name alone."""
     if device not in OVERRIDES:
         raise InputError(f"coverage_report: device must be one of {', '.join(OVERRIDES)}, got {device!r}")
     table = {_full_name(s.name): s for s in OVERRIDES[device]}
