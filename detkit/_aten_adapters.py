@@ -812,6 +812,40 @@ def nanmean(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, ke
         return _finished(total / torch.sum(kept, dims, keepdim=keepdim).to(x.dtype), out_dtype)
 
 
+_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # aten's Reduction enum
+
+
+def nll_loss_forward(call: Call, self: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+                     reduction: int, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.nll_loss`` (so ``F.cross_entropy``): each loss ``-w[t] * x[t]`` is one exact
+    product; ``"sum"`` is their canonical sum and ``"mean"`` that over the canonical sum of
+    the weights (16-bit inputs summed in float32, divided, rounded once), so a loss does
+    not depend on the thread count, the instruction set or the device's reduction order.
+    ``total_weight`` is the weights' sum, as torch's (``"none"``: 0, or one sample's weight)."""
+    _float(self, weight)
+    if (self.dim() not in (1, 2) or target.dim() != self.dim() - 1 or target.dtype not in (torch.int64, torch.uint8)
+            or (self.dim() == 2 and target.shape[0] != self.shape[0]) or reduction not in _REDUCTIONS
+            or (weight is not None and (weight.shape != self.shape[-1:] or weight.dtype != self.dtype))):
+        raise Unsupported("arguments torch refuses", benign=True)  # torch's own error
+    if self.numel() == 0:
+        raise Unsupported("empty input", benign=True)
+    x, dtype = _composed_input(self)
+    t = target.long()
+    kept = t != ignore_index
+    if bool(((t < 0) | (t >= x.shape[-1]))[kept].any()):
+        raise Unsupported("a target out of range", benign=True)  # torch raises
+    with routed():
+        t = t.masked_fill(~kept, 0)
+        w = kept.to(x.dtype) if weight is None else _plain(weight).to(x.dtype)[t].masked_fill(~kept, 0)
+        picked = x.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+        loss = torch.where(kept, -(picked * w), 0.0)
+        if reduction == 0:  # torch's total_weight: 0, or for one sample its weight
+            return _finished(loss, dtype), (w if x.dim() == 1 else torch.zeros_like(loss[0])).to(dtype)
+        total_weight = torch.sum(w)
+        total = torch.sum(loss) if reduction == 2 else torch.sum(loss) / total_weight
+        return _finished(total, dtype), total_weight.to(dtype)
+
+
 # ----------------------------------------------------------------------------- cumsum
 
 
@@ -1360,6 +1394,7 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("norm.Scalar", norm_all, "reduction"),
     OpOverride("nansum", nansum, "reduction"),
     OpOverride("nanmean", nanmean, "reduction", composite=True),
+    OpOverride("nll_loss_forward", nll_loss_forward, "reduction"),
     OpOverride("cumsum", cumsum, "scan"),
     OpOverride("cumsum_", cumsum_, "scan"),
     OpOverride("linalg_solve_triangular", linalg_solve_triangular, "solve"),
@@ -1412,7 +1447,7 @@ _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim
               "std.correction": "std.correction_out", "norm.ScalarOpt_dim": "norm.out",
               "norm.Scalar": "norm.Scalar_out"}
 _NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
-                          "var_mean.correction", "std_mean.correction",
+                          "var_mean.correction", "std_mean.correction", "nll_loss_forward",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})
 
 
@@ -1548,7 +1583,8 @@ FOLDS: tuple[Fold, ...] = (Fold("linear", _fold_linear), Fold("matmul", _fold_ma
 # copies, indexing, comparisons, integer/bool ops, and order-free reductions (max/argmax).
 EXACT_OPS: frozenset[str] = frozenset(
     {
-        "_local_scalar_dense", "_to_copy", "_unsafe_view", "alias", "all", "any", "arange", "argmax", "argmin",
+        "_local_scalar_dense", "_to_copy", "_unsafe_view", "alias", "all", "any", "_is_all_true", "_is_any_true",
+        "arange", "argmax", "argmin",
         "as_strided", "bitwise_and", "bitwise_not", "bitwise_or", "bitwise_xor", "cat", "clone", "copy_",
         "detach", "embedding", "empty", "empty_like", "empty_strided", "eq", "expand", "fill_", "full",
         "full_like", "ge", "gt", "index", "index_select", "index_put_", "isin", "isinf", "isnan", "le", "lift_fresh",

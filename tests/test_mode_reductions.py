@@ -113,6 +113,33 @@ def test_torchs_bfloat16_nanmean_changes_at_a_batch_of_one_and_the_modes_does_no
     assert bi.routed()["nanmean"] == 65
 
 
+def test_a_policys_log_probs_and_entropy_from_torch_distributions_are_batch_invariant() -> None:
+    """RL code scores sampled actions with torch.distributions.Categorical(logits=...),
+    which normalises the logits with logsumexp: a PPO step's log-probabilities and entropies
+    of GPT-2-sized rows changed between a row alone and the batch on 2 threads (negative
+    control); under the mode (logsumexp, softmax and sum routed) none does."""
+    logits = _rows((32, 50257), torch.float32, 30)
+    actions = torch.from_numpy(np.random.default_rng(31).integers(0, 50257, 32))
+
+    def scored(lg: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        policy = torch.distributions.Categorical(logits=lg)
+        return torch.stack([policy.log_prob(a), policy.entropy()], -1)
+
+    def rows_differing() -> int:
+        full = scored(logits, actions)
+        return sum(not torch.equal(scored(logits[i : i + 1], actions[i : i + 1]), full[i : i + 1]) for i in range(32))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert rows_differing() > 0, "negative control: torch did not change; the test proves nothing here"
+        with detkit.batch_invariant(strict=True) as bi:
+            assert rows_differing() == 0
+        assert bi.uncovered() == {} and "logsumexp" in bi.routed()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @given(name=st.sampled_from(sorted(OPS)), rows=st.integers(2, 9), n=st.integers(1, 700),
        dtype=st.sampled_from(DTYPES), portable=st.booleans(), seed=st.integers(0, 2**16))
 def test_every_row_has_the_same_bits_alone_in_any_batch_and_at_any_position(
@@ -361,3 +388,78 @@ def test_coverage_report_lists_them_as_routed() -> None:
     _, ops64 = mode.trace_ops(lambda: torch.logsumexp(x.double(), -1))
     assert "logsumexp.default" in mode.coverage_report(ops64, portable=True).uncovered
     assert "logsumexp.default" in mode.coverage_report(ops64).routed
+
+
+# ----------------------------------------------------------------------------- losses
+
+LOSS_CALLS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy mean": lambda x, t, w: F.cross_entropy(x, t),
+    "cross_entropy sum, weights": lambda x, t, w: F.cross_entropy(x, t, weight=w, reduction="sum"),
+    "cross_entropy mean, weights, ignore_index": lambda x, t, w: F.cross_entropy(x, t.masked_fill(t < 0, 3), weight=w,
+                                                                                  ignore_index=3),
+    "cross_entropy label smoothing": lambda x, t, w: F.cross_entropy(x, t, label_smoothing=0.1),
+    "nll_loss none, weights": lambda x, t, w: F.nll_loss(x, t, weight=w, reduction="none"),
+    "nll_loss of one sample": lambda x, t, w: F.nll_loss(x[0], t[0], reduction="none"),
+    "nll_loss mean, all ignored": lambda x, t, w: F.nll_loss(x, torch.full_like(t, -100)),
+}
+
+
+def _loss_inputs(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(21)
+    x = _rows((40, 33), dtype, 20)
+    t = torch.from_numpy(rng.integers(0, 33, 40))
+    t[::7] = -100  # F.cross_entropy's default ignore_index: padding labels
+    return x, t, torch.from_numpy(rng.random(33)).to(dtype)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("call", sorted(LOSS_CALLS))
+def test_losses_are_routed_and_give_torchs_values(call: str, dtype: torch.dtype, portable: bool) -> None:
+    """F.nll_loss / F.cross_entropy reach nll_loss_forward: per-token losses are torch's
+    bits (one exact product each), sums and means torch's values within rounding."""
+    x, t, w = _loss_inputs(dtype)
+    want = LOSS_CALLS[call](x, t, w)
+    with detkit.batch_invariant(portable=portable, strict=True) as bi:
+        got = LOSS_CALLS[call](x, t, w)
+    assert "nll_loss_forward" in bi.routed() and bi.uncovered() == {} and bi.not_portable() == {}
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if "none" in call:
+        assert_bitwise_equal(got, want, name=call)
+    else:
+        tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_mean_loss_is_the_canonical_sum_over_the_canonical_weight(dtype: torch.dtype, portable: bool) -> None:
+    """The mean of weighted token losses is the canonical sum of the exact products over
+    the canonical sum of the weights (16-bit in float32, rounded once): the same bits on
+    every thread count, instruction set and device (tests/test_portable_isa.py)."""
+    x, t, w = _loss_inputs(dtype)
+    kept = t != -100
+    safe = t.masked_fill(~kept, 0)
+    ww = w.float()[safe].masked_fill(~kept, 0)
+    loss = torch.where(kept, -(x.float().gather(1, safe[:, None])[:, 0] * ww), 0.0)
+    want = kn.sum(loss, portable=portable) / kn.sum(ww, portable=portable)
+    with detkit.batch_invariant(portable=portable, strict=True):
+        got = F.nll_loss(x, t, weight=w)
+    assert_bitwise_equal(got, want.to(dtype), name=f"mean loss {dtype}")
+
+
+def test_loss_gradients_are_torchs_and_bad_targets_keep_torchs_error() -> None:
+    x, t, w = _loss_inputs(torch.float32)
+    leaf, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    with detkit.batch_invariant(strict=True):
+        loss = F.cross_entropy(leaf, t, weight=w)
+        (grad,) = torch.autograd.grad(loss, leaf)
+        with torch.no_grad():
+            frozen = F.cross_entropy(x, t, weight=w)
+        bad = t.clone()
+        bad[1] = 33
+        with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+            F.cross_entropy(x, bad)
+    assert_bitwise_equal(loss.detach(), frozen, name="loss with and without autograd")
+    (want,) = torch.autograd.grad(F.cross_entropy(ref, t, weight=w), ref)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)

@@ -100,6 +100,14 @@ def _worker() -> None:
             # (F.normalize's division by the norm is torch's: on NaN its 16-bit output is
             # torch's position-dependent NaN, so the adversarial values stay out of it.)
             record(f"normalize/{tag}", torch.nn.functional.normalize(tame((9, 517), dtype, 20), dim=-1))
+            # a trainer's loss: token losses, their canonical sums, label smoothing's row sums
+            logits, labels = tame((300, 50), dtype, 22), torch.from_numpy(np.random.default_rng(23).integers(0, 50, 300))
+            labels[::9] = -100
+            record(f"losses/{tag}", torch.stack([
+                torch.nn.functional.cross_entropy(logits, labels), torch.nn.functional.nll_loss(logits, labels,
+                                                                                                reduction="sum"),
+                torch.nn.functional.cross_entropy(logits, labels, weight=tame((50,), dtype, 24).abs(),
+                                                  label_smoothing=0.1)]))
         # large enough for the multi-threaded drivers
         xb = make((70, 600), dtype, 16)
         wb = tame((600,), dtype, 17)
@@ -241,7 +249,7 @@ def test_same_bits_on_every_isa_and_thread_count(runs):
     base = runs[names[0]]["hashes"]
     from detkit.kernels.portable_cpu import ELEMENTWISE_OPS
 
-    assert len(base) == 3 * (20 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
+    assert len(base) == 3 * (21 + len(ELEMENTWISE_OPS))  # every op x dtype was hashed
     diffs = {name: sorted(k for k, h in runs[name]["hashes"].items() if base[k] != h) for name in names[1:]}
     assert all(not d for d in diffs.values()), f"hash differs from {names[0]!r}: {diffs}"
 
