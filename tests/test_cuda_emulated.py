@@ -1274,6 +1274,36 @@ def test_composed_reductions_through_the_cuda_backend_give_the_cpu_portable_bits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cross_entropy_loss_through_the_cuda_backend_gives_the_cpu_portable_bits(
+    emulated: dict, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """A trainer's loss under batch_invariant(portable=True): log_softmax, nll_loss's
+    canonical sums and label smoothing's row sums, every one on the CUDA backend, give the
+    CPU portable backend's bits."""
+    import torch.nn.functional as F
+
+    import detkit
+    from detkit.testing import assert_bitwise_equal
+    from test_mode_reductions import _loss_inputs
+
+    x, t, w = _loss_inputs(dtype)
+
+    def losses() -> torch.Tensor:
+        with detkit.batch_invariant(portable=True, strict=True) as bi:
+            out = torch.stack([F.cross_entropy(x, t), F.cross_entropy(x, t, weight=w, label_smoothing=0.1),
+                               F.nll_loss(F.log_softmax(x, -1), t, reduction="sum")])
+        assert bi.uncovered() == {} and bi.not_portable() == {} and "nll_loss_forward" in bi.routed()
+        return out
+
+    want = losses()
+    launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
+    got = losses()
+    tag = "f32" if dtype == torch.float32 else "bf16"
+    assert {f"softmax_p_{tag}", "row_sum_p_f32"} <= launched, launched  # log_softmax; the losses' sums
+    assert_bitwise_equal(got, want, name=f"{dtype} losses: CUDA backend vs CPU portable backend")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_composed_reductions_through_the_cuda_backend_are_batch_invariant(
     emulated: dict, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
 ) -> None:

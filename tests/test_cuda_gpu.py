@@ -793,8 +793,8 @@ def test_composed_reductions_under_the_mode_are_batch_invariant_on_cuda(dtype: t
 def test_portable_composed_reductions_on_cuda_equal_cpu(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under batch_invariant(portable=True) the compositions run the CUDA portable row sum,
     elementwise and pow kernels (bfloat16 computed in float32, rounded once): each result,
-    rows holding inf, -inf and NaN included, and a GPT-2-sized logsumexp, is the CPU
-    portable backend's, bit for bit (where numba is missing, the executable spec's on
+    rows holding inf, -inf and NaN included, a GPT-2-sized logsumexp and a cross-entropy
+    loss, is the CPU portable backend's, bit for bit (where numba is missing, the executable spec's on
     fewer values: tests/test_mode_reductions.py checks that the two agree)."""
     import detkit
     from detkit.kernels import _backend
@@ -806,6 +806,14 @@ def test_portable_composed_reductions_on_cuda_equal_cpu(dtype: torch.dtype, monk
     calls = [(name, fn, inputs[name]) for name, (fn, _) in OPS.items()]
     calls.append(("logsumexp of a vocabulary", OPS["logsumexp"][0],
                   _rows((4, 50257) if BIG else (1, 3000), dtype, 153)))
+    labels = torch.arange(64) * 7 % 50
+    labels[::5] = -100  # padding labels
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.nn.functional.cross_entropy(x, labels.to(x.device)),
+                            torch.nn.functional.cross_entropy(x, labels.to(x.device), label_smoothing=0.1)])
+
+    calls.append(("cross_entropy", loss, _rows((64, 50), dtype, 154)))
     with detkit.batch_invariant(portable=True, strict=True) as bi:
         results = [(name, fn(x.to(DEV)), fn(x)) for name, fn, x in calls]
     assert bi.uncovered() == {} and bi.not_portable() == {}, bi.coverage()
