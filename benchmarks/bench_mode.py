@@ -141,8 +141,9 @@ def measure_relu_linear(repeats: int, device: str, dtype: torch.dtype, portable:
 def measure_convs(repeats: int, device: str, dtype: torch.dtype, portable: bool) -> list[LayerCase]:
     """Convolutions as models run them, routed under the mode as products of their patches:
     Mamba-2.8B's depthwise causal conv (5120 channels, kernel 4) over a 64-token prefill
-    and over one decode window for a batch of 8, and a ViT-B/16 patch embedding of one
-    224 x 224 image."""
+    and over one decode window for a batch of 8, a ViT-B/16 patch embedding of one
+    224 x 224 image, and the first upsampling of EnCodec's 24 kHz decoder (a transposed
+    conv1d, routed as the ordinary conv it equals) over one second of codes."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
@@ -154,10 +155,13 @@ def measure_convs(repeats: int, device: str, dtype: torch.dtype, portable: bool)
     w, b = r(ch, 1, 4), r(ch)
     prefill, window = r(1, ch, 64), r(8, ch, 4)
     image, pw, pb = r(1, 3, 224, 224), r(768, 3, 16, 16), r(768)
+    codes, uw, ub = r(1, 512, 75), r(512, 256, 16), r(256)  # one second of 24 kHz audio, first upsampling
     return _measure_calls([
         ("Mamba-2.8B conv1d, prefill 1 x 5120 x 64", lambda: F.conv1d(prefill, w, b, padding=3, groups=ch)),
         ("Mamba-2.8B conv1d, decode 8 x 5120 x 4", lambda: F.conv1d(window, w, b, groups=ch)),
         ("ViT-B/16 patch conv2d, 1 x 3 x 224 x 224", lambda: F.conv2d(image, pw, pb, stride=16)),
+        ("EnCodec decoder conv_transpose1d, 1 x 512 x 75, k16 s8",
+         lambda: F.conv_transpose1d(codes, uw, ub, stride=8, padding=4)),
     ], repeats, device, portable)
 
 

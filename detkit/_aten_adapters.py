@@ -461,7 +461,8 @@ def convolution(
     groups: int,
 ) -> torch.Tensor:
     """Every 1-D, 2-D and 3-D convolution (``F.conv1d``/``conv2d``/``conv3d``, any stride,
-    zero padding, dilation and groups) as routed products of its patches (im2col).
+    zero padding, dilation and groups) as routed products of its patches (im2col); a
+    transposed one as the ordinary convolution it equals (``_transposed_convolution``).
 
     Each output element is one row of a matmul: the input patch it reads, flattened in
     the weight's (channel, kernel position) order, times that filter. With ``groups ==
@@ -480,10 +481,10 @@ def convolution(
     volume times the input).
     """
     _float(input, weight, bias)
-    if transposed:
-        raise Unsupported("transposed convolution")
     if input.dtype != weight.dtype or (bias is not None and bias.dtype != input.dtype):
         raise Unsupported("mixed dtypes", benign=True)  # torch raises its own error
+    if transposed:
+        return _transposed_convolution(call, input, weight, bias, stride, padding, dilation, output_padding, groups)
     nd = weight.dim() - 2
     # F.conv1d/2d/3d batch an unbatched input before they reach aten.convolution, which
     # itself refuses one (torch raises "Expected 3-dimensional input ...").
@@ -533,6 +534,62 @@ def convolution(
     # cuDNN convolutions return; code after the conv may view it as such.
     out = out.reshape(g, n, *lengths, og).permute(1, 0, nd + 2, *range(2, 2 + nd)).reshape(n, o, *lengths)
     # Tensor.suggest_memory_format, which Python lacks (imported here: a private module)
+    from torch._prims_common import suggest_memory_format
+
+    layouts = (suggest_memory_format(input), suggest_memory_format(weight))
+    layout = next((f for f in layouts if f in (torch.channels_last, torch.channels_last_3d)), torch.contiguous_format)
+    return out.contiguous(memory_format=layout)
+
+
+def _transposed_convolution(
+    call: Call,
+    input: torch.Tensor,  # noqa: A002 (aten's name)
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    output_padding: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """``F.conv_transpose1d``/``2d``/``3d`` as the ordinary convolution it equals, routed
+    as above: the input with ``stride - 1`` zeros between its elements, padded by
+    ``dilation * (kernel - 1) - padding`` on each side (``output_padding`` more at the
+    end; a negative padding crops), against the filters with input and output channels
+    swapped in each group and the kernel flipped, at stride 1. Each output element is then
+    one patch product, whatever the batch: torch's CPU transposed convolutions changed
+    bits with the batch size (float32 and bfloat16, kernel 4, stride 2). Costs ``stride``
+    to the number of dims times torch's products (the inserted zeros')."""
+    nd = weight.dim() - 2
+    if not 1 <= nd <= 3 or input.dim() != nd + 2:
+        raise Unsupported(f"{input.dim()}-D input with a {weight.dim()}-D weight", benign=True)  # torch raises
+    stride, padding, dilation, output_padding = (
+        _triple(v, nd, w) for v, w in ((stride, "stride"), (padding, "padding"), (dilation, "dilation"),
+                                       (output_padding, "output_padding")))
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or min(output_padding) < 0 or groups < 1:
+        raise Unsupported("non-positive stride, dilation or groups, or negative padding", benign=True)
+    if any(op >= s and op >= d for op, s, d in zip(output_padding, stride, dilation)):
+        raise Unsupported("output_padding not below stride or dilation", benign=True)  # torch raises
+    x, w = _plain(input), _plain(weight)
+    n, c = x.shape[:2]
+    og, kernel = w.shape[1], tuple(w.shape[2:])
+    if w.shape[0] != c or c % groups or (bias is not None and bias.shape != (og * groups,)):
+        raise Unsupported("channels, groups and bias do not match", benign=True)  # torch raises
+    if any((size - 1) * s + d * (k - 1) + op + 1 - 2 * p < 1
+           for size, k, s, p, d, op in zip(x.shape[2:], kernel, stride, padding, dilation, output_padding)):
+        raise Unsupported("no output position", benign=True)  # torch raises
+    if x.numel() == 0 or w.numel() == 0:
+        raise Unsupported("empty operand", benign=True)
+    if max(stride) > 1:
+        spread = x.new_zeros((n, c, *((size - 1) * s + 1 for size, s in zip(x.shape[2:], stride))))
+        spread[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = x
+        x = spread
+    x = torch.nn.functional.pad(x, [e for k, p, d, op in reversed(list(zip(kernel, padding, dilation, output_padding)))
+                                    for e in (d * (k - 1) - p, d * (k - 1) - p + op)])
+    # (C, Og, *k) -> (G, Cg, Og, *k) -> (G * Og, Cg, *k), the kernel flipped
+    filters = (w.reshape(groups, c // groups, og, *kernel).transpose(1, 2).reshape(groups * og, c // groups, *kernel)
+               .flip(list(range(2, 2 + nd))))
+    out = convolution(call, x, filters, bias, [1] * nd, [0] * nd, dilation, False, [0] * nd, groups)
     from torch._prims_common import suggest_memory_format
 
     layouts = (suggest_memory_format(input), suggest_memory_format(weight))

@@ -109,9 +109,10 @@ def test_conv_times_the_routed_convolutions(bench: Any, tmp_path: Path, capsys: 
     out = tmp_path / "conv.json"
     assert bench.main(["--conv", "--repeats", "1", "--json", str(out)]) == 0
     layers = json.loads(out.read_text())["layers"]
-    assert [x["name"].split(",")[0] for x in layers] == ["Mamba-2.8B conv1d"] * 2 + ["ViT-B/16 patch conv2d"]
+    assert [x["name"].split(",")[0] for x in layers] == ["Mamba-2.8B conv1d"] * 2 + ["ViT-B/16 patch conv2d",
+                                                                                     "EnCodec decoder conv_transpose1d"]
     assert all(x["ratio"] == 2.0 for x in layers)
-    assert routed == [{"convolution": 1}] * 3
+    assert routed == [{"convolution": 1}] * 4
     assert "| Mamba-2.8B conv1d, decode 8 x 5120 x 4 |" in capsys.readouterr().out
 
 

@@ -1201,7 +1201,8 @@ def test_convolutions_through_the_cuda_backend(emulated: dict, monkeypatch: pyte
                                                portable: bool) -> None:
     """tests/test_cuda_gpu.py's test_convolutions_under_the_mode_on_cuda, small: Mamba's
     causal depthwise conv (a 3-D product over the channels, K = 4 taps + the bias column)
-    and a patch conv2d go through the mode's convolution adapter to the CUDA backend;
+    a patch conv2d and a grouped transposed conv1d go through the mode's convolution
+    adapter to the CUDA backend;
     decode (one window) gives the prefill bits, each batch entry its bits alone, and in
     portable mode both give the CPU portable backend's bits."""
     import torch.nn.functional as F
@@ -1211,27 +1212,32 @@ def test_convolutions_through_the_cuda_backend(emulated: dict, monkeypatch: pyte
     ch, k, length = 16, 4, 9
     x, w, b = rand((3, ch, length), dtype, 130), rand((ch, 1, k), dtype, 131), rand((ch,), dtype, 132)
     img, pw, pb = rand((2, 3, 8, 8), dtype, 133), rand((5, 3, 4, 4), dtype, 134), rand((5,), dtype, 135)
+    up, uw = rand((3, 6, 5), dtype, 136), rand((6, 4, 4), dtype, 137)
 
-    def convs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def convs() -> tuple[torch.Tensor, ...]:
         prefill = F.conv1d(x, w, b, padding=k - 1, groups=ch)[..., :length]
         padded = F.pad(x, (k - 1, 0))
         decode = torch.stack([F.conv1d(padded[..., t : t + k], w, b, groups=ch)[..., 0] for t in range(length)], -1)
         alone = torch.cat([F.conv1d(x[i : i + 1], w, b, padding=k - 1, groups=ch)[..., :length] for i in range(3)])
-        return prefill, decode, alone, F.conv2d(img, pw, pb, stride=4)
+        upsampled = F.conv_transpose1d(up, uw, stride=2, padding=1, groups=2)
+        up_alone = torch.cat([F.conv_transpose1d(up[i : i + 1], uw, stride=2, padding=1, groups=2) for i in range(3)])
+        return prefill, decode, alone, F.conv2d(img, pw, pb, stride=4), upsampled, up_alone
 
     if portable:
         with detkit.batch_invariant(portable=True):
-            cpu_prefill, _, _, cpu_patches = convs()
+            cpu_prefill, _, _, cpu_patches, cpu_upsampled, _ = convs()
     launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
     with detkit.batch_invariant(portable=portable) as bi:
-        prefill, decode, alone, patches = convs()
-    assert bi.uncovered() == {} and bi.routed().get("convolution") == 2 + length + 3, bi.coverage()
+        prefill, decode, alone, patches, upsampled, up_alone = convs()
+    assert bi.uncovered() == {} and bi.routed().get("convolution") == 2 + length + 3 + 1 + 3, bi.coverage()
+    assert_bits_equal(up_alone, upsampled, f"{dtype} portable={portable}: transposed conv alone vs in the batch")
     assert any(e.startswith("mm_") for e in launched), launched
     assert_bits_equal(decode, prefill, f"{dtype} portable={portable}: decode vs prefill")
     assert_bits_equal(alone, prefill, f"{dtype} portable={portable}: each sequence alone vs in the batch")
     if portable:
         assert_bits_equal(prefill, cpu_prefill, f"{dtype}: depthwise conv, CUDA vs CPU portable")
         assert_bits_equal(patches, cpu_patches, f"{dtype}: patch conv2d, CUDA vs CPU portable")
+        assert_bits_equal(upsampled, cpu_upsampled, f"{dtype}: transposed conv1d, CUDA vs CPU portable")
 
 
 def _composed_reduction_inputs(dtype: torch.dtype) -> dict[str, torch.Tensor]:

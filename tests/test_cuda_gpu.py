@@ -652,8 +652,8 @@ def test_front_end_routes_cuda_tensors_and_portable_flag() -> None:
 def test_convolutions_under_the_mode_on_cuda(dtype: torch.dtype, portable: bool) -> None:
     """Routed convolutions on CUDA (instead of cuDNN, whose algorithm depends on the batch
     size): Mamba's causal depthwise conv gives decode (one window) the prefill bits, every
-    batch entry the bits it has alone; in portable mode a depthwise conv, a dense conv1d
-    and a ViT-style conv2d give the CPU's portable bits."""
+    batch entry the bits it has alone; in portable mode a depthwise conv, a dense conv1d,
+    a ViT-style conv2d and an upsampling conv_transpose1d give the CPU's portable bits."""
     import torch.nn.functional as F
 
     import detkit
@@ -677,6 +677,9 @@ def test_convolutions_under_the_mode_on_cuda(dtype: torch.dtype, portable: bool)
          dict(padding=1, stride=2)),
         (F.conv2d, rand((2, 3, 64, 64), dtype, 126), rand((64, 3, 16, 16), dtype, 127), rand((64,), dtype, 128),
          dict(stride=16)),
+        # an audio codec's upsampling (EnCodec/Mimi decoders): routed as the ordinary conv it equals
+        (F.conv_transpose1d, rand((2, 64, 20), dtype, 129), rand((64, 32, 8), dtype, 136), rand((32,), dtype, 137),
+         dict(stride=4, padding=2)),
     ]
     for conv, xi, wi, bi_, kw in cases:
         with detkit.batch_invariant(portable=True):

@@ -218,16 +218,75 @@ def test_a_large_convolution_is_computed_in_blocks_of_batch_entries(monkeypatch:
         assert diff(blocks, whole).ok, groups
 
 
-def test_a_transposed_convolution_is_left_to_torch_and_counted() -> None:
-    g = torch.Generator().manual_seed(8)
-    x, w = _rand((2, 4, 9), torch.float32, g), _rand((4, 3, 3), torch.float32, g)
-    want = F.conv_transpose1d(x, w)
-    with detkit.batch_invariant() as bi:
-        got = F.conv_transpose1d(x, w)
-    assert torch.equal(got, want)
-    assert bi.uncovered() == {"convolution": {"transposed convolution": 1}}
-    with pytest.raises(InvarianceViolation, match="transposed convolution"), detkit.batch_invariant(strict=True):
-        F.conv_transpose1d(x, w)
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@st.composite
+def _transposed_problems(draw: st.DrawFn) -> dict[str, Any]:
+    nd = draw(st.integers(1, 3))
+    stride = [draw(st.integers(1, 3)) for _ in range(nd)]
+    dilation = [draw(st.integers(1, 2)) for _ in range(nd)]
+    kernel = [draw(st.integers(1, 4)) for _ in range(nd)]
+    # output_padding below stride or dilation, as torch requires; padding may exceed
+    # dilation * (kernel - 1) (a crop) while an output position is left
+    output_padding = [draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation)]
+    padding = [draw(st.integers(0, 2)) for _ in range(nd)]
+    sizes = [draw(st.integers(1, 7 if nd == 1 else 4)) for _ in range(nd)]
+    if any((n - 1) * s + d * (k - 1) + op + 1 - 2 * p < 1
+           for n, k, s, p, d, op in zip(sizes, kernel, stride, padding, dilation, output_padding)):
+        padding = [0] * nd
+    return dict(nd=nd, n=draw(st.integers(1, 5)), groups=draw(st.integers(1, 3)), cg=draw(st.integers(1, 3)),
+                og=draw(st.integers(1, 3)), kernel=kernel, stride=stride, padding=padding, dilation=dilation,
+                output_padding=output_padding, sizes=sizes, bias=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
+                portable=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@given(_transposed_problems())
+def test_transposed_convolutions_are_routed_right_and_batch_invariant(p: dict[str, Any]) -> None:
+    """Any 1-3-D transposed convolution (stride, padding, output_padding, dilation,
+    groups): routed as the ordinary convolution it equals, torch's shape, within a
+    rounding-error bound of the float64 result, and every batch entry's output the same
+    bits alone, in every prefix of the batch and in the batch reversed."""
+    g = torch.Generator().manual_seed(p["seed"])
+    c, o = p["cg"] * p["groups"], p["og"] * p["groups"]
+    x = _rand((p["n"], c, *p["sizes"]), p["dtype"], g)
+    w = _rand((c, p["og"], *p["kernel"]), p["dtype"], g)
+    b = _rand((o,), p["dtype"], g) if p["bias"] else None
+    kw = dict(stride=p["stride"], padding=p["padding"], output_padding=p["output_padding"], groups=p["groups"],
+              dilation=p["dilation"])
+    conv = _CONV_T[p["nd"]]
+    with detkit.batch_invariant(portable=p["portable"], strict=True) as bi:
+        y = conv(x, w, b, **kw)
+        assert bi.routed().get("convolution") == 1 and bi.uncovered() == {}
+        batches = [conv(x[:m], w, b, **kw) for m in range(1, p["n"])] + [conv(x.flip(0), w, b, **kw).flip(0)]
+    ref = conv(x.double(), w.double(), None if b is None else b.double(), **kw)
+    assert y.shape == ref.shape and y.dtype == x.dtype and y.is_contiguous()
+    kvol = p["cg"] * math.prod(p["kernel"])
+    scale = conv(x.double().abs(), w.double().abs(), None if b is None else b.double().abs(), **kw)
+    bound = (kvol + 1) * 2.0**-23 * scale + _EPS[p["dtype"]] * ref.abs() + 1e-30
+    assert bool(((y.double() - ref).abs() <= bound).all()), float(((y.double() - ref).abs() / bound).max())
+    for got in batches:
+        d = diff(got, y[: got.shape[0]])
+        assert d.ok, f"{p}:\n{d}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torchs_transposed_convolution_changes_with_the_batch_and_the_modes_does_not(dtype: torch.dtype) -> None:
+    """An upsampling ConvTranspose2d (kernel 4, stride 2, padding 1: GAN generators, some
+    vocoders' and decoders' upsampling): torch's CPU kernel gave batch prefixes other bits
+    (negative control); routed, no prefix differs."""
+    g = torch.Generator().manual_seed(12)
+    x, w, b = _rand((16, 64, 16, 16), dtype, g), _rand((64, 32, 4, 4), dtype, g), _rand((32,), dtype, g)
+
+    def prefixes_differing() -> int:
+        full = F.conv_transpose2d(x, w, b, stride=2, padding=1)
+        return sum(not torch.equal(F.conv_transpose2d(x[:m], w, b, stride=2, padding=1), full[:m])
+                   for m in (1, 2, 3, 5, 8))
+
+    assert prefixes_differing() > 0, "negative control: torch did not change; the test proves nothing here"
+    with detkit.batch_invariant(strict=True):
+        assert prefixes_differing() == 0
 
 
 _R = torch.randn
@@ -239,6 +298,11 @@ REFUSED: dict[str, Callable[[], torch.Tensor]] = {
     # F.conv1d batches an unbatched input before aten.convolution, which refuses one
     "an unbatched input to aten.convolution": lambda: torch.ops.aten.convolution(
         _R(2, 9), _R(4, 2, 3), None, [1], [0], [1], False, [0], 1),
+    "a transposed weight whose channels do not match": lambda: F.conv_transpose1d(_R(1, 3, 9), _R(4, 2, 3)),
+    "an output_padding not below stride or dilation": lambda: F.conv_transpose1d(_R(1, 4, 9), _R(4, 2, 3), stride=2,
+                                                                                   output_padding=2),
+    "a transposed convolution with no output position": lambda: F.conv_transpose1d(_R(1, 4, 1), _R(4, 2, 1),
+                                                                                     padding=1),
 }
 
 
