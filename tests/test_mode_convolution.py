@@ -327,18 +327,23 @@ def test_empty_and_float64_convolutions() -> None:
     assert bi.routed().get("convolution") == 1 and bi.uncovered() == {}
 
 
-def test_gradients_flow_through_a_routed_convolution() -> None:
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gradients_flow_through_a_routed_convolution(transposed: bool) -> None:
     """The forward is routed under autograd; the backward is torch's formula."""
     g = torch.Generator().manual_seed(9)
     x = _rand((2, 3, 10, 10), torch.float32, g).requires_grad_()
-    w = _rand((5, 3, 3, 3), torch.float32, g).requires_grad_()
+    w = _rand((3, 5, 3, 3) if transposed else (5, 3, 3, 3), torch.float32, g).requires_grad_()
     b = _rand((5,), torch.float32, g).requires_grad_()
-    F.conv2d(x, w, b, padding=1).square().sum().backward()
+
+    def conv() -> torch.Tensor:
+        return F.conv_transpose2d(x, w, b, stride=2, padding=1) if transposed else F.conv2d(x, w, b, padding=1)
+
+    conv().square().sum().backward()
     want = [t.grad.clone() for t in (x, w, b)]
     for t in (x, w, b):
         t.grad = None
     with detkit.batch_invariant() as bi:
-        F.conv2d(x, w, b, padding=1).square().sum().backward()
+        conv().square().sum().backward()
     assert bi.routed().get("convolution") == 1
     for t, e in zip((x, w, b), want):
         torch.testing.assert_close(t.grad, e, rtol=1e-4, atol=1e-4)
