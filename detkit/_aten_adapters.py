@@ -80,6 +80,7 @@ __all__ = [
     "INTEGER_EXACT_OPS",
     "KNOWN_POSITION_DEPENDENT",
     "OVERRIDES",
+    "ROUTED_BY_DECOMPOSITION",
     "Call",
     "OpOverride",
     "Unsupported",
@@ -1685,6 +1686,12 @@ INTEGER_EXACT_OPS: frozenset[str] = frozenset(
 # `square` and 30% of complex64 `div` changed bits between alone and in a batch. A
 # traced call with a complex operand is therefore uncovered (on the CPU).
 COMPLEX_POSITION_DEPENDENT: frozenset[str] = frozenset({"mul", "mul_", "div", "div_", "square"})
+# Not routed, but torch computes them from ops the mode routes (their kernels are
+# composites that call the dispatcher), so under the mode they are the routed ops' results.
+ROUTED_BY_DECOMPOSITION: dict[str, str] = {
+    "_euclidean_dist": ("torch.cdist's matmul path (p = 2, more than 25 rows or columns: an audio codec's "
+                        "codebook search): torch computes it from pow, sum and a batched matmul, which are routed"),
+}
 # Measured on an AVX-512 CPU with torch 2.13: these change bits with a value's position in
 # the tensor (vector body vs scalar tail) and are not routed by the mode.
 KNOWN_POSITION_DEPENDENT: dict[str, str] = {

@@ -68,6 +68,7 @@ from detkit._aten_adapters import (
     INTEGER_EXACT_OPS,
     KNOWN_POSITION_DEPENDENT,
     OVERRIDES,
+    ROUTED_BY_DECOMPOSITION,
     Call,
     Fold,
     OpOverride,
@@ -715,6 +716,8 @@ class CoverageReport:
     CUDA, a routed op traced computing in float64 is uncovered (an elementwise one: not
     portable, in portable mode), since those kernels take float32, bfloat16 and float16
     only.
+    An op torch computes from routed ops (``ROUTED_BY_DECOMPOSITION``: ``_euclidean_dist``,
+    ``torch.cdist``'s matmul path) is routed.
     ``uncovered``: anything else; its bits are whatever torch gives, so check them with a
     test. ``notes``: why an op is listed.
     """
@@ -824,6 +827,10 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
                 not_portable[full] = n
                 notes[full] = "float64 operands (as traced): torch's math library (portable kernels take 16/32-bit)"
                 continue
+        if packet in ROUTED_BY_DECOMPOSITION and not (name in float64_inputs and (portable or device == "CUDA")):
+            routed[full] = n
+            notes[full] = ROUTED_BY_DECOMPOSITION[packet]
+            continue
         if full in KNOWN_POSITION_DEPENDENT:
             notes[full] = f"position dependent {KNOWN_POSITION_DEPENDENT[full]}"
         if portable and base in ELEMENTWISE_LIBM and not (full in table and base in _PORTABLE_FUNCTIONS):

@@ -1506,3 +1506,27 @@ def test_coverage_report_lists_a_16_bit_mean_over_an_integer_count_on_the_cpu() 
     assert "mul.Tensor" in mode.coverage_report(masked).exact
     _, wide = mode.trace_ops(pooled, emb.float(), count)  # float32 gets the same rounding either way
     assert "div.Tensor" in mode.coverage_report(wide).exact
+
+
+def test_cdist_is_computed_from_routed_ops_and_the_report_says_so() -> None:
+    """torch.cdist's matmul path (an audio codec's codebook search: 64 frames against 2048
+    codes) gave every frame alone other bits than in the batch (negative control); torch
+    computes _euclidean_dist from pow, sum and bmm, which the mode routes, so under the mode
+    no frame differs, and coverage_report lists it as routed, not uncovered."""
+    gen = torch.Generator().manual_seed(13)
+    frames, codes = torch.randn(1, 64, 256, generator=gen), torch.randn(1, 2048, 256, generator=gen)
+
+    def frames_differing() -> int:
+        full = torch.cdist(frames, codes)
+        return sum(not torch.equal(torch.cdist(frames[:, i : i + 1], codes), full[:, i : i + 1]) for i in range(64))
+
+    assert frames_differing() > 0, "negative control: torch did not change; the test proves nothing here"
+    with detkit.batch_invariant(strict=True) as bi:
+        assert frames_differing() == 0
+    assert {"bmm", "sum.dim_IntList"} <= set(bi.routed())
+    _, ops = mode.trace_ops(torch.cdist, frames, codes)
+    for portable in (False, True):
+        report = mode.coverage_report(ops, portable=portable)
+        assert "_euclidean_dist.default" in report.routed and "cdist" in report.notes["_euclidean_dist.default"]
+    _, ops64 = mode.trace_ops(torch.cdist, frames.double(), codes.double())
+    assert "_euclidean_dist.default" in mode.coverage_report(ops64, portable=True).uncovered
