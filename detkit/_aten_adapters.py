@@ -33,7 +33,7 @@ Face tests); a third invariance is the kernels' own:
   CPU loops compute the last ``n mod (2 * vector width)`` elements of a tensor, and of
   each thread's chunk, with a scalar code path that rounds differently for ``silu``,
   ``sigmoid``, ``gelu(tanh)``, ``softplus``, ``mish``, ``sinh``, ``elu``, ``exp2``,
-  ``cosh``, ``pow``, ``atan2``, and
+  ``cosh``, ``pow``, ``atan2``, ``atanh``, ``digamma`` (bfloat16), and
   ``rsqrt`` in 16-bit (measured on AVX-512: ``silu`` over rows of 688 float32 values
   changes bits with the batch size). The adapter pads the flattened tensor to a
   multiple of ``_ALIGN`` elements and calls the original kernel on slices of
@@ -1164,7 +1164,7 @@ def _portable(name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
 # Unary ops that compute an integer or bool input in the default float dtype (the others
 # refuse such input): their results come from the same position-dependent float loops.
 _PROMOTES_INTEGERS = frozenset({"sigmoid", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos", "exp2", "cosh",
-                                "logit"})
+                                "logit", "atanh", "digamma"})
 
 
 def _portable_name(op: str, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -1463,11 +1463,11 @@ _COMMON: tuple[OpOverride, ...] = (
 )
 
 _ELEMENTWISE_NAMES = ("silu", "sigmoid", "gelu", "softplus", "mish", "sinh", "rsqrt", "tanh", "exp", "erf", "log",
-                      "sin", "cos", "elu", "exp2", "cosh", "logit")
+                      "sin", "cos", "elu", "exp2", "cosh", "logit", "atanh", "digamma")
 # Every in-place form aten has of the names above (softplus has none): an unrouted one
 # would run torch's position-dependent loop without a trace in uncovered().
 _ELEMENTWISE_INPLACE = ("silu_", "sigmoid_", "gelu_", "mish_", "sinh_", "rsqrt_", "tanh_", "exp_", "erf_", "log_",
-                        "sin_", "cos_", "elu_", "exp2_", "cosh_", "logit_")
+                        "sin_", "cos_", "elu_", "exp2_", "cosh_", "logit_", "atanh_", "digamma_")
 
 _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _elementwise(name), "elementwise") for name in _ELEMENTWISE_NAMES),
@@ -1670,7 +1670,7 @@ ELEMENTWISE_LIBM: frozenset[str] = frozenset(
     {
         "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "tanh", "sinh", "cosh",
         "atan", "asin", "acos", "atan2", "sigmoid", "silu", "gelu", "erf", "erfc", "rsqrt", "pow", "softplus", "logaddexp",
-        "mish", "elu", "logit", "hardswish", "hardsigmoid",
+        "mish", "elu", "logit", "hardswish", "hardsigmoid", "atanh", "digamma",
     }
 )
 # Exact when every tensor operand is an integer (or bool) tensor, as MoE layers call them on
