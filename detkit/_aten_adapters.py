@@ -1313,9 +1313,10 @@ def _aligned_binary(fn: Callable[[Any, Any], torch.Tensor], base: Any, exponent:
     padded = -(-n // _ALIGN) * _ALIGN
 
     def flat(v: Any) -> Any:
-        # tensors in the result dtype first: a flattened 0-d operand would otherwise
-        # take part in type promotion as a dimensioned one
-        if not isinstance(v, torch.Tensor):
+        # A 0-d operand stays one: torch reads it as a CPU scalar at its own precision
+        # (a float32 0.1 against bfloat16 operands) and it has no positions. Dimensioned
+        # operands in the result dtype first.
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
             return v
         buf = torch.ones(padded, dtype=dtype, device=v.device)
         buf[:n] = v.detach().expand(shape).reshape(-1)
@@ -1324,7 +1325,7 @@ def _aligned_binary(fn: Callable[[Any, Any], torch.Tensor], base: Any, exponent:
     fb, fe = flat(base), flat(exponent)
 
     def part(v: Any, i: int) -> Any:
-        return v[i : i + _SLICE] if isinstance(v, torch.Tensor) else v
+        return v[i : i + _SLICE] if isinstance(v, torch.Tensor) and v.dim() else v
 
     parts = [fn(part(fb, i), part(fe, i)) for i in range(0, padded, _SLICE)]
     res = (parts[0] if len(parts) == 1 else torch.cat(parts))[:n].reshape(shape)

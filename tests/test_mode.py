@@ -1533,3 +1533,32 @@ def test_cdist_is_computed_from_routed_ops_and_the_report_says_so() -> None:
         assert "_euclidean_dist.default" in report.routed and "cdist" in report.notes["_euclidean_dist.default"]
     _, ops64 = mode.trace_ops(torch.cdist, frames.double(), codes.double())
     assert "_euclidean_dist.default" in mode.coverage_report(ops64, portable=True).uncovered
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("call", ["floor_divide", "div floor", "div trunc", "floor_divide by a 0-d float32",
+                                  "atan2 with a 0-d float32", "logaddexp with a 0-d float32",
+                                  "pow with a 0-d float32 exponent", "pow of a 0-d float32 base"])
+def test_a_scalar_operand_keeps_its_precision_against_16_bit_tensors(call: str, dtype: torch.dtype) -> None:
+    """torch's kernels read a Python number, or a 0-d tensor, as a CPU scalar at its own
+    precision in their float32 arithmetic: bfloat16 ``x // 0.1`` divides by 0.1 in float32.
+    The routed binary ops did it by 0.1 rounded to bfloat16 (31 of 1,000 quotients
+    differed). On a length where torch takes its vector path throughout, the mode's
+    values are torch's bits."""
+    x = (torch.randn(1024, generator=torch.Generator().manual_seed(14)) * 10).to(dtype)
+    point_one = torch.tensor(0.1)
+    calls: dict[str, Callable[[], torch.Tensor]] = {
+        "floor_divide": lambda: torch.floor_divide(x, 0.1),
+        "div floor": lambda: torch.div(x, 0.1, rounding_mode="floor"),
+        "div trunc": lambda: torch.div(x, 0.3, rounding_mode="trunc"),
+        "floor_divide by a 0-d float32": lambda: torch.floor_divide(x, point_one),
+        "atan2 with a 0-d float32": lambda: torch.atan2(x, point_one),
+        "logaddexp with a 0-d float32": lambda: torch.logaddexp(x, point_one),
+        "pow with a 0-d float32 exponent": lambda: torch.pow(x.abs(), point_one),
+        "pow of a 0-d float32 base": lambda: torch.pow(point_one, x),
+    }
+    want = calls[call]()
+    with detkit.batch_invariant(strict=True) as bi:
+        got = calls[call]()
+    assert sum(bi.routed().values()) == 1, bi.coverage()
+    assert got.dtype == want.dtype and diff(got, want).ok, diff(got, want).summary()
