@@ -870,6 +870,20 @@ def nanmean(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, ke
         return _finished(total / torch.sum(kept, dims, keepdim=keepdim).to(x.dtype), out_dtype)
 
 
+def polar(call: Call, abs: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:  # noqa: A002 (aten's name)
+    """``torch.polar`` (the ``freqs_cis`` of Llama 4's and DeepSeek-V2's complex RoPE):
+    ``abs * cos(angle) + i * abs * sin(angle)`` with the routed ``cos`` and ``sin``, so in
+    portable mode the portable ones (torch's kernel calls its math library's)."""
+    _float(abs, angle)
+    refused = abs.dtype == torch.bfloat16 or (abs.dtype == torch.float16 and abs.device.type == "cpu")
+    if abs.dtype != angle.dtype or refused:
+        raise Unsupported("dtypes torch's polar refuses", benign=True)  # torch's own error
+    if abs.numel() == 0 or angle.numel() == 0:
+        raise Unsupported("empty input", benign=True)
+    with routed():
+        return torch.complex(abs * torch.cos(angle), abs * torch.sin(angle))
+
+
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # aten's Reduction enum
 
 
@@ -1454,6 +1468,7 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("nansum", nansum, "reduction"),
     OpOverride("nanmean", nanmean, "reduction", composite=True),
     OpOverride("nll_loss_forward", nll_loss_forward, "reduction"),
+    OpOverride("polar", polar, "elementwise"),
     OpOverride("cumsum", cumsum, "scan"),
     OpOverride("cumsum_", cumsum_, "scan"),
     OpOverride("linalg_solve_triangular", linalg_solve_triangular, "solve"),

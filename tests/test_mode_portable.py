@@ -391,6 +391,27 @@ def test_pow_families_run_entirely_on_portable_kernels(name: str) -> None:
     assert bi.not_portable() == {} and bi.uncovered() == {}, bi.coverage()
 
 
+def test_polar_is_built_from_the_routed_cos_and_sin() -> None:
+    """torch.polar (Llama 4's and DeepSeek-V2's freqs_cis) calls its math library's cos
+    and sin. Under portable mode it is ``abs * Cos(angle) + i * abs * Sin(angle)`` from the
+    portable kernels, bit for bit (out= too); outside it, torch's values within rounding.
+    Arguments torch's CPU polar refuses (float16 there) keep torch's error."""
+    g = torch.Generator().manual_seed(15)
+    radius, angle = torch.rand(9, 64, generator=g), torch.randn(9, 64, generator=g) * 100
+    with detkit.batch_invariant(portable=True, strict=True) as bi:
+        got = torch.polar(radius, angle)
+        into = torch.polar(radius, angle, out=torch.empty(0, dtype=got.dtype))
+    assert bi.not_portable() == {} and {"polar", "polar.out", "cos", "sin"} <= set(bi.routed()), bi.coverage()
+    want = torch.complex(radius * portable_cpu.elementwise("cos", angle), radius * portable_cpu.elementwise("sin", angle))
+    assert torch.equal(torch.view_as_real(got), torch.view_as_real(want))
+    assert torch.equal(torch.view_as_real(into), torch.view_as_real(want))
+    with detkit.batch_invariant(strict=True):
+        plain = torch.polar(radius, angle)
+        with pytest.raises(NotImplementedError, match="Half"):
+            torch.polar(radius.half(), angle.half())
+    torch.testing.assert_close(plain, torch.polar(radius, angle), rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- across ISAs
 
 PRESETS = ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
