@@ -1327,10 +1327,11 @@ def _aligned_binary(fn: Callable[[Any, Any], torch.Tensor], base: Any, exponent:
     padded = -(-n // _ALIGN) * _ALIGN
 
     def flat(v: Any) -> Any:
-        # A 0-d operand stays one: torch reads it as a CPU scalar at its own precision
-        # (a float32 0.1 against bfloat16 operands) and it has no positions. Dimensioned
-        # operands in the result dtype first.
-        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        # Beside a dimensioned operand a 0-d one stays one: torch reads it as a CPU scalar
+        # at its own precision (a float32 0.1 against bfloat16 operands), and it has no
+        # positions. The others in the result dtype first (a flattened 0-d operand would
+        # otherwise take part in type promotion as a dimensioned one).
+        if not isinstance(v, torch.Tensor) or (v.dim() == 0 and shape):
             return v
         buf = torch.ones(padded, dtype=dtype, device=v.device)
         buf[:n] = v.detach().expand(shape).reshape(-1)

@@ -315,10 +315,11 @@ class _NumbersAsTensors:
     as a number, and the boxed call refuses it. A number becomes a 0-d tensor of the dtype
     it would promote to, which gives the call the wrapped number's result dtype (with no
     tensor at all, as LED's ``torch.div(seq_len, window, rounding_mode="trunc")`` of two
-    ints, each number's own: int64 or the default float dtype); for a 16-bit result, a
-    float32 one (complex64 for complex32): torch's kernels read a CPU scalar at its own
-    precision in their float32 arithmetic, so bfloat16 ``x // 0.1`` divides by 0.1 in
-    float32, not by 0.1 rounded to bfloat16 (31 of 1,000 quotients differed)."""
+    ints, each number's own: int64 or the default float dtype); for a 16-bit result beside
+    a dimensioned tensor, a float32 one (complex64 for complex32): torch's kernels read a
+    CPU scalar at its own precision in their float32 arithmetic, so bfloat16 ``x // 0.1``
+    divides by 0.1 in float32, not by 0.1 rounded to bfloat16 (31 of 1,000 quotients
+    differed)."""
 
     def __init__(self, original: Any) -> None:
         self._original = original
@@ -331,7 +332,9 @@ class _NumbersAsTensors:
                 return a
             if like is None:
                 return torch.tensor(a)
-            dtype = _SCALAR_PRECISION.get(torch.result_type(a, like), torch.result_type(a, like))
+            dtype = torch.result_type(a, like)
+            if like.dim():  # beside a 0-d tensor a float32 scalar would promote the result
+                dtype = _SCALAR_PRECISION.get(dtype, dtype)
             return torch.tensor(a, dtype=dtype, device=like.device)
 
         return self._original.call_boxed(keyset, *(as_tensor(a) for a in args), **kwargs)

@@ -1562,3 +1562,19 @@ def test_a_scalar_operand_keeps_its_precision_against_16_bit_tensors(call: str, 
         got = calls[call]()
     assert sum(bi.routed().values()) == 1, bi.coverage()
     assert got.dtype == want.dtype and diff(got, want).ok, diff(got, want).summary()
+
+
+@pytest.mark.parametrize("call", ["floor_divide", "atan2"])
+def test_a_0d_operand_alone_gives_the_bits_it_has_in_a_tensor(call: str) -> None:
+    """A 0-d bfloat16 tensor (a value alone) against a Python number or a 0-d tensor keeps
+    torch's result dtype and gets the bits the same value gets inside a tensor."""
+    fns: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "floor_divide": lambda t: torch.floor_divide(t, 0.1),
+        "atan2": lambda t: torch.atan2(t, torch.tensor(0.3, dtype=torch.bfloat16)),
+    }
+    values = (torch.randn(100, generator=torch.Generator().manual_seed(16)) * 10).bfloat16()
+    with detkit.batch_invariant(strict=True):
+        whole = fns[call](values)
+        alone = [fns[call](v) for v in values]
+    assert all(a.dtype == torch.bfloat16 and a.dim() == 0 for a in alone)
+    assert diff(torch.stack(alone), whole).ok
