@@ -1670,7 +1670,7 @@ EXACT_OPS: frozenset[str] = frozenset(
         "transpose", "tril", "triu", "unbind", "unsqueeze", "view", "where", "zeros", "zeros_like", "contiguous",
         "gather", "scatter", "abs", "neg", "sign", "clamp", "clamp_min", "clamp_max", "round", "floor", "ceil",
         "_assert_tensor_metadata", "split_with_sizes", "narrow", "flip", "roll", "nonzero", "unique_dim",
-        "_unique2", "resize_", "set_", "sym_size", "sym_stride",
+        "_unique2", "resize_", "set_", "sym_size", "sym_stride", "view_as_complex", "view_as_real", "complex",
         # padding: copies and a fill (Mamba2's chunking, F.pad of every mode)
         "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d",
         "replication_pad2d", "replication_pad3d",
