@@ -150,6 +150,7 @@ def _exact_unary(name: str, x: torch.Tensor) -> np.ndarray:
         "sin": mpmath.sin,
         "cos": mpmath.cos,
         "softplus": lambda t: t if t > 20 else mpmath.log1p(mpmath.exp(t)),
+        "log1p": mpmath.log1p,
         "gelu_tanh": lambda t: t / 2 * (1 + mpmath.tanh(mpmath.sqrt(2 / mpmath.pi) * (t + mpmath.mpf("0.044715") * t**3))),
     }
     vals = [fns[name](mpmath.mpf(float(v))) for v in x.float().reshape(-1).tolist()]
@@ -305,6 +306,13 @@ def accuracy() -> list[dict[str, object]]:
     xp = torch.empty(20000).uniform_(-30.0, 30.0, generator=torch.Generator().manual_seed(4))
     add("softplus", "20000", torch.float32, _exact_unary("softplus", xp), P.elementwise("softplus", xp),
         F.softplus(xp))
+    # 2^u - 1 from numpy's generator (torch.exp2's bits differ between instruction sets):
+    # -1 < x < 2^64, with tiny x of both signs, where 1 + x rounds most
+    rq = np.random.default_rng(7)
+    xq = torch.from_numpy(np.concatenate([2.0 ** rq.uniform(-24.0, 64.0, 15000) - 1,
+                                          np.exp2(rq.uniform(-40.0, -1.0, 5000)) * rq.choice([-1.0, 1.0], 5000)])
+                          .astype(np.float32))
+    add("log1p", "20000", torch.float32, _exact_unary("log1p", xq), P.elementwise("log1p", xq), torch.log1p(xq))
     # Below x = -3, 1 + erf (or 1 + tanh) cancels in torch's formula, which both columns
     # follow: tiny outputs with a huge relative error. The second row leaves them out.
     keep = xg > -3

@@ -356,7 +356,8 @@ __device__ __forceinline__ void b_row_sum(const T* __restrict__ x, T* __restrict
 
 enum EwOp {
     EW_EXP = 0, EW_LOG = 1, EW_RSQRT = 2, EW_SIGMOID = 3, EW_SILU = 4, EW_TANH = 5,
-    EW_ERF = 6, EW_GELU = 7, EW_GELU_TANH = 8, EW_SIN = 9, EW_COS = 10, EW_CUBE = 11, EW_SOFTPLUS = 12
+    EW_ERF = 6, EW_GELU = 7, EW_GELU_TANH = 8, EW_SIN = 9, EW_COS = 10, EW_CUBE = 11, EW_SOFTPLUS = 12,
+    EW_LOG1P = 13
 };
 
 // tanh of the canonical orders: odd Taylor polynomial below 0.5, else 1 - 2/(Exp(2|x|)+1).
@@ -478,6 +479,15 @@ __device__ __forceinline__ float spec_softplus(float x) {
     return __fmul_rn(spec_log(u), __fdiv_rn(y, __fsub_rn(u, 1.0f)));
 }
 
+// log1p: u = 1 + x; x if u == 1 (tiny x, -0 kept), u if u is +inf (Log(u) * (x / (u - 1))
+// would be inf * NaN), else Log(u) corrected for the rounding of 1 + x as softplus does.
+__device__ __forceinline__ float spec_log1p(float x) {
+    const float u = __fadd_rn(1.0f, x);
+    if (u == 1.0f) return x;
+    if (u == __uint_as_float(0x7F800000u)) return u;
+    return __fmul_rn(spec_log(u), __fdiv_rn(x, __fsub_rn(u, 1.0f)));
+}
+
 template <typename T>
 __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __restrict__ y, i64 n, int op) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
@@ -496,7 +506,8 @@ __device__ __forceinline__ void p_elementwise(const T* __restrict__ x, T* __rest
             case EW_SIN: r = spec_sin_cos(v, false); break;
             case EW_COS: r = spec_sin_cos(v, true); break;
             case EW_CUBE: r = __fmul_rn(__fmul_rn(v, v), v); break;  // pow(x, 3)
-            default: r = spec_softplus(v); break;
+            case EW_SOFTPLUS: r = spec_softplus(v); break;
+            default: r = spec_log1p(v); break;
         }
         y[i] = from_f32<T>(r);
     }

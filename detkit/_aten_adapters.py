@@ -43,7 +43,7 @@ Face tests); a third invariance is the kernels' own:
 
 In portable mode (``Call.portable``) the elementwise functions the portable backends
 implement (``ELEMENTWISE_PORTABLE``: exp, log, rsqrt, sigmoid, silu, tanh, erf, sin,
-cos, gelu with either ``approximate``, and softplus with torch's default beta and
+cos, log1p, gelu with either ``approximate``, and softplus with torch's default beta and
 threshold) go to that backend's ``elementwise(name, x)`` for
 float32/bfloat16/float16 instead: one float32
 evaluation per element in a fixed sequence of IEEE operations, rounded once, so the
@@ -94,7 +94,7 @@ _PORTABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The portable backends' ``ELEMENTWISE_OPS`` (kept here so importing the mode does not
 # import numba; tests/test_mode_portable.py checks the two agree).
 ELEMENTWISE_PORTABLE: frozenset[str] = frozenset(
-    {"exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu", "sin", "cos", "softplus"}
+    {"exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu", "sin", "cos", "softplus", "log1p"}
 )
 # gelu's ``approximate`` argument picks the backend function.
 _GELU_PORTABLE = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -1178,7 +1178,7 @@ def _portable(name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
 # Unary ops that compute an integer or bool input in the default float dtype (the others
 # refuse such input): their results come from the same position-dependent float loops.
 _PROMOTES_INTEGERS = frozenset({"sigmoid", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos", "exp2", "cosh",
-                                "logit", "atanh", "digamma"})
+                                "logit", "atanh", "digamma", "log1p"})
 
 
 def _portable_name(op: str, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -1480,11 +1480,11 @@ _COMMON: tuple[OpOverride, ...] = (
 )
 
 _ELEMENTWISE_NAMES = ("silu", "sigmoid", "gelu", "softplus", "mish", "sinh", "rsqrt", "tanh", "exp", "erf", "log",
-                      "sin", "cos", "elu", "exp2", "cosh", "logit", "atanh", "digamma")
+                      "sin", "cos", "elu", "exp2", "cosh", "logit", "atanh", "digamma", "log1p")
 # Every in-place form aten has of the names above (softplus has none): an unrouted one
 # would run torch's position-dependent loop without a trace in uncovered().
 _ELEMENTWISE_INPLACE = ("silu_", "sigmoid_", "gelu_", "mish_", "sinh_", "rsqrt_", "tanh_", "exp_", "erf_", "log_",
-                        "sin_", "cos_", "elu_", "exp2_", "cosh_", "logit_", "atanh_", "digamma_")
+                        "sin_", "cos_", "elu_", "exp2_", "cosh_", "logit_", "atanh_", "digamma_", "log1p_")
 
 _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _elementwise(name), "elementwise") for name in _ELEMENTWISE_NAMES),

@@ -11,7 +11,7 @@ CPU loops are position dependent) have new kernels registered with
 arguments to an adapter, which calls ``detkit.kernels``; arguments the kernels do not
 cover run torch's original kernel and are counted (:meth:`batch_invariant.uncovered`),
 or raise with ``strict=True``. Nothing falls back silently. With ``portable=True`` the
-kernels run their canonical orders, and exp/log/rsqrt/sigmoid/silu/tanh/erf/gelu/sin/cos/softplus (float32,
+kernels run their canonical orders, and exp/log/log1p/rsqrt/sigmoid/silu/tanh/erf/gelu/sin/cos/softplus (float32,
 bfloat16, float16) go to the portable backend's ``elementwise``.
 
 Re-entrancy: the kernels themselves call aten ops (BLAS on fixed tiles, copies, ...).

@@ -315,10 +315,17 @@ def softplus(x: float) -> float:
     return y if u == 1.0 else mul(Log(u), div(y, sub(u, 1.0)))
 
 
+def log1p(x: float) -> float:
+    u = add(1.0, x)
+    if u == 1.0:
+        return x
+    return u if u == math.inf else mul(Log(u), div(x, sub(u, 1.0)))
+
+
 DOC = {"erf": Erf, "sin": Sin, "cos": Cos, "cube": cube, "gelu": gelu, "gelu_tanh": gelu_tanh,
        "exp": Exp, "tanh": Tanh, "log": Log, "rsqrt": lambda x: div(1.0, sqrt(x)),
        "sigmoid": lambda x: div(1.0, add(1.0, Exp(-x))), "silu": lambda x: div(x, add(1.0, Exp(-x))),
-       "softplus": softplus}
+       "softplus": softplus, "log1p": log1p}
 
 
 # (significand bits, emin, emax, canonical NaN) of each output format (section 1, "Output")
@@ -387,6 +394,8 @@ def edge_inputs() -> torch.Tensor:
         xs += _around(v, 2)
     for v in (SQRT2, 20.0, 16.6355, 17.33, 1.5, 2.0):  # Log's m > SQRT2; softplus's threshold and u == 1
         xs += _around(v, 2)
+    for v in (2.0**-24, 2.0**-25):  # log1p's u == 1 edges (1.0's neighbours, negated below, its 1 + x near 0)
+        xs += _around(v, 2)
     for k in range(1, 13):  # quadrant boundaries: multiples of pi/4 and pi/2
         xs += _around(k * math.pi / 4)
     for k in (101, 1001, 10001, 2**20 + 1, 2**30 + 3):
@@ -403,7 +412,8 @@ def edge_inputs() -> torch.Tensor:
 
 
 INPUTS = edge_inputs()
-OPS = ("erf", "sin", "cos", "cube", "gelu", "gelu_tanh", "exp", "tanh", "log", "rsqrt", "sigmoid", "silu", "softplus")
+OPS = ("erf", "sin", "cos", "cube", "gelu", "gelu_tanh", "exp", "tanh", "log", "rsqrt", "sigmoid", "silu", "softplus",
+       "log1p")
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,7 +438,7 @@ def test_document_equals_spec_and_cpu_float32(name: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ("erf", "sin", "cos", "gelu", "gelu_tanh", "cube", "log", "softplus"))
+@pytest.mark.parametrize("name", ("erf", "sin", "cos", "gelu", "gelu_tanh", "cube", "log", "softplus", "log1p"))
 def test_document_equals_spec_reduced_precision(name: str, dtype: torch.dtype) -> None:
     """Section 1's output rule: one rounding of the fp32 result, canonical NaN."""
     rng = np.random.default_rng(7)

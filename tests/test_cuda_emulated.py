@@ -305,6 +305,7 @@ def test_portable_elementwise_equals_spec(emulated: dict, dtype: torch.dtype) ->
                                  88.7, 89.5, -103.9, -110.0, 1.0, 2.0, 0.5, -0.5, 0.49, -0.49, 9.0,
                                  0.99999994, 1.0, -1.25, 3.8749998, 3.875, -3.875, 1e30, -1e30,
                                  2.0**-12, -0.7853982, 12345.678, 3.0e38,
+                                 -1.0, -0.99999994, 2.0**-24, -(2.0**-25), 4095.0,  # log1p's edges
                                  # within ~2^-30 of a multiple of pi/2: the hardest reductions
                                  252.89821, *torch.tensor([0x6F79BE45, 0x50A3E87F, 0x6279BE45],
                                                          dtype=torch.int32).view(torch.float32).tolist()])]).to(dtype)

@@ -46,6 +46,7 @@ FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "cos": torch.cos,
     "cube": lambda t: t.pow(3.0),
     "softplus": F.softplus,
+    "log1p": torch.log1p,
 }
 # The aten op each portable function is routed as (gelu's approximate= picks the function).
 ATEN_OP = {name: {"gelu_tanh": "gelu", "cube": "pow.Tensor_Scalar"}.get(name, name) for name in FNS}
@@ -60,6 +61,7 @@ INPLACE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "sin_": torch.Tensor.sin_,
     "cos_": torch.Tensor.cos_,
     "cube_": lambda t: t.pow_(3),
+    "log1p_": torch.Tensor.log1p_,
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPECIALS = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 1e-40, -1e-40, 88.7, -104.0, 1e30, -1e30]
@@ -187,11 +189,11 @@ def test_empty_and_integer_inputs_pass_through() -> None:
 def test_coverage_report_in_portable_mode() -> None:
     x = torch.rand(3, 64) + 0.5
     fns = (F.silu, torch.tanh, torch.rsqrt, torch.exp, torch.sin, torch.cos, lambda t: t.pow(1.5), F.gelu,
-           F.softplus, F.mish, torch.sinh)
+           F.softplus, torch.log1p, F.mish, torch.sinh)
     _, ops = mode.trace_ops(lambda: [fn(x) for fn in fns])
     report = mode.coverage_report(ops, portable=True)
     for op in ("silu.default", "tanh.default", "rsqrt.default", "exp.default", "gelu.default", "sin.default",
-               "cos.default", "softplus.default", "pow.Tensor_Scalar"):
+               "cos.default", "softplus.default", "log1p.default", "pow.Tensor_Scalar"):
         assert op in report.routed and op not in report.not_portable, op
     for op in ("mish.default", "sinh.default"):
         assert op in report.not_portable, op
@@ -261,6 +263,24 @@ def test_portable_mode_reports_calls_left_to_torchs_math_library() -> None:
     with detkit.batch_invariant() as plain:  # batch-invariant mode promises nothing across ISAs
         F.softplus(x, beta=2.0), F.mish(x)
     assert plain.not_portable() == {} and "NOT portable" not in str(plain.coverage())
+
+
+def test_llama4_attention_temperature_is_portable() -> None:
+    """Llama 4's attention temperature tuning, log1p(floor((positions + 1) / floor_scale)),
+    was torch's libm log1p (its bits change with ATEN_CPU_CAPABILITY): now the portable
+    log1p, which on these small integers is the portable Log of 1 + x (1 + x is exact)."""
+    positions = torch.arange(0, 70_000, 97)
+    with detkit.batch_invariant(portable=True, strict=True) as bi:
+        scales = torch.log1p(torch.floor((positions.float() + 1.0) / 8192.0)) * 0.1 + 1.0
+        from_ints = torch.log1p(positions // 8192)  # an integer input: computed in float32, as torch does
+    assert bi.not_portable() == {} and bi.uncovered() == {}
+    assert bi.routed()["log1p"] == 2
+    floors = torch.floor((positions.float() + 1.0) / 8192.0)
+    assert _same_bits(scales, portable_cpu.elementwise("log", floors + 1.0) * 0.1 + 1.0)
+    assert _same_bits(from_ints, portable_cpu.elementwise("log", (positions // 8192).float() + 1.0))
+    _, ops = mode.trace_ops(lambda: torch.log1p(torch.floor((positions.float() + 1.0) / 8192.0)))
+    report = mode.coverage_report(ops, portable=True)
+    assert "log1p.default" in report.routed and not report.not_portable, str(report)
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-qwen2", "tiny-mixtral"])

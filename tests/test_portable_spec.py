@@ -378,6 +378,32 @@ def test_softplus_within_three_ulp_and_exact_where_torch_is():
     assert float(y[-4]) > 0  # softplus(-87) ~ exp(-87) = 1.6e-38, where Log(1 + y) would give 0
 
 
+def test_log1p_within_three_ulp_exact_where_one_plus_x_is_and_c99_special_values():
+    # Measured over every float32 above -1: at most 2.47 ULP (docs/accuracy-portable.md).
+    mpmath = pytest.importorskip("mpmath")
+    rng = np.random.default_rng(15)
+    xs = np.concatenate([2.0 ** rng.uniform(-24, 64, 3_000) - 1,
+                         np.exp2(rng.uniform(-40, -1, 1_000)) * rng.choice([-1.0, 1.0], 1_000)]).astype(np.float32)
+    y = P.elementwise("log1p", torch.from_numpy(xs)).numpy()
+    with mpmath.workdps(30):
+        exact = [float(mpmath.log1p(mpmath.mpf(float(v)))) for v in xs]
+    assert max(_ulp_err(float(a), e) for a, e in zip(y, exact, strict=True)) < 3.0
+    # Where 1 + x is exact (Llama 4's attention temperature: log1p of a floored quotient,
+    # a small integer), x / ((1 + x) - 1) is 1 and the result is Log(1 + x) itself.
+    ints = np.concatenate([np.arange(0, 4097), rng.integers(4097, 2**24 - 1, 2_000)]).astype(np.float32)
+    halves = np.array([-0.5, -0.75, -0.9375, 0.5, 0.25, 3.5, 1000.125], dtype=np.float32)
+    for x in (torch.from_numpy(ints), torch.from_numpy(halves)):
+        assert_same_bits(P.elementwise("log1p", x), P.elementwise("log", x + 1))  # x + 1: exact
+    # C99's log1p: -0 and tiny x kept, -1 to -inf, below -1 and NaN to NaN, +inf to +inf.
+    x = torch.tensor([-0.0, 2.0**-24, -(2.0**-25), 1e-30, 1e-45, -1.0, -1.0000001, -2.0, -math.inf, math.nan,
+                      math.inf, 3.4028235e38, -0.99999994])
+    got = P.elementwise("log1p", x)
+    assert_same_bits(got, S.elementwise("log1p", x))
+    assert_same_bits(got[:5], x[:5])
+    assert got[5] == -math.inf and got[10] == math.inf and math.isfinite(float(got[11])) and float(got[12]) < -15
+    assert bits(got[6:10]).tolist() == [0x7FC00000] * 4  # the canonical NaN
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(InputError, match="float64"):
         P.softmax(torch.zeros(2, 3, dtype=torch.float64), False)

@@ -288,6 +288,17 @@ def softplus_f32(x: float) -> float:
 
 
 @njit(cache=True, error_model="numpy")
+def log1p_f32(x: float) -> float:
+    """log1p of canonical-orders section 3: Log(1 + x) corrected by x / ((1 + x) - 1)."""
+    u = ONE + x
+    if u == ONE:
+        return x
+    if u == INF:
+        return u  # the formula would give inf * NaN
+    return log_f32(u) * (x / (u - ONE))
+
+
+@njit(cache=True, error_model="numpy")
 def _odd_integer64(y: float) -> bool:
     return abs(y) < TWO53 and rint64(y) == y and rint64(y * HALF64) != y * HALF64
 
@@ -643,7 +654,8 @@ def layer_norm_rows(x: np.ndarray, mode: int, weight: np.ndarray, has_weight: bo
 @njit(cache=True, nogil=True, error_model="numpy")
 def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: int, hi: int) -> None:
     """op: 0 exp, 1 log, 2 rsqrt, 3 sigmoid, 4 silu, 5 tanh, 6 erf, 7 gelu, 8 gelu_tanh,
-    9 sin, 10 cos, 11 cube, 12 softplus on x[lo:hi] (flat; float32 or raw bf16/fp16 bits), in blocks of ROW_CHUNK."""
+    9 sin, 10 cos, 11 cube, 12 softplus, 13 log1p on x[lo:hi] (flat; float32 or raw bf16/fp16
+    bits), in blocks of ROW_CHUNK."""
     buf = np.empty(ROW_CHUNK, dtype=F32)
     for c0 in range(lo, hi, ROW_CHUNK):
         c1 = min(hi, c0 + ROW_CHUNK)
@@ -685,9 +697,12 @@ def elementwise_range(op: int, x: np.ndarray, mode: int, out: np.ndarray, lo: in
             for j in range(xs.shape[0]):
                 v = xs[j]
                 ys[j] = canon((v * v) * v)
-        else:
+        elif op == 12:
             for j in range(xs.shape[0]):
                 ys[j] = canon(softplus_f32(xs[j]))
+        else:
+            for j in range(xs.shape[0]):
+                ys[j] = canon(log1p_f32(xs[j]))
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

@@ -57,6 +57,7 @@ __all__ = [
 
 ELEMENTWISE_OPS: tuple[str, ...] = (
     "exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu", "gelu_tanh", "sin", "cos", "cube", "softplus",
+    "log1p",
 )
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 _MIN_MAJOR = 8

@@ -45,6 +45,7 @@ SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torc
 # Stable API for the torch mode: names accepted by ``elementwise``.
 ELEMENTWISE_OPS: tuple[str, ...] = (
     "exp", "log", "rsqrt", "sigmoid", "silu", "tanh", "erf", "gelu", "gelu_tanh", "sin", "cos", "cube", "softplus",
+    "log1p",
 )
 _OP_CODES = {name: code for code, name in enumerate(ELEMENTWISE_OPS)}
 _BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -295,8 +296,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
     """Portable ``exp``, ``log``, ``rsqrt``, ``sigmoid``, ``silu``, ``tanh``, ``erf``, ``gelu``
-    (exact), ``gelu_tanh`` (tanh approximation), ``sin``, ``cos``, ``cube`` (``pow(x, 3)``)
-    or ``softplus`` (beta 1, threshold 20) of any-shaped x."""
+    (exact), ``gelu_tanh`` (tanh approximation), ``sin``, ``cos``, ``cube`` (``pow(x, 3)``),
+    ``softplus`` (beta 1, threshold 20) or ``log1p`` of any-shaped x."""
     if name not in _OP_CODES:
         raise InputError(f"unknown portable elementwise op {name!r}; choose one of {ELEMENTWISE_OPS}")
     dtype = _check_dtype(x)

@@ -395,6 +395,18 @@ def softplus(x: np.float32) -> np.float32:
     return F32(log(u) * F32(y / F32(u - ONE)))
 
 
+def log1p(x: np.float32) -> np.float32:
+    """log1p: u = 1 + x; x if u == 1 (tiny x, -0 kept), u if u is +inf, else
+    Log(u) * (x / (u - 1)), the rounding of 1 + x corrected as softplus corrects it."""
+    x = F32(x)
+    u = F32(ONE + x)
+    if u == ONE:
+        return x
+    if u == F32(math.inf):
+        return u  # Log(inf) * (inf / inf) would be NaN
+    return F32(log(u) * F32(x / F32(u - ONE)))
+
+
 def cube(x: np.float32) -> np.float32:
     """pow(x, 3) as torch's float32 kernels compute it: (x * x) * x."""
     x = F32(x)
@@ -471,6 +483,7 @@ ELEMENTWISE: dict[str, Callable[[np.float32], np.float32]] = {
     "cos": cos,
     "cube": cube,
     "softplus": softplus,
+    "log1p": log1p,
 }
 
 
