@@ -411,6 +411,46 @@ def test_pow_families_run_entirely_on_portable_kernels(name: str) -> None:
     assert bi.not_portable() == {} and bi.uncovered() == {}, bi.coverage()
 
 
+# Complex RoPE (freqs_cis from torch.polar, applied as a complex product), Llama 4's
+# attention temperature (log1p) on its NoPE layers, DeepSeek-V2's MoE router (histc of floats).
+COMPLEX_ROPE_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama4_text": dict(hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                        no_rope_layers=[1, 1, 1, 0], attn_temperature_tuning=True, floor_scale=2),
+    "deepseek_v2": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                        kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        first_k_dense_replace=1),
+}
+
+
+@pytest.mark.parametrize("family", sorted(COMPLEX_ROPE_FAMILIES))
+def test_complex_rope_families_leave_only_their_complex_product_to_torch(family: str) -> None:
+    """Tiny Llama 4 and DeepSeek-V2: polar (their freqs_cis) and log1p (Llama 4's attention
+    temperature) are portable, so a portable-mode generate takes nothing from torch's math
+    library; what coverage_report still lists is the complex product of RoPE (and
+    DeepSeek-V2's router histc of float counts, exact while they are integers below 2^24)."""
+    transformers = pytest.importorskip("transformers")
+    from detkit.models import VOCAB_SIZE
+
+    config = transformers.AutoConfig.for_model(family, vocab_size=VOCAB_SIZE, **COMPLEX_ROPE_FAMILIES[family])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([[5, 17, 33, 60, 8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        _, ops = mode.trace_ops(model, ids)
+    report = mode.coverage_report(ops, portable=True)
+    assert "polar.default" in report.routed and report.not_portable == {}, str(report)
+    assert set(report.uncovered) <= {"mul.Tensor", "histc.default"} and "complex" in report.notes["mul.Tensor"]
+    if family == "llama4_text":
+        assert "log1p.default" in report.routed, str(report)
+    with torch.no_grad(), warnings.catch_warnings(), detkit.batch_invariant(portable=True) as bi:
+        warnings.simplefilter("ignore")
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert bi.not_portable() == {} and bi.uncovered() == {}, bi.coverage()
+
+
 def test_polar_is_built_from_the_routed_cos_and_sin() -> None:
     """torch.polar (Llama 4's and DeepSeek-V2's freqs_cis) calls its math library's cos
     and sin. Under portable mode it is ``abs * Cos(angle) + i * abs * Sin(angle)`` from the
