@@ -57,6 +57,7 @@ elementwise kernels are position independent already).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -553,14 +554,15 @@ def _transposed_convolution(
     output_padding: Sequence[int],
     groups: int,
 ) -> torch.Tensor:
-    """``F.conv_transpose1d``/``2d``/``3d`` as the ordinary convolution it equals, routed
-    as above: the input with ``stride - 1`` zeros between its elements, padded by
+    """``F.conv_transpose1d``/``2d``/``3d`` as ordinary convolutions, routed as above,
+    with the filters' input and output channels swapped in each group: without dilation
+    one per output phase (``_polyphase``: torch's number of products); with dilation one
+    over the input with ``stride - 1`` zeros between its elements, padded by
     ``dilation * (kernel - 1) - padding`` on each side (``output_padding`` more at the
-    end; a negative padding crops), against the filters with input and output channels
-    swapped in each group and the kernel flipped, at stride 1. Each output element is then
-    one patch product, whatever the batch: torch's CPU transposed convolutions changed
-    bits with the batch size (float32 and bfloat16, kernel 4, stride 2). Costs ``stride``
-    to the number of dims times torch's products (the inserted zeros')."""
+    end; a negative padding crops), against the flipped filters (``stride ** dims`` times
+    the products). Each output element is one patch product, whatever the batch: torch's
+    CPU transposed convolutions changed bits with the batch size (float32 and bfloat16,
+    kernel 4, stride 2)."""
     nd = weight.dim() - 2
     if not 1 <= nd <= 3 or input.dim() != nd + 2:
         raise Unsupported(f"{input.dim()}-D input with a {weight.dim()}-D weight", benign=True)  # torch raises
@@ -581,21 +583,59 @@ def _transposed_convolution(
         raise Unsupported("no output position", benign=True)  # torch raises
     if x.numel() == 0 or w.numel() == 0:
         raise Unsupported("empty operand", benign=True)
-    if max(stride) > 1:
-        spread = x.new_zeros((n, c, *((size - 1) * s + 1 for size, s in zip(x.shape[2:], stride))))
-        spread[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = x
-        x = spread
-    x = torch.nn.functional.pad(x, [e for k, p, d, op in reversed(list(zip(kernel, padding, dilation, output_padding)))
-                                    for e in (d * (k - 1) - p, d * (k - 1) - p + op)])
-    # (C, Og, *k) -> (G, Cg, Og, *k) -> (G * Og, Cg, *k), the kernel flipped
-    filters = (w.reshape(groups, c // groups, og, *kernel).transpose(1, 2).reshape(groups * og, c // groups, *kernel)
-               .flip(list(range(2, 2 + nd))))
-    out = convolution(call, x, filters, bias, [1] * nd, [0] * nd, dilation, False, [0] * nd, groups)
+    # (C, Og, *k) -> (G, Cg, Og, *k) -> (G * Og, Cg, *k): each output channel's filter
+    filters = w.reshape(groups, c // groups, og, *kernel).transpose(1, 2).reshape(groups * og, c // groups, *kernel)
+    if max(dilation) == 1:
+        out = _polyphase(call, x, filters, bias, stride, padding, output_padding, groups)
+    else:
+        if max(stride) > 1:
+            spread = x.new_zeros((n, c, *((size - 1) * s + 1 for size, s in zip(x.shape[2:], stride))))
+            spread[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = x
+            x = spread
+        x = torch.nn.functional.pad(x, [e for k, p, d, op in reversed(list(zip(kernel, padding, dilation,
+                                                                                output_padding)))
+                                        for e in (d * (k - 1) - p, d * (k - 1) - p + op)])
+        out = convolution(call, x, filters.flip(list(range(2, 2 + nd))), bias, [1] * nd, [0] * nd, dilation, False,
+                          [0] * nd, groups)
     from torch._prims_common import suggest_memory_format
 
     layouts = (suggest_memory_format(input), suggest_memory_format(weight))
     layout = next((f for f in layouts if f in (torch.channels_last, torch.channels_last_3d)), torch.contiguous_format)
     return out.contiguous(memory_format=layout)
+
+
+def _polyphase(call: Call, x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
+               padding: list[int], output_padding: list[int], groups: int) -> torch.Tensor:
+    """A transposed convolution without dilation as ``prod(stride)`` ordinary ones, one
+    per output phase: along a dim, output ``o`` with ``o + padding = q * s + r`` is
+    ``sum_m x[q - m] * filter[r + m * s]``, so the outputs of phase ``r`` (every ``s``-th,
+    from ``(r - padding) mod s``) are a stride-1 convolution of ``x`` with the flipped
+    sub-filter ``filter[r::s]``. No inserted zeros: torch's number of products."""
+    nd = x.dim() - 2
+    kernel, lengths = filters.shape[2:], x.shape[2:]
+    sizes = [(size - 1) * s - 2 * p + k + op for size, k, s, p, op in zip(lengths, kernel, stride, padding,
+                                                                         output_padding)]
+    out = x.new_zeros((x.shape[0], filters.shape[0], *sizes))
+    if bias is not None:
+        out += bias.reshape(-1, *[1] * nd)
+    for phase in itertools.product(*(range(s) for s in stride)):
+        pads, taps, where = [], [], []
+        for r, k, s, p, size, length in zip(phase, kernel, stride, padding, sizes, lengths):
+            first_q = -((r - p) // s)  # the least q with q * s + r - p >= 0
+            start = first_q * s + r - p  # that output, in [0, s)
+            count = max(0, -(-(size - start) // s))
+            tap = max(0, -(-(k - r) // s))  # filter[r::s]
+            taps.append(tap)
+            where.append(slice(start, start + count * s, s))
+            left = tap - 1 - first_q
+            pads.append((left, count + tap - 1 - length - left))
+        if 0 in taps or any(sl.start >= sl.stop for sl in where):
+            continue  # no filter tap lands on this phase: its outputs are the bias alone
+        sub = filters[(slice(None), slice(None), *(slice(r, None, s) for r, s in zip(phase, stride)))]
+        part = torch.nn.functional.pad(x, [e for pair in reversed(pads) for e in pair])
+        out[(slice(None), slice(None), *where)] = convolution(call, part, sub.flip(list(range(2, 2 + nd))), bias,
+                                                              [1] * nd, [0] * nd, [1] * nd, False, [0] * nd, groups)
+    return out
 
 
 # ----------------------------------------------------------------------------- softmax
