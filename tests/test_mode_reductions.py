@@ -1,5 +1,6 @@
-"""logsumexp, var/std (and var_mean/std_mean) and linalg_vector_norm (so F.normalize)
-under the mode: compositions of routed ops (docs/mode.md, "Composed reductions").
+"""logsumexp, var/std (and var_mean/std_mean), the vector norms (so F.normalize),
+nansum/nanmean and the negative log-likelihood loss (F.cross_entropy) under the mode:
+compositions of routed ops (docs/mode.md, "Composed reductions").
 
 torch's CPU reductions split one long row across threads, so the logsumexp of a row over
 a real vocabulary changes when the row is computed alone (a decode step, a sampler) instead
