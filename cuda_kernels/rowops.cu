@@ -469,23 +469,20 @@ __device__ __forceinline__ float spec_sin_cos(float x, bool want_cos) {
     return x > 0.0f ? y : -y;
 }
 
-// softplus with torch's defaults (beta 1, threshold 20): x above 20, else log1p(Exp(x)),
-// log1p(y) = y if 1 + y == 1, else Log(1 + y) * (y / ((1 + y) - 1)).
-__device__ __forceinline__ float spec_softplus(float x) {
-    if (x > 20.0f) return x;
-    const float y = spec_exp(x);
-    const float u = __fadd_rn(1.0f, y);
-    if (u == 1.0f) return y;
-    return __fmul_rn(spec_log(u), __fdiv_rn(y, __fsub_rn(u, 1.0f)));
-}
-
 // log1p: u = 1 + x; x if u == 1 (tiny x, -0 kept), u if u is +inf (Log(u) * (x / (u - 1))
-// would be inf * NaN), else Log(u) corrected for the rounding of 1 + x as softplus does.
+// would be inf * NaN), else Log(u) corrected for the rounding of 1 + x.
 __device__ __forceinline__ float spec_log1p(float x) {
     const float u = __fadd_rn(1.0f, x);
     if (u == 1.0f) return x;
     if (u == __uint_as_float(0x7F800000u)) return u;
     return __fmul_rn(spec_log(u), __fdiv_rn(x, __fsub_rn(u, 1.0f)));
+}
+
+// softplus with torch's defaults (beta 1, threshold 20): x above 20, else log1p(Exp(x))
+// (1 + Exp(x) is finite there).
+__device__ __forceinline__ float spec_softplus(float x) {
+    if (x > 20.0f) return x;
+    return spec_log1p(spec_exp(x));
 }
 
 template <typename T>

@@ -535,6 +535,12 @@ def convolution(
     # when the input or the weight is (a model moved to channels_last), as torch's CPU and
     # cuDNN convolutions return; code after the conv may view it as such.
     out = out.reshape(g, n, *lengths, og).permute(1, 0, nd + 2, *range(2, 2 + nd)).reshape(n, o, *lengths)
+    return _in_torchs_layout(out, input, weight)
+
+
+def _in_torchs_layout(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: A002
+    """A convolution's result laid out as torch's: channels_last (channels_last_3d) when
+    the input or the weight is, contiguous otherwise."""
     # Tensor.suggest_memory_format, which Python lacks (imported here: a private module)
     from torch._prims_common import suggest_memory_format
 
@@ -597,11 +603,7 @@ def _transposed_convolution(
                                         for e in (d * (k - 1) - p, d * (k - 1) - p + op)])
         out = convolution(call, x, filters.flip(list(range(2, 2 + nd))), bias, [1] * nd, [0] * nd, dilation, False,
                           [0] * nd, groups)
-    from torch._prims_common import suggest_memory_format
-
-    layouts = (suggest_memory_format(input), suggest_memory_format(weight))
-    layout = next((f for f in layouts if f in (torch.channels_last, torch.channels_last_3d)), torch.contiguous_format)
-    return out.contiguous(memory_format=layout)
+    return _in_torchs_layout(out, input, weight)
 
 
 def _polyphase(call: Call, x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, stride: list[int],

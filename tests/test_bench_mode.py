@@ -92,8 +92,10 @@ def test_relu_linear_is_one_kernel_call_under_the_mode(bench: Any, tmp_path: Pat
     assert "| Linear(3072, 768) on 128 ReLU rows |" in capsys.readouterr().out
 
 
-def test_conv_times_the_routed_convolutions(bench: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def _time_once_and_record_routing(bench: Any, monkeypatch: pytest.MonkeyPatch, mode_ms: float) -> list[dict[str, int]]:
+    """Replace the timing loop: each layer call runs once plainly and once under the strict
+    mode (its routed ops appended to the returned list) and times plain 1 ms, mode
+    ``mode_ms``."""
     import detkit
 
     routed: list[dict[str, int]] = []
@@ -103,9 +105,15 @@ def test_conv_times_the_routed_convolutions(bench: Any, tmp_path: Path, capsys: 
         with detkit.batch_invariant(portable=portable, strict=True) as bi:
             call()
         routed.append(bi.routed())
-        return 1.0, 2.0, {}, 3.0
+        return 1.0, mode_ms, {}, mode_ms + 1.0
 
     monkeypatch.setattr(bench, "_interleaved", once)
+    return routed
+
+
+def test_conv_times_the_routed_convolutions(bench: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    routed = _time_once_and_record_routing(bench, monkeypatch, mode_ms=2.0)
     out = tmp_path / "conv.json"
     assert bench.main(["--conv", "--repeats", "1", "--json", str(out)]) == 0
     layers = json.loads(out.read_text())["layers"]
@@ -119,18 +127,7 @@ def test_conv_times_the_routed_convolutions(bench: Any, tmp_path: Path, capsys: 
 @pytest.mark.parametrize("portable", [False, True])
 def test_reductions_times_the_composed_reductions(bench: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                   monkeypatch: pytest.MonkeyPatch, portable: bool) -> None:
-    import detkit
-
-    routed: list[dict[str, int]] = []
-
-    def once(call: Any, repeats: int, portable: bool) -> tuple[float, float, dict[str, int], float]:
-        call()
-        with detkit.batch_invariant(portable=portable, strict=True) as bi:
-            call()
-        routed.append(bi.routed())
-        return 1.0, 3.0, {}, 4.0
-
-    monkeypatch.setattr(bench, "_interleaved", once)
+    routed = _time_once_and_record_routing(bench, monkeypatch, mode_ms=3.0)
     out = tmp_path / "reductions.json"
     argv = ["--reductions", "--dtype", "bfloat16", "--repeats", "1", "--json", str(out)] + ["--portable"] * portable
     assert bench.main(argv) == 0

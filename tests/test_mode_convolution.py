@@ -34,6 +34,27 @@ def _rand(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> tor
     return torch.randn(shape, generator=g).to(dtype)
 
 
+def _assert_routed_close_and_invariant(conv: Callable[..., torch.Tensor], x: torch.Tensor, w: torch.Tensor,
+                                       b: torch.Tensor | None, kw: dict[str, Any], p: dict[str, Any]) -> None:
+    """``conv`` under the mode: routed once, torch's shape, within a rounding-error bound of
+    the float64 result, and every batch entry's output the same bits alone, in every prefix
+    of the batch and in the batch reversed."""
+    with detkit.batch_invariant(portable=p["portable"], strict=True) as bi:
+        y = conv(x, w, b, **kw)
+        assert bi.routed().get("convolution") == 1 and bi.uncovered() == {}
+        batches = [conv(x[:m], w, b, **kw) for m in range(1, p["n"])] + [conv(x.flip(0), w, b, **kw).flip(0)]
+    ref = conv(x.double(), w.double(), None if b is None else b.double(), **kw)
+    assert y.shape == ref.shape and y.dtype == x.dtype and y.is_contiguous()
+    # float32 accumulation of kvol products (+ bias), then one rounding to the dtype
+    kvol = p["cg"] * math.prod(p["kernel"])
+    scale = conv(x.double().abs(), w.double().abs(), None if b is None else b.double().abs(), **kw)
+    bound = (kvol + 1) * 2.0**-23 * scale + _EPS[p["dtype"]] * ref.abs() + 1e-30
+    assert bool(((y.double() - ref).abs() <= bound).all()), float(((y.double() - ref).abs() / bound).max())
+    for got in batches:
+        d = diff(got, y[: got.shape[0]])
+        assert d.ok, f"{p}:\n{d}"
+
+
 @st.composite
 def _problems(draw: st.DrawFn) -> dict[str, Any]:
     nd = draw(st.integers(1, 3))
@@ -63,20 +84,7 @@ def test_convolutions_are_routed_right_and_batch_invariant(p: dict[str, Any]) ->
     b = _rand((o,), p["dtype"], g) if p["bias"] else None
     kw = dict(stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"])
     conv = _CONV[p["nd"]]
-    with detkit.batch_invariant(portable=p["portable"], strict=True) as bi:
-        y = conv(x, w, b, **kw)
-        assert bi.routed().get("convolution") == 1 and bi.uncovered() == {}
-        batches = [conv(x[:m], w, b, **kw) for m in range(1, p["n"])] + [conv(x.flip(0), w, b, **kw).flip(0)]
-    ref = conv(x.double(), w.double(), None if b is None else b.double(), **kw)
-    assert y.shape == ref.shape and y.dtype == x.dtype and y.is_contiguous()
-    # float32 accumulation of kvol products (+ bias), then one rounding to the dtype
-    kvol = p["cg"] * math.prod(p["kernel"])
-    scale = conv(x.double().abs(), w.double().abs(), None if b is None else b.double().abs(), **kw)
-    bound = (kvol + 1) * 2.0**-23 * scale + _EPS[p["dtype"]] * ref.abs() + 1e-30
-    assert bool(((y.double() - ref).abs() <= bound).all()), float(((y.double() - ref).abs() / bound).max())
-    for got in batches:
-        d = diff(got, y[: got.shape[0]])
-        assert d.ok, f"{p}:\n{d}"
+    _assert_routed_close_and_invariant(conv, x, w, b, kw, p)
 
 
 @pytest.mark.parametrize("portable", [False, True])
@@ -256,19 +264,7 @@ def test_transposed_convolutions_are_routed_right_and_batch_invariant(p: dict[st
     kw = dict(stride=p["stride"], padding=p["padding"], output_padding=p["output_padding"], groups=p["groups"],
               dilation=p["dilation"])
     conv = _CONV_T[p["nd"]]
-    with detkit.batch_invariant(portable=p["portable"], strict=True) as bi:
-        y = conv(x, w, b, **kw)
-        assert bi.routed().get("convolution") == 1 and bi.uncovered() == {}
-        batches = [conv(x[:m], w, b, **kw) for m in range(1, p["n"])] + [conv(x.flip(0), w, b, **kw).flip(0)]
-    ref = conv(x.double(), w.double(), None if b is None else b.double(), **kw)
-    assert y.shape == ref.shape and y.dtype == x.dtype and y.is_contiguous()
-    kvol = p["cg"] * math.prod(p["kernel"])
-    scale = conv(x.double().abs(), w.double().abs(), None if b is None else b.double().abs(), **kw)
-    bound = (kvol + 1) * 2.0**-23 * scale + _EPS[p["dtype"]] * ref.abs() + 1e-30
-    assert bool(((y.double() - ref).abs() <= bound).all()), float(((y.double() - ref).abs() / bound).max())
-    for got in batches:
-        d = diff(got, y[: got.shape[0]])
-        assert d.ok, f"{p}:\n{d}"
+    _assert_routed_close_and_invariant(conv, x, w, b, kw, p)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

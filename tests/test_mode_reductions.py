@@ -75,6 +75,12 @@ def planted_input(name: str, rows: int, n: int, dtype: torch.dtype, seed: int) -
     return x
 
 
+def _rows_alone_differing(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> int:
+    """How many rows (dim 0 of every input) ``fn`` gives other bits alone than in the batch."""
+    full = fn(*inputs)
+    return sum(not torch.equal(fn(*(t[i : i + 1] for t in inputs)), full[i : i + 1]) for i in range(full.shape[0]))
+
+
 @pytest.mark.parametrize("portable", [False, True])
 def test_torchs_logsumexp_of_a_row_alone_differs_from_the_batch_and_the_modes_does_not(portable: bool) -> None:
     """A sampler's logsumexp of one row of GPT-2-sized logits (50,257) against a trainer's
@@ -85,8 +91,7 @@ def test_torchs_logsumexp_of_a_row_alone_differs_from_the_batch_and_the_modes_do
     torch.set_num_threads(2)  # what splits the row; the CI machine has 2 cores
     try:
         def rows_differing() -> int:
-            full = torch.logsumexp(x, -1)
-            return sum(not torch.equal(torch.logsumexp(x[i : i + 1], -1), full[i : i + 1]) for i in range(64))
+            return _rows_alone_differing(lambda t: torch.logsumexp(t, -1), x)
 
         assert rows_differing() > 0, "negative control: torch's logsumexp did not change; the test proves nothing here"
         with detkit.batch_invariant(portable=portable, strict=True) as bi:
@@ -105,8 +110,7 @@ def test_torchs_bfloat16_nanmean_changes_at_a_batch_of_one_and_the_modes_does_no
     x = _input("nanmean", 64, 333, torch.bfloat16, 5)
 
     def rows_differing() -> int:
-        full = torch.nanmean(x, -1)
-        return sum(not torch.equal(torch.nanmean(x[i : i + 1], -1), full[i : i + 1]) for i in range(64))
+        return _rows_alone_differing(lambda t: torch.nanmean(t, -1), x)
 
     assert rows_differing() > 0, "negative control: torch's nanmean did not change; the test proves nothing here"
     with detkit.batch_invariant(portable=portable, strict=True) as bi:
@@ -127,8 +131,7 @@ def test_a_policys_log_probs_and_entropy_from_torch_distributions_are_batch_inva
         return torch.stack([policy.log_prob(a), policy.entropy()], -1)
 
     def rows_differing() -> int:
-        full = scored(logits, actions)
-        return sum(not torch.equal(scored(logits[i : i + 1], actions[i : i + 1]), full[i : i + 1]) for i in range(32))
+        return _rows_alone_differing(scored, logits, actions)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

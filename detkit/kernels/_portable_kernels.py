@@ -276,18 +276,6 @@ def sin_cos_f32(x: float, want_cos: bool) -> float:
 
 
 @njit(cache=True, error_model="numpy")
-def softplus_f32(x: float) -> float:
-    """softplus of canonical-orders section 3 (torch's defaults: beta 1, threshold 20)."""
-    if x > F32(20.0):
-        return x
-    y = exp_f32(x)
-    u = ONE + y
-    if u == ONE:
-        return y
-    return log_f32(u) * (y / (u - ONE))
-
-
-@njit(cache=True, error_model="numpy")
 def log1p_f32(x: float) -> float:
     """log1p of canonical-orders section 3: Log(1 + x) corrected by x / ((1 + x) - 1)."""
     u = ONE + x
@@ -296,6 +284,15 @@ def log1p_f32(x: float) -> float:
     if u == INF:
         return u  # the formula would give inf * NaN
     return log_f32(u) * (x / (u - ONE))
+
+
+@njit(cache=True, error_model="numpy")
+def softplus_f32(x: float) -> float:
+    """softplus of canonical-orders section 3 (torch's defaults: beta 1, threshold 20):
+    log1p(Exp(x)), whose 1 + Exp(x) is finite below the threshold."""
+    if x > F32(20.0):
+        return x
+    return log1p_f32(exp_f32(x))
 
 
 @njit(cache=True, error_model="numpy")

@@ -382,22 +382,9 @@ def cos(x: np.float32) -> np.float32:
     return _sin_or_cos(x, True)
 
 
-def softplus(x: np.float32) -> np.float32:
-    """softplus with torch's defaults (beta 1, threshold 20): x above 20, else log1p(Exp(x))
-    with log1p(y) = y if 1 + y == 1, else Log(1 + y) * (y / ((1 + y) - 1))."""
-    x = F32(x)
-    if x > F32(20.0):
-        return x
-    y = exp(x)
-    u = F32(ONE + y)
-    if u == ONE:
-        return y
-    return F32(log(u) * F32(y / F32(u - ONE)))
-
-
 def log1p(x: np.float32) -> np.float32:
     """log1p: u = 1 + x; x if u == 1 (tiny x, -0 kept), u if u is +inf, else
-    Log(u) * (x / (u - 1)), the rounding of 1 + x corrected as softplus corrects it."""
+    Log(u) * (x / (u - 1)), the rounding of 1 + x corrected."""
     x = F32(x)
     u = F32(ONE + x)
     if u == ONE:
@@ -405,6 +392,15 @@ def log1p(x: np.float32) -> np.float32:
     if u == F32(math.inf):
         return u  # Log(inf) * (inf / inf) would be NaN
     return F32(log(u) * F32(x / F32(u - ONE)))
+
+
+def softplus(x: np.float32) -> np.float32:
+    """softplus with torch's defaults (beta 1, threshold 20): x above 20, else
+    log1p(Exp(x)) (1 + Exp(x) is finite there)."""
+    x = F32(x)
+    if x > F32(20.0):
+        return x
+    return log1p(exp(x))
 
 
 def cube(x: np.float32) -> np.float32:
