@@ -73,6 +73,7 @@ from detkit.kernels._grouped import offsets_problem
 
 __all__ = [
     "COMPLEX_POSITION_DEPENDENT",
+    "COMPOSED_PORTABLE",
     "ELEMENTWISE_EXACT",
     "ELEMENTWISE_LIBM",
     "ELEMENTWISE_PORTABLE",
@@ -926,6 +927,41 @@ def polar(call: Call, abs: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:  
         return torch.complex(abs * torch.cos(angle), abs * torch.sin(angle))
 
 
+def expm1_composed(x: torch.Tensor) -> torch.Tensor:
+    """Portable ``expm1`` (Apertus' xIELU) from the routed ``exp`` and ``log`` (Kahan's
+    correction): with ``u = exp(x)``, ``(u - 1) * (x / log(u))``; ``x`` where ``u == 1``
+    (``-0.0`` kept), ``-1`` where ``u - 1 == -1``, ``inf`` where ``u`` is. ``u - 1`` is exact
+    near 0 and ``x / log(u)`` corrects ``u``'s rounding; dividing first keeps the product
+    finite up to ``exp``'s overflow. 16-bit inputs in float32, rounded once. Within 2.4 ULP
+    of the correctly rounded float32 result over 1.8M samples (torch's: 1 ULP);
+    ``tests/test_mode_portable.py`` bounds it."""
+    w = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    with routed():
+        u = torch.exp(w)
+        res = (u - 1) * (w / torch.log(u))
+    res = torch.where(u == 1, w, res)
+    res = torch.where(u - 1 == -1, -1.0, res)
+    res = torch.where(u == math.inf, math.inf, res)
+    return _finished(res, x.dtype)
+
+
+# Portable functions the backends have no kernel for, composed from portable ones.
+COMPOSED_PORTABLE: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"expm1": expm1_composed}
+
+
+def log_sigmoid_forward(call: Call, self: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.logsigmoid`` (a DPO loss, a gate): torch's own formula, ``min(x, 0) - log1p(z)``
+    with ``z = exp(-|x|)``, from the routed ``exp`` and ``log1p``, so in portable mode the
+    portable ones; 16-bit inputs in float32, rounded once. The buffer is ``z`` on the CPU,
+    which torch's CPU backward reads, and empty elsewhere, as torch's."""
+    x, dtype = _composed_input(self)
+    with routed():
+        z = torch.exp(-x.abs())
+        out = torch.clamp_max(x, 0) - torch.log1p(z)
+    buffer = _finished(z, dtype) if x.device.type == "cpu" else x.new_empty(0, dtype=dtype)
+    return _finished(out, dtype), buffer
+
+
 _REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # aten's Reduction enum
 
 
@@ -993,6 +1029,133 @@ def cumsum_(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | No
     with torch.no_grad():
         self.copy_(res)
     return self
+
+
+# ----------------------------------------------------------------------------- histc
+
+# Significand bits (with the implicit one): integers up to 2**p are exact in the dtype.
+_SIGNIFICAND_BITS = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
+
+
+def histc_inexact_reason(x: torch.Tensor, bins: int, lo: float, hi: float) -> str | None:
+    """Why torch's ``histc`` of these values may round, or None when it counts exactly.
+
+    torch bins an element as ``floor((x - lo) * bins / (hi - lo))``, in the input's dtype
+    on the CPU (``getBin`` on CUDA is the same formula), and adds ones in that dtype. With
+    integer values, integer limits and ``bins * (hi - lo)`` within the dtype's exact
+    integers, ``x - lo`` and the product are exact and the one rounded division cannot
+    cross an integer (a non-integer quotient is at least ``1 / (hi - lo)`` from one); with
+    no more elements than exact integers the counts are exact too. So the result is the
+    mathematical histogram on every device and at every batch size: an MoE router's
+    tokens per expert, ``histc(expert_ids.float(), bins=E, min=0, max=E - 1)``."""
+    if not (x.is_floating_point() or x.is_complex()):
+        return None  # torch bins integer tensors (on CUDA) exactly
+    if x.dtype not in _SIGNIFICAND_BITS:
+        return f"{x.dtype} input"
+    limit = 2 ** _SIGNIFICAND_BITS[x.dtype]
+    if x.numel() > limit:
+        return f"{x.numel()} elements: a count could pass {limit}, past the exact integers of {x.dtype}"
+    if x.numel() and not bool((x == x.trunc()).all()):
+        return "values that are not integers (or not finite): bins are computed with rounding"
+    if lo == hi == 0 and x.numel():  # torch's rule: the data's own range
+        lo, hi = float(x.min()), float(x.max())
+    if lo == hi:
+        lo, hi = lo - 1, hi + 1
+    if not (float(lo).is_integer() and float(hi).is_integer()):
+        return f"limits {lo:g} and {hi:g} that are not integers: bins are computed with rounding"
+    if max(abs(lo), abs(hi)) > limit or bins * (hi - lo) > limit:
+        return f"bins * (max - min) = {bins * (hi - lo):g}, past the exact integers of {x.dtype} ({limit})"
+    return None
+
+
+def histc(call: Call, self: torch.Tensor, bins: int = 100, min: float = 0,  # noqa: A002 (aten's names)
+          max: float = 0) -> torch.Tensor:  # noqa: A002
+    """torch's own histc where it counts exactly (see ``histc_inexact_reason``), passed
+    through; any other call is a fallback, counted, and an error under ``strict``."""
+    reason = histc_inexact_reason(self, bins, float(min), float(max))
+    if reason is None:
+        raise Unsupported("integer values: torch's histc counts exactly", benign=True)
+    raise Unsupported(reason)
+
+
+# ----------------------------------------------------------------------------- index_add
+
+
+def occurrence_ranks(index: torch.Tensor) -> torch.Tensor:
+    """For each position of ``index``, how many earlier positions hold the same value."""
+    n = index.numel()
+    order = torch.argsort(index, stable=True)
+    ordered = index[order]
+    starts = torch.ones(n, dtype=torch.bool, device=index.device)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    positions = torch.arange(n, device=index.device)
+    first = torch.cummax(torch.where(starts, positions, 0), 0).values  # where each run begins
+    ranks = torch.empty_like(positions)
+    ranks[order] = positions - first
+    return ranks
+
+
+def index_add_in_order(x: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor, *,
+                       wide: bool = False) -> torch.Tensor:
+    """``x.index_add_(dim, index, source)`` with each destination's additions made in the
+    order of ``index``, as torch's CPU kernel makes them (one after another), on any device:
+    the k-th additions of every destination together, as one gather, add and scatter of
+    distinct rows, for k = 0, 1, ... (an MoE's top-k: k < top-k). torch's CUDA kernel adds
+    with atomics, in whatever order the threads arrive. ``wide``: add in float32 and round
+    once at the end, as torch's CPU kernel does for 16-bit tensors where it hands the call
+    to its scatter_add (see ``_cpu_adds_wide``)."""
+    ranks = occurrence_ranks(index)
+    target = x.float() if wide else x
+    source = source.float() if wide else source
+    for k in range(int(ranks.max()) + 1 if ranks.numel() else 0):
+        positions = (ranks == k).nonzero().squeeze(1)
+        rows = index[positions]
+        target.index_copy_(dim, rows, target.index_select(dim, rows) + source.index_select(dim, positions))
+    if wide:
+        x.copy_(target)
+    return x
+
+
+def _cpu_adds_wide(x: torch.Tensor, dim: int, index: torch.Tensor) -> bool:
+    """Whether torch's CPU index_add of ``x`` adds in float32 and rounds once (measured with
+    torch 2.13: a 16-bit tensor of 2 or more dims, along its first or last dim, with an
+    int64 index, alpha 1, where it calls scatter_add) rather than rounding every addition."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and x.dim() > 1 and dim in (0, x.dim() - 1)
+            and index.dtype == torch.int64)
+
+
+def _adds_in_index_order(device: torch.device) -> bool:
+    """Whether torch's index_add on ``device`` adds in the order of the index (measured
+    on the CPU, on 1 and 2 threads; CUDA's uses atomics)."""
+    return device.type == "cpu"
+
+
+def _index_add(inplace: bool) -> Adapter:
+    def adapter(call: Call, self: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor, *,
+                alpha: Any = 1) -> torch.Tensor:
+        if not (self.is_floating_point() or self.is_complex()):
+            raise Unsupported("integer operands", benign=True)  # exact in any order
+        if not _scalar_is(alpha, 1):
+            raise Unsupported("alpha != 1 (torch's vector add fuses the multiply)")
+        if _adds_in_index_order(self.device):
+            raise Unsupported("torch's CPU index_add adds in index order", benign=True)
+        if self.dim() == 0 or source.dim() != self.dim() or index.dim() > 1 or self.dtype != source.dtype:
+            raise Unsupported("a 0-d tensor, or arguments torch refuses", benign=True)  # torch's own way
+        dim = dim % self.dim()
+        others = [d for d in range(self.dim()) if d != dim]
+        if (index.numel() != source.size(dim) or [self.size(d) for d in others] != [source.size(d) for d in others]
+                or index.dtype not in (torch.int32, torch.int64)):
+            raise Unsupported("arguments torch refuses", benign=True)  # torch's own error
+        wide = _cpu_adds_wide(self, dim, index)
+        index = index.reshape(-1).long()
+        if index.numel() and (bool((index < 0).any()) or bool((index >= self.size(dim)).any())):
+            raise Unsupported("index out of range", benign=True)  # torch's own error
+        target = self if inplace else self.clone()
+        with torch.no_grad():
+            index_add_in_order(target, dim, index, source, wide=wide)
+        return target
+
+    return adapter
 
 
 # ----------------------------------------------------------------------------- triangular solve
@@ -1220,7 +1383,7 @@ def _portable(name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
 # Unary ops that compute an integer or bool input in the default float dtype (the others
 # refuse such input): their results come from the same position-dependent float loops.
 _PROMOTES_INTEGERS = frozenset({"sigmoid", "sinh", "rsqrt", "tanh", "exp", "erf", "log", "sin", "cos", "exp2", "cosh",
-                                "logit", "atanh", "digamma", "log1p"})
+                                "logit", "atanh", "digamma", "log1p", "expm1"})
 
 
 def _portable_name(op: str, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -1236,6 +1399,23 @@ def _portable_name(op: str, extra: tuple[Any, ...], kwargs: dict[str, Any]) -> s
     return None if extra or kwargs else op
 
 
+def _composed_portable(call: Call, op: str, x: torch.Tensor, extra: tuple[Any, ...], kwargs: dict[str, Any],
+                       inplace: bool) -> torch.Tensor | None:
+    """Portable mode: ``op`` of ``x`` composed from portable functions (``COMPOSED_PORTABLE``),
+    or None where that does not apply (another mode, op, dtype or extra arguments)."""
+    if not (call.portable and op in COMPOSED_PORTABLE and not extra and not kwargs
+            and isinstance(x, torch.Tensor) and x.dtype in _PORTABLE_DTYPES and x.layout == torch.strided):
+        return None
+    if x.numel() == 0:
+        raise Unsupported("empty input", benign=True)
+    res = COMPOSED_PORTABLE[op](_plain(x))
+    if inplace:
+        with torch.no_grad():
+            x.copy_(res)
+        return x
+    return _like(res, x)
+
+
 def _elementwise(op: str, inplace: bool = False) -> Adapter:
     """Adapter of a unary op; ``op`` is the aten name without a trailing underscore."""
     promotes = op in _PROMOTES_INTEGERS and not inplace
@@ -1243,6 +1423,9 @@ def _elementwise(op: str, inplace: bool = False) -> Adapter:
     def adapter(call: Call, self: torch.Tensor, *extra: Any, **kwargs: Any) -> torch.Tensor:
         if promotes and isinstance(self, torch.Tensor) and not (self.is_floating_point() or self.is_complex()):
             self = self.to(torch.get_default_dtype())  # what torch computes from; not an exact op
+        composed = _composed_portable(call, op, self, extra, kwargs, inplace)
+        if composed is not None:
+            return composed
         portable_name = _portable_name(op, extra, kwargs) if call.portable else None
         if portable_name is not None:
             _float(self)
@@ -1273,6 +1456,9 @@ def _cuda_elementwise(op: str, inplace: bool = False) -> Adapter:
     goes to the CUDA portable kernel, which gives the CPU portable backend's bits."""
 
     def adapter(call: Call, self: torch.Tensor, *extra: Any, **kwargs: Any) -> torch.Tensor:
+        composed = _composed_portable(call, op, self, extra, kwargs, inplace)
+        if composed is not None:
+            return composed
         portable_name = _portable_name(op, extra, kwargs) if call.portable else None
         if portable_name is not None:
             _float(self)
@@ -1514,6 +1700,10 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("polar", polar, "elementwise"),
     OpOverride("cumsum", cumsum, "scan"),
     OpOverride("cumsum_", cumsum_, "scan"),
+    OpOverride("histc", histc, "reduction"),
+    OpOverride("index_add", _index_add(inplace=False), "scan"),
+    OpOverride("index_add_", _index_add(inplace=True), "scan"),
+    OpOverride("log_sigmoid_forward", log_sigmoid_forward, "elementwise"),
     OpOverride("linalg_solve_triangular", linalg_solve_triangular, "solve"),
     OpOverride("native_layer_norm", native_layer_norm, "norm"),
     OpOverride("rms_norm", rms_norm, "norm", composite=True),
@@ -1522,11 +1712,12 @@ _COMMON: tuple[OpOverride, ...] = (
 )
 
 _ELEMENTWISE_NAMES = ("silu", "sigmoid", "gelu", "softplus", "mish", "sinh", "rsqrt", "tanh", "exp", "erf", "log",
-                      "sin", "cos", "elu", "exp2", "cosh", "logit", "atanh", "digamma", "log1p")
+                      "sin", "cos", "elu", "exp2", "cosh", "logit", "atanh", "digamma", "log1p", "expm1")
 # Every in-place form aten has of the names above (softplus has none): an unrouted one
 # would run torch's position-dependent loop without a trace in uncovered().
 _ELEMENTWISE_INPLACE = ("silu_", "sigmoid_", "gelu_", "mish_", "sinh_", "rsqrt_", "tanh_", "exp_", "erf_", "log_",
-                        "sin_", "cos_", "elu_", "exp2_", "cosh_", "logit_", "atanh_", "digamma_", "log1p_")
+                        "sin_", "cos_", "elu_", "exp2_", "cosh_", "logit_", "atanh_", "digamma_", "log1p_",
+                        "expm1_")
 
 _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _elementwise(name), "elementwise") for name in _ELEMENTWISE_NAMES),
@@ -1547,9 +1738,10 @@ _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
 
 # CUDA: only the functions the portable backends implement, for portable mode.
 _CUDA_ELEMENTWISE: tuple[OpOverride, ...] = (
-    *(OpOverride(name, _cuda_elementwise(name), "elementwise") for name in sorted(ELEMENTWISE_PORTABLE)),
+    *(OpOverride(name, _cuda_elementwise(name), "elementwise")
+      for name in sorted(ELEMENTWISE_PORTABLE | set(COMPOSED_PORTABLE))),
     *(OpOverride(name, _cuda_elementwise(name.removesuffix("_"), inplace=True), "elementwise")
-      for name in _ELEMENTWISE_INPLACE if name.removesuffix("_") in ELEMENTWISE_PORTABLE),
+      for name in _ELEMENTWISE_INPLACE if name.removesuffix("_") in ELEMENTWISE_PORTABLE | set(COMPOSED_PORTABLE)),
     *(OpOverride(name, _cuda_pow(inplace=name.startswith("pow_")), "elementwise",
                  numbers_as_tensors=name in ("pow.Tensor_Tensor", "pow_.Tensor"))
       for name in ("pow.Tensor_Scalar", "pow_.Scalar", "pow.Tensor_Tensor", "pow_.Tensor", "pow.Scalar")),
@@ -1564,7 +1756,7 @@ _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim
               "std.correction": "std.correction_out", "norm.ScalarOpt_dim": "norm.out",
               "norm.Scalar": "norm.Scalar_out"}
 _NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
-                          "var_mean.correction", "std_mean.correction", "nll_loss_forward",
+                          "var_mean.correction", "std_mean.correction", "nll_loss_forward", "log_sigmoid_forward",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})
 
 
@@ -1703,10 +1895,11 @@ EXACT_OPS: frozenset[str] = frozenset(
         "_local_scalar_dense", "_to_copy", "_unsafe_view", "alias", "all", "any", "_is_all_true", "_is_any_true",
         "arange", "argmax", "argmin",
         "as_strided", "bitwise_and", "bitwise_not", "bitwise_or", "bitwise_xor", "cat", "clone", "copy_",
-        "detach", "embedding", "empty", "empty_like", "empty_strided", "eq", "expand", "fill_", "full",
+        "detach", "embedding", "empty", "empty_like", "empty_strided", "eq", "expand", "eye", "fill_", "full",
         "full_like", "ge", "gt", "index", "index_select", "index_put_", "isin", "isinf", "isnan", "le", "lift_fresh",
         "logical_and", "logical_not", "logical_or", "lt", "masked_fill", "masked_fill_", "max", "amax", "min",
-        "amin", "aminmax", "maximum", "minimum", "ne", "new_empty", "new_ones", "new_zeros", "ones", "ones_like",
+        "amin", "aminmax", "maximum", "minimum", "ne", "new_empty", "new_full", "new_ones", "new_zeros", "ones",
+        "ones_like",
         "permute",
         "relu", "repeat", "scalar_tensor", "select", "slice", "split", "squeeze", "stack", "t", "topk", "sort",
         "transpose", "tril", "triu", "unbind", "unsqueeze", "view", "where", "zeros", "zeros_like", "contiguous",

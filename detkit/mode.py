@@ -59,6 +59,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from detkit._aten_adapters import (
     COMPLEX_POSITION_DEPENDENT,
+    COMPOSED_PORTABLE,
     ELEMENTWISE_EXACT,
     ELEMENTWISE_LIBM,
     ELEMENTWISE_PORTABLE,
@@ -73,6 +74,7 @@ from detkit._aten_adapters import (
     Fold,
     OpOverride,
     Unsupported,
+    histc_inexact_reason,
 )
 from detkit._reentry import is_inside, set_inside
 from detkit.errors import BackendUnavailable, InputError, InvarianceViolation
@@ -590,6 +592,8 @@ class TracedOps(Counter):  # type: ignore[type-arg]
         # mul/div of a 16-bit float tensor by an integer tensor holding a value that the
         # 16-bit dtype cannot represent (see _ROUNDS_INTEGER_OPERAND)
         self.rounded_integer_operands: set[str] = set()
+        # histc calls torch's kernel may round in (histc_inexact_reason): the first reason
+        self.inexact_histc: dict[str, str] = {}
 
 
 def _first_float_dtype(values: Any) -> torch.dtype | None:
@@ -683,6 +687,11 @@ class _OpTracer(TorchDispatchMode):
         if (name not in self.ops.rounded_integer_operands and name.partition(".")[0] in _ROUNDS_INTEGER_OPERAND
                 and _rounds_an_integer_operand(values)):
             self.ops.rounded_integer_operands.add(name)
+        if name.startswith("histc.") and name not in self.ops.inexact_histc and args:
+            bound = {"bins": 100, "min": 0, "max": 0, **dict(zip(("bins", "min", "max"), args[1:])), **(kwargs or {})}
+            reason = histc_inexact_reason(args[0], int(bound["bins"]), float(bound["min"]), float(bound["max"]))
+            if reason is not None:
+                self.ops.inexact_histc[name] = reason
         if name in _SCALAR_POW and len(args) > 1 and not isinstance(args[1], torch.Tensor):
             self.ops.pow_exponents.setdefault(name, set()).add(_exponent(args[1]))
         return func(*args, **(kwargs or {}))
@@ -755,9 +764,9 @@ class CoverageReport:
 
 
 _EXACT_OR_CUBE = frozenset({*EXACT_EXPONENTS, 3.0})
-# What the portable backends compute: the unary functions, and pow (Pow, every overload
-# the device's table routes).
-_PORTABLE_FUNCTIONS = ELEMENTWISE_PORTABLE | {"pow"}
+# What the portable mode computes portably: the backends' unary functions, those composed
+# from them (expm1), and pow (Pow, every overload the device's table routes).
+_PORTABLE_FUNCTIONS = ELEMENTWISE_PORTABLE | set(COMPOSED_PORTABLE) | {"pow"}
 _FLOAT_OPERAND_NOTE = ("float operands (as traced): exact only while they hold integers below 2^24, as an MoE "
                        "router's tokens per expert do (torch's CPU histc takes floats only); check with a test")
 _FLOAT_OPERAND_NOTES = {
@@ -796,6 +805,15 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
             # routed or not, the mode passes integer operands to torch: the result is exact
             exact[full] = n
             notes[full] = "integer operands only (as traced): exact"
+            continue
+        if packet == "histc" and float_inputs is not None and full in table:
+            inexact = getattr(ops, "inexact_histc", {}).get(name)
+            if inexact is not None:
+                uncovered[full] = n
+                notes[full] = f"{inexact} (as traced): torch's kernel, which may round"
+            else:
+                exact[full] = n
+                notes[full] = "integer values (as traced): torch's histc counts them exactly"
             continue
         if float_inputs is not None and base in INTEGER_EXACT_OPS and full not in table:
             # listed below as uncovered; say what that means for this op

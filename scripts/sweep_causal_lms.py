@@ -1,19 +1,24 @@
 """Run every causal-LM architecture transformers knows under the torch mode.
 
-Each ``model_type`` with a causal-LM class is built from ``AutoConfig.for_model`` shrunk to
-2 layers, hidden 64, 4 heads (2 KV heads), head dim 16, a 512-token vocabulary and at most
-4 experts, with random weights; architectures still above 20M parameters are skipped.
-A forward of a left-padded batch of 2 and a 2-token greedy ``generate`` run first without
-the mode (an architecture that fails there is skipped: not the mode's doing), then under
-``batch_invariant()`` and ``batch_invariant(portable=True)``. An architecture passes when
-nothing raised, nothing fell back (``uncovered()``), nothing routed came from torch's math
-library in portable mode (``not_portable()``) and the logits are within ``--rtol`` of
-torch's (relative to the largest logit). This checks that the mode runs the architecture,
-not invariance: the family tests do that. Usage::
+Each ``model_type`` with a causal-LM class is built from its config class with generic
+small sizes (``SIZES``: 2 layers, hidden 64, 4 heads, 2 KV heads, head dim 16, a 512-token
+vocabulary, at most 4 experts, small latent-attention, linear-attention and state-space
+dims), one layer of each kind its layer pattern has (a hybrid keeps its attention layer),
+token ids inside the vocabulary, and random weights; architectures still above 20M
+parameters are skipped. A forward of a left-padded batch of 2 and a 2-token greedy
+``generate`` run first without the mode (an architecture that fails there is skipped: not
+the mode's doing), traced (``trace_ops``, sorted by ``coverage_report``), then under
+``batch_invariant()`` and ``batch_invariant(portable=True)``. An architecture *fails*
+when something raised, fell back (``uncovered()``), came from torch's math library in
+portable mode (``not_portable()``) or the logits are further than ``--rtol`` from torch's
+(relative to the largest logit); it is *uncovered* when it ran but its trace holds ops
+the mode leaves to torch (listed, with the architectures, at the end); else it passes.
+This checks that the mode runs the architecture and covers its ops, not invariance: the
+family tests do that. Usage::
 
     python scripts/sweep_causal_lms.py [--only llama,gpt2] [--json sweep.json]
 
-Exit 0 when every architecture that runs without the mode passes under it, 1 otherwise.
+Exit 0 when no architecture that runs without the mode fails under it, 1 otherwise.
 Results are written after each architecture, so an interruption keeps the finished ones.
 """
 
@@ -29,11 +34,93 @@ from typing import Any
 
 import torch
 
-SHRINK = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=128, vocab_size=512, head_dim=16)
-FEWER_EXPERTS = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, moe_intermediate_size=32,
-                     num_experts_per_tok=2, max_position_embeddings=256)
+# Generic small sizes, passed to the config's constructor (so that what it derives from
+# them, such as a hybrid's layer pattern, an MLA head size or a Falcon head_dim, follows),
+# each only where the architecture's config has that field.
+SIZES = dict(
+    num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+    vocab_size=512, head_dim=16, max_position_embeddings=256,
+    # older names (GPT-2, CodeGen, GPT-J, OPT, Bloom, ...)
+    n_layer=2, n_head=4, n_embd=64, n_inner=128, ffn_dim=128, num_layers=2,
+    rotary_dim=8, embedding_dim=64,
+    # mixtures of experts: up to 4 experts
+    num_experts=4, num_local_experts=4, n_routed_experts=4, moe_intermediate_size=32, num_experts_per_tok=2,
+    num_experts_per_token=2, shared_expert_intermediate_size=32, shared_intermediate_size=32, n_group=1,
+    topk_group=1, num_expert_group=1,
+    # multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, Kimi, LongCat) and its sparse indexer
+    kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    index_n_heads=2, index_head_dim=16, index_topk=4,
+    # linear attention and state-space layers (Qwen3-Next, Kimi-Linear, Mamba-2, Bamba, Zamba2, xLSTM)
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+    linear_head_dim=16, linear_num_heads=4, mamba_n_heads=8, mamba_d_head=16, mamba_headdim=16,
+    mamba_dt_rank=8, time_step_rank=8, state_size=16, mamba_d_state=16, mamba_chunk_size=4, chunk_size=4,
+    num_blocks=2, adapter_rank=8, laurel_rank=8,
+    # per-layer inputs (Gemma 3n, Gemma 4)
+    hidden_size_per_layer_input=16, vocab_size_per_layer_input=512,
+)
+# What the generic sizes leave inconsistent for a few architectures.
+PER_TYPE: dict[str, dict[str, Any]] = {
+    "dots1": dict(n_shared_experts=1),  # its default is None, which the model does not accept
+    "falcon_h1": dict(mamba_d_ssm=None),  # the Mamba width from hidden_size and mamba_expand
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),  # its default: Mamba only
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "zaya": dict(num_experts_per_tok=1),  # the only value it supports
+}
+# Layer patterns: one layer of each kind, in the order the full model first uses them.
+PATTERNS = ("layer_types", "layers_block_type", "block_types", "mlp_layer_types")
 MAX_PARAMETERS = 20_000_000
+
+
+def _one_of_each(kinds: list[Any]) -> list[Any]:
+    seen: list[Any] = []
+    for kind in kinds:
+        if kind not in seen:
+            seen.append(kind)
+    return seen
+
+
+def small_config(model_type: str) -> Any:
+    """``model_type``'s config with the generic small sizes, token ids inside the small
+    vocabulary, and every kind of layer of its pattern present."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type)
+    default = config.to_dict()
+    aliases = getattr(config, "attribute_map", {})  # hidden_size -> d_model and the like
+    sizes: dict[str, Any] = {}
+    for key, value in SIZES.items():
+        if aliases.get(key, key) in default:
+            sizes[aliases.get(key, key)] = value
+    if "qk_rope_head_dim" in default:  # multi-head latent attention: head_dim is the rotary part,
+        sizes["head_dim"] = SIZES["qk_rope_head_dim"]  # and a head per query head
+        sizes["num_key_value_heads"] = SIZES["num_attention_heads"]
+    if default.get("q_lora_rank") is not None:
+        sizes["q_lora_rank"] = 32
+    if default.get("num_heads") is not None:  # Mamba-2's and xLSTM's heads: hidden * expand / head
+        sizes["num_heads"] = 4 if "head_dim" not in default else 8
+    patterns = {k: _one_of_each(default[k]) for k in PATTERNS if isinstance(default.get(k), list) and default[k]}
+    layers = max([2, *map(len, patterns.values())])
+    for key, kinds in patterns.items():
+        sizes[key] = [kinds[i % len(kinds)] for i in range(layers)]
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "num_blocks"):
+        if key in sizes:
+            sizes[key] = layers
+    if isinstance(default.get("hybrid_layer_ids"), list):  # Zamba2: the shared attention block's layers
+        sizes["hybrid_layer_ids"] = [layers - 1]
+    for key in ("attn_layer_period", "expert_layer_period"):  # Jamba: every second layer
+        if key in default:
+            sizes[key], sizes[key.replace("period", "offset")] = 2, 1
+    if "attn_layer_indices" in default:  # Bamba, GraniteMoeHybrid
+        sizes["attn_layer_indices"] = [layers - 1]
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        value = default.get(key)
+        if isinstance(value, int) and value >= sizes.get("vocab_size", default.get("vocab_size", 0)):
+            sizes[key] = 0
+        elif isinstance(value, list):
+            sizes[key] = [v if v < SIZES["vocab_size"] else 0 for v in value]
+    sizes.update(PER_TYPE.get(model_type, {}))
+    return transformers.AutoConfig.for_model(model_type, **sizes)
 
 
 @dataclass
@@ -42,18 +129,16 @@ class Outcome:
     status: str  # "passed", "failed", "skipped"
     reason: str = ""
     max_rel_diff: dict[str, float] = field(default_factory=dict)
+    # from the trace's coverage_report: ops the mode leaves to torch, and (portable mode)
+    # ops whose bits come from this machine's math library
+    uncovered: list[str] = field(default_factory=list)
+    not_portable: list[str] = field(default_factory=list)
 
 
 def _build(model_type: str) -> Any:
     import transformers
 
-    config = transformers.AutoConfig.for_model(model_type)
-    for key, value in SHRINK.items():
-        if hasattr(config, key):
-            setattr(config, key, value)
-    for key, value in FEWER_EXPERTS.items():
-        if getattr(config, key, None) is not None:
-            setattr(config, key, value)
+    config = small_config(model_type)
     with torch.device("meta"):
         size = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
     if size > MAX_PARAMETERS:
@@ -61,8 +146,14 @@ def _build(model_type: str) -> Any:
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
+def _failed(outcome: Outcome, reason: str) -> Outcome:
+    outcome.status, outcome.reason = "failed", reason[:300]
+    return outcome
+
+
 def sweep_one(model_type: str, rtol: float) -> Outcome:
     import detkit
+    from detkit.mode import coverage_report, trace_ops
 
     torch.manual_seed(0)
     ids = torch.randint(3, 500, (2, 7))
@@ -80,7 +171,13 @@ def sweep_one(model_type: str, rtol: float) -> Outcome:
             reference = run()
     except Exception as err:  # noqa: BLE001 - any failure without the mode is the architecture's
         return Outcome(model_type, "skipped", f"does not run without the mode: {type(err).__name__}: {err}"[:300])
-    outcome = Outcome(model_type, "passed")
+    with torch.no_grad():  # not inference_mode: there the trace sees composites undecomposed
+        _, ops = trace_ops(run)
+    coverage = coverage_report(ops)
+    portable_coverage = coverage_report(ops, portable=True)
+    outcome = Outcome(model_type, "passed", uncovered=sorted(coverage.uncovered),
+                      not_portable=sorted({*portable_coverage.not_portable, *portable_coverage.uncovered}
+                                          - set(coverage.uncovered)))
     scale = float(reference.abs().max()) or 1.0
     for portable in (False, True):
         label = "portable" if portable else "batch_invariant"
@@ -88,15 +185,16 @@ def sweep_one(model_type: str, rtol: float) -> Outcome:
             with torch.no_grad(), detkit.batch_invariant(portable=portable) as bi:
                 logits = run()
         except Exception as err:  # noqa: BLE001 - reported, the sweep goes on
-            return Outcome(model_type, "failed", f"{label}: raised {type(err).__name__}: {err}"[:300])
+            return _failed(outcome, f"{label}: raised {type(err).__name__}: {err}")
         outcome.max_rel_diff[label] = float((logits.double() - reference.double()).abs().max()) / scale
         problems = {"fell back": bi.uncovered(), "not portable": bi.not_portable() if portable else {}}
         problems = {k: v for k, v in problems.items() if v}
         if problems:
-            return Outcome(model_type, "failed", f"{label}: {problems}"[:300], outcome.max_rel_diff)
+            return _failed(outcome, f"{label}: {problems}")
         if not outcome.max_rel_diff[label] <= rtol:
-            return Outcome(model_type, "failed", f"{label}: logits differ by {outcome.max_rel_diff[label]:.1e}",
-                           outcome.max_rel_diff)
+            return _failed(outcome, f"{label}: logits differ by {outcome.max_rel_diff[label]:.1e}")
+    if outcome.uncovered:
+        outcome.status, outcome.reason = "uncovered", f"left to torch: {', '.join(outcome.uncovered)}"
     return outcome
 
 
@@ -106,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the outcomes here (after each architecture)")
     parser.add_argument("--rtol", type=float, default=1e-4, help="logit difference allowed, relative to the largest")
     args = parser.parse_args(argv)
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     names = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
@@ -118,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         names = wanted
     outcomes: list[Outcome] = []
     warnings.simplefilter("ignore")  # transformers' config and generation warnings, per model
+    transformers.logging.set_verbosity_error()
     try:
         for i, name in enumerate(names, 1):
             outcome = sweep_one(name, args.rtol)
@@ -129,9 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"interrupted after {len(outcomes)} of {len(names)}", file=sys.stderr)
         return 130
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("passed", "failed", "skipped")}
-    print(f"passed {counts['passed']}, failed {counts['failed']}, skipped {counts['skipped']} (do not run without "
-          "the mode)")
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("passed", "uncovered", "failed", "skipped")}
+    print(f"passed {counts['passed']}, uncovered {counts['uncovered']}, failed {counts['failed']}, skipped "
+          f"{counts['skipped']} (do not run without the mode)")
+    for label, field_name in (("left to torch", "uncovered"), ("not portable", "not_portable")):
+        by_op: dict[str, list[str]] = {}
+        for o in outcomes:
+            for op in getattr(o, field_name):
+                by_op.setdefault(op, []).append(o.model_type)
+        for op, types in sorted(by_op.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            print(f"  {label}: {op} in {len(types)}: {', '.join(types)}")
     return 1 if counts["failed"] else 0
 
 

@@ -792,6 +792,39 @@ def test_composed_reductions_under_the_mode_are_batch_invariant_on_cuda(dtype: t
         (f"torch_logsumexp_{dtype}_vocab_rows_alone_differing_from_a_batch_of_{MAX_M}", f"{changed} of {rows}"))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_counts_and_index_add_under_the_mode_on_cuda_are_the_cpus(dtype: torch.dtype,
+                                                                      request: pytest.FixtureRequest) -> None:
+    """An eager MoE loop's index_add_ (tokens x top-2 contributions into the tokens' rows):
+    torch's CUDA kernel adds with atomics, in arrival order; under the mode the additions
+    are made in index order, as torch's CPU kernel makes them (16-bit: 2-D along dim 0 in
+    float32, rounded once; along a middle dim rounded at every addition), so the result is
+    the CPU's bits, every run. histc of integer-valued expert ids counts exactly and passes
+    through. How many of 20 runs of torch's own kernel differ from its first is recorded as
+    a JUnit property, not asserted."""
+    tokens, hidden, top_k = 512, 256, 2
+    g = torch.Generator().manual_seed(170)
+    index = torch.randint(0, tokens, (tokens * top_k,), generator=g)
+    source = (torch.randn(tokens * top_k, hidden, generator=g) * 10).to(dtype)
+    middle_source = (torch.randn(4, tokens * top_k, 8, generator=g) * 10).to(dtype)
+    cpu = torch.zeros(tokens, hidden, dtype=dtype).index_add_(0, index, source)
+    cpu_middle = torch.zeros(4, tokens, 8, dtype=dtype).index_add_(1, index, middle_source)
+    ids = torch.randint(0, 64, (tokens * top_k,), generator=g).float()
+    with batch_invariant(strict=True) as bi:
+        for _ in range(3):
+            got = torch.zeros(tokens, hidden, dtype=dtype, device=DEV).index_add_(0, index.to(DEV), source.to(DEV))
+            assert_bits_equal(got.cpu(), cpu, f"index_add_ dim 0, {dtype}")
+            got = torch.zeros(4, tokens, 8, dtype=dtype, device=DEV).index_add(1, index.to(DEV), middle_source.to(DEV))
+            assert_bits_equal(got.cpu(), cpu_middle, f"index_add dim 1, {dtype}")
+        counts = torch.histc(ids.to(DEV), bins=64, min=0, max=63)
+    assert counts.cpu().long().tolist() == torch.bincount(ids.long(), minlength=64).tolist()
+    assert bi.uncovered() == {} and bi.routed().get("index_add_") == 3 and bi.routed().get("index_add") == 3
+    first = torch.zeros(tokens, hidden, dtype=dtype, device=DEV).index_add_(0, index.to(DEV), source.to(DEV))
+    changed = sum(not torch.equal(bits(torch.zeros_like(first).index_add_(0, index.to(DEV), source.to(DEV))),
+                                  bits(first)) for _ in range(20))
+    request.node.user_properties.append((f"torch_cuda_index_add_{dtype}_runs_differing_of_20", str(changed)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_portable_composed_reductions_on_cuda_equal_cpu(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under batch_invariant(portable=True) the compositions run the CUDA portable row sum,

@@ -523,7 +523,7 @@ def test_without_the_folds_a_frozen_weights_sliced_product_takes_bmm_and_differs
     rows=st.integers(1, 12),
     length=st.integers(1, 700),
     op=st.sampled_from(["silu", "sigmoid", "gelu_tanh", "softplus", "rsqrt", "pow", "elu", "exp2", "cosh", "atan2",
-                        "pow_tensor", "pow_scalar_base"]),
+                        "pow_tensor", "pow_scalar_base", "expm1"]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**16),
 )
@@ -541,6 +541,7 @@ def test_position_dependent_elementwise_ops_are_invariant(rows: int, length: int
         "atan2": lambda t: torch.atan2(t, t.flip(-1) - 1),  # row by row, as the check needs
         "pow_tensor": lambda t: torch.pow(t, t.flip(-1) * 0.3),
         "pow_scalar_base": lambda t: torch.pow(2.5, t * 0.1),
+        "expm1": torch.expm1,  # Apertus' xIELU activation
     }
     x = (torch.randn(rows, length, generator=torch.Generator().manual_seed(seed)) * 3).abs().add(0.1).to(dtype)
     with detkit.batch_invariant():

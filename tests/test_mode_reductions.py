@@ -1,6 +1,6 @@
 """logsumexp, var/std (and var_mean/std_mean), the vector norms (so F.normalize),
-nansum/nanmean and the negative log-likelihood loss (F.cross_entropy) under the mode:
-compositions of routed ops (docs/mode.md, "Composed reductions").
+nansum/nanmean, logsigmoid and the negative log-likelihood loss (F.cross_entropy) under
+the mode: compositions of routed ops (docs/mode.md, "Composed reductions").
 
 torch's CPU reductions split one long row across threads, so the logsumexp of a row over
 a real vocabulary changes when the row is computed alone (a decode step, a sampler) instead
@@ -49,6 +49,10 @@ OPS: dict[str, tuple[Op, str]] = {
     "norm_legacy": (lambda x: torch.ops.aten.norm.ScalarOpt_dim(x, 2, [-1]), "norm.ScalarOpt_dim"),
     "nansum": (lambda x: torch.nansum(x, -1), "nansum"),
     "nanmean_2d": (lambda x: torch.nanmean(x, (1, 2)), "nanmean"),
+    # elementwise, but composed the same way (a DPO loss is logsigmoid of a margin)
+    "logsigmoid": (F.logsigmoid, "log_sigmoid_forward"),
+    # in portable mode composed from exp and log (Kahan's correction), else torch's, aligned
+    "expm1": (torch.expm1, "expm1"),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -187,6 +191,13 @@ def _by_hand(name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return out(v, mean[:, 0]) if "_mean" in name else out(v)
     if name == "nansum":
         return out(ss(w.masked_fill(w.isnan(), 0)))
+    if name == "logsigmoid":
+        return out(w.clamp_max(0) - P.elementwise("log1p", P.elementwise("exp", -w.abs())))
+    if name == "expm1":
+        u = P.elementwise("exp", w)
+        res = (u - 1) * (w / P.elementwise("log", u))
+        res = torch.where(u == 1, w, torch.where(u - 1 == -1, -1.0, torch.where(u == math.inf, math.inf, res)))
+        return out(res)
     if name == "nanmean_2d":
         return out(ss(w.masked_fill(w.isnan(), 0)) / (~w.isnan()).sum(-1).float())
     a = w.abs()
@@ -248,8 +259,8 @@ def test_a_nan_result_is_the_canonical_nan_at_every_position(dtype: torch.dtype,
     compositions return is canonical-orders.md's quiet NaN."""
     with detkit.batch_invariant(portable=portable, strict=True):
         for name, (fn, _) in OPS.items():
-            if name.startswith(("normalize", "nan")):
-                continue  # a division of torch's (NaN bits and all), or NaN read as zero
+            if name.startswith(("normalize", "nan")) or (name == "expm1" and not portable):
+                continue  # a division of torch's or its aligned expm1 (NaN bits and all), or NaN read as zero
             x = _input(name, 100, 120, dtype, 3)
             x.view(100, -1)[::3, 5] = math.nan
             got = fn(x)
@@ -286,6 +297,9 @@ CALLS: dict[str, Callable[[torch.Tensor], object]] = {
     "nanmean": lambda x: x.nanmean(-1, keepdim=True),
     "0-d logsumexp": lambda x: torch.logsumexp(x[0, 0, 0], 0),
     "0-d var": lambda x: x[0, 0, 0].var(correction=0),
+    "logsigmoid": F.logsigmoid,
+    "logsigmoid of ints' float": lambda x: F.logsigmoid((x * 4).round()),
+    "0-d logsigmoid": lambda x: F.logsigmoid(x[0, 0, 0]),
 }
 
 
@@ -364,7 +378,8 @@ def test_gradients_are_torchs_and_values_do_not_depend_on_requires_grad() -> Non
     """A trainer (requires_grad) and a sampler (no grad) see the same forward bits; the
     gradients are torch's formulas."""
     x = _rows((5, 300), torch.float32, 4)
-    for name in ("logsumexp", "var", "std_mean_2d", "norm2", "norm_2.5", "normalize", "nansum", "nanmean_2d"):
+    for name in ("logsumexp", "var", "std_mean_2d", "norm2", "norm_2.5", "normalize", "nansum", "nanmean_2d",
+                 "logsigmoid"):
         fn = OPS[name][0]
         xi = _input(name, 5, 300, torch.float32, 4) if name.endswith("_2d") else x
         leaf = xi.clone().requires_grad_(True)

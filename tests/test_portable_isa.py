@@ -87,7 +87,8 @@ def _worker() -> None:
         freqs = torch.tensor([10000.0 ** (-i / 32) for i in range(32)], dtype=torch.float32)
         angles = (torch.arange(1024.0)[:, None] * freqs[None]).to(dtype)
         record(f"rope/{tag}", torch.cat([P.elementwise("sin", angles), P.elementwise("cos", angles)]))
-        # The mode's composed reductions (logsumexp, var/std, vector norms): portable ops in
+        # The mode's composed reductions (logsumexp, var/std, vector norms, and the elementwise
+        # compositions logsigmoid and expm1): portable ops in
         # a fixed sequence, so the same bits too; a row of 40,000 is what torch splits across
         # threads when it is alone.
         with detkit.batch_invariant(portable=True, strict=True):
@@ -96,7 +97,8 @@ def _worker() -> None:
                 record(f"composed {label}/{tag}", torch.cat([
                     torch.logsumexp(xr, -1), xr.var(-1), xr.std(-1, correction=0), torch.var_mean(xr, -1)[1],
                     torch.linalg.vector_norm(xr, dim=-1), torch.linalg.vector_norm(xr, 2.5, dim=-1),
-                    torch.linalg.vector_norm(xr, 3, dim=-1)]))
+                    torch.linalg.vector_norm(xr, 3, dim=-1), torch.nn.functional.logsigmoid(xr).reshape(-1),
+                    torch.expm1(xr).reshape(-1)]))
             # (F.normalize's division by the norm is torch's: on NaN its 16-bit output is
             # torch's position-dependent NaN, so the adversarial values stay out of it.)
             record(f"normalize/{tag}", torch.nn.functional.normalize(tame((9, 517), dtype, 20), dim=-1))
