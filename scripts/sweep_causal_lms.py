@@ -4,7 +4,7 @@ Each ``model_type`` with a causal-LM class is built from its config class with g
 small sizes (``SIZES``: 2 layers, hidden 64, 4 heads, 2 KV heads, head dim 16, a 512-token
 vocabulary, at most 4 experts, small latent-attention, linear-attention and state-space
 dims), one layer of each kind its layer pattern has (a hybrid keeps its attention layer),
-token ids inside the vocabulary, and random weights; architectures still above 20M
+token ids inside the vocabulary, and random weights; architectures still above 50M
 parameters are skipped. A forward of a left-padded batch of 2 and a 2-token greedy
 ``generate`` run first without the mode (an architecture that fails there is skipped: not
 the mode's doing), traced (``trace_ops``, sorted by ``coverage_report``), then under
@@ -16,7 +16,7 @@ the mode leaves to torch (listed, with the architectures, at the end); else it p
 This checks that the mode runs the architecture and covers its ops, not invariance: the
 family tests do that. Usage::
 
-    python scripts/sweep_causal_lms.py [--only llama,gpt2] [--json sweep.json]
+    python scripts/sweep_causal_lms.py [--only llama,gpt2] [--dtype bfloat16] [--json sweep.json]
 
 Exit 0 when no architecture that runs without the mode fails under it, 1 otherwise.
 Results are written after each architecture, so an interruption keeps the finished ones.
@@ -57,11 +57,17 @@ SIZES = dict(
     num_blocks=2, adapter_rank=8, laurel_rank=8,
     # per-layer inputs (Gemma 3n, Gemma 4)
     hidden_size_per_layer_input=16, vocab_size_per_layer_input=512,
+    # the decoders of encoder-decoder families (BART, mBART, Marian, Pegasus, Whisper, ...)
+    d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=128, decoder_ffn_dim=128,
+    # Qwen4-exp's sparse indexer
+    indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2,
 )
 # What the generic sizes leave inconsistent for a few architectures.
 PER_TYPE: dict[str, dict[str, Any]] = {
     "dots1": dict(n_shared_experts=1),  # its default is None, which the model does not accept
     "falcon_h1": dict(mamba_d_ssm=None),  # the Mamba width from hidden_size and mamba_expand
+    "gemma3n_text": dict(num_kv_shared_layers=0),  # its default shares 15 layers' caches
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),  # its default: Mamba only
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
@@ -69,7 +75,10 @@ PER_TYPE: dict[str, dict[str, Any]] = {
 }
 # Layer patterns: one layer of each kind, in the order the full model first uses them.
 PATTERNS = ("layer_types", "layers_block_type", "block_types", "mlp_layer_types")
-MAX_PARAMETERS = 20_000_000
+MAX_PARAMETERS = 50_000_000
+# --dtype: the torch dtype, and the default --rtol (the mode's reduction order is not
+# torch's; in bfloat16 a logit's last bits differ more)
+DTYPES = {"float32": (torch.float32, 1e-4), "bfloat16": (torch.bfloat16, 5e-2)}
 
 
 def _one_of_each(kinds: list[Any]) -> list[Any]:
@@ -135,7 +144,7 @@ class Outcome:
     not_portable: list[str] = field(default_factory=list)
 
 
-def _build(model_type: str) -> Any:
+def _build(model_type: str, dtype: torch.dtype = torch.float32) -> Any:
     import transformers
 
     config = small_config(model_type)
@@ -143,7 +152,7 @@ def _build(model_type: str) -> Any:
         size = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
     if size > MAX_PARAMETERS:
         raise ValueError(f"{size / 1e6:.0f}M parameters with these sizes")
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
 
 
 def _failed(outcome: Outcome, reason: str) -> Outcome:
@@ -151,7 +160,7 @@ def _failed(outcome: Outcome, reason: str) -> Outcome:
     return outcome
 
 
-def sweep_one(model_type: str, rtol: float) -> Outcome:
+def sweep_one(model_type: str, rtol: float, dtype: torch.dtype = torch.float32) -> Outcome:
     import detkit
     from detkit.mode import coverage_report, trace_ops
 
@@ -166,7 +175,7 @@ def sweep_one(model_type: str, rtol: float) -> Outcome:
         return logits
 
     try:
-        model = _build(model_type)
+        model = _build(model_type, dtype)
         with torch.no_grad():
             reference = run()
     except Exception as err:  # noqa: BLE001 - any failure without the mode is the architecture's
@@ -202,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated model types (default: every causal LM)")
     parser.add_argument("--json", type=Path, help="write the outcomes here (after each architecture)")
-    parser.add_argument("--rtol", type=float, default=1e-4, help="logit difference allowed, relative to the largest")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the models' dtype")
+    parser.add_argument("--rtol", type=float, help="logit difference allowed, relative to the largest (default: "
+                        + ", ".join(f"{rtol:g} in {name}" for name, (_, rtol) in sorted(DTYPES.items())) + ")")
     args = parser.parse_args(argv)
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -220,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()
     try:
         for i, name in enumerate(names, 1):
-            outcome = sweep_one(name, args.rtol)
+            outcome = sweep_one(name, args.rtol if args.rtol is not None else DTYPES[args.dtype][1],
+                                DTYPES[args.dtype][0])
             outcomes.append(outcome)
             print(f"[{i}/{len(names)}] {name}: {outcome.status}{': ' + outcome.reason if outcome.reason else ''}",
                   flush=True)
