@@ -109,7 +109,12 @@ def _worker() -> None:
                 torch.nn.functional.cross_entropy(logits, labels), torch.nn.functional.nll_loss(logits, labels,
                                                                                                 reduction="sum"),
                 torch.nn.functional.cross_entropy(logits, labels, weight=tame((50,), dtype, 24).abs(),
-                                                  label_smoothing=0.1)]))
+                                                  label_smoothing=0.1),
+                # BCE (log_sigmoid), KL (xlogy), DPO (-logsigmoid of a margin)
+                torch.nn.functional.binary_cross_entropy_with_logits(logits, tame((300, 50), dtype, 25).sigmoid()),
+                torch.nn.functional.kl_div(logits.log_softmax(-1), tame((300, 50), dtype, 25).softmax(-1),
+                                           reduction="batchmean"),
+                -torch.nn.functional.logsigmoid(logits[:, 0] - logits[:, 1]).mean()]))
         # large enough for the multi-threaded drivers
         xb = make((70, 600), dtype, 16)
         wb = tame((600,), dtype, 17)
