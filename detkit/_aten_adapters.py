@@ -938,6 +938,8 @@ def _xlogy(inplace: bool) -> Adapter:
         dtype = torch.result_type(self, other)
         if not dtype.is_floating_point:
             dtype = torch.get_default_dtype()  # torch computes integer operands in it
+        if other.device != self.device and other.dim() == 0:
+            other = other.to(self.device)  # a CPU scalar beside a CUDA tensor, as torch allows
         if dtype not in _FLOATS or (inplace and dtype != self.dtype) or self.device != other.device:
             raise Unsupported("dtypes or devices torch handles itself", benign=dtype not in _FLOATS)
         if self.numel() == 0 or other.numel() == 0:

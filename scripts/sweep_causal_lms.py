@@ -106,7 +106,8 @@ def small_config(model_type: str) -> Any:
         sizes["num_key_value_heads"] = SIZES["num_attention_heads"]
     if default.get("q_lora_rank") is not None:
         sizes["q_lora_rank"] = 32
-    if default.get("num_heads") is not None:  # Mamba-2's and xLSTM's heads: hidden * expand / head
+    if default.get("num_heads") is not None and aliases.get("num_attention_heads") != "num_heads":
+        # Mamba-2's heads (head_dim each: hidden * expand / head_dim) and xLSTM's
         sizes["num_heads"] = 4 if "head_dim" not in default else 8
     patterns = {k: _one_of_each(default[k]) for k in PATTERNS if isinstance(default.get(k), list) and default[k]}
     layers = max([2, *map(len, patterns.values())])
@@ -122,12 +123,13 @@ def small_config(model_type: str) -> Any:
             sizes[key], sizes[key.replace("period", "offset")] = 2, 1
     if "attn_layer_indices" in default:  # Bamba, GraniteMoeHybrid
         sizes["attn_layer_indices"] = [layers - 1]
+    vocab = sizes.get(aliases.get("vocab_size", "vocab_size"))
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         value = default.get(key)
-        if isinstance(value, int) and value >= sizes.get("vocab_size", default.get("vocab_size", 0)):
+        if vocab is not None and isinstance(value, int) and value >= vocab:
             sizes[key] = 0
-        elif isinstance(value, list):
-            sizes[key] = [v if v < SIZES["vocab_size"] else 0 for v in value]
+        elif vocab is not None and isinstance(value, list):
+            sizes[key] = [v if v < vocab else 0 for v in value]
     sizes.update(PER_TYPE.get(model_type, {}))
     return transformers.AutoConfig.for_model(model_type, **sizes)
 
