@@ -1794,7 +1794,7 @@ _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim
               "pow.Tensor_Tensor": "pow.Tensor_Tensor_out", "pow.Scalar": "pow.Scalar_out",
               "div.Tensor_mode": "div.out_mode", "var.correction": "var.correction_out",
               "std.correction": "std.correction_out", "norm.ScalarOpt_dim": "norm.out",
-              "norm.Scalar": "norm.Scalar_out"}
+              "norm.Scalar": "norm.Scalar_out", "xlogy.Tensor": "xlogy.OutTensor"}
 _NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
                           "var_mean.correction", "std_mean.correction", "nll_loss_forward", "log_sigmoid_forward",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})
