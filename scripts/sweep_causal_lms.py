@@ -14,9 +14,11 @@ portable mode (``not_portable()``) or the logits are further than ``--rtol`` fro
 (relative to the largest logit); it is *uncovered* when it ran but its trace holds ops
 the mode leaves to torch (listed, with the architectures, at the end); else it passes.
 This checks that the mode runs the architecture and covers its ops, not invariance: the
-family tests do that. Usage::
+family tests do that. ``--task seq2seq`` sweeps the encoder-decoder models
+(``AutoModelForSeq2SeqLM``: T5, BART, Marian, ...) instead, their encoder inputs right
+padded and a forward given 3 decoder tokens. Usage::
 
-    python scripts/sweep_causal_lms.py [--only llama,gpt2] [--dtype bfloat16] [--json sweep.json]
+    python scripts/sweep_causal_lms.py [--only llama,gpt2] [--dtype bfloat16] [--task seq2seq] [--json sweep.json]
 
 Exit 0 when no architecture that runs without the mode fails under it, 1 otherwise.
 Results are written after each architecture, so an interruption keeps the finished ones.
@@ -57,9 +59,9 @@ SIZES = dict(
     num_blocks=2, adapter_rank=8, laurel_rank=8,
     # per-layer inputs (Gemma 3n, Gemma 4)
     hidden_size_per_layer_input=16, vocab_size_per_layer_input=512,
-    # the decoders of encoder-decoder families (BART, mBART, Marian, Pegasus, Whisper, ...)
+    # encoder-decoder families (BART, mBART, Marian, Pegasus, Whisper, T5, ...)
     d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-    encoder_ffn_dim=128, decoder_ffn_dim=128,
+    encoder_ffn_dim=128, decoder_ffn_dim=128, d_ff=128, d_kv=16, num_decoder_layers=2,
     # Qwen4-exp's sparse indexer
     indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2,
 )
@@ -146,15 +148,19 @@ class Outcome:
     not_portable: list[str] = field(default_factory=list)
 
 
-def _build(model_type: str, dtype: torch.dtype = torch.float32) -> Any:
+def _auto_class(task: str) -> Any:
     import transformers
 
+    return transformers.AutoModelForSeq2SeqLM if task == "seq2seq" else transformers.AutoModelForCausalLM
+
+
+def _build(model_type: str, dtype: torch.dtype = torch.float32, task: str = "causal-lm") -> Any:
     config = small_config(model_type)
     with torch.device("meta"):
-        size = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(config).parameters())
+        size = sum(p.numel() for p in _auto_class(task).from_config(config).parameters())
     if size > MAX_PARAMETERS:
         raise ValueError(f"{size / 1e6:.0f}M parameters with these sizes")
-    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    return _auto_class(task).from_config(config).to(dtype).eval()
 
 
 def _failed(outcome: Outcome, reason: str) -> Outcome:
@@ -162,22 +168,30 @@ def _failed(outcome: Outcome, reason: str) -> Outcome:
     return outcome
 
 
-def sweep_one(model_type: str, rtol: float, dtype: torch.dtype = torch.float32) -> Outcome:
+def sweep_one(model_type: str, rtol: float, dtype: torch.dtype = torch.float32, task: str = "causal-lm") -> Outcome:
     import detkit
     from detkit.mode import coverage_report, trace_ops
 
     torch.manual_seed(0)
     ids = torch.randint(3, 500, (2, 7))
     mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # left padding
+    # a decoder's prompts are left padded, an encoder's right padded (as probe pads them)
+    if task == "seq2seq":
+        mask[1, -2:] = 0
+    else:
+        mask[1, :2] = 0
+    decoder = {"decoder_input_ids": ids[:, :3]} if task == "seq2seq" else {}
 
     def run() -> torch.Tensor:
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        logits = model(input_ids=ids, attention_mask=mask, **decoder).logits
+        # T5's family starts decoding from the pad id, which its config leaves to generate
+        unset = task == "seq2seq" and getattr(model.config, "decoder_start_token_id", None) is None
+        start = {"decoder_start_token_id": 0} if unset else {}
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0, **start)
         return logits
 
     try:
-        model = _build(model_type, dtype)
+        model = _build(model_type, dtype, task)
         with torch.no_grad():
             reference = run()
     except Exception as err:  # noqa: BLE001 - any failure without the mode is the architecture's
@@ -214,18 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated model types (default: every causal LM)")
     parser.add_argument("--json", type=Path, help="write the outcomes here (after each architecture)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the models' dtype")
+    parser.add_argument("--task", choices=["causal-lm", "seq2seq"], default="causal-lm",
+                        help="causal LMs (AutoModelForCausalLM) or encoder-decoder models (AutoModelForSeq2SeqLM)")
     parser.add_argument("--rtol", type=float, help="logit difference allowed, relative to the largest (default: "
                         + ", ".join(f"{rtol:g} in {name}" for name, (_, rtol) in sorted(DTYPES.items())) + ")")
     args = parser.parse_args(argv)
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto import modeling_auto
 
-    names = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    names = sorted(modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES if args.task == "seq2seq"
+                   else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = sorted(set(wanted) - set(names))
         if unknown:
-            print(f"error: not causal-LM model types here: {', '.join(unknown)}", file=sys.stderr)
+            print(f"error: not {args.task} model types here: {', '.join(unknown)}", file=sys.stderr)
             return 2
         names = wanted
     outcomes: list[Outcome] = []
@@ -234,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i, name in enumerate(names, 1):
             outcome = sweep_one(name, args.rtol if args.rtol is not None else DTYPES[args.dtype][1],
-                                DTYPES[args.dtype][0])
+                                DTYPES[args.dtype][0], args.task)
             outcomes.append(outcome)
             print(f"[{i}/{len(names)}] {name}: {outcome.status}{': ' + outcome.reason if outcome.reason else ''}",
                   flush=True)

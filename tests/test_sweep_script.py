@@ -38,7 +38,7 @@ def test_an_unknown_model_type_is_a_usage_error(monkeypatch: pytest.MonkeyPatch,
     pytest.importorskip("transformers")
     sweep = load_script(SCRIPT, monkeypatch)
     assert sweep.main(["--only", "no-such-model"]) == 2
-    assert "not causal-LM model types here: no-such-model" in capsys.readouterr().err
+    assert "not causal-lm model types here: no-such-model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("model_type", "want"), [
@@ -90,3 +90,19 @@ def test_a_bfloat16_sweep_allows_bfloat16_rounding(tmp_path: Path, monkeypatch: 
     (outcome,) = json.loads(out.read_text())
     assert outcome["status"] == "passed" and 1e-4 < outcome["max_rel_diff"]["batch_invariant"] <= 5e-2
     assert sweep.main(["--only", "llama", "--dtype", "bfloat16", "--rtol", "1e-4"]) == 1
+
+
+def test_a_seq2seq_sweep_runs_encoder_decoder_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """T5 (relative position buckets, a decoder start token its config leaves to generate)
+    and Switch Transformers (an MoE router) under both modes, nothing left to torch; a
+    causal LM is not a seq2seq type."""
+    pytest.importorskip("transformers")
+    sweep = load_script(SCRIPT, monkeypatch)
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--task", "seq2seq", "--only", "t5,switch_transformers", "--json", str(out)]) == 0
+    outcomes = json.loads(out.read_text())
+    assert [(o["model_type"], o["status"], o["uncovered"]) for o in outcomes] == [
+        ("t5", "passed", []), ("switch_transformers", "passed", [])]
+    assert sweep.main(["--task", "seq2seq", "--only", "llama"]) == 2
+    assert "not seq2seq model types here: llama" in capsys.readouterr().err
