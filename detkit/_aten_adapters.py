@@ -1771,7 +1771,8 @@ _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _binary(fn, inplace=name.partition(".")[0].endswith("_"), libm=libm), "elementwise",
                  numbers_as_tensors=True)
       for name, fn, libm in (("atan2", torch.atan2, True), ("atan2_", torch.atan2, True),
-                             ("logaddexp", torch.logaddexp, True), ("floor_divide", torch.floor_divide, False),
+                             ("logaddexp", torch.logaddexp, True), ("logaddexp2", torch.logaddexp2, True),
+                             ("floor_divide", torch.floor_divide, False),
                              ("floor_divide_.Tensor", torch.floor_divide, False),
                              ("div.Tensor_mode", torch.div, False), ("div_.Tensor_mode", torch.div, False))),
 )
@@ -1962,6 +1963,7 @@ ELEMENTWISE_LIBM: frozenset[str] = frozenset(
     {
         "exp", "exp2", "expm1", "log", "log1p", "log2", "log10", "sin", "cos", "tan", "tanh", "sinh", "cosh",
         "atan", "asin", "acos", "atan2", "sigmoid", "silu", "gelu", "erf", "erfc", "rsqrt", "pow", "softplus", "logaddexp",
+        "logaddexp2",
         "mish", "elu", "logit", "hardswish", "hardsigmoid", "atanh", "digamma",
     }
 )
