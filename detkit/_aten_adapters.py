@@ -966,14 +966,14 @@ def expm1_composed(x: torch.Tensor) -> torch.Tensor:
     finite up to ``exp``'s overflow. 16-bit inputs in float32, rounded once. Within 2.4 ULP
     of the correctly rounded float32 result over 1.8M samples (torch's: 1 ULP);
     ``tests/test_mode_portable.py`` bounds it."""
-    w = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    w, dtype = _composed_input(x)
     with routed():
         u = torch.exp(w)
         res = (u - 1) * (w / torch.log(u))
     res = torch.where(u == 1, w, res)
     res = torch.where(u - 1 == -1, -1.0, res)
     res = torch.where(u == math.inf, math.inf, res)
-    return _finished(res, x.dtype)
+    return _finished(res, dtype)
 
 
 # Portable functions the backends have no kernel for, composed from portable ones.
@@ -1068,7 +1068,8 @@ def cumsum_(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | No
 _SIGNIFICAND_BITS = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}
 
 
-def histc_inexact_reason(x: torch.Tensor, bins: int, lo: float, hi: float) -> str | None:
+def histc_inexact_reason(x: torch.Tensor, bins: int = 100, min: float = 0,  # noqa: A002 (aten's names)
+                         max: float = 0) -> str | None:  # noqa: A002
     """Why torch's ``histc`` of these values may round, or None when it counts exactly.
 
     torch bins an element as ``floor((x - lo) * bins / (hi - lo))``, in the input's dtype
@@ -1084,6 +1085,7 @@ def histc_inexact_reason(x: torch.Tensor, bins: int, lo: float, hi: float) -> st
     if x.dtype not in _SIGNIFICAND_BITS:
         return f"{x.dtype} input"
     limit = 2 ** _SIGNIFICAND_BITS[x.dtype]
+    lo, hi = float(min), float(max)
     if x.numel() > limit:
         return f"{x.numel()} elements: a count could pass {limit}, past the exact integers of {x.dtype}"
     if x.numel() and not bool((x == x.trunc()).all()):
@@ -1094,7 +1096,7 @@ def histc_inexact_reason(x: torch.Tensor, bins: int, lo: float, hi: float) -> st
         lo, hi = lo - 1, hi + 1
     if not (float(lo).is_integer() and float(hi).is_integer()):
         return f"limits {lo:g} and {hi:g} that are not integers: bins are computed with rounding"
-    if max(abs(lo), abs(hi)) > limit or bins * (hi - lo) > limit:
+    if abs(lo) > limit or abs(hi) > limit or bins * (hi - lo) > limit:
         return f"bins * (max - min) = {bins * (hi - lo):g}, past the exact integers of {x.dtype} ({limit})"
     return None
 
@@ -1103,7 +1105,7 @@ def histc(call: Call, self: torch.Tensor, bins: int = 100, min: float = 0,  # no
           max: float = 0) -> torch.Tensor:  # noqa: A002
     """torch's own histc where it counts exactly (see ``histc_inexact_reason``), passed
     through; any other call is a fallback, counted, and an error under ``strict``."""
-    reason = histc_inexact_reason(self, bins, float(min), float(max))
+    reason = histc_inexact_reason(self, bins, min, max)
     if reason is None:
         raise Unsupported("integer values: torch's histc counts exactly", benign=True)
     raise Unsupported(reason)
@@ -1407,14 +1409,19 @@ def _aligned(call: Call, x: torch.Tensor, extra: tuple[Any, ...], kwargs: dict[s
 _ALIGNED_EXACT = frozenset({"softshrink"})
 
 
-def _portable(name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
-    """``name`` of ``x`` from the portable backend of ``x``'s device."""
-    res = _kernel_call(portable_backend(x.device.type).elementwise, name, x.detach())
+def _elementwise_result(res: torch.Tensor, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """An elementwise op's result for input ``x``: written into ``x`` in place, else laid
+    out as torch lays it out."""
     if inplace:
         with torch.no_grad():
             x.copy_(res)
         return x
     return _like(res, x)
+
+
+def _portable(name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """``name`` of ``x`` from the portable backend of ``x``'s device."""
+    return _elementwise_result(_kernel_call(portable_backend(x.device.type).elementwise, name, x.detach()), x, inplace)
 
 
 # Unary ops that compute an integer or bool input in the default float dtype (the others
@@ -1445,12 +1452,7 @@ def _composed_portable(call: Call, op: str, x: torch.Tensor, extra: tuple[Any, .
         return None
     if x.numel() == 0:
         raise Unsupported("empty input", benign=True)
-    res = COMPOSED_PORTABLE[op](_plain(x))
-    if inplace:
-        with torch.no_grad():
-            x.copy_(res)
-        return x
-    return _like(res, x)
+    return _elementwise_result(COMPOSED_PORTABLE[op](_plain(x)), x, inplace)
 
 
 def _elementwise(op: str, inplace: bool = False) -> Adapter:

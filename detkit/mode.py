@@ -687,9 +687,8 @@ class _OpTracer(TorchDispatchMode):
         if (name not in self.ops.rounded_integer_operands and name.partition(".")[0] in _ROUNDS_INTEGER_OPERAND
                 and _rounds_an_integer_operand(values)):
             self.ops.rounded_integer_operands.add(name)
-        if name.startswith("histc.") and name not in self.ops.inexact_histc and args:
-            bound = {"bins": 100, "min": 0, "max": 0, **dict(zip(("bins", "min", "max"), args[1:])), **(kwargs or {})}
-            reason = histc_inexact_reason(args[0], int(bound["bins"]), float(bound["min"]), float(bound["max"]))
+        if name.startswith("histc.") and name not in self.ops.inexact_histc:
+            reason = histc_inexact_reason(*args, **{k: v for k, v in (kwargs or {}).items() if k != "out"})
             if reason is not None:
                 self.ops.inexact_histc[name] = reason
         if name in _SCALAR_POW and len(args) > 1 and not isinstance(args[1], torch.Tensor):

@@ -83,14 +83,6 @@ MAX_PARAMETERS = 50_000_000
 DTYPES = {"float32": (torch.float32, 1e-4), "bfloat16": (torch.bfloat16, 5e-2)}
 
 
-def _one_of_each(kinds: list[Any]) -> list[Any]:
-    seen: list[Any] = []
-    for kind in kinds:
-        if kind not in seen:
-            seen.append(kind)
-    return seen
-
-
 def small_config(model_type: str) -> Any:
     """``model_type``'s config with the generic small sizes, token ids inside the small
     vocabulary, and every kind of layer of its pattern present."""
@@ -111,7 +103,7 @@ def small_config(model_type: str) -> Any:
     if default.get("num_heads") is not None and aliases.get("num_attention_heads") != "num_heads":
         # Mamba-2's heads (head_dim each: hidden * expand / head_dim) and xLSTM's
         sizes["num_heads"] = 4 if "head_dim" not in default else 8
-    patterns = {k: _one_of_each(default[k]) for k in PATTERNS if isinstance(default.get(k), list) and default[k]}
+    patterns = {k: list(dict.fromkeys(default[k])) for k in PATTERNS if isinstance(default.get(k), list) and default[k]}
     layers = max([2, *map(len, patterns.values())])
     for key, kinds in patterns.items():
         sizes[key] = [kinds[i % len(kinds)] for i in range(layers)]
