@@ -154,6 +154,10 @@ class OpOverride:
     # pow.Scalar's CPU kernel calls pow_out(wrapped(base), exponent)); a Python kernel
     # receives it as a number, which the original kernel's boxed call refuses.
     numbers_as_tensors: bool = False
+    # The calls the adapter is for, tested before anything else (mul with a complex
+    # operand): the others go straight to torch's kernel, uncounted, as if the op were not
+    # routed. For ops called so often that an adapter call on each would cost.
+    claims: Callable[..., bool] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in {"matmul", "softmax", "reduction", "scan", "solve", "norm", "attention", "elementwise"}:
@@ -925,6 +929,68 @@ def polar(call: Call, abs: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:  
         raise Unsupported("empty input", benign=True)
     with routed():
         return torch.complex(abs * torch.cos(angle), abs * torch.sin(angle))
+
+
+def _has_complex_operand(self: Any, other: Any, *args: Any, **kwargs: Any) -> bool:
+    return any(isinstance(v, complex) or (isinstance(v, torch.Tensor) and v.is_complex()) for v in (self, other))
+
+
+_COMPLEX_PART = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def _complex_parts(v: Any, dtype: torch.dtype, shape: torch.Size, device: torch.device) -> tuple[Any, Any]:
+    """(real, imaginary) of an operand in ``dtype``, broadcast to ``shape``; a number at
+    ``dtype``'s precision, as torch reads a scalar operand."""
+    v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(complex(v))
+    parts = torch.view_as_real(v.to(device=device, dtype=dtype).resolve_conj().expand(shape))
+    return parts[..., 0], parts[..., 1]
+
+
+def _complex_binary(op: str, inplace: bool) -> Adapter:
+    """``mul``/``div`` with a complex operand (Llama 4's and DeepSeek-V2's RoPE,
+    ``xq * freqs_cis``), from real IEEE operations, each rounded once in the operands'
+    precision: ``(a + bi)(c + di) = (ac - bd) + (ad + bc)i``, the formula of torch's CPU
+    vector path (its scalar path contracts to fused multiply-adds: the bits depended on the
+    element's position, 1,767 of 4,099 complex128 products), and the quotient by c10's
+    (Smith's) scaling, ``r = d/c`` where ``|c| >= |d|``, else ``c/d``. The same operations
+    on every device, so portable. complex32 is computed in complex64 and rounded once, as
+    torch's CPU kernel computes it."""
+
+    def adapter(call: Call, self: Any, other: Any) -> torch.Tensor:
+        dtype = torch.result_type(self, other)
+        if dtype not in _COMPLEX_PART:
+            raise Unsupported(f"{dtype} operands")
+        tensors = [t for t in (self, other) if isinstance(t, torch.Tensor)]
+        if any(t.layout != torch.strided for t in tensors):
+            raise Unsupported("a tensor that is not strided")
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        device = next((t.device for t in tensors if t.dim()), tensors[0].device)
+        if any(t.device != device and t.dim() for t in tensors) or math.prod(shape) == 0:
+            raise Unsupported("operands on two devices, or empty", benign=True)  # torch's own error or result
+        if not call.portable and device.type != "cpu":
+            raise Unsupported("torch's CUDA elementwise kernels are position independent", benign=True)
+        if inplace and (shape != self.shape or dtype != self.dtype):
+            raise Unsupported(f"in-place {op} whose result does not fit the tensor (torch says why)", benign=True)
+        compute = torch.complex64 if dtype == torch.complex32 else dtype
+        (a, b), (c, d) = (_complex_parts(v, compute, shape, device) for v in (self, other))
+        if op == "mul":
+            re, im = a * c - b * d, a * d + b * c
+        else:
+            wide = c.abs() >= d.abs()
+            ratio = torch.where(wide, d / c, c / d)
+            scale = torch.where(wide, c + d * ratio, d + c * ratio).reciprocal()  # c10's 1 / (...)
+            re = torch.where(wide, (a + b * ratio) * scale, (a * ratio + b) * scale)
+            im = torch.where(wide, (b - a * ratio) * scale, (b * ratio - a) * scale)
+            zero = (c == 0) & (d == 0)  # c10's complex inf or nan: a / |c|, b / |d|
+            re, im = torch.where(zero, a / c.abs(), re), torch.where(zero, b / d.abs(), im)
+        res = torch.complex(_finished(re, _COMPLEX_PART[dtype]), _finished(im, _COMPLEX_PART[dtype]))
+        if inplace:
+            with torch.no_grad():
+                self.copy_(res)
+            return self
+        return _like(res, self) if isinstance(self, torch.Tensor) and self.shape == shape else res
+
+    return adapter
 
 
 def _xlogy(inplace: bool) -> Adapter:
@@ -1779,6 +1845,15 @@ _CPU_ELEMENTWISE: tuple[OpOverride, ...] = (
                              ("div.Tensor_mode", torch.div, False), ("div_.Tensor_mode", torch.div, False))),
 )
 
+# mul and div with a complex operand; real operands are one correctly rounded operation
+# (exact, not routed). A Python number reaches the kernel as a number, which torch's own
+# boxed kernel refuses (x * 2.0).
+_COMPLEX_PRODUCTS: tuple[OpOverride, ...] = tuple(
+    OpOverride(f"{op}{'_' if inplace else ''}.Tensor", _complex_binary(op, inplace), "elementwise",
+               numbers_as_tensors=True, claims=_has_complex_operand)
+    for op in ("mul", "div") for inplace in (False, True)
+)
+
 # CUDA: only the functions the portable backends implement, for portable mode.
 _CUDA_ELEMENTWISE: tuple[OpOverride, ...] = (
     *(OpOverride(name, _cuda_elementwise(name), "elementwise")
@@ -1797,7 +1872,8 @@ _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim
               "pow.Tensor_Tensor": "pow.Tensor_Tensor_out", "pow.Scalar": "pow.Scalar_out",
               "div.Tensor_mode": "div.out_mode", "var.correction": "var.correction_out",
               "std.correction": "std.correction_out", "norm.ScalarOpt_dim": "norm.out",
-              "norm.Scalar": "norm.Scalar_out", "xlogy.Tensor": "xlogy.OutTensor"}
+              "norm.Scalar": "norm.Scalar_out", "xlogy.Tensor": "xlogy.OutTensor", "mul.Tensor": "mul.out",
+              "div.Tensor": "div.out"}
 _NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
                           "var_mean.correction", "std_mean.correction", "nll_loss_forward", "log_sigmoid_forward",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})
@@ -1827,7 +1903,7 @@ def _out_form(spec: OpOverride) -> OpOverride:
         return out
 
     return OpOverride(_OUT_NAMES.get(spec.name, f"{spec.name}.out"), adapter, spec.kind,
-                      numbers_as_tensors=spec.numbers_as_tensors)
+                      numbers_as_tensors=spec.numbers_as_tensors, claims=spec.claims)
 
 
 def _with_out_forms(table: tuple[OpOverride, ...]) -> tuple[OpOverride, ...]:
@@ -1845,8 +1921,9 @@ OVERRIDES: dict[str, tuple[OpOverride, ...]] = {
         *_COMMON,
         OpOverride("_scaled_dot_product_flash_attention_for_cpu", flash_attention_for_cpu, "attention"),
         *_CPU_ELEMENTWISE,
+        *_COMPLEX_PRODUCTS,
     )),
-    "CUDA": _with_out_forms((*_COMMON, *_CUDA_ELEMENTWISE)),
+    "CUDA": _with_out_forms((*_COMMON, *_CUDA_ELEMENTWISE, *_COMPLEX_PRODUCTS)),
 }
 
 # ----------------------------------------------------------------------------- folds
@@ -1952,12 +2029,19 @@ EXACT_OPS: frozenset[str] = frozenset(
         # padding: copies and a fill (Mamba2's chunking, F.pad of every mode)
         "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d",
         "replication_pad2d", "replication_pad3d",
+        # a clamp, or one correctly rounded product (hidden_act relu6, leaky_relu, prelu)
+        "hardtanh", "leaky_relu", "_prelu_kernel",
     }
 )
 # IEEE-754 correctly rounded elementwise arithmetic: position independent and, for one
 # dtype, the same on every CPU (but see KNOWN_POSITION_DEPENDENT for add/sub with alpha).
+# hardswish and hardsigmoid: x + 3, a clamp, a product and a division by 6, in that order
+# on torch's CPU vector and scalar paths (no value differed between the two over 4M inputs
+# of each float dtype); another device's kernel may compute them otherwise (torch's CUDA
+# hardsigmoid multiplies by a rounded 1/6), so they are in ELEMENTWISE_LIBM too.
 ELEMENTWISE_EXACT: frozenset[str] = frozenset(
-    {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub", "sqrt", "reciprocal", "square"}
+    {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub", "sqrt", "reciprocal", "square", "hardswish",
+     "hardsigmoid"}
 )
 # Elementwise functions from a math library: not correctly rounded, so their bits differ
 # between CPU instruction sets and devices (the portable guarantee does not cover them).
@@ -1979,8 +2063,9 @@ INTEGER_EXACT_OPS: frozenset[str] = frozenset(
 # Exact on real operands, but with a complex operand a product (or quotient) is several
 # roundings whose order torch's CPU vector path and scalar tail do not share: measured
 # with torch 2.13 on an AVX-512 CPU, 65-87% of rows of complex64/complex128 `mul` and
-# `square` and 30% of complex64 `div` changed bits between alone and in a batch. A
-# traced call with a complex operand is therefore uncovered (on the CPU).
+# `square` and 30% of complex64 `div` changed bits between alone and in a batch. The mode
+# routes mul and div (``_COMPLEX_PRODUCTS``); a traced call of another with a complex
+# operand is uncovered (on the CPU).
 COMPLEX_POSITION_DEPENDENT: frozenset[str] = frozenset({"mul", "mul_", "div", "div_", "square"})
 # Not routed, but torch computes them from ops the mode routes (their kernels are
 # composites that call the dispatcher), so under the mode they are the routed ops' results.

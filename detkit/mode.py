@@ -262,7 +262,7 @@ class _Registration:
             # Capture every original before the first registration changes the tables.
             original = torch.library.get_kernel(spec.qualname, key)
             if spec.numbers_as_tensors:
-                original = _NumbersAsTensors(original)
+                original = _NumbersAsTensors(original, spec.overload._schema)
             grad_kernel = torch.library.get_kernel(spec.qualname, _AUTOGRAD_KEY[key]) if spec.composite else None
             plans.append((spec, original, grad_kernel))
         folds = [(fold, k, torch.library.get_kernel(fold.qualname, k)) for fold in FOLDS for k in (key, _AUTOGRAD_KEY[key])]
@@ -323,14 +323,16 @@ class _NumbersAsTensors:
     divides by 0.1 in float32, not by 0.1 rounded to bfloat16 (31 of 1,000 quotients
     differed)."""
 
-    def __init__(self, original: Any) -> None:
+    def __init__(self, original: Any, schema: Any) -> None:
         self._original = original
+        # the positions of the schema's Tensor arguments: a number elsewhere is a number
+        self._tensor_positions = frozenset(i for i, a in enumerate(schema.arguments) if str(a.type) == "Tensor")
 
     def call_boxed(self, keyset: Any, *args: Any, **kwargs: Any) -> Any:
         like = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
 
-        def as_tensor(a: Any) -> Any:
-            if not _is_number(a):
+        def as_tensor(i: int, a: Any) -> Any:
+            if i not in self._tensor_positions or not isinstance(a, (bool, int, float, complex)):
                 return a
             if like is None:
                 return torch.tensor(a)
@@ -339,16 +341,12 @@ class _NumbersAsTensors:
                 dtype = _SCALAR_PRECISION.get(dtype, dtype)
             return torch.tensor(a, dtype=dtype, device=like.device)
 
-        return self._original.call_boxed(keyset, *(as_tensor(a) for a in args), **kwargs)
+        return self._original.call_boxed(keyset, *(as_tensor(i, a) for i, a in enumerate(args)), **kwargs)
 
 
 # A 0-d operand does not promote a dimensioned one of its category: a float32 scalar
 # keeps a bfloat16 result bfloat16, at the scalar's float32 value.
 _SCALAR_PRECISION = {torch.bfloat16: torch.float32, torch.float16: torch.float32, torch.complex32: torch.complex64}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _grad_needed(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
@@ -379,9 +377,12 @@ def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
     def count_not_portable(reason: str) -> None:  # made once per op, not per call
         _COUNTERS.add(_COUNTERS.not_portable, (spec.name, reason))
 
+    claims = spec.claims
+
     def kernel(keyset: Any, *args: Any, **kwargs: Any) -> Any:
-        if is_inside():
-            # Called from inside a detkit kernel or adapter: torch's own kernel.
+        if is_inside() or (claims is not None and not claims(*args, **kwargs)):
+            # Called from inside a detkit kernel or adapter, or a call the op is not routed
+            # for (a real mul): torch's own kernel.
             return original.call_boxed(keyset, *args, **kwargs)
         gated, _GATE.active = getattr(_GATE, "active", False), False
         state = _STATE
@@ -729,8 +730,10 @@ class CoverageReport:
     with what :func:`trace_ops` records: a scalar ``pow`` traced with exponents 0, 1, 2 and
     0.5 only is exact (one correctly rounded operation at most), with 3 among them routed
     (the portable ``cube``); an op of ``INTEGER_EXACT_OPS`` traced with integer operands
-    only is exact; on the CPU an op of ``COMPLEX_POSITION_DEPENDENT`` traced with a
-    complex operand is uncovered, and so is a ``mul``/``div`` traced with a 16-bit float
+    only is exact; ``mul`` and ``div`` (their Tensor forms) traced with a complex operand
+    are routed on the CPU and in portable mode, exact otherwise; on the CPU another op of
+    ``COMPLEX_POSITION_DEPENDENT`` (``square``, ``mul.Scalar``) traced with a complex
+    operand is uncovered, and so is a ``mul``/``div`` traced with a 16-bit float
     tensor and an integer tensor holding values that dtype cannot represent (torch's CPU
     kernel rounds them, except from a one-element tensor); and in portable mode, or on
     CUDA, a routed op traced computing in float64 is uncovered (an elementwise one: not
@@ -780,7 +783,7 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
 
     An op of ``INTEGER_EXACT_OPS`` (``floor_divide``, ``histc``, ``bincount``, ...) that the
     trace saw with integer operands only is exact, and on the CPU an op of
-    ``COMPLEX_POSITION_DEPENDENT`` (``mul``, ``div``, ...) it saw with a complex operand, or
+    ``COMPLEX_POSITION_DEPENDENT`` the mode does not route (``square``, ...) it saw with a complex operand, or
     ``mul``/``div`` it saw with a 16-bit float and an integer tensor the 16-bit dtype cannot
     hold exactly, is uncovered; with ``ops`` from elsewhere (a plain mapping of counts, no
     ``float_inputs`` or ``complex_inputs``) an op is classified by name alone."""
@@ -828,6 +831,15 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
                            "represent (as traced): torch's CPU kernel rounds them to 16 bits, except for an integer "
                            "tensor of one element (a batch of one), whose exact value it uses, so the result changes "
                            "with the batch; convert the integers to the float dtype first (or compute in float32)")
+            continue
+        if packet in COMPLEX_POSITION_DEPENDENT and full in table:
+            # mul and div: routed with a complex operand, one IEEE operation without
+            if name in complex_inputs and (device == "CPU" or portable):
+                routed[full] = n
+                notes[full] = ("complex operands (as traced): real IEEE products and sums, each rounded once, the "
+                               "same on every device")
+            else:
+                exact[full] = n
             continue
         exponents = getattr(ops, "pow_exponents", {}).get(name)
         if portable and exponents is not None and exponents <= _EXACT_OR_CUBE and full in table:

@@ -73,7 +73,14 @@ PER_TYPE: dict[str, dict[str, Any]] = {
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
     "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),  # its default: Mamba only
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    # LM head only as a decoder; axial position embeddings that sum to hidden_size and
+    # whose shape multiplies to max_position_embeddings
+    "reformer": dict(is_decoder=True, axial_pos_embds_dim=[32, 32], axial_pos_shape=[16, 16]),
+    "xlstm": dict(qk_dim_factor=1.0),  # its chunked mLSTM kernel failed with query/key heads half the value heads'
+    "xmod": dict(default_language="en_XX"),  # the adapter its forward uses
     "zaya": dict(num_experts_per_tok=1),  # the only value it supports
+    # two hybrid layers: the shared transformer's weights are tied from the first to the others
+    "zamba": dict(num_hidden_layers=4, layers_block_type=["linear_attention", "hybrid"] * 2),
 }
 # Layer patterns: one layer of each kind, in the order the full model first uses them.
 PATTERNS = ("layer_types", "layers_block_type", "block_types", "mlp_layer_types")

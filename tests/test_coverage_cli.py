@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -66,28 +67,44 @@ def test_a_routers_histc_of_integer_values_is_exact() -> None:
     assert "cumsum.default" in data["static"]["exact"]
 
 
-def test_an_uncovered_op_is_exit_1_with_its_note(tmp_path: Path) -> None:
-    """A small Llama 4 multiplies complex tensors in its RoPE, which the mode leaves to
-    torch (docs/mode.md, "Not covered"): listed, with why, and exit 1."""
+def _save_tiny(tmp_path: Path, model_type: str, dtype: torch.dtype = torch.float32, **fields: Any) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from detkit.models import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = AutoConfig.for_model("llama4_text", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  intermediate_size_mlp=128, num_hidden_layers=1, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=16, num_local_experts=2,
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                                  bos_token_id=tokenizer.eos_token_id)
+                                  bos_token_id=tokenizer.eos_token_id, **fields)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
-    tokenizer.save_pretrained(tmp_path / "m")
-    code, out = _run("--model", str(tmp_path / "m"), "--new-tokens", "2", "--json")
+    AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(tmp_path / model_type)
+    tokenizer.save_pretrained(tmp_path / model_type)
+    return tmp_path / model_type
+
+
+def test_a_saved_complex_rope_model_is_covered(tmp_path: Path) -> None:
+    """A small Llama 4 multiplies complex tensors in its RoPE: routed, with why, exit 0."""
+    model = _save_tiny(tmp_path, "llama4_text", intermediate_size_mlp=128, num_local_experts=2)
+    code, out = _run("--model", str(model), "--new-tokens", "2", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert data["ok"] is True and data["static"]["uncovered"] == {} and "mul.Tensor" in data["static"]["routed"]
+    assert "complex operands" in data["static"]["notes"]["mul.Tensor"]
+    assert data["runtime"]["uncovered"] == {} and data["runtime"]["routed"]["mul.Tensor"] > 0
+
+
+def test_an_uncovered_op_is_exit_1_with_its_note(tmp_path: Path) -> None:
+    """A float64 model under --portable: the portable kernels take 16- and 32-bit floats,
+    so its products are torch's (a counted fallback), listed with why, and exit 1."""
+    model = _save_tiny(tmp_path, "llama", torch.float64)
+    code, out = _run("--model", str(model), "--portable", "--new-tokens", "2", "--json")
     assert code == 1, out
     data = json.loads(out)
-    assert data["ok"] is False and set(data["static"]["uncovered"]) == {"mul.Tensor"}
-    assert "complex operands" in data["static"]["notes"]["mul.Tensor"]
-    assert data["runtime"]["uncovered"] == {}
+    assert data["ok"] is False and set(data["static"]["uncovered"]) == {"mm.default", "bmm.default"}, out
+    assert "float64 operands" in data["static"]["notes"]["mm.default"]
+    assert set(data["runtime"]["uncovered"]) == {"mm.default", "bmm.default"}
+    assert "not torch.float64" in next(iter(data["runtime"]["uncovered"]["mm.default"]))
 
 
 @pytest.mark.parametrize(("args", "message"), [

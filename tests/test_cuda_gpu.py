@@ -38,7 +38,8 @@ DEV = "cuda"
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    view = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype]
+    view = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
+            torch.float16: torch.int16}[t.dtype]
     return t.contiguous().view(view)
 
 
@@ -823,6 +824,26 @@ def test_moe_counts_and_index_add_under_the_mode_on_cuda_are_the_cpus(dtype: tor
     changed = sum(not torch.equal(bits(torch.zeros_like(first).index_add_(0, index.to(DEV), source.to(DEV))),
                                   bits(first)) for _ in range(20))
     request.node.user_properties.append((f"torch_cuda_index_add_{dtype}_runs_differing_of_20", str(changed)))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_products_under_portable_mode_on_cuda_are_the_cpus(dtype: torch.dtype) -> None:
+    """Llama 4's RoPE product and a complex quotient: under batch_invariant(portable=True)
+    the CUDA results are the CPU mode's bits (real IEEE operations in the same order);
+    outside portable mode torch's CUDA kernel runs (every element alike) and is counted as
+    passed through."""
+    g = torch.Generator().manual_seed(171)
+    x, freqs = torch.randn(64, 8, 32, dtype=dtype, generator=g), torch.randn(1, 8, 32, dtype=dtype, generator=g)
+    y = torch.randn(64, 8, 32, dtype=dtype, generator=g)
+    with batch_invariant(portable=True, strict=True) as bi:
+        want = (x * freqs, x / y)
+        got = ((x.to(DEV) * freqs.to(DEV)).cpu(), (x.to(DEV) / y.to(DEV)).cpu())
+    for w, h, what in zip(want, got, ("product", "quotient"), strict=True):
+        assert_bits_equal(torch.view_as_real(h), torch.view_as_real(w), f"complex {what}, {dtype}")
+    assert bi.routed() == {"mul.Tensor": 2, "div.Tensor": 2} and bi.uncovered() == {}, bi.coverage()
+    with batch_invariant(strict=True) as bi:
+        x.to(DEV) * freqs.to(DEV)
+    assert bi.routed() == {} and set(bi.coverage().passed_through) == {"mul.Tensor"}, bi.coverage()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

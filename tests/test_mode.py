@@ -934,21 +934,57 @@ def test_coverage_report_tells_a_position_id_cumsum_from_a_running_float_sum_and
     assert "cumsum.default" in mode.coverage_report({"cumsum.default": 1}).routed
 
 
-def test_coverage_report_lists_complex_products_as_uncovered_on_the_cpu() -> None:
-    # Complex RoPE (x viewed as complex times freqs_cis, as Llama 4 and DeepSeek-V2 do) is a
-    # complex mul: several roundings per element, whose order torch's vector path and scalar
-    # tail do not share, so its bits can depend on the row's place in the batch.
-    x = torch.randn(3, 5, dtype=torch.complex64)
-    real = torch.randn(3, 5)
-    _, ops = mode.trace_ops(lambda: (x * x, x / 2, x + x, real * real))
-    report = mode.coverage_report(ops)
-    assert {"mul.Tensor", "div.Tensor"} <= set(report.uncovered), str(report)
-    assert "complex operands" in report.notes["mul.Tensor"]
-    assert "add.Tensor" in report.exact  # componentwise: one IEEE add per part
-    _, real_ops = mode.trace_ops(lambda: real * real / 3)
-    assert {"mul.Tensor", "div.Tensor"} <= set(mode.coverage_report(real_ops).exact)
-    # torch's CUDA kernels compute every element with the same code
-    assert "mul.Tensor" in mode.coverage_report(ops, device="CUDA").exact
+_HARD_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "hardtanh": lambda t: F.hardtanh(t, 0.0, 6.0),  # hidden_act="relu6"
+    "leaky_relu": lambda t: F.leaky_relu(t, 0.01),
+    "prelu": lambda t: F.prelu(t, torch.tensor([0.25], dtype=t.dtype)),
+    "hardswish": F.hardswish,
+    "hardsigmoid": F.hardsigmoid,
+}
+
+
+@given(
+    op=st.sampled_from(sorted(_HARD_ACTIVATIONS)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    n=st.integers(1, 3000),
+    seed=st.integers(0, 2**16),
+)
+def test_clamp_activations_give_the_same_values_in_torchs_vector_body_and_scalar_tail(
+        op: str, dtype: torch.dtype, n: int, seed: int) -> None:
+    """Why coverage_report calls them exact: a strided input runs torch's scalar loop, a
+    contiguous one its vector loop, and on inputs of every bit pattern their values agree
+    (NaN payloads aside, as for any 16-bit arithmetic)."""
+    view = torch.int32 if dtype == torch.float32 else torch.int16
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(torch.iinfo(view).min, torch.iinfo(view).max, (n,), generator=g, dtype=view).view(dtype)
+    x = torch.where(torch.rand(n, generator=g) < 0.5, torch.randn(n, generator=g).to(dtype) * 4, x)
+    strided = torch.empty(2 * n, dtype=dtype)[::2]
+    strided.copy_(x)
+    vector, scalar = _HARD_ACTIVATIONS[op](x), _HARD_ACTIVATIONS[op](strided).contiguous()
+    d = diff(vector, scalar)
+    assert d.num_bit_mismatches == d.nan_payload_mismatches, str(d)
+
+
+def test_the_strided_input_check_finds_a_position_dependent_op() -> None:
+    """Negative control for the check above: float32 exp2's scalar loop rounds otherwise."""
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(0)) * 3
+    strided = torch.empty(6000)[::2]
+    strided.copy_(x)
+    assert diff(torch.exp2(x), torch.exp2(strided).contiguous()).num_value_mismatches > 0
+
+
+def test_coverage_report_lists_clamp_activations_as_exact() -> None:
+    """hidden_act relu6 (hardtanh), leaky_relu and prelu: a clamp or one correctly rounded
+    product, exact anywhere; hardswish and hardsigmoid: exact on the CPU, but not portable
+    (torch's CUDA hardsigmoid multiplies by a rounded 1/6 where the CPU divides by 6)."""
+    x = torch.randn(4, 8)
+    _, ops = mode.trace_ops(lambda: [fn(x) for fn in _HARD_ACTIVATIONS.values()])
+    names = {"hardtanh.default", "leaky_relu.default", "_prelu_kernel.default", "hardswish.default",
+             "hardsigmoid.default"}
+    assert names <= set(mode.coverage_report(ops).exact), str(mode.coverage_report(ops))
+    portable = mode.coverage_report(ops, portable=True)
+    assert set(portable.not_portable) == {"hardswish.default", "hardsigmoid.default"}, str(portable)
+    assert names - set(portable.not_portable) <= set(portable.exact) and portable.uncovered == {}, str(portable)
 
 
 def test_trace_ops_lists_a_higher_order_operator_instead_of_raising() -> None:

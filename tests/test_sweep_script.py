@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_causal_lms.py"
@@ -61,22 +62,49 @@ def test_small_configs_keep_what_the_architecture_needs(model_type: str, want: d
     assert {k: getattr(config, k) for k in want} == want
 
 
+class _LogCumSumExpGate(torch.nn.Module):
+    """A user's activation on an op the mode leaves to torch (logcumsumexp)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - torch.logcumsumexp(x, -1)
+
+
 def test_an_architecture_with_an_op_left_to_torch_is_listed_as_uncovered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Llama 4's complex RoPE multiplies complex tensors, which the mode leaves to torch
-    (docs/mode.md, "Not covered"): it runs under both modes without a fallback, so the
-    sweep does not fail, but it is not 'passed' either, and the summary names the op. A
-    Mixtral's router counts tokens per expert with histc of integer values: exact."""
+    """A Llama whose hidden_act runs logcumsumexp, which the mode leaves to torch: it runs
+    under both modes without a fallback, so the sweep does not fail, but it is not
+    'passed' either, and the summary names the op. A Mixtral's router counts tokens per
+    expert with histc of integer values: exact. (No architecture transformers ships leaves
+    an op to torch now: Llama 4's complex RoPE, the last, is routed.)"""
+    pytest.importorskip("transformers")
+    from transformers.activations import ACT2FN
+
+    sweep = load_script(SCRIPT, monkeypatch)
+    monkeypatch.setitem(ACT2FN, "detkit_test_logcumsumexp", _LogCumSumExpGate)
+    monkeypatch.setitem(sweep.PER_TYPE, "llama", {"hidden_act": "detkit_test_logcumsumexp"})
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--only", "llama,mixtral", "--json", str(out)]) == 0
+    outcomes = {o["model_type"]: o for o in json.loads(out.read_text())}
+    assert outcomes["llama"]["status"] == "uncovered" and outcomes["llama"]["uncovered"] == ["logcumsumexp.default"]
+    assert outcomes["mixtral"]["status"] == "passed" and outcomes["mixtral"]["uncovered"] == []
+    printed = capsys.readouterr().out
+    assert "passed 1, uncovered 1, failed 0" in printed and "left to torch: logcumsumexp.default in 1: llama" in printed
+
+
+@pytest.mark.parametrize("model_types", [
+    "llama4_text,deepseek_v2",  # RoPE as a complex product
+    "reformer,xlstm,xmod,zamba",  # built with PER_TYPE's sizes
+])
+def test_architectures_pass_covered(model_types: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These run under both modes with nothing left to torch."""
     pytest.importorskip("transformers")
     sweep = load_script(SCRIPT, monkeypatch)
     out = tmp_path / "sweep.json"
-    assert sweep.main(["--only", "llama4_text,mixtral", "--json", str(out)]) == 0
-    outcomes = {o["model_type"]: o for o in json.loads(out.read_text())}
-    assert outcomes["llama4_text"]["status"] == "uncovered" and outcomes["llama4_text"]["uncovered"] == ["mul.Tensor"]
-    assert outcomes["mixtral"]["status"] == "passed" and outcomes["mixtral"]["uncovered"] == []
-    printed = capsys.readouterr().out
-    assert "passed 1, uncovered 1, failed 0" in printed and "left to torch: mul.Tensor in 1: llama4_text" in printed
+    assert sweep.main(["--only", model_types, "--json", str(out)]) == 0
+    outcomes = json.loads(out.read_text())
+    assert [(o["status"], o["uncovered"], o["not_portable"]) for o in outcomes] == [("passed", [], [])] * len(
+        model_types.split(",")), outcomes
 
 
 def test_a_bfloat16_sweep_allows_bfloat16_rounding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
