@@ -73,10 +73,10 @@ def _save_tiny(tmp_path: Path, model_type: str, dtype: torch.dtype = torch.float
     from detkit.models import build_tokenizer
 
     tokenizer = build_tokenizer()
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                                  bos_token_id=tokenizer.eos_token_id, **fields)
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    config = AutoConfig.for_model(model_type, **(sizes | fields))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(tmp_path / model_type)
     tokenizer.save_pretrained(tmp_path / model_type)
@@ -105,6 +105,28 @@ def test_an_uncovered_op_is_exit_1_with_its_note(tmp_path: Path) -> None:
     assert "float64 operands" in data["static"]["notes"]["mm.default"]
     assert set(data["runtime"]["uncovered"]) == {"mm.default", "bmm.default"}
     assert "not torch.float64" in next(iter(data["runtime"]["uncovered"]["mm.default"]))
+
+
+def test_portable_coverage_checks_the_rope_frequencies_the_model_was_built_with(tmp_path: Path) -> None:
+    """With --portable the report lists the RoPE tables (Qwen2.5-7B's: head 128, base 1e6)
+    with how many elements torch's pow gave other than the portable values when the model
+    was loaded; any such element is NOT PORTABLE (exit 1). The counts are those of the same
+    checkpoint loaded here."""
+    from transformers import AutoModelForCausalLM
+
+    from detkit.buffers import check_rope_buffers
+
+    model = _save_tiny(tmp_path, "qwen2", head_dim=128, rope_theta=1e6)
+    code, out = _run("--model", str(model), "--portable", "--new-tokens", "2", "--json")
+    data = json.loads(out)
+    want = [c.to_dict() for c in check_rope_buffers(AutoModelForCausalLM.from_pretrained(model))]
+    assert [b["name"] for b in want] == ["model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"]
+    assert data["buffers"] == want
+    differs = any(b["differing"] for b in want)
+    assert code == (1 if differs else 0) and data["ok"] is not differs, out
+    assert data["static"]["not_portable"] == {} and data["static"]["uncovered"] == {}
+    code, out = _run("--model", str(model), "--new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["buffers"] == []
 
 
 @pytest.mark.parametrize(("args", "message"), [

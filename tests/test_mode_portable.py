@@ -495,6 +495,10 @@ CONFIG_FAMILIES: dict[str, dict[str, Any]] = {
     "mamba": dict(hidden_size=64, state_size=16, num_hidden_layers=2, use_mambapy=False),
     # RoPE as a complex product (routed: torch's scalar path fuses multiply-adds)
     "llama4_text": dict(COMPLEX_ROPE_FAMILIES["llama4_text"], num_hidden_layers=2, no_rope_layers=[1, 0]),
+    # Qwen2.5-7B's RoPE table (head 128, base 1e6): torch's pow gave one element of 64 other
+    # bits under ATEN_CPU_CAPABILITY=default when the model was built (detkit.buffers)
+    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=128, rope_theta=1e6),
     **TINY_FAMILY_CONFIGS,
 }
 # one run: transformers refuses attn_implementation="sdpa" for these
@@ -525,6 +529,7 @@ for name in presets + list(families):
         else:
             model = load_preset(name, dtype=torch.float32, attn_implementation=attn)
         model.load_state_dict(torch.load(f"{weights_dir}/{name}.pt"))
+        detkit.check_rope_buffers(model, fix=True)  # built by torch's pow, which differs per ISA
         seen = {}
         def hook(module, args, output, name=None):
             t = output if isinstance(output, torch.Tensor) else (output[0] if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) else None)

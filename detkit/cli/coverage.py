@@ -3,8 +3,10 @@
 Runs a short greedy ``generate`` of the model twice: once traced (``trace_ops``: every
 aten op that reaches a backend, sorted by ``coverage_report`` into routed, exact, not
 portable and uncovered), once under ``batch_invariant()`` (the calls that were routed,
-that fell back to torch, and in portable mode that took torch's math library). Exit 1
-when anything is uncovered (or, with ``--portable``, not portable): a CI can gate on it.
+that fell back to torch, and in portable mode that took torch's math library). With
+``--portable`` it also checks the RoPE frequencies the model computed when it was built
+(``detkit.check_rope_buffers``). Exit 1 when anything is uncovered (or, with
+``--portable``, not portable): a CI can gate on it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
     from transformers import GenerationConfig
 
     import detkit
+    from detkit.buffers import check_rope_buffers
     from detkit.mode import coverage_report, trace_ops
     from detkit.probe.hf import HFEngine, _no_model_generation_defaults
 
@@ -70,12 +73,16 @@ def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
     runtime = {key: {op if "." in op else f"{op}.default": v for op, v in counts.items()}
                for key, counts in (("routed", bi.routed()), ("uncovered", bi.uncovered()),
                                    ("not_portable", bi.not_portable()))}
+    # RoPE frequencies, computed by torch's pow when the model was built (before any mode)
+    buffers = [c.to_dict() for c in check_rope_buffers(model)] if portable else []
     findings = bool(static.uncovered or runtime["uncovered"]
-                    or (portable and (static.not_portable or runtime["not_portable"])))
+                    or (portable and (static.not_portable or runtime["not_portable"]
+                                      or any(b["differing"] for b in buffers))))
     return {
         "static": {"routed": static.routed, "exact": static.exact, "not_portable": static.not_portable,
                    "uncovered": static.uncovered, "notes": static.notes},
         "runtime": runtime,
+        "buffers": buffers,
         "ok": not findings,
     }
 
@@ -117,11 +124,19 @@ def _print(result: dict[str, Any], show_exact: bool) -> None:
         for op, reasons in sorted(runtime[key].items()):
             for reason, n in sorted(reasons.items()):
                 console.print(Text(f"  {op}: {n} calls {what} ({reason})", style="yellow"))
+    for b in result["buffers"]:
+        if b["differing"]:
+            console.print(Text(f"  buffer {b['name']}: {b['differing']} of {b['numel']} elements, computed by torch's "
+                               "math library when the model was built, differ from the portable values: build the "
+                               "model inside batch_invariant(portable=True), or call "
+                               "detkit.check_rope_buffers(model, fix=True)", style="yellow"))
+        elif b["skipped"]:
+            console.print(Text(f"  buffers of {b['name']} not checked: {b['skipped']}", style="dim"))
     if result["ok"]:
         console.print(Text("verdict: every op is computed by detkit or exact"
                            + (" and portable" if portable else ""), style="green"))
     else:
-        console.print(Text("verdict: ops left to torch (UNCOVERED" + (" / NOT PORTABLE" if portable else "")
+        console.print(Text("verdict: ops or buffers left to torch (UNCOVERED" + (" / NOT PORTABLE" if portable else "")
                            + "): their bits are torch's; check them with a test (detkit.testing), and see "
                              "docs/mode.md for what each note means", style="bold red"))
 

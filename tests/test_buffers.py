@@ -1,0 +1,140 @@
+"""RoPE frequencies computed when a model is built: check_rope_buffers against a build
+inside the portable mode, and across instruction sets in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from typing import Any
+
+import pytest
+import torch
+
+import detkit
+from detkit.buffers import BufferCheck, check_rope_buffers
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("mode_left_off")
+
+_SMALL = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+# Real frequency tables (head dims and bases of released models) on tiny bodies: Qwen2.5-7B's
+# (head 128, base 1e6), Gemma 3's per-layer-type tables (head 256), Llama 3.1's scaled
+# ones, Phi-3's longrope.
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen2": ("qwen2", dict(head_dim=128, rope_theta=1e6)),
+    "gemma3": ("gemma3_text", dict(head_dim=256, num_hidden_layers=6)),
+    "llama3": ("llama", dict(head_dim=128, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_theta": 500000.0})),
+    "longrope": ("phi3", dict(hidden_size=192, max_position_embeddings=131072, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.5] * 48,
+        "original_max_position_embeddings": 4096})),
+}
+
+
+def _build(name: str) -> Any:
+    model_type, fields = CONFIGS[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = transformers.AutoConfig.for_model(model_type, **(_SMALL | fields))
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_check_and_fix_give_the_buffers_of_a_build_inside_portable_mode(name: str) -> None:
+    """Every reported count is the number of elements that differ from the same model built
+    inside batch_invariant(portable=True); after fix=True the buffers are those bits."""
+    built = _build(name)
+    with detkit.batch_invariant(portable=True):
+        inside = _build(name)
+    want = dict(inside.named_buffers())
+    checks = check_rope_buffers(built)
+    assert checks and all(c.name.endswith("inv_freq") and not c.skipped for c in checks), checks
+    if name == "gemma3":  # one table per layer type, each with its original copy
+        assert {c.name.rsplit(".", 1)[1] for c in checks} == {
+            "sliding_attention_inv_freq", "sliding_attention_original_inv_freq", "full_attention_inv_freq",
+            "full_attention_original_inv_freq"}
+    held = dict(built.named_buffers())
+    for c in checks:
+        assert c.differing == int((_bits(held[c.name]) != _bits(want[c.name])).sum()) and not c.fixed, c
+    fixed = check_rope_buffers(built, fix=True)
+    assert [(c.name, c.differing, c.fixed) for c in fixed] == [(c.name, c.differing, c.differing > 0) for c in checks]
+    for n, buffer in built.named_buffers():
+        if n.endswith("inv_freq"):
+            assert torch.equal(_bits(buffer), _bits(want[n])), n
+    assert all(c.differing == 0 and c.portable for c in check_rope_buffers(built))
+
+
+_CHILD = r"""
+import hashlib, json, sys, warnings
+import torch, transformers, detkit
+warnings.simplefilter("ignore")
+small, configs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+def digest(model):
+    return hashlib.sha256(b"".join(b.contiguous().view(torch.uint8).numpy().tobytes()
+                                   for n, b in model.named_buffers() if n.endswith("inv_freq"))).hexdigest()
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+for name, (model_type, fields) in configs.items():
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **(small | fields)))
+    torch_built = digest(model)
+    detkit.check_rope_buffers(model, fix=True)
+    out[name] = {"torch": torch_built, "fixed": digest(model)}
+print(json.dumps(out))
+"""
+
+
+def _child(env_extra: dict[str, str]) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"} | env_extra
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(_SMALL), json.dumps(CONFIGS)], env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_fixed_buffers_are_the_same_under_every_instruction_set() -> None:
+    """After check_rope_buffers(fix=True) the frequency tables are the same bits with
+    torch's vector kernels and with its DEFAULT (scalar) ones. Negative control: as torch
+    built them they were not (torch 2.13 on an AVX-512 EPYC: Qwen2.5's, Gemma 3's and
+    Phi-3's tables each had an element differ), unless this CPU already runs DEFAULT."""
+    host, scalar = _child({}), _child({"ATEN_CPU_CAPABILITY": "default"})
+    assert scalar["capability"] == "DEFAULT"
+    for name in CONFIGS:
+        assert host[name]["fixed"] == scalar[name]["fixed"], name
+    if host["capability"] == "DEFAULT":
+        pytest.skip("this CPU already runs torch's DEFAULT kernels: no negative control")
+    assert any(host[name]["torch"] != scalar[name]["torch"] for name in CONFIGS), "negative control: no table differed"
+
+
+class _RemoteCodeRotaryEmbedding(torch.nn.Module):
+    """As trust_remote_code models (and transformers 4) wrote it: built from a dim, no config."""
+
+    def __init__(self, dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim)), persistent=False)
+
+
+def test_a_rotary_embedding_without_a_config_is_reported_not_checked() -> None:
+    """Every transformers 5 rotary embedding is built from its config; one built from a dim
+    is listed as skipped (its buffers unknown, so not portable), not silently passed over."""
+    model = torch.nn.Sequential(_RemoteCodeRotaryEmbedding(16))
+    (check,) = check_rope_buffers(model, fix=True)
+    assert check.name == "0" and "not rebuilt from its config" in check.skipped and not check.portable
+    assert check_rope_buffers(torch.nn.Linear(2, 2)) == []
+
+
+def test_bad_input() -> None:
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        check_rope_buffers("Qwen/Qwen2.5-7B")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="differing"):
+        BufferCheck("x.inv_freq", 4, differing=5)
+    with pytest.raises(ValueError, match="skipped"):
+        BufferCheck("x", 0, fixed=True, skipped="no config")
