@@ -1,9 +1,10 @@
-"""Buffers a model computes when it is built, outside any forward: RoPE frequencies.
+"""Buffers a model computes when it is built, outside any forward: RoPE tables.
 
 A Hugging Face rotary embedding computes its ``inv_freq`` in its constructor, with
 torch's ``pow`` (``base ** (arange(0, dim, 2) / dim)``), and keeps it as a buffer that no
-checkpoint holds. torch's CPU ``pow`` is its math library's, which differs between
-instruction sets: with torch 2.13 on an AVX-512 EPYC, the frequencies of Qwen2.5-7B,
+checkpoint holds (GPT-J and CodeGen keep a whole sin/cos table, ``embed_positions``).
+torch's CPU ``pow`` is its math library's, which differs between instruction sets: with
+torch 2.13 on an AVX-512 EPYC, the frequencies of Qwen2.5-7B,
 Qwen3, Mistral, Gemma (head 256) and Phi-3's longrope each had one element of 64 (128,
 48) other than under ``ATEN_CPU_CAPABILITY=default``. So a model built on one machine
 rotates its queries and keys by other angles than the same model built on another, and
@@ -58,26 +59,25 @@ class BufferCheck:
 
 
 def _rotary_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """transformers' rotary embeddings, by the convention its own weight initialisation
-    uses: a class named ``*RotaryEmbedding`` with ``inv_freq`` buffers."""
+    """transformers' rotary embeddings, by the name its own weight initialisation goes by
+    (a class named ``*RotaryEmbedding``), that hold a floating-point buffer."""
     return [(name, m) for name, m in model.named_modules()
             if type(m).__name__.endswith("RotaryEmbedding")
-            and any(b.endswith("inv_freq") for b, _ in m.named_buffers(recurse=False))]
+            and any(b.is_floating_point() for _, b in m.named_buffers(recurse=False))]
 
 
 def _bits_differing(a: torch.Tensor, b: torch.Tensor) -> int:
-    if a.dtype.is_floating_point:
-        ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
-        return int((a.contiguous().view(ints) != b.contiguous().view(ints)).sum())
-    return int((a != b).sum())
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+    return int((a.contiguous().view(ints) != b.contiguous().view(ints)).sum())
 
 
 def check_rope_buffers(model: torch.nn.Module, *, fix: bool = False) -> list[BufferCheck]:
-    """Compare every rotary embedding's frequency buffers (``inv_freq``,
-    ``original_inv_freq``, Gemma 3's per-layer-type ones) with the values its constructor
-    computes from its config under ``batch_invariant(portable=True)``; with ``fix``, copy
-    those values in (the buffers keep their dtype and device). A module whose constructor
-    does not take its config (a vision tower's, built from a dim) is reported as skipped.
+    """Compare every rotary embedding's floating-point buffers (``inv_freq``,
+    ``original_inv_freq``, Gemma 3's per-layer-type tables, GPT-J's and CodeGen's sin/cos
+    ``embed_positions``) with the values its constructor computes from its config (the
+    module's, else the model's) under ``batch_invariant(portable=True)``; with ``fix``,
+    copy those values in (the buffers keep their dtype and device). A module that cannot
+    be rebuilt from a config (remote code built from a dim) is reported as skipped.
     Returns one entry per buffer (or skipped module), in module order."""
     from detkit.mode import batch_invariant
 
@@ -85,10 +85,10 @@ def check_rope_buffers(model: torch.nn.Module, *, fix: bool = False) -> list[Buf
         raise TypeError(f"check_rope_buffers takes a torch.nn.Module, got {type(model).__name__}")
     checks: list[BufferCheck] = []
     for name, module in _rotary_modules(model):
-        config = getattr(module, "config", None)
+        config = getattr(module, "config", None) or getattr(model, "config", None)
         try:
             if config is None:
-                raise TypeError("it keeps no config")
+                raise TypeError("neither it nor the model keeps a config")
             # on the CPU, as transformers builds it (then moves it with the model)
             with torch.device("cpu"), batch_invariant(portable=True):
                 fresh = type(module)(config)

@@ -24,7 +24,7 @@ _SMALL = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_la
               num_key_value_heads=1, pad_token_id=0, bos_token_id=0, eos_token_id=0)
 # Real frequency tables (head dims and bases of released models) on tiny bodies: Qwen2.5-7B's
 # (head 128, base 1e6), Gemma 3's per-layer-type tables (head 256), Llama 3.1's scaled
-# ones, Phi-3's longrope.
+# ones, Phi-3's longrope, GPT-J's sin/cos positions.
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen2": ("qwen2", dict(head_dim=128, rope_theta=1e6)),
     "gemma3": ("gemma3_text", dict(head_dim=256, num_hidden_layers=6)),
@@ -34,6 +34,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "longrope": ("phi3", dict(hidden_size=192, max_position_embeddings=131072, rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.5] * 48,
         "original_max_position_embeddings": 4096})),
+    # a sin/cos table of every position (its module keeps no config: the model's is used)
+    "gptj": ("gptj", dict(n_embd=128, n_layer=1, n_head=2, rotary_dim=32, n_positions=256)),
 }
 
 
@@ -58,7 +60,8 @@ def test_check_and_fix_give_the_buffers_of_a_build_inside_portable_mode(name: st
         inside = _build(name)
     want = dict(inside.named_buffers())
     checks = check_rope_buffers(built)
-    assert checks and all(c.name.endswith("inv_freq") and not c.skipped for c in checks), checks
+    tables = ("embed_positions",) if name == "gptj" else ("inv_freq",)
+    assert checks and all(c.name.endswith(tables) and not c.skipped for c in checks), checks
     if name == "gemma3":  # one table per layer type, each with its original copy
         assert {c.name.rsplit(".", 1)[1] for c in checks} == {
             "sliding_attention_inv_freq", "sliding_attention_original_inv_freq", "full_attention_inv_freq",
@@ -69,7 +72,7 @@ def test_check_and_fix_give_the_buffers_of_a_build_inside_portable_mode(name: st
     fixed = check_rope_buffers(built, fix=True)
     assert [(c.name, c.differing, c.fixed) for c in fixed] == [(c.name, c.differing, c.differing > 0) for c in checks]
     for n, buffer in built.named_buffers():
-        if n.endswith("inv_freq"):
+        if n.endswith(tables):
             assert torch.equal(_bits(buffer), _bits(want[n])), n
     assert all(c.differing == 0 and c.portable for c in check_rope_buffers(built))
 
@@ -81,7 +84,8 @@ warnings.simplefilter("ignore")
 small, configs = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 def digest(model):
     return hashlib.sha256(b"".join(b.contiguous().view(torch.uint8).numpy().tobytes()
-                                   for n, b in model.named_buffers() if n.endswith("inv_freq"))).hexdigest()
+                                   for n, b in model.named_buffers() if n.endswith(("inv_freq", "embed_positions"))
+                                   )).hexdigest()
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
 for name, (model_type, fields) in configs.items():
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **(small | fields)))

@@ -846,6 +846,30 @@ def test_complex_products_under_portable_mode_on_cuda_are_the_cpus(dtype: torch.
     assert bi.routed() == {} and set(bi.coverage().passed_through) == {"mul.Tensor"}, bi.coverage()
 
 
+def test_rope_tables_built_on_the_gpu_are_fixed_to_the_cpus(request: pytest.FixtureRequest) -> None:
+    """A model built on the GPU (under torch.device("cuda")) computes its RoPE table
+    (Qwen2.5-7B's: head 128, base 1e6) with CUDA's pow; check_rope_buffers(fix=True) gives
+    the CPU's portable table, bit for bit. How many elements CUDA's pow changed is recorded
+    as a JUnit property, not asserted."""
+    transformers = pytest.importorskip("transformers")
+    from detkit.buffers import check_rope_buffers
+
+    config = transformers.AutoConfig.for_model(
+        "qwen2", vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=128, rope_theta=1e6, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    with torch.device(DEV):
+        gpu = transformers.AutoModelForCausalLM.from_config(config)
+    cpu = transformers.AutoModelForCausalLM.from_config(config)
+    check_rope_buffers(cpu, fix=True)
+    checks = check_rope_buffers(gpu, fix=True)
+    request.node.user_properties.append(("rope_table_elements_cuda_pow_changed", str(sum(c.differing for c in checks))))
+    tables = {n: b for n, b in gpu.named_buffers() if n.endswith("inv_freq")}
+    assert len(tables) == 2 and all(b.device.type == "cuda" for b in tables.values())
+    for n, b in cpu.named_buffers():
+        if n.endswith("inv_freq"):
+            assert_bits_equal(tables[n].cpu(), b, n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_portable_composed_reductions_on_cuda_equal_cpu(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under batch_invariant(portable=True) the compositions run the CUDA portable row sum,
