@@ -2038,7 +2038,7 @@ EXACT_OPS: frozenset[str] = frozenset(
 # hardswish and hardsigmoid: x + 3, a clamp, a product and a division by 6, in that order
 # on torch's CPU vector and scalar paths (no value differed between the two over 4M inputs
 # of each float dtype); another device's kernel may compute them otherwise (torch's CUDA
-# hardsigmoid multiplies by a rounded 1/6), so they are in ELEMENTWISE_LIBM too.
+# kernels multiply by a rounded 1/6), so they are in ELEMENTWISE_LIBM too.
 ELEMENTWISE_EXACT: frozenset[str] = frozenset(
     {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub", "sqrt", "reciprocal", "square", "hardswish",
      "hardsigmoid"}

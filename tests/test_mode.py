@@ -976,7 +976,7 @@ def test_the_strided_input_check_finds_a_position_dependent_op() -> None:
 def test_coverage_report_lists_clamp_activations_as_exact() -> None:
     """hidden_act relu6 (hardtanh), leaky_relu and prelu: a clamp or one correctly rounded
     product, exact anywhere; hardswish and hardsigmoid: exact on the CPU, but not portable
-    (torch's CUDA hardsigmoid multiplies by a rounded 1/6 where the CPU divides by 6)."""
+    (torch's CUDA kernels multiply by a rounded 1/6 where the CPU's divide by 6)."""
     x = torch.randn(4, 8)
     _, ops = mode.trace_ops(lambda: [fn(x) for fn in _HARD_ACTIVATIONS.values()])
     names = {"hardtanh.default", "leaky_relu.default", "_prelu_kernel.default", "hardswish.default",
