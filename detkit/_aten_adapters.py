@@ -939,9 +939,9 @@ _COMPLEX_PART = {torch.complex32: torch.float16, torch.complex64: torch.float32,
 
 
 def _complex_parts(v: Any, dtype: torch.dtype, shape: torch.Size, device: torch.device) -> tuple[Any, Any]:
-    """(real, imaginary) of an operand in ``dtype``, broadcast to ``shape``; a number at
-    ``dtype``'s precision, as torch reads a scalar operand."""
-    v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(complex(v))
+    """(real, imaginary) of an operand in ``dtype``, broadcast to ``shape``; a number
+    rounded once from double into ``dtype``, as torch reads a scalar operand."""
+    v = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(complex(v), dtype=torch.complex128)
     parts = torch.view_as_real(v.to(device=device, dtype=dtype).resolve_conj().expand(shape))
     return parts[..., 0], parts[..., 1]
 
