@@ -4,10 +4,11 @@ Each ``model_type`` with a causal-LM class is built from its config class with g
 small sizes (``SIZES``: 2 layers, hidden 64, 4 heads, 2 KV heads, head dim 16, a 512-token
 vocabulary, at most 4 experts, small latent-attention, linear-attention and state-space
 dims), one layer of each kind its layer pattern has (a hybrid keeps its attention layer),
-token ids inside the vocabulary, and random weights; architectures still above 50M
-parameters are skipped. A forward of a left-padded batch of 2 and a 2-token greedy
-``generate`` run first without the mode (an architecture that fails there is skipped: not
-the mode's doing), traced (``trace_ops``, sorted by ``coverage_report``), then under
+token ids inside the vocabulary, the same sizes for a composite model's sub-configs (a
+multimodal model's text and vision or audio towers; the inputs are text only), and
+random weights; architectures still above 50M parameters are skipped. A forward of a
+left-padded batch of 2 and a 2-token greedy ``generate`` run first without the mode (an
+architecture that fails there is skipped: not the mode's doing), traced (``trace_ops``, sorted by ``coverage_report``), then under
 ``batch_invariant()`` and ``batch_invariant(portable=True)``. An architecture *fails*
 when something raised, fell back (``uncovered()``), came from torch's math library in
 portable mode (``not_portable()``) or the logits are further than ``--rtol`` from torch's
@@ -92,10 +93,19 @@ DTYPES = {"float32": (torch.float32, 1e-4), "bfloat16": (torch.bfloat16, 5e-2)}
 
 def small_config(model_type: str) -> Any:
     """``model_type``'s config with the generic small sizes, token ids inside the small
-    vocabulary, and every kind of layer of its pattern present."""
+    vocabulary, and every kind of layer of its pattern present; a composite model's
+    sub-configs (a multimodal model's text and vision towers) small too."""
     import transformers
 
-    config = transformers.AutoConfig.for_model(model_type)
+    sizes = _small_sizes(transformers.AutoConfig.for_model(model_type))
+    sizes.update(PER_TYPE.get(model_type, {}))
+    return transformers.AutoConfig.for_model(model_type, **sizes)
+
+
+def _small_sizes(config: Any) -> dict[str, Any]:
+    """The constructor arguments that make ``config`` small (see ``small_config``)."""
+    import transformers
+
     default = config.to_dict()
     aliases = getattr(config, "attribute_map", {})  # hidden_size -> d_model and the like
     sizes: dict[str, Any] = {}
@@ -131,8 +141,12 @@ def small_config(model_type: str) -> Any:
             sizes[key] = 0
         elif vocab is not None and isinstance(value, list):
             sizes[key] = [v if v < vocab else 0 for v in value]
-    sizes.update(PER_TYPE.get(model_type, {}))
-    return transformers.AutoConfig.for_model(model_type, **sizes)
+    for key, value in default.items():
+        # only keys that hold a config (another getattr may raise: Gemma 4's per-layer ones)
+        sub = getattr(config, key) if isinstance(value, dict) and "model_type" in value else None
+        if isinstance(sub, transformers.PretrainedConfig):
+            sizes[key] = {"model_type": value["model_type"], **_small_sizes(sub)}
+    return sizes
 
 
 @dataclass

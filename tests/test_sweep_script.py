@@ -92,9 +92,24 @@ def test_an_architecture_with_an_op_left_to_torch_is_listed_as_uncovered(
     assert "passed 1, uncovered 1, failed 0" in printed and "left to torch: logcumsumexp.default in 1: llama" in printed
 
 
+def test_a_composite_models_towers_are_small_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multimodal model's text and vision configs get the small sizes (Gemma 3's towers
+    had 2.7B parameters at their defaults); their own per-layer fields are rebuilt from
+    them (Gemma 4's per-layer table, past 2 layers, was refused)."""
+    pytest.importorskip("transformers")
+    sweep = load_script(SCRIPT, monkeypatch)
+    config = sweep.small_config("gemma3")
+    assert (config.text_config.hidden_size, config.text_config.num_hidden_layers) == (64, 2)
+    assert (config.vision_config.hidden_size, config.vision_config.num_hidden_layers) == (64, 2)
+    assert config.text_config.vocab_size == 512
+    config = sweep.small_config("gemma4")
+    assert config.text_config.num_hidden_layers == 2 and config.text_config.hidden_size == 64
+
+
 @pytest.mark.parametrize("model_types", [
     "llama4_text,deepseek_v2",  # RoPE as a complex product
     "reformer,xlstm,xmod,zamba",  # built with PER_TYPE's sizes
+    "gemma3,mllama,qwen3_5",  # multimodal: text inputs through the whole model class
 ])
 def test_architectures_pass_covered(model_types: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """These run under both modes with nothing left to torch."""
