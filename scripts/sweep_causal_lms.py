@@ -8,8 +8,9 @@ token ids inside the vocabulary, the same sizes for a composite model's sub-conf
 multimodal model's text and vision or audio towers; the inputs are text only), and
 random weights; architectures still above 50M parameters are skipped. A forward of a
 left-padded batch of 2 and a 2-token greedy ``generate`` run first without the mode (an
-architecture that fails there is skipped: not the mode's doing), traced (``trace_ops``, sorted by ``coverage_report``), then under
-``batch_invariant()`` and ``batch_invariant(portable=True)``. An architecture *fails*
+architecture that fails there is skipped: not the mode's doing), traced (``trace_ops``,
+sorted by ``coverage_report``), then under ``batch_invariant()`` and
+``batch_invariant(portable=True)``. An architecture *fails*
 when something raised, fell back (``uncovered()``), came from torch's math library in
 portable mode (``not_portable()``) or the logits are further than ``--rtol`` from torch's
 (relative to the largest logit); it is *uncovered* when it ran but its trace holds ops
