@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from detkit._testing_values import host_bits
+
 __all__ = ["BufferCheck", "check_rope_buffers"]
 
 
@@ -66,11 +68,6 @@ def _rotary_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]
             and any(b.is_floating_point() for _, b in m.named_buffers(recurse=False))]
 
 
-def _bits_differing(a: torch.Tensor, b: torch.Tensor) -> int:
-    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
-    return int((a.contiguous().view(ints) != b.contiguous().view(ints)).sum())
-
-
 def check_rope_buffers(model: torch.nn.Module, *, fix: bool = False) -> list[BufferCheck]:
     """Compare every rotary embedding's floating-point buffers (``inv_freq``,
     ``original_inv_freq``, Gemma 3's per-layer-type tables, GPT-J's and CodeGen's sin/cos
@@ -101,7 +98,7 @@ def check_rope_buffers(model: torch.nn.Module, *, fix: bool = False) -> list[Buf
             if held is None or held.shape != value.shape or not held.dtype.is_floating_point:
                 continue
             value = value.to(device=held.device, dtype=held.dtype)
-            differing = _bits_differing(held, value)
+            differing = int((host_bits(held) != host_bits(value)).sum())
             if fix and differing:
                 with torch.no_grad():
                     held.copy_(value)
