@@ -14,13 +14,13 @@ __version__ = "0.1.0"
 _SUBMODULES = {"compare", "reference", "kernels", "errors", "env", "testing", "mode", "report", "buffers"}
 _ATTRS = {
     "batch_invariant": ("detkit.mode", "batch_invariant"),
-    "check_rope_buffers": ("detkit.buffers", "check_rope_buffers"),
+    "check_computed_buffers": ("detkit.buffers", "check_computed_buffers"),
     "DetkitError": ("detkit.errors", "DetkitError"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from detkit import compare, env, errors, kernels, reference, testing  # noqa: F401
-    from detkit.buffers import check_rope_buffers  # noqa: F401
+    from detkit.buffers import check_computed_buffers  # noqa: F401
     from detkit.mode import batch_invariant  # noqa: F401
 
 

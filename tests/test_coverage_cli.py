@@ -114,12 +114,12 @@ def test_portable_coverage_checks_the_rope_frequencies_the_model_was_built_with(
     checkpoint loaded here."""
     from transformers import AutoModelForCausalLM
 
-    from detkit.buffers import check_rope_buffers
+    from detkit.buffers import check_computed_buffers
 
     model = _save_tiny(tmp_path, "qwen2", head_dim=128, rope_theta=1e6)
     code, out = _run("--model", str(model), "--portable", "--new-tokens", "2", "--json")
     data = json.loads(out)
-    want = [c.to_dict() for c in check_rope_buffers(AutoModelForCausalLM.from_pretrained(model))]
+    want = [c.to_dict() for c in check_computed_buffers(AutoModelForCausalLM.from_pretrained(model))]
     assert [b["name"] for b in want] == ["model.rotary_emb.inv_freq", "model.rotary_emb.original_inv_freq"]
     assert data["buffers"] == want
     differs = any(b["differing"] for b in want)
@@ -127,6 +127,22 @@ def test_portable_coverage_checks_the_rope_frequencies_the_model_was_built_with(
     assert data["static"]["not_portable"] == {} and data["static"]["uncovered"] == {}
     code, out = _run("--model", str(model), "--new-tokens", "2", "--json")
     assert code == 0 and json.loads(out)["buffers"] == []
+
+
+def test_portable_coverage_counts_a_sinusoidal_table_torch_computed_at_load(tmp_path: Path) -> None:
+    """XGLM's position table is computed with torch's exp, sin and cos when the checkpoint
+    is loaded (its _init_weights): with --portable the table is listed with its differing
+    elements and the model is NOT PORTABLE (exit 1), though every op is covered; without
+    --portable the same model passes (exit 0)."""
+    model = _save_tiny(tmp_path, "xglm", ffn_dim=128)
+    code, out = _run("--model", str(model), "--portable", "--new-tokens", "2", "--json")
+    data = json.loads(out)
+    assert code == 1 and data["ok"] is False, out
+    assert data["static"]["uncovered"] == {} and data["static"]["not_portable"] == {}
+    (table,) = [b for b in data["buffers"] if b["name"] == "model.embed_positions.weights"]
+    assert table["differing"] > 0 and not table["skipped"], table
+    code, out = _run("--model", str(model), "--new-tokens", "2", "--json")
+    assert code == 0 and json.loads(out)["buffers"] == [], out
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -846,27 +846,36 @@ def test_complex_products_under_portable_mode_on_cuda_are_the_cpus(dtype: torch.
     assert bi.routed() == {} and set(bi.coverage().passed_through) == {"mul.Tensor"}, bi.coverage()
 
 
-def test_rope_tables_built_on_the_gpu_are_fixed_to_the_cpus(request: pytest.FixtureRequest) -> None:
-    """A model built on the GPU (under torch.device("cuda")) computes its RoPE table
-    (Qwen2.5-7B's: head 128, base 1e6) with CUDA's pow; check_rope_buffers(fix=True) gives
-    the CPU's portable table, bit for bit. How many elements CUDA's pow changed is recorded
-    as a JUnit property, not asserted."""
+@pytest.mark.parametrize(("model_type", "fields", "table"), [
+    ("qwen2", dict(num_key_value_heads=1, head_dim=128, rope_theta=1e6), "inv_freq"),
+    ("xglm", dict(d_model=1024, ffn_dim=64, max_position_embeddings=512), "embed_positions.weights"),
+])
+def test_tables_built_on_the_gpu_are_fixed_to_the_cpus(model_type: str, fields: dict, table: str,
+                                                       request: pytest.FixtureRequest) -> None:
+    """A model built on the GPU (under torch.device("cuda")) computes its tables there: the
+    RoPE frequencies (Qwen2.5-7B's: head 128, base 1e6) with CUDA's pow, XGLM's sinusoidal
+    positions (width 1024) with CUDA's exp, sin and cos; check_computed_buffers(fix=True)
+    gives the CPU's portable tables, bit for bit. How many elements CUDA's functions
+    changed is recorded as a JUnit property, not asserted."""
     transformers = pytest.importorskip("transformers")
-    from detkit.buffers import check_rope_buffers
+    from detkit.buffers import check_computed_buffers
 
-    config = transformers.AutoConfig.for_model(
-        "qwen2", vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=128, rope_theta=1e6, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    sizes = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=2, pad_token_id=0, bos_token_id=0,
+                 eos_token_id=0)
+    if model_type == "qwen2":
+        sizes |= dict(hidden_size=64, intermediate_size=64)
+    config = transformers.AutoConfig.for_model(model_type, **(sizes | fields))
     with torch.device(DEV):
         gpu = transformers.AutoModelForCausalLM.from_config(config)
     cpu = transformers.AutoModelForCausalLM.from_config(config)
-    check_rope_buffers(cpu, fix=True)
-    checks = check_rope_buffers(gpu, fix=True)
-    request.node.user_properties.append(("rope_table_elements_cuda_pow_changed", str(sum(c.differing for c in checks))))
-    tables = {n: b for n, b in gpu.named_buffers() if n.endswith("inv_freq")}
-    assert len(tables) == 2 and all(b.device.type == "cuda" for b in tables.values())
+    check_computed_buffers(cpu, fix=True)
+    checks = check_computed_buffers(gpu, fix=True)
+    request.node.user_properties.append((f"{model_type}_table_elements_cuda_changed",
+                                         str(sum(c.differing for c in checks))))
+    tables = {n: b for n, b in gpu.named_buffers() if n.endswith(table)}
+    assert len(tables) == (2 if model_type == "qwen2" else 1) and all(b.device.type == "cuda" for b in tables.values())
     for n, b in cpu.named_buffers():
-        if n.endswith("inv_freq"):
+        if n.endswith(table):
             assert_bits_equal(tables[n].cpu(), b, n)
 
 

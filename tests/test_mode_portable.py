@@ -529,7 +529,7 @@ for name in presets + list(families):
         else:
             model = load_preset(name, dtype=torch.float32, attn_implementation=attn)
         model.load_state_dict(torch.load(f"{weights_dir}/{name}.pt"))
-        detkit.check_rope_buffers(model, fix=True)  # built by torch's pow, which differs per ISA
+        detkit.check_computed_buffers(model, fix=True)  # built by torch's pow, which differs per ISA
         seen = {}
         def hook(module, args, output, name=None):
             t = output if isinstance(output, torch.Tensor) else (output[0] if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) else None)

@@ -518,30 +518,37 @@ def test_a_boolean_batch_size_or_padding_is_an_input_error(tmp_path, line, messa
         load_suite(tmp_path / "bool.toml")
 
 
-def test_portable_probe_recomputes_the_rope_tables_torch_built_at_load(tmp_path, capsys, monkeypatch):
-    """--portable promises the same reference bits on every machine, but torch's pow built
-    the model's RoPE table when it was loaded (Qwen2.5-7B's: head 128, base 1e6): probe
-    recomputes it with the portable kernels and says so in the report's notes, for exactly
-    the buffers that changed."""
+@pytest.mark.parametrize(("model_type", "fields"), [
+    ("qwen2", dict(num_key_value_heads=1, head_dim=128, rope_theta=1e6)),
+    ("xglm", dict(ffn_dim=128)),
+])
+def test_portable_probe_recomputes_the_tables_torch_built_at_load(model_type, fields, tmp_path, capsys, monkeypatch):
+    """--portable promises the same reference bits on every machine, but torch's math
+    library built the model's tables when it was loaded (the RoPE frequencies of
+    Qwen2.5-7B: head 128, base 1e6; XGLM's sinusoidal positions): probe recomputes them
+    with the portable kernels and says so in the report's notes, for exactly the buffers
+    that changed (XGLM's always: torch's sin and cos are not the portable ones)."""
     import torch
     import transformers
 
-    from detkit.buffers import check_rope_buffers
+    from detkit.buffers import check_computed_buffers
     from detkit.models import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = transformers.AutoConfig.for_model(
-        "qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=128, rope_theta=1e6, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+        model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id, **fields)
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    changed = {c.name: c.differing for c in check_rope_buffers(transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "m")) if c.differing}
+    changed = [c for c in check_computed_buffers(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m"))
+               if c.differing]
+    if model_type == "xglm":
+        assert [c.name for c in changed] == ["model.embed_positions.weights"]
     code, out, err = run_cli(["--model", str(tmp_path / "m"), "--portable", "--modes", "single", "--batch-sizes", "1",
                               "--max-new-tokens", "2", "--json"], capsys, monkeypatch)
     assert code == 0, err
     notes = [n for n in json.loads(out)["notes"] if n.startswith("--portable: ")]
-    assert notes == [f"--portable: {name} recomputed with the portable kernels ({n} of 64 elements changed: torch's "
-                     "math library computed them when the model was loaded)" for name, n in changed.items()], notes
+    assert notes == [f"--portable: {c.name} recomputed with the portable kernels ({c.differing} of {c.numel} elements "
+                     "changed: torch's math library computed them when the model was loaded)" for c in changed], notes

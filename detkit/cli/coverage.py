@@ -4,8 +4,8 @@ Runs a short greedy ``generate`` of the model twice: once traced (``trace_ops``:
 aten op that reaches a backend, sorted by ``coverage_report`` into routed, exact, not
 portable and uncovered), once under ``batch_invariant()`` (the calls that were routed,
 that fell back to torch, and in portable mode that took torch's math library). With
-``--portable`` it also checks the RoPE frequencies the model computed when it was built
-(``detkit.check_rope_buffers``). Exit 1 when anything is uncovered (or, with
+``--portable`` it also checks the tables the model computed when it was built (RoPE
+frequencies, sinusoidal positions: ``detkit.check_computed_buffers``). Exit 1 when anything is uncovered (or, with
 ``--portable``, not portable): a CI can gate on it.
 """
 
@@ -29,7 +29,7 @@ def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
     from transformers import GenerationConfig
 
     import detkit
-    from detkit.buffers import check_rope_buffers
+    from detkit.buffers import check_computed_buffers
     from detkit.mode import coverage_report, trace_ops
     from detkit.probe.hf import HFEngine, _no_model_generation_defaults
 
@@ -73,8 +73,8 @@ def _trace_and_run(model: Any, tokenizer: Any, prompts: list[str], new_tokens: i
     runtime = {key: {op if "." in op else f"{op}.default": v for op, v in counts.items()}
                for key, counts in (("routed", bi.routed()), ("uncovered", bi.uncovered()),
                                    ("not_portable", bi.not_portable()))}
-    # RoPE frequencies, computed by torch's pow when the model was built (before any mode)
-    buffers = [c.to_dict() for c in check_rope_buffers(model)] if portable else []
+    # RoPE and sinusoidal tables, computed by torch's pow, exp, sin, cos when the model was built
+    buffers = [c.to_dict() for c in check_computed_buffers(model)] if portable else []
     findings = bool(static.uncovered or runtime["uncovered"]
                     or (portable and (static.not_portable or runtime["not_portable"]
                                       or any(b["differing"] for b in buffers))))
@@ -129,9 +129,9 @@ def _print(result: dict[str, Any], show_exact: bool) -> None:
             console.print(Text(f"  buffer {b['name']}: {b['differing']} of {b['numel']} elements, computed by torch's "
                                "math library when the model was built, differ from the portable values: build the "
                                "model inside batch_invariant(portable=True), or call "
-                               "detkit.check_rope_buffers(model, fix=True)", style="yellow"))
+                               "detkit.check_computed_buffers(model, fix=True)", style="yellow"))
         elif b["skipped"]:
-            console.print(Text(f"  buffers of {b['name']} not checked: {b['skipped']}", style="dim"))
+            console.print(Text(f"  buffer {b['name']} not checked: {b['skipped']}", style="dim"))
     if result["ok"]:
         console.print(Text("verdict: every op is computed by detkit or exact"
                            + (" and portable" if portable else ""), style="green"))

@@ -266,7 +266,7 @@ def _engine(
     model = "tiny-llama" if model is None else model
     dtype = "auto" if dtype is None else dtype
     attn = "eager" if attn is None else attn
-    from detkit.buffers import check_rope_buffers
+    from detkit.buffers import check_computed_buffers
     from detkit.probe.hf import HFEngine, load_model
 
     if attn not in ("eager", "sdpa"):
@@ -280,15 +280,15 @@ def _engine(
         mode = functools.partial(bi, portable=portable)
 
     hf_model, tokenizer, desc = load_model(model, dtype=dtype, attn_implementation=attn, seed=seed, device=device)
-    # torch's pow computed the RoPE tables when the model was loaded: portable ones instead
-    checks = check_rope_buffers(hf_model, fix=True) if portable else []
+    # torch's pow, exp, sin, cos computed the RoPE and position tables at load: portable ones instead
+    checks = check_computed_buffers(hf_model, fix=True) if portable else []
     engine = HFEngine(hf_model, tokenizer, description=desc, top_k=top_k, mode=mode, chat=bool(chat))
     for c in checks:
         if c.fixed:
             engine.notes.append(f"--portable: {c.name} recomputed with the portable kernels ({c.differing} of {c.numel} "
                                 "elements changed: torch's math library computed them when the model was loaded)")
         elif c.skipped:
-            engine.notes.append(f"--portable: {c.name} not checked ({c.skipped}): its RoPE table is torch's")
+            engine.notes.append(f"--portable: {c.name} not checked ({c.skipped}): its table is torch's")
     return engine
 
 
