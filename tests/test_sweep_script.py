@@ -106,6 +106,28 @@ def test_a_composite_models_towers_are_small_too(monkeypatch: pytest.MonkeyPatch
     assert config.text_config.num_hidden_layers == 2 and config.text_config.hidden_size == 64
 
 
+def test_tables_built_with_torchs_math_library_are_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """XGLM's sinusoidal position table (torch's exp, sin and cos) differs from the portable
+    values and Falcon-H1's mup_vector cannot be recomputed from its module: both listed,
+    neither a failure; GPT-2 builds no such table."""
+    pytest.importorskip("transformers")
+    sweep = load_script(SCRIPT, monkeypatch)
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--only", "xglm,falcon_h1,gpt2", "--json", str(out)]) == 0
+    xglm, falcon, gpt2 = json.loads(out.read_text())
+    assert xglm["status"] == falcon["status"] == "passed", (xglm, falcon)
+    (table,) = xglm["buffers_differing"]
+    assert table.startswith("model.embed_positions.weights: ") and xglm["buffers_unchecked"] == []
+    assert int(table.split(": ")[1].split("/")[0]) > 0
+    assert falcon["buffers_differing"] == [] and len(falcon["buffers_unchecked"]) == 2
+    assert all("mup_vector: FalconH1Model._init_weights does not compute it" in u for u in falcon["buffers_unchecked"])
+    assert gpt2["buffers_differing"] == gpt2["buffers_unchecked"] == []
+    printed = capsys.readouterr().out
+    assert f"computed buffer not portable: xglm {table}" in printed
+    assert "computed buffer unchecked: falcon_h1 model.layers.0.mamba.mup_vector" in printed
+
+
 @pytest.mark.parametrize("model_types", [
     "llama4_text,deepseek_v2",  # RoPE as a complex product
     "reformer,xlstm,xmod,zamba",  # built with PER_TYPE's sizes
