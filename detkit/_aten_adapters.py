@@ -1257,6 +1257,92 @@ def _index_add(inplace: bool) -> Adapter:
     return adapter
 
 
+# ----------------------------------------------------------------------------- avg_pool2d
+
+
+def _pool_output_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
+    """torch's ``pooling_output_shape``: with ``ceil_mode`` the last window must start
+    inside the input or its left padding."""
+    out = (size + 2 * pad - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+def _pair(value: Sequence[int] | int, default: Sequence[int] | None = None) -> tuple[int, int]:
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values and default is not None:
+        return _pair(default)
+    if len(values) not in (1, 2):
+        raise Unsupported("a pooling argument of neither 1 nor 2 values", benign=True)  # torch's own error
+    return (int(values[0]), int(values[-1]))
+
+
+def avg_pool2d_in_order(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+                        ceil_mode: bool, count_include_pad: bool, divisor: int | None) -> torch.Tensor:
+    """Each output the sum of its window's elements in row-major order, one rounded
+    addition after another from +0, divided (one rounding) by the window's count, in
+    float32 for 16-bit inputs and rounded once at the end (a NaN as the canonical quiet
+    NaN): the order of torch's CPU and CUDA kernels (on the CPU equal to torch's bits over
+    every dtype, layout, padding, ceil_mode and divisor option tested). Positions outside
+    the input add +0, which changes no sum (torch starts from +0 too). Nothing depends on
+    other images or rows."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    height, width = x.shape[-2:]
+    oh = _pool_output_size(height, kh, sh, ph, ceil_mode)
+    ow = _pool_output_size(width, kw, sw, pw, ceil_mode)
+    wide = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    need_h, need_w = (oh - 1) * sh + kh, (ow - 1) * sw + kw
+    padded = torch.zeros(*x.shape[:-2], need_h, need_w, dtype=wide, device=x.device)
+    rows, cols = min(height, need_h - ph), min(width, need_w - pw)
+    padded[..., ph:ph + rows, pw:pw + cols] = x[..., :rows, :cols]
+    total = torch.zeros(*x.shape[:-2], oh, ow, dtype=wide, device=x.device)
+    for i in range(kh):
+        for j in range(kw):
+            total = total + padded[..., i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw]
+    if divisor is not None:
+        counts = torch.full((oh, ow), float(divisor), dtype=wide, device=x.device)
+    else:
+        starts_h = torch.arange(oh, device=x.device) * sh - ph
+        starts_w = torch.arange(ow, device=x.device) * sw - pw
+        # windows end at the padded edge (a ceil_mode window past it counts only what it covers)
+        ends_h, ends_w = (starts_h + kh).clamp(max=height + ph), (starts_w + kw).clamp(max=width + pw)
+        if not count_include_pad:
+            starts_h, starts_w = starts_h.clamp(min=0), starts_w.clamp(min=0)
+            ends_h, ends_w = ends_h.clamp(max=height), ends_w.clamp(max=width)
+        counts = ((ends_h - starts_h)[:, None] * (ends_w - starts_w)[None, :]).to(wide)
+    return _finished(total / counts, x.dtype)
+
+
+def avg_pool2d(call: Call, self: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (),
+               padding: Sequence[int] | int = 0, ceil_mode: bool = False, count_include_pad: bool = True,
+               divisor_override: int | None = None) -> torch.Tensor:
+    """``F.avg_pool2d`` (Gemma 3's image-token pooling, ``avg_pool1d``) in the order of
+    :func:`avg_pool2d_in_order`, on every device: torch's own CPU and CUDA kernels add in
+    that order too, but nothing promises it, and the portable guarantee rests on it."""
+    _float(self)
+    kernel = _pair(kernel_size)
+    stride_hw = _pair(stride, default=kernel)
+    pad = _pair(padding)
+    if (self.dim() not in (3, 4) or min(kernel) <= 0 or min(stride_hw) <= 0 or min(pad) < 0
+            or pad[0] * 2 > kernel[0] or pad[1] * 2 > kernel[1] or divisor_override == 0):
+        raise Unsupported("arguments torch refuses", benign=True)  # torch's own error
+    if self.numel() == 0 or any(_pool_output_size(n, k, s_, p_, ceil_mode) <= 0
+                                for n, k, s_, p_ in zip(self.shape[-2:], kernel, stride_hw, pad)):
+        raise Unsupported("an empty input or output", benign=True)  # torch's own result or error
+    if divisor_override is not None and divisor_override < 0:
+        # torch's CPU kernel gave +0 for a window summing to 0 divided by -3, not IEEE's -0
+        raise Unsupported("a negative divisor_override")
+    with torch.no_grad():
+        out = avg_pool2d_in_order(_plain(self), kernel, stride_hw, pad, ceil_mode, count_include_pad,
+                                  divisor_override)
+    if self.dim() == 4 and self.is_contiguous(memory_format=torch.channels_last) and not self.is_contiguous():
+        # torch's result keeps a channels-last input's layout, strides of size-1 dims included
+        return torch.empty(out.shape, dtype=out.dtype, device=out.device,
+                           memory_format=torch.channels_last).copy_(out)
+    return out
+
+
 # ----------------------------------------------------------------------------- triangular solve
 
 
@@ -1808,6 +1894,7 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("histc", histc, "reduction"),
     OpOverride("index_add", _index_add(inplace=False), "scan"),
     OpOverride("index_add_", _index_add(inplace=True), "scan"),
+    OpOverride("avg_pool2d", avg_pool2d, "reduction"),
     OpOverride("log_sigmoid_forward", log_sigmoid_forward, "elementwise"),
     OpOverride("xlogy.Tensor", _xlogy(inplace=False), "elementwise"),
     OpOverride("xlogy_.Tensor", _xlogy(inplace=True), "elementwise"),
@@ -2031,6 +2118,10 @@ EXACT_OPS: frozenset[str] = frozenset(
         "replication_pad2d", "replication_pad3d",
         # a clamp, or one correctly rounded product (hidden_act relu6, leaky_relu, prelu)
         "hardtanh", "leaky_relu", "_prelu_kernel",
+        # vision towers: patches as views or copies (Idefics3's Tensor.unfold, Mistral 3's
+        # patch merger's F.unfold), comparisons placing patches (Idefics3's bucketize), and
+        # Qwen-VL's per-image sequence bounds (repeat_interleave, unique_consecutive)
+        "unfold", "im2col", "bucketize", "searchsorted", "repeat_interleave", "unique_consecutive",
     }
 )
 # IEEE-754 correctly rounded elementwise arithmetic: position independent and, for one

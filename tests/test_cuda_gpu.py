@@ -846,6 +846,27 @@ def test_complex_products_under_portable_mode_on_cuda_are_the_cpus(dtype: torch.
     assert bi.routed() == {} and set(bi.coverage().passed_through) == {"mul.Tensor"}, bi.coverage()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_avg_pool2d_on_cuda_is_the_cpus(dtype: torch.dtype, request: pytest.FixtureRequest) -> None:
+    """Gemma 3's image-token pooling (4 x 4 windows) and a padded, ceil-mode pool with NaN
+    and infinities: under the mode the CUDA result is the CPU's bits (the same additions
+    in the same order, one division), alike in every batch. Whether torch's own CUDA
+    kernel already gave the CPU's bits is recorded, not asserted."""
+    g = torch.Generator().manual_seed(172)
+    x = (torch.randn(6, 64, 64, 64, generator=g) * 8).to(dtype)
+    x[0, 0, 0, 0], x[1, 1, 5, 5], x[2, 2, 9, 9] = float("nan"), float("inf"), -float("inf")
+    calls = [dict(kernel_size=4), dict(kernel_size=3, stride=2, padding=1, ceil_mode=True, count_include_pad=False)]
+    torch_same = []
+    for kw in calls:
+        want = torch.nn.functional.avg_pool2d(x, **kw)
+        torch_same.append(torch.equal(bits(torch.nn.functional.avg_pool2d(x.to(DEV), **kw).cpu()), bits(want)))
+        with batch_invariant(portable=True, strict=True) as bi:
+            assert_bits_equal(torch.nn.functional.avg_pool2d(x.to(DEV), **kw).cpu(), want, f"avg_pool2d {kw}")
+            assert_bits_equal(torch.nn.functional.avg_pool2d(x[3:4].to(DEV), **kw).cpu(), want[3:4], "alone")
+        assert bi.routed() == {"avg_pool2d": 2}, bi.coverage()
+    request.node.user_properties.append((f"torch_cuda_avg_pool2d_{dtype}_equals_cpu", str(torch_same)))
+
+
 @pytest.mark.parametrize(("model_type", "fields", "table"), [
     ("qwen2", dict(num_key_value_heads=1, head_dim=128, rope_theta=1e6), "inv_freq"),
     ("xglm", dict(d_model=1024, ffn_dim=64, max_position_embeddings=512), "embed_positions.weights"),
