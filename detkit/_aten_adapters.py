@@ -1318,8 +1318,9 @@ def avg_pool2d(call: Call, self: torch.Tensor, kernel_size: Sequence[int], strid
                padding: Sequence[int] | int = 0, ceil_mode: bool = False, count_include_pad: bool = True,
                divisor_override: int | None = None) -> torch.Tensor:
     """``F.avg_pool2d`` (Gemma 3's image-token pooling, ``avg_pool1d``) in the order of
-    :func:`avg_pool2d_in_order`, on every device: torch's own CPU and CUDA kernels add in
-    that order too, but nothing promises it, and the portable guarantee rests on it."""
+    :func:`avg_pool2d_in_order`, on every device. torch's own CPU and CUDA kernels add in
+    that order too, but nothing promises it; routed, the order is detkit's, which the
+    portable guarantee needs."""
     _float(self)
     kernel = _pair(kernel_size)
     stride_hw = _pair(stride, default=kernel)

@@ -20,9 +20,12 @@ family tests do that. The tables the model computed when it was built
 (``check_computed_buffers``) that differ from the portable values, or that it cannot
 recompute, are listed too (not fixed, and not a failure). ``--task seq2seq`` sweeps the
 encoder-decoder models (``AutoModelForSeq2SeqLM``: T5, BART, Marian, ...) instead, their
-encoder inputs right padded and a forward given 3 decoder tokens. Usage::
+encoder inputs right padded and a forward given 3 decoder tokens; ``--task vision`` the
+vision towers of image-text-to-text models (``AutoModelForImageTextToText``), each
+model's ``get_image_features`` of two generic images (``image_inputs``; a model that
+wants other inputs is skipped, as not running without the mode). Usage::
 
-    python scripts/sweep_causal_lms.py [--only llama,gpt2] [--dtype bfloat16] [--task seq2seq] [--json sweep.json]
+    python scripts/sweep_causal_lms.py [--only llama,gpt2] [--dtype bfloat16] [--task seq2seq|vision] [--json FILE]
 
 Exit 0 when no architecture that runs without the mode fails under it, 1 otherwise.
 Results are written after each architecture, so an interruption keeps the finished ones.
@@ -31,6 +34,7 @@ Results are written after each architecture, so an interruption keeps the finish
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import warnings
@@ -168,14 +172,69 @@ class Outcome:
     buffers_unchecked: list[str] = field(default_factory=list)
 
 
+# --task vision: what generic image inputs leave inconsistent ("vision_config.x": the tower's
+# field). Gemma 3 pools its patches into mm_tokens_per_image tokens, fewer than the small
+# tower's patches; Idefics3's connector shuffles a side of patches divisible by its factor.
+_SMALL_TILES = {"vision_config.image_size": 32, "vision_config.patch_size": 8}
+VISION_PER_TYPE: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=16), "idefics3": _SMALL_TILES,
+                                              "smolvlm": _SMALL_TILES}
+TASKS = ("causal-lm", "seq2seq", "vision")
+
+
 def _auto_class(task: str) -> Any:
     import transformers
 
-    return transformers.AutoModelForSeq2SeqLM if task == "seq2seq" else transformers.AutoModelForCausalLM
+    return {"seq2seq": transformers.AutoModelForSeq2SeqLM,
+            "vision": transformers.AutoModelForImageTextToText}.get(task, transformers.AutoModelForCausalLM)
+
+
+def _task_names(task: str) -> list[str]:
+    from transformers.models.auto import modeling_auto
+
+    return sorted({"seq2seq": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+                   "vision": modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES}.get(
+        task, modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))
+
+
+def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
+    """Generic pixels for ``model.get_image_features``, by what it asks for: Qwen-VL's
+    flattened patches of an 8 x 8 grid each (``image_grid_thw``), Idefics' 5-D tiles with
+    their pixel mask, LLaVA-NeXT's and Pixtral's ``image_sizes``, else a square batch at the
+    tower's ``image_size``."""
+    import inspect
+
+    wanted = inspect.signature(model.get_image_features).parameters
+    vision = model.config.vision_config
+    g = torch.Generator().manual_seed(0)
+    if "image_grid_thw" in wanted:
+        size = getattr(vision, "in_channels", 3) * (getattr(vision, "temporal_patch_size", None) or 2) * vision.patch_size**2
+        return dict(pixel_values=torch.randn(images * 64, size, generator=g),
+                    image_grid_thw=torch.tensor([[1, 8, 8]] * images))
+    side = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+    pixels = torch.randn(images, 3, side, side, generator=g)
+    if "pixel_attention_mask" in wanted and "spatial_shapes" not in wanted:
+        return dict(pixel_values=pixels[:, None], pixel_attention_mask=torch.ones(images, 1, side, side, dtype=torch.bool))
+    if "image_sizes" in wanted:
+        return dict(pixel_values=pixels, image_sizes=torch.tensor([[side, side]] * images))
+    return dict(pixel_values=pixels)
+
+
+def _flat(out: Any) -> torch.Tensor:
+    """Every tensor of ``get_image_features``' output (its pooled features where it has
+    them, else its last hidden state), flattened and concatenated."""
+    if isinstance(out, torch.Tensor):
+        return out.reshape(-1)
+    if isinstance(out, (list, tuple)):
+        return torch.cat([_flat(o) for o in out])
+    pooled = getattr(out, "pooler_output", None)
+    return _flat(pooled if pooled is not None else out.last_hidden_state)
 
 
 def _build(model_type: str, dtype: torch.dtype = torch.float32, task: str = "causal-lm") -> Any:
     config = small_config(model_type)
+    for key, value in (VISION_PER_TYPE.get(model_type, {}) if task == "vision" else {}).items():
+        *path, field_name = key.split(".")
+        setattr(functools.reduce(getattr, path, config), field_name, value)
     with torch.device("meta"):
         size = sum(p.numel() for p in _auto_class(task).from_config(config).parameters())
     if size > MAX_PARAMETERS:
@@ -204,6 +263,8 @@ def sweep_one(model_type: str, rtol: float, dtype: torch.dtype = torch.float32, 
     decoder = {"decoder_input_ids": ids[:, :3]} if task == "seq2seq" else {}
 
     def run() -> torch.Tensor:
+        if task == "vision":
+            return _flat(model.get_image_features(**pixels)).float()
         logits = model(input_ids=ids, attention_mask=mask, **decoder).logits
         # T5's family starts decoding from the pad id, which its config leaves to generate
         unset = task == "seq2seq" and getattr(model.config, "decoder_start_token_id", None) is None
@@ -213,6 +274,10 @@ def sweep_one(model_type: str, rtol: float, dtype: torch.dtype = torch.float32, 
 
     try:
         model = _build(model_type, dtype, task)
+        if task == "vision":
+            if not callable(getattr(model, "get_image_features", None)):
+                raise TypeError("no get_image_features")
+            pixels = {k: v.to(dtype) if v.is_floating_point() else v for k, v in image_inputs(model).items()}
         with torch.no_grad():
             reference = run()
     except Exception as err:  # noqa: BLE001 - any failure without the mode is the architecture's
@@ -252,16 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated model types (default: every causal LM)")
     parser.add_argument("--json", type=Path, help="write the outcomes here (after each architecture)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the models' dtype")
-    parser.add_argument("--task", choices=["causal-lm", "seq2seq"], default="causal-lm",
-                        help="causal LMs (AutoModelForCausalLM) or encoder-decoder models (AutoModelForSeq2SeqLM)")
+    parser.add_argument("--task", choices=TASKS, default="causal-lm",
+                        help="causal LMs (AutoModelForCausalLM), encoder-decoder models (AutoModelForSeq2SeqLM) or "
+                             "the vision towers of image-text-to-text models (their get_image_features)")
     parser.add_argument("--rtol", type=float, help="logit difference allowed, relative to the largest (default: "
                         + ", ".join(f"{rtol:g} in {name}" for name, (_, rtol) in sorted(DTYPES.items())) + ")")
     args = parser.parse_args(argv)
     import transformers
-    from transformers.models.auto import modeling_auto
 
-    names = sorted(modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES if args.task == "seq2seq"
-                   else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    names = _task_names(args.task)
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = sorted(set(wanted) - set(names))

@@ -5,8 +5,8 @@ aten op that reaches a backend, sorted by ``coverage_report`` into routed, exact
 portable and uncovered), once under ``batch_invariant()`` (the calls that were routed,
 that fell back to torch, and in portable mode that took torch's math library). With
 ``--portable`` it also checks the tables the model computed when it was built (RoPE
-frequencies, sinusoidal positions: ``detkit.check_computed_buffers``). Exit 1 when anything is uncovered (or, with
-``--portable``, not portable): a CI can gate on it.
+frequencies, sinusoidal positions: ``detkit.check_computed_buffers``). Exit 1 when
+anything is uncovered (or, with ``--portable``, not portable): a CI can gate on it.
 """
 
 from __future__ import annotations
