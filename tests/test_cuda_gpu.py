@@ -846,6 +846,40 @@ def test_complex_products_under_portable_mode_on_cuda_are_the_cpus(dtype: torch.
     assert bi.routed() == {} and set(bi.coverage().passed_through) == {"mul.Tensor"}, bi.coverage()
 
 
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_5_vl", "gemma3"])
+def test_vision_towers_on_cuda_give_each_image_its_features_in_any_batch(model_type: str,
+                                                                          request: pytest.FixtureRequest) -> None:
+    """tests/test_mode_vision.py's towers on the GPU: under both modes each of 5 images has
+    the same features alone and in the batch of all 5, and in portable mode they are the
+    CPU's portable features, bit for bit. Whether torch's own tower kept an image's
+    features in the batch is recorded, not asserted."""
+    import copy
+
+    pytest.importorskip("transformers")
+    import test_mode_vision as V
+
+    model, inputs = V._tower(model_type, torch.float32)
+    with torch.no_grad(), batch_invariant(portable=True):
+        cpu = V._features(model, inputs(list(range(V.IMAGES))))
+    gpu = copy.deepcopy(model).to(DEV)
+
+    def features(ids: list[int]) -> list[torch.Tensor]:
+        return [f.cpu() for f in V._features(gpu, {k: v.to(DEV) for k, v in inputs(ids).items()})]
+
+    with torch.no_grad():
+        request.node.user_properties.append((f"torch_cuda_{model_type}_image_0_same_in_batch_of_5", str(
+            torch.equal(bits(features([0])[0]), bits(features(list(range(V.IMAGES)))[0])))))
+        for portable in (False, True):
+            with batch_invariant(portable=portable) as bi:
+                alone = [features([i])[0] for i in range(V.IMAGES)]
+                batch = features(list(range(V.IMAGES)))
+            assert bi.uncovered() == {} and bi.not_portable() == {}, bi.coverage()
+            for i in range(V.IMAGES):
+                assert_bits_equal(batch[i], alone[i], f"{model_type} image {i}, portable={portable}")
+                if portable:
+                    assert_bits_equal(alone[i], cpu[i], f"{model_type} image {i}: CUDA portable vs CPU portable")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_avg_pool2d_on_cuda_is_the_cpus(dtype: torch.dtype, request: pytest.FixtureRequest) -> None:
     """Gemma 3's image-token pooling (4 x 4 windows) and a padded, ceil-mode pool with NaN
