@@ -2123,6 +2123,8 @@ EXACT_OPS: frozenset[str] = frozenset(
         # patch merger's F.unfold), comparisons placing patches (Idefics3's bucketize), and
         # Qwen-VL's per-image sequence bounds (repeat_interleave, unique_consecutive)
         "unfold", "im2col", "bucketize", "searchsorted", "repeat_interleave", "unique_consecutive",
+        # a multimodal model's image features copied into the text's image-token positions
+        "masked_scatter", "masked_scatter_", "masked_select",
     }
 )
 # IEEE-754 correctly rounded elementwise arithmetic: position independent and, for one

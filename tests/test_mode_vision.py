@@ -6,8 +6,9 @@ RoPE), Gemma 3 (SigLIP, then an ``avg_pool2d`` of its patches into image tokens)
 (SigLIP on 5-D pixel batches) and Mistral 3 (Pixtral, a patch merger) are built small from
 their configs and run on one image alone and inside batches of others, at every position:
 under the mode every image's features are the same bits, in both modes, with nothing
-left to torch. ``avg_pool2d`` is routed (``avg_pool2d_in_order``) and checked against
-torch's own CPU kernel bit for bit.
+left to torch; and a whole request (its prompt's image tokens filled with its image's
+features) gives the same logits alone and beside another. ``avg_pool2d`` is routed
+(``avg_pool2d_in_order``) and checked against torch's own CPU kernel bit for bit.
 """
 
 from __future__ import annotations
@@ -309,3 +310,36 @@ def test_portable_features_are_the_same_under_torchs_scalar_kernels(tmp_path: An
     if runs["host"]["capability"] == "DEFAULT":
         pytest.skip("this CPU already runs torch's DEFAULT kernels: no negative control")
     assert any(runs["host"][n]["off"] != runs["default"][n]["off"] for n in TOWERS), "negative control: none changed"
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "idefics3", "llava", "mistral3"])
+def test_a_requests_logits_with_its_image_do_not_depend_on_the_other_requests(model_type: str) -> None:
+    """The whole multimodal forward: a prompt holding one image (its image tokens, then
+    text) gives the same logits alone and batched with another request's prompt and image,
+    first or second, under both modes; the features' copy into the image-token positions
+    (masked_scatter) is exact, and nothing is left to torch."""
+    model, inputs = _tower(model_type, torch.float32)
+    config = model.config
+    slots = _features(model, inputs([0]))[0].shape[0]
+    token = 7  # an image token inside the small vocabulary
+    for name in ("image_token_id", "image_token_index"):
+        if hasattr(config, name):
+            setattr(config, name, token)
+    prompts = {0: [1, 2, *[token] * slots, 3, 4], 3: [5, 6, *[token] * slots, 8, 9]}
+
+    def logits(images: list[int]) -> torch.Tensor:
+        ids = torch.tensor([prompts[i] for i in images])
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs(images)).logits
+
+    with torch.no_grad():
+        _, ops = trace_ops(lambda: logits([0, 3]))
+        for portable in (False, True):
+            report = coverage_report(ops, portable=portable)
+            assert report.uncovered == {} and (not portable or report.not_portable == {}), report
+            assert "masked_scatter.default" in report.exact, report
+            with detkit.batch_invariant(portable=portable) as bi:
+                alone = logits([0])[0]
+                first, second = logits([0, 3])[0], logits([3, 0])[1]
+            assert bi.uncovered() == {} and bi.not_portable() == {}, bi.coverage()
+            assert (host_bits(first) == host_bits(alone)).all() and (host_bits(second) == host_bits(alone)).all()
+    assert not torch.equal(logits([3])[0], alone)  # the other request's image and text change its own logits
