@@ -207,13 +207,15 @@ def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
     vision = model.config.vision_config
     g = torch.Generator().manual_seed(0)
     if "image_grid_thw" in wanted:
-        size = getattr(vision, "in_channels", 3) * (getattr(vision, "temporal_patch_size", None) or 2) * vision.patch_size**2
+        frames = getattr(vision, "temporal_patch_size", None) or 2
+        size = getattr(vision, "in_channels", 3) * frames * vision.patch_size**2
         return dict(pixel_values=torch.randn(images * 64, size, generator=g),
                     image_grid_thw=torch.tensor([[1, 8, 8]] * images))
     side = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     pixels = torch.randn(images, 3, side, side, generator=g)
     if "pixel_attention_mask" in wanted and "spatial_shapes" not in wanted:
-        return dict(pixel_values=pixels[:, None], pixel_attention_mask=torch.ones(images, 1, side, side, dtype=torch.bool))
+        return dict(pixel_values=pixels[:, None],
+                    pixel_attention_mask=torch.ones(images, 1, side, side, dtype=torch.bool))
     if "image_sizes" in wanted:
         return dict(pixel_values=pixels, image_sizes=torch.tensor([[side, side]] * images))
     return dict(pixel_values=pixels)
@@ -314,7 +316,7 @@ def sweep_one(model_type: str, rtol: float, dtype: torch.dtype = torch.float32, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="", help="comma-separated model types (default: every causal LM)")
+    parser.add_argument("--only", default="", help="comma-separated model types (default: every one of --task)")
     parser.add_argument("--json", type=Path, help="write the outcomes here (after each architecture)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the models' dtype")
     parser.add_argument("--task", choices=TASKS, default="causal-lm",

@@ -68,11 +68,13 @@ def _pools(draw: st.DrawFn) -> dict[str, Any]:
 @given(pool=_pools(), height=st.integers(1, 11), width=st.integers(1, 11), seed=st.integers(0, 2**16))
 def test_avg_pool2d_is_routed_and_gives_torchs_cpu_bits(dtype: torch.dtype, layout: str, pool: dict[str, Any],
                                                        height: int, width: int, seed: int) -> None:
-    """Every option of F.avg_pool2d, every float dtype and layout, values with NaN, ±inf,
-    -0 and exact ties: the mode's result (one routed call) is torch's CPU result, bit for
-    bit and with its strides; what torch refuses it still refuses."""
+    """Every option of F.avg_pool2d, every float dtype and layout, values of magnitudes
+    2^-8 to 2^8 (so the order of the additions shows in the sum) with NaN, ±inf and -0:
+    the mode's result (one routed call) is torch's CPU result, bit for bit and with its
+    strides; what torch refuses it still refuses."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(2, 3, height, width, generator=g) * 8).round().to(dtype)
+    shape = (2, 3, height, width)
+    x = (torch.randn(shape, generator=g) * torch.exp2(torch.randint(-8, 9, shape, generator=g).float())).to(dtype)
     x[0, 0, 0, 0], x[1, 1, -1, -1], x[1, 2, 0, -1], x[0, 2, -1, 0] = float("nan"), -0.0, float("inf"), -float("inf")
     x = _layout(x, layout)
     try:
@@ -154,8 +156,8 @@ def test_the_towers_index_ops_are_classed_exact_and_interpolation_uncovered() ->
 
 # ----------------------------------------------------------------------------- vision towers
 
-# (model_type, vision config fields, how its images are given): small towers, several
-# patches an image, each family's own input convention.
+# model_type: (its config's fields, its vision config's fields, how its images are given):
+# small towers, several patches an image, each family's own input convention.
 TOWERS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "llava": ({}, dict(image_size=32, patch_size=8), "square"),
     "qwen2_5_vl": ({}, dict(window_size=32), "patches"),
@@ -207,13 +209,13 @@ def _tower(model_type: str, dtype: torch.dtype) -> tuple[Any, Callable[[list[int
         images = [pixels(3, vc.image_size, vc.image_size) for _ in range(IMAGES)]
 
         def inputs(ids: list[int]) -> dict[str, Any]:
-            pixels = torch.stack([images[i] for i in ids])
+            batch = torch.stack([images[i] for i in ids])
             if convention == "tiles":  # Idefics3: (batch, tiles, 3, H, W) and which pixels are real
-                return dict(pixel_values=pixels[:, None],
-                            pixel_attention_mask=torch.ones(len(ids), 1, vc.image_size, vc.image_size, dtype=torch.bool))
+                mask = torch.ones(len(ids), 1, vc.image_size, vc.image_size, dtype=torch.bool)
+                return dict(pixel_values=batch[:, None], pixel_attention_mask=mask)
             if convention == "sized":  # Pixtral: each image's size
-                return dict(pixel_values=pixels, image_sizes=torch.tensor([[vc.image_size] * 2] * len(ids)))
-            return dict(pixel_values=pixels)
+                return dict(pixel_values=batch, image_sizes=torch.tensor([[vc.image_size] * 2] * len(ids)))
+            return dict(pixel_values=batch)
     return model, inputs
 
 
