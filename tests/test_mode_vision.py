@@ -295,7 +295,7 @@ print(json.dumps(out))
 def test_portable_features_are_the_same_under_torchs_scalar_kernels(tmp_path: Any) -> None:
     """Portable mode's features of every tower are the same bits with torch's vector
     kernels and with its DEFAULT (scalar) ones. Negative control: torch's own features
-    change for at least one tower (its gelu, softmax, layer norm), unless this CPU already
+    change for at least one tower (for all five on this EPYC), unless this CPU already
     runs DEFAULT."""
     for name in TOWERS:
         torch.save(_tower(name, torch.float32)[0].state_dict(), tmp_path / f"{name}.pt")
