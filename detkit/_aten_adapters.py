@@ -437,7 +437,8 @@ def grouped_mm(
 
 
 def _triple(values: Sequence[int], nd: int, what: str) -> list[int]:
-    """aten.convolution's stride/padding/dilation: one value per spatial dim, or one for all."""
+    """One value per spatial dim, or one for all: aten.convolution's stride, padding and
+    dilation, avg_pool2d's kernel_size, stride and padding."""
     values = list(values)
     if len(values) == 1:
         return values * nd
@@ -1269,16 +1270,7 @@ def _pool_output_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: 
     return out
 
 
-def _pair(value: Sequence[int] | int, default: Sequence[int] | None = None) -> tuple[int, int]:
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values and default is not None:
-        return _pair(default)
-    if len(values) not in (1, 2):
-        raise Unsupported("a pooling argument of neither 1 nor 2 values", benign=True)  # torch's own error
-    return (int(values[0]), int(values[-1]))
-
-
-def avg_pool2d_in_order(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+def avg_pool2d_in_order(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                         ceil_mode: bool, count_include_pad: bool, divisor: int | None) -> torch.Tensor:
     """Each output the sum of its window's elements in row-major order, one rounded
     addition after another from +0, divided (one rounding) by the window's count, in
@@ -1322,9 +1314,9 @@ def avg_pool2d(call: Call, self: torch.Tensor, kernel_size: Sequence[int], strid
     that order too, but nothing promises it; routed, the order is detkit's, which the
     portable guarantee needs."""
     _float(self)
-    kernel = _pair(kernel_size)
-    stride_hw = _pair(stride, default=kernel)
-    pad = _pair(padding)
+    kernel = _triple(kernel_size, 2, "kernel_size")
+    stride_hw = _triple(stride, 2, "stride") if len(stride) else kernel  # torch: empty means the kernel's
+    pad = _triple([padding] if isinstance(padding, int) else padding, 2, "padding")
     if (self.dim() not in (3, 4) or min(kernel) <= 0 or min(stride_hw) <= 0 or min(pad) < 0
             or pad[0] * 2 > kernel[0] or pad[1] * 2 > kernel[1] or divisor_override == 0):
         raise Unsupported("arguments torch refuses", benign=True)  # torch's own error

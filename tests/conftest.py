@@ -43,12 +43,20 @@ TINY_FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def load_script(path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """Import a script that is not part of the package (benchmarks/*.py) as a module."""
-    spec = importlib.util.spec_from_file_location(f"{path.stem}_under_test", path)
+def load_script(path: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> ModuleType:
+    """Import a script that is not part of the package (benchmarks/*.py) as a module: fresh
+    and registered for one test with ``monkeypatch``, else loaded once and kept."""
+    name = f"{path.stem}_under_test"
+    if monkeypatch is None and name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up
+    # dataclasses look their module up
+    if monkeypatch is None:
+        sys.modules[name] = mod
+    else:
+        monkeypatch.setitem(sys.modules, name, mod)
     spec.loader.exec_module(mod)
     return mod
 

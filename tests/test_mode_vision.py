@@ -21,12 +21,14 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_script
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -174,7 +176,7 @@ def _tower(model_type: str, dtype: torch.dtype) -> tuple[Any, Callable[[list[int
     arguments of its ``get_image_features`` for those images, batched."""
     import transformers
 
-    sweep = _sweep()
+    sweep = load_script(Path(__file__).resolve().parents[1] / "scripts" / "sweep_causal_lms.py")
     top, vision, convention = TOWERS[model_type]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -217,20 +219,6 @@ def _tower(model_type: str, dtype: torch.dtype) -> tuple[Any, Callable[[list[int
                 return dict(pixel_values=batch, image_sizes=torch.tensor([[vc.image_size] * 2] * len(ids)))
             return dict(pixel_values=batch)
     return model, inputs
-
-
-def _sweep() -> Any:
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / "sweep_causal_lms.py"
-    spec = importlib.util.spec_from_file_location("sweep_for_vision_tests", path)
-    assert spec is not None and spec.loader is not None
-    if spec.name not in sys.modules:
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[spec.name]
 
 
 def _features(model: Any, inputs: dict[str, Any]) -> list[torch.Tensor]:

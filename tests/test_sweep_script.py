@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,14 +13,19 @@ from conftest import load_script
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "sweep_causal_lms.py"
 
 
+def _run_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, list[dict[str, Any]]]:
+    """The sweep's exit code and the outcomes it wrote, for ``args`` (plus ``--json``)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "sweep.json"
+    code = load_script(SCRIPT, monkeypatch).main([*args, "--json", str(out)])
+    return code, json.loads(out.read_text())
+
+
 def test_the_sweep_passes_architectures_the_mode_runs_and_writes_each_outcome(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    pytest.importorskip("transformers")
-    sweep = load_script(SCRIPT, monkeypatch)
-    out = tmp_path / "sweep.json"
-    assert sweep.main(["--only", "llama,gpt2", "--json", str(out)]) == 0
-    outcomes = json.loads(out.read_text())
+    code, outcomes = _run_sweep(tmp_path, monkeypatch, "--only", "llama,gpt2")
+    assert code == 0
     assert [(o["model_type"], o["status"]) for o in outcomes] == [("llama", "passed"), ("gpt2", "passed")]
     assert all(set(o["max_rel_diff"]) == {"batch_invariant", "portable"} for o in outcomes)
     assert "passed 2, uncovered 0, failed 0" in capsys.readouterr().out
@@ -111,11 +117,8 @@ def test_tables_built_with_torchs_math_library_are_listed(tmp_path: Path, monkey
     """XGLM's sinusoidal position table (torch's exp, sin and cos) differs from the portable
     values and Falcon-H1's mup_vector cannot be recomputed from its module: both listed,
     neither a failure; GPT-2 builds no such table."""
-    pytest.importorskip("transformers")
-    sweep = load_script(SCRIPT, monkeypatch)
-    out = tmp_path / "sweep.json"
-    assert sweep.main(["--only", "xglm,falcon_h1,gpt2", "--json", str(out)]) == 0
-    xglm, falcon, gpt2 = json.loads(out.read_text())
+    code, (xglm, falcon, gpt2) = _run_sweep(tmp_path, monkeypatch, "--only", "xglm,falcon_h1,gpt2")
+    assert code == 0
     assert xglm["status"] == falcon["status"] == "passed", (xglm, falcon)
     (table,) = xglm["buffers_differing"]
     assert table.startswith("model.embed_positions.weights: ") and xglm["buffers_unchecked"] == []
@@ -135,11 +138,8 @@ def test_tables_built_with_torchs_math_library_are_listed(tmp_path: Path, monkey
 ])
 def test_architectures_pass_covered(model_types: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """These run under both modes with nothing left to torch."""
-    pytest.importorskip("transformers")
-    sweep = load_script(SCRIPT, monkeypatch)
-    out = tmp_path / "sweep.json"
-    assert sweep.main(["--only", model_types, "--json", str(out)]) == 0
-    outcomes = json.loads(out.read_text())
+    code, outcomes = _run_sweep(tmp_path, monkeypatch, "--only", model_types)
+    assert code == 0
     assert [(o["status"], o["uncovered"], o["not_portable"]) for o in outcomes] == [("passed", [], [])] * len(
         model_types.split(",")), outcomes
 
@@ -148,11 +148,9 @@ def test_a_bfloat16_sweep_allows_bfloat16_rounding(tmp_path: Path, monkeypatch: 
     """In bfloat16 the mode's logits differ from torch's in their last bits (another
     reduction order, rounded to 8 bits): the default tolerance for bfloat16 passes them,
     float32's does not."""
-    pytest.importorskip("transformers")
+    code, (outcome,) = _run_sweep(tmp_path, monkeypatch, "--only", "llama", "--dtype", "bfloat16")
+    assert code == 0
     sweep = load_script(SCRIPT, monkeypatch)
-    out = tmp_path / "sweep.json"
-    assert sweep.main(["--only", "llama", "--dtype", "bfloat16", "--json", str(out)]) == 0
-    (outcome,) = json.loads(out.read_text())
     assert outcome["status"] == "passed" and 1e-4 < outcome["max_rel_diff"]["batch_invariant"] <= 5e-2
     assert sweep.main(["--only", "llama", "--dtype", "bfloat16", "--rtol", "1e-4"]) == 1
 
@@ -162,11 +160,9 @@ def test_a_seq2seq_sweep_runs_encoder_decoder_models(tmp_path: Path, monkeypatch
     """T5 (relative position buckets, a decoder start token its config leaves to generate)
     and Switch Transformers (an MoE router) under both modes, nothing left to torch; a
     causal LM is not a seq2seq type."""
-    pytest.importorskip("transformers")
+    code, outcomes = _run_sweep(tmp_path, monkeypatch, "--task", "seq2seq", "--only", "t5,switch_transformers")
+    assert code == 0
     sweep = load_script(SCRIPT, monkeypatch)
-    out = tmp_path / "sweep.json"
-    assert sweep.main(["--task", "seq2seq", "--only", "t5,switch_transformers", "--json", str(out)]) == 0
-    outcomes = json.loads(out.read_text())
     assert [(o["model_type"], o["status"], o["uncovered"]) for o in outcomes] == [
         ("t5", "passed", []), ("switch_transformers", "passed", [])]
     assert sweep.main(["--task", "seq2seq", "--only", "llama"]) == 2
@@ -179,11 +175,8 @@ def test_a_vision_sweep_runs_the_towers_and_lists_what_they_leave_to_torch(
     (flattened patches and their grid) pass under both modes; GLM-4V resamples its position
     table with grid_sample, which the mode leaves to torch: uncovered, listed, not a
     failure (exit 0)."""
-    pytest.importorskip("transformers")
-    sweep = load_script(SCRIPT, monkeypatch)
-    out = tmp_path / "sweep.json"
-    assert sweep.main(["--task", "vision", "--only", "gemma3,qwen2_5_vl,glm4v", "--json", str(out)]) == 0
-    outcomes = json.loads(out.read_text())
+    code, outcomes = _run_sweep(tmp_path, monkeypatch, "--task", "vision", "--only", "gemma3,qwen2_5_vl,glm4v")
+    assert code == 0
     assert [(o["model_type"], o["status"], o["uncovered"]) for o in outcomes] == [
         ("gemma3", "passed", []), ("qwen2_5_vl", "passed", []), ("glm4v", "uncovered", ["grid_sampler_2d.default"])]
     assert all(o["max_rel_diff"]["portable"] <= 1e-4 for o in outcomes), outcomes
