@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,6 +61,34 @@ def load_script(path: Path, monkeypatch: pytest.MonkeyPatch | None = None) -> Mo
         monkeypatch.setitem(sys.modules, name, mod)
     spec.loader.exec_module(mod)
     return mod
+
+
+# The variables that choose an instruction set: torch's ATen dispatch, numba's target, oneDNN's.
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "ONEDNN_MAX_CPU_ISA")
+
+
+def isa_children(code: str, args: list[str], envs: dict[str, dict[str, str]],
+                 timeout: float = 600) -> dict[str, Any]:
+    """Run ``python -c code *args`` once per entry of ``envs`` (label: variables set on top of
+    this environment without its ISA variables), all at once (much of each child is
+    importing torch); each child prints one JSON line last. {label: that JSON}."""
+    procs = {}
+    for label, extra in envs.items():
+        env = {k: v for k, v in os.environ.items() if k not in ISA_VARIABLES} | extra
+        procs[label] = subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+    runs = {}
+    try:
+        for label, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=timeout)
+            assert proc.returncode == 0, f"{label}: child failed:\n{stderr[-3000:]}"
+            runs[label] = json.loads(stdout.strip().splitlines()[-1])
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return runs
 
 
 @contextlib.contextmanager

@@ -175,21 +175,31 @@ def _gpu_check_without_a_gpu(out: Path, *, compile_s: int, timeout: int) -> dict
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine scripts/gpu-check runs for real (minutes)")
 def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path, compiled_kernels: dict) -> None:
     """scripts/gpu-check end to end on this CPU machine: it compiles every kernel, finds
-    that no GPU test ran, writes its summary and exits 1 (a skip-only run is no proof)."""
+    that no GPU test ran, writes its summary and exits 1 (a skip-only run is no proof).
+    Run into a directory holding an earlier run's outputs: a step that writes nothing this
+    time (here: no GPU, so no benchmark or audit output) must not leave them in
+    summary.json as if they were this run's."""
     import importlib.metadata
     import shutil
     import subprocess
 
+    (tmp_path / "gpu-audit").mkdir()
+    (tmp_path / "gpu-audit" / "report.json").write_text("{}")
+    (tmp_path / "bench_cuda.json").write_text(json.dumps(
+        {"meta": {"device": "an earlier run"}, "targets": [{"met": True}], "tile_choice": "stale"}))
+    (tmp_path / "gpu_tests_stale.xml").write_text('<testsuite><testcase classname="t" name="old"/></testsuite>')
     # Without a GPU the check compiles for sm_80 and sm_90 (every unit to CUBIN), which
     # compiled_kernels has put in the disk cache; the limit covers a cold cache on 2 busy cores.
     summary = _gpu_check_without_a_gpu(tmp_path, compile_s=600, timeout=600)
     assert summary["ok"] is False and summary["tests"]["passed"] == 0 and summary["tests"]["skipped"] > 0
     if shutil.which("nvidia-smi") is None:
         assert summary["device"] == ["unknown (nvidia-smi not found)"]
+    assert "error" in summary["bench"], summary["bench"]
+    assert summary["audit"]["report"] is None
     # the GPU machine's own versions, to read its failures against
     assert summary["versions"]["torch"] == importlib.metadata.version("torch")
     assert summary["versions"]["mode_supported"] is hasattr(torch.library, "get_kernel")
-    assert summary["kernels_check"]["ok"] is True
+    assert summary["kernels_check"]["ok"] is True and summary["kernels_check"]["exit"] == 0
     assert set(summary["kernels_check"]["files"]) == {"matmul.cu", "rowops.cu", "attention.cu", "solve.cu",
                                                       "matmul_tiles.cu", "matmul_sm90.cu"}
     assert set(summary["kernels_check"]["spilling"]) <= set(KNOWN_SPILLS)
@@ -207,6 +217,22 @@ def test_gpu_check_without_a_gpu_fails_and_says_why(tmp_path: Path, compiled_ker
                              capture_output=True, text=True, check=False)
     collected = [line for line in collect.stdout.splitlines() if "::" in line]
     assert len(names) == len(set(names)) == len(collected), (len(names), len(set(names)), len(collected))
+
+
+def test_the_summary_says_when_the_compile_check_ran_out_of_time(tmp_path: Path) -> None:
+    """The compile check stopped by its time limit leaves no JSON and no stderr: the
+    summary says it timed out (and which variable sets the limit), not just 'no JSON'."""
+    (tmp_path / "nvidia-smi.txt").write_text("unknown (nvidia-smi not found)\n")
+    (tmp_path / "versions.json").write_text("{}")
+    (tmp_path / "kernels_check.json").write_text("")
+    (tmp_path / "kernels_check.err").write_text("")
+    (tmp_path / "kernels_check.rc").write_text("kernels check exit: 124\n")
+    summarize = load_script(BENCH.parent.parent / "scripts" / "gpu_check_summary.py")
+    assert summarize.main([str(tmp_path), "1", "3", "1"]) == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["kernels_check"]["exit"] == 124 and "time limit (1 s" in summary["kernels_check"]["timed_out"]
+    assert "time limit" in (tmp_path / "summary.md").read_text()
+    assert summary["tests"]["groups"] == {} and "error" in summary["bench"] and summary["ok"] is False
 
 
 def test_a_kernel_fault_keeps_the_sweep_and_says_what_stopped_it(bench: Any, tmp_path: Path,
@@ -258,22 +284,3 @@ def test_a_target_is_met_on_the_unrounded_speed(bench: Any) -> None:
     exact = bench.Result("matmul", "bfloat16", "M=256 K=N=4096", 0.9, 1.0, None)
     assert short.speed == 0.9
     assert [c["met"] for c in bench.targets([short, exact])] == [False, True]
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine scripts/gpu-check runs for real (minutes)")
-def test_gpu_check_does_not_report_an_earlier_runs_outputs(tmp_path: Path) -> None:
-    """Rerun into the same directory: a step that writes nothing this time (here: no GPU,
-    so no benchmark or audit output; the compile check cut off at once) must not leave the
-    previous run's results in summary.json as if they were this run's."""
-    (tmp_path / "gpu-audit").mkdir()
-    (tmp_path / "gpu-audit" / "report.json").write_text("{}")
-    (tmp_path / "bench_cuda.json").write_text(json.dumps(
-        {"meta": {"device": "an earlier run"}, "targets": [{"met": True}], "tile_choice": "stale"}))
-    (tmp_path / "gpu_tests_stale.xml").write_text('<testsuite><testcase classname="t" name="old"/></testsuite>')
-    summary = _gpu_check_without_a_gpu(tmp_path, compile_s=1, timeout=400)
-    assert "error" in summary["bench"], summary["bench"]
-    assert summary["audit"]["report"] is None
-    # the compile check cut off by its 1 s limit: the summary says so, not just "no JSON"
-    assert summary["kernels_check"]["exit"] == 124 and "time limit (1 s" in summary["kernels_check"]["timed_out"]
-    assert "time limit" in (tmp_path / "summary.md").read_text()
-    assert set(summary["tests"]["groups"]) == {"wgmma", "matmul", "rows", "attention", "integration"}

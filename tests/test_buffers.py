@@ -5,14 +5,12 @@ in fresh processes, and by the logits of the fixed model."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 from typing import Any
 
 import pytest
 import torch
+from conftest import isa_children
 
 import detkit
 from detkit.buffers import BufferCheck, check_computed_buffers
@@ -120,20 +118,14 @@ print(json.dumps(out))
 """
 
 
-def _child(env_extra: dict[str, str]) -> dict[str, Any]:
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"} | env_extra
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(_SMALL), json.dumps(CONFIGS)], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_fixed_buffers_are_the_same_under_every_instruction_set() -> None:
     """After check_computed_buffers(fix=True) the frequency tables are the same bits with
     torch's vector kernels and with its DEFAULT (scalar) ones. Negative control: as torch
     built them they were not (torch 2.13 on an AVX-512 EPYC: Qwen2.5's, Gemma 3's and
     Phi-3's tables each had an element differ), unless this CPU already runs DEFAULT."""
-    host, scalar = _child({}), _child({"ATEN_CPU_CAPABILITY": "default"})
+    runs = isa_children(_CHILD, [json.dumps(_SMALL), json.dumps(CONFIGS)], {"host": {}, "scalar": {
+        "ATEN_CPU_CAPABILITY": "default"}})
+    host, scalar = runs["host"], runs["scalar"]
     assert scalar["capability"] == "DEFAULT"
     for name in CONFIGS:
         assert host[name]["fixed"] == scalar[name]["fixed"], name

@@ -1688,39 +1688,57 @@ def test_kernels_have_no_data_race_under_the_thread_sanitizer() -> None:
     _assert_clean("thread", rc, output, reports, "a data race: results that can change from run to run")
 
 
-@_needs("address")
-def test_mutation_read_past_the_tensor_is_caught_by_the_address_sanitizer(tmp_path: Path) -> None:
-    kernels = _mutated_kernels(tmp_path, "rowops.cu", _OVERREAD)
-    rc, output, reports = _SanitizedRun(tmp_path, "address", "test_portable_row_ops_equal_spec and 517 and dtype0",
-                                        kernels).result()
-    assert rc != 0, f"the sanitized run passed with a read past the tensor:\n{output[-2000:]}"
-    assert "heap-buffer-overflow" in reports and "rowops.cu:" in reports, reports[:3000] or output[-3000:]
-
-
 # The barrier between the warps' partial results and their reduction, dropped.
 _NO_BARRIER = ("    if (lane == 0) scratch[warp] = v;\n    __syncthreads();\n", "    if (lane == 0) scratch[warp] = v;\n")
-
-
-@_needs("thread")
-def test_mutation_missing_barrier_is_caught_by_the_thread_sanitizer(tmp_path: Path) -> None:
-    kernels = _mutated_kernels(tmp_path, "common.cuh", _NO_BARRIER)
-    rc, output, reports = _SanitizedRun(tmp_path, "thread", "row_ops_batch_invariant and False-dtype1", kernels).result()
-    assert rc != 0 and "ThreadSanitizer: data race" in reports, reports[:3000] or output[-3000:]
-    # the race is on the reduction's scratch: named by its line in common.cuh, or (when the
-    # symbolizer gives no line for the inlined frame) by the variable
-    assert "common.cuh:" in reports or "::scratch'" in reports, reports[:3000]
-
 
 # The warp barrier between one key block's readers of `sk` and the next block's writers,
 # dropped. With D <= 64 (one block per score) the only thing between them is the next
 # chunk's __ballot_sync, which on a GPU orders no memory access (only __syncwarp does).
 _NO_SYNCWARP = ("                __syncwarp();  // the previous block's readers are done with sk\n", "")
 
+# name: (sanitizer, kernel file, mutation, the tests of this file that run it)
+_SANITIZER_MUTATIONS = {
+    "overread": ("address", "rowops.cu", _OVERREAD, "test_portable_row_ops_equal_spec and 517 and dtype0"),
+    "no barrier": ("thread", "common.cuh", _NO_BARRIER, "row_ops_batch_invariant and False-dtype1"),
+    "no syncwarp": ("thread", "attention.cu", _NO_SYNCWARP, "attention_invariance and True"),
+}
+
+
+@pytest.fixture(scope="module")
+def mutation_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _SanitizedRun]]:
+    """Every sanitizer mutation's run, started together (each is a compile on one core,
+    about 15 s here): the tests below collect them; one not collected is killed."""
+    runs = {}
+    for name, (kind, file, mutation, select) in _SANITIZER_MUTATIONS.items():
+        if not SANITIZE and _runtime(kind) is not None:
+            tmp = tmp_path_factory.mktemp(name.replace(" ", "-"))
+            runs[name] = _SanitizedRun(tmp, kind, select, _mutated_kernels(tmp, file, mutation))
+    yield runs
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.communicate()
+
+
+@_needs("address")
+def test_mutation_read_past_the_tensor_is_caught_by_the_address_sanitizer(mutation_runs: dict) -> None:
+    rc, output, reports = mutation_runs["overread"].result()
+    assert rc != 0, f"the sanitized run passed with a read past the tensor:\n{output[-2000:]}"
+    assert "heap-buffer-overflow" in reports and "rowops.cu:" in reports, reports[:3000] or output[-3000:]
+
 
 @_needs("thread")
-def test_mutation_a_shuffle_in_place_of_a_syncwarp_is_caught_by_the_thread_sanitizer(tmp_path: Path) -> None:
+def test_mutation_missing_barrier_is_caught_by_the_thread_sanitizer(mutation_runs: dict) -> None:
+    rc, output, reports = mutation_runs["no barrier"].result()
+    assert rc != 0 and "ThreadSanitizer: data race" in reports, reports[:3000] or output[-3000:]
+    # the race is on the reduction's scratch: named by its line in common.cuh, or (when the
+    # symbolizer gives no line for the inlined frame) by the variable
+    assert "common.cuh:" in reports or "::scratch'" in reports, reports[:3000]
+
+
+@_needs("thread")
+def test_mutation_a_shuffle_in_place_of_a_syncwarp_is_caught_by_the_thread_sanitizer(mutation_runs: dict) -> None:
     """Warp collectives synchronise the emulation's lanes but must not count as ordering
     shared memory for ThreadSanitizer (emu.h's EmuUnordered), or a race a GPU has passes."""
-    kernels = _mutated_kernels(tmp_path, "attention.cu", _NO_SYNCWARP)
-    rc, output, reports = _SanitizedRun(tmp_path, "thread", "attention_invariance and True", kernels).result()
+    rc, output, reports = mutation_runs["no syncwarp"].result()
     assert "ThreadSanitizer: data race" in reports and "attention" in reports, reports[:3000] or output[-3000:]

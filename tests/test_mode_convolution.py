@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 import detkit
 from detkit import kernels
 from detkit.compare import diff
-from detkit.errors import InvarianceViolation
 
 pytestmark = pytest.mark.usefixtures("mode_left_off")
 

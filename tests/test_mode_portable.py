@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_FAMILY_CONFIGS
+from conftest import TINY_FAMILY_CONFIGS, isa_children
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -554,7 +551,6 @@ _ENVS: dict[str, dict[str, str]] = {
     # Mamba's conv, so its portable-mode logits, until convolutions were routed.
     "ONEDNN_MAX_CPU_ISA=SSE41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
 }
-_ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "NUMBA_CPU_NAME", "ONEDNN_MAX_CPU_ISA")
 
 
 @pytest.fixture(scope="module")
@@ -571,18 +567,8 @@ def isa_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
     for name, fields in families.items():
         config = transformers.AutoConfig.for_model(name, **fields)
         torch.save(transformers.AutoModelForCausalLM.from_config(config).state_dict(), weights / f"{name}.pt")
-    runs = {}
-    for label, extra in _ENVS.items():
-        env = {k: v for k, v in os.environ.items() if k not in _ISA_VARIABLES}
-        env.update(extra)
-        proc = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(weights), ",".join(PRESETS), json.dumps(families),
-             ",".join(sorted(NO_ATTENTION))],
-            env=env, capture_output=True, text=True, timeout=300, check=False,
-        )
-        assert proc.returncode == 0, f"{label}: child failed:\n{proc.stderr[-3000:]}"
-        runs[label] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return runs
+    return isa_children(_CHILD, [str(weights), ",".join(PRESETS), json.dumps(families), ",".join(sorted(NO_ATTENTION))],
+                        _ENVS)
 
 
 def _first_difference(a: dict[str, str], b: dict[str, str]) -> str:
