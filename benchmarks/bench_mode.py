@@ -11,6 +11,7 @@ mode is slower). Also reports the ops that fell back to torch under the mode. Us
     python benchmarks/bench_mode.py --relu-linear      # one layer whose input rows start with zeros
     python benchmarks/bench_mode.py --conv [--portable]   # convolutions (Mamba's, a ViT's), routed as patch products
     python benchmarks/bench_mode.py --reductions [--portable]   # logsumexp, var, vector_norm, F.normalize
+    python benchmarks/bench_mode.py --vision [--portable]   # vision towers' pooling and interpolation
 
 On the CPU the cost is mostly fixed-height BLAS tiles (a 2-row decode matmul computes a
 whole 16-row float32 tile, or bfloat16 one of the smallest height that verifies: 64 rows
@@ -186,6 +187,33 @@ def measure_reductions(repeats: int, device: str, dtype: torch.dtype, portable: 
     ], repeats, device, portable)
 
 
+def measure_vision(repeats: int, device: str, dtype: torch.dtype, portable: bool) -> list[LayerCase]:
+    """What vision towers route besides products and norms, at their models' sizes:
+    Gemma 3's pooling of 64 x 64 patches into 256 tokens, GLM-4V's bicubic resampling of
+    its 24 x 24 position table to a 64 x 64 grid, HunYuan-VL's bilinear resize of its table,
+    GOT-OCR2's linear resize of relative positions, and a bilinear resize of an image."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    patches, table, hunyuan, rel_pos, image = r(1, 1152, 64, 64), r(1, 1536, 24, 24), r(1, 1152, 32, 32), \
+        r(1, 64, 127), r(1, 3, 224, 224)
+    points = (torch.rand(1, 4096, 1, 2, generator=g) * 2 - 1).to(device=device, dtype=dtype)
+    return _measure_calls([
+        ("Gemma 3 avg_pool2d, 1 x 1152 x 64 x 64, k4", lambda: F.avg_pool2d(patches, 4)),
+        ("GLM-4V grid_sample bicubic, 1 x 1536 x 24 x 24 at 4096 points",
+         lambda: F.grid_sample(table, points, mode="bicubic", align_corners=False, padding_mode="border")),
+        ("HunYuan-VL interpolate bilinear, 1 x 1152 x 32 x 32 to 48 x 64",
+         lambda: F.interpolate(hunyuan, size=(48, 64), mode="bilinear", align_corners=False)),
+        ("GOT-OCR2 interpolate linear, 1 x 64 x 127 to 255", lambda: F.interpolate(rel_pos, size=255, mode="linear")),
+        ("image interpolate bilinear, 1 x 3 x 224 x 224 to 336 x 336",
+         lambda: F.interpolate(image, size=(336, 336), mode="bilinear", align_corners=False)),
+    ], repeats, device, portable)
+
+
 def _measure_calls(calls: list[tuple[str, Callable[[], torch.Tensor]]], repeats: int, device: str,
                    portable: bool) -> list[LayerCase]:
     """One LayerCase per named call; an op falling back to torch would time torch twice."""
@@ -221,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="time convolutions (Mamba's causal conv1d, a ViT patch conv2d) instead of generate")
     parser.add_argument("--reductions", action="store_true",
                         help="time logsumexp, var, vector_norm and F.normalize instead of generate")
+    parser.add_argument("--vision", action="store_true",
+                        help="time avg_pool2d, grid_sample and interpolate at vision towers' sizes instead of generate")
     args = parser.parse_args(argv)
     from detkit.devices import resolve_device
     from detkit.errors import DetkitError
@@ -240,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.reductions:
             return _layers(args, device, measure_reductions(args.repeats, device, getattr(torch, args.dtype),
                                                             args.portable), "layers")
+        if args.vision:
+            return _layers(args, device, measure_vision(args.repeats, device, getattr(torch, args.dtype),
+                                                        args.portable), "layers")
         # the probe's loader: presets, or a directory with its tokenizer, with clear errors
         model, tokenizer, _ = load_model(args.preset, dtype=args.dtype, attn_implementation=args.attn, device=device)
     except (DetkitError, ValueError) as err:

@@ -67,6 +67,7 @@ from typing import Any
 
 import torch
 
+from detkit import _interpolation
 from detkit._reentry import routed
 from detkit.errors import InputError
 from detkit.kernels._grouped import offsets_problem
@@ -158,6 +159,10 @@ class OpOverride:
     # operand): the others go straight to torch's kernel, uncounted, as if the op were not
     # routed. For ops called so often that an adapter call on each would cost.
     claims: Callable[..., bool] | None = None
+    # The adapter computes every float dtype, float64 included, as a fixed sequence of torch
+    # elementwise operations (the same bits on every device): a float64 call is routed in
+    # portable mode and on CUDA too, where the kernels' own float64 is not.
+    any_float: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in {"matmul", "softmax", "reduction", "scan", "solve", "norm", "attention", "elementwise"}:
@@ -1336,6 +1341,62 @@ def avg_pool2d(call: Call, self: torch.Tensor, kernel_size: Sequence[int], strid
     return out
 
 
+# ----------------------------------------------------------------------------- interpolation
+
+
+def _like_layout(out: torch.Tensor, self: torch.Tensor) -> torch.Tensor:
+    """torch's upsampling keeps a channels-last input's layout (``suggest_memory_format``)."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    fmt = formats.get(self.dim())
+    if fmt is not None and self.is_contiguous(memory_format=fmt) and not self.is_contiguous():
+        return torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt).copy_(out)
+    return out
+
+
+def _upsample(mode: str, dims: int) -> Adapter:
+    """``upsample_linear1d``/``upsample_bilinear2d``/``upsample_trilinear3d`` (``mode``
+    ``"linear"``) and ``upsample_bicubic2d`` (``"cubic"``): ``F.interpolate`` without
+    antialias, in the order of :func:`detkit._interpolation.upsample_in_order` on every
+    device (HunYuan-VL's and GOT-OCR2's resized position tables)."""
+
+    def adapter(call: Call, self: torch.Tensor, output_size: Sequence[int], align_corners: bool,
+                *scales: float | None) -> torch.Tensor:
+        _float(self)
+        sizes = [int(s) for s in output_size]
+        if self.dim() != dims + 2 or len(sizes) != dims or min(sizes) <= 0 or len(scales) > dims:
+            raise Unsupported("arguments torch refuses", benign=True)  # torch's own error
+        if self.numel() == 0:
+            raise Unsupported("an empty input", benign=True)  # torch's own result or error
+        padded = list(scales) + [None] * (dims - len(scales))
+        with torch.no_grad():
+            out = _interpolation.upsample_in_order(_plain(self), sizes, mode, align_corners, padded)
+        return _like_layout(_finished(out, self.dtype), self)
+
+    return adapter
+
+
+_GRID_MODES = {0: "bilinear", 1: "nearest", 2: "bicubic"}
+_GRID_PADDINGS = {0: "zeros", 1: "border", 2: "reflection"}
+
+
+def grid_sampler_2d(call: Call, input: torch.Tensor, grid: torch.Tensor, interpolation_mode: int,
+                    padding_mode: int, align_corners: bool) -> torch.Tensor:
+    """``F.grid_sample`` of 4-D inputs (GLM-4V's bicubic resampling of its position
+    table) in the order of :func:`detkit._interpolation.grid_sample_in_order` on every
+    device."""
+    _float(input, grid)
+    if (input.dim() != 4 or grid.dim() != 4 or grid.shape[0] != input.shape[0] or grid.shape[-1] != 2
+            or input.dtype != grid.dtype or interpolation_mode not in _GRID_MODES
+            or padding_mode not in _GRID_PADDINGS):
+        raise Unsupported("arguments torch refuses", benign=True)  # torch's own error
+    if input.numel() == 0 or grid.numel() == 0:
+        raise Unsupported("an empty input or grid", benign=True)  # torch's own result or error
+    with torch.no_grad():
+        out = _interpolation.grid_sample_in_order(_plain(input), _plain(grid), _GRID_MODES[interpolation_mode],
+                                                  _GRID_PADDINGS[padding_mode], align_corners)
+    return _finished(out, input.dtype)
+
+
 # ----------------------------------------------------------------------------- triangular solve
 
 
@@ -1887,7 +1948,12 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("histc", histc, "reduction"),
     OpOverride("index_add", _index_add(inplace=False), "scan"),
     OpOverride("index_add_", _index_add(inplace=True), "scan"),
-    OpOverride("avg_pool2d", avg_pool2d, "reduction"),
+    OpOverride("avg_pool2d", avg_pool2d, "reduction", any_float=True),
+    OpOverride("upsample_linear1d", _upsample("linear", 1), "reduction", any_float=True),
+    OpOverride("upsample_bilinear2d", _upsample("linear", 2), "reduction", any_float=True),
+    OpOverride("upsample_trilinear3d", _upsample("linear", 3), "reduction", any_float=True),
+    OpOverride("upsample_bicubic2d", _upsample("cubic", 2), "reduction", any_float=True),
+    OpOverride("grid_sampler_2d", grid_sampler_2d, "reduction", any_float=True),
     OpOverride("log_sigmoid_forward", log_sigmoid_forward, "elementwise"),
     OpOverride("xlogy.Tensor", _xlogy(inplace=False), "elementwise"),
     OpOverride("xlogy_.Tensor", _xlogy(inplace=True), "elementwise"),
@@ -1983,7 +2049,7 @@ def _out_form(spec: OpOverride) -> OpOverride:
         return out
 
     return OpOverride(_OUT_NAMES.get(spec.name, f"{spec.name}.out"), adapter, spec.kind,
-                      numbers_as_tensors=spec.numbers_as_tensors, claims=spec.claims)
+                      numbers_as_tensors=spec.numbers_as_tensors, claims=spec.claims, any_float=spec.any_float)
 
 
 def _with_out_forms(table: tuple[OpOverride, ...]) -> tuple[OpOverride, ...]:

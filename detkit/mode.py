@@ -857,7 +857,7 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
             uncovered[full] = n
             notes[full] = "complex operands (as traced): torch's kernel (detkit's pow takes real floats)"
             continue
-        if name in float64_inputs and full in table and (portable or device == "CUDA"):
+        if name in float64_inputs and full in table and not table[full].any_float and (portable or device == "CUDA"):
             # the portable and the CUDA kernels take float32, bfloat16 and float16 only
             if table[full].kind != "elementwise":
                 uncovered[full] = n

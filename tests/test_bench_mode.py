@@ -142,6 +142,18 @@ def test_reductions_times_the_composed_reductions(bench: Any, tmp_path: Path, ca
     assert "| logsumexp 8 x 151936 |" in capsys.readouterr().out
 
 
+def test_vision_times_the_routed_pooling_and_interpolation(bench: Any, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    routed = _time_once_and_record_routing(bench, monkeypatch, mode_ms=4.0)
+    out = tmp_path / "vision.json"
+    assert bench.main(["--vision", "--repeats", "1", "--json", str(out)]) == 0
+    layers = json.loads(out.read_text())["layers"]
+    assert [x["name"].split(" ")[0] for x in layers] == ["Gemma", "GLM-4V", "HunYuan-VL", "GOT-OCR2", "image"]
+    assert all(x["ratio"] == 4.0 for x in layers)
+    ops = ["avg_pool2d", "grid_sampler_2d", "upsample_bilinear2d", "upsample_linear1d", "upsample_bilinear2d"]
+    assert routed == [{op: 1} for op in ops]
+
+
 def test_case_rejects_non_positive_times(bench: Any) -> None:
     with pytest.raises(ValueError, match="positive"):
         bench.Case(1, 2, 0.0, 1.0, {}, 1.0)

@@ -846,7 +846,7 @@ def test_complex_products_under_portable_mode_on_cuda_are_the_cpus(dtype: torch.
     assert bi.routed() == {} and set(bi.coverage().passed_through) == {"mul.Tensor"}, bi.coverage()
 
 
-@pytest.mark.parametrize("model_type", ["llava", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_5_vl", "gemma3", "glm4v"])
 def test_vision_towers_on_cuda_give_each_image_its_features_in_any_batch(model_type: str,
                                                                           request: pytest.FixtureRequest) -> None:
     """tests/test_mode_vision.py's towers on the GPU: under both modes each of 5 images has
@@ -899,6 +899,32 @@ def test_avg_pool2d_on_cuda_is_the_cpus(dtype: torch.dtype, request: pytest.Fixt
             assert_bits_equal(torch.nn.functional.avg_pool2d(x[3:4].to(DEV), **kw).cpu(), want[3:4], "alone")
         assert bi.routed() == {"avg_pool2d": 2}, bi.coverage()
     request.node.user_properties.append((f"torch_cuda_avg_pool2d_{dtype}_equals_cpu", str(torch_same)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpolation_on_cuda_is_the_cpus(dtype: torch.dtype, request: pytest.FixtureRequest) -> None:
+    """Every routed interpolation (linear, bilinear small and large, bicubic, trilinear,
+    grid_sample in each mode and padding, NaN among the inputs): under the mode the CUDA
+    result is the CPU's routed bits, in a batch and alone. Whether torch's own CUDA kernels
+    gave torch's CPU bits is recorded, not asserted."""
+    import test_mode_interpolation as I
+
+    x = I._values((4, 3, 6, 8), 7, torch.float32, True).to(dtype)
+    grid = I._points((4, 5, 6, 2), 8).to(dtype)
+    with batch_invariant(strict=True):
+        want = I._ops(x, grid)
+        want_alone = I._ops(x[2:3], grid[2:3])
+    torch_same = [torch.equal(bits(a.cpu()), bits(b))
+                  for a, b in zip(I._ops(x.to(DEV), grid.to(DEV)), I._ops(x, grid), strict=True)]
+    for portable in (False, True):
+        with batch_invariant(portable=portable, strict=True) as bi:
+            got = I._ops(x.to(DEV), grid.to(DEV))
+            alone = I._ops(x[2:3].to(DEV), grid[2:3].to(DEV))
+        assert bi.uncovered() == {} and bi.not_portable() == {}, bi.coverage()
+        for k, (g, w, a, wa) in enumerate(zip(got, want, alone, want_alone, strict=True)):
+            assert_bits_equal(g.cpu(), w, f"interpolation {k}, portable={portable}: CUDA vs CPU")
+            assert_bits_equal(a.cpu(), wa, f"interpolation {k} alone, portable={portable}: CUDA vs CPU")
+    request.node.user_properties.append((f"torch_cuda_interpolation_{dtype}_equals_cpu", str(torch_same)))
 
 
 @pytest.mark.parametrize(("model_type", "fields", "table"), [

@@ -2,7 +2,7 @@
 
 A multimodal server batches the images of several requests through one vision encoder.
 The towers of LLaVA (CLIP), Qwen2.5-VL (windowed attention over flattened patches, 2-D
-RoPE), Gemma 3 (SigLIP, then an ``avg_pool2d`` of its patches into image tokens), Idefics3
+RoPE), GLM-4V (its position table resampled by a bicubic ``grid_sample``), Gemma 3 (SigLIP, then an ``avg_pool2d`` of its patches into image tokens), Idefics3
 (SigLIP on 5-D pixel batches) and Mistral 3 (Pixtral, a patch merger) are built small from
 their configs and run on one image alone and inside batches of others, at every position:
 under the mode every image's features are the same bits, in both modes, with nothing
@@ -14,11 +14,8 @@ features) gives the same logits alone and beside another. ``avg_pool2d`` is rout
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_script
+from conftest import isa_children, load_script
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -128,12 +125,12 @@ def test_gradients_flow_through_the_routed_pool() -> None:
     assert torch.equal(x.grad, torch.full_like(x, 0.25))
 
 
-def test_the_towers_index_ops_are_classed_exact_and_interpolation_uncovered() -> None:
+def test_the_towers_index_ops_are_classed_exact() -> None:
     """What the towers call besides routed ops: Idefics3's Tensor.unfold and bucketize,
     Mistral 3's F.unfold (im2col), Qwen-VL's repeat_interleave and unique_consecutive
-    (views, copies, comparisons, integer bounds) are exact; GLM-4V's grid_sample and a
-    bilinear interpolate compute their own arithmetic and stay uncovered."""
-    x, points, edges, grid = torch.randn(2, 3, 8, 8), torch.rand(10), torch.linspace(0, 1, 5), torch.rand(2, 4, 4, 2)
+    (views, copies, comparisons, integer bounds) are exact. (Interpolation is routed:
+    tests/test_mode_interpolation.py.)"""
+    x, points, edges = torch.randn(2, 3, 8, 8), torch.rand(10), torch.linspace(0, 1, 5)
     counts, ids = torch.tensor([4, 4, 8]), torch.tensor([1, 1, 2, 2, 3])
 
     def tower_ops() -> None:
@@ -143,17 +140,11 @@ def test_the_towers_index_ops_are_classed_exact_and_interpolation_uncovered() ->
         torch.repeat_interleave(counts)
         torch.unique_consecutive(ids)
 
-    def interpolation() -> None:
-        F.grid_sample(x, grid, mode="bicubic", align_corners=False)
-        F.interpolate(x, size=(5, 5), mode="bilinear")
-
     _, ops = trace_ops(tower_ops)
     report = coverage_report(ops)
     assert report.uncovered == {} and {"unfold.default", "im2col.default", "bucketize.Tensor",
                                        "unique_consecutive.default"} <= set(report.exact), report
     assert any(op.startswith("repeat_interleave") for op in report.exact), report
-    _, ops = trace_ops(interpolation)
-    assert {"grid_sampler_2d.default", "upsample_bilinear2d.default"} <= set(coverage_report(ops).uncovered)
 
 
 # ----------------------------------------------------------------------------- vision towers
@@ -163,6 +154,8 @@ def test_the_towers_index_ops_are_classed_exact_and_interpolation_uncovered() ->
 TOWERS: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "llava": ({}, dict(image_size=32, patch_size=8), "square"),
     "qwen2_5_vl": ({}, dict(window_size=32), "patches"),
+    # its position table resampled to each image's grid by a bicubic grid_sample (routed)
+    "glm4v": ({}, dict(out_hidden_size=64), "patches"),
     "gemma3": (dict(mm_tokens_per_image=16), dict(image_size=64, patch_size=8), "square"),
     "idefics3": ({}, dict(image_size=32, patch_size=8), "tiles"),
     "mistral3": ({}, dict(image_size=32, patch_size=8), "sized"),
@@ -283,17 +276,12 @@ print(json.dumps(out))
 def test_portable_features_are_the_same_under_torchs_scalar_kernels(tmp_path: Any) -> None:
     """Portable mode's features of every tower are the same bits with torch's vector
     kernels and with its DEFAULT (scalar) ones. Negative control: torch's own features
-    change for at least one tower (for all five on this EPYC), unless this CPU already
+    change for at least one tower (for all six on this EPYC), unless this CPU already
     runs DEFAULT."""
     for name in TOWERS:
         torch.save(_tower(name, torch.float32)[0].state_dict(), tmp_path / f"{name}.pt")
-    runs = {}
-    for label, extra in (("host", {}), ("default", {"ATEN_CPU_CAPABILITY": "default"})):
-        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"} | extra
-        proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path), os.path.dirname(__file__)], env=env,
-                              capture_output=True, text=True, timeout=300, check=False)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+    runs = isa_children(_CHILD, [str(tmp_path), os.path.dirname(__file__)],
+                        {"host": {}, "default": {"ATEN_CPU_CAPABILITY": "default"}})
     assert runs["default"]["capability"] == "DEFAULT"
     for name in TOWERS:
         assert runs["host"][name]["portable"] == runs["default"][name]["portable"], name
