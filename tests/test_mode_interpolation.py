@@ -213,15 +213,26 @@ def _resizes(draw: st.DrawFn) -> dict[str, Any]:
     return dict(mode=mode, size_in=size_in, align_corners=align, **kw)
 
 
+def _laid_out(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout."""
+    if layout == "channels_last" and x.dim() in (4, 5):
+        return x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    if layout == "transposed":  # batch and channels swapped in memory
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    return x
+
+
 @pytest.mark.parametrize("dtype", _DTYPES, ids=str)
-@given(case=_resizes(), seed=st.integers(0, 2**16), specials=st.booleans())
+@given(case=_resizes(), seed=st.integers(0, 2**16), specials=st.booleans(),
+       layout=st.sampled_from(["contiguous", "channels_last", "transposed"]))
 def test_interpolate_is_routed_and_is_the_documented_order(dtype: torch.dtype, case: dict[str, Any], seed: int,
-                                                          specials: bool) -> None:
-    """Every mode, size or scale factor (recomputed or not), ``align_corners``, float dtype:
-    one routed call, whose bits are the scalar reference's rounded once (NaN canonical)."""
+                                                          specials: bool, layout: str) -> None:
+    """Every mode, size or scale factor (recomputed or not), ``align_corners``, float dtype
+    and layout: one routed call, whose bits are the scalar reference's rounded once (NaN
+    canonical), in torch's shape and strides."""
     case = dict(case)
     size_in = case.pop("size_in")
-    x = _values((2, 2, *size_in), seed, dtype, specials)
+    x = _laid_out(_values((2, 2, *size_in), seed, dtype, specials), layout)
     with detkit.batch_invariant(strict=True) as bi:
         got = F.interpolate(x, **case)
     assert len(bi.routed()) == 1 and sum(bi.routed().values()) == 1, bi.coverage()
@@ -231,20 +242,23 @@ def test_interpolate_is_routed_and_is_the_documented_order(dtype: torch.dtype, c
         scales = list(case["scale_factor"])
     want = _rounded(_ref_interpolate(_working(x), out, case["mode"], case["align_corners"], scales), dtype)
     assert (host_bits(got) == host_bits(want)).all(), (case, got, want)
-    assert got.shape == F.interpolate(x, **case).shape
+    plain = F.interpolate(x, **case)
+    assert got.shape == plain.shape and got.stride() == plain.stride(), (got.stride(), plain.stride())
 
 
 @pytest.mark.parametrize("dtype", _DTYPES, ids=str)
 @given(mode=st.sampled_from(["bilinear", "nearest", "bicubic"]), padding=st.sampled_from(["zeros", "border",
        "reflection"]), align=st.booleans(), h=st.integers(1, 6), w=st.integers(1, 6), seed=st.integers(0, 2**16),
-       spread=st.sampled_from([1.0, 1.3, 4.0, 0.0]), specials=st.booleans(), chunk=st.sampled_from([1 << 18, 4, 9]))
+       spread=st.sampled_from([1.0, 1.3, 4.0, 0.0]), specials=st.booleans(), chunk=st.sampled_from([1 << 18, 4, 9]),
+       layout=st.sampled_from(["contiguous", "channels_last", "transposed"]))
 def test_grid_sample_is_routed_and_is_the_documented_order(dtype: torch.dtype, mode: str, padding: str, align: bool,
                                                           h: int, w: int, seed: int, spread: float,
-                                                          specials: bool, chunk: int) -> None:
+                                                          specials: bool, chunk: int, layout: str) -> None:
     """Every mode, padding mode and ``align_corners``, points inside and far outside the
     image, or (spread 0) within 2^-20..1 of its corner, where coordinates carry fine bits
     that expose a product or sum in another order (and NaN among them), the points
-    combined all at once or a few at a time: one routed call, the scalar reference's bits."""
+    combined all at once or a few at a time, any layout: one routed call, the scalar
+    reference's bits, torch's strides."""
     x = _values((2, 2, h, w), seed, dtype, specials)
     g = torch.Generator().manual_seed(seed + 1)
     if spread:
@@ -254,12 +268,14 @@ def test_grid_sample_is_routed_and_is_the_documented_order(dtype: torch.dtype, m
                 - 1).to(dtype)
     if specials:
         grid[1, 0, 0, 0] = float("nan")
+    x, grid = _laid_out(x, layout), _laid_out(grid, layout)
     # a small chunk: the 12 points of each image combined a few at a time
     with mock.patch.object(_interpolation, "_CHUNK_ELEMENTS", chunk), detkit.batch_invariant(strict=True) as bi:
         got = F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=align)
     assert bi.routed() == {"grid_sampler_2d": 1}, bi.coverage()
     want = _rounded(_ref_grid_sample(_working(x), _working(grid), mode, padding, align), dtype)
     assert (host_bits(got) == host_bits(want)).all(), (mode, padding, align, got, want)
+    assert got.stride() == F.grid_sample(x, grid, mode=mode, padding_mode=padding, align_corners=align).stride()
 
 
 def test_torch_refusals_are_still_torchs() -> None:
