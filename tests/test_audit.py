@@ -113,6 +113,21 @@ def test_grouped_mm_is_batch_and_position_invariant_only_under_the_mode() -> Non
     assert torch_checks["batch-variance"]["verdict"] == "fail", torch_checks["batch-variance"]
 
 
+def test_torchs_bilinear_resize_is_thread_variant_and_the_modes_is_not() -> None:
+    """An RGB image's bilinear resize: torch's CPU kernel takes another formula on one
+    thread than on several (measured with torch 2.13: about half the outputs differ), so
+    the audit's thread check fails for torch; under the mode every check passes, for the
+    GLM-4V-style bicubic grid_sample too."""
+    cfg = _cfg(ops=("interpolate", "grid_sample"), hidden=256, batch_sizes=(1, 2, 3, 5))
+    torch_checks = audit_one(catalogue.OPS["interpolate"], "torch", "float32", cfg, torch.device("cpu"))["checks"]
+    assert torch_checks["thread-variance"]["verdict"] == "fail", torch_checks["thread-variance"]
+    for name in ("interpolate", "grid_sample"):
+        checks = audit_one(catalogue.OPS[name], "detkit", "float32", cfg, torch.device("cpu"))["checks"]
+        ran = {check: c["verdict"] for check, c in checks.items() if c["verdict"] not in ("n/a", "skipped")}
+        assert set(ran) >= {"run-to-run", "batch-variance", "batch-position", "thread-variance"}, (name, checks)
+        assert set(ran.values()) == {"pass"}, (name, checks)
+
+
 def test_ties_inputs_really_tie() -> None:
     spec = catalogue.OPS["argmax"]
     x = build_inputs(spec, 2, torch.float32, 0, 64).batched["input"]

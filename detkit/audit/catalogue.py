@@ -103,7 +103,8 @@ class OpSpec:
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-FAMILIES = ("matmul", "normalization", "reduction", "attention", "scatter", "selection", "activation", "convolution")
+FAMILIES = ("matmul", "normalization", "reduction", "attention", "scatter", "selection", "activation", "convolution",
+            "resampling")
 
 
 def _randn(g: np.random.Generator, shape: tuple[int, ...], dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -243,6 +244,17 @@ def _b_patches(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Input
                   {"weight": _randn(g, (_scale(h, 4), 3, 16, 16), dt, 768**-0.5), "bias": _randn(g, (_scale(h, 4),), dt)})
 
 
+def _b_images(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
+    # RGB images of 37 x 41, resized (an image processor's or a tower's resize)
+    return Inputs({"input": _randn(g, (b, 3, 37, 41), dt)})
+
+
+def _b_table_points(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
+    # GLM-4V: a 24 x 24 position table of hidden/16 channels, resampled at 64 points an image
+    points = g.uniform(-1.0, 1.0, (b, 64, 1, 2)).astype(np.float32)
+    return Inputs({"input": _randn(g, (b, _scale(h, 16), 24, 24), dt), "grid": torch.from_numpy(points).to(dt)})
+
+
 def _b_angles(b: int, dt: torch.dtype, g: np.random.Generator, h: int) -> Inputs:
     # RoPE angles (position x frequency, head dim 128, base 10000) of hidden/64 consecutive
     # tokens from a random start in a 4096-token context; in numpy, since torch's pow is
@@ -352,6 +364,12 @@ CATALOGUE: tuple[OpSpec, ...] = (
                                                                 groups=weight.shape[0])[..., :input.shape[-1]]),
     OpSpec("conv2d", "convolution", "F.conv2d: a ViT patch embedding, 64 x 64 images, 16 x 16 patches, hidden/4 filters",
            _b_patches, lambda input, weight, bias: F.conv2d(input, weight, bias, stride=16)),
+    OpSpec("interpolate", "resampling", "F.interpolate(mode='bilinear'): RGB images, 37 x 41 to 90 x 100", _b_images,
+           lambda input: F.interpolate(input, size=(90, 100), mode="bilinear", align_corners=False)),
+    OpSpec("grid_sample", "resampling",
+           "F.grid_sample(mode='bicubic', padding_mode='border'): GLM-4V's 24 x 24 position table, hidden/16 "
+           "channels, at 64 points", _b_table_points,
+           lambda input, grid: F.grid_sample(input, grid, mode="bicubic", padding_mode="border", align_corners=False)),
 )
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in CATALOGUE}
