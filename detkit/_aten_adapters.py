@@ -68,6 +68,7 @@ from typing import Any
 import torch
 
 from detkit import _interpolation
+from detkit._ieee import divided
 from detkit._reentry import routed
 from detkit.errors import InputError
 from detkit.kernels._grouped import offsets_problem
@@ -826,7 +827,7 @@ def _moments(self: torch.Tensor, dim: Sequence[int] | int | None, correction: An
     with routed():
         mean = torch.mean(x, dims, keepdim=True)
         d = x - mean
-        res = torch.sum(d * d, dims, keepdim=keepdim) / divisor
+        res = divided(torch.sum(d * d, dims, keepdim=keepdim), divisor)  # not a reciprocal on CUDA
         if std:
             res = torch.sqrt(res)
         return _finished(res, dtype), _finished(_squeezed(mean, dims, keepdim), dtype)

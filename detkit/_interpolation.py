@@ -30,6 +30,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from detkit._ieee import divided
+
 __all__ = ["grid_sample_in_order", "upsample_in_order"]
 
 # The cubic convolution constant of torch's bicubic modes (UpSample.h, GridSamplerKernel.cpp).
@@ -182,7 +184,7 @@ class _Axis:
         if self.align_corners and self.size <= 1:
             return torch.zeros_like(x)
         away = (x - self.low).abs()
-        extra = away - torch.trunc(away / self.twice_span) * self.twice_span
+        extra = away - torch.trunc(divided(away, self.twice_span)) * self.twice_span
         return torch.minimum(extra, self.twice_span - extra) + self.low
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:

@@ -793,6 +793,25 @@ def test_composed_reductions_under_the_mode_are_batch_invariant_on_cuda(dtype: t
         (f"torch_logsumexp_{dtype}_vocab_rows_alone_differing_from_a_batch_of_{MAX_M}", f"{changed} of {rows}"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_composed_reductions_in_portable_mode_on_cuda_are_the_cpus(dtype: torch.dtype) -> None:
+    """Portable mode's logsumexp, var/std, vector norms and F.normalize on CUDA give the CPU
+    portable bits for every row (4095 values: var's divisor 4094 has no exact reciprocal,
+    and torch's CUDA kernel would multiply by one where its CPU kernel divides)."""
+    import detkit
+    from test_mode_reductions import OPS
+
+    inputs = _composed_inputs(8, 4095, dtype, 152)
+    with detkit.batch_invariant(portable=True, strict=True) as bi:
+        for name, (fn, _) in OPS.items():
+            want = fn(inputs[name])
+            got = fn(inputs[name].to(DEV))
+            for w, g in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,),
+                            strict=True):
+                assert_bits_equal(g.cpu(), w, f"{name} {dtype}: CUDA portable vs CPU portable")
+    assert bi.uncovered() == {} and bi.not_portable() == {}, bi.coverage()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_counts_and_index_add_under_the_mode_on_cuda_are_the_cpus(dtype: torch.dtype,
                                                                       request: pytest.FixtureRequest) -> None:

@@ -25,6 +25,7 @@ import detkit
 from detkit import kernels as kn
 from detkit import mode
 from detkit.errors import InvarianceViolation
+from detkit._testing_values import host_bits
 from detkit.testing import assert_batch_invariant, assert_bitwise_equal
 
 Op = Callable[[torch.Tensor], object]
@@ -540,3 +541,22 @@ def test_xlogy_keeps_torchs_zeros_and_nans() -> None:
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=0, atol=0)
     torch.testing.assert_close(ints, torch.xlogy(torch.tensor([0, 2]), torch.tensor([0, 3])))
     assert bi.routed() == {"xlogy.Tensor": 2, "xlogy_.Tensor": 1, "log": 3}
+
+
+@given(seed=st.integers(0, 2**16), divisor=st.sampled_from([3.0, 4094.0, 0.1, 7e-3, 2.0**-10, 0.0, -5.0]),
+       dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_division_by_a_number_is_one_ieee_division(seed: int, divisor: float, dtype: torch.dtype) -> None:
+    """var's and the grid sampler's division by a number (detkit._ieee.divided): the
+    quotient rounded once (numpy's IEEE division in the dtype), as torch's CPU kernel gives
+    it and its CUDA kernel would not (it multiplies by the rounded reciprocal: the negative
+    control shows that product is another value)."""
+    from detkit._ieee import divided
+
+    a = torch.from_numpy(np.random.default_rng(seed).standard_normal(4096) * 1e3).to(dtype)
+    got = divided(a, divisor)
+    b = np.array(divisor, dtype=a.numpy().dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = torch.from_numpy(a.numpy() / b)
+    assert (host_bits(got) == host_bits(want)).all()
+    if divisor in (4094.0, 0.1):
+        assert (a * (1 / torch.tensor(divisor, dtype=dtype)) != got).any()
