@@ -1376,6 +1376,27 @@ def _upsample(mode: str, dims: int) -> Adapter:
     return adapter
 
 
+def _upsample_nearest(dims: int, exact: bool) -> Adapter:
+    """``upsample_nearest{1,2,3}d`` and ``_upsample_nearest_exact{1,2,3}d``: copies of the
+    elements :func:`detkit._interpolation.upsample_nearest` picks, the same on every
+    device; a NaN as the canonical quiet NaN (torch's CPU kernel writes 16-bit NaNs so,
+    through float32, and copies float32 ones)."""
+
+    def adapter(call: Call, self: torch.Tensor, output_size: Sequence[int], *scales: float | None) -> torch.Tensor:
+        _float(self)
+        sizes = [int(s) for s in output_size]
+        if self.dim() != dims + 2 or len(sizes) != dims or min(sizes) <= 0 or len(scales) > dims:
+            raise Unsupported("arguments torch refuses", benign=True)  # torch's own error
+        if self.numel() == 0:
+            raise Unsupported("an empty input", benign=True)  # torch's own result or error
+        padded = list(scales) + [None] * (dims - len(scales))
+        with torch.no_grad():
+            out = _interpolation.upsample_nearest(_plain(self), sizes, padded, exact)
+        return _like_layout(_finished(out, self.dtype), self)  # NaN canonical, as every routed result
+
+    return adapter
+
+
 _GRID_MODES = {0: "bilinear", 1: "nearest", 2: "bicubic"}
 _GRID_PADDINGS = {0: "zeros", 1: "border", 2: "reflection"}
 
@@ -1954,6 +1975,8 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("upsample_bilinear2d", _upsample("linear", 2), "reduction", any_float=True),
     OpOverride("upsample_trilinear3d", _upsample("linear", 3), "reduction", any_float=True),
     OpOverride("upsample_bicubic2d", _upsample("cubic", 2), "reduction", any_float=True),
+    *(OpOverride(f"{prefix}{d}d", _upsample_nearest(d, exact), "elementwise", any_float=True)
+      for prefix, exact in (("upsample_nearest", False), ("_upsample_nearest_exact", True)) for d in (1, 2, 3)),
     OpOverride("grid_sampler_2d", grid_sampler_2d, "reduction", any_float=True),
     OpOverride("log_sigmoid_forward", log_sigmoid_forward, "elementwise"),
     OpOverride("xlogy.Tensor", _xlogy(inplace=False), "elementwise"),

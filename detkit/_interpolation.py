@@ -1,6 +1,6 @@
 """Interpolation in a fixed order of IEEE operations: ``F.interpolate`` (linear,
-bilinear, bicubic, trilinear) and ``F.grid_sample`` (bilinear, nearest, bicubic), as the
-mode routes them.
+bilinear, bicubic, trilinear; nearest and nearest-exact as copies) and ``F.grid_sample``
+(bilinear, nearest, bicubic), as the mode routes them.
 
 Vision towers resample position-embedding tables with these (GLM-4V's bicubic
 ``grid_sample``, HunYuan-VL's ``interpolate``, GOT-OCR2's linear resize of relative
@@ -32,7 +32,7 @@ import torch
 
 from detkit._ieee import divided
 
-__all__ = ["grid_sample_in_order", "upsample_in_order"]
+__all__ = ["grid_sample_in_order", "upsample_in_order", "upsample_nearest"]
 
 # The cubic convolution constant of torch's bicubic modes (UpSample.h, GridSamplerKernel.cpp).
 _A = -0.75
@@ -151,6 +151,34 @@ def upsample_in_order(x: torch.Tensor, out_sizes: Sequence[int], mode: str, alig
         dim = x.dim() - dims + axis
         taps = _axis_taps(x.shape[dim], out_sizes[axis], mode, align_corners, scales[axis], wide)
         out = _combine(out, dim, taps)
+    return out
+
+
+def _nearest_index(in_size: int, out_size: int, scale: float | None, exact: bool) -> torch.Tensor:
+    """The input index each output index copies: ``floor(dst * s)``, or ``floor((dst +
+    0.5) * s)`` for nearest-exact, in float32 with ``s`` the size ratio (or ``1 /
+    scale_factor``) rounded once, clamped to ``in - 1``. torch's CUDA kernels and its
+    generic CPU kernel compute these; its CPU kernel for channels-last (and small 2-D)
+    outputs copies ``dst`` for equal sizes and ``dst >> 1`` for doubled ones whatever a
+    given ``scale_factor`` says (``UpSample.h``'s ``nearest_idx``)."""
+    ratio = _rounded(1.0 / scale, torch.float32) if scale is not None and scale > 0 else _quotient(
+        in_size, out_size, torch.float32)
+    dst = torch.arange(out_size, dtype=torch.float32)
+    return torch.floor((dst + 0.5 if exact else dst) * ratio).to(torch.int64).clamp(max=in_size - 1)
+
+
+def upsample_nearest(x: torch.Tensor, out_sizes: Sequence[int], scales: Sequence[float | None],
+                     exact: bool) -> torch.Tensor:
+    """``F.interpolate`` with ``mode="nearest"`` (or ``"nearest-exact"``) of the last
+    ``len(out_sizes)`` dimensions of ``x``: each output a copy of the input element that
+    :func:`_nearest_index` picks per axis, so the same bits on every device (no
+    arithmetic on the values)."""
+    dims = len(out_sizes)
+    out = x
+    for axis in range(dims):
+        dim = x.dim() - dims + axis
+        index = _nearest_index(x.shape[dim], out_sizes[axis], scales[axis], exact)
+        out = out.index_select(dim, index.to(x.device))
     return out
 
 

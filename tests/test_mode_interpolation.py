@@ -1,5 +1,5 @@
-"""Interpolation under the mode: ``F.interpolate`` (linear, bilinear, bicubic, trilinear)
-and ``F.grid_sample`` (bilinear, nearest, bicubic; every padding mode) are routed to
+"""Interpolation under the mode: ``F.interpolate`` (linear, bilinear, bicubic, trilinear,
+nearest, nearest-exact) and ``F.grid_sample`` (bilinear, nearest, bicubic; every padding mode) are routed to
 ``detkit._interpolation``, which computes them in a written-down order of IEEE operations.
 
 Vision towers resample position tables with them (GLM-4V's bicubic ``grid_sample``,
@@ -247,6 +247,46 @@ def test_interpolate_is_routed_and_is_the_documented_order(dtype: torch.dtype, c
 
 
 @pytest.mark.parametrize("dtype", _DTYPES, ids=str)
+@given(exact=st.booleans(), dims=st.integers(1, 3), seed=st.integers(0, 2**16), data=st.data(),
+       layout=st.sampled_from(["contiguous", "channels_last", "transposed"]))
+def test_nearest_is_routed_and_copies_the_documented_element(dtype: torch.dtype, exact: bool, dims: int, seed: int,
+                                                             data: st.DataObject, layout: str) -> None:
+    """mode="nearest" and "nearest-exact", 1 to 3 dimensions: one routed call whose every
+    output is the input element at ``min(floor(dst * s), in - 1)`` per axis
+    (``floor((dst + 0.5) * s)`` for exact; ``s`` the float32 size ratio or ``1 /
+    scale_factor``), a NaN as the canonical one. Without a given scale it is torch's own result
+    (and strides); with one, torch's CPU kernel for channels-last and small 2-D outputs
+    copies ``dst`` (or ``dst >> 1``) where the sizes come out equal (doubled) whatever the
+    factor, which its generic CPU and its CUDA kernels do not."""
+    size_in = [data.draw(st.integers(1, 7)) for _ in range(dims)]
+    if data.draw(st.booleans()):
+        factors = [data.draw(st.sampled_from([0.5, 1.0, 1.0001, 1.5, 2.0, 2.0001, 3.0])) for _ in range(dims)]
+        factors = factors if all(int(n * f) >= 1 for n, f in zip(size_in, factors)) else [2.0] * dims
+        case: dict[str, Any] = dict(scale_factor=factors, recompute_scale_factor=data.draw(st.booleans()))
+    else:
+        case = dict(size=[data.draw(st.integers(1, 12)) for _ in range(dims)])
+    x = _laid_out(_values((2, 2, *size_in), seed, dtype, True), layout)
+    mode = "nearest-exact" if exact else "nearest"
+    with detkit.batch_invariant(strict=True) as bi:
+        got = F.interpolate(x, mode=mode, **case)
+    assert sum(bi.routed().values()) == 1, bi.coverage()
+    given_scales = "scale_factor" in case and not case["recompute_scale_factor"]
+    want = x
+    for d in range(dims):
+        ratio = (np.float32(1.0 / case["scale_factor"][d]) if given_scales
+                 else np.float32(size_in[d]) / np.float32(got.shape[2 + d]))
+        dst = np.arange(got.shape[2 + d], dtype=np.float32)
+        index = np.minimum(np.floor((dst + np.float32(0.5) if exact else dst) * ratio), size_in[d] - 1)
+        want = want.index_select(2 + d, torch.from_numpy(index.astype(np.int64)))
+    want = want.masked_fill(want.isnan(), float("nan"))  # the canonical NaN
+    assert (host_bits(got) == host_bits(want)).all(), (mode, case)
+    if not given_scales:  # torch's bits, but a NaN's sign and payload (16-bit: the same too)
+        plain = F.interpolate(x, mode=mode, **case)
+        assert torch.equal(got.isnan(), plain.isnan()) and got.stride() == plain.stride(), (mode, case)
+        assert (host_bits(got)[~got.isnan().numpy()] == host_bits(plain)[~plain.isnan().numpy()]).all(), (mode, case)
+
+
+@pytest.mark.parametrize("dtype", _DTYPES, ids=str)
 @given(mode=st.sampled_from(["bilinear", "nearest", "bicubic"]), padding=st.sampled_from(["zeros", "border",
        "reflection"]), align=st.booleans(), h=st.integers(1, 6), w=st.integers(1, 6), seed=st.integers(0, 2**16),
        spread=st.sampled_from([1.0, 1.3, 4.0, 0.0]), specials=st.booleans(), chunk=st.sampled_from([1 << 18, 4, 9]),
@@ -302,7 +342,8 @@ def _ops(x: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
             F.interpolate(x, size=(11, 9), mode="bicubic"),
             F.interpolate(x[:, :, None].expand(-1, -1, 3, -1, -1), size=(4, 9, 7), mode="trilinear"),
             *(F.grid_sample(x, grid[: x.shape[0]], mode=m, padding_mode=p, align_corners=False)
-              for m, p in (("bilinear", "zeros"), ("nearest", "reflection"), ("bicubic", "border")))]
+              for m, p in (("bilinear", "zeros"), ("nearest", "reflection"), ("bicubic", "border"))),
+            F.interpolate(x, size=(13, 5), mode="nearest-exact")]
 
 
 def test_each_image_is_the_same_alone_and_at_every_place_in_every_batch() -> None:
@@ -379,13 +420,14 @@ def test_interpolation_is_classed_routed_in_both_modes() -> None:
             F.interpolate(x, size=(5, 5), mode="bilinear")
             F.interpolate(x, size=(5, 5), mode="bicubic")
             F.interpolate(x[:, :, 0], size=5, mode="linear")
+            F.interpolate(x, size=(5, 5), mode="nearest")
 
         _, ops = trace_ops(interpolation)
         for portable in (False, True):
             report = coverage_report(ops, portable=portable)
             assert report.uncovered == {} and report.not_portable == {}, (dtype, report)
             assert {"grid_sampler_2d.default", "upsample_bilinear2d.default", "upsample_bicubic2d.default",
-                    "upsample_linear1d.default"} <= set(report.routed), report
+                    "upsample_linear1d.default", "upsample_nearest2d.default"} <= set(report.routed), report
 
 
 # ----------------------------------------------------------------------------- instruction sets
@@ -425,6 +467,6 @@ def test_routed_bits_are_the_same_under_every_instruction_set() -> None:
     assert scalar["capability"] == "DEFAULT"
     for dtype in ("torch.float32", "torch.float64"):
         assert host[dtype]["routed"] == scalar[dtype]["routed"], dtype
-        assert scalar[dtype]["same"] == [True, False, True, True, True, True, True, True], dtype
+        assert scalar[dtype]["same"] == [True, False, True, True, True, True, True, True, True], dtype
         if host["capability"] != "DEFAULT":
             assert host[dtype]["torch"] != scalar[dtype]["torch"], dtype
