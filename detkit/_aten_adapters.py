@@ -924,6 +924,44 @@ def nanmean(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, ke
         return _finished(total / torch.sum(kept, dims, keepdim=keepdim).to(x.dtype), out_dtype)
 
 
+def _product_tree(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The product along ``dim`` as a fixed pairwise tree: adjacent pairs (0, 1), (2, 3), ...
+    multiplied, an odd last element carried up unchanged, until one remains. Each product
+    one correctly rounded torch ``mul``; the tree depends on the length only."""
+    while x.shape[dim] > 1:
+        n = x.shape[dim]
+        pairs = x.narrow(dim, 0, n - n % 2).unflatten(dim, (n // 2, 2))
+        products = pairs.select(dim + 1, 0) * pairs.select(dim + 1, 1)
+        x = torch.cat([products, x.narrow(dim, n - 1, 1)], dim) if n % 2 else products
+    return x
+
+
+def prod_dim(call: Call, self: torch.Tensor, dim: int, keepdim: bool = False, *,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.prod(x, dim)`` of floats by :func:`_product_tree` (16-bit in float32,
+    rounded once; a NaN canonical): the same bits for a row alone and in any batch, on every
+    device. torch's CPU kernel multiplies in vector lanes whose split follows the shape.
+    Integer products are exact and pass through."""
+    if dtype is not None and isinstance(self, torch.Tensor):
+        self = self.to(dtype)
+    x, out_dtype = _composed_input(self)
+    if x.dim() == 0:
+        if dim not in (0, -1):
+            raise Unsupported(f"dim {dim} of a 0-d input", benign=True)  # torch's own error
+        return _finished(x.clone(), out_dtype)
+    (d,) = _reduced_dims(dim, x.dim())
+    res = _product_tree(x, d)
+    return _finished(res if keepdim else res.squeeze(d), out_dtype)
+
+
+def prod_all(call: Call, self: torch.Tensor, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.prod(x)``: :func:`_product_tree` over the flattened elements in index order."""
+    if dtype is not None and isinstance(self, torch.Tensor):
+        self = self.to(dtype)
+    x, out_dtype = _composed_input(self)
+    return _finished(_product_tree(x.reshape(-1), 0).reshape(()), out_dtype)
+
+
 def polar(call: Call, abs: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:  # noqa: A002 (aten's name)
     """``torch.polar`` (the ``freqs_cis`` of Llama 4's and DeepSeek-V2's complex RoPE):
     ``abs * cos(angle) + i * abs * sin(angle)`` with the routed ``cos`` and ``sin``, so in
@@ -1963,6 +2001,8 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("norm.Scalar", norm_all, "reduction"),
     OpOverride("nansum", nansum, "reduction"),
     OpOverride("nanmean", nanmean, "reduction", composite=True),
+    OpOverride("prod.dim_int", prod_dim, "reduction", any_float=True),
+    OpOverride("prod.default", prod_all, "reduction", any_float=True),
     OpOverride("nll_loss_forward", nll_loss_forward, "reduction"),
     OpOverride("polar", polar, "elementwise"),
     OpOverride("cumsum", cumsum, "scan"),
@@ -2043,7 +2083,7 @@ _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim
               "div.Tensor_mode": "div.out_mode", "var.correction": "var.correction_out",
               "std.correction": "std.correction_out", "norm.ScalarOpt_dim": "norm.out",
               "norm.Scalar": "norm.Scalar_out", "xlogy.Tensor": "xlogy.OutTensor", "mul.Tensor": "mul.out",
-              "div.Tensor": "div.out"}
+              "div.Tensor": "div.out", "prod.dim_int": "prod.int_out", "prod.default": "prod.out"}
 _NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
                           "var_mean.correction", "std_mean.correction", "nll_loss_forward", "log_sigmoid_forward",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})

@@ -176,8 +176,11 @@ class Outcome:
 # field). Gemma 3 pools its patches into mm_tokens_per_image tokens, fewer than the small
 # tower's patches; Idefics3's connector shuffles a side of patches divisible by its factor.
 _SMALL_TILES = {"vision_config.image_size": 32, "vision_config.patch_size": 8}
+# LLaVA-NeXT's "anyres": one 224 x 448 resolution, so an image is its base view and two crops
+_ANYRES = {"image_grid_pinpoints": [[224, 448]]}
 VISION_PER_TYPE: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=16), "idefics3": _SMALL_TILES,
-                                              "smolvlm": _SMALL_TILES}
+                                              "smolvlm": _SMALL_TILES, "llava_next": _ANYRES,
+                                              "llava_next_video": _ANYRES, "llava_onevision": _ANYRES}
 TASKS = ("causal-lm", "seq2seq", "vision")
 
 
@@ -199,8 +202,9 @@ def _task_names(task: str) -> list[str]:
 def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
     """Generic pixels for ``model.get_image_features``, by what it asks for: Qwen-VL's
     flattened patches of an 8 x 8 grid each (``image_grid_thw``), Idefics' 5-D tiles with
-    their pixel mask, LLaVA-NeXT's and Pixtral's ``image_sizes``, else a square batch at the
-    tower's ``image_size``."""
+    their pixel mask, SigLIP2's flattened patches with ``spatial_shapes``, LLaVA-NeXT's crops of an image at its first grid resolution with
+    ``image_sizes``, Pixtral's ``image_sizes``, else a square batch at the tower's
+    ``image_size``."""
     import inspect
 
     wanted = inspect.signature(model.get_image_features).parameters
@@ -211,11 +215,24 @@ def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
         size = getattr(vision, "in_channels", 3) * frames * vision.patch_size**2
         return dict(pixel_values=torch.randn(images * 64, size, generator=g),
                     image_grid_thw=torch.tensor([[1, 8, 8]] * images))
+    if "spatial_shapes" in wanted:  # SigLIP2 (LFM2-VL): flattened patches, an 8 x 8 grid each, and their mask
+        patch = vision.patch_size
+        return dict(pixel_values=torch.randn(images, 64, 3 * patch * patch, generator=g),
+                    spatial_shapes=torch.tensor([[8, 8]] * images),
+                    pixel_attention_mask=torch.ones(images, 64, dtype=torch.bool))
     side = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     pixels = torch.randn(images, 3, side, side, generator=g)
     if "pixel_attention_mask" in wanted and "spatial_shapes" not in wanted:
         return dict(pixel_values=pixels[:, None],
                     pixel_attention_mask=torch.ones(images, 1, side, side, dtype=torch.bool))
+    pinpoints = getattr(model.config, "image_grid_pinpoints", None)
+    if "image_sizes" in wanted and pinpoints:  # LLaVA-NeXT: (images, crops + 1, 3, side, side)
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        height, width = pinpoints[0]
+        crops = image_size_to_num_patches((height, width), pinpoints, side)
+        return dict(pixel_values=torch.randn(images, crops, 3, side, side, generator=g),
+                    image_sizes=torch.tensor([[height, width]] * images))
     if "image_sizes" in wanted:
         return dict(pixel_values=pixels, image_sizes=torch.tensor([[side, side]] * images))
     return dict(pixel_values=pixels)

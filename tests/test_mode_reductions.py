@@ -560,3 +560,68 @@ def test_division_by_a_number_is_one_ieee_division(seed: int, divisor: float, dt
     assert (host_bits(got) == host_bits(want)).all()
     if divisor in (4094.0, 0.1):
         assert (a * (1 / torch.tensor(divisor, dtype=dtype)) != got).any()
+
+
+def _tree_product(values: np.ndarray) -> np.generic:
+    """The documented pairwise tree of a 1-D array, one numpy scalar product at a time:
+    adjacent pairs multiplied, an odd last element carried up, until one remains."""
+    level = list(values)
+    if not level:
+        return values.dtype.type(1)
+    while len(level) > 1:
+        level = [level[i] * level[i + 1] for i in range(0, len(level) - 1, 2)] + (level[-1:] if len(level) % 2 else [])
+    return level[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@given(rows=st.integers(1, 4), length=st.integers(1, 40), seed=st.integers(0, 2**16), specials=st.booleans(),
+       keepdim=st.booleans(), along_rows=st.booleans())
+def test_prod_is_routed_and_is_the_documented_tree(dtype: torch.dtype, rows: int, length: int, seed: int,
+                                                   specials: bool, keepdim: bool, along_rows: bool) -> None:
+    """torch.prod of floats over a dim and over everything (LFM2-VL's SigLIP2 multiplies its
+    patch grid's sides as floats): one routed call each, whose bits are the pairwise tree's
+    (numpy scalars in float32, or float64; rounded once to the dtype, NaN canonical)."""
+    g = np.random.default_rng(seed)
+    values = 1 + g.standard_normal((rows, length)) * 0.2
+    if specials:
+        values.flat[g.integers(0, values.size, 3)] = [math.nan, math.inf, 0.0]
+    x = torch.from_numpy(values).to(dtype)
+    x = x.t().contiguous().t() if along_rows else x  # the reduced dim strided
+    with mode.batch_invariant(strict=True) as bi:
+        got_dim = torch.prod(x, -1, keepdim=keepdim)
+        got_all = torch.prod(x)
+    assert bi.routed() == {"prod.dim_int": 1, "prod.default": 1}, bi.coverage()
+    work = np.float64 if dtype == torch.float64 else np.float32
+    wide = x.to(torch.float64 if dtype == torch.float64 else torch.float32).numpy().astype(work)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want_dim = torch.from_numpy(np.array([_tree_product(r) for r in wide], dtype=work)).to(dtype)
+        want_all = torch.from_numpy(np.array(_tree_product(wide.reshape(-1)), dtype=work)).to(dtype)
+    want_dim = want_dim.masked_fill(want_dim.isnan(), math.nan)
+    want_all = want_all.masked_fill(want_all.isnan(), math.nan)
+    assert (host_bits(got_dim) == host_bits(want_dim[:, None] if keepdim else want_dim)).all(), (got_dim, want_dim)
+    assert (host_bits(got_all) == host_bits(want_all)).all(), (got_all, want_all)
+
+
+def test_prod_rows_do_not_depend_on_the_batch_or_the_thread_count() -> None:
+    """Rows of 4097 factors near 1: each row's product is the same bits alone and in any
+    batch, and the product of everything the same on 1 and 2 threads, in both modes.
+    Negative control: torch's own product of everything changes with the thread count
+    (measured with torch 2.13 on this EPYC)."""
+    x = torch.from_numpy(1 + np.random.default_rng(3).standard_normal((16, 4097)) * 0.01).float()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        plain_two = torch.prod(x)
+        routed_two = {}
+        for portable in (False, True):
+            with mode.batch_invariant(portable=portable, strict=True):
+                assert_batch_invariant(lambda t: torch.prod(t, -1), x, [1, 2, 3, 5, 16], positions="all")
+                routed_two[portable] = torch.prod(x)
+        torch.set_num_threads(1)
+        plain_one = torch.prod(x)
+        for portable in (False, True):
+            with mode.batch_invariant(portable=portable, strict=True):
+                assert torch.equal(torch.prod(x), routed_two[portable])
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(plain_one, plain_two), "negative control: torch's prod did not change with the threads"
