@@ -180,7 +180,13 @@ _SMALL_TILES = {"vision_config.image_size": 32, "vision_config.patch_size": 8}
 _ANYRES = {"image_grid_pinpoints": [[224, 448]]}
 VISION_PER_TYPE: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=16), "idefics3": _SMALL_TILES,
                                               "smolvlm": _SMALL_TILES, "llava_next": _ANYRES,
-                                              "llava_next_video": _ANYRES, "llava_onevision": _ANYRES}
+                                              "llava_next_video": _ANYRES, "llava_onevision": _ANYRES,
+                                              # VipLLaVA's five layers, of a 2-layer tower
+                                              "vipllava": dict(vision_feature_layers=[-2, -1])}
+# Inputs a type's get_image_features needs besides its pixels (images -> keyword arguments):
+# VideoLLaMA3 merges each image's patches by its own factor.
+VISION_INPUTS_PER_TYPE: dict[str, Any] = {"video_llama_3": lambda images: dict(
+    image_merge_sizes=torch.tensor([1] * images))}
 TASKS = ("causal-lm", "seq2seq", "vision")
 
 
@@ -211,10 +217,15 @@ def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
     vision = model.config.vision_config
     g = torch.Generator().manual_seed(0)
     if "image_grid_thw" in wanted:
-        frames = getattr(vision, "temporal_patch_size", None) or 2
-        size = getattr(vision, "in_channels", 3) * frames * vision.patch_size**2
-        return dict(pixel_values=torch.randn(images * 64, size, generator=g),
-                    image_grid_thw=torch.tensor([[1, 8, 8]] * images))
+        frames = getattr(vision, "temporal_patch_size", None)
+        channels = getattr(vision, "in_channels", None) or getattr(vision, "num_channels", 3)
+        grid = dict(image_grid_thw=torch.tensor([[1, 8, 8]] * images), **VISION_INPUTS_PER_TYPE.get(
+            model.config.model_type, lambda n: {})(images))
+        if frames is None:  # one image frame: each patch a (channels, patch, patch) tile (PaddleOCR-VL)
+            return dict(pixel_values=torch.randn(images * 64, channels, vision.patch_size, vision.patch_size,
+                                                 generator=g), **grid)
+        return dict(pixel_values=torch.randn(images * 64, channels * frames * vision.patch_size**2, generator=g),
+                    **grid)
     if "spatial_shapes" in wanted:  # SigLIP2 (LFM2-VL): flattened patches, an 8 x 8 grid each, and their mask
         patch = vision.patch_size
         return dict(pixel_values=torch.randn(images, 64, 3 * patch * patch, generator=g),
