@@ -172,11 +172,13 @@ def test_a_seq2seq_sweep_runs_encoder_decoder_models(tmp_path: Path, monkeypatch
 def test_a_vision_sweep_runs_the_towers_under_both_modes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """--task vision: the get_image_features of Gemma 3 (its routed avg_pool2d), Qwen2.5-VL
-    (flattened patches and their grid) and GLM-4V (its position table resampled by the
-    routed grid_sample) pass under both modes with nothing left to torch (exit 0)."""
-    code, outcomes = _run_sweep(tmp_path, monkeypatch, "--task", "vision", "--only", "gemma3,qwen2_5_vl,glm4v")
+    (flattened patches and their grid), GLM-4V (its position table resampled by the routed
+    grid_sample), LLaVA-NeXT (an image's crops and its size), LFM2-VL (SigLIP2's patches
+    with spatial_shapes; a float prod) and PaddleOCR-VL (per-patch tiles) pass under both
+    modes with nothing left to torch (exit 0): each family's own inputs."""
+    types = ["gemma3", "qwen2_5_vl", "glm4v", "llava_next", "lfm2_vl", "paddleocr_vl"]
+    code, outcomes = _run_sweep(tmp_path, monkeypatch, "--task", "vision", "--only", ",".join(types))
     assert code == 0
-    assert [(o["model_type"], o["status"], o["uncovered"]) for o in outcomes] == [
-        ("gemma3", "passed", []), ("qwen2_5_vl", "passed", []), ("glm4v", "passed", [])]
+    assert [(o["model_type"], o["status"], o["uncovered"]) for o in outcomes] == [(t, "passed", []) for t in types]
     assert all(o["max_rel_diff"]["portable"] <= 1e-4 for o in outcomes), outcomes
-    assert "passed 3, uncovered 0, failed 0" in capsys.readouterr().out
+    assert "passed 6, uncovered 0, failed 0" in capsys.readouterr().out
