@@ -940,8 +940,8 @@ def prod_dim(call: Call, self: torch.Tensor, dim: int, keepdim: bool = False, *,
              dtype: torch.dtype | None = None) -> torch.Tensor:
     """``torch.prod(x, dim)`` of floats by :func:`_product_tree` (16-bit in float32,
     rounded once; a NaN canonical): the same bits for a row alone and in any batch, on every
-    device. torch's CPU kernel multiplies in vector lanes whose split follows the shape.
-    Integer products are exact and pass through."""
+    thread count and device (torch's CPU product of a whole tensor changed with the thread
+    count). Integer products are exact and pass through."""
     if dtype is not None and isinstance(self, torch.Tensor):
         self = self.to(dtype)
     x, out_dtype = _composed_input(self)
@@ -1392,6 +1392,19 @@ def _like_layout(out: torch.Tensor, self: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _resize_arguments(self: torch.Tensor, output_size: Sequence[int], scales: Sequence[float | None],
+                      dims: int) -> tuple[list[int], list[float | None]]:
+    """(output sizes, one scale or None per resized dim) of an ``upsample_*`` call; what
+    torch refuses (or computes without arithmetic: an empty input) goes to its kernel."""
+    _float(self)
+    sizes = [int(s) for s in output_size]
+    if self.dim() != dims + 2 or len(sizes) != dims or min(sizes) <= 0 or len(scales) > dims:
+        raise Unsupported("arguments torch refuses", benign=True)  # torch's own error
+    if self.numel() == 0:
+        raise Unsupported("an empty input", benign=True)  # torch's own result or error
+    return sizes, list(scales) + [None] * (dims - len(scales))
+
+
 def _upsample(mode: str, dims: int) -> Adapter:
     """``upsample_linear1d``/``upsample_bilinear2d``/``upsample_trilinear3d`` (``mode``
     ``"linear"``) and ``upsample_bicubic2d`` (``"cubic"``): ``F.interpolate`` without
@@ -1400,13 +1413,7 @@ def _upsample(mode: str, dims: int) -> Adapter:
 
     def adapter(call: Call, self: torch.Tensor, output_size: Sequence[int], align_corners: bool,
                 *scales: float | None) -> torch.Tensor:
-        _float(self)
-        sizes = [int(s) for s in output_size]
-        if self.dim() != dims + 2 or len(sizes) != dims or min(sizes) <= 0 or len(scales) > dims:
-            raise Unsupported("arguments torch refuses", benign=True)  # torch's own error
-        if self.numel() == 0:
-            raise Unsupported("an empty input", benign=True)  # torch's own result or error
-        padded = list(scales) + [None] * (dims - len(scales))
+        sizes, padded = _resize_arguments(self, output_size, scales, dims)
         with torch.no_grad():
             out = _interpolation.upsample_in_order(_plain(self), sizes, mode, align_corners, padded)
         return _like_layout(_finished(out, self.dtype), self)
@@ -1421,13 +1428,7 @@ def _upsample_nearest(dims: int, exact: bool) -> Adapter:
     through float32, and copies float32 ones)."""
 
     def adapter(call: Call, self: torch.Tensor, output_size: Sequence[int], *scales: float | None) -> torch.Tensor:
-        _float(self)
-        sizes = [int(s) for s in output_size]
-        if self.dim() != dims + 2 or len(sizes) != dims or min(sizes) <= 0 or len(scales) > dims:
-            raise Unsupported("arguments torch refuses", benign=True)  # torch's own error
-        if self.numel() == 0:
-            raise Unsupported("an empty input", benign=True)  # torch's own result or error
-        padded = list(scales) + [None] * (dims - len(scales))
+        sizes, padded = _resize_arguments(self, output_size, scales, dims)
         with torch.no_grad():
             out = _interpolation.upsample_nearest(_plain(self), sizes, padded, exact)
         return _like_layout(_finished(out, self.dtype), self)  # NaN canonical, as every routed result
