@@ -1,6 +1,7 @@
 """Interpolation under the mode: ``F.interpolate`` (linear, bilinear, bicubic, trilinear,
-nearest, nearest-exact) and ``F.grid_sample`` (bilinear, nearest, bicubic; every padding mode) are routed to
-``detkit._interpolation``, which computes them in a written-down order of IEEE operations.
+nearest, nearest-exact) and ``F.grid_sample`` (bilinear, nearest, bicubic; every padding
+mode) are routed to ``detkit._interpolation``, which computes them in a written-down
+order of IEEE operations.
 
 Vision towers resample position tables with them (GLM-4V's bicubic ``grid_sample``,
 HunYuan-VL's ``interpolate``, GOT-OCR2's linear resize). torch's CPU kernels give each
@@ -10,8 +11,8 @@ the next sum), bilinear's change with the thread count for three channels and wi
 layout (a second formula for small outputs and channels-last inputs). The tests check the
 routed result against an independent scalar reference of the documented order, bit for
 bit; against torch's own kernel where torch computes that order (its DEFAULT build, in a
-child process); for batch, thread-count, layout and instruction-set invariance; and that
-the GLM-4V and HunYuan-VL towers now run with nothing left to torch.
+child process); and for batch, thread-count, layout and instruction-set invariance. The
+towers themselves are tests/test_mode_vision.py's (GLM-4V) and the vision sweep's.
 """
 
 from __future__ import annotations
