@@ -1,14 +1,15 @@
 """Vision towers under the mode: an image's features never depend on the other images.
 
-A multimodal server batches the images of several requests through one vision encoder.
-The towers of LLaVA (CLIP), Qwen2.5-VL (windowed attention over flattened patches, 2-D
-RoPE), GLM-4V (its position table resampled by a bicubic ``grid_sample``), Gemma 3 (SigLIP, then an ``avg_pool2d`` of its patches into image tokens), Idefics3
-(SigLIP on 5-D pixel batches) and Mistral 3 (Pixtral, a patch merger) are built small from
-their configs and run on one image alone and inside batches of others, at every position:
-under the mode every image's features are the same bits, in both modes, with nothing
-left to torch; and a whole request (its prompt's image tokens filled with its image's
-features) gives the same logits alone and beside another. ``avg_pool2d`` is routed
-(``avg_pool2d_in_order``) and checked against torch's own CPU kernel bit for bit.
+A multimodal server batches the images of several requests through one vision encoder. The
+towers of LLaVA (CLIP), Qwen2.5-VL (windowed attention over flattened patches, 2-D RoPE),
+GLM-4V (its position table resampled by a bicubic ``grid_sample``), Gemma 3 (SigLIP, then
+an ``avg_pool2d`` of its patches into image tokens), Idefics3 (SigLIP on 5-D pixel
+batches) and Mistral 3 (Pixtral, a patch merger) are built small from their configs and
+run on one image alone and inside batches of others, at every position: under the mode
+every image's features are the same bits, in both modes, with nothing left to torch; and a
+whole request (its prompt's image tokens filled with its image's features) gives the same
+logits alone and beside another. ``avg_pool2d`` is routed (``avg_pool2d_in_order``) and
+checked against torch's own CPU kernel bit for bit.
 """
 
 from __future__ import annotations
