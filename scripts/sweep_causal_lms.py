@@ -185,8 +185,12 @@ VISION_PER_TYPE: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image
                                               "vipllava": dict(vision_feature_layers=[-2, -1])}
 # Inputs a type's get_image_features needs besides its pixels (images -> keyword arguments):
 # VideoLLaMA3 merges each image's patches by its own factor.
-VISION_INPUTS_PER_TYPE: dict[str, Any] = {"video_llama_3": lambda images: dict(
-    image_merge_sizes=torch.tensor([1] * images))}
+VISION_INPUTS_PER_TYPE: dict[str, Any] = {
+    "video_llama_3": lambda images: dict(image_merge_sizes=torch.tensor([1] * images)),
+    # InstructBLIP's Q-Former reads the instruction too
+    "instructblip": lambda images: dict(qformer_input_ids=torch.arange(3, 8).repeat(images, 1),
+                                        qformer_attention_mask=torch.ones(images, 5, dtype=torch.long)),
+}
 TASKS = ("causal-lm", "seq2seq", "vision")
 
 
@@ -208,12 +212,16 @@ def _task_names(task: str) -> list[str]:
 def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
     """Generic pixels for ``model.get_image_features``, by what it asks for: Qwen-VL's
     flattened patches of an 8 x 8 grid each (``image_grid_thw``), Idefics' 5-D tiles with
-    their pixel mask, SigLIP2's flattened patches with ``spatial_shapes``, LLaVA-NeXT's crops of an image at its first grid resolution with
+    their pixel mask, SigLIP2's flattened patches with ``spatial_shapes``, MiniCPM-V's packed
+    patches with ``target_sizes``, Kosmos-2.5's ``flattened_patches``, LLaVA-NeXT's crops of an image at its first grid resolution with
     ``image_sizes``, Pixtral's ``image_sizes``, else a square batch at the tower's
     ``image_size``."""
     import inspect
 
     wanted = inspect.signature(model.get_image_features).parameters
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if all(p.kind in variadic for p in wanted.values()) and hasattr(model, "model"):  # a pass-through
+        wanted = inspect.signature(model.model.get_image_features).parameters
     vision = model.config.vision_config
     g = torch.Generator().manual_seed(0)
     if "image_grid_thw" in wanted:
@@ -226,6 +234,14 @@ def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
                                                  generator=g), **grid)
         return dict(pixel_values=torch.randn(images * 64, channels * frames * vision.patch_size**2, generator=g),
                     **grid)
+    if "flattened_patches" in wanted:  # Pix2Struct style (Kosmos-2.5): row and column ids, then the patch
+        ids = torch.stack([torch.arange(8).repeat_interleave(8), torch.arange(8).repeat(8)], -1).float() + 1
+        patches = torch.randn(images, 64, vision.patch_embed_hidden_size, generator=g)
+        return dict(flattened_patches=torch.cat([ids.expand(images, -1, -1), patches], -1))
+    if "target_sizes" in wanted:  # MiniCPM-V: NaViT-packed patches, an 8 x 8 grid each, side by side
+        patch = vision.patch_size
+        return dict(pixel_values=torch.randn(1, 3, patch, images * 64 * patch, generator=g),
+                    target_sizes=torch.tensor([[8, 8]] * images))
     if "spatial_shapes" in wanted:  # SigLIP2 (LFM2-VL): flattened patches, an 8 x 8 grid each, and their mask
         patch = vision.patch_size
         return dict(pixel_values=torch.randn(images, 64, 3 * patch * patch, generator=g),
@@ -246,7 +262,7 @@ def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
                     image_sizes=torch.tensor([[height, width]] * images))
     if "image_sizes" in wanted:
         return dict(pixel_values=pixels, image_sizes=torch.tensor([[side, side]] * images))
-    return dict(pixel_values=pixels)
+    return dict(pixel_values=pixels, **VISION_INPUTS_PER_TYPE.get(model.config.model_type, lambda n: {})(images))
 
 
 def _flat(out: Any) -> torch.Tensor:

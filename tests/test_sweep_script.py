@@ -174,11 +174,13 @@ def test_a_vision_sweep_runs_the_towers_under_both_modes(
     """--task vision: the get_image_features of Gemma 3 (its routed avg_pool2d), Qwen2.5-VL
     (flattened patches and their grid), GLM-4V (its position table resampled by the routed
     grid_sample), LLaVA-NeXT (an image's crops and its size), LFM2-VL (SigLIP2's patches
-    with spatial_shapes; a float prod) and PaddleOCR-VL (per-patch tiles) pass under both
-    modes with nothing left to torch (exit 0): each family's own inputs."""
-    types = ["gemma3", "qwen2_5_vl", "glm4v", "llava_next", "lfm2_vl", "paddleocr_vl"]
+    with spatial_shapes; a float prod), PaddleOCR-VL (per-patch tiles), MiniCPM-V (packed
+    patches with target_sizes, through a pass-through signature) and Kosmos-2.5 (flattened
+    patches) pass under both modes with nothing left to torch (exit 0): each family's own
+    inputs."""
+    types = ["gemma3", "qwen2_5_vl", "glm4v", "llava_next", "lfm2_vl", "paddleocr_vl", "minicpmv4_6", "kosmos-2.5"]
     code, outcomes = _run_sweep(tmp_path, monkeypatch, "--task", "vision", "--only", ",".join(types))
     assert code == 0
     assert [(o["model_type"], o["status"], o["uncovered"]) for o in outcomes] == [(t, "passed", []) for t in types]
     assert all(o["max_rel_diff"]["portable"] <= 1e-4 for o in outcomes), outcomes
-    assert "passed 6, uncovered 0, failed 0" in capsys.readouterr().out
+    assert "passed 8, uncovered 0, failed 0" in capsys.readouterr().out
