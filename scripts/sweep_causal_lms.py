@@ -178,11 +178,14 @@ class Outcome:
 _SMALL_TILES = {"vision_config.image_size": 32, "vision_config.patch_size": 8}
 # LLaVA-NeXT's "anyres": one 224 x 448 resolution, so an image is its base view and two crops
 _ANYRES = {"image_grid_pinpoints": [[224, 448]]}
-VISION_PER_TYPE: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=16), "idefics3": _SMALL_TILES,
+VISION_PER_TYPE: dict[str, dict[str, Any]] = {"gemma3": dict(mm_tokens_per_image=16),
+                                              "shieldgemma2": dict(mm_tokens_per_image=16), "idefics3": _SMALL_TILES,
                                               "smolvlm": _SMALL_TILES, "llava_next": _ANYRES,
                                               "llava_next_video": _ANYRES, "llava_onevision": _ANYRES,
                                               # VipLLaVA's five layers, of a 2-layer tower
-                                              "vipllava": dict(vision_feature_layers=[-2, -1])}
+                                              "vipllava": dict(vision_feature_layers=[-2, -1]),
+                                              # Aria's projector: 16 queries for the small tower's 7 x 7 patches
+                                              "aria": dict(projector_patch_to_query_dict={49: 16})}
 # Inputs a type's get_image_features needs besides its pixels (images -> keyword arguments):
 # VideoLLaMA3 merges each image's patches by its own factor.
 VISION_INPUTS_PER_TYPE: dict[str, Any] = {
