@@ -214,11 +214,12 @@ def _task_names(task: str) -> list[str]:
 
 def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
     """Generic pixels for ``model.get_image_features``, by what it asks for: Qwen-VL's
-    flattened patches of an 8 x 8 grid each (``image_grid_thw``), Idefics' 5-D tiles with
-    their pixel mask, SigLIP2's flattened patches with ``spatial_shapes``, MiniCPM-V's packed
-    patches with ``target_sizes``, Kosmos-2.5's ``flattened_patches``, LLaVA-NeXT's crops of an image at its first grid resolution with
-    ``image_sizes``, Pixtral's ``image_sizes``, else a square batch at the tower's
-    ``image_size``."""
+    flattened patches of an 8 x 8 grid each (``image_grid_thw``), Kosmos-2.5's
+    ``flattened_patches``, MiniCPM-V's packed patches with ``target_sizes``, SigLIP2's
+    flattened patches with ``spatial_shapes``, Idefics' 5-D tiles with their pixel mask,
+    LLaVA-NeXT's crops of an image at its first grid resolution with ``image_sizes``,
+    Pixtral's ``image_sizes``, else a square batch at the tower's ``image_size``; plus
+    ``VISION_INPUTS_PER_TYPE``'s extra inputs."""
     import inspect
 
     wanted = inspect.signature(model.get_image_features).parameters
@@ -227,11 +228,11 @@ def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
         wanted = inspect.signature(model.model.get_image_features).parameters
     vision = model.config.vision_config
     g = torch.Generator().manual_seed(0)
+    extra = VISION_INPUTS_PER_TYPE.get(model.config.model_type, lambda n: {})(images)
     if "image_grid_thw" in wanted:
         frames = getattr(vision, "temporal_patch_size", None)
         channels = getattr(vision, "in_channels", None) or getattr(vision, "num_channels", 3)
-        grid = dict(image_grid_thw=torch.tensor([[1, 8, 8]] * images), **VISION_INPUTS_PER_TYPE.get(
-            model.config.model_type, lambda n: {})(images))
+        grid = dict(image_grid_thw=torch.tensor([[1, 8, 8]] * images), **extra)
         if frames is None:  # one image frame: each patch a (channels, patch, patch) tile (PaddleOCR-VL)
             return dict(pixel_values=torch.randn(images * 64, channels, vision.patch_size, vision.patch_size,
                                                  generator=g), **grid)
@@ -252,7 +253,7 @@ def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
                     pixel_attention_mask=torch.ones(images, 64, dtype=torch.bool))
     side = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
     pixels = torch.randn(images, 3, side, side, generator=g)
-    if "pixel_attention_mask" in wanted and "spatial_shapes" not in wanted:
+    if "pixel_attention_mask" in wanted:
         return dict(pixel_values=pixels[:, None],
                     pixel_attention_mask=torch.ones(images, 1, side, side, dtype=torch.bool))
     pinpoints = getattr(model.config, "image_grid_pinpoints", None)
@@ -265,7 +266,7 @@ def image_inputs(model: Any, images: int = 2) -> dict[str, Any]:
                     image_sizes=torch.tensor([[height, width]] * images))
     if "image_sizes" in wanted:
         return dict(pixel_values=pixels, image_sizes=torch.tensor([[side, side]] * images))
-    return dict(pixel_values=pixels, **VISION_INPUTS_PER_TYPE.get(model.config.model_type, lambda n: {})(images))
+    return dict(pixel_values=pixels, **extra)
 
 
 def _flat(out: Any) -> torch.Tensor:
