@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 
 from detkit import _interpolation
@@ -1173,6 +1174,65 @@ def cumsum_(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | No
     return self
 
 
+# ----------------------------------------------------------------------------- cumprod
+
+# The running product's accumulator: torch's CPU ``acc_type`` (float64 for float32).
+_CUMPROD_ACCUMULATOR = {torch.float32: torch.float64, torch.float64: torch.float64,
+                        torch.bfloat16: torch.float32, torch.float16: torch.float32}
+
+
+def _cumprod(self: torch.Tensor, dim: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """The running product along ``dim`` from 1, one rounded product per element, in
+    float64 for float32/float64 and float32 for 16-bit inputs, each prefix rounded once to
+    the dtype (a NaN canonical): torch's CPU kernel's order and bits (measured equal),
+    on every device (torch's CUDA kernel scans in float32, in another order)."""
+    if dtype is not None and isinstance(self, torch.Tensor):
+        self = self.to(dtype)
+    _float(self)
+    if self.numel() == 0:
+        raise Unsupported("empty input", benign=True)  # torch's own result
+    x = _plain(self)
+    if x.dim() == 0:
+        if dim not in (0, -1):
+            raise Unsupported(f"dim {dim} of a 0-d input", benign=True)  # torch's own error
+        return _finished(x.clone(), x.dtype)
+    (d,) = _reduced_dims(dim, x.dim())
+    return _finished(running_product(x.to(_CUMPROD_ACCUMULATOR[x.dtype]), d), x.dtype)
+
+
+def running_product(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``out[i] = out[i - 1] * x[i]`` along ``dim`` from ``out[0] = x[0]``, one rounded
+    product per step in ``x``'s dtype. On the CPU numpy's ``multiply.accumulate``, which
+    is defined as that sequence (and is fast); elsewhere one torch ``mul`` per step."""
+    if x.device.type == "cpu":
+        with np.errstate(all="ignore"):  # inf * 0 is NaN, as torch's, without numpy's warning
+            return torch.from_numpy(np.multiply.accumulate(x.numpy(), axis=dim))
+    return running_product_stepwise(x, dim)
+
+
+def running_product_stepwise(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`running_product` as one torch ``mul`` per step (any device)."""
+    running = x.select(dim, 0)
+    prefixes = [running]
+    for i in range(1, x.shape[dim]):
+        running = running * x.select(dim, i)
+        prefixes.append(running)
+    return torch.stack(prefixes, dim)
+
+
+def cumprod(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return _cumprod(self, dim, dtype)
+
+
+def cumprod_(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    if dtype is not None and dtype != self.dtype:
+        raise Unsupported(f"in-place cumprod of {self.dtype} with dtype={dtype}", benign=True)  # torch raises
+    res = _cumprod(self, dim, dtype)
+    with torch.no_grad():
+        self.copy_(res)
+    return self
+
+
 # ----------------------------------------------------------------------------- histc
 
 # Significand bits (with the implicit one): integers up to 2**p are exact in the dtype.
@@ -2008,6 +2068,8 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("polar", polar, "elementwise"),
     OpOverride("cumsum", cumsum, "scan"),
     OpOverride("cumsum_", cumsum_, "scan"),
+    OpOverride("cumprod", cumprod, "scan", any_float=True),
+    OpOverride("cumprod_", cumprod_, "scan", any_float=True),
     OpOverride("histc", histc, "reduction"),
     OpOverride("index_add", _index_add(inplace=False), "scan"),
     OpOverride("index_add_", _index_add(inplace=True), "scan"),

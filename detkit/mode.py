@@ -771,11 +771,6 @@ _EXACT_OR_CUBE = frozenset({*EXACT_EXPONENTS, 3.0})
 _PORTABLE_FUNCTIONS = ELEMENTWISE_PORTABLE | set(COMPOSED_PORTABLE) | {"pow"}
 _FLOAT_OPERAND_NOTE = ("float operands (as traced): exact only while they hold integers below 2^24, as an MoE "
                        "router's tokens per expert do (torch's CPU histc takes floats only); check with a test")
-_FLOAT_OPERAND_NOTES = {
-    "cumprod": ("float operands (as traced): exact while they hold integers whose products stay below 2^24; "
-                "otherwise a running product rounds at every step, in the order of torch's kernel (sequential per "
-                "row on the CPU; another device's scan may differ)"),
-}
 
 
 def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: str = "CPU") -> CoverageReport:
@@ -819,7 +814,7 @@ def coverage_report(ops: Mapping[str, int], *, portable: bool = False, device: s
             continue
         if float_inputs is not None and base in INTEGER_EXACT_OPS and full not in table:
             # listed below as uncovered; say what that means for this op
-            notes[full] = _FLOAT_OPERAND_NOTES.get(base, _FLOAT_OPERAND_NOTE)
+            notes[full] = _FLOAT_OPERAND_NOTE
         if device == "CPU" and name in complex_inputs and packet in COMPLEX_POSITION_DEPENDENT and full not in table:
             uncovered[full] = n
             notes[full] = ("complex operands (as traced): several roundings per element, which torch's vector path "

@@ -625,3 +625,68 @@ def test_prod_rows_do_not_depend_on_the_batch_or_the_thread_count() -> None:
     finally:
         torch.set_num_threads(threads)
     assert not torch.equal(plain_one, plain_two), "negative control: torch's prod did not change with the threads"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@given(rows=st.integers(1, 4), length=st.integers(1, 60), seed=st.integers(0, 2**16), specials=st.booleans(),
+       along_rows=st.booleans(), inplace=st.booleans())
+def test_cumprod_is_routed_and_is_torchs_cpu_running_product(dtype: torch.dtype, rows: int, length: int, seed: int,
+                                                             specials: bool, along_rows: bool, inplace: bool) -> None:
+    """torch.cumprod of floats (and its in-place form): one routed call whose bits are the
+    running product from the first element, each step one rounded product in float64 for
+    float32/float64 and float32 for 16-bit inputs (numpy scalars here), each prefix rounded
+    once; that is torch's own CPU result, a NaN aside (canonical here). On CUDA torch scans
+    in float32 in another order; routed, these are the bits there too."""
+    g = np.random.default_rng(seed)
+    values = 1 + g.standard_normal((rows, length)) * 0.2
+    if specials:
+        values.flat[g.integers(0, values.size, 3)] = [math.nan, math.inf, 0.0]
+    x = torch.from_numpy(values).to(dtype)
+    dim = 0 if along_rows else -1
+    x = x.t().contiguous() if along_rows else x
+    with mode.batch_invariant(strict=True) as bi:
+        got = x.clone().cumprod_(dim) if inplace else torch.cumprod(x, dim)
+    assert sum(bi.routed().values()) == 1, bi.coverage()
+    acc = np.float64 if dtype in (torch.float32, torch.float64) else np.float32
+    series = x.t() if along_rows else x
+    want = np.empty(series.shape, dtype=acc)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for r, row in enumerate(series.to(torch.float64).numpy().astype(acc)):
+            running = acc(1)
+            for i, v in enumerate(row):
+                running = running * v if i else v
+                want[r, i] = running
+    want_t = torch.from_numpy(want).to(dtype)
+    want_t = (want_t.t() if along_rows else want_t).masked_fill(
+        (want_t.t() if along_rows else want_t).isnan(), math.nan)
+    assert (host_bits(got) == host_bits(want_t)).all(), (got, want_t)
+    plain = torch.cumprod(x, dim)
+    assert torch.equal(got.isnan(), plain.isnan())
+    assert (host_bits(got)[~got.isnan().numpy()] == host_bits(plain)[~plain.isnan().numpy()]).all()
+
+
+def test_cumprod_rows_do_not_depend_on_the_batch() -> None:
+    """A discount or survival schedule per row (products of 1,000 factors near 1): each
+    row's running product is the same bits alone and in any batch, at any position, in
+    both modes."""
+    x = torch.from_numpy(1 - np.random.default_rng(4).random((8, 1000)) * 0.01).float()
+    for portable in (False, True):
+        with mode.batch_invariant(portable=portable, strict=True):
+            assert_batch_invariant(lambda t: torch.cumprod(t, -1), x, [1, 2, 3, 8], positions="all")
+
+
+@given(rows=st.integers(1, 3), length=st.integers(1, 80), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.float64]), dim=st.sampled_from([0, 1]))
+def test_the_stepwise_running_product_is_numpys_accumulate(rows: int, length: int, seed: int, dtype: torch.dtype,
+                                                           dim: int) -> None:
+    """cumprod on the CPU takes numpy's multiply.accumulate; on other devices one torch mul
+    per step. Both are the same sequence of rounded products: the same bits, NaN, inf and
+    0 among the factors."""
+    from detkit._aten_adapters import running_product, running_product_stepwise
+
+    g = np.random.default_rng(seed)
+    values = 1 + g.standard_normal((rows, length)) * 0.3
+    values.flat[g.integers(0, values.size, 2)] = [math.nan, 0.0]
+    x = torch.from_numpy(values).to(dtype)
+    x = x if dim == 1 else x.t().contiguous()
+    assert (host_bits(running_product(x, dim)) == host_bits(running_product_stepwise(x, dim))).all()
