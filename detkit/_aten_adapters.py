@@ -925,6 +925,17 @@ def nanmean(call: Call, self: torch.Tensor, dim: Sequence[int] | None = None, ke
         return _finished(total / torch.sum(kept, dims, keepdim=keepdim).to(x.dtype), out_dtype)
 
 
+def _one_dim(x: torch.Tensor, dim: int) -> int | None:
+    """``dim`` of ``x`` made nonnegative, or None for a 0-d ``x`` (which torch lets a
+    one-dim reduction or scan take at dim 0 or -1, returning it unchanged)."""
+    if x.dim() == 0:
+        if dim not in (0, -1):
+            raise Unsupported(f"dim {dim} of a 0-d input", benign=True)  # torch's own error
+        return None
+    (d,) = _reduced_dims(dim, x.dim())
+    return d
+
+
 def _product_tree(x: torch.Tensor, dim: int) -> torch.Tensor:
     """The product along ``dim`` as a fixed pairwise tree: adjacent pairs (0, 1), (2, 3), ...
     multiplied, an odd last element carried up unchanged, until one remains. Each product
@@ -946,11 +957,9 @@ def prod_dim(call: Call, self: torch.Tensor, dim: int, keepdim: bool = False, *,
     if dtype is not None and isinstance(self, torch.Tensor):
         self = self.to(dtype)
     x, out_dtype = _composed_input(self)
-    if x.dim() == 0:
-        if dim not in (0, -1):
-            raise Unsupported(f"dim {dim} of a 0-d input", benign=True)  # torch's own error
+    d = _one_dim(x, dim)
+    if d is None:
         return _finished(x.clone(), out_dtype)
-    (d,) = _reduced_dims(dim, x.dim())
     res = _product_tree(x, d)
     return _finished(res if keepdim else res.squeeze(d), out_dtype)
 
@@ -1164,14 +1173,19 @@ def cumsum(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | Non
     return _cumsum(call, self, dim, dtype)
 
 
-def cumsum_(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    if dtype is not None and dtype != self.dtype:
-        # torch refuses it whatever the dtypes ("Bad in-place call"): its error stands
-        raise Unsupported(f"in-place cumsum of {self.dtype} with dtype={dtype}", benign=True)  # torch raises
-    res = _cumsum(call, self, dim, dtype)
-    with torch.no_grad():
-        self.copy_(res)
-    return self
+def _inplace_scan(name: str, scan: Callable[..., torch.Tensor]) -> Adapter:
+    """The in-place form (``cumsum_``, ``cumprod_``) of ``scan(call, self, dim, dtype)``."""
+
+    def adapter(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if dtype is not None and dtype != self.dtype:
+            # torch refuses it whatever the dtypes ("Bad in-place call"): its error stands
+            raise Unsupported(f"in-place {name} of {self.dtype} with dtype={dtype}", benign=True)  # torch raises
+        res = scan(call, self, dim, dtype)
+        with torch.no_grad():
+            self.copy_(res)
+        return self
+
+    return adapter
 
 
 # ----------------------------------------------------------------------------- cumprod
@@ -1181,7 +1195,7 @@ _CUMPROD_ACCUMULATOR = {torch.float32: torch.float64, torch.float64: torch.float
                         torch.bfloat16: torch.float32, torch.float16: torch.float32}
 
 
-def _cumprod(self: torch.Tensor, dim: int, dtype: torch.dtype | None) -> torch.Tensor:
+def _cumprod(call: Call, self: torch.Tensor, dim: int, dtype: torch.dtype | None) -> torch.Tensor:
     """The running product along ``dim`` from 1, one rounded product per element, in
     float64 for float32/float64 and float32 for 16-bit inputs, each prefix rounded once to
     the dtype (a NaN canonical): torch's CPU kernel's order and bits (measured equal),
@@ -1192,11 +1206,9 @@ def _cumprod(self: torch.Tensor, dim: int, dtype: torch.dtype | None) -> torch.T
     if self.numel() == 0:
         raise Unsupported("empty input", benign=True)  # torch's own result
     x = _plain(self)
-    if x.dim() == 0:
-        if dim not in (0, -1):
-            raise Unsupported(f"dim {dim} of a 0-d input", benign=True)  # torch's own error
+    d = _one_dim(x, dim)
+    if d is None:
         return _finished(x.clone(), x.dtype)
-    (d,) = _reduced_dims(dim, x.dim())
     return _finished(running_product(x.to(_CUMPROD_ACCUMULATOR[x.dtype]), d), x.dtype)
 
 
@@ -1221,16 +1233,7 @@ def running_product_stepwise(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def cumprod(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return _cumprod(self, dim, dtype)
-
-
-def cumprod_(call: Call, self: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    if dtype is not None and dtype != self.dtype:
-        raise Unsupported(f"in-place cumprod of {self.dtype} with dtype={dtype}", benign=True)  # torch raises
-    res = _cumprod(self, dim, dtype)
-    with torch.no_grad():
-        self.copy_(res)
-    return self
+    return _cumprod(call, self, dim, dtype)
 
 
 # ----------------------------------------------------------------------------- histc
@@ -1365,6 +1368,17 @@ def _index_add(inplace: bool) -> Adapter:
 # ----------------------------------------------------------------------------- avg_pool2d
 
 
+def _like_layout(out: torch.Tensor, self: torch.Tensor) -> torch.Tensor:
+    """``out`` in a channels-last input's layout, as torch's pooling and upsampling results
+    are (``suggest_memory_format``; strides of size-1 dims included)."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    fmt = formats.get(self.dim())
+    if fmt is not None and self.is_contiguous(memory_format=fmt) and not self.is_contiguous():
+        return torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt).copy_(out)
+    return out
+
+
+
 def _pool_output_size(size: int, kernel: int, stride: int, pad: int, ceil_mode: bool) -> int:
     """torch's ``pooling_output_shape``: with ``ceil_mode`` the last window must start
     inside the input or its left padding."""
@@ -1433,23 +1447,10 @@ def avg_pool2d(call: Call, self: torch.Tensor, kernel_size: Sequence[int], strid
     with torch.no_grad():
         out = avg_pool2d_in_order(_plain(self), kernel, stride_hw, pad, ceil_mode, count_include_pad,
                                   divisor_override)
-    if self.dim() == 4 and self.is_contiguous(memory_format=torch.channels_last) and not self.is_contiguous():
-        # torch's result keeps a channels-last input's layout, strides of size-1 dims included
-        return torch.empty(out.shape, dtype=out.dtype, device=out.device,
-                           memory_format=torch.channels_last).copy_(out)
-    return out
+    return _like_layout(out, self)
 
 
 # ----------------------------------------------------------------------------- interpolation
-
-
-def _like_layout(out: torch.Tensor, self: torch.Tensor) -> torch.Tensor:
-    """torch's upsampling keeps a channels-last input's layout (``suggest_memory_format``)."""
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    fmt = formats.get(self.dim())
-    if fmt is not None and self.is_contiguous(memory_format=fmt) and not self.is_contiguous():
-        return torch.empty(out.shape, dtype=out.dtype, device=out.device, memory_format=fmt).copy_(out)
-    return out
 
 
 def _resize_arguments(self: torch.Tensor, output_size: Sequence[int], scales: Sequence[float | None],
@@ -2067,9 +2068,9 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("nll_loss_forward", nll_loss_forward, "reduction"),
     OpOverride("polar", polar, "elementwise"),
     OpOverride("cumsum", cumsum, "scan"),
-    OpOverride("cumsum_", cumsum_, "scan"),
+    OpOverride("cumsum_", _inplace_scan("cumsum", _cumsum), "scan"),
     OpOverride("cumprod", cumprod, "scan", any_float=True),
-    OpOverride("cumprod_", cumprod_, "scan", any_float=True),
+    OpOverride("cumprod_", _inplace_scan("cumprod", _cumprod), "scan", any_float=True),
     OpOverride("histc", histc, "reduction"),
     OpOverride("index_add", _index_add(inplace=False), "scan"),
     OpOverride("index_add_", _index_add(inplace=True), "scan"),
