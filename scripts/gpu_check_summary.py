@@ -79,7 +79,7 @@ def summarize(out: Path, test_rc: int, seconds: int, compile_limit: str) -> int:
            + (f" ({g['error']})" if g.get("error") else "") for name, g in tests["groups"].items()]
     md += [""]
     md += [f"- FAILED {f['test']}: {f['message']}" for f in tests["failures"]]
-    for part in ("bench_cuda.md", "bench_mode.md"):
+    for part in ("bench_cuda.md", "bench_mode.md", "profile_cuda.md"):
         if (out / part).exists():
             md += ["", (out / part).read_text()]
     # Passing means GPU tests ran: all of them skipped (no GPU, no CuPy) is a failure here.

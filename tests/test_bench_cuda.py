@@ -284,3 +284,60 @@ def test_a_target_is_met_on_the_unrounded_speed(bench: Any) -> None:
     exact = bench.Result("matmul", "bfloat16", "M=256 K=N=4096", 0.9, 1.0, None)
     assert short.speed == 0.9
     assert [c["met"] for c in bench.targets([short, exact])] == [False, True]
+
+
+PROFILE = BENCH.parent / "profile_cuda.py"
+
+
+@pytest.fixture
+def profile(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """benchmarks/profile_cuda.py with a stand-in GPU: two cases of CPU calls, call times
+    and GPU times from a table (the profiler is never started)."""
+    mod = load_script(PROFILE, monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "stand-in GPU")
+    monkeypatch.setattr(mod, "cases", lambda: [("matmul", "bfloat16", "M=1", "table", lambda: "torch", lambda: "detkit"),
+                                               ("softmax", "bfloat16", "1x4096", "table", lambda: "torch",
+                                                lambda: "detkit")])
+    monkeypatch.setattr(mod, "_iters", lambda fn: 5)
+    monkeypatch.setattr(mod, "call_ms", lambda fn, iters: {"torch": 0.02, "detkit": 0.05}[fn()])
+    monkeypatch.setattr(mod, "gpu_ms", lambda fn, iters: ({"torch": 0.01, "detkit": 0.04}[fn()], [f"{fn()}_kernel x1"]))
+    monkeypatch.setattr(mod, "TILE_M", {"bfloat16": (1, 64)})
+    monkeypatch.setattr(mod, "tile_gpu_times", lambda deadline: iter(
+        [mod.TileGpuTime("bfloat16", m, 0.01, {"128x64x32_2x2_s3": 0.04, "wgmma_64x128x64_s4": 0.02}) for m in (1, 64)]))
+    return mod
+
+
+def test_the_profile_records_call_and_gpu_time_of_both_sides(profile: Any, tmp_path: Path) -> None:
+    """Each case's call time and GPU time for torch and detkit, their speeds, the kernels
+    each side ran, and the catalogue's GPU times, in the JSON and the Markdown."""
+    assert profile.main(["--json", str(tmp_path / "p.json"), "--md", str(tmp_path / "p.md")]) == 0
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["meta"]["complete"] is True and [r["op"] for r in data["results"]] == ["matmul", "softmax"]
+    row = data["results"][0]
+    assert row["torch"] == {"call_ms": 0.02, "gpu_ms": 0.01, "kernels": ["torch_kernel x1"]}
+    assert row["detkit"]["kernels"] == ["detkit_kernel x1"] and row["call_speed"] == 0.4 and row["gpu_speed"] == 0.25
+    assert [t["m"] for t in data["tiles"]] == [1, 64]
+    md = (tmp_path / "p.md").read_text()
+    assert "| matmul | bfloat16 | M=1 | table | 0.0200 | 0.0100 | 0.0500 | 0.0400 | 0.40 | 0.25 |" in md
+    assert "| 64 | 0.0100 | 0.0400 (0.25) | 0.0200 (0.50) |" in md and "Incomplete" not in md
+
+
+def test_an_exhausted_profile_budget_is_said(profile: Any, tmp_path: Path) -> None:
+    """With no time for the GPU times, the call times are kept out (they mean nothing
+    alone), the run exits 1 and the Markdown says it is incomplete."""
+    assert profile.main(["--budget", "0", "--md", str(tmp_path / "p.md"), "--no-tiles"]) == 1
+    assert "Incomplete" in (tmp_path / "p.md").read_text()
+
+
+def test_profile_times_are_validated(profile: Any) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        profile.KernelTime(0.0, 0.01)
+    with pytest.raises(ValueError, match="positive"):
+        profile.TileGpuTime("bfloat16", 1, 0.01, {"x": 0.0})
+
+
+def test_the_profile_without_a_gpu_says_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    mod = load_script(PROFILE, monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert mod.main([]) == 2 and "no CUDA device" in capsys.readouterr().err
