@@ -39,6 +39,7 @@ def bench(monkeypatch: pytest.MonkeyPatch, compiled_kernels: dict) -> Any:
     # an sm_90 with 132 SMs holding two CTAs of any k-major kernel, one of any n-major one
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(kc, "_majors", {})
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda *a: types.SimpleNamespace(multi_processor_count=132))
     monkeypatch.setattr(kc, "ctas_per_sm", lambda cfg, dev, kmajor=True: 2 if kmajor else 1)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import types
 import zlib
 from pathlib import Path
 
@@ -545,7 +546,6 @@ def test_backend_is_unavailable_when_cupy_cannot_use_the_gpu(monkeypatch: pytest
     """A CuPy wheel for a newer CUDA than the driver imports fine and fails at its first
     call: available() says so (the GPU tests skip with that reason) instead of every
     launch failing with CuPy's raw runtime error."""
-    import types
 
     def no_driver() -> int:
         raise RuntimeError("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version")
@@ -593,7 +593,6 @@ def _stand_in_cupy(monkeypatch: pytest.MonkeyPatch, function: object,
     """Route the launcher to stand-ins for CuPy, the loaded module and torch's stream (no
     GPU here): every entry point is ``function``; funcSetAttribute calls go to ``attrs``."""
     import contextlib
-    import types
 
     calls = [] if attrs is None else attrs
     driver = types.SimpleNamespace(funcSetAttribute=lambda f, a, v: calls.append((f, a, v)))
@@ -621,6 +620,28 @@ def test_a_failed_launch_names_the_kernel(monkeypatch: pytest.MonkeyPatch) -> No
     assert "OUT_OF_RESOURCES" in str(err.value) and "CUDA_LAUNCH_BLOCKING=1" in str(err.value)
 
 
+def test_the_launcher_asks_torch_for_its_stream_and_the_capability_cheaply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per launch, torch's raw current-stream binding where the build has it (else the
+    public Stream object), and the compute capability asked once per device: on an H200
+    these calls took more host time than a small row op's kernel. An sm_7x GPU is
+    refused, and not remembered as usable."""
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1000 + index, raising=False)
+    assert cuda_backend._stream_ptr(3) == 1003
+    monkeypatch.delattr(torch._C, "_cuda_getCurrentRawStream")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=7 + index))
+    assert cuda_backend._stream_ptr(2) == 9
+    asked: list[int] = []
+    capability = {0: (9, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or capability[index])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU {index}")
+    monkeypatch.setattr(cuda_backend, "_majors", {})
+    assert [cuda_backend._major(torch.device("cuda", 0)) for _ in range(3)] == [9, 9, 9] and asked == [0]
+    for _ in range(2):
+        with pytest.raises(BackendUnavailable, match=r"GPU 1 is sm_7x; detkit needs sm_80 or newer"):
+            cuda_backend._major(torch.device("cuda", 1))
+    assert asked == [0, 1, 1]
+
+
 def test_tensor_core_shared_memory_sizes_match_the_kernels(compiler: str) -> None:
     """The dynamic shared memory the launcher passes (TileConfig.smem) is what each
     configuration's TcCfg / WgCfg::SMEM_BYTES says, read from the compiled CUBIN."""
@@ -645,7 +666,6 @@ def test_shared_memory_limit_is_asked_of_the_driver_when_torch_does_not_say(monk
     """torch < 2.6 has no ``shared_memory_per_block_optin``: the limit then comes from the
     driver (through CuPy), not the 48 KiB default, which would leave every deep-pipeline
     and wgmma configuration out of the tests and benchmarks on an H100."""
-    import types
 
     asked: list[tuple[int, int]] = []
 
@@ -657,6 +677,7 @@ def test_shared_memory_limit_is_asked_of_the_driver_when_torch_does_not_say(monk
     monkeypatch.setattr(cuda_backend, "_cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime)))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(major=9, minor=0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))
+    monkeypatch.setattr(cuda_backend, "_majors", {})
     dev = torch.device("cuda", 1)
     assert cuda_backend._smem_optin(dev) == 232448 and asked == [(97, 1)]
     big = max(cuda_backend.TILE_CATALOGUE[torch.bfloat16], key=lambda c: c.smem)

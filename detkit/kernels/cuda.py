@@ -255,11 +255,27 @@ def _suffix(dtype: torch.dtype) -> str:
     return sfx
 
 
+# Compute capability major per device index: asked on every launch, and torch's
+# get_device_capability cost more host time than the kernel of a small row op (H200).
+_majors: dict[int, int] = {}
+
+
 def _major(dev: torch.device) -> int:
-    major = torch.cuda.get_device_capability(dev)[0]
-    if major < _MIN_MAJOR:
-        raise BackendUnavailable(f"{torch.cuda.get_device_name(dev)} is sm_{major}x; detkit needs sm_80 or newer.")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    major = _majors.get(index)
+    if major is None:
+        major = torch.cuda.get_device_capability(index)[0]
+        if major < _MIN_MAJOR:
+            raise BackendUnavailable(f"{torch.cuda.get_device_name(index)} is sm_{major}x; detkit needs sm_80 or newer.")
+        _majors[index] = major
     return major
+
+
+def _stream_ptr(index: int) -> int:
+    """torch's current stream on device ``index``, as a raw pointer: torch's own binding
+    where the build has it (no Stream object per launch), else the public API."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return int(raw(index)) if raw is not None else torch.cuda.current_stream(index).cuda_stream
 
 
 _STATIC_SMEM_LIMIT = 48 * 1024
@@ -276,7 +292,7 @@ def _launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, in
     ``shared_mem`` bytes of dynamic shared memory."""
     cupy = _cupy()
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    torch_stream = torch.cuda.current_stream(index).cuda_stream
+    torch_stream = _stream_ptr(index)
     key = (index, torch_stream)
     stream = _streams.get(key)
     if stream is None:
