@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
+def _tail(path: Path, chars: int = 2000) -> str:
+    """The end of a log a step wrote, or "" where the step never ran."""
+    return path.read_text()[-chars:] if path.exists() else ""
+
+
 def summarize(out: Path, test_rc: int, seconds: int, compile_limit: str) -> int:
     """Write ``out``/summary.json and summary.md; print the Markdown; the exit status."""
     summary: dict[str, Any] = {"seconds": seconds, "tests_exit_code": test_rc,
@@ -21,7 +26,7 @@ def summarize(out: Path, test_rc: int, seconds: int, compile_limit: str) -> int:
     try:
         summary["versions"] = json.loads((out / "versions.json").read_text())
     except Exception as err:  # noqa: BLE001 - torch itself may not import
-        summary["versions"] = {"error": repr(err), "stderr": (out / "versions.err").read_text()[-2000:]}
+        summary["versions"] = {"error": repr(err), "stderr": _tail(out / "versions.err")}
     try:
         kc = json.loads((out / "kernels_check.json").read_text())
         summary["kernels_check"] = {"ok": kc["ok"], "target": kc["target"],
@@ -31,20 +36,23 @@ def summarize(out: Path, test_rc: int, seconds: int, compile_limit: str) -> int:
                                                  for x in r.get("resources", []) if x["spill_store_bytes"]},
                                     "ptxas_notes": [n for r in kc["results"] for n in r.get("notes", [])]}
     except Exception as err:  # noqa: BLE001 - report whatever went wrong
-        summary["kernels_check"] = {"error": repr(err), "stderr": (out / "kernels_check.err").read_text()[-2000:]}
+        summary["kernels_check"] = {"error": repr(err), "stderr": _tail(out / "kernels_check.err")}
     # Its exit status: 124 (or 137) is the time limit, which leaves no JSON and no stderr to read.
     kc_rc = (out / "kernels_check.rc").read_text().split() if (out / "kernels_check.rc").exists() else []
     summary["kernels_check"]["exit"] = int(kc_rc[-1]) if kc_rc and kc_rc[-1].isdigit() else None
     if summary["kernels_check"]["exit"] in (124, 137):
         summary["kernels_check"]["timed_out"] = (f"stopped at its time limit ({compile_limit} s, "
                                                  "$DETKIT_GPU_CHECK_COMPILE_S)")
-    tests = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": [], "groups": {}}
+    tests = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failures": [], "groups": {}, "measured": []}
     for xml in sorted(out.glob("gpu_tests_*.xml")):
         group = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "tests": []}
         try:
             for case in ET.parse(xml).getroot().iter("testcase"):
                 name = f"{case.get('classname')}::{case.get('name')}"
                 group["tests"].append(name)
+                # what a test measured of torch's own kernels (record_property), not asserted
+                tests["measured"] += [{"test": case.get("name"), "name": p.get("name"), "value": p.get("value")}
+                                      for p in case.iter("property")]
                 if case.find("failure") is not None or case.find("error") is not None:
                     node = case.find("failure") if case.find("failure") is not None else case.find("error")
                     kind = "failed" if case.find("failure") is not None else "errors"
@@ -68,7 +76,7 @@ def summarize(out: Path, test_rc: int, seconds: int, compile_limit: str) -> int:
         summary["bench"] = {"error": repr(err)}
     audit = out / "gpu-audit" / "report.json"
     summary["audit"] = {"report": str(audit) if audit.exists() else None,
-                        "log_tail": (out / "audit.log").read_text()[-1500:] if (out / "audit.log").exists() else None}
+                        "log_tail": _tail(out / "audit.log", 1500) or None}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     md = ["# detkit gpu-check", "", f"Device: {', '.join(summary['device'])}; {seconds} s.", "",
           f"Versions: {summary['versions']}", "",
@@ -79,6 +87,9 @@ def summarize(out: Path, test_rc: int, seconds: int, compile_limit: str) -> int:
            + (f" ({g['error']})" if g.get("error") else "") for name, g in tests["groups"].items()]
     md += [""]
     md += [f"- FAILED {f['test']}: {f['message']}" for f in tests["failures"]]
+    if tests["measured"]:
+        md += ["", "Measured by the tests (torch's own kernels on this GPU; recorded, not asserted):", ""]
+        md += [f"- {m['name']}: {m['value']}" for m in tests["measured"]]
     for part in ("bench_cuda.md", "bench_mode.md", "profile_cuda.md"):
         if (out / part).exists():
             md += ["", (out / part).read_text()]

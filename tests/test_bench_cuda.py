@@ -236,6 +236,23 @@ def test_the_summary_says_when_the_compile_check_ran_out_of_time(tmp_path: Path)
     assert summary["tests"]["groups"] == {} and "error" in summary["bench"] and summary["ok"] is False
 
 
+def test_the_summary_lists_what_the_tests_measured(tmp_path: Path) -> None:
+    """A GPU test's record_property (how often torch's own kernel changed bits) reaches
+    summary.md and summary.json, with the test that measured it."""
+    (tmp_path / "nvidia-smi.txt").write_text("NVIDIA H200, 580, 143771 MiB\n")
+    (tmp_path / "versions.json").write_text("{}")
+    (tmp_path / "gpu_tests_integration.xml").write_text(
+        '<testsuite><testcase classname="t" name="test_index_add"><properties>'
+        '<property name="torch_cuda_index_add_runs_differing_of_20" value="20"/></properties></testcase>'
+        '<testcase classname="t" name="test_plain"/></testsuite>')
+    summarize = load_script(BENCH.parent.parent / "scripts" / "gpu_check_summary.py")
+    summarize.main([str(tmp_path), "0", "3", "120"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["tests"]["passed"] == 2 and summary["tests"]["measured"] == [
+        {"test": "test_index_add", "name": "torch_cuda_index_add_runs_differing_of_20", "value": "20"}]
+    assert "- torch_cuda_index_add_runs_differing_of_20: 20" in (tmp_path / "summary.md").read_text()
+
+
 def test_a_kernel_fault_keeps_the_sweep_and_says_what_stopped_it(bench: Any, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A fault ends the process's CUDA context: attention runs after the tile sweep, and
