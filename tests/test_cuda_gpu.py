@@ -351,6 +351,41 @@ def test_wgmma_batch_invariant_and_configurations_agree(dtype: torch.dtype) -> N
         assert_bits_equal(unaligned, padded, f"{cfg.name} element-wise loads")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_batched_entries_are_their_own_products(dtype: torch.dtype, request: pytest.FixtureRequest) -> None:
+    """The wgmma family's batched forms on the hardware ((B, M, K) @ (B, K, N) in both B
+    layouts, and @ one (K, N) weight: batch stride 0): each entry has the bits of its own
+    2-D product. Recorded, not asserted: how many of these shapes give other bits than the
+    table's mma.sync default (K from 1 to 4104, unaligned views included) -- 0 is what a
+    wgmma default on sm_90 needs, since the grouped MoE launch keeps mma.sync
+    (docs/cuda.md)."""
+    configs = _wgmma_configs(dtype)
+    a = rand((3, 20 * 40 + 4), dtype, 70)[:, : 20 * 40].reshape(3, 20, 40)  # batch stride 804 elements
+    b3, w = rand((3, 40, 72), dtype, 71), rand((72, 40), dtype, 72)
+    bias = rand((72,), dtype, 73)
+    for cfg in configs:
+        for b, what in ((b3, "n-major"), (b3.transpose(1, 2).contiguous().transpose(1, 2), "k-major"),
+                        (w.t(), "one weight")):
+            full = cuda_backend.matmul(a, b, bias, tile=cfg)
+            for i in range(3):
+                entry = cuda_backend.matmul(a[i], b[i] if b.dim() == 3 else b, bias, tile=cfg)
+                assert_bits_equal(full[i], entry, f"{cfg.name} batched {what}, entry {i}")
+    differing = []
+    for k in (1, 8, 15, 16, 17, 40, 96, 255, 256, 1000, 4104):
+        for m, n in ((1, 72), (7, 387), (129, 8), (300, 136)):
+            x, wk = rand((m, k + 1), dtype, 80 + k), rand((n, k + 1), dtype, 81 + k, 0.1)
+            forms = {"k-major": (x[:, :k].contiguous(), wk[:, :k].contiguous().t()),
+                     "n-major": (x[:, :k].contiguous(), wk[:, :k].t().contiguous()),
+                     "unaligned": (x[:, 1:], wk[:, 1:].t())}
+            for layout, (xa, wb) in forms.items():
+                default = cuda_backend.matmul(xa, wb, None)
+                differing += [f"{cfg.name} M={m} K={k} N={n} {layout}" for cfg in configs
+                              if not torch.equal(bits(cuda_backend.matmul(xa, wb, None, tile=cfg)), bits(default))]
+    request.node.user_properties.append(
+        (f"wgmma_{dtype}_shapes_differing_from_the_mma_sync_default", f"{len(differing)} of {11 * 4 * 3 * len(configs)}"
+         + (f": {differing[:5]}" if differing else "")))
+
+
 ROW_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "softmax": lambda x, w, b, p: cuda_backend.softmax(x, False, portable=p),
     "log_softmax": lambda x, w, b, p: cuda_backend.softmax(x, True, portable=p),
