@@ -63,6 +63,13 @@ class Case(_Timed):
     mode_ms: float
     fallbacks: dict[str, int]
     mode_first_ms: float  # the first call under the mode in this process for this batch size
+    routed_calls: int = 0  # calls the mode ran through detkit's kernels in one generate
+
+    @property
+    def extra_us_per_routed_call(self) -> float | None:
+        """What the mode added to a generate, per routed call: its whole cost as if every
+        routed call carried it (a small model's decode is per-call overhead)."""
+        return (self.mode_ms - self.plain_ms) * 1e3 / self.routed_calls if self.routed_calls else None
 
 
 def _sync(device: str) -> None:
@@ -71,15 +78,17 @@ def _sync(device: str) -> None:
 
 
 def _interleaved(call: Callable[[], None], repeats: int,
-                 portable: bool) -> tuple[float, float, dict[str, int], float]:
+                 portable: bool) -> tuple[float, float, dict[str, int], float, int]:
     """Median ms of ``call`` plain and under the mode, interleaved so that drift on a noisy
     machine hits both (after one call of each, left out of the medians: warm-up,
     compilation, tile checks), the most calls of each op that fell back to torch in one
-    run under the mode, and the ms of that first call under the mode (reported apart)."""
+    run under the mode, the ms of that first call under the mode (reported apart), and
+    how many calls one run under the mode routed to detkit's kernels."""
     import detkit
 
     plain, mode = [], []
     fallbacks: dict[str, int] = {}
+    routed = 0
     call()
     with detkit.batch_invariant(portable=portable):
         t0 = time.perf_counter()
@@ -96,7 +105,8 @@ def _interleaved(call: Callable[[], None], repeats: int,
         for ops in bi.uncovered().values():
             for op, n in ops.items():
                 fallbacks[op] = max(fallbacks.get(op, 0), n)
-    return statistics.median(plain), statistics.median(mode), fallbacks, first_mode
+        routed = sum(bi.routed().values())
+    return statistics.median(plain), statistics.median(mode), fallbacks, first_mode, routed
 
 
 def measure(model: Any, tokenizer: Any, batch: int, new_tokens: int, repeats: int, device: str,
@@ -110,6 +120,36 @@ def measure(model: Any, tokenizer: Any, batch: int, new_tokens: int, repeats: in
         _sync(device)
 
     return Case(batch, new_tokens, *_interleaved(generate, repeats, portable))
+
+
+def profile_generate(model: Any, tokenizer: Any, batch: int, new_tokens: int, device: str, portable: bool,
+                     path: Path) -> None:
+    """cProfile of one generate under the mode (warm), written to ``path``: the functions
+    with the most own time, then the most cumulative time. Where the per-call overhead of
+    a routed op goes, on any device (on a GPU the host time is the whole story)."""
+    import cProfile
+    import io
+    import pstats
+
+    import detkit
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    enc = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+    profiler = cProfile.Profile()
+    with torch.no_grad(), detkit.batch_invariant(portable=portable):  # warm: shapes compiled, tiles checked
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        _sync(device)
+    with torch.no_grad(), detkit.batch_invariant(portable=portable) as bi:
+        profiler.enable()
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        _sync(device)
+        profiler.disable()
+    text = io.StringIO()
+    text.write(f"# cProfile of one greedy generate under batch_invariant(portable={portable}): batch {batch}, "
+               f"{new_tokens} new tokens, {device}; routed calls: {dict(sorted(bi.routed().items()))}\n")
+    for key, count in (("tottime", 40), ("cumulative", 25)):
+        pstats.Stats(profiler, stream=text).sort_stats(key).print_stats(count)
+    path.write_text(text.getvalue())
 
 
 @dataclass
@@ -135,7 +175,7 @@ def measure_relu_linear(repeats: int, device: str, dtype: torch.dtype, portable:
             layer(x)
         _sync(device)
 
-    plain_ms, mode_ms, _, _ = _interleaved(call, repeats * 10, portable)  # one call is milliseconds
+    plain_ms, mode_ms, *_ = _interleaved(call, repeats * 10, portable)  # one call is milliseconds
     return LayerCase(f"Linear({k}, {n}) on {rows} ReLU rows", plain_ms, mode_ms)
 
 
@@ -224,7 +264,7 @@ def _measure_calls(calls: list[tuple[str, Callable[[], torch.Tensor]]], repeats:
                 fn()
             _sync(device)
 
-        plain_ms, mode_ms, fallbacks, _ = _interleaved(call, repeats * 10, portable)
+        plain_ms, mode_ms, fallbacks, *_ = _interleaved(call, repeats * 10, portable)
         if fallbacks:
             raise RuntimeError(f"{name}: ops fell back to torch under the mode: {fallbacks}")
         cases.append(LayerCase(name, plain_ms, mode_ms))
@@ -243,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--profile", type=Path,
+                        help="after the timings, write a cProfile of one generate under the mode (first batch size) here")
     parser.add_argument("--relu-linear", action="store_true",
                         help="time one nn.Linear on ReLU rows instead of generate (no model needed)")
     parser.add_argument("--conv", action="store_true",
@@ -285,18 +327,25 @@ def main(argv: list[str] | None = None) -> int:
           f"on {meta['gpu'] or device} ({meta['threads']} threads), greedy generate, median of {args.repeats}; "
           "first call: the warm-up under the mode, timed but left out of the medians (tile checks and compilation "
           "of the shapes this process has not seen yet, so mostly the first batch size)")
-    print("| batch | new tokens | plain ms | mode ms | ratio (mode / plain) | ops falling back | mode first call ms |")
-    print("|---:|---:|---:|---:|---:|---|---:|")
+    print("| batch | new tokens | plain ms | mode ms | ratio (mode / plain) | ops falling back | mode first call ms "
+          "| routed calls | extra us per routed call |")
+    print("|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     cases = []
     for batch in batches:
         case = measure(model, tokenizer, batch, args.new_tokens, args.repeats, device, args.portable)
         cases.append(case)
         fb = ", ".join(f"{op} x{n}" for op, n in sorted(case.fallbacks.items())) or "none"
+        extra = case.extra_us_per_routed_call
         print(f"| {case.batch} | {case.new_tokens} | {case.plain_ms:.1f} | {case.mode_ms:.1f} | {case.ratio:.2f} | {fb} "
-              f"| {case.mode_first_ms:.1f} |", flush=True)
+              f"| {case.mode_first_ms:.1f} | {case.routed_calls} | {'-' if extra is None else f'{extra:.0f}'} |",
+              flush=True)
         if args.json:  # after each case: an interruption keeps the finished ones
-            args.json.write_text(json.dumps({"meta": meta, "cases": [{**asdict(c), "ratio": round(c.ratio, 3)}
-                                                                     for c in cases]}, indent=2))
+            args.json.write_text(json.dumps({"meta": meta, "cases": [
+                {**asdict(c), "ratio": round(c.ratio, 3), "extra_us_per_routed_call": c.extra_us_per_routed_call}
+                for c in cases]}, indent=2))
+    if args.profile:
+        profile_generate(model, tokenizer, batches[0], args.new_tokens, device, args.portable, args.profile)
+        print(f"cProfile of one generate under the mode: {args.profile}", file=sys.stderr)
     return 0
 
 

@@ -34,7 +34,23 @@ def test_times_plain_and_mode_generate_per_batch_size(bench: Any, tmp_path: Path
         assert case["mode_first_ms"] > 0  # the warm-up is left out of the medians but reported
     table = capsys.readouterr().out
     assert "| batch | new tokens | plain ms | mode ms |" in table and table.count("| none |") == 2
-    assert "| mode first call ms |" in table
+    assert "| mode first call ms | routed calls | extra us per routed call |" in table
+    for case in data["cases"]:  # tiny-llama routes its norms, linears, SDPA and lm_head on every token
+        assert case["routed_calls"] >= 2 * (4 * 9 + 2)
+        assert case["extra_us_per_routed_call"] == pytest.approx(
+            (case["mode_ms"] - case["plain_ms"]) * 1e3 / case["routed_calls"], rel=1e-6)
+
+
+def test_a_profile_of_one_generate_under_the_mode(bench: Any, tmp_path: Path) -> None:
+    """--profile writes cProfile's tables of one warm generate under the mode, headed by
+    the routed calls it made."""
+    prof = tmp_path / "mode.prof.txt"
+    assert bench.main(["--batch-sizes", "2", "--new-tokens", "2", "--repeats", "1", "--profile", str(prof)]) == 0
+    text = prof.read_text()
+    assert text.startswith("# cProfile of one greedy generate under batch_invariant(portable=False): batch 2")
+    assert "'linear'" in text or "'mm'" in text
+    assert "Ordered by: internal time" in text and "Ordered by: cumulative time" in text
+    assert "_aten_adapters.py" in text
 
 
 def test_bad_arguments_exit_2_with_the_reason(bench: Any, capsys: pytest.CaptureFixture[str]) -> None:
