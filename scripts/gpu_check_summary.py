@@ -50,7 +50,7 @@ def summarize(out: Path, test_rc: int, seconds: int, compile_limit: str) -> int:
             for case in ET.parse(xml).getroot().iter("testcase"):
                 name = f"{case.get('classname')}::{case.get('name')}"
                 group["tests"].append(name)
-                # what a test measured of torch's own kernels (record_property), not asserted
+                # what a test measured and recorded (record_property) without asserting it
                 tests["measured"] += [{"test": case.get("name"), "name": p.get("name"), "value": p.get("value")}
                                       for p in case.iter("property")]
                 if case.find("failure") is not None or case.find("error") is not None:
@@ -88,7 +88,7 @@ def summarize(out: Path, test_rc: int, seconds: int, compile_limit: str) -> int:
     md += [""]
     md += [f"- FAILED {f['test']}: {f['message']}" for f in tests["failures"]]
     if tests["measured"]:
-        md += ["", "Measured by the tests (torch's own kernels on this GPU; recorded, not asserted):", ""]
+        md += ["", "Measured by the tests (recorded, not asserted; mostly torch's own kernels on this GPU):", ""]
         md += [f"- {m['name']}: {m['value']}" for m in tests["measured"]]
     for part in ("bench_cuda.md", "bench_mode.md", "profile_cuda.md"):
         if (out / part).exists():

@@ -237,8 +237,8 @@ def test_the_summary_says_when_the_compile_check_ran_out_of_time(tmp_path: Path)
 
 
 def test_the_summary_lists_what_the_tests_measured(tmp_path: Path) -> None:
-    """A GPU test's record_property (how often torch's own kernel changed bits) reaches
-    summary.md and summary.json, with the test that measured it."""
+    """A GPU test's record_property (e.g. how often torch's own kernel changed bits)
+    reaches summary.md and summary.json, with the test that measured it."""
     (tmp_path / "nvidia-smi.txt").write_text("NVIDIA H200, 580, 143771 MiB\n")
     (tmp_path / "versions.json").write_text("{}")
     (tmp_path / "gpu_tests_integration.xml").write_text(
