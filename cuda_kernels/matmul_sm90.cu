@@ -115,7 +115,8 @@ __device__ __forceinline__ u64 wg_desc(u32 saddr) {
 template <typename T, bool B_KMAJOR, typename CFG>
 __device__ __forceinline__ void wg_mm(const T* __restrict__ A, const T* __restrict__ B,
                                       const T* __restrict__ bias, T* __restrict__ C, int M, int N,
-                                      int K, i64 sa_b, i64 sa_m, i64 sb_b, i64 sb_ld, int vec) {
+                                      int K, i64 sa_b, i64 sa_m, i64 sb_b, i64 sb_ld, int vec, int mt,
+                                      int z) {
     constexpr int BM = CFG::BM, BN = CFG::BN, BK = CFG::BK, NT = CFG::NT, STAGES = CFG::STAGES;
     constexpr int A_STAGE = CFG::A_STAGE, B_STAGE = CFG::B_STAGE, PREFETCH = CFG::PREFETCH;
     DETKIT_DYNAMIC_SMEM(unsigned char, wg_smem);  // CFG::SMEM_BYTES, passed at launch
@@ -123,10 +124,10 @@ __device__ __forceinline__ void wg_mm(const T* __restrict__ A, const T* __restri
     unsigned char* const sB = sA + STAGES * A_STAGE;
 
     const int tid = threadIdx.x, wg = tid / 128, warp = (tid / 32) % 4, lane = tid & 31;
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const u16* Ag = reinterpret_cast<const u16*>(A) + (i64)blockIdx.z * sa_b;
-    const u16* Bg = reinterpret_cast<const u16*>(B) + (i64)blockIdx.z * sb_b;
-    C += (i64)blockIdx.z * (i64)M * (i64)N;
+    const int m0 = mt * BM, n0 = blockIdx.x * BN;
+    const u16* Ag = reinterpret_cast<const u16*>(A) + (i64)z * sa_b;
+    const u16* Bg = reinterpret_cast<const u16*>(B) + (i64)z * sb_b;
+    C += (i64)z * (i64)M * (i64)N;
 
     // Element (row, k) of a stage's tile, k in [0, 64).
     auto at = [](unsigned char* tile, int row, int k) -> u16* {
@@ -246,7 +247,20 @@ __device__ __forceinline__ void wg_mm(const T* __restrict__ A, const T* __restri
     extern "C" __global__ void __launch_bounds__(CFG::NT)                                     \
     NAME(const T* A, const T* B, const T* bias, T* C, int M, int N, int K, i64 sa_b,           \
          i64 sa_m, i64 sb_b, i64 sb_ld, int vec) {                                             \
-        wg_mm<T, KMAJOR, CFG>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld, vec);           \
+        wg_mm<T, KMAJOR, CFG>(A, B, bias, C, M, N, K, sa_b, sa_m, sb_b, sb_ld, vec, blockIdx.y, \
+                              blockIdx.z);                                                    \
+    }
+// The grouped form (torch._grouped_mm's MoE experts), as matmul.cu's: a CTA row finds its
+// group and tile from offs on the device (group_tile) and runs the plain kernel on the
+// group's rows, so a row's bits are those of the plain kernel on its group.
+#define DETKIT_WG_GROUPED_ENTRY(NAME, T, KMAJOR, CFG)                                        \
+    extern "C" __global__ void __launch_bounds__(CFG::NT)                                     \
+    NAME(const T* A, const T* B, const int* offs, T* C, int S, int G, int N, int K,           \
+         i64 sa_m, i64 sb_b, i64 sb_ld, int vec) {                                            \
+        int t = blockIdx.y, g, start, rows;                                                   \
+        if (!group_tile<CFG::BM>(offs, G, S, t, g, start, rows)) return;                      \
+        wg_mm<T, KMAJOR, CFG>(A + (i64)start * sa_m, B + (i64)g * sb_b, nullptr,              \
+                              C + (i64)start * N, rows, N, K, 0, sa_m, 0, sb_ld, vec, t, 0);  \
     }
 // mm_wg_<BM>x<BN>x64_s<stages>_<dtype>_<B layout>: detkit.kernels.cuda.WG_TAGS.
 #define DETKIT_WG_CONFIG(TAG, BM, BN, S)                                                      \
@@ -266,3 +280,9 @@ DETKIT_WG_CONFIG(128x64x64_s6, 128, 64, 6)
 DETKIT_WG_CONFIG(64x128x64_s6, 64, 128, 6)
 DETKIT_WG_CONFIG(64x128x64_s4, 64, 128, 4)
 DETKIT_WG_CONFIG(64x64x64_s8, 64, 64, 8)
+// Grouped entries of the configuration the H200's GPU times point at for the sm_90 table
+// (benchmarks/RESULTS.md): 1.5x the mma.sync default's speed at every M measured.
+DETKIT_WG_GROUPED_ENTRY(mm_wg_64x128x64_s4_bf16_grouped_kmajor, bf16, true, WgCfg_64x128x64_s4)
+DETKIT_WG_GROUPED_ENTRY(mm_wg_64x128x64_s4_bf16_grouped_nmajor, bf16, false, WgCfg_64x128x64_s4)
+DETKIT_WG_GROUPED_ENTRY(mm_wg_64x128x64_s4_f16_grouped_kmajor, f16, true, WgCfg_64x128x64_s4)
+DETKIT_WG_GROUPED_ENTRY(mm_wg_64x128x64_s4_f16_grouped_nmajor, f16, false, WgCfg_64x128x64_s4)

@@ -348,6 +348,24 @@ def test_an_exhausted_profile_budget_is_said(profile: Any, tmp_path: Path) -> No
     assert "Incomplete" in (tmp_path / "p.md").read_text()
 
 
+def test_a_case_torch_cannot_run_is_skipped_and_said(profile: Any, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch._grouped_mm refuses some GPUs: that case is left out, named, and the others
+    are still measured."""
+    def refusing() -> str:
+        raise RuntimeError("grouped gemm is only supported on SM90")
+
+    monkeypatch.setattr(profile, "cases", lambda: [
+        ("grouped_mm", "bfloat16", "G=8", "table", refusing, lambda: "detkit"),
+        ("softmax", "bfloat16", "1x4096", "table", lambda: "torch", lambda: "detkit")])
+    monkeypatch.setattr(profile, "_iters", lambda fn: (fn(), 5)[1])
+    assert profile.main(["--json", str(tmp_path / "p.json"), "--md", str(tmp_path / "p.md")]) == 0
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert [r["op"] for r in data["results"]] == ["softmax"] and data["meta"]["complete"] is True
+    assert "Skipped: grouped_mm bfloat16 G=8 table: grouped gemm is only supported on SM90" in (
+        tmp_path / "p.md").read_text()
+
+
 def test_profile_times_are_validated(profile: Any) -> None:
     with pytest.raises(ValueError, match="positive"):
         profile.KernelTime(0.0, 0.01)

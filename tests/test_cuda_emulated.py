@@ -841,6 +841,48 @@ def _experts(dtype: torch.dtype, groups: int, k: int, n: int, layout: str, seed:
     return w.transpose(1, 2) if layout == "kmajor" else w.transpose(1, 2).contiguous()
 
 
+@pytest.mark.parametrize("layout", ["kmajor", "nmajor"])
+def test_grouped_wgmma_rows_are_their_groups_products(emulated: dict, monkeypatch: pytest.MonkeyPatch,
+                                                      layout: str) -> None:
+    """The wgmma configuration of GROUPED_TILE_CATALOGUE (the candidate for sm_90's table):
+    one grouped launch of its own kernel, each group's rows with the bits of a plain wgmma
+    matmul of that group (groups crossing its 64-row tile, empty and one-row groups), rows
+    past offs[-1] zero, and the table's mma.sync grouped launch's bits (the emulation gives
+    both families the same arithmetic; on a GPU tests/test_cuda_gpu.py compares them)."""
+    dtype = torch.bfloat16
+    (tile,) = cuda_backend.GROUPED_TILE_CATALOGUE[dtype]
+    s, k, n = 200, 72, 136
+    a = rand((s, k), dtype, 82)
+    b = _experts(dtype, 5, k, n, layout, 83)
+    ends = [0, 70, 71, 71, 190]
+    offs = torch.tensor(ends, dtype=torch.int32)
+    launched: list[str] = []
+    emulated_launch = cuda_backend._launch
+    with monkeypatch.context() as mp:
+        mp.setattr(cuda_backend, "_launch", lambda dev, module, entry, *args: (launched.append(entry),
+                                                                                emulated_launch(dev, module, entry, *args)))
+        got = cuda_backend.grouped_matmul(a, b, offs, tile=tile)
+    assert launched == [f"{tile.kernel}_grouped_{layout}"], launched
+    for g, (start, end) in enumerate(zip([0, *ends], ends)):
+        if end > start:
+            assert_bits_equal(got[start:end], cuda_backend.matmul(a[start:end], b[g], None, tile=tile),
+                              f"group {g} vs a plain wgmma matmul")
+    assert torch.equal(got[190:], torch.zeros_like(got[190:]))
+    assert_bits_equal(got, cuda_backend.grouped_matmul(a, b, offs), "wgmma vs the table's mma.sync grouped launch")
+
+
+def test_grouped_matmul_refuses_a_configuration_without_a_grouped_kernel(emulated: dict) -> None:
+    """Only the tables' configurations and GROUPED_TILE_CATALOGUE's have grouped kernels;
+    another catalogue configuration is an InputError naming the ones that do."""
+    a, b = rand((8, 32), torch.bfloat16, 84), _experts(torch.bfloat16, 2, 32, 16, "kmajor", 85)
+    offs = torch.tensor([4, 8], dtype=torch.int32)
+    other = next(c for c in cuda_backend.TILE_CATALOGUE[torch.bfloat16] if c.name == "64x64x32_2x2_s4")
+    with pytest.raises(InputError, match=r"64x64x32_2x2_s4 has no grouped kernel .*wgmma_64x128x64_s4"):
+        cuda_backend.grouped_matmul(a, b, offs, tile=other)
+    with pytest.raises(InputError, match="no grouped kernel"):
+        cuda_backend.grouped_matmul(a, b, offs, portable=True, tile=cuda_backend.GROUPED_TILE_CATALOGUE[torch.bfloat16][0])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("portable", [False, True])
 @pytest.mark.parametrize("layout", ["kmajor", "nmajor"])

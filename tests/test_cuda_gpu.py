@@ -386,6 +386,36 @@ def test_wgmma_batched_entries_are_their_own_products(dtype: torch.dtype, reques
          + (f": {differing[:5]}" if differing else "")))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_wgmma_rows_are_their_groups_products(dtype: torch.dtype, request: pytest.FixtureRequest) -> None:
+    """The grouped wgmma kernel (GROUPED_TILE_CATALOGUE, the sm_90 table's candidate): 2048
+    tokens over 64 experts in one launch, each expert's rows with the bits of a plain wgmma
+    matmul of them, in both B layouts, and a token alone with its expert the same bits.
+    Recorded, not asserted: how many rows differ from the table's mma.sync grouped launch
+    (0 is what switching the sm_90 table to this configuration keeps every bit of)."""
+    _wgmma_configs(dtype)  # skips off sm_90
+    (tile,) = cuda_backend.GROUPED_TILE_CATALOGUE[dtype]
+    s, experts, k, n = 2048, 64, 1000, 387
+    x = rand((s, k), dtype, 110)
+    w = rand((experts, n, k), dtype, 111, 0.05)
+    ends = _routed(s, experts, 112)
+    host_ends = ends.tolist()
+    one = torch.ones(1, dtype=torch.int32, device=DEV)
+    differing = 0
+    for layout, b in (("k-major", w.transpose(1, 2)), ("n-major", w.transpose(1, 2).contiguous())):
+        full = cuda_backend.grouped_matmul(x, b, ends, tile=tile)
+        for e, (start, end) in enumerate(zip([0, *host_ends], host_ends)):
+            if end > start:
+                assert_bits_equal(full[start:end], cuda_backend.matmul(x[start:end], b[e], None, tile=tile),
+                                  f"{layout} expert {e}: grouped vs plain wgmma matmul of its rows")
+                alone = cuda_backend.grouped_matmul(x[start : start + 1], b[e : e + 1], one, tile=tile)
+                assert_bits_equal(alone, full[start : start + 1], f"{layout} expert {e}: its first token alone")
+        table = cuda_backend.grouped_matmul(x, b, ends)
+        differing += int((bits(full) != bits(table)).any(-1).sum())
+    request.node.user_properties.append(
+        (f"grouped_wgmma_{dtype}_rows_differing_from_the_mma_sync_grouped_launch", f"{differing} of {2 * s}"))
+
+
 ROW_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "softmax": lambda x, w, b, p: cuda_backend.softmax(x, False, portable=p),
     "log_softmax": lambda x, w, b, p: cuda_backend.softmax(x, True, portable=p),

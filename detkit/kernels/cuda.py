@@ -32,6 +32,7 @@ from detkit.kernels import cuda_loader
 
 __all__ = [
     "ELEMENTWISE_OPS",
+    "GROUPED_TILE_CATALOGUE",
     "MATMUL_TILES",
     "PORTABLE_MATMUL_TILES",
     "PORTABLE_TILE_CATALOGUE",
@@ -173,6 +174,11 @@ MATMUL_TILES: dict[tuple[torch.dtype, int], TileConfig] = {
 # portable=True: the canonical order (sequential fma over k) on CUDA cores, every arch.
 PORTABLE_MATMUL_TILES: dict[tuple[torch.dtype, int], TileConfig] = {
     (dt, a): _SIMT[dt] for dt in _SUFFIX for a in _ARCH_MAJORS
+}
+# Configurations with a grouped (MoE) kernel besides the tables' own: the wgmma one the
+# H200's GPU times point at for sm_90 (benchmarks/RESULTS.md), for tests and benchmarks.
+GROUPED_TILE_CATALOGUE: dict[torch.dtype, tuple[TileConfig, ...]] = {
+    dt: (_wg("64x128x64_s4", sfx),) for dt, sfx in ((torch.bfloat16, "bf16"), (torch.float16, "f16"))
 }
 
 
@@ -436,19 +442,36 @@ def _b_layout(b3: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
     return b3, False, b3.stride(-2)
 
 
-def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, portable: bool = False) -> torch.Tensor:
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, portable: bool = False,
+                   tile: TileConfig | None = None) -> torch.Tensor:
     """(S, K) x (G, K, N) with int32 ``offs`` (G,): rows ``offs[g-1]:offs[g]`` of ``a``
     times ``b[g]`` (torch._grouped_mm's MoE form); rows past ``offs[-1]`` are zero.
 
     One launch of the table's configuration (:data:`MATMUL_TILES` /
     :data:`PORTABLE_MATMUL_TILES`) whose CTAs find their group from ``offs`` on the device:
-    the host never reads the offsets (no synchronisation with the GPU). A row's bits equal :func:`matmul` of its group's rows. Offsets that are not
-    nondecreasing within [0, S] are clamped into it (see matmul.cu), not reported."""
+    the host never reads the offsets (no synchronisation with the GPU). A row's bits equal
+    :func:`matmul` of its group's rows with the same configuration. Offsets that are not
+    nondecreasing within [0, S] are clamped into it (see matmul.cu), not reported. ``tile``:
+    one of :data:`GROUPED_TILE_CATALOGUE` instead (benchmarks and tests)."""
     dev = _device_of(a, b, offs)
     _suffix(a.dtype)
-    cfg = (PORTABLE_MATMUL_TILES if portable else MATMUL_TILES).get((a.dtype, _major(dev)))
+    major = _major(dev)
+    cfg = (PORTABLE_MATMUL_TILES if portable else MATMUL_TILES).get((a.dtype, major))
+    if tile is not None:
+        catalogue = () if portable else GROUPED_TILE_CATALOGUE.get(a.dtype, ())
+        if tile not in catalogue and tile != cfg:
+            raise InputError(f"grouped_matmul: {tile.name} has no grouped kernel for {a.dtype}"
+                             f"{' (portable)' if portable else ''}; choose one of {[c.name for c in catalogue]} "
+                             "or leave tile unset.")
+        if tile.family == "wgmma" and major != 9:
+            raise InputError(f"grouped_matmul: {tile.name} uses wgmma, which only sm_90 GPUs (H100, H200, GH200) "
+                             f"have; this is sm_{major}x.")
+        if not fits(tile, dev):
+            raise InputError(f"grouped_matmul: {tile.name} needs {tile.smem} bytes of shared memory per block; "
+                             f"{torch.cuda.get_device_name(dev)} allows {_smem_optin(dev)}.")
+        cfg = tile
     if cfg is None:
-        raise BackendUnavailable(f"no matmul tile configuration for {a.dtype} on sm_{_major(dev)}x.")
+        raise BackendUnavailable(f"no matmul tile configuration for {a.dtype} on sm_{major}x.")
     s, k = a.shape
     g, _, n = b.shape
     out = torch.zeros((s, n), dtype=a.dtype, device=dev)
