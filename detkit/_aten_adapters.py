@@ -1482,6 +1482,25 @@ def _upsample(mode: str, dims: int) -> Adapter:
     return adapter
 
 
+def _upsample_aa(mode: str) -> Adapter:
+    """``_upsample_bilinear2d_aa`` (``mode`` ``"linear"``) and ``_upsample_bicubic2d_aa``
+    (``"cubic"``): ``F.interpolate(..., antialias=True)``, in the order of
+    :func:`detkit._interpolation.upsample_aa_in_order` on every device (DINOv2's and SAM 2's
+    resized position tables, Kimi-K2.5's and DeepSeek-OCR2's vision inputs). torch's CPU
+    kernel has no 16-bit form: there its error stands."""
+
+    def adapter(call: Call, self: torch.Tensor, output_size: Sequence[int], align_corners: bool,
+                *scales: float | None) -> torch.Tensor:
+        sizes, padded = _resize_arguments(self, output_size, scales, 2)
+        if self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16):
+            raise Unsupported("16-bit antialiased resizing, which torch's CPU kernel refuses", benign=True)
+        with torch.no_grad():
+            out = _interpolation.upsample_aa_in_order(_plain(self), sizes, mode, align_corners, padded)
+        return _like_layout(_finished(out, self.dtype), self)
+
+    return adapter
+
+
 def _upsample_nearest(dims: int, exact: bool) -> Adapter:
     """``upsample_nearest{1,2,3}d`` and ``_upsample_nearest_exact{1,2,3}d``: copies of the
     elements :func:`detkit._interpolation.upsample_nearest` picks, the same on every
@@ -2079,6 +2098,8 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("upsample_bilinear2d", _upsample("linear", 2), "reduction", any_float=True),
     OpOverride("upsample_trilinear3d", _upsample("linear", 3), "reduction", any_float=True),
     OpOverride("upsample_bicubic2d", _upsample("cubic", 2), "reduction", any_float=True),
+    OpOverride("_upsample_bilinear2d_aa", _upsample_aa("linear"), "reduction", any_float=True),
+    OpOverride("_upsample_bicubic2d_aa", _upsample_aa("cubic"), "reduction", any_float=True),
     *(OpOverride(f"{prefix}{d}d", _upsample_nearest(d, exact), "elementwise", any_float=True)
       for prefix, exact in (("upsample_nearest", False), ("_upsample_nearest_exact", True)) for d in (1, 2, 3)),
     OpOverride("grid_sampler_2d", grid_sampler_2d, "reduction", any_float=True),

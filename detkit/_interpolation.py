@@ -32,7 +32,7 @@ import torch
 
 from detkit._ieee import divided
 
-__all__ = ["grid_sample_in_order", "upsample_in_order", "upsample_nearest"]
+__all__ = ["grid_sample_in_order", "upsample_aa_in_order", "upsample_in_order", "upsample_nearest"]
 
 # The cubic convolution constant of torch's bicubic modes (UpSample.h, GridSamplerKernel.cpp).
 _A = -0.75
@@ -151,6 +151,82 @@ def upsample_in_order(x: torch.Tensor, out_sizes: Sequence[int], mode: str, alig
         dim = x.dim() - dims + axis
         taps = _axis_taps(x.shape[dim], out_sizes[axis], mode, align_corners, scales[axis], wide)
         out = _combine(out, dim, taps)
+    return out
+
+
+# The cubic convolution constant of torch's antialiased bicubic (Keys' -0.5, as PIL).
+_A_AA = -0.5
+
+
+def _aa_filter(x: np.ndarray, mode: str) -> np.ndarray:
+    """torch's ``aa_filter`` of ``UpSampleKernel.cpp`` in ``x``'s type, each operation rounded:
+    ``1 - |x|`` inside 1 (linear); Keys' cubic of ``a = -0.5`` inside 1 and 2 (cubic)."""
+    f = x.dtype.type
+    x = np.abs(x)
+    if mode == "linear":
+        return np.where(x < f(1), f(1) - x, f(0))
+    near = ((f(_A_AA + 2) * x - f(_A_AA + 3)) * x) * x + f(1)
+    far = ((f(_A_AA) * x - f(5 * _A_AA)) * x + f(8 * _A_AA)) * x - f(4 * _A_AA)
+    return np.where(x < f(1), near, np.where(x < f(2), far, f(0)))
+
+
+def _aa_axis_taps(in_size: int, out_size: int, mode: str, align_corners: bool, scale: float | None,
+                  wide: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The (input index, weight, taken) triples of one axis of an antialiased resize, in
+    the order they are added, computed on the CPU as torch's
+    ``_compute_indices_min_size_weights_aa`` computes them in the working type: the
+    filter's support widened by the downscale factor, ``center = scale * (i + 0.5)``
+    (a double product rounded once), the taps ``xmin .. xmin + xsize - 1`` around it, each
+    weight ``filter((j + xmin - center + 0.5) / scale)``, then divided by their sequential
+    sum. ``taken`` is False past a row's ``xsize`` (those taps add nothing)."""
+    f = np.float32 if wide == torch.float32 else np.float64
+    ratio = f(_axis_scale(in_size, out_size, align_corners, scale, wide))
+    half_width = 1.0 if mode == "linear" else 2.0
+    support = f(half_width * float(ratio)) if ratio >= 1 else f(half_width)
+    taps = int(np.ceil(support)) * 2 + 1
+    invscale = f(1.0 / float(ratio)) if ratio >= 1 else f(1)
+    center = (np.float64(ratio) * (np.arange(out_size, dtype=np.float64) + 0.5)).astype(f)
+    xmin = np.maximum(((center - support).astype(np.float64) + 0.5).astype(np.int64), 0)
+    xsize = np.minimum(((center + support).astype(np.float64) + 0.5).astype(np.int64), in_size) - xmin
+    xsize = np.clip(xsize, 0, taps)
+    weights, total = [], np.zeros(out_size, dtype=f)
+    for j in range(taps):
+        # (j + xmin - center) in the working type, + 0.5 and * invscale in double, then
+        # rounded once as the filter's argument
+        arg = (((j + xmin).astype(f) - center).astype(np.float64) + 0.5) * np.float64(invscale)
+        w = np.where(j < xsize, _aa_filter(arg.astype(f), mode), f(0))
+        total = np.where(j < xsize, total + w, total)
+        weights.append(w)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weights = [np.where((j < xsize) & (total != 0), w / total, w) for j, w in enumerate(weights)]
+    dtype = torch.float32 if f is np.float32 else torch.float64
+    return [(torch.from_numpy(np.clip(xmin + j, 0, in_size - 1)), torch.from_numpy(w).to(dtype),
+             torch.from_numpy(j < xsize) if j else torch.ones(out_size, dtype=torch.bool))
+            for j, w in enumerate(weights)]
+
+
+def upsample_aa_in_order(x: torch.Tensor, out_sizes: Sequence[int], mode: str, align_corners: bool,
+                         scales: Sequence[float | None]) -> torch.Tensor:
+    """``F.interpolate(..., antialias=True)`` of the last two dimensions of ``x``,
+    ``mode`` ``"linear"`` (bilinear) or ``"cubic"`` (bicubic), in ``wide_dtype(x.dtype)``,
+    in the order of torch's separable CPU kernel: the last axis first, then the other,
+    each only where its size changes (equal shapes are a copy); per output ``t = x0 * w0``,
+    then ``t = t + xj * wj`` for its taps in order, each product and sum rounded
+    (:func:`_aa_axis_taps` for the weights). The result is in the wide dtype."""
+    wide = wide_dtype(x.dtype)
+    out = x.to(wide)
+    for axis in (1, 0):
+        dim = x.dim() - 2 + axis
+        if out_sizes[axis] == x.shape[dim]:
+            continue
+        taps = _aa_axis_taps(x.shape[dim], out_sizes[axis], mode, align_corners, scales[axis], wide)
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        acc = None
+        for index, weight, taken in taps:
+            term = out.index_select(dim, index.to(x.device)) * weight.to(x.device).view(shape)
+            acc = term if acc is None else torch.where(taken.to(x.device).view(shape), acc + term, acc)
+        out = acc
     return out
 
 

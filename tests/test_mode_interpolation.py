@@ -80,6 +80,70 @@ def _ref_axis(n_in: int, n_out: int, o: int, cubic: bool, align: bool, scale: fl
     return [(i, f(1) - l1), (i + (1 if i < n_in - 1 else 0), l1)]
 
 
+def _ref_aa_weight(x: Any, cubic: bool) -> Any:
+    """torch's antialiasing filter, in x's type: ``1 - |x|`` (bilinear), Keys' cubic of
+    a = -0.5 (bicubic)."""
+    f = type(x)
+    x = abs(x)
+    if not cubic:
+        return f(1) - x if x < f(1) else f(0)
+    if x < f(1):
+        return ((f(1.5) * x - f(2.5)) * x) * x + f(1)
+    if x < f(2):
+        return ((f(-0.5) * x - f(-2.5)) * x + f(-4)) * x - f(-2)
+    return f(0)
+
+
+def _ref_aa_axis(n_in: int, n_out: int, o: int, cubic: bool, align: bool, scale: float | None,
+                 f: type) -> tuple[int, list[Any]]:
+    """(first input index, weights) of output ``o`` along one axis of an antialiased
+    resize: UpSampleKernel.cpp's statements one at a time, each in its C++ type (the
+    working type, or double where a double literal enters)."""
+    if align:
+        ratio = f(n_in - 1) / f(n_out - 1) if n_out > 1 else f(0)
+    else:
+        ratio = f(1.0 / scale) if scale is not None and scale > 0 else f(n_in) / f(n_out)
+    half = 2.0 if cubic else 1.0
+    support = f(half * float(ratio)) if ratio >= 1 else f(half)
+    taps = int(np.ceil(support)) * 2 + 1
+    center = f(float(ratio) * (o + 0.5))
+    invscale = f(1.0 / float(ratio)) if ratio >= 1 else f(1)
+    xmin = max(int(float(center - support) + 0.5), 0)
+    xsize = min(max(min(int(float(center + support) + 0.5), n_in) - xmin, 0), taps)
+    weights, total = [], f(0)
+    for j in range(xsize):
+        w = _ref_aa_weight(f((float(f(j + xmin) - center) + 0.5) * float(invscale)), cubic)
+        weights.append(w)
+        total = total + w
+    if total != f(0):
+        weights = [w / total for w in weights]
+    return xmin, weights
+
+
+@np.errstate(invalid="ignore", over="ignore")
+def _ref_interpolate_aa(x: np.ndarray, out: list[int], mode: str, align: bool,
+                        scales: list[float | None]) -> np.ndarray:
+    """``x``: (N, C, H, W) in the working type; the antialiased resize in it: the last
+    axis first, then the other, each only where its size changes."""
+    f = x.dtype.type
+    for axis in (3, 2):
+        if out[axis - 2] == x.shape[axis]:
+            continue
+        moved = np.moveaxis(x, axis, -1)
+        res = np.empty(moved.shape[:-1] + (out[axis - 2],), dtype=x.dtype)
+        for o in range(out[axis - 2]):
+            xmin, weights = _ref_aa_axis(x.shape[axis], out[axis - 2], o, mode == "bicubic", align,
+                                         scales[axis - 2], f)
+            for idx in np.ndindex(*moved.shape[:-1]):
+                row = moved[idx]
+                acc = row[min(xmin, len(row) - 1)] * (weights[0] if weights else f(0))
+                for j in range(1, len(weights)):
+                    acc = acc + row[xmin + j] * weights[j]
+                res[idx + (o,)] = acc
+        x = np.moveaxis(res, -1, axis)
+    return x
+
+
 @np.errstate(invalid="ignore", over="ignore")
 def _ref_interpolate(x: np.ndarray, out: list[int], mode: str, align: bool, scales: list[float | None]) -> np.ndarray:
     """``x``: (N, C, *spatial) in the working type; the result in it."""
@@ -247,6 +311,48 @@ def test_interpolate_is_routed_and_is_the_documented_order(dtype: torch.dtype, c
     assert got.shape == plain.shape and got.stride() == plain.stride(), (got.stride(), plain.stride())
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@given(mode=st.sampled_from(["bilinear", "bicubic"]), size_in=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+       size_out=st.tuples(st.integers(1, 14), st.integers(1, 14)),
+       factor=st.one_of(st.none(), st.sampled_from([0.25, 0.4, 0.5, 0.75, 1.5, 2.0])),
+       recompute=st.booleans(), align=st.booleans(), seed=st.integers(0, 2**16), specials=st.booleans(),
+       layout=st.sampled_from(["contiguous", "channels_last"]))
+def test_antialiased_interpolate_is_routed_and_is_the_documented_order(
+        dtype: torch.dtype, mode: str, size_in: tuple[int, int], size_out: tuple[int, int], factor: float | None,
+        recompute: bool, align: bool, seed: int, specials: bool, layout: str) -> None:
+    """``antialias=True``, bilinear and bicubic, down and up, by size or scale factor,
+    ``align_corners``, float32 and float64, NaN and infinities among the values: one routed
+    call, whose bits are the scalar reference's (torch's weights with the support widened
+    by the downscale factor, normalised by their sum; the last axis first), in torch's
+    shape and layout."""
+    x = _laid_out(_values((2, 2, *size_in), seed, dtype, specials), layout)
+    if factor is not None and min(int(n * factor) for n in size_in) < 1:
+        factor = 2.0
+    kw: dict[str, Any] = (dict(scale_factor=factor, recompute_scale_factor=recompute) if factor is not None
+                          else dict(size=size_out))
+    with detkit.batch_invariant(strict=True) as bi:
+        got = F.interpolate(x, mode=mode, antialias=True, align_corners=align, **kw)
+    assert bi.routed() == {f"_upsample_{mode}2d_aa": 1}, bi.coverage()
+    scales: list[float | None] = [factor, factor] if factor is not None and not recompute else [None, None]
+    want = _rounded(_ref_interpolate_aa(_working(x), list(got.shape[2:]), mode, align, scales), dtype)
+    assert (host_bits(got) == host_bits(want)).all(), (kw, got, want)
+    plain = F.interpolate(x, mode=mode, antialias=True, align_corners=align, **kw)
+    assert got.shape == plain.shape and got.stride() == plain.stride(), (got.stride(), plain.stride())
+
+
+def test_antialiased_16_bit_keeps_torchs_cpu_error() -> None:
+    """torch's CPU kernel has no bfloat16 or float16 antialiased resize: under the mode
+    the call still raises torch's own error (counted as passed through), not a result
+    torch would not give."""
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(1, 2, 9, 9).to(dtype)
+        with pytest.raises(RuntimeError) as outside:
+            F.interpolate(x, size=(4, 4), mode="bilinear", antialias=True)
+        with detkit.batch_invariant() as bi, pytest.raises(RuntimeError, match=re.escape(str(outside.value)[:30])):
+            F.interpolate(x, size=(4, 4), mode="bilinear", antialias=True)
+        assert bi.routed() == {} and "_upsample_bilinear2d_aa" in bi.coverage().passed_through, bi.coverage()
+
+
 @pytest.mark.parametrize("dtype", _DTYPES, ids=str)
 @given(exact=st.booleans(), dims=st.integers(1, 3), seed=st.integers(0, 2**16), data=st.data(),
        layout=st.sampled_from(["contiguous", "channels_last", "transposed"]))
@@ -344,7 +450,9 @@ def _ops(x: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
             F.interpolate(x[:, :, None].expand(-1, -1, 3, -1, -1), size=(4, 9, 7), mode="trilinear"),
             *(F.grid_sample(x, grid[: x.shape[0]], mode=m, padding_mode=p, align_corners=False)
               for m, p in (("bilinear", "zeros"), ("nearest", "reflection"), ("bicubic", "border"))),
-            F.interpolate(x, size=(13, 5), mode="nearest-exact")]
+            F.interpolate(x, size=(13, 5), mode="nearest-exact"),
+            F.interpolate(x, size=(3, 5), mode="bilinear", antialias=True),
+            F.interpolate(x, size=(4, 11), mode="bicubic", antialias=True)]
 
 
 def test_each_image_is_the_same_alone_and_at_every_place_in_every_batch() -> None:
@@ -422,13 +530,16 @@ def test_interpolation_is_classed_routed_in_both_modes() -> None:
             F.interpolate(x, size=(5, 5), mode="bicubic")
             F.interpolate(x[:, :, 0], size=5, mode="linear")
             F.interpolate(x, size=(5, 5), mode="nearest")
+            F.interpolate(x, size=(3, 5), mode="bilinear", antialias=True)
+            F.interpolate(x, size=(3, 5), mode="bicubic", antialias=True)
 
         _, ops = trace_ops(interpolation)
         for portable in (False, True):
             report = coverage_report(ops, portable=portable)
             assert report.uncovered == {} and report.not_portable == {}, (dtype, report)
             assert {"grid_sampler_2d.default", "upsample_bilinear2d.default", "upsample_bicubic2d.default",
-                    "upsample_linear1d.default", "upsample_nearest2d.default"} <= set(report.routed), report
+                    "upsample_linear1d.default", "upsample_nearest2d.default", "_upsample_bilinear2d_aa.default",
+                    "_upsample_bicubic2d_aa.default"} <= set(report.routed), report
 
 
 # ----------------------------------------------------------------------------- instruction sets
@@ -468,6 +579,6 @@ def test_routed_bits_are_the_same_under_every_instruction_set() -> None:
     assert scalar["capability"] == "DEFAULT"
     for dtype in ("torch.float32", "torch.float64"):
         assert host[dtype]["routed"] == scalar[dtype]["routed"], dtype
-        assert scalar[dtype]["same"] == [True, False, True, True, True, True, True, True, True], dtype
+        assert scalar[dtype]["same"] == [True, False, True, True, True, True, True, True, True, True, True], dtype
         if host["capability"] != "DEFAULT":
             assert host[dtype]["torch"] != scalar[dtype]["torch"], dtype
