@@ -1485,9 +1485,9 @@ def _upsample(mode: str, dims: int) -> Adapter:
 def _upsample_aa(mode: str) -> Adapter:
     """``_upsample_bilinear2d_aa`` (``mode`` ``"linear"``) and ``_upsample_bicubic2d_aa``
     (``"cubic"``): ``F.interpolate(..., antialias=True)``, in the order of
-    :func:`detkit._interpolation.upsample_aa_in_order` on every device (DINOv2's and SAM 2's
-    resized position tables, Kimi-K2.5's and DeepSeek-OCR2's vision inputs). torch's CPU
-    kernel has no 16-bit form: there its error stands."""
+    :func:`detkit._interpolation.upsample_aa_in_order` on every device (DINOv2-with-registers'
+    and DeepSeek-OCR2's bicubic position tables, Cosmos3-Edge's per-image ones, SAM 2's
+    mask prompts). torch's CPU kernel has no 16-bit form: there its error stands."""
 
     def adapter(call: Call, self: torch.Tensor, output_size: Sequence[int], align_corners: bool,
                 *scales: float | None) -> torch.Tensor:

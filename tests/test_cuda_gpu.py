@@ -1022,7 +1022,8 @@ def test_avg_pool2d_on_cuda_is_the_cpus(dtype: torch.dtype, request: pytest.Fixt
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interpolation_on_cuda_is_the_cpus(dtype: torch.dtype, request: pytest.FixtureRequest) -> None:
     """Every routed interpolation (linear, bilinear small and large, bicubic, trilinear,
-    grid_sample in each mode and padding, NaN among the inputs): under the mode the CUDA
+    grid_sample in each mode and padding, antialiased bilinear and bicubic in float32, NaN
+    among the inputs): under the mode the CUDA
     result is the CPU's routed bits, in a batch and alone. Whether torch's own CUDA kernels
     gave torch's CPU bits is recorded, not asserted."""
     import test_mode_interpolation as I
