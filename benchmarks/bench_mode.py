@@ -231,7 +231,8 @@ def measure_vision(repeats: int, device: str, dtype: torch.dtype, portable: bool
     """What vision towers route besides products and norms, at their models' sizes:
     Gemma 3's pooling of 64 x 64 patches into 256 tokens, GLM-4V's bicubic resampling of
     its 24 x 24 position table to a 64 x 64 grid, HunYuan-VL's bilinear resize of its table,
-    GOT-OCR2's linear resize of relative positions, and a bilinear resize of an image."""
+    GOT-OCR2's linear resize of relative positions, a bilinear resize of an image, and
+    DINOv2-with-registers' antialiased bicubic resize of its 37 x 37 position table."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
@@ -241,6 +242,9 @@ def measure_vision(repeats: int, device: str, dtype: torch.dtype, portable: bool
 
     patches, table, hunyuan, rel_pos, image = r(1, 1152, 64, 64), r(1, 1536, 24, 24), r(1, 1152, 32, 32), \
         r(1, 64, 127), r(1, 3, 224, 224)
+    dino = r(1, 768, 37, 37)
+    # torch's CPU kernel has no 16-bit antialiased resize (DINOv2 resizes its table in float32)
+    aa = dino if device.startswith("cuda") or dtype in (torch.float32, torch.float64) else dino.float()
     points = (torch.rand(1, 4096, 1, 2, generator=g) * 2 - 1).to(device=device, dtype=dtype)
     return _measure_calls([
         ("Gemma 3 avg_pool2d, 1 x 1152 x 64 x 64, k4", lambda: F.avg_pool2d(patches, 4)),
@@ -251,6 +255,8 @@ def measure_vision(repeats: int, device: str, dtype: torch.dtype, portable: bool
         ("GOT-OCR2 interpolate linear, 1 x 64 x 127 to 255", lambda: F.interpolate(rel_pos, size=255, mode="linear")),
         ("image interpolate bilinear, 1 x 3 x 224 x 224 to 336 x 336",
          lambda: F.interpolate(image, size=(336, 336), mode="bilinear", align_corners=False)),
+        ("DINOv2 interpolate bicubic antialias, 1 x 768 x 37 x 37 to 16 x 16",
+         lambda: F.interpolate(aa, size=(16, 16), mode="bicubic", align_corners=False, antialias=True)),
     ], repeats, device, portable)
 
 

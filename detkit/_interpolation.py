@@ -220,12 +220,17 @@ def upsample_aa_in_order(x: torch.Tensor, out_sizes: Sequence[int], mode: str, a
         if out_sizes[axis] == x.shape[dim]:
             continue
         taps = _aa_axis_taps(x.shape[dim], out_sizes[axis], mode, align_corners, scales[axis], wide)
-        shape = [1] * x.dim()
-        shape[dim] = -1
-        acc = None
-        for index, weight, taken in taps:
-            term = out.index_select(dim, index.to(x.device)) * weight.to(x.device).view(shape)
-            acc = term if acc is None else torch.where(taken.to(x.device).view(shape), acc + term, acc)
+        n_taps, n_out = len(taps), out_sizes[axis]
+        index, weight, taken = (torch.stack(parts).to(x.device) for parts in zip(*taps))
+        # every tap's products at once (one gather, one multiply: each product rounded
+        # once, as alone), then the sums in tap order
+        split = list(out.shape[:dim]) + [n_taps, n_out] + list(out.shape[dim + 1:])
+        shape = [1] * dim + [n_taps, n_out] + [1] * (x.dim() - dim - 1)
+        terms = out.index_select(dim, index.reshape(-1)).reshape(split) * weight.view(shape)
+        taken = taken.view(shape)
+        acc = terms.select(dim, 0)
+        for j in range(1, n_taps):
+            acc = torch.where(taken.select(dim, j), acc + terms.select(dim, j), acc)
         out = acc
     return out
 

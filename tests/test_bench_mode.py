@@ -164,9 +164,11 @@ def test_vision_times_the_routed_pooling_and_interpolation(bench: Any, tmp_path:
     out = tmp_path / "vision.json"
     assert bench.main(["--vision", "--repeats", "1", "--json", str(out)]) == 0
     layers = json.loads(out.read_text())["layers"]
-    assert [x["name"].split(" ")[0] for x in layers] == ["Gemma", "GLM-4V", "HunYuan-VL", "GOT-OCR2", "image"]
+    assert [x["name"].split(" ")[0] for x in layers] == ["Gemma", "GLM-4V", "HunYuan-VL", "GOT-OCR2", "image",
+                                                         "DINOv2"]
     assert all(x["ratio"] == 4.0 for x in layers)
-    ops = ["avg_pool2d", "grid_sampler_2d", "upsample_bilinear2d", "upsample_linear1d", "upsample_bilinear2d"]
+    ops = ["avg_pool2d", "grid_sampler_2d", "upsample_bilinear2d", "upsample_linear1d", "upsample_bilinear2d",
+           "_upsample_bicubic2d_aa"]
     assert routed == [{op: 1} for op in ops]
 
 
