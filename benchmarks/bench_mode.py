@@ -109,10 +109,15 @@ def _interleaved(call: Callable[[], None], repeats: int,
     return statistics.median(plain), statistics.median(mode), fallbacks, first_mode, routed
 
 
+def _encoded(tokenizer: Any, batch: int, device: str) -> Any:
+    """The benchmark's batch of ``batch`` prompts, padded, on ``device``."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    return tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+
+
 def measure(model: Any, tokenizer: Any, batch: int, new_tokens: int, repeats: int, device: str,
             portable: bool) -> Case:
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    enc = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+    enc = _encoded(tokenizer, batch, device)
 
     def generate() -> None:
         with torch.no_grad():
@@ -133,8 +138,7 @@ def profile_generate(model: Any, tokenizer: Any, batch: int, new_tokens: int, de
 
     import detkit
 
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-    enc = tokenizer(prompts, padding=True, return_tensors="pt").to(device)
+    enc = _encoded(tokenizer, batch, device)
     profiler = cProfile.Profile()
     with torch.no_grad(), detkit.batch_invariant(portable=portable):  # warm: shapes compiled, tiles checked
         model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)

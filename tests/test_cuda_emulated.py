@@ -836,6 +836,16 @@ def _grouped_by_launches(a: torch.Tensor, b: torch.Tensor, ends: list[int], port
     return out
 
 
+def _launched(monkeypatch: pytest.MonkeyPatch, call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+    """``call()``'s result and the entry points it launched, in order (still emulated)."""
+    launched: list[str] = []
+    emulated_launch = cuda_backend._launch
+    with monkeypatch.context() as mp:
+        mp.setattr(cuda_backend, "_launch", lambda dev, module, entry, *args: (launched.append(entry),
+                                                                                emulated_launch(dev, module, entry, *args)))
+        return call(), launched
+
+
 def _experts(dtype: torch.dtype, groups: int, k: int, n: int, layout: str, seed: int) -> torch.Tensor:
     w = rand((groups, n, k), dtype, seed, 0.2)  # HF's expert weights (G, N, K)
     return w.transpose(1, 2) if layout == "kmajor" else w.transpose(1, 2).contiguous()
@@ -856,12 +866,7 @@ def test_grouped_wgmma_rows_are_their_groups_products(emulated: dict, monkeypatc
     b = _experts(dtype, 5, k, n, layout, 83)
     ends = [0, 70, 71, 71, 190]
     offs = torch.tensor(ends, dtype=torch.int32)
-    launched: list[str] = []
-    emulated_launch = cuda_backend._launch
-    with monkeypatch.context() as mp:
-        mp.setattr(cuda_backend, "_launch", lambda dev, module, entry, *args: (launched.append(entry),
-                                                                                emulated_launch(dev, module, entry, *args)))
-        got = cuda_backend.grouped_matmul(a, b, offs, tile=tile)
+    got, launched = _launched(monkeypatch, lambda: cuda_backend.grouped_matmul(a, b, offs, tile=tile))
     assert launched == [f"{tile.kernel}_grouped_{layout}"], launched
     for g, (start, end) in enumerate(zip([0, *ends], ends)):
         if end > start:
@@ -901,12 +906,7 @@ def test_grouped_matmul_rows_are_their_groups_products(emulated: dict, monkeypat
     b = _experts(dtype, 5, k, n, layout, 81)
     ends = [0, 130, 131, 131, 271]
     offs = torch.tensor(ends, dtype=torch.int32)
-    launched: list[str] = []
-    emulated_launch = cuda_backend._launch
-    with monkeypatch.context() as mp:
-        mp.setattr(cuda_backend, "_launch", lambda dev, module, entry, *args: (launched.append(entry),
-                                                                                emulated_launch(dev, module, entry, *args)))
-        got = cuda_backend.grouped_matmul(a, b, offs, portable=portable)
+    got, launched = _launched(monkeypatch, lambda: cuda_backend.grouped_matmul(a, b, offs, portable=portable))
     table = cuda_backend.PORTABLE_MATMUL_TILES if portable else cuda_backend.MATMUL_TILES
     assert launched == [f"{table[(dtype, 9)].kernel}_grouped_{layout}"], launched
     assert_bits_equal(got, _grouped_by_launches(a, b, ends, portable), "grouped vs a launch per group")

@@ -378,12 +378,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
         if tile not in catalogue and tile != default:
             raise InputError(f"matmul: {tile.kernel} is not a {'portable ' if portable else ''}configuration "
                              f"for {a.dtype}; choose one of {[c.name for c in catalogue]}.")
-        if tile.family == "wgmma" and major != 9:
-            raise InputError(f"matmul: {tile.name} uses wgmma, which only sm_90 GPUs (H100, H200, GH200) have; "
-                             f"this is sm_{major}x. Choose a tc configuration.")
-        if not fits(tile, dev):
-            raise InputError(f"matmul: {tile.name} needs {tile.smem} bytes of shared memory per block; "
-                             f"{torch.cuda.get_device_name(dev)} allows {_smem_optin(dev)}.")
+        _check_runs_here(tile, dev, major, "matmul")
     cfg = tile or default
     if cfg is None:
         raise BackendUnavailable(f"no matmul tile configuration for {a.dtype} on sm_{major}x.")
@@ -430,6 +425,17 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
     return out if batched else out[0]
 
 
+def _check_runs_here(tile: TileConfig, dev: torch.device, major: int, fn: str) -> None:
+    """An InputError if a configuration asked for by name cannot run on ``dev``: wgmma
+    off sm_90, or more shared memory than a block may have."""
+    if tile.family == "wgmma" and major != 9:
+        raise InputError(f"{fn}: {tile.name} uses wgmma, which only sm_90 GPUs (H100, H200, GH200) have; "
+                         f"this is sm_{major}x. Choose a tc configuration.")
+    if not fits(tile, dev):
+        raise InputError(f"{fn}: {tile.name} needs {tile.smem} bytes of shared memory per block; "
+                         f"{torch.cuda.get_device_name(dev)} allows {_smem_optin(dev)}.")
+
+
 def _b_layout(b3: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
     """(b3, k-major?, leading stride) of a (B, K, N) operand: k-contiguous (a transposed
     nn.Linear weight, not copied) or n-contiguous; any other layout is copied first."""
@@ -463,12 +469,7 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, port
             raise InputError(f"grouped_matmul: {tile.name} has no grouped kernel for {a.dtype}"
                              f"{' (portable)' if portable else ''}; choose one of {[c.name for c in catalogue]} "
                              "or leave tile unset.")
-        if tile.family == "wgmma" and major != 9:
-            raise InputError(f"grouped_matmul: {tile.name} uses wgmma, which only sm_90 GPUs (H100, H200, GH200) "
-                             f"have; this is sm_{major}x.")
-        if not fits(tile, dev):
-            raise InputError(f"grouped_matmul: {tile.name} needs {tile.smem} bytes of shared memory per block; "
-                             f"{torch.cuda.get_device_name(dev)} allows {_smem_optin(dev)}.")
+        _check_runs_here(tile, dev, major, "grouped_matmul")
         cfg = tile
     if cfg is None:
         raise BackendUnavailable(f"no matmul tile configuration for {a.dtype} on sm_{major}x.")
