@@ -63,7 +63,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -125,16 +125,20 @@ class Unsupported(Exception):
         self.benign = benign
 
 
-@dataclass(frozen=True)
-class Call:
-    """What an adapter needs besides the aten arguments."""
+def _no_note(reason: str) -> None:
+    del reason
+
+
+class Call(NamedTuple):
+    """What an adapter needs besides the aten arguments (a tuple: one is made per routed
+    call, at half a frozen dataclass's cost)."""
 
     portable: bool
     original: Callable[..., Any]  # the op's previous kernel, dispatch keys already bound
     # Portable mode: an adapter that computed its result with torch's own math library
     # (batch invariant, but not in the canonical orders) reports why here; the mode counts
     # it in Coverage.not_portable, so a routed call never passes silently for portable.
-    not_portable: Callable[[str], None] = lambda reason: None
+    not_portable: Callable[[str], None] = _no_note
 
 
 Adapter = Callable[..., Any]
@@ -675,9 +679,11 @@ def _softmax_rows(call: Call, x: torch.Tensor, dim: int, log: bool) -> torch.Ten
     if not -x.dim() <= dim < x.dim():
         raise Unsupported(f"dim {dim} out of range for {x.dim()}-d input", benign=True)  # torch raises
     d = dim % x.dim()
-    moved = x.movedim(d, -1)
     # The kernels anchor each row's sum at its first entry with nonzero exp: masked
     # padding in front of a row changes nothing, so no canonicalisation here.
+    if x.dim() == 2 and d == 1:  # already rows: the kernel's contiguous result, without the views below
+        return _kernel_call(fn, x, -1, portable=call.portable)
+    moved = x.movedim(d, -1)
     res = _kernel_call(fn, moved.reshape(-1, moved.shape[-1]), -1, portable=call.portable)
     # torch's CPU softmax returns a contiguous tensor whatever the input's layout (unlike
     # the elementwise ops, which keep it); code may .view() it.
@@ -1583,19 +1589,23 @@ def linalg_solve_triangular(call: Call, self: torch.Tensor, B: torch.Tensor, *, 
 
 def _norm_rows(
     x: torch.Tensor, normalized_shape: Sequence[int], *params: torch.Tensor | None
-) -> tuple[torch.Tensor, int, tuple[int, ...]]:
+) -> tuple[torch.Tensor, int, list[torch.Tensor | None]]:
+    """(x as rows of the normalised elements, their count, params as 1-D tensors)."""
     k = len(normalized_shape)
-    if k == 0 or tuple(x.shape[x.dim() - k :]) != tuple(normalized_shape):
-        raise Unsupported(f"normalized_shape {tuple(normalized_shape)} does not match input {tuple(x.shape)}", benign=True)
+    shape = tuple(normalized_shape)
+    if k == 0 or tuple(x.shape[x.dim() - k :]) != shape:
+        raise Unsupported(f"normalized_shape {shape} does not match input {tuple(x.shape)}", benign=True)
     # torch wants weight and bias of exactly normalized_shape; reshaped here, a (4,) weight
     # for (2, 2) gave a result where torch raises (and a (5,) one an unrelated reshape error).
-    if any(p is not None and tuple(p.shape) != tuple(normalized_shape) for p in params):
-        raise Unsupported(f"weight/bias shape is not normalized_shape {tuple(normalized_shape)}", benign=True)  # torch raises
+    if any(p is not None and tuple(p.shape) != shape for p in params):
+        raise Unsupported(f"weight/bias shape is not normalized_shape {shape}", benign=True)  # torch raises
     if x.numel() == 0:
         raise Unsupported("empty input", benign=True)
-    n = math.prod(normalized_shape)
-    stat_shape = (*x.shape[: x.dim() - k], *([1] * k))
-    return x.reshape(-1, n), n, stat_shape
+    if k == 1:  # a model's norm: no views to make (they cost a small op's host time)
+        rows = x if x.dim() == 2 else x.reshape(-1, shape[0])
+        return rows, shape[0], [None if p is None else _plain(p) for p in params]
+    n = math.prod(shape)
+    return x.reshape(-1, n), n, [None if p is None else _plain(p).reshape(n) for p in params]
 
 
 def native_layer_norm(
@@ -1607,15 +1617,15 @@ def native_layer_norm(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _float(input, weight, bias)
-    rows, n, stat_shape = _norm_rows(_plain(input), normalized_shape, weight, bias)
-    w = None if weight is None else _plain(weight).reshape(n)
-    b = None if bias is None else _plain(bias).reshape(n)
+    rows, n, (w, b) = _norm_rows(_plain(input), normalized_shape, weight, bias)
     out = _kernel_call(kernels_module().layer_norm, rows, w, b, eps, portable=call.portable)
     # mean and rstd are outputs of the aten op (autograd saves them for the backward);
     # they come from torch's own kernels and do not feed the forward result.
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     var, mu = torch.var_mean(rows.to(acc), -1, correction=0)
     rstd = torch.rsqrt(var + eps)
+    k = len(normalized_shape)
+    stat_shape = (*input.shape[: input.dim() - k], *([1] * k))
     return out.reshape(input.shape), mu.to(input.dtype).reshape(stat_shape), rstd.to(input.dtype).reshape(stat_shape)
 
 
@@ -1627,10 +1637,9 @@ def rms_norm(
     eps: float | None = None,
 ) -> torch.Tensor:
     _float(input, weight)
-    rows, n, _ = _norm_rows(_plain(input), normalized_shape, weight)
-    w = None if weight is None else _plain(weight).reshape(n)
+    rows, n, (w,) = _norm_rows(_plain(input), normalized_shape, weight)
     out = _kernel_call(kernels_module().rms_norm, rows, w, eps, portable=call.portable)
-    return out.reshape(input.shape)
+    return out if out.shape == input.shape else out.reshape(input.shape)
 
 
 def _fused_rms_norm(

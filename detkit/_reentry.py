@@ -12,11 +12,15 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-TLS = threading.local()
+class _ThreadState(threading.local):
+    inside = False  # a class default: read on every routed call, without getattr's fallback
+
+
+TLS = _ThreadState()
 
 
 def is_inside() -> bool:
-    return bool(getattr(TLS, "inside", False))
+    return TLS.inside
 
 
 def set_inside(value: bool) -> None:

@@ -357,7 +357,11 @@ def _grad_needed(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
 
 # Set by a composite op's autograd gate around its routed call: an Unsupported then
 # propagates to the gate instead of running torch's kernel (see _make_gate).
-_GATE = threading.local()
+class _GateState(threading.local):
+    active = False
+
+
+_GATE = _GateState()
 
 
 def _count_unrouted(spec: OpOverride, unrouted: Unsupported, state: ModeState) -> None:
@@ -384,7 +388,7 @@ def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
             # Called from inside a detkit kernel or adapter, or a call the op is not routed
             # for (a real mul): torch's own kernel.
             return original.call_boxed(keyset, *args, **kwargs)
-        gated, _GATE.active = getattr(_GATE, "active", False), False
+        gated, _GATE.active = _GATE.active, False
         state = _STATE
         call = Call(state.portable, functools.partial(original.call_boxed, keyset), count_not_portable)
         set_inside(True)

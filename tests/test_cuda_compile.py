@@ -8,15 +8,19 @@ them on purpose.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.resources
 import json
 import os
 import re
 import shutil
+import threading
 import types
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import COMPILE_ARCHS as ARCHS
@@ -588,21 +592,29 @@ def test_tile_tags_match_the_instantiations() -> None:
             assert (cfg.bm, cfg.bn, cfg.bk) == tuple(int(x) for x in nums[:3]), cfg
 
 
-def _stand_in_cupy(monkeypatch: pytest.MonkeyPatch, function: object,
-                   attrs: list[tuple[int, int, int]] | None = None) -> None:
+def _stand_in_cupy(monkeypatch: pytest.MonkeyPatch, launch: Callable[..., None],
+                   attrs: list[tuple[int, int, int]] | None = None, current_device: int = 0) -> list[int]:
     """Route the launcher to stand-ins for CuPy, the loaded module and torch's stream (no
-    GPU here): every entry point is ``function``; funcSetAttribute calls go to ``attrs``."""
+    GPU here): every entry point has the handle 1234 and cuLaunchKernel is ``launch``;
+    funcSetAttribute calls go to ``attrs``. Returns the devices entered with cupy.cuda.Device."""
     import contextlib
 
     calls = [] if attrs is None else attrs
-    driver = types.SimpleNamespace(funcSetAttribute=lambda f, a, v: calls.append((f, a, v)))
-    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
-        ExternalStream=lambda ptr, device: object(), Device=lambda index: contextlib.nullcontext(), driver=driver))
+    entered: list[int] = []
+
+    def device(index: int) -> contextlib.AbstractContextManager[None]:
+        entered.append(index)
+        return contextlib.nullcontext()
+
+    driver = types.SimpleNamespace(funcSetAttribute=lambda f, a, v: calls.append((f, a, v)), launchKernel=launch)
+    runtime = types.SimpleNamespace(getDevice=lambda: current_device)
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=device, driver=driver, runtime=runtime))
     monkeypatch.setattr(cuda_backend, "_cupy", lambda: fake_cupy)
     monkeypatch.setattr(cuda_backend, "_functions", {})
-    monkeypatch.setattr(cuda_backend, "_streams", {})
-    monkeypatch.setattr(cuda_loader, "load_module", lambda name, index: types.SimpleNamespace(function=lambda e: function))
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda index: types.SimpleNamespace(cuda_stream=0))
+    monkeypatch.setattr(cuda_loader, "load_module",
+                        lambda name, index: types.SimpleNamespace(function=lambda e: types.SimpleNamespace(ptr=1234)))
+    monkeypatch.setattr(cuda_backend, "_stream_ptr", lambda index: 5000 + index)
+    return entered
 
 
 def test_a_failed_launch_names_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -610,14 +622,89 @@ def test_a_failed_launch_names_the_kernel(monkeypatch: pytest.MonkeyPatch) -> No
     the entry point and grid."""
     from detkit.errors import KernelLaunchError
 
-    class Function:
-        def __call__(self, *args: object, **kwargs: object) -> None:
-            raise RuntimeError("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: too many resources requested for launch")
+    def launch(*args: object) -> None:
+        raise RuntimeError("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: too many resources requested for launch")
 
-    _stand_in_cupy(monkeypatch, Function())
+    _stand_in_cupy(monkeypatch, launch)
     with pytest.raises(KernelLaunchError, match=r"mm_tc_x_kmajor \(matmul.cu\) on cuda:0 with grid \(2, 1, 1\)") as err:
-        cuda_backend._launch(torch.device("cuda", 0), "matmul.cu", "mm_tc_x_kmajor", (2, 1, 1), 128, ())
+        cuda_backend._launch(torch.device("cuda", 0), "matmul.cu", "mm_tc_x_kmajor", (2, 1, 1), 128, "", ())
     assert "OUT_OF_RESOURCES" in str(err.value) and "CUDA_LAUNCH_BLOCKING=1" in str(err.value)
+
+
+_CTYPES = {"P": ctypes.c_uint64, "q": ctypes.c_int64, "i": ctypes.c_int32, "f": ctypes.c_float, "d": ctypes.c_double}
+
+
+def _read_params(address: int, sizes: tuple[int, ...], sig: str) -> list[object]:
+    """What a kernel reads from cuLaunchKernel's kernelParams: parameter i at the address
+    in slot i of the pointer array, ``sizes[i]`` bytes of the C type ``sig[i]``."""
+    pointers = (ctypes.c_void_p * len(sizes)).from_address(address)
+    out = []
+    for ptr, size, code in zip(pointers, sizes, sig, strict=True):
+        assert ctypes.sizeof(_CTYPES[code]) == size
+        out.append(_CTYPES[code].from_address(ptr).value)
+    return out
+
+
+def test_the_launcher_passes_each_argument_as_its_c_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    """cuLaunchKernel gets the grid, block, shared memory, torch's stream and a kernelParams
+    array from which every argument reads back as the C type its signature names (pointers
+    as 64-bit, int and float as 4 bytes: a float rounded through float64, or an int
+    written as 8 bytes, would give the kernel other values); each thread fills its own."""
+    seen: list[tuple[object, ...]] = []
+    sig = "PiqfdiP"
+
+    def launch(f: int, gx: int, gy: int, gz: int, bx: int, by: int, bz: int, smem: int, stream: int,
+               params: int, extra: int) -> None:
+        seen.append((f, (gx, gy, gz), (bx, by, bz), smem, stream, extra,
+                     _read_params(params, cuda_backend._packer(sig).sizes, sig)))
+
+    entered = _stand_in_cupy(monkeypatch, launch)
+    args = (2**63 + 12345, -7, -(2**40) - 3, 1.1, 0.1, 2**31 - 1, 0)
+    cuda_backend._launch(torch.device("cuda", 0), "rowops.cu", "softmax_b_f32", (3, 2, 1), 256, sig, args, 1024)
+    assert seen == [(1234, (3, 2, 1), (256, 1, 1), 1024, 5000, 0,
+                     [2**63 + 12345, -7, -(2**40) - 3, float(np.float32(1.1)), 0.1, 2**31 - 1, 0])]
+    assert entered == [0]  # loading the module; the launch itself switches no device (cuda:0 is current)
+    # another thread, other values, at the same time: its own kernelParams
+    barrier = threading.Barrier(2)
+    results: list[list[object]] = []
+
+    def other() -> None:
+        params, sizes = cuda_backend._kernel_params("if", (41, 2.5))
+        barrier.wait()
+        barrier.wait()
+        results.append(_read_params(params, sizes, "if"))
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    barrier.wait()
+    params, sizes = cuda_backend._kernel_params("if", (-1, -8.0))
+    barrier.wait()
+    thread.join()
+    assert results == [[41, 2.5]] and _read_params(params, sizes, "if") == [-1, -8.0]
+
+
+def test_the_launcher_refuses_arguments_that_do_not_fit_their_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value past its C type (an int beyond 32 bits for ``i``, a negative pointer) is an
+    InputError naming the kernel, not a value cut to fit; a signature that does not match
+    the arguments, or names no C type, is a launcher bug: ValueError. Nothing launches."""
+    _stand_in_cupy(monkeypatch, lambda *a: pytest.fail("launched"))
+    dev = torch.device("cuda", 0)
+    for sig, bad in (("i", (2**31,)), ("P", (-1,)), ("f", (1e39,)), ("i", (0.5,))):
+        with pytest.raises(InputError, match=r"e \(rowops.cu\): an argument does not fit its C type"):
+            cuda_backend._launch(dev, "rowops.cu", "e", (1, 1, 1), 32, sig, bad)
+    for sig, bad, what in (("ii", (1,), "has 2 parameters, got 1"), ("h", (2,), "are not parameter types"),
+                           ("i" * 49, (0,) * 49, "at most 48 arguments")):
+        with pytest.raises(ValueError, match=what):
+            cuda_backend._launch(dev, "rowops.cu", "e", (1, 1, 1), 32, sig, bad)
+
+
+def test_the_launcher_enters_the_tensors_device_only_when_another_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tensors on cuda:1 while cuda:0 is current: the launch runs in cuda:1's context
+    (a module loaded there cannot launch in another), and the stream is cuda:1's."""
+    streams: list[int] = []
+    entered = _stand_in_cupy(monkeypatch, lambda *a: streams.append(a[8]), current_device=0)
+    cuda_backend._launch(torch.device("cuda", 1), "rowops.cu", "e", (1, 1, 1), 32, "", ())
+    assert streams == [5001] and entered == [1, 1]  # the load, then the launch
 
 
 def test_the_launcher_asks_torch_for_its_stream_and_the_capability_cheaply(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -694,18 +781,11 @@ def test_launcher_opts_in_to_large_shared_memory_once(monkeypatch: pytest.Monkey
     loaded function) and passes the size at every launch; below it, it sets nothing."""
     attrs: list[tuple[int, int, int]] = []
     launches: list[int] = []
-
-    class Function:
-        ptr = 1234
-
-        def __call__(self, grid: object, block: object, args: object, shared_mem: int = 0, stream: object = None) -> None:
-            launches.append(shared_mem)
-
-    _stand_in_cupy(monkeypatch, Function(), attrs)
+    _stand_in_cupy(monkeypatch, lambda *a: launches.append(a[7]), attrs)
     dev = torch.device("cuda", 0)
     for _ in range(2):
-        cuda_backend._launch(dev, "matmul_tiles.cu", "big", (1, 1, 1), 128, (), shared_mem=147456)
-        cuda_backend._launch(dev, "matmul.cu", "small", (1, 1, 1), 128, (), shared_mem=46080)
+        cuda_backend._launch(dev, "matmul_tiles.cu", "big", (1, 1, 1), 128, "", (), shared_mem=147456)
+        cuda_backend._launch(dev, "matmul.cu", "small", (1, 1, 1), 128, "", (), shared_mem=46080)
     assert attrs == [(1234, 8, 147456)]  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
     assert launches == [147456, 46080, 147456, 46080]
 

@@ -38,14 +38,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from conftest import TINY_FAMILY_CONFIGS
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from detkit.errors import InputError
+from detkit.errors import InputError, KernelLaunchError
 from detkit.kernels import cuda as cuda_backend
 from detkit.kernels import cuda_loader, spec
 
@@ -55,10 +54,6 @@ CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 pytestmark = pytest.mark.skipif(
     CXX is None, reason="no C++ compiler (g++) to build the host emulation of the CUDA kernels"
 )
-
-_CTYPE = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
-          np.float32: ctypes.c_float, np.float64: ctypes.c_double}
-
 
 # DETKIT_EMU_SANITIZE=address builds the emulation with AddressSanitizer and UBSan: a
 # kernel reading or writing outside a tensor, a shared array or the dynamic shared memory
@@ -136,22 +131,35 @@ class _Libs(dict[str, ctypes.CDLL]):
         return self[name]
 
 
-def _launcher(libs: dict[str, ctypes.CDLL]) -> Callable[..., None]:
-    """A stand-in for ``detkit.kernels.cuda._launch`` that runs the host builds ``libs``."""
+def _driver(libs: dict[str, ctypes.CDLL]) -> Callable[..., None]:
+    """A stand-in for cuLaunchKernel (``detkit.kernels.cuda._driver_launch``) that runs the
+    host builds ``libs``: each kernel reads its parameters from the kernelParams array the
+    launcher packed, as on a GPU."""
 
-    def launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, int],
-               block: int, args: tuple[Any, ...], shared_mem: int = 0) -> None:
+    def launch(index: int, kernel: cuda_backend._Kernel, grid: tuple[int, int, int], block: int, shared_mem: int,
+               stream: int, params: int, sizes: tuple[int, ...]) -> None:
+        entry = kernel.entry
         assert 0 <= shared_mem <= 227 * 1024, (entry, shared_mem)  # what an sm_90 block may have
         # A GPU refuses these launches; the emulation would run them.
         assert 0 < grid[0] < 2**31 and 0 < grid[1] <= 65535 and 0 < grid[2] <= 65535, (entry, grid)
         assert 0 < block <= 1024 and block % 32 == 0, (entry, block)
-        lib = libs[module]
-        values = [_CTYPE[type(a)](a.item()) for a in args]
-        argv = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
-                                                          for v in values])
-        sizes = (ctypes.c_uint * max(1, len(values)))(*[ctypes.sizeof(v) for v in values])
-        error = lib.emu_launch_entry(entry.encode(), len(values), argv, sizes, *grid, block, shared_mem).decode()
+        lib = libs[kernel.module]
+        c_sizes = (ctypes.c_uint * max(1, len(sizes)))(*sizes)
+        error = lib.emu_launch_entry(entry.encode(), len(sizes), params, c_sizes, *grid, block, shared_mem).decode()
         assert not error, f"{entry} (grid {grid}, {block} threads): {error}; on a GPU this is undefined behaviour"
+
+    return launch
+
+
+def _launcher(libs: dict[str, ctypes.CDLL]) -> Callable[..., None]:
+    """A launch by hand (tests of the emulation itself): the backend's packing of the
+    arguments, then the host build ``libs`` in the driver's place."""
+    driver = _driver(libs)
+
+    def launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, int], block: int, sig: str,
+               args: tuple[Any, ...], shared_mem: int = 0) -> None:
+        params, sizes = cuda_backend._kernel_params(sig, args)
+        driver(0, cuda_backend._Kernel(0, module, entry), grid, block, shared_mem, 0, params, sizes)
 
     return launch
 
@@ -159,17 +167,24 @@ def _launcher(libs: dict[str, ctypes.CDLL]) -> Callable[..., None]:
 @pytest.fixture(scope="module")
 def emulated(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[dict[str, ctypes.CDLL]]:
     """Build the kernel files for the host and route the CUDA backend's launches (with
-    CPU tensors) to them. DETKIT_EMU_PREBUILD=0 builds each file at its first launch
+    CPU tensors) to them: the backend's own launcher packs the arguments, the host build
+    stands in for the driver. DETKIT_EMU_PREBUILD=0 builds each file at its first launch
     instead of all of them up front (for runs that need one)."""
     libs = _Libs()
     if os.environ.get("DETKIT_EMU_PREBUILD") != "0":
         with ThreadPoolExecutor(max_workers=3) as pool:
             libs.update(zip(cuda_loader.KERNEL_FILES,
                             pool.map(lambda n: _build(n, _out_dir()), cuda_loader.KERNEL_FILES), strict=True))
-    monkeypatch_module.setattr(cuda_backend, "_launch", _launcher(libs))
-    monkeypatch_module.setattr(cuda_backend, "_device_of", lambda *ts: next(t.device for t in ts if t is not None))
-    monkeypatch_module.setattr(cuda_backend, "_major", lambda dev: 9)
-    monkeypatch_module.setattr(cuda_backend, "_smem_optin", lambda dev: 227 * 1024)  # as an H100
+    mp = monkeypatch_module
+    mp.setattr(cuda_backend, "_driver_launch", _driver(libs))
+    mp.setattr(cuda_backend, "_functions", {})
+    mp.setattr(cuda_backend, "_load_function",
+               lambda index, module, entry, shared_mem: cuda_backend._Kernel(0, module, entry))
+    mp.setattr(cuda_backend, "_stream_ptr", lambda index: 0)
+    mp.setattr(cuda_backend, "_device_index", lambda dev: 0)
+    mp.setattr(cuda_backend, "_device_of", lambda *ts: next(t.device for t in ts if t is not None))
+    mp.setattr(cuda_backend, "_major", lambda dev: 9)
+    mp.setattr(cuda_backend, "_smem_optin", lambda dev: 227 * 1024)  # as an H100
     yield libs
 
 
@@ -429,7 +444,7 @@ _POW_MUTATIONS = {
 @pytest.mark.parametrize("mutation", sorted(_POW_MUTATIONS))
 def test_mutation_pow_mistakes_change_the_bits(emulated: dict, monkeypatch: pytest.MonkeyPatch, mutation: str) -> None:
     source = _mutated("rowops.cu", cuda_loader.kernel_source("rowops.cu"), _POW_MUTATIONS[mutation])
-    monkeypatch.setattr(cuda_backend, "_launch", _launcher({**emulated, "rowops.cu": _build("rowops.cu", _out_dir(),
+    monkeypatch.setattr(cuda_backend, "_driver_launch", _driver({**emulated, "rowops.cu": _build("rowops.cu", _out_dir(),
                                                                                             source)}))
     x, y = pow_operands(torch.float32, 5, 600)
     with pytest.raises(AssertionError, match="elements differ"):
@@ -1049,8 +1064,8 @@ def test_mutation_wgmma_mistakes_change_the_bits(emulated: dict, monkeypatch: py
     cfg = next(c for c in cuda_backend.TILE_CATALOGUE[torch.bfloat16] if c.name == "wgmma_64x64x64_s8")
     want = cuda_backend.matmul(a, w.t(), None, tile=cfg)
     source = _mutated("matmul_sm90.cu", cuda_loader.kernel_source("matmul_sm90.cu"), _WGMMA_MISTAKES[mistake])
-    monkeypatch.setattr(cuda_backend, "_launch",
-                        _launcher({**emulated, "matmul_sm90.cu": _build("matmul_sm90.cu", _out_dir(), source)}))
+    monkeypatch.setattr(cuda_backend, "_driver_launch",
+                        _driver({**emulated, "matmul_sm90.cu": _build("matmul_sm90.cu", _out_dir(), source)}))
     got = cuda_backend.matmul(a, w.t(), None, tile=cfg)
     assert not torch.equal(bits(got), bits(want)), f"the emulation did not notice {mistake}"
 
@@ -1063,8 +1078,8 @@ def test_mutation_a_stage_read_before_its_copies_land_changes_the_bits(emulated:
     want = cuda_backend.matmul(a, w.t(), None)
     source = _mutated("matmul.cu", cuda_loader.kernel_source("matmul.cu"),
                       ("cp_async_wait<STAGES - 2>();", "cp_async_wait<STAGES - 1>();"))
-    monkeypatch.setattr(cuda_backend, "_launch",
-                        _launcher({**emulated, "matmul.cu": _build("matmul.cu", _out_dir(), source)}))
+    monkeypatch.setattr(cuda_backend, "_driver_launch",
+                        _driver({**emulated, "matmul.cu": _build("matmul.cu", _out_dir(), source)}))
     got = cuda_backend.matmul(a, w.t(), None)
     assert not torch.equal(bits(got), bits(want)), "the emulation did not notice a stage read before it landed"
 
@@ -1497,7 +1512,7 @@ def test_mutation_an_unanchored_softmax_sum_changes_with_padding(emulated: dict,
     source = _mutated("rowops.cu", cuda_loader.kernel_source("rowops.cu"),
                       ("const int a = first_nonzero<T>(xr, L, vx, [&](float v) { return expf(__fsub_rn(v, m)) != 0.0f; }, "
                        "iscratch);", "const int a = 0;"))
-    monkeypatch.setattr(cuda_backend, "_launch", _launcher({**emulated, "rowops.cu": _build("rowops.cu", _out_dir(),
+    monkeypatch.setattr(cuda_backend, "_driver_launch", _driver({**emulated, "rowops.cu": _build("rowops.cu", _out_dir(),
                                                                                             source)}))
     x = rand((3, 301), torch.float32, 46, 3.0)
     with pytest.raises(AssertionError, match="softmax, 7 x -inf in front"):
@@ -1523,7 +1538,7 @@ def test_mutation_static_shared_memory_read_before_the_block_writes_it_gives_nan
     the first mutation read zeros (and summed right) and the second the previous block's
     sums: both passed on the host."""
     source = _mutated("rowops.cu", cuda_loader.kernel_source("rowops.cu"), mutation)
-    monkeypatch.setattr(cuda_backend, "_launch", _launcher({**emulated, "rowops.cu": _build("rowops.cu", _out_dir(),
+    monkeypatch.setattr(cuda_backend, "_driver_launch", _driver({**emulated, "rowops.cu": _build("rowops.cu", _out_dir(),
                                                                                             source)}))
     x = rand((3, 301), torch.float32, 47)
     got = cuda_backend.row_sum(x, False)
@@ -1535,8 +1550,9 @@ def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(
 ) -> None:
     source = _mutated("rowops.cu", cuda_loader.kernel_source("rowops.cu"), _LANE_EXIT)
     libs = {**emulated, "rowops.cu": _build("rowops.cu", _out_dir(), source)}
-    monkeypatch.setattr(cuda_backend, "_launch", _launcher(libs))
-    with pytest.raises(AssertionError, match="softmax_p_f32 .*(warp collective ran after a lane|lane returned)"):
+    monkeypatch.setattr(cuda_backend, "_driver_launch", _driver(libs))
+    # through the backend's launcher, as a failed launch on a GPU: a KernelLaunchError naming the kernel
+    with pytest.raises(KernelLaunchError, match="softmax_p_f32 .*(warp collective ran after a lane|lane returned)"):
         cuda_backend.softmax(rand((2, 40), torch.float32, 1), False, portable=True)
 
 
@@ -1553,15 +1569,15 @@ def test_threads_waiting_at_barriers_that_cannot_open_fail_the_launch() -> None:
     launch = _launcher({"stuck.cu": _build("stuck.cu", _out_dir(), source)})
     out = torch.zeros(64)
     with pytest.raises(AssertionError, match="stuck .*every thread left waits at a barrier that cannot open"):
-        launch(out.device, "stuck.cu", "stuck", (2, 1, 1), 64, (np.uint64(out.data_ptr()),))
+        launch(out.device, "stuck.cu", "stuck", (2, 1, 1), 64, "P", (out.data_ptr(),))
     fine = source.replace("    if ((threadIdx.x & 31) == 31) __syncthreads();\n", "")
     launch = _launcher({"fine.cu": _build("fine.cu", _out_dir(), fine)})
-    launch(out.device, "fine.cu", "stuck", (2, 1, 1), 64, (np.uint64(out.data_ptr()),))
+    launch(out.device, "fine.cu", "stuck", (2, 1, 1), 64, "P", (out.data_ptr(),))
     assert bool((out == 1).all())
     # The entry table calls a kernel with its own parameter types: other arguments fail.
-    for args in [(np.uint64(out.data_ptr()), np.int32(1)), (np.int32(0),)]:
+    for sig, args in [("Pi", (out.data_ptr(), 1)), ("i", (0,))]:
         with pytest.raises(AssertionError, match="arguments do not match the kernel's parameters"):
-            launch(out.device, "fine.cu", "stuck", (1, 1, 1), 32, args)
+            launch(out.device, "fine.cu", "stuck", (1, 1, 1), 32, sig, args)
 
 
 def test_a_cp_async_copy_lands_at_its_wait() -> None:
@@ -1577,11 +1593,11 @@ def test_a_cp_async_copy_lands_at_its_wait() -> None:
               "}\n")
     launch = _launcher({"copy.cu": _build("copy.cu", _out_dir(), source)})
     src, out = torch.arange(128, dtype=torch.float32), torch.zeros(32)
-    args = (np.uint64(src.data_ptr()), np.uint64(out.data_ptr()))
-    launch(out.device, "copy.cu", "copy", (1, 1, 1), 32, (*args, np.int32(1)))
+    args = (src.data_ptr(), out.data_ptr())
+    launch(out.device, "copy.cu", "copy", (1, 1, 1), 32, "PPi", (*args, 1))
     assert torch.equal(out, src[::4])
     with pytest.raises(AssertionError, match="returned with a cp.async copy it never waited for"):
-        launch(out.device, "copy.cu", "copy", (1, 1, 1), 32, (*args, np.int32(0)))
+        launch(out.device, "copy.cu", "copy", (1, 1, 1), 32, "PPi", (*args, 0))
     assert bool(out.isnan().all())  # read before the copy landed
 
 
@@ -1593,7 +1609,7 @@ def test_a_misaligned_16_byte_copy_fails_the_launch(emulated: dict, monkeypatch:
     a, w = x[:, 1:65], rand((40, 64), torch.bfloat16, 92)  # a starts 2 bytes into its buffer
     cuda_backend.matmul(a, w.t(), None)  # element loads: fine
     monkeypatch.setattr(cuda_backend, "_tc_vec_ok", lambda *args: True)
-    with pytest.raises(AssertionError, match="not 16-byte aligned"):
+    with pytest.raises(KernelLaunchError, match="not 16-byte aligned"):
         cuda_backend.matmul(a, w.t(), None)
 
 

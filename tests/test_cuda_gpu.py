@@ -734,6 +734,34 @@ def test_runs_on_torchs_current_stream() -> None:
     assert_bits_equal(got2, cuda_backend.softmax(want, False), "side stream softmax")
 
 
+def test_the_kernels_under_the_mode_replay_from_a_cuda_graph() -> None:
+    """Captured in a CUDA graph (as vLLM and SGLang run decode steps), a step under the mode
+    replays with its eager bits: the launcher enqueues with cuLaunchKernel on torch's
+    capturing stream, allocates through torch and reads nothing back from the GPU. An
+    eager step first loads every kernel (loading a module is not capturable)."""
+    fn = torch.nn.functional
+    x, w = rand((8, 256), torch.bfloat16, 95), rand((256, 256), torch.bfloat16, 96)
+    g = rand((256,), torch.bfloat16, 97)
+    q, kv = rand((2, 4, 8, 64), torch.bfloat16, 98), rand((2, 4, 8, 64), torch.bfloat16, 99)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        h = fn.rms_norm(fn.linear(x, w), (256,), g, 1e-6)
+        return h, torch.softmax(h.float(), -1), fn.scaled_dot_product_attention(q, kv, kv, is_causal=True)
+
+    with batch_invariant() as bi:
+        eager = step()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = step()
+        for _ in range(2):
+            graph.replay()
+        torch.cuda.synchronize()
+    assert bi.uncovered() == {} and {"mm", "rms_norm", "_softmax", "scaled_dot_product_attention"} <= set(bi.routed())
+    for got, want, what in zip(captured, eager, ("linear + rms_norm", "softmax", "causal attention"), strict=True):
+        assert_bits_equal(got, want, f"{what} replayed from a CUDA graph")
+
+
 def test_front_end_routes_cuda_tensors_and_portable_flag() -> None:
     """detkit.kernels on CUDA tensors reaches this backend and honours portable=True
     (needs ("cuda", True) -> detkit.kernels.cuda_portable in _backend.BACKEND_MODULES)."""

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_F32_EPS, _F64_EPS = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 
 
 def cpu_status() -> dict[str, object]:
@@ -97,11 +98,15 @@ def _check(x: object, name: str, fn: str) -> torch.Tensor:
 
 
 def _same_dtype(fn: str, **tensors: torch.Tensor | None) -> None:
-    given = {k: t for k, t in tensors.items() if t is not None}
-    dtypes = {t.dtype for t in given.values()}
-    if len(dtypes) > 1:
-        desc = ", ".join(f"{k}: {t.dtype}" for k, t in given.items())
-        raise InputError(f"{fn}: all tensors must have the same dtype ({desc}); convert them to one dtype.")
+    dtype = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if dtype is None:
+            dtype = t.dtype
+        elif t.dtype != dtype:
+            desc = ", ".join(f"{k}: {t.dtype}" for k, t in tensors.items() if t is not None)
+            raise InputError(f"{fn}: all tensors must have the same dtype ({desc}); convert them to one dtype.")
 
 
 def _flag(value: object, name: str, fn: str) -> bool:
@@ -114,12 +119,17 @@ def _flag(value: object, name: str, fn: str) -> bool:
 
 def _dispatch(fn: str, portable: bool, **tensors: torch.Tensor | None) -> ModuleType:
     portable = _flag(portable, "portable", fn)
-    given = {k: t for k, t in tensors.items() if t is not None}
-    devices = {t.device for t in given.values()}
-    if len(devices) > 1:
-        desc = ", ".join(f"{k}: {t.device}" for k, t in given.items())
-        raise InputError(f"{fn}: all tensors must be on the same device ({desc}).")
-    device = next(iter(devices))
+    device = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            desc = ", ".join(f"{k}: {t.device}" for k, t in tensors.items() if t is not None)
+            raise InputError(f"{fn}: all tensors must be on the same device ({desc}).")
+    if device is None:
+        raise InputError(f"{fn}: no tensor given.")
     return backend_for(device.type, portable)
 
 
@@ -137,6 +147,8 @@ def _dim(dim: object, ndim: int, fn: str) -> int:
 def _eps(eps: object, default: float, fn: str) -> float:
     if eps is None:
         return default
+    if type(eps) is float and eps >= 0 and math.isfinite(eps):  # the common case, without the ABC checks
+        return eps
     # numbers.Real: a numpy float (np.float32 from a config) is a number to torch too
     value = math.nan
     if not isinstance(eps, bool) and isinstance(eps, numbers.Real):
@@ -159,6 +171,8 @@ def _last_dim_param(p: torch.Tensor | None, name: str, size: int, fn: str) -> to
 
 def _rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Size]:
     """Move ``dim`` last and flatten the rest: (R, L) contiguous, plus the moved shape."""
+    if x.dim() == 2 and dim == 1:  # already rows: no views to make (a small op's host time)
+        return x.contiguous(), x.shape
     if x.dim() == 0:
         xm = x.reshape(1)
     elif dim == x.dim() - 1:
@@ -169,6 +183,8 @@ def _rows(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Size]:
 
 
 def _restore(y: torch.Tensor, moved_shape: torch.Size, dim: int, ndim: int) -> torch.Tensor:
+    if ndim == 2 and dim == 1:
+        return y
     if ndim == 0:
         return y.reshape(())
     if dim == ndim - 1:
@@ -198,6 +214,10 @@ def matmul(
         bias = _check(bias, "bias", fn)
     _same_dtype(fn, a=a, b=b, bias=bias)
     backend = _dispatch(fn, portable, a=a, b=b, bias=bias)
+    if (a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0] and a.numel() and b.numel()
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == b.shape[1]))):
+        # the mode's mm and addmm: the general path below gives the same call, after more views
+        return backend.matmul(a, b, None if bias is None else bias.contiguous())
     if a.dim() == 0 or b.dim() == 0:
         raise InputError(f"{fn}: both arguments need at least 1 dimension, got shapes {tuple(a.shape)} and {tuple(b.shape)}.")
     a_vec, b_vec = a.dim() == 1, b.dim() == 1
@@ -391,7 +411,7 @@ def rms_norm(
         raise InputError(f"{fn}: x needs at least one dimension (the normalised one).")
     # torch takes the epsilon of its opmath type: bfloat16's (2^-7) or float16's (2^-10)
     # swamped mean(x^2) for rows of small values (bf16 rows near 1e-3 came out ~100x small).
-    e = _eps(eps, torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps, fn)
+    e = _eps(eps, _F64_EPS if x.dtype == torch.float64 else _F32_EPS, fn)
     weight = _last_dim_param(weight, "weight", x.shape[-1], fn)
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -624,7 +644,10 @@ def attention(
                 f"{fn}: q has {h} heads but k/v have {hk}; they must match{hint}, or H must be a multiple of Hk with enable_gqa."
             )
     try:
-        batch = tuple(torch.broadcast_shapes(q4.shape[:-3], k4.shape[:-3]))
+        # torch.broadcast_shapes is Python code: the same batch dims skip it (a decode
+        # step's host time)
+        batch = tuple(q4.shape[:-3] if q4.shape[:-3] == k4.shape[:-3] else
+                      torch.broadcast_shapes(q4.shape[:-3], k4.shape[:-3]))
     except RuntimeError as err:
         raise InputError(f"{fn}: batch dimensions of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast.") from err
     if batch != tuple(q4.shape[:-3]):
@@ -640,7 +663,7 @@ def attention(
     mask4: torch.Tensor | None = None
     if attn_mask is not None:
         try:
-            full = torch.broadcast_shapes(attn_mask.shape, target)
+            full = target if tuple(attn_mask.shape) == target else torch.broadcast_shapes(attn_mask.shape, target)
         except RuntimeError as err:
             raise InputError(f"{fn}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}.") from err
         if tuple(full) != target:

@@ -18,13 +18,15 @@ supported (``BackendUnavailable``): the kernels use cp.async, ldmatrix and bf16 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import numbers
+import struct
+import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from detkit.errors import BackendUnavailable, InputError, KernelLaunchError
@@ -261,13 +263,17 @@ def _suffix(dtype: torch.dtype) -> str:
     return sfx
 
 
+def _device_index(dev: torch.device) -> int:
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
+
 # Compute capability major per device index: asked on every launch, and torch's
 # get_device_capability cost more host time than the kernel of a small row op (H200).
 _majors: dict[int, int] = {}
 
 
 def _major(dev: torch.device) -> int:
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    index = _device_index(dev)
     major = _majors.get(index)
     if major is None:
         major = torch.cuda.get_device_capability(index)[0]
@@ -287,45 +293,126 @@ def _stream_ptr(index: int) -> int:
 _STATIC_SMEM_LIMIT = 48 * 1024
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CUfunction_attribute in cuda.h
 _CUDA_DEV_ATTR_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97  # cudaDeviceAttr in driver_types.h
-_streams: dict[tuple[int, int], Any] = {}
+
+
+class _Kernel(NamedTuple):
+    """A loaded entry point: its CUfunction handle and where it comes from."""
+
+    ptr: int
+    module: str
+    entry: str
+
+
 # Loaded kernels by (device, file, entry point): the per-call path does no file I/O.
-_functions: dict[tuple[int, str, str], Any] = {}
+_functions: dict[tuple[int, str, str], _Kernel] = {}
+
+# cuLaunchKernel's kernelParams: one 8-byte slot per argument (little-endian, so a 4-byte
+# int or float is read from the slot's first bytes) and an array of pointers to the slots.
+# A launch names its kernel's C parameter types in a signature, one letter per parameter:
+# P a pointer, i an int, q a 64-bit int, f a float, d a double.
+_SLOTS: dict[str, tuple[str, int]] = {"P": ("Q", 8), "q": ("q", 8), "d": ("d", 8), "i": ("i4x", 4), "f": ("f4x", 4)}
+_MAX_PARAMS = 48
+
+
+class _ParamPacker(NamedTuple):
+    struct: struct.Struct
+    sizes: tuple[int, ...]  # each parameter's size in bytes
+
+
+_packers: dict[str, _ParamPacker] = {}
+
+
+class _ParamBuffer(threading.local):
+    """The kernelParams memory of one thread, refilled at every launch: the driver copies
+    the values when the launch is enqueued, and a launch never runs Python in between."""
+
+    def __init__(self) -> None:
+        self.slots = ctypes.create_string_buffer(8 * _MAX_PARAMS)
+        base = ctypes.addressof(self.slots)
+        self.pointers = (ctypes.c_void_p * _MAX_PARAMS)(*(base + 8 * i for i in range(_MAX_PARAMS)))
+        self.address = ctypes.addressof(self.pointers)
+
+
+_PARAMS = _ParamBuffer()
+
+
+def _packer(sig: str) -> _ParamPacker:
+    packer = _packers.get(sig)
+    if packer is None:
+        if len(sig) > _MAX_PARAMS:
+            raise ValueError(f"a kernel launch takes at most {_MAX_PARAMS} arguments, got {len(sig)}")
+        unknown = sorted(set(sig) - set(_SLOTS))
+        if unknown:
+            raise ValueError(f"kernel signature {sig!r}: {unknown} are not parameter types ({''.join(_SLOTS)})")
+        packer = _ParamPacker(struct.Struct("<" + "".join(_SLOTS[c][0] for c in sig)), tuple(_SLOTS[c][1] for c in sig))
+        _packers[sig] = packer
+    return packer
+
+
+def _kernel_params(sig: str, args: tuple[int | float, ...]) -> tuple[int, tuple[int, ...]]:
+    """``args`` written into this thread's kernelParams as the C types of ``sig``: (the
+    pointer array's address, the parameters' sizes). A value that does not fit its type
+    (an int past 32 bits for ``i``) raises struct.error instead of being cut."""
+    packer = _packer(sig)
+    if len(args) != len(sig):
+        raise ValueError(f"kernel signature {sig!r} has {len(sig)} parameters, got {len(args)} arguments")
+    packer.struct.pack_into(_PARAMS.slots, 0, *args)
+    return _PARAMS.address, packer.sizes
 
 
 def _launch(dev: torch.device, module: str, entry: str, grid: tuple[int, int, int],
-            block: int, args: tuple[Any, ...], shared_mem: int = 0) -> None:
-    """Launch ``entry`` of ``module`` on torch's current stream of ``dev`` with
-    ``shared_mem`` bytes of dynamic shared memory."""
+            block: int, sig: str, args: tuple[int | float, ...], shared_mem: int = 0) -> None:
+    """Launch ``entry`` of ``module`` with ``args`` (C types: the signature ``sig``) on
+    torch's current stream of ``dev`` with ``shared_mem`` bytes of dynamic shared memory.
+
+    The arguments go to cuLaunchKernel as packed here, not through CuPy's kernel call,
+    which built a Python object per argument: the launch path is the whole cost of a small
+    op (benchmarks/RESULTS.md, "Where the time goes")."""
+    index = _device_index(dev)
+    kernel = _functions.get((index, module, entry))
+    if kernel is None:
+        kernel = _load_function(index, module, entry, shared_mem)
+    try:
+        params, sizes = _kernel_params(sig, args)
+    except (struct.error, OverflowError) as err:
+        raise InputError(f"{entry} ({module}): an argument does not fit its C type (signature {sig!r}, "
+                         f"arguments {args}): {err}.") from err
+    try:
+        _driver_launch(index, kernel, grid, block, shared_mem, _stream_ptr(index), params, sizes)
+    except Exception as err:  # CuPy's CUDADriverError and friends: say which kernel
+        raise KernelLaunchError(
+            f"launching {entry} ({module}) on cuda:{index} with grid {grid}, {block} threads failed: "
+            f"{type(err).__name__}: {err}. Errors from an earlier kernel surface here too: "
+            "rerun with CUDA_LAUNCH_BLOCKING=1 to find the kernel that failed."
+        ) from err
+
+
+def _driver_launch(index: int, kernel: _Kernel, grid: tuple[int, int, int], block: int, shared_mem: int,
+                   stream: int, params: int, sizes: tuple[int, ...]) -> None:
+    """cuLaunchKernel in device ``index``'s context (``sizes``: the parameters' sizes, for
+    the host emulation in the tests; the driver knows them from the kernel)."""
     cupy = _cupy()
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    torch_stream = _stream_ptr(index)
-    key = (index, torch_stream)
-    stream = _streams.get(key)
-    if stream is None:
-        stream = cupy.cuda.ExternalStream(torch_stream, index)
-        _streams[key] = stream
+    if cupy.cuda.runtime.getDevice() == index:
+        cupy.cuda.driver.launchKernel(kernel.ptr, grid[0], grid[1], grid[2], block, 1, 1, shared_mem, stream, params, 0)
+        return
     with cupy.cuda.Device(index):
-        fn = _function(cupy, index, module, entry, shared_mem)
-        try:
-            fn(grid, (block, 1, 1), args, shared_mem=shared_mem, stream=stream)
-        except Exception as err:  # CuPy's CUDADriverError and friends: say which kernel
-            raise KernelLaunchError(
-                f"launching {entry} ({module}) on cuda:{index} with grid {grid}, {block} threads failed: "
-                f"{type(err).__name__}: {err}. Errors from an earlier kernel surface here too: "
-                "rerun with CUDA_LAUNCH_BLOCKING=1 to find the kernel that failed."
-            ) from err
+        cupy.cuda.driver.launchKernel(kernel.ptr, grid[0], grid[1], grid[2], block, 1, 1, shared_mem, stream, params, 0)
 
 
-def _function(cupy: Any, index: int, module: str, entry: str, shared_mem: int) -> Any:
+def _load_function(index: int, module: str, entry: str, shared_mem: int) -> _Kernel:
     """The loaded kernel, allowed ``shared_mem`` bytes of dynamic shared memory; the first
     use on a device compiles (or reads the disk cache) and loads it."""
-    fn = _functions.get((index, module, entry))
-    if fn is None:
-        fn = cuda_loader.load_module(module, index).function(entry)
-        if shared_mem > _STATIC_SMEM_LIMIT:  # opt in above the default limit, once
-            cupy.cuda.driver.funcSetAttribute(fn.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
-        _functions[(index, module, entry)] = fn
-    return fn
+    kernel = _functions.get((index, module, entry))
+    if kernel is None:
+        cupy = _cupy()
+        with cupy.cuda.Device(index):
+            fn = cuda_loader.load_module(module, index).function(entry)
+            if shared_mem > _STATIC_SMEM_LIMIT:  # opt in above the default limit, once
+                cupy.cuda.driver.funcSetAttribute(fn.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                  shared_mem)
+        kernel = _Kernel(int(fn.ptr), module, entry)
+        _functions[(index, module, entry)] = kernel
+    return kernel
 
 
 def ctas_per_sm(tile: TileConfig, dev: torch.device, *, kmajor: bool = True) -> int:
@@ -333,15 +420,15 @@ def ctas_per_sm(tile: TileConfig, dev: torch.device, *, kmajor: bool = True) -> 
     at once, as the driver computes it from the kernel's registers, threads and shared
     memory (cuOccupancyMaxActiveBlocksPerMultiprocessor); 0 if it does not fit."""
     cupy = _cupy()
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    index = _device_index(dev)
     entry = f"{tile.kernel}_{'kmajor' if kmajor else 'nmajor'}"
+    kernel = _load_function(index, tile.module, entry, tile.smem)
     with cupy.cuda.Device(index):
-        fn = _function(cupy, index, tile.module, entry, tile.smem)
-        return int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, tile.threads, tile.smem))
+        return int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.ptr, tile.threads, tile.smem))
 
 
-def _ptr(t: torch.Tensor | None) -> np.uint64:
-    return np.uint64(0 if t is None else t.data_ptr())
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 # The kernels index a row, a K loop or a group with `int`, stepping by at most 2048: sizes
@@ -349,11 +436,11 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
 I32_LIMIT = 2**31 - 2**16
 
 
-def _i32(v: int, what: str) -> np.int32:
+def _i32(v: int, what: str) -> int:
     if not 0 <= v < I32_LIMIT:
         raise InputError(f"{what} = {v} is past the CUDA kernels' 32-bit sizes (at most {I32_LIMIT - 1}): "
                          "split the tensor along that dimension.")
-    return np.int32(v)
+    return v
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -383,25 +470,26 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
     if cfg is None:
         raise BackendUnavailable(f"no matmul tile configuration for {a.dtype} on sm_{major}x.")
     batched = a.dim() == 3
-    a3 = a if batched else a.unsqueeze(0)
-    b3 = b if b.dim() == 3 else b.unsqueeze(0)
-    nb, m, k = a3.shape
-    n = b3.shape[-1]
-    if b3.shape[0] not in (1, nb):
-        raise InputError(f"matmul: batch sizes of a ({nb}) and b ({b3.shape[0]}) differ.")
-    if a3.stride(-1) != 1 and k > 1:
-        a3 = a3.contiguous()  # the kernels read A along k; values (hence bits) unchanged
-    b3, kmajor, ld = _b_layout(b3)
-    sb_b = b3.stride(0) if b3.shape[0] == nb and nb > 1 else 0
-    sa_b = a3.stride(0) if nb > 1 else 0
-    out = torch.empty((nb, m, n), dtype=a.dtype, device=dev)
-    if out.numel() == 0 or k == 0:  # nothing to reduce: CuPy would still launch one block
+    nb, m, k = a.shape if batched else (1, *a.shape)
+    n = b.shape[-1]
+    nb_b = b.shape[0] if b.dim() == 3 else 1
+    if nb_b not in (1, nb):
+        raise InputError(f"matmul: batch sizes of a ({nb}) and b ({nb_b}) differ.")
+    if a.stride(-1) != 1 and k > 1:
+        a = a.contiguous()  # the kernels read A along k; values (hence bits) unchanged
+    b, kmajor, ld = _b_layout(b)
+    sb_b = b.stride(0) if nb_b == nb and nb > 1 else 0
+    sa_b = a.stride(0) if nb > 1 else 0
+    sa_m = a.stride(-2)
+    # 2-D operands keep a 2-D result: no view to make per call (a small product's host time)
+    out = torch.empty((nb, m, n) if batched else (m, n), dtype=a.dtype, device=dev)
+    if out.numel() == 0 or k == 0:  # nothing to reduce, and no grid of zero blocks to launch
         out.zero_()
         if bias is not None:
             out += bias
             if portable:  # the canonical orders' output step: NaN is the canonical quiet NaN
                 out.masked_fill_(out.isnan(), math.nan)
-        return out if batched else out[0]
+        return out
     bias_c = None if bias is None else bias.contiguous()
     entry = f"{cfg.kernel}_{'kmajor' if kmajor else 'nmajor'}"
     M, N, K = _i32(m, "M"), _i32(n, "N"), _i32(k, "K")
@@ -411,18 +499,16 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, *,
     esz = a.element_size()
     for z0 in range(0, nb, _MAX_GRID_YZ):
         nz = min(_MAX_GRID_YZ, nb - z0)
-        a_ptr = a3.data_ptr() + z0 * sa_b * esz
-        b_ptr = b3.data_ptr() + z0 * sb_b * esz
+        a_ptr = a.data_ptr() + z0 * sa_b * esz
+        b_ptr = b.data_ptr() + z0 * sb_b * esz
         c_ptr = out.data_ptr() + z0 * m * n * esz
         if cfg.tensor_cores:
-            vec = _tc_vec_ok(a_ptr, b_ptr, a3.stride(1), sa_b, ld, sb_b, k, n, kmajor, nz > 1)
-            args = (np.uint64(a_ptr), np.uint64(b_ptr), _ptr(bias_c), np.uint64(c_ptr), M, N, K,
-                    np.int64(sa_b), np.int64(a3.stride(1)), np.int64(sb_b), np.int64(ld), np.int32(vec))
+            vec = _tc_vec_ok(a_ptr, b_ptr, sa_m, sa_b, ld, sb_b, k, n, kmajor, nz > 1)
+            sig, args = "PPPPiiiqqqqi", (a_ptr, b_ptr, _ptr(bias_c), c_ptr, M, N, K, sa_b, sa_m, sb_b, ld, int(vec))
         else:
-            args = (np.uint64(a_ptr), np.uint64(b_ptr), _ptr(bias_c), np.uint64(c_ptr), M, N, K,
-                    np.int64(sa_b), np.int64(a3.stride(1)), np.int64(sb_b), np.int64(ld))
-        _launch(dev, cfg.module, entry, (grid_x, grid_y, nz), cfg.threads, args, cfg.smem)
-    return out if batched else out[0]
+            sig, args = "PPPPiiiqqqq", (a_ptr, b_ptr, _ptr(bias_c), c_ptr, M, N, K, sa_b, sa_m, sb_b, ld)
+        _launch(dev, cfg.module, entry, (grid_x, grid_y, nz), cfg.threads, sig, args, cfg.smem)
+    return out
 
 
 def _check_runs_here(tile: TileConfig, dev: torch.device, major: int, fn: str) -> None:
@@ -437,8 +523,8 @@ def _check_runs_here(tile: TileConfig, dev: torch.device, major: int, fn: str) -
 
 
 def _b_layout(b3: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
-    """(b3, k-major?, leading stride) of a (B, K, N) operand: k-contiguous (a transposed
-    nn.Linear weight, not copied) or n-contiguous; any other layout is copied first."""
+    """(b3, k-major?, leading stride) of a (K, N) or (B, K, N) operand: k-contiguous (a
+    transposed nn.Linear weight, not copied) or n-contiguous; any other layout is copied first."""
     k, n = b3.shape[-2:]
     if b3.stride(-2) == 1 or k == 1:
         return b3, True, b3.stride(-1)
@@ -487,17 +573,14 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, *, port
         raise InputError(f"grouped_matmul: {s} rows in {g} groups exceed the kernel's grid limit "
                          f"({_MAX_GRID_YZ} row tiles of {cfg.bm}).")
     sb_b = b.stride(0) if g > 1 else 0
-    head = (np.uint64(a.data_ptr()), np.uint64(b.data_ptr()), _ptr(offs_c), np.uint64(out.data_ptr()),
-            _i32(s, "S"), _i32(g, "G"), _i32(n, "N"), _i32(k, "K"), np.int64(a.stride(0)), np.int64(sb_b),
-            np.int64(ld))
+    sig, args = "PPPPiiiiqqq", (a.data_ptr(), b.data_ptr(), _ptr(offs_c), out.data_ptr(), _i32(s, "S"), _i32(g, "G"),
+                                _i32(n, "N"), _i32(k, "K"), a.stride(0), sb_b, ld)
     if cfg.tensor_cores:
         # a group starts at a whole row of A: aligned when A's rows are (sa_m % 8 == 0)
         vec = _tc_vec_ok(a.data_ptr(), b.data_ptr(), a.stride(0), 0, ld, sb_b, k, n, kmajor, True)
-        args: tuple[Any, ...] = (*head, np.int32(vec))
-    else:
-        args = head
+        sig, args = sig + "i", (*args, int(vec))
     entry = f"{cfg.kernel}_grouped_{'kmajor' if kmajor else 'nmajor'}"
-    _launch(dev, cfg.module, entry, (_cdiv(n, cfg.bn), grid_y, 1), cfg.threads, args, cfg.smem)
+    _launch(dev, cfg.module, entry, (_cdiv(n, cfg.bn), grid_y, 1), cfg.threads, sig, args, cfg.smem)
     return out
 
 
@@ -506,7 +589,7 @@ def _smem_optin(dev: torch.device) -> int:
     props = torch.cuda.get_device_properties(dev)
     optin = getattr(props, "shared_memory_per_block_optin", None)
     if optin is None:  # torch < 2.6 does not expose it: ask the driver through CuPy
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        index = _device_index(dev)
         optin = _cupy().cuda.runtime.deviceGetAttribute(_CUDA_DEV_ATTR_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, index)
     return int(optin)
 
@@ -534,7 +617,7 @@ def _tc_vec_ok(a_ptr: int, b_ptr: int, sa_m: int, sa_b: int, ld: int, sb_b: int,
 
 
 def _rows_launch(x: torch.Tensor, base: str, portable: bool, extra_ptrs: tuple[torch.Tensor | None, ...],
-                 out: torch.Tensor, scalars: tuple[Any, ...]) -> None:
+                 out: torch.Tensor, scalar_sig: str, scalars: tuple[int | float, ...]) -> None:
     dev = _device_of(x, *extra_ptrs)
     sfx = _suffix(x.dtype)
     _major(dev)
@@ -542,14 +625,14 @@ def _rows_launch(x: torch.Tensor, base: str, portable: bool, extra_ptrs: tuple[t
     if r == 0 or length == 0:
         raise InputError("the CUDA row kernels need at least one row of at least one element.")
     R, L = _i32(r, "rows"), _i32(length, "row length")
-    ptrs = tuple(_ptr(p) for p in extra_ptrs)
+    ptrs = "P" * (len(extra_ptrs) + 2)
     if portable:
         grid = (_cdiv(r, _ROWS_PER_BLOCK), 1, 1)
-        args = (_ptr(x), *ptrs, _ptr(out), R, L, *scalars)
-        _launch(dev, "rowops.cu", f"{base}_p_{sfx}", grid, 32 * _ROWS_PER_BLOCK, args)
+        args = (x.data_ptr(), *map(_ptr, extra_ptrs), out.data_ptr(), R, L, *scalars)
+        _launch(dev, "rowops.cu", f"{base}_p_{sfx}", grid, 32 * _ROWS_PER_BLOCK, ptrs + "ii" + scalar_sig, args)
     else:
-        args = (_ptr(x), *ptrs, _ptr(out), L, *scalars)
-        _launch(dev, "rowops.cu", f"{base}_b_{sfx}", (r, 1, 1), _ROW_THREADS, args)
+        args = (x.data_ptr(), *map(_ptr, extra_ptrs), out.data_ptr(), L, *scalars)
+        _launch(dev, "rowops.cu", f"{base}_b_{sfx}", (r, 1, 1), _ROW_THREADS, ptrs + "i" + scalar_sig, args)
 
 
 def _same_dtype(x: torch.Tensor, *ps: torch.Tensor | None) -> None:
@@ -562,7 +645,7 @@ def softmax(x: torch.Tensor, log: bool, *, portable: bool = False) -> torch.Tens
     """Softmax (or log-softmax) over the last dim of a contiguous (R, L) tensor."""
     x = x.contiguous()
     out = torch.empty_like(x)
-    _rows_launch(x, "softmax", portable, (), out, (np.int32(1 if log else 0),))
+    _rows_launch(x, "softmax", portable, (), out, "i", (1 if log else 0,))
     return out
 
 
@@ -573,7 +656,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
     x = x.contiguous()
     w = None if weight is None else weight.contiguous()
     out = torch.empty_like(x)
-    _rows_launch(x, "rms_norm", portable, (w,), out, (np.float32(eps),))
+    _rows_launch(x, "rms_norm", portable, (w,), out, "f", (eps,))
     return out
 
 
@@ -585,7 +668,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     w = None if weight is None else weight.contiguous()
     b = None if bias is None else bias.contiguous()
     out = torch.empty_like(x)
-    _rows_launch(x, "layer_norm", portable, (w, b), out, (np.float32(eps),))
+    _rows_launch(x, "layer_norm", portable, (w, b), out, "f", (eps,))
     return out
 
 
@@ -593,7 +676,7 @@ def row_sum(x: torch.Tensor, mean: bool, *, portable: bool = False) -> torch.Ten
     """Sum (or mean) over the last dim, shape (R,)."""
     x = x.contiguous()
     out = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
-    _rows_launch(x, "row_sum", portable, (), out, (np.int32(1 if mean else 0),))
+    _rows_launch(x, "row_sum", portable, (), out, "i", (1 if mean else 0,))
     return out
 
 
@@ -612,7 +695,7 @@ def row_cumsum(x: torch.Tensor, *, portable: bool = False) -> torch.Tensor:
     R, L = _i32(r, "rows"), _i32(length, "row length")
     out = torch.empty_like(x)
     _launch(dev, "rowops.cu", f"row_cumsum_{sfx}", (_cdiv(r, 32 * _CUMSUM_WARPS), 1, 1), 32 * _CUMSUM_WARPS,
-            (_ptr(x), _ptr(out), R, L))
+            "PPii", (_ptr(x), _ptr(out), R, L))
     return out
 
 
@@ -639,8 +722,7 @@ def solve_lower(a: torch.Tensor, b: torch.Tensor, unit: bool, *, portable: bool 
     out = torch.empty_like(b)
     ws = out if b.dtype == torch.float32 else torch.empty(b.shape, dtype=torch.float32, device=b.device)
     _launch(dev, "solve.cu", f"solve_lower_{sfx}", (batch * col_blocks, 1, 1), _SOLVE_THREADS,
-            (_ptr(a), _ptr(b), _ptr(ws), _ptr(out), np.int32(n), np.int32(k), np.int32(col_blocks),
-             np.int32(1 if unit else 0)))
+            "PPPPiiii", (_ptr(a), _ptr(b), _ptr(ws), _ptr(out), n, k, col_blocks, 1 if unit else 0))
     return out
 
 
@@ -687,28 +769,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return out.zero_()
     dims = (_i32(nb, "batch"), _i32(h, "heads"), _i32(hk, "kv heads"), _i32(lq, "Lq"), _i32(lk, "Lk"))
     if portable or kind == 2:
-        args = (_ptr(q), _ptr(k), _ptr(v), _ptr(m), np.int32(kind), *(np.int64(s) for s in strides),
-                _ptr(out), *dims, np.int32(d), np.int32(dv), np.float32(scale))
+        args = (_ptr(q), _ptr(k), _ptr(v), _ptr(m), kind, *strides, _ptr(out), *dims, d, dv, scale)
         _launch(dev, "attention.cu", f"attention_{sfx}", (_cdiv(n_queries, _ATT_WARPS), 1, 1),
-                32 * _ATT_WARPS, args)
+                32 * _ATT_WARPS, "PPPPiqqqqPiiiiiiif", args)
         return out
     _attention_split(q, k, v, m, strides, out, sfx, dims, d, dv, scale)
     return out
 
 
 def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     strides: tuple[int, ...], out: torch.Tensor, sfx: str, dims: tuple[np.int32, ...],
+                     strides: tuple[int, ...], out: torch.Tensor, sfx: str, dims: tuple[int, ...],
                      d: int, dv: int, scale: float) -> None:
     dev = q.device
-    nb, h, _, lq, lk = (int(x) for x in dims)
+    nb, h, _, lq, lk = dims
     n_queries = nb * h * lq
     block = 32 * _ATT_WARPS
-    mstrides = tuple(np.int64(s) for s in strides)
+    mstrides = tuple(strides)
     anchor = None
     if mask is not None:
         anchor = torch.empty(n_queries, dtype=torch.int32, device=dev)
         _launch(dev, "attention.cu", "attention_anchor", (_cdiv(n_queries, _ATT_WARPS), 1, 1), block,
-                (_ptr(mask), *mstrides, _ptr(anchor), dims[0], dims[1], dims[3], dims[4]))
+                "PqqqqPiiii", (_ptr(mask), *mstrides, _ptr(anchor), dims[0], dims[1], dims[3], dims[4]))
     n_splits = _cdiv(lk, _ATT_SPLIT)
     if n_splits > _MAX_GRID_YZ:
         raise InputError(f"attention: Lk = {lk} exceeds the split kernel's limit ({_MAX_GRID_YZ * _ATT_SPLIT}).")
@@ -721,12 +802,12 @@ def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         nq = min(chunk, n_queries - q0)
         grid_x = _cdiv(nq, _ATT_WARPS)
         _launch(dev, "attention.cu", f"attention_split_{sfx}", (grid_x, n_splits, 1), block,
+                "PPPPqqqqPPPPqiiiiiiiif",
                 (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *mstrides, _ptr(anchor), _ptr(part_m), _ptr(part_l),
-                 _ptr(part_o), np.int64(q0), np.int32(nq), np.int32(n_splits), dims[1], dims[2], dims[3],
-                 dims[4], np.int32(d), np.int32(dv), np.float32(scale)))
+                 _ptr(part_o), q0, nq, n_splits, dims[1], dims[2], dims[3], dims[4], d, dv, scale))
         _launch(dev, "attention.cu", f"attention_combine_{sfx}", (grid_x, 1, 1), block,
-                (_ptr(anchor), _ptr(part_m), _ptr(part_l), _ptr(part_o), _ptr(out), np.int64(q0), np.int32(nq),
-                 np.int32(n_splits), dims[4], np.int32(dv)))
+                "PPPPPqiiii", (_ptr(anchor), _ptr(part_m), _ptr(part_l), _ptr(part_o), _ptr(out), q0, nq,
+                               n_splits, dims[4], dv))
 
 
 # --------------------------------------------------------------------------- elementwise
@@ -742,16 +823,15 @@ def elementwise(name: str, x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
-    _grid_stride(dev, f"elementwise_p_{sfx}", n,
-                 (_ptr(x), _ptr(out), np.int64(n), np.int32(ELEMENTWISE_OPS.index(name))))
+    _grid_stride(dev, f"elementwise_p_{sfx}", n, "PPqi", (_ptr(x), _ptr(out), n, ELEMENTWISE_OPS.index(name)))
     return out
 
 
-def _grid_stride(dev: torch.device, entry: str, n: int, args: tuple[Any, ...]) -> None:
+def _grid_stride(dev: torch.device, entry: str, n: int, sig: str, args: tuple[int | float, ...]) -> None:
     """Launch a grid-stride elementwise kernel of rowops.cu over ``n`` elements (nothing
     to launch for n == 0)."""
     if n:
-        _launch(dev, "rowops.cu", entry, (min(_cdiv(n, 256), 1 << 20), 1, 1), 256, args)
+        _launch(dev, "rowops.cu", entry, (min(_cdiv(n, 256), 1 << 20), 1, 1), 256, sig, args)
 
 
 def pow(x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:  # noqa: A001 - backend signature
@@ -766,7 +846,7 @@ def pow(x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:  # noqa: A001
     if scalar:
         if not isinstance(y, numbers.Real):
             raise InputError(f"pow: the exponent must be a tensor or a Python float, got {type(y).__name__}.")
-        y_scalar = np.float64(float(y))
+        y_scalar = float(y)
     else:
         if y.dtype != x.dtype:
             raise InputError(f"pow: the exponent tensor must have x's dtype ({x.dtype}), got {y.dtype}.")
@@ -774,14 +854,13 @@ def pow(x: torch.Tensor, y: torch.Tensor | float) -> torch.Tensor:  # noqa: A001
             raise InputError(f"pow: the exponent tensor must have x's shape {tuple(x.shape)}, got {tuple(y.shape)}.")
         if y.device != x.device:
             raise InputError(f"pow: the exponent tensor must be on x's device ({x.device}), got {y.device}.")
-        y_scalar = np.float64(0.0)
+        y_scalar = 0.0
     _major(dev)
     x = x.contiguous()
     yt = None if scalar else y.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
-    _grid_stride(dev, f"pow_p_{sfx}", n,
-                 (_ptr(x), _ptr(yt), y_scalar, np.int32(1 if scalar else 0), _ptr(out), np.int64(n)))
+    _grid_stride(dev, f"pow_p_{sfx}", n, "PPdiPq", (_ptr(x), _ptr(yt), y_scalar, 1 if scalar else 0, _ptr(out), n))
     return out
 
 
