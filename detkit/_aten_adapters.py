@@ -141,6 +141,13 @@ class Call(NamedTuple):
     not_portable: Callable[[str], None] = _no_note
 
 
+class Delegated(NamedTuple):
+    """An adapter's result that another routed op computed and counted (``layer_norm``
+    through ``native_layer_norm``): the mode returns ``value`` and counts nothing more."""
+
+    value: Any
+
+
 Adapter = Callable[..., Any]
 
 
@@ -1629,6 +1636,31 @@ def native_layer_norm(
     return out.reshape(input.shape), mu.to(input.dtype).reshape(stat_shape), rstd.to(input.dtype).reshape(stat_shape)
 
 
+def layer_norm(
+    call: Call,
+    input: torch.Tensor,
+    normalized_shape: Sequence[int],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    cudnn_enable: bool = True,
+) -> torch.Tensor | Delegated:
+    """aten::layer_norm, what F.layer_norm and nn.LayerNorm call: native_layer_norm's
+    output alone. Routed itself so that a forward pass does not also compute the mean and
+    rstd that only a backward needs (four more torch ops a call: on a GPU, four launches).
+    A call the kernel does not take goes through native_layer_norm's override, which
+    counts it once."""
+    del cudnn_enable
+    try:
+        _float(input, weight, bias)
+        rows, _, (w, b) = _norm_rows(_plain(input), normalized_shape, weight, bias)
+        out = _kernel_call(kernels_module().layer_norm, rows, w, b, eps, portable=call.portable)
+    except Unsupported:
+        with routed():
+            return Delegated(torch.native_layer_norm(input, normalized_shape, weight, bias, eps)[0])
+    return out if out.shape == input.shape else out.reshape(input.shape)
+
+
 def rms_norm(
     call: Call,
     input: torch.Tensor,
@@ -2117,6 +2149,7 @@ _COMMON: tuple[OpOverride, ...] = (
     OpOverride("xlogy_.Tensor", _xlogy(inplace=True), "elementwise"),
     OpOverride("linalg_solve_triangular", linalg_solve_triangular, "solve"),
     OpOverride("native_layer_norm", native_layer_norm, "norm"),
+    OpOverride("layer_norm", layer_norm, "norm", composite=True),
     OpOverride("rms_norm", rms_norm, "norm", composite=True),
     OpOverride("_fused_rms_norm", _fused_rms_norm, "norm", composite=True),
     OpOverride("scaled_dot_product_attention", scaled_dot_product_attention, "attention", composite=True),
@@ -2178,7 +2211,8 @@ _OUT_NAMES = {"mean.dim": "mean.out", "mean.default": "mean.dtype_out", "sum.dim
               "std.correction": "std.correction_out", "norm.ScalarOpt_dim": "norm.out",
               "norm.Scalar": "norm.Scalar_out", "xlogy.Tensor": "xlogy.OutTensor", "mul.Tensor": "mul.out",
               "div.Tensor": "div.out", "prod.dim_int": "prod.int_out", "prod.default": "prod.out"}
-_NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "rms_norm", "_fused_rms_norm",
+_NO_OUT_FORM = frozenset({"_grouped_mm", "_safe_softmax", "native_layer_norm", "layer_norm", "rms_norm",
+                          "_fused_rms_norm",
                           "var_mean.correction", "std_mean.correction", "nll_loss_forward", "log_sigmoid_forward",
                           "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"})
 

@@ -71,6 +71,7 @@ from detkit._aten_adapters import (
     OVERRIDES,
     ROUTED_BY_DECOMPOSITION,
     Call,
+    Delegated,
     Fold,
     OpOverride,
     Unsupported,
@@ -397,6 +398,8 @@ def _make_kernel(spec: OpOverride, original: Any) -> Callable[..., Any]:
         except Unsupported as why:
             unrouted = why
         else:
+            if type(return_value) is Delegated:  # computed and counted by the op it went through
+                return return_value.value
             _COUNTERS.add(_COUNTERS.routed, spec.name)
             return return_value
         finally:

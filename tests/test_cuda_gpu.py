@@ -745,7 +745,7 @@ def test_the_kernels_under_the_mode_replay_from_a_cuda_graph() -> None:
     q, kv = rand((2, 4, 8, 64), torch.bfloat16, 98), rand((2, 4, 8, 64), torch.bfloat16, 99)
 
     def step() -> tuple[torch.Tensor, ...]:
-        h = fn.rms_norm(fn.linear(x, w), (256,), g, 1e-6)
+        h = fn.layer_norm(fn.rms_norm(fn.linear(x, w), (256,), g, 1e-6), (256,), g, g)
         return h, torch.softmax(h.float(), -1), fn.scaled_dot_product_attention(q, kv, kv, is_causal=True)
 
     with batch_invariant() as bi:
@@ -757,8 +757,10 @@ def test_the_kernels_under_the_mode_replay_from_a_cuda_graph() -> None:
         for _ in range(2):
             graph.replay()
         torch.cuda.synchronize()
-    assert bi.uncovered() == {} and {"mm", "rms_norm", "_softmax", "scaled_dot_product_attention"} <= set(bi.routed())
-    for got, want, what in zip(captured, eager, ("linear + rms_norm", "softmax", "causal attention"), strict=True):
+    routed = {"mm", "rms_norm", "layer_norm", "_softmax", "scaled_dot_product_attention"}
+    assert bi.uncovered() == {} and routed <= set(bi.routed()), bi.coverage()
+    for got, want, what in zip(captured, eager, ("linear, rms_norm, layer_norm", "softmax", "causal attention"),
+                               strict=True):
         assert_bits_equal(got, want, f"{what} replayed from a CUDA graph")
 
 

@@ -108,7 +108,7 @@ def test_ops_are_routed_and_results_match_torch(stub: _StubKernels) -> None:
         torch.testing.assert_close(g, e)
     assert {"matmul", "softmax", "log_softmax", "mean", "sum", "layer_norm", "rms_norm", "attention"} <= set(stub.calls)
     routed = bi.routed()
-    for op in ("mm", "addmm", "bmm", "_softmax", "_log_softmax", "mean.dim", "sum.dim_IntList", "native_layer_norm",
+    for op in ("mm", "addmm", "bmm", "_softmax", "_log_softmax", "mean.dim", "sum.dim_IntList", "layer_norm",
                "rms_norm", "scaled_dot_product_attention", "silu"):
         assert routed.get(op, 0) >= 1, (op, routed)
     assert bi.uncovered() == {}
@@ -1144,7 +1144,9 @@ EVERY_OVERRIDE: dict[str, Callable[[], Any]] = {
     "mean.default": lambda: _X.mean(),
     "sum.dim_IntList": lambda: _X.sum(0, dtype=torch.float64),
     "sum.default": lambda: _X.sum(),
-    "native_layer_norm": lambda: F.layer_norm(_X.reshape(6, 5, 8), (5, 8), _W[:5, :8], _W[5, :40].reshape(5, 8)),
+    "native_layer_norm": lambda: torch.native_layer_norm(_X.reshape(6, 5, 8), (5, 8), _W[:5, :8],
+                                                         _W[5, :40].reshape(5, 8), 1e-5),
+    "layer_norm": lambda: F.layer_norm(_X.reshape(6, 5, 8), (5, 8), _W[:5, :8], _W[5, :40].reshape(5, 8)),
     "rms_norm": lambda: F.rms_norm(_X.bfloat16(), (40,), _W[0].bfloat16(), 1e-6),
     "_fused_rms_norm": lambda: torch.ops.aten._fused_rms_norm(_X, [40], _W[0], 1e-6),
     "scaled_dot_product_attention": lambda: F.scaled_dot_product_attention(_Q, _KV, _KV, attn_mask=_MASK, enable_gqa=True),
