@@ -188,48 +188,37 @@ attention_anchor(const unsigned char* __restrict__ mask, i64 ms0, i64 ms1, i64 m
 // Number of splits of a query with anchor a.
 __device__ __forceinline__ int ats_splits(int a, int Lk) { return a < Lk ? (Lk - a + ATS_SPLIT - 1) / ATS_SPLIT : 0; }
 
-// One warp: query q0 + (blockIdx.x * ATT_WARPS + warp), split blockIdx.y. Score of a key:
-// lane l accumulates q[d] * k[d] for d = l, l + 32, ... (fma, increasing d), then the
-// fixed xor butterfly; times scale. Online softmax over the split's kept keys in order:
-// a larger score rescales l and o by expf(m_old - m_new) first. Writes m (-inf: no kept
-// key), l and o[Dv] of the split to the workspace slot (query - q0) * NS + split.
-template <typename T>
-__device__ __forceinline__ void attention_split_impl(const T* __restrict__ q, const T* __restrict__ k,
-                                                     const T* __restrict__ v, const unsigned char* __restrict__ mask,
-                                                     i64 ms0, i64 ms1, i64 ms2, i64 ms3,
-                                                     const int* __restrict__ anchor, float* __restrict__ part_m,
-                                                     float* __restrict__ part_l, float* __restrict__ part_o, i64 q0,
-                                                     int nq, int NS, int H, int Hk, int Lq, int Lk, int D, int Dv,
-                                                     float scale) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const i64 local = (i64)blockIdx.x * ATT_WARPS + warp;
-    if (local >= nq) return;  // the whole warp leaves together
-    const i64 query = q0 + local;
-    const QueryPos pos(query, H, Lq);
-    const int g = pos.h / (H / Hk);
-    const int split = blockIdx.y;
-    const int a = anchor != nullptr ? anchor[query] : 0;
-    if (split >= ats_splits(a, Lk)) return;  // not one of this query's splits: never read
-    const int lo = a + split * ATS_SPLIT;
-    const int hi = min(lo + ATS_SPLIT, Lk);
+// The largest head dims whose K and V rows a CTA stages in shared memory (32 keys at a
+// time, in the launch's dynamic shared memory: 32 * (D + Dv) elements, which the launcher
+// gives exactly when both dims are at most this); above, each warp reads its keys' rows
+// from global memory itself. (Static arrays made ptxas hold the f32 kernel to 80
+// registers, for occupancy, and spill.)
+#define ATS_STAGE_DMAX 128
 
-    const T* qr = q + query * D;
-    const T* kb = k + ((i64)pos.b * Hk + g) * (i64)Lk * D;
-    const T* vb = v + ((i64)pos.b * Hk + g) * (i64)Lk * Dv;
-    const i64 mrow = pos.mask_row(ms0, ms1, ms2);
+// One warp's online softmax over the keys of [lo, hi) that the mask keeps, in order, in
+// chunks of 32 keys from c0 to c_end. STAGED: the CTA's warps share one K/V head, and the
+// CTA stages each chunk's rows in sk / sv (from kb / vb) before its warps take their keys
+// (every warp of the CTA runs the loop, active or not: it holds barriers); otherwise each
+// warp reads its keys' rows from kb / vb. Where a row comes from changes no operation.
+template <typename T, bool STAGED>
+__device__ __forceinline__ void attention_split_keys(const float (&qv)[ATT_VPL], float (&o)[ATT_VPL], float& m,
+                                                     float& l, bool active, int lo, int hi, int c0, int c_end,
+                                                     const T* __restrict__ kb, const T* __restrict__ vb,
+                                                     T* __restrict__ sk, T* __restrict__ sv,
+                                                     const unsigned char* __restrict__ mask, i64 mrow, i64 ms3,
+                                                     int D, int Dv, float scale) {
+    const int lane = threadIdx.x & 31;
     const float NEG_INF = __uint_as_float(0xFF800000u);
-
-    float qv[ATT_VPL], o[ATT_VPL];
-#pragma unroll
-    for (int t = 0; t < ATT_VPL; ++t) {
-        const int d = lane + 32 * t;
-        qv[t] = d < D ? to_f32(qr[d]) : 0.0f;
-        o[t] = 0.0f;
-    }
-    float m = NEG_INF, l = 0.0f;
-    for (int c = lo; c < hi; c += 32) {
+    for (int c = c0; c < c_end; c += 32) {
+        if constexpr (STAGED) {
+            const int rows = min(32, c_end - c);
+            for (int e = threadIdx.x; e < rows * D; e += 32 * ATT_WARPS) sk[e] = kb[(i64)c * D + e];
+            for (int e = threadIdx.x; e < rows * Dv; e += 32 * ATT_WARPS) sv[e] = vb[(i64)c * Dv + e];
+            __syncthreads();
+        }
         const int j = c + lane;
-        u32 keep = __ballot_sync(DETKIT_FULL, j < hi && (mask == nullptr || mask[mrow + (i64)j * ms3] != 0));
+        u32 keep = __ballot_sync(DETKIT_FULL, active && j >= lo && j < hi &&
+                                                  (mask == nullptr || mask[mrow + (i64)j * ms3] != 0));
         while (keep != 0u) {
             int js[ATS_KB];  // the next ATS_KB kept keys, in order (-1: none); same in every lane
             float sc[ATS_KB];
@@ -245,7 +234,7 @@ __device__ __forceinline__ void attention_split_impl(const T* __restrict__ q, co
             for (int u = 0; u < ATS_KB; ++u) {
                 float p = 0.0f;
                 if (js[u] >= 0) {
-                    const T* kr = kb + (i64)js[u] * D;
+                    const T* kr = STAGED ? sk + (js[u] - c) * D : kb + (i64)js[u] * D;
 #pragma unroll
                     for (int t = 0; t < ATT_VPL; ++t) {
                         const int d = lane + 32 * t;
@@ -275,7 +264,7 @@ __device__ __forceinline__ void attention_split_impl(const T* __restrict__ q, co
                 }
                 const float p = expf(__fsub_rn(s, m));
                 l = __fadd_rn(l, p);
-                const T* vr = vb + (i64)js[u] * Dv;
+                const T* vr = STAGED ? sv + (js[u] - c) * Dv : vb + (i64)js[u] * Dv;
 #pragma unroll
                 for (int t = 0; t < ATT_VPL; ++t) {
                     const int d = lane + 32 * t;
@@ -283,7 +272,80 @@ __device__ __forceinline__ void attention_split_impl(const T* __restrict__ q, co
                 }
             }
         }
+        if constexpr (STAGED) __syncthreads();  // every warp is done with the chunk before the next lands
     }
+}
+
+// One warp: query q0 + (blockIdx.x * ATT_WARPS + warp), split blockIdx.y. Score of a key:
+// lane l accumulates q[d] * k[d] for d = l, l + 32, ... (fma, increasing d), then the
+// fixed xor butterfly; times scale. Online softmax over the split's kept keys in order:
+// a larger score rescales l and o by expf(m_old - m_new) first. Writes m (-inf: no kept
+// key), l and o[Dv] of the split to the workspace slot (query - q0) * NS + split.
+//
+// When the CTA's warps with work all read the same K/V head (consecutive queries of one
+// sequence and head, as in a prefill; or the query heads of one GQA group in a decode),
+// the CTA stages the rows of the union of their key ranges in shared memory, each row
+// read from global memory once for all of them.
+template <typename T>
+__device__ __forceinline__ void attention_split_impl(const T* __restrict__ q, const T* __restrict__ k,
+                                                     const T* __restrict__ v, const unsigned char* __restrict__ mask,
+                                                     i64 ms0, i64 ms1, i64 ms2, i64 ms3,
+                                                     const int* __restrict__ anchor, float* __restrict__ part_m,
+                                                     float* __restrict__ part_l, float* __restrict__ part_o, i64 q0,
+                                                     int nq, int NS, int H, int Hk, int Lq, int Lk, int D, int Dv,
+                                                     float scale) {
+    DETKIT_DYNAMIC_SMEM(unsigned char, ats_stage);  // 32 * (D + Dv) elements when staged
+    __shared__ i64 s_kv[ATT_WARPS];  // per warp: its K/V head (b * Hk + g), or -1 when it has no work
+    __shared__ int s_lo[ATT_WARPS];
+    __shared__ int s_hi[ATT_WARPS];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const i64 local = (i64)blockIdx.x * ATT_WARPS + warp;
+    const i64 query = q0 + (local < nq ? local : 0);  // a warp past nq stands in for the first query
+    const QueryPos pos(query, H, Lq);
+    const int split = blockIdx.y;
+    const int a = anchor != nullptr ? anchor[query] : 0;
+    const bool active = local < nq && split < ats_splits(a, Lk);  // else: not one of its splits, never read
+    const int lo = a + split * ATS_SPLIT;
+    const int hi = min(lo + ATS_SPLIT, Lk);
+    const i64 kv = (i64)pos.b * Hk + pos.h / (H / Hk);
+    if (lane == 0) {
+        s_kv[warp] = active ? kv : -1;
+        s_lo[warp] = lo;
+        s_hi[warp] = hi;
+    }
+    __syncthreads();
+    // The same decision in every thread, from shared memory: the barriers that follow are uniform.
+    i64 cta_kv = -1;
+    bool staged = D <= ATS_STAGE_DMAX && Dv <= ATS_STAGE_DMAX;
+    int clo = Lk, chi = 0;
+    for (int w = 0; w < ATT_WARPS; ++w) {
+        if (s_kv[w] < 0) continue;
+        if (cta_kv < 0) cta_kv = s_kv[w];
+        staged = staged && s_kv[w] == cta_kv;
+        clo = min(clo, s_lo[w]);
+        chi = max(chi, s_hi[w]);
+    }
+    if (cta_kv < 0 || (!staged && !active)) return;  // no barrier follows on these paths
+
+    const T* qr = q + query * D;
+    const i64 mrow = pos.mask_row(ms0, ms1, ms2);
+    float qv[ATT_VPL], o[ATT_VPL];
+#pragma unroll
+    for (int t = 0; t < ATT_VPL; ++t) {
+        const int d = lane + 32 * t;
+        qv[t] = d < D ? to_f32(qr[d]) : 0.0f;
+        o[t] = 0.0f;
+    }
+    float m = __uint_as_float(0xFF800000u), l = 0.0f;
+    T* sk = reinterpret_cast<T*>(ats_stage);
+    T* sv = sk + 32 * D;
+    if (staged)
+        attention_split_keys<T, true>(qv, o, m, l, active, lo, hi, clo, chi, k + cta_kv * (i64)Lk * D,
+                                      v + cta_kv * (i64)Lk * Dv, sk, sv, mask, mrow, ms3, D, Dv, scale);
+    else
+        attention_split_keys<T, false>(qv, o, m, l, active, lo, hi, lo, hi, k + kv * (i64)Lk * D,
+                                       v + kv * (i64)Lk * Dv, sk, sv, mask, mrow, ms3, D, Dv, scale);
+    if (!active) return;
     const i64 slot = local * NS + split;
     if (lane == 0) {
         part_m[slot] = m;
@@ -338,7 +400,7 @@ __device__ __forceinline__ void attention_combine_impl(const int* __restrict__ a
 }
 
 #define DETKIT_ATS_ENTRY(SUF, T)                                                                     \
-    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS)                                     \
+    extern "C" __global__ void __launch_bounds__(32 * ATT_WARPS, 1)                                  \
     attention_split_##SUF(const T* q, const T* k, const T* v, const unsigned char* mask, i64 ms0,     \
                           i64 ms1, i64 ms2, i64 ms3, const int* anchor, float* part_m, float* part_l, \
                           float* part_o, i64 q0, int nq, int NS, int H, int Hk, int Lq, int Lk, int D, \

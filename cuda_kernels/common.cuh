@@ -18,6 +18,8 @@ struct f16 { u16 bits; };
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(bf16 x) { return __uint_as_float(((u32)x.bits) << 16); }
 #ifndef DETKIT_HOST_EMU  // tests/cuda_emu/emu.h supplies these on the host
+// The launch's dynamic shared memory (its size is a launch argument).
+#define DETKIT_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
 __device__ __forceinline__ float f16_bits_to_f32(u16 b) {
     float r;
     asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(b));

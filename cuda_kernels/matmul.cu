@@ -204,7 +204,6 @@ struct TcCfg {
 };
 
 #ifndef DETKIT_HOST_EMU  // tests/cuda_emu/emu.h supplies these on the host
-#define DETKIT_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
 __device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {

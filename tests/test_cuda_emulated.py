@@ -570,6 +570,36 @@ def test_split_attention_values(emulated: dict, dtype: torch.dtype, mask_kind: s
         assert bool((got[0, :, 1] == 0).all()), "a fully masked query must give zeros"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_attention_staged_rows_give_the_bits_of_rows_each_warp_reads(emulated: dict, dtype: torch.dtype,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CTA whose warps share one K/V head stages the rows in shared memory; one whose
+    warps straddle heads (3 queries per head, 4 warps per CTA, no GQA) has each warp read
+    its own rows. Each head alone (one CTA, staged) gives the bits it gets in the straddling
+    launch, with a causal mask, left padding (anchors past a split boundary) and 1 to 3
+    splits; and the staging really is used (its dynamic shared memory is asked for)."""
+    lk = 2 * cuda_backend._ATT_SPLIT + 9
+    q, k, v = rand((2, 4, 3, 40), dtype, 61), rand((2, 4, lk, 40), dtype, 62), rand((2, 4, lk, 36), dtype, 63)
+    mask = torch.ones(2, 4, 3, lk, dtype=torch.bool).tril(lk - 3)
+    mask[1, :, :, :130] = False  # the second sequence left-padded by 130 keys
+    stages: list[int] = []
+    launch = cuda_backend._launch
+
+    def recording(dev: Any, module: str, entry: str, *args: Any) -> None:
+        if entry.startswith("attention_split"):
+            stages.append(args[-1])
+        launch(dev, module, entry, *args)
+
+    monkeypatch.setattr(cuda_backend, "_launch", recording)
+    together = cuda_backend.attention(q, k, v, mask, 0.15)
+    for b in range(2):
+        for h in range(4):
+            alone = cuda_backend.attention(q[b:b + 1, h:h + 1], k[b:b + 1, h:h + 1], v[b:b + 1, h:h + 1],
+                                           mask[b:b + 1, h:h + 1], 0.15)
+            assert_bits_equal(together[b:b + 1, h:h + 1], alone, f"sequence {b}, head {h}: staged vs read per warp")
+    assert set(stages) == {32 * (40 + 36) * q.element_size()}, stages
+
+
 @pytest.mark.parametrize("portable", [False, True])
 def test_attention_nan_query_gives_nan_and_a_fully_masked_query_gives_zeros(emulated: dict, portable: bool) -> None:
     """The semantics the CPU kernels share (tests/test_kernels_cpu.py), over both KV splits."""
@@ -1636,13 +1666,15 @@ def _needs(kind: str) -> pytest.MarkDecorator:
 # (a stage index past the ring would also give wrong bits there), nor the whole model
 # (the same kernels again, minutes on OS threads under the sanitizer).
 ADDRESS_SELECTION = ("not drawn_shapes and not dtype2 and not (row_ops_batch_invariant and dtype0) and not mutation "
-                     "and not wgmma_pipeline and not through_the_cuda_backend")
+                     "and not wgmma_pipeline and not through_the_cuda_backend and not reads_no_value")
 # ThreadSanitizer (slower): each kernel that shares memory between threads once - the
 # tensor-core pipeline in every tile configuration, the wgmma pipeline through its stage
 # rotation (float16: one configuration), the CUDA-core GEMM, the block reductions of the
-# row ops, both attention kernels, the grouped GEMM (CTAs that return before any barrier).
+# row ops, both attention kernels (the split one's rows staged for a CTA and read per
+# warp), the grouped GEMM (CTAs that return before any barrier).
 THREAD_SELECTION = ("(tensor_core and dtype0) or (every_tile and bfloat16) or (row_ops_batch_invariant and dtype1) "
                     "or (split_attention_values and bool) or attention_invariance or (wgmma_pipeline and dtype1) "
+                    "or (staged_rows and dtype1) "
                     "or (grouped_matmul_rows and kmajor-False-dtype1)")
 
 
@@ -1803,7 +1835,6 @@ def test_mutation_a_shuffle_in_place_of_a_syncwarp_is_caught_by_the_thread_sanit
     shared memory for ThreadSanitizer (emu.h's EmuUnordered), or a race a GPU has passes."""
     rc, output, reports = mutation_runs["no syncwarp"].result()
     assert "ThreadSanitizer: data race" in reports and "attention" in reports, reports[:3000] or output[-3000:]
-
 
 
 # Tensor methods that hand a value to the host: on a CUDA tensor each waits for the GPU to

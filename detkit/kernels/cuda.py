@@ -72,6 +72,7 @@ _SOLVE_THREADS = 128  # SV_THREADS in solve.cu (columns per block)
 _ATT_WARPS = 4       # ATT_WARPS in attention.cu
 _ATT_DMAX = 256      # ATT_DMAX in attention.cu
 _ATT_SPLIT = 128     # ATS_SPLIT in attention.cu
+_ATT_STAGE_DMAX = 128  # ATS_STAGE_DMAX in attention.cu
 # Cap of the split-KV workspace (float32 values); queries are processed in chunks that
 # fit. Chunking never changes a query's arithmetic.
 _ATT_WORKSPACE_FLOATS = 32 << 20
@@ -793,6 +794,9 @@ def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     n_splits = _cdiv(lk, _ATT_SPLIT)
     if n_splits > _MAX_GRID_YZ:
         raise InputError(f"attention: Lk = {lk} exceeds the split kernel's limit ({_MAX_GRID_YZ * _ATT_SPLIT}).")
+    # a CTA stages 32 keys' K and V rows in dynamic shared memory when both head dims are
+    # at most ATS_STAGE_DMAX (attention.cu); the kernel makes the same test
+    stage = 32 * (d + dv) * q.element_size() if d <= _ATT_STAGE_DMAX and dv <= _ATT_STAGE_DMAX else 0
     per_query = n_splits * (dv + 2)
     chunk = max(1, min(n_queries, _ATT_WORKSPACE_FLOATS // per_query))
     work = torch.empty(chunk * per_query, dtype=torch.float32, device=dev)
@@ -804,7 +808,7 @@ def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         _launch(dev, "attention.cu", f"attention_split_{sfx}", (grid_x, n_splits, 1), block,
                 "PPPPqqqqPPPPqiiiiiiiif",
                 (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *mstrides, _ptr(anchor), _ptr(part_m), _ptr(part_l),
-                 _ptr(part_o), q0, nq, n_splits, dims[1], dims[2], dims[3], dims[4], d, dv, scale))
+                 _ptr(part_o), q0, nq, n_splits, dims[1], dims[2], dims[3], dims[4], d, dv, scale), stage)
         _launch(dev, "attention.cu", f"attention_combine_{sfx}", (grid_x, 1, 1), block,
                 "PPPPPqiiii", (_ptr(anchor), _ptr(part_m), _ptr(part_l), _ptr(part_o), _ptr(out), q0, nq,
                                n_splits, dims[4], dv))
