@@ -191,8 +191,8 @@ __device__ __forceinline__ int ats_splits(int a, int Lk) { return a < Lk ? (Lk -
 // The largest head dims whose K and V rows a CTA stages in shared memory (32 keys at a
 // time, in the launch's dynamic shared memory: 32 * (D + Dv) elements, which the launcher
 // gives exactly when both dims are at most this); above, each warp reads its keys' rows
-// from global memory itself. (Static arrays made ptxas hold the f32 kernel to 80
-// registers, for occupancy, and spill.)
+// from global memory itself. The split kernel's launch bounds ask for one CTA per SM at
+// least: without that ptxas held it to 80 registers on sm_90 and spilled (93-96 now).
 #define ATS_STAGE_DMAX 128
 
 // One warp's online softmax over the keys of [lo, hi) that the mask keeps, in order, in

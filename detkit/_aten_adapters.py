@@ -1596,8 +1596,8 @@ def linalg_solve_triangular(call: Call, self: torch.Tensor, B: torch.Tensor, *, 
 
 def _norm_rows(
     x: torch.Tensor, normalized_shape: Sequence[int], *params: torch.Tensor | None
-) -> tuple[torch.Tensor, int, list[torch.Tensor | None]]:
-    """(x as rows of the normalised elements, their count, params as 1-D tensors)."""
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """(x as rows of the normalised elements, params as 1-D tensors)."""
     k = len(normalized_shape)
     shape = tuple(normalized_shape)
     if k == 0 or tuple(x.shape[x.dim() - k :]) != shape:
@@ -1610,9 +1610,9 @@ def _norm_rows(
         raise Unsupported("empty input", benign=True)
     if k == 1:  # a model's norm: no views to make (they cost a small op's host time)
         rows = x if x.dim() == 2 else x.reshape(-1, shape[0])
-        return rows, shape[0], [None if p is None else _plain(p) for p in params]
+        return rows, [None if p is None else _plain(p) for p in params]
     n = math.prod(shape)
-    return x.reshape(-1, n), n, [None if p is None else _plain(p).reshape(n) for p in params]
+    return x.reshape(-1, n), [None if p is None else _plain(p).reshape(n) for p in params]
 
 
 def native_layer_norm(
@@ -1624,7 +1624,7 @@ def native_layer_norm(
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _float(input, weight, bias)
-    rows, n, (w, b) = _norm_rows(_plain(input), normalized_shape, weight, bias)
+    rows, (w, b) = _norm_rows(_plain(input), normalized_shape, weight, bias)
     out = _kernel_call(kernels_module().layer_norm, rows, w, b, eps, portable=call.portable)
     # mean and rstd are outputs of the aten op (autograd saves them for the backward);
     # they come from torch's own kernels and do not feed the forward result.
@@ -1653,7 +1653,7 @@ def layer_norm(
     del cudnn_enable
     try:
         _float(input, weight, bias)
-        rows, _, (w, b) = _norm_rows(_plain(input), normalized_shape, weight, bias)
+        rows, (w, b) = _norm_rows(_plain(input), normalized_shape, weight, bias)
         out = _kernel_call(kernels_module().layer_norm, rows, w, b, eps, portable=call.portable)
     except Unsupported:
         with routed():
@@ -1669,7 +1669,7 @@ def rms_norm(
     eps: float | None = None,
 ) -> torch.Tensor:
     _float(input, weight)
-    rows, n, (w,) = _norm_rows(_plain(input), normalized_shape, weight)
+    rows, (w,) = _norm_rows(_plain(input), normalized_shape, weight)
     out = _kernel_call(kernels_module().rms_norm, rows, w, eps, portable=call.portable)
     return out if out.shape == input.shape else out.reshape(input.shape)
 

@@ -12,6 +12,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+
 class _ThreadState(threading.local):
     inside = False  # a class default: read on every routed call, without getattr's fallback
 
