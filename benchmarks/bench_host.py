@@ -7,12 +7,15 @@ measures that path on any machine, no GPU needed: CPU tensors are routed through
 backend (``detkit.kernels.cuda``) with the driver's cuLaunchKernel replaced by a no-op, so
 everything detkit does in Python (validation, dispatch, the mode's adapter, output
 allocation, argument packing) is timed; the driver's own enqueue and the caching
-allocator's are not (torch's CPU allocator stands in). Usage::
+allocator's are not (torch's CPU allocator stands in). With ``--device cuda`` the same
+calls run on a GPU for real, and the time is the host's per call while the kernels are
+enqueued (``scripts/gpu-check`` records it). Usage::
 
     python benchmarks/bench_host.py                 # the table
     python benchmarks/bench_host.py --json out.json
+    python benchmarks/bench_host.py --device cuda   # on a GPU: the host time of real launches
 
-Columns (median of interleaved repeats, us per call): torch's own op on the same CPU
+Columns (median of interleaved repeats, us per call): torch's own op on the same
 tensors (its dispatch plus a tiny kernel: the floor for a Python-level library),
 ``detkit.kernels`` through the CUDA launch path, and torch's op under
 ``detkit.batch_invariant()`` through the same path; ratios are detkit / torch.
@@ -24,6 +27,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -82,32 +86,36 @@ def cuda_launch_path_without_a_gpu() -> Iterator[None]:
             setattr(cb, name, value)
 
 
-def _median_us(fns: list[Callable[[], object]], repeats: int, calls: int) -> list[float]:
+def _median_us(fns: list[Callable[[], object]], repeats: int, calls: int,
+               sync: Callable[[], None] = lambda: None) -> list[float]:
     """Median us per call of each of ``fns``, interleaved so that a busy machine's drift
-    hits all alike; each warmed up first."""
+    hits all alike; each warmed up first. ``sync`` runs before each timed repeat (on a
+    GPU: the previous repeat's kernels are done, so the host never waits for a full
+    launch queue)."""
     for fn in fns:
         for _ in range(50):
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, out in zip(fns, times, strict=True):
+            sync()
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
             out.append((time.perf_counter() - t0) / calls * 1e6)
+    sync()
     return [statistics.median(t) for t in times]
 
 
-def cases() -> list[tuple[str, str, Callable[[], object], Callable[[], object]]]:
+def cases(device: str = "cpu") -> list[tuple[str, str, Callable[[], object], Callable[[], object]]]:
     """(op, shape, torch's call, detkit.kernels' call); the mode column runs torch's call."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 64, generator=g)
-    x3 = torch.randn(1, 1, 64, generator=g)
-    w = torch.randn(64, generator=g)
-    b = torch.randn(64, generator=g)
-    lin = torch.randn(64, 64, generator=g)
-    q = torch.randn(1, 4, 1, 16, generator=g)
-    kv = torch.randn(1, 4, 16, 16, generator=g)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(device)
+
+    x, x3, w, b, lin = randn(1, 64), randn(1, 1, 64), randn(64), randn(64), randn(64, 64)
+    q, kv = randn(1, 4, 1, 16), randn(1, 4, 16, 16)
     return [
         ("softmax", "1 x 64", lambda: torch.softmax(x, -1), lambda: kernels.softmax(x)),
         ("softmax", "1 x 1 x 64", lambda: torch.softmax(x3, -1), lambda: kernels.softmax(x3)),
@@ -120,16 +128,20 @@ def cases() -> list[tuple[str, str, Callable[[], object], Callable[[], object]]]
     ]
 
 
-def run(repeats: int, calls: int) -> list[Row]:
+def run(repeats: int, calls: int, device: str = "none") -> list[Row]:
+    """``device`` "none": CPU tensors through the CUDA launch path without a GPU; "cuda":
+    real launches on the current GPU."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
+    on_gpu = device == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     try:
-        with cuda_launch_path_without_a_gpu():
-            for op, shape, plain, ours in cases():
-                t_torch, t_kernels = _median_us([plain, ours], repeats, calls)
+        with contextlib.nullcontext() if on_gpu else cuda_launch_path_without_a_gpu():
+            for op, shape, plain, ours in cases("cuda" if on_gpu else "cpu"):
+                t_torch, t_kernels = _median_us([plain, ours], repeats, calls, sync)
                 with detkit.batch_invariant() as mode:  # entered once, outside the timed calls
-                    (t_mode,) = _median_us([plain], repeats, calls)
+                    (t_mode,) = _median_us([plain], repeats, calls, sync)
                 routed = sum(mode.routed().values())
                 if routed < repeats * calls or mode.uncovered():
                     raise RuntimeError(f"{op}: the mode routed {routed} of {repeats * calls} calls "
@@ -140,9 +152,11 @@ def run(repeats: int, calls: int) -> list[Row]:
     return rows
 
 
-def render(rows: list[Row]) -> str:
+def render(rows: list[Row], device: str = "none") -> str:
+    where = (f"real launches on {torch.cuda.get_device_name()}" if device == "cuda" else
+             "CPU tensors through the CUDA launch path, no GPU")
     lines = [
-        "# detkit's host time per call, up to cuLaunchKernel (CPU tensors through the CUDA launch path)",
+        f"# detkit's host time per call, up to cuLaunchKernel ({where})",
         "",
         f"torch {torch.__version__}; one thread; median of interleaved repeats; us per call; ratio = detkit / torch.",
         "",
@@ -160,11 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--calls", type=int, default=2000, help="calls per timed repeat")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--device", choices=["none", "cuda"], default="none",
+                        help="none: the launch path without a GPU (the driver call a no-op); cuda: real launches")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.calls < 1:
         parser.error("--repeats and --calls must be at least 1")
-    rows = run(args.repeats, args.calls)
-    print(render(rows))
+    if args.device == "cuda" and not cuda_backend.available()[0]:
+        print(f"bench_host.py: --device cuda needs detkit's CUDA backend: {cuda_backend.available()[1]}",
+              file=sys.stderr)
+        return 2
+    rows = run(args.repeats, args.calls, args.device)
+    print(render(rows, args.device))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) | {"kernels_ratio": r.kernels_ratio, "mode_ratio": r.mode_ratio} for r in rows], f,

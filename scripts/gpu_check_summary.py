@@ -90,7 +90,7 @@ def summarize(out: Path, test_rc: int, seconds: int, compile_limit: str) -> int:
     if tests["measured"]:
         md += ["", "Measured by the tests (recorded, not asserted; mostly torch's own kernels on this GPU):", ""]
         md += [f"- {m['name']}: {m['value']}" for m in tests["measured"]]
-    for part in ("bench_cuda.md", "bench_mode.md", "profile_cuda.md"):
+    for part in ("bench_cuda.md", "bench_mode.md", "bench_host.md", "profile_cuda.md"):
         if (out / part).exists():
             md += ["", (out / part).read_text()]
     # Passing means GPU tests ran: all of them skipped (no GPU, no CuPy) is a failure here.

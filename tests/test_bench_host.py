@@ -60,3 +60,11 @@ def test_bad_counts_exit_2(bench: Any, capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit) as exc:
         bench.main(["--calls", "0"])
     assert exc.value.code == 2 and "--calls" in capsys.readouterr().err
+
+
+def test_real_launches_without_a_gpu_exit_2_and_say_why(bench: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    if cuda_backend.available()[0]:
+        pytest.skip("this machine has a GPU: --device cuda would run")
+    assert bench.main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda needs detkit's CUDA backend" in err and cuda_backend.available()[1] in err
