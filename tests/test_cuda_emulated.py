@@ -1250,16 +1250,8 @@ def test_mode_through_the_cuda_backend_makes_a_bf16_model_batch_invariant(
     assert ("softmax_b_bf16" if attn == "eager" else "attention_split_bf16") in launched, launched
 
 
-def test_mode_through_the_cuda_backend_routes_a_moe_models_grouped_experts(
-    emulated: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """tests/test_cuda_gpu.py's test_mode_makes_a_cuda_moe_model_batch_invariant, small: a
-    Mixtral's experts (torch._grouped_mm over transposed expert weights, one group per
-    expert) go through the mode's adapter to the grouped tensor-core kernel, and each
-    prompt's last logits alone equal its row of the left-padded batch, bitwise."""
+def _tiny_mixtral() -> Any:
     transformers = pytest.importorskip("transformers")
-    import detkit
-    import portable_reference as ref
     from detkit.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
     config = transformers.MixtralConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=64,
@@ -1269,7 +1261,20 @@ def test_mode_through_the_cuda_backend_routes_a_moe_models_grouped_experts(
                                         initializer_range=0.1, attn_implementation="sdpa")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = transformers.MixtralForCausalLM(config).to(torch.bfloat16).eval()
+        return transformers.MixtralForCausalLM(config)
+
+
+def test_mode_through_the_cuda_backend_routes_a_moe_models_grouped_experts(
+    emulated: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/test_cuda_gpu.py's test_mode_makes_a_cuda_moe_model_batch_invariant, small: a
+    Mixtral's experts (torch._grouped_mm over transposed expert weights, one group per
+    expert) go through the mode's adapter to the grouped tensor-core kernel, and each
+    prompt's last logits alone equal its row of the left-padded batch, bitwise."""
+    import detkit
+    import portable_reference as ref
+
+    model = _tiny_mixtral().to(torch.bfloat16).eval()
     launched = _cpu_tensors_take_the_cuda_backend(monkeypatch)
     enc = ref.inputs()
     # a plain forward numbers positions from the padded start: give them from the mask
@@ -1863,20 +1868,6 @@ def _record_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         monkeypatch.setattr(torch.Tensor, name, wrapped)
     return reads
-
-
-def _tiny_mixtral() -> Any:
-    transformers = pytest.importorskip("transformers")
-    from detkit.models import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
-
-    config = transformers.MixtralConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-                                        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                                        initializer_range=0.1, attn_implementation="sdpa")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return transformers.MixtralForCausalLM(config)
 
 
 # Where the mode reads values on the host by design (docs/mode.md, "Host reads on CUDA"):

@@ -22,6 +22,7 @@ import numbers
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -97,16 +98,24 @@ def _check(x: object, name: str, fn: str) -> torch.Tensor:
     return x.detach()
 
 
-def _same_dtype(fn: str, **tensors: torch.Tensor | None) -> None:
-    dtype = None
+def _shared(fn: str, attr: str, problem: str, tensors: dict[str, torch.Tensor | None]) -> Any:
+    """The value of ``attr`` (dtype, device) that every given tensor has, None if none is
+    given; an InputError naming each tensor's when they differ (one pass, no sets: asked
+    on every call)."""
+    value = None
     for t in tensors.values():
         if t is None:
             continue
-        if dtype is None:
-            dtype = t.dtype
-        elif t.dtype != dtype:
-            desc = ", ".join(f"{k}: {t.dtype}" for k, t in tensors.items() if t is not None)
-            raise InputError(f"{fn}: all tensors must have the same dtype ({desc}); convert them to one dtype.")
+        if value is None:
+            value = getattr(t, attr)
+        elif getattr(t, attr) != value:
+            desc = ", ".join(f"{k}: {getattr(t, attr)}" for k, t in tensors.items() if t is not None)
+            raise InputError(f"{fn}: {problem.format(desc=desc)}")
+    return value
+
+
+def _same_dtype(fn: str, **tensors: torch.Tensor | None) -> None:
+    _shared(fn, "dtype", "all tensors must have the same dtype ({desc}); convert them to one dtype.", tensors)
 
 
 def _flag(value: object, name: str, fn: str) -> bool:
@@ -119,15 +128,7 @@ def _flag(value: object, name: str, fn: str) -> bool:
 
 def _dispatch(fn: str, portable: bool, **tensors: torch.Tensor | None) -> ModuleType:
     portable = _flag(portable, "portable", fn)
-    device = None
-    for t in tensors.values():
-        if t is None:
-            continue
-        if device is None:
-            device = t.device
-        elif t.device != device:
-            desc = ", ".join(f"{k}: {t.device}" for k, t in tensors.items() if t is not None)
-            raise InputError(f"{fn}: all tensors must be on the same device ({desc}).")
+    device = _shared(fn, "device", "all tensors must be on the same device ({desc}).", tensors)
     if device is None:
         raise InputError(f"{fn}: no tensor given.")
     return backend_for(device.type, portable)
