@@ -65,6 +65,7 @@ def _expected_entries() -> set[str]:
     names |= {f"pow_p_{s}" for s in sfx}
     names |= {f"solve_lower_{s}" for s in sfx}
     names |= {f"attention_{part}_{s}" for part in ("split", "combine") for s in sfx} | {"attention_anchor"}
+    names |= {f"attention_tc_{s}_d{d}" for s in ("bf16", "f16") for d in cuda_backend._ATC_DIMS}
     return names
 
 
@@ -251,10 +252,11 @@ def test_ptxas_report_parsing_rejects_what_it_cannot_read() -> None:
 # Float instructions that are not correctly rounded, flush subnormals, or use TF32.
 _INEXACT = re.compile(r"\b[a-z0-9]+(?:\.[a-z0-9]+)*\.(?:approx|ftz)(?:\.[a-z0-9]+)*\b|\btf32\b")
 # The one inexact instruction allowed, and where: CUDA's expf (ex2.approx.ftz on a reduced
-# argument, within 2 ulp) in the batch-invariant softmax and split attention. It gives the
+# argument, within 2 ulp) in the batch-invariant softmax and the split attention kernels. It gives the
 # same bits for the same input on one GPU, which is all portable=False promises; the
 # portable kernels, which promise the same bits on every GPU, use none.
-_EXPF_ENTRIES = re.compile(r"^(?:softmax_b|attention_split|attention_combine)_(?:f32|bf16|f16)$")
+_EXPF_ENTRIES = re.compile(r"^(?:(?:softmax_b|attention_split|attention_combine)_(?:f32|bf16|f16)"
+                           r"|attention_tc_(?:bf16|f16)_d\d+)$")
 
 
 def _ptx_by_entry(ptx: str) -> dict[str, str]:

@@ -669,6 +669,138 @@ def test_attention_masked_keys_holding_inf_or_nan_change_nothing(emulated: dict,
         assert_bits_equal(got, want, f"masked keys = {bad}")
 
 
+# The tensor-core kernel (bfloat16 / float16, head dims 64 and 128): blocks of 64 keys,
+# splits of ATC_SPLIT keys, CTAs of 64 query rows of one (batch, K/V head).
+_TC = (torch.bfloat16, torch.float16)
+
+
+def _tc_inputs(dtype: torch.dtype, lq: int, lk: int, seed: int, heads: tuple[int, int] = (4, 2),
+               d: int = 64) -> tuple[torch.Tensor, ...]:
+    h, hk = heads
+    return rand((2, h, lq, d), dtype, seed), rand((2, hk, lk, d), dtype, seed + 1), rand((2, hk, lk, d), dtype, seed + 2)
+
+
+def _tc_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The attention kernels launched from now on, by entry point."""
+    entries: list[str] = []
+    launch = cuda_backend._launch
+
+    def recording(dev: Any, module: str, entry: str, *args: Any) -> None:
+        if entry.startswith("attention_"):
+            entries.append(entry)
+        launch(dev, module, entry, *args)
+
+    monkeypatch.setattr(cuda_backend, "_launch", recording)
+    return entries
+
+
+@pytest.mark.parametrize(("dtype", "mask_kind", "d"), [(torch.bfloat16, "none", 64), (torch.bfloat16, "bool", 64),
+                                                       (torch.float16, "causal", 64), (torch.bfloat16, "causal", 128)])
+def test_tensor_core_attention_values(emulated: dict, dtype: torch.dtype, mask_kind: str, d: int,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """bfloat16 / float16 with head dims 64 and 128 take the tensor-core kernel, over two
+    splits; it agrees with a float64 SDPA to the accuracy of P rounded to the dtype (as in
+    FlashAttention) plus one rounding of the output; fully masked queries give zeros."""
+    entries = _tc_launches(monkeypatch)
+    lk = cuda_backend._ATC_SPLIT + 21
+    q, k, v = _tc_inputs(dtype, 3, lk, 71, d=d)
+    mask = _attention_mask(mask_kind, 3, lk)
+    got = cuda_backend.attention(q, k, v, mask, 0.125)
+    assert f"attention_tc_{'bf16' if dtype == torch.bfloat16 else 'f16'}_d{d}" in entries, entries
+    assert not any(e.startswith("attention_split") for e in entries), entries
+    want = _attention_f64(q, k, v, mask, 0.125)
+    ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    # P's rounding moves each weight by at most half an ulp of itself: the output by at
+    # most ulp/2 * max|v| (twice that for the normaliser), then one rounding of the output.
+    err = (got.double() - want).abs()
+    bound = ulp * want.abs() + 1.5 * ulp * v.double().abs().amax()
+    assert bool((err <= bound).all()), f"max error {err.max().item()}, bound {bound.min().item()}"
+    assert float(err.mean()) > 0.0, "exactly float64's values: the check cannot see a wrong weight"
+    if mask_kind == "bool":
+        assert bool((got[0, :, 1] == 0).all()), "a fully masked query must give zeros"
+
+
+def test_tensor_core_attention_invariance(emulated: dict) -> None:
+    """Decode (one query, no mask) equals prefill (causal) at positions on both sides of a
+    64-key block boundary and of a split boundary; left padding that is not a multiple of
+    64, the batch entry, a GQA group's heads packed in one tile vs one head alone, a
+    chunked workspace and unaligned tensors (element-wise loads) change no bit."""
+    dtype, split = torch.bfloat16, cuda_backend._ATC_SPLIT
+    lk = split + 70
+    q, k, v = _tc_inputs(dtype, lk, lk, 81)
+    q, k, v = q[:1, :2], k[:1, :1], v[:1, :1]  # 2 heads on 1 kv head
+    pos = (0, 1, 62, 63, 64, 65, split - 1, split, split + 1, lk - 1)
+    causal = torch.ones(lk, lk, dtype=torch.bool).tril().expand(1, 2, lk, lk)
+    prefill = cuda_backend.attention(q, k, v, causal, 0.15)
+    for p in pos:
+        decode = cuda_backend.attention(q[:, :, p : p + 1], k[:, :, : p + 1], v[:, :, : p + 1], None, 0.15)
+        assert_bits_equal(decode, prefill[:, :, p : p + 1], f"decode at key {p}")
+        alone = cuda_backend.attention(q[:, 1:, p : p + 1], k[:, :, : p + 1], v[:, :, : p + 1], None, 0.15)
+        assert_bits_equal(alone, prefill[:, 1:, p : p + 1], f"head 1 alone at key {p}")
+    last = q[:, :, -6:]
+    for pad in (7, 64 + 5):
+        kp = torch.cat([rand((1, 1, pad, 64), dtype, 90 + pad), k], dim=2)
+        vp = torch.cat([rand((1, 1, pad, 64), dtype, 91 + pad), v], dim=2)
+        keep = torch.cat([torch.zeros(6, pad, dtype=torch.bool), causal[0, 0, -6:]], 1).expand(1, 2, 6, lk + pad)
+        assert_bits_equal(cuda_backend.attention(last, kp, vp, keep, 0.15), prefill[:, :, -6:], f"left padding {pad}")
+    other = rand(tuple(last.shape), dtype, 97)
+    two = cuda_backend.attention(torch.cat([other, last]), torch.cat([k.flip(2), k]), torch.cat([v, v]),
+                                 causal[:, :, -6:].expand(2, 2, 6, lk), 0.15)
+    assert_bits_equal(two[1:], prefill[:, :, -6:], "second entry of a batch of two")
+    orig = cuda_backend._ATT_WORKSPACE_FLOATS
+    try:
+        cuda_backend._ATT_WORKSPACE_FLOATS = 1  # one group per chunk
+        chunked = cuda_backend.attention(torch.cat([other, last]), torch.cat([k.flip(2), k]), torch.cat([v, v]),
+                                         causal[:, :, -6:].expand(2, 2, 6, lk), 0.15)
+    finally:
+        cuda_backend._ATT_WORKSPACE_FLOATS = orig
+    assert_bits_equal(chunked, two, "chunked workspace")
+
+    def unaligned(t: torch.Tensor) -> torch.Tensor:  # same values, one element past a 16-byte boundary
+        return torch.cat([t.reshape(-1)[:1], t.reshape(-1)])[1:].view(t.shape)
+
+    moved = cuda_backend.attention(unaligned(last), unaligned(k), unaligned(v), causal[:, :, -6:], 0.15)
+    assert_bits_equal(moved, prefill[:, :, -6:], "unaligned tensors")
+
+
+def test_tensor_core_attention_rows_with_other_anchors_in_the_tile(emulated: dict) -> None:
+    """A sliding window gives every row of a tile its own anchor: each row gets the bits it
+    gets alone (decode against its window), however many anchors share its tile."""
+    dtype, lk, window = torch.float16, 150, 70
+    q, k, v = _tc_inputs(dtype, lk, lk, 83, heads=(2, 1))
+    q, k, v = q[:1], k[:1], v[:1]
+    i, j = torch.arange(lk)[:, None], torch.arange(lk)[None, :]
+    slide = ((j <= i) & (j > i - window)).expand(1, 2, lk, lk)
+    full = cuda_backend.attention(q, k, v, slide, 0.2)
+    for p in (0, 69, 70, 71, 100, 149):
+        lo = max(0, p - window + 1)
+        alone = cuda_backend.attention(q[:, :, p : p + 1], k[:, :, lo : p + 1], v[:, :, lo : p + 1], None, 0.2)
+        assert_bits_equal(alone, full[:, :, p : p + 1], f"row {p} with window [{lo}, {p}]")
+
+
+@pytest.mark.parametrize("dtype", _TC)
+def test_tensor_core_attention_masked_keys_holding_inf_or_nan_change_nothing(emulated: dict,
+                                                                             dtype: torch.dtype) -> None:
+    """Keys that no query keeps (padding on both sides, a hole, an unwritten cache) are
+    never read: inf and NaN there change no bit."""
+    lk = cuda_backend._ATC_SPLIT + 30
+    q, k, v = _tc_inputs(dtype, 3, lk, 85)
+    keep = torch.ones(lk, dtype=torch.bool)
+    keep[:5], keep[-9:], keep[cuda_backend._ATC_SPLIT] = False, False, False
+    mask = keep.expand(2, 4, 3, lk)
+    want = cuda_backend.attention(q, k, v, mask, 0.125)
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        kb, vb = k.clone(), v.clone()
+        kb[:, :, ~keep], vb[:, :, ~keep] = bad, bad
+        assert_bits_equal(cuda_backend.attention(q, kb, vb, mask, 0.125), want, f"masked keys = {bad}")
+    q[1, 2, 0, 5] = float("nan")
+    got = cuda_backend.attention(q, k, v, mask, 0.125)
+    assert bool(got[1, 2, 0].isnan().all()), "the NaN query's row must be NaN"
+    rest = torch.ones(got.shape[:3], dtype=torch.bool)
+    rest[1, 2, 0] = False
+    assert_bits_equal(got[rest], want[rest], "the other queries, beside a NaN query")
+
+
 # ----------------------------------------------------------------------------- batch invariance
 
 
@@ -1523,6 +1655,30 @@ def test_split_attention_for_drawn_shapes(emulated: dict, lk: int, pad: int, d: 
     assert_bits_equal(padded, decode, f"left padding {pad}, Lk={lk}")
 
 
+
+@_DRAWN
+@given(lk=st.integers(1, 600), pad=st.integers(0, 140), heads=st.sampled_from(((1, 1), (4, 2), (6, 1))),
+       dtype=st.sampled_from(_TC), seed=st.integers(0, 2**16))
+# kept keys one block, one past a split; anchors one short of and at a block boundary
+@example(lk=64, pad=63, heads=(1, 1), dtype=torch.bfloat16, seed=1)
+@example(lk=257, pad=64, heads=(4, 2), dtype=torch.float16, seed=2)
+def test_tensor_core_attention_for_drawn_shapes(emulated: dict, lk: int, pad: int, heads: tuple[int, int],
+                                                dtype: torch.dtype, seed: int) -> None:
+    """The tensor-core kernel, any length, padding and GQA group: the last query of a
+    causal prefill, decode against the cache and the left-padded decode give the same bits."""
+    h, hk = heads
+    q = rand((1, h, 2, 64), dtype, seed)
+    k, v = rand((1, hk, lk, 64), dtype, seed + 1), rand((1, hk, lk, 64), dtype, seed + 2)
+    decode = cuda_backend.attention(q[:, :, -1:], k, v, None, 0.1)
+    if lk >= 2:
+        causal = torch.ones(lk, lk, dtype=torch.bool).tril()[-2:].expand(1, h, 2, lk)
+        assert_bits_equal(cuda_backend.attention(q, k, v, causal, 0.1)[:, :, -1:], decode, f"prefill, Lk={lk}")
+    kp = torch.cat([rand((1, hk, pad, 64), dtype, seed + 3), k], 2)
+    vp = torch.cat([rand((1, hk, pad, 64), dtype, seed + 4), v], 2)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, lk, dtype=torch.bool)], 1)
+    padded = cuda_backend.attention(q[:, :, -1:], kp, vp, mask.expand(1, h, 1, lk + pad), 0.1)
+    assert_bits_equal(padded, decode, f"left padding {pad}, Lk={lk}")
+
 # ----------------------------------------------------------------------------- GPU faults on the host
 # Mistakes that a GPU punishes (an illegal address kills the CUDA context for the rest of
 # the process; a race or a warp collective with a lane gone gives results that change
@@ -1667,16 +1823,19 @@ def _needs(kind: str) -> pytest.MarkDecorator:
 
 # AddressSanitizer: every kernel and load path once, float32 and bfloat16 (float16 shares
 # bfloat16's code), every matmul tile configuration (wgmma included, through the tile
-# test); not the drawn-shape tests or the wgmma pipeline test, which repeat the same paths
-# (a stage index past the ring would also give wrong bits there), nor the whole model
-# (the same kernels again, minutes on OS threads under the sanitizer).
+# test); not the drawn-shape tests, the wgmma pipeline test or the tensor-core attention's
+# sliding-window and float16 tests, which repeat the same paths (a stage index past the
+# ring would also give wrong bits there), nor the whole model (the same kernels again,
+# minutes on OS threads under the sanitizer).
 ADDRESS_SELECTION = ("not drawn_shapes and not dtype2 and not (row_ops_batch_invariant and dtype0) and not mutation "
-                     "and not wgmma_pipeline and not through_the_cuda_backend and not reads_no_value")
+                     "and not wgmma_pipeline and not through_the_cuda_backend and not reads_no_value "
+                     "and not other_anchors and not (tensor_core_attention_masked and dtype1)")
 # ThreadSanitizer (slower): each kernel that shares memory between threads once - the
 # tensor-core pipeline in every tile configuration, the wgmma pipeline through its stage
 # rotation (float16: one configuration), the CUDA-core GEMM, the block reductions of the
-# row ops, both attention kernels (the split one's rows staged for a CTA and read per
-# warp), the grouped GEMM (CTAs that return before any barrier).
+# row ops, the attention kernels (the split one's rows staged for a CTA and read per
+# warp; the tensor-core one's two stages and keep bits), the grouped GEMM (CTAs that
+# return before any barrier).
 THREAD_SELECTION = ("(tensor_core and dtype0) or (every_tile and bfloat16) or (row_ops_batch_invariant and dtype1) "
                     "or (split_attention_values and bool) or attention_invariance or (wgmma_pipeline and dtype1) "
                     "or (staged_rows and dtype1) "

@@ -73,6 +73,9 @@ _ATT_WARPS = 4       # ATT_WARPS in attention.cu
 _ATT_DMAX = 256      # ATT_DMAX in attention.cu
 _ATT_SPLIT = 128     # ATS_SPLIT in attention.cu
 _ATT_STAGE_DMAX = 128  # ATS_STAGE_DMAX in attention.cu
+_ATC_ROWS = 64       # ATC_ROWS in attention.cu: query rows per CTA of the tensor-core kernel
+_ATC_SPLIT = 256     # ATC_SPLIT in attention.cu
+_ATC_DIMS = (64, 128)  # head dims (D = Dv) with a tensor-core entry point (DETKIT_ATC_ENTRY)
 # Cap of the split-KV workspace (float32 values); queries are processed in chunks that
 # fit. Chunking never changes a query's arithmetic.
 _ATT_WORKSPACE_FLOATS = 32 << 20
@@ -741,8 +744,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
       pad with a large finite negative (``finfo.min``) instead of ``-inf``: such keys
       are kept (with probability 0), which the canonical order absorbs exactly but which
       would move the anchor of the split kernel.
-    * ``portable=False`` with no mask or a bool mask: split KV, ``ATS_SPLIT`` keys per
-      split anchored at the query's first unmasked key, splits merged in order.
+    * ``portable=False`` with no mask or a bool mask: split KV, splits anchored at the
+      query's first unmasked key and merged in order. bfloat16 and float16 with head dims
+      D = Dv in ``_ATC_DIMS`` take the tensor-core kernel (``ATC_SPLIT`` keys per split,
+      mma.sync over blocks of 64 keys, P rounded to the input dtype as in FlashAttention);
+      other shapes and float32 the CUDA-core one (``ATS_SPLIT`` keys per split). The
+      choice depends on dtype and head dims only, never on the batch or the lengths.
     """
     dev = _device_of(q, k, v, mask)
     sfx = _suffix(q.dtype)
@@ -774,8 +781,55 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         _launch(dev, "attention.cu", f"attention_{sfx}", (_cdiv(n_queries, _ATT_WARPS), 1, 1),
                 32 * _ATT_WARPS, "PPPPiqqqqPiiiiiiif", args)
         return out
-    _attention_split(q, k, v, m, strides, out, sfx, dims, d, dv, scale)
+    if q.dtype != torch.float32 and d == dv and d in _ATC_DIMS:
+        _attention_tc(q, k, v, m, strides, out, sfx, dims, d, scale)
+    else:
+        _attention_split(q, k, v, m, strides, out, sfx, dims, d, dv, scale)
     return out
+
+
+def _anchors(dev: torch.device, mask: torch.Tensor | None, strides: tuple[int, ...],
+             dims: tuple[int, ...]) -> torch.Tensor | None:
+    """Each query's first kept key (Lk if none), or None without a mask (all anchors 0)."""
+    if mask is None:
+        return None
+    nb, h, _, lq, lk = dims
+    n_queries = nb * h * lq
+    anchor = torch.empty(n_queries, dtype=torch.int32, device=dev)
+    _launch(dev, "attention.cu", "attention_anchor", (_cdiv(n_queries, _ATT_WARPS), 1, 1), 32 * _ATT_WARPS,
+            "PqqqqPiiii", (_ptr(mask), *strides, _ptr(anchor), nb, h, lq, lk))
+    return anchor
+
+
+def _attention_tc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  strides: tuple[int, ...], out: torch.Tensor, sfx: str, dims: tuple[int, ...], d: int,
+                  scale: float) -> None:
+    """The tensor-core split-KV kernel: CTAs of 64 rows of one (batch, K/V head) group (its
+    query heads' rows, so a GQA decode fills a tile), one per split; then the combine."""
+    dev = q.device
+    nb, h, hk, lq, lk = dims
+    anchor = _anchors(dev, mask, strides, dims)
+    n_splits = _cdiv(lk, _ATC_SPLIT)
+    if n_splits > _MAX_GRID_YZ:
+        raise InputError(f"attention: Lk = {lk} exceeds the split kernel's limit ({_MAX_GRID_YZ * _ATC_SPLIT}).")
+    rows = (h // hk) * lq  # rows of one (batch, K/V head) group
+    groups, tiles = nb * hk, _cdiv(rows, _ATC_ROWS)
+    per_group = rows * n_splits * (d + 2)
+    chunk = max(1, min(groups, _ATT_WORKSPACE_FLOATS // per_group))
+    work = torch.empty(chunk * per_group, dtype=torch.float32, device=dev)
+    n_part = chunk * rows * n_splits
+    part_m, part_l, part_o = work[:n_part], work[n_part : 2 * n_part], work[2 * n_part :]
+    vec = all(t.data_ptr() % 16 == 0 for t in (q, k, v))  # rows are whole 16-byte chunks (d % 8 == 0)
+    smem = 5 * _ATC_ROWS * (d + 8) * q.element_size()  # Q, and two stages of K and V (attention.cu)
+    for g0 in range(0, groups, chunk):
+        ng = min(chunk, groups - g0)
+        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (ng * tiles, n_splits, 1), 32 * 4,
+                "PPPPqqqqPPPPiiiiiiifi",
+                (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *strides, _ptr(anchor), _ptr(part_m), _ptr(part_l),
+                 _ptr(part_o), g0, tiles, n_splits, h, hk, lq, lk, scale, int(vec)), smem)
+        _launch(dev, "attention.cu", f"attention_combine_{sfx}", (_cdiv(ng * rows, _ATT_WARPS), 1, 1),
+                32 * _ATT_WARPS, "PPPPPqiiiii", (_ptr(anchor), _ptr(part_m), _ptr(part_l), _ptr(part_o), _ptr(out),
+                                                 g0 * rows, ng * rows, n_splits, lk, d, _ATC_SPLIT))
 
 
 def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -786,11 +840,7 @@ def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     n_queries = nb * h * lq
     block = 32 * _ATT_WARPS
     mstrides = tuple(strides)
-    anchor = None
-    if mask is not None:
-        anchor = torch.empty(n_queries, dtype=torch.int32, device=dev)
-        _launch(dev, "attention.cu", "attention_anchor", (_cdiv(n_queries, _ATT_WARPS), 1, 1), block,
-                "PqqqqPiiii", (_ptr(mask), *mstrides, _ptr(anchor), dims[0], dims[1], dims[3], dims[4]))
+    anchor = _anchors(dev, mask, mstrides, dims)
     n_splits = _cdiv(lk, _ATT_SPLIT)
     if n_splits > _MAX_GRID_YZ:
         raise InputError(f"attention: Lk = {lk} exceeds the split kernel's limit ({_MAX_GRID_YZ * _ATT_SPLIT}).")
@@ -810,8 +860,8 @@ def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                 (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *mstrides, _ptr(anchor), _ptr(part_m), _ptr(part_l),
                  _ptr(part_o), q0, nq, n_splits, dims[1], dims[2], dims[3], dims[4], d, dv, scale), stage)
         _launch(dev, "attention.cu", f"attention_combine_{sfx}", (grid_x, 1, 1), block,
-                "PPPPPqiiii", (_ptr(anchor), _ptr(part_m), _ptr(part_l), _ptr(part_o), _ptr(out), q0, nq,
-                               n_splits, dims[4], dv))
+                "PPPPPqiiiii", (_ptr(anchor), _ptr(part_m), _ptr(part_l), _ptr(part_o), _ptr(out), q0, nq,
+                                n_splits, dims[4], dv, _ATT_SPLIT))
 
 
 # --------------------------------------------------------------------------- elementwise
