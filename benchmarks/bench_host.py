@@ -116,6 +116,8 @@ def cases(device: str = "cpu") -> list[tuple[str, str, Callable[[], object], Cal
 
     x, x3, w, b, lin = randn(1, 64), randn(1, 1, 64), randn(64), randn(64), randn(64, 64)
     q, kv = randn(1, 4, 1, 16), randn(1, 4, 16, 16)
+    # bfloat16, head dim 64: the tensor-core attention kernel (GQA, 2 query heads per K/V head)
+    qh, kvh = randn(1, 4, 1, 64).bfloat16(), randn(1, 2, 16, 64).bfloat16()
     return [
         ("softmax", "1 x 64", lambda: torch.softmax(x, -1), lambda: kernels.softmax(x)),
         ("softmax", "1 x 1 x 64", lambda: torch.softmax(x3, -1), lambda: kernels.softmax(x3)),
@@ -125,6 +127,8 @@ def cases(device: str = "cpu") -> list[tuple[str, str, Callable[[], object], Cal
         ("linear", "1 x 1 x 64 @ 64 x 64", lambda: F.linear(x3, lin), lambda: kernels.matmul(x3, lin.t())),
         ("sdpa decode", "4 heads x 16, 16 keys", lambda: F.scaled_dot_product_attention(q, kv, kv),
          lambda: kernels.attention(q, kv, kv)),
+        ("sdpa decode", "bf16, 4 heads x 64 on 2, 16 keys",
+         lambda: F.scaled_dot_product_attention(qh, kvh, kvh, enable_gqa=True), lambda: kernels.attention(qh, kvh, kvh, enable_gqa=True)),
     ]
 
 

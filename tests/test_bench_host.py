@@ -37,10 +37,13 @@ def test_every_case_goes_through_the_cuda_launchers_packing_and_the_mode(bench: 
     out = tmp_path / "host.json"
     assert bench.main(["--repeats", "1", "--calls", "3", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["op"] for r in rows] == ["softmax", "softmax", "rms_norm", "layer_norm", "linear", "linear", "sdpa decode"]
+    assert [r["op"] for r in rows] == ["softmax", "softmax", "rms_norm", "layer_norm", "linear", "linear",
+                                       "sdpa decode", "sdpa decode"]
     assert all(r["torch_us"] > 0 and r["kernels_us"] > 0 and r["mode_us"] > 0 for r in rows)
-    # softmax, rms_norm, layer_norm, float32 matmul, split attention and its combine
-    assert set(launched) == {"PPii", "PPPif", "PPPPif", "PPPPiiiqqqq", "PPPPqqqqPPPPqiiiiiiiif", "PPPPPqiiii"}
+    # softmax, rms_norm, layer_norm, float32 matmul, the CUDA-core and tensor-core split
+    # attention kernels and their combine
+    assert set(launched) == {"PPii", "PPPif", "PPPPif", "PPPPiiiqqqq", "PPPPqqqqPPPPqiiiiiiiif",
+                             "PPPPqqqqPPPPiiiiiiifi", "PPPPPqiiiii"}
 
 
 def test_the_routing_is_undone(bench: Any) -> None:
