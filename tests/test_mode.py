@@ -449,8 +449,10 @@ def test_a_matrix_and_a_batch_give_the_same_bits_frozen_or_trainable(
 
 def test_without_the_folds_a_frozen_matrix_on_the_left_takes_bmm_and_differs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(mode, "FOLDS", ())
+    # K = 1024: bmm's fixed-order chain sums four chunks of 256 terms, which mm's BLAS
+    # tiles do not reproduce (at K = 256, one chunk, MKL on an Intel Xeon gives its bits)
     g = torch.Generator().manual_seed(0)
-    w, ts = torch.randn(512, 256, generator=g), torch.randn(2, 12, 256, generator=g)
+    w, ts = torch.randn(512, 1024, generator=g), torch.randn(2, 12, 1024, generator=g)
     with detkit.batch_invariant() as bi, torch.no_grad():
         frozen = w @ ts.mT
         trainable = w.clone().requires_grad_(True) @ ts.mT
@@ -506,12 +508,13 @@ def test_torchs_fused_transformer_kernels_are_off_under_the_mode(monkeypatch: py
 
 
 def test_without_the_folds_a_frozen_weights_sliced_product_takes_bmm_and_differs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Negative control for the test above (float32 on this CPU: mm's BLAS tiles and
-    bmm's fma chain round differently). Two positions, not one: torch >= 2.14 itself
+    """Negative control for the test above (float32: mm's BLAS tiles and bmm's fma chain
+    over chunks of 256 terms round differently; K = 1024, since at K = 256 MKL on an
+    Intel Xeon gives the one chunk's bits). Two positions, not one: torch >= 2.14 itself
     views a one-position slice as 2-D and runs mm."""
     monkeypatch.setattr(mode, "FOLDS", ())
     g = torch.Generator().manual_seed(0)
-    h, w = torch.randn(4, 40, 256, generator=g), torch.randn(259, 256, generator=g)
+    h, w = torch.randn(4, 40, 1024, generator=g), torch.randn(259, 1024, generator=g)
     with detkit.batch_invariant() as bi:
         full = F.linear(h, w)
         last = F.linear(h[:, -2:], w)

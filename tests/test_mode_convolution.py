@@ -270,7 +270,10 @@ def test_transposed_convolutions_are_routed_right_and_batch_invariant(p: dict[st
 def test_torchs_transposed_convolution_changes_with_the_batch_and_the_modes_does_not(dtype: torch.dtype) -> None:
     """An upsampling ConvTranspose2d (kernel 4, stride 2, padding 1: GAN generators, some
     vocoders' and decoders' upsampling): torch's CPU kernel gave batch prefixes other bits
-    (negative control); routed, no prefix differs."""
+    (negative control); routed, no prefix differs. Whether torch's own kernel changes
+    depends on the CPU: on an Intel Xeon with AVX512-BF16 its bfloat16 kernel gave every
+    prefix the same bits (for this and six other shapes tried), and there the negative
+    control is reported as a skip after the routed check has run."""
     g = torch.Generator().manual_seed(12)
     x, w, b = _rand((16, 64, 16, 16), dtype, g), _rand((64, 32, 4, 4), dtype, g), _rand((32,), dtype, g)
 
@@ -279,9 +282,12 @@ def test_torchs_transposed_convolution_changes_with_the_batch_and_the_modes_does
         return sum(not torch.equal(F.conv_transpose2d(x[:m], w, b, stride=2, padding=1), full[:m])
                    for m in (1, 2, 3, 5, 8))
 
-    assert prefixes_differing() > 0, "negative control: torch did not change; the test proves nothing here"
+    torch_differs = prefixes_differing()
     with detkit.batch_invariant(strict=True):
         assert prefixes_differing() == 0
+    if torch_differs == 0:
+        pytest.skip(f"negative control: torch's {dtype} conv_transpose2d gave every batch prefix the same bits on "
+                    "this CPU, so the routed check above (which passed) cannot show it fixes anything here")
 
 
 _R = torch.randn

@@ -177,20 +177,29 @@ def test_sampler_and_trainer_run_as_in_rl_and_the_model_state_is_restored(
 
 
 def test_the_frozen_sampler_catches_a_product_whose_path_depends_on_the_input_layout(
-    monkeypatch: pytest.MonkeyPatch, tiny_llama: torch.nn.Module, tokenizer: Any
+    monkeypatch: pytest.MonkeyPatch, tokenizer: Any
 ) -> None:
     """Without the mode's folds, a frozen lm_head on the prefill's last-position slice runs
-    bmm while the trainer's forward runs mm (float32: other bits on this CPU). The check's
-    sampler is frozen and keeps only the last position, so it sees it."""
-    from detkit import mode
+    bmm while the trainer's forward runs mm (float32: other bits). The check's sampler is
+    frozen and keeps only the last position, so it sees it. The model is tiny-llama with a
+    hidden size of 512: bmm's fixed-order chain sums two chunks of 256 terms, which mm's
+    BLAS tiles do not reproduce on any CPU measured; at 256 (one chunk) Intel's MKL on a
+    Xeon gives the chain's own bits."""
+    import dataclasses
+
+    from detkit import mode, models
 
     h, w = torch.zeros(2, 3, 8), torch.zeros(5, 8)
     if "bmm.default" not in mode.trace_ops(torch.nn.functional.linear, h[:, -1:], w)[1]:
         pytest.skip(f"torch {torch.__version__} runs mm itself for a one-position slice: no layout-dependent "
                     "path to catch (tests/test_mode.py keeps a negative control for the folds)")
+    preset = models._PRESETS["tiny-llama"]
+    monkeypatch.setitem(models._PRESETS, "tiny-llama",
+                        dataclasses.replace(preset, config={**preset.config, "hidden_size": 512}))
+    wide = load_preset("tiny-llama", attn_implementation="sdpa")
     monkeypatch.setattr(mode, "FOLDS", ())
     with detkit.batch_invariant() as bi, pytest.raises(T.BitwiseMismatch) as info:
-        T.assert_trainer_matches_sampler(tiny_llama, PROMPTS, tokenizer=tokenizer, max_new_tokens=3)
+        T.assert_trainer_matches_sampler(wide, PROMPTS, tokenizer=tokenizer, max_new_tokens=3)
     assert bi.routed().get("bmm", 0) > 0 and bi.uncovered() == {}
     d = info.value.result.detail
     assert d["mode"] == "batch-invariant" and d["first_difference"]["step"] == 0  # the prefill's slice
