@@ -360,7 +360,7 @@ __device__ __forceinline__ void attention_split_impl(const T* __restrict__ q, co
 
 // One warp per query, whose keys were cut into splits of S keys (ATS_SPLIT, or ATC_SPLIT
 // for the tensor-core kernel): M = IEEE maximum of the splits' m; then, over the splits in order,
-// w = expf(m_s - M), L = fma(l_s, w, L), O[d] = fma(o_s[d], w, O[d]); out = O / L.
+// w = expf(m_s - M) (1 when m_s = M), L = fma(l_s, w, L), O[d] = fma(o_s[d], w, O[d]); out = O / L.
 // Splits without a kept key are skipped; a query without any gets zeros.
 template <typename T>
 __device__ __forceinline__ void attention_combine_impl(const int* __restrict__ anchor, const float* __restrict__ part_m,
@@ -388,7 +388,7 @@ __device__ __forceinline__ void attention_combine_impl(const int* __restrict__ a
     for (int t = 0; t < ATT_VPL; ++t) O[t] = 0.0f;
     for (int s = 0; s < ns; ++s) {
         if (pm[s] == NEG_INF) continue;
-        const float w = expf(__fsub_rn(pm[s], M));
+        const float w = pm[s] == M ? 1.0f : expf(__fsub_rn(pm[s], M));  // 1 exactly: see attention_tc_impl
         L = __fmaf_rn(pl[s], w, L);
         const float* po = part_o + (local * NS + s) * Dv;
 #pragma unroll
@@ -423,7 +423,8 @@ DETKIT_ATS_ENTRY(f16, f16)
 //
 // attention_tc_<T>_d<D>: bfloat16 / float16 with head dims D = Dv in {64, 128}, no mask or
 // a bool mask. Split KV as above, ATC_SPLIT keys per split anchored at the query's first
-// kept key, merged by attention_combine; inside a split, blocks of ATC_KB keys from the
+// kept key, merged by attention_combine (with one split, Lk <= ATC_SPLIT, the kernel writes
+// the output itself with the combine's arithmetic); inside a split, blocks of ATC_KB keys from the
 // split's first key, each done by mma.sync m16n8k16 (float32 accumulation):
 //
 //   s_j   = (q . k_j: the mma chain over d = 0..15, 16..31, ... in order) * scale
@@ -461,8 +462,9 @@ __device__ __forceinline__ void attention_tc_impl(const T* __restrict__ q, const
                                                   const T* __restrict__ v, const unsigned char* __restrict__ mask,
                                                   i64 ms0, i64 ms1, i64 ms2, i64 ms3, const int* __restrict__ anchor,
                                                   float* __restrict__ part_m, float* __restrict__ part_l,
-                                                  float* __restrict__ part_o, int g0, int tiles, int NS, int H,
-                                                  int Hk, int Lq, int Lk, float scale, int vec) {
+                                                  float* __restrict__ part_o, T* __restrict__ out, int g0,
+                                                  int tiles, int NS, int H, int Hk, int Lq, int Lk, float scale,
+                                                  int vec) {
     constexpr int LD = D + 8;              // padded smem rows (halfs): conflict-free ldmatrix
     constexpr int TILE = ATC_ROWS * LD;    // one 64-row tile (Q, or one stage of K or V)
     constexpr int NT = 32 * 4, DK = D / 16, DN = D / 8, CH = D / 8;  // CH: 16-byte chunks per row
@@ -511,6 +513,9 @@ __device__ __forceinline__ void attention_tc_impl(const T* __restrict__ q, const
     u32 qf[DK][4];
 #pragma unroll
     for (int kk = 0; kk < DK; ++kk) ldsm_x4(qf[kk], sQ + (warp * 16 + (lane & 15)) * LD + kk * 16 + (lane >> 4) * 8);
+    if (NS == 1)  // rows without a kept key have no split: zeros, as the combine gives them
+        for (int e = tid; e < ATC_ROWS * D; e += NT)
+            if (r0 + e / D < R && s_anc[e / D] >= Lk) out[(qbase + r0 + e / D) * D + e % D] = from_f32<T>(0.0f);
 
     // The mask row of the row this lane reads keep bits for (row warp * 16 + lane / 2,
     // keys 32 * (lane & 1) + 0..31 of a block).
@@ -669,11 +674,25 @@ __device__ __forceinline__ void attention_tc_impl(const T* __restrict__ q, const
             }
             __syncthreads();  // every warp is done with this stage and these keep bits
         }
-        // The split's (m, l, o) of each of this anchor's rows.
+        // The split's (m, l, o) of each of this anchor's rows; with one split (Lk <= ATC_SPLIT)
+        // the output itself, as the combine computes it from one split: w = 1, L = l + 0,
+        // O = o + 0 (-0 becomes +0), out = O / L, zeros without a kept key.
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
             const int rr = i == 0 ? ra : rb, r = r0 + rr;
             if (r >= R || s_anc[rr] != alpha) continue;
+            if (NS == 1) {
+                T* orow = out + (qbase + r) * D;
+                const float L = __fadd_rn(l[i], 0.0f);
+#pragma unroll
+                for (int nt = 0; nt < DN; ++nt) {
+                    const int d = nt * 8 + (lane & 3) * 2;
+                    const bool none = m[i] == NEG_INF;
+                    orow[d] = from_f32<T>(none ? 0.0f : __fdiv_rn(__fadd_rn(o[nt][2 * i], 0.0f), L));
+                    orow[d + 1] = from_f32<T>(none ? 0.0f : __fdiv_rn(__fadd_rn(o[nt][2 * i + 1], 0.0f), L));
+                }
+                continue;
+            }
             const i64 slot = ((i64)(gi - g0) * R + r) * NS + split;
             if ((lane & 3) == 0) {
                 part_m[slot] = m[i];
@@ -694,10 +713,10 @@ __device__ __forceinline__ void attention_tc_impl(const T* __restrict__ q, const
     extern "C" __global__ void __launch_bounds__(128, 1)                                              \
     attention_tc_##SUF##_d##D(const T* q, const T* k, const T* v, const unsigned char* mask, i64 ms0, \
                               i64 ms1, i64 ms2, i64 ms3, const int* anchor, float* part_m,            \
-                              float* part_l, float* part_o, int g0, int tiles, int NS, int H, int Hk, \
-                              int Lq, int Lk, float scale, int vec) {                                 \
-        attention_tc_impl<T, D>(q, k, v, mask, ms0, ms1, ms2, ms3, anchor, part_m, part_l, part_o, g0, \
-                                tiles, NS, H, Hk, Lq, Lk, scale, vec);                                \
+                              float* part_l, float* part_o, T* out, int g0, int tiles, int NS, int H, \
+                              int Hk, int Lq, int Lk, float scale, int vec) {                         \
+        attention_tc_impl<T, D>(q, k, v, mask, ms0, ms1, ms2, ms3, anchor, part_m, part_l, part_o, out, \
+                                g0, tiles, NS, H, Hk, Lq, Lk, scale, vec);                            \
     }
 DETKIT_ATC_ENTRY(bf16, bf16, 64)
 DETKIT_ATC_ENTRY(bf16, bf16, 128)

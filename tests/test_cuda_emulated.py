@@ -699,25 +699,28 @@ def _tc_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_tensor_core_attention_values(emulated: dict, dtype: torch.dtype, mask_kind: str, d: int,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """bfloat16 / float16 with head dims 64 and 128 take the tensor-core kernel, over two
-    splits; it agrees with a float64 SDPA to the accuracy of P rounded to the dtype (as in
-    FlashAttention) plus one rounding of the output; fully masked queries give zeros."""
+    splits (then the combine) and over one (the kernel writes the output); it agrees with
+    a float64 SDPA to the accuracy of P rounded to the dtype (as in FlashAttention) plus
+    one rounding of the output; fully masked queries give zeros."""
     entries = _tc_launches(monkeypatch)
-    lk = cuda_backend._ATC_SPLIT + 21
-    q, k, v = _tc_inputs(dtype, 3, lk, 71, d=d)
-    mask = _attention_mask(mask_kind, 3, lk)
-    got = cuda_backend.attention(q, k, v, mask, 0.125)
-    assert f"attention_tc_{'bf16' if dtype == torch.bfloat16 else 'f16'}_d{d}" in entries, entries
-    assert not any(e.startswith("attention_split") for e in entries), entries
-    want = _attention_f64(q, k, v, mask, 0.125)
-    ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
-    # P's rounding moves each weight by at most half an ulp of itself: the output by at
-    # most ulp/2 * max|v| (twice that for the normaliser), then one rounding of the output.
-    err = (got.double() - want).abs()
-    bound = ulp * want.abs() + 1.5 * ulp * v.double().abs().amax()
-    assert bool((err <= bound).all()), f"max error {err.max().item()}, bound {bound.min().item()}"
-    assert float(err.mean()) > 0.0, "exactly float64's values: the check cannot see a wrong weight"
-    if mask_kind == "bool":
-        assert bool((got[0, :, 1] == 0).all()), "a fully masked query must give zeros"
+    for lk, combined in ((cuda_backend._ATC_SPLIT + 21, True), (100, False)):
+        entries.clear()
+        q, k, v = _tc_inputs(dtype, 3, lk, 71, d=d)
+        mask = _attention_mask(mask_kind, 3, lk)
+        got = cuda_backend.attention(q, k, v, mask, 0.125)
+        kernel = f"attention_tc_{'bf16' if dtype == torch.bfloat16 else 'f16'}_d{d}"
+        assert kernel in entries and not any(e.startswith("attention_split") for e in entries), entries
+        assert any(e.startswith("attention_combine") for e in entries) == combined, entries
+        want = _attention_f64(q, k, v, mask, 0.125)
+        ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+        # P's rounding moves each weight by at most half an ulp of itself: the output by at
+        # most ulp/2 * max|v| (twice that for the normaliser), then one rounding of the output.
+        err = (got.double() - want).abs()
+        bound = ulp * want.abs() + 1.5 * ulp * v.double().abs().amax()
+        assert bool((err <= bound).all()), f"Lk={lk}: max error {err.max().item()}, bound {bound.min().item()}"
+        assert float(err.mean()) > 0.0, "exactly float64's values: the check cannot see a wrong weight"
+        if mask_kind == "bool":
+            assert bool((got[0, :, 1] == 0).all()), f"Lk={lk}: a fully masked query must give zeros"
 
 
 def test_tensor_core_attention_invariance(emulated: dict) -> None:

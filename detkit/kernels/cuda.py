@@ -805,7 +805,8 @@ def _attention_tc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                   strides: tuple[int, ...], out: torch.Tensor, sfx: str, dims: tuple[int, ...], d: int,
                   scale: float) -> None:
     """The tensor-core split-KV kernel: CTAs of 64 rows of one (batch, K/V head) group (its
-    query heads' rows, so a GQA decode fills a tile), one per split; then the combine."""
+    query heads' rows, so a GQA decode fills a tile), one per split; then the combine, or
+    none when Lk fits one split."""
     dev = q.device
     nb, h, hk, lq, lk = dims
     anchor = _anchors(dev, mask, strides, dims)
@@ -814,19 +815,24 @@ def _attention_tc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         raise InputError(f"attention: Lk = {lk} exceeds the split kernel's limit ({_MAX_GRID_YZ * _ATC_SPLIT}).")
     rows = (h // hk) * lq  # rows of one (batch, K/V head) group
     groups, tiles = nb * hk, _cdiv(rows, _ATC_ROWS)
+    vec = all(t.data_ptr() % 16 == 0 for t in (q, k, v))  # rows are whole 16-byte chunks (d % 8 == 0)
+    smem = 5 * _ATC_ROWS * (d + 8) * q.element_size()  # Q, and two stages of K and V (attention.cu)
+    sig = "PPPPqqqqPPPPPiiiiiiifi"
+    if n_splits == 1:  # the kernel writes the output (the combine's arithmetic for one split)
+        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (groups * tiles, 1, 1), 32 * 4, sig,
+                (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *strides, _ptr(anchor), 0, 0, 0, _ptr(out), 0, tiles, 1,
+                 h, hk, lq, lk, scale, int(vec)), smem)
+        return
     per_group = rows * n_splits * (d + 2)
     chunk = max(1, min(groups, _ATT_WORKSPACE_FLOATS // per_group))
     work = torch.empty(chunk * per_group, dtype=torch.float32, device=dev)
     n_part = chunk * rows * n_splits
     part_m, part_l, part_o = work[:n_part], work[n_part : 2 * n_part], work[2 * n_part :]
-    vec = all(t.data_ptr() % 16 == 0 for t in (q, k, v))  # rows are whole 16-byte chunks (d % 8 == 0)
-    smem = 5 * _ATC_ROWS * (d + 8) * q.element_size()  # Q, and two stages of K and V (attention.cu)
     for g0 in range(0, groups, chunk):
         ng = min(chunk, groups - g0)
-        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (ng * tiles, n_splits, 1), 32 * 4,
-                "PPPPqqqqPPPPiiiiiiifi",
+        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (ng * tiles, n_splits, 1), 32 * 4, sig,
                 (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *strides, _ptr(anchor), _ptr(part_m), _ptr(part_l),
-                 _ptr(part_o), g0, tiles, n_splits, h, hk, lq, lk, scale, int(vec)), smem)
+                 _ptr(part_o), _ptr(out), g0, tiles, n_splits, h, hk, lq, lk, scale, int(vec)), smem)
         _launch(dev, "attention.cu", f"attention_combine_{sfx}", (_cdiv(ng * rows, _ATT_WARPS), 1, 1),
                 32 * _ATT_WARPS, "PPPPPqiiiii", (_ptr(anchor), _ptr(part_m), _ptr(part_l), _ptr(part_o), _ptr(out),
                                                  g0 * rows, ng * rows, n_splits, lk, d, _ATC_SPLIT))
