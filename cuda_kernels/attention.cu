@@ -423,9 +423,10 @@ DETKIT_ATS_ENTRY(f16, f16)
 //
 // attention_tc_<T>_d<D>: bfloat16 / float16 with head dims D = Dv in {64, 128}, no mask or
 // a bool mask. Split KV as above, ATC_SPLIT keys per split anchored at the query's first
-// kept key, merged by attention_combine (with one split, Lk <= ATC_SPLIT, the kernel writes
-// the output itself with the combine's arithmetic); inside a split, blocks of ATC_KB keys from the
-// split's first key, each done by mma.sync m16n8k16 (float32 accumulation):
+// kept key, merged by attention_combine (with one split, Lk <= ATC_SPLIT, the kernel
+// writes the output itself with the combine's arithmetic); inside a split, blocks of
+// ATC_KB keys from the split's first key, each done by mma.sync m16n8k16 (float32
+// accumulation):
 //
 //   s_j   = (q . k_j: the mma chain over d = 0..15, 16..31, ... in order) * scale
 //   m'    = IEEE max(m, s_j over the block's kept keys)        (exact)

@@ -1702,6 +1702,25 @@ def _mutated(name: str, text: str, mutation: tuple[str, str]) -> str:
     return text.replace(*mutation)
 
 
+def test_mutation_tensor_core_attention_blocks_not_anchored_change_with_padding(emulated: dict,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tensor-core attention with its blocks counted from a multiple of 64 below the
+    anchor instead of from the anchor: left padding moves the real keys into other blocks
+    (another rescaling, other P V chains), and the padding check sees the bits change."""
+    source = _mutated("attention.cu", cuda_loader.kernel_source("attention.cu"),
+                      ("        const int lo = alpha + split * ATC_SPLIT;\n",
+                       "        const int lo = alpha / ATC_KB * ATC_KB + split * ATC_SPLIT;\n"))
+    monkeypatch.setattr(cuda_backend, "_driver_launch",
+                        _driver({**emulated, "attention.cu": _build("attention.cu", _out_dir(), source)}))
+    q, k, v = (t[:1, :1] for t in _tc_inputs(torch.bfloat16, 1, 150, 87))
+    alone = cuda_backend.attention(q, k, v, None, 0.15)
+    kp = torch.cat([rand((1, 1, 7, 64), torch.bfloat16, 88), k], 2)
+    vp = torch.cat([rand((1, 1, 7, 64), torch.bfloat16, 89), v], 2)
+    keep = torch.cat([torch.zeros(7, dtype=torch.bool), torch.ones(150, dtype=torch.bool)]).expand(1, 1, 1, 157)
+    with pytest.raises(AssertionError, match="left padding 7"):
+        assert_bits_equal(cuda_backend.attention(q, kp, vp, keep, 0.15), alone, "left padding 7")
+
+
 def test_mutation_an_unanchored_softmax_sum_changes_with_padding(emulated: dict,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The portable=False softmax with its slots counted from index 0 again: padding in

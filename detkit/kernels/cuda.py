@@ -74,6 +74,7 @@ _ATT_DMAX = 256      # ATT_DMAX in attention.cu
 _ATT_SPLIT = 128     # ATS_SPLIT in attention.cu
 _ATT_STAGE_DMAX = 128  # ATS_STAGE_DMAX in attention.cu
 _ATC_ROWS = 64       # ATC_ROWS in attention.cu: query rows per CTA of the tensor-core kernel
+_ATC_THREADS = 128   # 4 warps of 16 rows
 _ATC_SPLIT = 256     # ATC_SPLIT in attention.cu
 _ATC_DIMS = (64, 128)  # head dims (D = Dv) with a tensor-core entry point (DETKIT_ATC_ENTRY)
 # Cap of the split-KV workspace (float32 values); queries are processed in chunks that
@@ -819,7 +820,7 @@ def _attention_tc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     smem = 5 * _ATC_ROWS * (d + 8) * q.element_size()  # Q, and two stages of K and V (attention.cu)
     sig = "PPPPqqqqPPPPPiiiiiiifi"
     if n_splits == 1:  # the kernel writes the output (the combine's arithmetic for one split)
-        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (groups * tiles, 1, 1), 32 * 4, sig,
+        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (groups * tiles, 1, 1), _ATC_THREADS, sig,
                 (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *strides, _ptr(anchor), 0, 0, 0, _ptr(out), 0, tiles, 1,
                  h, hk, lq, lk, scale, int(vec)), smem)
         return
@@ -830,7 +831,7 @@ def _attention_tc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     part_m, part_l, part_o = work[:n_part], work[n_part : 2 * n_part], work[2 * n_part :]
     for g0 in range(0, groups, chunk):
         ng = min(chunk, groups - g0)
-        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (ng * tiles, n_splits, 1), 32 * 4, sig,
+        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (ng * tiles, n_splits, 1), _ATC_THREADS, sig,
                 (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *strides, _ptr(anchor), _ptr(part_m), _ptr(part_l),
                  _ptr(part_o), _ptr(out), g0, tiles, n_splits, h, hk, lq, lk, scale, int(vec)), smem)
         _launch(dev, "attention.cu", f"attention_combine_{sfx}", (_cdiv(ng * rows, _ATT_WARPS), 1, 1),
