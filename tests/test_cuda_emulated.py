@@ -570,6 +570,20 @@ def test_split_attention_values(emulated: dict, dtype: torch.dtype, mask_kind: s
         assert bool((got[0, :, 1] == 0).all()), "a fully masked query must give zeros"
 
 
+def _attention_launches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, tuple[Any, ...]]]:
+    """The attention kernels launched from now on: (entry point, the launch's other arguments)."""
+    launches: list[tuple[str, tuple[Any, ...]]] = []
+    launch = cuda_backend._launch
+
+    def recording(dev: Any, module: str, entry: str, *args: Any) -> None:
+        if entry.startswith("attention_"):
+            launches.append((entry, args))
+        launch(dev, module, entry, *args)
+
+    monkeypatch.setattr(cuda_backend, "_launch", recording)
+    return launches
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_attention_staged_rows_give_the_bits_of_rows_each_warp_reads(emulated: dict, dtype: torch.dtype,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -582,21 +596,14 @@ def test_split_attention_staged_rows_give_the_bits_of_rows_each_warp_reads(emula
     q, k, v = rand((2, 4, 3, 40), dtype, 61), rand((2, 4, lk, 40), dtype, 62), rand((2, 4, lk, 36), dtype, 63)
     mask = torch.ones(2, 4, 3, lk, dtype=torch.bool).tril(lk - 3)
     mask[1, :, :, :130] = False  # the second sequence left-padded by 130 keys
-    stages: list[int] = []
-    launch = cuda_backend._launch
-
-    def recording(dev: Any, module: str, entry: str, *args: Any) -> None:
-        if entry.startswith("attention_split"):
-            stages.append(args[-1])
-        launch(dev, module, entry, *args)
-
-    monkeypatch.setattr(cuda_backend, "_launch", recording)
+    launches = _attention_launches(monkeypatch)
     together = cuda_backend.attention(q, k, v, mask, 0.15)
     for b in range(2):
         for h in range(4):
             alone = cuda_backend.attention(q[b:b + 1, h:h + 1], k[b:b + 1, h:h + 1], v[b:b + 1, h:h + 1],
                                            mask[b:b + 1, h:h + 1], 0.15)
             assert_bits_equal(together[b:b + 1, h:h + 1], alone, f"sequence {b}, head {h}: staged vs read per warp")
+    stages = [args[-1] for entry, args in launches if entry.startswith("attention_split")]
     assert set(stages) == {32 * (40 + 36) * q.element_size()}, stages
 
 
@@ -680,20 +687,6 @@ def _tc_inputs(dtype: torch.dtype, lq: int, lk: int, seed: int, heads: tuple[int
     return rand((2, h, lq, d), dtype, seed), rand((2, hk, lk, d), dtype, seed + 1), rand((2, hk, lk, d), dtype, seed + 2)
 
 
-def _tc_launches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The attention kernels launched from now on, by entry point."""
-    entries: list[str] = []
-    launch = cuda_backend._launch
-
-    def recording(dev: Any, module: str, entry: str, *args: Any) -> None:
-        if entry.startswith("attention_"):
-            entries.append(entry)
-        launch(dev, module, entry, *args)
-
-    monkeypatch.setattr(cuda_backend, "_launch", recording)
-    return entries
-
-
 @pytest.mark.parametrize(("dtype", "mask_kind", "d"), [(torch.bfloat16, "none", 64), (torch.bfloat16, "bool", 64),
                                                        (torch.float16, "causal", 64), (torch.bfloat16, "causal", 128)])
 def test_tensor_core_attention_values(emulated: dict, dtype: torch.dtype, mask_kind: str, d: int,
@@ -702,12 +695,13 @@ def test_tensor_core_attention_values(emulated: dict, dtype: torch.dtype, mask_k
     splits (then the combine) and over one (the kernel writes the output); it agrees with
     a float64 SDPA to the accuracy of P rounded to the dtype (as in FlashAttention) plus
     one rounding of the output; fully masked queries give zeros."""
-    entries = _tc_launches(monkeypatch)
+    launches = _attention_launches(monkeypatch)
     for lk, combined in ((cuda_backend._ATC_SPLIT + 21, True), (100, False)):
-        entries.clear()
+        launches.clear()
         q, k, v = _tc_inputs(dtype, 3, lk, 71, d=d)
         mask = _attention_mask(mask_kind, 3, lk)
         got = cuda_backend.attention(q, k, v, mask, 0.125)
+        entries = [entry for entry, _ in launches]
         kernel = f"attention_tc_{'bf16' if dtype == torch.bfloat16 else 'f16'}_d{d}"
         assert kernel in entries and not any(e.startswith("attention_split") for e in entries), entries
         assert any(e.startswith("attention_combine") for e in entries) == combined, entries

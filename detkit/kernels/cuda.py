@@ -818,25 +818,23 @@ def _attention_tc(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     groups, tiles = nb * hk, _cdiv(rows, _ATC_ROWS)
     vec = all(t.data_ptr() % 16 == 0 for t in (q, k, v))  # rows are whole 16-byte chunks (d % 8 == 0)
     smem = 5 * _ATC_ROWS * (d + 8) * q.element_size()  # Q, and two stages of K and V (attention.cu)
-    sig = "PPPPqqqqPPPPPiiiiiiifi"
     if n_splits == 1:  # the kernel writes the output (the combine's arithmetic for one split)
-        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (groups * tiles, 1, 1), _ATC_THREADS, sig,
-                (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *strides, _ptr(anchor), 0, 0, 0, _ptr(out), 0, tiles, 1,
-                 h, hk, lq, lk, scale, int(vec)), smem)
-        return
-    per_group = rows * n_splits * (d + 2)
-    chunk = max(1, min(groups, _ATT_WORKSPACE_FLOATS // per_group))
-    work = torch.empty(chunk * per_group, dtype=torch.float32, device=dev)
-    n_part = chunk * rows * n_splits
-    part_m, part_l, part_o = work[:n_part], work[n_part : 2 * n_part], work[2 * n_part :]
+        chunk, parts = groups, (0, 0, 0)
+    else:
+        per_group = rows * n_splits * (d + 2)
+        chunk = max(1, min(groups, _ATT_WORKSPACE_FLOATS // per_group))
+        work = torch.empty(chunk * per_group, dtype=torch.float32, device=dev)
+        n_part = chunk * rows * n_splits
+        parts = (_ptr(work[:n_part]), _ptr(work[n_part : 2 * n_part]), _ptr(work[2 * n_part :]))
     for g0 in range(0, groups, chunk):
         ng = min(chunk, groups - g0)
-        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (ng * tiles, n_splits, 1), _ATC_THREADS, sig,
-                (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *strides, _ptr(anchor), _ptr(part_m), _ptr(part_l),
-                 _ptr(part_o), _ptr(out), g0, tiles, n_splits, h, hk, lq, lk, scale, int(vec)), smem)
-        _launch(dev, "attention.cu", f"attention_combine_{sfx}", (_cdiv(ng * rows, _ATT_WARPS), 1, 1),
-                32 * _ATT_WARPS, "PPPPPqiiiii", (_ptr(anchor), _ptr(part_m), _ptr(part_l), _ptr(part_o), _ptr(out),
-                                                 g0 * rows, ng * rows, n_splits, lk, d, _ATC_SPLIT))
+        _launch(dev, "attention.cu", f"attention_tc_{sfx}_d{d}", (ng * tiles, n_splits, 1), _ATC_THREADS,
+                "PPPPqqqqPPPPPiiiiiiifi", (_ptr(q), _ptr(k), _ptr(v), _ptr(mask), *strides, _ptr(anchor), *parts,
+                                           _ptr(out), g0, tiles, n_splits, h, hk, lq, lk, scale, int(vec)), smem)
+        if n_splits > 1:
+            _launch(dev, "attention.cu", f"attention_combine_{sfx}", (_cdiv(ng * rows, _ATT_WARPS), 1, 1),
+                    32 * _ATT_WARPS, "PPPPPqiiiii", (_ptr(anchor), *parts, _ptr(out), g0 * rows, ng * rows,
+                                                     n_splits, lk, d, _ATC_SPLIT))
 
 
 def _attention_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
