@@ -3,11 +3,11 @@
 //
 // Model: a launch runs the blocks of the grid one after another. The threads of a block
 // are fibers taking turns on one OS thread, switching at barriers (DETKIT_EMU_FIBERS: the
-// plain build), or OS threads running concurrently (the sanitizer builds: ThreadSanitizer
-// needs real threads to see a race). Either way __shared__ (mapped to function-level
-// statics) is shared by exactly the threads of one block, __syncthreads is a barrier, and
-// the warp collectives (shuffles, ballots, ldmatrix, mma) exchange values through per-warp
-// buffers around a warp barrier. Dynamic shared memory is a heap buffer of exactly
+// plain and the AddressSanitizer builds), or OS threads running concurrently (the
+// ThreadSanitizer build: it needs real threads to see a race). Either way __shared__
+// (mapped to function-level statics) is shared by exactly the threads of one block,
+// __syncthreads is a barrier, and the warp collectives (shuffles, ballots, ldmatrix, mma)
+// exchange values through per-warp buffers around a warp barrier. Dynamic shared memory is a heap buffer of exactly
 // the launch's size, refilled with 0xFF bytes (NaN in every float type) before each
 // block, so an overrun is a heap overflow under AddressSanitizer and a read of memory the
 // block did not write shows up as NaN; static __shared__ arrays are refilled the same way

@@ -3,6 +3,9 @@
 #include <string>
 #ifdef DETKIT_EMU_FIBERS
 #include <ucontext.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 #endif
 
 EMU_LANE_LOCAL emu_dim3 threadIdx;
@@ -78,7 +81,8 @@ static void emu_end_thread() {
 // A fiber runs until it waits at a barrier that is not open yet, then yields; the
 // scheduler resumes the block's unfinished fibers in turn. A switch costs no system call
 // beyond ucontext's signal mask (the OS-thread version spent most of its time in futex
-// calls and context switches), and the order is the same in every run.
+// calls and context switches), and the order is the same in every run. The plain and the
+// AddressSanitizer builds use fibers; the ThreadSanitizer build needs OS threads.
 struct EmuFiber {
     ucontext_t ctx;
     std::unique_ptr<char[]> stack;  // uninitialised: only the pages a fiber touches are mapped
@@ -90,6 +94,17 @@ struct EmuFiber {
     bool done = false;
 };
 constexpr size_t EMU_FIBER_STACK = 512 * 1024;
+#if defined(__SANITIZE_ADDRESS__)
+// AddressSanitizer is told of every switch between the scheduler's stack and a fiber's,
+// else it takes the other stack's frames for overflows.
+static const void* g_scheduler_bottom = nullptr;
+static size_t g_scheduler_size = 0;
+#define EMU_START_SWITCH(save, bottom, size) __sanitizer_start_switch_fiber(save, bottom, size)
+#define EMU_FINISH_SWITCH(save, bottom, size) __sanitizer_finish_switch_fiber(save, bottom, size)
+#else
+#define EMU_START_SWITCH(save, bottom, size) ((void)0)
+#define EMU_FINISH_SWITCH(save, bottom, size) ((void)0)
+#endif
 static ucontext_t g_scheduler;
 static EmuFiber* g_current = nullptr;
 // Barrier arrivals and finished threads: a turn of the scheduler without one is a deadlock.
@@ -104,7 +119,12 @@ void EmuBarrier::wait() {
         ++gen;
         return;
     }
-    while (gen == my) swapcontext(&g_current->ctx, &g_scheduler);
+    while (gen == my) {
+        [[maybe_unused]] void* fake_stack = nullptr;
+        EMU_START_SWITCH(&fake_stack, g_scheduler_bottom, g_scheduler_size);
+        swapcontext(&g_current->ctx, &g_scheduler);
+        EMU_FINISH_SWITCH(fake_stack, &g_scheduler_bottom, &g_scheduler_size);
+    }
 }
 
 void EmuBarrier::drop() {
@@ -117,10 +137,12 @@ void EmuBarrier::drop() {
 }
 
 static void emu_fiber_main() {
+    EMU_FINISH_SWITCH(nullptr, &g_scheduler_bottom, &g_scheduler_size);
     emu_run_kernel();
     emu_end_thread();
     g_current->done = true;
     ++g_progress;
+    EMU_START_SWITCH(nullptr, g_scheduler_bottom, g_scheduler_size);  // the fiber ends: its stack is done with
 }  // returns to uc_link, the scheduler
 
 // Run fiber `f` until it yields or finishes, with its per-thread state swapped in.
@@ -131,7 +153,10 @@ static void emu_resume(EmuFiber& f) {
     std::swap(emu_wg_groups, f.wg_groups);
     std::swap(emu_cp_open, f.cp_open);
     std::swap(emu_cp_groups, f.cp_groups);
+    [[maybe_unused]] void* fake_stack = nullptr;
+    EMU_START_SWITCH(&fake_stack, f.stack.get(), EMU_FIBER_STACK);
     swapcontext(&g_scheduler, &f.ctx);
+    EMU_FINISH_SWITCH(fake_stack, nullptr, nullptr);
     std::swap(emu_wg_open, f.wg_open);
     std::swap(emu_wg_groups, f.wg_groups);
     std::swap(emu_cp_open, f.cp_open);
@@ -151,6 +176,13 @@ static bool emu_run_block(std::vector<EmuFiber>& fibers) {
         f.ctx.uc_stack.ss_size = EMU_FIBER_STACK;
         f.ctx.uc_link = &g_scheduler;
         makecontext(&f.ctx, emu_fiber_main, 0);
+#if defined(__SANITIZE_ADDRESS__)
+        // The stack is in the saved registers now. Left in uc_stack, AddressSanitizer's
+        // swapcontext interceptor would clear its whole shadow at every switch: the
+        // redzones of the frames the fiber left waiting at a barrier (its kernel's local
+        // arrays) gone, and, at 64 KiB of shadow, the pages handed back to the OS.
+        f.ctx.uc_stack = stack_t{};
+#endif
     }
     size_t alive = fibers.size();
     while (alive > 0) {
