@@ -1842,7 +1842,7 @@ def _needs(kind: str) -> pytest.MarkDecorator:
 # test); not the drawn-shape tests, the wgmma pipeline test or the tensor-core attention's
 # sliding-window and float16 tests, which repeat the same paths (a stage index past the
 # ring would also give wrong bits there), nor the whole model (the same kernels again,
-# minutes on OS threads under the sanitizer).
+# minutes under the sanitizer), nor the probes that must fail it (test_mutation_*).
 ADDRESS_SELECTION = ("not drawn_shapes and not dtype2 and not (row_ops_batch_invariant and dtype0) and not mutation "
                      "and not wgmma_pipeline and not through_the_cuda_backend and not reads_no_value "
                      "and not other_anchors and not (tensor_core_attention_masked and dtype1) and not probe_")
