@@ -167,6 +167,11 @@ def _launcher(libs: dict[str, ctypes.CDLL]) -> Callable[..., None]:
     return launch
 
 
+def _source_launcher(name: str, source: str) -> Callable[..., None]:
+    """_launcher of a test's own kernel source, built as file ``name``."""
+    return _launcher({name: _build(name, _out_dir(), source)})
+
+
 @pytest.fixture(scope="module")
 def emulated(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[dict[str, ctypes.CDLL]]:
     """Build the kernel files for the host and route the CUDA backend's launches (with
@@ -1776,12 +1781,12 @@ def test_threads_waiting_at_barriers_that_cannot_open_fail_the_launch() -> None:
               '    __syncwarp();\n'
               '    p[threadIdx.x] = 1.0f;\n'
               '}\n')
-    launch = _launcher({"stuck.cu": _build("stuck.cu", _out_dir(), source)})
+    launch = _source_launcher("stuck.cu", source)
     out = torch.zeros(64)
     with pytest.raises(AssertionError, match="stuck .*every thread left waits at a barrier that cannot open"):
         launch(out.device, "stuck.cu", "stuck", (2, 1, 1), 64, "P", (out.data_ptr(),))
     fine = source.replace("    if ((threadIdx.x & 31) == 31) __syncthreads();\n", "")
-    launch = _launcher({"fine.cu": _build("fine.cu", _out_dir(), fine)})
+    launch = _source_launcher("fine.cu", fine)
     launch(out.device, "fine.cu", "stuck", (2, 1, 1), 64, "P", (out.data_ptr(),))
     assert bool((out == 1).all())
     # The entry table calls a kernel with its own parameter types: other arguments fail.
@@ -1801,7 +1806,7 @@ def test_a_cp_async_copy_lands_at_its_wait() -> None:
               "    if (wait) cp_async_wait<0>();\n"
               "    out[threadIdx.x] = s[4 * threadIdx.x];\n"
               "}\n")
-    launch = _launcher({"copy.cu": _build("copy.cu", _out_dir(), source)})
+    launch = _source_launcher("copy.cu", source)
     src, out = torch.arange(128, dtype=torch.float32), torch.zeros(32)
     args = (src.data_ptr(), out.data_ptr())
     launch(out.device, "copy.cu", "copy", (1, 1, 1), 32, "PPi", (*args, 1))
@@ -2017,7 +2022,7 @@ def test_probe_a_local_array_read_past_its_end_after_barriers() -> None:
               '    float* volatile q = a;  // hides the bound from UBSan: the redzone must catch it\n'
               '    p[threadIdx.x] = q[i];\n'
               '}\n')
-    launch = _launcher({"over.cu": _build("over.cu", _out_dir(), source)})
+    launch = _source_launcher("over.cu", source)
     out = torch.zeros(64)
     launch(out.device, "over.cu", "over", (2, 1, 1), 64, "Pi", (out.data_ptr(), 9))
 
