@@ -125,6 +125,38 @@ def probe_server(model: str,
 
 # The architectures CI compile-checks every kernel for (no GPU needed).
 COMPILE_ARCHS = ("sm_80", "sm_90")
+# The files whose sm_80 PTX test_cuda_compile reads for approximate instructions.
+PTX_CHECKED_FILES = ("matmul.cu", "rowops.cu", "attention.cu")
+
+# Compiling every unit takes minutes of CPU with a cold cache (a new CI machine). A process
+# started when the tests are collected compiles what the compile checks read into the disk
+# cache, at a low CPU priority (above the sanitized runs below: it is wanted sooner), while
+# the rest of the suite runs; the modules that use compiled_kernels run last, and the
+# fixture waits for the process. It only warms the cache: the fixture's own check compiles
+# whatever the process did not, and reports every error itself.
+_WARM_CACHE = """
+import sys
+from detkit.kernels import cuda_loader as L
+found = L.available_compilers()
+if found:
+    L.check_all(tuple(sys.argv[2:]), compiler=found[0])
+    for name in sys.argv[1].split(","):
+        L.compile_source(L.kernel_source(name), name, "sm_80", output="ptx", compiler=found[0])
+"""
+_cache_warmer: subprocess.Popen[bytes] | None = None
+
+
+def _uses_compiled_kernels(item: pytest.Item) -> bool:
+    return "compiled_kernels" in getattr(item, "fixturenames", ())
+
+
+def _start_cache_warmer() -> None:
+    global _cache_warmer
+    if _cache_warmer is None and os.environ.get("DETKIT_SKIP_CUDA_COMPILE") != "1":
+        _cache_warmer = subprocess.Popen([sys.executable, "-c", _WARM_CACHE, ",".join(PTX_CHECKED_FILES),
+                                          *COMPILE_ARCHS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with contextlib.suppress(OSError):  # its compiler threads inherit the main thread's priority
+            os.setpriority(os.PRIO_PROCESS, _cache_warmer.pid, 10)
 
 
 @pytest.fixture(scope="session")
@@ -154,6 +186,8 @@ def compiled_kernels(cuda_compiler: str) -> dict[tuple[str, str], Any]:
     which on 2 cores would otherwise compile one unit at a time."""
     from detkit.kernels import cuda_loader
 
+    if _cache_warmer is not None:
+        _cache_warmer.wait()
     return {(r.arch, r.file): r for r in cuda_loader.check_all(COMPILE_ARCHS, compiler=cuda_compiler)}
 
 
@@ -170,32 +204,39 @@ def mode_left_off() -> Iterator[None]:
 
 
 # ---------------------------------------------------------------- background sanitized runs
-# tests/test_cuda_emulated.py's two sanitized runs take minutes of both cores: started
-# when the tests are collected, at the lowest CPU priority, they use what the rest of the
-# suite leaves idle; the two tests that collect them run last.
+# tests/test_cuda_emulated.py's sanitized runs take minutes of CPU: started when the tests
+# are collected, at the lowest CPU priority, they use what the rest of the suite leaves
+# idle; the tests that read them run last.
 _emulated: ModuleType | None = None
 
 
-def _sanitized_kind(item: pytest.Item) -> str | None:
+def _sanitized_run(item: pytest.Item) -> str | None:
     module = getattr(item, "module", None)
     return getattr(module, "SANITIZED_TESTS", {}).get(getattr(item, "originalname", ""))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: _sanitized_kind(item) is not None)  # stable: the rest keep their order
+    compiling = {getattr(item, "module", None) for item in items if _uses_compiled_kernels(item)}
+    # stable: each group keeps its order, and a module that compiles moves as a whole
+    items.sort(key=lambda item: (_sanitized_run(item) is not None, getattr(item, "module", None) in compiling))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     global _emulated
     if session.config.option.collectonly:
         return
+    if any(_uses_compiled_kernels(item) for item in session.items):
+        _start_cache_warmer()
     for item in session.items:
-        kind = _sanitized_kind(item)
-        if kind is not None:  # started only where it can run (not inside a sanitized run)
+        name = _sanitized_run(item)
+        if name is not None:  # started only where it can run (not inside a sanitized run)
             _emulated = item.module  # type: ignore[attr-defined]
-            _emulated.start_sanitized_runs([kind])
+            _emulated.start_sanitized_runs([name])
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _cache_warmer is not None and _cache_warmer.poll() is None:
+        _cache_warmer.kill()
+        _cache_warmer.wait()
     if _emulated is not None:
         _emulated.stop_sanitized_runs()

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import COMPILE_ARCHS as ARCHS
+from conftest import PTX_CHECKED_FILES
 from typer.testing import CliRunner
 
 from detkit.errors import BackendUnavailable, CompileError, InputError
@@ -264,7 +265,7 @@ def _ptx_by_entry(ptx: str) -> dict[str, str]:
     return {m.group(1): part for part in parts if (m := re.match(r"(?:\.visible\s+)?\.entry\s+(\w+)", part))}
 
 
-@pytest.mark.parametrize("name", ["matmul.cu", "rowops.cu", "attention.cu"])
+@pytest.mark.parametrize("name", PTX_CHECKED_FILES)
 def test_kernels_use_no_approximate_flush_to_zero_or_tf32_instructions(compiler: str, name: str) -> None:
     """The compiled instructions keep the promises the options make: in every kernel of
     the default tables, no approximate (ex2.approx, rcp.approx, ...) or flush-to-zero

@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -100,7 +101,10 @@ def _build(name: str, out_dir: Path, source: str | None = None) -> ctypes.CDLL:
     stem = f"{Path(name).stem}-{digest}{'-' + SANITIZE if SANITIZE else ''}"
     so = out_dir / f"{stem}.so"
     if not so.exists():
-        cpp = out_dir / f"{stem}.cpp"
+        # built under this thread's own names, then renamed: other processes (the sanitized
+        # runs) may build the same file at the same time
+        part = f"{stem}.{os.getpid()}-{threading.get_ident()}"
+        cpp = out_dir / f"{part}.cpp"
         # The kernels (macros expanded; after the marker, so not the C++ library's) get a
         # table that calls each with its parameter types.
         cpp.write_text(f"{_SOURCE_MARK}\n{src}")
@@ -110,9 +114,11 @@ def _build(name: str, out_dir: Path, source: str | None = None) -> ctypes.CDLL:
         entries = sorted(set(_ENTRY_RE.findall(pre.stdout.split(_SOURCE_MARK, 1)[1])))
         cpp.write_text(f"{src}\nEMU_ENTRIES({' '.join(f'EMU_ENTRY({e})' for e in entries)})\n")
         cmd = [*common, "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread",
-               str(cpp), str(EMU_DIR / "runtime.cpp"), "-o", str(so)]
+               str(cpp), str(EMU_DIR / "runtime.cpp"), "-o", str(out_dir / f"{part}.so")]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         assert proc.returncode == 0, f"host build of {name} failed:\n{proc.stderr[-4000:]}"
+        os.replace(cpp, out_dir / f"{stem}.cpp")
+        os.replace(out_dir / f"{part}.so", so)
     lib = ctypes.CDLL(str(so))
     lib.emu_launch_entry.restype = ctypes.c_char_p
     lib.emu_launch_entry.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
@@ -1871,10 +1877,10 @@ _ASAN_FIBER_NOTE = re.compile(r"^==\d+==WARNING: ASan doesn't fully support make
 
 class _SanitizedRun:
     """The tests of this file selected by ``select``, in a process under ``kind``
-    ("address": AddressSanitizer + UBSan, "thread": ThreadSanitizer), started at once."""
+    ("address": AddressSanitizer + UBSan, "thread": ThreadSanitizer), started at once at
+    the lowest CPU priority."""
 
-    def __init__(self, tmp_path: Path, kind: str, select: str, kernels_dir: Path | None = None,
-                 background: bool = False) -> None:
+    def __init__(self, tmp_path: Path, kind: str, select: str, kernels_dir: Path | None = None) -> None:
         self.kind = kind
         self.logs = tmp_path / f"{kind}-logs"
         self.logs.mkdir()
@@ -1892,9 +1898,8 @@ class _SanitizedRun:
         self.proc = subprocess.Popen([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
                                       "-k", select], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
-        if background:  # the threads it starts inherit the priority of its main thread
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
+        with contextlib.suppress(OSError):  # the threads it starts inherit the priority of its main thread
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
 
     def result(self) -> tuple[int, str, str]:
         """(exit code, pytest's output, the sanitizer reports), once the process ended."""
@@ -1908,25 +1913,52 @@ class _SanitizedRun:
         return self.proc.returncode, output, reports
 
 
-# The two sanitized runs take minutes of both cores. tests/conftest.py starts them as soon
-# as the tests are collected, at the lowest CPU priority, so that they use what the rest of
-# the suite leaves idle, and moves the two tests that collect them to the end.
-SANITIZED_TESTS = {"test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers": "address",
-                   "test_kernels_have_no_data_race_under_the_thread_sanitizer": "thread"}
-_SELECTIONS = {"address": ADDRESS_SELECTION, "thread": THREAD_SELECTION}
+# The barrier between the warps' partial results and their reduction, dropped.
+_NO_BARRIER = ("    if (lane == 0) scratch[warp] = v;\n    __syncthreads();\n", "    if (lane == 0) scratch[warp] = v;\n")
+
+# The warp barrier between one key block's readers of `sk` and the next block's writers,
+# dropped. With D <= 64 (one block per score) the only thing between them is the next
+# chunk's __ballot_sync, which on a GPU orders no memory access (only __syncwarp does).
+_NO_SYNCWARP = ("                __syncwarp();  // the previous block's readers are done with sk\n", "")
+
+
+# The sanitized runs take minutes of CPU: tests/conftest.py starts each run that a collected
+# test reads as soon as the tests are collected, at the lowest CPU priority, so that they use
+# what the rest of the suite leaves idle, and moves the tests that read them to the end.
+# name: (sanitizer, the tests of this file it runs, (kernel file, mutation) or None). Each
+# mutation run is a build of the mutated file and one test, with the bug the sanitizer must find.
+_RUNS: dict[str, tuple[str, str, tuple[str, tuple[str, str]] | None]] = {
+    "address": ("address", ADDRESS_SELECTION, None),
+    "thread": ("thread", THREAD_SELECTION, None),
+    "overread": ("address", "test_portable_row_ops_equal_spec and 517 and dtype0", ("rowops.cu", _OVERREAD)),
+    "local array": ("address", "probe_a_local_array", None),
+    "no barrier": ("thread", "row_ops_batch_invariant and False-dtype1", ("common.cuh", _NO_BARRIER)),
+    "no syncwarp": ("thread", "attention_invariance and True", ("attention.cu", _NO_SYNCWARP)),
+}
+# test: the run whose result it reads
+SANITIZED_TESTS = {
+    "test_kernels_run_clean_under_address_and_undefined_behaviour_sanitizers": "address",
+    "test_kernels_have_no_data_race_under_the_thread_sanitizer": "thread",
+    "test_mutation_read_past_the_tensor_is_caught_by_the_address_sanitizer": "overread",
+    "test_mutation_a_local_array_read_past_its_end_after_barriers_is_caught_by_the_address_sanitizer": "local array",
+    "test_mutation_missing_barrier_is_caught_by_the_thread_sanitizer": "no barrier",
+    "test_mutation_a_shuffle_in_place_of_a_syncwarp_is_caught_by_the_thread_sanitizer": "no syncwarp",
+}
 _background: dict[str, _SanitizedRun] = {}
 
 
-def start_sanitized_runs(kinds: Iterable[str]) -> None:
-    """Start the sanitized run of each of ``kinds`` that can run here, unless started."""
-    for kind in kinds:
-        if kind not in _background and not SANITIZE and _runtime(kind) is not None:
-            tmp = Path(tempfile.mkdtemp(prefix=f"detkit-emu-{kind}-"))
-            _background[kind] = _SanitizedRun(tmp, kind, _SELECTIONS[kind], background=True)
+def start_sanitized_runs(names: Iterable[str]) -> None:
+    """Start each run of ``names`` (keys of _RUNS) that can run here, unless started."""
+    for name in names:
+        kind, select, mutation = _RUNS[name]
+        if name not in _background and not SANITIZE and _runtime(kind) is not None:
+            tmp = Path(tempfile.mkdtemp(prefix=f"detkit-emu-{name.replace(' ', '-')}-"))
+            kernels = None if mutation is None else _mutated_kernels(tmp, *mutation)
+            _background[name] = _SanitizedRun(tmp, kind, select, kernels)
 
 
 def stop_sanitized_runs() -> None:
-    """End the sanitized runs (killed if the session ended before their tests) and remove their logs."""
+    """End the sanitized runs (killed if the session ended before their tests) and remove their files."""
     for run in _background.values():
         if run.proc.poll() is None:
             run.proc.kill()
@@ -1935,9 +1967,9 @@ def stop_sanitized_runs() -> None:
     _background.clear()
 
 
-def _sanitized_result(kind: str) -> tuple[int, str, str]:
-    start_sanitized_runs([kind])  # only if the session hooks did not start it
-    return _background[kind].result()
+def _sanitized_result(name: str) -> tuple[int, str, str]:
+    start_sanitized_runs([name])  # only if the session hooks did not start it
+    return _background[name].result()
 
 
 def _assert_clean(kind: str, rc: int, output: str, reports: str, fault: str) -> None:
@@ -1973,41 +2005,9 @@ def test_kernels_have_no_data_race_under_the_thread_sanitizer() -> None:
     _assert_clean("thread", rc, output, reports, "a data race: results that can change from run to run")
 
 
-# The barrier between the warps' partial results and their reduction, dropped.
-_NO_BARRIER = ("    if (lane == 0) scratch[warp] = v;\n    __syncthreads();\n", "    if (lane == 0) scratch[warp] = v;\n")
-
-# The warp barrier between one key block's readers of `sk` and the next block's writers,
-# dropped. With D <= 64 (one block per score) the only thing between them is the next
-# chunk's __ballot_sync, which on a GPU orders no memory access (only __syncwarp does).
-_NO_SYNCWARP = ("                __syncwarp();  // the previous block's readers are done with sk\n", "")
-
-# name: (sanitizer, kernel file, mutation, the tests of this file that run it)
-_SANITIZER_MUTATIONS = {
-    "overread": ("address", "rowops.cu", _OVERREAD, "test_portable_row_ops_equal_spec and 517 and dtype0"),
-    "no barrier": ("thread", "common.cuh", _NO_BARRIER, "row_ops_batch_invariant and False-dtype1"),
-    "no syncwarp": ("thread", "attention.cu", _NO_SYNCWARP, "attention_invariance and True"),
-}
-
-
-@pytest.fixture(scope="module")
-def mutation_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _SanitizedRun]]:
-    """Every sanitizer mutation's run, started together (each is a compile on one core,
-    about 15 s here): the tests below collect them; one not collected is killed."""
-    runs = {}
-    for name, (kind, file, mutation, select) in _SANITIZER_MUTATIONS.items():
-        if not SANITIZE and _runtime(kind) is not None:
-            tmp = tmp_path_factory.mktemp(name.replace(" ", "-"))
-            runs[name] = _SanitizedRun(tmp, kind, select, _mutated_kernels(tmp, file, mutation))
-    yield runs
-    for run in runs.values():
-        if run.proc.poll() is None:
-            run.proc.kill()
-            run.proc.communicate()
-
-
 @_needs("address")
-def test_mutation_read_past_the_tensor_is_caught_by_the_address_sanitizer(mutation_runs: dict) -> None:
-    rc, output, reports = mutation_runs["overread"].result()
+def test_mutation_read_past_the_tensor_is_caught_by_the_address_sanitizer() -> None:
+    rc, output, reports = _sanitized_result("overread")
     assert rc != 0, f"the sanitized run passed with a read past the tensor:\n{output[-2000:]}"
     assert "heap-buffer-overflow" in reports and "rowops.cu:" in reports, reports[:3000] or output[-3000:]
 
@@ -2028,20 +2028,19 @@ def test_probe_a_local_array_read_past_its_end_after_barriers() -> None:
 
 
 @_needs("address")
-def test_mutation_a_local_array_read_past_its_end_after_barriers_is_caught_by_the_address_sanitizer(
-        tmp_path: Path) -> None:
+def test_mutation_a_local_array_read_past_its_end_after_barriers_is_caught_by_the_address_sanitizer() -> None:
     """A kernel's own frame keeps its redzones while its fiber waits at barriers: runtime.cpp
     takes the stack out of the context once made, or AddressSanitizer's swapcontext
     interceptor would unpoison the fiber's whole stack at every switch and this read of a
     local array past its end would pass."""
-    rc, output, reports = _SanitizedRun(tmp_path, "address", "probe_a_local_array").result()
+    rc, output, reports = _sanitized_result("local array")
     assert rc != 0 and "stack-buffer-overflow" in reports, reports[:3000] or output[-3000:]
     assert re.search(r"#0 \S+ in over \S+:7\n", reports), reports[:3000]  # the read, in the kernel
 
 
 @_needs("thread")
-def test_mutation_missing_barrier_is_caught_by_the_thread_sanitizer(mutation_runs: dict) -> None:
-    rc, output, reports = mutation_runs["no barrier"].result()
+def test_mutation_missing_barrier_is_caught_by_the_thread_sanitizer() -> None:
+    rc, output, reports = _sanitized_result("no barrier")
     assert rc != 0 and "ThreadSanitizer: data race" in reports, reports[:3000] or output[-3000:]
     # the race is on the reduction's scratch: named by its line in common.cuh, or (when the
     # symbolizer gives no line for the inlined frame) by the variable
@@ -2049,10 +2048,10 @@ def test_mutation_missing_barrier_is_caught_by_the_thread_sanitizer(mutation_run
 
 
 @_needs("thread")
-def test_mutation_a_shuffle_in_place_of_a_syncwarp_is_caught_by_the_thread_sanitizer(mutation_runs: dict) -> None:
+def test_mutation_a_shuffle_in_place_of_a_syncwarp_is_caught_by_the_thread_sanitizer() -> None:
     """Warp collectives synchronise the emulation's lanes but must not count as ordering
     shared memory for ThreadSanitizer (emu.h's EmuUnordered), or a race a GPU has passes."""
-    rc, output, reports = mutation_runs["no syncwarp"].result()
+    rc, output, reports = _sanitized_result("no syncwarp")
     assert "ThreadSanitizer: data race" in reports and "attention" in reports, reports[:3000] or output[-3000:]
 
 
