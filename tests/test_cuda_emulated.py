@@ -2,7 +2,7 @@
 
 ``tests/cuda_emu/emu.h`` maps the CUDA subset the kernels use (threads, shared memory,
 barriers, shuffles, ballots, ldmatrix, cp.async, mma.m16n8k16, wgmma) onto the host (a
-block's threads as fibers, or as OS threads under the sanitizers); the ``.cu`` files are
+block's threads as fibers, under the sanitizers too); the ``.cu`` files are
 compiled unchanged by g++ and launched through the CUDA backend's own Python launchers
 (``detkit.kernels.cuda``) with CPU tensors; each launch calls the kernel from C++ with its
 own parameter types (a table appended at build time). This checks, without a GPU:
@@ -66,13 +66,13 @@ pytestmark = pytest.mark.skipif(
 # threads of a block touching the same memory without a barrier between them (a missing
 # __syncthreads) is reported. The process must preload the runtime (_SanitizedRun).
 SANITIZE = os.environ.get("DETKIT_EMU_SANITIZE", "")  # "", "address" or "thread"
-# The plain and AddressSanitizer builds run a block's threads as fibers on one OS thread
-# (the same order every run, and about 7x faster than OS threads here; told of each
-# switch, AddressSanitizer follows the stacks, runtime.cpp). The ThreadSanitizer build
-# keeps OS threads: it needs them to see a race. Line tables (-g1) are all a report's
-# file:line needs, and build in two thirds of -g's time.
-SANITIZER_FLAGS = {"": ["-DDETKIT_EMU_FIBERS"],
-                   "address": ["-DDETKIT_EMU_FIBERS", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+# Every build runs a block's threads as fibers on one OS thread (the same order every run,
+# and about 7x faster than OS threads here). The sanitizers are told of each switch
+# (runtime.cpp): AddressSanitizer follows the stacks, and ThreadSanitizer sees a race by
+# what orders two accesses (only the barriers do), not by when they ran. Line tables
+# (-g1) are all a report's file:line needs, and build in two thirds of -g's time.
+SANITIZER_FLAGS = {"": [],
+                   "address": ["-fsanitize=address,undefined", "-fno-sanitize-recover=all",
                                "-fno-omit-frame-pointer", "-g1"],
                    "thread": ["-fsanitize=thread", "-fno-omit-frame-pointer", "-g1"]}
 
@@ -1777,7 +1777,6 @@ def test_mutation_a_lane_leaving_before_a_warp_collective_fails_the_launch(
         cuda_backend.softmax(rand((2, 40), torch.float32, 1), False, portable=True)
 
 
-@pytest.mark.skipif(SANITIZE == "thread", reason="fibers only: with OS threads (ThreadSanitizer) this launch hangs")
 def test_threads_waiting_at_barriers_that_cannot_open_fail_the_launch() -> None:
     """A lane waiting at __syncthreads while the rest of its warp waits in a collective: on
     a GPU the launch hangs; here the scheduler finds a turn in which no thread moved. And a

@@ -2,9 +2,9 @@
 // cuda_kernels/*.cu sources can run on a CPU in tests (tests/test_cuda_emulated.py).
 //
 // Model: a launch runs the blocks of the grid one after another. The threads of a block
-// are fibers taking turns on one OS thread, switching at barriers (DETKIT_EMU_FIBERS: the
-// plain and the AddressSanitizer builds), or OS threads running concurrently (the
-// ThreadSanitizer build: it needs real threads to see a race). Either way __shared__
+// are fibers taking turns on one OS thread, switching at barriers; the sanitizers are told
+// of every switch (runtime.cpp), and ThreadSanitizer of exactly the orderings a GPU gives:
+// a barrier's arrivals before its departures, nothing else between threads. __shared__
 // (mapped to function-level statics) is shared by exactly the threads of one block,
 // __syncthreads is a barrier, and the warp collectives (shuffles, ballots, ldmatrix, mma)
 // exchange values through per-warp buffers around a warp barrier. Dynamic shared memory is a heap buffer of exactly
@@ -22,9 +22,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <condition_variable>
-#include <mutex>
-#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -52,16 +49,8 @@ void* emu_dynamic_smem();
 #define __align__(n) __attribute__((aligned(n)))
 
 struct emu_dim3 { unsigned x = 0, y = 0, z = 0; };
-// Per CUDA thread: thread_local for OS threads; for fibers one global, swapped in by the
-// runtime when a fiber resumes.
-#ifdef DETKIT_EMU_FIBERS
-#define EMU_LANE_LOCAL
-#else
-#define EMU_LANE_LOCAL thread_local
-#endif
-extern EMU_LANE_LOCAL emu_dim3 threadIdx;
-extern EMU_LANE_LOCAL emu_dim3 blockIdx;
-extern emu_dim3 blockDim, gridDim;
+// threadIdx: set by the runtime when a fiber resumes.
+extern emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }
@@ -86,54 +75,53 @@ static inline double __longlong_as_double(long long u) { double d; std::memcpy(&
 static inline float __double2float_rn(double a) { return (float)a; }  // x86-64: IEEE nearest even
 static inline int __ffs(unsigned x) { return __builtin_ffs((int)x); }
 
+// ---- ThreadSanitizer's view ------------------------------------------------------------
+// The fibers switch without telling ThreadSanitizer of any ordering (runtime.cpp); the
+// runtime tells it of the orderings a GPU gives with emu_release/emu_acquire on an address.
+// The emulation's own bookkeeping (barrier counters, the buffers a warp collective
+// exchanges values through), which every thread touches, runs untracked (EmuUntracked).
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+extern "C" void AnnotateIgnoreReadsBegin(const char*, int);
+extern "C" void AnnotateIgnoreReadsEnd(const char*, int);
+extern "C" void AnnotateIgnoreWritesBegin(const char*, int);
+extern "C" void AnnotateIgnoreWritesEnd(const char*, int);
+static inline void emu_release(void* sync) { __tsan_release(sync); }
+static inline void emu_acquire(void* sync) { __tsan_acquire(sync); }
+struct EmuUntracked {
+    EmuUntracked() {
+        AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+        AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+    }
+    ~EmuUntracked() {
+        AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+        AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+    }
+};
+#else
+static inline void emu_release(void*) {}
+static inline void emu_acquire(void*) {}
+struct EmuUntracked {};
+#endif
+
 // ---- barriers -------------------------------------------------------------------------
 // The first error of a launch (a collective with exited lanes), the launch's result.
 void emu_report(const char* what);
 
 // wait() and drop() are the runtime's (runtime.cpp): a fiber yields until the barrier
-// opens, an OS thread sleeps on a condition variable.
+// opens. wait(true) orders every access before it, in every thread, before every access
+// after it (__syncthreads, __syncwarp); wait(false) only synchronises (a warp collective).
 struct EmuBarrier {
-    std::mutex mu;
-    std::condition_variable cv;
     int n = 0, full = 0, waiting = 0;
     bool warp = false;  // a warp's barrier: every lane must take part (a block's: the threads left)
     unsigned long gen = 0;
-    void reset(int count) { std::lock_guard<std::mutex> g(mu); n = full = count; waiting = 0; }
-    void release_locked() { waiting = 0; ++gen; cv.notify_all(); }
-    void wait();
+    // ThreadSanitizer: generation g's arrivals release sync[g % 2], its departures acquire
+    // it; a thread already arriving at the next generation releases the other one.
+    char sync[2] = {};
+    void reset(int count) { n = full = count; waiting = 0; }
+    void wait(bool orders_memory);
     void drop();  // a thread left the kernel: it no longer takes part in this block
 };
-
-// A warp collective (shuffle, ballot, ldmatrix, mma) synchronises a warp's lanes but, on a
-// GPU, orders no memory access: only __syncwarp and __syncthreads do (CUDA C++ Programming
-// Guide, "Warp Shuffle Functions" vs "__syncwarp()"). Its barrier here is a mutex and a
-// condition variable, which ThreadSanitizer would take for an ordering: a lane writing
-// shared memory that another lane read before the same shuffle, with no __syncwarp in
-// between, would pass. In the ThreadSanitizer build a collective's own bookkeeping therefore
-// runs with TSan's synchronisation and memory tracking switched off (EmuUnordered), so
-// the kernel's accesses on either side of it are checked as if nothing ordered them.
-#if defined(__SANITIZE_THREAD__)
-extern "C" void AnnotateIgnoreSyncBegin(const char*, int);
-extern "C" void AnnotateIgnoreSyncEnd(const char*, int);
-extern "C" void AnnotateIgnoreReadsBegin(const char*, int);
-extern "C" void AnnotateIgnoreReadsEnd(const char*, int);
-extern "C" void AnnotateIgnoreWritesBegin(const char*, int);
-extern "C" void AnnotateIgnoreWritesEnd(const char*, int);
-struct EmuUnordered {
-    EmuUnordered() {
-        AnnotateIgnoreSyncBegin(__FILE__, __LINE__);
-        AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
-        AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
-    }
-    ~EmuUnordered() {
-        AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
-        AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
-        AnnotateIgnoreSyncEnd(__FILE__, __LINE__);
-    }
-};
-#else
-struct EmuUnordered {};
-#endif
 
 // A collective is one warp barrier: lanes publish into buffer `phase`, wait, read. The
 // buffers alternate, so a lane that runs ahead into the next collective writes the other
@@ -150,26 +138,36 @@ EmuWarp* emu_warp();
 EmuBarrier* emu_block_barrier();
 
 static inline int emu_lane() { return (int)(threadIdx.x & 31u); }
-static inline int emu_next_phase(EmuWarp* w) {
-    const int ph = w->phase[emu_lane()];
-    w->phase[emu_lane()] = ph ^ 1;
-    return ph;
+static inline void __syncthreads() { emu_block_barrier()->wait(true); }
+static inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp()->bar.wait(true); }
+
+// A warp collective (shuffle, ballot, ldmatrix, mma): `publish(warp, phase)` writes this
+// lane's part, then, once every lane of the warp has, `collect(warp, phase)` reads the
+// others'. On a GPU a collective synchronises the lanes but orders no memory access: only
+// __syncwarp and __syncthreads do (CUDA C++ Programming Guide, "Warp Shuffle Functions" vs
+// "__syncwarp()"). So its barrier orders nothing for ThreadSanitizer, and a lane writing
+// shared memory that another lane read before the same shuffle, with no __syncwarp in
+// between, is a race.
+template <typename Publish, typename Collect> static inline void emu_collective(Publish publish, Collect collect) {
+    EmuWarp* w = emu_warp();
+    int ph;
+    {
+        EmuUntracked untracked;
+        ph = w->phase[emu_lane()];
+        w->phase[emu_lane()] = ph ^ 1;
+        publish(w, ph);
+    }
+    w->bar.wait(false);
+    EmuUntracked untracked;
+    collect(w, ph);
 }
-static inline void __syncthreads() { emu_block_barrier()->wait(); }
-static inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp()->bar.wait(); }
 
 template <typename V> static inline V emu_exchange(V v, int src) {
     static_assert(sizeof(V) <= 8, "8 bytes at most");
-    EmuWarp* w = emu_warp();
     uint64_t bits = 0, got = 0;
     std::memcpy(&bits, &v, sizeof(V));
-    {
-        EmuUnordered unordered;
-        const int ph = emu_next_phase(w);
-        w->slot[ph][emu_lane()] = bits;
-        w->bar.wait();
-        got = w->slot[ph][src & 31];
-    }
+    emu_collective([&](EmuWarp* w, int ph) { w->slot[ph][emu_lane()] = bits; },
+                   [&](EmuWarp* w, int ph) { got = w->slot[ph][src & 31]; });
     V r;
     std::memcpy(&r, &got, sizeof(V));
     return r;
@@ -177,13 +175,11 @@ template <typename V> static inline V emu_exchange(V v, int src) {
 template <typename V> static inline V __shfl_xor_sync(unsigned, V v, int o) { return emu_exchange(v, emu_lane() ^ o); }
 template <typename V> static inline V __shfl_sync(unsigned, V v, int src) { return emu_exchange(v, src); }
 static inline unsigned __ballot_sync(unsigned, bool pred) {
-    EmuWarp* w = emu_warp();
-    EmuUnordered unordered;
-    const int ph = emu_next_phase(w);
-    w->slot[ph][emu_lane()] = pred ? 1u : 0u;
-    w->bar.wait();
     unsigned r = 0;
-    for (int l = 0; l < 32; ++l) r |= (unsigned)(w->slot[ph][l] & 1u) << l;
+    emu_collective([&](EmuWarp* w, int ph) { w->slot[ph][emu_lane()] = pred ? 1u : 0u; },
+                   [&](EmuWarp* w, int ph) {
+                       for (int l = 0; l < 32; ++l) r |= (unsigned)(w->slot[ph][l] & 1u) << l;
+                   });
     return r;
 }
 static inline bool __any_sync(unsigned m, bool pred) { return __ballot_sync(m, pred) != 0u; }
@@ -202,35 +198,45 @@ static inline unsigned short emu_f32_to_f16(float x) { _Float16 h = (_Float16)x;
 // waiting for it (a wait count one too small) reads NaN, and a stage refilled before the
 // wgmma reading it was retired feeds NaN to that wgmma.
 struct EmuCopy { void* dst; const void* src; bool valid; };
-inline EMU_LANE_LOCAL std::vector<EmuCopy> emu_cp_open;
-inline EMU_LANE_LOCAL std::vector<std::vector<EmuCopy>> emu_cp_groups;
+struct EmuWgmmaOp { float* d; int n; uint64_t da, db; bool is_bf16; };
+// A CUDA thread's asynchronous operations in flight: its fiber's (runtime.cpp).
+struct EmuLane {
+    std::vector<EmuCopy> cp_open;
+    std::vector<std::vector<EmuCopy>> cp_groups;
+    std::vector<EmuWgmmaOp> wg_open;
+    std::vector<std::vector<EmuWgmmaOp>> wg_groups;
+};
+EmuLane& emu_lane_state();
 // A GPU faults on a misaligned address (and the CUDA context is lost with it).
 static inline bool emu_aligned16(const void* p) { return ((uintptr_t)p & 15u) == 0u; }
 static inline void cp_async16(void* smem, const void* gmem, bool valid) {
     if (!emu_aligned16(smem) || (valid && !emu_aligned16(gmem)))
         emu_report("cp.async of 16 bytes at an address that is not 16-byte aligned: a GPU faults");
     std::memset(smem, 0xFF, 16);
-    emu_cp_open.push_back({smem, gmem, valid});
+    emu_lane_state().cp_open.push_back({smem, gmem, valid});
 }
 static inline void cp_async_commit() {
-    emu_cp_groups.push_back(std::move(emu_cp_open));
-    emu_cp_open.clear();
+    EmuLane& lane = emu_lane_state();
+    lane.cp_groups.push_back(std::move(lane.cp_open));
+    lane.cp_open.clear();
 }
 template <int N> static inline void cp_async_wait() {
-    while ((int)emu_cp_groups.size() > N) {
-        for (const EmuCopy& c : emu_cp_groups.front()) {
+    EmuLane& lane = emu_lane_state();
+    while ((int)lane.cp_groups.size() > N) {
+        for (const EmuCopy& c : lane.cp_groups.front()) {
             if (c.valid) std::memcpy(c.dst, c.src, 16);
             else std::memset(c.dst, 0, 16);  // src-size 0: zero fill
         }
-        emu_cp_groups.erase(emu_cp_groups.begin());
+        lane.cp_groups.erase(lane.cp_groups.begin());
     }
 }
 // At the end of a thread: copies still in flight into shared memory nobody waited for.
 static inline bool emu_cp_async_pending() {
-    bool pending = !emu_cp_open.empty();
-    for (const auto& g : emu_cp_groups) pending = pending || !g.empty();
-    emu_cp_open.clear();
-    emu_cp_groups.clear();
+    EmuLane& lane = emu_lane_state();
+    bool pending = !lane.cp_open.empty();
+    for (const auto& g : lane.cp_groups) pending = pending || !g.empty();
+    lane.cp_open.clear();
+    lane.cp_groups.clear();
     return pending;
 }
 
@@ -240,20 +246,16 @@ static inline uint16_t emu_ld1(const void* p) { uint16_t r; std::memcpy(&r, p, 2
 // Lanes 8i..8i+7 give the row addresses of matrix i; lane l receives row l/4, columns
 // 2(l%4), 2(l%4)+1 of each matrix (of its transpose with .trans).
 static inline void emu_ldsm(uint32_t (&r)[4], const void* p, bool trans) {
-    EmuWarp* w = emu_warp();
     const int lane = emu_lane();
     if (!emu_aligned16(p)) emu_report("ldmatrix row address not 16-byte aligned: a GPU faults");
     const void* rows[4][2];  // the row addresses this lane reads, from the lanes that gave them
-    {
-        EmuUnordered unordered;
-        const int ph = emu_next_phase(w);
-        w->ptr[ph][lane] = p;
-        w->bar.wait();
-        for (int i = 0; i < 4; ++i) {
-            rows[i][0] = w->ptr[ph][trans ? 8 * i + 2 * (lane % 4) : 8 * i + lane / 4];
-            rows[i][1] = w->ptr[ph][trans ? 8 * i + 2 * (lane % 4) + 1 : 8 * i + lane / 4];
-        }
-    }
+    emu_collective([&](EmuWarp* w, int ph) { w->ptr[ph][lane] = p; },
+                   [&](EmuWarp* w, int ph) {
+                       for (int i = 0; i < 4; ++i) {
+                           rows[i][0] = w->ptr[ph][trans ? 8 * i + 2 * (lane % 4) : 8 * i + lane / 4];
+                           rows[i][1] = w->ptr[ph][trans ? 8 * i + 2 * (lane % 4) + 1 : 8 * i + lane / 4];
+                       }
+                   });
     // The shared-memory reads themselves stay visible to ThreadSanitizer.
     for (int i = 0; i < 4; ++i) {
         if (!trans) {
@@ -271,31 +273,32 @@ static inline void ldsm_x4_trans(uint32_t (&r)[4], const void* p) { emu_ldsm(r, 
 // mma.m16n8k16.row.col, f32 accumulate, emulated with sequential fmaf over k.
 template <bool IS_BF16>
 static inline void emu_mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    EmuWarp* w = emu_warp();
     const int lane = emu_lane();
-    EmuUnordered unordered;  // registers only
-    const int ph = emu_next_phase(w);
-    for (int i = 0; i < 4; ++i) w->regs[ph][lane][i] = a[i];
-    w->regs[ph][lane][4] = b0;
-    w->regs[ph][lane][5] = b1;
-    w->bar.wait();
-    auto half = [&](int ln, int reg, int hi) -> float {
-        const uint16_t bits = (uint16_t)(w->regs[ph][ln][reg] >> (16 * hi));
-        return IS_BF16 ? __uint_as_float((uint32_t)bits << 16) : emu_f16_to_f32(bits);
-    };
-    const int g = lane / 4, t = lane % 4;
-    float out[4];
-    for (int r = 0; r < 4; ++r) {
-        const int row = g + (r >= 2 ? 8 : 0), col = 2 * t + (r & 1);
-        float acc = c[r];
-        for (int k = 0; k < 16; ++k) {
-            const float av = half((row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k % 2);
-            const float bv = half(col * 4 + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0), k % 2);
-            acc = std::fma(av, bv, acc);
-        }
-        out[r] = acc;
-    }
-    for (int r = 0; r < 4; ++r) c[r] = out[r];
+    emu_collective(
+        [&](EmuWarp* w, int ph) {
+            for (int i = 0; i < 4; ++i) w->regs[ph][lane][i] = a[i];
+            w->regs[ph][lane][4] = b0;
+            w->regs[ph][lane][5] = b1;
+        },
+        [&](EmuWarp* w, int ph) {  // registers only
+            auto half = [&](int ln, int reg, int hi) -> float {
+                const uint16_t bits = (uint16_t)(w->regs[ph][ln][reg] >> (16 * hi));
+                return IS_BF16 ? __uint_as_float((uint32_t)bits << 16) : emu_f16_to_f32(bits);
+            };
+            const int g = lane / 4, t = lane % 4;
+            float out[4];
+            for (int r = 0; r < 4; ++r) {
+                const int row = g + (r >= 2 ? 8 : 0), col = 2 * t + (r & 1);
+                float acc = c[r];
+                for (int k = 0; k < 16; ++k) {
+                    const float av = half((row % 8) * 4 + (k % 8) / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k % 2);
+                    const float bv = half(col * 4 + (k % 8) / 2, 4 + (k >= 8 ? 1 : 0), k % 2);
+                    acc = std::fma(av, bv, acc);
+                }
+                out[r] = acc;
+            }
+            for (int r = 0; r < 4; ++r) c[r] = out[r];
+        });
 }
 
 // ---- wgmma (matmul_sm90.cu) -------------------------------------------------------------
@@ -318,9 +321,6 @@ static inline uint32_t smem_addr(const void* p) {
 // ones. Each thread computes its own accumulator fragment: rows 16 * (warp % 4) + lane / 4
 // (+ 8) of the 64, columns 8 * (i / 4) + 2 * (lane % 4) + i % 2, by sequential fma over
 // the instruction's 16 k (like emu_mma: the layout is exact, the rounding not the hardware's).
-struct EmuWgmmaOp { float* d; int n; uint64_t da, db; bool is_bf16; };
-inline EMU_LANE_LOCAL std::vector<EmuWgmmaOp> emu_wg_open;
-inline EMU_LANE_LOCAL std::vector<std::vector<EmuWgmmaOp>> emu_wg_groups;
 
 // Element (row, k) of a K-major operand in the 128-byte swizzle: rows 128 bytes apart
 // within an 8-row group, groups `stride` bytes apart (descriptor bits 32-45), and the
@@ -349,27 +349,30 @@ static inline void emu_wgmma_run(const EmuWgmmaOp& op) {
 }
 template <typename T, int N> struct Wgmma {
     static inline void run(float (&d)[N / 2], uint64_t da, uint64_t db) {
-        emu_wg_open.push_back({d, N, da, db, std::is_same<T, bf16>::value});
+        emu_lane_state().wg_open.push_back({d, N, da, db, std::is_same<T, bf16>::value});
     }
 };
 static inline void wgmma_fence() {}
 static inline void fence_proxy_async() {}
 template <int R> static inline void wg_fence_acc(float (&)[R]) {}
 static inline void wgmma_commit() {
-    emu_wg_groups.push_back(std::move(emu_wg_open));
-    emu_wg_open.clear();
+    EmuLane& lane = emu_lane_state();
+    lane.wg_groups.push_back(std::move(lane.wg_open));
+    lane.wg_open.clear();
 }
 template <int N> static inline void wgmma_wait() {
-    while ((int)emu_wg_groups.size() > N) {
-        for (const EmuWgmmaOp& op : emu_wg_groups.front()) emu_wgmma_run(op);
-        emu_wg_groups.erase(emu_wg_groups.begin());
+    EmuLane& lane = emu_lane_state();
+    while ((int)lane.wg_groups.size() > N) {
+        for (const EmuWgmmaOp& op : lane.wg_groups.front()) emu_wgmma_run(op);
+        lane.wg_groups.erase(lane.wg_groups.begin());
     }
 }
 // At the end of a thread: a wgmma never waited for is undefined behaviour.
 static inline bool emu_wgmma_pending() {
-    const bool pending = !emu_wg_open.empty() || !emu_wg_groups.empty();
-    emu_wg_open.clear();
-    emu_wg_groups.clear();
+    EmuLane& lane = emu_lane_state();
+    const bool pending = !lane.wg_open.empty() || !lane.wg_groups.empty();
+    lane.wg_open.clear();
+    lane.wg_groups.clear();
     return pending;
 }
 

@@ -1,21 +1,17 @@
 // Launch runtime for emu.h: compiled into the same shared object as the kernel source.
+// One launch at a time: a launch's state is global.
 #include <memory>
 #include <string>
-#ifdef DETKIT_EMU_FIBERS
 #include <ucontext.h>
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/common_interface_defs.h>
 #endif
-#endif
 
-EMU_LANE_LOCAL emu_dim3 threadIdx;
-EMU_LANE_LOCAL emu_dim3 blockIdx;
-emu_dim3 blockDim, gridDim;
+emu_dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 static EmuBarrier g_block;
 static std::vector<EmuWarp*> g_warps;
 static std::vector<unsigned char> g_dynamic_smem;
-static std::mutex g_error_mu;
 static std::string g_error;
 
 EmuWarp* emu_warp() { return g_warps[threadIdx.x / 32]; }
@@ -23,7 +19,7 @@ EmuBarrier* emu_block_barrier() { return &g_block; }
 void* emu_dynamic_smem() { return g_dynamic_smem.empty() ? nullptr : g_dynamic_smem.data(); }
 
 void emu_report(const char* what) {
-    std::lock_guard<std::mutex> g(g_error_mu);
+    EmuUntracked untracked;  // the emulation's own record, not the kernel's memory
     if (g_error.empty())
         g_error = std::string(what) + " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
                   "," + std::to_string(blockIdx.z) + ", thread " + std::to_string(threadIdx.x) + ")";
@@ -44,26 +40,29 @@ static void emu_run_kernel() {
 
 // The static __shared__ arrays reached so far (address, bytes): refilled with 0xFF bytes at
 // every block start, and when first reached (before any thread of the block can write them:
-// whoever reaches the declaration first fills it, the others wait on the lock).
-static std::mutex g_shared_mu;
+// whoever reaches the declaration first fills it).
 static std::vector<std::pair<void*, unsigned long>> g_shared;
 
 void emu_shared_register(void* p, unsigned long bytes) {
-    std::lock_guard<std::mutex> g(g_shared_mu);
+    EmuUntracked untracked;  // the poison is the emulation's write, not the kernel's
     for (const auto& r : g_shared)
         if (r.first == p) return;
     g_shared.emplace_back(p, bytes);
     std::memset(p, 0xFF, bytes);
 }
 
+// ThreadSanitizer: the block's start (shared memory poisoned, barriers reset, fibers made,
+// the launch's arguments) is ordered before every thread of the block, and every thread
+// (up to its end, or up to the barrier it waits at when the block deadlocks) before the
+// next block and the launch's return. Blocks run one after another here, so races between
+// blocks (on a GPU they run at once) are not seen.
+static char g_block_start, g_block_end;
+
 // Every block starts with its shared memory poisoned and its barriers counting all threads.
 static void emu_start_block(unsigned x, unsigned y, unsigned z, unsigned bx) {
     blockIdx = {x, y, z};
     if (!g_dynamic_smem.empty()) std::memset(g_dynamic_smem.data(), 0xFF, g_dynamic_smem.size());
-    {
-        std::lock_guard<std::mutex> g(g_shared_mu);
-        for (const auto& r : g_shared) std::memset(r.first, 0xFF, r.second);
-    }
+    for (const auto& r : g_shared) std::memset(r.first, 0xFF, r.second);
     g_block.reset((int)bx);
     for (auto* w : g_warps) w->bar.reset(32);
 }
@@ -76,21 +75,17 @@ static void emu_end_thread() {
     g_warps[threadIdx.x / 32]->bar.drop();
 }
 
-#ifdef DETKIT_EMU_FIBERS
 // ---- fibers: the block's threads take turns on the launching thread ---------------------
 // A fiber runs until it waits at a barrier that is not open yet, then yields; the
 // scheduler resumes the block's unfinished fibers in turn. A switch costs no system call
-// beyond ucontext's signal mask (the OS-thread version spent most of its time in futex
-// calls and context switches), and the order is the same in every run. The plain and the
-// AddressSanitizer builds use fibers; the ThreadSanitizer build needs OS threads.
+// beyond ucontext's signal mask (OS threads spent most of their time in futex calls and
+// context switches), and the order is the same in every run.
 struct EmuFiber {
     ucontext_t ctx;
     std::unique_ptr<char[]> stack;  // uninitialised: only the pages a fiber touches are mapped
     emu_dim3 tid;
-    std::vector<EmuWgmmaOp> wg_open;
-    std::vector<std::vector<EmuWgmmaOp>> wg_groups;
-    std::vector<EmuCopy> cp_open;
-    std::vector<std::vector<EmuCopy>> cp_groups;
+    EmuLane lane;
+    void* tsan = nullptr;  // ThreadSanitizer's state of this thread
     bool done = false;
 };
 constexpr size_t EMU_FIBER_STACK = 512 * 1024;
@@ -105,29 +100,56 @@ static size_t g_scheduler_size = 0;
 #define EMU_START_SWITCH(save, bottom, size) ((void)0)
 #define EMU_FINISH_SWITCH(save, bottom, size) ((void)0)
 #endif
+#if defined(__SANITIZE_THREAD__)
+// ThreadSanitizer is told of every switch, as one that orders nothing (no_sync): the
+// orderings are the barriers' (emu_release/emu_acquire). A fiber's entry function is not
+// instrumented: it returns to the scheduler after telling ThreadSanitizer of that switch.
+static void* g_scheduler_tsan = nullptr;
+#define EMU_TSAN_SWITCH(fiber) __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync)
+#define EMU_FIBER_ENTRY __attribute__((no_sanitize("thread")))
+#else
+#define EMU_TSAN_SWITCH(fiber) ((void)0)
+#define EMU_FIBER_ENTRY
+#endif
 static ucontext_t g_scheduler;
 static EmuFiber* g_current = nullptr;
 // Barrier arrivals and finished threads: a turn of the scheduler without one is a deadlock.
 static unsigned long g_progress = 0;
 
-void EmuBarrier::wait() {
-    if (warp && n < full) emu_report("a warp collective ran after a lane of the warp returned from the kernel");
-    ++g_progress;
-    const unsigned long my = gen;
-    if (++waiting >= n) {
-        waiting = 0;
-        ++gen;
-        return;
+EmuLane& emu_lane_state() { return g_current->lane; }
+
+// A fiber never switches inside an untracked region: ThreadSanitizer ends a run whose
+// thread (here: an abandoned fiber, destroyed) finishes with its accesses ignored.
+void EmuBarrier::wait(bool orders_memory) {
+    unsigned long my;
+    {
+        EmuUntracked untracked;  // the counters are the emulation's; every thread writes them
+        if (warp && n < full) emu_report("a warp collective ran after a lane of the warp returned from the kernel");
+        ++g_progress;
+        my = gen;
+        if (orders_memory) emu_release(&sync[my % 2]);
+        if (++waiting >= n) {
+            waiting = 0;
+            ++gen;
+        }
     }
-    while (gen == my) {
+    emu_release(&g_block_end);
+    while (true) {
+        {
+            EmuUntracked untracked;
+            if (gen != my) break;
+        }
         [[maybe_unused]] void* fake_stack = nullptr;
         EMU_START_SWITCH(&fake_stack, g_scheduler_bottom, g_scheduler_size);
+        EMU_TSAN_SWITCH(g_scheduler_tsan);
         swapcontext(&g_current->ctx, &g_scheduler);
         EMU_FINISH_SWITCH(fake_stack, &g_scheduler_bottom, &g_scheduler_size);
     }
+    if (orders_memory) emu_acquire(&sync[my % 2]);
 }
 
 void EmuBarrier::drop() {
+    EmuUntracked untracked;
     --n;
     if (warp && waiting > 0) emu_report("a lane returned from the kernel while its warp waited in a collective");
     if (waiting > 0 && waiting >= n) {
@@ -136,41 +158,37 @@ void EmuBarrier::drop() {
     }
 }
 
-static void emu_fiber_main() {
+EMU_FIBER_ENTRY static void emu_fiber_main() {
     EMU_FINISH_SWITCH(nullptr, &g_scheduler_bottom, &g_scheduler_size);
+    emu_acquire(&g_block_start);
     emu_run_kernel();
     emu_end_thread();
     g_current->done = true;
     ++g_progress;
+    emu_release(&g_block_end);
+    EMU_TSAN_SWITCH(g_scheduler_tsan);
     EMU_START_SWITCH(nullptr, g_scheduler_bottom, g_scheduler_size);  // the fiber ends: its stack is done with
 }  // returns to uc_link, the scheduler
 
-// Run fiber `f` until it yields or finishes, with its per-thread state swapped in.
+// Run fiber `f` until it yields or finishes.
 static void emu_resume(EmuFiber& f) {
-    g_current = &f;
-    threadIdx = f.tid;
-    std::swap(emu_wg_open, f.wg_open);
-    std::swap(emu_wg_groups, f.wg_groups);
-    std::swap(emu_cp_open, f.cp_open);
-    std::swap(emu_cp_groups, f.cp_groups);
+    {
+        EmuUntracked untracked;  // the fiber reads them: the runtime's writes, not a kernel's
+        g_current = &f;
+        threadIdx = f.tid;
+    }
     [[maybe_unused]] void* fake_stack = nullptr;
     EMU_START_SWITCH(&fake_stack, f.stack.get(), EMU_FIBER_STACK);
+    EMU_TSAN_SWITCH(f.tsan);
     swapcontext(&g_scheduler, &f.ctx);
     EMU_FINISH_SWITCH(fake_stack, nullptr, nullptr);
-    std::swap(emu_wg_open, f.wg_open);
-    std::swap(emu_wg_groups, f.wg_groups);
-    std::swap(emu_cp_open, f.cp_open);
-    std::swap(emu_cp_groups, f.cp_groups);
 }
 
 // Run one block; false if its threads deadlocked (then its fibers are abandoned).
 static bool emu_run_block(std::vector<EmuFiber>& fibers) {
     for (EmuFiber& f : fibers) {
         f.done = false;
-        f.wg_open.clear();
-        f.wg_groups.clear();
-        f.cp_open.clear();
-        f.cp_groups.clear();
+        f.lane = EmuLane{};
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack.get();
         f.ctx.uc_stack.ss_size = EMU_FIBER_STACK;
@@ -184,6 +202,7 @@ static bool emu_run_block(std::vector<EmuFiber>& fibers) {
         f.ctx.uc_stack = stack_t{};
 #endif
     }
+    emu_release(&g_block_start);
     size_t alive = fibers.size();
     while (alive > 0) {
         const unsigned long before = g_progress;
@@ -193,19 +212,16 @@ static bool emu_run_block(std::vector<EmuFiber>& fibers) {
             if (f.done) --alive;
         }
         if (alive > 0 && g_progress == before) {
+            emu_acquire(&g_block_end);
             emu_report("every thread left waits at a barrier that cannot open: on a GPU the launch hangs");
             return false;
         }
     }
+    emu_acquire(&g_block_end);
     return true;
 }
 
-static void emu_run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
-    std::vector<EmuFiber> fibers(bx);
-    for (unsigned t = 0; t < bx; ++t) {
-        fibers[t].tid = {t, 0, 0};
-        fibers[t].stack.reset(new char[EMU_FIBER_STACK]);
-    }
+static void emu_run_blocks(std::vector<EmuFiber>& fibers, unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
     for (unsigned z = 0; z < gz; ++z)
         for (unsigned y = 0; y < gy; ++y)
             for (unsigned x = 0; x < gx; ++x) {
@@ -214,48 +230,21 @@ static void emu_run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
             }
 }
 
-#else
-// ---- OS threads: one per thread of the block, reused from block to block ----------------
-void EmuBarrier::wait() {
-    std::unique_lock<std::mutex> g(mu);
-    if (warp && n < full) emu_report("a warp collective ran after a lane of the warp returned from the kernel");
-    unsigned long my = gen;
-    if (++waiting >= n) {
-        release_locked();
-        return;
-    }
-    cv.wait(g, [&] { return gen != my; });
-}
-
-void EmuBarrier::drop() {
-    std::lock_guard<std::mutex> g(mu);
-    --n;
-    if (warp && waiting > 0) emu_report("a lane returned from the kernel while its warp waited in a collective");
-    if (waiting > 0 && waiting >= n) release_locked();
-}
-
 static void emu_run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
-    EmuBarrier all;  // the block's threads start and end a block together
-    all.reset((int)bx);
-    std::vector<std::thread> threads;
+    std::vector<EmuFiber> fibers(bx);
     for (unsigned t = 0; t < bx; ++t) {
-        threads.emplace_back([=, &all] {
-            threadIdx = {t, 0, 0};
-            for (unsigned z = 0; z < gz; ++z)
-                for (unsigned y = 0; y < gy; ++y)
-                    for (unsigned x = 0; x < gx; ++x) {
-                        if (t == 0) emu_start_block(x, y, z, bx);
-                        else blockIdx = {x, y, z};
-                        all.wait();
-                        emu_run_kernel();
-                        emu_end_thread();
-                        all.wait();
-                    }
-        });
+        fibers[t].tid = {t, 0, 0};
+        fibers[t].stack.reset(new char[EMU_FIBER_STACK]);
     }
-    for (auto& th : threads) th.join();
-}
+#if defined(__SANITIZE_THREAD__)
+    g_scheduler_tsan = __tsan_get_current_fiber();
+    for (EmuFiber& f : fibers) f.tsan = __tsan_create_fiber(0);
 #endif
+    emu_run_blocks(fibers, gx, gy, gz, bx);
+#if defined(__SANITIZE_THREAD__)
+    for (EmuFiber& f : fibers) __tsan_destroy_fiber(f.tsan);
+#endif
+}
 
 // Launch kernel `name` of `table` on a (gx, gy, gz) grid of `bx`-thread blocks (a multiple
 // of 32, as in detkit's kernels), blocks in order, with `smem` bytes of dynamic shared
