@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,6 +28,16 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("DETKIT_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The Ctrl-C tests interrupt detkit in this process and in children. A shell without job
+    # control starts a background command (`pytest &` in a script) with SIGINT ignored, its
+    # children inherit that, and detkit's CLI keeps an ignored SIGINT ignored, as it should:
+    # so those tests would fail for how the suite was started. Python's handler, restored
+    # here, reaches the children as SIGINT's default action.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # Tiny configs (AutoConfig.for_model keyword arguments) of the families that the cross-ISA

@@ -133,7 +133,7 @@ void EmuBarrier::wait(bool orders_memory) {
             ++gen;
         }
     }
-    emu_release(&g_block_end);
+    emu_release(&g_block_end);  // for the scheduler, should the block deadlock here
     while (true) {
         {
             EmuUntracked untracked;
