@@ -376,8 +376,9 @@ main()
 
 
 def test_a_hard_crash_leaves_a_readable_incomplete_report(tmp_path: Path) -> None:
+    # a hard crash cannot remove the audit's temporary directory: keep it inside tmp_path
     proc = subprocess.run([sys.executable, "-c", _CRASH, str(tmp_path)], capture_output=True, text=True,
-                          timeout=240, check=False)
+                          timeout=240, check=False, env={**os.environ, "TMPDIR": str(tmp_path)})
     assert proc.returncode == 3
     data = load_report(tmp_path / "report.json")
     assert data["status"] == "running"  # nobody could mark it: renderers call it incomplete
