@@ -93,11 +93,13 @@ def _register_static_shared(src: str) -> str:
     return _SHARED_DECL_RE.sub(r"\1__shared__ \2 emu_shared_register(\3, sizeof(\3));", src)
 
 
-def _build(name: str, out_dir: Path, source: str | None = None) -> ctypes.CDLL:
-    """The host build of kernel file ``name`` (or of ``source`` in its place), cached by content."""
+def _build(name: str, out_dir: Path, source: str | None = None, defines: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """The host build of kernel file ``name`` (or of ``source`` in its place), with the
+    macros ``defines`` defined, cached by content."""
     src = _register_static_shared(cuda_loader.kernel_source(name) if source is None else source)
     emu = (EMU_DIR / "emu.h").read_text() + (EMU_DIR / "runtime.cpp").read_text()
-    digest = hashlib.sha256((src + emu + " ".join(SANITIZER_FLAGS[SANITIZE])).encode()).hexdigest()[:16]
+    flags = [*SANITIZER_FLAGS[SANITIZE], *(f"-D{d}" for d in defines)]
+    digest = hashlib.sha256((src + emu + " ".join(flags)).encode()).hexdigest()[:16]
     stem = f"{Path(name).stem}-{digest}{'-' + SANITIZE if SANITIZE else ''}"
     so = out_dir / f"{stem}.so"
     if not so.exists():
@@ -108,7 +110,7 @@ def _build(name: str, out_dir: Path, source: str | None = None) -> ctypes.CDLL:
         # The kernels (macros expanded; after the marker, so not the C++ library's) get a
         # table that calls each with its parameter types.
         cpp.write_text(f"{_SOURCE_MARK}\n{src}")
-        common = [CXX, "-std=c++17", "-Wno-unknown-pragmas", *SANITIZER_FLAGS[SANITIZE], "-include", str(EMU_DIR / "emu.h")]
+        common = [CXX, "-std=c++17", "-Wno-unknown-pragmas", *flags, "-include", str(EMU_DIR / "emu.h")]
         pre = subprocess.run([*common, "-E", "-P", str(cpp)], capture_output=True, text=True, check=False)
         assert pre.returncode == 0, f"host build of {name} failed:\n{pre.stderr[-4000:]}"
         entries = sorted(set(_ENTRY_RE.findall(pre.stdout.split(_SOURCE_MARK, 1)[1])))
@@ -173,9 +175,9 @@ def _launcher(libs: dict[str, ctypes.CDLL]) -> Callable[..., None]:
     return launch
 
 
-def _source_launcher(name: str, source: str) -> Callable[..., None]:
-    """_launcher of a test's own kernel source, built as file ``name``."""
-    return _launcher({name: _build(name, _out_dir(), source)})
+def _source_launcher(name: str, source: str, defines: tuple[str, ...] = ()) -> Callable[..., None]:
+    """_launcher of a test's own kernel source, built as file ``name`` (with ``defines``)."""
+    return _launcher({name: _build(name, _out_dir(), source, defines)})
 
 
 @pytest.fixture(scope="module")
@@ -1800,6 +1802,47 @@ def test_threads_waiting_at_barriers_that_cannot_open_fail_the_launch() -> None:
             launch(out.device, "fine.cu", "stuck", (1, 1, 1), 32, sig, args)
 
 
+@pytest.mark.parametrize("defines", [(), ("EMU_UCONTEXT",)], ids=["default switch", "swapcontext"])
+def test_fibers_keep_their_state_across_barriers_in_every_block(defines: tuple[str, ...]) -> None:
+    """runtime.cpp's fibers, with its stack switch (x86-64) and with swapcontext (the
+    switch elsewhere): a fiber is made once per launch and runs every block in turn. Each
+    thread's partial sum lives through a warp shuffle and a __syncthreads, each block's
+    sum lands in its row, and a later launch of another size starts fresh fibers; a block
+    whose threads all wait at barriers that cannot open still fails the launch."""
+    source = ('extern "C" __global__ void sums(const float* x, float* part, float* out, int n) {\n'
+              "    __shared__ float warps[32];\n"
+              "    float v = 0.0f;\n"
+              "    for (int i = threadIdx.x; i < n; i += blockDim.x) v += x[blockIdx.x * n + i];\n"
+              "    float w = v;\n"
+              "    for (int o = 16; o > 0; o >>= 1) w += __shfl_xor_sync(0xffffffffu, w, o);\n"
+              "    if ((threadIdx.x & 31) == 0) warps[threadIdx.x >> 5] = w;\n"
+              "    __syncthreads();\n"
+              "    part[blockIdx.x * blockDim.x + threadIdx.x] = v;\n"
+              "    if (threadIdx.x == 0) {\n"
+              "        float s = 0.0f;\n"
+              "        for (int k = 0; k < (int)(blockDim.x >> 5); ++k) s += warps[k];\n"
+              "        out[blockIdx.x] = s;\n"
+              "    }\n"
+              "}\n"
+              'extern "C" __global__ void stuck(float* p) {\n'
+              "    if ((threadIdx.x & 31) == 31) __syncthreads();\n"
+              "    __syncwarp();\n"
+              "    p[threadIdx.x] = 1.0f;\n"
+              "}\n")
+    launch = _source_launcher("fibers.cu", source, defines)
+    for blocks, threads, n in ((37, 256, 1000), (5, 96, 7)):
+        # small integers: every order of the sums gives the same exact value
+        x = torch.randint(-50, 50, (blocks, n), generator=torch.Generator().manual_seed(blocks)).float()
+        part, out = torch.full((blocks, threads), float("nan")), torch.full((blocks,), float("nan"))
+        launch(x.device, "fibers.cu", "sums", (blocks, 1, 1), threads, "PPPi",
+               (x.data_ptr(), part.data_ptr(), out.data_ptr(), n))
+        cols = torch.arange(n) % threads
+        expected = torch.zeros(blocks, threads).index_add_(1, cols, x)
+        assert torch.equal(part, expected) and torch.equal(out, x.sum(1)), (blocks, threads)
+    with pytest.raises(AssertionError, match="every thread left waits at a barrier that cannot open"):
+        launch(x.device, "fibers.cu", "stuck", (2, 1, 1), 64, "P", (out.data_ptr(),))
+
+
 def test_a_cp_async_copy_lands_at_its_wait() -> None:
     """cp.async as on a GPU: the destination holds the data only once the thread waits
     for the copy's group (before that it reads NaN, the emulation's poison), and a thread
@@ -1868,8 +1911,9 @@ THREAD_SELECTION = ("(tensor_core and dtype0) or (every_tile and bfloat16) or (r
                     "or (grouped_matmul_rows and kmajor-False-dtype1)")
 
 
-# AddressSanitizer's notice at its first swapcontext; runtime.cpp tells it of every
-# switch (__sanitizer_start_switch_fiber), which is what the notice asks for.
+# AddressSanitizer's notice at its first swapcontext (runtime.cpp's switch on hosts other
+# than x86-64); runtime.cpp tells it of every switch (__sanitizer_start_switch_fiber), which
+# is what the notice asks for.
 _ASAN_FIBER_NOTE = re.compile(r"^==\d+==WARNING: ASan doesn't fully support makecontext/swapcontext functions and "
                               r"may produce false positives in some cases!\n?", re.MULTILINE)
 
@@ -2028,10 +2072,10 @@ def test_probe_a_local_array_read_past_its_end_after_barriers() -> None:
 
 @_needs("address")
 def test_mutation_a_local_array_read_past_its_end_after_barriers_is_caught_by_the_address_sanitizer() -> None:
-    """A kernel's own frame keeps its redzones while its fiber waits at barriers: runtime.cpp
-    takes the stack out of the context once made, or AddressSanitizer's swapcontext
-    interceptor would unpoison the fiber's whole stack at every switch and this read of a
-    local array past its end would pass."""
+    """A kernel's own frame keeps its redzones while its fiber waits at barriers. A switch
+    through swapcontext (runtime.cpp's on hosts other than x86-64) must not leave the stack
+    in the context, or AddressSanitizer's interceptor would unpoison the fiber's whole stack
+    at every switch and this read of a local array past its end would pass."""
     rc, output, reports = _sanitized_result("local array")
     assert rc != 0 and "stack-buffer-overflow" in reports, reports[:3000] or output[-3000:]
     assert re.search(r"#0 \S+ in over \S+:7\n", reports), reports[:3000]  # the read, in the kernel

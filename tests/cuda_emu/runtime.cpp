@@ -77,11 +77,85 @@ static void emu_end_thread() {
 
 // ---- fibers: the block's threads take turns on the launching thread ---------------------
 // A fiber runs until it waits at a barrier that is not open yet, then yields; the
-// scheduler resumes the block's unfinished fibers in turn. A switch costs no system call
-// beyond ucontext's signal mask (OS threads spent most of their time in futex calls and
-// context switches), and the order is the same in every run.
+// scheduler resumes the block's unfinished fibers in turn, and the order is the same in
+// every run (OS threads spent most of their time in futex calls and context switches). A
+// fiber is made once per launch and runs the kernel for each block in turn.
+//
+// On x86-64 a switch is a few instructions: push the callee-saved registers, swap stack
+// pointers, pop. swapcontext also saves and restores the signal mask, two system calls per
+// switch: about 70% of perf's samples of a tiny Mixtral's emulated forward (its row launches
+// of up to 3,648 blocks).
+// The floating-point control state (MXCSR, x87 control word) is not switched: no kernel
+// changes it. Elsewhere, or built with -DEMU_UCONTEXT (tests/test_cuda_emulated.py builds
+// that too), ucontext's swapcontext switches.
+#if defined(__x86_64__) && !defined(EMU_UCONTEXT)
+using EmuContext = void*;  // the stack pointer a fiber left at its switch
+
+// emu_switch_stacks(save, load): saves the registers and the stack pointer into *save,
+// then continues on stack `load` where its own switch left it (or at a fresh fiber's entry).
+extern "C" void emu_switch_stacks(void** save, void* load);
+asm(R"(
+    .text
+    .p2align 4
+    .globl emu_switch_stacks
+    .hidden emu_switch_stacks
+    .type emu_switch_stacks, @function
+emu_switch_stacks:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch_stacks, .-emu_switch_stacks
+    .section .note.GNU-stack, "", @progbits
+    .text
+)");
+
+static void emu_switch(EmuContext* from, EmuContext* to) { emu_switch_stacks(from, *to); }
+
+// A fresh fiber's stack as emu_switch_stacks leaves one: six registers (zero: rbp = 0 ends
+// a report's stack walk), then `entry` for its ret, then the return address a call would
+// have pushed (none: the entry never returns), with the stack 16-byte aligned at the call.
+static void emu_make_context(EmuContext* ctx, char* stack, size_t size, void (*entry)()) {
+    auto* sp = reinterpret_cast<void**>(reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t{15});
+    *--sp = nullptr;
+    *--sp = reinterpret_cast<void*>(entry);
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;
+    *ctx = sp;
+}
+#else
+using EmuContext = ucontext_t;
+
+static void emu_switch(EmuContext* from, EmuContext* to) { swapcontext(from, to); }
+
+static void emu_make_context(EmuContext* ctx, char* stack, size_t size, void (*entry)()) {
+    getcontext(ctx);
+    ctx->uc_stack.ss_sp = stack;
+    ctx->uc_stack.ss_size = size;
+    ctx->uc_link = nullptr;  // the entry never returns
+    makecontext(ctx, entry, 0);
+#if defined(__SANITIZE_ADDRESS__)
+    // The stack is in the saved registers now. Left in uc_stack, AddressSanitizer's
+    // swapcontext interceptor would clear its whole shadow at every switch: the redzones
+    // of the frames the fiber left waiting at a barrier (its kernel's local arrays) gone,
+    // and, at 64 KiB of shadow, the pages handed back to the OS.
+    ctx->uc_stack = stack_t{};
+#endif
+}
+#endif
+
 struct EmuFiber {
-    ucontext_t ctx;
+    EmuContext ctx;
     std::unique_ptr<char[]> stack;  // uninitialised: only the pages a fiber touches are mapped
     emu_dim3 tid;
     EmuLane lane;
@@ -102,19 +176,32 @@ static size_t g_scheduler_size = 0;
 #endif
 #if defined(__SANITIZE_THREAD__)
 // ThreadSanitizer is told of every switch, as one that orders nothing (no_sync): the
-// orderings are the barriers' (emu_release/emu_acquire). A fiber's entry function is not
-// instrumented: it returns to the scheduler after telling ThreadSanitizer of that switch.
-static void* g_scheduler_tsan = nullptr;
+// orderings are the barriers' (emu_release/emu_acquire).
 #define EMU_TSAN_SWITCH(fiber) __tsan_switch_to_fiber(fiber, __tsan_switch_to_fiber_no_sync)
-#define EMU_FIBER_ENTRY __attribute__((no_sanitize("thread")))
 #else
 #define EMU_TSAN_SWITCH(fiber) ((void)0)
-#define EMU_FIBER_ENTRY
 #endif
-static ucontext_t g_scheduler;
+static EmuContext g_scheduler;
+static void* g_scheduler_tsan = nullptr;  // ThreadSanitizer's state of the scheduler's thread
 static EmuFiber* g_current = nullptr;
 // Barrier arrivals and finished threads: a turn of the scheduler without one is a deadlock.
 static unsigned long g_progress = 0;
+
+// From the running fiber back to the scheduler, until it resumes this fiber.
+static void emu_yield() {
+    EmuContext* mine;
+    [[maybe_unused]] void* scheduler_tsan;
+    {
+        EmuUntracked untracked;  // the runtime's state: the next launch writes it after this thread's end
+        mine = &g_current->ctx;
+        scheduler_tsan = g_scheduler_tsan;
+    }
+    EMU_TSAN_SWITCH(scheduler_tsan);
+    [[maybe_unused]] void* fake_stack = nullptr;
+    EMU_START_SWITCH(&fake_stack, g_scheduler_bottom, g_scheduler_size);
+    emu_switch(mine, &g_scheduler);
+    EMU_FINISH_SWITCH(fake_stack, &g_scheduler_bottom, &g_scheduler_size);
+}
 
 EmuLane& emu_lane_state() { return g_current->lane; }
 
@@ -139,11 +226,7 @@ void EmuBarrier::wait(bool orders_memory) {
             EmuUntracked untracked;
             if (gen != my) break;
         }
-        [[maybe_unused]] void* fake_stack = nullptr;
-        EMU_START_SWITCH(&fake_stack, g_scheduler_bottom, g_scheduler_size);
-        EMU_TSAN_SWITCH(g_scheduler_tsan);
-        swapcontext(&g_current->ctx, &g_scheduler);
-        EMU_FINISH_SWITCH(fake_stack, &g_scheduler_bottom, &g_scheduler_size);
+        emu_yield();
     }
     if (orders_memory) emu_acquire(&sync[my % 2]);
 }
@@ -158,17 +241,24 @@ void EmuBarrier::drop() {
     }
 }
 
-EMU_FIBER_ENTRY static void emu_fiber_main() {
+// A fiber: the kernel for each block of the launch, yielding at its end (and at barriers).
+// When the launch ends its fibers are dropped where they stand: here, or at a barrier of
+// a block that deadlocked.
+[[noreturn]] static void emu_fiber_main() {
     EMU_FINISH_SWITCH(nullptr, &g_scheduler_bottom, &g_scheduler_size);
-    emu_acquire(&g_block_start);
-    emu_run_kernel();
-    emu_end_thread();
-    g_current->done = true;
-    ++g_progress;
-    emu_release(&g_block_end);
-    EMU_TSAN_SWITCH(g_scheduler_tsan);
-    EMU_START_SWITCH(nullptr, g_scheduler_bottom, g_scheduler_size);  // the fiber ends: its stack is done with
-}  // returns to uc_link, the scheduler
+    while (true) {
+        emu_acquire(&g_block_start);
+        emu_run_kernel();
+        emu_end_thread();
+        {
+            EmuUntracked untracked;  // read by the scheduler, which the barriers do not order
+            g_current->done = true;
+            ++g_progress;
+        }
+        emu_release(&g_block_end);
+        emu_yield();
+    }
+}
 
 // Run fiber `f` until it yields or finishes.
 static void emu_resume(EmuFiber& f) {
@@ -180,7 +270,7 @@ static void emu_resume(EmuFiber& f) {
     [[maybe_unused]] void* fake_stack = nullptr;
     EMU_START_SWITCH(&fake_stack, f.stack.get(), EMU_FIBER_STACK);
     EMU_TSAN_SWITCH(f.tsan);
-    swapcontext(&g_scheduler, &f.ctx);
+    emu_switch(&g_scheduler, &f.ctx);
     EMU_FINISH_SWITCH(fake_stack, nullptr, nullptr);
 }
 
@@ -189,18 +279,6 @@ static bool emu_run_block(std::vector<EmuFiber>& fibers) {
     for (EmuFiber& f : fibers) {
         f.done = false;
         f.lane = EmuLane{};
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.get();
-        f.ctx.uc_stack.ss_size = EMU_FIBER_STACK;
-        f.ctx.uc_link = &g_scheduler;
-        makecontext(&f.ctx, emu_fiber_main, 0);
-#if defined(__SANITIZE_ADDRESS__)
-        // The stack is in the saved registers now. Left in uc_stack, AddressSanitizer's
-        // swapcontext interceptor would clear its whole shadow at every switch: the
-        // redzones of the frames the fiber left waiting at a barrier (its kernel's local
-        // arrays) gone, and, at 64 KiB of shadow, the pages handed back to the OS.
-        f.ctx.uc_stack = stack_t{};
-#endif
     }
     emu_release(&g_block_start);
     size_t alive = fibers.size();
@@ -235,6 +313,7 @@ static void emu_run_grid(unsigned gx, unsigned gy, unsigned gz, unsigned bx) {
     for (unsigned t = 0; t < bx; ++t) {
         fibers[t].tid = {t, 0, 0};
         fibers[t].stack.reset(new char[EMU_FIBER_STACK]);
+        emu_make_context(&fibers[t].ctx, fibers[t].stack.get(), EMU_FIBER_STACK, emu_fiber_main);
     }
 #if defined(__SANITIZE_THREAD__)
     g_scheduler_tsan = __tsan_get_current_fiber();
