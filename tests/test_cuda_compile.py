@@ -213,14 +213,17 @@ def test_a_compiler_without_the_report_option_still_builds(compiler: str, tmp_pa
         if cuda_loader.PTXAS_REPORT_OPTION in options:
             raise CompileError("CUDA compilation failed (NVRTC_ERROR_INVALID_OPTION (5)): unrecognized option")
 
-    def nvcc(source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
+    def nvcc(source: str, name: str, options: list[str], output: str) -> tuple[bytes, str, bytes | None]:
         refuse(options)
         return real_nvcc(source, name, options, output)
 
     class Nvrtc:
-        def compile(self, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
+        def compile(self, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str, bytes | None]:
             refuse(options)
             return real_nvrtc().compile(source, name, options, output)
+
+        def __getattr__(self, name: str) -> object:  # version, kind: the compiler's description
+            return getattr(real_nvrtc(), name)
 
     monkeypatch.setattr(cuda_loader, "_compile_nvcc", nvcc)
     monkeypatch.setattr(cuda_loader, "_nvrtc", Nvrtc)
@@ -343,14 +346,17 @@ def test_compile_outputs_are_cached_on_disk_and_failures_are_not(
     calls: list[str] = []
     real_nvcc, real_nvrtc = cuda_loader._compile_nvcc, cuda_loader._nvrtc
 
-    def counting_nvcc(*args: object) -> tuple[bytes, str]:
+    def counting_nvcc(*args: object) -> tuple[bytes, str, bytes | None]:
         calls.append("nvcc")
         return real_nvcc(*args)  # type: ignore[arg-type]
 
     class CountingNvrtc:
-        def compile(self, *args: object) -> tuple[bytes, str]:
+        def compile(self, *args: object) -> tuple[bytes, str, bytes | None]:
             calls.append("nvrtc")
             return real_nvrtc().compile(*args)  # type: ignore[arg-type]
+
+        def __getattr__(self, name: str) -> object:  # version, kind: the compiler's description
+            return getattr(real_nvrtc(), name)
 
     monkeypatch.setattr(cuda_loader, "_compile_nvcc", counting_nvcc)
     monkeypatch.setattr(cuda_loader, "_nvrtc", CountingNvrtc)
@@ -367,6 +373,32 @@ def test_compile_outputs_are_cached_on_disk_and_failures_are_not(
     with pytest.raises(CompileError):
         cuda_loader.compile_source(broken, "b.cu", "sm_80", output="ptx", compiler=compiler)
     assert not list(tmp_path.glob("b-*"))
+
+
+def test_an_nvrtc_cubin_compilation_keeps_its_ptx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVRTC makes the PTX on the way to a CUBIN: the compilation stores it, and the PTX
+    asked for next (the approximate-instruction check reads it) comes from the caches,
+    equal to a PTX compilation's; nvcc's PTX was a temporary file, so it compiles again."""
+    if "nvrtc" not in cuda_loader.available_compilers():
+        pytest.skip("needs NVRTC")
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(cuda_loader, "_compiled", {})
+    src = cuda_loader.translation_unit('extern "C" __global__ void k(float* p) { p[0] = expf(p[0]); }\n', "/src/k.cu")
+    cuda_loader.compile_source(src, "k.cu", "sm_80", compiler="nvrtc")
+    assert sorted(p.name.split(".", 1)[1] for p in tmp_path.iterdir()) == ["cubin.z", "ptx.z"]
+    calls: list[str] = []
+    real = cuda_loader._run_compiler
+    monkeypatch.setattr(cuda_loader, "_run_compiler", lambda *args: (calls.append(args[0]), real(*args))[1])
+    ptx = cuda_loader.compile_source(src, "k.cu", "sm_80", output="ptx", compiler="nvrtc")
+    monkeypatch.setattr(cuda_loader, "_compiled", {})
+    assert cuda_loader.compile_source(src, "k.cu", "sm_80", output="ptx", compiler="nvrtc") == ptx  # from disk
+    assert calls == []
+    assert ptx == cuda_loader._nvrtc().compile(src, "k.cu", cuda_loader._options("sm_80"), "ptx")[0]
+    assert b".target sm_80" in ptx and b"ex2" in ptx
+    if cuda_loader.find_nvcc() is not None:
+        cuda_loader.compile_source(src, "k.cu", "sm_80", compiler="nvcc")
+        cuda_loader.compile_source(src, "k.cu", "sm_80", output="ptx", compiler="nvcc")
+        assert calls == ["nvcc", "nvcc"]
 
 
 def test_disk_cache_deletes_least_recently_used_outputs_past_its_limit(

@@ -201,13 +201,15 @@ class _Nvrtc:
         lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
         self.version = (major.value, minor.value)
 
-    def compile(self, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
-        """(output, compiler log); the log holds ptxas's report when asked for one."""
+    def compile(self, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str, bytes | None]:
+        """(output, compiler log, PTX): the log holds ptxas's report when asked for one; a
+        CUBIN compilation gives its PTX too (made on the way), None for a PTX one."""
         if self._cupy is not None:
             return self._compile_cupy(source, name, options, output)
         return self._compile_ctypes(source, name, options, output)
 
-    def _compile_cupy(self, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
+    def _compile_cupy(self, source: str, name: str, options: list[str],
+                      output: str) -> tuple[bytes, str, bytes | None]:
         n = self._cupy
         prog = n.createProgram(source, name, [], [])
         try:
@@ -215,11 +217,18 @@ class _Nvrtc:
                 n.compileProgram(prog, options)
             except n.NVRTCError as err:
                 raise CompileError(_compile_message(name, options, n.getProgramLog(prog), str(err))) from None
-            return bytes(n.getCUBIN(prog) if output == "cubin" else n.getPTX(prog)), n.getProgramLog(prog)
+            if output == "ptx":
+                return bytes(n.getPTX(prog)), n.getProgramLog(prog), None
+            try:
+                ptx: bytes | None = bytes(n.getPTX(prog))
+            except n.NVRTCError:  # a byproduct: an NVRTC that keeps none costs a PTX compilation later
+                ptx = None
+            return bytes(n.getCUBIN(prog)), n.getProgramLog(prog), ptx
         finally:
             n.destroyProgram(prog)
 
-    def _compile_ctypes(self, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
+    def _compile_ctypes(self, source: str, name: str, options: list[str],
+                        output: str) -> tuple[bytes, str, bytes | None]:
         lib = self._lib
         prog = ctypes.c_void_p()
         self._ok(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None))
@@ -233,17 +242,22 @@ class _Nvrtc:
             log = log_buf.value.decode(errors="replace")
             if rc != 0:
                 raise CompileError(_compile_message(name, options, log, self._err(rc)))
-            get_size, get = (
-                (lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN) if output == "cubin"
-                else (lib.nvrtcGetPTXSize, lib.nvrtcGetPTX)
-            )
-            size = ctypes.c_size_t()
-            self._ok(get_size(prog, ctypes.byref(size)))
-            buf = ctypes.create_string_buffer(size.value)
-            self._ok(get(prog, buf))
-            return buf.raw, log
+            if output == "ptx":
+                return self._get(prog, lib.nvrtcGetPTXSize, lib.nvrtcGetPTX), log, None
+            try:
+                ptx: bytes | None = self._get(prog, lib.nvrtcGetPTXSize, lib.nvrtcGetPTX)
+            except CompileError:  # a byproduct: an NVRTC that keeps none costs a PTX compilation later
+                ptx = None
+            return self._get(prog, lib.nvrtcGetCUBINSize, lib.nvrtcGetCUBIN), log, ptx
         finally:
             lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+    def _get(self, prog: ctypes.c_void_p, get_size: Any, get: Any) -> bytes:
+        size = ctypes.c_size_t()
+        self._ok(get_size(prog, ctypes.byref(size)))
+        buf = ctypes.create_string_buffer(size.value)
+        self._ok(get(prog, buf))
+        return buf.raw
 
     def _err(self, rc: int) -> str:
         self._lib.nvrtcGetErrorString.restype = ctypes.c_char_p
@@ -327,7 +341,7 @@ def nvcc_version(nvcc: str) -> str:
     return m.group(1) if m else "unknown"
 
 
-def _compile_nvcc(source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
+def _compile_nvcc(source: str, name: str, options: list[str], output: str) -> tuple[bytes, str, bytes | None]:
     nvcc = find_nvcc()
     if nvcc is None:
         raise BackendUnavailable("nvcc was not found on PATH, in $CUDA_HOME or /usr/local/cuda.")
@@ -340,7 +354,7 @@ def _compile_nvcc(source: str, name: str, options: list[str], output: str) -> tu
         if proc.returncode != 0:
             raise CompileError(_compile_message(name, options, proc.stdout + proc.stderr,
                                                 f"nvcc exit {proc.returncode}"))
-        return out.read_bytes(), proc.stdout + proc.stderr
+        return out.read_bytes(), proc.stdout + proc.stderr, None  # its PTX was a temporary file
 
 
 # --------------------------------------------------------------------------- compile API
@@ -406,46 +420,69 @@ def _compile(source: str, name: str, arch: str, output: str, compiler: str | Non
     """(output, ptxas report: empty for PTX), from the caches or compiled."""
     if output not in ("cubin", "ptx"):
         raise InputError(f"output must be 'cubin' or 'ptx', got {output!r}")
-    options = _options(arch) + ([PTXAS_REPORT_OPTION] if output == "cubin" else [])
     which = _pick_compiler(compiler)
-    key = (hashlib.sha256(source.encode()).hexdigest(), name, arch, output, which)
+    key, path = _cache_entry(source, name, arch, output, which)
     with _compiled_lock:
         hit = _compiled.get(key)
     if hit is not None:
         return hit
-    key_text = "\n".join([source, *options, output, _describe(which)])
-    # zlib-compressed: PTX is text of 1-13 MB per unit (a tenth of that compressed); a
-    # CUBIN entry holds the length of ptxas's report, the report, then the CUBIN.
-    suffix = "ptx.z" if output == "ptx" else "cubin.z"
-    path = cache_dir() / f"{Path(name).stem}-{arch}-{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.{suffix}"
     try:
         got = _unpack(zlib.decompress(path.read_bytes()), output)
         with contextlib.suppress(OSError):
             os.utime(path)  # last use, for pruning least recently used entries first
     except (OSError, zlib.error, ValueError):
         limit = cache_limit_bytes()  # a bad $DETKIT_CUDA_CACHE_MAX_MB says so before a long compile, not after
-        got = _run_compiler(which, source, name, options, output)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-            tmp.write_bytes(zlib.compress(_pack(*got, output), 6))
-            os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
-        except OSError:
-            pass  # a read-only home only costs a recompilation next time
-        else:
-            prune_cache(limit)
+        out, log, ptx = _run_compiler(which, source, name, _output_options(arch, output), output)
+        got = (out, log)
+        _store(path, _pack(out, log, output))
+        if ptx is not None:
+            # NVRTC made the PTX on the way to the CUBIN (the report option is ptxas's, so
+            # it is the PTX a PTX compilation gives): kept, not compiled again
+            ptx_key, ptx_path = _cache_entry(source, name, arch, "ptx", which)
+            if not ptx_path.exists():
+                _store(ptx_path, ptx)
+            with _compiled_lock:
+                _compiled.setdefault(ptx_key, (ptx, ""))
+        prune_cache(limit)
     with _compiled_lock:
         _compiled[key] = got
     return got
 
 
-def _run_compiler(which: str, source: str, name: str, options: list[str], output: str) -> tuple[bytes, str]:
-    def run(opts: list[str]) -> tuple[bytes, str]:
+def _cache_entry(source: str, name: str, arch: str, output: str,
+                 which: str) -> tuple[tuple[str, str, str, str, str], Path]:
+    """The in-process cache's key and the disk cache's file of one compilation."""
+    key = (hashlib.sha256(source.encode()).hexdigest(), name, arch, output, which)
+    key_text = "\n".join([source, *_output_options(arch, output), output, _describe(which)])
+    # zlib-compressed: PTX is text of 1-13 MB per unit (a tenth of that compressed); a
+    # CUBIN entry holds the length of ptxas's report, the report, then the CUBIN.
+    suffix = "ptx.z" if output == "ptx" else "cubin.z"
+    return key, cache_dir() / f"{Path(name).stem}-{arch}-{hashlib.sha256(key_text.encode()).hexdigest()[:32]}.{suffix}"
+
+
+def _output_options(arch: str, output: str) -> list[str]:
+    return _options(arch) + ([PTXAS_REPORT_OPTION] if output == "cubin" else [])
+
+
+def _store(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+        tmp.write_bytes(zlib.compress(data, 6))
+        os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
+    except OSError:
+        pass  # a read-only home only costs a recompilation next time
+
+
+def _run_compiler(which: str, source: str, name: str, options: list[str],
+                  output: str) -> tuple[bytes, str, bytes | None]:
+    def run(opts: list[str]) -> tuple[bytes, str, bytes | None]:
         return _nvrtc().compile(source, name, opts, output) if which == "nvrtc" else _compile_nvcc(
             source, name, opts, output)
 
     if PTXAS_REPORT_OPTION not in options:
-        return run(options)[0], ""
+        out, _log, ptx = run(options)
+        return out, "", ptx
     try:
         return run(options)
     except CompileError as err:
@@ -453,7 +490,8 @@ def _run_compiler(which: str, source: str, name: str, options: list[str], output
         # check then says the report is missing rather than failing every compilation.
         if "INVALID_OPTION" not in str(err).upper().replace(" ", "_"):
             raise
-        return run([o for o in options if o != PTXAS_REPORT_OPTION])[0], ""
+        out, _log, ptx = run([o for o in options if o != PTXAS_REPORT_OPTION])
+        return out, "", ptx
 
 
 def _pack(out: bytes, log: str, output: str) -> bytes:
