@@ -395,6 +395,13 @@ def test_an_nvrtc_cubin_compilation_keeps_its_ptx(tmp_path: Path, monkeypatch: p
     assert calls == []
     assert ptx == cuda_loader._nvrtc().compile(src, "k.cu", cuda_loader._options("sm_80"), "ptx")[0]
     assert b".target sm_80" in ptx and b"ex2" in ptx
+    # the PTX is the older entry: a cache pruned to one entry keeps the CUBIN just compiled
+    monkeypatch.setenv(cuda_loader.ENV_CACHE_MAX_MB, "0")
+    other = src.replace("expf", "logf")
+    cuda_loader.compile_source(other, "k.cu", "sm_80", compiler="nvrtc")
+    assert [p.name.split(".", 1)[1] for p in tmp_path.iterdir()] == ["cubin.z"]
+    monkeypatch.delenv(cuda_loader.ENV_CACHE_MAX_MB)
+    calls.clear()
     if cuda_loader.find_nvcc() is not None:
         cuda_loader.compile_source(src, "k.cu", "sm_80", compiler="nvcc")
         cuda_loader.compile_source(src, "k.cu", "sm_80", output="ptx", compiler="nvcc")

@@ -434,16 +434,19 @@ def _compile(source: str, name: str, arch: str, output: str, compiler: str | Non
         limit = cache_limit_bytes()  # a bad $DETKIT_CUDA_CACHE_MAX_MB says so before a long compile, not after
         out, log, ptx = _run_compiler(which, source, name, _output_options(arch, output), output)
         got = (out, log)
-        _store(path, _pack(out, log, output))
+        stored = _store(path, _pack(out, log, output))
         if ptx is not None:
             # NVRTC made the PTX on the way to the CUBIN (the report option is ptxas's, so
             # it is the PTX a PTX compilation gives): kept, not compiled again
             ptx_key, ptx_path = _cache_entry(source, name, arch, "ptx", which)
-            if not ptx_path.exists():
-                _store(ptx_path, ptx)
+            if stored and not ptx_path.exists() and _store(ptx_path, ptx):
+                with contextlib.suppress(OSError):  # older than the CUBIN: pruning keeps the CUBIN
+                    t = path.stat().st_mtime - 1
+                    os.utime(ptx_path, (t, t))
             with _compiled_lock:
                 _compiled.setdefault(ptx_key, (ptx, ""))
-        prune_cache(limit)
+        if stored:
+            prune_cache(limit)
     with _compiled_lock:
         _compiled[key] = got
     return got
@@ -464,14 +467,16 @@ def _output_options(arch: str, output: str) -> list[str]:
     return _options(arch) + ([PTXAS_REPORT_OPTION] if output == "cubin" else [])
 
 
-def _store(path: Path, data: bytes) -> None:
+def _store(path: Path, data: bytes) -> bool:
+    """Write a disk cache entry; False if it could not be written."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
         tmp.write_bytes(zlib.compress(data, 6))
         os.replace(tmp, path)  # atomic: concurrent processes never see a partial file
     except OSError:
-        pass  # a read-only home only costs a recompilation next time
+        return False  # a read-only home only costs a recompilation next time
+    return True
 
 
 def _run_compiler(which: str, source: str, name: str, options: list[str],
