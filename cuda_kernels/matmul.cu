@@ -171,7 +171,12 @@ __device__ __forceinline__ void simt_mm(const T* __restrict__ A, const T* __rest
 #define DETKIT_SIMT_CONFIG(TAG, BM, BN, BK, TM, TN)                                           \
     using SimtCfg_##TAG = SimtCfg<BM, BN, BK, TM, TN>;                                         \
     DETKIT_SIMT_ENTRIES(DETKIT_SIMT_ENTRY, TAG, )
+// The configurations are instantiated in this file's own unit only: matmul_tiles.cu and
+// matmul_sm90.cu are compiled after this file for its templates, with
+// DETKIT_TEMPLATES_ONLY defined (cuda_loader.translation_unit), and would compile them again.
+#ifndef DETKIT_TEMPLATES_ONLY
 DETKIT_SIMT_CONFIG(128x64x16_8x4, 128, 64, 16, 8, 4)
+#endif
 
 // =====================================================================================
 // Tensor-core GEMM for bfloat16 / float16 with float32 accumulation (portable=False).
@@ -381,7 +386,9 @@ __device__ __forceinline__ void tc_mm(const T* __restrict__ A, const T* __restri
     /* the dynamic shared memory to launch with, for tests/test_cuda_compile.py */             \
     extern "C" __device__ const int mm_tc_##TAG##_smem_bytes = TcCfg_##TAG::SMEM_BYTES;        \
     DETKIT_TC_ENTRIES(DETKIT_TC_ENTRY, TAG, )
+#ifndef DETKIT_TEMPLATES_ONLY
 DETKIT_TC_CONFIG(128x64x32_2x2_s3, 128, 64, 32, 2, 2, 3)
+#endif
 
 // =====================================================================================
 // Grouped GEMM: torch._grouped_mm's (S, K) x (G, K, N) form, the experts of MoE layers.
@@ -435,5 +442,7 @@ __device__ __forceinline__ bool group_tile(const int* __restrict__ offs, int G, 
     }
 // <configuration's entry prefix>_grouped_<B layout>, for the configurations of
 // detkit.kernels.cuda's tables only.
+#ifndef DETKIT_TEMPLATES_ONLY
 DETKIT_SIMT_ENTRIES(DETKIT_SIMT_GROUPED_ENTRY, 128x64x16_8x4, _grouped)
 DETKIT_TC_ENTRIES(DETKIT_TC_GROUPED_ENTRY, 128x64x32_2x2_s3, _grouped)
+#endif

@@ -502,6 +502,26 @@ def test_translation_unit_has_line_directives() -> None:
     assert any(line.startswith("#line 1 ") and line.endswith('rowops.cu"') for line in tu.splitlines())
 
 
+def test_matmul_cu_configurations_are_compiled_in_its_own_unit_only(results: dict) -> None:
+    """matmul_tiles.cu and matmul_sm90.cu come after matmul.cu for its templates, with
+    DETKIT_TEMPLATES_ONLY defined around it: matmul.cu's configurations are compiled once,
+    in its own unit, and every file keeps its line numbers."""
+    for arch in ARCHS:
+        own = set(results[(arch, "matmul.cu")].entries)
+        assert "mm_tc_128x64x32_2x2_s3_bf16_kmajor" in own and "mm_simt_128x64x16_8x4_f32_grouped_nmajor" in own
+        for name in ("matmul_tiles.cu", "matmul_sm90.cu"):
+            target = cuda_loader.build_arch(name, arch)
+            if target is not None:
+                entries = set(results[(target, name)].entries)
+                assert entries and not own & entries, (arch, name, sorted(own & entries)[:5])
+    lines = cuda_loader.kernel_source("matmul_tiles.cu").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#line 1 ") and line.endswith('/matmul.cu"'))
+    end = next(i for i, line in enumerate(lines) if line.startswith("#line 1 ") and line.endswith('matmul_tiles.cu"'))
+    assert lines[start - 1] == "#define DETKIT_TEMPLATES_ONLY" and lines[end - 1] == "#undef DETKIT_TEMPLATES_ONLY"
+    own_lines = (cuda_loader.kernel_dir() / "matmul.cu").read_text().splitlines()
+    assert lines[start + 1:start + 1 + len(own_lines)] == own_lines
+
+
 def test_cli_check_json(results: dict) -> None:
     from detkit.cli import app
 
@@ -613,7 +633,8 @@ def test_tile_tags_match_the_instantiations() -> None:
     """Each DETKIT_*_CONFIG line's numbers are the ones its tag (and so the host's grid
     and block sizes) encodes, and the Python catalogue lists exactly those lines."""
     d = cuda_loader.kernel_dir()
-    text = "".join((d / f).read_text() for f in ("matmul.cu", "matmul_tiles.cu", "matmul_sm90.cu"))
+    files = ("matmul.cu", "matmul_tiles.cu", "matmul_sm90.cu")
+    text = "".join((d / f).read_text() for f in files)
     tc = re.findall(r"^DETKIT_TC_CONFIG\((\w+), (\d+), (\d+), (\d+), (\d+), (\d+), (\d+)\)", text, re.M)
     simt = re.findall(r"^DETKIT_SIMT_CONFIG\((\w+), (\d+), (\d+), (\d+), (\d+), (\d+)\)", text, re.M)
     wg = re.findall(r"^DETKIT_WG_CONFIG\((\w+), (\d+), (\d+), (\d+)\)", text, re.M)
@@ -632,6 +653,12 @@ def test_tile_tags_match_the_instantiations() -> None:
         for cfg in cfgs:
             nums = next(n for t, *n in families[cfg.family] if t == cfg.name.removeprefix("wgmma_"))
             assert (cfg.bm, cfg.bn, cfg.bk) == tuple(int(x) for x in nums[:3]), cfg
+    # each configuration is launched from the unit of the file that instantiates it
+    for cfg in (c for cs in (*cuda_backend.TILE_CATALOGUE.values(), *cuda_backend.PORTABLE_TILE_CATALOGUE.values())
+                for c in cs):
+        tag = cfg.name.removeprefix("wgmma_")
+        (home,) = [f for f in files if re.search(rf"^DETKIT_\w+_CONFIG\({tag},", (d / f).read_text(), re.M)]
+        assert cfg.module == home, (cfg, home)
 
 
 def _stand_in_cupy(monkeypatch: pytest.MonkeyPatch, launch: Callable[..., None],
@@ -777,13 +804,13 @@ def test_tensor_core_shared_memory_sizes_match_the_kernels(compiler: str) -> Non
     import struct
 
     cubins = {f: cuda_loader.compile_source(cuda_loader.kernel_source(f), f, arch, compiler=compiler)
-              for f, arch in (("matmul_tiles.cu", "sm_90"), ("matmul_sm90.cu", "sm_90a"))}
+              for f, arch in (("matmul.cu", "sm_90"), ("matmul_tiles.cu", "sm_90"), ("matmul_sm90.cu", "sm_90a"))}
     configs = [*cuda_backend.TILE_CATALOGUE[torch.bfloat16], *cuda_backend.TILE_CATALOGUE[torch.float16],
                *(c for c in cuda_backend.MATMUL_TILES.values() if c.tensor_cores)]
     for cfg in configs:
         wg = cfg.family == "wgmma"
         symbol = f"mm_wg_{cfg.name.removeprefix('wgmma_')}_smem_bytes" if wg else f"mm_tc_{cfg.name}_smem_bytes"
-        cubin = cubins["matmul_sm90.cu" if wg else "matmul_tiles.cu"]
+        cubin = cubins[cfg.module]
         (declared,) = struct.unpack("<i", cubin_symbol(cubin, symbol, 4))
         assert declared == cfg.smem, (cfg.name, declared, cfg.smem)
     # the tables' defaults stay within the 48 KiB every GPU grants without opting in

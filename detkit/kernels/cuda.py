@@ -157,18 +157,26 @@ TC_TAGS: tuple[str, ...] = ("128x64x32_2x2_s3", "128x128x32_2x4_s2", "64x128x32_
 WG_TAGS: tuple[str, ...] = ("128x256x64_s4", "128x128x64_s5", "128x64x64_s6", "64x128x64_s6", "64x128x64_s4",
                             "64x64x64_s8")
 SIMT_TAGS: tuple[str, ...] = ("128x64x16_8x4", "128x128x16_8x8", "64x64x16_4x4")
+# The tables' configurations (instantiated in matmul.cu; the others in matmul_tiles.cu).
+_TC_TABLE_TAG, _SIMT_TABLE_TAG = "128x64x32_2x2_s3", "128x64x16_8x4"
+
+
+def _module(tag: str) -> str:
+    return "matmul.cu" if tag in (_TC_TABLE_TAG, _SIMT_TABLE_TAG) else "matmul_tiles.cu"
+
+
 TILE_CATALOGUE: dict[torch.dtype, tuple[TileConfig, ...]] = {
-    **{dt: (*(_tc(t, sfx, "matmul_tiles.cu") for t in TC_TAGS), *(_wg(t, sfx) for t in WG_TAGS))
+    **{dt: (*(_tc(t, sfx, _module(t)) for t in TC_TAGS), *(_wg(t, sfx) for t in WG_TAGS))
        for dt, sfx in ((torch.bfloat16, "bf16"), (torch.float16, "f16"))},
-    torch.float32: tuple(_simt(t, "f32", "matmul_tiles.cu") for t in SIMT_TAGS),
+    torch.float32: tuple(_simt(t, "f32", _module(t)) for t in SIMT_TAGS),
 }
 PORTABLE_TILE_CATALOGUE: dict[torch.dtype, tuple[TileConfig, ...]] = {
-    dt: tuple(_simt(t, sfx, "matmul_tiles.cu") for t in SIMT_TAGS) for dt, sfx in _SUFFIX.items()
+    dt: tuple(_simt(t, sfx, _module(t)) for t in SIMT_TAGS) for dt, sfx in _SUFFIX.items()
 }
 
-_TC_BF16 = _tc("128x64x32_2x2_s3", "bf16", "matmul.cu")
-_TC_F16 = _tc("128x64x32_2x2_s3", "f16", "matmul.cu")
-_SIMT = {dt: _simt("128x64x16_8x4", sfx, "matmul.cu") for dt, sfx in _SUFFIX.items()}
+_TC_BF16 = _tc(_TC_TABLE_TAG, "bf16", "matmul.cu")
+_TC_F16 = _tc(_TC_TABLE_TAG, "f16", "matmul.cu")
+_SIMT = {dt: _simt(_SIMT_TABLE_TAG, sfx, "matmul.cu") for dt, sfx in _SUFFIX.items()}
 _ARCH_MAJORS = (8, 9, 10, 12)
 
 # portable=False: tensor cores for 16-bit floats; float32 on CUDA cores (never TF32),

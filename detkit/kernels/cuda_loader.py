@@ -50,7 +50,8 @@ KERNEL_FILES: tuple[str, ...] = ("matmul.cu", "rowops.cu", "attention.cu", "solv
                                  "matmul_sm90.cu")
 # The source files of each unit after common.cuh, in order (default: the file alone).
 # matmul_tiles.cu only instantiates more configurations of matmul.cu's templates;
-# matmul_sm90.cu uses matmul.cu's cp.async helpers.
+# matmul_sm90.cu uses matmul.cu's cp.async helpers. matmul.cu's own configurations are
+# compiled in its unit only (translation_unit).
 KERNEL_UNITS: dict[str, tuple[str, ...]] = {"matmul_tiles.cu": ("matmul.cu", "matmul_tiles.cu"),
                                             "matmul_sm90.cu": ("matmul.cu", "matmul_sm90.cu")}
 # Units built only for some GPU architectures, and the target each is compiled for there
@@ -123,13 +124,19 @@ def translation_unit(source: str, filename: str, *, header: str | None = None,
     pairs), then ``source``, each under a ``#line``.
 
     ``#line 1 "file"`` makes NVRTC and nvcc report errors as ``file(line)`` of the real
-    file rather than of the concatenated string.
+    file rather than of the concatenated string. The ``before`` parts are there for their
+    templates: ``DETKIT_TEMPLATES_ONLY`` is defined around them, and they leave out their
+    own entry points (compiled in their own units), which would double the compile time.
     """
     if header is None:
         hpath = kernel_dir() / COMMON_HEADER
         header, header_name = _read(hpath), str(hpath)
-    parts = [(header, header_name), *before, (source, filename)]
-    return "".join(f'#line 1 "{fname}"\n{text}\n' for text, fname in parts)
+    return "".join([
+        f'#line 1 "{header_name}"\n{header}\n',
+        *(f'#define DETKIT_TEMPLATES_ONLY\n#line 1 "{fname}"\n{text}\n#undef DETKIT_TEMPLATES_ONLY\n'
+          for text, fname in before),
+        f'#line 1 "{filename}"\n{source}\n',
+    ])
 
 
 def kernel_source(name: str) -> str:
